@@ -1,0 +1,1 @@
+"""clip-sidecar: CLIP image/text search with an embedded store or OpenSearch."""

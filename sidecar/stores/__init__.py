@@ -1,0 +1,1 @@
+"""Retrieval stores: one interface, embedded (default) and OpenSearch."""
