@@ -1,1 +1,19 @@
 """Retrieval stores: one interface, embedded (default) and OpenSearch."""
+
+from __future__ import annotations
+
+from sidecar.config import Settings
+from sidecar.stores.base import Store
+
+
+def open_store(settings: Settings) -> Store:
+    """The store the settings name; imports only what that store needs."""
+    if settings.store == "embedded":
+        from sidecar.stores.embedded import EmbeddedStore
+
+        return EmbeddedStore(settings.store_path)
+    from sidecar.stores.opensearch import OpenSearchStore
+
+    return OpenSearchStore(url=settings.opensearch_url, index=settings.opensearch_index,
+                           user=settings.opensearch_user or None, password=settings.opensearch_password or None,
+                           verify_certs=settings.opensearch_verify_certs, engine=settings.opensearch_engine)

@@ -1,0 +1,1 @@
+"""HTTP API blueprints: embeddings, search, operations (health, readiness, metrics)."""

@@ -1,0 +1,78 @@
+"""POST /v1/embeddings: the OpenAI embeddings shape, extended with images (base64) per item."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from sidecar.api.validation import choice, image_from_base64, json_body, optional
+from sidecar.errors import BadRequest, PayloadTooLarge
+
+bp = Blueprint("embeddings", __name__)
+
+
+@bp.post("/v1/embeddings")
+def create_embeddings():
+    state = current_app.extensions["clip_sidecar"]
+    settings = state.settings
+    body = json_body(request)
+    modality = choice(body, "modality", choices=("text", "image"), default="text")
+    items = _items(body, modality=modality, limit=settings.max_batch_items)
+
+    texts = [(i, value) for i, (kind, value) in enumerate(items) if kind == "text"]
+    images = [(i, image_from_base64(value, field=f"input[{i}]", max_pixels=settings.max_image_pixels,
+                                    max_bytes=settings.max_body_bytes))
+              for i, (kind, value) in enumerate(items) if kind == "image"]
+    vectors: list[Any] = [None] * len(items)
+    truncated: list[int] = []
+    tokens = 0
+    if texts:
+        encoded = state.encoding.encode_texts([t for _, t in texts])
+        for (i, _), vector in zip(texts, encoded.vectors):
+            vectors[i] = vector
+        truncated = [texts[j][0] for j in encoded.truncated]
+        tokens = encoded.tokens
+    if images:
+        for (i, _), vector in zip(images, state.encoding.encode_images([img for _, img in images])):
+            vectors[i] = vector
+
+    encoder = state.encoding.encoder
+    return jsonify({
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
+        "model": encoder.name,
+        "weights": encoder.weights,
+        "dimensions": encoder.dim,
+        "truncated": truncated,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })
+
+
+def _items(body: dict, *, modality: str, limit: int) -> list[tuple[str, Any]]:
+    """Normalise `input` to [(kind, value)]: a string, a list of strings (all of `modality`), or
+    a list of objects {"type": "text", "text": ...} / {"type": "image", "image": base64}."""
+    if "input" not in body:
+        raise BadRequest("field 'input' is required: a string, a list of strings, or a list of "
+                         "{\"type\": \"text\"|\"image\", ...} objects")
+    raw = body["input"]
+    raw = [raw] if isinstance(raw, (str, dict)) else raw
+    if not isinstance(raw, list):
+        raise BadRequest(f"field 'input' must be a string or a list, got {type(raw).__name__}")
+    if not raw:
+        raise BadRequest("field 'input' is empty: send at least one item")
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"field 'input' has {len(raw)} items, over the limit of {limit} (max_batch_items)")
+    items = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            items.append((modality, item))
+        elif isinstance(item, dict):
+            kind = choice(item, "type", choices=("text", "image"), default=modality)
+            value = item.get(kind)
+            if value is None:
+                raise BadRequest(f"field 'input[{i}].{kind}' is required for an item of type {kind}")
+            items.append((kind, optional(item, kind, str)))
+        else:
+            raise BadRequest(f"field 'input[{i}]' must be a string or an object, got {type(item).__name__}")
+    return items

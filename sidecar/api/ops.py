@@ -1,0 +1,31 @@
+"""Operations endpoints: liveness, readiness (model and store loaded), Prometheus metrics."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    state = current_app.extensions["clip_sidecar"]
+    encoder = state.encoding.encoder
+    try:
+        documents = state.store.count()
+    except Exception as exc:  # noqa: BLE001 - readiness reports, it does not crash
+        return jsonify({"status": "not_ready", "reason": f"store {state.store.name} unavailable: {exc}"}), 503
+    return jsonify({"status": "ready", "model": encoder.name, "weights": encoder.weights, "dim": encoder.dim,
+                    "device": str(encoder.device), "precision": encoder.precision,
+                    "store": state.store.name, "documents": documents})
+
+
+@bp.get("/metrics")
+def prometheus_metrics():
+    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)

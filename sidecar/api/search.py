@@ -1,0 +1,90 @@
+"""POST /v1/search: text, image or both → coarse retrieval (vector / bm25 / hybrid) → rerank."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, current_app, jsonify, request
+
+from sidecar import metrics
+from sidecar.api.validation import bounded_int, choice, image_from_base64, json_body, optional
+from sidecar.errors import BadRequest
+from sidecar.fusion import FUSION_METHODS
+from sidecar.search import MODES, SearchOptions, query_vector, search
+
+bp = Blueprint("search", __name__)
+
+
+@bp.post("/v1/search")
+def search_endpoint():
+    state = current_app.extensions["clip_sidecar"]
+    settings = state.settings
+    body = json_body(request)
+    text = optional(body, "text", str)
+    image_b64 = optional(body, "image", str)
+    if not (text and text.strip()) and image_b64 is None:
+        raise BadRequest("send field 'text', field 'image' (base64), or both")
+    mode = choice(body, "mode", choices=MODES, default="hybrid" if text else "vector")
+    if mode != "vector" and not (text and text.strip()):
+        raise BadRequest(f"field 'text' is required for mode {mode}; an image-only query uses mode vector")
+    k = bounded_int(body, "k", default=10, low=1, high=settings.max_k)
+    try:
+        options = _options(body, mode=mode, k=k, settings=settings)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+    started = time.perf_counter()
+    # bm25 mode needs the text vector only for the rerank, which scores candidates by vector.
+    needs_text_vector = bool(text and text.strip()) and (mode != "bm25" or options.rerank)
+    text_vector = state.encoding.encode_texts([text]).vectors[0] if needs_text_vector else None
+    image_vector = None
+    if image_b64 is not None:
+        image = image_from_base64(image_b64, field="image", max_pixels=settings.max_image_pixels,
+                                  max_bytes=settings.max_body_bytes)
+        image_vector = state.encoding.encode_images([image])[0]
+    encoded = time.perf_counter()
+    result = search(state.store, vector=query_vector(text_vector, image_vector), text=text, options=options)
+    metrics.STAGE_SECONDS.labels("search", mode).observe(result.timings_s["coarse"])
+    metrics.STAGE_SECONDS.labels("rerank", mode).observe(result.timings_s["rerank"])
+    return jsonify({
+        "hits": [hit.to_dict() for hit in result.hits],
+        "mode": mode, "fusion": options.fusion, "rerank": options.rerank, "store": state.store.name,
+        "took_ms": {"encode": 1000 * (encoded - started), "coarse": 1000 * result.timings_s["coarse"],
+                    "rerank": 1000 * result.timings_s["rerank"]},
+    })
+
+
+def _options(body: dict, *, mode: str, k: int, settings) -> SearchOptions:
+    return SearchOptions(
+        mode=mode, k=k,
+        candidates=bounded_int(body, "candidates", default=max(settings.rerank_candidates, k), low=k,
+                               high=settings.max_k),
+        fusion=choice(body, "fusion", choices=FUSION_METHODS, default="minmax"),
+        weights=_weights(body),
+        rerank=optional(body, "rerank", bool, True),
+        exact=optional(body, "exact", bool, False),
+        filters=_filters(body),
+    )
+
+
+def _weights(body: dict) -> tuple[float, float]:
+    value = optional(body, "weights", dict, {"vector": 0.7, "bm25": 0.3})
+    unknown = set(value) - {"vector", "bm25"}
+    if unknown:
+        raise BadRequest(f"field 'weights' takes keys vector and bm25, got {', '.join(sorted(unknown))}")
+    weights = (value.get("vector", 0.7), value.get("bm25", 0.3))
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w <= 100 for w in weights):
+        raise BadRequest(f"field 'weights' values must be numbers between 0 and 100, got {value}")
+    if sum(weights) == 0:
+        raise BadRequest("field 'weights' must not be all zero")
+    return float(weights[0]), float(weights[1])
+
+
+def _filters(body: dict) -> dict | None:
+    value = optional(body, "filters", dict)
+    if not value:
+        return None
+    for field, wanted in value.items():
+        values = wanted if isinstance(wanted, list) else [wanted]
+        if not values or not all(isinstance(v, (str, int, float, bool)) for v in values):
+            raise BadRequest(f"field 'filters.{field}' must be a string, number, boolean or a non-empty list of them")
+    return value

@@ -1,0 +1,109 @@
+"""Settings: one frozen object, read from SIDECAR_* environment variables in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+TINY_MODEL = "tiny-clip"
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("CLIP_SIDECAR_CACHE", Path.home() / ".cache" / "clip-sidecar"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the sidecar can be told. Env var = SIDECAR_<FIELD NAME IN CAPITALS>."""
+
+    # Model: an open_clip name plus a pretrained tag (e.g. ViT-B-32 + laion2b_s34b_b79k), or a
+    # local checkpoint path; `model_config` is a JSON file for architectures open_clip lacks.
+    # The default is the project's tiny synthetic-data CLIP, trained on first use.
+    model: str = TINY_MODEL
+    pretrained: str = ""
+    model_config: str = ""
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+    cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)
+
+    # Store
+    store: str = "embedded"  # embedded | opensearch
+    store_path: Path = Path("data/store")
+    opensearch_url: str = "http://127.0.0.1:9250"
+    opensearch_index: str = "clip-sidecar"
+    opensearch_user: str = ""
+    opensearch_password: str = ""
+    opensearch_verify_certs: bool = True
+    opensearch_engine: str = "lucene"  # lucene | faiss (needs the k-NN native library)
+
+    # Request limits (the API answers 400/413 naming them)
+    max_batch_items: int = 256
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_k: int = 1000
+
+    # Micro-batching of concurrent requests
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    queue_size: int = 2048
+    request_timeout_s: float = 30.0
+
+    # Text-vector cache: keyed by model, weights, prompt template version and text
+    text_cache_size: int = 10_000
+    prompt_template: str = "{}"
+    prompt_version: str = "1"
+
+    # Search defaults
+    rerank_candidates: int = 100
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Build from SIDECAR_* variables, then explicit overrides (CLI flags, tests) on top."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f"SIDECAR_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f.name, raw, f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "store": ("embedded", "opensearch"),
+            "precision": ("auto", "fp32", "fp16", "bf16"),
+            "opensearch_engine": ("lucene", "faiss"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"setting {name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        for name in ("max_batch_items", "max_body_bytes", "max_image_pixels", "max_k", "max_batch",
+                     "queue_size", "text_cache_size", "rerank_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        if "{}" not in self.prompt_template:
+            raise ValueError(f"setting prompt_template must contain '{{}}' for the text, got {self.prompt_template!r}")
+        # Paths may arrive as strings from the environment or tests.
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        object.__setattr__(self, "store_path", Path(self.store_path))
+
+
+def _parse(name: str, raw: str, type_name: Any) -> Any:
+    type_name = str(type_name)
+    try:
+        if type_name == "bool":
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError("expected true/false")
+            return raw.lower() in ("1", "true", "yes")
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if type_name == "Path":
+            return Path(raw)
+    except ValueError as exc:
+        raise ValueError(f"SIDECAR_{name.upper()}={raw!r}: {exc}") from exc
+    return raw

@@ -1,0 +1,92 @@
+"""Corpus readers: an image folder, or a JSONL/CSV manifest of id, path, text and metadata."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+RESERVED = ("id", "path", "text", "metadata")
+
+
+@dataclass(frozen=True, slots=True)
+class CorpusItem:
+    id: str
+    path: Path
+    text: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class CorpusError(ValueError):
+    """The corpus source cannot be read; the message names the file, line and field."""
+
+
+def read_corpus(source: Path) -> Iterator[CorpusItem]:
+    """Items from a folder (ids = relative paths, text = a .txt beside the image or the file
+    name), a .jsonl manifest, or a .csv manifest (columns id, path, text; others → metadata)."""
+    source = Path(source)
+    if source.is_dir():
+        return _read_folder(source)
+    if not source.exists():
+        raise CorpusError(f"corpus {source} does not exist")
+    if source.suffix == ".jsonl":
+        return _read_jsonl(source)
+    if source.suffix == ".csv":
+        return _read_csv(source)
+    raise CorpusError(f"corpus {source}: expected a folder, a .jsonl or a .csv manifest")
+
+
+def _read_folder(root: Path) -> Iterator[CorpusItem]:
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        caption = path.with_suffix(".txt")
+        text = caption.read_text(encoding="utf-8").strip() if caption.exists() else \
+            path.stem.replace("_", " ").replace("-", " ")
+        yield CorpusItem(id=path.relative_to(root).as_posix(), path=path, text=text)
+
+
+def _read_jsonl(manifest: Path) -> Iterator[CorpusItem]:
+    with manifest.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{manifest}:{line_no}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise CorpusError(f"{manifest}:{line_no}: each line must be a JSON object")
+            yield _item(row, manifest=manifest, where=f"{manifest}:{line_no}")
+
+
+def _read_csv(manifest: Path) -> Iterator[CorpusItem]:
+    with manifest.open(encoding="utf-8", newline="") as fh:
+        for line_no, row in enumerate(csv.DictReader(fh), start=2):
+            yield _item(row, manifest=manifest, where=f"{manifest}:{line_no}")
+
+
+def _item(row: dict[str, Any], *, manifest: Path, where: str) -> CorpusItem:
+    path = row.get("path")
+    if not isinstance(path, str) or not path:
+        raise CorpusError(f"{where}: field 'path' is required (image file, relative to the manifest)")
+    metadata = row.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise CorpusError(f"{where}: field 'metadata' must be an object")
+    metadata = {**metadata, **{k: v for k, v in row.items() if k not in RESERVED and v not in (None, "")}}
+    item_id = row.get("id") or path
+    text = row.get("text") or ""
+    if not isinstance(text, str):
+        raise CorpusError(f"{where}: field 'text' must be a string")
+    return CorpusItem(id=str(item_id), path=(manifest.parent / path), text=text, metadata=metadata)
+
+
+def content_hash(path: Path) -> str:
+    """Identity of a file's bytes: an edited image is re-embedded, a touched one is not."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:32]

@@ -1,0 +1,192 @@
+"""The CLIP encoder: open_clip loading, and pre (tokenise/resize) / core (forward) / post (normalise) stages."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sidecar.config import TINY_MODEL, Settings
+from sidecar.stores.base import ModelSignature
+
+log = logging.getLogger(__name__)
+
+# Largest batch one forward pass takes; callers may hand in more, the encoder chunks.
+FORWARD_CHUNK = 256
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedText:
+    tokens: torch.Tensor  # [context_length] int64
+    length: int  # tokens before truncation, start and end tokens included
+
+    @property
+    def truncated(self) -> bool:
+        return self.length > self.tokens.shape[-1]
+
+
+class Encoder:
+    """A loaded open_clip model with batched, L2-normalised text and image encoding."""
+
+    def __init__(self, model: torch.nn.Module, *, tokenizer, preprocess, name: str, weights: str,
+                 device: torch.device, precision: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.name = name
+        self.weights = weights
+        self.device = device
+        self.precision = precision
+        self.context_length = int(tokenizer.context_length)
+        self.resize, mean, std = split_preprocess(preprocess)
+        # Normalisation runs on the model's device, over the whole batch, after a uint8 copy.
+        self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+        self.image_size = int(self.prepare_image(Image.new("RGB", (8, 8))).shape[0])
+        with torch.inference_mode():
+            probe = self.forward_texts(self.tokenizer([""]))
+        self.dim = int(probe.shape[-1])
+        self.signature = ModelSignature(model=name, weights=weights, dim=self.dim)
+
+    # ---- pre: CPU work, safe to run in request threads or worker processes ----
+    def prepare_text(self, text: str) -> PreparedText:
+        tokens = self.tokenizer([text])[0]
+        return PreparedText(tokens=tokens, length=self._token_count(text, tokens))
+
+    def prepare_image(self, image: Image.Image) -> np.ndarray:
+        """Resize and crop to the model's input: uint8 [H, W, 3], a quarter of float32's bytes."""
+        return np.asarray(self.resize(image), dtype=np.uint8)
+
+    def _token_count(self, text: str, tokens: torch.Tensor) -> int:
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is not None:
+            return len(encode(text)) + 2  # start and end tokens
+        # Tokenizers without `encode`: a sequence that fills the context was (probably) cut.
+        return self.context_length + 1 if int(tokens[-1]) != 0 else self.context_length
+
+    # ---- core: one forward pass per call, on the model's device and precision ----
+    def forward_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self._autocast():
+            return self.model.encode_text(tokens.to(self.device, non_blocking=True))
+
+    def forward_images(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Forward a uint8 batch [B, H, W, 3] from `prepare_image`."""
+        batch = torch.as_tensor(pixels)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        batch = (batch - self._mean) / self._std
+        with torch.inference_mode(), self._autocast():
+            return self.model.encode_image(batch)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision in ("fp16", "bf16"):
+            dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    # ---- post: normalise once, here, so every store can use inner product ----
+    @staticmethod
+    def postprocess(features: torch.Tensor) -> np.ndarray:
+        features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.detach().cpu().numpy().astype(np.float32, copy=False)
+
+    # ---- whole pipeline, for callers that hold all inputs at once ----
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = [self.postprocess(self.forward_texts(torch.stack([self.prepare_text(t).tokens for t in chunk])))
+               for chunk in _chunks(texts, FORWARD_CHUNK)]
+        return np.concatenate(out)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = [self.postprocess(self.forward_images(np.stack([self.prepare_image(i) for i in chunk])))
+               for chunk in _chunks(images, FORWARD_CHUNK)]
+        return np.concatenate(out)
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def split_preprocess(preprocess) -> tuple[Callable[[Image.Image], Image.Image], tuple, tuple]:
+    """Split open_clip's transform into its PIL part (resize, crop, mode) and its mean/std, so
+    decode workers ship uint8 pixels and normalisation happens batched on the device."""
+    from torchvision.transforms import Compose, Normalize
+
+    steps = list(preprocess.transforms)
+    names = [type(step).__name__ for step in steps]
+    cut = next((i for i, name in enumerate(names) if "ToTensor" in name), None)
+    if cut is None or len(steps) != cut + 2 or not isinstance(steps[-1], Normalize):
+        raise ValueError(f"unsupported preprocessing {names}: expected PIL steps, ToTensor, Normalize")
+    return Compose(steps[:cut]), tuple(steps[-1].mean), tuple(steps[-1].std)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"setting device={name!r}, but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        if name != "fp32" and device.type == "cpu":
+            raise ValueError(f"setting precision={name!r} needs a GPU; on CPU use fp32 (or auto)")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def weights_id(pretrained: str) -> str:
+    """A stable name for the weights: the tag itself, or the checkpoint file's content hash."""
+    path = Path(pretrained)
+    if not path.is_file():
+        return pretrained or "random"
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def load_encoder(settings: Settings) -> Encoder:
+    """Load the configured model: by name + pretrained tag, a checkpoint file, or the tiny model."""
+    import open_clip  # heavy import, deferred so `--help` stays fast
+
+    model_name, pretrained = settings.model, settings.pretrained
+    if settings.model_config:
+        open_clip.add_model_config(settings.model_config)
+    if model_name == TINY_MODEL and not pretrained:
+        from sidecar.tiny_model import ensure_tiny_model, register_tiny_config
+
+        register_tiny_config()
+        pretrained = str(ensure_tiny_model(settings.cache_dir))
+    available = open_clip.list_models()
+    if model_name not in available:
+        raise ValueError(f"unknown model {model_name!r}; available: {', '.join(available[:12])}, … "
+                         f"({len(available)} in all; pass --model-config for a custom architecture)")
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    log.info("loading %s (pretrained=%s) on %s, %s", model_name, pretrained or "none", device, precision)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained or None, device=device,
+        cache_dir=os.fspath(settings.cache_dir / "weights"),
+    )
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return Encoder(model, tokenizer=tokenizer, preprocess=preprocess, name=model_name,
+                   weights=weights_id(pretrained), device=device, precision=precision)

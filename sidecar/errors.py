@@ -1,0 +1,39 @@
+"""Errors a client can cause, each with its HTTP status and a stable code."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """An error the API answers as JSON {"error": {"code", "message"}} with `status`."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class BadRequest(ApiError):
+    status, code = 400, "bad_request"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
+class Overloaded(ApiError):
+    status, code = 503, "overloaded"
+
+
+class EncodeTimeout(ApiError):
+    status, code = 504, "timeout"
+
+
+class NotReady(ApiError):
+    status, code = 503, "not_ready"

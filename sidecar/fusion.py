@@ -1,0 +1,67 @@
+"""Score normalisation and fusion of ranked lists: min-max (with bounds), z-score, RRF."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+FUSION_METHODS = ("minmax", "zscore", "rrf")
+RRF_K = 60  # the constant from Cormack et al.; OpenSearch's score-ranker uses the same default
+
+
+def minmax(scores: Mapping[str, float], *, bounds: tuple[float, float] | None = None) -> dict[str, float]:
+    """Scale to [0, 1]. Fixed `bounds` keep a lone weak hit from being stretched to 1."""
+    if not scores:
+        return {}
+    low, high = bounds if bounds is not None else (min(scores.values()), max(scores.values()))
+    if high <= low:
+        return {key: 1.0 for key in scores}
+    return {key: min(1.0, max(0.0, (value - low) / (high - low))) for key, value in scores.items()}
+
+
+def zscore(scores: Mapping[str, float]) -> dict[str, float]:
+    if not scores:
+        return {}
+    mean = sum(scores.values()) / len(scores)
+    std = math.sqrt(sum((v - mean) ** 2 for v in scores.values()) / len(scores))
+    if std == 0.0:
+        return {key: 0.0 for key in scores}
+    return {key: (value - mean) / std for key, value in scores.items()}
+
+
+def rrf(rankings: Sequence[Sequence[str]], *, weights: Sequence[float], k: int = RRF_K) -> dict[str, float]:
+    """Reciprocal rank fusion: sum of weight / (k + rank), rank counted from 1."""
+    fused: dict[str, float] = {}
+    for ranking, weight in zip(rankings, weights, strict=True):
+        for rank, key in enumerate(ranking, start=1):
+            fused[key] = fused.get(key, 0.0) + weight / (k + rank)
+    return fused
+
+
+def fuse(
+    score_lists: Sequence[Mapping[str, float]],
+    *,
+    method: str,
+    weights: Sequence[float],
+    bounds: Sequence[tuple[float, float] | None] | None = None,
+) -> dict[str, float]:
+    """Combine per-retriever scores into one score per id (missing from a list = contributes 0)."""
+    if method not in FUSION_METHODS:
+        raise ValueError(f"fusion {method!r}: choose one of {', '.join(FUSION_METHODS)}")
+    if method == "rrf":
+        rankings = [sorted(scores, key=scores.__getitem__, reverse=True) for scores in score_lists]
+        return rrf(rankings, weights=weights)
+    bounds = bounds or [None] * len(score_lists)
+    normalised = [minmax(s, bounds=b) if method == "minmax" else zscore(s)
+                  for s, b in zip(score_lists, bounds, strict=True)]
+    fused: dict[str, float] = {}
+    for scores, weight in zip(normalised, weights, strict=True):
+        for key, value in scores.items():
+            fused[key] = fused.get(key, 0.0) + weight * value
+    if method == "zscore":
+        # A document missing from one list gets that list's floor, not 0 (0 is the mean there).
+        for scores, weight in zip(normalised, weights, strict=True):
+            floor = min(scores.values(), default=0.0)
+            for key in fused.keys() - scores.keys():
+                fused[key] += weight * floor
+    return fused

@@ -1,0 +1,32 @@
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import Settings
+
+
+def test_env_then_overrides():
+    env = {"SIDECAR_MAX_BATCH": "8", "SIDECAR_STORE_PATH": "/tmp/x", "SIDECAR_OPENSEARCH_VERIFY_CERTS": "false"}
+    settings = Settings.from_env(env, max_batch=None, max_wait_ms=1.5)
+    assert settings.max_batch == 8
+    assert settings.store_path == Path("/tmp/x")
+    assert settings.opensearch_verify_certs is False
+    assert settings.max_wait_ms == 1.5
+    assert Settings.from_env(env, max_batch=4).max_batch == 4
+
+
+def test_bad_values_name_the_variable_and_the_choices():
+    with pytest.raises(ValueError, match="SIDECAR_MAX_BATCH='many'"):
+        Settings.from_env({"SIDECAR_MAX_BATCH": "many"})
+    with pytest.raises(ValueError, match="store='solr'.*embedded, opensearch"):
+        Settings(store="solr")
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        Settings(max_batch=0)
+    with pytest.raises(ValueError, match="prompt_template"):
+        Settings(prompt_template="a photo")
+
+
+def test_settings_are_frozen():
+    settings = Settings()
+    with pytest.raises(AttributeError):
+        settings.max_batch = 2  # type: ignore[misc]

@@ -1,0 +1,81 @@
+"""The bad-image corpus: every awkward real-world file is converted or refused with a reason."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sidecar.images import ImageDecodeError, decode_image
+
+LIMIT = 10_000_000
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_plain_jpeg_decodes_to_rgb():
+    image = decode_image(_encode(Image.new("RGB", (40, 30), (200, 10, 10)), "JPEG"), max_pixels=LIMIT)
+    assert image.mode == "RGB" and image.size == (40, 30)
+
+
+def test_cmyk_is_converted():
+    image = decode_image(_encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"), max_pixels=LIMIT)
+    assert image.mode == "RGB"
+    r, g, b = image.getpixel((8, 8))
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_16_bit_greyscale_keeps_its_range():
+    array = np.full((8, 8), 40000, dtype=np.uint16)
+    array[0, 0] = 65535
+    image = decode_image(_encode(Image.fromarray(array), "PNG"), max_pixels=LIMIT)
+    assert image.mode == "RGB"
+    assert 140 < image.getpixel((4, 4))[0] < 170  # 40000/65535 of white, not clipped to 255
+
+
+def test_palette_with_transparency_goes_on_white():
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([0, 0, 0] * 256)
+    data = _encode(image, "PNG", transparency=0)
+    assert decode_image(data, max_pixels=LIMIT).getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_exif_rotation_is_applied():
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    decoded = decode_image(_encode(image, "JPEG", exif=exif.tobytes()), max_pixels=LIMIT)
+    assert decoded.size == (20, 40)
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("RGB", (10, 10), colour) for colour in ((255, 0, 0), (0, 255, 0))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    r, g, _ = decode_image(buffer.getvalue(), max_pixels=LIMIT).getpixel((5, 5))
+    assert r > 200 and g < 50
+
+
+@pytest.mark.parametrize(
+    ("data", "kind", "message"),
+    [
+        (b"definitely not an image", "format", "not a recognised image format"),
+        (_encode(Image.new("RGB", (64, 64), (9, 9, 9)), "JPEG")[:300], "corrupt", "corrupt or truncated"),
+        (_encode(Image.new("L", (4000, 3000)), "PNG"), "too_large", "12000000 pixels, over the limit of 10000000"),
+    ],
+    ids=["garbage", "truncated", "bomb"],
+)
+def test_unusable_files_are_refused_with_a_reason(data, kind, message):
+    with pytest.raises(ImageDecodeError, match=message) as info:
+        decode_image(data, max_pixels=LIMIT)
+    assert info.value.kind == kind
+
+
+def test_draft_decoding_keeps_at_least_the_model_size():
+    data = _encode(Image.new("RGB", (2000, 1500), (1, 2, 3)), "JPEG")
+    image = decode_image(data, max_pixels=LIMIT, min_side=224)
+    assert min(image.size) >= 224 and image.size[0] < 2000
