@@ -51,7 +51,22 @@ def _settings(kwargs: dict[str, Any], names: tuple[str, ...]) -> Settings:
         raise click.UsageError(str(exc)) from exc
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """Turns the errors a user can fix (wrong model, bad corpus, unreachable store) into one
+    clear line and exit code 1, instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sidecar.corpus import CorpusError
+        from sidecar.shards import ShardError
+        from sidecar.stores.base import StoreError
+
+        try:
+            return super().invoke(ctx)
+        except (CorpusError, ShardError, StoreError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings only, no progress bars.")
 @click.pass_context

@@ -1,6 +1,8 @@
-"""Operations endpoints: liveness, readiness (model and store loaded), Prometheus metrics."""
+"""Operations endpoints: liveness, readiness (model and store loaded), Prometheus metrics, the API description."""
 
 from __future__ import annotations
+
+from importlib.resources import files
 
 from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,6 +26,11 @@ def readyz():
     return jsonify({"status": "ready", "model": encoder.name, "weights": encoder.weights, "dim": encoder.dim,
                     "device": str(encoder.device), "precision": encoder.precision,
                     "store": state.store.name, "documents": documents})
+
+
+@bp.get("/openapi.yaml")
+def openapi():
+    return Response((files("sidecar") / "openapi.yaml").read_text(encoding="utf-8"), mimetype="application/yaml")
 
 
 @bp.get("/metrics")

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import pytest
+
+from sidecar.app import create_app
+from sidecar.config import Settings
+from sidecar.stores.embedded import EmbeddedStore
+
+
+@pytest.fixture
+def app_settings(tmp_path, store_path) -> Settings:
+    # Own cache dir: the text-vector cache of one test never serves another.
+    return Settings(cache_dir=tmp_path / "cache", store_path=store_path, max_batch_items=8,
+                    max_body_bytes=256 * 1024, max_image_pixels=1_000_000)
+
+
+@pytest.fixture
+def app(app_settings, encoder):
+    store = EmbeddedStore(app_settings.store_path)
+    app = create_app(app_settings, encoder=encoder, store=store)
+    yield app
+    app.extensions["clip_sidecar"].encoding.close()
+    store.close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()

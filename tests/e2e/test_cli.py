@@ -1,0 +1,173 @@
+"""The real CLI on real JPEG files: embed → index → search, resume after kill -9, incremental reruns."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from sidecar.cli import main
+from sidecar.shards import ShardSet
+from sidecar.stores.base import ModelSignature
+from sidecar.stores.embedded import EmbeddedStore
+from sidecar.synthetic import sample_items, write_corpus
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sidecar.cli", "-q", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def shard_ids(out: Path) -> list[str]:
+    return [row.id for _, row, _ in ShardSet(out).rows()]
+
+
+def test_embed_index_search_through_the_cli(corpus, tmp_path):
+    out, store = tmp_path / "shards", tmp_path / "store"
+    runner = CliRunner()
+    result = runner.invoke(main, ["-q", "embed", str(corpus), "--out", str(out), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "400 items: 400 embedded" in result.output
+    result = runner.invoke(main, ["-q", "index", str(out), "--store-path", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "store now holds 400 documents" in result.output
+    result = runner.invoke(main, ["-q", "search", "red circle", "--store-path", str(store), "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output)
+    assert [(h["metadata"]["color"], h["metadata"]["shape"]) for h in hits] == [("red", "circle")] * 3
+    result = runner.invoke(main, ["-q", "search", "circle", "--store-path", str(store), "--mode", "bm25",
+                                  "--filter", "color=green", "-k", "5"])
+    assert result.exit_code == 0, result.output
+    assert "green circle" in result.output and "red" not in result.output
+    result = runner.invoke(main, ["-q", "eval", "--store-path", str(store), "--queries", "50"])
+    assert result.exit_code == 0 and "Recall@10 (HNSW vs exact) over 50 queries" in result.output
+
+
+def test_embed_continues_after_kill_minus_9_without_duplicates_or_gaps(tmp_path):
+    manifest = write_corpus(tmp_path / "corpus", 3000, seed=5)
+    out = tmp_path / "shards"
+    args = [sys.executable, "-m", "sidecar.cli", "-q", "embed", str(manifest), "--out", str(out),
+            "--shard-size", "100", "--batch-size", "20", "--workers", "0"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (out / "shard-00003.jsonl").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "embed never wrote its fourth shard"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(shard_ids(out))
+    assert 400 <= done_before < 3000, "the kill must land in the middle of the run"
+
+    result = run_cli("embed", str(manifest), "--out", str(out), "--shard-size", "100", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    assert f"3000 items: {3000 - done_before} embedded, {done_before} unchanged" in result.stdout
+    ids = shard_ids(out)
+    assert len(ids) == len(set(ids)) == 3000
+    assert not list(out.glob("*.tmp"))
+
+
+def test_incremental_rerun_embeds_only_new_and_changed_files_and_index_removes_deleted(encoder, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for item in sample_items(60, seed=3):
+        item.image.save(folder / f"{item.id}.jpg", quality=90)
+    out, store_path = tmp_path / "shards", tmp_path / "store"
+    runner = CliRunner()
+    assert runner.invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "0"]).exit_code == 0
+    assert runner.invoke(main, ["-q", "index", str(out), "--store-path", str(store_path)]).exit_code == 0
+
+    files = sorted(folder.glob("*.jpg"))
+    for path in files[:3]:
+        path.unlink()
+    for path, item in zip(files[3:5], sample_items(2, seed=99)):
+        item.image.save(path, quality=90)  # same name, new content
+    for item in sample_items(4, seed=123):
+        item.image.save(folder / f"new-{item.id}.jpg", quality=90)
+    (folder / "touched.txt").write_text("not an image, ignored")
+    os.utime(files[10])  # touched but unchanged: not re-embedded
+
+    result = runner.invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "61 items: 6 embedded, 55 unchanged, 0 failed (see errors.jsonl), 3 deleted" in result.output
+    result = runner.invoke(main, ["-q", "index", str(out), "--store-path", str(store_path)])
+    assert result.exit_code == 0, result.output
+    assert "6 written, 55 unchanged, 3 deleted; store now holds 61 documents" in result.output
+
+    store = EmbeddedStore(store_path)
+    try:
+        stored = store.content_hashes()
+        assert not {p.name for p in files[:3]} & stored.keys()
+        changed = store.fetch([files[3].name])[0]
+        image = encoder.encode_images([__import__("PIL.Image", fromlist=["Image"]).open(files[3]).convert("RGB")])
+        assert float(np.dot(changed.vector, image[0])) > 0.999
+    finally:
+        store.close()
+
+
+def test_bad_images_are_skipped_listed_and_counted(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for item in sample_items(5, seed=8):
+        item.image.save(folder / f"{item.id}.jpg")
+    (folder / "garbage.jpg").write_bytes(b"this is not a jpeg")
+    good = (folder / sorted(os.listdir(folder))[0]).read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "7 items: 5 embedded, 0 unchanged, 2 failed" in result.output
+    errors = {json.loads(line)["id"]: json.loads(line)["reason"] for line in (out / "errors.jsonl").open()}
+    assert set(errors) == {"garbage.jpg", "truncated.jpg"}
+    assert "not a recognised image format" in errors["garbage.jpg"]
+    assert "corrupt or truncated" in errors["truncated.jpg"]
+
+
+def test_index_refuses_shards_of_another_model(shards, tmp_path):
+    store_path = tmp_path / "store"
+    store = EmbeddedStore(store_path)
+    store.claim(ModelSignature(model="ViT-B-32", weights="laion2b_s34b_b79k", dim=512))
+    store.close()
+    result = CliRunner().invoke(main, ["-q", "index", str(shards), "--store-path", str(store_path)])
+    assert result.exit_code == 1
+    assert "store holds vectors of ViT-B-32 (weights laion2b_s34b_b79k, dim 512)" in result.output
+    assert "refusing vectors of tiny-clip" in result.output
+
+
+def test_embed_refuses_a_shard_directory_of_another_model(shards, corpus, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["model"]["weights"] = "sha256:0000"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["-q", "embed", str(corpus), "--out", str(out)])
+    assert result.exit_code == 1
+    assert "holds shards of tiny-clip (weights sha256:0000" in result.output and "new --out directory" in result.output
+
+
+def test_every_command_teaches_with_help():
+    runner = CliRunner()
+    for command in (["--help"], ["embed", "--help"], ["index", "--help"], ["search", "--help"], ["serve", "--help"],
+                    ["demo", "--help"], ["eval", "--help"], ["cache", "warm", "--help"],
+                    ["opensearch", "setup", "--help"]):
+        result = runner.invoke(main, command)
+        assert result.exit_code == 0 and "Usage:" in result.output, command
+
+
+@pytest.mark.slow
+def test_demo_prints_ranked_results_in_every_mode(tmp_path):
+    result = run_cli("demo", "--workdir", str(tmp_path / "demo"), "--items", "300")
+    assert result.returncode == 0, result.stderr
+    for header in ("mode vector", "mode bm25", "mode hybrid", "mode hybrid + rerank", "more like this photo",
+                   "Recall@10 (HNSW vs exact)"):
+        assert header in result.stdout
+    assert "red circle" in result.stdout
