@@ -1,0 +1,499 @@
+"""Tests for the embedded store: SQLite + FTS5 + memmapped vectors + FAISS HNSW in one directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sidecar.stores.base import Document, ModelMismatchError, ModelSignature, StoreError
+from sidecar.stores.embedded import EmbeddedStore, fts_match_expression
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DIM = 32
+SIGNATURE = ModelSignature(model="ViT-Tiny", weights="synthetic", dim=DIM)
+COLOURS = ("red", "green", "blue", "yellow")
+
+
+def clustered_unit_vectors(n: int, *, dim: int = DIM, clusters: int = 8, spread: float = 0.25, seed: int = 0) -> np.ndarray:
+    """Unit vectors around `clusters` random centres: the shape CLIP embeddings of a corpus have."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    vectors = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.astype(np.float32)
+
+
+def make_docs(n: int, *, seed: int = 0, prefix: str = "doc", version: int = 0) -> list[Document]:
+    vectors = clustered_unit_vectors(n, seed=seed)
+    return [
+        Document(
+            id=f"{prefix}{i}",
+            vector=vectors[i],
+            text=f"a {COLOURS[i % 4]} item number{i}",
+            metadata={"colour": COLOURS[i % 4], "shard": i % 3, "tags": ["even"] if i % 2 == 0 else ["odd"],
+                      "version": version},
+            content_hash=f"h{i}v{version}",
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with EmbeddedStore(tmp_path / "store") as opened:
+        opened.claim(SIGNATURE)
+        yield opened
+
+
+def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-c", textwrap.dedent(code), *args],
+        capture_output=True, text=True, env=env, timeout=timeout, check=False,
+    )
+
+
+def as_pairs(hits) -> list[tuple[str, float]]:
+    return [(hit.id, round(hit.score, 5)) for hit in hits]
+
+
+# -- writes ---------------------------------------------------------------------------------
+
+
+def test_upsert_count_and_fetch_round_trip(store: EmbeddedStore):
+    docs = make_docs(50)
+    assert store.upsert(docs) == 50
+    assert store.count() == 50
+    fetched = store.fetch(["doc7", "missing", "doc3"])
+    assert [doc.id for doc in fetched] == ["doc7", "doc3"]
+    np.testing.assert_array_equal(fetched[0].vector, docs[7].vector)
+    assert fetched[0].text == docs[7].text
+    assert dict(fetched[0].metadata) == dict(docs[7].metadata)
+    assert store.content_hashes()["doc7"] == "h7v0"
+
+
+def test_upsert_replaces_by_id(store: EmbeddedStore):
+    store.upsert(make_docs(20))
+    replacement = make_docs(20, seed=99, version=1)[4]
+    assert store.upsert([replacement]) == 1
+    assert store.count() == 20
+    (doc,) = store.fetch(["doc4"])
+    np.testing.assert_array_equal(doc.vector, replacement.vector)
+    assert doc.metadata["version"] == 1
+    # The old vector is tombstoned: only the new version answers, in ANN and exact search.
+    for exact in (False, True):
+        hits = store.vector_search(replacement.vector, 20, exact=exact)
+        assert hits[0].id == "doc4"
+        assert pytest.approx(hits[0].score, abs=1e-5) == 1.0
+        assert [h.id for h in hits].count("doc4") == 1
+
+
+def test_duplicate_ids_in_one_batch_last_wins(store: EmbeddedStore):
+    first, second = make_docs(2)
+    assert store.upsert([first, Document(id=first.id, vector=second.vector, text="later")]) == 1
+    assert store.fetch([first.id])[0].text == "later"
+
+
+def test_delete_removes_from_every_search(store: EmbeddedStore):
+    docs = make_docs(40)
+    store.upsert(docs)
+    assert store.delete(["doc1", "doc2", "nope"]) == 2
+    assert store.delete(["doc1"]) == 0
+    assert store.count() == 38
+    assert store.fetch(["doc1"]) == []
+    assert "doc1" not in store.content_hashes()
+    for exact in (False, True):
+        assert "doc1" not in {h.id for h in store.vector_search(docs[1].vector, 40, exact=exact)}
+    assert "doc1" not in {h.id for h in store.text_search("number1", 40)}
+
+
+def test_many_tombstones_trigger_a_rebuild_that_keeps_results(tmp_path: Path):
+    with EmbeddedStore(tmp_path / "s", rebuild_tombstone_fraction=0.1) as store:
+        docs = make_docs(300)
+        store.upsert(docs)
+        store.delete([doc.id for doc in docs[:100]])
+        graphs = list((tmp_path / "s").glob("hnsw.*"))
+        assert len(graphs) == 1  # the rebuilt graph replaced the old file
+        assert store.count() == 200
+        query = docs[150].vector
+        assert as_pairs(store.vector_search(query, 10)) == as_pairs(store.vector_search(query, 10, exact=True))
+
+
+def test_readding_a_deleted_id(store: EmbeddedStore):
+    docs = make_docs(5)
+    store.upsert(docs)
+    store.delete(["doc0"])
+    store.upsert([docs[0]])
+    assert store.count() == 5
+    assert store.vector_search(docs[0].vector, 1)[0].id == "doc0"
+
+
+# -- persistence ------------------------------------------------------------------------------
+
+
+def test_reopen_gives_identical_results(tmp_path: Path):
+    docs = make_docs(500)
+    query = clustered_unit_vectors(1, seed=7)[0]
+    with EmbeddedStore(tmp_path / "s") as store:
+        store.claim(SIGNATURE)
+        store.upsert(docs)
+        store.delete(["doc10"])
+        before = (as_pairs(store.vector_search(query, 10)), as_pairs(store.vector_search(query, 10, exact=True)),
+                  as_pairs(store.text_search("red number5", 10)), store.count())
+    with EmbeddedStore(tmp_path / "s") as reopened:
+        assert reopened.signature() == SIGNATURE
+        after = (as_pairs(reopened.vector_search(query, 10)), as_pairs(reopened.vector_search(query, 10, exact=True)),
+                 as_pairs(reopened.text_search("red number5", 10)), reopened.count())
+    assert after == before
+
+
+def test_another_process_sees_identical_results(tmp_path: Path):
+    docs = make_docs(500)
+    query = clustered_unit_vectors(1, seed=7)[0]
+    with EmbeddedStore(tmp_path / "s") as store:
+        store.claim(SIGNATURE)
+        store.upsert(docs)
+        here = {"ann": as_pairs(store.vector_search(query, 10)),
+                "text": as_pairs(store.text_search("blue number3", 5, filters={"shard": 0}))}
+    result = run_python(
+        """
+        import json, sys
+        import numpy as np
+        from sidecar.stores.embedded import EmbeddedStore
+        query = np.array(json.loads(sys.argv[2]), dtype=np.float32)
+        with EmbeddedStore(sys.argv[1]) as store:
+            pairs = lambda hits: [(h.id, round(h.score, 5)) for h in hits]
+            print(json.dumps({"ann": pairs(store.vector_search(query, 10)),
+                              "text": pairs(store.text_search("blue number3", 5, filters={"shard": 0}))}))
+        """,
+        str(tmp_path / "s"), json.dumps(query.tolist()),
+    )
+    assert result.returncode == 0, result.stderr
+    there = {key: [tuple(pair) for pair in value] for key, value in json.loads(result.stdout).items()}
+    assert there == here
+
+
+def test_writes_from_another_process_are_seen_by_an_open_store(tmp_path: Path):
+    with EmbeddedStore(tmp_path / "s") as store:
+        store.claim(SIGNATURE)
+        store.upsert(make_docs(10))
+        assert store.count() == 10
+        result = run_python(
+            """
+            import sys
+            sys.path.insert(0, sys.argv[2])
+            from test_embedded import make_docs
+            from sidecar.stores.embedded import EmbeddedStore
+            with EmbeddedStore(sys.argv[1]) as other:
+                other.upsert(make_docs(5, prefix="new"))
+                other.delete(["doc0"])
+            """,
+            str(tmp_path / "s"), str(Path(__file__).parent),
+        )
+        assert result.returncode == 0, result.stderr
+        assert store.count() == 14
+        assert store.vector_search(make_docs(5, prefix="new")[2].vector, 1)[0].id == "new2"
+
+
+READER = """
+    import json, sys, time
+    from pathlib import Path
+    import numpy as np
+    from sidecar.stores.embedded import EmbeddedStore
+    path, done, progress, n = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+    ids = [f"doc{i}" for i in range(n)]
+    query = np.ones(32, dtype=np.float32) / np.sqrt(32)
+    versions, reads = set(), 0
+    with EmbeddedStore(path) as store:
+        while not done.exists() or reads < 5:
+            docs = store.fetch(ids)
+            seen = {doc.metadata["version"] for doc in docs}
+            # One snapshot: every document comes from the same committed upsert.
+            if len(docs) != n or len(seen) != 1:
+                raise SystemExit(f"torn read: {len(docs)} docs, versions {sorted(seen)}")
+            if store.count() != n:
+                raise SystemExit(f"count {store.count()} != {n}")
+            for exact in (False, True):
+                hits = store.vector_search(query, 10, exact=exact)
+                if len(hits) != 10 or not {h.id for h in hits} <= set(ids):
+                    raise SystemExit(f"bad vector hits {hits}")
+            hits = store.text_search("item", 10, filters={"colour": ["red", "blue"]})
+            if len(hits) != 10:
+                raise SystemExit(f"bad text hits {hits}")
+            versions |= seen
+            reads += 1
+            progress.write_text(str(reads))
+    print(json.dumps({"versions": sorted(versions), "reads": reads}))
+"""
+
+
+def reads_done(progress: Path) -> int:
+    try:
+        return int(progress.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_reader_process_never_sees_a_torn_write(tmp_path: Path):
+    n, rounds = 200, 12
+    path, done, progress = tmp_path / "s", tmp_path / "done", tmp_path / "progress"
+    with EmbeddedStore(path, rebuild_tombstone_fraction=0.5) as writer:
+        writer.claim(SIGNATURE)
+        writer.upsert(make_docs(n))
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        reader = subprocess.Popen(
+            [sys.executable, "-W", "error", "-c", textwrap.dedent(READER), str(path), str(done), str(progress), str(n)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        try:
+            # Every round replaces all documents (new vectors, new version) in one upsert; with
+            # rebuild_tombstone_fraction=0.5 some rounds rebuild and swap the HNSW file too.
+            # Waiting for a read between rounds guarantees the reader overlaps the writes.
+            for version in range(1, rounds + 1):
+                reads_before = reads_done(progress)
+                writer.upsert(make_docs(n, seed=version, version=version))
+                deadline = time.monotonic() + 60
+                while reads_done(progress) <= reads_before and reader.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        finally:
+            done.touch()
+            stdout, stderr = reader.communicate(timeout=120)
+    assert reader.returncode == 0, stderr
+    report = json.loads(stdout)
+    assert report["reads"] >= rounds
+    assert set(report["versions"]) <= set(range(rounds + 1))
+    assert len(report["versions"]) >= rounds // 2
+
+
+def test_two_writer_processes_serialise(tmp_path: Path):
+    path = tmp_path / "s"
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+    code = """
+        import sys
+        sys.path.insert(0, sys.argv[2])
+        from test_embedded import make_docs
+        from sidecar.stores.embedded import EmbeddedStore
+        with EmbeddedStore(sys.argv[1]) as store:
+            for batch in range(10):
+                seed = batch + (100 if sys.argv[3] == "b" else 0)
+                store.upsert(make_docs(30, seed=seed, prefix=f"{sys.argv[3]}-{batch}-"))
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    procs = [
+        subprocess.Popen([sys.executable, "-W", "error", "-c", textwrap.dedent(code), str(path),
+                          str(Path(__file__).parent), name], stderr=subprocess.PIPE, text=True, env=env)
+        for name in ("a", "b")
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+    with EmbeddedStore(path) as store:
+        assert store.count() == 600
+        docs = store.fetch(["a-3-7", "b-9-29"])
+        assert [doc.id for doc in docs] == ["a-3-7", "b-9-29"]
+        assert store.vector_search(docs[1].vector, 1)[0].id == "b-9-29"
+
+
+def test_uncommitted_vector_rows_are_discarded(tmp_path: Path):
+    with EmbeddedStore(tmp_path / "s") as store:
+        store.claim(SIGNATURE)
+        docs = make_docs(10)
+        store.upsert(docs[:5])
+        # A writer that crashed after appending vectors but before committing SQLite.
+        with open(tmp_path / "s" / "vectors.f32", "ab") as handle:
+            handle.write(np.ones((3, DIM), dtype=np.float32).tobytes())
+        store.upsert(docs[5:])
+        for doc in store.fetch([doc.id for doc in docs]):
+            np.testing.assert_array_equal(doc.vector, docs[int(doc.id[3:])].vector)
+
+
+# -- search ------------------------------------------------------------------------------
+
+
+def test_ann_agrees_with_exact(store: EmbeddedStore):
+    store.upsert(make_docs(2000))
+    queries = clustered_unit_vectors(20, seed=123)
+    overlaps = []
+    for query in queries:
+        ann = {h.id for h in store.vector_search(query, 10)}
+        exact = store.vector_search(query, 10, exact=True)
+        overlaps.append(len(ann & {h.id for h in exact}) / 10)
+        assert exact == sorted(exact, key=lambda h: -h.score)
+    assert np.mean(overlaps) >= 0.98
+
+
+def test_exact_search_matches_numpy(store: EmbeddedStore):
+    docs = make_docs(300)
+    store.upsert(docs)
+    query = clustered_unit_vectors(1, seed=5)[0]
+    matrix = np.stack([doc.vector for doc in docs])
+    expected = [f"doc{i}" for i in np.argsort(-(matrix @ query), kind="stable")[:7]]
+    assert [h.id for h in store.vector_search(query, 7, exact=True)] == expected
+    # A query shaped (1, dim) is accepted too.
+    assert [h.id for h in store.vector_search(query[None, :], 7, exact=True)] == expected
+
+
+def test_k_larger_than_the_store(store: EmbeddedStore):
+    store.upsert(make_docs(5))
+    assert len(store.vector_search(make_docs(1)[0].vector, 50)) == 5
+    assert len(store.vector_search(make_docs(1)[0].vector, 50, exact=True)) == 5
+
+
+def test_empty_store_searches_return_nothing(tmp_path: Path):
+    with EmbeddedStore(tmp_path / "s") as store:
+        assert store.signature() is None
+        assert store.count() == 0
+        assert store.vector_search(np.ones(DIM, dtype=np.float32), 3) == []
+        assert store.text_search("anything", 3) == []
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_vector_search_with_filters(store: EmbeddedStore, exact: bool):
+    docs = make_docs(400)
+    store.upsert(docs)
+    query = docs[8].vector
+    by_id = {doc.id: doc for doc in docs}
+    single = store.vector_search(query, 20, filters={"colour": "red"}, exact=exact)
+    assert len(single) == 20 and all(by_id[h.id].metadata["colour"] == "red" for h in single)
+    assert single[0].id == "doc8"
+    many = store.vector_search(query, 30, filters={"colour": ["red", "blue"], "shard": 2}, exact=exact)
+    assert len(many) == 30
+    assert all(by_id[h.id].metadata["colour"] in ("red", "blue") and by_id[h.id].metadata["shard"] == 2 for h in many)
+    # A list-valued metadata field matches when any element matches (term-filter semantics).
+    tagged = store.vector_search(query, 10, filters={"tags": "odd"}, exact=exact)
+    assert all(int(h.id[3:]) % 2 == 1 for h in tagged)
+    assert store.vector_search(query, 5, filters={"colour": "purple"}, exact=exact) == []
+
+
+def test_filtered_search_through_hnsw_matches_exact(tmp_path: Path):
+    # exact_filter_rows=1 forces the HNSW + IDSelector path for every filter.
+    with EmbeddedStore(tmp_path / "s", exact_filter_rows=1) as store:
+        store.upsert(make_docs(1000))
+        store.delete(["doc4"])
+        query = clustered_unit_vectors(1, seed=11)[0]
+        filters = {"colour": ["red", "green"]}
+        ann = store.vector_search(query, 10, filters=filters)
+        exact = store.vector_search(query, 10, filters=filters, exact=True)
+        assert len({h.id for h in ann} & {h.id for h in exact}) >= 9
+        assert "doc4" not in {h.id for h in ann}
+
+
+def test_text_search_ranks_the_matching_doc_first(store: EmbeddedStore):
+    docs = make_docs(100)
+    docs.append(Document(id="sneaker", vector=docs[0].vector, text="Red running sneakers, size 42",
+                         metadata={"colour": "red", "shard": 9}))
+    store.upsert(docs)
+    hits = store.text_search("red sneakers", 5)
+    assert hits[0].id == "sneaker"
+    assert all(hit.score > 0 for hit in hits)
+    assert hits == sorted(hits, key=lambda h: -h.score)
+    assert store.text_search("red sneakers", 5, filters={"shard": 9}) == hits[:1]
+    assert store.text_search("red sneakers", 5, filters={"colour": "blue"}) == []
+
+
+def test_text_search_with_filters(store: EmbeddedStore):
+    store.upsert(make_docs(60))
+    hits = store.text_search("item", 100, filters={"colour": ["green", "yellow"], "tags": "odd"})
+    assert hits and all(int(h.id[3:]) % 4 in (1, 3) for h in hits)
+
+
+@pytest.mark.parametrize("query", ['red AND "', "NEAR(a b", "colour:red", "-red *", "red) OR (blue", "x^2 + {y}"])
+def test_text_search_is_safe_for_arbitrary_user_text(store: EmbeddedStore, query: str):
+    store.upsert(make_docs(20))
+    assert isinstance(store.text_search(query, 5), list)
+
+
+def test_fts_match_expression_quotes_and_or_combines():
+    assert fts_match_expression('Red "sneakers" AND') == '"red" OR "sneakers" OR "and"'
+    assert fts_match_expression("  ?! ") is None
+
+
+# -- validation and models --------------------------------------------------------------------
+
+
+def test_model_mismatch(tmp_path: Path):
+    with EmbeddedStore(tmp_path / "s") as store:
+        store.claim(SIGNATURE)
+        store.claim(SIGNATURE)
+        other = ModelSignature(model="ViT-B-32", weights="laion2b", dim=DIM)
+        with pytest.raises(ModelMismatchError, match="ViT-B-32"):
+            store.claim(other)
+    with EmbeddedStore(tmp_path / "s") as reopened:
+        with pytest.raises(ModelMismatchError):
+            reopened.claim(other)
+
+
+def test_dim_mismatch_names_both_dimensions(store: EmbeddedStore):
+    store.upsert(make_docs(3))
+    wrong = Document(id="x", vector=np.ones(DIM * 2, dtype=np.float32))
+    with pytest.raises(ValueError, match=rf"expects {DIM}.*got {DIM * 2}"):
+        store.upsert([wrong])
+    with pytest.raises(ValueError, match=rf"expects {DIM}.*got 16"):
+        store.vector_search(np.ones(16, dtype=np.float32), 3)
+    assert store.count() == 3
+
+
+def test_claim_with_a_different_dim_than_stored_vectors(tmp_path: Path):
+    with EmbeddedStore(tmp_path / "s") as store:
+        store.upsert(make_docs(3))
+        with pytest.raises(ValueError, match=rf"{DIM}-d.*64-d"):
+            store.claim(ModelSignature(model="m", weights="w", dim=64))
+
+
+@pytest.mark.parametrize(
+    "vector, message",
+    [
+        (np.array([np.nan] * DIM, dtype=np.float32), "NaN"),
+        (np.ones((2, DIM), dtype=np.float32), "1-D"),
+        (np.ones(DIM, dtype=np.int64), "float"),
+    ],
+)
+def test_bad_vectors_are_rejected(store: EmbeddedStore, vector: np.ndarray, message: str):
+    with pytest.raises(ValueError, match=message):
+        store.upsert([Document(id="bad", vector=vector)])
+    assert store.count() == 0
+
+
+@pytest.mark.parametrize("bad_id", ["", None, 3])
+def test_bad_ids_are_rejected(store: EmbeddedStore, bad_id: object):
+    with pytest.raises(ValueError, match="non-empty strings"):
+        store.upsert([Document(id=bad_id, vector=np.ones(DIM, dtype=np.float32))])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5, True])
+def test_k_must_be_a_positive_integer(store: EmbeddedStore, k: object):
+    store.upsert(make_docs(3))
+    with pytest.raises(ValueError, match="k must be"):
+        store.vector_search(np.ones(DIM, dtype=np.float32), k)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="k must be"):
+        store.text_search("red", k)  # type: ignore[arg-type]
+
+
+def test_bad_filters_and_query_vectors(store: EmbeddedStore):
+    store.upsert(make_docs(3))
+    query = np.ones(DIM, dtype=np.float32)
+    with pytest.raises(ValueError, match="empty list"):
+        store.vector_search(query, 3, filters={"colour": []})
+    with pytest.raises(ValueError, match="strings, numbers or booleans"):
+        store.text_search("red", 3, filters={"colour": {"nested": 1}})
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        store.vector_search(np.full(DIM, np.inf, dtype=np.float32), 3)
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        store.upsert([Document(id="m", vector=query, metadata={"when": object()})])
+
+
+def test_closed_store_refuses_work(tmp_path: Path):
+    store = EmbeddedStore(tmp_path / "s")
+    store.close()
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.count()
