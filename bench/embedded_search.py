@@ -1,0 +1,101 @@
+"""Search latency per mode on a 100k-document embedded store (vector, exact vector, bm25,
+hybrid, hybrid + rerank), p50 and p95. Embedding speed: bench/embed_throughput.py.
+
+The 100k documents are rendered synthetic items embedded by the tiny model (real image
+vectors with their descriptions as BM25 text), built once into --store (reused by reruns).
+
+    .venv/bin/python bench/embedded_search.py
+    .venv/bin/python bench/embedded_search.py --docs 20000 --queries 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sidecar.config import Settings
+from sidecar.encoder import load_encoder
+from sidecar.evaluation import percentiles
+from sidecar.search import SearchOptions, search
+from sidecar.stores.base import Document
+from sidecar.stores.embedded import EmbeddedStore
+from sidecar.synthetic import describe, iter_items, random_caption
+
+
+def build_store(encoder, path: Path, *, docs: int, batch: int = 2000) -> EmbeddedStore:
+    store = EmbeddedStore(path)
+    if store.count() >= docs:
+        print(f"reusing {path} ({store.count()} documents)")
+        return store
+    store.claim(encoder.signature)
+    started = time.perf_counter()
+    pending: list = []
+    for item in tqdm(iter_items(docs - store.count(), seed=2024, start=store.count()),
+                     total=docs - store.count(), desc="build"):
+        pending.append(item)
+        if len(pending) == batch:
+            _add(store, encoder, pending)
+            pending = []
+    if pending:
+        _add(store, encoder, pending)
+    print(f"built {store.count()} documents in {time.perf_counter() - started:.0f} s")
+    return store
+
+
+def _add(store: EmbeddedStore, encoder, items: list) -> None:
+    vectors = encoder.encode_images([item.image for item in items])
+    store.upsert([Document(id=item.id, vector=v, text=describe(item.attributes), metadata=item.attributes,
+                           content_hash=item.id) for item, v in zip(items, vectors)])
+
+
+def bench_search(store: EmbeddedStore, encoder, *, queries: int) -> None:
+    rng = random.Random(5)
+    texts = [random_caption(item.attributes, rng)[0] for item in iter_items(queries, seed=31337)]
+    vectors = encoder.encode_texts(texts)
+    started = time.perf_counter()
+    for text in texts[:50]:
+        encoder.encode_texts([text])
+    encode_ms = (time.perf_counter() - started) / 50 * 1000
+    print(f"\nsearch over {store.count()} documents, {queries} queries, k=10, candidates=100 "
+          f"(query text encode, batch 1: {encode_ms:.2f} ms mean, not included below)")
+    print(f"{'mode':<16} {'p50 ms':>8} {'p95 ms':>8}")
+    configs = [("vector", "vector", False), ("vector exact", "vector", False), ("bm25", "bm25", False),
+               ("hybrid", "hybrid", False), ("hybrid+rerank", "hybrid", True)]
+    for label, mode, rerank in configs:
+        options = SearchOptions(mode=mode, k=10, candidates=100, rerank=rerank, exact=label == "vector exact")
+        search(store, vector=vectors[0], text=texts[0], options=options)  # warm
+        samples = []
+        for text, vector in zip(texts, vectors):
+            started = time.perf_counter()
+            search(store, vector=vector, text=text, options=options)
+            samples.append(time.perf_counter() - started)
+        p50, p95 = percentiles(samples)
+        print(f"{label:<16} {p50:>8.2f} {p95:>8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--store", type=Path, default=Path("data/bench/store-100k"))
+    args = parser.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+          f"torch {torch.__version__}")
+    encoder = load_encoder(Settings())
+    print(f"model: {encoder.signature.describe()} on {encoder.device} ({encoder.precision})")
+    store = build_store(encoder, args.store, docs=args.docs)
+    try:
+        bench_search(store, encoder, queries=args.queries)
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main()
