@@ -70,6 +70,7 @@ class _State:
     hnsw_file: str | None
     hnsw_dead: int  # tombstoned rows still inside the HNSW graph
     live: np.ndarray  # bool per row number
+    live_bits: np.ndarray  # `live` packed for faiss.IDSelectorBitmap, built once per generation
     vectors: np.ndarray  # (n_rows, dim) float32, memmapped
     index: Any  # faiss.IndexIDMap over IndexHNSWFlat (ids are row numbers), or None when empty
 
@@ -251,6 +252,7 @@ class EmbeddedStore:
             hnsw_file=hnsw_file,
             hnsw_dead=int(meta["hnsw_dead"]),
             live=live,
+            live_bits=_pack_bits(live),
             vectors=self._map_vectors(n_rows, dim),
             index=index,
         )
@@ -392,7 +394,7 @@ class EmbeddedStore:
         self._set_meta(**values)
         self._state = _State(
             generation=generation, n_rows=n_rows, dim=dim, signature=state.signature, hnsw_file=hnsw_file,
-            hnsw_dead=hnsw_dead, live=live, vectors=vectors, index=index,
+            hnsw_dead=hnsw_dead, live=live, live_bits=_pack_bits(live), vectors=vectors, index=index,
         )
 
     def _live_rows_for(self, ids: Sequence[str]) -> np.ndarray:
@@ -476,6 +478,7 @@ class EmbeddedStore:
         self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False
     ) -> list[ScoredId]:
         _require_positive_int("k", k)
+        k = int(k)
         with self._read() as state:
             if state.dim is None:
                 return []
@@ -494,7 +497,7 @@ class EmbeddedStore:
             elif exact or state.index is None:
                 hits = _exact_all(state.vectors, state.live, query, k)
             else:
-                allowed = _bitmap(np.flatnonzero(state.live), state.n_rows) if state.hnsw_dead else None
+                allowed = state.live_bits if state.hnsw_dead else None
                 hits = self._ann(state, query, k, allowed)
             return self._scored(hits)
 
@@ -510,6 +513,7 @@ class EmbeddedStore:
 
     def text_search(self, query: str, k: int, *, filters: Filters | None = None) -> list[ScoredId]:
         _require_positive_int("k", k)
+        k = int(k)
         if not isinstance(query, str):
             raise TypeError(f"text query must be a str, got {type(query).__name__}")
         match = fts_match_expression(query)
@@ -561,6 +565,8 @@ def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
         if not isinstance(field, str) or not field or '"' in field:
             raise ValueError(f"filter field must be a non-empty string without '\"', got {field!r}")
         values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+        # numpy scalars (np.int64 from a DataFrame, say) become Python values SQLite can bind.
+        values = [item.item() if isinstance(item, np.generic) else item for item in values]
         if not values:
             raise ValueError(f"filter {field!r} has an empty list of values")
         for item in values:
@@ -661,6 +667,10 @@ def _add_to_index(index: Any, matrix: np.ndarray, rows: np.ndarray) -> None:
 def _bitmap(rows: np.ndarray, n_rows: int) -> np.ndarray:
     mask = np.zeros(n_rows, dtype=bool)
     mask[rows] = True
+    return _pack_bits(mask)
+
+
+def _pack_bits(mask: np.ndarray) -> np.ndarray:
     # faiss.IDSelectorBitmap reads bit (i & 7) of byte i >> 3: little bit order.
     return np.packbits(mask, bitorder="little")
 

@@ -497,3 +497,11 @@ def test_closed_store_refuses_work(tmp_path: Path):
     store.close()
     with pytest.raises(StoreError, match="closed"):
         store.count()
+
+
+def test_numpy_scalars_work_as_k_and_filter_values(store: EmbeddedStore):
+    docs = make_docs(30)
+    store.upsert(docs)
+    hits = store.vector_search(docs[0].vector, np.int64(3), filters={"shard": np.int64(0)})
+    assert len(hits) == 3 and hits[0].id == "doc0"
+    assert len(store.text_search("item", np.int32(4), filters={"shard": [np.int64(1)]})) == 4
