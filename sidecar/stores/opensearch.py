@@ -1,0 +1,486 @@
+"""OpenSearch store: k-NN HNSW + BM25 on a versioned index behind an alias, loaded through opensearch-py helpers."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from opensearchpy import OpenSearch, helpers
+from opensearchpy.exceptions import (
+    ConnectionError as OSConnectionError,
+    ConnectionTimeout,
+    NotFoundError,
+    OpenSearchException,
+    TransportError,
+)
+
+from sidecar.stores.base import Document, Filters, ModelMismatchError, ModelSignature, ScoredId, StoreError
+
+log = logging.getLogger(__name__)
+
+# plugin_config/ sits at the repository root: it is what an operator applies, the CLI included.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "plugin_config"
+ENGINES = ("lucene", "faiss")
+FUSIONS = ("minmax", "rrf")
+PIPELINES = {"minmax": "hybrid-minmax", "rrf": "hybrid-rrf"}
+RRF_RANK_CONSTANT = 60
+# _meta key holding the settings a bulk load replaced, so a load that died half-way (node
+# killed) is still undone by the next one instead of "restoring" refresh_interval -1.
+SAVED_SETTINGS_KEY = "bulk_load_saved_settings"
+RETRYABLE = (OSConnectionError, ConnectionTimeout)
+# Documents pulled from a rebuild's iterable at a time: the unit a dropped connection resumes within.
+REBUILD_BATCH = 10_000
+
+
+class OpenSearchStore:
+    """The Store protocol on OpenSearch; `index` is an alias over `<index>-v<N>` indices."""
+
+    name = "opensearch"
+
+    def __init__(
+        self,
+        *,
+        url: str = "http://127.0.0.1:9250",
+        index: str = "clip-sidecar",
+        user: str = "",
+        password: str = "",
+        verify_certs: bool = True,
+        engine: str = "lucene",
+        m: int = 16,
+        ef_construction: int = 128,
+        ef_search: int = 100,
+        number_of_replicas: int = 1,
+        chunk_size: int = 500,
+        max_chunk_bytes: int = 20 * 1024 * 1024,
+        max_retries: int = 5,
+        initial_backoff: float = 1.0,
+        connection_retries: int = 8,
+        large_load_threshold: int = 5000,
+        timeout_s: float = 60.0,
+        config_dir: Path = CONFIG_DIR,
+    ):
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
+        for field_name, value in (("m", m), ("ef_construction", ef_construction), ("ef_search", ef_search),
+                                  ("chunk_size", chunk_size), ("connection_retries", connection_retries)):
+            if value < 1:
+                raise ValueError(f"{field_name} must be >= 1, got {value}")
+        self.url = url
+        self.alias = index
+        self.engine = engine
+        self.m = m
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+        self.number_of_replicas = number_of_replicas
+        self.chunk_size = chunk_size
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_retries = max_retries
+        self.initial_backoff = initial_backoff
+        self.connection_retries = connection_retries
+        self.large_load_threshold = large_load_threshold
+        self.config_dir = Path(config_dir)
+        use_ssl = url.startswith("https://")
+        self.client = OpenSearch(
+            hosts=[url],
+            http_auth=(user, password) if user else None,
+            use_ssl=use_ssl,
+            verify_certs=verify_certs if use_ssl else False,
+            # A deliberate verify_certs=False (self-signed dev cluster) should not warn per request.
+            ssl_show_warn=verify_certs,
+            timeout=timeout_s,
+            max_retries=2,
+            retry_on_timeout=True,
+        )
+        self._plugins: set[str] | None = None
+
+    # --- setup and model signature -------------------------------------------------------
+
+    def setup(self, dim: int) -> None:
+        """Create the search pipelines (when neural-search is present) and the first index + alias; idempotent."""
+        if self.has_neural_search():
+            self.client.transport.perform_request(
+                "PUT", f"/_search/pipeline/{PIPELINES['minmax']}", body=self._pipeline_body("minmax", (0.5, 0.5)))
+            self.client.transport.perform_request(
+                "PUT", f"/_search/pipeline/{PIPELINES['rrf']}", body=self._pipeline_body("rrf", (0.5, 0.5)))
+        if self._alias_indices():
+            stored = self._mapping_dim()
+            if stored != dim:
+                raise StoreError(f"alias {self.alias} holds dim-{stored} vectors; setup asked for dim {dim}")
+            return
+        if self.client.indices.exists(index=self.alias):
+            raise StoreError(f"{self.alias} is a concrete index, not an alias; the store needs the name free for an alias")
+        name = self._new_index_name()
+        self._create_index(name, dim=dim, signature=None)
+        self.client.indices.put_alias(index=name, name=self.alias)
+        log.info("created index %s behind alias %s (dim %d, engine %s)", name, self.alias, dim, self.engine)
+
+    def signature(self) -> ModelSignature | None:
+        """The model recorded in the index mapping's _meta, or None while unclaimed or absent."""
+        meta = self._meta()
+        if not meta or not meta.get("model"):
+            return None
+        return ModelSignature(model=meta["model"], weights=meta.get("weights", ""), dim=int(meta["dim"]))
+
+    def claim(self, signature: ModelSignature) -> None:
+        """Record the model in _meta on first use; another model's vectors are refused."""
+        if not self._alias_indices():
+            self.setup(signature.dim)
+        stored = self.signature()
+        if stored is not None:
+            if stored != signature:
+                raise ModelMismatchError(stored, signature)
+            return
+        dim = self._mapping_dim()
+        if dim != signature.dim:
+            raise ModelMismatchError(ModelSignature(model="(unclaimed)", weights="", dim=dim), signature)
+        meta = self._meta() or {}
+        meta.update(model=signature.model, weights=signature.weights, dim=signature.dim)
+        self._put_meta(meta)
+
+    def has_neural_search(self) -> bool:
+        """Whether the cluster runs neural-search (hybrid query, normalisation and RRF processors)."""
+        if self._plugins is None:
+            rows = self.client.cat.plugins(format="json")
+            self._plugins = {row["component"] for row in rows}
+        return "opensearch-neural-search" in self._plugins
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def upsert(self, documents: Sequence[Document]) -> int:
+        """Insert or replace by id through streaming_bulk; large loads run with refresh off and no replicas."""
+        if not documents:
+            return 0
+        if not self._alias_indices():
+            raise StoreError(f"alias {self.alias} does not exist; run setup (clip-sidecar opensearch setup) or claim first")
+        large = len(documents) >= self.large_load_threshold
+        written = self._load(self.alias, documents, tune=large)
+        unique = len({d.id for d in documents})
+        total = self.count()
+        if total < unique:
+            raise StoreError(f"after writing {unique} unique ids, {self.alias} counts only {total} documents")
+        return written
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Remove by id; unknown ids are ignored; returns how many were removed."""
+        if not ids:
+            return 0
+        actions = ({"_op_type": "delete", "_index": self.alias, "_id": i} for i in ids)
+        deleted, failures = 0, []
+        for ok, item in helpers.streaming_bulk(self.client, actions, chunk_size=self.chunk_size,
+                                                 max_retries=self.max_retries, initial_backoff=self.initial_backoff,
+                                                 raise_on_error=False):
+            result = item["delete"]
+            if result.get("result") == "deleted":
+                deleted += 1
+            elif not ok and result.get("status") != 404:
+                failures.append(result)
+        if failures:
+            raise StoreError(f"{len(failures)} deletes failed on {self.alias}; first: {failures[:3]}")
+        self.client.indices.refresh(index=self.alias)
+        return deleted
+
+    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature) -> str:
+        """Load a new versioned index, check its count, swap the alias atomically, then drop the old index."""
+        old = self._alias_indices()
+        name = self._new_index_name()
+        self._create_index(name, dim=signature.dim, signature=signature)
+        try:
+            ids: set[str] = set()
+            # A fresh index nobody reads yet: load all of it with refresh off and no replicas.
+            saved = self._relax_settings(name)
+            try:
+                for batch in _batches(documents, REBUILD_BATCH):
+                    ids.update(d.id for d in batch)
+                    self._bulk_with_resume(name, batch)
+            finally:
+                self._restore_settings(name, saved)
+            self.client.indices.refresh(index=name)
+            total = self.client.count(index=name)["count"]
+            if total != len(ids):
+                raise StoreError(f"rebuilt index {name} counts {total} documents, expected {len(ids)} unique ids")
+        except BaseException:
+            self.client.indices.delete(index=name, ignore_unavailable=True)
+            raise
+        actions = [{"remove": {"index": i, "alias": self.alias}} for i in old]
+        actions.append({"add": {"index": name, "alias": self.alias}})
+        self.client.indices.update_aliases(body={"actions": actions})
+        for i in old:
+            self.client.indices.delete(index=i, ignore_unavailable=True)
+        log.info("rebuilt %s: alias now on %s (%d docs), removed %s", self.alias, name, len(ids), old or "nothing")
+        return name
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def count(self) -> int:
+        return int(self.client.count(index=self.alias)["count"])
+
+    def content_hashes(self) -> dict[str, str]:
+        """id -> content_hash for every stored document, via the scan helper."""
+        hits = helpers.scan(self.client, index=self.alias, query={"query": {"match_all": {}}},
+                            _source=["content_hash"], size=1000)
+        return {h["_id"]: h["_source"].get("content_hash", "") for h in hits}
+
+    def vector_search(
+        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False
+    ) -> list[ScoredId]:
+        """Top-k by inner product (raw, in [-1, 1]); exact=True is a knn_score script over every match."""
+        query_vector = _as_list(vector)
+        if exact:
+            query = {"script_score": {
+                "query": {"bool": {"filter": _filter_clauses(filters)}} if filters else {"match_all": {}},
+                "script": {"source": "knn_score", "lang": "knn", "params": {
+                    "field": "vector", "query_value": query_vector, "space_type": "innerproduct"}},
+            }}
+        else:
+            query = {"knn": {"vector": self._knn_clause(query_vector, k, filters)}}
+        hits = self._search({"size": k, "query": query, "_source": False})
+        return [ScoredId(h["_id"], knn_score_to_inner_product(h["_score"])) for h in hits]
+
+    def text_search(self, query: str, k: int, *, filters: Filters | None = None) -> list[ScoredId]:
+        """Top-k by raw BM25 over `text`; filters do not score."""
+        body = {"size": k, "_source": False,
+                "query": {"bool": {"must": [{"match": {"text": query}}], "filter": _filter_clauses(filters)}}}
+        return [ScoredId(h["_id"], float(h["_score"])) for h in self._search(body)]
+
+    def hybrid_search(
+        self,
+        vector: np.ndarray,
+        query: str,
+        k: int,
+        *,
+        filters: Filters | None = None,
+        fusion: str = "minmax",
+        weights: tuple[float, float] = (0.5, 0.5),
+    ) -> list[ScoredId]:
+        """OpenSearch's hybrid query (k-NN + BM25) fused by a search pipeline; scores are the fused ones."""
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion={fusion!r}: choose one of {', '.join(FUSIONS)}")
+        if not self.has_neural_search():
+            raise StoreError(f"hybrid_search needs the neural-search plugin, which {self.url} lacks; "
+                             "fuse in Python (sidecar.fusion) instead")
+        if fusion == "rrf" and weights[0] != weights[1]:
+            raise StoreError("fusion=rrf on OpenSearch 2.19 takes no weights (score-ranker-processor); "
+                             f"got {weights}; use fusion=minmax for weighted fusion")
+        text_query: dict[str, Any] = {"bool": {"must": [{"match": {"text": query}}], "filter": _filter_clauses(filters)}}
+        body = {
+            "size": k,
+            "_source": False,
+            # An inline (temporary) pipeline: the weights are per request, not per named pipeline.
+            "search_pipeline": self._pipeline_body(fusion, weights),
+            "query": {"hybrid": {"queries": [
+                {"knn": {"vector": self._knn_clause(_as_list(vector), k, filters)}},
+                text_query,
+            ]}},
+        }
+        return [ScoredId(h["_id"], float(h["_score"])) for h in self._search(body)]
+
+    def fetch(self, ids: Sequence[str]) -> list[Document]:
+        """Full documents in the order asked (vectors from _source); unknown ids are skipped."""
+        if not ids:
+            return []
+        docs = self.client.mget(index=self.alias, body={"ids": list(ids)})["docs"]
+        found = []
+        for d in docs:
+            if not d.get("found"):
+                continue
+            src = d["_source"]
+            found.append(Document(id=d["_id"], vector=np.asarray(src["vector"], dtype=np.float32),
+                                  text=src.get("text", ""), metadata=src.get("metadata", {}),
+                                  content_hash=src.get("content_hash", "")))
+        return found
+
+    def close(self) -> None:
+        self.client.close()
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _load(self, index: str, documents: Sequence[Document], *, tune: bool) -> int:
+        """Bulk-load with resume-on-disconnect; with tune, refresh/replicas are relaxed and always restored."""
+        saved = self._relax_settings(index) if tune else None
+        try:
+            written = self._bulk_with_resume(index, documents)
+        finally:
+            if saved is not None:
+                self._restore_settings(index, saved)
+        self.client.indices.refresh(index=index)
+        return written
+
+    def _bulk_with_resume(self, index: str, documents: Sequence[Document]) -> int:
+        # streaming_bulk retries 429s itself; a dropped connection ends the stream, so resume
+        # after the last acknowledged document (results arrive in input order; writes are by id).
+        done, attempt = 0, 0
+        while True:
+            try:
+                for _ok, _item in helpers.streaming_bulk(
+                    self.client, (_index_action(index, d) for d in documents[done:]),
+                    chunk_size=self.chunk_size, max_chunk_bytes=self.max_chunk_bytes,
+                    max_retries=self.max_retries, initial_backoff=self.initial_backoff,
+                    max_backoff=30.0,
+                ):
+                    done += 1
+                return done
+            except helpers.BulkIndexError as exc:
+                raise StoreError(
+                    f"{len(exc.errors)} of a bulk chunk into {index} failed; first: {exc.errors[:3]}") from exc
+            except RETRYABLE as exc:
+                attempt += 1
+                if attempt > self.connection_retries:
+                    raise StoreError(f"bulk load into {index} lost the cluster at {self.url} after {done} of "
+                                     f"{len(documents)} documents ({attempt - 1} retries)") from exc
+                delay = min(self.initial_backoff * 2 ** (attempt - 1), 30.0)
+                log.warning("bulk load into %s: %s; retry %d/%d in %.1fs from document %d",
+                            index, exc.__class__.__name__, attempt, self.connection_retries, delay, done)
+                time.sleep(delay)
+
+    def _relax_settings(self, index: str) -> dict[str, Any]:
+        """Turn refresh off and replicas to 0; remember the previous values in _meta first."""
+        meta = self._meta(index) or {}
+        saved = meta.get(SAVED_SETTINGS_KEY)
+        if saved is None:
+            current = self._with_retry(lambda: self.client.indices.get_settings(index=index))
+            settings = next(iter(current.values()))["settings"]["index"]
+            saved = {"refresh_interval": settings.get("refresh_interval", "1s"),
+                     "number_of_replicas": settings.get("number_of_replicas", "1")}
+            meta[SAVED_SETTINGS_KEY] = saved
+            self._put_meta(meta, index=index)
+        else:
+            log.warning("%s still carries settings saved by an interrupted load (%s); restoring those after this one",
+                        index, saved)
+        self.client.indices.put_settings(index=index, body={"index": {"refresh_interval": "-1",
+                                                                      "number_of_replicas": 0}})
+        return saved
+
+    def _restore_settings(self, index: str, saved: dict[str, Any]) -> None:
+        def restore() -> None:
+            self.client.indices.put_settings(index=index, body={"index": saved})
+            meta = self._meta(index) or {}
+            meta.pop(SAVED_SETTINGS_KEY, None)
+            self._put_meta(meta, index=index)
+
+        try:
+            self._with_retry(restore)
+        except OpenSearchException:
+            # Must not hide the load's own error; the saved values in _meta let the next load restore them.
+            log.exception("could not restore %s on %s; the next load will", saved, index)
+
+    def _with_retry(self, call: Any) -> Any:
+        for attempt in range(self.connection_retries + 1):
+            try:
+                return call()
+            except RETRYABLE:
+                if attempt == self.connection_retries:
+                    raise
+                time.sleep(min(self.initial_backoff * 2 ** attempt, 30.0))
+        return None
+
+    def _search(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        try:
+            return self.client.search(index=self.alias, body=body)["hits"]["hits"]
+        except TransportError as exc:
+            raise StoreError(f"search on {self.alias} failed: {exc.status_code} {exc.error}: {exc.info}") from exc
+
+    def _knn_clause(self, vector: list[float], k: int, filters: Filters | None) -> dict[str, Any]:
+        clause: dict[str, Any] = {"vector": vector, "k": k}
+        if self.engine == "lucene":
+            # Lucene's ef_search is per query (k-NN >= 2.16); HNSW needs at least k candidates.
+            clause["method_parameters"] = {"ef_search": max(self.ef_search, k)}
+        if filters:
+            # Inside knn = efficient filtering (lucene, faiss): k results that all pass the filter.
+            clause["filter"] = {"bool": {"filter": _filter_clauses(filters)}}
+        return clause
+
+    def _pipeline_body(self, fusion: str, weights: tuple[float, float]) -> dict[str, Any]:
+        template = json.loads((self.config_dir / f"search_pipeline_{PIPELINES[fusion]}.json").read_text())
+        return render_template(template, vector_weight=float(weights[0]), text_weight=float(weights[1]),
+                               rank_constant=RRF_RANK_CONSTANT)
+
+    def _create_index(self, name: str, *, dim: int, signature: ModelSignature | None) -> None:
+        template = json.loads((self.config_dir / "index.json").read_text())
+        body = render_template(template, dim=dim, engine=self.engine, m=self.m, ef_construction=self.ef_construction,
+                               number_of_replicas=self.number_of_replicas,
+                               model=signature.model if signature else "",
+                               weights=signature.weights if signature else "")
+        self.client.indices.create(index=name, body=body)
+
+    def _new_index_name(self) -> str:
+        # Millisecond versions sort by creation; the loop guards two rebuilds in one millisecond.
+        while True:
+            name = f"{self.alias}-v{int(time.time() * 1000)}"
+            if not self.client.indices.exists(index=name):
+                return name
+            time.sleep(0.002)
+
+    def _alias_indices(self) -> list[str]:
+        try:
+            return sorted(self.client.indices.get_alias(name=self.alias))
+        except NotFoundError:
+            return []
+
+    def _meta(self, index: str | None = None) -> dict[str, Any] | None:
+        try:
+            mappings = self.client.indices.get_mapping(index=index or self.alias)
+        except NotFoundError:
+            return None
+        if len(mappings) > 1:
+            raise StoreError(f"alias {self.alias} points at several indices {sorted(mappings)}; expected one")
+        return dict(next(iter(mappings.values()))["mappings"].get("_meta", {}))
+
+    def _put_meta(self, meta: dict[str, Any], *, index: str | None = None) -> None:
+        # PUT _mapping replaces _meta whole, hence read-modify-write of the full dict.
+        self.client.indices.put_mapping(index=index or self.alias, body={"_meta": meta})
+
+    def _mapping_dim(self) -> int:
+        mappings = self.client.indices.get_mapping(index=self.alias)
+        return int(next(iter(mappings.values()))["mappings"]["properties"]["vector"]["dimension"])
+
+
+def knn_score_to_inner_product(score: float) -> float:
+    """Invert k-NN's innerproduct score (ip >= 0: 1 + ip; ip < 0: 1 / (1 - ip)), same for knn and knn_score."""
+    return score - 1.0 if score >= 1.0 else 1.0 - 1.0 / score
+
+
+def render_template(template: Any, **values: Any) -> Any:
+    """Replace every string "{{name}}" in a JSON template with values[name], keeping its type."""
+    if isinstance(template, dict):
+        return {key: render_template(v, **values) for key, v in template.items()}
+    if isinstance(template, list):
+        return [render_template(v, **values) for v in template]
+    if isinstance(template, str) and template.startswith("{{") and template.endswith("}}"):
+        key = template[2:-2]
+        if key not in values:
+            raise KeyError(f"template placeholder {template} has no value; given: {', '.join(sorted(values))}")
+        return copy.deepcopy(values[key])
+    return template
+
+
+def _filter_clauses(filters: Filters | None) -> list[dict[str, Any]]:
+    clauses = []
+    for field_name, value in (filters or {}).items():
+        path = f"metadata.{field_name}"
+        if isinstance(value, (list, tuple, set)):
+            clauses.append({"terms": {path: list(value)}})
+        else:
+            clauses.append({"term": {path: value}})
+    return clauses
+
+
+def _index_action(index: str, doc: Document) -> dict[str, Any]:
+    return {"_op_type": "index", "_index": index, "_id": doc.id,
+            "_source": {"id": doc.id, "vector": _as_list(doc.vector), "text": doc.text,
+                        "metadata": dict(doc.metadata), "content_hash": doc.content_hash}}
+
+
+def _as_list(vector: np.ndarray) -> list[float]:
+    return np.asarray(vector, dtype=np.float32).ravel().tolist()
+
+
+def _batches(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
