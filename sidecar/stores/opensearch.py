@@ -417,10 +417,9 @@ class OpenSearchStore:
             time.sleep(0.002)
 
     def _alias_indices(self) -> list[str]:
-        try:
-            return sorted(self.client.indices.get_alias(name=self.alias))
-        except NotFoundError:
+        if not self.client.indices.exists_alias(name=self.alias):
             return []
+        return sorted(self.client.indices.get_alias(name=self.alias))
 
     def _meta(self, index: str | None = None) -> dict[str, Any] | None:
         try:

@@ -1,0 +1,92 @@
+"""Fixtures for integration tests against a real OpenSearch node (scripts/opensearch-local)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Iterator
+
+import numpy as np
+import pytest
+from opensearchpy import OpenSearch
+from opensearchpy.exceptions import ConnectionError as OSConnectionError
+
+from sidecar.stores.base import Document, ModelSignature
+from sidecar.stores.opensearch import OpenSearchStore
+
+URL = os.environ.get("SIDECAR_OPENSEARCH_URL", "http://127.0.0.1:9250")
+DIM = 32
+SIGNATURE = ModelSignature(model="synthetic", weights="clusters-v1", dim=DIM)
+COLORS = ("red", "green", "blue", "yellow")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fault: stops and restarts the OpenSearch node (select with -m fault)")
+
+
+def _client() -> OpenSearch:
+    return OpenSearch(hosts=[URL], http_auth=_auth(), timeout=30, max_retries=0,
+                      verify_certs=os.environ.get("SIDECAR_OPENSEARCH_VERIFY_CERTS", "true") != "false")
+
+
+def _auth() -> tuple[str, str] | None:
+    user = os.environ.get("SIDECAR_OPENSEARCH_USER", "")
+    return (user, os.environ.get("SIDECAR_OPENSEARCH_PASSWORD", "")) if user else None
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The node's URL; skips when none answers, except under CI where a missing node is a failure."""
+    client = _client()
+    try:
+        client.cluster.health(wait_for_status="yellow", request_timeout=40)
+    except OSConnectionError as exc:
+        reason = f"no OpenSearch node answers at {URL} (start one: scripts/opensearch-local start): {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and {reason}")
+        pytest.skip(reason)
+    finally:
+        client.close()
+    return URL
+
+
+def make_store(**overrides: object) -> OpenSearchStore:
+    kwargs: dict[str, object] = dict(url=URL, index=f"it-{uuid.uuid4().hex[:10]}", number_of_replicas=1,
+                                     user=_auth()[0] if _auth() else "", password=_auth()[1] if _auth() else "")
+    kwargs.update(overrides)
+    return OpenSearchStore(**kwargs)  # type: ignore[arg-type]
+
+
+def drop(store: OpenSearchStore) -> None:
+    """Delete every index behind or named like the store's alias (tests own their names)."""
+    store.client.indices.delete(index=f"{store.alias}-v*", ignore_unavailable=True)
+    store.close()
+
+
+@pytest.fixture
+def store(node: str) -> Iterator[OpenSearchStore]:
+    s = make_store()
+    s.claim(SIGNATURE)
+    yield s
+    drop(s)
+
+
+def clustered_vectors(n: int, *, clusters: int = 8, seed: int = 0, spread: float = 0.15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n unit vectors around `clusters` unit centres; returns (vectors, labels, centres)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = rng.integers(0, clusters, size=n)
+    vectors = centres[labels] + spread * rng.normal(size=(n, DIM))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.astype(np.float32), labels, centres.astype(np.float32)
+
+
+def make_documents(n: int, *, seed: int = 0, prefix: str = "d") -> tuple[list[Document], np.ndarray, np.ndarray]:
+    vectors, labels, centres = clustered_vectors(n, seed=seed)
+    docs = [
+        Document(id=f"{prefix}{i}", vector=vectors[i], text=f"cluster{labels[i]} item {i} {COLORS[i % 4]} thing",
+                 metadata={"color": COLORS[i % 4], "cluster": int(labels[i])}, content_hash=f"h{i}")
+        for i in range(n)
+    ]
+    return docs, labels, centres

@@ -1,0 +1,170 @@
+"""OpenSearchStore against a real node: bulk load, k-NN, BM25, filters, exact vs ANN, alias swap, hybrid."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from sidecar.stores.base import Document, ModelMismatchError, ModelSignature, StoreError
+from tests.integration.conftest import DIM, SIGNATURE, drop, make_documents, make_store
+
+pytestmark = pytest.mark.integration
+
+
+def test_bulk_load_counts_and_knn_finds_nearest_cluster(store):
+    docs, labels, centres = make_documents(3000)
+    assert store.upsert(docs) == 3000
+    assert store.count() == 3000
+    hits = store.vector_search(centres[2], 10)
+    assert len(hits) == 10
+    assert {labels[int(h.id[1:])] for h in hits} == {2}
+    # Raw inner product, not OpenSearch's 1 + ip transform.
+    best = store.fetch([hits[0].id])[0]
+    assert hits[0].score == pytest.approx(float(best.vector @ centres[2]), abs=1e-4)
+    assert -1.0 <= hits[-1].score <= hits[0].score <= 1.0
+    assert store.content_hashes()["d7"] == "h7"
+
+
+def test_text_search_filters_and_fetch_order(store):
+    docs, _, centres = make_documents(400)
+    store.upsert(docs)
+    hits = store.text_search("cluster3", 50)
+    assert hits and all("cluster3" in docs[int(h.id[1:])].text for h in hits)
+    red = store.text_search("thing", 20, filters={"color": "red"})
+    assert red and all(docs[int(h.id[1:])].metadata["color"] == "red" for h in red)
+    either = store.vector_search(centres[0], 20, filters={"color": ["green", "blue"]})
+    assert len(either) == 20 and {docs[int(h.id[1:])].metadata["color"] for h in either} <= {"green", "blue"}
+    exact = store.vector_search(centres[0], 20, filters={"color": "red"}, exact=True)
+    assert {docs[int(h.id[1:])].metadata["color"] for h in exact} == {"red"}
+    fetched = store.fetch(["d5", "missing", "d1"])
+    assert [d.id for d in fetched] == ["d5", "d1"]
+    np.testing.assert_allclose(fetched[0].vector, docs[5].vector, atol=1e-6)
+    assert fetched[0].metadata == docs[5].metadata
+
+
+def test_exact_matches_numpy_and_ann_recall(store):
+    docs, _, _ = make_documents(2000, seed=1)
+    store.upsert(docs)
+    matrix = np.stack([d.vector for d in docs])
+    queries, _, _ = make_documents(20, seed=2, prefix="q")
+    recalls = []
+    for q in queries:
+        truth = [f"d{i}" for i in np.argsort(-(matrix @ q.vector))[:10]]
+        exact = store.vector_search(q.vector, 10, exact=True)
+        assert [h.id for h in exact][:5] == truth[:5]
+        assert exact[0].score == pytest.approx(float(matrix[int(truth[0][1:])] @ q.vector), abs=1e-4)
+        ann = store.vector_search(q.vector, 10)
+        recalls.append(len({h.id for h in ann} & set(truth)) / 10)
+    assert np.mean(recalls) >= 0.9
+
+
+def test_incremental_upsert_and_delete_are_visible(store):
+    docs, _, _ = make_documents(100)
+    store.upsert(docs)
+    changed = Document(id="d3", vector=docs[3].vector, text="brand new words", content_hash="new")
+    store.upsert([changed, Document(id="extra", vector=docs[4].vector, text="extra")])
+    assert store.count() == 101
+    assert store.content_hashes()["d3"] == "new"
+    assert [h.id for h in store.text_search("brand", 5)] == ["d3"]
+    assert store.delete(["d3", "extra", "never-there"]) == 2
+    assert store.count() == 99
+    assert store.fetch(["d3"]) == []
+
+
+def test_other_model_is_refused(store):
+    assert store.signature() == SIGNATURE
+    with pytest.raises(ModelMismatchError):
+        store.claim(ModelSignature(model="other", weights="x", dim=DIM))
+    with pytest.raises(ModelMismatchError):
+        store.claim(ModelSignature(model=SIGNATURE.model, weights=SIGNATURE.weights, dim=DIM * 2))
+    store.claim(SIGNATURE)  # the same model again is fine
+
+
+def test_failed_load_restores_refresh_and_replicas(node):
+    s = make_store(large_load_threshold=10)
+    try:
+        s.claim(SIGNATURE)
+        docs, _, _ = make_documents(200)
+        bad = Document(id="bad", vector=np.ones(DIM + 3, dtype=np.float32), text="wrong dimension")
+        with pytest.raises(StoreError, match="bad") as info:
+            s.upsert(docs[:100] + [bad] + docs[100:])
+        assert info.value.__cause__ is not None  # the BulkIndexError with every item error
+        settings = next(iter(s.client.indices.get_settings(index=s.alias).values()))["settings"]["index"]
+        assert settings["refresh_interval"] == "1s"
+        assert settings["number_of_replicas"] == "1"
+        assert "bulk_load_saved_settings" not in (s._meta() or {})
+        assert s.signature() == SIGNATURE
+    finally:
+        drop(s)
+
+
+def test_alias_swap_under_query_load_has_no_failures(store):
+    docs, _, centres = make_documents(1500)
+    store.upsert(docs)
+    failures: list[BaseException] = []
+    answered = []
+    stop = threading.Event()
+
+    def query_loop() -> None:
+        reader = make_store(index=store.alias)
+        try:
+            for _ in range(2000):  # bounded even if the swap hangs
+                if stop.is_set():
+                    break
+                try:
+                    answered.append(len(reader.vector_search(centres[1], 5)))
+                except Exception as exc:  # noqa: BLE001 - every failure counts, whatever its type
+                    failures.append(exc)
+        finally:
+            reader.close()
+
+    thread = threading.Thread(target=query_loop)
+    thread.start()
+    try:
+        before = store._alias_indices()
+        new_docs, _, _ = make_documents(1200, seed=5, prefix="n")
+        new_index = store.rebuild(iter(new_docs), signature=SIGNATURE)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert failures == []
+    assert answered and all(n == 5 for n in answered)
+    assert store._alias_indices() == [new_index]
+    assert not store.client.indices.exists(index=before[0])
+    assert store.count() == 1200
+    assert store.signature() == SIGNATURE
+
+
+def test_hybrid_search_fuses_vector_and_text(store):
+    if not store.has_neural_search():
+        pytest.skip("neural-search plugin not installed on this node")
+    docs, labels, centres = make_documents(600)
+    store.upsert(docs)
+    # Vector side points at cluster 4; text side only matches "cluster5" items.
+    text_only = {d.id for d in docs if labels[int(d.id[1:])] == 5}
+    minmax = store.hybrid_search(centres[4], "cluster5", 10, weights=(0.1, 0.9))
+    assert minmax[0].id in text_only
+    vector_heavy = store.hybrid_search(centres[4], "cluster5", 10, weights=(0.9, 0.1))
+    assert labels[int(vector_heavy[0].id[1:])] == 4
+    rrf = store.hybrid_search(centres[4], "cluster5", 10, fusion="rrf")
+    ids = {h.id for h in rrf}
+    assert ids & text_only and any(labels[int(i[1:])] == 4 for i in ids)
+    red = store.hybrid_search(centres[4], "cluster5", 10, filters={"color": "red"})
+    assert red and all(docs[int(h.id[1:])].metadata["color"] == "red" for h in red)
+    with pytest.raises(StoreError, match="rrf"):
+        store.hybrid_search(centres[4], "x", 5, fusion="rrf", weights=(0.2, 0.8))
+
+
+def test_setup_is_idempotent(node):
+    s = make_store()
+    try:
+        s.setup(DIM)
+        first = s._alias_indices()
+        s.setup(DIM)
+        assert s._alias_indices() == first and s.signature() is None
+        with pytest.raises(StoreError, match="dim"):
+            s.setup(DIM + 1)
+    finally:
+        drop(s)
