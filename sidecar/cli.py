@@ -331,7 +331,7 @@ def opensearch_setup(**kwargs: Any) -> None:
     encoder = load_encoder(settings)
     store = open_store(settings)
     try:
-        store.setup(encoder.signature)
+        store.claim(encoder.signature)  # creates index, alias and pipelines if missing
     finally:
         store.close()
     click.echo(f"OpenSearch index {settings.opensearch_index} ready for {encoder.signature.describe()}")

@@ -66,6 +66,8 @@ def rebuild_index(store: Store, shard_dir: Path, *, progress: bool = True) -> In
         raise ShardError(f"{shard_dir} holds no shards (no manifest.json): run `clip-sidecar embed` first")
     documents = (doc for batch in tqdm(shards.documents(), unit="batch", desc="rebuild", disable=not progress)
                  for doc in batch)
-    written = rebuild(documents, signature=shards.signature)
-    return IndexSummary(written=written, unchanged=0, deleted=0, total_in_store=store.count(),
+    new_index = rebuild(documents, signature=shards.signature)
+    total = store.count()
+    log.info("rebuilt into %s and swapped the alias", new_index)
+    return IndexSummary(written=total, unchanged=0, deleted=0, total_in_store=total,
                         seconds=time.perf_counter() - started)
