@@ -1,4 +1,4 @@
-"""Corpus readers: an image folder, or a JSONL/CSV manifest of id, path, text and metadata."""
+"""Corpus readers: an image folder, or a JSONL/CSV/Parquet manifest of id, path, text and metadata."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ class CorpusError(ValueError):
 
 def read_corpus(source: Path) -> Iterator[CorpusItem]:
     """Items from a folder (ids = relative paths, text = a .txt beside the image or the file
-    name), a .jsonl manifest, or a .csv manifest (columns id, path, text; others → metadata)."""
+    name), or a .jsonl, .csv or .parquet manifest (fields id, path, text, metadata; other
+    columns → metadata)."""
     source = Path(source)
     if source.is_dir():
         return _read_folder(source)
@@ -37,7 +38,9 @@ def read_corpus(source: Path) -> Iterator[CorpusItem]:
         return _read_jsonl(source)
     if source.suffix == ".csv":
         return _read_csv(source)
-    raise CorpusError(f"corpus {source}: expected a folder, a .jsonl or a .csv manifest")
+    if source.suffix == ".parquet":
+        return _read_parquet(source)
+    raise CorpusError(f"corpus {source}: expected a folder, or a .jsonl, .csv or .parquet manifest")
 
 
 def _read_folder(root: Path) -> Iterator[CorpusItem]:
@@ -66,6 +69,14 @@ def _read_csv(manifest: Path) -> Iterator[CorpusItem]:
     with manifest.open(encoding="utf-8", newline="") as fh:
         for line_no, row in enumerate(csv.DictReader(fh), start=2):
             yield _item(row, manifest=manifest, where=f"{manifest}:{line_no}")
+
+
+def _read_parquet(manifest: Path) -> Iterator[CorpusItem]:
+    import pyarrow.parquet as pq  # only for Parquet manifests
+
+    for batch in pq.ParquetFile(manifest).iter_batches(batch_size=4096):
+        for offset, row in enumerate(batch.to_pylist()):
+            yield _item(row, manifest=manifest, where=f"{manifest} row {offset}")
 
 
 def _item(row: dict[str, Any], *, manifest: Path, where: str) -> CorpusItem:
