@@ -98,10 +98,13 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
               help="Vectors per shard file; a killed run loses at most the shard in progress.")
 @click.option("--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True,
               help="Decode/resize worker processes (0 = decode in the main process).")
+@click.option("--decode", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
+              help="Where JPEGs are decoded and resized: cpu (PIL workers) or device (batched on the model's "
+                   "device, nvjpeg on a GPU); auto = device on CUDA, else cpu.")
 @_model_options
 @click.pass_context
 def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_size: int, workers: int,
-          **kwargs: Any) -> None:
+          decode: str, **kwargs: Any) -> None:
     """Embed the images of SOURCE into vector shards.
 
     SOURCE is a folder of images (a .txt beside an image is its text; else the file name is),
@@ -116,7 +119,8 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
 
     settings = _settings(kwargs, MODEL_FLAGS)
     summary = embed_corpus(load_encoder(settings), source, out, batch_size=batch_size, shard_size=shard_size,
-                           workers=workers, max_pixels=settings.max_image_pixels, progress=ctx.obj["progress"])
+                           workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
+                           progress=ctx.obj["progress"])
     click.echo(summary.describe())
 
 

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from sidecar.corpus import CorpusError, CorpusItem, content_hash, read_corpus
+from sidecar.device_decode import ResizeSpec, decode_resize, wants_device_decode
 from sidecar.encoder import Encoder
 from sidecar.images import ImageDecodeError, decode_image
 from sidecar.shards import ShardRow, ShardSet
@@ -47,12 +49,24 @@ class EmbedSummary:
                 f"{self.images_per_s:.1f} images/s")
 
 
+DECODE_MODES = ("auto", "cpu", "device")
+
+
 def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int = 256, shard_size: int = 4096,
-                 workers: int = 2, max_pixels: int = 40_000_000, progress: bool = True) -> EmbedSummary:
+                 workers: int = 2, max_pixels: int = 40_000_000, decode: str = "auto",
+                 progress: bool = True) -> EmbedSummary:
+    """Embed `source` into shards under `out`. `decode`: "cpu" (PIL in worker processes),
+    "device" (JPEGs decoded and resized on the model's device — nvjpeg on a GPU), or "auto"
+    (device on CUDA, else cpu)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
+    on_device = decode == "device" or (decode == "auto" and encoder.device.type == "cuda")
+    spec = ResizeSpec.from_transform(encoder.resize) if on_device else None
     started = time.perf_counter()
     shards = ShardSet(out)
     shards.start(encoder.signature, preprocessing={"resize": repr(encoder.resize), "context_length":
-                                                   encoder.context_length})
+                                                   encoder.context_length,
+                                                   "decode": "device" if on_device else "cpu"})
     known = {doc_id: row.content_hash for doc_id, (_, row, _) in shards.latest().items()}
     items, hashes = _scan(source, progress=progress)
     todo = [(item, hashes[item.id]) for item in items if known.get(item.id) != hashes[item.id]]
@@ -70,16 +84,19 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
         buffer_vectors: list[np.ndarray] = []
         buffer_rows: list[ShardRow] = []
         for batch in _decoded_batches(todo, encoder, batch_size=batch_size, workers=workers,
-                                      max_pixels=max_pixels):
+                                      max_pixels=max_pixels, on_device=on_device):
             good = []
-            for item, digest, pixels, reason in batch:
+            for (item, digest, _, reason), pixels in zip(batch, _to_pixels(batch, encoder, spec)):
+                if reason is None and pixels is None:
+                    reason = "corrupt JPEG (device decoder)"
                 if reason is not None:
                     failed += 1
                     errors.write(json.dumps({"id": item.id, "path": str(item.path), "reason": reason}) + "\n")
                 else:
                     good.append((item, digest, pixels))
             if good:
-                buffer_vectors.append(encoder.postprocess(encoder.forward_images(np.stack([g[2] for g in good]))))
+                pixels = _stack([g[2] for g in good], encoder.device)
+                buffer_vectors.append(encoder.postprocess(encoder.forward_images(pixels)))
                 buffer_rows.extend(ShardRow(id=item.id, path=str(item.path), text=item.text,
                                             metadata=item.metadata, content_hash=digest) for item, digest, _ in good)
             bar.update(len(batch))
@@ -120,33 +137,54 @@ def _scan(source: Path, *, progress: bool) -> tuple[list[CorpusItem], dict[str, 
     return items, hashes
 
 
+def _to_pixels(batch: list[tuple], encoder: Encoder, spec: ResizeSpec | None) -> list:
+    """Per item: uint8 pixels (host array from a worker, or a device tensor), or None."""
+    jpeg_at = [i for i, (_, _, payload, _) in enumerate(batch) if isinstance(payload, bytes)]
+    decoded = decode_resize([batch[i][2] for i in jpeg_at], spec, device=encoder.device) if jpeg_at else []
+    pixels = [payload if not isinstance(payload, bytes) else None for _, _, payload, _ in batch]
+    for i, tensor in zip(jpeg_at, decoded):
+        pixels[i] = tensor
+    return pixels
+
+
+def _stack(pixels: list, device: torch.device) -> np.ndarray | torch.Tensor:
+    if all(isinstance(p, np.ndarray) for p in pixels):
+        return np.stack(pixels)  # one pinned host-to-device copy in forward_images
+    return torch.stack([torch.as_tensor(p).to(device, non_blocking=True) for p in pixels])
+
+
 # ---- decode workers: PIL only (no torch ops), so forking after torch started is safe ----
 _prepare: Callable[[Image.Image], np.ndarray] | None = None
 _max_pixels = 0
 _min_side = 0
+_on_device = False
 
 
-def _init_worker(prepare: Callable[[Image.Image], np.ndarray], max_pixels: int, min_side: int) -> None:
-    global _prepare, _max_pixels, _min_side
-    _prepare, _max_pixels, _min_side = prepare, max_pixels, min_side
+def _init_worker(prepare: Callable[[Image.Image], np.ndarray], max_pixels: int, min_side: int,
+                 on_device: bool) -> None:
+    global _prepare, _max_pixels, _min_side, _on_device
+    _prepare, _max_pixels, _min_side, _on_device = prepare, max_pixels, min_side, on_device
 
 
-def _load(path: Path) -> tuple[np.ndarray | None, str | None]:
+def _load(path: Path) -> tuple[np.ndarray | bytes | None, str | None]:
+    """(pixels, None), (JPEG bytes for the device decoder, None), or (None, reason)."""
     try:
         with open(path, "rb") as fh:
-            image = decode_image(fh.read(), max_pixels=_max_pixels, min_side=_min_side)
-        return _prepare(image), None
+            data = fh.read()
+        if _on_device and wants_device_decode(data, max_pixels=_max_pixels):
+            return data, None
+        return _prepare(decode_image(data, max_pixels=_max_pixels, min_side=_min_side)), None
     except ImageDecodeError as exc:
         return None, exc.reason
     except OSError as exc:
         return None, f"cannot read file: {exc}"
 
 
-def _decoded_batches(todo: list[tuple[CorpusItem, str]], encoder: Encoder, *,
-                     batch_size: int, workers: int, max_pixels: int) -> Iterator[list[tuple]]:
-    """Batches of (item, hash, uint8 pixels | None, error | None); workers decode ahead of the model."""
+def _decoded_batches(todo: list[tuple[CorpusItem, str]], encoder: Encoder, *, batch_size: int, workers: int,
+                     max_pixels: int, on_device: bool) -> Iterator[list[tuple]]:
+    """Batches of (item, hash, payload | None, error | None); workers read and decode ahead of the model."""
     paths = [item.path for item, _ in todo]
-    init = (encoder.prepare_image, max_pixels, encoder.image_size)
+    init = (encoder.prepare_image, max_pixels, encoder.image_size, on_device)
     if workers <= 0:
         _init_worker(*init)
         results = map(_load, paths)

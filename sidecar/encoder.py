@@ -78,10 +78,10 @@ class Encoder:
             return self.model.encode_text(tokens.to(self.device, non_blocking=True))
 
     def forward_images(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Forward a uint8 batch [B, H, W, 3] from `prepare_image`."""
+        """Forward a uint8 batch [B, H, W, 3] from `prepare_image` (host) or device decoding."""
         batch = torch.as_tensor(pixels)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
+        if batch.device.type == "cpu" and self.device.type == "cuda":
+            batch = batch.pin_memory()  # lets the copy below run asynchronously
         batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         batch = (batch - self._mean) / self._std
         with torch.inference_mode(), self._autocast():

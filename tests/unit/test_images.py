@@ -79,3 +79,25 @@ def test_draft_decoding_keeps_at_least_the_model_size():
     data = _encode(Image.new("RGB", (2000, 1500), (1, 2, 3)), "JPEG")
     image = decode_image(data, max_pixels=LIMIT, min_side=224)
     assert min(image.size) >= 224 and image.size[0] < 2000
+
+
+def test_device_decoding_matches_the_cpu_path_closely():
+    import torch
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
+
+    from sidecar.device_decode import ResizeSpec, decode_resize, wants_device_decode
+
+    transform = Compose([Resize(32, interpolation=InterpolationMode.BICUBIC), CenterCrop(32)])
+    spec = ResizeSpec.from_transform(transform)
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(np.kron(rng.integers(0, 255, (12, 16, 3)), np.ones((10, 10, 1))).astype(np.uint8))
+    data = _encode(photo, "JPEG", quality=95)
+    assert wants_device_decode(data, max_pixels=LIMIT)
+    assert not wants_device_decode(_encode(Image.new("CMYK", (8, 8)), "JPEG"), max_pixels=LIMIT)
+    assert not wants_device_decode(_encode(photo, "PNG"), max_pixels=LIMIT)
+    assert not wants_device_decode(data, max_pixels=100)
+    on_device, broken = decode_resize([data, data[:200]], spec, device=torch.device("cpu"))
+    assert broken is None
+    on_cpu = np.asarray(transform(decode_image(data, max_pixels=LIMIT)), dtype=np.float32)
+    assert on_device.shape == (32, 32, 3) and on_device.dtype == torch.uint8
+    assert np.abs(on_device.numpy().astype(np.float32) - on_cpu).mean() < 4.0
