@@ -61,14 +61,23 @@ def test_long_text_is_truncated_visibly(client, encoder):
 
 # ---- search -------------------------------------------------------------------------------
 
+def matching(corpus, **attributes) -> int:
+    return sum(all(r["metadata"][k] == v for k, v in attributes.items()) for r in manifest_rows(corpus))
+
+
 @pytest.mark.parametrize("mode", ["vector", "hybrid"])
-def test_text_search_returns_the_concept_at_the_top(client, mode):
-    response = client.post("/v1/search", json={"text": "red circle", "mode": mode, "k": 5})
+@pytest.mark.parametrize(("query", "color", "shape"), [("red circle", "red", "circle"),
+                                                       ("blue square", "blue", "square"),
+                                                       ("green triangle", "green", "triangle")])
+def test_text_search_returns_the_concept_at_the_top(client, corpus, mode, query, color, shape):
+    response = client.post("/v1/search", json={"text": query, "mode": mode, "k": 10})
     assert response.status_code == 200, response.json
     hits = response.json["hits"]
-    assert len(hits) == 5
-    for hit in hits[:3]:
-        assert (hit["metadata"]["color"], hit["metadata"]["shape"]) == ("red", "circle"), hit
+    assert len(hits) == 10
+    expected = min(10, matching(corpus, color=color, shape=shape))
+    assert expected >= 2, "the corpus should hold the concept"
+    for hit in hits[:expected]:
+        assert (hit["metadata"]["color"], hit["metadata"]["shape"]) == (color, shape), hit
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
@@ -104,8 +113,8 @@ def test_filters_restrict_every_hit(client):
 
 @pytest.mark.parametrize("fusion", ["minmax", "zscore", "rrf"])
 def test_every_fusion_method_ranks_the_concept_first(client, fusion):
-    hits = client.post("/v1/search", json={"text": "blue square", "fusion": fusion, "k": 3}).json["hits"]
-    assert (hits[0]["metadata"]["color"], hits[0]["metadata"]["shape"]) == ("blue", "square")
+    hits = client.post("/v1/search", json={"text": "blue square", "fusion": fusion, "k": 5}).json["hits"]
+    assert all((h["metadata"]["color"], h["metadata"]["shape"]) == ("blue", "square") for h in hits), hits
 
 
 # ---- operations ---------------------------------------------------------------------------

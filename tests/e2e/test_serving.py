@@ -29,23 +29,31 @@ def free_port() -> int:
 def gunicorn_server(store_path, tmp_path):
     port = free_port()
     env = {**os.environ, "SIDECAR_STORE_PATH": str(store_path), "GUNICORN_LOGLEVEL": "warning"}
-    process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "serve", "--port", str(port),
-                                "--workers", "1", "--threads", "16"], env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
+    log = tmp_path / "server.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "serve", "--port", str(port),
+                                    "--workers", "1", "--threads", "16"], env=env, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, process, log)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, log) -> None:
     deadline = time.monotonic() + 120
     while True:
         try:
-            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert process.poll() is None, (tmp_path / "server.log").read_text()
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass  # the worker is still loading the model
+        assert process.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "gunicorn did not become ready"
         time.sleep(0.2)
-    yield url
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=30)
 
 
 def test_gunicorn_serves_each_concurrent_caller_its_own_vectors_in_order(gunicorn_server, encoder):
