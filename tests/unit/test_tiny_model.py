@@ -96,9 +96,9 @@ def test_a_waiting_caller_uses_the_checkpoint_the_lock_holder_wrote(tmp_path, mo
 
 
 @pytest.fixture(scope="session")
-def trained_checkpoint(pytestconfig) -> Path:
-    # pytest's cache directory outlives the session: the model trains once per checkout.
-    return tiny_model.ensure_tiny_model(Path(pytestconfig.cache.mkdir("clip-sidecar")), progress=False)
+def trained_checkpoint(model_settings) -> Path:
+    # The same cache as every other test (and the demo): the model trains once per machine.
+    return tiny_model.ensure_tiny_model(model_settings.cache_dir, progress=False)
 
 
 @pytest.mark.slow
