@@ -6,7 +6,10 @@ import copy
 import itertools
 import json
 import logging
+import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -24,8 +27,11 @@ from sidecar.stores.base import Document, Filters, ModelMismatchError, ModelSign
 
 log = logging.getLogger(__name__)
 
-# plugin_config/ sits at the repository root: it is what an operator applies, the CLI included.
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "plugin_config"
+# plugin_config/ is what an operator applies, the CLI included. A checkout (editable install) has
+# it at the repository root; an installed package (Docker: `pip install .`) is pointed at a copy
+# by SIDECAR_PLUGIN_CONFIG_DIR.
+CONFIG_DIR_ENV = "SIDECAR_PLUGIN_CONFIG_DIR"
+REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "plugin_config"
 ENGINES = ("lucene", "faiss")
 FUSIONS = ("minmax", "rrf")
 PIPELINES = {"minmax": "hybrid-minmax", "rrf": "hybrid-rrf"}
@@ -36,6 +42,25 @@ SAVED_SETTINGS_KEY = "bulk_load_saved_settings"
 RETRYABLE = (OSConnectionError, ConnectionTimeout)
 # Documents pulled from a rebuild's iterable at a time: the unit a dropped connection resumes within.
 REBUILD_BATCH = 10_000
+# refresh_interval during a large load, per engine. lucene builds each segment's HNSW graph while
+# indexing, on the bulk request's thread: with refresh off the one in-memory segment's graph grows
+# to the whole load and every insert gets slower (measured 2.9x fewer docs/s at 10k x 512 than at
+# 1s; docs/opensearch.md), so lucene keeps segments small with a short interval. faiss builds its
+# native graphs at flush and merge, where refresh off is k-NN's own advice.
+BULK_REFRESH_INTERVAL = {"lucene": "2s", "faiss": "-1"}
+# Documents serialised to JSON per task of the background serialiser.
+SERIALISE_BATCH = 250
+
+
+def default_config_dir() -> Path:
+    """$SIDECAR_PLUGIN_CONFIG_DIR if set, else the checkout's plugin_config/; fails naming both when absent."""
+    configured = os.environ.get(CONFIG_DIR_ENV)
+    path = Path(configured) if configured else REPO_CONFIG_DIR
+    if not (path / "index.json").is_file():
+        source = f"{CONFIG_DIR_ENV}={configured}" if configured else f"the checkout's {REPO_CONFIG_DIR}"
+        raise StoreError(f"no plugin_config (index.json) in {path} ({source}); an installed package needs "
+                         f"{CONFIG_DIR_ENV} pointing at a copy of the repository's plugin_config/")
+    return path
 
 
 class OpenSearchStore:
@@ -62,8 +87,9 @@ class OpenSearchStore:
         initial_backoff: float = 1.0,
         connection_retries: int = 8,
         large_load_threshold: int = 5000,
+        bulk_refresh_interval: str | None = None,
         timeout_s: float = 60.0,
-        config_dir: Path = CONFIG_DIR,
+        config_dir: Path | None = None,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
@@ -84,7 +110,8 @@ class OpenSearchStore:
         self.initial_backoff = initial_backoff
         self.connection_retries = connection_retries
         self.large_load_threshold = large_load_threshold
-        self.config_dir = Path(config_dir)
+        self.bulk_refresh_interval = bulk_refresh_interval or BULK_REFRESH_INTERVAL[engine]
+        self.config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
         use_ssl = url.startswith("https://")
         self.client = OpenSearch(
             hosts=[url],
@@ -242,10 +269,15 @@ class OpenSearchStore:
         hits = self._search({"size": k, "query": query, "_source": False})
         return [ScoredId(h["_id"], knn_score_to_inner_product(h["_score"])) for h in hits]
 
-    def text_search(self, query: str, k: int, *, filters: Filters | None = None) -> list[ScoredId]:
-        """Top-k by raw BM25 over `text`; filters do not score."""
+    def text_search(self, query: str, k: int, *, filters: Filters | None = None,
+                    ids: Sequence[str] | None = None) -> list[ScoredId]:
+        """Top-k by raw BM25 over `text`; filters do not score. `ids` restricts the search to those
+        documents (the lexical evidence of a native hybrid's candidates) without changing their scores."""
+        clauses = _filter_clauses(filters)
+        if ids is not None:
+            clauses.append({"ids": {"values": list(ids)}})
         body = {"size": k, "_source": False,
-                "query": {"bool": {"must": [{"match": {"text": query}}], "filter": _filter_clauses(filters)}}}
+                "query": {"bool": {"must": [{"match": {"text": query}}], "filter": clauses}}}
         return [ScoredId(h["_id"], float(h["_score"])) for h in self._search(body)]
 
     def hybrid_search(
@@ -318,7 +350,7 @@ class OpenSearchStore:
         while True:
             try:
                 for _ok, _item in helpers.streaming_bulk(
-                    self.client, (_index_action(index, d) for d in documents[done:]),
+                    self.client, self._serialised_actions(index, documents[done:]),
                     chunk_size=self.chunk_size, max_chunk_bytes=self.max_chunk_bytes,
                     max_retries=self.max_retries, initial_backoff=self.initial_backoff,
                     max_backoff=30.0,
@@ -338,8 +370,32 @@ class OpenSearchStore:
                             index, exc.__class__.__name__, attempt, self.connection_retries, delay, done)
                 time.sleep(delay)
 
+    def _serialised_actions(self, index: str, documents: Sequence[Document]) -> Iterator[dict[str, Any]]:
+        """Index actions whose _source is already JSON, serialised one batch ahead on a second thread.
+
+        streaming_bulk waits for each chunk's response; serialising 512 floats per document
+        (~0.35 ms) in that same loop left the cluster idle meanwhile. json.dumps runs while the
+        main thread blocks on the socket (GIL released), so the two overlap."""
+        dumps = self.client.transport.serializer.dumps
+
+        def serialise(batch: Sequence[Document]) -> list[dict[str, Any]]:
+            return [_index_action(index, d, dumps=dumps) for d in batch]
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-serialise")
+        try:
+            pending: deque = deque()
+            for start in range(0, len(documents), SERIALISE_BATCH):
+                pending.append(pool.submit(serialise, documents[start:start + SERIALISE_BATCH]))
+                if len(pending) > 2:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            # Also on a dropped connection (the resume starts a new generator): no orphan work.
+            pool.shutdown(wait=False, cancel_futures=True)
+
     def _relax_settings(self, index: str) -> dict[str, Any]:
-        """Turn refresh off and replicas to 0; remember the previous values in _meta first."""
+        """Relax refresh (bulk_refresh_interval) and replicas to 0; remember the previous values in _meta first."""
         meta = self._meta(index) or {}
         saved = meta.get(SAVED_SETTINGS_KEY)
         if saved is None:
@@ -352,8 +408,8 @@ class OpenSearchStore:
         else:
             log.warning("%s still carries settings saved by an interrupted load (%s); restoring those after this one",
                         index, saved)
-        self.client.indices.put_settings(index=index, body={"index": {"refresh_interval": "-1",
-                                                                      "number_of_replicas": 0}})
+        self.client.indices.put_settings(index=index, body={"index": {
+            "refresh_interval": self.bulk_refresh_interval, "number_of_replicas": 0}})
         return saved
 
     def _restore_settings(self, index: str, saved: dict[str, Any]) -> None:
@@ -469,10 +525,11 @@ def _filter_clauses(filters: Filters | None) -> list[dict[str, Any]]:
     return clauses
 
 
-def _index_action(index: str, doc: Document) -> dict[str, Any]:
-    return {"_op_type": "index", "_index": index, "_id": doc.id,
-            "_source": {"id": doc.id, "vector": _as_list(doc.vector), "text": doc.text,
-                        "metadata": dict(doc.metadata), "content_hash": doc.content_hash}}
+def _index_action(index: str, doc: Document, *, dumps: Any = None) -> dict[str, Any]:
+    """The bulk action for one document; with `dumps`, its _source is already a JSON string."""
+    source = {"id": doc.id, "vector": _as_list(doc.vector), "text": doc.text,
+              "metadata": dict(doc.metadata), "content_hash": doc.content_hash}
+    return {"_op_type": "index", "_index": index, "_id": doc.id, "_source": dumps(source) if dumps else source}
 
 
 def _as_list(vector: np.ndarray) -> list[float]:
