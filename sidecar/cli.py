@@ -191,7 +191,7 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, candi
     encoder = load_encoder(settings)
     store = open_store(settings)
     try:
-        text_vector = encoder.encode_texts([settings.prompt_template.format(text)])[0] if text else None
+        text_vector = encoder.encode_texts([settings.prompt(text)])[0] if text else None
         image_vector = encoder.encode_images([query_image])[0] if query_image is not None else None
         result = run_search(store, vector=query_vector(text_vector, image_vector), text=text, options=options)
     except ValueError as exc:

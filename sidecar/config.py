@@ -59,6 +59,10 @@ class Settings:
     # Search defaults
     rerank_candidates: int = 100
 
+    def prompt(self, text: str) -> str:
+        """The text the model sees for a query or document text: the prompt template applied."""
+        return self.prompt_template.format(text)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
         """Build from SIDECAR_* variables, then explicit overrides (CLI flags, tests) on top."""

@@ -44,7 +44,7 @@ def run_demo(workdir: Path, *, items: int, seed: int, progress: bool, echo: Call
         echo(f"      {index_shards(store, workdir / 'shards', progress=progress).describe()}")
         echo("[5/5] sample queries")
         for text in SAMPLE_QUERIES:
-            vector = encoder.encode_texts([text])[0]
+            vector = encoder.encode_texts([settings.prompt(text)])[0]
             for mode, rerank in (("vector", False), ("bm25", False), ("hybrid", False), ("hybrid", True)):
                 options = SearchOptions(mode=mode, k=5, rerank=rerank)
                 result = search(store, vector=vector, text=text, options=options)

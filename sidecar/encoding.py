@@ -31,7 +31,6 @@ class EncodingService:
     def __init__(self, encoder: Encoder, settings: Settings):
         self.encoder = encoder
         self.settings = settings
-        self.template = settings.prompt_template
         batching = dict(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size)
         self._texts = MicroBatcher(self._forward_texts, modality="text", **batching)
         self._images = MicroBatcher(self._forward_images, modality="image", **batching)
@@ -43,7 +42,7 @@ class EncodingService:
             capacity=settings.text_cache_size)
 
     def encode_texts(self, texts: Sequence[str]) -> TextVectors:
-        prompts = [self.template.format(text) for text in texts]
+        prompts = [self.settings.prompt(text) for text in texts]
         prepared = {p: self.encoder.prepare_text(p) for p in prompts}
         truncated = [i for i, p in enumerate(prompts) if prepared[p].truncated]
         if truncated:
