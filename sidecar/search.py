@@ -12,6 +12,7 @@ from sidecar.fusion import FUSION_METHODS, fuse
 from sidecar.stores.base import Filters, Store
 
 MODES = ("vector", "bm25", "hybrid")
+NATIVE_FUSIONS = ("minmax", "rrf")  # what OpenSearch's own hybrid pipeline can do
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +25,9 @@ class SearchOptions:
     rerank: bool = True
     exact: bool = False  # brute-force vector search instead of ANN
     filters: Filters | None = None
+    # Hybrid on a store with its own fusion (OpenSearch + neural-search): fuse there when it
+    # supports the fusion asked for; False always fuses in Python (to compare the two).
+    native_hybrid: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -76,19 +80,36 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
     n = options.candidates
     vector_scores: dict[str, float] = {}
     bm25_scores: dict[str, float] = {}
-    if options.mode in ("vector", "hybrid"):
-        vector_scores = _as_dict(store.vector_search(vector, n, filters=options.filters, exact=options.exact))
-    if options.mode in ("bm25", "hybrid"):
-        bm25_scores = _as_dict(store.text_search(text, n, filters=options.filters))
-    if options.mode == "hybrid":
-        coarse = fuse([vector_scores, bm25_scores], method=options.fusion, weights=options.weights)
+    native = options.mode == "hybrid" and uses_native_hybrid(store, options)
+    if native:
+        fused = store.hybrid_search(vector, text, n, filters=options.filters, fusion=options.fusion,
+                                    weights=_unit_sum(options.weights))
+        # Same scale as sidecar.fusion: OpenSearch's arithmetic_mean divides by the weights' sum
+        # (we pass them summing to 1) and its RRF has no weights (1 / (k + rank)).
+        scale = sum(options.weights) if options.fusion == "minmax" else options.weights[0]
+        coarse = {hit.id: float(hit.score) * scale for hit in fused}
+        top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
+        # The hybrid response carries fused scores only. The lexical evidence the rerank fuses
+        # (and `scores.bm25` shows) is raw BM25 of the candidates: one query restricted to their
+        # ids, the same scores a full text_search gives them. Their vector scores come below.
+        bm25_scores = _as_dict(store.text_search(text, len(top), filters=options.filters, ids=top)) if top else {}
     else:
-        coarse = vector_scores or bm25_scores
-    top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
+        if options.mode in ("vector", "hybrid"):
+            vector_scores = _as_dict(store.vector_search(vector, n, filters=options.filters, exact=options.exact))
+        if options.mode in ("bm25", "hybrid"):
+            bm25_scores = _as_dict(store.text_search(text, n, filters=options.filters))
+        if options.mode == "hybrid":
+            coarse = fuse([vector_scores, bm25_scores], method=options.fusion, weights=options.weights)
+        else:
+            coarse = vector_scores or bm25_scores
+        top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
     coarse_done = time.perf_counter()
 
     documents = {doc.id: doc for doc in store.fetch(top)}
     top = [doc_id for doc_id in top if doc_id in documents]  # deleted between the two calls
+    if native:
+        # Exact inner product from the stored full vectors (what the ANN side scored, without its error).
+        vector_scores = _exact_scores(top, documents, vector)
     if options.rerank and vector is not None:
         final = _rerank(top, documents, vector=vector, bm25_scores=bm25_scores, options=options)
     else:
@@ -112,13 +133,38 @@ def _rerank(ids: list[str], documents: dict, *, vector: np.ndarray, bm25_scores:
     candidates included), fused with the lexical evidence over the candidate set."""
     if not ids:
         return {}
-    matrix = np.stack([np.asarray(documents[doc_id].vector, dtype=np.float32) for doc_id in ids])
-    exact = dict(zip(ids, (matrix @ vector.astype(np.float32)).tolist()))
+    exact = _exact_scores(ids, documents, vector)
     lexical = {doc_id: bm25_scores[doc_id] for doc_id in ids if doc_id in bm25_scores}
     if not lexical:
         return exact
     # Only hits with a positive lexical score enter the lexical list; the rest contribute 0.
     return fuse([exact, lexical], method=options.fusion, weights=options.weights)
+
+
+def uses_native_hybrid(store: Store, options: SearchOptions) -> bool:
+    """Whether hybrid fusion can run in the store (OpenSearch's hybrid query + normalisation or
+    score-ranker pipeline): min-max with any weights, RRF with equal weights (2.19's RRF takes
+    none); not z-score, not exact vector search (the hybrid query's vector side is ANN)."""
+    if not options.native_hybrid or options.exact or options.fusion not in NATIVE_FUSIONS:
+        return False
+    if options.fusion == "rrf" and options.weights[0] != options.weights[1]:
+        return False
+    if not (hasattr(store, "hybrid_search") and hasattr(store, "has_neural_search")):
+        return False
+    return bool(store.has_neural_search())
+
+
+def _unit_sum(weights: tuple[float, float]) -> tuple[float, float]:
+    # OpenSearch's arithmetic_mean wants weights summing to 1; the ranking is the same.
+    total = float(sum(weights))
+    return (weights[0] / total, weights[1] / total)
+
+
+def _exact_scores(ids: list[str], documents: dict, vector: np.ndarray) -> dict[str, float]:
+    if not ids:
+        return {}
+    matrix = np.stack([np.asarray(documents[doc_id].vector, dtype=np.float32) for doc_id in ids])
+    return dict(zip(ids, (matrix @ np.asarray(vector, dtype=np.float32)).tolist()))
 
 
 def _as_dict(hits) -> dict[str, float]:
