@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -11,8 +12,11 @@ import pytest
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 
+from sidecar.embed import embed_corpus
+from sidecar.encoder import Encoder
 from sidecar.stores.base import Document, ModelSignature
 from sidecar.stores.opensearch import OpenSearchStore
+from sidecar.synthetic import write_corpus
 
 URL = os.environ.get("SIDECAR_OPENSEARCH_URL", "http://127.0.0.1:9250")
 DIM = 32
@@ -90,3 +94,33 @@ def make_documents(n: int, *, seed: int = 0, prefix: str = "d") -> tuple[list[Do
         for i in range(n)
     ]
     return docs, labels, centres
+
+
+# --- the real model and corpus (tests/conftest.py: encoder, corpus, shards) on OpenSearch -----------
+
+LARGE_CORPUS_ITEMS = 3000
+
+
+@pytest.fixture(scope="session")
+def large_corpus(tmp_path_factory) -> Path:
+    """A few thousand synthetic JPEGs (every shape/colour/size/position combination several times)."""
+    return write_corpus(tmp_path_factory.mktemp("large-corpus"), LARGE_CORPUS_ITEMS, seed=21)
+
+
+@pytest.fixture(scope="session")
+def large_shards(encoder: Encoder, large_corpus: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("large-shards")
+    embed_corpus(encoder, large_corpus, out, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture
+def alias(node: str) -> Iterator[str]:
+    """A fresh alias name; every index behind or named like it is deleted afterwards."""
+    name = f"it-e2e-{uuid.uuid4().hex[:10]}"
+    yield name
+    client = _client()
+    try:
+        client.indices.delete(index=f"{name}-v*", ignore_unavailable=True)
+    finally:
+        client.close()

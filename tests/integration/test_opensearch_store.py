@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sidecar.stores.base import Document, ModelMismatchError, ModelSignature, StoreError
-from tests.integration.conftest import DIM, SIGNATURE, drop, make_documents, make_store
+from tests.integration.conftest import DIM, SIGNATURE, URL, drop, make_documents, make_store
 
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bulk_load_counts_and_knn_finds_nearest_cluster(store):
@@ -168,3 +176,36 @@ def test_setup_is_idempotent(node):
             s.setup(DIM + 1)
     finally:
         drop(s)
+
+
+def test_installed_package_finds_plugin_config_through_the_setting(node, tmp_path):
+    """A non-editable install (Docker: `pip install .`) has no plugin_config/ beside the package:
+    SIDECAR_PLUGIN_CONFIG_DIR points at a copy; without it the error names the variable."""
+    source, target = tmp_path / "source", tmp_path / "site"
+    # What the Dockerfiles copy before `pip install .` (a copy: the build must not write into the checkout).
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "sidecar", source / "sidecar", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
+    assert not (target / "plugin_config").exists()
+    config = shutil.copytree(REPO / "plugin_config", tmp_path / "config")
+    probe = (
+        "import sidecar.stores.opensearch as m, sys, uuid\n"
+        "assert m.__file__.startswith(sys.argv[1]), m.__file__\n"
+        "try:\n"
+        f"    s = m.OpenSearchStore(url={URL!r}, index='it-inst-' + uuid.uuid4().hex[:8])\n"
+        "except m.StoreError as exc:\n"
+        "    print('ERROR', exc); sys.exit(0)\n"
+        "s.setup(8); print('OK', s.config_dir, s.count())\n"
+        "s.client.indices.delete(index=s.alias + '-v*')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SIDECAR_PLUGIN_CONFIG_DIR"}
+    env["PYTHONPATH"] = str(target)
+    run = functools.partial(subprocess.run, [sys.executable, "-c", probe, str(target)], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path, check=True)
+    missing = run(env=env).stdout
+    assert missing.startswith("ERROR") and "SIDECAR_PLUGIN_CONFIG_DIR" in missing
+    found = run(env={**env, "SIDECAR_PLUGIN_CONFIG_DIR": str(config)}).stdout
+    assert found.strip() == f"OK {config} 0"

@@ -1,0 +1,250 @@
+"""The trained tiny CLIP, the real CLI and the Flask app on a real OpenSearch node: setup, index,
+rerun, rebuild, incremental embed + index, every search mode (native and Python hybrid), filters."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from sidecar.app import create_app
+from sidecar.cli import main
+from sidecar.config import Settings
+from sidecar.encoder import Encoder
+from sidecar.search import SearchOptions, search, uses_native_hybrid
+from sidecar.stores.opensearch import OpenSearchStore
+from sidecar.synthetic import sample_items
+from tests.integration.conftest import LARGE_CORPUS_ITEMS, URL, _auth, _client, make_store
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+QUERIES = ("red circle", "blue square", "green star", "yellow triangle")
+
+
+def cli(*args: str) -> Result:
+    result = CliRunner().invoke(main, ["-q", *args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def store_args(alias: str) -> list[str]:
+    return ["--store", "opensearch", "--opensearch-url", URL, "--opensearch-index", alias]
+
+
+def concept(hit) -> tuple[str, str]:
+    metadata = hit["metadata"] if isinstance(hit, dict) else hit.metadata
+    return metadata["color"], metadata["shape"]
+
+
+def encode_text(encoder: Encoder, text: str) -> np.ndarray:
+    return encoder.encode_texts([text])[0]
+
+
+@pytest.fixture(scope="module")
+def large_store(node: str, large_shards: Path) -> Iterator[OpenSearchStore]:
+    """The large corpus indexed through the CLI into its own alias, shared by this module's read-only tests."""
+    alias = f"it-e2e-large-{uuid.uuid4().hex[:8]}"
+    try:
+        result = cli("index", str(large_shards), *store_args(alias))
+        assert f"store now holds {LARGE_CORPUS_ITEMS} documents" in result.output
+        store = make_store(index=alias)
+        yield store
+        store.close()
+    finally:
+        client = _client()
+        client.indices.delete(index=f"{alias}-v*", ignore_unavailable=True)
+        client.close()
+
+
+def test_cli_setup_index_rerun_rebuild_and_search(encoder, shards, alias):
+    assert f"OpenSearch index {alias} ready for" in cli("opensearch", "setup", *store_args(alias)).output
+    store = make_store(index=alias)
+    try:
+        assert store.signature() == encoder.signature and store.count() == 0
+        result = cli("index", str(shards), *store_args(alias))
+        assert "400 written, 0 unchanged, 0 deleted; store now holds 400 documents" in result.output
+        result = cli("index", str(shards), *store_args(alias))
+        assert "0 written, 400 unchanged, 0 deleted; store now holds 400 documents" in result.output
+        before = store._alias_indices()
+        assert "store now holds 400 documents" in cli("index", str(shards), "--rebuild", *store_args(alias)).output
+        after = store._alias_indices()
+        assert len(after) == 1 and after != before and not store.client.indices.exists(index=before[0])
+        assert store.count() == 400 and store.signature() == encoder.signature
+        hits = json.loads(cli("search", "blue square", *store_args(alias), "-k", "3", "--json").output)
+        assert [concept(h) for h in hits] == [("blue", "square")] * 3
+        assert {"vector", "bm25", "fused", "rerank"} <= hits[0]["scores"].keys()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("mode, fusion", [("vector", "minmax"), ("bm25", "minmax"), ("hybrid", "minmax"),
+                                          ("hybrid", "rrf"), ("hybrid", "zscore")])
+def test_every_mode_finds_the_concept(encoder, large_store, mode, fusion):
+    for query in QUERIES:
+        options = SearchOptions(mode=mode, k=5, fusion=fusion, weights=(0.5, 0.5))
+        result = search(large_store, vector=encode_text(encoder, query), text=query, options=options)
+        color, shape = query.split()
+        assert [concept(h) for h in result.hits] == [(color, shape)] * 5, (query, result.hits)
+        if mode == "hybrid":
+            # zscore has no OpenSearch pipeline: fused in Python; the others by OpenSearch.
+            assert uses_native_hybrid(large_store, options) == (fusion != "zscore")
+            assert {"vector", "bm25", "fused", "rerank"} <= result.hits[0].scores.keys()
+
+
+def test_image_query_finds_the_same_picture(encoder, large_store, large_corpus):
+    records = [json.loads(line) for line in large_corpus.read_text().splitlines()[:3]]
+    for record in records:
+        with Image.open(large_corpus.parent / record["path"]) as image:
+            vector = encoder.encode_images([image.convert("RGB")])[0]
+        hits = search(large_store, vector=vector, text=None, options=SearchOptions(mode="vector", k=3)).hits
+        assert hits[0].id == record["id"] and hits[0].score == pytest.approx(1.0, abs=1e-3)
+        assert concept(hits[0]) == (record["metadata"]["color"], record["metadata"]["shape"])
+
+
+def test_filters_in_every_mode(encoder, large_store):
+    vector = encode_text(encoder, "red circle")
+    for mode in ("vector", "bm25", "hybrid"):
+        options = SearchOptions(mode=mode, k=10, filters={"color": "blue", "size": ["small"]})
+        hits = search(large_store, vector=vector, text="circle", options=options).hits
+        assert len(hits) == 10, mode
+        assert {(h.metadata["color"], h.metadata["size"]) for h in hits} == {("blue", "small")}, mode
+    exact = search(large_store, vector=vector, text=None,
+                   options=SearchOptions(mode="vector", k=5, exact=True, filters={"position": "left"})).hits
+    assert {h.metadata["position"] for h in exact} == {"left"}
+
+
+@pytest.mark.parametrize("fusion", ["minmax", "rrf"])
+def test_native_and_python_fusion_agree(encoder, large_store, fusion):
+    def run(query: str, vector: np.ndarray, *, native: bool, rerank: bool, weights=(0.5, 0.5)):
+        options = SearchOptions(mode="hybrid", k=10, candidates=50, fusion=fusion, weights=weights,
+                                rerank=rerank, native_hybrid=native)
+        assert uses_native_hybrid(large_store, options) is native
+        return search(large_store, vector=vector, text=query, options=options).hits
+
+    # Text and vector asking for the same thing: the same concepts, mostly the same ids, before and
+    # after the rerank (ties between identical captions may swap), and the same evidence per hit.
+    for query in QUERIES:
+        vector = encode_text(encoder, query)
+        for rerank in (False, True):
+            native, python = run(query, vector, native=True, rerank=rerank), run(query, vector, native=False,
+                                                                                   rerank=rerank)
+            assert [concept(h) for h in native] == [concept(h) for h in python], (query, rerank)
+            assert len({h.id for h in native} & {h.id for h in python}) >= 8, (query, rerank)
+            python_by_id = {h.id: h for h in python}
+            for hit in native:
+                other = python_by_id.get(hit.id)
+                if other is not None:
+                    assert hit.scores["fused"] == pytest.approx(other.scores["fused"], abs=1e-3)
+                    if "bm25" in other.scores:
+                        assert hit.scores["bm25"] == pytest.approx(other.scores["bm25"], rel=1e-5)
+                stored = large_store.fetch([hit.id])[0].vector
+                assert hit.scores["vector"] == pytest.approx(float(np.dot(vector, stored)), abs=1e-5)
+    # Text and vector disagreeing (disjoint lists, many exact ties): the fused scores agree rank by
+    # rank even where tied ids are ordered differently; weights other than 0.5/0.5 for min-max.
+    weights = (0.5, 0.5) if fusion == "rrf" else (0.6, 0.4)
+    for query, vector_query in (("circle", "blue square"), ("red", "large star"), ("green square", "pink cross")):
+        vector = encode_text(encoder, vector_query)
+        native = run(query, vector, native=True, rerank=False, weights=weights)
+        python = run(query, vector, native=False, rerank=False, weights=weights)
+        assert [h.scores["fused"] for h in native] == pytest.approx([h.scores["fused"] for h in python], abs=1e-3)
+
+
+def test_native_hybrid_takes_the_weights_of_the_request(encoder, large_store):
+    # Text asks for red circles, the vector for blue squares: the weights decide who wins.
+    vector = encode_text(encoder, "blue square")
+
+    def top(weights: tuple[float, float]) -> set[tuple[str, str]]:
+        options = SearchOptions(mode="hybrid", k=5, weights=weights, rerank=False)
+        assert uses_native_hybrid(large_store, options)
+        return {concept(h) for h in search(large_store, vector=vector, text="red circle", options=options).hits}
+    assert top((0.1, 0.9)) == {("red", "circle")}
+    assert top((0.9, 0.1)) == {("blue", "square")}
+
+
+def test_incremental_embed_and_index_show_changes_and_deletions(encoder, tmp_path, alias):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for item in sample_items(60, seed=3):
+        item.image.save(folder / f"{item.id}.jpg", quality=90)
+    out = tmp_path / "shards"
+    cli("embed", str(folder), "--out", str(out), "--workers", "0")
+    assert "60 written" in cli("index", str(out), *store_args(alias)).output
+
+    files = sorted(folder.glob("*.jpg"))
+    for path in files[:3]:
+        path.unlink()
+    for path, item in zip(files[3:5], sample_items(2, seed=99)):
+        item.image.save(path, quality=90)  # same name, new content
+    added = sample_items(4, seed=123)
+    for item in added:
+        item.image.save(folder / f"new-{item.id}.jpg", quality=90)
+    assert "61 items: 6 embedded, 55 unchanged" in cli("embed", str(folder), "--out", str(out), "--workers", "0").output
+    result = cli("index", str(out), *store_args(alias))
+    assert "6 written, 55 unchanged, 3 deleted; store now holds 61 documents" in result.output
+
+    store = make_store(index=alias)
+    try:
+        stored = store.content_hashes()
+        assert len(stored) == 61 and not {p.name for p in files[:3]} & stored.keys()
+        assert store.fetch([p.name for p in files[:3]]) == []
+        with Image.open(files[3]) as changed_image:
+            changed = encoder.encode_images([changed_image.convert("RGB")])[0]
+        assert float(np.dot(store.fetch([files[3].name])[0].vector, changed)) > 0.999
+        new_vector = encoder.encode_images([added[0].image])[0]
+        hits = search(store, vector=new_vector, text=None, options=SearchOptions(mode="vector", k=1)).hits
+        assert hits[0].id == f"new-{added[0].id}.jpg"
+    finally:
+        store.close()
+
+
+def _app(encoder: Encoder, alias: str, cache_dir: Path):
+    user_password = _auth() or ("", "")
+    settings = Settings(store="opensearch", opensearch_url=URL, opensearch_index=alias, cache_dir=cache_dir,
+                        opensearch_user=user_password[0], opensearch_password=user_password[1])
+    return create_app(settings, encoder=encoder)
+
+
+def _close(app) -> None:
+    state = app.extensions["clip_sidecar"]
+    state.encoding.close()
+    state.store.close()
+
+
+def test_flask_app_searches_opensearch(encoder, large_store, large_corpus, tmp_path):
+    app = _app(encoder, large_store.alias, tmp_path / "cache")
+    try:
+        client = app.test_client()
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.json
+        assert ready.json["store"] == "opensearch" and ready.json["documents"] == LARGE_CORPUS_ITEMS
+        body = client.post("/v1/search", json={"text": "blue square", "k": 5}).json
+        assert body["store"] == "opensearch" and body["mode"] == "hybrid"
+        assert [concept(h) for h in body["hits"]] == [("blue", "square")] * 5
+        assert {"vector", "bm25", "fused", "rerank"} <= body["hits"][0]["scores"].keys()
+        body = client.post("/v1/search", json={"text": "circle", "mode": "bm25", "k": 5,
+                                               "filters": {"color": "green"}}).json
+        assert [concept(h) for h in body["hits"]] == [("green", "circle")] * 5
+        record = json.loads(large_corpus.read_text().splitlines()[0])
+        image = base64.b64encode((large_corpus.parent / record["path"]).read_bytes()).decode()
+        body = client.post("/v1/search", json={"image": image, "k": 3}).json
+        assert body["mode"] == "vector" and body["hits"][0]["id"] == record["id"]
+    finally:
+        _close(app)
+
+
+def test_flask_readyz_reports_a_missing_index(encoder, alias, tmp_path):
+    app = _app(encoder, alias, tmp_path / "cache")  # the alias fixture's name: nothing created yet
+    try:
+        ready = app.test_client().get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json["status"] == "not_ready" and "opensearch" in ready.json["reason"]
+    finally:
+        _close(app)
