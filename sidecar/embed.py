@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -183,19 +184,31 @@ def _load(path: Path) -> tuple[np.ndarray | bytes | None, str | None]:
 def _decoded_batches(todo: list[tuple[CorpusItem, str]], encoder: Encoder, *, batch_size: int, workers: int,
                      max_pixels: int, on_device: bool) -> Iterator[list[tuple]]:
     """Batches of (item, hash, payload | None, error | None); workers read and decode ahead of the model."""
-    paths = [item.path for item, _ in todo]
     init = (encoder.prepare_image, max_pixels, encoder.image_size, on_device)
+    # Bounded read-ahead: workers stay at most two batches ahead of the model, so a slow
+    # model never lets decoded images pile up in memory.
+    ahead = threading.Semaphore(max(2 * batch_size, 64 * max(workers, 1)))
+    stop = threading.Event()
+
+    def paths() -> Iterator[Path]:
+        for item, _ in todo:
+            ahead.acquire()
+            if stop.is_set():
+                return
+            yield item.path
+
     if workers <= 0:
         _init_worker(*init)
-        results = map(_load, paths)
+        results = map(_load, paths())
         pool = None
     else:
         pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker,
                                                         initargs=init)
-        results = pool.imap(_load, paths, chunksize=16)
+        results = pool.imap(_load, paths(), chunksize=16)
     try:
         batch = []
         for (item, digest), (pixels, reason) in zip(todo, results):
+            ahead.release()
             batch.append((item, digest, pixels, reason))
             if len(batch) == batch_size:
                 yield batch
@@ -203,5 +216,7 @@ def _decoded_batches(todo: list[tuple[CorpusItem, str]], encoder: Encoder, *, ba
         if batch:
             yield batch
     finally:
+        stop.set()
+        ahead.release()  # wake the feeder if it waits, so the pool can shut down
         if pool is not None:
             pool.terminate()
