@@ -171,11 +171,11 @@ def load_encoder(settings: Settings) -> Encoder:
     model_name, pretrained = settings.model, settings.pretrained
     if settings.model_config:
         open_clip.add_model_config(settings.model_config)
-    if model_name == TINY_MODEL and not pretrained:
+    if model_name == TINY_MODEL:
         from sidecar.tiny_model import ensure_tiny_model, register_tiny_config
 
         register_tiny_config()
-        pretrained = str(ensure_tiny_model(settings.cache_dir))
+        pretrained = pretrained or str(ensure_tiny_model(settings.cache_dir))
     available = open_clip.list_models()
     if model_name not in available:
         raise ValueError(f"unknown model {model_name!r}; available: {', '.join(available[:12])}, … "

@@ -174,3 +174,26 @@ def test_demo_prints_ranked_results_in_every_mode(tmp_path):
                    "Recall@10 (HNSW vs exact)"):
         assert header in result.stdout
     assert "red circle" in result.stdout
+
+
+def test_cache_warm_persists_prompt_vectors_and_a_new_prompt_version_re_embeds(tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle\nblue square\n\nred circle\n")
+    monkeypatch.setenv("SIDECAR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SIDECAR_PRETRAINED", str(_tiny_checkpoint()))
+    runner = CliRunner()
+    result = runner.invoke(main, ["-q", "cache", "warm", str(prompts)])
+    assert result.exit_code == 0, result.output
+    assert "2 prompts cached" in result.output and "2 vectors stored" in result.output
+    monkeypatch.setenv("SIDECAR_PROMPT_VERSION", "2")
+    monkeypatch.setenv("SIDECAR_PROMPT_TEMPLATE", "a photo of a {}")
+    result = runner.invoke(main, ["-q", "cache", "warm", str(prompts)])
+    assert result.exit_code == 0, result.output
+    assert "2 vectors stored for this model and prompt version" in result.output
+
+
+def _tiny_checkpoint() -> Path:
+    from sidecar.config import Settings
+    from sidecar.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(Settings().cache_dir)
