@@ -38,6 +38,9 @@ class Settings:
     opensearch_password: str = ""
     opensearch_verify_certs: bool = True
     opensearch_engine: str = "lucene"  # lucene | faiss (needs the k-NN native library)
+    # plugin_config/ (index template, search pipelines): "" = the checkout's; an installed
+    # package (Docker) needs the path of a copy.
+    plugin_config_dir: str = ""
 
     # Request limits (the API answers 400/413 naming them)
     max_batch_items: int = 256

@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 
 # plugin_config/ is what an operator applies, the CLI included. A checkout (editable install) has
 # it at the repository root; an installed package (Docker: `pip install .`) is pointed at a copy
-# by SIDECAR_PLUGIN_CONFIG_DIR.
-CONFIG_DIR_ENV = "SIDECAR_PLUGIN_CONFIG_DIR"
+# by the plugin_config_dir setting (SIDECAR_PLUGIN_CONFIG_DIR).
 REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "plugin_config"
 ENGINES = ("lucene", "faiss")
 FUSIONS = ("minmax", "rrf")
@@ -52,14 +51,13 @@ BULK_REFRESH_INTERVAL = {"lucene": "2s", "faiss": "-1"}
 SERIALISE_BATCH = 250
 
 
-def default_config_dir() -> Path:
-    """$SIDECAR_PLUGIN_CONFIG_DIR if set, else the checkout's plugin_config/; fails naming both when absent."""
-    configured = os.environ.get(CONFIG_DIR_ENV)
+def resolve_config_dir(configured: str | os.PathLike[str] | None) -> Path:
+    """The configured plugin_config directory, else the checkout's; fails naming the setting when absent."""
     path = Path(configured) if configured else REPO_CONFIG_DIR
     if not (path / "index.json").is_file():
-        source = f"{CONFIG_DIR_ENV}={configured}" if configured else f"the checkout's {REPO_CONFIG_DIR}"
+        source = f"plugin_config_dir={configured}" if configured else f"the checkout's {REPO_CONFIG_DIR}"
         raise StoreError(f"no plugin_config (index.json) in {path} ({source}); an installed package needs "
-                         f"{CONFIG_DIR_ENV} pointing at a copy of the repository's plugin_config/")
+                         "SIDECAR_PLUGIN_CONFIG_DIR pointing at a copy of the repository's plugin_config/")
     return path
 
 
@@ -111,7 +109,7 @@ class OpenSearchStore:
         self.connection_retries = connection_retries
         self.large_load_threshold = large_load_threshold
         self.bulk_refresh_interval = bulk_refresh_interval or BULK_REFRESH_INTERVAL[engine]
-        self.config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+        self.config_dir = resolve_config_dir(config_dir)
         use_ssl = url.startswith("https://")
         self.client = OpenSearch(
             hosts=[url],

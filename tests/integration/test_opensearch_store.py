@@ -193,9 +193,12 @@ def test_installed_package_finds_plugin_config_through_the_setting(node, tmp_pat
     config = shutil.copytree(REPO / "plugin_config", tmp_path / "config")
     probe = (
         "import sidecar.stores.opensearch as m, sys, uuid\n"
+        "from sidecar.config import Settings\n"
+        "from sidecar.stores import open_store\n"
         "assert m.__file__.startswith(sys.argv[1]), m.__file__\n"
         "try:\n"
-        f"    s = m.OpenSearchStore(url={URL!r}, index='it-inst-' + uuid.uuid4().hex[:8])\n"
+        f"    s = open_store(Settings.from_env(store='opensearch', opensearch_url={URL!r},\n"
+        "                                     opensearch_index='it-inst-' + uuid.uuid4().hex[:8]))\n"
         "except m.StoreError as exc:\n"
         "    print('ERROR', exc); sys.exit(0)\n"
         "s.setup(8); print('OK', s.config_dir, s.count())\n"
