@@ -29,7 +29,8 @@ class _Work(Generic[Item]):
 
 
 class MicroBatcher(Generic[Item]):
-    """Gathers up to `max_batch` items, or waits at most `max_wait_ms` after the first, then runs
+    """Gathers up to `max_batch` items, or waits at most `max_wait_ms` after the first (only under
+    load), then runs
     `forward(items) -> [n, dim] array` once and hands each caller its own rows.
 
     The queue is bounded: a full queue answers Overloaded (503) instead of growing. A batch
@@ -44,6 +45,7 @@ class MicroBatcher(Generic[Item]):
         self.max_wait_s = max_wait_ms / 1000.0
         self._queue: queue.Queue[_Work | None] = queue.Queue(maxsize=queue_size)
         self._carry: _Work | None = None  # a request that did not fit in the last batch
+        self._last_batch_requests = 0
         self._thread = threading.Thread(target=self._run, name=f"batcher-{modality}", daemon=True)
         self._thread.start()
 
@@ -79,7 +81,10 @@ class MicroBatcher(Generic[Item]):
         if first is None:
             return None
         batch, size = [first], len(first.items)
-        deadline = time.perf_counter() + self.max_wait_s
+        # Wait for company only under load (requests queued, or the last batch was shared):
+        # a lone request at low traffic runs at once instead of paying max_wait_ms.
+        under_load = self._queue.qsize() > 0 or self._last_batch_requests > 1
+        deadline = time.perf_counter() + (self.max_wait_s if under_load else 0.0)
         while size < self.max_batch:
             remaining = deadline - time.perf_counter()
             try:
@@ -95,6 +100,7 @@ class MicroBatcher(Generic[Item]):
             batch.append(work)
             size += len(work.items)
         metrics.QUEUE_DEPTH.labels(self.modality).set(self._queue.qsize())
+        self._last_batch_requests = len(batch)
         return batch
 
     def _execute(self, batch: list[_Work]) -> None:
