@@ -24,10 +24,6 @@ SIGNATURE = ModelSignature(model="synthetic", weights="clusters-v1", dim=DIM)
 COLORS = ("red", "green", "blue", "yellow")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "fault: stops and restarts the OpenSearch node (select with -m fault)")
-
-
 def _client() -> OpenSearch:
     return OpenSearch(hosts=[URL], http_auth=_auth(), timeout=30, max_retries=0,
                       verify_certs=os.environ.get("SIDECAR_OPENSEARCH_VERIFY_CERTS", "true") != "false")
