@@ -89,11 +89,18 @@ def slow_app(tmp_path, store_path, encoder, monkeypatch):
 
     monkeypatch.setattr(encoder, "forward_texts", slow_forward)
 
+    built = []
+
     def build(**limits):
         settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, **limits)
-        return create_app(settings, encoder=encoder, store=EmbeddedStore(store_path))
+        built.append(create_app(settings, encoder=encoder, store=EmbeddedStore(store_path)))
+        return built[-1]
 
-    return build
+    yield build
+    for app in built:  # join the batcher threads: one may still be inside a slow forward
+        state = app.extensions["clip_sidecar"]
+        state.encoding.close()
+        state.store.close()
 
 
 def test_a_full_queue_answers_503_with_retry_after(slow_app):
