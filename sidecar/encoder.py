@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -46,6 +47,7 @@ class Encoder:
         self.device = device
         self.precision = precision
         self.context_length = int(tokenizer.context_length)
+        self._text_graphs = None  # TextGraphs once capture_text_graphs() ran (GPU serving)
         self.resize, mean, std = split_preprocess(preprocess)
         # Normalisation runs on the model's device, over the whole batch, after a uint8 copy.
         self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
@@ -59,23 +61,50 @@ class Encoder:
     # ---- pre: CPU work, safe to run in request threads or worker processes ----
     def prepare_text(self, text: str) -> PreparedText:
         tokens = self.tokenizer([text])[0]
-        return PreparedText(tokens=tokens, length=self._token_count(text, tokens))
+        if int(tokens[-1]) == 0:  # padding left at the end: nothing was cut
+            length = int(tokens.nonzero().max()) + 1
+        else:
+            length = self._full_context_length(text)
+        return PreparedText(tokens=tokens, length=length)
 
     def prepare_image(self, image: Image.Image) -> np.ndarray:
         """Resize and crop to the model's input: uint8 [H, W, 3], a quarter of float32's bytes."""
         return np.asarray(self.resize(image), dtype=np.uint8)
 
-    def _token_count(self, text: str, tokens: torch.Tensor) -> int:
+    def _full_context_length(self, text: str) -> int:
+        """Token count of a text that filled the context: tokenise again, uncut (rare, long texts only)."""
         encode = getattr(self.tokenizer, "encode", None)
         if encode is not None:
             return len(encode(text)) + 2  # start and end tokens
         # Tokenizers without `encode`: a sequence that fills the context was (probably) cut.
-        return self.context_length + 1 if int(tokens[-1]) != 0 else self.context_length
+        return self.context_length + 1
 
     # ---- core: one forward pass per call, on the model's device and precision ----
     def forward_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        graphs = self._text_graphs
+        if graphs is not None and tokens.shape[0] <= graphs.sizes[-1]:
+            return graphs(tokens)
+        return self._text_tower(tokens.to(self.device, non_blocking=True))
+
+    def _text_tower(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self._autocast():
-            return self.model.encode_text(tokens.to(self.device, non_blocking=True))
+            return self.model.encode_text(tokens)
+
+    def capture_text_graphs(self, max_batch: int) -> None:
+        """Capture CUDA graphs of the text tower for batches of 1..max_batch (GPU only; a no-op on CPU)."""
+        if self.device.type != "cuda":
+            return
+        from sidecar.text_graphs import TextGraphs, bucket_sizes
+
+        started = time.perf_counter()
+        try:
+            self._text_graphs = TextGraphs(self._text_tower, context_length=self.context_length,
+                                           device=self.device, sizes=bucket_sizes(max_batch))
+        except RuntimeError as exc:  # an op the graph cannot hold: serve eagerly, slower but correct
+            log.warning("CUDA graph capture of the text tower failed, running it eagerly: %s", exc)
+            return
+        log.info("captured text-tower CUDA graphs for batch sizes %s in %.1f s",
+                 self._text_graphs.sizes, time.perf_counter() - started)
 
     def forward_images(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Forward a uint8 batch [B, H, W, 3] from `prepare_image` (host) or device decoding."""
@@ -90,14 +119,26 @@ class Encoder:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision in ("fp16", "bf16"):
             dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-            return torch.autocast(device_type=self.device.type, dtype=dtype)
+            # No weight-cast cache: CUDA graph capture needs the casts inside the graph, and
+            # each weight is used once per forward anyway.
+            return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=False)
         return contextlib.nullcontext()
 
     # ---- post: normalise once, here, so every store can use inner product ----
     @staticmethod
     def postprocess(features: torch.Tensor) -> np.ndarray:
         features = torch.nn.functional.normalize(features.float(), dim=-1)
-        return features.detach().cpu().numpy().astype(np.float32, copy=False)
+        if features.device.type == "cuda":
+            # A plain .cpu() spin-waits for the GPU, burning a core per waiting thread — with
+            # several serving workers, the cores their request threads need. A blocking event
+            # sleeps until the copy lands instead.
+            host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+            host.copy_(features, non_blocking=True)
+            done = torch.cuda.Event(blocking=True)
+            done.record()
+            done.synchronize()
+            return host.numpy().copy()  # hand the pinned block back to torch's cache at once
+        return features.detach().cpu().numpy()
 
     # ---- whole pipeline, for callers that hold all inputs at once ----
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

@@ -31,6 +31,10 @@ class EncodingService:
     def __init__(self, encoder: Encoder, settings: Settings):
         self.encoder = encoder
         self.settings = settings
+        if settings.cuda_graphs:
+            encoder.capture_text_graphs(settings.max_batch)
+        if encoder.device.type == "cpu":
+            torch.set_num_threads(settings.serve_torch_threads)
         batching = dict(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size)
         self._texts = MicroBatcher(self._forward_texts, modality="text", **batching)
         self._images = MicroBatcher(self._forward_images, modality="image", **batching)

@@ -1,0 +1,65 @@
+"""Text tower alone, eager vs CUDA graphs, side by side in one run: ms per batch and texts/s.
+
+What the serving path's forward costs per batch size, without HTTP. On a GPU the graphed
+tower replays one captured graph per call; on CPU only the eager tower is measured.
+
+    .venv/bin/python bench/text_tower.py                              # tiny model
+    .venv/bin/python bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from sidecar.config import Settings
+from sidecar.encoder import load_encoder
+
+
+def ms_per_call(forward, tokens: torch.Tensor, *, seconds: float, cuda: bool) -> float:
+    """Mean wall time of forward + copy of the vectors to the host (what a request waits for)."""
+    for _ in range(3):
+        forward(tokens).cpu()
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        forward(tokens).cpu()  # .cpu() synchronises, so each call is timed whole
+        calls += 1
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / calls * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="open_clip model (default: the tiny model); random weights")
+    parser.add_argument("--sizes", default="1,8,64", help="batch sizes; those up to 64 are also graphed")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time spent per measurement")
+    args = parser.parse_args()
+
+    encoder = load_encoder(Settings.from_env(**({"model": args.model} if args.model else {})))
+    cuda = encoder.device.type == "cuda"
+    sizes = [int(s) for s in args.sizes.split(",")]
+    device = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    print(f"device: {device}; model {encoder.signature.describe()}, {encoder.precision}; "
+          f"{torch.get_num_threads()} torch threads")
+    batches = {n: torch.stack([encoder.prepare_text(f"a photo of item {i}, red sneakers").tokens for i in range(n)])
+               for n in sizes}
+    eager = {n: ms_per_call(encoder.forward_texts, batches[n], seconds=args.seconds, cuda=cuda) for n in sizes}
+    graphed: dict[int, float] = {}
+    if cuda:
+        encoder.capture_text_graphs(64)
+        graphed = {n: ms_per_call(encoder.forward_texts, batches[n], seconds=args.seconds, cuda=cuda)
+                   for n in sizes if n <= 64}
+    print(f"{'batch':>6} {'eager ms':>9} {'texts/s':>9} {'graph ms':>9} {'texts/s':>9} {'speed-up':>9}")
+    for n in sizes:
+        row = f"{n:>6} {eager[n]:>9.2f} {n / eager[n] * 1000:>9.0f}"
+        if n in graphed:
+            row += f" {graphed[n]:>9.2f} {n / graphed[n] * 1000:>9.0f} {eager[n] / graphed[n]:>8.1f}x"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
