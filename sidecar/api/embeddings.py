@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
+import numpy as np
 from flask import Blueprint, current_app, jsonify, request
 
 from sidecar.api.validation import choice, image_from_base64, json_body, optional
@@ -18,6 +20,7 @@ def create_embeddings():
     settings = state.settings
     body = json_body(request)
     modality = choice(body, "modality", choices=("text", "image"), default="text")
+    encoding_format = choice(body, "encoding_format", choices=("float", "base64"), default="float")
     items = _items(body, modality=modality, limit=settings.max_batch_items)
 
     texts = [(i, value) for i, (kind, value) in enumerate(items) if kind == "text"]
@@ -40,13 +43,22 @@ def create_embeddings():
     encoder = state.encoding.encoder
     return jsonify({
         "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
+        "data": [{"object": "embedding", "index": i, "embedding": _encode(v, encoding_format)}
+                 for i, v in enumerate(vectors)],
         "model": encoder.name,
         "weights": encoder.weights,
         "dimensions": encoder.dim,
         "truncated": truncated,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     })
+
+
+def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    """"float": a JSON list. "base64": little-endian float32 bytes, as OpenAI's API sends them —
+    a fraction of the size, and no per-number formatting on either side."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode("ascii")
+    return vector.tolist()
 
 
 def _items(body: dict, *, modality: str, limit: int) -> list[tuple[str, Any]]:

@@ -29,6 +29,17 @@ def test_text_embeddings_speak_the_openai_shape_and_are_normalised(client, encod
     assert body["usage"]["prompt_tokens"] > 0 and body["truncated"] == []
 
 
+def test_base64_encoding_format_carries_the_same_float32_vectors(client):
+    texts = {"input": ["red circle", "blue square"]}
+    floats = client.post("/v1/embeddings", json=texts).json["data"]
+    packed = client.post("/v1/embeddings", json={**texts, "encoding_format": "base64"}).json["data"]
+    for f, b in zip(floats, packed):
+        np.testing.assert_array_equal(np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4"),
+                                      np.asarray(f["embedding"], dtype=np.float32))
+    response = client.post("/v1/embeddings", json={**texts, "encoding_format": "binary"})
+    assert response.status_code == 400 and "encoding_format" in response.json["error"]["message"]
+
+
 def test_single_string_input_and_image_items(client, corpus):
     path = corpus.parent / manifest_rows(corpus)[0]["path"]
     response = client.post("/v1/embeddings", json={"input": [
