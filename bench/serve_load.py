@@ -1,21 +1,25 @@
 """Serving benchmark: gunicorn + the sidecar, driven over loopback at several concurrencies.
 
-Runs the same load against micro-batched serving and against max_batch=1 (unbatched) in one
-run and prints QPS, p50/p95/p99 and the batch-size histogram, and the batched/unbatched ratio.
-Every request is a cache miss (unique text), so the encoder does the work.
+Runs the same load against several server variants in one run — micro-batched, unbatched
+(max_batch=1) and, on a GPU, batched without CUDA graphs — and prints QPS, p50/p95/p99, the
+batch-size histogram and the ratios between variants. Every request is a cache miss (unique
+text), so the encoder does the work. The load comes from separate client processes speaking
+keep-alive HTTP/1.1 over raw sockets, so the load generator costs little CPU beside the server.
 
     .venv/bin/python bench/serve_load.py                       # tiny model, CPU
-    .venv/bin/python bench/serve_load.py --model ViT-B-32 --requests 4000 --concurrency 1,16,64
+    .venv/bin/python bench/serve_load.py --model ViT-B-32 --requests 4000 --concurrency 1,16,64 \
+        --workers 4 --client-processes 4 --variants batched,unbatched,no-graphs
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import re
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,27 +34,44 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
+# Server variants: SIDECAR_* settings each one runs with.
+VARIANTS = {
+    "batched": {"SIDECAR_MAX_BATCH": "64"},
+    "unbatched": {"SIDECAR_MAX_BATCH": "1"},
+    "no-graphs": {"SIDECAR_MAX_BATCH": "64", "SIDECAR_CUDA_GRAPHS": "false"},
+}
+RATIOS = [("batched", "unbatched"), ("batched", "no-graphs")]
 
 
-def start_server(port: int, *, max_batch: int, threads: int, model: str | None, store_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "SIDECAR_MAX_BATCH": str(max_batch), "SIDECAR_STORE_PATH": str(store_path),
-           "GUNICORN_LOGLEVEL": "warning"}
+def start_server(port: int, *, variant: dict[str, str], workers: int, threads: int, model: str | None,
+                 store_path: Path) -> subprocess.Popen:
+    env = {**os.environ, **variant, "SIDECAR_STORE_PATH": str(store_path), "GUNICORN_LOGLEVEL": "warning"}
     if model:
         env["SIDECAR_MODEL"] = model
     args = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "docker" / "gunicorn.conf.py"),
-            "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", str(threads),
+            "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads),
             "--access-logfile", "/dev/null", "sidecar.wsgi:app"]
     process = subprocess.Popen(args, env=env, cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return process
-        except OSError:
-            time.sleep(0.3)
+    ready: set[int] = set()
+    while time.monotonic() < deadline and process.poll() is None:
+        # A worker accepts connections once its model is loaded; poll on fresh connections until
+        # every worker has answered, so no level runs on fewer workers than asked for.
+        with ThreadPoolExecutor(4 * workers) as pool:
+            ready |= {pid for pid in pool.map(lambda _: _ready_pid(port), range(4 * workers)) if pid}
+        if len(ready) >= workers:
+            return process
+        time.sleep(0.3)
     stop_server(process)
-    raise RuntimeError("server did not become ready in 300 s")
+    raise RuntimeError(f"{len(ready)} of {workers} workers became ready in 300 s")
+
+
+def _ready_pid(port: int) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+            return json.loads(response.read())["pid"] if response.status == 200 else None
+    except OSError:
+        return None
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -58,8 +79,39 @@ def stop_server(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-def drive(port: int, *, concurrency: int, requests: int, seed: int) -> dict:
-    """Runs in this (client) process: `requests` POSTs over `concurrency` keep-alive connections."""
+class Connection:
+    """One keep-alive HTTP/1.1 connection over a raw socket: a request costs one send and a few
+    recv calls, far less client CPU than http.client, which matters on a two-core machine."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    def post(self, path: str, body: bytes) -> int:
+        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+        while len(self.buffer) < length:
+            self.buffer += self._recv()
+        self.buffer = self.buffer[length:]
+        return int(head[9:12])
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def drive(port: int, *, concurrency: int, requests: int, seed: int, encoding_format: str) -> dict:
+    """Runs in a client process: `requests` POSTs over `concurrency` keep-alive connections."""
     counter = iter(range(requests))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -67,21 +119,19 @@ def drive(port: int, *, concurrency: int, requests: int, seed: int) -> dict:
 
     def worker(worker_id: int) -> None:
         nonlocal errors
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection = Connection(port)
         while True:
             with lock:
                 i = next(counter, None)
             if i is None:
                 break
             text = f"{COLOURS[i % 8]} {SHAPES[(i // 8) % 5]} number {seed}-{worker_id}-{i}"
-            body = json.dumps({"input": [text]})
+            body = json.dumps({"input": [text], "encoding_format": encoding_format}).encode()
             started = time.perf_counter()
-            connection.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            response.read()
+            status = connection.post("/v1/embeddings", body)
             elapsed = time.perf_counter() - started
             with lock:
-                if response.status == 200:
+                if status == 200:
                     latencies.append(elapsed)
                 else:
                     errors += 1
@@ -90,11 +140,7 @@ def drive(port: int, *, concurrency: int, requests: int, seed: int) -> dict:
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
-    wall = time.perf_counter() - started
-    ms = np.asarray(latencies) * 1000
-    return {"concurrency": concurrency, "requests": requests, "errors": errors, "qps": len(latencies) / wall,
-            "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
-            "p99": float(np.percentile(ms, 99))}
+    return {"started": started, "wall": time.perf_counter() - started, "errors": errors, "latencies": latencies}
 
 
 def batch_histogram(port: int) -> dict[str, float]:
@@ -109,49 +155,103 @@ def batch_histogram(port: int) -> dict[str, float]:
     return histogram
 
 
-def run_client(port: int, concurrency: int, requests: int, seed: int) -> dict:
-    """The load comes from a separate process, so client threads don't share the server's GIL."""
-    out = subprocess.run([sys.executable, __file__, "--client", str(port), str(concurrency), str(requests),
-                          str(seed)], capture_output=True, text=True, check=True, timeout=900)
-    return json.loads(out.stdout)
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (the gunicorn master and its workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def run_load(port: int, concurrency: int, requests: int, seed: int, processes: int, *, server_pid: int,
+             encoding_format: str) -> dict:
+    """Split the connections over client processes (separate GILs) and merge their latencies."""
+    processes = max(1, min(processes, concurrency))
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    server_cpu = cpu_seconds(server_pid)
+    client_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children = [subprocess.Popen([sys.executable, __file__, "--client", str(port), str(share),
+                                  str(requests * share // concurrency), str(seed * 1000 + i), encoding_format],
+                                 stdout=subprocess.PIPE, text=True)
+                for i, share in enumerate(shares)]
+    parts = [json.loads(child.communicate(timeout=900)[0]) for child in children]
+    if any(child.returncode for child in children):
+        raise RuntimeError("a load-generator process failed")
+    server_cpu = cpu_seconds(server_pid) - server_cpu
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = after.ru_utime + after.ru_stime - client_cpu.ru_utime - client_cpu.ru_stime
+    wall = max(p["started"] + p["wall"] for p in parts) - min(p["started"] for p in parts)
+    ms = np.asarray([x for p in parts for x in p["latencies"]]) * 1000
+    return {"concurrency": concurrency, "requests": len(ms), "errors": sum(p["errors"] for p in parts),
+            "qps": len(ms) / wall, "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
+            "p99": float(np.percentile(ms, 99)), "server_cpu_ms": server_cpu / len(ms) * 1000,
+            "client_cpu_ms": client_cpu / len(ms) * 1000}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="SIDECAR_MODEL for the server (default: tiny-clip)")
     parser.add_argument("--concurrency", default="1,16,64")
-    parser.add_argument("--requests", type=int, default=1500, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=1500,
+                        help="requests per concurrency level (concurrency 1: at most 200)")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes (one model each)")
     parser.add_argument("--threads", type=int, default=64, help="gunicorn threads per worker")
+    parser.add_argument("--client-processes", type=int, default=1, help="load-generator processes")
+    parser.add_argument("--variants", default="batched,unbatched", help=f"from {', '.join(VARIANTS)}")
+    parser.add_argument("--encoding-format", default="base64", choices=("base64", "float"),
+                        help="response vectors as OpenAI's clients ask for them (base64) or JSON floats")
     parser.add_argument("--port", type=int, default=8731)
-    parser.add_argument("--client", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        port, concurrency, requests, seed = map(int, args.client)
-        print(json.dumps(drive(port, concurrency=concurrency, requests=requests, seed=seed)))
+        port, concurrency, requests, seed = map(int, args.client[:4])
+        print(json.dumps(drive(port, concurrency=concurrency, requests=requests, seed=seed,
+                               encoding_format=args.client[4])))
         return
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    run_id = time.time_ns() % 10**9  # texts never seen before: no cache hit, in memory or on disk
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    print(f"model {args.model or 'tiny-clip'}; gunicorn {args.workers} worker(s) x {args.threads} threads; "
+          f"{args.client_processes} client process(es); {os.cpu_count()} CPUs; encoding_format {args.encoding_format}")
+    # Texts never seen before, by any variant or earlier run: no cache hit, in memory or on disk.
+    run_id = time.time_ns() % 10**6 * 100
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as store_dir:
-        for label, max_batch in (("batched", 64), ("unbatched", 1)):
-            server = start_server(args.port, max_batch=max_batch, threads=args.threads, model=args.model,
-                                  store_path=Path(store_dir))
+        for v, label in enumerate(variants):
+            seed = run_id + 10 * v
+            server = start_server(args.port, variant=VARIANTS[label], workers=args.workers, threads=args.threads,
+                                  model=args.model, store_path=Path(store_dir))
             try:
-                run_client(args.port, 4, 100, seed=run_id - 1)  # warm-up
-                results[label] = [run_client(args.port, c, min(args.requests, 50 * c if c == 1 else args.requests),
-                                             seed=run_id + i) for i, c in enumerate(levels)]
-                print(f"\n{label} (max_batch={max_batch}); batch sizes seen: {batch_histogram(args.port)}")
+                load = dict(server_pid=server.pid, encoding_format=args.encoding_format)
+                run_load(args.port, 4 * args.workers, 200 * args.workers, seed, args.client_processes, **load)  # warm-up
+                results[label] = [run_load(args.port, c, min(args.requests, 200) if c == 1 else args.requests,
+                                           seed + 1 + i, args.client_processes, **load) for i, c in enumerate(levels)]
+                print(f"\n{label} ({VARIANTS[label]}); batch sizes seen (one worker's): {batch_histogram(args.port)}")
             finally:
                 stop_server(server)
-            print(f"{'conc':>5} {'reqs':>6} {'err':>4} {'QPS':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+            print(f"{'conc':>5} {'reqs':>6} {'err':>4} {'QPS':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+                  f"{'server CPU ms/req':>18} {'client CPU ms/req':>18}")
             for r in results[label]:
                 print(f"{r['concurrency']:>5} {r['requests']:>6} {r['errors']:>4} {r['qps']:>8.1f} {r['p50']:>8.2f} "
-                      f"{r['p95']:>8.2f} {r['p99']:>8.2f}")
-    print("\nbatched / unbatched:")
-    for b, u in zip(results["batched"], results["unbatched"]):
-        print(f"  concurrency {b['concurrency']:>3}: QPS x{b['qps'] / u['qps']:.2f}, "
-              f"p50 {b['p50']:.2f} vs {u['p50']:.2f} ms ({b['p50'] - u['p50']:+.2f} ms)")
+                      f"{r['p95']:>8.2f} {r['p99']:>8.2f} {r['server_cpu_ms']:>18.2f} {r['client_cpu_ms']:>18.2f}")
+    for a, b in RATIOS:
+        if a in results and b in results:
+            print(f"\n{a} / {b}:")
+            for x, y in zip(results[a], results[b]):
+                print(f"  concurrency {x['concurrency']:>3}: QPS x{x['qps'] / y['qps']:.2f}, "
+                      f"p50 {x['p50']:.2f} vs {y['p50']:.2f} ms ({x['p50'] - y['p50']:+.2f} ms)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 
 from flask import Blueprint, Response, current_app, jsonify
@@ -25,7 +26,8 @@ def readyz():
         return jsonify({"status": "not_ready", "reason": f"store {state.store.name} unavailable: {exc}"}), 503
     return jsonify({"status": "ready", "model": encoder.name, "weights": encoder.weights, "dim": encoder.dim,
                     "device": str(encoder.device), "precision": encoder.precision,
-                    "store": state.store.name, "documents": documents})
+                    "store": state.store.name, "documents": documents,
+                    "pid": os.getpid()})  # which gunicorn worker answered
 
 
 @bp.get("/openapi.yaml")
