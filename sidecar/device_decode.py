@@ -52,7 +52,18 @@ def decode_resize(datas: list[bytes], spec: ResizeSpec, *, device: torch.device)
         images = _decode_jpeg(encoded, device)
     except RuntimeError:
         images = [_decode_one(data, device) for data in encoded]  # find the broken file(s)
-    return [None if image is None else _resize_crop(image, spec) for image in images]
+    out: list[torch.Tensor | None] = [None] * len(images)
+    # Same-sized images (common: one camera, one export size) resize as one batch: a handful
+    # of kernel launches per size instead of per image.
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        if image is not None:
+            by_size.setdefault(tuple(image.shape), []).append(i)
+    for indices in by_size.values():
+        resized = _resize_crop(torch.stack([images[i] for i in indices]), spec)
+        for i, pixels in zip(indices, resized):
+            out[i] = pixels
+    return out
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
@@ -70,7 +81,8 @@ def _decode_jpeg(data: torch.Tensor | list[torch.Tensor], device: torch.device):
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
 
 
-def _resize_crop(image: torch.Tensor, spec: ResizeSpec) -> torch.Tensor:
-    resized = F.resize(image.float(), [spec.size], interpolation=spec.interpolation, antialias=True)
+def _resize_crop(images: torch.Tensor, spec: ResizeSpec) -> torch.Tensor:
+    """[N, 3, H, W] uint8 → [N, crop, crop, 3] uint8."""
+    resized = F.resize(images.float(), [spec.size], interpolation=spec.interpolation, antialias=True)
     cropped = F.center_crop(resized, [spec.crop, spec.crop])
-    return cropped.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+    return cropped.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

@@ -6,13 +6,15 @@ in a complete shard, embeds new or changed files, and records ids that disappear
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -39,6 +41,9 @@ class EmbedSummary:
     deleted: int
     shards_written: int
     seconds: float
+    # Where the main thread's time went: scan (list + hash), decode_wait (waiting on decode
+    # workers), device_decode, forward (model + copy back), write_wait (waiting on the writer).
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
@@ -48,6 +53,9 @@ class EmbedSummary:
         return (f"{self.total} items: {self.embedded} embedded, {self.unchanged} unchanged, {self.failed} failed "
                 f"(see errors.jsonl), {self.deleted} deleted since last run; {self.shards_written} new shards; "
                 f"{self.images_per_s:.1f} images/s")
+
+    def describe_stages(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stages.items())
 
 
 DECODE_MODES = ("auto", "cpu", "device")
@@ -64,12 +72,14 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     on_device = decode == "device" or (decode == "auto" and encoder.device.type == "cuda")
     spec = ResizeSpec.from_transform(encoder.resize) if on_device else None
     started = time.perf_counter()
+    stages: defaultdict[str, float] = defaultdict(float)
     shards = ShardSet(out)
     shards.start(encoder.signature, preprocessing={"resize": repr(encoder.resize), "context_length":
                                                    encoder.context_length,
                                                    "decode": "device" if on_device else "cpu"})
     known = {doc_id: row.content_hash for doc_id, (_, row, _) in shards.latest().items()}
-    items, hashes = _scan(source, progress=progress)
+    with _timed(stages, "scan"):
+        items, hashes = _scan(source, progress=progress)
     todo = [(item, hashes[item.id]) for item in items if known.get(item.id) != hashes[item.id]]
     deleted = sorted(set(known) - set(hashes))
     shards.set_deleted(deleted)
@@ -84,10 +94,17 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
         pending: Future | None = None
         buffer_vectors: list[np.ndarray] = []
         buffer_rows: list[ShardRow] = []
-        for batch in _decoded_batches(todo, encoder, batch_size=batch_size, workers=workers,
-                                      max_pixels=max_pixels, on_device=on_device):
+        batches = _decoded_batches(todo, encoder, batch_size=batch_size, workers=workers,
+                                   max_pixels=max_pixels, on_device=on_device)
+        while True:
+            with _timed(stages, "decode_wait"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            with _timed(stages, "device_decode"):
+                decoded = _to_pixels(batch, encoder, spec)
             good = []
-            for (item, digest, _, reason), pixels in zip(batch, _to_pixels(batch, encoder, spec)):
+            for (item, digest, _, reason), pixels in zip(batch, decoded):
                 if reason is None and pixels is None:
                     reason = "corrupt JPEG (device decoder)"
                 if reason is not None:
@@ -96,24 +113,37 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                 else:
                     good.append((item, digest, pixels))
             if good:
-                pixels = _stack([g[2] for g in good], encoder.device)
-                buffer_vectors.append(encoder.postprocess(encoder.forward_images(pixels)))
+                with _timed(stages, "forward"):
+                    pixels = _stack([g[2] for g in good], encoder.device)
+                    buffer_vectors.append(encoder.postprocess(encoder.forward_images(pixels)))
                 buffer_rows.extend(ShardRow(id=item.id, path=str(item.path), text=item.text,
                                             metadata=item.metadata, content_hash=digest) for item, digest, _ in good)
             bar.update(len(batch))
             if len(buffer_rows) >= shard_size:
-                pending = _write(writer, pending, shards, buffer_vectors, buffer_rows)
+                with _timed(stages, "write_wait"):
+                    pending = _write(writer, pending, shards, buffer_vectors, buffer_rows)
                 buffer_vectors, buffer_rows = [], []
-        if buffer_rows:
-            pending = _write(writer, pending, shards, buffer_vectors, buffer_rows)
-        if pending is not None:
-            pending.result()
+        with _timed(stages, "write_wait"):
+            if buffer_rows:
+                pending = _write(writer, pending, shards, buffer_vectors, buffer_rows)
+            if pending is not None:
+                pending.result()
     embedded = len(todo) - failed
     summary = EmbedSummary(total=len(items), embedded=embedded, unchanged=len(items) - len(todo), failed=failed,
                            deleted=len(deleted), shards_written=len(shards.shard_names()) - shards_before,
-                           seconds=time.perf_counter() - started)
+                           seconds=time.perf_counter() - started, stages=dict(stages))
     log.info("embed finished: %s", summary.describe())
+    log.info("embed time by stage: %s", summary.describe_stages())
     return summary
+
+
+@contextlib.contextmanager
+def _timed(stages: defaultdict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] += time.perf_counter() - started
 
 
 def _write(writer: ThreadPoolExecutor, pending: Future | None, shards: ShardSet,

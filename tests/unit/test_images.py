@@ -101,3 +101,20 @@ def test_device_decoding_matches_the_cpu_path_closely():
     on_cpu = np.asarray(transform(decode_image(data, max_pixels=LIMIT)), dtype=np.float32)
     assert on_device.shape == (32, 32, 3) and on_device.dtype == torch.uint8
     assert np.abs(on_device.numpy().astype(np.float32) - on_cpu).mean() < 4.0
+
+
+def test_device_decoding_batches_same_sized_images_and_keeps_the_order():
+    import torch
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
+
+    from sidecar.device_decode import ResizeSpec, decode_resize
+
+    spec = ResizeSpec.from_transform(Compose([Resize(24, interpolation=InterpolationMode.BICUBIC), CenterCrop(24)]))
+    rng = np.random.default_rng(1)
+    jpegs = [_encode(Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)), "JPEG", quality=95)
+             for shape in [(40, 48, 3), (64, 64, 3), (40, 48, 3), (30, 90, 3)]]
+    together = decode_resize(jpegs, spec, device=torch.device("cpu"))
+    alone = [decode_resize([data], spec, device=torch.device("cpu"))[0] for data in jpegs]
+    for got, want in zip(together, alone):
+        assert got.shape == (24, 24, 3)
+        assert torch.equal(got, want)
