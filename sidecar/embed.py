@@ -42,7 +42,8 @@ class EmbedSummary:
     shards_written: int
     seconds: float
     # Where the main thread's time went: scan (list + hash), decode_wait (waiting on decode
-    # workers), device_decode, forward (model + copy back), write_wait (waiting on the writer).
+    # workers), device_decode, forward (on a GPU: queueing it), copy_back (on a GPU: waiting
+    # for the model and the copy), write_wait (waiting on the shard writer).
     stages: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -94,6 +95,13 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
         pending: Future | None = None
         buffer_vectors: list[np.ndarray] = []
         buffer_rows: list[ShardRow] = []
+        in_flight: tuple[torch.Tensor, list[ShardRow]] | None = None  # launched, not yet copied back
+
+        def collect(features: torch.Tensor, rows: list[ShardRow]) -> None:
+            with _timed(stages, "copy_back"):
+                buffer_vectors.append(encoder.postprocess(features))
+            buffer_rows.extend(rows)
+
         batches = _decoded_batches(todo, encoder, batch_size=batch_size, workers=workers,
                                    max_pixels=max_pixels, on_device=on_device)
         while True:
@@ -114,15 +122,21 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                     good.append((item, digest, pixels))
             if good:
                 with _timed(stages, "forward"):
-                    pixels = _stack([g[2] for g in good], encoder.device)
-                    buffer_vectors.append(encoder.postprocess(encoder.forward_images(pixels)))
-                buffer_rows.extend(ShardRow(id=item.id, path=str(item.path), text=item.text,
-                                            metadata=item.metadata, content_hash=digest) for item, digest, _ in good)
+                    features = encoder.forward_images(_stack([g[2] for g in good], encoder.device))
+                rows = [ShardRow(id=item.id, path=str(item.path), text=item.text, metadata=item.metadata,
+                                 content_hash=digest) for item, digest, _ in good]
+                # On a GPU the forward is only queued: it runs while this loop fetches and stages
+                # the next batch. The previous batch, queued ahead of it, is copied back now.
+                if in_flight is not None:
+                    collect(*in_flight)
+                in_flight = (features, rows)
             bar.update(len(batch))
             if len(buffer_rows) >= shard_size:
                 with _timed(stages, "write_wait"):
                     pending = _write(writer, pending, shards, buffer_vectors, buffer_rows)
                 buffer_vectors, buffer_rows = [], []
+        if in_flight is not None:
+            collect(*in_flight)
         with _timed(stages, "write_wait"):
             if buffer_rows:
                 pending = _write(writer, pending, shards, buffer_vectors, buffer_rows)
