@@ -5,7 +5,7 @@
 # own time limit, so one failure still leaves the others' figures. Logs go to OUT.
 #
 #   bench/gpu_run.sh [OUT]                      # from the repository root, torch + CUDA installed
-#   STEPS="tests serve" bench/gpu_run.sh OUT    # only some steps
+#   STEPS="tests serve" SERVE_VARIANTS=batched,unbatched bench/gpu_run.sh OUT   # a subset
 set -uo pipefail
 out=${1:-/tmp/gpu-figures}
 mkdir -p "$out"
@@ -13,6 +13,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CLIP_SIDE
 export TQDM_MININTERVAL=5  # progress bars: a line every 5 s, not a screenful per second
 py=${PYTHON:-python3}
 steps=${STEPS:-tests text_tower serve serve12 embed_b32 embed_l14}
+variants=${SERVE_VARIANTS:-batched,unbatched,no-graphs}
 decoders=$(( $(nproc) - 2 ))
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.txt
@@ -26,15 +27,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 $py -c "import torch, open_clip, platform; print('torch', torch.__version__, 'open_clip', open_clip.__version__,
   'python', platform.python_version())" | tee -a "$out/device.txt"
-step tests 75 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
+step tests 60 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
 step text_tower 50 $py bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,256,1024
 step serve 150 $py bench/serve_load.py --model ViT-B-32 --requests 4000 --concurrency 1,16,64 \
-  --workers 8 --client-processes 6 --threads 32 --variants batched,unbatched,no-graphs
+  --workers 8 --client-processes 6 --threads 32 --variants "$variants"
 step serve12 60 $py bench/serve_load.py --model ViT-B-32 --requests 4000 --concurrency 64 \
   --workers 12 --client-processes 4 --threads 16 --variants batched
-step embed_b32 90 $py bench/embed_throughput.py --model ViT-B-32 --images 40000 --image-side 320 \
+step embed_b32 80 $py bench/embed_throughput.py --model ViT-B-32 --images 40000 --image-side 320 \
   --batch-size 1024 --workers "$decoders" --decode cpu,device
-step embed_l14 90 $py bench/embed_throughput.py --model ViT-L-14 --images 12000 --image-side 320 \
+step embed_l14 80 $py bench/embed_throughput.py --model ViT-L-14 --images 12000 --image-side 320 \
   --batch-size 256 --workers "$decoders" --decode cpu,device
 
 echo; echo "##### summary"
@@ -44,6 +45,6 @@ for name in $steps; do
     tests) tail -n 2 "$out/tests.txt" ;;
     text_tower) tail -n 7 "$out/text_tower.txt" ;;
     serve*) grep -E "^(model|batched|unbatched|no-graphs| +[0-9]+ +[0-9]+ | +concurrency)" "$out/$name.txt" ;;
-    embed*) grep -E "^(device|decode only|model only|end to end)" "$out/$name.txt" ;;
+    embed*) grep -E "^(device|decode only|model only|end to end|  main thread)" "$out/$name.txt" ;;
   esac
 done
