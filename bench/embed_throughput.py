@@ -100,7 +100,7 @@ def main() -> None:
         print(f"end to end, decode {mode + ':':7s}{summary.images_per_s:10.0f} images/s  "
               f"({summary.embedded} images, {summary.seconds:.1f} s, scan and shard writes included; "
               f"{summary.images_per_s / model_rate:.2f} of model)")
-        print(f"  main thread, decode {mode}: {summary.describe_stages()}")
+        print(f"  seconds by stage, decode {mode}: {summary.describe_stages()}")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ import contextlib
 import json
 import logging
 import multiprocessing
+import queue
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from sidecar.images import ImageDecodeError, decode_image
 from sidecar.shards import ShardRow, ShardSet
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +43,10 @@ class EmbedSummary:
     deleted: int
     shards_written: int
     seconds: float
-    # Where the main thread's time went: scan (list + hash), decode_wait (waiting on decode
-    # workers), device_decode, forward (on a GPU: queueing it), copy_back (on a GPU: waiting
-    # for the model and the copy), write_wait (waiting on the shard writer).
+    # Seconds per stage. Main thread: scan (list + hash), stage_wait (waiting for the stager),
+    # forward (on a GPU: queueing it), copy_back (on a GPU: waiting for the model), write_wait
+    # (waiting for the shard writer). Stager thread, concurrently: decode_wait (waiting for
+    # decode workers), device_decode.
     stages: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -60,6 +63,7 @@ class EmbedSummary:
 
 
 DECODE_MODES = ("auto", "cpu", "device")
+PARALLEL_SCAN_MIN = 2000  # files
 
 
 def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int = 256, shard_size: int = 4096,
@@ -80,7 +84,7 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                                                    "decode": "device" if on_device else "cpu"})
     known = {doc_id: row.content_hash for doc_id, (_, row, _) in shards.latest().items()}
     with _timed(stages, "scan"):
-        items, hashes = _scan(source, progress=progress)
+        items, hashes = _scan(source, workers=workers, progress=progress)
     todo = [(item, hashes[item.id]) for item in items if known.get(item.id) != hashes[item.id]]
     deleted = sorted(set(known) - set(hashes))
     shards.set_deleted(deleted)
@@ -102,15 +106,15 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                 buffer_vectors.append(encoder.postprocess(features))
             buffer_rows.extend(rows)
 
-        batches = _decoded_batches(todo, encoder, batch_size=batch_size, workers=workers,
-                                   max_pixels=max_pixels, on_device=on_device)
+        # A stager thread collects decoded batches (and runs the device decoder) one batch ahead,
+        # so decoding overlaps the model instead of taking turns with it.
+        staged = _in_background(_staged_batches(todo, encoder, spec, batch_size=batch_size, workers=workers,
+                                                max_pixels=max_pixels, on_device=on_device, stages=stages))
         while True:
-            with _timed(stages, "decode_wait"):
-                batch = next(batches, None)
+            with _timed(stages, "stage_wait"):
+                batch, decoded = next(staged, (None, None))
             if batch is None:
                 break
-            with _timed(stages, "device_decode"):
-                decoded = _to_pixels(batch, encoder, spec)
             good = []
             for (item, digest, _, reason), pixels in zip(batch, decoded):
                 if reason is None and pixels is None:
@@ -168,18 +172,85 @@ def _write(writer: ThreadPoolExecutor, pending: Future | None, shards: ShardSet,
     return writer.submit(shards.write_shard, np.concatenate(vectors), rows)
 
 
-def _scan(source: Path, *, progress: bool) -> tuple[list[CorpusItem], dict[str, str]]:
-    items: list[CorpusItem] = []
+def _scan(source: Path, *, workers: int, progress: bool) -> tuple[list[CorpusItem], dict[str, str]]:
+    items = list(read_corpus(source))
     hashes: dict[str, str] = {}
-    for item in tqdm(read_corpus(source), unit="file", desc="scan", disable=not progress):
-        if item.id in hashes:
-            raise CorpusError(f"duplicate id {item.id!r} in {source}: ids must be unique")
-        try:
-            hashes[item.id] = content_hash(item.path)
-        except OSError as exc:
-            raise CorpusError(f"item {item.id!r}: cannot read {item.path}: {exc.strerror}") from exc
-        items.append(item)
+    # Hashing reads every file: on a large corpus that is seconds of one core, so the decode
+    # worker count hashes in parallel too (small corpora are not worth the processes).
+    parallel = workers > 1 and len(items) >= PARALLEL_SCAN_MIN
+    with multiprocessing.get_context("fork").Pool(workers) if parallel else contextlib.nullcontext() as pool:
+        paths = [item.path for item in items]
+        digests = pool.imap(_hash_file, paths, chunksize=256) if pool else map(_hash_file, paths)
+        for item, (digest, error) in tqdm(zip(items, digests), total=len(items), unit="file", desc="scan",
+                                          disable=not progress):
+            if item.id in hashes:
+                raise CorpusError(f"duplicate id {item.id!r} in {source}: ids must be unique")
+            if error is not None:
+                raise CorpusError(f"item {item.id!r}: cannot read {item.path}: {error}")
+            hashes[item.id] = digest
     return items, hashes
+
+
+def _hash_file(path: Path) -> tuple[str | None, str | None]:
+    try:
+        return content_hash(path), None
+    except OSError as exc:
+        return None, exc.strerror
+
+
+def _staged_batches(todo: list[tuple[CorpusItem, str]], encoder: Encoder, spec: ResizeSpec | None, *,
+                    stages: defaultdict[str, float], **decode_options) -> Iterator[tuple[list[tuple], list]]:
+    """(batch, pixels per item) pairs: the decode workers' batches, JPEGs decoded on the device where asked."""
+    batches = _decoded_batches(todo, encoder, **decode_options)
+    while True:
+        with _timed(stages, "decode_wait"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        with _timed(stages, "device_decode"):
+            pixels = _to_pixels(batch, encoder, spec)
+        yield batch, pixels
+
+
+def _in_background(items: Iterator[T], *, depth: int = 1) -> Iterator[T]:
+    """Iterate `items` on a thread, at most `depth` items ahead; its exceptions surface here."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    break
+            else:
+                put(end)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # a generator's cleanup (the decode pool) runs on the thread that ran it
+
+    thread = threading.Thread(target=run, name="embed-stager", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _to_pixels(batch: list[tuple], encoder: Encoder, spec: ResizeSpec | None) -> list:
