@@ -34,6 +34,8 @@ class EncodingService:
         if settings.cuda_graphs:
             encoder.capture_text_graphs(settings.max_batch)
         if encoder.device.type == "cpu":
+            # Process-wide (torch has no per-thread setting): a process that builds this service
+            # is a serving process, and its forwards run on the batcher threads.
             torch.set_num_threads(settings.serve_torch_threads)
         batching = dict(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size)
         self._texts = MicroBatcher(self._forward_texts, modality="text", **batching)
