@@ -1,0 +1,56 @@
+"""How many decoded images per second the embed job's decode pool can hand to the model.
+
+The decoder itself is stubbed (each worker produces a fresh 224 x 224 x 3 uint8 array at once),
+so what is measured is only the transport from worker processes to the parent and the
+parent's CPU per image — the ceiling for CPU decoding on a machine with many cores.
+
+    .venv/bin/python bench/decode_transport.py --images 20000 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sidecar import embed
+from sidecar.corpus import CorpusItem
+
+
+class StubEncoder:
+    """What `_decoded_batches` needs from an encoder: the input side and the resize step."""
+
+    def __init__(self, side: int):
+        self.image_size = side
+        self._pixels = np.zeros((side, side, 3), dtype=np.uint8)
+
+    def prepare_image(self, image) -> np.ndarray:
+        return self._pixels.copy()  # a fresh array per image, as a real resize returns
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--side", type=int, default=224, help="model input side (ViT-B-32, ViT-L-14: 224)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+
+    embed.decode_image = lambda data, **_: None  # stub: no decoding, only the transport
+    with tempfile.NamedTemporaryFile() as file:
+        todo = [(CorpusItem(id=str(i), path=Path(file.name), text=""), "") for i in range(args.images)]
+        started, cpu, received = time.perf_counter(), time.process_time(), 0
+        for batch in embed._decoded_batches(todo, StubEncoder(args.side), batch_size=args.batch_size,
+                                            workers=args.workers, max_pixels=1, on_device=False):
+            received += len(batch)
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    print(f"{args.workers} workers, {args.side}-px images: {received / wall:,.0f} images/s through the pool; "
+          f"parent CPU {cpu / received * 1e6:.0f} us per image")
+
+
+if __name__ == "__main__":
+    main()
