@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sidecar import embed
+from sidecar import decode_pool
 from sidecar.corpus import CorpusItem
 
 
 class StubEncoder:
-    """What `_decoded_batches` needs from an encoder: the input side and the resize step."""
+    """What `decoded_batches` needs from an encoder: the input side and the resize step."""
 
     def __init__(self, side: int):
         self.image_size = side
@@ -40,11 +40,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
 
-    embed.decode_image = lambda data, **_: None  # stub: no decoding, only the transport
+    decode_pool.decode_image = lambda data, **_: None  # stub: no decoding, only the transport
     with tempfile.NamedTemporaryFile() as file:
         todo = [(CorpusItem(id=str(i), path=Path(file.name), text=""), "") for i in range(args.images)]
         started, cpu, received = time.perf_counter(), time.process_time(), 0
-        for batch in embed._decoded_batches(todo, StubEncoder(args.side), batch_size=args.batch_size,
+        for batch in decode_pool.decoded_batches(todo, StubEncoder(args.side), batch_size=args.batch_size,
                                             workers=args.workers, max_pixels=1, on_device=False):
             received += len(batch)
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu

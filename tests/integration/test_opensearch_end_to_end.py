@@ -4,7 +4,6 @@ rerun, rebuild, incremental embed + index, every search mode (native and Python 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import uuid
 from pathlib import Path
