@@ -235,7 +235,8 @@ def _fmt(value: float | None) -> str:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Gunicorn worker processes; each loads the model once, after the fork.")
+              help="Gunicorn worker processes; each loads the model once, after the fork. With a GPU the "
+                   "request path's CPU sets the ceiling: about one worker per two cores (8 on 16 vCPUs).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Request threads per worker; they share that worker's micro-batcher.")
 @click.option("--dev", is_flag=True, help="Flask's development server instead of gunicorn (development only).")
