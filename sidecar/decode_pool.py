@@ -9,6 +9,7 @@ from __future__ import annotations
 import mmap
 import multiprocessing
 import queue
+import signal
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,6 +34,10 @@ def _init_worker(prepare: Callable[[Image.Image], np.ndarray], max_pixels: int, 
                  on_device: bool, slots: np.ndarray) -> None:
     global _prepare, _max_pixels, _min_side, _on_device, _slots
     _prepare, _max_pixels, _min_side, _on_device, _slots = prepare, max_pixels, min_side, on_device, slots
+    if multiprocessing.parent_process() is not None:
+        # Ctrl-C reaches the whole process group: the parent stops the job and terminates the
+        # pool. A worker dying of it instead would lose its task and leave the parent waiting.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _load(job: tuple[Path, int]) -> tuple[bytes | None, str | None, int]:

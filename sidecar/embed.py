@@ -94,7 +94,9 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     shards_before = len(shards.shard_names())
     with (out / "errors.jsonl").open("w", encoding="utf-8") as errors, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer, \
-            tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar:
+            tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar, \
+            _in_background(_staged_batches(todo, encoder, spec, batch_size=batch_size, workers=workers,
+                                           max_pixels=max_pixels, on_device=on_device, stages=stages)) as staged:
         pending: Future | None = None
         buffer_vectors: list[np.ndarray] = []
         buffer_rows: list[ShardRow] = []
@@ -105,10 +107,8 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                 buffer_vectors.append(encoder.postprocess(features))
             buffer_rows.extend(rows)
 
-        # A stager thread collects decoded batches (and runs the device decoder) one batch ahead,
-        # so decoding overlaps the model instead of taking turns with it.
-        staged = _in_background(_staged_batches(todo, encoder, spec, batch_size=batch_size, workers=workers,
-                                                max_pixels=max_pixels, on_device=on_device, stages=stages))
+        # `staged`: a stager thread collects decoded batches (and runs the device decoder) one
+        # batch ahead, so decoding overlaps the model instead of taking turns with it.
         while True:
             with _timed(stages, "stage_wait"):
                 batch, decoded = next(staged, (None, None))
@@ -211,8 +211,10 @@ def _staged_batches(todo: list[tuple[CorpusItem, str]], encoder: Encoder, spec: 
         yield batch, pixels
 
 
-def _in_background(items: Iterator[T], *, depth: int = 1) -> Iterator[T]:
-    """Iterate `items` on a thread, at most `depth` items ahead; its exceptions surface here."""
+@contextlib.contextmanager
+def _in_background(items: Iterator[T], *, depth: int = 1) -> Iterator[Iterator[T]]:
+    """Iterate `items` on a thread, at most `depth` items ahead; its exceptions surface in the
+    consumer. Leaving the block, normally or by an error, stops the thread and closes `items`."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     end = object()
@@ -240,13 +242,16 @@ def _in_background(items: Iterator[T], *, depth: int = 1) -> Iterator[T]:
             if close is not None:
                 close()  # a generator's cleanup (the decode pool) runs on the thread that ran it
 
-    thread = threading.Thread(target=run, name="embed-stager", daemon=True)
-    thread.start()
-    try:
+    def consume() -> Iterator[T]:
         while (item := ready.get()) is not end:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+    thread = threading.Thread(target=run, name="embed-stager", daemon=True)
+    thread.start()
+    try:
+        yield consume()
     finally:
         stop.set()
         thread.join()

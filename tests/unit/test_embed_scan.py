@@ -48,14 +48,15 @@ def test_scan_refuses_duplicate_ids(tmp_path, workers):
 
 
 def test_background_stager_keeps_order_raises_its_errors_and_cleans_up():
-    assert list(embed._in_background(iter(range(50)), depth=2)) == list(range(50))
+    with embed._in_background(iter(range(50)), depth=2) as staged:
+        assert list(staged) == list(range(50))
 
     def failing():
         yield 1
         raise CorpusError("bad manifest line 2")
 
-    with pytest.raises(CorpusError, match="line 2"):
-        list(embed._in_background(failing()))
+    with pytest.raises(CorpusError, match="line 2"), embed._in_background(failing()) as staged:
+        list(staged)
 
     cleaned = []
 
@@ -68,7 +69,7 @@ def test_background_stager_keeps_order_raises_its_errors_and_cleans_up():
         finally:
             cleaned.append(True)  # where the decode pool is terminated
 
-    staged = embed._in_background(endless())
-    assert next(staged) == 0
-    staged.close()  # the consumer stops early (an error in the model loop, Ctrl-C)
+    with pytest.raises(RuntimeError, match="model failed"), embed._in_background(endless()) as staged:
+        assert next(staged) == 0
+        raise RuntimeError("model failed")  # the consumer stops early: an error, Ctrl-C
     assert cleaned == [True]
