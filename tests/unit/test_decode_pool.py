@@ -34,9 +34,11 @@ def test_every_item_gets_its_own_pixels_even_when_slots_are_reused(tmp_path, wor
             Image.new("RGB", (24, 24), colour(i)).save(path, quality=95)
         todo.append((CorpusItem(id=str(i), path=path, text=""), f"hash-{i}"))
 
+    # Keep every batch until the end: pixels must stay an item's own after its slot is reused.
+    batches = list(decoded_batches(todo, SmallEncoder(), batch_size=8, workers=workers, max_pixels=10_000,
+                                   on_device=False))
     seen = []
-    for batch in decoded_batches(todo, SmallEncoder(), batch_size=8, workers=workers, max_pixels=10_000,
-                                 on_device=False):
+    for batch in batches:
         for item, digest, pixels, reason in batch:
             i = int(item.id)
             assert digest == f"hash-{i}"
