@@ -14,22 +14,26 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
-from sidecar import decode_pool
-from sidecar.corpus import CorpusItem
+from sidecar.ingest import decode_pool
+from sidecar.ingest.corpus import CorpusItem
 
 
-class StubEncoder:
-    """What `decoded_batches` needs from an encoder: the input side and the resize step."""
+class StubImages:
+    """What `decoded_batches` needs of an ImagePreprocess, with no decoding: only the transport."""
 
     def __init__(self, side: int):
-        self.image_size = side
+        self.spec = SimpleNamespace(output_size=(side, side))
         self._pixels = np.zeros((side, side, 3), dtype=np.uint8)
 
-    def prepare_image(self, image) -> np.ndarray:
+    def decode(self, data: bytes, *, max_pixels: int) -> np.ndarray:
         return self._pixels.copy()  # a fresh array per image, as a real resize returns
+
+    def wants_device_decode(self, data: bytes, *, max_pixels: int) -> bool:
+        return False
 
 
 def main() -> None:
@@ -40,11 +44,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
 
-    decode_pool.decode_image = lambda data, **_: None  # stub: no decoding, only the transport
     with tempfile.NamedTemporaryFile() as file:
         todo = [(CorpusItem(id=str(i), path=Path(file.name), text=""), "") for i in range(args.images)]
         started, cpu, received = time.perf_counter(), time.process_time(), 0
-        for batch in decode_pool.decoded_batches(todo, StubEncoder(args.side), batch_size=args.batch_size,
+        for batch in decode_pool.decoded_batches(todo, StubImages(args.side), batch_size=args.batch_size,
                                             workers=args.workers, max_pixels=1, on_device=False):
             received += len(batch)
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu

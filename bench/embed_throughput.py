@@ -24,11 +24,10 @@ import numpy as np
 import torch
 
 from sidecar.config import Settings
-from sidecar.corpus import read_corpus
-from sidecar.embed import embed_corpus
-from sidecar.encoder import load_encoder
-from sidecar.images import decode_image
-from sidecar.synthetic import iter_items
+from sidecar.ingest.corpus import read_corpus
+from sidecar.ingest.embed import embed_corpus
+from sidecar.model.encoder import load_encoder
+from sidecar.model.synthetic import iter_items
 
 
 def _render(job: tuple[Path, int, int, int]) -> None:
@@ -52,12 +51,12 @@ def decode_only(paths: list[Path], encoder, *, limit: int) -> float:
     sample = paths[:limit]
     started = time.perf_counter()
     for path in sample:
-        encoder.prepare_image(decode_image(path.read_bytes(), max_pixels=40_000_000, min_side=encoder.image_size))
+        encoder.images.decode(path.read_bytes(), max_pixels=40_000_000)
     return len(sample) / (time.perf_counter() - started)
 
 
 def model_only(encoder, *, batch_size: int, batches: int) -> float:
-    pixels = np.random.default_rng(0).integers(0, 255, (batch_size, encoder.image_size, encoder.image_size, 3),
+    pixels = np.random.default_rng(0).integers(0, 255, (batch_size, *encoder.images.spec.output_size, 3),
                                                dtype=np.uint8)
     encoder.postprocess(encoder.forward_images(pixels))  # warm-up (kernels, autocast caches)
     if encoder.device.type == "cuda":

@@ -20,12 +20,12 @@ import torch
 from tqdm import tqdm
 
 from sidecar.config import Settings
-from sidecar.encoder import load_encoder
-from sidecar.evaluation import percentiles
-from sidecar.search import SearchOptions, search
-from sidecar.stores.base import Document
+from sidecar.model.encoder import load_encoder
+from sidecar.model.synthetic import describe, iter_items, random_caption
+from sidecar.retrieval.evaluation import percentiles
+from sidecar.retrieval.search import SearchOptions, search
 from sidecar.stores.embedded import EmbeddedStore
-from sidecar.synthetic import describe, iter_items, random_caption
+from sidecar.types import Document
 
 
 def build_store(encoder, path: Path, *, docs: int, batch: int = 2000) -> EmbeddedStore:

@@ -21,8 +21,8 @@ import time
 import faiss
 import numpy as np
 
-from sidecar.stores.base import Document, ModelSignature
 from sidecar.stores.embedded import EmbeddedStore
+from sidecar.types import Document, ModelSignature
 
 DIM = 512
 EF_SEARCH = (64, 128, 256, 512)

@@ -25,8 +25,8 @@ import uuid
 import numpy as np
 from opensearchpy import helpers
 
-from sidecar.stores.base import Document, ModelSignature
 from sidecar.stores.opensearch import OpenSearchStore
+from sidecar.types import Document, ModelSignature
 
 log = logging.getLogger("opensearch_bench")
 

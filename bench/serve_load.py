@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sidecar.cli.serve import GUNICORN_CONFIG
+
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
@@ -47,9 +49,9 @@ def start_server(port: int, *, variant: dict[str, str], workers: int, threads: i
     env = {**os.environ, **variant, "SIDECAR_STORE_PATH": str(store_path), "GUNICORN_LOGLEVEL": "warning"}
     if model:
         env["SIDECAR_MODEL"] = model
-    args = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "docker" / "gunicorn.conf.py"),
+    args = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
             "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads),
-            "--access-logfile", "/dev/null", "sidecar.wsgi:app"]
+            "--access-logfile", "/dev/null", "sidecar.api.wsgi:app"]
     process = subprocess.Popen(args, env=env, cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 300
     ready: set[int] = set()

@@ -16,7 +16,7 @@ import time
 import torch
 
 from sidecar.config import Settings
-from sidecar.encoder import load_encoder
+from sidecar.model.encoder import load_encoder
 
 
 def ms_per_call(forward, tokens: torch.Tensor, *, seconds: float, cuda: bool) -> float:

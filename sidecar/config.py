@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 TINY_MODEL = "tiny-clip"
+# The choices settings and command-line flags share, defined once.
+STORES = ("embedded", "opensearch")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+OPENSEARCH_ENGINES = ("lucene", "faiss")  # faiss needs the k-NN native library
+# Where the embed job decodes JPEGs: cpu (PIL in worker processes), device (batched on the
+# model's device: nvjpeg on a GPU), auto (device on CUDA, else cpu).
+DECODE_MODES = ("auto", "cpu", "device")
 
 
 def _default_cache_dir() -> Path:
@@ -30,14 +37,14 @@ class Settings:
     cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)
 
     # Store
-    store: str = "embedded"  # embedded | opensearch
+    store: str = "embedded"  # one of STORES
     store_path: Path = Path("data/store")
     opensearch_url: str = "http://127.0.0.1:9250"
     opensearch_index: str = "clip-sidecar"
     opensearch_user: str = ""
     opensearch_password: str = ""
     opensearch_verify_certs: bool = True
-    opensearch_engine: str = "lucene"  # lucene | faiss (needs the k-NN native library)
+    opensearch_engine: str = "lucene"  # one of OPENSEARCH_ENGINES
     # plugin_config/ (index template, search pipelines): "" = the checkout's; an installed
     # package (Docker) needs the path of a copy.
     plugin_config_dir: str = ""
@@ -86,11 +93,7 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        choices = {
-            "store": ("embedded", "opensearch"),
-            "precision": ("auto", "fp32", "fp16", "bf16"),
-            "opensearch_engine": ("lucene", "faiss"),
-        }
+        choices = {"store": STORES, "precision": PRECISIONS, "opensearch_engine": OPENSEARCH_ENGINES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"setting {name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")

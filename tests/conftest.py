@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import Settings
-from sidecar.embed import embed_corpus
-from sidecar.encoder import Encoder, load_encoder
-from sidecar.indexing import index_shards
+from sidecar.ingest.embed import embed_corpus
+from sidecar.ingest.indexing import index_shards
+from sidecar.model.encoder import Encoder, load_encoder
+from sidecar.model.synthetic import write_corpus
 from sidecar.stores.embedded import EmbeddedStore
-from sidecar.synthetic import write_corpus
 
 CORPUS_ITEMS = 400
 

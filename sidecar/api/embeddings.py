@@ -6,9 +6,10 @@ import base64
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
-from sidecar.api.validation import choice, image_from_base64, json_body, optional
+from sidecar.api.state import current_state
+from sidecar.api.validation import choice, image_pixels, json_body, optional
 from sidecar.errors import BadRequest, PayloadTooLarge
 
 bp = Blueprint("embeddings", __name__)
@@ -16,7 +17,7 @@ bp = Blueprint("embeddings", __name__)
 
 @bp.post("/v1/embeddings")
 def create_embeddings():
-    state = current_app.extensions["clip_sidecar"]
+    state = current_state()
     settings = state.settings
     body = json_body(request)
     modality = choice(body, "modality", choices=("text", "image"), default="text")
@@ -24,8 +25,7 @@ def create_embeddings():
     items = _items(body, modality=modality, limit=settings.max_batch_items)
 
     texts = [(i, value) for i, (kind, value) in enumerate(items) if kind == "text"]
-    images = [(i, image_from_base64(value, field=f"input[{i}]", max_pixels=settings.max_image_pixels,
-                                    max_bytes=settings.max_body_bytes))
+    images = [(i, image_pixels(value, field=f"input[{i}]", encoding=state.encoding, max_bytes=settings.max_body_bytes))
               for i, (kind, value) in enumerate(items) if kind == "image"]
     vectors: list[Any] = [None] * len(items)
     truncated: list[int] = []
@@ -37,7 +37,7 @@ def create_embeddings():
         truncated = [texts[j][0] for j in encoded.truncated]
         tokens = encoded.tokens
     if images:
-        for (i, _), vector in zip(images, state.encoding.encode_images([img for _, img in images])):
+        for (i, _), vector in zip(images, state.encoding.encode_images([pixels for _, pixels in images])):
             vectors[i] = vector
 
     encoder = state.encoding.encoder

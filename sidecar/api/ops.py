@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from importlib.resources import files
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar.api.state import current_state
 
 bp = Blueprint("ops", __name__)
 
@@ -18,7 +20,7 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    state = current_app.extensions["clip_sidecar"]
+    state = current_state()
     encoder = state.encoding.encoder
     try:
         documents = state.store.count()

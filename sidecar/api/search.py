@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
-from sidecar import metrics
-from sidecar.api.validation import bounded_int, choice, image_from_base64, json_body, optional
+from sidecar.api.state import current_state
+from sidecar.api.validation import (
+    bounded_int,
+    choice,
+    image_pixels,
+    json_body,
+    optional,
+)
 from sidecar.errors import BadRequest
-from sidecar.fusion import FUSION_METHODS
-from sidecar.search import MODES, SearchOptions, query_vector, search
+from sidecar.retrieval.fusion import FUSION_METHODS
+from sidecar.retrieval.search import MODES, SearchOptions, query_vector, search
+from sidecar.serving import metrics
 
 bp = Blueprint("search", __name__)
 
 
 @bp.post("/v1/search")
 def search_endpoint():
-    state = current_app.extensions["clip_sidecar"]
+    state = current_state()
     settings = state.settings
     body = json_body(request)
     text = optional(body, "text", str)
@@ -38,9 +45,8 @@ def search_endpoint():
     text_vector = state.encoding.encode_texts([text]).vectors[0] if needs_text_vector else None
     image_vector = None
     if image_b64 is not None:
-        image = image_from_base64(image_b64, field="image", max_pixels=settings.max_image_pixels,
-                                  max_bytes=settings.max_body_bytes)
-        image_vector = state.encoding.encode_images([image])[0]
+        pixels = image_pixels(image_b64, field="image", encoding=state.encoding, max_bytes=settings.max_body_bytes)
+        image_vector = state.encoding.encode_images([pixels])[0]
     encoded = time.perf_counter()
     result = search(state.store, vector=query_vector(text_vector, image_vector), text=text, options=options)
     metrics.STAGE_SECONDS.labels("search", mode).observe(result.timings_s["coarse"])

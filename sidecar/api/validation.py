@@ -6,11 +6,12 @@ import base64
 import binascii
 from typing import Any
 
+import numpy as np
 from flask import Request
-from PIL import Image
 
 from sidecar.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from sidecar.images import ImageDecodeError, decode_image
+from sidecar.model.images import ImageDecodeError
+from sidecar.serving.encoding import EncodingService
 
 
 def json_body(request: Request) -> dict[str, Any]:
@@ -48,7 +49,8 @@ def choice(body: dict, field: str, *, choices: tuple[str, ...], default: str) ->
     return value
 
 
-def image_from_base64(value: Any, *, field: str, max_pixels: int, max_bytes: int) -> Image.Image:
+def image_pixels(value: Any, *, field: str, encoding: EncodingService, max_bytes: int) -> np.ndarray:
+    """A base64 (or data URL) image field → the model's input pixels; errors name the field."""
     if not isinstance(value, str):
         raise BadRequest(f"field '{field}' must be a base64 string, got {type(value).__name__}")
     if value.startswith("data:"):
@@ -62,7 +64,7 @@ def image_from_base64(value: Any, *, field: str, max_pixels: int, max_bytes: int
     if not data:
         raise BadRequest(f"field '{field}' is empty")
     try:
-        return decode_image(data, max_pixels=max_pixels)
+        return encoding.decode_image(data)
     except ImageDecodeError as exc:
         error = {"format": UnsupportedMediaType, "too_large": PayloadTooLarge}.get(exc.kind, BadRequest)
         raise error(f"field '{field}': {exc.reason}") from exc

@@ -1,45 +1,12 @@
-"""The one interface both stores (embedded, OpenSearch) implement, and its value types."""
+"""The one interface both stores (embedded, OpenSearch) implement, and the errors they raise."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-# Metadata filters: {"field": value} or {"field": [v1, v2]} (any of); all fields must match.
-Filters = Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Document:
-    """One indexed item: an L2-normalised vector plus the text BM25 sees and free metadata."""
-
-    id: str
-    vector: np.ndarray
-    text: str = ""
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    content_hash: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ScoredId:
-    """A candidate from one retrieval stage; `score` is that stage's raw score."""
-
-    id: str
-    score: float
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSignature:
-    """Which encoder produced a store's vectors; vectors of two models never mix."""
-
-    model: str
-    weights: str
-    dim: int
-
-    def describe(self) -> str:
-        return f"{self.model} (weights {self.weights}, dim {self.dim})"
+from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
 
 class StoreError(RuntimeError):
@@ -61,7 +28,7 @@ class Store(Protocol):
 
     Scores: `vector_search` returns inner product of normalised vectors (cosine, in [-1, 1]);
     `text_search` returns raw BM25 (higher is better). Fusion and rerank live in
-    `sidecar.search`, the same for every store.
+    `sidecar.retrieval.search`, the same for every store.
     """
 
     name: str
@@ -88,8 +55,23 @@ class Store(Protocol):
     ) -> list[ScoredId]:
         """Top-k by inner product; exact=True is brute force (the ANN's ground truth)."""
 
-    def text_search(self, query: str, k: int, *, filters: Filters | None = None) -> list[ScoredId]:
-        """Top-k by BM25 over Document.text."""
+    def text_search(self, query: str, k: int, *, filters: Filters | None = None,
+                    ids: Sequence[str] | None = None) -> list[ScoredId]:
+        """Top-k by BM25 over Document.text; `ids` restricts the search to those documents without
+        changing their scores (the lexical evidence for candidates another stage found)."""
+
+    def supports_native_hybrid(self, *, fusion: str, weights: tuple[float, float], exact: bool) -> bool:
+        """Whether `hybrid_search` can fuse vector and BM25 results in the store for these options;
+        where not, `sidecar.retrieval.search` fuses the two lists in Python."""
+
+    def hybrid_search(self, vector: np.ndarray, query: str, k: int, *, filters: Filters | None = None,
+                      fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5)) -> list[ScoredId]:
+        """Top-k fused in the store, on `sidecar.retrieval.fusion`'s scale; raises StoreError where
+        `supports_native_hybrid` is False."""
+
+    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature) -> str:
+        """Load `documents` into a fresh index and swap it in whole (zero downtime); returns its name.
+        Stores updated in place raise StoreError saying so."""
 
     def fetch(self, ids: Sequence[str]) -> list[Document]:
         """Full documents (full-precision vectors included) in the order asked; unknown ids skipped."""

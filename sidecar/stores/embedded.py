@@ -13,19 +13,13 @@ import re
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
 
-from sidecar.stores.base import (
-    Document,
-    Filters,
-    ModelMismatchError,
-    ModelSignature,
-    ScoredId,
-    StoreError,
-)
+from sidecar.stores.base import ModelMismatchError, StoreError
+from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +505,8 @@ class EmbeddedStore:
         scores, labels = state.index.search(query[None, :], k, params=params)
         return [(int(row), float(score)) for row, score in zip(labels[0], scores[0]) if row >= 0]
 
-    def text_search(self, query: str, k: int, *, filters: Filters | None = None) -> list[ScoredId]:
+    def text_search(self, query: str, k: int, *, filters: Filters | None = None,
+                    ids: Sequence[str] | None = None) -> list[ScoredId]:
         _require_positive_int("k", k)
         k = int(k)
         if not isinstance(query, str):
@@ -520,6 +515,12 @@ class EmbeddedStore:
         if match is None:
             return []
         where, params = _filter_sql(filters or {})
+        if ids is not None:
+            wanted = _validate_ids(ids)
+            if not wanted:
+                return []
+            where += f" AND d.id IN ({','.join('?' * len(wanted))})"
+            params.extend(wanted)
         if where:
             sql = (
                 "SELECT d.id, -bm25(docs_fts) AS score FROM docs_fts JOIN docs d ON d.row = docs_fts.rowid "
@@ -537,6 +538,18 @@ class EmbeddedStore:
         with self._read():
             rows = self._db().execute(sql, [match, *params, k]).fetchall()
         return [ScoredId(id=doc_id, score=float(score)) for doc_id, score in rows]
+
+    def supports_native_hybrid(self, *, fusion: str, weights: tuple[float, float], exact: bool) -> bool:
+        return False  # vector and BM25 lists are fused in Python (sidecar.retrieval.fusion)
+
+    def hybrid_search(self, vector: np.ndarray, query: str, k: int, *, filters: Filters | None = None,
+                      fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5)) -> list[ScoredId]:
+        raise StoreError("the embedded store has no native hybrid query; sidecar.retrieval.search fuses its "
+                         "vector and BM25 results")
+
+    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature) -> str:
+        raise StoreError(f"the embedded store at {self.path} is updated in place (readers always see a complete "
+                         "generation); --rebuild is for OpenSearch's versioned indices")
 
     def _filtered_rows(self, filters: Filters) -> np.ndarray:
         where, params = _filter_sql(filters)

@@ -17,13 +17,16 @@ import numpy as np
 from opensearchpy import OpenSearch, helpers
 from opensearchpy.exceptions import (
     ConnectionError as OSConnectionError,
+)
+from opensearchpy.exceptions import (
     ConnectionTimeout,
     NotFoundError,
     OpenSearchException,
     TransportError,
 )
 
-from sidecar.stores.base import Document, Filters, ModelMismatchError, ModelSignature, ScoredId, StoreError
+from sidecar.stores.base import ModelMismatchError, StoreError
+from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +281,15 @@ class OpenSearchStore:
                 "query": {"bool": {"must": [{"match": {"text": query}}], "filter": clauses}}}
         return [ScoredId(h["_id"], float(h["_score"])) for h in self._search(body)]
 
+    def supports_native_hybrid(self, *, fusion: str, weights: tuple[float, float], exact: bool) -> bool:
+        """Whether `hybrid_search` can fuse these options in the cluster (hybrid query + a
+        normalisation or score-ranker pipeline): min-max with any weights, RRF with equal weights
+        (2.19's score-ranker takes none); never exact search (the hybrid query's vector side is
+        ANN); only where neural-search is installed."""
+        if exact or fusion not in FUSIONS or (fusion == "rrf" and weights[0] != weights[1]):
+            return False
+        return self.has_neural_search()
+
     def hybrid_search(
         self,
         vector: np.ndarray,
@@ -288,27 +300,34 @@ class OpenSearchStore:
         fusion: str = "minmax",
         weights: tuple[float, float] = (0.5, 0.5),
     ) -> list[ScoredId]:
-        """OpenSearch's hybrid query (k-NN + BM25) fused by a search pipeline; scores are the fused ones."""
+        """OpenSearch's hybrid query (k-NN + BM25) fused by a search pipeline. Scores are on
+        `sidecar.retrieval.fusion`'s scale (weighted sum of min-max scores; weighted RRF), so a
+        fused score means the same whichever side computed it."""
         if fusion not in FUSIONS:
             raise ValueError(f"fusion={fusion!r}: choose one of {', '.join(FUSIONS)}")
         if not self.has_neural_search():
             raise StoreError(f"hybrid_search needs the neural-search plugin, which {self.url} lacks; "
-                             "fuse in Python (sidecar.fusion) instead")
+                             "fuse in Python (sidecar.retrieval.fusion) instead")
         if fusion == "rrf" and weights[0] != weights[1]:
             raise StoreError("fusion=rrf on OpenSearch 2.19 takes no weights (score-ranker-processor); "
                              f"got {weights}; use fusion=minmax for weighted fusion")
+        total = float(sum(weights))
         text_query: dict[str, Any] = {"bool": {"must": [{"match": {"text": query}}], "filter": _filter_clauses(filters)}}
         body = {
             "size": k,
             "_source": False,
             # An inline (temporary) pipeline: the weights are per request, not per named pipeline.
-            "search_pipeline": self._pipeline_body(fusion, weights),
+            # arithmetic_mean wants weights summing to 1 (the ranking is the same).
+            "search_pipeline": self._pipeline_body(fusion, (weights[0] / total, weights[1] / total)),
             "query": {"hybrid": {"queries": [
                 {"knn": {"vector": self._knn_clause(_as_list(vector), k, filters)}},
                 text_query,
             ]}},
         }
-        return [ScoredId(h["_id"], float(h["_score"])) for h in self._search(body)]
+        # Back to the Python fusion's scale: arithmetic_mean divided by the weights' sum (1 here),
+        # and the score-ranker's RRF is unweighted (1 / (rank constant + rank)).
+        scale = total if fusion == "minmax" else weights[0]
+        return [ScoredId(h["_id"], float(h["_score"]) * scale) for h in self._search(body)]
 
     def fetch(self, ids: Sequence[str]) -> list[Document]:
         """Full documents in the order asked (vectors from _source); unknown ids are skipped."""

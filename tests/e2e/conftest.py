@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.app import create_app
+from sidecar.api.app import create_app
+from sidecar.api.state import state_of
 from sidecar.config import Settings
 from sidecar.stores.embedded import EmbeddedStore
 
@@ -19,7 +20,7 @@ def app(app_settings, encoder):
     store = EmbeddedStore(app_settings.store_path)
     app = create_app(app_settings, encoder=encoder, store=store)
     yield app
-    app.extensions["clip_sidecar"].encoding.close()
+    state_of(app).encoding.close()
     store.close()
 
 

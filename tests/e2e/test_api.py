@@ -116,6 +116,16 @@ def test_image_query_finds_more_like_this_photo(client, corpus):
     assert len(same) >= 3
 
 
+def test_an_indexed_photo_queried_by_itself_gets_its_indexed_vector(client, corpus):
+    # The embed job and the API decode through one path (sidecar.model.images), draft mode
+    # included: the query vector is the stored one, not a near copy.
+    for row in manifest_rows(corpus)[:5]:
+        response = client.post("/v1/search", json={"image": image_b64(corpus.parent / row["path"]), "k": 1,
+                                                   "exact": True})
+        hit = response.json["hits"][0]
+        assert hit["id"] == row["id"] and hit["scores"]["vector"] > 0.99999
+
+
 def test_filters_restrict_every_hit(client):
     response = client.post("/v1/search", json={"text": "circle", "k": 10, "filters": {"color": ["blue", "green"]}})
     assert response.status_code == 200, response.json

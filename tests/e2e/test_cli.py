@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sidecar.cli import main
-from sidecar.shards import ShardSet
-from sidecar.stores.base import ModelSignature
+from sidecar.ingest.shards import ShardSet
+from sidecar.model.synthetic import sample_items, write_corpus
 from sidecar.stores.embedded import EmbeddedStore
-from sidecar.synthetic import sample_items, write_corpus
+from sidecar.types import ModelSignature
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -218,6 +218,6 @@ def test_cache_warm_persists_prompt_vectors_and_a_new_prompt_version_re_embeds(t
 
 def _tiny_checkpoint() -> Path:
     from sidecar.config import Settings
-    from sidecar.tiny_model import ensure_tiny_model
+    from sidecar.model.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(Settings().cache_dir)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import requests
 
-from sidecar.app import create_app
+from sidecar.api.app import create_app
+from sidecar.api.state import state_of
 from sidecar.config import Settings
 from sidecar.stores.embedded import EmbeddedStore
 
@@ -98,7 +99,7 @@ def slow_app(tmp_path, store_path, encoder, monkeypatch):
 
     yield build
     for app in built:  # join the batcher threads: one may still be inside a slow forward
-        state = app.extensions["clip_sidecar"]
+        state = state_of(app)
         state.encoding.close()
         state.store.close()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sidecar.config import Settings
-from sidecar.encoder import load_encoder
+from sidecar.model.encoder import load_encoder
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

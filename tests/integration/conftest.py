@@ -12,11 +12,11 @@ import pytest
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 
-from sidecar.embed import embed_corpus
-from sidecar.encoder import Encoder
-from sidecar.stores.base import Document, ModelSignature
+from sidecar.ingest.embed import embed_corpus
+from sidecar.model.encoder import Encoder
+from sidecar.model.synthetic import write_corpus
 from sidecar.stores.opensearch import OpenSearchStore
-from sidecar.synthetic import write_corpus
+from sidecar.types import Document, ModelSignature
 
 URL = os.environ.get("SIDECAR_OPENSEARCH_URL", "http://127.0.0.1:9250")
 DIM = 32

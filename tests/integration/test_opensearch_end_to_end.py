@@ -14,14 +14,21 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from sidecar.app import create_app
+from sidecar.api.app import create_app
+from sidecar.api.state import state_of
 from sidecar.cli import main
 from sidecar.config import Settings
-from sidecar.encoder import Encoder
-from sidecar.search import SearchOptions, search, uses_native_hybrid
+from sidecar.model.encoder import Encoder
+from sidecar.model.synthetic import sample_items
+from sidecar.retrieval.search import SearchOptions, search, uses_native_hybrid
 from sidecar.stores.opensearch import OpenSearchStore
-from sidecar.synthetic import sample_items
-from tests.integration.conftest import LARGE_CORPUS_ITEMS, URL, _auth, _client, make_store
+from tests.integration.conftest import (
+    LARGE_CORPUS_ITEMS,
+    URL,
+    _auth,
+    _client,
+    make_store,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -212,7 +219,7 @@ def _app(encoder: Encoder, alias: str, cache_dir: Path):
 
 
 def _close(app) -> None:
-    state = app.extensions["clip_sidecar"]
+    state = state_of(app)
     state.encoding.close()
     state.store.close()
 

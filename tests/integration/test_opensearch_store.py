@@ -13,8 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sidecar.stores.base import Document, ModelMismatchError, ModelSignature, StoreError
-from tests.integration.conftest import DIM, SIGNATURE, URL, drop, make_documents, make_store
+from sidecar.stores.base import ModelMismatchError, StoreError
+from sidecar.types import Document, ModelSignature
+from tests.integration.conftest import (
+    DIM,
+    SIGNATURE,
+    URL,
+    drop,
+    make_documents,
+    make_store,
+)
 
 pytestmark = pytest.mark.integration
 

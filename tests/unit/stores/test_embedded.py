@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sidecar.stores.base import Document, ModelMismatchError, ModelSignature, StoreError
+from sidecar.stores.base import ModelMismatchError, StoreError
 from sidecar.stores.embedded import EmbeddedStore, fts_match_expression
+from sidecar.types import Document, ModelSignature
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DIM = 32

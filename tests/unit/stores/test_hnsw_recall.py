@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sidecar.stores.base import Document
 from sidecar.stores.embedded import EmbeddedStore
+from sidecar.types import Document
 
 
 def latent_mixture(n: int, *, seed: int) -> np.ndarray:

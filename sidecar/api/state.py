@@ -1,0 +1,33 @@
+"""What a running app holds (settings, encoding service, store), typed, for its blueprints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, current_app
+
+from sidecar.config import Settings
+from sidecar.serving.encoding import EncodingService
+from sidecar.stores.base import Store
+
+_KEY = "clip_sidecar"
+
+
+@dataclass(frozen=True)
+class AppState:
+    settings: Settings
+    encoding: EncodingService
+    store: Store
+
+
+def attach_state(app: Flask, state: AppState) -> None:
+    app.extensions[_KEY] = state
+
+
+def state_of(app: Flask) -> AppState:
+    return app.extensions[_KEY]
+
+
+def current_state() -> AppState:
+    """The state of the app handling the current request."""
+    return state_of(current_app)

@@ -1,0 +1,36 @@
+"""`clip-sidecar cache`: the text-vector cache."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from sidecar.cli.root import MODEL_FLAGS, model_options, settings_from
+
+
+@click.group()
+def cache() -> None:
+    """The text-vector cache (keyed by model, weights, prompt template version and text)."""
+
+
+@cache.command("warm")
+@click.argument("prompts", type=click.File("r", encoding="utf-8"))
+@model_options
+def cache_warm(prompts, **kwargs: Any) -> None:
+    """Pre-compute vectors for PROMPTS (one text per line; - for stdin) so the first queries hit."""
+    from sidecar.model.encoder import load_encoder
+    from sidecar.serving.encoding import EncodingService
+
+    settings = settings_from(kwargs, MODEL_FLAGS)
+    texts = list(dict.fromkeys(line.strip() for line in prompts if line.strip()))
+    service = EncodingService(load_encoder(settings), settings)
+    try:
+        started = time.perf_counter()
+        for start in range(0, len(texts), settings.max_batch_items):
+            service.encode_texts(texts[start:start + settings.max_batch_items])
+        click.echo(f"{len(texts)} prompts cached in {time.perf_counter() - started:.1f} s; "
+                   f"{service.cache.persisted_count()} vectors stored for this model and prompt version")
+    finally:
+        service.close()

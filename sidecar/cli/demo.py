@@ -1,0 +1,81 @@
+"""`clip-sidecar demo`: tiny model → synthetic corpus → embed → embedded store → sample queries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from sidecar.cli.output import command_name, format_hits
+from sidecar.config import Settings
+
+SAMPLE_QUERIES = ("red circle", "a large blue square on the left", "green triangle", "small yellow star")
+
+
+@click.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/demo"), show_default=True)
+@click.option("--items", type=click.IntRange(10), default=2000, show_default=True, help="Synthetic images to render.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, workdir: Path, items: int, seed: int) -> None:
+    """Everything end to end on a bare machine: train the tiny CLIP (cached), render a synthetic
+    corpus, embed it, index it into an embedded store, and run sample queries in every mode."""
+    run_demo(workdir, items=items, seed=seed, progress=ctx.obj["progress"], echo=click.echo)
+
+
+def run_demo(workdir: Path, *, items: int, seed: int, progress: bool, echo: Callable[[str], None]) -> None:
+    # Heavy imports (torch, faiss) here, so `clip-sidecar --help` stays fast.
+    from sidecar.ingest.embed import embed_corpus
+    from sidecar.ingest.indexing import index_shards
+    from sidecar.model.encoder import load_encoder
+    from sidecar.model.synthetic import write_corpus
+    from sidecar.retrieval.evaluation import ann_recall
+    from sidecar.retrieval.search import SearchOptions, query_vector, search
+    from sidecar.stores.embedded import EmbeddedStore
+
+    settings = Settings.from_env(store_path=workdir / "store")
+    echo(f"[1/5] model: {settings.model} (the tiny synthetic-data CLIP is trained once and cached in "
+         f"{settings.cache_dir})")
+    encoder = load_encoder(settings)
+    echo(f"      {encoder.signature.describe()} on {encoder.device}")
+
+    manifest = workdir / "corpus" / "manifest.jsonl"
+    if not manifest.exists():
+        echo(f"[2/5] rendering {items} synthetic product photos into {manifest.parent}")
+        write_corpus(manifest.parent, items, seed=seed, progress=progress)
+    else:
+        echo(f"[2/5] corpus: reusing {manifest}")
+
+    echo("[3/5] embedding images into shards (only new or changed files on a rerun)")
+    summary = embed_corpus(encoder, manifest, workdir / "shards", workers=2, progress=progress)
+    echo(f"      {summary.describe()}")
+
+    echo(f"[4/5] indexing into the embedded store at {settings.store_path}")
+    store = EmbeddedStore(settings.store_path)
+    try:
+        echo(f"      {index_shards(store, workdir / 'shards', progress=progress).describe()}")
+        echo("[5/5] sample queries")
+        for text in SAMPLE_QUERIES:
+            vector = encoder.encode_texts([settings.prompt(text)])[0]
+            for mode, rerank in (("vector", False), ("bm25", False), ("hybrid", False), ("hybrid", True)):
+                options = SearchOptions(mode=mode, k=5, rerank=rerank)
+                result = search(store, vector=vector, text=text, options=options)
+                echo(f"\n  query {text!r} — mode {mode}{' + rerank' if rerank else ''}")
+                echo(_indent(format_hits(result.hits)))
+        first = next(iter(store.fetch(sorted(store.content_hashes())[:1])))
+        image_path = manifest.parent / f"{first.id}.jpg"
+        vector = encoder.encode_image_files([image_path.read_bytes()], max_pixels=settings.max_image_pixels)[0]
+        result = search(store, vector=query_vector(None, vector), text=None, options=SearchOptions(mode="vector", k=5))
+        echo(f"\n  image query {image_path.name} ({first.text}) — more like this photo")
+        echo(_indent(format_hits(result.hits)))
+        echo("\n" + ann_recall(store, queries=100, k=10).describe())
+    finally:
+        store.close()
+    command = command_name()
+    echo(f"\nNext: {command} search \"red circle\" --store-path {settings.store_path}\n"
+         f"      {command} serve --dev --store-path {settings.store_path}")
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())

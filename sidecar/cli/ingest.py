@@ -1,0 +1,79 @@
+"""`clip-sidecar embed` and `index`: images → vector shards → the store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sidecar.cli.root import (
+    MODEL_FLAGS,
+    STORE_FLAGS,
+    model_options,
+    settings_from,
+    store_options,
+)
+from sidecar.config import DECODE_MODES
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("data/shards"), show_default=True,
+              help="Shard directory (reused by reruns: only new or changed images are embedded).")
+@click.option("--batch-size", type=click.IntRange(1, 8192), default=256, show_default=True)
+@click.option("--shard-size", type=click.IntRange(1), default=4096, show_default=True,
+              help="Vectors per shard file; a killed run loses at most the shard in progress.")
+@click.option("--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True,
+              help="Decode/resize worker processes (0 = decode in the main process).")
+@click.option("--decode", type=click.Choice(DECODE_MODES), default="auto", show_default=True,
+              help="Where JPEGs are decoded and resized: cpu (PIL workers) or device (batched on the model's "
+                   "device, nvjpeg on a GPU); auto = device on CUDA, else cpu.")
+@model_options
+@click.pass_context
+def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_size: int, workers: int,
+          decode: str, **kwargs: Any) -> None:
+    """Embed the images of SOURCE into vector shards.
+
+    SOURCE is a folder of images (a .txt beside an image is its text; else the file name is),
+    or a .jsonl / .csv manifest with fields id, path (relative to the manifest), text, and
+    metadata (JSONL object, or any extra CSV columns). Rerun it after the folder changes:
+    new and changed files are embedded, vanished ones are recorded for the index step, and a
+    killed run continues where it stopped. Unusable images are skipped and listed in
+    OUT/errors.jsonl with the reason.
+    """
+    from sidecar.ingest.embed import embed_corpus
+    from sidecar.model.encoder import load_encoder
+
+    settings = settings_from(kwargs, MODEL_FLAGS)
+    summary = embed_corpus(load_encoder(settings), source, out, batch_size=batch_size, shard_size=shard_size,
+                           workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
+                           progress=ctx.obj["progress"])
+    click.echo(summary.describe())
+
+
+@click.command()
+@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=Path("data/shards"))
+@click.option("--rebuild", is_flag=True,
+              help="OpenSearch only: build a new versioned index and swap the alias when it is complete "
+                   "(zero downtime); without it, changed documents are upserted in place.")
+@store_options
+@click.pass_context
+def index(ctx: click.Context, shards: Path, rebuild: bool, **kwargs: Any) -> None:
+    """Load vector SHARDS (from `embed`) into the store: new and changed documents are written,
+    unchanged ones skipped, deleted ones removed. Shards of a different model than the store
+    holds are refused."""
+    from sidecar.ingest.indexing import index_shards, rebuild_index
+    from sidecar.stores import open_store
+
+    settings = settings_from(kwargs, STORE_FLAGS)
+    store = open_store(settings)
+    try:
+        if rebuild:
+            summary = rebuild_index(store, shards, progress=ctx.obj["progress"])
+        else:
+            summary = index_shards(store, shards, progress=ctx.obj["progress"])
+    finally:
+        store.close()
+    click.echo(summary.describe())

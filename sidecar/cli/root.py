@@ -1,0 +1,96 @@
+"""The `clip-sidecar` group: logging, the errors a user can fix, and the options commands share."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from sidecar.config import PRECISIONS, STORES, Settings
+
+MODEL_FLAGS = ("model", "pretrained", "model_config", "device", "precision")
+STORE_FLAGS = ("store", "store_path", "opensearch_url", "opensearch_index")
+
+
+def model_options(func: Callable) -> Callable:
+    options = [
+        click.option("--model", help="open_clip model name, e.g. ViT-B-32 (default: the tiny synthetic model)."),
+        click.option("--pretrained", help="Pretrained tag (e.g. laion2b_s34b_b79k) or a checkpoint file path."),
+        click.option("--model-config", type=click.Path(exists=True, dir_okay=True),
+                     help="JSON model config (or folder of them) for architectures open_clip lacks."),
+        click.option("--device", help="auto (default: CUDA if present), cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(PRECISIONS),
+                     help="auto = bf16/fp16 autocast on GPU, fp32 on CPU."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), func)
+
+
+def store_options(func: Callable) -> Callable:
+    options = [
+        click.option("--store", type=click.Choice(STORES), help="Where vectors live (default embedded)."),
+        click.option("--store-path", type=click.Path(path_type=Path), help="Embedded store directory (default data/store)."),
+        click.option("--opensearch-url", help="OpenSearch URL (default http://127.0.0.1:9250)."),
+        click.option("--opensearch-index", help="OpenSearch alias to read and write (default clip-sidecar)."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), func)
+
+
+def settings_from(kwargs: dict[str, Any], names: tuple[str, ...]) -> Settings:
+    """Settings from the environment with the named command-line flags (popped from kwargs) on top."""
+    try:
+        return Settings.from_env(**{name: kwargs.pop(name, None) for name in names})
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def configure_logging(*, verbose: bool, quiet: bool) -> None:
+    """The project's own INFO lines on stderr; third-party loggers (faiss's loader, open_clip,
+    opensearch-py's request log) only from WARNING up unless -v, so their chatter does not
+    interleave with the progress a user is watching."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("sidecar").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+class _Group(click.Group):
+    """Turns the errors a user can fix (wrong model, bad corpus, unreachable store) into one
+    clear line and exit code 1, instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sidecar.ingest.corpus import CorpusError
+        from sidecar.ingest.shards import ShardError
+        from sidecar.stores.base import StoreError
+
+        try:
+            return super().invoke(ctx)
+        except (CorpusError, ShardError, StoreError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, third-party libraries' included.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings only, no progress bars.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
+    """CLIP image/text search: embed images offline, index them into the embedded store or
+    OpenSearch, and search by text, image or both (vector, BM25, hybrid, rerank).
+
+    \b
+    First run (no cluster, no downloads):   clip-sidecar demo
+    Your own images:
+      clip-sidecar embed photos/ --out data/shards --model ViT-B-32 --pretrained laion2b_s34b_b79k
+      clip-sidecar index data/shards
+      clip-sidecar search "red sneakers" --model ViT-B-32 --pretrained laion2b_s34b_b79k
+      clip-sidecar serve --workers 2
+
+    Every option can also come from a SIDECAR_* environment variable (see README).
+    """
+    configure_logging(verbose=verbose, quiet=quiet)
+    ctx.obj = {"progress": not quiet}

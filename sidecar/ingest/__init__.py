@@ -1,0 +1,1 @@
+"""The offline path: corpus readers, decode workers, the embed job writing vector shards, the index step."""

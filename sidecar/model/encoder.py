@@ -1,0 +1,223 @@
+"""The CLIP encoder: open_clip loading, and pre (tokenise/resize) / core (forward) / post (normalise) stages."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sidecar.config import TINY_MODEL, Settings
+from sidecar.model.images import ImagePreprocess
+from sidecar.types import ModelSignature
+
+log = logging.getLogger(__name__)
+
+# Largest batch one forward pass takes; callers may hand in more, the encoder chunks.
+FORWARD_CHUNK = 256
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedText:
+    tokens: torch.Tensor  # [context_length] int64
+    length: int  # tokens before truncation, start and end tokens included
+
+    @property
+    def truncated(self) -> bool:
+        return self.length > self.tokens.shape[-1]
+
+
+class Encoder:
+    """A loaded open_clip model with batched, L2-normalised text and image encoding."""
+
+    def __init__(self, model: torch.nn.Module, *, tokenizer, preprocess, name: str, weights: str,
+                 device: torch.device, precision: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.name = name
+        self.weights = weights
+        self.device = device
+        self.precision = precision
+        self.context_length = int(tokenizer.context_length)
+        self._text_graphs = None  # TextGraphs once capture_text_graphs() ran (GPU serving)
+        self.images = ImagePreprocess(preprocess)
+        # Normalisation runs on the model's device, over the whole batch, after a uint8 copy.
+        self._mean = torch.tensor(self.images.mean, device=device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(self.images.std, device=device).view(1, 3, 1, 1) * 255.0
+        with torch.inference_mode():
+            probe = self.forward_texts(self.tokenizer([""]))
+        self.dim = int(probe.shape[-1])
+        self.signature = ModelSignature(model=name, weights=weights, dim=self.dim)
+
+    # ---- pre: CPU work, safe to run in request threads or worker processes ----
+    def prepare_text(self, text: str) -> PreparedText:
+        tokens = self.tokenizer([text])[0]
+        if int(tokens[-1]) == 0:  # padding left at the end: nothing was cut
+            length = int(tokens.nonzero().max()) + 1
+        else:
+            length = self._full_context_length(text)
+        return PreparedText(tokens=tokens, length=length)
+
+    def _full_context_length(self, text: str) -> int:
+        """Token count of a text that filled the context: tokenise again, uncut (rare, long texts only)."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is not None:
+            return len(encode(text)) + 2  # start and end tokens
+        # Tokenizers without `encode`: a sequence that fills the context was (probably) cut.
+        return self.context_length + 1
+
+    # ---- core: one forward pass per call, on the model's device and precision ----
+    def forward_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        graphs = self._text_graphs
+        if graphs is not None and tokens.shape[0] <= graphs.sizes[-1]:
+            return graphs(tokens)
+        return self._text_tower(tokens.to(self.device, non_blocking=True))
+
+    def _text_tower(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self._autocast():
+            return self.model.encode_text(tokens)
+
+    def capture_text_graphs(self, max_batch: int) -> None:
+        """Capture CUDA graphs of the text tower for batches of 1..max_batch (GPU only; a no-op on CPU)."""
+        if self.device.type != "cuda":
+            return
+        from sidecar.model.text_graphs import TextGraphs, bucket_sizes
+
+        started = time.perf_counter()
+        try:
+            self._text_graphs = TextGraphs(self._text_tower, context_length=self.context_length,
+                                           device=self.device, sizes=bucket_sizes(max_batch))
+        except RuntimeError as exc:  # an op the graph cannot hold: serve eagerly, slower but correct
+            log.warning("CUDA graph capture of the text tower failed, running it eagerly: %s", exc)
+            return
+        log.info("captured text-tower CUDA graphs for batch sizes %s in %.1f s",
+                 self._text_graphs.sizes, time.perf_counter() - started)
+
+    def forward_images(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Forward a uint8 batch [B, H, W, 3] of model pixels (`sidecar.model.images`), host or device."""
+        batch = torch.as_tensor(pixels)
+        if batch.device.type == "cpu" and self.device.type == "cuda":
+            batch = batch.pin_memory()  # lets the copy below run asynchronously
+        batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        batch = (batch - self._mean) / self._std
+        with torch.inference_mode(), self._autocast():
+            return self.model.encode_image(batch)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision in ("fp16", "bf16"):
+            dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+            # No weight-cast cache: CUDA graph capture needs the casts inside the graph, and
+            # each weight is used once per forward anyway.
+            return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=False)
+        return contextlib.nullcontext()
+
+    # ---- post: normalise once, here, so every store can use inner product ----
+    @staticmethod
+    def postprocess(features: torch.Tensor) -> np.ndarray:
+        features = torch.nn.functional.normalize(features.float(), dim=-1)
+        if features.device.type == "cuda":
+            # A plain .cpu() spin-waits for the GPU, burning a core per waiting thread — with
+            # several serving workers, the cores their request threads need. A blocking event
+            # sleeps until the copy lands instead.
+            host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+            host.copy_(features, non_blocking=True)
+            done = torch.cuda.Event(blocking=True)
+            done.record()
+            done.synchronize()
+            return host.numpy().copy()  # hand the pinned block back to torch's cache at once
+        return features.detach().cpu().numpy()
+
+    # ---- whole pipeline, for callers that hold all inputs at once ----
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = [self.postprocess(self.forward_texts(torch.stack([self.prepare_text(t).tokens for t in chunk])))
+               for chunk in _chunks(texts, FORWARD_CHUNK)]
+        return np.concatenate(out)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Vectors for decoded RGB images (in memory); files and uploads go through `encode_image_files`."""
+        return self._encode_pixels([self.images.pixels(image) for image in images])
+
+    def encode_image_files(self, datas: Sequence[bytes], *, max_pixels: int) -> np.ndarray:
+        """Vectors for image file bytes, decoded as the embed job decodes them (ImageDecodeError if unusable)."""
+        return self._encode_pixels([self.images.decode(data, max_pixels=max_pixels) for data in datas])
+
+    def _encode_pixels(self, pixels: list[np.ndarray]) -> np.ndarray:
+        if not pixels:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = [self.postprocess(self.forward_images(np.stack(chunk))) for chunk in _chunks(pixels, FORWARD_CHUNK)]
+        return np.concatenate(out)
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"setting device={name!r}, but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        if name != "fp32" and device.type == "cpu":
+            raise ValueError(f"setting precision={name!r} needs a GPU; on CPU use fp32 (or auto)")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def weights_id(pretrained: str) -> str:
+    """A stable name for the weights: the tag itself, or the checkpoint file's content hash."""
+    path = Path(pretrained)
+    if not path.is_file():
+        return pretrained or "random"
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def load_encoder(settings: Settings) -> Encoder:
+    """Load the configured model: by name + pretrained tag, a checkpoint file, or the tiny model."""
+    import open_clip  # heavy import, deferred so `--help` stays fast
+
+    model_name, pretrained = settings.model, settings.pretrained
+    if settings.model_config:
+        open_clip.add_model_config(settings.model_config)
+    if model_name == TINY_MODEL:
+        from sidecar.model.tiny_model import ensure_tiny_model, register_tiny_config
+
+        register_tiny_config()
+        pretrained = pretrained or str(ensure_tiny_model(settings.cache_dir))
+    available = open_clip.list_models()
+    if model_name not in available:
+        raise ValueError(f"unknown model {model_name!r}; available: {', '.join(available[:12])}, … "
+                         f"({len(available)} in all; pass --model-config for a custom architecture)")
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    log.info("loading %s (pretrained=%s) on %s, %s", model_name, pretrained or "none", device, precision)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained or None, device=device,
+        cache_dir=os.fspath(settings.cache_dir / "weights"),
+    )
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return Encoder(model, tokenizer=tokenizer, preprocess=preprocess, name=model_name,
+                   weights=weights_id(pretrained), device=device, precision=precision)

@@ -1,0 +1,246 @@
+"""Image decoding, the one home for it: bytes → upright RGB → the model's input pixels.
+
+Every caller goes through here — the embed job's decode workers, online queries, the CLI and
+the demo — so a stored photo queried by itself gets the vector it was indexed with:
+- CPU: `decode_image` (PIL; JPEGs in draft mode at the smallest DCT scale that still covers the
+  model's input, several times faster for large photos), then open_clip's own PIL resize/crop steps.
+- Device: JPEGs decoded by nvjpeg on a GPU (torchvision on a CPU device) and resized as one
+  batch per source size, following the same open_clip resize mode (shortest, longest, squash).
+The two paths agree within a stated tolerance (tests/unit/model/test_images.py); the offline
+job records which one it used in the shard manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Refuse truncated files rather than silently padding them with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a usable image; `reason` says why in a few words.
+
+    `kind`: "format" (not an image at all), "corrupt" (truncated/broken), "too_large" (pixel limit).
+    """
+
+    def __init__(self, reason: str, *, kind: str):
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
+def decode_image(data: bytes | io.BufferedIOBase, *, max_pixels: int,
+                 draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode to an upright RGB image, or raise ImageDecodeError naming the problem.
+
+    `draft_size` (width, height): JPEGs are decoded at the smallest DCT scale whose result is
+    still at least this large in both directions.
+    """
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (DecompressionBombWarning) between its two limits; ours is explicit below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                                      f"{max_pixels} (max_image_pixels)", kind="too_large")
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)  # animated: the first frame stands for the file
+            if draft_size:
+                image.draft("RGB", draft_size)
+            image.load()
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("not a recognised image format", kind="format") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}", kind="too_large") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}", kind="corrupt") from exc
+    return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: PIL's convert("RGB") clips at 255, so rescale by the real range.
+        array = np.asarray(image, dtype=np.float32)
+        top = float(array.max()) or 1.0
+        image = Image.fromarray((array * (255.0 / top)).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+@dataclass(frozen=True, slots=True)
+class ResizeSpec:
+    """open_clip's eval resize as data, so it can run on device tensors as well as PIL images.
+
+    open_clip builds one of (transform.image_transform): `shortest` = Resize(side) + CenterCrop
+    (or ResizeKeepRatio(longest=0) + CenterCrop for a non-square input), `longest` =
+    ResizeKeepRatio(longest=1) + CenterCropOrPad, `squash` = Resize((h, w)).
+    """
+
+    mode: str  # "edge" (shorter side to `size[0]`), "exact" (to `size`), or "keep_ratio"
+    size: tuple[int, int]  # (height, width) the resize aims at
+    longest: float  # keep_ratio: 0 = fit the shorter side, 1 = fit the longer one
+    crop: tuple[int, int] | None  # (height, width) of the centre crop, if any
+    pad_fill: int | None  # CenterCropOrPad's fill (pads images smaller than the crop); None = crop only
+    interpolation: Any  # torchvision InterpolationMode
+
+    @classmethod
+    def from_transform(cls, steps: Sequence[Callable]) -> ResizeSpec:
+        from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
+        from torchvision.transforms import CenterCrop, Resize
+
+        resize = next((s for s in steps if isinstance(s, (Resize, ResizeKeepRatio))), None)
+        crop = next((s for s in steps if isinstance(s, (CenterCrop, CenterCropOrPad))), None)
+        if resize is None:
+            raise ValueError(f"unsupported preprocessing {list(steps)}: expected open_clip's Resize or ResizeKeepRatio")
+        if isinstance(resize, ResizeKeepRatio):
+            mode, size, longest = "keep_ratio", tuple(resize.size), resize.longest
+        elif isinstance(resize.size, int) or len(resize.size) == 1:
+            side = resize.size if isinstance(resize.size, int) else resize.size[0]
+            mode, size, longest = "edge", (side, side), 0.0
+        else:
+            mode, size, longest = "exact", tuple(resize.size), 0.0
+        crop_size = tuple(crop.size) if crop is not None else None
+        pad_fill = crop.fill if isinstance(crop, CenterCropOrPad) else None
+        return cls(mode=mode, size=(int(size[0]), int(size[1])), longest=float(longest),
+                   crop=(int(crop_size[0]), int(crop_size[1])) if crop_size else None, pad_fill=pad_fill,
+                   interpolation=resize.interpolation)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the pixels the model sees."""
+        return self.crop or self.size
+
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        """(width, height) a JPEG draft decode must keep: at least the resize target both ways."""
+        height, width = self.size
+        return (width, height)
+
+    def resized_size(self, height: int, width: int) -> list[int]:
+        """The size the resize step asks for, as torchvision's resize takes it."""
+        if self.mode == "edge":
+            return [self.size[0]]  # shorter side; torchvision computes the other one as for PIL
+        if self.mode == "exact":
+            return list(self.size)
+        ratio_h, ratio_w = height / self.size[0], width / self.size[1]
+        ratio = max(ratio_h, ratio_w) * self.longest + min(ratio_h, ratio_w) * (1.0 - self.longest)
+        return [round(height / ratio), round(width / ratio)]
+
+    def resize_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] uint8 of one size → [N, h, w, 3] uint8 at `output_size`."""
+        from open_clip.transform import center_crop_or_pad
+        from torchvision.transforms.v2 import functional as F
+
+        size = self.resized_size(images.shape[-2], images.shape[-1])
+        resized = F.resize(images.float(), size, interpolation=self.interpolation, antialias=True)
+        if self.crop is not None:
+            if self.pad_fill is not None:
+                resized = center_crop_or_pad(resized, list(self.crop), fill=self.pad_fill)
+            else:
+                resized = F.center_crop(resized, list(self.crop))
+        return resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+class ImagePreprocess:
+    """The model's image input, split from open_clip's transform: PIL steps (resize, crop, mode)
+    here, mean/std on the device over whole batches, so workers and queues carry uint8 pixels
+    (a quarter of float32's bytes)."""
+
+    def __init__(self, transform: Any):
+        from torchvision.transforms import Compose, Normalize
+
+        steps = list(getattr(transform, "transforms", [transform]))
+        names = [type(step).__name__ for step in steps]
+        cut = next((i for i, name in enumerate(names) if "ToTensor" in name), None)
+        if cut is None or len(steps) != cut + 2 or not isinstance(steps[-1], Normalize):
+            raise ValueError(f"unsupported preprocessing {names}: expected PIL steps, ToTensor, Normalize")
+        self.pil_steps = Compose(steps[:cut])
+        self.mean, self.std = tuple(steps[-1].mean), tuple(steps[-1].std)
+        self.spec = ResizeSpec.from_transform(steps[:cut])
+
+    def describe(self) -> str:
+        return repr(self.pil_steps)
+
+    # ---- CPU ----
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """An RGB image (any size) → uint8 [h, w, 3] at the model's input size."""
+        return np.asarray(self.pil_steps(image), dtype=np.uint8)
+
+    def decode(self, data: bytes, *, max_pixels: int) -> np.ndarray:
+        """Image file bytes → uint8 model pixels: the CPU path of the embed job and of queries."""
+        return self.pixels(decode_image(data, max_pixels=max_pixels, draft_size=self.spec.draft_size))
+
+    # ---- device ----
+    @staticmethod
+    def wants_device_decode(data: bytes, *, max_pixels: int) -> bool:
+        """True for a plain RGB/greyscale JPEG within the pixel limit (header read only, no decode)."""
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                return image.format == "JPEG" and image.mode in ("RGB", "L") and width * height <= max_pixels
+        except Exception:  # noqa: BLE001 - anything odd is the CPU decoder's to judge and report
+            return False
+
+    def decode_on_device(self, jpegs: list[bytes], *, device: torch.device) -> list[torch.Tensor | None]:
+        """uint8 [h, w, 3] tensors on `device`, one per JPEG (nvjpeg on CUDA); None where decoding failed."""
+        if not jpegs:
+            return []
+        encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+        try:
+            images = _decode_jpeg(encoded, device)
+        except RuntimeError:
+            images = [_decode_one(data, device) for data in encoded]  # find the broken file(s)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        # Same-sized images (common: one camera, one export size) resize as one batch: a handful
+        # of kernel launches per size instead of per image.
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            if image is not None:
+                by_size.setdefault(tuple(image.shape), []).append(i)
+        for indices in by_size.values():
+            resized = self.spec.resize_batch(torch.stack([images[i] for i in indices]))
+            for i, pixels in zip(indices, resized):
+                out[i] = pixels
+        return out
+
+
+def stack_pixels(pixels: Sequence[np.ndarray | torch.Tensor], device: torch.device) -> np.ndarray | torch.Tensor:
+    """One [B, h, w, 3] batch from host arrays (CPU path) and/or device tensors (device path)."""
+    if all(isinstance(p, np.ndarray) for p in pixels):
+        return np.stack(pixels)  # one pinned host-to-device copy in the encoder's forward
+    return torch.stack([torch.as_tensor(p).to(device, non_blocking=True) for p in pixels])
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return _decode_jpeg(data, device)
+    except RuntimeError:
+        return None
+
+
+def _decode_jpeg(data: torch.Tensor | list[torch.Tensor], device: torch.device):
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec, which needs
+        # FFmpeg libraries; torchvision's nvjpeg path still works and is what we pin.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchCodec.*")
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)

@@ -1,0 +1,1 @@
+"""Retrieval over any store: coarse search, fusion, the rerank stage, evaluation."""

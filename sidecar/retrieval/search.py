@@ -1,0 +1,154 @@
+"""Two-stage retrieval over any store: coarse (vector / BM25 / hybrid, top N), then rerank to top K."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sidecar.retrieval.fusion import FUSION_METHODS, fuse
+from sidecar.stores.base import Store
+from sidecar.types import Filters
+
+MODES = ("vector", "bm25", "hybrid")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    mode: str = "hybrid"
+    k: int = 10
+    candidates: int = 100  # N: how many the coarse stage hands to the rerank
+    fusion: str = "minmax"
+    weights: tuple[float, float] = (0.7, 0.3)  # (vector, bm25)
+    rerank: bool = True
+    exact: bool = False  # brute-force vector search instead of ANN
+    filters: Filters | None = None
+    # Hybrid on a store with its own fusion (OpenSearch + neural-search): fuse there when it
+    # supports the fusion asked for; False always fuses in Python (to compare the two).
+    native_hybrid: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.fusion not in FUSION_METHODS:
+            raise ValueError(f"fusion {self.fusion!r}: choose one of {', '.join(FUSION_METHODS)}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.candidates < self.k:
+            object.__setattr__(self, "candidates", self.k)
+        if len(self.weights) != 2 or min(self.weights) < 0 or sum(self.weights) <= 0:
+            raise ValueError(f"weights must be two non-negative numbers (vector, bm25) with a positive sum, got {self.weights}")
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    id: str
+    score: float
+    scores: dict[str, float]  # per stage: vector, bm25, fused, rerank — why it ranked there
+    text: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "score": self.score, "scores": self.scores, "text": self.text,
+                "metadata": dict(self.metadata)}
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    hits: list[Hit]
+    timings_s: dict[str, float]  # coarse, rerank
+
+
+def query_vector(text_vector: np.ndarray | None, image_vector: np.ndarray | None) -> np.ndarray | None:
+    """A text+image query searches near both: the normalised sum of the two unit vectors."""
+    vectors = [v for v in (text_vector, image_vector) if v is not None]
+    if not vectors:
+        return None
+    combined = np.sum(vectors, axis=0, dtype=np.float32)
+    return combined / max(float(np.linalg.norm(combined)), 1e-12)
+
+
+def search(store: Store, *, vector: np.ndarray | None, text: str | None, options: SearchOptions) -> SearchResult:
+    if options.mode in ("bm25", "hybrid") and not (text and text.strip()):
+        raise ValueError(f"mode {options.mode} needs query text; use mode vector for an image-only query")
+    if options.mode in ("vector", "hybrid") and vector is None:
+        raise ValueError(f"mode {options.mode} needs a query vector (text or image)")
+
+    started = time.perf_counter()
+    n = options.candidates
+    vector_scores: dict[str, float] = {}
+    bm25_scores: dict[str, float] = {}
+    native = options.mode == "hybrid" and uses_native_hybrid(store, options)
+    if native:
+        coarse = _as_dict(store.hybrid_search(vector, text, n, filters=options.filters, fusion=options.fusion,
+                                              weights=options.weights))
+        top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
+        # The hybrid response carries fused scores only. The lexical evidence the rerank fuses
+        # (and `scores.bm25` shows) is raw BM25 of the candidates: one query restricted to their
+        # ids, the same scores a full text_search gives them. Their vector scores come below.
+        bm25_scores = _as_dict(store.text_search(text, len(top), filters=options.filters, ids=top)) if top else {}
+    else:
+        if options.mode in ("vector", "hybrid"):
+            vector_scores = _as_dict(store.vector_search(vector, n, filters=options.filters, exact=options.exact))
+        if options.mode in ("bm25", "hybrid"):
+            bm25_scores = _as_dict(store.text_search(text, n, filters=options.filters))
+        if options.mode == "hybrid":
+            coarse = fuse([vector_scores, bm25_scores], method=options.fusion, weights=options.weights)
+        else:
+            coarse = vector_scores or bm25_scores
+        top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
+    coarse_done = time.perf_counter()
+
+    documents = {doc.id: doc for doc in store.fetch(top)}
+    top = [doc_id for doc_id in top if doc_id in documents]  # deleted between the two calls
+    if native:
+        # Exact inner product from the stored full vectors (what the ANN side scored, without its error).
+        vector_scores = _exact_scores(top, documents, vector)
+    if options.rerank and vector is not None:
+        final = _rerank(top, documents, vector=vector, bm25_scores=bm25_scores, options=options)
+    else:
+        final = {doc_id: coarse[doc_id] for doc_id in top}
+    ranked = sorted(top, key=final.__getitem__, reverse=True)[:options.k]
+    hits = []
+    for doc_id in ranked:
+        scores = {"vector": vector_scores.get(doc_id), "bm25": bm25_scores.get(doc_id),
+                  "fused": coarse[doc_id] if options.mode == "hybrid" else None,
+                  "rerank": final[doc_id] if options.rerank and vector is not None else None}
+        doc = documents[doc_id]
+        hits.append(Hit(id=doc_id, score=final[doc_id], text=doc.text, metadata=dict(doc.metadata),
+                        scores={name: value for name, value in scores.items() if value is not None}))
+    return SearchResult(hits=hits, timings_s={"coarse": coarse_done - started,
+                                              "rerank": time.perf_counter() - coarse_done})
+
+
+def _rerank(ids: list[str], documents: dict, *, vector: np.ndarray, bm25_scores: dict[str, float],
+            options: SearchOptions) -> dict[str, float]:
+    """Fine stage: exact similarity from the stored full vectors for every candidate (BM25-only
+    candidates included), fused with the lexical evidence over the candidate set."""
+    if not ids:
+        return {}
+    exact = _exact_scores(ids, documents, vector)
+    lexical = {doc_id: bm25_scores[doc_id] for doc_id in ids if doc_id in bm25_scores}
+    if not lexical:
+        return exact
+    # Only hits with a positive lexical score enter the lexical list; the rest contribute 0.
+    return fuse([exact, lexical], method=options.fusion, weights=options.weights)
+
+
+def uses_native_hybrid(store: Store, options: SearchOptions) -> bool:
+    """Whether hybrid fusion runs in the store (which fusions it can run is the store's rule)."""
+    return options.native_hybrid and store.supports_native_hybrid(fusion=options.fusion, weights=options.weights,
+                                                                  exact=options.exact)
+
+
+def _exact_scores(ids: list[str], documents: dict, vector: np.ndarray) -> dict[str, float]:
+    if not ids:
+        return {}
+    matrix = np.stack([np.asarray(documents[doc_id].vector, dtype=np.float32) for doc_id in ids])
+    return dict(zip(ids, (matrix @ np.asarray(vector, dtype=np.float32)).tolist()))
+
+
+def _as_dict(hits) -> dict[str, float]:
+    return {hit.id: float(hit.score) for hit in hits}

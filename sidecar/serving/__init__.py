@@ -1,0 +1,1 @@
+"""Online encoding: the micro-batcher, the text-vector cache, and Prometheus metrics."""

@@ -1,0 +1,46 @@
+"""Value types that cross parts: the model signature, documents and scored ids.
+
+They live here, below every part, so that the model, the ingest job and the stores can share
+them without importing one another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+# Metadata filters: {"field": value} or {"field": [v1, v2]} (any of); all fields must match.
+Filters = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSignature:
+    """Which encoder produced a store's vectors; vectors of two models never mix."""
+
+    model: str
+    weights: str
+    dim: int
+
+    def describe(self) -> str:
+        return f"{self.model} (weights {self.weights}, dim {self.dim})"
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One indexed item: an L2-normalised vector plus the text BM25 sees and free metadata."""
+
+    id: str
+    vector: np.ndarray
+    text: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    content_hash: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredId:
+    """A candidate from one retrieval stage; `score` is that stage's raw score."""
+
+    id: str
+    score: float

@@ -1,0 +1,63 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sidecar.ingest.corpus import CorpusError, content_hash, read_corpus
+
+
+def test_folder_ids_are_relative_paths_and_text_comes_from_a_caption_file_or_the_name(tmp_path):
+    (tmp_path / "shoes").mkdir()
+    (tmp_path / "shoes" / "red_sneakers.jpg").write_bytes(b"x")
+    (tmp_path / "bag.png").write_bytes(b"y")
+    (tmp_path / "bag.txt").write_text("a blue leather handbag\n")
+    (tmp_path / "notes.md").write_text("ignored")
+    items = {item.id: item for item in read_corpus(tmp_path)}
+    assert set(items) == {"shoes/red_sneakers.jpg", "bag.png"}
+    assert items["shoes/red_sneakers.jpg"].text == "red sneakers"
+    assert items["bag.png"].text == "a blue leather handbag"
+
+
+def test_jsonl_csv_and_parquet_manifests_agree(tmp_path):
+    rows = [{"id": "a", "path": "img/a.jpg", "text": "red circle", "metadata": {"color": "red"}},
+            {"id": "b", "path": "img/b.jpg", "text": "blue square", "metadata": {"color": "blue"}}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "m.csv").write_text("id,path,text,color\na,img/a.jpg,red circle,red\nb,img/b.jpg,blue square,blue\n")
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "metadata"} | r["metadata"]
+                                         for r in rows]), tmp_path / "m.parquet")
+    for name in ("m.jsonl", "m.csv", "m.parquet"):
+        items = list(read_corpus(tmp_path / name))
+        assert [(i.id, i.text, i.metadata) for i in items] == [("a", "red circle", {"color": "red"}),
+                                                                ("b", "blue square", {"color": "blue"})], name
+        assert items[0].path == tmp_path / "img" / "a.jpg"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("{not json", "m.jsonl:1: not valid JSON"), ('{"id": "a"}', "m.jsonl:1: field 'path' is required"),
+     ('{"path": "a.jpg", "metadata": [1]}', "field 'metadata' must be an object"),
+     ('{"path": "a.jpg", "text": 5}', "field 'text' must be a string")],
+)
+def test_bad_manifest_lines_name_file_line_and_field(tmp_path, line, message):
+    (tmp_path / "m.jsonl").write_text(line + "\n")
+    with pytest.raises(CorpusError, match=message):
+        list(read_corpus(tmp_path / "m.jsonl"))
+
+
+def test_unknown_source_kind_and_missing_source(tmp_path):
+    (tmp_path / "m.xml").write_text("<x/>")
+    with pytest.raises(CorpusError, match="expected a folder, or a .jsonl, .csv or .parquet manifest"):
+        read_corpus(tmp_path / "m.xml")
+    with pytest.raises(CorpusError, match="does not exist"):
+        read_corpus(tmp_path / "missing.jsonl")
+
+
+def test_content_hash_follows_bytes_not_timestamps(tmp_path):
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"one")
+    first = content_hash(path)
+    path.write_bytes(b"one")
+    assert content_hash(path) == first
+    path.write_bytes(b"two")
+    assert content_hash(path) != first

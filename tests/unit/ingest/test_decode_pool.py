@@ -1,0 +1,58 @@
+"""Decode workers hand each item its own pixels through shared-memory slots, in order."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sidecar.ingest.corpus import CorpusItem
+from sidecar.ingest.decode_pool import decoded_batches
+from sidecar.model.images import decode_image
+
+
+class SmallImages:
+    """What decoded_batches needs of an ImagePreprocess: the output size and the CPU decode."""
+
+    spec = SimpleNamespace(output_size=(16, 16))
+
+    def decode(self, data: bytes, *, max_pixels: int) -> np.ndarray:
+        image = decode_image(data, max_pixels=max_pixels)
+        return np.asarray(image.resize((16, 16)), dtype=np.uint8)
+
+    def wants_device_decode(self, data: bytes, *, max_pixels: int) -> bool:
+        return False
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    return (i * 37) % 256, (i * 91) % 256, (i * 53) % 256
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_item_gets_its_own_pixels_even_when_slots_are_reused(tmp_path, workers):
+    todo = []
+    for i in range(300):  # more items than slots (64 per worker): every slot is reused
+        path = tmp_path / f"{i}.jpg"
+        if i % 7 == 3:
+            path.write_bytes(b"not a jpeg")
+        else:
+            Image.new("RGB", (24, 24), colour(i)).save(path, quality=95)
+        todo.append((CorpusItem(id=str(i), path=path, text=""), f"hash-{i}"))
+
+    # Keep every batch until the end: pixels must stay an item's own after its slot is reused.
+    batches = list(decoded_batches(todo, SmallImages(), batch_size=8, workers=workers, max_pixels=10_000,
+                                   on_device=False))
+    seen = []
+    for batch in batches:
+        for item, digest, pixels, reason in batch:
+            i = int(item.id)
+            assert digest == f"hash-{i}"
+            if i % 7 == 3:
+                assert pixels is None and "not a recognised image format" in reason
+            else:
+                assert reason is None and pixels.shape == (16, 16, 3)
+                np.testing.assert_allclose(pixels.reshape(-1, 3).mean(axis=0), colour(i), atol=3)
+            seen.append(i)
+    assert seen == list(range(300))

@@ -1,0 +1,75 @@
+"""The embed job's scan (content hashes, serial or across processes, named errors) and its stager thread."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sidecar.ingest import embed
+from sidecar.ingest.corpus import CorpusError, content_hash
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def workers(request, monkeypatch) -> int:
+    if request.param == "parallel":
+        monkeypatch.setattr(embed, "PARALLEL_SCAN_MIN", 1)
+        return 2
+    return 1
+
+
+def write_manifest(folder, rows) -> object:
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return manifest
+
+
+def test_scan_hashes_every_file_in_order(tmp_path, workers):
+    for i in range(20):
+        (tmp_path / f"{i}.jpg").write_bytes(bytes([i]) * (100 + i))
+    manifest = write_manifest(tmp_path, [{"id": f"item-{i}", "path": f"{i}.jpg"} for i in range(20)])
+    items, hashes = embed._scan(manifest, workers=workers, progress=False)
+    assert [item.id for item in items] == [f"item-{i}" for i in range(20)]
+    assert hashes == {f"item-{i}": content_hash(tmp_path / f"{i}.jpg") for i in range(20)}
+
+
+def test_scan_names_the_item_whose_file_cannot_be_read(tmp_path, workers):
+    (tmp_path / "a.jpg").write_bytes(b"a")
+    manifest = write_manifest(tmp_path, [{"id": "a", "path": "a.jpg"}, {"id": "gone", "path": "missing.jpg"}])
+    with pytest.raises(CorpusError, match=r"item 'gone': cannot read .*missing\.jpg: No such file"):
+        embed._scan(manifest, workers=workers, progress=False)
+
+
+def test_scan_refuses_duplicate_ids(tmp_path, workers):
+    (tmp_path / "a.jpg").write_bytes(b"a")
+    manifest = write_manifest(tmp_path, [{"id": "x", "path": "a.jpg"}, {"id": "x", "path": "a.jpg"}])
+    with pytest.raises(CorpusError, match="duplicate id 'x'"):
+        embed._scan(manifest, workers=workers, progress=False)
+
+
+def test_background_stager_keeps_order_raises_its_errors_and_cleans_up():
+    with embed._in_background(iter(range(50)), depth=2) as staged:
+        assert list(staged) == list(range(50))
+
+    def failing():
+        yield 1
+        raise CorpusError("bad manifest line 2")
+
+    with pytest.raises(CorpusError, match="line 2"), embed._in_background(failing()) as staged:
+        list(staged)
+
+    cleaned = []
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            cleaned.append(True)  # where the decode pool is terminated
+
+    with pytest.raises(RuntimeError, match="model failed"), embed._in_background(endless()) as staged:
+        assert next(staged) == 0
+        raise RuntimeError("model failed")  # the consumer stops early: an error, Ctrl-C
+    assert cleaned == [True]

@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+
+from sidecar.ingest.shards import ShardError, ShardRow, ShardSet
+from sidecar.types import ModelSignature
+
+SIG = ModelSignature(model="tiny-clip", weights="sha256:abc", dim=4)
+
+
+def rows(*ids: str, digest: str = "h") -> list[ShardRow]:
+    return [ShardRow(id=i, path=f"{i}.jpg", text=f"text {i}", metadata={"n": i}, content_hash=digest) for i in ids]
+
+
+def unit(n: int) -> np.ndarray:
+    vectors = np.random.default_rng(n).normal(size=(n, 4)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_newest_row_wins_and_deleted_ids_are_left_out(tmp_path):
+    shards = ShardSet(tmp_path)
+    shards.start(SIG, preprocessing={})
+    shards.write_shard(unit(3), rows("a", "b", "c", digest="v1"))
+    shards.write_shard(unit(1), rows("b", digest="v2"))
+    shards.set_deleted(["c"])
+    reopened = ShardSet(tmp_path)
+    assert reopened.signature == SIG
+    documents = {d.id: d for batch in reopened.documents(batch_size=2) for d in batch}
+    assert set(documents) == {"a", "b"}
+    assert documents["b"].content_hash == "v2"
+    np.testing.assert_allclose(np.linalg.norm(documents["a"].vector), 1.0, rtol=1e-6)
+
+
+def test_a_run_killed_between_renames_and_manifest_keeps_complete_shards_only(tmp_path):
+    shards = ShardSet(tmp_path)
+    shards.start(SIG, preprocessing={})
+    shards.write_shard(unit(2), rows("a", "b"))
+    # Killed after both renames of shard 1 but before the manifest update…
+    np.save(tmp_path / "shard-00001.npy", unit(1))
+    row = {"id": "c", "path": "c.jpg", "text": "", "metadata": {}, "content_hash": "h"}
+    (tmp_path / "shard-00001.jsonl").write_text(json.dumps(row) + "\n")
+    # …and mid-write of shard 2: only a temporary file exists.
+    (tmp_path / "shard-00002.npy.tmp").write_bytes(b"partial")
+    (tmp_path / "shard-00003.npy").write_bytes(b"no rows file: incomplete")
+    resumed = ShardSet(tmp_path)
+    resumed.start(SIG, preprocessing={})
+    assert resumed.shard_names() == ["shard-00000", "shard-00001"]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert set(resumed.latest()) == {"a", "b", "c"}
+
+
+def test_a_directory_of_another_model_is_refused(tmp_path):
+    ShardSet(tmp_path).start(SIG, preprocessing={})
+    other = ModelSignature(model="ViT-B-32", weights="openai", dim=512)
+    with pytest.raises(ShardError, match="holds shards of tiny-clip .* not ViT-B-32"):
+        ShardSet(tmp_path).start(other, preprocessing={})
+
+
+def test_vectors_and_rows_must_pair_up(tmp_path):
+    shards = ShardSet(tmp_path)
+    shards.start(SIG, preprocessing={})
+    with pytest.raises(ShardError, match="2 vectors but 1 rows"):
+        shards.write_shard(unit(2), rows("a"))

@@ -1,0 +1,44 @@
+import pytest
+
+from sidecar.retrieval.fusion import fuse, minmax, rrf, zscore
+
+
+def test_minmax_scales_to_unit_range_and_respects_bounds():
+    assert minmax({"a": 2.0, "b": 4.0, "c": 3.0}) == {"a": 0.0, "b": 1.0, "c": 0.5}
+    # With fixed bounds a lone weak hit stays weak instead of being stretched to 1.
+    assert minmax({"a": 0.2}, bounds=(0.0, 1.0)) == {"a": pytest.approx(0.2)}
+    assert minmax({"a": 1.0, "b": 1.0}) == {"a": 1.0, "b": 1.0}
+
+
+def test_zscore_centres_and_scales():
+    scores = zscore({"a": 1.0, "b": 2.0, "c": 3.0})
+    assert scores["b"] == pytest.approx(0.0)
+    assert scores["a"] == pytest.approx(-scores["c"])
+
+
+def test_rrf_rewards_agreement_between_lists():
+    fused = rrf([["a", "b", "c"], ["b", "a", "d"]], weights=[1.0, 1.0])
+    assert max(fused, key=fused.get) in ("a", "b")
+    assert fused["a"] == pytest.approx(fused["b"])
+    assert fused["c"] < fused["a"] and fused["d"] < fused["a"]
+
+
+@pytest.mark.parametrize("method", ["minmax", "zscore", "rrf"])
+def test_fuse_prefers_documents_both_retrievers_like(method):
+    vector = {"both": 0.9, "vec_only": 0.95, "weak": 0.1}
+    bm25 = {"both": 8.0, "bm25_only": 9.0, "weak": 0.5}
+    fused = fuse([vector, bm25], method=method, weights=[0.5, 0.5])
+    assert max(fused, key=fused.get) == "both"
+    assert set(fused) == {"both", "vec_only", "weak", "bm25_only"}
+
+
+def test_fuse_weights_decide_between_retrievers():
+    vector = {"v": 1.0, "t": 0.0}
+    bm25 = {"v": 0.0, "t": 1.0}
+    assert max(fuse([vector, bm25], method="minmax", weights=[0.9, 0.1]).items(), key=lambda kv: kv[1])[0] == "v"
+    assert max(fuse([vector, bm25], method="minmax", weights=[0.1, 0.9]).items(), key=lambda kv: kv[1])[0] == "t"
+
+
+def test_fuse_rejects_unknown_method_naming_the_choices():
+    with pytest.raises(ValueError, match="minmax, zscore, rrf"):
+        fuse([{}], method="max", weights=[1.0])
