@@ -221,3 +221,16 @@ def _tiny_checkpoint() -> Path:
     from sidecar.model.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(Settings().cache_dir)
+
+
+def test_terminal_shows_the_projects_own_lines_not_third_party_info(store_path, corpus):
+    # Without -q: the project's INFO lines are wanted; faiss's loader, open_clip and
+    # opensearch-py chatter at INFO is not (only with -v).
+    image = corpus.parent / json.loads(corpus.read_text().splitlines()[0])["path"]
+    args = [sys.executable, "-m", "sidecar.cli", "search", "--image", str(image), "--store-path", str(store_path)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    info_lines = [line for line in result.stderr.splitlines() if " INFO " in line]
+    assert info_lines and all(" INFO sidecar." in line for line in info_lines), result.stderr
+    verbose = subprocess.run([*args[:3], "-v", *args[3:]], capture_output=True, text=True, timeout=600)
+    assert any(" faiss" in line for line in verbose.stderr.splitlines()), verbose.stderr
