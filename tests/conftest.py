@@ -1,7 +1,9 @@
-"""Shared fixtures: the trained tiny model, a small synthetic corpus, an indexed embedded store."""
+"""Shared fixtures: a cache of the test run's own, the trained tiny model, a small synthetic corpus,
+an indexed embedded store."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,10 +18,23 @@ from sidecar.stores.embedded import EmbeddedStore
 CORPUS_ITEMS = 400
 
 
+@pytest.fixture(scope="session", autouse=True)
+def test_cache_dir(tmp_path_factory) -> Path:
+    """The cache every test and every process a test starts uses (tiny model, weights, text
+    vectors): a folder of this test run, never the user's ~/.cache. The tiny model trains once
+    per run into it. CLIP_SIDECAR_TEST_CACHE names a test-owned folder to reuse across runs
+    instead (development: the model then trains once per machine)."""
+    reused = os.environ.get("CLIP_SIDECAR_TEST_CACHE")
+    path = Path(reused) if reused else tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLIP_SIDECAR_CACHE", str(path))
+        patch.delenv("SIDECAR_CACHE_DIR", raising=False)
+        yield path
+
+
 @pytest.fixture(scope="session")
-def model_settings() -> Settings:
-    """Default cache dir: the tiny model is trained once per machine and reused."""
-    return Settings()
+def model_settings(test_cache_dir: Path) -> Settings:
+    return Settings(cache_dir=test_cache_dir)
 
 
 @pytest.fixture(scope="session")

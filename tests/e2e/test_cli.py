@@ -220,7 +220,7 @@ def _tiny_checkpoint() -> Path:
     from sidecar.config import Settings
     from sidecar.model.tiny_model import ensure_tiny_model
 
-    return ensure_tiny_model(Settings().cache_dir)
+    return ensure_tiny_model(Settings().cache_dir)  # the test run's cache (CLIP_SIDECAR_CACHE, tests/conftest.py)
 
 
 def test_terminal_shows_the_projects_own_lines_not_third_party_info(store_path, corpus):

@@ -11,6 +11,7 @@ import pytest
 
 from sidecar.stores.base import StoreError
 from tests.integration.conftest import SIGNATURE, drop, make_documents, make_store
+from tests.support import ORIGINAL_ENVIRON
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -18,7 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "opensearch-local"
 
 
 def _node(command: str) -> None:
-    subprocess.run([str(SCRIPT), command], check=True, timeout=300, capture_output=True)
+    subprocess.run([str(SCRIPT), command], check=True, timeout=300, capture_output=True, env=ORIGINAL_ENVIRON)
 
 
 def test_node_restart_mid_load_then_rerun_gives_exact_count(node):

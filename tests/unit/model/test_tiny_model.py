@@ -97,7 +97,7 @@ def test_a_waiting_caller_uses_the_checkpoint_the_lock_holder_wrote(tmp_path, mo
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(model_settings) -> Path:
-    # The same cache as every other test (and the demo): the model trains once per machine.
+    # The test run's cache (tests/conftest.py): the model trains once per run, shared by every test.
     return tiny_model.ensure_tiny_model(model_settings.cache_dir, progress=False)
 
 
