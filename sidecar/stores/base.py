@@ -13,6 +13,11 @@ class StoreError(RuntimeError):
     """A store cannot do what was asked (wrong model, unreachable cluster, bad state)."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached right now (cluster down, connection refused, timeout): the
+    caller may retry later; the API answers 503 with Retry-After."""
+
+
 class ModelMismatchError(StoreError):
     def __init__(self, store: ModelSignature, other: ModelSignature):
         super().__init__(
