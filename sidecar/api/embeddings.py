@@ -9,7 +9,15 @@ import numpy as np
 from flask import Blueprint, jsonify, request
 
 from sidecar.api.state import current_state
-from sidecar.api.validation import choice, decode_images, image_bytes, json_body, known_fields, optional
+from sidecar.api.validation import (
+    choice,
+    decode_images,
+    image_bytes,
+    json_body,
+    json_type,
+    known_fields,
+    optional,
+)
 from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge
 
 bp = Blueprint("embeddings", __name__)
@@ -105,7 +113,7 @@ def _items(body: dict, *, modality: str, limit: int) -> list[tuple[str, Any]]:
     raw = body["input"]
     raw = [raw] if isinstance(raw, (str, dict)) else raw
     if not isinstance(raw, list):
-        raise BadRequest(f"field 'input' must be a string or a list, got {type(raw).__name__}")
+        raise BadRequest(f"field 'input' must be a string or a list, got {json_type(raw)}")
     if not raw:
         raise BadRequest("field 'input' is empty: send at least one item")
     if len(raw) > limit:
@@ -117,7 +125,7 @@ def _items(body: dict, *, modality: str, limit: int) -> list[tuple[str, Any]]:
         elif isinstance(item, dict):
             items.append(_typed_item(item, field=f"input[{i}]"))
         else:
-            raise BadRequest(f"field 'input[{i}]' must be a string or an object, got {type(item).__name__}")
+            raise BadRequest(f"field 'input[{i}]' must be a string or an object, got {json_type(item)}")
     return items
 
 
@@ -127,7 +135,7 @@ def _typed_item(item: dict, *, field: str) -> tuple[str, str]:
     present = [kind for kind in ITEM_KINDS if kind in item]
     if len(present) > 1:
         raise BadRequest(f"field '{field}' carries both 'text' and 'image': an item is one or the other")
-    if item.get("type") is not None:
+    if "type" in item:
         kind = choice(item, "type", choices=ITEM_KINDS, default="text", name=f"{field}.type")
         if present != [kind]:
             raise BadRequest(f"field '{field}.{kind}' is required for an item of type {kind}")
@@ -135,7 +143,4 @@ def _typed_item(item: dict, *, field: str) -> tuple[str, str]:
         kind = present[0]
     else:
         raise BadRequest(f"field '{field}' must carry 'text' or 'image'")
-    value = optional(item, kind, str, name=f"{field}.{kind}")
-    if value is None:
-        raise BadRequest(f"field '{field}.{kind}' must be a string, got null")
-    return kind, value
+    return kind, optional(item, kind, str, name=f"{field}.{kind}")

@@ -27,6 +27,10 @@ from sidecar.serving.encoding import EncodingService
 # 64-bit signed integers: what OpenSearch's long and SQLite's INTEGER hold.
 INT64 = (-2**63, 2**63 - 1)
 _READ_CHUNK = 64 * 1024
+_BASE64_SPACING = dict.fromkeys(map(ord, "\t\n\r "))
+# ECMAScript's \s, which the OpenAPI file's patterns use: a text of only these is blank.
+WHITESPACE = "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+             "\u2028\u2029\u202f\u205f\u3000\ufeff"
 
 
 def body_too_large(max_bytes: int) -> PayloadTooLarge:
@@ -46,7 +50,7 @@ def json_body(request: Request, settings: Settings) -> dict[str, Any]:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     check_json_values(body, max_depth=settings.max_json_depth)
     if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+        raise BadRequest(f"request body must be a JSON object, got {json_type(body)}")
     return body
 
 
@@ -122,14 +126,22 @@ def known_fields(body: dict, fields: tuple[str, ...], *, where: str = "request b
 
 def optional(body: dict, field: str, kind: type | tuple[type, ...], default: Any = None, *,
              name: str | None = None) -> Any:
-    """body[field] if present and not null, else `default`; `name` is the field's full path in errors."""
-    value = body.get(field, default)
-    if value is None:
+    """body[field] if present (null is not a value of any field), else `default`; `name` is the
+    field's full path in errors."""
+    if field not in body:
         return default
+    value = body[field]
+    kinds = _as_tuple(kind)
+    if int in kinds and float not in kinds and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 10.0 is the integer 10, as JSON Schema counts
     # bool is an int in Python; a JSON true is not a count.
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-        raise BadRequest(f"field '{name or field}' must be {_type_names(kind)}, got {_json_type(value)}")
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
+        raise BadRequest(f"field '{name or field}' must be {_type_names(kind)}, got {json_type(value)}")
     return value
+
+
+def is_blank(text: str) -> bool:
+    return not text.strip(WHITESPACE)
 
 
 def bounded_int(body: dict, field: str, *, default: int, low: int, high: int) -> int:
@@ -171,8 +183,10 @@ def filters(body: dict, settings: Settings) -> dict[str, Any] | None:
         for i, item in enumerate(values):
             field = f"filters.{name}[{i}]" if isinstance(wanted, list) else f"filters.{name}"
             if not isinstance(item, (str, int, float)):  # bool is an int
-                raise BadRequest(f"field '{field}' must be a string, number or boolean, got {_json_type(item)}")
-            if isinstance(item, int) and not INT64[0] <= item <= INT64[1]:
+                raise BadRequest(f"field '{field}' must be a string, number or boolean, got {json_type(item)}")
+            # JSON Schema's integers are whole numbers however written (2.0, 1e300): held to 64 bits alike.
+            whole = isinstance(item, int) or isinstance(item, float) and item.is_integer()
+            if whole and not isinstance(item, bool) and not INT64[0] <= item <= INT64[1]:
                 raise BadRequest(f"field '{field}' is {item}, outside the 64-bit integers the stores hold "
                                  f"({INT64[0]} to {INT64[1]})")
     return value
@@ -182,7 +196,7 @@ def image_bytes(value: Any, *, field: str, max_bytes: int) -> bytes:
     """A base64 image field → its bytes. Takes a data URL (data:image/png;base64,...) and MIME-wrapped
     base64 (76-column lines, as `base64` prints it)."""
     if not isinstance(value, str):
-        raise BadRequest(f"field '{field}' must be a base64 string, got {_json_type(value)}")
+        raise BadRequest(f"field '{field}' must be a base64 string, got {json_type(value)}")
     if value.startswith("data:"):
         header, _, value = value.partition(",")
         if not header.endswith(";base64"):
@@ -191,7 +205,7 @@ def image_bytes(value: Any, *, field: str, max_bytes: int) -> bytes:
         raise PayloadTooLarge(f"field '{field}': image is over the limit of {max_bytes} bytes (max_body_bytes)")
     # Line breaks and spaces are not data (RFC 2045 wraps at 76 columns); anything else outside
     # the alphabet is an error rather than silently dropped.
-    value = "".join(value.split())
+    value = value.translate(_BASE64_SPACING)
     try:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -242,7 +256,7 @@ def _type_names(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     """What the client sent, in JSON's words."""
     if value is None:
         return "null"

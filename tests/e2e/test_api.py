@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
+import sidecar
 from sidecar.api.state import state_of
 from tests.support import image_b64, png_b64
 
@@ -396,3 +399,26 @@ def test_the_deadline_counts_tokenising(build_app):
     response = build_app(request_timeout_s=1e-9).test_client().post("/v1/embeddings", json={"input": ["red"]})
     assert response.status_code == 504
     assert "tokenising 1 texts took longer than request_timeout_s=1e-09" in response.json["error"]["message"]
+
+
+# ---- the OpenAPI file describes what the server takes -----------------------------------------
+
+def openapi_examples():
+    spec = yaml.safe_load((Path(sidecar.__file__).parent / "openapi.yaml").read_text())
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            content = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
+            for name, example in content.get("examples", {}).items():
+                yield pytest.param(method, path, example["value"], id=f"{method} {path} {name}")
+
+
+@pytest.mark.parametrize(("method", "path", "body"), list(openapi_examples()))
+def test_every_example_in_the_openapi_file_is_served(client, method, path, body):
+    response = client.open(path, method=method.upper(), json=body)
+    assert response.status_code == 200, response.json
+
+
+def test_the_served_openapi_file_is_the_packaged_one(client):
+    served = client.get("/openapi.yaml")
+    assert served.mimetype == "application/yaml"
+    assert served.get_data(as_text=True) == (Path(sidecar.__file__).parent / "openapi.yaml").read_text()
