@@ -13,6 +13,7 @@ from sidecar.api.validation import (
     decode_images,
     filters,
     image_bytes,
+    is_blank,
     json_body,
     known_fields,
     optional,
@@ -36,7 +37,7 @@ def search_endpoint():
     body = json_body(request, settings)
     known_fields(body, FIELDS)
     text = optional(body, "text", str)
-    if text is not None and not text.strip():
+    if text is not None and is_blank(text):
         text = None  # blank text beside an image: an image query
     image = optional(body, "image", str)
     if text is None and image is None:

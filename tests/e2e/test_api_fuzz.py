@@ -106,7 +106,7 @@ def default_server(store_path, test_cache_dir, tmp_path_factory):
         yield url, folder / "server.log"
 
 
-def test_the_openapi_file_and_the_server_agree(default_server):
+def test_the_openapi_file_and_the_server_agree(default_server, tmp_path):
     url, log = default_server
     # Every check but positive_data_acceptance, which the hook replaces: schema-valid requests are
     # served except where they carry image bytes or `dimensions` (tests/e2e/schemathesis_hooks.py).
@@ -115,6 +115,6 @@ def test_the_openapi_file_and_the_server_agree(default_server):
          "--checks", "all", "--exclude-checks", "positive_data_acceptance",
          "--phases", "examples,coverage,fuzzing", "--max-examples", "150", "--seed", "1", "--workers", "2"],
         env={**os.environ, "SCHEMATHESIS_HOOKS": str(HERE / "schemathesis_hooks.py"), "NO_COLOR": "1"},
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its caches (.schemathesis/, .hypothesis/) go there
     assert result.returncode == 0, result.stdout[-20_000:] + result.stderr[-5000:]
     assert "Traceback" not in log.read_text()
