@@ -54,8 +54,9 @@ class EncodingService:
 
     def encode_texts(self, texts: Sequence[str]) -> TextVectors:
         """Vectors for texts, cached or batched with other requests'. Each text is cut to max_text_chars
-        before tokenising (the model keeps only its first context_length tokens anyway), and the
-        deadline (request_timeout_s) counts from here, tokenising included."""
+        before tokenising (the model keeps only its first context_length tokens anyway); tokenising
+        that outlasts request_timeout_s answers 504 before the encode, which has its own
+        request_timeout_s in the batcher."""
         started = time.monotonic()
         limit, timeout_s = self.settings.max_text_chars, self.settings.request_timeout_s
         prompts = [self.settings.prompt(text[:limit]) for text in texts]
