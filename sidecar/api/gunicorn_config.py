@@ -3,6 +3,8 @@
 import json
 import os
 
+from gunicorn import util
+
 # gthread: request threads in one process share its model and micro-batcher, which is what
 # lets concurrent requests batch together.
 worker_class = "gthread"
@@ -31,22 +33,18 @@ def post_fork(server, worker):
             server.log.info("worker %s: GPU memory budget %.0f%%", worker.pid, 100 * float(fraction))
 
 
-def post_worker_init(worker):
-    """Gunicorn answers requests it cannot parse (400; 414 for a request line over 4094 bytes; 431 for
-    a header over 8190 bytes) itself, before the app sees them, with an HTML page. It has no hook
-    for that page; its workers write it through `gunicorn.util.write_error`, so each worker swaps
-    that for the API's JSON error."""
-    from gunicorn import util
-
-    util.write_error = write_json_error
-
 
 def write_json_error(sock, status_int, reason, mesg):
     """gunicorn.util.write_error's signature and framing, the API's {"error": {"code", "message"}} body."""
-    from gunicorn import util
-
     code = reason.lower().replace(" ", "_")  # "URI Too Long" -> uri_too_long, as the app names HTTP errors
     body = json.dumps({"error": {"code": code, "message": mesg or reason}}).encode("utf-8")
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
     util.write_nonblock(sock, head + body)
+
+
+# Gunicorn answers a request it cannot parse (400; 414 for a request line over 4094 bytes; 431 for a
+# header over 8190 bytes; 417) itself, before the app sees it, with an HTML page. It has no hook for
+# that page; its workers write it through `gunicorn.util.write_error`, replaced here, in the arbiter
+# that reads this file, before any worker is forked.
+util.write_error = write_json_error
