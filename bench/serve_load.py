@@ -243,7 +243,7 @@ def main() -> None:
                 run_load(args.port, 4 * args.workers, 200 * args.workers, seed, args.client_processes, **load)  # warm-up
                 results[label] = [run_load(args.port, c, args.requests,
                                            seed + 1 + i, args.client_processes, **load) for i, c in enumerate(levels)]
-                print(f"\n{label} ({VARIANTS[label]}); batch sizes seen (one worker's): {batch_histogram(args.port)}")
+                print(f"\n{label} ({VARIANTS[label]}); batch sizes seen (all workers): {batch_histogram(args.port)}")
             finally:
                 stop_server(server)
             print(f"{'conc':>5} {'reqs':>6} {'err':>4} {'QPS':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "

@@ -24,6 +24,7 @@ from sidecar.api.state import state_of
 from sidecar.cli.serve import GUNICORN_CONFIG
 from sidecar.config import Settings
 from sidecar.stores.embedded import EmbeddedStore
+from tests.support import ThreadKiller
 
 
 def free_port() -> int:
@@ -170,7 +171,7 @@ def test_overload_answers_503_with_retry_after_from_gunicorn(start_gunicorn):
 
 # Gunicorn's own config and hooks, plus a fault: while TRIGGER exists, the next text forward
 # raises a BaseException the batcher's per-request isolation does not catch, which ends the
-# encode thread for real (see tests/unit/serving/test_batching.py::ThreadKiller).
+# encode thread for real (as tests.support.ThreadKiller does in-process).
 FAULT_CONFIG = """
 from pathlib import Path
 
@@ -255,10 +256,6 @@ def test_an_encode_past_the_deadline_answers_504(build_app, slow_forward):
     response = client.post("/v1/embeddings", json={"input": ["red circle"]})
     assert response.status_code == 504
     assert "request_timeout_s=0.05" in response.json["error"]["message"]
-
-
-class ThreadKiller(BaseException):
-    """Ends the encode thread for real (see tests/unit/serving/test_batching.py)."""
 
 
 def test_a_dead_encode_thread_takes_the_app_out_of_readyz_and_fails_requests_at_once(build_app, encoder,

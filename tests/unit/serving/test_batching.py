@@ -7,14 +7,9 @@ import pytest
 
 from sidecar.errors import EncodeTimeout, NotReady, Overloaded
 from sidecar.serving.batching import ForwardRowMismatch, MicroBatcher
+from tests.support import ThreadKiller
 
 KILL = 666  # the item on which RecordingForward ends the model thread
-
-
-class ThreadKiller(BaseException):
-    """Not an Exception: the batcher isolates failing requests with `except Exception`, so this one
-    escapes its loop and ends the model thread for real, through the real code path — what a bug
-    in the loop or an interpreter-level error would do — without patching the batcher's internals."""
 
 
 class RecordingForward:
