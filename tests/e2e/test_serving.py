@@ -21,7 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
-from sidecar.cli.serve import GUNICORN_CONFIG
 from sidecar.config import Settings
 from sidecar.stores.embedded import EmbeddedStore
 from tests.support import ThreadKiller
@@ -58,22 +57,28 @@ class Server:
 
 @pytest.fixture
 def start_gunicorn(store_path, tmp_path):
-    """Start gunicorn with `--workers`, SIDECAR_* settings and, optionally, another config file."""
+    """Start the server as `clip-sidecar serve --workers N [--threads T]` does, or gunicorn directly
+    with another config file; SIDECAR_* settings as keyword arguments."""
     started: list[subprocess.Popen] = []
 
-    def start(*, workers: int = 1, config: str = GUNICORN_CONFIG, **settings: str) -> Server:
+    def start(*, workers: int = 1, threads: int | None = None, config: str | None = None,
+              **settings: str) -> Server:
         port = free_port()
         env = {**os.environ, "SIDECAR_STORE_PATH": str(store_path), "GUNICORN_LOGLEVEL": "info",
                # Its own text-vector cache: no vector computed by another test or an earlier run.
                "SIDECAR_TEXT_CACHE_PATH": str(tmp_path / f"text-vectors-{port}.sqlite"),
                **{f"SIDECAR_{k.upper()}": v for k, v in settings.items()}}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if config is None:
+            args = [sys.executable, "-m", "sidecar.cli", "-q", "serve", "--port", str(port),
+                    "--workers", str(workers), *(["--threads", str(threads)] if threads else [])]
+        else:
+            args = [sys.executable, "-m", "gunicorn", "--config", config, "--bind", f"127.0.0.1:{port}",
+                    "--workers", str(workers), "sidecar.api.wsgi:app"]
         log = tmp_path / f"gunicorn-{port}.log"
         with log.open("w") as out:
-            process = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", config,
-                                        "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-                                        "--access-logfile", "/dev/null", "sidecar.api.wsgi:app"],
-                                       env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                       stderr=out)
         started.append(process)
         server = Server(f"http://127.0.0.1:{port}", process, log)
         wait_for_workers(server, workers)
@@ -101,7 +106,7 @@ def wait_for_workers(server: Server, workers: int, *, other_than: set[int] = fro
 
 def test_gunicorn_batches_concurrent_callers_together_and_hands_each_its_own_vectors(start_gunicorn, encoder):
     # The queue bound is not under test here (test_overload_...): leave it room.
-    server = start_gunicorn(request_threads="16", queue_items="4096")
+    server = start_gunicorn(threads=16, queue_items="4096")
     run = uuid.uuid4().hex[:8]  # texts no cache has seen
     requests_sent = 96
 
@@ -151,7 +156,7 @@ def test_metrics_count_every_worker_of_a_two_worker_gunicorn(start_gunicorn):
 def test_overload_answers_503_with_retry_after_from_gunicorn(start_gunicorn):
     # 4 request threads: by default at most 2 items (half the threads) wait for the model. 32
     # clients each send 4 texts, so whenever two requests meet in the queue the later one is refused.
-    server = start_gunicorn(request_threads="4")
+    server = start_gunicorn(threads=4)
     run = uuid.uuid4().hex[:8]
 
     def call(i: int) -> requests.Response:
@@ -206,7 +211,7 @@ def test_a_dead_encode_thread_answers_503_and_gunicorn_replaces_the_worker(start
     trigger = tmp_path / "kill-the-encode-thread"
     config = tmp_path / "fault_config.py"
     config.write_text(textwrap.dedent(FAULT_CONFIG.format(trigger=str(trigger))))
-    server = start_gunicorn(config=str(config))
+    server = start_gunicorn(config=f"file:{config}")
     (first,) = wait_for_workers(server, 1)
     run = uuid.uuid4().hex[:8]
 
