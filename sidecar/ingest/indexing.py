@@ -28,7 +28,8 @@ class IndexSummary:
                 f"store now holds {self.total_in_store} documents ({self.seconds:.1f} s)")
 
 
-def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 10_000, progress: bool = True) -> IndexSummary:
+def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 10_000, lock_wait_s: float = 0.0,
+                 progress: bool = True) -> IndexSummary:
     """Upsert every new or changed document from `shard_dir` (its document hash differs from the
     stored one) and delete the ones the embed step found gone, in one `Store.bulk_load` session.
     Refuses shards of another model than the store holds. Safe to rerun, and to kill: a rerun
@@ -39,7 +40,7 @@ def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 10_000, pro
     if signature is None:
         raise ShardError(f"{shard_dir} holds no shards (no manifest.json): run `clip-sidecar embed` first")
     live = shards.live()
-    with store.bulk_load() as load:
+    with store.bulk_load(lock_wait_s=lock_wait_s) as load:
         # Inside the session: under OpenSearch's load lock, what is stored cannot change under us.
         store.claim(signature)
         stored = store.content_hashes()
@@ -60,7 +61,8 @@ def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 10_000, pro
     return summary
 
 
-def rebuild_index(store: Store, shard_dir: Path, *, batch_size: int = 10_000, progress: bool = True) -> IndexSummary:
+def rebuild_index(store: Store, shard_dir: Path, *, batch_size: int = 10_000, lock_wait_s: float = 0.0,
+                  progress: bool = True) -> IndexSummary:
     """Full rebuild into a fresh index behind the store's alias, swapped in when complete."""
     started = time.perf_counter()
     shards = ShardSet(shard_dir)
@@ -68,7 +70,7 @@ def rebuild_index(store: Store, shard_dir: Path, *, batch_size: int = 10_000, pr
         raise ShardError(f"{shard_dir} holds no shards (no manifest.json): run `clip-sidecar embed` first")
     documents = (doc for batch in tqdm(shards.documents(batch_size=batch_size), unit="batch", desc="rebuild",
                                        disable=not progress) for doc in batch)
-    new_index = store.rebuild(documents, signature=shards.signature)
+    new_index = store.rebuild(documents, signature=shards.signature, lock_wait_s=lock_wait_s)
     total = store.count()
     log.info("rebuilt into %s and swapped the alias", new_index)
     return IndexSummary(written=total, unchanged=0, deleted=0, total_in_store=total,

@@ -82,13 +82,14 @@ class Store(Protocol):
     def claim(self, signature: ModelSignature) -> None:
         """Record the model on first use; raise ModelMismatchError if another model is stored."""
 
-    def bulk_load(self) -> AbstractContextManager[BulkLoad]:
+    def bulk_load(self, *, lock_wait_s: float = 0.0) -> AbstractContextManager[BulkLoad]:
         """A loading session around the writes of one `index` run; upserts and deletes outside one
         are sessions of their own. It makes a run of many upsert batches cost what one large load
         costs: the embedded store brings its HNSW graph up to date and saves it once, when the
         session ends (rows written before are searched exactly meanwhile); OpenSearch takes the
-        alias's load lock (a rebuild or another `index` run waits or is refused, StoreLocked),
-        relaxes refresh and replicas once for a large load, and refreshes and restores at the end."""
+        alias's load lock (a rebuild or another `index` run holding it is waited for up to
+        `lock_wait_s`, then StoreLocked), relaxes refresh and replicas once for a large load, and
+        refreshes and restores at the end."""
 
     def upsert(self, documents: Sequence[Document]) -> int:
         """Insert or replace by id; returns how many were written."""
@@ -120,9 +121,9 @@ class Store(Protocol):
         """Top-k fused in the store, on `sidecar.retrieval.fusion`'s scale; raises StoreError where
         `supports_native_hybrid` is False."""
 
-    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature) -> str:
-        """Load `documents` into a fresh index and swap it in whole (zero downtime); returns its name.
-        Stores updated in place raise StoreError saying so."""
+    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature, lock_wait_s: float = 0.0) -> str:
+        """Load `documents` into a fresh index and swap it in whole (zero downtime), under the same
+        load lock as `bulk_load`; returns its name. Stores updated in place raise StoreError saying so."""
 
     def fetch(self, ids: Sequence[str]) -> list[Document]:
         """Full documents (full-precision vectors included) in the order asked; unknown ids skipped."""

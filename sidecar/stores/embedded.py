@@ -415,10 +415,12 @@ class EmbeddedStore:
     # -- writes ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def bulk_load(self) -> Iterator[_EmbeddedLoad]:
+    def bulk_load(self, *, lock_wait_s: float = 0.0) -> Iterator[_EmbeddedLoad]:
         """A loading session (Store protocol): rows commit as they are written; the HNSW graph is
         brought up to date and saved once, when the outermost session of this store object ends
-        without an error (after an error or a kill, the next session or `repair` does it)."""
+        without an error (after an error or a kill, the next session or `repair` does it).
+        Writers of several processes serialise on write.lock per write, so `lock_wait_s` has
+        nothing to wait for here."""
         with self._sessions_lock:
             self._sessions += 1
         ok = False
@@ -677,7 +679,7 @@ class EmbeddedStore:
         raise StoreError("the embedded store has no native hybrid query; sidecar.retrieval.search fuses its "
                          "vector and BM25 results")
 
-    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature) -> str:
+    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature, lock_wait_s: float = 0.0) -> str:
         raise StoreError(f"the embedded store at {self.path} is updated in place (readers always see a complete "
                          "generation); --rebuild is for OpenSearch's versioned indices")
 
