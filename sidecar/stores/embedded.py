@@ -344,8 +344,10 @@ class EmbeddedStore:
         generation = state.generation + 1
         new = dataclasses.replace(state, generation=generation, **changes)
         if "live" in changes:
-            new = dataclasses.replace(new, live_bits=_pack_bits(new.live),
-                                      tail=np.flatnonzero(new.live[new.hnsw_rows:]).astype(np.int64) + new.hnsw_rows)
+            new = dataclasses.replace(new, live_bits=_pack_bits(new.live))
+        if "live" in changes or "hnsw_rows" in changes:
+            tail = np.flatnonzero(new.live[new.hnsw_rows:]).astype(np.int64) + new.hnsw_rows
+            new = dataclasses.replace(new, tail=tail)
         values: dict[str, object] = {"format": _FORMAT_VERSION, "generation": generation, "n_rows": new.n_rows,
                                      "hnsw_rows": new.hnsw_rows, "hnsw_dead": new.hnsw_dead}
         if new.dim is not None:
@@ -497,6 +499,7 @@ class EmbeddedStore:
                 self._commit(write, hnsw_rows=state.n_rows)  # only dead rows since: nothing to add
             else:
                 started = time.perf_counter()
+                log.info("adding %d rows to the HNSW graph of %s", len(state.tail), self.path)
                 index = faiss.clone_index(state.index)  # readers keep searching the committed graph
                 faiss.downcast_index(index.index).hnsw.efConstruction = self.ef_construction
                 _add_to_index(index, np.asarray(state.vectors[state.tail]), state.tail)
@@ -509,7 +512,7 @@ class EmbeddedStore:
         name = f"hnsw.{state.generation + 1}.faiss"
         self._save_index(index, name)
         self._commit(write, hnsw_file=name, hnsw_rows=state.n_rows, index=index,
-                     hnsw_dead=0 if rebuilt else state.hnsw_dead, live=state.live)
+                     hnsw_dead=0 if rebuilt else state.hnsw_dead)
 
     def _live_rows_for(self, conn: sqlite3.Connection, ids: Sequence[str]) -> np.ndarray:
         rows: list[int] = []
@@ -552,11 +555,11 @@ class EmbeddedStore:
     def _build_index(self, vectors: np.ndarray, live: np.ndarray) -> Any:
         rows = np.flatnonzero(live).astype(np.int64)
         started = time.perf_counter()
+        log.info("building the HNSW graph of %s from %d live rows", self.path, len(rows))
         index = self._new_index(vectors.shape[1])
         for batch in _batched(rows, _HNSW_ADD_BATCH):
             _add_to_index(index, np.asarray(vectors[batch]), batch)
-        log.info("built the HNSW graph of %s from %d live rows in %.1f s", self.path, len(rows),
-                 time.perf_counter() - started)
+        log.info("built the HNSW graph of %s in %.1f s", self.path, time.perf_counter() - started)
         return index
 
     def _save_index(self, index: Any, name: str) -> None:
@@ -755,8 +758,9 @@ class EmbeddedStore:
     def _repair(self, conn: sqlite3.Connection, report: StoreReport) -> _State | None:
         found = self._inspect(conn)
         if found.sqlite != "ok" or found.rows_problem:
-            report.problems.append(f"cannot repair: {found.rows_problem or 'SQLite integrity check failed: ' + found.sqlite}; "
-                                   f"index the shards into a new store (clip-sidecar index SHARDS --store-path NEW)")
+            damage = found.rows_problem or f"SQLite integrity check failed: {found.sqlite}"
+            report.problems.append(f"cannot repair: {damage}; index the shards into a new store "
+                                   "(clip-sidecar index SHARDS --store-path NEW)")
             return None
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if found.dim is None or found.n_rows == 0:
@@ -822,7 +826,8 @@ class EmbeddedStore:
         found.vector_rows = min(size // (dim * 4), n_rows)
         found.extra_bytes = max(0, size - n_rows * dim * 4)
         live = np.ones(n_rows, dtype=bool)
-        live[np.fromiter((r for (r,) in conn.execute("SELECT row FROM docs WHERE deleted = 1")), dtype=np.int64)] = False
+        dead = conn.execute("SELECT row FROM docs WHERE deleted = 1")
+        live[np.fromiter((r for (r,) in dead), dtype=np.int64)] = False
         vectors = (np.memmap(file, dtype=np.float32, mode="r", shape=(found.vector_rows, dim))
                    if found.vector_rows else np.zeros((0, dim), dtype=np.float32))
         bad = []

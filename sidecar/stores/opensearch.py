@@ -31,7 +31,7 @@ from opensearchpy.exceptions import (
     ConnectionError as OSConnectionError,
 )
 
-from sidecar.stores.base import ModelMismatchError, StoreError, StoreLocked, StoreReport
+from sidecar.stores.base import ModelMismatchError, StoreError, StoreLocked, StoreReport, StoreUnavailable
 from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,8 @@ class OpenSearchStore:
         self.large_load_threshold = large_load_threshold
         self.bulk_refresh_interval = bulk_refresh_interval or BULK_REFRESH_INTERVAL[engine]
         if not 0 < lock_heartbeat_s < lock_stale_s:
-            raise ValueError(f"lock_heartbeat_s ({lock_heartbeat_s}) must be > 0 and below lock_stale_s ({lock_stale_s})")
+            raise ValueError(f"lock_heartbeat_s ({lock_heartbeat_s}) must be > 0 and below lock_stale_s "
+                             f"({lock_stale_s})")
         # The load lock counts as stale (another load breaks it) after lock_stale_s without a
         # heartbeat; its holder renews it every lock_heartbeat_s from a thread of its own.
         self.lock_stale_s = lock_stale_s
@@ -153,6 +154,9 @@ class OpenSearchStore:
             timeout=timeout_s,
             max_retries=2,
             retry_on_timeout=True,
+            # Connections kept open: a load's requests beside its lock's heartbeat, a serving
+            # worker's concurrent searches (urllib3's default of 1 drops and reopens the others).
+            pool_maxsize=16,
         )
         self._plugins: set[str] | None = None
         self._session: _OpenSearchLoad | None = None
@@ -501,8 +505,10 @@ class OpenSearchStore:
                     status = info.get("status")
                     if ok or (op == "delete" and status == 404):
                         pending.pop(info["_id"], None)
-                        written += op == "index"
-                        deleted += op == "delete" and info.get("result") == "deleted"
+                        if op == "index":
+                            written += 1
+                        elif info.get("result") == "deleted":
+                            deleted += 1
                     elif status == 429:
                         rejected += 1
                     else:
@@ -513,8 +519,9 @@ class OpenSearchStore:
                     raise StoreError(f"bulk load into {index} failed: {exc.status_code} {exc.error}") from exc
                 drops += 1
                 if drops > self.connection_retries:
-                    raise StoreError(f"bulk load into {index} lost the cluster at {self.url}: {len(ops) - len(pending)} "
-                                     f"of {len(ops)} operations acknowledged ({drops - 1} retries)") from exc
+                    raise StoreUnavailable(f"bulk load into {index} lost the cluster at {self.url}: "
+                                           f"{len(ops) - len(pending)} of {len(ops)} operations acknowledged "
+                                           f"({drops - 1} retries)") from exc
                 delay = min(self.initial_backoff * 2 ** (drops - 1), 30.0)
                 log.warning("bulk load into %s: %s; retry %d/%d in %.1fs with the %d unacknowledged operations",
                             index, exc.__class__.__name__, drops, self.connection_retries, delay, len(pending))
@@ -526,9 +533,9 @@ class OpenSearchStore:
             if pending:
                 rounds += 1
                 if rounds > self.retry_rounds:
-                    raise StoreError(f"{len(pending)} operations on {index} were still rejected (429 Too Many Requests) "
-                                     f"after {rounds} rounds of retries: the cluster is overloaded; rerun later "
-                                     "(only what is missing is written again)")
+                    raise StoreError(f"{len(pending)} operations on {index} were still rejected (429 Too Many "
+                                     f"Requests) after {rounds} rounds of retries: the cluster is overloaded; rerun "
+                                     "later (only what is missing is written again)")
                 delay = min(self.initial_backoff * 2 ** rounds, 30.0)
                 log.warning("bulk load into %s: %d operations rejected with 429; sending them again in %.1fs "
                             "(round %d/%d)", index, rejected, delay, rounds, self.retry_rounds)
@@ -742,7 +749,8 @@ class _OpenSearchLoad:
         store.client.indices.refresh(index=store.alias)
         total = store.count()
         if total < len(self.written):
-            raise StoreError(f"after writing {len(self.written)} unique ids, {store.alias} counts only {total} documents")
+            raise StoreError(f"after writing {len(self.written)} unique ids, {store.alias} counts only {total} "
+                             "documents")
 
 
 class _LoadLock:

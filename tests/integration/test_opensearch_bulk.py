@@ -54,7 +54,8 @@ def overloaded_node(node: str) -> Iterator[str]:
 def rejected_so_far(url: str) -> int:
     client = OpenSearch(hosts=[url])
     try:
-        return sum(n["thread_pool"]["write"]["rejected"] for n in client.nodes.stats(metric="thread_pool")["nodes"].values())
+        nodes = client.nodes.stats(metric="thread_pool")["nodes"].values()
+        return sum(n["thread_pool"]["write"]["rejected"] for n in nodes)
     finally:
         client.close()
 
@@ -172,7 +173,8 @@ def test_a_load_resumes_by_acknowledged_ids_after_a_dropped_connection(overloade
 
 def settings_version(store: OpenSearchStore) -> int:
     (name,) = store._alias_indices()
-    return int(store.client.cluster.state(metric="metadata", index=name)["metadata"]["indices"][name]["settings_version"])
+    state = store.client.cluster.state(metric="metadata", index=name)
+    return int(state["metadata"]["indices"][name]["settings_version"])
 
 
 def test_an_index_run_relaxes_refresh_and_replicas_once_not_per_batch(node, tmp_path):

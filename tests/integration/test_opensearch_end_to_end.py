@@ -268,7 +268,8 @@ def test_caption_and_manifest_edits_reach_opensearch_without_re_encoding(tmp_pat
         item.image.save(folder / f"{item.id}.jpg", quality=90)
         (folder / f"{item.id}.txt").write_text(f"plain caption {item.id}")
         item.image.save(manifest_dir / f"{item.id}.jpg", quality=90)
-        rows.append({"id": f"m-{item.id}", "path": f"{item.id}.jpg", "text": "plain shape", "metadata": {"brand": "acme"}})
+        rows.append({"id": f"m-{item.id}", "path": f"{item.id}.jpg", "text": "plain shape",
+                     "metadata": {"brand": "acme"}})
 
     def write_manifest() -> Path:
         path = manifest_dir / "manifest.jsonl"
