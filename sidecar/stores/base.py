@@ -20,6 +20,12 @@ class StoreUnavailable(StoreError):
     caller may retry later; the API answers 503 with Retry-After."""
 
 
+class StoreQueryError(StoreError):
+    """The store refused a query as malformed for what it holds (a filter value of another type than
+    the stored field: a word for a numeric field, say): the request must change, not the store; the
+    API answers 400."""
+
+
 class StoreLocked(StoreError):
     """Another load (an `index` run, a rebuild) holds the store's load lock; the message names its
     owner and since when, and how to break the lock if that owner is gone."""
