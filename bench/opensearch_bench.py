@@ -4,7 +4,8 @@ recall vs exact, query latency.
 The bulk figure measures the path users run: vector shards on disk (as `clip-sidecar embed` writes
 them) loaded by the `clip-sidecar index` command, a process of its own (start-up, reading the
 shards, hash comparison, the load session: lock, settings relaxed once and restored, batches of
-upserts, final refresh and count check). The baseline is opensearch-py's `helpers.streaming_bulk`
+upserts, final refresh and count check), into an alias set up beforehand as `clip-sidecar
+opensearch setup` does. The baseline is opensearch-py's `helpers.streaming_bulk`
 with nothing around it, fed the same documents from memory the way a user of opensearch-py would
 build them (`vector.tolist()` in the `_source` dict), into an index created the same way, with the
 same chunk_size and max_chunk_bytes, keeping the index's refresh_interval (1s), then one refresh.
@@ -15,7 +16,7 @@ the two paths then alternate, `--repeat` times each, and the ratio is taken over
 recall and latency rows are measured on the index the last `clip-sidecar index` run loaded, after
 its merges finished, and on a second index of uniform random vectors.
 
-    .venv/bin/python bench/opensearch_bench.py                       # 30,000 x 512, 2 repeats
+    .venv/bin/python bench/opensearch_bench.py                       # 30,000 x 512, 3 rounds
     .venv/bin/python bench/opensearch_bench.py --n 100000 --repeat 1
 """
 
@@ -112,8 +113,15 @@ def load_bare(url: str, docs: list[Document]) -> float:
         drop(url, alias)
 
 
-def load_cli(url: str, shards: Path, alias: str) -> float:
-    """`clip-sidecar index SHARDS --store opensearch` as a user runs it; returns seconds."""
+def load_cli(url: str, shards: Path, alias: str, *, dim: int) -> float:
+    """`clip-sidecar index SHARDS --store opensearch` as a user runs it, after the setup a user runs
+    first (`clip-sidecar opensearch setup`: index, alias, lock index; untimed, as the bare path's
+    index creation is); returns seconds."""
+    store = store_for(url, alias)
+    try:
+        store.claim(signature(dim))
+    finally:
+        store.close()
     command = [sys.executable, "-m", "sidecar.cli", "-q", "index", str(shards), "--store", "opensearch",
                "--opensearch-url", url, "--opensearch-index", alias]
     started = time.perf_counter()
@@ -174,7 +182,7 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:9250")
     parser.add_argument("--n", type=int, default=30_000, help="documents per load (bulk comparison and recall)")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--repeat", type=int, default=2, help="loads per path, alternating")
+    parser.add_argument("--repeat", type=int, default=3, help="loads per path, alternating")
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--exact-queries", type=int, default=20, help="queries also run as exact knn_score")
     parser.add_argument("--warmup", type=int, default=5000, help="documents per path loaded and dropped first")
@@ -190,7 +198,7 @@ def main() -> None:
         if args.warmup:
             load_bare(args.url, docs[:args.warmup])
             warm = new_alias()
-            load_cli(args.url, write_shards(Path(tmp) / "warmup", docs[:args.warmup]), warm)
+            load_cli(args.url, write_shards(Path(tmp) / "warmup", docs[:args.warmup]), warm, dim=args.dim)
             drop(args.url, warm)
         bare_s, cli_s, alias = [], [], ""
         for round_ in range(args.repeat):
@@ -198,7 +206,7 @@ def main() -> None:
             if alias:
                 drop(args.url, alias)
             alias = new_alias()
-            cli_s.append(load_cli(args.url, shards, alias))
+            cli_s.append(load_cli(args.url, shards, alias, dim=args.dim))
             log.info("round %d: bare %.1f s, clip-sidecar index %.1f s", round_ + 1, bare_s[-1], cli_s[-1])
     store = store_for(args.url, alias)
     results = {}

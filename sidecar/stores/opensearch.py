@@ -24,7 +24,6 @@ from opensearchpy.exceptions import (
     ConnectionTimeout,
     NotFoundError,
     OpenSearchException,
-    RequestError,
     TransportError,
 )
 from opensearchpy.exceptions import (
@@ -172,7 +171,9 @@ class OpenSearchStore:
     # --- setup and model signature -------------------------------------------------------
 
     def setup(self, dim: int) -> None:
-        """Create the search pipelines (when neural-search is present) and the first index + alias; idempotent."""
+        """Create the search pipelines (when neural-search is present), the load lock's index and the
+        first index + alias; idempotent."""
+        self._ensure_lock_index()
         if self.has_neural_search():
             self.client.transport.perform_request(
                 "PUT", f"/_search/pipeline/{PIPELINES['minmax']}", body=self._pipeline_body("minmax", (0.5, 0.5)))
@@ -189,6 +190,20 @@ class OpenSearchStore:
         self._create_index(name, dim=dim, signature=None)
         self.client.indices.put_alias(index=name, name=self.alias)
         log.info("created index %s behind alias %s (dim %d, engine %s)", name, self.alias, dim, self.engine)
+
+    def _ensure_lock_index(self) -> None:
+        """The hidden index holding the alias's load lock (`_LoadLock`); created once, by `setup` or
+        by the first load."""
+        if self.client.indices.exists(index=self.lock_index):
+            return
+        # ignore=400: another process may create it first (resource_already_exists_exception), which
+        # is no failure, and opensearch-py would log it as one.
+        result = self.client.indices.create(index=self.lock_index, ignore=400, body={
+            "settings": {"index": {"number_of_shards": 1, "auto_expand_replicas": "0-1", "hidden": True}},
+            "mappings": {"dynamic": False, "properties": {"operation": {"type": "keyword"}}}})
+        error = result.get("error") if isinstance(result, dict) else None
+        if error and (not isinstance(error, dict) or error.get("type") != "resource_already_exists_exception"):
+            raise StoreError(f"could not create the load lock's index {self.lock_index}: {error}")
 
     def signature(self) -> ModelSignature | None:
         """The model recorded in the index mapping's _meta, or None while unclaimed or absent."""
@@ -808,7 +823,7 @@ class _LoadLock:
         self._beater: threading.Thread | None = None
 
     def acquire(self, *, wait_s: float) -> None:
-        self._ensure_index()
+        self.store._ensure_lock_index()
         deadline = time.monotonic() + wait_s
         waiting = False
         while True:
@@ -881,15 +896,6 @@ class _LoadLock:
                 log.warning("load lock heartbeat on %s failed (%s); retrying", self.store.alias, exc.__class__.__name__)
                 continue
             self.body, self.version = body, (result["_seq_no"], result["_primary_term"])
-
-    def _ensure_index(self) -> None:
-        try:
-            self.client.indices.create(index=self.store.lock_index, body={
-                "settings": {"index": {"number_of_shards": 1, "auto_expand_replicas": "0-1", "hidden": True}},
-                "mappings": {"dynamic": False, "properties": {"operation": {"type": "keyword"}}}})
-        except RequestError as exc:
-            if exc.error != "resource_already_exists_exception":
-                raise
 
     def held(self) -> tuple[dict[str, Any], tuple[int, int]] | None:
         """The lock document and its (seq_no, primary_term), or None when nobody holds it."""
