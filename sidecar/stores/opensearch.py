@@ -920,11 +920,13 @@ class _LoadLock:
 
     def _refusal(self, body: dict[str, Any]) -> str:
         silent = time.time() - float(body.get("heartbeat_at", 0))
-        return (f"{self.store.alias} is locked by a {body.get('operation')} run by {body.get('owner')} since "
+        operation = str(body.get("operation"))
+        article = "an" if operation[:1] in "aeiou" else "a"
+        return (f"{self.store.alias} is locked by {article} {operation} run by {body.get('owner')} since "
                 f"{_when(body.get('started_at'))} (last heartbeat {silent:.0f} s ago); this {self.operation} would "
-                "write beside it. Wait for it to finish (or pass a wait: clip-sidecar index --wait-for-lock SECONDS); "
-                f"if that process is gone, the lock is broken automatically once it is {self.store.lock_stale_s:.0f} s "
-                "without a heartbeat")
+                "write beside it. Rerun when it has finished, or let the run wait for it (clip-sidecar index "
+                "--wait-for-lock SECONDS); if that process is gone, its lock counts as stale and is broken "
+                f"{self.store.lock_stale_s:.0f} s after its last heartbeat")
 
 
 def _process_exists(pid: int) -> bool:

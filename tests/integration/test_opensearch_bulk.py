@@ -263,7 +263,7 @@ def test_a_stale_lock_is_broken_with_a_warning_and_a_live_one_is_named(node, cap
                    for r in caplog.records)
         live = {**silent, "heartbeat_at": time.time()}
         store.client.index(index=store.lock_index, id=LOCK_ID, body=live, refresh=True)
-        with pytest.raises(StoreLocked, match="locked by a index run by elsewhere pid 1"):
+        with pytest.raises(StoreLocked, match="locked by an index run by elsewhere pid 1"):
             store.upsert(docs)
         assert any("held by the index of elsewhere pid 1" in note for note in store.check().notes)
     finally:
