@@ -24,6 +24,7 @@ class SearchOptions:
     weights: tuple[float, float] = (0.7, 0.3)  # (vector, bm25)
     rerank: bool = True
     exact: bool = False  # brute-force vector search instead of ANN
+    ef_search: int | None = None  # HNSW breadth for this query (None: the store's setting)
     filters: Filters | None = None
     # Hybrid on a store with its own fusion (OpenSearch + neural-search): fuse there when it
     # supports the fusion asked for; False always fuses in Python (to compare the two).
@@ -36,6 +37,8 @@ class SearchOptions:
             raise ValueError(f"fusion {self.fusion!r}: choose one of {', '.join(FUSION_METHODS)}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.ef_search is not None and self.ef_search < 1:
+            raise ValueError(f"ef_search must be >= 1, got {self.ef_search}")
         if self.candidates < self.k:
             object.__setattr__(self, "candidates", self.k)
         if len(self.weights) != 2 or min(self.weights) < 0 or sum(self.weights) <= 0:

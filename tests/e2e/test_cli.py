@@ -49,7 +49,7 @@ def test_embed_index_search_through_the_cli(corpus, tmp_path):
                                   "--filter", "color=green", "-k", "5"])
     assert result.exit_code == 0, result.output
     assert "green circle" in result.output and "red" not in result.output
-    result = runner.invoke(main, ["-q", "eval", "--store-path", str(store), "--queries", "50"])
+    result = runner.invoke(main, ["-q", "eval", "--ann", "--store-path", str(store), "--samples", "50"])
     assert result.exit_code == 0 and "Recall@10 (HNSW vs exact) over 50 queries" in result.output
 
 

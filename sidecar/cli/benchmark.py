@@ -1,0 +1,149 @@
+"""`clip-sidecar eval --benchmark`: the built-in relevance benchmark, from a bare machine to a report.
+
+Trains (once, cached) the fast tiny model and the stronger one, renders the product catalogue
+(`sidecar.model.catalogue`), embeds and indexes it once per model, runs the standard
+configurations and writes the report (JSON, Markdown, PNG plots, HTML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from sidecar.config import Settings
+from sidecar.retrieval.relevance import Evaluation, RunConfig
+from sidecar.retrieval.search import SearchOptions
+
+BENCHMARK_ITEMS = 3000
+QUERIES_PER_CATEGORY = 60
+FAST, STRONG = "fast", "strong"
+STRONG_MODEL = "tiny-clip-large"
+DEFAULT_INDEX = 4  # where standard_configs() lists the default request
+
+
+def standard_configs() -> list[RunConfig]:
+    """What the benchmark compares: every mode, the fusions and weights, rerank on/off, exact vs ANN,
+    the candidate depth N, on the fast model's store; and the strong model's exact search alone."""
+    base = SearchOptions()
+
+    def fast(**changes) -> RunConfig:
+        return RunConfig(options=dataclasses.replace(base, **changes), target=FAST)
+
+    def strong(**changes) -> RunConfig:
+        return RunConfig(options=dataclasses.replace(base, exact=True, **changes), target=STRONG)
+
+    return [
+        fast(mode="vector", rerank=False),
+        fast(mode="vector", rerank=False, exact=True),
+        fast(mode="bm25", rerank=False),
+        fast(mode="bm25"),
+        fast(),  # the default request: DEFAULT_INDEX
+        fast(rerank=False),
+        fast(weights=(0.5, 0.5)),
+        fast(weights=(0.3, 0.7)),
+        fast(fusion="zscore"),
+        fast(fusion="rrf", weights=(0.5, 0.5)),
+        fast(fusion="rrf", weights=(0.5, 0.5), rerank=False),
+        *(fast(candidates=n) for n in (20, 50, 200)),
+        strong(mode="vector", rerank=False),
+        strong(mode="bm25", rerank=False, exact=False),
+        strong(rerank=False),
+        strong(fusion="rrf", weights=(0.5, 0.5), rerank=False),
+    ]
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def run_benchmark(settings: Settings, *, workdir: Path, out: Path, items: int, queries_per_category: int,
+                  seed: int, progress: bool, echo: Callable[[str], None]) -> tuple[Evaluation, object]:
+    # Heavy imports (torch, faiss, matplotlib) here, so `clip-sidecar --help` stays fast.
+    from sidecar.ingest.embed import embed_corpus
+    from sidecar.ingest.indexing import index_shards
+    from sidecar.model.encoder import load_encoder
+    from sidecar.retrieval.relevance import (
+        SearchTarget,
+        evaluate,
+        read_qrels,
+        read_queries,
+        standard_measures,
+    )
+    from sidecar.retrieval.report import write_report
+    from sidecar.stores import open_store
+
+    models = {FAST: settings, STRONG: dataclasses.replace(settings, model=STRONG_MODEL, pretrained="")}
+    echo(f"[1/4] models: {settings.model} (fast, coarse) and {STRONG_MODEL} (strong); the tiny ones are trained "
+         f"once and cached in {settings.cache_dir}")
+    encoders = {name: load_encoder(model_settings) for name, model_settings in models.items()}
+
+    catalogue_dir = workdir / "catalogue"
+    files = _catalogue(catalogue_dir, items=items, queries_per_category=queries_per_category, seed=seed,
+                       progress=progress, echo=echo)
+
+    stores = {}
+    try:
+        for step, (name, encoder) in enumerate(encoders.items()):
+            echo(f"[3/4] {name} model: embed and index ({encoder.signature.describe()})" if step == 0 else
+                 f"      {name} model: embed and index ({encoder.signature.describe()})")
+            shards = workdir / f"shards-{encoder.name}"
+            echo("      " + embed_corpus(encoder, files.manifest, shards, workers=1, progress=progress).describe())
+            store_settings = dataclasses.replace(
+                settings, store_path=workdir / f"store-{encoder.name}",
+                opensearch_index=f"{settings.opensearch_index}-benchmark-{encoder.name}")
+            stores[name] = open_store(store_settings)
+            echo("      " + index_shards(stores[name], shards, progress=progress).describe())
+        targets = {name: SearchTarget(store=stores[name], encoder=encoders[name],
+                                      prompt_template=settings.prompt_template) for name in encoders}
+        configs = standard_configs()
+        echo(f"[4/4] {len(configs)} configurations × {queries_per_category * 3} queries")
+        evaluation = evaluate(targets, read_queries(files.queries), read_qrels(files.qrels), configs,
+                              measures=standard_measures(relevant_grade=2), max_image_pixels=settings.max_image_pixels,
+                              progress=progress)
+    finally:
+        for store in stores.values():
+            store.close()
+    evaluation.default = configs[DEFAULT_INDEX].name
+    evaluation.info.update({
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_description(),
+        "command": " ".join(["clip-sidecar", *sys.argv[1:]]),
+        "store": settings.store,
+        "fast model": encoders[FAST].signature.describe(),
+        "strong model": encoders[STRONG].signature.describe(),
+        "catalogue": f"{items} products (seed {seed}); queries and graded judgments in {catalogue_dir}",
+        "relevant": "grade 2 (every attribute the query names) for MRR and Recall; nDCG uses grades 1 and 2",
+    })
+    report = write_report(evaluation, out, title="clip-sidecar relevance benchmark")
+    return evaluation, report
+
+
+def _catalogue(folder: Path, *, items: int, queries_per_category: int, seed: int, progress: bool,
+               echo: Callable[[str], None]):
+    """Reuse a catalogue written with the same parameters; otherwise write it afresh."""
+    from sidecar.model.catalogue import CatalogueFiles, write_catalogue
+
+    parameters = {"items": items, "queries_per_category": queries_per_category, "seed": seed}
+    stamp = folder / "parameters.json"
+    files = CatalogueFiles(manifest=folder / "corpus" / "manifest.jsonl", queries=folder / "queries.jsonl",
+                           qrels=folder / "qrels.txt")
+    if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == parameters and all(
+            p.is_file() for p in (files.manifest, files.queries, files.qrels)):
+        echo(f"[2/4] catalogue: reusing {folder}")
+        return files
+    echo(f"[2/4] rendering a {items}-product catalogue with {queries_per_category} queries per kind into {folder}")
+    files = write_catalogue(folder, items, queries_per_category=queries_per_category, seed=seed, progress=progress)
+    stamp.write_text(json.dumps(parameters) + "\n", encoding="utf-8")
+    return files
