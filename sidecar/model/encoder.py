@@ -221,3 +221,9 @@ def load_encoder(settings: Settings) -> Encoder:
     tokenizer = open_clip.get_tokenizer(model_name)
     return Encoder(model, tokenizer=tokenizer, preprocess=preprocess, name=model_name,
                    weights=weights_id(pretrained), device=device, precision=precision)
+
+
+def load_fine_encoder(settings: Settings) -> Encoder | None:
+    """The fine-ranking model the settings name (`fine_model`), loaded like any model; None without one."""
+    fine = settings.fine_model_settings()
+    return None if fine is None else load_encoder(fine)
