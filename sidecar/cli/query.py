@@ -27,24 +27,27 @@ from sidecar.retrieval.search import MODES
 @click.option("--mode", type=click.Choice(MODES), help="Default: hybrid with text, vector without.")
 @click.option("-k", "--k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--candidates", type=click.IntRange(1, 10000), default=100, show_default=True,
-              help="How many coarse hits the rerank sees.")
+              help="How many coarse hits the fine stage (rerank) sees.")
 @click.option("--fusion", type=click.Choice(FUSION_METHODS), default="minmax", show_default=True)
 @click.option("--vector-weight", type=float, default=0.7, show_default=True)
 @click.option("--bm25-weight", type=float, default=0.3, show_default=True)
-@click.option("--no-rerank", is_flag=True, help="Skip the second stage (to measure what it adds).")
+@click.option("--rerank/--no-rerank", default=None,
+              help="The fine stage: re-score the candidates with --fine-model (default: on, except in bm25 mode; "
+                   "skipped, with a note, when no fine model is configured).")
 @click.option("--exact", is_flag=True, help="Brute-force vector search instead of HNSW.")
+@click.option("--ef-search", type=click.IntRange(1), help="HNSW search breadth for this query (default: the store's).")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
               help="Metadata filter, repeatable; FIELD=a,b matches either.")
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON.")
 @model_options
 @store_options
 def search(text: str | None, image: Path | None, mode: str | None, k: int, candidates: int, fusion: str,
-           vector_weight: float, bm25_weight: float, no_rerank: bool, exact: bool, filters: tuple[str, ...],
-           as_json: bool, **kwargs: Any) -> None:
+           vector_weight: float, bm25_weight: float, rerank: bool | None, exact: bool, ef_search: int | None,
+           filters: tuple[str, ...], as_json: bool, **kwargs: Any) -> None:
     """Search the store by TEXT, --image, or both."""
-    from sidecar.model.encoder import load_encoder
+    from sidecar.model.encoder import load_encoder, load_fine_encoder
     from sidecar.model.images import ImageDecodeError
-    from sidecar.retrieval.search import SearchOptions, query_vector
+    from sidecar.retrieval.search import SearchOptions
     from sidecar.retrieval.search import search as run_search
     from sidecar.stores import open_store
 
@@ -53,21 +56,20 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, candi
     settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS)
     try:
         options = SearchOptions(mode=mode or ("hybrid" if text else "vector"), k=k, candidates=candidates,
-                                fusion=fusion, weights=(vector_weight, bm25_weight), rerank=not no_rerank,
-                                exact=exact, filters=_parse_filters(filters))
+                                fusion=fusion, weights=(vector_weight, bm25_weight), rerank=rerank,
+                                exact=exact, ef_search=ef_search, filters=_parse_filters(filters))
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     encoder = load_encoder(settings)
-    image_vector = None
-    if image is not None:
-        try:
-            image_vector = encoder.encode_image_files([image.read_bytes()], max_pixels=settings.max_image_pixels)[0]
-        except ImageDecodeError as exc:
-            raise click.BadParameter(f"{image}: {exc.reason}", param_hint="--image") from exc
+    fine_encoder = load_fine_encoder(settings) if options.rerank else None
+    try:
+        vector = _query_vector(encoder, settings, text=text, image=image)
+        fine_vector = _query_vector(fine_encoder, settings, text=text, image=image) if fine_encoder else None
+    except ImageDecodeError as exc:
+        raise click.BadParameter(f"{image}: {exc.reason}", param_hint="--image") from exc
     store = open_store(settings)
     try:
-        text_vector = encoder.encode_texts([settings.prompt(text)])[0] if text else None
-        result = run_search(store, vector=query_vector(text_vector, image_vector), text=text, options=options)
+        result = run_search(store, vector=vector, text=text, options=options, fine_vector=fine_vector)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     finally:
@@ -76,6 +78,19 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, candi
         click.echo(json.dumps([hit.to_dict() for hit in result.hits], indent=2))
     else:
         click.echo(format_hits(result.hits))
+    if result.rerank_skipped:
+        click.echo(f"rerank skipped: {result.rerank_skipped}", err=True)
+
+
+def _query_vector(encoder, settings, *, text: str | None, image: Path | None):
+    """The query by `encoder`: its text vector, image vector, or the two combined."""
+    from sidecar.retrieval.search import query_vector
+
+    text_vector = encoder.encode_texts([settings.prompt(text)])[0] if text else None
+    image_vector = None
+    if image is not None:
+        image_vector = encoder.encode_image_files([image.read_bytes()], max_pixels=settings.max_image_pixels)[0]
+    return query_vector(text_vector, image_vector)
 
 
 def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
@@ -176,7 +191,7 @@ def _ann(settings, *, samples: int, k: int) -> None:
 def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[str, ...], measures: tuple[str, ...],
             relevant_grade: int, out: Path, progress: bool) -> None:
     from sidecar.cli.benchmark import machine_description
-    from sidecar.model.encoder import load_encoder
+    from sidecar.model.encoder import load_encoder, load_fine_encoder
     from sidecar.retrieval.relevance import (
         EvaluationInputError,
         SearchTarget,
@@ -197,7 +212,8 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
         raise click.UsageError(str(exc)) from exc
     store = open_store(settings)
     try:
-        target = SearchTarget(store=store, encoder=load_encoder(settings), prompt_template=settings.prompt_template)
+        target = SearchTarget(store=store, encoder=load_encoder(settings), prompt_template=settings.prompt_template,
+                              fine_encoder=load_fine_encoder(settings))
         evaluation = evaluate({"default": target}, queries, qrels, runs,
                               measures=list(measures) or standard_measures(relevant_grade=relevant_grade),
                               max_image_pixels=settings.max_image_pixels, progress=progress)
@@ -206,7 +222,9 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
     finally:
         store.close()
     evaluation.info.update({"machine": machine_description(), "store": f"{settings.store} ({store.name})",
-                            "model": target.encoder.signature.describe(), "queries": str(queries_path),
+                            "model": target.encoder.signature.describe(),
+                            "fine model": target.fine_encoder.signature.describe() if target.fine_encoder else "none",
+                            "queries": str(queries_path),
                             "qrels": str(qrels_path)})
     _print_report(evaluation, write_report(evaluation, out, title=f"clip-sidecar relevance: {queries_path.name}"))
 

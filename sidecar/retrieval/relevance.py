@@ -227,6 +227,7 @@ class SearchTarget:
     store: Store
     encoder: Encoder | None  # None: BM25 without the rerank is all this target can run
     prompt_template: str = "{}"
+    fine_encoder: Encoder | None = None  # the fine-ranking model, whose vectors the store holds beside each doc
 
 
 @dataclass(slots=True)
@@ -236,10 +237,11 @@ class ConfigResult:
     by_group: dict[str, dict[str, float]]  # category or tag -> measure -> mean
     latency_ms: dict[str, tuple[float, float]]  # stage -> (p50, p95) per query
     per_query: dict[str, dict[str, float]]  # query id -> measure -> value
+    notes: list[str] = field(default_factory=list)  # e.g. why a requested rerank was skipped
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.config.name, "parameters": self.config.parameters(), "metrics": self.metrics,
-                "by_group": self.by_group,
+                "by_group": self.by_group, "notes": self.notes,
                 "latency_ms": {stage: {"p50": p50, "p95": p95} for stage, (p50, p95) in self.latency_ms.items()},
                 "per_query": self.per_query}
 
@@ -320,40 +322,45 @@ def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrel
     for name in needing:
         if targets[name].encoder is None:
             raise EvaluationInputError(f"target {name!r} has no model, and its configurations need query vectors")
-    vectors = _encode_queries(targets, judged, needing, max_image_pixels=max_image_pixels, progress=progress)
+    vectors = _encode_queries({name: targets[name].encoder for name in needing}, targets, judged,
+                              max_image_pixels=max_image_pixels, progress=progress)
+    fine_needed = {c.target for c in configs if c.options.rerank and targets[c.target].fine_encoder is not None}
+    fine_vectors = _encode_queries({name: targets[name].fine_encoder for name in fine_needed}, targets, judged,
+                                   max_image_pixels=max_image_pixels, progress=progress)
     qrel_list = [ir_measures.Qrel(qid, doc, grade) for qid, docs in qrels.items() for doc, grade in docs.items()
                  if qid in {q.id for q in judged}]
     groups = _groups(judged)
     results = []
     for config in tqdm(configs, desc="configurations", unit="config", disable=not progress):
-        results.append(_run_config(config, targets[config.target], judged, vectors, qrel_list, parsed, groups,
-                                   depth=depth))
+        results.append(_run_config(config, targets[config.target], judged, vectors, fine_vectors, qrel_list, parsed,
+                                   groups, depth=depth))
     return Evaluation(measures=[str(m) for m in parsed], results=results, queries=len(judged),
                       groups={name: len(ids) for name, ids in groups.items()})
 
 
-def _encode_queries(targets: Mapping[str, SearchTarget], queries: Sequence[Query], used: set[str], *,
-                    max_image_pixels: int, progress: bool) -> dict[tuple[str, str], tuple[np.ndarray, float]]:
-    """(target, query id) -> (query vector, seconds to encode it alone): every configuration on a
-    target reuses the vector and reports the encode time it cost."""
+def _encode_queries(encoders: Mapping[str, Encoder], targets: Mapping[str, SearchTarget], queries: Sequence[Query],
+                    *, max_image_pixels: int, progress: bool) -> dict[tuple[str, str], tuple[np.ndarray, float]]:
+    """(target, query id) -> (query vector by `encoders[target]`, seconds to encode it alone): every
+    configuration on a target reuses the vector and reports the encode time it cost."""
     encoded: dict[tuple[str, str], tuple[np.ndarray, float]] = {}
-    for name in sorted(used):
-        target = targets[name]
-        target.encoder.encode_texts([target.prompt_template.format("warm up")])  # first calls allocate
-        for query in tqdm(queries, desc=f"encode queries ({name})", unit="query", disable=not progress):
+    for name, encoder in sorted(encoders.items()):
+        prompt = targets[name].prompt_template
+        encoder.encode_texts([prompt.format("warm up")])  # first calls allocate
+        for query in tqdm(queries, desc=f"encode queries ({name}, {encoder.name})", unit="query",
+                          disable=not progress):
             started = time.perf_counter()
             text_vector = image_vector = None
             if query.text and query.text.strip():
-                text_vector = target.encoder.encode_texts([target.prompt_template.format(query.text)])[0]
+                text_vector = encoder.encode_texts([prompt.format(query.text)])[0]
             if query.image is not None:
-                image_vector = target.encoder.encode_image_files([query.image.read_bytes()],
-                                                                 max_pixels=max_image_pixels)[0]
+                image_vector = encoder.encode_image_files([query.image.read_bytes()], max_pixels=max_image_pixels)[0]
             encoded[(name, query.id)] = (query_vector(text_vector, image_vector), time.perf_counter() - started)
     return encoded
 
 
 def _needs_vector(options: SearchOptions) -> bool:
-    return options.mode != "bm25" or options.rerank
+    """The fast model's query vector: every mode but bm25 (whose rerank uses the fine model's)."""
+    return options.mode != "bm25"
 
 
 def _groups(queries: Sequence[Query]) -> dict[str, list[str]]:
@@ -369,15 +376,22 @@ def _groups(queries: Sequence[Query]) -> dict[str, list[str]]:
 
 
 def _run_config(config: RunConfig, target: SearchTarget, queries: Sequence[Query],
-                vectors: Mapping[tuple[str, str], tuple[np.ndarray, float]], qrel_list: list, measures: list,
+                vectors: Mapping[tuple[str, str], tuple[np.ndarray, float]],
+                fine_vectors: Mapping[tuple[str, str], tuple[np.ndarray, float]], qrel_list: list, measures: list,
                 groups: Mapping[str, list[str]], *, depth: int) -> ConfigResult:
     options = dataclasses.replace(config.options, k=depth, candidates=max(config.options.candidates, depth))
     needs_vector = _needs_vector(options)
     run: list = []
     timings: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    notes: dict[str, int] = {}
     for query in queries:
         vector, encode_s = vectors[(config.target, query.id)] if needs_vector else (None, 0.0)
-        result = search(target.store, vector=vector, text=query.text, options=options)
+        fine_vector, fine_encode_s = fine_vectors.get((config.target, query.id), (None, 0.0)) if options.rerank \
+            else (None, 0.0)
+        encode_s += fine_encode_s
+        result = search(target.store, vector=vector, text=query.text, options=options, fine_vector=fine_vector)
+        if result.rerank_skipped:
+            notes[result.rerank_skipped] = notes.get(result.rerank_skipped, 0) + 1
         # Scores by rank, so the library sees exactly our order (pytrec_eval breaks score ties by doc id).
         run.extend(ir_measures.ScoredDoc(query.id, hit.id, float(len(result.hits) - rank))
                    for rank, hit in enumerate(result.hits))
@@ -397,4 +411,6 @@ def _run_config(config: RunConfig, target: SearchTarget, queries: Sequence[Query
     return ConfigResult(config=config, metrics=mean_over(per_query), by_group={g: mean_over(ids) for g, ids in
                                                                               groups.items()},
                         latency_ms={stage: percentiles(samples) for stage, samples in timings.items()},
-                        per_query=per_query)
+                        per_query=per_query,
+                        notes=[f"rerank skipped for {count} of {len(queries)} queries: {reason}"
+                               for reason, count in notes.items()])

@@ -469,7 +469,8 @@ class EmbeddedStore:
         return [found[doc_id] for doc_id in wanted if doc_id in found]
 
     def vector_search(
-        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False
+        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False,
+        ef_search: int | None = None,
     ) -> list[ScoredId]:
         _require_positive_int("k", k)
         k = int(k)
@@ -484,7 +485,7 @@ class EmbeddedStore:
                 if exact or len(candidates) <= self.exact_filter_rows:
                     hits = _exact_over_rows(state.vectors, query, k, candidates)
                 else:
-                    hits = self._ann(state, query, k, _bitmap(candidates, state.n_rows))
+                    hits = self._ann(state, query, k, _bitmap(candidates, state.n_rows), ef_search)
                     if len(hits) < min(k, len(candidates)):
                         # HNSW under a selective filter can run out of candidates: fall back to exact.
                         hits = _exact_over_rows(state.vectors, query, k, candidates)
@@ -492,13 +493,14 @@ class EmbeddedStore:
                 hits = _exact_all(state.vectors, state.live, query, k)
             else:
                 allowed = state.live_bits if state.hnsw_dead else None
-                hits = self._ann(state, query, k, allowed)
+                hits = self._ann(state, query, k, allowed, ef_search)
             return self._scored(hits)
 
-    def _ann(self, state: _State, query: np.ndarray, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
+    def _ann(self, state: _State, query: np.ndarray, k: int, allowed: np.ndarray | None,
+             ef_search: int | None = None) -> list[tuple[int, float]]:
         params = faiss.SearchParametersHNSW()
         # HNSW returns at most efSearch results.
-        params.efSearch = max(self.ef_search, k)
+        params.efSearch = max(ef_search or self.ef_search, k)
         if allowed is not None:
             selector = faiss.IDSelectorBitmap(state.n_rows, faiss.swig_ptr(allowed))
             params.sel = selector

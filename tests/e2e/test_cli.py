@@ -194,7 +194,7 @@ def test_every_command_teaches_with_help():
 def test_demo_prints_ranked_results_in_every_mode(tmp_path):
     result = run_cli("demo", "--workdir", str(tmp_path / "demo"), "--items", "300")
     assert result.returncode == 0, result.stderr
-    for header in ("mode vector", "mode bm25", "mode hybrid", "mode hybrid + rerank", "more like this photo",
+    for header in ("mode vector", "mode bm25", "mode hybrid", "more like this photo",
                    "Recall@10 (HNSW vs exact)"):
         assert header in result.stdout
     assert "red circle" in result.stdout
