@@ -3,10 +3,16 @@
 Layout of an output directory:
   manifest.json        model signature, preprocessing, dtype, normalisation, shard list, deleted ids
   shard-00000.npy      float32 [n, dim], L2-normalised
-  shard-00000.jsonl    n rows: id, path, text, metadata, content_hash (row i ↔ vector i)
+  shard-00000.jsonl    n rows: id, path, text, metadata, image_hash, content_hash (row i ↔ vector i)
   errors.jsonl         images that could not be used, with the reason (rewritten each run)
 A shard is written under temporary names and renamed into place, .npy before .jsonl, and the
 manifest after both: a run killed at any point leaves only complete shards behind.
+
+Format 2 rows carry two hashes (`sidecar.ingest.identity`): `image_hash` (the image's bytes) and
+`content_hash` (the document: image, text and metadata). Format 1 rows, written before text and
+metadata counted, have only `content_hash`, which was the image's hash; they are read in place
+(the document hash is derived from their text and metadata), so an old directory keeps working
+and a rerun of `embed` re-encodes nothing that did not change.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from sidecar.ingest.identity import document_hash
 from sidecar.types import Document, ModelSignature
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class ShardError(ValueError):
@@ -34,7 +41,16 @@ class ShardRow:
     path: str
     text: str
     metadata: dict[str, Any]
-    content_hash: str
+    content_hash: str  # the document: image, text and metadata
+    image_hash: str  # the image's bytes alone
+
+    @classmethod
+    def from_json(cls, line: str) -> ShardRow:
+        fields = json.loads(line)
+        if "image_hash" not in fields:  # format 1: content_hash was the image's hash
+            fields["image_hash"] = fields["content_hash"]
+            fields["content_hash"] = document_hash(fields["image_hash"], fields["text"], fields["metadata"])
+        return cls(**fields)
 
 
 class ShardSet:
@@ -46,6 +62,10 @@ class ShardSet:
         self.manifest: dict[str, Any] = {}
         if self.manifest_path.exists():
             self.manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        found = self.manifest.get("format_version", 1)
+        if found > FORMAT_VERSION:
+            raise ShardError(f"{self.root} holds shards of format {found}, written by a newer clip-sidecar; "
+                             f"this version reads formats up to {FORMAT_VERSION}")
 
     @property
     def signature(self) -> ModelSignature | None:
@@ -79,7 +99,7 @@ class ShardSet:
         for name in self.shard_names():
             with (self.root / f"{name}.jsonl").open(encoding="utf-8") as fh:
                 for index, line in enumerate(fh):
-                    yield name, ShardRow(**json.loads(line)), index
+                    yield name, ShardRow.from_json(line), index
 
     def latest(self) -> dict[str, tuple[str, ShardRow, int]]:
         """id → its newest row: a changed file's later shard supersedes the earlier one."""
@@ -113,18 +133,21 @@ class ShardSet:
     def deleted(self) -> list[str]:
         return list(self.manifest.get("deleted", []))
 
-    def documents(self, *, batch_size: int = 2048) -> Iterator[list[Document]]:
-        """Live documents (newest row per id, deleted ids left out), in batches, for indexing."""
-        latest = self.latest()
+    def live(self) -> dict[str, tuple[str, ShardRow, int]]:
+        """id → its newest row, deleted ids left out: what the store should hold."""
         deleted = set(self.deleted)
+        return {doc_id: entry for doc_id, entry in self.latest().items() if doc_id not in deleted}
+
+    def documents(self, *, batch_size: int = 2048,
+                  entries: Iterable[tuple[str, ShardRow, int]] | None = None) -> Iterator[list[Document]]:
+        """Documents in batches, for indexing: `entries` (rows from `live()`), else every live one."""
         by_shard: dict[str, list[tuple[ShardRow, int]]] = {}
-        for name, row, index in latest.values():
-            if row.id not in deleted:
-                by_shard.setdefault(name, []).append((row, index))
+        for name, row, index in (self.live().values() if entries is None else entries):
+            by_shard.setdefault(name, []).append((row, index))
         batch: list[Document] = []
-        for name, entries in by_shard.items():
-            vectors = np.load(self.root / f"{name}.npy", mmap_mode="r")
-            for row, index in entries:
+        for name, rows in by_shard.items():
+            vectors = self.vectors(name)
+            for row, index in rows:
                 batch.append(Document(id=row.id, vector=np.asarray(vectors[index], dtype=np.float32),
                                       text=row.text, metadata=row.metadata, content_hash=row.content_hash))
                 if len(batch) >= batch_size:
@@ -132,6 +155,10 @@ class ShardSet:
                     batch = []
         if batch:
             yield batch
+
+    def vectors(self, name: str) -> np.ndarray:
+        """A shard's vectors, memory-mapped (row i ↔ line i of its .jsonl)."""
+        return np.load(self.root / f"{name}.npy", mmap_mode="r")
 
     def _write_manifest(self) -> None:
         tmp = self.manifest_path.with_suffix(".json.tmp")

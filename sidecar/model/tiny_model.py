@@ -62,8 +62,8 @@ class TrainRecipe:
 
 
 DEFAULT_RECIPE = TrainRecipe()
-LARGE_STEPS = 800
-LARGE_TRAIN_IMAGES = 8000
+LARGE_STEPS = 600
+LARGE_TRAIN_IMAGES = 6000
 # Each tiny model with the recipe that trains it: the config file is model_configs/<name>.json.
 RECIPES: dict[str, TrainRecipe] = {
     MODEL_NAME: DEFAULT_RECIPE,

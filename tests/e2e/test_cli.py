@@ -234,3 +234,81 @@ def test_terminal_shows_the_projects_own_lines_not_third_party_info(store_path, 
     assert info_lines and all(" INFO sidecar." in line for line in info_lines), result.stderr
     verbose = subprocess.run([*args[:3], "-v", *args[3:]], capture_output=True, text=True, timeout=600)
     assert any(" faiss" in line for line in verbose.stderr.splitlines()), verbose.stderr
+
+
+# -- edits to text and metadata reach the store (identity = image bytes + text + metadata) --------
+
+
+def cli_ok(*args: str) -> str:
+    result = CliRunner().invoke(main, ["-q", *args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def bm25_ids(store_path: Path, text: str, *filters: str) -> list[str]:
+    args = ["search", text, "--mode", "bm25", "--store-path", str(store_path), "-k", "50", "--json"]
+    for item in filters:
+        args += ["--filter", item]
+    return [hit["id"] for hit in json.loads(cli_ok(*args))]
+
+
+def shard_vectors(out: Path) -> dict[str, np.ndarray]:
+    return {doc.id: doc.vector for batch in ShardSet(out).documents() for doc in batch}
+
+
+def test_an_edited_caption_beside_an_image_reaches_the_store_without_re_encoding(tmp_path):
+    folder, out, store_path = tmp_path / "photos", tmp_path / "shards", tmp_path / "store"
+    folder.mkdir()
+    for item in sample_items(12, seed=4):
+        item.image.save(folder / f"{item.id}.jpg", quality=90)
+        (folder / f"{item.id}.txt").write_text(f"plain caption {item.id}")
+    cli_ok("embed", str(folder), "--out", str(out), "--workers", "0")
+    cli_ok("index", str(out), "--store-path", str(store_path))
+    vectors_before = shard_vectors(out)
+    edited = sorted(folder.glob("*.txt"))[3]
+    edited.write_text("a zebra crossing the savanna")
+
+    summary = cli_ok("embed", str(folder), "--out", str(out), "--workers", "0")
+    assert "12 items: 0 embedded, 11 unchanged" in summary and "1 with new text or metadata" in summary
+    assert "1 written, 11 unchanged, 0 deleted; store now holds 12 documents" in \
+        cli_ok("index", str(out), "--store-path", str(store_path))
+    image_id = edited.with_suffix(".jpg").name
+    assert bm25_ids(store_path, "zebra") == [image_id]
+    assert image_id not in bm25_ids(store_path, "plain")
+    np.testing.assert_array_equal(shard_vectors(out)[image_id], vectors_before[image_id])  # reused, not re-encoded
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_manifest_text_and_metadata_edits_reach_the_store(tmp_path, kind):
+    folder, out, store_path = tmp_path / "corpus", tmp_path / "shards", tmp_path / "store"
+    folder.mkdir()
+    rows = []
+    for item in sample_items(10, seed=5):
+        item.image.save(folder / f"{item.id}.jpg", quality=90)
+        rows.append({"id": item.id, "path": f"{item.id}.jpg", "text": f"{item.attributes['color']} shape",
+                     "brand": "acme"})
+
+    def write(manifest_rows: list[dict]) -> Path:
+        if kind == "jsonl":
+            path = folder / "manifest.jsonl"
+            path.write_text("".join(json.dumps({"id": r["id"], "path": r["path"], "text": r["text"],
+                                                "metadata": {"brand": r["brand"]}}) + "\n" for r in manifest_rows))
+        else:
+            path = folder / "manifest.csv"
+            path.write_text("id,path,text,brand\n" + "".join(f"{r['id']},{r['path']},{r['text']},{r['brand']}\n"
+                                                            for r in manifest_rows))
+        return path
+
+    manifest = write(rows)
+    cli_ok("embed", str(manifest), "--out", str(out), "--workers", "0")
+    cli_ok("index", str(out), "--store-path", str(store_path))
+    rows[2]["text"] = "a zebra shape"
+    rows[7]["brand"] = "globex"
+    write(rows)
+
+    summary = cli_ok("embed", str(manifest), "--out", str(out), "--workers", "0")
+    assert "10 items: 0 embedded, 8 unchanged" in summary and "2 with new text or metadata" in summary
+    assert "2 written, 8 unchanged" in cli_ok("index", str(out), "--store-path", str(store_path))
+    assert bm25_ids(store_path, "zebra") == [rows[2]["id"]]
+    assert bm25_ids(store_path, "shape", "brand=globex") == [rows[7]["id"]]
+    assert rows[7]["id"] not in bm25_ids(store_path, "shape", "brand=acme")
