@@ -12,7 +12,7 @@ from sidecar.api import embeddings, ops, search
 from sidecar.api.state import AppState, attach_state
 from sidecar.config import Settings
 from sidecar.errors import ApiError
-from sidecar.model.encoder import Encoder, load_encoder
+from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
 from sidecar.serving import metrics
 from sidecar.serving.encoding import EncodingService
 from sidecar.stores import open_store
@@ -22,15 +22,17 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, *, encoder: Encoder | None = None,
-               store: Store | None = None) -> Flask:
-    """Build the app. Tests pass Settings (and may pass a loaded encoder/store to share them)."""
+               store: Store | None = None, fine_encoder: Encoder | None = None) -> Flask:
+    """Build the app. Tests pass Settings (and may pass a loaded encoder/store/fine encoder to share them)."""
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     encoder = encoder or load_encoder(settings)
+    fine_encoder = fine_encoder or load_fine_encoder(settings)
     attach_state(app, AppState(settings=settings, encoding=EncodingService(encoder, settings),
-                               store=store or open_store(settings)))
+                               store=store or open_store(settings),
+                               fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None))
     for blueprint in (embeddings.bp, search.bp, ops.bp):
         app.register_blueprint(blueprint)
     _register_errors(app, settings)

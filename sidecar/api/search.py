@@ -1,4 +1,4 @@
-"""POST /v1/search: text, image or both → coarse retrieval (vector / bm25 / hybrid) → rerank."""
+"""POST /v1/search: text, image or both → coarse retrieval (vector / bm25 / hybrid) → the fine stage (rerank)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from sidecar.serving import metrics
 
 bp = Blueprint("search", __name__)
 
+MAX_EF_SEARCH = 4096  # HNSW search breadth a request may ask for
+
 
 @bp.post("/v1/search")
 def search_endpoint():
@@ -40,23 +42,37 @@ def search_endpoint():
     except ValueError as exc:
         raise BadRequest(str(exc)) from exc
     started = time.perf_counter()
-    # bm25 mode needs the text vector only for the rerank, which scores candidates by vector.
-    needs_text_vector = bool(text and text.strip()) and (mode != "bm25" or options.rerank)
-    text_vector = state.encoding.encode_texts([text]).vectors[0] if needs_text_vector else None
-    image_vector = None
-    if image_b64 is not None:
-        pixels = image_pixels(image_b64, field="image", encoding=state.encoding, max_bytes=settings.max_body_bytes)
-        image_vector = state.encoding.encode_images([pixels])[0]
+    # Every mode but bm25 searches by the fast model's vector; the fine stage needs the query by the
+    # fine model, which only it can encode.
+    vector = _query(state.encoding, text=text if mode != "bm25" else None,
+                    image=image_b64 if mode != "bm25" else None, settings=settings)
+    fine = state.fine_encoding if options.rerank else None
+    fine_vector = _query(fine, text=text, image=image_b64, settings=settings) if fine else None
     encoded = time.perf_counter()
-    result = search(state.store, vector=query_vector(text_vector, image_vector), text=text, options=options)
+    result = search(state.store, vector=vector, text=text, options=options, fine_vector=fine_vector)
     metrics.STAGE_SECONDS.labels("search", mode).observe(result.timings_s["coarse"])
     metrics.STAGE_SECONDS.labels("rerank", mode).observe(result.timings_s["rerank"])
-    return jsonify({
+    body = {
         "hits": [hit.to_dict() for hit in result.hits],
-        "mode": mode, "fusion": options.fusion, "rerank": options.rerank, "store": state.store.name,
+        "mode": mode, "fusion": options.fusion, "rerank": result.reranked, "store": state.store.name,
         "took_ms": {"encode": 1000 * (encoded - started), "coarse": 1000 * result.timings_s["coarse"],
                     "rerank": 1000 * result.timings_s["rerank"]},
-    })
+    }
+    if result.reranked:
+        body["fine_model"] = fine.encoder.signature.describe()
+    if result.rerank_skipped:
+        body["rerank_skipped"] = result.rerank_skipped
+    return jsonify(body)
+
+
+def _query(encoding, *, text: str | None, image: str | None, settings):
+    """The query by one model: its text vector, its image vector, or the two combined; None for neither."""
+    text_vector = encoding.encode_texts([text]).vectors[0] if text and text.strip() else None
+    image_vector = None
+    if image is not None:
+        pixels = image_pixels(image, field="image", encoding=encoding, max_bytes=settings.max_body_bytes)
+        image_vector = encoding.encode_images([pixels])[0]
+    return query_vector(text_vector, image_vector)
 
 
 def _options(body: dict, *, mode: str, k: int, settings) -> SearchOptions:
@@ -66,10 +82,17 @@ def _options(body: dict, *, mode: str, k: int, settings) -> SearchOptions:
                                high=settings.max_k),
         fusion=choice(body, "fusion", choices=FUSION_METHODS, default="minmax"),
         weights=_weights(body),
-        rerank=optional(body, "rerank", bool, True),
+        rerank=optional(body, "rerank", bool),  # None: the mode's default (off for bm25)
         exact=optional(body, "exact", bool, False),
+        ef_search=_ef_search(body),
         filters=_filters(body),
     )
+
+
+def _ef_search(body: dict) -> int | None:
+    if body.get("ef_search") is None:
+        return None  # the store's setting
+    return bounded_int(body, "ef_search", default=0, low=1, high=MAX_EF_SEARCH)
 
 
 def _weights(body: dict) -> tuple[float, float]:

@@ -18,6 +18,7 @@ class AppState:
     settings: Settings
     encoding: EncodingService
     store: Store
+    fine_encoding: EncodingService | None = None  # the fine-ranking model, where one is configured
 
 
 def attach_state(app: Flask, state: AppState) -> None:

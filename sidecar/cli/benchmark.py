@@ -91,9 +91,11 @@ def run_benchmark(settings: Settings, *, workdir: Path, out: Path, items: int, q
     from sidecar.retrieval.report import write_report
     from sidecar.stores import open_store
 
-    models = {FAST: settings, STRONG: dataclasses.replace(settings, model=STRONG_MODEL, pretrained="")}
-    echo(f"[1/4] models: {settings.model} (fast, coarse) and {STRONG_MODEL} (strong); the tiny ones are trained "
-         f"once and cached in {settings.cache_dir}")
+    models = {FAST: settings, STRONG: dataclasses.replace(settings, model=settings.fine_model or STRONG_MODEL,
+                                                          pretrained=settings.fine_pretrained,
+                                                          model_config=settings.fine_model_config)}
+    echo(f"[1/4] models: {models[FAST].model} (fast, coarse) and {models[STRONG].model} (strong, fine); the tiny "
+         f"ones are trained once and cached in {settings.cache_dir}")
     encoders = {name: load_encoder(model_settings) for name, model_settings in models.items()}
 
     catalogue_dir = workdir / "catalogue"
@@ -102,18 +104,24 @@ def run_benchmark(settings: Settings, *, workdir: Path, out: Path, items: int, q
 
     stores = {}
     try:
-        for step, (name, encoder) in enumerate(encoders.items()):
-            echo(f"[3/4] {name} model: embed and index ({encoder.signature.describe()})" if step == 0 else
-                 f"      {name} model: embed and index ({encoder.signature.describe()})")
-            shards = workdir / f"shards-{encoder.name}"
-            echo("      " + embed_corpus(encoder, files.manifest, shards, workers=1, progress=progress).describe())
+        # The fast model's store also holds the strong model's vectors (the same embed pass): the
+        # cascade's fine stage reads them. The strong model's own store is the exact reference.
+        plan = {FAST: (encoders[FAST], encoders[STRONG]), STRONG: (encoders[STRONG], None)}
+        for step, (name, (encoder, fine)) in enumerate(plan.items()):
+            label = f"{encoder.name}" + (f" + fine vectors by {fine.name}" if fine else "")
+            echo(f"[3/4] embed and index: {label}" if step == 0 else f"      embed and index: {label}")
+            shards = workdir / f"shards-{name}"
+            echo("      " + embed_corpus(encoder, files.manifest, shards, workers=1, fine_encoder=fine,
+                                         progress=progress).describe())
             store_settings = dataclasses.replace(
-                settings, store_path=workdir / f"store-{encoder.name}",
-                opensearch_index=f"{settings.opensearch_index}-benchmark-{encoder.name}")
+                settings, store_path=workdir / f"store-{name}",
+                opensearch_index=f"{settings.opensearch_index}-benchmark-{name}")
             stores[name] = open_store(store_settings)
             echo("      " + index_shards(stores[name], shards, progress=progress).describe())
-        targets = {name: SearchTarget(store=stores[name], encoder=encoders[name],
-                                      prompt_template=settings.prompt_template) for name in encoders}
+        targets = {FAST: SearchTarget(store=stores[FAST], encoder=encoders[FAST], fine_encoder=encoders[STRONG],
+                                      prompt_template=settings.prompt_template),
+                   STRONG: SearchTarget(store=stores[STRONG], encoder=encoders[STRONG],
+                                        prompt_template=settings.prompt_template)}
         configs = standard_configs()
         echo(f"[4/4] {len(configs)} configurations × {queries_per_category * 3} queries")
         evaluation = evaluate(targets, read_queries(files.queries), read_qrels(files.qrels), configs,
@@ -129,8 +137,8 @@ def run_benchmark(settings: Settings, *, workdir: Path, out: Path, items: int, q
         "machine": machine_description(),
         "command": " ".join(["clip-sidecar", *sys.argv[1:]]),
         "store": settings.store,
-        "fast model": encoders[FAST].signature.describe(),
-        "strong model": encoders[STRONG].signature.describe(),
+        "targets": f"{FAST} = the fast model's store ({encoders[FAST].signature.describe()}) with fine vectors by "
+                   f"the strong model; {STRONG} = the strong model's own store ({encoders[STRONG].signature.describe()})",
         "catalogue": f"{items} products (seed {seed}); queries and graded judgments in {catalogue_dir}",
         "relevant": "grade 2 (every attribute the query names) for MRR and Recall; nDCG uses grades 1 and 2",
     })

@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS docs (
     text TEXT NOT NULL,
     metadata TEXT NOT NULL,
     content_hash TEXT NOT NULL,
-    deleted INTEGER NOT NULL DEFAULT 0
+    deleted INTEGER NOT NULL DEFAULT 0,
+    fine_vector BLOB
 );
 CREATE UNIQUE INDEX IF NOT EXISTS docs_live_id ON docs(id) WHERE deleted = 0;
 CREATE INDEX IF NOT EXISTS docs_dead ON docs(row) WHERE deleted = 1;
@@ -115,7 +116,8 @@ class _EmbeddedLoad:
 class EmbeddedStore:
     """The default zero-setup store; see the Store protocol in `sidecar.stores.base`.
 
-    Layout of `path`: `store.sqlite` (WAL, synchronous=FULL; meta, docs with tombstones, FTS5),
+    Layout of `path`: `store.sqlite` (WAL, synchronous=FULL; meta, docs with tombstones and the
+    fine-ranking model's vectors as blobs, FTS5),
     `vectors.f32` (append-only float32 rows, row number = SQLite row), `hnsw.<generation>.faiss`
     (the ANN graph over rows below `hnsw_rows`, ids = row numbers), `write.lock` (fcntl lock
     serialising writer processes).
@@ -209,6 +211,10 @@ class EmbeddedStore:
             found = None if row is None else row[0]
             raise StoreError(f"{self.path} holds embedded-store format {found!r}; this version reads "
                              f"{', '.join(map(repr, _READABLE_FORMATS))}")
+        if "fine_vector" not in {column for _, column, *_ in conn.execute("PRAGMA table_info(docs)")}:
+            # Stores made before fine ranking: the column is NULL for every existing document.
+            with self._file_lock():
+                conn.execute("ALTER TABLE docs ADD COLUMN fine_vector BLOB")
 
     def close(self) -> None:
         with self._write_lock, self._state_lock:
@@ -450,7 +456,7 @@ class EmbeddedStore:
             self._append_vectors(start, matrix)
             self._tombstone(write.conn, old_rows)
             write.conn.executemany(
-                "INSERT INTO docs(row, id, text, metadata, content_hash) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO docs(row, id, text, metadata, content_hash, fine_vector) VALUES (?, ?, ?, ?, ?, ?)",
                 [(start + i, *payload) for i, payload in enumerate(rows_payload)],
             )
             write.conn.executemany(
@@ -586,13 +592,14 @@ class EmbeddedStore:
             found: dict[str, Document] = {}
             for batch in _batched(list(dict.fromkeys(wanted)), _SQL_BATCH):
                 marks = ",".join("?" * len(batch))
-                for row, doc_id, text, metadata, content_hash in conn.execute(
-                    f"SELECT row, id, text, metadata, content_hash FROM docs WHERE deleted = 0 AND id IN ({marks})",
-                    batch,
+                for row, doc_id, text, metadata, content_hash, fine in conn.execute(
+                    "SELECT row, id, text, metadata, content_hash, fine_vector FROM docs "
+                    f"WHERE deleted = 0 AND id IN ({marks})", batch,
                 ):
                     found[doc_id] = Document(
                         id=doc_id, vector=np.array(state.vectors[row]), text=text,
                         metadata=json.loads(metadata), content_hash=content_hash,
+                        fine_vector=None if fine is None else np.frombuffer(fine, dtype=np.float32).copy(),
                     )
         return [found[doc_id] for doc_id in wanted if doc_id in found]
 
@@ -989,14 +996,22 @@ def _stack_document_vectors(docs: Sequence[Document]) -> np.ndarray:
     return matrix
 
 
-def _document_row(doc: Document) -> tuple[str, str, str, str]:
+def _document_row(doc: Document) -> tuple[str, str, str, str, bytes | None]:
     if not isinstance(doc.text, str) or not isinstance(doc.content_hash, str):
         raise ValueError(f"document {doc.id!r}: text and content_hash must be strings")
     try:
         metadata = json.dumps(dict(doc.metadata), ensure_ascii=False, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"document {doc.id!r}: metadata must be JSON-serialisable: {exc}") from exc
-    return doc.id, doc.text, metadata, doc.content_hash
+    fine = None
+    if doc.fine_vector is not None:
+        # The fine model's vector lives in its row (read only for the fine stage's N candidates),
+        # never in the HNSW graph or vectors.f32.
+        vector = np.asarray(doc.fine_vector, dtype=np.float32)
+        if vector.ndim != 1 or not np.isfinite(vector).all():
+            raise ValueError(f"document {doc.id!r}: fine_vector must be one finite float vector")
+        fine = vector.tobytes()
+    return doc.id, doc.text, metadata, doc.content_hash, fine
 
 
 def _dim_message(expected: int, got: int, signature: ModelSignature | None) -> str:
