@@ -78,7 +78,7 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, candi
         click.echo(json.dumps([hit.to_dict() for hit in result.hits], indent=2))
     else:
         click.echo(format_hits(result.hits))
-    if result.rerank_skipped:
+    if rerank and result.rerank_skipped:  # asked for by --rerank, not just the mode's default
         click.echo(f"rerank skipped: {result.rerank_skipped}", err=True)
 
 

@@ -165,8 +165,9 @@ def sweeps(results: Sequence[ConfigResult]) -> dict[str, list[ConfigResult]]:
             key = tuple((k, json.dumps(v)) for k, v in parameters.items() if k != varied)
             families.setdefault(key, []).append(result)
         for family in families.values():
+            family = [f for f in family if f.config.parameters()[varied] is not None]  # None: the store's default
             values = {f.config.parameters()[varied] for f in family}
-            if len(values) > 1 and None not in values:
+            if len(values) > 1:
                 family = sorted(family, key=lambda f: f.config.parameters()[varied])
                 first = family[0].config.name
                 lines[f"{varied} {'/'.join(str(f.config.parameters()[varied]) for f in family)}: {first}"] = family
@@ -174,15 +175,15 @@ def sweeps(results: Sequence[ConfigResult]) -> dict[str, list[ConfigResult]]:
 
 
 def plot_quality_against_latency(evaluation: Evaluation, path: Path) -> Path:
-    """Recall (and nDCG) against p50 latency per query: every configuration a point, sweeps of
-    ef_search or N a line."""
+    """Recall against p50 search latency per query (coarse + rerank; query encoding, the same for
+    every point of a sweep, left out): every configuration a point, sweeps of ef_search or N a line."""
     recall = next((m for m in evaluation.measures if label(m).startswith("Recall")), evaluation.measures[0])
     figure = _figure(9.0, 5.0)
     axes = figure.add_subplot()
     for result in evaluation.results:
-        axes.scatter(result.latency_ms["total"][0], result.metrics[recall], s=18, color="0.6", zorder=2)
+        axes.scatter(result.latency_ms["search"][0], result.metrics[recall], s=18, color="0.6", zorder=2)
     for name, family in sweeps(evaluation.results).items():
-        xs = [f.latency_ms["total"][0] for f in family]
+        xs = [f.latency_ms["search"][0] for f in family]
         ys = [f.metrics[recall] for f in family]
         axes.plot(xs, ys, marker="o", label=name, zorder=3)
         varied = "ef_search" if name.startswith("ef_search") else "candidates"
@@ -190,9 +191,9 @@ def plot_quality_against_latency(evaluation: Evaluation, path: Path) -> Path:
             axes.annotate(str(f.config.parameters()[varied]), (x, y), textcoords="offset points", xytext=(4, 4),
                           fontsize=7)
     best = evaluation.best(recall)
-    axes.annotate(best.config.name, (best.latency_ms["total"][0], best.metrics[recall]), textcoords="offset points",
+    axes.annotate(best.config.name, (best.latency_ms["search"][0], best.metrics[recall]), textcoords="offset points",
                   xytext=(6, -10), fontsize=7)
-    axes.set_xlabel("latency per query, p50 ms (encode + coarse + rerank)")
+    axes.set_xlabel("search latency per query, p50 ms (coarse + rerank; query encoding left out)")
     axes.set_ylabel(label(recall))
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:

@@ -73,7 +73,7 @@ def test_metrics_on_a_hand_made_qrels_file_are_the_librarys_and_the_hand_compute
     assert {str(m): pytest.approx(v) for m, v in library.items()} == result.metrics
     assert result.by_group["a"]["nDCG@10"] == pytest.approx(ndcg_q1)
     assert result.by_group["x"]["nDCG@10"] == pytest.approx(ndcg_q2)
-    assert set(result.latency_ms) == {"encode", "coarse", "rerank", "total"}
+    assert set(result.latency_ms) == {"encode", "coarse", "rerank", "search", "total"}
 
 
 def test_a_judged_query_the_run_misses_counts_as_zero_not_as_absent(store, tmp_path):
