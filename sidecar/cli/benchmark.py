@@ -126,7 +126,7 @@ def run_benchmark(settings: Settings, *, workdir: Path, out: Path, items: int, q
         echo(f"[4/4] {len(configs)} configurations × {queries_per_category * 3} queries")
         evaluation = evaluate(targets, read_queries(files.queries), read_qrels(files.qrels), configs,
                               measures=standard_measures(relevant_grade=2), max_image_pixels=settings.max_image_pixels,
-                              progress=progress)
+                              encode_threads=settings.serve_torch_threads, progress=progress)
     finally:
         for store in stores.values():
             store.close()

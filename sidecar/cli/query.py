@@ -216,7 +216,8 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
                               fine_encoder=load_fine_encoder(settings))
         evaluation = evaluate({"default": target}, queries, qrels, runs,
                               measures=list(measures) or standard_measures(relevant_grade=relevant_grade),
-                              max_image_pixels=settings.max_image_pixels, progress=progress)
+                              max_image_pixels=settings.max_image_pixels,
+                              encode_threads=settings.serve_torch_threads, progress=progress)
     except EvaluationInputError as exc:
         raise click.UsageError(str(exc)) from exc
     finally:

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ir_measures
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from sidecar.model.encoder import Encoder
@@ -295,8 +296,11 @@ def standard_measures(*, relevant_grade: int = 1, recall_at: Sequence[int] = (DE
 
 def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrels: Mapping[str, Mapping[str, int]],
              configs: Sequence[RunConfig], *, measures: Sequence[str] | None = None, max_image_pixels: int = 40_000_000,
-             progress: bool = False) -> Evaluation:
-    """Run every configuration over every judged query; metrics by ir-measures, latency per stage."""
+             encode_threads: int = 1, progress: bool = False) -> Evaluation:
+    """Run every configuration over every judged query; metrics by ir-measures, latency per stage.
+
+    Queries are encoded one at a time with `encode_threads` torch threads on CPU, as a serving
+    worker encodes them (SIDECAR_SERVE_TORCH_THREADS): the encode latency is a request's."""
     measures = list(measures or standard_measures())
     try:
         parsed = [ir_measures.parse_measure(m) for m in measures]
@@ -324,11 +328,16 @@ def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrel
     for name in needing:
         if targets[name].encoder is None:
             raise EvaluationInputError(f"target {name!r} has no model, and its configurations need query vectors")
-    vectors = _encode_queries({name: targets[name].encoder for name in needing}, targets, judged,
-                              max_image_pixels=max_image_pixels, progress=progress)
     fine_needed = {c.target for c in configs if c.options.rerank and targets[c.target].fine_encoder is not None}
-    fine_vectors = _encode_queries({name: targets[name].fine_encoder for name in fine_needed}, targets, judged,
-                                   max_image_pixels=max_image_pixels, progress=progress)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(encode_threads)
+    try:
+        vectors = _encode_queries({name: targets[name].encoder for name in needing}, targets, judged,
+                                  max_image_pixels=max_image_pixels, progress=progress)
+        fine_vectors = _encode_queries({name: targets[name].fine_encoder for name in fine_needed}, targets, judged,
+                                       max_image_pixels=max_image_pixels, progress=progress)
+    finally:
+        torch.set_num_threads(previous_threads)
     qrel_list = [ir_measures.Qrel(qid, doc, grade) for qid, docs in qrels.items() for doc, grade in docs.items()
                  if qid in {q.id for q in judged}]
     groups = _groups(judged)
