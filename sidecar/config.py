@@ -16,6 +16,13 @@ OPENSEARCH_ENGINES = ("lucene", "faiss")  # faiss needs the k-NN native library
 # Where the embed job decodes JPEGs: cpu (PIL in worker processes), device (batched on the
 # model's device: nvjpeg on a GPU), auto (device on CUDA, else cpu).
 DECODE_MODES = ("auto", "cpu", "device")
+# Image formats decoded by default: what cameras, phones and the web produce. Pillow knows forty
+# more, some through external programs (EPS hands off to Ghostscript) or rarely exercised decoders;
+# an upload is opened only by the decoders named here (setting image_formats).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Longer side of an image after the model's resize step: 100 x 400,000 would resize to
+# 224 x 896,000 under a shortest-side resize; 8192 allows panoramas up to ~36:1 at 224 px.
+MAX_RESIZED_SIDE = 8192
 
 
 def _default_cache_dir() -> Path:
@@ -55,10 +62,22 @@ class Settings:
     # package (Docker) needs the path of a copy.
     plugin_config_dir: str = ""
 
-    # Request limits (the API answers 400/413 naming them)
+    # Request limits, each checked before the work it bounds (the API answers 400/413 naming them)
     max_batch_items: int = 256
     max_body_bytes: int = 32 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_json_depth: int = 32  # nesting of the request's JSON; the API's own bodies need 4
+    max_image_pixels: int = 40_000_000  # one image's declared size (decompression bombs)
+    max_request_pixels: int = 200_000_000  # decoded pixels summed over a request's images
+    max_resized_side: int = MAX_RESIZED_SIDE
+    # Bytes the image decodes of one worker may hold at once (estimated per image before decoding);
+    # a decode waits for room until request_timeout_s, then answers 503.
+    decode_memory_bytes: int = 1024 * 1024 * 1024
+    image_formats: tuple[str, ...] = IMAGE_FORMATS
+    # Characters of a text kept before tokenising: the model sees its first context_length tokens
+    # (77 for CLIP, a few hundred characters) anyway; longer texts are cut and reported as truncated.
+    max_text_chars: int = 4096
+    max_filter_fields: int = 64
+    max_filter_values: int = 1024  # summed over every field's list
     max_k: int = 1000
 
     # Micro-batching of concurrent requests
@@ -111,15 +130,31 @@ class Settings:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"setting {name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        for name in ("max_batch_items", "max_body_bytes", "max_image_pixels", "max_k", "max_batch",
-                     "queue_size", "text_cache_size", "rerank_candidates", "serve_torch_threads"):
+        for name in ("max_batch_items", "max_body_bytes", "max_json_depth", "max_image_pixels", "max_request_pixels",
+                     "max_resized_side", "decode_memory_bytes", "max_text_chars", "max_filter_fields",
+                     "max_filter_values", "max_k", "max_batch", "queue_size", "text_cache_size", "rerank_candidates",
+                     "serve_torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        # A comma-separated string (SIDECAR_IMAGE_FORMATS=JPEG,PNG) or a sequence of names.
+        formats = self.image_formats.split(",") if isinstance(self.image_formats, str) else self.image_formats
+        object.__setattr__(self, "image_formats", tuple(f.strip().upper() for f in formats if f.strip()))
+        unknown = sorted(set(self.image_formats) - set(_pillow_formats()))
+        if unknown or not self.image_formats:
+            raise ValueError(f"setting image_formats={','.join(self.image_formats)!r}: unknown "
+                             f"{', '.join(unknown) or '(empty)'}; Pillow opens {', '.join(sorted(_pillow_formats()))}")
         if "{}" not in self.prompt_template:
             raise ValueError(f"setting prompt_template must contain '{{}}' for the text, got {self.prompt_template!r}")
         # Paths may arrive as strings from the environment or tests.
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "store_path", Path(self.store_path))
+
+
+def _pillow_formats() -> list[str]:
+    from PIL import Image
+
+    Image.init()
+    return list(Image.OPEN)
 
 
 def _parse(name: str, raw: str, type_name: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Errors a client can cause, each with its HTTP status and a stable code."""
+"""Errors the API answers, each with its HTTP status and a stable code."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ class BadRequest(ApiError):
     status, code = 400, "bad_request"
 
 
+class ModelNotFound(ApiError):
+    status, code = 404, "model_not_found"
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 
@@ -37,3 +41,15 @@ class EncodeTimeout(ApiError):
 
 class NotReady(ApiError):
     status, code = 503, "not_ready"
+
+
+class StoreUnreachable(ApiError):
+    """The store cannot answer now (cluster down, timing out, rejecting under load): retry later."""
+
+    status, code = 503, "store_unavailable"
+
+
+class StoreFailed(ApiError):
+    """The store answered with an error that retrying will not change (a missing index, say)."""
+
+    status, code = 502, "store_error"

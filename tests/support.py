@@ -1,12 +1,20 @@
-"""Helpers for tests: base64 images, the environment as the test run found it."""
+"""Helpers for tests: base64 images, the environment as the test run found it, a gunicorn server."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
+import requests
 from PIL import Image
 
 
@@ -23,3 +31,37 @@ def png_b64(colour=(255, 0, 0), size=(32, 32)) -> str:
 # Taken when the first test module imports this, before any fixture changes the environment:
 # scripts that manage machine-wide things (the OpenSearch node) must see the real cache path.
 ORIGINAL_ENVIRON = dict(os.environ)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gunicorn_server(env: dict[str, str], log: Path, *, workers: int = 1, threads: int = 8) -> Iterator[str]:
+    """`clip-sidecar serve` (gunicorn, this checkout's code) on a free loopback port until the block
+    ends; yields its URL once /readyz answers 200. Settings come in `env` (SIDECAR_*)."""
+    port = free_port()
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "serve", "--port", str(port),
+                                    "--workers", str(workers), "--threads", str(threads)],
+                                   env={**os.environ, "GUNICORN_LOGLEVEL": "warning", **env},
+                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass  # the worker is still loading the model
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "gunicorn did not become ready"
+            time.sleep(0.2)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

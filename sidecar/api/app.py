@@ -10,15 +10,20 @@ from werkzeug.exceptions import HTTPException
 
 from sidecar.api import embeddings, ops, search
 from sidecar.api.state import AppState, attach_state
+from sidecar.api.validation import body_too_large
 from sidecar.config import Settings
-from sidecar.errors import ApiError
+from sidecar.errors import ApiError, StoreFailed, StoreUnreachable
 from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
 from sidecar.serving import metrics
 from sidecar.serving.encoding import EncodingService
 from sidecar.stores import open_store
-from sidecar.stores.base import Store
+from sidecar.stores.base import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+# Retry-After for a store that cannot be reached: a cluster that is down or restarting comes back
+# in seconds, not milliseconds; clients back off from there.
+STORE_RETRY_AFTER_S = 5
 
 
 def create_app(settings: Settings | None = None, *, encoder: Encoder | None = None,
@@ -31,7 +36,7 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     encoder = encoder or load_encoder(settings)
     fine_encoder = fine_encoder or load_fine_encoder(settings)
     attach_state(app, AppState(settings=settings, encoding=EncodingService(encoder, settings),
-                               store=store or open_store(settings),
+                               store=store or open_store(settings), started=int(time.time()),
                                fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None))
     for blueprint in (embeddings.bp, search.bp, ops.bp):
         app.register_blueprint(blueprint)
@@ -48,13 +53,23 @@ def _register_errors(app: Flask, settings: Settings) -> None:
             response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
         return response, exc.status
 
+    @app.errorhandler(StoreError)
+    def store_error(exc: StoreError):
+        if isinstance(exc, StoreUnavailable):
+            log.warning("%s %s: %s", request.method, request.path, exc)
+            return api_error(StoreUnreachable(f"{exc}; retry later", retry_after_s=STORE_RETRY_AFTER_S))
+        log.error("%s %s: %s", request.method, request.path, exc)
+        return api_error(StoreFailed(str(exc)))
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        message = exc.description or exc.name
         if exc.code == 413:
-            message = f"request body is over the limit of {settings.max_body_bytes} bytes (max_body_bytes)"
+            return api_error(body_too_large(settings.max_body_bytes))
         code = (exc.name or "error").lower().replace(" ", "_")
-        return jsonify({"error": {"code": code, "message": message}}), exc.code
+        response = jsonify({"error": {"code": code, "message": exc.description or exc.name}})
+        # werkzeug's own headers for the error: Allow on 405 (RFC 9110 requires it).
+        response.headers.extend((name, value) for name, value in exc.get_headers() if name.lower() != "content-type")
+        return response, exc.code
 
     @app.errorhandler(Exception)
     def internal_error(exc: Exception):

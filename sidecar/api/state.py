@@ -18,6 +18,7 @@ class AppState:
     settings: Settings
     encoding: EncodingService
     store: Store
+    started: int  # Unix time the app loaded its model (`created` in /v1/models)
     fine_encoding: EncodingService | None = None  # the fine-ranking model, where one is configured
 
 

@@ -1,38 +1,147 @@
-"""Request-body validation: every error names the field and, where there is one, the limit."""
+"""Request validation: every error names the field and, where there is one, the limit (its setting).
+
+Everything a client sends is checked here before any work is done for it: the body (size, also
+when chunked; JSON; nesting; valid Unicode; finite numbers), each field's type and range, the
+filters (names and values both stores can take), and images (base64, then their headers: format,
+size, resized size, decode memory, the request's pixel total) before any pixel is decoded.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+import json
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 from flask import Request
+from werkzeug.exceptions import HTTPException
 
-from sidecar.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from sidecar.config import Settings
+from sidecar.errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType
 from sidecar.model.images import ImageDecodeError
 from sidecar.serving.encoding import EncodingService
 
+# 64-bit signed integers: what OpenSearch's long and SQLite's INTEGER hold.
+INT64 = (-2**63, 2**63 - 1)
+_READ_CHUNK = 64 * 1024
+_BASE64_SPACING = dict.fromkeys(map(ord, "\t\n\r "))
+# ECMAScript's \s, which the OpenAPI file's patterns use: a text of only these is blank.
+WHITESPACE = "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+             "\u2028\u2029\u202f\u205f\u3000\ufeff"
 
-def json_body(request: Request) -> dict[str, Any]:
+
+def body_too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes (max_body_bytes)")
+
+
+def json_body(request: Request, settings: Settings) -> dict[str, Any]:
+    """The request's JSON object, or a 4xx naming what is wrong with it."""
     if not request.is_json:
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}")
-    body = request.get_json(silent=True)
-    if body is None:
-        raise BadRequest("request body is not valid JSON")
+    data = _read_body(request, max_bytes=settings.max_body_bytes)
+    try:
+        body = json.loads(data)
+    except RecursionError as exc:  # the parser's own guard, far deeper than max_json_depth
+        raise BadRequest(f"request body nests deeper than {settings.max_json_depth} levels (max_json_depth)") from exc
+    except ValueError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    check_json_values(body, max_depth=settings.max_json_depth)
     if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+        raise BadRequest(f"request body must be a JSON object, got {json_type(body)}")
     return body
 
 
-def optional(body: dict, field: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-    value = body.get(field, default)
-    if value is None:
+def _read_body(request: Request, *, max_bytes: int) -> bytes:
+    """The body, never reading more than max_bytes + 1 of it. A Content-Length over the limit is
+    refused before reading (werkzeug, 413). A chunked body has no length: werkzeug would cut it at
+    the limit and serve the rest silently, so it is read here from the server's (de-chunked) input
+    until its end or one byte past the limit."""
+    environ = request.environ
+    try:
+        if request.content_length is None and environ.get("wsgi.input_terminated"):
+            stream, data = environ["wsgi.input"], bytearray()
+            while len(data) <= max_bytes:
+                chunk = stream.read(min(_READ_CHUNK, max_bytes + 1 - len(data)))
+                if not chunk:
+                    break
+                data += chunk
+            if len(data) > max_bytes:
+                raise body_too_large(max_bytes)
+            return bytes(data)
+        return request.get_data(cache=False)
+    except (ApiError, HTTPException):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the server's own errors for bad framing (gunicorn: InvalidChunkSize)
+        raise BadRequest(f"request body could not be read: {type(exc).__name__}: {exc}") from exc
+
+
+def check_json_values(body: Any, *, max_depth: int) -> None:
+    """What Python's JSON parser lets through and nothing downstream can use: nesting deeper than
+    max_depth, NaN/Infinity (not JSON, though the parser takes them; 1e999 becomes inf), and lone
+    surrogates ("\\ud800": not Unicode, cannot be encoded for the tokenizer, SQLite or OpenSearch)."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, dict):
+            _check_depth(path, depth, max_depth)
+            for key, child in value.items():
+                if not _is_unicode(key):
+                    raise BadRequest(f"field '{path or 'body'}' has a key with a lone surrogate ({key!r}): "
+                                     "send valid Unicode")
+                stack.append((child, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            _check_depth(path, depth, max_depth)
+            stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(value))
+        elif isinstance(value, str):
+            if not _is_unicode(value):
+                raise BadRequest(f"field '{path}' holds a lone surrogate (an unpaired \\ud800-\\udfff escape): "
+                                 "send valid Unicode")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise BadRequest(f"field '{path}' is {value}: JSON numbers are finite")
+
+
+def _check_depth(path: str, depth: int, max_depth: int) -> None:
+    if depth > max_depth:
+        raise BadRequest(f"field '{path}' nests deeper than {max_depth} levels (max_json_depth)")
+
+
+def _is_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def known_fields(body: dict, fields: tuple[str, ...], *, where: str = "request body") -> None:
+    unknown = [name for name in body if name not in fields]
+    if unknown:
+        raise BadRequest(f"unknown field '{unknown[0]}' in the {where}; it takes {', '.join(fields)}")
+
+
+def optional(body: dict, field: str, kind: type | tuple[type, ...], default: Any = None, *,
+             name: str | None = None) -> Any:
+    """body[field] if present (null is not a value of any field), else `default`; `name` is the
+    field's full path in errors."""
+    if field not in body:
         return default
+    value = body[field]
+    kinds = _as_tuple(kind)
+    if int in kinds and float not in kinds and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 10.0 is the integer 10, as JSON Schema counts
     # bool is an int in Python; a JSON true is not a count.
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-        raise BadRequest(f"field '{field}' must be {_type_names(kind)}, got {type(value).__name__}")
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
+        raise BadRequest(f"field '{name or field}' must be {_type_names(kind)}, got {json_type(value)}")
     return value
+
+
+def is_blank(text: str) -> bool:
+    return not text.strip(WHITESPACE)
 
 
 def bounded_int(body: dict, field: str, *, default: int, low: int, high: int) -> int:
@@ -42,31 +151,98 @@ def bounded_int(body: dict, field: str, *, default: int, low: int, high: int) ->
     return value
 
 
-def choice(body: dict, field: str, *, choices: tuple[str, ...], default: str) -> str:
-    value = optional(body, field, str, default)
+def choice(body: dict, field: str, *, choices: tuple[str, ...], default: str, name: str | None = None) -> str:
+    value = optional(body, field, str, default, name=name)
     if value not in choices:
-        raise BadRequest(f"field '{field}' must be one of {', '.join(choices)}, got {value!r}")
+        raise BadRequest(f"field '{name or field}' must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
-def image_pixels(value: Any, *, field: str, encoding: EncodingService, max_bytes: int) -> np.ndarray:
-    """A base64 (or data URL) image field → the model's input pixels; errors name the field."""
+def filters(body: dict, settings: Settings) -> dict[str, Any] | None:
+    """Metadata filters {field: value | [values]}, held to what both stores can run: a field name
+    without '"' or control characters (the embedded store's JSON path), scalar values with integers
+    in 64 bits, at most max_filter_fields fields and max_filter_values values."""
+    value = optional(body, "filters", dict)
+    if not value:
+        return None
+    if len(value) > settings.max_filter_fields:
+        raise PayloadTooLarge(f"field 'filters' has {len(value)} fields, over the limit of "
+                              f"{settings.max_filter_fields} (max_filter_fields)")
+    total = 0
+    for name, wanted in value.items():
+        if not name or '"' in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise BadRequest(f"field 'filters' has a key {name!r}: a metadata field name is non-empty, without "
+                             "'\"' or control characters")
+        values = wanted if isinstance(wanted, list) else [wanted]
+        if not values:
+            raise BadRequest(f"field 'filters.{name}' is an empty list: send at least one value")
+        total += len(values)
+        if total > settings.max_filter_values:
+            raise PayloadTooLarge(f"field 'filters' has more than {settings.max_filter_values} values "
+                                  "(max_filter_values)")
+        for i, item in enumerate(values):
+            field = f"filters.{name}[{i}]" if isinstance(wanted, list) else f"filters.{name}"
+            if not isinstance(item, (str, int, float)):  # bool is an int
+                raise BadRequest(f"field '{field}' must be a string, number or boolean, got {json_type(item)}")
+            # JSON Schema's integers are whole numbers however written (2.0, 1e300): held to 64 bits alike.
+            whole = isinstance(item, int) or isinstance(item, float) and item.is_integer()
+            if whole and not isinstance(item, bool) and not INT64[0] <= item <= INT64[1]:
+                raise BadRequest(f"field '{field}' is {item}, outside the 64-bit integers the stores hold "
+                                 f"({INT64[0]} to {INT64[1]})")
+    return value
+
+
+def image_bytes(value: Any, *, field: str, max_bytes: int) -> bytes:
+    """A base64 image field → its bytes. Takes a data URL (data:image/png;base64,...) and MIME-wrapped
+    base64 (76-column lines, as `base64` prints it)."""
     if not isinstance(value, str):
-        raise BadRequest(f"field '{field}' must be a base64 string, got {type(value).__name__}")
+        raise BadRequest(f"field '{field}' must be a base64 string, got {json_type(value)}")
     if value.startswith("data:"):
-        value = value.partition(",")[2]  # data URL: data:image/png;base64,....
+        header, _, value = value.partition(",")
+        if not header.endswith(";base64"):
+            raise BadRequest(f"field '{field}' is a data URL without ';base64': only base64 data URLs are accepted")
     if len(value) * 3 // 4 > max_bytes:
         raise PayloadTooLarge(f"field '{field}': image is over the limit of {max_bytes} bytes (max_body_bytes)")
+    # Line breaks and spaces are not data (RFC 2045 wraps at 76 columns); anything else outside
+    # the alphabet is an error rather than silently dropped.
+    value = value.translate(_BASE64_SPACING)
     try:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadRequest(f"field '{field}' is not valid base64: {exc}") from exc
     if not data:
         raise BadRequest(f"field '{field}' is empty")
+    return data
+
+
+def decode_images(images: list[tuple[str, bytes]], *, encoding: EncodingService, settings: Settings) -> list[np.ndarray]:
+    """[(field, bytes)] → model pixels. Every header is read and every limit checked (the request's
+    pixel total, max_request_pixels, included) before the first pixel is decoded."""
+    opened = []
+    total = 0
+    for field, data in images:
+        with _image_errors(field):
+            image = encoding.open_image(data)
+        total += image.width * image.height
+        if total > settings.max_request_pixels:
+            raise PayloadTooLarge(f"field '{field}': the request's images hold {total} pixels up to this one, "
+                                  f"over the limit of {settings.max_request_pixels} (max_request_pixels)")
+        opened.append((field, image))
+    pixels = []
+    for field, image in opened:
+        with _image_errors(field):
+            pixels.append(encoding.decode_image(image))
+    return pixels
+
+
+@contextmanager
+def _image_errors(field: str) -> Iterator[None]:
+    """A limit → 413; bytes no allowed decoder takes (not an image, a refused format, a decoder
+    failure) → 415."""
     try:
-        return encoding.decode_image(data)
+        yield
     except ImageDecodeError as exc:
-        error = {"format": UnsupportedMediaType, "too_large": PayloadTooLarge}.get(exc.kind, BadRequest)
+        error = PayloadTooLarge if exc.kind == "too_large" else UnsupportedMediaType
         raise error(f"field '{field}': {exc.reason}") from exc
 
 
@@ -78,3 +254,13 @@ def _type_names(kind: type | tuple[type, ...]) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
              dict: "an object"}
     return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def json_type(value: Any) -> str:
+    """What the client sent, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,35 @@ log = logging.getLogger(__name__)
 
 # Largest batch one forward pass takes; callers may hand in more, the encoder chunks.
 FORWARD_CHUNK = 256
+# Words whose BPE split the tokenizer remembers (a few hundred bytes each): plenty for any real
+# vocabulary of queries, a bound against clients sending endless unique words.
+BPE_CACHE_WORDS = 100_000
+
+
+class _BoundedBpeCache(dict):
+    """open_clip's SimpleTokenizer memoises the BPE split of every word it ever saw in a plain dict,
+    which in a server grows with every unique word clients send. Same memo, the oldest words
+    dropped past `capacity`; the special tokens it starts with stay (they must never be split)."""
+
+    def __init__(self, pinned: dict, capacity: int):
+        super().__init__(pinned)
+        self._pinned = frozenset(pinned)
+        self._capacity = capacity + len(pinned)
+        self._lock = threading.Lock()  # request threads tokenise concurrently
+
+    def __setitem__(self, key, value) -> None:
+        with self._lock:
+            super().__setitem__(key, value)
+            if len(self) > self._capacity:
+                # Insertion order: the pinned tokens first, then the oldest word.
+                oldest = next(k for k in self if k not in self._pinned)
+                del self[oldest]
+
+
+def _bound_bpe_cache(tokenizer, capacity: int) -> None:
+    cache = getattr(tokenizer, "cache", None)
+    if type(cache) is dict:  # SimpleTokenizer; Hugging Face tokenizers keep no such memo
+        tokenizer.cache = _BoundedBpeCache(cache, capacity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +78,7 @@ class Encoder:
         self.device = device
         self.precision = precision
         self.context_length = int(tokenizer.context_length)
+        _bound_bpe_cache(tokenizer, BPE_CACHE_WORDS)
         self._text_graphs = None  # TextGraphs once capture_text_graphs() ran (GPU serving)
         self.images = ImagePreprocess(preprocess)
         # Normalisation runs on the model's device, over the whole batch, after a uint8 copy.

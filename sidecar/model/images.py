@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import io
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from sidecar.config import IMAGE_FORMATS, MAX_RESIZED_SIDE
 
 # Refuse truncated files rather than silently padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -28,7 +31,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 class ImageDecodeError(ValueError):
     """The bytes are not a usable image; `reason` says why in a few words.
 
-    `kind`: "format" (not an image at all), "corrupt" (truncated/broken), "too_large" (pixel limit).
+    `kind`: "format" (not an image, or a format outside image_formats), "corrupt" (truncated or
+    broken; the decoder failed), "too_large" (a pixel, resize or memory limit).
     """
 
     def __init__(self, reason: str, *, kind: str):
@@ -37,37 +41,93 @@ class ImageDecodeError(ValueError):
         self.kind = kind
 
 
-def decode_image(data: bytes | io.BufferedIOBase, *, max_pixels: int,
-                 draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode to an upright RGB image, or raise ImageDecodeError naming the problem.
+# Peak bytes per decoded pixel, from the decoded image to the model's pixels: PIL keeps 4 bytes a
+# pixel for RGB/RGBA/LA/CMYK, and a conversion to RGB holds a second image (plus an alpha mask)
+# while it runs. bench/decode_memory.py measures 4.2 (RGB) to 13 (LA) on 20 MP images; JPEGs are
+# charged at their draft-decode size.
+DECODE_BYTES_PER_PIXEL = 16
 
-    `draft_size` (width, height): JPEGs are decoded at the smallest DCT scale whose result is
+
+def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS,
+               draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Read the header only: the format must be in `formats`, the declared size within `max_pixels`.
+    No pixel is decoded yet (`load_rgb` does that); `image.size` is then the size the decode will have.
+
+    `draft_size` (width, height): JPEGs are set to decode at the smallest DCT scale whose result is
     still at least this large in both directions.
     """
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    with _decoder_errors():
+        try:
+            image = Image.open(stream, formats=tuple(formats))
+        except UnidentifiedImageError as exc:
+            stream.seek(0)
+            found = _sniff_format(stream.read(16))
+            if found:
+                raise ImageDecodeError(f"{found} is not an accepted image format (image_formats: "
+                                       f"{', '.join(formats)})", kind="format") from exc
+            raise ImageDecodeError("not a recognised image format", kind="format") from exc
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageDecodeError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                                   f"{max_pixels} (max_image_pixels)", kind="too_large")
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)  # animated: the first frame stands for the file
+        if draft_size:
+            image.draft("RGB", draft_size)
+    return image
+
+
+def load_rgb(image: Image.Image) -> Image.Image:
+    """Decode an image from `open_image` to upright RGB, or raise ImageDecodeError naming the problem."""
+    with _decoder_errors():
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
+        return _to_rgb(image)
+
+
+def decode_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS,
+                 draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode to an upright RGB image (`open_image`, then `load_rgb`), or raise ImageDecodeError."""
+    return load_rgb(open_image(data, max_pixels=max_pixels, formats=formats, draft_size=draft_size))
+
+
+def decode_bytes(image: Image.Image) -> int:
+    """Peak memory a decode of this (opened, not yet loaded) image will hold, estimated from its size."""
+    width, height = image.size
+    return width * height * DECODE_BYTES_PER_PIXEL
+
+
+@contextmanager
+def _decoder_errors() -> Iterator[None]:
+    """Whatever a decoder raises on hostile bytes becomes ImageDecodeError: the bytes are the cause."""
     try:
         with warnings.catch_warnings():
-            # PIL warns (DecompressionBombWarning) between its two limits; ours is explicit below.
+            # PIL warns (DecompressionBombWarning) between its two limits; ours is explicit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                                      f"{max_pixels} (max_image_pixels)", kind="too_large")
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)  # animated: the first frame stands for the file
-            if draft_size:
-                image.draft("RGB", draft_size)
-            image.load()
+            yield
     except ImageDecodeError:
         raise
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not a recognised image format", kind="format") from exc
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression bomb: {exc}", kind="too_large") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageDecodeError(f"corrupt or truncated image: {exc}", kind="corrupt") from exc
-    return _to_rgb(ImageOps.exif_transpose(image))
+    except MemoryError as exc:
+        raise ImageDecodeError("not enough memory to decode the image", kind="too_large") from exc
+    except Exception as exc:  # noqa: BLE001 - plugins raise OSError, SyntaxError, struct.error, IndexError, ...
+        raise ImageDecodeError(f"corrupt or truncated image: {type(exc).__name__}: {exc}", kind="corrupt") from exc
+
+
+def _sniff_format(prefix: bytes) -> str | None:
+    """The format Pillow would take these first bytes for, by its plugins' signature checks only
+    (nothing is opened): names the format that was refused."""
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix) is True:
+                return name
+        except Exception:  # noqa: BLE001 - a signature check that fails is not a match
+            continue
+    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -79,8 +139,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB") if image.mode != "RGB" else image
 
@@ -144,6 +205,16 @@ class ResizeSpec:
         ratio = max(ratio_h, ratio_w) * self.longest + min(ratio_h, ratio_w) * (1.0 - self.longest)
         return [round(height / ratio), round(width / ratio)]
 
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of an image of this size after the resize step, before any crop."""
+        if self.mode != "edge":
+            resized_height, resized_width = self.resized_size(height, width)
+            return resized_height, resized_width
+        # torchvision's Resize(int): the shorter side to `size`, the longer one scaled and floored.
+        side = self.size[0]
+        longer = int(side * max(height, width) / min(height, width))
+        return (longer, side) if height >= width else (side, longer)
+
     def resize_batch(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] uint8 of one size → [N, h, w, 3] uint8 at `output_size`."""
         from open_clip.transform import center_crop_or_pad
@@ -184,16 +255,30 @@ class ImagePreprocess:
         """An RGB image (any size) → uint8 [h, w, 3] at the model's input size."""
         return np.asarray(self.pil_steps(image), dtype=np.uint8)
 
-    def decode(self, data: bytes, *, max_pixels: int) -> np.ndarray:
+    def open(self, data: bytes, *, max_pixels: int, max_resized_side: int = MAX_RESIZED_SIDE,
+             formats: Sequence[str] = IMAGE_FORMATS) -> Image.Image:
+        """`open_image` at this model's draft size, plus the resize step's cost: an image whose longer
+        side would pass `max_resized_side` after the resize (an extreme aspect ratio) is refused."""
+        image = open_image(data, max_pixels=max_pixels, formats=formats, draft_size=self.spec.draft_size)
+        height, width = self.spec.resized_shape(image.height, image.width)
+        if max(height, width) > max_resized_side:
+            raise ImageDecodeError(f"image is {image.width}x{image.height}: the model's resize would make it "
+                                   f"{width}x{height}, over the limit of {max_resized_side} pixels a side "
+                                   "(max_resized_side)", kind="too_large")
+        return image
+
+    def decode(self, data: bytes, *, max_pixels: int, max_resized_side: int = MAX_RESIZED_SIDE,
+               formats: Sequence[str] = IMAGE_FORMATS) -> np.ndarray:
         """Image file bytes → uint8 model pixels: the CPU path of the embed job and of queries."""
-        return self.pixels(decode_image(data, max_pixels=max_pixels, draft_size=self.spec.draft_size))
+        return self.pixels(load_rgb(self.open(data, max_pixels=max_pixels, max_resized_side=max_resized_side,
+                                              formats=formats)))
 
     # ---- device ----
     @staticmethod
     def wants_device_decode(data: bytes, *, max_pixels: int) -> bool:
         """True for a plain RGB/greyscale JPEG within the pixel limit (header read only, no decode)."""
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:
                 width, height = image.size
                 return image.format == "JPEG" and image.mode in ("RGB", "L") and width * height <= max_pixels
         except Exception:  # noqa: BLE001 - anything odd is the CPU decoder's to judge and report

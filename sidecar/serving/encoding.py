@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from sidecar.config import Settings
+from sidecar.errors import EncodeTimeout
 from sidecar.model.encoder import Encoder
+from sidecar.model.images import ImageDecodeError, decode_bytes, load_rgb
 from sidecar.serving.batching import MicroBatcher
 from sidecar.serving.cache import TextVectorCache, cache_namespace
+from sidecar.serving.memory_budget import MemoryBudget
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class TextVectors:
     vectors: np.ndarray
-    truncated: list[int]  # indices of texts cut to the model's context length
+    truncated: list[int]  # indices of texts cut (to max_text_chars or to the model's context length)
     tokens: int  # tokens the model saw, summed over texts
 
 
@@ -45,14 +50,23 @@ class EncodingService:
                                       prompt_template=settings.prompt_template,
                                       prompt_version=settings.prompt_version),
             capacity=settings.text_cache_size)
+        self.decode_memory = MemoryBudget(settings.decode_memory_bytes)
 
     def encode_texts(self, texts: Sequence[str]) -> TextVectors:
-        prompts = [self.settings.prompt(text) for text in texts]
+        """Vectors for texts, cached or batched with other requests'. Each text is cut to max_text_chars
+        before tokenising (the model keeps only its first context_length tokens anyway); tokenising
+        that outlasts request_timeout_s answers 504 before the encode, which has its own
+        request_timeout_s in the batcher."""
+        started = time.monotonic()
+        limit, timeout_s = self.settings.max_text_chars, self.settings.request_timeout_s
+        prompts = [self.settings.prompt(text[:limit]) for text in texts]
         prepared = {p: self.encoder.prepare_text(p) for p in prompts}
-        truncated = [i for i, p in enumerate(prompts) if prepared[p].truncated]
+        truncated = [i for i, p in enumerate(prompts) if prepared[p].truncated or len(texts[i]) > limit]
         if truncated:
-            log.info("%d of %d texts exceed the model's %d-token context and were truncated",
-                     len(truncated), len(texts), self.encoder.context_length)
+            log.info("%d of %d texts exceed the model's %d-token context (or max_text_chars=%d) and were truncated",
+                     len(truncated), len(texts), self.encoder.context_length, limit)
+        if time.monotonic() - started > timeout_s:
+            raise EncodeTimeout(f"tokenising {len(texts)} texts took longer than request_timeout_s={timeout_s}")
 
         def encode_missing(missing: list[str]) -> np.ndarray:
             return self._texts.submit([prepared[p].tokens for p in missing], timeout_s=self.settings.request_timeout_s)
@@ -61,10 +75,27 @@ class EncodingService:
         return TextVectors(vectors=self.cache.get_or_compute(prompts, encode_missing), truncated=truncated,
                            tokens=tokens)
 
-    def decode_image(self, data: bytes) -> np.ndarray:
-        """Uploaded file bytes → model pixels, decoded as the embed job decodes files (ImageDecodeError
-        if unusable). Runs in the request thread, so the model thread only runs forwards."""
-        return self.encoder.images.decode(data, max_pixels=self.settings.max_image_pixels)
+    def open_image(self, data: bytes) -> Image.Image:
+        """Uploaded file bytes, header only: format (image_formats), declared size (max_image_pixels),
+        resized size (max_resized_side) and decode memory (decode_memory_bytes) are checked before
+        any pixel is decoded; ImageDecodeError names the one that failed. `image.size` is the size the
+        decode will have (JPEGs decode at a reduced scale)."""
+        settings = self.settings
+        image = self.encoder.images.open(data, max_pixels=settings.max_image_pixels,
+                                         max_resized_side=settings.max_resized_side, formats=settings.image_formats)
+        if decode_bytes(image) > settings.decode_memory_bytes:
+            raise ImageDecodeError(f"decoding this {image.width}x{image.height} image needs about "
+                                   f"{decode_bytes(image)} bytes, over the limit of {settings.decode_memory_bytes} "
+                                   "(decode_memory_bytes)", kind="too_large")
+        return image
+
+    def decode_image(self, image: Image.Image) -> np.ndarray:
+        """An image from `open_image` → model pixels, decoded as the embed job decodes files. Runs in the
+        request thread (the model thread only runs forwards), holding the decode's estimated memory
+        from the worker's decode_memory_bytes meanwhile: Overloaded (503) if no room frees up within
+        request_timeout_s."""
+        with self.decode_memory.reserve(decode_bytes(image), timeout_s=self.settings.request_timeout_s):
+            return self.encoder.images.pixels(load_rgb(image))
 
     def encode_images(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Vectors for model pixels from `decode_image`, batched with other requests'."""

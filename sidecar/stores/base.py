@@ -25,6 +25,12 @@ class StoreLocked(StoreError):
     owner and since when, and how to break the lock if that owner is gone."""
 
 
+class StoreQueryError(StoreError):
+    """The store refused a query as malformed for what it holds (a filter value of another type than
+    the stored field: a word for a numeric field, say): the request must change, not the store; the
+    API answers 400."""
+
+
 class ModelMismatchError(StoreError):
     def __init__(self, store: ModelSignature, other: ModelSignature):
         super().__init__(

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -32,7 +33,14 @@ from opensearchpy.exceptions import (
     ConnectionError as OSConnectionError,
 )
 
-from sidecar.stores.base import ModelMismatchError, StoreError, StoreLocked, StoreReport
+from sidecar.stores.base import (
+    ModelMismatchError,
+    StoreError,
+    StoreLocked,
+    StoreQueryError,
+    StoreReport,
+    StoreUnavailable,
+)
 from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
@@ -209,7 +217,8 @@ class OpenSearchStore:
     def has_neural_search(self) -> bool:
         """Whether the cluster runs neural-search (hybrid query, normalisation and RRF processors)."""
         if self._plugins is None:
-            rows = self.client.cat.plugins(format="json")
+            with self._read_errors("listing plugins"):
+                rows = self.client.cat.plugins(format="json")
             self._plugins = {row["component"] for row in rows}
         return "opensearch-neural-search" in self._plugins
 
@@ -409,7 +418,8 @@ class OpenSearchStore:
         """Full documents in the order asked (vectors from _source); unknown ids are skipped."""
         if not ids:
             return []
-        docs = self.client.mget(index=self.alias, body={"ids": list(ids)})["docs"]
+        with self._read_errors(f"fetch from {self.alias}"):
+            docs = self.client.mget(index=self.alias, body={"ids": list(ids)})["docs"]
         found = []
         for d in docs:
             if not d.get("found"):
@@ -614,10 +624,25 @@ class OpenSearchStore:
         return None
 
     def _search(self, body: dict[str, Any]) -> list[dict[str, Any]]:
-        try:
+        with self._read_errors(f"search on {self.alias}"):
             return self.client.search(index=self.alias, body=body)["hits"]["hits"]
+
+    @contextmanager
+    def _read_errors(self, what: str) -> Iterator[None]:
+        """The query path's client errors as the store's: a cluster that cannot answer now (down,
+        timing out, rejecting under load) → StoreUnavailable; a query it refuses (400) →
+        StoreQueryError; anything else → StoreError."""
+        try:
+            yield
+        except (OSConnectionError, ConnectionTimeout) as exc:
+            raise StoreUnavailable(f"{what} failed: OpenSearch at {self.url} cannot be reached: {exc.error}") from exc
         except TransportError as exc:
-            raise StoreError(f"search on {self.alias} failed: {exc.status_code} {exc.error}: {exc.info}") from exc
+            if exc.status_code in (429, 502, 503, 504):
+                raise StoreUnavailable(f"{what} failed: OpenSearch at {self.url} answered {exc.status_code} "
+                                       f"{exc.error}") from exc
+            if exc.status_code == 400:
+                raise StoreQueryError(f"{what}: OpenSearch refused the query: {_root_cause(exc)}") from exc
+            raise StoreError(f"{what} failed: {exc.status_code} {exc.error}: {exc.info}") from exc
 
     def _knn_clause(self, vector: list[float], k: int, filters: Filters | None, *,
                     ef_search: int | None = None) -> dict[str, Any]:
@@ -691,6 +716,14 @@ def render_template(template: Any, **values: Any) -> Any:
             raise KeyError(f"template placeholder {template} has no value; given: {', '.join(sorted(values))}")
         return copy.deepcopy(values[key])
     return template
+
+
+def _root_cause(exc: TransportError) -> str:
+    """OpenSearch's first root-cause reason (e.g. 'failed to create query: For input string: "big"')."""
+    try:
+        return str(exc.info["error"]["root_cause"][0]["reason"])
+    except (KeyError, IndexError, TypeError):
+        return str(exc.error)
 
 
 def _filter_clauses(filters: Filters | None) -> list[dict[str, Any]]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sidecar.api.app import create_app
@@ -27,3 +29,20 @@ def app(app_settings, encoder):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture
+def build_app(app_settings, encoder):
+    """Apps of their own settings (app_settings with overrides), each closed after the test."""
+    built = []
+
+    def build(**overrides):
+        settings = dataclasses.replace(app_settings, **overrides)
+        store = EmbeddedStore(settings.store_path)
+        built.append((create_app(settings, encoder=encoder, store=store), store))
+        return built[-1][0]
+
+    yield build
+    for app, store in built:
+        state_of(app).encoding.close()
+        store.close()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
+import sidecar
+from sidecar.api.state import state_of
 from tests.support import image_b64, png_b64
 
 
@@ -171,14 +175,15 @@ def test_health_readiness_and_metrics(client, encoder):
          "over the limit of 1000000 (max_image_pixels)"),
         ("/v1/embeddings", {"input": ["x"], "modality": "audio"}, 400, "field 'modality' must be one of text, image"),
         ("/v1/embeddings", {"input": [{"type": "image"}]}, 400, "field 'input[0].image' is required"),
-        ("/v1/search", {}, 400, "send field 'text', field 'image'"),
+        ("/v1/search", {}, 400, "send field 'text' (not blank), field 'image'"),
         ("/v1/search", {"text": "red", "mode": "semantic"}, 400, "field 'mode' must be one of vector, bm25, hybrid"),
         ("/v1/search", {"text": "red", "k": 0}, 400, "field 'k' must be between 1 and 1000"),
         ("/v1/search", {"text": "red", "k": "ten"}, 400, "field 'k' must be an integer"),
         ("/v1/search", {"text": "red", "k": True}, 400, "field 'k' must be an integer"),
         ("/v1/search", {"image": png_b64(), "mode": "bm25"}, 400, "field 'text' is required for mode bm25"),
         ("/v1/search", {"text": "red", "fusion": "max"}, 400, "field 'fusion' must be one of minmax, zscore, rrf"),
-        ("/v1/search", {"text": "red", "weights": {"vector": -1}}, 400, "field 'weights' values must be numbers"),
+        ("/v1/search", {"text": "red", "weights": {"vector": -1}}, 400,
+         "field 'weights.vector' must be a number between 0 and 100"),
         ("/v1/search", {"text": "red", "filters": {"color": {}}}, 400, "field 'filters.color'"),
         ("/v1/search", {"text": "red", "image": "not base64!"}, 400, "field 'image' is not valid base64"),
     ],
@@ -200,3 +205,222 @@ def test_wrong_content_type_invalid_json_and_oversized_body(client):
     assert response.status_code == 413 and "262144 bytes (max_body_bytes)" in response.json["error"]["message"]
     assert client.get("/v1/nothing").status_code == 404
     assert client.get("/v1/nothing").json["error"]["code"] == "not_found"
+
+
+# ---- no 500 from any input: what used to crash, each answered 4xx naming the field -------------
+
+def post_raw(client, path: str, raw: str):
+    """A body as typed: JSON that json= cannot produce (lone surrogates, NaN, deep nesting)."""
+    return client.post(path, data=raw.encode("utf-8", "surrogatepass"), content_type="application/json")
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "status", "message"),
+    [
+        ("/v1/embeddings", '{"input": ["ok", "red \\ud800"]}', 400, "field 'input[1]' holds a lone surrogate"),
+        ("/v1/embeddings", '{"input": [{"text": "\\udfff"}]}', 400, "field 'input[0].text' holds a lone surrogate"),
+        ("/v1/search", '{"text": "red \\udc00 circle"}', 400, "field 'text' holds a lone surrogate"),
+        ("/v1/search", '{"text": "red", "filters": {"\\ud800": "x"}}', 400,
+         "field 'filters' has a key with a lone surrogate"),
+        ("/v1/search", '{"text": "red", "filters": {"color": "\\ud800"}}', 400,
+         "field 'filters.color' holds a lone surrogate"),
+        ("/v1/search", '{"text": "red", "filters": {"size": NaN}}', 400, "field 'filters.size' is nan"),
+        ("/v1/search", '{"text": "red", "filters": {"size": [1, Infinity]}}', 400, "field 'filters.size[1]' is inf"),
+        ("/v1/search", '{"text": "red", "filters": {"size": -1e999}}', 400, "field 'filters.size' is -inf"),
+        ("/v1/search", '{"text": "red", "weights": {"vector": NaN}}', 400, "field 'weights.vector' is nan"),
+        ("/v1/search", "[" * 50_000 + "]" * 50_000, 400, "nests deeper than 32 levels (max_json_depth)"),
+        ("/v1/search", '{"text": "red", "filters": {"a": ' + "[" * 40 + "]" * 40 + "}}", 400,
+         "nests deeper than 32 levels (max_json_depth)"),
+        ("/v1/search", '{"text": "red", "filters": {"a\\"b": "x"}}', 400, "field 'filters' has a key 'a\"b'"),
+        ("/v1/search", '{"text": "red", "filters": {"": "x"}}', 400, "field 'filters' has a key ''"),
+        ("/v1/search", '{"text": "red", "filters": {"a\\u0000b": "x"}}', 400, "field 'filters' has a key 'a\\x00b'"),
+        ("/v1/search", json.dumps({"text": "red", "filters": {f"f{i}": "x" for i in range(2000)}}), 413,
+         "2000 fields, over the limit of 64 (max_filter_fields)"),
+        ("/v1/search", json.dumps({"text": "red", "filters": {"color": [f"c{i}" for i in range(2000)]}}), 413,
+         "more than 1024 values (max_filter_values)"),
+        ("/v1/search", json.dumps({"text": "red", "filters": {"size": 2**63}}), 400,
+         "field 'filters.size' is 9223372036854775808, outside the 64-bit integers"),
+        ("/v1/search", json.dumps({"text": "red", "filters": {"size": [1, -2**63 - 1]}}), 400,
+         "field 'filters.size[1]' is -9223372036854775809, outside the 64-bit integers"),
+        ("/v1/search", json.dumps({"text": "red", "filters": {"size": [[1]]}}), 400,
+         "field 'filters.size[0]' must be a string, number or boolean, got a list"),
+        ("/v1/embeddings", json.dumps({"input": [{"text": None}]}), 400, "field 'input[0].text' must be a string"),
+        ("/v1/embeddings", json.dumps({"input": [{"text": "a", "image": "b"}]}), 400, "carries both 'text' and 'image'"),
+        ("/v1/search", json.dumps({"text": "red", "filter": {"color": "red"}}), 400,
+         "unknown field 'filter' in the request body; it takes text, image, mode"),
+    ],
+    ids=["surrogate-input", "surrogate-item", "surrogate-text", "surrogate-filter-key", "surrogate-filter-value",
+         "nan-filter", "infinity-filter", "overflow-to-inf", "nan-weight", "nested-50k", "nested-40",
+         "quote-key", "empty-key", "nul-key", "2000-keys", "2000-values", "above-2**63", "below--2**63",
+         "nested-filter-value", "null-item", "two-kind-item", "unknown-field"],
+)
+def test_input_that_used_to_answer_500_answers_4xx_naming_the_field(client, path, raw, status, message, caplog):
+    response = post_raw(client, path, raw)
+    assert response.status_code == status, response.json
+    assert message in response.json["error"]["message"]
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for a client's mistake"
+
+
+def test_a_filter_on_a_field_nobody_has_is_no_error_but_no_hits(client):
+    response = client.post("/v1/search", json={"text": "red", "filters": {"a.b c$[0]*": ["x", 1, 2.5, True]}})
+    assert response.status_code == 200 and response.json["hits"] == []
+
+
+def test_a_store_error_answers_502_with_the_stores_message_and_no_traceback(build_app, caplog):
+    app = build_app()
+    state_of(app).store.close()
+    response = app.test_client().post("/v1/search", json={"text": "red circle"})
+    assert response.status_code == 502, response.json
+    assert response.json["error"]["code"] == "store_error" and "closed" in response.json["error"]["message"]
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+# ---- protocol edges ---------------------------------------------------------------------------
+
+def test_405_names_the_allowed_methods(client):
+    response = client.get("/v1/search")
+    assert response.status_code == 405 and response.json["error"]["code"] == "method_not_allowed"
+    assert "POST" in response.headers["Allow"]
+    assert "GET" in client.delete("/v1/models").headers["Allow"]
+
+
+def test_mime_wrapped_base64_and_data_urls_are_images(client, corpus):
+    path = corpus.parent / manifest_rows(corpus)[0]["path"]
+    plain = client.post("/v1/embeddings", json={"input": [image_b64(path)], "modality": "image"}).json
+    wrapped = base64.encodebytes(path.read_bytes()).decode("ascii")  # 76-column lines, as `base64` prints
+    assert "\n" in wrapped.strip()
+    for value in (wrapped, wrapped.replace("\n", "\r\n"), "data:image/jpeg;base64," + wrapped):
+        response = client.post("/v1/embeddings", json={"input": [value], "modality": "image"})
+        assert response.status_code == 200, response.json
+        assert response.json["data"][0]["embedding"] == plain["data"][0]["embedding"]
+    response = client.post("/v1/embeddings", json={"input": ["data:text/plain,hello"], "modality": "image"})
+    assert response.status_code == 400 and "without ';base64'" in response.json["error"]["message"]
+
+
+def test_blank_text_beside_an_image_runs_as_an_image_query(client, corpus):
+    row = manifest_rows(corpus)[3]
+    response = client.post("/v1/search", json={"text": " ", "image": image_b64(corpus.parent / row["path"]), "k": 3})
+    assert response.status_code == 200, response.json
+    assert response.json["mode"] == "vector" and response.json["hits"][0]["id"] == row["id"]
+
+
+def test_v1_models_lists_the_served_model_in_openais_shape(client, encoder):
+    body = client.get("/v1/models").json
+    assert body["object"] == "list"
+    assert [(m["id"], m["object"], m["owned_by"]) for m in body["data"]] == [(encoder.name, "model", "clip-sidecar")]
+    assert isinstance(body["data"][0]["created"], int)
+    assert client.get(f"/v1/models/{encoder.name}").json["id"] == encoder.name
+    assert client.get("/v1/models/text-embedding-3-small").status_code == 404
+
+
+def test_dimensions_other_than_the_models_answer_400(client, encoder):
+    response = client.post("/v1/embeddings", json={"input": "red", "dimensions": 32})
+    assert response.status_code == 400
+    assert f"vectors have {encoder.dim}" in response.json["error"]["message"]
+    assert "Matryoshka" in response.json["error"]["message"]
+    same = client.post("/v1/embeddings", json={"input": "red", "dimensions": encoder.dim})
+    assert same.status_code == 200 and len(same.json["data"][0]["embedding"]) == encoder.dim
+
+
+# ---- budgets: every request bounded before its work starts ------------------------------------
+
+def png_bytes(size, colour=(255, 0, 0)) -> bytes:
+    return base64.b64decode(png_b64(colour, size))
+
+
+def test_the_requests_pixel_total_is_checked_before_any_image_is_decoded(build_app):
+    app = build_app(max_request_pixels=5000)
+    budget = state_of(app).encoding.decode_memory
+    images = [png_b64(size=(64, 64)), png_b64(size=(64, 64))]  # 4096 pixels each
+    # With the decode budget all taken, any decode would wait and answer 503: a 413 shows that
+    # the total was refused from the headers alone.
+    with budget.reserve(budget.capacity, timeout_s=0):
+        response = app.test_client().post("/v1/embeddings", json={"input": images, "modality": "image"})
+    assert response.status_code == 413, response.json
+    assert ("field 'input[1]': the request's images hold 8192 pixels up to this one, over the limit of 5000 "
+            "(max_request_pixels)") in response.json["error"]["message"]
+    assert app.test_client().post("/v1/embeddings", json={"input": images[:1], "modality": "image"}).status_code == 200
+
+
+def test_decodes_wait_for_the_workers_memory_budget_then_answer_503(build_app):
+    app = build_app(request_timeout_s=0.2)
+    budget = state_of(app).encoding.decode_memory
+    with budget.reserve(budget.capacity, timeout_s=0):
+        response = app.test_client().post("/v1/search", json={"image": png_b64(), "k": 1})
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert "memory budget (decode_memory_bytes=" in response.json["error"]["message"]
+    assert budget.held == 0
+    assert app.test_client().post("/v1/search", json={"image": png_b64(), "k": 1}).status_code == 200
+
+
+def test_an_image_needing_more_than_the_decode_budget_answers_413(build_app):
+    app = build_app(decode_memory_bytes=100_000)
+    response = app.test_client().post("/v1/search", json={"image": png_b64(size=(128, 128))})
+    assert response.status_code == 413
+    assert "over the limit of 100000 (decode_memory_bytes)" in response.json["error"]["message"]
+
+
+def test_an_extreme_aspect_ratio_is_refused_before_the_resize(client):
+    # 4 x 4,000: within max_image_pixels, but a shortest-side resize would make it N x 1000·N.
+    response = client.post("/v1/search", json={"image": png_b64(size=(4, 4000))})
+    assert response.status_code == 413, response.json
+    assert "over the limit of 8192 pixels a side (max_resized_side)" in response.json["error"]["message"]
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\n%%EOF\n"
+
+
+def test_only_allowed_formats_reach_a_decoder(client, build_app):
+    response = client.post("/v1/search", json={"image": base64.b64encode(EPS).decode()})
+    assert response.status_code == 415
+    assert "EPS is not an accepted image format (image_formats: JPEG, PNG" in response.json["error"]["message"]
+    jpeg_only = build_app(image_formats=("JPEG",)).test_client()
+    response = jpeg_only.post("/v1/search", json={"image": png_b64()})
+    assert response.status_code == 415
+    assert "PNG is not an accepted image format (image_formats: JPEG)" in response.json["error"]["message"]
+
+
+def random_words(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return ["".join(chr(97 + c) for c in rng.integers(0, 26, 7)) for _ in range(n)]
+
+
+def test_text_is_cut_to_max_text_chars_before_tokenising(build_app, encoder):
+    client = build_app(max_body_bytes=4 * 1024 * 1024).test_client()
+    long_text = " ".join(random_words(50_000))  # 400 kB of unique words
+    cache_before = len(encoder.tokenizer.cache)
+    response = client.post("/v1/embeddings", json={"input": [long_text, long_text[:4096]]})
+    assert response.status_code == 200 and response.json["truncated"] == [0, 1]
+    # Only the first 4,096 characters (< 600 words) were tokenised; all 50,000 words used to be.
+    assert len(encoder.tokenizer.cache) - cache_before < 600
+    vectors = [d["embedding"] for d in response.json["data"]]
+    np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-6)
+
+
+def test_the_deadline_counts_tokenising(build_app):
+    response = build_app(request_timeout_s=1e-9).test_client().post("/v1/embeddings", json={"input": ["red"]})
+    assert response.status_code == 504
+    assert "tokenising 1 texts took longer than request_timeout_s=1e-09" in response.json["error"]["message"]
+
+
+# ---- the OpenAPI file describes what the server takes -----------------------------------------
+
+def openapi_examples():
+    spec = yaml.safe_load((Path(sidecar.__file__).parent / "openapi.yaml").read_text())
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            content = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
+            for name, example in content.get("examples", {}).items():
+                yield pytest.param(method, path, example["value"], id=f"{method} {path} {name}")
+
+
+@pytest.mark.parametrize(("method", "path", "body"), list(openapi_examples()))
+def test_every_example_in_the_openapi_file_is_served(client, method, path, body):
+    response = client.open(path, method=method.upper(), json=body)
+    assert response.status_code == 200, response.json
+
+
+def test_the_served_openapi_file_is_the_packaged_one(client):
+    served = client.get("/openapi.yaml")
+    assert served.mimetype == "application/yaml"
+    assert served.get_data(as_text=True) == (Path(sidecar.__file__).parent / "openapi.yaml").read_text()

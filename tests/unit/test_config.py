@@ -30,3 +30,18 @@ def test_settings_are_frozen():
     settings = Settings()
     with pytest.raises(AttributeError):
         settings.max_batch = 2  # type: ignore[misc]
+
+
+def test_image_formats_come_as_a_comma_list_and_must_be_pillows():
+    settings = Settings.from_env({"SIDECAR_IMAGE_FORMATS": "jpeg, png"})
+    assert settings.image_formats == ("JPEG", "PNG")
+    assert Settings().image_formats == ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+    with pytest.raises(ValueError, match="setting image_formats='JPEG,JPG': unknown JPG; Pillow opens .*PNG"):
+        Settings(image_formats="JPEG,JPG")
+
+
+@pytest.mark.parametrize("name", ["max_json_depth", "max_request_pixels", "max_resized_side", "decode_memory_bytes",
+                                  "max_text_chars", "max_filter_fields", "max_filter_values"])
+def test_request_limits_are_positive(name):
+    with pytest.raises(ValueError, match=f"setting {name} must be >= 1"):
+        Settings(**{name: 0})

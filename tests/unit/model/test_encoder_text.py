@@ -32,3 +32,24 @@ def test_bucket_sizes_cover_every_batch_up_to_max_batch():
         size = bucket_for(n, sizes)
         assert n <= size <= max(2 * n, 1)
     assert bucket_for(49, sizes) is None
+
+
+def test_the_tokenizers_word_memo_is_bounded_and_keeps_the_special_tokens():
+    import open_clip
+
+    from sidecar.model.encoder import _bound_bpe_cache
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    _bound_bpe_cache(tokenizer, 50)
+    before = tokenizer(["<start_of_text> red circle"])
+    for i in range(500):
+        tokenizer([f"word{chr(97 + i % 26)}{chr(97 + i // 26)}x"])
+    assert len(tokenizer.cache) == 52  # 50 words and the two special tokens
+    assert {"<start_of_text>", "<end_of_text>"} <= tokenizer.cache.keys()
+    assert (tokenizer(["<start_of_text> red circle"]) == before).all()
+
+
+def test_the_served_encoders_tokenizer_memo_is_bounded(encoder):
+    from sidecar.model.encoder import BPE_CACHE_WORDS
+
+    assert encoder.tokenizer.cache._capacity == BPE_CACHE_WORDS + 2

@@ -1,12 +1,22 @@
 """The bad-image corpus: every awkward real-world file is converted or refused with a reason."""
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from sidecar.model.images import ImageDecodeError, ImagePreprocess, decode_image
+from sidecar.model.images import (
+    ImageDecodeError,
+    ImagePreprocess,
+    decode_bytes,
+    decode_image,
+    load_rgb,
+    open_image,
+)
 
 LIMIT = 10_000_000
 
@@ -148,3 +158,69 @@ def test_device_decoding_batches_same_sized_images_and_keeps_the_order():
     for got, want in zip(together, alone):
         assert got.shape == (24, 24, 3)
         assert torch.equal(got, want)
+
+
+# ---- what an image may cost, checked from its header ------------------------------------------
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\n%%EOF\n"
+
+
+def test_only_allowed_formats_are_opened_and_a_refused_one_is_named():
+    # EPS would hand the bytes to Ghostscript; it never reaches a decoder.
+    with pytest.raises(ImageDecodeError, match=r"EPS is not an accepted image format \(image_formats: JPEG, PNG") as info:
+        decode_image(EPS, max_pixels=LIMIT)
+    assert info.value.kind == "format"
+    png = _encode(Image.new("RGB", (8, 8)), "PNG")
+    with pytest.raises(ImageDecodeError, match=r"PNG is not an accepted image format \(image_formats: JPEG\)"):
+        decode_image(png, max_pixels=LIMIT, formats=("JPEG",))
+    assert decode_image(png, max_pixels=LIMIT).size == (8, 8)
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
+@pytest.mark.parametrize("size", [(160, 120), (90, 160), (10, 400), (400, 7)], ids=str)
+def test_resized_shape_is_what_the_resize_step_makes(resize_mode, size):
+    preprocess = _preprocess(resize_mode)
+    resize = preprocess.pil_steps.transforms[0]
+    width, height = resize(Image.new("RGB", size)).size
+    assert preprocess.spec.resized_shape(size[1], size[0]) == (height, width)
+
+
+def test_an_image_the_resize_would_stretch_past_max_resized_side_is_refused():
+    preprocess = _preprocess("shortest", size=32)
+    data = _encode(Image.new("RGB", (4000, 4)), "PNG")  # the shorter side to 32: 32,000 x 32
+    with pytest.raises(ImageDecodeError, match=r"4000x4: the model's resize would make it 32000x32, over the limit of "
+                                               r"8192 pixels a side \(max_resized_side\)") as info:
+        preprocess.decode(data, max_pixels=LIMIT)
+    assert info.value.kind == "too_large"
+    assert preprocess.decode(data, max_pixels=LIMIT, max_resized_side=32_000).shape == (32, 32, 3)
+
+
+def test_open_reads_the_header_only_and_load_decodes(tmp_path):
+    data = _encode(Image.new("RGB", (2000, 1500), (1, 2, 3)), "JPEG")
+    image = open_image(data, max_pixels=LIMIT, draft_size=(224, 224))
+    # JPEG: the size the draft decode will have, which the memory budget is charged for.
+    assert image.size == (500, 375) and decode_bytes(image) == 500 * 375 * 16
+    assert image.tile  # its tiles are still to be decoded
+    assert load_rgb(image).size == (500, 375)
+
+
+def test_running_out_of_memory_while_decoding_is_too_large_not_a_crash(tmp_path):
+    # A real MemoryError: a child process whose address space ends 64 MB above its current use
+    # decodes a 48-megapixel image (its pixels alone need 48 MB, the RGB conversion 192 MB).
+    path = tmp_path / "big.png"
+    Image.new("L", (8000, 6000)).save(path)
+    script = f"""
+import resource
+from sidecar.model.images import ImageDecodeError, decode_image
+data = open({str(path)!r}, "rb").read()
+with open("/proc/self/status") as status:
+    used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (used + 64 * 2**20, resource.RLIM_INFINITY))
+try:
+    decode_image(data, max_pixels=10**9)
+except ImageDecodeError as exc:
+    print(exc.kind, exc.reason)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).parents[3])
+    assert result.stdout.strip() == "too_large not enough memory to decode the image", result.stderr

@@ -1,0 +1,28 @@
+"""A check for `schemathesis run` (tests/e2e/test_api_fuzz.py): a request the OpenAPI file calls
+valid is served (2xx), except where it carries what a schema cannot describe: image bytes (valid
+base64 need not be a decodable image: 415) or `dimensions` (only the served model's own: 400)."""
+
+from __future__ import annotations
+
+import schemathesis
+
+
+@schemathesis.check
+def schema_valid_requests_are_served(ctx, response, case):
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive or case.method.upper() != "POST":
+        return None
+    body = case.body
+    if not isinstance(body, dict) or _carries_images(body) or "dimensions" in body:
+        return None
+    if not 200 <= response.status_code < 300:
+        raise AssertionError(f"a request the OpenAPI file calls valid answered {response.status_code}: "
+                             f"{response.text[:500]}")
+    return None
+
+
+def _carries_images(body: dict) -> bool:
+    if "image" in body or body.get("modality") == "image":
+        return True
+    items = body.get("input")
+    return any(isinstance(item, dict) and "image" in item for item in (items if isinstance(items, list) else [items]))
