@@ -62,12 +62,12 @@ class TrainRecipe:
 
 
 DEFAULT_RECIPE = TrainRecipe()
-LARGE_STEPS = 600
-LARGE_TRAIN_IMAGES = 6000
+LARGE_STEPS = 900
+LARGE_TRAIN_IMAGES = 8000
 # Each tiny model with the recipe that trains it: the config file is model_configs/<name>.json.
 RECIPES: dict[str, TrainRecipe] = {
     MODEL_NAME: DEFAULT_RECIPE,
-    LARGE_MODEL_NAME: TrainRecipe(steps=LARGE_STEPS, train_images=LARGE_TRAIN_IMAGES),
+    LARGE_MODEL_NAME: TrainRecipe(steps=LARGE_STEPS, train_images=LARGE_TRAIN_IMAGES, warmup_steps=90),
 }
 
 
