@@ -27,7 +27,7 @@ from sidecar.stores.base import StoreQueryError
 bp = Blueprint("search", __name__)
 
 FIELDS = ("text", "image", "mode", "k", "candidates", "fusion", "weights", "rerank", "exact", "ef_search", "filters")
-DEFAULT_WEIGHTS = {"vector": 0.7, "bm25": 0.3}
+DEFAULT_WEIGHTS = dict(zip(("vector", "bm25"), SearchOptions().weights))
 MAX_EF_SEARCH = 4096  # HNSW search breadth a request may ask for
 
 

@@ -24,6 +24,7 @@ BENCHMARK_ITEMS = 3000
 QUERIES_PER_CATEGORY = 60
 FAST, STRONG = "default", "strong"  # targets: the fast model's store (with fine vectors), the strong model's
 STRONG_MODEL = "tiny-clip-large"
+WEIGHTS = ((0.5, 0.5), (0.7, 0.3), (0.3, 0.7))  # (vector, bm25): the defaults, before and after measuring, and the mirror
 
 
 def standard_configs() -> list[RunConfig]:
@@ -43,22 +44,19 @@ def standard_configs() -> list[RunConfig]:
         fast(mode="vector"),
         fast(mode="vector", exact=True),
         fast(mode="bm25"),
-        fast(),
-        fast(weights=(0.5, 0.5)),
-        fast(weights=(0.3, 0.7)),
-        fast(fusion="zscore"),
+        *(fast(weights=w) for w in WEIGHTS),
+        fast(fusion="zscore", weights=(0.5, 0.5)),
         fast(fusion="rrf", weights=(0.5, 0.5)),
         *(fast(mode="vector", ef_search=ef) for ef in (4, 8, 16, 32)),
         # The cascade: coarse on the fast model, the fine stage on the strong one.
         fast(mode="vector", rerank=True),
         fast(mode="bm25", rerank=True),
-        fast(rerank=True),
-        fast(rerank=True, weights=(0.5, 0.5)),
+        *(fast(rerank=True, weights=w) for w in WEIGHTS),
         fast(rerank=True, fusion="rrf", weights=(0.5, 0.5)),
-        *(fast(rerank=True, candidates=n) for n in (20, 50, 200)),
+        *(fast(rerank=True, weights=(0.5, 0.5), candidates=n) for n in (20, 50, 200)),
         # The strong model alone, exact: what the cascade should come close to.
         strong(mode="vector"),
-        strong(),
+        *(strong(weights=w) for w in WEIGHTS[:2]),
         strong(fusion="rrf", weights=(0.5, 0.5)),
         # The default request, whatever SearchOptions() says it is (listed above unless it changed).
         RunConfig(options=SearchOptions(), target=FAST),

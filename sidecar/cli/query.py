@@ -29,8 +29,8 @@ from sidecar.retrieval.search import MODES
 @click.option("--candidates", type=click.IntRange(1, 10000), default=100, show_default=True,
               help="How many coarse hits the fine stage (rerank) sees.")
 @click.option("--fusion", type=click.Choice(FUSION_METHODS), default="minmax", show_default=True)
-@click.option("--vector-weight", type=float, default=0.7, show_default=True)
-@click.option("--bm25-weight", type=float, default=0.3, show_default=True)
+@click.option("--vector-weight", type=float, default=0.5, show_default=True)
+@click.option("--bm25-weight", type=float, default=0.5, show_default=True)
 @click.option("--rerank/--no-rerank", default=None,
               help="The fine stage: re-score the candidates with --fine-model (default: on, except in bm25 mode; "
                    "skipped, with a note, when no fine model is configured).")

@@ -30,7 +30,7 @@ class MissingFineVectors(ValueError):
 
 
 def fine_rank(query: np.ndarray, candidates: Sequence[Document], *, lexical: Mapping[str, float] | None = None,
-              fusion: str = "minmax", weights: tuple[float, float] = (0.7, 0.3)) -> FineScores:
+              fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5)) -> FineScores:
     """Score `candidates` with the strong model (`query` is its unit vector for the query), then fuse
     with `lexical` (raw BM25 of the candidates; those without a match contribute 0) by `fusion` and
     `weights` (strong model, BM25). With no lexical evidence the strong model's scores decide alone."""

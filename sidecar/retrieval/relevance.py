@@ -145,7 +145,7 @@ class RunConfig:
 
 
 def describe_options(options: SearchOptions, *, target: str = "default") -> str:
-    """A short, unique-enough label: "hybrid minmax 0.7/0.3 +rerank N=100"."""
+    """A short, unique-enough label: "hybrid minmax 0.5/0.5 +rerank N=100"."""
     parts = [options.mode]
     if options.mode == "hybrid" or options.rerank and options.mode == "bm25":
         parts.append(f"{options.fusion} {options.weights[0]:g}/{options.weights[1]:g}")

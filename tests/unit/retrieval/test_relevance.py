@@ -115,8 +115,8 @@ def test_a_grid_expands_to_every_distinct_search():
     configs = relevance.parse_configs({"grid": {"mode": ["vector", "bm25", "hybrid"], "fusion": ["minmax", "rrf"],
                                                 "rerank": [False]}})
     # Fusion means nothing to vector or bm25 without the rerank: 1 + 1 + 2 searches, not 6.
-    assert [c.name for c in configs] == ["vector N=100", "bm25 N=100", "hybrid minmax 0.7/0.3 N=100",
-                                         "hybrid rrf 0.7/0.3 N=100"]
+    assert [c.name for c in configs] == ["vector N=100", "bm25 N=100", "hybrid minmax 0.5/0.5 N=100",
+                                         "hybrid rrf 0.5/0.5 N=100"]
 
 
 def test_configuration_errors_name_the_field():
