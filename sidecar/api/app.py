@@ -33,8 +33,10 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    encoder = encoder or load_encoder(settings)
-    fine_encoder = fine_encoder or load_fine_encoder(settings)
+    # The server loads cached models only: downloading or training inside a gunicorn worker
+    # would outlast its boot timeout (`clip-sidecar models fetch` is the step that fetches).
+    encoder = encoder or load_encoder(settings, fetch=False)
+    fine_encoder = fine_encoder or load_fine_encoder(settings, fetch=False)
     attach_state(app, AppState(settings=settings, encoding=EncodingService(encoder, settings),
                                store=store or open_store(settings), started=int(time.time()),
                                fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None))

@@ -27,13 +27,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from sidecar.config import TINY_MODELS
 from sidecar.model import synthetic
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-MODEL_NAME = "tiny-clip"  # the fast model; the name open_clip knows it by once registered
-LARGE_MODEL_NAME = "tiny-clip-large"  # the stronger one, for fine ranking
+# The fast model and the stronger one (for fine ranking): the names open_clip knows them by once registered.
+MODEL_NAME, LARGE_MODEL_NAME = TINY_MODELS
 # Bump when the training code changes what a given recipe and seed produce: old caches then miss.
 CODE_VERSION = "1"
 # Training items come from synthetic seeds TRAIN_SEED_OFFSET + seed; evaluation uses a seed
