@@ -43,8 +43,8 @@ def missing_weights(settings: Settings) -> str | None:
         path = checkpoint_path(settings.cache_dir, model=model)
         if path.is_file():
             return None
-        return (f"the tiny model {model} is not trained yet (no {path}); run `{FETCH_COMMAND}` with the "
-                "same model settings first: it trains in minutes on CPU")
+        return (f"the tiny model is not trained yet ({model}: no {path}); run `clip-sidecar models train` "
+                f"(or `{FETCH_COMMAND}`) with the same model settings first: it trains in minutes on CPU")
     if not pretrained:
         return None  # random weights: nothing to fetch
     if Path(pretrained).is_file():
