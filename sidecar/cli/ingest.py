@@ -41,15 +41,16 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     metadata (JSONL object, or any extra CSV columns). Rerun it after the folder changes:
     new and changed files are embedded, vanished ones are recorded for the index step, and a
     killed run continues where it stopped. Unusable images are skipped and listed in
-    OUT/errors.jsonl with the reason.
+    OUT/errors.jsonl with the reason. With --fine-model, each image's vector by that stronger
+    model is stored too, for the fine-ranking stage (rerank) of `search` and `serve`.
     """
     from sidecar.ingest.embed import embed_corpus
-    from sidecar.model.encoder import load_encoder
+    from sidecar.model.encoder import load_encoder, load_fine_encoder
 
     settings = settings_from(kwargs, MODEL_FLAGS)
     summary = embed_corpus(load_encoder(settings), source, out, batch_size=batch_size, shard_size=shard_size,
                            workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
-                           progress=ctx.obj["progress"])
+                           fine_encoder=load_fine_encoder(settings), progress=ctx.obj["progress"])
     click.echo(summary.describe())
 
 

@@ -71,10 +71,11 @@ PARALLEL_SCAN_MIN = 2000  # files
 
 def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int = 256, shard_size: int = 4096,
                  workers: int = 2, max_pixels: int = 40_000_000, decode: str = "auto",
-                 progress: bool = True) -> EmbedSummary:
+                 fine_encoder: Encoder | None = None, progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out`. `decode`: "cpu" (PIL in worker processes),
     "device" (JPEGs decoded and resized on the model's device — nvjpeg on a GPU), or "auto"
-    (device on CUDA, else cpu)."""
+    (device on CUDA, else cpu). With `fine_encoder`, the same pass also stores each image's vector
+    by that (stronger) model beside the model's, for the fine-ranking stage."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
     on_device = decode == "device" or (decode == "auto" and encoder.device.type == "cuda")
@@ -83,7 +84,8 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     shards = ShardSet(out)
     shards.start(encoder.signature, preprocessing={"resize": encoder.images.describe(), "context_length":
                                                    encoder.context_length,
-                                                   "decode": "device" if on_device else "cpu"})
+                                                   "decode": "device" if on_device else "cpu"},
+                 fine_signature=fine_encoder.signature if fine_encoder else None)
     known = shards.latest()
     with _timed(stages, "scan"):
         items, hashes = _scan(source, workers=workers, progress=progress)
@@ -112,13 +114,16 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                                            max_pixels=max_pixels, on_device=on_device, stages=stages)) as staged:
         pending: Future | None = None
         buffer_vectors: list[np.ndarray] = []
+        buffer_fine: list[np.ndarray] = []
         buffer_rows: list[ShardRow] = []
-        in_flight: tuple[torch.Tensor, list[ShardRow]] | None = None  # launched, not yet copied back
+        in_flight: tuple[torch.Tensor, list[ShardRow], np.ndarray | None] | None = None  # launched, not copied back
 
-        def collect(features: torch.Tensor, rows: list[ShardRow]) -> None:
+        def collect(features: torch.Tensor, rows: list[ShardRow], fine: np.ndarray | None) -> None:
             with _timed(stages, "copy_back"):
                 buffer_vectors.append(encoder.postprocess(features))
             buffer_rows.extend(rows)
+            if fine is not None:
+                buffer_fine.append(fine)
 
         # `staged`: a stager thread collects decoded batches (and runs the device decoder) one
         # batch ahead, so decoding overlaps the model instead of taking turns with it.
@@ -140,21 +145,28 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                 with _timed(stages, "forward"):
                     features = encoder.forward_images(stack_pixels([g[2] for g in good], encoder.device))
                 rows = [_row(item, digest) for item, digest, _ in good]
+                fine = None
+                if fine_encoder is not None:
+                    # The fine model has its own input size: its pixels come from the same files,
+                    # decoded by its own preprocessing (the images passed the decode above).
+                    with _timed(stages, "fine_model"):
+                        fine = fine_encoder.encode_image_files([item.path.read_bytes() for item, _, _ in good],
+                                                               max_pixels=max_pixels)
                 # On a GPU the forward is only queued: it runs while this loop fetches and stages
                 # the next batch. The previous batch, queued ahead of it, is copied back now.
                 if in_flight is not None:
                     collect(*in_flight)
-                in_flight = (features, rows)
+                in_flight = (features, rows, fine)
             bar.update(len(batch))
             if len(buffer_rows) >= shard_size:
                 with _timed(stages, "write_wait"):
-                    pending = _write(writer, pending, shards, buffer_vectors, buffer_rows)
-                buffer_vectors, buffer_rows = [], []
+                    pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine)
+                buffer_vectors, buffer_rows, buffer_fine = [], [], []
         if in_flight is not None:
             collect(*in_flight)
         with _timed(stages, "write_wait"):
             if buffer_rows:
-                pending = _write(writer, pending, shards, buffer_vectors, buffer_rows)
+                pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine)
             if pending is not None:
                 pending.result()
     embedded = len(todo) - failed
@@ -190,15 +202,18 @@ def _write_redescribed(shards: ShardSet, redescribe: list[tuple[CorpusItem, Shar
     for start in range(0, len(redescribe), shard_size):
         part = redescribe[start:start + shard_size]
         vectors = np.stack([shards.vectors(name)[index] for _, _, name, index in part])
-        shards.write_shard(vectors, [row for _, row, _, _ in part])
+        fine = None
+        if shards.fine_signature is not None:
+            fine = np.stack([shards.fine_vectors(name)[index] for _, _, name, index in part])
+        shards.write_shard(vectors, [row for _, row, _, _ in part], fine)
 
 
 def _write(writer: ThreadPoolExecutor, pending: Future | None, shards: ShardSet,
-           vectors: list[np.ndarray], rows: list[ShardRow]) -> Future:
+           vectors: list[np.ndarray], rows: list[ShardRow], fine: list[np.ndarray]) -> Future:
     # One shard in flight at a time: the next batch's forward overlaps this shard's disk write.
     if pending is not None:
         pending.result()
-    return writer.submit(shards.write_shard, np.concatenate(vectors), rows)
+    return writer.submit(shards.write_shard, np.concatenate(vectors), rows, np.concatenate(fine) if fine else None)
 
 
 def _scan(source: Path, *, workers: int, progress: bool) -> tuple[list[CorpusItem], dict[str, str]]:

@@ -44,7 +44,7 @@ def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 10_000, loc
         # Inside the session: under OpenSearch's load lock, what is stored cannot change under us.
         store.claim(signature)
         stored = store.content_hashes()
-        changed = [entry for doc_id, entry in live.items() if stored.get(doc_id) != entry[1].content_hash]
+        changed = [entry for doc_id, entry in live.items() if stored.get(doc_id) != shards.document_hash(entry[1])]
         gone = [doc_id for doc_id in shards.deleted if doc_id in stored]
         log.info("%d documents in %s: %d to write, %d unchanged, %d to delete", len(live), shard_dir,
                  len(changed), len(live) - len(changed), len(gone))

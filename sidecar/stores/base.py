@@ -109,9 +109,11 @@ class Store(Protocol):
         """id -> content_hash for every stored document (drives incremental indexing)."""
 
     def vector_search(
-        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False
+        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False,
+        ef_search: int | None = None,
     ) -> list[ScoredId]:
-        """Top-k by inner product; exact=True is brute force (the ANN's ground truth)."""
+        """Top-k by inner product; exact=True is brute force (the ANN's ground truth); `ef_search`
+        widens or narrows the HNSW search for this query (None: the store's setting)."""
 
     def text_search(self, query: str, k: int, *, filters: Filters | None = None,
                     ids: Sequence[str] | None = None) -> list[ScoredId]:
@@ -132,7 +134,8 @@ class Store(Protocol):
         load lock as `bulk_load`; returns its name. Stores updated in place raise StoreError saying so."""
 
     def fetch(self, ids: Sequence[str]) -> list[Document]:
-        """Full documents (full-precision vectors included) in the order asked; unknown ids skipped."""
+        """Full documents (full-precision vectors included, and the fine model's where stored) in the
+        order asked; unknown ids skipped."""
 
     def check(self) -> StoreReport:
         """Read-only consistency check of what the store holds (`clip-sidecar store check`)."""

@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS docs (
     text TEXT NOT NULL,
     metadata TEXT NOT NULL,
     content_hash TEXT NOT NULL,
-    deleted INTEGER NOT NULL DEFAULT 0
+    deleted INTEGER NOT NULL DEFAULT 0,
+    fine_vector BLOB
 );
 CREATE UNIQUE INDEX IF NOT EXISTS docs_live_id ON docs(id) WHERE deleted = 0;
 CREATE INDEX IF NOT EXISTS docs_dead ON docs(row) WHERE deleted = 1;
@@ -115,7 +116,8 @@ class _EmbeddedLoad:
 class EmbeddedStore:
     """The default zero-setup store; see the Store protocol in `sidecar.stores.base`.
 
-    Layout of `path`: `store.sqlite` (WAL, synchronous=FULL; meta, docs with tombstones, FTS5),
+    Layout of `path`: `store.sqlite` (WAL, synchronous=FULL; meta, docs with tombstones and the
+    fine-ranking model's vectors as blobs, FTS5),
     `vectors.f32` (append-only float32 rows, row number = SQLite row), `hnsw.<generation>.faiss`
     (the ANN graph over rows below `hnsw_rows`, ids = row numbers), `write.lock` (fcntl lock
     serialising writer processes).
@@ -209,6 +211,10 @@ class EmbeddedStore:
             found = None if row is None else row[0]
             raise StoreError(f"{self.path} holds embedded-store format {found!r}; this version reads "
                              f"{', '.join(map(repr, _READABLE_FORMATS))}")
+        if "fine_vector" not in {column for _, column, *_ in conn.execute("PRAGMA table_info(docs)")}:
+            # Stores made before fine ranking: the column is NULL for every existing document.
+            with self._file_lock():
+                conn.execute("ALTER TABLE docs ADD COLUMN fine_vector BLOB")
 
     def close(self) -> None:
         with self._write_lock, self._state_lock:
@@ -452,7 +458,7 @@ class EmbeddedStore:
             self._append_vectors(start, matrix)
             self._tombstone(write.conn, old_rows)
             write.conn.executemany(
-                "INSERT INTO docs(row, id, text, metadata, content_hash) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO docs(row, id, text, metadata, content_hash, fine_vector) VALUES (?, ?, ?, ?, ?, ?)",
                 [(start + i, *payload) for i, payload in enumerate(rows_payload)],
             )
             write.conn.executemany(
@@ -589,18 +595,20 @@ class EmbeddedStore:
             found: dict[str, Document] = {}
             for batch in _batched(list(dict.fromkeys(wanted)), _SQL_BATCH):
                 marks = ",".join("?" * len(batch))
-                for row, doc_id, text, metadata, content_hash in conn.execute(
-                    f"SELECT row, id, text, metadata, content_hash FROM docs WHERE deleted = 0 AND id IN ({marks})",
-                    batch,
+                for row, doc_id, text, metadata, content_hash, fine in conn.execute(
+                    "SELECT row, id, text, metadata, content_hash, fine_vector FROM docs "
+                    f"WHERE deleted = 0 AND id IN ({marks})", batch,
                 ):
                     found[doc_id] = Document(
                         id=doc_id, vector=np.array(state.vectors[row]), text=text,
                         metadata=json.loads(metadata), content_hash=content_hash,
+                        fine_vector=None if fine is None else np.frombuffer(fine, dtype=np.float32).copy(),
                     )
         return [found[doc_id] for doc_id in wanted if doc_id in found]
 
     def vector_search(
-        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False
+        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False,
+        ef_search: int | None = None,
     ) -> list[ScoredId]:
         _require_positive_int("k", k)
         k = int(k)
@@ -616,7 +624,7 @@ class EmbeddedStore:
                     hits = _exact_over_rows(state.vectors, query, k, candidates)
                 else:
                     in_graph = candidates[candidates < state.hnsw_rows]
-                    hits = _merged(self._ann(state, query, k, _bitmap(in_graph, state.n_rows)),
+                    hits = _merged(self._ann(state, query, k, _bitmap(in_graph, state.n_rows), ef_search),
                                    _exact_over_rows(state.vectors, query, k, candidates[candidates >= state.hnsw_rows]),
                                    k)
                     if len(hits) < min(k, len(candidates)):
@@ -626,14 +634,15 @@ class EmbeddedStore:
                 hits = _exact_all(state.vectors, state.live, query, k)
             else:
                 allowed = state.live_bits if state.hnsw_dead else None
-                hits = _merged(self._ann(state, query, k, allowed),
+                hits = _merged(self._ann(state, query, k, allowed, ef_search),
                                _exact_over_rows(state.vectors, query, k, state.tail), k)
             return self._scored(conn, hits)
 
-    def _ann(self, state: _State, query: np.ndarray, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
+    def _ann(self, state: _State, query: np.ndarray, k: int, allowed: np.ndarray | None,
+             ef_search: int | None = None) -> list[tuple[int, float]]:
         params = faiss.SearchParametersHNSW()
         # HNSW returns at most efSearch results.
-        params.efSearch = max(self.ef_search, k)
+        params.efSearch = max(ef_search or self.ef_search, k)
         if allowed is not None:
             selector = faiss.IDSelectorBitmap(state.n_rows, faiss.swig_ptr(allowed))
             params.sel = selector
@@ -992,14 +1001,22 @@ def _stack_document_vectors(docs: Sequence[Document]) -> np.ndarray:
     return matrix
 
 
-def _document_row(doc: Document) -> tuple[str, str, str, str]:
+def _document_row(doc: Document) -> tuple[str, str, str, str, bytes | None]:
     if not isinstance(doc.text, str) or not isinstance(doc.content_hash, str):
         raise ValueError(f"document {doc.id!r}: text and content_hash must be strings")
     try:
         metadata = json.dumps(dict(doc.metadata), ensure_ascii=False, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"document {doc.id!r}: metadata must be JSON-serialisable: {exc}") from exc
-    return doc.id, doc.text, metadata, doc.content_hash
+    fine = None
+    if doc.fine_vector is not None:
+        # The fine model's vector lives in its row (read only for the fine stage's N candidates),
+        # never in the HNSW graph or vectors.f32.
+        vector = np.asarray(doc.fine_vector, dtype=np.float32)
+        if vector.ndim != 1 or not np.isfinite(vector).all():
+            raise ValueError(f"document {doc.id!r}: fine_vector must be one finite float vector")
+        fine = vector.tobytes()
+    return doc.id, doc.text, metadata, doc.content_hash, fine
 
 
 def _dim_message(expected: int, got: int, signature: ModelSignature | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import itertools
@@ -64,6 +65,9 @@ REBUILD_BATCH = 10_000
 BULK_REFRESH_INTERVAL = {"lucene": "2s", "faiss": "-1"}
 # Documents serialised to JSON per task of the background serialiser.
 SERIALISE_BATCH = 250
+# The fine-ranking model's vector beside each document: float32 bytes, base64, in _source only
+# (a binary field is neither indexed nor searchable), so it never enters the HNSW graph.
+FINE_VECTOR_MAPPING = {"properties": {"fine_vector": {"type": "binary"}}}
 # The load lock: one document in `<alias>-lock`, held by an `index` run or a rebuild (see _LoadLock).
 LOCK_SUFFIX = "-lock"
 LOCK_ID = "load"
@@ -279,6 +283,10 @@ class OpenSearchStore:
             if not self._alias_indices():
                 raise StoreError(f"alias {self.alias} does not exist; run setup (clip-sidecar opensearch setup) "
                                  "or claim first")
+            if any(doc.fine_vector is not None for doc in documents):
+                # Indices created before fine vectors existed lack the field: add it (idempotent), or
+                # dynamic mapping would index the base64 as text.
+                self._with_retry(lambda: self.client.indices.put_mapping(index=self.alias, body=FINE_VECTOR_MAPPING))
             ops = {d.id: d for d in documents}
             written, _ = self._bulk(self.alias, ops, lock=load.lock)
             load.written.update(ops)
@@ -349,7 +357,8 @@ class OpenSearchStore:
         return {h["_id"]: h["_source"].get("content_hash", "") for h in hits}
 
     def vector_search(
-        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False
+        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False,
+        ef_search: int | None = None,
     ) -> list[ScoredId]:
         """Top-k by inner product (raw, in [-1, 1]); exact=True is a knn_score script over every match."""
         query_vector = _as_list(vector)
@@ -360,7 +369,7 @@ class OpenSearchStore:
                     "field": "vector", "query_value": query_vector, "space_type": "innerproduct"}},
             }}
         else:
-            query = {"knn": {"vector": self._knn_clause(query_vector, k, filters)}}
+            query = {"knn": {"vector": self._knn_clause(query_vector, k, filters, ef_search=ef_search)}}
         hits = self._search({"size": k, "query": query, "_source": False})
         return [ScoredId(h["_id"], knn_score_to_inner_product(h["_score"])) for h in hits]
 
@@ -434,9 +443,12 @@ class OpenSearchStore:
             if not d.get("found"):
                 continue
             src = d["_source"]
+            fine = src.get("fine_vector")
             found.append(Document(id=d["_id"], vector=np.asarray(src["vector"], dtype=np.float32),
                                   text=src.get("text", ""), metadata=src.get("metadata", {}),
-                                  content_hash=src.get("content_hash", "")))
+                                  content_hash=src.get("content_hash", ""),
+                                  fine_vector=None if fine is None else np.frombuffer(base64.b64decode(fine),
+                                                                                      dtype=np.float32)))
         return found
 
     def close(self) -> None:
@@ -653,11 +665,12 @@ class OpenSearchStore:
                 raise StoreQueryError(f"{what}: OpenSearch refused the query: {_root_cause(exc)}") from exc
             raise StoreError(f"{what} failed: {exc.status_code} {exc.error}: {exc.info}") from exc
 
-    def _knn_clause(self, vector: list[float], k: int, filters: Filters | None) -> dict[str, Any]:
+    def _knn_clause(self, vector: list[float], k: int, filters: Filters | None, *,
+                    ef_search: int | None = None) -> dict[str, Any]:
         clause: dict[str, Any] = {"vector": vector, "k": k}
         if self.engine == "lucene":
             # Lucene's ef_search is per query (k-NN >= 2.16); HNSW needs at least k candidates.
-            clause["method_parameters"] = {"ef_search": max(self.ef_search, k)}
+            clause["method_parameters"] = {"ef_search": max(ef_search or self.ef_search, k)}
         if filters:
             # Inside knn = efficient filtering (lucene, faiss): k results that all pass the filter.
             clause["filter"] = {"bool": {"filter": _filter_clauses(filters)}}
@@ -749,6 +762,8 @@ def _index_action(index: str, doc: Document, *, dumps: Any = None) -> dict[str, 
     """The bulk action for one document; with `dumps`, its _source is already a JSON string."""
     source = {"id": doc.id, "vector": _as_list(doc.vector), "text": doc.text,
               "metadata": dict(doc.metadata), "content_hash": doc.content_hash}
+    if doc.fine_vector is not None:
+        source["fine_vector"] = base64.b64encode(np.asarray(doc.fine_vector, dtype=np.float32).tobytes()).decode("ascii")
     return {"_op_type": "index", "_index": index, "_id": doc.id, "_source": dumps(source) if dumps else source}
 
 

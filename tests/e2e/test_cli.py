@@ -53,7 +53,7 @@ def test_embed_index_search_through_the_cli(corpus, tmp_path):
                                   "--filter", "color=green", "-k", "5"])
     assert result.exit_code == 0, result.output
     assert "green circle" in result.output and "red" not in result.output
-    result = runner.invoke(main, ["-q", "eval", "--store-path", str(store), "--queries", "50"])
+    result = runner.invoke(main, ["-q", "eval", "--ann", "--store-path", str(store), "--samples", "50"])
     assert result.exit_code == 0 and "Recall@10 (HNSW vs exact) over 50 queries" in result.output
 
 
@@ -198,7 +198,7 @@ def test_every_command_teaches_with_help():
 def test_demo_prints_ranked_results_in_every_mode(tmp_path):
     result = run_cli("demo", "--workdir", str(tmp_path / "demo"), "--items", "300")
     assert result.returncode == 0, result.stderr
-    for header in ("mode vector", "mode bm25", "mode hybrid", "mode hybrid + rerank", "more like this photo",
+    for header in ("mode vector", "mode bm25", "mode hybrid", "more like this photo",
                    "Recall@10 (HNSW vs exact)"):
         assert header in result.stdout
     assert "red circle" in result.stdout

@@ -87,7 +87,7 @@ def test_cli_setup_index_rerun_rebuild_and_search(encoder, shards, alias):
         assert store.count() == 400 and store.signature() == encoder.signature
         hits = json.loads(cli("search", "blue square", *store_args(alias), "-k", "3", "--json").output)
         assert [concept(h) for h in hits] == [("blue", "square")] * 3
-        assert {"vector", "bm25", "fused", "rerank"} <= hits[0]["scores"].keys()
+        assert {"vector", "bm25", "fused"} <= hits[0]["scores"].keys()  # no fine model: no rerank score
     finally:
         store.close()
 
@@ -103,7 +103,7 @@ def test_every_mode_finds_the_concept(encoder, large_store, mode, fusion):
         if mode == "hybrid":
             # zscore has no OpenSearch pipeline: fused in Python; the others by OpenSearch.
             assert uses_native_hybrid(large_store, options) == (fusion != "zscore")
-            assert {"vector", "bm25", "fused", "rerank"} <= result.hits[0].scores.keys()
+            assert {"vector", "bm25", "fused"} <= result.hits[0].scores.keys()
 
 
 def test_image_query_finds_the_same_picture(encoder, large_store, large_corpus):
@@ -235,7 +235,7 @@ def test_flask_app_searches_opensearch(encoder, large_store, large_corpus, tmp_p
         body = client.post("/v1/search", json={"text": "blue square", "k": 5}).json
         assert body["store"] == "opensearch" and body["mode"] == "hybrid"
         assert [concept(h) for h in body["hits"]] == [("blue", "square")] * 5
-        assert {"vector", "bm25", "fused", "rerank"} <= body["hits"][0]["scores"].keys()
+        assert {"vector", "bm25", "fused"} <= body["hits"][0]["scores"].keys()
         body = client.post("/v1/search", json={"text": "circle", "mode": "bm25", "k": 5,
                                                "filters": {"color": "green"}}).json
         assert [concept(h) for h in body["hits"]] == [("green", "circle")] * 5
