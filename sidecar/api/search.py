@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 from flask import Blueprint, jsonify, request
 
@@ -19,6 +20,7 @@ from sidecar.api.validation import (
     optional,
 )
 from sidecar.errors import BadRequest
+from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.retrieval.fusion import FUSION_METHODS
 from sidecar.retrieval.search import MODES, SearchOptions, query_vector, search
 from sidecar.serving import metrics
@@ -28,7 +30,6 @@ bp = Blueprint("search", __name__)
 
 FIELDS = ("text", "image", "mode", "k", "candidates", "fusion", "weights", "rerank", "exact", "ef_search", "filters")
 DEFAULT_WEIGHTS = dict(zip(("vector", "bm25"), SearchOptions().weights))
-MAX_EF_SEARCH = 4096  # HNSW search breadth a request may ask for
 
 
 @bp.post("/v1/search")
@@ -68,7 +69,11 @@ def search_endpoint():
         raise BadRequest(f"field 'filters' does not fit the types of the stored metadata: {exc}") from exc
     metrics.STAGE_SECONDS.labels("search", mode).observe(result.timings_s["coarse"])
     metrics.STAGE_SECONDS.labels("rerank", mode).observe(result.timings_s["rerank"])
+    query_id = uuid.uuid4().hex  # names this search in POST /v1/feedback and the hard-example log
+    state.quality.observe_search(query_id=query_id, text=text, image=data, vector=vector, options=options,
+                                 result=result, model=state.encoding.encoder.name)
     body = {
+        "query_id": query_id,
         "hits": [hit.to_dict() for hit in result.hits],
         "mode": mode, "fusion": options.fusion, "rerank": result.reranked, "store": state.store.name,
         "took_ms": {"encode": 1000 * (encoded - started), "coarse": 1000 * result.timings_s["coarse"],

@@ -11,10 +11,12 @@ def open_store(settings: Settings) -> Store:
     if settings.store == "embedded":
         from sidecar.stores.embedded import EmbeddedStore
 
-        return EmbeddedStore(settings.store_path)
+        return EmbeddedStore(settings.store_path, target_recall=settings.target_recall,
+                             target_k=settings.target_recall_k)
     from sidecar.stores.opensearch import OpenSearchStore
 
     return OpenSearchStore(url=settings.opensearch_url, index=settings.opensearch_index,
                            user=settings.opensearch_user or None, password=settings.opensearch_password or None,
                            verify_certs=settings.opensearch_verify_certs, engine=settings.opensearch_engine,
-                           config_dir=settings.plugin_config_dir or None)
+                           config_dir=settings.plugin_config_dir or None, target_recall=settings.target_recall,
+                           target_k=settings.target_recall_k)
