@@ -61,9 +61,12 @@ def repair(**kwargs: Any) -> None:
 @click.option("--queries", "calibration_queries", type=click.IntRange(1),
               help="Stored vectors searched for (default: SIDECAR_CALIBRATION_QUERIES, else 300).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which stored vectors are sampled.")
+@click.option("--allow-exact/--ann-only", default=True, show_default=True,
+              help="Choose exact search where it measures as fast as the ANN effort; --ann-only keeps the ANN "
+                   "(exact search reads every vector: on a shared cluster it costs more than its latency shows).")
 @store_options
 @click.pass_context
-def calibrate(ctx: click.Context, seed: int, **kwargs: Any) -> None:
+def calibrate(ctx: click.Context, seed: int, allow_exact: bool, **kwargs: Any) -> None:
     """Choose the search effort for --target-recall and save it with the store.
 
     Samples stored vectors, searches each exactly and by HNSW at growing efSearch, and keeps the
@@ -85,7 +88,8 @@ def calibrate(ctx: click.Context, seed: int, **kwargs: Any) -> None:
     with _opened_with(settings) as opened:
         try:
             effort = run_calibration(opened, target_recall=settings.target_recall, k=settings.target_recall_k,
-                                     queries=settings.calibration_queries, seed=seed, progress=ctx.obj["progress"])
+                                     queries=settings.calibration_queries, seed=seed, allow_exact=allow_exact,
+                                     progress=ctx.obj["progress"])
         except ValueError as exc:
             raise click.ClickException(str(exc)) from exc
         opened.effort.save(effort)
