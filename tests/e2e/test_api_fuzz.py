@@ -101,7 +101,9 @@ def default_server(store_path, test_cache_dir, tmp_path_factory):
     of its own, the test run's tiny model."""
     folder = tmp_path_factory.mktemp("schemathesis-server")
     env = {"SIDECAR_STORE_PATH": str(store_path), "SIDECAR_CACHE_DIR": str(folder / "cache"),
-           "SIDECAR_PRETRAINED": str(checkpoint_path(test_cache_dir))}
+           "SIDECAR_PRETRAINED": str(checkpoint_path(test_cache_dir)),
+           # /v1/feedback on (it answers 404 not_enabled without a log folder), hard examples logged
+           "SIDECAR_QUALITY_LOG_DIR": str(folder / "quality")}
     with gunicorn_server(env, folder / "server.log") as url:
         yield url, folder / "server.log"
 
