@@ -5,12 +5,13 @@ from __future__ import annotations
 from sidecar.cli.cache import cache
 from sidecar.cli.demo import demo
 from sidecar.cli.ingest import embed, index
+from sidecar.cli.keys import keys
 from sidecar.cli.opensearch import opensearch
 from sidecar.cli.query import eval_command, search
 from sidecar.cli.root import main
 from sidecar.cli.serve import serve
 
-for _command in (embed, index, search, serve, eval_command, demo, cache, opensearch):
+for _command in (embed, index, search, serve, eval_command, demo, cache, opensearch, keys):
     main.add_command(_command)
 
 __all__ = ["main"]
