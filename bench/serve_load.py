@@ -46,11 +46,12 @@ RATIOS = [("batched", "unbatched"), ("batched", "no-graphs")]
 
 def start_server(port: int, *, variant: dict[str, str], workers: int, threads: int, model: str | None,
                  store_path: Path) -> subprocess.Popen:
-    env = {**os.environ, **variant, "SIDECAR_STORE_PATH": str(store_path), "GUNICORN_LOGLEVEL": "warning"}
+    env = {**os.environ, **variant, "SIDECAR_STORE_PATH": str(store_path), "GUNICORN_LOGLEVEL": "warning",
+           "SIDECAR_REQUEST_THREADS": str(threads)}  # gunicorn's threads, and what sizes the encode queue
     if model:
         env["SIDECAR_MODEL"] = model
     args = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
-            "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads),
+            "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
             "--access-logfile", "/dev/null", "sidecar.api.wsgi:app"]
     process = subprocess.Popen(args, env=env, cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -90,8 +91,12 @@ class Connection:
         self.buffer = b""
 
     def post(self, path: str, body: bytes) -> int:
-        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+        return self.request("POST", path, body)
+
+    def request(self, method: str, path: str, body: bytes = b"") -> int:
+        """Send one request, read its response whole; returns the status code."""
+        self.sock.sendall(b"%s %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (method.encode(), path.encode(), len(body), body))
         while b"\r\n\r\n" not in self.buffer:
             self.buffer += self._recv()
         head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
@@ -238,7 +243,7 @@ def main() -> None:
                 run_load(args.port, 4 * args.workers, 200 * args.workers, seed, args.client_processes, **load)  # warm-up
                 results[label] = [run_load(args.port, c, args.requests,
                                            seed + 1 + i, args.client_processes, **load) for i, c in enumerate(levels)]
-                print(f"\n{label} ({VARIANTS[label]}); batch sizes seen (one worker's): {batch_histogram(args.port)}")
+                print(f"\n{label} ({VARIANTS[label]}); batch sizes seen (all workers): {batch_histogram(args.port)}")
             finally:
                 stop_server(server)
             print(f"{'conc':>5} {'reqs':>6} {'err':>4} {'QPS':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "

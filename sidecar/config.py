@@ -77,8 +77,12 @@ class Settings:
     # Micro-batching of concurrent requests
     max_batch: int = 64
     max_wait_ms: float = 2.0
-    queue_size: int = 2048
+    # Items (texts or images, not requests) that may wait for each micro-batcher before a request
+    # answers 503 + Retry-After; 0 = sized from request_threads and max_batch (encode_queue_items).
+    queue_items: int = 0
     request_timeout_s: float = 30.0
+    # Request threads per gunicorn worker (gunicorn's `threads`; `serve --threads` sets it).
+    request_threads: int = 32
     # GPU only: replay captured CUDA graphs of the text tower (batch sizes 1, 2, 4 … max_batch)
     # instead of launching its kernels one by one; false = eager.
     cuda_graphs: bool = True
@@ -87,13 +91,33 @@ class Settings:
     # model's batch-1 forward: 0.9 ms with 1 thread, 1.9 ms with 2, on the 2-core dev box).
     serve_torch_threads: int = 1
 
-    # Text-vector cache: keyed by model, weights, prompt template version and text
+    # Text-vector cache: keyed by model, weights, prompt template version and text. An in-memory
+    # LRU of text_cache_size entries per worker, over a SQLite file shared by the workers (unless
+    # text_cache_persist is false) that keeps at most text_cache_max_entries vectors, dropping the
+    # least recently used first. text_cache_path: "" = <cache_dir>/text-vectors.sqlite.
     text_cache_size: int = 10_000
+    text_cache_persist: bool = True
+    text_cache_path: str = ""
+    text_cache_max_entries: int = 200_000
     prompt_template: str = "{}"
     prompt_version: str = "1"
 
     # Search defaults
     rerank_candidates: int = 100
+
+    def encode_queue_items(self) -> int:
+        """The bound on items waiting for each micro-batcher: queue_items, or by default half the
+        request threads (one item each), at most one full batch. It must sit below what the request
+        threads can enqueue — they are the only way in, so a larger bound never fills and overload
+        only shows as latency — and the threads it leaves free keep answering /readyz, /metrics and
+        cache hits while the model is saturated."""
+        return self.queue_items or max(1, min(self.max_batch, self.request_threads // 2))
+
+    def text_cache_file(self) -> Path | None:
+        """The persistent text-vector cache's SQLite file, or None when persistence is off."""
+        if not self.text_cache_persist:
+            return None
+        return Path(self.text_cache_path) if self.text_cache_path else self.cache_dir / "text-vectors.sqlite"
 
     def prompt(self, text: str) -> str:
         """The text the model sees for a query or document text: the prompt template applied."""
@@ -118,10 +142,13 @@ class Settings:
                 raise ValueError(f"setting {name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         for name in ("max_batch_items", "max_body_bytes", "max_json_depth", "max_image_pixels", "max_request_pixels",
                      "max_resized_side", "decode_memory_bytes", "max_text_chars", "max_filter_fields",
-                     "max_filter_values", "max_k", "max_batch", "queue_size", "text_cache_size", "rerank_candidates",
-                     "serve_torch_threads"):
+                     "max_filter_values", "max_k", "max_batch", "request_threads", "text_cache_size",
+                     "text_cache_max_entries", "rerank_candidates", "serve_torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        if self.queue_items < 0:
+            raise ValueError(f"setting queue_items must be >= 0 (0 = sized from request_threads), "
+                             f"got {self.queue_items}")
         # A comma-separated string (SIDECAR_IMAGE_FORMATS=JPEG,PNG) or a sequence of names.
         formats = self.image_formats.split(",") if isinstance(self.image_formats, str) else self.image_formats
         object.__setattr__(self, "image_formats", tuple(f.strip().upper() for f in formats if f.strip()))

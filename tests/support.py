@@ -65,3 +65,9 @@ def gunicorn_server(env: dict[str, str], log: Path, *, workers: int = 1, threads
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+class ThreadKiller(BaseException):
+    """Not an Exception: the micro-batcher isolates failing requests with `except Exception`, so this
+    one escapes its loop and ends the encode thread for real, through the real code path — what a
+    bug in the loop or an interpreter-level error would do — without patching the batcher."""

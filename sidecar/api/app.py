@@ -34,7 +34,9 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     auth.init_app(app, settings)  # first: a malformed SIDECAR_API_KEYS fails before the model loads
-    encoder = encoder or load_encoder(settings)
+    # The server loads a cached model only: downloading or training inside a gunicorn worker
+    # would outlast its boot timeout (`clip-sidecar models fetch` is the step that fetches).
+    encoder = encoder or load_encoder(settings, fetch=False)
     attach_state(app, AppState(settings=settings, encoding=EncodingService(encoder, settings),
                                store=store or open_store(settings), started=int(time.time())))
     for blueprint in (embeddings.bp, search.bp, ops.bp):

@@ -1,25 +1,72 @@
-"""Gunicorn settings for the sidecar: threaded workers, the model loaded once per worker after fork."""
+"""Gunicorn settings for the sidecar: threaded workers, the model loaded once per worker after fork,
+metrics summed over workers, a worker whose encode thread died replaced."""
 
 import json
 import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
 
 from gunicorn import util
 
+from sidecar.config import Settings
+
+# Read once in the arbiter; each worker reads its own Settings again when it builds the app.
+_settings = Settings.from_env()
+
 # gthread: request threads in one process share its model and micro-batcher, which is what
-# lets concurrent requests batch together.
+# lets concurrent requests batch together. The thread count also sizes the encode queue
+# (Settings.encode_queue_items), so it comes from the same setting: SIDECAR_REQUEST_THREADS.
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "32"))
+threads = _settings.request_threads
 workers = int(os.environ.get("GUNICORN_WORKERS", "1"))
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8080")
 # Never preload: CUDA does not survive fork, so each worker imports the app (and loads the
-# model) after it is forked.
+# model) after it is forked. Loading reads a cached model only (`clip-sidecar models fetch`
+# puts it there); it never downloads or trains, so it fits inside the boot timeout below.
 preload_app = False
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))  # first request may wait for model load
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = 30
 keepalive = 5
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
+
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when a worker imports it
+_owned_metrics_dir: str | None = None
+
+
+def on_starting(server):
+    """Prometheus multiprocess mode: every worker writes its series to files in one folder and a
+    scrape sums them (sidecar.serving.metrics). Set before any worker imports prometheus_client;
+    a folder the operator names is emptied first, since files of a previous run would add to
+    this run's counts."""
+    global _owned_metrics_dir
+    configured = os.environ.get(_MULTIPROC_ENV)
+    if configured:
+        Path(configured).mkdir(parents=True, exist_ok=True)
+        for stale in Path(configured).glob("*.db"):
+            stale.unlink()
+    else:
+        _owned_metrics_dir = tempfile.mkdtemp(prefix="clip-sidecar-metrics-")
+        os.environ[_MULTIPROC_ENV] = _owned_metrics_dir
+    server.log.info("Prometheus multiprocess metrics in %s", os.environ[_MULTIPROC_ENV])
+    # Workers load cached weights only: open_clip's hub lookups must not wait on the network
+    # (huggingface_hub reads this when a worker imports it).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def on_exit(server):
+    if _owned_metrics_dir:
+        shutil.rmtree(_owned_metrics_dir, ignore_errors=True)
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges (queue depth) stop counting; its counters stay in the sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def post_fork(server, worker):
@@ -48,3 +95,20 @@ def write_json_error(sock, status_int, reason, mesg):
 # that page; its workers write it through `gunicorn.util.write_error`, replaced here, in the arbiter
 # that reads this file, before any worker is forked.
 util.write_error = write_json_error
+
+
+def post_worker_init(worker):
+    """A worker whose encode thread died answers 503 and leaves /readyz; it then stops gracefully
+    (SIGTERM to itself: requests in flight finish) and gunicorn starts a fresh one in its place."""
+    from sidecar.api.state import state_of
+
+    if worker.cfg.threads != threads:
+        worker.log.warning("gunicorn runs %d threads per worker but SIDECAR_REQUEST_THREADS is %d: the encode "
+                           "queue is sized from the latter; set the variable instead of --threads",
+                           worker.cfg.threads, threads)
+
+    def retire(reason: str) -> None:
+        worker.log.error("worker %s retires: %s", os.getpid(), reason)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    state_of(worker.wsgi).encoding.on_stop(retire)

@@ -1,4 +1,5 @@
-"""Operations endpoints: liveness, readiness (model and store loaded), Prometheus metrics, the API description."""
+"""Operations endpoints: liveness, readiness (model, encode threads and store), Prometheus metrics, the API
+description."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import os
 from importlib.resources import files
 
 from flask import Blueprint, Response, jsonify
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.api.state import current_state
+from sidecar.serving import metrics
 
 bp = Blueprint("ops", __name__)
 
@@ -22,6 +23,9 @@ def healthz():
 def readyz():
     state = current_state()
     encoder = state.encoding.encoder
+    stopped = state.encoding.stopped
+    if stopped is not None:
+        return jsonify({"status": "not_ready", "reason": stopped, "pid": os.getpid()}), 503
     try:
         documents = state.store.count()
     except Exception as exc:  # noqa: BLE001 - readiness reports, it does not crash
@@ -39,4 +43,5 @@ def openapi():
 
 @bp.get("/metrics")
 def prometheus_metrics():
-    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)

@@ -6,12 +6,13 @@ from sidecar.cli.cache import cache
 from sidecar.cli.demo import demo
 from sidecar.cli.ingest import embed, index
 from sidecar.cli.keys import keys
+from sidecar.cli.models import models
 from sidecar.cli.opensearch import opensearch
 from sidecar.cli.query import eval_command, search
 from sidecar.cli.root import main
 from sidecar.cli.serve import serve
 
-for _command in (embed, index, search, serve, eval_command, demo, cache, opensearch, keys):
+for _command in (embed, index, search, serve, models, eval_command, demo, cache, opensearch, keys):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -19,6 +19,9 @@ from sidecar.cli.root import (
 
 log = logging.getLogger(__name__)
 GUNICORN_CONFIG = "python:sidecar.api.gunicorn_config"
+# Settings `serve` takes as flags beside the model's and the store's (the gunicorn config reads
+# the thread count from Settings, so it reaches gunicorn through the environment too).
+SERVE_FLAGS = ("request_threads",)
 
 
 @click.command()
@@ -27,24 +30,35 @@ GUNICORN_CONFIG = "python:sidecar.api.gunicorn_config"
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Gunicorn worker processes; each loads the model once, after the fork. With a GPU the "
                    "request path's CPU sets the ceiling: about one worker per two cores (8 on 16 vCPUs).")
-@click.option("--threads", type=click.IntRange(1, 1024), default=32, show_default=True,
-              help="Request threads per worker; they share that worker's micro-batcher.")
+@click.option("--threads", "request_threads", type=click.IntRange(1, 1024),
+              help="Request threads per worker (default: SIDECAR_REQUEST_THREADS, else 32); they share that worker's "
+                   "micro-batcher, and half of them (at most max_batch items) may wait on the model before "
+                   "requests answer 503 (SIDECAR_QUEUE_ITEMS overrides that bound).")
 @click.option("--dev", is_flag=True, help="Flask's development server instead of gunicorn (development only).")
 @model_options
 @store_options
-def serve(host: str, port: int, workers: int, threads: int, dev: bool, **kwargs: Any) -> None:
-    """Serve the HTTP API: /v1/embeddings, /v1/search, /healthz, /readyz, /metrics."""
-    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS)
+def serve(host: str, port: int, workers: int, dev: bool, **kwargs: Any) -> None:
+    """Serve the HTTP API: /v1/embeddings, /v1/search, /healthz, /readyz, /metrics.
+
+    The model must be in the cache first (`clip-sidecar models fetch`): the server never
+    downloads or trains one, which could outlast a worker's boot timeout.
+    """
+    from sidecar.model.weights import missing_weights
+
+    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + SERVE_FLAGS)
+    missing = missing_weights(settings)
+    if missing:
+        raise click.ClickException(f"not starting the server: {missing}")
     if dev:
         from sidecar.api.app import create_app
 
         create_app(settings).run(host=host, port=port, threaded=True)
         return
     # Gunicorn workers rebuild Settings from the environment: hand the flags over that way.
-    overrides = {name: getattr(settings, name) for name in MODEL_FLAGS + STORE_FLAGS}
+    overrides = {name: getattr(settings, name) for name in MODEL_FLAGS + STORE_FLAGS + SERVE_FLAGS}
     env = {**os.environ, **{f"SIDECAR_{k.upper()}": str(v) for k, v in overrides.items()}}
     # The config is a module of the package, so an installed (non-editable) package finds it too.
     args = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, "--bind", f"{host}:{port}",
-            "--workers", str(workers), "--threads", str(threads), "sidecar.api.wsgi:app"]
+            "--workers", str(workers), "sidecar.api.wsgi:app"]
     log.info("starting gunicorn: %s", " ".join(args[2:]))
     os.execve(sys.executable, args, env)

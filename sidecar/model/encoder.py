@@ -226,10 +226,21 @@ def weights_id(pretrained: str) -> str:
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
-def load_encoder(settings: Settings) -> Encoder:
-    """Load the configured model: by name + pretrained tag, a checkpoint file, or the tiny model."""
+def load_encoder(settings: Settings, *, fetch: bool = True) -> Encoder:
+    """Load the configured model: by name + pretrained tag, a checkpoint file, or the tiny model.
+
+    fetch=True downloads missing weights (or trains the tiny model) first, as the command-line
+    tools do; fetch=False (the server) loads only what is cached and raises ModelNotCached,
+    naming the command to run, otherwise.
+    """
     import open_clip  # heavy import, deferred so `--help` stays fast
 
+    from sidecar.model.weights import ModelNotCached, missing_weights, weights_dir
+
+    if not fetch:
+        missing = missing_weights(settings)
+        if missing:
+            raise ModelNotCached(missing)
     model_name, pretrained = settings.model, settings.pretrained
     if settings.model_config:
         open_clip.add_model_config(settings.model_config)
@@ -247,7 +258,7 @@ def load_encoder(settings: Settings) -> Encoder:
     log.info("loading %s (pretrained=%s) on %s, %s", model_name, pretrained or "none", device, precision)
     model, _, preprocess = open_clip.create_model_and_transforms(
         model_name, pretrained=pretrained or None, device=device,
-        cache_dir=os.fspath(settings.cache_dir / "weights"),
+        cache_dir=os.fspath(weights_dir(settings)),
     )
     tokenizer = open_clip.get_tokenizer(model_name)
     return Encoder(model, tokenizer=tokenizer, preprocess=preprocess, name=model_name,

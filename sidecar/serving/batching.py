@@ -6,14 +6,14 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
-from sidecar.errors import EncodeTimeout, Overloaded
+from sidecar.errors import EncodeTimeout, NotReady, Overloaded
 from sidecar.serving import metrics
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,12 @@ log = logging.getLogger(__name__)
 Item = TypeVar("Item")
 
 
-@dataclass
+class ForwardRowMismatch(RuntimeError):
+    """A forward pass returned another number of rows than it was given items: no caller can be
+    handed its own vectors, so the requests of that pass fail instead."""
+
+
+@dataclass(eq=False)  # compared by identity: the model thread tracks the requests it holds
 class _Work(Generic[Item]):
     items: Sequence[Item]
     future: Future = field(default_factory=Future)
@@ -30,34 +35,65 @@ class _Work(Generic[Item]):
 
 class MicroBatcher(Generic[Item]):
     """Gathers up to `max_batch` items, or waits at most `max_wait_ms` after the first (only under
-    load), then runs
-    `forward(items) -> [n, dim] array` once and hands each caller its own rows.
+    load), then runs `forward(items) -> [n, dim] array` once and hands each caller its own rows.
 
-    The queue is bounded: a full queue answers Overloaded (503) instead of growing. A batch
-    that fails is retried request by request, so one bad input fails only its own request.
+    Admission is bounded in items: a request whose items would take the waiting items over
+    `queue_items` answers Overloaded (503) at once (a request is always admitted into an empty
+    queue, so one larger than the bound still runs). A batch that fails is retried request by
+    request, so one bad input fails only its own request. If the model thread itself dies (an
+    error escapes its loop), every waiting request and every later one answers NotReady (503)
+    at once, `stopped` says why, and the `on_stop` callbacks run (gunicorn replaces the worker).
     """
 
     def __init__(self, forward: Callable[[Sequence[Item]], np.ndarray], *, modality: str,
-                 max_batch: int, max_wait_ms: float, queue_size: int):
+                 max_batch: int, max_wait_ms: float, queue_items: int):
         self._forward = forward
         self.modality = modality
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
-        self._queue: queue.Queue[_Work | None] = queue.Queue(maxsize=queue_size)
+        self.queue_items = queue_items
+        self._queue: queue.Queue[_Work | None] = queue.Queue()  # bounded by the admission count below
+        self._admission = threading.Lock()  # guards _waiting_items, _stopped and _on_stop
+        self._waiting_items = 0  # admitted, forward not started
+        self._stopped: str | None = None  # why the model thread no longer runs
+        self._closed = False
+        self._on_stop: list[Callable[[str], None]] = []
+        self._held: list[_Work] = []  # taken off the queue by the model thread, not yet answered
         self._carry: _Work | None = None  # a request that did not fit in the last batch
         self._last_batch_requests = 0
-        self._thread = threading.Thread(target=self._run, name=f"batcher-{modality}", daemon=True)
+        self._thread = threading.Thread(target=self._supervise, name=f"batcher-{modality}", daemon=True)
         self._thread.start()
+
+    @property
+    def stopped(self) -> str | None:
+        """None while the model thread runs; else why it stopped."""
+        return self._stopped
+
+    def on_stop(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` once the model thread stops for any reason but close() (at once
+        if it already has)."""
+        with self._admission:
+            if self._stopped is None:
+                self._on_stop.append(callback)
+                return
+            if self._closed:
+                return
+        callback(self._stopped)
 
     def submit(self, items: Sequence[Item], *, timeout_s: float) -> np.ndarray:
         """Encode `items` within `timeout_s`; rows come back in the order given."""
         work = _Work(items)
-        try:
+        with self._admission:
+            if self._stopped is not None:
+                raise NotReady(self._stopped, retry_after_s=1.0)
+            waiting = self._waiting_items
+            if waiting and waiting + len(items) > self.queue_items:
+                raise Overloaded(f"{self.modality} encode queue is full: {waiting} items waiting, {len(items)} more "
+                                 f"would pass the limit of {self.queue_items} (queue_items); retry shortly",
+                                 retry_after_s=1.0)
+            self._waiting_items += len(items)
             self._queue.put_nowait(work)
-        except queue.Full as exc:
-            raise Overloaded(f"{self.modality} encode queue is full ({self._queue.maxsize} requests waiting); "
-                             "retry shortly", retry_after_s=1.0) from exc
-        metrics.QUEUE_DEPTH.labels(self.modality).set(self._queue.qsize())
+        metrics.QUEUE_DEPTH.labels(self.modality).set(waiting + len(items))
         try:
             return work.future.result(timeout=timeout_s)
         except FutureTimeout as exc:
@@ -65,8 +101,45 @@ class MicroBatcher(Generic[Item]):
             raise EncodeTimeout(f"{self.modality} encode took longer than request_timeout_s={timeout_s}") from exc
 
     def close(self) -> None:
+        with self._admission:
+            self._closed = True
+            self._stopped = self._stopped or f"the {self.modality} encoder is shut down"
+            self._on_stop.clear()
         self._queue.put(None)
         self._thread.join(timeout=5)
+
+    # ---- the model thread ----
+    def _supervise(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - whatever ends the loop, nobody may wait on it
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        reason = (f"the {self.modality} encode thread stopped ({type(exc).__name__}: {exc}); "
+                  "this worker no longer serves encodes")
+        log.critical("%s; failing its waiting requests with 503", reason, exc_info=exc)
+        metrics.BATCHER_STOPS.labels(self.modality).inc()
+        with self._admission:
+            self._stopped = reason
+            pending = list(self._held)
+            while True:
+                try:
+                    work = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if work is not None:
+                    pending.append(work)
+            self._waiting_items = 0
+            callbacks, self._on_stop = self._on_stop, []
+        metrics.QUEUE_DEPTH.labels(self.modality).set(0)
+        for work in pending:
+            try:
+                work.future.set_exception(NotReady(reason, retry_after_s=1.0))
+            except InvalidStateError:
+                pass  # answered or cancelled (timed out) already
+        for callback in callbacks:
+            callback(reason)
 
     def _run(self) -> None:
         while True:
@@ -75,8 +148,13 @@ class MicroBatcher(Generic[Item]):
                 return
             self._execute(batch)
 
+    def _take(self, work: _Work | None) -> _Work | None:
+        if work is not None:
+            self._held.append(work)
+        return work
+
     def _gather(self) -> list[_Work] | None:
-        first = self._carry or self._queue.get()
+        first = self._carry or self._take(self._queue.get())
         self._carry = None
         if first is None:
             return None
@@ -88,7 +166,7 @@ class MicroBatcher(Generic[Item]):
         while size < self.max_batch:
             remaining = deadline - time.perf_counter()
             try:
-                work = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                work = self._take(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
             except queue.Empty:
                 break
             if work is None:
@@ -99,14 +177,21 @@ class MicroBatcher(Generic[Item]):
                 break
             batch.append(work)
             size += len(work.items)
-        metrics.QUEUE_DEPTH.labels(self.modality).set(self._queue.qsize())
         self._last_batch_requests = len(batch)
         return batch
 
     def _execute(self, batch: list[_Work]) -> None:
+        with self._admission:
+            self._waiting_items -= sum(len(work.items) for work in batch)
+            waiting = self._waiting_items
+        metrics.QUEUE_DEPTH.labels(self.modality).set(waiting)
         live = [work for work in batch if work.future.set_running_or_notify_cancel()]
-        if not live:
-            return
+        if live:
+            self._answer(live)
+        # Answered (or cancelled); a death in _answer leaves them held, for _die to fail.
+        self._held = [work for work in self._held if work not in batch]
+
+    def _answer(self, live: list[_Work]) -> None:
         now = time.perf_counter()
         for work in live:
             metrics.STAGE_SECONDS.labels("queue_wait", self.modality).observe(now - work.enqueued)
@@ -117,7 +202,7 @@ class MicroBatcher(Generic[Item]):
             if len(live) == 1:
                 self._fail(live[0], exc)
                 return
-            log.warning("%s batch of %d requests failed; retrying them one by one", self.modality, len(live))
+            log.warning("%s batch of %d requests failed (%s); retrying them one by one", self.modality, len(live), exc)
             for work in live:
                 self._execute_one(work)
             return
@@ -140,5 +225,12 @@ class MicroBatcher(Generic[Item]):
         metrics.BATCH_SIZE.labels(self.modality).observe(len(items))
         with metrics.STAGE_SECONDS.labels("forward", self.modality).time():
             # A request larger than max_batch still runs in max_batch-sized passes.
-            parts = [self._forward(items[i:i + self.max_batch]) for i in range(0, len(items), self.max_batch)]
+            parts = []
+            for start in range(0, len(items), self.max_batch):
+                chunk = items[start:start + self.max_batch]
+                rows = self._forward(chunk)
+                if len(rows) != len(chunk):
+                    raise ForwardRowMismatch(f"the {self.modality} forward returned {len(rows)} rows for "
+                                             f"{len(chunk)} items")
+                parts.append(rows)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]

@@ -1,18 +1,29 @@
-"""Text-vector cache: in-memory LRU over a persistent SQLite table; identical concurrent misses computed once."""
+"""Text-vector cache: in-memory LRU over a bounded persistent SQLite table; identical concurrent misses
+computed once."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from sidecar.errors import EncodeTimeout
 from sidecar.serving import metrics
+
+log = logging.getLogger(__name__)
+
+# Eviction takes the table down to this share of its bound, so it runs once per many inserts
+# rather than on every one.
+_EVICT_TO = 0.9
 
 
 def cache_namespace(*, model: str, weights: str, prompt_template: str, prompt_version: str) -> str:
@@ -21,24 +32,42 @@ def cache_namespace(*, model: str, weights: str, prompt_template: str, prompt_ve
 
 
 class TextVectorCache:
-    def __init__(self, path: Path | None, *, namespace: str, capacity: int):
+    """`capacity` vectors in memory (LRU); with a `path`, a SQLite table under them shared by every
+    process that opens the file, holding at most `max_entries` vectors (all namespaces together):
+    past that, the least recently used go first. A vector's last use on disk is when it was last
+    written or read from disk (a hit in memory does not touch the file)."""
+
+    def __init__(self, path: Path | None, *, namespace: str, capacity: int, max_entries: int = 200_000):
         self.namespace = namespace
         self.capacity = capacity
+        self.max_entries = max_entries
         self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._db_lock = threading.Lock()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS text_vectors (namespace TEXT, key TEXT, vector BLOB, "
-                             "PRIMARY KEY (namespace, key))")
-            self._db_lock = threading.Lock()
+                             "last_used INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (namespace, key))")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(text_vectors)")}
+            if "last_used" not in columns:  # a file from before the bound: its rows count as least recent
+                self._db.execute("ALTER TABLE text_vectors ADD COLUMN last_used INTEGER NOT NULL DEFAULT 0")
+            self._db.execute("CREATE INDEX IF NOT EXISTS text_vectors_last_used ON text_vectors (last_used)")
+            # Rows in the file as this process last counted them, plus what it inserted since;
+            # other processes' inserts show up at the next count.
+            self._rows = self._db.execute("SELECT count(*) FROM text_vectors").fetchone()[0]
+            self._evict_if_over()
 
-    def get_or_compute(self, texts: Sequence[str], compute: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-        """Vectors for `texts` in order; `compute` runs once for the texts nobody has or is computing."""
+    def get_or_compute(self, texts: Sequence[str], compute: Callable[[list[str]], np.ndarray], *,
+                       timeout_s: float) -> np.ndarray:
+        """Vectors for `texts` in order; `compute` runs once for the texts nobody has or is computing.
+        Texts another request is computing are awaited at most until `timeout_s` after the call
+        (EncodeTimeout after), so a computation that never finishes holds nobody for ever."""
+        deadline = time.monotonic() + timeout_s
         results: list[np.ndarray | None] = [None] * len(texts)
         waiting: list[tuple[int, Future]] = []
         mine: dict[str, Future] = {}
@@ -60,7 +89,11 @@ class TextVectorCache:
         metrics.CACHE_LOOKUPS.labels("hit").inc(hits + (len(waiting) - len(mine)))
         metrics.CACHE_LOOKUPS.labels("miss").inc(len(mine))
         for i, future in waiting:
-            results[i] = future.result()
+            try:
+                results[i] = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout as exc:
+                raise EncodeTimeout(f"text encode took longer than request_timeout_s={timeout_s} (waiting for "
+                                    "another request's encode of the same text)") from exc
         return np.stack(results) if results else np.zeros((0, 0), dtype=np.float32)
 
     def _fill(self, texts: list[str], futures: dict[str, Future], compute: Callable[[list[str]], np.ndarray]) -> None:
@@ -104,14 +137,39 @@ class TextVectorCache:
                     [self.namespace, *chunk]).fetchall()
                 for key, blob in rows:
                     found[keys[key]] = np.frombuffer(blob, dtype=np.float32)
+                if rows:  # a use: these rows move to the recent end
+                    self._db.execute(
+                        f"UPDATE text_vectors SET last_used = ? WHERE namespace = ? "
+                        f"AND key IN ({','.join('?' * len(rows))})",
+                        [time.time_ns(), self.namespace, *(key for key, _ in rows)])
         return found
 
     def _save(self, vectors: dict[str, np.ndarray]) -> None:
         if self._db is None or not vectors:
             return
-        rows = [(self.namespace, self._key(t), np.asarray(v, dtype=np.float32).tobytes()) for t, v in vectors.items()]
+        now = time.time_ns()
+        rows = [(self.namespace, self._key(t), np.asarray(v, dtype=np.float32).tobytes(), now)
+                for t, v in vectors.items()]
         with self._db_lock:
-            self._db.executemany("INSERT OR REPLACE INTO text_vectors VALUES (?, ?, ?)", rows)
+            self._db.executemany("INSERT OR REPLACE INTO text_vectors (namespace, key, vector, last_used) "
+                                 "VALUES (?, ?, ?, ?)", rows)
+            self._rows += len(rows)
+            self._evict_if_over()
+
+    def _evict_if_over(self) -> None:
+        """Past max_entries (as counted, other processes' inserts included), drop the least recently
+        used rows down to 90 % of it. Callers hold _db_lock (or are the constructor)."""
+        if self._rows <= self.max_entries:
+            return
+        self._rows = self._db.execute("SELECT count(*) FROM text_vectors").fetchone()[0]
+        excess = self._rows - int(self.max_entries * _EVICT_TO)
+        if self._rows <= self.max_entries or excess <= 0:
+            return
+        self._db.execute("DELETE FROM text_vectors WHERE rowid IN "
+                         "(SELECT rowid FROM text_vectors ORDER BY last_used LIMIT ?)", [excess])
+        log.info("text-vector cache: evicted the %d least recently used of %d vectors (limit %d, "
+                 "text_cache_max_entries)", excess, self._rows, self.max_entries)
+        self._rows -= excess
 
     def persisted_count(self) -> int:
         if self._db is None:

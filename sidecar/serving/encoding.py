@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,16 +41,27 @@ class EncodingService:
             # Process-wide (torch has no per-thread setting): a process that builds this service
             # is a serving process, and its forwards run on the batcher threads.
             torch.set_num_threads(settings.serve_torch_threads)
-        batching = dict(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size)
+        batching = dict(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                        queue_items=settings.encode_queue_items())
         self._texts = MicroBatcher(self._forward_texts, modality="text", **batching)
         self._images = MicroBatcher(self._forward_images, modality="image", **batching)
         self.cache = TextVectorCache(
-            settings.cache_dir / "text-vectors.sqlite",
+            settings.text_cache_file(),
             namespace=cache_namespace(model=encoder.name, weights=encoder.weights,
                                       prompt_template=settings.prompt_template,
                                       prompt_version=settings.prompt_version),
-            capacity=settings.text_cache_size)
+            capacity=settings.text_cache_size, max_entries=settings.text_cache_max_entries)
         self.decode_memory = MemoryBudget(settings.decode_memory_bytes)
+
+    @property
+    def stopped(self) -> str | None:
+        """None while both encode threads run; else why one stopped (the worker cannot serve)."""
+        return self._texts.stopped or self._images.stopped
+
+    def on_stop(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` when an encode thread dies (once per thread)."""
+        self._texts.on_stop(callback)
+        self._images.on_stop(callback)
 
     def encode_texts(self, texts: Sequence[str]) -> TextVectors:
         """Vectors for texts, cached or batched with other requests'. Each text is cut to max_text_chars
@@ -72,8 +83,8 @@ class EncodingService:
             return self._texts.submit([prepared[p].tokens for p in missing], timeout_s=self.settings.request_timeout_s)
 
         tokens = sum(min(prepared[p].length, self.encoder.context_length) for p in prompts)
-        return TextVectors(vectors=self.cache.get_or_compute(prompts, encode_missing), truncated=truncated,
-                           tokens=tokens)
+        vectors = self.cache.get_or_compute(prompts, encode_missing, timeout_s=self.settings.request_timeout_s)
+        return TextVectors(vectors=vectors, truncated=truncated, tokens=tokens)
 
     def open_image(self, data: bytes) -> Image.Image:
         """Uploaded file bytes, header only: format (image_formats), declared size (max_image_pixels),

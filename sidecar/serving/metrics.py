@@ -1,8 +1,18 @@
-"""Prometheus series: requests, per-stage latency, batch sizes, queue depth, cache hits."""
+"""Prometheus series: requests, per-stage latency, batch sizes, queue depth, cache hits, batcher stops.
+
+Under gunicorn each worker is a process of its own: with PROMETHEUS_MULTIPROC_DIR set (the
+gunicorn config sets it before any worker starts) every worker writes its series to files in
+that folder and `exposition()` sums them, so one scrape counts the whole server.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Latency buckets from 0.5 ms to 10 s: encode stages live in the low milliseconds.
 _BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.5, 5.0, 10.0)
@@ -16,5 +26,18 @@ STAGE_SECONDS = Histogram(
 BATCH_SIZE = Histogram(
     "sidecar_batch_size", "Items per forward pass", ["modality"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
-QUEUE_DEPTH = Gauge("sidecar_queue_depth", "Items waiting for the model", ["modality"])
+# Summed over the live workers; a dead worker's last value is dropped.
+QUEUE_DEPTH = Gauge("sidecar_queue_depth", "Items waiting for the model", ["modality"], multiprocess_mode="livesum")
 CACHE_LOOKUPS = Counter("sidecar_text_cache_lookups_total", "Text-vector cache lookups", ["result"])
+BATCHER_STOPS = Counter("sidecar_batcher_stops_total",
+                        "Micro-batcher threads that died (their worker answers 503 and is replaced)", ["modality"])
+
+
+def exposition() -> tuple[bytes, str]:
+    """The body and content type of a scrape: all workers' series summed in multiprocess mode,
+    this process's series otherwise (the development server, tests)."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

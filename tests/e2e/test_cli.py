@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sidecar.cli import main
+from sidecar.config import Settings
 from sidecar.ingest.shards import ShardSet
 from sidecar.model.synthetic import sample_items, write_corpus
 from sidecar.stores.embedded import EmbeddedStore
@@ -200,7 +201,7 @@ def test_demo_prints_ranked_results_in_every_mode(tmp_path):
     assert "red circle" in result.stdout
 
 
-def test_cache_warm_persists_prompt_vectors_and_a_new_prompt_version_re_embeds(tmp_path, monkeypatch):
+def test_cache_warm_persists_prompt_vectors_and_a_new_prompt_version_re_embeds(tmp_path, monkeypatch, encoder):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red circle\nblue square\n\nred circle\n")
     monkeypatch.setenv("SIDECAR_CACHE_DIR", str(tmp_path / "cache"))
@@ -214,6 +215,27 @@ def test_cache_warm_persists_prompt_vectors_and_a_new_prompt_version_re_embeds(t
     result = runner.invoke(main, ["-q", "cache", "warm", str(prompts)])
     assert result.exit_code == 0, result.output
     assert "2 vectors stored for this model and prompt version" in result.output
+    # What the new version stored are the vectors of the new prompts, not the old ones reused.
+    stored = _stored_vectors(Settings.from_env(), ["red circle", "blue square"], encoder)
+    recomputed = encoder.encode_texts(["a photo of a red circle", "a photo of a blue square"])
+    np.testing.assert_allclose(stored, recomputed, atol=1e-5)
+    assert not np.allclose(stored, encoder.encode_texts(["red circle", "blue square"]), atol=1e-3)
+
+
+def _stored_vectors(settings, texts: list[str], encoder) -> np.ndarray:
+    """The persisted text vectors of `settings`' model and prompt version (none computed here)."""
+    from sidecar.serving.cache import TextVectorCache, cache_namespace
+
+    def refuse(missing):
+        raise AssertionError(f"not in the persistent cache: {missing}")
+
+    cache = TextVectorCache(settings.text_cache_file(), capacity=10, namespace=cache_namespace(
+        model=encoder.name, weights=encoder.weights, prompt_template=settings.prompt_template,
+        prompt_version=settings.prompt_version))
+    try:
+        return cache.get_or_compute([settings.prompt(t) for t in texts], refuse, timeout_s=10)
+    finally:
+        cache.close()
 
 
 def _tiny_checkpoint() -> Path:

@@ -1,99 +1,232 @@
-"""Serving under concurrency: gunicorn for real, overload (503) and timeout (504) through the app."""
+"""Serving under concurrency: gunicorn for real (batching, overload 503, metrics summed over workers, a
+dead encode thread replaced), and the app's timeout (504) and dead-thread (503) answers."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
+import textwrap
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.config import Settings
 from sidecar.stores.embedded import EmbeddedStore
+from tests.support import ThreadKiller, free_port
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class Server:
+    """A gunicorn server of the sidecar on loopback, with its own text-vector cache and log."""
+
+    def __init__(self, url: str, process: subprocess.Popen, log: Path):
+        self.url, self.process, self.log = url, process, log
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value in one /metrics scrape (0 if absent)."""
+        text = requests.get(f"{self.url}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+    def ready_pid(self) -> int | None:
+        try:
+            response = requests.get(f"{self.url}/readyz", timeout=5)
+        except requests.RequestException:
+            return None
+        return response.json()["pid"] if response.status_code == 200 else None
 
 
 @pytest.fixture
-def gunicorn_server(store_path, tmp_path):
-    port = free_port()
-    env = {**os.environ, "SIDECAR_STORE_PATH": str(store_path), "GUNICORN_LOGLEVEL": "warning"}
-    log = tmp_path / "server.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "serve", "--port", str(port),
-                                    "--workers", "1", "--threads", "16"], env=env, start_new_session=True,
-                                   stdout=subprocess.DEVNULL, stderr=stderr)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, process, log)
-        yield url
-    finally:
+def start_gunicorn(store_path, tmp_path):
+    """Start the server as `clip-sidecar serve --workers N [--threads T]` does, or gunicorn directly
+    with another config file; SIDECAR_* settings as keyword arguments."""
+    started: list[subprocess.Popen] = []
+
+    def start(*, workers: int = 1, threads: int | None = None, config: str | None = None,
+              **settings: str) -> Server:
+        port = free_port()
+        env = {**os.environ, "SIDECAR_STORE_PATH": str(store_path), "GUNICORN_LOGLEVEL": "info",
+               # Its own text-vector cache: no vector computed by another test or an earlier run.
+               "SIDECAR_TEXT_CACHE_PATH": str(tmp_path / f"text-vectors-{port}.sqlite"),
+               **{f"SIDECAR_{k.upper()}": v for k, v in settings.items()}}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if config is None:
+            args = [sys.executable, "-m", "sidecar.cli", "-q", "serve", "--port", str(port),
+                    "--workers", str(workers), *(["--threads", str(threads)] if threads else [])]
+        else:
+            args = [sys.executable, "-m", "gunicorn", "--config", config, "--bind", f"127.0.0.1:{port}",
+                    "--workers", str(workers), "sidecar.api.wsgi:app"]
+        log = tmp_path / f"gunicorn-{port}.log"
+        with log.open("w") as out:
+            process = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                       stderr=out)
+        started.append(process)
+        server = Server(f"http://127.0.0.1:{port}", process, log)
+        wait_for_workers(server, workers)
+        return server
+
+    yield start
+    for process in started:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        process.wait(timeout=60)
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, log) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass  # the worker is still loading the model
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "gunicorn did not become ready"
-        time.sleep(0.2)
+def wait_for_workers(server: Server, workers: int, *, other_than: set[int] = frozenset()) -> set[int]:
+    """Poll /readyz on fresh connections until `workers` distinct ready workers (not in `other_than`)
+    have answered."""
+    deadline = time.monotonic() + 180
+    seen: set[int] = set()
+    while len(seen) < workers:
+        assert server.process.poll() is None, server.log.read_text()
+        assert time.monotonic() < deadline, f"only workers {seen} became ready\n{server.log.read_text()}"
+        with ThreadPoolExecutor(4) as pool:
+            seen |= {pid for pid in pool.map(lambda _: server.ready_pid(), range(8)) if pid} - other_than
+        time.sleep(0.1)
+    return seen
 
 
-def test_gunicorn_serves_each_concurrent_caller_its_own_vectors_in_order(gunicorn_server, encoder):
-    texts = [f"{colour} {shape}" for colour in ("red", "green", "blue", "yellow") for shape in
-             ("circle", "square", "triangle", "star")]
+def test_gunicorn_batches_concurrent_callers_together_and_hands_each_its_own_vectors(start_gunicorn, encoder):
+    # The queue bound is not under test here (test_overload_...): leave it room.
+    server = start_gunicorn(threads=16, queue_items="4096")
+    run = uuid.uuid4().hex[:8]  # texts no cache has seen
+    requests_sent = 96
 
-    def call(i: int) -> list:
-        batch = [texts[i % 16], texts[(i + 5) % 16]]
-        response = requests.post(f"{gunicorn_server}/v1/embeddings", json={"input": batch}, timeout=30)
+    def call(i: int) -> tuple[list[str], list]:
+        batch = [f"red circle {run} {i} a", f"blue square {run} {i} b"]
+        response = requests.post(f"{server.url}/v1/embeddings", json={"input": batch}, timeout=60)
         assert response.status_code == 200, response.text
         return batch, [d["embedding"] for d in response.json()["data"]]
 
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(call, range(64)))
+        results = list(pool.map(call, range(requests_sent)))
+    texts = [text for batch, _ in results for text in batch]
     expected = dict(zip(texts, encoder.encode_texts(texts)))
     for batch, vectors in results:
         for text, vector in zip(batch, vectors):
             np.testing.assert_allclose(vector, expected[text], atol=1e-4)
-    metrics = requests.get(f"{gunicorn_server}/metrics", timeout=5).text
-    assert 'sidecar_requests_total{endpoint="/v1/embeddings",status="200"} 64.0' in metrics
-    hits = requests.post(f"{gunicorn_server}/v1/search", json={"text": "red circle", "k": 3}, timeout=30).json()
+    assert server.metric("sidecar_requests_total", endpoint="/v1/embeddings", status="200") == requests_sent
+    # Every text was a miss (unique), and each request brought 2: a forward pass of more than
+    # 2 texts served several requests at once.
+    assert server.metric("sidecar_text_cache_lookups_total", result="miss") == 2 * requests_sent
+    passes = server.metric("sidecar_batch_size_count", modality="text")
+    alone = server.metric("sidecar_batch_size_bucket", modality="text", le="2.0")
+    assert passes - alone > 0, f"all {passes:.0f} forward passes held one request's 2 texts: nothing was batched"
+    hits = requests.post(f"{server.url}/v1/search", json={"text": "red circle", "k": 3}, timeout=30).json()
     assert hits["hits"][0]["metadata"]["color"] == "red"
 
 
+def test_metrics_count_every_worker_of_a_two_worker_gunicorn(start_gunicorn):
+    server = start_gunicorn(workers=2)
+    before = server.metric("sidecar_requests_total", endpoint="/readyz", status="200")  # start-up polls
+    pids: list[int] = []
+    with ThreadPoolExecutor(8) as pool:
+        while len(set(pids)) < 2 and len(pids) < 4000:  # until both workers have answered
+            pids += [pid for pid in pool.map(lambda _: server.ready_pid(), range(64))]
+    assert None not in pids and len(set(pids)) == 2, f"one worker answered all {len(pids)} requests"
+    run = uuid.uuid4().hex[:8]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda i: requests.post(f"{server.url}/v1/embeddings",
+                                                         json={"input": f"green star {run} {i}"},
+                                                         timeout=60).status_code, range(40)))
+    assert statuses == [200] * 40
+    # One scrape, answered by one worker, counts both workers' requests.
+    assert server.metric("sidecar_requests_total", endpoint="/readyz", status="200") - before == len(pids)
+    assert server.metric("sidecar_requests_total", endpoint="/v1/embeddings", status="200") == 40
+
+
+def test_overload_answers_503_with_retry_after_from_gunicorn(start_gunicorn):
+    # 4 request threads: by default at most 2 items (half the threads) wait for the model. 32
+    # clients each send 4 texts, so whenever two requests meet in the queue the later one is refused.
+    server = start_gunicorn(threads=4)
+    run = uuid.uuid4().hex[:8]
+
+    def call(i: int) -> requests.Response:
+        texts = [f"purple cross {run} {i} {j}" for j in range(4)]
+        return requests.post(f"{server.url}/v1/embeddings", json={"input": texts}, timeout=60)
+
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(call, range(320)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert 200 in statuses and 503 in statuses, f"{statuses.count(200)} answered 200, {statuses.count(503)} 503"
+    for refused in (r for r in responses if r.status_code == 503):
+        assert refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["code"] == "overloaded"
+        assert "limit of 2 (queue_items)" in refused.json()["error"]["message"]
+
+
+# Gunicorn's own config and hooks, plus a fault: while TRIGGER exists, the next text forward
+# raises a BaseException the batcher's per-request isolation does not catch, which ends the
+# encode thread for real (as tests.support.ThreadKiller does in-process).
+FAULT_CONFIG = """
+from pathlib import Path
+
+from sidecar.api import gunicorn_config as _real
+from sidecar.api.gunicorn_config import *  # noqa: F403 - the real settings and hooks
+
+TRIGGER = Path({trigger!r})
+
+
+class ThreadKiller(BaseException):
+    pass
+
+
+def post_worker_init(worker):
+    _real.post_worker_init(worker)
+    from sidecar.api.state import state_of
+
+    encoder = state_of(worker.wsgi).encoding.encoder
+    forward = encoder.forward_texts
+
+    def faulty_forward(tokens):
+        if TRIGGER.exists():
+            TRIGGER.unlink()
+            raise ThreadKiller("injected fault")
+        return forward(tokens)
+
+    encoder.forward_texts = faulty_forward
+"""
+
+
+def test_a_dead_encode_thread_answers_503_and_gunicorn_replaces_the_worker(start_gunicorn, tmp_path):
+    trigger = tmp_path / "kill-the-encode-thread"
+    config = tmp_path / "fault_config.py"
+    config.write_text(textwrap.dedent(FAULT_CONFIG.format(trigger=str(trigger))))
+    server = start_gunicorn(config=f"file:{config}")
+    (first,) = wait_for_workers(server, 1)
+    run = uuid.uuid4().hex[:8]
+
+    trigger.touch()
+    response = requests.post(f"{server.url}/v1/embeddings", json={"input": f"dead {run}"}, timeout=60)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "not_ready"
+    assert "ThreadKiller: injected fault" in response.json()["error"]["message"]
+
+    (second,) = wait_for_workers(server, 1, other_than={first})  # the worker retired, a fresh one serves
+    response = requests.post(f"{server.url}/v1/embeddings", json={"input": f"alive {run}"}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert server.metric("sidecar_batcher_stops_total", modality="text") == 1
+    assert f"worker {first} retires" in server.log.read_text()
+
+
 @pytest.fixture
-def slow_app(tmp_path, store_path, encoder, monkeypatch):
-    """The real app whose model takes 200 ms a forward pass: queues fill, deadlines pass."""
-    real_forward = encoder.forward_texts
-
-    def slow_forward(tokens):
-        time.sleep(0.2)
-        return real_forward(tokens)
-
-    monkeypatch.setattr(encoder, "forward_texts", slow_forward)
-
+def build_app(tmp_path, store_path, encoder):
     built = []
 
-    def build(**limits):
-        settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, **limits)
+    def build(**settings):
+        settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, **settings)
         built.append(create_app(settings, encoder=encoder, store=EmbeddedStore(store_path)))
         return built[-1]
 
@@ -104,20 +237,49 @@ def slow_app(tmp_path, store_path, encoder, monkeypatch):
         state.store.close()
 
 
-def test_a_full_queue_answers_503_with_retry_after(slow_app):
-    app = slow_app(queue_size=1, max_batch=1)
-    client = app.test_client()
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda i: client.post("/v1/embeddings", json={"input": [f"text {i}"]}), range(8)))
-    statuses = sorted(r.status_code for r in responses)
-    assert 200 in statuses and 503 in statuses, statuses
-    overloaded = next(r for r in responses if r.status_code == 503)
-    assert overloaded.headers["Retry-After"] == "1"
-    assert "queue is full" in overloaded.json["error"]["message"]
+@pytest.fixture
+def slow_forward(encoder, monkeypatch):
+    """The shared encoder's text forward takes 200 ms: deadlines pass."""
+    real_forward = encoder.forward_texts
+
+    def slow(tokens):
+        time.sleep(0.2)
+        return real_forward(tokens)
+
+    monkeypatch.setattr(encoder, "forward_texts", slow)
 
 
-def test_an_encode_past_the_deadline_answers_504(slow_app):
-    client = slow_app(request_timeout_s=0.05).test_client()
+def test_an_encode_past_the_deadline_answers_504(build_app, slow_forward):
+    client = build_app(request_timeout_s=0.05).test_client()
     response = client.post("/v1/embeddings", json={"input": ["red circle"]})
     assert response.status_code == 504
     assert "request_timeout_s=0.05" in response.json["error"]["message"]
+
+
+def test_a_dead_encode_thread_takes_the_app_out_of_readyz_and_fails_requests_at_once(build_app, encoder,
+                                                                                     monkeypatch):
+    def dies(tokens):
+        raise ThreadKiller("injected fault")
+
+    monkeypatch.setattr(encoder, "forward_texts", dies)
+    client = build_app(request_timeout_s=20).test_client()
+    assert client.get("/readyz").status_code == 200
+    for text in ("first", "second"):  # the one in the dying forward, then one after
+        response = client.post("/v1/embeddings", json={"input": [text]})  # 503 at once, not 504 after 20 s
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert "text encode thread stopped (ThreadKiller: injected fault)" in response.json["error"]["message"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json["status"] == "not_ready"
+    assert "ThreadKiller" in ready.json["reason"]
+
+
+def test_text_cache_persistence_follows_its_settings(build_app, tmp_path):
+    own_path = tmp_path / "elsewhere" / "vectors.sqlite"
+    client = build_app(text_cache_path=str(own_path)).test_client()
+    assert client.post("/v1/embeddings", json={"input": ["red circle"]}).status_code == 200
+    assert own_path.is_file() and not (tmp_path / "cache" / "text-vectors.sqlite").exists()
+
+    client = build_app(text_cache_persist=False).test_client()
+    assert client.post("/v1/embeddings", json={"input": ["red circle"]}).status_code == 200
+    assert not (tmp_path / "cache" / "text-vectors.sqlite").exists()
+    assert state_of(client.application).encoding.cache.persisted_count() == 0

@@ -45,3 +45,19 @@ def test_image_formats_come_as_a_comma_list_and_must_be_pillows():
 def test_request_limits_are_positive(name):
     with pytest.raises(ValueError, match=f"setting {name} must be >= 1"):
         Settings(**{name: 0})
+
+
+def test_the_encode_queue_bound_is_half_the_request_threads_at_most_one_batch_unless_set():
+    assert Settings(request_threads=32, max_batch=64).encode_queue_items() == 16
+    assert Settings(request_threads=512, max_batch=64).encode_queue_items() == 64
+    assert Settings(request_threads=1).encode_queue_items() == 1
+    assert Settings(request_threads=32, queue_items=500).encode_queue_items() == 500
+    with pytest.raises(ValueError, match="queue_items must be >= 0"):
+        Settings(queue_items=-1)
+
+
+def test_the_text_cache_file_has_its_own_path_setting_and_can_be_turned_off():
+    assert Settings(cache_dir="/c").text_cache_file() == Path("/c/text-vectors.sqlite")
+    env = {"SIDECAR_TEXT_CACHE_PATH": "/v/texts.sqlite", "SIDECAR_CACHE_DIR": "/c"}
+    assert Settings.from_env(env).text_cache_file() == Path("/v/texts.sqlite")
+    assert Settings.from_env({**env, "SIDECAR_TEXT_CACHE_PERSIST": "false"}).text_cache_file() is None

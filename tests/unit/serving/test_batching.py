@@ -5,22 +5,30 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from sidecar.errors import EncodeTimeout, Overloaded
-from sidecar.serving.batching import MicroBatcher
+from sidecar.errors import EncodeTimeout, NotReady, Overloaded
+from sidecar.serving.batching import ForwardRowMismatch, MicroBatcher
+from tests.support import ThreadKiller
+
+KILL = 666  # the item on which RecordingForward ends the model thread
 
 
 class RecordingForward:
-    """Deterministic stand-in model: row for item x is [x, 2x]; fails on negative items."""
+    """Deterministic stand-in model: row for item x is [x, 2x]; fails on negative items; raises
+    ThreadKiller on KILL."""
 
     def __init__(self, delay_s: float = 0.0):
         self.batch_sizes: list[int] = []
         self.delay_s = delay_s
+        self.entered = threading.Event()  # set once a forward has started (before the gate)
         self.gate = threading.Event()
         self.gate.set()
 
     def __call__(self, items):
+        self.entered.set()
         self.gate.wait()
         self.batch_sizes.append(len(items))
+        if KILL in items:
+            raise ThreadKiller("injected")
         if any(x < 0 for x in items):
             raise ValueError("negative input")
         time.sleep(self.delay_s)
@@ -33,7 +41,7 @@ def forward():
 
 
 def make(forward, **kwargs):
-    options = dict(modality="text", max_batch=32, max_wait_ms=5, queue_size=1000) | kwargs
+    options = dict(modality="text", max_batch=32, max_wait_ms=5, queue_items=1000) | kwargs
     return MicroBatcher(forward, **options)
 
 
@@ -79,22 +87,71 @@ def test_a_failing_item_fails_only_its_own_request(forward):
         batcher.close()
 
 
-def test_full_queue_answers_overloaded_with_retry_after(forward):
-    batcher = make(forward, queue_size=1, max_batch=1)
+def test_the_queue_bound_counts_items_not_requests(forward):
+    batcher = make(forward, queue_items=4, max_batch=1)
     forward.gate.clear()
     try:
         with ThreadPoolExecutor(4) as pool:
-            first = pool.submit(batcher.submit, [1], timeout_s=10)  # taken by the model thread
-            time.sleep(0.05)
-            second = pool.submit(batcher.submit, [2], timeout_s=10)  # fills the queue
-            time.sleep(0.05)
-            with pytest.raises(Overloaded, match="queue is full") as info:
-                batcher.submit([3], timeout_s=10)
+            running = pool.submit(batcher.submit, [1], timeout_s=10)
+            forward.entered.wait(5)  # [1] is in the forward, no longer waiting
+            three = pool.submit(batcher.submit, [2, 3, 4], timeout_s=10)
+            time.sleep(0.05)  # [2, 3, 4] queued: 3 items wait
+            with pytest.raises(Overloaded, match=r"3 items waiting, 2 more would pass the limit of 4 \(queue_items\)") \
+                    as info:
+                batcher.submit([5, 6], timeout_s=10)
             assert info.value.retry_after_s is not None and info.value.status == 503
+            fits = pool.submit(batcher.submit, [5], timeout_s=10)  # 3 + 1 items: within the bound
+            time.sleep(0.05)
             forward.gate.set()
-            assert first.result()[0, 0] == 1 and second.result()[0, 0] == 2
+            assert running.result()[0, 0] == 1 and fits.result()[0, 0] == 5
+            np.testing.assert_array_equal(three.result()[:, 0], [2, 3, 4])
+        # A request larger than the bound still runs when nothing else waits.
+        np.testing.assert_array_equal(batcher.submit(list(range(10)), timeout_s=10)[:, 0], np.arange(10))
     finally:
         forward.gate.set()
+        batcher.close()
+
+
+def test_a_dead_model_thread_fails_waiting_and_later_requests_at_once_with_503(forward):
+    batcher = make(forward, max_batch=1)
+    stops: list[str] = []
+    batcher.on_stop(stops.append)
+    forward.gate.clear()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            dying = pool.submit(batcher.submit, [KILL], timeout_s=60)
+            forward.entered.wait(5)
+            queued = pool.submit(batcher.submit, [1], timeout_s=60)  # behind it, in the queue
+            time.sleep(0.05)
+            forward.gate.set()
+            # Both answer long before their 60 s deadline: nobody waits on a dead thread.
+            for request in (dying, queued):
+                with pytest.raises(NotReady, match="ThreadKiller: injected") as info:
+                    request.result(timeout=10)
+                assert info.value.status == 503 and info.value.retry_after_s is not None
+        assert batcher.stopped is not None and "text encode thread stopped" in batcher.stopped
+        with pytest.raises(NotReady, match="ThreadKiller"):
+            batcher.submit([2], timeout_s=60)
+        assert stops == [batcher.stopped]
+    finally:
+        forward.gate.set()
+        batcher.close()
+
+
+def test_a_forward_returning_the_wrong_row_count_fails_its_requests_instead_of_misrouting_rows():
+    def drops_the_first_row(items):
+        time.sleep(0.02)  # long enough for the other requests to queue into one batch
+        return np.array([[x, 2 * x] for x in items[1:]], dtype=np.float32)
+
+    batcher = MicroBatcher(drops_the_first_row, modality="text", max_batch=32, max_wait_ms=50, queue_items=100)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            requests = [pool.submit(batcher.submit, [i], timeout_s=10) for i in (1, 2, 3)]
+            for request in requests:
+                with pytest.raises(ForwardRowMismatch, match=r"the text forward returned \d+ rows for \d+ items"):
+                    request.result()
+        assert batcher.stopped is None  # a broken forward fails requests; it does not stop the thread
+    finally:
         batcher.close()
 
 

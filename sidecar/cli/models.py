@@ -1,0 +1,63 @@
+"""`clip-sidecar models`: put the model's weights in the cache before serving (download or train)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from sidecar.cli.root import MODEL_FLAGS, model_options, settings_from
+from sidecar.config import TINY_MODEL
+
+
+@click.group()
+def models() -> None:
+    """The model's weights, fetched as a step of its own (at image build time, or before `serve`).
+
+    \b
+    `serve` loads only a cached model: a download or a training run inside a gunicorn worker
+    would outlast its boot timeout and be killed and retried. The cache is SIDECAR_CACHE_DIR
+    (or CLIP_SIDECAR_CACHE, default ~/.cache/clip-sidecar).
+    """
+
+
+@models.command("fetch")
+@model_options
+@click.pass_context
+def models_fetch(ctx: click.Context, **kwargs: Any) -> None:
+    """Put the configured model in the cache: download an open_clip pretrained tag, check a checkpoint
+    file, or train the tiny model (which cannot be downloaded; as `models train`).
+
+    \b
+      clip-sidecar models fetch --model ViT-B-32 --pretrained laion2b_s34b_b79k
+      clip-sidecar models fetch          # the default tiny model
+    """
+    from sidecar.model.weights import FetchFailed, fetch_weights
+
+    settings = settings_from(kwargs, MODEL_FLAGS)
+    try:
+        where = fetch_weights(settings, progress=ctx.obj["progress"])
+    except FetchFailed as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{settings.model}{' / ' + settings.pretrained if settings.pretrained else ''} is cached: {where}")
+
+
+@models.command("train")
+@click.pass_context
+def models_train(ctx: click.Context) -> None:
+    """Train the tiny synthetic-data CLIP into the cache (minutes on CPU; nothing to do if it is there).
+
+    The tiny model is what the demo, the tests and the default settings use; real models come
+    from `models fetch`.
+    """
+    from sidecar.model.tiny_model import checkpoint_path, ensure_tiny_model
+
+    settings = settings_from({}, ())
+    if settings.model != TINY_MODEL:
+        raise click.UsageError(f"only the tiny model ({TINY_MODEL}) is trained here; SIDECAR_MODEL is "
+                               f"{settings.model!r}: use `clip-sidecar models fetch` for its weights")
+    if checkpoint_path(settings.cache_dir).is_file():
+        click.echo(f"{TINY_MODEL} is already trained: {checkpoint_path(settings.cache_dir)}")
+        return
+    path = ensure_tiny_model(settings.cache_dir, progress=ctx.obj["progress"])
+    click.echo(f"{TINY_MODEL} trained: {path}")

@@ -1,0 +1,127 @@
+"""Where the configured model's weights come from, whether this machine has them, and fetching them:
+an open_clip pretrained tag (downloaded into <cache_dir>/weights), a checkpoint file, the tiny
+model (trained into the cache), or none (random weights).
+
+`clip-sidecar models fetch` runs `fetch_weights` as an explicit step (the Docker build runs it);
+the server only ever loads weights `missing_weights` finds present, so a gunicorn worker never
+downloads or trains inside its boot timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from sidecar.config import TINY_MODEL, Settings
+
+log = logging.getLogger(__name__)
+
+FETCH_COMMAND = "clip-sidecar models fetch"
+
+
+class ModelNotCached(RuntimeError):
+    """The configured model's weights are not on this machine (the message names the command to run)."""
+
+
+class FetchFailed(RuntimeError):
+    """Downloading weights failed (the message says what was asked for and why it failed)."""
+
+
+def weights_dir(settings: Settings) -> Path:
+    """Where open_clip keeps downloaded weights (its cache_dir)."""
+    return settings.cache_dir / "weights"
+
+
+def missing_weights(settings: Settings) -> str | None:
+    """None if the configured model can load without a download or training; else what is missing
+    and the command that puts it there. Touches no network."""
+    model, pretrained = settings.model, settings.pretrained
+    if model == TINY_MODEL and not pretrained:
+        from sidecar.model.tiny_model import checkpoint_path
+
+        path = checkpoint_path(settings.cache_dir)
+        if path.is_file():
+            return None
+        return (f"the tiny model is not trained yet (no {path}); run `clip-sidecar models train` "
+                f"(or `{FETCH_COMMAND}`) first: it trains in a few minutes on CPU")
+    if not pretrained:
+        return None  # random weights: nothing to fetch
+    if Path(pretrained).is_file():
+        return None
+    cfg = _tag_config(model, pretrained)
+    if cfg is None:
+        return (f"pretrained={pretrained!r} is neither a file nor a pretrained tag of {model}; "
+                f"tags: {', '.join(_tags(model)) or 'none'}")
+    if _cached_file(cfg, weights_dir(settings)) is not None:
+        return None
+    return (f"weights {model} / {pretrained} are not in {weights_dir(settings)}; run `{FETCH_COMMAND}` "
+            f"with the same model settings first (or pass --pretrained /path/to/checkpoint)")
+
+
+def fetch_weights(settings: Settings, *, progress: bool = True) -> str:
+    """Put the configured model's weights in the cache (download a tag, train the tiny model);
+    returns where they are. FetchFailed says why a download failed."""
+    model, pretrained = settings.model, settings.pretrained
+    if model == TINY_MODEL and not pretrained:
+        from sidecar.model.tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model(settings.cache_dir, progress=progress))
+    if not pretrained:
+        return f"{model} has no pretrained weights configured (random init): nothing to fetch"
+    if Path(pretrained).is_file():
+        return pretrained
+    cfg = _tag_config(model, pretrained)
+    if cfg is None:
+        raise FetchFailed(missing_weights(settings))
+    cached = _cached_file(cfg, weights_dir(settings))
+    if cached is not None:
+        return cached
+    from open_clip.pretrained import download_pretrained
+
+    source = f"the Hugging Face Hub ({cfg['hf_hub'].rstrip('/')})" if cfg.get("hf_hub") else cfg.get("url")
+    log.info("downloading %s / %s from %s into %s", model, pretrained, source, weights_dir(settings))
+    try:
+        path = download_pretrained(cfg, cache_dir=os.fspath(weights_dir(settings)))
+    except Exception as exc:  # noqa: BLE001 - network, HTTP and hub errors alike: say which download failed
+        raise FetchFailed(f"could not download {model} / {pretrained} from {source}: {exc}. Run this where that "
+                          "host is reachable (the weights land in the cache dir, which can be copied), or pass "
+                          "--pretrained /path/to/checkpoint") from exc
+    if not path:
+        raise FetchFailed(f"open_clip names no download for {model} / {pretrained}")
+    return path
+
+
+def _tag_config(model: str, tag: str) -> dict | None:
+    import open_clip
+
+    return open_clip.get_pretrained_cfg(model, tag) or None
+
+
+def _tags(model: str) -> list[str]:
+    import open_clip
+
+    return open_clip.list_pretrained_tags_by_model(model)
+
+
+def _cached_file(cfg: dict, cache_dir: Path) -> str | None:
+    """The file open_clip would load for a tag, if it is in `cache_dir` (no network)."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    from open_clip.pretrained import has_hf_hub
+
+    if cfg.get("hf_hub") and has_hf_hub():
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])
+        names = [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+        if filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")  # open_clip prefers it where it exists
+        for name in names:
+            found = try_to_load_from_cache(repo, name, cache_dir=os.fspath(cache_dir))
+            if isinstance(found, str):
+                return found
+        return None
+    if cfg.get("url"):
+        path = cache_dir / os.path.basename(cfg["url"])
+        return str(path) if path.is_file() else None
+    return None
