@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import re
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
-
-from flask import Flask, request
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from sidecar.config import Settings
 from sidecar.errors import Forbidden, RateLimited, Unauthorized
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +187,37 @@ class KeyGuard:
         return entry
 
 
+def is_loopback(host: str) -> bool:
+    """Whether only this machine reaches a listener on `host`; a name counts when every address
+    it resolves to is loopback (`localhost`), an unresolvable one does not."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def refusal_to_serve(settings: Settings, hosts: Iterable[str]) -> str | None:
+    """Why the API must not listen on `hosts`: beyond loopback without API keys, unless
+    settings.insecure says so on purpose. None when it may."""
+    exposed = [host for host in hosts if not is_loopback(host)]
+    if not exposed or parse_key_entries(settings.api_keys) or settings.insecure:
+        return None
+    return (f"not serving on {', '.join(exposed)} without API keys: whoever reaches the port could embed at "
+            f"your cost and read the index through search. Create keys (`clip-sidecar keys create`, then "
+            f"SIDECAR_API_KEYS), listen on 127.0.0.1 behind your own gateway, or pass --insecure "
+            f"(SIDECAR_INSECURE=true) to serve open on purpose")
+
+
 def init_app(app: Flask, settings: Settings) -> None:
     """Require a key on every request (but /healthz, and /metrics when metrics_public) once
     SIDECAR_API_KEYS names any; without keys the API is open, as `serve` allows only on loopback."""
+    from flask import request  # here, not at the top: the CLI imports this module for `keys create`
+
     entries = parse_key_entries(settings.api_keys)
     if not entries:
         log.info("no API keys configured (SIDECAR_API_KEYS): every endpoint is open")

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import requests
 
 from sidecar.api.app import create_app
-from sidecar.api.auth import key_entry, new_key
+from sidecar.api.auth import is_loopback, key_entry, new_key
+from tests.support import free_port, gunicorn_server
 
 # Every endpoint that takes a key, with a request it answers 200 to.
 PROTECTED = [
@@ -115,3 +121,65 @@ def test_no_answer_carries_a_key_or_its_hash(keyed, keys):
         for key in keys.values():
             text = call(keyed, method, path, body, key).get_data(as_text=True)
             assert all(k not in text for k in keys.values()) and digest_of_web not in text, path
+
+
+# ---- the real server: logs, the exposure rule, TLS --------------------------------------------
+
+QUERY = "quokka-umbrella-7731"  # a text no log line has any other reason to hold
+
+
+@pytest.mark.parametrize("log_flag, gunicorn_level", [("", "info"), ("-v", "debug")], ids=["info", "debug"])
+def test_keys_never_reach_the_logs_and_query_text_stays_out_of_info(store_path, tmp_path, keys, log_flag,
+                                                                     gunicorn_level):
+    log = tmp_path / "server.log"
+    env = {"SIDECAR_STORE_PATH": str(store_path), "SIDECAR_TEXT_CACHE_PATH": str(tmp_path / "text.sqlite"),
+           "SIDECAR_API_KEYS": entries(keys, "ops", "web", "opensearch"), "GUNICORN_LOGLEVEL": gunicorn_level}
+    with gunicorn_server(env, log, log_flag=log_flag, api_key=keys["ops"]) as url:
+        for key in (keys["ops"], keys["web"], keys["revoked"], keys["opensearch"]):
+            for path, body in (("/v1/search", {"text": QUERY, "k": 3}), ("/v1/embeddings", {"input": [QUERY]})):
+                requests.post(f"{url}{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        requests.post(f"{url}/v1/search", json={"text": QUERY}, timeout=60,
+                      headers={"Authorization": f"Basic {keys['ops']}"})
+        statuses = [requests.post(f"{url}/v1/search", json={"text": QUERY, "k": 3}, timeout=60,
+                                  headers={"Authorization": f"Bearer {keys[name]}"}).status_code
+                    for name in ("ops", "web", "opensearch", "revoked")]
+    assert statuses == [200, 200, 403, 401]  # the requests did reach the checks the log would record
+    text = log.read_text()
+    assert '"POST /v1/search HTTP/1.1" 401' in text  # the access log was captured
+    assert not [name for name, key in keys.items() if key in text]
+    if gunicorn_level == "info":
+        assert QUERY not in text
+
+
+def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sidecar.cli", "-q", "serve", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_serve_refuses_a_non_loopback_address_without_keys_unless_insecure(keys, tmp_path):
+    refused = run_serve("--host", "0.0.0.0", "--port", str(free_port()))
+    assert refused.returncode == 1
+    assert "not serving on 0.0.0.0 without API keys" in refused.stderr and "--insecure" in refused.stderr
+    # Past the rule, serve checks the model next: a model that is not there stops it before it binds.
+    absent = {"SIDECAR_CACHE_DIR": str(tmp_path / "empty-cache")}
+    for args, env in ((["--insecure"], absent), ([], {**absent, "SIDECAR_API_KEYS": entries(keys, "ops")}),
+                      ([], {**absent, "SIDECAR_INSECURE": "true"})):
+        passed = run_serve("--host", "0.0.0.0", "--port", str(free_port()), *args, env=env)
+        assert passed.returncode == 1 and "the tiny model is not trained yet" in passed.stderr, passed.stderr
+    on_loopback = run_serve("--host", "localhost", "--port", str(free_port()), env=absent)
+    assert "the tiny model is not trained yet" in on_loopback.stderr
+
+
+def test_gunicorn_started_directly_refuses_to_bind_beyond_loopback_without_keys(tmp_path):
+    port = free_port()
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", "python:sidecar.api.gunicorn_config",
+                             "--bind", f"0.0.0.0:{port}", "sidecar.api.wsgi:app"],
+                            capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2],
+                            env={**os.environ, "SIDECAR_API_KEYS": "", "SIDECAR_INSECURE": "false"})
+    assert result.returncode == 1 and "not serving on 0.0.0.0 without API keys" in result.stderr, result.stderr
+    assert "Listening at" not in result.stderr
+
+
+def test_the_loopback_rule_resolves_names():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("no-such-host.invalid")
