@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from click.testing import CliRunner
 
 from sidecar.api.app import create_app
 from sidecar.api.auth import is_loopback, key_entry, new_key
+from sidecar.cli import main
 from tests.support import free_port, gunicorn_server
 
 # Every endpoint that takes a key, with a request it answers 200 to.
@@ -121,6 +123,22 @@ def test_no_answer_carries_a_key_or_its_hash(keyed, keys):
         for key in keys.values():
             text = call(keyed, method, path, body, key).get_data(as_text=True)
             assert all(k not in text for k in keys.values()) and digest_of_web not in text, path
+
+
+def test_keys_create_prints_the_key_once_and_the_entry_that_admits_it(build_app):
+    result = CliRunner().invoke(main, ["keys", "create", "--name", "web", "--scope", "search"])
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(":", 1) for line in result.output.splitlines())
+    key = lines["key (shown once, not stored)"].strip()
+    entry = lines["SIDECAR_API_KEYS entry"].strip()
+    assert key.startswith("csk_") and entry.startswith("web:search:") and key not in entry
+    client = build_app(api_keys=entry).test_client()
+    assert call(client, "POST", "/v1/search", PROTECTED[3][2], key).status_code == 200
+    assert call(client, "POST", "/v1/embeddings", PROTECTED[0][2], key).status_code == 403
+    unnamed = CliRunner().invoke(main, ["keys", "create"]).output
+    assert "SIDECAR_API_KEYS entry:        key-" in unnamed and ":*:" in unnamed
+    refused = CliRunner().invoke(main, ["keys", "create", "--name", "a b"])
+    assert refused.exit_code == 2 and "Invalid value for --name" in refused.output
 
 
 # ---- the real server: logs, the exposure rule, TLS --------------------------------------------
