@@ -60,6 +60,8 @@ class Settings:
     opensearch_user: str = ""
     opensearch_password: str = ""
     opensearch_verify_certs: bool = True
+    # PEM file of the CA(s) that signed the cluster's HTTPS certificate (a private CA); "" = the system's CAs.
+    opensearch_ca_certs: str = ""
     opensearch_engine: str = "lucene"  # one of OPENSEARCH_ENGINES
     # plugin_config/ (index template, search pipelines): "" = the checkout's; an installed
     # package (Docker) needs the path of a copy.
