@@ -29,8 +29,9 @@ KEY_PREFIX = "csk_"
 # What each scope opens (path prefixes). Endpoints in no scope (/readyz, /openapi.yaml) take any valid key.
 SCOPES = {
     "embeddings": ("/v1/embeddings", "/v1/models"),
-    "search": ("/v1/search",),
-    "metrics": ("/metrics",),
+    # Feedback comes from whoever shows search results; the status page is metrics in another shape.
+    "search": ("/v1/search", "/v1/feedback"),
+    "metrics": ("/metrics", "/v1/status"),
 }
 ALL_SCOPES = "*"
 # Liveness answers without a key: an orchestrator's probe must not need a secret.

@@ -23,6 +23,8 @@ PROTECTED = [
     ("GET", "/v1/models", None),
     ("GET", "/v1/models/tiny-clip", None),
     ("POST", "/v1/search", {"text": "red circle", "k": 3}),
+    ("POST", "/v1/feedback", {"text": "red circle", "doc_id": "a"}),
+    ("GET", "/v1/status", None),
     ("GET", "/readyz", None),
     ("GET", "/openapi.yaml", None),
     ("GET", "/metrics", None),
@@ -41,9 +43,11 @@ def entries(keys: dict[str, str], *names: str) -> str:
 
 
 @pytest.fixture
-def keyed(build_app, keys):
-    """The app as it runs after `revoked`'s line was removed from SIDECAR_API_KEYS."""
-    return build_app(api_keys=entries(keys, "ops", "web", "opensearch")).test_client()
+def keyed(build_app, keys, tmp_path):
+    """The app as it runs after `revoked`'s line was removed from SIDECAR_API_KEYS (with a quality log
+    folder, so that /v1/feedback answers)."""
+    return build_app(api_keys=entries(keys, "ops", "web", "opensearch"),
+                     quality_log_dir=str(tmp_path / "quality")).test_client()
 
 
 def call(client, method, path, body, key=None, *, header=None):
@@ -73,8 +77,10 @@ def test_a_key_outside_its_scopes_gets_403_inside_them_200(keyed, keys):
     for method, path, body in PROTECTED:
         web_status = call(keyed, method, path, body, web).status_code
         opensearch_status = call(keyed, method, path, body, opensearch).status_code
-        assert web_status == (200 if path in ("/v1/search", "/readyz", "/openapi.yaml") else 403), path
-        assert opensearch_status == (403 if path in ("/v1/search", "/metrics") else 200), path
+        assert web_status == (200 if path in ("/v1/search", "/v1/feedback", "/readyz", "/openapi.yaml")
+                              else 403), path
+        assert opensearch_status == (403 if path in ("/v1/search", "/v1/feedback", "/metrics", "/v1/status")
+                                     else 200), path
     refused = call(keyed, "POST", "/v1/search", PROTECTED[3][2], opensearch)
     assert refused.json["error"] == {"code": "forbidden", "message": "key 'opensearch' has scope embeddings; "
                                                                      "/v1/search needs scope search"}
@@ -92,7 +98,8 @@ def test_healthz_is_open_and_metrics_opens_with_metrics_public(build_app, keys):
     assert client.get("/readyz").status_code == 401
 
 
-def test_without_keys_every_endpoint_is_open(client):
+def test_without_keys_every_endpoint_is_open(build_app, tmp_path):
+    client = build_app(quality_log_dir=str(tmp_path / "quality")).test_client()
     for method, path, body in PROTECTED:
         assert call(client, method, path, body).status_code == 200, path
 
