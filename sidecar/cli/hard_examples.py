@@ -35,7 +35,11 @@ def export(log_dir: Path | None, out: Path, shards: Path | None, min_relevance: 
         (categories are the hard-example reasons, so eval reports each kind apart)
     OUT/to_judge.jsonl  hard queries nobody gave feedback on yet, with the hits they were shown
     OUT/pairs.csv  (document image, query text) per judged document, open_clip's CSV format
-        (tab-separated filepath, title): python -m open_clip_train.main --train-data OUT/pairs.csv ...
+        (tab-separated filepath, title), for open_clip's trainer (pip install webdataset), e.g.
+        python -m open_clip_train.main --train-data OUT/pairs.csv --model ViT-B-32
+            --pretrained laion2b_s34b_b79k --lr 1e-6 --epochs 1 --batch-size 64 --logs runs
+        then serve runs/<name>/checkpoints/epoch_1.pt (SIDECAR_PRETRAINED) and compare with
+        `clip-sidecar eval` on OUT/queries.jsonl before switching.
     """
     from sidecar.ingest.shards import ShardSet
     from sidecar.retrieval.hard_examples import export_examples
