@@ -31,11 +31,12 @@ def feedback():
         raise BadRequest("field 'doc_id' is required: the id of the document clicked or judged")
     query_id = _name(body, "query_id")
     text = optional(body, "text", str)
-    if text is not None and is_blank(text):
-        text = None
+    # The limit first: a blank text is ignored (a query_id names the query), but not past the limit.
     if text is not None and len(text) > settings.max_text_chars:
         raise PayloadTooLarge(f"field 'text' has {len(text)} characters, over the limit of {settings.max_text_chars} "
                               "(max_text_chars)")
+    if text is not None and is_blank(text):
+        text = None
     if query_id is None and text is None:
         raise BadRequest("send field 'query_id' (from the /v1/search response) or field 'text' (the query as "
                          "searched), or both")

@@ -187,7 +187,7 @@ def test_two_gunicorn_workers_add_up_their_shadow_checks_and_keep_their_logs_wit
             assert all(json.loads(line) for line in f.read_text().splitlines())
 
 
-def test_feedback_answers_404_when_not_enabled_and_400_naming_the_field(build_app, tmp_path):
+def test_feedback_answers_404_when_not_enabled_400_naming_the_field_and_413_past_the_text_limit(build_app, tmp_path):
     disabled = build_app().test_client()
     answer = disabled.post("/v1/feedback", json={"text": "red circle", "doc_id": "x"})
     assert answer.status_code == 404 and "SIDECAR_QUALITY_LOG_DIR" in answer.get_json()["error"]["message"]
@@ -198,6 +198,8 @@ def test_feedback_answers_404_when_not_enabled_and_400_naming_the_field(build_ap
                         ({"doc_id": " ", "text": "red"}, "doc_id")):
         answer = client.post("/v1/feedback", json=body)
         assert answer.status_code == 400 and field in answer.get_json()["error"]["message"], (body, answer.get_json())
+    too_long = client.post("/v1/feedback", json={"query_id": "abc", "doc_id": "a", "text": "\u2009" * 4097})
+    assert too_long.status_code == 413 and "max_text_chars" in too_long.get_json()["error"]["message"]
     answer = client.post("/v1/feedback", json={"query_id": "abc", "doc_id": "a", "kind": "judgment", "relevance": 0})
     assert answer.status_code == 200 and answer.get_json()["recorded"]["relevance"] == 0
 
