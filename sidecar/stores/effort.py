@@ -26,7 +26,8 @@ REFRESH_S = 10.0
 @dataclass(frozen=True, kw_only=True)
 class EffortPoint:
     """One effort measured by a calibration: Recall@K against exact search on the sample, the
-    lower end of its one-sided 95 % confidence interval, and the search latency it cost."""
+    lower end of its one-sided 95 % confidence interval (the lower of the sample's two halves), and
+    the search latency it cost."""
 
     ef_search: int
     recall: float
