@@ -11,8 +11,10 @@ import click
 
 from sidecar.cli.root import (
     MODEL_FLAGS,
+    PROMPT_FLAGS,
     STORE_FLAGS,
     model_options,
+    prompt_sets_option,
     settings_from,
     store_options,
 )
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 GUNICORN_CONFIG = "python:sidecar.api.gunicorn_config"
 # Settings `serve` takes as flags beside the model's and the store's (the gunicorn config reads
 # the thread count from Settings, so it reaches gunicorn through the environment too).
-SERVE_FLAGS = ("request_threads",)
+SERVE_FLAGS = ("request_threads",) + PROMPT_FLAGS
 
 
 @click.command()
@@ -35,13 +37,15 @@ SERVE_FLAGS = ("request_threads",)
                    "micro-batcher, and half of them (at most max_batch items) may wait on the model before "
                    "requests answer 503 (SIDECAR_QUEUE_ITEMS overrides that bound).")
 @click.option("--dev", is_flag=True, help="Flask's development server instead of gunicorn (development only).")
+@prompt_sets_option
 @model_options
 @store_options
 def serve(host: str, port: int, workers: int, dev: bool, **kwargs: Any) -> None:
-    """Serve the HTTP API: /v1/embeddings, /v1/search, /healthz, /readyz, /metrics.
+    """Serve the HTTP API: /v1/embeddings, /v1/search, /v1/classify, /healthz, /readyz, /metrics.
 
     The model must be in the cache first (`clip-sidecar models fetch`): the server never
-    downloads or trains one, which could outlast a worker's boot timeout.
+    downloads or trains one, which could outlast a worker's boot timeout. The vectors of the
+    prompt sets (`clip-sidecar prompts`) are computed here, before the workers start, where missing.
     """
     from sidecar.model.weights import missing_weights
 
@@ -49,6 +53,7 @@ def serve(host: str, port: int, workers: int, dev: bool, **kwargs: Any) -> None:
     missing = missing_weights(settings)
     if missing:
         raise click.ClickException(f"not starting the server: {missing}")
+    _embed_prompt_sets(settings)
     if dev:
         from sidecar.api.app import create_app
 
@@ -62,3 +67,20 @@ def serve(host: str, port: int, workers: int, dev: bool, **kwargs: Any) -> None:
             "--workers", str(workers), "sidecar.api.wsgi:app"]
     log.info("starting gunicorn: %s", " ".join(args[2:]))
     os.execve(sys.executable, args, env)
+
+
+def _embed_prompt_sets(settings) -> None:
+    """Every prompt set's vectors by the served model, computed now where missing (read where cached):
+    outside gunicorn's boot timeout, and before any request could wait for them."""
+    from sidecar.model.prompts import PromptSetRegistry
+
+    registry = PromptSetRegistry(settings.prompt_sets_dir)
+    names = registry.names()
+    if not names:
+        return
+    from sidecar.model.encoder import load_encoder
+
+    encoder = load_encoder(settings, fetch=False)
+    for name in names:
+        registry.vectors(registry.get(name), model=encoder.name, weights=encoder.weights, encode=encoder.encode_texts)
+    log.info("prompt sets ready for %s: %s", encoder.name, ", ".join(names))

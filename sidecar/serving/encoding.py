@@ -89,9 +89,10 @@ class EncodingService:
     def encode_prompt_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Vectors for a prompt set's prompts, as written (no prompt_template: the set has its own
         templates; no text-vector cache: the set's vectors are cached whole). Sent through the text
-        batcher in turns of at most queue_items texts, so a large set shares the model with requests
-        instead of holding it, each turn with its own request_timeout_s."""
-        turn = self.settings.encode_queue_items()
+        batcher in turns of a quarter of queue_items, so a large set shares the model with requests
+        and leaves most of the queue to them, each turn with its own request_timeout_s. (`serve`
+        computes every set's vectors before the workers start: this is for sets added later.)"""
+        turn = max(1, self.settings.encode_queue_items() // 4)
         parts = []
         for start in range(0, len(texts), turn):
             tokens = [self.encoder.prepare_text(text).tokens for text in texts[start:start + turn]]
