@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -46,16 +47,20 @@ def test_tags_filter_in_opensearch_and_retagging_reuses_the_stored_vectors(encod
     cli("embed", corpus, "--out", out, "--workers", "0", "--tag", "shapes", "--tag", "colors:2", "--prompt-sets", sets)
     assert "120 written" in cli("index", out, *store_args(alias)).output
 
+    tags = {doc_id: row.metadata for doc_id, (_, row, _) in ShardSet(out).live().items()}
     client = _client()
     try:
         mapping = next(iter(client.indices.get_mapping(index=alias).values()))["mappings"]
+        # Keyword fields: the cluster's own terms aggregation facets on them.
+        facets = client.search(index=alias, body={"size": 0, "aggs": {"shapes": {"terms": {
+            "field": "metadata.tag_shapes", "size": 10}}}})["aggregations"]["shapes"]["buckets"]
     finally:
         client.close()
     fields = mapping["properties"]["metadata"]["properties"]
     assert fields["tag_shapes"]["type"] == fields["tag_colors"]["type"] == "keyword"
     assert fields["tag_shapes_score"]["type"] == "float"
+    assert {b["key"]: b["doc_count"] for b in facets} == Counter(m["tag_shapes"][0] for m in tags.values())
 
-    tags = {doc_id: row.metadata for doc_id, (_, row, _) in ShardSet(out).live().items()}
     circles = {doc_id for doc_id, m in tags.items() if m["tag_shapes"] == ["circle"]}
     assert 0 < len(circles) < 120
     assert search_ids(alias, "shape", "--mode", "vector", "--filter", "tag_shapes=circle") == circles
