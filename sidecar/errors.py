@@ -48,6 +48,10 @@ class NotEnabled(ApiError):
     status, code = 404, "not_enabled"
 
 
+class PromptSetMissing(ApiError):
+    status, code = 404, "prompt_set_not_found"
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 

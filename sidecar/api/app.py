@@ -8,13 +8,14 @@ import time
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from sidecar.api import auth, embeddings, feedback, ops, search, status
+from sidecar.api import auth, classify, embeddings, feedback, ops, search, status
 from sidecar.api.quality import build_quality
 from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import body_too_large
 from sidecar.config import Settings
 from sidecar.errors import ApiError, StoreFailed, StoreUnreachable
 from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
+from sidecar.model.prompts import PromptSetRegistry
 from sidecar.serving import metrics
 from sidecar.serving.encoding import EncodingService
 from sidecar.stores import open_store
@@ -42,9 +43,10 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     store = store or open_store(settings)
     attach_state(app, AppState(settings=settings, encoding=EncodingService(encoder, settings),
                                store=store, started=int(time.time()),
+                               prompt_sets=PromptSetRegistry(settings.prompt_sets_dir),
                                fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None,
                                quality=build_quality(settings, store)))
-    for blueprint in (embeddings.bp, search.bp, ops.bp, status.bp, feedback.bp):
+    for blueprint in (embeddings.bp, search.bp, classify.bp, ops.bp, status.bp, feedback.bp):
         app.register_blueprint(blueprint)
     _register_errors(app, settings)
     _register_request_metrics(app)

@@ -31,6 +31,7 @@ SCOPES = {
     "embeddings": ("/v1/embeddings", "/v1/models"),
     # Feedback comes from whoever shows search results; the status page is metrics in another shape.
     "search": ("/v1/search", "/v1/feedback"),
+    "classify": ("/v1/classify", "/v1/prompt-sets"),
     "metrics": ("/metrics", "/v1/status"),
 }
 ALL_SCOPES = "*"
