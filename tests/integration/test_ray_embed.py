@@ -5,6 +5,7 @@ driver's rerun and a node lost mid-run lose and duplicate nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -74,13 +75,15 @@ def finish(process: subprocess.Popen, *, timeout: float = 600) -> str:
 
 
 def shard_contents(out: Path) -> tuple[Counter, dict[str, tuple[np.ndarray, dict]]]:
-    """(how many rows each id has in the folder; id → (vector, row fields) of its newest row)."""
+    """(how many rows each id has in the folder; id → (vector and fine vector, row fields) of its newest row)."""
     shards = ShardSet(out)
     rows = Counter(row.id for _, row, _ in shards.rows())
-    latest = {doc_id: (np.array(shards.vectors(name)[index]), {"path": row.path, "text": row.text,
-                                                               "metadata": row.metadata,
-                                                               "content_hash": row.content_hash})
-              for doc_id, (name, row, index) in shards.latest().items()}
+    latest = {}
+    for doc_id, (name, row, index) in shards.latest().items():
+        fine = shards.fine_vectors(name)
+        vectors = np.concatenate([shards.vectors(name)[index], [] if fine is None else fine[index]])
+        latest[doc_id] = (vectors, {"path": row.path, "text": row.text, "metadata": row.metadata,
+                                    "content_hash": row.content_hash})
     return rows, latest
 
 
@@ -113,11 +116,14 @@ def test_ray_job_writes_the_local_jobs_rows_and_vectors_and_reruns_like_it(ray_c
         fh.write(json.dumps({"id": "garbage", "path": "garbage.jpg", "text": "nothing"}) + "\n")
     ray_out, local_out = tmp_path / "ray", tmp_path / "local"
     resources = RayResources(actor_cpus=0.5, task_cpus=0.25)
+    # A fine model (the tiny model again: its training is cached) takes the fine-vector path too.
+    settings = dataclasses.replace(model_settings, fine_model=model_settings.model)
 
     def both_engines() -> tuple[str, str]:
-        on_ray = embed_corpus_on_ray(model_settings, manifest, ray_out, address=address, batch_size=32, shard_size=64,
+        on_ray = embed_corpus_on_ray(settings, manifest, ray_out, address=address, batch_size=32, shard_size=64,
                                      resources=resources, progress=False)
-        local = embed_corpus(encoder, manifest, local_out, batch_size=32, shard_size=64, workers=0, progress=False)
+        local = embed_corpus(encoder, manifest, local_out, batch_size=32, shard_size=64, workers=0,
+                             fine_encoder=encoder, progress=False)
         # The same counts (the shard files differ: the Ray job writes one per writer task).
         return on_ray.describe().split(";")[0], local.describe().split(";")[0]
 
@@ -129,6 +135,7 @@ def test_ray_job_writes_the_local_jobs_rows_and_vectors_and_reruns_like_it(ray_c
     assert errors(ray_out) == errors(local_out) == {"garbage": errors(local_out)["garbage"]}
     manifest_names = ShardSet(ray_out).manifest["shards"]
     assert manifest_names == ShardSet(ray_out).shard_names() and len(manifest_names) >= 300 // 64
+    assert ShardSet(ray_out).fine_signature == ShardSet(local_out).fine_signature == encoder.signature
 
     # Edit the corpus as a user would: two images replaced, one caption changed, three items
     # gone, four new ones. Both engines must see the same changes.
