@@ -19,6 +19,8 @@ OPENSEARCH_ENGINES = ("lucene", "faiss")  # faiss needs the k-NN native library
 # Where the embed job decodes JPEGs: cpu (PIL in worker processes), device (batched on the
 # model's device: nvjpeg on a GPU), auto (device on CUDA, else cpu).
 DECODE_MODES = ("auto", "cpu", "device")
+# What runs the embed job: this machine's processes, or a Ray cluster (the `ray` extra).
+EMBED_ENGINES = ("local", "ray")
 # Image formats decoded by default: what cameras, phones and the web produce. Pillow knows forty
 # more, some through external programs (EPS hands off to Ghostscript) or rarely exercised decoders;
 # an upload is opened only by the decoders named here (setting image_formats).
@@ -63,6 +65,10 @@ class Settings:
     # PEM file of the CA(s) that signed the cluster's HTTPS certificate (a private CA); "" = the system's CAs.
     opensearch_ca_certs: str = ""
     opensearch_engine: str = "lucene"  # one of OPENSEARCH_ENGINES
+    # Primary shards and replicas of each index the store creates (setup, rebuild); docs/scaling.md
+    # sizes them. One shard holds ~10-50 GB; a replica per shard keeps a lost node's shards searchable.
+    opensearch_shards: int = 1
+    opensearch_replicas: int = 1
     # plugin_config/ (index template, search pipelines): "" = the checkout's; an installed
     # package (Docker) needs the path of a copy.
     plugin_config_dir: str = ""
@@ -177,9 +183,11 @@ class Settings:
         for name in ("max_batch_items", "max_body_bytes", "max_json_depth", "max_image_pixels", "max_request_pixels",
                      "max_resized_side", "decode_memory_bytes", "max_text_chars", "max_filter_fields",
                      "max_filter_values", "max_k", "max_batch", "request_threads", "text_cache_size",
-                     "text_cache_max_entries", "rerank_candidates", "serve_torch_threads"):
+                     "text_cache_max_entries", "rerank_candidates", "serve_torch_threads", "opensearch_shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        if self.opensearch_replicas < 0:
+            raise ValueError(f"setting opensearch_replicas must be >= 0, got {self.opensearch_replicas}")
         if self.queue_items < 0:
             raise ValueError(f"setting queue_items must be >= 0 (0 = sized from request_threads), "
                              f"got {self.queue_items}")

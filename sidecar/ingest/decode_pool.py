@@ -39,17 +39,39 @@ def _load(job: tuple[Path, int]) -> tuple[bytes | None, str | None, int]:
     """Read and decode one file into its slot. Returns (None, None, slot): pixels in the slot;
     (JPEG bytes, None, slot): for the device decoder; (None, reason, slot): unusable."""
     path, slot = job
+    data, reason = read_file(path)
+    if reason is not None:
+        return None, reason, slot
+    if _on_device and _images.wants_device_decode(data, max_pixels=_max_pixels):
+        return data, None, slot
+    pixels, reason = decode_data(_images, data, max_pixels=_max_pixels)
+    if pixels is not None:
+        _slots[slot] = pixels
+    return None, reason, slot
+
+
+def read_file(path: Path) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None), or (None, why it cannot be read)."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
-        if _on_device and _images.wants_device_decode(data, max_pixels=_max_pixels):
-            return data, None, slot
-        _slots[slot] = _images.decode(data, max_pixels=_max_pixels)
-        return None, None, slot
-    except ImageDecodeError as exc:
-        return None, exc.reason, slot
+            return fh.read(), None
     except OSError as exc:
-        return None, f"cannot read file: {exc}", slot
+        return None, f"cannot read file: {exc}"
+
+
+def decode_data(images: ImagePreprocess, data: bytes, *, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+    """An image file's bytes as the model's uint8 pixels, decoded as every engine of the embed job
+    decodes them: (pixels, None), or (None, why the image is unusable)."""
+    try:
+        return images.decode(data, max_pixels=max_pixels), None
+    except ImageDecodeError as exc:
+        return None, exc.reason
+
+
+def decode_file(images: ImagePreprocess, path: Path, *, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+    """`read_file`, then `decode_data`."""
+    data, reason = read_file(path)
+    return (None, reason) if reason is not None else decode_data(images, data, max_pixels=max_pixels)
 
 
 def decoded_batches(todo: list[tuple[CorpusItem, str]], images: ImagePreprocess, *, batch_size: int, workers: int,

@@ -21,7 +21,7 @@ from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ from sidecar.model.images import stack_pixels
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Hashes files: (image hash, None) or (None, why it cannot be read) per path, in their order.
+HashFiles = Callable[[list[Path]], Iterable[tuple[str | None, str | None]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,38 +88,9 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     on_device = decode == "device" or (decode == "auto" and encoder.device.type == "cuda")
     started = time.perf_counter()
     stages: defaultdict[str, float] = defaultdict(float)
-    shards = ShardSet(out)
-    shards.start(encoder.signature, preprocessing={"resize": encoder.images.describe(), "context_length":
-                                                   encoder.context_length,
-                                                   "decode": "device" if on_device else "cpu"},
-                 fine_signature=fine_encoder.signature if fine_encoder else None)
-    known = shards.latest()
-    with _timed(stages, "scan"):
-        items, hashes = _scan(source, workers=workers, progress=progress)
-    todo: list[tuple[CorpusItem, str]] = []  # (item, image hash): encode the image
-    redescribe: list[tuple[CorpusItem, ShardRow, str, int]] = []  # the stored vector serves the new row
-    stored_tags = {}
-    if tagger is not None:  # the tags of known images, from their stored vectors
-        with _timed(stages, "tag"):
-            stored_tags = tagger.stored_tags(shards, (known[i.id] for i in items if i.id in known and
-                                                      known[i.id][1].image_hash == hashes[i.id]), progress=progress)
-    for item in items:
-        row = _row(item, hashes[item.id])
-        entry = known.get(item.id)
-        if entry is None or entry[1].image_hash != row.image_hash:
-            todo.append((item, row.image_hash))
-            continue
-        if tagger is not None:
-            row = tagged(row, stored_tags[item.id])
-        if entry[1].content_hash != row.content_hash:
-            redescribe.append((item, row, entry[0], entry[2]))
-    unchanged = len(items) - len(todo) - len(redescribe)
-    deleted = sorted(set(known) - set(hashes))
-    shards.set_deleted(deleted)
-    log.info("%d items in %s: %d to embed, %d with new text or metadata only, %d unchanged, %d deleted since the "
-             "last run", len(items), source, len(todo), len(redescribe), unchanged, len(deleted))
-    shards_before = len(shards.shard_names())
-    _write_redescribed(shards, redescribe, shard_size=shard_size)
+    plan = plan_embed(encoder, source, out, decode="device" if on_device else "cpu", fine_encoder=fine_encoder,
+                      tagger=tagger, shard_size=shard_size, workers=workers, progress=progress, stages=stages)
+    shards, todo = plan.shards, plan.todo
 
     failed = 0
     with (out / "errors.jsonl").open("w", encoding="utf-8") as errors, \
@@ -155,20 +128,17 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                     reason = "corrupt JPEG (device decoder)"
                 if reason is not None:
                     failed += 1
-                    errors.write(json.dumps({"id": item.id, "path": str(item.path), "reason": reason}) + "\n")
+                    errors.write(error_line(item.id, str(item.path), reason))
                 else:
                     good.append((item, digest, pixels))
             if good:
                 with _timed(stages, "forward"):
-                    features = encoder.forward_images(stack_pixels([g[2] for g in good], encoder.device))
-                rows = [_row(item, digest) for item, digest, _ in good]
+                    features = forward_batch(encoder, [g[2] for g in good])
+                rows = [document_row(item, digest) for item, digest, _ in good]
                 fine = None
                 if fine_encoder is not None:
-                    # The fine model has its own input size: its pixels come from the same files,
-                    # decoded by its own preprocessing (the images passed the decode above).
                     with _timed(stages, "fine_model"):
-                        fine = fine_encoder.encode_image_files([item.path.read_bytes() for item, _, _ in good],
-                                                               max_pixels=max_pixels)
+                        fine = fine_vectors(fine_encoder, [item.path for item, _, _ in good], max_pixels=max_pixels)
                 # On a GPU the forward is only queued: it runs while this loop fetches and stages
                 # the next batch. The previous batch, queued ahead of it, is copied back now.
                 if in_flight is not None:
@@ -186,15 +156,93 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                 pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine)
             if pending is not None:
                 pending.result()
-    if shards.tagging != (tagger.record() if tagger else []):  # recorded once every row carries it
-        shards.set_tagging(tagger.record() if tagger else [])
-    embedded = len(todo) - failed
-    summary = EmbedSummary(total=len(items), embedded=embedded, redescribed=len(redescribe), unchanged=unchanged,
-                           failed=failed, deleted=len(deleted), shards_written=len(shards.shard_names()) - shards_before,
+    return finish_embed(plan, failed=failed, started=started, stages=stages, tagger=tagger)
+
+
+@dataclass(slots=True)
+class EmbedPlan:
+    """What a run must do, decided the same way whichever engine runs it (`plan_embed`)."""
+
+    shards: ShardSet  # claimed for the model; deletions recorded, redescribed rows written
+    total: int
+    todo: list[tuple[CorpusItem, str]]  # (item, image hash): encode the image
+    redescribed: int
+    unchanged: int
+    deleted: int
+    shards_before: int
+
+
+def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_encoder: Encoder | None,
+               shard_size: int, workers: int, progress: bool, stages: defaultdict[str, float],
+               hash_files: HashFiles | None = None, tagger: Tagger | None = None) -> EmbedPlan:
+    """Claim `out` for the model, scan `source` (hashing every file, by `hash_files` when given) and
+    compare it with the shards there: what to encode, what only needs its stored vector under a new
+    text or metadata (written here), what vanished (recorded). `decode` names where images are
+    decoded ("cpu" or "device"), for the manifest."""
+    shards = ShardSet(out)
+    shards.start(encoder.signature, preprocessing={"resize": encoder.images.describe(), "context_length":
+                                                   encoder.context_length, "decode": decode},
+                 fine_signature=fine_encoder.signature if fine_encoder else None)
+    known = shards.latest()
+    with _timed(stages, "scan"):
+        items, hashes = _scan(source, workers=workers, progress=progress, hash_files=hash_files)
+    todo: list[tuple[CorpusItem, str]] = []
+    redescribe: list[tuple[CorpusItem, ShardRow, str, int]] = []  # the stored vector serves the new row
+    stored_tags = {}
+    if tagger is not None:  # the tags of known images, from their stored vectors
+        with _timed(stages, "tag"):
+            stored_tags = tagger.stored_tags(shards, (known[i.id] for i in items if i.id in known and
+                                                      known[i.id][1].image_hash == hashes[i.id]), progress=progress)
+    for item in items:
+        row = document_row(item, hashes[item.id])
+        entry = known.get(item.id)
+        if entry is None or entry[1].image_hash != row.image_hash:
+            todo.append((item, row.image_hash))
+            continue
+        if tagger is not None:
+            row = tagged(row, stored_tags[item.id])
+        if entry[1].content_hash != row.content_hash:
+            redescribe.append((item, row, entry[0], entry[2]))
+    unchanged = len(items) - len(todo) - len(redescribe)
+    deleted = sorted(set(known) - set(hashes))
+    shards.set_deleted(deleted)
+    log.info("%d items in %s: %d to embed, %d with new text or metadata only, %d unchanged, %d deleted since the "
+             "last run", len(items), source, len(todo), len(redescribe), unchanged, len(deleted))
+    shards_before = len(shards.shard_names())
+    _write_redescribed(shards, redescribe, shard_size=shard_size)
+    return EmbedPlan(shards=shards, total=len(items), todo=todo, redescribed=len(redescribe), unchanged=unchanged,
+                     deleted=len(deleted), shards_before=shards_before)
+
+
+def finish_embed(plan: EmbedPlan, *, failed: int, started: float, stages: dict[str, float],
+                 tagger: Tagger | None = None) -> EmbedSummary:
+    """Records the tagging (once every row carries it); the run's summary, logged."""
+    if plan.shards.tagging != (tagger.record() if tagger else []):
+        plan.shards.set_tagging(tagger.record() if tagger else [])
+    summary = EmbedSummary(total=plan.total, embedded=len(plan.todo) - failed, redescribed=plan.redescribed,
+                           unchanged=plan.unchanged, failed=failed, deleted=plan.deleted,
+                           shards_written=len(plan.shards.shard_names()) - plan.shards_before,
                            seconds=time.perf_counter() - started, stages=dict(stages))
     log.info("embed finished: %s", summary.describe())
     log.info("embed time by stage: %s", summary.describe_stages())
     return summary
+
+
+def forward_batch(encoder: Encoder, pixels: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+    """The model's forward over one batch of decoded images (on a GPU only queued:
+    `encoder.postprocess` waits for it)."""
+    return encoder.forward_images(stack_pixels(pixels, encoder.device))
+
+
+def fine_vectors(fine_encoder: Encoder, paths: Sequence[Path], *, max_pixels: int) -> np.ndarray:
+    """The fine model's vectors for the same files. It has its own input size: its pixels come from
+    the files, decoded by its own preprocessing (the images passed the model's decode already)."""
+    return fine_encoder.encode_image_files([Path(path).read_bytes() for path in paths], max_pixels=max_pixels)
+
+
+def error_line(item_id: str, path: str, reason: str) -> str:
+    """One line of errors.jsonl: an image that could not be used, and why."""
+    return json.dumps({"id": item_id, "path": path, "reason": reason}) + "\n"
 
 
 @contextlib.contextmanager
@@ -206,7 +254,8 @@ def _timed(stages: defaultdict[str, float], name: str) -> Iterator[None]:
         stages[name] += time.perf_counter() - started
 
 
-def _row(item: CorpusItem, image: str) -> ShardRow:
+def document_row(item: CorpusItem, image: str) -> ShardRow:
+    """The shard row of an item whose image has hash `image`."""
     try:
         content = document_hash(image, item.text, item.metadata)
     except (TypeError, ValueError) as exc:
@@ -229,15 +278,19 @@ def _write(writer: ThreadPoolExecutor, pending: Future | None, shards: ShardSet,
     return writer.submit(shards.write_shard, np.concatenate(vectors), rows, np.concatenate(fine) if fine else None)
 
 
-def _scan(source: Path, *, workers: int, progress: bool) -> tuple[list[CorpusItem], dict[str, str]]:
+def _scan(source: Path, *, workers: int, progress: bool,
+          hash_files: HashFiles | None = None) -> tuple[list[CorpusItem], dict[str, str]]:
     items = list(read_corpus(source))
     hashes: dict[str, str] = {}
     # Hashing reads every file: on a large corpus that is seconds of one core, so the decode
     # worker count hashes in parallel too (small corpora are not worth the processes).
-    parallel = workers > 1 and len(items) >= PARALLEL_SCAN_MIN
+    parallel = hash_files is None and workers > 1 and len(items) >= PARALLEL_SCAN_MIN
     with multiprocessing.get_context("fork").Pool(workers) if parallel else contextlib.nullcontext() as pool:
         paths = [item.path for item in items]
-        digests = pool.imap(_hash_file, paths, chunksize=256) if pool else map(_hash_file, paths)
+        if hash_files is not None:
+            digests = hash_files(paths)
+        else:
+            digests = pool.imap(hash_file, paths, chunksize=256) if pool else map(hash_file, paths)
         for item, (digest, error) in tqdm(zip(items, digests), total=len(items), unit="file", desc="scan",
                                           disable=not progress):
             if item.id in hashes:
@@ -248,7 +301,8 @@ def _scan(source: Path, *, workers: int, progress: bool) -> tuple[list[CorpusIte
     return items, hashes
 
 
-def _hash_file(path: Path) -> tuple[str | None, str | None]:
+def hash_file(path: Path) -> tuple[str | None, str | None]:
+    """(image hash, None), or (None, the reason the file cannot be read)."""
     try:
         return image_hash(path), None
     except OSError as exc:

@@ -8,6 +8,9 @@ Layout of an output directory:
   errors.jsonl         images that could not be used, with the reason (rewritten each run)
 A shard is written under temporary names and renamed into place, the .npy files before .jsonl,
 and the manifest after both: a run killed at any point leaves only complete shards behind.
+Writers in other processes (the Ray engine's tasks) name their shards themselves
+(`shard-<n>-<run>-<digest of the ids>`, `write_shard_files`); the manifest lists them when the
+run ends, and until then they are found by their complete .npy + .jsonl pair like any other.
 
 Format 2 rows carry two hashes (`sidecar.ingest.identity`): `image_hash` (the image's bytes) and
 `content_hash` (the document: image, text and metadata). Format 1 rows, written before text and
@@ -139,26 +142,15 @@ class ShardSet:
                 fine_vectors is not None and len(fine_vectors) != len(rows)):
             raise ShardError(f"shard needs one fine vector per row exactly when the manifest names a fine model "
                              f"({self.fine_signature.describe() if self.fine_signature else 'none'})")
-        name = f"shard-{len(self.shard_names()):05d}"
-        npy, jsonl = self.root / f"{name}.npy", self.root / f"{name}.jsonl"
-        arrays = [(npy, vectors)] + ([(self.root / f"{name}.fine.npy", fine_vectors)] if fine_vectors is not None
-                                     else [])
-        for path, array in arrays:
-            with open(path.with_suffix(".npy.tmp"), "wb") as fh:
-                np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
-                fh.flush()
-                os.fsync(fh.fileno())
-        with open(jsonl.with_suffix(".jsonl.tmp"), "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        for path, _ in reversed(arrays):  # the fine vectors first: a complete .npy + .jsonl pair implies them
-            os.replace(path.with_suffix(".npy.tmp"), path)
-        os.replace(jsonl.with_suffix(".jsonl.tmp"), jsonl)
+        name = write_shard_files(self.root, f"shard-{len(self.shard_names()):05d}", vectors, rows, fine_vectors)
+        self.record_shards()
+        return name
+
+    def record_shards(self) -> None:
+        """Name every complete shard in the manifest, those other processes wrote under names of
+        their own (`write_shard_files`) included."""
         self.manifest["shards"] = self.shard_names()
         self._write_manifest()
-        return name
 
     def rewrite_rows(self, entries: list[tuple[ShardRow, str, int]], *, shard_size: int) -> None:
         """New rows for documents whose image did not change (new text, metadata or tags), each with the
@@ -227,3 +219,28 @@ class ShardSet:
         tmp = self.manifest_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
         os.replace(tmp, self.manifest_path)
+
+
+def write_shard_files(root: Path, name: str, vectors: np.ndarray, rows: list[ShardRow],
+                      fine_vectors: np.ndarray | None = None) -> str:
+    """Write one shard's files under `root`, each under a temporary name renamed into place (the
+    .npy files first, the .jsonl last: a complete pair implies the rest). The manifest is not
+    touched: `ShardSet.shard_names` finds the shard, `ShardSet.record_shards` lists it. Writing the
+    same name again replaces the shard whole, so a retried writer cannot duplicate its rows."""
+    root = Path(root)
+    npy, jsonl = root / f"{name}.npy", root / f"{name}.jsonl"
+    arrays = [(npy, vectors)] + ([(root / f"{name}.fine.npy", fine_vectors)] if fine_vectors is not None else [])
+    for path, array in arrays:
+        with open(path.with_suffix(".npy.tmp"), "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
+            fh.flush()
+            os.fsync(fh.fileno())
+    with open(jsonl.with_suffix(".jsonl.tmp"), "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    for path, _ in reversed(arrays):  # the fine vectors first: a complete .npy + .jsonl pair implies them
+        os.replace(path.with_suffix(".npy.tmp"), path)
+    os.replace(jsonl.with_suffix(".jsonl.tmp"), jsonl)
+    return name

@@ -394,7 +394,9 @@ class OpenSearchStore:
             clauses.append({"ids": {"values": list(ids)}})
         body = {"size": k, "_source": False,
                 "query": {"bool": {"must": [{"match": {"text": query}}], "filter": clauses}}}
-        return [ScoredId(h["_id"], float(h["_score"])) for h in self._search(body)]
+        # dfs: BM25 from the index's term statistics, not each shard's, so an index of several
+        # shards scores as one shard does (OpenSearch skips the extra phase on one shard).
+        return [ScoredId(h["_id"], float(h["_score"])) for h in self._search(body, search_type="dfs_query_then_fetch")]
 
     def supports_native_hybrid(self, *, fusion: str, weights: tuple[float, float], exact: bool) -> bool:
         """Whether `hybrid_search` can fuse these options in the cluster (hybrid query + a
@@ -656,9 +658,10 @@ class OpenSearchStore:
                 time.sleep(min(self.initial_backoff * 2 ** attempt, 30.0))
         return None
 
-    def _search(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+    def _search(self, body: dict[str, Any], *, search_type: str | None = None) -> list[dict[str, Any]]:
+        params = {"search_type": search_type} if search_type else None
         with self._read_errors(f"search on {self.alias}"):
-            return self.client.search(index=self.alias, body=body)["hits"]["hits"]
+            return self.client.search(index=self.alias, body=body, params=params)["hits"]["hits"]
 
     @contextlib.contextmanager
     def _read_errors(self, what: str) -> Iterator[None]:

@@ -443,3 +443,13 @@ def test_kill_minus_9_during_index_leaves_a_readable_store_and_a_rerun_converges
         assert report.clean and report.notes == [], report.describe()
         for query in np.stack([expected[f"doc{i}"].vector for i in (5, 500, 30_000)]):
             assert store.vector_search(query, 1)[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_embed_on_ray_refuses_tags_naming_the_sets(tmp_path: Path):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(tmp_path / "shards"),
+                                       "--engine", "ray", "--tag", "shapes", "--tag", "colors:2"])
+    assert result.exit_code == 2, result.output
+    assert "--engine ray does not tag (shapes, colors)" in result.output
