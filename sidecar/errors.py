@@ -23,6 +23,10 @@ class ModelNotFound(ApiError):
     status, code = 404, "model_not_found"
 
 
+class DocumentNotFound(ApiError):
+    status, code = 404, "document_not_found"
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 

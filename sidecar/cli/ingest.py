@@ -15,7 +15,7 @@ from sidecar.cli.root import (
     settings_from,
     store_options,
 )
-from sidecar.config import DECODE_MODES
+from sidecar.config import DECODE_MODES, THUMBNAIL_SIDE
 
 
 @click.command()
@@ -30,10 +30,14 @@ from sidecar.config import DECODE_MODES
 @click.option("--decode", type=click.Choice(DECODE_MODES), default="auto", show_default=True,
               help="Where JPEGs are decoded and resized: cpu (PIL workers) or device (batched on the model's "
                    "device, nvjpeg on a GPU); auto = device on CUDA, else cpu.")
+@click.option("--thumbnail-size", "thumbnail_side", type=click.IntRange(0, 1024), default=THUMBNAIL_SIDE,
+              show_default=True, metavar="PIXELS",
+              help="Longer side of the JPEG thumbnail kept for each image (the search page shows them; the "
+                   "store serves them by document id); 0 = none. Fixed per --out directory once shards exist.")
 @model_options
 @click.pass_context
 def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_size: int, workers: int,
-          decode: str, **kwargs: Any) -> None:
+          decode: str, thumbnail_side: int, **kwargs: Any) -> None:
     """Embed the images of SOURCE into vector shards.
 
     SOURCE is a folder of images (a .txt beside an image is its text; else the file name is),
@@ -42,7 +46,8 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     new and changed files are embedded, vanished ones are recorded for the index step, and a
     killed run continues where it stopped. Unusable images are skipped and listed in
     OUT/errors.jsonl with the reason. With --fine-model, each image's vector by that stronger
-    model is stored too, for the fine-ranking stage (rerank) of `search` and `serve`.
+    model is stored too, for the fine-ranking stage (rerank) of `search` and `serve`. Each image's
+    thumbnail goes into the shards too (--thumbnail-size); shards written without them get theirs.
     """
     from sidecar.ingest.embed import embed_corpus
     from sidecar.model.encoder import load_encoder, load_fine_encoder
@@ -50,7 +55,8 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     settings = settings_from(kwargs, MODEL_FLAGS)
     summary = embed_corpus(load_encoder(settings), source, out, batch_size=batch_size, shard_size=shard_size,
                            workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
-                           fine_encoder=load_fine_encoder(settings), progress=ctx.obj["progress"])
+                           fine_encoder=load_fine_encoder(settings), thumbnail_side=thumbnail_side,
+                           progress=ctx.obj["progress"])
     click.echo(summary.describe())
 
 

@@ -16,6 +16,7 @@ from sidecar.cli.root import (
     settings_from,
     store_options,
 )
+from sidecar.config import Settings
 
 log = logging.getLogger(__name__)
 GUNICORN_CONFIG = "python:sidecar.api.gunicorn_config"
@@ -38,14 +39,20 @@ SERVE_FLAGS = ("request_threads",)
 @model_options
 @store_options
 def serve(host: str, port: int, workers: int, dev: bool, **kwargs: Any) -> None:
-    """Serve the HTTP API: /v1/embeddings, /v1/search, /healthz, /readyz, /metrics.
+    """Serve the search page at / and the HTTP API: /v1/search, /v1/captions, /v1/embeddings,
+    /v1/facets, /v1/documents/ID/thumbnail, /healthz, /readyz, /metrics.
 
     The model must be in the cache first (`clip-sidecar models fetch`): the server never
     downloads or trains one, which could outlast a worker's boot timeout.
     """
+    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + SERVE_FLAGS)
+    run_server(settings, host=host, port=port, workers=workers, dev=dev)
+
+
+def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, dev: bool = False) -> None:
+    """Serve `settings` until stopped: gunicorn in place of this process, or Flask's development server."""
     from sidecar.model.weights import missing_weights
 
-    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + SERVE_FLAGS)
     missing = missing_weights(settings)
     if missing:
         raise click.ClickException(f"not starting the server: {missing}")
@@ -61,4 +68,6 @@ def serve(host: str, port: int, workers: int, dev: bool, **kwargs: Any) -> None:
     args = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, "--bind", f"{host}:{port}",
             "--workers", str(workers), "sidecar.api.wsgi:app"]
     log.info("starting gunicorn: %s", " ".join(args[2:]))
+    sys.stdout.flush()  # what was printed before must not be lost with this process's buffers
+    sys.stderr.flush()
     os.execve(sys.executable, args, env)

@@ -3,7 +3,8 @@
 Resumable and incremental: a rerun skips every item whose document (image bytes, text and
 metadata; `sidecar.ingest.identity`) is already in a complete shard, embeds new or changed
 images, gives items whose text or metadata alone changed a new row with their stored vector
-(no forward pass), and records ids that disappeared.
+(no forward pass), and records ids that disappeared. Each image's thumbnail (for the search page)
+is made by the decode workers and written into its shard.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sidecar.config import DECODE_MODES
+from sidecar.config import DECODE_MODES, THUMBNAIL_SIDE
 from sidecar.ingest.corpus import CorpusError, CorpusItem, read_corpus
 from sidecar.ingest.decode_pool import decoded_batches
 from sidecar.ingest.identity import document_hash, image_hash
 from sidecar.ingest.shards import ShardRow, ShardSet
+from sidecar.ingest.thumbnails import make_thumbnail
 from sidecar.model.encoder import Encoder
 from sidecar.model.images import stack_pixels
 
@@ -71,11 +73,14 @@ PARALLEL_SCAN_MIN = 2000  # files
 
 def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int = 256, shard_size: int = 4096,
                  workers: int = 2, max_pixels: int = 40_000_000, decode: str = "auto",
-                 fine_encoder: Encoder | None = None, progress: bool = True) -> EmbedSummary:
+                 fine_encoder: Encoder | None = None, thumbnail_side: int = THUMBNAIL_SIDE,
+                 progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out`. `decode`: "cpu" (PIL in worker processes),
     "device" (JPEGs decoded and resized on the model's device — nvjpeg on a GPU), or "auto"
     (device on CUDA, else cpu). With `fine_encoder`, the same pass also stores each image's vector
-    by that (stronger) model beside the model's, for the fine-ranking stage."""
+    by that (stronger) model beside the model's, for the fine-ranking stage. `thumbnail_side`: the
+    longer side of each image's thumbnail (0: none); shards written without thumbnails get theirs
+    in this run."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
     on_device = decode == "device" or (decode == "auto" and encoder.device.type == "cuda")
@@ -85,7 +90,9 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     shards.start(encoder.signature, preprocessing={"resize": encoder.images.describe(), "context_length":
                                                    encoder.context_length,
                                                    "decode": "device" if on_device else "cpu"},
-                 fine_signature=fine_encoder.signature if fine_encoder else None)
+                 fine_signature=fine_encoder.signature if fine_encoder else None, thumbnail_side=thumbnail_side)
+    with _timed(stages, "thumbnails"):
+        _add_missing_thumbnails(shards, workers=workers, max_pixels=max_pixels, progress=progress)
     known = shards.latest()
     with _timed(stages, "scan"):
         items, hashes = _scan(source, workers=workers, progress=progress)
@@ -111,17 +118,22 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer, \
             tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar, \
             _in_background(_staged_batches(todo, encoder, batch_size=batch_size, workers=workers,
-                                           max_pixels=max_pixels, on_device=on_device, stages=stages)) as staged:
+                                           max_pixels=max_pixels, on_device=on_device, stages=stages,
+                                           thumbnail_side=thumbnail_side)) as staged:
         pending: Future | None = None
         buffer_vectors: list[np.ndarray] = []
         buffer_fine: list[np.ndarray] = []
         buffer_rows: list[ShardRow] = []
-        in_flight: tuple[torch.Tensor, list[ShardRow], np.ndarray | None] | None = None  # launched, not copied back
+        buffer_thumbnails: list[bytes] = []
+        # launched, not copied back
+        in_flight: tuple[torch.Tensor, list[ShardRow], np.ndarray | None, list[bytes]] | None = None
 
-        def collect(features: torch.Tensor, rows: list[ShardRow], fine: np.ndarray | None) -> None:
+        def collect(features: torch.Tensor, rows: list[ShardRow], fine: np.ndarray | None,
+                    thumbnails: list[bytes]) -> None:
             with _timed(stages, "copy_back"):
                 buffer_vectors.append(encoder.postprocess(features))
             buffer_rows.extend(rows)
+            buffer_thumbnails.extend(thumbnails)
             if fine is not None:
                 buffer_fine.append(fine)
 
@@ -133,40 +145,42 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
             if batch is None:
                 break
             good = []
-            for (item, digest, _, reason), pixels in zip(batch, decoded):
+            for (item, digest, _, reason, thumbnail), pixels in zip(batch, decoded):
                 if reason is None and pixels is None:
                     reason = "corrupt JPEG (device decoder)"
                 if reason is not None:
                     failed += 1
                     errors.write(json.dumps({"id": item.id, "path": str(item.path), "reason": reason}) + "\n")
                 else:
-                    good.append((item, digest, pixels))
+                    good.append((item, digest, pixels, thumbnail))
             if good:
                 with _timed(stages, "forward"):
                     features = encoder.forward_images(stack_pixels([g[2] for g in good], encoder.device))
-                rows = [_row(item, digest) for item, digest, _ in good]
+                rows = [_row(item, digest) for item, digest, _, _ in good]
                 fine = None
                 if fine_encoder is not None:
                     # The fine model has its own input size: its pixels come from the same files,
                     # decoded by its own preprocessing (the images passed the decode above).
                     with _timed(stages, "fine_model"):
-                        fine = fine_encoder.encode_image_files([item.path.read_bytes() for item, _, _ in good],
+                        fine = fine_encoder.encode_image_files([item.path.read_bytes() for item, *_ in good],
                                                                max_pixels=max_pixels)
                 # On a GPU the forward is only queued: it runs while this loop fetches and stages
                 # the next batch. The previous batch, queued ahead of it, is copied back now.
                 if in_flight is not None:
                     collect(*in_flight)
-                in_flight = (features, rows, fine)
+                in_flight = (features, rows, fine, [thumbnail for *_, thumbnail in good])
             bar.update(len(batch))
             if len(buffer_rows) >= shard_size:
                 with _timed(stages, "write_wait"):
-                    pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine)
-                buffer_vectors, buffer_rows, buffer_fine = [], [], []
+                    pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine,
+                                     buffer_thumbnails)
+                buffer_vectors, buffer_rows, buffer_fine, buffer_thumbnails = [], [], [], []
         if in_flight is not None:
             collect(*in_flight)
         with _timed(stages, "write_wait"):
             if buffer_rows:
-                pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine)
+                pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine,
+                                 buffer_thumbnails)
             if pending is not None:
                 pending.result()
     embedded = len(todo) - failed
@@ -205,15 +219,51 @@ def _write_redescribed(shards: ShardSet, redescribe: list[tuple[CorpusItem, Shar
         fine = None
         if shards.fine_signature is not None:
             fine = np.stack([shards.fine_vectors(name)[index] for _, _, name, index in part])
-        shards.write_shard(vectors, [row for _, row, _, _ in part], fine)
+        thumbnails = None
+        if shards.thumbnail_side:
+            thumbnails = [shards.thumbnails(name)[index] for _, _, name, index in part]
+        shards.write_shard(vectors, [row for _, row, _, _ in part], fine, thumbnails)
 
 
-def _write(writer: ThreadPoolExecutor, pending: Future | None, shards: ShardSet,
-           vectors: list[np.ndarray], rows: list[ShardRow], fine: list[np.ndarray]) -> Future:
+def _add_missing_thumbnails(shards: ShardSet, *, workers: int, max_pixels: int, progress: bool) -> None:
+    """Thumbnails for shards written without them (before thumbnails existed, or by a run killed while
+    adding them), made from their rows' image files: no forward pass. A file gone since is b"" (no
+    thumbnail)."""
+    missing = shards.shards_without_thumbnails()
+    if not missing:
+        return
+    rows: dict[str, list[str]] = {name: [] for name in missing}
+    for name, row, _ in shards.rows():
+        if name in rows:
+            rows[name].append(row.path)
+    log.info("adding %d px thumbnails to %d shards written without them (%d images)", shards.thumbnail_side,
+             len(missing), sum(map(len, rows.values())))
+
+    def thumbnail(path: str) -> bytes:
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            return b""
+        return make_thumbnail(data, side=shards.thumbnail_side, max_pixels=max_pixels)
+
+    # PIL releases the GIL while it decodes, resizes and encodes: threads share the work.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            tqdm(total=sum(map(len, rows.values())), unit="img", desc="thumbnails", disable=not progress) as bar:
+        for name, paths in rows.items():
+            thumbnails = []
+            for made in pool.map(thumbnail, paths):
+                thumbnails.append(made)
+                bar.update(1)
+            shards.write_thumbnails(name, thumbnails)
+
+
+def _write(writer: ThreadPoolExecutor, pending: Future | None, shards: ShardSet, vectors: list[np.ndarray],
+           rows: list[ShardRow], fine: list[np.ndarray], thumbnails: list[bytes]) -> Future:
     # One shard in flight at a time: the next batch's forward overlaps this shard's disk write.
     if pending is not None:
         pending.result()
-    return writer.submit(shards.write_shard, np.concatenate(vectors), rows, np.concatenate(fine) if fine else None)
+    return writer.submit(shards.write_shard, np.concatenate(vectors), rows, np.concatenate(fine) if fine else None,
+                         thumbnails if shards.thumbnail_side else None)
 
 
 def _scan(source: Path, *, workers: int, progress: bool) -> tuple[list[CorpusItem], dict[str, str]]:
@@ -304,9 +354,9 @@ def _in_background(items: Iterator[T], *, depth: int = 1) -> Iterator[Iterator[T
 
 def _to_pixels(batch: list[tuple], encoder: Encoder) -> list:
     """Per item: uint8 pixels (host array from a worker, or a device tensor), or None."""
-    jpeg_at = [i for i, (_, _, payload, _) in enumerate(batch) if isinstance(payload, bytes)]
+    jpeg_at = [i for i, (_, _, payload, *_) in enumerate(batch) if isinstance(payload, bytes)]
     decoded = encoder.images.decode_on_device([batch[i][2] for i in jpeg_at], device=encoder.device)
-    pixels = [payload if not isinstance(payload, bytes) else None for _, _, payload, _ in batch]
+    pixels = [payload if not isinstance(payload, bytes) else None for _, _, payload, *_ in batch]
     for i, tensor in zip(jpeg_at, decoded):
         pixels[i] = tensor
     return pixels
