@@ -43,9 +43,10 @@
       data = null;
     }
     if (!response.ok) {
+      // Errors are {"error": {"code", "message"}}; /readyz says {"status": "not_ready", "reason"}.
       const error = (data && data.error) || {};
-      throw new ApiProblem(response.status, error.code || 'error', error.message || response.statusText,
-        response.headers.get('Retry-After'));
+      throw new ApiProblem(response.status, error.code || (data && data.status) || 'error',
+        error.message || (data && data.reason) || response.statusText, response.headers.get('Retry-After'));
     }
     return data;
   }
@@ -67,9 +68,11 @@
     };
     let title = titles[problem.status] || `Error ${problem.status}:`;
     if (problem.status === 503) {
-      title = problem.code === 'store_unavailable' ? 'The store cannot be reached right now:' : 'The server is busy:';
+      title = { store_unavailable: 'The store cannot be reached right now:', not_ready: 'The server is not ready:' }[
+        problem.code] || 'The server is busy:';
     }
-    return { title, detail: `${problem.message}${retry}` };
+    const message = /[.!?]$/.test(problem.message) ? problem.message : `${problem.message}.`;
+    return { title, detail: `${message}${retry}` };
   }
 
   function showError(problem) {
@@ -102,6 +105,10 @@
     return typeof value === 'object' ? JSON.stringify(value) : String(value);
   }
 
+  function score(value) {
+    return value.toFixed(3);
+  }
+
   function thumbnailUrl(id) {
     return `/v1/documents/${encodeURIComponent(id)}/thumbnail`;
   }
@@ -130,7 +137,7 @@
   // ---- the request from the controls -----------------------------------------------------------
 
   function findCaptions() {
-    return form.elements.find.value === 'captions';
+    return document.querySelector('input[name="find"]:checked').value === 'captions';
   }
 
   function filtersFromControls() {
@@ -224,6 +231,7 @@
 
   function renderNothing() {
     releaseThumbnails();
+    $('rerank-note').hidden = true;
     $('hits').replaceChildren();
     $('captions').replaceChildren();
     $('pager').hidden = true;
@@ -256,9 +264,9 @@
     const notes = [`mode ${answer.mode}`];
     if (answer.mode === 'hybrid') notes.push(`fusion ${answer.fusion}`);
     notes.push(answer.rerank ? `reranked by ${answer.fine_model}` : 'no rerank');
-    let status = `${range} (${notes.join(', ')}).`;
-    if (answer.rerank_skipped) status += ` Rerank skipped: ${answer.rerank_skipped}.`;
-    $('status').textContent = status;
+    $('status').textContent = `${range} (${notes.join(', ')}).`;
+    $('rerank-note').textContent = answer.rerank_skipped ? `Rerank skipped: ${answer.rerank_skipped}.` : '';
+    $('rerank-note').hidden = !answer.rerank_skipped;
     renderLatency(answer.took_ms, roundTrip);
     const pager = $('pager');
     pager.hidden = answer.offset === 0 && answer.next_offset === undefined;
@@ -272,7 +280,7 @@
     const label = hit.text || hit.id;
     const scores = el('dl', { class: 'scores', 'aria-label': 'Scores by stage' },
       ...Object.entries(hit.scores).flatMap(([stage, value]) => [
-        el('dt', {}, stage), el('dd', { 'data-stage': stage }, format(value))]));
+        el('dt', {}, stage), el('dd', { 'data-stage': stage }, score(value))]));
     const metadata = el('dl', { class: 'metadata', 'aria-label': 'Metadata' },
       ...Object.entries(hit.metadata).flatMap(([name, value]) => [el('dt', {}, name), el('dd', {}, format(value))]));
     const liked = state.like && state.like.id === hit.id;
@@ -280,7 +288,7 @@
       thumbnail(hit.id, label),
       el('p', { class: 'caption' }, hit.text || '(no text)'),
       el('p', { class: 'doc-id muted' }, `#${rank} · ${hit.id}${liked ? ' · the document you picked' : ''}`),
-      el('p', { class: 'score' }, `score ${format(hit.score)}`),
+      el('p', { class: 'score' }, `score ${score(hit.score)}`),
       scores,
       Object.keys(hit.metadata).length ? metadata : null,
       el('button', { type: 'button', class: 'more', 'aria-label': `More like this: ${label}`,
@@ -289,6 +297,7 @@
 
   function renderCaptions(answer, roundTrip) {
     releaseThumbnails();
+    $('rerank-note').hidden = true;
     $('hits').hidden = true;
     $('hits').replaceChildren();
     $('pager').hidden = true;
@@ -296,7 +305,7 @@
     list.hidden = false;
     list.replaceChildren(...answer.captions.map((caption) => el('li', { class: 'caption-hit' },
       el('p', { class: 'caption' }, caption.text),
-      el('p', { class: 'score' }, `score ${format(caption.score)}`),
+      el('p', { class: 'score' }, `score ${score(caption.score)}`),
       el('p', { class: 'muted' }, caption.ids.length === 1 ? '1 document with this text' : `${caption.ids.length} documents with this text`),
       el('div', { class: 'strip' }, ...caption.ids.slice(0, 4).map((id) => thumbnail(id, `${caption.text} (${id})`))))));
     $('empty').hidden = answer.captions.length > 0;
@@ -423,7 +432,7 @@
     $(id).addEventListener('change', () => { if (state.searched && hasQuery()) { state.offset = 0; run(); } });
   }
   $('filters').addEventListener('change', () => { if (state.searched && hasQuery()) { state.offset = 0; run(); } });
-  form.querySelectorAll('input[name="find"]').forEach((radio) => radio.addEventListener('change', () => {
+  document.querySelectorAll('input[name="find"]').forEach((radio) => radio.addEventListener('change', () => {
     if (state.searched && (state.image || state.like)) { state.offset = 0; run(); }
   }));
 
