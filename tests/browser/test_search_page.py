@@ -24,6 +24,7 @@ from tests.browser.conftest import serving
 from tests.browser.pages import hits, manifest_rows, only_this_server, open_page, search_for, settle, thumbnails_loaded
 from tests.support import free_port
 
+pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parents[2]
 README_SCREENSHOT = REPO / "docs" / "img" / "search-page.png"
 

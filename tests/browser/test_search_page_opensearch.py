@@ -14,7 +14,7 @@ from tests.browser.pages import hits, manifest_rows, only_this_server, open_page
 from tests.integration.conftest import URL, drop, make_store, node  # noqa: F401 - node: the fixture
 from tests.support import gunicorn_server
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
