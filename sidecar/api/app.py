@@ -33,7 +33,9 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    auth.init_app(app, settings)  # first: a malformed SIDECAR_API_KEYS fails before the models load
+    # First: a malformed SIDECAR_API_KEYS fails before the models load. The page's own files hold no data
+    # and must load before anyone can type a key into it.
+    auth.init_app(app, settings, public_paths=page.PUBLIC_PATHS)
     # The server loads cached models only: downloading or training inside a gunicorn worker
     # would outlast its boot timeout (`clip-sidecar models fetch` is the step that fetches).
     encoder = encoder or load_encoder(settings, fetch=False)

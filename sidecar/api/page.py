@@ -19,6 +19,9 @@ ASSETS = {"index.html": "text/html", "page.js": "text/javascript", "page.css": "
 # of a chosen image and thumbnails fetched with an API key.
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
                            "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+# What the page's routes answer: open without an API key (the page holds no data; every API call it
+# makes sends the key a user types into it).
+PUBLIC_PATHS = ("/", *(f"/static/{name}" for name in ASSETS if name != "index.html"))
 _CONTENT = {name: (files("sidecar.api") / "static" / name).read_bytes() for name in ASSETS}
 
 

@@ -16,13 +16,14 @@ from PIL import Image, PngImagePlugin
 
 import sidecar.api
 from sidecar.api.app import create_app
+from sidecar.api.auth import key_entry, new_key
 from sidecar.api.page import ASSETS
 from sidecar.api.state import state_of
 from sidecar.config import Settings
 from sidecar.stores.opensearch import OpenSearchStore
-from tests.browser.conftest import serving
+from tests.browser.conftest import server_env, serving
 from tests.browser.pages import hits, manifest_rows, only_this_server, open_page, search_for, settle, thumbnails_loaded
-from tests.support import free_port
+from tests.support import free_port, gunicorn_server
 
 pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parents[2]
@@ -264,3 +265,34 @@ def test_an_api_key_typed_on_the_page_is_kept_for_this_tab_only(browser, page_se
     assert page.evaluate("sessionStorage.getItem('clip-sidecar-api-key')") == "csk_example"
     assert page.evaluate("localStorage.length") == 0
 
+
+
+def test_with_api_keys_the_page_asks_for_one_then_searches_with_it(browser, store_path, test_cache_dir, tmp_path):
+    web, embed_only = new_key(), new_key()
+    entries = f"{key_entry('web', ['search'], web)},{key_entry('opensearch', ['embeddings'], embed_only)}"
+    env = {**server_env(store_path, tmp_path / "cache", test_cache_dir), "SIDECAR_API_KEYS": entries}
+    with gunicorn_server(env, tmp_path / "server.log", api_key=web) as url:
+        page = browser.page
+        page.goto(f"{url}/")  # the page's own files need no key
+        page.wait_for_selector("#error:not([hidden])")
+        error = page.inner_text("#error")
+        assert error.startswith("This server needs an API key: enter it under “API key” in the search options.")
+        assert "missing API key" in error and page.locator("#key-settings").get_attribute("open") is not None
+        page.fill("#query", "red circle")
+        settle(page, "/v1/search", lambda: page.press("#query", "Enter"))
+        assert page.inner_text("#error").startswith("This server needs an API key") and not hits(page)
+        browser.screenshot("key-missing")
+        # A key outside the search scope: refused by name and scope.
+        page.fill("#api-key", embed_only)
+        settle(page, "/v1/search", lambda: page.press("#api-key", "Tab"))
+        assert page.inner_text("#error") == ("This API key may not do that: key 'opensearch' has scope embeddings; "
+                                             "/v1/search needs scope search.")
+        # The right key: the refused search runs again, thumbnails come through fetch with the key.
+        page.fill("#api-key", web)
+        settle(page, "/v1/search", lambda: page.press("#api-key", "Tab"))
+        found = hits(page)
+        assert page.locator("#error").is_hidden() and found[0]["metadata"]["color"] == "red"
+        thumbnails_loaded(page)
+        page.wait_for_selector("#filters select")  # the facets, with the key
+        assert page.inner_text("#store-info").endswith("model tiny-clip")
+    only_this_server(browser, url)

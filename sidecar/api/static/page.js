@@ -57,7 +57,7 @@
     const titles = {
       0: 'Cannot reach the server:',
       400: 'The request was refused:',
-      401: 'This server needs an API key (open “API key” above):',
+      401: 'This server needs an API key: enter it under “API key” in the search options.',
       403: 'This API key may not do that:',
       404: 'Not found:',
       413: 'Too large:',
@@ -75,7 +75,13 @@
     return { title, detail: `${message}${retry}` };
   }
 
+  // A missing or refused key: open the key's box, so the field to fix is in sight (and next in focus order).
+  function askForKey(problem) {
+    if (problem instanceof ApiProblem && problem.status === 401) $('key-settings').open = true;
+  }
+
   function showError(problem) {
+    askForKey(problem);
     const box = $('error');
     const { title, detail } = problem instanceof ApiProblem ? explain(problem) : { title: 'Error:', detail: String(problem) };
     box.replaceChildren(el('strong', {}, title), ` ${detail}`);
@@ -220,6 +226,7 @@
       if (mine !== generation) return;
       renderNothing();
       $('status').textContent = 'The search failed.';
+      state.keyRefused = problem instanceof ApiProblem && (problem.status === 401 || problem.status === 403);
       showError(problem);
     } finally {
       if (mine === generation) {
@@ -392,7 +399,12 @@
       const ready = await api('/readyz');
       info = { store: ready.store, model: ready.model };
       updateCount(ready.documents);
+      if (state.infoRefused) clearError();  // the key now typed fixed what loading the page said
+      state.infoRefused = false;
     } catch (problem) {
+      // Without a key nothing on the page works: say so where errors are read, not only in the header.
+      state.infoRefused = problem instanceof ApiProblem && problem.status === 401;
+      if (state.infoRefused) showError(problem);
       const { title, detail } = problem instanceof ApiProblem ? explain(problem) : { title: 'Error:', detail: String(problem) };
       $('store-info').textContent = `${title} ${detail}`;
     }
@@ -453,6 +465,7 @@
     else sessionStorage.removeItem(KEY_STORAGE);
     loadInfo();
     loadFilters();
+    if (state.keyRefused && hasQuery()) run();  // the search the old key (or none) was refused
   });
 
   loadInfo();
