@@ -89,6 +89,7 @@
   }
 
   function clearError() {
+    state.infoRefused = false;  // what the box said is gone: loadInfo must not clear a newer error
     $('error').hidden = true;
     $('error').replaceChildren();
   }
@@ -400,7 +401,6 @@
       info = { store: ready.store, model: ready.model };
       updateCount(ready.documents);
       if (state.infoRefused) clearError();  // the key now typed fixed what loading the page said
-      state.infoRefused = false;
     } catch (problem) {
       // Without a key nothing on the page works: say so where errors are read, not only in the header.
       state.infoRefused = problem instanceof ApiProblem && problem.status === 401;
