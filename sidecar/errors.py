@@ -46,6 +46,10 @@ class DocumentNotFound(ApiError):
     status, code = 404, "document_not_found"
 
 
+class PromptSetMissing(ApiError):
+    status, code = 404, "prompt_set_not_found"
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 

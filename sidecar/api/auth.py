@@ -31,6 +31,7 @@ SCOPES = {
     "embeddings": ("/v1/embeddings", "/v1/models"),
     # everything that reads the index: the page's calls besides /v1/search read it too
     "search": ("/v1/search", "/v1/captions", "/v1/facets", "/v1/documents"),
+    "classify": ("/v1/classify", "/v1/prompt-sets"),
     "metrics": ("/metrics",),
 }
 ALL_SCOPES = "*"

@@ -8,10 +8,13 @@ from typing import Any
 
 import click
 
+from sidecar.cli.prompts import TAG_HELP, parse_tag_specs
 from sidecar.cli.root import (
     MODEL_FLAGS,
+    PROMPT_FLAGS,
     STORE_FLAGS,
     model_options,
+    prompt_sets_option,
     settings_from,
     store_options,
 )
@@ -34,10 +37,14 @@ from sidecar.config import DECODE_MODES, THUMBNAIL_SIDE
               show_default=True, metavar="PIXELS",
               help="Longer side of the JPEG thumbnail kept for each image (the search page shows them; the "
                    "store serves them by document id); 0 = none. Fixed per --out directory once shards exist.")
+@click.option("--tag", "tags", multiple=True, metavar="SET[:K|THRESHOLD]",
+              help=TAG_HELP + " Default: the sets OUT was last tagged with (`clip-sidecar tag OUT --clear` drops "
+                              "them).")
+@prompt_sets_option
 @model_options
 @click.pass_context
 def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_size: int, workers: int,
-          decode: str, thumbnail_side: int, **kwargs: Any) -> None:
+          decode: str, thumbnail_side: int, tags: tuple[str, ...], **kwargs: Any) -> None:
     """Embed the images of SOURCE into vector shards.
 
     SOURCE is a folder of images (a .txt beside an image is its text; else the file name is),
@@ -48,14 +55,22 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     OUT/errors.jsonl with the reason. With --fine-model, each image's vector by that stronger
     model is stored too, for the fine-ranking stage (rerank) of `search` and `serve`. Each image's
     thumbnail goes into the shards too (--thumbnail-size); shards written without them get theirs.
+    With --tag, each document's metadata gets the top labels of prompt sets (`clip-sidecar prompts`),
+    which `index` loads as keyword fields to filter on: `--filter tag_SET=LABEL`.
     """
     from sidecar.ingest.embed import embed_corpus
+    from sidecar.ingest.shards import ShardSet
+    from sidecar.ingest.tagging import Tagger, recorded_specs
     from sidecar.model.encoder import load_encoder, load_fine_encoder
+    from sidecar.model.prompts import PromptSetRegistry
 
-    settings = settings_from(kwargs, MODEL_FLAGS)
-    summary = embed_corpus(load_encoder(settings), source, out, batch_size=batch_size, shard_size=shard_size,
+    specs = parse_tag_specs(tags) or recorded_specs(ShardSet(out))
+    settings = settings_from(kwargs, MODEL_FLAGS + PROMPT_FLAGS)
+    encoder = load_encoder(settings)
+    tagger = Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), encoder) if specs else None
+    summary = embed_corpus(encoder, source, out, batch_size=batch_size, shard_size=shard_size,
                            workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
-                           fine_encoder=load_fine_encoder(settings), thumbnail_side=thumbnail_side,
+                           fine_encoder=load_fine_encoder(settings), thumbnail_side=thumbnail_side, tagger=tagger,
                            progress=ctx.obj["progress"])
     click.echo(summary.describe())
 
