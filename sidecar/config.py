@@ -28,6 +28,9 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Longer side of an image after the model's resize step: 100 x 400,000 would resize to
 # 224 x 896,000 under a shortest-side resize; 8192 allows panoramas up to ~36:1 at 224 px.
 MAX_RESIZED_SIDE = 8192
+# Longer side of the thumbnail `embed` keeps of each image for the search page: a results grid shows
+# them at about 150 CSS pixels, and 128-px JPEGs weigh 3-6 KB (a million documents: a few GB).
+THUMBNAIL_SIDE = 128
 
 
 def _default_cache_dir() -> Path:

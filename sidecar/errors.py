@@ -42,6 +42,10 @@ class ModelNotFound(ApiError):
     status, code = 404, "model_not_found"
 
 
+class DocumentNotFound(ApiError):
+    status, code = 404, "document_not_found"
+
+
 class PromptSetMissing(ApiError):
     status, code = 404, "prompt_set_not_found"
 

@@ -8,7 +8,7 @@ import time
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from sidecar.api import auth, classify, embeddings, ops, search
+from sidecar.api import auth, captions, classify, documents, embeddings, ops, page, search
 from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import body_too_large
 from sidecar.config import Settings
@@ -34,7 +34,9 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    auth.init_app(app, settings)  # first: a malformed SIDECAR_API_KEYS fails before the models load
+    # First: a malformed SIDECAR_API_KEYS fails before the models load. The page's own files hold no data
+    # and must load before anyone can type a key into it.
+    auth.init_app(app, settings, public_paths=page.PUBLIC_PATHS)
     # The server loads cached models only: downloading or training inside a gunicorn worker
     # would outlast its boot timeout (`clip-sidecar models fetch` is the step that fetches).
     encoder = encoder or load_encoder(settings, fetch=False)
@@ -43,7 +45,7 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
                                store=store or open_store(settings), started=int(time.time()),
                                prompt_sets=PromptSetRegistry(settings.prompt_sets_dir),
                                fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None))
-    for blueprint in (embeddings.bp, search.bp, classify.bp, ops.bp):
+    for blueprint in (embeddings.bp, search.bp, captions.bp, classify.bp, documents.bp, ops.bp, page.bp):
         app.register_blueprint(blueprint)
     _register_errors(app, settings)
     _register_request_metrics(app)

@@ -18,7 +18,7 @@ from sidecar.cli.root import (
     settings_from,
     store_options,
 )
-from sidecar.config import DECODE_MODES, EMBED_ENGINES
+from sidecar.config import DECODE_MODES, EMBED_ENGINES, THUMBNAIL_SIDE
 
 
 @click.command()
@@ -33,6 +33,10 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES
 @click.option("--decode", type=click.Choice(DECODE_MODES), default="auto", show_default=True,
               help="Where JPEGs are decoded and resized: cpu (PIL workers) or device (batched on the model's "
                    "device, nvjpeg on a GPU); auto = device on CUDA, else cpu. The ray engine decodes on CPU tasks.")
+@click.option("--thumbnail-size", "thumbnail_side", type=click.IntRange(0, 1024), default=THUMBNAIL_SIDE,
+              show_default=True, metavar="PIXELS",
+              help="Longer side of the JPEG thumbnail kept for each image (the search page shows them; the "
+                   "store serves them by document id); 0 = none. Fixed per --out directory once shards exist.")
 @click.option("--tag", "tags", multiple=True, metavar="SET[:K|THRESHOLD]",
               help=TAG_HELP + " Default: the sets OUT was last tagged with (`clip-sidecar tag OUT --clear` drops "
                               "them). Local engine only.")
@@ -54,8 +58,8 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES
 @model_options
 @click.pass_context
 def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_size: int, workers: int,
-          decode: str, tags: tuple[str, ...], engine: str, address: str, actors: int, actor_cpus: float,
-          task_cpus: float, **kwargs: Any) -> None:
+          decode: str, thumbnail_side: int, tags: tuple[str, ...], engine: str, address: str, actors: int,
+          actor_cpus: float, task_cpus: float, **kwargs: Any) -> None:
     """Embed the images of SOURCE into vector shards.
 
     SOURCE is a folder of images (a .txt beside an image is its text; else the file name is),
@@ -64,9 +68,10 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     new and changed files are embedded, vanished ones are recorded for the index step, and a
     killed run continues where it stopped. Unusable images are skipped and listed in
     OUT/errors.jsonl with the reason. With --fine-model, each image's vector by that stronger
-    model is stored too, for the fine-ranking stage (rerank) of `search` and `serve`. With --tag,
-    each document's metadata gets the top labels of prompt sets (`clip-sidecar prompts`), which
-    `index` loads as keyword fields to filter on: `--filter tag_SET=LABEL`.
+    model is stored too, for the fine-ranking stage (rerank) of `search` and `serve`. Each image's
+    thumbnail goes into the shards too (--thumbnail-size); shards written without them get theirs.
+    With --tag, each document's metadata gets the top labels of prompt sets (`clip-sidecar prompts`),
+    which `index` loads as keyword fields to filter on: `--filter tag_SET=LABEL`.
 
     \b
     On a Ray cluster (same shards; a rerun of either engine continues the other's work):
@@ -90,6 +95,7 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
         try:
             summary = embed_corpus_on_ray(settings, source, out, address=address, batch_size=batch_size,
                                           shard_size=shard_size, max_pixels=settings.max_image_pixels,
+                                          thumbnail_side=thumbnail_side,
                                           resources=RayResources(actors=actors, actor_cpus=actor_cpus,
                                                                  task_cpus=task_cpus),
                                           progress=ctx.obj["progress"])
@@ -102,7 +108,8 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
         tagger = Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), encoder) if specs else None
         summary = embed_corpus(encoder, source, out, batch_size=batch_size, shard_size=shard_size,
                                workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
-                               fine_encoder=load_fine_encoder(settings), tagger=tagger,
+                               fine_encoder=load_fine_encoder(settings), thumbnail_side=thumbnail_side,
+                               tagger=tagger,
                                progress=ctx.obj["progress"])
     click.echo(summary.describe())
 

@@ -1,7 +1,8 @@
 """The embed job on a Ray cluster: the local job's plan, decode, forward and shard files, scheduled by Ray Data.
 
 One implementation, two schedulers: what to embed (`embed.plan_embed`: scan, identity, skips,
-deletions), how an image is decoded (`decode_pool.decode_file`), the forward (`embed.forward_batch`,
+deletions), how an image is read and decoded (`decode_pool.read_file`, `decode_data`) and its
+thumbnail made (`thumbnails.make_thumbnail`), the forward (`embed.forward_batch`,
 `embed.fine_vectors`) and a shard's files (`shards.write_shard_files`) are the local job's own
 functions. Ray Data runs them: files are hashed and decoded by CPU tasks, the model runs in actors
 (one per GPU, or CPU actors where the cluster has no GPU; the pool grows from one actor as work
@@ -35,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sidecar.config import Settings
-from sidecar.ingest.decode_pool import decode_file
+from sidecar.ingest.decode_pool import decode_data, read_file
 from sidecar.ingest.embed import (
     EmbedSummary,
     document_row,
@@ -47,6 +48,7 @@ from sidecar.ingest.embed import (
     plan_embed,
 )
 from sidecar.ingest.shards import ShardRow, write_shard_files
+from sidecar.ingest.thumbnails import make_thumbnail
 from sidecar.model.encoder import load_encoder, load_fine_encoder
 from sidecar.model.images import ImagePreprocess
 
@@ -76,13 +78,14 @@ class RayResources:
 
 def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address: str = LOCAL,
                         batch_size: int = 256, shard_size: int = 4096, resources: RayResources = RayResources(),
-                        max_pixels: int = 40_000_000, progress: bool = True) -> EmbedSummary:
+                        max_pixels: int = 40_000_000, thumbnail_side: int = 0,
+                        progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out` on the Ray cluster at `address` ("local" starts one
-    on this machine): the same shards, skips and summary as `embed.embed_corpus`."""
+    on this machine): the same shards, thumbnails, skips and summary as `embed.embed_corpus`."""
     ray = _connect(address)
     try:
         return _run(ray, settings, Path(source), Path(out), batch_size=batch_size, shard_size=shard_size,
-                    resources=resources, max_pixels=max_pixels, progress=progress)
+                    resources=resources, max_pixels=max_pixels, thumbnail_side=thumbnail_side, progress=progress)
     finally:
         ray.shutdown()
 
@@ -113,7 +116,7 @@ def _connect(address: str) -> Any:
 
 
 def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: int, shard_size: int,
-         resources: RayResources, max_pixels: int, progress: bool) -> EmbedSummary:
+         resources: RayResources, max_pixels: int, thumbnail_side: int, progress: bool) -> EmbedSummary:
     started = time.perf_counter()
     stages: defaultdict[str, float] = defaultdict(float)
     # The driver's copy of the models, on its CPU: their signatures and preprocessing for the plan and
@@ -121,7 +124,8 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
     driver_settings = dataclasses.replace(settings, device="cpu", precision="fp32")
     encoder, fine_encoder = load_encoder(driver_settings), load_fine_encoder(driver_settings)
     plan = plan_embed(encoder, source, out, decode="cpu", fine_encoder=fine_encoder, shard_size=shard_size,
-                      workers=0, progress=progress, stages=stages,
+                      workers=0, progress=progress, stages=stages, thumbnail_side=thumbnail_side,
+                      max_pixels=max_pixels,
                       hash_files=lambda paths: _hash_on_cluster(ray, paths, task_cpus=resources.task_cpus))
     shards = plan.shards
     failed = 0
@@ -134,7 +138,8 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
                      resources.actor_cpus)
             dataset = _pipeline(ray, plan.todo, encoder.images, settings, out=out, run_base=len(shards.shard_names()),
                                 batch_size=batch_size, shard_size=shard_size, resources=resources, actors=actors,
-                                actor_gpus=actor_gpus, max_pixels=max_pixels, fine=fine_encoder is not None)
+                                actor_gpus=actor_gpus, max_pixels=max_pixels, fine=fine_encoder is not None,
+                                thumbnail_side=shards.thumbnail_side)
             pipeline_started = time.perf_counter()
             for written in dataset.iter_rows():
                 errors.write(written["errors"])
@@ -176,7 +181,7 @@ def _actor_pool(ray: Any, resources: RayResources) -> tuple[int, float]:
 
 def _pipeline(ray: Any, todo: list, images: ImagePreprocess, settings: Settings, *, out: Path, run_base: int,
               batch_size: int, shard_size: int, resources: RayResources, actors: int, actor_gpus: float,
-              max_pixels: int, fine: bool) -> Any:
+              max_pixels: int, fine: bool, thumbnail_side: int) -> Any:
     """The plan's rows → decode (CPU tasks) → forward (actors) → shard files (CPU tasks), one
     result row per shard written."""
     rows = [{"path": str(item.path), "row": json.dumps(dataclasses.asdict(document_row(item, digest)),
@@ -184,29 +189,38 @@ def _pipeline(ray: Any, todo: list, images: ImagePreprocess, settings: Settings,
             for item, digest in todo]
     run = uuid.uuid4().hex[:8]
     return (ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
-            .map_batches(_decode_batch, fn_kwargs={"images": images, "max_pixels": max_pixels},
+            .map_batches(_decode_batch, fn_kwargs={"images": images, "max_pixels": max_pixels,
+                                                   "thumbnail_side": thumbnail_side},
                          batch_size=batch_size, batch_format="numpy", num_cpus=resources.task_cpus)
             .map_batches(_EncodeBatches, fn_constructor_kwargs={"settings": settings, "max_pixels": max_pixels},
                          batch_size=batch_size, batch_format="numpy", num_cpus=resources.actor_cpus,
                          num_gpus=actor_gpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
             .map_batches(_write_shard, fn_kwargs={"root": str(out), "prefix": f"shard-{run_base:05d}-{run}",
-                                                  "fine": fine},
+                                                  "fine": fine, "thumbnails": bool(thumbnail_side)},
                          batch_size=shard_size, batch_format="numpy", num_cpus=resources.task_cpus))
 
 
-def _decode_batch(batch: dict[str, np.ndarray], *, images: ImagePreprocess, max_pixels: int) -> dict[str, np.ndarray]:
-    """A CPU task: each file read and decoded to the model's pixels (zeros, and the reason, when unusable)."""
+def _decode_batch(batch: dict[str, np.ndarray], *, images: ImagePreprocess, max_pixels: int,
+                  thumbnail_side: int) -> dict[str, np.ndarray]:
+    """A CPU task: each file read and decoded to the model's pixels (zeros, and the reason, when
+    unusable), and its thumbnail made from the same bytes (b"" when none is asked for)."""
     started = time.perf_counter()
     count = len(batch["path"])
     height, width = images.spec.output_size
     pixels = np.zeros((count, height, width, 3), dtype=np.uint8)
-    reasons = []
+    reasons, thumbnails = [], []
     for index, path in enumerate(batch["path"]):
-        decoded, reason = decode_file(images, Path(path), max_pixels=max_pixels)
+        data, reason = read_file(Path(path))
+        decoded = None
+        if data is not None:
+            decoded, reason = decode_data(images, data, max_pixels=max_pixels)
         if decoded is not None:
             pixels[index] = decoded
         reasons.append(reason or "")
+        thumbnails.append(make_thumbnail(data, side=thumbnail_side, max_pixels=max_pixels)
+                          if decoded is not None and thumbnail_side else b"")
     return {"path": batch["path"], "row": batch["row"], "reason": np.array(reasons, dtype=object), "pixels": pixels,
+            "thumbnail": np.array(thumbnails, dtype=object),
             "decode_s": np.full(count, (time.perf_counter() - started) / max(count, 1))}
 
 
@@ -221,7 +235,7 @@ class _EncodeBatches:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["path"])
         usable = batch["reason"] == ""
-        out = {name: batch[name] for name in ("path", "row", "reason", "decode_s")}
+        out = {name: batch[name] for name in ("path", "row", "reason", "thumbnail", "decode_s")}
         started = time.perf_counter()
         vectors = np.zeros((count, self.encoder.dim), dtype=np.float32)
         if usable.any():
@@ -239,7 +253,8 @@ class _EncodeBatches:
         return out
 
 
-def _write_shard(batch: dict[str, np.ndarray], *, root: str, prefix: str, fine: bool) -> dict[str, list]:
+def _write_shard(batch: dict[str, np.ndarray], *, root: str, prefix: str, fine: bool,
+                 thumbnails: bool) -> dict[str, list]:
     """A CPU task: one shard of the batch's usable rows, named by the run and its ids; the failures
     as errors.jsonl lines for the driver."""
     started = time.perf_counter()
@@ -252,7 +267,8 @@ def _write_shard(batch: dict[str, np.ndarray], *, root: str, prefix: str, fine: 
     if rows:
         digest = hashlib.sha256("\n".join(row.id for row in rows).encode("utf-8")).hexdigest()[:12]
         name = write_shard_files(Path(root), f"{prefix}-{digest}", batch["vector"][usable], rows,
-                                 batch["fine"][usable] if fine else None)
+                                 batch["fine"][usable] if fine else None,
+                                 [bytes(t) for t in batch["thumbnail"][usable]] if thumbnails else None)
     result = {"shard": [name], "rows": [len(rows)], "failed": [int((~usable).sum())], "errors": [failures]}
     for stage in STAGE_COLUMNS:
         result[f"{stage}_s"] = [float(np.sum(batch[f"{stage}_s"]))]

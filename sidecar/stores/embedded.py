@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import faiss
 import numpy as np
 
-from sidecar.stores.base import ModelMismatchError, StoreError, StoreReport
+from sidecar.stores.base import FacetCounts, ModelMismatchError, StoreError, StoreReport
 from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS docs (
     metadata TEXT NOT NULL,
     content_hash TEXT NOT NULL,
     deleted INTEGER NOT NULL DEFAULT 0,
-    fine_vector BLOB
+    fine_vector BLOB,
+    thumbnail BLOB
 );
 CREATE UNIQUE INDEX IF NOT EXISTS docs_live_id ON docs(id) WHERE deleted = 0;
 CREATE INDEX IF NOT EXISTS docs_dead ON docs(row) WHERE deleted = 1;
@@ -171,6 +172,7 @@ class EmbeddedStore:
         self._sessions = 0
         self._sessions_lock = threading.Lock()
         self._local = threading.local()
+        self._facets: tuple[int, dict[str, FacetCounts]] | None = None  # (generation, every field's counts)
         self._readers: list[sqlite3.Connection] = []
         self._writer = self._connect()
         # A commit is on disk when COMMIT returns (WAL fsynced), before an old graph file is removed.
@@ -211,10 +213,12 @@ class EmbeddedStore:
             found = None if row is None else row[0]
             raise StoreError(f"{self.path} holds embedded-store format {found!r}; this version reads "
                              f"{', '.join(map(repr, _READABLE_FORMATS))}")
-        if "fine_vector" not in {column for _, column, *_ in conn.execute("PRAGMA table_info(docs)")}:
-            # Stores made before fine ranking: the column is NULL for every existing document.
-            with self._file_lock():
-                conn.execute("ALTER TABLE docs ADD COLUMN fine_vector BLOB")
+        columns = {column for _, column, *_ in conn.execute("PRAGMA table_info(docs)")}
+        # Stores made before fine ranking, or before thumbnails: the column is NULL for every existing document.
+        for column in ("fine_vector", "thumbnail"):
+            if column not in columns:
+                with self._file_lock():
+                    conn.execute(f"ALTER TABLE docs ADD COLUMN {column} BLOB")
 
     def close(self) -> None:
         with self._write_lock, self._state_lock:
@@ -458,7 +462,8 @@ class EmbeddedStore:
             self._append_vectors(start, matrix)
             self._tombstone(write.conn, old_rows)
             write.conn.executemany(
-                "INSERT INTO docs(row, id, text, metadata, content_hash, fine_vector) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO docs(row, id, text, metadata, content_hash, fine_vector, thumbnail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(start + i, *payload) for i, payload in enumerate(rows_payload)],
             )
             write.conn.executemany(
@@ -605,6 +610,21 @@ class EmbeddedStore:
                         fine_vector=None if fine is None else np.frombuffer(fine, dtype=np.float32).copy(),
                     )
         return [found[doc_id] for doc_id in wanted if doc_id in found]
+
+    def thumbnail(self, doc_id: str) -> bytes | None:
+        with self._read() as (conn, _):
+            row = conn.execute("SELECT thumbnail FROM docs WHERE deleted = 0 AND id = ?", (doc_id,)).fetchone()
+        return bytes(row[0]) if row and row[0] else None
+
+    def facets(self, *, size: int = 20) -> dict[str, FacetCounts]:
+        """Counted once per committed generation (a scan of every document's metadata), then kept."""
+        _require_positive_int("size", size)
+        with self._read() as (conn, state):
+            cached = self._facets
+            if cached is None or cached[0] != state.generation:
+                counts = _count_metadata_values(conn)
+                cached = self._facets = (state.generation, counts)
+        return {name: counts.top(size) for name, counts in cached[1].items()}
 
     def vector_search(
         self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False,
@@ -911,6 +931,29 @@ def fts_match_expression(query: str) -> str | None:
     return " OR ".join(f'"{word}"' for word in words)
 
 
+# JSON types a metadata value (or a list's element) may have to be counted as a facet: what filters match.
+_FACET_TYPES = "('text', 'integer', 'real', 'true', 'false')"
+
+
+def _count_metadata_values(conn: sqlite3.Connection) -> dict[str, FacetCounts]:
+    """Every top-level metadata field → (value, documents holding it) for its scalar values and the
+    elements of its list values (what `_filter_sql` matches), most frequent first."""
+    rows = conn.execute(
+        "SELECT key, type, atom, count(DISTINCT row) FROM ("
+        "  SELECT d.row AS row, j.key AS key, j.type AS type, j.atom AS atom"
+        "  FROM docs d, json_each(d.metadata) j"
+        f"  WHERE d.deleted = 0 AND j.type IN {_FACET_TYPES}"
+        "  UNION ALL"
+        "  SELECT d.row, j.key, e.type, e.atom FROM docs d, json_each(d.metadata) j, json_each(j.value) e"
+        f"  WHERE d.deleted = 0 AND j.type = 'array' AND e.type IN {_FACET_TYPES}"
+        ") GROUP BY key, type, atom")
+    found: dict[str, list[tuple[Any, int]]] = {}
+    for key, kind, atom, count in rows:
+        value = {"true": True, "false": False}.get(kind, atom)
+        found.setdefault(key, []).append((value, count))
+    return {key: FacetCounts.ranked(values) for key, values in found.items()}
+
+
 def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
     """Metadata filters -> SQL over alias `d`; a field matches if it (or any element of a list field) equals a value."""
     if not isinstance(filters, dict) and not hasattr(filters, "items"):
@@ -1001,7 +1044,7 @@ def _stack_document_vectors(docs: Sequence[Document]) -> np.ndarray:
     return matrix
 
 
-def _document_row(doc: Document) -> tuple[str, str, str, str, bytes | None]:
+def _document_row(doc: Document) -> tuple[str, str, str, str, bytes | None, bytes | None]:
     if not isinstance(doc.text, str) or not isinstance(doc.content_hash, str):
         raise ValueError(f"document {doc.id!r}: text and content_hash must be strings")
     try:
@@ -1016,7 +1059,7 @@ def _document_row(doc: Document) -> tuple[str, str, str, str, bytes | None]:
         if vector.ndim != 1 or not np.isfinite(vector).all():
             raise ValueError(f"document {doc.id!r}: fine_vector must be one finite float vector")
         fine = vector.tobytes()
-    return doc.id, doc.text, metadata, doc.content_hash, fine
+    return doc.id, doc.text, metadata, doc.content_hash, fine, doc.thumbnail or None
 
 
 def _dim_message(expected: int, got: int, signature: ModelSignature | None) -> str:
