@@ -51,7 +51,10 @@ RATIOS = [("batched", "unbatched"), ("batched", "no-graphs"), ("batched", "floor
 def start_server(port: int, *, variant: dict[str, str], workers: int, threads: int, model: str | None,
                  store_path: Path, app: str = "sidecar.api.wsgi:app") -> subprocess.Popen:
     env = {**os.environ, **variant, "SIDECAR_STORE_PATH": str(store_path), "GUNICORN_LOGLEVEL": "warning",
-           "SIDECAR_REQUEST_THREADS": str(threads)}  # gunicorn's threads, and what sizes the encode queue
+           "SIDECAR_REQUEST_THREADS": str(threads),  # gunicorn's threads
+           # Admit every request a worker's threads can hold (the default bound, half of them, answers
+           # 503 under this load, and for max_batch 1 admits one item): measured here is throughput.
+           "SIDECAR_QUEUE_ITEMS": str(threads)}
     if model:
         env["SIDECAR_MODEL"] = model
     args = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
