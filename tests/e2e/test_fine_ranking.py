@@ -11,16 +11,10 @@ from sidecar.api.state import state_of
 from sidecar.config import Settings
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.indexing import index_shards
-from sidecar.model.encoder import load_encoder
 from sidecar.model.tiny_model import LARGE_MODEL_NAME
 from sidecar.stores.embedded import EmbeddedStore
 
 pytestmark = pytest.mark.slow  # trains the stronger tiny model once per test run (a few minutes)
-
-
-@pytest.fixture(scope="session")
-def fine_encoder(model_settings):
-    return load_encoder(Settings(cache_dir=model_settings.cache_dir, model=LARGE_MODEL_NAME))
 
 
 @pytest.fixture(scope="session")
