@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 
 import ftfy
@@ -27,6 +28,12 @@ def test_a_text_that_exactly_fills_the_context_is_not_truncated(encoder):
     assert prepared.lengths == [encoder.context_length, encoder.context_length + 5]
 
 
+@functools.cache
+def reference_tokenizer(context_length: int) -> open_clip.tokenizer.SimpleTokenizer:
+    """open_clip's own tokenizer, built once (loading its vocabulary per example made this test take minutes)."""
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+
 TEXTS = st.text(alphabet=st.characters(codec="utf-8"), max_size=120) | st.text(
     alphabet=st.sampled_from("abc XYZ 09 &amp; &#39; < > ' \" \t \r\n \x1b \x00 é ﬁ ＡＢ “ ” Ã©"), max_size=400)
 
@@ -36,7 +43,7 @@ TEXTS = st.text(alphabet=st.characters(codec="utf-8"), max_size=120) | st.text(
 def test_prepared_texts_equal_open_clips_own_tokenizer(encoder, texts):
     """The batch path (one array, ftfy skipped for printable ASCII without '&') gives open_clip's
     ids exactly, truncation included, and the full token counts."""
-    reference = open_clip.tokenizer.SimpleTokenizer(context_length=encoder.context_length)
+    reference = reference_tokenizer(encoder.context_length)
     prepared = encoder.prepare_texts(texts)
     assert torch.equal(prepared.tokens, reference(texts))
     assert prepared.lengths == [len(reference.encode(text)) + 2 for text in texts]
