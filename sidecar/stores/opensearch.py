@@ -772,6 +772,10 @@ class _SecuredTransport(Transport):
             raise StoreError(f"OpenSearch at {who.url} refused the credentials of user {who.user!r} (401): check "
                              f"SIDECAR_OPENSEARCH_USER and SIDECAR_OPENSEARCH_PASSWORD") from exc
         except AuthorizationException as exc:
+            if method == "HEAD" and not exc.error:
+                # A HEAD answer has no body, so its 403 cannot say which permission is missing: the
+                # same URL asked with GET (the same permission, indices:admin/get) names it.
+                return self.perform_request("GET", url, *args, **kwargs)
             if exc.error != "security_exception":
                 raise  # e.g. a cluster_block_exception (a read-only index) is a 403 too
             raise StoreError(f"OpenSearch at {who.url} refused {method} {url} to user {who.user!r}: "
