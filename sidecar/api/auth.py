@@ -30,6 +30,7 @@ KEY_PREFIX = "csk_"
 SCOPES = {
     "embeddings": ("/v1/embeddings", "/v1/models"),
     "search": ("/v1/search",),
+    "classify": ("/v1/classify", "/v1/prompt-sets"),
     "metrics": ("/metrics",),
 }
 ALL_SCOPES = "*"

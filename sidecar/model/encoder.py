@@ -107,6 +107,7 @@ class Encoder:
             probe = self.forward_texts(self.tokenizer([""]))
         self.dim = int(probe.shape[-1])
         self.signature = ModelSignature(model=name, weights=weights, dim=self.dim)
+        self.logit_scale = _logit_scale(model)
 
     # ---- pre: CPU work, safe to run in request threads or worker processes ----
     def prepare_texts(self, texts: Sequence[str]) -> PreparedTexts:
@@ -224,6 +225,16 @@ def _is_simple_tokenizer(tokenizer) -> bool:
     from open_clip.tokenizer import SimpleTokenizer
 
     return isinstance(tokenizer, SimpleTokenizer) and tokenizer.reduction_fn is None
+
+
+def _logit_scale(model: torch.nn.Module) -> float:
+    """The model's learnt temperature (open_clip keeps its log): zero-shot probabilities are a softmax of
+    cosine similarities times it. Models without one get CLIP's ceiling, 100."""
+    log_scale = getattr(model, "logit_scale", None)
+    if log_scale is None:
+        log.warning("%s has no logit_scale: zero-shot probabilities use CLIP's 100", type(model).__name__)
+        return 100.0
+    return float(torch.as_tensor(log_scale).detach().float().exp())
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:

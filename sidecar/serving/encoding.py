@@ -85,6 +85,21 @@ class EncodingService:
                            else np.zeros((0, self.encoder.dim), dtype=np.float32),
                            truncated=truncated, tokens=sum(min(entry.tokens, context) for entry in entries))
 
+    def encode_prompt_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for a prompt set's prompts, as written (no prompt_template: the set has its own
+        templates; not through the in-memory text-vector cache: the set's vectors are cached whole;
+        the batcher's disk table keys each text as fed to the model, so it serves them like any
+        text). Sent through the text batcher in turns of a quarter of queue_items, so a large set
+        shares the model with requests and leaves most of the queue to them, each turn with its own
+        request_timeout_s. (`serve` computes every set's vectors before the workers start: this is
+        for sets added later.)"""
+        turn = max(1, self.settings.encode_queue_items() // 4)
+        parts = []
+        for start in range(0, len(texts), turn):
+            entries = self._texts.submit(list(texts[start:start + turn]), timeout_s=self.settings.request_timeout_s)
+            parts.append(np.stack([entry.vector for entry in entries]))
+        return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), dtype=np.float32)
+
     def open_image(self, data: bytes) -> Image.Image:
         """Uploaded file bytes, header only: format (image_formats), declared size (max_image_pixels),
         resized size (max_resized_side) and decode memory (decode_memory_bytes) are checked before

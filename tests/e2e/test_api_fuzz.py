@@ -55,6 +55,10 @@ SEARCH = bodies({}, {
     "fusion": st.sampled_from(["minmax", "zscore", "rrf"]),
     "weights": st.fixed_dictionaries({}, optional={"vector": st.floats(), "bm25": st.floats()}),
     "rerank": st.booleans(), "exact": st.booleans(), "filters": FILTERS})
+CLASSIFY = bodies({"set": st.sampled_from(["shapes", "colors", "descriptions", "nope"]) | TEXT,
+                   "input": st.lists(ITEMS, min_size=1, max_size=10) | ITEMS}, {
+    "modality": st.sampled_from(["text", "image"]), "k": st.integers(-5, 1100),
+    "threshold": st.floats() | st.integers(-3, 3)})
 NESTED = st.integers(1, 5000).map(lambda depth: "[" * depth + "]" * depth)
 
 FUZZ = settings(max_examples=250, deadline=None, database=None,
@@ -68,7 +72,8 @@ def assert_answered_without_5xx(response) -> None:
         assert error["code"] and error["message"]
 
 
-@pytest.mark.parametrize(("path", "bodies"), [("/v1/embeddings", EMBEDDINGS), ("/v1/search", SEARCH)])
+@pytest.mark.parametrize(("path", "bodies"), [("/v1/embeddings", EMBEDDINGS), ("/v1/search", SEARCH),
+                                              ("/v1/classify", CLASSIFY)])
 def test_no_json_body_gets_a_5xx(client, path, bodies):
     @FUZZ
     @given(body=bodies)
@@ -79,7 +84,7 @@ def test_no_json_body_gets_a_5xx(client, path, bodies):
     post()
 
 
-@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/search"])
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/search", "/v1/classify"])
 def test_no_raw_body_gets_a_5xx(client, path):
     @FUZZ
     @given(raw=st.binary(max_size=200) | TEXT.map(lambda t: t.encode("utf-8", "surrogatepass")) | NESTED.map(str.encode))
@@ -96,12 +101,13 @@ SCHEMATHESIS = [str(Path(sys.executable).parent / "schemathesis"), "--config-fil
 
 
 @pytest.fixture(scope="module")
-def default_server(store_path, test_cache_dir, tmp_path_factory):
+def default_server(store_path, test_cache_dir, example_prompt_sets, tmp_path_factory):
     """gunicorn with every limit at its default (the OpenAPI file states those), a text-vector cache
-    of its own, the test run's tiny model."""
+    of its own, the test run's tiny model, the example prompt sets."""
     folder = tmp_path_factory.mktemp("schemathesis-server")
     env = {"SIDECAR_STORE_PATH": str(store_path), "SIDECAR_CACHE_DIR": str(folder / "cache"),
-           "SIDECAR_PRETRAINED": str(checkpoint_path(test_cache_dir))}
+           "SIDECAR_PRETRAINED": str(checkpoint_path(test_cache_dir)),
+           "SIDECAR_PROMPT_SETS_DIR": str(example_prompt_sets)}
     with gunicorn_server(env, folder / "server.log") as url:
         yield url, folder / "server.log"
 
