@@ -1,12 +1,15 @@
 """Serving benchmark: gunicorn + the sidecar, driven over loopback at several concurrencies.
 
-Runs the same load against several server variants in one run — micro-batched, unbatched
-(max_batch=1) and, on a GPU, batched without CUDA graphs — and prints QPS, p50/p95/p99, the
-batch-size histogram and the ratios between variants. Every request is a cache miss (unique
-text), so the encoder does the work. The load comes from separate client processes speaking
-keep-alive HTTP/1.1 over raw sockets, so the load generator costs little CPU beside the server.
+Runs the same load against several server variants in one run — `floor` (the same app and
+gunicorn config, /v1/embeddings answered from a precomputed vector: bench/serve_floor.py),
+micro-batched, unbatched (max_batch=1) and, on a GPU, batched without CUDA graphs — and prints
+QPS, p50/p95/p99, server CPU per request and the part of it the forward passes took (the
+batcher's sidecar_forward_cpu_seconds_total), the batch-size histogram and the ratios between
+variants. Every request is a cache miss (unique text), so the encoder does the work. The load
+comes from separate client processes speaking keep-alive HTTP/1.1 over raw sockets, so the load
+generator costs little CPU beside the server.
 
-    .venv/bin/python bench/serve_load.py                       # tiny model, CPU
+    .venv/bin/python bench/serve_load.py --variants floor,batched,unbatched   # tiny model, CPU
     .venv/bin/python bench/serve_load.py --model ViT-B-32 --requests 4000 --concurrency 1,16,64 \
         --workers 4 --client-processes 4 --variants batched,unbatched,no-graphs
 """
@@ -37,22 +40,26 @@ COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
 # Server variants: SIDECAR_* settings each one runs with.
 VARIANTS = {
+    "floor": {"SIDECAR_MAX_BATCH": "64"},  # served by bench/serve_floor.py's app
     "batched": {"SIDECAR_MAX_BATCH": "64"},
     "unbatched": {"SIDECAR_MAX_BATCH": "1"},
     "no-graphs": {"SIDECAR_MAX_BATCH": "64", "SIDECAR_CUDA_GRAPHS": "false"},
 }
-RATIOS = [("batched", "unbatched"), ("batched", "no-graphs")]
+RATIOS = [("batched", "unbatched"), ("batched", "no-graphs"), ("batched", "floor")]
 
 
 def start_server(port: int, *, variant: dict[str, str], workers: int, threads: int, model: str | None,
-                 store_path: Path) -> subprocess.Popen:
+                 store_path: Path, app: str = "sidecar.api.wsgi:app") -> subprocess.Popen:
     env = {**os.environ, **variant, "SIDECAR_STORE_PATH": str(store_path), "GUNICORN_LOGLEVEL": "warning",
-           "SIDECAR_REQUEST_THREADS": str(threads)}  # gunicorn's threads, and what sizes the encode queue
+           "SIDECAR_REQUEST_THREADS": str(threads),  # gunicorn's threads
+           # Admit every request a worker's threads can hold (the default bound, half of them, answers
+           # 503 under this load, and for max_batch 1 admits one item): measured here is throughput.
+           "SIDECAR_QUEUE_ITEMS": str(threads)}
     if model:
         env["SIDECAR_MODEL"] = model
     args = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
             "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-            "--access-logfile", "/dev/null", "sidecar.api.wsgi:app"]
+            "--access-logfile", "/dev/null", "--pythonpath", str(ROOT / "bench"), app]
     process = subprocess.Popen(args, env=env, cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 300
     ready: set[int] = set()
@@ -150,8 +157,18 @@ def drive(port: int, *, concurrency: int, requests: int, seed: int, encoding_for
             "errors": errors, "latencies": latencies}
 
 
+def scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def forward_cpu_seconds(port: int) -> float:
+    """CPU the text forward passes have taken so far, summed over the workers (0 for the floor)."""
+    found = re.search(r'sidecar_forward_cpu_seconds_total\{modality="text"\} (\S+)', scrape(port))
+    return float(found.group(1)) if found else 0.0
+
+
 def batch_histogram(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    text = scrape(port)
     buckets = {m.group(1): float(m.group(2)) for m in
                re.finditer(r'sidecar_batch_size_bucket\{le="([^"]+)",modality="text"\} (\S+)', text)}
     histogram, previous = {}, 0.0
@@ -184,7 +201,7 @@ def run_load(port: int, concurrency: int, requests: int, seed: int, processes: i
     """Split the connections over client processes (separate GILs) and merge their latencies."""
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
-    server_cpu = cpu_seconds(server_pid)
+    server_cpu, forward_cpu = cpu_seconds(server_pid), forward_cpu_seconds(port)
     children = [subprocess.Popen([sys.executable, __file__, "--client", str(port), str(share),
                                   str(requests * share // concurrency), str(seed * 1000 + i), encoding_format],
                                  stdout=subprocess.PIPE, text=True)
@@ -193,13 +210,14 @@ def run_load(port: int, concurrency: int, requests: int, seed: int, processes: i
     if any(child.returncode for child in children):
         raise RuntimeError("a load-generator process failed")
     server_cpu = cpu_seconds(server_pid) - server_cpu
+    forward_cpu = forward_cpu_seconds(port) - forward_cpu
     client_cpu = sum(p["cpu"] for p in parts)  # the request loops only, not process start-up
     wall = max(p["started"] + p["wall"] for p in parts) - min(p["started"] for p in parts)
     ms = np.asarray([x for p in parts for x in p["latencies"]]) * 1000
     return {"concurrency": concurrency, "requests": len(ms), "errors": sum(p["errors"] for p in parts),
             "qps": len(ms) / wall, "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
             "p99": float(np.percentile(ms, 99)), "server_cpu_ms": server_cpu / len(ms) * 1000,
-            "client_cpu_ms": client_cpu / len(ms) * 1000}
+            "forward_cpu_ms": forward_cpu / len(ms) * 1000, "client_cpu_ms": client_cpu / len(ms) * 1000}
 
 
 def main() -> None:
@@ -211,7 +229,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes (one model each)")
     parser.add_argument("--threads", type=int, default=64, help="gunicorn threads per worker")
     parser.add_argument("--client-processes", type=int, default=1, help="load-generator processes")
-    parser.add_argument("--variants", default="batched,unbatched", help=f"from {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="floor,batched,unbatched", help=f"from {', '.join(VARIANTS)}")
     parser.add_argument("--encoding-format", default="base64", choices=("base64", "float"),
                         help="response vectors as OpenAI's clients ask for them (base64) or JSON floats")
     parser.add_argument("--port", type=int, default=8731)
@@ -237,7 +255,8 @@ def main() -> None:
         for v, label in enumerate(variants):
             seed = run_id + 10 * v
             server = start_server(args.port, variant=VARIANTS[label], workers=args.workers, threads=args.threads,
-                                  model=args.model, store_path=Path(store_dir))
+                                  model=args.model, store_path=Path(store_dir),
+                                  app="serve_floor:app" if label == "floor" else "sidecar.api.wsgi:app")
             try:
                 load = dict(server_pid=server.pid, encoding_format=args.encoding_format)
                 run_load(args.port, 4 * args.workers, 200 * args.workers, seed, args.client_processes, **load)  # warm-up
@@ -247,16 +266,19 @@ def main() -> None:
             finally:
                 stop_server(server)
             print(f"{'conc':>5} {'reqs':>6} {'err':>4} {'QPS':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-                  f"{'server CPU ms/req':>18} {'client CPU ms/req':>18}")
+                  f"{'server CPU ms/req':>18} {'of it forward':>14} {'outside forward':>16} {'client CPU ms/req':>18}")
             for r in results[label]:
                 print(f"{r['concurrency']:>5} {r['requests']:>6} {r['errors']:>4} {r['qps']:>8.1f} {r['p50']:>8.2f} "
-                      f"{r['p95']:>8.2f} {r['p99']:>8.2f} {r['server_cpu_ms']:>18.2f} {r['client_cpu_ms']:>18.2f}")
+                      f"{r['p95']:>8.2f} {r['p99']:>8.2f} {r['server_cpu_ms']:>18.3f} {r['forward_cpu_ms']:>14.3f} "
+                      f"{r['server_cpu_ms'] - r['forward_cpu_ms']:>16.3f} {r['client_cpu_ms']:>18.2f}")
     for a, b in RATIOS:
         if a in results and b in results:
             print(f"\n{a} / {b}:")
             for x, y in zip(results[a], results[b]):
+                outside = (x["server_cpu_ms"] - x["forward_cpu_ms"]) / max(1e-9, y["server_cpu_ms"] - y["forward_cpu_ms"])
                 print(f"  concurrency {x['concurrency']:>3}: QPS x{x['qps'] / y['qps']:.2f}, "
-                      f"p50 {x['p50']:.2f} vs {y['p50']:.2f} ms ({x['p50'] - y['p50']:+.2f} ms)")
+                      f"p50 {x['p50']:.2f} vs {y['p50']:.2f} ms ({x['p50'] - y['p50']:+.2f} ms), "
+                      f"server CPU outside the forward x{outside:.2f}")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     print(f"device: {device}; model {encoder.signature.describe()}, {encoder.precision}; "
           f"{torch.get_num_threads()} torch threads")
-    batches = {n: torch.stack([encoder.prepare_text(f"a photo of item {i}, red sneakers").tokens for i in range(n)])
-               for n in sizes}
+    batches = {n: encoder.prepare_texts([f"a photo of item {i}, red sneakers" for i in range(n)]).tokens for n in sizes}
     eager = {n: ms_per_call(encoder.forward_texts, batches[n], seconds=args.seconds, cuda=cuda) for n in sizes}
     graphed: dict[int, float] = {}
     if cuda:

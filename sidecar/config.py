@@ -19,6 +19,8 @@ OPENSEARCH_ENGINES = ("lucene", "faiss")  # faiss needs the k-NN native library
 # Where the embed job decodes JPEGs: cpu (PIL in worker processes), device (batched on the
 # model's device: nvjpeg on a GPU), auto (device on CUDA, else cpu).
 DECODE_MODES = ("auto", "cpu", "device")
+# What runs the embed job: this machine's processes, or a Ray cluster (the `ray` extra).
+EMBED_ENGINES = ("local", "ray")
 # Image formats decoded by default: what cameras, phones and the web produce. Pillow knows forty
 # more, some through external programs (EPS hands off to Ghostscript) or rarely exercised decoders;
 # an upload is opened only by the decoders named here (setting image_formats).
@@ -26,6 +28,9 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Longer side of an image after the model's resize step: 100 x 400,000 would resize to
 # 224 x 896,000 under a shortest-side resize; 8192 allows panoramas up to ~36:1 at 224 px.
 MAX_RESIZED_SIDE = 8192
+# Longer side of the thumbnail `embed` keeps of each image for the search page: a results grid shows
+# them at about 150 CSS pixels, and 128-px JPEGs weigh 3-6 KB (a million documents: a few GB).
+THUMBNAIL_SIDE = 128
 
 
 def _default_cache_dir() -> Path:
@@ -63,6 +68,10 @@ class Settings:
     # PEM file of the CA(s) that signed the cluster's HTTPS certificate (a private CA); "" = the system's CAs.
     opensearch_ca_certs: str = ""
     opensearch_engine: str = "lucene"  # one of OPENSEARCH_ENGINES
+    # Primary shards and replicas of each index the store creates (setup, rebuild); docs/scaling.md
+    # sizes them. One shard holds ~10-50 GB; a replica per shard keeps a lost node's shards searchable.
+    opensearch_shards: int = 1
+    opensearch_replicas: int = 1
     # plugin_config/ (index template, search pipelines): "" = the checkout's; an installed
     # package (Docker) needs the path of a copy.
     plugin_config_dir: str = ""
@@ -200,7 +209,8 @@ class Settings:
         for name in ("max_batch_items", "max_body_bytes", "max_json_depth", "max_image_pixels", "max_request_pixels",
                      "max_resized_side", "decode_memory_bytes", "max_text_chars", "max_filter_fields",
                      "max_filter_values", "max_k", "max_batch", "request_threads", "text_cache_size",
-                     "text_cache_max_entries", "rerank_candidates", "serve_torch_threads", "target_recall_k",
+                     "text_cache_max_entries", "rerank_candidates", "serve_torch_threads", "opensearch_shards",
+                     "target_recall_k",
                      "calibration_queries", "monitor_queue", "quality_log_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
@@ -209,6 +219,8 @@ class Settings:
                 raise ValueError(f"setting {name} must be between 0 and 1, got {getattr(self, name)}")
         if self.quality_log_backups < 0:
             raise ValueError(f"setting quality_log_backups must be >= 0, got {self.quality_log_backups}")
+        if self.opensearch_replicas < 0:
+            raise ValueError(f"setting opensearch_replicas must be >= 0, got {self.opensearch_replicas}")
         if self.queue_items < 0:
             raise ValueError(f"setting queue_items must be >= 0 (0 = sized from request_threads), "
                              f"got {self.queue_items}")

@@ -48,6 +48,10 @@ class NotEnabled(ApiError):
     status, code = 404, "not_enabled"
 
 
+class DocumentNotFound(ApiError):
+    status, code = 404, "document_not_found"
+
+
 class PromptSetMissing(ApiError):
     status, code = 404, "prompt_set_not_found"
 

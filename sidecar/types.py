@@ -32,7 +32,9 @@ class Document:
     """One indexed item: an L2-normalised vector plus the text BM25 sees and free metadata.
 
     `fine_vector` is the same image by the fine-ranking model (stored beside the document, not
-    in the ANN index), or None where no fine model was configured."""
+    in the ANN index), or None where no fine model was configured. `thumbnail` is a small JPEG of
+    the image for the search page (written by `embed`; stores keep it and serve it by id, and
+    `Store.fetch` leaves it out), or None."""
 
     id: str
     vector: np.ndarray
@@ -40,6 +42,7 @@ class Document:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     content_hash: str = ""
     fine_vector: np.ndarray | None = None
+    thumbnail: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ import time
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from sidecar.api import auth, classify, embeddings, feedback, ops, search, status
+from sidecar.api import auth, captions, classify, documents, embeddings, feedback, ops, page, search, status
 from sidecar.api.quality import build_quality
 from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import body_too_large
@@ -35,7 +35,9 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    auth.init_app(app, settings)  # first: a malformed SIDECAR_API_KEYS fails before the models load
+    # First: a malformed SIDECAR_API_KEYS fails before the models load. The page's own files hold no data
+    # and must load before anyone can type a key into it.
+    auth.init_app(app, settings, public_paths=page.PUBLIC_PATHS)
     # The server loads cached models only: downloading or training inside a gunicorn worker
     # would outlast its boot timeout (`clip-sidecar models fetch` is the step that fetches).
     encoder = encoder or load_encoder(settings, fetch=False)
@@ -46,7 +48,8 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
                                prompt_sets=PromptSetRegistry(settings.prompt_sets_dir),
                                fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None,
                                quality=build_quality(settings, store)))
-    for blueprint in (embeddings.bp, search.bp, classify.bp, ops.bp, status.bp, feedback.bp):
+    for blueprint in (embeddings.bp, search.bp, captions.bp, classify.bp, documents.bp, ops.bp, page.bp, status.bp,
+                      feedback.bp):
         app.register_blueprint(blueprint)
     _register_errors(app, settings)
     _register_request_metrics(app)

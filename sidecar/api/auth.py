@@ -29,8 +29,9 @@ KEY_PREFIX = "csk_"
 # What each scope opens (path prefixes). Endpoints in no scope (/readyz, /openapi.yaml) take any valid key.
 SCOPES = {
     "embeddings": ("/v1/embeddings", "/v1/models"),
-    # Feedback comes from whoever shows search results; the status page is metrics in another shape.
-    "search": ("/v1/search", "/v1/feedback"),
+    # everything that reads the index (the page's calls besides /v1/search read it too), and feedback,
+    # which comes from whoever shows search results
+    "search": ("/v1/search", "/v1/captions", "/v1/facets", "/v1/documents", "/v1/feedback"),
     "classify": ("/v1/classify", "/v1/prompt-sets"),
     "metrics": ("/metrics", "/v1/status"),
 }
@@ -215,16 +216,16 @@ def refusal_to_serve(settings: Settings, hosts: Iterable[str]) -> str | None:
             f"(SIDECAR_INSECURE=true) to serve open on purpose")
 
 
-def init_app(app: Flask, settings: Settings) -> None:
-    """Require a key on every request (but /healthz, and /metrics when metrics_public) once
-    SIDECAR_API_KEYS names any; without keys the API is open, as `serve` allows only on loopback."""
+def init_app(app: Flask, settings: Settings, *, public_paths: tuple[str, ...] = ()) -> None:
+    """Require a key on every request (but /healthz, `public_paths`, and /metrics when metrics_public)
+    once SIDECAR_API_KEYS names any; without keys the API is open, as `serve` allows only on loopback."""
     from flask import request  # here, not at the top: the CLI imports this module for `keys create`
 
     entries = parse_key_entries(settings.api_keys)
     if not entries:
         log.info("no API keys configured (SIDECAR_API_KEYS): every endpoint is open")
         return
-    open_paths = OPEN_PATHS + (("/metrics",) if settings.metrics_public else ())
+    open_paths = OPEN_PATHS + public_paths + (("/metrics",) if settings.metrics_public else ())
     guard = KeyGuard(entries, rate=settings.api_rate_limit, burst=settings.api_rate_burst, open_paths=open_paths)
     log.info("API keys required: %d key(s) (%s); rate limit %s", len(entries), ", ".join(e.name for e in entries),
              f"{settings.api_rate_limit:g}/s per key and worker" if settings.api_rate_limit > 0 else "none")

@@ -1,4 +1,5 @@
-"""POST /v1/search: text, image or both → coarse retrieval (vector / bm25 / hybrid) → the fine stage (rerank)."""
+"""POST /v1/search: text, image (or a stored document: `like`) or both → coarse retrieval (vector / bm25 /
+hybrid) → the fine stage (rerank); `offset` pages through the ranking."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import uuid
 
 from flask import Blueprint, jsonify, request
 
+from sidecar.api.documents import stored_document
 from sidecar.api.state import current_state
 from sidecar.api.validation import (
     bounded_int,
     choice,
     decode_images,
+    filter_errors,
     filters,
     image_bytes,
     is_blank,
@@ -24,11 +27,11 @@ from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.retrieval.fusion import FUSION_METHODS
 from sidecar.retrieval.search import MODES, SearchOptions, query_vector, search
 from sidecar.serving import metrics
-from sidecar.stores.base import StoreQueryError
 
 bp = Blueprint("search", __name__)
 
-FIELDS = ("text", "image", "mode", "k", "candidates", "fusion", "weights", "rerank", "exact", "ef_search", "filters")
+FIELDS = ("text", "image", "mode", "k", "candidates", "fusion", "weights", "rerank", "exact", "ef_search", "filters",
+          "like", "offset")
 DEFAULT_WEIGHTS = dict(zip(("vector", "bm25"), SearchOptions().weights))
 
 
@@ -42,31 +45,38 @@ def search_endpoint():
     if text is not None and is_blank(text):
         text = None  # blank text beside an image: an image query
     image = optional(body, "image", str)
-    if text is None and image is None:
-        raise BadRequest("send field 'text' (not blank), field 'image' (base64), or both")
+    like = optional(body, "like", str)
+    if text is None and image is None and like is None:
+        raise BadRequest("send field 'text' (not blank), field 'image' (base64) or field 'like' (a stored document's "
+                         "id), or text with one of the other two")
+    if image is not None and like is not None:
+        raise BadRequest("send field 'image' or field 'like', not both: each is the query's image")
     mode = choice(body, "mode", choices=MODES, default="hybrid" if text else "vector")
     if mode != "vector" and text is None:
         raise BadRequest(f"field 'text' is required for mode {mode}; an image-only query uses mode vector")
     k = bounded_int(body, "k", default=10, low=1, high=settings.max_k)
-    options = _options(body, mode=mode, k=k, settings=settings)
+    offset = bounded_int(body, "offset", default=0, low=0, high=settings.max_k - 1)
+    if offset + k > settings.max_k:
+        raise BadRequest(f"fields 'offset' + 'k' must be at most {settings.max_k} (max_k), got {offset} + {k}")
+    # One hit past the page tells whether there is a next one.
+    options = _options(body, mode=mode, k=min(offset + k + 1, settings.max_k), settings=settings)
     data = image_bytes(image, field="image", max_bytes=settings.max_body_bytes) if image is not None else None
     pixels = decode_images([("image", data)], encoding=state.encoding, settings=settings) if data is not None else []
+    liked = stored_document(state.store, like, field="like") if like is not None else None
     started = time.perf_counter()
     # Every mode but bm25 searches by the fast model's vector; the fine stage needs the query by the
-    # fine model, which only it can encode (an image through the fine model's own preprocessing).
-    vector = _query(state.encoding, text=text if mode != "bm25" else None, pixels=pixels if mode != "bm25" else [])
+    # fine model, which only it can encode (an image through the fine model's own preprocessing; a
+    # stored document's own fine vector).
+    vector = _query(state.encoding, text=text if mode != "bm25" else None, pixels=pixels if mode != "bm25" else [],
+                    stored=liked.vector if liked is not None and mode != "bm25" else None)
     fine = state.fine_encoding if options.rerank else None
     fine_vector = None
     if fine is not None:
         fine_pixels = decode_images([("image", data)], encoding=fine, settings=settings) if data is not None else []
-        fine_vector = _query(fine, text=text, pixels=fine_pixels)
+        fine_vector = _query(fine, text=text, pixels=fine_pixels, stored=liked.fine_vector if liked else None)
     encoded = time.perf_counter()
-    try:
+    with filter_errors(options.filters):
         result = search(state.store, vector=vector, text=text, options=options, fine_vector=fine_vector)
-    except StoreQueryError as exc:
-        if not options.filters:
-            raise  # a query the sidecar built alone: the store's error, not the request's
-        raise BadRequest(f"field 'filters' does not fit the types of the stored metadata: {exc}") from exc
     metrics.STAGE_SECONDS.labels("search", mode).observe(result.timings_s["coarse"])
     metrics.STAGE_SECONDS.labels("rerank", mode).observe(result.timings_s["rerank"])
     query_id = uuid.uuid4().hex  # names this search in POST /v1/feedback and the hard-example log
@@ -74,7 +84,8 @@ def search_endpoint():
                                  result=result, model=state.encoding.encoder.name)
     body = {
         "query_id": query_id,
-        "hits": [hit.to_dict() for hit in result.hits],
+        "hits": [hit.to_dict() for hit in result.hits[offset:offset + k]],
+        "offset": offset,
         "mode": mode, "fusion": options.fusion, "rerank": result.reranked, "store": state.store.name,
         "took_ms": {"encode": 1000 * (encoded - started), "coarse": 1000 * result.timings_s["coarse"],
                     "rerank": 1000 * result.timings_s["rerank"]},
@@ -83,13 +94,16 @@ def search_endpoint():
         body["fine_model"] = fine.encoder.signature.describe()
     if result.rerank_skipped:
         body["rerank_skipped"] = result.rerank_skipped
+    if len(result.hits) > offset + k and offset + 2 * k <= settings.max_k:
+        body["next_offset"] = offset + k
     return jsonify(body)
 
 
-def _query(encoding, *, text: str | None, pixels: list):
-    """The query by one model: its text vector, its image vector, or the two combined; None for neither."""
+def _query(encoding, *, text: str | None, pixels: list, stored=None):
+    """The query by one model: its text vector, its image vector (encoded from `pixels`, or a stored
+    document's vector), or the two combined; None for neither."""
     text_vector = encoding.encode_texts([text]).vectors[0] if text is not None else None
-    image_vector = encoding.encode_images(pixels)[0] if pixels else None
+    image_vector = encoding.encode_images(pixels)[0] if pixels else stored
     return query_vector(text_vector, image_vector)
 
 

@@ -23,6 +23,7 @@ from sidecar.config import Settings
 from sidecar.errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType
 from sidecar.model.images import ImageDecodeError
 from sidecar.serving.encoding import EncodingService
+from sidecar.stores.base import StoreQueryError
 
 # 64-bit signed integers: what OpenSearch's long and SQLite's INTEGER hold.
 INT64 = (-2**63, 2**63 - 1)
@@ -190,6 +191,18 @@ def filters(body: dict, settings: Settings) -> dict[str, Any] | None:
                 raise BadRequest(f"field '{field}' is {item}, outside the 64-bit integers the stores hold "
                                  f"({INT64[0]} to {INT64[1]})")
     return value
+
+
+@contextmanager
+def filter_errors(wanted: Any) -> Iterator[None]:
+    """A query the store refuses because of the request's filters (a word for a numeric field) is the
+    request's error, 400 naming `filters`; without filters it is the store's own error."""
+    try:
+        yield
+    except StoreQueryError as exc:
+        if not wanted:
+            raise  # a query the sidecar built alone: the store's error, not the request's
+        raise BadRequest(f"field 'filters' does not fit the types of the stored metadata: {exc}") from exc
 
 
 def image_bytes(value: Any, *, field: str, max_bytes: int) -> bytes:

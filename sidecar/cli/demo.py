@@ -11,21 +11,29 @@ from sidecar.cli.output import command_name, format_hits
 from sidecar.config import Settings
 
 SAMPLE_QUERIES = ("red circle", "a large blue square on the left", "green triangle", "small yellow star")
+DEMO_HOST = "127.0.0.1"  # the demo serves this machine only: it has no API keys
 
 
 @click.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/demo"), show_default=True)
 @click.option("--items", type=click.IntRange(10), default=2000, show_default=True, help="Synthetic images to render.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--serve", "serve_page", is_flag=True,
+              help="Then serve the search page (and the API) on --port until Ctrl-C; it prints the URL to open.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
+              help="Port of the search page with --serve (on 127.0.0.1: this machine only).")
 @click.pass_context
-def demo(ctx: click.Context, workdir: Path, items: int, seed: int) -> None:
+def demo(ctx: click.Context, workdir: Path, items: int, seed: int, serve_page: bool, port: int) -> None:
     """Everything end to end on a bare machine: train the tiny CLIP (cached), render a synthetic
     corpus, embed it, index it into an embedded store, and run sample queries in every mode
-    (`clip-sidecar eval --benchmark` measures the modes, and the fine-ranking stage, on judged queries)."""
-    run_demo(workdir, items=items, seed=seed, progress=ctx.obj["progress"], echo=click.echo)
+    (`clip-sidecar eval --benchmark` measures the modes, and the fine-ranking stage, on judged queries).
+    With --serve, the search page then shows the same store in a browser."""
+    run_demo(workdir, items=items, seed=seed, progress=ctx.obj["progress"], echo=click.echo,
+             serve_port=port if serve_page else None)
 
 
-def run_demo(workdir: Path, *, items: int, seed: int, progress: bool, echo: Callable[[str], None]) -> None:
+def run_demo(workdir: Path, *, items: int, seed: int, progress: bool, echo: Callable[[str], None],
+             serve_port: int | None = None) -> None:
     # Heavy imports (torch, faiss) here, so `clip-sidecar --help` stays fast.
     from sidecar.ingest.embed import embed_corpus
     from sidecar.ingest.indexing import index_shards
@@ -74,8 +82,19 @@ def run_demo(workdir: Path, *, items: int, seed: int, progress: bool, echo: Call
     finally:
         store.close()
     command = command_name()
+    if serve_port is not None:
+        from sidecar.cli.serve import run_server
+
+        echo(f"\nSearch page: {page_url(serve_port)}  (open it in a browser; Ctrl-C stops the server)")
+        run_server(settings, host=DEMO_HOST, port=serve_port)
+        return
     echo(f"\nNext: {command} search \"red circle\" --store-path {settings.store_path}\n"
-         f"      {command} serve --dev --store-path {settings.store_path}")
+         f"      {command} serve --store-path {settings.store_path}   (then open {page_url(8080)})\n"
+         f"      or {command} demo --serve: this demo, then the search page")
+
+
+def page_url(port: int) -> str:
+    return f"http://{DEMO_HOST}:{port}/"
 
 
 def _indent(text: str) -> str:

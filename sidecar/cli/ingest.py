@@ -18,7 +18,7 @@ from sidecar.cli.root import (
     settings_from,
     store_options,
 )
-from sidecar.config import DECODE_MODES
+from sidecar.config import DECODE_MODES, EMBED_ENGINES, THUMBNAIL_SIDE
 
 
 @click.command()
@@ -32,15 +32,34 @@ from sidecar.config import DECODE_MODES
               help="Decode/resize worker processes (0 = decode in the main process).")
 @click.option("--decode", type=click.Choice(DECODE_MODES), default="auto", show_default=True,
               help="Where JPEGs are decoded and resized: cpu (PIL workers) or device (batched on the model's "
-                   "device, nvjpeg on a GPU); auto = device on CUDA, else cpu.")
+                   "device, nvjpeg on a GPU); auto = device on CUDA, else cpu. The ray engine decodes on CPU tasks.")
+@click.option("--thumbnail-size", "thumbnail_side", type=click.IntRange(0, 1024), default=THUMBNAIL_SIDE,
+              show_default=True, metavar="PIXELS",
+              help="Longer side of the JPEG thumbnail kept for each image (the search page shows them; the "
+                   "store serves them by document id); 0 = none. Fixed per --out directory once shards exist.")
 @click.option("--tag", "tags", multiple=True, metavar="SET[:K|THRESHOLD]",
               help=TAG_HELP + " Default: the sets OUT was last tagged with (`clip-sidecar tag OUT --clear` drops "
-                              "them).")
+                              "them). Local engine only.")
+@click.option("--engine", type=click.Choice(EMBED_ENGINES), default="local", show_default=True,
+              help="local: this machine's processes. ray: a Ray cluster (pip install 'clip-sidecar[ray]') decodes "
+                   "on CPU tasks and runs the model on actors, one per GPU; same shards, skips and reruns.")
+@click.option("--address", envvar="RAY_ADDRESS", default="local", show_default=True,
+              help="--engine ray: the cluster's address (HOST:PORT of its head, as `ray start --head` prints it; "
+                   "or RAY_ADDRESS); local starts a Ray of this command's own on this machine. Every node must "
+                   "see SOURCE and --out at the same paths.")
+@click.option("--actors", type=click.IntRange(0), default=0, show_default=True,
+              help="--engine ray: most encoder actors; 0 = one per GPU of the cluster, or as many CPU actors as "
+                   "its CPUs hold.")
+@click.option("--actor-cpus", type=click.FloatRange(0.01), default=1.0, show_default=True,
+              help="--engine ray: CPUs each encoder actor reserves.")
+@click.option("--task-cpus", type=click.FloatRange(0.01), default=1.0, show_default=True,
+              help="--engine ray: CPUs each hash, decode or shard-writing task reserves.")
 @prompt_sets_option
 @model_options
 @click.pass_context
 def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_size: int, workers: int,
-          decode: str, tags: tuple[str, ...], **kwargs: Any) -> None:
+          decode: str, thumbnail_side: int, tags: tuple[str, ...], engine: str, address: str, actors: int,
+          actor_cpus: float, task_cpus: float, **kwargs: Any) -> None:
     """Embed the images of SOURCE into vector shards.
 
     SOURCE is a folder of images (a .txt beside an image is its text; else the file name is),
@@ -49,11 +68,15 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     new and changed files are embedded, vanished ones are recorded for the index step, and a
     killed run continues where it stopped. Unusable images are skipped and listed in
     OUT/errors.jsonl with the reason. With --fine-model, each image's vector by that stronger
-    model is stored too, for the fine-ranking stage (rerank) of `search` and `serve`. With --tag,
-    each document's metadata gets the top labels of prompt sets (`clip-sidecar prompts`), which
-    `index` loads as keyword fields to filter on: `--filter tag_SET=LABEL`.
+    model is stored too, for the fine-ranking stage (rerank) of `search` and `serve`. Each image's
+    thumbnail goes into the shards too (--thumbnail-size); shards written without them get theirs.
+    With --tag, each document's metadata gets the top labels of prompt sets (`clip-sidecar prompts`),
+    which `index` loads as keyword fields to filter on: `--filter tag_SET=LABEL`.
+
+    \b
+    On a Ray cluster (same shards; a rerun of either engine continues the other's work):
+      clip-sidecar embed photos.jsonl --out /shared/shards --engine ray --address HEAD:6379
     """
-    from sidecar.ingest.embed import embed_corpus
     from sidecar.ingest.shards import ShardSet
     from sidecar.ingest.tagging import Tagger, recorded_specs
     from sidecar.model.encoder import load_encoder, load_fine_encoder
@@ -61,11 +84,33 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
 
     specs = parse_tag_specs(tags) or recorded_specs(ShardSet(out))
     settings = settings_from(kwargs, MODEL_FLAGS + PROMPT_FLAGS)
-    encoder = load_encoder(settings)
-    tagger = Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), encoder) if specs else None
-    summary = embed_corpus(encoder, source, out, batch_size=batch_size, shard_size=shard_size,
-                           workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
-                           fine_encoder=load_fine_encoder(settings), tagger=tagger, progress=ctx.obj["progress"])
+    if engine == "ray":
+        from sidecar.ingest.ray_engine import RayResources, RayUnavailable, embed_corpus_on_ray
+
+        if decode == "device":
+            raise click.UsageError("--engine ray decodes on CPU tasks: --decode device is for the local engine")
+        if specs:
+            raise click.UsageError(f"--engine ray does not tag ({', '.join(spec.set for spec in specs)}): embed "
+                                   "with --engine local, or tag afterwards with `clip-sidecar tag OUT`")
+        try:
+            summary = embed_corpus_on_ray(settings, source, out, address=address, batch_size=batch_size,
+                                          shard_size=shard_size, max_pixels=settings.max_image_pixels,
+                                          thumbnail_side=thumbnail_side,
+                                          resources=RayResources(actors=actors, actor_cpus=actor_cpus,
+                                                                 task_cpus=task_cpus),
+                                          progress=ctx.obj["progress"])
+        except RayUnavailable as exc:
+            raise click.ClickException(str(exc)) from exc
+    else:
+        from sidecar.ingest.embed import embed_corpus
+
+        encoder = load_encoder(settings)
+        tagger = Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), encoder) if specs else None
+        summary = embed_corpus(encoder, source, out, batch_size=batch_size, shard_size=shard_size,
+                               workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
+                               fine_encoder=load_fine_encoder(settings), thumbnail_side=thumbnail_side,
+                               tagger=tagger,
+                               progress=ctx.obj["progress"])
     click.echo(summary.describe())
 
 

@@ -19,6 +19,7 @@ from sidecar.cli.root import (
     settings_from,
     store_options,
 )
+from sidecar.config import Settings
 
 log = logging.getLogger(__name__)
 GUNICORN_CONFIG = "python:sidecar.api.gunicorn_config"
@@ -48,7 +49,8 @@ SERVE_FLAGS = ("request_threads", "insecure") + PROMPT_FLAGS
 @store_options
 def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str | None, dev: bool,
           **kwargs: Any) -> None:
-    """Serve the HTTP API: /v1/embeddings, /v1/search, /v1/classify, /healthz, /readyz, /metrics.
+    """Serve the search page at / and the HTTP API: /v1/search, /v1/captions, /v1/classify,
+    /v1/embeddings, /v1/facets, /v1/documents/ID/thumbnail, /healthz, /readyz, /metrics.
 
     The model must be in the cache first (`clip-sidecar models fetch`): the server never
     downloads or trains one, which could outlast a worker's boot timeout. The vectors of the
@@ -57,17 +59,23 @@ def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str
     With API keys (SIDECAR_API_KEYS, `clip-sidecar keys create`) every endpoint but /healthz
     takes `Authorization: Bearer <key>`. Without keys it listens on loopback only, unless --insecure.
     """
+    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + SERVE_FLAGS)
+    if (certfile is None) != (keyfile is None):
+        raise click.UsageError("--certfile and --keyfile go together")
+    run_server(settings, host=host, port=port, workers=workers, certfile=certfile, keyfile=keyfile, dev=dev)
+
+
+def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, certfile: str | None = None,
+               keyfile: str | None = None, dev: bool = False) -> None:
+    """Serve `settings` until stopped: gunicorn in place of this process, or Flask's development server."""
     from sidecar.model.weights import missing_weights
 
-    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + SERVE_FLAGS)
     try:
         refusal = refusal_to_serve(settings, [host])
     except ValueError as exc:  # a malformed SIDECAR_API_KEYS
         raise click.UsageError(str(exc)) from exc
     if refusal:
         raise click.ClickException(refusal)
-    if (certfile is None) != (keyfile is None):
-        raise click.UsageError("--certfile and --keyfile go together")
     if parse_key_entries(settings.api_keys) and not is_loopback(host) and not certfile:
         log.warning("API keys cross the network in clear text on %s unless TLS terminates in front of it "
                     "(README: TLS) or --certfile/--keyfile are given", host)
@@ -89,6 +97,8 @@ def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str
             "--workers", str(workers), *(("--certfile", certfile, "--keyfile", keyfile) if certfile else ()),
             "sidecar.api.wsgi:app"]
     log.info("starting gunicorn: %s", " ".join(args[2:]))
+    sys.stdout.flush()  # what was printed before must not be lost with this process's buffers
+    sys.stderr.flush()
     os.execve(sys.executable, args, env)
 
 

@@ -23,7 +23,7 @@ def check(**kwargs: Any) -> None:
     """Report whether the store is consistent; exit status 1 when it is not.
 
     Embedded: SQLite integrity, committed rows against vectors.f32, the HNSW graph against the
-    live rows and their vectors, the FTS5 (BM25) index against the live texts; notes name harmless
+    live rows and their vectors, the BM25 (tantivy) index against the live texts; notes name harmless
     leftovers of an interrupted write and rows the graph does not cover yet (searched exactly).
     OpenSearch: the alias and its index, the load lock, settings an interrupted load left relaxed,
     versioned indices no alias names. Reads only; safe while the store serves.
@@ -41,7 +41,7 @@ def repair(**kwargs: Any) -> None:
     """Rebuild what can be rebuilt from what the store committed, say what was done, then check.
 
     Embedded: discards an uncommitted tail of vectors.f32, removes documents whose vectors were
-    lost (a rerun of `clip-sidecar index` writes them again), rebuilds the FTS5 index when it is
+    lost (a rerun of `clip-sidecar index` writes them again), rebuilds the BM25 (tantivy) index when it is
     out of step, rebuilds the HNSW graph when it is missing or does not match (else adds the rows
     it lacks), removes leftover files. OpenSearch: restores settings an interrupted load left
     relaxed, deletes versioned indices no alias names. Takes the store's write lock.

@@ -3,8 +3,9 @@
 Resumable and incremental: a rerun skips every item whose document (image bytes, text and
 metadata; `sidecar.ingest.identity`) is already in a complete shard, embeds new or changed
 images, gives items whose text or metadata alone changed a new row with their stored vector
-(no forward pass), and records ids that disappeared. With a tagger, every document's metadata also
-carries the top labels of prompt sets (`sidecar.ingest.tagging`): from the fresh vector of a new
+(no forward pass), and records ids that disappeared. Each image's thumbnail (for the search page)
+is made by the decode workers and written into its shard. With a tagger, every document's metadata
+also carries the top labels of prompt sets (`sidecar.ingest.tagging`): from the fresh vector of a new
 image, from the stored vector of a known one (a changed set re-tags without re-encoding).
 """
 
@@ -21,23 +22,26 @@ from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from sidecar.config import DECODE_MODES
+from sidecar.config import DECODE_MODES, THUMBNAIL_SIDE
 from sidecar.ingest.corpus import CorpusError, CorpusItem, read_corpus
 from sidecar.ingest.decode_pool import decoded_batches
 from sidecar.ingest.identity import document_hash, image_hash
 from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.ingest.tagging import Tagger, tagged
+from sidecar.ingest.thumbnails import make_thumbnail
 from sidecar.model.encoder import Encoder
 from sidecar.model.images import stack_pixels
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Hashes files: (image hash, None) or (None, why it cannot be read) per path, in their order.
+HashFiles = Callable[[list[Path]], Iterable[tuple[str | None, str | None]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,27 +78,132 @@ PARALLEL_SCAN_MIN = 2000  # files
 
 def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int = 256, shard_size: int = 4096,
                  workers: int = 2, max_pixels: int = 40_000_000, decode: str = "auto",
-                 fine_encoder: Encoder | None = None, tagger: Tagger | None = None,
+                 fine_encoder: Encoder | None = None, thumbnail_side: int = THUMBNAIL_SIDE,
+                 tagger: Tagger | None = None,
                  progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out`. `decode`: "cpu" (PIL in worker processes),
     "device" (JPEGs decoded and resized on the model's device — nvjpeg on a GPU), or "auto"
     (device on CUDA, else cpu). With `fine_encoder`, the same pass also stores each image's vector
-    by that (stronger) model beside the model's, for the fine-ranking stage. With `tagger`, the
-    metadata of every document gets its prompt-set tags; without one, the shards hold no tags."""
+    by that (stronger) model beside the model's, for the fine-ranking stage. `thumbnail_side`: the
+    longer side of each image's thumbnail (0: none); shards written without thumbnails get theirs
+    in this run. With `tagger`, the metadata of every document gets its prompt-set tags; without
+    one, the shards hold no tags."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
     on_device = decode == "device" or (decode == "auto" and encoder.device.type == "cuda")
     started = time.perf_counter()
     stages: defaultdict[str, float] = defaultdict(float)
+    plan = plan_embed(encoder, source, out, decode="device" if on_device else "cpu", fine_encoder=fine_encoder,
+                      tagger=tagger, shard_size=shard_size, workers=workers, progress=progress, stages=stages,
+                      thumbnail_side=thumbnail_side, max_pixels=max_pixels)
+    shards, todo = plan.shards, plan.todo
+
+    failed = 0
+    with (out / "errors.jsonl").open("w", encoding="utf-8") as errors, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer, \
+            tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar, \
+            _in_background(_staged_batches(todo, encoder, batch_size=batch_size, workers=workers,
+                                           max_pixels=max_pixels, on_device=on_device, stages=stages,
+                                           thumbnail_side=thumbnail_side)) as staged:
+        pending: Future | None = None
+        buffer_vectors: list[np.ndarray] = []
+        buffer_fine: list[np.ndarray] = []
+        buffer_rows: list[ShardRow] = []
+        buffer_thumbnails: list[bytes] = []
+        # launched, not copied back
+        in_flight: tuple[torch.Tensor, list[ShardRow], np.ndarray | None, list[bytes]] | None = None
+
+        def collect(features: torch.Tensor, rows: list[ShardRow], fine: np.ndarray | None,
+                    thumbnails: list[bytes]) -> None:
+            with _timed(stages, "copy_back"):
+                vectors = encoder.postprocess(features)
+            if tagger is not None:
+                with _timed(stages, "tag"):
+                    rows = tagger.apply(rows, vectors)
+            buffer_vectors.append(vectors)
+            buffer_rows.extend(rows)
+            buffer_thumbnails.extend(thumbnails)
+            if fine is not None:
+                buffer_fine.append(fine)
+
+        # `staged`: a stager thread collects decoded batches (and runs the device decoder) one
+        # batch ahead, so decoding overlaps the model instead of taking turns with it.
+        while True:
+            with _timed(stages, "stage_wait"):
+                batch, decoded = next(staged, (None, None))
+            if batch is None:
+                break
+            good = []
+            for (item, digest, _, reason, thumbnail), pixels in zip(batch, decoded):
+                if reason is None and pixels is None:
+                    reason = "corrupt JPEG (device decoder)"
+                if reason is not None:
+                    failed += 1
+                    errors.write(error_line(item.id, str(item.path), reason))
+                else:
+                    good.append((item, digest, pixels, thumbnail))
+            if good:
+                with _timed(stages, "forward"):
+                    features = forward_batch(encoder, [g[2] for g in good])
+                rows = [document_row(item, digest) for item, digest, _, _ in good]
+                fine = None
+                if fine_encoder is not None:
+                    with _timed(stages, "fine_model"):
+                        fine = fine_vectors(fine_encoder, [item.path for item, *_ in good], max_pixels=max_pixels)
+                # On a GPU the forward is only queued: it runs while this loop fetches and stages
+                # the next batch. The previous batch, queued ahead of it, is copied back now.
+                if in_flight is not None:
+                    collect(*in_flight)
+                in_flight = (features, rows, fine, [thumbnail for *_, thumbnail in good])
+            bar.update(len(batch))
+            if len(buffer_rows) >= shard_size:
+                with _timed(stages, "write_wait"):
+                    pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine,
+                                     buffer_thumbnails)
+                buffer_vectors, buffer_rows, buffer_fine, buffer_thumbnails = [], [], [], []
+        if in_flight is not None:
+            collect(*in_flight)
+        with _timed(stages, "write_wait"):
+            if buffer_rows:
+                pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine,
+                                 buffer_thumbnails)
+            if pending is not None:
+                pending.result()
+    return finish_embed(plan, failed=failed, started=started, stages=stages, tagger=tagger)
+
+
+@dataclass(slots=True)
+class EmbedPlan:
+    """What a run must do, decided the same way whichever engine runs it (`plan_embed`)."""
+
+    shards: ShardSet  # claimed for the model; deletions recorded, redescribed rows written
+    total: int
+    todo: list[tuple[CorpusItem, str]]  # (item, image hash): encode the image
+    redescribed: int
+    unchanged: int
+    deleted: int
+    shards_before: int
+
+
+def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_encoder: Encoder | None,
+               shard_size: int, workers: int, progress: bool, stages: defaultdict[str, float],
+               hash_files: HashFiles | None = None, tagger: Tagger | None = None, thumbnail_side: int = 0,
+               max_pixels: int = 40_000_000) -> EmbedPlan:
+    """Claim `out` for the model (and `thumbnail_side`: shards written without thumbnails get theirs
+    here), scan `source` (hashing every file, by `hash_files` when given) and compare it with the
+    shards there: what to encode, what only needs its stored vector under a new text or metadata
+    (written here), what vanished (recorded). `decode` names where images are decoded ("cpu" or
+    "device"), for the manifest."""
     shards = ShardSet(out)
     shards.start(encoder.signature, preprocessing={"resize": encoder.images.describe(), "context_length":
-                                                   encoder.context_length,
-                                                   "decode": "device" if on_device else "cpu"},
-                 fine_signature=fine_encoder.signature if fine_encoder else None)
+                                                   encoder.context_length, "decode": decode},
+                 fine_signature=fine_encoder.signature if fine_encoder else None, thumbnail_side=thumbnail_side)
+    with _timed(stages, "thumbnails"):
+        _add_missing_thumbnails(shards, workers=workers, max_pixels=max_pixels, progress=progress)
     known = shards.latest()
     with _timed(stages, "scan"):
-        items, hashes = _scan(source, workers=workers, progress=progress)
-    todo: list[tuple[CorpusItem, str]] = []  # (item, image hash): encode the image
+        items, hashes = _scan(source, workers=workers, progress=progress, hash_files=hash_files)
+    todo: list[tuple[CorpusItem, str]] = []
     redescribe: list[tuple[CorpusItem, ShardRow, str, int]] = []  # the stored vector serves the new row
     stored_tags = {}
     if tagger is not None:  # the tags of known images, from their stored vectors
@@ -102,7 +211,7 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
             stored_tags = tagger.stored_tags(shards, (known[i.id] for i in items if i.id in known and
                                                       known[i.id][1].image_hash == hashes[i.id]), progress=progress)
     for item in items:
-        row = _row(item, hashes[item.id])
+        row = document_row(item, hashes[item.id])
         entry = known.get(item.id)
         if entry is None or entry[1].image_hash != row.image_hash:
             todo.append((item, row.image_hash))
@@ -118,83 +227,39 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
              "last run", len(items), source, len(todo), len(redescribe), unchanged, len(deleted))
     shards_before = len(shards.shard_names())
     _write_redescribed(shards, redescribe, shard_size=shard_size)
+    return EmbedPlan(shards=shards, total=len(items), todo=todo, redescribed=len(redescribe), unchanged=unchanged,
+                     deleted=len(deleted), shards_before=shards_before)
 
-    failed = 0
-    with (out / "errors.jsonl").open("w", encoding="utf-8") as errors, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer, \
-            tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar, \
-            _in_background(_staged_batches(todo, encoder, batch_size=batch_size, workers=workers,
-                                           max_pixels=max_pixels, on_device=on_device, stages=stages)) as staged:
-        pending: Future | None = None
-        buffer_vectors: list[np.ndarray] = []
-        buffer_fine: list[np.ndarray] = []
-        buffer_rows: list[ShardRow] = []
-        in_flight: tuple[torch.Tensor, list[ShardRow], np.ndarray | None] | None = None  # launched, not copied back
 
-        def collect(features: torch.Tensor, rows: list[ShardRow], fine: np.ndarray | None) -> None:
-            with _timed(stages, "copy_back"):
-                vectors = encoder.postprocess(features)
-            if tagger is not None:
-                with _timed(stages, "tag"):
-                    rows = tagger.apply(rows, vectors)
-            buffer_vectors.append(vectors)
-            buffer_rows.extend(rows)
-            if fine is not None:
-                buffer_fine.append(fine)
-
-        # `staged`: a stager thread collects decoded batches (and runs the device decoder) one
-        # batch ahead, so decoding overlaps the model instead of taking turns with it.
-        while True:
-            with _timed(stages, "stage_wait"):
-                batch, decoded = next(staged, (None, None))
-            if batch is None:
-                break
-            good = []
-            for (item, digest, _, reason), pixels in zip(batch, decoded):
-                if reason is None and pixels is None:
-                    reason = "corrupt JPEG (device decoder)"
-                if reason is not None:
-                    failed += 1
-                    errors.write(json.dumps({"id": item.id, "path": str(item.path), "reason": reason}) + "\n")
-                else:
-                    good.append((item, digest, pixels))
-            if good:
-                with _timed(stages, "forward"):
-                    features = encoder.forward_images(stack_pixels([g[2] for g in good], encoder.device))
-                rows = [_row(item, digest) for item, digest, _ in good]
-                fine = None
-                if fine_encoder is not None:
-                    # The fine model has its own input size: its pixels come from the same files,
-                    # decoded by its own preprocessing (the images passed the decode above).
-                    with _timed(stages, "fine_model"):
-                        fine = fine_encoder.encode_image_files([item.path.read_bytes() for item, _, _ in good],
-                                                               max_pixels=max_pixels)
-                # On a GPU the forward is only queued: it runs while this loop fetches and stages
-                # the next batch. The previous batch, queued ahead of it, is copied back now.
-                if in_flight is not None:
-                    collect(*in_flight)
-                in_flight = (features, rows, fine)
-            bar.update(len(batch))
-            if len(buffer_rows) >= shard_size:
-                with _timed(stages, "write_wait"):
-                    pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine)
-                buffer_vectors, buffer_rows, buffer_fine = [], [], []
-        if in_flight is not None:
-            collect(*in_flight)
-        with _timed(stages, "write_wait"):
-            if buffer_rows:
-                pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine)
-            if pending is not None:
-                pending.result()
-    if shards.tagging != (tagger.record() if tagger else []):  # recorded once every row carries it
-        shards.set_tagging(tagger.record() if tagger else [])
-    embedded = len(todo) - failed
-    summary = EmbedSummary(total=len(items), embedded=embedded, redescribed=len(redescribe), unchanged=unchanged,
-                           failed=failed, deleted=len(deleted), shards_written=len(shards.shard_names()) - shards_before,
+def finish_embed(plan: EmbedPlan, *, failed: int, started: float, stages: dict[str, float],
+                 tagger: Tagger | None = None) -> EmbedSummary:
+    """Records the tagging (once every row carries it); the run's summary, logged."""
+    if plan.shards.tagging != (tagger.record() if tagger else []):
+        plan.shards.set_tagging(tagger.record() if tagger else [])
+    summary = EmbedSummary(total=plan.total, embedded=len(plan.todo) - failed, redescribed=plan.redescribed,
+                           unchanged=plan.unchanged, failed=failed, deleted=plan.deleted,
+                           shards_written=len(plan.shards.shard_names()) - plan.shards_before,
                            seconds=time.perf_counter() - started, stages=dict(stages))
     log.info("embed finished: %s", summary.describe())
     log.info("embed time by stage: %s", summary.describe_stages())
     return summary
+
+
+def forward_batch(encoder: Encoder, pixels: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+    """The model's forward over one batch of decoded images (on a GPU only queued:
+    `encoder.postprocess` waits for it)."""
+    return encoder.forward_images(stack_pixels(pixels, encoder.device))
+
+
+def fine_vectors(fine_encoder: Encoder, paths: Sequence[Path], *, max_pixels: int) -> np.ndarray:
+    """The fine model's vectors for the same files. It has its own input size: its pixels come from
+    the files, decoded by its own preprocessing (the images passed the model's decode already)."""
+    return fine_encoder.encode_image_files([Path(path).read_bytes() for path in paths], max_pixels=max_pixels)
+
+
+def error_line(item_id: str, path: str, reason: str) -> str:
+    """One line of errors.jsonl: an image that could not be used, and why."""
+    return json.dumps({"id": item_id, "path": path, "reason": reason}) + "\n"
 
 
 @contextlib.contextmanager
@@ -206,7 +271,8 @@ def _timed(stages: defaultdict[str, float], name: str) -> Iterator[None]:
         stages[name] += time.perf_counter() - started
 
 
-def _row(item: CorpusItem, image: str) -> ShardRow:
+def document_row(item: CorpusItem, image: str) -> ShardRow:
+    """The shard row of an item whose image has hash `image`."""
     try:
         content = document_hash(image, item.text, item.metadata)
     except (TypeError, ValueError) as exc:
@@ -221,23 +287,60 @@ def _write_redescribed(shards: ShardSet, redescribe: list[tuple[CorpusItem, Shar
     shards.rewrite_rows([(row, name, index) for _, row, name, index in redescribe], shard_size=shard_size)
 
 
-def _write(writer: ThreadPoolExecutor, pending: Future | None, shards: ShardSet,
-           vectors: list[np.ndarray], rows: list[ShardRow], fine: list[np.ndarray]) -> Future:
+def _add_missing_thumbnails(shards: ShardSet, *, workers: int, max_pixels: int, progress: bool) -> None:
+    """Thumbnails for shards written without them (before thumbnails existed, or by a run killed while
+    adding them), made from their rows' image files: no forward pass. A file gone since is b"" (no
+    thumbnail)."""
+    missing = shards.shards_without_thumbnails()
+    if not missing:
+        return
+    rows: dict[str, list[str]] = {name: [] for name in missing}
+    for name, row, _ in shards.rows():
+        if name in rows:
+            rows[name].append(row.path)
+    log.info("adding %d px thumbnails to %d shards written without them (%d images)", shards.thumbnail_side,
+             len(missing), sum(map(len, rows.values())))
+
+    def thumbnail(path: str) -> bytes:
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            return b""
+        return make_thumbnail(data, side=shards.thumbnail_side, max_pixels=max_pixels)
+
+    # PIL releases the GIL while it decodes, resizes and encodes: threads share the work.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            tqdm(total=sum(map(len, rows.values())), unit="img", desc="thumbnails", disable=not progress) as bar:
+        for name, paths in rows.items():
+            thumbnails = []
+            for made in pool.map(thumbnail, paths):
+                thumbnails.append(made)
+                bar.update(1)
+            shards.write_thumbnails(name, thumbnails)
+
+
+def _write(writer: ThreadPoolExecutor, pending: Future | None, shards: ShardSet, vectors: list[np.ndarray],
+           rows: list[ShardRow], fine: list[np.ndarray], thumbnails: list[bytes]) -> Future:
     # One shard in flight at a time: the next batch's forward overlaps this shard's disk write.
     if pending is not None:
         pending.result()
-    return writer.submit(shards.write_shard, np.concatenate(vectors), rows, np.concatenate(fine) if fine else None)
+    return writer.submit(shards.write_shard, np.concatenate(vectors), rows, np.concatenate(fine) if fine else None,
+                         thumbnails if shards.thumbnail_side else None)
 
 
-def _scan(source: Path, *, workers: int, progress: bool) -> tuple[list[CorpusItem], dict[str, str]]:
+def _scan(source: Path, *, workers: int, progress: bool,
+          hash_files: HashFiles | None = None) -> tuple[list[CorpusItem], dict[str, str]]:
     items = list(read_corpus(source))
     hashes: dict[str, str] = {}
     # Hashing reads every file: on a large corpus that is seconds of one core, so the decode
     # worker count hashes in parallel too (small corpora are not worth the processes).
-    parallel = workers > 1 and len(items) >= PARALLEL_SCAN_MIN
+    parallel = hash_files is None and workers > 1 and len(items) >= PARALLEL_SCAN_MIN
     with multiprocessing.get_context("fork").Pool(workers) if parallel else contextlib.nullcontext() as pool:
         paths = [item.path for item in items]
-        digests = pool.imap(_hash_file, paths, chunksize=256) if pool else map(_hash_file, paths)
+        if hash_files is not None:
+            digests = hash_files(paths)
+        else:
+            digests = pool.imap(hash_file, paths, chunksize=256) if pool else map(hash_file, paths)
         for item, (digest, error) in tqdm(zip(items, digests), total=len(items), unit="file", desc="scan",
                                           disable=not progress):
             if item.id in hashes:
@@ -248,7 +351,8 @@ def _scan(source: Path, *, workers: int, progress: bool) -> tuple[list[CorpusIte
     return items, hashes
 
 
-def _hash_file(path: Path) -> tuple[str | None, str | None]:
+def hash_file(path: Path) -> tuple[str | None, str | None]:
+    """(image hash, None), or (None, the reason the file cannot be read)."""
     try:
         return image_hash(path), None
     except OSError as exc:
@@ -317,9 +421,9 @@ def _in_background(items: Iterator[T], *, depth: int = 1) -> Iterator[Iterator[T
 
 def _to_pixels(batch: list[tuple], encoder: Encoder) -> list:
     """Per item: uint8 pixels (host array from a worker, or a device tensor), or None."""
-    jpeg_at = [i for i, (_, _, payload, _) in enumerate(batch) if isinstance(payload, bytes)]
+    jpeg_at = [i for i, (_, _, payload, *_) in enumerate(batch) if isinstance(payload, bytes)]
     decoded = encoder.images.decode_on_device([batch[i][2] for i in jpeg_at], device=encoder.device)
-    pixels = [payload if not isinstance(payload, bytes) else None for _, _, payload, _ in batch]
+    pixels = [payload if not isinstance(payload, bytes) else None for _, _, payload, *_ in batch]
     for i, tensor in zip(jpeg_at, decoded):
         pixels[i] = tensor
     return pixels

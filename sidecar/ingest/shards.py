@@ -5,9 +5,13 @@ Layout of an output directory:
   shard-00000.npy      float32 [n, dim], L2-normalised
   shard-00000.jsonl    n rows: id, path, text, metadata, image_hash, content_hash (row i ↔ vector i)
   shard-00000.fine.npy float32 [n, fine dim]: the fine-ranking model's vectors, when the manifest names one
+  shard-00000.thumbs.npz  the rows' thumbnails (JPEG bytes, `offsets` into `data`), when the manifest names a size
   errors.jsonl         images that could not be used, with the reason (rewritten each run)
-A shard is written under temporary names and renamed into place, the .npy files before .jsonl,
+A shard is written under temporary names and renamed into place, the .npy/.npz files before .jsonl,
 and the manifest after both: a run killed at any point leaves only complete shards behind.
+Writers in other processes (the Ray engine's tasks) name their shards themselves
+(`shard-<n>-<run>-<digest of the ids>`, `write_shard_files`); the manifest lists them when the
+run ends, and until then they are found by their complete .npy + .jsonl pair like any other.
 
 Format 2 rows carry two hashes (`sidecar.ingest.identity`): `image_hash` (the image's bytes) and
 `content_hash` (the document: image, text and metadata). Format 1 rows, written before text and
@@ -75,6 +79,11 @@ class ShardSet:
         return ModelSignature(**model) if model else None
 
     @property
+    def thumbnail_side(self) -> int:
+        """The longer side of every shard's thumbnails in pixels, or 0 where shards hold none."""
+        return int(self.manifest.get("thumbnails", {}).get("side", 0))
+
+    @property
     def fine_signature(self) -> ModelSignature | None:
         """The fine-ranking model whose vectors every shard holds beside the model's, or None."""
         model = self.manifest.get("fine_model")
@@ -83,11 +92,15 @@ class ShardSet:
     def document_hash(self, row: ShardRow) -> str:
         """What the store records for the row: its content hash, plus the fine model when there is
         one, so indexing the same corpus with a fine model (or another one) rewrites every document."""
+        digest = row.content_hash
         fine = self.fine_signature
-        if fine is None:
-            return row.content_hash
-        tag = hashlib.sha256(json.dumps(asdict(fine), sort_keys=True).encode("utf-8")).hexdigest()[:12]
-        return f"{row.content_hash}+fine:{tag}"
+        if fine is not None:
+            tag = hashlib.sha256(json.dumps(asdict(fine), sort_keys=True).encode("utf-8")).hexdigest()[:12]
+            digest = f"{digest}+fine:{tag}"
+        if self.thumbnail_side:
+            # Thumbnails added to shards that had none (or of another size) reach the store on the next index.
+            digest = f"{digest}+thumbs:{self.thumbnail_side}"
+        return digest
 
     def shard_names(self) -> list[str]:
         """Complete shards: named in the manifest, or fully renamed into place after it was written."""
@@ -98,8 +111,10 @@ class ShardSet:
         return names
 
     def start(self, signature: ModelSignature, *, preprocessing: dict[str, Any],
-              fine_signature: ModelSignature | None = None) -> None:
-        """Claim the directory for a model (and fine model); refuse one written by other models."""
+              fine_signature: ModelSignature | None = None, thumbnail_side: int = 0) -> None:
+        """Claim the directory for a model (and fine model); refuse one written by other models, or with
+        thumbnails of another size. Shards written without thumbnails get theirs later
+        (`shards_without_thumbnails`, then `write_thumbnails`) when `thumbnail_side` asks for them."""
         existing = self.signature
         if existing is not None and existing != signature:
             raise ShardError(f"{self.root} holds shards of {existing.describe()}, not {signature.describe()}; "
@@ -111,6 +126,9 @@ class ShardSet:
             raise ShardError(f"{self.root} holds shards with {name(self.fine_signature)}, not "
                              f"{name(fine_signature)}; write to a new --out directory to embed with another "
                              "fine model")
+        if self.shard_names() and self.thumbnail_side and self.thumbnail_side != thumbnail_side:
+            raise ShardError(f"{self.root} holds thumbnails of {self.thumbnail_side} px, not {thumbnail_side or 'none'}; "
+                             f"pass --thumbnail-size {self.thumbnail_side}, or write to a new --out directory")
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob("*.tmp"):
             stale.unlink()  # leftovers of a killed run
@@ -119,6 +137,8 @@ class ShardSet:
                          "deleted": self.manifest.get("deleted", []), "tagging": self.tagging}
         if fine_signature is not None:
             self.manifest["fine_model"] = asdict(fine_signature)
+        if thumbnail_side:
+            self.manifest["thumbnails"] = {"side": thumbnail_side, "format": "JPEG"}
         self._write_manifest()
 
     def rows(self) -> Iterator[tuple[str, ShardRow, int]]:
@@ -132,44 +152,41 @@ class ShardSet:
         """id → its newest row: a changed file's later shard supersedes the earlier one."""
         return {row.id: (name, row, index) for name, row, index in self.rows()}
 
-    def write_shard(self, vectors: np.ndarray, rows: list[ShardRow], fine_vectors: np.ndarray | None = None) -> str:
+    def write_shard(self, vectors: np.ndarray, rows: list[ShardRow], fine_vectors: np.ndarray | None = None,
+                    thumbnails: list[bytes] | None = None) -> str:
         if len(vectors) != len(rows):
             raise ShardError(f"shard has {len(vectors)} vectors but {len(rows)} rows")
         if (fine_vectors is None) != (self.fine_signature is None) or (
                 fine_vectors is not None and len(fine_vectors) != len(rows)):
             raise ShardError(f"shard needs one fine vector per row exactly when the manifest names a fine model "
                              f"({self.fine_signature.describe() if self.fine_signature else 'none'})")
-        name = f"shard-{len(self.shard_names()):05d}"
-        npy, jsonl = self.root / f"{name}.npy", self.root / f"{name}.jsonl"
-        arrays = [(npy, vectors)] + ([(self.root / f"{name}.fine.npy", fine_vectors)] if fine_vectors is not None
-                                     else [])
-        for path, array in arrays:
-            with open(path.with_suffix(".npy.tmp"), "wb") as fh:
-                np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
-                fh.flush()
-                os.fsync(fh.fileno())
-        with open(jsonl.with_suffix(".jsonl.tmp"), "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        for path, _ in reversed(arrays):  # the fine vectors first: a complete .npy + .jsonl pair implies them
-            os.replace(path.with_suffix(".npy.tmp"), path)
-        os.replace(jsonl.with_suffix(".jsonl.tmp"), jsonl)
+        if (thumbnails is None) != (not self.thumbnail_side) or (thumbnails is not None and len(thumbnails) != len(rows)):
+            raise ShardError(f"shard needs one thumbnail per row exactly when the manifest names a thumbnail size "
+                             f"({self.thumbnail_side or 'none'})")
+        name = write_shard_files(self.root, f"shard-{len(self.shard_names()):05d}", vectors, rows, fine_vectors,
+                                 thumbnails)
+        self.record_shards()
+        return name
+
+    def record_shards(self) -> None:
+        """Name every complete shard in the manifest, those other processes wrote under names of
+        their own (`write_shard_files`) included."""
         self.manifest["shards"] = self.shard_names()
         self._write_manifest()
-        return name
 
     def rewrite_rows(self, entries: list[tuple[ShardRow, str, int]], *, shard_size: int) -> None:
         """New rows for documents whose image did not change (new text, metadata or tags), each with the
-        vectors stored for it at (shard name, index): no forward pass."""
+        vectors (and thumbnail) stored for it at (shard name, index): no forward pass, no decode."""
         for start in range(0, len(entries), shard_size):
             part = entries[start:start + shard_size]
             vectors = np.stack([self.vectors(name)[index] for _, name, index in part])
             fine = None
             if self.fine_signature is not None:
                 fine = np.stack([self.fine_vectors(name)[index] for _, name, index in part])
-            self.write_shard(vectors, [row for row, _, _ in part], fine)
+            thumbnails = None
+            if self.thumbnail_side:
+                thumbnails = [self.thumbnails(name)[index] for _, name, index in part]
+            self.write_shard(vectors, [row for row, _, _ in part], fine, thumbnails)
 
     @property
     def tagging(self) -> list[dict[str, Any]]:
@@ -203,10 +220,12 @@ class ShardSet:
         for name, rows in by_shard.items():
             vectors = self.vectors(name)
             fine = self.fine_vectors(name)
+            thumbnails = self.thumbnails(name)
             for row, index in rows:
                 batch.append(Document(id=row.id, vector=np.asarray(vectors[index], dtype=np.float32),
                                       text=row.text, metadata=row.metadata, content_hash=self.document_hash(row),
-                                      fine_vector=None if fine is None else np.asarray(fine[index], dtype=np.float32)))
+                                      fine_vector=None if fine is None else np.asarray(fine[index], dtype=np.float32),
+                                      thumbnail=(thumbnails[index] or None) if thumbnails is not None else None))
                 if len(batch) >= batch_size:
                     yield batch
                     batch = []
@@ -223,7 +242,78 @@ class ShardSet:
             return None
         return np.load(self.root / f"{name}.fine.npy", mmap_mode="r")
 
+    def thumbnails(self, name: str) -> list[bytes] | None:
+        """A shard's thumbnails (b"" for a row whose image could not make one), or None when the manifest
+        names no thumbnail size."""
+        if not self.thumbnail_side:
+            return None
+        path = thumbnails_path(self.root, name)
+        if not path.exists():
+            raise ShardError(f"{self.root}: {name} has no thumbnails yet ({path.name}); run `clip-sidecar embed` "
+                             "again to write them")
+        with np.load(path) as stored:
+            offsets, data = stored["offsets"], stored["data"].tobytes()
+        return [data[start:stop] for start, stop in zip(offsets[:-1], offsets[1:])]
+
+    def shards_without_thumbnails(self) -> list[str]:
+        """Shards written before the manifest named a thumbnail size (or by a run killed while adding them)."""
+        if not self.thumbnail_side:
+            return []
+        return [name for name in self.shard_names() if not thumbnails_path(self.root, name).exists()]
+
+    def write_thumbnails(self, name: str, thumbnails: list[bytes]) -> None:
+        """Add thumbnails to a shard written without them, one per row in order."""
+        write_thumbnails_file(self.root, name, thumbnails, rename=True)
+
     def _write_manifest(self) -> None:
         tmp = self.manifest_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
         os.replace(tmp, self.manifest_path)
+
+
+def write_shard_files(root: Path, name: str, vectors: np.ndarray, rows: list[ShardRow],
+                      fine_vectors: np.ndarray | None = None, thumbnails: list[bytes] | None = None) -> str:
+    """Write one shard's files under `root`, each under a temporary name renamed into place (the
+    .npy/.npz files first, the .jsonl last: a complete pair implies the rest). The manifest is not
+    touched: `ShardSet.shard_names` finds the shard, `ShardSet.record_shards` lists it. Writing the
+    same name again replaces the shard whole, so a retried writer cannot duplicate its rows."""
+    root = Path(root)
+    npy, jsonl = root / f"{name}.npy", root / f"{name}.jsonl"
+    arrays = [(npy, vectors)] + ([(root / f"{name}.fine.npy", fine_vectors)] if fine_vectors is not None else [])
+    for path, array in arrays:
+        with open(path.with_suffix(".npy.tmp"), "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
+            fh.flush()
+            os.fsync(fh.fileno())
+    if thumbnails is not None:
+        write_thumbnails_file(root, name, thumbnails, rename=False)
+    with open(jsonl.with_suffix(".jsonl.tmp"), "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    # The thumbnails and fine vectors first: a complete .npy + .jsonl pair implies them.
+    if thumbnails is not None:
+        os.replace(thumbnails_path(root, name).with_suffix(".npz.tmp"), thumbnails_path(root, name))
+    for path, _ in reversed(arrays):
+        os.replace(path.with_suffix(".npy.tmp"), path)
+    os.replace(jsonl.with_suffix(".jsonl.tmp"), jsonl)
+    return name
+
+
+def thumbnails_path(root: Path, name: str) -> Path:
+    return root / f"{name}.thumbs.npz"
+
+
+def write_thumbnails_file(root: Path, name: str, thumbnails: list[bytes], *, rename: bool) -> None:
+    """A shard's thumbnails as one .npz (JPEG bytes back to back, `offsets` into them), under a temporary
+    name that `rename` (or the shard's writer, in its order) renames into place."""
+    path = thumbnails_path(root, name)
+    offsets = np.zeros(len(thumbnails) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(t) for t in thumbnails])
+    with open(path.with_suffix(".npz.tmp"), "wb") as fh:
+        np.savez(fh, offsets=offsets, data=np.frombuffer(b"".join(thumbnails), dtype=np.uint8))
+        fh.flush()
+        os.fsync(fh.fileno())
+    if rename:
+        os.replace(path.with_suffix(".npz.tmp"), path)

@@ -55,14 +55,32 @@ def _bound_bpe_cache(tokenizer, capacity: int) -> None:
         tokenizer.cache = _BoundedBpeCache(cache, capacity)
 
 
-@dataclass(frozen=True, slots=True)
-class PreparedText:
-    tokens: torch.Tensor  # [context_length] int64
-    length: int  # tokens before truncation, start and end tokens included
+def _skip_ftfy_where_it_changes_nothing() -> None:
+    """open_clip's SimpleTokenizer cleans every text with ftfy.fix_text and html.unescape (twice), about
+    half of its time per text. Printable ASCII without '&' comes out of both unchanged (ftfy's fixes
+    concern non-ASCII text, control characters, line breaks and HTML entities), so such text skips
+    them; any other text takes open_clip's own path. tests/unit/model/test_encoder_text.py checks the
+    equality over generated texts. Installed once, in open_clip's tokenizer module, whose clean
+    functions look `basic_clean` up when they run."""
+    from open_clip import tokenizer as module
 
-    @property
-    def truncated(self) -> bool:
-        return self.length > self.tokens.shape[-1]
+    original = module.basic_clean
+    if getattr(original, "skips_ftfy", False):
+        return
+
+    def basic_clean(text: str) -> str:
+        if text.isascii() and text.isprintable() and "&" not in text:
+            return text.strip()
+        return original(text)
+
+    basic_clean.skips_ftfy = True  # type: ignore[attr-defined]
+    module.basic_clean = basic_clean
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedTexts:
+    tokens: torch.Tensor  # [n, context_length] int64
+    lengths: list[int]  # tokens before truncation per text, start and end tokens included
 
 
 class Encoder:
@@ -79,6 +97,7 @@ class Encoder:
         self.precision = precision
         self.context_length = int(tokenizer.context_length)
         _bound_bpe_cache(tokenizer, BPE_CACHE_WORDS)
+        _skip_ftfy_where_it_changes_nothing()
         self._text_graphs = None  # TextGraphs once capture_text_graphs() ran (GPU serving)
         self.images = ImagePreprocess(preprocess)
         # Normalisation runs on the model's device, over the whole batch, after a uint8 copy.
@@ -91,21 +110,31 @@ class Encoder:
         self.logit_scale = _logit_scale(model)
 
     # ---- pre: CPU work, safe to run in request threads or worker processes ----
-    def prepare_text(self, text: str) -> PreparedText:
-        tokens = self.tokenizer([text])[0]
-        if int(tokens[-1]) == 0:  # padding left at the end: nothing was cut
-            length = int(tokens.nonzero().max()) + 1
-        else:
-            length = self._full_context_length(text)
-        return PreparedText(tokens=tokens, length=length)
-
-    def _full_context_length(self, text: str) -> int:
-        """Token count of a text that filled the context: tokenise again, uncut (rare, long texts only)."""
-        encode = getattr(self.tokenizer, "encode", None)
-        if encode is not None:
-            return len(encode(text)) + 2  # start and end tokens
-        # Tokenizers without `encode`: a sequence that fills the context was (probably) cut.
-        return self.context_length + 1
+    def prepare_texts(self, texts: Sequence[str]) -> PreparedTexts:
+        """Token ids [n, context_length] and each text's full token count, from one tokenisation."""
+        tokenizer = self.tokenizer
+        if _is_simple_tokenizer(tokenizer):
+            # open_clip's SimpleTokenizer.__call__, its truncation included, with one array for the
+            # batch instead of a tensor per text (which took as long as the tokenising itself).
+            start, end = tokenizer.sot_token_id, tokenizer.eot_token_id
+            ids = [[start, *tokenizer.encode(text), end] for text in texts]
+            out = np.zeros((len(texts), self.context_length), dtype=np.int64)
+            for row, sequence in zip(out, ids):
+                if len(sequence) > self.context_length:
+                    sequence = sequence[:self.context_length]
+                    sequence[-1] = end
+                row[:len(sequence)] = sequence
+            return PreparedTexts(tokens=torch.from_numpy(out), lengths=[len(sequence) for sequence in ids])
+        tokens = tokenizer(list(texts))
+        lengths = []
+        for text, row in zip(texts, tokens):
+            if int(row[-1]) == 0:  # padding left at the end: nothing was cut
+                lengths.append(int(row.nonzero().max()) + 1)
+            else:
+                encode = getattr(tokenizer, "encode", None)
+                # A tokenizer without `encode`: a sequence that fills the context was (probably) cut.
+                lengths.append(len(encode(text)) + 2 if encode is not None else self.context_length + 1)
+        return PreparedTexts(tokens=tokens, lengths=lengths)
 
     # ---- core: one forward pass per call, on the model's device and precision ----
     def forward_texts(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -172,7 +201,7 @@ class Encoder:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        out = [self.postprocess(self.forward_texts(torch.stack([self.prepare_text(t).tokens for t in chunk])))
+        out = [self.postprocess(self.forward_texts(self.prepare_texts(chunk).tokens))
                for chunk in _chunks(texts, FORWARD_CHUNK)]
         return np.concatenate(out)
 
@@ -189,6 +218,13 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = [self.postprocess(self.forward_images(np.stack(chunk))) for chunk in _chunks(pixels, FORWARD_CHUNK)]
         return np.concatenate(out)
+
+
+def _is_simple_tokenizer(tokenizer) -> bool:
+    """open_clip's own BPE tokenizer, truncating (no reduction strategy)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return isinstance(tokenizer, SimpleTokenizer) and tokenizer.reduction_fn is None
 
 
 def _logit_scale(model: torch.nn.Module) -> float:

@@ -35,7 +35,8 @@ class _Work(Generic[Item]):
 
 class MicroBatcher(Generic[Item]):
     """Gathers up to `max_batch` items, or waits at most `max_wait_ms` after the first (only under
-    load), then runs `forward(items) -> [n, dim] array` once and hands each caller its own rows.
+    load), then runs `forward(items) -> rows` once (an [n, dim] array, or any sequence of n results)
+    and hands each caller its own rows.
 
     Admission is bounded in items: a request whose items would take the waiting items over
     `queue_items` answers Overloaded (503) at once (a request is always admitted into an empty
@@ -45,7 +46,7 @@ class MicroBatcher(Generic[Item]):
     at once, `stopped` says why, and the `on_stop` callbacks run (gunicorn replaces the worker).
     """
 
-    def __init__(self, forward: Callable[[Sequence[Item]], np.ndarray], *, modality: str,
+    def __init__(self, forward: Callable[[Sequence[Item]], Sequence], *, modality: str,
                  max_batch: int, max_wait_ms: float, queue_items: int):
         self._forward = forward
         self.modality = modality
@@ -61,6 +62,11 @@ class MicroBatcher(Generic[Item]):
         self._held: list[_Work] = []  # taken off the queue by the model thread, not yet answered
         self._carry: _Work | None = None  # a request that did not fit in the last batch
         self._last_batch_requests = 0
+        # Series resolved once, not per request (labels() costs a lock and a lookup each time).
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(modality)
+        self._queue_wait = metrics.STAGE_SECONDS.labels("queue_wait", modality)
+        self._forward_seconds = metrics.STAGE_SECONDS.labels("forward", modality)
+        self._batch_size = metrics.BATCH_SIZE.labels(modality)
         self._thread = threading.Thread(target=self._supervise, name=f"batcher-{modality}", daemon=True)
         self._thread.start()
 
@@ -80,7 +86,7 @@ class MicroBatcher(Generic[Item]):
                 return
         callback(self._stopped)
 
-    def submit(self, items: Sequence[Item], *, timeout_s: float) -> np.ndarray:
+    def submit(self, items: Sequence[Item], *, timeout_s: float) -> Sequence:
         """Encode `items` within `timeout_s`; rows come back in the order given."""
         work = _Work(items)
         with self._admission:
@@ -93,7 +99,7 @@ class MicroBatcher(Generic[Item]):
                                  retry_after_s=1.0)
             self._waiting_items += len(items)
             self._queue.put_nowait(work)
-        metrics.QUEUE_DEPTH.labels(self.modality).set(waiting + len(items))
+        self._queue_depth.set(waiting + len(items))
         try:
             return work.future.result(timeout=timeout_s)
         except FutureTimeout as exc:
@@ -132,7 +138,7 @@ class MicroBatcher(Generic[Item]):
                     pending.append(work)
             self._waiting_items = 0
             callbacks, self._on_stop = self._on_stop, []
-        metrics.QUEUE_DEPTH.labels(self.modality).set(0)
+        self._queue_depth.set(0)
         for work in pending:
             try:
                 work.future.set_exception(NotReady(reason, retry_after_s=1.0))
@@ -184,7 +190,7 @@ class MicroBatcher(Generic[Item]):
         with self._admission:
             self._waiting_items -= sum(len(work.items) for work in batch)
             waiting = self._waiting_items
-        metrics.QUEUE_DEPTH.labels(self.modality).set(waiting)
+        self._queue_depth.set(waiting)
         live = [work for work in batch if work.future.set_running_or_notify_cancel()]
         if live:
             self._answer(live)
@@ -194,7 +200,7 @@ class MicroBatcher(Generic[Item]):
     def _answer(self, live: list[_Work]) -> None:
         now = time.perf_counter()
         for work in live:
-            metrics.STAGE_SECONDS.labels("queue_wait", self.modality).observe(now - work.enqueued)
+            self._queue_wait.observe(now - work.enqueued)
         items = [item for work in live for item in work.items]
         try:
             rows = self._forward_timed(items)
@@ -221,9 +227,9 @@ class MicroBatcher(Generic[Item]):
         log.error("%s encode failed for a request of %d items: %s", self.modality, len(work.items), exc)
         work.future.set_exception(exc)
 
-    def _forward_timed(self, items: Sequence[Item]) -> np.ndarray:
-        metrics.BATCH_SIZE.labels(self.modality).observe(len(items))
-        with metrics.STAGE_SECONDS.labels("forward", self.modality).time():
+    def _forward_timed(self, items: Sequence[Item]) -> Sequence:
+        self._batch_size.observe(len(items))
+        with self._forward_seconds.time():
             # A request larger than max_batch still runs in max_batch-sized passes.
             parts = []
             for start in range(0, len(items), self.max_batch):
@@ -233,4 +239,6 @@ class MicroBatcher(Generic[Item]):
                     raise ForwardRowMismatch(f"the {self.modality} forward returned {len(rows)} rows for "
                                              f"{len(chunk)} items")
                 parts.append(rows)
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [row for part in parts for row in part]

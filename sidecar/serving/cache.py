@@ -1,10 +1,11 @@
 """Text-vector cache: in-memory LRU over a bounded persistent SQLite table; identical concurrent misses
-computed once."""
+computed once; the table read once per forward batch and written by a thread of its own."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -12,7 +13,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -24,6 +25,13 @@ log = logging.getLogger(__name__)
 # Eviction takes the table down to this share of its bound, so it runs once per many inserts
 # rather than on every one.
 _EVICT_TO = 0.9
+# Rows the writer thread puts in one transaction at most.
+_WRITE_BATCH = 1024
+
+
+class CachedText(NamedTuple):
+    vector: np.ndarray
+    tokens: int  # the text's token count before truncation, start and end tokens included
 
 
 def cache_namespace(*, model: str, weights: str, prompt_template: str, prompt_version: str) -> str:
@@ -35,47 +43,66 @@ class TextVectorCache:
     """`capacity` vectors in memory (LRU); with a `path`, a SQLite table under them shared by every
     process that opens the file, holding at most `max_entries` vectors (all namespaces together):
     past that, the least recently used go first. A vector's last use on disk is when it was last
-    written or read from disk (a hit in memory does not touch the file)."""
+    written or read from disk (a hit in memory does not touch the file).
+
+    `get_or_compute` answers from memory and hands the rest to `compute` (the micro-batcher);
+    `through_disk(encode)` is what the batcher runs: one table lookup for the whole batch, `encode`
+    for what the table lacks. Writes (new vectors, and the last-use times of rows read) go to a
+    writer thread that commits them in batches, off the request path: a vector computed moments
+    before a crash may be computed again after it, nothing worse."""
 
     def __init__(self, path: Path | None, *, namespace: str, capacity: int, max_entries: int = 200_000):
         self.namespace = namespace
         self.capacity = capacity
         self.max_entries = max_entries
-        self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lru: OrderedDict[str, CachedText] = OrderedDict()
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
+        self._db: sqlite3.Connection | None = None  # reads (the batcher thread), counts
         self._db_lock = threading.Lock()
+        self._writes: queue.Queue[tuple[str, list] | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db = self._connect(path)
             self._db.execute("CREATE TABLE IF NOT EXISTS text_vectors (namespace TEXT, key TEXT, vector BLOB, "
                              "last_used INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (namespace, key))")
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(text_vectors)")}
             if "last_used" not in columns:  # a file from before the bound: its rows count as least recent
                 self._db.execute("ALTER TABLE text_vectors ADD COLUMN last_used INTEGER NOT NULL DEFAULT 0")
+            if "tokens" not in columns:  # a file from before token counts were kept: such rows are recomputed
+                self._db.execute("ALTER TABLE text_vectors ADD COLUMN tokens INTEGER")
             self._db.execute("CREATE INDEX IF NOT EXISTS text_vectors_last_used ON text_vectors (last_used)")
             # Rows in the file as this process last counted them, plus what it inserted since;
             # other processes' inserts show up at the next count.
             self._rows = self._db.execute("SELECT count(*) FROM text_vectors").fetchone()[0]
+            self._write_db = self._connect(path)
             self._evict_if_over()
+            self._writer = threading.Thread(target=self._write_loop, name="text-cache-writer", daemon=True)
+            self._writer.start()
 
-    def get_or_compute(self, texts: Sequence[str], compute: Callable[[list[str]], np.ndarray], *,
-                       timeout_s: float) -> np.ndarray:
-        """Vectors for `texts` in order; `compute` runs once for the texts nobody has or is computing.
-        Texts another request is computing are awaited at most until `timeout_s` after the call
-        (EncodeTimeout after), so a computation that never finishes holds nobody for ever."""
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def get_or_compute(self, texts: Sequence[str], compute: Callable[[list[str]], Sequence[CachedText]], *,
+                       timeout_s: float) -> list[CachedText]:
+        """Entries for `texts` in order; `compute` runs once for the texts nobody has in memory or is
+        computing. Texts another request is computing are awaited at most until `timeout_s` after the
+        call (EncodeTimeout after), so a computation that never finishes holds nobody for ever."""
         deadline = time.monotonic() + timeout_s
-        results: list[np.ndarray | None] = [None] * len(texts)
+        results: list[CachedText | None] = [None] * len(texts)
         waiting: list[tuple[int, Future]] = []
         mine: dict[str, Future] = {}
         with self._lock:
             for i, text in enumerate(texts):
-                if text in self._lru:
+                entry = self._lru.get(text)
+                if entry is not None:
                     self._lru.move_to_end(text)
-                    results[i] = self._lru[text]
+                    results[i] = entry
                 elif text in self._inflight:
                     waiting.append((i, self._inflight[text]))
                 elif text in mine:
@@ -86,25 +113,20 @@ class TextVectorCache:
         hits = len(texts) - len(waiting)
         if mine:
             self._fill(list(mine), mine, compute)
-        metrics.CACHE_LOOKUPS.labels("hit").inc(hits + (len(waiting) - len(mine)))
-        metrics.CACHE_LOOKUPS.labels("miss").inc(len(mine))
+        metrics.CACHE_HITS.inc(hits + (len(waiting) - len(mine)))
+        metrics.CACHE_MISSES.inc(len(mine))
         for i, future in waiting:
             try:
                 results[i] = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout as exc:
                 raise EncodeTimeout(f"text encode took longer than request_timeout_s={timeout_s} (waiting for "
                                     "another request's encode of the same text)") from exc
-        return np.stack(results) if results else np.zeros((0, 0), dtype=np.float32)
+        return results  # type: ignore[return-value]  # every slot is filled above
 
-    def _fill(self, texts: list[str], futures: dict[str, Future], compute: Callable[[list[str]], np.ndarray]) -> None:
+    def _fill(self, texts: list[str], futures: dict[str, Future],
+              compute: Callable[[list[str]], Sequence[CachedText]]) -> None:
         try:
-            stored = self._load(texts)
-            missing = [t for t in texts if t not in stored]
-            if missing:
-                computed = compute(missing)
-                fresh = dict(zip(missing, computed))
-                self._save(fresh)
-                stored.update(fresh)
+            computed = compute(texts)
         except BaseException as exc:
             with self._lock:
                 for text in texts:
@@ -113,60 +135,113 @@ class TextVectorCache:
                 future.set_exception(exc)
             raise
         with self._lock:
-            for text in texts:
-                self._lru[text] = stored[text]
+            for text, entry in zip(texts, computed):
+                self._lru[text] = entry
                 self._inflight.pop(text, None)
             while len(self._lru) > self.capacity:
                 self._lru.popitem(last=False)
-        for text, future in futures.items():
-            future.set_result(stored[text])
+        for text, entry in zip(texts, computed):
+            futures[text].set_result(entry)
+
+    def through_disk(self, encode: Callable[[list[str]], Sequence[CachedText]]
+                     ) -> Callable[[Sequence[str]], list[CachedText]]:
+        """`encode` behind the persistent table: the returned function reads the table once for all
+        its texts, encodes the others and queues them for the writer thread."""
+        def load_or_encode(texts: Sequence[str]) -> list[CachedText]:
+            found = self._load(texts)
+            missing = [t for t in dict.fromkeys(texts) if t not in found]
+            if missing:
+                fresh = dict(zip(missing, encode(missing)))
+                self._save(fresh)
+                found.update(fresh)
+            return [found[t] for t in texts]
+        return load_or_encode
 
     def _key(self, text: str) -> str:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
-    def _load(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def _load(self, texts: Sequence[str]) -> dict[str, CachedText]:
         if self._db is None:
             return {}
         keys = {self._key(t): t for t in texts}
-        found: dict[str, np.ndarray] = {}
+        found: dict[str, CachedText] = {}
+        touched: list[str] = []
         with self._db_lock:
-            for start in range(0, len(texts), 500):
+            for start in range(0, len(keys), 500):
                 chunk = list(keys)[start:start + 500]
-                rows = self._db.execute(
-                    f"SELECT key, vector FROM text_vectors WHERE namespace = ? AND key IN ({','.join('?' * len(chunk))})",
-                    [self.namespace, *chunk]).fetchall()
-                for key, blob in rows:
-                    found[keys[key]] = np.frombuffer(blob, dtype=np.float32)
-                if rows:  # a use: these rows move to the recent end
-                    self._db.execute(
-                        f"UPDATE text_vectors SET last_used = ? WHERE namespace = ? "
-                        f"AND key IN ({','.join('?' * len(rows))})",
-                        [time.time_ns(), self.namespace, *(key for key, _ in rows)])
+                for key, blob, tokens in self._db.execute(
+                        f"SELECT key, vector, tokens FROM text_vectors WHERE namespace = ? AND key IN "
+                        f"({','.join('?' * len(chunk))}) AND tokens IS NOT NULL", [self.namespace, *chunk]):
+                    found[keys[key]] = CachedText(np.frombuffer(blob, dtype=np.float32), tokens)
+                    touched.append(key)
+        if touched:  # a use: these rows move to the recent end
+            self._writes.put(("touch", touched))
         return found
 
-    def _save(self, vectors: dict[str, np.ndarray]) -> None:
-        if self._db is None or not vectors:
+    def _save(self, entries: dict[str, CachedText]) -> None:
+        if self._db is None or not entries:
+            return
+        self._writes.put(("insert", [(self.namespace, self._key(t), np.asarray(e.vector, dtype=np.float32).tobytes(),
+                                      e.tokens) for t, e in entries.items()]))
+
+    def flush(self) -> None:
+        """Wait until every write queued so far is committed."""
+        if self._writer is not None:
+            self._writes.join()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._writes.get()
+            batch = [item]
+            while item is not None and sum(len(rows) for _, rows in batch) < _WRITE_BATCH:
+                try:
+                    item = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(item)
+            try:
+                self._write([work for work in batch if work is not None])
+            except sqlite3.Error as exc:  # a full disk, a locked file: the cache misses, serving goes on
+                log.warning("text-vector cache: %d writes failed: %s", len(batch), exc)
+            finally:
+                for _ in batch:
+                    self._writes.task_done()
+            if batch[-1] is None:
+                return
+
+    def _write(self, batch: list[tuple[str, list]]) -> None:
+        if not batch:
             return
         now = time.time_ns()
-        rows = [(self.namespace, self._key(t), np.asarray(v, dtype=np.float32).tobytes(), now)
-                for t, v in vectors.items()]
-        with self._db_lock:
-            self._db.executemany("INSERT OR REPLACE INTO text_vectors (namespace, key, vector, last_used) "
-                                 "VALUES (?, ?, ?, ?)", rows)
-            self._rows += len(rows)
+        db = self._write_db
+        db.execute("BEGIN")
+        try:
+            for kind, rows in batch:
+                if kind == "insert":
+                    db.executemany("INSERT OR REPLACE INTO text_vectors (namespace, key, vector, tokens, last_used) "
+                                   "VALUES (?, ?, ?, ?, ?)", [(*row, now) for row in rows])
+                    self._rows += len(rows)
+                else:
+                    db.executemany("UPDATE text_vectors SET last_used = ? WHERE namespace = ? AND key = ?",
+                                   [(now, self.namespace, key) for key in rows])
             self._evict_if_over()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _evict_if_over(self) -> None:
         """Past max_entries (as counted, other processes' inserts included), drop the least recently
-        used rows down to 90 % of it. Callers hold _db_lock (or are the constructor)."""
+        used rows down to 90 % of it. Runs on the writer thread (or in the constructor)."""
         if self._rows <= self.max_entries:
             return
-        self._rows = self._db.execute("SELECT count(*) FROM text_vectors").fetchone()[0]
+        db = self._write_db
+        self._rows = db.execute("SELECT count(*) FROM text_vectors").fetchone()[0]
         excess = self._rows - int(self.max_entries * _EVICT_TO)
         if self._rows <= self.max_entries or excess <= 0:
             return
-        self._db.execute("DELETE FROM text_vectors WHERE rowid IN "
-                         "(SELECT rowid FROM text_vectors ORDER BY last_used LIMIT ?)", [excess])
+        db.execute("DELETE FROM text_vectors WHERE rowid IN "
+                   "(SELECT rowid FROM text_vectors ORDER BY last_used LIMIT ?)", [excess])
         log.info("text-vector cache: evicted the %d least recently used of %d vectors (limit %d, "
                  "text_cache_max_entries)", excess, self._rows, self.max_entries)
         self._rows -= excess
@@ -174,10 +249,18 @@ class TextVectorCache:
     def persisted_count(self) -> int:
         if self._db is None:
             return 0
+        self.flush()
         with self._db_lock:
             return self._db.execute("SELECT count(*) FROM text_vectors WHERE namespace = ?",
                                     [self.namespace]).fetchone()[0]
 
     def close(self) -> None:
+        """Commit the queued writes, stop the writer thread, close the file."""
+        if self._writer is not None:
+            self._writes.put(None)
+            self._writer.join()
+            self._writer = None
+            self._write_db.close()
         if self._db is not None:
             self._db.close()
+            self._db = None

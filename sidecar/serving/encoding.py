@@ -1,4 +1,8 @@
-"""Online encoding: prompt template, text-vector cache, then the micro-batchers in front of the encoder."""
+"""Online encoding: prompt template, text-vector cache, then the micro-batchers in front of the encoder.
+
+A text request costs its thread a cache lookup in memory and, for texts nobody has, one hand-off
+to the text batcher; the batcher thread reads the persistent cache once per batch, tokenises what
+it lacks in one call and runs the forward (the cache's writer thread stores the new vectors)."""
 
 from __future__ import annotations
 
@@ -12,11 +16,11 @@ import torch
 from PIL import Image
 
 from sidecar.config import Settings
-from sidecar.errors import EncodeTimeout
 from sidecar.model.encoder import Encoder
 from sidecar.model.images import ImageDecodeError, decode_bytes, load_rgb
+from sidecar.serving import metrics
 from sidecar.serving.batching import MicroBatcher
-from sidecar.serving.cache import TextVectorCache, cache_namespace
+from sidecar.serving.cache import CachedText, TextVectorCache, cache_namespace
 from sidecar.serving.memory_budget import MemoryBudget
 
 log = logging.getLogger(__name__)
@@ -41,16 +45,18 @@ class EncodingService:
             # Process-wide (torch has no per-thread setting): a process that builds this service
             # is a serving process, and its forwards run on the batcher threads.
             torch.set_num_threads(settings.serve_torch_threads)
-        batching = dict(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                        queue_items=settings.encode_queue_items())
-        self._texts = MicroBatcher(self._forward_texts, modality="text", **batching)
-        self._images = MicroBatcher(self._forward_images, modality="image", **batching)
         self.cache = TextVectorCache(
             settings.text_cache_file(),
             namespace=cache_namespace(model=encoder.name, weights=encoder.weights,
                                       prompt_template=settings.prompt_template,
                                       prompt_version=settings.prompt_version),
             capacity=settings.text_cache_size, max_entries=settings.text_cache_max_entries)
+        batching = dict(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                        queue_items=settings.encode_queue_items())
+        self._texts = MicroBatcher(self.cache.through_disk(self._forward_texts), modality="text", **batching)
+        self._images = MicroBatcher(self._forward_images, modality="image", **batching)
+        self._text_forward_cpu = metrics.FORWARD_CPU_SECONDS.labels("text")
+        self._image_forward_cpu = metrics.FORWARD_CPU_SECONDS.labels("image")
         self.decode_memory = MemoryBudget(settings.decode_memory_bytes)
 
     @property
@@ -65,38 +71,33 @@ class EncodingService:
 
     def encode_texts(self, texts: Sequence[str]) -> TextVectors:
         """Vectors for texts, cached or batched with other requests'. Each text is cut to max_text_chars
-        before tokenising (the model keeps only its first context_length tokens anyway); tokenising
-        that outlasts request_timeout_s answers 504 before the encode, which has its own
-        request_timeout_s in the batcher."""
-        started = time.monotonic()
+        before tokenising (the model keeps only its first context_length tokens anyway)."""
         limit, timeout_s = self.settings.max_text_chars, self.settings.request_timeout_s
         prompts = [self.settings.prompt(text[:limit]) for text in texts]
-        prepared = {p: self.encoder.prepare_text(p) for p in prompts}
-        truncated = [i for i, p in enumerate(prompts) if prepared[p].truncated or len(texts[i]) > limit]
+        entries = self.cache.get_or_compute(prompts, lambda missing: self._texts.submit(missing, timeout_s=timeout_s),
+                                            timeout_s=timeout_s)
+        context = self.encoder.context_length
+        truncated = [i for i, entry in enumerate(entries) if entry.tokens > context or len(texts[i]) > limit]
         if truncated:
             log.info("%d of %d texts exceed the model's %d-token context (or max_text_chars=%d) and were truncated",
-                     len(truncated), len(texts), self.encoder.context_length, limit)
-        if time.monotonic() - started > timeout_s:
-            raise EncodeTimeout(f"tokenising {len(texts)} texts took longer than request_timeout_s={timeout_s}")
-
-        def encode_missing(missing: list[str]) -> np.ndarray:
-            return self._texts.submit([prepared[p].tokens for p in missing], timeout_s=self.settings.request_timeout_s)
-
-        tokens = sum(min(prepared[p].length, self.encoder.context_length) for p in prompts)
-        vectors = self.cache.get_or_compute(prompts, encode_missing, timeout_s=self.settings.request_timeout_s)
-        return TextVectors(vectors=vectors, truncated=truncated, tokens=tokens)
+                     len(truncated), len(texts), context, limit)
+        return TextVectors(vectors=np.stack([entry.vector for entry in entries]) if entries
+                           else np.zeros((0, self.encoder.dim), dtype=np.float32),
+                           truncated=truncated, tokens=sum(min(entry.tokens, context) for entry in entries))
 
     def encode_prompt_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Vectors for a prompt set's prompts, as written (no prompt_template: the set has its own
-        templates; no text-vector cache: the set's vectors are cached whole). Sent through the text
-        batcher in turns of a quarter of queue_items, so a large set shares the model with requests
-        and leaves most of the queue to them, each turn with its own request_timeout_s. (`serve`
-        computes every set's vectors before the workers start: this is for sets added later.)"""
+        templates; not through the in-memory text-vector cache: the set's vectors are cached whole;
+        the batcher's disk table keys each text as fed to the model, so it serves them like any
+        text). Sent through the text batcher in turns of a quarter of queue_items, so a large set
+        shares the model with requests and leaves most of the queue to them, each turn with its own
+        request_timeout_s. (`serve` computes every set's vectors before the workers start: this is
+        for sets added later.)"""
         turn = max(1, self.settings.encode_queue_items() // 4)
         parts = []
         for start in range(0, len(texts), turn):
-            tokens = [self.encoder.prepare_text(text).tokens for text in texts[start:start + turn]]
-            parts.append(self._texts.submit(tokens, timeout_s=self.settings.request_timeout_s))
+            entries = self._texts.submit(list(texts[start:start + turn]), timeout_s=self.settings.request_timeout_s)
+            parts.append(np.stack([entry.vector for entry in entries]))
         return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), dtype=np.float32)
 
     def open_image(self, data: bytes) -> Image.Image:
@@ -125,11 +126,20 @@ class EncodingService:
         """Vectors for model pixels from `decode_image`, batched with other requests'."""
         return self._images.submit(list(pixels), timeout_s=self.settings.request_timeout_s)
 
-    def _forward_texts(self, tokens: Sequence[torch.Tensor]) -> np.ndarray:
-        return self.encoder.postprocess(self.encoder.forward_texts(torch.stack(list(tokens))))
+    def _forward_texts(self, prompts: Sequence[str]) -> list[CachedText]:
+        """On the text batcher's thread: tokenise the batch in one call, then one forward pass."""
+        prepared = self.encoder.prepare_texts(prompts)
+        started = time.thread_time()
+        vectors = self.encoder.postprocess(self.encoder.forward_texts(prepared.tokens))
+        self._text_forward_cpu.inc(time.thread_time() - started)
+        return [CachedText(vector, tokens) for vector, tokens in zip(vectors, prepared.lengths)]
 
     def _forward_images(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
-        return self.encoder.postprocess(self.encoder.forward_images(np.stack(pixels)))
+        batch = np.stack(pixels)
+        started = time.thread_time()
+        vectors = self.encoder.postprocess(self.encoder.forward_images(batch))
+        self._image_forward_cpu.inc(time.thread_time() - started)
+        return vectors
 
     def close(self) -> None:
         self._texts.close()

@@ -1,4 +1,5 @@
-"""Prometheus series: requests, per-stage latency, batch sizes, queue depth, cache hits, batcher stops.
+"""Prometheus series: requests, per-stage latency, forward CPU, batch sizes, queue depth, cache hits, batcher
+stops.
 
 Under gunicorn each worker is a process of its own: with PROMETHEUS_MULTIPROC_DIR set (the
 gunicorn config sets it before any worker starts) every worker writes its series to files in
@@ -23,12 +24,19 @@ STAGE_SECONDS = Histogram(
     "sidecar_stage_seconds", "Latency per stage: queue_wait, forward, search, rerank", ["stage", "modality"],
     buckets=_BUCKETS,
 )
+# CPU (thread time) of the forward passes, apart from their latency: with the server's total CPU it
+# splits a request's cost into the model's part and the rest (bench/serve_load.py reports both).
+FORWARD_CPU_SECONDS = Counter("sidecar_forward_cpu_seconds", "CPU time the forward passes took on the model thread",
+                              ["modality"])
 BATCH_SIZE = Histogram(
     "sidecar_batch_size", "Items per forward pass", ["modality"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 # Summed over the live workers; a dead worker's last value is dropped.
 QUEUE_DEPTH = Gauge("sidecar_queue_depth", "Items waiting for the model", ["modality"], multiprocess_mode="livesum")
 CACHE_LOOKUPS = Counter("sidecar_text_cache_lookups_total", "Text-vector cache lookups", ["result"])
+# Resolved once: a labels() call per request is measurable on the request path.
+CACHE_HITS = CACHE_LOOKUPS.labels("hit")
+CACHE_MISSES = CACHE_LOOKUPS.labels("miss")
 BATCHER_STOPS = Counter("sidecar_batcher_stops_total",
                         "Micro-batcher threads that died (their worker answers 503 and is replaced)", ["modality"])
 

@@ -19,5 +19,7 @@ def open_store(settings: Settings) -> Store:
                            user=settings.opensearch_user or None, password=settings.opensearch_password or None,
                            verify_certs=settings.opensearch_verify_certs,
                            ca_certs=settings.opensearch_ca_certs or None, engine=settings.opensearch_engine,
+                           number_of_shards=settings.opensearch_shards,
+                           number_of_replicas=settings.opensearch_replicas,
                            config_dir=settings.plugin_config_dir or None, target_recall=settings.target_recall,
                            target_k=settings.target_recall_k)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -63,6 +63,24 @@ class StoreReport:
         lines += [f"  note: {line}" for line in self.notes]
         lines += [f"  repaired: {line}" for line in self.actions]
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class FacetCounts:
+    """One metadata field's values, each with how many documents hold it (a list field counts each
+    element), most frequent first; `other`: how many more such counts lie beyond the values listed
+    (0: the list is complete)."""
+
+    values: tuple[tuple[Any, int], ...]
+    other: int = 0
+
+    @classmethod
+    def ranked(cls, counts: Iterable[tuple[Any, int]]) -> FacetCounts:
+        # Ties break by value (as text) so that both stores list a field alike.
+        return cls(values=tuple(sorted(counts, key=lambda item: (-item[1], str(item[0])))))
+
+    def top(self, size: int) -> FacetCounts:
+        return FacetCounts(values=self.values[:size], other=self.other + sum(n for _, n in self.values[size:]))
 
 
 class BulkLoad(Protocol):
@@ -139,7 +157,16 @@ class Store(Protocol):
 
     def fetch(self, ids: Sequence[str]) -> list[Document]:
         """Full documents (full-precision vectors included, and the fine model's where stored) in the
-        order asked; unknown ids skipped."""
+        order asked; unknown ids skipped. Thumbnails are left out (`thumbnail` reads one)."""
+
+    def thumbnail(self, doc_id: str) -> bytes | None:
+        """The stored thumbnail (JPEG bytes) of a document, or None for an unknown id or a document
+        indexed without one."""
+
+    def facets(self, *, size: int = 20) -> dict[str, FacetCounts]:
+        """Value counts over every stored document for each top-level metadata field whose values (or
+        list elements) are strings, numbers or booleans — the values `filters` match — the `size`
+        most frequent per field."""
 
     def check(self) -> StoreReport:
         """Read-only consistency check of what the store holds (`clip-sidecar store check`)."""

@@ -36,6 +36,7 @@ from opensearchpy.exceptions import (
 )
 
 from sidecar.stores.base import (
+    FacetCounts,
     ModelMismatchError,
     StoreError,
     StoreLocked,
@@ -70,9 +71,13 @@ REBUILD_BATCH = 10_000
 BULK_REFRESH_INTERVAL = {"lucene": "2s", "faiss": "-1"}
 # Documents serialised to JSON per task of the background serialiser.
 SERIALISE_BATCH = 250
-# The fine-ranking model's vector beside each document: float32 bytes, base64, in _source only
-# (a binary field is neither indexed nor searchable), so it never enters the HNSW graph.
-FINE_VECTOR_MAPPING = {"properties": {"fine_vector": {"type": "binary"}}}
+# Binary fields beside each document, base64 in _source only (a binary field is neither indexed nor
+# searchable): the fine-ranking model's vector (float32 bytes; it never enters the HNSW graph) and
+# the thumbnail (JPEG bytes; read by id only, left out of fetches).
+BINARY_FIELDS = ("fine_vector", "thumbnail")
+# Metadata field types a terms aggregation counts as facets (what `term` filters match).
+FACET_FIELD_TYPES = {"keyword", "long", "integer", "short", "byte", "double", "float", "half_float",
+                     "scaled_float", "unsigned_long", "boolean"}
 # _meta key holding the search effort a calibration chose for a recall target (sidecar.stores.effort).
 EFFORT_KEY = "search_effort"
 # The load lock: one document in `<alias>-lock`, held by an `index` run or a rebuild (see _LoadLock).
@@ -304,10 +309,12 @@ class OpenSearchStore:
             if not self._alias_indices():
                 raise StoreError(f"alias {self.alias} does not exist; run setup (clip-sidecar opensearch setup) "
                                  "or claim first")
-            if any(doc.fine_vector is not None for doc in documents):
-                # Indices created before fine vectors existed lack the field: add it (idempotent), or
+            binary = [name for name in BINARY_FIELDS if any(getattr(doc, name) is not None for doc in documents)]
+            if binary:
+                # Indices created before these fields existed lack them: add them (idempotent), or
                 # dynamic mapping would index the base64 as text.
-                self._with_retry(lambda: self.client.indices.put_mapping(index=self.alias, body=FINE_VECTOR_MAPPING))
+                mapping = {"properties": {name: {"type": "binary"} for name in binary}}
+                self._with_retry(lambda: self.client.indices.put_mapping(index=self.alias, body=mapping))
             ops = {d.id: d for d in documents}
             written, _ = self._bulk(self.alias, ops, lock=load.lock)
             load.written.update(ops)
@@ -403,7 +410,9 @@ class OpenSearchStore:
             clauses.append({"ids": {"values": list(ids)}})
         body = {"size": k, "_source": False,
                 "query": {"bool": {"must": [{"match": {"text": query}}], "filter": clauses}}}
-        return [ScoredId(h["_id"], float(h["_score"])) for h in self._search(body)]
+        # dfs: BM25 from the index's term statistics, not each shard's, so an index of several
+        # shards scores as one shard does (OpenSearch skips the extra phase on one shard).
+        return [ScoredId(h["_id"], float(h["_score"])) for h in self._search(body, search_type="dfs_query_then_fetch")]
 
     def supports_native_hybrid(self, *, fusion: str, weights: tuple[float, float], exact: bool) -> bool:
         """Whether `hybrid_search` can fuse these options in the cluster (hybrid query + a
@@ -458,7 +467,7 @@ class OpenSearchStore:
         if not ids:
             return []
         with self._read_errors(f"fetch from {self.alias}"):
-            docs = self.client.mget(index=self.alias, body={"ids": list(ids)})["docs"]
+            docs = self.client.mget(index=self.alias, body={"ids": list(ids)}, _source_excludes=["thumbnail"])["docs"]
         found = []
         for d in docs:
             if not d.get("found"):
@@ -471,6 +480,38 @@ class OpenSearchStore:
                                   fine_vector=None if fine is None else np.frombuffer(base64.b64decode(fine),
                                                                                       dtype=np.float32)))
         return found
+
+    def thumbnail(self, doc_id: str) -> bytes | None:
+        with self._read_errors(f"thumbnail from {self.alias}"):
+            try:
+                found = self.client.get(index=self.alias, id=doc_id, _source_includes=["thumbnail"])
+            except NotFoundError:
+                return None
+        encoded = found.get("_source", {}).get("thumbnail")
+        return base64.b64decode(encoded) if encoded else None
+
+    def facets(self, *, size: int = 20) -> dict[str, FacetCounts]:
+        """One terms aggregation per metadata field the mapping holds as a keyword, number or boolean."""
+        with self._read_errors(f"facets of {self.alias}"):
+            mappings = self.client.indices.get_mapping(index=self.alias)
+            fields = {name: spec["type"] for mapping in mappings.values()
+                      for name, spec in mapping["mappings"].get("properties", {}).get("metadata", {})
+                      .get("properties", {}).items() if spec.get("type") in FACET_FIELD_TYPES}
+            if not fields:
+                return {}
+            names = sorted(fields)
+            aggregations = {f"f{i}": {"terms": {"field": f"metadata.{name}", "size": size}}
+                            for i, name in enumerate(names)}
+            answer = self.client.search(index=self.alias, body={"size": 0, "aggs": aggregations})["aggregations"]
+        facets = {}
+        for i, name in enumerate(names):
+            buckets = answer[f"f{i}"]
+            if not buckets["buckets"]:
+                continue
+            counts = FacetCounts.ranked((_facet_value(bucket, fields[name]), bucket["doc_count"])
+                                        for bucket in buckets["buckets"])
+            facets[name] = FacetCounts(values=counts.values, other=buckets["sum_other_doc_count"])
+        return facets
 
     def close(self) -> None:
         self.client.close()
@@ -665,9 +706,10 @@ class OpenSearchStore:
                 time.sleep(min(self.initial_backoff * 2 ** attempt, 30.0))
         return None
 
-    def _search(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+    def _search(self, body: dict[str, Any], *, search_type: str | None = None) -> list[dict[str, Any]]:
+        params = {"search_type": search_type} if search_type else None
         with self._read_errors(f"search on {self.alias}"):
-            return self.client.search(index=self.alias, body=body)["hits"]["hits"]
+            return self.client.search(index=self.alias, body=body, params=params)["hits"]["hits"]
 
     @contextlib.contextmanager
     def _read_errors(self, what: str) -> Iterator[None]:
@@ -824,6 +866,13 @@ def _root_cause(exc: TransportError) -> str:
         return str(exc.error)
 
 
+def _facet_value(bucket: dict[str, Any], field_type: str) -> Any:
+    """A terms bucket's key as the value a filter takes: booleans come back as 1/0 with key_as_string."""
+    if field_type == "boolean":
+        return bucket["key_as_string"] == "true"
+    return bucket["key"]
+
+
 def _filter_clauses(filters: Filters | None) -> list[dict[str, Any]]:
     clauses = []
     for field_name, value in (filters or {}).items():
@@ -841,6 +890,8 @@ def _index_action(index: str, doc: Document, *, dumps: Any = None) -> dict[str, 
               "metadata": dict(doc.metadata), "content_hash": doc.content_hash}
     if doc.fine_vector is not None:
         source["fine_vector"] = base64.b64encode(np.asarray(doc.fine_vector, dtype=np.float32).tobytes()).decode("ascii")
+    if doc.thumbnail:
+        source["thumbnail"] = base64.b64encode(doc.thumbnail).decode("ascii")
     return {"_op_type": "index", "_index": index, "_id": doc.id, "_source": dumps(source) if dumps else source}
 
 

@@ -1,11 +1,14 @@
 """A check for `schemathesis run` (tests/e2e/test_api_fuzz.py): a request the OpenAPI file calls
 valid is served (2xx), except where it carries what a schema cannot describe: image bytes (valid
-base64 need not be a decodable image: 415), `dimensions` (only the served model's own: 400), or a
+base64 need not be a decodable image: 415), `dimensions` (only the served model's own: 400), a
+document id (`like`: only a stored one, else 404), an `offset` whose sum with `k` passes max_k, or a
 prompt set's name the server does not hold (which names exist is the server's state: 404)."""
 
 from __future__ import annotations
 
 import schemathesis
+
+MAX_K = 1000  # the setting's default, which the server under test runs with
 
 
 @schemathesis.check
@@ -14,7 +17,9 @@ def schema_valid_requests_are_served(ctx, response, case):
     if meta is None or not meta.generation.mode.is_positive or case.method.upper() != "POST":
         return None
     body = case.body
-    if not isinstance(body, dict) or _carries_images(body, path=case.path) or "dimensions" in body:
+    if not isinstance(body, dict) or _carries_images(body, path=case.path) or "dimensions" in body or "like" in body:
+        return None
+    if isinstance(body.get("offset"), int) and body["offset"] + body.get("k", 10) > MAX_K:
         return None
     if response.status_code == 404 and _error_code(response) == "prompt_set_not_found":
         return None

@@ -398,9 +398,11 @@ def test_text_is_cut_to_max_text_chars_before_tokenising(build_app, encoder):
 
 
 def test_the_deadline_counts_tokenising(build_app):
-    response = build_app(request_timeout_s=1e-9).test_client().post("/v1/embeddings", json={"input": ["red"]})
+    """Texts are tokenised on the batcher thread, inside the encode the request's deadline covers."""
+    text = " ".join(random_words(8, seed=17))  # in no cache
+    response = build_app(request_timeout_s=1e-9).test_client().post("/v1/embeddings", json={"input": [text]})
     assert response.status_code == 504
-    assert "tokenising 1 texts took longer than request_timeout_s=1e-09" in response.json["error"]["message"]
+    assert "text encode took longer than request_timeout_s=1e-09" in response.json["error"]["message"]
 
 
 # ---- the OpenAPI file describes what the server takes -----------------------------------------

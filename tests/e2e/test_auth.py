@@ -23,6 +23,10 @@ PROTECTED = [
     ("GET", "/v1/models", None),
     ("GET", "/v1/models/tiny-clip", None),
     ("POST", "/v1/search", {"text": "red circle", "k": 3}),
+    # the search page's other calls read the index too: scope search
+    ("POST", "/v1/captions", {"like": "item-000001", "k": 3}),
+    ("GET", "/v1/facets", None),
+    ("GET", "/v1/documents/item-000001/thumbnail", None),
     ("POST", "/v1/feedback", {"text": "red circle", "doc_id": "a"}),
     ("GET", "/v1/status", None),
     ("POST", "/v1/classify", {"set": "colors", "modality": "text", "input": ["red circle"]}),
@@ -33,6 +37,7 @@ PROTECTED = [
     ("GET", "/metrics", None),
 ]
 IDS = [f"{method} {path}" for method, path, _ in PROTECTED]
+SEARCH_SCOPE = {"/v1/search", "/v1/captions", "/v1/facets", "/v1/documents/item-000001/thumbnail"}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +87,7 @@ def test_a_key_outside_its_scopes_gets_403_inside_them_200(keyed, keys):
         web_status = call(keyed, method, path, body, web).status_code
         opensearch_status = call(keyed, method, path, body, opensearch).status_code
         tagger_status = call(keyed, method, path, body, tagger).status_code
-        assert web_status == (200 if path.startswith(("/v1/search", "/v1/feedback", *unscoped)) else 403), path
+        assert web_status == (200 if path in (*SEARCH_SCOPE, "/v1/feedback", *unscoped) else 403), path
         assert opensearch_status == (200 if path.startswith(("/v1/embeddings", "/v1/models", *unscoped)) else 403), path
         assert tagger_status == (200 if path.startswith(("/v1/classify", "/v1/prompt-sets", *unscoped)) else 403), path
     refused = call(keyed, "POST", "/v1/search", PROTECTED[3][2], opensearch)
@@ -93,6 +98,15 @@ def test_a_key_outside_its_scopes_gets_403_inside_them_200(keyed, keys):
 def test_unknown_paths_need_a_key_too_so_they_reveal_nothing(keyed, keys):
     assert keyed.get("/no-such-path").status_code == 401
     assert call(keyed, "GET", "/no-such-path", None, keys["ops"]).status_code == 404
+
+
+def test_the_search_page_loads_without_a_key_and_holds_no_data(keyed, keys):
+    # Its own files must load before a key can be typed into it; every call it then makes sends the key.
+    for path in ("/", "/static/page.js", "/static/page.css"):
+        response = keyed.get(path)
+        assert response.status_code == 200 and response.headers["Content-Security-Policy"], path
+    assert keyed.get("/static/other.js").status_code == 401
+    assert keyed.get("/v1/documents/item-000001/thumbnail").status_code == 401
 
 
 def test_healthz_is_open_and_metrics_opens_with_metrics_public(build_app, keys):
@@ -132,8 +146,8 @@ def test_no_answer_carries_a_key_or_its_hash(keyed, keys):
     digest_of_web = entries(keys, "web").split(":")[2]
     for method, path, body in PROTECTED:
         for key in keys.values():
-            text = call(keyed, method, path, body, key).get_data(as_text=True)
-            assert all(k not in text for k in keys.values()) and digest_of_web not in text, path
+            data = call(keyed, method, path, body, key).get_data()  # bytes: a thumbnail is a JPEG
+            assert all(k.encode() not in data for k in keys.values()) and digest_of_web.encode() not in data, path
 
 
 def test_keys_create_prints_the_key_once_and_the_entry_that_admits_it(build_app):

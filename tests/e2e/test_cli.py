@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from click.testing import CliRunner
 from PIL import Image
 
@@ -25,6 +26,7 @@ from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.synthetic import sample_items, write_corpus
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import ModelSignature
+from tests.support import free_port
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -203,6 +205,37 @@ def test_demo_prints_ranked_results_in_every_mode(tmp_path):
                    "Recall@10 (HNSW vs exact)"):
         assert header in result.stdout
     assert "red circle" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_serve_ends_by_naming_the_page_and_serves_it(tmp_path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "demo", "--workdir", str(tmp_path / "demo"),
+                                "--items", "60", "--serve", "--port", str(port)],
+                               env={**os.environ, "GUNICORN_LOGLEVEL": "warning"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("Search page:"):
+                break
+        assert line.startswith(f"Search page: http://127.0.0.1:{port}/  (open it in a browser"), line
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                page = requests.get(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except (requests.ConnectionError, requests.Timeout):  # bound, but the worker still loads the model
+                assert process.poll() is None and time.monotonic() < deadline, "the demo's server did not start"
+                time.sleep(0.5)
+        assert page.status_code == 200 and "<title>clip-sidecar search</title>" in page.text
+        found = requests.post(f"http://127.0.0.1:{port}/v1/search", json={"text": "red circle"}, timeout=30).json()
+        assert found["hits"] and found["store"] == "embedded"
+        thumbnail = requests.get(f"http://127.0.0.1:{port}/v1/documents/{found['hits'][0]['id']}/thumbnail", timeout=10)
+        assert thumbnail.headers["Content-Type"] == "image/jpeg"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+        process.stdout.close()
 
 
 def test_cache_warm_persists_prompt_vectors_and_a_new_prompt_version_re_embeds(tmp_path, monkeypatch, encoder):
@@ -443,3 +476,13 @@ def test_kill_minus_9_during_index_leaves_a_readable_store_and_a_rerun_converges
         assert report.clean and report.notes == [], report.describe()
         for query in np.stack([expected[f"doc{i}"].vector for i in (5, 500, 30_000)]):
             assert store.vector_search(query, 1)[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_embed_on_ray_refuses_tags_naming_the_sets(tmp_path: Path):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(tmp_path / "shards"),
+                                       "--engine", "ray", "--tag", "shapes", "--tag", "colors:2"])
+    assert result.exit_code == 2, result.output
+    assert "--engine ray does not tag (shapes, colors)" in result.output

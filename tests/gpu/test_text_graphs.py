@@ -29,8 +29,7 @@ def encoders(tmp_path_factory):
 
 
 def tokens_for(encoder, n: int, offset: int = 0) -> torch.Tensor:
-    return torch.stack([encoder.prepare_text(f"photo number {offset + i} of a red sneaker").tokens
-                        for i in range(n)])
+    return encoder.prepare_texts([f"photo number {offset + i} of a red sneaker" for i in range(n)]).tokens
 
 
 @pytest.mark.parametrize("n", [1, 3, 16, 64, 100])

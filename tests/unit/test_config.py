@@ -71,3 +71,19 @@ def test_api_key_and_ca_settings_come_from_the_environment():
     assert settings.metrics_public is True and settings.insecure is True and settings.opensearch_ca_certs == "/ca.pem"
     with pytest.raises(ValueError, match="api_rate_limit and api_rate_burst must be >= 0"):
         Settings(api_rate_limit=-1)
+
+
+def test_opensearch_shards_and_replicas_come_from_the_environment_into_the_store():
+    from sidecar.stores import open_store
+
+    settings = Settings.from_env({"SIDECAR_STORE": "opensearch", "SIDECAR_OPENSEARCH_SHARDS": "3",
+                                  "SIDECAR_OPENSEARCH_REPLICAS": "0"})
+    store = open_store(settings)  # connects lazily: no node needed
+    try:
+        assert (store.number_of_shards, store.number_of_replicas) == (3, 0)
+    finally:
+        store.close()
+    with pytest.raises(ValueError, match="opensearch_shards must be >= 1"):
+        Settings(opensearch_shards=0)
+    with pytest.raises(ValueError, match="opensearch_replicas must be >= 0"):
+        Settings(opensearch_replicas=-1)

@@ -1,7 +1,8 @@
-"""Decode workers hand each item its own pixels through shared-memory slots, in order."""
+"""Decode workers hand each item its own pixels (through shared-memory slots) and thumbnail, in order."""
 
 from __future__ import annotations
 
+import io
 from types import SimpleNamespace
 
 import numpy as np
@@ -43,16 +44,20 @@ def test_every_item_gets_its_own_pixels_even_when_slots_are_reused(tmp_path, wor
 
     # Keep every batch until the end: pixels must stay an item's own after its slot is reused.
     batches = list(decoded_batches(todo, SmallImages(), batch_size=8, workers=workers, max_pixels=10_000,
-                                   on_device=False))
+                                   on_device=False, thumbnail_side=12))
     seen = []
     for batch in batches:
-        for item, digest, pixels, reason in batch:
+        for item, digest, pixels, reason, thumbnail in batch:
             i = int(item.id)
             assert digest == f"hash-{i}"
             if i % 7 == 3:
-                assert pixels is None and "not a recognised image format" in reason
+                assert pixels is None and "not a recognised image format" in reason and thumbnail == b""
             else:
                 assert reason is None and pixels.shape == (16, 16, 3)
                 np.testing.assert_allclose(pixels.reshape(-1, 3).mean(axis=0), colour(i), atol=3)
+                with Image.open(io.BytesIO(thumbnail)) as small:  # the item's own image, shrunk
+                    assert small.format == "JPEG" and small.size == (12, 12)
+                    np.testing.assert_allclose(np.asarray(small.convert("RGB")).reshape(-1, 3).mean(axis=0),
+                                               colour(i), atol=4)
             seen.append(i)
     assert seen == list(range(300))

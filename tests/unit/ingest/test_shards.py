@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sidecar.ingest.identity import document_hash
-from sidecar.ingest.shards import FORMAT_VERSION, ShardError, ShardRow, ShardSet
+from sidecar.ingest.shards import FORMAT_VERSION, ShardError, ShardRow, ShardSet, write_shard_files
 from sidecar.types import ModelSignature
 
 SIG = ModelSignature(model="tiny-clip", weights="sha256:abc", dim=4)
@@ -50,6 +50,23 @@ def test_a_run_killed_between_renames_and_manifest_keeps_complete_shards_only(tm
     assert resumed.shard_names() == ["shard-00000", "shard-00001"]
     assert not list(tmp_path.glob("*.tmp"))
     assert set(resumed.latest()) == {"a", "b", "c"}
+
+
+def test_shards_other_writers_named_are_found_listed_once_and_a_rewrite_replaces_them(tmp_path):
+    shards = ShardSet(tmp_path)
+    shards.start(SIG, preprocessing={})
+    shards.write_shard(unit(1), rows("a"))
+    # Two workers of one run (the Ray engine), one of them retried: the same name written twice.
+    write_shard_files(tmp_path, "shard-00001-run1-x", unit(2), rows("b", "c"))
+    write_shard_files(tmp_path, "shard-00001-run1-y", unit(1), rows("d"))
+    write_shard_files(tmp_path, "shard-00001-run1-x", unit(2), rows("b", "c", digest="again"))
+    assert ShardSet(tmp_path).manifest["shards"] == ["shard-00000"]  # not listed until recorded…
+    assert sorted(ShardSet(tmp_path).latest()) == ["a", "b", "c", "d"]  # …but found and used
+    shards.record_shards()
+    assert ShardSet(tmp_path).manifest["shards"] == ["shard-00000", "shard-00001-run1-x", "shard-00001-run1-y"]
+    assert [row.id for _, row, _ in ShardSet(tmp_path).rows()] == ["a", "b", "c", "d"]
+    assert ShardSet(tmp_path).latest()["b"][1].content_hash == "again"
+    assert shards.write_shard(unit(1), rows("e")) == "shard-00003"
 
 
 def test_a_directory_of_another_model_is_refused(tmp_path):

@@ -1,26 +1,58 @@
-"""Text preparation: token counts and truncation reporting from one tokenisation; graph buckets."""
+"""Text preparation: token ids and counts from one tokenisation, equal to open_clip's; graph buckets."""
 
 from __future__ import annotations
 
+import functools
+import html
+
+import ftfy
+import open_clip
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.model.text_graphs import bucket_for, bucket_sizes
 
 
 @pytest.mark.parametrize("text", ["red circle", "red ! circle !", "", "a large red circle on the left"])
 def test_token_count_matches_the_tokenizer(encoder, text):
-    prepared = encoder.prepare_text(text)
-    assert prepared.length == len(encoder.tokenizer.encode(text)) + 2
-    assert not prepared.truncated
+    prepared = encoder.prepare_texts([text])
+    assert prepared.lengths == [len(encoder.tokenizer.encode(text)) + 2]
 
 
 def test_a_text_that_exactly_fills_the_context_is_not_truncated(encoder):
     words = encoder.context_length - 2  # start and end tokens take the rest
     assert len(encoder.tokenizer.encode("a " * words)) == words
-    exact = encoder.prepare_text("a " * words)
-    assert exact.length == encoder.context_length and not exact.truncated
-    over = encoder.prepare_text("a " * (words + 5))
-    assert over.length == encoder.context_length + 5 and over.truncated
+    prepared = encoder.prepare_texts(["a " * words, "a " * (words + 5)])
+    assert prepared.lengths == [encoder.context_length, encoder.context_length + 5]
+
+
+@functools.cache
+def reference_tokenizer(context_length: int) -> open_clip.tokenizer.SimpleTokenizer:
+    """open_clip's own tokenizer, built once (loading its vocabulary per example made this test take minutes)."""
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+
+TEXTS = st.text(alphabet=st.characters(codec="utf-8"), max_size=120) | st.text(
+    alphabet=st.sampled_from("abc XYZ 09 &amp; &#39; < > ' \" \t \r\n \x1b \x00 é ﬁ ＡＢ “ ” Ã©"), max_size=400)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(TEXTS, min_size=1, max_size=4))
+def test_prepared_texts_equal_open_clips_own_tokenizer(encoder, texts):
+    """The batch path (one array, ftfy skipped for printable ASCII without '&') gives open_clip's
+    ids exactly, truncation included, and the full token counts."""
+    reference = reference_tokenizer(encoder.context_length)
+    prepared = encoder.prepare_texts(texts)
+    assert torch.equal(prepared.tokens, reference(texts))
+    assert prepared.lengths == [len(reference.encode(text)) + 2 for text in texts]
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126).filter(lambda c: c != "&")))
+def test_ftfy_and_html_unescape_leave_printable_ascii_without_ampersands_unchanged(text):
+    assert html.unescape(html.unescape(ftfy.fix_text(text))) == text
 
 
 def test_bucket_sizes_cover_every_batch_up_to_max_batch():

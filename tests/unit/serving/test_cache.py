@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sidecar.errors import EncodeTimeout
-from sidecar.serving.cache import TextVectorCache, cache_namespace
+from sidecar.serving.cache import CachedText, TextVectorCache, cache_namespace
 
 
 class CountingEncoder:
@@ -19,7 +19,16 @@ class CountingEncoder:
         with self.lock:
             self.calls.append(list(texts))
         time.sleep(self.delay_s)
-        return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
+        return [CachedText(np.array([len(t), 1.0], dtype=np.float32), len(t) + 2) for t in texts]
+
+
+def vectors(entries) -> np.ndarray:
+    return np.stack([entry.vector for entry in entries])
+
+
+def encode_through_disk(cache: TextVectorCache, encode: CountingEncoder):
+    """What EncodingService hands get_or_compute: the batcher running `encode` behind the table."""
+    return cache.through_disk(encode)
 
 
 def namespace(version="1"):
@@ -32,15 +41,16 @@ def test_identical_concurrent_queries_are_computed_once():
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: cache.get_or_compute(["red circle"], encode, timeout_s=10), range(8)))
     assert encode.calls == [["red circle"]]
-    for rows in results:
-        np.testing.assert_array_equal(rows, [[10, 1.0]])
+    for entries in results:
+        np.testing.assert_array_equal(vectors(entries), [[10, 1.0]])
+        assert entries[0].tokens == 12
 
 
 def test_results_keep_request_order_with_mixed_hits_and_misses():
     cache = TextVectorCache(None, namespace=namespace(), capacity=100)
     encode = CountingEncoder()
     cache.get_or_compute(["bb"], encode, timeout_s=10)
-    rows = cache.get_or_compute(["a", "bb", "ccc", "a"], encode, timeout_s=10)
+    rows = vectors(cache.get_or_compute(["a", "bb", "ccc", "a"], encode, timeout_s=10))
     np.testing.assert_array_equal(rows[:, 0], [1, 2, 3, 1])
     assert encode.calls == [["bb"], ["a", "ccc"]]
 
@@ -59,13 +69,29 @@ def test_persisted_vectors_survive_a_restart_and_a_new_prompt_version_re_embeds(
     path = tmp_path / "text-vectors.sqlite"
     encode = CountingEncoder()
     first = TextVectorCache(path, namespace=namespace("1"), capacity=10)
-    first.get_or_compute(["red circle", "blue"], encode, timeout_s=10)
+    first.get_or_compute(["red circle", "blue"], encode_through_disk(first, encode), timeout_s=10)
+    first.close()  # commits what its writer thread holds
     reopened = TextVectorCache(path, namespace=namespace("1"), capacity=10)
-    reopened.get_or_compute(["red circle", "blue"], encode, timeout_s=10)
+    entries = reopened.get_or_compute(["red circle", "blue"], encode_through_disk(reopened, encode), timeout_s=10)
     assert encode.calls == [["red circle", "blue"]]
+    assert [entry.tokens for entry in entries] == [12, 6]  # token counts are kept with the vectors
     assert reopened.persisted_count() == 2
-    TextVectorCache(path, namespace=namespace("2"), capacity=10).get_or_compute(["red circle"], encode, timeout_s=10)
+    other = TextVectorCache(path, namespace=namespace("2"), capacity=10)
+    other.get_or_compute(["red circle"], encode_through_disk(other, encode), timeout_s=10)
     assert encode.calls[-1] == ["red circle"]
+
+
+def test_the_table_is_read_once_per_batch_and_written_off_the_callers_thread(tmp_path):
+    path = tmp_path / "text-vectors.sqlite"
+    encode = CountingEncoder()
+    cache = TextVectorCache(path, namespace=namespace(), capacity=10)
+    batch = cache.through_disk(encode)
+    batch(["a", "b"])
+    cache.flush()
+    assert [entry.tokens for entry in batch(["a", "c", "b"])] == [3, 3, 3]
+    assert encode.calls == [["a", "b"], ["c"]]
+    cache.close()
+    assert TextVectorCache(path, namespace=namespace(), capacity=10).persisted_count() == 3
 
 
 def test_a_failed_computation_reaches_every_waiter_and_is_not_cached():
@@ -87,7 +113,7 @@ def test_a_waiter_on_another_requests_encode_gives_up_at_its_deadline():
 
     def stuck(texts):
         release.wait(30)
-        return np.ones((len(texts), 2), dtype=np.float32)
+        return [CachedText(np.ones(2, dtype=np.float32), 3) for _ in texts]
 
     with ThreadPoolExecutor(2) as pool:
         try:
@@ -99,7 +125,7 @@ def test_a_waiter_on_another_requests_encode_gives_up_at_its_deadline():
             assert info.value.status == 504
         finally:
             release.set()
-        np.testing.assert_array_equal(owner.result(), [[1.0, 1.0]])
+        np.testing.assert_array_equal(vectors(owner.result()), [[1.0, 1.0]])
 
 
 def test_the_persistent_cache_keeps_at_most_max_entries_dropping_the_least_recently_used(tmp_path):
@@ -107,15 +133,17 @@ def test_the_persistent_cache_keeps_at_most_max_entries_dropping_the_least_recen
     encode = CountingEncoder()
     cache = TextVectorCache(path, namespace=namespace(), capacity=1, max_entries=10)
     for i in range(10):
-        cache.get_or_compute([f"t{i}"], encode, timeout_s=10)
-    cache.get_or_compute(["t0"], encode, timeout_s=10)  # read back from disk: now the most recent
-    cache.get_or_compute(["t10"], encode, timeout_s=10)  # 11 > 10: down to 9, the two least recent go
+        cache.get_or_compute([f"t{i}"], encode_through_disk(cache, encode), timeout_s=10)
+        cache.flush()  # each its own last-use time
+    cache.get_or_compute(["t0"], encode_through_disk(cache, encode), timeout_s=10)  # from disk: now the most recent
+    cache.flush()
+    cache.get_or_compute(["t10"], encode_through_disk(cache, encode), timeout_s=10)  # 11 > 10: down to 9
     cache.close()
     assert len(encode.calls) == 11
 
     reopened = TextVectorCache(path, namespace=namespace(), capacity=100, max_entries=10)
     assert reopened.persisted_count() == 9
-    reopened.get_or_compute(["t0", "t3", "t9", "t10"], encode, timeout_s=10)
+    reopened.get_or_compute(["t0", "t3", "t9", "t10"], encode_through_disk(reopened, encode), timeout_s=10)
     assert len(encode.calls) == 11, "kept entries come from disk"
-    reopened.get_or_compute(["t1", "t2"], encode, timeout_s=10)
+    reopened.get_or_compute(["t1", "t2"], encode_through_disk(reopened, encode), timeout_s=10)
     assert encode.calls[-1] == ["t1", "t2"], "the least recently used were evicted"

@@ -1,9 +1,10 @@
-"""Tests for the embedded store: SQLite + FTS5 + memmapped vectors + FAISS HNSW in one directory."""
+"""Tests for the embedded store: SQLite + a tantivy BM25 index + memmapped vectors + FAISS HNSW in one directory."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -15,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sidecar.stores import bm25
 from sidecar.stores.base import ModelMismatchError, StoreError
-from sidecar.stores.embedded import EmbeddedStore, fts_match_expression
+from sidecar.stores.bm25 import Bm25Index, query_terms
+from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document, ModelSignature
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -415,9 +418,9 @@ def test_text_search_is_safe_for_arbitrary_user_text(store: EmbeddedStore, query
     assert isinstance(store.text_search(query, 5), list)
 
 
-def test_fts_match_expression_quotes_and_or_combines():
-    assert fts_match_expression('Red "sneakers" AND') == '"red" OR "sneakers" OR "and"'
-    assert fts_match_expression("  ?! ") is None
+def test_query_terms_are_the_index_words_each_once_and_operators_are_plain_words():
+    assert query_terms('Red "sneakers" AND red Crème') == ["red", "sneakers", "and", "creme"]
+    assert query_terms("  ?! ") == []
 
 
 # -- validation and models --------------------------------------------------------------------
@@ -679,23 +682,84 @@ def test_lost_vectors_are_reported_and_repair_removes_those_documents(tmp_path: 
         assert store.count() == 50 and store.check().clean
 
 
-def test_an_fts_index_out_of_step_is_reported_and_rebuilt(tmp_path: Path):
+def _damage_bm25(path: Path, *, delete: list[int] = (), add: list[tuple[int, str]] = ()) -> None:
+    """Change the store's BM25 index behind its back, as a bug or a half-finished write would."""
+    with Bm25Index(path / "bm25").writer() as writer:
+        writer.delete(delete)
+        if add:
+            writer.add(*zip(*add))
+        writer.commit()
+
+
+def test_a_bm25_index_out_of_step_is_reported_and_rebuilt(tmp_path: Path):
     path = tmp_path / "s"
     with EmbeddedStore(path) as store:
         store.claim(SIGNATURE)
         store.upsert(make_docs(20))
+    _damage_bm25(path, delete=[3, 4], add=[(4, "something else"), (999, "a red item")])
+    with EmbeddedStore(path) as store:
+        problems = store.check().problems
+        assert "1 live documents are missing from the BM25 index" in problems
+        assert "1 BM25 entries hold another text than their document" in problems
+        assert "1 BM25 entries belong to no live document (or repeat one)" in problems
+        assert any(p.startswith("the BM25 index is at commit") for p in problems)
+        assert "rebuilt the BM25 index from the live rows" in store.repair().actions
+        assert store.check().clean
+        assert [h.id for h in store.text_search("number3", 5)] == ["doc3"]
+
+
+def test_a_write_cut_off_between_its_bm25_and_sqlite_commits_is_healed_by_the_next_write(tmp_path: Path):
+    path = tmp_path / "s"
+    docs = make_docs(30)
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(docs[:20])
+        before = as_pairs(store.text_search("red item", 10))
+    # What a writer killed after its tantivy commit leaves: rows SQLite never committed.
+    _damage_bm25(path, add=[(20, "red red red item"), (21, "red item")])
+    with EmbeddedStore(path) as store:
+        assert as_pairs(store.text_search("red item", 10))[0][0] == before[0][0]  # row 20 is no document
+        assert {h.id for h in store.text_search("red item", 20)} <= {d.id for d in docs[:20]}
+        assert not store.check().clean
+        store.upsert(docs[20:])
+        assert store.check().clean
+        assert {h.id for h in store.text_search("number25", 5)} == {"doc25"}
+
+
+def test_filtered_text_search_gives_the_same_hits_whichever_way_it_restricts(store: EmbeddedStore, monkeypatch):
+    store.upsert(make_docs(200))
+    filters = {"colour": ["red", "blue"], "tags": "even"}
+    ids = [f"doc{i}" for i in range(0, 200, 3)]
+    by_term_set = (store.text_search("red item number4", 15, filters=filters),
+                   store.text_search("blue item", 15, ids=ids))
+    monkeypatch.setattr(bm25, "_TERM_SET_ROWS", 0)  # the path a filter of thousands of rows takes
+    assert (store.text_search("red item number4", 15, filters=filters),
+            store.text_search("blue item", 15, ids=ids)) == by_term_set
+    assert by_term_set[0] and by_term_set[1]
+
+
+def test_a_format_2_store_gets_its_bm25_index_when_opened(tmp_path: Path):
+    path = tmp_path / "s"
+    docs = make_docs(40)
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(docs)
+        expected = as_pairs(store.text_search("blue number7", 5))
+    shutil.rmtree(path / "bm25")  # what format 2 had instead: an FTS5 table
     conn = sqlite3.connect(path / "store.sqlite")
-    conn.execute("DELETE FROM docs_fts WHERE rowid = 3")
-    conn.execute("UPDATE docs_fts SET text = 'something else' WHERE rowid = 4")
+    conn.execute("CREATE VIRTUAL TABLE docs_fts USING fts5(text)")
+    conn.execute("INSERT INTO docs_fts(rowid, text) SELECT row, text FROM docs")
+    conn.execute("UPDATE meta SET value = '2' WHERE key = 'format'")
+    conn.execute("DELETE FROM meta WHERE key = 'bm25_opstamp'")
     conn.commit()
     conn.close()
     with EmbeddedStore(path) as store:
-        problems = store.check().problems
-        assert "1 live documents are missing from the FTS5 (BM25) index" in problems
-        assert "1 FTS5 entries hold another text than their document" in problems
-        assert "rebuilt the FTS5 (BM25) index from the live rows" in store.repair().actions
+        assert as_pairs(store.text_search("blue number7", 5)) == expected
         assert store.check().clean
-        assert [h.id for h in store.text_search("number3", 5)] == ["doc3"]
+    conn = sqlite3.connect(path / "store.sqlite")
+    assert dict(conn.execute("SELECT key, value FROM meta"))["format"] == "3"
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'docs_fts'").fetchone()[0] == 0
+    conn.close()
 
 
 def test_leftovers_of_an_interrupted_write_are_notes_and_repair_removes_them(tmp_path: Path):
@@ -716,7 +780,7 @@ def test_leftovers_of_an_interrupted_write_are_notes_and_repair_removes_them(tmp
         assert store.check().notes == []
 
 
-def test_a_format_1_store_is_read_and_upgraded_by_its_first_write(tmp_path: Path):
+def test_a_format_1_store_is_read_and_upgraded_when_opened(tmp_path: Path):
     path = tmp_path / "s"
     docs = make_docs(60)
     with EmbeddedStore(path) as store:
@@ -733,5 +797,5 @@ def test_a_format_1_store_is_read_and_upgraded_by_its_first_write(tmp_path: Path
         store.upsert(docs[50:])
         assert store.check().clean and store.count() == 60
     conn = sqlite3.connect(path / "store.sqlite")
-    assert dict(conn.execute("SELECT key, value FROM meta"))["format"] == "2"
+    assert dict(conn.execute("SELECT key, value FROM meta"))["format"] == "3"
     conn.close()

@@ -1,0 +1,63 @@
+"""What the store holds, by document id and by metadata: GET /v1/documents/<id>/thumbnail, GET /v1/facets.
+
+A thumbnail is read from the store by id (written there by `embed` and `index`), never from a path:
+nothing else on disk is reachable through these endpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from flask import Blueprint, Response, jsonify, request
+
+from sidecar.api.state import current_state
+from sidecar.api.validation import known_fields
+from sidecar.errors import BadRequest, DocumentNotFound
+from sidecar.ingest.thumbnails import MEDIA_TYPE
+from sidecar.stores.base import Store
+from sidecar.types import Document
+
+bp = Blueprint("documents", __name__)
+
+DEFAULT_FACET_VALUES = 20
+MAX_FACET_VALUES = 1000
+
+
+def stored_document(store: Store, doc_id: str, *, field: str) -> Document:
+    """The stored document a request names in `field`, or 404 naming the field and the id."""
+    found = store.fetch([doc_id]) if doc_id else []
+    if not found:
+        raise DocumentNotFound(f"field '{field}': no document with id {doc_id!r} in the store")
+    return found[0]
+
+
+@bp.get("/v1/documents/<path:doc_id>/thumbnail")
+def thumbnail(doc_id: str):
+    store = current_state().store
+    data = store.thumbnail(doc_id)
+    if data is None:
+        if not store.fetch([doc_id]):
+            raise DocumentNotFound(f"no document with id {doc_id!r} in the store")
+        raise DocumentNotFound(f"document {doc_id!r} has no thumbnail: it was indexed from shards without "
+                               "thumbnails (embed with --thumbnail-size above 0, then index again)")
+    response = Response(data, mimetype=MEDIA_TYPE)
+    # A re-embedded image gets a new thumbnail under the same id: caches revalidate by content.
+    response.set_etag(hashlib.sha256(data).hexdigest()[:32])
+    response.headers["Cache-Control"] = "no-cache"
+    return response.make_conditional(request)
+
+
+@bp.get("/v1/facets")
+def facets():
+    known_fields(request.args, ("size",), where="query string")
+    raw = request.args.get("size", str(DEFAULT_FACET_VALUES))
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_FACET_VALUES:
+        raise BadRequest(f"query parameter 'size' must be an integer between 1 and {MAX_FACET_VALUES}, got {raw!r}")
+    store = current_state().store
+    counts = store.facets(size=int(raw))
+    return jsonify({
+        "facets": {name: {"values": [{"value": value, "count": count} for value, count in field.values],
+                          "other": field.other}
+                   for name, field in sorted(counts.items())},
+        "documents": store.count(),
+    })

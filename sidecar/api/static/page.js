@@ -1,0 +1,473 @@
+// The clip-sidecar search page: calls the API like any client; writes text into the page, never HTML.
+'use strict';
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const form = $('search-form');
+  const state = {
+    image: null,    // {dataUrl, name, previewUrl}: the query image
+    like: null,     // {id, text}: "more like this" of a stored document
+    offset: 0,
+    searched: false,
+    thumbUrls: [],  // blob: URLs of thumbnails fetched with an API key, released on the next render
+  };
+  const KEY_STORAGE = 'clip-sidecar-api-key';
+
+  // ---- talking to the API -------------------------------------------------------------------
+
+  class ApiProblem extends Error {
+    constructor(status, code, message, retryAfter) {
+      super(message);
+      Object.assign(this, { status, code, retryAfter });
+    }
+  }
+
+  function headers(extra) {
+    const key = $('api-key').value.trim();
+    return Object.assign(key ? { Authorization: `Bearer ${key}` } : {}, extra || {});
+  }
+
+  async function api(path, body) {
+    let response;
+    try {
+      response = await fetch(path, body === undefined ? { headers: headers() } : {
+        method: 'POST', headers: headers({ 'Content-Type': 'application/json' }), body: JSON.stringify(body),
+      });
+    } catch (err) {
+      throw new ApiProblem(0, 'unreachable', `the server does not answer (${err.message}). Is clip-sidecar still running?`);
+    }
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (err) {
+      data = null;
+    }
+    if (!response.ok) {
+      // Errors are {"error": {"code", "message"}}; /readyz says {"status": "not_ready", "reason"}.
+      const error = (data && data.error) || {};
+      throw new ApiProblem(response.status, error.code || (data && data.status) || 'error',
+        error.message || (data && data.reason) || response.statusText, response.headers.get('Retry-After'));
+    }
+    return data;
+  }
+
+  // What a person should read for each kind of failure; the server's message names the field and limit.
+  function explain(problem) {
+    const retry = problem.retryAfter ? ` Try again in ${problem.retryAfter} s.` : '';
+    const titles = {
+      0: 'Cannot reach the server:',
+      400: 'The request was refused:',
+      401: 'This server needs an API key: enter it under “API key” in the search options.',
+      403: 'This API key may not do that:',
+      404: 'Not found:',
+      413: 'Too large:',
+      415: 'Not an image the server can read:',
+      429: 'Too many requests:',
+      502: 'The store answered with an error:',
+      504: 'The server took too long:',
+    };
+    let title = titles[problem.status] || `Error ${problem.status}:`;
+    if (problem.status === 503) {
+      title = { store_unavailable: 'The store cannot be reached right now:', not_ready: 'The server is not ready:' }[
+        problem.code] || 'The server is busy:';
+    }
+    const message = /[.!?]$/.test(problem.message) ? problem.message : `${problem.message}.`;
+    return { title, detail: `${message}${retry}` };
+  }
+
+  // A missing or refused key: open the key's box, so the field to fix is in sight (and next in focus order).
+  function askForKey(problem) {
+    if (problem instanceof ApiProblem && problem.status === 401) $('key-settings').open = true;
+  }
+
+  function showError(problem) {
+    askForKey(problem);
+    const box = $('error');
+    const { title, detail } = problem instanceof ApiProblem ? explain(problem) : { title: 'Error:', detail: String(problem) };
+    box.replaceChildren(el('strong', {}, title), ` ${detail}`);
+    box.hidden = false;
+  }
+
+  function clearError() {
+    state.infoRefused = false;  // what the box said is gone: loadInfo must not clear a newer error
+    $('error').hidden = true;
+    $('error').replaceChildren();
+  }
+
+  // ---- small DOM helpers ----------------------------------------------------------------------
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (name === 'class') node.className = value;
+      else if (name.startsWith('on')) node.addEventListener(name.slice(2), value);
+      else node.setAttribute(name, value);
+    }
+    node.append(...children.filter((c) => c !== null && c !== undefined));
+    return node;
+  }
+
+  function format(value) {
+    if (typeof value === 'number') return Number.isInteger(value) ? String(value) : value.toFixed(3);
+    return typeof value === 'object' ? JSON.stringify(value) : String(value);
+  }
+
+  function score(value) {
+    return value.toFixed(3);
+  }
+
+  function thumbnailUrl(id) {
+    return `/v1/documents/${encodeURIComponent(id)}/thumbnail`;
+  }
+
+  // An <img> of a stored document; with an API key the bytes come through fetch (an <img> sends no header).
+  function thumbnail(id, alt) {
+    const img = el('img', { class: 'thumb', alt, width: '128', height: '128', decoding: 'async' });
+    const missing = () => img.replaceWith(el('div', { class: 'thumb no-thumb', role: 'img', 'aria-label': alt }, 'no thumbnail'));
+    img.addEventListener('error', missing, { once: true });
+    if (!$('api-key').value.trim()) {
+      img.src = thumbnailUrl(id);
+      return img;
+    }
+    fetch(thumbnailUrl(id), { headers: headers() })
+      .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(String(r.status)))))
+      .then((blob) => { const url = URL.createObjectURL(blob); state.thumbUrls.push(url); img.src = url; })
+      .catch(missing);
+    return img;
+  }
+
+  function releaseThumbnails() {
+    state.thumbUrls.forEach((url) => URL.revokeObjectURL(url));
+    state.thumbUrls = [];
+  }
+
+  // ---- the request from the controls -----------------------------------------------------------
+
+  function findCaptions() {
+    return document.querySelector('input[name="find"]:checked').value === 'captions';
+  }
+
+  function filtersFromControls() {
+    const filters = {};
+    for (const select of $('filters').querySelectorAll('select')) {
+      if (select.value !== '') filters[select.dataset.field] = JSON.parse(select.value);
+    }
+    return filters;
+  }
+
+  function number(id) {
+    const raw = $(id).value.trim();
+    return raw === '' ? null : Number(raw);
+  }
+
+  function searchBody() {
+    const body = { k: Number($('page-size').value), offset: state.offset };
+    const text = $('query').value.trim();
+    if (text) body.text = text;
+    if (state.image) body.image = state.image.dataUrl;
+    if (state.like) body.like = state.like.id;
+    if ($('mode').value) body.mode = $('mode').value;
+    body.fusion = $('fusion').value;
+    const weights = { vector: number('weight-vector'), bm25: number('weight-bm25') };
+    if (weights.vector !== null && weights.bm25 !== null) body.weights = weights;
+    const candidates = number('candidates');
+    if (candidates !== null) body.candidates = candidates;
+    if ($('rerank').value) body.rerank = $('rerank').value === 'on';
+    if ($('exact').checked) body.exact = true;
+    const filters = filtersFromControls();
+    if (Object.keys(filters).length) body.filters = filters;
+    return body;
+  }
+
+  function captionsBody() {
+    const body = { k: Number($('page-size').value) };
+    if (state.image) body.image = state.image.dataUrl;
+    if (state.like) body.like = state.like.id;
+    const candidates = number('candidates');
+    if (candidates !== null) body.candidates = candidates;
+    if ($('exact').checked) body.exact = true;
+    const filters = filtersFromControls();
+    if (Object.keys(filters).length) body.filters = filters;
+    return body;
+  }
+
+  function hasQuery() {
+    return Boolean($('query').value.trim() || state.image || state.like);
+  }
+
+  // ---- running a search ---------------------------------------------------------------------------
+
+  let generation = 0;  // answers to a superseded request are dropped
+
+  async function run({ focusResults = false } = {}) {
+    if (!hasQuery()) {
+      showError(new ApiProblem(400, 'bad_request', 'type some text, choose an image, or pick “More like this” on a result.'));
+      return;
+    }
+    const captions = findCaptions();
+    if (captions && !state.image && !state.like) {
+      showError(new ApiProblem(400, 'bad_request', 'captions describe an image: choose one, or pick “More like this” on a result.'));
+      return;
+    }
+    const mine = ++generation;
+    clearError();
+    $('status').textContent = 'Searching…';
+    $('search-button').disabled = true;
+    document.body.classList.add('busy');
+    const started = performance.now();
+    try {
+      const answer = captions ? await api('/v1/captions', captionsBody()) : await api('/v1/search', searchBody());
+      if (mine !== generation) return;
+      state.searched = true;
+      const roundTrip = performance.now() - started;
+      if (captions) renderCaptions(answer, roundTrip);
+      else renderHits(answer, roundTrip);
+      if (focusResults) $('results').focus();
+    } catch (problem) {
+      if (mine !== generation) return;
+      renderNothing();
+      $('status').textContent = 'The search failed.';
+      state.keyRefused = problem instanceof ApiProblem && (problem.status === 401 || problem.status === 403);
+      showError(problem);
+    } finally {
+      if (mine === generation) {
+        $('search-button').disabled = false;
+        document.body.classList.remove('busy');
+      }
+    }
+  }
+
+  function renderNothing() {
+    releaseThumbnails();
+    $('rerank-note').hidden = true;
+    $('hits').replaceChildren();
+    $('captions').replaceChildren();
+    $('pager').hidden = true;
+    $('latency').hidden = true;
+    $('empty').hidden = false;
+    $('empty').textContent = 'No results to show.';
+  }
+
+  function renderLatency(tookMs, roundTrip) {
+    const dl = $('latency');
+    const parts = Object.entries(tookMs).map(([stage, ms]) => [stage, `${ms.toFixed(1)} ms`]);
+    parts.push(['round trip', `${roundTrip.toFixed(0)} ms`]);
+    dl.replaceChildren(el('dt', { class: 'latency-title' }, 'Latency'),
+      ...parts.flatMap(([stage, value]) => [el('dt', {}, stage), el('dd', { 'data-stage': stage }, value)]));
+    dl.hidden = false;
+  }
+
+  function renderHits(answer, roundTrip) {
+    releaseThumbnails();
+    const hits = answer.hits;
+    const first = answer.offset + 1;
+    $('captions').hidden = true;
+    $('captions').replaceChildren();
+    $('hits').hidden = false;
+    $('hits').start = first;
+    $('hits').replaceChildren(...hits.map((hit, i) => renderHit(hit, answer.offset + i + 1)));
+    $('empty').hidden = hits.length > 0;
+    $('empty').textContent = 'No documents match.';
+    const range = hits.length ? `Results ${first}–${answer.offset + hits.length}` : 'No results';
+    const notes = [`mode ${answer.mode}`];
+    if (answer.mode === 'hybrid') notes.push(`fusion ${answer.fusion}`);
+    notes.push(answer.rerank ? `reranked by ${answer.fine_model}` : 'no rerank');
+    $('status').textContent = `${range} (${notes.join(', ')}).`;
+    $('rerank-note').textContent = answer.rerank_skipped ? `Rerank skipped: ${answer.rerank_skipped}.` : '';
+    $('rerank-note').hidden = !answer.rerank_skipped;
+    renderLatency(answer.took_ms, roundTrip);
+    const pager = $('pager');
+    pager.hidden = answer.offset === 0 && answer.next_offset === undefined;
+    $('prev-page').disabled = answer.offset === 0;
+    $('next-page').disabled = answer.next_offset === undefined;
+    $('next-page').dataset.offset = answer.next_offset === undefined ? '' : String(answer.next_offset);
+    $('page-info').textContent = hits.length ? `${range.replace('Results ', '')}` : '';
+  }
+
+  function renderHit(hit, rank) {
+    const label = hit.text || hit.id;
+    const scores = el('dl', { class: 'scores', 'aria-label': 'Scores by stage' },
+      ...Object.entries(hit.scores).flatMap(([stage, value]) => [
+        el('dt', {}, stage), el('dd', { 'data-stage': stage }, score(value))]));
+    const metadata = el('dl', { class: 'metadata', 'aria-label': 'Metadata' },
+      ...Object.entries(hit.metadata).flatMap(([name, value]) => [el('dt', {}, name), el('dd', {}, format(value))]));
+    const liked = state.like && state.like.id === hit.id;
+    return el('li', { class: liked ? 'hit liked' : 'hit', 'data-id': hit.id },
+      thumbnail(hit.id, label),
+      el('p', { class: 'caption' }, hit.text || '(no text)'),
+      el('p', { class: 'doc-id muted' }, `#${rank} · ${hit.id}${liked ? ' · the document you picked' : ''}`),
+      el('p', { class: 'score' }, `score ${score(hit.score)}`),
+      scores,
+      Object.keys(hit.metadata).length ? metadata : null,
+      el('button', { type: 'button', class: 'more', 'aria-label': `More like this: ${label}`,
+        onclick: () => moreLikeThis(hit) }, 'More like this'));
+  }
+
+  function renderCaptions(answer, roundTrip) {
+    releaseThumbnails();
+    $('rerank-note').hidden = true;
+    $('hits').hidden = true;
+    $('hits').replaceChildren();
+    $('pager').hidden = true;
+    const list = $('captions');
+    list.hidden = false;
+    list.replaceChildren(...answer.captions.map((caption) => el('li', { class: 'caption-hit' },
+      el('p', { class: 'caption' }, caption.text),
+      el('p', { class: 'score' }, `score ${score(caption.score)}`),
+      el('p', { class: 'muted' }, caption.ids.length === 1 ? '1 document with this text' : `${caption.ids.length} documents with this text`),
+      el('div', { class: 'strip' }, ...caption.ids.slice(0, 4).map((id) => thumbnail(id, `${caption.text} (${id})`))))));
+    $('empty').hidden = answer.captions.length > 0;
+    $('empty').textContent = 'No captions found near this image.';
+    $('status').textContent = `${answer.captions.length} captions that describe the image, best first.`;
+    renderLatency(answer.took_ms, roundTrip);
+  }
+
+  // ---- query inputs -----------------------------------------------------------------------------
+
+  function setLike(hit) {
+    state.like = hit ? { id: hit.id, text: hit.text || hit.id } : null;
+    $('like-banner').hidden = !hit;
+    $('like-text').textContent = hit ? `More like this: ${state.like.text} (${hit.id})` : '';
+  }
+
+  function moreLikeThis(hit) {
+    // The stored document is the query: its own vector, no upload; text and image would change it.
+    setImage(null);
+    $('query').value = '';
+    setLike(hit);
+    state.offset = 0;
+    run({ focusResults: true });
+  }
+
+  function setImage(image) {
+    if (state.image && state.image.previewUrl) URL.revokeObjectURL(state.image.previewUrl);
+    state.image = image;
+    $('image-preview').hidden = !image;
+    $('image-preview-img').src = image ? image.previewUrl : '';
+    $('image-preview-img').alt = image ? `Query image: ${image.name}` : '';
+    $('image-name').textContent = image ? image.name : '';
+    if (!image) $('image-file').value = '';
+  }
+
+  function useFile(file) {
+    if (!file) return;
+    const reader = new FileReader();
+    reader.addEventListener('load', () => {
+      setLike(null);
+      setImage({ dataUrl: reader.result, name: file.name || 'pasted image', previewUrl: URL.createObjectURL(file) });
+      state.offset = 0;
+      run();
+    });
+    reader.addEventListener('error', () => showError(new Error(`could not read ${file.name}: ${reader.error}`)));
+    reader.readAsDataURL(file);
+  }
+
+  // ---- filters from the store's facets -------------------------------------------------------------
+
+  async function loadFilters() {
+    const fieldset = $('filters');
+    try {
+      const answer = await api('/v1/facets');
+      const fields = Object.entries(answer.facets).filter(([, facet]) => facet.values.length > 1);
+      fieldset.querySelectorAll('label').forEach((node) => node.remove());
+      $('filters-note').textContent = fields.length ? '' : 'No metadata fields to filter by in this store.';
+      $('filters-note').hidden = fields.length > 0;
+      for (const [name, facet] of fields) {
+        const id = `filter-${name.replace(/[^A-Za-z0-9_-]/g, '_')}`;
+        const options = [el('option', { value: '' }, 'any'),
+          ...facet.values.map(({ value, count }) => el('option', { value: JSON.stringify(value) }, `${format(value)} (${count})`))];
+        const select = el('select', { id, 'data-field': name }, ...options);
+        fieldset.append(el('label', { for: id }, name, select));
+      }
+      if (answer.documents !== undefined) updateCount(answer.documents);
+    } catch (problem) {
+      const { title, detail } = problem instanceof ApiProblem ? explain(problem) : { title: 'Error:', detail: String(problem) };
+      $('filters-note').textContent = `Filters unavailable. ${title} ${detail}`;
+    }
+  }
+
+  let info = {};
+  function updateCount(documents) {
+    info.documents = documents;
+    const parts = [`${info.documents} documents`];
+    if (info.store) parts.push(`${info.store} store`);
+    if (info.model) parts.push(`model ${info.model}`);
+    $('store-info').textContent = parts.join(' · ');
+  }
+
+  async function loadInfo() {
+    try {
+      const ready = await api('/readyz');
+      info = { store: ready.store, model: ready.model };
+      updateCount(ready.documents);
+      if (state.infoRefused) clearError();  // the key now typed fixed what loading the page said
+    } catch (problem) {
+      // Without a key nothing on the page works: say so where errors are read, not only in the header.
+      state.infoRefused = problem instanceof ApiProblem && problem.status === 401;
+      if (state.infoRefused) showError(problem);
+      const { title, detail } = problem instanceof ApiProblem ? explain(problem) : { title: 'Error:', detail: String(problem) };
+      $('store-info').textContent = `${title} ${detail}`;
+    }
+  }
+
+  // ---- wiring -----------------------------------------------------------------------------------------
+
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    state.offset = 0;
+    run();
+  });
+  $('image-file').addEventListener('change', () => useFile($('image-file').files[0]));
+  $('clear-image').addEventListener('click', () => { setImage(null); $('image-file').focus(); });
+  $('clear-like').addEventListener('click', () => { setLike(null); $('query').focus(); });
+
+  const zone = $('drop-zone');
+  ['dragenter', 'dragover'].forEach((name) => zone.addEventListener(name, (event) => {
+    event.preventDefault();
+    zone.classList.add('dragging');
+  }));
+  ['dragleave', 'drop'].forEach((name) => zone.addEventListener(name, () => zone.classList.remove('dragging')));
+  zone.addEventListener('drop', (event) => {
+    event.preventDefault();
+    useFile(event.dataTransfer.files[0]);
+  });
+  document.addEventListener('paste', (event) => {
+    const file = [...(event.clipboardData ? event.clipboardData.files : [])].find((f) => f.type.startsWith('image/'));
+    if (file) {
+      event.preventDefault();
+      useFile(file);
+    }
+  });
+
+  // Changing how to rank re-runs the search being looked at, from its first page.
+  for (const id of ['mode', 'fusion', 'weight-vector', 'weight-bm25', 'candidates', 'rerank', 'page-size', 'exact']) {
+    $(id).addEventListener('change', () => { if (state.searched && hasQuery()) { state.offset = 0; run(); } });
+  }
+  $('filters').addEventListener('change', () => { if (state.searched && hasQuery()) { state.offset = 0; run(); } });
+  document.querySelectorAll('input[name="find"]').forEach((radio) => radio.addEventListener('change', () => {
+    if (state.searched && (state.image || state.like)) { state.offset = 0; run(); }
+  }));
+
+  $('prev-page').addEventListener('click', () => {
+    state.offset = Math.max(0, state.offset - Number($('page-size').value));
+    run({ focusResults: true });
+  });
+  $('next-page').addEventListener('click', () => {
+    state.offset = Number($('next-page').dataset.offset);
+    run({ focusResults: true });
+  });
+
+  const key = $('api-key');
+  key.value = sessionStorage.getItem(KEY_STORAGE) || '';
+  if (key.value) $('key-settings').open = true;
+  key.addEventListener('change', () => {
+    if (key.value.trim()) sessionStorage.setItem(KEY_STORAGE, key.value.trim());
+    else sessionStorage.removeItem(KEY_STORAGE);
+    loadInfo();
+    loadFilters();
+    if (state.keyRefused && hasQuery()) run();  // the search the old key (or none) was refused
+  });
+
+  loadInfo();
+  loadFilters();
+})();

@@ -1,0 +1,276 @@
+"""The embed job on a Ray cluster: the local job's plan, decode, forward and shard files, scheduled by Ray Data.
+
+One implementation, two schedulers: what to embed (`embed.plan_embed`: scan, identity, skips,
+deletions), how an image is read and decoded (`decode_pool.read_file`, `decode_data`) and its
+thumbnail made (`thumbnails.make_thumbnail`), the forward (`embed.forward_batch`,
+`embed.fine_vectors`) and a shard's files (`shards.write_shard_files`) are the local job's own
+functions. Ray Data runs them: files are hashed and decoded by CPU tasks, the model runs in actors
+(one per GPU, or CPU actors where the cluster has no GPU; the pool grows from one actor as work
+waits and shrinks again when a node is lost), and tasks write each shard under a name no other
+writer can take: `shard-<shards before this run>-<run id>-<digest of its ids>`, the same name if
+Ray retries the task, so a retry replaces the shard instead of duplicating its rows. The driver
+writes errors.jsonl and the manifest, once, at the end; a killed run leaves complete shards only,
+and the next run (of either engine) skips what they hold.
+
+Every node must see the corpus and the output folder at the same paths (a shared filesystem) and
+the model's weights (a pretrained tag is downloaded into each node's cache; a checkpoint path must
+exist everywhere). Workers import the driver's own `sidecar` package: Ray ships it to the cluster
+(`runtime_env` `py_modules`), so they run the same code as the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from sidecar.config import Settings
+from sidecar.ingest.decode_pool import decode_data, read_file
+from sidecar.ingest.embed import (
+    EmbedSummary,
+    document_row,
+    error_line,
+    fine_vectors,
+    finish_embed,
+    forward_batch,
+    hash_file,
+    plan_embed,
+)
+from sidecar.ingest.shards import ShardRow, write_shard_files
+from sidecar.ingest.thumbnails import make_thumbnail
+from sidecar.model.encoder import load_encoder, load_fine_encoder
+from sidecar.model.images import ImagePreprocess
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # this `sidecar` package, shipped to the workers
+LOCAL = "local"  # --address local: a Ray instance of this process's own, on this machine
+HASH_CHUNK = 512  # files hashed per scan task
+# Per-row columns carrying each stage's seconds (the batch's time shared out over its rows, so
+# sums stay right however Ray Data re-batches); the writer adds them up per shard.
+STAGE_COLUMNS = ("decode", "forward", "fine_model")
+
+
+class RayUnavailable(RuntimeError):
+    """Ray is not installed, or the cluster cannot run the job; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RayResources:
+    """What each part of the job reserves on the cluster. `actors` = 0: one per GPU, or as many
+    CPU actors as the cluster's CPUs hold beside one decode task each."""
+
+    actors: int = 0
+    actor_cpus: float = 1.0
+    task_cpus: float = 1.0  # each hash, decode or shard-writing task
+
+
+def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address: str = LOCAL,
+                        batch_size: int = 256, shard_size: int = 4096, resources: RayResources = RayResources(),
+                        max_pixels: int = 40_000_000, thumbnail_side: int = 0,
+                        progress: bool = True) -> EmbedSummary:
+    """Embed `source` into shards under `out` on the Ray cluster at `address` ("local" starts one
+    on this machine): the same shards, thumbnails, skips and summary as `embed.embed_corpus`."""
+    ray = _connect(address)
+    try:
+        return _run(ray, settings, Path(source), Path(out), batch_size=batch_size, shard_size=shard_size,
+                    resources=resources, max_pixels=max_pixels, thumbnail_side=thumbnail_side, progress=progress)
+    finally:
+        ray.shutdown()
+
+
+def _connect(address: str) -> Any:
+    # The driver's own opt-out: `ray start --disable-usage-stats` covers only the cluster's processes.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # no INFO lines per execution
+    try:
+        import ray
+        import ray.data  # noqa: F401 - imported here so a missing extra fails before any work
+    except ImportError as exc:
+        raise RayUnavailable(f"--engine ray needs Ray ({exc}): pip install 'clip-sidecar[ray]'") from exc
+    options: dict[str, Any] = {"log_to_driver": False, "logging_level": "WARNING",
+                               "runtime_env": {"py_modules": [str(PACKAGE_DIR)]}}
+    if address == LOCAL:
+        options["include_dashboard"] = False
+    try:
+        ray.init(address=address, **options)
+    except ConnectionError as exc:
+        raise RayUnavailable(f"no Ray cluster answers at {address}: {exc}") from exc
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # this job draws its own bar, as the local job does
+    context.print_on_execution_start = False
+    context.execution_options.preserve_order = False  # rows carry their ids
+    return ray
+
+
+def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: int, shard_size: int,
+         resources: RayResources, max_pixels: int, thumbnail_side: int, progress: bool) -> EmbedSummary:
+    started = time.perf_counter()
+    stages: defaultdict[str, float] = defaultdict(float)
+    # The driver's copy of the models, on its CPU: their signatures and preprocessing for the plan and
+    # the decode tasks (and the tiny model trained into the cache before any actor wants it).
+    driver_settings = dataclasses.replace(settings, device="cpu", precision="fp32")
+    encoder, fine_encoder = load_encoder(driver_settings), load_fine_encoder(driver_settings)
+    plan = plan_embed(encoder, source, out, decode="cpu", fine_encoder=fine_encoder, shard_size=shard_size,
+                      workers=0, progress=progress, stages=stages, thumbnail_side=thumbnail_side,
+                      max_pixels=max_pixels,
+                      hash_files=lambda paths: _hash_on_cluster(ray, paths, task_cpus=resources.task_cpus))
+    shards = plan.shards
+    failed = 0
+    with (out / "errors.jsonl").open("w", encoding="utf-8") as errors, \
+            tqdm(total=len(plan.todo), unit="img", desc="embed (ray)", disable=not progress) as bar:
+        if plan.todo:
+            actors, actor_gpus = _actor_pool(ray, resources)
+            log.info("ray: %d images to embed on %d node(s); up to %d encoder actor(s) with %s GPU and %s CPU each",
+                     len(plan.todo), len([n for n in ray.nodes() if n["Alive"]]), actors, actor_gpus,
+                     resources.actor_cpus)
+            dataset = _pipeline(ray, plan.todo, encoder.images, settings, out=out, run_base=len(shards.shard_names()),
+                                batch_size=batch_size, shard_size=shard_size, resources=resources, actors=actors,
+                                actor_gpus=actor_gpus, max_pixels=max_pixels, fine=fine_encoder is not None,
+                                thumbnail_side=shards.thumbnail_side)
+            pipeline_started = time.perf_counter()
+            for written in dataset.iter_rows():
+                errors.write(written["errors"])
+                failed += int(written["failed"])
+                for stage in (*STAGE_COLUMNS, "write"):
+                    stages[f"{stage} (summed over workers)"] += float(written[f"{stage}_s"])
+                bar.update(int(written["rows"]) + int(written["failed"]))
+            stages["pipeline"] = time.perf_counter() - pipeline_started
+    shards.record_shards()  # the manifest, once: every shard the writers renamed into place
+    return finish_embed(plan, failed=failed, started=started, stages=stages)
+
+
+def _hash_on_cluster(ray: Any, paths: list[Path], *, task_cpus: float) -> Iterable[tuple[str | None, str | None]]:
+    """Every file hashed where Ray runs the task (reading every byte of the corpus is the scan's
+    cost), in order, chunk by chunk as they finish."""
+    hash_chunk = ray.remote(num_cpus=task_cpus)(_hash_chunk)
+    refs = [hash_chunk.remote(paths[start:start + HASH_CHUNK]) for start in range(0, len(paths), HASH_CHUNK)]
+    for ref in refs:
+        yield from ray.get(ref)
+
+
+def _hash_chunk(paths: list[Path]) -> list[tuple[str | None, str | None]]:
+    return [hash_file(path) for path in paths]
+
+
+def _actor_pool(ray: Any, resources: RayResources) -> tuple[int, float]:
+    """(most encoder actors, GPUs per actor): one actor per GPU where the cluster has GPUs."""
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
+    if gpus:
+        return resources.actors or gpus, 1.0
+    cpus = total.get("CPU", 0)
+    if cpus < resources.actor_cpus + resources.task_cpus:
+        raise RayUnavailable(f"the cluster has {cpus:g} CPUs: an encoder actor ({resources.actor_cpus:g} CPU) and a "
+                             f"decode task ({resources.task_cpus:g} CPU) need {resources.actor_cpus + resources.task_cpus:g}; "
+                             "lower --actor-cpus / --task-cpus or add nodes")
+    return resources.actors or max(1, int(cpus // (resources.actor_cpus + resources.task_cpus))), 0.0
+
+
+def _pipeline(ray: Any, todo: list, images: ImagePreprocess, settings: Settings, *, out: Path, run_base: int,
+              batch_size: int, shard_size: int, resources: RayResources, actors: int, actor_gpus: float,
+              max_pixels: int, fine: bool, thumbnail_side: int) -> Any:
+    """The plan's rows → decode (CPU tasks) → forward (actors) → shard files (CPU tasks), one
+    result row per shard written."""
+    rows = [{"path": str(item.path), "row": json.dumps(dataclasses.asdict(document_row(item, digest)),
+                                                       ensure_ascii=False)}
+            for item, digest in todo]
+    run = uuid.uuid4().hex[:8]
+    return (ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
+            .map_batches(_decode_batch, fn_kwargs={"images": images, "max_pixels": max_pixels,
+                                                   "thumbnail_side": thumbnail_side},
+                         batch_size=batch_size, batch_format="numpy", num_cpus=resources.task_cpus)
+            .map_batches(_EncodeBatches, fn_constructor_kwargs={"settings": settings, "max_pixels": max_pixels},
+                         batch_size=batch_size, batch_format="numpy", num_cpus=resources.actor_cpus,
+                         num_gpus=actor_gpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
+            .map_batches(_write_shard, fn_kwargs={"root": str(out), "prefix": f"shard-{run_base:05d}-{run}",
+                                                  "fine": fine, "thumbnails": bool(thumbnail_side)},
+                         batch_size=shard_size, batch_format="numpy", num_cpus=resources.task_cpus))
+
+
+def _decode_batch(batch: dict[str, np.ndarray], *, images: ImagePreprocess, max_pixels: int,
+                  thumbnail_side: int) -> dict[str, np.ndarray]:
+    """A CPU task: each file read and decoded to the model's pixels (zeros, and the reason, when
+    unusable), and its thumbnail made from the same bytes (b"" when none is asked for)."""
+    started = time.perf_counter()
+    count = len(batch["path"])
+    height, width = images.spec.output_size
+    pixels = np.zeros((count, height, width, 3), dtype=np.uint8)
+    reasons, thumbnails = [], []
+    for index, path in enumerate(batch["path"]):
+        data, reason = read_file(Path(path))
+        decoded = None
+        if data is not None:
+            decoded, reason = decode_data(images, data, max_pixels=max_pixels)
+        if decoded is not None:
+            pixels[index] = decoded
+        reasons.append(reason or "")
+        thumbnails.append(make_thumbnail(data, side=thumbnail_side, max_pixels=max_pixels)
+                          if decoded is not None and thumbnail_side else b"")
+    return {"path": batch["path"], "row": batch["row"], "reason": np.array(reasons, dtype=object), "pixels": pixels,
+            "thumbnail": np.array(thumbnails, dtype=object),
+            "decode_s": np.full(count, (time.perf_counter() - started) / max(count, 1))}
+
+
+class _EncodeBatches:
+    """An actor holding the model (and the fine model): vectors for each decoded batch."""
+
+    def __init__(self, settings: Settings, max_pixels: int):
+        self.encoder = load_encoder(settings)
+        self.fine_encoder = load_fine_encoder(settings)
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        count = len(batch["path"])
+        usable = batch["reason"] == ""
+        out = {name: batch[name] for name in ("path", "row", "reason", "thumbnail", "decode_s")}
+        started = time.perf_counter()
+        vectors = np.zeros((count, self.encoder.dim), dtype=np.float32)
+        if usable.any():
+            vectors[usable] = self.encoder.postprocess(forward_batch(self.encoder, batch["pixels"][usable]))
+        out["vector"] = vectors
+        out["forward_s"] = np.full(count, (time.perf_counter() - started) / count)
+        started = time.perf_counter()
+        if self.fine_encoder is not None:
+            fine = np.zeros((count, self.fine_encoder.dim), dtype=np.float32)
+            if usable.any():
+                fine[usable] = fine_vectors(self.fine_encoder, [Path(p) for p in batch["path"][usable]],
+                                            max_pixels=self.max_pixels)
+            out["fine"] = fine
+        out["fine_model_s"] = np.full(count, (time.perf_counter() - started) / count)
+        return out
+
+
+def _write_shard(batch: dict[str, np.ndarray], *, root: str, prefix: str, fine: bool,
+                 thumbnails: bool) -> dict[str, list]:
+    """A CPU task: one shard of the batch's usable rows, named by the run and its ids; the failures
+    as errors.jsonl lines for the driver."""
+    started = time.perf_counter()
+    usable = batch["reason"] == ""
+    rows = [ShardRow.from_json(line) for line in batch["row"][usable]]
+    failures = "".join(error_line(json.loads(line)["id"], str(path), str(reason))
+                       for line, path, reason in zip(batch["row"][~usable], batch["path"][~usable],
+                                                     batch["reason"][~usable]))
+    name = ""
+    if rows:
+        digest = hashlib.sha256("\n".join(row.id for row in rows).encode("utf-8")).hexdigest()[:12]
+        name = write_shard_files(Path(root), f"{prefix}-{digest}", batch["vector"][usable], rows,
+                                 batch["fine"][usable] if fine else None,
+                                 [bytes(t) for t in batch["thumbnail"][usable]] if thumbnails else None)
+    result = {"shard": [name], "rows": [len(rows)], "failed": [int((~usable).sum())], "errors": [failures]}
+    for stage in STAGE_COLUMNS:
+        result[f"{stage}_s"] = [float(np.sum(batch[f"{stage}_s"]))]
+    result["write_s"] = [time.perf_counter() - started]
+    return result

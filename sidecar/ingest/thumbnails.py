@@ -1,0 +1,34 @@
+"""Thumbnails for the search page: small JPEGs made at `embed` time, kept in the shards, loaded into
+the store by `index` and served by document id only (never by a path on disk).
+
+Decoding goes through `sidecar.model.images` (its limits and its format list), at a JPEG draft
+scale near the thumbnail's size, so a large photo costs a fraction of a full decode.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+from PIL import Image
+
+from sidecar.config import IMAGE_FORMATS
+from sidecar.model.images import ImageDecodeError, decode_image
+
+# What the thumbnail endpoint answers with: every thumbnail is a baseline JPEG.
+MEDIA_TYPE = "image/jpeg"
+FORMAT = "JPEG"
+QUALITY = 80
+
+
+def make_thumbnail(data: bytes, *, side: int, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS) -> bytes:
+    """Image file bytes → a JPEG no larger than side × side (never enlarged), or b"" when the bytes
+    cannot be decoded (the embed job reports unusable images through the model's own decode)."""
+    try:
+        image = decode_image(data, max_pixels=max_pixels, formats=formats, draft_size=(side, side))
+    except ImageDecodeError:
+        return b""
+    image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, format=FORMAT, quality=QUALITY, optimize=True)
+    return out.getvalue()

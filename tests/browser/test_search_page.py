@@ -1,0 +1,298 @@
+"""The search page in a real Chromium against the real server (gunicorn, the tiny model, the test corpus):
+what a person does with it — type, upload, drop or paste an image, change the mode, "more like this",
+filter, page, ask for captions — and what they see when something fails; by keyboard alone too."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+import sidecar.api
+from sidecar.api.app import create_app
+from sidecar.api.auth import key_entry, new_key
+from sidecar.api.page import ASSETS
+from sidecar.api.state import state_of
+from sidecar.config import Settings
+from sidecar.stores.opensearch import OpenSearchStore
+from tests.browser.conftest import server_env, serving
+from tests.browser.pages import hits, manifest_rows, only_this_server, open_page, search_for, settle, thumbnails_loaded
+from tests.support import free_port, gunicorn_server
+
+pytestmark = pytest.mark.browser
+REPO = Path(__file__).resolve().parents[2]
+README_SCREENSHOT = REPO / "docs" / "img" / "search-page.png"
+
+
+def page_fingerprint() -> str:
+    """What the README screenshot records it was taken of: the page's own files."""
+    folder = Path(sidecar.api.__file__).parent / "static"
+    return hashlib.sha256(b"".join((folder / name).read_bytes() for name in sorted(ASSETS))).hexdigest()
+
+
+def test_a_typed_query_shows_thumbnails_and_the_top_result_is_that_concept(browser, page_server):
+    page = open_page(browser, page_server)
+    found = search_for(page, "red circle")
+    assert len(found) == 20
+    assert found[0]["metadata"]["color"] == "red" and found[0]["metadata"]["shape"] == "circle"
+    thumbnails_loaded(page)
+    for stage in ("encode", "coarse", "rerank", "round trip"):  # the latency breakdown
+        assert page.locator(f"#latency dd[data-stage='{stage}']").inner_text().endswith(" ms")
+    assert "Results 1–20 (mode hybrid, fusion minmax, no rerank)." in page.inner_text("#status")
+    assert page.inner_text("#rerank-note").startswith("Rerank skipped: no fine model is configured")
+    assert page.locator("#error").is_hidden()
+    alt = page.get_attribute("#hits > li:first-child img", "alt")
+    assert alt == found[0]["caption"]  # alt text: the document's caption
+    screenshot = browser.screenshot("search-page")
+    if os.environ.get("CLIP_SIDECAR_README_SCREENSHOT"):
+        # Regenerate the README's picture: the fingerprint lets test_the_readme_screenshot_is_of_the_current_page
+        # tell when the page changed after it was taken.
+        info = PngImagePlugin.PngInfo()
+        info.add_text("page-sha256", page_fingerprint())
+        with Image.open(screenshot) as image:
+            image.save(README_SCREENSHOT, pnginfo=info, optimize=True)
+    only_this_server(browser, page_server)
+
+
+def test_the_readme_screenshot_is_of_the_current_page():
+    with Image.open(README_SCREENSHOT) as image:
+        taken_of = image.text.get("page-sha256")
+    assert taken_of == page_fingerprint(), (
+        "the page changed since docs/img/search-page.png was taken: CLIP_SIDECAR_README_SCREENSHOT=1 "
+        ".venv/bin/python -m pytest tests/browser -k typed_query")
+
+
+@pytest.mark.parametrize("way", ["file-picker", "drop", "paste"])
+def test_an_image_finds_its_own_item_first(browser, page_server, corpus, way):
+    row = manifest_rows(corpus)[7]
+    path = corpus.parent / row["path"]
+    page = open_page(browser, page_server)
+    if way == "file-picker":
+        settle(page, "/v1/search", lambda: page.set_input_files("#image-file", str(path)))
+    else:
+        script = """([data, name, way]) => {
+            const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, {type: 'image/jpeg'}));
+            if (way === 'drop') {
+                document.getElementById('drop-zone').dispatchEvent(
+                    new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+            } else {
+                document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: transfer, bubbles: true}));
+            }
+        }"""
+        data = base64.b64encode(path.read_bytes()).decode()
+        settle(page, "/v1/search", lambda: page.evaluate(script, [data, path.name, way]))
+    found = hits(page)
+    assert found[0]["id"] == row["id"] and found[0]["stages"] == ["vector"]
+    assert page.locator("#image-preview").is_visible()
+    assert page.get_attribute("#image-preview-img", "alt") == f"Query image: {path.name}"
+    thumbnails_loaded(page)
+    browser.screenshot(f"image-{way}")
+
+
+def test_changing_the_mode_changes_the_scores_shown(browser, page_server):
+    page = open_page(browser, page_server)
+    stages = {"hybrid": ["vector", "bm25", "fused"], "bm25": ["bm25"], "vector": ["vector"]}
+    assert {tuple(hit["stages"]) for hit in search_for(page, "red circle")} <= {("vector", "bm25", "fused"),
+                                                                                ("vector", "fused")}
+    for mode in ("bm25", "vector", "hybrid"):
+        settle(page, "/v1/search", lambda: page.select_option("#mode", mode))  # a change re-runs the search
+        shown = hits(page)
+        assert f"mode {mode}" in page.inner_text("#status")
+        assert shown[0]["stages"] == stages[mode], mode
+        browser.screenshot(f"mode-{mode}")
+
+
+def test_more_like_this_puts_the_clicked_item_first(browser, page_server):
+    page = open_page(browser, page_server)
+    found = search_for(page, "green triangle")
+    picked = found[4]
+    settle(page, "/v1/search", lambda: page.locator("#hits > li").nth(4).get_by_role("button").click())
+    shown = hits(page)
+    assert shown[0]["id"] == picked["id"] and shown[0]["stages"] == ["vector"]
+    assert page.locator("#hits > li").first.get_attribute("class") == "hit liked"
+    assert picked["id"] in page.inner_text("#like-banner")
+    assert page.input_value("#query") == ""  # the stored document alone is the query
+    assert page.evaluate("document.activeElement.id") == "results"  # focus follows the new results
+    browser.screenshot("more-like-this")
+
+
+def test_filters_from_the_stores_facets_narrow_the_results(browser, page_server, corpus):
+    page = open_page(browser, page_server)
+    colours = {row["metadata"]["color"] for row in manifest_rows(corpus)}
+    options = page.eval_on_selector_all("#filters select[data-field='color'] option", "els => els.map(e => e.value)")
+    assert {json.loads(value) for value in options if value} == colours
+    search_for(page, "circle")
+    settle(page, "/v1/search", lambda: page.select_option("#filters select[data-field='color']", json.dumps("blue")))
+    shown = hits(page)
+    assert shown and all(hit["metadata"]["color"] == "blue" for hit in shown)
+
+
+def test_pages_move_through_the_ranking(browser, page_server):
+    page = open_page(browser, page_server)
+    first = search_for(page, "circle")
+    assert page.inner_text("#page-info") == "1–20" and page.is_disabled("#prev-page")
+    settle(page, "/v1/search", lambda: page.click("#next-page"))
+    second = hits(page)
+    assert page.inner_text("#page-info") == "21–40"
+    assert not {h["id"] for h in first} & {h["id"] for h in second}
+    assert page.get_attribute("#hits", "start") == "21"
+    settle(page, "/v1/search", lambda: page.click("#prev-page"))
+    assert [h["id"] for h in hits(page)] == [h["id"] for h in first]
+
+
+def test_captions_that_describe_an_image(browser, page_server, corpus):
+    row = manifest_rows(corpus)[2]
+    page = open_page(browser, page_server)
+    page.check("input[name='find'][value='captions']")
+    settle(page, "/v1/captions", lambda: page.set_input_files("#image-file", str(corpus.parent / row["path"])))
+    captions = page.eval_on_selector_all("#captions > li .caption", "els => els.map(e => e.textContent)")
+    assert row["text"] in captions[:3]
+    assert page.locator("#hits").is_hidden()
+    page.wait_for_function("() => [...document.querySelectorAll('#captions img.thumb')]"
+                           ".every(img => img.complete && img.naturalWidth > 0)")
+    browser.screenshot("captions")
+
+
+def png(size: tuple[int, int], mode: str = "L") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("name", "data", "shown"), [
+    ("notes.jpg", b"this is not an image at all", "Not an image the server can read: field 'image': not a recognised "
+                                                   "image format"),
+    ("huge.png", png((6400, 6400)), "Too large: field 'image': image is 6400x6400 = 40960000 pixels, over the limit "
+                                    "of 40000000 (max_image_pixels)"),
+], ids=["not-an-image", "over-the-pixel-limit"])
+def test_a_bad_file_shows_the_error_not_a_blank_page(browser, page_server, name, data, shown):
+    page = open_page(browser, page_server)
+    search_for(page, "red circle")
+    settle(page, "/v1/search", lambda: page.set_input_files(
+        "#image-file", files=[{"name": name, "mimeType": "image/jpeg", "buffer": data}]))
+    assert page.locator("#error").is_visible()
+    assert shown in page.inner_text("#error")
+    assert page.inner_text("#status") == "The search failed."
+    assert page.locator("#hits > li").count() == 0 and page.is_visible("#empty")
+    assert page.is_visible("#query") and page.is_enabled("#search-button")  # still usable
+    browser.screenshot("bad-file")
+    page.click("#clear-image")
+    settle(page, "/v1/search", lambda: page.click("#search-button"))
+    assert page.locator("#error").is_hidden() and hits(page)
+
+
+def test_a_store_that_cannot_be_reached_is_said_so(browser, encoder, tmp_path):
+    # An OpenSearch store on a loopback port nobody listens at: refused for real, no mock.
+    store = OpenSearchStore(url=f"http://127.0.0.1:{free_port()}", index="nowhere")
+    app = create_app(Settings(cache_dir=tmp_path / "cache", store="opensearch"), encoder=encoder, store=store)
+    try:
+        with serving(app) as url:
+            page = browser.page
+            page.goto(f"{url}/")
+            page.wait_for_function("() => document.getElementById('filters-note').textContent.startsWith('Filters')")
+            assert "The store cannot be reached right now" in page.inner_text("#filters-note")
+            assert page.inner_text("#store-info").startswith("The server is not ready: store opensearch unavailable")
+            page.fill("#query", "red circle")
+            settle(page, "/v1/search", lambda: page.press("#query", "Enter"))
+            error = page.inner_text("#error")
+            assert error.startswith("The store cannot be reached right now:") and error.endswith("retry later. Try again in 5 s.")
+            browser.screenshot("store-down")
+    finally:
+        state_of(app).encoding.close()
+        store.close()
+
+
+def test_one_search_by_keyboard_alone(browser, page_server):
+    page = open_page(browser, page_server)
+    order = []
+    for _ in range(5):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id || document.activeElement.className"))
+    # Focus follows the reading order: skip link, query, search, image, what to find.
+    assert order[:4] == ["skip", "query", "search-button", "image-file"]
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "query"
+    page.keyboard.type("blue square")
+    settle(page, "/v1/search", lambda: page.keyboard.press("Enter"))
+    found = hits(page)
+    assert found[0]["metadata"]["color"] == "blue"
+    for _ in range(60):  # on through the controls to the first result's button
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.classList.contains('more')"):
+            break
+    assert page.evaluate("document.activeElement.closest('li').dataset.id") == found[0]["id"]
+    page.keyboard.press("Tab")
+    target = page.evaluate("document.activeElement.closest('li').dataset.id")
+    settle(page, "/v1/search", lambda: page.keyboard.press("Enter"))
+    assert hits(page)[0]["id"] == target
+
+
+def test_the_page_weighs_under_100_kb_and_asks_nothing_of_elsewhere(browser, page_server):
+    sizes = {}
+    page = browser.page
+    page.on("response", lambda response: sizes.__setitem__(response.url, len(response.body()))
+            if response.request.resource_type in ("document", "script", "stylesheet") else None)
+    open_page(browser, page_server)
+    search_for(page, "yellow star")
+    thumbnails_loaded(page)
+    assert set(sizes) == {f"{page_server}/", f"{page_server}/static/page.js", f"{page_server}/static/page.css"}
+    assert sum(sizes.values()) < 100_000, sizes
+    only_this_server(browser, page_server)
+    assert any(u.startswith(f"{page_server}/v1/documents/") for u in browser.requests)
+
+
+def test_an_api_key_typed_on_the_page_is_kept_for_this_tab_only(browser, page_server):
+    page = open_page(browser, page_server)
+    page.click("#key-settings summary")
+    page.fill("#api-key", "csk_example")
+    page.press("#api-key", "Tab")
+    sent = []
+    page.on("request", lambda request: sent.append(request.headers.get("authorization"))
+            if request.url.startswith(page_server) else None)
+    search_for(page, "red")
+    thumbnails_loaded(page)  # fetched with the key (an <img> cannot send one)
+    assert sent and set(sent) == {"Bearer csk_example"}
+    assert page.evaluate("sessionStorage.getItem('clip-sidecar-api-key')") == "csk_example"
+    assert page.evaluate("localStorage.length") == 0
+
+
+
+def test_with_api_keys_the_page_asks_for_one_then_searches_with_it(browser, store_path, test_cache_dir, tmp_path):
+    web, embed_only = new_key(), new_key()
+    entries = f"{key_entry('web', ['search'], web)},{key_entry('opensearch', ['embeddings'], embed_only)}"
+    env = {**server_env(store_path, tmp_path / "cache", test_cache_dir), "SIDECAR_API_KEYS": entries}
+    with gunicorn_server(env, tmp_path / "server.log", api_key=web) as url:
+        page = browser.page
+        page.goto(f"{url}/")  # the page's own files need no key
+        page.wait_for_selector("#error:not([hidden])")
+        error = page.inner_text("#error")
+        assert error.startswith("This server needs an API key: enter it under “API key” in the search options.")
+        assert "missing API key" in error and page.locator("#key-settings").get_attribute("open") is not None
+        page.fill("#query", "red circle")
+        settle(page, "/v1/search", lambda: page.press("#query", "Enter"))
+        assert page.inner_text("#error").startswith("This server needs an API key") and not hits(page)
+        browser.screenshot("key-missing")
+        # A key outside the search scope: refused by name and scope.
+        page.fill("#api-key", embed_only)
+        settle(page, "/v1/search", lambda: page.press("#api-key", "Tab"))
+        assert page.inner_text("#error") == ("This API key may not do that: key 'opensearch' has scope embeddings; "
+                                             "/v1/search needs scope search.")
+        # The right key: the refused search runs again, thumbnails come through fetch with the key.
+        page.fill("#api-key", web)
+        settle(page, "/v1/search", lambda: page.press("#api-key", "Tab"))
+        found = hits(page)
+        assert page.locator("#error").is_hidden() and found[0]["metadata"]["color"] == "red"
+        thumbnails_loaded(page)
+        page.wait_for_selector("#filters select")  # the facets, with the key
+        assert page.inner_text("#store-info").endswith("model tiny-clip")
+    only_this_server(browser, url)

@@ -1,0 +1,228 @@
+"""The API the search page stands on, usable by any client: more like this (`like`), pagination (`offset`),
+facets, thumbnails by id (and nothing else from disk), image → text (/v1/captions), the page's own files."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sidecar.stores.embedded import EmbeddedStore
+from sidecar.types import Document
+from tests.support import image_b64
+
+
+def manifest_rows(corpus):
+    return [json.loads(line) for line in corpus.read_text().splitlines()]
+
+
+# ---- more like this -------------------------------------------------------------------------------
+
+def test_more_like_this_searches_by_the_stored_vector_and_the_document_comes_first(client, corpus):
+    rows = manifest_rows(corpus)[:30]
+    for row in rows:
+        response = client.post("/v1/search", json={"like": row["id"], "k": 5})
+        assert response.status_code == 200, response.json
+        first = response.json["hits"][0]
+        assert first["id"] == row["id"] and first["scores"]["vector"] == pytest.approx(1.0, abs=1e-5)
+    # The same ranking as uploading the document's own image (a stored photo queried by itself).
+    row = rows[0]
+    by_upload = client.post("/v1/search", json={"image": image_b64(corpus.parent / row["path"]), "k": 10}).json
+    by_id = client.post("/v1/search", json={"like": row["id"], "k": 10}).json
+    assert [h["id"] for h in by_id["hits"]] == [h["id"] for h in by_upload["hits"]]
+
+
+def test_more_like_this_with_text_searches_near_both(client, corpus):
+    row = next(r for r in manifest_rows(corpus) if r["metadata"]["color"] != "red")
+    response = client.post("/v1/search", json={"like": row["id"], "text": "red", "k": 10})
+    assert response.status_code == 200 and response.json["mode"] == "hybrid"
+    colours = Counter(hit["metadata"]["color"] for hit in response.json["hits"])
+    alone = Counter(hit["metadata"]["color"] for hit in client.post("/v1/search", json={"like": row["id"], "k": 10})
+                    .json["hits"])
+    assert colours["red"] > alone["red"]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    ({"like": "no-such-id"}, 404, "field 'like': no document with id 'no-such-id' in the store"),
+    ({"like": ""}, 404, "field 'like': no document with id ''"),
+    ({"like": 7}, 400, "field 'like' must be a string, got an integer"),
+    ({"like": "item-000001", "image": "iVBORw0KGgo="}, 400, "send field 'image' or field 'like', not both"),
+    ({"like": "item-000001", "mode": "bm25"}, 400, "field 'text' is required for mode bm25"),
+])
+def test_a_bad_like_names_the_field(client, body, status, message):
+    response = client.post("/v1/search", json=body)
+    assert response.status_code == status, response.json
+    assert message in response.json["error"]["message"]
+
+
+# ---- pagination -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["vector", "bm25", "hybrid"])
+def test_pages_are_consecutive_slices_of_one_ranking(client, mode):
+    whole = client.post("/v1/search", json={"text": "red circle", "mode": mode, "k": 30}).json
+    pages, offset = [], 0
+    while offset is not None and offset < 30:
+        page = client.post("/v1/search", json={"text": "red circle", "mode": mode, "k": 10, "offset": offset}).json
+        assert page["offset"] == offset
+        pages += page["hits"]
+        offset = page.get("next_offset")
+    assert [h["id"] for h in pages] == [h["id"] for h in whole["hits"]]
+    assert [h["score"] for h in pages] == [h["score"] for h in whole["hits"]]
+
+
+def test_next_offset_is_present_exactly_while_more_hits_exist(client):
+    matches = len(client.post("/v1/search", json={"text": "circle", "mode": "bm25", "k": 1000}).json["hits"])
+    assert 20 < matches < 990
+    last = (matches - 1) // 10 * 10
+    assert client.post("/v1/search", json={"text": "circle", "mode": "bm25", "k": 10, "offset": last - 10}) \
+        .json["next_offset"] == last
+    final = client.post("/v1/search", json={"text": "circle", "mode": "bm25", "k": 10, "offset": last}).json
+    assert "next_offset" not in final and len(final["hits"]) == matches - last
+    beyond = client.post("/v1/search", json={"text": "circle", "mode": "bm25", "k": 10, "offset": matches}).json
+    assert beyond["hits"] == [] and "next_offset" not in beyond
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"text": "red", "offset": 995, "k": 10}, "fields 'offset' + 'k' must be at most 1000 (max_k), got 995 + 10"),
+    ({"text": "red", "offset": -1}, "field 'offset' must be between 0 and 999, got -1"),
+    ({"text": "red", "offset": "2"}, "field 'offset' must be an integer, got a string"),
+])
+def test_an_offset_past_the_limit_is_refused_naming_it(client, body, message):
+    response = client.post("/v1/search", json=body)
+    assert response.status_code == 400 and message in response.json["error"]["message"]
+
+
+# ---- facets ---------------------------------------------------------------------------------------
+
+def test_facets_count_every_stored_documents_metadata(client, corpus):
+    rows = manifest_rows(corpus)
+    response = client.get("/v1/facets?size=100")
+    assert response.status_code == 200, response.json
+    assert response.json["documents"] == len(rows)
+    facets = response.json["facets"]
+    assert sorted(facets) == ["color", "position", "shape", "size"]
+    for name, facet in facets.items():
+        assert {v["value"]: v["count"] for v in facet["values"]} == Counter(r["metadata"][name] for r in rows)
+        assert facet["other"] == 0
+    top = client.get("/v1/facets?size=2").json["facets"]["color"]
+    assert len(top["values"]) == 2 and top["other"] == len(rows) - sum(v["count"] for v in top["values"])
+
+
+@pytest.mark.parametrize(("query", "message"), [
+    ("size=0", "query parameter 'size' must be an integer between 1 and 1000, got '0'"),
+    ("size=²", "query parameter 'size' must be an integer between 1 and 1000, got '²'"),
+    ("fields=color", "unknown field 'fields' in the query string"),
+])
+def test_bad_facet_parameters_are_refused_naming_them(client, query, message):
+    response = client.get(f"/v1/facets?{query}")
+    assert response.status_code == 400 and message in response.json["error"]["message"]
+
+
+# ---- thumbnails -----------------------------------------------------------------------------------
+
+def test_each_documents_thumbnail_is_its_own_image_served_by_id(client, corpus):
+    for row in manifest_rows(corpus)[:10]:
+        response = client.get(f"/v1/documents/{row['id']}/thumbnail")
+        assert response.status_code == 200 and response.mimetype == "image/jpeg"
+        with Image.open(io.BytesIO(response.data)) as thumbnail, Image.open(corpus.parent / row["path"]) as source:
+            assert thumbnail.size == source.size  # 64-px renders: thumbnails are never enlarged
+            difference = np.abs(np.asarray(thumbnail.convert("RGB"), dtype=float) - np.asarray(source.convert("RGB")))
+            assert difference.mean() < 6
+        again = client.get(f"/v1/documents/{row['id']}/thumbnail", headers={"If-None-Match": response.headers["ETag"]})
+        assert again.status_code == 304 and again.data == b""
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/documents/no-such-id/thumbnail", "/v1/documents/../../../../etc/passwd/thumbnail",
+    "/v1/documents/%2e%2e%2f%2e%2e%2fetc%2fpasswd/thumbnail", "/v1/documents/item-000001/../../openapi.yaml",
+    "/static/../openapi.yaml", "/static/%2e%2e%2fopenapi.yaml", "/static/page.py", "/static/index.html",
+    "/static/", "/v1/documents/item-000001/vector",
+])
+def test_nothing_on_disk_but_thumbnails_and_the_page_is_reachable(client, path):
+    response = client.get(path)
+    assert response.status_code == 404 and response.mimetype == "application/json", (path, response.data[:200])
+
+
+def test_an_id_with_slashes_and_spaces_is_served_when_percent_encoded(build_app, tmp_path, encoder):
+    # A folder corpus's ids are relative paths: "shoes/red sneaker.jpg".
+    store_path = tmp_path / "store"
+    with EmbeddedStore(store_path) as store:
+        store.claim(encoder.signature)
+        vector = np.zeros(encoder.dim, dtype=np.float32)
+        vector[0] = 1
+        store.upsert([Document(id="shoes/red sneaker.jpg", vector=vector, thumbnail=b"\xff\xd8jpeg"),
+                      Document(id="shoes/plain.jpg", vector=vector)])
+    client = build_app(store_path=store_path).test_client()
+    assert client.get("/v1/documents/shoes%2Fred%20sneaker.jpg/thumbnail").data == b"\xff\xd8jpeg"
+    assert client.get("/v1/documents/shoes/red sneaker.jpg/thumbnail").data == b"\xff\xd8jpeg"
+    missing = client.get("/v1/documents/shoes%2Fplain.jpg/thumbnail")
+    assert missing.status_code == 404
+    assert "indexed from shards without thumbnails" in missing.json["error"]["message"]
+
+
+# ---- image → text -------------------------------------------------------------------------------------
+
+def test_an_images_own_caption_ranks_at_the_top(client, corpus):
+    rows = manifest_rows(corpus)[:40]
+    first = 0
+    for row in rows:
+        response = client.post("/v1/captions", json={"image": image_b64(corpus.parent / row["path"]), "k": 3})
+        assert response.status_code == 200, response.json
+        captions = response.json["captions"]
+        texts = [c["text"] for c in captions]
+        assert row["text"] in texts, (row, captions)
+        assert row["id"] in captions[texts.index(row["text"])]["ids"]
+        assert [c["score"] for c in captions] == sorted((c["score"] for c in captions), reverse=True)
+        first += texts[0] == row["text"]
+    # The README's "Image → text" states these bounds.
+    assert first >= 0.8 * len(rows)
+
+
+def test_captions_of_a_stored_document_match_those_of_its_uploaded_image(client, corpus):
+    row = manifest_rows(corpus)[3]
+    by_id = client.post("/v1/captions", json={"like": row["id"], "k": 5}).json["captions"]
+    by_upload = client.post("/v1/captions", json={"image": image_b64(corpus.parent / row["path"]), "k": 5}).json
+    assert [c["text"] for c in by_id] == [c["text"] for c in by_upload["captions"]]
+    assert set(by_upload["took_ms"]) == {"encode", "coarse", "captions"}
+
+
+def test_captions_respect_filters(client, corpus):
+    row = next(r for r in manifest_rows(corpus) if r["metadata"]["color"] == "red")
+    response = client.post("/v1/captions", json={"like": row["id"], "k": 10, "filters": {"color": "blue"}})
+    assert response.status_code == 200
+    assert response.json["captions"] and all("blue" in c["text"] for c in response.json["captions"])
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    ({}, 400, "send field 'image' (base64) or field 'like' (a stored document's id): one of the two"),
+    ({"like": "item-000001", "image": "iVBORw0KGgo="}, 400, "one of the two"),
+    ({"text": "red"}, 400, "unknown field 'text' in the request body"),
+    ({"like": "gone"}, 404, "field 'like': no document with id 'gone' in the store"),
+    ({"image": "bm90IGFuIGltYWdl"}, 415, "field 'image': not a recognised image format"),
+    ({"like": "item-000001", "k": 0}, 400, "field 'k' must be between 1 and 1000, got 0"),
+    ({"like": "item-000001", "ef_search": None}, 400, "field 'ef_search' must be an integer, got null"),
+])
+def test_bad_caption_requests_name_the_field(client, body, status, message):
+    response = client.post("/v1/captions", json=body)
+    assert response.status_code == status, response.json
+    assert message in response.json["error"]["message"]
+
+
+# ---- the page's own files ---------------------------------------------------------------------------------
+
+def test_the_page_and_its_files_are_served_with_a_policy_that_keeps_the_browser_here(client):
+    total = 0
+    for path, mimetype in (("/", "text/html"), ("/static/page.js", "text/javascript"),
+                           ("/static/page.css", "text/css")):
+        response = client.get(path)
+        assert response.status_code == 200 and response.mimetype == mimetype
+        assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        total += len(response.data)
+    assert total < 100_000
+    html = client.get("/").get_data(as_text=True)
+    assert "http://" not in html and "https://" not in html  # nothing from elsewhere

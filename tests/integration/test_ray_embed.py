@@ -1,0 +1,228 @@
+"""`clip-sidecar embed --engine ray` on a real Ray cluster: a head and a second node, each its own
+`ray start` on loopback (scripts/ray-local), 1 CPU and 2 GiB each. The Ray job's shards hold what
+the local job's hold; reruns skip, re-encode and record deletions as the local job does; a killed
+driver's rerun and a node lost mid-run lose and duplicate nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from sidecar.config import Settings
+from sidecar.ingest.embed import embed_corpus
+from sidecar.ingest.shards import ShardSet
+from sidecar.model.encoder import Encoder
+from sidecar.model.synthetic import sample_items, write_corpus
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+RAY_LOCAL = REPO / "scripts" / "ray-local"
+# Each node has 1 CPU: an encoder actor (0.5) beside a decode and a writer task (0.25 each) fits on
+# one node, so the job can finish on the head alone when the second node is lost.
+RESOURCE_FLAGS = ("--actor-cpus", "0.5", "--task-cpus", "0.25")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[tuple[dict[str, str], str]]:
+    """(environment naming the cluster for scripts/ray-local, head address); stopped at the end."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as exc:
+        reason = f"Ray is not installed (pip install 'clip-sidecar[ray]'; scripts/setup does): {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and {reason}")
+        pytest.skip(reason)
+    folder = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_LOCAL_DIR": folder, "RAY_BIN": str(Path(sys.executable).with_name("ray")),
+           # The GCS declares a silent node dead after ~2 s instead of ~15 s (the node-loss test).
+           "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "500",
+           "RAY_health_check_failure_threshold": "3"}
+    started = subprocess.run([str(RAY_LOCAL), "start", "--nodes", "2", "--cpus", "1"], env=env, capture_output=True,
+                             text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stderr
+        yield env, started.stdout.strip()
+    finally:
+        subprocess.run([str(RAY_LOCAL), "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def ray_embed(address: str, source: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """The real CLI, this checkout's code, as the driver of a job on the cluster."""
+    return subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "embed", str(source), "--out", str(out),
+                             "--engine", "ray", "--address", address, *RESOURCE_FLAGS, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def finish(process: subprocess.Popen, *, timeout: float = 600) -> str:
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr
+    return stdout
+
+
+def shard_contents(out: Path) -> tuple[Counter, dict[str, tuple[np.ndarray, dict]]]:
+    """(how many rows each id has in the folder; id → (vector and fine vector, row fields) of its newest row)."""
+    shards = ShardSet(out)
+    rows = Counter(row.id for _, row, _ in shards.rows())
+    latest = {}
+    for doc_id, (name, row, index) in shards.latest().items():
+        fine = shards.fine_vectors(name)
+        vectors = np.concatenate([shards.vectors(name)[index], [] if fine is None else fine[index]])
+        latest[doc_id] = (vectors, {"path": row.path, "text": row.text, "metadata": row.metadata,
+                                    "content_hash": row.content_hash})
+    return rows, latest
+
+
+def assert_same_shards(ray_out: Path, local_out: Path) -> None:
+    """The same rows (a rerun's new row for a changed item beside the old one, as the local job
+    writes it; nothing twice otherwise) and, per id, the same newest row and vector."""
+    ray_rows, ray_latest = shard_contents(ray_out)
+    local_rows, local_latest = shard_contents(local_out)
+    assert ray_rows == local_rows
+    assert ray_latest.keys() == local_latest.keys()
+    for doc_id, (vector, fields) in local_latest.items():
+        assert ray_latest[doc_id][1] == fields
+        np.testing.assert_allclose(ray_latest[doc_id][0], vector, atol=1e-5, err_msg=doc_id)
+
+
+def errors(out: Path) -> dict[str, str]:
+    lines = (out / "errors.jsonl").read_text().splitlines()
+    return {json.loads(line)["id"]: json.loads(line)["reason"] for line in lines}
+
+
+def test_ray_job_writes_the_local_jobs_rows_and_vectors_and_reruns_like_it(ray_cluster, encoder: Encoder,
+                                                                           model_settings: Settings, tmp_path):
+    from sidecar.ingest.ray_engine import RayResources, embed_corpus_on_ray
+
+    _, address = ray_cluster
+    corpus = tmp_path / "corpus"
+    manifest = write_corpus(corpus, 300, seed=31)
+    (corpus / "garbage.jpg").write_bytes(b"not an image")
+    with manifest.open("a") as fh:
+        fh.write(json.dumps({"id": "garbage", "path": "garbage.jpg", "text": "nothing"}) + "\n")
+    ray_out, local_out = tmp_path / "ray", tmp_path / "local"
+    resources = RayResources(actor_cpus=0.5, task_cpus=0.25)
+    # A fine model (the tiny model again: its training is cached) takes the fine-vector path too.
+    settings = dataclasses.replace(model_settings, fine_model=model_settings.model)
+
+    def both_engines() -> tuple[str, str]:
+        on_ray = embed_corpus_on_ray(settings, manifest, ray_out, address=address, batch_size=32, shard_size=64,
+                                     resources=resources, progress=False)
+        local = embed_corpus(encoder, manifest, local_out, batch_size=32, shard_size=64, workers=0,
+                             fine_encoder=encoder, progress=False)
+        # The same counts (the shard files differ: the Ray job writes one per writer task).
+        return on_ray.describe().split(";")[0], local.describe().split(";")[0]
+
+    on_ray, local = both_engines()
+    assert on_ray == local
+    assert on_ray.startswith("301 items: 300 embedded, 0 unchanged, 1 failed")
+    assert_same_shards(ray_out, local_out)
+    assert set(shard_contents(ray_out)[0].values()) == {1}
+    assert errors(ray_out) == errors(local_out) == {"garbage": errors(local_out)["garbage"]}
+    manifest_names = ShardSet(ray_out).manifest["shards"]
+    assert manifest_names == ShardSet(ray_out).shard_names() and len(manifest_names) >= 300 // 64
+    assert ShardSet(ray_out).fine_signature == ShardSet(local_out).fine_signature == encoder.signature
+
+    # Edit the corpus as a user would: two images replaced, one caption changed, three items
+    # gone, four new ones. Both engines must see the same changes.
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for entry, item in zip(lines[:2], sample_items(2, seed=99)):
+        item.image.save(corpus / entry["path"], format="JPEG")
+    lines[2]["text"] = "a caption edited by hand"
+    del lines[3:6]
+    for item in sample_items(4, seed=123):
+        item.image.save(corpus / f"new-{item.id}.jpg", format="JPEG")
+        lines.append({"id": f"new-{item.id}", "path": f"new-{item.id}.jpg", "text": "new", "metadata": {}})
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    on_ray, local = both_engines()
+    assert on_ray == local
+    assert on_ray.startswith("302 items: 6 embedded, 294 unchanged, 1 failed (see errors.jsonl), 3 deleted since last "
+                             "run, 1 with new text or metadata only")
+    assert_same_shards(ray_out, local_out)
+    assert ShardSet(ray_out).deleted == ShardSet(local_out).deleted and len(ShardSet(ray_out).deleted) == 3
+
+
+def cluster_processes(env: dict[str, str], pattern: str) -> list[str]:
+    """Command lines of the cluster's live processes that start with `pattern` (e.g. ray::MapWorker)."""
+    sids = set(Path(env["RAY_LOCAL_DIR"], "sid").read_text().split())
+    listing = subprocess.run(["ps", "-ww", "-eo", "sid=,stat=,args="], capture_output=True, text=True).stdout
+    found = []
+    for line in listing.splitlines():
+        sid, stat, args = line.split(None, 2)
+        if sid in sids and "Z" not in stat and args.startswith(pattern):
+            found.append(args)
+    return found
+
+
+def wait_for(predicate, *, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def kill_corpus(tmp_path_factory, encoder: Encoder) -> tuple[Path, Path]:
+    """(manifest of 1,200 images, the local job's shards of it)."""
+    manifest = write_corpus(tmp_path_factory.mktemp("kill-corpus"), 1200, seed=32)
+    local = tmp_path_factory.mktemp("kill-local")
+    embed_corpus(encoder, manifest, local, workers=0, progress=False)
+    return manifest, local
+
+
+def test_a_killed_ray_run_continues_where_it_stopped_with_nothing_lost_or_duplicated(ray_cluster, kill_corpus,
+                                                                                       tmp_path):
+    env, address = ray_cluster
+    manifest, local_out = kill_corpus
+    out = tmp_path / "shards"
+    process = ray_embed(address, manifest, out, "--batch-size", "20", "--shard-size", "60")
+    wait_for(lambda: len(list(out.glob("shard-*.jsonl"))) >= 2 or process.poll() is not None,
+             what="the Ray job's second shard")
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    # The cluster ends a job whose driver died: none of its workers may write on afterwards.
+    wait_for(lambda: not cluster_processes(env, "ray::MapBatches") and not cluster_processes(env, "ray::MapWorker"),
+             what="the killed job's workers to go", timeout=120)
+    done = sum(shard_contents(out)[0].values())
+    assert 0 < done < 1200, "the kill must land in the middle of the run"
+
+    stdout = finish(ray_embed(address, manifest, out, "--batch-size", "20", "--shard-size", "60"))
+    assert f"1200 items: {1200 - done} embedded, {done} unchanged, 0 failed" in stdout
+    assert_same_shards(out, local_out)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_node_lost_mid_run_the_job_completes_on_the_rest_with_nothing_lost_or_duplicated(ray_cluster, kill_corpus,
+                                                                                             tmp_path):
+    env, address = ray_cluster
+    manifest, local_out = kill_corpus
+    out = tmp_path / "shards"
+    process = ray_embed(address, manifest, out, "--batch-size", "20", "--shard-size", "60")
+    try:
+        wait_for(lambda: any(out.glob("shard-*.jsonl")) or process.poll() is not None,
+                 what="the Ray job's first shard")
+        assert process.poll() is None, "the job ended before the node could be lost"
+        subprocess.run([str(RAY_LOCAL), "stop-node", "2"], env=env, check=True, capture_output=True, timeout=60)
+        stdout = finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        # Give the cluster its second node back for whatever runs after.
+        subprocess.run([str(RAY_LOCAL), "start-node", "2"], env=env, capture_output=True, timeout=180)
+    assert "1200 items: 1200 embedded, 0 unchanged, 0 failed" in stdout
+    assert_same_shards(out, local_out)

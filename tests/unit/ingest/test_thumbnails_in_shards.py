@@ -1,0 +1,114 @@
+"""Thumbnails through ingest: made by the embed pass, kept row for row in the shards, added to shards
+written without them, indexed into the store and read back by id."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sidecar.ingest.embed import embed_corpus
+from sidecar.ingest.indexing import index_shards
+from sidecar.ingest.shards import ShardError, ShardRow, ShardSet
+from sidecar.stores.embedded import EmbeddedStore
+from sidecar.types import ModelSignature
+
+SIG = ModelSignature(model="fast", weights="w", dim=2)
+
+
+def rows(n: int) -> list[ShardRow]:
+    return [ShardRow(id=f"d{i}", path=f"{i}.jpg", text="t", metadata={}, content_hash=f"h{i}", image_hash=f"i{i}")
+            for i in range(n)]
+
+
+def test_shards_keep_one_thumbnail_per_row_and_refuse_another_size(tmp_path):
+    shards = ShardSet(tmp_path)
+    shards.start(SIG, preprocessing={}, thumbnail_side=64)
+    shards.write_shard(np.ones((3, 2), dtype=np.float32), rows(3), thumbnails=[b"jpeg-0", b"", b"jpeg-2"])
+    reopened = ShardSet(tmp_path)
+    assert reopened.thumbnail_side == 64
+    docs = next(reopened.documents())
+    assert [d.thumbnail for d in docs] == [b"jpeg-0", None, b"jpeg-2"]  # b"": that image made none
+    # The store records the thumbnail size in each document's hash: adding thumbnails rewrites every document.
+    assert docs[0].content_hash == "h0+thumbs:64"
+    with pytest.raises(ShardError, match="one thumbnail per row"):
+        reopened.write_shard(np.ones((2, 2), dtype=np.float32), rows(2))
+    with pytest.raises(ShardError, match="holds thumbnails of 64 px, not 128; pass --thumbnail-size 64"):
+        ShardSet(tmp_path).start(SIG, preprocessing={}, thumbnail_side=128)
+
+
+def test_a_shard_still_waiting_for_its_thumbnails_is_not_indexed_without_them(tmp_path):
+    shards = ShardSet(tmp_path)
+    shards.start(SIG, preprocessing={})
+    shards.write_shard(np.ones((2, 2), dtype=np.float32), rows(2))
+    later = ShardSet(tmp_path)
+    later.start(SIG, preprocessing={}, thumbnail_side=32)  # shards without thumbnails take a size
+    assert later.shards_without_thumbnails() == ["shard-00000"]
+    with pytest.raises(ShardError, match="has no thumbnails yet .* run `clip-sidecar embed` again"):
+        next(later.documents())
+    later.write_thumbnails("shard-00000", [b"a", b"b"])
+    assert later.shards_without_thumbnails() == []
+    assert [d.thumbnail for d in next(later.documents())] == [b"a", b"b"]
+
+
+def mean_colour(jpeg: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(jpeg)) as image:
+        return np.asarray(image.convert("RGB")).reshape(-1, 3).mean(axis=0)
+
+
+def test_embed_makes_each_images_thumbnail_and_index_serves_it_by_id(encoder, corpus, tmp_path):
+    summary = embed_corpus(encoder, corpus, tmp_path / "shards", workers=2, thumbnail_side=48, progress=False)
+    assert summary.failed == 0
+    with EmbeddedStore(tmp_path / "store") as store:
+        index_shards(store, tmp_path / "shards", progress=False)
+        for line in corpus.read_text().splitlines()[:20]:
+            item = json.loads(line)
+            thumbnail = store.thumbnail(item["id"])
+            with Image.open(io.BytesIO(thumbnail)) as image:
+                assert image.format == "JPEG" and max(image.size) == 48  # the 64-px renders, shrunk
+            with Image.open(corpus.parent / item["path"]) as source:
+                expected = np.asarray(source.convert("RGB")).reshape(-1, 3).mean(axis=0)
+            np.testing.assert_allclose(mean_colour(thumbnail), expected, atol=6)  # that item's own image
+        assert store.fetch([item["id"]])[0].thumbnail is None  # fetch (the search path) leaves them out
+        assert store.thumbnail("no-such-id") is None
+
+
+def test_shards_written_without_thumbnails_get_them_without_a_forward_pass(encoder, corpus, tmp_path):
+    out = tmp_path / "shards"
+    embed_corpus(encoder, corpus, out, workers=0, thumbnail_side=0, progress=False)
+    with EmbeddedStore(tmp_path / "store") as store:
+        index_shards(store, out, progress=False)
+        first = json.loads(corpus.read_text().splitlines()[0])["id"]
+        assert store.thumbnail(first) is None
+        rerun = embed_corpus(encoder, corpus, out, workers=2, thumbnail_side=40, progress=False)
+        assert rerun.embedded == 0 and rerun.unchanged == rerun.total  # no image encoded again
+        summary = index_shards(store, out, progress=False)
+        assert summary.written == summary.total_in_store  # every document now has its thumbnail
+        with Image.open(io.BytesIO(store.thumbnail(first))) as image:
+            assert max(image.size) == 40
+
+
+def test_a_caption_edit_keeps_the_rows_thumbnail(encoder, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (80, 60), (20, 200, 40)).save(folder / "leaf.jpg")
+    (folder / "leaf.txt").write_text("a leaf")
+    out = tmp_path / "shards"
+    embed_corpus(encoder, folder, out, workers=0, thumbnail_side=32, progress=False)
+    (folder / "leaf.txt").write_text("a green leaf")
+    rerun = embed_corpus(encoder, folder, out, workers=0, thumbnail_side=32, progress=False)
+    assert rerun.redescribed == 1
+    docs = [d for batch in ShardSet(out).documents() for d in batch]
+    assert [d.text for d in docs] == ["a green leaf"]
+    np.testing.assert_allclose(mean_colour(docs[0].thumbnail), (20, 200, 40), atol=6)
+
+
+def test_a_thumbnail_size_change_for_a_directory_with_thumbnails_is_refused(encoder, corpus, tmp_path):
+    embed_corpus(encoder, corpus, tmp_path / "shards", workers=0, thumbnail_side=32, progress=False)
+    with pytest.raises(ShardError, match="pass --thumbnail-size 32, or write to a new --out directory"):
+        embed_corpus(encoder, corpus, tmp_path / "shards", workers=0, thumbnail_side=64, progress=False)
+    assert Path(tmp_path / "shards" / "shard-00000.thumbs.npz").exists()
