@@ -8,7 +8,7 @@ import time
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from sidecar.api import embeddings, ops, search
+from sidecar.api import embeddings, opensearch_native, ops, search
 from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import body_too_large
 from sidecar.config import Settings
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     encoder = encoder or load_encoder(settings, fetch=False)
     attach_state(app, AppState(settings=settings, encoding=EncodingService(encoder, settings),
                                store=store or open_store(settings), started=int(time.time())))
-    for blueprint in (embeddings.bp, search.bp, ops.bp):
+    for blueprint in (embeddings.bp, search.bp, opensearch_native.bp, ops.bp):
         app.register_blueprint(blueprint)
     _register_errors(app, settings)
     _register_request_metrics(app)

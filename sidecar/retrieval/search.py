@@ -107,7 +107,7 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
         # Exact inner product from the stored full vectors (what the ANN side scored, without its error).
         vector_scores = _exact_scores(top, documents, vector)
     if options.rerank and vector is not None:
-        final = _rerank(top, documents, vector=vector, bm25_scores=bm25_scores, options=options)
+        final = rerank(top, documents, vector=vector, bm25_scores=bm25_scores, options=options)
     else:
         final = {doc_id: coarse[doc_id] for doc_id in top}
     ranked = sorted(top, key=final.__getitem__, reverse=True)[:options.k]
@@ -123,10 +123,11 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
                                               "rerank": time.perf_counter() - coarse_done})
 
 
-def _rerank(ids: list[str], documents: dict, *, vector: np.ndarray, bm25_scores: dict[str, float],
-            options: SearchOptions) -> dict[str, float]:
+def rerank(ids: list[str], documents: dict, *, vector: np.ndarray, bm25_scores: dict[str, float],
+           options: SearchOptions) -> dict[str, float]:
     """Fine stage: exact similarity from the stored full vectors for every candidate (BM25-only
-    candidates included), fused with the lexical evidence over the candidate set."""
+    candidates included), fused with the lexical evidence over the candidate set. The one rerank:
+    /v1/search and the rerank endpoint OpenSearch calls (sidecar.api.opensearch_native) both run it."""
     if not ids:
         return {}
     exact = _exact_scores(ids, documents, vector)

@@ -1,0 +1,276 @@
+"""The endpoints OpenSearch calls through ml-commons HTTP connectors (`clip-sidecar opensearch connect`).
+
+ml-commons sends every embedding call as {"input": [...]} and cannot say what the list is: a batch
+of texts (the text_embedding processor, _predict) or one document [text or null, image] (the
+text_image_embedding processor, a neural query_image), and of the latter it keeps only the FIRST
+vector answered. So each call shape has a URL of its own, which the connector names:
+
+- POST /v1/opensearch/embeddings/texts: a batch of texts → one vector per text, in input order.
+- POST /v1/opensearch/embeddings/text-image: one document → exactly one vector: [text] → the text's,
+  [null, image] → the image's, [text, image] → their normalised sum (the rule /v1/search uses for a
+  text+image query).
+- POST /v1/opensearch/rerank/<ids|texts|images>: the rerank processor's query and documents (Cohere's
+  shape) → a float score for every document, in input order, from the rerank /v1/search runs.
+
+A call of another shape (a null or an image on the texts URL, several texts on the text-image URL)
+answers 400 naming the URL that serves it: no vector is silently dropped or misread. The connector
+URL may pin the model (`?model=…&weights=…`, and `&index=…` for rerank/ids); a sidecar serving
+another model answers 404, so vectors of two models never meet in one index. Every 429/503 from
+here carries `x-amzn-ErrorType: ThrottlingException`, the only signal that makes ml-commons retry.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any, Callable
+
+import numpy as np
+from flask import Blueprint, Response, jsonify, request
+
+from sidecar.api.embeddings import embeddings_body
+from sidecar.api.search import DEFAULT_WEIGHTS
+from sidecar.api.state import AppState, current_state
+from sidecar.api.validation import decode_images, image_bytes, is_blank, json_body, json_type, known_fields, optional
+from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge, UnsupportedMediaType
+from sidecar.model.images import sniff_format
+from sidecar.retrieval.search import SearchOptions, query_vector, rerank
+from sidecar.serving import metrics
+from sidecar.types import Document
+
+bp = Blueprint("opensearch_native", __name__, url_prefix="/v1/opensearch")
+
+TEXTS_URL = "/v1/opensearch/embeddings/texts"
+TEXT_IMAGE_URL = "/v1/opensearch/embeddings/text-image"
+EMBEDDING_FIELDS = ("input", "model", "user", "encoding_format")
+RERANK_FIELDS = ("query", "documents", "top_n", "model", "return_documents")
+RERANK_KINDS = ("ids", "texts", "images")
+# ml-commons retries a remote call only when the answer carries this header (any status), up to the
+# connector's client_config.max_retry_times; without it a 503 fails the bulk item or the search.
+THROTTLING_HEADER = ("x-amzn-ErrorType", "ThrottlingException")
+# The rerank of /v1/search with its default options: both paths rank alike.
+RERANK_OPTIONS = SearchOptions(fusion="minmax", weights=(DEFAULT_WEIGHTS["vector"], DEFAULT_WEIGHTS["bm25"]))
+# A blank document (the hit lacks the field the rerank processor reads) has nothing to score: it ranks
+# below every scored one (cosines are >= -1, min-max fused scores >= 0).
+BLANK_SCORE = -2.0
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_SNIFF_CHARS = 16  # base64 characters holding the first 12 bytes: enough for every image signature
+_BASE64_SPACING = dict.fromkeys(map(ord, "\t\n\r "))  # MIME wraps base64 at 76 columns
+
+
+@bp.after_request
+def mark_retryable(response: Response) -> Response:
+    if response.status_code in (429, 503):
+        response.headers[THROTTLING_HEADER[0]] = THROTTLING_HEADER[1]
+    return response
+
+
+@bp.post("/embeddings/texts")
+def embed_texts():
+    """A batch of texts (text_embedding with batch_size, the connector's step size) → one vector each."""
+    state, body = _request_body(EMBEDDING_FIELDS)
+    inputs = _inputs(body, limit=state.settings.max_batch_items)
+    for i, item in enumerate(inputs):
+        if item is None:
+            raise BadRequest(f"field 'input[{i}]' is null: this URL embeds a batch of texts; [null, image] is the "
+                             "call of text_image_embedding or a neural query_image, which belongs at "
+                             f"{TEXT_IMAGE_URL}")
+        if not isinstance(item, str):
+            raise BadRequest(f"field 'input[{i}]' must be a string, got {json_type(item)}")
+        image_format = _image_format(item)
+        if image_format:
+            raise BadRequest(f"field 'input[{i}]' is a base64 {image_format} image: this URL embeds texts only "
+                             f"(the image would be embedded as text); send one document [text or null, image] "
+                             f"to {TEXT_IMAGE_URL}")
+    encoded = state.encoding.encode_texts(inputs)
+    return jsonify(embeddings_body(list(encoded.vectors), encoder=state.encoding.encoder,
+                                   truncated=encoded.truncated, tokens=encoded.tokens))
+
+
+@bp.post("/embeddings/text-image")
+def embed_text_image():
+    """One document or query → exactly one vector (ml-commons keeps only the first one answered)."""
+    state, body = _request_body(EMBEDDING_FIELDS)
+    inputs = _inputs(body, limit=None)
+    shape = "this URL takes one document: [text], [null, image] or [text, image]"
+    if len(inputs) > 2:
+        raise BadRequest(f"field 'input' has {len(inputs)} items: {shape}; a batch of texts (text_embedding, "
+                         f"_predict with several text_docs) belongs at {TEXTS_URL}")
+    text, image = inputs[0], inputs[1] if len(inputs) == 2 else None
+    if text is not None and not isinstance(text, str):
+        raise BadRequest(f"field 'input[0]' must be a text or null, got {json_type(text)}")
+    if text is not None and _image_format(text):
+        raise BadRequest(f"field 'input[0]' is a base64 {_image_format(text)} image: {shape} (the image second)")
+    if text is not None and is_blank(text):
+        text = None  # blank text beside an image: the image alone, as in /v1/search
+    if len(inputs) == 2:
+        image = _document_image(image, field="input[1]", shape=shape, state=state)
+    elif text is None:
+        raise BadRequest(f"field 'input[0]' is {'null' if inputs[0] is None else 'blank'}: {shape}")
+    text_vector = state.encoding.encode_texts([text]).vectors[0] if text is not None else None
+    image_vector = state.encoding.encode_images([image])[0] if image is not None else None
+    vector = query_vector(text_vector, image_vector)
+    return jsonify(embeddings_body([vector], encoder=state.encoding.encoder))
+
+
+@bp.post("/rerank/<any(ids, texts, images):kind>")
+def rerank_documents(kind: str):
+    """The rerank processor's page: a score for every document, in input order, as Cohere answers."""
+    state, body = _request_body(RERANK_FIELDS)
+    if kind == "ids":
+        _check_index(state)
+    if "query" not in body:
+        raise BadRequest("field 'query' is required: the text the documents are ranked for "
+                         "(ext.rerank.query_context in the search request)")
+    query = optional(body, "query", str)
+    if is_blank(query):
+        raise BadRequest("field 'query' is blank: there is nothing to rank the documents for")
+    documents = _documents(body, limit=state.settings.max_k if kind == "ids" else state.settings.max_batch_items,
+                           setting="max_k" if kind == "ids" else "max_batch_items")
+    top_n = optional(body, "top_n", int)
+    if top_n is not None and top_n < len(documents):
+        raise BadRequest(f"field 'top_n' is {top_n}, fewer than the {len(documents)} documents: every document is "
+                         "scored and answered (OpenSearch's rerank processor needs them all); omit top_n or send "
+                         "the number of documents")
+    optional(body, "model", str)
+    optional(body, "return_documents", bool)
+    vector = state.encoding.encode_texts([query]).vectors[0]
+    present = [i for i, document in enumerate(documents) if not is_blank(document)]
+    scores = RERANKERS[kind](state, query, vector, [documents[i] for i in present]) if present else []
+    answer = [BLANK_SCORE] * len(documents)
+    for i, score in zip(present, scores):
+        answer[i] = float(score)
+    return jsonify({"results": [{"index": i, "relevance_score": score} for i, score in enumerate(answer)],
+                    "model": state.encoding.encoder.name})
+
+
+def _rank_stored(state: AppState, query: str, vector: np.ndarray, ids: list[str]) -> list[float]:
+    """Stored documents by id: their full vectors and BM25 for the query, as /v1/search's candidates."""
+    unique = list(dict.fromkeys(ids))
+    found = {doc.id: doc for doc in state.store.fetch(unique)}
+    missing = next((i for i in ids if i not in found), None)
+    if missing is not None:
+        raise BadRequest(f"field 'documents[{ids.index(missing)}]': no document with id {missing!r} in the "
+                         f"sidecar's store ({_store_name(state)}); the rerank processor must read the `id` field "
+                         "of documents in the sidecar's own index")
+    lexical = {hit.id: hit.score for hit in state.store.text_search(query, len(unique), ids=unique)}
+    scores = rerank(unique, found, vector=vector, bm25_scores=lexical, options=RERANK_OPTIONS)
+    return [scores[i] for i in ids]
+
+
+def _rank_texts(state: AppState, query: str, vector: np.ndarray, texts: list[str]) -> list[float]:
+    """Texts: CLIP text-to-text similarity (no lexical evidence: no corpus to weigh terms against)."""
+    return _rank_vectors(vector, state.encoding.encode_texts(texts).vectors)
+
+
+def _rank_images(state: AppState, query: str, vector: np.ndarray, images: list[str]) -> list[float]:
+    """Base64 images: the exact text-to-image similarity."""
+    settings = state.settings
+    pixels = decode_images([(f"documents[{i}]", image_bytes(image, field=f"documents[{i}]",
+                                                            max_bytes=settings.max_body_bytes))
+                            for i, image in enumerate(images)], encoding=state.encoding, settings=settings)
+    return _rank_vectors(vector, state.encoding.encode_images(pixels))
+
+
+def _rank_vectors(vector: np.ndarray, vectors: np.ndarray) -> list[float]:
+    """The rerank stage over documents that live only in this request (keyed by position)."""
+    documents = {str(i): Document(id=str(i), vector=v) for i, v in enumerate(vectors)}
+    scores = rerank(list(documents), documents, vector=vector, bm25_scores={}, options=RERANK_OPTIONS)
+    return [scores[str(i)] for i in range(len(vectors))]
+
+
+RERANKERS: dict[str, Callable[[AppState, str, np.ndarray, list[str]], list[float]]] = {
+    "ids": _rank_stored, "texts": _rank_texts, "images": _rank_images}
+
+
+def _request_body(fields: tuple[str, ...]) -> tuple[AppState, dict[str, Any]]:
+    """The app state and the checked JSON body; the model the URL pins must be the one served."""
+    state = current_state()
+    encoder = state.encoding.encoder
+    for name, served in (("model", encoder.name), ("weights", encoder.weights)):
+        pinned = request.args.get(name)
+        if pinned is not None and pinned != served:
+            raise ModelNotFound(f"the URL asks for {name} {pinned!r}, but this sidecar serves "
+                                f"{encoder.signature.describe()}: the connector was made for another model; run "
+                                "`clip-sidecar opensearch connect` against a sidecar serving the index's model")
+    body = json_body(request, state.settings)
+    known_fields(body, fields)
+    return state, body
+
+
+def _check_index(state: AppState) -> None:
+    pinned = request.args.get("index")
+    settings = state.settings
+    if pinned is not None and (settings.store != "opensearch" or pinned != settings.opensearch_index):
+        raise BadRequest(f"the URL reranks documents of OpenSearch index {pinned!r}, but this sidecar's store is "
+                         f"{_store_name(state)}: point the connector at the sidecar of that index")
+
+
+def _store_name(state: AppState) -> str:
+    settings = state.settings
+    if settings.store == "opensearch":
+        return f"OpenSearch index {settings.opensearch_index} at {settings.opensearch_url}"
+    return f"embedded store {settings.store_path}"
+
+
+def _inputs(body: dict[str, Any], *, limit: int | None) -> list[Any]:
+    """`input` as ml-commons sends it: a non-empty JSON list (ml-commons never sends a bare string)."""
+    if "input" not in body:
+        raise BadRequest("field 'input' is required: a list, as ml-commons' OpenAI pre-process sends it")
+    inputs = body["input"]
+    if not isinstance(inputs, list):
+        raise BadRequest(f"field 'input' must be a list, got {json_type(inputs)}")
+    if not inputs:
+        raise BadRequest("field 'input' is empty: send at least one item")
+    if limit is not None and len(inputs) > limit:
+        raise PayloadTooLarge(f"field 'input' has {len(inputs)} items, over the limit of {limit} (max_batch_items): "
+                              "lower the text_embedding processor's batch_size or the connector's "
+                              "input_docs_processed_step_size")
+    optional(body, "model", str)
+    optional(body, "user", str)
+    if body.get("encoding_format", "float") != "float":
+        raise BadRequest("field 'encoding_format' must be float here: ml-commons reads vectors as JSON numbers")
+    metrics.REQUEST_ITEMS.labels(request.url_rule.rule).observe(len(inputs))
+    return inputs
+
+
+def _documents(body: dict[str, Any], *, limit: int, setting: str) -> list[str]:
+    if "documents" not in body:
+        raise BadRequest("field 'documents' is required: the texts, ids or base64 images to score")
+    documents = optional(body, "documents", list)
+    if len(documents) > limit:
+        raise PayloadTooLarge(f"field 'documents' has {len(documents)} items, over the limit of {limit} ({setting}): "
+                              "rerank a smaller page (size)")
+    for i, document in enumerate(documents):
+        if not isinstance(document, str):
+            raise BadRequest(f"field 'documents[{i}]' must be a string, got {json_type(document)}")
+    metrics.REQUEST_ITEMS.labels(request.url_rule.rule).observe(len(documents))
+    return documents
+
+
+def _document_image(value: Any, *, field: str, shape: str, state: AppState) -> np.ndarray:
+    """The image of a [text or null, image] call → model pixels; what is not an image answers 4xx."""
+    if not isinstance(value, str):
+        raise BadRequest(f"field '{field}' must be a base64 image, got {json_type(value)}: {shape}")
+    try:
+        data = image_bytes(value, field=field, max_bytes=state.settings.max_body_bytes)
+        return decode_images([(field, data)], encoding=state.encoding, settings=state.settings)[0]
+    except (BadRequest, UnsupportedMediaType) as exc:
+        # Not an image at all: perhaps two texts sent to the wrong URL; say which one serves them.
+        raise type(exc)(f"{exc.message}; {shape} (two texts are a batch for {TEXTS_URL})") from exc
+
+
+def _image_format(text: str) -> str | None:
+    """The image format a string is the base64 of (plain, MIME-wrapped or a data URL), judged by the
+    signature of its first bytes; None for anything else, every real text included (a text is
+    base64 over its whole length, in spite of spaces and punctuation, only by rare accident)."""
+    if text.startswith("data:image/") and ";base64," in text[:64]:
+        return "data URL"
+    data = text.translate(_BASE64_SPACING)
+    if len(data) < _SNIFF_CHARS or not _BASE64.fullmatch(data):
+        return None
+    try:
+        return sniff_format(base64.b64decode(data[:_SNIFF_CHARS], validate=True))
+    except (binascii.Error, ValueError):
+        return None
