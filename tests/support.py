@@ -40,11 +40,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def gunicorn_server(env: dict[str, str], log: Path, *, workers: int = 1, threads: int = 8) -> Iterator[str]:
-    """`clip-sidecar serve` (gunicorn, this checkout's code) on a free loopback port until the block
-    ends; yields its URL once /readyz answers 200. Settings come in `env` (SIDECAR_*)."""
-    port = free_port()
-    with log.open("w") as stderr:
+def gunicorn_server(env: dict[str, str], log: Path, *, workers: int = 1, threads: int = 8,
+                    port: int | None = None) -> Iterator[str]:
+    """`clip-sidecar serve` (gunicorn, this checkout's code) on a loopback port (a free one unless
+    given: a restart on the same port keeps a URL others hold) until the block ends; yields its URL
+    once /readyz answers 200. Settings come in `env` (SIDECAR_*)."""
+    port = port or free_port()
+    with log.open("a") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "serve", "--port", str(port),
                                     "--workers", str(workers), "--threads", str(threads)],
                                    env={**os.environ, "GUNICORN_LOGLEVEL": "warning", **env},

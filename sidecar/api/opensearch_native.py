@@ -37,12 +37,11 @@ from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge, Unsupport
 from sidecar.model.images import sniff_format
 from sidecar.retrieval.search import SearchOptions, query_vector, rerank
 from sidecar.serving import metrics
+from sidecar.stores.ml_commons import TEXT_IMAGE_PATH, TEXTS_PATH
 from sidecar.types import Document
 
-bp = Blueprint("opensearch_native", __name__, url_prefix="/v1/opensearch")
+bp = Blueprint("opensearch_native", __name__)
 
-TEXTS_URL = "/v1/opensearch/embeddings/texts"
-TEXT_IMAGE_URL = "/v1/opensearch/embeddings/text-image"
 EMBEDDING_FIELDS = ("input", "model", "user", "encoding_format")
 RERANK_FIELDS = ("query", "documents", "top_n", "model", "return_documents")
 RERANK_KINDS = ("ids", "texts", "images")
@@ -54,6 +53,11 @@ RERANK_OPTIONS = SearchOptions(fusion="minmax", weights=(DEFAULT_WEIGHTS["vector
 # A blank document (the hit lacks the field the rerank processor reads) has nothing to score: it ranks
 # below every scored one (cosines are >= -1, min-max fused scores >= 0).
 BLANK_SCORE = -2.0
+# ml-commons' JSON reader (json-smart) turns a number written with more than 18 characters into a
+# BigDecimal, which its Cohere rerank post-process cannot cast to Double (500 class_cast_exception):
+# Python writes up to 17 digits ("-0.09244738817214966" is 20 characters). 7 decimals keep every
+# score short, and finer than float32 vectors can tell apart anyway.
+SCORE_DECIMALS = 7
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _SNIFF_CHARS = 16  # base64 characters holding the first 12 bytes: enough for every image signature
 _BASE64_SPACING = dict.fromkeys(map(ord, "\t\n\r "))  # MIME wraps base64 at 76 columns
@@ -66,37 +70,39 @@ def mark_retryable(response: Response) -> Response:
     return response
 
 
-@bp.post("/embeddings/texts")
+@bp.post(TEXTS_PATH)
 def embed_texts():
     """A batch of texts (text_embedding with batch_size, the connector's step size) → one vector each."""
     state, body = _request_body(EMBEDDING_FIELDS)
     inputs = _inputs(body, limit=state.settings.max_batch_items)
+    metrics.REQUEST_ITEMS.labels(TEXTS_PATH).observe(len(inputs))
     for i, item in enumerate(inputs):
         if item is None:
             raise BadRequest(f"field 'input[{i}]' is null: this URL embeds a batch of texts; [null, image] is the "
                              "call of text_image_embedding or a neural query_image, which belongs at "
-                             f"{TEXT_IMAGE_URL}")
+                             f"{TEXT_IMAGE_PATH}")
         if not isinstance(item, str):
             raise BadRequest(f"field 'input[{i}]' must be a string, got {json_type(item)}")
         image_format = _image_format(item)
         if image_format:
             raise BadRequest(f"field 'input[{i}]' is a base64 {image_format} image: this URL embeds texts only "
                              f"(the image would be embedded as text); send one document [text or null, image] "
-                             f"to {TEXT_IMAGE_URL}")
+                             f"to {TEXT_IMAGE_PATH}")
     encoded = state.encoding.encode_texts(inputs)
     return jsonify(embeddings_body(list(encoded.vectors), encoder=state.encoding.encoder,
                                    truncated=encoded.truncated, tokens=encoded.tokens))
 
 
-@bp.post("/embeddings/text-image")
+@bp.post(TEXT_IMAGE_PATH)
 def embed_text_image():
     """One document or query → exactly one vector (ml-commons keeps only the first one answered)."""
     state, body = _request_body(EMBEDDING_FIELDS)
     inputs = _inputs(body, limit=None)
+    metrics.REQUEST_ITEMS.labels(TEXT_IMAGE_PATH).observe(1)  # one document, whether [text] or [text, image]
     shape = "this URL takes one document: [text], [null, image] or [text, image]"
     if len(inputs) > 2:
         raise BadRequest(f"field 'input' has {len(inputs)} items: {shape}; a batch of texts (text_embedding, "
-                         f"_predict with several text_docs) belongs at {TEXTS_URL}")
+                         f"_predict with several text_docs) belongs at {TEXTS_PATH}")
     text, image = inputs[0], inputs[1] if len(inputs) == 2 else None
     if text is not None and not isinstance(text, str):
         raise BadRequest(f"field 'input[0]' must be a text or null, got {json_type(text)}")
@@ -114,7 +120,7 @@ def embed_text_image():
     return jsonify(embeddings_body([vector], encoder=state.encoding.encoder))
 
 
-@bp.post("/rerank/<any(ids, texts, images):kind>")
+@bp.post("/v1/opensearch/rerank/<any(ids, texts, images):kind>")
 def rerank_documents(kind: str):
     """The rerank processor's page: a score for every document, in input order, as Cohere answers."""
     state, body = _request_body(RERANK_FIELDS)
@@ -140,7 +146,7 @@ def rerank_documents(kind: str):
     scores = RERANKERS[kind](state, query, vector, [documents[i] for i in present]) if present else []
     answer = [BLANK_SCORE] * len(documents)
     for i, score in zip(present, scores):
-        answer[i] = float(score)
+        answer[i] = round(float(score), SCORE_DECIMALS)
     return jsonify({"results": [{"index": i, "relevance_score": score} for i, score in enumerate(answer)],
                     "model": state.encoding.encoder.name})
 
@@ -231,7 +237,6 @@ def _inputs(body: dict[str, Any], *, limit: int | None) -> list[Any]:
     optional(body, "user", str)
     if body.get("encoding_format", "float") != "float":
         raise BadRequest("field 'encoding_format' must be float here: ml-commons reads vectors as JSON numbers")
-    metrics.REQUEST_ITEMS.labels(request.url_rule.rule).observe(len(inputs))
     return inputs
 
 
@@ -258,7 +263,7 @@ def _document_image(value: Any, *, field: str, shape: str, state: AppState) -> n
         return decode_images([(field, data)], encoding=state.encoding, settings=state.settings)[0]
     except (BadRequest, UnsupportedMediaType) as exc:
         # Not an image at all: perhaps two texts sent to the wrong URL; say which one serves them.
-        raise type(exc)(f"{exc.message}; {shape} (two texts are a batch for {TEXTS_URL})") from exc
+        raise type(exc)(f"{exc.message}; {shape} (two texts are a batch for {TEXTS_PATH})") from exc
 
 
 def _image_format(text: str) -> str | None:

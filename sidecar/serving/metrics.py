@@ -27,7 +27,7 @@ _ITEM_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BATCH_SIZE = Histogram("sidecar_batch_size", "Items per forward pass", ["modality"], buckets=_ITEM_BUCKETS)
 # What callers batch, as it arrived (ml-commons' text_embedding batch_size and connector step size
 # show here); sidecar_batch_size shows what the micro-batcher made of it across concurrent requests.
-REQUEST_ITEMS = Histogram("sidecar_request_items", "Items (texts, images, documents) per request, by endpoint",
+REQUEST_ITEMS = Histogram("sidecar_request_items", "Items (texts, images, documents to rerank) per request, by endpoint",
                           ["endpoint"], buckets=_ITEM_BUCKETS)
 # Summed over the live workers; a dead worker's last value is dropped.
 QUEUE_DEPTH = Gauge("sidecar_queue_depth", "Items waiting for the model", ["modality"], multiprocess_mode="livesum")
