@@ -15,7 +15,7 @@ from sidecar.cli.root import (
     store_options,
 )
 from sidecar.config import Settings
-from sidecar.stores.ml_commons import INGEST_FIELDS, PLACEHOLDER_KEY
+from sidecar.stores.ml_commons import INGEST_FIELDS, PLACEHOLDER_KEY, RERANK_BY
 
 
 @click.group()
@@ -65,13 +65,18 @@ def opensearch_setup(**kwargs: Any) -> None:
                    "with the sidecar's workers.")
 @click.option("--retries", type=click.IntRange(0), default=3, show_default=True,
               help="Retries of a call the sidecar answered 503 overloaded (with backoff).")
+@click.option("--rerank", type=click.Choice(tuple(RERANK_BY)), default="ids", show_default=True,
+              help="What the hybrid + rerank pipeline's rerank scores each hit by: ids = its stored vector and BM25, "
+                   "as /v1/search reranks (the sidecar's store must be this index); texts = CLIP similarity of its "
+                   "`text` field (any sidecar of the model); none = no rerank model or pipeline.")
 @click.option("--set-defaults", is_flag=True,
               help="Make the image pipeline the index's default ingest pipeline and the hybrid pipeline its default "
                    "search pipeline (also for later versions: --rebuild).")
 @click.option("--disconnect", is_flag=True, help="Remove everything connect made for the index, and nothing else.")
 @store_options
 def opensearch_connect(sidecar_url: str, api_key: str, ingest_fields: str, batch_size: int, step_size: int,
-                       max_connection: int, retries: int, set_defaults: bool, disconnect: bool, **kwargs: Any) -> None:
+                       max_connection: int, retries: int, rerank: str, set_defaults: bool, disconnect: bool,
+                       **kwargs: Any) -> None:
     """Let OpenSearch call the sidecar: ml-commons connectors and remote models for embeddings and
     rerank, an ingest pipeline (documents with a base64 `image` get their `vector` on the way in),
     and search pipelines (`neural` and `hybrid` queries from any client; hybrid + rerank).
@@ -110,7 +115,7 @@ def opensearch_connect(sidecar_url: str, api_key: str, ingest_fields: str, batch
             options = ConnectOptions(sidecar_url=sidecar_url, api_key=api_key, ingest_fields=ingest_fields,
                                      batch_size=batch_size, step_size=step_size,
                                      weights=(DEFAULT_WEIGHTS["vector"], DEFAULT_WEIGHTS["bm25"]),
-                                     max_connection=max_connection, max_retry_times=retries,
+                                     max_connection=max_connection, max_retry_times=retries, rerank=rerank,
                                      set_defaults=set_defaults)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc

@@ -43,7 +43,11 @@ log = logging.getLogger(__name__)
 # The sidecar's URLs for each call shape (sidecar.api.opensearch_native serves them).
 TEXTS_PATH = "/v1/opensearch/embeddings/texts"
 TEXT_IMAGE_PATH = "/v1/opensearch/embeddings/text-image"
-RERANK_PATH = "/v1/opensearch/rerank/ids"
+RERANK_PATH = "/v1/opensearch/rerank/{kind}"
+# What the rerank processor sends for each hit: its `id` (the sidecar's stored vector and BM25, the
+# rerank of /v1/search: needs the sidecar's store to be this index), or its `text` (CLIP text
+# similarity: any sidecar of the model will do); or no rerank at all.
+RERANK_BY = {"ids": "id", "texts": "text", "none": None}
 # What the image pipeline embeds: the image alone (what `clip-sidecar index` stores; the text stays
 # BM25's), or the image and the text fused (the text alone where a document has no image).
 INGEST_FIELDS = {"image": {"image": "image"}, "image+text": {"text": "text", "image": "image"}}
@@ -68,11 +72,14 @@ class ConnectOptions:
     max_connection: int = 16
     max_retry_times: int = 3  # retries of a call the sidecar answered 429/503 (overloaded), with backoff
     read_timeout_s: int = 60  # seconds; above the sidecar's request_timeout_s, so its own 504 arrives first
+    rerank: str = "ids"  # a key of RERANK_BY
     set_defaults: bool = False  # the index's default ingest and search pipelines
 
     def __post_init__(self) -> None:
         if self.ingest_fields not in INGEST_FIELDS:
             raise ValueError(f"ingest_fields {self.ingest_fields!r}: choose one of {', '.join(INGEST_FIELDS)}")
+        if self.rerank not in RERANK_BY:
+            raise ValueError(f"rerank {self.rerank!r}: choose one of {', '.join(RERANK_BY)}")
         for name in ("batch_size", "step_size", "max_connection", "read_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -158,13 +165,18 @@ def _connect(cluster: "_Cluster", signature: ModelSignature, options: ConnectOpt
     connection = Connection()
     connection.changes.extend(cluster.ensure_image_field())
     connection.model_group = cluster.ensure_group(names.group, connection.changes)
-    for role in names.roles:
+    roles = [role for role in names.roles if role != "rerank" or options.rerank != "none"]
+    if options.rerank == "none":  # a rerun that no longer wants the rerank removes it
+        connection.changes.extend(cluster.remove_models(names.model("rerank")))
+        if cluster.delete(f"/_search/pipeline/{names.hybrid_rerank}"):
+            connection.changes.append(f"removed search pipeline {names.hybrid_rerank}")
+    for role in roles:
         body = cluster.render(f"ml_connector_{'rerank' if role == 'rerank' else 'embeddings'}.json",
                               name=names.model(role), description=DESCRIPTIONS[role],
                               parameters={"input_docs_processed_step_size": options.step_size} if role == "texts"
                               else {},
                               api_key=options.api_key, url=_sidecar_url(options.sidecar_url, role, signature,
-                                                                        store.alias),
+                                                                        store.alias, rerank=options.rerank),
                               read_timeout=options.read_timeout_s, max_connection=options.max_connection,
                               max_retry_times=options.max_retry_times)
         connection.connectors[role] = cluster.ensure_connector(body, connection.changes)
@@ -199,16 +211,12 @@ def disconnect(store: OpenSearchStore) -> list[str]:
         if cluster.delete(f"/_ingest/pipeline/{name}"):
             removed.append(f"ingest pipeline {name}")
     groups = cluster.find("model_groups", names.group)
-    models = cluster.find("models", *[names.model(role) for role in names.roles])
-    if groups:
-        models += [hit for hit in cluster.search("models", {"term": {"model_group_id": groups[0]["_id"]}})
-                   if hit["_id"] not in {m["_id"] for m in models}]
-    for hit in models:
-        cluster.delete_model(hit["_id"])
-        removed.append(f"model {hit['_source'].get('name')} ({hit['_id']})")
-    for hit in cluster.find("connectors", *[names.model(role) for role in names.roles]):
-        cluster.delete(f"/_plugins/_ml/connectors/{hit['_id']}")
-        removed.append(f"connector {hit['_source']['name']} ({hit['_id']})")
+    named = [names.model(role) for role in names.roles]
+    for hit in cluster.search("models", {"term": {"model_group_id": groups[0]["_id"]}}) if groups else []:
+        if hit["_source"].get("name") not in named:  # registered into the group by someone else: it must go too
+            cluster.delete_model(hit["_id"])
+            removed.append(f"model {hit['_source'].get('name')} ({hit['_id']})")
+    removed.extend(line.removeprefix("removed ") for line in cluster.remove_models(*named))
     for hit in groups:
         cluster.delete(f"/_plugins/_ml/model_groups/{hit['_id']}")
         removed.append(f"model group {hit['_source']['name']} ({hit['_id']})")
@@ -219,15 +227,15 @@ DESCRIPTIONS = {
     "texts": "clip-sidecar: a batch of texts -> one CLIP vector each (text_embedding processor, _predict)",
     "text-image": "clip-sidecar: one document or query [text], [null, image] or [text, image] -> exactly one CLIP "
                   "vector (text_image_embedding processor, neural query_text / query_image)",
-    "rerank": "clip-sidecar: rerank the hits of a page by document id with the sidecar's rerank stage (the same as "
+    "rerank": "clip-sidecar: rerank the hits of a page with the sidecar's rerank stage (by id: the same as "
               "/v1/search); every request needs ext.rerank.query_context",
 }
 
 
-def _sidecar_url(base: str, role: str, signature: ModelSignature, alias: str) -> str:
-    path = {"texts": TEXTS_PATH, "text-image": TEXT_IMAGE_PATH, "rerank": RERANK_PATH}[role]
+def _sidecar_url(base: str, role: str, signature: ModelSignature, alias: str, *, rerank: str = "ids") -> str:
+    path = {"texts": TEXTS_PATH, "text-image": TEXT_IMAGE_PATH, "rerank": RERANK_PATH.format(kind=rerank)}[role]
     pins = {"model": signature.model, "weights": signature.weights}
-    if role == "rerank":
+    if role == "rerank" and rerank == "ids":
         pins["index"] = alias
     return f"{base.rstrip('/')}{path}?{urlencode(pins)}"
 
@@ -249,18 +257,22 @@ def _ensure_pipelines(cluster: "_Cluster", names: Names, connection: Connection,
             text_weight=options.weights[1],
             description="clip-sidecar: neural queries embed through the sidecar; hybrid min-max normalisation "
                         "(weights: vector, text)"),
-        ("_search/pipeline", names.hybrid_rerank): cluster.render(
+    }
+    if options.rerank != "none":
+        field_name = RERANK_BY[options.rerank]
+        bodies[("_search/pipeline", names.hybrid_rerank)] = cluster.render(
             "search_pipeline_neural_hybrid_rerank.json", embedding_model_id=embedding,
             vector_weight=options.weights[0], text_weight=options.weights[1],
-            rerank_model_id=connection.models["rerank"],
-            description="clip-sidecar: hybrid + the sidecar's rerank of the returned page (by the `id` field); "
-                        "every request needs ext.rerank.query_context"),
-    }
+            rerank_model_id=connection.models["rerank"], document_fields=[field_name],
+            description=f"clip-sidecar: hybrid + the sidecar's rerank of the returned page (by the `{field_name}` "
+                        "field); every request needs ext.rerank.query_context")
     for (kind, name), body in bodies.items():
         what = "ingest pipeline" if kind.startswith("_ingest") else "search pipeline"
         connection.changes.append(cluster.ensure_document(f"/{kind}/{name}", body, what=what))
     connection.ingest_pipelines = {"image": names.ingest_image, "text": names.ingest_text}
-    connection.search_pipelines = {"hybrid": names.hybrid, "hybrid-rerank": names.hybrid_rerank}
+    connection.search_pipelines = {"hybrid": names.hybrid}
+    if options.rerank != "none":
+        connection.search_pipelines["hybrid-rerank"] = names.hybrid_rerank
 
 
 def _ensure_defaults(cluster: "_Cluster", names: Names, changes: list[str]) -> None:
@@ -433,6 +445,17 @@ class _Cluster:
         for task in self.search("tasks", {"term": {"model_id": model_id}}):
             self.delete(f"/_plugins/_ml/tasks/{task['_id']}")
 
+    def remove_models(self, *names: str) -> list[str]:
+        """Remove the models and connectors of these names; one line per object removed."""
+        removed = []
+        for hit in self.find("models", *names):
+            self.delete_model(hit["_id"])
+            removed.append(f"removed model {hit['_source']['name']} ({hit['_id']})")
+        for hit in self.find("connectors", *names):
+            self.delete(f"/_plugins/_ml/connectors/{hit['_id']}")
+            removed.append(f"removed connector {hit['_source']['name']} ({hit['_id']})")
+        return removed
+
     def _delete_connector(self, connector_id: str) -> None:
         for model in self.search("models", {"term": {"connector_id": connector_id}}):
             self.delete_model(model["_id"])
@@ -458,6 +481,8 @@ class _Cluster:
                        1),
         }
         for role, (path, body, answers) in checks.items():
+            if role not in models:
+                continue
             try:
                 result = self.client.transport.perform_request("POST", path + models[role], body=body)
             except TransportError as exc:

@@ -80,7 +80,10 @@ def native(node: str, corpus: Path, test_cache_dir: Path, tmp_path_factory) -> I
         cli("embed", str(first_half), "--out", str(folder / "shards"), "--workers", "0")
         assert f"store now holds {DOOR_SPLIT} documents" in cli("index", str(folder / "shards"),
                                                                 *store_args(alias)).output
-        with gunicorn_server(sidecar_env(alias, folder, test_cache_dir), folder / "sidecar.log", threads=32) as url:
+        # Room for what ml-commons sends at once (16 calls of up to 64 texts): no 503 + retry here, so the
+        # calls the sidecar counts are exactly those sent (overload has a test of its own).
+        env = sidecar_env(alias, folder, test_cache_dir, SIDECAR_QUEUE_ITEMS="1024")
+        with gunicorn_server(env, folder / "sidecar.log", threads=32) as url:
             connected = cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--set-defaults")
             world = Native(alias, url, client, connected)
             results = bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[DOOR_SPLIT:]])

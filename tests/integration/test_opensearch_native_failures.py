@@ -140,3 +140,29 @@ def test_a_sidecar_url_the_cluster_does_not_trust_is_refused_with_the_setting_to
         assert not any(ml_objects(client, alias).values())
     finally:
         client.close()
+
+
+def test_rerank_by_text_works_for_any_index_and_a_rerun_without_rerank_removes_it(alias, corpus, test_cache_dir,
+                                                                                   tmp_path):
+    # A sidecar whose store is another index: the rerank by id would be refused, by text it is not.
+    env = sidecar_env(alias, tmp_path, test_cache_dir, SIDECAR_STORE="embedded",
+                      SIDECAR_STORE_PATH=str(tmp_path / "store"))
+    client = _client()
+    try:
+        with gunicorn_server(env, tmp_path / "sidecar.log") as url:
+            cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--rerank", "texts")
+            bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[:20]],
+                 pipeline=f"{alias}-image")
+            hits = client.search(index=alias, params={"search_pipeline": f"{alias}-hybrid-rerank"}, body={
+                "size": 5, "_source": ["text"],
+                "query": {"hybrid": {"queries": [{"neural": {"vector": {"query_text": "red circle", "k": 20}}},
+                                                 {"match": {"text": "red circle"}}]}},
+                "ext": {"rerank": {"query_context": {"query_text": "red circle"}}}})["hits"]["hits"]
+            scores = [h["_score"] for h in hits]
+            assert len(hits) == 5 and scores == sorted(scores, reverse=True) and -1.0 <= min(scores)
+            result = cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--rerank", "none")
+        assert "removed model " in result.output and f"removed search pipeline {alias}-hybrid-rerank" in result.output
+        left = ml_objects(client, alias)
+        assert (len(left["connectors"]), len(left["models"]), left["search"]) == (2, 2, [f"{alias}-hybrid"])
+    finally:
+        client.close()

@@ -13,15 +13,16 @@ from sidecar.types import ModelSignature
 SIGNATURE = ModelSignature(model="ViT-B-32", weights="sha256:0123abcd", dim=512)
 
 
-@pytest.mark.parametrize(("role", "path"), [("texts", "/v1/opensearch/embeddings/texts"),
-                                            ("text-image", "/v1/opensearch/embeddings/text-image"),
-                                            ("rerank", "/v1/opensearch/rerank/ids")])
-def test_every_connector_url_pins_the_indexs_model_and_the_rerank_one_its_index(role, path):
-    url = urlsplit(_sidecar_url("http://sidecar:8080/", role, SIGNATURE, "products"))
+@pytest.mark.parametrize(("role", "rerank", "path"), [("texts", "ids", "/v1/opensearch/embeddings/texts"),
+                                                      ("text-image", "ids", "/v1/opensearch/embeddings/text-image"),
+                                                      ("rerank", "ids", "/v1/opensearch/rerank/ids"),
+                                                      ("rerank", "texts", "/v1/opensearch/rerank/texts")])
+def test_every_connector_url_pins_the_indexs_model_and_the_rerank_by_id_one_its_index(role, rerank, path):
+    url = urlsplit(_sidecar_url("http://sidecar:8080/", role, SIGNATURE, "products", rerank=rerank))
     assert (url.scheme, url.netloc, url.path) == ("http", "sidecar:8080", path)
     pins = {key: values[0] for key, values in parse_qs(url.query).items()}
     expected = {"model": "ViT-B-32", "weights": "sha256:0123abcd"}
-    assert pins == ({**expected, "index": "products"} if role == "rerank" else expected)
+    assert pins == ({**expected, "index": "products"} if path.endswith("/ids") else expected)
 
 
 def test_the_fingerprint_a_rerun_compares_covers_the_credential_opensearch_never_shows():
@@ -41,6 +42,7 @@ def test_everything_is_named_after_the_alias():
 @pytest.mark.parametrize(("options", "message"), [
     ({"ingest_fields": "text"}, "ingest_fields 'text': choose one of image, image+text"),
     ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"rerank": "images"}, "rerank 'images': choose one of ids, texts, none"),
     ({"sidecar_url": "sidecar:8080"}, "sidecar_url must start with http:// or https://"),
     ({"api_key": ""}, "api_key must not be empty"),
 ])
