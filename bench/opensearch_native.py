@@ -1,14 +1,16 @@
 """OpenSearch calling the sidecar, measured against the sidecar's own paths, side by side in one run.
 
 - Ingest: documents with a base64 image through the index's default pipeline (OpenSearch calls the
-  sidecar once per document) vs `clip-sidecar index` of the same documents with precomputed vectors
-  (`clip-sidecar embed` timed apart). Each round loads a fresh index; rounds alternate the two paths.
+  sidecar once per document) vs the index step of `clip-sidecar index` (`index_shards`, in this
+  process: no interpreter start) of the same documents with precomputed vectors, the embed step
+  (`embed_corpus`, 1 decode worker) timed apart. Each round loads a fresh index; rounds alternate.
 - Query: a `neural` query_text through ml-commons vs /v1/search (vector mode, no rerank: the same
   work) for the same texts, interleaved one by one, after a warm-up that caches every text vector
   on both paths (so the figures compare the plumbing, not the model).
-- Batching: what reached the sidecar (its /metrics): documents per call on each endpoint, and the
-  forward passes the micro-batcher made of the concurrent image calls; plus a text pipeline
-  (text_embedding, batch_size) over text-only documents.
+- Batching: what reached the sidecar (its /metrics): documents per call on each endpoint (a call
+  refused 503 and retried by ml-commons counts again: the 503s are reported beside), and the forward
+  passes the micro-batcher made of the concurrent image calls; plus a text pipeline (text_embedding,
+  batch_size) over text-only documents.
 
 Needs the local node (scripts/opensearch-local start) and a cached model:
 
@@ -37,7 +39,13 @@ import requests
 from opensearchpy import OpenSearch, helpers
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.config import TINY_MODEL, Settings
+from sidecar.ingest.embed import embed_corpus
+from sidecar.ingest.indexing import index_shards
+from sidecar.model.encoder import load_encoder
 from sidecar.model.synthetic import COLORS, SHAPES, SIZES, write_corpus
+from sidecar.model.tiny_model import checkpoint_path
+from sidecar.stores.opensearch import OpenSearchStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = "/v1/opensearch/embeddings/texts"
@@ -96,6 +104,11 @@ def histogram(before: dict, after: dict, name: str, **labels: str) -> dict[str, 
     return {"count": added(f"{name}_count"), "sum": added(f"{name}_sum"), "buckets": buckets}
 
 
+def refused(before: dict, after: dict, endpoint: str) -> float:
+    key = ("sidecar_requests_total", (("endpoint", endpoint), ("status", "503")))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
 def _le(edge: float) -> str:
     return "+Inf" if edge == float("inf") else repr(float(edge))
 
@@ -149,7 +162,11 @@ def main() -> None:
         manifest = write_corpus(folder / "corpus", args.documents, seed=5)
         documents = pipeline_documents(manifest)
         shards = folder / "shards"
-        results["embed_s"] = cli("embed", str(manifest), "--out", str(shards), "--workers", "1", env=env)
+        settings = Settings.from_env()
+        encoder = load_encoder(settings)
+        started = time.perf_counter()
+        embed_corpus(encoder, manifest, shards, workers=1, progress=False)
+        results["embed_s"] = time.perf_counter() - started
 
         query_alias = f"{base}-q"
         aliases.append(query_alias)
@@ -157,10 +174,8 @@ def main() -> None:
         sidecar_env = {**env, "SIDECAR_STORE": "opensearch", "SIDECAR_OPENSEARCH_URL": args.opensearch,
                        "SIDECAR_OPENSEARCH_INDEX": query_alias, "SIDECAR_CACHE_DIR": str(folder / "cache"),
                        "SIDECAR_TEXT_CACHE_PERSIST": "false"}
-        if "SIDECAR_PRETRAINED" not in env:
-            from sidecar.config import Settings
-            from sidecar.model.tiny_model import checkpoint_path
-            sidecar_env["SIDECAR_PRETRAINED"] = str(checkpoint_path(Settings.from_env().cache_dir))
+        if "SIDECAR_PRETRAINED" not in env and settings.model == TINY_MODEL:
+            sidecar_env["SIDECAR_PRETRAINED"] = str(checkpoint_path(settings.cache_dir))
         sidecar = start_sidecar(args.port, env=sidecar_env, threads=args.threads, log=folder / "sidecar.log")
         url = f"http://127.0.0.1:{args.port}"
 
@@ -172,7 +187,11 @@ def main() -> None:
                 aliases.append(alias)
                 cli("opensearch", "setup", *store_args(args.opensearch, alias), env=env)
                 if path == "index":
-                    index_s.append(cli("index", str(shards), *store_args(args.opensearch, alias), env=env))
+                    store = OpenSearchStore(url=args.opensearch, index=alias)
+                    try:
+                        index_s.append(index_shards(store, shards, progress=False).seconds)
+                    finally:
+                        store.close()
                     continue
                 # The sidecar stores another index: no rerank by id here, embeddings only.
                 cli("opensearch", "connect", *store_args(args.opensearch, alias), "--sidecar-url", url,
@@ -181,22 +200,32 @@ def main() -> None:
                 pipeline_s.append(load_through_pipeline(client, alias, documents, chunk=args.chunk))
                 after = scrape(url)
                 image_calls = histogram(before, after, "sidecar_request_items", endpoint=TEXT_IMAGE)
+                image_calls["refused_503"] = refused(before, after, TEXT_IMAGE)
                 passes = histogram(before, after, "sidecar_batch_size", modality="image")
                 cli("opensearch", "connect", *store_args(args.opensearch, alias), "--disconnect", env=env)
         results["pipeline_docs_per_s"] = [args.documents / s for s in pipeline_s]
         results["index_docs_per_s"] = [args.documents / s for s in index_s]
         results["embed_plus_index_docs_per_s"] = args.documents / (results["embed_s"] + statistics.median(index_s))
+        results["ratio_pipeline_to_index"] = statistics.median(index_s) / statistics.median(pipeline_s)
+        results["ratio_pipeline_to_embed_plus_index"] = (results["embed_s"] + statistics.median(index_s)) / \
+            statistics.median(pipeline_s)
         results["image_calls"], results["image_forward_passes"] = image_calls, passes
 
         # --- batching of the text pipeline, and the query comparison, on the query index ---------------
-        cli("index", str(shards), *store_args(args.opensearch, query_alias), env=env)
+        store = OpenSearchStore(url=args.opensearch, index=query_alias)
+        try:
+            index_shards(store, shards, progress=False)
+        finally:
+            store.close()
         cli("opensearch", "connect", *store_args(args.opensearch, query_alias), "--sidecar-url", url, env=env)
         texts = [{"id": f"text-{i}", "text": f"a {c} {s} number {i}"} for i, (c, s) in
                  enumerate((c, s) for c in COLORS for s in SHAPES for _ in range(5))]
         before = scrape(url)
         helpers.bulk(client, ({"_index": query_alias, "_id": t["id"], "_source": t} for t in texts), chunk_size=200,
                      pipeline=f"{query_alias}-text", refresh=True)
-        results["text_pipeline_calls"] = histogram(before, scrape(url), "sidecar_request_items", endpoint=TEXTS)
+        after = scrape(url)
+        results["text_pipeline_calls"] = histogram(before, after, "sidecar_request_items", endpoint=TEXTS)
+        results["text_pipeline_calls"]["refused_503"] = refused(before, after, TEXTS)
         helpers.bulk(client, ({"_op_type": "delete", "_index": query_alias, "_id": t["id"]} for t in texts),
                      refresh=True)
 

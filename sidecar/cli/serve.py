@@ -38,7 +38,8 @@ SERVE_FLAGS = ("request_threads",)
 @model_options
 @store_options
 def serve(host: str, port: int, workers: int, dev: bool, **kwargs: Any) -> None:
-    """Serve the HTTP API: /v1/embeddings, /v1/search, /healthz, /readyz, /metrics.
+    """Serve the HTTP API: /v1/embeddings, /v1/search, /v1/opensearch/* (what OpenSearch calls:
+    `clip-sidecar opensearch connect`), /healthz, /readyz, /metrics.
 
     The model must be in the cache first (`clip-sidecar models fetch`): the server never
     downloads or trains one, which could outlast a worker's boot timeout.

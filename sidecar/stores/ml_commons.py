@@ -5,9 +5,9 @@ Everything is named after the index alias, so two indices on one cluster never s
 other's objects:
 - connectors and deployed remote models `<alias>-texts` (a batch of texts: the text_embedding
   processor), `<alias>-text-image` (one document or query: text_image_embedding, neural queries) and
-  `<alias>-rerank` (the rerank processor, by document id), in the model group `<alias>`. Each URL
-  pins the index's model (`?model=…&weights=…`; the rerank one also the index), so a sidecar serving
-  another model refuses every call instead of mixing vectors of two models in one index;
+  `<alias>-rerank` (the rerank processor: by document id, or by text), in the model group `<alias>`.
+  Each URL pins the index's model (`?model=…&weights=…`; the rerank-by-id one also the index), so a
+  sidecar serving another model refuses every call instead of mixing two models' vectors in one index;
 - ingest pipelines `<alias>-image` (text_image_embedding → `vector`; documents that arrive with a
   vector pass untouched) and `<alias>-text` (text_embedding, batched);
 - search pipelines `<alias>-hybrid` (neural query enricher + min-max normalisation) and
@@ -18,8 +18,9 @@ other's objects:
 Idempotent: every object is found by name and compared with what plugin_config/ renders (a
 connector by a fingerprint of its whole body, credential included, kept in its parameters: OpenSearch
 never shows the credential); unchanged ones are left alone (same ids), changed ones updated in place.
-The last step asks OpenSearch to embed through the new models: a sidecar that cannot be reached, or
-serves another model or dimension than the index holds, is refused and everything is removed again.
+The last step has OpenSearch call the sidecar through the new models. Any failure (a sidecar that
+cannot be reached, serves another model or dimension than the index holds, a URL the cluster does
+not trust) removes everything again: connect leaves a working connection or none.
 """
 
 from __future__ import annotations
