@@ -1,16 +1,23 @@
-"""Benchmark the OpenSearch store: bulk load vs bare streaming_bulk, ANN recall vs exact, query latency.
+"""Benchmark the OpenSearch store: bulk load through `clip-sidecar index` vs bare streaming_bulk, ANN
+recall vs exact, query latency.
 
-Fairness of the bulk comparison: the JVM is warmed up first (a cold node's first load runs ~1.6x
-slower, whichever path goes first); both paths write the same documents into an index created the
-same way, with the same chunk_size and max_chunk_bytes, and both end with a refresh, so the
-documents are searchable when the clock stops. The bare path builds its actions the way a user of
-opensearch-py would (`vector.tolist()` in the `_source` dict) and keeps the index's refresh_interval
-(1s); the store path includes everything `upsert` does (settings relaxed and restored, _meta
-bookkeeping, retries armed, final refresh and count check).
+The bulk figure measures the path users run: vector shards on disk (as `clip-sidecar embed` writes
+them) loaded by the `clip-sidecar index` command, a process of its own (start-up, reading the
+shards, hash comparison, the load session: lock, settings relaxed once and restored, batches of
+upserts, final refresh and count check), into an alias set up beforehand as `clip-sidecar
+opensearch setup` does. The baseline is opensearch-py's `helpers.streaming_bulk`
+with nothing around it, fed the same documents from memory the way a user of opensearch-py would
+build them (`vector.tolist()` in the `_source` dict), into an index created the same way, with the
+same chunk_size and max_chunk_bytes, keeping the index's refresh_interval (1s), then one refresh.
+Both clocks stop when the documents are searchable.
 
-The structured index loaded by the store is kept for the recall and latency measurements, after
-its background merges have finished (both paths leave merges running; the clock does not wait
-for them in either).
+Fairness: the JVM is warmed up first by both paths (a cold node's first load runs ~1.6x slower);
+the two paths then alternate, `--repeat` times each, and the ratio is taken over the sums. The
+recall and latency rows are measured on the index the last `clip-sidecar index` run loaded, after
+its merges finished, and on a second index of uniform random vectors.
+
+    .venv/bin/python bench/opensearch_bench.py                       # 30,000 x 512, 3 rounds
+    .venv/bin/python bench/opensearch_bench.py --n 100000 --repeat 1
 """
 
 from __future__ import annotations
@@ -19,16 +26,22 @@ import argparse
 import logging
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 from opensearchpy import helpers
 
-from sidecar.stores.opensearch import OpenSearchStore
+from sidecar.ingest.shards import ShardRow, ShardSet
+from sidecar.stores.opensearch import LOCK_SUFFIX, OpenSearchStore
 from sidecar.types import Document, ModelSignature
 
 log = logging.getLogger("opensearch_bench")
+SIGNATURE_OF = "bench"
 
 
 def structured(n: int, dim: int, *, latent: int = 32, seed: int = 0) -> np.ndarray:
@@ -44,39 +57,75 @@ def uniform(n: int, dim: int, *, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def signature(dim: int) -> ModelSignature:
+    return ModelSignature(model=SIGNATURE_OF, weights="none", dim=dim)
+
+
 def documents(vectors: np.ndarray) -> list[Document]:
-    return [Document(id=str(i), vector=v, text=f"item {i} group{i % 50}", metadata={"group": str(i % 50)})
-            for i, v in enumerate(vectors)]
+    return [Document(id=str(i), vector=v, text=f"item {i} group{i % 50}", metadata={"group": str(i % 50)},
+                     content_hash=f"h{i}") for i, v in enumerate(vectors)]
 
 
-def new_store(url: str, dim: int) -> OpenSearchStore:
-    store = OpenSearchStore(url=url, index=f"bench-{uuid.uuid4().hex[:8]}", number_of_replicas=0)
-    store.claim(ModelSignature(model="bench", weights="none", dim=dim))
-    return store
+def write_shards(out: Path, docs: list[Document], *, shard_rows: int = 4096) -> Path:
+    """The shards `clip-sidecar embed` would have written for `docs`."""
+    shards = ShardSet(out)
+    shards.start(signature(len(docs[0].vector)), preprocessing={})
+    for start in range(0, len(docs), shard_rows):
+        part = docs[start:start + shard_rows]
+        shards.write_shard(np.stack([d.vector for d in part]),
+                           [ShardRow(id=d.id, path=f"{d.id}.jpg", text=d.text, metadata=dict(d.metadata),
+                                     content_hash=d.content_hash, image_hash=d.content_hash) for d in part])
+    return out
 
 
-def drop(store: OpenSearchStore) -> None:
-    store.client.indices.delete(index=f"{store.alias}-v*", ignore_unavailable=True)
+def new_alias() -> str:
+    return f"bench-{uuid.uuid4().hex[:8]}"
+
+
+def store_for(url: str, alias: str) -> OpenSearchStore:
+    return OpenSearchStore(url=url, index=alias)  # what `clip-sidecar index` opens (default settings)
+
+
+def drop(url: str, alias: str) -> None:
+    store = store_for(url, alias)
+    store.client.indices.delete(index=f"{alias}-v*,{alias}{LOCK_SUFFIX}", ignore_unavailable=True)
     store.close()
 
 
-def load_bare(store: OpenSearchStore, docs: list[Document]) -> float:
+def load_bare(url: str, docs: list[Document]) -> float:
     """opensearch-py's streaming_bulk with nothing around it, then a refresh; returns seconds."""
-    target = store._alias_indices()[0]
-    actions = ({"_index": target, "_id": d.id,
-                "_source": {"id": d.id, "vector": d.vector.tolist(), "text": d.text,
-                            "metadata": dict(d.metadata), "content_hash": d.content_hash}} for d in docs)
-    started = time.perf_counter()
-    for _ in helpers.streaming_bulk(store.client, actions, chunk_size=store.chunk_size,
-                                    max_chunk_bytes=store.max_chunk_bytes):
-        pass
-    store.client.indices.refresh(index=target)
-    return time.perf_counter() - started
+    alias = new_alias()
+    store = store_for(url, alias)
+    try:
+        store.setup(len(docs[0].vector))  # the same index body as the CLI's
+        target = store._alias_indices()[0]
+        actions = ({"_index": target, "_id": d.id,
+                    "_source": {"id": d.id, "vector": d.vector.tolist(), "text": d.text,
+                                "metadata": dict(d.metadata), "content_hash": d.content_hash}} for d in docs)
+        started = time.perf_counter()
+        for _ in helpers.streaming_bulk(store.client, actions, chunk_size=store.chunk_size,
+                                        max_chunk_bytes=store.max_chunk_bytes):
+            pass
+        store.client.indices.refresh(index=target)
+        return time.perf_counter() - started
+    finally:
+        store.close()
+        drop(url, alias)
 
 
-def load_store(store: OpenSearchStore, docs: list[Document]) -> float:
+def load_cli(url: str, shards: Path, alias: str, *, dim: int) -> float:
+    """`clip-sidecar index SHARDS --store opensearch` as a user runs it, after the setup a user runs
+    first (`clip-sidecar opensearch setup`: index, alias, lock index; untimed, as the bare path's
+    index creation is); returns seconds."""
+    store = store_for(url, alias)
+    try:
+        store.claim(signature(dim))
+    finally:
+        store.close()
+    command = [sys.executable, "-m", "sidecar.cli", "-q", "index", str(shards), "--store", "opensearch",
+               "--opensearch-url", url, "--opensearch-index", alias]
     started = time.perf_counter()
-    store.upsert(docs)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -121,65 +170,80 @@ def recall_and_latency(store: OpenSearchStore, vectors: np.ndarray, queries: np.
             "hybrid_p95": float(np.percentile(hybrid_ms, 95)) if hybrid_ms else nan}
 
 
+def measured(store: OpenSearchStore, vectors: np.ndarray, queries: np.ndarray, *, exact_queries: int) -> dict:
+    merge_wait = wait_for_merges(store)
+    result = recall_and_latency(store, vectors, queries, exact_queries=exact_queries)
+    result["state"] = f"{index_state(store)} (merges waited {merge_wait:.0f}s)"
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:9250")
-    parser.add_argument("--n", type=int, default=100_000, help="documents per load (bulk comparison and recall)")
+    parser.add_argument("--n", type=int, default=30_000, help="documents per load (bulk comparison and recall)")
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=3, help="loads per path, alternating")
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--exact-queries", type=int, default=20, help="queries also run as exact knn_score")
     parser.add_argument("--warmup", type=int, default=5000, help="documents per path loaded and dropped first")
+    parser.add_argument("--no-recall", action="store_true", help="only the bulk comparison")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("opensearch").setLevel(logging.WARNING)
 
     data = structured(args.n + args.queries, args.dim, seed=1)
     docs = documents(data[:args.n])
-    if args.warmup:
-        for load in (load_bare, load_store):
-            store = new_store(args.url, args.dim)
-            try:
-                load(store, docs[:args.warmup])
-            finally:
-                drop(store)
-
-    bare = new_store(args.url, args.dim)
+    with tempfile.TemporaryDirectory(prefix="opensearch-bench-") as tmp:
+        shards = write_shards(Path(tmp) / "shards", docs)
+        if args.warmup:
+            load_bare(args.url, docs[:args.warmup])
+            warm = new_alias()
+            load_cli(args.url, write_shards(Path(tmp) / "warmup", docs[:args.warmup]), warm, dim=args.dim)
+            drop(args.url, warm)
+        bare_s, cli_s, alias = [], [], ""
+        for round_ in range(args.repeat):
+            bare_s.append(load_bare(args.url, docs))
+            if alias:
+                drop(args.url, alias)
+            alias = new_alias()
+            cli_s.append(load_cli(args.url, shards, alias, dim=args.dim))
+            log.info("round %d: bare %.1f s, clip-sidecar index %.1f s", round_ + 1, bare_s[-1], cli_s[-1])
+    store = store_for(args.url, alias)
+    results = {}
     try:
-        bare_s = load_bare(bare, docs)
-        bare_state = index_state(bare)
+        state = index_state(store)
+        if not args.no_recall:
+            results["structured"] = measured(store, data[:args.n], data[args.n:], exact_queries=args.exact_queries)
     finally:
-        drop(bare)
-    store = new_store(args.url, args.dim)
-    try:
-        store_s = load_store(store, docs)
-        store_state = index_state(store)
-        merge_wait = wait_for_merges(store)
-        results = {"structured": recall_and_latency(store, data[:args.n], data[args.n:],
-                                                    exact_queries=args.exact_queries)}
-        results["structured"]["state"] = f"{index_state(store)} (merges waited {merge_wait:.0f}s)"
-    finally:
-        drop(store)
+        store.close()
+        drop(args.url, alias)
+    if not args.no_recall:
+        random_data = uniform(args.n + args.queries, args.dim, seed=2)
+        alias = new_alias()
+        store = store_for(args.url, alias)
+        try:
+            store.claim(signature(args.dim))
+            store.upsert(documents(random_data[:args.n]))
+            results["uniform"] = measured(store, random_data[:args.n], random_data[args.n:],
+                                          exact_queries=args.exact_queries)
+        finally:
+            store.close()
+            drop(args.url, alias)
 
-    random_data = uniform(args.n + args.queries, args.dim, seed=2)
-    store = new_store(args.url, args.dim)
-    try:
-        load_store(store, documents(random_data[:args.n]))
-        merge_wait = wait_for_merges(store)
-        results["uniform"] = recall_and_latency(store, random_data[:args.n], random_data[args.n:],
-                                                exact_queries=args.exact_queries)
-        results["uniform"]["state"] = f"{index_state(store)} (merges waited {merge_wait:.0f}s)"
-    finally:
-        drop(store)
-
-    rows = [f"machine {platform.machine()} ({os.cpu_count()} cores), {args.n} x {args.dim}, lucene HNSW m={store.m} "
-            f"ef_construction={store.ef_construction} ef_search={store.ef_search}, chunk_size {store.chunk_size}",
-            f"bulk load: store {store_s:.1f}s ({args.n / store_s:,.0f} docs/s; {store_state}), "
-            f"bare streaming_bulk {bare_s:.1f}s ({args.n / bare_s:,.0f} docs/s; {bare_state}), "
-            f"store/bare docs/s ratio {bare_s / store_s:.2f}",
-            f"{'vectors':<12}{'recall@10':>10}{'exact':>8}{'knn p50':>10}{'knn p95':>10}{'hyb p50':>10}{'hyb p95':>10}"]
-    for name, r in results.items():
-        rows.append(f"{name:<12}{r['recall']:>10.3f}{r['exact_recall']:>8.3f}{r['knn_p50']:>8.1f}ms"
-                    f"{r['knn_p95']:>8.1f}ms{r['hybrid_p50']:>8.1f}ms{r['hybrid_p95']:>8.1f}ms  {r['state']}")
+    rows = [f"machine {platform.machine()} ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), "
+            f"{args.n} x {args.dim}, lucene HNSW m={store.m} ef_construction={store.ef_construction} "
+            f"ef_search={store.ef_search}, chunk_size {store.chunk_size}",
+            f"bulk load, {args.repeat} alternating rounds: clip-sidecar index {sum(cli_s):.1f}s "
+            f"({args.n * len(cli_s) / sum(cli_s):,.0f} docs/s; per round {', '.join(f'{s:.1f}' for s in cli_s)}; "
+            f"last index {state}), bare streaming_bulk {sum(bare_s):.1f}s "
+            f"({args.n * len(bare_s) / sum(bare_s):,.0f} docs/s; per round {', '.join(f'{s:.1f}' for s in bare_s)}), "
+            f"index/bare docs/s ratio {sum(bare_s) / sum(cli_s):.2f}"]
+    if results:
+        rows.append(f"{'vectors':<12}{'recall@10':>10}{'exact':>8}{'knn p50':>10}{'knn p95':>10}{'hyb p50':>10}"
+                    f"{'hyb p95':>10}")
+        for name, r in results.items():
+            rows.append(f"{name:<12}{r['recall']:>10.3f}{r['exact_recall']:>8.3f}{r['knn_p50']:>8.1f}ms"
+                        f"{r['knn_p95']:>8.1f}ms{r['hybrid_p50']:>8.1f}ms{r['hybrid_p95']:>8.1f}ms  {r['state']}")
     log.info("\n".join(rows))
 
 

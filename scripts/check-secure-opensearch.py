@@ -11,8 +11,8 @@ the credentials):
   puts a search pipeline, k-NN (lucene) and hybrid queries with an inline pipeline, deletes its
   versioned index; refused (403) reading, writing or deleting other-index, creating other indices,
   PUT _cluster/settings, the security API.
-- The real OpenSearchStore as clip-sidecar (setup, claim, upsert, rebuild, searches, scan, fetch,
-  delete) when the sidecar package imports.
+- The real OpenSearchStore as clip-sidecar (setup, claim, upsert and rebuild under the load lock,
+  searches, scan, fetch, delete, check) when the sidecar package imports.
 Exit status 0 when every check passed; each check prints one line.
 """
 
@@ -268,9 +268,11 @@ def store_checks() -> None:
         check("store: delete", store.delete(["d1", "d2"]) == 2)
         new = allowed("store: rebuild (new version, alias swap, old deleted)", lambda: store.rebuild(docs(30, 100), signature=sig))
         check("store: after rebuild", bool(new) and store.count() == 30 and store._alias_indices() == [new])
+        report = allowed("store: check (alias, load lock, relaxed settings)", store.check)
+        check("store: check is clean", report is not None and report.clean, report.describe() if report else "")
     finally:
         admin = client(ADMIN)
-        admin.indices.delete(index="it-secure-check-v*", ignore_unavailable=True)
+        admin.indices.delete(index="it-secure-check-v*,it-secure-check-lock", ignore_unavailable=True)
         admin.close()
 
 

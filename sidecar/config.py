@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 TINY_MODEL = "tiny-clip"
+# The project's own models, trained into the cache (sidecar.model.tiny_model.RECIPES has their recipes):
+# the default one, and a stronger one for fine ranking.
+TINY_MODELS = (TINY_MODEL, "tiny-clip-large")
 # The choices settings and command-line flags share, defined once.
 STORES = ("embedded", "opensearch")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -42,6 +45,12 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
     cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)
+    # Fine ranking: a stronger model (name, pretrained tag or checkpoint, config) whose image vectors
+    # `embed` stores beside each document, outside the ANN index, and whose text vector re-scores
+    # the coarse candidates of a query. "" = no fine stage (rerank is then skipped, and says so).
+    fine_model: str = ""
+    fine_pretrained: str = ""
+    fine_model_config: str = ""
 
     # Store
     store: str = "embedded"  # one of STORES
@@ -118,6 +127,14 @@ class Settings:
         if not self.text_cache_persist:
             return None
         return Path(self.text_cache_path) if self.text_cache_path else self.cache_dir / "text-vectors.sqlite"
+
+    def fine_model_settings(self) -> "Settings | None":
+        """These settings with the fine model as the model, or None when no fine model is configured."""
+        if not self.fine_model:
+            return None
+        return dataclasses.replace(self, model=self.fine_model, pretrained=self.fine_pretrained,
+                                   model_config=self.fine_model_config, fine_model="", fine_pretrained="",
+                                   fine_model_config="")
 
     def prompt(self, text: str) -> str:
         """The text the model sees for a query or document text: the prompt template applied."""

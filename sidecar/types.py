@@ -29,13 +29,17 @@ class ModelSignature:
 
 @dataclass(frozen=True, slots=True)
 class Document:
-    """One indexed item: an L2-normalised vector plus the text BM25 sees and free metadata."""
+    """One indexed item: an L2-normalised vector plus the text BM25 sees and free metadata.
+
+    `fine_vector` is the same image by the fine-ranking model (stored beside the document, not
+    in the ANN index), or None where no fine model was configured."""
 
     id: str
     vector: np.ndarray
     text: str = ""
     metadata: Mapping[str, Any] = field(default_factory=dict)
     content_hash: str = ""
+    fine_vector: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ def test_cache_dir(tmp_path_factory) -> Path:
     path = Path(reused) if reused else tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CLIP_SIDECAR_CACHE", str(path))
+        patch.setenv("MPLCONFIGDIR", str(path / "matplotlib"))  # matplotlib's font cache, not ~/.cache
         patch.delenv("SIDECAR_CACHE_DIR", raising=False)
         yield path
 

@@ -13,7 +13,7 @@ from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import body_too_large
 from sidecar.config import Settings
 from sidecar.errors import ApiError, StoreFailed, StoreUnreachable
-from sidecar.model.encoder import Encoder, load_encoder
+from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
 from sidecar.serving import metrics
 from sidecar.serving.encoding import EncodingService
 from sidecar.stores import open_store
@@ -27,17 +27,19 @@ STORE_RETRY_AFTER_S = 5
 
 
 def create_app(settings: Settings | None = None, *, encoder: Encoder | None = None,
-               store: Store | None = None) -> Flask:
-    """Build the app. Tests pass Settings (and may pass a loaded encoder/store to share them)."""
+               store: Store | None = None, fine_encoder: Encoder | None = None) -> Flask:
+    """Build the app. Tests pass Settings (and may pass a loaded encoder/store/fine encoder to share them)."""
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    # The server loads a cached model only: downloading or training inside a gunicorn worker
+    # The server loads cached models only: downloading or training inside a gunicorn worker
     # would outlast its boot timeout (`clip-sidecar models fetch` is the step that fetches).
     encoder = encoder or load_encoder(settings, fetch=False)
+    fine_encoder = fine_encoder or load_fine_encoder(settings, fetch=False)
     attach_state(app, AppState(settings=settings, encoding=EncodingService(encoder, settings),
-                               store=store or open_store(settings), started=int(time.time())))
+                               store=store or open_store(settings), started=int(time.time()),
+                               fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None))
     for blueprint in (embeddings.bp, search.bp, opensearch_native.bp, ops.bp):
         app.register_blueprint(blueprint)
     _register_errors(app, settings)

@@ -35,9 +35,11 @@ from sidecar.api.state import AppState, current_state
 from sidecar.api.validation import decode_images, image_bytes, is_blank, json_body, json_type, known_fields, optional
 from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge, UnsupportedMediaType
 from sidecar.model.images import sniff_format
-from sidecar.retrieval.search import SearchOptions, query_vector, rerank
+from sidecar.retrieval.fine import MissingFineVectors, fine_rank
+from sidecar.retrieval.search import NO_FINE_MODEL, SearchOptions, query_vector
 from sidecar.serving import metrics
-from sidecar.stores.ml_commons import TEXT_IMAGE_PATH, TEXTS_PATH
+from sidecar.serving.encoding import EncodingService
+from sidecar.stores.ml_commons import RERANK_PATH, TEXT_IMAGE_PATH, TEXTS_PATH
 from sidecar.types import Document
 
 bp = Blueprint("opensearch_native", __name__)
@@ -120,7 +122,6 @@ def embed_text_image():
     return jsonify(embeddings_body([vector], encoder=state.encoding.encoder))
 
 
-@bp.post("/v1/opensearch/rerank/<any(ids, texts, images):kind>")
 def rerank_documents(kind: str):
     """The rerank processor's page: a score for every document, in input order, as Cohere answers."""
     state, body = _request_body(RERANK_FIELDS)
@@ -141,18 +142,53 @@ def rerank_documents(kind: str):
                          "the number of documents")
     optional(body, "model", str)
     optional(body, "return_documents", bool)
-    vector = state.encoding.encode_texts([query]).vectors[0]
     present = [i for i, document in enumerate(documents) if not is_blank(document)]
-    scores = RERANKERS[kind](state, query, vector, [documents[i] for i in present]) if present else []
+    ranked, skipped = _fine_scores(state, kind, query, [documents[i] for i in present])
     answer = [BLANK_SCORE] * len(documents)
-    for i, score in zip(present, scores):
+    for i, score in zip(present, ranked):
         answer[i] = round(float(score), SCORE_DECIMALS)
-    return jsonify({"results": [{"index": i, "relevance_score": score} for i, score in enumerate(answer)],
-                    "model": state.encoding.encoder.name})
+    result: dict[str, Any] = {"results": [{"index": i, "relevance_score": score} for i, score in enumerate(answer)],
+                              "model": state.encoding.encoder.name}
+    if state.fine_encoding is not None:
+        result["fine_model"] = state.fine_encoding.encoder.signature.describe()
+    if skipped:
+        # As /v1/search keeps its coarse order when the fine stage cannot run: the page's own order.
+        metrics.RERANK_SKIPPED.labels(request.url_rule.rule).inc()
+        result["rerank_skipped"] = skipped
+    return jsonify(result)
 
 
-def _rank_stored(state: AppState, query: str, vector: np.ndarray, ids: list[str]) -> list[float]:
-    """Stored documents by id: their full vectors and BM25 for the query, as /v1/search's candidates."""
+for _kind in RERANK_KINDS:  # one rule per kind: each its own line in /metrics
+    bp.add_url_rule(RERANK_PATH.format(kind=_kind), endpoint=f"rerank_{_kind}", view_func=rerank_documents,
+                    methods=["POST"], defaults={"kind": _kind})
+
+
+def _fine_scores(state: AppState, kind: str, query: str, documents: list[str]) -> tuple[list[float], str | None]:
+    """The fine stage's score for each (non-blank) document; where it cannot run (no fine model, or a
+    stored document without fine vectors), scores that keep the documents' order, and why."""
+    if not documents:
+        return [], None
+    candidates = CANDIDATES[kind](state, documents)  # checks the documents even when the stage is skipped
+    fine = state.fine_encoding
+    if fine is None:
+        return _page_order(len(documents)), NO_FINE_MODEL
+    lexical = None
+    if kind == "ids":
+        ids = [doc.id for doc in candidates]
+        lexical = {hit.id: hit.score for hit in state.store.text_search(query, len(ids), ids=ids)}
+    else:
+        candidates = _encoded(fine, kind, documents, state)
+    try:
+        scores = fine_rank(fine.encode_texts([query]).vectors[0], candidates, lexical=lexical,
+                           fusion=RERANK_OPTIONS.fusion, weights=RERANK_OPTIONS.weights).final
+    except MissingFineVectors as exc:
+        return _page_order(len(documents)), str(exc)
+    keys = documents if kind == "ids" else [str(i) for i in range(len(documents))]
+    return [scores[key] for key in keys], None
+
+
+def _stored(state: AppState, ids: list[str]) -> list[Document]:
+    """Stored documents by id (each once), as /v1/search's candidates: an unknown id answers 400."""
     unique = list(dict.fromkeys(ids))
     found = {doc.id: doc for doc in state.store.fetch(unique)}
     missing = next((i for i in ids if i not in found), None)
@@ -160,34 +196,33 @@ def _rank_stored(state: AppState, query: str, vector: np.ndarray, ids: list[str]
         raise BadRequest(f"field 'documents[{ids.index(missing)}]': no document with id {missing!r} in the "
                          f"sidecar's store ({_store_name(state)}); the rerank processor must read the `id` field "
                          "of documents in the sidecar's own index")
-    lexical = {hit.id: hit.score for hit in state.store.text_search(query, len(unique), ids=unique)}
-    scores = rerank(unique, found, vector=vector, bm25_scores=lexical, options=RERANK_OPTIONS)
-    return [scores[i] for i in ids]
+    return [found[i] for i in unique]
 
 
-def _rank_texts(state: AppState, query: str, vector: np.ndarray, texts: list[str]) -> list[float]:
-    """Texts: CLIP text-to-text similarity (no lexical evidence: no corpus to weigh terms against)."""
-    return _rank_vectors(vector, state.encoding.encode_texts(texts).vectors)
+def _checked_images(state: AppState, images: list[str]) -> list[bytes]:
+    """Base64 images → their bytes (a 400 naming the document otherwise)."""
+    return [image_bytes(image, field=f"documents[{i}]", max_bytes=state.settings.max_body_bytes)
+            for i, image in enumerate(images)]
 
 
-def _rank_images(state: AppState, query: str, vector: np.ndarray, images: list[str]) -> list[float]:
-    """Base64 images: the exact text-to-image similarity."""
-    settings = state.settings
-    pixels = decode_images([(f"documents[{i}]", image_bytes(image, field=f"documents[{i}]",
-                                                            max_bytes=settings.max_body_bytes))
-                            for i, image in enumerate(images)], encoding=state.encoding, settings=settings)
-    return _rank_vectors(vector, state.encoding.encode_images(pixels))
+def _encoded(fine: EncodingService, kind: str, documents: list[str], state: AppState) -> list[Document]:
+    """Documents that live only in this request, as candidates of the fine stage: the fine model's
+    vector of each text, or of each image through the fine model's own preprocessing."""
+    if kind == "texts":
+        vectors = fine.encode_texts(documents).vectors
+    else:
+        images = _checked_images(state, documents)
+        vectors = fine.encode_images(decode_images([(f"documents[{i}]", data) for i, data in enumerate(images)],
+                                                   encoding=fine, settings=state.settings))
+    return [Document(id=str(i), vector=vector, fine_vector=vector) for i, vector in enumerate(vectors)]
 
 
-def _rank_vectors(vector: np.ndarray, vectors: np.ndarray) -> list[float]:
-    """The rerank stage over documents that live only in this request (keyed by position)."""
-    documents = {str(i): Document(id=str(i), vector=v) for i, v in enumerate(vectors)}
-    scores = rerank(list(documents), documents, vector=vector, bm25_scores={}, options=RERANK_OPTIONS)
-    return [scores[str(i)] for i in range(len(vectors))]
+def _page_order(n: int) -> list[float]:
+    return [1.0 - i / n for i in range(n)]
 
 
-RERANKERS: dict[str, Callable[[AppState, str, np.ndarray, list[str]], list[float]]] = {
-    "ids": _rank_stored, "texts": _rank_texts, "images": _rank_images}
+CANDIDATES: dict[str, Callable[[AppState, list[str]], Any]] = {
+    "ids": _stored, "texts": lambda state, texts: texts, "images": _checked_images}
 
 
 def _request_body(fields: tuple[str, ...]) -> tuple[AppState, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""POST /v1/search: text, image or both → coarse retrieval (vector / bm25 / hybrid) → rerank."""
+"""POST /v1/search: text, image or both → coarse retrieval (vector / bm25 / hybrid) → the fine stage (rerank)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from sidecar.stores.base import StoreQueryError
 
 bp = Blueprint("search", __name__)
 
-FIELDS = ("text", "image", "mode", "k", "candidates", "fusion", "weights", "rerank", "exact", "filters")
-DEFAULT_WEIGHTS = {"vector": 0.7, "bm25": 0.3}
+FIELDS = ("text", "image", "mode", "k", "candidates", "fusion", "weights", "rerank", "exact", "ef_search", "filters")
+DEFAULT_WEIGHTS = dict(zip(("vector", "bm25"), SearchOptions().weights))
+MAX_EF_SEARCH = 4096  # HNSW search breadth a request may ask for
 
 
 @bp.post("/v1/search")
@@ -47,28 +48,44 @@ def search_endpoint():
         raise BadRequest(f"field 'text' is required for mode {mode}; an image-only query uses mode vector")
     k = bounded_int(body, "k", default=10, low=1, high=settings.max_k)
     options = _options(body, mode=mode, k=k, settings=settings)
-    pixels = decode_images([("image", image_bytes(image, field="image", max_bytes=settings.max_body_bytes))],
-                           encoding=state.encoding, settings=settings) if image is not None else []
+    data = image_bytes(image, field="image", max_bytes=settings.max_body_bytes) if image is not None else None
+    pixels = decode_images([("image", data)], encoding=state.encoding, settings=settings) if data is not None else []
     started = time.perf_counter()
-    # bm25 mode needs the text vector only for the rerank, which scores candidates by vector.
-    needs_text_vector = text is not None and (mode != "bm25" or options.rerank)
-    text_vector = state.encoding.encode_texts([text]).vectors[0] if needs_text_vector else None
-    image_vector = state.encoding.encode_images(pixels)[0] if pixels else None
+    # Every mode but bm25 searches by the fast model's vector; the fine stage needs the query by the
+    # fine model, which only it can encode (an image through the fine model's own preprocessing).
+    vector = _query(state.encoding, text=text if mode != "bm25" else None, pixels=pixels if mode != "bm25" else [])
+    fine = state.fine_encoding if options.rerank else None
+    fine_vector = None
+    if fine is not None:
+        fine_pixels = decode_images([("image", data)], encoding=fine, settings=settings) if data is not None else []
+        fine_vector = _query(fine, text=text, pixels=fine_pixels)
     encoded = time.perf_counter()
     try:
-        result = search(state.store, vector=query_vector(text_vector, image_vector), text=text, options=options)
+        result = search(state.store, vector=vector, text=text, options=options, fine_vector=fine_vector)
     except StoreQueryError as exc:
         if not options.filters:
             raise  # a query the sidecar built alone: the store's error, not the request's
         raise BadRequest(f"field 'filters' does not fit the types of the stored metadata: {exc}") from exc
     metrics.STAGE_SECONDS.labels("search", mode).observe(result.timings_s["coarse"])
     metrics.STAGE_SECONDS.labels("rerank", mode).observe(result.timings_s["rerank"])
-    return jsonify({
+    body = {
         "hits": [hit.to_dict() for hit in result.hits],
-        "mode": mode, "fusion": options.fusion, "rerank": options.rerank, "store": state.store.name,
+        "mode": mode, "fusion": options.fusion, "rerank": result.reranked, "store": state.store.name,
         "took_ms": {"encode": 1000 * (encoded - started), "coarse": 1000 * result.timings_s["coarse"],
                     "rerank": 1000 * result.timings_s["rerank"]},
-    })
+    }
+    if result.reranked:
+        body["fine_model"] = fine.encoder.signature.describe()
+    if result.rerank_skipped:
+        body["rerank_skipped"] = result.rerank_skipped
+    return jsonify(body)
+
+
+def _query(encoding, *, text: str | None, pixels: list):
+    """The query by one model: its text vector, its image vector, or the two combined; None for neither."""
+    text_vector = encoding.encode_texts([text]).vectors[0] if text is not None else None
+    image_vector = encoding.encode_images(pixels)[0] if pixels else None
+    return query_vector(text_vector, image_vector)
 
 
 def _options(body: dict, *, mode: str, k: int, settings) -> SearchOptions:
@@ -79,10 +96,17 @@ def _options(body: dict, *, mode: str, k: int, settings) -> SearchOptions:
                                high=settings.max_k),
         fusion=choice(body, "fusion", choices=FUSION_METHODS, default="minmax"),
         weights=_weights(body),
-        rerank=optional(body, "rerank", bool, True),
+        rerank=optional(body, "rerank", bool),  # None: the mode's default (off for bm25)
         exact=optional(body, "exact", bool, False),
+        ef_search=_ef_search(body),
         filters=filters(body, settings),
     )
+
+
+def _ef_search(body: dict) -> int | None:
+    if body.get("ef_search") is None:
+        return None  # the store's setting
+    return bounded_int(body, "ef_search", default=0, low=1, high=MAX_EF_SEARCH)
 
 
 def _weights(body: dict) -> tuple[float, float]:

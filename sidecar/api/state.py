@@ -19,6 +19,7 @@ class AppState:
     encoding: EncodingService
     store: Store
     started: int  # Unix time the app loaded its model (`created` in /v1/models)
+    fine_encoding: EncodingService | None = None  # the fine-ranking model, where one is configured
 
 
 def attach_state(app: Flask, state: AppState) -> None:

@@ -10,8 +10,9 @@ from sidecar.cli.opensearch import opensearch
 from sidecar.cli.query import eval_command, search
 from sidecar.cli.root import main
 from sidecar.cli.serve import serve
+from sidecar.cli.store import store
 
-for _command in (embed, index, search, serve, models, eval_command, demo, cache, opensearch):
+for _command in (embed, index, search, serve, models, eval_command, demo, cache, opensearch, store):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -41,15 +41,16 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     metadata (JSONL object, or any extra CSV columns). Rerun it after the folder changes:
     new and changed files are embedded, vanished ones are recorded for the index step, and a
     killed run continues where it stopped. Unusable images are skipped and listed in
-    OUT/errors.jsonl with the reason.
+    OUT/errors.jsonl with the reason. With --fine-model, each image's vector by that stronger
+    model is stored too, for the fine-ranking stage (rerank) of `search` and `serve`.
     """
     from sidecar.ingest.embed import embed_corpus
-    from sidecar.model.encoder import load_encoder
+    from sidecar.model.encoder import load_encoder, load_fine_encoder
 
     settings = settings_from(kwargs, MODEL_FLAGS)
     summary = embed_corpus(load_encoder(settings), source, out, batch_size=batch_size, shard_size=shard_size,
                            workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
-                           progress=ctx.obj["progress"])
+                           fine_encoder=load_fine_encoder(settings), progress=ctx.obj["progress"])
     click.echo(summary.describe())
 
 
@@ -58,12 +59,21 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
 @click.option("--rebuild", is_flag=True,
               help="OpenSearch only: build a new versioned index and swap the alias when it is complete "
                    "(zero downtime); without it, changed documents are upserted in place.")
+@click.option("--wait-for-lock", "lock_wait_s", type=click.FloatRange(0), default=0, show_default=True,
+              metavar="SECONDS",
+              help="OpenSearch: when another index run or a --rebuild holds the alias's load lock, wait up to "
+                   "SECONDS for it to finish; 0 refuses at once, naming the holder.")
 @store_options
 @click.pass_context
-def index(ctx: click.Context, shards: Path, rebuild: bool, **kwargs: Any) -> None:
-    """Load vector SHARDS (from `embed`) into the store: new and changed documents are written,
-    unchanged ones skipped, deleted ones removed. Shards of a different model than the store
-    holds are refused."""
+def index(ctx: click.Context, shards: Path, rebuild: bool, lock_wait_s: float, **kwargs: Any) -> None:
+    """Load vector SHARDS (from `embed`) into the store: new and changed documents (by the hash
+    of image, text and metadata) are written, unchanged ones skipped, deleted ones removed.
+    Shards of a different model than the store holds are refused.
+
+    One run is one load session: the embedded store saves its HNSW graph once at the end;
+    OpenSearch holds the alias's load lock for the run (a concurrent --rebuild or index run waits
+    or is refused) and relaxes refresh and replicas once when the run is large. A killed run
+    leaves what it committed; rerun it to write the rest (`clip-sidecar store check` tells)."""
     from sidecar.ingest.indexing import index_shards, rebuild_index
     from sidecar.stores import open_store
 
@@ -71,9 +81,9 @@ def index(ctx: click.Context, shards: Path, rebuild: bool, **kwargs: Any) -> Non
     store = open_store(settings)
     try:
         if rebuild:
-            summary = rebuild_index(store, shards, progress=ctx.obj["progress"])
+            summary = rebuild_index(store, shards, lock_wait_s=lock_wait_s, progress=ctx.obj["progress"])
         else:
-            summary = index_shards(store, shards, progress=ctx.obj["progress"])
+            summary = index_shards(store, shards, lock_wait_s=lock_wait_s, progress=ctx.obj["progress"])
     finally:
         store.close()
     click.echo(summary.describe())

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from sidecar.cli.root import MODEL_FLAGS, model_options, settings_from
-from sidecar.config import TINY_MODEL
+from sidecar.config import TINY_MODELS
 
 
 @click.group()
@@ -35,11 +35,14 @@ def models_fetch(ctx: click.Context, **kwargs: Any) -> None:
     from sidecar.model.weights import FetchFailed, fetch_weights
 
     settings = settings_from(kwargs, MODEL_FLAGS)
-    try:
-        where = fetch_weights(settings, progress=ctx.obj["progress"])
-    except FetchFailed as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"{settings.model}{' / ' + settings.pretrained if settings.pretrained else ''} is cached: {where}")
+    # The fine-ranking model too, where one is configured: serve loads it from the cache as well.
+    for model_settings in filter(None, (settings, settings.fine_model_settings())):
+        try:
+            where = fetch_weights(model_settings, progress=ctx.obj["progress"])
+        except FetchFailed as exc:
+            raise click.ClickException(str(exc)) from exc
+        pretrained = model_settings.pretrained
+        click.echo(f"{model_settings.model}{' / ' + pretrained if pretrained else ''} is cached: {where}")
 
 
 @models.command("train")
@@ -53,11 +56,12 @@ def models_train(ctx: click.Context) -> None:
     from sidecar.model.tiny_model import checkpoint_path, ensure_tiny_model
 
     settings = settings_from({}, ())
-    if settings.model != TINY_MODEL:
-        raise click.UsageError(f"only the tiny model ({TINY_MODEL}) is trained here; SIDECAR_MODEL is "
+    if settings.model not in TINY_MODELS:
+        raise click.UsageError(f"only the tiny models ({', '.join(TINY_MODELS)}) are trained here; SIDECAR_MODEL is "
                                f"{settings.model!r}: use `clip-sidecar models fetch` for its weights")
-    if checkpoint_path(settings.cache_dir).is_file():
-        click.echo(f"{TINY_MODEL} is already trained: {checkpoint_path(settings.cache_dir)}")
+    path = checkpoint_path(settings.cache_dir, model=settings.model)
+    if path.is_file():
+        click.echo(f"{settings.model} is already trained: {path}")
         return
-    path = ensure_tiny_model(settings.cache_dir, progress=ctx.obj["progress"])
-    click.echo(f"{TINY_MODEL} trained: {path}")
+    path = ensure_tiny_model(settings.cache_dir, model=settings.model, progress=ctx.obj["progress"])
+    click.echo(f"{settings.model} trained: {path}")

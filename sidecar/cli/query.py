@@ -1,4 +1,4 @@
-"""`clip-sidecar search` and `eval`: query the store from the terminal; validate its ANN index."""
+"""`clip-sidecar search` and `eval`: query the store from the terminal; measure ranking quality and ANN recall."""
 
 from __future__ import annotations
 
@@ -27,24 +27,27 @@ from sidecar.retrieval.search import MODES
 @click.option("--mode", type=click.Choice(MODES), help="Default: hybrid with text, vector without.")
 @click.option("-k", "--k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--candidates", type=click.IntRange(1, 10000), default=100, show_default=True,
-              help="How many coarse hits the rerank sees.")
+              help="How many coarse hits the fine stage (rerank) sees.")
 @click.option("--fusion", type=click.Choice(FUSION_METHODS), default="minmax", show_default=True)
-@click.option("--vector-weight", type=float, default=0.7, show_default=True)
-@click.option("--bm25-weight", type=float, default=0.3, show_default=True)
-@click.option("--no-rerank", is_flag=True, help="Skip the second stage (to measure what it adds).")
+@click.option("--vector-weight", type=float, default=0.5, show_default=True)
+@click.option("--bm25-weight", type=float, default=0.5, show_default=True)
+@click.option("--rerank/--no-rerank", default=None,
+              help="The fine stage: re-score the candidates with --fine-model (default: on, except in bm25 mode; "
+                   "skipped, with a note, when no fine model is configured).")
 @click.option("--exact", is_flag=True, help="Brute-force vector search instead of HNSW.")
+@click.option("--ef-search", type=click.IntRange(1), help="HNSW search breadth for this query (default: the store's).")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
               help="Metadata filter, repeatable; FIELD=a,b matches either.")
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON.")
 @model_options
 @store_options
 def search(text: str | None, image: Path | None, mode: str | None, k: int, candidates: int, fusion: str,
-           vector_weight: float, bm25_weight: float, no_rerank: bool, exact: bool, filters: tuple[str, ...],
-           as_json: bool, **kwargs: Any) -> None:
+           vector_weight: float, bm25_weight: float, rerank: bool | None, exact: bool, ef_search: int | None,
+           filters: tuple[str, ...], as_json: bool, **kwargs: Any) -> None:
     """Search the store by TEXT, --image, or both."""
-    from sidecar.model.encoder import load_encoder
+    from sidecar.model.encoder import load_encoder, load_fine_encoder
     from sidecar.model.images import ImageDecodeError
-    from sidecar.retrieval.search import SearchOptions, query_vector
+    from sidecar.retrieval.search import SearchOptions
     from sidecar.retrieval.search import search as run_search
     from sidecar.stores import open_store
 
@@ -53,21 +56,20 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, candi
     settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS)
     try:
         options = SearchOptions(mode=mode or ("hybrid" if text else "vector"), k=k, candidates=candidates,
-                                fusion=fusion, weights=(vector_weight, bm25_weight), rerank=not no_rerank,
-                                exact=exact, filters=_parse_filters(filters))
+                                fusion=fusion, weights=(vector_weight, bm25_weight), rerank=rerank,
+                                exact=exact, ef_search=ef_search, filters=_parse_filters(filters))
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     encoder = load_encoder(settings)
-    image_vector = None
-    if image is not None:
-        try:
-            image_vector = encoder.encode_image_files([image.read_bytes()], max_pixels=settings.max_image_pixels)[0]
-        except ImageDecodeError as exc:
-            raise click.BadParameter(f"{image}: {exc.reason}", param_hint="--image") from exc
+    fine_encoder = load_fine_encoder(settings) if options.rerank else None
+    try:
+        vector = _query_vector(encoder, settings, text=text, image=image)
+        fine_vector = _query_vector(fine_encoder, settings, text=text, image=image) if fine_encoder else None
+    except ImageDecodeError as exc:
+        raise click.BadParameter(f"{image}: {exc.reason}", param_hint="--image") from exc
     store = open_store(settings)
     try:
-        text_vector = encoder.encode_texts([settings.prompt(text)])[0] if text else None
-        result = run_search(store, vector=query_vector(text_vector, image_vector), text=text, options=options)
+        result = run_search(store, vector=vector, text=text, options=options, fine_vector=fine_vector)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     finally:
@@ -76,6 +78,19 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, candi
         click.echo(json.dumps([hit.to_dict() for hit in result.hits], indent=2))
     else:
         click.echo(format_hits(result.hits))
+    if rerank and result.rerank_skipped:  # asked for by --rerank, not just the mode's default
+        click.echo(f"rerank skipped: {result.rerank_skipped}", err=True)
+
+
+def _query_vector(encoder, settings, *, text: str | None, image: Path | None):
+    """The query by `encoder`: its text vector, image vector, or the two combined."""
+    from sidecar.retrieval.search import query_vector
+
+    text_vector = encoder.encode_texts([settings.prompt(text)])[0] if text else None
+    image_vector = None
+    if image is not None:
+        image_vector = encoder.encode_image_files([image.read_bytes()], max_pixels=settings.max_image_pixels)[0]
+    return query_vector(text_vector, image_vector)
 
 
 def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
@@ -90,17 +105,153 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
 
 
 @click.command("eval")
-@click.option("--queries", type=click.IntRange(1), default=200, show_default=True, help="Random stored vectors used as queries.")
-@click.option("-k", "--k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--benchmark", is_flag=True,
+              help="The built-in relevance benchmark: train the tiny models (cached), render a product catalogue, "
+                   "embed and index it, run the standard configurations, write the report to --out.")
+@click.option("--queries", "queries_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Judged queries, JSONL: {\"id\", \"text\"?, \"image\"? (path), \"category\"?, \"tags\"?} a line.")
+@click.option("--qrels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Graded judgments: TREC qrels (qid iter docid grade) or JSONL {\"query_id\", \"doc_id\", "
+                   "\"relevance\"}.")
+@click.option("--config", "configs", multiple=True, metavar="JSON|FILE",
+              help="Configurations to compare (repeatable): inline JSON or a JSON file with an object, a list, or "
+                   "{\"grid\": {field: [values]}}; fields mode, fusion, weights, rerank, exact, candidates, "
+                   "ef_search, name. Default: every mode, rerank on and off.")
+@click.option("--measure", "measures", multiple=True, metavar="MEASURE",
+              help="ir-measures names, repeatable (default nDCG@10, RR@10, R@10; e.g. R@100, P@5).")
+@click.option("--relevant-grade", type=click.IntRange(1), default=1, show_default=True,
+              help="The lowest grade that counts as relevant for MRR and Recall (nDCG always uses the grades).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder: results.json, results.md, PNG plots, report.html "
+                   "[default: reports/benchmark or reports/eval].")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("data/benchmark"),
+              show_default=True, help="--benchmark: catalogue, shards and stores (reused by reruns).")
+@click.option("--items", type=click.IntRange(100), default=3000, show_default=True,
+              help="--benchmark: products in the catalogue.")
+@click.option("--ann", is_flag=True, help="Validate the ANN index instead: Recall@K of HNSW against exact search.")
+@click.option("--samples", type=click.IntRange(1), default=200, show_default=True,
+              help="--ann: random stored vectors used as queries.")
+@click.option("-k", "--k", "k", type=click.IntRange(1, 1000), default=10, show_default=True, help="--ann: K.")
+@model_options
 @store_options
-def eval_command(queries: int, k: int, **kwargs: Any) -> None:
-    """Validate the ANN index against exact search: Recall@K and latency p50/p95 of both."""
+@click.pass_context
+def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None, qrels: Path | None,
+                 configs: tuple[str, ...], measures: tuple[str, ...], relevant_grade: int, out: Path | None,
+                 workdir: Path, items: int, ann: bool, samples: int, k: int, **kwargs: Any) -> None:
+    """Measure ranking quality: nDCG@10, MRR@10 and Recall@K (ir-measures) with latency per stage,
+    for any list of search configurations; or validate the ANN index against exact search.
+
+    \b
+    Built-in benchmark (nothing to prepare; minutes on a laptop):
+      clip-sidecar eval --benchmark
+    Your own judged queries, against the store:
+      clip-sidecar eval --queries queries.jsonl --qrels qrels.txt \\
+          --config '{"grid": {"mode": ["vector", "hybrid"], "fusion": ["minmax", "rrf"]}}'
+    The ANN index against exact search:
+      clip-sidecar eval --ann --samples 200 -k 10
+    """
+    chosen = [name for name, on in (("--benchmark", benchmark), ("--queries/--qrels", bool(queries_path or qrels)),
+                                    ("--ann", ann)) if on]
+    if len(chosen) != 1:
+        raise click.UsageError("choose one of --benchmark, --queries with --qrels, or --ann"
+                               + (f" (got {', '.join(chosen)})" if chosen else ""))
+    progress = ctx.obj["progress"]
+    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS)
+    if ann:
+        _ann(settings, samples=samples, k=k)
+    elif benchmark:
+        from sidecar.cli.benchmark import QUERIES_PER_CATEGORY, run_benchmark
+
+        if configs or measures:
+            raise click.UsageError("--benchmark runs its standard configurations and measures; use --queries "
+                                   "and --qrels (its files are in --workdir/catalogue) to run your own")
+        evaluation, report = run_benchmark(settings, workdir=workdir, out=out or Path("reports/benchmark"),
+                                           items=items, queries_per_category=QUERIES_PER_CATEGORY, seed=0,
+                                           progress=progress, echo=click.echo)
+        _print_report(evaluation, report)
+    else:
+        if not (queries_path and qrels):
+            raise click.UsageError("--queries and --qrels go together")
+        _judged(settings, queries_path, qrels, configs=configs, measures=measures, relevant_grade=relevant_grade,
+                out=out or Path("reports/eval"), progress=progress)
+
+
+def _ann(settings, *, samples: int, k: int) -> None:
     from sidecar.retrieval.evaluation import ann_recall
     from sidecar.stores import open_store
 
-    store = open_store(settings_from(kwargs, STORE_FLAGS))
+    store = open_store(settings)
     try:
-        report = ann_recall(store, queries=queries, k=k)
+        report = ann_recall(store, queries=samples, k=k)
     finally:
         store.close()
     click.echo(report.describe())
+
+
+def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[str, ...], measures: tuple[str, ...],
+            relevant_grade: int, out: Path, progress: bool) -> None:
+    from sidecar.cli.benchmark import machine_description
+    from sidecar.model.encoder import load_encoder, load_fine_encoder
+    from sidecar.retrieval.relevance import (
+        EvaluationInputError,
+        SearchTarget,
+        default_configs,
+        evaluate,
+        parse_configs,
+        read_qrels,
+        read_queries,
+        standard_measures,
+    )
+    from sidecar.retrieval.report import write_report
+    from sidecar.stores import open_store
+
+    try:
+        queries, qrels = read_queries(queries_path), read_qrels(qrels_path)
+        runs = [c for spec in configs for c in parse_configs(_load_json(spec))] or default_configs()
+    except EvaluationInputError as exc:
+        raise click.UsageError(str(exc)) from exc
+    store = open_store(settings)
+    try:
+        target = SearchTarget(store=store, encoder=load_encoder(settings), prompt_template=settings.prompt_template,
+                              fine_encoder=load_fine_encoder(settings))
+        evaluation = evaluate({"default": target}, queries, qrels, runs,
+                              measures=list(measures) or standard_measures(relevant_grade=relevant_grade),
+                              max_image_pixels=settings.max_image_pixels,
+                              encode_threads=settings.serve_torch_threads, progress=progress)
+    except EvaluationInputError as exc:
+        raise click.UsageError(str(exc)) from exc
+    finally:
+        store.close()
+    evaluation.info.update({"machine": machine_description(), "store": f"{settings.store} ({store.name})",
+                            "model": target.encoder.signature.describe(),
+                            "fine model": target.fine_encoder.signature.describe() if target.fine_encoder else "none",
+                            "queries": str(queries_path),
+                            "qrels": str(qrels_path)})
+    _print_report(evaluation, write_report(evaluation, out, title=f"clip-sidecar relevance: {queries_path.name}"))
+
+
+def _load_json(spec: str) -> Any:
+    """Inline JSON, or the path of a JSON file."""
+    from sidecar.retrieval.relevance import EvaluationInputError
+
+    text = spec
+    if not spec.lstrip().startswith(("{", "[")):
+        path = Path(spec)
+        if not path.is_file():
+            raise EvaluationInputError(f"--config {spec!r}: neither inline JSON nor an existing file")
+        text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EvaluationInputError(f"--config {spec[:60]!r}: not JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def _print_report(evaluation, report) -> None:
+    from sidecar.retrieval.report import defaults_table, markdown, results_table
+
+    click.echo("\n" + markdown(results_table(evaluation)))
+    if evaluation.default:
+        click.echo(f"\nThe default request ({evaluation.default}) against the best configuration:\n"
+                   + markdown(defaults_table(evaluation)))
+    click.echo(f"\nReport: {report.html}\n        {report.markdown}, {report.json}, "
+               + ", ".join(str(p) for p in report.plots))

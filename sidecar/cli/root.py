@@ -12,7 +12,7 @@ import click
 
 from sidecar.config import PRECISIONS, STORES, Settings
 
-MODEL_FLAGS = ("model", "pretrained", "model_config", "device", "precision")
+MODEL_FLAGS = ("model", "pretrained", "model_config", "device", "precision", "fine_model", "fine_pretrained")
 STORE_FLAGS = ("store", "store_path", "opensearch_url", "opensearch_index")
 
 
@@ -25,6 +25,10 @@ def model_options(func: Callable) -> Callable:
         click.option("--device", help="auto (default: CUDA if present), cpu, cuda or cuda:N."),
         click.option("--precision", type=click.Choice(PRECISIONS),
                      help="auto = bf16/fp16 autocast on GPU, fp32 on CPU."),
+        click.option("--fine-model", help="A stronger model for the fine-ranking stage (e.g. ViT-L-14, or "
+                                          "tiny-clip-large): embed stores its image vectors beside each document, "
+                                          "search re-scores the coarse candidates with it."),
+        click.option("--fine-pretrained", help="Pretrained tag or checkpoint of --fine-model."),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), func)
 

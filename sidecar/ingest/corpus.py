@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -103,11 +102,3 @@ def _item(row: dict[str, Any], *, manifest: Path, where: str) -> CorpusItem:
         raise CorpusError(f"{where}: field 'text' must be a string")
     return CorpusItem(id=str(item_id), path=(manifest.parent / path), text=text, metadata=metadata)
 
-
-def content_hash(path: Path) -> str:
-    """Identity of a file's bytes: an edited image is re-embedded, a touched one is not."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:32]

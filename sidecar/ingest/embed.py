@@ -1,7 +1,9 @@
 """The offline embed job: corpus → decode/resize workers → batched forward → shard writer.
 
-Resumable and incremental by content hash: a rerun skips every item whose bytes are already
-in a complete shard, embeds new or changed files, and records ids that disappeared.
+Resumable and incremental: a rerun skips every item whose document (image bytes, text and
+metadata; `sidecar.ingest.identity`) is already in a complete shard, embeds new or changed
+images, gives items whose text or metadata alone changed a new row with their stored vector
+(no forward pass), and records ids that disappeared.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from sidecar.config import DECODE_MODES
-from sidecar.ingest.corpus import CorpusError, CorpusItem, content_hash, read_corpus
+from sidecar.ingest.corpus import CorpusError, CorpusItem, read_corpus
 from sidecar.ingest.decode_pool import decoded_batches
+from sidecar.ingest.identity import document_hash, image_hash
 from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.encoder import Encoder
 from sidecar.model.images import stack_pixels
@@ -38,6 +41,7 @@ T = TypeVar("T")
 class EmbedSummary:
     total: int
     embedded: int
+    redescribed: int  # text or metadata changed, image not: new rows with the stored vectors
     unchanged: int
     failed: int
     deleted: int
@@ -55,8 +59,8 @@ class EmbedSummary:
 
     def describe(self) -> str:
         return (f"{self.total} items: {self.embedded} embedded, {self.unchanged} unchanged, {self.failed} failed "
-                f"(see errors.jsonl), {self.deleted} deleted since last run; {self.shards_written} new shards; "
-                f"{self.images_per_s:.1f} images/s")
+                f"(see errors.jsonl), {self.deleted} deleted since last run, {self.redescribed} with new text or "
+                f"metadata only (vectors reused); {self.shards_written} new shards; {self.images_per_s:.1f} images/s")
 
     def describe_stages(self) -> str:
         return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stages.items())
@@ -67,10 +71,11 @@ PARALLEL_SCAN_MIN = 2000  # files
 
 def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int = 256, shard_size: int = 4096,
                  workers: int = 2, max_pixels: int = 40_000_000, decode: str = "auto",
-                 progress: bool = True) -> EmbedSummary:
+                 fine_encoder: Encoder | None = None, progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out`. `decode`: "cpu" (PIL in worker processes),
     "device" (JPEGs decoded and resized on the model's device — nvjpeg on a GPU), or "auto"
-    (device on CUDA, else cpu)."""
+    (device on CUDA, else cpu). With `fine_encoder`, the same pass also stores each image's vector
+    by that (stronger) model beside the model's, for the fine-ranking stage."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
     on_device = decode == "device" or (decode == "auto" and encoder.device.type == "cuda")
@@ -79,18 +84,29 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     shards = ShardSet(out)
     shards.start(encoder.signature, preprocessing={"resize": encoder.images.describe(), "context_length":
                                                    encoder.context_length,
-                                                   "decode": "device" if on_device else "cpu"})
-    known = {doc_id: row.content_hash for doc_id, (_, row, _) in shards.latest().items()}
+                                                   "decode": "device" if on_device else "cpu"},
+                 fine_signature=fine_encoder.signature if fine_encoder else None)
+    known = shards.latest()
     with _timed(stages, "scan"):
         items, hashes = _scan(source, workers=workers, progress=progress)
-    todo = [(item, hashes[item.id]) for item in items if known.get(item.id) != hashes[item.id]]
+    todo: list[tuple[CorpusItem, str]] = []  # (item, image hash): encode the image
+    redescribe: list[tuple[CorpusItem, ShardRow, str, int]] = []  # the stored vector serves the new row
+    for item in items:
+        row = _row(item, hashes[item.id])
+        entry = known.get(item.id)
+        if entry is None or entry[1].image_hash != row.image_hash:
+            todo.append((item, row.image_hash))
+        elif entry[1].content_hash != row.content_hash:
+            redescribe.append((item, row, entry[0], entry[2]))
+    unchanged = len(items) - len(todo) - len(redescribe)
     deleted = sorted(set(known) - set(hashes))
     shards.set_deleted(deleted)
-    log.info("%d items in %s: %d to embed, %d unchanged, %d deleted since the last run",
-             len(items), source, len(todo), len(items) - len(todo), len(deleted))
+    log.info("%d items in %s: %d to embed, %d with new text or metadata only, %d unchanged, %d deleted since the "
+             "last run", len(items), source, len(todo), len(redescribe), unchanged, len(deleted))
+    shards_before = len(shards.shard_names())
+    _write_redescribed(shards, redescribe, shard_size=shard_size)
 
     failed = 0
-    shards_before = len(shards.shard_names())
     with (out / "errors.jsonl").open("w", encoding="utf-8") as errors, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer, \
             tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar, \
@@ -98,13 +114,16 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                                            max_pixels=max_pixels, on_device=on_device, stages=stages)) as staged:
         pending: Future | None = None
         buffer_vectors: list[np.ndarray] = []
+        buffer_fine: list[np.ndarray] = []
         buffer_rows: list[ShardRow] = []
-        in_flight: tuple[torch.Tensor, list[ShardRow]] | None = None  # launched, not yet copied back
+        in_flight: tuple[torch.Tensor, list[ShardRow], np.ndarray | None] | None = None  # launched, not copied back
 
-        def collect(features: torch.Tensor, rows: list[ShardRow]) -> None:
+        def collect(features: torch.Tensor, rows: list[ShardRow], fine: np.ndarray | None) -> None:
             with _timed(stages, "copy_back"):
                 buffer_vectors.append(encoder.postprocess(features))
             buffer_rows.extend(rows)
+            if fine is not None:
+                buffer_fine.append(fine)
 
         # `staged`: a stager thread collects decoded batches (and runs the device decoder) one
         # batch ahead, so decoding overlaps the model instead of taking turns with it.
@@ -125,28 +144,34 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
             if good:
                 with _timed(stages, "forward"):
                     features = encoder.forward_images(stack_pixels([g[2] for g in good], encoder.device))
-                rows = [ShardRow(id=item.id, path=str(item.path), text=item.text, metadata=item.metadata,
-                                 content_hash=digest) for item, digest, _ in good]
+                rows = [_row(item, digest) for item, digest, _ in good]
+                fine = None
+                if fine_encoder is not None:
+                    # The fine model has its own input size: its pixels come from the same files,
+                    # decoded by its own preprocessing (the images passed the decode above).
+                    with _timed(stages, "fine_model"):
+                        fine = fine_encoder.encode_image_files([item.path.read_bytes() for item, _, _ in good],
+                                                               max_pixels=max_pixels)
                 # On a GPU the forward is only queued: it runs while this loop fetches and stages
                 # the next batch. The previous batch, queued ahead of it, is copied back now.
                 if in_flight is not None:
                     collect(*in_flight)
-                in_flight = (features, rows)
+                in_flight = (features, rows, fine)
             bar.update(len(batch))
             if len(buffer_rows) >= shard_size:
                 with _timed(stages, "write_wait"):
-                    pending = _write(writer, pending, shards, buffer_vectors, buffer_rows)
-                buffer_vectors, buffer_rows = [], []
+                    pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine)
+                buffer_vectors, buffer_rows, buffer_fine = [], [], []
         if in_flight is not None:
             collect(*in_flight)
         with _timed(stages, "write_wait"):
             if buffer_rows:
-                pending = _write(writer, pending, shards, buffer_vectors, buffer_rows)
+                pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine)
             if pending is not None:
                 pending.result()
     embedded = len(todo) - failed
-    summary = EmbedSummary(total=len(items), embedded=embedded, unchanged=len(items) - len(todo), failed=failed,
-                           deleted=len(deleted), shards_written=len(shards.shard_names()) - shards_before,
+    summary = EmbedSummary(total=len(items), embedded=embedded, redescribed=len(redescribe), unchanged=unchanged,
+                           failed=failed, deleted=len(deleted), shards_written=len(shards.shard_names()) - shards_before,
                            seconds=time.perf_counter() - started, stages=dict(stages))
     log.info("embed finished: %s", summary.describe())
     log.info("embed time by stage: %s", summary.describe_stages())
@@ -162,12 +187,33 @@ def _timed(stages: defaultdict[str, float], name: str) -> Iterator[None]:
         stages[name] += time.perf_counter() - started
 
 
+def _row(item: CorpusItem, image: str) -> ShardRow:
+    try:
+        content = document_hash(image, item.text, item.metadata)
+    except (TypeError, ValueError) as exc:
+        raise CorpusError(f"item {item.id!r}: metadata cannot be stored as JSON: {exc}") from exc
+    return ShardRow(id=item.id, path=str(item.path), text=item.text, metadata=item.metadata,
+                    content_hash=content, image_hash=image)
+
+
+def _write_redescribed(shards: ShardSet, redescribe: list[tuple[CorpusItem, ShardRow, str, int]], *,
+                       shard_size: int) -> None:
+    """New rows for items whose text or metadata changed, each with its stored vector (no forward pass)."""
+    for start in range(0, len(redescribe), shard_size):
+        part = redescribe[start:start + shard_size]
+        vectors = np.stack([shards.vectors(name)[index] for _, _, name, index in part])
+        fine = None
+        if shards.fine_signature is not None:
+            fine = np.stack([shards.fine_vectors(name)[index] for _, _, name, index in part])
+        shards.write_shard(vectors, [row for _, row, _, _ in part], fine)
+
+
 def _write(writer: ThreadPoolExecutor, pending: Future | None, shards: ShardSet,
-           vectors: list[np.ndarray], rows: list[ShardRow]) -> Future:
+           vectors: list[np.ndarray], rows: list[ShardRow], fine: list[np.ndarray]) -> Future:
     # One shard in flight at a time: the next batch's forward overlaps this shard's disk write.
     if pending is not None:
         pending.result()
-    return writer.submit(shards.write_shard, np.concatenate(vectors), rows)
+    return writer.submit(shards.write_shard, np.concatenate(vectors), rows, np.concatenate(fine) if fine else None)
 
 
 def _scan(source: Path, *, workers: int, progress: bool) -> tuple[list[CorpusItem], dict[str, str]]:
@@ -191,7 +237,7 @@ def _scan(source: Path, *, workers: int, progress: bool) -> tuple[list[CorpusIte
 
 def _hash_file(path: Path) -> tuple[str | None, str | None]:
     try:
-        return content_hash(path), None
+        return image_hash(path), None
     except OSError as exc:
         return None, exc.strerror
 

@@ -1,4 +1,4 @@
-"""The index step: shards → store, incrementally (by content hash), deletions applied."""
+"""The index step: shards → store, incrementally (by document hash), deletions applied, in one load session."""
 
 from __future__ import annotations
 
@@ -28,41 +28,49 @@ class IndexSummary:
                 f"store now holds {self.total_in_store} documents ({self.seconds:.1f} s)")
 
 
-def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 2048, progress: bool = True) -> IndexSummary:
-    """Upsert every new or changed document from `shard_dir` and delete the ones the embed step
-    found gone. Refuses shards of another model than the store holds. Safe to rerun."""
+def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 10_000, lock_wait_s: float = 0.0,
+                 progress: bool = True) -> IndexSummary:
+    """Upsert every new or changed document from `shard_dir` (its document hash differs from the
+    stored one) and delete the ones the embed step found gone, in one `Store.bulk_load` session.
+    Refuses shards of another model than the store holds. Safe to rerun, and to kill: a rerun
+    writes what the killed run did not."""
     started = time.perf_counter()
     shards = ShardSet(shard_dir)
     signature = shards.signature
     if signature is None:
         raise ShardError(f"{shard_dir} holds no shards (no manifest.json): run `clip-sidecar embed` first")
-    store.claim(signature)
-    stored = store.content_hashes()
-    written = unchanged = 0
-    with tqdm(unit="doc", desc="index", disable=not progress) as bar:
-        for batch in shards.documents(batch_size=batch_size):
-            changed = [doc for doc in batch if stored.get(doc.id) != doc.content_hash]
-            if changed:
-                written += store.upsert(changed)
-            unchanged += len(batch) - len(changed)
-            bar.update(len(batch))
-    gone = [doc_id for doc_id in shards.deleted if doc_id in stored]
-    deleted = store.delete(gone) if gone else 0
-    summary = IndexSummary(written=written, unchanged=unchanged, deleted=deleted, total_in_store=store.count(),
-                           seconds=time.perf_counter() - started)
+    live = shards.live()
+    with store.bulk_load(lock_wait_s=lock_wait_s) as load:
+        # Inside the session: under OpenSearch's load lock, what is stored cannot change under us.
+        store.claim(signature)
+        stored = store.content_hashes()
+        changed = [entry for doc_id, entry in live.items() if stored.get(doc_id) != shards.document_hash(entry[1])]
+        gone = [doc_id for doc_id in shards.deleted if doc_id in stored]
+        log.info("%d documents in %s: %d to write, %d unchanged, %d to delete", len(live), shard_dir,
+                 len(changed), len(live) - len(changed), len(gone))
+        load.expect(len(changed) + len(gone))
+        written = 0
+        with tqdm(total=len(changed), unit="doc", desc="index", disable=not progress) as bar:
+            for batch in shards.documents(batch_size=batch_size, entries=changed):
+                written += store.upsert(batch)
+                bar.update(len(batch))
+        deleted = store.delete(gone) if gone else 0
+    summary = IndexSummary(written=written, unchanged=len(live) - len(changed), deleted=deleted,
+                           total_in_store=store.count(), seconds=time.perf_counter() - started)
     log.info("index finished: %s", summary.describe())
     return summary
 
 
-def rebuild_index(store: Store, shard_dir: Path, *, progress: bool = True) -> IndexSummary:
+def rebuild_index(store: Store, shard_dir: Path, *, batch_size: int = 10_000, lock_wait_s: float = 0.0,
+                  progress: bool = True) -> IndexSummary:
     """Full rebuild into a fresh index behind the store's alias, swapped in when complete."""
     started = time.perf_counter()
     shards = ShardSet(shard_dir)
     if shards.signature is None:
         raise ShardError(f"{shard_dir} holds no shards (no manifest.json): run `clip-sidecar embed` first")
-    documents = (doc for batch in tqdm(shards.documents(), unit="batch", desc="rebuild", disable=not progress)
-                 for doc in batch)
-    new_index = store.rebuild(documents, signature=shards.signature)
+    documents = (doc for batch in tqdm(shards.documents(batch_size=batch_size), unit="batch", desc="rebuild",
+                                       disable=not progress) for doc in batch)
+    new_index = store.rebuild(documents, signature=shards.signature, lock_wait_s=lock_wait_s)
     total = store.count()
     log.info("rebuilt into %s and swapped the alias", new_index)
     return IndexSummary(written=total, unchanged=0, deleted=0, total_in_store=total,

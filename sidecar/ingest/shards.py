@@ -3,25 +3,34 @@
 Layout of an output directory:
   manifest.json        model signature, preprocessing, dtype, normalisation, shard list, deleted ids
   shard-00000.npy      float32 [n, dim], L2-normalised
-  shard-00000.jsonl    n rows: id, path, text, metadata, content_hash (row i ↔ vector i)
+  shard-00000.jsonl    n rows: id, path, text, metadata, image_hash, content_hash (row i ↔ vector i)
+  shard-00000.fine.npy float32 [n, fine dim]: the fine-ranking model's vectors, when the manifest names one
   errors.jsonl         images that could not be used, with the reason (rewritten each run)
-A shard is written under temporary names and renamed into place, .npy before .jsonl, and the
-manifest after both: a run killed at any point leaves only complete shards behind.
+A shard is written under temporary names and renamed into place, the .npy files before .jsonl,
+and the manifest after both: a run killed at any point leaves only complete shards behind.
+
+Format 2 rows carry two hashes (`sidecar.ingest.identity`): `image_hash` (the image's bytes) and
+`content_hash` (the document: image, text and metadata). Format 1 rows, written before text and
+metadata counted, have only `content_hash`, which was the image's hash; they are read in place
+(the document hash is derived from their text and metadata), so an old directory keeps working
+and a rerun of `embed` re-encodes nothing that did not change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from sidecar.ingest.identity import document_hash
 from sidecar.types import Document, ModelSignature
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class ShardError(ValueError):
@@ -34,7 +43,16 @@ class ShardRow:
     path: str
     text: str
     metadata: dict[str, Any]
-    content_hash: str
+    content_hash: str  # the document: image, text and metadata
+    image_hash: str  # the image's bytes alone
+
+    @classmethod
+    def from_json(cls, line: str) -> ShardRow:
+        fields = json.loads(line)
+        if "image_hash" not in fields:  # format 1: content_hash was the image's hash
+            fields["image_hash"] = fields["content_hash"]
+            fields["content_hash"] = document_hash(fields["image_hash"], fields["text"], fields["metadata"])
+        return cls(**fields)
 
 
 class ShardSet:
@@ -46,11 +64,30 @@ class ShardSet:
         self.manifest: dict[str, Any] = {}
         if self.manifest_path.exists():
             self.manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        found = self.manifest.get("format_version", 1)
+        if found > FORMAT_VERSION:
+            raise ShardError(f"{self.root} holds shards of format {found}, written by a newer clip-sidecar; "
+                             f"this version reads formats up to {FORMAT_VERSION}")
 
     @property
     def signature(self) -> ModelSignature | None:
         model = self.manifest.get("model")
         return ModelSignature(**model) if model else None
+
+    @property
+    def fine_signature(self) -> ModelSignature | None:
+        """The fine-ranking model whose vectors every shard holds beside the model's, or None."""
+        model = self.manifest.get("fine_model")
+        return ModelSignature(**model) if model else None
+
+    def document_hash(self, row: ShardRow) -> str:
+        """What the store records for the row: its content hash, plus the fine model when there is
+        one, so indexing the same corpus with a fine model (or another one) rewrites every document."""
+        fine = self.fine_signature
+        if fine is None:
+            return row.content_hash
+        tag = hashlib.sha256(json.dumps(asdict(fine), sort_keys=True).encode("utf-8")).hexdigest()[:12]
+        return f"{row.content_hash}+fine:{tag}"
 
     def shard_names(self) -> list[str]:
         """Complete shards: named in the manifest, or fully renamed into place after it was written."""
@@ -60,18 +97,28 @@ class ShardSet:
                 names.append(npy.stem)  # killed after both renames, before the manifest update
         return names
 
-    def start(self, signature: ModelSignature, *, preprocessing: dict[str, Any]) -> None:
-        """Claim the directory for a model; refuse one written by another model."""
+    def start(self, signature: ModelSignature, *, preprocessing: dict[str, Any],
+              fine_signature: ModelSignature | None = None) -> None:
+        """Claim the directory for a model (and fine model); refuse one written by other models."""
         existing = self.signature
         if existing is not None and existing != signature:
             raise ShardError(f"{self.root} holds shards of {existing.describe()}, not {signature.describe()}; "
                              "write to a new --out directory to embed with another model")
+        if existing is not None and self.shard_names() and self.fine_signature != fine_signature:
+            def name(sig: ModelSignature | None) -> str:
+                return sig.describe() if sig else "no fine model"
+
+            raise ShardError(f"{self.root} holds shards with {name(self.fine_signature)}, not "
+                             f"{name(fine_signature)}; write to a new --out directory to embed with another "
+                             "fine model")
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob("*.tmp"):
             stale.unlink()  # leftovers of a killed run
         self.manifest = {"format_version": FORMAT_VERSION, "model": asdict(signature), "dtype": "float32",
                          "normalised": "l2", "preprocessing": preprocessing, "shards": self.shard_names(),
                          "deleted": self.manifest.get("deleted", [])}
+        if fine_signature is not None:
+            self.manifest["fine_model"] = asdict(fine_signature)
         self._write_manifest()
 
     def rows(self) -> Iterator[tuple[str, ShardRow, int]]:
@@ -79,27 +126,35 @@ class ShardSet:
         for name in self.shard_names():
             with (self.root / f"{name}.jsonl").open(encoding="utf-8") as fh:
                 for index, line in enumerate(fh):
-                    yield name, ShardRow(**json.loads(line)), index
+                    yield name, ShardRow.from_json(line), index
 
     def latest(self) -> dict[str, tuple[str, ShardRow, int]]:
         """id → its newest row: a changed file's later shard supersedes the earlier one."""
         return {row.id: (name, row, index) for name, row, index in self.rows()}
 
-    def write_shard(self, vectors: np.ndarray, rows: list[ShardRow]) -> str:
+    def write_shard(self, vectors: np.ndarray, rows: list[ShardRow], fine_vectors: np.ndarray | None = None) -> str:
         if len(vectors) != len(rows):
             raise ShardError(f"shard has {len(vectors)} vectors but {len(rows)} rows")
+        if (fine_vectors is None) != (self.fine_signature is None) or (
+                fine_vectors is not None and len(fine_vectors) != len(rows)):
+            raise ShardError(f"shard needs one fine vector per row exactly when the manifest names a fine model "
+                             f"({self.fine_signature.describe() if self.fine_signature else 'none'})")
         name = f"shard-{len(self.shard_names()):05d}"
         npy, jsonl = self.root / f"{name}.npy", self.root / f"{name}.jsonl"
-        with open(npy.with_suffix(".npy.tmp"), "wb") as fh:
-            np.save(fh, np.ascontiguousarray(vectors, dtype=np.float32))
-            fh.flush()
-            os.fsync(fh.fileno())
+        arrays = [(npy, vectors)] + ([(self.root / f"{name}.fine.npy", fine_vectors)] if fine_vectors is not None
+                                     else [])
+        for path, array in arrays:
+            with open(path.with_suffix(".npy.tmp"), "wb") as fh:
+                np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
+                fh.flush()
+                os.fsync(fh.fileno())
         with open(jsonl.with_suffix(".jsonl.tmp"), "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(npy.with_suffix(".npy.tmp"), npy)
+        for path, _ in reversed(arrays):  # the fine vectors first: a complete .npy + .jsonl pair implies them
+            os.replace(path.with_suffix(".npy.tmp"), path)
         os.replace(jsonl.with_suffix(".jsonl.tmp"), jsonl)
         self.manifest["shards"] = self.shard_names()
         self._write_manifest()
@@ -113,25 +168,40 @@ class ShardSet:
     def deleted(self) -> list[str]:
         return list(self.manifest.get("deleted", []))
 
-    def documents(self, *, batch_size: int = 2048) -> Iterator[list[Document]]:
-        """Live documents (newest row per id, deleted ids left out), in batches, for indexing."""
-        latest = self.latest()
+    def live(self) -> dict[str, tuple[str, ShardRow, int]]:
+        """id → its newest row, deleted ids left out: what the store should hold."""
         deleted = set(self.deleted)
+        return {doc_id: entry for doc_id, entry in self.latest().items() if doc_id not in deleted}
+
+    def documents(self, *, batch_size: int = 2048,
+                  entries: Iterable[tuple[str, ShardRow, int]] | None = None) -> Iterator[list[Document]]:
+        """Documents in batches, for indexing: `entries` (rows from `live()`), else every live one."""
         by_shard: dict[str, list[tuple[ShardRow, int]]] = {}
-        for name, row, index in latest.values():
-            if row.id not in deleted:
-                by_shard.setdefault(name, []).append((row, index))
+        for name, row, index in (self.live().values() if entries is None else entries):
+            by_shard.setdefault(name, []).append((row, index))
         batch: list[Document] = []
-        for name, entries in by_shard.items():
-            vectors = np.load(self.root / f"{name}.npy", mmap_mode="r")
-            for row, index in entries:
+        for name, rows in by_shard.items():
+            vectors = self.vectors(name)
+            fine = self.fine_vectors(name)
+            for row, index in rows:
                 batch.append(Document(id=row.id, vector=np.asarray(vectors[index], dtype=np.float32),
-                                      text=row.text, metadata=row.metadata, content_hash=row.content_hash))
+                                      text=row.text, metadata=row.metadata, content_hash=self.document_hash(row),
+                                      fine_vector=None if fine is None else np.asarray(fine[index], dtype=np.float32)))
                 if len(batch) >= batch_size:
                     yield batch
                     batch = []
         if batch:
             yield batch
+
+    def vectors(self, name: str) -> np.ndarray:
+        """A shard's vectors, memory-mapped (row i ↔ line i of its .jsonl)."""
+        return np.load(self.root / f"{name}.npy", mmap_mode="r")
+
+    def fine_vectors(self, name: str) -> np.ndarray | None:
+        """A shard's fine-model vectors, memory-mapped, or None when the manifest names no fine model."""
+        if self.fine_signature is None:
+            return None
+        return np.load(self.root / f"{name}.fine.npy", mmap_mode="r")
 
     def _write_manifest(self) -> None:
         tmp = self.manifest_path.with_suffix(".json.tmp")

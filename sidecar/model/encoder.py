@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sidecar.config import TINY_MODEL, Settings
+from sidecar.config import Settings
 from sidecar.model.images import ImagePreprocess
 from sidecar.types import ModelSignature
 
@@ -244,11 +244,11 @@ def load_encoder(settings: Settings, *, fetch: bool = True) -> Encoder:
     model_name, pretrained = settings.model, settings.pretrained
     if settings.model_config:
         open_clip.add_model_config(settings.model_config)
-    if model_name == TINY_MODEL:
-        from sidecar.model.tiny_model import ensure_tiny_model, register_tiny_config
+    from sidecar.model.tiny_model import RECIPES, ensure_tiny_model, register_tiny_config
 
+    if model_name in RECIPES:  # one of the project's tiny models: trained on first use, then cached
         register_tiny_config()
-        pretrained = pretrained or str(ensure_tiny_model(settings.cache_dir))
+        pretrained = pretrained or str(ensure_tiny_model(settings.cache_dir, model=model_name))
     available = open_clip.list_models()
     if model_name not in available:
         raise ValueError(f"unknown model {model_name!r}; available: {', '.join(available[:12])}, … "
@@ -263,3 +263,9 @@ def load_encoder(settings: Settings, *, fetch: bool = True) -> Encoder:
     tokenizer = open_clip.get_tokenizer(model_name)
     return Encoder(model, tokenizer=tokenizer, preprocess=preprocess, name=model_name,
                    weights=weights_id(pretrained), device=device, precision=precision)
+
+
+def load_fine_encoder(settings: Settings, *, fetch: bool = True) -> Encoder | None:
+    """The fine-ranking model the settings name (`fine_model`), loaded like any model; None without one."""
+    fine = settings.fine_model_settings()
+    return None if fine is None else load_encoder(fine, fetch=fetch)

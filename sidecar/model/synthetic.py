@@ -10,7 +10,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
@@ -40,6 +40,13 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "position": POSITIONS,
 }
 
+# (colour, shape) pairs the tiny models never see in training (`sample_attributes(exclude=...)`):
+# a query for a purple star is truly out of distribution, so the benchmark can show what a model
+# does with a combination it has to compose from parts it learnt apart.
+HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
+    ("purple", "star"), ("orange", "circle"), ("black", "triangle"), ("pink", "square"), ("blue", "cross"),
+)
+
 # Shape radius as a fraction of the canvas side, and shape centre per position.
 _RADIUS = {"small": (0.13, 0.17), "large": (0.25, 0.29)}
 _CENTRE = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28),
@@ -64,9 +71,17 @@ class SyntheticItem:
     attributes: dict[str, str]
 
 
-def sample_attributes(rng: random.Random) -> dict[str, str]:
-    """Draw one value per attribute, uniformly."""
-    return {name: rng.choice(values) for name, values in ATTRIBUTES.items()}
+def sample_attributes(rng: random.Random, *, exclude: Collection[tuple[str, str]] = ()) -> dict[str, str]:
+    """Draw one value per attribute, uniformly over the (colour, shape) pairs not in `exclude`."""
+    while True:
+        attrs = {name: rng.choice(values) for name, values in ATTRIBUTES.items()}
+        if not is_held_out(attrs, exclude):
+            return attrs
+
+
+def is_held_out(attrs: Mapping[str, str], pairs: Collection[tuple[str, str]] = HELD_OUT_PAIRS) -> bool:
+    """Whether the item's (colour, shape) pair is one of `pairs`."""
+    return (attrs.get("color"), attrs.get("shape")) in pairs
 
 
 def render(attrs: Mapping[str, str], *, size: int = 64, rng: random.Random) -> Image.Image:
@@ -184,11 +199,12 @@ def item_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"sidecar.synthetic/{seed}/{index}")
 
 
-def iter_items(n: int, *, seed: int, size: int = 64, start: int = 0) -> Iterator[SyntheticItem]:
-    """Items start..start+n-1 of the stream for `seed`, rendered lazily."""
+def iter_items(n: int, *, seed: int, size: int = 64, start: int = 0,
+               exclude: Collection[tuple[str, str]] = ()) -> Iterator[SyntheticItem]:
+    """Items start..start+n-1 of the stream for `seed`, rendered lazily; none of an `exclude` pair."""
     for index in range(start, start + n):
         rng = item_rng(seed, index)
-        attrs = sample_attributes(rng)
+        attrs = sample_attributes(rng, exclude=exclude)
         yield SyntheticItem(id=f"item-{index:06d}", image=render(attrs, size=size, rng=rng),
                             caption=full_caption(attrs), attributes=attrs)
 
@@ -212,20 +228,30 @@ def write_corpus(folder: Path | str, n: int, *, seed: int, size: int = 64, progr
     """Write `n` items as `<id>.jpg` plus `manifest.jsonl`; returns the manifest path.
 
     Manifest lines: {"id", "path" (relative to folder), "text" (BM25 description), "metadata":
-    {"shape", "color", "size", "position"}}. The manifest is written to a temporary name and
-    renamed last, so a manifest present means every image it lists is complete.
+    {"shape", "color", "size", "position"}}.
+    """
+    entries = ((item.id, item.image, describe(item.attributes), item.attributes)
+               for item in iter_items(n, seed=seed, size=size))
+    return write_manifest_corpus(folder, entries, total=n, progress=progress)
+
+
+def write_manifest_corpus(folder: Path | str, entries: Iterable[tuple[str, Image.Image, str, Mapping[str, Any]]],
+                          *, total: int, progress: bool = False) -> Path:
+    """Write (id, image, text, metadata) entries as `<id>.jpg` plus `manifest.jsonl`; returns its path.
+
+    The manifest is written to a temporary name and renamed last, so a manifest present means
+    every image it lists is complete.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "manifest.jsonl"
     partial = folder / f".manifest.jsonl.{os.getpid()}.tmp"
     with partial.open("w", encoding="utf-8") as out:
-        for item in tqdm(iter_items(n, seed=seed, size=size), total=n, disable=not progress,
-                         desc="render", unit="img"):
-            name = f"{item.id}.jpg"
-            item.image.save(folder / name, format="JPEG", quality=JPEG_QUALITY)
-            out.write(json.dumps({"id": item.id, "path": name, "text": describe(item.attributes),
-                                  "metadata": item.attributes}) + "\n")
+        for doc_id, image, text, metadata in tqdm(entries, total=total, disable=not progress, desc="render",
+                                                  unit="img"):
+            name = f"{doc_id}.jpg"
+            image.save(folder / name, format="JPEG", quality=JPEG_QUALITY)
+            out.write(json.dumps({"id": doc_id, "path": name, "text": text, "metadata": dict(metadata)}) + "\n")
     os.replace(partial, manifest)
-    log.info("wrote %d synthetic images and %s", n, manifest)
+    log.info("wrote %d synthetic images and %s", total, manifest)
     return manifest

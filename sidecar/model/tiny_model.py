@@ -1,4 +1,10 @@
-"""The tiny CLIP: an open_clip model the project trains on synthetic shapes, since no weights can be downloaded."""
+"""The tiny CLIPs: open_clip models the project trains on synthetic shapes, since no weights can be downloaded.
+
+Two of them: `tiny-clip`, the fast model every store is built with by default, and
+`tiny-clip-large` (more capacity, twice the input resolution), the stronger model the
+fine-ranking stage and the relevance benchmark use. Both are trained the same way, on the same
+data, with the same (colour, shape) pairs held out (`synthetic.HELD_OUT_PAIRS`).
+"""
 
 from __future__ import annotations
 
@@ -21,13 +27,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from sidecar.config import TINY_MODELS
 from sidecar.model import synthetic
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-CONFIG_PATH = CONFIG_DIR / "tiny-clip.json"
-MODEL_NAME = CONFIG_PATH.stem  # "tiny-clip": the name open_clip knows it by once registered
+# The fast model and the stronger one (for fine ranking): the names open_clip knows them by once registered.
+MODEL_NAME, LARGE_MODEL_NAME = TINY_MODELS
 # Bump when the training code changes what a given recipe and seed produce: old caches then miss.
 CODE_VERSION = "1"
 # Training items come from synthetic seeds TRAIN_SEED_OFFSET + seed; evaluation uses a seed
@@ -51,9 +58,18 @@ class TrainRecipe:
     # Share of training images decoded with JPEG draft mode (DCT-domain downscale), the way a
     # reader that asks PIL for the model's size decodes them; the rest are fully decoded.
     draft_fraction: float = 0.5
+    # (colour, shape) pairs no training image shows: queries for them are out of distribution.
+    held_out_pairs: tuple[tuple[str, str], ...] = synthetic.HELD_OUT_PAIRS
 
 
 DEFAULT_RECIPE = TrainRecipe()
+LARGE_STEPS = 900
+LARGE_TRAIN_IMAGES = 8000
+# Each tiny model with the recipe that trains it: the config file is model_configs/<name>.json.
+RECIPES: dict[str, TrainRecipe] = {
+    MODEL_NAME: DEFAULT_RECIPE,
+    LARGE_MODEL_NAME: TrainRecipe(steps=LARGE_STEPS, train_images=LARGE_TRAIN_IMAGES, warmup_steps=90),
+}
 
 
 class TinyModelSpec(NamedTuple):
@@ -65,63 +81,74 @@ class TinyModelSpec(NamedTuple):
 
 
 def register_tiny_config() -> None:
-    """Make "tiny-clip" known to open_clip (add_model_config), once per process."""
+    """Make the tiny models known to open_clip (add_model_config), once per process."""
     import open_clip
 
-    if MODEL_NAME not in open_clip.list_models():
+    if not set(RECIPES) <= set(open_clip.list_models()):
         open_clip.add_model_config(CONFIG_DIR)
 
 
-def cache_key(*, seed: int = 0, recipe: TrainRecipe = DEFAULT_RECIPE) -> str:
+def _recipe(model: str, recipe: TrainRecipe | None) -> TrainRecipe:
+    if model not in RECIPES:
+        raise ValueError(f"unknown tiny model {model!r}; available: {', '.join(RECIPES)}")
+    return RECIPES[model] if recipe is None else recipe
+
+
+def cache_key(*, model: str = MODEL_NAME, seed: int = 0, recipe: TrainRecipe | None = None) -> str:
     """Hash of everything that decides the weights: config, recipe, seed, code version."""
-    payload = json.dumps({"config": json.loads(CONFIG_PATH.read_text(encoding="utf-8")),
-                          "recipe": asdict(recipe), "seed": seed, "code": CODE_VERSION},
+    recipe = _recipe(model, recipe)
+    config = json.loads((CONFIG_DIR / f"{model}.json").read_text(encoding="utf-8"))
+    payload = json.dumps({"config": config, "recipe": asdict(recipe), "seed": seed, "code": CODE_VERSION},
                          sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
-def checkpoint_path(cache_dir: Path, *, seed: int = 0, recipe: TrainRecipe = DEFAULT_RECIPE) -> Path:
-    return Path(cache_dir) / "tiny-clip" / f"tiny-clip-{cache_key(seed=seed, recipe=recipe)}.pt"
+def checkpoint_path(cache_dir: Path, *, model: str = MODEL_NAME, seed: int = 0,
+                    recipe: TrainRecipe | None = None) -> Path:
+    return Path(cache_dir) / "tiny-clip" / f"{model}-{cache_key(model=model, seed=seed, recipe=recipe)}.pt"
 
 
-def tiny_model_spec(cache_dir: Path, *, seed: int = 0, recipe: TrainRecipe = DEFAULT_RECIPE) -> TinyModelSpec:
+def tiny_model_spec(cache_dir: Path, *, model: str = MODEL_NAME, seed: int = 0,
+                    recipe: TrainRecipe | None = None) -> TinyModelSpec:
     """Register the config, train the model if its checkpoint is missing, and say how to load it."""
     register_tiny_config()
-    return TinyModelSpec(MODEL_NAME, ensure_tiny_model(cache_dir, seed=seed, recipe=recipe), CONFIG_DIR)
+    return TinyModelSpec(model, ensure_tiny_model(cache_dir, model=model, seed=seed, recipe=recipe), CONFIG_DIR)
 
 
-def ensure_tiny_model(cache_dir: Path, *, seed: int = 0, recipe: TrainRecipe = DEFAULT_RECIPE,
+def ensure_tiny_model(cache_dir: Path, *, model: str = MODEL_NAME, seed: int = 0, recipe: TrainRecipe | None = None,
                       progress: bool = True, threads: int | None = None) -> Path:
-    """Path of the trained checkpoint, training it first if the cache lacks it.
+    """Path of the trained checkpoint of tiny model `model`, training it first if the cache lacks it.
 
     A file lock makes concurrent callers wait for one trainer instead of training twice; the
     checkpoint appears by atomic rename, so a killed run leaves no partial file behind.
     """
-    path = checkpoint_path(cache_dir, seed=seed, recipe=recipe)
+    recipe = _recipe(model, recipe)
+    path = checkpoint_path(cache_dir, model=model, seed=seed, recipe=recipe)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(path.with_suffix(".lock")):
         if path.is_file():  # another process finished it while we waited
             return path
-        log.info("tiny model not cached at %s: training it (seed=%d, %d steps)", path, seed, recipe.steps)
+        log.info("%s not cached at %s: training it (seed=%d, %d steps; a few minutes, once)", model, path, seed,
+                 recipe.steps)
         started = time.perf_counter()
-        model = train_tiny_model(seed=seed, recipe=recipe, progress=progress, threads=threads)
+        trained = train_tiny_model(model=model, seed=seed, recipe=recipe, progress=progress, threads=threads)
         train_seconds = time.perf_counter() - started
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as fh:
-                torch.save(model.state_dict(), fh)  # a plain state dict: what open_clip's loader reads
+                torch.save(trained.state_dict(), fh)  # a plain state dict: what open_clip's loader reads
                 fh.flush()
                 os.fsync(fh.fileno())
             # Evaluate the file through the users' loading path, so a checkpoint that open_clip
             # cannot load (or loads differently) never lands in the cache.
-            metrics = evaluate_tiny_model(*load_tiny_model(tmp))
-            log.info("tiny model trained in %.0f s; held-out text→image %s", train_seconds,
+            metrics = evaluate_tiny_model(*load_tiny_model(tmp, model=model))
+            log.info("%s trained in %.0f s; held-out text→image %s", model, train_seconds,
                      ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
             import open_clip
 
-            info = {"model": MODEL_NAME, "seed": seed, "recipe": asdict(recipe), "code_version": CODE_VERSION,
+            info = {"model": model, "seed": seed, "recipe": asdict(recipe), "code_version": CODE_VERSION,
                     "train_seconds": round(train_seconds, 1), "heldout_metrics": metrics,
                     "torch": torch.__version__, "open_clip": open_clip.__version__}
             _atomic_write(path.with_suffix(".json"), json.dumps(info, indent=2).encode("utf-8"))
@@ -138,7 +165,7 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("another process is training the tiny model (%s); waiting for it", lock_path)
+            log.info("another process is training this tiny model (%s); waiting for it", lock_path)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -168,23 +195,23 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _create_untrained(seed: int):
+def _create_untrained(name: str, seed: int):
     import open_clip
 
     register_tiny_config()
     torch.manual_seed(seed)
     # Random init is the point here; open_clip logs (not warns) that no weights were loaded.
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=None)
-    return model, preprocess, open_clip.get_tokenizer(MODEL_NAME)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    return model, preprocess, open_clip.get_tokenizer(name)
 
 
-def load_tiny_model(checkpoint: Path | str):
+def load_tiny_model(checkpoint: Path | str, *, model: str = MODEL_NAME):
     """(model, tokenizer, preprocess_val) for a checkpoint, loaded exactly as users load theirs."""
     import open_clip
 
     register_tiny_config()
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=os.fspath(checkpoint))
-    return model.eval(), open_clip.get_tokenizer(MODEL_NAME), preprocess
+    loaded, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=os.fspath(checkpoint))
+    return loaded.eval(), open_clip.get_tokenizer(model), preprocess
 
 
 def _decode_like_reader(image: Image.Image, *, quality: int, draft_side: int | None) -> Image.Image:
@@ -212,7 +239,7 @@ def _attribute_codes(attrs: Mapping[str, str]) -> list[int]:
 def _render_dataset(preprocess, *, n: int, seed: int, recipe: TrainRecipe, input_side: int) -> _Dataset:
     rng = random.Random(f"tiny-model/decode/{seed}")
     pixels, attributes = [], []
-    for item in synthetic.iter_items(n, seed=seed, size=recipe.render_size):
+    for item in synthetic.iter_items(n, seed=seed, size=recipe.render_size, exclude=recipe.held_out_pairs):
         draft = input_side if rng.random() < recipe.draft_fraction else None
         pixels.append(preprocess(_decode_like_reader(item.image, quality=recipe.jpeg_quality, draft_side=draft)))
         attributes.append(item.attributes)
@@ -241,18 +268,20 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     return (text_to_image.mean() + image_to_text.mean()) / 2
 
 
-def train_tiny_model(*, seed: int = 0, recipe: TrainRecipe = DEFAULT_RECIPE, progress: bool = True,
-                     threads: int | None = None):
-    """Train the tiny CLIP from scratch on synthetic renders; returns the open_clip model (eval mode).
+def train_tiny_model(*, model: str = MODEL_NAME, seed: int = 0, recipe: TrainRecipe | None = None,
+                     progress: bool = True, threads: int | None = None):
+    """Train tiny model `model` from scratch on synthetic renders; returns the open_clip model (eval mode).
 
     Deterministic for a given seed and recipe on a given machine: seeded init, data and batches,
     and a fixed thread count (`threads`, default: up to 2, the cores these machines have; not part
     of the cache key, since it changes float summation order, not what the model learns). Images pass through the model's own validation preprocess
     (after a JPEG round trip), so inference on written corpora sees what training saw.
     """
+    recipe = _recipe(model, recipe)
+    name = model
     # fork_rng: seeding here must not change the caller's random stream.
     with _torch_threads(threads or min(2, os.cpu_count() or 1)), torch.random.fork_rng(devices=[]):
-        model, preprocess, tokenizer = _create_untrained(seed)
+        model, preprocess, tokenizer = _create_untrained(name, seed)
         input_side = int(model.visual.image_size[0])
         started = time.perf_counter()
         data = _render_dataset(preprocess, n=recipe.train_images, seed=TRAIN_SEED_OFFSET + seed,
@@ -268,7 +297,7 @@ def train_tiny_model(*, seed: int = 0, recipe: TrainRecipe = DEFAULT_RECIPE, pro
         model.train()
         order = torch.randperm(len(data.attributes), generator=generator)
         cursor = 0
-        bar = tqdm(range(recipe.steps), desc="train tiny-clip", unit="step", disable=not progress)
+        bar = tqdm(range(recipe.steps), desc=f"train {name}", unit="step", disable=not progress)
         for step in bar:
             if cursor + recipe.batch_size > len(order):
                 order, cursor = torch.randperm(len(data.attributes), generator=generator), 0
@@ -336,6 +365,8 @@ def evaluate_tiny_model(model, tokenizer, preprocess, *, n: int = 200, seed: int
         when combinations repeat, since ties among identical-attribute images are arbitrary).
       - "partial_recall@K" (if `partial_queries`): one random partial caption per item (e.g. "red
         circle"), a hit if a top-K image has every attribute the caption names.
+      - "held_out_recall@K": "recall@K" over the items whose (colour, shape) pair training held
+        out (`synthetic.HELD_OUT_PAIRS`; about 1 in 8 items): combinations the model never saw.
     """
     items = synthetic.sample_items(n, seed=seed)
     pixels = torch.stack([preprocess(synthetic.jpeg_roundtrip(item.image)) for item in items])
@@ -353,10 +384,14 @@ def evaluate_tiny_model(model, tokenizer, preprocess, *, n: int = 200, seed: int
     full_scores, partial_scores = scores[:n], scores[n:]
     match = _positives(image_codes, image_codes)
     own = torch.eye(n, dtype=torch.bool)
+    held_out = torch.tensor([synthetic.is_held_out(item.attributes) for item in items])
     for k in ks:
         top = full_scores.topk(k, dim=1).indices
-        metrics[f"recall@{k}"] = match.gather(1, top).any(1).float().mean().item()
+        hits = match.gather(1, top).any(1).float()
+        metrics[f"recall@{k}"] = hits.mean().item()
         metrics[f"exact_recall@{k}"] = own.gather(1, top).any(1).float().mean().item()
+        if held_out.any():
+            metrics[f"held_out_recall@{k}"] = hits[held_out].mean().item()
     if partial:
         partial_match = _positives(torch.tensor([_attribute_codes(s) for _, s in partial]), image_codes)
         for k in ks:

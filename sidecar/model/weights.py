@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from sidecar.config import TINY_MODEL, Settings
+from sidecar.config import TINY_MODELS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,14 @@ def missing_weights(settings: Settings) -> str | None:
     """None if the configured model can load without a download or training; else what is missing
     and the command that puts it there. Touches no network."""
     model, pretrained = settings.model, settings.pretrained
-    if model == TINY_MODEL and not pretrained:
+    if model in TINY_MODELS and not pretrained:
         from sidecar.model.tiny_model import checkpoint_path
 
-        path = checkpoint_path(settings.cache_dir)
+        path = checkpoint_path(settings.cache_dir, model=model)
         if path.is_file():
             return None
-        return (f"the tiny model is not trained yet (no {path}); run `clip-sidecar models train` "
-                f"(or `{FETCH_COMMAND}`) first: it trains in a few minutes on CPU")
+        return (f"the tiny model is not trained yet ({model}: no {path}); run `clip-sidecar models train` "
+                f"(or `{FETCH_COMMAND}`) with the same model settings first: it trains in minutes on CPU")
     if not pretrained:
         return None  # random weights: nothing to fetch
     if Path(pretrained).is_file():
@@ -63,10 +63,10 @@ def fetch_weights(settings: Settings, *, progress: bool = True) -> str:
     """Put the configured model's weights in the cache (download a tag, train the tiny model);
     returns where they are. FetchFailed says why a download failed."""
     model, pretrained = settings.model, settings.pretrained
-    if model == TINY_MODEL and not pretrained:
+    if model in TINY_MODELS and not pretrained:
         from sidecar.model.tiny_model import ensure_tiny_model
 
-        return str(ensure_tiny_model(settings.cache_dir, progress=progress))
+        return str(ensure_tiny_model(settings.cache_dir, model=model, progress=progress))
     if not pretrained:
         return f"{model} has no pretrained weights configured (random init): nothing to fetch"
     if Path(pretrained).is_file():

@@ -1,4 +1,4 @@
-"""Two-stage retrieval over any store: coarse (vector / BM25 / hybrid, top N), then rerank to top K."""
+"""Two-stage retrieval over any store: coarse (vector / BM25 / hybrid, top N), then the fine stage to top K."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from sidecar.retrieval.fine import MissingFineVectors, fine_rank
 from sidecar.retrieval.fusion import FUSION_METHODS, fuse
 from sidecar.stores.base import Store
 from sidecar.types import Filters
@@ -19,11 +20,16 @@ MODES = ("vector", "bm25", "hybrid")
 class SearchOptions:
     mode: str = "hybrid"
     k: int = 10
-    candidates: int = 100  # N: how many the coarse stage hands to the rerank
+    candidates: int = 100  # N: how many the coarse stage hands to the fine stage
     fusion: str = "minmax"
-    weights: tuple[float, float] = (0.7, 0.3)  # (vector, bm25)
-    rerank: bool = True
+    # (vector, bm25). Chosen on the relevance benchmark (bench/RESULTS.md): equal weights beat 0.7/0.3
+    # by 12.6 points of nDCG@10 without a fine model, and tie it (-0.2) with one.
+    weights: tuple[float, float] = (0.5, 0.5)
+    # The fine stage (a stronger model over the N candidates), where one is configured. None = the
+    # mode's default: on, except in bm25 mode, which ranks by BM25 unless asked to fuse vectors.
+    rerank: bool | None = None
     exact: bool = False  # brute-force vector search instead of ANN
+    ef_search: int | None = None  # HNSW breadth for this query (None: the store's setting)
     filters: Filters | None = None
     # Hybrid on a store with its own fusion (OpenSearch + neural-search): fuse there when it
     # supports the fusion asked for; False always fuses in Python (to compare the two).
@@ -36,6 +42,10 @@ class SearchOptions:
             raise ValueError(f"fusion {self.fusion!r}: choose one of {', '.join(FUSION_METHODS)}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.rerank is None:
+            object.__setattr__(self, "rerank", self.mode != "bm25")
+        if self.ef_search is not None and self.ef_search < 1:
+            raise ValueError(f"ef_search must be >= 1, got {self.ef_search}")
         if self.candidates < self.k:
             object.__setattr__(self, "candidates", self.k)
         if len(self.weights) != 2 or min(self.weights) < 0 or sum(self.weights) <= 0:
@@ -46,7 +56,7 @@ class SearchOptions:
 class Hit:
     id: str
     score: float
-    scores: dict[str, float]  # per stage: vector, bm25, fused, rerank — why it ranked there
+    scores: dict[str, float]  # per stage: vector, bm25, fused, fine, rerank — why it ranked there
     text: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -59,6 +69,8 @@ class Hit:
 class SearchResult:
     hits: list[Hit]
     timings_s: dict[str, float]  # coarse, rerank
+    reranked: bool = False  # whether the fine stage ranked the hits
+    rerank_skipped: str | None = None  # why a requested fine stage did not run
 
 
 def query_vector(text_vector: np.ndarray | None, image_vector: np.ndarray | None) -> np.ndarray | None:
@@ -70,7 +82,14 @@ def query_vector(text_vector: np.ndarray | None, image_vector: np.ndarray | None
     return combined / max(float(np.linalg.norm(combined)), 1e-12)
 
 
-def search(store: Store, *, vector: np.ndarray | None, text: str | None, options: SearchOptions) -> SearchResult:
+NO_FINE_MODEL = ("no fine model is configured (SIDECAR_FINE_MODEL): re-scoring the candidates with the vectors "
+                 "that found them would not be a rerank")
+
+
+def search(store: Store, *, vector: np.ndarray | None, text: str | None, options: SearchOptions,
+           fine_vector: np.ndarray | None = None) -> SearchResult:
+    """Coarse retrieval of N candidates, then (with `options.rerank` and a `fine_vector`, the query by
+    the fine model) the fine stage over them; top K with per-stage scores."""
     if options.mode in ("bm25", "hybrid") and not (text and text.strip()):
         raise ValueError(f"mode {options.mode} needs query text; use mode vector for an image-only query")
     if options.mode in ("vector", "hybrid") and vector is None:
@@ -85,13 +104,14 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
         coarse = _as_dict(store.hybrid_search(vector, text, n, filters=options.filters, fusion=options.fusion,
                                               weights=options.weights))
         top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
-        # The hybrid response carries fused scores only. The lexical evidence the rerank fuses
+        # The hybrid response carries fused scores only. The lexical evidence the fine stage fuses
         # (and `scores.bm25` shows) is raw BM25 of the candidates: one query restricted to their
         # ids, the same scores a full text_search gives them. Their vector scores come below.
         bm25_scores = _as_dict(store.text_search(text, len(top), filters=options.filters, ids=top)) if top else {}
     else:
         if options.mode in ("vector", "hybrid"):
-            vector_scores = _as_dict(store.vector_search(vector, n, filters=options.filters, exact=options.exact))
+            vector_scores = _as_dict(store.vector_search(vector, n, filters=options.filters, exact=options.exact,
+                                                         ef_search=options.ef_search))
         if options.mode in ("bm25", "hybrid"):
             bm25_scores = _as_dict(store.text_search(text, n, filters=options.filters))
         if options.mode == "hybrid":
@@ -101,41 +121,35 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
         top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
     coarse_done = time.perf_counter()
 
-    documents = {doc.id: doc for doc in store.fetch(top)}
-    top = [doc_id for doc_id in top if doc_id in documents]  # deleted between the two calls
+    fine_stage = options.rerank and fine_vector is not None
+    skipped = NO_FINE_MODEL if options.rerank and fine_vector is None else None
+    # The fine stage reads all N documents (their fine vectors); without it only the K shown are read.
+    shown = top if fine_stage else top[:options.k]
+    documents = {doc.id: doc for doc in store.fetch(shown)}
+    top = [doc_id for doc_id in shown if doc_id in documents]  # a document deleted between the two calls drops out
     if native:
         # Exact inner product from the stored full vectors (what the ANN side scored, without its error).
         vector_scores = _exact_scores(top, documents, vector)
-    if options.rerank and vector is not None:
-        final = rerank(top, documents, vector=vector, bm25_scores=bm25_scores, options=options)
-    else:
-        final = {doc_id: coarse[doc_id] for doc_id in top}
+    fine = None
+    if fine_stage:
+        try:
+            fine = fine_rank(fine_vector, [documents[d] for d in top], lexical=bm25_scores, fusion=options.fusion,
+                             weights=options.weights)
+        except MissingFineVectors as exc:
+            skipped = str(exc)
+    final = fine.final if fine else coarse
     ranked = sorted(top, key=final.__getitem__, reverse=True)[:options.k]
     hits = []
     for doc_id in ranked:
         scores = {"vector": vector_scores.get(doc_id), "bm25": bm25_scores.get(doc_id),
                   "fused": coarse[doc_id] if options.mode == "hybrid" else None,
-                  "rerank": final[doc_id] if options.rerank and vector is not None else None}
+                  "fine": fine.fine[doc_id] if fine else None, "rerank": fine.final[doc_id] if fine else None}
         doc = documents[doc_id]
         hits.append(Hit(id=doc_id, score=final[doc_id], text=doc.text, metadata=dict(doc.metadata),
                         scores={name: value for name, value in scores.items() if value is not None}))
     return SearchResult(hits=hits, timings_s={"coarse": coarse_done - started,
-                                              "rerank": time.perf_counter() - coarse_done})
-
-
-def rerank(ids: list[str], documents: dict, *, vector: np.ndarray, bm25_scores: dict[str, float],
-           options: SearchOptions) -> dict[str, float]:
-    """Fine stage: exact similarity from the stored full vectors for every candidate (BM25-only
-    candidates included), fused with the lexical evidence over the candidate set. The one rerank:
-    /v1/search and the rerank endpoint OpenSearch calls (sidecar.api.opensearch_native) both run it."""
-    if not ids:
-        return {}
-    exact = _exact_scores(ids, documents, vector)
-    lexical = {doc_id: bm25_scores[doc_id] for doc_id in ids if doc_id in bm25_scores}
-    if not lexical:
-        return exact
-    # Only hits with a positive lexical score enter the lexical list; the rest contribute 0.
-    return fuse([exact, lexical], method=options.fusion, weights=options.weights)
+                                              "rerank": time.perf_counter() - coarse_done},
+                        reranked=fine is not None, rerank_skipped=skipped)
 
 
 def uses_native_hybrid(store: Store, options: SearchOptions) -> bool:

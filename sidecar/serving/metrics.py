@@ -25,6 +25,10 @@ STAGE_SECONDS = Histogram(
 )
 _ITEM_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BATCH_SIZE = Histogram("sidecar_batch_size", "Items per forward pass", ["modality"], buckets=_ITEM_BUCKETS)
+# Rerank requests from OpenSearch the fine stage could not run for (no fine model, documents without
+# fine vectors): answered in their own order, as /v1/search keeps its coarse order.
+RERANK_SKIPPED = Counter("sidecar_rerank_skipped_total", "OpenSearch rerank requests answered in their own order",
+                         ["endpoint"])
 # What callers batch, as it arrived (ml-commons' text_embedding batch_size and connector step size
 # show here); sidecar_batch_size shows what the micro-batcher made of it across concurrent requests.
 REQUEST_ITEMS = Histogram("sidecar_request_items", "Items (texts, images, documents to rerank) per request, by endpoint",

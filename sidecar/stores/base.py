@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
@@ -24,6 +26,11 @@ class StoreQueryError(StoreError):
     API answers 400."""
 
 
+class StoreLocked(StoreError):
+    """Another load (an `index` run, a rebuild) holds the store's load lock; the message names its
+    owner and since when, and how to break the lock if that owner is gone."""
+
+
 class ModelMismatchError(StoreError):
     def __init__(self, store: ModelSignature, other: ModelSignature):
         super().__init__(
@@ -32,6 +39,37 @@ class ModelMismatchError(StoreError):
         )
         self.store = store
         self.other = other
+
+
+@dataclass
+class StoreReport:
+    """What `Store.check` found, or `Store.repair` did. `problems`: the store is not consistent
+    (answers may be wrong or missing); `notes`: harmless findings (leftovers of an interrupted
+    write, work the next load does); `actions`: what a repair changed."""
+
+    location: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+    def describe(self) -> str:
+        lines = [f"{self.location}: " + ("consistent" if self.clean else f"{len(self.problems)} problem(s)")]
+        lines += [f"  problem: {line}" for line in self.problems]
+        lines += [f"  note: {line}" for line in self.notes]
+        lines += [f"  repaired: {line}" for line in self.actions]
+        return "\n".join(lines)
+
+
+class BulkLoad(Protocol):
+    """A loading session (see `Store.bulk_load`)."""
+
+    def expect(self, count: int) -> None:
+        """How many documents the session will write or delete, once the caller knows (after
+        comparing hashes inside the session); a store may prepare itself once for a large load."""
 
 
 class Store(Protocol):
@@ -50,6 +88,15 @@ class Store(Protocol):
     def claim(self, signature: ModelSignature) -> None:
         """Record the model on first use; raise ModelMismatchError if another model is stored."""
 
+    def bulk_load(self, *, lock_wait_s: float = 0.0) -> AbstractContextManager[BulkLoad]:
+        """A loading session around the writes of one `index` run; upserts and deletes outside one
+        are sessions of their own. It makes a run of many upsert batches cost what one large load
+        costs: the embedded store brings its HNSW graph up to date and saves it once, when the
+        session ends (rows written before are searched exactly meanwhile); OpenSearch takes the
+        alias's load lock (a rebuild or another `index` run holding it is waited for up to
+        `lock_wait_s`, then StoreLocked), relaxes refresh and replicas once for a large load, and
+        refreshes and restores at the end."""
+
     def upsert(self, documents: Sequence[Document]) -> int:
         """Insert or replace by id; returns how many were written."""
 
@@ -62,9 +109,11 @@ class Store(Protocol):
         """id -> content_hash for every stored document (drives incremental indexing)."""
 
     def vector_search(
-        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False
+        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False,
+        ef_search: int | None = None,
     ) -> list[ScoredId]:
-        """Top-k by inner product; exact=True is brute force (the ANN's ground truth)."""
+        """Top-k by inner product; exact=True is brute force (the ANN's ground truth); `ef_search`
+        widens or narrows the HNSW search for this query (None: the store's setting)."""
 
     def text_search(self, query: str, k: int, *, filters: Filters | None = None,
                     ids: Sequence[str] | None = None) -> list[ScoredId]:
@@ -80,11 +129,19 @@ class Store(Protocol):
         """Top-k fused in the store, on `sidecar.retrieval.fusion`'s scale; raises StoreError where
         `supports_native_hybrid` is False."""
 
-    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature) -> str:
-        """Load `documents` into a fresh index and swap it in whole (zero downtime); returns its name.
-        Stores updated in place raise StoreError saying so."""
+    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature, lock_wait_s: float = 0.0) -> str:
+        """Load `documents` into a fresh index and swap it in whole (zero downtime), under the same
+        load lock as `bulk_load`; returns its name. Stores updated in place raise StoreError saying so."""
 
     def fetch(self, ids: Sequence[str]) -> list[Document]:
-        """Full documents (full-precision vectors included) in the order asked; unknown ids skipped."""
+        """Full documents (full-precision vectors included, and the fine model's where stored) in the
+        order asked; unknown ids skipped."""
+
+    def check(self) -> StoreReport:
+        """Read-only consistency check of what the store holds (`clip-sidecar store check`)."""
+
+    def repair(self) -> StoreReport:
+        """Rebuild what can be rebuilt from what the store committed (`clip-sidecar store repair`);
+        says what it did and what it could not restore."""
 
     def close(self) -> None: ...

@@ -12,13 +12,14 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
 
-from sidecar.stores.base import ModelMismatchError, StoreError
+from sidecar.stores.base import ModelMismatchError, StoreError, StoreReport
 from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,11 @@ log = logging.getLogger(__name__)
 _DB_FILE = "store.sqlite"
 _VECTORS_FILE = "vectors.f32"
 _LOCK_FILE = "write.lock"
-_FORMAT_VERSION = "1"
+# Format 2 records `hnsw_rows`: the graph covers rows below it, later rows are searched exactly.
+# Format 1 stores (the graph always covered every row) are read, and become format 2 on their
+# first write; a format-1 reader refuses a format-2 store instead of missing the exact tail.
+_FORMAT_VERSION = "2"
+_READABLE_FORMATS = ("1", "2")
 # 32k rows of 512-d float32 = 64 MiB per step: exact search over 1M rows stays bounded.
 _EXACT_CHUNK_ROWS = 32_768
 # Rows per HNSW add call: bounds the float32 copies handed to faiss.
@@ -35,6 +40,8 @@ _HNSW_ADD_BATCH = 16_384
 _SQL_BATCH = 500
 _MAX_QUERY_TERMS = 64
 _MAX_READ_RETRIES = 5
+# Graph vectors compared with vectors.f32 by `check` (a sample: the graph holds a copy of every row).
+_CHECK_SAMPLE_ROWS = 1024
 _WORD = re.compile(r"\w+")
 
 _SCHEMA = """
@@ -45,7 +52,8 @@ CREATE TABLE IF NOT EXISTS docs (
     text TEXT NOT NULL,
     metadata TEXT NOT NULL,
     content_hash TEXT NOT NULL,
-    deleted INTEGER NOT NULL DEFAULT 0
+    deleted INTEGER NOT NULL DEFAULT 0,
+    fine_vector BLOB
 );
 CREATE UNIQUE INDEX IF NOT EXISTS docs_live_id ON docs(id) WHERE deleted = 0;
 CREATE INDEX IF NOT EXISTS docs_dead ON docs(row) WHERE deleted = 1;
@@ -55,31 +63,81 @@ CREATE VIRTUAL TABLE IF NOT EXISTS docs_fts USING fts5(text, tokenize = 'unicode
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _State:
-    """What one committed generation looks like to this process (cached until the generation changes)."""
+    """One committed generation, as this process sees it: immutable, shared by every reader of
+    that generation (a writer builds a new one, never changes this one)."""
 
     generation: int
     n_rows: int
     dim: int | None
     signature: ModelSignature | None
     hnsw_file: str | None
+    hnsw_rows: int  # the graph covers rows below this; live rows from here on are searched exactly
     hnsw_dead: int  # tombstoned rows still inside the HNSW graph
     live: np.ndarray  # bool per row number
     live_bits: np.ndarray  # `live` packed for faiss.IDSelectorBitmap, built once per generation
+    tail: np.ndarray  # live rows >= hnsw_rows (not in the graph yet)
     vectors: np.ndarray  # (n_rows, dim) float32, memmapped
     index: Any  # faiss.IndexIDMap over IndexHNSWFlat (ids are row numbers), or None when empty
+
+
+@dataclasses.dataclass
+class _Write:
+    """A write transaction: the connection, the state it started from, the state it commits."""
+
+    conn: sqlite3.Connection
+    state: _State
+    committed: _State | None = None
+
+
+@dataclasses.dataclass
+class _Findings:
+    """What `_inspect` read from the files; `check` reports it, `repair` acts on it."""
+
+    sqlite: str = "ok"
+    n_rows: int = 0
+    dim: int | None = None
+    rows_problem: str | None = None
+    vector_rows: int = 0  # complete rows in vectors.f32
+    extra_bytes: int = 0  # past the committed rows: an interrupted append
+    bad_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    graph_problems: list[str] = dataclasses.field(default_factory=list)
+    tail_rows: int = 0
+    fts_problems: list[str] = dataclasses.field(default_factory=list)
+    leftovers: list[str] = dataclasses.field(default_factory=list)
+
+
+class _EmbeddedLoad:
+    """The embedded store's `BulkLoad`: nothing to prepare; the graph is saved when the session ends."""
+
+    def expect(self, count: int) -> None:
+        return None
 
 
 class EmbeddedStore:
     """The default zero-setup store; see the Store protocol in `sidecar.stores.base`.
 
-    Layout of `path`: `store.sqlite` (WAL; meta, docs with tombstones, FTS5), `vectors.f32`
-    (append-only float32 rows, row number = SQLite row), `hnsw.<generation>.faiss` (the ANN
-    graph, ids = row numbers), `write.lock` (fcntl lock serialising writer processes).
+    Layout of `path`: `store.sqlite` (WAL, synchronous=FULL; meta, docs with tombstones and the
+    fine-ranking model's vectors as blobs, FTS5),
+    `vectors.f32` (append-only float32 rows, row number = SQLite row), `hnsw.<generation>.faiss`
+    (the ANN graph over rows below `hnsw_rows`, ids = row numbers), `write.lock` (fcntl lock
+    serialising writer processes).
 
-    `m` and `ef_construction` apply to graphs built by this instance (new stores, rebuilds);
-    `ef_search` applies to every query. The HNSW graph is rebuilt from the live rows when
-    tombstones exceed `rebuild_tombstone_fraction` of it. Filtered vector searches whose
-    candidates number at most `exact_filter_rows` are answered exactly.
+    Writes: every upsert or delete commits its rows at once (vectors fsynced, then SQLite), but the
+    HNSW graph is brought up to date and saved only when a `bulk_load` session ends (an upsert
+    outside one is a session of its own): an `index` run of many batches writes the graph file
+    once, not once per batch. Rows the graph does not cover yet are searched exactly, so every
+    committed row answers searches at once. A new graph file is written and fsynced under a new
+    name before the commit that names it; the old one is removed only after that commit is on
+    disk. A process killed at any point leaves the last committed generation readable.
+
+    Reads take no lock: each thread reads through its own SQLite connection, in a read
+    transaction, against the immutable `_State` of that transaction's generation, so readers
+    never wait for each other or for a writer.
+
+    `m` and `ef_construction` apply to graphs built by this instance; `ef_search` applies to every
+    query. The HNSW graph is rebuilt from the live rows when tombstones exceed
+    `rebuild_tombstone_fraction` of it. Filtered vector searches whose candidates number at most
+    `exact_filter_rows` are answered exactly.
     """
 
     name = "embedded"
@@ -106,53 +164,66 @@ class EmbeddedStore:
         self.rebuild_tombstone_fraction = rebuild_tombstone_fraction
         self.exact_filter_rows = exact_filter_rows
         self.path.mkdir(parents=True, exist_ok=True)
-        # One connection shared by request threads; self._lock serialises every use of it.
-        self._lock = threading.RLock()
-        self._state: _State | None = None
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            self.path / _DB_FILE, isolation_level=None, check_same_thread=False, timeout=60.0
-        )
-        self._conn.execute("PRAGMA busy_timeout = 60000")
+        self._closed = False
+        self._state: _State | None = None  # the newest generation loaded; readers of older ones keep theirs
+        self._state_lock = threading.Lock()  # one thread loads a new generation, the others reuse it
+        self._write_lock = threading.Lock()  # writer threads of this process (write.lock: other processes)
+        self._sessions = 0
+        self._sessions_lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._writer = self._connect()
+        # A commit is on disk when COMMIT returns (WAL fsynced), before an old graph file is removed.
+        self._writer.execute("PRAGMA synchronous = FULL")
         self._initialise()
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def _initialise(self) -> None:
-        conn = self._db()
-        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
-        if exists:
-            self._check_format()
-            return
-        # Creating the schema is a write: take the writer lock so two processes creating the
-        # same store at once do not race.
-        with self._file_lock():
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # executescript() would COMMIT first; run statement by statement inside our transaction.
-                for statement in _SCHEMA.split(";\n"):
-                    if statement.strip():
-                        conn.execute(statement)
-                for key, value in (("format", _FORMAT_VERSION), ("generation", "0"), ("n_rows", "0"), ("hnsw_dead", "0")):
-                    conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        self._check_format()
+    def _connect(self) -> sqlite3.Connection:
+        # check_same_thread=False only so that close() may close every thread's connection.
+        conn = sqlite3.connect(self.path / _DB_FILE, isolation_level=None, check_same_thread=False, timeout=60.0)
+        conn.execute("PRAGMA busy_timeout = 60000")
+        return conn
 
-    def _check_format(self) -> None:
-        row = self._db().execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-        if row is None or row[0] != _FORMAT_VERSION:
+    def _initialise(self) -> None:
+        conn = self._writer
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        if not exists:
+            # Creating the schema is a write: take the writer lock so two processes creating the
+            # same store at once do not race.
+            with self._file_lock():
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    # executescript() would COMMIT first; run statement by statement inside our transaction.
+                    for statement in _SCHEMA.split(";\n"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    for key, value in (("format", _FORMAT_VERSION), ("generation", "0"), ("n_rows", "0"),
+                                       ("hnsw_rows", "0"), ("hnsw_dead", "0")):
+                        conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        if row is None or row[0] not in _READABLE_FORMATS:
             found = None if row is None else row[0]
-            raise StoreError(f"{self.path} holds embedded-store format {found!r}; this version reads {_FORMAT_VERSION!r}")
-        self._db().execute("PRAGMA synchronous = NORMAL")
+            raise StoreError(f"{self.path} holds embedded-store format {found!r}; this version reads "
+                             f"{', '.join(map(repr, _READABLE_FORMATS))}")
+        if "fine_vector" not in {column for _, column, *_ in conn.execute("PRAGMA table_info(docs)")}:
+            # Stores made before fine ranking: the column is NULL for every existing document.
+            with self._file_lock():
+                conn.execute("ALTER TABLE docs ADD COLUMN fine_vector BLOB")
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        with self._write_lock, self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            for conn in [self._writer, *self._readers]:
+                conn.close()
+            self._readers.clear()
             self._state = None
 
     def __enter__(self) -> EmbeddedStore:
@@ -161,10 +232,20 @@ class EmbeddedStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (SQLite connections must not be shared by concurrent threads)."""
+        if self._closed:
             raise StoreError(f"embedded store at {self.path} is closed")
-        return self._conn
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            with self._state_lock:
+                if self._closed:
+                    conn.close()
+                    raise StoreError(f"embedded store at {self.path} is closed")
+                self._readers.append(conn)
+            self._local.conn = conn
+        return conn
 
     # -- snapshots and locking ----------------------------------------------------------------
 
@@ -178,79 +259,114 @@ class EmbeddedStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[_State]:
-        """A consistent snapshot: SQLite read transaction + the vectors/HNSW of that generation."""
-        with self._lock:
-            conn = self._db()
-            for _ in range(_MAX_READ_RETRIES):
-                conn.execute("BEGIN")
-                try:
-                    state = self._refresh()
-                except FileNotFoundError:
-                    # A writer committed a newer graph and removed ours after our snapshot began;
-                    # a fresh snapshot names the file that exists now.
-                    conn.execute("ROLLBACK")
-                    self._state = None
-                    continue
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                try:
-                    yield state
-                finally:
-                    conn.execute("ROLLBACK")
-                return
-            raise StoreError(f"could not load a consistent snapshot of {self.path}: writers kept replacing it")
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[_State]:
-        """Exclusive writer: fcntl lock across processes, then an IMMEDIATE SQLite transaction."""
-        with self._lock, self._file_lock():
-            conn = self._db()
-            conn.execute("BEGIN IMMEDIATE")
+    def _read(self) -> Iterator[tuple[sqlite3.Connection, _State]]:
+        """A consistent snapshot without a lock: this thread's SQLite read transaction + the
+        vectors/HNSW of that transaction's generation."""
+        conn = self._reader()
+        missing: FileNotFoundError | None = None
+        for _ in range(_MAX_READ_RETRIES):
+            conn.execute("BEGIN")
             try:
-                yield self._refresh()
-                conn.execute("COMMIT")
+                state = self._snapshot(conn)
+            except FileNotFoundError as exc:
+                # A writer committed a newer graph and removed ours after our snapshot began;
+                # a fresh snapshot names the file that exists now.
+                conn.execute("ROLLBACK")
+                missing = exc
+                continue
             except BaseException:
                 conn.execute("ROLLBACK")
-                # The in-memory graph may hold rows that never committed: reload from disk next time.
-                self._state = None
                 raise
-            self._remove_stale_graphs()
+            try:
+                yield conn, state
+            finally:
+                conn.execute("ROLLBACK")
+            return
+        raise StoreError(f"{self.path}: the graph file {missing} named by the committed generation is missing; "
+                         "run `clip-sidecar store repair` (it rebuilds the graph from the stored vectors)")
 
-    def _refresh(self) -> _State:
-        meta = dict(self._db().execute("SELECT key, value FROM meta").fetchall())
+    def _snapshot(self, conn: sqlite3.Connection) -> _State:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         generation = int(meta["generation"])
         cached = self._state
         if cached is not None and cached.generation == generation:
             return cached
+        with self._state_lock:
+            cached = self._state
+            if cached is not None and cached.generation == generation:
+                return cached
+            state = self._load_state(conn, meta, cached)
+            if cached is None or generation > cached.generation:
+                self._state = state
+            return state
+
+    def _load_state(self, conn: sqlite3.Connection, meta: dict[str, str], cached: _State | None, *,
+                    load_graph: bool = True) -> _State:
         n_rows = int(meta["n_rows"])
         dim = int(meta["dim"]) if "dim" in meta else None
         signature = ModelSignature(**json.loads(meta["signature"])) if "signature" in meta else None
         hnsw_file = meta.get("hnsw_file")
+        hnsw_rows = _hnsw_rows(meta)
         if cached is not None and cached.index is not None and cached.hnsw_file == hnsw_file:
             index = cached.index
-        elif hnsw_file is not None:
+        elif hnsw_file is not None and load_graph:
             index = faiss.read_index(str(self._existing(hnsw_file)))
-            faiss.downcast_index(index.index).hnsw.efConstruction = self.ef_construction
         else:
             index = None
         live = np.ones(n_rows, dtype=bool)
-        dead = np.fromiter((r for (r,) in self._db().execute("SELECT row FROM docs WHERE deleted = 1")), dtype=np.int64)
+        dead = np.fromiter((r for (r,) in conn.execute("SELECT row FROM docs WHERE deleted = 1")), dtype=np.int64)
         live[dead] = False
-        self._state = _State(
-            generation=generation,
-            n_rows=n_rows,
-            dim=dim,
-            signature=signature,
-            hnsw_file=hnsw_file,
-            hnsw_dead=int(meta["hnsw_dead"]),
-            live=live,
-            live_bits=_pack_bits(live),
-            vectors=self._map_vectors(n_rows, dim),
-            index=index,
+        return _State(
+            generation=int(meta["generation"]), n_rows=n_rows, dim=dim, signature=signature, hnsw_file=hnsw_file,
+            hnsw_rows=hnsw_rows, hnsw_dead=int(meta["hnsw_dead"]), live=live, live_bits=_pack_bits(live),
+            tail=np.flatnonzero(live[hnsw_rows:]).astype(np.int64) + hnsw_rows,
+            vectors=self._map_vectors(n_rows, dim), index=index,
         )
-        return self._state
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[_Write]:
+        """Exclusive writer: this process's writer lock, the fcntl lock across processes, then an
+        IMMEDIATE SQLite transaction. The state it commits is published to readers only after COMMIT."""
+        with self._write_lock, self._file_lock():
+            if self._closed:
+                raise StoreError(f"embedded store at {self.path} is closed")
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                write = _Write(conn=conn, state=self._snapshot(conn))
+                yield write
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if write.committed is not None:
+                with self._state_lock:
+                    self._state = write.committed
+                self._remove_leftovers(keep=write.committed.hnsw_file)
+
+    def _commit(self, write: _Write, **changes: Any) -> None:
+        """Record a new generation with `changes` applied to the state the write started from."""
+        state = write.state
+        generation = state.generation + 1
+        new = dataclasses.replace(state, generation=generation, **changes)
+        if "live" in changes:
+            new = dataclasses.replace(new, live_bits=_pack_bits(new.live))
+        if "live" in changes or "hnsw_rows" in changes:
+            tail = np.flatnonzero(new.live[new.hnsw_rows:]).astype(np.int64) + new.hnsw_rows
+            new = dataclasses.replace(new, tail=tail)
+        values: dict[str, object] = {"format": _FORMAT_VERSION, "generation": generation, "n_rows": new.n_rows,
+                                     "hnsw_rows": new.hnsw_rows, "hnsw_dead": new.hnsw_dead}
+        if new.dim is not None:
+            values["dim"] = new.dim
+        if new.signature is not None:
+            values["signature"] = json.dumps(dataclasses.asdict(new.signature))
+        if new.hnsw_file is not None:
+            values["hnsw_file"] = new.hnsw_file
+        write.conn.executemany(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [(key, str(value)) for key, value in values.items()],
+        )
+        write.committed = new
 
     def _existing(self, name: str) -> Path:
         file = self.path / name
@@ -261,33 +377,38 @@ class EmbeddedStore:
     def _map_vectors(self, n_rows: int, dim: int | None) -> np.ndarray:
         if n_rows == 0 or dim is None:
             return np.zeros((0, dim or 0), dtype=np.float32)
+        file = self.path / _VECTORS_FILE
+        size = file.stat().st_size if file.exists() else 0
+        if size < n_rows * dim * 4:
+            raise StoreError(f"{file} holds {size // (dim * 4)} of the {n_rows} committed rows' vectors; run "
+                             "`clip-sidecar store repair` (it removes the documents whose vectors were lost, "
+                             "and a rerun of `clip-sidecar index` writes them again)")
         # Map only the committed rows: a writer may be appending past them right now.
-        return np.memmap(self.path / _VECTORS_FILE, dtype=np.float32, mode="r", shape=(n_rows, dim))
+        return np.memmap(file, dtype=np.float32, mode="r", shape=(n_rows, dim))
 
-    def _remove_stale_graphs(self) -> None:
-        current = self._state.hnsw_file if self._state is not None else None
-        for file in self.path.glob("hnsw.*"):
-            if file.name != current:
-                # Readers that already loaded it keep their copy; late readers retry on a new snapshot.
+    def _remove_leftovers(self, *, keep: str | None) -> list[str]:
+        """Graph files other than the committed one, and temporary files of interrupted writes.
+        Called under the write lock, after the commit that stopped naming them is on disk."""
+        removed = []
+        for file in [*self.path.glob("hnsw.*"), *self.path.glob("*.tmp")]:
+            if file.name != keep:
+                # Readers that already loaded a graph keep their copy; late readers retry on a new snapshot.
                 file.unlink(missing_ok=True)
-
-    def _set_meta(self, **values: object) -> None:
-        self._db().executemany(
-            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [(key, str(value)) for key, value in values.items()],
-        )
+                removed.append(file.name)
+        return removed
 
     # -- model signature -----------------------------------------------------------------------
 
     def signature(self) -> ModelSignature | None:
-        with self._read() as state:
+        with self._read() as (_, state):
             return state.signature
 
     def claim(self, signature: ModelSignature) -> None:
         if not isinstance(signature, ModelSignature):
             raise TypeError(f"claim expects a ModelSignature, got {type(signature).__name__}")
         _require_positive_int("signature.dim", signature.dim)
-        with self._write() as state:
+        with self._write() as write:
+            state = write.state
             if state.signature is not None:
                 if state.signature != signature:
                     raise ModelMismatchError(state.signature, signature)
@@ -297,15 +418,29 @@ class EmbeddedStore:
                     f"vector dimension mismatch: store holds {state.dim}-d vectors, "
                     f"got {signature.dim}-d model {signature.describe()}"
                 )
-            generation = state.generation + 1
-            self._set_meta(
-                signature=json.dumps({"model": signature.model, "weights": signature.weights, "dim": signature.dim}),
-                dim=signature.dim,
-                generation=generation,
-            )
-            self._state = dataclasses.replace(state, generation=generation, signature=signature, dim=signature.dim)
+            self._commit(write, signature=signature, dim=signature.dim)
 
     # -- writes ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def bulk_load(self, *, lock_wait_s: float = 0.0) -> Iterator[_EmbeddedLoad]:
+        """A loading session (Store protocol): rows commit as they are written; the HNSW graph is
+        brought up to date and saved once, when the outermost session of this store object ends
+        without an error (after an error or a kill, the next session or `repair` does it).
+        Writers of several processes serialise on write.lock per write, so `lock_wait_s` has
+        nothing to wait for here."""
+        with self._sessions_lock:
+            self._sessions += 1
+        ok = False
+        try:
+            yield _EmbeddedLoad()
+            ok = True
+        finally:
+            with self._sessions_lock:
+                self._sessions -= 1
+                last = self._sessions == 0
+            if ok and last:
+                self._update_graph()
 
     def upsert(self, documents: Sequence[Document]) -> int:
         docs = _dedupe_last_wins(documents)
@@ -313,112 +448,110 @@ class EmbeddedStore:
             return 0
         matrix = _stack_document_vectors(docs)
         rows_payload = [_document_row(doc) for doc in docs]
-        with self._write() as state:
+        with self.bulk_load(), self._write() as write:
+            state = write.state
             expected = state.dim if state.dim is not None else matrix.shape[1]
             if matrix.shape[1] != expected:
                 raise ValueError(_dim_message(expected, matrix.shape[1], state.signature))
-            conn = self._db()
-            old_rows = self._live_rows_for([doc.id for doc in docs])
+            old_rows = self._live_rows_for(write.conn, [doc.id for doc in docs])
             start = state.n_rows
             self._append_vectors(start, matrix)
-            self._tombstone(old_rows)
-            conn.executemany(
-                "INSERT INTO docs(row, id, text, metadata, content_hash) VALUES (?, ?, ?, ?, ?)",
+            self._tombstone(write.conn, old_rows)
+            write.conn.executemany(
+                "INSERT INTO docs(row, id, text, metadata, content_hash, fine_vector) VALUES (?, ?, ?, ?, ?, ?)",
                 [(start + i, *payload) for i, payload in enumerate(rows_payload)],
             )
-            conn.executemany(
+            write.conn.executemany(
                 "INSERT INTO docs_fts(rowid, text) VALUES (?, ?)",
                 [(start + i, doc.text) for i, doc in enumerate(docs)],
             )
             n_rows = start + len(docs)
             live = np.concatenate([state.live, np.ones(len(docs), dtype=bool)])
             live[old_rows] = False
-            vectors = self._map_vectors(n_rows, expected)
-            index = state.index if state.index is not None else self._new_index(expected)
-            hnsw_dead = state.hnsw_dead + len(old_rows)
-            if hnsw_dead > self.rebuild_tombstone_fraction * (index.ntotal + len(docs)):
-                index, hnsw_dead = self._build_index(vectors, live), 0
-            else:
-                _add_to_index(index, matrix, np.arange(start, n_rows, dtype=np.int64))
-            self._commit_state(state, n_rows=n_rows, dim=expected, live=live, vectors=vectors,
-                               index=index, hnsw_dead=hnsw_dead, graph_changed=True)
+            self._commit(write, n_rows=n_rows, dim=expected, live=live, vectors=self._map_vectors(n_rows, expected),
+                         hnsw_dead=state.hnsw_dead + int((old_rows < state.hnsw_rows).sum()))
         return len(docs)
 
     def delete(self, ids: Sequence[str]) -> int:
         wanted = list(dict.fromkeys(_validate_ids(ids)))
         if not wanted:
             return 0
-        with self._write() as state:
-            rows = self._live_rows_for(wanted)
+        with self.bulk_load(), self._write() as write:
+            state = write.state
+            rows = self._live_rows_for(write.conn, wanted)
             if len(rows) == 0:
                 return 0
-            self._tombstone(rows)
+            self._tombstone(write.conn, rows)
             live = state.live.copy()
             live[rows] = False
-            index, hnsw_dead, graph_changed = state.index, state.hnsw_dead + len(rows), False
-            if index is not None and hnsw_dead > self.rebuild_tombstone_fraction * index.ntotal:
-                index, hnsw_dead, graph_changed = self._build_index(state.vectors, live), 0, True
-            self._commit_state(state, n_rows=state.n_rows, dim=state.dim, live=live, vectors=state.vectors,
-                               index=index, hnsw_dead=hnsw_dead, graph_changed=graph_changed)
+            self._commit(write, live=live, hnsw_dead=state.hnsw_dead + int((rows < state.hnsw_rows).sum()))
         return len(rows)
 
-    def _commit_state(
-        self,
-        state: _State,
-        *,
-        n_rows: int,
-        dim: int | None,
-        live: np.ndarray,
-        vectors: np.ndarray,
-        index: Any,
-        hnsw_dead: int,
-        graph_changed: bool,
-    ) -> None:
-        """Save the graph (if it changed) under a new name, then record the new generation."""
-        generation = state.generation + 1
-        hnsw_file = state.hnsw_file
-        if graph_changed:
-            hnsw_file = f"hnsw.{generation}.faiss"
-            self._save_index(index, hnsw_file)
-        values: dict[str, object] = {"generation": generation, "n_rows": n_rows, "hnsw_dead": hnsw_dead}
-        if dim is not None:
-            values["dim"] = dim
-        if hnsw_file is not None:
-            values["hnsw_file"] = hnsw_file
-        self._set_meta(**values)
-        self._state = _State(
-            generation=generation, n_rows=n_rows, dim=dim, signature=state.signature, hnsw_file=hnsw_file,
-            hnsw_dead=hnsw_dead, live=live, live_bits=_pack_bits(live), vectors=vectors, index=index,
-        )
+    def _update_graph(self) -> None:
+        """Bring the HNSW graph up to date with the committed rows and save it, once: add the rows
+        written since it was last saved, or rebuild it from the live rows when tombstones exceed
+        `rebuild_tombstone_fraction` of it."""
+        with self._write() as write:
+            state = write.state
+            if state.index is None:
+                rebuild = bool(len(state.tail))
+            else:
+                rebuild = state.hnsw_dead > self.rebuild_tombstone_fraction * state.index.ntotal
+            if rebuild:
+                self._save_graph(write, self._build_index(state.vectors, state.live), rebuilt=True)
+            elif state.hnsw_rows == state.n_rows:
+                return
+            elif len(state.tail) == 0:
+                self._commit(write, hnsw_rows=state.n_rows)  # only dead rows since: nothing to add
+            else:
+                started = time.perf_counter()
+                log.info("adding %d rows to the HNSW graph of %s", len(state.tail), self.path)
+                index = faiss.clone_index(state.index)  # readers keep searching the committed graph
+                faiss.downcast_index(index.index).hnsw.efConstruction = self.ef_construction
+                _add_to_index(index, np.asarray(state.vectors[state.tail]), state.tail)
+                log.info("added %d rows to the HNSW graph of %s (now %d) in %.1f s", len(state.tail), self.path,
+                         index.ntotal, time.perf_counter() - started)
+                self._save_graph(write, index, rebuilt=False)
 
-    def _live_rows_for(self, ids: Sequence[str]) -> np.ndarray:
+    def _save_graph(self, write: _Write, index: Any, *, rebuilt: bool) -> None:
+        state = write.state
+        name = f"hnsw.{state.generation + 1}.faiss"
+        self._save_index(index, name)
+        self._commit(write, hnsw_file=name, hnsw_rows=state.n_rows, index=index,
+                     hnsw_dead=0 if rebuilt else state.hnsw_dead)
+
+    def _live_rows_for(self, conn: sqlite3.Connection, ids: Sequence[str]) -> np.ndarray:
         rows: list[int] = []
         for batch in _batched(ids, _SQL_BATCH):
             marks = ",".join("?" * len(batch))
-            rows.extend(r for (r,) in self._db().execute(
+            rows.extend(r for (r,) in conn.execute(
                 f"SELECT row FROM docs WHERE deleted = 0 AND id IN ({marks})", batch
             ))
         return np.asarray(sorted(rows), dtype=np.int64)
 
-    def _tombstone(self, rows: np.ndarray) -> None:
+    def _tombstone(self, conn: sqlite3.Connection, rows: np.ndarray) -> None:
         params = [(int(r),) for r in rows]
-        self._db().executemany("UPDATE docs SET deleted = 1 WHERE row = ?", params)
+        conn.executemany("UPDATE docs SET deleted = 1 WHERE row = ?", params)
         # Dead rows leave the FTS index so BM25 statistics describe live documents only.
-        self._db().executemany("DELETE FROM docs_fts WHERE rowid = ?", params)
+        conn.executemany("DELETE FROM docs_fts WHERE rowid = ?", params)
 
     def _append_vectors(self, start: int, matrix: np.ndarray) -> None:
         file = self.path / _VECTORS_FILE
         expected_bytes = start * matrix.shape[1] * 4
+        created = not file.exists()
         with open(file, "ab") as handle:
             size = handle.seek(0, os.SEEK_END)
             if size < expected_bytes:
-                raise StoreError(f"{file} holds {size} bytes but {start} committed rows need {expected_bytes}")
+                raise StoreError(f"{file} holds {size} bytes but {start} committed rows need {expected_bytes}; "
+                                 "run `clip-sidecar store repair`")
             if size > expected_bytes:
-                # Rows a crashed writer appended but never committed.
+                # Rows a killed writer appended but never committed.
                 handle.truncate(expected_bytes)
             handle.write(np.ascontiguousarray(matrix, dtype=np.float32).tobytes())
             handle.flush()
             os.fsync(handle.fileno())
+        if created:
+            _fsync_directory(self.path)
 
     def _new_index(self, dim: int) -> Any:
         hnsw = faiss.IndexHNSWFlat(dim, self.m, faiss.METRIC_INNER_PRODUCT)
@@ -427,10 +560,12 @@ class EmbeddedStore:
 
     def _build_index(self, vectors: np.ndarray, live: np.ndarray) -> Any:
         rows = np.flatnonzero(live).astype(np.int64)
-        log.info("rebuilding HNSW of %s from %d live rows (dropping tombstones)", self.path, len(rows))
+        started = time.perf_counter()
+        log.info("building the HNSW graph of %s from %d live rows", self.path, len(rows))
         index = self._new_index(vectors.shape[1])
         for batch in _batched(rows, _HNSW_ADD_BATCH):
             _add_to_index(index, np.asarray(vectors[batch]), batch)
+        log.info("built the HNSW graph of %s in %.1f s", self.path, time.perf_counter() - started)
         return index
 
     def _save_index(self, index: Any, name: str) -> None:
@@ -439,52 +574,59 @@ class EmbeddedStore:
         faiss.write_index(index, str(tmp))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        # Readers open only names recorded in a committed generation, so they never see a partial file.
+        # Readers open only names recorded in a committed generation, so they never see a partial
+        # file; the directory is fsynced so the name is on disk before the commit that records it.
         os.replace(tmp, final)
+        _fsync_directory(self.path)
 
     # -- reads ---------------------------------------------------------------------------------
 
     def count(self) -> int:
-        with self._read() as state:
+        with self._read() as (_, state):
             return int(state.live.sum())
 
     def content_hashes(self) -> dict[str, str]:
-        with self._read():
-            return dict(self._db().execute("SELECT id, content_hash FROM docs WHERE deleted = 0"))
+        with self._read() as (conn, _):
+            return dict(conn.execute("SELECT id, content_hash FROM docs WHERE deleted = 0"))
 
     def fetch(self, ids: Sequence[str]) -> list[Document]:
         wanted = _validate_ids(ids)
-        with self._read() as state:
+        with self._read() as (conn, state):
             found: dict[str, Document] = {}
             for batch in _batched(list(dict.fromkeys(wanted)), _SQL_BATCH):
                 marks = ",".join("?" * len(batch))
-                for row, doc_id, text, metadata, content_hash in self._db().execute(
-                    f"SELECT row, id, text, metadata, content_hash FROM docs WHERE deleted = 0 AND id IN ({marks})",
-                    batch,
+                for row, doc_id, text, metadata, content_hash, fine in conn.execute(
+                    "SELECT row, id, text, metadata, content_hash, fine_vector FROM docs "
+                    f"WHERE deleted = 0 AND id IN ({marks})", batch,
                 ):
                     found[doc_id] = Document(
                         id=doc_id, vector=np.array(state.vectors[row]), text=text,
                         metadata=json.loads(metadata), content_hash=content_hash,
+                        fine_vector=None if fine is None else np.frombuffer(fine, dtype=np.float32).copy(),
                     )
         return [found[doc_id] for doc_id in wanted if doc_id in found]
 
     def vector_search(
-        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False
+        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False,
+        ef_search: int | None = None,
     ) -> list[ScoredId]:
         _require_positive_int("k", k)
         k = int(k)
-        with self._read() as state:
+        with self._read() as (conn, state):
             if state.dim is None:
                 return []
             query = _query_vector(vector, state.dim, state.signature)
             if filters:
-                candidates = self._filtered_rows(filters)
+                candidates = self._filtered_rows(conn, filters)
                 if len(candidates) == 0:
                     return []
-                if exact or len(candidates) <= self.exact_filter_rows:
+                if exact or state.index is None or len(candidates) <= self.exact_filter_rows:
                     hits = _exact_over_rows(state.vectors, query, k, candidates)
                 else:
-                    hits = self._ann(state, query, k, _bitmap(candidates, state.n_rows))
+                    in_graph = candidates[candidates < state.hnsw_rows]
+                    hits = _merged(self._ann(state, query, k, _bitmap(in_graph, state.n_rows), ef_search),
+                                   _exact_over_rows(state.vectors, query, k, candidates[candidates >= state.hnsw_rows]),
+                                   k)
                     if len(hits) < min(k, len(candidates)):
                         # HNSW under a selective filter can run out of candidates: fall back to exact.
                         hits = _exact_over_rows(state.vectors, query, k, candidates)
@@ -492,13 +634,15 @@ class EmbeddedStore:
                 hits = _exact_all(state.vectors, state.live, query, k)
             else:
                 allowed = state.live_bits if state.hnsw_dead else None
-                hits = self._ann(state, query, k, allowed)
-            return self._scored(hits)
+                hits = _merged(self._ann(state, query, k, allowed, ef_search),
+                               _exact_over_rows(state.vectors, query, k, state.tail), k)
+            return self._scored(conn, hits)
 
-    def _ann(self, state: _State, query: np.ndarray, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
+    def _ann(self, state: _State, query: np.ndarray, k: int, allowed: np.ndarray | None,
+             ef_search: int | None = None) -> list[tuple[int, float]]:
         params = faiss.SearchParametersHNSW()
         # HNSW returns at most efSearch results.
-        params.efSearch = max(self.ef_search, k)
+        params.efSearch = max(ef_search or self.ef_search, k)
         if allowed is not None:
             selector = faiss.IDSelectorBitmap(state.n_rows, faiss.swig_ptr(allowed))
             params.sel = selector
@@ -535,8 +679,8 @@ class EmbeddedStore:
                 "WHERE docs_fts MATCH ? ORDER BY score, rowid LIMIT ?) f JOIN docs d ON d.row = f.rowid "
                 "ORDER BY f.score, d.row"
             )
-        with self._read():
-            rows = self._db().execute(sql, [match, *params, k]).fetchall()
+        with self._read() as (conn, _):
+            rows = conn.execute(sql, [match, *params, k]).fetchall()
         return [ScoredId(id=doc_id, score=float(score)) for doc_id, score in rows]
 
     def supports_native_hybrid(self, *, fusion: str, weights: tuple[float, float], exact: bool) -> bool:
@@ -547,21 +691,210 @@ class EmbeddedStore:
         raise StoreError("the embedded store has no native hybrid query; sidecar.retrieval.search fuses its "
                          "vector and BM25 results")
 
-    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature) -> str:
+    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature, lock_wait_s: float = 0.0) -> str:
         raise StoreError(f"the embedded store at {self.path} is updated in place (readers always see a complete "
                          "generation); --rebuild is for OpenSearch's versioned indices")
 
-    def _filtered_rows(self, filters: Filters) -> np.ndarray:
+    def _filtered_rows(self, conn: sqlite3.Connection, filters: Filters) -> np.ndarray:
         where, params = _filter_sql(filters)
-        cursor = self._db().execute(f"SELECT d.row FROM docs d WHERE d.deleted = 0{where} ORDER BY d.row", params)
+        cursor = conn.execute(f"SELECT d.row FROM docs d WHERE d.deleted = 0{where} ORDER BY d.row", params)
         return np.fromiter((r for (r,) in cursor), dtype=np.int64)
 
-    def _scored(self, hits: list[tuple[int, float]]) -> list[ScoredId]:
+    def _scored(self, conn: sqlite3.Connection, hits: list[tuple[int, float]]) -> list[ScoredId]:
         if not hits:
             return []
         marks = ",".join("?" * len(hits))
-        ids = dict(self._db().execute(f"SELECT row, id FROM docs WHERE row IN ({marks})", [r for r, _ in hits]))
+        ids = dict(conn.execute(f"SELECT row, id FROM docs WHERE row IN ({marks})", [r for r, _ in hits]))
         return [ScoredId(id=ids[row], score=score) for row, score in hits]
+
+    # -- check and repair ------------------------------------------------------------------------
+
+    def check(self) -> StoreReport:
+        """Read-only: SQLite integrity, row numbering, vectors.f32 against the committed rows, the
+        graph against the live rows and their vectors, FTS5 against the live texts, leftovers."""
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            found = self._inspect(conn)
+        finally:
+            conn.execute("ROLLBACK")
+        report = StoreReport(location=f"embedded store {self.path}")
+        if found.sqlite != "ok":
+            report.problems.append(f"SQLite integrity check failed: {found.sqlite}")
+            return report
+        if found.rows_problem:
+            report.problems.append(found.rows_problem)
+        if found.vector_rows < found.n_rows:
+            report.problems.append(f"{_VECTORS_FILE} holds vectors for {found.vector_rows} of the {found.n_rows} "
+                                   "committed rows")
+        if found.extra_bytes:
+            report.notes.append(f"{_VECTORS_FILE} has {found.extra_bytes} bytes past the committed rows (an "
+                                "interrupted write; the next write discards them)")
+        if len(found.bad_rows):
+            report.problems.append(f"{len(found.bad_rows)} live rows have zero or non-finite vectors (lost writes)")
+        report.problems.extend(found.graph_problems)
+        if found.tail_rows:
+            report.notes.append(f"{found.tail_rows} live rows written since the graph was last saved are searched "
+                                "exactly; the next `index` run or `store repair` adds them to the graph")
+        report.problems.extend(found.fts_problems)
+        report.notes.extend(f"leftover file {name} (an interrupted write; the next write removes it)"
+                            for name in found.leftovers)
+        return report
+
+    def repair(self) -> StoreReport:
+        """Under the write lock: discard an uncommitted vectors tail; remove (tombstone) documents
+        whose vectors were lost, so a rerun of `clip-sidecar index` writes them again; rebuild the
+        FTS5 index from the live rows when it is out of step; rebuild the graph when it is missing,
+        unreadable or does not match, else add the rows it lacks; remove leftover files."""
+        report = StoreReport(location=f"embedded store {self.path}")
+        with self._write_lock, self._file_lock():
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                committed = self._repair(conn, report)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if committed is not None:
+                with self._state_lock:
+                    self._state = committed
+            keep = conn.execute("SELECT value FROM meta WHERE key = 'hnsw_file'").fetchone()
+            report.actions.extend(f"removed leftover file {name}"
+                                  for name in self._remove_leftovers(keep=keep[0] if keep else None))
+        return report
+
+    def _repair(self, conn: sqlite3.Connection, report: StoreReport) -> _State | None:
+        found = self._inspect(conn)
+        if found.sqlite != "ok" or found.rows_problem:
+            damage = found.rows_problem or f"SQLite integrity check failed: {found.sqlite}"
+            report.problems.append(f"cannot repair: {damage}; index the shards into a new store "
+                                   "(clip-sidecar index SHARDS --store-path NEW)")
+            return None
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if found.dim is None or found.n_rows == 0:
+            return None
+        file = self.path / _VECTORS_FILE
+        row_bytes = found.dim * 4
+        if found.extra_bytes or found.vector_rows < found.n_rows:
+            with open(file, "ab") as handle:
+                handle.truncate(found.n_rows * row_bytes)  # cuts an uncommitted tail, or pads lost rows with zeros
+                os.fsync(handle.fileno())
+            report.actions.append(f"{_VECTORS_FILE}: " + (f"discarded {found.extra_bytes} uncommitted bytes"
+                                  if found.extra_bytes else f"padded the {found.n_rows - found.vector_rows} lost rows"))
+        lost = np.union1d(found.bad_rows, np.arange(found.vector_rows, found.n_rows, dtype=np.int64))
+        lost_ids = [doc_id for (doc_id,) in conn.execute(
+            f"SELECT id FROM docs WHERE deleted = 0 AND row IN ({','.join(map(str, lost.tolist())) or 'NULL'})")]
+        if lost_ids:
+            self._tombstone(conn, lost)
+            shown = ", ".join(lost_ids[:5]) + (" …" if len(lost_ids) > 5 else "")
+            report.actions.append(f"removed {len(lost_ids)} documents whose vectors were lost ({shown}); rerun "
+                                  "`clip-sidecar index` to write them again")
+        if found.fts_problems or lost_ids:
+            conn.execute("DELETE FROM docs_fts")
+            conn.execute("INSERT INTO docs_fts(rowid, text) SELECT row, text FROM docs WHERE deleted = 0")
+            if found.fts_problems:
+                report.actions.append("rebuilt the FTS5 (BM25) index from the live rows")
+        state = self._load_state(conn, meta, None, load_graph=False)
+        if found.graph_problems or lost_ids or state.hnsw_file is None:
+            index = self._build_index(state.vectors, state.live)
+            rebuilt = True
+            report.actions.append(f"rebuilt the HNSW graph from {int(state.live.sum())} live rows")
+        elif found.tail_rows:
+            index = faiss.read_index(str(self.path / state.hnsw_file))
+            _add_to_index(index, np.asarray(state.vectors[state.tail]), state.tail)
+            rebuilt = False
+            report.actions.append(f"added {len(state.tail)} rows to the HNSW graph")
+        else:
+            return None
+        write = _Write(conn=conn, state=state)
+        self._save_graph(write, index, rebuilt=rebuilt)
+        return write.committed
+
+    def _inspect(self, conn: sqlite3.Connection) -> _Findings:
+        try:
+            found = _Findings(sqlite=conn.execute("PRAGMA quick_check").fetchone()[0])
+        except sqlite3.DatabaseError as exc:
+            return _Findings(sqlite=str(exc))
+        if found.sqlite != "ok":
+            return found
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        found.n_rows = n_rows = int(meta["n_rows"])
+        found.dim = dim = int(meta["dim"]) if "dim" in meta else None
+        hnsw_file = meta.get("hnsw_file")
+        hnsw_rows = _hnsw_rows(meta)
+        count, top = conn.execute("SELECT count(*), coalesce(max(row) + 1, 0) FROM docs").fetchone()
+        if count != n_rows or top != n_rows:
+            found.rows_problem = f"the docs table holds {count} rows numbered up to {top - 1}; meta says {n_rows}"
+        found.leftovers = sorted(f.name for f in [*self.path.glob("hnsw.*"), *self.path.glob("*.tmp")]
+                                 if f.name != hnsw_file)
+        if dim is None or found.rows_problem:
+            return found
+        file = self.path / _VECTORS_FILE
+        size = file.stat().st_size if file.exists() else 0
+        found.vector_rows = min(size // (dim * 4), n_rows)
+        found.extra_bytes = max(0, size - n_rows * dim * 4)
+        live = np.ones(n_rows, dtype=bool)
+        dead = conn.execute("SELECT row FROM docs WHERE deleted = 1")
+        live[np.fromiter((r for (r,) in dead), dtype=np.int64)] = False
+        vectors = (np.memmap(file, dtype=np.float32, mode="r", shape=(found.vector_rows, dim))
+                   if found.vector_rows else np.zeros((0, dim), dtype=np.float32))
+        bad = []
+        for start in range(0, found.vector_rows, _EXACT_CHUNK_ROWS):
+            chunk = np.asarray(vectors[start:start + _EXACT_CHUNK_ROWS])
+            broken = ~np.isfinite(chunk).all(axis=1) | ~chunk.any(axis=1)
+            bad.append(np.flatnonzero(broken & live[start:start + len(chunk)]) + start)
+        found.bad_rows = np.concatenate(bad).astype(np.int64) if bad else found.bad_rows
+        found.graph_problems = self._inspect_graph(hnsw_file, hnsw_rows, int(meta["hnsw_dead"]), live, vectors, dim)
+        found.tail_rows = int(live[hnsw_rows:].sum())
+        missing, extra, differ = conn.execute(
+            "SELECT (SELECT count(*) FROM docs d WHERE d.deleted = 0 AND NOT EXISTS "
+            "        (SELECT 1 FROM docs_fts f WHERE f.rowid = d.row)), "
+            "       (SELECT count(*) FROM docs_fts f WHERE NOT EXISTS "
+            "        (SELECT 1 FROM docs d WHERE d.row = f.rowid AND d.deleted = 0)), "
+            "       (SELECT count(*) FROM docs d JOIN docs_fts f ON f.rowid = d.row "
+            "        WHERE d.deleted = 0 AND f.text IS NOT d.text)").fetchone()
+        for number, what in ((missing, "live documents are missing from the FTS5 (BM25) index"),
+                             (extra, "FTS5 entries belong to no live document"),
+                             (differ, "FTS5 entries hold another text than their document")):
+            if number:
+                found.fts_problems.append(f"{number} {what}")
+        return found
+
+    def _inspect_graph(self, hnsw_file: str | None, hnsw_rows: int, hnsw_dead: int, live: np.ndarray,
+                       vectors: np.ndarray, dim: int) -> list[str]:
+        if hnsw_file is None:
+            return [f"no HNSW graph recorded, though it should cover {hnsw_rows} rows"] if hnsw_rows else []
+        path = self.path / hnsw_file
+        if not path.exists():
+            return [f"the HNSW graph file {hnsw_file} named by the committed generation is missing"]
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            return [f"the HNSW graph file {hnsw_file} cannot be read: {str(exc).splitlines()[0]}"]
+        if index.d != dim:
+            return [f"the HNSW graph holds {index.d}-d vectors, the store {dim}-d"]
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        problems = []
+        if len(np.unique(ids)) != len(ids) or (len(ids) and (ids.min() < 0 or ids.max() >= hnsw_rows)):
+            problems.append(f"the HNSW graph holds ids outside its {hnsw_rows} rows, or duplicates")
+            return problems
+        in_graph = np.zeros(len(live), dtype=bool)
+        in_graph[ids] = True
+        absent = int((live[:hnsw_rows] & ~in_graph[:hnsw_rows]).sum())
+        if absent:
+            problems.append(f"{absent} live rows are missing from the HNSW graph")
+        dead = int((in_graph & ~live).sum())
+        if dead != hnsw_dead:
+            problems.append(f"the HNSW graph holds {dead} tombstoned rows; the store recorded {hnsw_dead}")
+        storage = faiss.downcast_index(faiss.downcast_index(index.index).storage)
+        positions = np.linspace(0, len(ids) - 1, num=min(len(ids), _CHECK_SAMPLE_ROWS)).astype(np.int64)
+        positions = positions[ids[positions] < len(vectors)]
+        if len(positions):
+            stored = np.stack([storage.reconstruct(int(p)) for p in positions])
+            if not np.allclose(stored, np.asarray(vectors[ids[positions]]), atol=1e-6):
+                problems.append("the HNSW graph's vectors do not match vectors.f32")
+        return problems
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -601,6 +934,22 @@ def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
         )
         params.extend([f'$."{field}"', *values])
     return "".join(clauses), params
+
+
+def _hnsw_rows(meta: dict[str, str]) -> int:
+    """Rows the graph covers; format 1 had no such key: its graph covered every row."""
+    if "hnsw_rows" in meta:
+        return int(meta["hnsw_rows"])
+    return int(meta["n_rows"]) if "hnsw_file" in meta else 0
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (its directory entry is data too)."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _require_positive_int(label: str, value: object) -> None:
@@ -652,14 +1001,22 @@ def _stack_document_vectors(docs: Sequence[Document]) -> np.ndarray:
     return matrix
 
 
-def _document_row(doc: Document) -> tuple[str, str, str, str]:
+def _document_row(doc: Document) -> tuple[str, str, str, str, bytes | None]:
     if not isinstance(doc.text, str) or not isinstance(doc.content_hash, str):
         raise ValueError(f"document {doc.id!r}: text and content_hash must be strings")
     try:
         metadata = json.dumps(dict(doc.metadata), ensure_ascii=False, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"document {doc.id!r}: metadata must be JSON-serialisable: {exc}") from exc
-    return doc.id, doc.text, metadata, doc.content_hash
+    fine = None
+    if doc.fine_vector is not None:
+        # The fine model's vector lives in its row (read only for the fine stage's N candidates),
+        # never in the HNSW graph or vectors.f32.
+        vector = np.asarray(doc.fine_vector, dtype=np.float32)
+        if vector.ndim != 1 or not np.isfinite(vector).all():
+            raise ValueError(f"document {doc.id!r}: fine_vector must be one finite float vector")
+        fine = vector.tobytes()
+    return doc.id, doc.text, metadata, doc.content_hash, fine
 
 
 def _dim_message(expected: int, got: int, signature: ModelSignature | None) -> str:
@@ -730,6 +1087,13 @@ def _exact_over_rows(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.nd
         scores, kept = _top_k(vectors[batch] @ query, batch, k)
         best_scores, best_rows = _top_k(np.concatenate([best_scores, scores]), np.concatenate([best_rows, kept]), k)
     return _ranked(best_scores, best_rows)
+
+
+def _merged(first: list[tuple[int, float]], second: list[tuple[int, float]], k: int) -> list[tuple[int, float]]:
+    """Top k of two (row, score) lists over disjoint rows (the graph's rows and the exact tail)."""
+    if not second:
+        return first
+    return sorted(first + second, key=lambda hit: (-hit[1], hit[0]))[:k]
 
 
 def _batched(items: Any, size: int) -> Iterator[Any]:

@@ -2,31 +2,43 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import copy
 import itertools
 import json
 import logging
 import os
+import socket
+import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from opensearchpy import OpenSearch, helpers
 from opensearchpy.exceptions import (
-    ConnectionError as OSConnectionError,
-)
-from opensearchpy.exceptions import (
+    ConflictError,
     ConnectionTimeout,
     NotFoundError,
     OpenSearchException,
     TransportError,
 )
+from opensearchpy.exceptions import (
+    ConnectionError as OSConnectionError,
+)
 
-from sidecar.stores.base import ModelMismatchError, StoreError, StoreQueryError, StoreUnavailable
+from sidecar.stores.base import (
+    ModelMismatchError,
+    StoreError,
+    StoreLocked,
+    StoreQueryError,
+    StoreReport,
+    StoreUnavailable,
+)
 from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
@@ -53,6 +65,15 @@ REBUILD_BATCH = 10_000
 BULK_REFRESH_INTERVAL = {"lucene": "2s", "faiss": "-1"}
 # Documents serialised to JSON per task of the background serialiser.
 SERIALISE_BATCH = 250
+# The fine-ranking model's vector beside each document: float32 bytes, base64, in _source only
+# (a binary field is neither indexed nor searchable), so it never enters the HNSW graph.
+FINE_VECTOR_MAPPING = {"properties": {"fine_vector": {"type": "binary"}}}
+# The load lock: one document in `<alias>-lock`, held by an `index` run or a rebuild (see _LoadLock).
+LOCK_SUFFIX = "-lock"
+LOCK_ID = "load"
+# Tokens of the locks this process holds now: a lock naming this process with another token was
+# left by a load of this process that could not release it (the cluster was down), so it is stale.
+_HELD_TOKENS: set[str] = set()
 
 
 def resolve_config_dir(configured: str | os.PathLike[str] | None) -> Path:
@@ -82,21 +103,26 @@ class OpenSearchStore:
         m: int = 16,
         ef_construction: int = 128,
         ef_search: int = 100,
+        number_of_shards: int = 1,
         number_of_replicas: int = 1,
         chunk_size: int = 500,
         max_chunk_bytes: int = 20 * 1024 * 1024,
         max_retries: int = 5,
+        retry_rounds: int = 5,
         initial_backoff: float = 1.0,
         connection_retries: int = 8,
         large_load_threshold: int = 5000,
         bulk_refresh_interval: str | None = None,
+        lock_stale_s: float = 120.0,
+        lock_heartbeat_s: float = 10.0,
         timeout_s: float = 60.0,
         config_dir: Path | None = None,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
         for field_name, value in (("m", m), ("ef_construction", ef_construction), ("ef_search", ef_search),
-                                  ("chunk_size", chunk_size), ("connection_retries", connection_retries)):
+                                  ("chunk_size", chunk_size), ("connection_retries", connection_retries),
+                                  ("number_of_shards", number_of_shards)):
             if value < 1:
                 raise ValueError(f"{field_name} must be >= 1, got {value}")
         self.url = url
@@ -105,14 +131,27 @@ class OpenSearchStore:
         self.m = m
         self.ef_construction = ef_construction
         self.ef_search = ef_search
+        self.number_of_shards = number_of_shards
         self.number_of_replicas = number_of_replicas
         self.chunk_size = chunk_size
         self.max_chunk_bytes = max_chunk_bytes
+        # 429s: streaming_bulk retries a chunk's rejected items max_retries times (with backoff, so an
+        # overloaded cluster gets a pause); what is still rejected then waits in this store's own
+        # queue and is sent again after the pass, up to retry_rounds times.
         self.max_retries = max_retries
+        self.retry_rounds = retry_rounds
         self.initial_backoff = initial_backoff
         self.connection_retries = connection_retries
         self.large_load_threshold = large_load_threshold
         self.bulk_refresh_interval = bulk_refresh_interval or BULK_REFRESH_INTERVAL[engine]
+        if not 0 < lock_heartbeat_s < lock_stale_s:
+            raise ValueError(f"lock_heartbeat_s ({lock_heartbeat_s}) must be > 0 and below lock_stale_s "
+                             f"({lock_stale_s})")
+        # The load lock counts as stale (another load breaks it) after lock_stale_s without a
+        # heartbeat; its holder renews it every lock_heartbeat_s from a thread of its own.
+        self.lock_stale_s = lock_stale_s
+        self.lock_heartbeat_s = lock_heartbeat_s
+        self.lock_index = f"{index}{LOCK_SUFFIX}"
         self.config_dir = resolve_config_dir(config_dir)
         use_ssl = url.startswith("https://")
         self.client = OpenSearch(
@@ -125,13 +164,20 @@ class OpenSearchStore:
             timeout=timeout_s,
             max_retries=2,
             retry_on_timeout=True,
+            # Connections kept open: a load's requests beside its lock's heartbeat, a serving
+            # worker's concurrent searches (urllib3's default of 1 drops and reopens the others).
+            pool_maxsize=16,
         )
         self._plugins: set[str] | None = None
+        self._session: _OpenSearchLoad | None = None
+        self._session_guard = threading.Lock()
 
     # --- setup and model signature -------------------------------------------------------
 
     def setup(self, dim: int) -> None:
-        """Create the search pipelines (when neural-search is present) and the first index + alias; idempotent."""
+        """Create the search pipelines (when neural-search is present), the load lock's index and the
+        first index + alias; idempotent."""
+        self._ensure_lock_index()
         if self.has_neural_search():
             self.client.transport.perform_request(
                 "PUT", f"/_search/pipeline/{PIPELINES['minmax']}", body=self._pipeline_body("minmax", (0.5, 0.5)))
@@ -148,6 +194,20 @@ class OpenSearchStore:
         self._create_index(name, dim=dim, signature=None)
         self.client.indices.put_alias(index=name, name=self.alias)
         log.info("created index %s behind alias %s (dim %d, engine %s)", name, self.alias, dim, self.engine)
+
+    def _ensure_lock_index(self) -> None:
+        """The hidden index holding the alias's load lock (`_LoadLock`); created once, by `setup` or
+        by the first load."""
+        if self.client.indices.exists(index=self.lock_index):
+            return
+        # ignore=400: another process may create it first (resource_already_exists_exception), which
+        # is no failure, and opensearch-py would log it as one.
+        result = self.client.indices.create(index=self.lock_index, ignore=400, body={
+            "settings": {"index": {"number_of_shards": 1, "auto_expand_replicas": "0-1", "hidden": True}},
+            "mappings": {"dynamic": False, "properties": {"operation": {"type": "keyword"}}}})
+        error = result.get("error") if isinstance(result, dict) else None
+        if error and (not isinstance(error, dict) or error.get("type") != "resource_already_exists_exception"):
+            raise StoreError(f"could not create the load lock's index {self.lock_index}: {error}")
 
     def signature(self) -> ModelSignature | None:
         """The model recorded in the index mapping's _meta, or None while unclaimed or absent."""
@@ -182,68 +242,108 @@ class OpenSearchStore:
 
     # --- writes ----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def bulk_load(self, *, lock_wait_s: float = 0.0) -> Iterator[_OpenSearchLoad]:
+        """A loading session (Store protocol) under the alias's load lock: a concurrent rebuild or
+        `index` run waits up to `lock_wait_s`, then is refused (StoreLocked). `expect(n)` with n at
+        least `large_load_threshold` relaxes refresh and replicas once for the session; the end
+        restores them, refreshes, and checks the count. Nested sessions join the outer one."""
+        with self._session_guard:
+            outer = self._session
+            if outer is not None:
+                outer.depth += 1
+        if outer is not None:
+            try:
+                yield outer
+            finally:
+                outer.depth -= 1
+            return
+        with self._load_lock("index", lock_wait_s=lock_wait_s) as lock:
+            session = _OpenSearchLoad(self, lock)
+            with self._session_guard:
+                self._session = session
+            try:
+                try:
+                    yield session
+                finally:
+                    session.restore()
+                session.finish()
+            finally:
+                with self._session_guard:
+                    self._session = None
+
     def upsert(self, documents: Sequence[Document]) -> int:
-        """Insert or replace by id through streaming_bulk; large loads run with refresh off and no replicas."""
+        """Insert or replace by id (the last of repeated ids wins), in a load session (this call's
+        own, relaxed for a large load, when none is open)."""
         if not documents:
             return 0
-        if not self._alias_indices():
-            raise StoreError(f"alias {self.alias} does not exist; run setup (clip-sidecar opensearch setup) or claim first")
-        large = len(documents) >= self.large_load_threshold
-        written = self._load(self.alias, documents, tune=large)
-        unique = len({d.id for d in documents})
-        total = self.count()
-        if total < unique:
-            raise StoreError(f"after writing {unique} unique ids, {self.alias} counts only {total} documents")
+        with self.bulk_load() as load:
+            if load.depth == 0:
+                load.expect(len(documents))
+            if not self._alias_indices():
+                raise StoreError(f"alias {self.alias} does not exist; run setup (clip-sidecar opensearch setup) "
+                                 "or claim first")
+            if any(doc.fine_vector is not None for doc in documents):
+                # Indices created before fine vectors existed lack the field: add it (idempotent), or
+                # dynamic mapping would index the base64 as text.
+                self._with_retry(lambda: self.client.indices.put_mapping(index=self.alias, body=FINE_VECTOR_MAPPING))
+            ops = {d.id: d for d in documents}
+            written, _ = self._bulk(self.alias, ops, lock=load.lock)
+            load.written.update(ops)
         return written
 
     def delete(self, ids: Sequence[str]) -> int:
         """Remove by id; unknown ids are ignored; returns how many were removed."""
         if not ids:
             return 0
-        actions = ({"_op_type": "delete", "_index": self.alias, "_id": i} for i in ids)
-        deleted, failures = 0, []
-        for ok, item in helpers.streaming_bulk(self.client, actions, chunk_size=self.chunk_size,
-                                                 max_retries=self.max_retries, initial_backoff=self.initial_backoff,
-                                                 raise_on_error=False):
-            result = item["delete"]
-            if result.get("result") == "deleted":
-                deleted += 1
-            elif not ok and result.get("status") != 404:
-                failures.append(result)
-        if failures:
-            raise StoreError(f"{len(failures)} deletes failed on {self.alias}; first: {failures[:3]}")
-        self.client.indices.refresh(index=self.alias)
+        with self.bulk_load() as load:
+            _, deleted = self._bulk(self.alias, dict.fromkeys(ids), lock=load.lock)
+            load.written.difference_update(ids)
         return deleted
 
-    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature) -> str:
-        """Load a new versioned index, check its count, swap the alias atomically, then drop the old index."""
-        old = self._alias_indices()
-        name = self._new_index_name()
-        self._create_index(name, dim=signature.dim, signature=signature)
-        try:
-            ids: set[str] = set()
-            # A fresh index nobody reads yet: load all of it with refresh off and no replicas.
-            saved = self._relax_settings(name)
+    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature, lock_wait_s: float = 0.0) -> str:
+        """Under the load lock: load a new versioned index, check its count, swap the alias
+        atomically, then drop the old index. An `index` run started meanwhile waits or is refused
+        (its writes would land in the index the swap drops)."""
+        with self._load_lock("rebuild", lock_wait_s=lock_wait_s) as lock:
+            old = self._alias_indices()
+            name = self._new_index_name()
+            self._create_index(name, dim=signature.dim, signature=signature)
             try:
-                for batch in _batches(documents, REBUILD_BATCH):
-                    ids.update(d.id for d in batch)
-                    self._bulk_with_resume(name, batch)
-            finally:
-                self._restore_settings(name, saved)
-            self.client.indices.refresh(index=name)
-            total = self.client.count(index=name)["count"]
-            if total != len(ids):
-                raise StoreError(f"rebuilt index {name} counts {total} documents, expected {len(ids)} unique ids")
-        except BaseException:
-            self.client.indices.delete(index=name, ignore_unavailable=True)
-            raise
-        actions = [{"remove": {"index": i, "alias": self.alias}} for i in old]
-        actions.append({"add": {"index": name, "alias": self.alias}})
-        self.client.indices.update_aliases(body={"actions": actions})
-        for i in old:
-            self.client.indices.delete(index=i, ignore_unavailable=True)
+                ids: set[str] = set()
+                # A fresh index nobody reads yet: load all of it with refresh relaxed and no replicas.
+                saved = self._relax_settings(name)
+                try:
+                    for batch in _batches(documents, REBUILD_BATCH):
+                        ops = {d.id: d for d in batch}
+                        ids.update(ops)
+                        self._bulk(name, ops, lock=lock)
+                finally:
+                    self._restore_settings(name, saved)
+                self.client.indices.refresh(index=name)
+                total = self.client.count(index=name)["count"]
+                if total != len(ids):
+                    raise StoreError(f"rebuilt index {name} counts {total} documents, expected {len(ids)} unique ids")
+            except BaseException:
+                self.client.indices.delete(index=name, ignore_unavailable=True)
+                raise
+            lock.ensure_held()
+            actions = [{"remove": {"index": i, "alias": self.alias}} for i in old]
+            actions.append({"add": {"index": name, "alias": self.alias}})
+            self.client.indices.update_aliases(body={"actions": actions})
+            for i in old:
+                self.client.indices.delete(index=i, ignore_unavailable=True)
         log.info("rebuilt %s: alias now on %s (%d docs), removed %s", self.alias, name, len(ids), old or "nothing")
         return name
+
+    @contextlib.contextmanager
+    def _load_lock(self, operation: str, *, lock_wait_s: float) -> Iterator[_LoadLock]:
+        lock = _LoadLock(self, operation)
+        lock.acquire(wait_s=lock_wait_s)
+        try:
+            yield lock
+        finally:
+            lock.release()
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -257,7 +357,8 @@ class OpenSearchStore:
         return {h["_id"]: h["_source"].get("content_hash", "") for h in hits}
 
     def vector_search(
-        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False
+        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False,
+        ef_search: int | None = None,
     ) -> list[ScoredId]:
         """Top-k by inner product (raw, in [-1, 1]); exact=True is a knn_score script over every match."""
         query_vector = _as_list(vector)
@@ -268,7 +369,7 @@ class OpenSearchStore:
                     "field": "vector", "query_value": query_vector, "space_type": "innerproduct"}},
             }}
         else:
-            query = {"knn": {"vector": self._knn_clause(query_vector, k, filters)}}
+            query = {"knn": {"vector": self._knn_clause(query_vector, k, filters, ef_search=ef_search)}}
         hits = self._search({"size": k, "query": query, "_source": False})
         return [ScoredId(h["_id"], knn_score_to_inner_product(h["_score"])) for h in hits]
 
@@ -342,70 +443,158 @@ class OpenSearchStore:
             if not d.get("found"):
                 continue
             src = d["_source"]
+            fine = src.get("fine_vector")
             found.append(Document(id=d["_id"], vector=np.asarray(src["vector"], dtype=np.float32),
                                   text=src.get("text", ""), metadata=src.get("metadata", {}),
-                                  content_hash=src.get("content_hash", "")))
+                                  content_hash=src.get("content_hash", ""),
+                                  fine_vector=None if fine is None else np.frombuffer(base64.b64decode(fine),
+                                                                                      dtype=np.float32)))
         return found
 
     def close(self) -> None:
         self.client.close()
 
+    # --- check and repair ------------------------------------------------------------------
+
+    def check(self) -> StoreReport:
+        """Read-only: the alias and its index (one, not red), the load lock, refresh/replica
+        settings an interrupted load left relaxed, versioned indices no alias names (an
+        interrupted rebuild's)."""
+        report = StoreReport(location=f"OpenSearch {self.url}, alias {self.alias}")
+        probe = _LoadLock(self, "check")
+        held = probe.held()
+        stale = probe.stale_reason(held[0]) if held is not None else None
+        if held is not None:
+            body, _ = held
+            report.notes.append(f"the load lock is held by the {body.get('operation')} of {body.get('owner')} since "
+                                f"{_when(body.get('started_at'))}" + (f"; stale ({stale}): the next load or "
+                                                                       "`store repair` breaks it" if stale else ""))
+        running = held is not None and stale is None
+        self._inspect(report, running=running, repair=False)
+        return report
+
+    def repair(self) -> StoreReport:
+        """Under the load lock (a stale one is broken): restore refresh/replica settings an
+        interrupted load left relaxed, delete versioned indices no alias names. Documents are not
+        touched: a rerun of `clip-sidecar index` writes whatever is missing."""
+        report = StoreReport(location=f"OpenSearch {self.url}, alias {self.alias}")
+        with self._load_lock("repair", lock_wait_s=0.0):
+            self._inspect(report, running=False, repair=True)
+        return report
+
+    def _inspect(self, report: StoreReport, *, running: bool, repair: bool) -> None:
+        indices = self._alias_indices()
+        if not indices:
+            report.notes.append("the alias does not exist yet (nothing indexed)")
+        elif len(indices) > 1:
+            report.problems.append(f"the alias points at {len(indices)} indices ({', '.join(indices)}); expected one")
+        for name in indices:
+            if self.client.cluster.health(index=name)["status"] == "red":
+                report.problems.append(f"index {name} is red (a primary shard is unassigned)")
+            saved = (self._meta(name) or {}).get(SAVED_SETTINGS_KEY)
+            if saved is None:
+                continue
+            if repair:
+                self._restore_settings(name, saved)
+                report.actions.append(f"restored {saved} on {name} (relaxed by an interrupted load)")
+            elif running:
+                report.notes.append(f"{name} runs with relaxed settings while the load that holds the lock lasts")
+            else:
+                report.problems.append(f"{name} still runs with the settings an interrupted load relaxed (saved: "
+                                       f"{saved}); `store repair` restores them")
+        for name in sorted(set(self.client.indices.get(index=f"{self.alias}-v*")) - set(indices)):
+            if repair:
+                self.client.indices.delete(index=name, ignore_unavailable=True)
+                report.actions.append(f"deleted {name}, a versioned index no alias names (an interrupted rebuild)")
+            elif running:
+                report.notes.append(f"{name} is not behind the alias (being built by the running load?)")
+            else:
+                report.notes.append(f"{name} is a versioned index no alias names (an interrupted rebuild); "
+                                    "`store repair` deletes it")
+
     # --- internals -------------------------------------------------------------------------
 
-    def _load(self, index: str, documents: Sequence[Document], *, tune: bool) -> int:
-        """Bulk-load with resume-on-disconnect; with tune, refresh/replicas are relaxed and always restored."""
-        saved = self._relax_settings(index) if tune else None
-        try:
-            written = self._bulk_with_resume(index, documents)
-        finally:
-            if saved is not None:
-                self._restore_settings(index, saved)
-        self.client.indices.refresh(index=index)
-        return written
+    def _bulk(self, index: str, ops: dict[str, Document | None], *, lock: _LoadLock) -> tuple[int, int]:
+        """Index (a Document) or delete (None) every id of `ops` through streaming_bulk until each
+        one is acknowledged; returns (written, deleted).
 
-    def _bulk_with_resume(self, index: str, documents: Sequence[Document]) -> int:
-        # streaming_bulk retries 429s itself; a dropped connection ends the stream, so resume
-        # after the last acknowledged document (results arrive in input order; writes are by id).
-        done, attempt = 0, 0
-        while True:
+        streaming_bulk retries per-item 429s within a chunk (max_retries, with backoff). Items still
+        rejected after that stay pending and are sent again in a later round, after a backoff
+        (up to retry_rounds rounds). A dropped connection, or a whole request answered 429, resumes
+        with the pending ids after a backoff (connection_retries). Pending is a set of ids, not an
+        offset: acknowledgements come back out of order (retried items after later ones), and
+        resuming "after the last one" would skip those still unacknowledged. Any other item error
+        stops the load (StoreError, its cause a BulkIndexError carrying the item errors)."""
+        pending = dict(ops)
+        written = deleted = rounds = drops = 0
+        while pending:
+            rejected = 0
+            failures: list[dict[str, Any]] = []
             try:
-                for _ok, _item in helpers.streaming_bulk(
-                    self.client, self._serialised_actions(index, documents[done:]),
-                    chunk_size=self.chunk_size, max_chunk_bytes=self.max_chunk_bytes,
-                    max_retries=self.max_retries, initial_backoff=self.initial_backoff,
-                    max_backoff=30.0,
+                for ok, item in helpers.streaming_bulk(
+                    self.client, self._serialised_actions(index, list(pending.items())),
+                    chunk_size=self.chunk_size, max_chunk_bytes=self.max_chunk_bytes, raise_on_error=False,
+                    max_retries=self.max_retries, initial_backoff=self.initial_backoff, max_backoff=30.0,
                 ):
-                    done += 1
-                return done
-            except helpers.BulkIndexError as exc:
-                raise StoreError(
-                    f"{len(exc.errors)} of a bulk chunk into {index} failed; first: {exc.errors[:3]}") from exc
-            except RETRYABLE as exc:
-                attempt += 1
-                if attempt > self.connection_retries:
-                    raise StoreError(f"bulk load into {index} lost the cluster at {self.url} after {done} of "
-                                     f"{len(documents)} documents ({attempt - 1} retries)") from exc
-                delay = min(self.initial_backoff * 2 ** (attempt - 1), 30.0)
-                log.warning("bulk load into %s: %s; retry %d/%d in %.1fs from document %d",
-                            index, exc.__class__.__name__, attempt, self.connection_retries, delay, done)
+                    lock.ensure_held()
+                    op, info = next(iter(item.items()))
+                    status = info.get("status")
+                    if ok or (op == "delete" and status == 404):
+                        pending.pop(info["_id"], None)
+                        if op == "index":
+                            written += 1
+                        elif info.get("result") == "deleted":
+                            deleted += 1
+                    elif status == 429:
+                        rejected += 1
+                    else:
+                        failures.append(item)
+                        break
+            except TransportError as exc:
+                if not isinstance(exc, RETRYABLE) and exc.status_code != 429:
+                    raise StoreError(f"bulk load into {index} failed: {exc.status_code} {exc.error}") from exc
+                drops += 1
+                if drops > self.connection_retries:
+                    raise StoreUnavailable(f"bulk load into {index} lost the cluster at {self.url}: "
+                                           f"{len(ops) - len(pending)} of {len(ops)} operations acknowledged "
+                                           f"({drops - 1} retries)") from exc
+                delay = min(self.initial_backoff * 2 ** (drops - 1), 30.0)
+                log.warning("bulk load into %s: %s; retry %d/%d in %.1fs with the %d unacknowledged operations",
+                            index, exc.__class__.__name__, drops, self.connection_retries, delay, len(pending))
                 time.sleep(delay)
+                continue
+            if failures:
+                error = helpers.BulkIndexError(f"{len(failures)} document(s) failed to index.", failures)
+                raise StoreError(f"bulk load into {index} failed; first error: {failures[0]}") from error
+            if pending:
+                rounds += 1
+                if rounds > self.retry_rounds:
+                    raise StoreError(f"{len(pending)} operations on {index} were still rejected (429 Too Many "
+                                     f"Requests) after {rounds} rounds of retries: the cluster is overloaded; rerun "
+                                     "later (only what is missing is written again)")
+                delay = min(self.initial_backoff * 2 ** rounds, 30.0)
+                log.warning("bulk load into %s: %d operations rejected with 429; sending them again in %.1fs "
+                            "(round %d/%d)", index, rejected, delay, rounds, self.retry_rounds)
+                time.sleep(delay)
+        return written, deleted
 
-    def _serialised_actions(self, index: str, documents: Sequence[Document]) -> Iterator[dict[str, Any]]:
-        """Index actions whose _source is already JSON, serialised one batch ahead on a second thread.
+    def _serialised_actions(self, index: str, ops: Sequence[tuple[str, Document | None]]) -> Iterator[dict[str, Any]]:
+        """Bulk actions whose _source is already JSON, serialised one batch ahead on a second thread.
 
         streaming_bulk waits for each chunk's response; serialising 512 floats per document
         (~0.35 ms) in that same loop left the cluster idle meanwhile. json.dumps runs while the
         main thread blocks on the socket (GIL released), so the two overlap."""
         dumps = self.client.transport.serializer.dumps
 
-        def serialise(batch: Sequence[Document]) -> list[dict[str, Any]]:
-            return [_index_action(index, d, dumps=dumps) for d in batch]
+        def serialise(batch: Sequence[tuple[str, Document | None]]) -> list[dict[str, Any]]:
+            return [_index_action(index, doc, dumps=dumps) if doc is not None else
+                    {"_op_type": "delete", "_index": index, "_id": doc_id} for doc_id, doc in batch]
 
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-serialise")
         try:
             pending: deque = deque()
-            for start in range(0, len(documents), SERIALISE_BATCH):
-                pending.append(pool.submit(serialise, documents[start:start + SERIALISE_BATCH]))
+            for start in range(0, len(ops), SERIALISE_BATCH):
+                pending.append(pool.submit(serialise, ops[start:start + SERIALISE_BATCH]))
                 if len(pending) > 2:
                     yield from pending.popleft().result()
             while pending:
@@ -459,7 +648,7 @@ class OpenSearchStore:
         with self._read_errors(f"search on {self.alias}"):
             return self.client.search(index=self.alias, body=body)["hits"]["hits"]
 
-    @contextmanager
+    @contextlib.contextmanager
     def _read_errors(self, what: str) -> Iterator[None]:
         """The query path's client errors as the store's: a cluster that cannot answer now (down,
         timing out, rejecting under load) → StoreUnavailable; a query it refuses (400) →
@@ -476,11 +665,12 @@ class OpenSearchStore:
                 raise StoreQueryError(f"{what}: OpenSearch refused the query: {_root_cause(exc)}") from exc
             raise StoreError(f"{what} failed: {exc.status_code} {exc.error}: {exc.info}") from exc
 
-    def _knn_clause(self, vector: list[float], k: int, filters: Filters | None) -> dict[str, Any]:
+    def _knn_clause(self, vector: list[float], k: int, filters: Filters | None, *,
+                    ef_search: int | None = None) -> dict[str, Any]:
         clause: dict[str, Any] = {"vector": vector, "k": k}
         if self.engine == "lucene":
             # Lucene's ef_search is per query (k-NN >= 2.16); HNSW needs at least k candidates.
-            clause["method_parameters"] = {"ef_search": max(self.ef_search, k)}
+            clause["method_parameters"] = {"ef_search": max(ef_search or self.ef_search, k)}
         if filters:
             # Inside knn = efficient filtering (lucene, faiss): k results that all pass the filter.
             clause["filter"] = {"bool": {"filter": _filter_clauses(filters)}}
@@ -494,7 +684,7 @@ class OpenSearchStore:
     def _create_index(self, name: str, *, dim: int, signature: ModelSignature | None) -> None:
         template = json.loads((self.config_dir / "index.json").read_text())
         body = render_template(template, dim=dim, engine=self.engine, m=self.m, ef_construction=self.ef_construction,
-                               number_of_replicas=self.number_of_replicas,
+                               number_of_shards=self.number_of_shards, number_of_replicas=self.number_of_replicas,
                                model=signature.model if signature else "",
                                weights=signature.weights if signature else "")
         self.client.indices.create(index=name, body=body)
@@ -572,6 +762,8 @@ def _index_action(index: str, doc: Document, *, dumps: Any = None) -> dict[str, 
     """The bulk action for one document; with `dumps`, its _source is already a JSON string."""
     source = {"id": doc.id, "vector": _as_list(doc.vector), "text": doc.text,
               "metadata": dict(doc.metadata), "content_hash": doc.content_hash}
+    if doc.fine_vector is not None:
+        source["fine_vector"] = base64.b64encode(np.asarray(doc.fine_vector, dtype=np.float32).tobytes()).decode("ascii")
     return {"_op_type": "index", "_index": index, "_id": doc.id, "_source": dumps(source) if dumps else source}
 
 
@@ -583,3 +775,187 @@ def _batches(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, size)):
         yield batch
+
+
+class _OpenSearchLoad:
+    """A load session of the OpenSearch store (`OpenSearchStore.bulk_load`)."""
+
+    def __init__(self, store: OpenSearchStore, lock: _LoadLock):
+        self.store = store
+        self.lock = lock
+        self.depth = 0  # sessions joined to this one (an upsert inside an `index` run's session)
+        self.written: set[str] = set()
+        self._relaxed: tuple[str, dict[str, Any]] | None = None
+
+    def expect(self, count: int) -> None:
+        """Relax refresh and replicas once, for the whole session, when it is a large load."""
+        store = self.store
+        if self._relaxed is not None or count < store.large_load_threshold:
+            return
+        indices = store._alias_indices()
+        if len(indices) == 1:
+            self._relaxed = (indices[0], store._relax_settings(indices[0]))
+            log.info("large load (%d documents) into %s: refresh_interval %s and 0 replicas until it ends",
+                     count, indices[0], store.bulk_refresh_interval)
+
+    def restore(self) -> None:
+        if self._relaxed is not None:
+            self.store._restore_settings(*self._relaxed)
+            self._relaxed = None
+
+    def finish(self) -> None:
+        """Make the session's writes searchable, and check that none went missing."""
+        store = self.store
+        if not store._alias_indices():
+            return
+        store.client.indices.refresh(index=store.alias)
+        total = store.count()
+        if total < len(self.written):
+            raise StoreError(f"after writing {len(self.written)} unique ids, {store.alias} counts only {total} "
+                             "documents")
+
+
+class _LoadLock:
+    """The alias's load lock: the document `load` in the index `<alias>-lock`, created with
+    op_type=create (only one creator wins) and deleted by its holder.
+
+    It names its owner (host and pid), the operation (`index` or `rebuild`) and when it started. A
+    thread renews `heartbeat_at` every `lock_heartbeat_s`, with if_seq_no, so a holder that lost
+    the lock (broken as stale) finds out and stops (StoreError) instead of writing on. Another load
+    breaks the lock, with a warning naming it, when it is stale: no heartbeat for `lock_stale_s`,
+    or its owner is a process of this host that no longer runs (or an earlier load of this very
+    process that could not release it)."""
+
+    def __init__(self, store: OpenSearchStore, operation: str):
+        self.store = store
+        self.client = store.client
+        self.operation = operation
+        self.token = uuid.uuid4().hex
+        self.body: dict[str, Any] = {}
+        self.version: tuple[int, int] | None = None  # (seq_no, primary_term) of our last write
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._beater: threading.Thread | None = None
+
+    def acquire(self, *, wait_s: float) -> None:
+        self.store._ensure_lock_index()
+        deadline = time.monotonic() + wait_s
+        waiting = False
+        while True:
+            now = time.time()
+            self.body = {"operation": self.operation, "owner": f"{socket.gethostname()} pid {os.getpid()}",
+                         "host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                         "started_at": now, "heartbeat_at": now}
+            try:
+                result = self.client.create(index=self.store.lock_index, id=LOCK_ID, body=self.body)
+            except ConflictError:
+                held = self.held()
+                if held is None:
+                    continue  # released between our create and our read
+                body, version = held
+                stale = self.stale_reason(body)
+                if stale is not None:
+                    log.warning("breaking the load lock on %s held by the %s of %s since %s: %s", self.store.alias,
+                                body.get("operation"), body.get("owner"), _when(body.get("started_at")), stale)
+                    with contextlib.suppress(ConflictError, NotFoundError):
+                        self.client.delete(index=self.store.lock_index, id=LOCK_ID, if_seq_no=version[0],
+                                           if_primary_term=version[1])
+                    continue
+                if time.monotonic() >= deadline:
+                    raise StoreLocked(self._refusal(body)) from None
+                if not waiting:
+                    log.info("%s; waiting up to %.0f s", self._refusal(body).split(";")[0], wait_s)
+                    waiting = True
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                continue
+            self.version = (result["_seq_no"], result["_primary_term"])
+            _HELD_TOKENS.add(self.token)
+            self._beater = threading.Thread(target=self._beat, name="load-lock-heartbeat", daemon=True)
+            self._beater.start()
+            return
+
+    def ensure_held(self) -> None:
+        if self.lost is not None:
+            raise StoreError(self.lost)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beater is not None:
+            self._beater.join()
+        _HELD_TOKENS.discard(self.token)
+        if self.version is None or self.lost is not None:
+            return
+        try:
+            self.client.delete(index=self.store.lock_index, id=LOCK_ID, if_seq_no=self.version[0],
+                               if_primary_term=self.version[1])
+        except (ConflictError, NotFoundError):
+            log.warning("the load lock on %s was broken by another process before this %s ended",
+                        self.store.alias, self.operation)
+        except OpenSearchException as exc:
+            log.warning("could not release the load lock on %s (%s); the next load breaks it (this process "
+                        "ended or %.0f s without a heartbeat)", self.store.alias, exc.__class__.__name__,
+                        self.store.lock_stale_s)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.store.lock_heartbeat_s) and self.version is not None:
+            body = {**self.body, "heartbeat_at": time.time()}
+            try:
+                result = self.client.index(index=self.store.lock_index, id=LOCK_ID, body=body,
+                                           if_seq_no=self.version[0], if_primary_term=self.version[1])
+            except (ConflictError, NotFoundError):
+                self.lost = (f"the {self.operation} on {self.store.alias} lost its load lock: another process broke "
+                             f"it as stale (no heartbeat for {self.store.lock_stale_s:.0f} s); stopping so as not "
+                             "to write beside that process; rerun when it has finished")
+                return
+            except OpenSearchException as exc:
+                log.warning("load lock heartbeat on %s failed (%s); retrying", self.store.alias, exc.__class__.__name__)
+                continue
+            self.body, self.version = body, (result["_seq_no"], result["_primary_term"])
+
+    def held(self) -> tuple[dict[str, Any], tuple[int, int]] | None:
+        """The lock document and its (seq_no, primary_term), or None when nobody holds it."""
+        try:
+            doc = self.client.get(index=self.store.lock_index, id=LOCK_ID)
+        except NotFoundError:  # no lock document, or no lock index yet
+            return None
+        return doc["_source"], (doc["_seq_no"], doc["_primary_term"])
+
+    def stale_reason(self, body: dict[str, Any]) -> str | None:
+        silent = time.time() - float(body.get("heartbeat_at", 0))
+        if silent > self.store.lock_stale_s:
+            return f"no heartbeat for {silent:.0f} s (stale after {self.store.lock_stale_s:.0f} s)"
+        if body.get("host") == socket.gethostname():
+            pid = int(body.get("pid", -1))
+            if pid == os.getpid():
+                if body.get("token") not in _HELD_TOKENS:
+                    return "an earlier load of this process left it behind"
+            elif not _process_exists(pid):
+                return f"its process {pid} on this host is gone"
+        return None
+
+    def _refusal(self, body: dict[str, Any]) -> str:
+        silent = time.time() - float(body.get("heartbeat_at", 0))
+        operation = str(body.get("operation"))
+        article = "an" if operation[:1] in "aeiou" else "a"
+        return (f"{self.store.alias} is locked by {article} {operation} run by {body.get('owner')} since "
+                f"{_when(body.get('started_at'))} (last heartbeat {silent:.0f} s ago); this {self.operation} would "
+                "write beside it. Rerun when it has finished, or let the run wait for it (clip-sidecar index "
+                "--wait-for-lock SECONDS); if that process is gone, its lock counts as stale and is broken "
+                f"{self.store.lock_stale_s:.0f} s after its last heartbeat")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _when(epoch: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(epoch)))
+    except (TypeError, ValueError):
+        return "(unknown)"

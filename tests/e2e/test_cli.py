@@ -1,4 +1,5 @@
-"""The real CLI on real JPEG files: embed → index → search, resume after kill -9, incremental reruns."""
+"""The real CLI on real JPEG files: embed → index → search, resume after kill -9, incremental reruns,
+edits of text and metadata, kill -9 during `index` and `store check`."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from PIL import Image
 
 from sidecar.cli import main
 from sidecar.config import Settings
-from sidecar.ingest.shards import ShardSet
+from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.synthetic import sample_items, write_corpus
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import ModelSignature
@@ -50,7 +53,7 @@ def test_embed_index_search_through_the_cli(corpus, tmp_path):
                                   "--filter", "color=green", "-k", "5"])
     assert result.exit_code == 0, result.output
     assert "green circle" in result.output and "red" not in result.output
-    result = runner.invoke(main, ["-q", "eval", "--store-path", str(store), "--queries", "50"])
+    result = runner.invoke(main, ["-q", "eval", "--ann", "--store-path", str(store), "--samples", "50"])
     assert result.exit_code == 0 and "Recall@10 (HNSW vs exact) over 50 queries" in result.output
 
 
@@ -186,7 +189,7 @@ def test_every_command_teaches_with_help():
     runner = CliRunner()
     for command in (["--help"], ["embed", "--help"], ["index", "--help"], ["search", "--help"], ["serve", "--help"],
                     ["demo", "--help"], ["eval", "--help"], ["cache", "warm", "--help"],
-                    ["opensearch", "setup", "--help"]):
+                    ["opensearch", "setup", "--help"], ["store", "check", "--help"], ["store", "repair", "--help"]):
         result = runner.invoke(main, command)
         assert result.exit_code == 0 and "Usage:" in result.output, command
 
@@ -195,7 +198,7 @@ def test_every_command_teaches_with_help():
 def test_demo_prints_ranked_results_in_every_mode(tmp_path):
     result = run_cli("demo", "--workdir", str(tmp_path / "demo"), "--items", "300")
     assert result.returncode == 0, result.stderr
-    for header in ("mode vector", "mode bm25", "mode hybrid", "mode hybrid + rerank", "more like this photo",
+    for header in ("mode vector", "mode bm25", "mode hybrid", "more like this photo",
                    "Recall@10 (HNSW vs exact)"):
         assert header in result.stdout
     assert "red circle" in result.stdout
@@ -256,3 +259,186 @@ def test_terminal_shows_the_projects_own_lines_not_third_party_info(store_path, 
     assert info_lines and all(" INFO sidecar." in line for line in info_lines), result.stderr
     verbose = subprocess.run([*args[:3], "-v", *args[3:]], capture_output=True, text=True, timeout=600)
     assert any(" faiss" in line for line in verbose.stderr.splitlines()), verbose.stderr
+
+
+# -- edits to text and metadata reach the store (identity = image bytes + text + metadata) --------
+
+
+def cli_ok(*args: str) -> str:
+    result = CliRunner().invoke(main, ["-q", *args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def bm25_ids(store_path: Path, text: str, *filters: str) -> list[str]:
+    args = ["search", text, "--mode", "bm25", "--store-path", str(store_path), "-k", "50", "--json"]
+    for item in filters:
+        args += ["--filter", item]
+    return [hit["id"] for hit in json.loads(cli_ok(*args))]
+
+
+def shard_vectors(out: Path) -> dict[str, np.ndarray]:
+    return {doc.id: doc.vector for batch in ShardSet(out).documents() for doc in batch}
+
+
+def test_an_edited_caption_beside_an_image_reaches_the_store_without_re_encoding(tmp_path):
+    folder, out, store_path = tmp_path / "photos", tmp_path / "shards", tmp_path / "store"
+    folder.mkdir()
+    for item in sample_items(12, seed=4):
+        item.image.save(folder / f"{item.id}.jpg", quality=90)
+        (folder / f"{item.id}.txt").write_text(f"plain caption {item.id}")
+    cli_ok("embed", str(folder), "--out", str(out), "--workers", "0")
+    cli_ok("index", str(out), "--store-path", str(store_path))
+    vectors_before = shard_vectors(out)
+    edited = sorted(folder.glob("*.txt"))[3]
+    edited.write_text("a zebra crossing the savanna")
+
+    summary = cli_ok("embed", str(folder), "--out", str(out), "--workers", "0")
+    assert "12 items: 0 embedded, 11 unchanged" in summary and "1 with new text or metadata" in summary
+    assert "1 written, 11 unchanged, 0 deleted; store now holds 12 documents" in \
+        cli_ok("index", str(out), "--store-path", str(store_path))
+    image_id = edited.with_suffix(".jpg").name
+    assert bm25_ids(store_path, "zebra") == [image_id]
+    assert image_id not in bm25_ids(store_path, "plain")
+    np.testing.assert_array_equal(shard_vectors(out)[image_id], vectors_before[image_id])  # reused, not re-encoded
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_manifest_text_and_metadata_edits_reach_the_store(tmp_path, kind):
+    folder, out, store_path = tmp_path / "corpus", tmp_path / "shards", tmp_path / "store"
+    folder.mkdir()
+    rows = []
+    for item in sample_items(10, seed=5):
+        item.image.save(folder / f"{item.id}.jpg", quality=90)
+        rows.append({"id": item.id, "path": f"{item.id}.jpg", "text": f"{item.attributes['color']} shape",
+                     "brand": "acme"})
+
+    def write(manifest_rows: list[dict]) -> Path:
+        if kind == "jsonl":
+            path = folder / "manifest.jsonl"
+            path.write_text("".join(json.dumps({"id": r["id"], "path": r["path"], "text": r["text"],
+                                                "metadata": {"brand": r["brand"]}}) + "\n" for r in manifest_rows))
+        else:
+            path = folder / "manifest.csv"
+            path.write_text("id,path,text,brand\n" + "".join(f"{r['id']},{r['path']},{r['text']},{r['brand']}\n"
+                                                            for r in manifest_rows))
+        return path
+
+    manifest = write(rows)
+    cli_ok("embed", str(manifest), "--out", str(out), "--workers", "0")
+    cli_ok("index", str(out), "--store-path", str(store_path))
+    rows[2]["text"] = "a zebra shape"
+    rows[7]["brand"] = "globex"
+    write(rows)
+
+    summary = cli_ok("embed", str(manifest), "--out", str(out), "--workers", "0")
+    assert "10 items: 0 embedded, 8 unchanged" in summary and "2 with new text or metadata" in summary
+    assert "2 written, 8 unchanged" in cli_ok("index", str(out), "--store-path", str(store_path))
+    assert bm25_ids(store_path, "zebra") == [rows[2]["id"]]
+    assert bm25_ids(store_path, "shape", "brand=globex") == [rows[7]["id"]]
+    assert rows[7]["id"] not in bm25_ids(store_path, "shape", "brand=acme")
+
+
+# -- kill -9 during `index`: the embedded store stays readable and consistent ---------------------
+
+KILL_DIM = 64
+KILL_SIGNATURE = ModelSignature(model="synthetic", weights="kill-test", dim=KILL_DIM)
+
+
+def synthetic_shards(out: Path, n: int, *, seed: int, version: int = 0, shard_rows: int = 10_000) -> ShardSet:
+    """Shards of `n` random unit vectors as `embed` writes them (no model needed to index them)."""
+    shards = ShardSet(out)
+    shards.start(KILL_SIGNATURE, preprocessing={})
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, shard_rows):
+        ids = range(start, min(start + shard_rows, n))
+        vectors = rng.standard_normal((len(ids), KILL_DIM)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        shards.write_shard(vectors, [ShardRow(id=f"doc{i}", path=f"{i}.jpg", text=f"item {i} group{i % 7} v{version}",
+                                              metadata={"group": i % 7}, content_hash=f"c{i}v{version}",
+                                              image_hash=f"i{i}v{version}") for i in ids])
+    return shards
+
+
+def committed_rows(store_path: Path) -> int:
+    try:
+        conn = sqlite3.connect(f"file:{store_path / 'store.sqlite'}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(conn.execute("SELECT value FROM meta WHERE key = 'n_rows'").fetchone()[0])
+        finally:
+            conn.close()
+    except (sqlite3.Error, TypeError):
+        return 0  # not created yet
+
+
+def index_until_killed(shards: Path, store_path: Path, *, when) -> str:
+    """Start `clip-sidecar index`, kill -9 it as soon as `when(stderr so far)` holds; its stderr."""
+    process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "index", str(shards), "--store-path",
+                                str(store_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen: list[bytes] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read1(4096), b"")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 600
+    while not when(b"".join(seen).decode(errors="replace")):
+        assert process.poll() is None, "index finished before the kill point: " + b"".join(seen).decode()[-2000:]
+        assert time.monotonic() < deadline, "index never reached the kill point"
+        time.sleep(0.001)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    reader.join(10)
+    process.stderr.close()
+    return b"".join(seen).decode(errors="replace")
+
+
+def assert_readable_and_checked_clean(store_path: Path) -> int:
+    """The store opens, answers every kind of search, and `clip-sidecar store check` finds no problem."""
+    with EmbeddedStore(store_path) as store:
+        count = store.count()
+        assert count > 0
+        query = np.ones(KILL_DIM, dtype=np.float32) / np.sqrt(KILL_DIM)
+        assert len(store.vector_search(query, 5)) == 5
+        assert len(store.vector_search(query, 5, exact=True)) == 5
+        assert len(store.text_search("group3", 5)) == 5
+    result = run_cli("store", "check", "--store-path", str(store_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return count
+
+
+def test_kill_minus_9_during_index_leaves_a_readable_store_and_a_rerun_converges_exactly(tmp_path):
+    out, store_path = tmp_path / "shards", tmp_path / "store"
+    n = 40_000
+    synthetic_shards(out, n, seed=1)
+    # 1. In the middle of the row writes (batches committed, more to come, no graph yet).
+    index_until_killed(out, store_path, when=lambda _: committed_rows(store_path) >= 10_000)
+    assert assert_readable_and_checked_clean(store_path) == committed_rows(store_path) < n
+    # 2. While the HNSW graph is being built from all rows (every row committed, graph not saved).
+    index_until_killed(out, store_path, when=lambda err: "building the HNSW graph" in err)
+    assert assert_readable_and_checked_clean(store_path) == n
+    # The shards change before the next run: new text for some ids, some ids gone.
+    shards = ShardSet(out)
+    changed = synthetic_shards(tmp_path / "changed", 500, seed=2, version=1)
+    for name in changed.shard_names():
+        vectors = changed.vectors(name)
+        shards.write_shard(np.asarray(vectors), [row for _, row, _ in changed.rows()])
+    shards.set_deleted([f"doc{i}" for i in range(39_000, 40_000)])
+    # 3. While the new graph file is written (rows and deletions committed, the commit naming it not yet).
+    index_until_killed(out, store_path, when=lambda _: any(store_path.glob("hnsw.*.tmp")))
+    assert assert_readable_and_checked_clean(store_path) == n - 1000
+    # 4. Right at the start of a run, and then a run to the end.
+    index_until_killed(out, store_path, when=lambda err: "to write" in err)
+    assert_readable_and_checked_clean(store_path)
+    result = run_cli("index", str(out), "--store-path", str(store_path))
+    assert result.returncode == 0, result.stderr
+
+    expected = {doc.id: doc for batch in ShardSet(out).documents() for doc in batch}
+    assert len(expected) == n - 1000
+    with EmbeddedStore(store_path) as store:
+        assert store.content_hashes() == {doc_id: doc.content_hash for doc_id, doc in expected.items()}
+        fetched = store.fetch(sorted(expected))
+        np.testing.assert_array_equal(np.stack([d.vector for d in fetched]),
+                                      np.stack([expected[d.id].vector for d in fetched]))
+        assert [d.text for d in fetched] == [expected[d.id].text for d in fetched]
+        report = store.check()
+        assert report.clean and report.notes == [], report.describe()
+        for query in np.stack([expected[f"doc{i}"].vector for i in (5, 500, 30_000)]):
+            assert store.vector_search(query, 1)[0].score == pytest.approx(1.0, abs=1e-5)

@@ -129,11 +129,11 @@ def test_overload_answers_503_with_the_header_that_makes_ml_commons_retry(build_
     assert "x-amzn-ErrorType" not in app.test_client().post(TEXT_IMAGE, json={"input": []}).headers
 
 
-def scraped(client) -> dict[tuple[str, str, str], float]:
-    """/metrics as {(sample name, endpoint, le): value} for the request-size histogram."""
+def scraped(client, family_name: str = "sidecar_request_items") -> dict[tuple[str, str, str], float]:
+    """/metrics as {(sample name, endpoint, le): value} for one family (the request-size histogram)."""
     families = text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
     return {(s.name, s.labels.get("endpoint", ""), s.labels.get("le", "")): s.value
-            for family in families if family.name == "sidecar_request_items" for s in family.samples}
+            for family in families if family.name == family_name for s in family.samples}
 
 
 def test_request_sizes_are_counted_per_endpoint_in_metrics(client):
@@ -153,7 +153,7 @@ def test_request_sizes_are_counted_per_endpoint_in_metrics(client):
 
 # ---- rerank ------------------------------------------------------------------------------------
 
-def rerank(client, kind: str, query: str, documents: list[str], **extra) -> list[float]:
+def rerank_answer(client, kind: str, query: str, documents: list[str], **extra) -> dict:
     response = client.post(f"/v1/opensearch/rerank/{kind}", json={"query": query, "documents": documents, **extra})
     assert response.status_code == 200, response.json
     results = response.json["results"]
@@ -164,16 +164,35 @@ def rerank(client, kind: str, query: str, documents: list[str], **extra) -> list
     written = re.findall(r'"relevance_score":\s*([^,}]+)', response.get_data(as_text=True))
     assert len(written) == len(documents)
     assert all(("." in number or "e" in number) and len(number) <= 18 for number in written), written
-    return [r["relevance_score"] for r in results]
+    return response.json
 
 
-def test_rerank_by_id_gives_exactly_the_scores_of_v1_search_hybrid_rerank(client, store_path):
-    # All 400 documents as candidates: every lexical match is among them on both paths.
-    hits = client.post("/v1/search", json={"text": "red circle", "mode": "hybrid", "k": 400, "candidates": 400,
-                                           "rerank": True}).json["hits"]
-    shuffled = [hits[i]["id"] for i in np.random.default_rng(0).permutation(len(hits))]
-    scores = dict(zip(shuffled, rerank(client, "ids", "red circle", shuffled, top_n=len(shuffled))))
-    np.testing.assert_allclose([scores[h["id"]] for h in hits], [h["score"] for h in hits], atol=1e-6)
+def rerank(client, kind: str, query: str, documents: list[str], **extra) -> list[float]:
+    return [r["relevance_score"] for r in rerank_answer(client, kind, query, documents, **extra)["results"]]
+
+
+def test_without_a_fine_model_the_rerank_keeps_the_page_order_and_says_why(client, corpus):
+    # As /v1/search without a fine model: no re-scoring, the coarse order (here: the page's own) stands.
+    skipped_ids = ("sidecar_rerank_skipped_total", "/v1/opensearch/rerank/ids", "")
+    before = scraped(client, "sidecar_rerank_skipped").get(skipped_ids, 0.0)
+    pages = (("ids", ["item-000003", "item-000001", "", "item-000002"]), ("texts", ["b", "", "a"]),
+             ("images", [corpus_image(corpus, 1), corpus_image(corpus, 0)]))
+    for kind, documents in pages:
+        answer = rerank_answer(client, kind, "red circle", documents)
+        assert answer["rerank_skipped"].startswith("no fine model is configured (SIDECAR_FINE_MODEL)"), answer
+        assert "fine_model" not in answer
+        scores = [r["relevance_score"] for r in answer["results"]]
+        present = [score for score, document in zip(scores, documents) if document]
+        assert present == sorted(present, reverse=True) and len(set(present)) == len(present), scores
+        assert all(score == -2.0 for score, document in zip(scores, documents) if not document)
+    assert scraped(client, "sidecar_rerank_skipped")[skipped_ids] == before + 1
+
+
+def test_without_a_fine_model_bad_documents_still_answer_4xx(client):
+    # The skipped stage checks its input all the same: a bad page is not answered in its own order.
+    message = error_of(client.post("/v1/opensearch/rerank/images", json={"query": "a", "documents": ["not base64!"]}),
+                       400)
+    assert "documents[0]" in message
 
 
 def test_rerank_of_an_unknown_id_answers_400_naming_it_and_the_store(client):
@@ -184,21 +203,10 @@ def test_rerank_of_an_unknown_id_answers_400_naming_it_and_the_store(client):
     assert "index 'clip-sidecar', but this sidecar's store is embedded store" in error_of(response, 400)
 
 
-def test_rerank_of_images_is_the_exact_text_to_image_similarity(client, corpus):
-    images = [corpus_image(corpus, i) for i in range(4)]
-    scores = rerank(client, "images", "red circle", images)
-    expected = embeddings(client, images, modality="image") @ embeddings(client, ["red circle"])[0]
-    np.testing.assert_allclose(scores, expected, atol=1e-5)
-
-
-def test_rerank_of_texts_scores_by_text_similarity_and_blank_ones_last(client):
-    documents = ["a red circle", "", "a blue square", "red circle"]
-    scores = rerank(client, "texts", "red circle", documents)
-    vectors = embeddings(client, ["a red circle", "a blue square", "red circle"])
-    expected = vectors @ embeddings(client, ["red circle"])[0]
-    np.testing.assert_allclose([scores[0], scores[2], scores[3]], expected, atol=1e-5)
-    assert scores[1] == -2.0 and scores[1] < min(expected)  # a hit without the field ranks last
-    assert rerank(client, "texts", '{"a": 1}', ["x"])  # a JSON-looking query is just text
+def test_blank_documents_rank_last_and_json_looking_queries_are_text(client):
+    scores = rerank(client, "texts", "red circle", ["a red circle", "", "a blue square"])
+    assert scores[1] == -2.0 and scores[1] < min(scores[0], scores[2])  # a hit without the field ranks last
+    assert rerank(client, "texts", '{"a": 1}', ["x"])
 
 
 @pytest.mark.parametrize(("body", "message"), [

@@ -13,9 +13,10 @@ from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 
 from sidecar.ingest.embed import embed_corpus
+from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.encoder import Encoder
 from sidecar.model.synthetic import write_corpus
-from sidecar.stores.opensearch import OpenSearchStore
+from sidecar.stores.opensearch import LOCK_SUFFIX, OpenSearchStore
 from sidecar.types import Document, ModelSignature
 
 URL = os.environ.get("SIDECAR_OPENSEARCH_URL", "http://127.0.0.1:9250")
@@ -57,9 +58,14 @@ def make_store(**overrides: object) -> OpenSearchStore:
     return OpenSearchStore(**kwargs)  # type: ignore[arg-type]
 
 
+def owned_indices(alias: str) -> str:
+    """Every index a store under `alias` creates: its versioned indices and its load-lock index."""
+    return f"{alias}-v*,{alias}{LOCK_SUFFIX}"
+
+
 def drop(store: OpenSearchStore) -> None:
     """Delete every index behind or named like the store's alias (tests own their names)."""
-    store.client.indices.delete(index=f"{store.alias}-v*", ignore_unavailable=True)
+    store.client.indices.delete(index=owned_indices(store.alias), ignore_unavailable=True)
     store.close()
 
 
@@ -92,6 +98,16 @@ def make_documents(n: int, *, seed: int = 0, prefix: str = "d") -> tuple[list[Do
     return docs, labels, centres
 
 
+def write_shards(out: Path, docs: list[Document]) -> Path:
+    """Shards holding `docs` as they are (vectors, text, metadata, hashes), as `embed` writes them."""
+    shards = ShardSet(out)
+    shards.start(SIGNATURE, preprocessing={})
+    shards.write_shard(np.stack([d.vector for d in docs]),
+                       [ShardRow(id=d.id, path=f"{d.id}.jpg", text=d.text, metadata=dict(d.metadata),
+                                 content_hash=d.content_hash, image_hash=d.content_hash) for d in docs])
+    return out
+
+
 # --- the real model and corpus (tests/conftest.py: encoder, corpus, shards) on OpenSearch -----------
 
 LARGE_CORPUS_ITEMS = 3000
@@ -117,6 +133,6 @@ def alias(node: str) -> Iterator[str]:
     yield name
     client = _client()
     try:
-        client.indices.delete(index=f"{name}-v*", ignore_unavailable=True)
+        client.indices.delete(index=owned_indices(name), ignore_unavailable=True)
     finally:
         client.close()

@@ -28,6 +28,7 @@ from tests.integration.conftest import (
     _auth,
     _client,
     make_store,
+    owned_indices,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -66,7 +67,7 @@ def large_store(node: str, large_shards: Path) -> Iterator[OpenSearchStore]:
         store.close()
     finally:
         client = _client()
-        client.indices.delete(index=f"{alias}-v*", ignore_unavailable=True)
+        client.indices.delete(index=owned_indices(alias), ignore_unavailable=True)
         client.close()
 
 
@@ -86,7 +87,7 @@ def test_cli_setup_index_rerun_rebuild_and_search(encoder, shards, alias):
         assert store.count() == 400 and store.signature() == encoder.signature
         hits = json.loads(cli("search", "blue square", *store_args(alias), "-k", "3", "--json").output)
         assert [concept(h) for h in hits] == [("blue", "square")] * 3
-        assert {"vector", "bm25", "fused", "rerank"} <= hits[0]["scores"].keys()
+        assert {"vector", "bm25", "fused"} <= hits[0]["scores"].keys()  # no fine model: no rerank score
     finally:
         store.close()
 
@@ -102,7 +103,7 @@ def test_every_mode_finds_the_concept(encoder, large_store, mode, fusion):
         if mode == "hybrid":
             # zscore has no OpenSearch pipeline: fused in Python; the others by OpenSearch.
             assert uses_native_hybrid(large_store, options) == (fusion != "zscore")
-            assert {"vector", "bm25", "fused", "rerank"} <= result.hits[0].scores.keys()
+            assert {"vector", "bm25", "fused"} <= result.hits[0].scores.keys()
 
 
 def test_image_query_finds_the_same_picture(encoder, large_store, large_corpus):
@@ -234,7 +235,7 @@ def test_flask_app_searches_opensearch(encoder, large_store, large_corpus, tmp_p
         body = client.post("/v1/search", json={"text": "blue square", "k": 5}).json
         assert body["store"] == "opensearch" and body["mode"] == "hybrid"
         assert [concept(h) for h in body["hits"]] == [("blue", "square")] * 5
-        assert {"vector", "bm25", "fused", "rerank"} <= body["hits"][0]["scores"].keys()
+        assert {"vector", "bm25", "fused"} <= body["hits"][0]["scores"].keys()
         body = client.post("/v1/search", json={"text": "circle", "mode": "bm25", "k": 5,
                                                "filters": {"color": "green"}}).json
         assert [concept(h) for h in body["hits"]] == [("green", "circle")] * 5
@@ -254,3 +255,55 @@ def test_flask_readyz_reports_a_missing_index(encoder, alias, tmp_path):
         assert ready.json["status"] == "not_ready" and "opensearch" in ready.json["reason"]
     finally:
         _close(app)
+
+
+def test_caption_and_manifest_edits_reach_opensearch_without_re_encoding(tmp_path, alias):
+    """Identity covers what is indexed: a .txt caption edited beside an image, and a manifest's text
+    and metadata edited, are re-indexed (BM25 and filters see the new values) with the stored vector."""
+    folder, manifest_dir = tmp_path / "photos", tmp_path / "corpus"
+    folder.mkdir()
+    manifest_dir.mkdir()
+    rows = []
+    for item in sample_items(8, seed=12):
+        item.image.save(folder / f"{item.id}.jpg", quality=90)
+        (folder / f"{item.id}.txt").write_text(f"plain caption {item.id}")
+        item.image.save(manifest_dir / f"{item.id}.jpg", quality=90)
+        rows.append({"id": f"m-{item.id}", "path": f"{item.id}.jpg", "text": "plain shape",
+                     "metadata": {"brand": "acme"}})
+
+    def write_manifest() -> Path:
+        path = manifest_dir / "manifest.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return path
+
+    folder_out, manifest_out = tmp_path / "folder-shards", tmp_path / "manifest-shards"
+    cli("embed", str(folder), "--out", str(folder_out), "--workers", "0")
+    cli("embed", str(write_manifest()), "--out", str(manifest_out), "--workers", "0")
+    folder_alias, manifest_alias = alias, f"{alias}-m"
+    cli("index", str(folder_out), *store_args(folder_alias))
+    cli("index", str(manifest_out), *store_args(manifest_alias))
+
+    edited = sorted(folder.glob("*.txt"))[2]
+    edited.write_text("a zebra at the waterhole")
+    rows[1]["text"] = "a zebra shape"
+    rows[5]["metadata"] = {"brand": "globex"}
+    write_manifest()
+    assert "1 with new text or metadata" in cli("embed", str(folder), "--out", str(folder_out), "--workers", "0").output
+    assert "0 embedded" in cli("embed", str(manifest_dir / "manifest.jsonl"), "--out", str(manifest_out),
+                               "--workers", "0").output
+    assert "1 written, 7 unchanged" in cli("index", str(folder_out), *store_args(folder_alias)).output
+    assert "2 written, 6 unchanged" in cli("index", str(manifest_out), *store_args(manifest_alias)).output
+
+    folder_store, manifest_store = make_store(index=folder_alias), make_store(index=manifest_alias)
+    try:
+        assert [h.id for h in folder_store.text_search("zebra", 10)] == [edited.with_suffix(".jpg").name]
+        assert edited.with_suffix(".jpg").name not in {h.id for h in folder_store.text_search("plain", 10)}
+        assert [h.id for h in manifest_store.text_search("zebra", 10)] == [rows[1]["id"]]
+        assert [h.id for h in manifest_store.text_search("shape", 10, filters={"brand": "globex"})] == [rows[5]["id"]]
+        assert rows[5]["id"] not in {h.id for h in manifest_store.text_search("shape", 10, filters={"brand": "acme"})}
+    finally:
+        folder_store.close()
+        manifest_store.close()
+        client = _client()
+        client.indices.delete(index=owned_indices(manifest_alias), ignore_unavailable=True)
+        client.close()

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sidecar.ingest.corpus import CorpusError, content_hash, read_corpus
+from sidecar.ingest.corpus import CorpusError, read_corpus
 
 
 def test_folder_ids_are_relative_paths_and_text_comes_from_a_caption_file_or_the_name(tmp_path):
@@ -52,12 +52,3 @@ def test_unknown_source_kind_and_missing_source(tmp_path):
     with pytest.raises(CorpusError, match="does not exist"):
         read_corpus(tmp_path / "missing.jsonl")
 
-
-def test_content_hash_follows_bytes_not_timestamps(tmp_path):
-    path = tmp_path / "a.jpg"
-    path.write_bytes(b"one")
-    first = content_hash(path)
-    path.write_bytes(b"one")
-    assert content_hash(path) == first
-    path.write_bytes(b"two")
-    assert content_hash(path) != first

@@ -1,4 +1,4 @@
-"""The embed job's scan (content hashes, serial or across processes, named errors) and its stager thread."""
+"""The embed job's scan (image hashes, serial or across processes, named errors) and its stager thread."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 
 from sidecar.ingest import embed
-from sidecar.ingest.corpus import CorpusError, content_hash
+from sidecar.ingest.corpus import CorpusError
+from sidecar.ingest.identity import image_hash
 
 
 @pytest.fixture(params=["serial", "parallel"])
@@ -30,7 +31,7 @@ def test_scan_hashes_every_file_in_order(tmp_path, workers):
     manifest = write_manifest(tmp_path, [{"id": f"item-{i}", "path": f"{i}.jpg"} for i in range(20)])
     items, hashes = embed._scan(manifest, workers=workers, progress=False)
     assert [item.id for item in items] == [f"item-{i}" for i in range(20)]
-    assert hashes == {f"item-{i}": content_hash(tmp_path / f"{i}.jpg") for i in range(20)}
+    assert hashes == {f"item-{i}": image_hash(tmp_path / f"{i}.jpg") for i in range(20)}
 
 
 def test_scan_names_the_item_whose_file_cannot_be_read(tmp_path, workers):

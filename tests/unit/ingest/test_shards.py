@@ -3,14 +3,16 @@ import json
 import numpy as np
 import pytest
 
-from sidecar.ingest.shards import ShardError, ShardRow, ShardSet
+from sidecar.ingest.identity import document_hash
+from sidecar.ingest.shards import FORMAT_VERSION, ShardError, ShardRow, ShardSet
 from sidecar.types import ModelSignature
 
 SIG = ModelSignature(model="tiny-clip", weights="sha256:abc", dim=4)
 
 
 def rows(*ids: str, digest: str = "h") -> list[ShardRow]:
-    return [ShardRow(id=i, path=f"{i}.jpg", text=f"text {i}", metadata={"n": i}, content_hash=digest) for i in ids]
+    return [ShardRow(id=i, path=f"{i}.jpg", text=f"text {i}", metadata={"n": i}, content_hash=digest,
+                     image_hash=f"image-{digest}") for i in ids]
 
 
 def unit(n: int) -> np.ndarray:
@@ -62,3 +64,26 @@ def test_vectors_and_rows_must_pair_up(tmp_path):
     shards.start(SIG, preprocessing={})
     with pytest.raises(ShardError, match="2 vectors but 1 rows"):
         shards.write_shard(unit(2), rows("a"))
+
+
+def test_format_1_rows_are_read_with_their_hash_as_the_image_hash(tmp_path):
+    # Written before text and metadata counted: one hash, of the image bytes only.
+    np.save(tmp_path / "shard-00000.npy", unit(1))
+    old = {"id": "a", "path": "a.jpg", "text": "red circle", "metadata": {"color": "red"}, "content_hash": "bytes"}
+    (tmp_path / "shard-00000.jsonl").write_text(json.dumps(old) + "\n")
+    manifest = {"format_version": 1, "model": {"model": SIG.model, "weights": SIG.weights, "dim": SIG.dim},
+                "shards": ["shard-00000"], "deleted": []}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (row,) = [row for _, row, _ in ShardSet(tmp_path).rows()]
+    assert row.image_hash == "bytes"
+    assert row.content_hash == document_hash("bytes", "red circle", {"color": "red"})
+    resumed = ShardSet(tmp_path)
+    resumed.start(SIG, preprocessing={})
+    assert resumed.manifest["format_version"] == FORMAT_VERSION
+    assert [d.content_hash for batch in resumed.documents() for d in batch] == [row.content_hash]
+
+
+def test_a_directory_of_a_newer_format_is_refused(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(ShardError, match=f"format {FORMAT_VERSION + 1}, written by a newer clip-sidecar"):
+        ShardSet(tmp_path)

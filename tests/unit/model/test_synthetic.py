@@ -86,3 +86,10 @@ def test_write_corpus_writes_real_jpegs_and_a_manifest(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
     # The metadata is the truth for the pixels: the same as sample_items gives.
     assert [line["metadata"] for line in lines] == [i.attributes for i in synthetic.sample_items(12, seed=5)]
+
+
+def test_excluded_pairs_never_appear_in_the_stream():
+    items = synthetic.iter_items(2000, seed=5, exclude=synthetic.HELD_OUT_PAIRS)
+    assert not any(synthetic.is_held_out(item.attributes) for item in items)
+    # Without the exclusion, the same stream does hold them (about one item in eight).
+    assert any(synthetic.is_held_out(item.attributes) for item in synthetic.iter_items(200, seed=5))

@@ -24,6 +24,12 @@ def test_cache_key_follows_seed_and_recipe():
     assert key != tiny_model.cache_key(seed=1)
     assert key != tiny_model.cache_key(seed=0, recipe=QUICK)
     assert tiny_model.checkpoint_path(Path("/c"), seed=0).name == f"tiny-clip-{key}.pt"
+    # The stronger model has its own config, recipe and checkpoint; training data holds the same pairs out.
+    large = tiny_model.checkpoint_path(Path("/c"), model=tiny_model.LARGE_MODEL_NAME)
+    assert large.name.startswith("tiny-clip-large-") and large.name != f"tiny-clip-large-{key}.pt"
+    assert tiny_model.RECIPES[tiny_model.LARGE_MODEL_NAME].held_out_pairs == synthetic.HELD_OUT_PAIRS
+    with pytest.raises(ValueError, match="unknown tiny model 'tiny-clip-xl'; available: tiny-clip, tiny-clip-large"):
+        tiny_model.cache_key(model="tiny-clip-xl")
 
 
 def test_positives_are_the_images_a_partial_caption_describes():

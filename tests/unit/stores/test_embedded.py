@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -506,3 +508,230 @@ def test_numpy_scalars_work_as_k_and_filter_values(store: EmbeddedStore):
     hits = store.vector_search(docs[0].vector, np.int64(3), filters={"shard": np.int64(0)})
     assert len(hits) == 3 and hits[0].id == "doc0"
     assert len(store.text_search("item", np.int32(4), filters={"shard": [np.int64(1)]})) == 4
+
+
+# -- load sessions: the graph is saved once per session -----------------------------------------
+
+
+def graph_files(path: Path) -> list[str]:
+    return sorted(file.name for file in path.glob("hnsw.*"))
+
+
+def test_a_load_session_saves_the_graph_once_and_its_rows_answer_searches_meanwhile(tmp_path: Path):
+    path = tmp_path / "s"
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(make_docs(200))
+        before = graph_files(path)
+        assert len(before) == 1
+        with store.bulk_load() as load:
+            load.expect(150)
+            for batch in range(3):
+                docs = make_docs(50, seed=10 + batch, prefix=f"b{batch}-")
+                store.upsert(docs)
+                assert graph_files(path) == before  # rows committed, graph file untouched
+                # Rows the graph does not cover yet are searched exactly beside it.
+                assert store.vector_search(docs[7].vector, 5)[0].id == f"b{batch}-7"
+            store.delete(["doc3"])
+            assert store.count() == 349
+        after = graph_files(path)
+        assert len(after) == 1 and after != before
+        queries = clustered_unit_vectors(10, seed=77)
+        for query in queries:
+            assert as_pairs(store.vector_search(query, 10)) == as_pairs(store.vector_search(query, 10, exact=True))
+        assert store.check().clean
+
+
+def test_a_session_that_fails_leaves_its_committed_rows_searchable_and_the_next_one_adds_them(tmp_path: Path):
+    path = tmp_path / "s"
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(make_docs(100))
+        before = graph_files(path)
+        with pytest.raises(RuntimeError, match="interrupted"), store.bulk_load():
+            store.upsert(make_docs(40, seed=3, prefix="late"))
+            raise RuntimeError("interrupted")
+        assert graph_files(path) == before
+        report = store.check()
+        assert report.clean and any("40 live rows written since the graph was last saved" in n for n in report.notes)
+        assert store.vector_search(make_docs(40, seed=3, prefix="late")[5].vector, 1)[0].id == "late5"
+        store.upsert(make_docs(1, seed=4, prefix="next"))
+        assert store.check().notes == []
+
+
+# -- readers take no lock ------------------------------------------------------------------------
+
+
+def run_beside(hold, read, *, timeout: float = 60) -> list:
+    """Run `read` on a thread while another thread sits inside the context `hold()`; what it returned."""
+    entered, release, results = threading.Event(), threading.Event(), []
+
+    def holder() -> None:
+        with hold():
+            entered.set()
+            release.wait(timeout)
+
+    holding = threading.Thread(target=holder)
+    holding.start()
+    try:
+        assert entered.wait(timeout)
+        reader = threading.Thread(target=lambda: results.append(read()))
+        reader.start()
+        reader.join(timeout)  # a reader that waits for the holder is still waiting here
+        finished = list(results)
+    finally:
+        release.set()
+        holding.join(timeout)
+    return finished
+
+
+def test_a_reader_does_not_wait_for_another_reader(store: EmbeddedStore):
+    store.upsert(make_docs(30))
+    assert run_beside(store._read, store.count) == [30]
+
+
+def test_a_reader_does_not_wait_for_a_writer(store: EmbeddedStore):
+    docs = make_docs(30)
+    store.upsert(docs)
+    found = run_beside(store._write, lambda: [h.id for h in store.vector_search(docs[4].vector, 1)])
+    assert found == [["doc4"]]
+
+
+def test_threads_sharing_one_store_read_whole_generations_while_it_writes(tmp_path: Path):
+    n = 120
+    errors: list[str] = []
+    done = threading.Event()
+    with EmbeddedStore(tmp_path / "s", rebuild_tombstone_fraction=0.5) as store:
+        store.claim(SIGNATURE)
+        store.upsert(make_docs(n))
+
+        def read_loop() -> None:
+            ids = [f"doc{i}" for i in range(n)]
+            while not done.is_set():
+                versions = {doc.metadata["version"] for doc in store.fetch(ids)}
+                hits = store.vector_search(np.ones(DIM, dtype=np.float32), 10)
+                text = store.text_search("item", 10, filters={"colour": "red"})
+                if len(versions) != 1 or len(hits) != 10 or len(text) != 10 or store.count() != n:
+                    errors.append(f"versions {versions}, {len(hits)} vector hits, {len(text)} text hits")
+
+        readers = [threading.Thread(target=read_loop) for _ in range(4)]
+        for reader in readers:
+            reader.start()
+        try:
+            for version in range(1, 9):
+                store.upsert(make_docs(n, seed=version, version=version))
+        finally:
+            done.set()
+            for reader in readers:
+                reader.join(60)
+    assert errors == []
+
+
+def test_commits_are_durable_before_an_old_graph_is_removed(store: EmbeddedStore):
+    assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+# -- check and repair ------------------------------------------------------------------------------
+
+
+def test_check_of_a_healthy_store_is_clean(store: EmbeddedStore):
+    store.upsert(make_docs(100))
+    store.delete(["doc1"])
+    report = store.check()
+    assert report.clean and report.problems == [] and report.notes == []
+    assert "consistent" in report.describe()
+
+
+def test_a_missing_graph_file_is_reported_and_rebuilt_by_repair(tmp_path: Path):
+    path = tmp_path / "s"
+    docs = make_docs(300)
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(docs)
+    (graph,) = path.glob("hnsw.*")
+    graph.unlink()  # a power loss after a commit that named a graph file never written
+    with EmbeddedStore(path) as store:
+        report = store.check()
+        assert not report.clean and any(graph.name in p and "missing" in p for p in report.problems)
+        with pytest.raises(StoreError, match="store repair"):
+            store.vector_search(docs[0].vector, 3)
+        repaired = store.repair()
+        assert any("rebuilt the HNSW graph from 300 live rows" in a for a in repaired.actions)
+        assert store.check().clean
+        query = clustered_unit_vectors(1, seed=9)[0]
+        assert as_pairs(store.vector_search(query, 10)) == as_pairs(store.vector_search(query, 10, exact=True))
+
+
+def test_lost_vectors_are_reported_and_repair_removes_those_documents(tmp_path: Path):
+    path = tmp_path / "s"
+    docs = make_docs(50)
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(docs)
+    with open(path / "vectors.f32", "r+b") as handle:
+        handle.truncate(48 * DIM * 4)  # the last two rows' bytes never reached the disk
+    with EmbeddedStore(path) as store:
+        assert any("48 of the 50 committed rows" in p for p in store.check().problems)
+        report = store.repair()
+        assert any("removed 2 documents whose vectors were lost (doc48, doc49)" in a for a in report.actions)
+        assert store.check().clean and store.count() == 48
+        assert store.upsert(docs[48:]) == 2  # what a rerun of `index` does
+        assert store.count() == 50 and store.check().clean
+
+
+def test_an_fts_index_out_of_step_is_reported_and_rebuilt(tmp_path: Path):
+    path = tmp_path / "s"
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(make_docs(20))
+    conn = sqlite3.connect(path / "store.sqlite")
+    conn.execute("DELETE FROM docs_fts WHERE rowid = 3")
+    conn.execute("UPDATE docs_fts SET text = 'something else' WHERE rowid = 4")
+    conn.commit()
+    conn.close()
+    with EmbeddedStore(path) as store:
+        problems = store.check().problems
+        assert "1 live documents are missing from the FTS5 (BM25) index" in problems
+        assert "1 FTS5 entries hold another text than their document" in problems
+        assert "rebuilt the FTS5 (BM25) index from the live rows" in store.repair().actions
+        assert store.check().clean
+        assert [h.id for h in store.text_search("number3", 5)] == ["doc3"]
+
+
+def test_leftovers_of_an_interrupted_write_are_notes_and_repair_removes_them(tmp_path: Path):
+    path = tmp_path / "s"
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(make_docs(20))
+    with open(path / "vectors.f32", "ab") as handle:
+        handle.write(np.ones((3, DIM), dtype=np.float32).tobytes())  # appended, never committed
+    (path / "hnsw.99.faiss.tmp").write_bytes(b"half a graph")
+    with EmbeddedStore(path) as store:
+        report = store.check()
+        assert report.clean
+        assert any("bytes past the committed rows" in n for n in report.notes)
+        assert any("hnsw.99.faiss.tmp" in n for n in report.notes)
+        repaired = store.repair()
+        assert "removed leftover file hnsw.99.faiss.tmp" in repaired.actions
+        assert store.check().notes == []
+
+
+def test_a_format_1_store_is_read_and_upgraded_by_its_first_write(tmp_path: Path):
+    path = tmp_path / "s"
+    docs = make_docs(60)
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(docs[:50])
+    conn = sqlite3.connect(path / "store.sqlite")  # what format 1 wrote: no hnsw_rows, the graph covers all rows
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'format'")
+    conn.execute("DELETE FROM meta WHERE key = 'hnsw_rows'")
+    conn.commit()
+    conn.close()
+    with EmbeddedStore(path) as store:
+        assert store.check().clean and store.count() == 50
+        assert store.vector_search(docs[10].vector, 1)[0].id == "doc10"
+        store.upsert(docs[50:])
+        assert store.check().clean and store.count() == 60
+    conn = sqlite3.connect(path / "store.sqlite")
+    assert dict(conn.execute("SELECT key, value FROM meta"))["format"] == "2"
+    conn.close()

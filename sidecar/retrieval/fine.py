@@ -1,0 +1,51 @@
+"""The fine-ranking stage: a stronger model's scores for the coarse candidates, fused with lexical evidence.
+
+The coarse stage recalls N candidates with the fast model (ANN or exact, BM25, or both); this
+stage scores just those N with a stronger model — its image vectors were computed in the same
+`embed` pass and stored beside each document, outside the ANN index; its text vector is computed
+for the query — and, where the query has lexical evidence (modes bm25 and hybrid), fuses the two
+over the candidate set. One function, so `/v1/search`, the evaluation harness and the rerank
+endpoint OpenSearch calls all rank alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from sidecar.retrieval.fusion import fuse
+from sidecar.types import Document
+
+
+@dataclass(frozen=True, slots=True)
+class FineScores:
+    fine: dict[str, float]  # the strong model's cosine per candidate
+    final: dict[str, float]  # what the stage ranks by: `fine`, or `fine` fused with the lexical scores
+
+
+class MissingFineVectors(ValueError):
+    """Candidates without the strong model's vectors (indexed without a fine model): the stage cannot run."""
+
+
+def fine_rank(query: np.ndarray, candidates: Sequence[Document], *, lexical: Mapping[str, float] | None = None,
+              fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5)) -> FineScores:
+    """Score `candidates` with the strong model (`query` is its unit vector for the query), then fuse
+    with `lexical` (raw BM25 of the candidates; those without a match contribute 0) by `fusion` and
+    `weights` (strong model, BM25). With no lexical evidence the strong model's scores decide alone."""
+    if not candidates:
+        return FineScores(fine={}, final={})
+    missing = [doc.id for doc in candidates if doc.fine_vector is None]
+    if missing:
+        raise MissingFineVectors(f"{len(missing)} of {len(candidates)} candidates (e.g. {missing[0]}) have no "
+                                 "fine-model vector: embed them with --fine-model and index again")
+    matrix = np.stack([np.asarray(doc.fine_vector, dtype=np.float32) for doc in candidates])
+    if matrix.shape[1] != query.shape[-1]:
+        raise ValueError(f"fine query vector has {query.shape[-1]} dimensions, the stored fine vectors "
+                         f"{matrix.shape[1]}: the fine model that indexed them is not the one encoding queries")
+    fine = dict(zip((doc.id for doc in candidates), (matrix @ np.asarray(query, dtype=np.float32)).tolist()))
+    evidence = {doc_id: score for doc_id, score in (lexical or {}).items() if doc_id in fine}
+    if not evidence:
+        return FineScores(fine=fine, final=fine)
+    return FineScores(fine=fine, final=fuse([fine, evidence], method=fusion, weights=weights))

@@ -1,0 +1,428 @@
+"""Relevance evaluation: judged queries × search configurations → nDCG@10, MRR@10, Recall@K and latency per stage.
+
+Metrics come from ir-measures (pytrec_eval underneath), never from formulas of our own. A
+configuration is any `SearchOptions` (mode × fusion × weights × rerank × exact/ANN × candidates ×
+ef_search) run against a named target (a store and the model that encodes its queries), so
+the same harness compares fusion weights on one store, or two models on two stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import ir_measures
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sidecar.model.encoder import Encoder
+from sidecar.retrieval.evaluation import percentiles
+from sidecar.retrieval.search import SearchOptions, query_vector, search
+from sidecar.stores.base import Store
+
+log = logging.getLogger(__name__)
+
+# Per query: encode (the query's vectors), coarse, rerank (the fine stage), search (coarse + rerank:
+# what the store and the ranking cost, without the model) and total.
+STAGES = ("encode", "coarse", "rerank", "search", "total")
+DEFAULT_CUTOFF = 10
+
+
+class EvaluationInputError(ValueError):
+    """A query file, judgment file or configuration the harness cannot use; the message says where."""
+
+
+# ---- queries and judgments ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    id: str
+    text: str | None = None
+    image: Path | None = None
+    category: str = ""  # e.g. text-heavy; metrics are also reported per category
+    tags: tuple[str, ...] = ()  # e.g. out-of-distribution; metrics are also reported per tag
+
+
+def read_queries(path: Path | str) -> list[Query]:
+    """JSONL, one query a line: {"id", "text"?, "image"? (a file, relative to this file), "category"?, "tags"?}."""
+    path = Path(path)
+    queries: list[Query] = []
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EvaluationInputError(f"{where}: not JSON ({exc.msg})") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)):
+            raise EvaluationInputError(f"{where}: each line needs an \"id\" (string)")
+        query_id = str(row["id"])
+        if query_id in seen:
+            raise EvaluationInputError(f"{where}: query id {query_id!r} appears twice")
+        seen.add(query_id)
+        text = row.get("text")
+        image = row.get("image")
+        if text is not None and not isinstance(text, str) or image is not None and not isinstance(image, str):
+            raise EvaluationInputError(f"{where}: \"text\" and \"image\" must be strings")
+        if not (text and text.strip()) and not image:
+            raise EvaluationInputError(f"{where}: query {query_id!r} has neither \"text\" nor \"image\"")
+        image_path = (path.parent / image) if image else None
+        if image_path is not None and not image_path.is_file():
+            raise EvaluationInputError(f"{where}: image {image_path} does not exist")
+        tags = row.get("tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise EvaluationInputError(f"{where}: \"tags\" must be a list of strings")
+        queries.append(Query(id=query_id, text=text, image=image_path, category=str(row.get("category", "")),
+                             tags=tuple(tags)))
+    if not queries:
+        raise EvaluationInputError(f"{path}: no queries")
+    return queries
+
+
+def read_qrels(path: Path | str) -> dict[str, dict[str, int]]:
+    """Graded judgments, query id -> {doc id: relevance}: TREC qrels ("qid iter docid rel" a line) or
+    JSONL ({"query_id", "doc_id", "relevance"} a line)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    qrels: dict[str, dict[str, int]] = {}
+    if first.lstrip().startswith("{"):
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                query_id, doc_id, relevance = str(row["query_id"]), str(row["doc_id"]), row["relevance"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise EvaluationInputError(f"{path}:{number}: expected {{\"query_id\", \"doc_id\", \"relevance\"}}: "
+                                           f"{exc}") from exc
+            if not isinstance(relevance, int) or isinstance(relevance, bool):
+                raise EvaluationInputError(f"{path}:{number}: \"relevance\" must be an integer grade")
+            qrels.setdefault(query_id, {})[doc_id] = relevance
+    else:
+        try:
+            for qrel in ir_measures.read_trec_qrels(str(path)):
+                qrels.setdefault(qrel.query_id, {})[qrel.doc_id] = int(qrel.relevance)
+        except (ValueError, IndexError) as exc:
+            raise EvaluationInputError(f"{path}: not TREC qrels (\"qid iter docid relevance\" a line): {exc}") from exc
+    if not qrels:
+        raise EvaluationInputError(f"{path}: no judgments")
+    return qrels
+
+
+# ---- configurations ------------------------------------------------------------------------------
+
+# SearchOptions fields a configuration may set; k is the harness's (the deepest cutoff), filters are per query set.
+CONFIG_FIELDS = ("mode", "fusion", "weights", "rerank", "exact", "candidates", "ef_search")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """One configuration to evaluate: search options, the target they run on, and a name for the report."""
+
+    options: SearchOptions
+    target: str = "default"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", describe_options(self.options, target=self.target))
+
+    def parameters(self) -> dict[str, Any]:
+        values = {name: getattr(self.options, name) for name in CONFIG_FIELDS}
+        values["weights"] = list(values["weights"])
+        return {"target": self.target, **values}
+
+
+def describe_options(options: SearchOptions, *, target: str = "default") -> str:
+    """A short, unique-enough label: "hybrid minmax 0.5/0.5 +rerank N=100"."""
+    parts = [options.mode]
+    if options.mode == "hybrid" or options.rerank and options.mode == "bm25":
+        parts.append(f"{options.fusion} {options.weights[0]:g}/{options.weights[1]:g}")
+    if options.rerank:
+        parts.append("+rerank")
+    if options.exact:
+        parts.append("exact")
+    parts.append(f"N={options.candidates}")
+    if options.ef_search and not options.exact and options.mode != "bm25":
+        parts.append(f"ef={options.ef_search}")
+    if target != "default":
+        parts.insert(0, f"[{target}]")
+    return " ".join(parts)
+
+
+def parse_configs(spec: Any, *, k: int = DEFAULT_CUTOFF) -> list[RunConfig]:
+    """Configurations from JSON: one object, a list of objects, or {"grid": {field: [values]}} (every
+    combination). Objects hold SearchOptions fields (CONFIG_FIELDS) plus "name" and "target"."""
+    if isinstance(spec, dict) and "grid" in spec:
+        grid = spec["grid"]
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise EvaluationInputError("\"grid\" must map each field to a non-empty list of values")
+        names = list(grid)
+        rows = [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+        return dedupe([_config(row, k=k) for row in rows])
+    rows = spec if isinstance(spec, list) else [spec]
+    return [_config(row, k=k) for row in rows]
+
+
+def _config(row: Any, *, k: int) -> RunConfig:
+    if not isinstance(row, dict):
+        raise EvaluationInputError(f"a configuration must be a JSON object, got {row!r}")
+    unknown = set(row) - set(CONFIG_FIELDS) - {"name", "target"}
+    if unknown:
+        raise EvaluationInputError(f"configuration {row}: unknown field(s) {', '.join(sorted(unknown))}; "
+                                   f"known: name, target, {', '.join(CONFIG_FIELDS)}")
+    values = {key: value for key, value in row.items() if key in CONFIG_FIELDS}
+    if "weights" in values:
+        weights = values["weights"]
+        if isinstance(weights, dict):
+            weights = [weights.get("vector", 0.0), weights.get("bm25", 0.0)]
+        values["weights"] = tuple(float(w) for w in weights)
+    values["candidates"] = max(int(values.get("candidates", SearchOptions().candidates)), k)
+    try:
+        options = SearchOptions(k=k, **values)
+    except (TypeError, ValueError) as exc:
+        raise EvaluationInputError(f"configuration {row}: {exc}") from exc
+    return RunConfig(options=options, target=str(row.get("target", "default")), name=str(row.get("name", "")))
+
+
+def default_configs() -> list[RunConfig]:
+    """What `eval --queries` compares without --config: every mode, rerank on and off, and RRF."""
+    base = SearchOptions()
+    rows = [dict(mode="vector", rerank=False), dict(mode="vector"), dict(mode="bm25", rerank=False),
+            dict(mode="bm25"), dict(), dict(rerank=False), dict(fusion="rrf", weights=(0.5, 0.5))]
+    return dedupe(RunConfig(options=dataclasses.replace(base, **row)) for row in rows)
+
+
+def dedupe(configs: Iterable[RunConfig]) -> list[RunConfig]:
+    """Drop grid points that would run the same search: fusion and weights mean nothing to vector
+    mode, nor to bm25 mode without the rerank; exact search has no ef_search."""
+    defaults = SearchOptions()
+    seen: dict[tuple, RunConfig] = {}
+    for config in configs:
+        options = config.options
+        if options.mode == "vector" or options.mode == "bm25" and not options.rerank:
+            options = dataclasses.replace(options, fusion=defaults.fusion, weights=defaults.weights)
+        if options.exact or options.mode == "bm25":
+            options = dataclasses.replace(options, ef_search=None)
+        key = (config.target, options)
+        if key not in seen:
+            seen[key] = RunConfig(options=options, target=config.target, name=config.name)
+    return list(seen.values())
+
+
+# ---- running -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SearchTarget:
+    """A store and the model that encodes queries for it (the model its vectors came from)."""
+
+    store: Store
+    encoder: Encoder | None  # None: BM25 without the rerank is all this target can run
+    prompt_template: str = "{}"
+    fine_encoder: Encoder | None = None  # the fine-ranking model, whose vectors the store holds beside each doc
+
+
+@dataclass(slots=True)
+class ConfigResult:
+    config: RunConfig
+    metrics: dict[str, float]  # measure -> mean over the judged queries
+    by_group: dict[str, dict[str, float]]  # category or tag -> measure -> mean
+    latency_ms: dict[str, tuple[float, float]]  # stage -> (p50, p95) per query
+    per_query: dict[str, dict[str, float]]  # query id -> measure -> value
+    notes: list[str] = field(default_factory=list)  # e.g. why a requested rerank was skipped
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.config.name, "parameters": self.config.parameters(), "metrics": self.metrics,
+                "by_group": self.by_group, "notes": self.notes,
+                "latency_ms": {stage: {"p50": p50, "p95": p95} for stage, (p50, p95) in self.latency_ms.items()},
+                "per_query": self.per_query}
+
+
+@dataclass(slots=True)
+class Evaluation:
+    measures: list[str]
+    results: list[ConfigResult]
+    queries: int  # judged queries evaluated
+    groups: dict[str, int]  # group -> how many queries
+    info: dict[str, Any] = field(default_factory=dict)  # targets, machine, date, command
+    default: str | None = None  # the configuration users get without asking: compared with the best
+
+    def to_json(self) -> dict[str, Any]:
+        return {"measures": self.measures, "queries": self.queries, "groups": self.groups, "info": self.info,
+                "default": self.default, "default_gaps": self.default_gaps() if self.default else None,
+                "results": [result.to_json() for result in self.results]}
+
+    def result(self, name: str) -> ConfigResult:
+        found = [r for r in self.results if r.config.name == name]
+        if not found:
+            raise KeyError(f"no configuration named {name!r}")
+        return found[0]
+
+    def best(self, measure: str, *, group: str | None = None) -> ConfigResult:
+        return max(self.results, key=lambda r: (r.by_group[group] if group else r.metrics)[measure])
+
+    def default_gaps(self, measure: str | None = None) -> dict[str, dict[str, Any]]:
+        """Per group (and "all"): the default configuration's value, the best one's, and the gap in points."""
+        if self.default is None:
+            raise ValueError("no default configuration named")
+        measure = measure or self.measures[0]
+        default = self.result(self.default)
+        gaps = {}
+        for group in ["all", *self.groups]:
+            best = self.best(measure, group=None if group == "all" else group)
+            value = (default.metrics if group == "all" else default.by_group[group])[measure]
+            top = (best.metrics if group == "all" else best.by_group[group])[measure]
+            gaps[group] = {"default": value, "best": top, "best_configuration": best.config.name,
+                           "gap_points": round(100 * (top - value), 2)}
+        return gaps
+
+
+def standard_measures(*, relevant_grade: int = 1, recall_at: Sequence[int] = (DEFAULT_CUTOFF,)) -> list[str]:
+    """nDCG@10 (graded gains), MRR@10 and Recall@K, where "relevant" means a grade >= relevant_grade."""
+    rel = "" if relevant_grade <= 1 else f"(rel={relevant_grade})"
+    return ["nDCG@10", f"RR{rel}@10", *(f"R{rel}@{k}" for k in recall_at)]
+
+
+def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrels: Mapping[str, Mapping[str, int]],
+             configs: Sequence[RunConfig], *, measures: Sequence[str] | None = None, max_image_pixels: int = 40_000_000,
+             encode_threads: int = 1, progress: bool = False) -> Evaluation:
+    """Run every configuration over every judged query; metrics by ir-measures, latency per stage.
+
+    Queries are encoded one at a time with `encode_threads` torch threads on CPU, as a serving
+    worker encodes them (SIDECAR_SERVE_TORCH_THREADS): the encode latency is a request's."""
+    measures = list(measures or standard_measures())
+    try:
+        parsed = [ir_measures.parse_measure(m) for m in measures]
+    except (ValueError, NameError, SyntaxError) as exc:
+        raise EvaluationInputError(f"unknown measure in {measures}: {exc} (ir-measures syntax, e.g. nDCG@10, "
+                                   "RR(rel=2)@10, R@100)") from exc
+    depth = max([DEFAULT_CUTOFF, *(m.params.get("cutoff") or 0 for m in parsed)])
+    judged = [q for q in queries if qrels.get(q.id)]
+    if len(judged) < len(queries):
+        log.warning("%d of %d queries have no judgments and are left out", len(queries) - len(judged), len(queries))
+    if not judged:
+        raise EvaluationInputError("no query has a judgment: do the query ids match the qrels?")
+    for config in configs:
+        if config.target not in targets:
+            raise EvaluationInputError(f"configuration {config.name!r} runs on target {config.target!r}; "
+                                       f"targets: {', '.join(targets)}")
+        if config.options.mode != "vector":
+            missing = [q.id for q in judged if not (q.text and q.text.strip())]
+            if missing:
+                raise EvaluationInputError(f"configuration {config.name!r}: mode {config.options.mode} needs query "
+                                           f"text, and {len(missing)} queries (e.g. {missing[0]}) have none; run "
+                                           "image-only queries with mode vector")
+
+    needing = {c.target for c in configs if _needs_vector(c.options)}
+    for name in needing:
+        if targets[name].encoder is None:
+            raise EvaluationInputError(f"target {name!r} has no model, and its configurations need query vectors")
+    fine_needed = {c.target for c in configs if c.options.rerank and targets[c.target].fine_encoder is not None}
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(encode_threads)
+    try:
+        vectors = _encode_queries({name: targets[name].encoder for name in needing}, targets, judged,
+                                  max_image_pixels=max_image_pixels, progress=progress)
+        fine_vectors = _encode_queries({name: targets[name].fine_encoder for name in fine_needed}, targets, judged,
+                                       max_image_pixels=max_image_pixels, progress=progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+    qrel_list = [ir_measures.Qrel(qid, doc, grade) for qid, docs in qrels.items() for doc, grade in docs.items()
+                 if qid in {q.id for q in judged}]
+    groups = _groups(judged)
+    results = []
+    for config in tqdm(configs, desc="configurations", unit="config", disable=not progress):
+        results.append(_run_config(config, targets[config.target], judged, vectors, fine_vectors, qrel_list, parsed,
+                                   groups, depth=depth))
+    return Evaluation(measures=[str(m) for m in parsed], results=results, queries=len(judged),
+                      groups={name: len(ids) for name, ids in groups.items()})
+
+
+def _encode_queries(encoders: Mapping[str, Encoder], targets: Mapping[str, SearchTarget], queries: Sequence[Query],
+                    *, max_image_pixels: int, progress: bool) -> dict[tuple[str, str], tuple[np.ndarray, float]]:
+    """(target, query id) -> (query vector by `encoders[target]`, seconds to encode it alone): every
+    configuration on a target reuses the vector and reports the encode time it cost."""
+    encoded: dict[tuple[str, str], tuple[np.ndarray, float]] = {}
+    for name, encoder in sorted(encoders.items()):
+        prompt = targets[name].prompt_template
+        encoder.encode_texts([prompt.format("warm up")])  # first calls allocate
+        for query in tqdm(queries, desc=f"encode queries ({name}, {encoder.name})", unit="query",
+                          disable=not progress):
+            started = time.perf_counter()
+            text_vector = image_vector = None
+            if query.text and query.text.strip():
+                text_vector = encoder.encode_texts([prompt.format(query.text)])[0]
+            if query.image is not None:
+                image_vector = encoder.encode_image_files([query.image.read_bytes()], max_pixels=max_image_pixels)[0]
+            encoded[(name, query.id)] = (query_vector(text_vector, image_vector), time.perf_counter() - started)
+    return encoded
+
+
+def _needs_vector(options: SearchOptions) -> bool:
+    """The fast model's query vector: every mode but bm25 (whose rerank uses the fine model's)."""
+    return options.mode != "bm25"
+
+
+def _groups(queries: Sequence[Query]) -> dict[str, list[str]]:
+    """Query ids per category (in order of first appearance), then per tag."""
+    groups: dict[str, list[str]] = {}
+    for query in queries:
+        if query.category:
+            groups.setdefault(query.category, []).append(query.id)
+    for query in queries:
+        for tag in query.tags:
+            groups.setdefault(tag, []).append(query.id)
+    return groups
+
+
+def _run_config(config: RunConfig, target: SearchTarget, queries: Sequence[Query],
+                vectors: Mapping[tuple[str, str], tuple[np.ndarray, float]],
+                fine_vectors: Mapping[tuple[str, str], tuple[np.ndarray, float]], qrel_list: list, measures: list,
+                groups: Mapping[str, list[str]], *, depth: int) -> ConfigResult:
+    options = dataclasses.replace(config.options, k=depth, candidates=max(config.options.candidates, depth))
+    needs_vector = _needs_vector(options)
+    run: list = []
+    timings: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    notes: dict[str, int] = {}
+    for query in queries:
+        vector, encode_s = vectors[(config.target, query.id)] if needs_vector else (None, 0.0)
+        fine_vector, fine_encode_s = fine_vectors.get((config.target, query.id), (None, 0.0)) if options.rerank \
+            else (None, 0.0)
+        encode_s += fine_encode_s
+        result = search(target.store, vector=vector, text=query.text, options=options, fine_vector=fine_vector)
+        if result.rerank_skipped:
+            notes[result.rerank_skipped] = notes.get(result.rerank_skipped, 0) + 1
+        # Scores by rank, so the library sees exactly our order (pytrec_eval breaks score ties by doc id).
+        run.extend(ir_measures.ScoredDoc(query.id, hit.id, float(len(result.hits) - rank))
+                   for rank, hit in enumerate(result.hits))
+        stages = {"encode": encode_s, "coarse": result.timings_s["coarse"], "rerank": result.timings_s["rerank"]}
+        stages["search"] = stages["coarse"] + stages["rerank"]
+        stages["total"] = stages["encode"] + stages["search"]
+        for stage, seconds in stages.items():
+            timings[stage].append(seconds)
+    per_query: dict[str, dict[str, float]] = {q.id: {str(m): 0.0 for m in measures} for q in queries}
+    for metric in ir_measures.iter_calc(measures, qrel_list, run):
+        per_query[metric.query_id][str(metric.measure)] = float(metric.value)
+    names = [str(m) for m in measures]
+
+    def mean_over(ids: Iterable[str]) -> dict[str, float]:
+        ids = list(ids)
+        return {name: statistics.fmean(per_query[qid][name] for qid in ids) for name in names}
+
+    return ConfigResult(config=config, metrics=mean_over(per_query), by_group={g: mean_over(ids) for g, ids in
+                                                                              groups.items()},
+                        latency_ms={stage: percentiles(samples) for stage, samples in timings.items()},
+                        per_query=per_query,
+                        notes=[f"rerank skipped for {count} of {len(queries)} queries: {reason}"
+                               for reason, count in notes.items()])

@@ -1,0 +1,83 @@
+"""`clip-sidecar eval`: judged queries against the store, the built-in benchmark, and the choice between them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from sidecar.cli import main
+
+CONCEPTS = (("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star"))
+
+
+@pytest.fixture
+def judged(corpus, tmp_path):
+    """Colour + shape queries over the session corpus, judged from its metadata: 2 = both match, 1 = the shape."""
+    rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
+    queries, qrels = [], []
+    for number, (colour, shape) in enumerate(CONCEPTS):
+        queries.append({"id": f"q{number}", "text": f"{colour} {shape}", "category": "concept"})
+        for row in rows:
+            meta = row["metadata"]
+            grade = 2 if (meta["color"], meta["shape"]) == (colour, shape) else 1 if meta["shape"] == shape else 0
+            if grade:
+                qrels.append(f"q{number} 0 {row['id']} {grade}")
+    queries_path, qrels_path = tmp_path / "queries.jsonl", tmp_path / "qrels.txt"
+    queries_path.write_text("".join(json.dumps(q) + "\n" for q in queries), encoding="utf-8")
+    qrels_path.write_text("\n".join(qrels) + "\n", encoding="utf-8")
+    return queries_path, qrels_path
+
+
+def test_eval_with_judged_queries_writes_the_report_and_ranks_the_concepts_first(store_path, judged, tmp_path):
+    queries, qrels = judged
+    out = tmp_path / "report"
+    configs = json.dumps({"grid": {"mode": ["vector", "bm25"], "rerank": [False]}})
+    result = CliRunner().invoke(main, ["-q", "eval", "--queries", str(queries), "--qrels", str(qrels),
+                                       "--store-path", str(store_path), "--config", configs, "--relevant-grade", "2",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| configuration | nDCG@10 | MRR@10 | Recall@10 |" in result.output
+    report = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    metrics = {r["name"]: r["metrics"] for r in report["results"]}
+    assert set(metrics) == {"vector N=100", "bm25 N=100"}
+    # The tiny model knows colours and shapes: a colour + shape query puts the concept first.
+    assert metrics["vector N=100"]["RR(rel=2)@10"] == 1.0
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "metrics.png", "quality-latency.png",
+                                              "report.html"}
+
+
+def test_eval_needs_exactly_one_of_benchmark_judged_queries_or_ann(judged):
+    runner = CliRunner()
+    result = runner.invoke(main, ["eval"])
+    assert result.exit_code == 2 and "choose one of --benchmark, --queries with --qrels, or --ann" in result.output
+    result = runner.invoke(main, ["eval", "--ann", "--queries", str(judged[0])])
+    assert result.exit_code == 2 and "(got --queries/--qrels, --ann)" in result.output
+    result = runner.invoke(main, ["eval", "--queries", str(judged[0])])
+    assert result.exit_code == 2 and "--queries and --qrels go together" in result.output
+
+
+def test_a_bad_configuration_is_a_usage_error_naming_the_field(store_path, judged):
+    queries, qrels = judged
+    result = CliRunner().invoke(main, ["eval", "--queries", str(queries), "--qrels", str(qrels), "--store-path",
+                                       str(store_path), "--config", '{"mode": "vector", "colour": "red"}'])
+    assert result.exit_code == 2 and "unknown field(s) colour" in result.output
+
+
+@pytest.mark.slow
+def test_benchmark_runs_from_nothing_to_a_report(tmp_path):
+    # The whole path a user runs: both tiny models (trained once into the test cache), the catalogue,
+    # embed and index per model, every standard configuration, the report. A small catalogue keeps it short.
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "sidecar.cli", "-q", "eval", "--benchmark", "--items", "300",
+                             "--workdir", str(tmp_path / "bench"), "--out", str(out)],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr
+    assert "against the best configuration" in result.stdout
+    report = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert report["groups"].keys() == {"text-heavy", "image-heavy", "mixed", "out-of-distribution"}
+    assert report["default"] in {r["name"] for r in report["results"]}
+    assert "report.html" in result.stdout and (out / "report.html").is_file()

@@ -1,0 +1,136 @@
+"""The fine stage end to end: embed with --fine-model, index, and /v1/search re-scoring with the strong model."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sidecar.api.app import create_app
+from sidecar.api.state import state_of
+from sidecar.config import Settings
+from sidecar.ingest.embed import embed_corpus
+from sidecar.ingest.indexing import index_shards
+from sidecar.model.encoder import load_encoder
+from sidecar.model.tiny_model import LARGE_MODEL_NAME
+from sidecar.stores.embedded import EmbeddedStore
+
+pytestmark = pytest.mark.slow  # trains the stronger tiny model once per test run (a few minutes)
+
+
+@pytest.fixture(scope="session")
+def fine_encoder(model_settings):
+    return load_encoder(Settings(cache_dir=model_settings.cache_dir, model=LARGE_MODEL_NAME))
+
+
+@pytest.fixture(scope="session")
+def fine_store_path(encoder, fine_encoder, corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fine")
+    embed_corpus(encoder, corpus, root / "shards", workers=0, fine_encoder=fine_encoder, progress=False)
+    with EmbeddedStore(root / "store") as store:
+        index_shards(store, root / "shards", progress=False)
+    return root / "store"
+
+
+@pytest.fixture
+def fine_client(tmp_path, encoder, fine_encoder, fine_store_path):
+    settings = Settings(cache_dir=tmp_path / "cache", store_path=fine_store_path)
+    store = EmbeddedStore(fine_store_path)
+    app = create_app(settings, encoder=encoder, store=store, fine_encoder=fine_encoder)
+    yield app.test_client()
+    state = state_of(app)
+    state.encoding.close()
+    state.fine_encoding.close()
+    store.close()
+
+
+def test_search_reranks_with_the_fine_model_and_names_it(fine_client, corpus):
+    body = fine_client.post("/v1/search", json={"text": "red circle", "k": 5}).json
+    assert body["rerank"] is True and body["fine_model"].startswith(LARGE_MODEL_NAME)
+    assert "rerank_skipped" not in body
+    assert all({"vector", "bm25", "fine", "rerank"} <= h["scores"].keys() for h in body["hits"] if "bm25" in h["scores"])
+    assert [h["score"] for h in body["hits"]] == [h["scores"]["rerank"] for h in body["hits"]]
+    # Vector mode: the strong model's order alone (no lexical evidence to fuse) puts the concept first.
+    rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
+    expected = min(5, sum((r["metadata"]["color"], r["metadata"]["shape"]) == ("green", "triangle") for r in rows))
+    assert expected >= 2, "the corpus should hold the concept"
+    body = fine_client.post("/v1/search", json={"text": "green triangle", "mode": "vector", "k": 5}).json
+    assert body["rerank"] is True
+    for hit in body["hits"][:expected]:
+        assert (hit["metadata"]["color"], hit["metadata"]["shape"]) == ("green", "triangle"), hit
+    assert all(hit["score"] == hit["scores"]["fine"] for hit in body["hits"])
+
+
+def test_bm25_mode_stays_bm25_unless_the_rerank_is_asked_for(fine_client):
+    body = fine_client.post("/v1/search", json={"text": "circle", "mode": "bm25", "k": 5}).json
+    assert body["rerank"] is False and "rerank_skipped" not in body
+    assert all(set(h["scores"]) == {"bm25"} for h in body["hits"])
+    asked = fine_client.post("/v1/search", json={"text": "circle", "mode": "bm25", "k": 5, "rerank": True}).json
+    assert asked["rerank"] is True and all("fine" in h["scores"] for h in asked["hits"])
+
+
+def test_an_image_query_is_reranked_by_the_fine_models_view_of_the_image(fine_client, corpus):
+    from tests.support import image_b64
+
+    row = json.loads(corpus.read_text(encoding="utf-8").splitlines()[3])
+    body = fine_client.post("/v1/search", json={"image": image_b64(corpus.parent / row["path"]), "k": 3}).json
+    assert body["rerank"] is True and body["hits"][0]["id"] == row["id"]
+    assert body["hits"][0]["scores"]["fine"] > 0.999  # the fine model's vector of the very same image
+
+
+# ---- the rerank endpoint OpenSearch calls runs the same stage ----------------------------------
+
+def rerank_scores(client, kind: str, query: str, documents: list[str]) -> list[float]:
+    response = client.post(f"/v1/opensearch/rerank/{kind}", json={"query": query, "documents": documents})
+    assert response.status_code == 200, response.json
+    assert "rerank_skipped" not in response.json and response.json["fine_model"].startswith(LARGE_MODEL_NAME)
+    return [r["relevance_score"] for r in response.json["results"]]
+
+
+def test_the_rerank_by_id_opensearch_calls_scores_exactly_as_v1_search(fine_client):
+    # All 400 documents as candidates: every lexical match is among them on both paths.
+    hits = fine_client.post("/v1/search", json={"text": "red circle", "mode": "hybrid", "k": 400,
+                                                "candidates": 400}).json["hits"]
+    shuffled = [hits[i]["id"] for i in np.random.default_rng(0).permutation(len(hits))]
+    scores = dict(zip(shuffled, rerank_scores(fine_client, "ids", "red circle", shuffled)))
+    in_search_order = [scores[h["id"]] for h in hits]
+    np.testing.assert_allclose(in_search_order, [h["scores"]["rerank"] for h in hits], atol=1e-6)
+    # So OpenSearch's rerank processor, sorting by these scores, puts the page in /v1/search's order.
+    assert all(a >= b - 1e-6 for a, b in zip(in_search_order, in_search_order[1:]))
+    assert hits[0]["scores"]["fine"] != hits[0]["scores"].get("vector")  # the fine model's, not the coarse one's
+
+
+def test_the_rerank_opensearch_calls_keeps_the_page_order_where_documents_lack_fine_vectors(
+        tmp_path, encoder, fine_encoder, store_path):
+    # A fine model, but documents indexed without one (as the ingest pipeline writes them): as /v1/search.
+    store = EmbeddedStore(store_path)
+    app = create_app(Settings(cache_dir=tmp_path / "cache", store_path=store_path), encoder=encoder, store=store,
+                     fine_encoder=fine_encoder)
+    try:
+        ids = ["item-000003", "item-000001", "item-000002"]
+        answer = app.test_client().post("/v1/opensearch/rerank/ids", json={"query": "red circle", "documents": ids}).json
+        search = app.test_client().post("/v1/search", json={"text": "red circle", "k": 3}).json
+    finally:
+        state_of(app).encoding.close()
+        state_of(app).fine_encoding.close()
+        store.close()
+    assert "3 of 3 candidates" in answer["rerank_skipped"] and "have no fine-model vector" in search["rerank_skipped"]
+    scores = [r["relevance_score"] for r in answer["results"]]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == 3
+
+
+def test_the_rerank_of_texts_and_images_is_the_fine_models_similarity(fine_client, fine_encoder, corpus):
+    rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()[:4]]
+    query = fine_encoder.encode_texts(["red circle"])[0]
+    texts = [row["text"] for row in rows]
+    np.testing.assert_allclose(rerank_scores(fine_client, "texts", "red circle", texts),
+                               fine_encoder.encode_texts(texts) @ query, atol=1e-5)
+    images = [base64.b64encode((corpus.parent / row["path"]).read_bytes()).decode() for row in rows]
+    expected = []
+    for row in rows:
+        with Image.open(corpus.parent / row["path"]) as image:
+            expected.append(float(fine_encoder.encode_images([image.convert("RGB")])[0] @ query))
+    np.testing.assert_allclose(rerank_scores(fine_client, "images", "red circle", images), expected, atol=1e-4)

@@ -1,0 +1,57 @@
+"""Fine-model vectors through ingest: computed in the embed pass, kept in shards, indexed beside each document."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sidecar.ingest.embed import embed_corpus
+from sidecar.ingest.indexing import index_shards
+from sidecar.ingest.shards import ShardError, ShardRow, ShardSet
+from sidecar.stores.embedded import EmbeddedStore
+from sidecar.types import ModelSignature
+
+FAST = ModelSignature(model="fast", weights="w", dim=2)
+FINE = ModelSignature(model="fine", weights="w", dim=3)
+
+
+def rows(n: int) -> list[ShardRow]:
+    return [ShardRow(id=f"d{i}", path=f"{i}.jpg", text="t", metadata={}, content_hash=f"h{i}", image_hash=f"i{i}")
+            for i in range(n)]
+
+
+def test_shards_keep_fine_vectors_row_for_row_and_refuse_a_mismatch(tmp_path):
+    shards = ShardSet(tmp_path)
+    shards.start(FAST, preprocessing={}, fine_signature=FINE)
+    fine = np.arange(6, dtype=np.float32).reshape(2, 3)
+    shards.write_shard(np.ones((2, 2), dtype=np.float32), rows(2), fine)
+    reopened = ShardSet(tmp_path)
+    assert reopened.fine_signature == FINE
+    docs = next(reopened.documents())
+    assert [d.fine_vector.tolist() for d in docs] == fine.tolist()
+    # The store records the fine model in each document's hash: adding one rewrites every document.
+    assert docs[0].content_hash.startswith("h0+fine:")
+    with pytest.raises(ShardError, match="one fine vector per row"):
+        reopened.write_shard(np.ones((2, 2), dtype=np.float32), rows(2))
+    with pytest.raises(ShardError, match="holds shards with fine .* not no fine model"):
+        ShardSet(tmp_path).start(FAST, preprocessing={})
+
+
+def test_embed_with_a_fine_model_stores_its_vectors_and_index_puts_them_beside_each_document(encoder, corpus,
+                                                                                              tmp_path):
+    # The tiny model stands in for the fine one: the plumbing is what is under test, so its fine
+    # vectors must equal its own vectors.
+    summary = embed_corpus(encoder, corpus, tmp_path / "shards", workers=0, fine_encoder=encoder, progress=False)
+    assert summary.failed == 0
+    with EmbeddedStore(tmp_path / "store") as store:
+        index_shards(store, tmp_path / "shards", progress=False)
+        docs = store.fetch(sorted(store.content_hashes())[:20])
+        assert all(doc.fine_vector is not None for doc in docs)
+        for doc in docs:
+            np.testing.assert_allclose(doc.fine_vector, doc.vector, atol=1e-5)
+        # Indexed without a fine model: no fine vectors, and the rerank has nothing to read.
+    embed_corpus(encoder, corpus, tmp_path / "plain", workers=0, progress=False)
+    with EmbeddedStore(tmp_path / "store") as store:
+        summary = index_shards(store, tmp_path / "plain", progress=False)
+        assert summary.written == summary.total_in_store  # the hash changed: every document rewritten
+        assert all(doc.fine_vector is None for doc in store.fetch(sorted(store.content_hashes())[:5]))

@@ -1,0 +1,95 @@
+"""The fine stage: the strong model's order wins where it disagrees with the fast one; lexical evidence fuses in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sidecar.retrieval.fine import MissingFineVectors, fine_rank
+from sidecar.types import Document
+
+
+def unit(*values: float) -> np.ndarray:
+    vector = np.asarray(values, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+# The fast model ranks a > b > c for the query (1, 0); the strong model, in its own space, c > b > a.
+DOCS = [Document(id="a", vector=unit(1, 0.1), fine_vector=unit(0.1, 1, 0)),
+        Document(id="b", vector=unit(1, 0.5), fine_vector=unit(0.5, 1, 0)),
+        Document(id="c", vector=unit(1, 0.9), fine_vector=unit(1, 0.1, 0))]
+FINE_QUERY = unit(1, 0, 0)
+
+
+def test_the_strong_models_order_replaces_the_fast_ones_where_they_disagree():
+    scores = fine_rank(FINE_QUERY, DOCS)
+    assert sorted(scores.final, key=scores.final.get, reverse=True) == ["c", "b", "a"]
+    assert scores.final == scores.fine  # no lexical evidence: the strong model decides alone
+    assert scores.fine["c"] == pytest.approx(float(unit(1, 0.1, 0) @ FINE_QUERY))
+
+
+def test_lexical_evidence_fuses_with_the_strong_models_scores_by_the_weights():
+    lexical = {"a": 12.0}  # only a matches the query's words
+    heavy = fine_rank(FINE_QUERY, DOCS, lexical=lexical, weights=(0.3, 0.7))
+    assert max(heavy.final, key=heavy.final.get) == "a"
+    light = fine_rank(FINE_QUERY, DOCS, lexical=lexical, weights=(0.9, 0.1))
+    assert max(light.final, key=light.final.get) == "c"
+
+
+def test_candidates_without_fine_vectors_are_refused_with_the_fix():
+    with pytest.raises(MissingFineVectors, match="1 of 2 candidates .*embed them with --fine-model"):
+        fine_rank(FINE_QUERY, [DOCS[0], Document(id="x", vector=unit(1, 0))])
+
+
+def test_a_fine_query_of_another_dimension_is_refused():
+    with pytest.raises(ValueError, match="fine query vector has 2 dimensions, the stored fine vectors 3"):
+        fine_rank(unit(1, 0), DOCS)
+
+
+@pytest.fixture
+def store(tmp_path):
+    from sidecar.stores.embedded import EmbeddedStore
+    from sidecar.types import ModelSignature
+
+    store = EmbeddedStore(tmp_path / "store")
+    store.claim(ModelSignature(model="fast", weights="none", dim=2))
+    texts = {"a": "plain badge", "b": "plain badge", "c": "plain badge"}
+    store.upsert([Document(id=d.id, vector=d.vector, fine_vector=d.fine_vector, text=texts[d.id]) for d in DOCS])
+    yield store
+    store.close()
+
+
+def test_search_ranks_by_the_strong_model_where_it_disagrees_with_the_fast_one(store):
+    from sidecar.retrieval.search import SearchOptions, search
+
+    fast_query = unit(1, 0)
+    coarse = search(store, vector=fast_query, text=None, options=SearchOptions(mode="vector", k=3, rerank=False))
+    assert [h.id for h in coarse.hits] == ["a", "b", "c"] and not coarse.reranked
+    fine = search(store, vector=fast_query, text=None, options=SearchOptions(mode="vector", k=3),
+                  fine_vector=FINE_QUERY)
+    assert [h.id for h in fine.hits] == ["c", "b", "a"]
+    assert fine.reranked and fine.rerank_skipped is None
+    assert {"vector", "fine", "rerank"} <= fine.hits[0].scores.keys()
+    assert fine.hits[0].scores["vector"] == pytest.approx(float(DOCS[2].vector @ fast_query))
+
+
+def test_without_a_fine_model_the_rerank_is_skipped_and_says_why(store):
+    from sidecar.retrieval.search import NO_FINE_MODEL, SearchOptions, search
+
+    result = search(store, vector=unit(1, 0), text=None, options=SearchOptions(mode="vector", k=3))
+    assert [h.id for h in result.hits] == ["a", "b", "c"]  # the coarse order, untouched
+    assert not result.reranked and result.rerank_skipped == NO_FINE_MODEL
+    assert "rerank" not in result.hits[0].scores
+
+
+def test_bm25_mode_ranks_by_bm25_unless_the_rerank_is_asked_for(store):
+    from sidecar.retrieval.search import SearchOptions, search
+
+    default = SearchOptions(mode="bm25", k=3)
+    assert default.rerank is False
+    result = search(store, vector=None, text="badge", options=default, fine_vector=FINE_QUERY)
+    assert not result.reranked and result.rerank_skipped is None
+    assert all(set(h.scores) == {"bm25"} for h in result.hits)
+    asked = search(store, vector=None, text="badge", options=SearchOptions(mode="bm25", k=3, rerank=True),
+                   fine_vector=FINE_QUERY)
+    assert asked.reranked and [h.id for h in asked.hits][0] == "c"  # equal BM25: the strong model decides

@@ -1,0 +1,164 @@
+"""The relevance harness: metric values on a hand-made qrels file, input formats, configurations, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import ir_measures
+import numpy as np
+import pytest
+
+from sidecar.retrieval import relevance
+from sidecar.retrieval.relevance import EvaluationInputError, Query, RunConfig, SearchTarget
+from sidecar.retrieval.report import label, sweeps, write_report
+from sidecar.retrieval.search import SearchOptions
+from sidecar.stores.embedded import EmbeddedStore
+from sidecar.types import Document, ModelSignature
+
+# BM25 ranks "alpha" as d1 (three alphas) above d2 (one), and finds nothing else; "gamma" finds only d3.
+DOCS = {"d1": "alpha alpha alpha", "d2": "alpha beta", "d3": "beta gamma", "d4": "delta"}
+QRELS_TREC = """q1 0 d2 2
+q1 0 d1 1
+q1 0 d4 1
+q2 0 d3 1
+q2 0 d9 2
+"""
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = EmbeddedStore(tmp_path / "store")
+    store.claim(ModelSignature(model="hand-made", weights="none", dim=4))
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(len(DOCS), 4)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store.upsert([Document(id=doc_id, vector=vector, text=text) for (doc_id, text), vector in zip(DOCS.items(),
+                                                                                                   vectors)])
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def qrels_file(tmp_path):
+    path = tmp_path / "qrels.txt"
+    path.write_text(QRELS_TREC, encoding="utf-8")
+    return path
+
+
+QUERIES = [Query(id="q1", text="alpha", category="a"), Query(id="q2", text="gamma", category="b", tags=("x",))]
+BM25 = RunConfig(options=SearchOptions(mode="bm25", rerank=False))
+
+
+def test_metrics_on_a_hand_made_qrels_file_are_the_librarys_and_the_hand_computed_values(store, qrels_file):
+    qrels = relevance.read_qrels(qrels_file)
+    evaluation = relevance.evaluate({"default": SearchTarget(store=store, encoder=None)}, QUERIES, qrels, [BM25],
+                                    measures=["nDCG@10", "RR@10", "R@10", "RR(rel=2)@10", "R(rel=2)@10"])
+    result = evaluation.results[0]
+    # By hand, trec_eval's linear gains. q1 ranks d1 (grade 1), d2 (grade 2); d4 (grade 1) is missed.
+    ndcg_q1 = (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3) + 1 / math.log2(4))
+    # q2 ranks d3 (grade 1) first; the ideal list holds d9 (grade 2), then d3.
+    ndcg_q2 = 1 / (2 + 1 / math.log2(3))
+    expected = {"nDCG@10": (ndcg_q1, ndcg_q2), "RR@10": (1.0, 1.0), "R@10": (2 / 3, 1 / 2),
+                "RR(rel=2)@10": (1 / 2, 0.0), "R(rel=2)@10": (1.0, 0.0)}
+    for measure, (q1, q2) in expected.items():
+        assert result.per_query["q1"][measure] == pytest.approx(q1), measure
+        assert result.per_query["q2"][measure] == pytest.approx(q2), measure
+        assert result.metrics[measure] == pytest.approx((q1 + q2) / 2), measure
+    # And the library, called directly on the same ranking, agrees on every aggregate.
+    run = [ir_measures.ScoredDoc("q1", "d1", 2.0), ir_measures.ScoredDoc("q1", "d2", 1.0),
+           ir_measures.ScoredDoc("q2", "d3", 1.0)]
+    library = ir_measures.calc_aggregate([ir_measures.parse_measure(m) for m in expected],
+                                         list(ir_measures.read_trec_qrels(str(qrels_file))), run)
+    assert {str(m): pytest.approx(v) for m, v in library.items()} == result.metrics
+    assert result.by_group["a"]["nDCG@10"] == pytest.approx(ndcg_q1)
+    assert result.by_group["x"]["nDCG@10"] == pytest.approx(ndcg_q2)
+    assert set(result.latency_ms) == {"encode", "coarse", "rerank", "search", "total"}
+
+
+def test_a_judged_query_the_run_misses_counts_as_zero_not_as_absent(store, tmp_path):
+    qrels = {"q1": {"d2": 1}, "q3": {"d4": 1}}
+    queries = [Query(id="q1", text="alpha"), Query(id="q3", text="nothing matches this")]
+    result = relevance.evaluate({"default": SearchTarget(store=store, encoder=None)}, queries, qrels, [BM25],
+                                measures=["RR@10"]).results[0]
+    assert result.per_query["q3"]["RR@10"] == 0.0
+    assert result.metrics["RR@10"] == pytest.approx((1 / 2 + 0.0) / 2)
+
+
+def test_jsonl_judgments_read_the_same_as_trec(tmp_path, qrels_file):
+    jsonl = tmp_path / "qrels.jsonl"
+    jsonl.write_text("".join(json.dumps({"query_id": q, "doc_id": d, "relevance": int(g)}) + "\n"
+                             for q, _, d, g in (line.split() for line in QRELS_TREC.splitlines())), encoding="utf-8")
+    assert relevance.read_qrels(jsonl) == relevance.read_qrels(qrels_file) == {
+        "q1": {"d2": 2, "d1": 1, "d4": 1}, "q2": {"d3": 1, "d9": 2}}
+
+
+def test_query_file_errors_name_the_line(tmp_path):
+    path = tmp_path / "queries.jsonl"
+    path.write_text('{"id": "q1", "text": "red"}\n{"id": "q2"}\n', encoding="utf-8")
+    with pytest.raises(EvaluationInputError, match=r"queries.jsonl:2: query 'q2' has neither"):
+        relevance.read_queries(path)
+    path.write_text('{"id": "q1", "image": "missing.jpg"}\n', encoding="utf-8")
+    with pytest.raises(EvaluationInputError, match="missing.jpg does not exist"):
+        relevance.read_queries(path)
+
+
+def test_image_queries_resolve_relative_to_the_query_file(tmp_path):
+    (tmp_path / "photo.jpg").write_bytes(b"not read here")
+    path = tmp_path / "queries.jsonl"
+    path.write_text('{"id": "q1", "image": "photo.jpg", "category": "photo", "tags": ["t"]}\n', encoding="utf-8")
+    assert relevance.read_queries(path) == [Query(id="q1", image=tmp_path / "photo.jpg", category="photo",
+                                                  tags=("t",))]
+
+
+def test_a_grid_expands_to_every_distinct_search():
+    configs = relevance.parse_configs({"grid": {"mode": ["vector", "bm25", "hybrid"], "fusion": ["minmax", "rrf"],
+                                                "rerank": [False]}})
+    # Fusion means nothing to vector or bm25 without the rerank: 1 + 1 + 2 searches, not 6.
+    assert [c.name for c in configs] == ["vector N=100", "bm25 N=100", "hybrid minmax 0.5/0.5 N=100",
+                                         "hybrid rrf 0.5/0.5 N=100"]
+
+
+def test_configuration_errors_name_the_field():
+    with pytest.raises(EvaluationInputError, match="unknown field.*colour"):
+        relevance.parse_configs({"mode": "vector", "colour": "red"})
+    with pytest.raises(EvaluationInputError, match="mode 'semantic'"):
+        relevance.parse_configs({"mode": "semantic"})
+    assert relevance.parse_configs({"weights": {"vector": 0.2, "bm25": 0.8}})[0].options.weights == (0.2, 0.8)
+
+
+def test_a_mode_that_needs_text_refuses_image_only_queries(store, tmp_path):
+    (tmp_path / "p.jpg").write_bytes(b"x")
+    queries = [Query(id="q1", image=tmp_path / "p.jpg")]
+    with pytest.raises(EvaluationInputError, match="mode bm25 needs query text"):
+        relevance.evaluate({"default": SearchTarget(store=store, encoder=None)}, queries, {"q1": {"d1": 1}}, [BM25])
+
+
+def test_a_vector_configuration_on_a_target_without_a_model_is_refused(store):
+    vector = RunConfig(options=SearchOptions(mode="vector"))
+    with pytest.raises(EvaluationInputError, match="has no model"):
+        relevance.evaluate({"default": SearchTarget(store=store, encoder=None)}, QUERIES, {"q1": {"d1": 1}}, [vector])
+
+
+def test_report_writes_json_markdown_plots_and_one_self_contained_html(store, qrels_file, tmp_path):
+    configs = [BM25, *(RunConfig(options=SearchOptions(mode="bm25", rerank=False, candidates=n)) for n in (20, 50))]
+    evaluation = relevance.evaluate({"default": SearchTarget(store=store, encoder=None)}, QUERIES,
+                                    relevance.read_qrels(qrels_file), configs)
+    evaluation.default = BM25.name
+    files = write_report(evaluation, tmp_path / "report", title="hand-made")
+    data = json.loads(files.json.read_text(encoding="utf-8"))
+    assert [r["name"] for r in data["results"]] == [c.name for c in configs]
+    assert data["default_gaps"]["all"]["gap_points"] == 0.0
+    text = files.markdown.read_text(encoding="utf-8")
+    assert "| configuration | nDCG@10 | MRR@10 | Recall@10 |" in text and "bm25 N=100" in text
+    for plot in files.plots:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = files.html.read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == len(files.plots)
+    assert "src=\"http" not in page and "<link" not in page
+    # Configurations that differ only in N make one line of the quality-latency plot.
+    assert [len(family) for family in sweeps(evaluation.results).values()] == [3]
+
+
+def test_labels_read_as_the_field_names_them():
+    assert [label(m) for m in ("nDCG@10", "RR(rel=2)@10", "R@100")] == ["nDCG@10", "MRR@10", "Recall@100"]
