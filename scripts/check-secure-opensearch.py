@@ -133,13 +133,19 @@ def sidecar_checks(sc: OpenSearch) -> None:
                        "name": "hnsw", "engine": "lucene", "space_type": "innerproduct"}},
                    "text": {"type": "text"}, "id": {"type": "keyword"}}}}
     allowed("sidecar: health", lambda: sc.cluster.health())
-    allowed("sidecar: _cat/plugins", lambda: sc.cat.plugins(format="json"))
+    allowed("sidecar: GET _nodes/plugins", lambda: sc.nodes.info(metric="plugins"))
+    refused("sidecar refused: _cat/plugins (needs cluster:monitor/state)", lambda: sc.cat.plugins(format="json"))
+    refused("sidecar refused: _cluster/state", lambda: sc.cluster.state())
     allowed("sidecar: create clip-sidecar-v1 (knn lucene)", lambda: sc.indices.create(index="clip-sidecar-v1", body=mapping))
     allowed("sidecar: exists", lambda: sc.indices.exists(index="clip-sidecar-v1"))
     allowed("sidecar: put_alias", lambda: sc.indices.put_alias(index="clip-sidecar-v1", name="clip-sidecar"))
-    check("sidecar: exists_alias", sc.indices.exists_alias(name="clip-sidecar") is True)
-    got = allowed("sidecar: get_alias (no index named)", lambda: sc.indices.get_alias(name="clip-sidecar"))
+    check("sidecar: exists_alias on its versions",
+          sc.indices.exists_alias(index="clip-sidecar-v*", name="clip-sidecar") is True)
+    got = allowed("sidecar: get_alias on its versions",
+                  lambda: sc.indices.get_alias(index="clip-sidecar-v*", name="clip-sidecar"))
     check("sidecar: get_alias shows only its index", got is not None and sorted(got) == ["clip-sidecar-v1"], str(got))
+    refused("sidecar refused: get_alias naming no index (needs aliases/get on every index)",
+            lambda: sc.indices.get_alias(name="clip-sidecar"))
     words = ["red apple", "green pear", "blue sky", "red car", "yellow sun"]
     actions = [{"_index": "clip-sidecar", "_id": str(i), "_source": {"id": str(i), "vector": vec(i), "text": words[i % 5]}}
                for i in range(40)]
@@ -184,7 +190,8 @@ def sidecar_checks(sc: OpenSearch) -> None:
         {"remove": {"index": "clip-sidecar-v1", "alias": "clip-sidecar"}},
         {"add": {"index": "clip-sidecar-v2", "alias": "clip-sidecar"}}]}))
     allowed("sidecar: delete clip-sidecar-v1", lambda: sc.indices.delete(index="clip-sidecar-v1"))
-    if "opensearch-ml" in {r["component"] for r in sc.cat.plugins(format="json")}:
+    if any(p["name"] == "opensearch-ml" for node in sc.nodes.info(metric="plugins")["nodes"].values()
+           for p in node["plugins"]):
         # No model exists: allowed means "not found" (404), refused would be 403.
         try:
             sc.transport.perform_request("GET", "/_plugins/_ml/models/no-such-model")
@@ -216,14 +223,15 @@ def sidecar_checks(sc: OpenSearch) -> None:
     refused("sidecar refused: security API", lambda: sc.transport.perform_request("GET", "/_plugins/_security/api/roles"))
     refused("sidecar refused: search all indices", lambda: sc.search(index="_all", body={"query": {"match_all": {}}}))
     refused("sidecar refused: search other-*", lambda: sc.search(index="other-*", body={"query": {"match_all": {}}}))
-    got = sc.indices.get_alias(name="clip-sidecar")
-    check("sidecar: get_alias by name lists the alias's index only", sorted(got) == ["clip-sidecar-v2"], str(got))
+    got = sc.indices.get_alias(index="clip-sidecar-v*", name="clip-sidecar")
+    check("sidecar: after the swap the alias names v2 only", sorted(got) == ["clip-sidecar-v2"], str(got))
+    refused("sidecar refused: another index's alias", lambda: sc.indices.get_alias(index="other-index", name="*"))
     allowed("sidecar: wildcard delete of its versions matching nothing",
             lambda: sc.indices.delete(index="clip-sidecar-nothing-v*", ignore_unavailable=True))
 
 
 def store_checks() -> None:
-    """The real store as clip-sidecar; its client gets the CA (OpenSearchStore has no CA option)."""
+    """The real store as clip-sidecar, verifying the node's certificate with the instance's CA."""
     try:
         import numpy as np
 
@@ -234,10 +242,8 @@ def store_checks() -> None:
     except (ImportError, AttributeError) as exc:
         print(f"skip store checks: {exc}")
         return
-    store = OpenSearchStore(url=URL, index="it-secure-check", user=SIDECAR[0], password=SIDECAR[1],
+    store = OpenSearchStore(url=URL, index="it-secure-check", user=SIDECAR[0], password=SIDECAR[1], ca_certs=CA,
                             number_of_replicas=0, large_load_threshold=50)
-    store.client.close()
-    store.client = client(SIDECAR)
     sig = ModelSignature(model="check", weights="w", dim=DIM)
     rng = np.random.default_rng(0)
 

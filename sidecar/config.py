@@ -60,6 +60,8 @@ class Settings:
     opensearch_user: str = ""
     opensearch_password: str = ""
     opensearch_verify_certs: bool = True
+    # PEM file of the CA(s) that signed the cluster's HTTPS certificate (a private CA); "" = the system's CAs.
+    opensearch_ca_certs: str = ""
     opensearch_engine: str = "lucene"  # one of OPENSEARCH_ENGINES
     # plugin_config/ (index template, search pipelines): "" = the checkout's; an installed
     # package (Docker) needs the path of a copy.
@@ -113,6 +115,17 @@ class Settings:
 
     # Search defaults
     rerank_candidates: int = 100
+
+    # Who may call the API (sidecar/api/auth.py; README "API keys"): `name:scopes:sha256` entries that
+    # `clip-sidecar keys create` prints, comma-separated; "" = no keys, every endpoint open (loopback only
+    # unless `serve --insecure`). Each key's requests a second (a token bucket per key in each worker;
+    # 0 = unlimited) and burst (0 = one second's worth). /metrics takes a key unless metrics_public.
+    api_keys: str = ""
+    api_rate_limit: float = 0.0
+    api_rate_burst: int = 0
+    metrics_public: bool = False
+    # Serve without API keys on an address other than loopback (`serve --insecure`): on purpose only.
+    insecure: bool = False
 
     def encode_queue_items(self) -> int:
         """The bound on items waiting for each micro-batcher: queue_items, or by default half the
@@ -173,6 +186,9 @@ class Settings:
         if unknown or not self.image_formats:
             raise ValueError(f"setting image_formats={','.join(self.image_formats)!r}: unknown "
                              f"{', '.join(unknown) or '(empty)'}; Pillow opens {', '.join(sorted(_pillow_formats()))}")
+        if self.api_rate_limit < 0 or self.api_rate_burst < 0:
+            raise ValueError(f"settings api_rate_limit and api_rate_burst must be >= 0 (0 = no limit / one second's "
+                             f"worth), got {self.api_rate_limit} and {self.api_rate_burst}")
         if "{}" not in self.prompt_template:
             raise ValueError(f"setting prompt_template must contain '{{}}' for the text, got {self.prompt_template!r}")
         # Paths may arrive as strings from the environment or tests.

@@ -9,14 +9,33 @@ class ApiError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None):
+    def __init__(self, message: str, *, retry_after_s: float | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}  # sent with the answer beside Retry-After (WWW-Authenticate on a 401)
 
 
 class BadRequest(ApiError):
     status, code = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    """No API key, or one that matches none of the configured keys (revoked or mistyped)."""
+
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    """A valid API key whose scopes do not include the endpoint."""
+
+    status, code = 403, "forbidden"
+
+
+class RateLimited(ApiError):
+    """A key's request rate is over its limit: retry after Retry-After seconds."""
+
+    status, code = 429, "rate_limited"
 
 
 class ModelNotFound(ApiError):

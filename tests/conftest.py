@@ -13,6 +13,7 @@ from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.indexing import index_shards
 from sidecar.model.encoder import Encoder, load_encoder
 from sidecar.model.synthetic import write_corpus
+from sidecar.model.tiny_model import LARGE_MODEL_NAME
 from sidecar.stores.embedded import EmbeddedStore
 
 CORPUS_ITEMS = 400
@@ -41,6 +42,13 @@ def model_settings(test_cache_dir: Path) -> Settings:
 @pytest.fixture(scope="session")
 def encoder(model_settings: Settings) -> Encoder:
     return load_encoder(model_settings)
+
+
+@pytest.fixture(scope="session")
+def fine_encoder(model_settings: Settings) -> Encoder:
+    """The stronger tiny model (fine ranking), trained once per run into the test cache here, in
+    the test process: tests that run the CLI in a subprocess then find it cached."""
+    return load_encoder(Settings(cache_dir=model_settings.cache_dir, model=LARGE_MODEL_NAME))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import requests
 from PIL import Image
@@ -41,22 +41,30 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def gunicorn_server(env: dict[str, str], log: Path, *, workers: int = 1, threads: int = 8,
-                    port: int | None = None) -> Iterator[str]:
+                    port: int | None = None, log_flag: str = "-q", serve_args: Sequence[str] = (),
+                    api_key: str | None = None, ca_file: Path | None = None) -> Iterator[str]:
     """`clip-sidecar serve` (gunicorn, this checkout's code) on a loopback port (a free one unless
-    given: a restart on the same port keeps a URL others hold) until the block ends; yields its URL
-    once /readyz answers 200. Settings come in `env` (SIDECAR_*)."""
+    given: a restart on the same port keeps a URL others hold, and appends to `log`) until the block
+    ends; yields its URL once /readyz answers 200. Its stdout (gunicorn's access log) and stderr go to
+    `log`. Settings come in `env` (SIDECAR_*); `log_flag` is the CLI's verbosity (-q, -v or "");
+    `serve_args` more flags for `serve`. The readiness poll sends `api_key` when the server takes keys,
+    and speaks HTTPS, verifying against `ca_file`, when one is given (serve_args then carry
+    --certfile/--keyfile)."""
     port = port or free_port()
     with log.open("a") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "serve", "--port", str(port),
-                                    "--workers", str(workers), "--threads", str(threads)],
+        process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", *([log_flag] if log_flag else []), "serve",
+                                    "--port", str(port), "--workers", str(workers), "--threads", str(threads),
+                                    *serve_args],
                                    env={**os.environ, "GUNICORN_LOGLEVEL": "warning", **env},
-                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
-    url = f"http://127.0.0.1:{port}"
+                                   start_new_session=True, stdout=stderr, stderr=stderr)
+    url = f"{'https' if ca_file else 'http'}://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                ready = requests.get(f"{url}/readyz", headers=headers, timeout=2, verify=str(ca_file or True))
+                if ready.status_code == 200:
                     break
             except requests.RequestException:
                 pass  # the worker is still loading the model

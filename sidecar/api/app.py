@@ -8,7 +8,7 @@ import time
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from sidecar.api import embeddings, opensearch_native, ops, search
+from sidecar.api import auth, embeddings, opensearch_native, ops, search
 from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import body_too_large
 from sidecar.config import Settings
@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
+    auth.init_app(app, settings)  # first: a malformed SIDECAR_API_KEYS fails before the models load
     # The server loads cached models only: downloading or training inside a gunicorn worker
     # would outlast its boot timeout (`clip-sidecar models fetch` is the step that fetches).
     encoder = encoder or load_encoder(settings, fetch=False)
@@ -53,6 +54,7 @@ def _register_errors(app: Flask, settings: Settings) -> None:
         response = jsonify({"error": {"code": exc.code, "message": exc.message}})
         if exc.retry_after_s is not None:
             response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        response.headers.update(exc.headers)
         return response, exc.status
 
     @app.errorhandler(StoreError)

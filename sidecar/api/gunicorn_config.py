@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gunicorn import util
 
+from sidecar.api.auth import refusal_to_serve
 from sidecar.config import Settings
 
 # Read once in the arbiter; each worker reads its own Settings again when it builds the app.
@@ -43,11 +44,16 @@ _owned_metrics_dir: str | None = None
 
 
 def on_starting(server):
-    """Prometheus multiprocess mode: every worker writes its series to files in one folder and a
+    """Before any socket is bound: the exposure rule, then Prometheus multiprocess mode: every worker writes its series to files in one folder and a
     scrape sums them (sidecar.serving.metrics). Set before any worker imports prometheus_client;
     a folder the operator names is emptied first, since files of a previous run would add to
     this run's counts."""
     global _owned_metrics_dir
+    # The rule `clip-sidecar serve` applies, for gunicorn started directly (the Docker image): no
+    # listening beyond loopback without API keys unless SIDECAR_INSECURE.
+    refusal = refusal_to_serve(_settings, [address[0] for address in server.cfg.address if isinstance(address, tuple)])
+    if refusal:
+        raise RuntimeError(refusal)  # gunicorn prints "Error: <message>" and exits 1
     configured = os.environ.get(_MULTIPROC_ENV)
     if configured:
         Path(configured).mkdir(parents=True, exist_ok=True)

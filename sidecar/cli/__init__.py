@@ -5,6 +5,7 @@ from __future__ import annotations
 from sidecar.cli.cache import cache
 from sidecar.cli.demo import demo
 from sidecar.cli.ingest import embed, index
+from sidecar.cli.keys import keys
 from sidecar.cli.models import models
 from sidecar.cli.opensearch import opensearch
 from sidecar.cli.query import eval_command, search
@@ -12,7 +13,7 @@ from sidecar.cli.root import main
 from sidecar.cli.serve import serve
 from sidecar.cli.store import store
 
-for _command in (embed, index, search, serve, models, eval_command, demo, cache, opensearch, store):
+for _command in (embed, index, search, serve, models, eval_command, demo, cache, opensearch, store, keys):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -50,8 +50,10 @@ def opensearch_setup(**kwargs: Any) -> None:
                    "http://sidecar:8080 inside docker compose. The cluster must trust it "
                    "(plugins.ml_commons.trusted_connector_endpoints_regex).")
 @click.option("--api-key", envvar="SIDECAR_CONNECTOR_API_KEY", default=PLACEHOLDER_KEY,
-              help="Bearer key the connectors send (kept in OpenSearch's credential store, never shown). "
-                   "Env: SIDECAR_CONNECTOR_API_KEY.")
+              help="Bearer key the connectors send, for a sidecar with API keys (kept in the connectors' "
+                   "credential, encrypted by ml-commons, never shown): one made by `clip-sidecar keys create "
+                   "--name opensearch --scope embeddings`. Checked against SIDECAR_API_KEYS where this shell sets "
+                   "it. Env: SIDECAR_CONNECTOR_API_KEY.")
 @click.option("--ingest", "ingest_fields", type=click.Choice(tuple(INGEST_FIELDS)), default="image", show_default=True,
               help="What the image pipeline embeds into `vector`: the image alone (what `clip-sidecar index` stores), "
                    "or image+text fused (the text alone where a document has no image).")
@@ -99,6 +101,7 @@ def opensearch_connect(sidecar_url: str, api_key: str, ingest_fields: str, batch
 
     settings = settings_from(kwargs, STORE_FLAGS)
     settings = Settings.from_env(**{**{n: getattr(settings, n) for n in STORE_FLAGS}, "store": "opensearch"})
+    _check_connector_key(settings, api_key)
     if batch_size > settings.max_batch_items:
         raise click.UsageError(f"--batch-size {batch_size} is over the sidecar's max_batch_items "
                                f"({settings.max_batch_items}): it would answer every call 413")
@@ -128,3 +131,28 @@ def opensearch_connect(sidecar_url: str, api_key: str, ingest_fields: str, batch
                            "search_pipelines": connection.search_pipelines}, indent=2))
     click.echo(f"OpenSearch calls the sidecar at {sidecar_url} for {settings.opensearch_index}"
                + ("" if connection.changed else " (nothing changed)"))
+
+
+def _check_connector_key(settings: Settings, api_key: str) -> None:
+    """Where SIDECAR_API_KEYS is set here (as for the sidecar), the key must be one it admits to the
+    URLs OpenSearch calls: found now, not as a 401 inside OpenSearch's check (or a user's _bulk)."""
+    from sidecar.api.auth import KeyGuard, parse_key_entries
+    from sidecar.errors import Forbidden, Unauthorized
+    from sidecar.stores.ml_commons import RERANK_PATH, TEXTS_PATH
+
+    try:
+        entries = parse_key_entries(settings.api_keys)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if not entries:
+        return
+    create = "`clip-sidecar keys create --name opensearch --scope embeddings`"
+    if api_key == PLACEHOLDER_KEY:
+        raise click.UsageError(f"SIDECAR_API_KEYS is set, so the sidecar takes keys: pass the connectors' key with "
+                               f"--api-key (SIDECAR_CONNECTOR_API_KEY), one made by {create}")
+    try:
+        for path in (TEXTS_PATH, RERANK_PATH.format(kind="ids")):
+            KeyGuard(entries).check(f"Bearer {api_key}", path)
+    except (Unauthorized, Forbidden) as exc:
+        raise click.UsageError(f"--api-key: {exc.message} (checked against SIDECAR_API_KEYS); make one with "
+                               f"{create}") from exc

@@ -54,13 +54,15 @@ def settings_from(kwargs: dict[str, Any], names: tuple[str, ...]) -> Settings:
 def configure_logging(*, verbose: bool, quiet: bool) -> None:
     """The project's own INFO lines on stderr; third-party loggers (faiss's loader, open_clip,
     opensearch-py's request log) only from WARNING up unless -v, so their chatter does not
-    interleave with the progress a user is watching."""
+    interleave with the progress a user is watching. opensearch-py's failed-request warnings (a
+    traceback per attempt) only from ERROR: the store reports each failure itself, in one line."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logging.getLogger("sidecar").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("opensearch").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 class _Group(click.Group):

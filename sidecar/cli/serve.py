@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from sidecar.api.auth import is_loopback, parse_key_entries, refusal_to_serve
 from sidecar.cli.root import (
     MODEL_FLAGS,
     STORE_FLAGS,
@@ -20,8 +21,8 @@ from sidecar.cli.root import (
 log = logging.getLogger(__name__)
 GUNICORN_CONFIG = "python:sidecar.api.gunicorn_config"
 # Settings `serve` takes as flags beside the model's and the store's (the gunicorn config reads
-# the thread count from Settings, so it reaches gunicorn through the environment too).
-SERVE_FLAGS = ("request_threads",)
+# them from Settings, so they reach gunicorn through the environment too).
+SERVE_FLAGS = ("request_threads", "insecure")
 
 
 @click.command()
@@ -34,32 +35,54 @@ SERVE_FLAGS = ("request_threads",)
               help="Request threads per worker (default: SIDECAR_REQUEST_THREADS, else 32); they share that worker's "
                    "micro-batcher, and half of them (at most max_batch items) may wait on the model before "
                    "requests answer 503 (SIDECAR_QUEUE_ITEMS overrides that bound).")
+@click.option("--insecure", is_flag=True, default=None,
+              help="Serve without API keys on an address other than loopback (SIDECAR_INSECURE): on purpose only.")
+@click.option("--certfile", type=click.Path(exists=True, dir_okay=False),
+              help="HTTPS: the server's certificate chain (PEM), gunicorn's own TLS; with --keyfile.")
+@click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), help="HTTPS: its private key (PEM).")
 @click.option("--dev", is_flag=True, help="Flask's development server instead of gunicorn (development only).")
 @model_options
 @store_options
-def serve(host: str, port: int, workers: int, dev: bool, **kwargs: Any) -> None:
+def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str | None, dev: bool,
+          **kwargs: Any) -> None:
     """Serve the HTTP API: /v1/embeddings, /v1/search, /v1/opensearch/* (what OpenSearch calls:
     `clip-sidecar opensearch connect`), /healthz, /readyz, /metrics.
 
     The model must be in the cache first (`clip-sidecar models fetch`): the server never
     downloads or trains one, which could outlast a worker's boot timeout.
+
+    With API keys (SIDECAR_API_KEYS, `clip-sidecar keys create`) every endpoint but /healthz
+    takes `Authorization: Bearer <key>`. Without keys it listens on loopback only, unless --insecure.
     """
     from sidecar.model.weights import missing_weights
 
     settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + SERVE_FLAGS)
+    try:
+        refusal = refusal_to_serve(settings, [host])
+    except ValueError as exc:  # a malformed SIDECAR_API_KEYS
+        raise click.UsageError(str(exc)) from exc
+    if refusal:
+        raise click.ClickException(refusal)
+    if (certfile is None) != (keyfile is None):
+        raise click.UsageError("--certfile and --keyfile go together")
+    if parse_key_entries(settings.api_keys) and not is_loopback(host) and not certfile:
+        log.warning("API keys cross the network in clear text on %s unless TLS terminates in front of it "
+                    "(README: TLS) or --certfile/--keyfile are given", host)
     missing = missing_weights(settings)
     if missing:
         raise click.ClickException(f"not starting the server: {missing}")
     if dev:
         from sidecar.api.app import create_app
 
-        create_app(settings).run(host=host, port=port, threaded=True)
+        create_app(settings).run(host=host, port=port, threaded=True,
+                                 ssl_context=(certfile, keyfile) if certfile else None)
         return
     # Gunicorn workers rebuild Settings from the environment: hand the flags over that way.
     overrides = {name: getattr(settings, name) for name in MODEL_FLAGS + STORE_FLAGS + SERVE_FLAGS}
     env = {**os.environ, **{f"SIDECAR_{k.upper()}": str(v) for k, v in overrides.items()}}
     # The config is a module of the package, so an installed (non-editable) package finds it too.
     args = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, "--bind", f"{host}:{port}",
-            "--workers", str(workers), "sidecar.api.wsgi:app"]
+            "--workers", str(workers), *(("--certfile", certfile, "--keyfile", keyfile) if certfile else ()),
+            "sidecar.api.wsgi:app"]
     log.info("starting gunicorn: %s", " ".join(args[2:]))
     os.execve(sys.executable, args, env)

@@ -16,5 +16,6 @@ def open_store(settings: Settings) -> Store:
 
     return OpenSearchStore(url=settings.opensearch_url, index=settings.opensearch_index,
                            user=settings.opensearch_user or None, password=settings.opensearch_password or None,
-                           verify_certs=settings.opensearch_verify_certs, engine=settings.opensearch_engine,
+                           verify_certs=settings.opensearch_verify_certs,
+                           ca_certs=settings.opensearch_ca_certs or None, engine=settings.opensearch_engine,
                            config_dir=settings.plugin_config_dir or None)

@@ -52,7 +52,8 @@ RERANK_BY = {"ids": "id", "texts": "text", "none": None}
 # What the image pipeline embeds: the image alone (what `clip-sidecar index` stores; the text stays
 # BM25's), or the image and the text fused (the text alone where a document has no image).
 INGEST_FIELDS = {"image": {"image": "image"}, "image+text": {"text": "text", "image": "image"}}
-# ml-commons refuses a connector without a credential. Until the sidecar checks keys, any value does.
+# ml-commons refuses a connector without a credential; a sidecar without API keys ignores it. A sidecar
+# with keys (SIDECAR_API_KEYS) needs a real one: `connect --api-key` (SIDECAR_CONNECTOR_API_KEY).
 PLACEHOLDER_KEY = "no-key-configured"
 FINGERPRINT = "clip_sidecar_config"
 REQUIRED_PLUGINS = ("opensearch-ml", "opensearch-neural-search", "opensearch-knn")
@@ -67,7 +68,7 @@ class ConnectOptions:
     ingest_fields: str = "image"  # a key of INGEST_FIELDS
     batch_size: int = 16  # text_embedding: documents per call
     step_size: int = 64  # texts per call of a longer _predict (input_docs_processed_step_size)
-    weights: tuple[float, float] = (0.7, 0.3)  # hybrid: (vector, text), as /v1/search's defaults
+    weights: tuple[float, float] = (0.5, 0.5)  # hybrid: (vector, text); connect passes /v1/search's defaults
     # Concurrent calls per model: a _bulk of image documents sends this many at once. 16 = what one
     # default sidecar worker (32 request threads) admits before answering 503 overloaded (queue_items).
     max_connection: int = 16

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -19,12 +20,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from opensearchpy import OpenSearch, helpers
+from opensearchpy import OpenSearch, Transport, helpers
 from opensearchpy.exceptions import (
+    AuthenticationException,
+    AuthorizationException,
     ConflictError,
     ConnectionTimeout,
     NotFoundError,
     OpenSearchException,
+    SSLError,
     TransportError,
 )
 from opensearchpy.exceptions import (
@@ -99,6 +103,7 @@ class OpenSearchStore:
         user: str = "",
         password: str = "",
         verify_certs: bool = True,
+        ca_certs: str | None = None,
         engine: str = "lucene",
         m: int = 16,
         ef_construction: int = 128,
@@ -159,8 +164,12 @@ class OpenSearchStore:
             http_auth=(user, password) if user else None,
             use_ssl=use_ssl,
             verify_certs=verify_certs if use_ssl else False,
+            # The CA file that signed the cluster's certificate (a private CA); None = the system's CAs.
+            ca_certs=ca_certs if use_ssl and verify_certs else None,
             # A deliberate verify_certs=False (self-signed dev cluster) should not warn per request.
             ssl_show_warn=verify_certs,
+            transport_class=_SecuredTransport,
+            store_identity=_Identity(url=url, user=user or "", ca_certs=ca_certs),
             timeout=timeout_s,
             max_retries=2,
             retry_on_timeout=True,
@@ -233,11 +242,14 @@ class OpenSearchStore:
         self._put_meta(meta)
 
     def has_neural_search(self) -> bool:
-        """Whether the cluster runs neural-search (hybrid query, normalisation and RRF processors)."""
+        """Whether every node runs neural-search (hybrid query, normalisation and RRF processors)."""
         if self._plugins is None:
+            # _nodes/plugins, not _cat/plugins: the latter also needs cluster:monitor/state, which
+            # would let the store's user read every index's mappings (plugin_config/security/roles.yml).
             with self._read_errors("listing plugins"):
-                rows = self.client.cat.plugins(format="json")
-            self._plugins = {row["component"] for row in rows}
+                nodes = self.client.nodes.info(metric="plugins")["nodes"].values()
+            per_node = [{plugin["name"] for plugin in node.get("plugins", [])} for node in nodes]
+            self._plugins = set.intersection(*per_node) if per_node else set()
         return "opensearch-neural-search" in self._plugins
 
     # --- writes ----------------------------------------------------------------------------
@@ -698,9 +710,12 @@ class OpenSearchStore:
             time.sleep(0.002)
 
     def _alias_indices(self) -> list[str]:
-        if not self.client.indices.exists_alias(name=self.alias):
+        # Only the store's own versions are asked about: an index-less _alias/<name> is checked
+        # against every index, which a least-privilege user may not read (roles.yml).
+        versions = f"{self.alias}-v*"
+        if not self.client.indices.exists_alias(index=versions, name=self.alias):
             return []
-        return sorted(self.client.indices.get_alias(name=self.alias))
+        return sorted(self.client.indices.get_alias(index=versions, name=self.alias))
 
     def _meta(self, index: str | None = None) -> dict[str, Any] | None:
         try:
@@ -718,6 +733,54 @@ class OpenSearchStore:
     def _mapping_dim(self) -> int:
         mappings = self.client.indices.get_mapping(index=self.alias)
         return int(next(iter(mappings.values()))["mappings"]["properties"]["vector"]["dimension"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Identity:
+    """Who the store connects as, for error messages (never the password)."""
+
+    url: str
+    user: str
+    ca_certs: str | None
+
+
+class _SecuredTransport(Transport):
+    """opensearch-py's transport, raising what no retry can fix as a StoreError that names the setting
+    to change, whichever store call or helper made the request: a certificate that does not verify,
+    credentials refused (401), a permission the user's role lacks (403 security_exception). Other
+    errors, a TLS handshake cut by a restarting node included, stay as they are (and are retried)."""
+
+    def __init__(self, hosts: Any, *, store_identity: _Identity, **kwargs: Any):
+        super().__init__(hosts, **kwargs)
+        self.identity = store_identity
+
+    def perform_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        who = self.identity
+        try:
+            return super().perform_request(method, url, *args, **kwargs)
+        except SSLError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" not in str(exc.error):
+                raise
+            trusted = f"the CA in {who.ca_certs}" if who.ca_certs else "none of this machine's CAs"
+            raise StoreError(f"TLS to OpenSearch at {who.url}: {exc.error}. Its certificate must be signed by "
+                             f"{trusted} and name the URL's host: set SIDECAR_OPENSEARCH_CA_CERTS to the PEM "
+                             f"file of the CA that signed it") from exc
+        except AuthenticationException as exc:
+            if not who.user:
+                raise StoreError(f"OpenSearch at {who.url} asks for credentials (401): set "
+                                 f"SIDECAR_OPENSEARCH_USER and SIDECAR_OPENSEARCH_PASSWORD") from exc
+            raise StoreError(f"OpenSearch at {who.url} refused the credentials of user {who.user!r} (401): check "
+                             f"SIDECAR_OPENSEARCH_USER and SIDECAR_OPENSEARCH_PASSWORD") from exc
+        except AuthorizationException as exc:
+            if method == "HEAD" and not exc.error:
+                # A HEAD answer has no body, so its 403 cannot say which permission is missing: the
+                # same URL asked with GET (the same permission, indices:admin/get) names it.
+                return self.perform_request("GET", url, *args, **kwargs)
+            if exc.error != "security_exception":
+                raise  # e.g. a cluster_block_exception (a read-only index) is a 403 too
+            raise StoreError(f"OpenSearch at {who.url} refused {method} {url} to user {who.user!r}: "
+                             f"{_root_cause(exc)}; the user needs the role in "
+                             f"plugin_config/security/roles.yml (docs/opensearch.md)") from exc
 
 
 def knn_score_to_inner_product(score: float) -> float:

@@ -189,7 +189,8 @@ def test_every_command_teaches_with_help():
     runner = CliRunner()
     for command in (["--help"], ["embed", "--help"], ["index", "--help"], ["search", "--help"], ["serve", "--help"],
                     ["demo", "--help"], ["eval", "--help"], ["cache", "warm", "--help"],
-                    ["opensearch", "setup", "--help"], ["store", "check", "--help"], ["store", "repair", "--help"]):
+                    ["opensearch", "setup", "--help"], ["store", "check", "--help"], ["store", "repair", "--help"],
+                    ["keys", "create", "--help"]):
         result = runner.invoke(main, command)
         assert result.exit_code == 0 and "Usage:" in result.output, command
 

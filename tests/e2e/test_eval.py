@@ -68,7 +68,7 @@ def test_a_bad_configuration_is_a_usage_error_naming_the_field(store_path, judge
 
 
 @pytest.mark.slow
-def test_benchmark_runs_from_nothing_to_a_report(tmp_path):
+def test_benchmark_runs_from_nothing_to_a_report(tmp_path, fine_encoder):
     # The whole path a user runs: both tiny models (trained once into the test cache), the catalogue,
     # embed and index per model, every standard configuration, the report. A small catalogue keeps it short.
     out = tmp_path / "report"

@@ -4,6 +4,7 @@ the README claims about OpenAI compatibility, as a caller using that client sees
 from __future__ import annotations
 
 import base64
+import contextlib
 import threading
 
 import numpy as np
@@ -11,20 +12,30 @@ import openai
 import pytest
 from werkzeug.serving import make_server
 
+from sidecar.api.auth import key_entry, new_key
 
-@pytest.fixture
-def openai_client(app):
+
+@contextlib.contextmanager
+def served(app):
+    """The app on a real HTTP server on a free loopback port; yields its /v1 base URL."""
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="not-checked",
-                           max_retries=0, timeout=30)
     try:
-        yield client
+        yield f"http://127.0.0.1:{server.server_port}/v1"
     finally:
-        client.close()
         server.shutdown()
         thread.join()
+
+
+@pytest.fixture
+def openai_client(app):
+    with served(app) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="not-checked", max_retries=0, timeout=30)
+        try:
+            yield client
+        finally:
+            client.close()
 
 
 TEXTS = ["red circle", "a small blue square at the top"]
@@ -59,3 +70,17 @@ def test_a_dimensions_the_model_cannot_give_is_refused_not_ignored(openai_client
     assert info.value.status_code == 400
     same = openai_client.embeddings.create(model=encoder.name, input=TEXTS, dimensions=encoder.dim)
     assert len(same.data[0].embedding) == encoder.dim
+
+
+def test_the_clients_api_key_is_the_sidecars_bearer_key(build_app, encoder):
+    keys = {name: new_key() for name in ("app", "web")}
+    app = build_app(api_keys=f"{key_entry('app', ['embeddings'], keys['app'])},{key_entry('web', ['search'], keys['web'])}")
+    with served(app) as base_url:
+        for key, outcome in ((keys["app"], None), (keys["web"], openai.PermissionDeniedError),
+                             (new_key(), openai.AuthenticationError)):
+            with openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30) as client:
+                if outcome is None:
+                    assert len(client.embeddings.create(model=encoder.name, input=TEXTS).data) == 2
+                else:
+                    with pytest.raises(outcome):
+                        client.embeddings.create(model=encoder.name, input=TEXTS)

@@ -1,6 +1,6 @@
 """What OpenSearch does when the sidecar it calls fails, on the real node with a real gunicorn sidecar:
 down while a _bulk runs through the pipeline, overloaded (503 + the throttling header: ml-commons
-retries), and `connect` refusing a sidecar that does not fit the index."""
+retries), `connect` refusing a sidecar that does not fit the index, and a sidecar with API keys."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Iterator
 import pytest
 from click.testing import CliRunner
 
+from sidecar.api.auth import key_entry, new_key
 from sidecar.cli import main
 from sidecar.stores.opensearch import OpenSearchStore
 from sidecar.types import ModelSignature
@@ -164,5 +165,32 @@ def test_rerank_by_text_works_for_any_index_and_a_rerun_without_rerank_removes_i
         assert "removed model " in result.output and f"removed search pipeline {alias}-hybrid-rerank" in result.output
         left = ml_objects(client, alias)
         assert (len(left["connectors"]), len(left["models"]), left["search"]) == (2, 2, [f"{alias}-hybrid"])
+    finally:
+        client.close()
+
+
+def test_a_sidecar_with_api_keys_is_called_with_the_connectors_key_and_refused_without(alias, corpus, test_cache_dir,
+                                                                                     tmp_path):
+    key = new_key()
+    env = sidecar_env(alias, tmp_path, test_cache_dir, SIDECAR_API_KEYS=key_entry("opensearch", ["embeddings"], key))
+    client = _client()
+    try:
+        with gunicorn_server(env, tmp_path / "sidecar.log", api_key=key) as url:
+            # No key here (this shell has no SIDECAR_API_KEYS to check it against): OpenSearch's call meets the 401.
+            refused = CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(alias), "--sidecar-url", url])
+            assert refused.exit_code == 1 and "refusing the connection" in refused.output, refused.output
+            assert "401" in refused.output, refused.output
+            assert not any(ml_objects(client, alias).values())
+            connected = cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--api-key", key)
+            assert key not in connected.output
+            results = bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[:5]],
+                           pipeline=f"{alias}-image")
+            assert [r["status"] for r in results] == [201] * 5, results
+            hits = client.search(index=alias, params={"search_pipeline": f"{alias}-hybrid-rerank"}, body={
+                "size": 5, "_source": ["id"],
+                "query": {"hybrid": {"queries": [{"neural": {"vector": {"query_text": "red circle", "k": 5}}},
+                                                 {"match": {"text": "red circle"}}]}},
+                "ext": {"rerank": {"query_context": {"query_text": "red circle"}}}})["hits"]["hits"]
+            assert len(hits) == 5  # embedded and reranked through the connectors, with the key
     finally:
         client.close()

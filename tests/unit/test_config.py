@@ -61,3 +61,13 @@ def test_the_text_cache_file_has_its_own_path_setting_and_can_be_turned_off():
     env = {"SIDECAR_TEXT_CACHE_PATH": "/v/texts.sqlite", "SIDECAR_CACHE_DIR": "/c"}
     assert Settings.from_env(env).text_cache_file() == Path("/v/texts.sqlite")
     assert Settings.from_env({**env, "SIDECAR_TEXT_CACHE_PERSIST": "false"}).text_cache_file() is None
+
+
+def test_api_key_and_ca_settings_come_from_the_environment():
+    env = {"SIDECAR_API_KEYS": "a:*:" + "0" * 64, "SIDECAR_API_RATE_LIMIT": "2.5", "SIDECAR_API_RATE_BURST": "5",
+           "SIDECAR_METRICS_PUBLIC": "true", "SIDECAR_INSECURE": "yes", "SIDECAR_OPENSEARCH_CA_CERTS": "/ca.pem"}
+    settings = Settings.from_env(env)
+    assert (settings.api_keys, settings.api_rate_limit, settings.api_rate_burst) == ("a:*:" + "0" * 64, 2.5, 5)
+    assert settings.metrics_public is True and settings.insecure is True and settings.opensearch_ca_certs == "/ca.pem"
+    with pytest.raises(ValueError, match="api_rate_limit and api_rate_burst must be >= 0"):
+        Settings(api_rate_limit=-1)

@@ -26,9 +26,9 @@ def test_every_connector_url_pins_the_indexs_model_and_the_rerank_by_id_one_its_
 
 
 def test_the_fingerprint_a_rerun_compares_covers_the_credential_opensearch_never_shows():
-    body = {"name": "c", "credential": {"key": "one"}, "parameters": {}}
-    assert _fingerprint(body) == _fingerprint({"parameters": {}, "credential": {"key": "one"}, "name": "c"})
-    assert _fingerprint(body) != _fingerprint({**body, "credential": {"key": "two"}})
+    body = {"name": "c", "credential": {"api_key": "one"}, "parameters": {}}
+    assert _fingerprint(body) == _fingerprint({"parameters": {}, "credential": {"api_key": "one"}, "name": "c"})
+    assert _fingerprint(body) != _fingerprint({**body, "credential": {"api_key": "two"}})
 
 
 def test_everything_is_named_after_the_alias():

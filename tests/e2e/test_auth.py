@@ -1,0 +1,228 @@
+"""API keys on the real app: 401 without a valid key, 403 outside a key's scopes, 429 over its rate."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from click.testing import CliRunner
+
+from sidecar.api.app import create_app
+from sidecar.api.auth import is_loopback, key_entry, new_key
+from sidecar.cli import main
+from tests.support import free_port, gunicorn_server
+
+# Every endpoint that takes a key, with a request it answers 200 to.
+PROTECTED = [
+    ("POST", "/v1/embeddings", {"input": ["red circle"]}),
+    ("GET", "/v1/models", None),
+    ("GET", "/v1/models/tiny-clip", None),
+    ("POST", "/v1/search", {"text": "red circle", "k": 3}),
+    ("POST", "/v1/opensearch/embeddings/texts", {"input": ["red circle"]}),  # what ml-commons calls
+    ("POST", "/v1/opensearch/rerank/texts", {"query": "red circle", "documents": ["a red circle"]}),
+    ("GET", "/readyz", None),
+    ("GET", "/openapi.yaml", None),
+    ("GET", "/metrics", None),
+]
+IDS = [f"{method} {path}" for method, path, _ in PROTECTED]
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, str]:
+    return {name: new_key() for name in ("ops", "web", "opensearch", "revoked")}
+
+
+def entries(keys: dict[str, str], *names: str) -> str:
+    scopes = {"ops": [], "web": ["search"], "opensearch": ["embeddings"], "revoked": []}
+    return ",".join(key_entry(name, scopes[name], keys[name]) for name in names)
+
+
+@pytest.fixture
+def keyed(build_app, keys):
+    """The app as it runs after `revoked`'s line was removed from SIDECAR_API_KEYS."""
+    return build_app(api_keys=entries(keys, "ops", "web", "opensearch")).test_client()
+
+
+def call(client, method, path, body, key=None, *, header=None):
+    headers = {"Authorization": header or f"Bearer {key}"} if key or header else {}
+    return client.open(path, method=method, json=body, headers=headers)
+
+
+@pytest.mark.parametrize("method, path, body", PROTECTED, ids=IDS)
+def test_missing_wrong_revoked_and_malformed_keys_answer_401_on_every_protected_endpoint(keyed, keys, method,
+                                                                                          path, body):
+    for key, header in ((None, None), (new_key(), None), (keys["revoked"], None),
+                        (None, f"Basic {keys['ops']}"), (None, f"Bearer{keys['ops']}")):
+        response = call(keyed, method, path, body, key, header=header)
+        assert response.status_code == 401, (key, header, response.json)
+        assert response.json["error"]["code"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"].startswith('Bearer realm="clip-sidecar"')
+
+
+@pytest.mark.parametrize("method, path, body", PROTECTED, ids=IDS)
+def test_a_valid_key_is_served(keyed, keys, method, path, body):
+    response = call(keyed, method, path, body, keys["ops"])
+    assert response.status_code == 200, response.get_data(as_text=True)[:300]
+
+
+def test_a_key_outside_its_scopes_gets_403_inside_them_200(keyed, keys):
+    web, opensearch = keys["web"], keys["opensearch"]
+    for method, path, body in PROTECTED:
+        web_status = call(keyed, method, path, body, web).status_code
+        opensearch_status = call(keyed, method, path, body, opensearch).status_code
+        assert web_status == (200 if path in ("/v1/search", "/readyz", "/openapi.yaml") else 403), path
+        assert opensearch_status == (403 if path in ("/v1/search", "/metrics") else 200), path
+    refused = call(keyed, "POST", "/v1/search", PROTECTED[3][2], opensearch)
+    assert refused.json["error"] == {"code": "forbidden", "message": "key 'opensearch' has scope embeddings; "
+                                                                     "/v1/search needs scope search"}
+
+
+def test_unknown_paths_need_a_key_too_so_they_reveal_nothing(keyed, keys):
+    assert keyed.get("/no-such-path").status_code == 401
+    assert call(keyed, "GET", "/no-such-path", None, keys["ops"]).status_code == 404
+
+
+def test_healthz_is_open_and_metrics_opens_with_metrics_public(build_app, keys):
+    client = build_app(api_keys=entries(keys, "ops"), metrics_public=True).test_client()
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/metrics").status_code == 200
+    assert client.get("/readyz").status_code == 401
+
+
+def test_without_keys_every_endpoint_is_open(client):
+    for method, path, body in PROTECTED:
+        assert call(client, method, path, body).status_code == 200, path
+
+
+def test_over_the_rate_a_key_gets_429_with_retry_after_and_other_keys_are_still_served(build_app, keys):
+    # 0.01 requests/s: no token comes back while the test runs, however slow the machine.
+    client = build_app(api_keys=entries(keys, "ops", "web"), api_rate_limit=0.01, api_rate_burst=3).test_client()
+    search = PROTECTED[3][2]
+    assert [call(client, "POST", "/v1/search", search, keys["web"]).status_code for _ in range(3)] == [200] * 3
+    refused = call(client, "POST", "/v1/search", search, keys["web"])
+    assert refused.status_code == 429 and refused.json["error"]["code"] == "rate_limited"
+    assert 99 <= int(refused.headers["Retry-After"]) <= 100
+    assert call(client, "POST", "/v1/search", search, keys["ops"]).status_code == 200
+    assert client.get("/healthz").status_code == 200  # open paths take no token
+
+
+def test_over_the_rate_the_connectors_key_gets_429_that_ml_commons_retries(build_app, keys):
+    client = build_app(api_keys=entries(keys, "opensearch"), api_rate_limit=0.01, api_rate_burst=1).test_client()
+    texts = ("POST", "/v1/opensearch/embeddings/texts", {"input": ["red circle"]})
+    assert call(client, *texts, keys["opensearch"]).status_code == 200
+    refused = call(client, *texts, keys["opensearch"])
+    assert refused.status_code == 429 and refused.headers["x-amzn-ErrorType"] == "ThrottlingException"
+
+
+@pytest.mark.parametrize(("key_name", "exit_code", "message"), [
+    (None, 2, "SIDECAR_API_KEYS is set, so the sidecar takes keys: pass the connectors' key with --api-key"),
+    ("revoked", 2, "--api-key: API key not recognised"),
+    ("web", 2, "--api-key: key 'web' has scope search; /v1/opensearch/embeddings/texts needs scope embeddings"),
+    ("opensearch", 1, "port=9): Failed to establish a new connection"),  # admitted: on to the (absent) cluster
+])
+def test_connect_checks_the_connectors_key_against_the_sidecars_keys(keys, key_name, exit_code, message):
+    env = {"SIDECAR_API_KEYS": entries(keys, "web", "opensearch"),
+           "SIDECAR_CONNECTOR_API_KEY": keys[key_name] if key_name else None}
+    result = CliRunner().invoke(main, ["-q", "opensearch", "connect", "--opensearch-url", "http://127.0.0.1:9"],
+                                env=env)
+    assert result.exit_code == exit_code and message in result.output, result.output
+    assert all(key not in result.output for key in keys.values())
+
+
+def test_malformed_api_keys_setting_fails_the_app_before_the_model_loads(app_settings, keys):
+    settings = dataclasses.replace(app_settings, api_keys=f"{entries(keys, 'ops')},{keys['web']}")
+    # No encoder is passed: reaching the model load would take seconds and a different error.
+    with pytest.raises(ValueError, match="SIDECAR_API_KEYS entry 2 is a key, not its hash") as info:
+        create_app(settings, store=object())
+    assert keys["web"] not in str(info.value)
+
+
+def test_no_answer_carries_a_key_or_its_hash(keyed, keys):
+    digest_of_web = entries(keys, "web").split(":")[2]
+    for method, path, body in PROTECTED:
+        for key in keys.values():
+            text = call(keyed, method, path, body, key).get_data(as_text=True)
+            assert all(k not in text for k in keys.values()) and digest_of_web not in text, path
+
+
+def test_keys_create_prints_the_key_once_and_the_entry_that_admits_it(build_app):
+    result = CliRunner().invoke(main, ["keys", "create", "--name", "web", "--scope", "search"])
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(":", 1) for line in result.output.splitlines())
+    key = lines["key (shown once, not stored)"].strip()
+    entry = lines["SIDECAR_API_KEYS entry"].strip()
+    assert key.startswith("csk_") and entry.startswith("web:search:") and key not in entry
+    client = build_app(api_keys=entry).test_client()
+    assert call(client, "POST", "/v1/search", PROTECTED[3][2], key).status_code == 200
+    assert call(client, "POST", "/v1/embeddings", PROTECTED[0][2], key).status_code == 403
+    unnamed = CliRunner().invoke(main, ["keys", "create"]).output
+    assert "SIDECAR_API_KEYS entry:        key-" in unnamed and ":*:" in unnamed
+    refused = CliRunner().invoke(main, ["keys", "create", "--name", "a b"])
+    assert refused.exit_code == 2 and "Invalid value for --name" in refused.output
+
+
+# ---- the real server: logs, the exposure rule, TLS --------------------------------------------
+
+QUERY = "quokka-umbrella-7731"  # a text no log line has any other reason to hold
+
+
+@pytest.mark.parametrize("log_flag, gunicorn_level", [("", "info"), ("-v", "debug")], ids=["info", "debug"])
+def test_keys_never_reach_the_logs_and_query_text_stays_out_of_info(store_path, tmp_path, keys, log_flag,
+                                                                     gunicorn_level):
+    log = tmp_path / "server.log"
+    env = {"SIDECAR_STORE_PATH": str(store_path), "SIDECAR_TEXT_CACHE_PATH": str(tmp_path / "text.sqlite"),
+           "SIDECAR_API_KEYS": entries(keys, "ops", "web", "opensearch"), "GUNICORN_LOGLEVEL": gunicorn_level}
+    with gunicorn_server(env, log, log_flag=log_flag, api_key=keys["ops"]) as url:
+        for key in (keys["ops"], keys["web"], keys["revoked"], keys["opensearch"]):
+            for path, body in (("/v1/search", {"text": QUERY, "k": 3}), ("/v1/embeddings", {"input": [QUERY]})):
+                requests.post(f"{url}{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        requests.post(f"{url}/v1/search", json={"text": QUERY}, timeout=60,
+                      headers={"Authorization": f"Basic {keys['ops']}"})
+        statuses = [requests.post(f"{url}/v1/search", json={"text": QUERY, "k": 3}, timeout=60,
+                                  headers={"Authorization": f"Bearer {keys[name]}"}).status_code
+                    for name in ("ops", "web", "opensearch", "revoked")]
+    assert statuses == [200, 200, 403, 401]  # the requests did reach the checks the log would record
+    text = log.read_text()
+    assert '"POST /v1/search HTTP/1.1" 401' in text  # the access log was captured
+    assert not [name for name, key in keys.items() if key in text]
+    if gunicorn_level == "info":
+        assert QUERY not in text
+
+
+def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sidecar.cli", "-q", "serve", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_serve_refuses_a_non_loopback_address_without_keys_unless_insecure(keys, tmp_path):
+    refused = run_serve("--host", "0.0.0.0", "--port", str(free_port()))
+    assert refused.returncode == 1
+    assert "not serving on 0.0.0.0 without API keys" in refused.stderr and "--insecure" in refused.stderr
+    # Past the rule, serve checks the model next: a model that is not there stops it before it binds.
+    absent = {"SIDECAR_CACHE_DIR": str(tmp_path / "empty-cache")}
+    for args, env in ((["--insecure"], absent), ([], {**absent, "SIDECAR_API_KEYS": entries(keys, "ops")}),
+                      ([], {**absent, "SIDECAR_INSECURE": "true"})):
+        passed = run_serve("--host", "0.0.0.0", "--port", str(free_port()), *args, env=env)
+        assert passed.returncode == 1 and "the tiny model is not trained yet" in passed.stderr, passed.stderr
+    on_loopback = run_serve("--host", "localhost", "--port", str(free_port()), env=absent)
+    assert "the tiny model is not trained yet" in on_loopback.stderr
+
+
+def test_gunicorn_started_directly_refuses_to_bind_beyond_loopback_without_keys(tmp_path):
+    port = free_port()
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", "python:sidecar.api.gunicorn_config",
+                             "--bind", f"0.0.0.0:{port}", "sidecar.api.wsgi:app"],
+                            capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2],
+                            env={**os.environ, "SIDECAR_API_KEYS": "", "SIDECAR_INSECURE": "false"})
+    assert result.returncode == 1 and "not serving on 0.0.0.0 without API keys" in result.stderr, result.stderr
+    assert "Listening at" not in result.stderr
+
+
+def test_the_loopback_rule_resolves_names():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("no-such-host.invalid")
