@@ -127,6 +127,10 @@ class Settings:
     # Serve without API keys on an address other than loopback (`serve --insecure`): on purpose only.
     insecure: bool = False
 
+    # Prompt sets (`clip-sidecar prompts`, /v1/classify, `embed --tag`): one file per set, and their
+    # vectors per model, in this folder.
+    prompt_sets_dir: Path = Path("data/prompt-sets")
+
     def encode_queue_items(self) -> int:
         """The bound on items waiting for each micro-batcher: queue_items, or by default half the
         request threads (one item each), at most one full batch. It must sit below what the request
@@ -194,6 +198,7 @@ class Settings:
         # Paths may arrive as strings from the environment or tests.
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "store_path", Path(self.store_path))
+        object.__setattr__(self, "prompt_sets_dir", Path(self.prompt_sets_dir))
 
 
 def _pillow_formats() -> list[str]:

@@ -42,6 +42,10 @@ class ModelNotFound(ApiError):
     status, code = 404, "model_not_found"
 
 
+class PromptSetMissing(ApiError):
+    status, code = 404, "prompt_set_not_found"
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 

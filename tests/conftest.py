@@ -12,11 +12,13 @@ from sidecar.config import Settings
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.indexing import index_shards
 from sidecar.model.encoder import Encoder, load_encoder
+from sidecar.model.prompts import PromptSetRegistry, load_prompt_set
 from sidecar.model.synthetic import write_corpus
 from sidecar.model.tiny_model import LARGE_MODEL_NAME
 from sidecar.stores.embedded import EmbeddedStore
 
 CORPUS_ITEMS = 400
+EXAMPLE_PROMPT_SETS = Path(__file__).resolve().parents[1] / "examples" / "prompt-sets"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,3 +75,14 @@ def store_path(shards: Path, tmp_path_factory) -> Path:
     finally:
         store.close()
     return path
+
+
+@pytest.fixture(scope="session")
+def example_prompt_sets(tmp_path_factory) -> Path:
+    """A prompt-set folder holding the examples of examples/prompt-sets (shapes, colors, descriptions),
+    as `clip-sidecar prompts add` stores them; their vectors are computed by whoever first uses them."""
+    folder = tmp_path_factory.mktemp("prompt-sets")
+    registry = PromptSetRegistry(folder)
+    for path in sorted(EXAMPLE_PROMPT_SETS.iterdir()):
+        registry.add(load_prompt_set(path))
+    return folder

@@ -8,12 +8,13 @@ import time
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from sidecar.api import auth, embeddings, opensearch_native, ops, search
+from sidecar.api import auth, classify, embeddings, opensearch_native, ops, search
 from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import body_too_large
 from sidecar.config import Settings
 from sidecar.errors import ApiError, StoreFailed, StoreUnreachable
 from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
+from sidecar.model.prompts import PromptSetRegistry
 from sidecar.serving import metrics
 from sidecar.serving.encoding import EncodingService
 from sidecar.stores import open_store
@@ -40,8 +41,9 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     fine_encoder = fine_encoder or load_fine_encoder(settings, fetch=False)
     attach_state(app, AppState(settings=settings, encoding=EncodingService(encoder, settings),
                                store=store or open_store(settings), started=int(time.time()),
+                               prompt_sets=PromptSetRegistry(settings.prompt_sets_dir),
                                fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None))
-    for blueprint in (embeddings.bp, search.bp, opensearch_native.bp, ops.bp):
+    for blueprint in (embeddings.bp, search.bp, classify.bp, opensearch_native.bp, ops.bp):
         app.register_blueprint(blueprint)
     _register_errors(app, settings)
     _register_request_metrics(app)

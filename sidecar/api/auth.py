@@ -32,6 +32,7 @@ KEY_PREFIX = "csk_"
 SCOPES = {
     "embeddings": ("/v1/embeddings", "/v1/models", "/v1/opensearch"),
     "search": ("/v1/search",),
+    "classify": ("/v1/classify", "/v1/prompt-sets"),
     "metrics": ("/metrics",),
 }
 ALL_SCOPES = "*"

@@ -45,7 +45,7 @@ def create_embeddings():
                          f"send {encoder.dim}")
     modality = choice(body, "modality", choices=ITEM_KINDS, default="text")
     encoding_format = choice(body, "encoding_format", choices=("float", "base64"), default="float")
-    items = _items(body, modality=modality, limit=settings.max_batch_items)
+    items = input_items(body, modality=modality, limit=settings.max_batch_items)
     metrics.REQUEST_ITEMS.labels("/v1/embeddings").observe(len(items))
 
     texts = [(i, value) for i, (kind, value) in enumerate(items) if kind == "text"]
@@ -115,7 +115,7 @@ def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     return vector.tolist()
 
 
-def _items(body: dict, *, modality: str, limit: int) -> list[tuple[str, Any]]:
+def input_items(body: dict, *, modality: str, limit: int) -> list[tuple[str, Any]]:
     """Normalise `input` to [(kind, value)]: a string, a list of strings (all of `modality`), or a list
     of objects {"text": ...} / {"image": base64}, each with an optional "type" that must agree."""
     if "input" not in body:

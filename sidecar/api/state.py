@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from flask import Flask, current_app
 
 from sidecar.config import Settings
+from sidecar.model.prompts import PromptSetRegistry
 from sidecar.serving.encoding import EncodingService
 from sidecar.stores.base import Store
 
@@ -19,6 +20,7 @@ class AppState:
     encoding: EncodingService
     store: Store
     started: int  # Unix time the app loaded its model (`created` in /v1/models)
+    prompt_sets: PromptSetRegistry  # the named prompt sets /v1/classify ranks labels of
     fine_encoding: EncodingService | None = None  # the fine-ranking model, where one is configured
 
 

@@ -8,12 +8,14 @@ from sidecar.cli.ingest import embed, index
 from sidecar.cli.keys import keys
 from sidecar.cli.models import models
 from sidecar.cli.opensearch import opensearch
+from sidecar.cli.prompts import prompts, tag
 from sidecar.cli.query import eval_command, search
 from sidecar.cli.root import main
 from sidecar.cli.serve import serve
 from sidecar.cli.store import store
 
-for _command in (embed, index, search, serve, models, eval_command, demo, cache, opensearch, store, keys):
+for _command in (embed, index, search, serve, models, eval_command, demo, cache, opensearch, store, keys,
+                 prompts, tag):
     main.add_command(_command)
 
 __all__ = ["main"]

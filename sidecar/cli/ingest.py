@@ -8,10 +8,13 @@ from typing import Any
 
 import click
 
+from sidecar.cli.prompts import TAG_HELP, parse_tag_specs
 from sidecar.cli.root import (
     MODEL_FLAGS,
+    PROMPT_FLAGS,
     STORE_FLAGS,
     model_options,
+    prompt_sets_option,
     settings_from,
     store_options,
 )
@@ -30,10 +33,14 @@ from sidecar.config import DECODE_MODES
 @click.option("--decode", type=click.Choice(DECODE_MODES), default="auto", show_default=True,
               help="Where JPEGs are decoded and resized: cpu (PIL workers) or device (batched on the model's "
                    "device, nvjpeg on a GPU); auto = device on CUDA, else cpu.")
+@click.option("--tag", "tags", multiple=True, metavar="SET[:K|THRESHOLD]",
+              help=TAG_HELP + " Default: the sets OUT was last tagged with (`clip-sidecar tag OUT --clear` drops "
+                              "them).")
+@prompt_sets_option
 @model_options
 @click.pass_context
 def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_size: int, workers: int,
-          decode: str, **kwargs: Any) -> None:
+          decode: str, tags: tuple[str, ...], **kwargs: Any) -> None:
     """Embed the images of SOURCE into vector shards.
 
     SOURCE is a folder of images (a .txt beside an image is its text; else the file name is),
@@ -42,15 +49,23 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     new and changed files are embedded, vanished ones are recorded for the index step, and a
     killed run continues where it stopped. Unusable images are skipped and listed in
     OUT/errors.jsonl with the reason. With --fine-model, each image's vector by that stronger
-    model is stored too, for the fine-ranking stage (rerank) of `search` and `serve`.
+    model is stored too, for the fine-ranking stage (rerank) of `search` and `serve`. With --tag,
+    each document's metadata gets the top labels of prompt sets (`clip-sidecar prompts`), which
+    `index` loads as keyword fields to filter on: `--filter tag_SET=LABEL`.
     """
     from sidecar.ingest.embed import embed_corpus
+    from sidecar.ingest.shards import ShardSet
+    from sidecar.ingest.tagging import Tagger, recorded_specs
     from sidecar.model.encoder import load_encoder, load_fine_encoder
+    from sidecar.model.prompts import PromptSetRegistry
 
-    settings = settings_from(kwargs, MODEL_FLAGS)
-    summary = embed_corpus(load_encoder(settings), source, out, batch_size=batch_size, shard_size=shard_size,
+    specs = parse_tag_specs(tags) or recorded_specs(ShardSet(out))
+    settings = settings_from(kwargs, MODEL_FLAGS + PROMPT_FLAGS)
+    encoder = load_encoder(settings)
+    tagger = Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), encoder) if specs else None
+    summary = embed_corpus(encoder, source, out, batch_size=batch_size, shard_size=shard_size,
                            workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
-                           fine_encoder=load_fine_encoder(settings), progress=ctx.obj["progress"])
+                           fine_encoder=load_fine_encoder(settings), tagger=tagger, progress=ctx.obj["progress"])
     click.echo(summary.describe())
 
 

@@ -11,8 +11,10 @@ import click
 from sidecar.cli.output import format_hits
 from sidecar.cli.root import (
     MODEL_FLAGS,
+    PROMPT_FLAGS,
     STORE_FLAGS,
     model_options,
+    prompt_sets_option,
     settings_from,
     store_options,
 )
@@ -132,12 +134,21 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
 @click.option("--samples", type=click.IntRange(1), default=200, show_default=True,
               help="--ann: random stored vectors used as queries.")
 @click.option("-k", "--k", "k", type=click.IntRange(1, 1000), default=10, show_default=True, help="--ann: K.")
+@click.option("--prompts", "prompt_sets", multiple=True, metavar="SET",
+              help="Score prompt sets instead (repeatable, to compare templates): top-1 / top-5 zero-shot accuracy on "
+                   "the images of --labels.")
+@click.option("--labels", "labels_path", type=click.Path(exists=True, path_type=Path),
+              help="--prompts: the labelled sample, a folder or a .jsonl / .csv manifest as `embed` reads it; each "
+                   "image's true label is its metadata field --label-field.")
+@click.option("--label-field", default="label", show_default=True, help="--prompts: the metadata field of the truth.")
+@prompt_sets_option
 @model_options
 @store_options
 @click.pass_context
 def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None, qrels: Path | None,
                  configs: tuple[str, ...], measures: tuple[str, ...], relevant_grade: int, out: Path | None,
-                 workdir: Path, items: int, ann: bool, samples: int, k: int, **kwargs: Any) -> None:
+                 workdir: Path, items: int, ann: bool, samples: int, k: int, prompt_sets: tuple[str, ...],
+                 labels_path: Path | None, label_field: str, **kwargs: Any) -> None:
     """Measure ranking quality: nDCG@10, MRR@10 and Recall@K (ir-measures) with latency per stage,
     for any list of search configurations; or validate the ANN index against exact search.
 
@@ -149,15 +160,22 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
           --config '{"grid": {"mode": ["vector", "hybrid"], "fusion": ["minmax", "rrf"]}}'
     The ANN index against exact search:
       clip-sidecar eval --ann --samples 200 -k 10
+    Prompt sets (zero-shot top-1 / top-5 accuracy) on labelled images:
+      clip-sidecar eval --prompts shapes --prompts shapes-plain --labels sample.jsonl --label-field shape
     """
     chosen = [name for name, on in (("--benchmark", benchmark), ("--queries/--qrels", bool(queries_path or qrels)),
-                                    ("--ann", ann)) if on]
+                                    ("--ann", ann), ("--prompts/--labels", bool(prompt_sets or labels_path))) if on]
     if len(chosen) != 1:
-        raise click.UsageError("choose one of --benchmark, --queries with --qrels, or --ann"
+        raise click.UsageError("choose one of --benchmark, --queries with --qrels, --ann, or --prompts with --labels"
                                + (f" (got {', '.join(chosen)})" if chosen else ""))
     progress = ctx.obj["progress"]
-    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS)
-    if ann:
+    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + PROMPT_FLAGS)
+    if prompt_sets or labels_path:
+        if not (prompt_sets and labels_path):
+            raise click.UsageError("--prompts and --labels go together")
+        _prompt_accuracy(settings, prompt_sets, labels_path, label_field=label_field,
+                         out=out or Path("reports/prompts"), progress=progress)
+    elif ann:
         _ann(settings, samples=samples, k=k)
     elif benchmark:
         from sidecar.cli.benchmark import QUERIES_PER_CATEGORY, run_benchmark
@@ -174,6 +192,39 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
             raise click.UsageError("--queries and --qrels go together")
         _judged(settings, queries_path, qrels, configs=configs, measures=measures, relevant_grade=relevant_grade,
                 out=out or Path("reports/eval"), progress=progress)
+
+
+def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, label_field: str, out: Path,
+                     progress: bool) -> None:
+    from sidecar.cli.benchmark import machine_description
+    from sidecar.ingest.corpus import read_corpus
+    from sidecar.model.encoder import load_encoder
+    from sidecar.model.prompts import PromptSetRegistry
+    from sidecar.retrieval.classification import accuracy_table, score_prompt_sets
+    from sidecar.retrieval.relevance import EvaluationInputError
+    from sidecar.retrieval.report import markdown
+
+    sample = []
+    for item in read_corpus(labels_path):
+        truth = item.text if label_field == "text" else item.metadata.get(label_field)
+        if not isinstance(truth, str) or not truth:
+            raise click.UsageError(f"{labels_path}: item {item.id!r} has no {label_field!r} label "
+                                   "(--label-field names the metadata field holding the truth)")
+        sample.append((item.path, truth))
+    encoder = load_encoder(settings)
+    try:
+        results = score_prompt_sets(encoder, PromptSetRegistry(settings.prompt_sets_dir), names, sample,
+                                    max_pixels=settings.max_image_pixels, progress=progress)
+    except EvaluationInputError as exc:
+        raise click.UsageError(str(exc)) from exc
+    table = markdown(accuracy_table(results))
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"machine": machine_description(), "model": encoder.signature.describe(), "labels": str(labels_path),
+            "label_field": label_field}
+    (out / "results.json").write_text(json.dumps({"info": info, "results": [r.to_json() for r in results]},
+                                                 indent=2), encoding="utf-8")
+    (out / "results.md").write_text(f"# Prompt sets on {labels_path.name}\n\n{table}\n", encoding="utf-8")
+    click.echo(f"\n{table}\n\nReport: {out / 'results.md'}, {out / 'results.json'}")
 
 
 def _ann(settings, *, samples: int, k: int) -> None:

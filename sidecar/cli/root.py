@@ -14,6 +14,7 @@ from sidecar.config import PRECISIONS, STORES, Settings
 
 MODEL_FLAGS = ("model", "pretrained", "model_config", "device", "precision", "fine_model", "fine_pretrained")
 STORE_FLAGS = ("store", "store_path", "opensearch_url", "opensearch_index")
+PROMPT_FLAGS = ("prompt_sets_dir",)
 
 
 def model_options(func: Callable) -> Callable:
@@ -43,6 +44,12 @@ def store_options(func: Callable) -> Callable:
     return functools.reduce(lambda f, option: option(f), reversed(options), func)
 
 
+def prompt_sets_option(func: Callable) -> Callable:
+    return click.option("--prompt-sets", "prompt_sets_dir", type=click.Path(file_okay=False, path_type=Path),
+                        help="Folder of prompt sets and their cached vectors (default data/prompt-sets; "
+                             "SIDECAR_PROMPT_SETS_DIR).")(func)
+
+
 def settings_from(kwargs: dict[str, Any], names: tuple[str, ...]) -> Settings:
     """Settings from the environment with the named command-line flags (popped from kwargs) on top."""
     try:
@@ -66,17 +73,18 @@ def configure_logging(*, verbose: bool, quiet: bool) -> None:
 
 
 class _Group(click.Group):
-    """Turns the errors a user can fix (wrong model, bad corpus, unreachable store) into one
+    """Turns the errors a user can fix (wrong model, bad corpus, unreachable store, bad prompt set) into one
     clear line and exit code 1, instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from sidecar.ingest.corpus import CorpusError
         from sidecar.ingest.shards import ShardError
+        from sidecar.model.prompts import PromptSetError
         from sidecar.stores.base import StoreError
 
         try:
             return super().invoke(ctx)
-        except (CorpusError, ShardError, StoreError) as exc:
+        except (CorpusError, ShardError, StoreError, PromptSetError) as exc:
             raise click.ClickException(str(exc)) from exc
 
 

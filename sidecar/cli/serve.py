@@ -12,8 +12,10 @@ import click
 from sidecar.api.auth import is_loopback, parse_key_entries, refusal_to_serve
 from sidecar.cli.root import (
     MODEL_FLAGS,
+    PROMPT_FLAGS,
     STORE_FLAGS,
     model_options,
+    prompt_sets_option,
     settings_from,
     store_options,
 )
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 GUNICORN_CONFIG = "python:sidecar.api.gunicorn_config"
 # Settings `serve` takes as flags beside the model's and the store's (the gunicorn config reads
 # them from Settings, so they reach gunicorn through the environment too).
-SERVE_FLAGS = ("request_threads", "insecure")
+SERVE_FLAGS = ("request_threads", "insecure") + PROMPT_FLAGS
 
 
 @click.command()
@@ -41,15 +43,17 @@ SERVE_FLAGS = ("request_threads", "insecure")
               help="HTTPS: the server's certificate chain (PEM), gunicorn's own TLS; with --keyfile.")
 @click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), help="HTTPS: its private key (PEM).")
 @click.option("--dev", is_flag=True, help="Flask's development server instead of gunicorn (development only).")
+@prompt_sets_option
 @model_options
 @store_options
 def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str | None, dev: bool,
           **kwargs: Any) -> None:
-    """Serve the HTTP API: /v1/embeddings, /v1/search, /v1/opensearch/* (what OpenSearch calls:
-    `clip-sidecar opensearch connect`), /healthz, /readyz, /metrics.
+    """Serve the HTTP API: /v1/embeddings, /v1/search, /v1/classify, /v1/opensearch/* (what OpenSearch
+    calls: `clip-sidecar opensearch connect`), /healthz, /readyz, /metrics.
 
     The model must be in the cache first (`clip-sidecar models fetch`): the server never
-    downloads or trains one, which could outlast a worker's boot timeout.
+    downloads or trains one, which could outlast a worker's boot timeout. The vectors of the
+    prompt sets (`clip-sidecar prompts`) are computed here, before the workers start, where missing.
 
     With API keys (SIDECAR_API_KEYS, `clip-sidecar keys create`) every endpoint but /healthz
     takes `Authorization: Bearer <key>`. Without keys it listens on loopback only, unless --insecure.
@@ -71,6 +75,7 @@ def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str
     missing = missing_weights(settings)
     if missing:
         raise click.ClickException(f"not starting the server: {missing}")
+    _embed_prompt_sets(settings)
     if dev:
         from sidecar.api.app import create_app
 
@@ -86,3 +91,20 @@ def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str
             "sidecar.api.wsgi:app"]
     log.info("starting gunicorn: %s", " ".join(args[2:]))
     os.execve(sys.executable, args, env)
+
+
+def _embed_prompt_sets(settings) -> None:
+    """Every prompt set's vectors by the served model, computed now where missing (read where cached):
+    outside gunicorn's boot timeout, and before any request could wait for them."""
+    from sidecar.model.prompts import PromptSetRegistry
+
+    registry = PromptSetRegistry(settings.prompt_sets_dir)
+    names = registry.names()
+    if not names:
+        return
+    from sidecar.model.encoder import load_encoder
+
+    encoder = load_encoder(settings, fetch=False)
+    for name in names:
+        registry.vectors(registry.get(name), model=encoder.name, weights=encoder.weights, encode=encoder.encode_texts)
+    log.info("prompt sets ready for %s: %s", encoder.name, ", ".join(names))

@@ -3,7 +3,9 @@
 Resumable and incremental: a rerun skips every item whose document (image bytes, text and
 metadata; `sidecar.ingest.identity`) is already in a complete shard, embeds new or changed
 images, gives items whose text or metadata alone changed a new row with their stored vector
-(no forward pass), and records ids that disappeared.
+(no forward pass), and records ids that disappeared. With a tagger, every document's metadata also
+carries the top labels of prompt sets (`sidecar.ingest.tagging`): from the fresh vector of a new
+image, from the stored vector of a known one (a changed set re-tags without re-encoding).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sidecar.ingest.corpus import CorpusError, CorpusItem, read_corpus
 from sidecar.ingest.decode_pool import decoded_batches
 from sidecar.ingest.identity import document_hash, image_hash
 from sidecar.ingest.shards import ShardRow, ShardSet
+from sidecar.ingest.tagging import Tagger, tagged
 from sidecar.model.encoder import Encoder
 from sidecar.model.images import stack_pixels
 
@@ -71,11 +74,13 @@ PARALLEL_SCAN_MIN = 2000  # files
 
 def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int = 256, shard_size: int = 4096,
                  workers: int = 2, max_pixels: int = 40_000_000, decode: str = "auto",
-                 fine_encoder: Encoder | None = None, progress: bool = True) -> EmbedSummary:
+                 fine_encoder: Encoder | None = None, tagger: Tagger | None = None,
+                 progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out`. `decode`: "cpu" (PIL in worker processes),
     "device" (JPEGs decoded and resized on the model's device — nvjpeg on a GPU), or "auto"
     (device on CUDA, else cpu). With `fine_encoder`, the same pass also stores each image's vector
-    by that (stronger) model beside the model's, for the fine-ranking stage."""
+    by that (stronger) model beside the model's, for the fine-ranking stage. With `tagger`, the
+    metadata of every document gets its prompt-set tags; without one, the shards hold no tags."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
     on_device = decode == "device" or (decode == "auto" and encoder.device.type == "cuda")
@@ -91,12 +96,20 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
         items, hashes = _scan(source, workers=workers, progress=progress)
     todo: list[tuple[CorpusItem, str]] = []  # (item, image hash): encode the image
     redescribe: list[tuple[CorpusItem, ShardRow, str, int]] = []  # the stored vector serves the new row
+    stored_tags = {}
+    if tagger is not None:  # the tags of known images, from their stored vectors
+        with _timed(stages, "tag"):
+            stored_tags = tagger.stored_tags(shards, (known[i.id] for i in items if i.id in known and
+                                                      known[i.id][1].image_hash == hashes[i.id]), progress=progress)
     for item in items:
         row = _row(item, hashes[item.id])
         entry = known.get(item.id)
         if entry is None or entry[1].image_hash != row.image_hash:
             todo.append((item, row.image_hash))
-        elif entry[1].content_hash != row.content_hash:
+            continue
+        if tagger is not None:
+            row = tagged(row, stored_tags[item.id])
+        if entry[1].content_hash != row.content_hash:
             redescribe.append((item, row, entry[0], entry[2]))
     unchanged = len(items) - len(todo) - len(redescribe)
     deleted = sorted(set(known) - set(hashes))
@@ -120,7 +133,11 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
 
         def collect(features: torch.Tensor, rows: list[ShardRow], fine: np.ndarray | None) -> None:
             with _timed(stages, "copy_back"):
-                buffer_vectors.append(encoder.postprocess(features))
+                vectors = encoder.postprocess(features)
+            if tagger is not None:
+                with _timed(stages, "tag"):
+                    rows = tagger.apply(rows, vectors)
+            buffer_vectors.append(vectors)
             buffer_rows.extend(rows)
             if fine is not None:
                 buffer_fine.append(fine)
@@ -169,6 +186,8 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                 pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine)
             if pending is not None:
                 pending.result()
+    if shards.tagging != (tagger.record() if tagger else []):  # recorded once every row carries it
+        shards.set_tagging(tagger.record() if tagger else [])
     embedded = len(todo) - failed
     summary = EmbedSummary(total=len(items), embedded=embedded, redescribed=len(redescribe), unchanged=unchanged,
                            failed=failed, deleted=len(deleted), shards_written=len(shards.shard_names()) - shards_before,
@@ -198,14 +217,8 @@ def _row(item: CorpusItem, image: str) -> ShardRow:
 
 def _write_redescribed(shards: ShardSet, redescribe: list[tuple[CorpusItem, ShardRow, str, int]], *,
                        shard_size: int) -> None:
-    """New rows for items whose text or metadata changed, each with its stored vector (no forward pass)."""
-    for start in range(0, len(redescribe), shard_size):
-        part = redescribe[start:start + shard_size]
-        vectors = np.stack([shards.vectors(name)[index] for _, _, name, index in part])
-        fine = None
-        if shards.fine_signature is not None:
-            fine = np.stack([shards.fine_vectors(name)[index] for _, _, name, index in part])
-        shards.write_shard(vectors, [row for _, row, _, _ in part], fine)
+    """New rows for items whose text, metadata or tags changed, each with its stored vector (no forward pass)."""
+    shards.rewrite_rows([(row, name, index) for _, row, name, index in redescribe], shard_size=shard_size)
 
 
 def _write(writer: ThreadPoolExecutor, pending: Future | None, shards: ShardSet,

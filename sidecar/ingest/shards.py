@@ -116,7 +116,7 @@ class ShardSet:
             stale.unlink()  # leftovers of a killed run
         self.manifest = {"format_version": FORMAT_VERSION, "model": asdict(signature), "dtype": "float32",
                          "normalised": "l2", "preprocessing": preprocessing, "shards": self.shard_names(),
-                         "deleted": self.manifest.get("deleted", [])}
+                         "deleted": self.manifest.get("deleted", []), "tagging": self.tagging}
         if fine_signature is not None:
             self.manifest["fine_model"] = asdict(fine_signature)
         self._write_manifest()
@@ -159,6 +159,26 @@ class ShardSet:
         self.manifest["shards"] = self.shard_names()
         self._write_manifest()
         return name
+
+    def rewrite_rows(self, entries: list[tuple[ShardRow, str, int]], *, shard_size: int) -> None:
+        """New rows for documents whose image did not change (new text, metadata or tags), each with the
+        vectors stored for it at (shard name, index): no forward pass."""
+        for start in range(0, len(entries), shard_size):
+            part = entries[start:start + shard_size]
+            vectors = np.stack([self.vectors(name)[index] for _, name, index in part])
+            fine = None
+            if self.fine_signature is not None:
+                fine = np.stack([self.fine_vectors(name)[index] for _, name, index in part])
+            self.write_shard(vectors, [row for row, _, _ in part], fine)
+
+    @property
+    def tagging(self) -> list[dict[str, Any]]:
+        """The prompt-set tagging (`sidecar.ingest.tagging`) the rows' metadata carries, as last completed."""
+        return list(self.manifest.get("tagging", []))
+
+    def set_tagging(self, record: list[dict[str, Any]]) -> None:
+        self.manifest["tagging"] = record
+        self._write_manifest()
 
     def set_deleted(self, ids: list[str]) -> None:
         self.manifest["deleted"] = sorted(ids)

@@ -88,6 +88,7 @@ class Encoder:
             probe = self.forward_texts(self.tokenizer([""]))
         self.dim = int(probe.shape[-1])
         self.signature = ModelSignature(model=name, weights=weights, dim=self.dim)
+        self.logit_scale = _logit_scale(model)
 
     # ---- pre: CPU work, safe to run in request threads or worker processes ----
     def prepare_text(self, text: str) -> PreparedText:
@@ -188,6 +189,16 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = [self.postprocess(self.forward_images(np.stack(chunk))) for chunk in _chunks(pixels, FORWARD_CHUNK)]
         return np.concatenate(out)
+
+
+def _logit_scale(model: torch.nn.Module) -> float:
+    """The model's learnt temperature (open_clip keeps its log): zero-shot probabilities are a softmax of
+    cosine similarities times it. Models without one get CLIP's ceiling, 100."""
+    log_scale = getattr(model, "logit_scale", None)
+    if log_scale is None:
+        log.warning("%s has no logit_scale: zero-shot probabilities use CLIP's 100", type(model).__name__)
+        return 100.0
+    return float(torch.as_tensor(log_scale).detach().float().exp())
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -86,6 +86,19 @@ class EncodingService:
         vectors = self.cache.get_or_compute(prompts, encode_missing, timeout_s=self.settings.request_timeout_s)
         return TextVectors(vectors=vectors, truncated=truncated, tokens=tokens)
 
+    def encode_prompt_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for a prompt set's prompts, as written (no prompt_template: the set has its own
+        templates; no text-vector cache: the set's vectors are cached whole). Sent through the text
+        batcher in turns of a quarter of queue_items, so a large set shares the model with requests
+        and leaves most of the queue to them, each turn with its own request_timeout_s. (`serve`
+        computes every set's vectors before the workers start: this is for sets added later.)"""
+        turn = max(1, self.settings.encode_queue_items() // 4)
+        parts = []
+        for start in range(0, len(texts), turn):
+            tokens = [self.encoder.prepare_text(text).tokens for text in texts[start:start + turn]]
+            parts.append(self._texts.submit(tokens, timeout_s=self.settings.request_timeout_s))
+        return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), dtype=np.float32)
+
     def open_image(self, data: bytes) -> Image.Image:
         """Uploaded file bytes, header only: format (image_formats), declared size (max_image_pixels),
         resized size (max_resized_side) and decode memory (decode_memory_bytes) are checked before

@@ -11,10 +11,10 @@ from sidecar.stores.embedded import EmbeddedStore
 
 
 @pytest.fixture
-def app_settings(tmp_path, store_path) -> Settings:
+def app_settings(tmp_path, store_path, example_prompt_sets) -> Settings:
     # Own cache dir: the text-vector cache of one test never serves another.
     return Settings(cache_dir=tmp_path / "cache", store_path=store_path, max_batch_items=8,
-                    max_body_bytes=256 * 1024, max_image_pixels=1_000_000)
+                    max_body_bytes=256 * 1024, max_image_pixels=1_000_000, prompt_sets_dir=example_prompt_sets)
 
 
 @pytest.fixture

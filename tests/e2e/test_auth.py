@@ -25,6 +25,9 @@ PROTECTED = [
     ("POST", "/v1/search", {"text": "red circle", "k": 3}),
     ("POST", "/v1/opensearch/embeddings/texts", {"input": ["red circle"]}),  # what ml-commons calls
     ("POST", "/v1/opensearch/rerank/texts", {"query": "red circle", "documents": ["a red circle"]}),
+    ("POST", "/v1/classify", {"set": "colors", "modality": "text", "input": ["red circle"]}),
+    ("GET", "/v1/prompt-sets", None),
+    ("GET", "/v1/prompt-sets/shapes", None),
     ("GET", "/readyz", None),
     ("GET", "/openapi.yaml", None),
     ("GET", "/metrics", None),
@@ -34,18 +37,18 @@ IDS = [f"{method} {path}" for method, path, _ in PROTECTED]
 
 @pytest.fixture(scope="module")
 def keys() -> dict[str, str]:
-    return {name: new_key() for name in ("ops", "web", "opensearch", "revoked")}
+    return {name: new_key() for name in ("ops", "web", "opensearch", "tagger", "revoked")}
 
 
 def entries(keys: dict[str, str], *names: str) -> str:
-    scopes = {"ops": [], "web": ["search"], "opensearch": ["embeddings"], "revoked": []}
+    scopes = {"ops": [], "web": ["search"], "opensearch": ["embeddings"], "tagger": ["classify"], "revoked": []}
     return ",".join(key_entry(name, scopes[name], keys[name]) for name in names)
 
 
 @pytest.fixture
 def keyed(build_app, keys):
     """The app as it runs after `revoked`'s line was removed from SIDECAR_API_KEYS."""
-    return build_app(api_keys=entries(keys, "ops", "web", "opensearch")).test_client()
+    return build_app(api_keys=entries(keys, "ops", "web", "opensearch", "tagger")).test_client()
 
 
 def call(client, method, path, body, key=None, *, header=None):
@@ -71,12 +74,16 @@ def test_a_valid_key_is_served(keyed, keys, method, path, body):
 
 
 def test_a_key_outside_its_scopes_gets_403_inside_them_200(keyed, keys):
-    web, opensearch = keys["web"], keys["opensearch"]
+    web, opensearch, tagger = keys["web"], keys["opensearch"], keys["tagger"]
+    unscoped = ("/readyz", "/openapi.yaml")
     for method, path, body in PROTECTED:
         web_status = call(keyed, method, path, body, web).status_code
         opensearch_status = call(keyed, method, path, body, opensearch).status_code
-        assert web_status == (200 if path in ("/v1/search", "/readyz", "/openapi.yaml") else 403), path
-        assert opensearch_status == (403 if path in ("/v1/search", "/metrics") else 200), path
+        tagger_status = call(keyed, method, path, body, tagger).status_code
+        assert web_status == (200 if path in ("/v1/search", *unscoped) else 403), path
+        assert opensearch_status == (200 if path.startswith(("/v1/embeddings", "/v1/models", "/v1/opensearch", *unscoped))
+                                     else 403), path
+        assert tagger_status == (200 if path.startswith(("/v1/classify", "/v1/prompt-sets", *unscoped)) else 403), path
     refused = call(keyed, "POST", "/v1/search", PROTECTED[3][2], opensearch)
     assert refused.json["error"] == {"code": "forbidden", "message": "key 'opensearch' has scope embeddings; "
                                                                      "/v1/search needs scope search"}

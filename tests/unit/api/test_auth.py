@@ -44,7 +44,7 @@ def test_entries_separated_by_commas_or_whitespace():
     ("a:*", "expected name:scopes:sha256-hex (3 fields), got 2"),
     (f"a b:*:{'0' * 64}", "entry 1: expected name:scopes:sha256-hex (3 fields), got 1"),  # a space splits
     (f"a/b:*:{'0' * 64}", "entry 1: the name must be"),
-    (f"a:admin:{'0' * 64}", "unknown scope admin; choose * or some of embeddings, search, metrics"),
+    (f"a:admin:{'0' * 64}", "unknown scope admin; choose * or some of embeddings, search, classify, metrics"),
     (f"a::{'0' * 64}", "unknown scope (empty)"),
     ("a:*:abc", "the hash must be 64 lowercase hex digits"),
     (f"a:*:{'0' * 64},a:search:{'1' * 64}", "entry 2: name 'a' is used twice"),
@@ -66,6 +66,7 @@ def test_scopes_map_paths_and_unscoped_paths_take_any_key():
     assert scope_of("/v1/embeddings") == scope_of("/v1/models") == scope_of("/v1/models/tiny-clip") == "embeddings"
     assert scope_of("/v1/opensearch/embeddings/texts") == scope_of("/v1/opensearch/rerank/ids") == "embeddings"
     assert scope_of("/v1/search") == "search" and scope_of("/metrics") == "metrics"
+    assert scope_of("/v1/classify") == scope_of("/v1/prompt-sets") == scope_of("/v1/prompt-sets/shapes") == "classify"
     assert scope_of("/readyz") is None and scope_of("/v1/searchx") is None
 
 

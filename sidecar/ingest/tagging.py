@@ -1,0 +1,219 @@
+"""Zero-shot tags in the shards: the top labels of prompt sets, written into each document's metadata.
+
+`embed --tag SET[:K|THRESHOLD]` ranks a set's labels for every image it embeds (and, on a rerun,
+for every image it already holds, from the stored vectors) and writes two metadata fields per set:
+`tag_<set>` (the labels, best first) and `tag_<set>_score` (their cosine scores). `index` loads them
+like any metadata (keyword fields in OpenSearch), so filters work on them in both stores. The
+manifest records which sets, versions and vectors the tags came from; `clip-sidecar tag SHARDS`
+re-tags from the stored vectors alone (no image is read), after a set changed. A tag change changes
+the document hash, so `index` rewrites exactly the documents whose tags moved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from sidecar.ingest.corpus import CorpusError
+from sidecar.ingest.identity import document_hash
+from sidecar.ingest.shards import ShardError, ShardRow, ShardSet
+from sidecar.model.encoder import Encoder
+from sidecar.model.prompts import SET_NAME, PromptSet, PromptSetRegistry, rank_labels
+from sidecar.types import ModelSignature
+
+log = logging.getLogger(__name__)
+
+# Stored vectors ranked per step when tagging what the shards hold.
+_TAG_CHUNK = 65_536
+
+
+def label_field(set_name: str) -> str:
+    """The metadata field holding a set's labels for a document, best first."""
+    return f"tag_{set_name}"
+
+
+def score_field(set_name: str) -> str:
+    """The metadata field holding those labels' cosine scores, in the same order."""
+    return f"tag_{set_name}_score"
+
+
+@dataclass(frozen=True, slots=True)
+class TagSpec:
+    """Which labels of a set a document gets: the top `k`, or every label scoring at least `threshold`."""
+
+    set: str
+    k: int | None = 1
+    threshold: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> TagSpec:
+        """SET (its best label), SET:K (the top K) or SET:THRESHOLD (a number with a point: every label
+        whose cosine score reaches it)."""
+        name, sep, rest = text.partition(":")
+        if not SET_NAME.match(name):
+            raise ValueError(f"tag {text!r}: SET[:K or THRESHOLD], the set named as `clip-sidecar prompts list` "
+                             "shows it")
+        if not sep:
+            return cls(name)
+        try:
+            if "." in rest or "e" in rest.lower():
+                threshold = float(rest)
+                if not -1 <= threshold <= 1:
+                    raise ValueError
+                return cls(name, k=None, threshold=threshold)
+            k = int(rest)
+            if k < 1:
+                raise ValueError
+            return cls(name, k=k)
+        except ValueError:
+            raise ValueError(f"tag {text!r}: after ':' comes a count of labels (e.g. 3) or a cosine score threshold "
+                             "between -1 and 1 with a decimal point (e.g. 0.25)") from None
+
+    def describe(self) -> str:
+        return self.set if self.k == 1 and self.threshold is None else \
+            f"{self.set}:{self.k if self.threshold is None else self.threshold}"
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> TagSpec:
+        return cls(set=record["set"], k=record.get("k"), threshold=record.get("threshold"))
+
+
+@dataclass(frozen=True, slots=True)
+class _SetTagging:
+    spec: TagSpec
+    prompt_set: PromptSet
+    vectors: np.ndarray  # one per label, by the shards' model
+    key: str  # PromptSet.vector_key: the model, weights, version and prompts the vectors came from
+
+
+class Tagger:
+    """Ranks prompt-set labels for image vectors and writes them into rows' metadata."""
+
+    def __init__(self, sets: Sequence[_SetTagging], *, logit_scale: float, signature: ModelSignature):
+        self._sets = list(sets)
+        self.logit_scale = logit_scale
+        self.signature = signature
+        self.fields = frozenset(f for s in self._sets for f in (label_field(s.spec.set), score_field(s.spec.set)))
+
+    @classmethod
+    def load(cls, specs: Sequence[TagSpec], registry: PromptSetRegistry, encoder: Encoder) -> Tagger:
+        """The sets' label vectors by `encoder` (from the registry's cache, computed once where missing)."""
+        names = [spec.set for spec in specs]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"set {repeated[0]!r} is given twice to tag with; give each set once")
+        sets = []
+        for spec in specs:
+            prompt_set = registry.get(spec.set)
+            vectors = registry.vectors(prompt_set, model=encoder.name, weights=encoder.weights,
+                                       encode=encoder.encode_texts)
+            sets.append(_SetTagging(spec=spec, prompt_set=prompt_set, vectors=vectors,
+                                    key=prompt_set.vector_key(model=encoder.name, weights=encoder.weights)))
+        tagger = cls(sets, logit_scale=encoder.logit_scale, signature=encoder.signature)
+        log.info("tagging with %s", tagger.describe())
+        return tagger
+
+    def describe(self) -> str:
+        return ", ".join(f"{s.spec.describe()} (version {s.prompt_set.version}, {len(s.prompt_set.labels)} labels)"
+                         for s in self._sets)
+
+    def record(self) -> list[dict[str, Any]]:
+        """What the manifest keeps: per set, the spec, the version and the key of the vectors used."""
+        return [{"set": s.spec.set, "k": s.spec.k, "threshold": s.spec.threshold, "version": s.prompt_set.version,
+                 "vectors": s.key} for s in self._sets]
+
+    def tags(self, vectors: np.ndarray) -> list[dict[str, list]]:
+        """Per image vector, its tag fields."""
+        out: list[dict[str, list]] = [{} for _ in range(len(vectors))]
+        for s in self._sets:
+            ranked = rank_labels(vectors, s.vectors, s.prompt_set.label_names, logit_scale=self.logit_scale,
+                                 k=s.spec.k, threshold=s.spec.threshold)
+            for fields, labels in zip(out, ranked):
+                fields[label_field(s.spec.set)] = [label.label for label in labels]
+                fields[score_field(s.spec.set)] = [round(label.score, 4) for label in labels]
+        return out
+
+    def apply(self, rows: Sequence[ShardRow], vectors: np.ndarray) -> list[ShardRow]:
+        """`rows` (whose images `vectors` are) with their tags in the metadata and the document hash to match."""
+        return [tagged(row, fields) for row, fields in zip(rows, self.tags(vectors))]
+
+    def stored_tags(self, shards: ShardSet, entries: Iterable[tuple[str, ShardRow, int]], *,
+                    progress: bool = False) -> dict[str, dict[str, list]]:
+        """id -> tag fields for rows the shards hold (shard name, row, index), ranked from their stored vectors."""
+        by_shard: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for name, row, index in entries:
+            by_shard[name].append((row.id, index))
+        out: dict[str, dict[str, list]] = {}
+        with tqdm(total=sum(map(len, by_shard.values())), unit="doc", desc="tag", disable=not progress) as bar:
+            for name, rows in by_shard.items():
+                stored = shards.vectors(name)
+                for start in range(0, len(rows), _TAG_CHUNK):
+                    part = rows[start:start + _TAG_CHUNK]
+                    vectors = np.asarray(stored[[index for _, index in part]], dtype=np.float32)
+                    out.update(zip((doc_id for doc_id, _ in part), self.tags(vectors)))
+                    bar.update(len(part))
+        return out
+
+
+def tagged(row: ShardRow, fields: Mapping[str, list]) -> ShardRow:
+    """The row with `fields` added to its metadata and its document hash recomputed."""
+    clash = sorted(row.metadata.keys() & fields.keys())
+    if clash:
+        raise CorpusError(f"item {row.id!r}: its metadata has a field {clash[0]!r}, which tagging writes; rename that "
+                          "field in the corpus, or tag with another set")
+    metadata = {**row.metadata, **fields}
+    return dataclasses.replace(row, metadata=metadata,
+                               content_hash=document_hash(row.image_hash, row.text, metadata))
+
+
+def recorded_specs(shards: ShardSet) -> list[TagSpec]:
+    """The tagging the shards were last tagged with (`embed` keeps it on reruns without --tag)."""
+    return [TagSpec.from_record(record) for record in shards.tagging]
+
+
+def recorded_fields(shards: ShardSet) -> set[str]:
+    return {f for record in shards.tagging for f in (label_field(record["set"]), score_field(record["set"]))}
+
+
+@dataclass(frozen=True, slots=True)
+class RetagSummary:
+    total: int
+    retagged: int
+    unchanged: int
+
+    def describe(self) -> str:
+        return (f"{self.total} documents: {self.retagged} with new tags (stored vectors reused), {self.unchanged} "
+                f"unchanged; run `clip-sidecar index` to load them")
+
+
+def retag_shards(root: Path, tagger: Tagger | None, *, shard_size: int = 4096, progress: bool = True) -> RetagSummary:
+    """Tag every live document of the shards under `root` from its stored vector — no image is read —
+    replacing the tags of earlier tagging; None removes every tag. Documents whose tags changed get a
+    new row (their stored vectors, a new document hash); the manifest then records the tagging."""
+    shards = ShardSet(root)
+    if shards.signature is None:
+        raise ShardError(f"{root} holds no shards (no manifest.json): run `clip-sidecar embed` first")
+    if tagger is not None and tagger.signature != shards.signature:
+        raise ShardError(f"{root} holds vectors of {shards.signature.describe()}, not {tagger.signature.describe()}: "
+                         "tag with the model the shards were embedded with (--model, --pretrained)")
+    stale = recorded_fields(shards) | (tagger.fields if tagger else set())
+    entries = list(shards.live().values())
+    fresh = tagger.stored_tags(shards, entries, progress=progress) if tagger else {}
+    changed = []
+    for name, row, index in entries:
+        base = dataclasses.replace(row, metadata={k: v for k, v in row.metadata.items() if k not in stale})
+        new = tagged(base, fresh.get(row.id, {}))
+        if new.content_hash != row.content_hash:
+            changed.append((new, name, index))
+    shards.rewrite_rows(changed, shard_size=shard_size)
+    shards.set_tagging(tagger.record() if tagger else [])
+    summary = RetagSummary(total=len(entries), retagged=len(changed), unchanged=len(entries) - len(changed))
+    log.info("tag finished: %s", summary.describe())
+    return summary

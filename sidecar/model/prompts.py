@@ -1,0 +1,427 @@
+"""Prompt sets: named, versioned labels with prompt templates, their vectors cached per model, and zero-shot scoring.
+
+A prompt set is data (a JSON, YAML or CSV file): a name, a version, labels, and one or more
+templates per label ("a photo of {}", "a close-up photo of {}"). A label's vector is CLIP's
+zero-shot recipe: the L2-normalised vectors of its prompts averaged, then normalised again
+(template ensembling). Vectors are computed once per (model, weights, set) and kept on disk under
+a key of the model, the weights, the set's version and its every prompt: a changed template or a
+new version is embedded again; an unchanged set never is. The serving side (`/v1/classify`) and
+the offline side (`embed --tag`, `tag`, `eval --prompts`) use the same registry and scoring.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# A set's name is a file name and part of metadata field names (`tag_<name>`) in both stores.
+SET_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+DEFAULT_TEMPLATES = ("{}",)
+SOURCE_SUFFIXES = (".json", ".yaml", ".yml", ".csv")
+MAX_LABEL_CHARS = 1000  # a label is a word or a description, not a document
+
+# texts -> their L2-normalised vectors [n, dim], in order (an Encoder's encode_texts, or the server's batcher)
+EncodeTexts = Callable[[list[str]], np.ndarray]
+
+
+class PromptSetError(ValueError):
+    """A prompt set file or definition that cannot be used; the message names the file and the field."""
+
+
+class PromptSetNotFound(PromptSetError):
+    """No set of that name in the registry; the message lists the ones there are."""
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    name: str
+    templates: tuple[str, ...]  # each "{}" is replaced by the label; a template without one is the prompt itself
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """The texts the model sees for this label."""
+        return tuple(template.replace("{}", self.name) for template in self.templates)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSet:
+    name: str
+    version: str
+    labels: tuple[Label, ...]
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES  # the set's default, for labels without their own
+    description: str = ""
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    @property
+    def prompt_count(self) -> int:
+        return sum(len(label.templates) for label in self.labels)
+
+    def vector_key(self, *, model: str, weights: str) -> str:
+        """What the set's vectors depend on: the model, its weights, the version and every prompt."""
+        canonical = json.dumps([model, weights, self.version, [[label.name, label.prompts] for label in self.labels]],
+                               ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file form (JSON/YAML); a label carries its own templates only where they differ from the set's."""
+        labels: list[Any] = [label.name if label.templates == self.templates else
+                             {"name": label.name, "templates": list(label.templates)} for label in self.labels]
+        data: dict[str, Any] = {"name": self.name, "version": self.version}
+        if self.description:
+            data["description"] = self.description
+        data["templates"] = list(self.templates)
+        data["labels"] = labels
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str, name: str | None = None, version: str | None = None) -> PromptSet:
+        """A set from its file form; `name` and `version`, where given, override the file's."""
+        if not isinstance(data, dict):
+            raise PromptSetError(f"{source}: a prompt set is an object with name, version, templates and labels")
+        unknown = sorted(set(data) - {"name", "version", "description", "templates", "labels"})
+        if unknown:
+            raise PromptSetError(f"{source}: unknown field {unknown[0]!r}; a prompt set has name, version, "
+                                 "description, templates and labels")
+        set_name = _set_name(name if name is not None else data.get("name"), source=source)
+        set_version = version if version is not None else data.get("version", "1")
+        if isinstance(set_version, bool) or not isinstance(set_version, (str, int, float)) or not str(set_version):
+            raise PromptSetError(f"{source}: field 'version' must be a string or a number, got {set_version!r}")
+        description = data.get("description") or ""
+        if not isinstance(description, str):
+            raise PromptSetError(f"{source}: field 'description' must be a string")
+        templates = _templates(data.get("templates", list(DEFAULT_TEMPLATES)), where=f"{source}: field 'templates'")
+        raw_labels = data.get("labels")
+        if not isinstance(raw_labels, list) or not raw_labels:
+            raise PromptSetError(f"{source}: field 'labels' must be a non-empty list of labels (a string, or "
+                                 "{\"name\", \"templates\"})")
+        labels = []
+        for i, raw in enumerate(raw_labels):
+            where = f"{source}: labels[{i}]"
+            if isinstance(raw, dict):
+                extra = sorted(set(raw) - {"name", "templates"})
+                if extra:
+                    raise PromptSetError(f"{where}: unknown field {extra[0]!r}; a label has name and templates")
+                own = _templates(raw["templates"], where=f"{where}.templates") if "templates" in raw else templates
+                labels.append(Label(name=_label_name(raw.get("name"), where=f"{where}.name"), templates=own))
+            else:
+                labels.append(Label(name=_label_name(raw, where=where), templates=templates))
+        _check_unique(labels, source=source)
+        return cls(name=set_name, version=str(set_version), labels=tuple(labels), templates=templates,
+                   description=description)
+
+
+def load_prompt_set(path: Path, *, name: str | None = None, version: str | None = None) -> PromptSet:
+    """A set from a .json, .yaml/.yml or .csv file. A CSV has a `label` column and optionally a
+    `template` column (one template per row; a label's rows together make its templates); its name
+    is `name` or the file's stem, its version `version` or "1"."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SOURCE_SUFFIXES:
+        raise PromptSetError(f"{path}: a prompt set file is {', '.join(SOURCE_SUFFIXES)}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PromptSetError(f"{path}: cannot read it: {exc.strerror}") from exc
+    if suffix == ".csv":
+        return _from_csv(text, source=str(path), name=name if name is not None else path.stem, version=version)
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PromptSetError(f"{path}: not valid JSON: {exc}") from exc
+    else:
+        import yaml  # only for YAML files
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise PromptSetError(f"{path}: not valid YAML: {exc}") from exc
+    return PromptSet.from_dict(data, source=str(path), name=name, version=version)
+
+
+def _from_csv(text: str, *, source: str, name: str, version: str | None) -> PromptSet:
+    reader = csv.DictReader(text.splitlines())
+    columns = set(reader.fieldnames or [])
+    if "label" not in columns or columns - {"label", "template"}:
+        raise PromptSetError(f"{source}: a CSV prompt set has the columns label and (optionally) template; "
+                             f"found {', '.join(sorted(columns)) or 'none'}")
+    templates: dict[str, list[str]] = {}
+    for line_no, row in enumerate(reader, start=2):
+        label = _label_name(row.get("label"), where=f"{source}:{line_no}: label")
+        template = (row.get("template") or "").strip()
+        templates.setdefault(label, [])
+        if template:
+            templates[label].append(template)
+    shared = {tuple(own) for own in templates.values()}
+    if len(shared) == 1 and next(iter(shared)):  # every label has the same templates: the set's
+        return PromptSet.from_dict({"name": name, "version": version or "1", "templates": list(next(iter(shared))),
+                                    "labels": list(templates)}, source=source)
+    labels = [{"name": label, "templates": own} if own else label for label, own in templates.items()]
+    return PromptSet.from_dict({"name": name, "version": version or "1", "labels": labels}, source=source)
+
+
+def _set_name(value: Any, *, source: str) -> str:
+    if not isinstance(value, str) or not SET_NAME.match(value):
+        raise PromptSetError(f"{source}: the set's name must be 1-64 characters of a-z, 0-9, '_' and '-', starting "
+                             f"with a letter or digit (it names a file and the metadata field tag_<name>); "
+                             f"got {value!r}")
+    return value
+
+
+def _label_name(value: Any, *, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PromptSetError(f"{where}: a label is a non-empty string, got {value!r}")
+    value = value.strip()
+    if len(value) > MAX_LABEL_CHARS:
+        raise PromptSetError(f"{where}: a label has at most {MAX_LABEL_CHARS} characters, got {len(value)}")
+    return value
+
+
+def _templates(value: Any, *, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and t.strip() for t in value):
+        raise PromptSetError(f"{where}: templates are a non-empty list of non-empty strings, '{{}}' standing for the "
+                             "label (e.g. \"a photo of {}\")")
+    return tuple(dict.fromkeys(t.strip() for t in value))
+
+
+def _check_unique(labels: Sequence[Label], *, source: str) -> None:
+    seen: set[str] = set()
+    for label in labels:
+        if label.name in seen:
+            raise PromptSetError(f"{source}: label {label.name!r} appears twice; labels are unique within a set")
+        seen.add(label.name)
+
+
+# ---- vectors -------------------------------------------------------------------------------------
+
+def ensemble_vectors(prompt_set: PromptSet, encode: EncodeTexts) -> np.ndarray:
+    """One L2-normalised vector per label [labels, dim]: the mean of its prompts' normalised vectors,
+    normalised again (CLIP's zero-shot template ensembling). All prompts go to `encode` in one call."""
+    prompts = [prompt for label in prompt_set.labels for prompt in label.prompts]
+    vectors = np.asarray(encode(prompts), dtype=np.float32)
+    if len(vectors) != len(prompts):
+        raise RuntimeError(f"encoding {len(prompts)} prompts returned {len(vectors)} vectors")
+    starts = np.cumsum([0] + [len(label.templates) for label in prompt_set.labels[:-1]])
+    counts = np.array([len(label.templates) for label in prompt_set.labels], dtype=np.float32)
+    means = np.add.reduceat(vectors, starts, axis=0) / counts[:, None]
+    return (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class SetSummary:
+    name: str
+    version: str
+    labels: int
+    prompts: int
+    description: str
+    models: tuple[str, ...]  # "model (weights)" whose vectors are on disk for the current definition
+
+
+class PromptSetRegistry:
+    """The prompt sets under `root`: `<name>.json` per set (the file form), and their vectors under
+    `vectors/<name>/` (one .npz per model and weights, holding the key it was computed for; a changed
+    set overwrites it). Safe to use from many threads and processes: files are replaced atomically,
+    and a set changed on disk (`prompts add` beside a running server) is read again on its next use."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._lock = threading.Lock()
+        self._sets: dict[str, tuple[tuple[int, int, int], PromptSet]] = {}  # name -> (file stat, set)
+        self._vectors: dict[tuple[str, str], tuple[str, np.ndarray]] = {}  # (name, model file) -> (key, vectors)
+        self._computing: dict[tuple[str, str], threading.Lock] = {}
+
+    # ---- definitions ----
+    def _path(self, name: str) -> Path:
+        return self.root / f"{name}.json"
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.stem for p in self.root.glob("*.json") if SET_NAME.match(p.stem))
+
+    def get(self, name: str) -> PromptSet:
+        """The set as its file holds it now (re-read when the file changed)."""
+        path = self._path(name) if SET_NAME.match(name) else None
+        try:
+            stat = path.stat() if path is not None else None
+        except FileNotFoundError:
+            stat = None
+        if stat is None:
+            available = self.names()
+            raise PromptSetNotFound(f"no prompt set named {name!r} in {self.root}; "
+                                    + (f"available: {', '.join(available)}" if available else
+                                       "none yet (add one with `clip-sidecar prompts add FILE`)"))
+        marker = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        with self._lock:
+            cached = self._sets.get(name)
+        if cached is not None and cached[0] == marker:
+            return cached[1]
+        prompt_set = PromptSet.from_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+        with self._lock:
+            self._sets[name] = (marker, prompt_set)
+        return prompt_set
+
+    def add(self, prompt_set: PromptSet) -> bool:
+        """Store the set (replacing one of the same name); False when the stored one is identical."""
+        path = self._path(prompt_set.name)
+        if path.exists() and self.get(prompt_set.name) == prompt_set:
+            return False
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, lambda fh: fh.write(json.dumps(prompt_set.to_dict(), ensure_ascii=False,
+                                                               indent=2).encode("utf-8")))
+        return True
+
+    def remove(self, name: str) -> None:
+        """Delete the set and its vectors (PromptSetNotFound if there is none)."""
+        self.get(name)
+        self._path(name).unlink()
+        folder = self.root / "vectors" / name
+        if folder.is_dir():
+            for file in folder.glob("*"):
+                file.unlink()
+            folder.rmdir()
+        with self._lock:
+            self._sets.pop(name, None)
+            for key in [k for k in self._vectors if k[0] == name]:
+                del self._vectors[key]
+
+    def summaries(self) -> list[SetSummary]:
+        out = []
+        for name in self.names():
+            prompt_set = self.get(name)
+            models = []
+            for file in sorted((self.root / "vectors" / name).glob("*.npz")):
+                stored = _read_vectors(file)
+                if stored is not None and stored[0] == prompt_set.vector_key(model=stored[2], weights=stored[3]):
+                    models.append(f"{stored[2]} ({stored[3]})")
+            out.append(SetSummary(name=name, version=prompt_set.version, labels=len(prompt_set.labels),
+                                  prompts=prompt_set.prompt_count, description=prompt_set.description,
+                                  models=tuple(models)))
+        return out
+
+    # ---- vectors ----
+    def vectors(self, prompt_set: PromptSet, *, model: str, weights: str, encode: EncodeTexts) -> np.ndarray:
+        """The set's label vectors by this model and weights: from memory, else from disk, else
+        computed by `encode` (once: concurrent callers wait for the first) and written to disk."""
+        key = prompt_set.vector_key(model=model, weights=weights)
+        slot = (prompt_set.name, _model_file(model, weights))
+        with self._lock:
+            cached = self._vectors.get(slot)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            computing = self._computing.setdefault(slot, threading.Lock())
+        with computing:
+            with self._lock:
+                cached = self._vectors.get(slot)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            file = self.root / "vectors" / slot[0] / slot[1]
+            stored = _read_vectors(file)
+            if stored is not None and stored[0] == key:
+                vectors = stored[1]
+            else:
+                started = time.perf_counter()
+                vectors = ensemble_vectors(prompt_set, encode)
+                log.info("prompt set %s (version %s): %d labels, %d prompts embedded by %s in %.2f s",
+                         prompt_set.name, prompt_set.version, len(prompt_set.labels), prompt_set.prompt_count,
+                         model, time.perf_counter() - started)
+                self._write_vectors(file, key=key, vectors=vectors, model=model, weights=weights)
+            with self._lock:
+                self._vectors[slot] = (key, vectors)
+            return vectors
+
+    def cached_vectors(self, prompt_set: PromptSet, *, model: str, weights: str) -> bool:
+        """Whether the set's current vectors by this model are on disk (nothing to compute)."""
+        stored = _read_vectors(self.root / "vectors" / prompt_set.name / _model_file(model, weights))
+        return stored is not None and stored[0] == prompt_set.vector_key(model=model, weights=weights)
+
+    def _write_vectors(self, file: Path, *, key: str, vectors: np.ndarray, model: str, weights: str) -> None:
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomically(file, lambda fh: np.savez(fh, vectors=vectors, key=np.array(key), model=np.array(model),
+                                                        weights=np.array(weights)))
+        except OSError as exc:  # a read-only registry still serves, computing once per process
+            log.warning("prompt set vectors kept in memory only: cannot write %s: %s", file, exc)
+
+
+def _model_file(model: str, weights: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model)[:48]
+    return f"{slug}-{hashlib.sha256(f'{model}|{weights}'.encode('utf-8')).hexdigest()[:12]}.npz"
+
+
+def _read_vectors(file: Path) -> tuple[str, np.ndarray, str, str] | None:
+    """(key, vectors, model, weights) of a vector file, or None where there is none (or it is unreadable)."""
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            return str(data["key"]), np.asarray(data["vectors"], dtype=np.float32), str(data["model"]), \
+                str(data["weights"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("ignoring unreadable prompt set vectors %s (%s); computing them again", file, exc)
+        return None
+
+
+def _write_atomically(path: Path, write: Callable[[Any], Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---- zero-shot scoring ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class LabelScore:
+    label: str
+    score: float  # cosine similarity of the input's vector and the label's
+    probability: float  # softmax over every label of the set, at the model's logit scale
+
+
+def rank_labels(vectors: np.ndarray, label_vectors: np.ndarray, labels: Sequence[str], *, logit_scale: float,
+                k: int | None = None, threshold: float | None = None) -> list[list[LabelScore]]:
+    """Per input vector, its labels best first: the top `k` (every label when None), of those only the
+    ones scoring at least `threshold` where one is given (multi-label tagging)."""
+    if len(labels) != len(label_vectors):
+        raise ValueError(f"{len(labels)} labels for {len(label_vectors)} label vectors")
+    scores = np.asarray(vectors, dtype=np.float32) @ label_vectors.T  # [n, labels]
+    probabilities = _softmax(logit_scale * scores)
+    k = len(labels) if k is None else min(k, len(labels))
+    if k < len(labels):
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        top = np.broadcast_to(np.arange(len(labels)), scores.shape)
+    ranked = []
+    for row, candidates in enumerate(top):
+        order = candidates[np.lexsort((candidates, -scores[row, candidates]))]  # ties: the set's order
+        ranked.append([LabelScore(label=labels[j], score=float(scores[row, j]), probability=float(probabilities[row, j]))
+                       for j in order if threshold is None or scores[row, j] >= threshold])
+    return ranked
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)

@@ -1,0 +1,203 @@
+"""Prompt sets: files (JSON, YAML, CSV) and their errors, template ensembling, the versioned vector cache, ranking."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sidecar.model.prompts import (
+    PromptSet,
+    PromptSetError,
+    PromptSetNotFound,
+    PromptSetRegistry,
+    ensemble_vectors,
+    load_prompt_set,
+    rank_labels,
+)
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "prompt-sets"
+
+
+class CountingEncoder:
+    """Deterministic unit vectors per text (a hash seeds them), counting every text it is asked for."""
+
+    def __init__(self, dim: int = 16):
+        self.dim = dim
+        self.texts: list[str] = []
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        self.texts.extend(texts)
+        seeds = [int.from_bytes(hashlib.sha256(t.encode()).digest()[:4], "little") for t in texts]
+        rows = [np.random.default_rng(seed).normal(size=self.dim) for seed in seeds]
+        vectors = np.array(rows, dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_the_same_set_reads_alike_from_yaml_json_and_csv(tmp_path):
+    yaml_set = load_prompt_set(write(tmp_path / "a.yaml", "name: shapes\nversion: 2\ntemplates: ['a {}', 'a photo of a {}']\n"
+                                                         "labels: [circle, {name: star, templates: ['a {} shape']}]\n"))
+    json_set = load_prompt_set(write(tmp_path / "b.json", json.dumps(
+        {"name": "shapes", "version": "2", "templates": ["a {}", "a photo of a {}"],
+         "labels": ["circle", {"name": "star", "templates": ["a {} shape"]}]})))
+    csv_set = load_prompt_set(write(tmp_path / "shapes.csv", "label,template\ncircle,a {}\ncircle,a photo of a {}\n"
+                                                             "star,a {} shape\n"), version="2")
+    assert yaml_set.labels == json_set.labels == csv_set.labels
+    assert yaml_set.name == csv_set.name == "shapes" and yaml_set.version == csv_set.version == "2"
+    assert yaml_set.labels[0].prompts == ("a circle", "a photo of a circle")
+    assert yaml_set.labels[1].prompts == ("a star shape",)
+    # The stored form reads back as the same set.
+    assert PromptSet.from_dict(yaml_set.to_dict(), source="stored") == yaml_set
+
+
+def test_a_csv_whose_labels_share_templates_has_them_as_the_set_templates(tmp_path):
+    prompt_set = load_prompt_set(EXAMPLES / "colors.csv")
+    assert prompt_set.templates == ("a {} shape", "something {}") and len(prompt_set.labels) == 8
+    assert prompt_set.to_dict()["labels"][:2] == ["red", "orange"]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("a.yaml", "name: Shapes!\nlabels: [a]\n", "the set's name must be 1-64 characters of a-z"),
+    ("a.yaml", "name: s\nlabels: []\n", "field 'labels' must be a non-empty list"),
+    ("a.yaml", "name: s\nlabels: [a, a]\n", "label 'a' appears twice"),
+    ("a.yaml", "name: s\nlabels: [a, '']\n", "labels[1]: a label is a non-empty string"),
+    ("a.yaml", "name: s\ntemplates: [1]\nlabels: [a]\n", "field 'templates': templates are a non-empty list"),
+    ("a.yaml", "name: s\nlabels: [{name: a, prompts: [x]}]\n", "labels[0]: unknown field 'prompts'"),
+    ("a.yaml", "name: s\nlabel: [a]\n", "unknown field 'label'"),
+    ("a.yaml", "name: s\nlabels: [a\n", "not valid YAML"),
+    ("a.json", "{\"name\": ", "not valid JSON"),
+    ("a.csv", "name,template\na,b\n", "a CSV prompt set has the columns label and (optionally) template"),
+    ("a.txt", "a", "a prompt set file is .json, .yaml, .yml, .csv"),
+])
+def test_a_bad_file_is_refused_naming_the_file_and_the_field(tmp_path, name, text, message):
+    path = write(tmp_path / name, text)
+    with pytest.raises(PromptSetError) as caught:
+        load_prompt_set(path)
+    assert str(path) in str(caught.value) and message in str(caught.value)
+
+
+def test_template_ensembling_averages_the_normalised_prompt_vectors_then_normalises():
+    prompt_set = PromptSet.from_dict({"name": "s", "templates": ["a {}", "a photo of a {}", "{}"],
+                                      "labels": ["circle", {"name": "star", "templates": ["a star"]}]}, source="test")
+    encode = CountingEncoder()
+    vectors = ensemble_vectors(prompt_set, encode)
+    circle = encode(["a circle", "a photo of a circle", "circle"]).mean(axis=0)
+    np.testing.assert_allclose(vectors[0], circle / np.linalg.norm(circle), atol=1e-6)
+    np.testing.assert_allclose(vectors[1], encode(["a star"])[0], atol=1e-6)
+    assert vectors.shape == (2, 16) and np.allclose(np.linalg.norm(vectors, axis=1), 1)
+
+
+def test_vectors_are_computed_once_per_model_and_set_and_kept_on_disk(tmp_path):
+    registry = PromptSetRegistry(tmp_path)
+    shapes = load_prompt_set(EXAMPLES / "shapes.yaml")
+    registry.add(shapes)
+    encode = CountingEncoder()
+    first = registry.vectors(shapes, model="m", weights="w1", encode=encode)
+    assert len(encode.texts) == shapes.prompt_count == 15
+    np.testing.assert_array_equal(registry.vectors(shapes, model="m", weights="w1", encode=encode), first)
+    # Another process (a fresh registry on the same folder) reads them from disk.
+    np.testing.assert_array_equal(PromptSetRegistry(tmp_path).vectors(shapes, model="m", weights="w1", encode=encode),
+                                  first)
+    assert len(encode.texts) == 15
+    # Other weights are other vectors: computed, and kept beside the first ones.
+    registry.vectors(shapes, model="m", weights="w2", encode=encode)
+    assert len(encode.texts) == 30
+    assert registry.cached_vectors(shapes, model="m", weights="w1") and registry.cached_vectors(shapes, model="m",
+                                                                                                weights="w2")
+
+
+def test_a_changed_template_or_version_re_embeds_only_that_set(tmp_path):
+    registry = PromptSetRegistry(tmp_path)
+    shapes, colors = load_prompt_set(EXAMPLES / "shapes.yaml"), load_prompt_set(EXAMPLES / "colors.csv")
+    for prompt_set in (shapes, colors):
+        registry.add(prompt_set)
+        registry.vectors(prompt_set, model="m", weights="w", encode=CountingEncoder())
+    colors_file = next((tmp_path / "vectors" / "colors").iterdir())
+    colors_written = colors_file.stat().st_mtime_ns
+
+    # A running server's registry notices the changed file on its next use.
+    edited = dict(shapes.to_dict(), templates=["a {}", "a drawing of a {}"])
+    (tmp_path / "shapes.json").write_text(json.dumps(edited), encoding="utf-8")
+    encode = CountingEncoder()
+    changed = registry.get("shapes")
+    assert changed.labels[0].prompts == ("a circle", "a drawing of a circle")
+    registry.vectors(changed, model="m", weights="w", encode=encode)
+    registry.vectors(registry.get("colors"), model="m", weights="w", encode=encode)
+    assert encode.texts == [p for label in changed.labels for p in label.prompts]  # shapes only
+    assert colors_file.stat().st_mtime_ns == colors_written
+
+    bumped = PromptSet.from_dict(changed.to_dict(), source="test", version="2")
+    registry.add(bumped)
+    registry.vectors(registry.get("shapes"), model="m", weights="w", encode=encode)
+    assert len(encode.texts) == 2 * changed.prompt_count
+    assert len(list((tmp_path / "vectors" / "shapes").iterdir())) == 1  # one file per model: replaced, not added
+
+
+def test_concurrent_first_uses_compute_the_vectors_once(tmp_path):
+    registry = PromptSetRegistry(tmp_path)
+    shapes = load_prompt_set(EXAMPLES / "shapes.yaml")
+    registry.add(shapes)
+    encode = CountingEncoder()
+    threads = [threading.Thread(target=registry.vectors, args=(shapes,), kwargs=dict(model="m", weights="w",
+                                                                                     encode=encode))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(encode.texts) == shapes.prompt_count
+
+
+def test_add_reports_an_identical_set_as_unchanged_and_remove_deletes_its_vectors(tmp_path):
+    registry = PromptSetRegistry(tmp_path)
+    shapes = load_prompt_set(EXAMPLES / "shapes.yaml")
+    assert registry.add(shapes) is True and registry.add(shapes) is False
+    registry.vectors(shapes, model="m", weights="w", encode=CountingEncoder())
+    assert [s.name for s in registry.summaries()] == ["shapes"] and registry.summaries()[0].models == ("m (w)",)
+    registry.remove("shapes")
+    assert registry.names() == [] and not (tmp_path / "vectors" / "shapes").exists()
+    with pytest.raises(PromptSetNotFound, match="no prompt set named 'shapes'.*prompts add FILE"):
+        registry.get("shapes")
+
+
+def test_an_unknown_set_names_the_ones_there_are(tmp_path):
+    registry = PromptSetRegistry(tmp_path)
+    registry.add(load_prompt_set(EXAMPLES / "shapes.yaml"))
+    with pytest.raises(PromptSetNotFound, match="no prompt set named 'colours'.*available: shapes"):
+        registry.get("colours")
+    with pytest.raises(PromptSetNotFound):
+        registry.get("../shapes")  # a name is never a path
+
+
+def test_an_unwritable_registry_still_serves_the_vectors(tmp_path, caplog):
+    registry = PromptSetRegistry(tmp_path)
+    shapes = load_prompt_set(EXAMPLES / "shapes.yaml")
+    registry.add(shapes)
+    (tmp_path / "vectors").write_text("not a folder")  # the vectors' folder cannot be created
+    vectors = registry.vectors(shapes, model="m", weights="w", encode=CountingEncoder())
+    assert vectors.shape == (5, 16)
+    assert "prompt set vectors kept in memory only" in caplog.text
+
+
+def test_ranking_orders_labels_with_softmax_probabilities_at_the_logit_scale():
+    labels = ["a", "b", "c"]
+    label_vectors = np.eye(3, 4, dtype=np.float32)
+    query = np.array([[0.6, 0.8, 0.0, 0.0]], dtype=np.float32)
+    ranked = rank_labels(query, label_vectors, labels, logit_scale=10.0)[0]
+    assert [r.label for r in ranked] == ["b", "a", "c"]
+    assert [r.score for r in ranked] == pytest.approx([0.8, 0.6, 0.0])
+    expected = np.exp(10 * np.array([0.8, 0.6, 0.0]))
+    assert [r.probability for r in ranked] == pytest.approx(list(expected / expected.sum()))
+    top = rank_labels(query, label_vectors, labels, logit_scale=10.0, k=1)[0]
+    assert [(r.label, r.probability) for r in top] == [("b", pytest.approx(ranked[0].probability))]
+    assert [r.label for r in rank_labels(query, label_vectors, labels, logit_scale=10.0, threshold=0.5)[0]] == ["b", "a"]
+    assert rank_labels(query, label_vectors, labels, logit_scale=10.0, k=2, threshold=0.9) == [[]]
