@@ -8,7 +8,7 @@ import time
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from sidecar.api import auth, captions, classify, documents, embeddings, ops, page, search
+from sidecar.api import auth, captions, classify, documents, embeddings, opensearch_native, ops, page, search
 from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import body_too_large
 from sidecar.config import Settings
@@ -45,7 +45,8 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
                                store=store or open_store(settings), started=int(time.time()),
                                prompt_sets=PromptSetRegistry(settings.prompt_sets_dir),
                                fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None))
-    for blueprint in (embeddings.bp, search.bp, captions.bp, classify.bp, documents.bp, ops.bp, page.bp):
+    for blueprint in (embeddings.bp, search.bp, captions.bp, classify.bp, documents.bp, opensearch_native.bp, ops.bp,
+                      page.bp):
         app.register_blueprint(blueprint)
     _register_errors(app, settings)
     _register_request_metrics(app)
