@@ -8,7 +8,19 @@ import time
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from sidecar.api import auth, captions, classify, documents, embeddings, feedback, ops, page, search, status
+from sidecar.api import (
+    auth,
+    captions,
+    classify,
+    documents,
+    embeddings,
+    feedback,
+    opensearch_native,
+    ops,
+    page,
+    search,
+    status,
+)
 from sidecar.api.quality import build_quality
 from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import body_too_large
@@ -48,8 +60,8 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
                                prompt_sets=PromptSetRegistry(settings.prompt_sets_dir),
                                fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None,
                                quality=build_quality(settings, store)))
-    for blueprint in (embeddings.bp, search.bp, captions.bp, classify.bp, documents.bp, ops.bp, page.bp, status.bp,
-                      feedback.bp):
+    for blueprint in (embeddings.bp, search.bp, captions.bp, classify.bp, documents.bp, opensearch_native.bp, ops.bp,
+                      page.bp, status.bp, feedback.bp):
         app.register_blueprint(blueprint)
     _register_errors(app, settings)
     _register_request_metrics(app)

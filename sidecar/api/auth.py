@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 # A recognisable prefix lets secret scanners (and people) tell a key from its hash.
 KEY_PREFIX = "csk_"
 # What each scope opens (path prefixes). Endpoints in no scope (/readyz, /openapi.yaml) take any valid key.
+# /v1/opensearch is what ml-commons calls (embeddings, and rerank scores: no document comes back), so the
+# connector's key needs `embeddings` only and cannot search the index.
 SCOPES = {
-    "embeddings": ("/v1/embeddings", "/v1/models"),
+    "embeddings": ("/v1/embeddings", "/v1/models", "/v1/opensearch"),
     # everything that reads the index (the page's calls besides /v1/search read it too), and feedback,
     # which comes from whoever shows search results
     "search": ("/v1/search", "/v1/captions", "/v1/facets", "/v1/documents", "/v1/feedback"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from flask import Blueprint, jsonify, request
@@ -19,6 +19,8 @@ from sidecar.api.validation import (
     optional,
 )
 from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge
+from sidecar.model.encoder import Encoder
+from sidecar.serving import metrics
 
 bp = Blueprint("embeddings", __name__)
 
@@ -44,6 +46,7 @@ def create_embeddings():
     modality = choice(body, "modality", choices=ITEM_KINDS, default="text")
     encoding_format = choice(body, "encoding_format", choices=("float", "base64"), default="float")
     items = input_items(body, modality=modality, limit=settings.max_batch_items)
+    metrics.REQUEST_ITEMS.labels("/v1/embeddings").observe(len(items))
 
     texts = [(i, value) for i, (kind, value) in enumerate(items) if kind == "text"]
     images = [(i, image_bytes(value, field=f"input[{i}]", max_bytes=settings.max_body_bytes))
@@ -63,16 +66,8 @@ def create_embeddings():
         for (i, _), vector in zip(images, state.encoding.encode_images(pixels)):
             vectors[i] = vector
 
-    return jsonify({
-        "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": _encode(v, encoding_format)}
-                 for i, v in enumerate(vectors)],
-        "model": encoder.name,
-        "weights": encoder.weights,
-        "dimensions": encoder.dim,
-        "truncated": truncated,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    })
+    return jsonify(embeddings_body(vectors, encoder=encoder, encoding_format=encoding_format, truncated=truncated,
+                                   tokens=tokens))
 
 
 @bp.get("/v1/models")
@@ -94,6 +89,22 @@ def _model_entry() -> dict[str, Any]:
     encoder = state.encoding.encoder
     return {"id": encoder.name, "object": "model", "created": state.started, "owned_by": "clip-sidecar",
             "weights": encoder.weights, "dimensions": encoder.dim}
+
+
+def embeddings_body(vectors: Sequence[np.ndarray], *, encoder: Encoder, encoding_format: str = "float",
+                    truncated: Sequence[int] = (), tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's embeddings answer: one `data` entry per vector, in input order (the order the
+    OpenAI clients and ml-commons' post-process read; they ignore `index`)."""
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": _encode(v, encoding_format)}
+                 for i, v in enumerate(vectors)],
+        "model": encoder.name,
+        "weights": encoder.weights,
+        "dimensions": encoder.dim,
+        "truncated": list(truncated),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:

@@ -30,6 +30,11 @@ preload_app = False
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = 30
 keepalive = 5
+# Connections the kernel queues before gunicorn accepts them. OpenSearch's ml-commons opens up to its
+# connector's max_connection (30 by default) at once for a _bulk of image documents; a short queue
+# drops their SYNs (1 s stalls) or resets them (bulk items failed, never retried). 2048 is gunicorn's
+# default, named here because the sidecar depends on it.
+backlog = int(os.environ.get("GUNICORN_BACKLOG", "2048"))
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")

@@ -50,7 +50,8 @@ SERVE_FLAGS = ("request_threads", "insecure") + PROMPT_FLAGS
 def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str | None, dev: bool,
           **kwargs: Any) -> None:
     """Serve the search page at / and the HTTP API: /v1/search, /v1/captions, /v1/classify,
-    /v1/embeddings, /v1/facets, /v1/documents/ID/thumbnail, /healthz, /readyz, /metrics.
+    /v1/embeddings, /v1/facets, /v1/documents/ID/thumbnail, /v1/opensearch/* (what OpenSearch calls:
+    `clip-sidecar opensearch connect`), /healthz, /readyz, /metrics.
 
     The model must be in the cache first (`clip-sidecar models fetch`): the server never
     downloads or trains one, which could outlast a worker's boot timeout. The vectors of the

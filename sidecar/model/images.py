@@ -62,7 +62,7 @@ def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Seq
             image = Image.open(stream, formats=tuple(formats))
         except UnidentifiedImageError as exc:
             stream.seek(0)
-            found = _sniff_format(stream.read(16))
+            found = sniff_format(stream.read(16))
             if found:
                 raise ImageDecodeError(f"{found} is not an accepted image format (image_formats: "
                                        f"{', '.join(formats)})", kind="format") from exc
@@ -116,7 +116,7 @@ def _decoder_errors() -> Iterator[None]:
         raise ImageDecodeError(f"corrupt or truncated image: {type(exc).__name__}: {exc}", kind="corrupt") from exc
 
 
-def _sniff_format(prefix: bytes) -> str | None:
+def sniff_format(prefix: bytes) -> str | None:
     """The format Pillow would take these first bytes for, by its plugins' signature checks only
     (nothing is opened): names the format that was refused."""
     Image.init()

@@ -28,9 +28,16 @@ STAGE_SECONDS = Histogram(
 # splits a request's cost into the model's part and the rest (bench/serve_load.py reports both).
 FORWARD_CPU_SECONDS = Counter("sidecar_forward_cpu_seconds", "CPU time the forward passes took on the model thread",
                               ["modality"])
-BATCH_SIZE = Histogram(
-    "sidecar_batch_size", "Items per forward pass", ["modality"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-)
+_ITEM_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BATCH_SIZE = Histogram("sidecar_batch_size", "Items per forward pass", ["modality"], buckets=_ITEM_BUCKETS)
+# Rerank requests from OpenSearch the fine stage could not run for (no fine model, documents without
+# fine vectors): answered in their own order, as /v1/search keeps its coarse order.
+RERANK_SKIPPED = Counter("sidecar_rerank_skipped_total", "OpenSearch rerank requests answered in their own order",
+                         ["endpoint"])
+# What callers batch, as it arrived (ml-commons' text_embedding batch_size and connector step size
+# show here); sidecar_batch_size shows what the micro-batcher made of it across concurrent requests.
+REQUEST_ITEMS = Histogram("sidecar_request_items", "Items (texts, images, documents to rerank) per request, by endpoint",
+                          ["endpoint"], buckets=_ITEM_BUCKETS)
 # Summed over the live workers; a dead worker's last value is dropped.
 QUEUE_DEPTH = Gauge("sidecar_queue_depth", "Items waiting for the model", ["modality"], multiprocess_mode="livesum")
 CACHE_LOOKUPS = Counter("sidecar_text_cache_lookups_total", "Text-vector cache lookups", ["result"])

@@ -55,6 +55,12 @@ SEARCH = bodies({}, {
     "fusion": st.sampled_from(["minmax", "zscore", "rrf"]),
     "weights": st.fixed_dictionaries({}, optional={"vector": st.floats(), "bm25": st.floats()}),
     "rerank": st.booleans(), "exact": st.booleans(), "filters": FILTERS})
+# What ml-commons sends the OpenSearch endpoints: lists of texts, nulls and images; rerank pages.
+ML_INPUT = bodies({"input": st.lists(TEXT | IMAGES | st.none(), min_size=1, max_size=4)},
+                  {"model": TEXT, "user": TEXT, "encoding_format": st.sampled_from(["float", "base64"])})
+RERANK = bodies({"query": TEXT, "documents": st.lists(TEXT | IMAGES | st.sampled_from(["item-000000", ""]),
+                                                      max_size=5)},
+                {"top_n": st.integers(-1, 6), "model": TEXT, "return_documents": st.booleans()})
 CLASSIFY = bodies({"set": st.sampled_from(["shapes", "colors", "descriptions", "nope"]) | TEXT,
                    "input": st.lists(ITEMS, min_size=1, max_size=10) | ITEMS}, {
     "modality": st.sampled_from(["text", "image"]), "k": st.integers(-5, 1100),
@@ -72,8 +78,11 @@ def assert_answered_without_5xx(response) -> None:
         assert error["code"] and error["message"]
 
 
-@pytest.mark.parametrize(("path", "bodies"), [("/v1/embeddings", EMBEDDINGS), ("/v1/search", SEARCH),
-                                              ("/v1/classify", CLASSIFY)])
+@pytest.mark.parametrize(("path", "bodies"), [
+    ("/v1/embeddings", EMBEDDINGS), ("/v1/search", SEARCH), ("/v1/classify", CLASSIFY),
+    ("/v1/opensearch/embeddings/texts", ML_INPUT), ("/v1/opensearch/embeddings/text-image", ML_INPUT),
+    ("/v1/opensearch/rerank/ids", RERANK), ("/v1/opensearch/rerank/texts", RERANK),
+    ("/v1/opensearch/rerank/images", RERANK)])
 def test_no_json_body_gets_a_5xx(client, path, bodies):
     @FUZZ
     @given(body=bodies)
@@ -84,7 +93,8 @@ def test_no_json_body_gets_a_5xx(client, path, bodies):
     post()
 
 
-@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/search", "/v1/classify"])
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/search", "/v1/classify",
+                                  "/v1/opensearch/embeddings/text-image", "/v1/opensearch/rerank/ids"])
 def test_no_raw_body_gets_a_5xx(client, path):
     @FUZZ
     @given(raw=st.binary(max_size=200) | TEXT.map(lambda t: t.encode("utf-8", "surrogatepass")) | NESTED.map(str.encode))
@@ -108,6 +118,9 @@ def default_server(store_path, test_cache_dir, example_prompt_sets, tmp_path_fac
     env = {"SIDECAR_STORE_PATH": str(store_path), "SIDECAR_CACHE_DIR": str(folder / "cache"),
            "SIDECAR_PRETRAINED": str(checkpoint_path(test_cache_dir)),
            "SIDECAR_PROMPT_SETS_DIR": str(example_prompt_sets),
+           # Not a limit the file states: two fuzzing workers sending up to 256 texts a request would
+           # otherwise meet the default encode queue (8 threads: 4 items) and get 503 overloaded.
+           "SIDECAR_QUEUE_ITEMS": "1024",
            # /v1/feedback on (it answers 404 not_enabled without a log folder), hard examples logged
            "SIDECAR_QUALITY_LOG_DIR": str(folder / "quality")}
     with gunicorn_server(env, folder / "server.log") as url:

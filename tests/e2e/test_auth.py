@@ -27,6 +27,8 @@ PROTECTED = [
     ("POST", "/v1/captions", {"like": "item-000001", "k": 3}),
     ("GET", "/v1/facets", None),
     ("GET", "/v1/documents/item-000001/thumbnail", None),
+    ("POST", "/v1/opensearch/embeddings/texts", {"input": ["red circle"]}),  # what ml-commons calls
+    ("POST", "/v1/opensearch/rerank/texts", {"query": "red circle", "documents": ["a red circle"]}),
     ("POST", "/v1/feedback", {"text": "red circle", "doc_id": "a"}),
     ("GET", "/v1/status", None),
     ("POST", "/v1/classify", {"set": "colors", "modality": "text", "input": ["red circle"]}),
@@ -88,7 +90,8 @@ def test_a_key_outside_its_scopes_gets_403_inside_them_200(keyed, keys):
         opensearch_status = call(keyed, method, path, body, opensearch).status_code
         tagger_status = call(keyed, method, path, body, tagger).status_code
         assert web_status == (200 if path in (*SEARCH_SCOPE, "/v1/feedback", *unscoped) else 403), path
-        assert opensearch_status == (200 if path.startswith(("/v1/embeddings", "/v1/models", *unscoped)) else 403), path
+        assert opensearch_status == (200 if path.startswith(("/v1/embeddings", "/v1/models", "/v1/opensearch", *unscoped))
+                                     else 403), path
         assert tagger_status == (200 if path.startswith(("/v1/classify", "/v1/prompt-sets", *unscoped)) else 403), path
     refused = call(keyed, "POST", "/v1/search", PROTECTED[3][2], opensearch)
     assert refused.json["error"] == {"code": "forbidden", "message": "key 'opensearch' has scope embeddings; "
@@ -132,6 +135,29 @@ def test_over_the_rate_a_key_gets_429_with_retry_after_and_other_keys_are_still_
     assert 99 <= int(refused.headers["Retry-After"]) <= 100
     assert call(client, "POST", "/v1/search", search, keys["ops"]).status_code == 200
     assert client.get("/healthz").status_code == 200  # open paths take no token
+
+
+def test_over_the_rate_the_connectors_key_gets_429_that_ml_commons_retries(build_app, keys):
+    client = build_app(api_keys=entries(keys, "opensearch"), api_rate_limit=0.01, api_rate_burst=1).test_client()
+    texts = ("POST", "/v1/opensearch/embeddings/texts", {"input": ["red circle"]})
+    assert call(client, *texts, keys["opensearch"]).status_code == 200
+    refused = call(client, *texts, keys["opensearch"])
+    assert refused.status_code == 429 and refused.headers["x-amzn-ErrorType"] == "ThrottlingException"
+
+
+@pytest.mark.parametrize(("key_name", "exit_code", "message"), [
+    (None, 2, "SIDECAR_API_KEYS is set, so the sidecar takes keys: pass the connectors' key with --api-key"),
+    ("revoked", 2, "--api-key: API key not recognised"),
+    ("web", 2, "--api-key: key 'web' has scope search; /v1/opensearch/embeddings/texts needs scope embeddings"),
+    ("opensearch", 1, "port=9): Failed to establish a new connection"),  # admitted: on to the (absent) cluster
+])
+def test_connect_checks_the_connectors_key_against_the_sidecars_keys(keys, key_name, exit_code, message):
+    env = {"SIDECAR_API_KEYS": entries(keys, "web", "opensearch"),
+           "SIDECAR_CONNECTOR_API_KEY": keys[key_name] if key_name else None}
+    result = CliRunner().invoke(main, ["-q", "opensearch", "connect", "--opensearch-url", "http://127.0.0.1:9"],
+                                env=env)
+    assert result.exit_code == exit_code and message in result.output, result.output
+    assert all(key not in result.output for key in keys.values())
 
 
 def test_malformed_api_keys_setting_fails_the_app_before_the_model_loads(app_settings, keys):

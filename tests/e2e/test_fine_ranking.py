@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
+import numpy as np
 import pytest
 
 from sidecar.api.app import create_app
@@ -70,3 +72,57 @@ def test_an_image_query_is_reranked_by_the_fine_models_view_of_the_image(fine_cl
     body = fine_client.post("/v1/search", json={"image": image_b64(corpus.parent / row["path"]), "k": 3}).json
     assert body["rerank"] is True and body["hits"][0]["id"] == row["id"]
     assert body["hits"][0]["scores"]["fine"] > 0.999  # the fine model's vector of the very same image
+
+
+# ---- the rerank endpoint OpenSearch calls runs the same stage ----------------------------------
+
+def rerank_scores(client, kind: str, query: str, documents: list[str]) -> list[float]:
+    response = client.post(f"/v1/opensearch/rerank/{kind}", json={"query": query, "documents": documents})
+    assert response.status_code == 200, response.json
+    assert "rerank_skipped" not in response.json and response.json["fine_model"].startswith(LARGE_MODEL_NAME)
+    return [r["relevance_score"] for r in response.json["results"]]
+
+
+def test_the_rerank_by_id_opensearch_calls_scores_exactly_as_v1_search(fine_client):
+    # All 400 documents as candidates: every lexical match is among them on both paths.
+    hits = fine_client.post("/v1/search", json={"text": "red circle", "mode": "hybrid", "k": 400,
+                                                "candidates": 400}).json["hits"]
+    shuffled = [hits[i]["id"] for i in np.random.default_rng(0).permutation(len(hits))]
+    scores = dict(zip(shuffled, rerank_scores(fine_client, "ids", "red circle", shuffled)))
+    in_search_order = [scores[h["id"]] for h in hits]
+    np.testing.assert_allclose(in_search_order, [h["scores"]["rerank"] for h in hits], atol=1e-6)
+    # So OpenSearch's rerank processor, sorting by these scores, puts the page in /v1/search's order.
+    assert all(a >= b - 1e-6 for a, b in zip(in_search_order, in_search_order[1:]))
+    assert hits[0]["scores"]["fine"] != hits[0]["scores"].get("vector")  # the fine model's, not the coarse one's
+
+
+def test_the_rerank_opensearch_calls_keeps_the_page_order_where_documents_lack_fine_vectors(
+        tmp_path, encoder, fine_encoder, store_path):
+    # A fine model, but documents indexed without one (as the ingest pipeline writes them): as /v1/search.
+    store = EmbeddedStore(store_path)
+    app = create_app(Settings(cache_dir=tmp_path / "cache", store_path=store_path), encoder=encoder, store=store,
+                     fine_encoder=fine_encoder)
+    try:
+        ids = ["item-000003", "item-000001", "item-000002"]
+        answer = app.test_client().post("/v1/opensearch/rerank/ids", json={"query": "red circle", "documents": ids}).json
+        search = app.test_client().post("/v1/search", json={"text": "red circle", "k": 3}).json
+    finally:
+        state_of(app).encoding.close()
+        state_of(app).fine_encoding.close()
+        store.close()
+    assert "3 of 3 candidates" in answer["rerank_skipped"] and "have no fine-model vector" in search["rerank_skipped"]
+    scores = [r["relevance_score"] for r in answer["results"]]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == 3
+
+
+def test_the_rerank_of_texts_and_images_is_the_fine_models_similarity(fine_client, fine_encoder, corpus):
+    rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()[:4]]
+    query = fine_encoder.encode_texts(["red circle"])[0]
+    texts = [row["text"] for row in rows]
+    np.testing.assert_allclose(rerank_scores(fine_client, "texts", "red circle", texts),
+                               fine_encoder.encode_texts(texts) @ query, atol=1e-5)
+    # The same images' fine vectors as `embed --fine-model` stored them (the one image decoder of the project).
+    stored = {doc.id: doc.fine_vector for doc in state_of(fine_client.application).store.fetch([r["id"] for r in rows])}
+    images = [base64.b64encode((corpus.parent / row["path"]).read_bytes()).decode() for row in rows]
+    np.testing.assert_allclose(rerank_scores(fine_client, "images", "red circle", images),
+                               [float(stored[row["id"]] @ query) for row in rows], atol=1e-4)

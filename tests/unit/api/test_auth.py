@@ -64,6 +64,7 @@ def test_a_plain_key_pasted_as_an_entry_is_refused_without_repeating_it():
 
 def test_scopes_map_paths_and_unscoped_paths_take_any_key():
     assert scope_of("/v1/embeddings") == scope_of("/v1/models") == scope_of("/v1/models/tiny-clip") == "embeddings"
+    assert scope_of("/v1/opensearch/embeddings/texts") == scope_of("/v1/opensearch/rerank/ids") == "embeddings"
     assert scope_of("/v1/search") == scope_of("/v1/captions") == scope_of("/v1/facets") == "search"
     assert scope_of("/v1/documents/item-1/thumbnail") == "search" and scope_of("/metrics") == "metrics"
     assert scope_of("/v1/feedback") == "search" and scope_of("/v1/status") == "metrics"

@@ -1,0 +1,196 @@
+"""What OpenSearch does when the sidecar it calls fails, on the real node with a real gunicorn sidecar:
+down while a _bulk runs through the pipeline, overloaded (503 + the throttling header: ml-commons
+retries), `connect` refusing a sidecar that does not fit the index, and a sidecar with API keys."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Iterator
+
+import pytest
+from click.testing import CliRunner
+
+from sidecar.api.auth import key_entry, new_key
+from sidecar.cli import main
+from sidecar.stores.opensearch import OpenSearchStore
+from sidecar.types import ModelSignature
+from tests.integration.conftest import _client, make_store
+from tests.integration.native_support import (
+    TEXT_IMAGE,
+    bulk,
+    cli,
+    ml_objects,
+    pipeline_document,
+    rows,
+    scrape,
+    sidecar_env,
+    store_args,
+    value,
+)
+from tests.support import free_port, gunicorn_server
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+def alias(node: str) -> Iterator[str]:
+    """An index set up by the CLI for the tiny model; disconnected and deleted afterwards."""
+    name = f"it-native-fail-{uuid.uuid4().hex[:8]}"
+    try:
+        cli("opensearch", "setup", *store_args(name))
+        yield name
+    finally:
+        CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(name), "--disconnect"])
+        client = _client()
+        client.indices.delete(index=f"{name}-v*", ignore_unavailable=True)
+        client.close()
+
+
+def test_sidecar_down_fails_the_bulk_items_clearly_writes_nothing_and_a_rerun_completes(
+        alias, corpus, test_cache_dir, tmp_path):
+    env, log, port = sidecar_env(alias, tmp_path, test_cache_dir), tmp_path / "sidecar.log", free_port()
+    documents = [pipeline_document(corpus, row) for row in rows(corpus)[:12]]
+    client = _client()
+    try:
+        with gunicorn_server(env, log, port=port) as url:
+            cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--set-defaults")
+        # The sidecar is stopped: every document needing it fails, with the reason, and none is written.
+        results = bulk(client, alias, documents)
+        assert [r["status"] for r in results] == [500] * len(documents)
+        for result in results:
+            reason = result["error"]["reason"]
+            assert "Error communicating with remote model" in reason and "Connection refused" in reason, reason
+        assert client.count(index=alias)["count"] == 0
+        with gunicorn_server(env, log, port=port):  # back on the URL the connector holds
+            results = bulk(client, alias, documents)
+        assert [r["status"] for r in results] == [201] * len(documents)
+        stored = client.mget(index=alias, body={"ids": [d["id"] for d in documents]}, _source_includes=["vector"])
+        assert all(len(d["_source"]["vector"]) == 64 for d in stored["docs"])
+    finally:
+        client.close()
+
+
+def test_an_overloaded_sidecar_answers_503_ml_commons_retries_and_the_load_completes(
+        alias, corpus, test_cache_dir, tmp_path):
+    # One waiting image at a time: 16 concurrent calls (the connector's max_connection) overload it.
+    env = sidecar_env(alias, tmp_path, test_cache_dir, SIDECAR_QUEUE_ITEMS="1", SIDECAR_MAX_BATCH="1")
+    documents = [pipeline_document(corpus, row) for row in rows(corpus)[:80]]
+    client = _client()
+    try:
+        with gunicorn_server(env, tmp_path / "sidecar.log", threads=32) as url:
+            cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--set-defaults", "--retries", "10")
+            results = bulk(client, alias, documents)
+            metrics = scrape(url)
+        assert [r["status"] for r in results] == [201] * len(documents), [r for r in results if r["status"] != 201][:3]
+        assert client.count(index=alias)["count"] == len(documents)
+        refused = value(metrics, "sidecar_requests_total", endpoint=TEXT_IMAGE, status="503")
+        served = value(metrics, "sidecar_requests_total", endpoint=TEXT_IMAGE, status="200")
+        assert refused > 0, "the sidecar was never overloaded: the test proves nothing"
+        assert served == len(documents) + 1  # every document once, and connect's own check
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def sidecar_for(test_cache_dir, tmp_path) -> Iterator[str]:
+    """A sidecar of the tiny model (its store does not matter to the refusals below: an empty embedded one)."""
+    env = sidecar_env("unused", tmp_path, test_cache_dir, SIDECAR_STORE="embedded",
+                      SIDECAR_STORE_PATH=str(tmp_path / "store"))
+    with gunicorn_server(env, tmp_path / "sidecar.log") as url:
+        yield url
+
+
+def claimed(alias: str, signature: ModelSignature) -> OpenSearchStore:
+    store = make_store(index=alias)
+    store.claim(signature)
+    return store
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"dim": 32}, "answers 64-dimensional vectors, but index {alias} holds 32-dimensional ones"),
+    ({"weights": "sha256:another"}, "the URL asks for weights 'sha256:another', but this sidecar serves"),
+])
+def test_connect_refuses_a_sidecar_that_does_not_fit_the_index_and_keeps_nothing(
+        node, encoder, sidecar_for, change, message):
+    alias = f"it-native-refuse-{uuid.uuid4().hex[:8]}"
+    store = claimed(alias, ModelSignature(**{"model": encoder.name, "weights": encoder.weights, "dim": encoder.dim,
+                                            **change}))
+    try:
+        result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(alias),
+                                           "--sidecar-url", sidecar_for])
+        assert result.exit_code == 1, result.output
+        assert message.format(alias=alias) in result.output and "refusing the connection" in result.output
+        assert not any(ml_objects(store.client, alias).values())
+    finally:
+        store.client.indices.delete(index=f"{alias}-v*", ignore_unavailable=True)
+        store.close()
+
+
+def test_connect_without_the_index_says_to_set_it_up_first(node):
+    result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(f"it-native-{uuid.uuid4().hex}")])
+    assert result.exit_code == 1 and "run `clip-sidecar opensearch setup` first" in result.output
+
+
+def test_a_sidecar_url_the_cluster_does_not_trust_is_refused_with_the_setting_to_change(alias):
+    result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(alias),
+                                       "--sidecar-url", "http://10.0.0.1:8080"])
+    assert result.exit_code == 1
+    assert "plugins.ml_commons.trusted_connector_endpoints_regex" in result.output, result.output
+    client = _client()
+    try:
+        assert not any(ml_objects(client, alias).values())
+    finally:
+        client.close()
+
+
+def test_rerank_by_text_works_for_any_index_and_a_rerun_without_rerank_removes_it(alias, corpus, test_cache_dir,
+                                                                                   tmp_path):
+    # A sidecar whose store is another index: the rerank by id would be refused, by text it is not.
+    env = sidecar_env(alias, tmp_path, test_cache_dir, SIDECAR_STORE="embedded",
+                      SIDECAR_STORE_PATH=str(tmp_path / "store"))
+    client = _client()
+    try:
+        with gunicorn_server(env, tmp_path / "sidecar.log") as url:
+            cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--rerank", "texts")
+            bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[:20]],
+                 pipeline=f"{alias}-image")
+            hits = client.search(index=alias, params={"search_pipeline": f"{alias}-hybrid-rerank"}, body={
+                "size": 5, "_source": ["text"],
+                "query": {"hybrid": {"queries": [{"neural": {"vector": {"query_text": "red circle", "k": 20}}},
+                                                 {"match": {"text": "red circle"}}]}},
+                "ext": {"rerank": {"query_context": {"query_text": "red circle"}}}})["hits"]["hits"]
+            scores = [h["_score"] for h in hits]
+            assert len(hits) == 5 and scores == sorted(scores, reverse=True) and -1.0 <= min(scores)
+            result = cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--rerank", "none")
+        assert "removed model " in result.output and f"removed search pipeline {alias}-hybrid-rerank" in result.output
+        left = ml_objects(client, alias)
+        assert (len(left["connectors"]), len(left["models"]), left["search"]) == (2, 2, [f"{alias}-hybrid"])
+    finally:
+        client.close()
+
+
+def test_a_sidecar_with_api_keys_is_called_with_the_connectors_key_and_refused_without(alias, corpus, test_cache_dir,
+                                                                                     tmp_path):
+    key = new_key()
+    env = sidecar_env(alias, tmp_path, test_cache_dir, SIDECAR_API_KEYS=key_entry("opensearch", ["embeddings"], key))
+    client = _client()
+    try:
+        with gunicorn_server(env, tmp_path / "sidecar.log", api_key=key) as url:
+            # No key here (this shell has no SIDECAR_API_KEYS to check it against): OpenSearch's call meets the 401.
+            refused = CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(alias), "--sidecar-url", url])
+            assert refused.exit_code == 1 and "refusing the connection" in refused.output, refused.output
+            assert "401" in refused.output, refused.output
+            assert not any(ml_objects(client, alias).values())
+            connected = cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--api-key", key)
+            assert key not in connected.output
+            results = bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[:5]],
+                           pipeline=f"{alias}-image")
+            assert [r["status"] for r in results] == [201] * 5, results
+            hits = client.search(index=alias, params={"search_pipeline": f"{alias}-hybrid-rerank"}, body={
+                "size": 5, "_source": ["id"],
+                "query": {"hybrid": {"queries": [{"neural": {"vector": {"query_text": "red circle", "k": 5}}},
+                                                 {"match": {"text": "red circle"}}]}},
+                "ext": {"rerank": {"query_context": {"query_text": "red circle"}}}})["hits"]["hits"]
+            assert len(hits) == 5  # embedded and reranked through the connectors, with the key
+    finally:
+        client.close()

@@ -1,0 +1,51 @@
+"""What connect sends OpenSearch, without a cluster: the URLs each connector calls, what a rerun compares,
+and the options it refuses."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from sidecar.stores.ml_commons import ConnectOptions, Names, _fingerprint, _sidecar_url
+from sidecar.types import ModelSignature
+
+SIGNATURE = ModelSignature(model="ViT-B-32", weights="sha256:0123abcd", dim=512)
+
+
+@pytest.mark.parametrize(("role", "rerank", "path"), [("texts", "ids", "/v1/opensearch/embeddings/texts"),
+                                                      ("text-image", "ids", "/v1/opensearch/embeddings/text-image"),
+                                                      ("rerank", "ids", "/v1/opensearch/rerank/ids"),
+                                                      ("rerank", "texts", "/v1/opensearch/rerank/texts")])
+def test_every_connector_url_pins_the_indexs_model_and_the_rerank_by_id_one_its_index(role, rerank, path):
+    url = urlsplit(_sidecar_url("http://sidecar:8080/", role, SIGNATURE, "products", rerank=rerank))
+    assert (url.scheme, url.netloc, url.path) == ("http", "sidecar:8080", path)
+    pins = {key: values[0] for key, values in parse_qs(url.query).items()}
+    expected = {"model": "ViT-B-32", "weights": "sha256:0123abcd"}
+    assert pins == ({**expected, "index": "products"} if path.endswith("/ids") else expected)
+
+
+def test_the_fingerprint_a_rerun_compares_covers_the_credential_opensearch_never_shows():
+    body = {"name": "c", "credential": {"api_key": "one"}, "parameters": {}}
+    assert _fingerprint(body) == _fingerprint({"parameters": {}, "credential": {"api_key": "one"}, "name": "c"})
+    assert _fingerprint(body) != _fingerprint({**body, "credential": {"api_key": "two"}})
+
+
+def test_everything_is_named_after_the_alias():
+    names = Names("products")
+    assert [names.model(role) for role in names.roles] == ["products-texts", "products-text-image", "products-rerank"]
+    assert (names.group, names.ingest_image, names.ingest_text, names.hybrid, names.hybrid_rerank, names.template) == (
+        "products", "products-image", "products-text", "products-hybrid", "products-hybrid-rerank",
+        "products-pipelines")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"ingest_fields": "text"}, "ingest_fields 'text': choose one of image, image+text"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"rerank": "images"}, "rerank 'images': choose one of ids, texts, none"),
+    ({"sidecar_url": "sidecar:8080"}, "sidecar_url must start with http:// or https://"),
+    ({"api_key": ""}, "api_key must not be empty"),
+])
+def test_connect_options_refuse_what_opensearch_or_the_sidecar_would(options, message):
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
+        ConnectOptions(**{"sidecar_url": "http://127.0.0.1:8080", **options})
