@@ -125,6 +125,29 @@ class Settings:
     # Search defaults
     rerank_candidates: int = 100
 
+    # Quality in production (README "Monitoring quality"). A recall target makes the store answer
+    # queries that name no ef_search with the lowest HNSW effort (or exact search, where cheaper)
+    # that reached target_recall at k target_recall_k on calibration_queries of its own vectors
+    # (`clip-sidecar store calibrate`, and after each index run that changed much); 0 = off: the
+    # store's fixed ef_search.
+    target_recall: float = 0.0
+    target_recall_k: int = 10
+    calibration_queries: int = 300
+    # Live Recall@K: this share of /v1/search queries that searched by vector is searched again in
+    # the background, ANN and exact, at most monitor_queue waiting (more are dropped, counted).
+    monitor_fraction: float = 0.01
+    monitor_queue: int = 16
+    # Hard examples (queries with a low top score, vector/BM25 disagreement or no result) and
+    # POST /v1/feedback go to rotating JSONL files in this folder; "" = off. Texts only, unless
+    # hard_example_images (then an image query's bytes, base64, are logged too).
+    quality_log_dir: str = ""
+    hard_example_fraction: float = 1.0  # share of searches checked
+    hard_example_min_score: float = 0.2  # top hit's vector cosine below this: low score
+    hard_example_max_agreement: float = 0.1  # shared share of the vector and BM25 top k at most this: disagreement
+    hard_example_images: bool = False
+    quality_log_max_bytes: int = 10 * 1024 * 1024  # per file; a log keeps quality_log_backups more
+    quality_log_backups: int = 4
+
     # Who may call the API (sidecar/api/auth.py; README "API keys"): `name:scopes:sha256` entries that
     # `clip-sidecar keys create` prints, comma-separated; "" = no keys, every endpoint open (loopback only
     # unless `serve --insecure`). Each key's requests a second (a token bucket per key in each worker;
@@ -186,9 +209,16 @@ class Settings:
         for name in ("max_batch_items", "max_body_bytes", "max_json_depth", "max_image_pixels", "max_request_pixels",
                      "max_resized_side", "decode_memory_bytes", "max_text_chars", "max_filter_fields",
                      "max_filter_values", "max_k", "max_batch", "request_threads", "text_cache_size",
-                     "text_cache_max_entries", "rerank_candidates", "serve_torch_threads", "opensearch_shards"):
+                     "text_cache_max_entries", "rerank_candidates", "serve_torch_threads", "opensearch_shards",
+                     "target_recall_k",
+                     "calibration_queries", "monitor_queue", "quality_log_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("target_recall", "monitor_fraction", "hard_example_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"setting {name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.quality_log_backups < 0:
+            raise ValueError(f"setting quality_log_backups must be >= 0, got {self.quality_log_backups}")
         if self.opensearch_replicas < 0:
             raise ValueError(f"setting opensearch_replicas must be >= 0, got {self.opensearch_replicas}")
         if self.queue_items < 0:

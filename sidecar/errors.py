@@ -42,6 +42,12 @@ class ModelNotFound(ApiError):
     status, code = 404, "model_not_found"
 
 
+class NotEnabled(ApiError):
+    """An endpoint whose feature this server was not configured for; the message names the setting."""
+
+    status, code = 404, "not_enabled"
+
+
 class DocumentNotFound(ApiError):
     status, code = 404, "document_not_found"
 

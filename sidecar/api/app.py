@@ -8,7 +8,20 @@ import time
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from sidecar.api import auth, captions, classify, documents, embeddings, opensearch_native, ops, page, search
+from sidecar.api import (
+    auth,
+    captions,
+    classify,
+    documents,
+    embeddings,
+    feedback,
+    opensearch_native,
+    ops,
+    page,
+    search,
+    status,
+)
+from sidecar.api.quality import build_quality
 from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import body_too_large
 from sidecar.config import Settings
@@ -41,12 +54,14 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     # would outlast its boot timeout (`clip-sidecar models fetch` is the step that fetches).
     encoder = encoder or load_encoder(settings, fetch=False)
     fine_encoder = fine_encoder or load_fine_encoder(settings, fetch=False)
+    store = store or open_store(settings)
     attach_state(app, AppState(settings=settings, encoding=EncodingService(encoder, settings),
-                               store=store or open_store(settings), started=int(time.time()),
+                               store=store, started=int(time.time()),
                                prompt_sets=PromptSetRegistry(settings.prompt_sets_dir),
-                               fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None))
+                               fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None,
+                               quality=build_quality(settings, store)))
     for blueprint in (embeddings.bp, search.bp, captions.bp, classify.bp, documents.bp, opensearch_native.bp, ops.bp,
-                      page.bp):
+                      page.bp, status.bp, feedback.bp):
         app.register_blueprint(blueprint)
     _register_errors(app, settings)
     _register_request_metrics(app)

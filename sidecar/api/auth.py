@@ -31,10 +31,11 @@ KEY_PREFIX = "csk_"
 # connector's key needs `embeddings` only and cannot search the index.
 SCOPES = {
     "embeddings": ("/v1/embeddings", "/v1/models", "/v1/opensearch"),
-    # everything that reads the index: the page's calls besides /v1/search read it too
-    "search": ("/v1/search", "/v1/captions", "/v1/facets", "/v1/documents"),
+    # everything that reads the index (the page's calls besides /v1/search read it too), and feedback,
+    # which comes from whoever shows search results
+    "search": ("/v1/search", "/v1/captions", "/v1/facets", "/v1/documents", "/v1/feedback"),
     "classify": ("/v1/classify", "/v1/prompt-sets"),
-    "metrics": ("/metrics",),
+    "metrics": ("/metrics", "/v1/status"),
 }
 ALL_SCOPES = "*"
 # Liveness answers without a key: an orchestrator's probe must not need a secret.

@@ -43,5 +43,7 @@ def openapi():
 
 @bp.get("/metrics")
 def prometheus_metrics():
+    state = current_state()
+    state.quality.update_gauges(state.store)
     body, content_type = metrics.exposition()
     return Response(body, content_type=content_type)

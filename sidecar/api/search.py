@@ -4,6 +4,7 @@ hybrid) → the fine stage (rerank); `offset` pages through the ranking."""
 from __future__ import annotations
 
 import time
+import uuid
 
 from flask import Blueprint, jsonify, request
 
@@ -22,6 +23,7 @@ from sidecar.api.validation import (
     optional,
 )
 from sidecar.errors import BadRequest
+from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.retrieval.fusion import FUSION_METHODS
 from sidecar.retrieval.search import MODES, SearchOptions, query_vector, search
 from sidecar.serving import metrics
@@ -31,7 +33,6 @@ bp = Blueprint("search", __name__)
 FIELDS = ("text", "image", "mode", "k", "candidates", "fusion", "weights", "rerank", "exact", "ef_search", "filters",
           "like", "offset")
 DEFAULT_WEIGHTS = dict(zip(("vector", "bm25"), SearchOptions().weights))
-MAX_EF_SEARCH = 4096  # HNSW search breadth a request may ask for
 
 
 @bp.post("/v1/search")
@@ -78,7 +79,11 @@ def search_endpoint():
         result = search(state.store, vector=vector, text=text, options=options, fine_vector=fine_vector)
     metrics.STAGE_SECONDS.labels("search", mode).observe(result.timings_s["coarse"])
     metrics.STAGE_SECONDS.labels("rerank", mode).observe(result.timings_s["rerank"])
+    query_id = uuid.uuid4().hex  # names this search in POST /v1/feedback and the hard-example log
+    state.quality.observe_search(query_id=query_id, text=text, image=data, vector=vector, options=options,
+                                 result=result, model=state.encoding.encoder.name)
     body = {
+        "query_id": query_id,
         "hits": [hit.to_dict() for hit in result.hits[offset:offset + k]],
         "offset": offset,
         "mode": mode, "fusion": options.fusion, "rerank": result.reranked, "store": state.store.name,

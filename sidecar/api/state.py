@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from flask import Flask, current_app
 
+from sidecar.api.quality import Quality
 from sidecar.config import Settings
 from sidecar.model.prompts import PromptSetRegistry
 from sidecar.serving.encoding import EncodingService
@@ -22,6 +23,7 @@ class AppState:
     started: int  # Unix time the app loaded its model (`created` in /v1/models)
     prompt_sets: PromptSetRegistry  # the named prompt sets /v1/classify ranks labels of
     fine_encoding: EncodingService | None = None  # the fine-ranking model, where one is configured
+    quality: Quality | None = None  # live recall, hard examples, feedback, the window of /v1/status
 
 
 def attach_state(app: Flask, state: AppState) -> None:

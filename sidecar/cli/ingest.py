@@ -133,7 +133,9 @@ def index(ctx: click.Context, shards: Path, rebuild: bool, lock_wait_s: float, *
     One run is one load session: the embedded store saves its HNSW graph once at the end;
     OpenSearch holds the alias's load lock for the run (a concurrent --rebuild or index run waits
     or is refused) and relaxes refresh and replicas once when the run is large. A killed run
-    leaves what it committed; rerun it to write the rest (`clip-sidecar store check` tells)."""
+    leaves what it committed; rerun it to write the rest (`clip-sidecar store check` tells).
+    With a recall target (--target-recall, SIDECAR_TARGET_RECALL), a run that changed a tenth of
+    the documents or more (or left the store uncalibrated) calibrates the search effort again."""
     from sidecar.ingest.indexing import index_shards, rebuild_index
     from sidecar.stores import open_store
 
@@ -144,6 +146,13 @@ def index(ctx: click.Context, shards: Path, rebuild: bool, lock_wait_s: float, *
             summary = rebuild_index(store, shards, lock_wait_s=lock_wait_s, progress=ctx.obj["progress"])
         else:
             summary = index_shards(store, shards, lock_wait_s=lock_wait_s, progress=ctx.obj["progress"])
+        click.echo(summary.describe())
+        if settings.target_recall:
+            from sidecar.retrieval.calibration import recalibrate_if_changed
+
+            effort, decision = recalibrate_if_changed(store, changed=summary.written + summary.deleted,
+                                                      queries=settings.calibration_queries,
+                                                      progress=ctx.obj["progress"])
+            click.echo(f"search effort: {decision}" + (f"\n{effort.describe()}" if effort else ""))
     finally:
         store.close()
-    click.echo(summary.describe())

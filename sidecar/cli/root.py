@@ -13,7 +13,7 @@ import click
 from sidecar.config import PRECISIONS, STORES, Settings
 
 MODEL_FLAGS = ("model", "pretrained", "model_config", "device", "precision", "fine_model", "fine_pretrained")
-STORE_FLAGS = ("store", "store_path", "opensearch_url", "opensearch_index")
+STORE_FLAGS = ("store", "store_path", "opensearch_url", "opensearch_index", "target_recall")
 PROMPT_FLAGS = ("prompt_sets_dir",)
 
 
@@ -40,6 +40,10 @@ def store_options(func: Callable) -> Callable:
         click.option("--store-path", type=click.Path(path_type=Path), help="Embedded store directory (default data/store)."),
         click.option("--opensearch-url", help="OpenSearch URL (default http://127.0.0.1:9250)."),
         click.option("--opensearch-index", help="OpenSearch alias to read and write (default clip-sidecar)."),
+        click.option("--target-recall", type=click.FloatRange(0, 1),
+                     help="Recall@K target (e.g. 0.99): vector queries that name no ef_search get the effort a "
+                          "calibration chose for it (`store calibrate`; `index` calibrates after large changes); "
+                          "0 = the store's fixed ef_search (default)."),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), func)
 

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 import click
 
 from sidecar.cli.root import STORE_FLAGS, settings_from, store_options
+from sidecar.config import Settings
 from sidecar.stores.base import Store
 
 
@@ -54,11 +55,61 @@ def repair(**kwargs: Any) -> None:
         raise SystemExit(1)
 
 
+@store.command()
+@click.option("-k", "--k", "target_recall_k", type=click.IntRange(1, 1000),
+              help="K of Recall@K (default: SIDECAR_TARGET_RECALL_K, else 10).")
+@click.option("--queries", "calibration_queries", type=click.IntRange(1),
+              help="Stored vectors searched for (default: SIDECAR_CALIBRATION_QUERIES, else 300).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which stored vectors are sampled.")
+@click.option("--allow-exact/--ann-only", default=True, show_default=True,
+              help="Choose exact search where it measures as fast as the ANN effort; --ann-only keeps the ANN "
+                   "(exact search reads every vector: on a shared cluster it costs more than its latency shows).")
+@store_options
+@click.pass_context
+def calibrate(ctx: click.Context, seed: int, allow_exact: bool, **kwargs: Any) -> None:
+    """Choose the search effort for --target-recall and save it with the store.
+
+    Samples stored vectors, searches each exactly and by HNSW at growing efSearch, and keeps the
+    lowest efSearch whose Recall@K against exact search reaches the target with 95 % confidence
+    (exact search instead where it is as fast, or where no efSearch up to 4096 reaches it). Every
+    server and command with the same target then gives that effort to the vector queries that
+    name no ef_search of their own; `index` calibrates again after large changes, and /v1/status
+    and /metrics show the live recall it gets on real queries.
+
+    \b
+      clip-sidecar store calibrate --target-recall 0.99
+      clip-sidecar store calibrate --store opensearch --target-recall 0.95 -k 10 --queries 500
+    """
+    from sidecar.retrieval.calibration import calibrate as run_calibration
+
+    settings = settings_from(kwargs, STORE_FLAGS + ("target_recall_k", "calibration_queries"))
+    if not settings.target_recall:
+        raise click.UsageError("give --target-recall (or SIDECAR_TARGET_RECALL), e.g. 0.99")
+    with _opened_with(settings) as opened:
+        try:
+            effort = run_calibration(opened, target_recall=settings.target_recall, k=settings.target_recall_k,
+                                     queries=settings.calibration_queries, seed=seed, allow_exact=allow_exact,
+                                     progress=ctx.obj["progress"])
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        opened.effort.save(effort)
+    click.echo(effort.describe())
+    click.echo(f"saved with the store: vector queries without ef_search get "
+               f"{'exact search' if effort.exact else f'ef_search {effort.ef_search}'} wherever "
+               f"SIDECAR_TARGET_RECALL={settings.target_recall:g} (or --target-recall) is set")
+
+
 @contextlib.contextmanager
 def _opened(kwargs: dict[str, Any]) -> Iterator[Store]:
+    with _opened_with(settings_from(kwargs, STORE_FLAGS)) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def _opened_with(settings: Settings) -> Iterator[Store]:
     from sidecar.stores import open_store
 
-    opened = open_store(settings_from(kwargs, STORE_FLAGS))
+    opened = open_store(settings)
     try:
         yield opened
     finally:

@@ -47,6 +47,24 @@ CACHE_MISSES = CACHE_LOOKUPS.labels("miss")
 BATCHER_STOPS = Counter("sidecar_batcher_stops_total",
                         "Micro-batcher threads that died (their worker answers 503 and is replaced)", ["modality"])
 
+# Live Recall@K of the ANN (sidecar.retrieval.monitor): two counters rather than a gauge, so that every
+# worker's shadow checks add up and recall over any window is rate(hits) / rate(expected) — in PromQL
+# (docker/prometheus/alerts.yml) and in /v1/status alike.
+RECALL_HITS = Counter("sidecar_ann_recall_hits_total",
+                      "Shadow-checked queries: results of the exact top K that the ANN top K also held")
+RECALL_EXPECTED = Counter("sidecar_ann_recall_expected_total", "Shadow-checked queries: results of the exact top K")
+SHADOW_CHECKS = Counter("sidecar_shadow_checks_total",
+                        "Queries offered to the shadow exact search: checked, dropped (queue full), failed", ["outcome"])
+# The recall target and the effort it chose (set at each scrape; the most recent write of a live worker wins).
+RECALL_TARGET = Gauge("sidecar_recall_target", "target_recall the store's effort was calibrated for (0: none)",
+                      multiprocess_mode="livemostrecent")
+SEARCH_EF = Gauge("sidecar_search_ef_search", "HNSW efSearch of queries that name none (0: exact search)",
+                  multiprocess_mode="livemostrecent")
+HARD_EXAMPLES = Counter("sidecar_hard_examples_total",
+                        "Hard searches: logged, dropped (queue full), too_large (a record over the file bound)",
+                        ["outcome"])
+FEEDBACK = Counter("sidecar_feedback_total", "Feedback records (POST /v1/feedback) by kind", ["kind"])
+
 
 def exposition() -> tuple[bytes, str]:
     """The body and content type of a scrape: all workers' series summed in multiprocess mode,

@@ -11,7 +11,8 @@ def open_store(settings: Settings) -> Store:
     if settings.store == "embedded":
         from sidecar.stores.embedded import EmbeddedStore
 
-        return EmbeddedStore(settings.store_path)
+        return EmbeddedStore(settings.store_path, target_recall=settings.target_recall,
+                             target_k=settings.target_recall_k)
     from sidecar.stores.opensearch import OpenSearchStore
 
     return OpenSearchStore(url=settings.opensearch_url, index=settings.opensearch_index,
@@ -20,4 +21,5 @@ def open_store(settings: Settings) -> Store:
                            ca_certs=settings.opensearch_ca_certs or None, engine=settings.opensearch_engine,
                            number_of_shards=settings.opensearch_shards,
                            number_of_replicas=settings.opensearch_replicas,
-                           config_dir=settings.plugin_config_dir or None)
+                           config_dir=settings.plugin_config_dir or None, target_recall=settings.target_recall,
+                           target_k=settings.target_recall_k)

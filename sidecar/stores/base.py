@@ -8,6 +8,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
+from sidecar.stores.effort import EffortPolicy
 from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
 
@@ -99,6 +100,9 @@ class Store(Protocol):
     """
 
     name: str
+    # The effort of vector queries that name no ef_search: the fixed ef_search, or the one a
+    # calibration chose for the store's recall target (sidecar.stores.effort), saved with its data.
+    effort: EffortPolicy
 
     def signature(self) -> ModelSignature | None:
         """The model whose vectors the store holds, or None while empty and unclaimed."""

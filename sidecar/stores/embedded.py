@@ -21,6 +21,7 @@ import numpy as np
 
 from sidecar.stores.base import FacetCounts, ModelMismatchError, StoreError, StoreReport
 from sidecar.stores.bm25 import Bm25Index, Bm25Snapshot, Bm25Writer, query_terms, text_hash
+from sidecar.stores.effort import EffortPolicy
 from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ _DB_FILE = "store.sqlite"
 _VECTORS_FILE = "vectors.f32"
 _LOCK_FILE = "write.lock"
 _BM25_DIR = "bm25"
+_CALIBRATION_FILE = "calibration.json"  # the search effort chosen for a recall target (sidecar.stores.effort)
 # Format 3 keeps BM25 in a tantivy index (bm25/) instead of SQLite FTS5; format 2 records
 # `hnsw_rows`: the graph covers rows below it, later rows are searched exactly. Format 1 and 2
 # stores are read: opening one builds its BM25 index (and drops the FTS5 table); format 1's graph
@@ -160,7 +162,8 @@ class EmbeddedStore:
     never wait for each other or for a writer.
 
     `m` and `ef_construction` apply to graphs built by this instance; `ef_search` applies to every
-    query. The HNSW graph is rebuilt from the live rows when tombstones exceed
+    query that names none, unless `target_recall` is set and `calibration.json` holds a calibration
+    for it (`effort`: the calibrated efSearch, or exact search). The HNSW graph is rebuilt from the live rows when tombstones exceed
     `rebuild_tombstone_fraction` of it. Filtered vector searches whose candidates number at most
     `exact_filter_rows` are answered exactly.
     """
@@ -176,6 +179,8 @@ class EmbeddedStore:
         ef_search: int = 128,
         rebuild_tombstone_fraction: float = 0.2,
         exact_filter_rows: int = 20_000,
+        target_recall: float = 0.0,
+        target_k: int = 10,
     ) -> None:
         for label, value in (("m", m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
             _require_positive_int(label, value)
@@ -188,6 +193,8 @@ class EmbeddedStore:
         self.ef_search = ef_search
         self.rebuild_tombstone_fraction = rebuild_tombstone_fraction
         self.exact_filter_rows = exact_filter_rows
+        self.effort = EffortPolicy(target_recall=target_recall, k=target_k, default_ef=ef_search,
+                                   load=self._load_calibration, save=self._save_calibration)
         self.path.mkdir(parents=True, exist_ok=True)
         self._closed = False
         self._state: _State | None = None  # the newest generation loaded; readers of older ones keep theirs
@@ -758,6 +765,7 @@ class EmbeddedStore:
     ) -> list[ScoredId]:
         _require_positive_int("k", k)
         k = int(k)
+        exact = exact or self.effort.exact(ef_search)
         with self._read() as (conn, state):
             if state.dim is None:
                 return []
@@ -788,7 +796,7 @@ class EmbeddedStore:
              ef_search: int | None = None) -> list[tuple[int, float]]:
         params = faiss.SearchParametersHNSW()
         # HNSW returns at most efSearch results.
-        params.efSearch = max(ef_search or self.ef_search, k)
+        params.efSearch = max(self.effort.ef_search(ef_search), k)
         if allowed is not None:
             selector = faiss.IDSelectorBitmap(state.n_rows, faiss.swig_ptr(allowed))
             params.sel = selector
@@ -847,6 +855,18 @@ class EmbeddedStore:
         marks = ",".join("?" * len(hits))
         ids = dict(conn.execute(f"SELECT row, id FROM docs WHERE row IN ({marks})", [r for r, _ in hits]))
         return [ScoredId(id=ids[row], score=score) for row, score in hits]
+
+    # -- the search effort's calibration ---------------------------------------------------------
+
+    def _load_calibration(self) -> dict[str, Any] | None:
+        file = self.path / _CALIBRATION_FILE
+        return json.loads(file.read_text(encoding="utf-8")) if file.exists() else None
+
+    def _save_calibration(self, data: dict[str, Any]) -> None:
+        final = self.path / _CALIBRATION_FILE
+        tmp = final.with_name(final.name + ".tmp")  # a *.tmp left by a kill is removed as a leftover
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        os.replace(tmp, final)
 
     # -- check and repair ------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from sidecar.stores.base import (
     StoreReport,
     StoreUnavailable,
 )
+from sidecar.stores.effort import EffortPolicy
 from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ BINARY_FIELDS = ("fine_vector", "thumbnail")
 # Metadata field types a terms aggregation counts as facets (what `term` filters match).
 FACET_FIELD_TYPES = {"keyword", "long", "integer", "short", "byte", "double", "float", "half_float",
                      "scaled_float", "unsigned_long", "boolean"}
+# _meta key holding the search effort a calibration chose for a recall target (sidecar.stores.effort).
+EFFORT_KEY = "search_effort"
 # The load lock: one document in `<alias>-lock`, held by an `index` run or a rebuild (see _LoadLock).
 LOCK_SUFFIX = "-lock"
 LOCK_ID = "load"
@@ -127,6 +130,8 @@ class OpenSearchStore:
         lock_heartbeat_s: float = 10.0,
         timeout_s: float = 60.0,
         config_dir: Path | None = None,
+        target_recall: float = 0.0,
+        target_k: int = 10,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
@@ -183,6 +188,10 @@ class OpenSearchStore:
             pool_maxsize=16,
         )
         self._plugins: set[str] | None = None
+        # Queries that name no ef_search: the calibrated effort for target_recall (in the index's _meta,
+        # so a rebuilt index starts uncalibrated), else ef_search.
+        self.effort = EffortPolicy(target_recall=target_recall, k=target_k, default_ef=ef_search,
+                                   load=lambda: (self._meta() or {}).get(EFFORT_KEY), save=self._save_effort)
         self._session: _OpenSearchLoad | None = None
         self._session_guard = threading.Lock()
 
@@ -381,7 +390,7 @@ class OpenSearchStore:
     ) -> list[ScoredId]:
         """Top-k by inner product (raw, in [-1, 1]); exact=True is a knn_score script over every match."""
         query_vector = _as_list(vector)
-        if exact:
+        if exact or self.effort.exact(ef_search):
             query = {"script_score": {
                 "query": {"bool": {"filter": _filter_clauses(filters)}} if filters else {"match_all": {}},
                 "script": {"source": "knn_score", "lang": "knn", "params": {
@@ -410,7 +419,7 @@ class OpenSearchStore:
         normalisation or score-ranker pipeline): min-max with any weights, RRF with equal weights
         (2.19's score-ranker takes none); never exact search (the hybrid query's vector side is
         ANN); only where neural-search is installed."""
-        if exact or fusion not in FUSIONS or (fusion == "rrf" and weights[0] != weights[1]):
+        if exact or self.effort.exact(None) or fusion not in FUSIONS or (fusion == "rrf" and weights[0] != weights[1]):
             return False
         return self.has_neural_search()
 
@@ -724,7 +733,7 @@ class OpenSearchStore:
         clause: dict[str, Any] = {"vector": vector, "k": k}
         if self.engine == "lucene":
             # Lucene's ef_search is per query (k-NN >= 2.16); HNSW needs at least k candidates.
-            clause["method_parameters"] = {"ef_search": max(ef_search or self.ef_search, k)}
+            clause["method_parameters"] = {"ef_search": max(self.effort.ef_search(ef_search), k)}
         if filters:
             # Inside knn = efficient filtering (lucene, faiss): k results that all pass the filter.
             clause["filter"] = {"bool": {"filter": _filter_clauses(filters)}}
@@ -771,6 +780,11 @@ class OpenSearchStore:
     def _put_meta(self, meta: dict[str, Any], *, index: str | None = None) -> None:
         # PUT _mapping replaces _meta whole, hence read-modify-write of the full dict.
         self.client.indices.put_mapping(index=index or self.alias, body={"_meta": meta})
+
+    def _save_effort(self, data: dict[str, Any]) -> None:
+        meta = self._meta() or {}
+        meta[EFFORT_KEY] = data
+        self._put_meta(meta)
 
     def _mapping_dim(self) -> int:
         mappings = self.client.indices.get_mapping(index=self.alias)

@@ -22,6 +22,7 @@ def app(app_settings, encoder):
     store = EmbeddedStore(app_settings.store_path)
     app = create_app(app_settings, encoder=encoder, store=store)
     yield app
+    state_of(app).quality.close()  # its check thread, and the log files where quality_log_dir is set
     state_of(app).encoding.close()
     store.close()
 
@@ -44,5 +45,6 @@ def build_app(app_settings, encoder):
 
     yield build
     for app, store in built:
+        state_of(app).quality.close()
         state_of(app).encoding.close()
         store.close()

@@ -120,7 +120,9 @@ def default_server(store_path, test_cache_dir, example_prompt_sets, tmp_path_fac
            "SIDECAR_PROMPT_SETS_DIR": str(example_prompt_sets),
            # Not a limit the file states: two fuzzing workers sending up to 256 texts a request would
            # otherwise meet the default encode queue (8 threads: 4 items) and get 503 overloaded.
-           "SIDECAR_QUEUE_ITEMS": "1024"}
+           "SIDECAR_QUEUE_ITEMS": "1024",
+           # /v1/feedback on (it answers 404 not_enabled without a log folder), hard examples logged
+           "SIDECAR_QUALITY_LOG_DIR": str(folder / "quality")}
     with gunicorn_server(env, folder / "server.log") as url:
         yield url, folder / "server.log"
 

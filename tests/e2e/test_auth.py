@@ -29,6 +29,8 @@ PROTECTED = [
     ("GET", "/v1/documents/item-000001/thumbnail", None),
     ("POST", "/v1/opensearch/embeddings/texts", {"input": ["red circle"]}),  # what ml-commons calls
     ("POST", "/v1/opensearch/rerank/texts", {"query": "red circle", "documents": ["a red circle"]}),
+    ("POST", "/v1/feedback", {"text": "red circle", "doc_id": "a"}),
+    ("GET", "/v1/status", None),
     ("POST", "/v1/classify", {"set": "colors", "modality": "text", "input": ["red circle"]}),
     ("GET", "/v1/prompt-sets", None),
     ("GET", "/v1/prompt-sets/shapes", None),
@@ -51,9 +53,11 @@ def entries(keys: dict[str, str], *names: str) -> str:
 
 
 @pytest.fixture
-def keyed(build_app, keys):
-    """The app as it runs after `revoked`'s line was removed from SIDECAR_API_KEYS."""
-    return build_app(api_keys=entries(keys, "ops", "web", "opensearch", "tagger")).test_client()
+def keyed(build_app, keys, tmp_path):
+    """The app as it runs after `revoked`'s line was removed from SIDECAR_API_KEYS (with a quality log
+    folder, so that /v1/feedback answers)."""
+    return build_app(api_keys=entries(keys, "ops", "web", "opensearch", "tagger"),
+                     quality_log_dir=str(tmp_path / "quality")).test_client()
 
 
 def call(client, method, path, body, key=None, *, header=None):
@@ -85,7 +89,7 @@ def test_a_key_outside_its_scopes_gets_403_inside_them_200(keyed, keys):
         web_status = call(keyed, method, path, body, web).status_code
         opensearch_status = call(keyed, method, path, body, opensearch).status_code
         tagger_status = call(keyed, method, path, body, tagger).status_code
-        assert web_status == (200 if path in (*SEARCH_SCOPE, *unscoped) else 403), path
+        assert web_status == (200 if path in (*SEARCH_SCOPE, "/v1/feedback", *unscoped) else 403), path
         assert opensearch_status == (200 if path.startswith(("/v1/embeddings", "/v1/models", "/v1/opensearch", *unscoped))
                                      else 403), path
         assert tagger_status == (200 if path.startswith(("/v1/classify", "/v1/prompt-sets", *unscoped)) else 403), path
@@ -115,7 +119,8 @@ def test_healthz_is_open_and_metrics_opens_with_metrics_public(build_app, keys):
     assert client.get("/readyz").status_code == 401
 
 
-def test_without_keys_every_endpoint_is_open(client):
+def test_without_keys_every_endpoint_is_open(build_app, tmp_path):
+    client = build_app(quality_log_dir=str(tmp_path / "quality")).test_client()
     for method, path, body in PROTECTED:
         assert call(client, method, path, body).status_code == 200, path
 

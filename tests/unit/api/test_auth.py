@@ -67,6 +67,7 @@ def test_scopes_map_paths_and_unscoped_paths_take_any_key():
     assert scope_of("/v1/opensearch/embeddings/texts") == scope_of("/v1/opensearch/rerank/ids") == "embeddings"
     assert scope_of("/v1/search") == scope_of("/v1/captions") == scope_of("/v1/facets") == "search"
     assert scope_of("/v1/documents/item-1/thumbnail") == "search" and scope_of("/metrics") == "metrics"
+    assert scope_of("/v1/feedback") == "search" and scope_of("/v1/status") == "metrics"
     assert scope_of("/v1/classify") == scope_of("/v1/prompt-sets") == scope_of("/v1/prompt-sets/shapes") == "classify"
     assert scope_of("/readyz") is None and scope_of("/v1/searchx") is None
 

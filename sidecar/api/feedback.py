@@ -1,0 +1,61 @@
+"""POST /v1/feedback: a clicked or judged document for a query, appended to the feedback log."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+
+from sidecar.api.state import current_state
+from sidecar.api.validation import bounded_int, choice, is_blank, json_body, known_fields, optional
+from sidecar.errors import BadRequest, NotEnabled, PayloadTooLarge
+from sidecar.retrieval.hard_examples import FEEDBACK_KINDS, MAX_RELEVANCE, feedback_record
+from sidecar.serving import metrics
+
+bp = Blueprint("feedback", __name__)
+
+FIELDS = ("query_id", "text", "doc_id", "relevance", "kind")
+MAX_ID_CHARS = 512  # document ids and query ids: names, not texts
+
+
+@bp.post("/v1/feedback")
+def feedback():
+    state = current_state()
+    settings = state.settings
+    log = state.quality.feedback
+    if log is None:
+        raise NotEnabled("feedback is not recorded by this server: set SIDECAR_QUALITY_LOG_DIR (quality_log_dir) "
+                         "to a folder for the feedback and hard-example logs")
+    body = json_body(request, settings)
+    known_fields(body, FIELDS)
+    doc_id = _name(body, "doc_id")
+    if doc_id is None:
+        raise BadRequest("field 'doc_id' is required: the id of the document clicked or judged")
+    query_id = _name(body, "query_id")
+    text = optional(body, "text", str)
+    # The limit first: a blank text is ignored (a query_id names the query), but not past the limit.
+    if text is not None and len(text) > settings.max_text_chars:
+        raise PayloadTooLarge(f"field 'text' has {len(text)} characters, over the limit of {settings.max_text_chars} "
+                              "(max_text_chars)")
+    if text is not None and is_blank(text):
+        text = None
+    if query_id is None and text is None:
+        raise BadRequest("send field 'query_id' (from the /v1/search response) or field 'text' (the query as "
+                         "searched), or both")
+    kind = choice(body, "kind", choices=FEEDBACK_KINDS, default="click")
+    relevance = bounded_int(body, "relevance", default=1, low=0, high=MAX_RELEVANCE)
+    record = feedback_record(query_id=query_id, text=text, doc_id=doc_id, relevance=relevance, kind=kind)
+    if not log.write(record):
+        raise PayloadTooLarge(f"the feedback record is over the log's file limit of {settings.quality_log_max_bytes} "
+                              "bytes (quality_log_max_bytes)")
+    metrics.FEEDBACK.labels(kind).inc()
+    return jsonify({"recorded": record})
+
+
+def _name(body: dict, field: str) -> str | None:
+    value = optional(body, field, str)
+    if value is None:
+        return None
+    if is_blank(value):
+        raise BadRequest(f"field '{field}' is blank")
+    if len(value) > MAX_ID_CHARS:
+        raise BadRequest(f"field '{field}' has {len(value)} characters, over the limit of {MAX_ID_CHARS}")
+    return value

@@ -1,0 +1,84 @@
+"""Quality in production, as the app runs it: the live recall monitor and the hard-example log fed by
+/v1/search, the feedback log of /v1/feedback, and the metric window /v1/status reports from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sidecar.config import Settings
+from sidecar.retrieval.hard_examples import (
+    FEEDBACK_FILE,
+    HardExampleLog,
+    HardExampleRules,
+    JsonlLog,
+    SearchedQuery,
+)
+from sidecar.retrieval.monitor import BackgroundChecks, RecallCheck, RecallMonitor
+from sidecar.retrieval.search import SearchOptions, SearchResult
+from sidecar.serving import metrics
+from sidecar.serving.metric_window import MetricWindow
+from sidecar.stores.base import Store
+
+
+@dataclass
+class Quality:
+    checks: BackgroundChecks  # one thread per worker, shared by the monitor and the hard-example log
+    monitor: RecallMonitor
+    window: MetricWindow
+    hard_examples: HardExampleLog | None = None  # None: quality_log_dir is not set
+    feedback: JsonlLog | None = None
+
+    def observe_search(self, *, query_id: str, text: str | None, image: bytes | None, vector: np.ndarray | None,
+                       options: SearchOptions, result: SearchResult, model: str) -> None:
+        """Called by /v1/search after it answered: a query that searched by ANN is offered to the
+        recall monitor; every query to the hard-example log. Both only sample and queue here."""
+        if vector is not None and options.mode != "bm25" and not options.exact:
+            self.monitor.offer(vector, candidates=options.candidates, filters=options.filters,
+                               ef_search=options.ef_search)
+        if self.hard_examples is not None:
+            self.hard_examples.offer(SearchedQuery(query_id=query_id, text=text, image=image, mode=options.mode,
+                                                   k=options.k, filters=options.filters, vector=vector,
+                                                   hits=result.hits, model=model))
+
+    def update_gauges(self, store: Store) -> None:
+        """The recall target and the effort queries get now (before each scrape)."""
+        effort = store.effort
+        metrics.RECALL_TARGET.set(effort.target_recall if effort.applied() is not None else 0.0)
+        metrics.SEARCH_EF.set(0 if effort.exact(None) else effort.ef_search(None))
+
+    def close(self) -> None:
+        self.checks.close()
+        self.window.close()
+        for log in (self.hard_examples, self.feedback):
+            if log is not None:
+                log.close()
+
+
+def build_quality(settings: Settings, store: Store) -> Quality:
+    checks = BackgroundChecks(capacity=settings.monitor_queue)
+    quality = Quality(checks=checks, window=MetricWindow(),
+                      monitor=RecallMonitor(store, fraction=settings.monitor_fraction, k=settings.target_recall_k,
+                                            checks=checks, record=_record_recall))
+    if settings.quality_log_dir:
+        folder = Path(settings.quality_log_dir)
+        bounds: dict[str, Any] = dict(max_bytes=settings.quality_log_max_bytes, backups=settings.quality_log_backups)
+        quality.hard_examples = HardExampleLog(
+            store, folder=folder, checks=checks, fraction=settings.hard_example_fraction,
+            rules=HardExampleRules(min_score=settings.hard_example_min_score,
+                                   max_agreement=settings.hard_example_max_agreement),
+            images=settings.hard_example_images, record=lambda outcome: metrics.HARD_EXAMPLES.labels(outcome).inc(),
+            **bounds)
+        quality.feedback = JsonlLog(folder / FEEDBACK_FILE, **bounds)
+    quality.window.start()
+    return quality
+
+
+def _record_recall(check: RecallCheck) -> None:
+    metrics.SHADOW_CHECKS.labels(check.outcome).inc()
+    if check.outcome == "checked":
+        metrics.RECALL_HITS.inc(check.hits)
+        metrics.RECALL_EXPECTED.inc(check.expected)

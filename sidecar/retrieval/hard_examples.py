@@ -1,0 +1,318 @@
+"""Hard examples and feedback: the queries that fail users, kept for evaluation and fine-tuning.
+
+A searched query is hard when it found nothing, when its best hit is far from it (the top hit's
+vector cosine under `min_score`), or when the vector and BM25 lists disagree (they share at most
+`max_agreement` of their top K). A sampled share of searches is classified off the request path
+(`sidecar.retrieval.monitor.BackgroundChecks`: the disagreement costs a vector and a BM25 search)
+and the hard ones are appended to `hard-examples.jsonl`; `POST /v1/feedback` appends a clicked or
+judged document to `feedback.jsonl`. Both are size-bounded rotating files that several server
+processes write at once. `export_examples` turns them into an evaluation set (queries and qrels
+for `clip-sidecar eval`), the hard queries still to judge, and image-text pairs for open_clip's
+trainer.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from concurrent_log_handler import ConcurrentRotatingFileHandler
+from PIL import Image
+
+from sidecar.retrieval.monitor import BackgroundChecks
+from sidecar.stores.base import Store
+from sidecar.types import Filters
+
+log = logging.getLogger(__name__)
+
+HARD_EXAMPLES_FILE = "hard-examples.jsonl"
+FEEDBACK_FILE = "feedback.jsonl"
+REASONS = ("no_result", "low_score", "disagreement")
+FEEDBACK_KINDS = ("click", "judgment")
+MAX_RELEVANCE = 3  # judgment grades 0 (not relevant) .. 3, as TREC qrels grade
+
+
+# ---- size-bounded JSONL, written by several processes --------------------------------------------
+
+class _BoundedRotatingHandler(ConcurrentRotatingFileHandler):
+    """concurrent-log-handler rotates once a file has reached maxBytes, before writing the next
+    record; rotating when the record would take it past maxBytes keeps every file within it."""
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:
+        if self.stream is None or self.stream.closed:
+            self.stream = self.do_open()
+        self.stream.flush()
+        size = self.stream.seek(0, os.SEEK_END)
+        return size > 0 and size + len(record.getMessage().encode("utf-8")) + 1 > self.maxBytes
+
+
+class JsonlLog:
+    """JSON lines appended to `path`, rotated before it would pass `max_bytes` into `path.1` …
+    `path.<backups>` (the oldest dropped), so the log never holds more than (backups + 1) ×
+    max_bytes. Gunicorn's workers append to one log: a lock file serialises writes and rotations
+    (concurrent-log-handler), and a worker whose file was rotated by another reopens it."""
+
+    def __init__(self, path: Path, *, max_bytes: int, backups: int):
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handler = _BoundedRotatingHandler(str(self.path), maxBytes=max_bytes, backupCount=backups,
+                                                encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> bool:
+        """Append one record; False (not written) when it alone is larger than `max_bytes`."""
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        if len(line.encode("utf-8")) + 1 > self.max_bytes:
+            return False
+        self._handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+        return True
+
+    def close(self) -> None:
+        self._handler.close()
+
+
+def read_jsonl_log(path: Path) -> Iterator[dict[str, Any]]:
+    """Every record of a rotated log, oldest first (path.N … path.1, then path); a line cut short
+    by a kill is skipped."""
+    path = Path(path)
+    rotated = [p for p in path.parent.glob(f"{path.name}.*") if p.suffix[1:].isdigit()]
+    for file in sorted(rotated, key=lambda p: int(p.suffix[1:]), reverse=True) + ([path] if path.exists() else []):
+        with file.open(encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict):
+                    yield record
+
+
+# ---- classifying searches ------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class HardExampleRules:
+    min_score: float = 0.2  # top hit's vector cosine below this: low_score
+    max_agreement: float = 0.1  # share of the vector top k also in the BM25 top k at most this: disagreement
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchedQuery:
+    """What a search request asked and answered, as the hard-example log sees it."""
+
+    query_id: str
+    text: str | None
+    image: bytes | None
+    mode: str
+    k: int
+    filters: Filters | None
+    vector: np.ndarray | None  # the query's vector by the coarse model (None in bm25 mode)
+    hits: Sequence[Any]  # sidecar.retrieval.search.Hit, best first
+    model: str = ""
+
+
+def agreement(first: Sequence[str], second: Sequence[str]) -> float | None:
+    """The share of the shorter list's ids the other holds; None when both are empty."""
+    if not first and not second:
+        return None
+    if not first or not second:
+        return 0.0
+    return len(set(first) & set(second)) / min(len(first), len(second))
+
+
+def classify(query: SearchedQuery, *, store: Store, rules: HardExampleRules) -> dict[str, Any] | None:
+    """The log record of a hard query (its reasons, top score, agreement, hits), or None."""
+    reasons = []
+    if not query.hits:
+        reasons.append("no_result")
+    top = query.hits[0].scores.get("vector") if query.hits else None
+    if top is not None and top < rules.min_score:
+        reasons.append("low_score")
+    shared = None
+    if query.text and query.vector is not None:
+        by_vector = [hit.id for hit in store.vector_search(query.vector, query.k, filters=query.filters)]
+        by_bm25 = [hit.id for hit in store.text_search(query.text, query.k, filters=query.filters)]
+        shared = agreement(by_vector, by_bm25)
+        if shared is not None and shared <= rules.max_agreement:
+            reasons.append("disagreement")
+    if not reasons:
+        return None
+    record: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "query_id": query.query_id,
+        "text": query.text, "mode": query.mode, "k": query.k, "filters": dict(query.filters or {}),
+        "reasons": reasons, "top_score": top, "agreement": shared, "model": query.model,
+        "hits": [{"id": hit.id, "score": hit.score} for hit in query.hits]}
+    if query.image is not None:
+        record["image"] = base64.b64encode(query.image).decode("ascii")
+    return record
+
+
+class HardExampleLog:
+    """Classifies a `fraction` of the searches it is shown, off the request path (`checks`), and
+    appends the hard ones to `folder/hard-examples.jsonl`. `images`: also log an image query's
+    bytes (base64); without it image-only queries are not logged at all. `record(outcome)` is told
+    logged, dropped (the queue was full) or too_large (one record over the file's bound)."""
+
+    def __init__(self, store: Store, *, folder: Path, checks: BackgroundChecks, fraction: float,
+                 rules: HardExampleRules, images: bool, max_bytes: int, backups: int,
+                 record: Callable[[str], None] = lambda outcome: None, seed: int | None = None):
+        self.store = store
+        self.fraction = fraction
+        self.rules = rules
+        self.images = images
+        self.log = JsonlLog(Path(folder) / HARD_EXAMPLES_FILE, max_bytes=max_bytes, backups=backups)
+        self._checks = checks
+        self._record = record
+        self._random = random.Random(seed)
+
+    def offer(self, query: SearchedQuery) -> None:
+        if self.fraction <= 0 or self._random.random() >= self.fraction:
+            return
+        if not self.images:
+            if not query.text:
+                return  # an image-only query, and images were not asked for: nothing to log
+            query = _without_image(query)
+        if not self._checks.submit(lambda: self._classify(query)):
+            self._record("dropped")
+
+    def _classify(self, query: SearchedQuery) -> None:
+        record = classify(query, store=self.store, rules=self.rules)
+        if record is not None:
+            self._record("logged" if self.log.write(record) else "too_large")
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def _without_image(query: SearchedQuery) -> SearchedQuery:
+    return SearchedQuery(query_id=query.query_id, text=query.text, image=None, mode=query.mode, k=query.k,
+                         filters=query.filters, vector=query.vector, hits=query.hits, model=query.model)
+
+
+def feedback_record(*, query_id: str | None, text: str | None, doc_id: str, relevance: int, kind: str) -> dict[str, Any]:
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "query_id": query_id, "text": text,
+            "doc_id": doc_id, "relevance": relevance, "kind": kind}
+
+
+# ---- export --------------------------------------------------------------------------------------
+
+@dataclass
+class ExportSummary:
+    queries: int = 0  # judged queries written to queries.jsonl
+    judgments: int = 0  # qrels lines
+    to_judge: int = 0  # hard queries without feedback
+    pairs: int = 0  # image-text pairs for fine-tuning
+    skipped: dict[str, int] = field(default_factory=dict)  # why feedback or pairs were left out -> how many
+    files: list[Path] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"{self.queries} judged queries ({self.judgments} judgments), {self.to_judge} hard queries still to "
+                 f"judge, {self.pairs} image-text pairs"]
+        lines += [f"  left out: {count} {why}" for why, count in self.skipped.items()]
+        lines += [f"  {path}" for path in self.files]
+        return "\n".join(lines)
+
+
+def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] | None = None,
+                    min_relevance: int = 1) -> ExportSummary:
+    """Write, from the logs in `log_dir`:
+    - `queries.jsonl` + `qrels.jsonl`: every query with feedback, as `clip-sidecar eval --queries
+      --qrels` reads them (category: its first hard-example reason, or `feedback`; tags: all of
+      them; a logged query image is written to `images/`); a document's grade is its latest
+      judgment, else its highest click (1);
+    - `to_judge.jsonl`: hard queries without feedback, with the hits they were shown;
+    - `pairs.csv`: (document image, query text) for judgments of at least `min_relevance`, in
+      open_clip's CSV format (tab-separated `filepath`, `title`), where `image_paths` (document id
+      → image file, from the shards) knows the document's image."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = ExportSummary()
+    hard: dict[str, dict[str, Any]] = {}  # query key -> its latest hard-example record
+    for record in read_jsonl_log(Path(log_dir) / HARD_EXAMPLES_FILE):
+        hard[_query_key(record.get("text"), record.get("query_id"))] = record
+    by_query_id = {record["query_id"]: key for key, record in hard.items() if record.get("query_id")}
+
+    queries: dict[str, dict[str, Any]] = {}  # key -> {"text", "image", "reasons"}
+    grades: dict[tuple[str, str], tuple[int, bool]] = {}  # (key, doc) -> (grade, from a judgment)
+    for record in read_jsonl_log(Path(log_dir) / FEEDBACK_FILE):
+        text, query_id, doc_id = record.get("text"), record.get("query_id"), record.get("doc_id")
+        key = _query_key(text, None) if text else by_query_id.get(query_id or "")
+        if key is None or not doc_id:
+            _count(summary.skipped, "feedback without query text whose query_id names no logged query")
+            continue
+        logged = hard.get(key, {})
+        queries.setdefault(key, {"text": text or logged.get("text"), "image": logged.get("image"),
+                                 "reasons": logged.get("reasons", [])})
+        grade, judged = int(record.get("relevance", 1)), record.get("kind") == "judgment"
+        previous = grades.get((key, doc_id))
+        if judged or previous is None or (not previous[1] and grade > previous[0]):
+            grades[(key, doc_id)] = (grade, judged)  # the latest judgment, else the highest click
+
+    images_dir = out / "images"
+    with (out / "queries.jsonl").open("w", encoding="utf-8") as handle:
+        for key, query in queries.items():
+            row: dict[str, Any] = {"id": key, "category": (query["reasons"] or ["feedback"])[0],
+                                   "tags": query["reasons"]}
+            if query["text"]:
+                row["text"] = query["text"]
+            if query["image"]:
+                row["image"] = str(_write_image(images_dir, key, base64.b64decode(query["image"])).relative_to(out))
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    summary.queries = len(queries)
+    with (out / "qrels.jsonl").open("w", encoding="utf-8") as handle:
+        for (key, doc_id), (grade, _) in grades.items():
+            handle.write(json.dumps({"query_id": key, "doc_id": doc_id, "relevance": grade}) + "\n")
+    summary.judgments = len(grades)
+    with (out / "to_judge.jsonl").open("w", encoding="utf-8") as handle:
+        for key, record in hard.items():
+            if key not in queries:
+                handle.write(json.dumps({"id": key, "text": record.get("text"), "reasons": record.get("reasons"),
+                                         "hits": record.get("hits", [])}, ensure_ascii=False) + "\n")
+                summary.to_judge += 1
+    with (out / "pairs.csv").open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["filepath", "title"])
+        for (key, doc_id), (grade, _) in grades.items():
+            text = queries[key]["text"]
+            if grade < min_relevance or not text:
+                continue
+            path = (image_paths or {}).get(doc_id)
+            if path is None:
+                _count(summary.skipped, "pairs whose document image is unknown (pass the shards)")
+                continue
+            writer.writerow([str(Path(path).resolve()), " ".join(text.split())])
+            summary.pairs += 1
+    summary.files = [out / name for name in ("queries.jsonl", "qrels.jsonl", "to_judge.jsonl", "pairs.csv")]
+    return summary
+
+
+def _query_key(text: str | None, query_id: str | None) -> str:
+    """One id per query: its text's (the same words searched twice are one query), else its query_id."""
+    if text:
+        return "q-" + hashlib.sha1(" ".join(text.split()).encode("utf-8")).hexdigest()[:12]
+    return f"q-{query_id}"
+
+
+def _write_image(folder: Path, key: str, data: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        extension = (Image.open(io.BytesIO(data)).format or "img").lower()
+    except Exception:  # noqa: BLE001 - the bytes are kept as they came; eval reports an undecodable image
+        extension = "img"
+    path = folder / f"{key}.{extension}"
+    path.write_bytes(data)
+    return path
+
+
+def _count(counts: dict[str, int], why: str) -> None:
+    counts[why] = counts.get(why, 0) + 1

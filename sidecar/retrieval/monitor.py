@@ -1,0 +1,129 @@
+"""Live Recall@K: a sampled share of real queries searched again, ANN and exact, off the request path.
+
+A request that searched by vector offers its query here; a `fraction` of them is handed to one
+background thread through a bounded queue (full: the query is dropped and counted, never waited
+for), which runs the request's ANN search again and the exact search, and records how many of the
+exact top K the ANN top K holds. Summed over queries and workers (Prometheus counters of hits and
+of expected hits), the ratio is the served Recall@K, however the effort was chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from sidecar.stores.base import Store
+from sidecar.types import Filters
+
+log = logging.getLogger(__name__)
+
+# A failing check (a store that cannot be reached, say) logs at most once a minute.
+_WARN_EVERY_S = 60.0
+
+
+class BackgroundChecks:
+    """One daemon thread running checks off the request path. At most `capacity` checks wait; a
+    check offered beyond that is refused at once (the caller counts it as dropped): under load the
+    checks give way, the requests never wait for them. The thread starts with the first check."""
+
+    def __init__(self, *, capacity: int, name: str = "quality-checks"):
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=capacity)
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._last_warning = 0.0
+
+    def submit(self, check: Callable[[], None]) -> bool:
+        """Queue `check`; False (not queued) when `capacity` checks already wait."""
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                    self._thread.start()
+        try:
+            self._queue.put_nowait(check)
+        except queue.Full:
+            return False
+        return True
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Whether every queued check finished within `timeout_s` (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            check = self._queue.get()
+            try:
+                if check is None:
+                    return
+                check()
+            except Exception as exc:  # noqa: BLE001 - a failed check must not end the thread
+                now = time.monotonic()
+                if now - self._last_warning >= _WARN_EVERY_S:
+                    self._last_warning = now
+                    log.warning("a background quality check failed (more within a minute are not logged): %s", exc)
+            finally:
+                self._queue.task_done()
+
+
+@dataclass(frozen=True, slots=True)
+class RecallCheck:
+    """One shadow check: `outcome` is checked, dropped (the queue was full) or failed (the store
+    raised); `hits` of the exact top K were in the ANN top K, of `expected` (K, or fewer when the
+    filters match fewer documents)."""
+
+    outcome: str
+    hits: int = 0
+    expected: int = 0
+
+
+class RecallMonitor:
+    """Offers a `fraction` of the queries it is shown to `checks`, which measure their Recall@`k`
+    on `store` and report each to `record`."""
+
+    def __init__(self, store: Store, *, fraction: float, k: int, checks: BackgroundChecks,
+                 record: Callable[[RecallCheck], None], seed: int | None = None):
+        self.store = store
+        self.fraction = fraction
+        self.k = k
+        self._checks = checks
+        self._record = record
+        self._random = random.Random(seed)
+
+    def offer(self, vector: np.ndarray, *, candidates: int, filters: Filters | None = None,
+              ef_search: int | None = None) -> None:
+        """A query that searched by ANN (its `candidates` and `ef_search`, as the request had them)."""
+        if self.fraction <= 0 or self._random.random() >= self.fraction:
+            return
+        if not self._checks.submit(lambda: self._check(vector, candidates=candidates, filters=filters,
+                                                       ef_search=ef_search)):
+            self._record(RecallCheck("dropped"))
+
+    def _check(self, vector: np.ndarray, *, candidates: int, filters: Filters | None, ef_search: int | None) -> None:
+        try:
+            # The request's own ANN search (its depth decides the effective breadth), then its top K.
+            approx = self.store.vector_search(vector, max(candidates, self.k), filters=filters,
+                                              ef_search=ef_search)[:self.k]
+            exact = self.store.vector_search(vector, self.k, filters=filters, exact=True)
+        except Exception:
+            self._record(RecallCheck("failed"))
+            raise
+        found = {hit.id for hit in approx}
+        self._record(RecallCheck("checked", hits=sum(hit.id in found for hit in exact), expected=len(exact)))

@@ -1,0 +1,291 @@
+"""Quality in production through the real app, gunicorn and CLI: live Recall@K from shadow exact searches
+(in /v1/status and /metrics, summed over workers), the recall target's calibrated effort, hard examples
+and feedback logged within their bounds, and their export round-tripping into `clip-sidecar eval`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.api.app import create_app
+from sidecar.api.state import state_of
+from sidecar.cli import main
+from sidecar.config import Settings
+from sidecar.model.encoder import load_encoder
+from sidecar.model.tiny_model import checkpoint_path
+from sidecar.stores.embedded import EmbeddedStore
+from sidecar.types import Document
+from tests.support import gunicorn_server
+
+WORDS = ("red", "green", "blue", "circle", "square", "star", "small", "large", "left", "right")
+
+
+@pytest.fixture(scope="module")
+def uniform_store(encoder, tmp_path_factory) -> Path:
+    """8,000 uniformly random unit vectors of the tiny model's dimension (HNSW's worst case, where the
+    effort matters), each with a few words of text; the model's own text vectors query it."""
+    path = tmp_path_factory.mktemp("uniform-store")
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((8000, encoder.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with EmbeddedStore(path) as store:
+        store.claim(encoder.signature)
+        store.upsert([Document(id=f"u{i}", vector=v, text=" ".join(rng.choice(WORDS, 3)), content_hash=str(i))
+                      for i, v in enumerate(vectors)])
+    return path
+
+
+def queries(n: int, *, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, 3)) + f" {seed}-{i}" for i in range(n)]
+
+
+def quality_app(encoder, store_path: Path, tmp_path: Path, **settings):
+    settings = Settings(cache_dir=tmp_path / f"cache-{uuid.uuid4().hex[:6]}", store_path=store_path, **settings)
+    store = EmbeddedStore(store_path, target_recall=settings.target_recall, target_k=settings.target_recall_k)
+    return create_app(settings, encoder=encoder, store=store), store
+
+
+def close(app, store) -> None:
+    state_of(app).quality.close()
+    state_of(app).encoding.close()
+    store.close()
+
+
+def scraped(client, name: str) -> float:
+    """A series' value in one /metrics scrape, summed over its labels."""
+    text = client.get("/metrics").get_data(as_text=True)
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name)
+
+
+def search_all(client, texts: list[str], **body) -> list[dict]:
+    answers = [client.post("/v1/search", json={"text": text, "mode": "vector", "k": 10, **body}) for text in texts]
+    assert [a.status_code for a in answers] == [200] * len(texts), answers[0].get_json()
+    return [a.get_json() for a in answers]
+
+
+def test_live_recall_drops_with_an_absurdly_low_ef_search_and_recovers_when_the_target_is_set(
+        encoder, uniform_store, tmp_path):
+    # Every search is checked (fraction 1); candidates 10 so that the request's ef_search decides the breadth.
+    app, store = quality_app(encoder, uniform_store, tmp_path, monitor_fraction=1.0, monitor_queue=256)
+    client = app.test_client()
+    try:
+        before = {name: scraped(client, name) for name in ("sidecar_ann_recall_hits_total",
+                                                           "sidecar_ann_recall_expected_total")}
+        search_all(client, queries(40, seed=1), candidates=10, ef_search=1)
+        assert state_of(app).quality.checks.wait_idle(120)
+        low = client.get("/v1/status").get_json()
+        assert low["recall"]["checked"] == 40 and low["recall"]["expected"] == 400
+        assert low["recall"]["value"] < 0.8, low["recall"]
+        assert low["search_effort"]["calibrated"] is False and low["recall"]["meets_target"] is None
+        # /metrics carries the same counts: recall = their ratio, whichever tool reads it.
+        assert scraped(client, "sidecar_ann_recall_hits_total") - before["sidecar_ann_recall_hits_total"] == \
+            low["recall"]["hits"]
+        assert scraped(client, "sidecar_ann_recall_expected_total") - before["sidecar_ann_recall_expected_total"] == 400
+    finally:
+        close(app, store)
+
+    result = CliRunner().invoke(main, ["-q", "store", "calibrate", "--store-path", str(uniform_store),
+                                       "--target-recall", "0.99", "--queries", "100", "--ann-only"])
+    assert result.exit_code == 0, result.output
+    assert "target Recall@10 0.99: ef_search" in result.output and "saved with the store" in result.output
+
+    app, store = quality_app(encoder, uniform_store, tmp_path, monitor_fraction=1.0, monitor_queue=256,
+                             target_recall=0.99)
+    client = app.test_client()
+    try:
+        search_all(client, queries(40, seed=2), candidates=10)  # no ef_search: the store's calibrated effort
+        assert state_of(app).quality.checks.wait_idle(120)
+        status = client.get("/v1/status").get_json()
+        effort = status["search_effort"]
+        assert effort["calibrated"] is True and effort["target_recall"] == 0.99
+        assert effort["ef_search"] == effort["calibration"]["ef_search"] > 1
+        assert status["recall"]["checked"] == 40 and status["recall"]["target"] == 0.99
+        assert status["recall"]["value"] >= 0.95, status["recall"]
+        assert scraped(client, "sidecar_search_ef_search") == effort["ef_search"]
+        assert scraped(client, "sidecar_recall_target") == 0.99
+        assert any(row["stage"] == "search" and row["count"] == 40 and row["p95_ms"] for row in status["stages"])
+    finally:
+        close(app, store)
+        (uniform_store / "calibration.json").unlink()
+
+
+def test_shadow_checks_wait_for_no_request_and_are_dropped_when_their_queue_is_full(encoder, uniform_store,
+                                                                                    tmp_path):
+    app, store = quality_app(encoder, uniform_store, tmp_path, monitor_fraction=1.0, monitor_queue=1)
+    client = app.test_client()
+    quality = state_of(app).quality
+    release = threading.Event()
+    quality.checks.submit(release.wait)  # the check thread is busy until released; one check may wait
+    try:
+        search_all(client, queries(5, seed=3), candidates=10)  # answered while the checks are stuck
+        status = client.get("/v1/status").get_json()["recall"]
+        assert status["dropped"] == 4 and status["checked"] == 0
+    finally:
+        release.set()
+        assert quality.checks.wait_idle(60)
+        assert client.get("/v1/status").get_json()["recall"]["checked"] == 1
+        close(app, store)
+
+
+def test_two_gunicorn_workers_add_up_their_shadow_checks_and_keep_their_logs_within_bounds(uniform_store, tmp_path):
+    logs = tmp_path / "quality"
+    env = {"SIDECAR_STORE_PATH": str(uniform_store), "SIDECAR_MONITOR_FRACTION": "1", "SIDECAR_MONITOR_QUEUE": "256",
+           "SIDECAR_TEXT_CACHE_PATH": str(tmp_path / "text.sqlite"), "SIDECAR_QUALITY_LOG_DIR": str(logs),
+           "SIDECAR_HARD_EXAMPLE_MIN_SCORE": "2",  # every query's top score is "low": every one is logged
+           "SIDECAR_QUALITY_LOG_MAX_BYTES": "4096", "SIDECAR_QUALITY_LOG_BACKUPS": "2",
+           # every request thread may wait for the model: on a busy machine 8 clients never meet a 503
+           "SIDECAR_QUEUE_ITEMS": "8"}
+    with gunicorn_server(env, tmp_path / "gunicorn.log", workers=2, threads=8) as url:
+        # Both workers up first: a worker's figures start at its own boot (its window's first snapshot).
+        assert len(status_by_worker(url, until=lambda status: True)) == 2, "the second worker did not answer"
+        texts = queries(60, seed=4)
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda t: requests.post(f"{url}/v1/search", json={
+                "text": t, "mode": "vector", "candidates": 10}, timeout=60).status_code, texts))
+            feedback = list(pool.map(lambda i: requests.post(f"{url}/v1/feedback", json={
+                "text": texts[i % 60], "doc_id": f"u{i}", "kind": "click"}, timeout=60).status_code, range(150)))
+        assert codes == [200] * 60 and feedback == [200] * 150
+        # Each worker, once every sampled query's check is done (or dropped), reports the whole server's
+        # figures: its own checks and the other's.
+        answers = status_by_worker(url, until=lambda status: sum(
+            status["recall"][outcome] for outcome in ("checked", "dropped", "failed")) == 60)
+        assert len(answers) == 2, f"only workers {list(answers)} answered with every check done"
+        first, second = (status["recall"] for status in answers.values())
+        assert first == second and first["checked"] == 60 and first["expected"] == 600, answers
+        metrics = requests.get(f"{url}/metrics", timeout=10).text
+        checked = sum(s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+                      if s.name == "sidecar_shadow_checks_total")
+        assert checked == 60
+    for name in ("hard-examples.jsonl", "feedback.jsonl"):
+        files = sorted(logs.glob(f"{name}*"))
+        assert 1 < len(files) <= 3, files  # rotated, at most 2 backups
+        assert all(f.stat().st_size <= 4096 for f in files), [f.stat().st_size for f in files]
+        for f in files:
+            assert all(json.loads(line) for line in f.read_text().splitlines())
+
+
+def status_by_worker(url: str, *, until) -> dict[int, dict]:
+    """/v1/status by worker pid, for the answers `until` accepts, asked until two workers gave one (the
+    kernel hands a connection to either, so concurrent requests reach both) or 3,840 requests went."""
+    answers: dict[int, dict] = {}
+    codes: dict[int, int] = {}
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(60):
+            for answer in pool.map(lambda _: requests.get(f"{url}/v1/status", timeout=10), range(64)):
+                # 16 at once may meet a worker's connection bound (503 overloaded): those are asked again
+                if answer.status_code == 200 and until(answer.json()):
+                    answers[answer.json()["pid"]] = answer.json()
+                elif answer.status_code != 200:
+                    codes[answer.status_code] = codes.get(answer.status_code, 0) + 1
+            if len(answers) == 2:
+                break
+            time.sleep(0.5)  # the checks are still running
+    assert set(codes) <= {503}, codes
+    return answers
+
+
+def test_feedback_answers_404_when_not_enabled_400_naming_the_field_and_413_past_the_text_limit(build_app, tmp_path):
+    disabled = build_app().test_client()
+    answer = disabled.post("/v1/feedback", json={"text": "red circle", "doc_id": "x"})
+    assert answer.status_code == 404 and "SIDECAR_QUALITY_LOG_DIR" in answer.get_json()["error"]["message"]
+    client = build_app(quality_log_dir=str(tmp_path / "q")).test_client()
+    for body, field in (({"text": "red"}, "doc_id"), ({"doc_id": "a"}, "query_id"),
+                        ({"doc_id": "a", "text": "red", "relevance": 4}, "relevance"),
+                        ({"doc_id": "a", "text": "red", "kind": "like"}, "kind"),
+                        ({"doc_id": " ", "text": "red"}, "doc_id")):
+        answer = client.post("/v1/feedback", json=body)
+        assert answer.status_code == 400 and field in answer.get_json()["error"]["message"], (body, answer.get_json())
+    too_long = client.post("/v1/feedback", json={"query_id": "abc", "doc_id": "a", "text": "\u2009" * 4097})
+    assert too_long.status_code == 413 and "max_text_chars" in too_long.get_json()["error"]["message"]
+    answer = client.post("/v1/feedback", json={"query_id": "abc", "doc_id": "a", "kind": "judgment", "relevance": 0})
+    assert answer.status_code == 200 and answer.get_json()["recorded"]["relevance"] == 0
+
+
+def test_hard_examples_and_feedback_export_into_an_evaluation_set_eval_runs_and_open_clip_fine_tunes_on_the_pairs(
+        build_app, shards, test_cache_dir, tmp_path):
+    logs, out = tmp_path / "quality", tmp_path / "export"
+    # min_score 2: every query's top hit scores under it, so every searched text is a hard example.
+    app = build_app(quality_log_dir=str(logs), hard_example_min_score=2.0, monitor_fraction=0.0)
+    client = app.test_client()
+    texts = ["red circle", "blue square", "green star on the left", "small yellow triangle"]
+    answers = search_all(client, texts)
+    assert all(a["query_id"] for a in answers)
+    # Clicks and judgments: by text, or by the query_id of the search alone.
+    hits = [[hit["id"] for hit in a["hits"]] for a in answers]
+    for body in ({"text": texts[0], "doc_id": hits[0][0]},
+                 {"text": texts[1], "doc_id": hits[1][0], "kind": "judgment", "relevance": 2},
+                 {"text": texts[1], "doc_id": hits[1][1], "kind": "judgment", "relevance": 0},
+                 {"text": texts[1], "doc_id": hits[1][0]},  # a later click does not undo the judgment's grade
+                 {"query_id": answers[2]["query_id"], "doc_id": hits[2][0]}):
+        assert client.post("/v1/feedback", json=body).status_code == 200
+    assert state_of(app).quality.checks.wait_idle(60)
+    runner = CliRunner()
+    result = runner.invoke(main, ["-q", "hard-examples", "export", "--log-dir", str(logs), "--out", str(out),
+                                  "--shards", str(shards)])
+    assert result.exit_code == 0, result.output
+    assert "3 judged queries (4 judgments), 1 hard queries still to judge, 3 image-text pairs" in result.output
+    queries_file = [json.loads(line) for line in (out / "queries.jsonl").read_text().splitlines()]
+    assert sorted(q["text"] for q in queries_file) == sorted(texts[:3])
+    assert all(q["category"] == "low_score" for q in queries_file)
+    qrels = [json.loads(line) for line in (out / "qrels.jsonl").read_text().splitlines()]
+    assert sorted(q["relevance"] for q in qrels) == [0, 1, 1, 2]
+    assert [json.loads(line)["text"] for line in (out / "to_judge.jsonl").read_text().splitlines()] == [texts[3]]
+
+    report = tmp_path / "report"
+    result = runner.invoke(main, ["-q", "eval", "--queries", str(out / "queries.jsonl"), "--qrels",
+                                  str(out / "qrels.jsonl"), "--config", '{"mode": "vector", "rerank": false}',
+                                  "--store-path", str(state_of(app).settings.store_path), "--out", str(report)])
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads((report / "results.json").read_text())
+    assert evaluated["queries"] == 3 and set(evaluated["results"][0]["per_query"]) == {q["id"] for q in queries_file}
+    # The clicked and well-judged documents were the top hits they were shown: found again at rank 1.
+    assert evaluated["results"][0]["metrics"]["RR@10"] == 1.0
+
+    # Back into training: open_clip's own trainer fine-tunes the served model on pairs.csv as written,
+    # and the checkpoint it saves is what SIDECAR_PRETRAINED then serves.
+    original = checkpoint_path(test_cache_dir)
+    logs_dir = tmp_path / "fine-tune"
+    subprocess.run([sys.executable, "-c", FINE_TUNE, "--train-data", str(out / "pairs.csv"), "--model", "tiny-clip",
+                    "--pretrained", str(original), "--batch-size", "3", "--epochs", "3", "--lr", "1e-4",
+                    "--warmup", "1", "--workers", "0", "--precision", "fp32", "--seed", "0",
+                    "--logs", str(logs_dir), "--name", "hard-examples"],
+                   check=True, cwd=Path(__file__).parents[2], capture_output=True, timeout=600)
+    tuned_path = logs_dir / "hard-examples" / "checkpoints" / "epoch_3.pt"
+    rows = [line.split("\t") for line in (out / "pairs.csv").read_text().splitlines()[1:]]
+    images = [Image.open(path).convert("RGB") for path, _ in rows]
+    before, after = (load_encoder(Settings(cache_dir=test_cache_dir, pretrained=str(path)), fetch=False)
+                     for path in (original, tuned_path))
+    # The trainer's objective on the pairs it was given: their in-batch contrastive loss went down.
+    assert pair_loss(after, images, [text for _, text in rows]) < pair_loss(before, images, [text for _, text in rows])
+
+
+# The tiny model's config is registered in the process (a real model needs no such line):
+# python -m open_clip_train.main --train-data OUT/pairs.csv --model ViT-B-32 --pretrained ...
+FINE_TUNE = ("import sys; from sidecar.model.tiny_model import register_tiny_config; register_tiny_config(); "
+             "from open_clip_train.main import main; main(sys.argv[1:])")
+
+
+def pair_loss(encoder, images, texts) -> float:
+    """CLIP's symmetric in-batch cross-entropy of the (image, text) pairs at the model's own learnt
+    temperature: what open_clip's trainer minimises (in float64: a well-trained model's is tiny)."""
+    cosines = encoder.encode_images(images).astype(np.float64) @ encoder.encode_texts(texts).astype(np.float64).T
+    similarity = torch.from_numpy(cosines) * float(encoder.model.logit_scale.detach().exp())
+    labels = torch.arange(len(texts))
+    return float(F.cross_entropy(similarity, labels) + F.cross_entropy(similarity.T, labels)) / 2

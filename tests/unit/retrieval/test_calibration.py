@@ -1,0 +1,92 @@
+"""Calibrating the search effort for a recall target on a real embedded store: the effort chosen reaches
+the target on fresh queries, the one below it does not, the store applies it, and it is redone after
+large changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sidecar.retrieval.calibration import calibrate, recalibrate_if_changed, wilson_lower_bound
+from sidecar.stores.embedded import EmbeddedStore
+from sidecar.types import Document, ModelSignature
+
+DIM = 64
+SIGNATURE = ModelSignature(model="synthetic", weights="uniform", dim=DIM)
+
+
+def uniform(n: int, *, seed: int) -> np.ndarray:
+    """Uniformly random unit vectors: HNSW's worst case, where the effort matters."""
+    vectors = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def recall_at_10(store: EmbeddedStore, queries: np.ndarray, **options) -> float:
+    return float(np.mean([len({h.id for h in store.vector_search(q, 10, **options)}
+                              & {h.id for h in store.vector_search(q, 10, exact=True)}) / 10 for q in queries]))
+
+
+@pytest.fixture(scope="module")
+def uniform_store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("uniform-store")
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert([Document(id=f"d{i}", vector=v) for i, v in enumerate(uniform(8000, seed=1))])
+    return path
+
+
+def test_wilson_lower_bound_is_below_the_observed_share_and_tightens_with_more_samples():
+    assert wilson_lower_bound(99, 100) < 0.99
+    assert wilson_lower_bound(99, 100) < wilson_lower_bound(990, 1000) < wilson_lower_bound(9900, 10000) < 0.99
+    assert wilson_lower_bound(0, 0) == 0.0
+
+
+def test_the_chosen_effort_reaches_the_target_on_fresh_queries_and_the_one_below_it_does_not(uniform_store):
+    fresh = uniform(200, seed=2)
+    # A low fixed ef_search (16): the recall a target is there to fix.
+    with EmbeddedStore(uniform_store, ef_search=16, target_recall=0.95) as store:
+        # ANN only: whether exact search is as fast is a timing, which a test on a shared machine cannot decide.
+        effort = calibrate(store, target_recall=0.95, k=10, queries=150, seed=0, allow_exact=False)
+        assert effort.ef_search is not None, effort.describe()
+        below = [p for p in effort.curve if p.ef_search < effort.ef_search]
+        assert below and max(below, key=lambda p: p.ef_search).lower_bound < 0.95, effort.describe()
+        assert recall_at_10(store, fresh) < 0.9  # before: the fixed ef_search
+        store.effort.save(effort)
+        # Queries that name no ef_search now get the calibrated one, and reach the target on fresh draws.
+        assert store.effort.ef_search(None) == effort.ef_search
+        assert recall_at_10(store, fresh) >= 0.95 - 0.01  # 200 queries: within a point of the sampling error
+    with EmbeddedStore(uniform_store, target_recall=0.95) as reopened:  # another process: read from the store
+        assert reopened.effort.ef_search(None) == effort.ef_search
+    with EmbeddedStore(uniform_store, target_recall=0.9) as other_target:  # a calibration for another target
+        assert other_target.effort.applied() is None and other_target.effort.ef_search(None) == other_target.ef_search
+        assert "calibrate" in other_target.effort.status()["note"]
+
+
+def test_where_no_effort_reaches_the_target_queries_are_answered_exactly(uniform_store):
+    with EmbeddedStore(uniform_store, target_recall=0.999) as store:
+        effort = calibrate(store, target_recall=0.999, k=10, queries=50, max_ef=16)
+        assert effort.exact and "no ef_search up to 16" in effort.reason
+        store.effort.save(effort)
+        fresh = uniform(30, seed=3)
+        assert recall_at_10(store, fresh) == 1.0
+        assert recall_at_10(store, fresh, ef_search=10) < 1.0  # a query's own ef_search still runs the ANN
+    (uniform_store / "calibration.json").unlink()  # the module's store, uncalibrated again
+
+
+def test_an_index_run_calibrates_again_after_large_changes_only(tmp_path):
+    vectors = uniform(1100, seed=4)
+    with EmbeddedStore(tmp_path / "s", target_recall=0.9) as store:
+        store.claim(SIGNATURE)
+        store.upsert([Document(id=f"d{i}", vector=v) for i, v in enumerate(vectors[:1000])])
+        effort, decision = recalibrate_if_changed(store, changed=1000, queries=50)
+        assert effort is not None and "no calibration" in decision
+        store.upsert([Document(id=f"d{i}", vector=v) for i, v in enumerate(vectors[1000:1050], start=1000)])
+        kept, decision = recalibrate_if_changed(store, changed=50, queries=50)
+        assert kept is None and "kept" in decision
+        store.upsert([Document(id=f"d{i}", vector=v) for i, v in enumerate(vectors[1050:], start=1050)])
+        again, decision = recalibrate_if_changed(store, changed=100, queries=50)
+        assert again is not None and again.documents == 1100 and "calibrated" in decision
+    with EmbeddedStore(tmp_path / "s") as untargeted:
+        assert recalibrate_if_changed(untargeted, changed=5000)[0] is None

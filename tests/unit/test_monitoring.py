@@ -1,0 +1,51 @@
+"""docker/'s monitoring: the alert rules load in Prometheus's own checker and fire (or stay quiet) on
+the series of docker/prometheus/alerts_test.yml, and every metric the rules and the Grafana dashboard
+read is one the sidecar exports."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from sidecar.serving import metrics  # noqa: F401  (registers the sidecar's metrics)
+
+ROOT = Path(__file__).parents[2]
+PROMETHEUS = ROOT / "docker" / "prometheus"
+DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "clip-sidecar.json"
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+
+
+def promtool() -> str:
+    """Prometheus's rule checker: on PATH, or where scripts/install-promtool puts it (beside the venv's python)."""
+    found = shutil.which("promtool") or shutil.which("promtool", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip("promtool not found (on PATH or beside this python): scripts/install-promtool installs it "
+                    "from Debian's prometheus package")
+    return found
+
+
+def test_alert_rules_pass_promtools_rule_check():
+    result = subprocess.run([promtool(), "check", "rules", str(PROMETHEUS / "alerts.yml")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_each_alert_fires_on_its_series_and_stays_quiet_otherwise_in_promtools_unit_tests():
+    result = subprocess.run([promtool(), "test", "rules", "alerts_test.yml"], cwd=PROMETHEUS,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_sidecar_series_the_rules_and_dashboard_read_is_one_the_sidecar_exports():
+    exported = {family.name + suffix for family in REGISTRY.collect() if family.name.startswith("sidecar_")
+                for suffix in SUFFIXES.get(family.type, ("",))}
+    for path in (PROMETHEUS / "alerts.yml", PROMETHEUS / "alerts_test.yml", DASHBOARD):
+        read = set(re.findall(r"\bsidecar_[a-z0-9_]+", path.read_text(encoding="utf-8")))
+        assert read and read <= exported, (path.name, sorted(read - exported))
