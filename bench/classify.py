@@ -21,15 +21,13 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import Connection, start_server, stop_server  # noqa: E402  (bench/ is not a package)
+from serve_load import post_concurrently, start_server, stop_server  # noqa: E402  (bench/ is not a package)
 
 from sidecar.config import Settings  # noqa: E402
 from sidecar.ingest.embed import embed_corpus  # noqa: E402
@@ -84,36 +82,12 @@ def online(args, sets_dir: Path) -> dict[str, list[dict]]:
 
 
 def drive(port: int, bodies: list[bytes], *, concurrency: int, requests: int) -> dict:
-    counter = iter(range(requests))
-    lock = threading.Lock()
-    latencies: list[float] = []
-    errors = 0
-
-    def worker(_: int) -> None:
-        nonlocal errors
-        connection = Connection(port)
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                break
-            started = time.perf_counter()
-            status = connection.post("/v1/classify", bodies[i % len(bodies)])
-            elapsed = time.perf_counter() - started
-            with lock:
-                if status == 200:
-                    latencies.append(elapsed)
-                else:
-                    errors += 1
-        connection.close()
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(worker, range(concurrency)))
-    wall = time.perf_counter() - started
-    ms = np.asarray(latencies) * 1000
-    return {"concurrency": concurrency, "requests": len(ms), "errors": errors, "images_per_s": len(ms) / wall,
-            "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95))}
+    sent = post_concurrently(port, "/v1/classify", lambda _, i: bodies[i % len(bodies)], concurrency=concurrency,
+                             requests=requests)
+    ms = np.asarray(sent["latencies"]) * 1000
+    return {"concurrency": concurrency, "requests": len(ms), "errors": sent["errors"],
+            "images_per_s": len(ms) / sent["wall"], "p50": float(np.percentile(ms, 50)),
+            "p95": float(np.percentile(ms, 95))}
 
 
 def offline(args, settings: Settings, registry: PromptSetRegistry, workdir: Path) -> list[dict]:

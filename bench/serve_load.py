@@ -30,6 +30,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -125,6 +126,18 @@ class Connection:
 
 def drive(port: int, *, concurrency: int, requests: int, seed: int, encoding_format: str) -> dict:
     """Runs in a client process: `requests` POSTs over `concurrency` keep-alive connections."""
+
+    def body(worker_id: int, i: int) -> bytes:
+        text = f"{COLOURS[i % 8]} {SHAPES[(i // 8) % 5]} number {seed}-{worker_id}-{i}"
+        return json.dumps({"input": [text], "encoding_format": encoding_format}).encode()
+
+    return post_concurrently(port, "/v1/embeddings", body, concurrency=concurrency, requests=requests)
+
+
+def post_concurrently(port: int, path: str, body: Callable[[int, int], bytes], *, concurrency: int,
+                      requests: int) -> dict:
+    """`requests` POSTs of `body(worker id, request number)` to `path` over `concurrency` keep-alive
+    connections: wall and client CPU seconds, errors (non-200 answers), the 200s' latencies."""
     counter = iter(range(requests))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -138,10 +151,9 @@ def drive(port: int, *, concurrency: int, requests: int, seed: int, encoding_for
                 i = next(counter, None)
             if i is None:
                 break
-            text = f"{COLOURS[i % 8]} {SHAPES[(i // 8) % 5]} number {seed}-{worker_id}-{i}"
-            body = json.dumps({"input": [text], "encoding_format": encoding_format}).encode()
+            payload = body(worker_id, i)
             started = time.perf_counter()
-            status = connection.post("/v1/embeddings", body)
+            status = connection.post(path, payload)
             elapsed = time.perf_counter() - started
             with lock:
                 if status == 200:

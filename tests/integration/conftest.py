@@ -9,9 +9,11 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 
+from sidecar.cli import main
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.encoder import Encoder
@@ -49,6 +51,18 @@ def node() -> str:
     finally:
         client.close()
     return URL
+
+
+def cli(*args: object) -> Result:
+    """The real CLI, quiet; its exit code must be 0."""
+    result = CliRunner().invoke(main, ["-q", *map(str, args)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def store_args(alias: str) -> list[str]:
+    """The CLI's options for the node's `alias`."""
+    return ["--store", "opensearch", "--opensearch-url", URL, "--opensearch-index", alias]
 
 
 def make_store(**overrides: object) -> OpenSearchStore:

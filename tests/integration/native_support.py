@@ -10,26 +10,15 @@ from typing import Any
 
 import numpy as np
 import requests
-from click.testing import CliRunner, Result
+from click.testing import Result
 from opensearchpy import OpenSearch, helpers
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.cli import main
 from sidecar.model.tiny_model import checkpoint_path
-from tests.integration.conftest import URL
+from tests.integration.conftest import URL, cli, store_args  # noqa: F401  (the native tests import them from here)
 
 TEXTS = "/v1/opensearch/embeddings/texts"
 TEXT_IMAGE = "/v1/opensearch/embeddings/text-image"
-
-
-def cli(*args: str) -> Result:
-    result = CliRunner().invoke(main, ["-q", *args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-def store_args(alias: str) -> list[str]:
-    return ["--store", "opensearch", "--opensearch-url", URL, "--opensearch-index", alias]
 
 
 def sidecar_env(alias: str, folder: Path, test_cache_dir: Path, **extra: str) -> dict[str, str]:

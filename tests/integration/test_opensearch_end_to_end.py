@@ -11,12 +11,10 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from PIL import Image
 
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
-from sidecar.cli import main
 from sidecar.config import Settings
 from sidecar.model.encoder import Encoder
 from sidecar.model.synthetic import sample_items
@@ -27,23 +25,15 @@ from tests.integration.conftest import (
     URL,
     _auth,
     _client,
+    cli,
     make_store,
     owned_indices,
+    store_args,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 QUERIES = ("red circle", "blue square", "green star", "yellow triangle")
-
-
-def cli(*args: str) -> Result:
-    result = CliRunner().invoke(main, ["-q", *args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-def store_args(alias: str) -> list[str]:
-    return ["--store", "opensearch", "--opensearch-url", URL, "--opensearch-index", alias]
 
 
 def concept(hit) -> tuple[str, str]:

@@ -10,28 +10,16 @@ from collections import Counter
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner, Result
 
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
-from sidecar.cli import main
 from sidecar.config import Settings
 from sidecar.ingest.shards import ShardSet
 from sidecar.model.synthetic import write_corpus
 from tests.conftest import EXAMPLE_PROMPT_SETS
-from tests.integration.conftest import URL, _auth, _client, make_store
+from tests.integration.conftest import URL, _auth, _client, cli, make_store, store_args
 
 pytestmark = [pytest.mark.integration]
-
-
-def cli(*args) -> Result:
-    result = CliRunner().invoke(main, ["-q", *map(str, args)])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-def store_args(alias: str) -> list[str]:
-    return ["--store", "opensearch", "--opensearch-url", URL, "--opensearch-index", alias]
 
 
 def search_ids(alias: str, *args: str) -> set[str]:
