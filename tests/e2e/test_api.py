@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -397,12 +398,25 @@ def test_text_is_cut_to_max_text_chars_before_tokenising(build_app, encoder):
     np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-6)
 
 
-def test_the_deadline_counts_tokenising(build_app):
-    """Texts are tokenised on the batcher thread, inside the encode the request's deadline covers."""
+def test_the_deadline_counts_tokenising(build_app, encoder, monkeypatch):
+    """Texts are tokenised on the batcher thread, inside the encode the request's deadline covers: a
+    tokeniser held past the deadline (an event stands in for a slow one; a real one is too fast to
+    outlast any deadline reliably) answers 504."""
+    release = threading.Event()
+    prepare = encoder.prepare_texts
+
+    def slow_prepare(texts):
+        release.wait(timeout=10)
+        return prepare(texts)
+
+    monkeypatch.setattr(encoder, "prepare_texts", slow_prepare)
     text = " ".join(random_words(8, seed=17))  # in no cache
-    response = build_app(request_timeout_s=1e-9).test_client().post("/v1/embeddings", json={"input": [text]})
+    try:
+        response = build_app(request_timeout_s=0.05).test_client().post("/v1/embeddings", json={"input": [text]})
+    finally:
+        release.set()
     assert response.status_code == 504
-    assert "text encode took longer than request_timeout_s=1e-09" in response.json["error"]["message"]
+    assert "text encode took longer than request_timeout_s=0.05" in response.json["error"]["message"]
 
 
 # ---- the OpenAPI file describes what the server takes -----------------------------------------
