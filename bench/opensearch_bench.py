@@ -82,8 +82,9 @@ def new_alias() -> str:
     return f"bench-{uuid.uuid4().hex[:8]}"
 
 
-def store_for(url: str, alias: str) -> OpenSearchStore:
-    return OpenSearchStore(url=url, index=alias)  # what `clip-sidecar index` opens (default settings)
+def store_for(url: str, alias: str, *, primaries: int = 1, replicas: int = 1) -> OpenSearchStore:
+    """What `clip-sidecar index` opens (default settings, or SIDECAR_OPENSEARCH_SHARDS / _REPLICAS)."""
+    return OpenSearchStore(url=url, index=alias, number_of_shards=primaries, number_of_replicas=replicas)
 
 
 def drop(url: str, alias: str) -> None:
@@ -113,19 +114,20 @@ def load_bare(url: str, docs: list[Document]) -> float:
         drop(url, alias)
 
 
-def load_cli(url: str, shards: Path, alias: str, *, dim: int) -> float:
+def load_cli(url: str, shards: Path, alias: str, *, dim: int, primaries: int = 1, replicas: int = 1) -> float:
     """`clip-sidecar index SHARDS --store opensearch` as a user runs it, after the setup a user runs
-    first (`clip-sidecar opensearch setup`: index, alias, lock index; untimed, as the bare path's
-    index creation is); returns seconds."""
-    store = store_for(url, alias)
+    first (`clip-sidecar opensearch setup`: index of `primaries` shards and `replicas` replicas, alias,
+    lock index; untimed, as the bare path's index creation is); returns seconds."""
+    store = store_for(url, alias, primaries=primaries, replicas=replicas)
     try:
         store.claim(signature(dim))
     finally:
         store.close()
     command = [sys.executable, "-m", "sidecar.cli", "-q", "index", str(shards), "--store", "opensearch",
                "--opensearch-url", url, "--opensearch-index", alias]
+    env = {**os.environ, "SIDECAR_OPENSEARCH_SHARDS": str(primaries), "SIDECAR_OPENSEARCH_REPLICAS": str(replicas)}
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - started
 
 
@@ -146,9 +148,10 @@ def wait_for_merges(store: OpenSearchStore, *, timeout_s: float = 600) -> float:
 
 def recall_and_latency(store: OpenSearchStore, vectors: np.ndarray, queries: np.ndarray, *, k: int = 10,
                        exact_queries: int = 20) -> dict[str, float]:
-    """ANN recall@k against numpy ground truth; the store's exact (knn_score) search checked on a subset."""
+    """ANN recall@k against numpy ground truth; the store's exact (knn_score) search checked on a
+    subset; latency of k-NN, BM25 and (with neural-search) hybrid queries."""
     truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
-    recalls, exact_recalls, knn_ms, hybrid_ms = [], [], [], []
+    recalls, exact_recalls, knn_ms, text_ms, hybrid_ms = [], [], [], [], []
     hybrid = store.has_neural_search()
     for i, (q, t) in enumerate(zip(queries, truth)):
         truth_ids = {str(j) for j in t}
@@ -159,6 +162,9 @@ def recall_and_latency(store: OpenSearchStore, vectors: np.ndarray, queries: np.
         if i < exact_queries:
             exact = store.vector_search(q, k, exact=True)
             exact_recalls.append(len({h.id for h in exact} & truth_ids) / k)
+        started = time.perf_counter()
+        store.text_search(f"group{i % 50}", k)
+        text_ms.append((time.perf_counter() - started) * 1000)
         if hybrid:
             started = time.perf_counter()
             store.hybrid_search(q, f"group{i % 50}", k)
@@ -166,6 +172,7 @@ def recall_and_latency(store: OpenSearchStore, vectors: np.ndarray, queries: np.
     nan = float("nan")
     return {"recall": float(np.mean(recalls)), "exact_recall": float(np.mean(exact_recalls)),
             "knn_p50": float(np.percentile(knn_ms, 50)), "knn_p95": float(np.percentile(knn_ms, 95)),
+            "text_p50": float(np.percentile(text_ms, 50)), "text_p95": float(np.percentile(text_ms, 95)),
             "hybrid_p50": float(np.percentile(hybrid_ms, 50)) if hybrid_ms else nan,
             "hybrid_p95": float(np.percentile(hybrid_ms, 95)) if hybrid_ms else nan}
 
@@ -239,11 +246,12 @@ def main() -> None:
             f"({args.n * len(bare_s) / sum(bare_s):,.0f} docs/s; per round {', '.join(f'{s:.1f}' for s in bare_s)}), "
             f"index/bare docs/s ratio {sum(bare_s) / sum(cli_s):.2f}"]
     if results:
-        rows.append(f"{'vectors':<12}{'recall@10':>10}{'exact':>8}{'knn p50':>10}{'knn p95':>10}{'hyb p50':>10}"
-                    f"{'hyb p95':>10}")
+        rows.append(f"{'vectors':<12}{'recall@10':>10}{'exact':>8}{'knn p50':>10}{'knn p95':>10}{'bm25 p50':>10}"
+                    f"{'bm25 p95':>10}{'hyb p50':>10}{'hyb p95':>10}")
         for name, r in results.items():
             rows.append(f"{name:<12}{r['recall']:>10.3f}{r['exact_recall']:>8.3f}{r['knn_p50']:>8.1f}ms"
-                        f"{r['knn_p95']:>8.1f}ms{r['hybrid_p50']:>8.1f}ms{r['hybrid_p95']:>8.1f}ms  {r['state']}")
+                        f"{r['knn_p95']:>8.1f}ms{r['text_p50']:>8.1f}ms{r['text_p95']:>8.1f}ms"
+                        f"{r['hybrid_p50']:>8.1f}ms{r['hybrid_p95']:>8.1f}ms  {r['state']}")
     log.info("\n".join(rows))
 
 
