@@ -270,7 +270,8 @@ def _stored_vectors(settings, texts: list[str], encoder) -> np.ndarray:
         model=encoder.name, weights=encoder.weights, prompt_template=settings.prompt_template,
         prompt_version=settings.prompt_version))
     try:
-        return cache.get_or_compute([settings.prompt(t) for t in texts], refuse, timeout_s=10)
+        entries = cache.get_or_compute([settings.prompt(t) for t in texts], cache.through_disk(refuse), timeout_s=10)
+        return np.stack([entry.vector for entry in entries])
     finally:
         cache.close()
 

@@ -50,10 +50,11 @@ def test_eval_with_judged_queries_writes_the_report_and_ranks_the_concepts_first
                                               "report.html"}
 
 
-def test_eval_needs_exactly_one_of_benchmark_judged_queries_or_ann(judged):
+def test_eval_needs_exactly_one_of_benchmark_judged_queries_ann_or_prompts(judged):
     runner = CliRunner()
     result = runner.invoke(main, ["eval"])
-    assert result.exit_code == 2 and "choose one of --benchmark, --queries with --qrels, or --ann" in result.output
+    assert result.exit_code == 2
+    assert "choose one of --benchmark, --queries with --qrels, --ann, or --prompts with --labels" in result.output
     result = runner.invoke(main, ["eval", "--ann", "--queries", str(judged[0])])
     assert result.exit_code == 2 and "(got --queries/--qrels, --ann)" in result.output
     result = runner.invoke(main, ["eval", "--queries", str(judged[0])])
