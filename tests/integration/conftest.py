@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +20,7 @@ from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.encoder import Encoder
 from sidecar.model.synthetic import write_corpus
+from sidecar.stores.base import StoreError
 from sidecar.stores.opensearch import LOCK_SUFFIX, OpenSearchStore
 from sidecar.types import Document, ModelSignature
 
@@ -70,6 +73,31 @@ def make_store(**overrides: object) -> OpenSearchStore:
                                      user=_auth()[0] if _auth() else "", password=_auth()[1] if _auth() else "")
     kwargs.update(overrides)
     return OpenSearchStore(**kwargs)  # type: ignore[arg-type]
+
+def load_in_background(store: OpenSearchStore, docs: list[Document], *, started_after: int = 2000,
+                       timeout_s: float = 120) -> tuple[threading.Thread, list[object]]:
+    """`store.upsert(docs)` on a thread of its own, returned once `started_after` documents are in
+    (OpenSearch's indexing count) so a fault can strike mid-load; the list gets the upsert's count
+    or its StoreError."""
+    outcome: list[object] = []
+
+    def load() -> None:
+        try:
+            outcome.append(store.upsert(docs))
+        except StoreError as exc:
+            outcome.append(exc)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and loader.is_alive():
+        stats = store.client.indices.stats(index=store.alias, metric="indexing")
+        if stats["_all"]["primaries"]["indexing"]["index_total"] >= started_after:
+            break
+        time.sleep(0.2)
+    assert loader.is_alive(), "the load finished before the fault; raise the doc count"
+    return loader, outcome
+
 
 
 def owned_indices(alias: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -20,10 +19,9 @@ import pytest
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 
-from sidecar.stores.base import StoreError
 from sidecar.stores.opensearch import LOCK_SUFFIX, OpenSearchStore
 from sidecar.types import Document
-from tests.integration.conftest import SIGNATURE, clustered_vectors, make_documents
+from tests.integration.conftest import SIGNATURE, clustered_vectors, load_in_background, make_documents
 from tests.support import ORIGINAL_ENVIRON
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -173,23 +171,8 @@ def test_a_node_killed_mid_load_ends_with_every_document_exactly_once(cluster):
     # connection retries; a rerun after the node is back is what a user does.
     docs, _, _ = make_documents(20_000, seed=3, prefix="k")
     store = store_on(cluster, shards=3, replicas=1, chunk_size=250, connection_retries=2, initial_backoff=0.5)
-    outcome: list[object] = []
     try:
-        def load() -> None:
-            try:
-                outcome.append(store.upsert(docs))
-            except StoreError as exc:
-                outcome.append(exc)
-
-        loader = threading.Thread(target=load)
-        loader.start()
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and loader.is_alive():
-            stats = store.client.indices.stats(index=store.alias, metric="indexing")
-            if stats["_all"]["primaries"]["indexing"]["index_total"] >= 2000:
-                break
-            time.sleep(0.2)
-        assert loader.is_alive(), "the load finished before a node could be killed; raise the doc count"
+        loader, outcome = load_in_background(store, docs, timeout_s=180)
         cluster_script("stop-node", "3")
         # Back while the load still runs: writes to its shards wait for their primaries (the
         # load runs with 0 replicas), and fail after OpenSearch's 1-minute wait if it is late.

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from sidecar.stores.base import StoreError
-from tests.integration.conftest import SIGNATURE, drop, make_documents, make_store
+from tests.integration.conftest import SIGNATURE, drop, load_in_background, make_documents, make_store
 from tests.support import ORIGINAL_ENVIRON
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -27,26 +25,10 @@ def test_node_restart_mid_load_then_rerun_gives_exact_count(node):
     # rerun (not the retry loop) is what brings the index to the exact count.
     s = make_store(number_of_replicas=0, connection_retries=2, initial_backoff=0.5, chunk_size=250)
     docs, _, _ = make_documents(20_000)
-    outcome: list[object] = []
     try:
         s.claim(SIGNATURE)
-
-        def load() -> None:
-            try:
-                outcome.append(s.upsert(docs))
-            except StoreError as exc:
-                outcome.append(exc)
-
-        loader = threading.Thread(target=load)
-        loader.start()
-        deadline = time.monotonic() + 120
         # Stop once part of the load is in: the count is visible after the first refresh or flush.
-        while time.monotonic() < deadline and loader.is_alive():
-            stats = s.client.indices.stats(index=s.alias, metric="indexing")
-            if stats["_all"]["primaries"]["indexing"]["index_total"] >= 2000:
-                break
-            time.sleep(0.2)
-        assert loader.is_alive(), "the load finished before the node could be stopped; raise the doc count"
+        loader, outcome = load_in_background(s, docs)
         _node("stop")
         loader.join(timeout=300)
         _node("start")
