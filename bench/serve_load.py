@@ -2,7 +2,8 @@
 
 Runs the same load against several server variants in one run — `floor` (the same app and
 gunicorn config, /v1/embeddings answered from a precomputed vector: bench/serve_floor.py),
-micro-batched, unbatched (max_batch=1) and, on a GPU, batched without CUDA graphs — and prints
+micro-batched, unbatched (max_batch=1), batched without the text-vector cache's SQLite file
+(`no-disk-cache`) and, on a GPU, batched without CUDA graphs — and prints
 QPS, p50/p95/p99, server CPU per request and the part of it the forward passes took (the
 batcher's sidecar_forward_cpu_seconds_total), the batch-size histogram and the ratios between
 variants. Every request is a cache miss (unique text), so the encoder does the work. The load
@@ -45,8 +46,10 @@ VARIANTS = {
     "batched": {"SIDECAR_MAX_BATCH": "64"},
     "unbatched": {"SIDECAR_MAX_BATCH": "1"},
     "no-graphs": {"SIDECAR_MAX_BATCH": "64", "SIDECAR_CUDA_GRAPHS": "false"},
+    # Batched without the text-vector cache's SQLite file (memory LRU only): what the file costs.
+    "no-disk-cache": {"SIDECAR_MAX_BATCH": "64", "SIDECAR_TEXT_CACHE_PERSIST": "false"},
 }
-RATIOS = [("batched", "unbatched"), ("batched", "no-graphs"), ("batched", "floor")]
+RATIOS = [("batched", "unbatched"), ("batched", "no-graphs"), ("batched", "no-disk-cache"), ("batched", "floor")]
 
 
 def start_server(port: int, *, variant: dict[str, str], workers: int, threads: int, model: str | None,
