@@ -31,7 +31,8 @@ first by a smaller load; the layouts alternate, `--repeat` loads each. docs/s co
 command exits (documents searchable on the primaries); "+ replicas" adds the wait for green after
 it, when the load session has restored the replica and the replica copies are built. Then, on the
 last load of each layout after its merges: recall@10 (ANN and exact vs numpy) and p50/p95 of k-NN,
-BM25 and hybrid queries, one at a time, through the store's client on the first URL. The bench
+BM25 and native hybrid queries, and of the hybrid search `/v1/search` runs (fused natively on one
+shard, in Python on several), one at a time, through the store's client on the first URL. The bench
 takes running instances; start and stop them with the repo's script:
 
     OPENSEARCH_PORT=9690 OPENSEARCH_NODE_DIR=/tmp/sb-one scripts/opensearch-local start
@@ -216,21 +217,23 @@ def one_node_vs_cluster(layouts: dict[str, tuple[str, int, int]], *, n: int, dim
 
     print(f"# {n} x {dim}, {queries} queries each, load average {os.getloadavg()[0]:.1f} at the end")
     print("| layout | index | documents after load | `clip-sidecar index` docs/s (s per load) | + replicas green: docs/s "
-          "| recall@10 ANN / exact | k-NN p50 / p95 | BM25 p50 / p95 | hybrid p50 / p95 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| recall@10 ANN / exact | k-NN p50 / p95 | BM25 p50 / p95 | native hybrid p50 / p95 "
+          "| `/v1/search` hybrid p50 / p95 (fused where) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         loads, greens = load_s[name], green_s[name]
         print(f"| {name} | {where[name]} | {counts[name]:,} | {n * len(loads) / sum(loads):,.0f} "
               f"({', '.join(f'{s:.1f}' for s in loads)}) | {n * len(loads) / (sum(loads) + sum(greens)):,.0f} "
               f"(green after {', '.join(f'{s:.1f}' for s in greens)} s) | {r['recall']:.3f} / {r['exact_recall']:.3f} "
               f"| {r['knn_p50']:.1f} / {r['knn_p95']:.1f} ms | {r['text_p50']:.1f} / {r['text_p95']:.1f} ms "
-              f"| {r['hybrid_p50']:.1f} / {r['hybrid_p95']:.1f} ms |")
+              f"| {r['hybrid_p50']:.1f} / {r['hybrid_p95']:.1f} ms "
+              f"| {r['search_p50']:.1f} / {r['search_p95']:.1f} ms ({r['search_fusion']}) |")
         print(f"# {name}: {r['state']}")
     one, many = list(results)
     print(f"{many} / {one}: docs/s {sum(load_s[one]) / sum(load_s[many]):.2f}, with replicas "
           f"{(sum(load_s[one]) + sum(green_s[one])) / (sum(load_s[many]) + sum(green_s[many])):.2f}; "
           + ", ".join(f"{kind} p50 {results[many][kind + '_p50'] / results[one][kind + '_p50']:.2f}"
-                      for kind in ("knn", "text", "hybrid")))
+                      for kind in ("knn", "text", "hybrid", "search")))
 
 
 def main() -> None:

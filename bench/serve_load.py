@@ -6,18 +6,23 @@ micro-batched, unbatched (max_batch=1), batched without the text-vector cache's 
 (`no-disk-cache`) and, on a GPU, batched without CUDA graphs — and prints
 QPS, p50/p95/p99, server CPU per request and the part of it the forward passes took (the
 batcher's sidecar_forward_cpu_seconds_total), the batch-size histogram and the ratios between
-variants. Every request is a cache miss (unique text), so the encoder does the work. The load
+variants. Every text request is a cache miss (unique text), so the encoder does the work; with
+`--modality image` each request carries one base64 JPEG (`--image-side` px, from a set of 64 drawn
+per client process; images are not cached), decoded on the request thread and batched. The load
 comes from separate client processes speaking keep-alive HTTP/1.1 over raw sockets, so the load
 generator costs little CPU beside the server.
 
     .venv/bin/python bench/serve_load.py --variants floor,batched,unbatched   # tiny model, CPU
     .venv/bin/python bench/serve_load.py --model ViT-B-32 --requests 4000 --concurrency 1,16,64 \
         --workers 4 --client-processes 4 --variants batched,unbatched,no-graphs
+    .venv/bin/python bench/serve_load.py --modality image --requests 500 --variants floor,batched,unbatched
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import os
 import re
@@ -127,14 +132,39 @@ class Connection:
         self.sock.close()
 
 
-def drive(port: int, *, concurrency: int, requests: int, seed: int, encoding_format: str) -> dict:
+def drive(port: int, *, concurrency: int, requests: int, seed: int, encoding_format: str, modality: str,
+          image_side: int) -> dict:
     """Runs in a client process: `requests` POSTs over `concurrency` keep-alive connections."""
+    if modality == "image":
+        images = [json.dumps(base64.b64encode(jpeg).decode("ascii")) for jpeg in drawn_jpegs(64, image_side, seed)]
 
-    def body(worker_id: int, i: int) -> bytes:
-        text = f"{COLOURS[i % 8]} {SHAPES[(i // 8) % 5]} number {seed}-{worker_id}-{i}"
-        return json.dumps({"input": [text], "encoding_format": encoding_format}).encode()
+        def body(worker_id: int, i: int) -> bytes:
+            image = images[(worker_id * 7 + i) % len(images)]
+            return b'{"input": [{"image": %s}], "encoding_format": "%s"}' % (image.encode(), encoding_format.encode())
+    else:
+        def body(worker_id: int, i: int) -> bytes:
+            text = f"{COLOURS[i % 8]} {SHAPES[(i // 8) % 5]} number {seed}-{worker_id}-{i}"
+            return json.dumps({"input": [text], "encoding_format": encoding_format}).encode()
 
     return post_concurrently(port, "/v1/embeddings", body, concurrency=concurrency, requests=requests)
+
+
+def drawn_jpegs(count: int, side: int, seed: int) -> list[bytes]:
+    """`count` JPEGs (quality 90) of coloured shapes on noise, `side` px square: photo-like enough
+    that decoding costs what a real upload's does at that size."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        image = Image.fromarray(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8))
+        draw = ImageDraw.Draw(image)
+        x, y = rng.integers(0, side // 2, size=2)
+        draw.ellipse((int(x), int(y), int(x) + side // 2, int(y) + side // 2), fill=COLOURS[i % len(COLOURS)])
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
 
 
 def post_concurrently(port: int, path: str, body: Callable[[int, int], bytes], *, concurrency: int,
@@ -176,16 +206,16 @@ def scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
 
 
-def forward_cpu_seconds(port: int) -> float:
-    """CPU the text forward passes have taken so far, summed over the workers (0 for the floor)."""
-    found = re.search(r'sidecar_forward_cpu_seconds_total\{modality="text"\} (\S+)', scrape(port))
+def forward_cpu_seconds(port: int, modality: str) -> float:
+    """CPU the forward passes of `modality` have taken so far, summed over the workers (0 for the floor)."""
+    found = re.search(r'sidecar_forward_cpu_seconds_total\{modality="%s"\} (\S+)' % modality, scrape(port))
     return float(found.group(1)) if found else 0.0
 
 
-def batch_histogram(port: int) -> dict[str, float]:
+def batch_histogram(port: int, modality: str) -> dict[str, float]:
     text = scrape(port)
     buckets = {m.group(1): float(m.group(2)) for m in
-               re.finditer(r'sidecar_batch_size_bucket\{le="([^"]+)",modality="text"\} (\S+)', text)}
+               re.finditer(r'sidecar_batch_size_bucket\{le="([^"]+)",modality="%s"\} (\S+)' % modality, text)}
     histogram, previous = {}, 0.0
     for le, cumulative in buckets.items():
         if cumulative - previous > 0:
@@ -212,20 +242,21 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_load(port: int, concurrency: int, requests: int, seed: int, processes: int, *, server_pid: int,
-             encoding_format: str) -> dict:
+             encoding_format: str, modality: str = "text", image_side: int = 256) -> dict:
     """Split the connections over client processes (separate GILs) and merge their latencies."""
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
-    server_cpu, forward_cpu = cpu_seconds(server_pid), forward_cpu_seconds(port)
+    server_cpu, forward_cpu = cpu_seconds(server_pid), forward_cpu_seconds(port, modality)
     children = [subprocess.Popen([sys.executable, __file__, "--client", str(port), str(share),
-                                  str(requests * share // concurrency), str(seed * 1000 + i), encoding_format],
+                                  str(requests * share // concurrency), str(seed * 1000 + i), encoding_format,
+                                  modality, str(image_side)],
                                  stdout=subprocess.PIPE, text=True)
                 for i, share in enumerate(shares)]
     parts = [json.loads(child.communicate(timeout=900)[0]) for child in children]
     if any(child.returncode for child in children):
         raise RuntimeError("a load-generator process failed")
     server_cpu = cpu_seconds(server_pid) - server_cpu
-    forward_cpu = forward_cpu_seconds(port) - forward_cpu
+    forward_cpu = forward_cpu_seconds(port, modality) - forward_cpu
     client_cpu = sum(p["cpu"] for p in parts)  # the request loops only, not process start-up
     wall = max(p["started"] + p["wall"] for p in parts) - min(p["started"] for p in parts)
     ms = np.asarray([x for p in parts for x in p["latencies"]]) * 1000
@@ -247,13 +278,17 @@ def main() -> None:
     parser.add_argument("--variants", default="floor,batched,unbatched", help=f"from {', '.join(VARIANTS)}")
     parser.add_argument("--encoding-format", default="base64", choices=("base64", "float"),
                         help="response vectors as OpenAI's clients ask for them (base64) or JSON floats")
+    parser.add_argument("--modality", default="text", choices=("text", "image"),
+                        help="what each request asks to encode: one unique text, or one base64 JPEG")
+    parser.add_argument("--image-side", type=int, default=256, help="--modality image: the JPEGs' side in px")
     parser.add_argument("--port", type=int, default=8731)
-    parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--client", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         port, concurrency, requests, seed = map(int, args.client[:4])
         print(json.dumps(drive(port, concurrency=concurrency, requests=requests, seed=seed,
-                               encoding_format=args.client[4])))
+                               encoding_format=args.client[4], modality=args.client[5],
+                               image_side=int(args.client[6]))))
         return
 
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -262,7 +297,8 @@ def main() -> None:
     if unknown:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     print(f"model {args.model or 'tiny-clip'}; gunicorn {args.workers} worker(s) x {args.threads} threads; "
-          f"{args.client_processes} client process(es); {os.cpu_count()} CPUs; encoding_format {args.encoding_format}")
+          f"{args.client_processes} client process(es); {os.cpu_count()} CPUs; encoding_format {args.encoding_format}; "
+          f"modality {args.modality}" + (f" ({args.image_side} px JPEGs)" if args.modality == "image" else ""))
     # Texts never seen before, by any variant or earlier run: no cache hit, in memory or on disk.
     run_id = time.time_ns() % 10**6 * 100
     results: dict[str, list[dict]] = {}
@@ -273,11 +309,12 @@ def main() -> None:
                                   model=args.model, store_path=Path(store_dir),
                                   app="serve_floor:app" if label == "floor" else "sidecar.api.wsgi:app")
             try:
-                load = dict(server_pid=server.pid, encoding_format=args.encoding_format)
+                load = dict(server_pid=server.pid, encoding_format=args.encoding_format, modality=args.modality,
+                            image_side=args.image_side)
                 run_load(args.port, 4 * args.workers, 200 * args.workers, seed, args.client_processes, **load)  # warm-up
                 results[label] = [run_load(args.port, c, args.requests,
                                            seed + 1 + i, args.client_processes, **load) for i, c in enumerate(levels)]
-                print(f"\n{label} ({VARIANTS[label]}); batch sizes seen (all workers): {batch_histogram(args.port)}")
+                print(f"\n{label} ({VARIANTS[label]}); batch sizes seen (all workers): {batch_histogram(args.port, args.modality)}")
             finally:
                 stop_server(server)
             print(f"{'conc':>5} {'reqs':>6} {'err':>4} {'QPS':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
