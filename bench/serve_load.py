@@ -150,8 +150,8 @@ def drive(port: int, *, concurrency: int, requests: int, seed: int, encoding_for
 
 
 def drawn_jpegs(count: int, side: int, seed: int) -> list[bytes]:
-    """`count` JPEGs (quality 90) of coloured shapes on noise, `side` px square: photo-like enough
-    that decoding costs what a real upload's does at that size."""
+    """`count` JPEGs (quality 90) of a coloured disc on noise, `side` px square. Noise is JPEG's
+    worst case, so decoding costs what a detailed photo of that size costs, or a little more."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
