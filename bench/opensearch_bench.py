@@ -152,9 +152,12 @@ def recall_and_latency(store: OpenSearchStore, vectors: np.ndarray, queries: np.
     """ANN recall@k against numpy ground truth; the store's exact (knn_score) search checked on a
     subset; latency of k-NN, BM25 and (with neural-search) the store's native hybrid query; and
     the hybrid search as `/v1/search` runs it (`sidecar.retrieval.search`: 100 candidates fused
-    natively or in Python by the store's rule, the top k fetched; no fine model)."""
+    natively or in Python by the store's rule, the top k fetched; no fine model); and a fetch of 100
+    random documents with their vectors and without (what the fine stage reads), alternating."""
     truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
     recalls, exact_recalls, knn_ms, text_ms, hybrid_ms, search_ms = [], [], [], [], [], []
+    fetch_ms: dict[bool, list[float]] = {True: [], False: []}
+    rng = np.random.default_rng(0)
     options = SearchOptions(mode="hybrid", k=k, rerank=False)
     hybrid = store.has_neural_search()
     for i, (q, t) in enumerate(zip(queries, truth)):
@@ -176,6 +179,11 @@ def recall_and_latency(store: OpenSearchStore, vectors: np.ndarray, queries: np.
         started = time.perf_counter()
         search(store, vector=q, text=f"group{i % 50}", options=options)
         search_ms.append((time.perf_counter() - started) * 1000)
+        sample = [str(j) for j in rng.choice(len(vectors), min(100, len(vectors)), replace=False)]
+        for with_vectors in (True, False) if i % 2 else (False, True):
+            started = time.perf_counter()
+            store.fetch(sample, vectors=with_vectors)
+            fetch_ms[with_vectors].append((time.perf_counter() - started) * 1000)
     nan = float("nan")
     return {"recall": float(np.mean(recalls)), "exact_recall": float(np.mean(exact_recalls)),
             "knn_p50": float(np.percentile(knn_ms, 50)), "knn_p95": float(np.percentile(knn_ms, 95)),
@@ -183,7 +191,9 @@ def recall_and_latency(store: OpenSearchStore, vectors: np.ndarray, queries: np.
             "hybrid_p50": float(np.percentile(hybrid_ms, 50)) if hybrid_ms else nan,
             "hybrid_p95": float(np.percentile(hybrid_ms, 95)) if hybrid_ms else nan,
             "search_p50": float(np.percentile(search_ms, 50)), "search_p95": float(np.percentile(search_ms, 95)),
-            "search_fusion": "native" if uses_native_hybrid(store, options) else "python"}
+            "search_fusion": "native" if uses_native_hybrid(store, options) else "python",
+            "fetch_p50": float(np.percentile(fetch_ms[True], 50)),
+            "fetch_bare_p50": float(np.percentile(fetch_ms[False], 50))}
 
 
 def measured(store: OpenSearchStore, vectors: np.ndarray, queries: np.ndarray, *, exact_queries: int) -> dict:
@@ -256,12 +266,14 @@ def main() -> None:
             f"index/bare docs/s ratio {sum(bare_s) / sum(cli_s):.2f}"]
     if results:
         rows.append(f"{'vectors':<12}{'recall@10':>10}{'exact':>8}{'knn p50':>10}{'knn p95':>10}{'bm25 p50':>10}"
-                    f"{'bm25 p95':>10}{'hyb p50':>10}{'hyb p95':>10}{'search p50':>12}{'search p95':>12}")
+                    f"{'bm25 p95':>10}{'hyb p50':>10}{'hyb p95':>10}{'search p50':>12}{'search p95':>12}"
+                    f"{'fetch 100 p50 with / without vectors':>40}")
         for name, r in results.items():
             rows.append(f"{name:<12}{r['recall']:>10.3f}{r['exact_recall']:>8.3f}{r['knn_p50']:>8.1f}ms"
                         f"{r['knn_p95']:>8.1f}ms{r['text_p50']:>8.1f}ms{r['text_p95']:>8.1f}ms"
                         f"{r['hybrid_p50']:>8.1f}ms{r['hybrid_p95']:>8.1f}ms{r['search_p50']:>10.1f}ms"
-                        f"{r['search_p95']:>10.1f}ms  (search fused {r['search_fusion']}) {r['state']}")
+                        f"{r['search_p95']:>10.1f}ms{r['fetch_p50']:>26.1f} / {r['fetch_bare_p50']:.1f} ms"
+                        f"  (search fused {r['search_fusion']}) {r['state']}")
     log.info("\n".join(rows))
 
 

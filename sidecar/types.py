@@ -14,6 +14,11 @@ import numpy as np
 # Metadata filters: {"field": value} or {"field": [v1, v2]} (any of); all fields must match.
 Filters = Mapping[str, Any]
 
+# `Document.vector` of a document fetched without its vector (`Store.fetch(ids, vectors=False)`):
+# empty and read-only, so code that reads it anyway fails on the shape at once.
+NO_VECTOR = np.zeros(0, dtype=np.float32)
+NO_VECTOR.flags.writeable = False
+
 
 @dataclass(frozen=True, slots=True)
 class ModelSignature:
@@ -31,8 +36,9 @@ class ModelSignature:
 class Document:
     """One indexed item: an L2-normalised vector plus the text BM25 sees and free metadata.
 
-    `fine_vector` is the same image by the fine-ranking model (stored beside the document, not
-    in the ANN index), or None where no fine model was configured. `thumbnail` is a small JPEG of
+    `vector` is NO_VECTOR where a fetch left it out. `fine_vector` is the same image by the
+    fine-ranking model (stored beside the document, not in the ANN index), or None where no fine
+    model was configured. `thumbnail` is a small JPEG of
     the image for the search page (written by `embed`; stores keep it and serve it by id, and
     `Store.fetch` leaves it out), or None."""
 

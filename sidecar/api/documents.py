@@ -36,7 +36,7 @@ def thumbnail(doc_id: str):
     store = current_state().store
     data = store.thumbnail(doc_id)
     if data is None:
-        if not store.fetch([doc_id]):
+        if not store.fetch([doc_id], vectors=False):
             raise DocumentNotFound(f"no document with id {doc_id!r} in the store")
         raise DocumentNotFound(f"document {doc_id!r} has no thumbnail: it was indexed from shards without "
                                "thumbnails (embed with --thumbnail-size above 0, then index again)")

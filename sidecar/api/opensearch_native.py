@@ -190,7 +190,7 @@ def _fine_scores(state: AppState, kind: str, query: str, documents: list[str]) -
 def _stored(state: AppState, ids: list[str]) -> list[Document]:
     """Stored documents by id (each once), as /v1/search's candidates: an unknown id answers 400."""
     unique = list(dict.fromkeys(ids))
-    found = {doc.id: doc for doc in state.store.fetch(unique)}
+    found = {doc.id: doc for doc in state.store.fetch(unique, vectors=False)}  # the fine stage reads fine vectors
     missing = next((i for i in ids if i not in found), None)
     if missing is not None:
         raise BadRequest(f"field 'documents[{ids.index(missing)}]': no document with id {missing!r} in the "

@@ -45,7 +45,7 @@ def rank_captions(store: Store, vector: np.ndarray, *, encode_texts: Callable[[S
     nearest = store.vector_search(vector, max(candidates, k), filters=filters, exact=exact, ef_search=ef_search)
     coarse_done = time.perf_counter()
     by_text: dict[str, list[str]] = {}
-    for doc in store.fetch([hit.id for hit in nearest]):
+    for doc in store.fetch([hit.id for hit in nearest], vectors=False):
         if doc.text.strip():
             by_text.setdefault(doc.text, []).append(doc.id)
     texts = list(by_text)

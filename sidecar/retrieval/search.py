@@ -124,12 +124,11 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
     fine_stage = options.rerank and fine_vector is not None
     skipped = NO_FINE_MODEL if options.rerank and fine_vector is None else None
     # The fine stage reads all N documents (their fine vectors); without it only the K shown are read.
+    # The model's vectors are read only where the native hybrid left `scores.vector` to fill in, and
+    # only for the K hits shown: on OpenSearch they are most of a fetch's bytes (bench/RESULTS.md).
     shown = top if fine_stage else top[:options.k]
-    documents = {doc.id: doc for doc in store.fetch(shown)}
+    documents = {doc.id: doc for doc in store.fetch(shown, vectors=native and not fine_stage)}
     top = [doc_id for doc_id in shown if doc_id in documents]  # a document deleted between the two calls drops out
-    if native:
-        # Exact inner product from the stored full vectors (what the ANN side scored, without its error).
-        vector_scores = _exact_scores(top, documents, vector)
     fine = None
     if fine_stage:
         try:
@@ -139,6 +138,10 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
             skipped = str(exc)
     final = fine.final if fine else coarse
     ranked = sorted(top, key=final.__getitem__, reverse=True)[:options.k]
+    if native:
+        # Exact inner product from the stored full vectors (what the ANN side scored, without its error).
+        with_vectors = {doc.id: doc for doc in store.fetch(ranked)} if fine_stage else documents
+        vector_scores = _exact_scores([doc_id for doc_id in ranked if doc_id in with_vectors], with_vectors, vector)
     hits = []
     for doc_id in ranked:
         scores = {"vector": vector_scores.get(doc_id), "bm25": bm25_scores.get(doc_id),

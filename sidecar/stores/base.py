@@ -155,9 +155,12 @@ class Store(Protocol):
         """Load `documents` into a fresh index and swap it in whole (zero downtime), under the same
         load lock as `bulk_load`; returns its name. Stores updated in place raise StoreError saying so."""
 
-    def fetch(self, ids: Sequence[str]) -> list[Document]:
+    def fetch(self, ids: Sequence[str], *, vectors: bool = True) -> list[Document]:
         """Full documents (full-precision vectors included, and the fine model's where stored) in the
-        order asked; unknown ids skipped. Thumbnails are left out (`thumbnail` reads one)."""
+        order asked; unknown ids skipped. Thumbnails are left out (`thumbnail` reads one).
+        `vectors=False` leaves the model's vectors out too (`Document.vector` is NO_VECTOR), for
+        callers that read text, metadata or fine vectors only: on OpenSearch a vector is 512+
+        numbers of JSON per document, most of an mget's time."""
 
     def thumbnail(self, doc_id: str) -> bytes | None:
         """The stored thumbnail (JPEG bytes) of a document, or None for an unknown id or a document

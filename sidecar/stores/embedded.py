@@ -22,7 +22,7 @@ import numpy as np
 from sidecar.stores.base import FacetCounts, ModelMismatchError, StoreError, StoreReport
 from sidecar.stores.bm25 import Bm25Index, Bm25Snapshot, Bm25Writer, query_terms, text_hash
 from sidecar.stores.effort import EffortPolicy
-from sidecar.types import Document, Filters, ModelSignature, ScoredId
+from sidecar.types import NO_VECTOR, Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
 
@@ -727,7 +727,7 @@ class EmbeddedStore:
         with self._read() as (conn, _):
             return dict(conn.execute("SELECT id, content_hash FROM docs WHERE deleted = 0"))
 
-    def fetch(self, ids: Sequence[str]) -> list[Document]:
+    def fetch(self, ids: Sequence[str], *, vectors: bool = True) -> list[Document]:
         wanted = _validate_ids(ids)
         with self._read() as (conn, state):
             found: dict[str, Document] = {}
@@ -738,7 +738,7 @@ class EmbeddedStore:
                     f"WHERE deleted = 0 AND id IN ({marks})", batch,
                 ):
                     found[doc_id] = Document(
-                        id=doc_id, vector=np.array(state.vectors[row]), text=text,
+                        id=doc_id, vector=np.array(state.vectors[row]) if vectors else NO_VECTOR, text=text,
                         metadata=json.loads(metadata), content_hash=content_hash,
                         fine_vector=None if fine is None else np.frombuffer(fine, dtype=np.float32).copy(),
                     )

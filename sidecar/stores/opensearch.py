@@ -45,7 +45,7 @@ from sidecar.stores.base import (
     StoreUnavailable,
 )
 from sidecar.stores.effort import REFRESH_S, EffortPolicy
-from sidecar.types import Document, Filters, ModelSignature, ScoredId
+from sidecar.types import NO_VECTOR, Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
 
@@ -488,19 +488,21 @@ class OpenSearchStore:
         scale = total if fusion == "minmax" else weights[0]
         return [ScoredId(h["_id"], float(h["_score"]) * scale) for h in self._search(body)]
 
-    def fetch(self, ids: Sequence[str]) -> list[Document]:
-        """Full documents in the order asked (vectors from _source); unknown ids are skipped."""
+    def fetch(self, ids: Sequence[str], *, vectors: bool = True) -> list[Document]:
+        """Full documents in the order asked (vectors from _source, unless `vectors=False`); unknown
+        ids are skipped."""
         if not ids:
             return []
+        excludes = ["thumbnail"] if vectors else ["thumbnail", "vector"]
         with self._read_errors(f"fetch from {self.alias}"):
-            docs = self.client.mget(index=self.alias, body={"ids": list(ids)}, _source_excludes=["thumbnail"])["docs"]
+            docs = self.client.mget(index=self.alias, body={"ids": list(ids)}, _source_excludes=excludes)["docs"]
         found = []
         for d in docs:
             if not d.get("found"):
                 continue
             src = d["_source"]
             fine = src.get("fine_vector")
-            found.append(Document(id=d["_id"], vector=np.asarray(src["vector"], dtype=np.float32),
+            found.append(Document(id=d["_id"], vector=np.asarray(src["vector"], dtype=np.float32) if vectors else NO_VECTOR,
                                   text=src.get("text", ""), metadata=src.get("metadata", {}),
                                   content_hash=src.get("content_hash", ""),
                                   fine_vector=None if fine is None else np.frombuffer(base64.b64decode(fine),

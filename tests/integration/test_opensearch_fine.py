@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from sidecar.retrieval.search import SearchOptions, search
-from sidecar.types import Document
+from sidecar.retrieval.search import SearchOptions, search, uses_native_hybrid
+from sidecar.types import NO_VECTOR, Document
 from tests.integration.conftest import DIM
 
 
@@ -14,15 +15,20 @@ def unit(rng: np.random.Generator, dim: int) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def test_fine_vectors_round_trip_and_the_fine_stage_ranks_by_them(store):
-    rng = np.random.default_rng(0)
-    query, fine_query = unit(rng, DIM), np.array([1.0, 0.0, 0.0], dtype=np.float32)
-    # Three near-duplicates for the coarse vector; the fine vectors order them the other way round.
+def near_duplicates(rng: np.random.Generator, query: np.ndarray) -> list[Document]:
+    """Three near-duplicates for the coarse vector; the fine vectors order them the other way round."""
     docs = []
     for i, (name, fine) in enumerate((("a", (0.1, 1, 0)), ("b", (0.5, 1, 0)), ("c", (1, 0.1, 0)))):
         near = query + 0.01 * i * unit(rng, DIM)
-        docs.append(Document(id=name, vector=near / np.linalg.norm(near), text="badge",
-                             fine_vector=np.array(fine, dtype=np.float32)))
+        docs.append(Document(id=name, vector=near / np.linalg.norm(near), text=f"badge {name}",
+                             metadata={"kind": "badge"}, fine_vector=np.array(fine, dtype=np.float32)))
+    return docs
+
+
+def test_fine_vectors_round_trip_and_the_fine_stage_ranks_by_them(store):
+    rng = np.random.default_rng(0)
+    query, fine_query = unit(rng, DIM), np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    docs = near_duplicates(rng, query)
     store.upsert(docs)
     fetched = {doc.id: doc for doc in store.fetch(["a", "b", "c"])}
     for doc in docs:
@@ -33,3 +39,29 @@ def test_fine_vectors_round_trip_and_the_fine_stage_ranks_by_them(store):
     assert result.reranked and [h.id for h in result.hits][0] == "c"
     # A per-query ef_search reaches the lucene engine (a value below k is raised to k).
     assert {h.id for h in store.vector_search(query, 3, ef_search=3)} == {"a", "b", "c"}
+
+
+def test_a_fetch_without_vectors_keeps_text_metadata_and_fine_vectors(store):
+    docs = near_duplicates(np.random.default_rng(1), unit(np.random.default_rng(2), DIM))
+    store.upsert(docs)
+    for doc, bare in zip(docs, store.fetch(["a", "b", "c"], vectors=False)):
+        assert bare.vector is NO_VECTOR
+        assert (bare.id, bare.text, dict(bare.metadata)) == (doc.id, doc.text, dict(doc.metadata))
+        np.testing.assert_array_equal(bare.fine_vector, doc.fine_vector)
+
+
+def test_reranked_hybrid_hits_carry_exact_vector_scores_natively_and_in_python(store):
+    # The fine stage reads its candidates without their vectors; the native hybrid's hits get their
+    # vector scores from a fetch of the hits shown.
+    rng = np.random.default_rng(3)
+    query, fine_query = unit(rng, DIM), np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    docs = near_duplicates(rng, query)
+    store.upsert(docs)
+    for native in (True, False):
+        options = SearchOptions(mode="hybrid", k=3, native_hybrid=native)
+        assert uses_native_hybrid(store, options) is native
+        result = search(store, vector=query, text="badge", options=options, fine_vector=fine_query)
+        assert result.reranked and [h.id for h in result.hits][0] == "c"
+        for hit in result.hits:
+            stored = next(doc for doc in docs if doc.id == hit.id).vector
+            assert hit.scores["vector"] == pytest.approx(float(stored @ query), abs=1e-5)

@@ -20,7 +20,7 @@ from sidecar.stores import bm25
 from sidecar.stores.base import ModelMismatchError, StoreError
 from sidecar.stores.bm25 import Bm25Index, query_terms
 from sidecar.stores.embedded import EmbeddedStore
-from sidecar.types import Document, ModelSignature
+from sidecar.types import NO_VECTOR, Document, ModelSignature
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DIM = 32
@@ -84,6 +84,8 @@ def test_upsert_count_and_fetch_round_trip(store: EmbeddedStore):
     assert fetched[0].text == docs[7].text
     assert dict(fetched[0].metadata) == dict(docs[7].metadata)
     assert store.content_hashes()["doc7"] == "h7v0"
+    (bare,) = store.fetch(["doc7"], vectors=False)
+    assert bare.vector is NO_VECTOR and (bare.text, dict(bare.metadata)) == (docs[7].text, dict(docs[7].metadata))
 
 
 def test_upsert_replaces_by_id(store: EmbeddedStore):
