@@ -3,6 +3,7 @@ computed once; the table read once per forward batch and written by a thread of 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import queue
@@ -69,20 +70,26 @@ class TextVectorCache:
         self._writer: threading.Thread | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = self._connect(path)
-            self._db.execute("CREATE TABLE IF NOT EXISTS text_vectors (namespace TEXT, key TEXT, vector BLOB, "
-                             "last_used INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (namespace, key))")
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(text_vectors)")}
-            if "last_used" not in columns:  # a file from before the bound: its rows count as least recent
-                self._db.execute("ALTER TABLE text_vectors ADD COLUMN last_used INTEGER NOT NULL DEFAULT 0")
-            if "tokens" not in columns:  # a file from before token counts were kept: such rows are recomputed
-                self._db.execute("ALTER TABLE text_vectors ADD COLUMN tokens INTEGER")
-            self._db.execute("CREATE INDEX IF NOT EXISTS text_vectors_last_used ON text_vectors (last_used)")
-            # Rows in the file as this process last counted them, plus what it inserted since;
-            # other processes' inserts show up at the next count.
-            self._rows = self._db.execute("SELECT count(*) FROM text_vectors").fetchone()[0]
-            self._write_db = self._connect(path)
-            self._evict_if_over()
+            # gunicorn boots its workers together, each opening the file here. One process at a time:
+            # SQLite answers the loser of the WAL switch "database is locked" at once (no busy wait
+            # for that lock upgrade), and two processes both adding a missing column collide; either
+            # failure would stop a worker from booting (tests/unit/serving/test_cache.py).
+            with open(path.with_name(path.name + ".lock"), "a+b") as setup_lock:
+                fcntl.flock(setup_lock, fcntl.LOCK_EX)
+                self._db = self._connect(path)
+                self._db.execute("CREATE TABLE IF NOT EXISTS text_vectors (namespace TEXT, key TEXT, vector BLOB, "
+                                 "last_used INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (namespace, key))")
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(text_vectors)")}
+                if "last_used" not in columns:  # a file from before the bound: its rows count as least recent
+                    self._db.execute("ALTER TABLE text_vectors ADD COLUMN last_used INTEGER NOT NULL DEFAULT 0")
+                if "tokens" not in columns:  # a file from before token counts were kept: such rows are recomputed
+                    self._db.execute("ALTER TABLE text_vectors ADD COLUMN tokens INTEGER")
+                self._db.execute("CREATE INDEX IF NOT EXISTS text_vectors_last_used ON text_vectors (last_used)")
+                # Rows in the file as this process last counted them, plus what it inserted since;
+                # other processes' inserts show up at the next count.
+                self._rows = self._db.execute("SELECT count(*) FROM text_vectors").fetchone()[0]
+                self._write_db = self._connect(path)
+                self._evict_if_over()
             self._writer = threading.Thread(target=self._write_loop, name="text-cache-writer", daemon=True)
             self._writer.start()
 

@@ -1,3 +1,4 @@
+import multiprocessing
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -147,3 +148,23 @@ def test_the_persistent_cache_keeps_at_most_max_entries_dropping_the_least_recen
     assert len(encode.calls) == 11, "kept entries come from disk"
     reopened.get_or_compute(["t1", "t2"], encode_through_disk(reopened, encode), timeout_s=10)
     assert encode.calls[-1] == ["t1", "t2"], "the least recently used were evicted"
+
+
+def _open_at(path, start_at: float) -> None:
+    time.sleep(max(0.0, start_at - time.time()))
+    TextVectorCache(path, namespace=namespace(), capacity=10)
+
+
+def test_processes_opening_a_new_cache_file_at_once_all_start(tmp_path):
+    # gunicorn boots its workers together, each opening the same new file; a worker that fails here
+    # fails to boot and takes the server down with it.
+    context = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        path = tmp_path / f"attempt{attempt}" / "text.sqlite"
+        start_at = time.time() + 0.5
+        workers = [context.Process(target=_open_at, args=(path, start_at)) for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert [worker.exitcode for worker in workers] == [0] * 8, f"attempt {attempt}"
