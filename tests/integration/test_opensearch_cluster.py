@@ -111,8 +111,9 @@ def search_top10s(store: OpenSearchStore, corpus, **options: object) -> list[lis
 
 @pytest.fixture(scope="module")
 def corpus() -> tuple[list[Document], list[tuple[np.ndarray, str]]]:
-    """Clustered vectors with captions of 3-12 words from 300 (BM25 scores seldom tie, so a top-10
-    has one order); queries near a document with two of its words."""
+    """Clustered vectors with captions of 3-12 words from 300 (BM25 scores seldom tie within a top-10,
+    but the cut of a top-100 often falls inside a tie: the store breaks ties by id); queries near a
+    document with two of its words."""
     vectors, _, _ = clustered_vectors(N_DOCS, seed=16)
     fine_vectors, _, _ = clustered_vectors(N_DOCS, seed=17)  # a "fine model"'s vectors, for the rerank
     rng = np.random.default_rng(16)
