@@ -110,6 +110,12 @@ class Settings:
     # beside the request threads; more than one thread there only adds hand-off cost (the tiny
     # model's batch-1 forward: 0.9 ms with 1 thread, 1.9 ms with 2, on the 2-core dev box).
     serve_torch_threads: int = 1
+    # Each gunicorn worker process on one CPU of those the server may use (the one the fewest
+    # workers have): its request threads, gunicorn's own thread and the batcher thread then hand
+    # requests to each other on one core, where a wake-up is a context switch, instead of across
+    # cores, where it is an inter-processor interrupt (costly on VMs; bench/RESULTS.md). Off by
+    # default: servers that do not share a CPU set (containers on one host) would pin to the same CPUs.
+    pin_workers: bool = False
 
     # Text-vector cache: keyed by model, weights, prompt template version and text. An in-memory
     # LRU of text_cache_size entries per worker, over a SQLite file shared by the workers (unless
@@ -217,6 +223,10 @@ class Settings:
         for name in ("target_recall", "monitor_fraction", "hard_example_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"setting {name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.pin_workers and self.serve_torch_threads > 1:
+            raise ValueError(f"setting pin_workers runs each worker on one CPU, where serve_torch_threads="
+                             f"{self.serve_torch_threads} torch threads would take turns: set serve_torch_threads=1 "
+                             "or pin_workers=false")
         if self.quality_log_backups < 0:
             raise ValueError(f"setting quality_log_backups must be >= 0, got {self.quality_log_backups}")
         if self.opensearch_replicas < 0:

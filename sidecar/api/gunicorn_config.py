@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from gunicorn import util
@@ -80,8 +81,21 @@ def child_exit(server, worker):
     multiprocess.mark_process_dead(worker.pid)
 
 
+def pre_fork(server, worker):
+    """With pin_workers, the CPU this worker will run on: the one the fewest live workers have
+    (chosen here, in the arbiter, which knows them all; a replacement takes its predecessor's)."""
+    if _settings.pin_workers:
+        taken = Counter(getattr(w, "sidecar_cpu", None) for w in server.WORKERS.values())
+        worker.sidecar_cpu = min(sorted(os.sched_getaffinity(0)), key=lambda cpu: taken[cpu])
+
+
 def post_fork(server, worker):
-    """Split the GPU between workers: SIDECAR_GPU_MEMORY_FRACTION (e.g. 0.45 with two workers)."""
+    """Pin the worker to its CPU (pin_workers). Split the GPU between workers:
+    SIDECAR_GPU_MEMORY_FRACTION (e.g. 0.45 with two workers)."""
+    cpu = getattr(worker, "sidecar_cpu", None)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+        server.log.info("worker %s: pinned to CPU %d (pin_workers)", worker.pid, cpu)
     fraction = os.environ.get("SIDECAR_GPU_MEMORY_FRACTION")
     if fraction:
         import torch

@@ -146,6 +146,24 @@ def test_metrics_count_every_worker_of_a_two_worker_gunicorn(start_gunicorn):
     assert server.metric("sidecar_requests_total", endpoint="/v1/embeddings", status="200") == 40
 
 
+def test_pinned_workers_each_run_on_their_own_cpu_and_a_replacement_takes_the_freed_one(start_gunicorn):
+    cpus = sorted(os.sched_getaffinity(0))
+    server = start_gunicorn(workers=2, pin_workers="true")
+    pids = wait_for_workers(server, 2)
+    pinned = {pid: os.sched_getaffinity(pid) for pid in pids}
+    # Spread evenly: two CPUs for two workers wherever the server may use two.
+    assert sorted(cpu for cpu_set in pinned.values() for cpu in cpu_set) == sorted(cpus[i % len(cpus)]
+                                                                                   for i in range(2)), pinned
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    (replacement,) = wait_for_workers(server, 1, other_than=pids)
+    assert os.sched_getaffinity(replacement) == pinned[victim]
+    run = uuid.uuid4().hex[:8]
+    response = requests.post(f"{server.url}/v1/embeddings", json={"input": f"pinned {run}"}, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+
 def test_overload_answers_503_with_retry_after_from_gunicorn(start_gunicorn):
     # 4 request threads: by default at most 2 items (half the threads) wait for the model. 32
     # clients each send 4 texts, so whenever two requests meet in the queue the later one is refused.

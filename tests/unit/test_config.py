@@ -56,6 +56,12 @@ def test_the_encode_queue_bound_is_half_the_request_threads_at_most_one_batch_un
         Settings(queue_items=-1)
 
 
+def test_pinned_workers_refuse_more_than_one_torch_thread_naming_both_settings():
+    assert Settings.from_env({"SIDECAR_PIN_WORKERS": "true"}).pin_workers is True
+    with pytest.raises(ValueError, match="pin_workers .* serve_torch_threads=2 .* set serve_torch_threads=1"):
+        Settings(pin_workers=True, serve_torch_threads=2)
+
+
 def test_the_text_cache_file_has_its_own_path_setting_and_can_be_turned_off():
     assert Settings(cache_dir="/c").text_cache_file() == Path("/c/text-vectors.sqlite")
     env = {"SIDECAR_TEXT_CACHE_PATH": "/v/texts.sqlite", "SIDECAR_CACHE_DIR": "/c"}
