@@ -40,8 +40,8 @@ SERVE_FLAGS = ("request_threads", "pin_workers", "insecure") + PROMPT_FLAGS
                    "requests answer 503 (SIDECAR_QUEUE_ITEMS overrides that bound).")
 @click.option("--pin-workers", is_flag=True, default=None,
               help="Run each worker on one CPU of those the server may use, spread evenly (SIDECAR_PIN_WORKERS): "
-                   "its threads then hand requests to each other on one core. On the 2-vCPU test VM: 1.2-1.7x "
-                   "the requests/s, 14-33% less CPU per request. Only where no other server pins the same CPUs.")
+                   "its threads then hand requests to each other on one core. On the 2-vCPU test VM: text encodes "
+                   "1.1-1.5x per second, images no gain. Only where no other server pins the same CPUs.")
 @click.option("--insecure", is_flag=True, default=None,
               help="Serve without API keys on an address other than loopback (SIDECAR_INSECURE): on purpose only.")
 @click.option("--certfile", type=click.Path(exists=True, dir_okay=False),
