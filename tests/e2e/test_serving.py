@@ -3,6 +3,7 @@ dead encode thread replaced), and the app's timeout (504) and dead-thread (503) 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -183,6 +184,34 @@ def test_overload_answers_503_with_retry_after_from_gunicorn(start_gunicorn):
         assert refused.headers["Retry-After"] == "1"
         assert refused.json()["error"]["code"] == "overloaded"
         assert "limit of 2 (queue_items)" in refused.json()["error"]["message"]
+
+
+# Gunicorn's own config and hooks, then what the collector tracks once they ran.
+GC_PROBE_CONFIG = """
+import gc
+import json
+from pathlib import Path
+
+from sidecar.api import gunicorn_config as _real
+from sidecar.api.gunicorn_config import *  # noqa: F403 - the real settings and hooks
+
+
+def post_worker_init(worker):
+    _real.post_worker_init(worker)
+    Path({out!r}).write_text(json.dumps({{"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())}}))
+"""
+
+
+def test_a_gunicorn_worker_freezes_its_start_up_objects_out_of_garbage_collection(start_gunicorn, tmp_path):
+    probe = tmp_path / "gc.json"
+    config = tmp_path / "gc_probe_config.py"
+    config.write_text(GC_PROBE_CONFIG.format(out=str(probe)))
+    server = start_gunicorn(config=f"file:{config}")
+    counts = json.loads(probe.read_text())
+    # torch, open_clip and the model: hundreds of thousands of objects a full collection no longer walks.
+    assert counts["frozen"] > 100_000 and counts["tracked"] < counts["frozen"] / 10, counts
+    response = requests.post(f"{server.url}/v1/embeddings", json={"input": f"frozen {uuid.uuid4().hex}"}, timeout=60)
+    assert response.status_code == 200, response.text
 
 
 # Gunicorn's own config and hooks, plus a fault: while TRIGGER exists, the next text forward
