@@ -3,7 +3,7 @@ end to end (JPEG files on disk → vector shards on disk), with the end-to-end /
 
     .venv/bin/python bench/embed_throughput.py                          # tiny model, generated JPEGs
     .venv/bin/python bench/embed_throughput.py --model ViT-B-32 --images 20000 --batch-size 1024 \
-        --image-side 320 --decode cpu,device
+        --image-side 320 --decode cpu,device,split
     .venv/bin/python bench/embed_throughput.py --folder /data/photos    # your own images
 
 Generated images are rendered shapes: flat colour compresses well, so they decode faster than
@@ -13,6 +13,7 @@ photographs of the same size; `--folder` measures your own.
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import os
 import platform
@@ -76,8 +77,11 @@ def main() -> None:
     parser.add_argument("--image-side", type=int, default=64, help="side of generated JPEGs")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--decode", default="auto", help="end-to-end runs, comma-separated: auto, cpu, device")
+    parser.add_argument("--decode", default="auto", help="end-to-end runs, comma-separated: auto, cpu, device, split")
     args = parser.parse_args()
+    # The job's own summary lines (stages; a split decode's share) go with the figures.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("sidecar.ingest.embed").setLevel(logging.INFO)
 
     overrides = {"model": args.model, "pretrained": args.pretrained} if args.model else {}
     encoder = load_encoder(Settings.from_env(**overrides))

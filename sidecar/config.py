@@ -18,7 +18,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OPENSEARCH_ENGINES = ("lucene", "faiss")  # faiss needs the k-NN native library
 # Where the embed job decodes JPEGs: cpu (PIL in worker processes), device (batched on the
 # model's device: nvjpeg on a GPU), auto (device on CUDA, else cpu).
-DECODE_MODES = ("auto", "cpu", "device")
+DECODE_MODES = ("auto", "cpu", "device", "split")
 # What runs the embed job: this machine's processes, or a Ray cluster (the `ray` extra).
 EMBED_ENGINES = ("local", "ray")
 # Image formats decoded by default: what cameras, phones and the web produce. Pillow knows forty

@@ -31,8 +31,10 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, THUMBNAIL_SIDE
 @click.option("--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True,
               help="Decode/resize worker processes (0 = decode in the main process).")
 @click.option("--decode", type=click.Choice(DECODE_MODES), default="auto", show_default=True,
-              help="Where JPEGs are decoded and resized: cpu (PIL workers) or device (batched on the model's "
-                   "device, nvjpeg on a GPU); auto = device on CUDA, else cpu. The ray engine decodes on CPU tasks.")
+              help="Where JPEGs are decoded and resized: cpu (PIL workers), device (batched on the model's "
+                   "device, nvjpeg on a GPU), or split (both at once: the workers decode the share of JPEGs that "
+                   "keeps pace with the device, measured as the job runs); auto = device on CUDA, else cpu. The "
+                   "ray engine decodes on CPU tasks.")
 @click.option("--thumbnail-size", "thumbnail_side", type=click.IntRange(0, 1024), default=THUMBNAIL_SIDE,
               show_default=True, metavar="PIXELS",
               help="Longer side of the JPEG thumbnail kept for each image (the search page shows them; the "
@@ -87,8 +89,8 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     if engine == "ray":
         from sidecar.ingest.ray_engine import RayResources, RayUnavailable, embed_corpus_on_ray
 
-        if decode == "device":
-            raise click.UsageError("--engine ray decodes on CPU tasks: --decode device is for the local engine")
+        if decode in ("device", "split"):
+            raise click.UsageError(f"--engine ray decodes on CPU tasks: --decode {decode} is for the local engine")
         if specs:
             raise click.UsageError(f"--engine ray does not tag ({', '.join(spec.set for spec in specs)}): embed "
                                    "with --engine local, or tag afterwards with `clip-sidecar tag OUT`")

@@ -2,7 +2,8 @@
 
 Workers run PIL only (no torch ops), so forking after torch started is safe. Decoded pixels
 travel through shared-memory slots; JPEGs meant for the device decoder travel as bytes; each
-image's thumbnail (a few KB, when asked for) travels as bytes too.
+image's thumbnail (a few KB, when asked for) travels as bytes too. With a `DecodeSplit` the
+workers decode a share of those JPEGs themselves, so CPU and device decode at the same time.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import multiprocessing
 import queue
 import signal
 import threading
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -21,39 +23,142 @@ from sidecar.ingest.corpus import CorpusItem
 from sidecar.ingest.thumbnails import make_thumbnail
 from sidecar.model.images import ImageDecodeError, ImagePreprocess
 
+
+class DecodeSplit:
+    """Which JPEGs the decode workers decode themselves when the device could too (decode "split"):
+    a share, set so that both sides spend as long per batch. Nobody waits on the other while the
+    pool's CPUs and the device's decoder (nvjpeg) both run.
+
+    Measured as the job runs, as moving averages: a worker's seconds per JPEG it passes on (read,
+    header, thumbnail) `w` and per JPEG it decodes (the same, plus decode and resize) `c`, and the
+    device's seconds per JPEG `d`. With share `s` on the CPU, `n` workers spend (s·c + (1−s)·w) / n
+    per JPEG and the device (1−s)·d: equal at s = (n·d − w) / (c − w + n·d). The share starts at
+    one half, so the first batch measures both sides, and stays within [0.02, 0.98] so both keep
+    being measured."""
+
+    SMOOTHING = 0.3  # weight of the latest batch in the moving averages
+    BOUNDS = (0.02, 0.98)
+
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+        # Shared memory, made before the fork: the workers read the share the parent sets.
+        self._share = multiprocessing.RawValue("d", 0.5)
+        self.pass_s: float | None = None
+        self.cpu_s: float | None = None
+        self.device_s: float | None = None
+        self.on_cpu = self.on_device = 0  # JPEGs decoded by each side so far
+        self._batch = {"cpu": [0.0, 0], "device": [0.0, 0]}  # worker seconds, JPEGs since the last batch
+
+    @property
+    def share(self) -> float:
+        """The share of eligible JPEGs the workers decode now."""
+        return self._share.value
+
+    def record_worker(self, route: str, seconds: float) -> None:
+        """A worker's time for one JPEG it decoded ("cpu") or passed on ("device")."""
+        totals = self._batch[route]
+        totals[0] += seconds
+        totals[1] += 1
+        if route == "cpu":
+            self.on_cpu += 1
+
+    def record_device(self, count: int, seconds: float) -> None:
+        """The device decoded `count` JPEGs of a batch in `seconds`; the share is set again."""
+        self.on_device += count
+        if count:
+            self.device_s = self._average(self.device_s, seconds / count)
+        (cpu_total, cpu_count), (pass_total, pass_count) = self._batch["cpu"], self._batch["device"]
+        if cpu_count:
+            self.cpu_s = self._average(self.cpu_s, cpu_total / cpu_count)
+        if pass_count:
+            self.pass_s = self._average(self.pass_s, pass_total / pass_count)
+        self._batch = {"cpu": [0.0, 0], "device": [0.0, 0]}
+        if None not in (self.pass_s, self.cpu_s, self.device_s):
+            self._share.value = self.balance(pass_s=self.pass_s, cpu_s=self.cpu_s, device_s=self.device_s,
+                                             workers=self.workers)
+
+    @classmethod
+    def balance(cls, *, pass_s: float, cpu_s: float, device_s: float, workers: int) -> float:
+        """The share at which the workers and the device take as long per JPEG (see the class)."""
+        low, high = cls.BOUNDS
+        span = cpu_s - pass_s + workers * device_s
+        if span <= 0:
+            return high
+        return min(high, max(low, (workers * device_s - pass_s) / span))
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.SMOOTHING * (new - old)
+
+    def describe(self) -> str:
+        total = self.on_cpu + self.on_device
+        return (f"split decode: {self.on_cpu} of {total} JPEGs decoded by the CPU workers "
+                f"({100 * self.on_cpu / max(1, total):.0f} %), {self.on_device} on the device; share at the end "
+                f"{self.share:.2f}")
+
+
+class Loaded(NamedTuple):
+    """What a worker hands back for one file."""
+
+    jpeg: bytes | None  # the file, for the device decoder; None: pixels in the slot, or unusable
+    reason: str | None  # why the file is unusable; None: it is usable
+    slot: int
+    thumbnail: bytes
+    route: str | None  # with a DecodeSplit, for a JPEG either side could decode: "cpu" or "device"
+    seconds: float  # the worker's time on this file
+
+
 # Set in each worker by _init_worker (and in the parent when workers=0).
 _images: ImagePreprocess | None = None
 _max_pixels = 0
 _on_device = False
 _slots: np.ndarray | None = None  # [slot, h, w, 3] uint8 in memory shared with the parent
 _thumbnail_side = 0  # 0: no thumbnails
+_split_share = None  # the DecodeSplit's shared share, or None: every eligible JPEG goes to the device
+_cpu_credit = 0.0  # this worker's running count of JPEGs owed to the CPU under the share
 
 
 def _init_worker(images: ImagePreprocess, max_pixels: int, on_device: bool, slots: np.ndarray,
-                 thumbnail_side: int) -> None:
-    global _images, _max_pixels, _on_device, _slots, _thumbnail_side
+                 thumbnail_side: int, split_share=None) -> None:
+    global _images, _max_pixels, _on_device, _slots, _thumbnail_side, _split_share, _cpu_credit
     _images, _max_pixels, _on_device, _slots, _thumbnail_side = images, max_pixels, on_device, slots, thumbnail_side
+    _split_share, _cpu_credit = split_share, 0.0
     if multiprocessing.parent_process() is not None:
         # Ctrl-C reaches the whole process group: the parent stops the job and terminates the
         # pool. A worker dying of it instead would lose its task and leave the parent waiting.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _load(job: tuple[Path, int]) -> tuple[bytes | None, str | None, int, bytes]:
-    """Read and decode one file into its slot, and make its thumbnail. Returns (None, None, slot,
-    thumbnail): pixels in the slot; (JPEG bytes, None, slot, thumbnail): for the device decoder;
-    (None, reason, slot, b""): unusable."""
+def _decode_here() -> bool:
+    """Under a split: whether this eligible JPEG is the worker's to decode. A running credit, not a
+    coin: each worker decodes exactly its share, spread evenly."""
+    global _cpu_credit
+    _cpu_credit += _split_share.value
+    if _cpu_credit >= 1.0:
+        _cpu_credit -= 1.0
+        return True
+    return False
+
+
+def _load(job: tuple[Path, int]) -> Loaded:
+    """Read and decode one file into its slot (or pass a JPEG on to the device decoder), and make
+    its thumbnail."""
     path, slot = job
+    started = time.perf_counter()
     data, reason = read_file(path)
     if reason is not None:
-        return None, reason, slot, b""
+        return Loaded(None, reason, slot, b"", None, time.perf_counter() - started)
+    route = None
     if _on_device and _images.wants_device_decode(data, max_pixels=_max_pixels):
-        return data, None, slot, _thumbnail(data)
+        if _split_share is None:
+            return Loaded(data, None, slot, _thumbnail(data), None, time.perf_counter() - started)
+        route = "cpu" if _decode_here() else "device"
+        if route == "device":
+            return Loaded(data, None, slot, _thumbnail(data), route, time.perf_counter() - started)
     pixels, reason = decode_data(_images, data, max_pixels=_max_pixels)
     if pixels is None:
-        return None, reason, slot, b""
+        return Loaded(None, reason, slot, b"", None, time.perf_counter() - started)
     _slots[slot] = pixels
-    return None, None, slot, _thumbnail(data)
+    return Loaded(None, None, slot, _thumbnail(data), route, time.perf_counter() - started)
 
 
 def _thumbnail(data: bytes) -> bytes:
@@ -79,9 +184,11 @@ def decode_data(images: ImagePreprocess, data: bytes, *, max_pixels: int) -> tup
 
 
 def decoded_batches(todo: list[tuple[CorpusItem, str]], images: ImagePreprocess, *, batch_size: int, workers: int,
-                    max_pixels: int, on_device: bool, thumbnail_side: int = 0) -> Iterator[list[tuple]]:
+                    max_pixels: int, on_device: bool, thumbnail_side: int = 0,
+                    split: DecodeSplit | None = None) -> Iterator[list[tuple]]:
     """Batches of (item, hash, payload | None, error | None, thumbnail); workers read and decode ahead
-    of the model. `thumbnail_side` 0 makes no thumbnails (b"")."""
+    of the model. `thumbnail_side` 0 makes no thumbnails (b""). With `on_device`, the payload of a
+    plain JPEG is its bytes, for the device decoder — or, with `split`, the pixels for its share."""
     # Bounded read-ahead: workers stay at most two batches ahead of the model, so a slow model
     # never lets decoded images pile up in memory. Each image in flight owns one slot of an
     # anonymous shared mapping made before the fork: a worker writes the pixels there and
@@ -101,7 +208,7 @@ def decoded_batches(todo: list[tuple[CorpusItem, str]], images: ImagePreprocess,
                 return
             yield item.path, slot
 
-    init = (images, max_pixels, on_device, slots, thumbnail_side)
+    init = (images, max_pixels, on_device, slots, thumbnail_side, split._share if split is not None else None)
     if workers <= 0:
         _init_worker(*init)
         results = map(_load, jobs())
@@ -111,10 +218,12 @@ def decoded_batches(todo: list[tuple[CorpusItem, str]], images: ImagePreprocess,
         results = pool.imap(_load, jobs(), chunksize=16)
     try:
         batch = []
-        for (item, digest), (data, reason, slot, thumbnail) in zip(todo, results):
-            pixels = data if data is not None or reason is not None else slots[slot].copy()
-            free.put(slot)
-            batch.append((item, digest, pixels, reason, thumbnail))
+        for (item, digest), loaded in zip(todo, results):
+            pixels = loaded.jpeg if loaded.jpeg is not None or loaded.reason is not None else slots[loaded.slot].copy()
+            free.put(loaded.slot)
+            if split is not None and loaded.route is not None:
+                split.record_worker(loaded.route, loaded.seconds)
+            batch.append((item, digest, pixels, loaded.reason, loaded.thumbnail))
             if len(batch) == batch_size:
                 yield batch
                 batch = []

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from sidecar.config import DECODE_MODES, THUMBNAIL_SIDE
 from sidecar.ingest.corpus import CorpusError, CorpusItem, read_corpus
-from sidecar.ingest.decode_pool import decoded_batches
+from sidecar.ingest.decode_pool import DecodeSplit, decoded_batches
 from sidecar.ingest.identity import document_hash, image_hash
 from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.ingest.tagging import Tagger, tagged
@@ -86,14 +86,17 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     (device on CUDA, else cpu). With `fine_encoder`, the same pass also stores each image's vector
     by that (stronger) model beside the model's, for the fine-ranking stage. `thumbnail_side`: the
     longer side of each image's thumbnail (0: none); shards written without thumbnails get theirs
-    in this run. With `tagger`, the metadata of every document gets its prompt-set tags; without
+    in this run. `decode` "split": JPEGs decoded by both at once, the workers taking the share that
+    keeps pace with the device (`DecodeSplit`). With `tagger`, the metadata of every document gets its prompt-set tags; without
     one, the shards hold no tags."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
-    on_device = decode == "device" or (decode == "auto" and encoder.device.type == "cuda")
+    on_device = decode in ("device", "split") or (decode == "auto" and encoder.device.type == "cuda")
+    split = DecodeSplit(workers) if decode == "split" else None
     started = time.perf_counter()
     stages: defaultdict[str, float] = defaultdict(float)
-    plan = plan_embed(encoder, source, out, decode="device" if on_device else "cpu", fine_encoder=fine_encoder,
+    plan = plan_embed(encoder, source, out, decode=decode if decode == "split" else "device" if on_device else "cpu",
+                      fine_encoder=fine_encoder,
                       tagger=tagger, shard_size=shard_size, workers=workers, progress=progress, stages=stages,
                       thumbnail_side=thumbnail_side, max_pixels=max_pixels)
     shards, todo = plan.shards, plan.todo
@@ -104,7 +107,7 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
             tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar, \
             _in_background(_staged_batches(todo, encoder, batch_size=batch_size, workers=workers,
                                            max_pixels=max_pixels, on_device=on_device, stages=stages,
-                                           thumbnail_side=thumbnail_side)) as staged:
+                                           thumbnail_side=thumbnail_side, split=split)) as staged:
         pending: Future | None = None
         buffer_vectors: list[np.ndarray] = []
         buffer_fine: list[np.ndarray] = []
@@ -169,6 +172,8 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                                  buffer_thumbnails)
             if pending is not None:
                 pending.result()
+    if split is not None:
+        log.info("%s", split.describe())
     return finish_embed(plan, failed=failed, started=started, stages=stages, tagger=tagger)
 
 
@@ -359,17 +364,22 @@ def hash_file(path: Path) -> tuple[str | None, str | None]:
         return None, exc.strerror
 
 
-def _staged_batches(todo: list[tuple[CorpusItem, str]], encoder: Encoder, *,
-                    stages: defaultdict[str, float], **decode_options) -> Iterator[tuple[list[tuple], list]]:
-    """(batch, pixels per item) pairs: the decode workers' batches, JPEGs decoded on the device where asked."""
-    batches = decoded_batches(todo, encoder.images, **decode_options)
+def _staged_batches(todo: list[tuple[CorpusItem, str]], encoder: Encoder, *, stages: defaultdict[str, float],
+                    split: DecodeSplit | None = None, **decode_options) -> Iterator[tuple[list[tuple], list]]:
+    """(batch, pixels per item) pairs: the decode workers' batches, JPEGs decoded on the device where
+    asked (the device's time per JPEG goes to `split`)."""
+    batches = decoded_batches(todo, encoder.images, split=split, **decode_options)
     while True:
         with _timed(stages, "decode_wait"):
             batch = next(batches, None)
         if batch is None:
             return
-        with _timed(stages, "device_decode"):
-            pixels = _to_pixels(batch, encoder)
+        started = time.perf_counter()
+        pixels, on_device = _to_pixels(batch, encoder)
+        seconds = time.perf_counter() - started
+        stages["device_decode"] += seconds
+        if split is not None:
+            split.record_device(on_device, seconds)
         yield batch, pixels
 
 
@@ -419,11 +429,12 @@ def _in_background(items: Iterator[T], *, depth: int = 1) -> Iterator[Iterator[T
         thread.join()
 
 
-def _to_pixels(batch: list[tuple], encoder: Encoder) -> list:
-    """Per item: uint8 pixels (host array from a worker, or a device tensor), or None."""
+def _to_pixels(batch: list[tuple], encoder: Encoder) -> tuple[list, int]:
+    """Per item: uint8 pixels (host array from a worker, or a device tensor), or None; and how many
+    JPEGs the device decoded."""
     jpeg_at = [i for i, (_, _, payload, *_) in enumerate(batch) if isinstance(payload, bytes)]
     decoded = encoder.images.decode_on_device([batch[i][2] for i in jpeg_at], device=encoder.device)
     pixels = [payload if not isinstance(payload, bytes) else None for _, _, payload, *_ in batch]
     for i, tensor in zip(jpeg_at, decoded):
         pixels[i] = tensor
-    return pixels
+    return pixels, len(jpeg_at)

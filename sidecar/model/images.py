@@ -309,9 +309,20 @@ class ImagePreprocess:
 
 def stack_pixels(pixels: Sequence[np.ndarray | torch.Tensor], device: torch.device) -> np.ndarray | torch.Tensor:
     """One [B, h, w, 3] batch from host arrays (CPU path) and/or device tensors (device path)."""
-    if all(isinstance(p, np.ndarray) for p in pixels):
+    host_at = [i for i, p in enumerate(pixels) if isinstance(p, np.ndarray)]
+    if len(host_at) == len(pixels):
         return np.stack(pixels)  # one pinned host-to-device copy in the encoder's forward
-    return torch.stack([torch.as_tensor(p).to(device, non_blocking=True) for p in pixels])
+    if not host_at:
+        return torch.stack(list(pixels))
+    # Both (a split decode): the workers' arrays cross to the device in one copy, not one per image.
+    host = torch.from_numpy(np.stack([pixels[i] for i in host_at]))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    batch = torch.empty((len(pixels), *host.shape[1:]), dtype=torch.uint8, device=device)
+    batch[host_at] = host.to(device, non_blocking=True)
+    device_at = [i for i, p in enumerate(pixels) if not isinstance(p, np.ndarray)]
+    batch[device_at] = torch.stack([pixels[i] for i in device_at])
+    return batch
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:

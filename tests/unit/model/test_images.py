@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sidecar.model.images import (
@@ -16,6 +17,7 @@ from sidecar.model.images import (
     decode_image,
     load_rgb,
     open_image,
+    stack_pixels,
 )
 
 LIMIT = 10_000_000
@@ -121,7 +123,6 @@ DEVICE_TOLERANCE = 4.0
 @pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
 @pytest.mark.parametrize("shape", [(120, 160, 3), (160, 90, 3)], ids=["landscape", "portrait"])
 def test_device_path_matches_the_cpu_path_within_tolerance_for_every_resize_mode(resize_mode, shape):
-    import torch
 
     preprocess = _preprocess(resize_mode)
     data = _encode(_photo(1, shape), "JPEG", quality=95)
@@ -147,7 +148,6 @@ def test_resize_spec_follows_open_clips_resize_mode():
 
 
 def test_device_decoding_batches_same_sized_images_and_keeps_the_order():
-    import torch
 
     preprocess = _preprocess("shortest", size=24)
     rng = np.random.default_rng(1)
@@ -224,3 +224,13 @@ except ImageDecodeError as exc:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).parents[3])
     assert result.stdout.strip() == "too_large not enough memory to decode the image", result.stderr
+
+
+def test_a_batch_of_host_arrays_and_device_tensors_stacks_in_the_items_order():
+    # A split decode hands the model some pixels from the workers (arrays), the rest from the device.
+    pixels = [np.full((4, 4, 3), i, dtype=np.uint8) if i % 3 else torch.full((4, 4, 3), i, dtype=torch.uint8)
+              for i in range(7)]
+    batch = stack_pixels(pixels, torch.device("cpu"))
+    assert isinstance(batch, torch.Tensor) and batch.shape == (7, 4, 4, 3) and batch.dtype == torch.uint8
+    assert batch[:, 0, 0, 0].tolist() == list(range(7))
+    assert isinstance(stack_pixels(pixels[1:3], torch.device("cpu")), np.ndarray)  # arrays only: one host array
