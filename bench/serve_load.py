@@ -3,8 +3,8 @@
 Runs the same load against several server variants in one run — `floor` (the same app and
 gunicorn config, /v1/embeddings answered from a precomputed vector: bench/serve_floor.py),
 micro-batched, unbatched (max_batch=1), batched without the text-vector cache's SQLite file
-(`no-disk-cache`), batched and the floor with each worker pinned to one CPU (`pinned`,
-`floor-pinned`: pin_workers) and, on a GPU, batched without CUDA graphs — and prints
+(`no-disk-cache`), batched, the floor and unbatched with each worker pinned to one CPU (`pinned`,
+`floor-pinned`, `unbatched-pinned`: pin_workers) and, on a GPU, batched without CUDA graphs — and prints
 QPS, p50/p95/p99, server CPU per request and the part of it the forward passes took (the
 batcher's sidecar_forward_cpu_seconds_total), the batch-size histogram and the ratios between
 variants. Every text request is a cache miss (unique text), so the encoder does the work; with
@@ -54,12 +54,13 @@ VARIANTS = {
     "no-graphs": {"SIDECAR_MAX_BATCH": "64", "SIDECAR_CUDA_GRAPHS": "false"},
     # Batched without the text-vector cache's SQLite file (memory LRU only): what the file costs.
     "no-disk-cache": {"SIDECAR_MAX_BATCH": "64", "SIDECAR_TEXT_CACHE_PERSIST": "false"},
-    # Batched, and the floor, with each worker on one CPU (pin_workers).
+    # Batched, the floor and unbatched with each worker on one CPU (pin_workers).
     "pinned": {"SIDECAR_MAX_BATCH": "64", "SIDECAR_PIN_WORKERS": "true"},
     "floor-pinned": {"SIDECAR_MAX_BATCH": "64", "SIDECAR_PIN_WORKERS": "true"},
+    "unbatched-pinned": {"SIDECAR_MAX_BATCH": "1", "SIDECAR_PIN_WORKERS": "true"},
 }
 RATIOS = [("batched", "unbatched"), ("batched", "no-graphs"), ("batched", "no-disk-cache"), ("batched", "floor"),
-          ("pinned", "batched"), ("pinned", "floor-pinned")]
+          ("pinned", "batched"), ("pinned", "floor-pinned"), ("pinned", "unbatched-pinned")]
 
 
 def start_server(port: int, *, variant: dict[str, str], workers: int, threads: int, model: str | None,
