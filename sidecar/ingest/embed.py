@@ -93,6 +93,10 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
         raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
     on_device = decode in ("device", "split") or (decode == "auto" and encoder.device.type == "cuda")
     split = DecodeSplit(workers) if decode == "split" else None
+    if decode in ("device", "split") and encoder.device.type == "cpu":
+        log.warning("--decode %s on a CPU device: the 'device' decoder is torchvision's, on the cores the decode "
+                    "workers use, and decodes whole images where PIL's draft mode decodes JPEGs at a reduced "
+                    "scale; expect it slower than --decode cpu (bench/RESULTS.md)", decode)
     started = time.perf_counter()
     stages: defaultdict[str, float] = defaultdict(float)
     plan = plan_embed(encoder, source, out, decode=decode if decode == "split" else "device" if on_device else "cpu",

@@ -47,6 +47,7 @@ def test_a_split_embed_decodes_on_both_sides_and_matches_the_cpu_decode(encoder,
     on_cpu, total = (int(word) for word in message.split()[2:5:2])
     assert total == summary.embedded and 0 < on_cpu < total, message
     assert json.loads((out / "manifest.json").read_text())["preprocessing"]["decode"] == "split"
+    assert any("--decode split on a CPU device" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
 
     split_vectors = {doc.id: doc.vector for batch in ShardSet(out).documents() for doc in batch}
     cpu_vectors = {doc.id: doc.vector for batch in ShardSet(shards).documents() for doc in batch}
