@@ -4,10 +4,11 @@ Runs the same load against several server variants in one run — `floor` (the s
 gunicorn config, /v1/embeddings answered from a precomputed vector: bench/serve_floor.py),
 micro-batched, unbatched (max_batch=1), batched without the text-vector cache's SQLite file
 (`no-disk-cache`), batched, the floor and unbatched with each worker pinned to one CPU (`pinned`,
-`floor-pinned`, `unbatched-pinned`: pin_workers) and, on a GPU, batched without CUDA graphs — and prints
-QPS, p50/p95/p99, server CPU per request and the part of it the forward passes took (the
-batcher's sidecar_forward_cpu_seconds_total), the batch-size histogram and the ratios between
-variants. Every text request is a cache miss (unique text), so the encoder does the work; with
+`floor-pinned`, `unbatched-pinned`: pin_workers), batched without the access log (`no-access-log`;
+every other variant writes it to stdout, read off a pipe, as users run it) and, on a GPU, batched
+without CUDA graphs — and prints QPS, p50/p95/p99, server CPU per request and the part of it the
+forward passes took (the batcher's sidecar_forward_cpu_seconds_total), the batch-size histogram and
+the ratios between variants. Every text request is a cache miss (unique text), so the encoder does the work; with
 `--modality image` each request carries one base64 JPEG (`--image-side` px, from a set of 64 drawn
 per client process; images are not cached), decoded on the request thread and batched. The load
 comes from separate client processes speaking keep-alive HTTP/1.1 over raw sockets, so the load
@@ -58,9 +59,12 @@ VARIANTS = {
     "pinned": {"SIDECAR_MAX_BATCH": "64", "SIDECAR_PIN_WORKERS": "true"},
     "floor-pinned": {"SIDECAR_MAX_BATCH": "64", "SIDECAR_PIN_WORKERS": "true"},
     "unbatched-pinned": {"SIDECAR_MAX_BATCH": "1", "SIDECAR_PIN_WORKERS": "true"},
+    # Batched without gunicorn's access log (one line per request on stdout otherwise).
+    "no-access-log": {"SIDECAR_MAX_BATCH": "64", "GUNICORN_ACCESSLOG": ""},
 }
 RATIOS = [("batched", "unbatched"), ("batched", "no-graphs"), ("batched", "no-disk-cache"), ("batched", "floor"),
-          ("pinned", "batched"), ("pinned", "floor-pinned"), ("pinned", "unbatched-pinned")]
+          ("pinned", "batched"), ("pinned", "floor-pinned"), ("pinned", "unbatched-pinned"),
+          ("no-access-log", "batched")]
 
 
 def start_server(port: int, *, variant: dict[str, str], workers: int, threads: int, model: str | None,
@@ -74,8 +78,11 @@ def start_server(port: int, *, variant: dict[str, str], workers: int, threads: i
         env["SIDECAR_MODEL"] = model
     args = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
             "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-            "--access-logfile", "/dev/null", "--pythonpath", str(ROOT / "bench"), app]
-    process = subprocess.Popen(args, env=env, cwd=ROOT, start_new_session=True)
+            "--pythonpath", str(ROOT / "bench"), app]
+    # The access log goes to stdout, as the config writes it for users, read off a pipe as a
+    # container runtime or systemd reads it.
+    process = subprocess.Popen(args, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE)
+    threading.Thread(target=_discard, args=(process.stdout,), daemon=True).start()
     deadline = time.monotonic() + 300
     ready: set[int] = set()
     while time.monotonic() < deadline and process.poll() is None:
@@ -88,6 +95,12 @@ def start_server(port: int, *, variant: dict[str, str], workers: int, threads: i
         time.sleep(0.3)
     stop_server(process)
     raise RuntimeError(f"{len(ready)} of {workers} workers became ready in 300 s")
+
+
+def _discard(stream) -> None:
+    """Read a stream to its end, keeping nothing."""
+    while stream.read(1 << 16):
+        pass
 
 
 def _ready_pid(port: int) -> int | None:
