@@ -17,7 +17,8 @@ STORES = ("embedded", "opensearch")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OPENSEARCH_ENGINES = ("lucene", "faiss")  # faiss needs the k-NN native library
 # Where the embed job decodes JPEGs: cpu (PIL in worker processes), device (batched on the
-# model's device: nvjpeg on a GPU), auto (device on CUDA, else cpu).
+# model's device: nvjpeg on a GPU), split (both at once, shared as measured), auto (device on
+# CUDA, else cpu).
 DECODE_MODES = ("auto", "cpu", "device", "split")
 # What runs the embed job: this machine's processes, or a Ray cluster (the `ray` extra).
 EMBED_ENGINES = ("local", "ray")
@@ -114,7 +115,7 @@ class Settings:
     # workers have): its request threads, gunicorn's own thread and the batcher thread then hand
     # requests to each other on one core, where a wake-up is a context switch, instead of across
     # cores, where it is an inter-processor interrupt (costly on VMs; bench/RESULTS.md). Off by
-    # default: servers that do not share a CPU set (containers on one host) would pin to the same CPUs.
+    # default: servers sharing a host without a CPU set each (containers) would all pin to the same CPUs.
     pin_workers: bool = False
 
     # Text-vector cache: keyed by model, weights, prompt template version and text. An in-memory
