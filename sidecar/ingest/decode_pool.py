@@ -31,18 +31,19 @@ class DecodeSplit:
 
     Measured as the job runs, as moving averages: a worker's seconds per JPEG it passes on (read,
     header, thumbnail) `w` and per JPEG it decodes (the same, plus decode and resize) `c`, and the
-    device's seconds per JPEG `d`. With share `s` on the CPU, `n` workers spend (s·c + (1−s)·w) / n
-    per JPEG and the device (1−s)·d: equal at s = (n·d − w) / (c − w + n·d). The share starts at
-    one half, so the first batch measures both sides, and stays within [0.02, 0.98] so both keep
-    being measured."""
+    device's seconds per JPEG `d` — the stager thread's time in the decode call, the side's
+    bottleneck (the GPU kernels queued after it run beside the model's; they show in its stages).
+    With share `s` on the CPU, `n` workers spend (s·c + (1−s)·w) / n per JPEG and the device (1−s)·d:
+    equal at s = (n·d − w) / (c − w + n·d). The share starts at one half, so the first batch measures
+    both sides, and stays within [0.02, 0.98] so both keep being measured."""
 
     SMOOTHING = 0.3  # weight of the latest batch in the moving averages
     BOUNDS = (0.02, 0.98)
 
     def __init__(self, workers: int):
         self.workers = max(1, workers)
-        # Shared memory, made before the fork: the workers read the share the parent sets.
-        self._share = multiprocessing.RawValue("d", 0.5)
+        # The share in shared memory, made before the fork: the parent sets it, the workers read it.
+        self.shared = multiprocessing.RawValue("d", 0.5)
         self.pass_s: float | None = None
         self.cpu_s: float | None = None
         self.device_s: float | None = None
@@ -52,7 +53,7 @@ class DecodeSplit:
     @property
     def share(self) -> float:
         """The share of eligible JPEGs the workers decode now."""
-        return self._share.value
+        return self.shared.value
 
     def record_worker(self, route: str, seconds: float) -> None:
         """A worker's time for one JPEG it decoded ("cpu") or passed on ("device")."""
@@ -74,7 +75,7 @@ class DecodeSplit:
             self.pass_s = self._average(self.pass_s, pass_total / pass_count)
         self._batch = {"cpu": [0.0, 0], "device": [0.0, 0]}
         if None not in (self.pass_s, self.cpu_s, self.device_s):
-            self._share.value = self.balance(pass_s=self.pass_s, cpu_s=self.cpu_s, device_s=self.device_s,
+            self.shared.value = self.balance(pass_s=self.pass_s, cpu_s=self.cpu_s, device_s=self.device_s,
                                              workers=self.workers)
 
     @classmethod
@@ -208,7 +209,7 @@ def decoded_batches(todo: list[tuple[CorpusItem, str]], images: ImagePreprocess,
                 return
             yield item.path, slot
 
-    init = (images, max_pixels, on_device, slots, thumbnail_side, split._share if split is not None else None)
+    init = (images, max_pixels, on_device, slots, thumbnail_side, split.shared if split is not None else None)
     if workers <= 0:
         _init_worker(*init)
         results = map(_load, jobs())

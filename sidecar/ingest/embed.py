@@ -87,8 +87,8 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     by that (stronger) model beside the model's, for the fine-ranking stage. `thumbnail_side`: the
     longer side of each image's thumbnail (0: none); shards written without thumbnails get theirs
     in this run. `decode` "split": JPEGs decoded by both at once, the workers taking the share that
-    keeps pace with the device (`DecodeSplit`). With `tagger`, the metadata of every document gets its prompt-set tags; without
-    one, the shards hold no tags."""
+    keeps pace with the device (`DecodeSplit`). With `tagger`, the metadata of every document gets
+    its prompt-set tags; without one, the shards hold no tags."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
     on_device = decode in ("device", "split") or (decode == "auto" and encoder.device.type == "cuda")
@@ -99,9 +99,9 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                     "scale; expect it slower than --decode cpu (bench/RESULTS.md)", decode)
     started = time.perf_counter()
     stages: defaultdict[str, float] = defaultdict(float)
-    plan = plan_embed(encoder, source, out, decode=decode if decode == "split" else "device" if on_device else "cpu",
-                      fine_encoder=fine_encoder,
-                      tagger=tagger, shard_size=shard_size, workers=workers, progress=progress, stages=stages,
+    used = "split" if split is not None else ("device" if on_device else "cpu")  # for the manifest
+    plan = plan_embed(encoder, source, out, decode=used, fine_encoder=fine_encoder, tagger=tagger,
+                      shard_size=shard_size, workers=workers, progress=progress, stages=stages,
                       thumbnail_side=thumbnail_side, max_pixels=max_pixels)
     shards, todo = plan.shards, plan.todo
 
