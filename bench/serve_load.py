@@ -8,9 +8,10 @@ micro-batched, unbatched (max_batch=1), batched without the text-vector cache's 
 every other variant writes it to stdout, read off a pipe, as users run it) and, on a GPU, batched
 without CUDA graphs — and prints QPS, p50/p95/p99, server CPU per request and the part of it the
 forward passes took (the batcher's sidecar_forward_cpu_seconds_total), the batch-size histogram and
-the ratios between variants. Every text request is a cache miss (unique text), so the encoder does the work; with
-`--modality image` each request carries one base64 JPEG (`--image-side` px, from a set of 64 drawn
-per client process; images are not cached), decoded on the request thread and batched. The load
+the ratios between variants. Every text request is a cache miss (unique text), so the encoder does
+the work; with `--modality image` each request carries one base64 JPEG (`--image-side` px, from a
+set of 64 drawn per client process; images are not cached), decoded on the request thread and
+batched. The load
 comes from separate client processes speaking keep-alive HTTP/1.1 over raw sockets, so the load
 generator costs little CPU beside the server.
 
