@@ -14,7 +14,8 @@
 set -uo pipefail
 out=${1:-/tmp/gpu-figures}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CLIP_SIDECAR_CACHE="$out/cache"
+# CLIP_SIDECAR_CACHE may point outside OUT (the device tool brings back only a few files from OUT)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CLIP_SIDECAR_CACHE="${CLIP_SIDECAR_CACHE:-$out/cache}"
 export TQDM_MININTERVAL=5  # progress bars: a line every 5 s, not a screenful per second
 py=${PYTHON:-python3}
 steps=${STEPS:-tests text_tower serve serve_images embed_b32 embed_l14}
