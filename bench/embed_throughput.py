@@ -1,5 +1,5 @@
-"""Embedding throughput, side by side in one run on one device: decode-only, model-only and
-end to end (JPEG files on disk → vector shards on disk), with the end-to-end / model ratio.
+r"""Embedding throughput, side by side in one run on one device: decode-only, the decode pool alone,
+model-only and end to end (JPEG files on disk → vector shards on disk), with the end-to-end / model ratio.
 
     .venv/bin/python bench/embed_throughput.py                          # tiny model, generated JPEGs
     .venv/bin/python bench/embed_throughput.py --model ViT-B-32 --images 20000 --batch-size 1024 \
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sidecar.config import Settings
-from sidecar.ingest.corpus import read_corpus
+from sidecar.config import THUMBNAIL_SIDE, Settings
+from sidecar.ingest.corpus import CorpusItem, read_corpus
+from sidecar.ingest.decode_pool import decoded_batches
 from sidecar.ingest.embed import embed_corpus
 from sidecar.model.encoder import load_encoder
 from sidecar.model.synthetic import iter_items
@@ -56,6 +57,26 @@ def decode_only(paths: list[Path], encoder, *, limit: int) -> float:
     return len(sample) / (time.perf_counter() - started)
 
 
+def decode_pool_only(paths: list[Path], encoder, *, workers: int, batch_size: int, thumbnail_side: int) -> float:
+    """The embed job's decode workers with no model behind them (CPU decode and thumbnails, as the
+    job makes them): the most images per second CPU decoding can feed on this machine."""
+    todo = [(CorpusItem(id=path.stem, path=path, text=""), "") for path in paths]
+    started, received = time.perf_counter(), 0
+    for batch in decoded_batches(todo, encoder.images, batch_size=batch_size, workers=workers,
+                                 max_pixels=40_000_000, on_device=False, thumbnail_side=thumbnail_side):
+        received += len(batch)
+    return received / (time.perf_counter() - started)
+
+
+def pool_start_seconds(workers: int) -> float:
+    """Forking `workers` processes from this one (model loaded) and ending them, as the embed job's
+    scan and decode pools each do once per run."""
+    started = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pool.map(abs, range(workers))
+    return time.perf_counter() - started
+
+
 def model_only(encoder, *, batch_size: int, batches: int) -> float:
     pixels = np.random.default_rng(0).integers(0, 255, (batch_size, *encoder.images.spec.output_size, 3),
                                                dtype=np.uint8)
@@ -78,6 +99,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode", default="auto", help="end-to-end runs, comma-separated: auto, cpu, device, split")
+    parser.add_argument("--thumbnail-size", type=int, default=THUMBNAIL_SIDE,
+                        help="thumbnails the job makes, as `clip-sidecar embed --thumbnail-size` (0: none)")
     args = parser.parse_args()
     # The job's own summary lines (stages; a split decode's share) go with the figures.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -93,11 +116,18 @@ def main() -> None:
                                                processes=os.cpu_count() or 1)
         paths = [item.path for item in read_corpus(source)]
         decode_rate = decode_only(paths, encoder, limit=1000)
+        pool_rate = decode_pool_only(paths[:10_000], encoder, workers=args.workers, batch_size=args.batch_size,
+                                     thumbnail_side=args.thumbnail_size)
+        fork_s = pool_start_seconds(args.workers)
         model_rate = model_only(encoder, batch_size=args.batch_size, batches=max(3, 2048 // args.batch_size))
         end_to_end = {mode: embed_corpus(encoder, source, Path(tmp) / f"shards-{mode}", batch_size=args.batch_size,
-                                         workers=args.workers, decode=mode, progress=True)
+                                         workers=args.workers, decode=mode, thumbnail_side=args.thumbnail_size,
+                                         progress=True)
                       for mode in args.decode.split(",")}
     print(f"decode only (1 core):     {decode_rate:10.0f} images/s")
+    print(f"decode pool only:         {pool_rate:10.0f} images/s  ({args.workers} workers, CPU decode, "
+          f"thumbnails {args.thumbnail_size or 'none'}; no model)")
+    print(f"worker pool start:        {fork_s:10.2f} s  ({args.workers} processes forked and ended)")
     print(f"model only:               {model_rate:10.0f} images/s")
     for mode, summary in end_to_end.items():
         print(f"end to end, decode {mode + ':':7s}{summary.images_per_s:10.0f} images/s  "

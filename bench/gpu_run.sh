@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU figures for bench/RESULTS.md, in one run on one GPU (step limits add up to 8 minutes):
 # CUDA-graph equivalence tests, the text tower eager vs graphed, serving texts (ViT-B-32, random
-# weights, 8 workers; the floor variant beside batched, unbatched, eager and pinned workers, so CPU
-# per request outside the forward is compared with the floor in the same run), serving images
-# (base64 JPEGs decoded on the request threads, batched forward) and offline files→vectors
-# (ViT-B-32 and ViT-L-14, bf16 autocast: CPU decode workers vs nvjpeg, and for ViT-B-32 both at
-# once, split; each against the model-only rate of the same run). Each step has its own time
-# limit, so one failure still leaves the others' figures. Logs go to OUT; the device, driver,
-# torch and Python versions head the summary.
+# weights, 8 workers; the floor variant beside batched, unbatched and pinned workers, so CPU per
+# request outside the forward is compared with the floor in the same run; SERVE_VARIANTS adds
+# no-graphs, the eager text tower), serving images (base64 JPEGs decoded on the request threads,
+# batched forward) and offline files→vectors (ViT-B-32 and ViT-L-14, bf16 autocast: CPU decode
+# workers vs nvjpeg, and for ViT-B-32 both at once, split, with the job's thumbnails and, in
+# embed_b32_bare, without; each against the model-only rate and the decode pool's own rate).
+# Each step has its own time limit, so one failure still leaves the others' figures. Logs go to
+# OUT; the device, driver, torch and Python versions head the summary.
 #
 #   bench/gpu_run.sh [OUT]                      # from the repository root, torch + CUDA installed
 #   STEPS="tests serve" SERVE_VARIANTS=batched,unbatched bench/gpu_run.sh OUT   # a subset
@@ -18,8 +19,8 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CLIP_SIDECAR_CACHE="${CLIP_SIDECAR_CACHE:-$out/cache}"
 export TQDM_MININTERVAL=5  # progress bars: a line every 5 s, not a screenful per second
 py=${PYTHON:-python3}
-steps=${STEPS:-tests text_tower serve serve_images embed_b32 embed_l14}
-variants=${SERVE_VARIANTS:-floor,batched,unbatched,no-graphs,pinned}
+steps=${STEPS:-tests text_tower serve serve_images embed_b32 embed_b32_bare embed_l14}
+variants=${SERVE_VARIANTS:-floor,batched,unbatched,pinned}
 decoders=$(( $(nproc) - 2 ))
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.txt
@@ -33,14 +34,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 $py -c "import torch, open_clip, platform; print('torch', torch.__version__, 'open_clip', open_clip.__version__,
   'python', platform.python_version())" | tee -a "$out/device.txt"
-step tests 50 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
+step tests 35 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
 step text_tower 30 $py bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,256,1024
-step serve 190 $py bench/serve_load.py --model ViT-B-32 --requests 3000 --concurrency 1,16,64 \
+step serve 160 $py bench/serve_load.py --model ViT-B-32 --requests 3000 --concurrency 1,16,64 \
   --workers 8 --client-processes 6 --threads 32 --variants "$variants"
 step serve_images 40 $py bench/serve_load.py --model ViT-B-32 --modality image --image-side 256 \
   --requests 2000 --concurrency 16,64 --workers 8 --client-processes 6 --threads 32 --variants batched
 step embed_b32 90 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
   --batch-size 1024 --workers "$decoders" --decode cpu,device,split
+step embed_b32_bare 45 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
+  --batch-size 1024 --workers "$decoders" --decode device,split --thumbnail-size 0
 step embed_l14 80 $py bench/embed_throughput.py --model ViT-L-14 --images 12000 --image-side 320 \
   --batch-size 256 --workers "$decoders" --decode cpu,device
 
@@ -51,6 +54,6 @@ for name in $steps; do
     tests) tail -n 2 "$out/tests.txt" ;;
     text_tower) tail -n 7 "$out/text_tower.txt" ;;
     serve*) grep -E "^(model|floor|batched|unbatched|no-graphs|pinned| +[0-9]+ +[0-9]+ | +concurrency)" "$out/$name.txt" ;;
-    embed*) grep -E "^(device|decode only|model only|end to end|  seconds by stage|split decode)" "$out/$name.txt" ;;
+    embed*) grep -E "^(device|decode only|decode pool only|worker pool start|model only|end to end|  seconds by stage|split decode)" "$out/$name.txt" ;;
   esac
 done
