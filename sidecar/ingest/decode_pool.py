@@ -49,8 +49,6 @@ class DecodeSplit:
         self.device_s: float | None = None
         self.on_cpu = self.on_device = 0  # JPEGs decoded by each side so far
         self._batch = {"cpu": [0.0, 0], "device": [0.0, 0]}  # worker seconds, JPEGs since the last batch
-        # Workers' times arrive on the thread collecting their results, the device's on the stager.
-        self._lock = threading.Lock()
 
     @property
     def share(self) -> float:
@@ -59,25 +57,23 @@ class DecodeSplit:
 
     def record_worker(self, route: str, seconds: float) -> None:
         """A worker's time for one JPEG it decoded ("cpu") or passed on ("device")."""
-        with self._lock:
-            totals = self._batch[route]
-            totals[0] += seconds
-            totals[1] += 1
-            if route == "cpu":
-                self.on_cpu += 1
+        totals = self._batch[route]
+        totals[0] += seconds
+        totals[1] += 1
+        if route == "cpu":
+            self.on_cpu += 1
 
     def record_device(self, count: int, seconds: float) -> None:
         """The device decoded `count` JPEGs of a batch in `seconds`; the share is set again."""
         self.on_device += count
         if count:
             self.device_s = self._average(self.device_s, seconds / count)
-        with self._lock:
-            (cpu_total, cpu_count), (pass_total, pass_count) = self._batch["cpu"], self._batch["device"]
-            self._batch = {"cpu": [0.0, 0], "device": [0.0, 0]}
+        (cpu_total, cpu_count), (pass_total, pass_count) = self._batch["cpu"], self._batch["device"]
         if cpu_count:
             self.cpu_s = self._average(self.cpu_s, cpu_total / cpu_count)
         if pass_count:
             self.pass_s = self._average(self.pass_s, pass_total / pass_count)
+        self._batch = {"cpu": [0.0, 0], "device": [0.0, 0]}
         if None not in (self.pass_s, self.cpu_s, self.device_s):
             self.shared.value = self.balance(pass_s=self.pass_s, cpu_s=self.cpu_s, device_s=self.device_s,
                                              workers=self.workers)

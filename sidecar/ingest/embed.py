@@ -56,8 +56,8 @@ class EmbedSummary:
     seconds: float
     # Seconds per stage. Main thread: scan (list + hash), stage_wait (waiting for the stager),
     # forward (on a GPU: queueing it), copy_back (on a GPU: waiting for the model), write_wait
-    # (waiting for the shard writer). Stager thread, concurrently: decode_wait (waiting for the
-    # collector thread's next batch of the decode workers' results), device_decode.
+    # (waiting for the shard writer). Stager thread, concurrently: decode_wait (waiting for
+    # decode workers), device_decode.
     stages: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -372,28 +372,23 @@ def _staged_batches(todo: list[tuple[CorpusItem, str]], encoder: Encoder, *, sta
                     split: DecodeSplit | None = None, **decode_options) -> Iterator[tuple[list[tuple], list]]:
     """(batch, pixels per item) pairs: the decode workers' batches, JPEGs decoded on the device where
     asked (the device's time per JPEG goes to `split`)."""
-    # The workers' results are collected into batches on a thread of their own, so the pool keeps
-    # delivering while this thread runs the device decoder: taking turns, the two rates added up
-    # instead of overlapping (H200 box, ViT-B-32, decode device: 5,240 img/s steady where the pool
-    # alone delivered ~10,700 and nvjpeg ~10,300; bench/RESULTS.md).
-    with _in_background(decoded_batches(todo, encoder.images, split=split, **decode_options),
-                        name="embed-collector") as batches:
-        while True:
-            with _timed(stages, "decode_wait"):
-                batch = next(batches, None)
-            if batch is None:
-                return
-            started = time.perf_counter()
-            pixels, on_device = _to_pixels(batch, encoder)
-            seconds = time.perf_counter() - started
-            stages["device_decode"] += seconds
-            if split is not None:
-                split.record_device(on_device, seconds)
-            yield batch, pixels
+    batches = decoded_batches(todo, encoder.images, split=split, **decode_options)
+    while True:
+        with _timed(stages, "decode_wait"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        started = time.perf_counter()
+        pixels, on_device = _to_pixels(batch, encoder)
+        seconds = time.perf_counter() - started
+        stages["device_decode"] += seconds
+        if split is not None:
+            split.record_device(on_device, seconds)
+        yield batch, pixels
 
 
 @contextlib.contextmanager
-def _in_background(items: Iterator[T], *, depth: int = 1, name: str = "embed-stager") -> Iterator[Iterator[T]]:
+def _in_background(items: Iterator[T], *, depth: int = 1) -> Iterator[Iterator[T]]:
     """Iterate `items` on a thread, at most `depth` items ahead; its exceptions surface in the
     consumer. Leaving the block, normally or by an error, stops the thread and closes `items`."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
@@ -429,7 +424,7 @@ def _in_background(items: Iterator[T], *, depth: int = 1, name: str = "embed-sta
                 raise item
             yield item
 
-    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread = threading.Thread(target=run, name="embed-stager", daemon=True)
     thread.start()
     try:
         yield consume()
