@@ -3,7 +3,7 @@ model-only and end to end (JPEG files on disk → vector shards on disk), with t
 
     .venv/bin/python bench/embed_throughput.py                          # tiny model, generated JPEGs
     .venv/bin/python bench/embed_throughput.py --model ViT-B-32 --images 20000 --batch-size 1024 \
-        --image-side 320 --decode cpu,device,split
+        --image-side 320 --decode cpu,device,split --thumbnail-size 128,0   # with thumbnails and without
     .venv/bin/python bench/embed_throughput.py --folder /data/photos    # your own images
 
 Generated images are rendered shapes: flat colour compresses well, so they decode faster than
@@ -99,9 +99,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode", default="auto", help="end-to-end runs, comma-separated: auto, cpu, device, split")
-    parser.add_argument("--thumbnail-size", type=int, default=THUMBNAIL_SIDE,
-                        help="thumbnails the job makes, as `clip-sidecar embed --thumbnail-size` (0: none)")
+    parser.add_argument("--thumbnail-size", default=str(THUMBNAIL_SIDE),
+                        help="thumbnails the job makes, as `clip-sidecar embed --thumbnail-size` (0: none); "
+                             "comma-separated: each decode mode runs with each size, e.g. 128,0")
     args = parser.parse_args()
+    thumbnail_sizes = [int(size) for size in args.thumbnail_size.split(",")]
     # The job's own summary lines (stages; a split decode's share) go with the figures.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("sidecar.ingest.embed").setLevel(logging.INFO)
@@ -114,26 +116,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source = args.folder or generate_jpegs(Path(tmp) / "corpus", args.images, side=args.image_side,
                                                processes=os.cpu_count() or 1)
+        started = time.perf_counter()
         paths = [item.path for item in read_corpus(source)]
+        listing_s = time.perf_counter() - started
         decode_rate = decode_only(paths, encoder, limit=1000)
-        pool_rate = decode_pool_only(paths[:10_000], encoder, workers=args.workers, batch_size=args.batch_size,
-                                     thumbnail_side=args.thumbnail_size)
+        pool_rates = {size: decode_pool_only(paths[:10_000], encoder, workers=args.workers,
+                                             batch_size=args.batch_size, thumbnail_side=size)
+                      for size in thumbnail_sizes}
         fork_s = pool_start_seconds(args.workers)
         model_rate = model_only(encoder, batch_size=args.batch_size, batches=max(3, 2048 // args.batch_size))
-        end_to_end = {mode: embed_corpus(encoder, source, Path(tmp) / f"shards-{mode}", batch_size=args.batch_size,
-                                         workers=args.workers, decode=mode, thumbnail_side=args.thumbnail_size,
-                                         progress=True)
-                      for mode in args.decode.split(",")}
+        end_to_end = {(mode, size): embed_corpus(encoder, source, Path(tmp) / f"shards-{mode}-{size}",
+                                                 batch_size=args.batch_size, workers=args.workers, decode=mode,
+                                                 thumbnail_side=size, progress=True)
+                      for size in thumbnail_sizes for mode in args.decode.split(",")}
+    print(f"folder listing:           {listing_s:10.2f} s  ({len(paths)} files: ids, paths, captions)")
     print(f"decode only (1 core):     {decode_rate:10.0f} images/s")
-    print(f"decode pool only:         {pool_rate:10.0f} images/s  ({args.workers} workers, CPU decode, "
-          f"thumbnails {args.thumbnail_size or 'none'}; no model)")
+    for size, rate in pool_rates.items():
+        print(f"decode pool only:         {rate:10.0f} images/s  ({args.workers} workers, CPU decode, "
+              f"thumbnails {size or 'none'}; no model)")
     print(f"worker pool start:        {fork_s:10.2f} s  ({args.workers} processes forked and ended)")
     print(f"model only:               {model_rate:10.0f} images/s")
-    for mode, summary in end_to_end.items():
-        print(f"end to end, decode {mode + ':':7s}{summary.images_per_s:10.0f} images/s  "
+    for (mode, size), summary in end_to_end.items():
+        label = f"{mode}, thumbnails {size or 'none'}"
+        print(f"end to end, decode {label + ':':24s}{summary.images_per_s:8.0f} images/s  "
               f"({summary.embedded} images, {summary.seconds:.1f} s, scan and shard writes included; "
               f"{summary.images_per_s / model_rate:.2f} of model)")
-        print(f"  seconds by stage, decode {mode}: {summary.describe_stages()}")
+        print(f"  seconds by stage, decode {label}: {summary.describe_stages()}")
 
 
 if __name__ == "__main__":

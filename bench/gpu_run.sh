@@ -5,8 +5,8 @@
 # request outside the forward is compared with the floor in the same run; SERVE_VARIANTS adds
 # no-graphs, the eager text tower), serving images (base64 JPEGs decoded on the request threads,
 # batched forward) and offline files→vectors (ViT-B-32 and ViT-L-14, bf16 autocast: CPU decode
-# workers vs nvjpeg, and for ViT-B-32 both at once, split, with the job's thumbnails and, in
-# embed_b32_bare, without; each against the model-only rate and the decode pool's own rate).
+# workers vs nvjpeg, and for ViT-B-32 both at once, split, each with the job's thumbnails and
+# without; each against the model-only rate and the decode pool's own rate).
 # Each step has its own time limit, so one failure still leaves the others' figures. Logs go to
 # OUT; the device, driver, torch and Python versions head the summary.
 #
@@ -19,7 +19,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CLIP_SIDECAR_CACHE="${CLIP_SIDECAR_CACHE:-$out/cache}"
 export TQDM_MININTERVAL=5  # progress bars: a line every 5 s, not a screenful per second
 py=${PYTHON:-python3}
-steps=${STEPS:-tests text_tower serve serve_images embed_b32 embed_b32_bare embed_l14}
+steps=${STEPS:-tests text_tower serve serve_images embed_b32 embed_l14}
 variants=${SERVE_VARIANTS:-floor,batched,unbatched,pinned}
 decoders=$(( $(nproc) - 2 ))
 
@@ -40,10 +40,8 @@ step serve 160 $py bench/serve_load.py --model ViT-B-32 --requests 3000 --concur
   --workers 8 --client-processes 6 --threads 32 --variants "$variants"
 step serve_images 40 $py bench/serve_load.py --model ViT-B-32 --modality image --image-side 256 \
   --requests 2000 --concurrency 16,64 --workers 8 --client-processes 6 --threads 32 --variants batched
-step embed_b32 90 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
-  --batch-size 1024 --workers "$decoders" --decode cpu,device,split
-step embed_b32_bare 45 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
-  --batch-size 1024 --workers "$decoders" --decode device,split --thumbnail-size 0
+step embed_b32 135 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
+  --batch-size 1024 --workers "$decoders" --decode cpu,device,split --thumbnail-size 128,0
 step embed_l14 80 $py bench/embed_throughput.py --model ViT-L-14 --images 12000 --image-side 320 \
   --batch-size 256 --workers "$decoders" --decode cpu,device
 
@@ -54,6 +52,6 @@ for name in $steps; do
     tests) tail -n 2 "$out/tests.txt" ;;
     text_tower) tail -n 7 "$out/text_tower.txt" ;;
     serve*) grep -E "^(model|floor|batched|unbatched|no-graphs|pinned| +[0-9]+ +[0-9]+ | +concurrency)" "$out/$name.txt" ;;
-    embed*) grep -E "^(device|decode only|decode pool only|worker pool start|model only|end to end|  seconds by stage|split decode)" "$out/$name.txt" ;;
+    embed*) grep -E "^(device|folder listing|decode only|decode pool only|worker pool start|model only|end to end|  seconds by stage|split decode)" "$out/$name.txt" ;;
   esac
 done
