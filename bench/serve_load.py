@@ -77,6 +77,11 @@ def start_server(port: int, *, variant: dict[str, str], workers: int, threads: i
            "SIDECAR_QUEUE_ITEMS": str(threads)}
     if model:
         env["SIDECAR_MODEL"] = model
+    with socket.socket() as probe:
+        # gunicorn retries a taken port for seconds while the readiness poll below would be answered
+        # by whatever holds it (on the H200, a server left by a run killed at its time limit).
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"port {port} already answers: stop what listens there or pass --port")
     args = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
             "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
             "--pythonpath", str(ROOT / "bench"), app]
@@ -311,6 +316,9 @@ def main() -> None:
                                image_side=int(args.client[6]))))
         return
 
+    # A time limit's SIGTERM (gpu_run.sh's `timeout`) unwinds through the `finally` that stops the
+    # server: it runs in its own session, so nothing else would end it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     levels = [int(c) for c in args.concurrency.split(",")]
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
