@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures for bench/RESULTS.md, in one run on one GPU (step limits add up to 8 minutes):
 # CUDA-graph equivalence tests, the text tower eager vs graphed, serving texts (ViT-B-32, random
-# weights, 8 workers; the floor variant beside batched, unbatched and pinned workers, so CPU per
-# request outside the forward is compared with the floor in the same run; SERVE_VARIANTS adds
-# no-graphs, the eager text tower), serving images (base64 JPEGs decoded on the request threads,
+# weights, 8 workers; the floor variant beside batched and pinned workers, so CPU per request
+# outside the forward is compared with the floor in the same run; SERVE_VARIANTS adds unbatched
+# and no-graphs, the eager text tower), serving images (base64 JPEGs decoded on the request threads,
 # batched forward) and offline files→vectors (ViT-B-32 and ViT-L-14, bf16 autocast: CPU decode
 # workers vs nvjpeg, and for ViT-B-32 both at once, split, each with the job's thumbnails and
 # without; each against the model-only rate and the decode pool's own rate).
@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CLIP_SIDE
 export TQDM_MININTERVAL=5  # progress bars: a line every 5 s, not a screenful per second
 py=${PYTHON:-python3}
 steps=${STEPS:-tests text_tower serve serve_images embed_b32 embed_l14}
-variants=${SERVE_VARIANTS:-floor,batched,unbatched,pinned}
+variants=${SERVE_VARIANTS:-floor,batched,pinned}
 decoders=$(( $(nproc) - 2 ))
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.txt
@@ -34,15 +34,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 $py -c "import torch, open_clip, platform; print('torch', torch.__version__, 'open_clip', open_clip.__version__,
   'python', platform.python_version())" | tee -a "$out/device.txt"
-step tests 35 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
+step tests 30 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
 step text_tower 30 $py bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,256,1024
-step serve 160 $py bench/serve_load.py --model ViT-B-32 --requests 3000 --concurrency 1,16,64 \
+step serve 180 $py bench/serve_load.py --model ViT-B-32 --requests 3000 --concurrency 1,16,64 \
   --workers 8 --client-processes 6 --threads 32 --variants "$variants"
-step serve_images 40 $py bench/serve_load.py --model ViT-B-32 --modality image --image-side 256 \
+step serve_images 45 $py bench/serve_load.py --model ViT-B-32 --modality image --image-side 256 \
   --requests 2000 --concurrency 16,64 --workers 8 --client-processes 6 --threads 32 --variants batched
 step embed_b32 135 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
   --batch-size 1024 --workers "$decoders" --decode cpu,device,split --thumbnail-size 128,0
-step embed_l14 80 $py bench/embed_throughput.py --model ViT-L-14 --images 12000 --image-side 320 \
+step embed_l14 60 $py bench/embed_throughput.py --model ViT-L-14 --images 12000 --image-side 320 \
   --batch-size 256 --workers "$decoders" --decode cpu,device
 
 echo; echo "##### summary"; cat "$out/device.txt"
