@@ -29,7 +29,10 @@ class StubImages:
         self.spec = SimpleNamespace(output_size=(side, side))
         self._pixels = np.zeros((side, side, 3), dtype=np.uint8)
 
-    def decode(self, data: bytes, *, max_pixels: int) -> np.ndarray:
+    def load(self, data: bytes, *, max_pixels: int) -> None:
+        return None
+
+    def pixels(self, image: None) -> np.ndarray:
         return self._pixels.copy()  # a fresh array per image, as a real resize returns
 
     def wants_device_decode(self, data: bytes, *, max_pixels: int) -> bool:

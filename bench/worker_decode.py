@@ -66,9 +66,10 @@ def make_photos(root: Path, sizes: list[tuple[int, int]], count: int) -> None:
 
 
 def timed(tree: Path, folder: Path, model: str, thumbnail_side: int) -> dict[str, float]:
+    # `python -c` puts the working directory first on sys.path: run in the tree, or it is this one.
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", TIMED, str(folder), model, str(thumbnail_side)], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", TIMED, str(folder), model, str(thumbnail_side)], env=env, cwd=tree,
+                         check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

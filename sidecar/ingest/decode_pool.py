@@ -20,7 +20,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from sidecar.ingest.corpus import CorpusItem
-from sidecar.ingest.thumbnails import make_thumbnail
+from sidecar.ingest.thumbnails import covers, make_thumbnail, thumbnail_of
 from sidecar.model.images import ImageDecodeError, ImagePreprocess
 
 
@@ -155,11 +155,11 @@ def _load(job: tuple[Path, int]) -> Loaded:
         route = "cpu" if _decode_here() else "device"
         if route == "device":
             return Loaded(data, None, slot, _thumbnail(data), route, time.perf_counter() - started)
-    pixels, reason = decode_data(_images, data, max_pixels=_max_pixels)
+    pixels, thumbnail, reason = decode_data(_images, data, max_pixels=_max_pixels, thumbnail_side=_thumbnail_side)
     if pixels is None:
         return Loaded(None, reason, slot, b"", None, time.perf_counter() - started)
     _slots[slot] = pixels
-    return Loaded(None, None, slot, _thumbnail(data), route, time.perf_counter() - started)
+    return Loaded(None, None, slot, thumbnail, route, time.perf_counter() - started)
 
 
 def _thumbnail(data: bytes) -> bytes:
@@ -175,13 +175,22 @@ def read_file(path: Path) -> tuple[bytes | None, str | None]:
         return None, f"cannot read file: {exc}"
 
 
-def decode_data(images: ImagePreprocess, data: bytes, *, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
-    """An image file's bytes as the model's uint8 pixels, decoded as every engine of the embed job
-    decodes them: (pixels, None), or (None, why the image is unusable)."""
+def decode_data(images: ImagePreprocess, data: bytes, *, max_pixels: int,
+                thumbnail_side: int = 0) -> tuple[np.ndarray | None, bytes, str | None]:
+    """An image file's bytes as the model's uint8 pixels and its thumbnail (b"" with `thumbnail_side`
+    0), decoded as every engine of the embed job decodes them: (pixels, thumbnail, None), or (None,
+    b"", why the image is unusable). The thumbnail comes from the model's decode when that covers
+    it (large photos: the same JPEG draft scale), saving a second decode (bench/RESULTS.md)."""
     try:
-        return images.decode(data, max_pixels=max_pixels), None
+        image = images.load(data, max_pixels=max_pixels)
+        pixels = images.pixels(image)
     except ImageDecodeError as exc:
-        return None, exc.reason
+        return None, b"", exc.reason
+    if not thumbnail_side:
+        return pixels, b"", None
+    if covers(image, side=thumbnail_side):
+        return pixels, thumbnail_of(image, side=thumbnail_side), None
+    return pixels, make_thumbnail(data, side=thumbnail_side, max_pixels=max_pixels), None
 
 
 def decoded_batches(todo: list[tuple[CorpusItem, str]], images: ImagePreprocess, *, batch_size: int, workers: int,

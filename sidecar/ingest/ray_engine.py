@@ -1,9 +1,8 @@
 """The embed job on a Ray cluster: the local job's plan, decode, forward and shard files, scheduled by Ray Data.
 
 One implementation, two schedulers: what to embed (`embed.plan_embed`: scan, identity, skips,
-deletions), how an image is read and decoded (`decode_pool.read_file`, `decode_data`) and its
-thumbnail made (`thumbnails.make_thumbnail`), the forward (`embed.forward_batch`,
-`embed.fine_vectors`) and a shard's files (`shards.write_shard_files`) are the local job's own
+deletions), how an image is read and decoded and its thumbnail made (`decode_pool.read_file`,
+`decode_data`), the forward (`embed.forward_batch`, `embed.fine_vectors`) and a shard's files (`shards.write_shard_files`) are the local job's own
 functions. Ray Data runs them: files are hashed and decoded by CPU tasks, the model runs in actors
 (one per GPU, or CPU actors where the cluster has no GPU; the pool grows from one actor as work
 waits and shrinks again when a node is lost), and tasks write each shard under a name no other
@@ -48,7 +47,6 @@ from sidecar.ingest.embed import (
     plan_embed,
 )
 from sidecar.ingest.shards import ShardRow, write_shard_files
-from sidecar.ingest.thumbnails import make_thumbnail
 from sidecar.model.encoder import load_encoder, load_fine_encoder
 from sidecar.model.images import ImagePreprocess
 
@@ -203,7 +201,7 @@ def _pipeline(ray: Any, todo: list, images: ImagePreprocess, settings: Settings,
 def _decode_batch(batch: dict[str, np.ndarray], *, images: ImagePreprocess, max_pixels: int,
                   thumbnail_side: int) -> dict[str, np.ndarray]:
     """A CPU task: each file read and decoded to the model's pixels (zeros, and the reason, when
-    unusable), and its thumbnail made from the same bytes (b"" when none is asked for)."""
+    unusable), and its thumbnail (b"" when none is asked for)."""
     started = time.perf_counter()
     count = len(batch["path"])
     height, width = images.spec.output_size
@@ -211,14 +209,13 @@ def _decode_batch(batch: dict[str, np.ndarray], *, images: ImagePreprocess, max_
     reasons, thumbnails = [], []
     for index, path in enumerate(batch["path"]):
         data, reason = read_file(Path(path))
-        decoded = None
+        decoded, thumbnail = None, b""
         if data is not None:
-            decoded, reason = decode_data(images, data, max_pixels=max_pixels)
+            decoded, thumbnail, reason = decode_data(images, data, max_pixels=max_pixels, thumbnail_side=thumbnail_side)
         if decoded is not None:
             pixels[index] = decoded
         reasons.append(reason or "")
-        thumbnails.append(make_thumbnail(data, side=thumbnail_side, max_pixels=max_pixels)
-                          if decoded is not None and thumbnail_side else b"")
+        thumbnails.append(thumbnail)
     return {"path": batch["path"], "row": batch["row"], "reason": np.array(reasons, dtype=object), "pixels": pixels,
             "thumbnail": np.array(thumbnails, dtype=object),
             "decode_s": np.full(count, (time.perf_counter() - started) / max(count, 1))}

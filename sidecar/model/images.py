@@ -270,8 +270,13 @@ class ImagePreprocess:
     def decode(self, data: bytes, *, max_pixels: int, max_resized_side: int = MAX_RESIZED_SIDE,
                formats: Sequence[str] = IMAGE_FORMATS) -> np.ndarray:
         """Image file bytes → uint8 model pixels: the CPU path of the embed job and of queries."""
-        return self.pixels(load_rgb(self.open(data, max_pixels=max_pixels, max_resized_side=max_resized_side,
-                                              formats=formats)))
+        return self.pixels(self.load(data, max_pixels=max_pixels, max_resized_side=max_resized_side,
+                                     formats=formats))
+
+    def load(self, data: bytes, *, max_pixels: int, max_resized_side: int = MAX_RESIZED_SIDE,
+             formats: Sequence[str] = IMAGE_FORMATS) -> Image.Image:
+        """Image file bytes → the upright RGB image `pixels` takes, decoded at this model's draft size."""
+        return load_rgb(self.open(data, max_pixels=max_pixels, max_resized_side=max_resized_side, formats=formats))
 
     # ---- device ----
     @staticmethod

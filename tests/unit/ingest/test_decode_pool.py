@@ -19,8 +19,10 @@ class SmallImages:
 
     spec = SimpleNamespace(output_size=(16, 16))
 
-    def decode(self, data: bytes, *, max_pixels: int) -> np.ndarray:
-        image = decode_image(data, max_pixels=max_pixels)
+    def load(self, data: bytes, *, max_pixels: int) -> Image.Image:
+        return decode_image(data, max_pixels=max_pixels)
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
         return np.asarray(image.resize((16, 16)), dtype=np.uint8)
 
     def wants_device_decode(self, data: bytes, *, max_pixels: int) -> bool:
@@ -31,8 +33,10 @@ def colour(i: int) -> tuple[int, int, int]:
     return (i * 37) % 256, (i * 91) % 256, (i * 53) % 256
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_every_item_gets_its_own_pixels_even_when_slots_are_reused(tmp_path, workers):
+# Thumbnail side 12: made from the 24-px decode the pixels came from; 32: the decode does not cover
+# it, so the thumbnail decodes the file itself (and keeps the image's 24 px: never enlarged).
+@pytest.mark.parametrize(("workers", "thumbnail_side"), [(0, 12), (2, 12), (0, 32)])
+def test_every_item_gets_its_own_pixels_and_thumbnail_even_when_slots_are_reused(tmp_path, workers, thumbnail_side):
     todo = []
     for i in range(300):  # more items than slots (64 per worker): every slot is reused
         path = tmp_path / f"{i}.jpg"
@@ -44,7 +48,7 @@ def test_every_item_gets_its_own_pixels_even_when_slots_are_reused(tmp_path, wor
 
     # Keep every batch until the end: pixels must stay an item's own after its slot is reused.
     batches = list(decoded_batches(todo, SmallImages(), batch_size=8, workers=workers, max_pixels=10_000,
-                                   on_device=False, thumbnail_side=12))
+                                   on_device=False, thumbnail_side=thumbnail_side))
     seen = []
     for batch in batches:
         for item, digest, pixels, reason, thumbnail in batch:
@@ -56,7 +60,7 @@ def test_every_item_gets_its_own_pixels_even_when_slots_are_reused(tmp_path, wor
                 assert reason is None and pixels.shape == (16, 16, 3)
                 np.testing.assert_allclose(pixels.reshape(-1, 3).mean(axis=0), colour(i), atol=3)
                 with Image.open(io.BytesIO(thumbnail)) as small:  # the item's own image, shrunk
-                    assert small.format == "JPEG" and small.size == (12, 12)
+                    assert small.format == "JPEG" and small.size == (min(thumbnail_side, 24),) * 2
                     np.testing.assert_allclose(np.asarray(small.convert("RGB")).reshape(-1, 3).mean(axis=0),
                                                colour(i), atol=4)
             seen.append(i)
