@@ -45,19 +45,27 @@ def read_corpus(source: Path) -> Iterator[CorpusItem]:
 
 def _read_folder(root: Path) -> Iterator[CorpusItem]:
     # One directory listing per folder, no stat per file: a caption is known to exist from the
-    # listing itself (large folders: seconds saved per 100k images).
-    found: list[tuple[str, Path, bool]] = []
+    # listing itself (large folders: seconds saved per 100k images). Ids and names are built as
+    # strings and each image gets one Path: Path.relative_to, .stem and .with_suffix per file cost
+    # more than the listing itself (bench/corpus_listing.py).
+    found: list[tuple[str, str, str, bool]] = []  # (id, folder, file name, has a caption)
     for folder, _, names in os.walk(root):
         present = set(names)
+        relative = os.path.relpath(folder, root)
+        prefix = "" if relative == os.curdir else relative.replace(os.sep, "/") + "/"
         for name in names:
             stem, suffix = os.path.splitext(name)
             if suffix.lower() in IMAGE_SUFFIXES:
-                path = Path(folder, name)
-                found.append((path.relative_to(root).as_posix(), path, f"{stem}.txt" in present))
-    for item_id, path, has_caption in sorted(found):
-        text = path.with_suffix(".txt").read_text(encoding="utf-8").strip() if has_caption else \
-            path.stem.replace("_", " ").replace("-", " ")
-        yield CorpusItem(id=item_id, path=path, text=text)
+                found.append((prefix + name, folder, name, f"{stem}.txt" in present))
+    found.sort()
+    for item_id, folder, name, has_caption in found:
+        stem = os.path.splitext(name)[0]
+        if has_caption:
+            with open(os.path.join(folder, f"{stem}.txt"), encoding="utf-8") as fh:
+                text = fh.read().strip()
+        else:
+            text = stem.replace("_", " ").replace("-", " ")
+        yield CorpusItem(id=item_id, path=Path(folder, name), text=text)
 
 
 def _read_jsonl(manifest: Path) -> Iterator[CorpusItem]:
