@@ -2,11 +2,11 @@
 
 One implementation, two schedulers: what to embed (`embed.plan_embed`: scan, identity, skips,
 deletions), how an image is read and decoded and its thumbnail made (`decode_pool.read_file`,
-`decode_data`), the forward (`embed.forward_batch`, `embed.fine_vectors`) and a shard's files (`shards.write_shard_files`) are the local job's own
-functions. Ray Data runs them: files are hashed and decoded by CPU tasks, the model runs in actors
-(one per GPU, or CPU actors where the cluster has no GPU; the pool grows from one actor as work
-waits and shrinks again when a node is lost), and tasks write each shard under a name no other
-writer can take: `shard-<shards before this run>-<run id>-<digest of its ids>`, the same name if
+`decode_data`), the forward (`embed.forward_batch`, `embed.fine_vectors`) and a shard's files
+(`shards.write_shard_files`) are the local job's own functions. Ray Data runs them: files are
+hashed and decoded by CPU tasks, the model runs in actors (one per GPU, or CPU actors where the
+cluster has no GPU; the pool grows from one actor as work waits and shrinks again when a node is
+lost), and tasks write each shard under a name no other writer can take: `shard-<shards before this run>-<run id>-<digest of its ids>`, the same name if
 Ray retries the task, so a retry replaces the shard instead of duplicating its rows. The driver
 writes errors.jsonl and the manifest, once, at the end; a killed run leaves complete shards only,
 and the next run (of either engine) skips what they hold.

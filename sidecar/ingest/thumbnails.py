@@ -35,7 +35,7 @@ def make_thumbnail(data: bytes, *, side: int, max_pixels: int, formats: Sequence
 
 def covers(image: Image.Image, *, side: int) -> bool:
     """Whether an image decoded for another use (the model's pixels) is large enough to shrink into
-    this thumbnail, as large as `make_thumbnail`'s own draft decode would give at least."""
+    this thumbnail: at least as large as `make_thumbnail`'s own draft decode would make it."""
     return min(image.size) >= side
 
 
