@@ -6,10 +6,11 @@ deletions), how an image is read and decoded and its thumbnail made (`decode_poo
 (`shards.write_shard_files`) are the local job's own functions. Ray Data runs them: files are
 hashed and decoded by CPU tasks, the model runs in actors (one per GPU, or CPU actors where the
 cluster has no GPU; the pool grows from one actor as work waits and shrinks again when a node is
-lost), and tasks write each shard under a name no other writer can take: `shard-<shards before this run>-<run id>-<digest of its ids>`, the same name if
-Ray retries the task, so a retry replaces the shard instead of duplicating its rows. The driver
-writes errors.jsonl and the manifest, once, at the end; a killed run leaves complete shards only,
-and the next run (of either engine) skips what they hold.
+lost), and tasks write each shard under a name no other writer can take:
+`shard-<shards before this run>-<run id>-<digest of its ids>`, the same name if Ray retries the
+task, so a retry replaces the shard instead of duplicating its rows. The driver writes errors.jsonl
+and the manifest, once, at the end; a killed run leaves complete shards only, and the next run (of
+either engine) skips what they hold.
 
 Every node must see the corpus and the output folder at the same paths (a shared filesystem) and
 the model's weights (a pretrained tag is downloaded into each node's cache; a checkpoint path must
