@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures for bench/RESULTS.md, in one run on one GPU (step limits add up to 8 minutes):
+# The GPU figures for bench/RESULTS.md, in one run on one GPU (the default steps' limits add up to 8 minutes):
 # CUDA-graph equivalence tests, the text tower eager vs graphed, serving texts (ViT-B-32, random
 # weights, 8 workers; the floor variant beside batched and pinned workers, so CPU per request
 # outside the forward is compared with the floor in the same run; SERVE_VARIANTS adds unbatched
@@ -11,6 +11,8 @@
 # OUT; the device, driver, torch and Python versions head the summary.
 #
 #   bench/gpu_run.sh [OUT]                      # from the repository root, torch + CUDA installed
+#   STEPS=embed_profile bench/gpu_run.sh OUT    # opt-in, py-spy installed: which threads of the
+#       device-decode embed hold the GIL (OUT/embed_profile.raw, collapsed stacks per thread)
 #   STEPS="tests serve" SERVE_VARIANTS=batched,unbatched bench/gpu_run.sh OUT   # a subset
 set -uo pipefail
 out=${1:-/tmp/gpu-figures}
@@ -42,6 +44,9 @@ step serve_images 45 $py bench/serve_load.py --model ViT-B-32 --modality image -
   --requests 2000 --concurrency 16,64 --workers 8 --client-processes 6 --threads 32 --variants batched
 step embed_b32 135 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
   --batch-size 1024 --workers "$decoders" --decode cpu,device,split --thumbnail-size 128,0
+step embed_profile 60 py-spy record --gil --threads --nonblocking --format raw -o "$out/embed_profile.raw" -- \
+  $py bench/embed_throughput.py --model ViT-B-32 --images 20000 --image-side 320 --batch-size 1024 \
+  --workers "$decoders" --decode device
 step embed_l14 60 $py bench/embed_throughput.py --model ViT-L-14 --images 12000 --image-side 320 \
   --batch-size 256 --workers "$decoders" --decode cpu,device
 
