@@ -293,7 +293,12 @@ class ImagePreprocess:
         """uint8 [h, w, 3] tensors on `device`, one per JPEG (nvjpeg on CUDA); None where decoding failed."""
         if not jpegs:
             return []
-        encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+        with warnings.catch_warnings():
+            # The decoder only reads: each tensor shares its file's bytes (kept alive by the tensor)
+            # instead of a bytearray copy, which cost the stager thread ~50 us per 75 KB JPEG and
+            # grows with file size (bench/jpeg_handoff.py). torch warns because bytes are read-only.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+            encoded = [torch.frombuffer(data, dtype=torch.uint8) for data in jpegs]
         try:
             images = _decode_jpeg(encoded, device)
         except RuntimeError:
