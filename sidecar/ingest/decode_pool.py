@@ -1,4 +1,4 @@
-"""Decode workers for the embed job: fork-pool processes read and decode images ahead of the model.
+"""Decode workers for the embed job: forked processes read and decode images ahead of the model.
 
 Workers run PIL only (no torch ops), so forking after torch started is safe. Decoded pixels
 travel through shared-memory slots; JPEGs meant for the device decoder travel as bytes; each
@@ -8,11 +8,11 @@ workers decode a share of those JPEGs themselves, so CPU and device decode at th
 
 from __future__ import annotations
 
+import collections
 import mmap
 import multiprocessing
-import queue
+import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -206,31 +206,21 @@ def decoded_batches(todo: list[tuple[CorpusItem, str]], images: ImagePreprocess,
     # capped the parent at ~2,200 images/s, 400 us of its CPU per image.)
     count, (height, width) = max(2 * batch_size, 64 * max(workers, 1)), images.spec.output_size
     slots = np.frombuffer(mmap.mmap(-1, count * height * width * 3), dtype=np.uint8).reshape(count, height, width, 3)
-    free: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for slot in range(count):
-        free.put(slot)
-    stop = threading.Event()
-
-    def jobs() -> Iterator[tuple[Path, int]]:
-        for item, _ in todo:
-            slot = free.get()
-            if stop.is_set():
-                return
-            yield item.path, slot
-
     init = (images, max_pixels, on_device, slots, thumbnail_side, split.shared if split is not None else None)
     if workers <= 0:
         _init_worker(*init)
-        results = map(_load, jobs())
+        # In this process each load runs when the loop below asks for it, after the last is copied.
+        results = (_load((item.path, 0)) for item, _ in todo)
         pool = None
     else:
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init)
-        results = pool.imap(_load, jobs(), chunksize=16)
+        pool = _Workers(workers, [item.path for item, _ in todo], slots=count, init=init)
+        results = pool.results()
     try:
         batch = []
         for (item, digest), loaded in zip(todo, results):
             pixels = loaded.jpeg if loaded.jpeg is not None or loaded.reason is not None else slots[loaded.slot].copy()
-            free.put(loaded.slot)
+            if pool is not None:
+                pool.free(loaded.slot)
             if split is not None and loaded.route is not None:
                 split.record_worker(loaded.route, loaded.seconds)
             batch.append((item, digest, pixels, loaded.reason, loaded.thumbnail))
@@ -240,7 +230,103 @@ def decoded_batches(todo: list[tuple[CorpusItem, str]], images: ImagePreprocess,
         if batch:
             yield batch
     finally:
-        stop.set()
-        free.put(-1)  # wake the feeder if it waits, so the pool can shut down
         if pool is not None:
-            pool.terminate()
+            pool.close()
+
+
+class _Workers:
+    """The decode worker processes. Worker k of n takes the job's files k, k + n, k + 2n, … in
+    order — the paths come with the fork, so no task is ever sent — writes each into the next of
+    its own slots and sends its results a few at a time through a pipe of its own; the parent reads
+    them back in file order, taking turns between workers. A worker reuses a slot once the parent
+    has freed it (a semaphore per worker counts its free slots); freed slots go back a few at a
+    time, since each release that wakes a waiting worker costs the parent a cross-CPU wake-up.
+
+    multiprocessing.Pool cost the parent 74–78 us of CPU per image, a third of it in the pool's own
+    threads (tasks pickled one by one, results handed between threads); this costs it 20–23 us
+    (bench/decode_transport.py, 2 workers, CPU box): at GPU rates the parent's one core was the limit."""
+
+    RESULTS_PER_MESSAGE = 16  # fewer wake-ups of the parent; a worker about to wait sends what it has
+    SLOTS_PER_RELEASE = 16  # fewer wake-ups of the workers; all go back before the parent waits
+
+    def __init__(self, workers: int, paths: list[Path], *, slots: int, init: tuple):
+        context = multiprocessing.get_context("fork")
+        per_worker = slots // workers
+        self._free, self._results, self._processes = [], [], []
+        for worker in range(workers):
+            free = context.Semaphore(per_worker)
+            receive, send = context.Pipe(duplex=False)
+            own_slots = list(range(worker, per_worker * workers, workers))  # slot % workers == worker
+            process = context.Process(target=_work, args=(worker, workers, paths, own_slots, free, send, init),
+                                      name=f"decode-{worker}", daemon=True)
+            process.start()
+            send.close()  # the parent keeps only its reading end: a worker's exit then reads as EOF
+            self._free.append(free)
+            self._results.append(receive)
+            self._processes.append(process)
+        self._total = len(paths)
+        self._held = [0] * workers  # slots freed by the parent, not yet given back to their worker
+
+    def results(self) -> Iterator[Loaded]:
+        """Every file's Loaded, in the job's order."""
+        workers = len(self._processes)
+        waiting: list[collections.deque[Loaded]] = [collections.deque() for _ in range(workers)]
+        for index in range(self._total):
+            worker = index % workers
+            if not waiting[worker]:
+                self._give_back(worker)  # it may be waiting for a slot to make what we wait for
+                try:
+                    waiting[worker].extend(self._results[worker].recv())
+                except EOFError:
+                    process = self._processes[worker]
+                    process.join(timeout=5)
+                    raise RuntimeError(f"decode worker {process.pid} exited (exit code {process.exitcode}) before "
+                                       "its files were done; see its error above") from None
+            yield waiting[worker].popleft()
+
+    def free(self, slot: int) -> None:
+        """The parent has copied what the slot held: its worker may reuse it."""
+        worker = slot % len(self._processes)
+        self._held[worker] += 1
+        if self._held[worker] == self.SLOTS_PER_RELEASE:
+            self._give_back(worker)
+
+    def _give_back(self, worker: int) -> None:
+        for _ in range(self._held[worker]):
+            self._free[worker].release()
+        self._held[worker] = 0
+
+    def close(self) -> None:
+        for process in self._processes:
+            process.terminate()
+        for process in self._processes:
+            process.join(timeout=5)
+        for receive in self._results:
+            receive.close()
+
+
+def _work(worker: int, workers: int, paths: list[Path], own_slots: list[int], free, results, init: tuple) -> None:
+    """A decode worker's life: its share of the files, in order, each into its next slot. It ends
+    with the job: a parent killed outright (kill -9) frees no slot and reads no pipe again."""
+    _init_worker(*init)
+    parent = os.getppid()
+    ready: list[Loaded] = []
+    try:
+        for turn, index in enumerate(range(worker, len(paths), workers)):
+            if not free.acquire(block=False):
+                if ready:  # the parent may be waiting for these before it can free a slot
+                    results.send(ready)
+                    ready = []
+                while not free.acquire(timeout=1.0):
+                    if os.getppid() != parent:
+                        return
+            ready.append(_load((paths[index], own_slots[turn % len(own_slots)])))
+            if len(ready) == _Workers.RESULTS_PER_MESSAGE:
+                results.send(ready)
+                ready = []
+        if ready:
+            results.send(ready)
+    except BrokenPipeError:  # the parent is gone
+        return
+    finally:
+        results.close()

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -65,3 +71,72 @@ def test_every_item_gets_its_own_pixels_and_thumbnail_even_when_slots_are_reused
                                                colour(i), atol=4)
             seen.append(i)
     assert seen == list(range(300))
+
+
+class DyingImages(SmallImages):
+    """A decoder that takes its whole process down on one file, as a crash in a C decoder would."""
+
+    def load(self, data: bytes, *, max_pixels: int) -> Image.Image:
+        if data == b"crash":
+            os._exit(3)
+        return super().load(data, max_pixels=max_pixels)
+
+
+def test_a_worker_that_dies_mid_job_stops_the_job_with_its_exit_code_instead_of_hanging(tmp_path):
+    todo = []
+    for i in range(40):
+        path = tmp_path / f"{i}.jpg"
+        if i == 25:
+            path.write_bytes(b"crash")
+        else:
+            Image.new("RGB", (24, 24), colour(i)).save(path, quality=95)
+        todo.append((CorpusItem(id=str(i), path=path, text=""), f"hash-{i}"))
+    with pytest.raises(RuntimeError, match=r"decode worker \d+ exited \(exit code 3\)"):
+        list(decoded_batches(todo, DyingImages(), batch_size=8, workers=2, max_pixels=10_000, on_device=False))
+
+
+KILLED_JOB = """
+import sys, time, multiprocessing
+from pathlib import Path
+from types import SimpleNamespace
+import numpy as np
+from sidecar.ingest.corpus import CorpusItem
+from sidecar.ingest.decode_pool import decoded_batches
+
+class Images:
+    spec = SimpleNamespace(output_size=(8, 8))
+    def load(self, data, *, max_pixels): return None
+    def pixels(self, image): return np.zeros((8, 8, 3), dtype=np.uint8)
+    def wants_device_decode(self, data, *, max_pixels): return False
+
+todo = [(CorpusItem(id=str(i), path=Path(sys.argv[1]), text=""), "") for i in range(100_000)]
+batches = decoded_batches(todo, Images(), batch_size=8, workers=2, max_pixels=1, on_device=False)
+next(batches)
+print(" ".join(str(child.pid) for child in multiprocessing.active_children()), flush=True)
+time.sleep(600)  # the workers fill their slots and wait for the parent to free one
+"""
+
+
+def test_the_workers_end_when_the_job_is_killed_outright(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    with subprocess.Popen([sys.executable, "-c", KILLED_JOB, str(tmp_path / "file")], stdout=subprocess.PIPE,
+                          text=True, cwd=Path(__file__).parents[3]) as job:
+        workers = [int(pid) for pid in job.stdout.readline().split()]
+        assert len(workers) == 2
+        job.kill()
+    deadline = time.monotonic() + 20
+    try:
+        while any(_alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, "a decode worker outlived its killed job"
+            time.sleep(0.1)
+    finally:  # a failure leaves no orphan behind
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
