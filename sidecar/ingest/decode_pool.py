@@ -242,9 +242,10 @@ class _Workers:
     has freed it (a semaphore per worker counts its free slots); freed slots go back a few at a
     time, since each release that wakes a waiting worker costs the parent a cross-CPU wake-up.
 
-    multiprocessing.Pool cost the parent 74–78 us of CPU per image, a third of it in the pool's own
-    threads (tasks pickled one by one, results handed between threads); this costs it 20–23 us
-    (bench/decode_transport.py, 2 workers, CPU box): at GPU rates the parent's one core was the limit."""
+    multiprocessing.Pool spent a third of the parent's time in its own threads (tasks pickled one by
+    one, results handed between threads): per JPEG handed on to the device decoder it cost the parent
+    59–90 us of CPU where this costs 17–22 (20 KB files; bench/decode_transport.py --jpeg-kb, CPU box).
+    At GPU rates the parent's one core is the limit."""
 
     RESULTS_PER_MESSAGE = 16  # fewer wake-ups of the parent; a worker about to wait sends what it has
     SLOTS_PER_RELEASE = 16  # fewer wake-ups of the workers; all go back before the parent waits
