@@ -202,8 +202,8 @@ def decoded_batches(todo: list[tuple[CorpusItem, str]], images: ImagePreprocess,
     # Bounded read-ahead: workers stay at most two batches ahead of the model, so a slow model
     # never lets decoded images pile up in memory. Each image in flight owns one slot of an
     # anonymous shared mapping made before the fork: a worker writes the pixels there and
-    # returns only the slot's number. (Pickling the 150 KB arrays through the pool's pipe
-    # capped the parent at ~2,200 images/s, 400 us of its CPU per image.)
+    # returns only the slot's number. (Pickling the 150 KB arrays through a pipe capped the
+    # parent at ~2,200 images/s, 400 us of its CPU per image.)
     count, (height, width) = max(2 * batch_size, 64 * max(workers, 1)), images.spec.output_size
     slots = np.frombuffer(mmap.mmap(-1, count * height * width * 3), dtype=np.uint8).reshape(count, height, width, 3)
     init = (images, max_pixels, on_device, slots, thumbnail_side, split.shared if split is not None else None)
