@@ -3,7 +3,7 @@ file size: each file's bytes shared with its tensor (what `ImagePreprocess.decod
 against a bytearray copy per file (what it did until 2026-11-30). Photo-like JPEGs (noise, quality
 90); the decode itself is not included.
 
-    .venv/bin/python bench/jpeg_handoff.py
+    PYTHONPATH=. .venv/bin/python bench/jpeg_handoff.py
 """
 
 from __future__ import annotations
@@ -11,17 +11,12 @@ from __future__ import annotations
 import argparse
 import io
 import time
-import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
-
-def shared(jpegs: list[bytes]) -> list[torch.Tensor]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-        return [torch.frombuffer(data, dtype=torch.uint8) for data in jpegs]
+from sidecar.model.images import jpeg_tensors
 
 
 def copied(jpegs: list[bytes]) -> list[torch.Tensor]:
@@ -54,7 +49,7 @@ def main() -> None:
             out, format="JPEG", quality=90)
         data = out.getvalue()
         jpegs = [bytes(bytearray(data)) for _ in range(args.files)]  # distinct objects, as files read are
-        before, now = best_us(copied, jpegs, args.rounds), best_us(shared, jpegs, args.rounds)
+        before, now = best_us(copied, jpegs, args.rounds), best_us(jpeg_tensors, jpegs, args.rounds)
         print(f"{size:>10} {len(jpegs[0]) / 1024:>12.0f} {before:>10.1f} {now:>10.1f} {before / now:>6.0f}x")
 
 

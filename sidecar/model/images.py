@@ -293,12 +293,7 @@ class ImagePreprocess:
         """uint8 [h, w, 3] tensors on `device`, one per JPEG (nvjpeg on CUDA); None where decoding failed."""
         if not jpegs:
             return []
-        with warnings.catch_warnings():
-            # The decoder only reads: each tensor shares its file's bytes (kept alive by the tensor)
-            # instead of a bytearray copy, which cost the stager thread ~50 us per 75 KB JPEG and
-            # grows with file size (bench/jpeg_handoff.py). torch warns because bytes are read-only.
-            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-            encoded = [torch.frombuffer(data, dtype=torch.uint8) for data in jpegs]
+        encoded = jpeg_tensors(jpegs)
         try:
             images = _decode_jpeg(encoded, device)
         except RuntimeError:
@@ -315,6 +310,16 @@ class ImagePreprocess:
             for i, pixels in zip(indices, resized):
                 out[i] = pixels
         return out
+
+
+def jpeg_tensors(jpegs: Sequence[bytes]) -> list[torch.Tensor]:
+    """The uint8 tensors the JPEG decoder takes, each sharing its file's bytes (kept alive by the
+    tensor). The decoder only reads them; a bytearray copy per file cost the stager thread 55 us at
+    120 KB and grows with file size (bench/jpeg_handoff.py)."""
+    with warnings.catch_warnings():
+        # torch warns because bytes are read-only.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        return [torch.frombuffer(data, dtype=torch.uint8) for data in jpegs]
 
 
 def stack_pixels(pixels: Sequence[np.ndarray | torch.Tensor], device: torch.device) -> np.ndarray | torch.Tensor:
