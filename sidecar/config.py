@@ -20,6 +20,8 @@ OPENSEARCH_ENGINES = ("lucene", "faiss")  # faiss needs the k-NN native library
 # model's device: nvjpeg on a GPU), split (both at once, shared as measured), auto (device on
 # CUDA, else cpu).
 DECODE_MODES = ("auto", "cpu", "device", "split")
+# What decodes JPEGs on the device (`embed --jpeg-decoder`); sidecar.model.images.
+JPEG_DECODERS = ("torchvision", "nvimagecodec")
 # What runs the embed job: this machine's processes, or a Ray cluster (the `ray` extra).
 EMBED_ENGINES = ("local", "ray")
 # Image formats decoded by default: what cameras, phones and the web produce. Pillow knows forty

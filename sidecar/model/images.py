@@ -4,15 +4,22 @@ Every caller goes through here — the embed job's decode workers, online querie
 the demo — so a stored photo queried by itself gets the vector it was indexed with:
 - CPU: `decode_image` (PIL; JPEGs in draft mode at the smallest DCT scale that still covers the
   model's input, several times faster for large photos), then open_clip's own PIL resize/crop steps.
-- Device: JPEGs decoded by nvjpeg on a GPU (torchvision on a CPU device) and resized as one
-  batch per source size, following the same open_clip resize mode (shortest, longest, squash).
+- Device: JPEGs decoded as a batch by one of `JPEG_DECODERS` — torchvision's (nvjpeg on a GPU) or
+  NVIDIA's nvImageCodec (the GPU's hardware JPEG decoders where it has them, CPU stages on a thread
+  pool) — then resized as one batch per source size, following the same open_clip resize mode
+  (shortest, longest, squash). On a CPU device both decode with libjpeg-turbo.
 The two paths agree within a stated tolerance (tests/unit/model/test_images.py); the offline
 job records which one it used in the shard manifest.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
+import os
+import sys
+import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +29,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from sidecar.config import IMAGE_FORMATS, MAX_RESIZED_SIDE
+from sidecar.config import IMAGE_FORMATS, JPEG_DECODERS, MAX_RESIZED_SIDE
+
+log = logging.getLogger(__name__)
 
 # Refuse truncated files rather than silently padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -289,15 +298,13 @@ class ImagePreprocess:
         except Exception:  # noqa: BLE001 - anything odd is the CPU decoder's to judge and report
             return False
 
-    def decode_on_device(self, jpegs: list[bytes], *, device: torch.device) -> list[torch.Tensor | None]:
-        """uint8 [h, w, 3] tensors on `device`, one per JPEG (nvjpeg on CUDA); None where decoding failed."""
+    def decode_on_device(self, jpegs: list[bytes], *, device: torch.device,
+                         decoder: str = "torchvision") -> list[torch.Tensor | None]:
+        """uint8 [h, w, 3] tensors on `device`, one per JPEG, decoded by `decoder` (one of
+        JPEG_DECODERS); None where decoding failed."""
         if not jpegs:
             return []
-        encoded = jpeg_tensors(jpegs)
-        try:
-            images = _decode_jpeg(encoded, device)
-        except RuntimeError:
-            images = [_decode_one(data, device) for data in encoded]  # find the broken file(s)
+        images = _BATCH_DECODERS[decoder](jpegs, device)
         out: list[torch.Tensor | None] = [None] * len(images)
         # Same-sized images (common: one camera, one export size) resize as one batch: a handful
         # of kernel launches per size instead of per image.
@@ -338,6 +345,94 @@ def stack_pixels(pixels: Sequence[np.ndarray | torch.Tensor], device: torch.devi
     device_at = [i for i, p in enumerate(pixels) if not isinstance(p, np.ndarray)]
     batch[device_at] = torch.stack([pixels[i] for i in device_at])
     return batch
+
+
+class JpegDecoderUnavailable(RuntimeError):
+    """The JPEG decoder asked for cannot run here; the message says what to install."""
+
+
+def check_jpeg_decoder(decoder: str, device: torch.device) -> None:
+    """Fail before a job starts, naming the fix, if `decoder` cannot decode on `device`."""
+    if decoder not in JPEG_DECODERS:
+        raise ValueError(f"jpeg_decoder={decoder!r}: choose one of {', '.join(JPEG_DECODERS)}")
+    if decoder == "nvimagecodec":
+        _nvimagecodec(device)
+
+
+def _decode_with_torchvision(jpegs: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """[3, H, W] uint8 per JPEG: one batched call (nvjpeg on CUDA), or one call per file to find
+    the broken ones when the batch fails."""
+    encoded = jpeg_tensors(jpegs)
+    try:
+        return _decode_jpeg(encoded, device)
+    except RuntimeError:
+        return [_decode_one(data, device) for data in encoded]
+
+
+def _decode_with_nvimagecodec(jpegs: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """[3, H, W] uint8 per JPEG (a view of nvImageCodec's [H, W, 3] buffer), None for a file it
+    cannot decode. On CUDA the decode is ordered before torch's current stream."""
+    decoder, params, host = _nvimagecodec(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    images = decoder.decode(list(jpegs), params=params, cuda_stream=stream)
+    # Host buffers (the CPU-only decoder) are read through the array interface: their DLPack export
+    # calls into the CUDA runtime even for host memory.
+    return [None if image is None
+            else (torch.from_numpy(np.asarray(image)) if image.buffer_kind == host else torch.from_dlpack(image))
+            .permute(2, 0, 1) for image in images]
+
+
+_BATCH_DECODERS = {"torchvision": _decode_with_torchvision, "nvimagecodec": _decode_with_nvimagecodec}
+assert tuple(_BATCH_DECODERS) == JPEG_DECODERS
+
+
+@functools.cache
+def _nvimagecodec(device: torch.device):
+    """One nvImageCodec decoder per device, built on first use and reused (it owns CUDA streams and
+    a CPU thread pool): (decoder, decode params, the buffer kind of host images)."""
+    # Its messages would go straight to the terminal: per-file decode failures (a file it cannot
+    # decode comes back as None and is reported like any unusable image), and at import the codec
+    # extensions it finds no library for (JPEG 2000, TIFF: not used here).
+    os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
+    try:
+        with _native_stderr_to_debug_log("nvImageCodec"):
+            from nvidia import nvimgcodec
+    except ImportError as exc:
+        raise JpegDecoderUnavailable("the nvimagecodec JPEG decoder needs NVIDIA's nvImageCodec: pip install "
+                           "'clip-sidecar[nvimagecodec]' (CUDA 13 builds; nvidia-nvimgcodec-cu12 and "
+                           "nvidia-nvjpeg-cu12 for CUDA 12)") from exc
+    if device.type not in ("cuda", "cpu"):
+        raise JpegDecoderUnavailable(f"the nvimagecodec JPEG decoder decodes on CUDA or the CPU, not on {device}")
+    try:
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            decoder = nvimgcodec.Decoder(device_id=index)
+        else:
+            decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
+                                         backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.CPU_ONLY)])
+    except RuntimeError as exc:  # e.g. its CUDA build is newer than the driver
+        raise JpegDecoderUnavailable(f"nvImageCodec cannot start a decoder on {device}: {exc}") from exc
+    params = nvimgcodec.DecodeParams(apply_exif_orientation=True, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                     sample_format=nvimgcodec.SampleFormat.I_RGB)
+    return decoder, params, nvimgcodec.ImageBufferKind.STRIDED_HOST
+
+
+@contextmanager
+def _native_stderr_to_debug_log(library: str) -> Iterator[None]:
+    """What native code writes to file descriptor 2 during the block goes to this module's debug log."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", errors="replace").strip()
+            if text:
+                log.debug("%s: %s", library, text)
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:

@@ -10,9 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from sidecar.config import JPEG_DECODERS
 from sidecar.model.images import (
     ImageDecodeError,
     ImagePreprocess,
+    JpegDecoderUnavailable,
+    check_jpeg_decoder,
     decode_bytes,
     decode_image,
     load_rgb,
@@ -120,13 +123,14 @@ def test_wants_device_decode_takes_plain_jpegs_within_the_limit_only():
 DEVICE_TOLERANCE = 4.0
 
 
+@pytest.mark.parametrize("decoder", JPEG_DECODERS)
 @pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
 @pytest.mark.parametrize("shape", [(120, 160, 3), (160, 90, 3)], ids=["landscape", "portrait"])
-def test_device_path_matches_the_cpu_path_within_tolerance_for_every_resize_mode(resize_mode, shape):
+def test_device_path_matches_the_cpu_path_within_tolerance_for_every_resize_mode(resize_mode, shape, decoder):
 
     preprocess = _preprocess(resize_mode)
     data = _encode(_photo(1, shape), "JPEG", quality=95)
-    on_device, broken = preprocess.decode_on_device([data, data[:200]], device=torch.device("cpu"))
+    on_device, broken = preprocess.decode_on_device([data, data[:200]], device=torch.device("cpu"), decoder=decoder)
     on_cpu = preprocess.decode(data, max_pixels=LIMIT)
     assert broken is None
     assert on_cpu.shape == (32, 32, 3) and tuple(on_device.shape) == (32, 32, 3) and on_device.dtype == torch.uint8
@@ -147,17 +151,62 @@ def test_resize_spec_follows_open_clips_resize_mode():
     assert squash.resized_size(120, 160) == [32, 32]
 
 
-def test_device_decoding_batches_same_sized_images_and_keeps_the_order():
+@pytest.mark.parametrize("decoder", JPEG_DECODERS)
+def test_device_decoding_batches_same_sized_images_and_keeps_the_order(decoder):
 
     preprocess = _preprocess("shortest", size=24)
     rng = np.random.default_rng(1)
     jpegs = [_encode(Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)), "JPEG", quality=95)
              for shape in [(40, 48, 3), (64, 64, 3), (40, 48, 3), (30, 90, 3)]]
-    together = preprocess.decode_on_device(jpegs, device=torch.device("cpu"))
-    alone = [preprocess.decode_on_device([data], device=torch.device("cpu"))[0] for data in jpegs]
+    cpu = torch.device("cpu")
+    together = preprocess.decode_on_device(jpegs, device=cpu, decoder=decoder)
+    alone = [preprocess.decode_on_device([data], device=cpu, decoder=decoder)[0] for data in jpegs]
     for got, want in zip(together, alone):
         assert got.shape == (24, 24, 3)
         assert torch.equal(got, want)
+
+
+def test_the_jpeg_decoders_give_the_same_pixels_upright_in_rgb_and_the_same_failures():
+    # On a CPU device both decode with libjpeg-turbo: any difference is in the wrapping (orientation,
+    # greyscale to RGB, channel order, which files fail).
+    preprocess = _preprocess("squash", size=24)
+    rotated = _photo(2, (40, 64, 3))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # stored sideways: shown turned 90 degrees clockwise
+    jpegs = [_encode(_photo(3, (48, 40, 3)), "JPEG", quality=95),
+             _encode(_photo(4, (40, 40, 3)).convert("L"), "JPEG", quality=95),
+             _encode(rotated, "JPEG", quality=95, exif=exif.tobytes()),
+             _encode(_photo(5, (40, 40, 3)), "JPEG")[:150],
+             b"\xff\xd8 not a JPEG after its first two bytes"]
+    cpu = torch.device("cpu")
+    by = {decoder: preprocess.decode_on_device(jpegs, device=cpu, decoder=decoder) for decoder in JPEG_DECODERS}
+    for decoder, images in by.items():
+        assert [image is None for image in images] == [False, False, False, True, True], decoder
+    for at, name in enumerate(("colour", "grey", "exif-rotated")):
+        want = preprocess.decode(jpegs[at], max_pixels=LIMIT).astype(np.float32)  # the CPU path: PIL
+        for decoder, images in by.items():
+            difference = np.abs(images[at].numpy().astype(np.float32) - want).mean()
+            assert difference < DEVICE_TOLERANCE, (decoder, name, difference)
+    assert all(torch.equal(a, b) for a, b in zip(*(images[:3] for images in by.values())))
+
+
+def test_an_unknown_or_missing_jpeg_decoder_is_refused_before_any_work_naming_the_fix(monkeypatch):
+    with pytest.raises(ValueError, match=r"jpeg_decoder='nvjpeg2000': choose one of torchvision, nvimagecodec"):
+        check_jpeg_decoder("nvjpeg2000", torch.device("cpu"))
+    check_jpeg_decoder("nvimagecodec", torch.device("cpu"))  # installed with the dev extra
+    # Not installed: what a user without the extra gets (the import made to fail, as it would).
+    import nvidia
+
+    from sidecar.model import images
+
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)
+    monkeypatch.delattr(nvidia, "nvimgcodec")
+    images._nvimagecodec.cache_clear()
+    try:
+        with pytest.raises(JpegDecoderUnavailable, match=r"pip install 'clip-sidecar\[nvimagecodec\]'"):
+            check_jpeg_decoder("nvimagecodec", torch.device("cpu"))
+    finally:
+        images._nvimagecodec.cache_clear()
 
 
 # ---- what an image may cost, checked from its header ------------------------------------------
