@@ -18,7 +18,7 @@ from sidecar.cli.root import (
     settings_from,
     store_options,
 )
-from sidecar.config import DECODE_MODES, EMBED_ENGINES, THUMBNAIL_SIDE
+from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL_SIDE
 
 
 @click.command()
@@ -35,6 +35,11 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, THUMBNAIL_SIDE
                    "device, nvjpeg on a GPU), or split (both at once: the workers decode the share of JPEGs that "
                    "keeps pace with the device, measured as the job runs); auto = device on CUDA, else cpu. The "
                    "ray engine decodes on CPU tasks.")
+@click.option("--jpeg-decoder", type=click.Choice(JPEG_DECODERS), default="torchvision", show_default=True,
+              help="What decodes the device's JPEGs (--decode device, split, or auto on CUDA): torchvision "
+                   "(nvjpeg, its Huffman stage on one CPU thread) or nvimagecodec (NVIDIA's nvImageCodec: the "
+                   "hardware JPEG decoders of A100/H100/H200-class GPUs, CPU stages on a thread pool; pip install "
+                   "'clip-sidecar[nvimagecodec]').")
 @click.option("--thumbnail-size", "thumbnail_side", type=click.IntRange(0, 1024), default=THUMBNAIL_SIDE,
               show_default=True, metavar="PIXELS",
               help="Longer side of the JPEG thumbnail kept for each image (the search page shows them; the "
@@ -60,8 +65,8 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, THUMBNAIL_SIDE
 @model_options
 @click.pass_context
 def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_size: int, workers: int,
-          decode: str, thumbnail_side: int, tags: tuple[str, ...], engine: str, address: str, actors: int,
-          actor_cpus: float, task_cpus: float, **kwargs: Any) -> None:
+          decode: str, jpeg_decoder: str, thumbnail_side: int, tags: tuple[str, ...], engine: str, address: str,
+          actors: int, actor_cpus: float, task_cpus: float, **kwargs: Any) -> None:
     """Embed the images of SOURCE into vector shards.
 
     SOURCE is a folder of images (a .txt beside an image is its text; else the file name is),
@@ -105,14 +110,17 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
             raise click.ClickException(str(exc)) from exc
     else:
         from sidecar.ingest.embed import embed_corpus
+        from sidecar.model.images import JpegDecoderUnavailable
 
         encoder = load_encoder(settings)
         tagger = Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), encoder) if specs else None
-        summary = embed_corpus(encoder, source, out, batch_size=batch_size, shard_size=shard_size,
-                               workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
-                               fine_encoder=load_fine_encoder(settings), thumbnail_side=thumbnail_side,
-                               tagger=tagger,
-                               progress=ctx.obj["progress"])
+        try:
+            summary = embed_corpus(encoder, source, out, batch_size=batch_size, shard_size=shard_size,
+                                   workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
+                                   jpeg_decoder=jpeg_decoder, fine_encoder=load_fine_encoder(settings),
+                                   thumbnail_side=thumbnail_side, tagger=tagger, progress=ctx.obj["progress"])
+        except JpegDecoderUnavailable as exc:
+            raise click.UsageError(f"--jpeg-decoder {jpeg_decoder}: {exc}") from exc
     click.echo(summary.describe())
 
 

@@ -36,7 +36,7 @@ from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.ingest.tagging import Tagger, tagged
 from sidecar.ingest.thumbnails import make_thumbnail
 from sidecar.model.encoder import Encoder
-from sidecar.model.images import stack_pixels
+from sidecar.model.images import check_jpeg_decoder, stack_pixels
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,8 +78,8 @@ PARALLEL_SCAN_MIN = 2000  # files
 
 def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int = 256, shard_size: int = 4096,
                  workers: int = 2, max_pixels: int = 40_000_000, decode: str = "auto",
-                 fine_encoder: Encoder | None = None, thumbnail_side: int = THUMBNAIL_SIDE,
-                 tagger: Tagger | None = None,
+                 jpeg_decoder: str = "torchvision", fine_encoder: Encoder | None = None,
+                 thumbnail_side: int = THUMBNAIL_SIDE, tagger: Tagger | None = None,
                  progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out`. `decode`: "cpu" (PIL in worker processes),
     "device" (JPEGs decoded and resized on the model's device — nvjpeg on a GPU), or "auto"
@@ -87,19 +87,24 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     by that (stronger) model beside the model's, for the fine-ranking stage. `thumbnail_side`: the
     longer side of each image's thumbnail (0: none); shards written without thumbnails get theirs
     in this run. `decode` "split": JPEGs decoded by both at once, the workers taking the share that
-    keeps pace with the device (`DecodeSplit`). With `tagger`, the metadata of every document gets
-    its prompt-set tags; without one, the shards hold no tags."""
+    keeps pace with the device (`DecodeSplit`); `jpeg_decoder` (one of JPEG_DECODERS) decodes the
+    device's share. With `tagger`, the metadata of every document gets its prompt-set tags; without
+    one, the shards hold no tags."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
     on_device = decode in ("device", "split") or (decode == "auto" and encoder.device.type == "cuda")
+    if on_device:
+        check_jpeg_decoder(jpeg_decoder, encoder.device)
     split = DecodeSplit(workers) if decode == "split" else None
     if decode in ("device", "split") and encoder.device.type == "cpu":
-        log.warning("--decode %s on a CPU device: the 'device' decoder is torchvision's, on the cores the decode "
+        log.warning("--decode %s on a CPU device: the 'device' decoder (%s) runs on the cores the decode "
                     "workers use, and decodes whole images where PIL's draft mode decodes JPEGs at a reduced "
-                    "scale; expect it slower than --decode cpu (bench/RESULTS.md)", decode)
+                    "scale; expect it slower than --decode cpu (bench/RESULTS.md)", decode, jpeg_decoder)
     started = time.perf_counter()
     stages: defaultdict[str, float] = defaultdict(float)
     used = "split" if split is not None else ("device" if on_device else "cpu")  # for the manifest
+    if on_device:
+        used = f"{used} ({jpeg_decoder})"
     plan = plan_embed(encoder, source, out, decode=used, fine_encoder=fine_encoder, tagger=tagger,
                       shard_size=shard_size, workers=workers, progress=progress, stages=stages,
                       thumbnail_side=thumbnail_side, max_pixels=max_pixels)
@@ -111,7 +116,8 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
             tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar, \
             _in_background(_staged_batches(todo, encoder, batch_size=batch_size, workers=workers,
                                            max_pixels=max_pixels, on_device=on_device, stages=stages,
-                                           thumbnail_side=thumbnail_side, split=split)) as staged:
+                                           thumbnail_side=thumbnail_side, split=split,
+                                           jpeg_decoder=jpeg_decoder)) as staged:
         pending: Future | None = None
         buffer_vectors: list[np.ndarray] = []
         buffer_fine: list[np.ndarray] = []
@@ -369,9 +375,10 @@ def hash_file(path: Path) -> tuple[str | None, str | None]:
 
 
 def _staged_batches(todo: list[tuple[CorpusItem, str]], encoder: Encoder, *, stages: defaultdict[str, float],
-                    split: DecodeSplit | None = None, **decode_options) -> Iterator[tuple[list[tuple], list]]:
-    """(batch, pixels per item) pairs: the decode workers' batches, JPEGs decoded on the device where
-    asked (the device's time per JPEG goes to `split`)."""
+                    split: DecodeSplit | None = None, jpeg_decoder: str = "torchvision",
+                    **decode_options) -> Iterator[tuple[list[tuple], list]]:
+    """(batch, pixels per item) pairs: the decode workers' batches, JPEGs decoded on the device by
+    `jpeg_decoder` where asked (the device's time per JPEG goes to `split`)."""
     batches = decoded_batches(todo, encoder.images, split=split, **decode_options)
     while True:
         with _timed(stages, "decode_wait"):
@@ -379,7 +386,7 @@ def _staged_batches(todo: list[tuple[CorpusItem, str]], encoder: Encoder, *, sta
         if batch is None:
             return
         started = time.perf_counter()
-        pixels, on_device = _to_pixels(batch, encoder)
+        pixels, on_device = _to_pixels(batch, encoder, jpeg_decoder)
         seconds = time.perf_counter() - started
         stages["device_decode"] += seconds
         if split is not None:
@@ -433,11 +440,12 @@ def _in_background(items: Iterator[T], *, depth: int = 1) -> Iterator[Iterator[T
         thread.join()
 
 
-def _to_pixels(batch: list[tuple], encoder: Encoder) -> tuple[list, int]:
+def _to_pixels(batch: list[tuple], encoder: Encoder, jpeg_decoder: str) -> tuple[list, int]:
     """Per item: uint8 pixels (host array from a worker, or a device tensor), or None; and how many
     JPEGs the device decoded."""
     jpeg_at = [i for i, (_, _, payload, *_) in enumerate(batch) if isinstance(payload, bytes)]
-    decoded = encoder.images.decode_on_device([batch[i][2] for i in jpeg_at], device=encoder.device)
+    decoded = encoder.images.decode_on_device([batch[i][2] for i in jpeg_at], device=encoder.device,
+                                              decoder=jpeg_decoder)
     pixels = [payload if not isinstance(payload, bytes) else None for _, _, payload, *_ in batch]
     for i, tensor in zip(jpeg_at, decoded):
         pixels[i] = tensor

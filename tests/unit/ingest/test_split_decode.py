@@ -46,7 +46,7 @@ def test_a_split_embed_decodes_on_both_sides_and_matches_the_cpu_decode(encoder,
     message = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("split decode"))
     on_cpu, total = (int(word) for word in message.split()[2:5:2])
     assert total == summary.embedded and 0 < on_cpu < total, message
-    assert json.loads((out / "manifest.json").read_text())["preprocessing"]["decode"] == "split"
+    assert json.loads((out / "manifest.json").read_text())["preprocessing"]["decode"] == "split (torchvision)"
     assert any("--decode split on a CPU device" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
 
     split_vectors = {doc.id: doc.vector for batch in ShardSet(out).documents() for doc in batch}
@@ -56,4 +56,20 @@ def test_a_split_embed_decodes_on_both_sides_and_matches_the_cpu_decode(encoder,
     cosines = np.einsum("ij,ij->i", np.stack([split_vectors[i] for i in ids]), np.stack([cpu_vectors[i] for i in ids]))
     # Identical where the worker decoded; within the device path's pixel tolerance elsewhere.
     assert np.isclose(cosines, 1.0, atol=1e-5).sum() >= on_cpu
+    assert cosines.min() > 0.98, cosines.min()
+
+
+def test_a_device_embed_with_nvimagecodec_records_it_and_matches_the_cpu_decode(encoder, corpus, shards, tmp_path):
+    # On a CPU-only machine nvImageCodec runs its CPU-only decoder in the job's own process: the
+    # --jpeg-decoder plumbing and its pixels are under test (tests/gpu runs it on nvjpeg / hardware).
+    out = tmp_path / "nvimagecodec"
+    summary = embed_corpus(encoder, corpus, out, workers=2, batch_size=64, decode="device",
+                           jpeg_decoder="nvimagecodec", progress=False)
+    assert summary.failed == 0 and summary.embedded == summary.total
+    assert json.loads((out / "manifest.json").read_text())["preprocessing"]["decode"] == "device (nvimagecodec)"
+    device_vectors = {doc.id: doc.vector for batch in ShardSet(out).documents() for doc in batch}
+    cpu_vectors = {doc.id: doc.vector for batch in ShardSet(shards).documents() for doc in batch}
+    ids = sorted(cpu_vectors)
+    assert sorted(device_vectors) == ids
+    cosines = np.einsum("ij,ij->i", np.stack([device_vectors[i] for i in ids]), np.stack([cpu_vectors[i] for i in ids]))
     assert cosines.min() > 0.98, cosines.min()
