@@ -1,9 +1,12 @@
 r"""Embedding throughput, side by side in one run on one device: decode-only, the decode pool alone,
-model-only and end to end (JPEG files on disk → vector shards on disk), with the end-to-end / model ratio.
+the device's JPEG decoders alone, model-only and end to end (JPEG files on disk → vector shards on
+disk), with the end-to-end / model ratio.
 
     .venv/bin/python bench/embed_throughput.py                          # tiny model, generated JPEGs
     .venv/bin/python bench/embed_throughput.py --model ViT-B-32 --images 20000 --batch-size 1024 \
         --image-side 320 --decode cpu,device,split --thumbnail-size 128,0   # with thumbnails and without
+    .venv/bin/python bench/embed_throughput.py --model ViT-B-32 --decode device \
+        --jpeg-decoder torchvision,nvimagecodec                          # the device's JPEG decoders
     .venv/bin/python bench/embed_throughput.py --folder /data/photos    # your own images
 
 Generated images are rendered shapes: flat colour compresses well, so they decode faster than
@@ -24,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sidecar.config import THUMBNAIL_SIDE, Settings
+from sidecar.config import JPEG_DECODERS, THUMBNAIL_SIDE, Settings
 from sidecar.ingest.corpus import CorpusItem, read_corpus
 from sidecar.ingest.decode_pool import decoded_batches
 from sidecar.ingest.embed import embed_corpus
 from sidecar.model.encoder import load_encoder
+from sidecar.model.images import JpegDecoderUnavailable, check_jpeg_decoder
 from sidecar.model.synthetic import iter_items
 
 
@@ -77,16 +81,34 @@ def pool_start_seconds(workers: int) -> float:
     return time.perf_counter() - started
 
 
+def device_decode_only(paths: list[Path], encoder, *, decoder: str, batch_size: int) -> float:
+    """The device's JPEG decoder alone, as the embed job's stager thread calls it (decode and resize a
+    batch of file bytes already in memory), over up to 8 batches after a warm-up one."""
+    batches = [[path.read_bytes() for path in paths[start:start + batch_size]]
+               for start in range(0, min(len(paths), 9 * batch_size), batch_size)]
+    encoder.images.decode_on_device(batches[0], device=encoder.device, decoder=decoder)  # warm-up
+    _sync(encoder.device)
+    started = time.perf_counter()
+    for jpegs in batches[1:] or batches:
+        encoder.images.decode_on_device(jpegs, device=encoder.device, decoder=decoder)
+    _sync(encoder.device)
+    return sum(map(len, batches[1:] or batches)) / (time.perf_counter() - started)
+
+
 def model_only(encoder, *, batch_size: int, batches: int) -> float:
     pixels = np.random.default_rng(0).integers(0, 255, (batch_size, *encoder.images.spec.output_size, 3),
                                                dtype=np.uint8)
     encoder.postprocess(encoder.forward_images(pixels))  # warm-up (kernels, autocast caches)
-    if encoder.device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(encoder.device)
     started = time.perf_counter()
     for _ in range(batches):
         encoder.postprocess(encoder.forward_images(pixels))
     return batch_size * batches / (time.perf_counter() - started)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -99,11 +121,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode", default="auto", help="end-to-end runs, comma-separated: auto, cpu, device, split")
+    parser.add_argument("--jpeg-decoder", default="torchvision",
+                        help=f"the device's JPEG decoders, comma-separated, from {', '.join(JPEG_DECODERS)}: each "
+                             "runs alone and in each device or split end-to-end run")
     parser.add_argument("--thumbnail-size", default=str(THUMBNAIL_SIDE),
                         help="thumbnails the job makes, as `clip-sidecar embed --thumbnail-size` (0: none); "
                              "comma-separated: each decode mode runs with each size, e.g. 128,0")
     args = parser.parse_args()
     thumbnail_sizes = [int(size) for size in args.thumbnail_size.split(",")]
+    jpeg_decoders = args.jpeg_decoder.split(",")
+    if unknown := set(jpeg_decoders) - set(JPEG_DECODERS):
+        parser.error(f"--jpeg-decoder: unknown {', '.join(sorted(unknown))}; choose from {', '.join(JPEG_DECODERS)}")
+    if len(set(jpeg_decoders)) < len(jpeg_decoders):
+        parser.error("--jpeg-decoder: each decoder once (a second run of one would find its images done)")
     # The job's own summary lines (stages; a split decode's share) go with the figures.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("sidecar.ingest.embed").setLevel(logging.INFO)
@@ -113,6 +143,14 @@ def main() -> None:
     device = torch.cuda.get_device_name() if encoder.device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device}; {os.cpu_count()} CPUs; model {encoder.signature.describe()}, {encoder.precision}, "
           f"batch {args.batch_size}, {args.workers} decode workers")
+    for decoder in list(jpeg_decoders):
+        try:
+            check_jpeg_decoder(decoder, encoder.device)
+        except JpegDecoderUnavailable as exc:  # the other figures still stand
+            print(f"jpeg decoder {decoder}: not measured ({exc})")
+            jpeg_decoders.remove(decoder)
+    runs = [(mode, decoder) for mode in args.decode.split(",")
+            for decoder in (jpeg_decoders if mode in ("device", "split") else [None])]
     with tempfile.TemporaryDirectory() as tmp:
         source = args.folder or generate_jpegs(Path(tmp) / "corpus", args.images, side=args.image_side,
                                                processes=os.cpu_count() or 1)
@@ -124,20 +162,26 @@ def main() -> None:
                                              batch_size=args.batch_size, thumbnail_side=size)
                       for size in thumbnail_sizes}
         fork_s = pool_start_seconds(args.workers)
+        device_rates = {decoder: device_decode_only(paths, encoder, decoder=decoder, batch_size=args.batch_size)
+                        for decoder in jpeg_decoders}
         model_rate = model_only(encoder, batch_size=args.batch_size, batches=max(3, 2048 // args.batch_size))
-        end_to_end = {(mode, size): embed_corpus(encoder, source, Path(tmp) / f"shards-{mode}-{size}",
-                                                 batch_size=args.batch_size, workers=args.workers, decode=mode,
-                                                 thumbnail_side=size, progress=True)
-                      for size in thumbnail_sizes for mode in args.decode.split(",")}
+        end_to_end = {(mode, decoder, size): embed_corpus(
+                          encoder, source, Path(tmp) / f"shards-{mode}-{decoder}-{size}", batch_size=args.batch_size,
+                          workers=args.workers, decode=mode, jpeg_decoder=decoder or "torchvision",
+                          thumbnail_side=size, progress=True)
+                      for size in thumbnail_sizes for mode, decoder in runs}
     print(f"folder listing:           {listing_s:10.2f} s  ({len(paths)} files: ids, paths, captions)")
     print(f"decode only (1 core):     {decode_rate:10.0f} images/s")
     for size, rate in pool_rates.items():
         print(f"decode pool only:         {rate:10.0f} images/s  ({args.workers} workers, CPU decode, "
               f"thumbnails {size or 'none'}; no model)")
     print(f"worker pool start:        {fork_s:10.2f} s  ({args.workers} processes forked and ended)")
+    for decoder, rate in device_rates.items():
+        print(f"device decode only:       {rate:10.0f} images/s  ({decoder}: decode and resize on "
+              f"{encoder.device.type}, file bytes in memory)")
     print(f"model only:               {model_rate:10.0f} images/s")
-    for (mode, size), summary in end_to_end.items():
-        label = f"{mode}, thumbnails {size or 'none'}"
+    for (mode, decoder, size), summary in end_to_end.items():
+        label = f"{mode}{f' ({decoder})' if decoder else ''}, thumbnails {size or 'none'}"
         print(f"end to end, decode {label + ':':24s}{summary.images_per_s:8.0f} images/s  "
               f"({summary.embedded} images, {summary.seconds:.1f} s, scan and shard writes included; "
               f"{summary.images_per_s / model_rate:.2f} of model)")

@@ -4,9 +4,11 @@
 # weights, 8 workers; the floor variant beside batched and pinned workers, so CPU per request
 # outside the forward is compared with the floor in the same run; SERVE_VARIANTS adds unbatched
 # and no-graphs, the eager text tower), serving images (base64 JPEGs decoded on the request threads,
-# batched forward) and offline files→vectors (ViT-B-32 and ViT-L-14, bf16 autocast: CPU decode
-# workers vs nvjpeg, and for ViT-B-32 both at once, split, each with the job's thumbnails and
-# without; each against the model-only rate and the decode pool's own rate).
+# batched forward) and offline files→vectors (ViT-B-32 and ViT-L-14, bf16 autocast, the job's
+# thumbnails: CPU decode workers vs the device's JPEG decoders — torchvision's nvjpeg and NVIDIA's
+# nvImageCodec, alone and in the job — and for ViT-B-32 both at once, split; each against the
+# model-only rate and the decode pool's own rate). nvImageCodec comes from the `nvimagecodec` extra:
+# without it those runs fail with the install command and the others stand.
 # Each step has its own time limit, so one failure still leaves the others' figures. Logs go to
 # OUT; the device, driver, torch and Python versions head the summary.
 #
@@ -36,19 +38,20 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 $py -c "import torch, open_clip, platform; print('torch', torch.__version__, 'open_clip', open_clip.__version__,
   'python', platform.python_version())" | tee -a "$out/device.txt"
-step tests 30 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
-step text_tower 30 $py bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,256,1024
-step serve 180 $py bench/serve_load.py --model ViT-B-32 --requests 3000 --concurrency 1,16,64 \
+step tests 40 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
+step text_tower 25 $py bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,256,1024
+step serve 175 $py bench/serve_load.py --model ViT-B-32 --requests 3000 --concurrency 1,16,64 \
   --workers 8 --client-processes 6 --threads 32 --variants "$variants"
-step serve_images 45 $py bench/serve_load.py --model ViT-B-32 --modality image --image-side 256 \
+step serve_images 40 $py bench/serve_load.py --model ViT-B-32 --modality image --image-side 256 \
   --requests 2000 --concurrency 16,64 --workers 8 --client-processes 6 --threads 32 --variants batched
-step embed_b32 135 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
-  --batch-size 1024 --workers "$decoders" --decode cpu,device,split --thumbnail-size 128,0
+step embed_b32 130 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
+  --batch-size 1024 --workers "$decoders" --decode cpu,device,split --jpeg-decoder torchvision,nvimagecodec \
+  --thumbnail-size 128
 step embed_profile 60 py-spy record --gil --threads --nonblocking --format raw -o "$out/embed_profile.raw" -- \
   $py bench/embed_throughput.py --model ViT-B-32 --images 20000 --image-side 320 --batch-size 1024 \
   --workers "$decoders" --decode device
-step embed_l14 60 $py bench/embed_throughput.py --model ViT-L-14 --images 12000 --image-side 320 \
-  --batch-size 256 --workers "$decoders" --decode cpu,device
+step embed_l14 70 $py bench/embed_throughput.py --model ViT-L-14 --images 12000 --image-side 320 \
+  --batch-size 256 --workers "$decoders" --decode cpu,device --jpeg-decoder torchvision,nvimagecodec
 
 echo; echo "##### summary"; cat "$out/device.txt"
 for name in $steps; do
@@ -57,6 +60,6 @@ for name in $steps; do
     tests) tail -n 2 "$out/tests.txt" ;;
     text_tower) tail -n 7 "$out/text_tower.txt" ;;
     serve*) grep -E "^(model|floor|batched|unbatched|no-graphs|pinned| +[0-9]+ +[0-9]+ | +concurrency)" "$out/$name.txt" ;;
-    embed*) grep -E "^(device|folder listing|decode only|decode pool only|worker pool start|model only|end to end|  seconds by stage|split decode)" "$out/$name.txt" ;;
+    embed*) grep -E "^(device|folder listing|decode only|decode pool only|worker pool start|device decode only|model only|end to end|  seconds by stage|split decode)" "$out/$name.txt" ;;
   esac
 done
