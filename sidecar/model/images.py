@@ -373,13 +373,15 @@ def _decode_with_nvimagecodec(jpegs: Sequence[bytes], device: torch.device) -> l
     """[3, H, W] uint8 per JPEG (a view of nvImageCodec's [H, W, 3] buffer), None for a file it
     cannot decode. On CUDA the decode is ordered before torch's current stream."""
     decoder, params, host = _nvimagecodec(device)
+    # Decoded on torch's current stream: the images' buffers are ready, and (stream-ordered) freed,
+    # in order with the resize kernels that read them.
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     images = decoder.decode(list(jpegs), params=params, cuda_stream=stream)
     # Host buffers (the CPU-only decoder) are read through the array interface: their DLPack export
     # calls into the CUDA runtime even for host memory.
     return [None if image is None
-            else (torch.from_numpy(np.asarray(image)) if image.buffer_kind == host else torch.from_dlpack(image))
-            .permute(2, 0, 1) for image in images]
+            else (torch.from_numpy(np.asarray(image)).to(device) if image.buffer_kind == host
+                  else torch.from_dlpack(image)).permute(2, 0, 1) for image in images]
 
 
 _BATCH_DECODERS = {"torchvision": _decode_with_torchvision, "nvimagecodec": _decode_with_nvimagecodec}
