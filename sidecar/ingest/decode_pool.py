@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
+import torch
 
 from sidecar.ingest.corpus import CorpusItem
 from sidecar.ingest.thumbnails import covers, make_thumbnail, thumbnail_of
@@ -127,6 +128,8 @@ def _init_worker(images: ImagePreprocess, max_pixels: int, on_device: bool, slot
         # Ctrl-C reaches the whole process group: the parent stops the job and terminates the
         # pool. A worker dying of it instead would lose its task and leave the parent waiting.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Each worker resizes on one core (torch's uint8 kernels): the pool is the parallelism.
+        torch.set_num_threads(1)
 
 
 def _decode_here() -> bool:

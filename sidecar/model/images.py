@@ -3,7 +3,8 @@
 Every caller goes through here — the embed job's decode workers, online queries, the CLI and
 the demo — so a stored photo queried by itself gets the vector it was indexed with:
 - CPU: `decode_image` (PIL; JPEGs in draft mode at the smallest DCT scale that still covers the
-  model's input, several times faster for large photos), then open_clip's own PIL resize/crop steps.
+  model's input, several times faster for large photos), then open_clip's resize/crop steps on the
+  decoded bytes by torch's uint8 kernels (within one level of open_clip's PIL steps, 2-3.5x faster).
 - Device: JPEGs decoded as a batch by one of `JPEG_DECODERS` — torchvision's (nvjpeg on a GPU) or
   NVIDIA's nvImageCodec (the GPU's hardware JPEG decoders where it has them, CPU stages on a thread
   pool) — then resized as one batch per source size, following the same open_clip resize mode
@@ -225,24 +226,33 @@ class ResizeSpec:
         return (longer, side) if height >= width else (side, longer)
 
     def resize_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] uint8 of one size → [N, h, w, 3] uint8 at `output_size`."""
+        """[N, 3, H, W] uint8 of one size → [N, h, w, 3] uint8 at `output_size`.
+
+        On the CPU torch's antialiased uint8 kernels resize the bytes themselves: within one level
+        of PIL's resize (what open_clip's transform runs) and 2-3.5x faster than it on this project's
+        CPU box (bench/RESULTS.md); they are fastest on channels-last input ([H, W, 3] memory).
+        Elsewhere the resize runs in float."""
         from open_clip.transform import center_crop_or_pad
         from torchvision.transforms.v2 import functional as F
 
+        on_cpu = images.device.type == "cpu"
         size = self.resized_size(images.shape[-2], images.shape[-1])
-        resized = F.resize(images.float(), size, interpolation=self.interpolation, antialias=True)
+        resized = F.resize(images if on_cpu else images.float(), size, interpolation=self.interpolation,
+                           antialias=True)
         if self.crop is not None:
             if self.pad_fill is not None:
                 resized = center_crop_or_pad(resized, list(self.crop), fill=self.pad_fill)
             else:
                 resized = F.center_crop(resized, list(self.crop))
-        return resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        if not on_cpu:
+            resized = resized.round_().clamp_(0, 255).to(torch.uint8)
+        return resized.permute(0, 2, 3, 1)
 
 
 class ImagePreprocess:
-    """The model's image input, split from open_clip's transform: PIL steps (resize, crop, mode)
-    here, mean/std on the device over whole batches, so workers and queues carry uint8 pixels
-    (a quarter of float32's bytes)."""
+    """The model's image input, split from open_clip's transform: its resize and crop here (as a
+    `ResizeSpec`, run on uint8 tensors), mean/std on the device over whole batches, so workers and
+    queues carry uint8 pixels (a quarter of float32's bytes)."""
 
     def __init__(self, transform: Any):
         from torchvision.transforms import Compose, Normalize
@@ -261,8 +271,10 @@ class ImagePreprocess:
 
     # ---- CPU ----
     def pixels(self, image: Image.Image) -> np.ndarray:
-        """An RGB image (any size) → uint8 [h, w, 3] at the model's input size."""
-        return np.asarray(self.pil_steps(image), dtype=np.uint8)
+        """An RGB image (any size) → uint8 [h, w, 3] at the model's input size: open_clip's resize
+        and crop (`pil_steps`, as `spec`) on the image's bytes, with torch's uint8 kernels."""
+        hwc = torch.from_numpy(np.array(image, dtype=np.uint8))  # np.array: a writable copy torch may share
+        return np.ascontiguousarray(self.spec.resize_batch(hwc.permute(2, 0, 1)[None])[0].numpy())
 
     def open(self, data: bytes, *, max_pixels: int, max_resized_side: int = MAX_RESIZED_SIDE,
              formats: Sequence[str] = IMAGE_FORMATS) -> Image.Image:
