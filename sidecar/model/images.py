@@ -413,8 +413,8 @@ def _nvimagecodec(device: torch.device):
             from nvidia import nvimgcodec
     except ImportError as exc:
         raise JpegDecoderUnavailable("the nvimagecodec JPEG decoder needs NVIDIA's nvImageCodec: pip install "
-                           "'clip-sidecar[nvimagecodec]' (CUDA 13 builds; nvidia-nvimgcodec-cu12 and "
-                           "nvidia-nvjpeg-cu12 for CUDA 12)") from exc
+                                     "'clip-sidecar[nvimagecodec]' (CUDA 13 builds; nvidia-nvimgcodec-cu12 and "
+                                     "nvidia-nvjpeg-cu12 for CUDA 12)") from exc
     if device.type not in ("cuda", "cpu"):
         raise JpegDecoderUnavailable(f"the nvimagecodec JPEG decoder decodes on CUDA or the CPU, not on {device}")
     try:
