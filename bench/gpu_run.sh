@@ -13,6 +13,7 @@
 # OUT; the device, driver, torch and Python versions head the summary.
 #
 #   bench/gpu_run.sh [OUT]                      # from the repository root, torch + CUDA installed
+#   (on the device tool's machine: bench/gpu_wheels.sh fetches what it lacks, and says how to run this)
 #   STEPS=embed_profile bench/gpu_run.sh OUT    # opt-in, py-spy installed: which threads of the
 #       device-decode embed hold the GIL (OUT/embed_profile.raw, collapsed stacks per thread)
 #   STEPS="tests serve" SERVE_VARIANTS=batched,unbatched bench/gpu_run.sh OUT   # a subset
