@@ -96,6 +96,9 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
 
         if decode in ("device", "split"):
             raise click.UsageError(f"--engine ray decodes on CPU tasks: --decode {decode} is for the local engine")
+        if jpeg_decoder != "torchvision":
+            raise click.UsageError(f"--engine ray decodes on CPU tasks: --jpeg-decoder {jpeg_decoder} is for the "
+                                   "local engine's --decode device or split")
         if specs:
             raise click.UsageError(f"--engine ray does not tag ({', '.join(spec.set for spec in specs)}): embed "
                                    "with --engine local, or tag afterwards with `clip-sidecar tag OUT`")

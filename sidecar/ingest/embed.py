@@ -95,6 +95,9 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     on_device = decode in ("device", "split") or (decode == "auto" and encoder.device.type == "cuda")
     if on_device:
         check_jpeg_decoder(jpeg_decoder, encoder.device)
+    elif jpeg_decoder != "torchvision":
+        log.warning("--jpeg-decoder %s has no effect: the decode workers decode every image on the CPU (--decode %s "
+                    "on %s)", jpeg_decoder, decode, encoder.device.type)
     split = DecodeSplit(workers) if decode == "split" else None
     if decode in ("device", "split") and encoder.device.type == "cpu":
         log.warning("--decode %s on a CPU device: the 'device' decoder (%s) runs on the cores the decode "

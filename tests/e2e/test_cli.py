@@ -187,6 +187,18 @@ def test_embed_refuses_a_shard_directory_of_another_model(shards, corpus, tmp_pa
     assert "holds shards of tiny-clip (weights sha256:0000" in result.output and "new --out directory" in result.output
 
 
+def test_a_jpeg_decoder_that_would_not_be_used_is_refused_or_named(corpus, tmp_path):
+    # The Ray engine decodes on CPU tasks: asking it for a device decoder is a usage error, before any work.
+    result = CliRunner().invoke(main, ["-q", "embed", str(corpus), "--out", str(tmp_path / "ray"), "--engine", "ray",
+                                       "--jpeg-decoder", "nvimagecodec"])
+    assert result.exit_code == 2 and "--jpeg-decoder nvimagecodec is for the local engine" in result.output
+    # The local engine decoding on the CPU runs, and says (on stderr, -q keeps warnings) the decoder went unused.
+    result = CliRunner().invoke(main, ["-q", "embed", str(corpus), "--out", str(tmp_path / "cpu"), "--workers", "0",
+                                       "--decode", "cpu", "--jpeg-decoder", "nvimagecodec"])
+    assert result.exit_code == 0, result.output
+    assert "--jpeg-decoder nvimagecodec has no effect: the decode workers decode every image on the CPU" in result.stderr
+
+
 def test_every_command_teaches_with_help():
     runner = CliRunner()
     for command in (["--help"], ["embed", "--help"], ["index", "--help"], ["search", "--help"], ["serve", "--help"],
