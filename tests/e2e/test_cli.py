@@ -84,10 +84,13 @@ def test_embed_continues_after_kill_minus_9_without_duplicates_or_gaps(tmp_path)
 
 
 def test_ctrl_c_stops_embed_promptly_and_the_rerun_completes_it(tmp_path):
-    manifest = write_corpus(tmp_path / "corpus", 3000, seed=6)
+    # Small batches and many images: the fourth shard comes at ~7 % of the job, so the Ctrl-C lands
+    # mid-job however fast the machine (a busy CI box once starved the poll below until the job,
+    # then 3,000 images at 256 a batch, had finished).
+    manifest = write_corpus(tmp_path / "corpus", 6000, seed=6)
     out = tmp_path / "shards"
     args = [sys.executable, "-m", "sidecar.cli", "-q", "embed", str(manifest), "--out", str(out),
-            "--shard-size", "100", "--batch-size", "256", "--workers", "2"]
+            "--shard-size", "100", "--batch-size", "64", "--workers", "2"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     deadline = time.monotonic() + 300
@@ -95,6 +98,7 @@ def test_ctrl_c_stops_embed_promptly_and_the_rerun_completes_it(tmp_path):
         assert process.poll() is None, "embed exited before Ctrl-C"
         assert time.monotonic() < deadline, "embed never wrote its fourth shard"
         time.sleep(0.02)
+    assert process.poll() is None, "embed finished before the Ctrl-C could interrupt it"
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
     _, stderr = process.communicate(timeout=60)
     assert process.returncode != 0 and "Aborted" in stderr, stderr
@@ -104,7 +108,7 @@ def test_ctrl_c_stops_embed_promptly_and_the_rerun_completes_it(tmp_path):
     result = run_cli("embed", str(manifest), "--out", str(out), "--shard-size", "100", "--workers", "2")
     assert result.returncode == 0, result.stderr
     ids = shard_ids(out)
-    assert len(ids) == len(set(ids)) == 3000
+    assert len(ids) == len(set(ids)) == 6000
 
 
 def test_incremental_rerun_embeds_only_new_and_changed_files_and_index_removes_deleted(encoder, tmp_path):
