@@ -39,13 +39,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 $py -c "import torch, open_clip, platform; print('torch', torch.__version__, 'open_clip', open_clip.__version__,
   'python', platform.python_version())" | tee -a "$out/device.txt"
-step tests 40 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
+step tests 50 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
 step text_tower 25 $py bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,256,1024
 step serve 175 $py bench/serve_load.py --model ViT-B-32 --requests 3000 --concurrency 1,16,64 \
   --workers 8 --client-processes 6 --threads 32 --variants "$variants"
 step serve_images 40 $py bench/serve_load.py --model ViT-B-32 --modality image --image-side 256 \
   --requests 2000 --concurrency 16,64 --workers 8 --client-processes 6 --threads 32 --variants batched
-step embed_b32 130 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
+step embed_b32 120 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
   --batch-size 1024 --workers "$decoders" --decode cpu,device,split --jpeg-decoder torchvision,nvimagecodec \
   --thumbnail-size 128
 step embed_profile 60 py-spy record --gil --threads --nonblocking --format raw -o "$out/embed_profile.raw" -- \
