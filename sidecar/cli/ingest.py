@@ -31,10 +31,10 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
 @click.option("--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True,
               help="Decode/resize worker processes (0 = decode in the main process).")
 @click.option("--decode", type=click.Choice(DECODE_MODES), default="auto", show_default=True,
-              help="Where JPEGs are decoded and resized: cpu (PIL workers), device (batched on the model's "
-                   "device, nvjpeg on a GPU), or split (both at once: the workers decode the share of JPEGs that "
-                   "keeps pace with the device, measured as the job runs); auto = device on CUDA, else cpu. The "
-                   "ray engine decodes on CPU tasks.")
+              help="Where JPEGs are decoded and resized: cpu (the decode workers), device (batched on the "
+                   "model's device, by --jpeg-decoder), or split (both at once: the workers decode the share of "
+                   "JPEGs that keeps pace with the device, measured as the job runs); auto = device on CUDA, else "
+                   "cpu. The ray engine decodes on CPU tasks.")
 @click.option("--jpeg-decoder", type=click.Choice(JPEG_DECODERS), default="torchvision", show_default=True,
               help="What decodes the device's JPEGs (--decode device, split, or auto on CUDA): torchvision "
                    "(nvjpeg, its Huffman stage on one CPU thread) or nvimagecodec (NVIDIA's nvImageCodec: the "
