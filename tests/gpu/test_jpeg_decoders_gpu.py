@@ -16,7 +16,13 @@ from sidecar.model.synthetic import write_corpus
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-pytest.importorskip("nvidia.nvimgcodec", reason="needs nvImageCodec (pip install 'clip-sidecar[nvimagecodec]')")
+
+
+@pytest.fixture(autouse=True)
+def nvimagecodec():
+    # At test time, after the CUDA skip: a machine without a GPU never loads the library (collection
+    # imports every test module into the one pytest process).
+    pytest.importorskip("nvidia.nvimgcodec", reason="needs nvImageCodec (pip install 'clip-sidecar[nvimagecodec]')")
 
 
 def vectors(folder) -> dict[str, np.ndarray]:
