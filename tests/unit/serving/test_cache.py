@@ -150,21 +150,23 @@ def test_the_persistent_cache_keeps_at_most_max_entries_dropping_the_least_recen
     assert encode.calls[-1] == ["t1", "t2"], "the least recently used were evicted"
 
 
-def _open_at(path, start_at: float) -> None:
-    time.sleep(max(0.0, start_at - time.time()))
+def _open_together(path, barrier) -> None:
+    barrier.wait(timeout=120)  # every process imported and ready: they open the file at one moment
     TextVectorCache(path, namespace=namespace(), capacity=10)
 
 
 def test_processes_opening_a_new_cache_file_at_once_all_start(tmp_path):
     # gunicorn boots its workers together, each opening the same new file; a worker that fails here
-    # fails to boot and takes the server down with it.
-    context = multiprocessing.get_context("fork")
+    # fails to boot and takes the server down with it. The processes come from a fork server, as
+    # gunicorn's come from its one-threaded arbiter: forked from this many-threaded test process, a
+    # child can inherit a lock another thread held at the fork (SQLite's among them) and hang.
+    context = multiprocessing.get_context("forkserver")
     for attempt in range(5):
         path = tmp_path / f"attempt{attempt}" / "text.sqlite"
-        start_at = time.time() + 0.5
-        workers = [context.Process(target=_open_at, args=(path, start_at)) for _ in range(8)]
+        barrier = context.Barrier(8)
+        workers = [context.Process(target=_open_together, args=(path, barrier)) for _ in range(8)]
         for worker in workers:
             worker.start()
         for worker in workers:
-            worker.join(60)
+            worker.join(180)
         assert [worker.exitcode for worker in workers] == [0] * 8, f"attempt {attempt}"
