@@ -33,6 +33,10 @@ _WRITE_BATCH = 1024
 # cost the server 0.3 ms of CPU per request at low concurrency (bench/RESULTS.md); the price is
 # that a vector computed in the last 50 ms before a crash is computed again.
 _WRITE_LINGER_S = 0.05
+# SQLite leaves the write-ahead log file at the largest size one transaction gave it (an eviction
+# of a tenth of the table, a prompt set's first encode: tens of MB for 20k rows); with a limit it
+# cuts the file back to it when the log next starts over, so the cache's disk use stays bounded.
+_WAL_SIZE_LIMIT = 8 << 20
 
 
 class CachedText(NamedTuple):
@@ -98,6 +102,7 @@ class TextVectorCache:
         db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         return db
 
     def get_or_compute(self, texts: Sequence[str], compute: Callable[[list[str]], Sequence[CachedText]], *,

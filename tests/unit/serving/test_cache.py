@@ -150,6 +150,30 @@ def test_the_persistent_cache_keeps_at_most_max_entries_dropping_the_least_recen
     assert encode.calls[-1] == ["t1", "t2"], "the least recently used were evicted"
 
 
+def test_the_write_ahead_log_is_cut_back_after_a_large_write(tmp_path):
+    # One transaction of 6,000 512-d vectors grows SQLite's write-ahead log to ~25 MB; SQLite would
+    # leave the file at that size for good. With the limit it is cut back when the log next starts over.
+    path = tmp_path / "text.sqlite"
+    wal = path.with_name(path.name + "-wal")
+    cache = TextVectorCache(path, namespace=namespace(), capacity=10, max_entries=100_000)
+
+    def encode(texts):
+        return [CachedText(np.ones(512, dtype=np.float32), 3) for _ in texts]
+
+    cache.get_or_compute([f"t{i}" for i in range(6000)], cache.through_disk(encode), timeout_s=30)
+    cache.flush()
+    grown = wal.stat().st_size
+    cache.get_or_compute(["one more"], cache.through_disk(encode), timeout_s=30)
+    cache.flush()
+    cut = wal.stat().st_size
+    cache.close()
+    assert grown > 16 << 20, "the large write did not grow the log: the test proves nothing"
+    assert cut <= 8 << 20
+    reopened = TextVectorCache(path, namespace=namespace(), capacity=10)
+    assert reopened.persisted_count() == 6001  # cutting the file back lost nothing
+    reopened.close()
+
+
 def _open_together(path, barrier) -> None:
     barrier.wait(timeout=120)  # every process imported and ready: they open the file at one moment
     TextVectorCache(path, namespace=namespace(), capacity=10)
