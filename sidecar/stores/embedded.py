@@ -46,6 +46,10 @@ _SQL_BATCH = 500
 _MAX_READ_RETRIES = 5
 # Graph vectors compared with vectors.f32 by `check` (a sample: the graph holds a copy of every row).
 _CHECK_SAMPLE_ROWS = 1024
+# SQLite leaves the write-ahead log at the largest size one transaction gave it (an `index` batch of
+# 10,000 documents with thumbnails: ~40-100 MB) for as long as any connection, a server's say, stays
+# open; with a limit it cuts the file back when the log next starts over.
+_WAL_SIZE_LIMIT = 8 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -217,6 +221,7 @@ class EmbeddedStore:
         # check_same_thread=False only so that close() may close every thread's connection.
         conn = sqlite3.connect(self.path / _DB_FILE, isolation_level=None, check_same_thread=False, timeout=60.0)
         conn.execute("PRAGMA busy_timeout = 60000")
+        conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         return conn
 
     def _initialise(self) -> None:

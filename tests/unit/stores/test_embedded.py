@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -634,6 +635,18 @@ def test_threads_sharing_one_store_read_whole_generations_while_it_writes(tmp_pa
 
 def test_commits_are_durable_before_an_old_graph_is_removed(store: EmbeddedStore):
     assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_a_large_write_leaves_no_large_write_ahead_log_while_a_reader_keeps_the_store_open(tmp_path: Path):
+    # A server keeps its connections open while `index` writes 10,000-document batches: SQLite would
+    # leave the log at the largest batch's size for the server's lifetime.
+    with EmbeddedStore(tmp_path / "store") as server, EmbeddedStore(tmp_path / "store") as writer:
+        writer.claim(SIGNATURE)
+        docs = [dataclasses.replace(doc, thumbnail=bytes([i % 251]) * 4000) for i, doc in enumerate(make_docs(5000))]
+        writer.upsert(docs)  # ~20 MB of thumbnails in one transaction
+        assert server.count() == 5000
+        writer.upsert(make_docs(1, prefix="one-more"))
+        assert (tmp_path / "store" / "store.sqlite-wal").stat().st_size <= 8 << 20
 
 
 # -- check and repair ------------------------------------------------------------------------------
