@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels=(
-  flask==3.1.3 werkzeug==3.1.9 itsdangerous==2.2.0 blinker==1.9.0 gunicorn==27.0.1  # serving
+  flask==3.1.3 werkzeug==3.1.9 itsdangerous==2.2.0 blinker==1.9.0 gunicorn==27.0.1 orjson==3.13.0  # serving
   open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4                                  # the model
   faiss-cpu==1.15.1 tantivy==0.27.0                                                   # the embedded store
   opensearch-py==3.2.0 events==0.5 opensearch-protobufs==1.2.0 concurrent-log-handler==0.9.31

@@ -21,6 +21,7 @@ from sidecar.api import (
     search,
     status,
 )
+from sidecar.api.json_provider import OrjsonProvider
 from sidecar.api.quality import build_quality
 from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import body_too_large
@@ -45,8 +46,8 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     """Build the app. Tests pass Settings (and may pass a loaded encoder/store/fine encoder to share them)."""
     settings = settings or Settings.from_env()
     app = Flask(__name__)
+    app.json = OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False
     # First: a malformed SIDECAR_API_KEYS fails before the models load. The page's own files hold no data
     # and must load before anyone can type a key into it.
     auth.init_app(app, settings, public_paths=page.PUBLIC_PATHS)
