@@ -1,8 +1,8 @@
 """Flask's JSON responses written by orjson.
 
 A 512-d vector in the `float` encoding — what OpenSearch's ml-commons connectors ask for — took the
-standard library 376 µs to write, a third of a request's whole cost at the HTTP floor; orjson
-writes the same text in a few µs (bench/RESULTS.md). The values are the same: floats as the
+standard library 293 µs to write through Flask's provider, about a third of a request's whole cost
+at the HTTP floor; orjson writes the same text in 18 µs (bench/RESULTS.md). The values are the same: floats as the
 shortest text that reads back to the same number, keys in insertion order, the same newline.
 What orjson does not write itself goes through Flask's own `default`, and anything it refuses (a
 lone surrogate in a string) falls back to the standard library, so no response changes meaning."""
