@@ -1,4 +1,4 @@
-"""Serving benchmark: gunicorn + the sidecar, driven over loopback at several concurrencies.
+r"""Serving benchmark: gunicorn + the sidecar, driven over loopback at several concurrencies.
 
 Runs the same load against several server variants in one run — `floor` (the same app and
 gunicorn config, /v1/embeddings answered from a precomputed vector: bench/serve_floor.py),
@@ -11,9 +11,8 @@ forward passes took (the batcher's sidecar_forward_cpu_seconds_total), the batch
 the ratios between variants. Every text request is a cache miss (unique text), so the encoder does
 the work; with `--modality image` each request carries one base64 JPEG (`--image-side` px, from a
 set of 64 drawn per client process; images are not cached), decoded on the request thread and
-batched. The load
-comes from separate client processes speaking keep-alive HTTP/1.1 over raw sockets, so the load
-generator costs little CPU beside the server.
+batched. The load comes from separate client processes speaking keep-alive HTTP/1.1 over raw
+sockets, so the load generator costs little CPU beside the server.
 
     .venv/bin/python bench/serve_load.py --variants floor,batched,unbatched   # tiny model, CPU
     .venv/bin/python bench/serve_load.py --model ViT-B-32 --requests 4000 --concurrency 1,16,64 \
