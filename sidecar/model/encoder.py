@@ -77,6 +77,45 @@ def _skip_ftfy_where_it_changes_nothing() -> None:
     module.basic_clean = basic_clean
 
 
+def _pools_a_causal_prefix(model: torch.nn.Module) -> bool:
+    """Whether the text tower's output for a text depends only on its tokens up to the pooled one:
+    open_clip's CLIP with a causal attention mask (each position sees only those before it), pooling
+    at the end-of-text token ('argmax': the highest id; 'eos': the first eos id). Such a tower gives
+    the same vectors on any prefix of the tokens that holds every text's pooled position. Towers
+    that see the whole context (SigLIP's bidirectional one, Hugging Face text models) do not."""
+    from open_clip.model import CLIP
+
+    return (isinstance(model, CLIP) and getattr(model, "attn_mask", None) is not None
+            and model.text_pool_type in ("argmax", "eos"))
+
+
+def _pooled_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Each row's pooled position, chosen as open_clip's text_global_pool chooses it."""
+    if model.text_pool_type == "argmax":
+        return tokens.argmax(dim=-1)
+    return (tokens == model.text_eos_id).int().argmax(dim=-1)
+
+
+def _encode_text_prefix(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's CLIP.encode_text (3.3.0) on the first `tokens.shape[1]` positions of the context:
+    the positional embedding and the causal mask cut to that width, the rest as encode_text does it.
+    Only for towers `_pools_a_causal_prefix` accepts, with every row's pooled position in `tokens`
+    (tests/unit/model/test_encoder_text.py holds it equal to encode_text)."""
+    from open_clip.transformer import text_global_pool
+
+    width = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:width].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:width, :width])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=model.text_eos_id)
+    if model.text_projection is None:
+        return x
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
+
+
 @dataclass(frozen=True, slots=True)
 class PreparedTexts:
     tokens: torch.Tensor  # [n, context_length] int64
@@ -99,6 +138,7 @@ class Encoder:
         _bound_bpe_cache(tokenizer, BPE_CACHE_WORDS)
         _skip_ftfy_where_it_changes_nothing()
         self._text_graphs = None  # TextGraphs once capture_text_graphs() ran (GPU serving)
+        self._text_prefix_only = _pools_a_causal_prefix(model)
         self.images = ImagePreprocess(preprocess)
         # Normalisation runs on the model's device, over the whole batch, after a uint8 copy.
         self._mean = torch.tensor(self.images.mean, device=device).view(1, 3, 1, 1) * 255.0
@@ -140,11 +180,17 @@ class Encoder:
     def forward_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         graphs = self._text_graphs
         if graphs is not None and tokens.shape[0] <= graphs.sizes[-1]:
-            return graphs(tokens)
+            return graphs(tokens)  # captured at the whole context's width
+        if self._text_prefix_only and tokens.shape[0]:
+            # Queries are a few tokens of a 77-token context: the tower runs on the batch's longest
+            # text instead (ViT-B-32 on CPU: x2 at one text, x7.5 at 16; bench/RESULTS.md).
+            tokens = tokens[:, :_pooled_positions(self.model, tokens).max().item() + 1]
         return self._text_tower(tokens.to(self.device, non_blocking=True))
 
     def _text_tower(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self._autocast():
+            if tokens.shape[1] < self.context_length:
+                return _encode_text_prefix(self.model, tokens)
             return self.model.encode_text(tokens)
 
     def capture_text_graphs(self, max_batch: int) -> None:

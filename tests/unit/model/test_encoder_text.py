@@ -85,3 +85,55 @@ def test_the_served_encoders_tokenizer_memo_is_bounded(encoder):
     from sidecar.model.encoder import BPE_CACHE_WORDS
 
     assert encoder.tokenizer.cache._capacity == BPE_CACHE_WORDS + 2
+
+
+def _widths_seen_by(transformer: torch.nn.Module) -> list[int]:
+    """The token widths the transformer is run on from now on (a forward pre-hook)."""
+    widths: list[int] = []
+    transformer.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    return widths
+
+
+def test_the_text_tower_runs_on_the_batchs_longest_text_and_gives_the_whole_contexts_vectors(encoder):
+    texts = ["red", "a large red circle on the left", "blue square " * 40, ""]  # the third fills the context
+    tokens = encoder.prepare_texts(texts).tokens
+    with torch.inference_mode():
+        whole = encoder.model.encode_text(tokens)
+    short = encoder.prepare_texts(texts[:2]).tokens
+    widths = _widths_seen_by(encoder.model.transformer)
+
+    torch.testing.assert_close(encoder.forward_texts(tokens), whole)
+    torch.testing.assert_close(encoder.forward_texts(short), whole[:2])
+    assert widths == [encoder.context_length, int(short.argmax(dim=-1).max()) + 1]
+    assert widths[1] < encoder.context_length
+
+
+def _small_clip(**text_cfg) -> open_clip.model.CLIP:
+    torch.manual_seed(0)
+    text = open_clip.model.CLIPTextCfg(context_length=16, vocab_size=40, width=32, heads=2, layers=2, **text_cfg)
+    vision = open_clip.model.CLIPVisionCfg(image_size=16, patch_size=8, width=32, layers=1, head_width=16)
+    return open_clip.model.CLIP(embed_dim=8, vision_cfg=vision, text_cfg=text).eval()
+
+
+def test_a_tower_pooling_the_first_eos_token_gives_the_same_vectors_on_the_prefix():
+    from sidecar.model.encoder import _encode_text_prefix, _pooled_positions, _pools_a_causal_prefix
+
+    model = _small_clip(pool_type="eos", eos_id=3)
+    tokens = torch.tensor([[1, 5, 6, 3] + [0] * 12, [1, 7, 8, 9, 10, 3, 11] + [0] * 9])
+    width = int(_pooled_positions(model, tokens).max()) + 1
+    assert _pools_a_causal_prefix(model) and width == 6
+    with torch.inference_mode():
+        torch.testing.assert_close(_encode_text_prefix(model, tokens[:, :width]), model.encode_text(tokens))
+
+
+def test_a_tower_that_sees_the_whole_context_is_never_run_on_a_prefix():
+    from sidecar.model.encoder import _pools_a_causal_prefix
+
+    bidirectional = _small_clip(no_causal_mask=True, pool_type="last")  # as SigLIP's text tower
+    tokens = torch.tensor([[1, 5, 6, 39] + [0] * 12])
+    padding_changed = tokens.clone()
+    padding_changed[0, 8] = 7
+    with torch.inference_mode():  # its vector depends on the positions after the text: no prefix gives it
+        assert not torch.allclose(bidirectional.encode_text(tokens), bidirectional.encode_text(padding_changed))
+    assert not _pools_a_causal_prefix(bidirectional)
+    assert not _pools_a_causal_prefix(_small_clip(pool_type="last"))
