@@ -183,7 +183,8 @@ class Encoder:
             return graphs(tokens)  # captured at the whole context's width
         if self._text_prefix_only and tokens.shape[0]:
             # Queries are a few tokens of a 77-token context: the tower runs on the batch's longest
-            # text instead (ViT-B-32 on CPU: x2 at one text, x7.5 at 16; bench/RESULTS.md).
+            # text instead (ViT-B-32 served on CPU: x1.8-1.9 queries/s one at a time, x3 at concurrency
+            # 16; bench/RESULTS.md).
             tokens = tokens[:, :_pooled_positions(self.model, tokens).max().item() + 1]
         return self._text_tower(tokens.to(self.device, non_blocking=True))
 
