@@ -1,9 +1,12 @@
-"""Text preparation: token ids and counts from one tokenisation, equal to open_clip's; graph buckets."""
+"""Text preparation: token ids and counts from one tokenisation, equal to open_clip's; graph buckets; the text
+tower on the batch's longest text, equal to the whole context."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
+from typing import Iterator
 
 import ftfy
 import open_clip
@@ -87,11 +90,16 @@ def test_the_served_encoders_tokenizer_memo_is_bounded(encoder):
     assert encoder.tokenizer.cache._capacity == BPE_CACHE_WORDS + 2
 
 
-def _widths_seen_by(transformer: torch.nn.Module) -> list[int]:
-    """The token widths the transformer is run on from now on (a forward pre-hook)."""
+@contextlib.contextmanager
+def _widths_seen_by(transformer: torch.nn.Module) -> Iterator[list[int]]:
+    """The token widths the transformer is run on inside the block (a forward pre-hook, removed after:
+    the encoder is shared by the session)."""
     widths: list[int] = []
-    transformer.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
-    return widths
+    hook = transformer.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    try:
+        yield widths
+    finally:
+        hook.remove()
 
 
 def test_the_text_tower_runs_on_the_batchs_longest_text_and_gives_the_whole_contexts_vectors(encoder):
@@ -100,10 +108,9 @@ def test_the_text_tower_runs_on_the_batchs_longest_text_and_gives_the_whole_cont
     with torch.inference_mode():
         whole = encoder.model.encode_text(tokens)
     short = encoder.prepare_texts(texts[:2]).tokens
-    widths = _widths_seen_by(encoder.model.transformer)
-
-    torch.testing.assert_close(encoder.forward_texts(tokens), whole)
-    torch.testing.assert_close(encoder.forward_texts(short), whole[:2])
+    with _widths_seen_by(encoder.model.transformer) as widths:
+        torch.testing.assert_close(encoder.forward_texts(tokens), whole)
+        torch.testing.assert_close(encoder.forward_texts(short), whole[:2])
     assert widths == [encoder.context_length, int(short.argmax(dim=-1).max()) + 1]
     assert widths[1] < encoder.context_length
 
