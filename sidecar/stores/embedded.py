@@ -403,7 +403,7 @@ class EmbeddedStore:
         if cached is not None and cached.index is not None and cached.hnsw_file == hnsw_file:
             index = cached.index
         elif hnsw_file is not None and load_graph:
-            index = faiss.read_index(str(self._existing(hnsw_file)))
+            index = self._read_graph(hnsw_file)
         else:
             index = None
         bm25, bm25_opstamp = self._bm25_snapshot(int(meta["bm25_opstamp"]), cached, strict=strict_bm25)
@@ -513,11 +513,13 @@ class EmbeddedStore:
         )
         write.committed = new
 
-    def _existing(self, name: str) -> Path:
-        file = self.path / name
-        if not file.exists():
-            raise FileNotFoundError(file)
-        return file
+    def _read_graph(self, name: str) -> faiss.Index:
+        """The graph file `name`; FileNotFoundError if a writer has removed it (a reader's cue to take a
+        fresh snapshot). Python opens the file, not faiss: a removal between a check and faiss's own
+        open surfaced as faiss's RuntimeError, which no reader retried, and once the file is open here
+        a removal cannot cut the read short."""
+        with open(self.path / name, "rb") as handle:
+            return faiss.read_index(faiss.PyCallbackIOReader(handle.read))
 
     def _map_vectors(self, n_rows: int, dim: int | None) -> np.ndarray:
         if n_rows == 0 or dim is None:

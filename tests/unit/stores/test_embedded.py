@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sidecar.stores import bm25
+from sidecar.stores import bm25, embedded
 from sidecar.stores.base import ModelMismatchError, StoreError
 from sidecar.stores.bm25 import Bm25Index, query_terms
 from sidecar.stores.embedded import EmbeddedStore
@@ -631,6 +631,29 @@ def test_threads_sharing_one_store_read_whole_generations_while_it_writes(tmp_pa
             for reader in readers:
                 reader.join(60)
     assert errors == []
+
+
+def test_a_graph_file_removed_while_a_reader_opens_it_is_still_read_whole(tmp_path: Path, monkeypatch):
+    """A writer removes the old graph once its commit names a new one; a reader that took its snapshot
+    before may be opening the old file just then. Here the file goes in the narrowest place: after the
+    reader chose it, as faiss starts reading. (faiss opening the file by name met no file there and
+    failed with a RuntimeError, which no reader retried: seen once in CI.)"""
+    path = tmp_path / "s"
+    docs = make_docs(300)
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(docs)
+    (graph,) = path.glob("hnsw.*")
+    read_index = embedded.faiss.read_index
+
+    def removed_as_read_starts(*args):
+        graph.unlink(missing_ok=True)
+        return read_index(*args)
+
+    monkeypatch.setattr(embedded.faiss, "read_index", removed_as_read_starts)
+    with EmbeddedStore(path) as store:
+        assert as_pairs(store.vector_search(docs[7].vector, 3))[0][0] == "doc7"
+    assert not graph.exists()
 
 
 def test_commits_are_durable_before_an_old_graph_is_removed(store: EmbeddedStore):
