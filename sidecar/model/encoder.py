@@ -190,7 +190,7 @@ class Encoder:
 
     def _text_tower(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self._autocast():
-            if tokens.shape[1] < self.context_length:
+            if self._text_prefix_only and tokens.shape[1] < self.context_length:
                 return _encode_text_prefix(self.model, tokens)
             return self.model.encode_text(tokens)
 
