@@ -633,17 +633,22 @@ def test_threads_sharing_one_store_read_whole_generations_while_it_writes(tmp_pa
     assert errors == []
 
 
+def closed_store_with_a_graph(path: Path, docs: list[Document]) -> Path:
+    """A store at `path` holding `docs`, closed; its one graph file."""
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(docs)
+    (graph,) = path.glob("hnsw.*")
+    return graph
+
+
 def test_a_graph_file_removed_while_a_reader_opens_it_is_still_read_whole(tmp_path: Path, monkeypatch):
     """A writer removes the old graph once its commit names a new one; a reader that took its snapshot
     before may be opening the old file just then. Here the file goes in the narrowest place: after the
     reader chose it, as faiss starts reading. (faiss opening the file by name met no file there and
     failed with a RuntimeError, which no reader retried: seen once in CI.)"""
-    path = tmp_path / "s"
-    docs = make_docs(300)
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(docs)
-    (graph,) = path.glob("hnsw.*")
+    path, docs = tmp_path / "s", make_docs(300)
+    graph = closed_store_with_a_graph(path, docs)
     read_index = embedded.faiss.read_index
 
     def removed_as_read_starts(*args):
@@ -684,12 +689,8 @@ def test_check_of_a_healthy_store_is_clean(store: EmbeddedStore):
 
 
 def test_a_missing_graph_file_is_reported_and_rebuilt_by_repair(tmp_path: Path):
-    path = tmp_path / "s"
-    docs = make_docs(300)
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(docs)
-    (graph,) = path.glob("hnsw.*")
+    path, docs = tmp_path / "s", make_docs(300)
+    graph = closed_store_with_a_graph(path, docs)
     graph.unlink()  # a power loss after a commit that named a graph file never written
     with EmbeddedStore(path) as store:
         report = store.check()
