@@ -47,6 +47,12 @@ from sidecar.cli.serve import GUNICORN_CONFIG
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
+# --long-every's text: a product description as an ingest pipeline sends it, longer than the
+# 77-token context of open_clip's CLIP models, so the model sees the whole context.
+DESCRIPTION = ("lightweight everyday running shoe with a breathable knitted upper, a cushioned foam midsole "
+               "that keeps its bounce over long distances, a grippy rubber outsole for wet city streets, "
+               "reflective details for evening runs and a padded collar; machine washable, vegan materials, "
+               "available in half sizes from 36 to 47, ships in recycled packaging within two working days")
 # Server variants: SIDECAR_* settings each one runs with.
 VARIANTS = {
     "floor": {"SIDECAR_MAX_BATCH": "64"},  # served by bench/serve_floor.py's app
@@ -157,7 +163,7 @@ class Connection:
 
 
 def drive(port: int, *, concurrency: int, requests: int, seed: int, encoding_format: str, modality: str,
-          image_side: int) -> dict:
+          image_side: int, long_every: int) -> dict:
     """Runs in a client process: `requests` POSTs over `concurrency` keep-alive connections."""
     if modality == "image":
         images = [json.dumps(base64.b64encode(jpeg).decode("ascii")) for jpeg in drawn_jpegs(64, image_side, seed)]
@@ -168,6 +174,8 @@ def drive(port: int, *, concurrency: int, requests: int, seed: int, encoding_for
     else:
         def body(worker_id: int, i: int) -> bytes:
             text = f"{COLOURS[i % 8]} {SHAPES[(i // 8) % 5]} number {seed}-{worker_id}-{i}"
+            if long_every and i % long_every == long_every - 1:
+                text = f"{text}: {DESCRIPTION}"
             return json.dumps({"input": [text], "encoding_format": encoding_format}).encode()
 
     return post_concurrently(port, "/v1/embeddings", body, concurrency=concurrency, requests=requests)
@@ -266,14 +274,15 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_load(port: int, concurrency: int, requests: int, seed: int, processes: int, *, server_pid: int,
-             encoding_format: str, modality: str = "text", image_side: int = 256) -> dict:
+             encoding_format: str, modality: str = "text", image_side: int = 256, long_every: int = 0) -> dict:
     """Split the connections over client processes (separate GILs) and merge their latencies."""
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
     server_cpu, forward_cpu = cpu_seconds(server_pid), forward_cpu_seconds(port, modality)
-    children = [subprocess.Popen([sys.executable, __file__, "--client", str(port), str(share),
-                                  str(requests * share // concurrency), str(seed * 1000 + i), encoding_format,
-                                  modality, str(image_side)],
+    children = [subprocess.Popen([sys.executable, __file__, "--client", json.dumps(dict(
+                                      port=port, concurrency=share, requests=requests * share // concurrency,
+                                      seed=seed * 1000 + i, encoding_format=encoding_format, modality=modality,
+                                      image_side=image_side, long_every=long_every))],
                                  stdout=subprocess.PIPE, text=True)
                 for i, share in enumerate(shares)]
     parts = [json.loads(child.communicate(timeout=900)[0]) for child in children]
@@ -305,14 +314,14 @@ def main() -> None:
     parser.add_argument("--modality", default="text", choices=("text", "image"),
                         help="what each request asks to encode: one unique text, or one base64 JPEG")
     parser.add_argument("--image-side", type=int, default=256, help="--modality image: the JPEGs' side in px")
+    parser.add_argument("--long-every", type=int, default=0, metavar="N",
+                        help="--modality text: every Nth request's text is a product description longer than "
+                             "the model's context, the rest short queries (0: all short)")
     parser.add_argument("--port", type=int, default=8731)
-    parser.add_argument("--client", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--client", help=argparse.SUPPRESS)  # a client process: drive()'s arguments as JSON
     args = parser.parse_args()
     if args.client:
-        port, concurrency, requests, seed = map(int, args.client[:4])
-        print(json.dumps(drive(port, concurrency=concurrency, requests=requests, seed=seed,
-                               encoding_format=args.client[4], modality=args.client[5],
-                               image_side=int(args.client[6]))))
+        print(json.dumps(drive(**json.loads(args.client))))
         return
 
     # A time limit's SIGTERM (gpu_run.sh's `timeout`) unwinds through the `finally` that stops the
@@ -325,7 +334,8 @@ def main() -> None:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     print(f"model {args.model or 'tiny-clip'}; gunicorn {args.workers} worker(s) x {args.threads} threads; "
           f"{args.client_processes} client process(es); {os.cpu_count()} CPUs; encoding_format {args.encoding_format}; "
-          f"modality {args.modality}" + (f" ({args.image_side} px JPEGs)" if args.modality == "image" else ""))
+          f"modality {args.modality}" + (f" ({args.image_side} px JPEGs)" if args.modality == "image" else "")
+          + (f"; 1 text in {args.long_every} a long description" if args.long_every else ""))
     # Texts never seen before, by any variant or earlier run: no cache hit, in memory or on disk.
     run_id = time.time_ns() % 10**6 * 100
     results: dict[str, list[dict]] = {}
@@ -337,7 +347,7 @@ def main() -> None:
                                   app="serve_floor:app" if label.startswith("floor") else "sidecar.api.wsgi:app")
             try:
                 load = dict(server_pid=server.pid, encoding_format=args.encoding_format, modality=args.modality,
-                            image_side=args.image_side)
+                            image_side=args.image_side, long_every=args.long_every)
                 run_load(args.port, 4 * args.workers, 200 * args.workers, seed, args.client_processes, **load)  # warm-up
                 results[label] = [run_load(args.port, c, args.requests,
                                            seed + 1 + i, args.client_processes, **load) for i, c in enumerate(levels)]
