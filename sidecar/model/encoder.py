@@ -18,6 +18,7 @@ from PIL import Image
 
 from sidecar.config import Settings
 from sidecar.model.images import ImagePreprocess
+from sidecar.model.text_split import ForwardCost, width_groups
 from sidecar.types import ModelSignature
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class Encoder:
         _skip_ftfy_where_it_changes_nothing()
         self._text_graphs = None  # TextGraphs once capture_text_graphs() ran (GPU serving)
         self._text_prefix_only = _pools_a_causal_prefix(model)
+        self.text_forward_cost: ForwardCost | None = None  # measure_text_forward_cost() sets it (serving)
         self.images = ImagePreprocess(preprocess)
         # Normalisation runs on the model's device, over the whole batch, after a uint8 copy.
         self._mean = torch.tensor(self.images.mean, device=device).view(1, 3, 1, 1) * 255.0
@@ -181,12 +183,20 @@ class Encoder:
         graphs = self._text_graphs
         if graphs is not None and tokens.shape[0] <= graphs.sizes[-1]:
             return graphs(tokens)  # captured at the whole context's width
-        if self._text_prefix_only and tokens.shape[0]:
-            # Queries are a few tokens of a 77-token context: the tower runs on the batch's longest
-            # text instead (ViT-B-32 served on CPU: x1.8-1.9 queries/s one at a time, x3 at concurrency
-            # 16; bench/RESULTS.md).
-            tokens = tokens[:, :_pooled_positions(self.model, tokens).max().item() + 1]
-        return self._text_tower(tokens.to(self.device, non_blocking=True))
+        if not (self._text_prefix_only and tokens.shape[0]):
+            return self._text_tower(tokens.to(self.device, non_blocking=True))
+        # Queries are a few tokens of a 77-token context: the tower runs on the batch's longest text
+        # instead (ViT-B-32 served on CPU: x1.8-1.9 queries/s one at a time, x3 at concurrency 16;
+        # bench/RESULTS.md) — or, once the forward's cost is measured, on groups of similar width
+        # where one long text would make the whole batch pay for its width.
+        widths = (_pooled_positions(self.model, tokens) + 1).numpy()
+        cost = self.text_forward_cost
+        groups = [None] if cost is None else width_groups(widths, cost.fixed_token_rows)
+        if len(groups) == 1:
+            return self._text_tower(tokens[:, :widths.max()].to(self.device, non_blocking=True))
+        parts = [self._text_tower(tokens[rows, :widths[rows].max()].to(self.device, non_blocking=True))
+                 for rows in groups]
+        return torch.cat(parts)[torch.from_numpy(np.argsort(np.concatenate(groups)))]
 
     def _text_tower(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self._autocast():
@@ -209,6 +219,27 @@ class Encoder:
             return
         log.info("captured text-tower CUDA graphs for batch sizes %s in %.1f s",
                  self._text_graphs.sizes, time.perf_counter() - started)
+
+    def measure_text_forward_cost(self) -> None:
+        """Time the text tower (under a second for ViT-B-32 on CPU) so that `forward_texts` splits a
+        batch of mixed text lengths where two forwards cost less than one (`sidecar.model.text_split`).
+        For serving, after `capture_text_graphs`: batches the graphs replay run at the whole context
+        whatever they hold, so with graphs — and for towers that always run whole — it does nothing."""
+        if not self._text_prefix_only or self._text_graphs is not None:
+            return
+        narrow = self.prepare_texts(["a photo of red sneakers"]).tokens
+        narrow = narrow[:, :int(_pooled_positions(self.model, narrow).max()) + 1]
+        wide = self.prepare_texts(["a photo " * self.context_length] * max(1, 256 // self.context_length)).tokens
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
+        self.text_forward_cost = ForwardCost.measure(self.forward_texts, narrow=narrow, wide=wide,
+                                                     synchronize=synchronize)
+        if self.text_forward_cost is None:
+            log.info("text forward cost unclear from its timings: batches of mixed text lengths run whole")
+            return
+        log.info("text forward on %s: %.2f ms + %.4f ms per token of each text; a batch of mixed lengths "
+                 "is split where that saves more than %.0f padded tokens", self.device,
+                 self.text_forward_cost.fixed_ms, self.text_forward_cost.per_token_row_ms,
+                 self.text_forward_cost.fixed_token_rows)
 
     def forward_images(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Forward a uint8 batch [B, H, W, 3] of model pixels (`sidecar.model.images`), host or device."""

@@ -45,6 +45,7 @@ class EncodingService:
             # Process-wide (torch has no per-thread setting): a process that builds this service
             # is a serving process, and its forwards run on the batcher threads.
             torch.set_num_threads(settings.serve_torch_threads)
+        encoder.measure_text_forward_cost()  # with the threads the forwards will run on
         self.cache = TextVectorCache(
             settings.text_cache_file(),
             namespace=cache_namespace(model=encoder.name, weights=encoder.weights,
