@@ -178,8 +178,9 @@ class Encoder:
                 lengths.append(len(encode(text)) + 2 if encode is not None else self.context_length + 1)
         return PreparedTexts(tokens=tokens, lengths=lengths)
 
-    # ---- core: one forward pass per call, on the model's device and precision ----
+    # ---- core: forward passes on the model's device and precision ----
     def forward_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features (not normalised) for host token ids [n, context_length] from `prepare_texts`."""
         graphs = self._text_graphs
         if graphs is not None and tokens.shape[0] <= graphs.sizes[-1]:
             return graphs(tokens)  # captured at the whole context's width
@@ -191,8 +192,8 @@ class Encoder:
         # where one long text would make the whole batch pay for its width.
         widths = (_pooled_positions(self.model, tokens) + 1).numpy()
         cost = self.text_forward_cost
-        groups = [None] if cost is None else width_groups(widths, cost.fixed_token_rows)
-        if len(groups) == 1:
+        groups = [] if cost is None else width_groups(widths, cost.fixed_token_rows)
+        if len(groups) < 2:
             return self._text_tower(tokens[:, :widths.max()].to(self.device, non_blocking=True))
         parts = [self._text_tower(tokens[rows, :widths[rows].max()].to(self.device, non_blocking=True))
                  for rows in groups]
@@ -231,8 +232,8 @@ class Encoder:
         narrow = narrow[:, :int(_pooled_positions(self.model, narrow).max()) + 1]
         wide = self.prepare_texts(["a photo " * self.context_length] * max(1, 256 // self.context_length)).tokens
         synchronize = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
-        self.text_forward_cost = ForwardCost.measure(self.forward_texts, narrow=narrow, wide=wide,
-                                                     synchronize=synchronize)
+        self.text_forward_cost = ForwardCost.measure(lambda tokens: self._text_tower(tokens.to(self.device)),
+                                                     narrow=narrow, wide=wide, synchronize=synchronize)
         if self.text_forward_cost is None:
             log.info("text forward cost unclear from its timings: batches of mixed text lengths run whole")
             return
