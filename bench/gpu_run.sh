@@ -40,7 +40,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $py -c "import torch, open_clip, platform; print('torch', torch.__version__, 'open_clip', open_clip.__version__,
   'python', platform.python_version())" | tee -a "$out/device.txt"
 step tests 50 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
-step text_tower 25 $py bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,256,1024 --seconds 0.7
+step text_tower 35 $py bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,256,1024 --seconds 0.7
 step serve 175 $py bench/serve_load.py --model ViT-B-32 --requests 3000 --concurrency 1,16,64 \
   --workers 8 --client-processes 6 --threads 32 --variants "$variants"
 step serve_images 40 $py bench/serve_load.py --model ViT-B-32 --modality image --image-side 256 \
@@ -59,7 +59,7 @@ for name in $steps; do
   echo "--- $name"
   case $name in
     tests) tail -n 2 "$out/tests.txt" ;;
-    text_tower) tail -n 7 "$out/text_tower.txt" ;;
+    text_tower) tail -n 14 "$out/text_tower.txt" ;;
     serve*) grep -E "^(model|floor|batched|unbatched|no-graphs|pinned| +[0-9]+ +[0-9]+ | +concurrency)" "$out/$name.txt" ;;
     embed*) grep -E "^(device|folder listing|decode only|decode pool only|worker pool start|device decode only|model only|end to end|  seconds by stage|split decode)" "$out/$name.txt" ;;
   esac

@@ -4,6 +4,9 @@ and on a GPU above the graphed sizes) and, on a GPU, of the CUDA graphs.
 
 What the serving path's forward costs per batch size, without HTTP, for query-like texts (about ten
 tokens of the model's 77). The graphs replay one captured graph per call, at the whole context.
+Then batches of mixed lengths (one text filling the context, the rest queries), eager: one forward
+at the longest text against forwards split by width as the serving worker's measured cost splits
+them (`sidecar.model.text_split`; the cost line is printed).
 
     .venv/bin/python bench/text_tower.py                              # tiny model
     .venv/bin/python bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,1024
@@ -52,6 +55,15 @@ def main() -> None:
     whole = {n: ms_per_call(lambda tokens: encoder._text_tower(tokens.to(encoder.device)), batches[n],
                             seconds=args.seconds, cuda=cuda) for n in sizes}
     eager = {n: ms_per_call(encoder.forward_texts, batches[n], seconds=args.seconds, cuda=cuda) for n in sizes}
+    encoder.measure_text_forward_cost()  # before the graphs: with them, serving never splits
+    cost = encoder.text_forward_cost
+    long_text = "a long product description that fills the context " * 12
+    mixed = {n: encoder.prepare_texts([f"a photo of item {i}, red sneakers" for i in range(n - 1)] + [long_text]).tokens
+             for n in sizes if n > 1}
+    split = {n: ms_per_call(encoder.forward_texts, tokens, seconds=args.seconds, cuda=cuda) for n, tokens in mixed.items()}
+    encoder.text_forward_cost = None
+    longest = {n: ms_per_call(encoder.forward_texts, tokens, seconds=args.seconds, cuda=cuda)
+               for n, tokens in mixed.items()}
     graphed: dict[int, float] = {}
     if cuda:
         encoder.capture_text_graphs(64)
@@ -65,6 +77,13 @@ def main() -> None:
         if n in graphed:
             row += f" {graphed[n]:>9.2f} {n / graphed[n] * 1000:>9.0f} {whole[n] / graphed[n]:>8.1f}x"
         print(row)
+    print("\nmixed batches, one text filling the context; measured cost: "
+          + ("unclear, no split" if cost is None else
+             f"{cost.fixed_ms:.2f} ms + {cost.per_token_row_ms:.4f} ms per token row "
+             f"(a split must save {cost.fixed_token_rows:.0f} padded tokens)"))
+    print(f"{'batch':>6} {'longest ms':>11} {'split ms':>9} {'speed-up':>9}")
+    for n in mixed:
+        print(f"{n:>6} {longest[n]:>11.2f} {split[n]:>9.2f} {longest[n] / split[n]:>8.1f}x")
 
 
 if __name__ == "__main__":
