@@ -65,12 +65,12 @@ def width_groups(widths: np.ndarray, fixed_token_rows: float) -> list[np.ndarray
     """Rows (indices into `widths`, each row's width in tokens) grouped into forwards so that the
     modelled cost — `fixed_token_rows` per forward plus rows × the group's widest row — is least.
     One group, all rows, unless splitting saves more than it costs."""
+    count = len(widths)
+    # No split can save more than the batch's padding; most batches (queries alike) stop here.
+    if not count or count * int(widths.max()) - int(widths.sum()) <= fixed_token_rows:
+        return [np.arange(count)]
     order = np.argsort(widths, kind="stable")
     sorted_widths = widths[order]
-    count = len(sorted_widths)
-    padding = count * int(sorted_widths[-1]) - int(sorted_widths.sum()) if count else 0
-    if padding <= fixed_token_rows:  # no split can save more than the padding it removes
-        return [order]
     # Groups are runs of the sorted widths; best[j] is the least cost of the first j rows, cut[j]
     # where its last group starts.
     best = [0.0] * (count + 1)
