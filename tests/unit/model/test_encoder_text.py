@@ -102,7 +102,9 @@ def _widths_seen_by(transformer: torch.nn.Module) -> Iterator[list[int]]:
         hook.remove()
 
 
-def test_the_text_tower_runs_on_the_batchs_longest_text_and_gives_the_whole_contexts_vectors(encoder):
+def test_the_text_tower_runs_on_the_batchs_longest_text_and_gives_the_whole_contexts_vectors(encoder, monkeypatch):
+    # Unsplit: an app built on the shared encoder earlier in the session may have measured its cost.
+    monkeypatch.setattr(encoder, "text_forward_cost", None)
     texts = ["red", "a large red circle on the left", "blue square " * 40, ""]  # the third fills the context
     tokens = encoder.prepare_texts(texts).tokens
     with torch.inference_mode():
