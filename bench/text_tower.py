@@ -51,22 +51,22 @@ def main() -> None:
     print(f"device: {device}; model {encoder.signature.describe()}, {encoder.precision}; "
           f"{torch.get_num_threads()} torch threads")
     batches = {n: encoder.prepare_texts([f"a photo of item {i}, red sneakers" for i in range(n)]).tokens for n in sizes}
-    # encode_text on all 77 positions, as open_clip runs it (_text_tower does for a whole-width batch).
-    whole = {n: ms_per_call(lambda tokens: encoder._text_tower(tokens.to(encoder.device)), batches[n],
+    # encode_text on all 77 positions, as open_clip runs it (TextTower.run does for a whole-width batch).
+    whole = {n: ms_per_call(lambda tokens: encoder.text_tower.run(tokens.to(encoder.device)), batches[n],
                             seconds=args.seconds, cuda=cuda) for n in sizes}
     eager = {n: ms_per_call(encoder.forward_texts, batches[n], seconds=args.seconds, cuda=cuda) for n in sizes}
-    encoder.measure_text_forward_cost()  # before the graphs: with them, serving never splits
-    cost = encoder.text_forward_cost
+    encoder.text_tower.measure_cost()  # before the graphs: with them, serving never splits
+    cost = encoder.text_tower.cost
     long_text = "a long product description that fills the context " * 12
     mixed = {n: encoder.prepare_texts([f"a photo of item {i}, red sneakers" for i in range(n - 1)] + [long_text]).tokens
              for n in sizes if n > 1}
     split = {n: ms_per_call(encoder.forward_texts, tokens, seconds=args.seconds, cuda=cuda) for n, tokens in mixed.items()}
-    encoder.text_forward_cost = None
+    encoder.text_tower.cost = None
     longest = {n: ms_per_call(encoder.forward_texts, tokens, seconds=args.seconds, cuda=cuda)
                for n, tokens in mixed.items()}
     graphed: dict[int, float] = {}
     if cuda:
-        encoder.capture_text_graphs(64)
+        encoder.text_tower.capture_graphs(64)
         graphed = {n: ms_per_call(encoder.forward_texts, batches[n], seconds=args.seconds, cuda=cuda)
                    for n in sizes if n <= 64}
     print(f"{'batch':>6} {'whole ms':>9} {'texts/s':>9} {'prefix ms':>10} {'texts/s':>9} {'speed-up':>9}"

@@ -7,7 +7,6 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -18,7 +17,7 @@ from PIL import Image
 
 from sidecar.config import Settings
 from sidecar.model.images import ImagePreprocess
-from sidecar.model.text_split import ForwardCost, width_groups
+from sidecar.model.text_tower import TextTower
 from sidecar.types import ModelSignature
 
 log = logging.getLogger(__name__)
@@ -78,45 +77,6 @@ def _skip_ftfy_where_it_changes_nothing() -> None:
     module.basic_clean = basic_clean
 
 
-def _pools_a_causal_prefix(model: torch.nn.Module) -> bool:
-    """Whether the text tower's output for a text depends only on its tokens up to the pooled one:
-    open_clip's CLIP with a causal attention mask (each position sees only those before it), pooling
-    at the end-of-text token ('argmax': the highest id; 'eos': the first eos id). Such a tower gives
-    the same vectors on any prefix of the tokens that holds every text's pooled position. Towers
-    that see the whole context (SigLIP's bidirectional one, Hugging Face text models) do not."""
-    from open_clip.model import CLIP
-
-    return (isinstance(model, CLIP) and getattr(model, "attn_mask", None) is not None
-            and model.text_pool_type in ("argmax", "eos"))
-
-
-def _pooled_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Each row's pooled position, chosen as open_clip's text_global_pool chooses it."""
-    if model.text_pool_type == "argmax":
-        return tokens.argmax(dim=-1)
-    return (tokens == model.text_eos_id).int().argmax(dim=-1)
-
-
-def _encode_text_prefix(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """open_clip's CLIP.encode_text (3.3.0) on the first `tokens.shape[1]` positions of the context:
-    the positional embedding and the causal mask cut to that width, the rest as encode_text does it.
-    Only for towers `_pools_a_causal_prefix` accepts, with every row's pooled position in `tokens`
-    (tests/unit/model/test_encoder_text.py holds it equal to encode_text)."""
-    from open_clip.transformer import text_global_pool
-
-    width = tokens.shape[1]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:width].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:width, :width])
-    x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=model.text_eos_id)
-    if model.text_projection is None:
-        return x
-    if isinstance(model.text_projection, torch.nn.Linear):
-        return model.text_projection(x)
-    return x @ model.text_projection
-
-
 @dataclass(frozen=True, slots=True)
 class PreparedTexts:
     tokens: torch.Tensor  # [n, context_length] int64
@@ -138,9 +98,8 @@ class Encoder:
         self.context_length = int(tokenizer.context_length)
         _bound_bpe_cache(tokenizer, BPE_CACHE_WORDS)
         _skip_ftfy_where_it_changes_nothing()
-        self._text_graphs = None  # TextGraphs once capture_text_graphs() ran (GPU serving)
-        self._text_prefix_only = _pools_a_causal_prefix(model)
-        self.text_forward_cost: ForwardCost | None = None  # measure_text_forward_cost() sets it (serving)
+        # Serving captures its CUDA graphs and measures its cost (for splitting mixed batches).
+        self.text_tower = TextTower(self.model, tokenizer=tokenizer, device=device, autocast=self._autocast)
         self.images = ImagePreprocess(preprocess)
         # Normalisation runs on the model's device, over the whole batch, after a uint8 copy.
         self._mean = torch.tensor(self.images.mean, device=device).view(1, 3, 1, 1) * 255.0
@@ -181,66 +140,7 @@ class Encoder:
     # ---- core: forward passes on the model's device and precision ----
     def forward_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text features (not normalised) for host token ids [n, context_length] from `prepare_texts`."""
-        graphs = self._text_graphs
-        if graphs is not None and tokens.shape[0] <= graphs.sizes[-1]:
-            return graphs(tokens)  # captured at the whole context's width
-        if not (self._text_prefix_only and tokens.shape[0]):
-            return self._text_tower(tokens.to(self.device, non_blocking=True))
-        # Queries are a few tokens of a 77-token context: the tower runs on the batch's longest text
-        # instead (ViT-B-32 served on CPU: x1.8-1.9 queries/s one at a time, x3 at concurrency 16;
-        # bench/RESULTS.md) — or, once the forward's cost is measured, on groups of similar width
-        # where one long text would make the whole batch pay for its width.
-        widths = (_pooled_positions(self.model, tokens) + 1).numpy()
-        cost = self.text_forward_cost
-        groups = [] if cost is None else width_groups(widths, cost.fixed_token_rows)
-        if len(groups) < 2:
-            return self._text_tower(tokens[:, :widths.max()].to(self.device, non_blocking=True))
-        parts = [self._text_tower(tokens[rows, :widths[rows].max()].to(self.device, non_blocking=True))
-                 for rows in groups]
-        return torch.cat(parts)[torch.from_numpy(np.argsort(np.concatenate(groups)))]
-
-    def _text_tower(self, tokens: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), self._autocast():
-            if self._text_prefix_only and tokens.shape[1] < self.context_length:
-                return _encode_text_prefix(self.model, tokens)
-            return self.model.encode_text(tokens)
-
-    def capture_text_graphs(self, max_batch: int) -> None:
-        """Capture CUDA graphs of the text tower for batches of 1..max_batch (GPU only; a no-op on CPU)."""
-        if self.device.type != "cuda":
-            return
-        from sidecar.model.text_graphs import TextGraphs, bucket_sizes
-
-        started = time.perf_counter()
-        try:
-            self._text_graphs = TextGraphs(self._text_tower, context_length=self.context_length,
-                                           device=self.device, sizes=bucket_sizes(max_batch))
-        except RuntimeError as exc:  # an op the graph cannot hold: serve eagerly, slower but correct
-            log.warning("CUDA graph capture of the text tower failed, running it eagerly: %s", exc)
-            return
-        log.info("captured text-tower CUDA graphs for batch sizes %s in %.1f s",
-                 self._text_graphs.sizes, time.perf_counter() - started)
-
-    def measure_text_forward_cost(self) -> None:
-        """Time the text tower (under a second for ViT-B-32 on CPU) so that `forward_texts` splits a
-        batch of mixed text lengths where two forwards cost less than one (`sidecar.model.text_split`).
-        For serving, after `capture_text_graphs`: batches the graphs replay run at the whole context
-        whatever they hold, so with graphs — and for towers that always run whole — it does nothing."""
-        if not self._text_prefix_only or self._text_graphs is not None:
-            return
-        narrow = self.prepare_texts(["a photo of red sneakers"]).tokens
-        narrow = narrow[:, :int(_pooled_positions(self.model, narrow).max()) + 1]
-        wide = self.prepare_texts(["a photo " * self.context_length] * max(1, 256 // self.context_length)).tokens
-        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
-        self.text_forward_cost = ForwardCost.measure(lambda tokens: self._text_tower(tokens.to(self.device)),
-                                                     narrow=narrow, wide=wide, synchronize=synchronize)
-        if self.text_forward_cost is None:
-            log.info("text forward cost unclear from its timings: batches of mixed text lengths run whole")
-            return
-        log.info("text forward on %s: %.2f ms + %.4f ms per token of each text; a batch of mixed lengths "
-                 "is split where that saves more than %.0f padded tokens", self.device,
-                 self.text_forward_cost.fixed_ms, self.text_forward_cost.per_token_row_ms,
-                 self.text_forward_cost.fixed_token_rows)
+        return self.text_tower(tokens)
 
     def forward_images(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Forward a uint8 batch [B, H, W, 3] of model pixels (`sidecar.model.images`), host or device."""

@@ -40,12 +40,12 @@ class EncodingService:
         self.encoder = encoder
         self.settings = settings
         if settings.cuda_graphs:
-            encoder.capture_text_graphs(settings.max_batch)
+            encoder.text_tower.capture_graphs(settings.max_batch)
         if encoder.device.type == "cpu":
             # Process-wide (torch has no per-thread setting): a process that builds this service
             # is a serving process, and its forwards run on the batcher threads.
             torch.set_num_threads(settings.serve_torch_threads)
-        encoder.measure_text_forward_cost()  # with the threads the forwards will run on
+        encoder.text_tower.measure_cost()  # with the threads the forwards will run on
         self.cache = TextVectorCache(
             settings.text_cache_file(),
             namespace=cache_namespace(model=encoder.name, weights=encoder.weights,

@@ -21,8 +21,8 @@ def encoders(tmp_path_factory):
     settings = Settings(model="ViT-B-32", device="cuda", cache_dir=tmp_path_factory.mktemp("cache"))
     torch.manual_seed(0)
     graphed = load_encoder(settings)
-    graphed.capture_text_graphs(64)
-    assert graphed._text_graphs is not None, "capture failed: see the warning logged"
+    graphed.text_tower.capture_graphs(64)
+    assert graphed.text_tower.graphs is not None, "capture failed: see the warning logged"
     eager = load_encoder(settings)
     eager.model.load_state_dict(graphed.model.state_dict())
     return graphed, eager

@@ -104,7 +104,7 @@ def _widths_seen_by(transformer: torch.nn.Module) -> Iterator[list[int]]:
 
 def test_the_text_tower_runs_on_the_batchs_longest_text_and_gives_the_whole_contexts_vectors(encoder, monkeypatch):
     # Unsplit: an app built on the shared encoder earlier in the session may have measured its cost.
-    monkeypatch.setattr(encoder, "text_forward_cost", None)
+    monkeypatch.setattr(encoder.text_tower, "cost", None)
     texts = ["red", "a large red circle on the left", "blue square " * 40, ""]  # the third fills the context
     tokens = encoder.prepare_texts(texts).tokens
     with torch.inference_mode():
@@ -125,18 +125,18 @@ def _small_clip(**text_cfg) -> open_clip.model.CLIP:
 
 
 def test_a_tower_pooling_the_first_eos_token_gives_the_same_vectors_on_the_prefix():
-    from sidecar.model.encoder import _encode_text_prefix, _pooled_positions, _pools_a_causal_prefix
+    from sidecar.model.text_tower import encode_text_prefix, pooled_positions, pools_a_causal_prefix
 
     model = _small_clip(pool_type="eos", eos_id=3)
     tokens = torch.tensor([[1, 5, 6, 3] + [0] * 12, [1, 7, 8, 9, 10, 3, 11] + [0] * 9])
-    width = int(_pooled_positions(model, tokens).max()) + 1
-    assert _pools_a_causal_prefix(model) and width == 6
+    width = int(pooled_positions(model, tokens).max()) + 1
+    assert pools_a_causal_prefix(model) and width == 6
     with torch.inference_mode():
-        torch.testing.assert_close(_encode_text_prefix(model, tokens[:, :width]), model.encode_text(tokens))
+        torch.testing.assert_close(encode_text_prefix(model, tokens[:, :width]), model.encode_text(tokens))
 
 
 def test_a_tower_that_sees_the_whole_context_is_never_run_on_a_prefix():
-    from sidecar.model.encoder import _pools_a_causal_prefix
+    from sidecar.model.text_tower import pools_a_causal_prefix
 
     bidirectional = _small_clip(no_causal_mask=True, pool_type="last")  # as SigLIP's text tower
     tokens = torch.tensor([[1, 5, 6, 39] + [0] * 12])
@@ -144,5 +144,5 @@ def test_a_tower_that_sees_the_whole_context_is_never_run_on_a_prefix():
     padding_changed[0, 8] = 7
     with torch.inference_mode():  # its vector depends on the positions after the text: no prefix gives it
         assert not torch.allclose(bidirectional.encode_text(tokens), bidirectional.encode_text(padding_changed))
-    assert not _pools_a_causal_prefix(bidirectional)
-    assert not _pools_a_causal_prefix(_small_clip(pool_type="last"))
+    assert not pools_a_causal_prefix(bidirectional)
+    assert not pools_a_causal_prefix(_small_clip(pool_type="last"))

@@ -71,7 +71,7 @@ def test_a_measured_encoder_splits_a_mixed_batch_and_returns_the_whole_batchs_ve
     tokens = encoder.prepare_texts(texts).tokens
     with torch.inference_mode():
         whole = encoder.model.encode_text(tokens)
-    monkeypatch.setattr(encoder, "text_forward_cost", ForwardCost(fixed_ms=10.0, per_token_row_ms=1.0))
+    monkeypatch.setattr(encoder.text_tower, "cost", ForwardCost(fixed_ms=10.0, per_token_row_ms=1.0))
     with _widths_seen_by(encoder.model.transformer) as widths:
         torch.testing.assert_close(encoder.forward_texts(tokens), whole)
     short_width = int(tokens[[0, 2, 3, 4]].argmax(dim=-1).max()) + 1
@@ -79,9 +79,9 @@ def test_a_measured_encoder_splits_a_mixed_batch_and_returns_the_whole_batchs_ve
 
 
 def test_measuring_the_text_forward_times_a_short_text_alone_and_texts_filling_the_context(encoder, monkeypatch):
-    monkeypatch.setattr(encoder, "text_forward_cost", None)  # restored after: the encoder is shared
+    monkeypatch.setattr(encoder.text_tower, "cost", None)  # restored after: the encoder is shared
     with _widths_seen_by(encoder.model.transformer) as widths:
-        encoder.measure_text_forward_cost()
+        encoder.text_tower.measure_cost()
     narrow = widths[0]
     assert narrow < encoder.context_length
     assert widths == [narrow] * 4 + [encoder.context_length] * 4
