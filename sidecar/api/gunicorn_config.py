@@ -4,6 +4,7 @@ died replaced, workers optionally pinned to CPUs."""
 
 import gc
 import json
+import logging
 import os
 import shutil
 import signal
@@ -93,8 +94,15 @@ def pre_fork(server, worker):
 
 
 def post_fork(server, worker):
-    """Pin the worker to its CPU (pin_workers). Split the GPU between workers:
-    SIDECAR_GPU_MEMORY_FRACTION (e.g. 0.45 with two workers)."""
+    """The app's log lines into gunicorn's log. Pin the worker to its CPU (pin_workers). Split the GPU
+    between workers: SIDECAR_GPU_MEMORY_FRACTION (e.g. 0.45 with two workers)."""
+    # A worker's own account of itself (the model it loaded, the text tower's measured cost, the CUDA
+    # graphs, API keys, store maintenance) in gunicorn's format and at its level (GUNICORN_LOGLEVEL);
+    # without this only the app's warnings reached stderr, bare, through Python's last-resort handler.
+    app_log = logging.getLogger("sidecar")
+    app_log.handlers[:] = worker.log.error_log.handlers
+    app_log.setLevel(worker.log.error_log.level)
+    app_log.propagate = False
     cpu = getattr(worker, "sidecar_cpu", None)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})

@@ -80,7 +80,8 @@ class EncodingService:
         context = self.encoder.context_length
         truncated = [i for i, entry in enumerate(entries) if entry.tokens > context or len(texts[i]) > limit]
         if truncated:
-            log.info("%d of %d texts exceed the model's %d-token context (or max_text_chars=%d) and were truncated",
+            # DEBUG: the response names them, and an ingest of long texts would log a line per request.
+            log.debug("%d of %d texts exceed the model's %d-token context (or max_text_chars=%d) and were truncated",
                      len(truncated), len(texts), context, limit)
         return TextVectors(vectors=np.stack([entry.vector for entry in entries]) if entries
                            else np.zeros((0, self.encoder.dim), dtype=np.float32),

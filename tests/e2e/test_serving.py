@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,6 +127,13 @@ def test_gunicorn_batches_concurrent_callers_together_and_hands_each_its_own_vec
     assert passes - alone > 0, f"all {passes:.0f} forward passes held one request's 2 texts: nothing was batched"
     hits = requests.post(f"{server.url}/v1/search", json={"text": "red circle", "k": 3}, timeout=30).json()
     assert hits["hits"][0]["metadata"]["color"] == "red"
+
+
+def test_a_workers_own_log_lines_reach_gunicorns_log_in_its_format(start_gunicorn):
+    server = start_gunicorn()
+    log = server.log.read_text()
+    assert re.search(r"\] \[INFO\] loading tiny-clip \(pretrained=\S+\) on cpu, fp32$", log, re.MULTILINE), log
+    assert re.search(r"\] \[INFO\] text forward (on cpu: |cost unclear)", log), log
 
 
 def test_metrics_count_every_worker_of_a_two_worker_gunicorn(start_gunicorn):
