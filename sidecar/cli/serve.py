@@ -97,6 +97,8 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
     # Gunicorn workers rebuild Settings from the environment: hand the flags over that way.
     overrides = {name: getattr(settings, name) for name in MODEL_FLAGS + STORE_FLAGS + SERVE_FLAGS}
     env = {**os.environ, **{f"SIDECAR_{k.upper()}": str(v) for k, v in overrides.items()}}
+    # -q / -v reach the workers' log (gunicorn's and the app's lines) unless GUNICORN_LOGLEVEL says otherwise.
+    env.setdefault("GUNICORN_LOGLEVEL", logging.getLevelName(log.getEffectiveLevel()).lower())
     # The config is a module of the package, so an installed (non-editable) package finds it too.
     args = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, "--bind", f"{host}:{port}",
             "--workers", str(workers), *(("--certfile", certfile, "--keyfile", keyfile) if certfile else ()),

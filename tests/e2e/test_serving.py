@@ -52,18 +52,22 @@ class Server:
 
 @pytest.fixture
 def start_gunicorn(store_path, tmp_path):
-    """Start the server as `clip-sidecar serve --workers N [--threads T]` does, or gunicorn directly
-    with another config file; SIDECAR_* settings as keyword arguments."""
+    """Start the server as `clip-sidecar -q serve --workers N [--threads T]` does, or gunicorn directly
+    with another config file; SIDECAR_* settings as keyword arguments; GUNICORN_LOGLEVEL `loglevel`
+    (None: unset)."""
     started: list[subprocess.Popen] = []
 
     def start(*, workers: int = 1, threads: int | None = None, config: str | None = None,
-              **settings: str) -> Server:
+              loglevel: str | None = "info", **settings: str) -> Server:
         port = free_port()
-        env = {**os.environ, "SIDECAR_STORE_PATH": str(store_path), "GUNICORN_LOGLEVEL": "info",
+        env = {**os.environ, "SIDECAR_STORE_PATH": str(store_path),
                # Its own text-vector cache: no vector computed by another test or an earlier run.
                "SIDECAR_TEXT_CACHE_PATH": str(tmp_path / f"text-vectors-{port}.sqlite"),
                **{f"SIDECAR_{k.upper()}": v for k, v in settings.items()}}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        env.pop("GUNICORN_LOGLEVEL", None)
+        if loglevel:
+            env["GUNICORN_LOGLEVEL"] = loglevel
         if config is None:
             args = [sys.executable, "-m", "sidecar.cli", "-q", "serve", "--port", str(port),
                     "--workers", str(workers), *(["--threads", str(threads)] if threads else [])]
@@ -134,6 +138,13 @@ def test_a_workers_own_log_lines_reach_gunicorns_log_in_its_format(start_gunicor
     log = server.log.read_text()
     assert re.search(r"\] \[INFO\] loading tiny-clip \(pretrained=\S+\) on cpu, fp32$", log, re.MULTILINE), log
     assert re.search(r"\] \[INFO\] text forward (on cpu: |cost unclear)", log), log
+
+
+def test_a_quiet_serve_keeps_the_workers_info_lines_out_of_its_log(start_gunicorn):
+    server = start_gunicorn(loglevel=None)  # `clip-sidecar -q serve`, GUNICORN_LOGLEVEL unset
+    assert requests.post(f"{server.url}/v1/embeddings", json={"input": ["red circle"]}, timeout=30).ok
+    log = server.log.read_text()
+    assert "[INFO]" not in log and "loading tiny-clip" not in log, log
 
 
 def test_metrics_count_every_worker_of_a_two_worker_gunicorn(start_gunicorn):
