@@ -43,6 +43,11 @@ backlog = int(os.environ.get("GUNICORN_BACKLOG", "2048"))
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-") or None
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
+# gunicorn's control socket (for `gunicornc`) lives by default at one path per user ($XDG_RUNTIME_DIR
+# or ~/.gunicorn/gunicorn.ctl), so a second server of that user takes it over. Off unless the operator
+# names a socket of this server's own in GUNICORN_CONTROL_SOCKET.
+control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET", "")
+control_socket_disable = not control_socket
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when a worker imports it
 _owned_metrics_dir: str | None = None

@@ -138,6 +138,7 @@ def test_a_workers_own_log_lines_reach_gunicorns_log_in_its_format(start_gunicor
     log = server.log.read_text()
     assert re.search(r"\] \[INFO\] loading tiny-clip \(pretrained=\S+\) on cpu, fp32$", log, re.MULTILINE), log
     assert re.search(r"\] \[INFO\] text forward (on cpu: |cost unclear)", log), log
+    assert "Control socket" not in log  # gunicorn's per-user default is shared by every server of the user
 
 
 def test_a_quiet_serve_keeps_the_workers_info_lines_out_of_its_log(start_gunicorn):
