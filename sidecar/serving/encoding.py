@@ -82,7 +82,7 @@ class EncodingService:
         if truncated:
             # DEBUG: the response names them, and an ingest of long texts would log a line per request.
             log.debug("%d of %d texts exceed the model's %d-token context (or max_text_chars=%d) and were truncated",
-                     len(truncated), len(texts), context, limit)
+                      len(truncated), len(texts), context, limit)
         return TextVectors(vectors=np.stack([entry.vector for entry in entries]) if entries
                            else np.zeros((0, self.encoder.dim), dtype=np.float32),
                            truncated=truncated, tokens=sum(min(entry.tokens, context) for entry in entries))

@@ -133,7 +133,7 @@ def test_gunicorn_batches_concurrent_callers_together_and_hands_each_its_own_vec
     assert hits["hits"][0]["metadata"]["color"] == "red"
 
 
-def test_a_workers_own_log_lines_reach_gunicorns_log_in_its_format(start_gunicorn):
+def test_a_workers_own_log_lines_reach_gunicorns_log_and_it_opens_no_control_socket(start_gunicorn):
     server = start_gunicorn()
     log = server.log.read_text()
     assert re.search(r"\] \[INFO\] loading tiny-clip \(pretrained=\S+\) on cpu, fp32$", log, re.MULTILINE), log
