@@ -332,6 +332,8 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    if args.long_every < 0 or (args.long_every and args.modality != "text"):
+        parser.error(f"--long-every: {args.long_every}; a count of 0 (all short) or more, with --modality text")
     print(f"model {args.model or 'tiny-clip'}; gunicorn {args.workers} worker(s) x {args.threads} threads; "
           f"{args.client_processes} client process(es); {os.cpu_count()} CPUs; encoding_format {args.encoding_format}; "
           f"modality {args.modality}" + (f" ({args.image_side} px JPEGs)" if args.modality == "image" else "")
