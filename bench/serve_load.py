@@ -104,6 +104,9 @@ def start_server(port: int, *, variant: dict[str, str], workers: int, threads: i
         if len(ready) >= workers:
             return process
         time.sleep(0.3)
+    if process.poll() is not None:  # its process group is gone: nothing to stop
+        raise RuntimeError(f"the server exited with code {process.returncode} before {workers} worker(s) were "
+                           "ready (gunicorn's log above says why)")
     stop_server(process)
     raise RuntimeError(f"{len(ready)} of {workers} workers became ready in 300 s")
 
