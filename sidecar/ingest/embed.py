@@ -37,6 +37,7 @@ from sidecar.ingest.tagging import Tagger, tagged
 from sidecar.ingest.thumbnails import make_thumbnail
 from sidecar.model.encoder import Encoder
 from sidecar.model.images import check_jpeg_decoder, stack_pixels
+from sidecar.threads import NamedThread
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -434,7 +435,7 @@ def _in_background(items: Iterator[T], *, depth: int = 1) -> Iterator[Iterator[T
                 raise item
             yield item
 
-    thread = threading.Thread(target=run, name="embed-stager", daemon=True)
+    thread = NamedThread(target=run, name="embed-stager", daemon=True)
     thread.start()
     try:
         yield consume()

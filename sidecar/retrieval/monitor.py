@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from sidecar.stores.base import Store
+from sidecar.threads import NamedThread
 from sidecar.types import Filters
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class BackgroundChecks:
         if self._thread is None:
             with self._start_lock:
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                    self._thread = NamedThread(target=self._run, name=self._name, daemon=True)
                     self._thread.start()
         try:
             self._queue.put_nowait(check)

@@ -15,6 +15,7 @@ import numpy as np
 
 from sidecar.errors import EncodeTimeout, NotReady, Overloaded
 from sidecar.serving import metrics
+from sidecar.threads import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class MicroBatcher(Generic[Item]):
         self._queue_wait = metrics.STAGE_SECONDS.labels("queue_wait", modality)
         self._forward_seconds = metrics.STAGE_SECONDS.labels("forward", modality)
         self._batch_size = metrics.BATCH_SIZE.labels(modality)
-        self._thread = threading.Thread(target=self._supervise, name=f"batcher-{modality}", daemon=True)
+        self._thread = NamedThread(target=self._supervise, name=f"batcher-{modality}", daemon=True)
         self._thread.start()
 
     @property

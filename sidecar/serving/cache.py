@@ -20,6 +20,7 @@ import numpy as np
 
 from sidecar.errors import EncodeTimeout
 from sidecar.serving import metrics
+from sidecar.threads import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class TextVectorCache:
                 self._rows = self._db.execute("SELECT count(*) FROM text_vectors").fetchone()[0]
                 self._write_db = self._connect(path)
                 self._evict_if_over()
-            self._writer = threading.Thread(target=self._write_loop, name="text-cache-writer", daemon=True)
+            self._writer = NamedThread(target=self._write_loop, name="text-cache-writer", daemon=True)
             self._writer.start()
 
     @staticmethod

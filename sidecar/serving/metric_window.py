@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from sidecar.serving.metrics import MULTIPROC_ENV
+from sidecar.threads import NamedThread
 
 # The series the window keeps: per-stage and per-request latency, requests by status, live recall.
 FAMILIES = ("sidecar_stage_seconds", "sidecar_request_seconds", "sidecar_requests", "sidecar_ann_recall_hits",
@@ -79,7 +80,7 @@ class MetricWindow:
         self.take_snapshot()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="metric-window", daemon=True)
+        self._thread = NamedThread(target=self._run, name="metric-window", daemon=True)
         self._thread.start()
 
     def close(self) -> None:

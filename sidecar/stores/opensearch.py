@@ -45,6 +45,7 @@ from sidecar.stores.base import (
     StoreUnavailable,
 )
 from sidecar.stores.effort import REFRESH_S, EffortPolicy
+from sidecar.threads import NamedThread
 from sidecar.types import NO_VECTOR, Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
@@ -1031,7 +1032,7 @@ class _LoadLock:
                 continue
             self.version = (result["_seq_no"], result["_primary_term"])
             _HELD_TOKENS.add(self.token)
-            self._beater = threading.Thread(target=self._beat, name="load-lock-heartbeat", daemon=True)
+            self._beater = NamedThread(target=self._beat, name="load-lock-heartbeat", daemon=True)
             self._beater.start()
             return
 

@@ -141,6 +141,16 @@ def test_a_workers_own_log_lines_reach_gunicorns_log_and_it_opens_no_control_soc
     assert "Control socket" not in log  # gunicorn's per-user default is shared by every server of the user
 
 
+def test_a_workers_process_and_its_own_threads_carry_names_the_operating_system_shows(start_gunicorn):
+    server = start_gunicorn()
+    (pid,) = wait_for_workers(server, 1)
+    threads = Path(f"/proc/{pid}/task")
+    names = {(task / "comm").read_text().strip() for task in threads.iterdir()}
+    # the kernel keeps 15 bytes of a name: "text-cache-writer" shows as "text-cache-writ"
+    assert {"batcher-text", "batcher-image", "text-cache-writ"} <= names, names
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"gunicorn: worker ["), "no process title"
+
+
 def test_a_quiet_serve_keeps_the_workers_info_lines_out_of_its_log(start_gunicorn):
     server = start_gunicorn(loglevel=None)  # `clip-sidecar -q serve`, GUNICORN_LOGLEVEL unset
     assert requests.post(f"{server.url}/v1/embeddings", json={"input": ["red circle"]}, timeout=30).ok

@@ -10,12 +10,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "sidecar"
 
 # Which parts each part may import (besides itself). Top: api, cli; middle: serving, retrieval,
-# ingest; below them: model, stores; at the bottom: config, errors, types.
-BOTTOM = {"config", "errors", "types"}
+# ingest; below them: model, stores; at the bottom: config, errors, types, threads.
+BOTTOM = {"config", "errors", "types", "threads"}
 ALLOWED = {
     "config": set(),
     "errors": set(),
     "types": set(),
+    "threads": set(),
     "model": BOTTOM,
     "stores": BOTTOM,
     "serving": BOTTOM | {"model"},
