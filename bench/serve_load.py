@@ -7,12 +7,14 @@ micro-batched, unbatched (max_batch=1), batched without the text-vector cache's 
 `floor-pinned`, `unbatched-pinned`: pin_workers), batched without the access log (`no-access-log`;
 every other variant writes it to stdout, read off a pipe, as users run it) and, on a GPU, batched
 without CUDA graphs — and prints QPS, p50/p95/p99, server CPU per request and the part of it the
-forward passes took (the batcher's sidecar_forward_cpu_seconds_total), the batch-size histogram and
-the ratios between variants. Every text request is a cache miss (unique text), so the encoder does
-the work; with `--modality image` each request carries one base64 JPEG (`--image-side` px, from a
-set of 64 drawn per client process; images are not cached), decoded on the request thread and
-batched. The load comes from separate client processes speaking keep-alive HTTP/1.1 over raw
-sockets, so the load generator costs little CPU beside the server.
+forward passes took (the batcher's sidecar_forward_cpu_seconds_total), that CPU by thread (gunicorn's
+request threads, the model thread, the cache writer: by thread name, sidecar/threads.py) with how
+busy the model thread was, the batch-size histogram and the ratios between variants. Every text
+request is a cache miss (unique text), so the encoder does the work; with `--modality image` each
+request carries one base64 JPEG (`--image-side` px, from a set of 64 drawn per client process;
+images are not cached), decoded on the request thread and batched. The load comes from separate
+client processes speaking keep-alive HTTP/1.1 over raw sockets, so the load generator costs little
+CPU beside the server.
 
     .venv/bin/python bench/serve_load.py --variants floor,batched,unbatched   # tiny model, CPU
     .venv/bin/python bench/serve_load.py --model ViT-B-32 --requests 4000 --concurrency 1,16,64 \
@@ -36,6 +38,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -276,12 +279,35 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def thread_cpu_seconds(pid: int) -> Counter[str]:
+    """User + system CPU of the live threads of a process and its children, summed by thread name: the
+    project's threads are named (sidecar/threads.py: "batcher-text", "text-cache-writ"…), gunicorn's own
+    (its poller and request threads) carry the worker's title ("gunicorn: worke")."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals: Counter[str] = Counter()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(entry.name) != pid and int(stat[stat.rindex(")") + 2:].split()[1]) != pid:
+                continue
+            for task in (entry / "task").iterdir():
+                task_stat = (task / "stat").read_text()
+                fields = task_stat[task_stat.rindex(")") + 2:].split()
+                totals[task_stat[task_stat.index("(") + 1:task_stat.rindex(")")]] += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:  # a process or thread that ended meanwhile
+            continue
+    return totals
+
+
 def run_load(port: int, concurrency: int, requests: int, seed: int, processes: int, *, server_pid: int,
              encoding_format: str, modality: str = "text", image_side: int = 256, long_every: int = 0) -> dict:
     """Split the connections over client processes (separate GILs) and merge their latencies."""
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
     server_cpu, forward_cpu = cpu_seconds(server_pid), forward_cpu_seconds(port, modality)
+    threads_cpu = thread_cpu_seconds(server_pid)
     children = [subprocess.Popen([sys.executable, __file__, "--client", json.dumps(dict(
                                       port=port, concurrency=share, requests=requests * share // concurrency,
                                       seed=seed * 1000 + i, encoding_format=encoding_format, modality=modality,
@@ -292,6 +318,7 @@ def run_load(port: int, concurrency: int, requests: int, seed: int, processes: i
     if any(child.returncode for child in children):
         raise RuntimeError("a load-generator process failed")
     server_cpu = cpu_seconds(server_pid) - server_cpu
+    threads_cpu = thread_cpu_seconds(server_pid) - threads_cpu
     forward_cpu = forward_cpu_seconds(port, modality) - forward_cpu
     client_cpu = sum(p["cpu"] for p in parts)  # the request loops only, not process start-up
     wall = max(p["started"] + p["wall"] for p in parts) - min(p["started"] for p in parts)
@@ -299,7 +326,9 @@ def run_load(port: int, concurrency: int, requests: int, seed: int, processes: i
     return {"concurrency": concurrency, "requests": len(ms), "errors": sum(p["errors"] for p in parts),
             "qps": len(ms) / wall, "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
             "p99": float(np.percentile(ms, 99)), "server_cpu_ms": server_cpu / len(ms) * 1000,
-            "forward_cpu_ms": forward_cpu / len(ms) * 1000, "client_cpu_ms": client_cpu / len(ms) * 1000}
+            "forward_cpu_ms": forward_cpu / len(ms) * 1000, "client_cpu_ms": client_cpu / len(ms) * 1000,
+            "threads_cpu_ms": {name: seconds / len(ms) * 1000 for name, seconds in threads_cpu.most_common()},
+            "model_thread_busy": threads_cpu[f"batcher-{modality}"] / wall}
 
 
 def main() -> None:
@@ -365,6 +394,12 @@ def main() -> None:
                 print(f"{r['concurrency']:>5} {r['requests']:>6} {r['errors']:>4} {r['qps']:>8.1f} {r['p50']:>8.2f} "
                       f"{r['p95']:>8.2f} {r['p99']:>8.2f} {r['server_cpu_ms']:>18.3f} {r['forward_cpu_ms']:>14.3f} "
                       f"{r['server_cpu_ms'] - r['forward_cpu_ms']:>16.3f} {r['client_cpu_ms']:>18.2f}")
+            for r in results[label]:
+                # Which thread a request's CPU goes to, and how busy the model thread is: near one core
+                # per worker, the model thread, not the request path, bounds the worker.
+                shares = " · ".join(f"{name} {ms:.3f}" for name, ms in r["threads_cpu_ms"].items() if ms >= 0.005)
+                print(f"  concurrency {r['concurrency']:>3}, server CPU ms/req by thread: {shares}; model thread "
+                      f"busy {r['model_thread_busy'] / args.workers:.0%} of a core (mean of the workers)")
     for a, b in RATIOS:
         if a in results and b in results:
             print(f"\n{a} / {b}:")
