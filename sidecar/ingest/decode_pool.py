@@ -19,6 +19,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
+from setproctitle import setproctitle
 
 from sidecar.ingest.corpus import CorpusItem
 from sidecar.ingest.thumbnails import covers, make_thumbnail, thumbnail_of
@@ -312,6 +313,8 @@ class _Workers:
 def _work(worker: int, workers: int, paths: list[Path], own_slots: list[int], free, results, init: tuple) -> None:
     """A decode worker's life: its share of the files, in order, each into its next slot. It ends
     with the job: a parent killed outright (kill -9) frees no slot and reads no pipe again."""
+    # What `ps` and `top` show for it: otherwise the parent's command line, the same for every worker.
+    setproctitle(f"clip-sidecar: decode worker {worker + 1} of {workers}")
     _init_worker(*init)
     parent = os.getppid()
     ready: list[Loaded] = []

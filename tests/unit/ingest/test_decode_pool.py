@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -71,6 +72,22 @@ def test_every_item_gets_its_own_pixels_and_thumbnail_even_when_slots_are_reused
                                                colour(i), atol=4)
             seen.append(i)
     assert seen == list(range(300))
+
+
+def test_each_decode_worker_is_titled_for_ps_and_top(tmp_path):
+    todo = []
+    for i in range(200):
+        path = tmp_path / f"{i}.jpg"
+        Image.new("RGB", (24, 24), colour(i)).save(path, quality=95)
+        todo.append((CorpusItem(id=str(i), path=path, text=""), f"hash-{i}"))
+    batches = decoded_batches(todo, SmallImages(), batch_size=8, workers=2, max_pixels=10_000, on_device=False)
+    next(batches)  # the workers run; the rest of the job waits on its slots
+    try:
+        titles = sorted(Path(f"/proc/{child.pid}/cmdline").read_bytes().split(b"\0")[0]
+                        for child in multiprocessing.active_children() if child.name.startswith("decode-"))
+    finally:
+        batches.close()
+    assert titles == [b"clip-sidecar: decode worker 1 of 2", b"clip-sidecar: decode worker 2 of 2"]
 
 
 class DyingImages(SmallImages):
