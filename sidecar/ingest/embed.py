@@ -37,7 +37,7 @@ from sidecar.ingest.tagging import Tagger, tagged
 from sidecar.ingest.thumbnails import make_thumbnail
 from sidecar.model.encoder import Encoder
 from sidecar.model.images import check_jpeg_decoder, stack_pixels
-from sidecar.threads import NamedThread
+from sidecar.threads import NamedThread, name_for_the_os
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,7 +116,8 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
 
     failed = 0
     with (out / "errors.jsonl").open("w", encoding="utf-8") as errors, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer",
+                               initializer=name_for_the_os) as writer, \
             tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar, \
             _in_background(_staged_batches(todo, encoder, batch_size=batch_size, workers=workers,
                                            max_pixels=max_pixels, on_device=on_device, stages=stages,
@@ -328,7 +329,8 @@ def _add_missing_thumbnails(shards: ShardSet, *, workers: int, max_pixels: int, 
         return make_thumbnail(data, side=shards.thumbnail_side, max_pixels=max_pixels)
 
     # PIL releases the GIL while it decodes, resizes and encodes: threads share the work.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="thumbnails",
+                            initializer=name_for_the_os) as pool, \
             tqdm(total=sum(map(len, rows.values())), unit="img", desc="thumbnails", disable=not progress) as bar:
         for name, paths in rows.items():
             thumbnails = []

@@ -45,7 +45,7 @@ from sidecar.stores.base import (
     StoreUnavailable,
 )
 from sidecar.stores.effort import REFRESH_S, EffortPolicy
-from sidecar.threads import NamedThread
+from sidecar.threads import NamedThread, name_for_the_os
 from sidecar.types import NO_VECTOR, Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
@@ -681,7 +681,7 @@ class OpenSearchStore:
             return [_index_action(index, doc, dumps=dumps) if doc is not None else
                     {"_op_type": "delete", "_index": index, "_id": doc_id} for doc_id, doc in batch]
 
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-serialise")
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-serialise", initializer=name_for_the_os)
         try:
             pending: deque = deque()
             for start in range(0, len(ops), SERIALISE_BATCH):
