@@ -39,6 +39,9 @@ keepalive = 5
 # drops their SYNs (1 s stalls) or resets them (bulk items failed, never retried). 2048 is gunicorn's
 # default, named here because the sidecar depends on it.
 backlog = int(os.environ.get("GUNICORN_BACKLOG", "2048"))
+# Process titles (gunicorn sets them through setproctitle): "gunicorn: worker [clip-sidecar]" in ps and
+# top, whatever app module or launcher started it.
+proc_name = "clip-sidecar"
 # One line per request on stdout; GUNICORN_ACCESSLOG="" turns it off (a path writes there instead).
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-") or None
 errorlog = "-"

@@ -148,7 +148,7 @@ def test_a_workers_process_and_its_own_threads_carry_names_the_operating_system_
     names = {(task / "comm").read_text().strip() for task in threads.iterdir()}
     # the kernel keeps 15 bytes of a name: "text-cache-writer" shows as "text-cache-writ"
     assert {"batcher-text", "batcher-image", "text-cache-writ"} <= names, names
-    assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"gunicorn: worker ["), "no process title"
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"gunicorn: worker [clip-sidecar]"), "no process title"
 
 
 def test_a_quiet_serve_keeps_the_workers_info_lines_out_of_its_log(start_gunicorn):
