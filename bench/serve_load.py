@@ -262,29 +262,17 @@ def batch_histogram(port: int, modality: str) -> dict[str, float]:
     return histogram
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (the gunicorn master and its workers)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
+def cpu_seconds(pid: int) -> tuple[float, Counter[str]]:
+    """User + system CPU of a process and its children (the gunicorn master and its workers), and of
+    their live threads summed by thread name: the project's threads are named (sidecar/threads.py:
+    "batcher-text", "text-cache-writ"…), gunicorn's own (its poller and request threads) carry the
+    worker's title ("gunicorn: worke")."""
+    def used(stat: str) -> tuple[str, float]:  # a /proc stat line: the name, utime + stime in seconds
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(entry.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+        return stat[stat.index("(") + 1:stat.rindex(")")], (int(fields[11]) + int(fields[12])) / tick
 
-
-def thread_cpu_seconds(pid: int) -> Counter[str]:
-    """User + system CPU of the live threads of a process and its children, summed by thread name: the
-    project's threads are named (sidecar/threads.py: "batcher-text", "text-cache-writ"…), gunicorn's own
-    (its poller and request threads) carry the worker's title ("gunicorn: worke")."""
     tick = os.sysconf("SC_CLK_TCK")
-    totals: Counter[str] = Counter()
+    total, threads = 0.0, Counter()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -292,13 +280,13 @@ def thread_cpu_seconds(pid: int) -> Counter[str]:
             stat = (entry / "stat").read_text()
             if int(entry.name) != pid and int(stat[stat.rindex(")") + 2:].split()[1]) != pid:
                 continue
+            total += used(stat)[1]
             for task in (entry / "task").iterdir():
-                task_stat = (task / "stat").read_text()
-                fields = task_stat[task_stat.rindex(")") + 2:].split()
-                totals[task_stat[task_stat.index("(") + 1:task_stat.rindex(")")]] += (int(fields[11]) + int(fields[12])) / tick
+                name, seconds = used((task / "stat").read_text())
+                threads[name] += seconds
         except OSError:  # a process or thread that ended meanwhile
             continue
-    return totals
+    return total, threads
 
 
 def run_load(port: int, concurrency: int, requests: int, seed: int, processes: int, *, server_pid: int,
@@ -306,8 +294,7 @@ def run_load(port: int, concurrency: int, requests: int, seed: int, processes: i
     """Split the connections over client processes (separate GILs) and merge their latencies."""
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
-    server_cpu, forward_cpu = cpu_seconds(server_pid), forward_cpu_seconds(port, modality)
-    threads_cpu = thread_cpu_seconds(server_pid)
+    (server_cpu, threads_cpu), forward_cpu = cpu_seconds(server_pid), forward_cpu_seconds(port, modality)
     children = [subprocess.Popen([sys.executable, __file__, "--client", json.dumps(dict(
                                       port=port, concurrency=share, requests=requests * share // concurrency,
                                       seed=seed * 1000 + i, encoding_format=encoding_format, modality=modality,
@@ -317,8 +304,8 @@ def run_load(port: int, concurrency: int, requests: int, seed: int, processes: i
     parts = [json.loads(child.communicate(timeout=900)[0]) for child in children]
     if any(child.returncode for child in children):
         raise RuntimeError("a load-generator process failed")
-    server_cpu = cpu_seconds(server_pid) - server_cpu
-    threads_cpu = thread_cpu_seconds(server_pid) - threads_cpu
+    server_cpu_after, threads_cpu_after = cpu_seconds(server_pid)
+    server_cpu, threads_cpu = server_cpu_after - server_cpu, threads_cpu_after - threads_cpu
     forward_cpu = forward_cpu_seconds(port, modality) - forward_cpu
     client_cpu = sum(p["cpu"] for p in parts)  # the request loops only, not process start-up
     wall = max(p["started"] + p["wall"] for p in parts) - min(p["started"] for p in parts)
