@@ -385,8 +385,9 @@ def main() -> None:
                 # Which thread a request's CPU goes to, and how busy the model thread is: near one core
                 # per worker, the model thread, not the request path, bounds the worker.
                 shares = " · ".join(f"{name} {ms:.3f}" for name, ms in r["threads_cpu_ms"].items() if ms >= 0.005)
-                print(f"  concurrency {r['concurrency']:>3}, server CPU ms/req by thread: {shares}; model thread "
-                      f"busy {r['model_thread_busy'] / args.workers:.0%} of a core (mean of the workers)")
+                busy = r["model_thread_busy"] / args.workers
+                print(f"  concurrency {r['concurrency']:>3}, server CPU ms/req by thread: {shares}"
+                      + (f"; model thread busy {busy:.0%} of a core (mean of the workers)" if busy else ""))
     for a, b in RATIOS:
         if a in results and b in results:
             print(f"\n{a} / {b}:")
