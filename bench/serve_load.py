@@ -1,7 +1,8 @@
 r"""Serving benchmark: gunicorn + the sidecar, driven over loopback at several concurrencies.
 
 Runs the same load against several server variants in one run — `floor` (the same app and
-gunicorn config, /v1/embeddings answered from a precomputed vector: bench/serve_floor.py),
+gunicorn config, /v1/embeddings answered from a precomputed vector: bench/serve_floor.py), the
+floor plus the model's forward on one fixed text (`floor-forward`: what the forward alone adds),
 micro-batched, unbatched (max_batch=1), batched without the text-vector cache's SQLite file
 (`no-disk-cache`), batched, the floor and unbatched with each worker pinned to one CPU (`pinned`,
 `floor-pinned`, `unbatched-pinned`: pin_workers), batched without the access log (`no-access-log`;
@@ -59,6 +60,7 @@ DESCRIPTION = ("lightweight everyday running shoe with a breathable knitted uppe
 # Server variants: SIDECAR_* settings each one runs with.
 VARIANTS = {
     "floor": {"SIDECAR_MAX_BATCH": "64"},  # served by bench/serve_floor.py's app
+    "floor-forward": {"SIDECAR_MAX_BATCH": "64", "FLOOR_FORWARD": "1"},  # serve_floor.py, forward on the request thread
     "batched": {"SIDECAR_MAX_BATCH": "64"},
     "unbatched": {"SIDECAR_MAX_BATCH": "1"},
     "no-graphs": {"SIDECAR_MAX_BATCH": "64", "SIDECAR_CUDA_GRAPHS": "false"},
@@ -72,6 +74,7 @@ VARIANTS = {
     "no-access-log": {"SIDECAR_MAX_BATCH": "64", "GUNICORN_ACCESSLOG": ""},
 }
 RATIOS = [("batched", "unbatched"), ("batched", "no-graphs"), ("batched", "no-disk-cache"), ("batched", "floor"),
+          ("floor-forward", "floor"), ("batched", "floor-forward"),
           ("pinned", "batched"), ("pinned", "floor-pinned"), ("pinned", "unbatched-pinned"),
           ("no-access-log", "batched")]
 
