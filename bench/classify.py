@@ -82,10 +82,10 @@ def online(args, sets_dir: Path) -> dict[str, list[dict]]:
 
 
 def drive(port: int, bodies: list[bytes], *, concurrency: int, requests: int) -> dict:
-    sent = post_concurrently(port, "/v1/classify", lambda _, i: bodies[i % len(bodies)], concurrency=concurrency,
+    sent = post_concurrently([port], "/v1/classify", lambda _, i: bodies[i % len(bodies)], concurrency=concurrency,
                              requests=requests)
-    ms = np.asarray(sent["latencies"]) * 1000
-    return {"concurrency": concurrency, "requests": len(ms), "errors": sent["errors"],
+    ms = np.asarray(sent["latencies"][0]) * 1000
+    return {"concurrency": concurrency, "requests": len(ms), "errors": sent["errors"][0],
             "images_per_s": len(ms) / sent["wall"], "p50": float(np.percentile(ms, 50)),
             "p95": float(np.percentile(ms, 95))}
 

@@ -17,10 +17,21 @@ images are not cached), decoded on the request thread and batched. The load come
 client processes speaking keep-alive HTTP/1.1 over raw sockets, so the load generator costs little
 CPU beside the server.
 
+With `--interleave` the variants' servers run at once (ports --port, --port + 1, …) and every
+connection sends its requests to each in turn, so a change in the machine's speed (a shared VM's
+drifts by a third within minutes) hits every variant alike: use it for CPU per request and its
+ratios. Each server then holds about concurrency / variants requests at a time (at concurrency 1 one
+request at a time across them all), and its QPS is its share of the one load. Each server also
+runs in the caches the others' requests leave behind, so compare like with like (two builds of the
+sidecar, batched with pinned), not the floor with the sidecar (the floor would pay for the other's
+forward). A variant written `NAME@PATH` runs from the checkout at PATH (a git worktree of another
+commit: `git worktree add /tmp/before HEAD~1`), so two builds can be compared side by side.
+
     .venv/bin/python bench/serve_load.py --variants floor,batched,unbatched   # tiny model, CPU
     .venv/bin/python bench/serve_load.py --model ViT-B-32 --requests 4000 --concurrency 1,16,64 \
         --workers 4 --client-processes 4 --variants batched,unbatched,no-graphs
     .venv/bin/python bench/serve_load.py --modality image --requests 500 --variants floor,batched,unbatched
+    .venv/bin/python bench/serve_load.py --interleave --requests 3000 --variants batched@/tmp/before,batched
 """
 
 from __future__ import annotations
@@ -80,8 +91,13 @@ RATIOS = [("batched", "unbatched"), ("batched", "no-graphs"), ("batched", "no-di
 
 
 def start_server(port: int, *, variant: dict[str, str], workers: int, threads: int, model: str | None,
-                 store_path: Path, app: str = "sidecar.api.wsgi:app") -> subprocess.Popen:
+                 store_path: Path, app: str = "sidecar.api.wsgi:app", root: Path = ROOT) -> subprocess.Popen:
+    """gunicorn serving `app` from the checkout at `root` (its `sidecar` package and bench/)."""
+    store_path.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **variant, "SIDECAR_STORE_PATH": str(store_path), "GUNICORN_LOGLEVEL": "warning",
+           # A text-vector cache file of its own, empty: no hits from earlier runs, no lock shared with
+           # a server running beside it.
+           "SIDECAR_TEXT_CACHE_PATH": str(store_path / "text-vectors.sqlite"),
            "SIDECAR_REQUEST_THREADS": str(threads),  # gunicorn's threads
            # Admit every request a worker's threads can hold (the default bound, half of them, answers
            # 503 under this load, and for max_batch 1 admits one item): measured here is throughput.
@@ -95,10 +111,10 @@ def start_server(port: int, *, variant: dict[str, str], workers: int, threads: i
             raise RuntimeError(f"port {port} already answers: stop what listens there or pass --port")
     args = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
             "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-            "--pythonpath", str(ROOT / "bench"), app]
+            "--pythonpath", str(root / "bench"), app]
     # The access log goes to stdout, as the config writes it for users, read off a pipe as a
     # container runtime or systemd reads it.
-    process = subprocess.Popen(args, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE)
+    process = subprocess.Popen(args, env=env, cwd=root, start_new_session=True, stdout=subprocess.PIPE)
     threading.Thread(target=_discard, args=(process.stdout,), daemon=True).start()
     deadline = time.monotonic() + 300
     ready: set[int] = set()
@@ -171,9 +187,10 @@ class Connection:
         self.sock.close()
 
 
-def drive(port: int, *, concurrency: int, requests: int, seed: int, encoding_format: str, modality: str,
+def drive(ports: list[int], *, concurrency: int, requests: int, seed: int, encoding_format: str, modality: str,
           image_side: int, long_every: int) -> dict:
-    """Runs in a client process: `requests` POSTs over `concurrency` keep-alive connections."""
+    """Runs in a client process: `requests` POSTs over `concurrency` keep-alive connections, each
+    sending its requests to `ports` in turn."""
     if modality == "image":
         images = [json.dumps(base64.b64encode(jpeg).decode("ascii")) for jpeg in drawn_jpegs(64, image_side, seed)]
 
@@ -187,7 +204,7 @@ def drive(port: int, *, concurrency: int, requests: int, seed: int, encoding_for
                 text = f"{text}: {DESCRIPTION}"
             return json.dumps({"input": [text], "encoding_format": encoding_format}).encode()
 
-    return post_concurrently(port, "/v1/embeddings", body, concurrency=concurrency, requests=requests)
+    return post_concurrently(ports, "/v1/embeddings", body, concurrency=concurrency, requests=requests)
 
 
 def drawn_jpegs(count: int, side: int, seed: int) -> list[bytes]:
@@ -208,33 +225,35 @@ def drawn_jpegs(count: int, side: int, seed: int) -> list[bytes]:
     return out
 
 
-def post_concurrently(port: int, path: str, body: Callable[[int, int], bytes], *, concurrency: int,
+def post_concurrently(ports: list[int], path: str, body: Callable[[int, int], bytes], *, concurrency: int,
                       requests: int) -> dict:
     """`requests` POSTs of `body(worker id, request number)` to `path` over `concurrency` keep-alive
-    connections: wall and client CPU seconds, errors (non-200 answers), the 200s' latencies."""
+    connections, each sending its requests to `ports` in turn: wall and client CPU seconds, and per
+    port the errors (non-200 answers) and the 200s' latencies."""
     counter = iter(range(requests))
     lock = threading.Lock()
-    latencies: list[float] = []
-    errors = 0
+    latencies: list[list[float]] = [[] for _ in ports]
+    errors = [0] * len(ports)
 
     def worker(worker_id: int) -> None:
-        nonlocal errors
-        connection = Connection(port)
+        connections = [Connection(port) for port in ports]
         while True:
             with lock:
                 i = next(counter, None)
             if i is None:
                 break
             payload = body(worker_id, i)
+            server = i % len(ports)
             started = time.perf_counter()
-            status = connection.post(path, payload)
+            status = connections[server].post(path, payload)
             elapsed = time.perf_counter() - started
             with lock:
                 if status == 200:
-                    latencies.append(elapsed)
+                    latencies[server].append(elapsed)
                 else:
-                    errors += 1
-        connection.close()
+                    errors[server] += 1
+        for connection in connections:
+            connection.close()
 
     started, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -292,14 +311,20 @@ def cpu_seconds(pid: int) -> tuple[float, Counter[str]]:
     return total, threads
 
 
-def run_load(port: int, concurrency: int, requests: int, seed: int, processes: int, *, server_pid: int,
-             encoding_format: str, modality: str = "text", image_side: int = 256, long_every: int = 0) -> dict:
-    """Split the connections over client processes (separate GILs) and merge their latencies."""
+def run_load(ports: list[int], concurrency: int, requests: int, seed: int, processes: int, *, server_pids: list[int],
+             encoding_format: str, modality: str = "text", image_side: int = 256, long_every: int = 0) -> list[dict]:
+    """`requests` per server, sent to the servers in turn, the connections split over client processes
+    (separate GILs): one result per server, each from its own CPU, forward CPU and latencies."""
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
-    (server_cpu, threads_cpu), forward_cpu = cpu_seconds(server_pid), forward_cpu_seconds(port, modality)
+    total = requests * len(ports)
+
+    def snapshot() -> list[tuple[float, Counter[str], float]]:
+        return [(*cpu_seconds(pid), forward_cpu_seconds(port, modality)) for port, pid in zip(ports, server_pids)]
+
+    before = snapshot()
     children = [subprocess.Popen([sys.executable, __file__, "--client", json.dumps(dict(
-                                      port=port, concurrency=share, requests=requests * share // concurrency,
+                                      ports=ports, concurrency=share, requests=total * share // concurrency,
                                       seed=seed * 1000 + i, encoding_format=encoding_format, modality=modality,
                                       image_side=image_side, long_every=long_every))],
                                  stdout=subprocess.PIPE, text=True)
@@ -307,18 +332,39 @@ def run_load(port: int, concurrency: int, requests: int, seed: int, processes: i
     parts = [json.loads(child.communicate(timeout=900)[0]) for child in children]
     if any(child.returncode for child in children):
         raise RuntimeError("a load-generator process failed")
-    server_cpu_after, threads_cpu_after = cpu_seconds(server_pid)
-    server_cpu, threads_cpu = server_cpu_after - server_cpu, threads_cpu_after - threads_cpu
-    forward_cpu = forward_cpu_seconds(port, modality) - forward_cpu
+    after = snapshot()
     client_cpu = sum(p["cpu"] for p in parts)  # the request loops only, not process start-up
     wall = max(p["started"] + p["wall"] for p in parts) - min(p["started"] for p in parts)
-    ms = np.asarray([x for p in parts for x in p["latencies"]]) * 1000
-    return {"concurrency": concurrency, "requests": len(ms), "errors": sum(p["errors"] for p in parts),
+    results = []
+    for server, ((cpu0, threads0, forward0), (cpu1, threads1, forward1)) in enumerate(zip(before, after)):
+        threads_cpu = threads1 - threads0
+        ms = np.asarray([x for p in parts for x in p["latencies"][server]]) * 1000
+        results.append({
+            "concurrency": concurrency, "requests": len(ms), "errors": sum(p["errors"][server] for p in parts),
             "qps": len(ms) / wall, "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
-            "p99": float(np.percentile(ms, 99)), "server_cpu_ms": server_cpu / len(ms) * 1000,
-            "forward_cpu_ms": forward_cpu / len(ms) * 1000, "client_cpu_ms": client_cpu / len(ms) * 1000,
+            "p99": float(np.percentile(ms, 99)), "server_cpu_ms": (cpu1 - cpu0) / len(ms) * 1000,
+            "forward_cpu_ms": (forward1 - forward0) / len(ms) * 1000,
+            "client_cpu_ms": client_cpu / len(ms) / len(ports) * 1000,
             "threads_cpu_ms": {name: seconds / len(ms) * 1000 for name, seconds in threads_cpu.most_common()},
-            "model_thread_busy": threads_cpu[f"batcher-{modality}"] / wall}
+            "model_thread_busy": threads_cpu[f"batcher-{modality}"] / wall})
+    return results
+
+
+def print_variant(label: str, levels: list[dict], histogram: dict[str, float], *, workers: int) -> None:
+    print(f"\n{label} ({VARIANTS[label.partition('@')[0]]}); batch sizes seen (all workers): {histogram}")
+    print(f"{'conc':>5} {'reqs':>6} {'err':>4} {'QPS':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+          f"{'server CPU ms/req':>18} {'of it forward':>14} {'outside forward':>16} {'client CPU ms/req':>18}")
+    for r in levels:
+        print(f"{r['concurrency']:>5} {r['requests']:>6} {r['errors']:>4} {r['qps']:>8.1f} {r['p50']:>8.2f} "
+              f"{r['p95']:>8.2f} {r['p99']:>8.2f} {r['server_cpu_ms']:>18.3f} {r['forward_cpu_ms']:>14.3f} "
+              f"{r['server_cpu_ms'] - r['forward_cpu_ms']:>16.3f} {r['client_cpu_ms']:>18.2f}")
+    for r in levels:
+        # Which thread a request's CPU goes to, and how busy the model thread is: near one core
+        # per worker, the model thread, not the request path, bounds the worker.
+        shares = " · ".join(f"{name} {ms:.3f}" for name, ms in r["threads_cpu_ms"].items() if ms >= 0.005)
+        busy = r["model_thread_busy"] / workers
+        print(f"  concurrency {r['concurrency']:>3}, server CPU ms/req by thread: {shares}"
+              + (f"; model thread busy {busy:.0%} of a core (mean of the workers)" if busy else ""))
 
 
 def main() -> None:
@@ -339,7 +385,9 @@ def main() -> None:
     parser.add_argument("--long-every", type=int, default=0, metavar="N",
                         help="--modality text: every Nth request's text is a product description longer than "
                              "the model's context, the rest short queries (0: all short)")
-    parser.add_argument("--port", type=int, default=8731)
+    parser.add_argument("--port", type=int, default=8731, help="the first server's port (--interleave: one per variant)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="run the variants' servers at once, each connection sending to them in turn (see above)")
     parser.add_argument("--client", help=argparse.SUPPRESS)  # a client process: drive()'s arguments as JSON
     args = parser.parse_args()
     if args.client:
@@ -351,9 +399,13 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     levels = [int(c) for c in args.concurrency.split(",")]
     variants = args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
+    unknown = {label.partition("@")[0] for label in variants} - set(VARIANTS)
     if unknown:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    for label in variants:
+        tree = label.partition("@")[2]
+        if tree and not (Path(tree) / "sidecar").is_dir():
+            parser.error(f"--variants: {label}: {tree} is not a checkout of this project (no sidecar/ in it)")
     if args.long_every < 0 or (args.long_every and args.modality != "text"):
         parser.error(f"--long-every: {args.long_every}; a count of 0 (all short) or more, with --modality text")
     print(f"model {args.model or 'tiny-clip'}; gunicorn {args.workers} worker(s) x {args.threads} threads; "
@@ -363,35 +415,34 @@ def main() -> None:
     # Texts never seen before, by any variant or earlier run: no cache hit, in memory or on disk.
     run_id = time.time_ns() % 10**6 * 100
     results: dict[str, list[dict]] = {}
+    groups = [variants] if args.interleave else [[label] for label in variants]
     with tempfile.TemporaryDirectory() as store_dir:
-        for v, label in enumerate(variants):
-            seed = run_id + 10 * v
-            server = start_server(args.port, variant=VARIANTS[label], workers=args.workers, threads=args.threads,
-                                  model=args.model, store_path=Path(store_dir),
-                                  app="serve_floor:app" if label.startswith("floor") else "sidecar.api.wsgi:app")
+        for g, group in enumerate(groups):
+            seed = run_id + 10 * g
+            ports = [args.port + i for i in range(len(group))]
+            servers: list[subprocess.Popen] = []
             try:
-                load = dict(server_pid=server.pid, encoding_format=args.encoding_format, modality=args.modality,
-                            image_side=args.image_side, long_every=args.long_every)
-                run_load(args.port, 4 * args.workers, 200 * args.workers, seed, args.client_processes, **load)  # warm-up
-                results[label] = [run_load(args.port, c, args.requests,
-                                           seed + 1 + i, args.client_processes, **load) for i, c in enumerate(levels)]
-                print(f"\n{label} ({VARIANTS[label]}); batch sizes seen (all workers): {batch_histogram(args.port, args.modality)}")
+                for i, (port, label) in enumerate(zip(ports, group)):
+                    name, _, tree = label.partition("@")
+                    servers.append(start_server(
+                        port, variant=VARIANTS[name], workers=args.workers, threads=args.threads, model=args.model,
+                        store_path=Path(store_dir) / f"{g}-{i}", root=Path(tree).resolve() if tree else ROOT,
+                        app="serve_floor:app" if name.startswith("floor") else "sidecar.api.wsgi:app"))
+                load = dict(server_pids=[server.pid for server in servers], encoding_format=args.encoding_format,
+                            modality=args.modality, image_side=args.image_side, long_every=args.long_every)
+                run_load(ports, 4 * args.workers, 200 * args.workers, seed, args.client_processes, **load)  # warm-up
+                levels_run = [run_load(ports, c, args.requests, seed + 1 + i, args.client_processes, **load)
+                              for i, c in enumerate(levels)]
+                histograms = [batch_histogram(port, args.modality) for port in ports]
             finally:
-                stop_server(server)
-            print(f"{'conc':>5} {'reqs':>6} {'err':>4} {'QPS':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-                  f"{'server CPU ms/req':>18} {'of it forward':>14} {'outside forward':>16} {'client CPU ms/req':>18}")
-            for r in results[label]:
-                print(f"{r['concurrency']:>5} {r['requests']:>6} {r['errors']:>4} {r['qps']:>8.1f} {r['p50']:>8.2f} "
-                      f"{r['p95']:>8.2f} {r['p99']:>8.2f} {r['server_cpu_ms']:>18.3f} {r['forward_cpu_ms']:>14.3f} "
-                      f"{r['server_cpu_ms'] - r['forward_cpu_ms']:>16.3f} {r['client_cpu_ms']:>18.2f}")
-            for r in results[label]:
-                # Which thread a request's CPU goes to, and how busy the model thread is: near one core
-                # per worker, the model thread, not the request path, bounds the worker.
-                shares = " · ".join(f"{name} {ms:.3f}" for name, ms in r["threads_cpu_ms"].items() if ms >= 0.005)
-                busy = r["model_thread_busy"] / args.workers
-                print(f"  concurrency {r['concurrency']:>3}, server CPU ms/req by thread: {shares}"
-                      + (f"; model thread busy {busy:.0%} of a core (mean of the workers)" if busy else ""))
-    for a, b in RATIOS:
+                for server in servers:
+                    stop_server(server)
+            for index, label in enumerate(group):
+                results[label] = [level[index] for level in levels_run]
+                print_variant(label, results[label], histograms[index], workers=args.workers)
+    # Each variant from another checkout against the same variant from this one.
+    builds = [(label, label.partition("@")[0]) for label in results if "@" in label]
+    for a, b in RATIOS + builds:
         if a in results and b in results:
             print(f"\n{a} / {b}:")
             for x, y in zip(results[a], results[b]):
