@@ -70,10 +70,13 @@ def _plain_text_encoder(tokenizer) -> Callable[[str], list[int]]:
     printable ASCII (spaces never reach it), so the same pieces go to the tokenizer's own BPE. Other
     text takes open_clip's path. tests/unit/model/test_encoder_text.py checks the equality over
     generated texts."""
-    from open_clip.tokenizer import _clean_lower
+    from open_clip import tokenizer as open_clip_tokenizer
 
+    # open_clip's private "lower" cleaning (ftfy, html.unescape, whitespace, lowercase): pinned in
+    # pyproject.toml; should a release rename it, every text takes open_clip's path.
+    lower = getattr(open_clip_tokenizer, "_clean_lower", None)
     specials = [tokenizer.decoder[i] for i in tokenizer.all_special_ids]
-    if tokenizer.clean_fn is not _clean_lower or not all(re.fullmatch(r"[a-z_<>]+", t) for t in specials):
+    if lower is None or tokenizer.clean_fn is not lower or not all(re.fullmatch(r"[a-z_<>]+", t) for t in specials):
         return tokenizer.encode  # another cleaning, or special tokens these patterns would not match alike
     # open_clip's pattern with ASCII classes: \p{L} is a-z once lowercased, \p{N} 0-9.
     pieces = re.compile("|".join(specials) + r"|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+", re.IGNORECASE)

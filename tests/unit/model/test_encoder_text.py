@@ -58,6 +58,15 @@ def test_prepared_texts_equal_open_clips_own_tokenizer(encoder, texts):
     assert prepared.lengths == [len(reference.encode(text)) + 2 for text in texts]
 
 
+def test_a_tokenizer_cleaned_otherwise_keeps_open_clips_own_path():
+    from sidecar.model.encoder import _plain_text_encoder
+
+    kept_case = open_clip.tokenizer.SimpleTokenizer(clean="whitespace")  # no lowercasing: ASCII classes would differ
+    assert _plain_text_encoder(kept_case) == kept_case.encode
+    lowered = reference_tokenizer(77)
+    assert _plain_text_encoder(lowered) != lowered.encode
+
+
 @settings(max_examples=500, deadline=None)
 @given(text=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126).filter(lambda c: c != "&")))
 def test_ftfy_and_html_unescape_leave_printable_ascii_without_ampersands_unchanged(text):
