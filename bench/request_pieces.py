@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Runs in a fresh process with the tree under test first on sys.path and as the working directory.
@@ -87,9 +88,12 @@ print(json.dumps({label: seconds / n * 1e6 for label, seconds in out.items()}))
 
 
 def timed(tree: Path, mode: str, requests: int) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", TIMED, mode, str(requests)], env=env, cwd=tree, check=True,
-                         capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as scratch:
+        # A store and a text-vector cache file of its own, empty: no hits from earlier runs.
+        env = {**os.environ, "PYTHONPATH": str(tree), "SIDECAR_STORE_PATH": f"{scratch}/store",
+               "SIDECAR_TEXT_CACHE_PATH": f"{scratch}/text-vectors.sqlite"}
+        out = subprocess.run([sys.executable, "-c", TIMED, mode, str(requests)], env=env, cwd=tree, check=True,
+                             capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
