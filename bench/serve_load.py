@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import itertools
 import json
 import os
 import re
@@ -237,13 +238,13 @@ def post_concurrently(ports: list[int], path: str, body: Callable[[int, int], by
 
     def worker(worker_id: int) -> None:
         connections = [Connection(port) for port in ports]
-        while True:
+        for sent in itertools.count():
             with lock:
                 i = next(counter, None)
             if i is None:
                 break
             payload = body(worker_id, i)
-            server = i % len(ports)
+            server = (worker_id + sent) % len(ports)  # this connection's turn, whatever the others drew
             started = time.perf_counter()
             status = connections[server].post(path, payload)
             elapsed = time.perf_counter() - started
