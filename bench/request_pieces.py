@@ -31,10 +31,7 @@ sys.path.insert(1, "bench")
 mode, n = sys.argv[1], int(sys.argv[2])
 cpu = collections.Counter()
 
-def timed(owner, name, label, static=False):
-    if not hasattr(owner, name):
-        return  # another tree's code without this piece
-    original = getattr(owner, name)
+def timing(original, label):
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
         started = time.thread_time()
@@ -42,6 +39,12 @@ def timed(owner, name, label, static=False):
             return original(*args, **kwargs)
         finally:
             cpu[label] += time.thread_time() - started
+    return wrapper
+
+def timed(owner, name, label, static=False):
+    if not hasattr(owner, name):
+        return  # another tree's code without this piece
+    wrapper = timing(getattr(owner, name), label)
     setattr(owner, name, staticmethod(wrapper) if static else wrapper)
 
 if mode == "floor":
@@ -62,14 +65,8 @@ else:
     timed(TextVectorCache, "_save", "model thread: cache file write queued")
     for kind, method in ((prometheus.Histogram, "observe"), (prometheus.Counter, "inc"), (prometheus.Gauge, "set")):
         timed(kind, method, "metrics (all threads)")
-view = app.view_functions["embeddings.create_embeddings"]
-def handler(*args, **kwargs):
-    started = time.thread_time()
-    try:
-        return view(*args, **kwargs)
-    finally:
-        cpu["request thread: handler"] += time.thread_time() - started
-app.view_functions["embeddings.create_embeddings"] = handler
+views = app.view_functions
+views["embeddings.create_embeddings"] = timing(views["embeddings.create_embeddings"], "request thread: handler")
 client = app.test_client()
 seed = random.randrange(10**9)
 def post(i):
@@ -87,7 +84,7 @@ print(json.dumps({label: seconds / n * 1e6 for label, seconds in out.items()}))
 """
 
 
-def timed(tree: Path, mode: str, requests: int) -> dict[str, float]:
+def measure(tree: Path, mode: str, requests: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as scratch:
         # A store and a text-vector cache file of its own, empty: no hits from earlier runs.
         env = {**os.environ, "PYTHONPATH": str(tree), "SIDECAR_STORE_PATH": f"{scratch}/store",
@@ -107,9 +104,9 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     floors: list[float] = []
     for _ in range(args.rounds):
-        floors.append(timed(Path.cwd(), "floor", args.requests)["process"])
+        floors.append(measure(Path.cwd(), "floor", args.requests)["process"])
         for name, tree in trees.items():
-            runs[name].append(timed(tree, "sidecar", args.requests))
+            runs[name].append(measure(tree, "sidecar", args.requests))
     floor = statistics.median(floors)
     print(f"CPU µs per request, median of {args.rounds} rounds of {args.requests} unique texts; "
           f"the floor: {floor:.0f} µs per request (rounds: {', '.join(f'{f:.0f}' for f in floors)})")
