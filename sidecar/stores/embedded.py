@@ -129,6 +129,7 @@ class _Findings:
     bad_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     graph_problems: list[str] = dataclasses.field(default_factory=list)
     tail_rows: int = 0
+    graph_tombstones: int = 0  # deleted rows in the graph, where over rebuild_tombstone_fraction (else 0)
     leftovers: list[str] = dataclasses.field(default_factory=list)
     bm25_problems: list[str] = dataclasses.field(default_factory=list)
 
@@ -644,7 +645,7 @@ class EmbeddedStore:
             if state.index is None:
                 rebuild = bool(len(state.tail))
             else:
-                rebuild = state.hnsw_dead > self.rebuild_tombstone_fraction * state.index.ntotal
+                rebuild = self._graph_mostly_tombstones(state.hnsw_dead, state.index.ntotal)
             if rebuild:
                 self._save_graph(write, self._build_index(state.vectors, state.live), rebuilt=True)
             elif state.hnsw_rows == state.n_rows:
@@ -660,6 +661,10 @@ class EmbeddedStore:
                 log.info("added %d rows to the HNSW graph of %s (now %d) in %.1f s", len(state.tail), self.path,
                          index.ntotal, time.perf_counter() - started)
                 self._save_graph(write, index, rebuilt=False)
+
+    def _graph_mostly_tombstones(self, dead: int, graph_rows: int) -> bool:
+        """Whether the graph holds more deleted rows than `rebuild_tombstone_fraction` of it: rebuild it."""
+        return dead > self.rebuild_tombstone_fraction * graph_rows
 
     def _save_graph(self, write: _Write, index: Any, *, rebuilt: bool) -> None:
         state = write.state
@@ -797,6 +802,10 @@ class EmbeddedStore:
                 allowed = state.live_bits if state.hnsw_dead else None
                 hits = _merged(self._ann(state, query, k, allowed, ef_search),
                                _exact_over_rows(state.vectors, query, k, state.tail), k)
+                if len(hits) < k and len(hits) < int(state.live.sum()):
+                    # A graph that is mostly deleted rows (a load session's deletes before its rebuild,
+                    # or one killed before it) leaves HNSW too few live neighbours to walk: exact.
+                    hits = _exact_all(state.vectors, state.live, query, k)
             return self._scored(conn, hits)
 
     def _ann(self, state: _State, query: np.ndarray, k: int, allowed: np.ndarray | None,
@@ -904,6 +913,12 @@ class EmbeddedStore:
         if found.tail_rows:
             report.notes.append(f"{found.tail_rows} live rows written since the graph was last saved are searched "
                                 "exactly; the next `index` run or `store repair` adds them to the graph")
+        if found.graph_tombstones:
+            report.notes.append(f"the HNSW graph still holds {found.graph_tombstones} deleted documents, over "
+                                f"rebuild_tombstone_fraction={self.rebuild_tombstone_fraction} of it (a load "
+                                "session ended before its rebuild); searches skip them, falling back to exact "
+                                "search where the graph finds too few live rows; the next `index` run or "
+                                "`store repair` rebuilds the graph")
         report.problems.extend(found.bm25_problems)
         report.notes.extend(f"leftover file {name} (an interrupted write; the next write removes it)"
                             for name in found.leftovers)
@@ -964,10 +979,12 @@ class EmbeddedStore:
             if found.bm25_problems:
                 report.actions.append("rebuilt the BM25 index from the live rows")
         state = self._load_state(conn, meta, None, load_graph=not found.graph_problems)
-        if found.graph_problems or lost_ids or state.hnsw_file is None:
+        if found.graph_problems or lost_ids or state.hnsw_file is None or found.graph_tombstones:
             index = self._build_index(state.vectors, state.live)
             rebuilt = True
-            report.actions.append(f"rebuilt the HNSW graph from {int(state.live.sum())} live rows")
+            report.actions.append(f"rebuilt the HNSW graph from {int(state.live.sum())} live rows"
+                                  + (f" ({found.graph_tombstones} of its rows were deleted documents)"
+                                     if found.graph_tombstones else ""))
         elif found.tail_rows:
             index = faiss.read_index(str(self.path / state.hnsw_file))
             _add_to_index(index, np.asarray(state.vectors[state.tail]), state.tail)
@@ -1017,7 +1034,10 @@ class EmbeddedStore:
             broken = ~np.isfinite(chunk).all(axis=1) | ~chunk.any(axis=1)
             bad.append(np.flatnonzero(broken & live[start:start + len(chunk)]) + start)
         found.bad_rows = np.concatenate(bad).astype(np.int64) if bad else found.bad_rows
-        found.graph_problems = self._inspect_graph(hnsw_file, hnsw_rows, int(meta["hnsw_dead"]), live, vectors, dim)
+        found.graph_problems, graph_rows = self._inspect_graph(hnsw_file, hnsw_rows, int(meta["hnsw_dead"]), live,
+                                                               vectors, dim)
+        if not found.graph_problems and self._graph_mostly_tombstones(int(meta["hnsw_dead"]), graph_rows):
+            found.graph_tombstones = int(meta["hnsw_dead"])
         found.tail_rows = int(live[hnsw_rows:].sum())
         found.bm25_problems = self._inspect_bm25(conn, int(meta["bm25_opstamp"]))
         return found
@@ -1052,23 +1072,23 @@ class EmbeddedStore:
         return problems
 
     def _inspect_graph(self, hnsw_file: str | None, hnsw_rows: int, hnsw_dead: int, live: np.ndarray,
-                       vectors: np.ndarray, dim: int) -> list[str]:
+                       vectors: np.ndarray, dim: int) -> tuple[list[str], int]:
+        """The graph's problems, and the rows it holds (0 where there is no readable graph)."""
         if hnsw_file is None:
-            return [f"no HNSW graph recorded, though it should cover {hnsw_rows} rows"] if hnsw_rows else []
+            return ([f"no HNSW graph recorded, though it should cover {hnsw_rows} rows"] if hnsw_rows else []), 0
         path = self.path / hnsw_file
         if not path.exists():
-            return [f"the HNSW graph file {hnsw_file} named by the committed generation is missing"]
+            return [f"the HNSW graph file {hnsw_file} named by the committed generation is missing"], 0
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
-            return [f"the HNSW graph file {hnsw_file} cannot be read: {str(exc).splitlines()[0]}"]
+            return [f"the HNSW graph file {hnsw_file} cannot be read: {str(exc).splitlines()[0]}"], 0
         if index.d != dim:
-            return [f"the HNSW graph holds {index.d}-d vectors, the store {dim}-d"]
+            return [f"the HNSW graph holds {index.d}-d vectors, the store {dim}-d"], 0
         ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        problems = []
         if len(np.unique(ids)) != len(ids) or (len(ids) and (ids.min() < 0 or ids.max() >= hnsw_rows)):
-            problems.append(f"the HNSW graph holds ids outside its {hnsw_rows} rows, or duplicates")
-            return problems
+            return [f"the HNSW graph holds ids outside its {hnsw_rows} rows, or duplicates"], len(ids)
+        problems = []
         in_graph = np.zeros(len(live), dtype=bool)
         in_graph[ids] = True
         absent = int((live[:hnsw_rows] & ~in_graph[:hnsw_rows]).sum())
@@ -1084,7 +1104,7 @@ class EmbeddedStore:
             stored = np.stack([storage.reconstruct(int(p)) for p in positions])
             if not np.allclose(stored, np.asarray(vectors[ids[positions]]), atol=1e-6):
                 problems.append("the HNSW graph's vectors do not match vectors.f32")
-        return problems
+        return problems, len(ids)
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -565,6 +565,28 @@ def test_a_session_that_fails_leaves_its_committed_rows_searchable_and_the_next_
         assert store.check().notes == []
 
 
+def test_a_session_cut_off_after_deleting_most_rows_still_answers_k_hits_and_repair_rebuilds_its_graph(
+        tmp_path: Path):
+    path, docs = tmp_path / "s", make_docs(1000)
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(docs)
+        kept = docs[::50]
+        with pytest.raises(RuntimeError, match="interrupted"), store.bulk_load():
+            store.delete([doc.id for doc in docs if doc not in kept])  # deletes commit at once
+            raise RuntimeError("interrupted")  # the session ends before its rebuild
+        report = store.check()
+        assert report.clean and any("still holds 980 deleted documents" in note for note in report.notes)
+        query = clustered_unit_vectors(1, seed=9)[0]
+        # HNSW walking a graph of 98 % deleted rows finds only some of the 20 live ones.
+        assert as_pairs(store.vector_search(query, 15)) == as_pairs(store.vector_search(query, 15, exact=True))
+        repaired = store.repair()
+        assert any("rebuilt the HNSW graph from 20 live rows (980 of its rows were deleted documents)" in action
+                   for action in repaired.actions)
+        assert store.check().notes == []
+        assert as_pairs(store.vector_search(query, 15)) == as_pairs(store.vector_search(query, 15, exact=True))
+
+
 # -- readers take no lock ------------------------------------------------------------------------
 
 
@@ -661,7 +683,7 @@ def test_a_graph_file_removed_while_a_reader_opens_it_is_still_read_whole(tmp_pa
     assert not graph.exists()
 
 
-def test_commits_are_durable_before_an_old_graph_is_removed(store: EmbeddedStore):
+def test_the_writer_syncs_every_commit_to_disk(store: EmbeddedStore):
     assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
