@@ -45,7 +45,8 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
                store: Store | None = None, fine_encoder: Encoder | None = None) -> Flask:
     """Build the app. Tests pass Settings (and may pass a loaded encoder/store/fine encoder to share them)."""
     settings = settings or Settings.from_env()
-    app = Flask(__name__)
+    # No Flask static route: the page's three files are served by name (api/page.py), nothing else on disk.
+    app = Flask(__name__, static_folder=None)
     app.json = OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # First: a malformed SIDECAR_API_KEYS fails before the models load. The page's own files hold no data

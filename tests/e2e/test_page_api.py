@@ -141,6 +141,8 @@ def test_each_documents_thumbnail_is_its_own_image_served_by_id(client, corpus):
     "/v1/documents/%2e%2e%2f%2e%2e%2fetc%2fpasswd/thumbnail", "/v1/documents/item-000001/../../openapi.yaml",
     "/static/../openapi.yaml", "/static/%2e%2e%2fopenapi.yaml", "/static/page.py", "/static/index.html",
     "/static/", "/v1/documents/item-000001/vector",
+    # Paths of more than one segment: only Flask's own static route (were it registered) would take them.
+    "/static/./index.html", "/static/a/../page.css",
 ])
 def test_nothing_on_disk_but_thumbnails_and_the_page_is_reachable(client, path):
     response = client.get(path)
