@@ -229,7 +229,7 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     - `queries.jsonl` + `qrels.jsonl`: every query with feedback, as `clip-sidecar eval --queries
       --qrels` reads them (category: its first hard-example reason, or `feedback`; tags: all of
       them; a logged query image is written to `images/`); a document's grade is its latest
-      judgment, else its highest click (1);
+      judgment, else its highest click (a click's relevance: 1 unless it carried its own);
     - `to_judge.jsonl`: hard queries without feedback, with the hits they were shown;
     - `pairs.csv`: (document image, query text) for judgments of at least `min_relevance`, in
       open_clip's CSV format (tab-separated `filepath`, `title`), where `image_paths` (document id
