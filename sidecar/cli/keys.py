@@ -17,9 +17,9 @@ def keys() -> None:
 @click.option("--name", help="Who holds the key (letters, digits, . _ -): logs, errors and rate limits name it "
                              "(default: key-<the hash's first 8 hex digits>).")
 @click.option("--scope", "scopes", multiple=True, type=click.Choice((ALL_SCOPES, *SCOPES)),
-              help="What the key may call, repeatable: embeddings (/v1/embeddings, /v1/models), search "
-                   "(/v1/search), metrics (/metrics); * (default) = everything. Any key may call /readyz "
-                   "and /openapi.yaml.")
+              help="What the key may call, repeatable: "
+                   + "; ".join(f"{scope} ({', '.join(paths)})" for scope, paths in SCOPES.items())
+                   + "; * (default) = everything. Any key may call /readyz and /openapi.yaml.")
 def keys_create(name: str | None, scopes: tuple[str, ...]) -> None:
     """Create a key. Prints it once (give it to the caller; it is stored nowhere) and the line to
     append to SIDECAR_API_KEYS (comma-separated), which holds only its SHA-256.

@@ -61,8 +61,9 @@ def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str
     downloads or trains one, which could outlast a worker's boot timeout. The vectors of the
     prompt sets (`clip-sidecar prompts`) are computed here, before the workers start, where missing.
 
-    With API keys (SIDECAR_API_KEYS, `clip-sidecar keys create`) every endpoint but /healthz
-    takes `Authorization: Bearer <key>`. Without keys it listens on loopback only, unless --insecure.
+    With API keys (SIDECAR_API_KEYS, `clip-sidecar keys create`) every endpoint but /healthz and
+    the search page's own files (/, /static/page.js, /static/page.css) takes `Authorization: Bearer
+    <key>`. Without keys it listens on loopback only, unless --insecure.
     """
     settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + SERVE_FLAGS)
     if (certfile is None) != (keyfile is None):
