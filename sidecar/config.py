@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -247,12 +248,30 @@ class Settings:
         if self.api_rate_limit < 0 or self.api_rate_burst < 0:
             raise ValueError(f"settings api_rate_limit and api_rate_burst must be >= 0 (0 = no limit / one second's "
                              f"worth), got {self.api_rate_limit} and {self.api_rate_burst}")
-        if "{}" not in self.prompt_template:
-            raise ValueError(f"setting prompt_template must contain '{{}}' for the text, got {self.prompt_template!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"setting {f.name} must be a finite number, got {value}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"setting request_timeout_s must be > 0 seconds, got {self.request_timeout_s}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"setting max_wait_ms must be >= 0 (0 = no wait for company), got {self.max_wait_ms}")
+        self._check_prompt_template()
         # Paths may arrive as strings from the environment or tests.
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "store_path", Path(self.store_path))
         object.__setattr__(self, "prompt_sets_dir", Path(self.prompt_sets_dir))
+
+    def _check_prompt_template(self) -> None:
+        """The template is str.format'ed with each text (`prompt`): it must take exactly that one
+        argument and show it, or every text request would fail, or every text get one vector."""
+        try:
+            filled = self.prompt_template.format("\0")
+        except (IndexError, KeyError, ValueError) as exc:
+            raise ValueError(f"setting prompt_template={self.prompt_template!r} cannot take the text ({exc}): write "
+                             "'{}' where the text goes and double any other brace ('{{', '}}')") from exc
+        if "\0" not in filled:
+            raise ValueError(f"setting prompt_template must contain '{{}}' for the text, got {self.prompt_template!r}")
 
 
 def _pillow_formats() -> list[str]:

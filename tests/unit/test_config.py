@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,27 @@ def test_bad_values_name_the_variable_and_the_choices():
         Settings(max_batch=0)
     with pytest.raises(ValueError, match="prompt_template"):
         Settings(prompt_template="a photo")
+
+
+@pytest.mark.parametrize("template", ["a photo", "{{}}", "a {} of {x}", "{} and {}", "a {} {"])
+def test_a_prompt_template_that_cannot_show_the_text_once_is_refused_naming_the_setting(template):
+    # Each would fail every text request (KeyError, IndexError, ValueError) or give every text one vector.
+    with pytest.raises(ValueError, match="setting prompt_template"):
+        Settings(prompt_template=template)
+
+
+def test_a_prompt_template_may_format_the_text_and_use_literal_braces():
+    assert Settings(prompt_template="{{photo}}: {:.12}").prompt("a red circle at night") == "{photo}: a red circle"
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("request_timeout_s", 0.0, "must be > 0"), ("request_timeout_s", -1.0, "must be > 0"),
+    ("request_timeout_s", math.inf, "finite"), ("max_wait_ms", -5.0, "must be >= 0"), ("max_wait_ms", math.nan, "finite"),
+    ("api_rate_limit", math.nan, "finite"), ("hard_example_min_score", math.inf, "finite"),
+])
+def test_time_and_rate_settings_refuse_values_no_request_could_meet(name, value, message):
+    with pytest.raises(ValueError, match=f"setting {name} {message}|setting {name} must be a {message}"):
+        Settings(**{name: value})
 
 
 def test_settings_are_frozen():
