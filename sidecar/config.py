@@ -245,6 +245,9 @@ class Settings:
         if unknown or not self.image_formats:
             raise ValueError(f"setting image_formats={','.join(self.image_formats)!r}: unknown "
                              f"{', '.join(unknown) or '(empty)'}; Pillow opens {', '.join(sorted(_pillow_formats()))}")
+        if self.max_image_pixels > _pillow_pixel_limit():
+            raise ValueError(f"setting max_image_pixels={self.max_image_pixels} is over {_pillow_pixel_limit()}, the "
+                             "size Pillow itself refuses to open (as a decompression bomb) before this check runs")
         if self.api_rate_limit < 0 or self.api_rate_burst < 0:
             raise ValueError(f"settings api_rate_limit and api_rate_burst must be >= 0 (0 = no limit / one second's "
                              f"worth), got {self.api_rate_limit} and {self.api_rate_burst}")
@@ -279,6 +282,13 @@ def _pillow_formats() -> list[str]:
 
     Image.init()
     return list(Image.OPEN)
+
+
+def _pillow_pixel_limit() -> float:
+    """Pillow refuses to open an image of more than twice Image.MAX_IMAGE_PIXELS (it warns between)."""
+    from PIL import Image
+
+    return math.inf if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
 
 
 def _parse(name: str, raw: str, type_name: Any) -> Any:

@@ -48,6 +48,12 @@ def test_time_and_rate_settings_refuse_values_no_request_could_meet(name, value,
         Settings(**{name: value})
 
 
+def test_max_image_pixels_over_what_pillow_opens_is_refused_naming_the_setting():
+    Settings(max_image_pixels=178_956_970)  # twice PIL.Image.MAX_IMAGE_PIXELS: Pillow's own refusal starts past it
+    with pytest.raises(ValueError, match="setting max_image_pixels=178956971 is over 178956970, the size Pillow"):
+        Settings(max_image_pixels=178_956_971)
+
+
 def test_settings_are_frozen():
     settings = Settings()
     with pytest.raises(AttributeError):
