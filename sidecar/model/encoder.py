@@ -253,8 +253,13 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+# The seed random weights are drawn from (load_encoder): "random" names one model, not one per process.
+RANDOM_INIT_SEED = 0
+
+
 def weights_id(pretrained: str) -> str:
-    """A stable name for the weights: the tag itself, or the checkpoint file's content hash."""
+    """A stable name for the weights: the tag itself, the checkpoint file's content hash, or "random"
+    (drawn from RANDOM_INIT_SEED)."""
     path = Path(pretrained)
     if not path.is_file():
         return pretrained or "random"
@@ -295,10 +300,15 @@ def load_encoder(settings: Settings, *, fetch: bool = True) -> Encoder:
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     log.info("loading %s (pretrained=%s) on %s, %s", model_name, pretrained or "none", device, precision)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained or None, device=device,
-        cache_dir=os.fspath(weights_dir(settings)),
-    )
+    # Random weights (no pretrained) come from one fixed seed, so every worker and every restart builds
+    # the same model: the text-vector cache and the store may key its vectors by the name "random".
+    with torch.random.fork_rng(devices=[], enabled=not pretrained):  # open_clip initialises on the CPU
+        if not pretrained:
+            torch.manual_seed(RANDOM_INIT_SEED)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained or None, device=device,
+            cache_dir=os.fspath(weights_dir(settings)),
+        )
     tokenizer = open_clip.get_tokenizer(model_name)
     return Encoder(model, tokenizer=tokenizer, preprocess=preprocess, name=model_name,
                    weights=weights_id(pretrained), device=device, precision=precision)
