@@ -262,7 +262,10 @@ class _Workers:
             free = context.Semaphore(per_worker)
             receive, send = context.Pipe(duplex=False)
             own_slots = list(range(worker, per_worker * workers, workers))  # slot % workers == worker
-            process = context.Process(target=_work, args=(worker, workers, paths, own_slots, free, send, init),
+            # The worker closes the reading ends it inherits (its own, earlier workers'): while it held its
+            # own, a write to a pipe the parent no longer reads blocked for ever instead of failing.
+            process = context.Process(target=_work, args=(worker, workers, paths, own_slots, free, send, init,
+                                                          [*self._results, receive]),
                                       name=f"decode-{worker}", daemon=True)
             process.start()
             send.close()  # the parent keeps only its reading end: a worker's exit then reads as EOF
@@ -310,9 +313,13 @@ class _Workers:
             receive.close()
 
 
-def _work(worker: int, workers: int, paths: list[Path], own_slots: list[int], free, results, init: tuple) -> None:
+def _work(worker: int, workers: int, paths: list[Path], own_slots: list[int], free, results, init: tuple,
+          parent_ends: list) -> None:
     """A decode worker's life: its share of the files, in order, each into its next slot. It ends
-    with the job: a parent killed outright (kill -9) frees no slot and reads no pipe again."""
+    with the job: a parent killed outright (kill -9) frees no slot (the wait below looks for it) and
+    reads no pipe again (with `parent_ends`, the pipes' reading ends, closed here, a write then fails)."""
+    for end in parent_ends:
+        end.close()
     # What `ps` and `top` show for it: otherwise the parent's command line, the same for every worker.
     setproctitle(f"clip-sidecar: decode worker {worker + 1} of {workers}")
     _init_worker(*init)

@@ -120,23 +120,28 @@ import numpy as np
 from sidecar.ingest.corpus import CorpusItem
 from sidecar.ingest.decode_pool import decoded_batches
 
+on_device = sys.argv[2] == "device"
+
 class Images:
     spec = SimpleNamespace(output_size=(8, 8))
     def load(self, data, *, max_pixels): return None
     def pixels(self, image): return np.zeros((8, 8, 3), dtype=np.uint8)
-    def wants_device_decode(self, data, *, max_pixels): return False
+    def wants_device_decode(self, data, *, max_pixels): return on_device  # results then carry the file's bytes
 
 todo = [(CorpusItem(id=str(i), path=Path(sys.argv[1]), text=""), "") for i in range(100_000)]
-batches = decoded_batches(todo, Images(), batch_size=8, workers=2, max_pixels=1, on_device=False)
+batches = decoded_batches(todo, Images(), batch_size=8, workers=2, max_pixels=1, on_device=on_device)
 next(batches)
 print(" ".join(str(child.pid) for child in multiprocessing.active_children()), flush=True)
-time.sleep(600)  # the workers fill their slots and wait for the parent to free one
+time.sleep(600)  # the workers fill their slots, or their pipes, and wait for the parent
 """
 
 
-def test_the_workers_end_when_the_job_is_killed_outright(tmp_path):
-    (tmp_path / "file").write_bytes(b"x")
-    with subprocess.Popen([sys.executable, "-c", KILLED_JOB, str(tmp_path / "file")], stdout=subprocess.PIPE,
+# cpu: small results; the workers end up waiting for a slot. device: each result carries a 64 KB
+# file, so a worker blocks writing to its pipe, which the parent no longer reads.
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_the_workers_end_when_the_job_is_killed_outright(tmp_path, decode):
+    (tmp_path / "file").write_bytes(b"x" * (64 << 10 if decode == "device" else 1))
+    with subprocess.Popen([sys.executable, "-c", KILLED_JOB, str(tmp_path / "file"), decode], stdout=subprocess.PIPE,
                           text=True, cwd=Path(__file__).parents[3]) as job:
         workers = [int(pid) for pid in job.stdout.readline().split()]
         assert len(workers) == 2
