@@ -24,7 +24,11 @@ def cache_warm(prompts, **kwargs: Any) -> None:
     from sidecar.serving.encoding import EncodingService
 
     settings = settings_from(kwargs, MODEL_FLAGS)
-    texts = list(dict.fromkeys(line.strip() for line in prompts if line.strip()))
+    try:
+        texts = list(dict.fromkeys(line.strip() for line in prompts if line.strip()))
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(f"{prompts.name} is not UTF-8 text ({exc.reason}: byte {exc.object[exc.start]:#04x})",
+                                 param_hint="PROMPTS") from exc
     service = EncodingService(load_encoder(settings), settings)
     try:
         started = time.perf_counter()

@@ -291,6 +291,13 @@ def test_cache_warm_persists_prompt_vectors_and_a_new_prompt_version_re_embeds(t
     assert not np.allclose(stored, encoder.encode_texts(["red circle", "blue square"]), atol=1e-3)
 
 
+def test_cache_warm_refuses_a_prompts_file_that_is_not_utf8_naming_it(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("red circle\ncafé au lait\n".encode("latin-1"))
+    result = CliRunner().invoke(main, ["-q", "cache", "warm", str(prompts)])
+    assert result.exit_code == 2 and "prompts.txt is not UTF-8 text (invalid continuation byte: byte 0xe9)" in result.output
+
+
 def _stored_vectors(settings, texts: list[str], encoder) -> np.ndarray:
     """The persisted text vectors of `settings`' model and prompt version (none computed here)."""
     from sidecar.serving.cache import TextVectorCache, cache_namespace
