@@ -201,7 +201,7 @@ def main() -> None:
                 after = scrape(url)
                 image_calls = histogram(before, after, "sidecar_request_items", endpoint=TEXT_IMAGE)
                 image_calls["refused_503"] = refused(before, after, TEXT_IMAGE)
-                passes = histogram(before, after, "sidecar_batch_size", modality="image")
+                passes = histogram(before, after, "sidecar_batch_size", modality="image", model="coarse")
                 cli("opensearch", "connect", *store_args(args.opensearch, alias), "--disconnect", env=env)
         results["pipeline_docs_per_s"] = [args.documents / s for s in pipeline_s]
         results["index_docs_per_s"] = [args.documents / s for s in index_s]

@@ -32,7 +32,7 @@ _BASE64 = base64.b64encode(_vector.tobytes()).decode("ascii")
 _FLOATS = _vector.tolist()
 _FORWARD = os.environ.get("FLOOR_FORWARD") == "1"
 _TOKENS = _encoder.prepare_texts(["a photo of a red circle"]).tokens
-_FORWARD_CPU = metrics.FORWARD_CPU_SECONDS.labels("text")
+_FORWARD_CPU = metrics.FORWARD_CPU_SECONDS.labels("text", "coarse")
 
 
 def precomputed_embeddings():

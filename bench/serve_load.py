@@ -57,6 +57,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from sidecar.cli.serve import GUNICORN_CONFIG
 
@@ -267,21 +269,26 @@ def scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
 
 
+def coarse_samples(text: str, name: str, modality: str) -> list[Sample]:
+    """The samples called `name` of `modality` that the coarse model recorded (`model="coarse"`: these
+    servers load no fine model; a build from before that label, run as NAME@PATH, has none)."""
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == name and sample.labels.get("modality") == modality
+            and sample.labels.get("model", "coarse") == "coarse"]
+
+
 def forward_cpu_seconds(port: int, modality: str) -> float:
     """CPU the forward passes of `modality` have taken so far, summed over the workers (0 for the floor)."""
-    found = re.search(r'sidecar_forward_cpu_seconds_total\{modality="%s"\} (\S+)' % modality, scrape(port))
-    return float(found.group(1)) if found else 0.0
+    return sum(sample.value for sample in coarse_samples(scrape(port), "sidecar_forward_cpu_seconds_total", modality))
 
 
 def batch_histogram(port: int, modality: str) -> dict[str, float]:
-    text = scrape(port)
-    buckets = {m.group(1): float(m.group(2)) for m in
-               re.finditer(r'sidecar_batch_size_bucket\{le="([^"]+)",modality="%s"\} (\S+)' % modality, text)}
+    buckets = coarse_samples(scrape(port), "sidecar_batch_size_bucket", modality)
     histogram, previous = {}, 0.0
-    for le, cumulative in buckets.items():
-        if cumulative - previous > 0:
-            histogram[f"<={le}"] = cumulative - previous
-        previous = cumulative
+    for bucket in sorted(buckets, key=lambda sample: float(sample.labels["le"])):
+        if bucket.value - previous > 0:
+            histogram[f"<={bucket.labels['le']}"] = bucket.value - previous
+        previous = bucket.value
     return histogram
 
 

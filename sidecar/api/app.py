@@ -57,10 +57,13 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     encoder = encoder or load_encoder(settings, fetch=False)
     fine_encoder = fine_encoder or load_fine_encoder(settings, fetch=False)
     store = store or open_store(settings)
-    attach_state(app, AppState(settings=settings, encoding=EncodingService(encoder, settings),
+    encoding = EncodingService(encoder, settings)
+    # Its own role: the fine model's batchers and cache count under model="fine" in /metrics.
+    fine_encoding = EncodingService(fine_encoder, settings, role="fine") if fine_encoder else None
+    attach_state(app, AppState(settings=settings, encoding=encoding,
                                store=store, started=int(time.time()),
                                prompt_sets=PromptSetRegistry(settings.prompt_sets_dir),
-                               fine_encoding=EncodingService(fine_encoder, settings) if fine_encoder else None,
+                               fine_encoding=fine_encoding,
                                quality=build_quality(settings, store)))
     for blueprint in (embeddings.bp, search.bp, captions.bp, classify.bp, documents.bp, opensearch_native.bp, ops.bp,
                       page.bp, status.bp, feedback.bp):

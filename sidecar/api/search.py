@@ -77,8 +77,9 @@ def search_endpoint():
     encoded = time.perf_counter()
     with filter_errors(options.filters):
         result = search(state.store, vector=vector, text=text, options=options, fine_vector=fine_vector)
-    metrics.STAGE_SECONDS.labels("search", mode).observe(result.timings_s["coarse"])
-    metrics.STAGE_SECONDS.labels("rerank", mode).observe(result.timings_s["rerank"])
+    # Stages of the store, not of a model: no `model` label value.
+    metrics.STAGE_SECONDS.labels("search", mode, "").observe(result.timings_s["coarse"])
+    metrics.STAGE_SECONDS.labels("rerank", mode, "").observe(result.timings_s["rerank"])
     query_id = uuid.uuid4().hex  # names this search in POST /v1/feedback and the hard-example log
     state.quality.observe_search(query_id=query_id, text=text, image=data, vector=vector, options=options,
                                  result=result, model=state.encoding.encoder.name)

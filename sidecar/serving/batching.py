@@ -48,9 +48,10 @@ class MicroBatcher(Generic[Item]):
     """
 
     def __init__(self, forward: Callable[[Sequence[Item]], Sequence], *, modality: str,
-                 max_batch: int, max_wait_ms: float, queue_items: int):
+                 max_batch: int, max_wait_ms: float, queue_items: int, role: metrics.ModelRole = "coarse"):
         self._forward = forward
         self.modality = modality
+        self.role = role  # the `model` label of this batcher's series
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.queue_items = queue_items
@@ -64,10 +65,10 @@ class MicroBatcher(Generic[Item]):
         self._carry: _Work | None = None  # a request that did not fit in the last batch
         self._last_batch_requests = 0
         # Series resolved once, not per request (labels() costs a lock and a lookup each time).
-        self._queue_depth = metrics.QUEUE_DEPTH.labels(modality)
-        self._queue_wait = metrics.STAGE_SECONDS.labels("queue_wait", modality)
-        self._forward_seconds = metrics.STAGE_SECONDS.labels("forward", modality)
-        self._batch_size = metrics.BATCH_SIZE.labels(modality)
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(modality, role)
+        self._queue_wait = metrics.STAGE_SECONDS.labels("queue_wait", modality, role)
+        self._forward_seconds = metrics.STAGE_SECONDS.labels("forward", modality, role)
+        self._batch_size = metrics.BATCH_SIZE.labels(modality, role)
         self._thread = NamedThread(target=self._supervise, name=f"batcher-{modality}", daemon=True)
         self._thread.start()
 
@@ -126,7 +127,7 @@ class MicroBatcher(Generic[Item]):
         reason = (f"the {self.modality} encode thread stopped ({type(exc).__name__}: {exc}); "
                   "this worker no longer serves encodes")
         log.critical("%s; failing its waiting requests with 503", reason, exc_info=exc)
-        metrics.BATCHER_STOPS.labels(self.modality).inc()
+        metrics.BATCHER_STOPS.labels(self.modality, self.role).inc()
         with self._admission:
             self._stopped = reason
             pending = list(self._held)

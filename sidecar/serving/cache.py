@@ -62,10 +62,15 @@ class TextVectorCache:
     writer thread that commits them in batches, off the request path: a vector computed moments
     before a crash may be computed again after it, nothing worse."""
 
-    def __init__(self, path: Path | None, *, namespace: str, capacity: int, max_entries: int = 200_000):
+    def __init__(self, path: Path | None, *, namespace: str, capacity: int, max_entries: int = 200_000,
+                 role: metrics.ModelRole = "coarse"):
         self.namespace = namespace
         self.capacity = capacity
         self.max_entries = max_entries
+        # Resolved once, under this cache's `model` label: a labels() call per request is measurable on
+        # the request path.
+        self._hits = metrics.CACHE_LOOKUPS.labels("hit", role)
+        self._misses = metrics.CACHE_LOOKUPS.labels("miss", role)
         self._lru: OrderedDict[str, CachedText] = OrderedDict()
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
@@ -131,8 +136,8 @@ class TextVectorCache:
         hits = len(texts) - len(waiting)
         if mine:
             self._fill(list(mine), mine, compute)
-        metrics.CACHE_HITS.inc(hits + (len(waiting) - len(mine)))
-        metrics.CACHE_MISSES.inc(len(mine))
+        self._hits.inc(hits + (len(waiting) - len(mine)))
+        self._misses.inc(len(mine))
         for i, future in waiting:
             try:
                 results[i] = future.result(timeout=max(0.0, deadline - time.monotonic()))

@@ -36,7 +36,9 @@ class TextVectors:
 class EncodingService:
     """What request handlers call; safe to call from many threads at once."""
 
-    def __init__(self, encoder: Encoder, settings: Settings):
+    def __init__(self, encoder: Encoder, settings: Settings, *, role: metrics.ModelRole = "coarse"):
+        """`role` is the `model` label of this service's series: "fine" for the fine-ranking model,
+        whose batchers and cache would otherwise count under the coarse model's series."""
         self.encoder = encoder
         self.settings = settings
         if settings.cuda_graphs:
@@ -51,13 +53,13 @@ class EncodingService:
             namespace=cache_namespace(model=encoder.name, weights=encoder.weights,
                                       prompt_template=settings.prompt_template,
                                       prompt_version=settings.prompt_version),
-            capacity=settings.text_cache_size, max_entries=settings.text_cache_max_entries)
+            capacity=settings.text_cache_size, max_entries=settings.text_cache_max_entries, role=role)
         batching = dict(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                        queue_items=settings.encode_queue_items())
+                        queue_items=settings.encode_queue_items(), role=role)
         self._texts = MicroBatcher(self.cache.through_disk(self._forward_texts), modality="text", **batching)
         self._images = MicroBatcher(self._forward_images, modality="image", **batching)
-        self._text_forward_cpu = metrics.FORWARD_CPU_SECONDS.labels("text")
-        self._image_forward_cpu = metrics.FORWARD_CPU_SECONDS.labels("image")
+        self._text_forward_cpu = metrics.FORWARD_CPU_SECONDS.labels("text", role)
+        self._image_forward_cpu = metrics.FORWARD_CPU_SECONDS.labels("image", role)
         self.decode_memory = MemoryBudget(settings.decode_memory_bytes)
 
     @property

@@ -118,7 +118,7 @@ class MetricWindow:
             "window_s": round(now - since, 1),
             "recall": {"value": hits / expected if expected else None, "hits": int(hits), "expected": int(expected),
                        **checks},
-            "stages": _latencies(delta, "sidecar_stage_seconds", ("stage", "modality")),
+            "stages": _latencies(delta, "sidecar_stage_seconds", ("stage", "modality", "model")),
             "requests": _requests(delta),
             "hard_examples_logged": int(total("sidecar_hard_examples_total", outcome="logged")),
         }

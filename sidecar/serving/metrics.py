@@ -1,6 +1,11 @@
 """Prometheus series: requests, per-stage latency, forward CPU, batch sizes, queue depth, cache hits, batcher
 stops.
 
+The encoder's series carry a `model` label, the role of the encoder that recorded them: "coarse" (the
+model every search and embedding uses) or "fine" (the fine-ranking model, where one is configured:
+its own batchers and cache in the same worker). The search and rerank stages run in the store, not
+in a model: their `model` is empty.
+
 Under gunicorn each worker is a process of its own: with PROMETHEUS_MULTIPROC_DIR set (the
 gunicorn config sets it before any worker starts) every worker writes its series to files in
 that folder and `exposition()` sums them, so one scrape counts the whole server.
@@ -9,11 +14,15 @@ that folder and `exposition()` sums them, so one scrape counts the whole server.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# The `model` label of an encoder's series (see above).
+ModelRole = Literal["coarse", "fine"]
 
 # Latency buckets from 0.5 ms to 10 s: encode stages live in the low milliseconds.
 _BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.5, 5.0, 10.0)
@@ -21,15 +30,15 @@ _BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25
 REQUESTS = Counter("sidecar_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"])
 REQUEST_SECONDS = Histogram("sidecar_request_seconds", "HTTP request latency", ["endpoint"], buckets=_BUCKETS)
 STAGE_SECONDS = Histogram(
-    "sidecar_stage_seconds", "Latency per stage: queue_wait, forward, search, rerank", ["stage", "modality"],
+    "sidecar_stage_seconds", "Latency per stage: queue_wait, forward, search, rerank", ["stage", "modality", "model"],
     buckets=_BUCKETS,
 )
 # CPU (thread time) of the forward passes, apart from their latency: with the server's total CPU it
 # splits a request's cost into the model's part and the rest (bench/serve_load.py reports both).
 FORWARD_CPU_SECONDS = Counter("sidecar_forward_cpu_seconds", "CPU time the forward passes took on the model thread",
-                              ["modality"])
+                              ["modality", "model"])
 _ITEM_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-BATCH_SIZE = Histogram("sidecar_batch_size", "Items per forward pass", ["modality"], buckets=_ITEM_BUCKETS)
+BATCH_SIZE = Histogram("sidecar_batch_size", "Items per forward pass", ["modality", "model"], buckets=_ITEM_BUCKETS)
 # Rerank requests from OpenSearch the fine stage could not run for (no fine model, documents without
 # fine vectors): answered in their own order, as /v1/search keeps its coarse order.
 RERANK_SKIPPED = Counter("sidecar_rerank_skipped_total", "OpenSearch rerank requests answered in their own order",
@@ -39,13 +48,12 @@ RERANK_SKIPPED = Counter("sidecar_rerank_skipped_total", "OpenSearch rerank requ
 REQUEST_ITEMS = Histogram("sidecar_request_items", "Items (texts, images, documents to rerank) per request, by endpoint",
                           ["endpoint"], buckets=_ITEM_BUCKETS)
 # Summed over the live workers; a dead worker's last value is dropped.
-QUEUE_DEPTH = Gauge("sidecar_queue_depth", "Items waiting for the model", ["modality"], multiprocess_mode="livesum")
-CACHE_LOOKUPS = Counter("sidecar_text_cache_lookups_total", "Text-vector cache lookups", ["result"])
-# Resolved once: a labels() call per request is measurable on the request path.
-CACHE_HITS = CACHE_LOOKUPS.labels("hit")
-CACHE_MISSES = CACHE_LOOKUPS.labels("miss")
+QUEUE_DEPTH = Gauge("sidecar_queue_depth", "Items waiting for the model", ["modality", "model"],
+                    multiprocess_mode="livesum")
+CACHE_LOOKUPS = Counter("sidecar_text_cache_lookups_total", "Text-vector cache lookups", ["result", "model"])
 BATCHER_STOPS = Counter("sidecar_batcher_stops_total",
-                        "Micro-batcher threads that died (their worker answers 503 and is replaced)", ["modality"])
+                        "Micro-batcher threads that died (their worker answers 503 and is replaced)",
+                        ["modality", "model"])
 
 # Live Recall@K of the ANN (sidecar.retrieval.monitor): two counters rather than a gauge, so that every
 # worker's shadow checks add up and recall over any window is rate(hits) / rate(expected) — in PromQL

@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 import sidecar
+from sidecar.api.app import create_app
 from sidecar.api.state import state_of
+from sidecar.stores.embedded import EmbeddedStore
 from tests.support import image_b64, png_b64
 
 
@@ -157,6 +160,41 @@ def test_health_readiness_and_metrics(client, encoder):
                    "sidecar_queue_depth", "sidecar_text_cache_lookups_total"):
         assert series in text
     assert 'stage="forward"' in text and 'stage="queue_wait"' in text and 'stage="rerank"' in text
+
+
+def test_with_a_fine_model_each_encoder_counts_its_encodes_under_its_own_model_label(app_settings, encoder):
+    def scrape() -> dict:
+        text = client.get("/metrics").get_data(as_text=True)
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def added(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    # The tiny model stands in for the fine model: a second encoding service in the same worker.
+    store = EmbeddedStore(app_settings.store_path)
+    app = create_app(app_settings, encoder=encoder, store=store, fine_encoder=encoder)
+    client = app.test_client()
+    try:
+        before = scrape()
+        assert client.post("/v1/embeddings", json={"input": ["a query for the coarse model"]}).status_code == 200
+        state_of(app).fine_encoding.encode_texts(["a query for the fine model"])
+        after = scrape()
+        for model in ("coarse", "fine"):
+            assert added("sidecar_batch_size_count", modality="text", model=model) == 1, model
+            assert added("sidecar_stage_seconds_count", stage="forward", modality="text", model=model) == 1, model
+            assert added("sidecar_forward_cpu_seconds_total", modality="text", model=model) > 0, model
+            assert added("sidecar_text_cache_lookups_total", result="miss", model=model) == 1, model
+            assert ("sidecar_queue_depth", (("modality", "text"), ("model", model))) in after, model
+        forward = {row["model"]: row["count"] for row in client.get("/v1/status").json["stages"]
+                   if row["stage"] == "forward" and row["modality"] == "text"}
+        assert forward == {"coarse": 1, "fine": 1}
+    finally:
+        state_of(app).quality.close()
+        state_of(app).encoding.close()
+        state_of(app).fine_encoding.close()
+        store.close()
 
 
 # ---- bad input: 4xx naming the field and the limit, never a 500 ---------------------------

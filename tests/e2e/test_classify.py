@@ -28,8 +28,8 @@ def jpeg_b64(image) -> str:
 
 
 def batch_items(modality: str) -> float:
-    """Items the micro-batcher of `modality` has forwarded in this process."""
-    return REGISTRY.get_sample_value("sidecar_batch_size_sum", {"modality": modality}) or 0.0
+    """Items the coarse model's micro-batcher of `modality` has forwarded in this process."""
+    return REGISTRY.get_sample_value("sidecar_batch_size_sum", {"modality": modality, "model": "coarse"}) or 0.0
 
 
 def classify(client, **body):

@@ -197,8 +197,8 @@ def test_batches_reach_the_sidecar_as_sent_and_concurrent_documents_share_forwar
               value(after, "sidecar_request_items_bucket", endpoint=TEXT_IMAGE, le="1.0"))
     assert images[0] >= 200 and images[0] == images[1]
     # ...which the micro-batcher ran in shared forward passes: fewer passes than images.
-    passes = value(after, "sidecar_batch_size_count", modality="image")
-    encoded = value(after, "sidecar_batch_size_sum", modality="image")
+    passes = value(after, "sidecar_batch_size_count", modality="image", model="coarse")
+    encoded = value(after, "sidecar_batch_size_sum", modality="image", model="coarse")
     assert encoded >= 200 and passes < encoded
 
 

@@ -4,6 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from sidecar.errors import EncodeTimeout, NotReady, Overloaded
 from sidecar.serving.batching import ForwardRowMismatch, MicroBatcher
@@ -165,3 +166,32 @@ def test_timeout_answers_encode_timeout(forward):
     finally:
         forward.gate.set()
         batcher.close()
+
+
+def test_a_coarse_and_a_fine_batcher_keep_their_own_queue_depth_and_batch_series(forward):
+    def sample(name: str, role: str) -> float:
+        return REGISTRY.get_sample_value(name, {"modality": "text", "model": role}) or 0.0
+
+    # The same modality in one process, as a worker with a fine model runs them: the fine batcher
+    # holds a waiting request while the coarse one empties its queue.
+    fine = make(forward, role="fine")
+    coarse = make(RecordingForward(), role="coarse")
+    passes = {role: sample("sidecar_batch_size_count", role) for role in ("coarse", "fine")}
+    forward.gate.clear()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(fine.submit, [1], timeout_s=10)
+            forward.entered.wait(5)  # [1] is in the fine forward
+            waiting = pool.submit(fine.submit, [2, 3], timeout_s=10)
+            time.sleep(0.05)  # [2, 3] queued behind it
+            coarse.submit([4], timeout_s=10)
+            assert sample("sidecar_queue_depth", "fine") == 2  # not overwritten by the coarse batcher's 0
+            assert sample("sidecar_queue_depth", "coarse") == 0
+            forward.gate.set()
+            running.result(), waiting.result()
+        assert sample("sidecar_batch_size_count", "coarse") - passes["coarse"] == 1
+        assert sample("sidecar_batch_size_count", "fine") - passes["fine"] == 2
+    finally:
+        forward.gate.set()
+        fine.close()
+        coarse.close()
