@@ -3,10 +3,12 @@
 Resumable and incremental: a rerun skips every item whose document (image bytes, text and
 metadata; `sidecar.ingest.identity`) is already in a complete shard, embeds new or changed
 images, gives items whose text or metadata alone changed a new row with their stored vector
-(no forward pass), and records ids that disappeared. Each image's thumbnail (for the search page)
-is made by the decode workers and written into its shard. With a tagger, every document's metadata
-also carries the top labels of prompt sets (`sidecar.ingest.tagging`): from the fresh vector of a new
-image, from the stored vector of a known one (a changed set re-tags without re-encoding).
+(no forward pass), and records the ids the store must no longer serve: those that disappeared, and
+those whose current file cannot be used (a stored row of theirs shows an image the corpus no longer
+has). Each image's thumbnail (for the search page) is made by the decode workers and written into
+its shard. With a tagger, every document's metadata also carries the top labels of prompt sets
+(`sidecar.ingest.tagging`): from the fresh vector of a new image, from the stored vector of a known
+one (a changed set re-tags without re-encoding).
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                       thumbnail_side=thumbnail_side, max_pixels=max_pixels)
     shards, todo = plan.shards, plan.todo
 
-    failed = 0
+    failed: list[str] = []  # ids
     with (out / "errors.jsonl").open("w", encoding="utf-8") as errors, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer",
                                initializer=name_for_the_os) as writer, \
@@ -156,7 +158,7 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                 if reason is None and pixels is None:
                     reason = "corrupt JPEG (device decoder)"
                 if reason is not None:
-                    failed += 1
+                    failed.append(item.id)
                     errors.write(error_line(item.id, str(item.path), reason))
                 else:
                     good.append((item, digest, pixels, thumbnail))
@@ -201,7 +203,7 @@ class EmbedPlan:
     todo: list[tuple[CorpusItem, str]]  # (item, image hash): encode the image
     redescribed: int
     unchanged: int
-    deleted: int
+    deleted: list[str]  # ids whose file vanished
     shards_before: int
 
 
@@ -242,22 +244,29 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
             redescribe.append((item, row, entry[0], entry[2]))
     unchanged = len(items) - len(todo) - len(redescribe)
     deleted = sorted(set(known) - set(hashes))
-    shards.set_deleted(deleted)
+    # An id recorded as deleted (its file vanished, or could not be used) stays deleted until its current
+    # file has a row (`finish_embed` records the run's outcome): a run killed before then must not let
+    # `index` serve the old row again.
+    withheld = set(shards.deleted) & {item.id for item, _ in todo}
+    shards.set_deleted(sorted(set(deleted) | withheld))
     log.info("%d items in %s: %d to embed, %d with new text or metadata only, %d unchanged, %d deleted since the "
              "last run", len(items), source, len(todo), len(redescribe), unchanged, len(deleted))
     shards_before = len(shards.shard_names())
     _write_redescribed(shards, redescribe, shard_size=shard_size)
     return EmbedPlan(shards=shards, total=len(items), todo=todo, redescribed=len(redescribe), unchanged=unchanged,
-                     deleted=len(deleted), shards_before=shards_before)
+                     deleted=deleted, shards_before=shards_before)
 
 
-def finish_embed(plan: EmbedPlan, *, failed: int, started: float, stages: dict[str, float],
+def finish_embed(plan: EmbedPlan, *, failed: list[str], started: float, stages: dict[str, float],
                  tagger: Tagger | None = None) -> EmbedSummary:
-    """Records the tagging (once every row carries it); the run's summary, logged."""
+    """Once every shard is written: records the deletions (the `failed` ids too: their current file
+    cannot be used, so a stored row of theirs shows an image the corpus no longer has; a rerun after the
+    file is fixed embeds it again) and the tagging (once every row carries it); the run's summary, logged."""
+    plan.shards.set_deleted(sorted(set(plan.deleted) | set(failed)))
     if plan.shards.tagging != (tagger.record() if tagger else []):
         plan.shards.set_tagging(tagger.record() if tagger else [])
-    summary = EmbedSummary(total=plan.total, embedded=len(plan.todo) - failed, redescribed=plan.redescribed,
-                           unchanged=plan.unchanged, failed=failed, deleted=plan.deleted,
+    summary = EmbedSummary(total=plan.total, embedded=len(plan.todo) - len(failed), redescribed=plan.redescribed,
+                           unchanged=plan.unchanged, failed=len(failed), deleted=len(plan.deleted),
                            shards_written=len(plan.shards.shard_names()) - plan.shards_before,
                            seconds=time.perf_counter() - started, stages=dict(stages))
     log.info("embed finished: %s", summary.describe())

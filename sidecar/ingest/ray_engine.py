@@ -127,7 +127,7 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
                       max_pixels=max_pixels,
                       hash_files=lambda paths: _hash_on_cluster(ray, paths, task_cpus=resources.task_cpus))
     shards = plan.shards
-    failed = 0
+    failed: list[str] = []  # ids
     with (out / "errors.jsonl").open("w", encoding="utf-8") as errors, \
             tqdm(total=len(plan.todo), unit="img", desc="embed (ray)", disable=not progress) as bar:
         if plan.todo:
@@ -142,7 +142,7 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
             pipeline_started = time.perf_counter()
             for written in dataset.iter_rows():
                 errors.write(written["errors"])
-                failed += int(written["failed"])
+                failed.extend(json.loads(line)["id"] for line in written["errors"].splitlines())
                 for stage in (*STAGE_COLUMNS, "write"):
                     stages[f"{stage} (summed over workers)"] += float(written[f"{stage}_s"])
                 bar.update(int(written["rows"]) + int(written["failed"]))

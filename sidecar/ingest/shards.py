@@ -1,7 +1,8 @@
 """Vector shards on disk: vectors (.npy) + rows (.jsonl) per shard, a manifest naming the model.
 
 Layout of an output directory:
-  manifest.json        model signature, preprocessing, dtype, normalisation, shard list, deleted ids
+  manifest.json        model signature, preprocessing, dtype, normalisation, shard list, deleted ids (the
+                       store must not hold them: their file vanished, or its current bytes cannot be used)
   shard-00000.npy      float32 [n, dim], L2-normalised
   shard-00000.jsonl    n rows: id, path, text, metadata, image_hash, content_hash (row i ↔ vector i)
   shard-00000.fine.npy float32 [n, fine dim]: the fine-ranking model's vectors, when the manifest names one

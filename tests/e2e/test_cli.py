@@ -185,6 +185,68 @@ def test_bad_images_are_skipped_listed_and_counted(tmp_path):
     assert "corrupt or truncated" in errors["truncated.jpg"]
 
 
+def embedded_and_indexed(folder: Path, out: Path, store_path: Path) -> tuple[str, str]:
+    """The summaries of an `embed` rerun of `folder` and the `index` run after it."""
+    return (cli_ok("embed", str(folder), "--out", str(out), "--workers", "0"),
+            cli_ok("index", str(out), "--store-path", str(store_path)))
+
+
+def stored_vectors(store_path: Path) -> dict[str, np.ndarray]:
+    store = EmbeddedStore(store_path)
+    try:
+        return {doc.id: doc.vector for doc in store.fetch(sorted(store.content_hashes()))}
+    finally:
+        store.close()
+
+
+def assert_a_fixed_file_is_embedded_and_indexed_again(encoder, image: Image.Image, folder: Path, out: Path,
+                                                      store_path: Path) -> None:
+    image.save(folder / "b.jpg", quality=90)
+    embedded, indexed = embedded_and_indexed(folder, out, store_path)
+    assert "2 items: 1 embedded, 1 unchanged, 0 failed" in embedded
+    assert "1 written, 1 unchanged, 0 deleted; store now holds 2 documents" in indexed
+    with Image.open(folder / "b.jpg") as fixed:
+        expected = encoder.encode_images([fixed.convert("RGB")])[0]
+    assert float(np.dot(stored_vectors(store_path)["b.jpg"], expected)) > 0.999
+
+
+def test_an_unusable_file_back_under_a_deleted_id_does_not_bring_its_old_document_back(encoder, tmp_path):
+    folder, out, store_path = tmp_path / "photos", tmp_path / "shards", tmp_path / "store"
+    folder.mkdir()
+    first, second, fixed = (item.image for item in sample_items(3, seed=21))
+    first.save(folder / "a.jpg", quality=90)
+    second.save(folder / "b.jpg", quality=90)
+    embedded_and_indexed(folder, out, store_path)
+    (folder / "b.jpg").unlink()
+    assert "1 deleted; store now holds 1 documents" in embedded_and_indexed(folder, out, store_path)[1]
+
+    (folder / "b.jpg").write_bytes(b"this is not a jpeg")
+    embedded, indexed = embedded_and_indexed(folder, out, store_path)
+    assert "2 items: 0 embedded, 1 unchanged, 1 failed" in embedded
+    assert "0 written, 1 unchanged, 0 deleted; store now holds 1 documents" in indexed
+    assert [json.loads(line)["id"] for line in (out / "errors.jsonl").read_text().splitlines()] == ["b.jpg"]
+    assert set(stored_vectors(store_path)) == {"a.jpg"}
+    assert_a_fixed_file_is_embedded_and_indexed_again(encoder, fixed, folder, out, store_path)
+
+
+def test_an_indexed_image_replaced_by_an_unusable_file_leaves_the_store_until_fixed(encoder, tmp_path):
+    folder, out, store_path = tmp_path / "photos", tmp_path / "shards", tmp_path / "store"
+    folder.mkdir()
+    first, second, fixed = (item.image for item in sample_items(3, seed=22))
+    first.save(folder / "a.jpg", quality=90)
+    second.save(folder / "b.jpg", quality=90)
+    embedded_and_indexed(folder, out, store_path)
+
+    good = (folder / "b.jpg").read_bytes()
+    (folder / "b.jpg").write_bytes(good[: len(good) // 3])  # truncated in place
+    embedded, indexed = embedded_and_indexed(folder, out, store_path)
+    assert "2 items: 0 embedded, 1 unchanged, 1 failed" in embedded
+    assert "0 written, 1 unchanged, 1 deleted; store now holds 1 documents" in indexed
+    assert [json.loads(line)["id"] for line in (out / "errors.jsonl").read_text().splitlines()] == ["b.jpg"]
+    assert set(stored_vectors(store_path)) == {"a.jpg"}
+    assert_a_fixed_file_is_embedded_and_indexed_again(encoder, fixed, folder, out, store_path)
+
+
 def test_index_refuses_shards_of_another_model(shards, tmp_path):
     store_path = tmp_path / "store"
     store = EmbeddedStore(store_path)
