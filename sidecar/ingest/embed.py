@@ -305,9 +305,20 @@ def document_row(item: CorpusItem, image: str) -> ShardRow:
     try:
         content = document_hash(image, item.text, item.metadata)
     except (TypeError, ValueError) as exc:
-        raise CorpusError(f"item {item.id!r}: metadata cannot be stored as JSON: {exc}") from exc
+        where = next((f"metadata field {key!r}" for key, value in item.metadata.items()
+                      if not _json_storable(value)), "text or metadata")
+        raise CorpusError(f"item {item.id!r}: {where} cannot be stored as JSON: {exc}") from exc
     return ShardRow(id=item.id, path=str(item.path), text=item.text, metadata=item.metadata,
                     content_hash=content, image_hash=image)
+
+
+def _json_storable(value: object) -> bool:
+    """Whether the stores can hold `value` as JSON (no NaN or Infinity, UTF-8 text)."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _write_redescribed(shards: ShardSet, redescribe: list[tuple[CorpusItem, ShardRow, str, int]], *,

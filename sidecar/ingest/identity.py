@@ -25,6 +25,9 @@ def image_hash(path: Path) -> str:
 
 def document_hash(image: str, text: str, metadata: Mapping[str, Any]) -> str:
     """Identity of everything a store holds for an item: its image hash, text and metadata
-    (key order does not matter). Raises TypeError for metadata JSON cannot represent."""
-    canonical = json.dumps([image, text, metadata], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    (key order does not matter). Raises TypeError or ValueError for metadata JSON cannot represent,
+    NaN and Infinity included: the stores refuse them, so a hash of them would name a document no
+    store can hold."""
+    canonical = json.dumps([image, text, metadata], ensure_ascii=False, allow_nan=False, sort_keys=True,
+                           separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]

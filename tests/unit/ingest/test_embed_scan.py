@@ -1,4 +1,4 @@
-"""The embed job's scan (image hashes, serial or across processes, named errors) and its stager thread."""
+"""The embed job's scan (image hashes, serial or across processes, named errors), its stager thread and its rows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sidecar.ingest import embed
-from sidecar.ingest.corpus import CorpusError
+from sidecar.ingest.corpus import CorpusError, CorpusItem
 from sidecar.ingest.identity import image_hash
 
 
@@ -74,3 +74,11 @@ def test_background_stager_keeps_order_raises_its_errors_and_cleans_up():
         assert next(staged) == 0
         raise RuntimeError("model failed")  # the consumer stops early: an error, Ctrl-C
     assert cleaned == [True]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), [1.0, float("-inf")]])
+def test_metadata_nan_or_infinity_is_refused_naming_the_item_and_field(tmp_path, value):
+    # The stores refuse NaN and Infinity: a row carrying them would make every `index` run fail.
+    item = CorpusItem(id="a", path=tmp_path / "a.jpg", metadata={"color": "red", "x": value})
+    with pytest.raises(CorpusError, match="item 'a': metadata field 'x' cannot be stored as JSON: Out of range float"):
+        embed.document_row(item, "hash")
