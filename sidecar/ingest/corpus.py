@@ -91,9 +91,11 @@ def _read_csv(manifest: Path) -> Iterator[CorpusItem]:
 def _read_parquet(manifest: Path) -> Iterator[CorpusItem]:
     import pyarrow.parquet as pq  # only for Parquet manifests
 
+    row_no = 0  # across batches: an error names the row of the file
     for batch in pq.ParquetFile(manifest).iter_batches(batch_size=4096):
-        for offset, row in enumerate(batch.to_pylist()):
-            yield _item(row, manifest=manifest, where=f"{manifest} row {offset}")
+        for row in batch.to_pylist():
+            yield _item(row, manifest=manifest, where=f"{manifest} row {row_no}")
+            row_no += 1
 
 
 def _item(row: dict[str, Any], *, manifest: Path, where: str) -> CorpusItem:

@@ -52,3 +52,10 @@ def test_unknown_source_kind_and_missing_source(tmp_path):
     with pytest.raises(CorpusError, match="does not exist"):
         read_corpus(tmp_path / "missing.jsonl")
 
+
+
+def test_parquet_errors_name_the_row_of_the_file_past_the_first_batch(tmp_path):
+    rows = [{"id": str(i), "path": "" if i == 4500 else f"{i}.jpg"} for i in range(5000)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    with pytest.raises(CorpusError, match=r"m\.parquet row 4500: field 'path' is required"):
+        list(read_corpus(tmp_path / "m.parquet"))
