@@ -19,6 +19,7 @@ class CorpusItem:
     path: Path
     text: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    unusable: str = ""  # why the item cannot be embedded (listed in errors.jsonl); empty when it can
 
 
 class CorpusError(ValueError):
@@ -27,7 +28,7 @@ class CorpusError(ValueError):
 
 def read_corpus(source: Path) -> Iterator[CorpusItem]:
     """Items from a folder (ids = relative paths, text = a .txt beside the image or the file
-    name), or a .jsonl, .csv or .parquet manifest (fields id, path, text, metadata; other
+    name; a file whose name is not UTF-8 comes as an `unusable` item), or a .jsonl, .csv or .parquet manifest (fields id, path, text, metadata; other
     columns → metadata)."""
     source = Path(source)
     if source.is_dir():
@@ -59,13 +60,31 @@ def _read_folder(root: Path) -> Iterator[CorpusItem]:
                 found.append((prefix + name, folder, name, f"{stem}.txt" in present))
     found.sort()
     for item_id, folder, name, has_caption in found:
+        path = Path(folder, name)
+        if not _is_utf8(str(path)):
+            # Ids, paths and the stores are UTF-8 text: such a name cannot be stored, only reported.
+            yield CorpusItem(id=printable(item_id), path=path, unusable="file or folder name is not valid UTF-8: rename it")
+            continue
         stem = os.path.splitext(name)[0]
         if has_caption:
             with open(os.path.join(folder, f"{stem}.txt"), encoding="utf-8") as fh:
                 text = fh.read().strip()
         else:
             text = stem.replace("_", " ").replace("-", " ")
-        yield CorpusItem(id=item_id, path=Path(folder, name), text=text)
+        yield CorpusItem(id=item_id, path=path, text=text)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's undecodable bytes, held as surrogate escapes
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """A file name with the bytes that are not UTF-8 written as \\xNN (os.walk holds them as surrogate escapes)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _read_jsonl(manifest: Path) -> Iterator[CorpusItem]:

@@ -24,14 +24,14 @@ from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TextIO, TypeVar
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from sidecar.config import DECODE_MODES, THUMBNAIL_SIDE
-from sidecar.ingest.corpus import CorpusError, CorpusItem, read_corpus
+from sidecar.ingest.corpus import CorpusError, CorpusItem, printable, read_corpus
 from sidecar.ingest.decode_pool import DecodeSplit, decoded_batches
 from sidecar.ingest.identity import document_hash, image_hash
 from sidecar.ingest.shards import ShardRow, ShardSet
@@ -117,7 +117,7 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     shards, todo = plan.shards, plan.todo
 
     failed: list[str] = []  # ids
-    with (out / "errors.jsonl").open("w", encoding="utf-8") as errors, \
+    with errors_file(out, plan) as errors, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer",
                                initializer=name_for_the_os) as writer, \
             tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar, \
@@ -201,6 +201,7 @@ class EmbedPlan:
     shards: ShardSet  # claimed for the model; deletions recorded, redescribed rows written
     total: int
     todo: list[tuple[CorpusItem, str]]  # (item, image hash): encode the image
+    unusable: list[CorpusItem]  # listed in errors.jsonl; recorded as deleted, as any file that cannot be used
     redescribed: int
     unchanged: int
     deleted: list[str]  # ids whose file vanished
@@ -224,7 +225,9 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
         _add_missing_thumbnails(shards, workers=workers, max_pixels=max_pixels, progress=progress)
     known = shards.latest()
     with _timed(stages, "scan"):
-        items, hashes = _scan(source, workers=workers, progress=progress, hash_files=hash_files)
+        scanned, hashes = _scan(source, workers=workers, progress=progress, hash_files=hash_files)
+    unusable = [item for item in scanned if item.unusable]  # not vanished: finish_embed records them
+    items = [item for item in scanned if not item.unusable]
     todo: list[tuple[CorpusItem, str]] = []
     redescribe: list[tuple[CorpusItem, ShardRow, str, int]] = []  # the stored vector serves the new row
     stored_tags = {}
@@ -247,26 +250,29 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
     # An id recorded as deleted (its file vanished, or could not be used) stays deleted until its current
     # file has a row (`finish_embed` records the run's outcome): a run killed before then must not let
     # `index` serve the old row again.
-    withheld = set(shards.deleted) & {item.id for item, _ in todo}
+    withheld = set(shards.deleted) & {item.id for item in [*(item for item, _ in todo), *unusable]}
     shards.set_deleted(sorted(set(deleted) | withheld))
-    log.info("%d items in %s: %d to embed, %d with new text or metadata only, %d unchanged, %d deleted since the "
-             "last run", len(items), source, len(todo), len(redescribe), unchanged, len(deleted))
+    log.info("%d items in %s: %d to embed, %d with new text or metadata only, %d unchanged, %d unusable (see "
+             "errors.jsonl), %d deleted since the last run", len(scanned), source, len(todo), len(redescribe),
+             unchanged, len(unusable), len(deleted))
     shards_before = len(shards.shard_names())
     _write_redescribed(shards, redescribe, shard_size=shard_size)
-    return EmbedPlan(shards=shards, total=len(items), todo=todo, redescribed=len(redescribe), unchanged=unchanged,
-                     deleted=deleted, shards_before=shards_before)
+    return EmbedPlan(shards=shards, total=len(scanned), todo=todo, unusable=unusable, redescribed=len(redescribe),
+                     unchanged=unchanged, deleted=deleted, shards_before=shards_before)
 
 
 def finish_embed(plan: EmbedPlan, *, failed: list[str], started: float, stages: dict[str, float],
                  tagger: Tagger | None = None) -> EmbedSummary:
-    """Once every shard is written: records the deletions (the `failed` ids too: their current file
-    cannot be used, so a stored row of theirs shows an image the corpus no longer has; a rerun after the
-    file is fixed embeds it again) and the tagging (once every row carries it); the run's summary, logged."""
-    plan.shards.set_deleted(sorted(set(plan.deleted) | set(failed)))
+    """Once every shard is written: records the deletions (the `failed` ids and the plan's unusable
+    items too: their current file cannot be used, so a stored row of theirs shows an image the corpus no
+    longer has; a rerun after the file is fixed embeds it again) and the tagging (once every row carries
+    it); the run's summary, logged. `failed`: the images the run could not decode."""
+    unusable = [item.id for item in plan.unusable]
+    plan.shards.set_deleted(sorted(set(plan.deleted) | set(failed) | set(unusable)))
     if plan.shards.tagging != (tagger.record() if tagger else []):
         plan.shards.set_tagging(tagger.record() if tagger else [])
     summary = EmbedSummary(total=plan.total, embedded=len(plan.todo) - len(failed), redescribed=plan.redescribed,
-                           unchanged=plan.unchanged, failed=len(failed), deleted=len(plan.deleted),
+                           unchanged=plan.unchanged, failed=len(failed) + len(unusable), deleted=len(plan.deleted),
                            shards_written=len(plan.shards.shard_names()) - plan.shards_before,
                            seconds=time.perf_counter() - started, stages=dict(stages))
     log.info("embed finished: %s", summary.describe())
@@ -284,6 +290,14 @@ def fine_vectors(fine_encoder: Encoder, paths: Sequence[Path], *, max_pixels: in
     """The fine model's vectors for the same files. It has its own input size: its pixels come from
     the files, decoded by its own preprocessing (the images passed the model's decode already)."""
     return fine_encoder.encode_image_files([Path(path).read_bytes() for path in paths], max_pixels=max_pixels)
+
+
+@contextlib.contextmanager
+def errors_file(out: Path, plan: EmbedPlan) -> Iterator[TextIO]:
+    """<out>/errors.jsonl, rewritten each run, opening with the items the scan found unusable."""
+    with (out / "errors.jsonl").open("w", encoding="utf-8") as errors:
+        errors.writelines(error_line(item.id, printable(str(item.path)), item.unusable) for item in plan.unusable)
+        yield errors
 
 
 def error_line(item_id: str, path: str, reason: str) -> str:

@@ -41,6 +41,7 @@ from sidecar.ingest.embed import (
     EmbedSummary,
     document_row,
     error_line,
+    errors_file,
     fine_vectors,
     finish_embed,
     forward_batch,
@@ -128,7 +129,7 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
                       hash_files=lambda paths: _hash_on_cluster(ray, paths, task_cpus=resources.task_cpus))
     shards = plan.shards
     failed: list[str] = []  # ids
-    with (out / "errors.jsonl").open("w", encoding="utf-8") as errors, \
+    with errors_file(out, plan) as errors, \
             tqdm(total=len(plan.todo), unit="img", desc="embed (ray)", disable=not progress) as bar:
         if plan.todo:
             actors, actor_gpus = _actor_pool(ray, resources)

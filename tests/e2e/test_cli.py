@@ -247,6 +247,27 @@ def test_an_indexed_image_replaced_by_an_unusable_file_leaves_the_store_until_fi
     assert_a_fixed_file_is_embedded_and_indexed_again(encoder, fixed, folder, out, store_path)
 
 
+def test_a_file_whose_name_is_not_utf8_is_listed_in_errors_and_the_run_goes_on(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for item in sample_items(2, seed=8):
+        item.image.save(folder / f"{item.id}.jpg")
+    shutil.copy(next(folder.glob("*.jpg")), os.path.join(os.fsencode(folder), b"caf\xe9.jpg"))
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "w") as caption:
+        caption.write("a caption")  # its text is fine: only the id and path cannot be stored
+    out, store = tmp_path / "shards", tmp_path / "store"
+    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "3 items: 2 embedded, 0 unchanged, 1 failed" in result.output
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert errors == [{"id": "caf\\xe9.jpg", "path": str(folder / "caf\\xe9.jpg"),
+                       "reason": "file or folder name is not valid UTF-8: rename it"}]
+    assert not list(out.glob("*.tmp"))
+    result = CliRunner().invoke(main, ["-q", "index", str(out), "--store-path", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "store now holds 2 documents" in result.output
+
+
 def test_index_refuses_shards_of_another_model(shards, tmp_path):
     store_path = tmp_path / "store"
     store = EmbeddedStore(store_path)

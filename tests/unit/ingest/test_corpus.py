@@ -1,4 +1,5 @@
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,3 +60,14 @@ def test_parquet_errors_name_the_row_of_the_file_past_the_first_batch(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     with pytest.raises(CorpusError, match=r"m\.parquet row 4500: field 'path' is required"):
         list(read_corpus(tmp_path / "m.parquet"))
+
+
+def test_a_folder_file_whose_name_is_not_utf8_comes_as_unusable_with_a_printable_id(tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg"), "wb") as fh:
+        fh.write(b"y")
+    items = {item.id: item for item in read_corpus(tmp_path)}
+    assert set(items) == {"ok.jpg", "caf\\xe9.jpg"}
+    assert items["caf\\xe9.jpg"].unusable == "file or folder name is not valid UTF-8: rename it"
+    assert items["caf\\xe9.jpg"].path.read_bytes() == b"y"  # the real file, for errors.jsonl
+    assert not items["ok.jpg"].unusable
