@@ -73,13 +73,12 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     or a .jsonl / .csv manifest with fields id, path (relative to the manifest), text, and
     metadata (JSONL object, or any extra CSV columns). Rerun it after the folder changes:
     new and changed files are embedded, vanished ones are recorded for the index step, and a
-    killed run continues where it stopped. Unusable images (and files whose name is not UTF-8)
-    are skipped and listed in OUT/errors.jsonl with the reason; one under an id embedded before
-    counts as vanished (`index` removes the old image's vector) until a rerun finds a usable file
-    there. With --fine-model,
-    each image's vector by that stronger model is stored too, for the fine-ranking stage (rerank)
-    of `search` and `serve`. Each image's thumbnail goes into the shards too (--thumbnail-size);
-    shards written without them get theirs.
+    killed run continues where it stopped. Unusable images (and files whose name or caption is not
+    UTF-8) are skipped and listed in OUT/errors.jsonl with the reason; one under an id embedded
+    before counts as vanished (`index` removes the old image's vector) until a rerun finds a usable
+    file there. With --fine-model, each image's vector by that stronger model is stored too, for the
+    fine-ranking stage (rerank) of `search` and `serve`. Each image's thumbnail goes into the shards
+    too (--thumbnail-size); shards written without them get theirs.
     With --tag, each document's metadata gets the top labels of prompt sets (`clip-sidecar prompts`),
     which `index` loads as keyword fields to filter on: `--filter tag_SET=LABEL`.
 

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 RESERVED = ("id", "path", "text", "metadata")
@@ -28,7 +28,8 @@ class CorpusError(ValueError):
 
 def read_corpus(source: Path) -> Iterator[CorpusItem]:
     """Items from a folder (ids = relative paths, text = a .txt beside the image or the file
-    name; a file whose name is not UTF-8 comes as an `unusable` item), or a .jsonl, .csv or .parquet manifest (fields id, path, text, metadata; other
+    name; a file whose name is not UTF-8, or whose caption cannot be read, comes as an `unusable`
+    item), or a .jsonl, .csv or .parquet manifest (fields id, path, text, metadata; other
     columns → metadata)."""
     source = Path(source)
     if source.is_dir():
@@ -67,8 +68,16 @@ def _read_folder(root: Path) -> Iterator[CorpusItem]:
             continue
         stem = os.path.splitext(name)[0]
         if has_caption:
-            with open(os.path.join(folder, f"{stem}.txt"), encoding="utf-8") as fh:
-                text = fh.read().strip()
+            try:
+                with open(os.path.join(folder, f"{stem}.txt"), encoding="utf-8") as fh:
+                    text = fh.read().strip()
+            except UnicodeDecodeError as exc:
+                yield CorpusItem(id=item_id, path=path, unusable=f"caption {stem}.txt is not UTF-8 text (byte "
+                                                                  f"{exc.object[exc.start]:#04x} at offset {exc.start})")
+                continue
+            except OSError as exc:
+                yield CorpusItem(id=item_id, path=path, unusable=f"caption {stem}.txt cannot be read: {exc.strerror}")
+                continue
         else:
             text = stem.replace("_", " ").replace("-", " ")
         yield CorpusItem(id=item_id, path=path, text=text)
@@ -88,8 +97,8 @@ def printable(name: str) -> str:
 
 
 def _read_jsonl(manifest: Path) -> Iterator[CorpusItem]:
-    with manifest.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    with manifest.open(encoding="utf-8", errors="surrogateescape") as fh:
+        for line_no, line in enumerate(_utf8_lines(fh, manifest), start=1):
             if not line.strip():
                 continue
             try:
@@ -102,19 +111,35 @@ def _read_jsonl(manifest: Path) -> Iterator[CorpusItem]:
 
 
 def _read_csv(manifest: Path) -> Iterator[CorpusItem]:
-    with manifest.open(encoding="utf-8", newline="") as fh:
-        for line_no, row in enumerate(csv.DictReader(fh), start=2):
+    with manifest.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        for line_no, row in enumerate(csv.DictReader(_utf8_lines(fh, manifest)), start=2):
             yield _item(row, manifest=manifest, where=f"{manifest}:{line_no}")
 
 
 def _read_parquet(manifest: Path) -> Iterator[CorpusItem]:
-    import pyarrow.parquet as pq  # only for Parquet manifests
+    import pyarrow as pa  # only for Parquet manifests
+    import pyarrow.parquet as pq
 
     row_no = 0  # across batches: an error names the row of the file
-    for batch in pq.ParquetFile(manifest).iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            yield _item(row, manifest=manifest, where=f"{manifest} row {row_no}")
-            row_no += 1
+    try:
+        for batch in pq.ParquetFile(manifest).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                yield _item(row, manifest=manifest, where=f"{manifest} row {row_no}")
+                row_no += 1
+    except (pa.ArrowException, OSError) as exc:
+        where = f"{manifest} row {row_no}" if row_no else str(manifest)
+        raise CorpusError(f"{where}: cannot be read as Parquet: {exc}") from exc
+
+
+def _utf8_lines(fh: Iterable[str], manifest: Path) -> Iterator[str]:
+    """The lines of a manifest opened with errors="surrogateescape"; a line holding bytes that are not
+    UTF-8 (there as surrogates) is refused by its number, which a strict decoder, reading in blocks,
+    cannot tell."""
+    for line_no, line in enumerate(fh, start=1):
+        if not _is_utf8(line):
+            byte = next(ord(char) - 0xDC00 for char in line if "\udc80" <= char <= "\udcff")
+            raise CorpusError(f"{manifest}:{line_no}: not UTF-8 text (byte {byte:#04x}); save the manifest as UTF-8")
+        yield line
 
 
 def _item(row: dict[str, Any], *, manifest: Path, where: str) -> CorpusItem:

@@ -71,3 +71,23 @@ def test_a_folder_file_whose_name_is_not_utf8_comes_as_unusable_with_a_printable
     assert items["caf\\xe9.jpg"].unusable == "file or folder name is not valid UTF-8: rename it"
     assert items["caf\\xe9.jpg"].path.read_bytes() == b"y"  # the real file, for errors.jsonl
     assert not items["ok.jpg"].unusable
+
+
+def test_a_caption_that_is_not_utf8_makes_its_image_unusable_not_the_run(tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(b"x")
+    (tmp_path / "bad.jpg").write_bytes(b"y")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad")
+    items = {item.id: item for item in read_corpus(tmp_path)}
+    assert items["bad.jpg"].unusable == "caption bad.txt is not UTF-8 text (byte 0xff at offset 0)"
+    assert not items["ok.jpg"].unusable
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("m.jsonl", b'{"path": "a.jpg"}\n{"path": "caf\xe9.jpg"}\n', r"m\.jsonl:2: not UTF-8 text \(byte 0xe9\)"),
+    ("m.csv", b"id,path\na,a.jpg\nb,caf\xe9.jpg\n", r"m\.csv:3: not UTF-8 text \(byte 0xe9\)"),
+    ("m.parquet", b"id,path\na,a.jpg\n", r"m\.parquet: cannot be read as Parquet: .*magic bytes"),
+])
+def test_a_manifest_that_cannot_be_decoded_is_refused_naming_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CorpusError, match=message):
+        list(read_corpus(tmp_path / name))
