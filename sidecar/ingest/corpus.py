@@ -112,7 +112,11 @@ def _read_jsonl(manifest: Path) -> Iterator[CorpusItem]:
 
 def _read_csv(manifest: Path) -> Iterator[CorpusItem]:
     with manifest.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        for line_no, row in enumerate(csv.DictReader(_utf8_lines(fh, manifest)), start=2):
+        reader = csv.DictReader(_utf8_lines(fh, manifest))
+        for line_no, row in enumerate(reader, start=2):
+            if None in row:  # DictReader's key for the fields past the header's
+                raise CorpusError(f"{manifest}:{line_no}: more fields than the header "
+                                  f"({len(reader.fieldnames) + len(row[None])}, header {len(reader.fieldnames)})")
             yield _item(row, manifest=manifest, where=f"{manifest}:{line_no}")
 
 

@@ -91,3 +91,9 @@ def test_a_manifest_that_cannot_be_decoded_is_refused_naming_file_and_line(tmp_p
     (tmp_path / name).write_bytes(content)
     with pytest.raises(CorpusError, match=message):
         list(read_corpus(tmp_path / name))
+
+
+def test_a_csv_row_with_more_fields_than_its_header_is_refused_naming_file_and_line(tmp_path):
+    (tmp_path / "m.csv").write_text("id,path,text,color\nb,img_01.jpg,fine,blue\na,img_00.jpg,hello,red,extra\n")
+    with pytest.raises(CorpusError, match=r"m\.csv:3: more fields than the header \(5, header 4\)"):
+        list(read_corpus(tmp_path / "m.csv"))
