@@ -23,7 +23,7 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=Path("data/shards"), show_default=True,
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/shards"), show_default=True,
               help="Shard directory (reused by reruns: only new or changed images are embedded).")
 @click.option("--batch-size", type=click.IntRange(1, 8192), default=256, show_default=True)
 @click.option("--shard-size", type=click.IntRange(1), default=4096, show_default=True,
@@ -91,6 +91,10 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     from sidecar.model.encoder import load_encoder, load_fine_encoder
     from sidecar.model.prompts import PromptSetRegistry
 
+    try:  # before the model loads: a path under a file fails here, not minutes later
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot create directory {out}: {exc.strerror}", param_hint="'--out'") from exc
     specs = parse_tag_specs(tags) or recorded_specs(ShardSet(out))
     settings = settings_from(kwargs, MODEL_FLAGS + PROMPT_FLAGS)
     if engine == "ray":

@@ -268,6 +268,19 @@ def test_a_file_whose_name_is_not_utf8_is_listed_in_errors_and_the_run_goes_on(t
     assert "store now holds 2 documents" in result.output
 
 
+@pytest.mark.parametrize("out", ["afile", "afile/sub"])
+def test_embed_refuses_an_out_that_cannot_be_a_directory_before_loading_the_model(corpus, tmp_path, monkeypatch, out):
+    (tmp_path / "afile").write_text("not a directory")
+
+    def load_encoder(*_, **__):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr("sidecar.model.encoder.load_encoder", load_encoder)
+    result = CliRunner().invoke(main, ["-q", "embed", str(corpus), "--out", str(tmp_path / out)])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--out'" in result.output
+
+
 def test_index_refuses_shards_of_another_model(shards, tmp_path):
     store_path = tmp_path / "store"
     store = EmbeddedStore(store_path)
