@@ -27,7 +27,9 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
               help="Shard directory (reused by reruns: only new or changed images are embedded).")
 @click.option("--batch-size", type=click.IntRange(1, 8192), default=256, show_default=True)
 @click.option("--shard-size", type=click.IntRange(1), default=4096, show_default=True,
-              help="Vectors per shard file; a killed run loses at most the shard in progress.")
+              help="Vectors per shard file. The local engine writes a shard once this many vectors are waiting "
+                   "and does not split a batch, so its shards hold up to --shard-size + --batch-size - 1. A killed "
+                   "run loses at most the shard in progress.")
 @click.option("--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True,
               help="Decode/resize worker processes (0 = decode in the main process).")
 @click.option("--decode", type=click.Choice(DECODE_MODES), default="auto", show_default=True,
@@ -70,17 +72,18 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     """Embed the images of SOURCE into vector shards.
 
     SOURCE is a folder of images (a .txt beside an image is its text; else the file name is),
-    or a .jsonl / .csv manifest with fields id, path (relative to the manifest), text, and
-    metadata (JSONL object, or any extra CSV columns). Rerun it after the folder changes:
-    new and changed files are embedded, vanished ones are recorded for the index step, and a
-    killed run continues where it stopped. Unusable images (and files whose name or caption is not
-    UTF-8) are skipped and listed in OUT/errors.jsonl with the reason; one under an id embedded
-    before counts as vanished (`index` removes the old image's vector) until a rerun finds a usable
-    file there. With --fine-model, each image's vector by that stronger model is stored too, for the
-    fine-ranking stage (rerank) of `search` and `serve`. Each image's thumbnail goes into the shards
-    too (--thumbnail-size); shards written without them get theirs.
-    With --tag, each document's metadata gets the top labels of prompt sets (`clip-sidecar prompts`),
-    which `index` loads as keyword fields to filter on: `--filter tag_SET=LABEL`.
+    or a .jsonl / .csv / .parquet manifest with fields id, path (relative to the manifest; the
+    only one required), text, and metadata (a JSONL object or Parquet struct column; any other
+    CSV or Parquet columns are metadata too). Rerun it after the folder changes: new and changed
+    files are embedded, vanished ones are recorded for the index step, and a killed run continues
+    where it stopped. Unusable images (and files whose name or caption is not UTF-8) are skipped
+    and listed in OUT/errors.jsonl with the reason; one under an id embedded before counts as
+    vanished (`index` removes the old image's vector) until a rerun finds a usable file there. With
+    --fine-model, each image's vector by that stronger model is stored too, for the fine-ranking
+    stage (rerank) of `search` and `serve`. Each image's thumbnail goes into the shards too
+    (--thumbnail-size); shards written without them get theirs. With --tag, each document's
+    metadata gets the top labels of prompt sets (`clip-sidecar prompts`), which `index` loads as
+    keyword fields to filter on: `--filter tag_SET=LABEL`.
 
     \b
     On a Ray cluster (same shards; a rerun of either engine continues the other's work):

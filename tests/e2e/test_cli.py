@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sidecar.cli import main
+from sidecar.cli.ingest import embed
 from sidecar.config import Settings
 from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.synthetic import sample_items, write_corpus
@@ -279,6 +280,25 @@ def test_embed_refuses_an_out_that_cannot_be_a_directory_before_loading_the_mode
     result = CliRunner().invoke(main, ["-q", "embed", str(corpus), "--out", str(tmp_path / out)])
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--out'" in result.output
+
+
+def test_shard_size_help_tells_the_largest_shard_the_local_engine_writes(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for item in sample_items(8, seed=8):
+        item.image.save(folder / f"{item.id}.jpg")
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "0",
+                                       "--shard-size", "3", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    sizes = [len(np.load(out / f"{name}.npy")) for name in ShardSet(out).shard_names()]
+    assert sizes == [3 + 2 - 1] * 2  # a shard is written once 3 are waiting, and batches come in twos
+    shard_size = next(param for param in embed.params if param.name == "shard_size")
+    assert "shards hold up to --shard-size + --batch-size - 1" in shard_size.help
+
+
+def test_embed_help_names_every_manifest_kind_the_reader_takes():
+    assert ".jsonl / .csv / .parquet manifest" in embed.help
 
 
 def test_index_refuses_shards_of_another_model(shards, tmp_path):
