@@ -32,7 +32,16 @@ from flask import Blueprint, Response, jsonify, request
 from sidecar.api.embeddings import embeddings_body
 from sidecar.api.search import DEFAULT_WEIGHTS
 from sidecar.api.state import AppState, current_state
-from sidecar.api.validation import decode_images, image_bytes, is_blank, json_body, json_type, known_fields, optional
+from sidecar.api.validation import (
+    decode_images,
+    image_bytes,
+    is_blank,
+    json_body,
+    json_type,
+    known_fields,
+    open_images,
+    optional,
+)
 from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge, UnsupportedMediaType
 from sidecar.model.images import sniff_format
 from sidecar.retrieval.fine import MissingFineVectors, fine_rank
@@ -177,7 +186,7 @@ def _fine_scores(state: AppState, kind: str, query: str, documents: list[str]) -
         ids = [doc.id for doc in candidates]
         lexical = {hit.id: hit.score for hit in state.store.text_search(query, len(ids), ids=ids)}
     else:
-        candidates = _encoded(fine, kind, documents, state)
+        candidates = _encoded(fine, kind, candidates, state)
     try:
         scores = fine_rank(fine.encode_texts([query]).vectors[0], candidates, lexical=lexical,
                            fusion=RERANK_OPTIONS.fusion, weights=RERANK_OPTIONS.weights).final
@@ -199,21 +208,25 @@ def _stored(state: AppState, ids: list[str]) -> list[Document]:
     return [found[i] for i in unique]
 
 
-def _checked_images(state: AppState, images: list[str]) -> list[bytes]:
-    """Base64 images → their bytes (a 400 naming the document otherwise)."""
-    return [image_bytes(image, field=f"documents[{i}]", max_bytes=state.settings.max_body_bytes)
-            for i, image in enumerate(images)]
+def _checked_images(state: AppState, images: list[str]) -> list[tuple[str, bytes]]:
+    """Base64 images → [(field, bytes)], each checked as an image whether or not a fine model will
+    encode it: base64, format, declared size and the request's pixel total (4xx naming the document)."""
+    checked = [(f"documents[{i}]", image_bytes(image, field=f"documents[{i}]", max_bytes=state.settings.max_body_bytes))
+               for i, image in enumerate(images)]
+    # Headers only: without a fine model nothing encodes the pixels, so decoding them would spend CPU
+    # and decode memory on nothing; with one, decode_images reads the headers again (cheap beside the
+    # decode), and one check for both paths keeps their 4xx alike.
+    open_images(checked, encoding=state.fine_encoding or state.encoding, settings=state.settings)
+    return checked
 
 
-def _encoded(fine: EncodingService, kind: str, documents: list[str], state: AppState) -> list[Document]:
+def _encoded(fine: EncodingService, kind: str, documents: list[Any], state: AppState) -> list[Document]:
     """Documents that live only in this request, as candidates of the fine stage: the fine model's
-    vector of each text, or of each image through the fine model's own preprocessing."""
+    vector of each text, or of each image (checked bytes) through the fine model's own preprocessing."""
     if kind == "texts":
         vectors = fine.encode_texts(documents).vectors
     else:
-        images = _checked_images(state, documents)
-        vectors = fine.encode_images(decode_images([(f"documents[{i}]", data) for i, data in enumerate(images)],
-                                                   encoding=fine, settings=state.settings))
+        vectors = fine.encode_images(decode_images(documents, encoding=fine, settings=state.settings))
     return [Document(id=str(i), vector=vector, fine_vector=vector) for i, vector in enumerate(vectors)]
 
 

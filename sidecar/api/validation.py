@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 from flask import Request
+from PIL import Image
 from werkzeug.exceptions import HTTPException
 
 from sidecar.config import Settings
@@ -231,6 +232,17 @@ def image_bytes(value: Any, *, field: str, max_bytes: int) -> bytes:
 def decode_images(images: list[tuple[str, bytes]], *, encoding: EncodingService, settings: Settings) -> list[np.ndarray]:
     """[(field, bytes)] → model pixels. Every header is read and every limit checked (the request's
     pixel total, max_request_pixels, included) before the first pixel is decoded."""
+    pixels = []
+    for field, image in open_images(images, encoding=encoding, settings=settings):
+        with _image_errors(field):
+            pixels.append(encoding.decode_image(image))
+    return pixels
+
+
+def open_images(images: list[tuple[str, bytes]], *, encoding: EncodingService,
+                settings: Settings) -> list[tuple[str, Image.Image]]:
+    """[(field, bytes)] → [(field, opened image)], headers only: the format, each image's limits and
+    the request's pixel total (max_request_pixels) are checked, no pixel is decoded."""
     opened = []
     total = 0
     for field, data in images:
@@ -241,11 +253,7 @@ def decode_images(images: list[tuple[str, bytes]], *, encoding: EncodingService,
             raise PayloadTooLarge(f"field '{field}': the request's images hold {total} pixels up to this one, "
                                   f"over the limit of {settings.max_request_pixels} (max_request_pixels)")
         opened.append((field, image))
-    pixels = []
-    for field, image in opened:
-        with _image_errors(field):
-            pixels.append(encoding.decode_image(image))
-    return pixels
+    return opened
 
 
 @contextmanager

@@ -188,11 +188,19 @@ def test_without_a_fine_model_the_rerank_keeps_the_page_order_and_says_why(clien
     assert scraped(client, "sidecar_rerank_skipped")[skipped_ids] == before + 1
 
 
-def test_without_a_fine_model_bad_documents_still_answer_4xx(client):
+def test_without_a_fine_model_bad_documents_still_answer_4xx(client, build_app):
     # The skipped stage checks its input all the same: a bad page is not answered in its own order.
-    message = error_of(client.post("/v1/opensearch/rerank/images", json={"query": "a", "documents": ["not base64!"]}),
-                       400)
+    images = "/v1/opensearch/rerank/images"
+    message = error_of(client.post(images, json={"query": "a", "documents": ["not base64!"]}), 400)
     assert "documents[0]" in message
+    # Base64 of bytes that are no image (b"hello"): 415, as with a fine model.
+    message = error_of(client.post(images, json={"query": "a", "documents": [png_b64(), "aGVsbG8="]}), 415)
+    assert "field 'documents[1]': not a recognised image format" in message
+    # Images whose pixels together pass the request's limit: 413 naming it, as /v1/search answers.
+    small = build_app(max_request_pixels=5000).test_client()
+    page = [png_b64(size=(60, 60)), png_b64(size=(60, 60))]  # 3600 pixels each
+    message = error_of(small.post(images, json={"query": "a", "documents": page}), 413)
+    assert "field 'documents[1]'" in message and "max_request_pixels" in message
 
 
 def test_rerank_of_an_unknown_id_answers_400_naming_it_and_the_store(client):
