@@ -125,10 +125,14 @@ def embed_text_image():
         image = _document_image(image, field="input[1]", shape=shape, state=state)
     elif text is None:
         raise BadRequest(f"field 'input[0]' is {'null' if inputs[0] is None else 'blank'}: {shape}")
-    text_vector = state.encoding.encode_texts([text]).vectors[0] if text is not None else None
+    # No text encodes nothing (no vector, nothing cut, 0 tokens); the text's index in `truncated` is
+    # 0, its place in `input`, as the texts URL would list it.
+    encoded = state.encoding.encode_texts([text] if text is not None else [])
+    text_vector = encoded.vectors[0] if text is not None else None
     image_vector = state.encoding.encode_images([image])[0] if image is not None else None
     vector = query_vector(text_vector, image_vector)
-    return jsonify(embeddings_body([vector], encoder=state.encoding.encoder))
+    return jsonify(embeddings_body([vector], encoder=state.encoding.encoder, truncated=encoded.truncated,
+                                   tokens=encoded.tokens))
 
 
 def rerank_documents(kind: str):

@@ -90,6 +90,18 @@ def test_a_text_alone_gets_its_text_vector(client):
     np.testing.assert_allclose(got, embeddings(client, ["red circle"]), atol=1e-6)
 
 
+def test_a_cut_text_is_listed_in_truncated_and_counted_in_usage_as_on_the_texts_url(client, corpus):
+    long = "red circle " * 2000  # over max_text_chars and the model's context
+    texts = client.post(TEXTS, json={"input": [long]}).json
+    for inputs in ([long], [long, corpus_image(corpus)]):
+        answer = client.post(TEXT_IMAGE, json={"input": inputs}).json
+        assert answer["truncated"] == [0] and answer["usage"] == texts["usage"], answer["usage"]
+    short = client.post(TEXT_IMAGE, json={"input": ["red circle"]}).json
+    assert short["truncated"] == [] and short["usage"]["prompt_tokens"] > 0
+    image_only = client.post(TEXT_IMAGE, json={"input": [None, corpus_image(corpus)]}).json
+    assert image_only["truncated"] == [] and image_only["usage"]["prompt_tokens"] == 0
+
+
 @pytest.mark.parametrize(("inputs", "status", "message", "names_texts_url"), [
     (["red circle", "blue square", "green star"], 400, "field 'input' has 3 items: this URL takes one document", True),
     (["red circle", "blue square"], 400, "field 'input[1]' is not valid base64", True),
