@@ -3,6 +3,7 @@ hybrid) → the fine stage (rerank); `offset` pages through the ranking."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 
@@ -58,8 +59,7 @@ def search_endpoint():
     offset = bounded_int(body, "offset", default=0, low=0, high=settings.max_k - 1)
     if offset + k > settings.max_k:
         raise BadRequest(f"fields 'offset' + 'k' must be at most {settings.max_k} (max_k), got {offset} + {k}")
-    # One hit past the page tells whether there is a next one.
-    options = _options(body, mode=mode, k=min(offset + k + 1, settings.max_k), settings=settings)
+    options = _options(body, mode=mode, offset=offset, k=k, settings=settings)
     data = image_bytes(image, field="image", max_bytes=settings.max_body_bytes) if image is not None else None
     pixels = decode_images([("image", data)], encoding=state.encoding, settings=settings) if data is not None else []
     liked = stored_document(state.store, like, field="like") if like is not None else None
@@ -77,6 +77,8 @@ def search_endpoint():
     encoded = time.perf_counter()
     with filter_errors(options.filters):
         result = search(state.store, vector=vector, text=text, options=options, fine_vector=fine_vector)
+        more = offset + 2 * k <= settings.max_k and _ranking_goes_on(state.store, result, options, vector=vector,
+                                                                       text=text, past=offset + k)
     # Stages of the store, not of a model: no `model` label value.
     metrics.STAGE_SECONDS.labels("search", mode, "").observe(result.timings_s["coarse"])
     metrics.STAGE_SECONDS.labels("rerank", mode, "").observe(result.timings_s["rerank"])
@@ -95,7 +97,7 @@ def search_endpoint():
         body["fine_model"] = fine.encoder.signature.describe()
     if result.rerank_skipped:
         body["rerank_skipped"] = result.rerank_skipped
-    if len(result.hits) > offset + k and offset + 2 * k <= settings.max_k:
+    if more:
         body["next_offset"] = offset + k
     return jsonify(body)
 
@@ -108,12 +110,14 @@ def _query(encoding, *, text: str | None, pixels: list, stored=None):
     return query_vector(text_vector, image_vector)
 
 
-def _options(body: dict, *, mode: str, k: int, settings) -> SearchOptions:
+def _options(body: dict, *, mode: str, offset: int, k: int, settings) -> SearchOptions:
+    # The ranking is of `candidates` (at least offset + k, so the page is in it). One hit past the page, within
+    # that ranking, tells whether there is a next one: asking for it must not raise the candidates, or a page
+    # ending at them would be cut from another ranking than the pages before it (fusion normalises over them).
+    candidates = max(bounded_int(body, "candidates", default=settings.rerank_candidates, low=1, high=settings.max_k),
+                     offset + k)
     return SearchOptions(
-        mode=mode, k=k,
-        # Fewer candidates than k would return fewer hits than asked: SearchOptions raises it to k.
-        candidates=bounded_int(body, "candidates", default=max(settings.rerank_candidates, k), low=1,
-                               high=settings.max_k),
+        mode=mode, k=min(offset + k + 1, candidates), candidates=candidates,
         fusion=choice(body, "fusion", choices=FUSION_METHODS, default="minmax"),
         weights=_weights(body),
         rerank=optional(body, "rerank", bool),  # None: the mode's default (off for bm25)
@@ -121,6 +125,17 @@ def _options(body: dict, *, mode: str, k: int, settings) -> SearchOptions:
         ef_search=_ef_search(body),
         filters=filters(body, settings),
     )
+
+
+def _ranking_goes_on(store, result, options: SearchOptions, *, vector, text: str | None, past: int) -> bool:
+    """Whether the ranking has hits past the first `past`: the hit searched for past them or, where the page
+    ends the ranking's N candidates, a coarse search one candidate deeper (the next page's ranking is deeper)."""
+    if len(result.hits) > past or len(result.hits) < options.candidates:
+        return len(result.hits) > past
+    deeper = options.candidates + 1
+    probe = search(store, vector=vector, text=text,
+                   options=dataclasses.replace(options, k=deeper, candidates=deeper, rerank=False))
+    return len(probe.hits) == deeper
 
 
 def _ef_search(body: dict) -> int | None:

@@ -74,6 +74,27 @@ def test_pages_are_consecutive_slices_of_one_ranking(client, mode):
     assert [h["score"] for h in pages] == [h["score"] for h in whole["hits"]]
 
 
+@pytest.mark.parametrize("fusion", ["minmax", "zscore"])
+def test_pages_ending_at_the_candidates_repeat_and_skip_no_hit_of_the_ranking(client, fusion):
+    # Hybrid fusion normalises over the candidates: the page ending at rerank_candidates (100) ranks as many.
+    query = {"text": "green circle", "mode": "hybrid", "fusion": fusion}
+    whole = client.post("/v1/search", json={**query, "k": 100}).json
+    first = client.post("/v1/search", json={**query, "k": 50}).json
+    second = client.post("/v1/search", json={**query, "k": 50, "offset": first["next_offset"]}).json
+    paged = [h["id"] for h in first["hits"] + second["hits"]]
+    assert len(set(paged)) == 100
+    assert paged == [h["id"] for h in whole["hits"]]
+
+
+def test_a_page_ending_at_the_candidates_has_a_next_offset_exactly_while_more_hits_exist(client):
+    matches = len(client.post("/v1/search", json={"text": "circle", "mode": "bm25", "k": 1000}).json["hits"])
+    query = {"text": "circle", "mode": "bm25", "k": 10}
+    more = client.post("/v1/search", json={**query, "offset": matches - 20, "candidates": matches - 10}).json
+    assert len(more["hits"]) == 10 and more["next_offset"] == matches - 10
+    last = client.post("/v1/search", json={**query, "offset": matches - 10, "candidates": matches}).json
+    assert len(last["hits"]) == 10 and "next_offset" not in last
+
+
 def test_next_offset_is_present_exactly_while_more_hits_exist(client):
     matches = len(client.post("/v1/search", json={"text": "circle", "mode": "bm25", "k": 1000}).json["hits"])
     assert 20 < matches < 990
