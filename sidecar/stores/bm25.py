@@ -161,16 +161,18 @@ class Bm25Snapshot:
                 keep &= live
         # Rows outside `keep` (dead or filtered out, or newer than this generation after a crash
         # between the two commits) are skipped; read deeper until k remain or the ranking ends.
+        # tantivy cuts hits of equal score by its own document order (segment by segment), not by
+        # row: read deeper too while the last hit read ties the k-th kept one, so the cut below is by row.
         limit = k if keep is live else k * max(1, min(64, int(live.sum()) // max(1, int(keep.sum()))))
         while True:
             hits = self._searcher.search(query, limit, count=False).hits
             found = self._searcher.fast_field_values("row", [address for _, address in hits])
             good = [(row, float(score)) for (score, _), row in zip(hits, found)
                     if row is not None and row < len(keep) and keep[row]]
-            if len(good) >= k or len(hits) < limit:
+            good.sort(key=lambda hit: (-hit[1], hit[0]))
+            if len(hits) < limit or (len(good) >= k and hits[-1][0] < good[k - 1][1]):
                 break
             limit *= 4
-        good.sort(key=lambda hit: (-hit[1], hit[0]))
         return good[:k]
 
     def entries(self) -> tuple[np.ndarray, np.ndarray]:
