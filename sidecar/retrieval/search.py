@@ -104,10 +104,6 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
         coarse = _as_dict(store.hybrid_search(vector, text, n, filters=options.filters, fusion=options.fusion,
                                               weights=options.weights))
         top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
-        # The hybrid response carries fused scores only. The lexical evidence the fine stage fuses
-        # (and `scores.bm25` shows) is raw BM25 of the candidates: one query restricted to their
-        # ids, the same scores a full text_search gives them. Their vector scores come below.
-        bm25_scores = _as_dict(store.text_search(text, len(top), filters=options.filters, ids=top)) if top else {}
     else:
         if options.mode in ("vector", "hybrid"):
             vector_scores = _as_dict(store.vector_search(vector, n, filters=options.filters, exact=options.exact,
@@ -119,9 +115,15 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
         else:
             coarse = vector_scores or bm25_scores
         top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
+    fine_stage = options.rerank and fine_vector is not None
+    if top and (native or (fine_stage and options.mode == "hybrid")):
+        # The lexical evidence the fine stage fuses (and `scores.bm25` shows) is raw BM25 of every
+        # candidate: one query restricted to their ids, the same scores a full text_search gives them.
+        # The native hybrid response carries fused scores only (their vector scores come below); the
+        # BM25 list fused here holds BM25's own top N, not the vector side's candidates that match too.
+        bm25_scores = _as_dict(store.text_search(text, len(top), filters=options.filters, ids=top))
     coarse_done = time.perf_counter()
 
-    fine_stage = options.rerank and fine_vector is not None
     skipped = NO_FINE_MODEL if options.rerank and fine_vector is None else None
     # The fine stage reads all N documents (their fine vectors); without it only the K shown are read.
     # The model's vectors are read only where the native hybrid left `scores.vector` to fill in, and

@@ -93,3 +93,32 @@ def test_bm25_mode_ranks_by_bm25_unless_the_rerank_is_asked_for(store):
     asked = search(store, vector=None, text="badge", options=SearchOptions(mode="bm25", k=3, rerank=True),
                    fine_vector=FINE_QUERY)
     assert asked.reranked and [h.id for h in asked.hits][0] == "c"  # equal BM25: the strong model decides
+
+
+def test_hybrid_fuses_in_the_fine_stage_the_bm25_of_candidates_outside_bm25s_own_top_n(tmp_path):
+    from sidecar.retrieval.search import SearchOptions, search
+    from sidecar.stores.embedded import EmbeddedStore
+    from sidecar.types import ModelSignature
+
+    def toward_query(cosine: float, axis: int) -> np.ndarray:  # a unit vector at `cosine` to the query (axis 0)
+        vector = np.zeros(8, dtype=np.float32)
+        vector[0], vector[axis] = cosine, np.sqrt(1 - cosine * cosine)
+        return vector
+
+    store = EmbeddedStore(tmp_path / "store")
+    store.claim(ModelSignature(model="fast", weights="none", dim=8))
+    # (id, fast cosine, fine cosine, text): BM25 ranks a > b > x > y > c; the 4 candidates are a, b, c and d.
+    rows = [("a", 0.5, 0.5, "red red red red"), ("b", 0.4, 0.6, "red red red"), ("x", 0.0, 0.0, "red red"),
+            ("y", 0.0, 0.0, "red red sky"), ("c", 1.0, 0.4, "red car on a long road by the sea"), ("d", 0.9, 0.8, "blue")]
+    store.upsert([Document(id=doc_id, vector=toward_query(fast, axis), fine_vector=toward_query(fine, axis), text=text)
+                  for axis, (doc_id, fast, fine, text) in enumerate(rows, start=1)])
+    query = toward_query(1.0, 1)
+    assert "c" not in {hit.id for hit in store.text_search("red", 4)}  # a candidate by its vector only
+    result = search(store, vector=query, text="red", options=SearchOptions(mode="hybrid", k=4, candidates=4),
+                    fine_vector=query)
+    ids = [hit.id for hit in result.hits]
+    lexical = {hit.id: hit.score for hit in store.text_search("red", 4, ids=ids)}
+    assert sorted(ids) == ["a", "b", "c", "d"] and {h.id: h.scores.get("bm25") for h in result.hits if h.id != "d"} == lexical
+    expected = fine_rank(query, store.fetch(ids), lexical=lexical).final
+    assert ids == sorted(expected, key=expected.get, reverse=True) == ["b", "a", "d", "c"]
+    store.close()
