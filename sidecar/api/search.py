@@ -26,7 +26,7 @@ from sidecar.api.validation import (
 from sidecar.errors import BadRequest
 from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.retrieval.fusion import FUSION_METHODS
-from sidecar.retrieval.search import MODES, SearchOptions, query_vector, search
+from sidecar.retrieval.search import MODES, NO_FINE_MODEL, SearchOptions, query_vector, search
 from sidecar.serving import metrics
 
 bp = Blueprint("search", __name__)
@@ -71,12 +71,17 @@ def search_endpoint():
                     stored=liked.vector if liked is not None and mode != "bm25" else None)
     fine = state.fine_encoding if options.rerank else None
     fine_vector = None
+    no_fine_vector = NO_FINE_MODEL
     if fine is not None:
         fine_pixels = decode_images([("image", data)], encoding=fine, settings=settings) if data is not None else []
         fine_vector = _query(fine, text=text, pixels=fine_pixels, stored=liked.fine_vector if liked else None)
+        # Only a liked document without a stored fine vector (and no text) leaves the fine model no query.
+        no_fine_vector = (f"the liked document {like!r} has no fine-model vector: embed it with --fine-model "
+                          "and index again")
     encoded = time.perf_counter()
     with filter_errors(options.filters):
-        result = search(state.store, vector=vector, text=text, options=options, fine_vector=fine_vector)
+        result = search(state.store, vector=vector, text=text, options=options, fine_vector=fine_vector,
+                        no_fine_vector=no_fine_vector)
         more = offset + 2 * k <= settings.max_k and _ranking_goes_on(state.store, result, options, vector=vector,
                                                                        text=text, past=offset + k)
     # Stages of the store, not of a model: no `model` label value.

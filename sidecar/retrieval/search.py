@@ -87,9 +87,10 @@ NO_FINE_MODEL = ("no fine model is configured (SIDECAR_FINE_MODEL): re-scoring t
 
 
 def search(store: Store, *, vector: np.ndarray | None, text: str | None, options: SearchOptions,
-           fine_vector: np.ndarray | None = None) -> SearchResult:
+           fine_vector: np.ndarray | None = None, no_fine_vector: str = NO_FINE_MODEL) -> SearchResult:
     """Coarse retrieval of N candidates, then (with `options.rerank` and a `fine_vector`, the query by
-    the fine model) the fine stage over them; top K with per-stage scores."""
+    the fine model) the fine stage over them; top K with per-stage scores. `no_fine_vector` says why
+    a requested fine stage has no `fine_vector`."""
     if options.mode in ("bm25", "hybrid") and not (text and text.strip()):
         raise ValueError(f"mode {options.mode} needs query text; use mode vector for an image-only query")
     if options.mode in ("vector", "hybrid") and vector is None:
@@ -124,7 +125,7 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
         bm25_scores = _as_dict(store.text_search(text, len(top), filters=options.filters, ids=top))
     coarse_done = time.perf_counter()
 
-    skipped = NO_FINE_MODEL if options.rerank and fine_vector is None else None
+    skipped = no_fine_vector if options.rerank and fine_vector is None else None
     # The fine stage reads all N documents (their fine vectors); without it only the K shown are read.
     # The model's vectors are read only where the native hybrid left `scores.vector` to fill in, and
     # only for the K hits shown: on OpenSearch they are most of a fetch's bytes (bench/RESULTS.md).

@@ -96,23 +96,35 @@ def test_the_rerank_by_id_opensearch_calls_scores_exactly_as_v1_search(fine_clie
     assert hits[0]["scores"]["fine"] != hits[0]["scores"].get("vector")  # the fine model's, not the coarse one's
 
 
-def test_the_rerank_opensearch_calls_keeps_the_page_order_where_documents_lack_fine_vectors(
-        tmp_path, encoder, fine_encoder, store_path):
-    # A fine model, but documents indexed without one (as the ingest pipeline writes them): as /v1/search.
+@pytest.fixture
+def client_without_fine_vectors(tmp_path, encoder, fine_encoder, store_path):
+    """A fine model, but documents indexed without one (as the ingest pipeline writes them)."""
     store = EmbeddedStore(store_path)
     app = create_app(Settings(cache_dir=tmp_path / "cache", store_path=store_path), encoder=encoder, store=store,
                      fine_encoder=fine_encoder)
-    try:
-        ids = ["item-000003", "item-000001", "item-000002"]
-        answer = app.test_client().post("/v1/opensearch/rerank/ids", json={"query": "red circle", "documents": ids}).json
-        search = app.test_client().post("/v1/search", json={"text": "red circle", "k": 3}).json
-    finally:
-        state_of(app).encoding.close()
-        state_of(app).fine_encoding.close()
-        store.close()
+    yield app.test_client()
+    state_of(app).encoding.close()
+    state_of(app).fine_encoding.close()
+    store.close()
+
+
+def test_the_rerank_opensearch_calls_keeps_the_page_order_where_documents_lack_fine_vectors(
+        client_without_fine_vectors):
+    ids = ["item-000003", "item-000001", "item-000002"]
+    answer = client_without_fine_vectors.post("/v1/opensearch/rerank/ids",
+                                              json={"query": "red circle", "documents": ids}).json
+    search = client_without_fine_vectors.post("/v1/search", json={"text": "red circle", "k": 3}).json
     assert "3 of 3 candidates" in answer["rerank_skipped"] and "have no fine-model vector" in search["rerank_skipped"]
     scores = [r["relevance_score"] for r in answer["results"]]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == 3
+
+
+def test_like_of_a_document_without_a_fine_vector_skips_the_rerank_naming_the_document_and_the_fix(
+        client_without_fine_vectors):
+    body = client_without_fine_vectors.post("/v1/search", json={"like": "item-000001", "k": 3}).json
+    assert body["rerank"] is False and len(body["hits"]) == 3
+    assert body["rerank_skipped"] == ("the liked document 'item-000001' has no fine-model vector: embed it with "
+                                      "--fine-model and index again")
 
 
 def test_the_rerank_of_texts_and_images_is_the_fine_models_similarity(fine_client, fine_encoder, corpus):
