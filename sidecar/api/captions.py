@@ -8,11 +8,11 @@ import time
 from flask import Blueprint, jsonify, request
 
 from sidecar.api.documents import stored_document
-from sidecar.api.search import MAX_EF_SEARCH
 from sidecar.api.state import current_state
 from sidecar.api.validation import (
     bounded_int,
     decode_images,
+    ef_search_field,
     filter_errors,
     filters,
     image_bytes,
@@ -41,7 +41,7 @@ def captions_endpoint():
     k = bounded_int(body, "k", default=10, low=1, high=settings.max_k)
     candidates = bounded_int(body, "candidates", default=max(settings.rerank_candidates, k), low=1, high=settings.max_k)
     exact = optional(body, "exact", bool, False)
-    ef_search = bounded_int(body, "ef_search", default=0, low=1, high=MAX_EF_SEARCH) if "ef_search" in body else None
+    ef_search = ef_search_field(body)
     wanted = filters(body, settings)
     started = time.perf_counter()
     if image is not None:

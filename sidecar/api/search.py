@@ -15,6 +15,7 @@ from sidecar.api.validation import (
     bounded_int,
     choice,
     decode_images,
+    ef_search_field,
     filter_errors,
     filters,
     image_bytes,
@@ -24,7 +25,6 @@ from sidecar.api.validation import (
     optional,
 )
 from sidecar.errors import BadRequest
-from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.retrieval.fusion import FUSION_METHODS
 from sidecar.retrieval.search import MODES, NO_FINE_MODEL, SearchOptions, query_vector, search
 from sidecar.serving import metrics
@@ -127,7 +127,7 @@ def _options(body: dict, *, mode: str, offset: int, k: int, settings) -> SearchO
         weights=_weights(body),
         rerank=optional(body, "rerank", bool),  # None: the mode's default (off for bm25)
         exact=optional(body, "exact", bool, False),
-        ef_search=_ef_search(body),
+        ef_search=ef_search_field(body),
         filters=filters(body, settings),
     )
 
@@ -141,12 +141,6 @@ def _ranking_goes_on(store, result, options: SearchOptions, *, vector, text: str
     probe = search(store, vector=vector, text=text,
                    options=dataclasses.replace(options, k=deeper, candidates=deeper, rerank=False))
     return len(probe.hits) == deeper
-
-
-def _ef_search(body: dict) -> int | None:
-    if body.get("ef_search") is None:
-        return None  # the store's setting
-    return bounded_int(body, "ef_search", default=0, low=1, high=MAX_EF_SEARCH)
 
 
 def _weights(body: dict) -> tuple[float, float]:

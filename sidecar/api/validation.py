@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 from sidecar.config import Settings
 from sidecar.errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType
 from sidecar.model.images import ImageDecodeError
+from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.serving.encoding import EncodingService
 from sidecar.stores.base import StoreQueryError
 
@@ -151,6 +152,13 @@ def bounded_int(body: dict, field: str, *, default: int, low: int, high: int) ->
     if not low <= value <= high:
         raise BadRequest(f"field '{field}' must be between {low} and {high}, got {value}")
     return value
+
+
+def ef_search_field(body: dict) -> int | None:
+    """Field 'ef_search', the HNSW breadth of one query; None where it is absent (the store's setting)."""
+    if "ef_search" not in body:
+        return None
+    return bounded_int(body, "ef_search", default=0, low=1, high=MAX_EF_SEARCH)
 
 
 def choice(body: dict, field: str, *, choices: tuple[str, ...], default: str, name: str | None = None) -> str:

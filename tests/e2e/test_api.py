@@ -225,6 +225,8 @@ def test_with_a_fine_model_each_encoder_counts_its_encodes_under_its_own_model_l
          "field 'weights.vector' must be a number between 0 and 100"),
         ("/v1/search", {"text": "red", "filters": {"color": {}}}, 400, "field 'filters.color'"),
         ("/v1/search", {"text": "red", "image": "not base64!"}, 400, "field 'image' is not valid base64"),
+        ("/v1/search", {"text": "red", "ef_search": None}, 400, "field 'ef_search' must be an integer, got null"),
+        ("/v1/search", {"text": "red", "ef_search": 0}, 400, "field 'ef_search' must be between 1 and 4096"),
     ],
 )
 def test_bad_input_answers_4xx_naming_the_field(client, path, body, status, message):
