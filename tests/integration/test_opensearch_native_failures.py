@@ -8,6 +8,7 @@ import uuid
 from typing import Iterator
 
 import pytest
+import requests
 from click.testing import CliRunner
 
 from sidecar.api.auth import key_entry, new_key
@@ -154,13 +155,20 @@ def test_rerank_by_text_works_for_any_index_and_a_rerun_without_rerank_removes_i
             cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--rerank", "texts")
             bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[:20]],
                  pipeline=f"{alias}-image")
+            # The connector's Painless script writes the query into a JSON body: quotes and a backslash
+            # in it must reach the sidecar as the same text.
+            query = 'red "circle" \\ o\'clock'
             hits = client.search(index=alias, params={"search_pipeline": f"{alias}-hybrid-rerank"}, body={
                 "size": 5, "_source": ["text"],
                 "query": {"hybrid": {"queries": [{"neural": {"vector": {"query_text": "red circle", "k": 20}}},
                                                  {"match": {"text": "red circle"}}]}},
-                "ext": {"rerank": {"query_context": {"query_text": "red circle"}}}})["hits"]["hits"]
+                "ext": {"rerank": {"query_context": {"query_text": query}}}})["hits"]["hits"]
             scores = [h["_score"] for h in hits]
             assert len(hits) == 5 and scores == sorted(scores, reverse=True) and -1.0 <= min(scores)
+            direct = requests.post(f"{url}/v1/opensearch/rerank/texts", timeout=30, json={
+                "query": query, "documents": [h["_source"]["text"] for h in hits]}).json()["results"]
+            assert sorted(scores, reverse=True) == pytest.approx(sorted((r["relevance_score"] for r in direct),
+                                                                        reverse=True), abs=1e-6)
             result = cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--rerank", "none")
         assert "removed model " in result.output and f"removed search pipeline {alias}-hybrid-rerank" in result.output
         left = ml_objects(client, alias)
