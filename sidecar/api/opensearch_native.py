@@ -44,7 +44,7 @@ from sidecar.api.validation import (
 )
 from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge, UnsupportedMediaType
 from sidecar.model.images import sniff_format
-from sidecar.retrieval.fine import MissingFineVectors, fine_rank
+from sidecar.retrieval.fine import UnusableFineVectors, fine_rank
 from sidecar.retrieval.search import NO_FINE_MODEL, SearchOptions, query_vector
 from sidecar.serving import metrics
 from sidecar.serving.encoding import EncodingService
@@ -194,7 +194,7 @@ def _fine_scores(state: AppState, kind: str, query: str, documents: list[str]) -
     try:
         scores = fine_rank(fine.encode_texts([query]).vectors[0], candidates, lexical=lexical,
                            fusion=RERANK_OPTIONS.fusion, weights=RERANK_OPTIONS.weights).final
-    except MissingFineVectors as exc:
+    except UnusableFineVectors as exc:
         return _page_order(len(documents)), str(exc)
     keys = documents if kind == "ids" else [str(i) for i in range(len(documents))]
     return [scores[key] for key in keys], None

@@ -25,8 +25,9 @@ class FineScores:
     final: dict[str, float]  # what the stage ranks by: `fine`, or `fine` fused with the lexical scores
 
 
-class MissingFineVectors(ValueError):
-    """Candidates without the strong model's vectors (indexed without a fine model): the stage cannot run."""
+class UnusableFineVectors(ValueError):
+    """Candidates whose stored fine vectors the stage cannot use: none (indexed without a fine model),
+    or of another size than the fine model's (indexed with another one). The stage is skipped, saying why."""
 
 
 def fine_rank(query: np.ndarray, candidates: Sequence[Document], *, lexical: Mapping[str, float] | None = None,
@@ -38,12 +39,13 @@ def fine_rank(query: np.ndarray, candidates: Sequence[Document], *, lexical: Map
         return FineScores(fine={}, final={})
     missing = [doc.id for doc in candidates if doc.fine_vector is None]
     if missing:
-        raise MissingFineVectors(f"{len(missing)} of {len(candidates)} candidates (e.g. {missing[0]}) have no "
+        raise UnusableFineVectors(f"{len(missing)} of {len(candidates)} candidates (e.g. {missing[0]}) have no "
                                  "fine-model vector: embed them with --fine-model and index again")
     matrix = np.stack([np.asarray(doc.fine_vector, dtype=np.float32) for doc in candidates])
     if matrix.shape[1] != query.shape[-1]:
-        raise ValueError(f"fine query vector has {query.shape[-1]} dimensions, the stored fine vectors "
-                         f"{matrix.shape[1]}: the fine model that indexed them is not the one encoding queries")
+        raise UnusableFineVectors(f"the candidates' fine vectors have {matrix.shape[1]} dimensions, this server's "
+                                  f"fine model gives {query.shape[-1]}: they were embedded with another fine model; "
+                                  "serve that one, or embed them with --fine-model set to this one and index again")
     fine = dict(zip((doc.id for doc in candidates), (matrix @ np.asarray(query, dtype=np.float32)).tolist()))
     evidence = {doc_id: score for doc_id, score in (lexical or {}).items() if doc_id in fine}
     if not evidence:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from sidecar.retrieval.fine import MissingFineVectors, fine_rank
+from sidecar.retrieval.fine import UnusableFineVectors, fine_rank
 from sidecar.retrieval.fusion import FUSION_METHODS, fuse
 from sidecar.stores.base import Store
 from sidecar.types import Filters
@@ -137,7 +137,7 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
         try:
             fine = fine_rank(fine_vector, [documents[d] for d in top], lexical=bm25_scores, fusion=options.fusion,
                              weights=options.weights)
-        except MissingFineVectors as exc:
+        except UnusableFineVectors as exc:
             skipped = str(exc)
     final = fine.final if fine else coarse
     ranked = sorted(top, key=final.__getitem__, reverse=True)[:options.k]

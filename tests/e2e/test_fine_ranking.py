@@ -127,6 +127,27 @@ def test_like_of_a_document_without_a_fine_vector_skips_the_rerank_naming_the_do
                                       "--fine-model and index again")
 
 
+def test_fine_vectors_of_another_fine_model_skip_the_rerank_saying_so_not_a_5xx(tmp_path, encoder, fine_store_path):
+    # The store's fine vectors come from tiny-clip-large (128-d); this server's fine model is tiny-clip (64-d).
+    store = EmbeddedStore(fine_store_path)
+    app = create_app(Settings(cache_dir=tmp_path / "cache", store_path=fine_store_path), encoder=encoder, store=store,
+                     fine_encoder=encoder)
+    try:
+        client = app.test_client()
+        search = client.post("/v1/search", json={"text": "red circle", "k": 3})
+        rerank = client.post("/v1/opensearch/rerank/ids", json={"query": "red circle",
+                                                                 "documents": ["item-000001", "item-000002"]})
+        assert search.status_code == rerank.status_code == 200
+        assert search.json["rerank"] is False and len(search.json["hits"]) == 3
+        for reason in (search.json["rerank_skipped"], rerank.json["rerank_skipped"]):
+            assert reason.startswith("the candidates' fine vectors have 128 dimensions, this server's fine model "
+                                     "gives 64: they were embedded with another fine model")
+    finally:
+        state_of(app).encoding.close()
+        state_of(app).fine_encoding.close()
+        store.close()
+
+
 def test_the_rerank_of_texts_and_images_is_the_fine_models_similarity(fine_client, fine_encoder, corpus):
     rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()[:4]]
     query = fine_encoder.encode_texts(["red circle"])[0]

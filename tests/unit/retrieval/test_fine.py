@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sidecar.retrieval.fine import MissingFineVectors, fine_rank
+from sidecar.retrieval.fine import UnusableFineVectors, fine_rank
 from sidecar.types import Document
 
 
@@ -37,12 +37,13 @@ def test_lexical_evidence_fuses_with_the_strong_models_scores_by_the_weights():
 
 
 def test_candidates_without_fine_vectors_are_refused_with_the_fix():
-    with pytest.raises(MissingFineVectors, match="1 of 2 candidates .*embed them with --fine-model"):
+    with pytest.raises(UnusableFineVectors, match="1 of 2 candidates .*embed them with --fine-model"):
         fine_rank(FINE_QUERY, [DOCS[0], Document(id="x", vector=unit(1, 0))])
 
 
-def test_a_fine_query_of_another_dimension_is_refused():
-    with pytest.raises(ValueError, match="fine query vector has 2 dimensions, the stored fine vectors 3"):
+def test_fine_vectors_of_another_fine_model_are_refused_with_the_fix():
+    with pytest.raises(UnusableFineVectors, match="fine vectors have 3 dimensions, this server's fine model gives 2: "
+                                                  "they were embedded with another fine model"):
         fine_rank(unit(1, 0), DOCS)
 
 
