@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures for bench/RESULTS.md, in one run on one GPU (the default steps' limits add up to 8 minutes):
 # CUDA-graph equivalence tests, the text tower eager vs graphed, serving texts (ViT-B-32, random
-# weights, 8 workers; the floor variant beside batched and pinned workers, so CPU per request
+# weights, 8 workers or SERVE_WORKERS; the floor variant beside batched and pinned workers, so CPU per request
 # outside the forward is compared with the floor in the same run; SERVE_VARIANTS adds unbatched
 # and no-graphs, the eager text tower), serving images (base64 JPEGs decoded on the request threads,
 # batched forward) and offline files→vectors (ViT-B-32 and ViT-L-14, bf16 autocast, the job's
@@ -17,6 +17,8 @@
 #   STEPS=embed_profile bench/gpu_run.sh OUT    # opt-in, py-spy installed: which threads of the
 #       device-decode embed hold the GIL (OUT/embed_profile.raw, collapsed stacks per thread)
 #   STEPS="tests serve" SERVE_VARIANTS=batched,unbatched bench/gpu_run.sh OUT   # a subset
+#   STEPS=serve SERVE_WORKERS=14 bench/gpu_run.sh OUT   # more worker processes on the one GPU (default 8):
+#       each is bound by its own GIL, so the HTTP rate may grow with them while the GPU idles
 set -uo pipefail
 out=${1:-/tmp/gpu-figures}
 mkdir -p "$out"
@@ -26,6 +28,7 @@ export TQDM_MININTERVAL=5  # progress bars: a line every 5 s, not a screenful pe
 py=${PYTHON:-python3}
 steps=${STEPS:-tests text_tower serve serve_images embed_b32 embed_l14}
 variants=${SERVE_VARIANTS:-floor,batched,pinned}
+serve_workers=${SERVE_WORKERS:-8}
 decoders=$(( $(nproc) - 2 ))
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.txt
@@ -42,9 +45,9 @@ $py -c "import torch, open_clip, platform; print('torch', torch.__version__, 'op
 step tests 50 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
 step text_tower 35 $py bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,256,1024 --seconds 0.7
 step serve 175 $py bench/serve_load.py --model ViT-B-32 --requests 3000 --concurrency 1,16,64 \
-  --workers 8 --client-processes 6 --threads 32 --variants "$variants"
+  --workers "$serve_workers" --client-processes 6 --threads 32 --variants "$variants"
 step serve_images 40 $py bench/serve_load.py --model ViT-B-32 --modality image --image-side 256 \
-  --requests 2000 --concurrency 16,64 --workers 8 --client-processes 6 --threads 32 --variants batched
+  --requests 2000 --concurrency 16,64 --workers "$serve_workers" --client-processes 6 --threads 32 --variants batched
 step embed_b32 120 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
   --batch-size 1024 --workers "$decoders" --decode cpu,device,split --jpeg-decoder torchvision,nvimagecodec \
   --thumbnail-size 128
