@@ -843,7 +843,8 @@ class EmbeddedStore:
         return False  # vector and BM25 lists are fused in Python (sidecar.retrieval.fusion)
 
     def hybrid_search(self, vector: np.ndarray, query: str, k: int, *, filters: Filters | None = None,
-                      fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5)) -> list[ScoredId]:
+                      fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5),
+                      ef_search: int | None = None) -> list[ScoredId]:
         raise StoreError("the embedded store has no native hybrid query; sidecar.retrieval.search fuses its "
                          "vector and BM25 results")
 
@@ -1150,12 +1151,23 @@ def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
         for item in values:
             if not isinstance(item, (str, int, float)) or (isinstance(item, float) and not math.isfinite(item)):
                 raise ValueError(f"filter {field!r}: values must be strings, numbers or booleans, got {item!r}")
-        # json_each yields the scalar itself, or each element of a JSON array: term-filter semantics.
-        clauses.append(
-            f" AND EXISTS (SELECT 1 FROM json_each(d.metadata, ?) AS j WHERE j.value IN ({','.join('?' * len(values))}))"
-        )
-        params.extend([f'$."{field}"', *values])
+        # json_each yields the scalar itself, or each element of a JSON array: term-filter semantics. SQLite
+        # reads JSON true as 1: the element's JSON type keeps a boolean from matching a number, and back.
+        matches = []
+        params.append(f'$."{field}"')
+        for types, kind in _FILTER_TYPES:
+            same = [item for item in values if kind(item)]
+            if same:
+                matches.append(f"(j.type IN {types} AND j.value IN ({','.join('?' * len(same))}))")
+                params.extend(same)
+        clauses.append(f" AND EXISTS (SELECT 1 FROM json_each(d.metadata, ?) AS j WHERE {' OR '.join(matches)})")
     return "".join(clauses), params
+
+
+# A filter value's JSON types: what it may match in a document's metadata.
+_FILTER_TYPES = (("('true', 'false')", lambda item: isinstance(item, bool)),
+                 ("('integer', 'real')", lambda item: isinstance(item, (int, float)) and not isinstance(item, bool)),
+                 ("('text')", lambda item: isinstance(item, str)))
 
 
 def _hnsw_rows(meta: dict[str, str]) -> int:

@@ -365,6 +365,24 @@ def test_empty_store_searches_return_nothing(tmp_path: Path):
         assert store.text_search("anything", 3) == []
 
 
+def test_a_filter_matches_values_of_its_own_json_type_only(store: EmbeddedStore):
+    # As OpenSearch's term filters on a typed field: true is not 1, and "1" is not 1.
+    vectors = clustered_unit_vectors(4)
+    store.upsert([Document(id=doc_id, vector=vector, metadata=metadata) for doc_id, vector, metadata in zip(
+        ("flag", "one", "text", "list"), vectors,
+        ({"v": True}, {"v": 1}, {"v": "1"}, {"v": [False, 1.0, "true"]}))])
+
+    def matching(value) -> list[str]:
+        return sorted(hit.id for hit in store.vector_search(vectors[0], 4, filters={"v": value}, exact=True))
+
+    assert matching(True) == ["flag"]
+    assert matching(1) == matching(1.0) == ["list", "one"]
+    assert matching("1") == ["text"]
+    assert matching(False) == ["list"]
+    assert matching([True, "1"]) == ["flag", "text"]
+    assert matching(0) == [] and matching("true") == ["list"]
+
+
 @pytest.mark.parametrize("exact", [False, True])
 def test_vector_search_with_filters(store: EmbeddedStore, exact: bool):
     docs = make_docs(400)
