@@ -103,7 +103,7 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
     native = options.mode == "hybrid" and uses_native_hybrid(store, options)
     if native:
         coarse = _as_dict(store.hybrid_search(vector, text, n, filters=options.filters, fusion=options.fusion,
-                                              weights=options.weights))
+                                              weights=options.weights, ef_search=options.ef_search))
         top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
     else:
         if options.mode in ("vector", "hybrid"):

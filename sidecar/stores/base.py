@@ -147,9 +147,11 @@ class Store(Protocol):
         where not, `sidecar.retrieval.search` fuses the two lists in Python."""
 
     def hybrid_search(self, vector: np.ndarray, query: str, k: int, *, filters: Filters | None = None,
-                      fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5)) -> list[ScoredId]:
-        """Top-k fused in the store, on `sidecar.retrieval.fusion`'s scale; raises StoreError where
-        `supports_native_hybrid` is False."""
+                      fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5),
+                      ef_search: int | None = None) -> list[ScoredId]:
+        """Top-k fused in the store, on `sidecar.retrieval.fusion`'s scale (the vector side searched
+        with `ef_search` as `vector_search` takes it); raises StoreError where `supports_native_hybrid`
+        is False."""
 
     def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature, lock_wait_s: float = 0.0) -> str:
         """Load `documents` into a fresh index and swap it in whole (zero downtime), under the same

@@ -459,10 +459,12 @@ class OpenSearchStore:
         filters: Filters | None = None,
         fusion: str = "minmax",
         weights: tuple[float, float] = (0.5, 0.5),
+        ef_search: int | None = None,
     ) -> list[ScoredId]:
         """OpenSearch's hybrid query (k-NN + BM25) fused by a search pipeline. Scores are on
         `sidecar.retrieval.fusion`'s scale (weighted sum of min-max scores; weighted RRF), so a
-        fused score means the same whichever side computed it."""
+        fused score means the same whichever side computed it. `ef_search`: the k-NN side's breadth
+        (None: the store's effort), as in `vector_search`."""
         if fusion not in FUSIONS:
             raise ValueError(f"fusion={fusion!r}: choose one of {', '.join(FUSIONS)}")
         if not self.has_neural_search():
@@ -480,7 +482,7 @@ class OpenSearchStore:
             # arithmetic_mean wants weights summing to 1 (the ranking is the same).
             "search_pipeline": self._pipeline_body(fusion, (weights[0] / total, weights[1] / total)),
             "query": {"hybrid": {"queries": [
-                {"knn": {"vector": self._knn_clause(_as_list(vector), k, filters)}},
+                {"knn": {"vector": self._knn_clause(_as_list(vector), k, filters, ef_search=ef_search)}},
                 text_query,
             ]}},
         }

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sidecar.retrieval.search import SearchOptions, search, uses_native_hybrid
 from sidecar.stores.base import ModelMismatchError, StoreError
 from sidecar.types import Document, ModelSignature
 from tests.integration.conftest import (
@@ -171,6 +172,21 @@ def test_hybrid_search_fuses_vector_and_text(store):
     assert red and all(docs[int(h.id[1:])].metadata["color"] == "red" for h in red)
     with pytest.raises(StoreError, match="rrf"):
         store.hybrid_search(centres[4], "x", 5, fusion="rrf", weights=(0.2, 0.8))
+
+
+def test_a_searchs_ef_search_reaches_the_native_hybrid_querys_knn_side(store, monkeypatch):
+    if not store.has_neural_search() or store.engine != "lucene":
+        pytest.skip("the native hybrid query with lucene's per-query ef_search")
+    docs, _, centres = make_documents(200)
+    store.upsert(docs)
+    sent = []
+    search_on_the_node = store._search
+    monkeypatch.setattr(store, "_search", lambda body: sent.append(body) or search_on_the_node(body))  # a spy
+    options = SearchOptions(mode="hybrid", k=10, candidates=50, ef_search=321)
+    assert uses_native_hybrid(store, options)
+    assert len(search(store, vector=centres[2], text="cluster2", options=options).hits) == 10
+    knn = sent[0]["query"]["hybrid"]["queries"][0]["knn"]["vector"]
+    assert knn["method_parameters"] == {"ef_search": 321}
 
 
 def test_setup_is_idempotent(node):
