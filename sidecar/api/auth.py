@@ -93,10 +93,11 @@ def key_entry(name: str, scopes: Iterable[str], key: str) -> str:
 
 
 def parse_key_entries(text: str) -> tuple[KeyEntry, ...]:
-    """SIDECAR_API_KEYS: comma- or whitespace-separated `name:scopes:sha256-hex` entries. Errors name
+    """SIDECAR_API_KEYS: comma- or whitespace-separated `name:scopes:sha256-hex` entries (empty ones, as
+    `export SIDECAR_API_KEYS="$SIDECAR_API_KEYS,..."` leaves for the first key, skipped). Errors name
     the entry by position, never by content: a plain key pasted by mistake must not reach a log."""
     entries: list[KeyEntry] = []
-    for position, raw in enumerate(re.split(r"[\s,]+", text.strip()) if text.strip() else (), start=1):
+    for position, raw in enumerate((piece for piece in re.split(r"[\s,]+", text) if piece), start=1):
         where = f"SIDECAR_API_KEYS entry {position}"
         if raw.startswith(KEY_PREFIX):
             raise ValueError(f"{where} is a key, not its hash: put the entry line `clip-sidecar keys create` "

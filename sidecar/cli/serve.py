@@ -77,12 +77,13 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
     from sidecar.model.weights import missing_weights
 
     try:
+        keys = parse_key_entries(settings.api_keys)
         refusal = refusal_to_serve(settings, [host])
     except ValueError as exc:  # a malformed SIDECAR_API_KEYS
         raise click.UsageError(str(exc)) from exc
     if refusal:
         raise click.ClickException(refusal)
-    if parse_key_entries(settings.api_keys) and not is_loopback(host) and not certfile:
+    if keys and not is_loopback(host) and not certfile:
         log.warning("API keys cross the network in clear text on %s unless TLS terminates in front of it "
                     "(README: TLS) or --certfile/--keyfile are given", host)
     missing = missing_weights(settings)

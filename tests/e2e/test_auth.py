@@ -239,6 +239,12 @@ def test_serve_refuses_a_non_loopback_address_without_keys_unless_insecure(keys,
     assert "the tiny model is not trained yet" in on_loopback.stderr
 
 
+def test_serve_on_loopback_refuses_malformed_keys_naming_the_entry_without_a_traceback():
+    refused = run_serve("--port", str(free_port()), env={"SIDECAR_API_KEYS": "garbage"})
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "SIDECAR_API_KEYS entry 1: expected name:scopes:sha256-hex" in refused.stderr
+
+
 def test_gunicorn_started_directly_refuses_to_bind_beyond_loopback_without_keys(tmp_path):
     port = free_port()
     result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", "python:sidecar.api.gunicorn_config",

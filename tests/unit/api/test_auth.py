@@ -38,6 +38,8 @@ def test_entries_separated_by_commas_or_whitespace():
     text = f"a:*:{'0' * 64}, b:search:{'1' * 64}\nc:metrics+search:{'2' * 64}"
     assert [e.name for e in parse_key_entries(text)] == ["a", "b", "c"]
     assert parse_key_entries("  ") == ()
+    # `export SIDECAR_API_KEYS="$SIDECAR_API_KEYS,<entry>"` (keys create's recipe) on an unset variable.
+    assert [e.name for e in parse_key_entries(f",a:*:{'0' * 64},")] == ["a"]
 
 
 @pytest.mark.parametrize("text, message", [
