@@ -108,7 +108,12 @@ def _opened(kwargs: dict[str, Any]) -> Iterator[Store]:
 @contextlib.contextmanager
 def _opened_with(settings: Settings) -> Iterator[Store]:
     from sidecar.stores import open_store
+    from sidecar.stores.embedded import EmbeddedStore
 
+    # Opening an embedded store at a mistyped path would create an empty one there and call it consistent.
+    if settings.store == "embedded" and not EmbeddedStore.exists_at(settings.store_path):
+        raise click.ClickException(f"no embedded store at {settings.store_path}: give the --store-path (or "
+                                   "SIDECAR_STORE_PATH) that `clip-sidecar index` wrote to")
     opened = open_store(settings)
     try:
         yield opened

@@ -175,6 +175,11 @@ class EmbeddedStore:
 
     name = "embedded"
 
+    @staticmethod
+    def exists_at(path: str | os.PathLike[str]) -> bool:
+        """Whether `path` holds an embedded store (opening one elsewhere creates it)."""
+        return (Path(path) / _DB_FILE).is_file()
+
     def __init__(
         self,
         path: str | os.PathLike[str],

@@ -594,6 +594,16 @@ def assert_readable_and_checked_clean(store_path: Path) -> int:
     return count
 
 
+@pytest.mark.parametrize("command", [["check"], ["repair"], ["calibrate", "--target-recall", "0.9"]])
+def test_store_commands_refuse_a_path_that_holds_no_store_and_create_none(tmp_path, command):
+    for path in (tmp_path / "mistyped", tmp_path / "a-file"):
+        if path.name == "a-file":
+            path.write_text("not a store")
+        result = CliRunner().invoke(main, ["-q", "store", *command, "--store-path", str(path)])
+        assert result.exit_code == 1 and f"no embedded store at {path}" in result.output, result.output
+    assert not (tmp_path / "mistyped").exists()
+
+
 def test_kill_minus_9_during_index_leaves_a_readable_store_and_a_rerun_converges_exactly(tmp_path):
     out, store_path = tmp_path / "shards", tmp_path / "store"
     n = 40_000
