@@ -108,7 +108,8 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
       clip-sidecar search "red sneakers" --model ViT-B-32 --pretrained laion2b_s34b_b79k
       clip-sidecar serve --workers 2
 
-    Every option can also come from a SIDECAR_* environment variable (see README).
+    The settings of the model, the store, the prompt sets and the server (README: Configuration)
+    come from SIDECAR_* environment variables too; a flag given overrides its variable.
     """
     configure_logging(verbose=verbose, quiet=quiet)
     ctx.obj = {"progress": not quiet}
