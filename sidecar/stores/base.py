@@ -76,11 +76,19 @@ class FacetCounts:
 
     @classmethod
     def ranked(cls, counts: Iterable[tuple[Any, int]]) -> FacetCounts:
-        # Ties break by value (as text) so that both stores list a field alike.
-        return cls(values=tuple(sorted(counts, key=lambda item: (-item[1], str(item[0])))))
+        # Ties break by value ascending, numbers by value (9 before 10), as OpenSearch's terms aggregation
+        # breaks them before it cuts at `size`: both stores then list, and cut, a field alike.
+        return cls(values=tuple(sorted(counts, key=lambda item: (-item[1], *_value_order(item[0])))))
 
     def top(self, size: int) -> FacetCounts:
         return FacetCounts(values=self.values[:size], other=self.other + sum(n for _, n in self.values[size:]))
+
+
+def _value_order(value: Any) -> tuple[int, float, str]:
+    """A facet value's place among its count's ties: booleans (false first), numbers by value, then text."""
+    if isinstance(value, (bool, int, float)):
+        return (0 if isinstance(value, bool) else 1, float(value), "")
+    return (2, 0.0, str(value))
 
 
 class BulkLoad(Protocol):

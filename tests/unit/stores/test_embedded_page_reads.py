@@ -51,6 +51,13 @@ def test_facets_count_the_values_filters_match_and_list_the_most_frequent(tmp_pa
                 assert len(store.vector_search(np.ones(4, dtype=np.float32) / 2, 50, filters={name: value})) == count
 
 
+def test_facet_ties_are_cut_by_value_numbers_by_number_as_opensearch_cuts_them():
+    # OpenSearch's terms aggregation orders a tie by the key before it cuts at `size`: 9 before 10.
+    assert FacetCounts.ranked([(10, 1), (9, 1), (2.5, 3)]).top(2) == FacetCounts(values=((2.5, 3), (9, 1)), other=1)
+    assert FacetCounts.ranked([("b", 1), ("B", 1), ("a", 2)]).values == (("a", 2), ("B", 1), ("b", 1))
+    assert FacetCounts.ranked([(True, 1), (False, 1)]).values == ((False, 1), (True, 1))
+
+
 def test_facets_follow_writes_and_deletes(tmp_path: Path):
     with EmbeddedStore(tmp_path) as store:
         store.claim(SIGNATURE)
