@@ -383,7 +383,8 @@ class OpenSearchStore:
     # --- reads -----------------------------------------------------------------------------
 
     def count(self) -> int:
-        return int(self.client.count(index=self.alias)["count"])
+        with self._read_errors(f"counting {self.alias}"):
+            return int(self.client.count(index=self.alias)["count"])
 
     def content_hashes(self) -> dict[str, str]:
         """id -> content_hash for every stored document, via the scan helper."""

@@ -9,6 +9,7 @@ import pytest
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.config import Settings
+from sidecar.stores.base import StoreUnavailable
 from sidecar.types import Document
 from tests.integration.conftest import drop, make_store
 from tests.support import free_port, png_b64
@@ -44,6 +45,16 @@ def test_a_cluster_nobody_answers_at_is_503_with_retry_after(app_on, body):
     assert response.headers["Retry-After"] == "5"
     assert response.json["error"]["code"] == "store_unavailable"
     assert "cannot be reached" in response.json["error"]["message"]
+
+
+def test_counting_on_a_cluster_nobody_answers_at_is_store_unavailable():
+    # /v1/facets counts after its aggregation: a cluster lost in between answers 503, not 500.
+    store = make_store(url=f"http://127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(StoreUnavailable, match="counting .* cannot be reached"):
+            store.count()
+    finally:
+        store.close()
 
 
 def test_a_filter_value_of_another_type_than_the_field_is_400_naming_filters(app_on, encoder, node):
