@@ -14,9 +14,10 @@ other query turns towards a random mix of x's K neighbours instead, along the da
 must be reached on each half. The effort chosen is the lowest efSearch whose recall reaches the
 target with 95 % confidence (the lower end of a one-sided Wilson interval, so a sample that happens
 to be easy does not pick an effort that misses the target on the next queries), found by doubling
-and then bisecting to within 1/16; exact search where it is as fast as that effort, or where no
-efSearch up to MAX_EF_SEARCH reaches the target. The store saves the result (`sidecar.stores.effort`).
-The live monitor (`sidecar.retrieval.monitor`) then measures the recall real queries get.
+and then bisecting to within 1/16, never under K (the stores search at least K wide); exact search
+where it is as fast as that effort, or where no efSearch up to MAX_EF_SEARCH reaches the target. The
+store saves the result (`sidecar.stores.effort`). The live monitor (`sidecar.retrieval.monitor`) then
+measures the recall real queries get.
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, queries: int =
     def reaches(ef: int) -> bool:
         return measure(ef).lower_bound >= target_recall
 
-    low, ef = 0, max(FIRST_EF_SEARCH, k)  # low: the widest effort known to miss the target
+    # low: the widest effort known to miss the target, or k - 1. Both stores search at least k wide
+    # (max(ef_search, k)), so an effort under k measures as k and the bisection would choose it (down to 1),
+    # which a query asking for fewer than k candidates then runs as itself: no effort under k is tried.
+    low, ef = k - 1, max(FIRST_EF_SEARCH, k)
     while not reaches(ef) and ef < max_ef:
         low, ef = ef, min(2 * ef, max_ef)
     chosen: int | None = ef if reaches(ef) else None

@@ -64,6 +64,17 @@ def test_the_chosen_effort_reaches_the_target_on_fresh_queries_and_the_one_below
         assert "calibrate" in other_target.effort.status()["note"]
 
 
+def test_calibration_neither_tries_nor_chooses_an_effort_under_k(tmp_path):
+    # An easy target on a small store: every effort reaches it. The stores search at least k wide, so
+    # efforts under k measure as k; were they tried, the bisection would go down to ef_search 1.
+    with EmbeddedStore(tmp_path / "s") as store:
+        store.claim(SIGNATURE)
+        store.upsert([Document(id=f"d{i}", vector=v) for i, v in enumerate(uniform(500, seed=5))])
+        effort = calibrate(store, target_recall=0.5, k=10, queries=40, allow_exact=False)
+    assert effort.ef_search == 10, effort.describe()
+    assert min(p.ef_search for p in effort.curve) == 10, effort.describe()
+
+
 def test_where_no_effort_reaches_the_target_queries_are_answered_exactly(uniform_store):
     with EmbeddedStore(uniform_store, target_recall=0.999) as store:
         effort = calibrate(store, target_recall=0.999, k=10, queries=50, max_ef=16)
