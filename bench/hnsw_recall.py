@@ -34,9 +34,10 @@ import numpy as np
 
 from sidecar.config import Settings
 from sidecar.retrieval.calibration import FIRST_EF_SEARCH, MAX_EF_SEARCH, calibrate
+from sidecar.retrieval.evaluation import found_of_exact
 from sidecar.stores import open_store
 from sidecar.stores.base import Store
-from sidecar.types import Document, ModelSignature
+from sidecar.types import Document, ModelSignature, ScoredId
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from opensearch_bench import drop, index_state, wait_for_merges  # noqa: E402  (bench/ is not a package)
@@ -92,8 +93,8 @@ class StoreFor:
             drop(self.opensearch_url, alias)
 
 
-def recall_at_10(found: list[set[str]], truth: list[set[str]]) -> float:
-    return float(np.mean([len(f & t) / 10 for f, t in zip(found, truth)]))
+def recall_at_10(found: list[list[ScoredId]], truth: list[list[ScoredId]]) -> float:
+    return float(np.mean([found_of_exact(f, t) / 10 for f, t in zip(found, truth)]))
 
 
 def measure(name: str, corpus: np.ndarray, queries: np.ndarray, stores: StoreFor, target_recall: float = 0.0) -> None:
@@ -107,10 +108,10 @@ def measure(name: str, corpus: np.ndarray, queries: np.ndarray, stores: StoreFor
         if stores.kind == "opensearch":
             waited = wait_for_merges(store)
             print(f"{name}: {index_state(store)} (merges waited {waited:.0f} s)")
-        truth = [{hit.id for hit in store.vector_search(q, 10, exact=True)} for q in queries]
+        truth = [store.vector_search(q, 10, exact=True) for q in queries]
         for ef_search in EF_SEARCH:
             start = time.perf_counter()
-            found = [{hit.id for hit in store.vector_search(q, 10, ef_search=ef_search)} for q in queries]
+            found = [store.vector_search(q, 10, ef_search=ef_search) for q in queries]
             per_query_ms = (time.perf_counter() - start) / len(queries) * 1e3
             print(f"{name}: efSearch {ef_search:4d}  recall@10 {recall_at_10(found, truth):.3f}  "
                   f"{per_query_ms:.2f} ms/query (store call)")
@@ -120,16 +121,16 @@ def measure(name: str, corpus: np.ndarray, queries: np.ndarray, stores: StoreFor
         measure_target(name, stores, queries, truth, target_recall)
 
 
-def timed_search(store: Store, queries: np.ndarray, **kwargs) -> tuple[list[set[str]], np.ndarray]:
+def timed_search(store: Store, queries: np.ndarray, **kwargs) -> tuple[list[list[ScoredId]], np.ndarray]:
     found, ms = [], []
     for q in queries:
         start = time.perf_counter()
-        found.append({hit.id for hit in store.vector_search(q, 10, **kwargs)})
+        found.append(store.vector_search(q, 10, **kwargs))
         ms.append((time.perf_counter() - start) * 1e3)
     return found, np.array(ms)
 
 
-def lowest_reaching(store: Store, queries: np.ndarray, truth: list[set[str]], target_recall: float) -> str:
+def lowest_reaching(store: Store, queries: np.ndarray, truth: list[list[ScoredId]], target_recall: float) -> str:
     """The lowest efSearch whose recall@10 on these queries reaches the target (doubling, then
     bisecting to one; recall is near enough monotone in efSearch), with the recalls either side."""
     recalls: dict[int, float] = {}
@@ -154,7 +155,7 @@ def lowest_reaching(store: Store, queries: np.ndarray, truth: list[set[str]], ta
     return f"{high} ({below}{high}: {recalls[high]:.3f})"
 
 
-def measure_target(name: str, stores: StoreFor, queries: np.ndarray, truth: list[set[str]],
+def measure_target(name: str, stores: StoreFor, queries: np.ndarray, truth: list[list[ScoredId]],
                    target_recall: float) -> None:
     store = stores.open(name, target_recall=target_recall)
     try:

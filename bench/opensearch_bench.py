@@ -37,9 +37,10 @@ import numpy as np
 from opensearchpy import helpers
 
 from sidecar.ingest.shards import ShardRow, ShardSet
+from sidecar.retrieval.evaluation import found_of_exact
 from sidecar.retrieval.search import SearchOptions, search, uses_native_hybrid
 from sidecar.stores.opensearch import LOCK_SUFFIX, OpenSearchStore
-from sidecar.types import Document, ModelSignature
+from sidecar.types import Document, ModelSignature, ScoredId
 
 log = logging.getLogger("opensearch_bench")
 SIGNATURE_OF = "bench"
@@ -154,21 +155,22 @@ def recall_and_latency(store: OpenSearchStore, vectors: np.ndarray, queries: np.
     the hybrid search as `/v1/search` runs it (`sidecar.retrieval.search`: 100 candidates fused
     natively or in Python by the store's rule, the top k fetched; no fine model); and a fetch of 100
     random documents with their vectors and without (what the fine stage reads), alternating."""
-    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
+    scores = queries @ vectors.T
+    truth = np.argsort(-scores, axis=1)[:, :k]
     recalls, exact_recalls, knn_ms, text_ms, hybrid_ms, search_ms = [], [], [], [], [], []
     fetch_ms: dict[bool, list[float]] = {True: [], False: []}
     rng = np.random.default_rng(0)
     options = SearchOptions(mode="hybrid", k=k, rerank=False)
     hybrid = store.has_neural_search()
     for i, (q, t) in enumerate(zip(queries, truth)):
-        truth_ids = {str(j) for j in t}
+        truth_hits = [ScoredId(str(j), float(scores[i, j])) for j in t]
         started = time.perf_counter()
         ann = store.vector_search(q, k)
         knn_ms.append((time.perf_counter() - started) * 1000)
-        recalls.append(len({h.id for h in ann} & truth_ids) / k)
+        recalls.append(found_of_exact(ann, truth_hits) / k)
         if i < exact_queries:
             exact = store.vector_search(q, k, exact=True)
-            exact_recalls.append(len({h.id for h in exact} & truth_ids) / k)
+            exact_recalls.append(found_of_exact(exact, truth_hits) / k)
         started = time.perf_counter()
         store.text_search(f"group{i % 50}", k)
         text_ms.append((time.perf_counter() - started) * 1000)

@@ -1,4 +1,5 @@
-"""Helpers for tests: base64 images, the environment as the test run found it, a gunicorn server."""
+"""Helpers for tests: base64 images, vectors stored under several ids, the environment as the test run
+found it, a gunicorn server."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import requests
 from PIL import Image
+
+from sidecar.types import Document
 
 
 def image_b64(path: Path) -> str:
@@ -31,6 +35,17 @@ def png_b64(colour=(255, 0, 0), size=(32, 32)) -> str:
 # Taken when the first test module imports this, before any fixture changes the environment:
 # scripts that manage machine-wide things (the OpenSearch node) must see the real cache path.
 ORIGINAL_ENVIRON = dict(os.environ)
+
+
+def unit_vectors(n: int, *, dim: int = 32, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def stored_copies(vectors: np.ndarray, *, copies: int) -> list[Document]:
+    """Every vector under `copies` ids (a0, b0, …): the same image stored several times, so a top K
+    whose size is no multiple of `copies` ends inside a group of equal scores."""
+    return [Document(id=f"{'abcdefgh'[copy]}{i}", vector=v) for i, v in enumerate(vectors) for copy in range(copies)]
 
 
 def free_port() -> int:

@@ -7,17 +7,17 @@ direction, by the angle between x and its K-th nearest neighbour — a point abo
 data as a new draw from the same distribution, a little farther (on that set, recall on such
 queries was within 0.005 of fresh draws' from efSearch 32 up, and below it under 32). Each such
 query is searched exactly (the truth) and by HNSW at growing efSearch; Recall@K is the share of the
-exact top K the ANN top K holds. A random direction of the whole space suits uniform data, but leaves
-data of low intrinsic dimension (CLIP's): such a query stays nearest x and is easier than a new one
-(20k structured 512-d vectors: efSearch 16 chosen, 0.972 on fresh draws for a 0.99 target). So every
-other query turns towards a random mix of x's K neighbours instead, along the data, and the target
-must be reached on each half. The effort chosen is the lowest efSearch whose recall reaches the
-target with 95 % confidence (the lower end of a one-sided Wilson interval, so a sample that happens
-to be easy does not pick an effort that misses the target on the next queries), found by doubling
-and then bisecting to within 1/16, never under K (the stores search at least K wide); exact search
-where it is as fast as that effort, or where no efSearch up to MAX_EF_SEARCH reaches the target. The
-store saves the result (`sidecar.stores.effort`). The live monitor (`sidecar.retrieval.monitor`) then
-measures the recall real queries get.
+exact top K the ANN top K found (a tie with the K-th counts: `evaluation.found_of_exact`). A random
+direction of the whole space suits uniform data, but leaves data of low intrinsic dimension (CLIP's):
+such a query stays nearest x and is easier than a new one (20k structured 512-d vectors: efSearch 16
+chosen, 0.972 on fresh draws for a 0.99 target). So every other query turns towards a random mix of x's
+K neighbours instead, along the data, and the target must be reached on each half. The effort chosen is
+the lowest efSearch whose recall reaches the target with 95 % confidence (the lower end of a one-sided
+Wilson interval, so a sample that happens to be easy does not pick an effort that misses the target on
+the next queries), found by doubling and then bisecting to within 1/16, never under K (the stores
+search at least K wide); exact search where it is as fast as that effort, or where no efSearch up to
+MAX_EF_SEARCH reaches the target. The store saves the result (`sidecar.stores.effort`). The live
+monitor (`sidecar.retrieval.monitor`) then measures the recall real queries get.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from sidecar.retrieval.evaluation import percentiles
+from sidecar.retrieval.evaluation import found_of_exact, percentiles
 from sidecar.stores.base import Store
 from sidecar.stores.effort import EffortPoint, SearchEffort
+from sidecar.types import ScoredId
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, queries: int =
     sample = random.Random(seed).sample(ids, min(queries, len(ids)))
     rng = np.random.default_rng((seed, 0xCA11B))  # not the stream of a data set generated with `seed`
     vectors: list[np.ndarray] = []
-    truth: list[set[str]] = []
+    truth: list[list[ScoredId]] = []
     along: list[bool] = []  # turned along the data (towards its neighbours), else in any direction
     exact_s: list[float] = []
     for doc in tqdm(store.fetch(sample), desc="exact search (the truth)", unit="query", disable=not progress):
@@ -88,7 +89,7 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, queries: int =
         hits = store.vector_search(vector, k, exact=True)
         exact_s.append(time.perf_counter() - started)  # the cost of exact search, where no effort reaches the target
         vectors.append(vector)
-        truth.append({hit.id for hit in hits})
+        truth.append(hits)
     if not vectors:
         raise ValueError("the store holds one document: there is no neighbour to calibrate against")
 
@@ -102,7 +103,7 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, queries: int =
                 started = time.perf_counter()
                 found = store.vector_search(vector, k, ef_search=ef)
                 seconds.append(time.perf_counter() - started)
-                hits[half] += sum(hit.id in expected for hit in found)
+                hits[half] += found_of_exact(found, expected)
                 total[half] += len(expected)
             p50, p95 = percentiles(seconds)
             halves = [half for half in (False, True) if total[half]]

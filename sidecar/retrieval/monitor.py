@@ -3,8 +3,9 @@
 A request that searched by vector offers its query here; a `fraction` of them is handed to one
 background thread through a bounded queue (full: the query is dropped and counted, never waited
 for), which runs the request's ANN search again and the exact search, and records how many of the
-exact top K the ANN top K holds. Summed over queries and workers (Prometheus counters of hits and
-of expected hits), the ratio is the served Recall@K, however the effort was chosen.
+exact top K the ANN top K found (a tie with the K-th counts: `evaluation.found_of_exact`). Summed over
+queries and workers (Prometheus counters of hits and of expected hits), the ratio is the served
+Recall@K, however the effort was chosen.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from sidecar.retrieval.evaluation import found_of_exact
 from sidecar.stores.base import Store
 from sidecar.threads import NamedThread
 from sidecar.types import Filters
@@ -126,5 +128,4 @@ class RecallMonitor:
         except Exception:
             self._record(RecallCheck("failed"))
             raise
-        found = {hit.id for hit in approx}
-        self._record(RecallCheck("checked", hits=sum(hit.id in found for hit in exact), expected=len(exact)))
+        self._record(RecallCheck("checked", hits=found_of_exact(approx, exact), expected=len(exact)))

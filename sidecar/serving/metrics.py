@@ -59,7 +59,7 @@ BATCHER_STOPS = Counter("sidecar_batcher_stops_total",
 # worker's shadow checks add up and recall over any window is rate(hits) / rate(expected) — in PromQL
 # (docker/prometheus/alerts.yml) and in /v1/status alike.
 RECALL_HITS = Counter("sidecar_ann_recall_hits_total",
-                      "Shadow-checked queries: results of the exact top K that the ANN top K also held")
+                      "Shadow-checked queries: results of the exact top K that the ANN top K found (ties counted)")
 RECALL_EXPECTED = Counter("sidecar_ann_recall_expected_total", "Shadow-checked queries: results of the exact top K")
 SHADOW_CHECKS = Counter("sidecar_shadow_checks_total",
                         "Queries offered to the shadow exact search: checked, dropped (queue full), failed", ["outcome"])

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from sidecar.retrieval.calibration import calibrate, recalibrate_if_changed, wilson_lower_bound
+from sidecar.retrieval.evaluation import found_of_exact
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document, ModelSignature
+from tests.support import stored_copies, unit_vectors
 
 DIM = 64
 SIGNATURE = ModelSignature(model="synthetic", weights="uniform", dim=DIM)
@@ -24,8 +26,8 @@ def uniform(n: int, *, seed: int) -> np.ndarray:
 
 
 def recall_at_10(store: EmbeddedStore, queries: np.ndarray, **options) -> float:
-    return float(np.mean([len({h.id for h in store.vector_search(q, 10, **options)}
-                              & {h.id for h in store.vector_search(q, 10, exact=True)}) / 10 for q in queries]))
+    return float(np.mean([found_of_exact(store.vector_search(q, 10, **options),
+                                         store.vector_search(q, 10, exact=True)) / 10 for q in queries]))
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,15 @@ def test_calibration_neither_tries_nor_chooses_an_effort_under_k(tmp_path):
         effort = calibrate(store, target_recall=0.5, k=10, queries=40, allow_exact=False)
     assert effort.ef_search == 10, effort.describe()
     assert min(p.ef_search for p in effort.curve) == 10, effort.describe()
+
+
+def test_on_a_store_of_duplicates_an_exhaustive_effort_reaches_the_target(tmp_path):
+    # Every vector under three ids: the exact top 10 ends inside a group of equal scores, where an
+    # equally good hit under another id is no miss; counted as one, no effort would reach 0.95.
+    with EmbeddedStore(tmp_path / "s") as store:
+        store.upsert(stored_copies(unit_vectors(300, seed=6), copies=3))
+        effort = calibrate(store, target_recall=0.95, k=10, queries=60, max_ef=1024, allow_exact=False)
+    assert effort.ef_search is not None, effort.describe()  # at the latest 1024, over the 900 documents
 
 
 def test_where_no_effort_reaches_the_target_queries_are_answered_exactly(uniform_store):

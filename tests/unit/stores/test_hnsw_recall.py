@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sidecar.retrieval.evaluation import found_of_exact
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document
 
@@ -28,8 +29,6 @@ def test_recall_at_10_on_structured_vectors(tmp_path: Path):
     corpus, queries = vectors[:5_000], vectors[5_000:]
     with EmbeddedStore(tmp_path / "s") as store:
         store.upsert([Document(id=str(i), vector=v) for i, v in enumerate(corpus)])
-        recalls = [
-            len({h.id for h in store.vector_search(q, 10)} & {h.id for h in store.vector_search(q, 10, exact=True)}) / 10
-            for q in queries
-        ]
+        recalls = [found_of_exact(store.vector_search(q, 10), store.vector_search(q, 10, exact=True)) / 10
+                   for q in queries]
     assert np.mean(recalls) >= 0.98
