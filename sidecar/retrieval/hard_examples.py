@@ -238,9 +238,14 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     out.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary()
     hard: dict[str, dict[str, Any]] = {}  # query key -> its latest hard-example record
+    # Every logged query_id -> its query key, the earlier searches of a text searched again too: feedback
+    # names the query_id of the answer it was given, which need not be the latest.
+    by_query_id: dict[str, str] = {}
     for record in read_jsonl_log(Path(log_dir) / HARD_EXAMPLES_FILE):
-        hard[_query_key(record.get("text"), record.get("query_id"))] = record
-    by_query_id = {record["query_id"]: key for key, record in hard.items() if record.get("query_id")}
+        key = _query_key(record.get("text"), record.get("query_id"))
+        hard[key] = record
+        if record.get("query_id"):
+            by_query_id[record["query_id"]] = key
 
     queries: dict[str, dict[str, Any]] = {}  # key -> {"text", "image", "reasons"}
     grades: dict[tuple[str, str], tuple[int, bool]] = {}  # (key, doc) -> (grade, from a judgment)
