@@ -160,7 +160,8 @@ def classify(query: SearchedQuery, *, store: Store, rules: HardExampleRules) -> 
 class HardExampleLog:
     """Classifies a `fraction` of the searches it is shown, off the request path (`checks`), and
     appends the hard ones to `folder/hard-examples.jsonl`. `images`: also log an image query's
-    bytes (base64); without it image-only queries are not logged at all. `record(outcome)` is told
+    bytes (base64); without it image-only queries are not logged at all. A query with neither text
+    nor image (`like`: a stored document's vector) is never logged. `record(outcome)` is told
     logged, dropped (the queue was full) or too_large (one record over the file's bound)."""
 
     def __init__(self, store: Store, *, folder: Path, checks: BackgroundChecks, fraction: float,
@@ -179,9 +180,11 @@ class HardExampleLog:
         if self.fraction <= 0 or self._random.random() >= self.fraction:
             return
         if not self.images:
-            if not query.text:
-                return  # an image-only query, and images were not asked for: nothing to log
             query = _without_image(query)
+        if not query.text and query.image is None:
+            # An image-only query without images asked for, or a `like` search (a stored document's
+            # vector, no text or image of its own): an exported record could not be replayed by eval.
+            return
         if not self._checks.submit(lambda: self._classify(query)):
             self._record("dropped")
 

@@ -1,17 +1,28 @@
-"""The hard-example export: feedback that names any logged search of a query by its query_id is kept."""
+"""The hard-example log keeps only queries eval can replay (with a text or an image), and its export keeps
+feedback that names any logged search of a query by its query_id."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
+
+import numpy as np
 
 from sidecar.retrieval.hard_examples import (
     FEEDBACK_FILE,
     HARD_EXAMPLES_FILE,
+    HardExampleLog,
+    HardExampleRules,
     JsonlLog,
+    SearchedQuery,
     export_examples,
     feedback_record,
+    read_jsonl_log,
 )
+from sidecar.retrieval.monitor import BackgroundChecks
+from sidecar.stores.embedded import EmbeddedStore
+from tests.support import png_b64
 
 
 def test_feedback_on_an_earlier_search_of_a_text_searched_again_is_exported(tmp_path: Path):
@@ -29,3 +40,18 @@ def test_feedback_on_an_earlier_search_of_a_text_searched_again_is_exported(tmp_
         "feedback without query text whose query_id names no logged query"), summary.describe()
     qrels = [json.loads(line) for line in (tmp_path / "out" / "qrels.jsonl").read_text().splitlines()]
     assert {(q["doc_id"], q["relevance"]) for q in qrels} == {("sku-1", 3), ("sku-2", 1)}
+
+
+def test_a_like_search_with_neither_text_nor_image_is_not_logged_and_an_image_query_is(tmp_path: Path):
+    image = base64.b64decode(png_b64())
+    checks = BackgroundChecks(capacity=10)
+    with EmbeddedStore(tmp_path / "store") as store:
+        log = HardExampleLog(store, folder=tmp_path / "log", checks=checks, fraction=1.0, rules=HardExampleRules(),
+                             images=True, max_bytes=10**6, backups=1)
+        for query_id, query_image in (("like", None), ("image", image)):  # both found nothing: hard
+            log.offer(SearchedQuery(query_id=query_id, text=None, image=query_image, mode="vector", k=3,
+                                    filters=None, vector=np.ones(4, dtype=np.float32) / 2, hits=[]))
+        assert checks.wait_idle(30)
+        checks.close()
+        log.close()
+    assert [record["query_id"] for record in read_jsonl_log(tmp_path / "log" / HARD_EXAMPLES_FILE)] == ["image"]
