@@ -120,7 +120,9 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
                    "{\"grid\": {field: [values]}}; fields mode, fusion, weights, rerank, exact, candidates, "
                    "ef_search, name. Default: every mode, rerank on and off.")
 @click.option("--measure", "measures", multiple=True, metavar="MEASURE",
-              help="ir-measures names, repeatable (default nDCG@10, RR@10, R@10; e.g. R@100, P@5).")
+              help="ir-measures names, repeatable (default nDCG@10, RR@10, R@10; e.g. R@100, P@5, AP@100), each "
+                   "with a cutoff: a configuration ranks its top N only (N the deepest cutoff), so AP or nDCG over "
+                   "the whole ranking is refused.")
 @click.option("--relevant-grade", type=click.IntRange(1), default=1, show_default=True,
               help="The lowest grade that counts as relevant for MRR and Recall (nDCG always uses the grades).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -294,6 +294,28 @@ def standard_measures(*, relevant_grade: int = 1, recall_at: Sequence[int] = (DE
     return ["nDCG@10", f"RR{rel}@10", *(f"R{rel}@{k}" for k in recall_at)]
 
 
+def _parse_measures(measures: Sequence[str]) -> list:
+    """ir-measures objects for `measures`, each with a cutoff: every configuration ranks its top N only
+    (N = the deepest cutoff), so a measure over the whole ranking (AP, nDCG, R without @K) is not defined."""
+    try:
+        parsed = [ir_measures.parse_measure(m) for m in measures]
+    except (ValueError, NameError, SyntaxError) as exc:
+        raise EvaluationInputError(f"unknown measure in {measures}: {exc} (ir-measures syntax, e.g. nDCG@10, "
+                                   "RR(rel=2)@10, R@100)") from exc
+    for text, measure in zip(measures, parsed):
+        if "cutoff" not in measure.SUPPORTED_PARAMS:
+            raise EvaluationInputError(f"measure {text} takes no cutoff: it scores the whole ranking, and each "
+                                       "configuration ranks its top N only; use a measure with one, e.g. AP@100")
+        if measure.params.get("cutoff") is None:
+            raise EvaluationInputError(f"measure {text} has no cutoff: give one, e.g. {text}@100 (each "
+                                       "configuration ranks its top N only, N the deepest cutoff)")
+        try:
+            measure.validate_params()  # ir-measures checks with assert: its message names the parameter
+        except AssertionError as exc:
+            raise EvaluationInputError(f"measure {text}: {exc}") from exc
+    return parsed
+
+
 def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrels: Mapping[str, Mapping[str, int]],
              configs: Sequence[RunConfig], *, measures: Sequence[str] | None = None, max_image_pixels: int = 40_000_000,
              encode_threads: int = 1, progress: bool = False) -> Evaluation:
@@ -302,12 +324,8 @@ def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrel
     Queries are encoded one at a time with `encode_threads` torch threads on CPU, as a serving
     worker encodes them (SIDECAR_SERVE_TORCH_THREADS): the encode latency is a request's."""
     measures = list(measures or standard_measures())
-    try:
-        parsed = [ir_measures.parse_measure(m) for m in measures]
-    except (ValueError, NameError, SyntaxError) as exc:
-        raise EvaluationInputError(f"unknown measure in {measures}: {exc} (ir-measures syntax, e.g. nDCG@10, "
-                                   "RR(rel=2)@10, R@100)") from exc
-    depth = max([DEFAULT_CUTOFF, *(m.params.get("cutoff") or 0 for m in parsed)])
+    parsed = _parse_measures(measures)
+    depth = max([DEFAULT_CUTOFF, *(m.params["cutoff"] for m in parsed)])
     judged = [q for q in queries if qrels.get(q.id)]
     if len(judged) < len(queries):
         log.warning("%d of %d queries have no judgments and are left out", len(queries) - len(judged), len(queries))

@@ -85,6 +85,19 @@ def test_a_judged_query_the_run_misses_counts_as_zero_not_as_absent(store, tmp_p
     assert result.metrics["RR@10"] == pytest.approx((1 / 2 + 0.0) / 2)
 
 
+@pytest.mark.parametrize(("measure", "message"), [
+    ("AP", "measure AP has no cutoff: give one, e.g. AP@100"),  # was 0.0: scored on the top 10 only
+    ("R", "measure R has no cutoff"),  # was an AssertionError from ir-measures
+    ("Bpref", "measure Bpref takes no cutoff"),
+    ("nDCG(foo=1)@10", r"measure nDCG\(foo=1\)@10: unsupported params found: \['foo'\]"),
+    ("R@5.5", "measure R@5.5: invalid param cutoff=5.5"),
+])
+def test_a_measure_without_a_cutoff_or_with_a_bad_parameter_is_refused_naming_it(store, measure, message):
+    with pytest.raises(EvaluationInputError, match=message):
+        relevance.evaluate({"default": SearchTarget(store=store, encoder=None)}, QUERIES, {"q1": {"d1": 1}}, [BM25],
+                           measures=[measure])
+
+
 def test_jsonl_judgments_read_the_same_as_trec(tmp_path, qrels_file):
     jsonl = tmp_path / "qrels.jsonl"
     jsonl.write_text("".join(json.dumps({"query_id": q, "doc_id": d, "relevance": int(g)}) + "\n"
