@@ -300,9 +300,12 @@ def _load_json(spec: str) -> Any:
 
 
 def _print_report(evaluation, report) -> None:
-    from sidecar.retrieval.report import defaults_table, markdown, results_table
+    from sidecar.retrieval.report import defaults_table, markdown, notes_table, results_table
 
     click.echo("\n" + markdown(results_table(evaluation)))
+    notes = notes_table(evaluation)
+    if notes[1]:
+        click.echo("\nNotes:\n" + markdown(notes))
     if evaluation.default:
         click.echo(f"\nThe default request ({evaluation.default}) against the best configuration:\n"
                    + markdown(defaults_table(evaluation)))

@@ -46,13 +46,19 @@ def results_table(evaluation: Evaluation, *, groups: Sequence[str] | None = None
     best = {m: max(r.metrics[m] for r in evaluation.results) for m in evaluation.measures}
     rows = []
     for result in evaluation.results:
-        cells = [result.config.name]
+        # A note says the row did not run as its name says (a rerank skipped): point to it.
+        cells = [result.config.name + (" (see notes)" if result.notes else "")]
         cells += [f"**{result.metrics[m]:.3f}**" if result.metrics[m] >= best[m] - 1e-12
                   else f"{result.metrics[m]:.3f}" for m in evaluation.measures]
         cells += [f"{result.by_group[g][primary]:.3f}" for g in groups]
         p50, p95 = result.latency_ms["total"]
         rows.append(cells + [f"{p50:.2f}", f"{p95:.2f}"])
     return header, rows
+
+
+def notes_table(evaluation: Evaluation) -> Table:
+    """Each configuration's notes (why a requested rerank was skipped), one row per note; no rows without."""
+    return ["configuration", "note"], [[r.config.name, note] for r in evaluation.results for note in r.notes]
 
 
 def latency_table(evaluation: Evaluation) -> Table:
@@ -103,6 +109,9 @@ def write_report(evaluation: Evaluation, out: Path | str, *, title: str) -> Repo
 
 def _sections(evaluation: Evaluation) -> list[tuple[str, Table]]:
     sections = [("Results", results_table(evaluation))]
+    notes = notes_table(evaluation)
+    if notes[1]:
+        sections.append(("Notes", notes))
     if evaluation.default:
         sections.append((f"The default request ({evaluation.default}) against the best configuration",
                          defaults_table(evaluation)))

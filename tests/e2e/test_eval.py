@@ -50,6 +50,23 @@ def test_eval_with_judged_queries_writes_the_report_and_ranks_the_concepts_first
                                               "report.html"}
 
 
+def test_a_rerank_skipped_for_want_of_a_fine_model_is_noted_in_the_terminal_markdown_and_html(store_path, judged,
+                                                                                               tmp_path, monkeypatch):
+    monkeypatch.delenv("SIDECAR_FINE_MODEL", raising=False)
+    queries, qrels = judged
+    out = tmp_path / "report"
+    configs = json.dumps({"grid": {"mode": ["vector"], "rerank": [True, False]}})
+    result = CliRunner().invoke(main, ["-q", "eval", "--queries", str(queries), "--qrels", str(qrels),
+                                       "--store-path", str(store_path), "--config", configs, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    note = "rerank skipped for 4 of 4 queries: no fine model is configured"
+    # The row's name still says +rerank: it points to the note, which every output carries.
+    assert "| vector +rerank N=100 (see notes) |" in result.output and "| vector N=100 |" in result.output
+    assert f"| vector +rerank N=100 | {note}" in result.output
+    assert f"| vector +rerank N=100 | {note}" in (out / "results.md").read_text(encoding="utf-8")
+    assert f"<td>vector +rerank N=100</td><td>{note}" in (out / "report.html").read_text(encoding="utf-8")
+
+
 def test_eval_needs_exactly_one_of_benchmark_judged_queries_ann_or_prompts(judged):
     runner = CliRunner()
     result = runner.invoke(main, ["eval"])
