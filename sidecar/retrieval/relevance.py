@@ -175,6 +175,22 @@ def parse_configs(spec: Any, *, k: int = DEFAULT_CUTOFF) -> list[RunConfig]:
     return [_config(row, k=k) for row in rows]
 
 
+# The JSON types of the fields whose values SearchOptions does not check (it compares mode and fusion
+# with its choices, and weights' count and sum), and how a message names them.
+_CONFIG_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "weights": ((list, dict), '[vector, bm25] or {"vector": ..., "bm25": ...}'),
+    "rerank": ((bool, type(None)), "true, false or null (the mode's default)"),
+    "exact": ((bool,), "true or false"),
+    "candidates": ((int,), "an integer"),
+    "ef_search": ((int, type(None)), "an integer or null (the store's setting)"),
+}
+
+
+def _is_a(value: Any, types: tuple[type, ...]) -> bool:
+    """isinstance, except that JSON's true and false are not numbers."""
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
 def _config(row: Any, *, k: int) -> RunConfig:
     if not isinstance(row, dict):
         raise EvaluationInputError(f"a configuration must be a JSON object, got {row!r}")
@@ -183,12 +199,18 @@ def _config(row: Any, *, k: int) -> RunConfig:
         raise EvaluationInputError(f"configuration {row}: unknown field(s) {', '.join(sorted(unknown))}; "
                                    f"known: name, target, {', '.join(CONFIG_FIELDS)}")
     values = {key: value for key, value in row.items() if key in CONFIG_FIELDS}
+    for key, value in values.items():
+        expected = _CONFIG_TYPES.get(key)
+        if expected and not _is_a(value, expected[0]):
+            raise EvaluationInputError(f"configuration {row}: {key!r} must be {expected[1]}, got {value!r}")
     if "weights" in values:
         weights = values["weights"]
         if isinstance(weights, dict):
             weights = [weights.get("vector", 0.0), weights.get("bm25", 0.0)]
+        if not all(_is_a(w, (int, float)) for w in weights):
+            raise EvaluationInputError(f"configuration {row}: 'weights' must be numbers, got {values['weights']!r}")
         values["weights"] = tuple(float(w) for w in weights)
-    values["candidates"] = max(int(values.get("candidates", SearchOptions().candidates)), k)
+    values["candidates"] = max(values.get("candidates", SearchOptions().candidates), k)
     try:
         options = SearchOptions(k=k, **values)
     except (TypeError, ValueError) as exc:

@@ -140,6 +140,23 @@ def test_configuration_errors_name_the_field():
     assert relevance.parse_configs({"weights": {"vector": 0.2, "bm25": 0.8}})[0].options.weights == (0.2, 0.8)
 
 
+@pytest.mark.parametrize(("row", "message"), [
+    ({"weights": 5}, "'weights' must be \\[vector, bm25\\]"),  # was a TypeError
+    ({"weights": ["a", 1]}, "'weights' must be numbers"),  # was a ValueError from float()
+    ({"weights": {"vector": True}}, "'weights' must be numbers"),
+    ({"candidates": "many"}, "'candidates' must be an integer, got 'many'"),  # was a ValueError from int()
+    ({"candidates": None}, "'candidates' must be an integer, got None"),  # was a TypeError
+    ({"exact": "false"}, "'exact' must be true or false, got 'false'"),  # was taken as true
+    ({"rerank": 1}, "'rerank' must be true, false or null"),
+    ({"ef_search": "16"}, "'ef_search' must be an integer or null"),
+])
+def test_a_configuration_value_of_the_wrong_type_is_refused_naming_the_key_and_the_configuration(row, message):
+    with pytest.raises(EvaluationInputError, match=f"configuration {{'{next(iter(row))}'.*: {message}"):
+        relevance.parse_configs({"grid": {key: [value] for key, value in row.items()}})
+    with pytest.raises(EvaluationInputError, match=message):
+        relevance.parse_configs([row])
+
+
 def test_a_mode_that_needs_text_refuses_image_only_queries(store, tmp_path):
     (tmp_path / "p.jpg").write_bytes(b"x")
     queries = [Query(id="q1", image=tmp_path / "p.jpg")]
