@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,8 +49,11 @@ class SearchOptions:
             raise ValueError(f"ef_search must be >= 1, got {self.ef_search}")
         if self.candidates < self.k:
             object.__setattr__(self, "candidates", self.k)
-        if len(self.weights) != 2 or min(self.weights) < 0 or sum(self.weights) <= 0:
-            raise ValueError(f"weights must be two non-negative numbers (vector, bm25) with a positive sum, got {self.weights}")
+        # isfinite first: NaN passes both comparisons below and would make every fused score NaN.
+        if len(self.weights) != 2 or not all(map(math.isfinite, self.weights)) or min(self.weights) < 0 \
+                or sum(self.weights) <= 0:
+            raise ValueError("weights must be two finite non-negative numbers (vector, bm25) with a positive sum, "
+                             f"got {self.weights}")
 
 
 @dataclass(frozen=True, slots=True)

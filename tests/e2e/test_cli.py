@@ -75,6 +75,14 @@ def test_embed_index_search_through_the_cli(corpus, tmp_path):
     assert result.exit_code == 0 and "Recall@10 (HNSW vs exact) over 50 queries" in result.output
 
 
+@pytest.mark.parametrize("weight", ["nan", "inf"])
+def test_search_refuses_a_weight_that_is_not_finite(store_path, weight):
+    # NaN passed the non-negative check and gave NaN scores; inf made the fused scores NaN too.
+    result = CliRunner().invoke(main, ["-q", "search", "red", "--store-path", str(store_path),
+                                       "--vector-weight", weight])
+    assert result.exit_code == 2 and "weights must be two finite non-negative numbers" in result.output
+
+
 def test_embed_continues_after_kill_minus_9_without_duplicates_or_gaps(tmp_path):
     manifest = write_corpus(tmp_path / "corpus", 3000, seed=5)
     out = tmp_path / "shards"

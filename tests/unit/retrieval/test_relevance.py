@@ -157,6 +157,12 @@ def test_a_configuration_value_of_the_wrong_type_is_refused_naming_the_key_and_t
         relevance.parse_configs([row])
 
 
+def test_a_configuration_with_a_weight_that_is_not_finite_is_refused():
+    # JSON's NaN parses to a float: it ran as a row "hybrid minmax nan/1" of NaN scores.
+    with pytest.raises(EvaluationInputError, match="weights must be two finite"):
+        relevance.parse_configs(json.loads('{"weights": [NaN, 1]}'))
+
+
 def test_a_mode_that_needs_text_refuses_image_only_queries(store, tmp_path):
     (tmp_path / "p.jpg").write_bytes(b"x")
     queries = [Query(id="q1", image=tmp_path / "p.jpg")]
