@@ -141,7 +141,8 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
                    "the images of --labels.")
 @click.option("--labels", "labels_path", type=click.Path(exists=True, path_type=Path),
               help="--prompts: the labelled sample, a folder or a .jsonl / .csv manifest as `embed` reads it; each "
-                   "image's true label is its metadata field --label-field.")
+                   "image's true label is its metadata field --label-field. Images embed would skip (missing, unreadable, not "
+                   "an image) are skipped, counted and listed in the report.")
 @click.option("--label-field", default="label", show_default=True, help="--prompts: the metadata field of the truth.")
 @prompt_sets_option
 @model_options
@@ -199,15 +200,18 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
 def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, label_field: str, out: Path,
                      progress: bool) -> None:
     from sidecar.cli.benchmark import machine_description
-    from sidecar.ingest.corpus import read_corpus
+    from sidecar.ingest.corpus import printable, read_corpus
     from sidecar.model.encoder import load_encoder
     from sidecar.model.prompts import PromptSetRegistry
     from sidecar.retrieval.classification import accuracy_table, score_prompt_sets
     from sidecar.retrieval.relevance import EvaluationInputError
     from sidecar.retrieval.report import markdown
 
-    sample = []
+    sample, skipped = [], []  # skipped: (path, why), the images embed would skip too
     for item in read_corpus(labels_path):
+        if item.unusable:
+            skipped.append((item.path, item.unusable))
+            continue
         truth = item.text if label_field == "text" else item.metadata.get(label_field)
         if not isinstance(truth, str) or not truth:
             raise click.UsageError(f"{labels_path}: item {item.id!r} has no {label_field!r} label "
@@ -215,17 +219,26 @@ def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, lab
         sample.append((item.path, truth))
     encoder = load_encoder(settings)
     try:
-        results = score_prompt_sets(encoder, PromptSetRegistry(settings.prompt_sets_dir), names, sample,
-                                    max_pixels=settings.max_image_pixels, progress=progress)
+        results, unusable = score_prompt_sets(encoder, PromptSetRegistry(settings.prompt_sets_dir), names, sample,
+                                              max_pixels=settings.max_image_pixels, progress=progress)
     except EvaluationInputError as exc:
         raise click.UsageError(str(exc)) from exc
+    total = len(sample) + len(skipped)
+    skipped += unusable
+    listed = [{"path": printable(str(path)), "reason": reason} for path, reason in skipped]
     table = markdown(accuracy_table(results))
+    lines = [f"- {s['path']}: {s['reason']}" for s in listed]
+    summary = f"{len(skipped)} of {total} images skipped as unusable"
     out.mkdir(parents=True, exist_ok=True)
     info = {"machine": machine_description(), "model": encoder.signature.describe(), "labels": str(labels_path),
             "label_field": label_field}
-    (out / "results.json").write_text(json.dumps({"info": info, "results": [r.to_json() for r in results]},
-                                                 indent=2), encoding="utf-8")
-    (out / "results.md").write_text(f"# Prompt sets on {labels_path.name}\n\n{table}\n", encoding="utf-8")
+    (out / "results.json").write_text(json.dumps({"info": info, "results": [r.to_json() for r in results],
+                                                  "skipped": listed}, indent=2), encoding="utf-8")
+    listing = f"\n{summary}:\n\n" + "\n".join(lines) + "\n" if skipped else ""
+    (out / "results.md").write_text(f"# Prompt sets on {labels_path.name}\n\n{table}\n{listing}", encoding="utf-8")
+    if skipped:
+        click.echo(f"\n{summary} (all listed in {out / 'results.md'}):\n" + "\n".join(lines[:5])
+                   + ("\n- …" if len(lines) > 5 else ""))
     click.echo(f"\n{table}\n\nReport: {out / 'results.md'}, {out / 'results.json'}")
 
 

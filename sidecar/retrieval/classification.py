@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sidecar.model.encoder import FORWARD_CHUNK, Encoder
+from sidecar.model.images import ImageDecodeError
 from sidecar.model.prompts import PromptSet, PromptSetRegistry, rank_labels
 from sidecar.retrieval.relevance import EvaluationInputError
 from sidecar.retrieval.report import Table
@@ -36,15 +37,23 @@ class PromptSetAccuracy:
 
 
 def encode_labelled_images(encoder: Encoder, paths: Sequence[Path], *, max_pixels: int,
-                           progress: bool = False) -> np.ndarray:
-    """Image vectors of the sample, decoded as the embed job decodes its files."""
-    parts = []
+                           progress: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+    """Image vectors of the sample's usable images, decoded as the embed job decodes its files, and why
+    each other one (by its index in `paths`) is unusable: skipped and counted, as embed skips them."""
+    parts, unusable = [], {}
     with tqdm(total=len(paths), unit="img", desc="encode sample", disable=not progress) as bar:
         for start in range(0, len(paths), FORWARD_CHUNK):
-            chunk = paths[start:start + FORWARD_CHUNK]
-            parts.append(encoder.encode_image_files([path.read_bytes() for path in chunk], max_pixels=max_pixels))
-            bar.update(len(chunk))
-    return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), dtype=np.float32)
+            images = []
+            for index in range(start, min(start + FORWARD_CHUNK, len(paths))):
+                try:
+                    images.append(encoder.images.load(paths[index].read_bytes(), max_pixels=max_pixels))
+                except OSError as exc:
+                    unusable[index] = f"cannot read file: {exc.strerror}"
+                except ImageDecodeError as exc:
+                    unusable[index] = exc.reason
+            parts.append(encoder.encode_images(images))
+            bar.update(min(FORWARD_CHUNK, len(paths) - start))
+    return (np.concatenate(parts) if parts else np.zeros((0, encoder.dim), dtype=np.float32)), unusable
 
 
 def prompt_set_accuracy(prompt_set: PromptSet, label_vectors: np.ndarray, image_vectors: np.ndarray,
@@ -74,16 +83,22 @@ def prompt_set_accuracy(prompt_set: PromptSet, label_vectors: np.ndarray, image_
 
 def score_prompt_sets(encoder: Encoder, registry: PromptSetRegistry, names: Sequence[str],
                       sample: Sequence[tuple[Path, str]], *, max_pixels: int,
-                      progress: bool = False) -> list[PromptSetAccuracy]:
-    """Each named set's accuracy on the same labelled sample (image path, true label)."""
+                      progress: bool = False) -> tuple[list[PromptSetAccuracy], list[tuple[Path, str]]]:
+    """Each named set's accuracy on the same labelled sample (image path, true label), and the images
+    skipped as unusable (path, why)."""
     if not sample:
         raise EvaluationInputError("the labelled sample holds no images")
     sets = [registry.get(name) for name in names]
-    vectors = encode_labelled_images(encoder, [path for path, _ in sample], max_pixels=max_pixels, progress=progress)
-    truths = [label for _, label in sample]
+    vectors, unusable = encode_labelled_images(encoder, [path for path, _ in sample], max_pixels=max_pixels,
+                                               progress=progress)
+    skipped = [(sample[index][0], reason) for index, reason in sorted(unusable.items())]
+    if len(skipped) == len(sample):
+        raise EvaluationInputError(f"none of the {len(sample)} images of the labelled sample is usable "
+                                   f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
+    truths = [label for index, (_, label) in enumerate(sample) if index not in unusable]
     return [prompt_set_accuracy(s, registry.vectors(s, model=encoder.name, weights=encoder.weights,
                                                     encode=encoder.encode_texts),
-                                vectors, truths, logit_scale=encoder.logit_scale) for s in sets]
+                                vectors, truths, logit_scale=encoder.logit_scale) for s in sets], skipped
 
 
 def accuracy_table(results: Sequence[PromptSetAccuracy]) -> Table:

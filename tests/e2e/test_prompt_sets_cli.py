@@ -204,3 +204,20 @@ def test_eval_scores_prompt_sets_on_a_labelled_sample(sets, tmp_path):
     wrong = CliRunner().invoke(main, ["-q", "eval", "--prompts", "shapes", "--labels", str(sample), "--label-field",
                                       "color", "--prompt-sets", str(sets), "--out", str(out)])
     assert wrong.exit_code == 2 and "are not labels of prompt set 'shapes'" in wrong.output
+
+
+def test_eval_of_prompt_sets_skips_and_counts_a_missing_or_broken_image_of_the_sample(sets, tmp_path):
+    sample = write_corpus(tmp_path / "sample", 12, seed=78)
+    rows = [json.loads(line) for line in sample.read_text().splitlines()]
+    (sample.parent / rows[0]["path"]).unlink()  # was a FileNotFoundError traceback
+    (sample.parent / rows[1]["path"]).write_bytes(b"not an image")  # was an ImageDecodeError traceback
+    out = tmp_path / "report"
+    result = cli("eval", "--prompts", "shapes", "--labels", sample, "--label-field", "shape", "--prompt-sets", sets,
+                 "--out", out)
+    assert "2 of 12 images skipped as unusable" in result.output
+    assert "| shapes | 1 | 5 | 15 | 10 |" in result.output
+    report = json.loads((out / "results.json").read_text())
+    assert [Path(s["path"]).name for s in report["skipped"]] == [Path(rows[0]["path"]).name,
+                                                                  Path(rows[1]["path"]).name]
+    assert report["skipped"][0]["reason"].startswith("cannot read file")
+    assert "2 of 12 images skipped as unusable" in (out / "results.md").read_text()
