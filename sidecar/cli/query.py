@@ -249,6 +249,8 @@ def _ann(settings, *, samples: int, k: int) -> None:
     store = open_store(settings)
     try:
         report = ann_recall(store, queries=samples, k=k)
+    except ValueError as exc:  # the store is empty
+        raise click.ClickException(str(exc)) from exc
     finally:
         store.close()
     click.echo(report.describe())

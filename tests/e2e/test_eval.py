@@ -85,6 +85,12 @@ def test_a_bad_configuration_is_a_usage_error_naming_the_field(store_path, judge
     assert result.exit_code == 2 and "unknown field(s) colour" in result.output
 
 
+def test_ann_validation_of_an_empty_store_is_an_error_saying_so(tmp_path):
+    result = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(tmp_path / "store")])
+    # Click's own error line, not a ValueError traceback.
+    assert result.exit_code == 1 and "Error: the store is empty: index something first" in result.output
+
+
 @pytest.mark.slow
 def test_benchmark_runs_from_nothing_to_a_report(tmp_path, fine_encoder):
     # The whole path a user runs: both tiny models (trained once into the test cache), the catalogue,
