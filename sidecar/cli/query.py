@@ -124,7 +124,8 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
                    "with a cutoff: a configuration ranks its top N only (N the deepest cutoff), so AP or nDCG over "
                    "the whole ranking is refused.")
 @click.option("--relevant-grade", type=click.IntRange(1), default=1, show_default=True,
-              help="The lowest grade that counts as relevant for MRR and Recall (nDCG always uses the grades).")
+              help="The lowest grade that counts as relevant for the default MRR and Recall (nDCG always uses the "
+                   "grades). Not with --measure: write it in the measure there, e.g. RR(rel=2)@10.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder: results.json, results.md, PNG plots, report.html "
                    "[default: reports/benchmark or reports/eval].")
@@ -172,6 +173,7 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
         raise click.UsageError("choose one of --benchmark, --queries with --qrels, --ann, or --prompts with --labels"
                                + (f" (got {', '.join(chosen)})" if chosen else ""))
     progress = ctx.obj["progress"]
+    grade_given = ctx.get_parameter_source("relevant_grade") is not click.core.ParameterSource.DEFAULT
     settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + PROMPT_FLAGS)
     if prompt_sets or labels_path:
         if not (prompt_sets and labels_path):
@@ -183,7 +185,7 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
     elif benchmark:
         from sidecar.cli.benchmark import QUERIES_PER_CATEGORY, run_benchmark
 
-        if configs or measures:
+        if configs or measures or grade_given:
             raise click.UsageError("--benchmark runs its standard configurations and measures; use --queries "
                                    "and --qrels (its files are in --workdir/catalogue) to run your own")
         evaluation, report = run_benchmark(settings, workdir=workdir, out=out or Path("reports/benchmark"),
@@ -193,6 +195,9 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
     else:
         if not (queries_path and qrels):
             raise click.UsageError("--queries and --qrels go together")
+        if measures and grade_given:  # it would be ignored: it sets the default measures' rel=
+            raise click.UsageError("--relevant-grade sets the default measures; with --measure, write the grade in "
+                                   "each measure instead, e.g. RR(rel=2)@10 or R(rel=2)@100")
         _judged(settings, queries_path, qrels, configs=configs, measures=measures, relevant_grade=relevant_grade,
                 out=out or Path("reports/eval"), progress=progress)
 

@@ -85,6 +85,13 @@ def test_a_bad_configuration_is_a_usage_error_naming_the_field(store_path, judge
     assert result.exit_code == 2 and "unknown field(s) colour" in result.output
 
 
+def test_relevant_grade_with_measures_is_refused_not_ignored(store_path, judged):
+    queries, qrels = judged
+    result = CliRunner().invoke(main, ["eval", "--queries", str(queries), "--qrels", str(qrels), "--store-path",
+                                       str(store_path), "--measure", "RR@10", "--relevant-grade", "2"])
+    assert result.exit_code == 2 and "write the grade in each measure instead, e.g. RR(rel=2)@10" in result.output
+
+
 def test_ann_validation_of_an_empty_store_is_an_error_saying_so(tmp_path):
     result = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(tmp_path / "store")])
     # Click's own error line, not a ValueError traceback.
