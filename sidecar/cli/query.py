@@ -305,14 +305,14 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
 
 def _load_json(spec: str) -> Any:
     """Inline JSON, or the path of a JSON file."""
-    from sidecar.retrieval.relevance import EvaluationInputError
+    from sidecar.retrieval.relevance import EvaluationInputError, read_input_text
 
     text = spec
     if not spec.lstrip().startswith(("{", "[")):
         path = Path(spec)
         if not path.is_file():
             raise EvaluationInputError(f"--config {spec!r}: neither inline JSON nor an existing file")
-        text = path.read_text(encoding="utf-8")
+        text = read_input_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

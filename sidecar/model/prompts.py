@@ -138,6 +138,9 @@ def load_prompt_set(path: Path, *, name: str | None = None, version: str | None 
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PromptSetError(f"{path}: cannot read it: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise PromptSetError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                             "save it as UTF-8") from exc
     if suffix == ".csv":
         return _from_csv(text, source=str(path), name=name if name is not None else path.stem, version=version)
     if suffix == ".json":

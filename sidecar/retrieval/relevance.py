@@ -51,12 +51,21 @@ class Query:
     tags: tuple[str, ...] = ()  # e.g. out-of-distribution; metrics are also reported per tag
 
 
+def read_input_text(path: Path) -> str:
+    """A query, judgment or configuration file's text, which must be UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvaluationInputError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                                   f"{exc.start}); save it as UTF-8") from exc
+
+
 def read_queries(path: Path | str) -> list[Query]:
     """JSONL, one query a line: {"id", "text"?, "image"? (a file, relative to this file), "category"?, "tags"?}."""
     path = Path(path)
     queries: list[Query] = []
     seen: set[str] = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_input_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -93,7 +102,7 @@ def read_qrels(path: Path | str) -> dict[str, dict[str, int]]:
     """Graded judgments, query id -> {doc id: relevance}: TREC qrels ("qid iter docid rel" a line) or
     JSONL ({"query_id", "doc_id", "relevance"} a line)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_input_text(path)
     first = next((line for line in text.splitlines() if line.strip()), "")
     qrels: dict[str, dict[str, int]] = {}
     if first.lstrip().startswith("{"):

@@ -85,6 +85,15 @@ def test_a_bad_configuration_is_a_usage_error_naming_the_field(store_path, judge
     assert result.exit_code == 2 and "unknown field(s) colour" in result.output
 
 
+def test_a_configuration_file_that_is_not_utf8_is_a_usage_error_naming_it(store_path, judged, tmp_path):
+    queries, qrels = judged
+    config = tmp_path / "configs.json"
+    config.write_bytes('{"name": "caf\u00e9"}'.encode("latin-1"))
+    result = CliRunner().invoke(main, ["eval", "--queries", str(queries), "--qrels", str(qrels), "--store-path",
+                                       str(store_path), "--config", str(config)])
+    assert result.exit_code == 2 and "configs.json: not UTF-8 text (byte 0xe9" in result.output
+
+
 def test_relevant_grade_with_measures_is_refused_not_ignored(store_path, judged):
     queries, qrels = judged
     result = CliRunner().invoke(main, ["eval", "--queries", str(queries), "--qrels", str(qrels), "--store-path",

@@ -85,6 +85,14 @@ def test_a_bad_file_is_refused_naming_the_file_and_the_field(tmp_path, name, tex
     assert str(path) in str(caught.value) and message in str(caught.value)
 
 
+@pytest.mark.parametrize("name", ["a.yaml", "a.json", "a.csv"])
+def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\xff\xfe bad")  # UTF-16's byte-order mark: was a UnicodeDecodeError traceback
+    with pytest.raises(PromptSetError, match=f"{name}: not UTF-8 text \\(byte 0xff at offset 0\\)"):
+        load_prompt_set(path)
+
+
 def test_template_ensembling_averages_the_normalised_prompt_vectors_then_normalises():
     prompt_set = PromptSet.from_dict({"name": "s", "templates": ["a {}", "a photo of a {}", "{}"],
                                       "labels": ["circle", {"name": "star", "templates": ["a star"]}]}, source="test")

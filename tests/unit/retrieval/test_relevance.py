@@ -116,6 +116,14 @@ def test_query_file_errors_name_the_line(tmp_path):
         relevance.read_queries(path)
 
 
+def test_query_and_judgment_files_that_are_not_utf8_are_refused_naming_them(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("q1 0 caf\u00e9 1\n".encode("latin-1"))  # was a UnicodeDecodeError traceback
+    for read in (relevance.read_queries, relevance.read_qrels):
+        with pytest.raises(EvaluationInputError, match=r"latin1.txt: not UTF-8 text \(byte 0xe9 at offset 8\)"):
+            read(path)
+
+
 def test_image_queries_resolve_relative_to_the_query_file(tmp_path):
     (tmp_path / "photo.jpg").write_bytes(b"not read here")
     path = tmp_path / "queries.jsonl"
