@@ -14,11 +14,13 @@ import platform
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from sidecar.config import Settings
-from sidecar.retrieval.relevance import Evaluation, RunConfig, dedupe
 from sidecar.retrieval.search import SearchOptions
+
+if TYPE_CHECKING:  # relevance imports torch: `eval --help` reads BENCHMARK_ITEMS without it
+    from sidecar.retrieval.relevance import Evaluation, RunConfig
 
 BENCHMARK_ITEMS = 3000
 QUERIES_PER_CATEGORY = 60
@@ -32,6 +34,8 @@ def standard_configs() -> list[RunConfig]:
     beside each document): every mode, the fusions and weights, exact vs ANN and an ef_search sweep,
     each coarse alone and with the fine stage (the cascade), and the candidate depth N. On the strong
     model's own store: its exact search alone, the reference the cascade is measured against."""
+    from sidecar.retrieval.relevance import RunConfig, dedupe
+
     base = SearchOptions(rerank=False)
 
     def fast(**changes) -> RunConfig:

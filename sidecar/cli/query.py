@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from sidecar.cli.benchmark import BENCHMARK_ITEMS
 from sidecar.cli.output import format_hits
 from sidecar.cli.root import (
     MODEL_FLAGS,
@@ -131,7 +132,7 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
                    "[default: reports/benchmark or reports/eval].")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("data/benchmark"),
               show_default=True, help="--benchmark: catalogue, shards and stores (reused by reruns).")
-@click.option("--items", type=click.IntRange(100), default=3000, show_default=True,
+@click.option("--items", type=click.IntRange(100), default=BENCHMARK_ITEMS, show_default=True,
               help="--benchmark: products in the catalogue.")
 @click.option("--ann", is_flag=True, help="Validate the ANN index instead: Recall@K of HNSW against exact search.")
 @click.option("--samples", type=click.IntRange(1), default=200, show_default=True,
