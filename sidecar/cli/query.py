@@ -35,8 +35,9 @@ from sidecar.retrieval.search import MODES
 @click.option("--vector-weight", type=float, default=0.5, show_default=True)
 @click.option("--bm25-weight", type=float, default=0.5, show_default=True)
 @click.option("--rerank/--no-rerank", default=None,
-              help="The fine stage: re-score the candidates with --fine-model (default: on, except in bm25 mode; "
-                   "skipped, with a note, when no fine model is configured).")
+              help="The fine stage: re-score the candidates with --fine-model (default: on, except in bm25 mode). "
+                   "Skipped when no fine model is configured: silently by default, with a note on stderr when "
+                   "--rerank is given.")
 @click.option("--exact", is_flag=True, help="Brute-force vector search instead of HNSW.")
 @click.option("--ef-search", type=click.IntRange(1), help="HNSW search breadth for this query (default: the store's).")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
@@ -281,7 +282,7 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
 
     try:
         queries, qrels = read_queries(queries_path), read_qrels(qrels_path)
-        runs = [c for spec in configs for c in parse_configs(_load_json(spec))] or default_configs()
+        runs = [c for spec in configs for c in parse_configs(_load_json(spec))] if configs else default_configs()
     except EvaluationInputError as exc:
         raise click.UsageError(str(exc)) from exc
     store = open_store(settings)

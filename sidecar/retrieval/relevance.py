@@ -181,6 +181,8 @@ def parse_configs(spec: Any, *, k: int = DEFAULT_CUTOFF) -> list[RunConfig]:
         rows = [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
         return dedupe([_config(row, k=k) for row in rows])
     rows = spec if isinstance(spec, list) else [spec]
+    if not rows:
+        raise EvaluationInputError("no configurations: the list is empty (leave out --config for the defaults)")
     return [_config(row, k=k) for row in rows]
 
 

@@ -83,6 +83,17 @@ def test_search_refuses_a_weight_that_is_not_finite(store_path, weight):
     assert result.exit_code == 2 and "weights must be two finite non-negative numbers" in result.output
 
 
+def test_search_notes_a_skipped_rerank_only_when_asked_for_as_its_help_says(store_path, monkeypatch):
+    monkeypatch.delenv("SIDECAR_FINE_MODEL", raising=False)
+    assert "silently by default, with a note on stderr when --rerank is given" in " ".join(
+        CliRunner().invoke(main, ["search", "--help"]).output.split())
+    base = ["-q", "search", "red", "--store-path", str(store_path)]
+    default = CliRunner().invoke(main, base)
+    asked = CliRunner().invoke(main, [*base, "--rerank"])
+    assert default.exit_code == asked.exit_code == 0
+    assert "rerank skipped" not in default.stderr and "rerank skipped: no fine model" in asked.stderr
+
+
 def test_embed_continues_after_kill_minus_9_without_duplicates_or_gaps(tmp_path):
     manifest = write_corpus(tmp_path / "corpus", 3000, seed=5)
     out = tmp_path / "shards"

@@ -94,6 +94,13 @@ def test_a_configuration_file_that_is_not_utf8_is_a_usage_error_naming_it(store_
     assert result.exit_code == 2 and "configs.json: not UTF-8 text (byte 0xe9" in result.output
 
 
+def test_an_empty_configuration_list_is_refused_not_run_as_the_defaults(store_path, judged):
+    queries, qrels = judged
+    result = CliRunner().invoke(main, ["eval", "--queries", str(queries), "--qrels", str(qrels), "--store-path",
+                                       str(store_path), "--config", "[]"])
+    assert result.exit_code == 2 and "no configurations: the list is empty" in result.output
+
+
 def test_relevant_grade_with_measures_is_refused_not_ignored(store_path, judged):
     queries, qrels = judged
     result = CliRunner().invoke(main, ["eval", "--queries", str(queries), "--qrels", str(qrels), "--store-path",
