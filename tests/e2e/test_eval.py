@@ -114,17 +114,6 @@ def test_ann_validation_of_an_empty_store_is_an_error_saying_so(tmp_path):
     assert result.exit_code == 1 and "Error: the store is empty: index something first" in result.output
 
 
-def test_the_benchmark_size_default_of_eval_is_the_benchmarks_constant():
-    # A fresh interpreter, the package's __init__ (which imports every command) stubbed, so the constant
-    # changes before sidecar.cli.query reads it into the option: the default follows it, not a copy.
-    code = ("import sys, types, sidecar; cli = types.ModuleType('sidecar.cli'); "
-            "cli.__path__ = [sidecar.__path__[0] + '/cli']; sys.modules['sidecar.cli'] = cli; "
-            "import sidecar.cli.benchmark as b; b.BENCHMARK_ITEMS = 123; from sidecar.cli.query import eval_command; "
-            "print(next(p.default for p in eval_command.params if p.name == 'items'))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip() == "123", result.stderr
-
-
 @pytest.mark.slow
 def test_benchmark_runs_from_nothing_to_a_report(tmp_path, fine_encoder):
     # The whole path a user runs: both tiny models (trained once into the test cache), the catalogue,
