@@ -86,3 +86,9 @@ class StoreFailed(ApiError):
     """The store answered with an error that retrying will not change (a missing index, say)."""
 
     status, code = 502, "store_error"
+
+
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """A file that does not decode as UTF-8, said the one way every reader of user files says it
+    (after the file's name): the first bad byte and where it is."""
+    return f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from sidecar.cli.root import MODEL_FLAGS, model_options, settings_from
+from sidecar.errors import not_utf8
 
 
 @click.group()
@@ -16,7 +17,7 @@ def cache() -> None:
 
 
 @cache.command("warm")
-@click.argument("prompts", type=click.File("r", encoding="utf-8"))
+@click.argument("prompts", type=click.File("rb"))
 @model_options
 def cache_warm(prompts, **kwargs: Any) -> None:
     """Pre-compute vectors for PROMPTS (one text per line; - for stdin) so the first queries hit."""
@@ -24,11 +25,10 @@ def cache_warm(prompts, **kwargs: Any) -> None:
     from sidecar.serving.encoding import EncodingService
 
     settings = settings_from(kwargs, MODEL_FLAGS)
-    try:
-        texts = list(dict.fromkeys(line.strip() for line in prompts if line.strip()))
+    try:  # decoded whole, so an error's offset is the file's
+        texts = list(dict.fromkeys(line.strip() for line in prompts.read().decode("utf-8").splitlines() if line.strip()))
     except UnicodeDecodeError as exc:
-        raise click.BadParameter(f"{prompts.name} is not UTF-8 text ({exc.reason}: byte {exc.object[exc.start]:#04x})",
-                                 param_hint="PROMPTS") from exc
+        raise click.BadParameter(f"{prompts.name}: {not_utf8(exc)}; save it as UTF-8", param_hint="PROMPTS") from exc
     service = EncodingService(load_encoder(settings), settings)
     try:
         started = time.perf_counter()

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from sidecar.errors import not_utf8
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 RESERVED = ("id", "path", "text", "metadata")
 
@@ -72,8 +74,7 @@ def _read_folder(root: Path) -> Iterator[CorpusItem]:
                 with open(os.path.join(folder, f"{stem}.txt"), encoding="utf-8") as fh:
                     text = fh.read().strip()
             except UnicodeDecodeError as exc:
-                yield CorpusItem(id=item_id, path=path, unusable=f"caption {stem}.txt is not UTF-8 text (byte "
-                                                                  f"{exc.object[exc.start]:#04x} at offset {exc.start})")
+                yield CorpusItem(id=item_id, path=path, unusable=f"caption {stem}.txt is {not_utf8(exc)}")
                 continue
             except OSError as exc:
                 yield CorpusItem(id=item_id, path=path, unusable=f"caption {stem}.txt cannot be read: {exc.strerror}")

@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from sidecar.errors import not_utf8
+
 log = logging.getLogger(__name__)
 
 # A set's name is a file name and part of metadata field names (`tag_<name>`) in both stores.
@@ -139,8 +141,7 @@ def load_prompt_set(path: Path, *, name: str | None = None, version: str | None 
     except OSError as exc:
         raise PromptSetError(f"{path}: cannot read it: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
-        raise PromptSetError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-                             "save it as UTF-8") from exc
+        raise PromptSetError(f"{path}: {not_utf8(exc)}; save it as UTF-8") from exc
     if suffix == ".csv":
         return _from_csv(text, source=str(path), name=name if name is not None else path.stem, version=version)
     if suffix == ".json":

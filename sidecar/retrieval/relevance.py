@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sidecar.errors import not_utf8
 from sidecar.model.encoder import Encoder
 from sidecar.retrieval.evaluation import percentiles
 from sidecar.retrieval.search import SearchOptions, query_vector, search
@@ -56,8 +57,7 @@ def read_input_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise EvaluationInputError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                                   f"{exc.start}); save it as UTF-8") from exc
+        raise EvaluationInputError(f"{path}: {not_utf8(exc)}; save it as UTF-8") from exc
 
 
 def read_queries(path: Path | str) -> list[Query]:

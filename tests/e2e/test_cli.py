@@ -430,7 +430,7 @@ def test_cache_warm_refuses_a_prompts_file_that_is_not_utf8_naming_it(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("red circle\ncafé au lait\n".encode("latin-1"))
     result = CliRunner().invoke(main, ["-q", "cache", "warm", str(prompts)])
-    assert result.exit_code == 2 and "prompts.txt is not UTF-8 text (invalid continuation byte: byte 0xe9)" in result.output
+    assert result.exit_code == 2 and "prompts.txt: not UTF-8 text (byte 0xe9 at offset 14); save it as UTF-8" in result.output
 
 
 def _stored_vectors(settings, texts: list[str], encoder) -> np.ndarray:
