@@ -230,13 +230,19 @@ def assert_a_fixed_file_is_embedded_and_indexed_again(encoder, image: Image.Imag
     assert float(np.dot(stored_vectors(store_path)["b.jpg"], expected)) > 0.999
 
 
-def test_an_unusable_file_back_under_a_deleted_id_does_not_bring_its_old_document_back(encoder, tmp_path):
+def two_images_indexed(tmp_path: Path, *, seed: int) -> tuple[Path, Path, Path, Image.Image]:
+    """photos/a.jpg and b.jpg embedded and indexed: (folder, shards, store, a third image to fix b.jpg with)."""
     folder, out, store_path = tmp_path / "photos", tmp_path / "shards", tmp_path / "store"
     folder.mkdir()
-    first, second, fixed = (item.image for item in sample_items(3, seed=21))
+    first, second, fixed = (item.image for item in sample_items(3, seed=seed))
     first.save(folder / "a.jpg", quality=90)
     second.save(folder / "b.jpg", quality=90)
     embedded_and_indexed(folder, out, store_path)
+    return folder, out, store_path, fixed
+
+
+def test_an_unusable_file_back_under_a_deleted_id_does_not_bring_its_old_document_back(encoder, tmp_path):
+    folder, out, store_path, fixed = two_images_indexed(tmp_path, seed=21)
     (folder / "b.jpg").unlink()
     assert "1 deleted; store now holds 1 documents" in embedded_and_indexed(folder, out, store_path)[1]
 
@@ -250,13 +256,7 @@ def test_an_unusable_file_back_under_a_deleted_id_does_not_bring_its_old_documen
 
 
 def test_an_indexed_image_replaced_by_an_unusable_file_leaves_the_store_until_fixed(encoder, tmp_path):
-    folder, out, store_path = tmp_path / "photos", tmp_path / "shards", tmp_path / "store"
-    folder.mkdir()
-    first, second, fixed = (item.image for item in sample_items(3, seed=22))
-    first.save(folder / "a.jpg", quality=90)
-    second.save(folder / "b.jpg", quality=90)
-    embedded_and_indexed(folder, out, store_path)
-
+    folder, out, store_path, fixed = two_images_indexed(tmp_path, seed=22)
     good = (folder / "b.jpg").read_bytes()
     (folder / "b.jpg").write_bytes(good[: len(good) // 3])  # truncated in place
     embedded, indexed = embedded_and_indexed(folder, out, store_path)

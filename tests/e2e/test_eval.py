@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -78,33 +79,32 @@ def test_eval_needs_exactly_one_of_benchmark_judged_queries_ann_or_prompts(judge
     assert result.exit_code == 2 and "--queries and --qrels go together" in result.output
 
 
-def test_a_bad_configuration_is_a_usage_error_naming_the_field(store_path, judged):
+def eval_judged(store_path: Path, judged: tuple[Path, Path], *args: str):
+    """`clip-sidecar eval` of the judged queries on `store_path`, with more arguments."""
     queries, qrels = judged
-    result = CliRunner().invoke(main, ["eval", "--queries", str(queries), "--qrels", str(qrels), "--store-path",
-                                       str(store_path), "--config", '{"mode": "vector", "colour": "red"}'])
+    return CliRunner().invoke(main, ["eval", "--queries", str(queries), "--qrels", str(qrels), "--store-path",
+                                     str(store_path), *args])
+
+
+def test_a_bad_configuration_is_a_usage_error_naming_the_field(store_path, judged):
+    result = eval_judged(store_path, judged, "--config", '{"mode": "vector", "colour": "red"}')
     assert result.exit_code == 2 and "unknown field(s) colour" in result.output
 
 
 def test_a_configuration_file_that_is_not_utf8_is_a_usage_error_naming_it(store_path, judged, tmp_path):
-    queries, qrels = judged
     config = tmp_path / "configs.json"
     config.write_bytes('{"name": "caf\u00e9"}'.encode("latin-1"))
-    result = CliRunner().invoke(main, ["eval", "--queries", str(queries), "--qrels", str(qrels), "--store-path",
-                                       str(store_path), "--config", str(config)])
+    result = eval_judged(store_path, judged, "--config", str(config))
     assert result.exit_code == 2 and "configs.json: not UTF-8 text (byte 0xe9" in result.output
 
 
 def test_an_empty_configuration_list_is_refused_not_run_as_the_defaults(store_path, judged):
-    queries, qrels = judged
-    result = CliRunner().invoke(main, ["eval", "--queries", str(queries), "--qrels", str(qrels), "--store-path",
-                                       str(store_path), "--config", "[]"])
+    result = eval_judged(store_path, judged, "--config", "[]")
     assert result.exit_code == 2 and "no configurations: the list is empty" in result.output
 
 
 def test_relevant_grade_with_measures_is_refused_not_ignored(store_path, judged):
-    queries, qrels = judged
-    result = CliRunner().invoke(main, ["eval", "--queries", str(queries), "--qrels", str(qrels), "--store-path",
-                                       str(store_path), "--measure", "RR@10", "--relevant-grade", "2"])
+    result = eval_judged(store_path, judged, "--measure", "RR@10", "--relevant-grade", "2")
     assert result.exit_code == 2 and "write the grade in each measure instead, e.g. RR(rel=2)@10" in result.output
 
 
