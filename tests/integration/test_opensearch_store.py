@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -181,12 +182,30 @@ def test_a_searchs_ef_search_reaches_the_native_hybrid_querys_knn_side(store, mo
     store.upsert(docs)
     sent = []
     search_on_the_node = store._search
-    monkeypatch.setattr(store, "_search", lambda body: sent.append(body) or search_on_the_node(body))  # a spy
+    monkeypatch.setattr(store, "_search", lambda body, **kwargs: sent.append(body) or search_on_the_node(body, **kwargs))
     options = SearchOptions(mode="hybrid", k=10, candidates=50, ef_search=321)
     assert uses_native_hybrid(store, options)
     assert len(search(store, vector=centres[2], text="cluster2", options=options).hits) == 10
     knn = sent[0]["query"]["hybrid"]["queries"][0]["knn"]["vector"]
     assert knn["method_parameters"] == {"ef_search": 321}
+
+
+def test_metadata_of_mixed_types_loads_and_filters_as_written(store):
+    # A CSV date column, a number column with a word in it, decimals: OpenSearch's default dynamic
+    # mapping would make `taken` a date and refuse "unknown", refuse "five", and round 0.1 to float32.
+    docs, _, centres = make_documents(3)
+    metadata = ({"taken": "2021-03-04", "n": 5, "score": 0.1}, {"taken": "unknown", "n": "five", "score": 0.3},
+                {"n": 4.5})
+    assert store.upsert([dataclasses.replace(doc, metadata=meta) for doc, meta in zip(docs, metadata)]) == 3
+
+    def matching(**filters) -> list[str]:
+        return sorted(hit.id for hit in store.vector_search(centres[0], 3, filters=filters, exact=True))
+
+    assert matching(taken="unknown") == ["d1"] and matching(taken="2021-03-04") == ["d0"]
+    assert matching(score=0.1) == ["d0"] and matching(n=5) == ["d0"]
+    assert matching(n=4) == []  # 4.5 is not cut to 4 (no coerce): kept in _source, not indexed in a long field
+    assert dict(store.facets()["score"].values) == {0.1: 1, 0.3: 1}
+    assert store.fetch(["d1", "d2"])[1].metadata == {"n": 4.5}
 
 
 def test_setup_is_idempotent(node):

@@ -46,7 +46,7 @@ def test_tags_filter_in_opensearch_and_retagging_reuses_the_stored_vectors(encod
         client.close()
     fields = mapping["properties"]["metadata"]["properties"]
     assert fields["tag_shapes"]["type"] == fields["tag_colors"]["type"] == "keyword"
-    assert fields["tag_shapes_score"]["type"] == "float"
+    assert fields["tag_shapes_score"]["type"] == "double"  # decimals map to double: filters see them as written
     assert {b["key"]: b["doc_count"] for b in facets} == Counter(m["tag_shapes"][0] for m in tags.values())
 
     circles = {doc_id for doc_id, m in tags.items() if m["tag_shapes"] == ["circle"]}
