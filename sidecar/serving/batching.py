@@ -69,7 +69,9 @@ class MicroBatcher(Generic[Item]):
         self._queue_wait = metrics.STAGE_SECONDS.labels("queue_wait", modality, role)
         self._forward_seconds = metrics.STAGE_SECONDS.labels("forward", modality, role)
         self._batch_size = metrics.BATCH_SIZE.labels(modality, role)
-        self._thread = NamedThread(target=self._supervise, name=f"batcher-{modality}", daemon=True)
+        # Named for `top -H` and py-spy: the fine model's model threads apart from the coarse model's.
+        self._thread = NamedThread(target=self._supervise, name=f"{'batcher' if role == 'coarse' else role}-{modality}",
+                                   daemon=True)
         self._thread.start()
 
     @property

@@ -100,7 +100,8 @@ class TextVectorCache:
                 self._rows = self._db.execute("SELECT count(*) FROM text_vectors").fetchone()[0]
                 self._write_db = self._connect(path)
                 self._evict_if_over()
-            self._writer = NamedThread(target=self._write_loop, name="text-cache-writer", daemon=True)
+            self._writer = NamedThread(target=self._write_loop, name=f"{'text' if role == 'coarse' else role}-cache-writer",
+                                       daemon=True)
             self._writer.start()
 
     @staticmethod

@@ -191,6 +191,8 @@ def test_a_coarse_and_a_fine_batcher_keep_their_own_queue_depth_and_batch_series
             running.result(), waiting.result()
         assert sample("sidecar_batch_size_count", "coarse") - passes["coarse"] == 1
         assert sample("sidecar_batch_size_count", "fine") - passes["fine"] == 2
+        # And their model threads are told apart in `top -H` and py-spy.
+        assert (coarse._thread.name, fine._thread.name) == ("batcher-text", "fine-text")
     finally:
         forward.gate.set()
         fine.close()
