@@ -58,8 +58,10 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     fine_encoder = fine_encoder or load_fine_encoder(settings, fetch=False)
     store = store or open_store(settings)
     encoding = EncodingService(encoder, settings)
-    # Its own role: the fine model's batchers and cache count under model="fine" in /metrics.
-    fine_encoding = EncodingService(fine_encoder, settings, role="fine") if fine_encoder else None
+    # Its own role: the fine model's batchers and cache count under model="fine" in /metrics. One decode
+    # memory budget for the worker: decode_memory_bytes bounds all of its decodes, for either model.
+    fine_encoding = (EncodingService(fine_encoder, settings, role="fine", decode_memory=encoding.decode_memory)
+                     if fine_encoder else None)
     attach_state(app, AppState(settings=settings, encoding=encoding,
                                store=store, started=int(time.time()),
                                prompt_sets=PromptSetRegistry(settings.prompt_sets_dir),

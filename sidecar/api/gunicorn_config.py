@@ -165,4 +165,5 @@ def post_worker_init(worker):
         worker.log.error("worker %s retires: %s", os.getpid(), reason)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    state_of(worker.wsgi).encoding.on_stop(retire)
+    for service in state_of(worker.wsgi).encodings():
+        service.on_stop(retire)

@@ -23,7 +23,7 @@ def healthz():
 def readyz():
     state = current_state()
     encoder = state.encoding.encoder
-    stopped = state.encoding.stopped
+    stopped = state.stopped
     if stopped is not None:
         return jsonify({"status": "not_ready", "reason": stopped, "pid": os.getpid()}), 503
     try:

@@ -25,6 +25,16 @@ class AppState:
     fine_encoding: EncodingService | None = None  # the fine-ranking model, where one is configured
     quality: Quality | None = None  # live recall, hard examples, feedback, the window of /v1/status
 
+    def encodings(self) -> tuple[EncodingService, ...]:
+        """Every encoding service of this worker: the coarse model's, and the fine model's where configured."""
+        return (self.encoding,) if self.fine_encoding is None else (self.encoding, self.fine_encoding)
+
+    @property
+    def stopped(self) -> str | None:
+        """None while every encode thread of the worker runs; else why one stopped (it cannot serve: searches
+        rerank through the fine model's by default)."""
+        return next((service.stopped for service in self.encodings() if service.stopped), None)
+
 
 def attach_state(app: Flask, state: AppState) -> None:
     app.extensions[_KEY] = state

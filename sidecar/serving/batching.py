@@ -126,7 +126,8 @@ class MicroBatcher(Generic[Item]):
             self._die(exc)
 
     def _die(self, exc: BaseException) -> None:
-        reason = (f"the {self.modality} encode thread stopped ({type(exc).__name__}: {exc}); "
+        model = " of the fine model" if self.role == "fine" else ""
+        reason = (f"the {self.modality} encode thread{model} stopped ({type(exc).__name__}: {exc}); "
                   "this worker no longer serves encodes")
         log.critical("%s; failing its waiting requests with 503", reason, exc_info=exc)
         metrics.BATCHER_STOPS.labels(self.modality, self.role).inc()

@@ -36,9 +36,12 @@ class TextVectors:
 class EncodingService:
     """What request handlers call; safe to call from many threads at once."""
 
-    def __init__(self, encoder: Encoder, settings: Settings, *, role: metrics.ModelRole = "coarse"):
+    def __init__(self, encoder: Encoder, settings: Settings, *, role: metrics.ModelRole = "coarse",
+                 decode_memory: MemoryBudget | None = None):
         """`role` is the `model` label of this service's series: "fine" for the fine-ranking model,
-        whose batchers and cache would otherwise count under the coarse model's series."""
+        whose batchers and cache would otherwise count under the coarse model's series.
+        `decode_memory`: the worker's one decode_memory_bytes budget, where another service shares it
+        (the fine model's decodes hold memory from the same budget as the coarse model's)."""
         self.encoder = encoder
         self.settings = settings
         if settings.cuda_graphs:
@@ -60,7 +63,7 @@ class EncodingService:
         self._images = MicroBatcher(self._forward_images, modality="image", **batching)
         self._text_forward_cpu = metrics.FORWARD_CPU_SECONDS.labels("text", role)
         self._image_forward_cpu = metrics.FORWARD_CPU_SECONDS.labels("image", role)
-        self.decode_memory = MemoryBudget(settings.decode_memory_bytes)
+        self.decode_memory = decode_memory if decode_memory is not None else MemoryBudget(settings.decode_memory_bytes)
 
     @property
     def stopped(self) -> str | None:

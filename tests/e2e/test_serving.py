@@ -3,6 +3,7 @@ dead encode thread replaced), and the app's timeout (504) and dead-thread (503) 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -348,6 +349,34 @@ def test_a_dead_encode_thread_takes_the_app_out_of_readyz_and_fails_requests_at_
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.json["status"] == "not_ready"
     assert "ThreadKiller" in ready.json["reason"]
+
+
+def test_a_dead_fine_model_encode_thread_takes_the_worker_out_of_readyz_naming_it(app_settings, encoder,
+                                                                                  fine_encoder, monkeypatch):
+    def dies(tokens):
+        raise ThreadKiller("injected fault")
+
+    monkeypatch.setattr(fine_encoder, "forward_texts", dies)
+    store = EmbeddedStore(app_settings.store_path)
+    app = create_app(dataclasses.replace(app_settings, request_timeout_s=20), encoder=encoder, store=store,
+                     fine_encoder=fine_encoder)
+    state = state_of(app)
+    try:
+        client = app.test_client()
+        assert client.get("/readyz").status_code == 200
+        # A search reranks through the fine model by default: every one would fail on this worker.
+        response = client.post("/v1/search", json={"text": "red circle"})
+        assert response.status_code == 503
+        assert "text encode thread of the fine model stopped (ThreadKiller" in response.json["error"]["message"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "of the fine model stopped" in ready.json["reason"]
+        # One decode_memory_bytes budget for the worker's decodes, whichever model they are for.
+        assert state.fine_encoding.decode_memory is state.encoding.decode_memory
+    finally:
+        state.quality.close()
+        state.encoding.close()
+        state.fine_encoding.close()
+        store.close()
 
 
 def test_text_cache_persistence_follows_its_settings(build_app, tmp_path):
