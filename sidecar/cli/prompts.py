@@ -108,15 +108,13 @@ def prompts_remove(name: str, **kwargs: Any) -> None:
 
 def parse_tag_specs(values: tuple[str, ...]) -> list:
     """--tag values → TagSpecs (a usage error names the bad one)."""
-    from sidecar.ingest.tagging import TagSpec
+    from sidecar.ingest.tagging import TagSpec, check_tag_specs
 
     try:
         specs = [TagSpec.parse(value) for value in values]
+        check_tag_specs(specs)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--tag") from exc
-    names = [spec.set for spec in specs]
-    if len(set(names)) < len(names):
-        raise click.BadParameter(f"a set is given twice ({', '.join(values)}): give each set once", param_hint="--tag")
     return specs
 
 

@@ -44,6 +44,22 @@ def score_field(set_name: str) -> str:
     return f"tag_{set_name}_score"
 
 
+def check_tag_specs(specs: Sequence[TagSpec]) -> None:
+    """Each set once, and no set's fields another's: set `color_score`'s labels would land in `color`'s
+    scores (tag_color_score), replacing them silently."""
+    names = [spec.set for spec in specs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"set {repeated[0]!r} is given twice to tag with; give each set once")
+    owner: dict[str, str] = {}
+    for name in names:
+        for field_name in (label_field(name), score_field(name)):
+            if field_name in owner:
+                raise ValueError(f"sets {owner[field_name]!r} and {name!r} would both write metadata field "
+                                 f"{field_name!r}; tag with one of them, or rename a set")
+            owner[field_name] = name
+
+
 @dataclass(frozen=True, slots=True)
 class TagSpec:
     """Which labels of a set a document gets: the top `k`, or every label scoring at least `threshold`."""
@@ -105,10 +121,7 @@ class Tagger:
     @classmethod
     def load(cls, specs: Sequence[TagSpec], registry: PromptSetRegistry, encoder: Encoder) -> Tagger:
         """The sets' label vectors by `encoder` (from the registry's cache, computed once where missing)."""
-        names = [spec.set for spec in specs]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"set {repeated[0]!r} is given twice to tag with; give each set once")
+        check_tag_specs(specs)
         sets = []
         for spec in specs:
             prompt_set = registry.get(spec.set)

@@ -175,7 +175,10 @@ def test_tagging_refuses_a_corpus_field_of_the_same_name(sets, tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--tag", "shapes:0"], "after ':' comes a count of labels"),
     (["--tag", "shapes:1.5"], "after ':' comes a count of labels (e.g. 3) or a cosine score threshold"),
-    (["--tag", "shapes", "--tag", "shapes:2"], "a set is given twice"),
+    (["--tag", "shapes", "--tag", "shapes:2"], "set 'shapes' is given twice to tag with"),
+    # set `shapes_score`'s labels would overwrite set `shapes`'s scores (both tag_shapes_score)
+    (["--tag", "shapes", "--tag", "shapes_score"], "sets 'shapes' and 'shapes_score' would both write metadata "
+                                                   "field 'tag_shapes_score'"),
     (["--tag", "nope"], "no prompt set named 'nope'"),
 ])
 def test_bad_tag_options_are_refused(corpus, sets, tmp_path, args, message):
