@@ -3,6 +3,7 @@ that verifies the server's self-signed certificate is served, one that does not 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,12 @@ def test_gunicorn_serves_https_to_a_client_that_verifies_its_certificate(store_p
         # Plain HTTP to the TLS port gets no answer.
         with pytest.raises(requests.exceptions.ConnectionError):
             requests.get(f"{url.replace('https://', 'http://')}/healthz", timeout=10)
+        # The image's HEALTHCHECK speaks HTTPS where GUNICORN_CMD_ARGS gives gunicorn a certificate.
+        port = url.rsplit(":", 1)[1]
+        for args, healthy in (("", 1), (f"--certfile={cert} --keyfile={key}", 0)):
+            probe = subprocess.run([sys.executable, "-m", "sidecar.api.healthcheck", port], timeout=60,
+                                   env={**os.environ, "GUNICORN_CMD_ARGS": args})
+            assert probe.returncode == healthy, args
 
 
 def test_certfile_without_keyfile_is_refused(self_signed):
