@@ -83,7 +83,8 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     stage (rerank) of `search` and `serve`. Each image's thumbnail goes into the shards too
     (--thumbnail-size); shards written without them get theirs. With --tag, each document's
     metadata gets the top labels of prompt sets (`clip-sidecar prompts`), which `index` loads as
-    keyword fields to filter on: `--filter tag_SET=LABEL`.
+    keyword fields to filter on: `--filter tag_SET=LABEL`. One job at a time writes OUT: an `embed` or
+    `tag` started while another writes it is refused at once, naming it (a killed run holds nothing).
 
     \b
     On a Ray cluster (same shards; a rerun of either engine continues the other's work):

@@ -34,7 +34,7 @@ from sidecar.config import DECODE_MODES, THUMBNAIL_SIDE
 from sidecar.ingest.corpus import CorpusError, CorpusItem, printable, read_corpus
 from sidecar.ingest.decode_pool import DecodeSplit, decoded_batches
 from sidecar.ingest.identity import document_hash, image_hash
-from sidecar.ingest.shards import ShardRow, ShardSet
+from sidecar.ingest.shards import ShardRow, ShardSet, exclusive_writer
 from sidecar.ingest.tagging import Tagger, tagged
 from sidecar.ingest.thumbnails import make_thumbnail
 from sidecar.model.encoder import Encoder
@@ -111,87 +111,88 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     used = "split" if split is not None else ("device" if on_device else "cpu")  # for the manifest
     if on_device:
         used = f"{used} ({jpeg_decoder})"
-    plan = plan_embed(encoder, source, out, decode=used, fine_encoder=fine_encoder, tagger=tagger,
-                      shard_size=shard_size, workers=workers, progress=progress, stages=stages,
-                      thumbnail_side=thumbnail_side, max_pixels=max_pixels)
-    shards, todo = plan.shards, plan.todo
+    with exclusive_writer(out):  # until finish_embed has written the manifest
+        plan = plan_embed(encoder, source, out, decode=used, fine_encoder=fine_encoder, tagger=tagger,
+                          shard_size=shard_size, workers=workers, progress=progress, stages=stages,
+                          thumbnail_side=thumbnail_side, max_pixels=max_pixels)
+        shards, todo = plan.shards, plan.todo
 
-    failed: list[str] = []  # ids
-    with errors_file(out, plan) as errors, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer",
-                               initializer=name_for_the_os) as writer, \
-            tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar, \
-            _in_background(_staged_batches(todo, encoder, batch_size=batch_size, workers=workers,
-                                           max_pixels=max_pixels, on_device=on_device, stages=stages,
-                                           thumbnail_side=thumbnail_side, split=split,
-                                           jpeg_decoder=jpeg_decoder)) as staged:
-        pending: Future | None = None
-        buffer_vectors: list[np.ndarray] = []
-        buffer_fine: list[np.ndarray] = []
-        buffer_rows: list[ShardRow] = []
-        buffer_thumbnails: list[bytes] = []
-        # launched, not copied back
-        in_flight: tuple[torch.Tensor, list[ShardRow], np.ndarray | None, list[bytes]] | None = None
+        failed: list[str] = []  # ids
+        with errors_file(out, plan) as errors, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer",
+                                   initializer=name_for_the_os) as writer, \
+                tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar, \
+                _in_background(_staged_batches(todo, encoder, batch_size=batch_size, workers=workers,
+                                               max_pixels=max_pixels, on_device=on_device, stages=stages,
+                                               thumbnail_side=thumbnail_side, split=split,
+                                               jpeg_decoder=jpeg_decoder)) as staged:
+            pending: Future | None = None
+            buffer_vectors: list[np.ndarray] = []
+            buffer_fine: list[np.ndarray] = []
+            buffer_rows: list[ShardRow] = []
+            buffer_thumbnails: list[bytes] = []
+            # launched, not copied back
+            in_flight: tuple[torch.Tensor, list[ShardRow], np.ndarray | None, list[bytes]] | None = None
 
-        def collect(features: torch.Tensor, rows: list[ShardRow], fine: np.ndarray | None,
-                    thumbnails: list[bytes]) -> None:
-            with _timed(stages, "copy_back"):
-                vectors = encoder.postprocess(features)
-            if tagger is not None:
-                with _timed(stages, "tag"):
-                    rows = tagger.apply(rows, vectors)
-            buffer_vectors.append(vectors)
-            buffer_rows.extend(rows)
-            buffer_thumbnails.extend(thumbnails)
-            if fine is not None:
-                buffer_fine.append(fine)
+            def collect(features: torch.Tensor, rows: list[ShardRow], fine: np.ndarray | None,
+                        thumbnails: list[bytes]) -> None:
+                with _timed(stages, "copy_back"):
+                    vectors = encoder.postprocess(features)
+                if tagger is not None:
+                    with _timed(stages, "tag"):
+                        rows = tagger.apply(rows, vectors)
+                buffer_vectors.append(vectors)
+                buffer_rows.extend(rows)
+                buffer_thumbnails.extend(thumbnails)
+                if fine is not None:
+                    buffer_fine.append(fine)
 
-        # `staged`: a stager thread collects decoded batches (and runs the device decoder) one
-        # batch ahead, so decoding overlaps the model instead of taking turns with it.
-        while True:
-            with _timed(stages, "stage_wait"):
-                batch, decoded = next(staged, (None, None))
-            if batch is None:
-                break
-            good = []
-            for (item, digest, _, reason, thumbnail), pixels in zip(batch, decoded):
-                if reason is None and pixels is None:
-                    reason = "corrupt JPEG (device decoder)"
-                if reason is not None:
-                    failed.append(item.id)
-                    errors.write(error_line(item.id, str(item.path), reason))
-                else:
-                    good.append((item, digest, pixels, thumbnail))
-            if good:
-                with _timed(stages, "forward"):
-                    features = forward_batch(encoder, [g[2] for g in good])
-                rows = [document_row(item, digest) for item, digest, _, _ in good]
-                fine = None
-                if fine_encoder is not None:
-                    with _timed(stages, "fine_model"):
-                        fine = fine_vectors(fine_encoder, [item.path for item, *_ in good], max_pixels=max_pixels)
-                # On a GPU the forward is only queued: it runs while this loop fetches and stages
-                # the next batch. The previous batch, queued ahead of it, is copied back now.
-                if in_flight is not None:
-                    collect(*in_flight)
-                in_flight = (features, rows, fine, [thumbnail for *_, thumbnail in good])
-            bar.update(len(batch))
-            if len(buffer_rows) >= shard_size:
-                with _timed(stages, "write_wait"):
+            # `staged`: a stager thread collects decoded batches (and runs the device decoder) one
+            # batch ahead, so decoding overlaps the model instead of taking turns with it.
+            while True:
+                with _timed(stages, "stage_wait"):
+                    batch, decoded = next(staged, (None, None))
+                if batch is None:
+                    break
+                good = []
+                for (item, digest, _, reason, thumbnail), pixels in zip(batch, decoded):
+                    if reason is None and pixels is None:
+                        reason = "corrupt JPEG (device decoder)"
+                    if reason is not None:
+                        failed.append(item.id)
+                        errors.write(error_line(item.id, str(item.path), reason))
+                    else:
+                        good.append((item, digest, pixels, thumbnail))
+                if good:
+                    with _timed(stages, "forward"):
+                        features = forward_batch(encoder, [g[2] for g in good])
+                    rows = [document_row(item, digest) for item, digest, _, _ in good]
+                    fine = None
+                    if fine_encoder is not None:
+                        with _timed(stages, "fine_model"):
+                            fine = fine_vectors(fine_encoder, [item.path for item, *_ in good], max_pixels=max_pixels)
+                    # On a GPU the forward is only queued: it runs while this loop fetches and stages
+                    # the next batch. The previous batch, queued ahead of it, is copied back now.
+                    if in_flight is not None:
+                        collect(*in_flight)
+                    in_flight = (features, rows, fine, [thumbnail for *_, thumbnail in good])
+                bar.update(len(batch))
+                if len(buffer_rows) >= shard_size:
+                    with _timed(stages, "write_wait"):
+                        pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine,
+                                         buffer_thumbnails)
+                    buffer_vectors, buffer_rows, buffer_fine, buffer_thumbnails = [], [], [], []
+            if in_flight is not None:
+                collect(*in_flight)
+            with _timed(stages, "write_wait"):
+                if buffer_rows:
                     pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine,
                                      buffer_thumbnails)
-                buffer_vectors, buffer_rows, buffer_fine, buffer_thumbnails = [], [], [], []
-        if in_flight is not None:
-            collect(*in_flight)
-        with _timed(stages, "write_wait"):
-            if buffer_rows:
-                pending = _write(writer, pending, shards, buffer_vectors, buffer_rows, buffer_fine,
-                                 buffer_thumbnails)
-            if pending is not None:
-                pending.result()
-    if split is not None:
-        log.info("%s", split.describe())
-    return finish_embed(plan, failed=failed, started=started, stages=stages, tagger=tagger)
+                if pending is not None:
+                    pending.result()
+        if split is not None:
+            log.info("%s", split.describe())
+        return finish_embed(plan, failed=failed, started=started, stages=stages, tagger=tagger)
 
 
 @dataclass(slots=True)

@@ -48,7 +48,7 @@ from sidecar.ingest.embed import (
     hash_file,
     plan_embed,
 )
-from sidecar.ingest.shards import ShardRow, write_shard_files
+from sidecar.ingest.shards import ShardRow, exclusive_writer, write_shard_files
 from sidecar.model.encoder import load_encoder, load_fine_encoder
 from sidecar.model.images import ImagePreprocess
 
@@ -82,12 +82,13 @@ def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address:
                         progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out` on the Ray cluster at `address` ("local" starts one
     on this machine): the same shards, thumbnails, skips and summary as `embed.embed_corpus`."""
-    ray = _connect(address)
-    try:
-        return _run(ray, settings, Path(source), Path(out), batch_size=batch_size, shard_size=shard_size,
-                    resources=resources, max_pixels=max_pixels, thumbnail_side=thumbnail_side, progress=progress)
-    finally:
-        ray.shutdown()
+    with exclusive_writer(Path(out)):  # held by the driver alone: its tasks write shard files, never the manifest
+        ray = _connect(address)
+        try:
+            return _run(ray, settings, Path(source), Path(out), batch_size=batch_size, shard_size=shard_size,
+                        resources=resources, max_pixels=max_pixels, thumbnail_side=thumbnail_side, progress=progress)
+        finally:
+            ray.shutdown()
 
 
 def _connect(address: str) -> Any:

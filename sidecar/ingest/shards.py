@@ -8,6 +8,7 @@ Layout of an output directory:
   shard-00000.fine.npy float32 [n, fine dim]: the fine-ranking model's vectors, when the manifest names one
   shard-00000.thumbs.npz  the rows' thumbnails (JPEG bytes, `offsets` into `data`), when the manifest names a size
   errors.jsonl         images that could not be used, with the reason (rewritten each run)
+  .lock                held (flock) by the one job that writes the directory (`exclusive_writer`)
 A shard is written under temporary names and renamed into place, the .npy/.npz files before .jsonl,
 and the manifest after both: a run killed at any point leaves only complete shards behind.
 Writers in other processes (the Ray engine's tasks) name their shards themselves
@@ -23,9 +24,13 @@ and a rerun of `embed` re-encodes nothing that did not change.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import shlex
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -40,6 +45,32 @@ FORMAT_VERSION = 2
 
 class ShardError(ValueError):
     """Shards that cannot be used here (another model, damaged files)."""
+
+
+class ShardsBusy(ShardError):
+    """Another job writes the directory."""
+
+
+@contextlib.contextmanager
+def exclusive_writer(root: Path) -> Iterator[None]:
+    """Hold `root` for one job that writes it (`embed`, `tag`), refusing at once while another holds it:
+    two writers would delete each other's temporary files, pick the same shard names and rewrite the
+    manifest from stale copies. Readers (`index`) need no lock. The kernel drops a flock when its holder
+    dies, so a killed run's directory is free at once; the holder's pid and command in the file only
+    name it in the refusal."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "holder unknown"
+            raise ShardsBusy(f"another job writes {root}: {holder}; wait for it, or write to another folder") from None
+        handle.truncate(0)  # "a+" writes at the end: the file now holds this job alone
+        handle.write(f"pid {os.getpid()} ({shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]})\n")
+        handle.flush()
+        yield  # closing the file releases the lock
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from sidecar.ingest.corpus import CorpusError
 from sidecar.ingest.identity import document_hash
-from sidecar.ingest.shards import ShardError, ShardRow, ShardSet
+from sidecar.ingest.shards import ShardError, ShardRow, ShardSet, exclusive_writer
 from sidecar.model.encoder import Encoder
 from sidecar.model.prompts import SET_NAME, PromptSet, PromptSetRegistry, rank_labels
 from sidecar.types import ModelSignature
@@ -210,9 +210,14 @@ def retag_shards(root: Path, tagger: Tagger | None, *, shard_size: int = 4096, p
     """Tag every live document of the shards under `root` from its stored vector — no image is read —
     replacing the tags of earlier tagging; None removes every tag. Documents whose tags changed get a
     new row (their stored vectors, a new document hash); the manifest then records the tagging."""
-    shards = ShardSet(root)
-    if shards.signature is None:
+    if not (Path(root) / "manifest.json").exists():  # before the lock, which would create the directory
         raise ShardError(f"{root} holds no shards (no manifest.json): run `clip-sidecar embed` first")
+    with exclusive_writer(root):  # the manifest is read under the lock: no other job's update is lost
+        return _retag(ShardSet(root), tagger, shard_size=shard_size, progress=progress)
+
+
+def _retag(shards: ShardSet, tagger: Tagger | None, *, shard_size: int, progress: bool) -> RetagSummary:
+    root = shards.root
     if tagger is not None and tagger.signature != shards.signature:
         raise ShardError(f"{root} holds vectors of {shards.signature.describe()}, not {tagger.signature.describe()}: "
                          "tag with the model the shards were embedded with (--model, --pretrained)")

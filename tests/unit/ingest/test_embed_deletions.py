@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from sidecar.config import THUMBNAIL_SIDE
 from sidecar.ingest.embed import embed_corpus, plan_embed
 from sidecar.ingest.identity import image_hash
-from sidecar.ingest.shards import ShardSet
+from sidecar.ingest.shards import ShardsBusy, ShardSet, exclusive_writer
+from sidecar.ingest.tagging import retag_shards
 from sidecar.model.synthetic import sample_items
 
 
@@ -59,3 +62,17 @@ def test_an_unusable_file_withdraws_its_id_when_the_run_finishes_not_when_it_is_
     assert (summary.failed, summary.deleted) == (1, 0)  # failed, not counted as vanished
     assert ShardSet(out).deleted == ["b.jpg"]
     assert set(ShardSet(out).live()) == {"a.jpg"}
+
+
+def test_embed_and_tag_are_refused_and_write_nothing_while_another_job_writes_the_folder(encoder, tmp_path):
+    folder, _ = photos(tmp_path, seed=37)
+    out = tmp_path / "shards"
+    embed_corpus(encoder, folder, out, workers=0, progress=False)
+    (folder / "a.jpg").unlink()
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir() if p.name != ".lock")
+    with exclusive_writer(out):
+        with pytest.raises(ShardsBusy, match=f"another job writes {out}"):
+            embed_corpus(encoder, folder, out, workers=0, progress=False)
+        with pytest.raises(ShardsBusy, match=f"another job writes {out}"):
+            retag_shards(out, None, progress=False)
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir() if p.name != ".lock") == before

@@ -1,10 +1,22 @@
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from sidecar.ingest.identity import document_hash
-from sidecar.ingest.shards import FORMAT_VERSION, ShardError, ShardRow, ShardSet, write_shard_files
+from sidecar.ingest.shards import (
+    FORMAT_VERSION,
+    ShardError,
+    ShardRow,
+    ShardsBusy,
+    ShardSet,
+    exclusive_writer,
+    write_shard_files,
+)
 from sidecar.types import ModelSignature
 
 SIG = ModelSignature(model="tiny-clip", weights="sha256:abc", dim=4)
@@ -104,3 +116,31 @@ def test_a_directory_of_a_newer_format_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION + 1}))
     with pytest.raises(ShardError, match=f"format {FORMAT_VERSION + 1}, written by a newer clip-sidecar"):
         ShardSet(tmp_path)
+
+
+def test_a_second_writer_is_refused_at_once_naming_the_folder_and_the_holder(tmp_path):
+    with exclusive_writer(tmp_path):
+        # a second open file description conflicts with the first, in this process as in another
+        with pytest.raises(ShardsBusy, match=f"another job writes {tmp_path}: pid {os.getpid()} "):
+            with exclusive_writer(tmp_path):
+                pass
+    with exclusive_writer(tmp_path):  # released when the first job ended
+        pass
+
+
+def test_a_killed_holder_leaves_the_folder_free_for_a_rerun_at_once(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from sidecar.ingest.shards import exclusive_writer\n"
+         f"with exclusive_writer({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ShardsBusy, match=f"pid {holder.pid} "):
+            with exclusive_writer(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+    with exclusive_writer(tmp_path):
+        pass
