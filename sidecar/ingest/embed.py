@@ -38,7 +38,7 @@ from sidecar.ingest.shards import ShardRow, ShardSet, exclusive_writer
 from sidecar.ingest.tagging import Tagger, tagged
 from sidecar.ingest.thumbnails import make_thumbnail
 from sidecar.model.encoder import Encoder
-from sidecar.model.images import check_jpeg_decoder, stack_pixels
+from sidecar.model.images import ImageDecodeError, check_jpeg_decoder, stack_pixels
 from sidecar.threads import NamedThread, name_for_the_os
 
 log = logging.getLogger(__name__)
@@ -163,14 +163,21 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                         errors.write(error_line(item.id, str(item.path), reason))
                     else:
                         good.append((item, digest, pixels, thumbnail))
+                fine = None
+                if good and fine_encoder is not None:
+                    with _timed(stages, "fine_model"):
+                        fine, refusals = fine_vectors(fine_encoder, [item.path for item, *_ in good],
+                                                      max_pixels=max_pixels)
+                    for (item, *_), reason in zip(good, refusals):
+                        if reason is not None:
+                            failed.append(item.id)
+                            errors.write(error_line(item.id, str(item.path), reason))
+                    fine = fine[[reason is None for reason in refusals]]
+                    good = [g for g, reason in zip(good, refusals) if reason is None]
                 if good:
                     with _timed(stages, "forward"):
                         features = forward_batch(encoder, [g[2] for g in good])
                     rows = [document_row(item, digest) for item, digest, _, _ in good]
-                    fine = None
-                    if fine_encoder is not None:
-                        with _timed(stages, "fine_model"):
-                            fine = fine_vectors(fine_encoder, [item.path for item, *_ in good], max_pixels=max_pixels)
                     # On a GPU the forward is only queued: it runs while this loop fetches and stages
                     # the next batch. The previous batch, queued ahead of it, is copied back now.
                     if in_flight is not None:
@@ -287,10 +294,25 @@ def forward_batch(encoder: Encoder, pixels: Sequence[np.ndarray | torch.Tensor])
     return encoder.forward_images(stack_pixels(pixels, encoder.device))
 
 
-def fine_vectors(fine_encoder: Encoder, paths: Sequence[Path], *, max_pixels: int) -> np.ndarray:
-    """The fine model's vectors for the same files. It has its own input size: its pixels come from
-    the files, decoded by its own preprocessing (the images passed the model's decode already)."""
-    return fine_encoder.encode_image_files([Path(path).read_bytes() for path in paths], max_pixels=max_pixels)
+def fine_vectors(fine_encoder: Encoder, paths: Sequence[Path], *,
+                 max_pixels: int) -> tuple[np.ndarray, list[str | None]]:
+    """The fine model's vectors for the same files (a row of zeros where it refuses one), and per file None
+    or why the fine model refused it. It has its own input size: its pixels come from the files, decoded by
+    its own preprocessing, whose resize limit can refuse an image the model took; such an image is a
+    failed item like any unusable one, not the end of the run."""
+    vectors = np.zeros((len(paths), fine_encoder.dim), dtype=np.float32)
+    pixels: list[np.ndarray] = []
+    reasons: list[str | None] = []
+    for path in paths:
+        try:
+            pixels.append(fine_encoder.images.decode(Path(path).read_bytes(), max_pixels=max_pixels))
+        except ImageDecodeError as exc:
+            reasons.append(f"fine model: {exc.reason}")
+        else:
+            reasons.append(None)
+    if pixels:
+        vectors[[reason is None for reason in reasons]] = fine_encoder.encode_pixels(pixels)
+    return vectors, reasons
 
 
 @contextlib.contextmanager

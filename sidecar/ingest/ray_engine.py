@@ -234,22 +234,26 @@ class _EncodeBatches:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["path"])
-        usable = batch["reason"] == ""
-        out = {name: batch[name] for name in ("path", "row", "reason", "thumbnail", "decode_s")}
+        out = {name: batch[name] for name in ("path", "row", "thumbnail", "decode_s")}
+        reasons = batch["reason"].astype(object)  # a copy; room for a longer reason
         started = time.perf_counter()
+        if self.fine_encoder is not None:  # first: an image it refuses fails, and the model skips it too
+            fine = np.zeros((count, self.fine_encoder.dim), dtype=np.float32)
+            usable = reasons == ""
+            if usable.any():
+                fine[usable], refusals = fine_vectors(self.fine_encoder, [Path(p) for p in batch["path"][usable]],
+                                                      max_pixels=self.max_pixels)
+                reasons[usable] = [reason or "" for reason in refusals]
+            out["fine"] = fine
+        out["fine_model_s"] = np.full(count, (time.perf_counter() - started) / count)
+        out["reason"] = reasons
+        started = time.perf_counter()
+        usable = reasons == ""
         vectors = np.zeros((count, self.encoder.dim), dtype=np.float32)
         if usable.any():
             vectors[usable] = self.encoder.postprocess(forward_batch(self.encoder, batch["pixels"][usable]))
         out["vector"] = vectors
         out["forward_s"] = np.full(count, (time.perf_counter() - started) / count)
-        started = time.perf_counter()
-        if self.fine_encoder is not None:
-            fine = np.zeros((count, self.fine_encoder.dim), dtype=np.float32)
-            if usable.any():
-                fine[usable] = fine_vectors(self.fine_encoder, [Path(p) for p in batch["path"][usable]],
-                                            max_pixels=self.max_pixels)
-            out["fine"] = fine
-        out["fine_model_s"] = np.full(count, (time.perf_counter() - started) / count)
         return out
 
 

@@ -199,13 +199,14 @@ class Encoder:
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Vectors for decoded RGB images (in memory); files and uploads go through `encode_image_files`."""
-        return self._encode_pixels([self.images.pixels(image) for image in images])
+        return self.encode_pixels([self.images.pixels(image) for image in images])
 
     def encode_image_files(self, datas: Sequence[bytes], *, max_pixels: int) -> np.ndarray:
         """Vectors for image file bytes, decoded as the embed job decodes them (ImageDecodeError if unusable)."""
-        return self._encode_pixels([self.images.decode(data, max_pixels=max_pixels) for data in datas])
+        return self.encode_pixels([self.images.decode(data, max_pixels=max_pixels) for data in datas])
 
-    def _encode_pixels(self, pixels: list[np.ndarray]) -> np.ndarray:
+    def encode_pixels(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """Vectors for uint8 model pixels (`images.decode`), forwarded in chunks."""
         if not pixels:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = [self.postprocess(self.forward_images(np.stack(chunk))) for chunk in _chunks(pixels, FORWARD_CHUNK)]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.indexing import index_shards
@@ -55,3 +58,23 @@ def test_embed_with_a_fine_model_stores_its_vectors_and_index_puts_them_beside_e
         summary = index_shards(store, tmp_path / "plain", progress=False)
         assert summary.written == summary.total_in_store  # the hash changed: every document rewritten
         assert all(doc.fine_vector is None for doc in store.fetch(sorted(store.content_hashes())[:5]))
+
+
+def test_an_image_only_the_fine_model_refuses_is_a_failed_item_and_the_rest_of_the_batch_is_embedded(
+        encoder, fine_encoder, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        Image.new("RGB", (64, 48), colour).save(folder / f"img{index}.jpg")
+    # 200:1: the model's resize keeps it within the side limit, the fine model's larger input size does not.
+    Image.new("RGB", (2000, 10), (200, 30, 30)).save(folder / "wide.png")
+    for _ in range(2):  # a rerun neither dies on it nor embeds it
+        summary = embed_corpus(encoder, folder, tmp_path / "out", workers=0, fine_encoder=fine_encoder,
+                               progress=False)
+        assert summary.failed == 1
+        errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+        assert [e["id"] for e in errors] == ["wide.png"]
+        assert errors[0]["reason"].startswith("fine model: image is 2000x10")
+    shards = ShardSet(tmp_path / "out")
+    assert shards.deleted == ["wide.png"]
+    assert sorted(shards.live()) == ["img0.jpg", "img1.jpg", "img2.jpg"]
