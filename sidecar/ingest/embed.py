@@ -366,22 +366,26 @@ def _write_redescribed(shards: ShardSet, redescribe: list[tuple[CorpusItem, Shar
 
 def _add_missing_thumbnails(shards: ShardSet, *, workers: int, max_pixels: int, progress: bool) -> None:
     """Thumbnails for shards written without them (before thumbnails existed, or by a run killed while
-    adding them), made from their rows' image files: no forward pass. A file gone since is b"" (no
-    thumbnail)."""
+    adding them), made from their rows' image files: no forward pass. A file gone or changed since is b""
+    (no thumbnail)."""
     missing = shards.shards_without_thumbnails()
     if not missing:
         return
-    rows: dict[str, list[str]] = {name: [] for name in missing}
+    rows: dict[str, list[ShardRow]] = {name: [] for name in missing}
     for name, row, _ in shards.rows():
         if name in rows:
-            rows[name].append(row.path)
+            rows[name].append(row)
     log.info("adding %d px thumbnails to %d shards written without them (%d images)", shards.thumbnail_side,
              len(missing), sum(map(len, rows.values())))
 
-    def thumbnail(path: str) -> bytes:
+    def thumbnail(row: ShardRow) -> bytes:
         try:
-            data = Path(path).read_bytes()
+            data = Path(row.path).read_bytes()
         except OSError:
+            return b""
+        # The path may hold another picture now (the row's item moved, another took its place): a
+        # thumbnail must show the image the row holds, or none.
+        if image_hash(data) != row.image_hash:
             return b""
         return make_thumbnail(data, side=shards.thumbnail_side, max_pixels=max_pixels)
 
@@ -389,9 +393,9 @@ def _add_missing_thumbnails(shards: ShardSet, *, workers: int, max_pixels: int, 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="thumbnails",
                             initializer=name_for_the_os) as pool, \
             tqdm(total=sum(map(len, rows.values())), unit="img", desc="thumbnails", disable=not progress) as bar:
-        for name, paths in rows.items():
+        for name, shard_rows in rows.items():
             thumbnails = []
-            for made in pool.map(thumbnail, paths):
+            for made in pool.map(thumbnail, shard_rows):
                 thumbnails.append(made)
                 bar.update(1)
             shards.write_thumbnails(name, thumbnails)

@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
-def image_hash(path: Path) -> str:
-    """Identity of a file's bytes: an edited image is re-embedded, a touched one is not."""
+def image_hash(source: Path | bytes) -> str:
+    """Identity of a file's bytes (read from `source`, or `source` itself): an edited image is
+    re-embedded, a touched one is not."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    if isinstance(source, bytes):
+        digest.update(source)
+    else:
+        with Path(source).open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()[:32]
 
 

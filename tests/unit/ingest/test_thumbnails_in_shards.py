@@ -92,6 +92,29 @@ def test_shards_written_without_thumbnails_get_them_without_a_forward_pass(encod
             assert max(image.size) == 40
 
 
+def test_a_thumbnail_added_later_is_never_made_from_another_picture_now_at_the_rows_path(encoder, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(corpus / "p1.jpg")
+    Image.new("RGB", (80, 60), (30, 200, 30)).save(corpus / "p2.jpg")
+    manifest = corpus / "m.jsonl"
+    manifest.write_text('{"id": "a", "path": "p1.jpg"}\n{"id": "b", "path": "p2.jpg"}\n')
+    out = tmp_path / "shards"
+    embed_corpus(encoder, manifest, out, workers=0, thumbnail_side=0, progress=False)
+    # a's file moves (same bytes: its row, and the row's old path, stay); p1.jpg now holds c's picture.
+    (corpus / "a_moved.jpg").write_bytes((corpus / "p1.jpg").read_bytes())
+    Image.new("RGB", (80, 60), (30, 30, 200)).save(corpus / "p1.jpg")
+    manifest.write_text('{"id": "a", "path": "a_moved.jpg"}\n{"id": "b", "path": "p2.jpg"}\n'
+                        '{"id": "c", "path": "p1.jpg"}\n')
+    embed_corpus(encoder, manifest, out, workers=0, thumbnail_side=32, progress=False)
+    shards = ShardSet(out)
+    live = shards.live()
+    thumbnail = {doc: shards.thumbnails(live[doc][0])[live[doc][2]] for doc in "abc"}
+    assert live["a"][1].path.endswith("p1.jpg") and thumbnail["a"] == b""  # not c's picture: none
+    np.testing.assert_allclose(mean_colour(thumbnail["b"]), (30, 200, 30), atol=6)
+    np.testing.assert_allclose(mean_colour(thumbnail["c"]), (30, 30, 200), atol=6)
+
+
 def test_a_caption_edit_keeps_the_rows_thumbnail(encoder, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
