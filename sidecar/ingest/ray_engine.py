@@ -35,7 +35,7 @@ from typing import Any, Iterable
 import numpy as np
 from tqdm import tqdm
 
-from sidecar.config import Settings
+from sidecar.config import THUMBNAIL_SIDE, Settings
 from sidecar.ingest.decode_pool import decode_data, read_file
 from sidecar.ingest.embed import (
     EmbedSummary,
@@ -78,7 +78,7 @@ class RayResources:
 
 def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address: str = LOCAL,
                         batch_size: int = 256, shard_size: int = 4096, resources: RayResources = RayResources(),
-                        max_pixels: int = 40_000_000, thumbnail_side: int = 0,
+                        max_pixels: int = 40_000_000, thumbnail_side: int = THUMBNAIL_SIDE,
                         progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out` on the Ray cluster at `address` ("local" starts one
     on this machine): the same shards, thumbnails, skips and summary as `embed.embed_corpus`."""

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from sidecar.config import Settings
+from sidecar.config import THUMBNAIL_SIDE, Settings
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.shards import ShardSet
 from sidecar.model.encoder import Encoder
@@ -75,21 +75,26 @@ def finish(process: subprocess.Popen, *, timeout: float = 600) -> str:
 
 
 def shard_contents(out: Path) -> tuple[Counter, dict[str, tuple[np.ndarray, dict]]]:
-    """(how many rows each id has in the folder; id → (vector and fine vector, row fields) of its newest row)."""
+    """(how many rows each id has in the folder; id → (vector and fine vector, row fields and thumbnail
+    bytes) of its newest row)."""
     shards = ShardSet(out)
     rows = Counter(row.id for _, row, _ in shards.rows())
     latest = {}
     for doc_id, (name, row, index) in shards.latest().items():
         fine = shards.fine_vectors(name)
+        thumbnails = shards.thumbnails(name)  # None where the folder holds no thumbnails
         vectors = np.concatenate([shards.vectors(name)[index], [] if fine is None else fine[index]])
         latest[doc_id] = (vectors, {"path": row.path, "text": row.text, "metadata": row.metadata,
-                                    "content_hash": row.content_hash})
+                                    "content_hash": row.content_hash,
+                                    "thumbnail": None if thumbnails is None else thumbnails[index]})
     return rows, latest
 
 
 def assert_same_shards(ray_out: Path, local_out: Path) -> None:
     """The same rows (a rerun's new row for a changed item beside the old one, as the local job
-    writes it; nothing twice otherwise) and, per id, the same newest row and vector."""
+    writes it; nothing twice otherwise), the same thumbnail size and, per id, the same newest row,
+    vector and thumbnail (the same JPEG bytes: both engines make it by `decode_data`)."""
+    assert ShardSet(ray_out).thumbnail_side == ShardSet(local_out).thumbnail_side
     ray_rows, ray_latest = shard_contents(ray_out)
     local_rows, local_latest = shard_contents(local_out)
     assert ray_rows == local_rows
@@ -131,6 +136,7 @@ def test_ray_job_writes_the_local_jobs_rows_and_vectors_and_reruns_like_it(ray_c
     assert on_ray == local
     assert on_ray.startswith("301 items: 300 embedded, 0 unchanged, 1 failed")
     assert_same_shards(ray_out, local_out)
+    assert ShardSet(ray_out).thumbnail_side == THUMBNAIL_SIDE  # by default, as the local job
     assert set(shard_contents(ray_out)[0].values()) == {1}
     assert errors(ray_out) == errors(local_out) == {"garbage": errors(local_out)["garbage"]}
     manifest_names = ShardSet(ray_out).manifest["shards"]
