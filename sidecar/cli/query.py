@@ -15,6 +15,7 @@ from sidecar.cli.root import (
     PROMPT_FLAGS,
     STORE_FLAGS,
     model_options,
+    open_existing_store,
     prompt_sets_option,
     settings_from,
     store_options,
@@ -53,7 +54,6 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, candi
     from sidecar.model.images import ImageDecodeError
     from sidecar.retrieval.search import SearchOptions
     from sidecar.retrieval.search import search as run_search
-    from sidecar.stores import open_store
 
     if not text and image is None:
         raise click.UsageError("give TEXT, --image, or both")
@@ -71,7 +71,7 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, candi
         fine_vector = _query_vector(fine_encoder, settings, text=text, image=image) if fine_encoder else None
     except ImageDecodeError as exc:
         raise click.BadParameter(f"{image}: {exc.reason}", param_hint="--image") from exc
-    store = open_store(settings)
+    store = open_existing_store(settings)
     try:
         result = run_search(store, vector=vector, text=text, options=options, fine_vector=fine_vector)
     except ValueError as exc:
@@ -251,9 +251,8 @@ def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, lab
 
 def _ann(settings, *, samples: int, k: int) -> None:
     from sidecar.retrieval.evaluation import ann_recall
-    from sidecar.stores import open_store
 
-    store = open_store(settings)
+    store = open_existing_store(settings)
     try:
         report = ann_recall(store, queries=samples, k=k)
     except ValueError as exc:  # the store is empty
@@ -278,14 +277,13 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
         standard_measures,
     )
     from sidecar.retrieval.report import write_report
-    from sidecar.stores import open_store
 
     try:
         queries, qrels = read_queries(queries_path), read_qrels(qrels_path)
         runs = [c for spec in configs for c in parse_configs(_load_json(spec))] if configs else default_configs()
     except EvaluationInputError as exc:
         raise click.UsageError(str(exc)) from exc
-    store = open_store(settings)
+    store = open_existing_store(settings)
     try:
         target = SearchTarget(store=store, encoder=load_encoder(settings), prompt_template=settings.prompt_template,
                               fine_encoder=load_fine_encoder(settings))

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import click
 
-from sidecar.cli.root import STORE_FLAGS, settings_from, store_options
+from sidecar.cli.root import STORE_FLAGS, open_existing_store, settings_from, store_options
 from sidecar.config import Settings
 from sidecar.stores.base import Store
 
@@ -107,14 +107,7 @@ def _opened(kwargs: dict[str, Any]) -> Iterator[Store]:
 
 @contextlib.contextmanager
 def _opened_with(settings: Settings) -> Iterator[Store]:
-    from sidecar.stores import open_store
-    from sidecar.stores.embedded import EmbeddedStore
-
-    # Opening an embedded store at a mistyped path would create an empty one there and call it consistent.
-    if settings.store == "embedded" and not EmbeddedStore.exists_at(settings.store_path):
-        raise click.ClickException(f"no embedded store at {settings.store_path}: give the --store-path (or "
-                                   "SIDECAR_STORE_PATH) that `clip-sidecar index` wrote to")
-    opened = open_store(settings)
+    opened = open_existing_store(settings)
     try:
         yield opened
     finally:

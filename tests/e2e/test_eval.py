@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from sidecar.cli import main
+from sidecar.stores.embedded import EmbeddedStore
 
 CONCEPTS = (("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star"))
 
@@ -109,9 +110,18 @@ def test_relevant_grade_with_measures_is_refused_not_ignored(store_path, judged)
 
 
 def test_ann_validation_of_an_empty_store_is_an_error_saying_so(tmp_path):
+    EmbeddedStore(tmp_path / "store").close()  # a store, with nothing in it
     result = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(tmp_path / "store")])
     # Click's own error line, not a ValueError traceback.
     assert result.exit_code == 1 and "Error: the store is empty: index something first" in result.output
+
+
+def test_search_and_eval_refuse_a_store_path_that_holds_no_store_and_create_none(tmp_path):
+    mistyped = tmp_path / "mistyped"
+    for args in (["search", "red circle"], ["eval", "--ann"]):
+        result = CliRunner().invoke(main, ["-q", *args, "--store-path", str(mistyped)])
+        assert result.exit_code == 1 and f"no embedded store at {mistyped}" in result.output, result.output
+    assert not mistyped.exists()
 
 
 @pytest.mark.slow
