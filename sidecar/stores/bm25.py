@@ -141,8 +141,11 @@ class Bm25Snapshot:
     def search(self, terms: Sequence[str], k: int, *, live: np.ndarray,
                rows: np.ndarray | None = None) -> list[tuple[int, float]]:
         """The top k (row, score) by BM25 among rows that are `live` (and in `rows`, sorted, if given),
-        best first, ties by row number. tantivy's top-k prunes with block-max WAND: documents that
-        cannot enter the top k are skipped, not scored."""
+        best first; the k returned are ordered by row among equal scores, but which of a tie group crossing
+        the k-th place make the cut is tantivy's choice (by its segments), so a smaller k need not be a
+        prefix of a larger one there. Cutting by row would mean reading the whole tie group: on short,
+        templated texts that doubled a query's time (bench/RESULTS.md). tantivy's top-k prunes with
+        block-max WAND: documents that cannot enter the top k are skipped, not scored."""
         if not terms:
             return []
         text = tantivy.Query.boolean_query(
@@ -161,18 +164,16 @@ class Bm25Snapshot:
                 keep &= live
         # Rows outside `keep` (dead or filtered out, or newer than this generation after a crash
         # between the two commits) are skipped; read deeper until k remain or the ranking ends.
-        # tantivy cuts hits of equal score by its own document order (segment by segment), not by
-        # row: read deeper too while the last hit read ties the k-th kept one, so the cut below is by row.
         limit = k if keep is live else k * max(1, min(64, int(live.sum()) // max(1, int(keep.sum()))))
         while True:
             hits = self._searcher.search(query, limit, count=False).hits
             found = self._searcher.fast_field_values("row", [address for _, address in hits])
             good = [(row, float(score)) for (score, _), row in zip(hits, found)
                     if row is not None and row < len(keep) and keep[row]]
-            good.sort(key=lambda hit: (-hit[1], hit[0]))
-            if len(hits) < limit or (len(good) >= k and hits[-1][0] < good[k - 1][1]):
+            if len(good) >= k or len(hits) < limit:
                 break
             limit *= 4
+        good.sort(key=lambda hit: (-hit[1], hit[0]))
         return good[:k]
 
     def entries(self) -> tuple[np.ndarray, np.ndarray]:

@@ -433,19 +433,6 @@ def test_text_search_with_filters(store: EmbeddedStore):
     assert hits and all(int(h.id[3:]) % 4 in (1, 3) for h in hits)
 
 
-def test_text_search_cuts_tied_scores_by_row_so_each_smaller_k_is_a_prefix_of_a_larger(store: EmbeddedStore):
-    vectors = clustered_unit_vectors(31)
-    for batch in range(6):  # a write each: six index segments, whose order tantivy cuts its own ties by
-        store.upsert([Document(id=f"b{batch}d{i}", vector=vectors[5 * batch + i], text="red apple")
-                      for i in range(5)])
-    store.upsert([Document(id="best", vector=vectors[30], text="red red apple")])
-    written = [f"b{batch}d{i}" for batch in range(6) for i in range(5)]  # row order
-    full = store.text_search("red", 31)
-    assert [h.id for h in full] == ["best", *written] and len({h.score for h in full[1:]}) == 1
-    for k in range(1, 31):
-        assert store.text_search("red", k) == full[:k]
-
-
 @pytest.mark.parametrize("query", ['red AND "', "NEAR(a b", "colour:red", "-red *", "red) OR (blue", "x^2 + {y}"])
 def test_text_search_is_safe_for_arbitrary_user_text(store: EmbeddedStore, query: str):
     store.upsert(make_docs(20))
