@@ -82,10 +82,12 @@ def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address:
                         progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out` on the Ray cluster at `address` ("local" starts one
     on this machine): the same shards, thumbnails, skips and summary as `embed.embed_corpus`."""
-    with exclusive_writer(Path(out)):  # held by the driver alone: its tasks write shard files, never the manifest
+    # The cluster's processes run in folders of their own: relative paths are the driver's, made absolute here.
+    source, out = Path(source).absolute(), Path(out).absolute()
+    with exclusive_writer(out):  # held by the driver alone: its tasks write shard files, never the manifest
         ray = _connect(address)
         try:
-            return _run(ray, settings, Path(source), Path(out), batch_size=batch_size, shard_size=shard_size,
+            return _run(ray, settings, source, out, batch_size=batch_size, shard_size=shard_size,
                         resources=resources, max_pixels=max_pixels, thumbnail_side=thumbnail_side, progress=progress)
         finally:
             ray.shutdown()

@@ -61,11 +61,12 @@ def ray_cluster() -> Iterator[tuple[dict[str, str], str]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def ray_embed(address: str, source: Path, out: Path, *extra: str) -> subprocess.Popen:
+def ray_embed(address: str, source: Path, out: Path, *extra: str, cwd: Path = REPO) -> subprocess.Popen:
     """The real CLI, this checkout's code, as the driver of a job on the cluster."""
     return subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "embed", str(source), "--out", str(out),
                              "--engine", "ray", "--address", address, *RESOURCE_FLAGS, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def finish(process: subprocess.Popen, *, timeout: float = 600) -> str:
@@ -164,6 +165,20 @@ def test_ray_job_writes_the_local_jobs_rows_and_vectors_and_reruns_like_it(ray_c
     # The three gone, and the id whose file cannot be used (no store may serve an old image for it).
     assert ShardSet(ray_out).deleted == ShardSet(local_out).deleted == ["garbage", *(entry["id"] for entry in
                                                                                     removed)]
+
+
+def test_relative_paths_are_the_drivers_even_where_the_cluster_started_elsewhere(ray_cluster, encoder: Encoder,
+                                                                                  tmp_path):
+    """The cluster's processes run in their own folders (here: wherever `ray start` ran); the job reads
+    SOURCE and writes --out as the user's shell meant them."""
+    _, address = ray_cluster
+    write_corpus(tmp_path / "corpus", 12, seed=41)
+    stdout = finish(ray_embed(address, Path("corpus/manifest.jsonl"), Path("shards"), "--batch-size", "4",
+                              cwd=tmp_path))
+    assert "12 embedded" in stdout
+    local = tmp_path / "local"
+    embed_corpus(encoder, tmp_path / "corpus" / "manifest.jsonl", local, workers=0, progress=False)
+    assert_same_shards(tmp_path / "shards", local)
 
 
 def cluster_processes(env: dict[str, str], pattern: str) -> list[str]:
