@@ -24,7 +24,7 @@ from sidecar.api import (
 from sidecar.api.json_provider import OrjsonProvider
 from sidecar.api.quality import build_quality
 from sidecar.api.state import AppState, attach_state
-from sidecar.api.validation import body_too_large
+from sidecar.api.validation import IdConverter, body_too_large
 from sidecar.config import Settings
 from sidecar.errors import ApiError, StoreFailed, StoreUnreachable
 from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
                                prompt_sets=PromptSetRegistry(settings.prompt_sets_dir),
                                fine_encoding=fine_encoding,
                                quality=build_quality(settings, store)))
+    app.url_map.converters["id"] = IdConverter  # before the blueprints: their routes use it
     for blueprint in (embeddings.bp, search.bp, captions.bp, classify.bp, documents.bp, opensearch_native.bp, ops.bp,
                       page.bp, status.bp, feedback.bp):
         app.register_blueprint(blueprint)

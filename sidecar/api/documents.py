@@ -31,7 +31,7 @@ def stored_document(store: Store, doc_id: str, *, field: str) -> Document:
     return found[0]
 
 
-@bp.get("/v1/documents/<path:doc_id>/thumbnail")
+@bp.get("/v1/documents/<id:doc_id>/thumbnail")
 def thumbnail(doc_id: str):
     store = current_state().store
     data = store.thumbnail(doc_id)

@@ -76,7 +76,7 @@ def list_models():
     return jsonify({"object": "list", "data": [_model_entry()]})
 
 
-@bp.get("/v1/models/<path:model>")
+@bp.get("/v1/models/<id:model>")
 def retrieve_model(model: str):
     entry = _model_entry()
     if model != entry["id"]:

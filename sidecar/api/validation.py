@@ -19,6 +19,7 @@ import numpy as np
 from flask import Request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from sidecar.config import Settings
 from sidecar.errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType
@@ -34,6 +35,15 @@ _BASE64_SPACING = dict.fromkeys(map(ord, "\t\n\r "))
 # ECMAScript's \s, which the OpenAPI file's patterns use: a text of only these is blank.
 WHITESPACE = "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
              "\u2028\u2029\u202f\u205f\u3000\ufeff"
+
+
+class IdConverter(PathConverter):
+    """`<id:name>` in a route: an id as sent, slashes and all. werkzeug's `path` takes no leading "/", so
+    "/v1/documents//a/thumbnail" (the id "/a", percent-encoded or not) matched only once slashes were
+    merged, and was redirected to the thumbnail of "a", another document."""
+
+    regex = ".+?"
+    part_isolating = False  # an id spans path segments (werkzeug infers True from a regex without "/")
 
 
 def body_too_large(max_bytes: int) -> PayloadTooLarge:

@@ -354,6 +354,12 @@ def test_v1_models_lists_the_served_model_in_openais_shape(client, encoder):
     assert client.get("/v1/models/text-embedding-3-small").status_code == 404
 
 
+def test_a_model_id_with_a_leading_slash_is_refused_by_that_id_not_redirected_to_the_served_one(client, encoder):
+    response = client.get(f"/v1/models//{encoder.name}")
+    assert response.status_code == 404 and response.json["error"]["code"] == "model_not_found"
+    assert f"model '/{encoder.name}' is not served here" in response.json["error"]["message"]
+
+
 def test_dimensions_other_than_the_models_answer_400(client, encoder):
     response = client.post("/v1/embeddings", json={"input": "red", "dimensions": 32})
     assert response.status_code == 400

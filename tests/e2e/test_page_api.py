@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -185,6 +186,27 @@ def test_an_id_with_slashes_and_spaces_is_served_when_percent_encoded(build_app,
     missing = client.get("/v1/documents/shoes%2Fplain.jpg/thumbnail")
     assert missing.status_code == 404
     assert "indexed from shards without thumbnails" in missing.json["error"]["message"]
+
+
+def test_an_id_with_leading_trailing_or_doubled_slashes_gets_its_own_thumbnail_not_a_redirect(build_app, tmp_path,
+                                                                                                encoder):
+    # Ids are whatever the corpus holds: with slashes merged, "/shoes/red.jpg" was redirected (308) to the
+    # thumbnail of "shoes/red.jpg", another document.
+    ids = ["shoes/red.jpg", "/shoes/red.jpg", "//shoes/red.jpg", "shoes//red.jpg", "shoes/red.jpg/", "/", "//"]
+    store_path = tmp_path / "store"
+    with EmbeddedStore(store_path) as store:
+        store.claim(encoder.signature)
+        vector = np.zeros(encoder.dim, dtype=np.float32)
+        vector[0] = 1
+        store.upsert([Document(id=doc_id, vector=vector, thumbnail=b"\xff\xd8" + doc_id.encode()) for doc_id in ids])
+    client = build_app(store_path=store_path).test_client()
+    for doc_id in ids:
+        # Percent-encoded as the page sends it (%2F reaches the route as "/"), and as is.
+        for sent in (quote(doc_id, safe=""), doc_id):
+            response = client.get(f"/v1/documents/{sent}/thumbnail")
+            assert (response.status_code, response.data) == (200, b"\xff\xd8" + doc_id.encode()), (sent, response.headers)
+    missing = client.get("/v1/documents/%2Fno-such-id/thumbnail")
+    assert missing.status_code == 404 and "'/no-such-id'" in missing.json["error"]["message"]
 
 
 # ---- image → text -------------------------------------------------------------------------------------
