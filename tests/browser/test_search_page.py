@@ -5,11 +5,13 @@ filter, page, ask for captions — and what they see when something fails; by ke
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from PIL import Image, PngImagePlugin
@@ -20,7 +22,9 @@ from sidecar.api.auth import key_entry, new_key
 from sidecar.api.page import ASSETS
 from sidecar.api.state import state_of
 from sidecar.config import Settings
+from sidecar.stores.embedded import EmbeddedStore
 from sidecar.stores.opensearch import OpenSearchStore
+from sidecar.types import Document
 from tests.browser.conftest import server_env, serving
 from tests.browser.pages import hits, manifest_rows, only_this_server, open_page, search_for, settle, thumbnails_loaded
 from tests.support import free_port, gunicorn_server
@@ -295,4 +299,53 @@ def test_with_api_keys_the_page_asks_for_one_then_searches_with_it(browser, stor
         thumbnails_loaded(page)
         page.wait_for_selector("#filters select")  # the facets, with the key
         assert page.inner_text("#store-info").endswith("model tiny-clip")
+    only_this_server(browser, url)
+
+
+@contextlib.contextmanager
+def page_app(settings: Settings, encoder, store_path: Path) -> Iterator[str]:
+    """The app on `store_path` served in this process (werkzeug's server) until the block ends; yields its URL."""
+    store = EmbeddedStore(store_path)
+    app = create_app(settings, encoder=encoder, store=store)
+    try:
+        with serving(app) as url:
+            yield url
+    finally:
+        state_of(app).encoding.close()
+        state_of(app).quality.close()
+        store.close()
+
+
+def jpeg(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), "red").save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_ids_with_leading_or_doubled_slashes_show_their_own_thumbnails(browser, encoder, tmp_path):
+    # Sizes of their own: a thumbnail served for another id would show another size, a redirect to a
+    # missing id none. "/red/lead.jpg" was redirected to "red/lead.jpg" (slashes merged).
+    thumbnails = {"/red/lead.jpg": jpeg(40, 30), "red//double.jpg": jpeg(30, 50), "red/lead.jpg": jpeg(20, 20),
+                  "red/none.jpg": None}
+    store_path = tmp_path / "store"
+    with EmbeddedStore(store_path) as store:
+        store.claim(encoder.signature)
+        vectors = encoder.encode_texts(["a red circle"] * len(thumbnails))
+        store.upsert([Document(id=doc_id, vector=vector, text="red circle", thumbnail=data)
+                      for (doc_id, data), vector in zip(thumbnails.items(), vectors)])
+    with page_app(Settings(cache_dir=tmp_path / "cache", store_path=store_path), encoder, store_path) as url:
+        page = browser.page
+        page.goto(f"{url}/")
+        page.wait_for_function("() => !document.getElementById('filters-note').textContent.startsWith('Loading')")
+        assert {hit["id"] for hit in search_for(page, "red circle")} == set(thumbnails)
+        page.wait_for_function("() => [...document.querySelectorAll('#hits img.thumb')]"
+                               ".every(img => img.complete && img.naturalWidth > 0)")
+        for doc_id, data in thumbnails.items():
+            hit = page.locator(f'#hits > li[data-id="{doc_id}"]')
+            if data is None:  # a real 404: shown missing
+                assert hit.locator(".no-thumb").inner_text() == "no thumbnail"
+            else:
+                with Image.open(io.BytesIO(data)) as image:
+                    shown = hit.locator("img.thumb").evaluate("img => [img.naturalWidth, img.naturalHeight]")
+                    assert shown == [*image.size], doc_id
     only_this_server(browser, url)
