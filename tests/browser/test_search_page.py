@@ -316,6 +316,26 @@ def page_app(settings: Settings, encoder, store_path: Path) -> Iterator[str]:
         store.close()
 
 
+def test_thumbnails_the_rate_limit_refused_appear_after_retry_after(browser, encoder, store_path, tmp_path):
+    key = new_key()
+    # 4 requests/s: a page of 20 thumbnails is refused in part (429), then each is fetched again in turn.
+    settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, api_keys=key_entry("web", ["search"], key),
+                        api_rate_limit=4)
+    with page_app(settings, encoder, store_path) as url:
+        statuses = []
+        browser.page.on("response", lambda response: statuses.append(response.status)
+                        if response.url.endswith("/thumbnail") else None)
+        page = browser.page
+        page.goto(f"{url}/")
+        page.fill("#api-key", key)
+        page.press("#api-key", "Tab")
+        page.wait_for_selector("#filters select")
+        assert len(search_for(page, "red circle")) == 20
+        thumbnails_loaded(page)
+        assert 429 in statuses and statuses.count(200) == 20, statuses
+    only_this_server(browser, url)
+
+
 def jpeg(width: int, height: int) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (width, height), "red").save(out, format="JPEG")

@@ -120,6 +120,36 @@
     return `/v1/documents/${encodeURIComponent(id)}/thumbnail`;
   }
 
+  // A page of thumbnails is a burst of requests against the key's rate limit. Those it refuses (429)
+  // are fetched again one at a time, none before the latest Retry-After: the limit then lets each
+  // through as a token comes back, instead of refusing them all again at once. A thumbnail refused
+  // THUMB_RETRIES more times (other clients spending the same key) is shown missing.
+  const THUMB_RETRIES = 5;
+  let thumbRetries = Promise.resolve();  // the queue: each retry starts when the one before it ended
+  let thumbNotBefore = 0;  // performance.now() of the latest Retry-After's end
+
+  function retryAfterMs(response) {
+    const seconds = Number(response.headers.get('Retry-After'));  // whole seconds from this server
+    return (Number.isFinite(seconds) && seconds > 0 ? seconds : 1) * 1000;
+  }
+
+  function retryRateLimited(img, id, refused) {
+    thumbNotBefore = Math.max(thumbNotBefore, performance.now() + retryAfterMs(refused));
+    const turn = thumbRetries.then(async () => {
+      let response = refused;
+      for (let tries = 0; tries < THUMB_RETRIES && img.isConnected; tries += 1) {
+        await new Promise((resolve) => { setTimeout(resolve, thumbNotBefore - performance.now()); });
+        if (!img.isConnected) break;  // a newer answer replaced the results: no request for it
+        response = await fetch(thumbnailUrl(id), { headers: headers() });
+        if (response.status !== 429) break;
+        thumbNotBefore = performance.now() + retryAfterMs(response);
+      }
+      return response;
+    });
+    thumbRetries = turn.catch(() => {});  // a failed fetch must not stop the thumbnails queued after it
+    return turn;
+  }
+
   // An <img> of a stored document; with an API key the bytes come through fetch (an <img> sends no header).
   function thumbnail(id, alt) {
     const img = el('img', { class: 'thumb', alt, width: '128', height: '128', decoding: 'async' });
@@ -130,6 +160,7 @@
       return img;
     }
     fetch(thumbnailUrl(id), { headers: headers() })
+      .then((r) => (r.status === 429 ? retryRateLimited(img, id, r) : r))
       .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(String(r.status)))))
       .then((blob) => { const url = URL.createObjectURL(blob); state.thumbUrls.push(url); img.src = url; })
       .catch(missing);
