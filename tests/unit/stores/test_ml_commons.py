@@ -1,16 +1,20 @@
 """What connect sends OpenSearch, without a cluster: the URLs each connector calls, what a rerun compares,
-and the options it refuses."""
+the options it refuses, and that docker compose's OpenSearch trusts those URLs."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import yaml
 
 from sidecar.stores.ml_commons import ConnectOptions, Names, _fingerprint, _sidecar_url
 from sidecar.types import ModelSignature
 
 SIGNATURE = ModelSignature(model="ViT-B-32", weights="sha256:0123abcd", dim=512)
+ROOT = Path(__file__).parents[3]
 
 
 @pytest.mark.parametrize(("role", "rerank", "path"), [("texts", "ids", "/v1/opensearch/embeddings/texts"),
@@ -49,3 +53,15 @@ def test_everything_is_named_after_the_alias():
 def test_connect_options_refuse_what_opensearch_or_the_sidecar_would(options, message):
     with pytest.raises(ValueError, match=message.replace("+", r"\+")):
         ConnectOptions(**{"sidecar_url": "http://127.0.0.1:8080", **options})
+
+
+def test_compose_trusts_every_connector_url_as_opensearch_splits_the_env_string():
+    # The image turns the variable into `-Ekey=value`; OpenSearch's Settings.getAsList splits that one string on
+    # commas and ml-commons keeps a URL only where a pattern matches all of it (Matcher.matches).
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    value = compose["services"]["opensearch"]["environment"]["plugins.ml_commons.trusted_connector_endpoints_regex"]
+    patterns = [part.strip() for part in value.split(",")]
+    for role, rerank in (("texts", "ids"), ("text-image", "ids"), ("rerank", "ids"), ("rerank", "texts")):
+        url = _sidecar_url("http://sidecar:8080", role, SIGNATURE, "products", rerank=rerank)
+        assert any(re.fullmatch(pattern, url) for pattern in patterns), (url, patterns)
+    assert "$" not in value  # compose would take it for a variable
