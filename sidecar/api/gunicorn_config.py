@@ -53,6 +53,8 @@ control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET", "")
 control_socket_disable = not control_socket
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when a worker imports it
+# Set only in the environment a USR2 upgrade execs the new master with: the folder is one this server made.
+_OWNED_ENV = "CLIP_SIDECAR_OWNED_METRICS_DIR"
 _owned_metrics_dir: str | None = None
 
 
@@ -60,7 +62,8 @@ def on_starting(server):
     """Before any socket is bound: the exposure rule, then Prometheus multiprocess mode: every worker writes its series to files in one folder and a
     scrape sums them (sidecar.serving.metrics). Set before any worker imports prometheus_client;
     a folder the operator names is emptied first, since files of a previous run would add to
-    this run's counts."""
+    this run's counts. The new master of a USR2 upgrade (master_pid set) empties nothing: the files
+    are the old master's workers', which still serve and count (pre_exec hands it the folder)."""
     global _owned_metrics_dir
     # The rule `clip-sidecar serve` applies, for gunicorn started directly (the Docker image): no
     # listening beyond loopback without API keys unless SIDECAR_INSECURE.
@@ -68,7 +71,10 @@ def on_starting(server):
     if refusal:
         raise RuntimeError(refusal)  # gunicorn prints "Error: <message>" and exits 1
     configured = os.environ.get(_MULTIPROC_ENV)
-    if configured:
+    if configured and server.master_pid:
+        if os.environ.get(_OWNED_ENV) == configured:
+            _owned_metrics_dir = configured  # the old master's own folder: whichever master exits last removes it
+    elif configured:
         Path(configured).mkdir(parents=True, exist_ok=True)
         for stale in Path(configured).glob("*.db"):
             stale.unlink()
@@ -81,8 +87,19 @@ def on_starting(server):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def on_exit(server):
+def pre_exec(server):
+    """USR2, in the forked child about to exec the new master: gunicorn execs it with the environment
+    from before on_starting, so name the metrics folder there: old and new workers then count into
+    one folder and a scrape of either sums both, as it does for workers of one master."""
+    server.cfg.env_orig[_MULTIPROC_ENV] = os.environ[_MULTIPROC_ENV]
     if _owned_metrics_dir:
+        server.cfg.env_orig[_OWNED_ENV] = _owned_metrics_dir
+
+
+def on_exit(server):
+    # A folder this server made outlives a master while the other master of a USR2 upgrade runs
+    # (gunicorn's own test before it unlinks a shared unix socket).
+    if _owned_metrics_dir and server.reexec_pid == server.master_pid == 0:
         shutil.rmtree(_owned_metrics_dir, ignore_errors=True)
 
 

@@ -1,0 +1,63 @@
+"""The gunicorn config's metrics-folder hooks across a USR2 upgrade, driven with stand-ins for gunicorn's
+arbiter (the attributes gunicorn sets: master_pid in the new master, reexec_pid in the old one)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from types import SimpleNamespace
+
+import pytest
+
+from sidecar.api import gunicorn_config
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def arbiter(*, master_pid: int = 0, reexec_pid: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(cfg=SimpleNamespace(address=[], env_orig={}), master_pid=master_pid,
+                           reexec_pid=reexec_pid, log=logging.getLogger("test.gunicorn"))
+
+
+@pytest.fixture(autouse=True)
+def _environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    monkeypatch.delenv("CLIP_SIDECAR_OWNED_METRICS_DIR", raising=False)  # the handover marker
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(gunicorn_config, "_owned_metrics_dir", None)
+
+
+def test_a_fresh_start_empties_a_named_metrics_folder_but_a_usr2_new_master_keeps_the_old_workers_files(
+        monkeypatch, tmp_path):
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    monkeypatch.setenv(MULTIPROC_ENV, str(folder))
+    (folder / "counter_101.db").write_bytes(b"old worker, still serving")
+    gunicorn_config.on_starting(arbiter(master_pid=100))
+    assert [path.name for path in folder.iterdir()] == ["counter_101.db"]
+    gunicorn_config.on_starting(arbiter())
+    assert list(folder.iterdir()) == []
+
+
+def test_usr2_hands_the_servers_own_metrics_folder_to_the_new_master_and_the_last_master_out_removes_it(
+        monkeypatch):
+    old = arbiter()
+    gunicorn_config.on_starting(old)
+    folder = gunicorn_config._owned_metrics_dir
+    gunicorn_config.pre_exec(old)  # in the forked child, which execs the new master with env_orig
+    assert old.cfg.env_orig[MULTIPROC_ENV] == folder
+    old.reexec_pid = 200
+    gunicorn_config.on_exit(old)  # the old master stops first, the new one still runs
+    assert folder is not None and os.path.isdir(folder)
+
+    monkeypatch.setattr(gunicorn_config, "_owned_metrics_dir", None)  # the new master: a process of its own
+    for name, value in old.cfg.env_orig.items():
+        monkeypatch.setenv(name, value)
+    new = arbiter(master_pid=100)
+    gunicorn_config.on_starting(new)
+    assert os.path.isdir(folder)
+    new.master_pid = 0  # promoted once the old master is gone
+    gunicorn_config.on_exit(new)
+    assert not os.path.exists(folder)
