@@ -144,7 +144,8 @@ class Settings:
     target_recall_k: int = 10
     calibration_queries: int = 300
     # Live Recall@K: this share of /v1/search queries that searched by vector is searched again in
-    # the background, ANN and exact, at most monitor_queue waiting (more are dropped, counted).
+    # the background, ANN and exact, at most monitor_queue waiting (more are dropped, counted). The
+    # hard-example checks have a queue of their own, as long.
     monitor_fraction: float = 0.01
     monitor_queue: int = 16
     # Hard examples (queries with a low top score, vector/BM25 disagreement or no result) and

@@ -26,10 +26,13 @@ from sidecar.stores.base import Store
 
 @dataclass
 class Quality:
-    checks: BackgroundChecks  # one thread per worker, shared by the monitor and the hard-example log
+    # A queue and thread each for the monitor and the hard-example log: hard-example checks (every
+    # search by default, two searches each) filling a shared queue left the monitor's 1 % none.
+    recall_checks: BackgroundChecks
     monitor: RecallMonitor
     window: MetricWindow
-    hard_examples: HardExampleLog | None = None  # None: quality_log_dir is not set
+    hard_example_checks: BackgroundChecks | None = None  # None: quality_log_dir is not set
+    hard_examples: HardExampleLog | None = None
     feedback: JsonlLog | None = None
 
     def observe_search(self, *, query_id: str, text: str | None, image: bytes | None, vector: np.ndarray | None,
@@ -51,7 +54,9 @@ class Quality:
         metrics.SEARCH_EF.set(0 if effort.exact(None) else effort.ef_search(None))
 
     def close(self) -> None:
-        self.checks.close()
+        for checks in (self.recall_checks, self.hard_example_checks):
+            if checks is not None:
+                checks.close()
         self.window.close()
         for log in (self.hard_examples, self.feedback):
             if log is not None:
@@ -59,15 +64,16 @@ class Quality:
 
 
 def build_quality(settings: Settings, store: Store) -> Quality:
-    checks = BackgroundChecks(capacity=settings.monitor_queue)
-    quality = Quality(checks=checks, window=MetricWindow(),
+    recall_checks = BackgroundChecks(capacity=settings.monitor_queue, name="recall-checks")
+    quality = Quality(recall_checks=recall_checks, window=MetricWindow(),
                       monitor=RecallMonitor(store, fraction=settings.monitor_fraction, k=settings.target_recall_k,
-                                            checks=checks, record=_record_recall))
+                                            checks=recall_checks, record=_record_recall))
     if settings.quality_log_dir:
         folder = Path(settings.quality_log_dir)
         bounds: dict[str, Any] = dict(max_bytes=settings.quality_log_max_bytes, backups=settings.quality_log_backups)
+        quality.hard_example_checks = BackgroundChecks(capacity=settings.monitor_queue, name="hard-examples")
         quality.hard_examples = HardExampleLog(
-            store, folder=folder, checks=checks, fraction=settings.hard_example_fraction,
+            store, folder=folder, checks=quality.hard_example_checks, fraction=settings.hard_example_fraction,
             rules=HardExampleRules(min_score=settings.hard_example_min_score,
                                    max_agreement=settings.hard_example_max_agreement),
             images=settings.hard_example_images, record=lambda outcome: metrics.HARD_EXAMPLES.labels(outcome).inc(),

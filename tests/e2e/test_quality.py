@@ -89,7 +89,7 @@ def test_live_recall_drops_with_an_absurdly_low_ef_search_and_recovers_when_the_
         before = {name: scraped(client, name) for name in ("sidecar_ann_recall_hits_total",
                                                            "sidecar_ann_recall_expected_total")}
         search_all(client, queries(40, seed=1), candidates=10, ef_search=1)
-        assert state_of(app).quality.checks.wait_idle(120)
+        assert state_of(app).quality.recall_checks.wait_idle(120)
         low = client.get("/v1/status").get_json()
         assert low["recall"]["checked"] == 40 and low["recall"]["expected"] == 400
         assert low["recall"]["value"] < 0.8, low["recall"]
@@ -111,7 +111,7 @@ def test_live_recall_drops_with_an_absurdly_low_ef_search_and_recovers_when_the_
     client = app.test_client()
     try:
         search_all(client, queries(40, seed=2), candidates=10)  # no ef_search: the store's calibrated effort
-        assert state_of(app).quality.checks.wait_idle(120)
+        assert state_of(app).quality.recall_checks.wait_idle(120)
         status = client.get("/v1/status").get_json()
         effort = status["search_effort"]
         assert effort["calibrated"] is True and effort["target_recall"] == 0.99
@@ -132,14 +132,14 @@ def test_shadow_checks_wait_for_no_request_and_are_dropped_when_their_queue_is_f
     client = app.test_client()
     quality = state_of(app).quality
     release = threading.Event()
-    quality.checks.submit(release.wait)  # the check thread is busy until released; one check may wait
+    quality.recall_checks.submit(release.wait)  # the check thread is busy until released; one check may wait
     try:
         search_all(client, queries(5, seed=3), candidates=10)  # answered while the checks are stuck
         status = client.get("/v1/status").get_json()["recall"]
         assert status["dropped"] == 4 and status["checked"] == 0
     finally:
         release.set()
-        assert quality.checks.wait_idle(60)
+        assert quality.recall_checks.wait_idle(60)
         assert client.get("/v1/status").get_json()["recall"]["checked"] == 1
         close(app, store)
 
@@ -235,7 +235,7 @@ def test_hard_examples_and_feedback_export_into_an_evaluation_set_eval_runs_and_
                  {"text": texts[1], "doc_id": hits[1][0]},  # a later click does not undo the judgment's grade
                  {"query_id": answers[2]["query_id"], "doc_id": hits[2][0]}):
         assert client.post("/v1/feedback", json=body).status_code == 200
-    assert state_of(app).quality.checks.wait_idle(60)
+    assert state_of(app).quality.hard_example_checks.wait_idle(60)
     runner = CliRunner()
     result = runner.invoke(main, ["-q", "hard-examples", "export", "--log-dir", str(logs), "--out", str(out),
                                   "--shards", str(shards)])
