@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import sysconfig
+from pathlib import Path
 from typing import Any
 
 import click
@@ -102,13 +104,25 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
     # -q / -v reach the workers' log (gunicorn's and the app's lines) unless GUNICORN_LOGLEVEL says otherwise.
     env.setdefault("GUNICORN_LOGLEVEL", logging.getLevelName(log.getEffectiveLevel()).lower())
     # The config is a module of the package, so an installed (non-editable) package finds it too.
-    args = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, "--bind", f"{host}:{port}",
+    args = [sys.executable, *_gunicorn_entry(), "--config", GUNICORN_CONFIG, "--bind", f"{host}:{port}",
             "--workers", str(workers), *(("--certfile", certfile, "--keyfile", keyfile) if certfile else ()),
             "sidecar.api.wsgi:app"]
-    log.info("starting gunicorn: %s", " ".join(args[2:]))
+    log.info("starting gunicorn: %s", " ".join(args[1:]))
     sys.stdout.flush()  # what was printed before must not be lost with this process's buffers
     sys.stderr.flush()
     os.execve(sys.executable, args, env)
+
+
+def _gunicorn_entry() -> list[str]:
+    """How this interpreter runs gunicorn: its `gunicorn` script, so that a USR2 upgrade works (gunicorn
+    re-executes its own command line; as `-m gunicorn` that is gunicorn/__main__.py, whose folder then
+    shadows the standard library's `http` and the new master's workers fail to boot:
+    benoitc/gunicorn#3281). `-m gunicorn` where the script is not installed beside the interpreter."""
+    script = Path(sysconfig.get_path("scripts")) / "gunicorn"
+    if script.is_file():
+        return [str(script)]
+    log.warning("no gunicorn script at %s: running `python -m gunicorn`, under which a USR2 upgrade fails", script)
+    return ["-m", "gunicorn"]
 
 
 def _embed_prompt_sets(settings) -> None:

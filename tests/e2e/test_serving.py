@@ -178,6 +178,24 @@ def test_metrics_count_every_worker_of_a_two_worker_gunicorn(start_gunicorn):
     assert server.metric("sidecar_requests_total", endpoint="/v1/embeddings", status="200") == 40
 
 
+def test_a_usr2_upgrade_of_serve_boots_new_workers_that_count_on_from_the_old_workers_metrics(start_gunicorn):
+    server = start_gunicorn(workers=1)
+    old_worker = server.ready_pid()
+    run = uuid.uuid4().hex[:8]
+    for i in range(5):
+        assert requests.post(f"{server.url}/v1/embeddings", json={"input": f"red ring {run} {i}"},
+                             timeout=60).status_code == 200
+    os.kill(server.process.pid, signal.SIGUSR2)  # the master: `serve` execs gunicorn in its own process
+    wait_for_workers(server, 1, other_than={old_worker})
+    server.process.send_signal(signal.SIGTERM)  # the old master and its worker go; the new master serves on
+    server.process.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while server.ready_pid() in (old_worker, None):
+        assert time.monotonic() < deadline, server.log.read_text()
+        time.sleep(0.1)
+    assert server.metric("sidecar_requests_total", endpoint="/v1/embeddings", status="200") == 5
+
+
 def test_pinned_workers_each_run_on_their_own_cpu_and_a_replacement_takes_the_freed_one(start_gunicorn):
     cpus = sorted(os.sched_getaffinity(0))
     server = start_gunicorn(workers=2, pin_workers="true")
