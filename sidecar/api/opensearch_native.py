@@ -193,7 +193,8 @@ def _fine_scores(state: AppState, kind: str, query: str, documents: list[str]) -
         candidates = _encoded(fine, kind, candidates, state)
     try:
         scores = fine_rank(fine.encode_texts([query]).vectors[0], candidates, lexical=lexical,
-                           fusion=RERANK_OPTIONS.fusion, weights=RERANK_OPTIONS.weights).final
+                           fusion=RERANK_OPTIONS.fusion, weights=RERANK_OPTIONS.weights, model=fine.encoder.signature,
+                           stored_model=state.store.fine_signature() if kind == "ids" else None).final
     except UnusableFineVectors as exc:
         return _page_order(len(documents)), str(exc)
     keys = documents if kind == "ids" else [str(i) for i in range(len(documents))]

@@ -81,6 +81,7 @@ def search_endpoint():
     encoded = time.perf_counter()
     with filter_errors(options.filters):
         result = search(state.store, vector=vector, text=text, options=options, fine_vector=fine_vector,
+                        fine_model=fine.encoder.signature if fine is not None else None,
                         no_fine_vector=no_fine_vector)
         more = offset + 2 * k <= settings.max_k and _ranking_goes_on(state.store, result, options, vector=vector,
                                                                        text=text, past=offset + k)

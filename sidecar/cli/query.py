@@ -73,7 +73,8 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, candi
         raise click.BadParameter(f"{image}: {exc.reason}", param_hint="--image") from exc
     store = open_existing_store(settings)
     try:
-        result = run_search(store, vector=vector, text=text, options=options, fine_vector=fine_vector)
+        result = run_search(store, vector=vector, text=text, options=options, fine_vector=fine_vector,
+                            fine_model=fine_encoder.signature if fine_encoder else None)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     finally:

@@ -32,7 +32,8 @@ def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 10_000, loc
                  progress: bool = True) -> IndexSummary:
     """Upsert every new or changed document from `shard_dir` (its document hash differs from the
     stored one) and delete the ones the embed step found gone, in one `Store.bulk_load` session.
-    Refuses shards of another model than the store holds. Safe to rerun, and to kill: a rerun
+    Refuses shards of another model, or of another fine model, than the store records (a store that
+    records no fine model yet records the shards'). Safe to rerun, and to kill: a rerun
     writes what the killed run did not."""
     started = time.perf_counter()
     shards = ShardSet(shard_dir)
@@ -42,7 +43,7 @@ def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 10_000, loc
     live = shards.live()
     with store.bulk_load(lock_wait_s=lock_wait_s) as load:
         # Inside the session: under OpenSearch's load lock, what is stored cannot change under us.
-        store.claim(signature)
+        store.claim(signature, fine_signature=shards.fine_signature)
         stored = store.content_hashes()
         changed = [entry for doc_id, entry in live.items() if stored.get(doc_id) != shards.document_hash(entry[1])]
         gone = [doc_id for doc_id in shards.deleted if doc_id in stored]
@@ -70,7 +71,8 @@ def rebuild_index(store: Store, shard_dir: Path, *, batch_size: int = 10_000, lo
         raise ShardError(f"{shard_dir} holds no shards (no manifest.json): run `clip-sidecar embed` first")
     documents = (doc for batch in tqdm(shards.documents(batch_size=batch_size), unit="batch", desc="rebuild",
                                        disable=not progress) for doc in batch)
-    new_index = store.rebuild(documents, signature=shards.signature, lock_wait_s=lock_wait_s)
+    new_index = store.rebuild(documents, signature=shards.signature, fine_signature=shards.fine_signature,
+                              lock_wait_s=lock_wait_s)
     total = store.count()
     log.info("rebuilt into %s and swapped the alias", new_index)
     return IndexSummary(written=total, unchanged=0, deleted=0, total_in_store=total,

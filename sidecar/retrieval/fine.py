@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sidecar.retrieval.fusion import fuse
-from sidecar.types import Document
+from sidecar.types import Document, ModelSignature
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,14 +27,19 @@ class FineScores:
 
 class UnusableFineVectors(ValueError):
     """Candidates whose stored fine vectors the stage cannot use: none (indexed without a fine model),
-    or of another size than the fine model's (indexed with another one). The stage is skipped, saying why."""
+    or of another fine model than the one that encoded the query (another size, or another model the
+    store records). The stage is skipped, saying why."""
 
 
 def fine_rank(query: np.ndarray, candidates: Sequence[Document], *, lexical: Mapping[str, float] | None = None,
-              fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5)) -> FineScores:
+              fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5), model: ModelSignature | None = None,
+              stored_model: ModelSignature | None = None) -> FineScores:
     """Score `candidates` with the strong model (`query` is its unit vector for the query), then fuse
     with `lexical` (raw BM25 of the candidates; those without a match contribute 0) by `fusion` and
-    `weights` (strong model, BM25). With no lexical evidence the strong model's scores decide alone."""
+    `weights` (strong model, BM25). With no lexical evidence the strong model's scores decide alone.
+    `model` encoded `query`; `stored_model` is the fine model the store records for the candidates'
+    vectors: another one is refused. Where either is None (the candidates were encoded for this
+    call; a store that records none), only the vectors' size is checked."""
     if not candidates:
         return FineScores(fine={}, final={})
     missing = [doc.id for doc in candidates if doc.fine_vector is None]
@@ -46,6 +51,11 @@ def fine_rank(query: np.ndarray, candidates: Sequence[Document], *, lexical: Map
         raise UnusableFineVectors(f"the candidates' fine vectors have {matrix.shape[1]} dimensions, this server's "
                                   f"fine model gives {query.shape[-1]}: they were embedded with another fine model; "
                                   "serve that one, or embed them with --fine-model set to this one and index again")
+    if model is not None and stored_model is not None and stored_model != model:
+        # Same size, another model: the scores would look like any others, and rank by noise.
+        raise UnusableFineVectors(f"the candidates' fine vectors were embedded with {stored_model.describe()}, this "
+                                  f"server's fine model is {model.describe()}: serve that one, or embed them with "
+                                  "--fine-model set to this one and index them into a new store")
     fine = dict(zip((doc.id for doc in candidates), (matrix @ np.asarray(query, dtype=np.float32)).tolist()))
     evidence = {doc_id: score for doc_id, score in (lexical or {}).items() if doc_id in fine}
     if not evidence:

@@ -451,7 +451,8 @@ def _run_config(config: RunConfig, target: SearchTarget, queries: Sequence[Query
         fine_vector, fine_encode_s = fine_vectors.get((config.target, query.id), (None, 0.0)) if options.rerank \
             else (None, 0.0)
         encode_s += fine_encode_s
-        result = search(target.store, vector=vector, text=query.text, options=options, fine_vector=fine_vector)
+        result = search(target.store, vector=vector, text=query.text, options=options, fine_vector=fine_vector,
+                        fine_model=target.fine_encoder.signature if target.fine_encoder else None)
         if result.rerank_skipped:
             notes[result.rerank_skipped] = notes.get(result.rerank_skipped, 0) + 1
         # Scores by rank, so the library sees exactly our order (pytrec_eval breaks score ties by doc id).

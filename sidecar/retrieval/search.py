@@ -12,7 +12,7 @@ import numpy as np
 from sidecar.retrieval.fine import UnusableFineVectors, fine_rank
 from sidecar.retrieval.fusion import FUSION_METHODS, fuse
 from sidecar.stores.base import Store
-from sidecar.types import Filters
+from sidecar.types import Filters, ModelSignature
 
 MODES = ("vector", "bm25", "hybrid")
 
@@ -91,10 +91,15 @@ NO_FINE_MODEL = ("no fine model is configured (SIDECAR_FINE_MODEL): re-scoring t
 
 
 def search(store: Store, *, vector: np.ndarray | None, text: str | None, options: SearchOptions,
-           fine_vector: np.ndarray | None = None, no_fine_vector: str = NO_FINE_MODEL) -> SearchResult:
+           fine_vector: np.ndarray | None = None, fine_model: ModelSignature | None = None,
+           no_fine_vector: str = NO_FINE_MODEL) -> SearchResult:
     """Coarse retrieval of N candidates, then (with `options.rerank` and a `fine_vector`, the query by
-    the fine model) the fine stage over them; top K with per-stage scores. `no_fine_vector` says why
-    a requested fine stage has no `fine_vector`."""
+    the fine model `fine_model`) the fine stage over them; top K with per-stage scores. The stage is
+    skipped, saying why, where the store records another fine model. `no_fine_vector` says why a
+    requested fine stage has no `fine_vector`."""
+    if fine_vector is not None and fine_model is None:
+        raise ValueError("fine_vector needs fine_model, the model that encoded it: the store's fine vectors must be "
+                         "of the same model")
     if options.mode in ("bm25", "hybrid") and not (text and text.strip()):
         raise ValueError(f"mode {options.mode} needs query text; use mode vector for an image-only query")
     if options.mode in ("vector", "hybrid") and vector is None:
@@ -140,7 +145,7 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
     if fine_stage:
         try:
             fine = fine_rank(fine_vector, [documents[d] for d in top], lexical=bm25_scores, fusion=options.fusion,
-                             weights=options.weights)
+                             weights=options.weights, model=fine_model, stored_model=store.fine_signature())
         except UnusableFineVectors as exc:
             skipped = str(exc)
     final = fine.final if fine else coarse

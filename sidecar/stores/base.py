@@ -33,10 +33,11 @@ class StoreLocked(StoreError):
 
 
 class ModelMismatchError(StoreError):
-    def __init__(self, store: ModelSignature, other: ModelSignature):
+    def __init__(self, store: ModelSignature, other: ModelSignature, *, fine: bool = False):
+        vectors = "fine-model vectors" if fine else "vectors"
         super().__init__(
-            f"store holds vectors of {store.describe()}, refusing vectors of {other.describe()}; "
-            "index into a new store (or rebuild) to switch models"
+            f"store holds {vectors} of {store.describe()}, refusing {vectors} of {other.describe()}; "
+            f"index into a new store (or rebuild) to switch {'fine ' if fine else ''}models"
         )
         self.store = store
         self.other = other
@@ -115,8 +116,14 @@ class Store(Protocol):
     def signature(self) -> ModelSignature | None:
         """The model whose vectors the store holds, or None while empty and unclaimed."""
 
-    def claim(self, signature: ModelSignature) -> None:
-        """Record the model on first use; raise ModelMismatchError if another model is stored."""
+    def fine_signature(self) -> ModelSignature | None:
+        """The fine-ranking model whose vectors the documents hold beside the model's, or None where
+        none is recorded: no fine vectors loaded yet, or loaded before the store recorded their model."""
+
+    def claim(self, signature: ModelSignature, *, fine_signature: ModelSignature | None = None) -> None:
+        """Record the model on first use, and the fine model (`fine_signature`, where the documents to
+        load hold its vectors) where none is recorded; raise ModelMismatchError if another model, or
+        another fine model, is recorded. None leaves the recorded fine model as it is."""
 
     def bulk_load(self, *, lock_wait_s: float = 0.0) -> AbstractContextManager[BulkLoad]:
         """A loading session around the writes of one `index` run; upserts and deletes outside one
@@ -161,8 +168,10 @@ class Store(Protocol):
         with `ef_search` as `vector_search` takes it); raises StoreError where `supports_native_hybrid`
         is False."""
 
-    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature, lock_wait_s: float = 0.0) -> str:
-        """Load `documents` into a fresh index and swap it in whole (zero downtime), under the same
+    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature,
+                fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0) -> str:
+        """Load `documents` into a fresh index recording `signature` (and `fine_signature`, the fine
+        model of their fine vectors) and swap it in whole (zero downtime), under the same
         load lock as `bulk_load`; returns its name. Stores updated in place raise StoreError saying so."""
 
     def fetch(self, ids: Sequence[str], *, vectors: bool = True) -> list[Document]:

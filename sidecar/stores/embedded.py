@@ -77,6 +77,7 @@ class _State:
     n_rows: int
     dim: int | None
     signature: ModelSignature | None
+    fine_signature: ModelSignature | None  # the fine model of the documents' fine vectors, where recorded
     hnsw_file: str | None
     hnsw_rows: int  # the graph covers rows below this; live rows from here on are searched exactly
     hnsw_dead: int  # tombstoned rows still inside the HNSW graph
@@ -403,7 +404,8 @@ class EmbeddedStore:
                     load_graph: bool = True, strict_bm25: bool = True) -> _State:
         n_rows = int(meta["n_rows"])
         dim = int(meta["dim"]) if "dim" in meta else None
-        signature = ModelSignature(**json.loads(meta["signature"])) if "signature" in meta else None
+        signature, fine_signature = (ModelSignature(**json.loads(meta[key])) if key in meta else None
+                                     for key in ("signature", "fine_signature"))
         hnsw_file = meta.get("hnsw_file")
         hnsw_rows = _hnsw_rows(meta)
         if cached is not None and cached.index is not None and cached.hnsw_file == hnsw_file:
@@ -417,7 +419,8 @@ class EmbeddedStore:
         dead = np.fromiter((r for (r,) in conn.execute("SELECT row FROM docs WHERE deleted = 1")), dtype=np.int64)
         live[dead] = False
         return _State(
-            generation=int(meta["generation"]), n_rows=n_rows, dim=dim, signature=signature, hnsw_file=hnsw_file,
+            generation=int(meta["generation"]), n_rows=n_rows, dim=dim, signature=signature,
+            fine_signature=fine_signature, hnsw_file=hnsw_file,
             hnsw_rows=hnsw_rows, hnsw_dead=int(meta["hnsw_dead"]), live=live, live_bits=_pack_bits(live),
             tail=np.flatnonzero(live[hnsw_rows:]).astype(np.int64) + hnsw_rows,
             vectors=self._map_vectors(n_rows, dim), index=index, bm25=bm25, bm25_opstamp=bm25_opstamp,
@@ -509,8 +512,9 @@ class EmbeddedStore:
                                      "bm25_opstamp": new.bm25_opstamp}
         if new.dim is not None:
             values["dim"] = new.dim
-        if new.signature is not None:
-            values["signature"] = json.dumps(dataclasses.asdict(new.signature))
+        for key in ("signature", "fine_signature"):
+            if getattr(new, key) is not None:
+                values[key] = json.dumps(dataclasses.asdict(getattr(new, key)))
         if new.hnsw_file is not None:
             values["hnsw_file"] = new.hnsw_file
         write.conn.executemany(
@@ -556,22 +560,36 @@ class EmbeddedStore:
         with self._read() as (_, state):
             return state.signature
 
-    def claim(self, signature: ModelSignature) -> None:
-        if not isinstance(signature, ModelSignature):
-            raise TypeError(f"claim expects a ModelSignature, got {type(signature).__name__}")
-        _require_positive_int("signature.dim", signature.dim)
+    def fine_signature(self) -> ModelSignature | None:
+        with self._read() as (_, state):
+            return state.fine_signature
+
+    def claim(self, signature: ModelSignature, *, fine_signature: ModelSignature | None = None) -> None:
+        given = {"signature": signature, **({"fine_signature": fine_signature} if fine_signature is not None else {})}
+        for name, value in given.items():
+            if not isinstance(value, ModelSignature):
+                raise TypeError(f"claim expects {name} to be a ModelSignature, got {type(value).__name__}")
+            _require_positive_int(f"{name}.dim", value.dim)
         with self._write() as write:
             state = write.state
+            changes: dict[str, Any] = {}
             if state.signature is not None:
                 if state.signature != signature:
                     raise ModelMismatchError(state.signature, signature)
-                return
-            if state.dim is not None and state.dim != signature.dim:
+            elif state.dim is not None and state.dim != signature.dim:
                 raise ValueError(
                     f"vector dimension mismatch: store holds {state.dim}-d vectors, "
                     f"got {signature.dim}-d model {signature.describe()}"
                 )
-            self._commit(write, signature=signature, dim=signature.dim)
+            else:
+                changes.update(signature=signature, dim=signature.dim)
+            if fine_signature is not None:
+                if state.fine_signature is None:
+                    changes["fine_signature"] = fine_signature
+                elif state.fine_signature != fine_signature:
+                    raise ModelMismatchError(state.fine_signature, fine_signature, fine=True)
+            if changes:
+                self._commit(write, **changes)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -853,7 +871,8 @@ class EmbeddedStore:
         raise StoreError("the embedded store has no native hybrid query; sidecar.retrieval.search fuses its "
                          "vector and BM25 results")
 
-    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature, lock_wait_s: float = 0.0) -> str:
+    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature,
+                fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0) -> str:
         raise StoreError(f"the embedded store at {self.path} is updated in place (readers always see a complete "
                          "generation); --rebuild is for OpenSearch's versioned indices")
 

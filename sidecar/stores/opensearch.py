@@ -86,6 +86,8 @@ FACET_FIELD_TYPES = {"keyword", "long", "integer", "short", "byte", "double", "f
                      "scaled_float", "unsigned_long", "boolean"}
 # _meta key holding the search effort a calibration chose for a recall target (sidecar.stores.effort).
 EFFORT_KEY = "search_effort"
+# _meta key holding the fine model whose vectors the documents hold (model, weights, dim), where recorded.
+FINE_MODEL_KEY = "fine_model"
 # The load lock: one document in `<alias>-lock`, held by an `index` run or a rebuild (see _LoadLock).
 LOCK_SUFFIX = "-lock"
 LOCK_ID = "load"
@@ -195,6 +197,7 @@ class OpenSearchStore:
         )
         self._plugins: set[str] | None = None
         self._primary_shards: tuple[int, float] | None = None  # (shards, when read)
+        self._fine_read: tuple[ModelSignature | None, float] | None = None  # (fine_signature(), when read)
         # Queries that name no ef_search: the calibrated effort for target_recall (in the index's _meta,
         # so a rebuilt index starts uncalibrated), else ef_search.
         self.effort = EffortPolicy(target_recall=target_recall, k=target_k, default_ef=ef_search,
@@ -246,21 +249,40 @@ class OpenSearchStore:
             return None
         return ModelSignature(model=meta["model"], weights=meta.get("weights", ""), dim=int(meta["dim"]))
 
-    def claim(self, signature: ModelSignature) -> None:
-        """Record the model in _meta on first use; another model's vectors are refused."""
+    def fine_signature(self) -> ModelSignature | None:
+        """The fine model recorded in the index mapping's _meta, or None. Read again every REFRESH_S,
+        not per call: the fine stage asks on every search, and a mapping request costs milliseconds;
+        while the index serves, only another process's first `index` with fine vectors (recording
+        one) or rebuild (another index) changes it."""
+        now = time.monotonic()
+        known = self._fine_read
+        if known is not None and now - known[1] < REFRESH_S:
+            return known[0]
+        with self._read_errors(f"reading the mapping of {self.alias}"):
+            fine = _fine_signature_in(self._meta() or {})
+        self._fine_read = (fine, now)
+        return fine
+
+    def claim(self, signature: ModelSignature, *, fine_signature: ModelSignature | None = None) -> None:
+        """Record the model in _meta on first use, and the fine model where none is recorded; another
+        model's vectors, or another fine model's, are refused."""
         if not self._alias_indices():
             self.setup(signature.dim)
         stored = self.signature()
-        if stored is not None:
-            if stored != signature:
-                raise ModelMismatchError(stored, signature)
-            return
-        dim = self._mapping_dim()
-        if dim != signature.dim:
+        if stored is not None and stored != signature:
+            raise ModelMismatchError(stored, signature)
+        if stored is None and (dim := self._mapping_dim()) != signature.dim:
             raise ModelMismatchError(ModelSignature(model="(unclaimed)", weights="", dim=dim), signature)
         meta = self._meta() or {}
-        meta.update(model=signature.model, weights=signature.weights, dim=signature.dim)
-        self._put_meta(meta)
+        stored_fine = _fine_signature_in(meta)
+        if fine_signature is not None and stored_fine not in (None, fine_signature):
+            raise ModelMismatchError(stored_fine, fine_signature, fine=True)
+        if stored is None or (fine_signature is not None and stored_fine is None):
+            meta.update(model=signature.model, weights=signature.weights, dim=signature.dim)
+            if fine_signature is not None:
+                meta[FINE_MODEL_KEY] = dataclasses.asdict(fine_signature)
+            self._put_meta(meta)
+            self._fine_read = None  # the next fine_signature() reads what was recorded
 
     def has_neural_search(self) -> bool:
         """Whether every node runs neural-search (hybrid query, normalisation and RRF processors)."""
@@ -336,14 +358,15 @@ class OpenSearchStore:
             load.written.difference_update(ids)
         return deleted
 
-    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature, lock_wait_s: float = 0.0) -> str:
+    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature,
+                fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0) -> str:
         """Under the load lock: load a new versioned index, check its count, swap the alias
         atomically, then drop the old index. An `index` run started meanwhile waits or is refused
         (its writes would land in the index the swap drops)."""
         with self._load_lock("rebuild", lock_wait_s=lock_wait_s) as lock:
             old = self._alias_indices()
             name = self._new_index_name()
-            self._create_index(name, dim=signature.dim, signature=signature)
+            self._create_index(name, dim=signature.dim, signature=signature, fine_signature=fine_signature)
             try:
                 ids: set[str] = set()
                 # A fresh index nobody reads yet: load all of it with refresh relaxed and no replicas.
@@ -366,6 +389,7 @@ class OpenSearchStore:
             actions = [{"remove": {"index": i, "alias": self.alias}} for i in old]
             actions.append({"add": {"index": name, "alias": self.alias}})
             self.client.indices.update_aliases(body={"actions": actions})
+            self._fine_read = None  # the new index records its own fine model
             for i in old:
                 self.client.indices.delete(index=i, ignore_unavailable=True)
         log.info("rebuilt %s: alias now on %s (%d docs), removed %s", self.alias, name, len(ids), old or "nothing")
@@ -781,12 +805,15 @@ class OpenSearchStore:
         return render_template(template, vector_weight=float(weights[0]), text_weight=float(weights[1]),
                                rank_constant=RRF_RANK_CONSTANT)
 
-    def _create_index(self, name: str, *, dim: int, signature: ModelSignature | None) -> None:
+    def _create_index(self, name: str, *, dim: int, signature: ModelSignature | None,
+                      fine_signature: ModelSignature | None = None) -> None:
         template = json.loads((self.config_dir / "index.json").read_text())
         body = render_template(template, dim=dim, engine=self.engine, m=self.m, ef_construction=self.ef_construction,
                                number_of_shards=self.number_of_shards, number_of_replicas=self.number_of_replicas,
                                model=signature.model if signature else "",
                                weights=signature.weights if signature else "")
+        if fine_signature is not None:
+            body["mappings"]["_meta"][FINE_MODEL_KEY] = dataclasses.asdict(fine_signature)
         self.client.indices.create(index=name, body=body)
 
     def _new_index_name(self) -> str:
@@ -893,6 +920,11 @@ def render_template(template: Any, **values: Any) -> Any:
             raise KeyError(f"template placeholder {template} has no value; given: {', '.join(sorted(values))}")
         return copy.deepcopy(values[key])
     return template
+
+
+def _fine_signature_in(meta: dict[str, Any]) -> ModelSignature | None:
+    fine = meta.get(FINE_MODEL_KEY)
+    return ModelSignature(**fine) if fine else None
 
 
 def _root_cause(exc: TransportError) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -142,6 +144,35 @@ def test_fine_vectors_of_another_fine_model_skip_the_rerank_saying_so_not_a_5xx(
         for reason in (search.json["rerank_skipped"], rerank.json["rerank_skipped"]):
             assert reason.startswith("the candidates' fine vectors have 128 dimensions, this server's fine model "
                                      "gives 64: they were embedded with another fine model")
+    finally:
+        state_of(app).encoding.close()
+        state_of(app).fine_encoding.close()
+        store.close()
+
+
+def test_a_served_fine_model_of_the_same_size_but_other_weights_skips_the_rerank_naming_both(
+        tmp_path, encoder, fine_encoder, fine_store_path):
+    # The store's fine vectors come from tiny-clip-large; this server serves the same architecture (128-d)
+    # with other weights: the vectors' size cannot tell, the fine model the index run recorded can.
+    retrained = copy.copy(fine_encoder)
+    retrained.weights = "retrained"
+    retrained.signature = dataclasses.replace(fine_encoder.signature, weights="retrained")
+    store = EmbeddedStore(fine_store_path)
+    assert store.fine_signature() == fine_encoder.signature
+    app = create_app(Settings(cache_dir=tmp_path / "cache", store_path=fine_store_path), encoder=encoder, store=store,
+                     fine_encoder=retrained)
+    try:
+        client = app.test_client()
+        search = client.post("/v1/search", json={"text": "red circle", "k": 3})
+        rerank = client.post("/v1/opensearch/rerank/ids", json={"query": "red circle",
+                                                                 "documents": ["item-000001", "item-000002"]})
+        assert search.status_code == rerank.status_code == 200
+        assert search.json["rerank"] is False and len(search.json["hits"]) == 3
+        assert [r["relevance_score"] for r in rerank.json["results"]] == [1.0, 0.5]  # the page's own order
+        for reason in (search.json["rerank_skipped"], rerank.json["rerank_skipped"]):
+            assert reason.startswith(f"the candidates' fine vectors were embedded with "
+                                     f"{fine_encoder.signature.describe()}, this server's fine model is "
+                                     f"{retrained.signature.describe()}: serve that one")
     finally:
         state_of(app).encoding.close()
         state_of(app).fine_encoding.close()

@@ -11,6 +11,7 @@ from PIL import Image
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.indexing import index_shards
 from sidecar.ingest.shards import ShardError, ShardRow, ShardSet
+from sidecar.stores.base import ModelMismatchError
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import ModelSignature
 
@@ -38,6 +39,35 @@ def test_shards_keep_fine_vectors_row_for_row_and_refuse_a_mismatch(tmp_path):
         reopened.write_shard(np.ones((2, 2), dtype=np.float32), rows(2))
     with pytest.raises(ShardError, match="holds shards with fine .* not no fine model"):
         ShardSet(tmp_path).start(FAST, preprocessing={})
+
+
+def fine_shards(out, fine: ModelSignature, *, n: int = 2) -> None:
+    shards = ShardSet(out)
+    shards.start(FAST, preprocessing={}, fine_signature=fine)
+    shards.write_shard(np.ones((n, 2), dtype=np.float32), rows(n), np.ones((n, fine.dim), dtype=np.float32))
+
+
+def test_index_records_the_shards_fine_model_and_refuses_shards_of_another_one_of_the_same_size(tmp_path):
+    other = ModelSignature(model="other fine", weights="w", dim=FINE.dim)
+    fine_shards(tmp_path / "fine", FINE)
+    fine_shards(tmp_path / "other", other, n=3)
+    with EmbeddedStore(tmp_path / "store") as store:
+        index_shards(store, tmp_path / "fine", progress=False)
+        assert store.fine_signature() == FINE
+        with pytest.raises(ModelMismatchError, match="fine-model vectors of fine .*refusing fine-model vectors of "
+                                                     "other fine"):
+            index_shards(store, tmp_path / "other", progress=False)
+        assert store.count() == 2 and store.fine_signature() == FINE
+
+
+def test_a_store_indexed_before_fine_models_were_recorded_records_the_next_index_runs(tmp_path):
+    fine_shards(tmp_path / "fine", FINE)
+    with EmbeddedStore(tmp_path / "store") as store:
+        store.claim(FAST)  # what index did before: fine vectors stored, their model not recorded
+        store.upsert(next(ShardSet(tmp_path / "fine").documents()))
+        assert store.fine_signature() is None
+        summary = index_shards(store, tmp_path / "fine", progress=False)
+        assert summary.unchanged == 2 and store.fine_signature() == FINE
 
 
 def test_embed_with_a_fine_model_stores_its_vectors_and_index_puts_them_beside_each_document(encoder, corpus,

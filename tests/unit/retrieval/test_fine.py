@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sidecar.retrieval.fine import UnusableFineVectors, fine_rank
-from sidecar.types import Document
+from sidecar.types import Document, ModelSignature
 
 
 def unit(*values: float) -> np.ndarray:
@@ -19,6 +19,7 @@ DOCS = [Document(id="a", vector=unit(1, 0.1), fine_vector=unit(0.1, 1, 0)),
         Document(id="b", vector=unit(1, 0.5), fine_vector=unit(0.5, 1, 0)),
         Document(id="c", vector=unit(1, 0.9), fine_vector=unit(1, 0.1, 0))]
 FINE_QUERY = unit(1, 0, 0)
+FINE = ModelSignature(model="strong", weights="w1", dim=3)  # the fine model of DOCS' fine vectors and FINE_QUERY
 
 
 def test_the_strong_models_order_replaces_the_fast_ones_where_they_disagree():
@@ -47,13 +48,19 @@ def test_fine_vectors_of_another_fine_model_are_refused_with_the_fix():
         fine_rank(unit(1, 0), DOCS)
 
 
+def test_fine_vectors_of_another_fine_model_of_the_same_size_are_refused_naming_both():
+    other = ModelSignature(model="other", weights="w2", dim=3)
+    with pytest.raises(UnusableFineVectors, match="embedded with strong .*this server's fine model is other "):
+        fine_rank(FINE_QUERY, DOCS, model=other, stored_model=FINE)
+    assert fine_rank(FINE_QUERY, DOCS, model=other, stored_model=None).fine  # none recorded: the size decides
+
+
 @pytest.fixture
 def store(tmp_path):
     from sidecar.stores.embedded import EmbeddedStore
-    from sidecar.types import ModelSignature
 
     store = EmbeddedStore(tmp_path / "store")
-    store.claim(ModelSignature(model="fast", weights="none", dim=2))
+    store.claim(ModelSignature(model="fast", weights="none", dim=2), fine_signature=FINE)
     texts = {"a": "plain badge", "b": "plain badge", "c": "plain badge"}
     store.upsert([Document(id=d.id, vector=d.vector, fine_vector=d.fine_vector, text=texts[d.id]) for d in DOCS])
     yield store
@@ -67,7 +74,7 @@ def test_search_ranks_by_the_strong_model_where_it_disagrees_with_the_fast_one(s
     coarse = search(store, vector=fast_query, text=None, options=SearchOptions(mode="vector", k=3, rerank=False))
     assert [h.id for h in coarse.hits] == ["a", "b", "c"] and not coarse.reranked
     fine = search(store, vector=fast_query, text=None, options=SearchOptions(mode="vector", k=3),
-                  fine_vector=FINE_QUERY)
+                  fine_vector=FINE_QUERY, fine_model=FINE)
     assert [h.id for h in fine.hits] == ["c", "b", "a"]
     assert fine.reranked and fine.rerank_skipped is None
     assert {"vector", "fine", "rerank"} <= fine.hits[0].scores.keys()
@@ -83,23 +90,34 @@ def test_without_a_fine_model_the_rerank_is_skipped_and_says_why(store):
     assert "rerank" not in result.hits[0].scores
 
 
+def test_a_served_fine_model_other_than_the_stores_skips_the_rerank_naming_both(store):
+    from sidecar.retrieval.search import SearchOptions, search
+
+    other = ModelSignature(model="other", weights="w2", dim=3)  # the size of the stored fine vectors
+    result = search(store, vector=unit(1, 0), text=None, options=SearchOptions(mode="vector", k=3),
+                    fine_vector=FINE_QUERY, fine_model=other)
+    assert [h.id for h in result.hits] == ["a", "b", "c"]  # the coarse order, not the wrong vectors' c > b > a
+    assert not result.reranked and "this server's fine model is other (weights w2, dim 3)" in result.rerank_skipped
+    with pytest.raises(ValueError, match="fine_vector needs fine_model"):
+        search(store, vector=unit(1, 0), text=None, options=SearchOptions(mode="vector", k=3), fine_vector=FINE_QUERY)
+
+
 def test_bm25_mode_ranks_by_bm25_unless_the_rerank_is_asked_for(store):
     from sidecar.retrieval.search import SearchOptions, search
 
     default = SearchOptions(mode="bm25", k=3)
     assert default.rerank is False
-    result = search(store, vector=None, text="badge", options=default, fine_vector=FINE_QUERY)
+    result = search(store, vector=None, text="badge", options=default, fine_vector=FINE_QUERY, fine_model=FINE)
     assert not result.reranked and result.rerank_skipped is None
     assert all(set(h.scores) == {"bm25"} for h in result.hits)
     asked = search(store, vector=None, text="badge", options=SearchOptions(mode="bm25", k=3, rerank=True),
-                   fine_vector=FINE_QUERY)
+                   fine_vector=FINE_QUERY, fine_model=FINE)
     assert asked.reranked and [h.id for h in asked.hits][0] == "c"  # equal BM25: the strong model decides
 
 
 def test_hybrid_fuses_in_the_fine_stage_the_bm25_of_candidates_outside_bm25s_own_top_n(tmp_path):
     from sidecar.retrieval.search import SearchOptions, search
     from sidecar.stores.embedded import EmbeddedStore
-    from sidecar.types import ModelSignature
 
     def toward_query(cosine: float, axis: int) -> np.ndarray:  # a unit vector at `cosine` to the query (axis 0)
         vector = np.zeros(8, dtype=np.float32)
@@ -116,7 +134,7 @@ def test_hybrid_fuses_in_the_fine_stage_the_bm25_of_candidates_outside_bm25s_own
     query = toward_query(1.0, 1)
     assert "c" not in {hit.id for hit in store.text_search("red", 4)}  # a candidate by its vector only
     result = search(store, vector=query, text="red", options=SearchOptions(mode="hybrid", k=4, candidates=4),
-                    fine_vector=query)
+                    fine_vector=query, fine_model=ModelSignature(model="strong", weights="w1", dim=8))
     ids = [hit.id for hit in result.hits]
     lexical = {hit.id: hit.score for hit in store.text_search("red", 4, ids=ids)}
     assert sorted(ids) == ["a", "b", "c", "d"] and {h.id: h.scores.get("bm25") for h in result.hits if h.id != "d"} == lexical

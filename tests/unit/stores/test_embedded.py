@@ -459,6 +459,23 @@ def test_model_mismatch(tmp_path: Path):
             reopened.claim(other)
 
 
+def test_the_fine_model_is_recorded_once_kept_across_reopens_and_another_one_refused(tmp_path: Path):
+    fine = ModelSignature(model="ViT-L-14", weights="openai", dim=16)
+    with EmbeddedStore(tmp_path / "s") as store:
+        store.claim(SIGNATURE)
+        assert store.fine_signature() is None  # no fine vectors loaded: none recorded
+        store.claim(SIGNATURE, fine_signature=fine)
+        store.claim(SIGNATURE)  # a claim naming no fine model (setup, documents without fine vectors) keeps it
+        assert store.fine_signature() == fine
+    other = ModelSignature(model="ViT-H-14", weights="laion2b", dim=16)  # the same size: only the record tells
+    with EmbeddedStore(tmp_path / "s") as reopened:
+        assert reopened.fine_signature() == fine and reopened.signature() == SIGNATURE
+        with pytest.raises(ModelMismatchError, match="fine-model vectors of ViT-L-14 .*refusing fine-model vectors "
+                                                     "of ViT-H-14"):
+            reopened.claim(SIGNATURE, fine_signature=other)
+        assert reopened.fine_signature() == fine
+
+
 def test_dim_mismatch_names_both_dimensions(store: EmbeddedStore):
     store.upsert(make_docs(3))
     wrong = Document(id="x", vector=np.ones(DIM * 2, dtype=np.float32))
