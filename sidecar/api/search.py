@@ -72,12 +72,14 @@ def search_endpoint():
     fine = state.fine_encoding if options.rerank else None
     fine_vector = None
     no_fine_vector = NO_FINE_MODEL
-    if fine is not None:
-        fine_pixels = decode_images([("image", data)], encoding=fine, settings=settings) if data is not None else []
-        fine_vector = _query(fine, text=text, pixels=fine_pixels, stored=liked.fine_vector if liked else None)
-        # Only a liked document without a stored fine vector (and no text) leaves the fine model no query.
+    if fine is not None and liked is not None and liked.fine_vector is None:
+        # The fine model has no view of the liked document: with text, its query would be the text alone,
+        # and the fine stage would rank the `like` half of the query away. Skipped, as without text.
         no_fine_vector = (f"the liked document {like!r} has no fine-model vector: embed it with --fine-model "
                           "and index again")
+    elif fine is not None:
+        fine_pixels = decode_images([("image", data)], encoding=fine, settings=settings) if data is not None else []
+        fine_vector = _query(fine, text=text, pixels=fine_pixels, stored=liked.fine_vector if liked else None)
     encoded = time.perf_counter()
     with filter_errors(options.filters):
         result = search(state.store, vector=vector, text=text, options=options, fine_vector=fine_vector,

@@ -6,6 +6,7 @@ import base64
 import copy
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from sidecar.api.state import state_of
 from sidecar.config import Settings
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.indexing import index_shards
+from sidecar.model.synthetic import SHAPES
 from sidecar.model.tiny_model import LARGE_MODEL_NAME
 from sidecar.stores.embedded import EmbeddedStore
 
@@ -127,6 +129,30 @@ def test_like_of_a_document_without_a_fine_vector_skips_the_rerank_naming_the_do
     assert body["rerank"] is False and len(body["hits"]) == 3
     assert body["rerank_skipped"] == ("the liked document 'item-000001' has no fine-model vector: embed it with "
                                       "--fine-model and index again")
+
+
+def test_like_with_text_of_a_document_without_a_fine_vector_skips_the_rerank_instead_of_ranking_by_the_text_alone(
+        tmp_path, encoder, fine_encoder, fine_store_path):
+    # A store where every document but the liked one has a fine vector; the filter keeps the liked one out of
+    # the candidates, so every candidate could be fine-ranked (by the text alone: the like half dropped).
+    path = tmp_path / "store"
+    shutil.copytree(fine_store_path, path)
+    store = EmbeddedStore(path)
+    liked = store.fetch(["item-000001"])[0]
+    store.upsert([dataclasses.replace(liked, fine_vector=None)])
+    app = create_app(Settings(cache_dir=tmp_path / "cache", store_path=path), encoder=encoder, store=store,
+                     fine_encoder=fine_encoder)
+    try:
+        others = {"shape": [shape for shape in SHAPES if shape != liked.metadata["shape"]]}
+        body = app.test_client().post("/v1/search", json={"like": "item-000001", "text": "red", "k": 5,
+                                                          "filters": others}).json
+        assert body["rerank"] is False and len(body["hits"]) == 5
+        assert body["rerank_skipped"] == ("the liked document 'item-000001' has no fine-model vector: embed it "
+                                          "with --fine-model and index again")
+    finally:
+        state_of(app).encoding.close()
+        state_of(app).fine_encoding.close()
+        store.close()
 
 
 def test_fine_vectors_of_another_fine_model_skip_the_rerank_saying_so_not_a_5xx(tmp_path, encoder, fine_store_path):
