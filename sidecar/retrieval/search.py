@@ -121,6 +121,8 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
         if options.mode in ("bm25", "hybrid"):
             bm25_scores = _as_dict(store.text_search(text, n, filters=options.filters))
         if options.mode == "hybrid":
+            # BM25's top N only: a vector candidate outside it adds 0 here, and without the fine stage its
+            # hit shows no `scores.bm25` (the score shown is the one fused; finding another costs a query).
             coarse = fuse([vector_scores, bm25_scores], method=options.fusion, weights=options.weights)
         else:
             coarse = vector_scores or bm25_scores

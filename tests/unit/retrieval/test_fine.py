@@ -115,29 +115,52 @@ def test_bm25_mode_ranks_by_bm25_unless_the_rerank_is_asked_for(store):
     assert asked.reranked and [h.id for h in asked.hits][0] == "c"  # equal BM25: the strong model decides
 
 
-def test_hybrid_fuses_in_the_fine_stage_the_bm25_of_candidates_outside_bm25s_own_top_n(tmp_path):
-    from sidecar.retrieval.search import SearchOptions, search
-    from sidecar.stores.embedded import EmbeddedStore
+def toward_query(cosine: float, axis: int) -> np.ndarray:
+    """A unit vector at `cosine` to the query (axis 0)."""
+    vector = np.zeros(8, dtype=np.float32)
+    vector[0], vector[axis] = cosine, np.sqrt(1 - cosine * cosine)
+    return vector
 
-    def toward_query(cosine: float, axis: int) -> np.ndarray:  # a unit vector at `cosine` to the query (axis 0)
-        vector = np.zeros(8, dtype=np.float32)
-        vector[0], vector[axis] = cosine, np.sqrt(1 - cosine * cosine)
-        return vector
+
+@pytest.fixture
+def hybrid_store(tmp_path):
+    """BM25 ranks a > b > x > y > c for "red"; the 4 hybrid candidates are a, b, c and d (c by its vector only)."""
+    from sidecar.stores.embedded import EmbeddedStore
 
     store = EmbeddedStore(tmp_path / "store")
     store.claim(ModelSignature(model="fast", weights="none", dim=8))
-    # (id, fast cosine, fine cosine, text): BM25 ranks a > b > x > y > c; the 4 candidates are a, b, c and d.
+    # (id, fast cosine, fine cosine, text)
     rows = [("a", 0.5, 0.5, "red red red red"), ("b", 0.4, 0.6, "red red red"), ("x", 0.0, 0.0, "red red"),
             ("y", 0.0, 0.0, "red red sky"), ("c", 1.0, 0.4, "red car on a long road by the sea"), ("d", 0.9, 0.8, "blue")]
     store.upsert([Document(id=doc_id, vector=toward_query(fast, axis), fine_vector=toward_query(fine, axis), text=text)
                   for axis, (doc_id, fast, fine, text) in enumerate(rows, start=1)])
-    query = toward_query(1.0, 1)
     assert "c" not in {hit.id for hit in store.text_search("red", 4)}  # a candidate by its vector only
-    result = search(store, vector=query, text="red", options=SearchOptions(mode="hybrid", k=4, candidates=4),
+    yield store
+    store.close()
+
+
+def test_hybrid_fuses_in_the_fine_stage_the_bm25_of_candidates_outside_bm25s_own_top_n(hybrid_store):
+    from sidecar.retrieval.search import SearchOptions, search
+
+    query = toward_query(1.0, 1)
+    result = search(hybrid_store, vector=query, text="red", options=SearchOptions(mode="hybrid", k=4, candidates=4),
                     fine_vector=query, fine_model=ModelSignature(model="strong", weights="w1", dim=8))
     ids = [hit.id for hit in result.hits]
-    lexical = {hit.id: hit.score for hit in store.text_search("red", 4, ids=ids)}
+    lexical = {hit.id: hit.score for hit in hybrid_store.text_search("red", 4, ids=ids)}
     assert sorted(ids) == ["a", "b", "c", "d"] and {h.id: h.scores.get("bm25") for h in result.hits if h.id != "d"} == lexical
-    expected = fine_rank(query, store.fetch(ids), lexical=lexical).final
+    expected = fine_rank(query, hybrid_store.fetch(ids), lexical=lexical).final
     assert ids == sorted(expected, key=expected.get, reverse=True) == ["b", "a", "d", "c"]
-    store.close()
+
+
+def test_hybrid_without_the_fine_stage_shows_only_the_bm25_it_fused_that_of_bm25s_own_top_n(hybrid_store):
+    from sidecar.retrieval.search import SearchOptions, search
+
+    options = SearchOptions(mode="hybrid", k=4, candidates=4, rerank=False)
+    result = search(hybrid_store, vector=toward_query(1.0, 1), text="red", options=options)
+    scores = {hit.id: hit.scores for hit in result.hits}
+    assert sorted(scores) == ["a", "b", "c", "d"] and hybrid_store.text_search("red", 1, ids=["c"])  # c matches "red"
+    # c is not in BM25's top 4: it shows no bm25, and its fused score is its vector side's alone (the best
+    # vector, min-max 1, times the vector weight), so the score not shown is one the fusion did not use.
+    assert "bm25" not in scores["c"] and scores["c"]["fused"] == pytest.approx(options.weights[0])
+    assert {doc_id: s["bm25"] for doc_id, s in scores.items() if "bm25" in s} == {
+        hit.id: hit.score for hit in hybrid_store.text_search("red", 4) if hit.id in scores}
