@@ -130,10 +130,13 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
     fine_stage = options.rerank and fine_vector is not None
     if top and (native or (fine_stage and options.mode == "hybrid")):
         # The lexical evidence the fine stage fuses (and `scores.bm25` shows) is raw BM25 of every
-        # candidate: one query restricted to their ids, the same scores a full text_search gives them.
-        # The native hybrid response carries fused scores only (their vector scores come below); the
-        # BM25 list fused here holds BM25's own top N, not the vector side's candidates that match too.
-        bm25_scores = _as_dict(store.text_search(text, len(top), filters=options.filters, ids=top))
+        # candidate. The BM25 list fused here holds BM25's own top N, not the vector side's candidates
+        # that match too; the native hybrid response carries fused scores only (their vector scores come
+        # below). The candidates it lacks get theirs from one query restricted to their ids: the same
+        # scores a full text_search gives them, and no query at all where BM25's list holds them all.
+        rest = [doc_id for doc_id in top if doc_id not in bm25_scores]
+        if rest:
+            bm25_scores.update(_as_dict(store.text_search(text, len(rest), filters=options.filters, ids=rest)))
     coarse_done = time.perf_counter()
 
     skipped = no_fine_vector if options.rerank and fine_vector is None else None

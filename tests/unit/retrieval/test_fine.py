@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
@@ -164,3 +166,50 @@ def test_hybrid_without_the_fine_stage_shows_only_the_bm25_it_fused_that_of_bm25
     assert "bm25" not in scores["c"] and scores["c"]["fused"] == pytest.approx(options.weights[0])
     assert {doc_id: s["bm25"] for doc_id, s in scores.items() if "bm25" in s} == {
         hit.id: hit.score for hit in hybrid_store.text_search("red", 4) if hit.id in scores}
+
+
+def test_the_fine_stage_asks_bm25_by_ids_only_for_the_candidates_outside_bm25s_own_top_n(hybrid_store, monkeypatch):
+    from sidecar.retrieval.search import SearchOptions, search
+
+    asked = []
+    text_search = hybrid_store.text_search
+
+    def recording(query, k, **kwargs):
+        asked.append(kwargs.get("ids"))
+        return text_search(query, k, **kwargs)
+
+    monkeypatch.setattr(hybrid_store, "text_search", recording)
+    query = toward_query(1.0, 1)
+    options = SearchOptions(mode="hybrid", k=4, candidates=4)
+    search(hybrid_store, vector=query, text="red", options=options, fine_vector=query)
+    assert len(asked) == 2 and asked[0] is None and sorted(asked[1]) == ["c", "d"]  # a and b: from BM25's top 4
+    asked.clear()
+    search(hybrid_store, vector=query, text="red", options=SearchOptions(mode="hybrid", k=6, candidates=6),
+           fine_vector=query)
+    assert asked == [None, ["d"]]  # BM25's top 6 holds every candidate that matches but d ("blue")
+
+
+def test_the_fine_stages_bm25_of_every_candidate_is_that_of_one_query_restricted_to_all_their_ids(tmp_path):
+    from sidecar.model.synthetic import describe, iter_items, random_caption
+    from sidecar.retrieval.search import SearchOptions, search
+    from sidecar.stores.embedded import EmbeddedStore
+    from sidecar.types import ModelSignature
+
+    # Short templated texts, as product titles are: many ties, many candidates in and out of BM25's top N.
+    rng = np.random.default_rng(3)
+    store = EmbeddedStore(tmp_path / "store")
+    store.claim(ModelSignature(model="fast", weights="none", dim=8))
+    items = list(iter_items(600, seed=2024))
+    for start in (0, 300):  # two writes: BM25 statistics over more than one index segment
+        store.upsert([Document(id=item.id, vector=unit(*rng.normal(size=8)), fine_vector=unit(*rng.normal(size=8)),
+                               text=describe(item.attributes)) for item in items[start:start + 300]])
+    captions = random.Random(5)
+    for item in iter_items(20, seed=31337):
+        text = random_caption(item.attributes, captions)[0]
+        result = search(store, vector=unit(*rng.normal(size=8)), text=text,
+                        options=SearchOptions(mode="hybrid", k=60, candidates=60), fine_vector=unit(*rng.normal(size=8)))
+        ids = [hit.id for hit in result.hits]
+        assert len(ids) == 60
+        lexical = {hit.id: hit.score for hit in store.text_search(text, len(ids), ids=ids)}
+        assert {hit.id: hit.scores["bm25"] for hit in result.hits if "bm25" in hit.scores} == lexical, text
+    store.close()
