@@ -77,11 +77,12 @@ def bench_search(store: EmbeddedStore, encoder, *, queries: int) -> None:
                ("hybrid", "hybrid", False), ("hybrid+rerank", "hybrid", True)]
     for label, mode, rerank in configs:
         options = SearchOptions(mode=mode, k=10, candidates=100, rerank=rerank, exact=label == "vector exact")
-        warm = search(store, vector=vectors[0], text=texts[0], options=options, fine_vector=vectors[0])
+        warm = search(store, vector=vectors[0], text=texts[0], options=options, fine_vector=vectors[0],
+                      fine_model=encoder.signature)
         samples = []
         for text, vector in zip(texts, vectors):
             started = time.perf_counter()
-            search(store, vector=vector, text=text, options=options, fine_vector=vector)
+            search(store, vector=vector, text=text, options=options, fine_vector=vector, fine_model=encoder.signature)
             samples.append(time.perf_counter() - started)
         p50, p95 = percentiles(samples)
         # A store built before documents had fine vectors skips the stage after its BM25 and reads.

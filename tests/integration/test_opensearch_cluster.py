@@ -104,7 +104,7 @@ def search_top10s(store: OpenSearchStore, corpus, **options: object) -> list[lis
     stage where `rerank`; a query's fine vector is that of the document it was made from)."""
     docs, queries = corpus
     fine = {id(doc.vector): doc.fine_vector for doc in docs}
-    return [[hit.id for hit in search(store, vector=vector, text=text, fine_vector=fine[id(vector)],
+    return [[hit.id for hit in search(store, vector=vector, text=text, fine_vector=fine[id(vector)], fine_model=SIGNATURE,
                                       options=SearchOptions(**options)).hits]  # type: ignore[arg-type]
             for vector, text in queries]
 

@@ -22,9 +22,11 @@ def arbiter(*, master_pid: int = 0, reexec_pid: int = 0) -> SimpleNamespace:
 
 @pytest.fixture(autouse=True)
 def _environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
-    monkeypatch.delenv("CLIP_SIDECAR_OWNED_METRICS_DIR", raising=False)  # the handover marker
+    # The hooks set these in os.environ themselves: setenv first, so that monkeypatch puts back their
+    # absence after the test (delenv of an unset variable records nothing to undo).
+    for name in ("HF_HUB_OFFLINE", MULTIPROC_ENV, "CLIP_SIDECAR_OWNED_METRICS_DIR"):  # the last: the handover marker
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(gunicorn_config, "_owned_metrics_dir", None)
 

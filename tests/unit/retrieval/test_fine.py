@@ -22,6 +22,7 @@ DOCS = [Document(id="a", vector=unit(1, 0.1), fine_vector=unit(0.1, 1, 0)),
         Document(id="c", vector=unit(1, 0.9), fine_vector=unit(1, 0.1, 0))]
 FINE_QUERY = unit(1, 0, 0)
 FINE = ModelSignature(model="strong", weights="w1", dim=3)  # the fine model of DOCS' fine vectors and FINE_QUERY
+STRONG_8 = ModelSignature(model="strong", weights="w1", dim=8)  # the fine model of the 8-dimensional stores
 
 
 def test_the_strong_models_order_replaces_the_fast_ones_where_they_disagree():
@@ -146,7 +147,7 @@ def test_hybrid_fuses_in_the_fine_stage_the_bm25_of_candidates_outside_bm25s_own
 
     query = toward_query(1.0, 1)
     result = search(hybrid_store, vector=query, text="red", options=SearchOptions(mode="hybrid", k=4, candidates=4),
-                    fine_vector=query, fine_model=ModelSignature(model="strong", weights="w1", dim=8))
+                    fine_vector=query, fine_model=STRONG_8)
     ids = [hit.id for hit in result.hits]
     lexical = {hit.id: hit.score for hit in hybrid_store.text_search("red", 4, ids=ids)}
     assert sorted(ids) == ["a", "b", "c", "d"] and {h.id: h.scores.get("bm25") for h in result.hits if h.id != "d"} == lexical
@@ -181,11 +182,11 @@ def test_the_fine_stage_asks_bm25_by_ids_only_for_the_candidates_outside_bm25s_o
     monkeypatch.setattr(hybrid_store, "text_search", recording)
     query = toward_query(1.0, 1)
     options = SearchOptions(mode="hybrid", k=4, candidates=4)
-    search(hybrid_store, vector=query, text="red", options=options, fine_vector=query)
+    search(hybrid_store, vector=query, text="red", options=options, fine_vector=query, fine_model=STRONG_8)
     assert len(asked) == 2 and asked[0] is None and sorted(asked[1]) == ["c", "d"]  # a and b: from BM25's top 4
     asked.clear()
     search(hybrid_store, vector=query, text="red", options=SearchOptions(mode="hybrid", k=6, candidates=6),
-           fine_vector=query)
+           fine_vector=query, fine_model=STRONG_8)
     assert asked == [None, ["d"]]  # BM25's top 6 holds every candidate that matches but d ("blue")
 
 
@@ -193,7 +194,6 @@ def test_the_fine_stages_bm25_of_every_candidate_is_that_of_one_query_restricted
     from sidecar.model.synthetic import describe, iter_items, random_caption
     from sidecar.retrieval.search import SearchOptions, search
     from sidecar.stores.embedded import EmbeddedStore
-    from sidecar.types import ModelSignature
 
     # Short templated texts, as product titles are: many ties, many candidates in and out of BM25's top N.
     rng = np.random.default_rng(3)
@@ -207,7 +207,8 @@ def test_the_fine_stages_bm25_of_every_candidate_is_that_of_one_query_restricted
     for item in iter_items(20, seed=31337):
         text = random_caption(item.attributes, captions)[0]
         result = search(store, vector=unit(*rng.normal(size=8)), text=text,
-                        options=SearchOptions(mode="hybrid", k=60, candidates=60), fine_vector=unit(*rng.normal(size=8)))
+                        options=SearchOptions(mode="hybrid", k=60, candidates=60), fine_vector=unit(*rng.normal(size=8)),
+                        fine_model=STRONG_8)
         ids = [hit.id for hit in result.hits]
         assert len(ids) == 60
         lexical = {hit.id: hit.score for hit in store.text_search(text, len(ids), ids=ids)}
