@@ -213,6 +213,7 @@ class EmbedPlan:
     redescribed: int
     unchanged: int
     deleted: list[str]  # ids whose file vanished
+    newly_deleted: int  # of them, those not recorded as deleted before this run (the summary's count)
     shards_before: int
 
 
@@ -255,6 +256,7 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
             redescribe.append((item, row, entry[0], entry[2]))
     unchanged = len(items) - len(todo) - len(redescribe)
     deleted = sorted(set(known) - set(hashes))
+    newly_deleted = len(set(deleted) - set(shards.deleted))  # rows of earlier runs' deletions stay in `known`
     # An id recorded as deleted (its file vanished, or could not be used) stays deleted until its current
     # file has a row (`finish_embed` records the run's outcome): a run killed before then must not let
     # `index` serve the old row again.
@@ -262,11 +264,12 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
     shards.set_deleted(sorted(set(deleted) | withheld))
     log.info("%d items in %s: %d to embed, %d with new text or metadata only, %d unchanged, %d unusable (see "
              "errors.jsonl), %d deleted since the last run", len(scanned), source, len(todo), len(redescribe),
-             unchanged, len(unusable), len(deleted))
+             unchanged, len(unusable), newly_deleted)
     shards_before = len(shards.shard_names())
     _write_redescribed(shards, redescribe, shard_size=shard_size)
     return EmbedPlan(shards=shards, total=len(scanned), todo=todo, unusable=unusable, redescribed=len(redescribe),
-                     unchanged=unchanged, deleted=deleted, shards_before=shards_before)
+                     unchanged=unchanged, deleted=deleted, newly_deleted=newly_deleted,
+                     shards_before=shards_before)
 
 
 def finish_embed(plan: EmbedPlan, *, failed: list[str], started: float, stages: dict[str, float],
@@ -280,7 +283,7 @@ def finish_embed(plan: EmbedPlan, *, failed: list[str], started: float, stages: 
     if plan.shards.tagging != (tagger.record() if tagger else []):
         plan.shards.set_tagging(tagger.record() if tagger else [])
     summary = EmbedSummary(total=plan.total, embedded=len(plan.todo) - len(failed), redescribed=plan.redescribed,
-                           unchanged=plan.unchanged, failed=len(failed) + len(unusable), deleted=len(plan.deleted),
+                           unchanged=plan.unchanged, failed=len(failed) + len(unusable), deleted=plan.newly_deleted,
                            shards_written=len(plan.shards.shard_names()) - plan.shards_before,
                            seconds=time.perf_counter() - started, stages=dict(stages))
     log.info("embed finished: %s", summary.describe())

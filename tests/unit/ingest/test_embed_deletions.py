@@ -64,6 +64,17 @@ def test_an_unusable_file_withdraws_its_id_when_the_run_finishes_not_when_it_is_
     assert set(ShardSet(out).live()) == {"a.jpg"}
 
 
+def test_the_summary_counts_an_id_deleted_in_the_run_that_found_it_gone_and_not_again_after(encoder, tmp_path):
+    folder, _ = photos(tmp_path, seed=33)
+    out = tmp_path / "shards"
+    embed_corpus(encoder, folder, out, workers=0, progress=False)
+    (folder / "b.jpg").unlink()
+    assert embed_corpus(encoder, folder, out, workers=0, progress=False).deleted == 1
+    rerun = embed_corpus(encoder, folder, out, workers=0, progress=False)
+    assert rerun.deleted == 0 and "0 deleted since last run" in rerun.describe()
+    assert ShardSet(out).deleted == ["b.jpg"]  # still recorded: index keeps it out
+
+
 def test_embed_and_tag_are_refused_and_write_nothing_while_another_job_writes_the_folder(encoder, tmp_path):
     folder, _ = photos(tmp_path, seed=37)
     out = tmp_path / "shards"
