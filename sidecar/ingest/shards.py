@@ -51,13 +51,32 @@ class ShardsBusy(ShardError):
     """Another job writes the directory."""
 
 
+# The file descriptors of the writer locks this process holds. A forked child (decode workers, the hash
+# pool) shares each lock's open file description, so the lock lasted until the last of them exited, not
+# with a killed job; children point these descriptors at /dev/null instead, keeping nothing locked.
+_held_locks: set[int] = set()
+
+
+def _drop_held_locks_in_child() -> None:
+    if not _held_locks:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in _held_locks:
+        os.dup2(null, fd)  # the number stays valid (a later close closes /dev/null), the lock is not held
+    os.close(null)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_held_locks_in_child)
+
+
 @contextlib.contextmanager
 def exclusive_writer(root: Path) -> Iterator[None]:
     """Hold `root` for one job that writes it (`embed`, `tag`), refusing at once while another holds it:
     two writers would delete each other's temporary files, pick the same shard names and rewrite the
     manifest from stale copies. Readers (`index`) need no lock. The kernel drops a flock when its holder
-    dies, so a killed run's directory is free at once; the holder's pid and command in the file only
-    name it in the refusal."""
+    dies (its forked children do not hold it), so a killed run's directory is free at once; the holder's
+    pid and command in the file only name it in the refusal."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "a+", encoding="utf-8") as handle:
@@ -70,7 +89,11 @@ def exclusive_writer(root: Path) -> Iterator[None]:
         handle.truncate(0)  # "a+" writes at the end: the file now holds this job alone
         handle.write(f"pid {os.getpid()} ({shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]})\n")
         handle.flush()
-        yield  # closing the file releases the lock
+        _held_locks.add(handle.fileno())
+        try:
+            yield  # closing the file releases the lock
+        finally:
+            _held_locks.discard(handle.fileno())
 
 
 @dataclass(frozen=True, slots=True)

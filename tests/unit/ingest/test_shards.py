@@ -128,6 +128,26 @@ def test_a_second_writer_is_refused_at_once_naming_the_folder_and_the_holder(tmp
         pass
 
 
+def test_a_killed_holder_leaves_the_folder_free_at_once_while_its_forked_children_live_on(tmp_path):
+    # As a killed embed's decode workers do, for up to a few images: they were forked while it held the lock.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import multiprocessing, time; from sidecar.ingest.shards import exclusive_writer\n"
+         f"with exclusive_writer({str(tmp_path)!r}):\n"
+         "    child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(600,))\n"
+         "    child.start(); print(child.pid, flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        child = int(holder.stdout.readline())
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # still alive
+        with exclusive_writer(tmp_path):
+            pass
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.stdout.close()
+
+
 def test_a_killed_holder_leaves_the_folder_free_for_a_rerun_at_once(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from sidecar.ingest.shards import exclusive_writer\n"
