@@ -145,8 +145,8 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
                    "the images of --labels.")
 @click.option("--labels", "labels_path", type=click.Path(exists=True, path_type=Path),
               help="--prompts: the labelled sample, a folder or a .jsonl / .csv manifest as `embed` reads it; each "
-                   "image's true label is its metadata field --label-field. Images embed would skip (missing, unreadable, not "
-                   "an image) are skipped, counted and listed in the report.")
+                   "image's true label is its metadata field --label-field. Images missing, unreadable or not an image are "
+                   "skipped, counted and listed in the report.")
 @click.option("--label-field", default="label", show_default=True, help="--prompts: the metadata field of the truth.")
 @prompt_sets_option
 @model_options
