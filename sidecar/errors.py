@@ -56,6 +56,13 @@ class PromptSetMissing(ApiError):
     status, code = 404, "prompt_set_not_found"
 
 
+class ModelMismatch(ApiError):
+    """The store holds vectors of another model than the one this server encodes queries with (another
+    model's `index` claimed or rebuilt it while serving): an operator's matter, retrying does not help."""
+
+    status, code = 409, "model_mismatch"
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 

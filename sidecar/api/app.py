@@ -26,13 +26,13 @@ from sidecar.api.quality import build_quality
 from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import IdConverter, body_too_large
 from sidecar.config import Settings
-from sidecar.errors import ApiError, StoreFailed, StoreUnreachable
+from sidecar.errors import ApiError, ModelMismatch, StoreFailed, StoreUnreachable
 from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
 from sidecar.model.prompts import PromptSetRegistry
 from sidecar.serving import metrics
 from sidecar.serving.encoding import EncodingService
 from sidecar.stores import open_store
-from sidecar.stores.base import Store, StoreError, StoreUnavailable
+from sidecar.stores.base import QueryModelMismatch, Store, StoreError, StoreUnavailable, check_query_model
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     encoder = encoder or load_encoder(settings, fetch=False)
     fine_encoder = fine_encoder or load_fine_encoder(settings, fetch=False)
     store = store or open_store(settings)
+    _check_store_model(store, encoder)
     encoding = EncodingService(encoder, settings)
     # Its own role: the fine model's batchers and cache count under model="fine" in /metrics. One decode
     # memory budget for the worker: decode_memory_bytes bounds all of its decodes, for either model.
@@ -76,6 +77,18 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     return app
 
 
+def _check_store_model(store: Store, encoder: Encoder) -> None:
+    """Before anything starts: a worker whose queries the store's vectors cannot answer must not boot
+    (gunicorn then stops: "Worker failed to boot", after this error's traceback). A store that cannot
+    say now (a cluster still starting) is left to /readyz and to each vector search, which check again."""
+    try:
+        check_query_model(store, encoder.signature)
+    except QueryModelMismatch:
+        raise
+    except StoreError as exc:
+        log.warning("could not read the model the store records (%s): each vector search checks it", exc)
+
+
 def _register_errors(app: Flask, settings: Settings) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
@@ -91,6 +104,8 @@ def _register_errors(app: Flask, settings: Settings) -> None:
             log.warning("%s %s: %s", request.method, request.path, exc)
             return api_error(StoreUnreachable(f"{exc}; retry later", retry_after_s=STORE_RETRY_AFTER_S))
         log.error("%s %s: %s", request.method, request.path, exc)
+        if isinstance(exc, QueryModelMismatch):
+            return api_error(ModelMismatch(str(exc)))
         return api_error(StoreFailed(str(exc)))
 
     @app.errorhandler(HTTPException)

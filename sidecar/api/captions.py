@@ -43,6 +43,7 @@ def captions_endpoint():
     exact = optional(body, "exact", bool, False)
     ef_search = ef_search_field(body)
     wanted = filters(body, settings)
+    state.check_store_model()  # the captions are ranked by this server's text vectors, even for `like`
     started = time.perf_counter()
     if image is not None:
         data = image_bytes(image, field="image", max_bytes=settings.max_body_bytes)

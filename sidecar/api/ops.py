@@ -10,6 +10,7 @@ from flask import Blueprint, Response, jsonify
 
 from sidecar.api.state import current_state
 from sidecar.serving import metrics
+from sidecar.stores.base import QueryModelMismatch
 
 bp = Blueprint("ops", __name__)
 
@@ -28,6 +29,9 @@ def readyz():
         return jsonify({"status": "not_ready", "reason": stopped, "pid": os.getpid()}), 503
     try:
         documents = state.store.count()
+        state.check_store_model()
+    except QueryModelMismatch as exc:
+        return jsonify({"status": "not_ready", "reason": str(exc), "pid": os.getpid()}), 503
     except Exception as exc:  # noqa: BLE001 - readiness reports, it does not crash
         return jsonify({"status": "not_ready", "reason": f"store {state.store.name} unavailable: {exc}"}), 503
     return jsonify({"status": "ready", "model": encoder.name, "weights": encoder.weights, "dim": encoder.dim,

@@ -63,6 +63,8 @@ def search_endpoint():
     data = image_bytes(image, field="image", max_bytes=settings.max_body_bytes) if image is not None else None
     pixels = decode_images([("image", data)], encoding=state.encoding, settings=settings) if data is not None else []
     liked = stored_document(state.store, like, field="like") if like is not None else None
+    if mode != "bm25" and (text is not None or data is not None):
+        state.check_store_model()  # this server encodes the query; `like` alone searches by a stored vector
     started = time.perf_counter()
     # Every mode but bm25 searches by the fast model's vector; the fine stage needs the query by the
     # fine model, which only it can encode (an image through the fine model's own preprocessing; a

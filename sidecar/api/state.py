@@ -10,7 +10,7 @@ from sidecar.api.quality import Quality
 from sidecar.config import Settings
 from sidecar.model.prompts import PromptSetRegistry
 from sidecar.serving.encoding import EncodingService
-from sidecar.stores.base import Store
+from sidecar.stores.base import Store, check_query_model
 
 _KEY = "clip_sidecar"
 
@@ -28,6 +28,11 @@ class AppState:
     def encodings(self) -> tuple[EncodingService, ...]:
         """Every encoding service of this worker: the coarse model's, and the fine model's where configured."""
         return (self.encoding,) if self.fine_encoding is None else (self.encoding, self.fine_encoding)
+
+    def check_store_model(self) -> None:
+        """Raise QueryModelMismatch where the store records another model than the one this worker encodes
+        queries with: a store claimed by another model's `index` (or rebuilt with it) while serving."""
+        check_query_model(self.store, self.encoding.encoder.signature)
 
     @property
     def stopped(self) -> str | None:

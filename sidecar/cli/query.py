@@ -54,6 +54,7 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, candi
     from sidecar.model.images import ImageDecodeError
     from sidecar.retrieval.search import SearchOptions
     from sidecar.retrieval.search import search as run_search
+    from sidecar.stores.base import check_query_model
 
     if not text and image is None:
         raise click.UsageError("give TEXT, --image, or both")
@@ -73,6 +74,8 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, candi
         raise click.BadParameter(f"{image}: {exc.reason}", param_hint="--image") from exc
     store = open_existing_store(settings)
     try:
+        if options.mode != "bm25":
+            check_query_model(store, encoder.signature)  # another model's vectors of the same size rank silently wrong
         result = run_search(store, vector=vector, text=text, options=options, fine_vector=fine_vector,
                             fine_model=fine_encoder.signature if fine_encoder else None)
     except ValueError as exc:

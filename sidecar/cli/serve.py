@@ -91,7 +91,8 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
     missing = missing_weights(settings)
     if missing:
         raise click.ClickException(f"not starting the server: {missing}")
-    _embed_prompt_sets(settings)
+    encoder = _check_store_model(settings)
+    _embed_prompt_sets(settings, encoder)
     if dev:
         from sidecar.api.app import create_app
 
@@ -125,9 +126,35 @@ def _gunicorn_entry() -> list[str]:
     return ["-m", "gunicorn"]
 
 
-def _embed_prompt_sets(settings) -> None:
-    """Every prompt set's vectors by the served model, computed now where missing (read where cached):
-    outside gunicorn's boot timeout, and before any request could wait for them."""
+def _check_store_model(settings: Settings):
+    """Refuse to start where the store records another model than the one served (each worker would
+    refuse to boot; before that, /readyz would not tell). Returns the served model's encoder where it
+    was loaded for the check: a store that records no model takes any, and none is loaded. A store that
+    cannot say now (a cluster still starting) is left to the workers, which check when they boot."""
+    from sidecar.model.encoder import load_encoder
+    from sidecar.stores import open_store
+    from sidecar.stores.base import QueryModelMismatch, StoreError, check_query_model
+
+    store = open_store(settings)
+    try:
+        if store.signature() is None:
+            return None
+        encoder = load_encoder(settings, fetch=False)
+        check_query_model(store, encoder.signature)
+        return encoder
+    except QueryModelMismatch as exc:
+        raise click.ClickException(f"not starting the server: {exc}") from exc
+    except StoreError as exc:
+        log.warning("could not read the model the store records (%s): each worker checks it when it boots", exc)
+        return None
+    finally:
+        store.close()
+
+
+def _embed_prompt_sets(settings, encoder) -> None:
+    """Every prompt set's vectors by the served model (`encoder`, loaded here where None), computed now
+    where missing (read where cached): outside gunicorn's boot timeout, and before any request could
+    wait for them."""
     from sidecar.model.prompts import PromptSetRegistry
 
     registry = PromptSetRegistry(settings.prompt_sets_dir)
@@ -136,7 +163,7 @@ def _embed_prompt_sets(settings) -> None:
         return
     from sidecar.model.encoder import load_encoder
 
-    encoder = load_encoder(settings, fetch=False)
+    encoder = encoder or load_encoder(settings, fetch=False)
     for name in names:
         registry.vectors(registry.get(name), model=encoder.name, weights=encoder.weights, encode=encoder.encode_texts)
     log.info("prompt sets ready for %s: %s", encoder.name, ", ".join(names))

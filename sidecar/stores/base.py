@@ -43,6 +43,22 @@ class ModelMismatchError(StoreError):
         self.other = other
 
 
+class QueryModelMismatch(StoreError):
+    """The store holds vectors of another model than the one that encodes the queries: of another
+    dimension they cannot be searched, of the same one they would rank by unrelated vectors. `serve`
+    refuses to start; the API answers 409 model_mismatch. `query`: the queries' model, or only the
+    query vector's dimension where the store is handed a vector without its model."""
+
+    def __init__(self, store: ModelSignature | int, query: ModelSignature | int):
+        held = f"vectors of {store.describe()}" if isinstance(store, ModelSignature) else f"{store}-d vectors"
+        asked = (f"the queries are encoded by {query.describe()}" if isinstance(query, ModelSignature)
+                 else f"the query vector has {query} dimensions")
+        super().__init__(f"store holds {held}, {asked}: serve (or search with) the store's model (--model / "
+                         "SIDECAR_MODEL, --pretrained / SIDECAR_PRETRAINED), or index into a new store with this one")
+        self.store = store
+        self.query = query
+
+
 @dataclass
 class StoreReport:
     """What `Store.check` found, or `Store.repair` did. `problems`: the store is not consistent
@@ -198,3 +214,11 @@ class Store(Protocol):
         says what it did and what it could not restore."""
 
     def close(self) -> None: ...
+
+
+def check_query_model(store: Store, model: ModelSignature) -> None:
+    """Raise QueryModelMismatch where the store records another model than `model`, the one that encodes
+    its queries; an empty, unclaimed store takes any."""
+    stored = store.signature()
+    if stored is not None and stored != model:
+        raise QueryModelMismatch(stored, model)

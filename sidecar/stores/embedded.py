@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import faiss
 import numpy as np
 
-from sidecar.stores.base import FacetCounts, ModelMismatchError, StoreError, StoreReport
+from sidecar.stores.base import FacetCounts, ModelMismatchError, QueryModelMismatch, StoreError, StoreReport
 from sidecar.stores.bm25 import Bm25Index, Bm25Snapshot, Bm25Writer, query_terms, text_hash
 from sidecar.stores.effort import EffortPolicy
 from sidecar.types import NO_VECTOR, Document, Filters, ModelSignature, ScoredId
@@ -1290,7 +1290,8 @@ def _query_vector(vector: np.ndarray, dim: int, signature: ModelSignature | None
         raise ValueError(f"query vector must be a 1-D float array (or shape (1, dim)), got shape {np.shape(vector)} "
                          f"dtype {query.dtype}")
     if query.shape[0] != dim:
-        raise ValueError(_dim_message(dim, query.shape[0], signature))
+        # The query's model is not the one of the store's vectors (the API answers 409, not 500).
+        raise QueryModelMismatch(signature or dim, query.shape[0])
     if not np.isfinite(query).all():
         raise ValueError("query vector has NaN or infinite values")
     return np.ascontiguousarray(query, dtype=np.float32)

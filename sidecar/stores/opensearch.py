@@ -197,7 +197,8 @@ class OpenSearchStore:
         )
         self._plugins: set[str] | None = None
         self._primary_shards: tuple[int, float] | None = None  # (shards, when read)
-        self._fine_read: tuple[ModelSignature | None, float] | None = None  # (fine_signature(), when read)
+        # (signature(), fine_signature(), when read)
+        self._models_read: tuple[ModelSignature | None, ModelSignature | None, float] | None = None
         # Queries that name no ef_search: the calibrated effort for target_recall (in the index's _meta,
         # so a rebuilt index starts uncalibrated), else ef_search.
         self.effort = EffortPolicy(target_recall=target_recall, k=target_k, default_ef=ef_search,
@@ -243,37 +244,39 @@ class OpenSearchStore:
             raise StoreError(f"could not create the load lock's index {self.lock_index}: {error}")
 
     def signature(self) -> ModelSignature | None:
-        """The model recorded in the index mapping's _meta, or None while unclaimed or absent."""
-        meta = self._meta()
-        if not meta or not meta.get("model"):
-            return None
-        return ModelSignature(model=meta["model"], weights=meta.get("weights", ""), dim=int(meta["dim"]))
+        """The model recorded in the index mapping's _meta, or None while unclaimed or absent; read as
+        `fine_signature` is."""
+        return self._recorded_models()[0]
 
     def fine_signature(self) -> ModelSignature | None:
-        """The fine model recorded in the index mapping's _meta, or None. Read again every REFRESH_S,
-        not per call: the fine stage asks on every search, and a mapping request costs milliseconds;
-        while the index serves, only another process's first `index` with fine vectors (recording
-        one) or rebuild (another index) changes it."""
+        """The fine model recorded in the index mapping's _meta, or None."""
+        return self._recorded_models()[1]
+
+    def _recorded_models(self) -> tuple[ModelSignature | None, ModelSignature | None]:
+        """The model and the fine model the _meta records. Read again every REFRESH_S, not per call: the
+        server checks the model on every vector search and the fine stage asks for its model, and a
+        mapping request costs milliseconds; while the index serves, only another process's first
+        `index` (recording them) or rebuild (another index) changes them."""
         now = time.monotonic()
-        known = self._fine_read
-        if known is not None and now - known[1] < REFRESH_S:
-            return known[0]
+        known = self._models_read
+        if known is not None and now - known[2] < REFRESH_S:
+            return known[0], known[1]
         with self._read_errors(f"reading the mapping of {self.alias}"):
-            fine = _fine_signature_in(self._meta() or {})
-        self._fine_read = (fine, now)
-        return fine
+            meta = self._meta() or {}
+        self._models_read = (_signature_in(meta), _fine_signature_in(meta), now)
+        return self._models_read[0], self._models_read[1]
 
     def claim(self, signature: ModelSignature, *, fine_signature: ModelSignature | None = None) -> None:
         """Record the model in _meta on first use, and the fine model where none is recorded; another
         model's vectors, or another fine model's, are refused."""
         if not self._alias_indices():
             self.setup(signature.dim)
-        stored = self.signature()
+        meta = self._meta() or {}  # not the cached read: a claim compares with what is recorded now
+        stored = _signature_in(meta)
         if stored is not None and stored != signature:
             raise ModelMismatchError(stored, signature)
         if stored is None and (dim := self._mapping_dim()) != signature.dim:
             raise ModelMismatchError(ModelSignature(model="(unclaimed)", weights="", dim=dim), signature)
-        meta = self._meta() or {}
         stored_fine = _fine_signature_in(meta)
         if fine_signature is not None and stored_fine not in (None, fine_signature):
             raise ModelMismatchError(stored_fine, fine_signature, fine=True)
@@ -282,7 +285,7 @@ class OpenSearchStore:
             if fine_signature is not None:
                 meta[FINE_MODEL_KEY] = dataclasses.asdict(fine_signature)
             self._put_meta(meta)
-            self._fine_read = None  # the next fine_signature() reads what was recorded
+            self._models_read = None  # the next signature() and fine_signature() read what was recorded
 
     def has_neural_search(self) -> bool:
         """Whether every node runs neural-search (hybrid query, normalisation and RRF processors)."""
@@ -389,7 +392,7 @@ class OpenSearchStore:
             actions = [{"remove": {"index": i, "alias": self.alias}} for i in old]
             actions.append({"add": {"index": name, "alias": self.alias}})
             self.client.indices.update_aliases(body={"actions": actions})
-            self._fine_read = None  # the new index records its own fine model
+            self._models_read = None  # the new index records its own models
             for i in old:
                 self.client.indices.delete(index=i, ignore_unavailable=True)
         log.info("rebuilt %s: alias now on %s (%d docs), removed %s", self.alias, name, len(ids), old or "nothing")
@@ -920,6 +923,12 @@ def render_template(template: Any, **values: Any) -> Any:
             raise KeyError(f"template placeholder {template} has no value; given: {', '.join(sorted(values))}")
         return copy.deepcopy(values[key])
     return template
+
+
+def _signature_in(meta: dict[str, Any]) -> ModelSignature | None:
+    if not meta.get("model"):
+        return None
+    return ModelSignature(model=meta["model"], weights=meta.get("weights", ""), dim=int(meta["dim"]))
 
 
 def _fine_signature_in(meta: dict[str, Any]) -> ModelSignature | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from sidecar.stores import bm25, embedded
-from sidecar.stores.base import ModelMismatchError, StoreError
+from sidecar.stores.base import ModelMismatchError, QueryModelMismatch, StoreError
 from sidecar.stores.bm25 import Bm25Index, query_terms
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import NO_VECTOR, Document, ModelSignature
@@ -481,9 +482,22 @@ def test_dim_mismatch_names_both_dimensions(store: EmbeddedStore):
     wrong = Document(id="x", vector=np.ones(DIM * 2, dtype=np.float32))
     with pytest.raises(ValueError, match=rf"expects {DIM}.*got {DIM * 2}"):
         store.upsert([wrong])
-    with pytest.raises(ValueError, match=rf"expects {DIM}.*got 16"):
-        store.vector_search(np.ones(16, dtype=np.float32), 3)
     assert store.count() == 3
+
+
+def test_a_query_of_another_size_is_a_model_mismatch_naming_the_stored_model_and_the_flags(store: EmbeddedStore):
+    # A typed error, which the API answers 409 model_mismatch: as a ValueError it was a 500.
+    store.upsert(make_docs(3))
+    with pytest.raises(QueryModelMismatch, match=rf"vectors of {re.escape(SIGNATURE.describe())}, the query vector "
+                                                 r"has 16 dimensions: .*\(--model / SIDECAR_MODEL, --pretrained"):
+        store.vector_search(np.ones(16, dtype=np.float32), 3)
+
+
+def test_a_query_of_another_size_than_an_unclaimed_stores_vectors_names_both_sizes(tmp_path: Path):
+    with EmbeddedStore(tmp_path / "s") as store:
+        store.upsert(make_docs(3))
+        with pytest.raises(QueryModelMismatch, match=rf"store holds {DIM}-d vectors, the query vector has 16 dim"):
+            store.vector_search(np.ones(16, dtype=np.float32), 3)
 
 
 def test_claim_with_a_different_dim_than_stored_vectors(tmp_path: Path):
