@@ -1,5 +1,13 @@
 """WSGI entry point for gunicorn (`sidecar.api.wsgi:app`): settings come from SIDECAR_* variables."""
 
-from sidecar.api.app import create_app
+from gunicorn.errors import AppImportError
 
-app = create_app()
+from sidecar.api.app import create_app
+from sidecar.model.weights import ModelNotCached, ModelSettingsError
+
+try:
+    app = create_app()
+except (ModelSettingsError, ModelNotCached) as exc:
+    # A setting to fix, not a bug: gunicorn prints an AppImportError as its message alone and stops
+    # the server ("App failed to load"), where any other error is a traceback from every worker.
+    raise AppImportError(str(exc)) from exc

@@ -32,13 +32,13 @@ def models_fetch(ctx: click.Context, **kwargs: Any) -> None:
       clip-sidecar models fetch --model ViT-B-32 --pretrained laion2b_s34b_b79k
       clip-sidecar models fetch          # the default tiny model
     """
-    from sidecar.model.weights import FetchFailed, fetch_weights
+    from sidecar.model.weights import FetchFailed, configured_models, fetch_weights
 
     settings = settings_from(kwargs, MODEL_FLAGS)
     # The fine-ranking model too, where one is configured: serve loads it from the cache as well.
-    for model_settings in filter(None, (settings, settings.fine_model_settings())):
+    for model_settings, fine in configured_models(settings):
         try:
-            where = fetch_weights(model_settings, progress=ctx.obj["progress"])
+            where = fetch_weights(model_settings, progress=ctx.obj["progress"], fine=fine)
         except FetchFailed as exc:
             raise click.ClickException(str(exc)) from exc
         pretrained = model_settings.pretrained

@@ -77,18 +77,19 @@ def configure_logging(*, verbose: bool, quiet: bool) -> None:
 
 
 class _Group(click.Group):
-    """Turns the errors a user can fix (wrong model, bad corpus, unreachable store, bad prompt set) into one
-    clear line and exit code 1, instead of a traceback."""
+    """Turns the errors a user can fix (unknown model or weights, a store of another model, bad corpus,
+    unreachable store, bad prompt set) into one clear line and exit code 1, instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from sidecar.ingest.corpus import CorpusError
         from sidecar.ingest.shards import ShardError
         from sidecar.model.prompts import PromptSetError
+        from sidecar.model.weights import ModelSettingsError
         from sidecar.stores.base import StoreError
 
         try:
             return super().invoke(ctx)
-        except (CorpusError, ShardError, StoreError, PromptSetError) as exc:
+        except (CorpusError, ShardError, StoreError, PromptSetError, ModelSettingsError) as exc:
             raise click.ClickException(str(exc)) from exc
 
 

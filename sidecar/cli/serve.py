@@ -76,7 +76,7 @@ def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str
 def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, certfile: str | None = None,
                keyfile: str | None = None, dev: bool = False) -> None:
     """Serve `settings` until stopped: gunicorn in place of this process, or Flask's development server."""
-    from sidecar.model.weights import missing_weights
+    from sidecar.model.weights import configured_models, missing_weights
 
     try:
         keys = parse_key_entries(settings.api_keys)
@@ -88,9 +88,10 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
     if keys and not is_loopback(host) and not certfile:
         log.warning("API keys cross the network in clear text on %s unless TLS terminates in front of it "
                     "(README: TLS) or --certfile/--keyfile are given", host)
-    missing = missing_weights(settings)
-    if missing:
-        raise click.ClickException(f"not starting the server: {missing}")
+    for model_settings, fine in configured_models(settings):
+        missing = missing_weights(model_settings, fine=fine)
+        if missing:
+            raise click.ClickException(f"not starting the server: {missing}")
     encoder = _check_store_model(settings)
     _embed_prompt_sets(settings, encoder)
     if dev:

@@ -271,33 +271,29 @@ def weights_id(pretrained: str) -> str:
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
-def load_encoder(settings: Settings, *, fetch: bool = True) -> Encoder:
+def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) -> Encoder:
     """Load the configured model: by name + pretrained tag, a checkpoint file, or the tiny model.
 
     fetch=True downloads missing weights (or trains the tiny model) first, as the command-line
     tools do; fetch=False (the server) loads only what is cached and raises ModelNotCached,
-    naming the command to run, otherwise.
+    naming the command to run, otherwise. A model or weights that do not exist raise
+    ModelSettingsError naming the setting (the fine model's where `fine`).
     """
     import open_clip  # heavy import, deferred so `--help` stays fast
 
-    from sidecar.model.weights import ModelNotCached, missing_weights, weights_dir
+    from sidecar.model.weights import ModelNotCached, check_model_settings, missing_weights, weights_dir
 
-    if not fetch:
-        missing = missing_weights(settings)
+    if fetch:
+        check_model_settings(settings, fine=fine)
+    else:
+        missing = missing_weights(settings, fine=fine)  # checks the model settings first
         if missing:
             raise ModelNotCached(missing)
     model_name, pretrained = settings.model, settings.pretrained
-    if settings.model_config:
-        open_clip.add_model_config(settings.model_config)
-    from sidecar.model.tiny_model import RECIPES, ensure_tiny_model, register_tiny_config
+    from sidecar.model.tiny_model import RECIPES, ensure_tiny_model
 
-    if model_name in RECIPES:  # one of the project's tiny models: trained on first use, then cached
-        register_tiny_config()
-        pretrained = pretrained or str(ensure_tiny_model(settings.cache_dir, model=model_name))
-    available = open_clip.list_models()
-    if model_name not in available:
-        raise ValueError(f"unknown model {model_name!r}; available: {', '.join(available[:12])}, … "
-                         f"({len(available)} in all; pass --model-config for a custom architecture)")
+    if model_name in RECIPES and not pretrained:  # a tiny model of the project's: trained on first use, then cached
+        pretrained = str(ensure_tiny_model(settings.cache_dir, model=model_name))
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     log.info("loading %s (pretrained=%s) on %s, %s", model_name, pretrained or "none", device, precision)
@@ -318,4 +314,4 @@ def load_encoder(settings: Settings, *, fetch: bool = True) -> Encoder:
 def load_fine_encoder(settings: Settings, *, fetch: bool = True) -> Encoder | None:
     """The fine-ranking model the settings name (`fine_model`), loaded like any model; None without one."""
     fine = settings.fine_model_settings()
-    return None if fine is None else load_encoder(fine, fetch=fetch)
+    return None if fine is None else load_encoder(fine, fetch=fetch, fine=True)

@@ -28,14 +28,61 @@ class FetchFailed(RuntimeError):
     """Downloading weights failed (the message says what was asked for and why it failed)."""
 
 
+class ModelSettingsError(ValueError):
+    """The settings name a model open_clip does not know, or weights that are neither a file nor one of
+    its pretrained tags: a mistake the user fixes (the message names the flag, the variable and the choices)."""
+
+
+# The flag and variable of each model setting, by whether the settings are the fine-ranking model's
+# (Settings.fine_model_settings moves those into `model` and `pretrained`).
+_SETTING_NAMES = {
+    False: {"model": "--model / SIDECAR_MODEL", "pretrained": "--pretrained / SIDECAR_PRETRAINED",
+            "model_config": "--model-config"},
+    True: {"model": "--fine-model / SIDECAR_FINE_MODEL", "pretrained": "--fine-pretrained / SIDECAR_FINE_PRETRAINED",
+           "model_config": "SIDECAR_FINE_MODEL_CONFIG"},
+}
+
+
 def weights_dir(settings: Settings) -> Path:
     """Where open_clip keeps downloaded weights (its cache_dir)."""
     return settings.cache_dir / "weights"
 
 
-def missing_weights(settings: Settings) -> str | None:
+def configured_models(settings: Settings) -> list[tuple[Settings, bool]]:
+    """The settings of each model `settings` configure, with whether it is the fine-ranking model."""
+    fine = settings.fine_model_settings()
+    return [(settings, False)] + ([(fine, True)] if fine is not None else [])
+
+
+def check_model_settings(settings: Settings, *, fine: bool = False) -> None:
+    """Raise ModelSettingsError unless open_clip knows the model (its own, the tiny ones, or one from
+    the model config) and `pretrained` is empty, a file, or one of the model's tags. Touches no network."""
+    import open_clip
+
+    from sidecar.model.tiny_model import register_tiny_config
+
+    names = _SETTING_NAMES[fine]
+    if settings.model_config:
+        open_clip.add_model_config(settings.model_config)
+    register_tiny_config()
+    # The project's own models first: the ones a user new to open_clip's names can run at once.
+    available = [*TINY_MODELS, *(name for name in open_clip.list_models() if name not in TINY_MODELS)]
+    if settings.model not in available:
+        raise ModelSettingsError(
+            f"unknown model {settings.model!r} ({names['model']}); available: {', '.join(available[:12])}, … "
+            f"({len(available)} in all; {names['model_config']} adds a custom architecture)")
+    pretrained = settings.pretrained
+    if pretrained and not Path(pretrained).is_file() and _tag_config(settings.model, pretrained) is None:
+        raise ModelSettingsError(
+            f"pretrained {pretrained!r} ({names['pretrained']}) is neither a checkpoint file nor a pretrained tag "
+            f"of {settings.model}; its tags: {', '.join(_tags(settings.model)) or 'none'}")
+
+
+def missing_weights(settings: Settings, *, fine: bool = False) -> str | None:
     """None if the configured model can load without a download or training; else what is missing
-    and the command that puts it there. Touches no network."""
+    and the command that puts it there. Touches no network; ModelSettingsError for a model or
+    weights that do not exist at all."""
+    check_model_settings(settings, fine=fine)
     model, pretrained = settings.model, settings.pretrained
     if model in TINY_MODELS and not pretrained:
         from sidecar.model.tiny_model import checkpoint_path
@@ -49,19 +96,17 @@ def missing_weights(settings: Settings) -> str | None:
         return None  # random weights: nothing to fetch
     if Path(pretrained).is_file():
         return None
-    cfg = _tag_config(model, pretrained)
-    if cfg is None:
-        return (f"pretrained={pretrained!r} is neither a file nor a pretrained tag of {model}; "
-                f"tags: {', '.join(_tags(model)) or 'none'}")
-    if _cached_file(cfg, weights_dir(settings)) is not None:
+    if _cached_file(_tag_config(model, pretrained), weights_dir(settings)) is not None:
         return None
     return (f"weights {model} / {pretrained} are not in {weights_dir(settings)}; run `{FETCH_COMMAND}` "
             f"with the same model settings first (or pass --pretrained /path/to/checkpoint)")
 
 
-def fetch_weights(settings: Settings, *, progress: bool = True) -> str:
+def fetch_weights(settings: Settings, *, progress: bool = True, fine: bool = False) -> str:
     """Put the configured model's weights in the cache (download a tag, train the tiny model);
-    returns where they are. FetchFailed says why a download failed."""
+    returns where they are. FetchFailed says why a download failed, ModelSettingsError that there is
+    no such model or tag."""
+    check_model_settings(settings, fine=fine)
     model, pretrained = settings.model, settings.pretrained
     if model in TINY_MODELS and not pretrained:
         from sidecar.model.tiny_model import ensure_tiny_model
@@ -72,8 +117,6 @@ def fetch_weights(settings: Settings, *, progress: bool = True) -> str:
     if Path(pretrained).is_file():
         return pretrained
     cfg = _tag_config(model, pretrained)
-    if cfg is None:
-        raise FetchFailed(missing_weights(settings))
     cached = _cached_file(cfg, weights_dir(settings))
     if cached is not None:
         return cached

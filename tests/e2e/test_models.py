@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from sidecar.cli import main
 from sidecar.cli.serve import GUNICORN_CONFIG
 from sidecar.model.tiny_model import checkpoint_path
 
@@ -49,15 +51,59 @@ def test_serve_refuses_a_model_that_is_not_cached_and_names_the_command(tmp_path
     assert "clip-sidecar models fetch" in result.stderr
 
 
-def test_a_gunicorn_worker_without_the_model_fails_to_boot_instead_of_training(tmp_path, store_path):
+def test_a_gunicorn_worker_without_the_model_fails_to_boot_in_one_line_instead_of_training(tmp_path, store_path):
     # gunicorn started directly (as a container's CMD does), past `serve`'s check.
     env = {**os.environ, "SIDECAR_CACHE_DIR": str(tmp_path / "empty-cache"), "SIDECAR_STORE_PATH": str(store_path)}
     result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
                              "--bind", f"127.0.0.1:{closed_port()}", "sidecar.api.wsgi:app"],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0
-    assert "ModelNotCached" in result.stderr and "clip-sidecar models train" in result.stderr
+    assert "the tiny model is not trained yet" in result.stderr and "clip-sidecar models train" in result.stderr
+    assert "Traceback" not in result.stderr and "App failed to load" in result.stderr
     assert not any((tmp_path / "empty-cache").rglob("*.pt")), "a worker trained the model"
+
+
+def test_a_gunicorn_worker_given_an_unknown_model_fails_to_boot_in_one_line_naming_the_setting(store_path):
+    # One worker: where several fail at once, gunicorn's master itself prints a traceback of its
+    # HaltServer (raised again while it stops the others), whatever the workers report.
+    env = {**os.environ, "SIDECAR_MODEL": "ViT-Q-99", "SIDECAR_STORE_PATH": str(store_path)}
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
+                             "--bind", f"127.0.0.1:{closed_port()}", "sidecar.api.wsgi:app"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert "unknown model 'ViT-Q-99' (--model / SIDECAR_MODEL); available: tiny-clip, tiny-clip-large" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+WRONG_MODELS = {
+    "model": (["--model", "ViT-Q-99"],
+              "Error: unknown model 'ViT-Q-99' (--model / SIDECAR_MODEL); available: tiny-clip, tiny-clip-large, "),
+    "pretrained": (["--pretrained", "/nonexistent/none.pt"],
+                   "Error: pretrained '/nonexistent/none.pt' (--pretrained / SIDECAR_PRETRAINED) is neither a "
+                   "checkpoint file nor a pretrained tag of tiny-clip; its tags: none"),
+    "fine model": (["--fine-model", "ViT-Q-99"], "Error: unknown model 'ViT-Q-99' (--fine-model / SIDECAR_FINE_MODEL)"),
+}
+
+
+@pytest.mark.parametrize("wrong", WRONG_MODELS)
+@pytest.mark.parametrize("command", [["search", "red"], ["embed", "{tmp}", "--out", "{tmp}/shards"],
+                                     ["models", "fetch"]])
+def test_a_wrong_model_or_weights_is_one_line_naming_the_setting_and_the_choices(tmp_path, store_path, command,
+                                                                                 wrong):
+    flags, message = WRONG_MODELS[wrong]
+    args = [arg.format(tmp=tmp_path) for arg in command]
+    result = CliRunner().invoke(main, ["-q", *args, *flags], env={"SIDECAR_STORE_PATH": str(store_path)})
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.output.splitlines()[-1].startswith(message), result.output
+
+
+@pytest.mark.parametrize("wrong", ["model", "fine model"])
+def test_serve_refuses_a_wrong_model_before_starting_gunicorn(wrong):
+    flags, message = WRONG_MODELS[wrong]
+    result = run_cli("serve", "--port", str(closed_port()), *flags, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(message), result.stderr
+    assert "gunicorn" not in result.stderr
 
 
 @pytest.mark.slow  # huggingface_hub retries a refused connection with back-off (~45 s)
