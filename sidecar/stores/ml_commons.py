@@ -30,13 +30,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlencode
 
 from opensearchpy.exceptions import TransportError
 
 from sidecar.stores.base import StoreError
-from sidecar.stores.opensearch import OpenSearchStore, render_template
+from sidecar.stores.opensearch import OpenSearchStore, OpenSearchUnreachable, render_template
 from sidecar.types import ModelSignature
 
 log = logging.getLogger(__name__)
@@ -311,12 +311,19 @@ class _Cluster:
         self.store = store
         self.client = store.client
 
-    def request(self, method: str, path: str, body: Any = None, *, params: dict[str, str] | None = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None, *, params: dict[str, str] | None = None,
+                refused: Callable[[TransportError], str] | None = None) -> Any:
+        """The answer to one call; an error as a StoreError saying `refused(exc)` (by default the call and
+        OpenSearch's reason). A cluster that cannot be reached stays the transport's OpenSearchUnreachable
+        (its message names the URL's setting): that is no failure of this call's own."""
         try:
             # A copy: the transport pops `ignore` out of the dict it is given.
             return self.client.transport.perform_request(method, path, body=body, params=dict(params or {}))
+        except OpenSearchUnreachable:
+            raise
         except TransportError as exc:
-            raise StoreError(f"{method} {path} failed: {exc.status_code} {_reason(exc)}") from exc
+            message = refused(exc) if refused else f"{method} {path} failed: {exc.status_code} {_reason(exc)}"
+            raise StoreError(message) from exc
 
     def delete(self, path: str) -> bool:
         """DELETE `path`; False when there was nothing to delete (a 404, not logged as a failure)."""
@@ -396,11 +403,9 @@ class _Cluster:
         for extra in found[1:]:  # a run killed between create and the next search; keep the first
             self._delete_connector(extra["_id"])
         if not found:
-            try:
-                connector_id = self.client.transport.perform_request(
-                    "POST", "/_plugins/_ml/connectors/_create", body=body)["connector_id"]
-            except TransportError as exc:
-                raise StoreError(_connector_refused(exc, body["actions"][0]["url"])) from exc
+            created = self.request("POST", "/_plugins/_ml/connectors/_create", body,
+                                   refused=lambda exc: _connector_refused(exc, body["actions"][0]["url"]))
+            connector_id = created["connector_id"]
             changes.append(f"created connector {name} ({connector_id})")
             return connector_id
         connector_id = found[0]["_id"]
@@ -411,10 +416,8 @@ class _Cluster:
         # ensure_model step deploys them again).
         for model in self.search("models", {"term": {"connector_id": connector_id}}):
             self.request("POST", f"/_plugins/_ml/models/{model['_id']}/_undeploy")
-        try:
-            self.client.transport.perform_request("PUT", f"/_plugins/_ml/connectors/{connector_id}", body=body)
-        except TransportError as exc:
-            raise StoreError(_connector_refused(exc, body["actions"][0]["url"])) from exc
+        self.request("PUT", f"/_plugins/_ml/connectors/{connector_id}", body,
+                     refused=lambda exc: _connector_refused(exc, body["actions"][0]["url"]))
         changes.append(f"updated connector {name} ({connector_id})")
         return connector_id
 
@@ -485,11 +488,9 @@ class _Cluster:
         for role, (path, body, answers) in checks.items():
             if role not in models:
                 continue
-            try:
-                result = self.client.transport.perform_request("POST", path + models[role], body=body)
-            except TransportError as exc:
-                raise StoreError(f"OpenSearch could not call the sidecar at {sidecar_url} through model "
-                                 f"{models[role]} ({role}): {exc.status_code} {_reason(exc)}") from exc
+            result = self.request("POST", path + models[role], body, refused=lambda exc, role=role: (
+                f"OpenSearch could not call the sidecar at {sidecar_url} through model {models[role]} ({role}): "
+                f"{exc.status_code} {_reason(exc)}"))
             outputs = [out for item in result["inference_results"] for out in item["output"]]
             if len(outputs) != answers:
                 raise StoreError(f"the sidecar at {sidecar_url} answered {len(outputs)} results for {answers} "

@@ -782,8 +782,8 @@ class OpenSearchStore:
         StoreQueryError; anything else → StoreError."""
         try:
             yield
-        except (OSConnectionError, ConnectionTimeout) as exc:
-            raise StoreUnavailable(f"{what} failed: OpenSearch at {self.url} cannot be reached: {exc.error}") from exc
+        except OpenSearchUnreachable as exc:
+            raise StoreUnavailable(f"{what} failed: {exc}") from exc
         except TransportError as exc:
             if exc.status_code in (429, 502, 503, 504):
                 raise StoreUnavailable(f"{what} failed: OpenSearch at {self.url} answered {exc.status_code} "
@@ -867,11 +867,25 @@ class _Identity:
     ca_certs: str | None
 
 
+class OpenSearchUnreachable(StoreUnavailable, OSConnectionError):
+    """No connection to the cluster after the client's own retries (refused, timed out, a TLS handshake
+    cut): a StoreUnavailable whose message names the URL and its setting, for every command and endpoint
+    alike; and still the client's ConnectionError (same status, error, info), so the store's retries and
+    opensearch-py's helpers, which catch that, treat it as before."""
+
+    def __init__(self, message: str, cause: OSConnectionError):
+        OSConnectionError.__init__(self, cause.status_code, cause.error, cause.info)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class _SecuredTransport(Transport):
     """opensearch-py's transport, raising what no retry can fix as a StoreError that names the setting
     to change, whichever store call or helper made the request: a certificate that does not verify,
-    credentials refused (401), a permission the user's role lacks (403 security_exception). Other
-    errors, a TLS handshake cut by a restarting node included, stay as they are (and are retried)."""
+    credentials refused (401), a permission the user's role lacks (403 security_exception). A cluster
+    that cannot be reached raises OpenSearchUnreachable (which the store's retries still retry)."""
 
     def __init__(self, hosts: Any, *, store_identity: _Identity, **kwargs: Any):
         super().__init__(hosts, **kwargs)
@@ -881,13 +895,14 @@ class _SecuredTransport(Transport):
         who = self.identity
         try:
             return super().perform_request(method, url, *args, **kwargs)
-        except SSLError as exc:
-            if "CERTIFICATE_VERIFY_FAILED" not in str(exc.error):
-                raise
-            trusted = f"the CA in {who.ca_certs}" if who.ca_certs else "none of this machine's CAs"
-            raise StoreError(f"TLS to OpenSearch at {who.url}: {exc.error}. Its certificate must be signed by "
-                             f"{trusted} and name the URL's host: set SIDECAR_OPENSEARCH_CA_CERTS to the PEM "
-                             f"file of the CA that signed it") from exc
+        except OSConnectionError as exc:  # SSLError and ConnectionTimeout included
+            if isinstance(exc, SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc.error):
+                trusted = f"the CA in {who.ca_certs}" if who.ca_certs else "none of this machine's CAs"
+                raise StoreError(f"TLS to OpenSearch at {who.url}: {exc.error}. Its certificate must be signed by "
+                                 f"{trusted} and name the URL's host: set SIDECAR_OPENSEARCH_CA_CERTS to the PEM "
+                                 f"file of the CA that signed it") from exc
+            raise OpenSearchUnreachable(f"OpenSearch at {who.url} cannot be reached: {exc.error} (is it up? "
+                                        f"SIDECAR_OPENSEARCH_URL or --opensearch-url sets where)", exc) from exc
         except AuthenticationException as exc:
             if not who.user:
                 raise StoreError(f"OpenSearch at {who.url} asks for credentials (401): set "

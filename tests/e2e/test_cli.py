@@ -623,6 +623,19 @@ def test_store_commands_refuse_a_path_that_holds_no_store_and_create_none(tmp_pa
     assert not (tmp_path / "mistyped").exists()
 
 
+@pytest.mark.parametrize("command", [["opensearch", "setup"], ["opensearch", "connect"], ["index", "{shards}"],
+                                     ["store", "check"], ["store", "repair"], ["search", "red"]])
+def test_every_command_says_in_one_line_that_opensearch_cannot_be_reached_naming_the_setting(shards, command):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    args = [arg.format(shards=shards) for arg in command]
+    store = [] if command[0] == "opensearch" else ["--store", "opensearch"]
+    result = CliRunner().invoke(main, ["-q", *args, *store, "--opensearch-url", url])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    line = result.output.splitlines()[-1]
+    assert line.startswith("Error: ") and f"OpenSearch at {url} cannot be reached" in line, result.output
+    assert "SIDECAR_OPENSEARCH_URL or --opensearch-url" in line
+
+
 def test_kill_minus_9_during_index_leaves_a_readable_store_and_a_rerun_converges_exactly(tmp_path):
     out, store_path = tmp_path / "shards", tmp_path / "store"
     n = 40_000
