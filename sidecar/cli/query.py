@@ -30,8 +30,8 @@ from sidecar.retrieval.search import MODES
               help="Query image (alone: more like this photo; with TEXT: both).")
 @click.option("--mode", type=click.Choice(MODES), help="Default: hybrid with text, vector without.")
 @click.option("-k", "--k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
-@click.option("--candidates", type=click.IntRange(1, 10000), default=100, show_default=True,
-              help="How many coarse hits the fine stage (rerank) sees.")
+@click.option("--candidates", "rerank_candidates", type=click.IntRange(1, 10000),
+              help="How many coarse hits the fine stage (rerank) sees (default: SIDECAR_RERANK_CANDIDATES, else 100).")
 @click.option("--fusion", type=click.Choice(FUSION_METHODS), default="minmax", show_default=True)
 @click.option("--vector-weight", type=float, default=0.5, show_default=True)
 @click.option("--bm25-weight", type=float, default=0.5, show_default=True)
@@ -46,7 +46,7 @@ from sidecar.retrieval.search import MODES
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON.")
 @model_options
 @store_options
-def search(text: str | None, image: Path | None, mode: str | None, k: int, candidates: int, fusion: str,
+def search(text: str | None, image: Path | None, mode: str | None, k: int, fusion: str,
            vector_weight: float, bm25_weight: float, rerank: bool | None, exact: bool, ef_search: int | None,
            filters: tuple[str, ...], as_json: bool, **kwargs: Any) -> None:
     """Search the store by TEXT, --image, or both."""
@@ -58,9 +58,10 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, candi
 
     if not text and image is None:
         raise click.UsageError("give TEXT, --image, or both")
-    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS)
+    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + ("rerank_candidates",))
     try:
-        options = SearchOptions(mode=mode or ("hybrid" if text else "vector"), k=k, candidates=candidates,
+        options = SearchOptions(mode=mode or ("hybrid" if text else "vector"), k=k,
+                                candidates=settings.rerank_candidates,
                                 fusion=fusion, weights=(vector_weight, bm25_weight), rerank=rerank,
                                 exact=exact, ef_search=ef_search, filters=_parse_filters(filters))
     except ValueError as exc:
@@ -123,8 +124,8 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
                    "\"relevance\"}.")
 @click.option("--config", "configs", multiple=True, metavar="JSON|FILE",
               help="Configurations to compare (repeatable): inline JSON or a JSON file with an object, a list, or "
-                   "{\"grid\": {field: [values]}}; fields mode, fusion, weights, rerank, exact, candidates, "
-                   "ef_search, name. Default: every mode, rerank on and off.")
+                   "{\"grid\": {field: [values]}}; fields mode, fusion, weights, rerank, exact, candidates "
+                   "(default SIDECAR_RERANK_CANDIDATES), ef_search, name. Default: every mode, rerank on and off.")
 @click.option("--measure", "measures", multiple=True, metavar="MEASURE",
               help="ir-measures names, repeatable (default nDCG@10, RR@10, R@10; e.g. R@100, P@5, AP@100), each "
                    "with a cutoff: a configuration ranks its top N only (N the deepest cutoff), so AP or nDCG over "
@@ -284,7 +285,9 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
 
     try:
         queries, qrels = read_queries(queries_path), read_qrels(qrels_path)
-        runs = [c for spec in configs for c in parse_configs(_load_json(spec))] if configs else default_configs()
+        candidates = settings.rerank_candidates
+        runs = ([c for spec in configs for c in parse_configs(_load_json(spec), candidates=candidates)] if configs
+                else default_configs(candidates=candidates))
     except EvaluationInputError as exc:
         raise click.UsageError(str(exc)) from exc
     store = open_existing_store(settings)

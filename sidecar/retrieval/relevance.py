@@ -170,20 +170,21 @@ def describe_options(options: SearchOptions, *, target: str = "default") -> str:
     return " ".join(parts)
 
 
-def parse_configs(spec: Any, *, k: int = DEFAULT_CUTOFF) -> list[RunConfig]:
+def parse_configs(spec: Any, *, k: int = DEFAULT_CUTOFF, candidates: int = SearchOptions.candidates) -> list[RunConfig]:
     """Configurations from JSON: one object, a list of objects, or {"grid": {field: [values]}} (every
-    combination). Objects hold SearchOptions fields (CONFIG_FIELDS) plus "name" and "target"."""
+    combination). Objects hold SearchOptions fields (CONFIG_FIELDS) plus "name" and "target"; one that
+    names no candidates gets `candidates` (the rerank_candidates setting, as a request would)."""
     if isinstance(spec, dict) and "grid" in spec:
         grid = spec["grid"]
         if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
             raise EvaluationInputError("\"grid\" must map each field to a non-empty list of values")
         names = list(grid)
         rows = [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
-        return dedupe([_config(row, k=k) for row in rows])
+        return dedupe([_config(row, k=k, candidates=candidates) for row in rows])
     rows = spec if isinstance(spec, list) else [spec]
     if not rows:
         raise EvaluationInputError("no configurations: the list is empty (leave out --config for the defaults)")
-    return [_config(row, k=k) for row in rows]
+    return [_config(row, k=k, candidates=candidates) for row in rows]
 
 
 # The JSON types of the fields whose values SearchOptions does not check (it compares mode and fusion
@@ -202,7 +203,7 @@ def _is_a(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
 
 
-def _config(row: Any, *, k: int) -> RunConfig:
+def _config(row: Any, *, k: int, candidates: int) -> RunConfig:
     if not isinstance(row, dict):
         raise EvaluationInputError(f"a configuration must be a JSON object, got {row!r}")
     unknown = set(row) - set(CONFIG_FIELDS) - {"name", "target"}
@@ -221,7 +222,7 @@ def _config(row: Any, *, k: int) -> RunConfig:
         if not all(_is_a(w, (int, float)) for w in weights):
             raise EvaluationInputError(f"configuration {row}: 'weights' must be numbers, got {values['weights']!r}")
         values["weights"] = tuple(float(w) for w in weights)
-    values["candidates"] = max(values.get("candidates", SearchOptions().candidates), k)
+    values["candidates"] = max(values.get("candidates", candidates), k)
     try:
         options = SearchOptions(k=k, **values)
     except (TypeError, ValueError) as exc:
@@ -229,9 +230,10 @@ def _config(row: Any, *, k: int) -> RunConfig:
     return RunConfig(options=options, target=str(row.get("target", "default")), name=str(row.get("name", "")))
 
 
-def default_configs() -> list[RunConfig]:
-    """What `eval --queries` compares without --config: every mode, rerank on and off, and RRF."""
-    base = SearchOptions()
+def default_configs(*, candidates: int = SearchOptions.candidates) -> list[RunConfig]:
+    """What `eval --queries` compares without --config: every mode, rerank on and off, and RRF, each
+    with `candidates` (the rerank_candidates setting)."""
+    base = SearchOptions(candidates=candidates)
     rows = [dict(mode="vector", rerank=False), dict(mode="vector"), dict(mode="bm25", rerank=False),
             dict(mode="bm25"), dict(), dict(rerank=False), dict(fusion="rrf", weights=(0.5, 0.5))]
     return dedupe(RunConfig(options=dataclasses.replace(base, **row)) for row in rows)

@@ -94,6 +94,22 @@ def test_search_notes_a_skipped_rerank_only_when_asked_for_as_its_help_says(stor
     assert "rerank skipped" not in default.stderr and "rerank skipped: no fine model" in asked.stderr
 
 
+def test_search_candidates_come_from_the_setting_unless_the_flag_is_given(store_path, monkeypatch):
+    import sidecar.retrieval.search
+
+    searched = []
+    real_search = sidecar.retrieval.search.search
+    monkeypatch.setattr(sidecar.retrieval.search, "search",
+                        lambda *args, options, **kwargs: searched.append(options.candidates) or real_search(
+                            *args, options=options, **kwargs))
+    assert "default: SIDECAR_RERANK_CANDIDATES" in CliRunner().invoke(main, ["search", "--help"]).output
+    base = ["-q", "search", "red", "--store-path", str(store_path)]
+    for args in (base, [*base, "--candidates", "40"]):
+        result = CliRunner().invoke(main, args, env={"SIDECAR_RERANK_CANDIDATES": "30"})
+        assert result.exit_code == 0, result.output
+    assert searched == [30, 40]
+
+
 def test_embed_continues_after_kill_minus_9_without_duplicates_or_gaps(tmp_path):
     manifest = write_corpus(tmp_path / "corpus", 3000, seed=5)
     out = tmp_path / "shards"

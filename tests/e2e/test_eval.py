@@ -52,6 +52,17 @@ def test_eval_with_judged_queries_writes_the_report_and_ranks_the_concepts_first
                                               "report.html"}
 
 
+def test_configurations_that_name_no_candidates_take_the_rerank_candidates_setting(store_path, judged, tmp_path):
+    queries, qrels = judged
+    configs = json.dumps([{"mode": "vector", "rerank": False}, {"mode": "bm25", "rerank": False, "candidates": 50}])
+    result = CliRunner().invoke(main, ["-q", "eval", "--queries", str(queries), "--qrels", str(qrels),
+                                       "--store-path", str(store_path), "--config", configs,
+                                       "--out", str(tmp_path / "report")], env={"SIDECAR_RERANK_CANDIDATES": "30"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report" / "results.json").read_text(encoding="utf-8"))
+    assert {r["name"] for r in report["results"]} == {"vector N=30", "bm25 N=50"}
+
+
 def test_a_rerank_skipped_for_want_of_a_fine_model_is_noted_in_the_terminal_markdown_and_html(store_path, judged,
                                                                                                tmp_path, monkeypatch):
     monkeypatch.delenv("SIDECAR_FINE_MODEL", raising=False)
