@@ -9,10 +9,10 @@ import click
 
 from sidecar.cli.root import (
     MODEL_FLAGS,
-    STORE_FLAGS,
+    OPENSEARCH_FLAGS,
     model_options,
+    opensearch_options,
     settings_from,
-    store_options,
 )
 from sidecar.config import Settings
 from sidecar.stores.ml_commons import INGEST_FIELDS, PLACEHOLDER_KEY, RERANK_BY
@@ -25,16 +25,14 @@ def opensearch() -> None:
 
 @opensearch.command("setup")
 @model_options
-@store_options
+@opensearch_options
 def opensearch_setup(**kwargs: Any) -> None:
     """Create (idempotently) the k-NN index and alias, sized for the model, and the hybrid
     search pipelines. Safe to rerun."""
     from sidecar.model.encoder import load_encoder
     from sidecar.stores import open_store
 
-    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS)
-    settings = Settings.from_env(**{**{n: getattr(settings, n) for n in MODEL_FLAGS + STORE_FLAGS},
-                                    "store": "opensearch"})
+    settings = settings_from({**kwargs, "store": "opensearch"}, MODEL_FLAGS + OPENSEARCH_FLAGS + ("store",))
     encoder = load_encoder(settings)
     store = open_store(settings)
     try:
@@ -75,7 +73,7 @@ def opensearch_setup(**kwargs: Any) -> None:
               help="Make the image pipeline the index's default ingest pipeline and the hybrid pipeline its default "
                    "search pipeline (also for later versions: --rebuild).")
 @click.option("--disconnect", is_flag=True, help="Remove everything connect made for the index, and nothing else.")
-@store_options
+@opensearch_options
 def opensearch_connect(sidecar_url: str, api_key: str, ingest_fields: str, batch_size: int, step_size: int,
                        max_connection: int, retries: int, rerank: str, set_defaults: bool, disconnect: bool,
                        **kwargs: Any) -> None:
@@ -90,7 +88,7 @@ def opensearch_connect(sidecar_url: str, api_key: str, ingest_fields: str, batch
     duplicated; changed options update in place.
 
     \b
-      clip-sidecar opensearch connect --store opensearch --set-defaults
+      clip-sidecar opensearch connect --set-defaults
       clip-sidecar opensearch connect --sidecar-url http://sidecar:8080      # docker compose
       clip-sidecar opensearch connect --disconnect
     """
@@ -99,8 +97,7 @@ def opensearch_connect(sidecar_url: str, api_key: str, ingest_fields: str, batch
     from sidecar.stores.ml_commons import ConnectOptions, connect
     from sidecar.stores.ml_commons import disconnect as remove
 
-    settings = settings_from(kwargs, STORE_FLAGS)
-    settings = Settings.from_env(**{**{n: getattr(settings, n) for n in STORE_FLAGS}, "store": "opensearch"})
+    settings = settings_from({**kwargs, "store": "opensearch"}, OPENSEARCH_FLAGS + ("store",))
     _check_connector_key(settings, api_key)
     if batch_size > settings.max_batch_items:
         raise click.UsageError(f"--batch-size {batch_size} is over the sidecar's max_batch_items "

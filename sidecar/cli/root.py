@@ -13,7 +13,8 @@ import click
 from sidecar.config import PRECISIONS, STORES, Settings
 
 MODEL_FLAGS = ("model", "pretrained", "model_config", "device", "precision", "fine_model", "fine_pretrained")
-STORE_FLAGS = ("store", "store_path", "opensearch_url", "opensearch_index", "target_recall")
+OPENSEARCH_FLAGS = ("opensearch_url", "opensearch_index")
+STORE_FLAGS = ("store", "store_path", *OPENSEARCH_FLAGS, "target_recall")
 PROMPT_FLAGS = ("prompt_sets_dir",)
 
 
@@ -34,12 +35,23 @@ def model_options(func: Callable) -> Callable:
     return functools.reduce(lambda f, option: option(f), reversed(options), func)
 
 
+def _opensearch_option_list() -> list[Callable]:
+    return [
+        click.option("--opensearch-url", help="OpenSearch URL (default http://127.0.0.1:9250)."),
+        click.option("--opensearch-index", help="OpenSearch alias to read and write (default clip-sidecar)."),
+    ]
+
+
+def opensearch_options(func: Callable) -> Callable:
+    """The store options of a command that works on OpenSearch only (OPENSEARCH_FLAGS): no store choice."""
+    return functools.reduce(lambda f, option: option(f), reversed(_opensearch_option_list()), func)
+
+
 def store_options(func: Callable) -> Callable:
     options = [
         click.option("--store", type=click.Choice(STORES), help="Where vectors live (default embedded)."),
         click.option("--store-path", type=click.Path(path_type=Path), help="Embedded store directory (default data/store)."),
-        click.option("--opensearch-url", help="OpenSearch URL (default http://127.0.0.1:9250)."),
-        click.option("--opensearch-index", help="OpenSearch alias to read and write (default clip-sidecar)."),
+        *_opensearch_option_list(),
         click.option("--target-recall", type=click.FloatRange(0, 1),
                      help="Recall@K target (e.g. 0.99): vector queries that name no ef_search get the effort a "
                           "calibration chose for it (`store calibrate`; `index` calibrates after large changes); "

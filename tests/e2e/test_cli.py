@@ -358,6 +358,17 @@ def test_embed_refuses_a_shard_directory_of_another_model(shards, corpus, tmp_pa
     assert "holds shards of tiny-clip (weights sha256:0000" in result.output and "new --out directory" in result.output
 
 
+@pytest.mark.parametrize("command", ["setup", "connect"])
+def test_the_opensearch_commands_offer_no_store_choice_they_would_ignore(command, tmp_path):
+    help_text = CliRunner().invoke(main, ["opensearch", command, "--help"]).output
+    assert "--opensearch-url" in help_text and "--opensearch-index" in help_text
+    assert not {"--store", "--store-path", "--target-recall"} & set(help_text.split())
+    # Before, --store embedded was taken and ignored: the command still dialled OpenSearch.
+    result = CliRunner().invoke(main, ["-q", "opensearch", command, "--store", "embedded",
+                                       "--store-path", str(tmp_path / "store")])
+    assert result.exit_code == 2 and "No such option" in result.output and "--store" in result.output, result.output
+
+
 def test_a_jpeg_decoder_that_would_not_be_used_is_refused_or_named(corpus, tmp_path):
     # The Ray engine decodes on CPU tasks: asking it for a device decoder is a usage error, before any work.
     result = CliRunner().invoke(main, ["-q", "embed", str(corpus), "--out", str(tmp_path / "ray"), "--engine", "ray",

@@ -63,9 +63,14 @@ def cli(*args: object) -> Result:
     return result
 
 
+def opensearch_args(alias: str) -> list[str]:
+    """The options of the `opensearch` commands (OpenSearch only: no --store) for the node's `alias`."""
+    return ["--opensearch-url", URL, "--opensearch-index", alias]
+
+
 def store_args(alias: str) -> list[str]:
-    """The CLI's options for the node's `alias`."""
-    return ["--store", "opensearch", "--opensearch-url", URL, "--opensearch-index", alias]
+    """The CLI's store options for the node's `alias`."""
+    return ["--store", "opensearch", *opensearch_args(alias)]
 
 
 def make_store(**overrides: object) -> OpenSearchStore:

@@ -15,7 +15,7 @@ from opensearchpy import OpenSearch, helpers
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.model.tiny_model import checkpoint_path
-from tests.integration.conftest import URL, cli, store_args  # noqa: F401  (the native tests import them from here)
+from tests.integration.conftest import URL, cli, opensearch_args, store_args  # noqa: F401  (the native tests import them from here)
 
 TEXTS = "/v1/opensearch/embeddings/texts"
 TEXT_IMAGE = "/v1/opensearch/embeddings/text-image"

@@ -27,6 +27,7 @@ from tests.integration.conftest import (
     _client,
     cli,
     make_store,
+    opensearch_args,
     owned_indices,
     store_args,
 )
@@ -62,7 +63,7 @@ def large_store(node: str, large_shards: Path) -> Iterator[OpenSearchStore]:
 
 
 def test_cli_setup_index_rerun_rebuild_and_search(encoder, shards, alias):
-    assert f"OpenSearch index {alias} ready for" in cli("opensearch", "setup", *store_args(alias)).output
+    assert f"OpenSearch index {alias} ready for" in cli("opensearch", "setup", *opensearch_args(alias)).output
     store = make_store(index=alias)
     try:
         assert store.signature() == encoder.signature and store.count() == 0

@@ -32,6 +32,7 @@ from tests.integration.native_support import (
     cli,
     concept,
     ml_objects,
+    opensearch_args,
     pipeline_document,
     printed_json,
     rows,
@@ -73,7 +74,7 @@ def native(node: str, corpus: Path, test_cache_dir: Path, tmp_path_factory) -> I
     folder = tmp_path_factory.mktemp("native")
     client = _client()
     try:
-        cli("opensearch", "setup", *store_args(alias))
+        cli("opensearch", "setup", *opensearch_args(alias))
         first_half = folder / "first-half.jsonl"
         first_half.write_text("".join(json.dumps({**row, "path": str(corpus.parent / row["path"])}) + "\n"
                                       for row in rows(corpus)[:DOOR_SPLIT]))
@@ -84,13 +85,13 @@ def native(node: str, corpus: Path, test_cache_dir: Path, tmp_path_factory) -> I
         # calls the sidecar counts are exactly those sent (overload has a test of its own).
         env = sidecar_env(alias, folder, test_cache_dir, SIDECAR_QUEUE_ITEMS="1024")
         with gunicorn_server(env, folder / "sidecar.log", threads=32) as url:
-            connected = cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--set-defaults")
+            connected = cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url, "--set-defaults")
             world = Native(alias, url, client, connected)
             results = bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[DOOR_SPLIT:]])
             assert [r["status"] for r in results] == [201] * (len(rows(corpus)) - DOOR_SPLIT), results[:3]
             yield world
     finally:
-        CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(alias), "--disconnect"])
+        CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias), "--disconnect"])
         client.indices.delete(index=f"{alias}-v*", ignore_unavailable=True)
         client.close()
 
@@ -227,7 +228,7 @@ def test_a_bad_image_fails_only_its_document_with_the_sidecars_message(native, c
 
 def test_connect_twice_is_a_no_op(native):
     before = ml_objects(native.client, native.alias)
-    again = cli("opensearch", "connect", *store_args(native.alias), "--sidecar-url", native.sidecar, "--set-defaults")
+    again = cli("opensearch", "connect", *opensearch_args(native.alias), "--sidecar-url", native.sidecar, "--set-defaults")
     lines = again.output[:again.output.index("{")].splitlines()
     assert lines and all(line.startswith("unchanged") for line in lines), lines
     assert again.output.rstrip().endswith("(nothing changed)")
@@ -240,12 +241,12 @@ def test_connect_twice_is_a_no_op(native):
 
 def test_disconnect_leaves_nothing_behind(native):
     # Last in the module: the fixture's teardown disconnects again, finding nothing.
-    result = cli("opensearch", "connect", *store_args(native.alias), "--disconnect")
+    result = cli("opensearch", "connect", *opensearch_args(native.alias), "--disconnect")
     # 2 index settings, the template, 4 pipelines, 3 models, 3 connectors, the group
     assert result.output.count("removed ") == 14, result.output
     assert ml_objects(native.client, native.alias) == {
         "connectors": [], "models": [], "model_groups": [], "tasks": [], "ingest": [], "search": [], "templates": [],
         "settings": []}
     assert native.client.count(index=native.alias)["count"] == 400  # the documents stay: only the wiring goes
-    again = cli("opensearch", "connect", *store_args(native.alias), "--disconnect")
+    again = cli("opensearch", "connect", *opensearch_args(native.alias), "--disconnect")
     assert "(nothing was connected)" in again.output

@@ -21,11 +21,11 @@ from tests.integration.native_support import (
     bulk,
     cli,
     ml_objects,
+    opensearch_args,
     pipeline_document,
     rows,
     scrape,
     sidecar_env,
-    store_args,
     value,
 )
 from tests.support import free_port, gunicorn_server
@@ -38,10 +38,10 @@ def alias(node: str) -> Iterator[str]:
     """An index set up by the CLI for the tiny model; disconnected and deleted afterwards."""
     name = f"it-native-fail-{uuid.uuid4().hex[:8]}"
     try:
-        cli("opensearch", "setup", *store_args(name))
+        cli("opensearch", "setup", *opensearch_args(name))
         yield name
     finally:
-        CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(name), "--disconnect"])
+        CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(name), "--disconnect"])
         client = _client()
         client.indices.delete(index=f"{name}-v*", ignore_unavailable=True)
         client.close()
@@ -54,7 +54,7 @@ def test_sidecar_down_fails_the_bulk_items_clearly_writes_nothing_and_a_rerun_co
     client = _client()
     try:
         with gunicorn_server(env, log, port=port) as url:
-            cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--set-defaults")
+            cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url, "--set-defaults")
         # The sidecar is stopped: every document needing it fails, with the reason, and none is written.
         results = bulk(client, alias, documents)
         assert [r["status"] for r in results] == [500] * len(documents)
@@ -79,7 +79,7 @@ def test_an_overloaded_sidecar_answers_503_ml_commons_retries_and_the_load_compl
     client = _client()
     try:
         with gunicorn_server(env, tmp_path / "sidecar.log", threads=32) as url:
-            cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--set-defaults", "--retries", "10")
+            cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url, "--set-defaults", "--retries", "10")
             results = bulk(client, alias, documents)
             metrics = scrape(url)
         assert [r["status"] for r in results] == [201] * len(documents), [r for r in results if r["status"] != 201][:3]
@@ -117,7 +117,7 @@ def test_connect_refuses_a_sidecar_that_does_not_fit_the_index_and_keeps_nothing
     store = claimed(alias, ModelSignature(**{"model": encoder.name, "weights": encoder.weights, "dim": encoder.dim,
                                             **change}))
     try:
-        result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(alias),
+        result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias),
                                            "--sidecar-url", sidecar_for])
         assert result.exit_code == 1, result.output
         assert message.format(alias=alias) in result.output and "refusing the connection" in result.output
@@ -128,12 +128,12 @@ def test_connect_refuses_a_sidecar_that_does_not_fit_the_index_and_keeps_nothing
 
 
 def test_connect_without_the_index_says_to_set_it_up_first(node):
-    result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(f"it-native-{uuid.uuid4().hex}")])
+    result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(f"it-native-{uuid.uuid4().hex}")])
     assert result.exit_code == 1 and "run `clip-sidecar opensearch setup` first" in result.output
 
 
 def test_a_sidecar_url_the_cluster_does_not_trust_is_refused_with_the_setting_to_change(alias):
-    result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(alias),
+    result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias),
                                        "--sidecar-url", "http://10.0.0.1:8080"])
     assert result.exit_code == 1
     assert "plugins.ml_commons.trusted_connector_endpoints_regex" in result.output, result.output
@@ -152,7 +152,7 @@ def test_rerank_by_text_works_for_any_index_and_a_rerun_without_rerank_removes_i
     client = _client()
     try:
         with gunicorn_server(env, tmp_path / "sidecar.log") as url:
-            cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--rerank", "texts")
+            cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url, "--rerank", "texts")
             bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[:20]],
                  pipeline=f"{alias}-image")
             # The connector's Painless script writes the query into a JSON body: quotes and a backslash
@@ -169,7 +169,7 @@ def test_rerank_by_text_works_for_any_index_and_a_rerun_without_rerank_removes_i
                 "query": query, "documents": [h["_source"]["text"] for h in hits]}).json()["results"]
             assert sorted(scores, reverse=True) == pytest.approx(sorted((r["relevance_score"] for r in direct),
                                                                         reverse=True), abs=1e-6)
-            result = cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--rerank", "none")
+            result = cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url, "--rerank", "none")
         assert "removed model " in result.output and f"removed search pipeline {alias}-hybrid-rerank" in result.output
         left = ml_objects(client, alias)
         assert (len(left["connectors"]), len(left["models"]), left["search"]) == (2, 2, [f"{alias}-hybrid"])
@@ -185,11 +185,11 @@ def test_a_sidecar_with_api_keys_is_called_with_the_connectors_key_and_refused_w
     try:
         with gunicorn_server(env, tmp_path / "sidecar.log", api_key=key) as url:
             # No key here (this shell has no SIDECAR_API_KEYS to check it against): OpenSearch's call meets the 401.
-            refused = CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(alias), "--sidecar-url", url])
+            refused = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url])
             assert refused.exit_code == 1 and "refusing the connection" in refused.output, refused.output
             assert "401" in refused.output, refused.output
             assert not any(ml_objects(client, alias).values())
-            connected = cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url, "--api-key", key)
+            connected = cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url, "--api-key", key)
             assert key not in connected.output
             results = bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[:5]],
                            pipeline=f"{alias}-image")

@@ -17,7 +17,7 @@ from sidecar.cli import main
 from sidecar.model.synthetic import COLORS, SHAPES, SIZES
 from sidecar.model.tiny_model import LARGE_MODEL_NAME, checkpoint_path
 from tests.integration.conftest import _client
-from tests.integration.native_support import cli, scrape, sidecar_env, store_args, value
+from tests.integration.native_support import cli, opensearch_args, scrape, sidecar_env, store_args, value
 from tests.support import gunicorn_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # trains the large tiny model once per cache
@@ -37,14 +37,14 @@ def fine_sidecar(node: str, corpus: Path, test_cache_dir: Path, tmp_path_factory
             "SIDECAR_FINE_PRETRAINED": str(checkpoint_path(test_cache_dir, model=LARGE_MODEL_NAME))}
     client = _client()
     try:
-        cli("opensearch", "setup", *store_args(alias))
+        cli("opensearch", "setup", *opensearch_args(alias))
         cli("embed", str(corpus), "--out", str(folder / "shards"), "--workers", "0", "--fine-model", LARGE_MODEL_NAME)
         cli("index", str(folder / "shards"), *store_args(alias))
         with gunicorn_server(sidecar_env(alias, folder, test_cache_dir, **fine), folder / "sidecar.log") as url:
-            cli("opensearch", "connect", *store_args(alias), "--sidecar-url", url)
+            cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url)
             yield alias, url
     finally:
-        CliRunner().invoke(main, ["-q", "opensearch", "connect", *store_args(alias), "--disconnect"])
+        CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias), "--disconnect"])
         client.indices.delete(index=f"{alias}-v*", ignore_unavailable=True)
         client.close()
 
