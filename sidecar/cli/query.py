@@ -134,8 +134,9 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
               help="The lowest grade that counts as relevant for the default MRR and Recall (nDCG always uses the "
                    "grades). Not with --measure: write it in the measure there, e.g. RR(rel=2)@10.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report folder: results.json, results.md, PNG plots, report.html "
-                   "[default: reports/benchmark or reports/eval].")
+              help="Report folder: results.json and results.md; with --benchmark and --queries also PNG plots and "
+                   "report.html [default: reports/benchmark, reports/eval or reports/prompts; --ann writes only "
+                   "where --out is given].")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("data/benchmark"),
               show_default=True, help="--benchmark: catalogue, shards and stores (reused by reruns).")
 @click.option("--items", type=click.IntRange(100), default=BENCHMARK_ITEMS, show_default=True,
@@ -188,7 +189,7 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
         _prompt_accuracy(settings, prompt_sets, labels_path, label_field=label_field,
                          out=out or Path("reports/prompts"), progress=progress)
     elif ann:
-        _ann(settings, samples=samples, k=k)
+        _ann(settings, samples=samples, k=k, out=out)
     elif benchmark:
         from sidecar.cli.benchmark import QUERIES_PER_CATEGORY, run_benchmark
 
@@ -254,7 +255,8 @@ def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, lab
     click.echo(f"\n{table}\n\nReport: {out / 'results.md'}, {out / 'results.json'}")
 
 
-def _ann(settings, *, samples: int, k: int) -> None:
+def _ann(settings, *, samples: int, k: int, out: Path | None) -> None:
+    from sidecar.cli.benchmark import machine_description
     from sidecar.retrieval.evaluation import ann_recall
 
     store = open_existing_store(settings)
@@ -265,6 +267,16 @@ def _ann(settings, *, samples: int, k: int) -> None:
     finally:
         store.close()
     click.echo(report.describe())
+    if out is None:  # the printed lines are the whole report: no folder appears uninvited
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"machine": machine_description(), "store": f"{settings.store} ({store.name})"}
+    (out / "results.json").write_text(json.dumps({"info": info, "results": report.to_json()}, indent=2),
+                                      encoding="utf-8")
+    facts = "".join(f"- {key}: {value}\n" for key, value in info.items())
+    (out / "results.md").write_text(f"# The ANN index against exact search\n\n{facts}\n{report.describe()}\n",
+                                    encoding="utf-8")
+    click.echo(f"\nReport: {out / 'results.md'}, {out / 'results.json'}")
 
 
 def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[str, ...], measures: tuple[str, ...],

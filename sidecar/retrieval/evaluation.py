@@ -27,6 +27,10 @@ class RecallReport:
     ann_ms: tuple[float, float]  # p50, p95
     exact_ms: tuple[float, float]
 
+    def to_json(self) -> dict:
+        return {"k": self.k, "queries": self.queries, "recall": self.recall,
+                "ann_ms": dict(zip(("p50", "p95"), self.ann_ms)), "exact_ms": dict(zip(("p50", "p95"), self.exact_ms))}
+
     def describe(self) -> str:
         return (f"Recall@{self.k} (HNSW vs exact) over {self.queries} queries: {self.recall:.4f}\n"
                 f"latency p50/p95: HNSW {self.ann_ms[0]:.2f}/{self.ann_ms[1]:.2f} ms, "

@@ -120,6 +120,18 @@ def test_relevant_grade_with_measures_is_refused_not_ignored(store_path, judged)
     assert result.exit_code == 2 and "write the grade in each measure instead, e.g. RR(rel=2)@10" in result.output
 
 
+def test_ann_validation_writes_its_report_where_out_is_given(store_path, tmp_path):
+    out = tmp_path / "ann"
+    result = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(store_path), "--samples", "20",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert report["results"]["k"] == 10 and report["results"]["queries"] == 20
+    assert 0.0 <= report["results"]["recall"] <= 1.0 and set(report["results"]["ann_ms"]) == {"p50", "p95"}
+    assert "Recall@10 (HNSW vs exact) over 20 queries" in (out / "results.md").read_text(encoding="utf-8")
+    assert f"Report: {out / 'results.md'}, {out / 'results.json'}" in result.output
+
+
 def test_ann_validation_of_an_empty_store_is_an_error_saying_so(tmp_path):
     EmbeddedStore(tmp_path / "store").close()  # a store, with nothing in it
     result = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(tmp_path / "store")])
