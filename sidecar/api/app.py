@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
 
 def _check_store_model(store: Store, encoder: Encoder) -> None:
     """Before anything starts: a worker whose queries the store's vectors cannot answer must not boot
-    (gunicorn then stops: "Worker failed to boot", after this error's traceback). A store that cannot
+    (sidecar.api.wsgi turns this error into gunicorn's one-line "App failed to load"). A store that cannot
     say now (a cluster still starting) is left to /readyz and to each vector search, which check again."""
     try:
         check_query_model(store, encoder.signature)

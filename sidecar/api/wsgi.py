@@ -4,10 +4,11 @@ from gunicorn.errors import AppImportError
 
 from sidecar.api.app import create_app
 from sidecar.model.weights import ModelNotCached, ModelSettingsError
+from sidecar.stores.base import QueryModelMismatch
 
 try:
     app = create_app()
-except (ModelSettingsError, ModelNotCached) as exc:
+except (ModelSettingsError, ModelNotCached, QueryModelMismatch) as exc:
     # A setting to fix, not a bug: gunicorn prints an AppImportError as its message alone and stops
     # the server ("App failed to load"), where any other error is a traceback from every worker.
     raise AppImportError(str(exc)) from exc
