@@ -149,6 +149,8 @@ def rerank_documents(kind: str):
     documents = _documents(body, limit=state.settings.max_k if kind == "ids" else state.settings.max_batch_items,
                            setting="max_k" if kind == "ids" else "max_batch_items")
     top_n = optional(body, "top_n", int)
+    if top_n is not None and top_n < 1:
+        raise BadRequest(f"field 'top_n' must be at least 1, got {top_n}: omit it or send the number of documents")
     if top_n is not None and top_n < len(documents):
         raise BadRequest(f"field 'top_n' is {top_n}, fewer than the {len(documents)} documents: every document is "
                          "scored and answered (OpenSearch's rerank processor needs them all); omit top_n or send "

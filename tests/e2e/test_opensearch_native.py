@@ -241,5 +241,13 @@ def test_bad_rerank_requests_answer_400_naming_the_field(client, body, message):
     assert message in error_of(client.post("/v1/opensearch/rerank/texts", json=body), 400)
 
 
+@pytest.mark.parametrize("kind", ["ids", "texts", "images"])
+@pytest.mark.parametrize("top_n", [0, -1])
+def test_top_n_below_1_answers_400_naming_its_minimum_on_every_rerank_url(client, kind, top_n):
+    # An empty page has no document top_n could be fewer than: the minimum is checked of its own.
+    response = client.post(f"/v1/opensearch/rerank/{kind}", json={"query": "a", "documents": [], "top_n": top_n})
+    assert f"field 'top_n' must be at least 1, got {top_n}" in error_of(response, 400)
+
+
 def test_rerank_of_an_unknown_kind_is_404(client):
     assert client.post("/v1/opensearch/rerank/vectors", json={"query": "a", "documents": []}).status_code == 404
