@@ -38,8 +38,9 @@ def captions_endpoint():
     like = optional(body, "like", str)
     if (image is None) == (like is None):
         raise BadRequest("send field 'image' (base64) or field 'like' (a stored document's id): one of the two")
-    k = bounded_int(body, "k", default=10, low=1, high=settings.max_k)
-    candidates = bounded_int(body, "candidates", default=max(settings.rerank_candidates, k), low=1, high=settings.max_k)
+    k = bounded_int(body, "k", default=10, low=1, high=settings.max_k, setting="max_k")
+    candidates = bounded_int(body, "candidates", default=max(settings.rerank_candidates, k), low=1, high=settings.max_k,
+                             setting="max_k")
     exact = optional(body, "exact", bool, False)
     ef_search = ef_search_field(body)
     wanted = filters(body, settings)

@@ -55,8 +55,8 @@ def search_endpoint():
     mode = choice(body, "mode", choices=MODES, default="hybrid" if text else "vector")
     if mode != "vector" and text is None:
         raise BadRequest(f"field 'text' is required for mode {mode}; an image-only query uses mode vector")
-    k = bounded_int(body, "k", default=10, low=1, high=settings.max_k)
-    offset = bounded_int(body, "offset", default=0, low=0, high=settings.max_k - 1)
+    k = bounded_int(body, "k", default=10, low=1, high=settings.max_k, setting="max_k")
+    offset = bounded_int(body, "offset", default=0, low=0, high=settings.max_k - 1, setting="max_k - 1")
     if offset + k > settings.max_k:
         raise BadRequest(f"fields 'offset' + 'k' must be at most {settings.max_k} (max_k), got {offset} + {k}")
     options = _options(body, mode=mode, offset=offset, k=k, settings=settings)
@@ -124,8 +124,8 @@ def _options(body: dict, *, mode: str, offset: int, k: int, settings) -> SearchO
     # The ranking is of `candidates` (at least offset + k, so the page is in it). One hit past the page, within
     # that ranking, tells whether there is a next one: asking for it must not raise the candidates, or a page
     # ending at them would be cut from another ranking than the pages before it (fusion normalises over them).
-    candidates = max(bounded_int(body, "candidates", default=settings.rerank_candidates, low=1, high=settings.max_k),
-                     offset + k)
+    candidates = max(bounded_int(body, "candidates", default=settings.rerank_candidates, low=1, high=settings.max_k,
+                                 setting="max_k"), offset + k)
     return SearchOptions(
         mode=mode, k=min(offset + k + 1, candidates), candidates=candidates,
         fusion=choice(body, "fusion", choices=FUSION_METHODS, default="minmax"),

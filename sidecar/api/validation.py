@@ -157,10 +157,13 @@ def is_blank(text: str) -> bool:
     return not text.strip(WHITESPACE)
 
 
-def bounded_int(body: dict, field: str, *, default: int, low: int, high: int) -> int:
+def bounded_int(body: dict, field: str, *, default: int, low: int, high: int, setting: str | None = None) -> int:
+    """body[field], an integer from low to high; `setting` names where `high` comes from (e.g. "max_k"), so
+    the error tells a client which setting to raise."""
     value = optional(body, field, int, default)
     if not low <= value <= high:
-        raise BadRequest(f"field '{field}' must be between {low} and {high}, got {value}")
+        limit = f"{high} ({setting})" if setting else f"{high}"
+        raise BadRequest(f"field '{field}' must be between {low} and {limit}, got {value}")
     return value
 
 

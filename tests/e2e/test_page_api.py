@@ -110,7 +110,7 @@ def test_next_offset_is_present_exactly_while_more_hits_exist(client):
 
 @pytest.mark.parametrize(("body", "message"), [
     ({"text": "red", "offset": 995, "k": 10}, "fields 'offset' + 'k' must be at most 1000 (max_k), got 995 + 10"),
-    ({"text": "red", "offset": -1}, "field 'offset' must be between 0 and 999, got -1"),
+    ({"text": "red", "offset": -1}, "field 'offset' must be between 0 and 999 (max_k - 1), got -1"),
     ({"text": "red", "offset": "2"}, "field 'offset' must be an integer, got a string"),
 ])
 def test_an_offset_past_the_limit_is_refused_naming_it(client, body, message):
@@ -248,7 +248,7 @@ def test_captions_respect_filters(client, corpus):
     ({"text": "red"}, 400, "unknown field 'text' in the request body"),
     ({"like": "gone"}, 404, "field 'like': no document with id 'gone' in the store"),
     ({"image": "bm90IGFuIGltYWdl"}, 415, "field 'image': not a recognised image format"),
-    ({"like": "item-000001", "k": 0}, 400, "field 'k' must be between 1 and 1000, got 0"),
+    ({"like": "item-000001", "k": 0}, 400, "field 'k' must be between 1 and 1000 (max_k), got 0"),
     ({"like": "item-000001", "ef_search": None}, 400, "field 'ef_search' must be an integer, got null"),
 ])
 def test_bad_caption_requests_name_the_field(client, body, status, message):
