@@ -1,7 +1,7 @@
 """Fuzzing, bounded to well under a minute each: no body whatever gets a 5xx (hypothesis, the real
 app in process), and the OpenAPI file and the server agree (schemathesis against gunicorn on
 loopback: every response documented and of its schema, schema-violating requests refused,
-schema-valid ones served)."""
+schema-valid ones served, every path the file says takes a key refused without one)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sidecar
+from sidecar.api.auth import key_entry, new_key
 from sidecar.model.tiny_model import checkpoint_path
 from tests.support import gunicorn_server, png_b64
 
@@ -113,9 +114,12 @@ SCHEMATHESIS = [str(Path(sys.executable).parent / "schemathesis"), "--config-fil
 @pytest.fixture(scope="module")
 def default_server(store_path, test_cache_dir, example_prompt_sets, tmp_path_factory):
     """gunicorn with every limit at its default (the OpenAPI file states those), a text-vector cache
-    of its own, the test run's tiny model, the example prompt sets."""
+    of its own, the test run's tiny model, the example prompt sets, and API keys (the file declares
+    them): yields its URL, its log and a key of every scope."""
     folder = tmp_path_factory.mktemp("schemathesis-server")
+    key = new_key()
     env = {"SIDECAR_STORE_PATH": str(store_path), "SIDECAR_CACHE_DIR": str(folder / "cache"),
+           "SIDECAR_API_KEYS": key_entry("fuzz", [], key),
            "SIDECAR_PRETRAINED": str(checkpoint_path(test_cache_dir)),
            "SIDECAR_PROMPT_SETS_DIR": str(example_prompt_sets),
            # Not a limit the file states: a fuzzing worker sending up to 256 texts a request would
@@ -123,17 +127,19 @@ def default_server(store_path, test_cache_dir, example_prompt_sets, tmp_path_fac
            "SIDECAR_QUEUE_ITEMS": "1024",
            # /v1/feedback on (it answers 404 not_enabled without a log folder), hard examples logged
            "SIDECAR_QUALITY_LOG_DIR": str(folder / "quality")}
-    with gunicorn_server(env, folder / "server.log") as url:
-        yield url, folder / "server.log"
+    with gunicorn_server(env, folder / "server.log", api_key=key) as url:
+        yield url, folder / "server.log", key
 
 
 def test_the_openapi_file_and_the_server_agree(default_server, tmp_path):
-    url, log = default_server
+    url, log, key = default_server
     # Every check but positive_data_acceptance, which the hook replaces: schema-valid requests are
     # served except where they carry image bytes or `dimensions` (tests/e2e/schemathesis_hooks.py).
     result = subprocess.run(
         [*SCHEMATHESIS, "run", str(Path(sidecar.__file__).parent / "openapi.yaml"), "--url", url,
          "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+         # The key as an explicit header: ignored_auth then also sends each path without it and with a wrong one.
+         "--header", f"Authorization: Bearer {key}",
          # One worker: with two, hypothesis describes strategies (ast.parse) on two threads at once, which
          # CPython 3.11 can fail with "SystemError: AST constructor recursion depth mismatch" (seen in CI).
          "--phases", "examples,coverage,fuzzing", "--max-examples", "150", "--seed", "1", "--workers", "1"],

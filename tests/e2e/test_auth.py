@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from click.testing import CliRunner
 
+import sidecar
 from sidecar.api.app import create_app
-from sidecar.api.auth import is_loopback, key_entry, new_key
+from sidecar.api.auth import OPEN_PATHS, is_loopback, key_entry, new_key, scope_of
+from sidecar.api.page import PUBLIC_PATHS
 from sidecar.cli import main
 from tests.support import free_port, gunicorn_server
 
@@ -110,6 +114,30 @@ def test_the_search_page_loads_without_a_key_and_holds_no_data(keyed, keys):
         assert response.status_code == 200 and response.headers["Content-Security-Policy"], path
     assert keyed.get("/static/other.js").status_code == 401
     assert keyed.get("/v1/documents/item-000001/thumbnail").status_code == 401
+
+
+def test_the_openapi_file_says_which_paths_take_a_key_and_documents_401_403_429_where_they_can_answer():
+    spec = yaml.safe_load((Path(sidecar.__file__).parent / "openapi.yaml").read_text())
+    scheme = spec["components"]["securitySchemes"]["apiKey"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    assert spec["security"] == [{"apiKey": []}]
+    ref = "#/components/responses/{}".format
+    for path, operations in spec["paths"].items():
+        template = re.compile(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(path)))
+        for method, operation in operations.items():
+            where, responses = f"{method} {path}", operation["responses"]
+            if any(template.fullmatch(open_path) for open_path in (*OPEN_PATHS, *PUBLIC_PATHS)):
+                assert operation["security"] == [], where
+                continue
+            # /metrics alone may be open too: SIDECAR_METRICS_PUBLIC.
+            assert operation.get("security", spec["security"]) == ([{"apiKey": []}, {}] if path == "/metrics"
+                                                                   else [{"apiKey": []}]), where
+            assert responses["401"] == {"$ref": ref("Unauthorized")}, where
+            # A key outside its scopes: only where the path needs one (/readyz, /openapi.yaml take any key).
+            assert responses.get("403") == ({"$ref": ref("Forbidden")} if scope_of(path) else None), where
+            # ml-commons retries a 429 only with x-amzn-ErrorType, which every /v1/opensearch answer carries.
+            throttled = "Throttled" if path.startswith("/v1/opensearch/") else "RateLimited"
+            assert responses["429"] == {"$ref": ref(throttled)}, where
 
 
 def test_healthz_is_open_and_metrics_opens_with_metrics_public(build_app, keys):
