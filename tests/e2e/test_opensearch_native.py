@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+import sidecar
 from sidecar.api.state import state_of
+from sidecar.config import Settings
 from tests.support import image_b64, png_b64
 
 TEXTS = "/v1/opensearch/embeddings/texts"
@@ -247,6 +251,29 @@ def test_top_n_below_1_answers_400_naming_its_minimum_on_every_rerank_url(client
     # An empty page has no document top_n could be fewer than: the minimum is checked of its own.
     response = client.post(f"/v1/opensearch/rerank/{kind}", json={"query": "a", "documents": [], "top_n": top_n})
     assert f"field 'top_n' must be at least 1, got {top_n}" in error_of(response, 400)
+
+
+def documents_limit_in_the_openapi_file(kind: str) -> int:
+    spec = yaml.safe_load((Path(sidecar.__file__).parent / "openapi.yaml").read_text())
+    schema = spec["paths"][f"/v1/opensearch/rerank/{kind}"]["post"]["requestBody"]["content"]["application/json"]
+    name = schema["schema"]["$ref"].rsplit("/", 1)[1]
+    (limit,) = [part["properties"]["documents"]["maxItems"] for part in spec["components"]["schemas"][name]["allOf"]
+                if "maxItems" in part.get("properties", {}).get("documents", {})]
+    return limit
+
+
+def test_each_rerank_urls_schema_allows_as_many_documents_as_the_server_takes(build_app):
+    # The file states the settings' defaults: ids are capped at max_k, texts and images at max_batch_items.
+    defaults = Settings()
+    assert documents_limit_in_the_openapi_file("ids") == defaults.max_k
+    assert documents_limit_in_the_openapi_file("images") == defaults.max_batch_items
+    limit = documents_limit_in_the_openapi_file("texts")
+    client = build_app(max_batch_items=defaults.max_batch_items).test_client()
+    texts = [f"text {i}" for i in range(limit + 1)]
+    served = client.post("/v1/opensearch/rerank/texts", json={"query": "red", "documents": texts[:limit]})
+    assert served.status_code == 200 and len(served.json["results"]) == limit
+    refused = client.post("/v1/opensearch/rerank/texts", json={"query": "red", "documents": texts})
+    assert "over the limit of 256 (max_batch_items)" in error_of(refused, 413)
 
 
 def test_rerank_of_an_unknown_kind_is_404(client):
