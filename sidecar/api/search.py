@@ -25,9 +25,12 @@ from sidecar.api.validation import (
     optional,
 )
 from sidecar.errors import BadRequest
+from sidecar.retrieval.fine import fine_size_mismatch
 from sidecar.retrieval.fusion import FUSION_METHODS
 from sidecar.retrieval.search import MODES, NO_FINE_MODEL, SearchOptions, query_vector, search
 from sidecar.serving import metrics
+from sidecar.serving.encoding import EncodingService
+from sidecar.types import Document
 
 bp = Blueprint("search", __name__)
 
@@ -74,11 +77,9 @@ def search_endpoint():
     fine = state.fine_encoding if options.rerank else None
     fine_vector = None
     no_fine_vector = NO_FINE_MODEL
-    if fine is not None and liked is not None and liked.fine_vector is None:
-        # The fine model has no view of the liked document: with text, its query would be the text alone,
-        # and the fine stage would rank the `like` half of the query away. Skipped, as without text.
-        no_fine_vector = (f"the liked document {like!r} has no fine-model vector: embed it with --fine-model "
-                          "and index again")
+    unusable_like = _unusable_fine_vector(liked, fine) if fine is not None and liked is not None else None
+    if unusable_like:
+        no_fine_vector = unusable_like
     elif fine is not None:
         fine_pixels = decode_images([("image", data)], encoding=fine, settings=settings) if data is not None else []
         fine_vector = _query(fine, text=text, pixels=fine_pixels, stored=liked.fine_vector if liked else None)
@@ -110,6 +111,18 @@ def search_endpoint():
     if more:
         body["next_offset"] = offset + k
     return jsonify(body)
+
+
+def _unusable_fine_vector(liked: Document, fine: EncodingService) -> str | None:
+    """Why the liked document's fine vector cannot be the fine model's query (alone or with the text's), or None."""
+    if liked.fine_vector is None:
+        # The fine model has no view of the liked document: with text, its query would be the text alone,
+        # and the fine stage would rank the `like` half of the query away. Skipped, as without text.
+        return f"the liked document {liked.id!r} has no fine-model vector: embed it with --fine-model and index again"
+    # Another fine model's vector: the text's vector by this one cannot be added to it (numpy refuses two sizes),
+    # and ranking by it would be in another model's space under this one's name.
+    return fine_size_mismatch(len(liked.fine_vector), model_size=fine.encoder.dim,
+                              whose=f"the liked document {liked.id!r} has a fine vector of")
 
 
 def _query(encoding, *, text: str | None, pixels: list, stored=None):

@@ -31,6 +31,15 @@ class UnusableFineVectors(ValueError):
     store records). The stage is skipped, saying why."""
 
 
+def fine_size_mismatch(size: int, *, model_size: int, whose: str) -> str | None:
+    """Why fine vectors of `size` dimensions are unusable by a fine model of `model_size` (they came from
+    another fine model), or None where the sizes agree; `whose` names them ("the candidates' fine vectors have")."""
+    if size == model_size:
+        return None
+    return (f"{whose} {size} dimensions, this server's fine model gives {model_size}: embedded with another fine "
+            "model; serve that one, or embed with --fine-model set to this one and index again")
+
+
 def fine_rank(query: np.ndarray, candidates: Sequence[Document], *, lexical: Mapping[str, float] | None = None,
               fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5), model: ModelSignature | None = None,
               stored_model: ModelSignature | None = None) -> FineScores:
@@ -47,10 +56,9 @@ def fine_rank(query: np.ndarray, candidates: Sequence[Document], *, lexical: Map
         raise UnusableFineVectors(f"{len(missing)} of {len(candidates)} candidates (e.g. {missing[0]}) have no "
                                  "fine-model vector: embed them with --fine-model and index again")
     matrix = np.stack([np.asarray(doc.fine_vector, dtype=np.float32) for doc in candidates])
-    if matrix.shape[1] != query.shape[-1]:
-        raise UnusableFineVectors(f"the candidates' fine vectors have {matrix.shape[1]} dimensions, this server's "
-                                  f"fine model gives {query.shape[-1]}: they were embedded with another fine model; "
-                                  "serve that one, or embed them with --fine-model set to this one and index again")
+    mismatch = fine_size_mismatch(matrix.shape[1], model_size=query.shape[-1], whose="the candidates' fine vectors have")
+    if mismatch:
+        raise UnusableFineVectors(mismatch)
     if model is not None and stored_model is not None and stored_model != model:
         # Same size, another model: the scores would look like any others, and rank by noise.
         raise UnusableFineVectors(f"the candidates' fine vectors were embedded with {stored_model.describe()}, this "

@@ -169,7 +169,7 @@ def test_fine_vectors_of_another_fine_model_skip_the_rerank_saying_so_not_a_5xx(
         assert search.json["rerank"] is False and len(search.json["hits"]) == 3
         for reason in (search.json["rerank_skipped"], rerank.json["rerank_skipped"]):
             assert reason.startswith("the candidates' fine vectors have 128 dimensions, this server's fine model "
-                                     "gives 64: they were embedded with another fine model")
+                                     "gives 64: embedded with another fine model")
     finally:
         state_of(app).encoding.close()
         state_of(app).fine_encoding.close()

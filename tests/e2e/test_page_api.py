@@ -3,6 +3,7 @@ facets, thumbnails by id (and nothing else from disk), image → text (/v1/capti
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections import Counter
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sidecar.api.app import create_app
+from sidecar.api.state import state_of
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document
 from tests.support import image_b64
@@ -45,6 +48,40 @@ def test_more_like_this_with_text_searches_near_both(client, corpus):
     alone = Counter(hit["metadata"]["color"] for hit in client.post("/v1/search", json={"like": row["id"], "k": 10})
                     .json["hits"])
     assert colours["red"] > alone["red"]
+
+
+def test_like_of_a_document_whose_fine_vector_has_another_size_skips_the_rerank_saying_so_not_a_5xx(
+        app_settings, encoder, tmp_path):
+    # The documents' fine vectors (32-d) are another fine model's than the served one (the tiny model, 64-d).
+    # With text, the fine query summed the text's 64-d vector with the liked one's 32-d: a ValueError, a 500.
+    rng = np.random.default_rng(3)
+
+    def unit(size: int) -> np.ndarray:
+        vector = rng.normal(size=size).astype(np.float32)
+        return vector / np.linalg.norm(vector)
+
+    store_path = tmp_path / "store"
+    with EmbeddedStore(store_path) as store:
+        store.claim(encoder.signature)
+        store.upsert([Document(id=f"doc{i}", vector=unit(encoder.dim), text=f"a red thing {i}", fine_vector=unit(32))
+                      for i in range(5)])
+    store = EmbeddedStore(store_path)
+    app = create_app(dataclasses.replace(app_settings, store_path=store_path), encoder=encoder, store=store,
+                     fine_encoder=encoder)
+    try:
+        for body in ({"like": "doc0", "text": "red"}, {"like": "doc0"}):
+            response = app.test_client().post("/v1/search", json={**body, "k": 3})
+            assert response.status_code == 200, response.json
+            assert response.json["rerank"] is False and len(response.json["hits"]) == 3
+            assert response.json["rerank_skipped"] == (
+                "the liked document 'doc0' has a fine vector of 32 dimensions, this server's fine model gives 64: "
+                "embedded with another fine model; serve that one, or embed with --fine-model set to this one and "
+                "index again")
+    finally:
+        state_of(app).quality.close()
+        state_of(app).encoding.close()
+        state_of(app).fine_encoding.close()
+        store.close()
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [

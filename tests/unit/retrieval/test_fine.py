@@ -47,7 +47,7 @@ def test_candidates_without_fine_vectors_are_refused_with_the_fix():
 
 def test_fine_vectors_of_another_fine_model_are_refused_with_the_fix():
     with pytest.raises(UnusableFineVectors, match="fine vectors have 3 dimensions, this server's fine model gives 2: "
-                                                  "they were embedded with another fine model"):
+                                                  "embedded with another fine model"):
         fine_rank(unit(1, 0), DOCS)
 
 
