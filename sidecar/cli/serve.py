@@ -55,17 +55,18 @@ SERVE_FLAGS = ("request_threads", "pin_workers", "insecure") + PROMPT_FLAGS
 @store_options
 def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str | None, dev: bool,
           **kwargs: Any) -> None:
-    """Serve the search page at / and the HTTP API: /v1/search, /v1/captions, /v1/classify,
-    /v1/embeddings, /v1/facets, /v1/documents/ID/thumbnail, /v1/opensearch/* (what OpenSearch calls:
-    `clip-sidecar opensearch connect`), /healthz, /readyz, /metrics.
+    """Serve the search page at / and the HTTP API: every route of the OpenAPI file it serves at
+    /openapi.yaml, among them /v1/search, /v1/embeddings, /v1/classify, /v1/opensearch/* (what
+    OpenSearch calls: `clip-sidecar opensearch connect`), /healthz, /readyz and /metrics.
 
     The model must be in the cache first (`clip-sidecar models fetch`): the server never
     downloads or trains one, which could outlast a worker's boot timeout. The vectors of the
     prompt sets (`clip-sidecar prompts`) are computed here, before the workers start, where missing.
 
-    With API keys (SIDECAR_API_KEYS, `clip-sidecar keys create`) every endpoint but /healthz and
-    the search page's own files (/, /static/page.js, /static/page.css) takes `Authorization: Bearer
-    <key>`. Without keys it listens on loopback only, unless --insecure.
+    With API keys (SIDECAR_API_KEYS, `clip-sidecar keys create`) every endpoint but /healthz, the
+    search page's own files (/, /static/page.js, /static/page.css) and, with SIDECAR_METRICS_PUBLIC,
+    /metrics takes `Authorization: Bearer <key>`. Without keys it listens on loopback only, unless
+    --insecure.
     """
     settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + SERVE_FLAGS)
     if (certfile is None) != (keyfile is None):

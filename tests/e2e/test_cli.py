@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -19,9 +20,11 @@ from typing import Iterator
 import numpy as np
 import pytest
 import requests
+import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+import sidecar
 from sidecar.cli import main
 from sidecar.cli.ingest import embed
 from sidecar.config import Settings
@@ -389,6 +392,15 @@ def test_every_command_teaches_with_help():
                     ["keys", "create", "--help"]):
         result = runner.invoke(main, command)
         assert result.exit_code == 0 and "Usage:" in result.output, command
+
+
+def test_serve_help_sends_to_the_openapi_file_for_the_routes_and_names_only_routes_in_it():
+    # A hand-kept list of every route drifts (it lacked /v1/feedback, /v1/status, /v1/models, ...).
+    text = CliRunner().invoke(main, ["serve", "--help"]).output
+    paths = yaml.safe_load((Path(sidecar.__file__).parent / "openapi.yaml").read_text())["paths"]
+    assert "/openapi.yaml" in text
+    for named in re.findall(r"(?<![\w.])/(?:v1/[\w/*-]+|healthz|readyz|metrics)", text):
+        assert any(path == named or (named.endswith("/*") and path.startswith(named[:-1])) for path in paths), named
 
 
 @pytest.mark.slow

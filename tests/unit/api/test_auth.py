@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
+import yaml
 
+import sidecar
 from sidecar.api.auth import (
+    SCOPES,
     KeyGuard,
     TokenBucket,
     key_digest,
@@ -16,6 +21,19 @@ from sidecar.api.auth import (
     scope_of,
 )
 from sidecar.errors import Forbidden, RateLimited, Unauthorized
+
+
+def test_the_readme_and_the_openapi_file_list_every_path_each_scope_opens():
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    bullet = readme[readme.index("- **Scopes**"):]
+    bullet = bullet[:bullet.index("\n- **")]
+    spec = yaml.safe_load((Path(sidecar.__file__).parent / "openapi.yaml").read_text())["info"]["description"]
+    for scope, prefixes in SCOPES.items():
+        readme_list = re.search(rf"`{scope}`\s+\(([^)]*)\)", bullet).group(1)
+        spec_list = re.search(rf"`{scope}`:\s+([^;)]*)", spec).group(1)
+        for prefix in prefixes:
+            assert f"`{prefix}" in readme_list, (scope, prefix, readme_list)
+            assert prefix in spec_list, (scope, prefix, spec_list)
 
 
 def test_a_created_entry_parses_back_to_its_name_scopes_and_the_keys_sha256():
