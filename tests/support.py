@@ -54,6 +54,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def gunicorn_boot(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """gunicorn started directly (as the Docker image's CMD does, past `serve`'s checks), one worker, on a
+    free loopback port, with `env`, for a boot that must fail: it runs until gunicorn stops."""
+    from sidecar.cli.serve import GUNICORN_CONFIG
+
+    return subprocess.run([sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
+                           "--bind", f"127.0.0.1:{free_port()}", "sidecar.api.wsgi:app"],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
 @contextlib.contextmanager
 def gunicorn_server(env: dict[str, str], log: Path, *, workers: int = 1, threads: int = 8,
                     port: int | None = None, log_flag: str = "-q", serve_args: Sequence[str] = (),

@@ -155,19 +155,26 @@ def test_like_with_text_of_a_document_without_a_fine_vector_skips_the_rerank_ins
         store.close()
 
 
+def skipped_fine_stages(app) -> tuple[dict, list[str]]:
+    """/v1/search and /v1/opensearch/rerank/ids of one query, both answered with the fine stage skipped:
+    (the rerank's answer, the two reasons given)."""
+    client = app.test_client()
+    search = client.post("/v1/search", json={"text": "red circle", "k": 3})
+    rerank = client.post("/v1/opensearch/rerank/ids", json={"query": "red circle",
+                                                             "documents": ["item-000001", "item-000002"]})
+    assert search.status_code == rerank.status_code == 200
+    assert search.json["rerank"] is False and len(search.json["hits"]) == 3
+    return rerank.json, [search.json["rerank_skipped"], rerank.json["rerank_skipped"]]
+
+
 def test_fine_vectors_of_another_fine_model_skip_the_rerank_saying_so_not_a_5xx(tmp_path, encoder, fine_store_path):
     # The store's fine vectors come from tiny-clip-large (128-d); this server's fine model is tiny-clip (64-d).
     store = EmbeddedStore(fine_store_path)
     app = create_app(Settings(cache_dir=tmp_path / "cache", store_path=fine_store_path), encoder=encoder, store=store,
                      fine_encoder=encoder)
     try:
-        client = app.test_client()
-        search = client.post("/v1/search", json={"text": "red circle", "k": 3})
-        rerank = client.post("/v1/opensearch/rerank/ids", json={"query": "red circle",
-                                                                 "documents": ["item-000001", "item-000002"]})
-        assert search.status_code == rerank.status_code == 200
-        assert search.json["rerank"] is False and len(search.json["hits"]) == 3
-        for reason in (search.json["rerank_skipped"], rerank.json["rerank_skipped"]):
+        _, reasons = skipped_fine_stages(app)
+        for reason in reasons:
             assert reason.startswith("the candidates' fine vectors have 128 dimensions, this server's fine model "
                                      "gives 64: embedded with another fine model")
     finally:
@@ -188,14 +195,9 @@ def test_a_served_fine_model_of_the_same_size_but_other_weights_skips_the_rerank
     app = create_app(Settings(cache_dir=tmp_path / "cache", store_path=fine_store_path), encoder=encoder, store=store,
                      fine_encoder=retrained)
     try:
-        client = app.test_client()
-        search = client.post("/v1/search", json={"text": "red circle", "k": 3})
-        rerank = client.post("/v1/opensearch/rerank/ids", json={"query": "red circle",
-                                                                 "documents": ["item-000001", "item-000002"]})
-        assert search.status_code == rerank.status_code == 200
-        assert search.json["rerank"] is False and len(search.json["hits"]) == 3
-        assert [r["relevance_score"] for r in rerank.json["results"]] == [1.0, 0.5]  # the page's own order
-        for reason in (search.json["rerank_skipped"], rerank.json["rerank_skipped"]):
+        reranked, reasons = skipped_fine_stages(app)
+        assert [r["relevance_score"] for r in reranked["results"]] == [1.0, 0.5]  # the page's own order
+        for reason in reasons:
             assert reason.startswith(f"the candidates' fine vectors were embedded with "
                                      f"{fine_encoder.signature.describe()}, this server's fine model is "
                                      f"{retrained.signature.describe()}: serve that one")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,20 +11,13 @@ import pytest
 from click.testing import CliRunner
 
 from sidecar.cli import main
-from sidecar.cli.serve import GUNICORN_CONFIG
 from sidecar.model.tiny_model import checkpoint_path
+from tests.support import free_port, gunicorn_boot
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sidecar.cli", "-q", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on: connections to it are refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_fetch_and_train_report_the_cached_tiny_model(test_cache_dir):
@@ -39,7 +31,7 @@ def test_fetch_and_train_report_the_cached_tiny_model(test_cache_dir):
 
 def test_serve_refuses_a_model_that_is_not_cached_and_names_the_command(tmp_path):
     empty = {"SIDECAR_CACHE_DIR": str(tmp_path / "empty-cache")}
-    result = run_cli("serve", "--port", str(closed_port()), env=empty, timeout=60)
+    result = run_cli("serve", "--port", str(free_port()), env=empty, timeout=60)
     assert result.returncode == 1
     assert "not starting the server: the tiny model is not trained yet" in result.stderr
     assert "clip-sidecar models train" in result.stderr
@@ -53,10 +45,8 @@ def test_serve_refuses_a_model_that_is_not_cached_and_names_the_command(tmp_path
 
 def test_a_gunicorn_worker_without_the_model_fails_to_boot_in_one_line_instead_of_training(tmp_path, store_path):
     # gunicorn started directly (as a container's CMD does), past `serve`'s check.
-    env = {**os.environ, "SIDECAR_CACHE_DIR": str(tmp_path / "empty-cache"), "SIDECAR_STORE_PATH": str(store_path)}
-    result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
-                             "--bind", f"127.0.0.1:{closed_port()}", "sidecar.api.wsgi:app"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = gunicorn_boot({**os.environ, "SIDECAR_CACHE_DIR": str(tmp_path / "empty-cache"),
+                            "SIDECAR_STORE_PATH": str(store_path)})
     assert result.returncode != 0
     assert "the tiny model is not trained yet" in result.stderr and "clip-sidecar models train" in result.stderr
     assert "Traceback" not in result.stderr and "App failed to load" in result.stderr
@@ -66,10 +56,7 @@ def test_a_gunicorn_worker_without_the_model_fails_to_boot_in_one_line_instead_o
 def test_a_gunicorn_worker_given_an_unknown_model_fails_to_boot_in_one_line_naming_the_setting(store_path):
     # One worker: where several fail at once, gunicorn's master itself prints a traceback of its
     # HaltServer (raised again while it stops the others), whatever the workers report.
-    env = {**os.environ, "SIDECAR_MODEL": "ViT-Q-99", "SIDECAR_STORE_PATH": str(store_path)}
-    result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
-                             "--bind", f"127.0.0.1:{closed_port()}", "sidecar.api.wsgi:app"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = gunicorn_boot({**os.environ, "SIDECAR_MODEL": "ViT-Q-99", "SIDECAR_STORE_PATH": str(store_path)})
     assert result.returncode != 0
     assert "unknown model 'ViT-Q-99' (--model / SIDECAR_MODEL); available: tiny-clip, tiny-clip-large" in result.stderr
     assert "Traceback" not in result.stderr
@@ -100,7 +87,7 @@ def test_a_wrong_model_or_weights_is_one_line_naming_the_setting_and_the_choices
 @pytest.mark.parametrize("wrong", ["model", "fine model"])
 def test_serve_refuses_a_wrong_model_before_starting_gunicorn(wrong):
     flags, message = WRONG_MODELS[wrong]
-    result = run_cli("serve", "--port", str(closed_port()), *flags, timeout=120)
+    result = run_cli("serve", "--port", str(free_port()), *flags, timeout=120)
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1].startswith(message), result.stderr
     assert "gunicorn" not in result.stderr
@@ -109,7 +96,7 @@ def test_serve_refuses_a_wrong_model_before_starting_gunicorn(wrong):
 @pytest.mark.slow  # huggingface_hub retries a refused connection with back-off (~45 s)
 def test_fetch_fails_with_a_clear_message_when_the_hub_is_unreachable(tmp_path):
     cache = tmp_path / "cache"
-    unreachable = {"SIDECAR_CACHE_DIR": str(cache), "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
+    unreachable = {"SIDECAR_CACHE_DIR": str(cache), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     result = run_cli("models", "fetch", "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k",
                      env=unreachable)
     assert result.returncode == 1

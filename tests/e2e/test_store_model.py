@@ -17,11 +17,10 @@ from click.testing import CliRunner
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.cli import main
-from sidecar.cli.serve import GUNICORN_CONFIG
 from sidecar.stores.base import QueryModelMismatch
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document, ModelSignature
-from tests.support import free_port, png_b64
+from tests.support import free_port, gunicorn_boot, png_b64
 
 
 @pytest.fixture
@@ -65,10 +64,7 @@ def test_the_app_factory_refuses_another_models_store_of_the_same_size(app_setti
 
 def test_gunicorn_started_directly_stops_in_one_line_against_another_models_store(other_models_store):
     # The Docker image's way: no `serve` before it, so each worker's app factory is the check.
-    env = {**os.environ, "SIDECAR_STORE_PATH": str(other_models_store), "GUNICORN_LOGLEVEL": "warning"}
-    result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
-                             "--bind", f"127.0.0.1:{free_port()}", "sidecar.api.wsgi:app"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = gunicorn_boot({**os.environ, "SIDECAR_STORE_PATH": str(other_models_store), "GUNICORN_LOGLEVEL": "warning"})
     assert result.returncode != 0
     assert "store holds vectors of other-clip (weights other-weights" in result.stderr
     assert "Traceback" not in result.stderr
