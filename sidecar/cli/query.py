@@ -294,6 +294,7 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
         standard_measures,
     )
     from sidecar.retrieval.report import write_report
+    from sidecar.stores.base import check_query_model
 
     try:
         queries, qrels = read_queries(queries_path), read_qrels(qrels_path)
@@ -306,6 +307,8 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
     try:
         target = SearchTarget(store=store, encoder=load_encoder(settings), prompt_template=settings.prompt_template,
                               fine_encoder=load_fine_encoder(settings))
+        if any(run.options.mode != "bm25" for run in runs):  # as `search`: another model's vectors rank wrong
+            check_query_model(store, target.encoder.signature)
         evaluation = evaluate({"default": target}, queries, qrels, runs,
                               measures=list(measures) or standard_measures(relevant_grade=relevant_grade),
                               max_image_pixels=settings.max_image_pixels,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -137,6 +138,24 @@ def test_ann_validation_of_an_empty_store_is_an_error_saying_so(tmp_path):
     result = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(tmp_path / "store")])
     # Click's own error line, not a ValueError traceback.
     assert result.exit_code == 1 and "Error: the store is empty: index something first" in result.output
+
+
+def test_eval_refuses_another_models_store_unless_every_configuration_is_bm25(judged, tmp_path):
+    from sidecar.types import Document, ModelSignature
+
+    queries, qrels = judged
+    path = tmp_path / "other-store"
+    with EmbeddedStore(path) as store:  # the tiny model's size, another model: only the record tells them apart
+        store.claim(ModelSignature(model="other-clip", weights="other-weights", dim=64))
+        store.upsert([Document(id="d0", vector=np.eye(64, dtype=np.float32)[0], text="red circle")])
+
+    def run(*modes: str):
+        return CliRunner().invoke(main, ["-q", "eval", "--queries", str(queries), "--qrels", str(qrels),
+                                         "--store-path", str(path), "--out", str(tmp_path / "report"), "--config",
+                                         json.dumps({"grid": {"mode": list(modes), "rerank": [False]}})])
+    refused = run("vector", "bm25")
+    assert refused.exit_code == 1 and "store holds vectors of other-clip (weights other-weights" in refused.output
+    assert run("bm25").exit_code == 0
 
 
 def test_search_and_eval_refuse_a_store_path_that_holds_no_store_and_create_none(tmp_path):
