@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from sidecar.cli.root import MODEL_FLAGS, model_options, settings_from
+from sidecar.cli.root import MODEL_FLAGS, coarse_model_options, settings_from
 from sidecar.errors import not_utf8
 
 
@@ -18,7 +18,7 @@ def cache() -> None:
 
 @cache.command("warm")
 @click.argument("prompts", type=click.File("rb"))
-@model_options
+@coarse_model_options
 def cache_warm(prompts, **kwargs: Any) -> None:
     """Pre-compute vectors for PROMPTS (one text per line; - for stdin) so the first queries hit."""
     from sidecar.model.encoder import load_encoder

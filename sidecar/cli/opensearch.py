@@ -10,7 +10,7 @@ import click
 from sidecar.cli.root import (
     MODEL_FLAGS,
     OPENSEARCH_FLAGS,
-    model_options,
+    coarse_model_options,
     opensearch_options,
     settings_from,
 )
@@ -24,7 +24,7 @@ def opensearch() -> None:
 
 
 @opensearch.command("setup")
-@model_options
+@coarse_model_options
 @opensearch_options
 def opensearch_setup(**kwargs: Any) -> None:
     """Create (idempotently) the k-NN index and alias, sized for the model, and the hybrid

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from sidecar.cli.root import MODEL_FLAGS, PROMPT_FLAGS, model_options, prompt_sets_option, settings_from
+from sidecar.cli.root import MODEL_FLAGS, PROMPT_FLAGS, coarse_model_options, prompt_sets_option, settings_from
 
 
 @click.group()
@@ -34,7 +34,7 @@ def prompts() -> None:
 @click.option("--name", help="The set's name (default: the file's `name`; a CSV's file name). One FILE only.")
 @click.option("--version", "version", help="The set's version (default: the file's, else 1). One FILE only.")
 @prompt_sets_option
-@model_options
+@coarse_model_options
 def prompts_add(files: tuple[Path, ...], name: str | None, version: str | None, **kwargs: Any) -> None:
     """Add (or replace) the prompt sets in FILES, and embed their prompts with the configured model."""
     from sidecar.model.encoder import load_encoder
@@ -130,7 +130,7 @@ TAG_HELP = ("Write the top labels of prompt set SET into each document's metadat
 @click.option("--clear", is_flag=True, help="Remove every tag from the shards.")
 @click.option("--shard-size", type=click.IntRange(1), default=4096, show_default=True)
 @prompt_sets_option
-@model_options
+@coarse_model_options
 @click.pass_context
 def tag(ctx: click.Context, shards: Path, tags: tuple[str, ...], clear: bool, shard_size: int, **kwargs: Any) -> None:
     """Re-tag SHARDS (from `embed`) with prompt sets, from the stored image vectors alone: no image is

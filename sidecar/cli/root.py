@@ -18,8 +18,8 @@ STORE_FLAGS = ("store", "store_path", *OPENSEARCH_FLAGS, "target_recall")
 PROMPT_FLAGS = ("prompt_sets_dir",)
 
 
-def model_options(func: Callable) -> Callable:
-    options = [
+def _coarse_model_option_list() -> list[Callable]:
+    return [
         click.option("--model", help="open_clip model name, e.g. ViT-B-32 (default: the tiny synthetic model)."),
         click.option("--pretrained", help="Pretrained tag (e.g. laion2b_s34b_b79k) or a checkpoint file path."),
         click.option("--model-config", type=click.Path(exists=True, dir_okay=True),
@@ -27,6 +27,18 @@ def model_options(func: Callable) -> Callable:
         click.option("--device", help="auto (default: CUDA if present), cpu, cuda or cuda:N."),
         click.option("--precision", type=click.Choice(PRECISIONS),
                      help="auto = bf16/fp16 autocast on GPU, fp32 on CPU."),
+    ]
+
+
+def coarse_model_options(func: Callable) -> Callable:
+    """The model options of a command that runs the model alone (prompt sets, the text cache, the index's
+    mapping): no fine-model flags it would ignore."""
+    return functools.reduce(lambda f, option: option(f), reversed(_coarse_model_option_list()), func)
+
+
+def model_options(func: Callable) -> Callable:
+    options = [
+        *_coarse_model_option_list(),
         click.option("--fine-model", help="A stronger model for the fine-ranking stage (e.g. ViT-L-14, or "
                                           "tiny-clip-large): embed stores its image vectors beside each document, "
                                           "search re-scores the coarse candidates with it."),

@@ -372,6 +372,12 @@ def test_the_opensearch_commands_offer_no_store_choice_they_would_ignore(command
     assert result.exit_code == 2 and "No such option" in result.output and "--store" in result.output, result.output
 
 
+@pytest.mark.parametrize("command", [["cache", "warm"], ["prompts", "add"], ["tag"], ["opensearch", "setup"]])
+def test_commands_that_run_the_model_alone_offer_no_fine_model_flags_they_would_ignore(command):
+    help_text = CliRunner().invoke(main, [*command, "--help"]).output
+    assert "--model" in help_text and not {"--fine-model", "--fine-pretrained"} & set(help_text.split())
+
+
 def test_a_jpeg_decoder_that_would_not_be_used_is_refused_or_named(corpus, tmp_path):
     # The Ray engine decodes on CPU tasks: asking it for a device decoder is a usage error, before any work.
     result = CliRunner().invoke(main, ["-q", "embed", str(corpus), "--out", str(tmp_path / "ray"), "--engine", "ray",
