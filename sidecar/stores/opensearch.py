@@ -38,6 +38,7 @@ from opensearchpy.exceptions import (
 from sidecar.stores.base import (
     FacetCounts,
     ModelMismatchError,
+    QueryModelMismatch,
     StoreError,
     StoreLocked,
     StoreQueryError,
@@ -197,8 +198,7 @@ class OpenSearchStore:
         )
         self._plugins: set[str] | None = None
         self._primary_shards: tuple[int, float] | None = None  # (shards, when read)
-        # (signature(), fine_signature(), when read)
-        self._models_read: tuple[ModelSignature | None, ModelSignature | None, float] | None = None
+        self._models_read: _Record | None = None  # what signature() and fine_signature() answer from
         # Queries that name no ef_search: the calibrated effort for target_recall (in the index's _meta,
         # so a rebuilt index starts uncalibrated), else ef_search.
         self.effort = EffortPolicy(target_recall=target_recall, k=target_k, default_ef=ef_search,
@@ -246,25 +246,33 @@ class OpenSearchStore:
     def signature(self) -> ModelSignature | None:
         """The model recorded in the index mapping's _meta, or None while unclaimed or absent; read as
         `fine_signature` is."""
-        return self._recorded_models()[0]
+        return self._recorded_models().signature
 
     def fine_signature(self) -> ModelSignature | None:
         """The fine model recorded in the index mapping's _meta, or None."""
-        return self._recorded_models()[1]
+        return self._recorded_models().fine_signature
 
-    def _recorded_models(self) -> tuple[ModelSignature | None, ModelSignature | None]:
-        """The model and the fine model the _meta records. Read again every REFRESH_S, not per call: the
-        server checks the model on every vector search and the fine stage asks for its model, and a
-        mapping request costs milliseconds; while the index serves, only another process's first
-        `index` (recording them) or rebuild (another index) changes them."""
-        now = time.monotonic()
+    def _recorded_models(self) -> _Record:
+        """What the mapping of the index behind the alias records. Read again every REFRESH_S, not per call:
+        the server checks the model on every vector search and the fine stage asks for its model, and a
+        mapping request costs milliseconds; while the index serves, only another process's first `index`
+        (recording them) or rebuild (another index) changes them, and a vector search notices either at
+        once (`_vector_hits`)."""
         known = self._models_read
-        if known is not None and now - known[2] < REFRESH_S:
-            return known[0], known[1]
+        if known is not None and time.monotonic() - known.read_at < REFRESH_S:
+            return known
+        return self._read_models()
+
+    def _read_models(self) -> _Record:
+        now = time.monotonic()
         with self._read_errors(f"reading the mapping of {self.alias}"):
-            meta = self._meta() or {}
-        self._models_read = (_signature_in(meta), _fine_signature_in(meta), now)
-        return self._models_read[0], self._models_read[1]
+            found = self._mapping()
+        index, mapping = found if found is not None else (None, {})
+        meta = mapping.get("_meta", {})
+        dim = mapping.get("properties", {}).get("vector", {}).get("dimension")
+        self._models_read = _Record(index=index, signature=_signature_in(meta), fine_signature=_fine_signature_in(meta),
+                                    dim=None if dim is None else int(dim), read_at=now)
+        return self._models_read
 
     def claim(self, signature: ModelSignature, *, fine_signature: ModelSignature | None = None) -> None:
         """Record the model in _meta on first use, and the fine model where none is recorded; another
@@ -433,7 +441,8 @@ class OpenSearchStore:
             }}
         else:
             query = {"knn": {"vector": self._knn_clause(query_vector, k, filters, ef_search=ef_search)}}
-        hits = self._search({"size": k, "query": query, "_source": False, **BY_SCORE_THEN_ID})
+        hits = self._vector_hits({"size": k, "query": query, "_source": False, **BY_SCORE_THEN_ID},
+                                 dim=len(query_vector))
         return [ScoredId(h["_id"], knn_score_to_inner_product(h["_score"])) for h in hits]
 
     def text_search(self, query: str, k: int, *, filters: Filters | None = None,
@@ -517,7 +526,7 @@ class OpenSearchStore:
         # Back to the Python fusion's scale: arithmetic_mean divided by the weights' sum (1 here),
         # and the score-ranker's RRF is unweighted (1 / (rank constant + rank)).
         scale = total if fusion == "minmax" else weights[0]
-        return [ScoredId(h["_id"], float(h["_score"]) * scale) for h in self._search(body)]
+        return [ScoredId(h["_id"], float(h["_score"]) * scale) for h in self._vector_hits(body, dim=len(vector))]
 
     def fetch(self, ids: Sequence[str], *, vectors: bool = True) -> list[Document]:
         """Full documents in the order asked (vectors from _source, unless `vectors=False`); unknown
@@ -775,6 +784,36 @@ class OpenSearchStore:
         with self._read_errors(f"search on {self.alias}"):
             return self.client.search(index=self.alias, body=body, params=params)["hits"]["hits"]
 
+    def _vector_hits(self, body: dict[str, Any], *, dim: int) -> list[dict[str, Any]]:
+        """`_search` for a query by a `dim`-d vector, held to the record its caller checked the query's model
+        against (`signature()`, read at most every REFRESH_S): another model's rebuild moves the alias onto
+        an index recording that model, and a record up to REFRESH_S old would let this server's vectors
+        rank the other model's (same size) or let OpenSearch refuse them (400, another size). Each hit
+        names the index that answered (`_index`), so a move is seen in the answer itself, and only then
+        (or on a refusal, or on the first hits of an index read while unclaimed) is the mapping read
+        again: the common path costs no request more. The record held to is the last one read, whatever its
+        age: a search checked before another thread's search read the new record is held to the new one
+        (it may rank the new index's vectors once: requests in flight while the alias moves)."""
+        checked = self._models_read or self._read_models()
+        try:
+            hits = self._search(body)
+        except StoreQueryError as exc:
+            current = self._read_models()
+            if current.dim is not None and current.dim != dim:
+                # A caller that checked passed a model `checked` named: where the record names another one
+                # now, that is the query's model; else only the vector's size is known.
+                stale = checked.signature
+                query: ModelSignature | int = stale if stale is not None and stale != current.signature else dim
+                raise QueryModelMismatch(current.signature or current.dim, query) from exc
+            raise
+        if any(hit["_index"] != checked.index for hit in hits) or (hits and checked.signature is None):
+            current = self._read_models()
+            if checked.signature is not None and current.signature not in (None, checked.signature):
+                # Refused whatever the query vector's source: a `like` query's stored vector, read from the
+                # new index, is refused once too, as the server's own checks refuse it from now on.
+                raise QueryModelMismatch(current.signature, checked.signature)
+        return hits
+
     @contextlib.contextmanager
     def _read_errors(self, what: str) -> Iterator[None]:
         """The query path's client errors as the store's: a cluster that cannot answer now (down,
@@ -836,13 +875,19 @@ class OpenSearchStore:
         return sorted(self.client.indices.get_alias(index=versions, name=self.alias))
 
     def _meta(self, index: str | None = None) -> dict[str, Any] | None:
+        found = self._mapping(index)
+        return None if found is None else dict(found[1].get("_meta", {}))
+
+    def _mapping(self, index: str | None = None) -> tuple[str, dict[str, Any]] | None:
+        """(the concrete index, its mapping) of `index` or of the one behind the alias; None where absent."""
         try:
             mappings = self.client.indices.get_mapping(index=index or self.alias)
         except NotFoundError:
             return None
         if len(mappings) > 1:
             raise StoreError(f"alias {self.alias} points at several indices {sorted(mappings)}; expected one")
-        return dict(next(iter(mappings.values()))["mappings"].get("_meta", {}))
+        name, mapping = next(iter(mappings.items()))
+        return name, mapping["mappings"]
 
     def _put_meta(self, meta: dict[str, Any], *, index: str | None = None) -> None:
         # PUT _mapping replaces _meta whole, hence read-modify-write of the full dict.
@@ -856,6 +901,18 @@ class OpenSearchStore:
     def _mapping_dim(self) -> int:
         mappings = self.client.indices.get_mapping(index=self.alias)
         return int(next(iter(mappings.values()))["mappings"]["properties"]["vector"]["dimension"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Record:
+    """What the mapping of the index behind the alias records, and when it was read: `index`, the concrete
+    index (None: no alias yet), as search hits name it in `_index`; `dim`, its vectors' dimension."""
+
+    index: str | None
+    signature: ModelSignature | None
+    fine_signature: ModelSignature | None
+    dim: int | None
+    read_at: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The Flask app on OpenSearch when things go wrong: a cluster nobody answers at (503 + Retry-After,
-a real closed port), a filter the cluster refuses for its field's type (400 naming `filters`)."""
+a real closed port), a filter the cluster refuses for its field's type (400 naming `filters`), another
+model's rebuild while serving (409 model_mismatch on the next vector search)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.config import Settings
+from sidecar.stores import opensearch
 from sidecar.stores.base import StoreUnavailable
-from sidecar.types import Document
+from sidecar.types import Document, ModelSignature
 from tests.integration.conftest import drop, make_store
 from tests.support import free_port, png_b64
 
@@ -77,5 +79,87 @@ def test_a_filter_value_of_another_type_than_the_field_is_400_naming_filters(app
         assert response.status_code == 400, response.json
         assert response.json["error"]["message"].startswith("field 'filters' does not fit the types")
         assert "big" in response.json["error"]["message"]
+    finally:
+        drop(store)
+
+
+def documents(dim: int, *, prefix: str, seed: int) -> list[Document]:
+    vectors = np.random.default_rng(seed).normal(size=(4, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return [Document(id=f"{prefix}{i}", vector=vectors[i], text=f"red circle {i}", metadata={"colour": "red"},
+                     content_hash=f"h{i}") for i in range(4)]
+
+
+@pytest.fixture
+def served(app_on, encoder, node, monkeypatch):
+    """A server on an OpenSearch store of its own model, and `rebuild(signature)`: another process's
+    `index --rebuild` of that alias (a new index recording `signature`, the alias moved onto it). The
+    recorded model is cached for an hour, not REFRESH_S: only the search's own answer can tell it moved."""
+    monkeypatch.setattr(opensearch, "REFRESH_S", 3600.0)
+    store = make_store()
+    store.claim(encoder.signature)
+    store.upsert(documents(encoder.dim, prefix="old", seed=0))
+
+    def rebuild(signature: ModelSignature) -> None:
+        other_process = make_store(index=store.alias)
+        try:
+            other_process.rebuild(iter(documents(signature.dim, prefix="new", seed=1)), signature=signature)
+        finally:
+            other_process.close()
+
+    yield app_on(store), rebuild
+    drop(store)
+
+
+VECTOR_SEARCHES = [{"text": "red circle"}, {"image": png_b64()}, {"image": png_b64(), "exact": True},
+                   {"image": png_b64(), "filters": {"colour": "red"}}]
+
+
+@pytest.mark.parametrize("size", [1, 2], ids=["same-size", "other-size"])
+@pytest.mark.parametrize("body", VECTOR_SEARCHES, ids=["hybrid", "image", "image-exact", "image-filtered"])
+def test_another_models_rebuild_while_serving_answers_the_next_vector_search_409_naming_both(
+        served, encoder, body, size):
+    client, rebuild = served
+    before = client.post("/v1/search", json=body)  # the server checks, and caches, the recorded model
+    assert before.status_code == 200 and before.json["hits"][0]["id"].startswith("old"), before.json
+    rebuild(ModelSignature(model="other-clip", weights="other-weights", dim=size * encoder.dim))
+    # Same size: the hits of the other model's vectors ranked by this server's; other size: OpenSearch's 400
+    # (a 502 store_error, or a 400 blaming `filters`) before the search read the record again.
+    response = client.post("/v1/search", json=body)
+    assert response.status_code == 409, response.json
+    assert response.json["error"]["code"] == "model_mismatch"
+    message = response.json["error"]["message"]
+    assert "vectors of other-clip (weights other-weights" in message and f"encoded by {encoder.name} " in message
+
+
+def test_a_rebuild_with_the_served_model_while_serving_answers_from_the_new_index(served, encoder):
+    client, rebuild = served
+    assert client.post("/v1/search", json={"image": png_b64()}).status_code == 200
+    rebuild(encoder.signature)
+    response = client.post("/v1/search", json={"image": png_b64()})
+    assert response.status_code == 200, response.json
+    assert {hit["id"] for hit in response.json["hits"]} == {f"new{i}" for i in range(4)}
+
+
+def test_an_index_into_the_empty_store_by_another_model_while_serving_is_refused_from_the_second_search(
+        app_on, encoder, node, monkeypatch):
+    monkeypatch.setattr(opensearch, "REFRESH_S", 3600.0)  # only the searches' answers may tell
+    store = make_store()
+    try:
+        store.setup(encoder.dim)  # empty and unclaimed: the server starts
+        client = app_on(store)
+        assert client.post("/v1/search", json={"image": png_b64()}).json["hits"] == []
+        other_process = make_store(index=store.alias)
+        try:
+            other_process.claim(ModelSignature(model="other-clip", weights="other-weights", dim=encoder.dim))
+            other_process.upsert(documents(encoder.dim, prefix="new", seed=1))
+        finally:
+            other_process.close()
+        # The first search finding the documents cannot tell a model of the same size from the server's
+        # (an unclaimed index takes any): it makes the store read the record again for the next one.
+        client.post("/v1/search", json={"image": png_b64()})
+        response = client.post("/v1/search", json={"image": png_b64()})
+        assert response.status_code == 409, response.json
+        assert "vectors of other-clip (weights other-weights" in response.json["error"]["message"]
     finally:
         drop(store)

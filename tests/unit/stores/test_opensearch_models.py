@@ -1,12 +1,14 @@
 """The OpenSearch store's recorded models: read from the mapping at most once per REFRESH_S, since the
-server checks the model on every vector search; a claim compares with what is recorded now."""
+server checks the model on every vector search, and at once where a search is answered by another index;
+a claim compares with what is recorded now."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from sidecar.stores import opensearch
-from sidecar.stores.base import ModelMismatchError
+from sidecar.stores.base import ModelMismatchError, QueryModelMismatch
 from sidecar.stores.opensearch import OpenSearchStore
 from sidecar.types import ModelSignature
 
@@ -22,13 +24,13 @@ def recorded(signature: ModelSignature) -> dict:
 def store(monkeypatch):
     """A store whose mapping reads are counted and answered from `store.meta` (no cluster)."""
     store = OpenSearchStore(url="http://127.0.0.1:9", index="clip-test")
-    store.meta, store.reads = recorded(SIGNATURE), 0
+    store.meta, store.index, store.reads = recorded(SIGNATURE), "clip-test-v1", 0
 
-    def read_meta(index=None):
+    def read_mapping(index=None):
         store.reads += 1
-        return dict(store.meta)
+        return store.index, {"_meta": dict(store.meta), "properties": {"vector": {"dimension": store.meta["dim"]}}}
 
-    monkeypatch.setattr(store, "_meta", read_meta)
+    monkeypatch.setattr(store, "_mapping", read_mapping)
     yield store
     store.close()
 
@@ -49,3 +51,20 @@ def test_a_claim_compares_with_the_mapping_of_now_not_the_cached_read(store, mon
     store.meta = recorded(OTHER)
     with pytest.raises(ModelMismatchError, match="holds vectors of ViT-B-16"):
         store.claim(SIGNATURE)
+
+
+def test_vector_searches_answered_by_the_index_read_cost_no_mapping_read(store, monkeypatch):
+    monkeypatch.setattr(store, "_search", lambda body, **_: [{"_index": store.index, "_id": "d0", "_score": 1.5}])
+    assert store.signature() == SIGNATURE and store.reads == 1
+    for _ in range(5):
+        assert [hit.id for hit in store.vector_search(np.ones(SIGNATURE.dim, dtype=np.float32), 1)] == ["d0"]
+    assert store.reads == 1
+
+
+def test_hits_of_another_index_recording_another_model_refuse_the_search_at_once(store, monkeypatch):
+    monkeypatch.setattr(store, "_search", lambda body, **_: [{"_index": store.index, "_id": "d0", "_score": 1.5}])
+    assert store.signature() == SIGNATURE
+    store.meta, store.index = recorded(OTHER), "clip-test-v2"  # another model's rebuild moved the alias
+    with pytest.raises(QueryModelMismatch, match="holds vectors of ViT-B-16 .*encoded by ViT-B-32 "):
+        store.vector_search(np.ones(SIGNATURE.dim, dtype=np.float32), 1)
+    assert store.reads == 2 and store.signature() == OTHER
