@@ -899,8 +899,10 @@ class OpenSearchStore:
         self._put_meta(meta)
 
     def _mapping_dim(self) -> int:
-        mappings = self.client.indices.get_mapping(index=self.alias)
-        return int(next(iter(mappings.values()))["mappings"]["properties"]["vector"]["dimension"])
+        found = self._mapping()
+        if found is None:
+            raise StoreError(f"no index behind {self.alias}: run `clip-sidecar opensearch setup`")
+        return int(found[1]["properties"]["vector"]["dimension"])
 
 
 @dataclasses.dataclass(frozen=True)
