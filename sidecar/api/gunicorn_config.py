@@ -103,6 +103,20 @@ def on_exit(server):
         shutil.rmtree(_owned_metrics_dir, ignore_errors=True)
 
 
+def worker_exit(server, worker):
+    """A worker that stops (SIGTERM, HUP, a USR2 upgrade's old one, a retired one) once its requests are done:
+    its app commits what its background threads still hold, the text-vector cache's queued writes above all,
+    which the exit would otherwise drop (the writer waits a moment to batch them). gunicorn calls this in
+    the arbiter too, for a worker that was already gone: no app there."""
+    from flask import Flask
+
+    from sidecar.api.state import state_of
+
+    app = getattr(worker, "wsgi", None)  # gunicorn's error app where the app failed to load: nothing to close
+    if isinstance(app, Flask):
+        state_of(app).close()
+
+
 def child_exit(server, worker):
     """A dead worker's live gauges (queue depth) stop counting; its counters stay in the sums."""
     from prometheus_client import multiprocess

@@ -34,6 +34,15 @@ class AppState:
         queries with: a store claimed by another model's `index` (or rebuilt with it) while serving."""
         check_query_model(self.store, self.encoding.encoder.signature)
 
+    def close(self) -> None:
+        """Stop the worker's background threads, committing what they hold: the quality checks and logs,
+        then each encoding service (its batchers, and the text-vector cache's queued writes), then the store."""
+        if self.quality is not None:
+            self.quality.close()
+        for service in self.encodings():
+            service.close()
+        self.store.close()
+
     @property
     def stopped(self) -> str | None:
         """None while every encode thread of the worker runs; else why one stopped (it cannot serve: searches

@@ -22,9 +22,7 @@ def app(app_settings, encoder):
     store = EmbeddedStore(app_settings.store_path)
     app = create_app(app_settings, encoder=encoder, store=store)
     yield app
-    state_of(app).quality.close()  # its check thread, and the log files where quality_log_dir is set
-    state_of(app).encoding.close()
-    store.close()
+    state_of(app).close()  # its threads, the log files where quality_log_dir is set, the store
 
 
 @pytest.fixture
@@ -40,11 +38,9 @@ def build_app(app_settings, encoder):
     def build(**overrides):
         settings = dataclasses.replace(app_settings, **overrides)
         store = EmbeddedStore(settings.store_path)
-        built.append((create_app(settings, encoder=encoder, store=store), store))
-        return built[-1][0]
+        built.append(create_app(settings, encoder=encoder, store=store))
+        return built[-1]
 
     yield build
-    for app, store in built:
-        state_of(app).quality.close()
-        state_of(app).encoding.close()
-        store.close()
+    for app in built:
+        state_of(app).close()

@@ -191,10 +191,7 @@ def test_with_a_fine_model_each_encoder_counts_its_encodes_under_its_own_model_l
                    if row["stage"] == "forward" and row["modality"] == "text"}
         assert forward == {"coarse": 1, "fine": 1}
     finally:
-        state_of(app).quality.close()
-        state_of(app).encoding.close()
-        state_of(app).fine_encoding.close()
-        store.close()
+        state_of(app).close()
 
 
 # ---- bad input: 4xx naming the field and the limit, never a 500 ---------------------------

@@ -3,11 +3,13 @@ dead encode thread replaced), and the app's timeout (504) and dead-thread (503) 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -86,7 +88,8 @@ def start_gunicorn(store_path, tmp_path):
 
     yield start
     for process in started:
-        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # a test may have stopped it already
+            os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
 
 
@@ -176,6 +179,21 @@ def test_metrics_count_every_worker_of_a_two_worker_gunicorn(start_gunicorn):
     # One scrape, answered by one worker, counts both workers' requests.
     assert server.metric("sidecar_requests_total", endpoint="/readyz", status="200") - before == len(pids)
     assert server.metric("sidecar_requests_total", endpoint="/v1/embeddings", status="200") == 40
+
+
+def test_sigterm_to_gunicorn_commits_the_text_vectors_its_last_request_computed_to_the_cache_file(start_gunicorn,
+                                                                                                  tmp_path):
+    # What `docker stop` and a rolling restart do: SIGTERM to the master right after an answer. The cache
+    # writer commits in batches a moment later; the worker must commit them before it exits, or the next
+    # worker encodes these texts again.
+    cache_file = tmp_path / "text-vectors.sqlite"
+    server = start_gunicorn(text_cache_path=str(cache_file))
+    texts = [f"orange triangle {uuid.uuid4().hex} {i}" for i in range(20)]
+    assert requests.post(f"{server.url}/v1/embeddings", json={"input": texts}, timeout=60).status_code == 200
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0, server.log.read_text()
+    with contextlib.closing(sqlite3.connect(cache_file)) as db:
+        assert db.execute("SELECT count(*) FROM text_vectors").fetchone()[0] == len(texts)
 
 
 def test_a_usr2_upgrade_of_serve_boots_new_workers_that_count_on_from_the_old_workers_metrics(start_gunicorn):
