@@ -110,6 +110,9 @@ class Settings:
     # GPU only: replay captured CUDA graphs of the text tower (batch sizes 1, 2, 4 … max_batch)
     # instead of launching its kernels one by one; false = eager.
     cuda_graphs: bool = True
+    # GPU only: the share of the GPU's memory each gunicorn worker may allocate (torch's per-process
+    # memory fraction), for several workers on one GPU (e.g. 0.12 for 8); 0 = no limit of its own.
+    gpu_memory_fraction: float = 0.0
     # CPU only: torch intra-op threads per serving worker. Forwards run on the batcher thread
     # beside the request threads; more than one thread there only adds hand-off cost (the tiny
     # model's batch-1 forward: 0.9 ms with 1 thread, 1.9 ms with 2, on the 2-core dev box).
@@ -225,7 +228,7 @@ class Settings:
                      "calibration_queries", "monitor_queue", "quality_log_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("target_recall", "monitor_fraction", "hard_example_fraction"):
+        for name in ("target_recall", "monitor_fraction", "hard_example_fraction", "gpu_memory_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"setting {name} must be between 0 and 1, got {getattr(self, name)}")
         if self.pin_workers and self.serve_torch_threads > 1:

@@ -134,7 +134,7 @@ def pre_fork(server, worker):
 
 def post_fork(server, worker):
     """The app's log lines into gunicorn's log. Pin the worker to its CPU (pin_workers). Split the GPU
-    between workers: SIDECAR_GPU_MEMORY_FRACTION (e.g. 0.45 with two workers)."""
+    between workers: gpu_memory_fraction (e.g. 0.45 with two workers)."""
     # A worker's own account of itself (the model it loaded, the text tower's measured cost, the CUDA
     # graphs, API keys, store maintenance) in gunicorn's format and at its level (GUNICORN_LOGLEVEL);
     # without this only the app's warnings reached stderr, bare, through Python's last-resort handler.
@@ -146,13 +146,13 @@ def post_fork(server, worker):
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
         server.log.info("worker %s: pinned to CPU %d (pin_workers)", worker.pid, cpu)
-    fraction = os.environ.get("SIDECAR_GPU_MEMORY_FRACTION")
+    fraction = _settings.gpu_memory_fraction
     if fraction:
         import torch
 
         if torch.cuda.is_available():
-            torch.cuda.set_per_process_memory_fraction(float(fraction))
-            server.log.info("worker %s: GPU memory budget %.0f%%", worker.pid, 100 * float(fraction))
+            torch.cuda.set_per_process_memory_fraction(fraction)
+            server.log.info("worker %s: GPU memory budget %.0f%% (gpu_memory_fraction)", worker.pid, 100 * fraction)
 
 
 

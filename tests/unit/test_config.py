@@ -1,4 +1,5 @@
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,31 @@ def test_opensearch_shards_and_replicas_come_from_the_environment_into_the_store
         Settings(opensearch_shards=0)
     with pytest.raises(ValueError, match="opensearch_replicas must be >= 0"):
         Settings(opensearch_replicas=-1)
+
+
+def test_gpu_memory_fraction_comes_from_the_environment_and_must_be_a_share():
+    assert Settings.from_env({"SIDECAR_GPU_MEMORY_FRACTION": "0.45"}).gpu_memory_fraction == 0.45
+    assert Settings().gpu_memory_fraction == 0.0  # no limit of its own
+    with pytest.raises(ValueError, match="setting gpu_memory_fraction must be between 0 and 1, got 1.5"):
+        Settings(gpu_memory_fraction=1.5)
+
+
+def _cli_variables(command) -> set[str]:
+    """The environment variables the command line's options read (click's envvar), over every subcommand."""
+    found = {param.envvar for param in command.params if isinstance(param.envvar, str)}
+    for sub in getattr(command, "commands", {}).values():
+        found |= _cli_variables(sub)
+    return found
+
+
+def test_every_sidecar_variable_the_docs_and_the_images_name_is_a_setting_or_a_flags_variable():
+    from sidecar.cli import main
+
+    known = {f"SIDECAR_{name.upper()}" for name in Settings.__dataclass_fields__} | _cli_variables(main)
+    root = Path(__file__).parents[2]
+    paths = [root / "README.md", root / "docker-compose.yml", *(root / "docs").glob("*.md"),
+             *(path for path in (root / "docker").rglob("*") if path.is_file())]
+    # Whole names only: not CLIP_SIDECAR_CACHE, not a prefix such as SIDECAR_OPENSEARCH_*.
+    named = {(path.name, name) for path in paths
+             for name in re.findall(r"(?<![A-Z0-9_])SIDECAR_[A-Z0-9_]+(?![A-Z0-9_*])", path.read_text(encoding="utf-8"))}
+    assert {(file, name) for file, name in named if name not in known} == set()
