@@ -150,3 +150,13 @@ def test_every_sidecar_variable_the_docs_and_the_images_name_is_a_setting_or_a_f
     named = {(path.name, name) for path in paths
              for name in re.findall(r"(?<![A-Z0-9_])SIDECAR_[A-Z0-9_]+(?![A-Z0-9_*])", path.read_text(encoding="utf-8"))}
     assert {(file, name) for file, name in named if name not in known} == set()
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_the_images_keep_every_path_the_server_and_cli_write_on_the_data_volume(dockerfile):
+    # The image runs as `sidecar`, which may write /data (its volume) and nothing of /app, the working
+    # directory every relative default (data/store, data/prompt-sets) would land in.
+    text = (Path(__file__).parents[2] / "docker" / dockerfile).read_text(encoding="utf-8")
+    env = dict(re.findall(r"\b(SIDECAR_[A-Z0-9_]+)=(\S+)", text.replace("\\\n", " ")))
+    for name in ("store_path", "text_cache_path", "prompt_sets_dir"):
+        assert env.get(f"SIDECAR_{name.upper()}", "").startswith("/data/"), (name, env)
