@@ -70,6 +70,7 @@ class TextVectorCache:
         # Resolved once, under this cache's `model` label: a labels() call per request is measurable on
         # the request path.
         self._hits = metrics.CACHE_LOOKUPS.labels("hit", role)
+        self._disk_hits = metrics.CACHE_LOOKUPS.labels("disk_hit", role)
         self._misses = metrics.CACHE_LOOKUPS.labels("miss", role)
         self._lru: OrderedDict[str, CachedText] = OrderedDict()
         self._inflight: dict[str, Future] = {}
@@ -137,8 +138,7 @@ class TextVectorCache:
         hits = len(texts) - len(waiting)
         if mine:
             self._fill(list(mine), mine, compute)
-        self._hits.inc(hits + (len(waiting) - len(mine)))
-        self._misses.inc(len(mine))
+        self._hits.inc(hits + (len(waiting) - len(mine)))  # what `mine` holds, through_disk counts
         for i, future in waiting:
             try:
                 results[i] = future.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -174,6 +174,8 @@ class TextVectorCache:
         def load_or_encode(texts: Sequence[str]) -> list[CachedText]:
             found = self._load(texts)
             missing = [t for t in dict.fromkeys(texts) if t not in found]
+            self._disk_hits.inc(len(found))
+            self._misses.inc(len(missing))
             if missing:
                 fresh = dict(zip(missing, encode(missing)))
                 self._save(fresh)

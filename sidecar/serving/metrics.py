@@ -50,7 +50,11 @@ REQUEST_ITEMS = Histogram("sidecar_request_items", "Items (texts, images, docume
 # Summed over the live workers; a dead worker's last value is dropped.
 QUEUE_DEPTH = Gauge("sidecar_queue_depth", "Items waiting for the model", ["modality", "model"],
                     multiprocess_mode="livesum")
-CACHE_LOOKUPS = Counter("sidecar_text_cache_lookups_total", "Text-vector cache lookups", ["result", "model"])
+# hit: in the worker's memory (or being computed for another request); disk_hit: in the SQLite file (another
+# worker's, an earlier run's, `clip-sidecar cache warm`); miss: encoded.
+CACHE_LOOKUPS = Counter("sidecar_text_cache_lookups_total",
+                        "Text-vector cache lookups: hit (memory), disk_hit (the shared file), miss (encoded)",
+                        ["result", "model"])
 BATCHER_STOPS = Counter("sidecar_batcher_stops_total",
                         "Micro-batcher threads that died (their worker answers 503 and is replaced)",
                         ["modality", "model"])

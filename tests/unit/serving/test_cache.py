@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from sidecar.errors import EncodeTimeout
 from sidecar.serving.cache import CachedText, TextVectorCache, cache_namespace
@@ -80,6 +81,26 @@ def test_persisted_vectors_survive_a_restart_and_a_new_prompt_version_re_embeds(
     other = TextVectorCache(path, namespace=namespace("2"), capacity=10)
     other.get_or_compute(["red circle"], encode_through_disk(other, encode), timeout_s=10)
     assert encode.calls[-1] == ["red circle"]
+
+
+def test_lookups_count_a_text_found_in_the_file_as_a_disk_hit_not_a_miss(tmp_path):
+    # A restarted worker (or one after `cache warm`) answers from the file without encoding: the metric must
+    # say so, or a warm cache reads as a cold one.
+    def count(result: str) -> float:
+        return REGISTRY.get_sample_value("sidecar_text_cache_lookups_total", {"result": result, "model": "coarse"}) or 0
+
+    path = tmp_path / "text-vectors.sqlite"
+    encode = CountingEncoder()
+    first = TextVectorCache(path, namespace=namespace(), capacity=10)
+    before = {result: count(result) for result in ("hit", "disk_hit", "miss")}
+    first.get_or_compute(["red circle", "blue"], encode_through_disk(first, encode), timeout_s=10)
+    first.get_or_compute(["blue"], encode_through_disk(first, encode), timeout_s=10)
+    first.close()
+    reopened = TextVectorCache(path, namespace=namespace(), capacity=10)
+    reopened.get_or_compute(["red circle", "green"], encode_through_disk(reopened, encode), timeout_s=10)
+    reopened.close()
+    added = {result: count(result) - before[result] for result in before}
+    assert added == {"hit": 1, "disk_hit": 1, "miss": 3}  # blue from memory; red circle from the file; 3 encoded
 
 
 def test_the_table_is_read_once_per_batch_and_written_off_the_callers_thread(tmp_path):
