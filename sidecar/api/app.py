@@ -69,6 +69,9 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
                                fine_encoding=fine_encoding,
                                quality=build_quality(settings, store)))
     app.url_map.converters["id"] = IdConverter  # before the blueprints: their routes use it
+    # Before the blueprints too (each rule takes the map's value when added): werkzeug merges "//" and
+    # answers a 308 with an HTML body ("//healthz" to the host "healthz"); a path is matched as sent.
+    app.url_map.merge_slashes = False
     for blueprint in (embeddings.bp, search.bp, captions.bp, classify.bp, documents.bp, opensearch_native.bp, ops.bp,
                       page.bp, status.bp, feedback.bp):
         app.register_blueprint(blueprint)
@@ -113,7 +116,10 @@ def _register_errors(app: Flask, settings: Settings) -> None:
         if exc.code == 413:
             return api_error(body_too_large(settings.max_body_bytes))
         code = (exc.name or "error").lower().replace(" ", "_")
-        response = jsonify({"error": {"code": code, "message": exc.description or exc.name}})
+        message = exc.description or exc.name
+        if exc.code == 404 and exc is request.routing_exception:
+            message = f"no route for {request.path!r}: the paths are in /openapi.yaml"
+        response = jsonify({"error": {"code": code, "message": message}})
         # werkzeug's own headers for the error: Allow on 405 (RFC 9110 requires it).
         response.headers.extend((name, value) for name, value in exc.get_headers() if name.lower() != "content-type")
         return response, exc.code

@@ -368,6 +368,18 @@ def test_a_model_id_with_a_leading_slash_is_refused_by_that_id_not_redirected_to
     assert f"model '/{encoder.name}' is not served here" in response.json["error"]["message"]
 
 
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1//search"), ("POST", "/v1//embeddings"),
+                                              ("GET", "/v1//models"), ("GET", "/v1/prompt-sets//basic")])
+def test_a_doubled_slash_is_a_json_404_naming_the_path_not_an_html_redirect(client, method, path):
+    # werkzeug merged the slashes and answered a 308 with an HTML page; a POST client that follows it
+    # resends its body to a path it never asked for.
+    response = client.open(path, method=method, json={"text": "red", "input": "red"})
+    assert (response.status_code, response.mimetype) == (404, "application/json"), response.data[:200]
+    assert "Location" not in response.headers
+    assert response.json["error"] == {"code": "not_found", "message": f"no route for '{path}': the paths are in "
+                                                                      "/openapi.yaml"}
+
+
 def test_dimensions_other_than_the_models_answer_400(client, encoder):
     response = client.post("/v1/embeddings", json={"input": "red", "dimensions": 32})
     assert response.status_code == 400
