@@ -26,7 +26,7 @@ from sidecar.errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMed
 from sidecar.model.images import ImageDecodeError
 from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.serving.encoding import EncodingService
-from sidecar.stores.base import StoreQueryError
+from sidecar.stores.base import StoreQueryError, UnknownFilterField
 
 # 64-bit signed integers: what OpenSearch's long and SQLite's INTEGER hold.
 INT64 = (-2**63, 2**63 - 1)
@@ -217,10 +217,12 @@ def filters(body: dict, settings: Settings) -> dict[str, Any] | None:
 
 @contextmanager
 def filter_errors(wanted: Any) -> Iterator[None]:
-    """A query the store refuses because of the request's filters (a word for a numeric field) is the
-    request's error, 400 naming `filters`; without filters it is the store's own error."""
+    """A query the store refuses because of the request's filters (a word for a numeric field, a field no
+    document holds) is the request's error, 400 naming `filters`; without filters it is the store's own error."""
     try:
         yield
+    except UnknownFilterField as exc:
+        raise BadRequest(f"field 'filters': {exc}") from exc
     except StoreQueryError as exc:
         if not wanted:
             raise  # a query the sidecar built alone: the store's error, not the request's

@@ -42,7 +42,8 @@ from sidecar.retrieval.search import MODES
 @click.option("--exact", is_flag=True, help="Brute-force vector search instead of HNSW.")
 @click.option("--ef-search", type=click.IntRange(1), help="HNSW search breadth for this query (default: the store's).")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
-              help="Metadata filter, repeatable; FIELD=a,b matches either.")
+              help="Metadata filter, repeatable; FIELD=a,b matches either. A FIELD no stored document holds "
+                   "is refused, naming the fields they hold.")
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON.")
 @model_options
 @store_options
@@ -54,7 +55,7 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, fusio
     from sidecar.model.images import ImageDecodeError
     from sidecar.retrieval.search import SearchOptions
     from sidecar.retrieval.search import search as run_search
-    from sidecar.stores.base import check_query_model
+    from sidecar.stores.base import UnknownFilterField, check_query_model
 
     if not text and image is None:
         raise click.UsageError("give TEXT, --image, or both")
@@ -79,6 +80,8 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, fusio
             check_query_model(store, encoder.signature)  # another model's vectors of the same size rank silently wrong
         result = run_search(store, vector=vector, text=text, options=options, fine_vector=fine_vector,
                             fine_model=fine_encoder.signature if fine_encoder else None)
+    except UnknownFilterField as exc:
+        raise click.BadParameter(str(exc), param_hint="--filter") from exc
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     finally:

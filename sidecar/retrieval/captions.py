@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from sidecar.stores.base import Store
+from sidecar.stores.base import Store, check_filter_fields
 from sidecar.types import Filters
 
 
@@ -43,6 +43,8 @@ def rank_captions(store: Store, vector: np.ndarray, *, encode_texts: Callable[[S
     its `candidates` nearest stored images; `encode_texts` gives the model's unit text vectors."""
     started = time.perf_counter()
     nearest = store.vector_search(vector, max(candidates, k), filters=filters, exact=exact, ef_search=ef_search)
+    if not nearest and filters:
+        check_filter_fields(store, filters)
     coarse_done = time.perf_counter()
     by_text: dict[str, list[str]] = {}
     for doc in store.fetch([hit.id for hit in nearest], vectors=False):

@@ -11,7 +11,7 @@ import numpy as np
 
 from sidecar.retrieval.fine import UnusableFineVectors, fine_rank
 from sidecar.retrieval.fusion import FUSION_METHODS, fuse
-from sidecar.stores.base import Store
+from sidecar.stores.base import Store, check_filter_fields
 from sidecar.types import Filters, ModelSignature
 
 MODES = ("vector", "bm25", "hybrid")
@@ -127,6 +127,8 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
         else:
             coarse = vector_scores or bm25_scores
         top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
+    if not coarse and options.filters:
+        check_filter_fields(store, options.filters)
     fine_stage = options.rerank and fine_vector is not None
     if top and (native or (fine_stage and options.mode == "hybrid")):
         # The lexical evidence the fine stage fuses (and `scores.bm25` shows) is raw BM25 of every

@@ -27,6 +27,23 @@ class StoreQueryError(StoreError):
     API answers 400."""
 
 
+class UnknownFilterField(StoreQueryError):
+    """A filter names a metadata field that no stored document holds a value of: it can match nothing,
+    and an empty answer would hide a misspelt name. The message names the fields the documents hold."""
+
+    def __init__(self, unknown: Sequence[str], held: Sequence[str]):
+        names = ", ".join(repr(name) for name in unknown)
+        listed = ", ".join(held[:NAMED_FIELDS]) + (f", … ({len(held)} in all)" if len(held) > NAMED_FIELDS else "")
+        super().__init__(f"no stored document holds metadata field{'s' if len(unknown) > 1 else ''} {names}; "
+                         + (f"the fields they hold: {listed}" if held else "they hold no metadata a filter matches"))
+        self.unknown = list(unknown)
+        self.held = list(held)
+
+
+# How many held fields an UnknownFilterField lists: a store's fields, not a page of them.
+NAMED_FIELDS = 30
+
+
 class StoreLocked(StoreError):
     """Another load (an `index` run, a rebuild) holds the store's load lock; the message names its
     owner and since when, and how to break the lock if that owner is gone."""
@@ -222,3 +239,14 @@ def check_query_model(store: Store, model: ModelSignature) -> None:
     stored = store.signature()
     if stored is not None and stored != model:
         raise QueryModelMismatch(stored, model)
+
+
+def check_filter_fields(store: Store, filters: Filters) -> None:
+    """Raise UnknownFilterField where `filters` names a field that no stored document holds (a field
+    `facets` does not count: no top-level value a filter matches). For an empty answer only: a search
+    that found anything matched every field, and facets cost a scan of the metadata (embedded, once per
+    write) or an aggregation (OpenSearch) that a search which found hits need not pay."""
+    held = store.facets(size=1)
+    unknown = [name for name in filters if name not in held]
+    if unknown:
+        raise UnknownFilterField(unknown, sorted(held))

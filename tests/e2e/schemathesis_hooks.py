@@ -3,8 +3,9 @@ valid is served (2xx), except where it carries what a schema cannot describe: im
 base64 need not be a decodable image: 415), `dimensions` (only the served model's own: 400), a
 document id (`like`: only a stored one, else 404), an `offset` whose sum with `k` passes max_k, a
 pinned model (only the served one: 404), stored document ids (only those in the store: 400), a
-`top_n` below the number of documents (400: every document is answered), or a prompt set's name the
-server does not hold (which names exist is the server's state: 404)."""
+`top_n` below the number of documents (400: every document is answered), a prompt set's name the
+server does not hold (which names exist is the server's state: 404), or a filter on a metadata field
+no stored document holds (which fields exist is the store's state: 400)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def schema_valid_requests_are_served(ctx, response, case):
         return None
     if isinstance(body.get("offset"), int) and body["offset"] + body.get("k", 10) > MAX_K:
         return None
-    if response.status_code == 404 and _error_code(response) == "prompt_set_not_found":
+    if response.status_code == 404 and _error(response).get("code") == "prompt_set_not_found":
+        return None
+    if response.status_code == 400 and "no stored document holds metadata field" in str(_error(response).get("message")):
         return None
     if case.operation.path in UNDESCRIBABLE or set(case.query or {}) & {"model", "weights", "index"}:
         return None
@@ -47,8 +50,10 @@ def _carries_images(body: dict, *, path: str) -> bool:
     return any(isinstance(item, dict) and "image" in item for item in (items if isinstance(items, list) else [items]))
 
 
-def _error_code(response) -> str | None:
+def _error(response) -> dict:
+    """The JSON error's {"code", "message"}, or {} for a body that is not one."""
     try:
-        return response.json()["error"]["code"]
+        error = response.json()["error"]
     except (ValueError, KeyError, TypeError):
-        return None
+        return {}
+    return error if isinstance(error, dict) else {}

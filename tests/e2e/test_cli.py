@@ -86,6 +86,13 @@ def test_search_refuses_a_weight_that_is_not_finite(store_path, weight):
     assert result.exit_code == 2 and "weights must be two finite non-negative numbers" in result.output
 
 
+def test_search_refuses_a_filter_on_a_field_no_document_holds_naming_the_fields_held(store_path):
+    result = CliRunner().invoke(main, ["-q", "search", "red", "--store-path", str(store_path), "--filter", "nofield=x"])
+    assert result.exit_code == 2, result.output
+    assert ("Invalid value for --filter: no stored document holds metadata field 'nofield'; the fields they hold: "
+            "color, position, shape, size") in result.output
+
+
 def test_search_notes_a_skipped_rerank_only_when_asked_for_as_its_help_says(store_path, monkeypatch):
     monkeypatch.delenv("SIDECAR_FINE_MODEL", raising=False)
     assert "silently by default, with a note on stderr when --rerank is given" in " ".join(
