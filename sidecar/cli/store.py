@@ -43,8 +43,9 @@ def repair(**kwargs: Any) -> None:
     Embedded: discards an uncommitted tail of vectors.f32, removes documents whose vectors were
     lost (a rerun of `clip-sidecar index` writes them again), rebuilds the BM25 (tantivy) index when it is
     out of step, rebuilds the HNSW graph when it is missing or does not match (else adds the rows
-    it lacks), removes leftover files. OpenSearch: restores settings an interrupted load left
-    relaxed, deletes versioned indices no alias names. Takes the store's write lock.
+    it lacks), removes leftover files; safe to kill: a rerun does what the killed run left undone.
+    OpenSearch: restores settings an interrupted load left relaxed, deletes versioned indices no
+    alias names. Takes the store's write lock.
     """
     with _opened(kwargs) as opened:
         report = opened.repair()

@@ -1,5 +1,5 @@
 """The real CLI on real JPEG files: embed → index → search, resume after kill -9, incremental reruns,
-edits of text and metadata, kill -9 during `index` and `store check`."""
+edits of text and metadata, kill -9 during `index` and `store repair`, `store check`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import sidecar
 from sidecar.cli import main
 from sidecar.cli.ingest import embed
 from sidecar.config import Settings
+from sidecar.ingest.indexing import index_shards
 from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.synthetic import sample_items, write_corpus
 from sidecar.stores.embedded import EmbeddedStore
@@ -632,23 +633,40 @@ def committed_rows(store_path: Path) -> int:
         return 0  # not created yet
 
 
-def index_until_killed(shards: Path, store_path: Path, *, when) -> str:
-    """Start `clip-sidecar index`, kill -9 it as soon as `when(stderr so far)` holds; its stderr."""
-    process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "index", str(shards), "--store-path",
-                                str(store_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def cli_until_killed(*args: str, when) -> str:
+    """Start `clip-sidecar ARGS`, kill -9 it as soon as `when(stderr so far)` holds; its stderr."""
+    process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
     seen: list[bytes] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read1(4096), b"")), daemon=True)
     reader.start()
     deadline = time.monotonic() + 600
     while not when(b"".join(seen).decode(errors="replace")):
-        assert process.poll() is None, "index finished before the kill point: " + b"".join(seen).decode()[-2000:]
-        assert time.monotonic() < deadline, "index never reached the kill point"
+        assert process.poll() is None, f"{args} finished before the kill point: " + b"".join(seen).decode()[-2000:]
+        assert time.monotonic() < deadline, f"{args} never reached the kill point"
         time.sleep(0.001)
     process.send_signal(signal.SIGKILL)
     process.wait()
     reader.join(10)
     process.stderr.close()
     return b"".join(seen).decode(errors="replace")
+
+
+def live_hashes(store_path: Path) -> dict[str, str]:
+    """id -> content_hash of the live documents, read from SQLite alone."""
+    with contextlib.closing(sqlite3.connect(f"file:{store_path / 'store.sqlite'}?mode=ro", uri=True)) as conn:
+        return dict(conn.execute("SELECT id, content_hash FROM docs WHERE deleted = 0"))
+
+
+def bm25_opstamps(store_path: Path) -> tuple[int, int]:
+    """The BM25 (tantivy) index's last commit on disk, and the one SQLite's committed generation names."""
+    with contextlib.closing(sqlite3.connect(f"file:{store_path / 'store.sqlite'}?mode=ro", uri=True)) as conn:
+        recorded = int(conn.execute("SELECT value FROM meta WHERE key = 'bm25_opstamp'").fetchone()[0])
+    return json.loads((store_path / "bm25" / "meta.json").read_text())["opstamp"], recorded
+
+
+def index_until_killed(shards: Path, store_path: Path, *, when) -> str:
+    return cli_until_killed("index", str(shards), "--store-path", str(store_path), when=when)
 
 
 def assert_readable_and_checked_clean(store_path: Path) -> int:
@@ -726,6 +744,50 @@ def test_kill_minus_9_during_index_leaves_a_readable_store_and_a_rerun_converges
         assert report.clean and report.notes == [], report.describe()
         for query in np.stack([expected[f"doc{i}"].vector for i in (5, 500, 30_000)]):
             assert store.vector_search(query, 1)[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_kill_minus_9_during_store_repair_loses_no_document_and_a_rerun_repairs_the_store(tmp_path):
+    out, store_path = tmp_path / "shards", tmp_path / "store"
+    n = 20_000  # the graph's rebuild then takes seconds: room to kill inside it
+    synthetic_shards(out, n, seed=3)
+    with EmbeddedStore(store_path) as store:
+        index_shards(store, out, progress=False)
+        indexed = store.content_hashes()
+    # Work for every step of a repair: a graph file lost, the BM25 index out of step (as a writer killed
+    # between its two commits leaves it), vectors a killed writer appended but never committed.
+    for graph in store_path.glob("hnsw.*"):
+        graph.unlink()
+    with contextlib.closing(sqlite3.connect(store_path / "store.sqlite")) as conn, conn:
+        conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'bm25_opstamp'")
+    with open(store_path / "vectors.f32", "ab") as handle:
+        handle.write(b"\x01" * KILL_DIM * 4 * 3)
+    repair = ("store", "repair", "--store-path", str(store_path))
+    bm25_commit = bm25_opstamps(store_path)
+    # 1. The BM25 index rebuilt and committed to tantivy, SQLite's transaction still open, the graph being built.
+    cli_until_killed(*repair, when=lambda err: "building the HNSW graph" in err)
+    tantivy, recorded = bm25_opstamps(store_path)
+    assert tantivy > bm25_commit[0] and recorded == bm25_commit[1], "the kill must land between the two commits"
+    assert live_hashes(store_path) == indexed  # SQLite's own: the store answers no read until its graph is back
+    # 2. While the rebuilt graph's file is written (the commit naming it not yet made).
+    cli_until_killed(*repair, when=lambda _: any(store_path.glob("hnsw.*.tmp")))
+    assert any(store_path.glob("hnsw.*.tmp")), "the kill must land before the graph file is complete"
+    assert live_hashes(store_path) == indexed
+
+    result = run_cli(*repair)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"rebuilt the HNSW graph from {n} live rows" in result.stdout
+    assert "rebuilt the BM25 index from the live rows" in result.stdout
+    assert assert_readable_and_checked_clean(store_path) == n
+    expected = {doc.id: doc for batch in ShardSet(out).documents() for doc in batch}
+    with EmbeddedStore(store_path) as store:
+        assert store.content_hashes() == indexed
+        fetched = store.fetch(sorted(expected))
+        np.testing.assert_array_equal(np.stack([d.vector for d in fetched]),
+                                      np.stack([expected[d.id].vector for d in fetched]))
+        assert store.text_search(expected["doc123"].text, 1)[0].id == "doc123"
+        assert store.vector_search(expected["doc4567"].vector, 1)[0].id == "doc4567"
+        report = store.check()
+        assert report.clean and report.notes == [], report.describe()  # no leftover file of the killed runs
 
 
 def test_embed_on_ray_refuses_tags_naming_the_sets(tmp_path: Path):
