@@ -1,6 +1,7 @@
 """The Flask app on OpenSearch when things go wrong: a cluster nobody answers at (503 + Retry-After,
-a real closed port), a filter the cluster refuses for its field's type (400 naming `filters`), another
-model's rebuild while serving (409 model_mismatch on the next vector search)."""
+a real closed port), a filter the cluster refuses for its field's type or on a field no document holds
+(400 naming `filters`), another model's rebuild while serving (409 model_mismatch on the next vector
+search)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,15 @@ def test_a_filter_value_of_another_type_than_the_field_is_400_naming_filters(app
         assert response.status_code == 400, response.json
         assert response.json["error"]["message"].startswith("field 'filters' does not fit the types")
         assert "big" in response.json["error"]["message"]
+        # A field no document holds is absent from the mapping: no error from OpenSearch, no hits; the
+        # empty answer is checked against the fields the mapping holds (facets), numbers and keywords.
+        response = client.post("/v1/search", json={"text": "red circle", "filters": {"colour": "red", "sise": 1}})
+        assert response.status_code == 400, response.json
+        message = response.json["error"]["message"]
+        assert message.startswith("field 'filters': no stored document holds metadata field 'sise'"), message
+        assert "colour, size" in message
+        held_value_nobody_has = client.post("/v1/search", json={"text": "red circle", "filters": {"size": 9}})
+        assert held_value_nobody_has.status_code == 200 and held_value_nobody_has.json["hits"] == []
     finally:
         drop(store)
 
