@@ -32,6 +32,10 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Longer side of an image after the model's resize step: 100 x 400,000 would resize to
 # 224 x 896,000 under a shortest-side resize; 8192 allows panoramas up to ~36:1 at 224 px.
 MAX_RESIZED_SIDE = 8192
+# Scans of one progressive JPEG: each is a pass over every block of the image, so a file that repeats
+# a 14-byte scan is a CPU bomb (38 KB of 1000 scans over 2000x2000: 4.2 s to decode). Encoders write
+# 6-18 (libjpeg's script: 10 for colour); libjpeg-turbo's own fuzzers stop at 500 for images of 1 MP.
+MAX_JPEG_SCANS = 100
 # Longer side of the thumbnail `embed` keeps of each image for the search page: a results grid shows
 # them at about 150 CSS pixels, and 128-px JPEGs weigh 3-6 KB (a million documents: a few GB).
 THUMBNAIL_SIDE = 128
@@ -87,6 +91,7 @@ class Settings:
     max_image_pixels: int = 40_000_000  # one image's declared size (decompression bombs)
     max_request_pixels: int = 200_000_000  # decoded pixels summed over a request's images
     max_resized_side: int = MAX_RESIZED_SIDE
+    max_jpeg_scans: int = MAX_JPEG_SCANS
     # Bytes the image decodes of one worker may hold at once (estimated per image before decoding);
     # a decode waits for room until request_timeout_s, then answers 503.
     decode_memory_bytes: int = 1024 * 1024 * 1024
@@ -221,7 +226,7 @@ class Settings:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"setting {name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         for name in ("max_batch_items", "max_body_bytes", "max_json_depth", "max_image_pixels", "max_request_pixels",
-                     "max_resized_side", "decode_memory_bytes", "max_text_chars", "max_filter_fields",
+                     "max_resized_side", "max_jpeg_scans", "decode_memory_bytes", "max_text_chars", "max_filter_fields",
                      "max_filter_values", "max_k", "max_batch", "request_threads", "text_cache_size",
                      "text_cache_max_entries", "rerank_candidates", "serve_torch_threads", "opensearch_shards",
                      "target_recall_k",

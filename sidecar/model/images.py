@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from sidecar.config import IMAGE_FORMATS, JPEG_DECODERS, MAX_RESIZED_SIDE
+from sidecar.config import IMAGE_FORMATS, JPEG_DECODERS, MAX_JPEG_SCANS, MAX_RESIZED_SIDE
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,10 @@ DECODE_BYTES_PER_PIXEL = 16
 
 
 def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS,
-               draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Read the header only: the format must be in `formats`, the declared size within `max_pixels`.
-    No pixel is decoded yet (`load_rgb` does that); `image.size` is then the size the decode will have.
+               draft_size: tuple[int, int] | None = None, max_scans: int = MAX_JPEG_SCANS) -> Image.Image:
+    """Read the header only: the format must be in `formats`, the declared size within `max_pixels`, a
+    progressive JPEG's scans at most `max_scans`. No pixel is decoded yet (`load_rgb` does that);
+    `image.size` is then the size the decode will have.
 
     `draft_size` (width, height): JPEGs are set to decode at the smallest DCT scale whose result is
     still at least this large in both directions.
@@ -81,12 +82,28 @@ def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Seq
         if width * height > max_pixels:
             raise ImageDecodeError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
                                    f"{max_pixels} (max_image_pixels)", kind="too_large")
+        if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
+            scans = _jpeg_scans(stream)
+            if scans > max_scans:
+                raise ImageDecodeError(f"progressive JPEG of {scans} scans, over the limit of {max_scans} "
+                                       "(max_jpeg_scans): each scan is a pass over the whole image", kind="too_large")
         # A file of several frames or pages (animated GIF/WEBP/PNG, multi-page TIFF) opens at its first,
         # which stands for the file. Never ask for n_frames: it walks every frame, which for TIFF takes
         # time quadratic in the page count (2 MB of 1x1 pages: 3.4 s), and none but the first is decoded.
         if draft_size:
             image.draft("RGB", draft_size)
     return image
+
+
+def _jpeg_scans(stream: io.BufferedIOBase) -> int:
+    """The scans of a JPEG file, counted as its 0xFF 0xDA pairs (SOS markers): entropy-coded data cannot
+    hold one (a 0xFF there is followed by 0x00 or a restart marker); metadata can (an EXIF thumbnail's
+    own scan), so this is an upper bound, and a close one. The stream is left where it was."""
+    position = stream.tell()
+    stream.seek(0)
+    data = stream.read()
+    stream.seek(position)
+    return data.count(b"\xff\xda")
 
 
 def load_rgb(image: Image.Image) -> Image.Image:
@@ -278,10 +295,11 @@ class ImagePreprocess:
         return np.ascontiguousarray(self.spec.resize_batch(hwc.permute(2, 0, 1)[None])[0].numpy())
 
     def open(self, data: bytes, *, max_pixels: int, max_resized_side: int = MAX_RESIZED_SIDE,
-             formats: Sequence[str] = IMAGE_FORMATS) -> Image.Image:
+             formats: Sequence[str] = IMAGE_FORMATS, max_scans: int = MAX_JPEG_SCANS) -> Image.Image:
         """`open_image` at this model's draft size, plus the resize step's cost: an image whose longer
         side would pass `max_resized_side` after the resize (an extreme aspect ratio) is refused."""
-        image = open_image(data, max_pixels=max_pixels, formats=formats, draft_size=self.spec.draft_size)
+        image = open_image(data, max_pixels=max_pixels, formats=formats, draft_size=self.spec.draft_size,
+                           max_scans=max_scans)
         height, width = self.spec.resized_shape(image.height, image.width)
         if max(height, width) > max_resized_side:
             raise ImageDecodeError(f"image is {image.width}x{image.height}: the model's resize would make it "

@@ -109,12 +109,13 @@ class EncodingService:
 
     def open_image(self, data: bytes) -> Image.Image:
         """Uploaded file bytes, header only: format (image_formats), declared size (max_image_pixels),
-        resized size (max_resized_side) and decode memory (decode_memory_bytes) are checked before
-        any pixel is decoded; ImageDecodeError names the one that failed. `image.size` is the size the
-        decode will have (JPEGs decode at a reduced scale)."""
+        resized size (max_resized_side), a progressive JPEG's scans (max_jpeg_scans) and decode memory
+        (decode_memory_bytes) are checked before any pixel is decoded; ImageDecodeError names the one
+        that failed. `image.size` is the size the decode will have (JPEGs decode at a reduced scale)."""
         settings = self.settings
         image = self.encoder.images.open(data, max_pixels=settings.max_image_pixels,
-                                         max_resized_side=settings.max_resized_side, formats=settings.image_formats)
+                                         max_resized_side=settings.max_resized_side, formats=settings.image_formats,
+                                         max_scans=settings.max_jpeg_scans)
         if decode_bytes(image) > settings.decode_memory_bytes:
             raise ImageDecodeError(f"decoding this {image.width}x{image.height} image needs about "
                                    f"{decode_bytes(image)} bytes, over the limit of {settings.decode_memory_bytes} "

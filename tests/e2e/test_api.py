@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import threading
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 import sidecar
@@ -444,6 +446,19 @@ def test_an_extreme_aspect_ratio_is_refused_before_the_resize(client):
     response = client.post("/v1/search", json={"image": png_b64(size=(4, 4000))})
     assert response.status_code == 413, response.json
     assert "over the limit of 8192 pixels a side (max_resized_side)" in response.json["error"]["message"]
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_its_decode(client):
+    # Each scan is a pass over the whole image: repeating a 14-byte one is a CPU bomb.
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="JPEG", progressive=True)
+    jpeg = buffer.getvalue()
+    last = jpeg.rindex(b"\xff\xda")
+    bomb = jpeg[:last] + jpeg[last:-2] * 200 + jpeg[-2:]
+    response = client.post("/v1/embeddings", json={"input": [base64.b64encode(bomb).decode()], "modality": "image"})
+    assert response.status_code == 413, response.json
+    assert ("field 'input[0]': progressive JPEG of 209 scans, over the limit of 100 (max_jpeg_scans)"
+            in response.json["error"]["message"])
 
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\n%%EOF\n"

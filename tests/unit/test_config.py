@@ -69,8 +69,8 @@ def test_image_formats_come_as_a_comma_list_and_must_be_pillows():
         Settings(image_formats="JPEG,JPG")
 
 
-@pytest.mark.parametrize("name", ["max_json_depth", "max_request_pixels", "max_resized_side", "decode_memory_bytes",
-                                  "max_text_chars", "max_filter_fields", "max_filter_values"])
+@pytest.mark.parametrize("name", ["max_json_depth", "max_request_pixels", "max_resized_side", "max_jpeg_scans",
+                                  "decode_memory_bytes", "max_text_chars", "max_filter_fields", "max_filter_values"])
 def test_request_limits_are_positive(name):
     with pytest.raises(ValueError, match=f"setting {name} must be >= 1"):
         Settings(**{name: 0})

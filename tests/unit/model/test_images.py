@@ -329,3 +329,21 @@ def test_a_batch_of_host_arrays_and_device_tensors_stacks_in_the_items_order():
     assert isinstance(batch, torch.Tensor) and batch.shape == (7, 4, 4, 3) and batch.dtype == torch.uint8
     assert batch[:, 0, 0, 0].tolist() == list(range(7))
     assert isinstance(stack_pixels(pixels[1:3], torch.device("cpu")), np.ndarray)  # arrays only: one host array
+
+
+def _repeat_last_scan(jpeg: bytes, times: int) -> bytes:
+    """A progressive JPEG whose last scan comes `times` times: each copy is one more pass over every block."""
+    start = jpeg.rindex(b"\xff\xda")  # the last scan's marker (entropy-coded data never holds 0xFF 0xDA)
+    return jpeg[:start] + jpeg[start:-2] * times + jpeg[-2:]  # then EOI
+
+
+def test_a_progressive_jpeg_of_more_scans_than_max_scans_is_refused_from_its_bytes_alone():
+    progressive = _encode(Image.new("RGB", (64, 64), (200, 10, 10)), "JPEG", progressive=True)
+    assert progressive.count(b"\xff\xda") == 10  # libjpeg's script for colour
+    bomb = _repeat_last_scan(progressive, 200)
+    with pytest.raises(ImageDecodeError, match=r"progressive JPEG of 209 scans, over the limit of 100 "
+                                               r"\(max_jpeg_scans\)") as info:
+        open_image(bomb, max_pixels=LIMIT)
+    assert info.value.kind == "too_large"
+    assert load_rgb(open_image(progressive, max_pixels=LIMIT, max_scans=10)).size == (64, 64)
+    assert load_rgb(open_image(bomb, max_pixels=LIMIT, max_scans=209)).size == (64, 64)  # the limit refused it
