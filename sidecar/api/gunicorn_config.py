@@ -12,7 +12,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from gunicorn import util
+from gunicorn import glogging, util
 
 from sidecar.api.auth import refusal_to_serve
 from sidecar.config import Settings
@@ -44,6 +44,23 @@ backlog = int(os.environ.get("GUNICORN_BACKLOG", "2048"))
 proc_name = "clip-sidecar"
 # One line per request on stdout; GUNICORN_ACCESSLOG="" turns it off (a path writes there instead).
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-") or None
+
+
+class KeylessLogger(glogging.Logger):
+    """gunicorn's logger, whose access lines never carry an API key. gunicorn's default line names the
+    user of an `Authorization: Basic` header, which is the key itself when a client sends it that way
+    (`curl -u KEY:`): the API answers 401, and the key was in the log. The header (atom `{authorization}i`,
+    environ `{http_authorization}e`) is left out too, whatever access_log_format names."""
+
+    def atoms(self, resp, req, environ, request_time):
+        atoms = super().atoms(resp, req, environ, request_time)
+        atoms["u"] = "-"
+        for secret in ("{authorization}i", "{http_authorization}e"):
+            atoms.pop(secret, None)  # a missing atom is written "-"
+        return atoms
+
+
+logger_class = KeylessLogger
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 # gunicorn's control socket (for `gunicornc`) lives by default at one path per user ($XDG_RUNTIME_DIR

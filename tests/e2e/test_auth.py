@@ -237,6 +237,8 @@ def test_keys_never_reach_the_logs_and_query_text_stays_out_of_info(store_path, 
                 requests.post(f"{url}{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         requests.post(f"{url}/v1/search", json={"text": QUERY}, timeout=60,
                       headers={"Authorization": f"Basic {keys['ops']}"})
+        # HTTP Basic as clients send it (`curl -u KEY:`): gunicorn's access line names the Basic user.
+        requests.post(f"{url}/v1/search", json={"text": QUERY}, timeout=60, auth=(keys["web"], ""))
         statuses = [requests.post(f"{url}/v1/search", json={"text": QUERY, "k": 3}, timeout=60,
                                   headers={"Authorization": f"Bearer {keys[name]}"}).status_code
                     for name in ("ops", "web", "opensearch", "revoked")]

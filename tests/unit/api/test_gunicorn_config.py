@@ -3,12 +3,15 @@ arbiter (the attributes gunicorn sets: master_pid in the new master, reexec_pid 
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import tempfile
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
+from gunicorn.config import Config
 
 from sidecar.api import gunicorn_config
 
@@ -63,3 +66,29 @@ def test_usr2_hands_the_servers_own_metrics_folder_to_the_new_master_and_the_las
     new.master_pid = 0  # promoted once the old master is gone
     gunicorn_config.on_exit(new)
     assert not os.path.exists(folder)
+
+
+@pytest.mark.parametrize("access_format", [
+    None,  # gunicorn's default line, whose user field is the Basic header's user
+    '%(u)s %({authorization}i)s %({Authorization}i)s %({http_authorization}e)s "%(r)s" %(s)s',
+])
+def test_an_access_log_line_never_carries_an_api_key_sent_as_basic_auth(tmp_path, access_format):
+    key = "csk_" + "k" * 43
+    header = "Basic " + base64.b64encode(f"{key}:".encode()).decode()  # what `curl -u KEY:` sends
+    cfg = Config()
+    for name, value in vars(gunicorn_config).items():  # as gunicorn reads a config file
+        if name in cfg.settings:
+            cfg.set(name, value)
+    cfg.set("accesslog", str(tmp_path / "access.log"))
+    if access_format:
+        cfg.set("access_log_format", access_format)
+    logger = cfg.logger_class(cfg)
+    environ = {"REQUEST_METHOD": "GET", "RAW_URI": "/v1/models", "SERVER_PROTOCOL": "HTTP/1.1",
+               "REMOTE_ADDR": "127.0.0.1", "HTTP_AUTHORIZATION": header}
+    logger.access(SimpleNamespace(status="401 UNAUTHORIZED", sent=94, headers=[]),
+                  SimpleNamespace(headers=[("AUTHORIZATION", header)]), environ, timedelta(milliseconds=3))
+    for handler in logger.access_log.handlers:
+        handler.close()
+    line = (tmp_path / "access.log").read_text()
+    assert '"GET /v1/models HTTP/1.1" 401' in line, line  # the request was logged
+    assert key not in line and header.split()[1] not in line, line
