@@ -269,10 +269,13 @@ def _check_index(state: AppState) -> None:
 
 
 def _store_name(state: AppState) -> str:
+    """The store as these errors name it: by its index, never by its folder or its cluster's URL. The
+    error reaches whoever calls with the connector's key (scope embeddings) and, through ml-commons,
+    whoever searches with the rerank processor: the server's own layout is none of theirs."""
     settings = state.settings
     if settings.store == "opensearch":
-        return f"OpenSearch index {settings.opensearch_index} at {settings.opensearch_url}"
-    return f"embedded store {settings.store_path}"
+        return f"OpenSearch index {settings.opensearch_index}"
+    return "an embedded store"
 
 
 def _inputs(body: dict[str, Any], *, limit: int | None) -> list[Any]:

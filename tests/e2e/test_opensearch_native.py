@@ -219,12 +219,15 @@ def test_without_a_fine_model_bad_documents_still_answer_4xx(client, build_app):
     assert "field 'documents[1]'" in message and "max_request_pixels" in message
 
 
-def test_rerank_of_an_unknown_id_answers_400_naming_it_and_the_store(client):
+def test_rerank_of_an_unknown_id_answers_400_naming_it_and_the_store_but_not_where_the_store_is(client, store_path):
     response = client.post("/v1/opensearch/rerank/ids", json={"query": "red circle", "documents": ["nope"]})
     message = error_of(response, 400)
-    assert "field 'documents[0]': no document with id 'nope'" in message and "embedded store" in message
+    assert "field 'documents[0]': no document with id 'nope' in the sidecar's store (an embedded store)" in message
     response = client.post("/v1/opensearch/rerank/ids?index=clip-sidecar", json={"query": "red", "documents": []})
-    assert "index 'clip-sidecar', but this sidecar's store is embedded store" in error_of(response, 400)
+    second = error_of(response, 400)
+    assert "index 'clip-sidecar', but this sidecar's store is an embedded store" in second
+    # The connector's key, and OpenSearch users through the rerank processor, learn nothing of the disk.
+    assert str(store_path) not in message + second
 
 
 def test_blank_documents_rank_last_and_json_looking_queries_are_text(client):
