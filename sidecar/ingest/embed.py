@@ -24,7 +24,7 @@ from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TextIO, TypeVar
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, TextIO, TypeVar
 
 import numpy as np
 import torch
@@ -221,22 +221,23 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
                shard_size: int, workers: int, progress: bool, stages: defaultdict[str, float],
                hash_files: HashFiles | None = None, tagger: Tagger | None = None, thumbnail_side: int = 0,
                max_pixels: int = 40_000_000) -> EmbedPlan:
-    """Claim `out` for the model (and `thumbnail_side`: shards written without thumbnails get theirs
-    here), scan `source` (hashing every file, by `hash_files` when given) and compare it with the
-    shards there: what to encode, what only needs its stored vector under a new text or metadata
-    (written here), what vanished (recorded). `decode` names where images are decoded ("cpu" or
-    "device"), for the manifest."""
+    """Claim `out` for the model (and `thumbnail_side`), scan `source` (hashing every file, by
+    `hash_files` when given; shards written without thumbnails then get theirs from the files found)
+    and compare it with the shards there: what to encode, what only needs its stored vector under a
+    new text or metadata (written here), what vanished (recorded). `decode` names where images are
+    decoded ("cpu" or "device"), for the manifest."""
     shards = ShardSet(out)
     shards.start(encoder.signature, preprocessing={"resize": encoder.images.describe(), "context_length":
                                                    encoder.context_length, "decode": decode},
                  fine_signature=fine_encoder.signature if fine_encoder else None, thumbnail_side=thumbnail_side)
-    with _timed(stages, "thumbnails"):
-        _add_missing_thumbnails(shards, workers=workers, max_pixels=max_pixels, progress=progress)
     known = shards.latest()
     with _timed(stages, "scan"):
         scanned, hashes = _scan(source, workers=workers, progress=progress, hash_files=hash_files)
     unusable = [item for item in scanned if item.unusable]  # not vanished: finish_embed records them
     items = [item for item in scanned if not item.unusable]
+    with _timed(stages, "thumbnails"):
+        _add_missing_thumbnails(shards, {hashes[item.id]: item.path for item in items}, workers=workers,
+                                max_pixels=max_pixels, progress=progress)
     todo: list[tuple[CorpusItem, str]] = []
     redescribe: list[tuple[CorpusItem, ShardRow, str, int]] = []  # the stored vector serves the new row
     stored_tags = {}
@@ -367,9 +368,12 @@ def _write_redescribed(shards: ShardSet, redescribe: list[tuple[CorpusItem, Shar
     shards.rewrite_rows([(row, name, index) for _, row, name, index in redescribe], shard_size=shard_size)
 
 
-def _add_missing_thumbnails(shards: ShardSet, *, workers: int, max_pixels: int, progress: bool) -> None:
+def _add_missing_thumbnails(shards: ShardSet, files: Mapping[str, Path], *, workers: int, max_pixels: int,
+                            progress: bool) -> None:
     """Thumbnails for shards written without them (before thumbnails existed, or by a run killed while
-    adding them), made from their rows' image files: no forward pass. A file gone or changed since is b""
+    adding them), each made from the corpus file that holds its row's image now (`files`: image hash →
+    path, from this run's scan): no forward pass, and a file moved since the row was written still gives
+    it. A row whose image the corpus no longer holds (its document is embedded again or deleted) gets b""
     (no thumbnail)."""
     missing = shards.shards_without_thumbnails()
     if not missing:
@@ -382,12 +386,14 @@ def _add_missing_thumbnails(shards: ShardSet, *, workers: int, max_pixels: int, 
              len(missing), sum(map(len, rows.values())))
 
     def thumbnail(row: ShardRow) -> bytes:
+        path = files.get(row.image_hash)
+        if path is None:
+            return b""
         try:
-            data = Path(row.path).read_bytes()
+            data = path.read_bytes()
         except OSError:
             return b""
-        # The path may hold another picture now (the row's item moved, another took its place): a
-        # thumbnail must show the image the row holds, or none.
+        # The file may have changed since the scan: a thumbnail must show the image the row holds, or none.
         if image_hash(data) != row.image_hash:
             return b""
         return make_thumbnail(data, side=shards.thumbnail_side, max_pixels=max_pixels)
