@@ -106,3 +106,14 @@ class ThreadKiller(BaseException):
     """Not an Exception: the micro-batcher isolates failing requests with `except Exception`, so this
     one escapes its loop and ends the encode thread for real, through the real code path — what a
     bug in the loop or an interpreter-level error would do — without patching the batcher."""
+
+
+def cli_ok(*args: object) -> str:
+    """`clip-sidecar -q ARGS` in-process (click's runner): its output, asserting it exited 0."""
+    from click.testing import CliRunner
+
+    from sidecar.cli import main
+
+    result = CliRunner().invoke(main, ["-q", *map(str, args)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output

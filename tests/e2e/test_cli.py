@@ -33,7 +33,7 @@ from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.synthetic import sample_items, write_corpus
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import ModelSignature
-from tests.support import free_port
+from tests.support import cli_ok, free_port
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -524,12 +524,6 @@ def test_terminal_shows_the_projects_own_lines_not_third_party_info(store_path, 
 
 
 # -- edits to text and metadata reach the store (identity = image bytes + text + metadata) --------
-
-
-def cli_ok(*args: str) -> str:
-    result = CliRunner().invoke(main, ["-q", *args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
 
 
 def bm25_ids(store_path: Path, text: str, *filters: str) -> list[str]:

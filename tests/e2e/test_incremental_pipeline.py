@@ -31,7 +31,7 @@ from PIL import Image
 from sidecar.ingest.tagging import label_field, score_field
 from sidecar.model.synthetic import sample_items
 from sidecar.stores.embedded import EmbeddedStore
-from tests.e2e.test_cli import cli_ok
+from tests.support import cli_ok
 
 # Title words: few, so that titles share words and a BM25 query for an old title's word tells whether the
 # store still answers with the document that had it.

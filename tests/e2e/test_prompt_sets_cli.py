@@ -11,26 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
 from sidecar.cli import main
 from sidecar.ingest.shards import ShardSet
 from sidecar.model.synthetic import write_corpus
 from sidecar.stores.embedded import EmbeddedStore
 from tests.conftest import EXAMPLE_PROMPT_SETS
-
-
-def cli(*args: str) -> Result:
-    result = CliRunner().invoke(main, ["-q", *map(str, args)])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
+from tests.support import cli_ok
 
 
 @pytest.fixture
 def sets(tmp_path) -> Path:
     """A prompt-set folder of this test's own, holding the three examples."""
     folder = tmp_path / "prompt-sets"
-    cli("prompts", "add", *sorted(EXAMPLE_PROMPT_SETS.iterdir()), "--prompt-sets", folder)
+    cli_ok("prompts", "add", *sorted(EXAMPLE_PROMPT_SETS.iterdir()), "--prompt-sets", folder)
     return folder
 
 
@@ -40,33 +35,33 @@ def live_rows(out: Path) -> dict[str, dict]:
 
 def test_prompts_add_list_show_and_remove(tmp_path):
     folder = tmp_path / "prompt-sets"
-    added = cli("prompts", "add", *sorted(EXAMPLE_PROMPT_SETS.iterdir()), "--prompt-sets", folder).output
+    added = cli_ok("prompts", "add", *sorted(EXAMPLE_PROMPT_SETS.iterdir()), "--prompt-sets", folder)
     assert "colors: version 1, 8 labels, 16 prompts; stored, vectors by tiny-clip computed in" in added
     assert "shapes: version 1, 5 labels, 15 prompts; stored, vectors by tiny-clip computed in" in added
-    listed = cli("prompts", "list", "--prompt-sets", folder).output.splitlines()
+    listed = cli_ok("prompts", "list", "--prompt-sets", folder).splitlines()
     assert [line.split()[:4] for line in listed[1:]] == [["colors", "1", "8", "16"], ["descriptions", "1", "10", "10"],
                                                          ["shapes", "1", "5", "15"]]
     assert all("tiny-clip (sha256:" in line for line in listed[1:])
-    shown = cli("prompts", "show", "shapes", "--prompt-sets", folder).output
+    shown = cli_ok("prompts", "show", "shapes", "--prompt-sets", folder)
     assert "shapes, version 1: 5 labels, 15 prompts" in shown and "templates: a {} | a photo of a {} | an image of a {}" \
         in shown
-    assert json.loads(cli("prompts", "show", "shapes", "--json", "--prompt-sets", folder).output)["labels"][0] == "circle"
+    assert json.loads(cli_ok("prompts", "show", "shapes", "--json", "--prompt-sets", folder))["labels"][0] == "circle"
 
     # Added again unchanged: nothing is embedded. A changed template: that set alone is embedded again.
-    again = cli("prompts", "add", EXAMPLE_PROMPT_SETS / "shapes.yaml", "--prompt-sets", folder).output
+    again = cli_ok("prompts", "add", EXAMPLE_PROMPT_SETS / "shapes.yaml", "--prompt-sets", folder)
     assert "shapes: version 1, 5 labels, 15 prompts; unchanged, vectors by tiny-clip already cached" in again
     colors_vectors = next((folder / "vectors" / "colors").iterdir())
     written = colors_vectors.stat().st_mtime_ns
     edited = yaml.safe_load((EXAMPLE_PROMPT_SETS / "shapes.yaml").read_text())
     edited["templates"] = ["a drawing of a {}"]
     (tmp_path / "shapes.yaml").write_text(yaml.safe_dump(edited))
-    changed = cli("prompts", "add", tmp_path / "shapes.yaml", EXAMPLE_PROMPT_SETS / "colors.csv",
-                  "--prompt-sets", folder).output
+    changed = cli_ok("prompts", "add", tmp_path / "shapes.yaml", EXAMPLE_PROMPT_SETS / "colors.csv",
+                     "--prompt-sets", folder)
     assert "shapes: version 1, 5 labels, 5 prompts; stored, vectors by tiny-clip computed in" in changed
     assert "colors: version 1, 8 labels, 16 prompts; unchanged, vectors by tiny-clip already cached" in changed
     assert colors_vectors.stat().st_mtime_ns == written
 
-    assert "removed prompt set shapes" in cli("prompts", "remove", "shapes", "--prompt-sets", folder).output
+    assert "removed prompt set shapes" in cli_ok("prompts", "remove", "shapes", "--prompt-sets", folder)
     missing = CliRunner().invoke(main, ["-q", "prompts", "show", "shapes", "--prompt-sets", str(folder)])
     assert missing.exit_code == 1 and "no prompt set named 'shapes'" in missing.output and "colors" in missing.output
     bad = CliRunner().invoke(main, ["-q", "prompts", "add", str(EXAMPLE_PROMPT_SETS / "colors.csv"), "--name", "Bad!",
@@ -76,9 +71,9 @@ def test_prompts_add_list_show_and_remove(tmp_path):
 
 def test_tags_written_at_embed_time_are_filtered_on_in_the_embedded_store(corpus, sets, tmp_path):
     out, store_path = tmp_path / "shards", tmp_path / "store"
-    result = cli("embed", corpus, "--out", out, "--workers", "0", "--tag", "shapes", "--tag", "colors:2",
+    result = cli_ok("embed", corpus, "--out", out, "--workers", "0", "--tag", "shapes", "--tag", "colors:2",
                  "--prompt-sets", sets)
-    assert "400 items: 400 embedded" in result.output
+    assert "400 items: 400 embedded" in result
     rows = live_rows(out)
     assert all(len(m["tag_shapes"]) == len(m["tag_shapes_score"]) == 1 and len(m["tag_colors"]) == 2
                for m in rows.values())
@@ -86,30 +81,30 @@ def test_tags_written_at_embed_time_are_filtered_on_in_the_embedded_store(corpus
     assert agree >= 0.9, f"shape tags agree with the truth for {agree:.3f} of the documents"
     assert ShardSet(out).tagging[0]["set"] == "shapes" and ShardSet(out).tagging[1]["k"] == 2
 
-    cli("index", out, "--store-path", store_path)
+    cli_ok("index", out, "--store-path", store_path)
     tagged_circles = {doc_id for doc_id, m in rows.items() if m["tag_shapes"] == ["circle"]}
     for mode in ("vector", "hybrid"):
-        hits = json.loads(cli("search", "shape", "--mode", mode, "-k", "1000", "--candidates", "1000", "--filter",
-                              "tag_shapes=circle", "--store-path", store_path, "--json").output)
+        hits = json.loads(cli_ok("search", "shape", "--mode", mode, "-k", "1000", "--candidates", "1000", "--filter",
+                              "tag_shapes=circle", "--store-path", store_path, "--json"))
         assert {h["id"] for h in hits} == tagged_circles, mode
-    lexical = json.loads(cli("search", "circle", "--mode", "bm25", "-k", "1000", "--filter", "tag_shapes=circle",
-                             "--store-path", store_path, "--json").output)
+    lexical = json.loads(cli_ok("search", "circle", "--mode", "bm25", "-k", "1000", "--filter", "tag_shapes=circle",
+                             "--store-path", store_path, "--json"))
     assert lexical and {h["id"] for h in lexical} <= tagged_circles
-    either = json.loads(cli("search", "--image", corpus.parent / "item-000000.jpg", "-k", "1000", "--filter",
+    either = json.loads(cli_ok("search", "--image", corpus.parent / "item-000000.jpg", "-k", "1000", "--filter",
                             "tag_colors=red", "--filter", "tag_shapes=star,cross", "--store-path", store_path,
-                            "--json").output)
+                            "--json"))
     assert either and all("red" in h["metadata"]["tag_colors"] and h["metadata"]["tag_shapes"][0] in ("star", "cross")
                           for h in either)
     # A rerun with nothing changed keeps the tags (the shards recorded them) and re-encodes nothing.
-    rerun = cli("embed", corpus, "--out", out, "--workers", "0", "--prompt-sets", sets).output
+    rerun = cli_ok("embed", corpus, "--out", out, "--workers", "0", "--prompt-sets", sets)
     assert "400 items: 0 embedded, 400 unchanged" in rerun
 
 
 def test_retagging_after_a_set_changes_reuses_the_stored_vectors_and_reads_no_image(sets, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", 60, seed=31)
     out, store_path = tmp_path / "shards", tmp_path / "store"
-    cli("embed", corpus, "--out", out, "--workers", "0", "--tag", "shapes", "--prompt-sets", sets)
-    assert "60 written" in cli("index", out, "--store-path", store_path).output
+    cli_ok("embed", corpus, "--out", out, "--workers", "0", "--tag", "shapes", "--prompt-sets", sets)
+    assert "60 written" in cli_ok("index", out, "--store-path", store_path)
     store = EmbeddedStore(store_path)
     before = {doc.id: doc for doc in store.fetch(list(live_rows(out)))}
     store.close()
@@ -121,42 +116,42 @@ def test_retagging_after_a_set_changes_reuses_the_stored_vectors_and_reads_no_im
     edited["version"] = 2
     edited["labels"][0] = {"name": "disc", "templates": ["a circle", "a photo of a circle"]}
     (tmp_path / "shapes.yaml").write_text(yaml.safe_dump(edited))
-    cli("prompts", "add", tmp_path / "shapes.yaml", "--prompt-sets", sets)
+    cli_ok("prompts", "add", tmp_path / "shapes.yaml", "--prompt-sets", sets)
     shutil.rmtree(corpus.parent)  # no image left to read: tagging can only use the stored vectors
 
-    result = cli("tag", out, "--prompt-sets", sets)
+    result = cli_ok("tag", out, "--prompt-sets", sets)
     assert f"60 documents: {len(circles)} with new tags (stored vectors reused), {60 - len(circles)} unchanged" \
-        in result.output
+        in result
     assert ShardSet(out).tagging[0]["version"] == "2"
-    result = cli("index", out, "--store-path", store_path)
-    assert f"{len(circles)} written, {60 - len(circles)} unchanged, 0 deleted" in result.output
+    result = cli_ok("index", out, "--store-path", store_path)
+    assert f"{len(circles)} written, {60 - len(circles)} unchanged, 0 deleted" in result
     store = EmbeddedStore(store_path)
     after = {doc.id: doc for doc in store.fetch(list(before))}
     store.close()
     for doc_id, doc in after.items():
         np.testing.assert_array_equal(doc.vector, before[doc_id].vector)
         assert doc.metadata["tag_shapes"] == (["disc"] if doc_id in circles else before[doc_id].metadata["tag_shapes"])
-    hits = json.loads(cli("search", "shape", "--mode", "vector", "-k", "100", "--filter", "tag_shapes=disc",
-                          "--store-path", store_path, "--json").output)
+    hits = json.loads(cli_ok("search", "shape", "--mode", "vector", "-k", "100", "--filter", "tag_shapes=disc",
+                          "--store-path", store_path, "--json"))
     assert {h["id"] for h in hits} == circles
 
     # --clear removes every tag, again from the stored vectors alone.
-    assert "60 documents: 60 with new tags" in cli("tag", out, "--clear", "--prompt-sets", sets).output
+    assert "60 documents: 60 with new tags" in cli_ok("tag", out, "--clear", "--prompt-sets", sets)
     assert not any(key.startswith("tag_") for m in live_rows(out).values() for key in m)
 
 
 def test_embed_rerun_after_a_set_changes_retags_without_encoding(sets, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", 40, seed=32)
     out = tmp_path / "shards"
-    cli("embed", corpus, "--out", out, "--workers", "0", "--tag", "colors", "--prompt-sets", sets)
+    cli_ok("embed", corpus, "--out", out, "--workers", "0", "--tag", "colors", "--prompt-sets", sets)
     reds = {doc_id for doc_id, m in live_rows(out).items() if m["tag_colors"] == ["red"]}
-    edited = dict(json.loads(cli("prompts", "show", "colors", "--json", "--prompt-sets", sets).output), version="2")
+    edited = dict(json.loads(cli_ok("prompts", "show", "colors", "--json", "--prompt-sets", sets)), version="2")
     edited["labels"][0] = {"name": "crimson", "templates": ["a red shape", "something red"]}
     (tmp_path / "colors.json").write_text(json.dumps(edited))
-    cli("prompts", "add", tmp_path / "colors.json", "--prompt-sets", sets)
-    result = cli("embed", corpus, "--out", out, "--workers", "0", "--prompt-sets", sets)
-    assert f"40 items: 0 embedded, {40 - len(reds)} unchanged" in result.output
-    assert f"{len(reds)} with new text or metadata only (vectors reused)" in result.output
+    cli_ok("prompts", "add", tmp_path / "colors.json", "--prompt-sets", sets)
+    result = cli_ok("embed", corpus, "--out", out, "--workers", "0", "--prompt-sets", sets)
+    assert f"40 items: 0 embedded, {40 - len(reds)} unchanged" in result
+    assert f"{len(reds)} with new text or metadata only (vectors reused)" in result
     assert {doc_id for doc_id, m in live_rows(out).items() if m["tag_colors"] == ["crimson"]} == reds
 
 
@@ -191,11 +186,11 @@ def test_eval_scores_prompt_sets_on_a_labelled_sample(sets, tmp_path):
     sample = write_corpus(tmp_path / "sample", 150, seed=77)  # fresh renders
     plain = {"name": "shapes-plain", "labels": ["circle", "square", "triangle", "star", "cross"]}
     (tmp_path / "plain.json").write_text(json.dumps(plain))
-    cli("prompts", "add", tmp_path / "plain.json", "--prompt-sets", sets)
+    cli_ok("prompts", "add", tmp_path / "plain.json", "--prompt-sets", sets)
     out = tmp_path / "report"
-    result = cli("eval", "--prompts", "shapes", "--prompts", "shapes-plain", "--labels", sample, "--label-field",
+    result = cli_ok("eval", "--prompts", "shapes", "--prompts", "shapes-plain", "--labels", sample, "--label-field",
                  "shape", "--prompt-sets", sets, "--out", out)
-    assert "| prompt set | version | labels | prompts | samples | top-1 | top-5 | chance top-1 |" in result.output
+    assert "| prompt set | version | labels | prompts | samples | top-1 | top-5 | chance top-1 |" in result
     report = json.loads((out / "results.json").read_text())
     by_set = {r["set"]: r for r in report["results"]}
     truth = Counter(json.loads(line)["metadata"]["shape"] for line in sample.read_text().splitlines())
@@ -203,7 +198,7 @@ def test_eval_scores_prompt_sets_on_a_labelled_sample(sets, tmp_path):
         assert by_set[name]["samples"] == 150 and by_set[name]["top5"] == 1.0  # five labels: always in the top 5
         assert by_set[name]["top1"] >= 0.9, by_set[name]  # chance: 0.2
         assert {label: entry["samples"] for label, entry in by_set[name]["per_label"].items()} == dict(truth)
-    assert f"| shapes | 1 | 5 | 15 | 150 | {by_set['shapes']['top1']:.3f} |" in result.output
+    assert f"| shapes | 1 | 5 | 15 | 150 | {by_set['shapes']['top1']:.3f} |" in result
     wrong = CliRunner().invoke(main, ["-q", "eval", "--prompts", "shapes", "--labels", str(sample), "--label-field",
                                       "color", "--prompt-sets", str(sets), "--out", str(out)])
     assert wrong.exit_code == 2 and "are not labels of prompt set 'shapes'" in wrong.output
@@ -215,10 +210,10 @@ def test_eval_of_prompt_sets_skips_and_counts_a_missing_or_broken_image_of_the_s
     (sample.parent / rows[0]["path"]).unlink()  # was a FileNotFoundError traceback
     (sample.parent / rows[1]["path"]).write_bytes(b"not an image")  # was an ImageDecodeError traceback
     out = tmp_path / "report"
-    result = cli("eval", "--prompts", "shapes", "--labels", sample, "--label-field", "shape", "--prompt-sets", sets,
+    result = cli_ok("eval", "--prompts", "shapes", "--labels", sample, "--label-field", "shape", "--prompt-sets", sets,
                  "--out", out)
-    assert "2 of 12 images skipped as unusable" in result.output
-    assert "| shapes | 1 | 5 | 15 | 10 |" in result.output
+    assert "2 of 12 images skipped as unusable" in result
+    assert "| shapes | 1 | 5 | 15 | 10 |" in result
     report = json.loads((out / "results.json").read_text())
     assert [Path(s["path"]).name for s in report["skipped"]] == [Path(rows[0]["path"]).name,
                                                                   Path(rows[1]["path"]).name]
