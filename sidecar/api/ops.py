@@ -26,18 +26,23 @@ def readyz():
     encoder = state.encoding.encoder
     stopped = state.stopped
     if stopped is not None:
-        return jsonify({"status": "not_ready", "reason": stopped, "pid": os.getpid()}), 503
+        return _not_ready(stopped)
     try:
         documents = state.store.count()
         state.check_store_model()
     except QueryModelMismatch as exc:
-        return jsonify({"status": "not_ready", "reason": str(exc), "pid": os.getpid()}), 503
+        return _not_ready(str(exc))
     except Exception as exc:  # noqa: BLE001 - readiness reports, it does not crash
-        return jsonify({"status": "not_ready", "reason": f"store {state.store.name} unavailable: {exc}"}), 503
+        return _not_ready(f"store {state.store.name} unavailable: {exc}")
     return jsonify({"status": "ready", "model": encoder.name, "weights": encoder.weights, "dim": encoder.dim,
                     "device": str(encoder.device), "precision": encoder.precision,
                     "store": state.store.name, "documents": documents,
                     "pid": os.getpid()})  # which gunicorn worker answered
+
+
+def _not_ready(reason: str):
+    """Every 503 of /readyz: why, and which gunicorn worker said so (as the 200 names it)."""
+    return jsonify({"status": "not_ready", "reason": reason, "pid": os.getpid()}), 503
 
 
 @bp.get("/openapi.yaml")

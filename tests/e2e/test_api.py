@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import yaml
@@ -162,6 +164,19 @@ def test_health_readiness_and_metrics(client, encoder):
                    "sidecar_queue_depth", "sidecar_text_cache_lookups_total"):
         assert series in text
     assert 'stage="forward"' in text and 'stage="queue_wait"' in text and 'stage="rerank"' in text
+
+
+def test_readyz_answers_an_unreachable_store_in_the_openapi_files_not_ready_shape_with_the_pid(app, monkeypatch):
+    def unreachable():
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(state_of(app).store, "count", unreachable)
+    answer = app.test_client().get("/readyz")
+    spec = yaml.safe_load((Path(sidecar.__file__).parent / "openapi.yaml").read_text())
+    schema = spec["paths"]["/readyz"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]
+    assert answer.status_code == 503 and "store embedded unavailable: connection refused" in answer.json["reason"]
+    jsonschema.validate(answer.json, schema)
+    assert set(answer.json) == set(schema["properties"]) and answer.json["pid"] == os.getpid()
 
 
 def test_with_a_fine_model_each_encoder_counts_its_encodes_under_its_own_model_label(app_settings, encoder):
