@@ -14,7 +14,8 @@ from sidecar.config import PRECISIONS, STORES, Settings
 
 MODEL_FLAGS = ("model", "pretrained", "model_config", "device", "precision", "fine_model", "fine_pretrained")
 OPENSEARCH_FLAGS = ("opensearch_url", "opensearch_index")
-STORE_FLAGS = ("store", "store_path", *OPENSEARCH_FLAGS, "target_recall")
+STORE_LOCATION_FLAGS = ("store", "store_path", *OPENSEARCH_FLAGS)
+STORE_FLAGS = (*STORE_LOCATION_FLAGS, "target_recall")
 PROMPT_FLAGS = ("prompt_sets_dir",)
 
 
@@ -59,11 +60,22 @@ def opensearch_options(func: Callable) -> Callable:
     return functools.reduce(lambda f, option: option(f), reversed(_opensearch_option_list()), func)
 
 
-def store_options(func: Callable) -> Callable:
-    options = [
+def _store_location_option_list() -> list[Callable]:
+    return [
         click.option("--store", type=click.Choice(STORES), help="Where vectors live (default embedded)."),
         click.option("--store-path", type=click.Path(path_type=Path), help="Embedded store directory (default data/store)."),
         *_opensearch_option_list(),
+    ]
+
+
+def store_location_options(func: Callable) -> Callable:
+    """The store options of a command that runs no vector query (STORE_LOCATION_FLAGS): no --target-recall."""
+    return functools.reduce(lambda f, option: option(f), reversed(_store_location_option_list()), func)
+
+
+def store_options(func: Callable) -> Callable:
+    options = [
+        *_store_location_option_list(),
         click.option("--target-recall", type=click.FloatRange(0, 1),
                      help="Recall@K target (e.g. 0.99): vector queries that name no ef_search get the effort a "
                           "calibration chose for it (`store calibrate`; `index` calibrates after large changes); "

@@ -7,7 +7,14 @@ from typing import Any, Iterator
 
 import click
 
-from sidecar.cli.root import STORE_FLAGS, open_existing_store, settings_from, store_options
+from sidecar.cli.root import (
+    STORE_FLAGS,
+    STORE_LOCATION_FLAGS,
+    open_existing_store,
+    settings_from,
+    store_location_options,
+    store_options,
+)
 from sidecar.config import Settings
 from sidecar.stores.base import Store
 
@@ -18,7 +25,7 @@ def store() -> None:
 
 
 @store.command()
-@store_options
+@store_location_options
 def check(**kwargs: Any) -> None:
     """Report whether the store is consistent; exit status 1 when it is not.
 
@@ -36,7 +43,7 @@ def check(**kwargs: Any) -> None:
 
 
 @store.command()
-@store_options
+@store_location_options
 def repair(**kwargs: Any) -> None:
     """Rebuild what can be rebuilt from what the store committed, say what was done, then check.
 
@@ -102,7 +109,7 @@ def calibrate(ctx: click.Context, seed: int, allow_exact: bool, **kwargs: Any) -
 
 @contextlib.contextmanager
 def _opened(kwargs: dict[str, Any]) -> Iterator[Store]:
-    with _opened_with(settings_from(kwargs, STORE_FLAGS)) as opened:
+    with _opened_with(settings_from(kwargs, STORE_LOCATION_FLAGS)) as opened:
         yield opened
 
 

@@ -386,6 +386,16 @@ def test_commands_that_run_the_model_alone_offer_no_fine_model_flags_they_would_
     assert "--model" in help_text and not {"--fine-model", "--fine-pretrained"} & set(help_text.split())
 
 
+@pytest.mark.parametrize("command", ["check", "repair"])
+def test_store_check_and_repair_offer_no_target_recall_they_would_ignore(command, store_path):
+    help_text = CliRunner().invoke(main, ["store", command, "--help"]).output
+    assert {"--store", "--store-path", "--opensearch-url", "--opensearch-index"} <= set(help_text.split())
+    assert "--target-recall" not in help_text
+    # Before, it was taken and ignored: neither command runs a vector query.
+    result = CliRunner().invoke(main, ["-q", "store", command, "--store-path", str(store_path), "--target-recall", "0.9"])
+    assert result.exit_code == 2 and "No such option" in result.output and "--target-recall" in result.output, result.output
+
+
 def test_a_jpeg_decoder_that_would_not_be_used_is_refused_or_named(corpus, tmp_path):
     # The Ray engine decodes on CPU tasks: asking it for a device decoder is a usage error, before any work.
     result = CliRunner().invoke(main, ["-q", "embed", str(corpus), "--out", str(tmp_path / "ray"), "--engine", "ray",
