@@ -5,6 +5,7 @@ died replaced, workers optionally pinned to CPUs."""
 import gc
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -31,8 +32,14 @@ bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8080")
 # model) after it is forked. Loading reads a cached model only (`clip-sidecar models fetch`
 # puts it there); it never downloads or trains, so it fits inside the boot timeout below.
 preload_app = False
+# gthread's main loop tells the arbiter it lives while its threads serve, however long a request runs: this
+# bounds a worker's boot (the model load) and a hung worker, not requests.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
-graceful_timeout = 30
+# A stopping worker (SIGTERM, `docker stop`, HUP, a retired one) answers the requests it holds for this long,
+# then is killed: a request's encode deadline (request_timeout_s) and 30 s more, the grace gunicorn gives by
+# default, for the rest of it (decoding, the store's search, the answer) and worker_exit's cache commit.
+_graceful_timeout = os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "")
+graceful_timeout = int(_graceful_timeout) if _graceful_timeout else math.ceil(_settings.request_timeout_s) + 30
 keepalive = 5
 # Connections the kernel queues before gunicorn accepts them. OpenSearch's ml-commons opens up to its
 # connector's max_connection (30 by default) at once for a _bulk of image documents; a short queue

@@ -6,14 +6,20 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
+import subprocess
+import sys
 import tempfile
 from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from gunicorn.config import Config
 
 from sidecar.api import gunicorn_config
+from sidecar.cli.serve import GUNICORN_CONFIG
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -92,3 +98,23 @@ def test_an_access_log_line_never_carries_an_api_key_sent_as_basic_auth(tmp_path
     line = (tmp_path / "access.log").read_text()
     assert '"GET /v1/models HTTP/1.1" 401' in line, line  # the request was logged
     assert key not in line and header.split()[1] not in line, line
+
+
+def effective_config(**env: str) -> dict[str, str]:
+    """What gunicorn itself makes of the config file (its --print-config), in a process with only these
+    SIDECAR_/GUNICORN_ variables."""
+    clean = {name: value for name, value in os.environ.items() if not name.startswith(("SIDECAR_", "GUNICORN_"))}
+    printed = subprocess.run([sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, "--print-config",
+                              "sidecar.api.wsgi:app"], env={**clean, **env}, capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+    return dict(re.findall(r"^(\w+) += (.*)$", printed, flags=re.MULTILINE))
+
+
+def test_a_stopping_worker_lets_requests_run_past_their_encode_deadline_unless_the_grace_is_set():
+    assert effective_config()["graceful_timeout"] == "60"
+    assert effective_config(SIDECAR_REQUEST_TIMEOUT_S="120")["graceful_timeout"] == "150"
+    assert effective_config(SIDECAR_REQUEST_TIMEOUT_S="120", GUNICORN_GRACEFUL_TIMEOUT="45")["graceful_timeout"] == "45"
+    # docker compose kills a container 10 s after SIGTERM unless told to wait: past the grace of its settings.
+    services = yaml.safe_load((Path(__file__).parents[3] / "docker-compose.yml").read_text())["services"]
+    for name in ("sidecar", "sidecar-gpu"):
+        assert int(services[name]["stop_grace_period"].removesuffix("s")) > 60, name
