@@ -16,6 +16,7 @@ from pathlib import Path
 from gunicorn import glogging, util
 
 from sidecar.api.auth import refusal_to_serve
+from sidecar.api.healthcheck import config_bind
 from sidecar.config import Settings
 
 # Read once in the arbiter; each worker reads its own Settings again when it builds the app.
@@ -27,7 +28,7 @@ _settings = Settings.from_env()
 worker_class = "gthread"
 threads = _settings.request_threads
 workers = int(os.environ.get("GUNICORN_WORKERS", "1"))
-bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8080")
+bind = config_bind(os.environ)
 # Never preload: CUDA does not survive fork, so each worker imports the app (and loads the
 # model) after it is forked. Loading reads a cached model only (`clip-sidecar models fetch`
 # puts it there); it never downloads or trains, so it fits inside the boot timeout below.

@@ -46,8 +46,8 @@ def test_gunicorn_serves_https_to_a_client_that_verifies_its_certificate(store_p
         # The image's HEALTHCHECK speaks HTTPS where GUNICORN_CMD_ARGS gives gunicorn a certificate.
         port = url.rsplit(":", 1)[1]
         for args, healthy in (("", 1), (f"--certfile={cert} --keyfile={key}", 0)):
-            probe = subprocess.run([sys.executable, "-m", "sidecar.api.healthcheck", port], timeout=60,
-                                   env={**os.environ, "GUNICORN_CMD_ARGS": args})
+            probe = subprocess.run([sys.executable, "-m", "sidecar.api.healthcheck"], timeout=60,
+                                   env={**os.environ, "GUNICORN_BIND": f"127.0.0.1:{port}", "GUNICORN_CMD_ARGS": args})
             assert probe.returncode == healthy, args
 
 

@@ -152,6 +152,14 @@ def test_every_sidecar_variable_the_docs_and_the_images_name_is_a_setting_or_a_f
     assert {(file, name) for file, name in named if name not in known} == set()
 
 
+def test_readme_names_every_gunicorn_variable_the_config_file_and_the_health_probe_read_and_no_other():
+    root = Path(__file__).parents[2]
+    read = {name for path in ("sidecar/api/gunicorn_config.py", "sidecar/api/healthcheck.py")
+            for name in re.findall(r"\bGUNICORN_[A-Z_]+", (root / path).read_text(encoding="utf-8"))}
+    named = set(re.findall(r"\bGUNICORN_[A-Z_]+", (root / "README.md").read_text(encoding="utf-8")))
+    assert {"GUNICORN_WORKERS", "GUNICORN_BIND"} <= read and named == read
+
+
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
 def test_the_images_keep_every_path_the_server_and_cli_write_on_the_data_volume(dockerfile):
     # The image runs as `sidecar`, which may write /data (its volume) and nothing of /app, the working
