@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -90,12 +93,46 @@ def prompt_sets_option(func: Callable) -> Callable:
                              "SIDECAR_PROMPT_SETS_DIR).")(func)
 
 
+# ctx.meta (one dict for the group's and the command's contexts): the running command's context and settings,
+# whose paths a path error names (_Group).
+_RUNNING = "sidecar.running"
+
+
 def settings_from(kwargs: dict[str, Any], names: tuple[str, ...]) -> Settings:
     """Settings from the environment with the named command-line flags (popped from kwargs) on top."""
     try:
-        return Settings.from_env(**{name: kwargs.pop(name, None) for name in names})
+        settings = Settings.from_env(**{name: kwargs.pop(name, None) for name in names})
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[_RUNNING] = (ctx, settings)
+    return settings
+
+
+# A folder or file the user pointed a command at that it cannot create or write: theirs to fix, not a bug.
+_UNWRITABLE = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+               errno.EDQUOT}
+
+
+def _path_error(exc: OSError, running: tuple[click.Context, Settings] | None) -> str:
+    """One line: the path, why, and the flag or setting it lies in (the nearest that holds it)."""
+    sources: dict[str, str] = {}  # absolute path -> "--flag or SIDECAR_VARIABLE"
+    if running is not None:
+        command, settings = running
+        flags = {param.name: param.opts[-1] for param in command.command.params if param.opts}
+        for field in dataclasses.fields(settings):
+            value = getattr(settings, field.name)
+            if value and (isinstance(value, Path) or field.name.endswith(("_path", "_dir"))):
+                variable = f"SIDECAR_{field.name.upper()}"
+                sources[os.path.abspath(value)] = f"{flags[field.name]} or {variable}" if field.name in flags else variable
+        for name, value in command.params.items():
+            if isinstance(value, Path) and name in flags:
+                sources.setdefault(os.path.abspath(value), flags[name])
+    failed = Path(os.path.abspath(exc.filename))
+    holding = [path for path in sources if failed.is_relative_to(path)]
+    origin = f" ({sources[max(holding, key=len)]} is {max(holding, key=len)})" if holding else ""
+    return f"cannot write {exc.filename}: {exc.strerror}{origin}"
 
 
 def configure_logging(*, verbose: bool, quiet: bool) -> None:
@@ -114,7 +151,7 @@ def configure_logging(*, verbose: bool, quiet: bool) -> None:
 
 class _Group(click.Group):
     """Turns the errors a user can fix (unknown model or weights, a store of another model, bad corpus,
-    unreachable store, bad prompt set) into one clear line and exit code 1, instead of a traceback."""
+    unreachable store, bad prompt set, a folder it cannot create or write) into one clear line and exit code 1, instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from sidecar.ingest.corpus import CorpusError
@@ -127,6 +164,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (CorpusError, ShardError, StoreError, PromptSetError, ModelSettingsError) as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            if exc.errno not in _UNWRITABLE or exc.filename is None:
+                raise
+            raise click.ClickException(_path_error(exc, ctx.meta.get(_RUNNING))) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -396,6 +396,24 @@ def test_store_check_and_repair_offer_no_target_recall_they_would_ignore(command
     assert result.exit_code == 2 and "No such option" in result.output and "--target-recall" in result.output, result.output
 
 
+@pytest.mark.parametrize(("command", "env", "origin"), [
+    (["prompts", "add", "{examples}/shapes.yaml"], {"SIDECAR_PROMPT_SETS_DIR": "{blocked}"},
+     "--prompt-sets or SIDECAR_PROMPT_SETS_DIR"),
+    (["index", "{shards}"], {"SIDECAR_STORE_PATH": "{blocked}"}, "--store-path or SIDECAR_STORE_PATH"),
+    (["eval", "--ann", "--samples", "3", "-k", "1", "--store-path", "{store}", "--out", "{blocked}"], {}, "--out"),
+])
+def test_a_folder_under_a_regular_file_is_refused_in_one_line_naming_the_flag_or_setting_and_the_path(
+        command, env, origin, shards, store_path, tmp_path):
+    (tmp_path / "file").write_text("a regular file, not a folder")
+    blocked = tmp_path / "file" / "sub"
+    names = {"examples": Path(sidecar.__file__).parents[1] / "examples" / "prompt-sets", "shards": shards,
+             "store": store_path, "blocked": blocked}
+    result = CliRunner().invoke(main, ["-q", *(arg.format(**names) for arg in command)],
+                                env={name: value.format(**names) for name, value in env.items()})
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.output.splitlines()[-1] == f"Error: cannot write {blocked}: Not a directory ({origin} is {blocked})"
+
+
 def test_a_jpeg_decoder_that_would_not_be_used_is_refused_or_named(corpus, tmp_path):
     # The Ray engine decodes on CPU tasks: asking it for a device decoder is a usage error, before any work.
     result = CliRunner().invoke(main, ["-q", "embed", str(corpus), "--out", str(tmp_path / "ray"), "--engine", "ray",
