@@ -94,8 +94,14 @@ def search_endpoint():
     metrics.STAGE_SECONDS.labels("search", mode, "").observe(result.timings_s["coarse"])
     metrics.STAGE_SECONDS.labels("rerank", mode, "").observe(result.timings_s["rerank"])
     query_id = uuid.uuid4().hex  # names this search in POST /v1/feedback and the hard-example log
-    state.quality.observe_search(query_id=query_id, text=text, image=data, vector=vector, options=options,
-                                 result=result, model=state.encoding.encoder.name)
+    # The hard-example log sees the ranking down to this page's end, as the client was shown it, and its
+    # top K is offset + k: not the one hit past the page that `options.k` asked for to tell whether a
+    # next page exists.
+    shown = offset + k
+    state.quality.observe_search(query_id=query_id, text=text, image=data, vector=vector,
+                                 options=dataclasses.replace(options, k=shown),
+                                 result=dataclasses.replace(result, hits=result.hits[:shown]),
+                                 model=state.encoding.encoder.name)
     body = {
         "query_id": query_id,
         "hits": [hit.to_dict() for hit in result.hits[offset:offset + k]],

@@ -218,6 +218,26 @@ def test_feedback_answers_404_when_not_enabled_400_naming_the_field_and_413_past
     assert answer.status_code == 200 and answer.get_json()["recorded"]["relevance"] == 0
 
 
+def test_a_hard_example_logs_the_k_and_the_hits_its_pages_showed_not_the_next_page_probe(build_app, tmp_path):
+    logs = tmp_path / "quality"
+    # min_score 2: every query's top hit scores under it, so every search is logged.
+    app = build_app(quality_log_dir=str(logs), hard_example_min_score=2.0, monitor_fraction=0.0)
+    client = app.test_client()
+    first = client.post("/v1/search", json={"text": "red circle", "mode": "vector", "k": 3}).get_json()
+    second = client.post("/v1/search", json={"text": "blue square", "mode": "vector", "k": 3, "offset": 3}).get_json()
+    before = client.post("/v1/search", json={"text": "blue square", "mode": "vector", "k": 3}).get_json()
+    assert first["next_offset"] == 3 and second["next_offset"] == 6  # each ranking went on past the page
+    assert state_of(app).quality.hard_example_checks.wait_idle(60)
+    logged = {record["query_id"]: record
+              for record in map(json.loads, (logs / "hard-examples.jsonl").read_text().splitlines())}
+    assert logged[first["query_id"]]["k"] == 3
+    assert [hit["id"] for hit in logged[first["query_id"]]["hits"]] == [hit["id"] for hit in first["hits"]]
+    # A later page's search: the ranking down to that page's end (the pages before it, then it).
+    assert logged[second["query_id"]]["k"] == 6
+    assert [hit["id"] for hit in logged[second["query_id"]]["hits"]] == \
+        [hit["id"] for hit in before["hits"] + second["hits"]]
+
+
 def test_hard_examples_and_feedback_export_into_an_evaluation_set_eval_runs_and_open_clip_fine_tunes_on_the_pairs(
         build_app, shards, test_cache_dir, tmp_path):
     logs, out = tmp_path / "quality", tmp_path / "export"
