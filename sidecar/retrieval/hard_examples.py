@@ -41,6 +41,10 @@ FEEDBACK_FILE = "feedback.jsonl"
 REASONS = ("no_result", "low_score", "disagreement")
 FEEDBACK_KINDS = ("click", "judgment")
 MAX_RELEVANCE = 3  # judgment grades 0 (not relevant) .. 3, as TREC qrels grade
+# Captions open_clip's CSV reader (pandas.read_csv with its default na_values) reads as a missing value,
+# quoted or not: it would train on the caption "nan". Such pairs are left out of pairs.csv.
+_CSV_MISSING = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                                "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 
 
 # ---- size-bounded JSONL, written by several processes --------------------------------------------
@@ -236,7 +240,8 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     - `to_judge.jsonl`: hard queries without feedback, with the hits they were shown;
     - `pairs.csv`: (document image, query text) for judgments of at least `min_relevance`, in
       open_clip's CSV format (tab-separated `filepath`, `title`), where `image_paths` (document id
-      → image file, from the shards) knows the document's image."""
+      → image file, from the shards) knows the document's image and open_clip's reader would not read
+      the text as a missing value (NA, null, …)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary()
@@ -298,7 +303,11 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
             if path is None:
                 _count(summary.skipped, "pairs whose document image is unknown (pass the shards)")
                 continue
-            writer.writerow([str(Path(path).resolve()), " ".join(text.split())])
+            caption = " ".join(text.split())
+            if caption in _CSV_MISSING:
+                _count(summary.skipped, "pairs whose text open_clip's CSV reader reads as missing (NA, null, None, …)")
+                continue
+            writer.writerow([str(Path(path).resolve()), caption])
             summary.pairs += 1
     summary.files = [out / name for name in ("queries.jsonl", "qrels.jsonl", "to_judge.jsonl", "pairs.csv")]
     return summary

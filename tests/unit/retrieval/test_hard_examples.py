@@ -1,5 +1,6 @@
 """The hard-example log keeps only queries eval can replay (with a text or an image), and its export keeps
-feedback that names any logged search of a query by its query_id."""
+feedback that names any logged search of a query by its query_id and writes pairs open_clip's trainer reads
+as written."""
 
 from __future__ import annotations
 
@@ -55,3 +56,21 @@ def test_a_like_search_with_neither_text_nor_image_is_not_logged_and_an_image_qu
         checks.close()
         log.close()
     assert [record["query_id"] for record in read_jsonl_log(tmp_path / "log" / HARD_EXAMPLES_FILE)] == ["image"]
+
+
+def test_open_clips_csv_reader_reads_every_exported_pair_caption_as_written_and_na_texts_are_left_out(tmp_path: Path):
+    from open_clip_train.data import CsvDataset  # the trainer's own reader, with its default keys and separator
+
+    image = tmp_path / "sku-1.png"
+    image.write_bytes(base64.b64decode(png_b64()))
+    feedback = JsonlLog(tmp_path / FEEDBACK_FILE, max_bytes=10**6, backups=1)
+    texts = ["red sneakers", 'a "quoted"\tquery', "1234", "NA", "null", "None", "n/a"]
+    for text in texts:
+        feedback.write(feedback_record(query_id=None, text=text, doc_id="sku-1", relevance=2, kind="judgment"))
+    feedback.close()
+    summary = export_examples(tmp_path, tmp_path / "out", image_paths={"sku-1": str(image)})
+    pairs = CsvDataset(str(tmp_path / "out" / "pairs.csv"), transforms=None, img_key="filepath", caption_key="title")
+    # pandas reads NA, null, None, n/a as a missing value: open_clip would train on the caption "nan".
+    assert [str(caption) for caption in pairs.captions] == ["red sneakers", 'a "quoted" query', "1234"]
+    assert pairs.images == [str(image.resolve())] * 3
+    assert summary.pairs == 3 and sum(count for why, count in summary.skipped.items() if "missing" in why) == 4
