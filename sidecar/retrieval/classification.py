@@ -61,8 +61,9 @@ def prompt_set_accuracy(prompt_set: PromptSet, label_vectors: np.ndarray, image_
     """Top-1 and top-5 accuracy of the set's labels on images whose true labels are `truths`."""
     unknown = sorted(set(truths) - set(prompt_set.label_names))
     if unknown:
+        names = prompt_set.label_names
         raise EvaluationInputError(f"the sample's labels {', '.join(map(repr, unknown[:5]))} are not labels of prompt "
-                                   f"set {prompt_set.name!r} ({', '.join(prompt_set.label_names[:10])}, …)")
+                                   f"set {prompt_set.name!r} ({', '.join(names[:10] + ['…'] * (len(names) > 10))})")
     started = time.perf_counter()
     ranked = rank_labels(image_vectors, label_vectors, prompt_set.label_names, logit_scale=logit_scale, k=max(TOP))
     hits = {k: [truth in [label.label for label in labels[:k]] for truth, labels in zip(truths, ranked)] for k in TOP}
