@@ -226,6 +226,9 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
     and compare it with the shards there: what to encode, what only needs its stored vector under a
     new text or metadata (written here), what vanished (recorded). `decode` names where images are
     decoded ("cpu" or "device"), for the manifest."""
+    # Rows name each image by its absolute path: what reads them (`hard-examples export`'s pairs.csv, a
+    # trainer) runs from other folders than this run did.
+    source = Path(source).absolute()
     shards = ShardSet(out)
     shards.start(encoder.signature, preprocessing={"resize": encoder.images.describe(), "context_length":
                                                    encoder.context_length, "decode": decode},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,18 @@ def test_metadata_nan_or_infinity_is_refused_naming_the_item_and_field(tmp_path,
     item = CorpusItem(id="a", path=tmp_path / "a.jpg", metadata={"color": "red", "x": value})
     with pytest.raises(CorpusError, match="item 'a': metadata field 'x' cannot be stored as JSON: Out of range float"):
         embed.document_row(item, "hash")
+
+
+def test_shard_rows_name_each_image_by_its_absolute_path_whatever_folder_embed_ran_from(encoder, tmp_path,
+                                                                                       monkeypatch):
+    from sidecar.ingest.shards import ShardSet
+    from sidecar.model.synthetic import sample_items
+
+    (tmp_path / "photos").mkdir()
+    for i, item in enumerate(sample_items(2, seed=5)):
+        item.image.save(tmp_path / "photos" / f"{i}.jpg")
+    monkeypatch.chdir(tmp_path)
+    embed.embed_corpus(encoder, Path("photos"), Path("shards"), workers=0, progress=False)
+    monkeypatch.chdir(tmp_path / "photos")  # where `hard-examples export` might run: the rows still find them
+    paths = {doc_id: row.path for doc_id, (_, row, _) in ShardSet(tmp_path / "shards").live().items()}
+    assert paths == {f"{i}.jpg": str(tmp_path / "photos" / f"{i}.jpg") for i in range(2)}
