@@ -913,13 +913,18 @@ class EmbeddedStore:
 
     def check(self) -> StoreReport:
         """Read-only: SQLite integrity, row numbering, vectors.f32 against the committed rows, the
-        graph against the live rows and their vectors, the BM25 index against the live texts, leftovers."""
-        conn = self._reader()
-        conn.execute("BEGIN")
-        try:
-            found = self._inspect(conn)
-        finally:
-            conn.execute("ROLLBACK")
+        graph against the live rows and their vectors, the BM25 index against the live texts, leftovers.
+        Under the write lock, though it writes nothing: a read transaction pins SQLite's generation but
+        not the files beside it, and a write committed meanwhile (an `index` run's next batch) moved the
+        BM25 index past that generation and removed the graph file it names, which read as damage.
+        Searches take no lock and go on; writers wait for the check, as for any write."""
+        with self._write_lock, self._file_lock():
+            conn = self._reader()
+            conn.execute("BEGIN")
+            try:
+                found = self._inspect(conn)
+            finally:
+                conn.execute("ROLLBACK")
         report = StoreReport(location=f"embedded store {self.path}")
         if found.sqlite != "ok":
             report.problems.append(f"SQLite integrity check failed: {found.sqlite}")

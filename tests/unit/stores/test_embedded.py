@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -757,6 +758,40 @@ def test_check_of_a_healthy_store_is_clean(store: EmbeddedStore):
     report = store.check()
     assert report.clean and report.problems == [] and report.notes == []
     assert "consistent" in report.describe()
+
+
+def test_check_keeps_another_processs_write_out_while_it_reads_and_finds_no_damage(tmp_path: Path, monkeypatch):
+    # A write committed between check's SQLite snapshot and its reading of the files beside it moved
+    # the BM25 index past the snapshot's generation and removed the graph file it names: damage, to check.
+    path = tmp_path / "s"
+    with EmbeddedStore(path) as seed:
+        seed.upsert(make_docs(100))
+    checker, writer = EmbeddedStore(path), EmbeddedStore(path)  # `writer`: an `index` run of another process
+    inspect_graph = checker._inspect_graph
+    wrote = []
+
+    def a_writer_writes_if_write_lock_is_free(*args, **kwargs):
+        with open(path / "write.lock", "a+b") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                free = False
+            else:
+                free = True
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        if free:
+            wrote.append(writer.upsert(make_docs(100, version=1)))  # replaces every row: a new graph file
+        return inspect_graph(*args, **kwargs)
+
+    monkeypatch.setattr(checker, "_inspect_graph", a_writer_writes_if_write_lock_is_free)
+    try:
+        report = checker.check()
+        assert report.problems == [] and wrote == []
+        monkeypatch.undo()
+        assert writer.upsert(make_docs(100, version=1)) == 100 and checker.check().clean
+    finally:
+        checker.close()
+        writer.close()
 
 
 def test_a_missing_graph_file_is_reported_and_rebuilt_by_repair(tmp_path: Path):
