@@ -83,7 +83,7 @@ def classify():
 @bp.get("/v1/prompt-sets")
 def list_prompt_sets():
     registry = current_state().prompt_sets
-    return jsonify({"object": "list", "data": [_summary(registry.get(name)) for name in registry.names()]})
+    return jsonify({"object": "list", "data": [_summary(prompt_set) for prompt_set in registry.sets()]})
 
 
 @bp.get("/v1/prompt-sets/<name>")

@@ -160,12 +160,12 @@ def _embed_prompt_sets(settings, encoder) -> None:
     from sidecar.model.prompts import PromptSetRegistry
 
     registry = PromptSetRegistry(settings.prompt_sets_dir)
-    names = registry.names()
-    if not names:
+    prompt_sets = registry.sets()
+    if not prompt_sets:
         return
     from sidecar.model.encoder import load_encoder
 
     encoder = encoder or load_encoder(settings, fetch=False)
-    for name in names:
-        registry.vectors(registry.get(name), model=encoder.name, weights=encoder.weights, encode=encoder.encode_texts)
-    log.info("prompt sets ready for %s: %s", encoder.name, ", ".join(names))
+    for prompt_set in prompt_sets:
+        registry.vectors(prompt_set, model=encoder.name, weights=encoder.weights, encode=encoder.encode_texts)
+    log.info("prompt sets ready for %s: %s", encoder.name, ", ".join(s.name for s in prompt_sets))

@@ -269,19 +269,36 @@ class PromptSetRegistry:
         except FileNotFoundError:
             stat = None
         if stat is None:
-            available = self.names()
-            raise PromptSetNotFound(f"no prompt set named {name!r} in {self.root}; "
-                                    + (f"available: {', '.join(available)}" if available else
-                                       "none yet (add one with `clip-sidecar prompts add FILE`)"))
+            raise self._not_found(name)
         marker = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         with self._lock:
             cached = self._sets.get(name)
         if cached is not None and cached[0] == marker:
             return cached[1]
-        prompt_set = PromptSet.from_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:  # removed since the stat above (`prompts remove` beside a server)
+            raise self._not_found(name) from None
+        prompt_set = PromptSet.from_dict(json.loads(text), source=str(path))
         with self._lock:
             self._sets[name] = (marker, prompt_set)
         return prompt_set
+
+    def _not_found(self, name: str) -> PromptSetNotFound:
+        available = self.names()
+        return PromptSetNotFound(f"no prompt set named {name!r} in {self.root}; "
+                                 + (f"available: {', '.join(available)}" if available else
+                                    "none yet (add one with `clip-sidecar prompts add FILE`)"))
+
+    def sets(self) -> list[PromptSet]:
+        """Every stored set, by name; one removed while they are read is left out, not an error."""
+        found = []
+        for name in self.names():
+            try:
+                found.append(self.get(name))
+            except PromptSetNotFound:
+                continue
+        return found
 
     def add(self, prompt_set: PromptSet) -> bool:
         """Store the set (replacing one of the same name); False when the stored one is identical."""
@@ -309,14 +326,13 @@ class PromptSetRegistry:
 
     def summaries(self) -> list[SetSummary]:
         out = []
-        for name in self.names():
-            prompt_set = self.get(name)
+        for prompt_set in self.sets():
             models = []
-            for file in sorted((self.root / "vectors" / name).glob("*.npz")):
+            for file in sorted((self.root / "vectors" / prompt_set.name).glob("*.npz")):
                 stored = _read_vectors(file)
                 if stored is not None and stored[0] == prompt_set.vector_key(model=stored[2], weights=stored[3]):
                     models.append(f"{stored[2]} ({stored[3]})")
-            out.append(SetSummary(name=name, version=prompt_set.version, labels=len(prompt_set.labels),
+            out.append(SetSummary(name=prompt_set.name, version=prompt_set.version, labels=len(prompt_set.labels),
                                   prompts=prompt_set.prompt_count, description=prompt_set.description,
                                   models=tuple(models)))
         return out

@@ -9,6 +9,7 @@ import io
 import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,6 +150,27 @@ def test_prompt_sets_are_listed_and_shown(client):
     assert shown["labels"] == ["circle", "square", "triangle", "star", "cross"]
     assert shown["templates"] == ["a {}", "a photo of a {}", "an image of a {}"] and shown["prompts"] == 15
     missing = client.get("/v1/prompt-sets/nope")
+    assert missing.status_code == 404 and missing.json["error"]["code"] == "prompt_set_not_found"
+
+
+def test_a_set_removed_while_a_request_reads_it_is_left_out_or_not_found_not_a_500(build_app, tmp_path, monkeypatch):
+    folder = tmp_path / "prompt-sets"
+    registry = PromptSetRegistry(folder)
+    for name in ("shapes.yaml", "colors.csv"):
+        registry.add(load_prompt_set(EXAMPLE_PROMPT_SETS / name))
+    client = build_app(prompt_sets_dir=folder).test_client()
+    read_text = Path.read_text
+
+    def removed_first(path, *args, **kwargs):  # `clip-sidecar prompts remove shapes`, between the stat and the read
+        if path.name == "shapes.json":
+            path.unlink(missing_ok=True)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", removed_first)
+    listed = client.get("/v1/prompt-sets")
+    assert listed.status_code == 200 and [s["name"] for s in listed.json["data"]] == ["colors"]
+    registry.add(load_prompt_set(EXAMPLE_PROMPT_SETS / "shapes.yaml"))
+    missing = client.post("/v1/classify", json={"set": "shapes", "input": [{"type": "text", "text": "a star"}]})
     assert missing.status_code == 404 and missing.json["error"]["code"] == "prompt_set_not_found"
 
 

@@ -186,6 +186,25 @@ def test_an_unknown_set_names_the_ones_there_are(tmp_path):
         registry.get("../shapes")  # a name is never a path
 
 
+def test_a_set_removed_while_it_is_read_is_not_found_and_left_out_of_the_listing(tmp_path, monkeypatch):
+    registry = PromptSetRegistry(tmp_path)
+    for name in ("shapes.yaml", "colors.csv"):
+        registry.add(load_prompt_set(EXAMPLES / name))
+    read_text = Path.read_text
+
+    def removed_first(path, *args, **kwargs):  # `prompts remove` in another process, just after the stat
+        if path.name == "shapes.json":
+            path.unlink(missing_ok=True)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", removed_first)
+    with pytest.raises(PromptSetNotFound, match="no prompt set named 'shapes'.*available: colors"):
+        registry.get("shapes")
+    registry.add(load_prompt_set(EXAMPLES / "shapes.yaml"))
+    assert [s.name for s in registry.sets()] == ["colors"]
+    assert [s.name for s in registry.summaries()] == ["colors"]
+
+
 def test_an_unwritable_registry_still_serves_the_vectors(tmp_path, caplog):
     registry = PromptSetRegistry(tmp_path)
     shapes = load_prompt_set(EXAMPLES / "shapes.yaml")
