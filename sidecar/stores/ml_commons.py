@@ -385,6 +385,11 @@ class _Cluster:
     def find(self, kind: str, *names: str) -> list[dict[str, Any]]:
         return self.search(kind, {"terms": {"name.keyword": list(names)}})
 
+    def models_of(self, connector_id: str) -> list[dict[str, Any]]:
+        """The models that call through a connector. ml-commons maps `connector_id` as analysed text
+        (lower-cased tokens), so a term query on it never matches a mixed-case id: ask its keyword."""
+        return self.search("models", {"term": {"connector_id.keyword": connector_id}})
+
     def ensure_group(self, name: str, changes: list[str]) -> str:
         found = self.find("model_groups", name)
         if found:
@@ -414,7 +419,7 @@ class _Cluster:
             return connector_id
         # ml-commons refuses to update a connector a deployed model uses: undeploy them first (their
         # ensure_model step deploys them again).
-        for model in self.search("models", {"term": {"connector_id": connector_id}}):
+        for model in self.models_of(connector_id):
             self.request("POST", f"/_plugins/_ml/models/{model['_id']}/_undeploy")
         self.request("PUT", f"/_plugins/_ml/connectors/{connector_id}", body,
                      refused=lambda exc: _connector_refused(exc, body["actions"][0]["url"]))
@@ -462,7 +467,7 @@ class _Cluster:
         return removed
 
     def _delete_connector(self, connector_id: str) -> None:
-        for model in self.search("models", {"term": {"connector_id": connector_id}}):
+        for model in self.models_of(connector_id):
             self.delete_model(model["_id"])
         self.delete(f"/_plugins/_ml/connectors/{connector_id}")
 

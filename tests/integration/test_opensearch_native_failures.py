@@ -23,6 +23,7 @@ from tests.integration.native_support import (
     ml_objects,
     opensearch_args,
     pipeline_document,
+    printed_json,
     rows,
     scrape,
     sidecar_env,
@@ -200,5 +201,27 @@ def test_a_sidecar_with_api_keys_is_called_with_the_connectors_key_and_refused_w
                                                  {"match": {"text": "red circle"}}]}},
                 "ext": {"rerank": {"query_context": {"query_text": "red circle"}}}})["hits"]["hits"]
             assert len(hits) == 5  # embedded and reranked through the connectors, with the key
+    finally:
+        client.close()
+
+
+def test_a_rerun_with_a_changed_option_updates_the_connectors_in_place_and_keeps_the_ids(alias, corpus,
+                                                                                          test_cache_dir, tmp_path):
+    # ml-commons refuses to update a connector a deployed model uses: connect must find those models
+    # (by the connector's id, a text field in ml-commons' mapping) and undeploy them first.
+    env = sidecar_env(alias, tmp_path, test_cache_dir)
+    client = _client()
+    try:
+        with gunicorn_server(env, tmp_path / "sidecar.log") as url:
+            first = printed_json(cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url))
+            rerun = cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url, "--max-connection", "8")
+            assert f"updated connector {alias}-texts" in rerun.output, rerun.output
+            assert printed_json(rerun)["models"] == first["models"]
+            for model_id in first["models"].values():
+                model = client.transport.perform_request("GET", f"/_plugins/_ml/models/{model_id}")
+                assert model["model_state"] == "DEPLOYED", model
+            results = bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[:3]],
+                           pipeline=f"{alias}-image")
+            assert [r["status"] for r in results] == [201] * 3, results
     finally:
         client.close()
