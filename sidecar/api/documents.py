@@ -24,10 +24,14 @@ MAX_FACET_VALUES = 1000
 
 
 def stored_document(store: Store, doc_id: str, *, field: str) -> Document:
-    """The stored document a request names in `field`, or 404 naming the field and the id."""
+    """The stored document a request names in `field`, with its vector: 404 naming the field and the
+    id where there is none, 400 where it has no vector to search by."""
     found = store.fetch([doc_id]) if doc_id else []
     if not found:
         raise DocumentNotFound(f"field '{field}': no document with id {doc_id!r} in the store")
+    if not found[0].vector.size:
+        raise BadRequest(f"field '{field}': document {doc_id!r} has no vector (an ingest pipeline wrote it without "
+                         "the field it embeds): search by its text instead")
     return found[0]
 
 

@@ -160,7 +160,8 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
     if native:
         # Exact inner product from the stored full vectors (what the ANN side scored, without its error).
         with_vectors = {doc.id: doc for doc in store.fetch(ranked)} if fine_stage else documents
-        vector_scores = _exact_scores([doc_id for doc_id in ranked if doc_id in with_vectors], with_vectors, vector)
+        vector_scores = _exact_scores([doc_id for doc_id in ranked if doc_id in with_vectors
+                                       and with_vectors[doc_id].vector.size], with_vectors, vector)
     hits = []
     for doc_id in ranked:
         scores = {"vector": vector_scores.get(doc_id), "bm25": bm25_scores.get(doc_id),

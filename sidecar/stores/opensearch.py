@@ -529,8 +529,8 @@ class OpenSearchStore:
         return [ScoredId(h["_id"], float(h["_score"]) * scale) for h in self._vector_hits(body, dim=len(vector))]
 
     def fetch(self, ids: Sequence[str], *, vectors: bool = True) -> list[Document]:
-        """Full documents in the order asked (vectors from _source, unless `vectors=False`); unknown
-        ids are skipped."""
+        """Full documents in the order asked (vectors from _source, unless `vectors=False`; NO_VECTOR for
+        a document written without one); unknown ids are skipped."""
         if not ids:
             return []
         excludes = ["thumbnail"] if vectors else ["thumbnail", "vector"]
@@ -542,7 +542,9 @@ class OpenSearchStore:
                 continue
             src = d["_source"]
             fine = src.get("fine_vector")
-            found.append(Document(id=d["_id"], vector=np.asarray(src["vector"], dtype=np.float32) if vectors else NO_VECTOR,
+            # A document an ingest pipeline wrote without the field it embeds has no `vector` at all.
+            vector = src.get("vector") if vectors else None
+            found.append(Document(id=d["_id"], vector=NO_VECTOR if vector is None else np.asarray(vector, dtype=np.float32),
                                   text=src.get("text", ""), metadata=src.get("metadata", {}),
                                   content_hash=src.get("content_hash", ""),
                                   fine_vector=None if fine is None else np.frombuffer(base64.b64decode(fine),

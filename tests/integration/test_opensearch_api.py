@@ -173,3 +173,30 @@ def test_an_index_into_the_empty_store_by_another_model_while_serving_is_refused
         assert "vectors of other-clip (weights other-weights" in response.json["error"]["message"]
     finally:
         drop(store)
+
+
+def test_a_document_written_without_a_vector_is_found_by_hybrid_search_and_refused_as_like_with_400(
+        app_on, encoder, node):
+    # An ingest pipeline writes a document that lacks the field it embeds (a text-only document
+    # through the image pipeline) without `vector`: searches must still answer, not 500.
+    store = make_store()
+    try:
+        store.claim(encoder.signature)
+        rng = np.random.default_rng(0)
+        vectors = rng.normal(size=(3, encoder.dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        store.upsert([Document(id=f"d{i}", vector=vectors[i], text=f"blue circle {i}", content_hash=f"h{i}")
+                      for i in range(3)])
+        store.client.index(index=store.alias, id="no-vector", body={"id": "no-vector", "text": "blue circle"},
+                           refresh=True)
+        client = app_on(store)
+        response = client.post("/v1/search", json={"text": "blue circle", "mode": "hybrid", "k": 4})
+        assert response.status_code == 200, response.json
+        hits = {hit["id"]: hit for hit in response.json["hits"]}
+        assert set(hits) == {"d0", "d1", "d2", "no-vector"}
+        assert "vector" not in hits["no-vector"]["scores"] and "vector" in hits["d0"]["scores"]
+        liked = client.post("/v1/search", json={"like": "no-vector"})
+        assert liked.status_code == 400, liked.json
+        assert "field 'like'" in liked.json["error"]["message"] and "no vector" in liked.json["error"]["message"]
+    finally:
+        drop(store)
