@@ -422,10 +422,14 @@ class OpenSearchStore:
             return int(self.client.count(index=self.alias)["count"])
 
     def content_hashes(self) -> dict[str, str]:
-        """id -> content_hash for every stored document, via the scan helper."""
+        """id -> content_hash for every stored document, via the scan helper (none before the alias exists:
+        a first rebuild creates it)."""
         hits = helpers.scan(self.client, index=self.alias, query={"query": {"match_all": {}}},
                             _source=["content_hash"], size=1000)
-        return {h["_id"]: h["_source"].get("content_hash", "") for h in hits}
+        try:
+            return {h["_id"]: h["_source"].get("content_hash", "") for h in hits}
+        except NotFoundError:
+            return {}
 
     def vector_search(
         self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False,

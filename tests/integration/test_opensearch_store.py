@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sidecar.ingest.indexing import rebuild_index
 from sidecar.retrieval.search import SearchOptions, search, uses_native_hybrid
 from sidecar.stores.base import ModelMismatchError, StoreError
 from sidecar.types import Document, ModelSignature
@@ -24,6 +25,7 @@ from tests.integration.conftest import (
     drop,
     make_documents,
     make_store,
+    write_shards,
 )
 
 pytestmark = pytest.mark.integration
@@ -255,3 +257,25 @@ def test_installed_package_finds_plugin_config_through_the_setting(node, tmp_pat
     assert missing.startswith("ERROR") and "SIDECAR_PLUGIN_CONFIG_DIR" in missing
     found = run(env={**env, "SIDECAR_PLUGIN_CONFIG_DIR": str(config)}).stdout
     assert found.strip() == f"OK {config} 0"
+
+
+def test_a_rebuild_counts_the_documents_it_drops_that_the_shards_do_not_hold(store, tmp_path):
+    # A document written by another door (OpenSearch's ingest pipeline) is in no shard: the rebuilt
+    # index lacks it, and the summary must say so instead of "0 deleted".
+    docs, _, _ = make_documents(5)
+    store.upsert(docs)
+    store.client.index(index=store.alias, id="from-the-pipeline", refresh=True,
+                       body={"id": "from-the-pipeline", "text": "red", "vector": docs[0].vector.tolist()})
+    summary = rebuild_index(store, write_shards(tmp_path / "shards", docs), progress=False)
+    assert (summary.deleted, summary.total_in_store) == (1, 5)
+    assert "1 deleted" in summary.describe()
+
+
+def test_a_first_rebuild_onto_an_alias_nothing_set_up_yet_writes_every_document(node, tmp_path):
+    store = make_store()
+    try:
+        docs, _, _ = make_documents(3)
+        summary = rebuild_index(store, write_shards(tmp_path / "shards", docs), progress=False)
+        assert (summary.written, summary.deleted, summary.total_in_store) == (3, 0, 3)
+    finally:
+        drop(store)
