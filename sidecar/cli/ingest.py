@@ -142,13 +142,17 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
 @click.option("--rebuild", is_flag=True,
               help="OpenSearch only: build a new versioned index and swap the alias when it is complete "
                    "(zero downtime); without it, changed documents are upserted in place.")
+@click.option("--drop-unsharded", is_flag=True,
+              help="With --rebuild: drop the stored documents no shard holds (written through OpenSearch's ingest "
+                   "pipeline); without it such a rebuild is refused, naming them, before anything changes.")
 @click.option("--wait-for-lock", "lock_wait_s", type=click.FloatRange(0), default=0, show_default=True,
               metavar="SECONDS",
               help="OpenSearch: when another index run or a --rebuild holds the alias's load lock, wait up to "
                    "SECONDS for it to finish; 0 refuses at once, naming the holder.")
 @store_options
 @click.pass_context
-def index(ctx: click.Context, shards: Path, rebuild: bool, lock_wait_s: float, **kwargs: Any) -> None:
+def index(ctx: click.Context, shards: Path, rebuild: bool, drop_unsharded: bool, lock_wait_s: float,
+          **kwargs: Any) -> None:
     """Load vector SHARDS (from `embed`) into the store: new and changed documents (by the hash
     of image, text and metadata) are written, unchanged ones skipped, deleted ones removed.
     Shards of a different model than the store holds are refused.
@@ -162,11 +166,14 @@ def index(ctx: click.Context, shards: Path, rebuild: bool, lock_wait_s: float, *
     from sidecar.ingest.indexing import index_shards, rebuild_index
     from sidecar.stores import open_store
 
+    if drop_unsharded and not rebuild:
+        raise click.UsageError("--drop-unsharded goes with --rebuild: `index` alone keeps every stored document")
     settings = settings_from(kwargs, STORE_FLAGS)
     store = open_store(settings)
     try:
         if rebuild:
-            summary = rebuild_index(store, shards, lock_wait_s=lock_wait_s, progress=ctx.obj["progress"])
+            summary = rebuild_index(store, shards, lock_wait_s=lock_wait_s, drop_unsharded=drop_unsharded,
+                                    progress=ctx.obj["progress"])
         else:
             summary = index_shards(store, shards, lock_wait_s=lock_wait_s, progress=ctx.obj["progress"])
         click.echo(summary.describe())

@@ -396,6 +396,13 @@ def test_store_check_and_repair_offer_no_target_recall_they_would_ignore(command
     assert result.exit_code == 2 and "No such option" in result.output and "--target-recall" in result.output, result.output
 
 
+def test_index_drop_unsharded_without_rebuild_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["-q", "index", str(tmp_path), "--drop-unsharded", "--store-path",
+                                       str(tmp_path / "store")])
+    assert result.exit_code == 2 and "--drop-unsharded goes with --rebuild" in result.output, result.output
+    assert not (tmp_path / "store").exists()
+
+
 @pytest.mark.parametrize(("command", "env", "origin"), [
     (["prompts", "add", "{examples}/shapes.yaml"], {"SIDECAR_PROMPT_SETS_DIR": "{blocked}"},
      "--prompt-sets or SIDECAR_PROMPT_SETS_DIR"),

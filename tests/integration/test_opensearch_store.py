@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from sidecar.ingest.indexing import rebuild_index
+from sidecar.ingest.shards import ShardError
 from sidecar.retrieval.search import SearchOptions, search, uses_native_hybrid
 from sidecar.stores.base import ModelMismatchError, StoreError
 from sidecar.types import Document, ModelSignature
@@ -259,14 +260,19 @@ def test_installed_package_finds_plugin_config_through_the_setting(node, tmp_pat
     assert found.strip() == f"OK {config} 0"
 
 
-def test_a_rebuild_counts_the_documents_it_drops_that_the_shards_do_not_hold(store, tmp_path):
-    # A document written by another door (OpenSearch's ingest pipeline) is in no shard: the rebuilt
-    # index lacks it, and the summary must say so instead of "0 deleted".
+def test_a_rebuild_that_would_drop_documents_no_shard_holds_is_refused_unless_told_to_drop_them(store, tmp_path):
+    # A document written by another door (OpenSearch's ingest pipeline) is in no shard: a rebuild from the
+    # shards would lose it, so it is refused before anything changes; told to, it drops it and says so.
     docs, _, _ = make_documents(5)
     store.upsert(docs)
     store.client.index(index=store.alias, id="from-the-pipeline", refresh=True,
                        body={"id": "from-the-pipeline", "text": "red", "vector": docs[0].vector.tolist()})
-    summary = rebuild_index(store, write_shards(tmp_path / "shards", docs), progress=False)
+    shards = write_shards(tmp_path / "shards", docs)
+    before = store._alias_indices()
+    with pytest.raises(ShardError, match=r"1 stored documents are in no shard .* 'from-the-pipeline'.*--drop-unsharded"):
+        rebuild_index(store, shards, progress=False)
+    assert store._alias_indices() == before and store.count() == 6
+    summary = rebuild_index(store, shards, drop_unsharded=True, progress=False)
     assert (summary.deleted, summary.total_in_store) == (1, 5)
     assert "1 deleted" in summary.describe()
 
