@@ -73,6 +73,8 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, queries: int =
     along: list[bool] = []  # turned along the data (towards its neighbours), else in any direction
     exact_s: list[float] = []
     for doc in tqdm(store.fetch(sample), desc="exact search (the truth)", unit="query", disable=not progress):
+        if not doc.vector.size:
+            continue  # written by OpenSearch's ingest pipeline without one (a document it could not embed)
         neighbours = [hit for hit in store.vector_search(doc.vector, k + 1, exact=True) if hit.id != doc.id]
         if not neighbours:
             continue  # a store of one document

@@ -11,6 +11,7 @@ import pytest
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.config import Settings
+from sidecar.retrieval.calibration import calibrate
 from sidecar.stores import opensearch
 from sidecar.stores.base import StoreUnavailable
 from sidecar.types import Document, ModelSignature
@@ -175,7 +176,7 @@ def test_an_index_into_the_empty_store_by_another_model_while_serving_is_refused
         drop(store)
 
 
-def test_a_document_written_without_a_vector_is_found_by_hybrid_search_and_refused_as_like_with_400(
+def test_a_document_written_without_a_vector_is_found_by_hybrid_search_refused_as_like_and_skipped_by_calibration(
         app_on, encoder, node):
     # An ingest pipeline writes a document that lacks the field it embeds (a text-only document
     # through the image pipeline) without `vector`: searches must still answer, not 500.
@@ -198,5 +199,7 @@ def test_a_document_written_without_a_vector_is_found_by_hybrid_search_and_refus
         liked = client.post("/v1/search", json={"like": "no-vector"})
         assert liked.status_code == 400, liked.json
         assert "field 'like'" in liked.json["error"]["message"] and "no vector" in liked.json["error"]["message"]
+        # Calibrating the search effort samples stored documents as queries: that one is no query.
+        assert calibrate(store, target_recall=0.5, k=1, queries=4).queries == 3
     finally:
         drop(store)
