@@ -12,6 +12,7 @@ from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.config import Settings
 from sidecar.retrieval.calibration import calibrate
+from sidecar.retrieval.evaluation import ann_recall
 from sidecar.stores import opensearch
 from sidecar.stores.base import StoreUnavailable
 from sidecar.types import Document, ModelSignature
@@ -176,7 +177,7 @@ def test_an_index_into_the_empty_store_by_another_model_while_serving_is_refused
         drop(store)
 
 
-def test_a_document_written_without_a_vector_is_found_by_hybrid_search_refused_as_like_and_skipped_by_calibration(
+def test_a_document_written_without_a_vector_is_found_by_hybrid_search_refused_as_like_and_skipped_as_a_query(
         app_on, encoder, node):
     # An ingest pipeline writes a document that lacks the field it embeds (a text-only document
     # through the image pipeline) without `vector`: searches must still answer, not 500.
@@ -201,5 +202,6 @@ def test_a_document_written_without_a_vector_is_found_by_hybrid_search_refused_a
         assert "field 'like'" in liked.json["error"]["message"] and "no vector" in liked.json["error"]["message"]
         # Calibrating the search effort samples stored documents as queries: that one is no query.
         assert calibrate(store, target_recall=0.5, k=1, queries=4).queries == 3
+        assert ann_recall(store, queries=4, k=1).queries == 3  # eval --ann likewise
     finally:
         drop(store)
