@@ -369,3 +369,24 @@ def test_ids_with_leading_or_doubled_slashes_show_their_own_thumbnails(browser, 
                     shown = hit.locator("img.thumb").evaluate("img => [img.naturalWidth, img.naturalHeight]")
                     assert shown == [*image.size], doc_id
     only_this_server(browser, url)
+
+
+def test_each_filter_is_labelled_by_its_own_field_name(browser, encoder, tmp_path):
+    # Names that differ only in characters outside [A-Za-z0-9_-] (non-ASCII ones, a space against an
+    # underscore): each select must still be named by its own label, not share an id with another.
+    rows = [{"色": "赤", "形": "丸", "a b": "x", "a_b": "p"}, {"色": "青", "形": "四角", "a b": "y", "a_b": "q"}]
+    store_path = tmp_path / "store"
+    with EmbeddedStore(store_path) as store:
+        store.claim(encoder.signature)
+        vectors = encoder.encode_texts(["a red circle"] * len(rows))
+        store.upsert([Document(id=f"doc-{i}", vector=vector, text="red circle", metadata=row)
+                      for i, (row, vector) in enumerate(zip(rows, vectors))])
+    with page_app(Settings(cache_dir=tmp_path / "cache", store_path=store_path), encoder, store_path) as url:
+        page = browser.page
+        page.goto(f"{url}/")
+        page.wait_for_selector("#filters select")
+        labelled = page.eval_on_selector_all("#filters select", "els => els.map(e => [e.dataset.field, "
+                                             "[...e.labels].map(label => label.firstChild.textContent)])")
+        assert sorted(labelled) == sorted([name, [name]] for name in rows[0])
+        for name in rows[0]:
+            assert page.get_by_role("combobox", name=name, exact=True).get_attribute("data-field") == name

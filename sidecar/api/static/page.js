@@ -403,8 +403,9 @@
       fieldset.querySelectorAll('label').forEach((node) => node.remove());
       $('filters-note').textContent = fields.length ? '' : 'No metadata fields to filter by in this store.';
       $('filters-note').hidden = fields.length > 0;
-      for (const [name, facet] of fields) {
-        const id = `filter-${name.replace(/[^A-Za-z0-9_-]/g, '_')}`;
+      // Ids by position: names can differ only in characters an id would have to drop ("a b", "a_b"; 色, 形).
+      for (const [index, [name, facet]] of fields.entries()) {
+        const id = `filter-${index}`;
         const options = [el('option', { value: '' }, 'any'),
           ...facet.values.map(({ value, count }) => el('option', { value: JSON.stringify(value) }, `${format(value)} (${count})`))];
         const select = el('select', { id, 'data-field': name }, ...options);
