@@ -347,12 +347,8 @@ def test_ids_with_leading_or_doubled_slashes_show_their_own_thumbnails(browser, 
     # missing id none. "/red/lead.jpg" was redirected to "red/lead.jpg" (slashes merged).
     thumbnails = {"/red/lead.jpg": jpeg(40, 30), "red//double.jpg": jpeg(30, 50), "red/lead.jpg": jpeg(20, 20),
                   "red/none.jpg": None}
-    store_path = tmp_path / "store"
-    with EmbeddedStore(store_path) as store:
-        store.claim(encoder.signature)
-        vectors = encoder.encode_texts(["a red circle"] * len(thumbnails))
-        store.upsert([Document(id=doc_id, vector=vector, text="red circle", thumbnail=data)
-                      for (doc_id, data), vector in zip(thumbnails.items(), vectors)])
+    store_path = red_circles(encoder, tmp_path / "store",
+                             [{"id": doc_id, "thumbnail": data} for doc_id, data in thumbnails.items()])
     with page_app(Settings(cache_dir=tmp_path / "cache", store_path=store_path), encoder, store_path) as url:
         page = browser.page
         page.goto(f"{url}/")
@@ -375,12 +371,7 @@ def test_each_filter_is_labelled_by_its_own_field_name(browser, encoder, tmp_pat
     # Names that differ only in characters outside [A-Za-z0-9_-] (non-ASCII ones, a space against an
     # underscore): each select must still be named by its own label, not share an id with another.
     rows = [{"色": "赤", "形": "丸", "a b": "x", "a_b": "p"}, {"色": "青", "形": "四角", "a b": "y", "a_b": "q"}]
-    store_path = tmp_path / "store"
-    with EmbeddedStore(store_path) as store:
-        store.claim(encoder.signature)
-        vectors = encoder.encode_texts(["a red circle"] * len(rows))
-        store.upsert([Document(id=f"doc-{i}", vector=vector, text="red circle", metadata=row)
-                      for i, (row, vector) in enumerate(zip(rows, vectors))])
+    store_path = red_circles(encoder, tmp_path / "store", [{"metadata": row} for row in rows])
     with page_app(Settings(cache_dir=tmp_path / "cache", store_path=store_path), encoder, store_path) as url:
         page = browser.page
         page.goto(f"{url}/")
@@ -390,3 +381,34 @@ def test_each_filter_is_labelled_by_its_own_field_name(browser, encoder, tmp_pat
         assert sorted(labelled) == sorted([name, [name]] for name in rows[0])
         for name in rows[0]:
             assert page.get_by_role("combobox", name=name, exact=True).get_attribute("data-field") == name
+
+
+def red_circles(encoder, store_path: Path, documents: list[dict]) -> Path:
+    """An embedded store of documents with the vector of "a red circle" and text "red circle", ids `doc-0`,
+    `doc-1`, …, and the Document fields each dict gives (an id among them)."""
+    with EmbeddedStore(store_path) as store:
+        store.claim(encoder.signature)
+        vectors = encoder.encode_texts(["a red circle"] * len(documents))
+        store.upsert([Document(**{"id": f"doc-{i}", "vector": vector, "text": "red circle", **fields})
+                      for i, (fields, vector) in enumerate(zip(documents, vectors))])
+    return store_path
+
+
+def test_a_long_unbroken_caption_or_field_name_stays_inside_its_result(browser, encoder, tmp_path):
+    # A caption of one long word (a URL, a file name) or a long metadata field name: wrapped inside the
+    # result's card, never drawn over the results beside it.
+    long_word = "holiday_photos_2019_" + "DSC" * 40 + ".jpg"
+    store_path = red_circles(encoder, tmp_path / "store", [
+        {"text": long_word, "thumbnail": jpeg(20, 20)},
+        {"metadata": {"camera_serial_number_of_the_body_that_took_this_picture": "x"}, "thumbnail": jpeg(20, 20)},
+        {"thumbnail": jpeg(20, 20)}])
+    with page_app(Settings(cache_dir=tmp_path / "cache", store_path=store_path), encoder, store_path) as url:
+        page = browser.page
+        page.goto(f"{url}/")
+        page.wait_for_function("() => !document.getElementById('filters-note').textContent.startsWith('Loading')")
+        search_for(page, "red circle")
+        widths = page.eval_on_selector_all("#hits > li", "els => els.map(e => [e.dataset.id, e.clientWidth, "
+                                           "Math.max(...[...e.querySelectorAll('*')].map(c => c.scrollWidth))])")
+        assert len(widths) == 3
+        for doc_id, card, widest in widths:
+            assert widest <= card, f"{doc_id}: content {widest} px wide in a card of {card} px"
