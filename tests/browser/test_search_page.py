@@ -412,3 +412,30 @@ def test_a_long_unbroken_caption_or_field_name_stays_inside_its_result(browser, 
         assert len(widths) == 3
         for doc_id, card, widest in widths:
             assert widest <= card, f"{doc_id}: content {widest} px wide in a card of {card} px"
+
+
+def test_a_new_api_key_keeps_the_chosen_filters_for_the_next_page(browser, encoder, store_path, tmp_path):
+    # A key typed in reloads the facets: the filters chosen stay chosen, so the next page is of the same
+    # (filtered) ranking as the one on screen, not of an unfiltered one.
+    first, second = new_key(), new_key()
+    settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path,
+                        api_keys=f"{key_entry('one', ['search'], first)},{key_entry('two', ['search'], second)}")
+    with page_app(settings, encoder, store_path) as url:
+        page = browser.page
+        page.goto(f"{url}/")
+        page.fill("#api-key", first)
+        page.press("#api-key", "Tab")
+        page.wait_for_selector("#filters select")
+        page.select_option("#page-size", "10")
+        search_for(page, "circle")
+        blue = json.dumps("blue")
+        settle(page, "/v1/search", lambda: page.select_option("#filters select[data-field='color']", blue))
+        assert {hit["metadata"]["color"] for hit in hits(page)} == {"blue"} and page.is_enabled("#next-page")
+        before = page.query_selector("#filters select[data-field='color']")
+        page.fill("#api-key", second)
+        page.press("#api-key", "Tab")
+        page.wait_for_function("select => !select.isConnected", arg=before)  # the facets' controls were rebuilt
+        assert page.input_value("#filters select[data-field='color']") == blue
+        settle(page, "/v1/search", lambda: page.click("#next-page"))
+        shown = hits(page)
+        assert shown and {hit["metadata"]["color"] for hit in shown} == {"blue"}

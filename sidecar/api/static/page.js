@@ -400,6 +400,8 @@
     try {
       const answer = await api('/v1/facets');
       const fields = Object.entries(answer.facets).filter(([, facet]) => facet.values.length > 1);
+      // Reloaded (a new API key): the values chosen stay chosen, or the next page would be of another ranking.
+      const chosen = new Map([...fieldset.querySelectorAll('select')].map((select) => [select.dataset.field, select.value]));
       fieldset.querySelectorAll('label').forEach((node) => node.remove());
       $('filters-note').textContent = fields.length ? '' : 'No metadata fields to filter by in this store.';
       $('filters-note').hidden = fields.length > 0;
@@ -409,6 +411,7 @@
         const options = [el('option', { value: '' }, 'any'),
           ...facet.values.map(({ value, count }) => el('option', { value: JSON.stringify(value) }, `${format(value)} (${count})`))];
         const select = el('select', { id, 'data-field': name }, ...options);
+        if (options.some((option) => option.value === chosen.get(name))) select.value = chosen.get(name);
         fieldset.append(el('label', { for: id }, name, select));
       }
       if (answer.documents !== undefined) updateCount(answer.documents);
