@@ -120,15 +120,20 @@ _split_share = None  # the DecodeSplit's shared share, or None: every eligible J
 _cpu_credit = 0.0  # this worker's running count of JPEGs owed to the CPU under the share
 
 
+def ignore_ctrl_c() -> None:
+    """A worker process's start: Ctrl-C reaches the whole process group, and the parent stops the job
+    and terminates its workers. A worker dying of it instead prints a traceback of its own, loses its
+    task and can leave the parent waiting for ever (a pool worker killed holding its queue's lock)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _init_worker(images: ImagePreprocess, max_pixels: int, on_device: bool, slots: np.ndarray,
                  thumbnail_side: int, split_share=None) -> None:
     global _images, _max_pixels, _on_device, _slots, _thumbnail_side, _split_share, _cpu_credit
     _images, _max_pixels, _on_device, _slots, _thumbnail_side = images, max_pixels, on_device, slots, thumbnail_side
     _split_share, _cpu_credit = split_share, 0.0
     if multiprocessing.parent_process() is not None:
-        # Ctrl-C reaches the whole process group: the parent stops the job and terminates the
-        # pool. A worker dying of it instead would lose its task and leave the parent waiting.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_ctrl_c()
         # Each worker resizes on one core (torch's uint8 kernels): the pool is the parallelism.
         torch.set_num_threads(1)
 

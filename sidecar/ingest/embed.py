@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from sidecar.config import DECODE_MODES, THUMBNAIL_SIDE
 from sidecar.ingest.corpus import CorpusError, CorpusItem, printable, read_corpus
-from sidecar.ingest.decode_pool import DecodeSplit, decoded_batches
+from sidecar.ingest.decode_pool import DecodeSplit, decoded_batches, ignore_ctrl_c
 from sidecar.ingest.identity import document_hash, image_hash
 from sidecar.ingest.shards import ShardRow, ShardSet, exclusive_writer
 from sidecar.ingest.tagging import Tagger, tagged
@@ -429,7 +429,8 @@ def _scan(source: Path, *, workers: int, progress: bool,
     # Hashing reads every file: on a large corpus that is seconds of one core, so the decode
     # worker count hashes in parallel too (small corpora are not worth the processes).
     parallel = hash_files is None and workers > 1 and len(items) >= PARALLEL_SCAN_MIN
-    with multiprocessing.get_context("fork").Pool(workers) if parallel else contextlib.nullcontext() as pool:
+    with (multiprocessing.get_context("fork").Pool(workers, initializer=ignore_ctrl_c) if parallel
+          else contextlib.nullcontext()) as pool:
         paths = [item.path for item in items]
         if hash_files is not None:
             digests = hash_files(paths)

@@ -28,6 +28,7 @@ import sidecar
 from sidecar.cli import main
 from sidecar.cli.ingest import embed
 from sidecar.config import Settings
+from sidecar.ingest.embed import PARALLEL_SCAN_MIN
 from sidecar.ingest.indexing import index_shards
 from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.synthetic import sample_items, write_corpus
@@ -172,6 +173,48 @@ def test_ctrl_c_stops_embed_promptly_and_the_rerun_completes_it(tmp_path):
     assert result.returncode == 0, result.stderr
     ids = shard_ids(out)
     assert len(ids) == len(set(ids)) == 6000
+
+
+# `clip-sidecar embed` with every image's hashing slowed down, so that the Ctrl-C lands while the scan's
+# pool hashes: the first hash in a worker touches STARTED.
+_SLOW_SCAN_EMBED = """
+import sys, time
+from pathlib import Path
+import sidecar.ingest.embed as embed
+from sidecar.cli import main
+started, real_hash = Path(sys.argv[1]), embed.image_hash
+def slow_hash(path):
+    started.touch()
+    time.sleep(0.02)
+    return real_hash(path)
+embed.image_hash = slow_hash
+main(["-q", "embed", *sys.argv[2:]])
+"""
+
+
+def test_ctrl_c_during_the_parallel_scan_ends_embed_in_one_line_leaving_no_worker(tmp_path):
+    manifest = write_corpus(tmp_path / "corpus", PARALLEL_SCAN_MIN, seed=7, size=32)
+    started = tmp_path / "scan-started"
+    args = [sys.executable, "-c", _SLOW_SCAN_EMBED, str(started), str(manifest), "--out", str(tmp_path / "shards"),
+            "--workers", "2"]
+    with sigint_caught():
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not started.exists():
+            assert process.poll() is None, "embed exited before its scan began"
+            assert time.monotonic() < deadline, "the scan never began"
+            time.sleep(0.02)
+        time.sleep(0.5)  # both workers hashing
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+        _, stderr = process.communicate(timeout=60)  # a hang (a worker killed holding the pool's lock) fails here
+        with pytest.raises(ProcessLookupError):  # no scan worker left behind
+            os.killpg(process.pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a hung run must not outlive the test
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0 and stderr.strip() == "Aborted!", stderr
 
 
 def test_incremental_rerun_embeds_only_new_and_changed_files_and_index_removes_deleted(encoder, tmp_path):
