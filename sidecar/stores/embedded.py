@@ -250,7 +250,7 @@ class EmbeddedStore:
                         conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    _roll_back(conn)
                     raise
         row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
         if row is None or row[0] not in _READABLE_FORMATS:
@@ -297,7 +297,7 @@ class EmbeddedStore:
                                  [("format", _FORMAT_VERSION), ("generation", str(generation + 1))])
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _roll_back(conn)
                 raise
 
     def _rebuild_bm25(self, conn: sqlite3.Connection) -> int:
@@ -474,7 +474,7 @@ class EmbeddedStore:
                     conn.execute("UPDATE meta SET value = ? WHERE key = 'bm25_opstamp'", (str(opstamp),))
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _roll_back(conn)
                 raise
             if write.committed is not None:
                 with self._state_lock:
@@ -967,7 +967,7 @@ class EmbeddedStore:
                 committed = self._repair(conn, report)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _roll_back(conn)
                 raise
             if committed is not None:
                 with self._state_lock:
@@ -1204,6 +1204,14 @@ def _hnsw_rows(meta: dict[str, str]) -> int:
     if "hnsw_rows" in meta:
         return int(meta["hnsw_rows"])
     return int(meta["n_rows"]) if "hnsw_file" in meta else 0
+
+
+def _roll_back(conn: sqlite3.Connection) -> None:
+    """Undo a write transaction that an exception cut short, if it is still open: a Ctrl-C that arrives
+    while COMMIT runs is raised only once COMMIT has returned, with the write committed and nothing left
+    to roll back (a ROLLBACK then fails, and its error would replace the interrupt)."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _fsync_directory(path: Path) -> None:

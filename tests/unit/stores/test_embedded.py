@@ -871,6 +871,41 @@ def test_a_write_cut_off_between_its_bm25_and_sqlite_commits_is_healed_by_the_ne
         assert {h.id for h in store.text_search("number25", 5)} == {"doc25"}
 
 
+class _CtrlCDuringCommit:
+    """The store's writer connection, with a Ctrl-C arriving while COMMIT runs: Python raises it once
+    the statement has returned, the write committed."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        cursor = self._conn.execute(sql, *args)
+        if sql == "COMMIT":
+            raise KeyboardInterrupt
+        return cursor
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+def test_ctrl_c_during_a_commit_surfaces_as_the_interrupt_and_the_write_stays_committed(tmp_path: Path):
+    path = tmp_path / "s"
+    docs = make_docs(10)
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(docs[:5])
+        real_writer = store._writer
+        store._writer = _CtrlCDuringCommit(real_writer)
+        try:
+            with pytest.raises(KeyboardInterrupt):  # not sqlite3.OperationalError from a ROLLBACK of nothing
+                store.upsert(docs[5:])
+        finally:
+            store._writer = real_writer
+    with EmbeddedStore(path) as store:
+        assert store.count() == 10
+        assert store.check().clean
+
+
 def test_filtered_text_search_gives_the_same_hits_whichever_way_it_restricts(store: EmbeddedStore, monkeypatch):
     store.upsert(make_docs(200))
     filters = {"colour": ["red", "blue"], "tags": "even"}
