@@ -140,7 +140,7 @@ def tag(ctx: click.Context, shards: Path, tags: tuple[str, ...], clear: bool, sh
     `embed` or another `tag` writes them, this is refused at once, naming that job.
 
     \b
-      clip-sidecar tag data/shards --tag category --tag colour:0.3
+      clip-sidecar tag data/shards --tag shapes --tag colors:0.3
       clip-sidecar tag data/shards          # the same sets again, after `prompts add` changed one
       clip-sidecar index data/shards
     """

@@ -100,6 +100,19 @@ def test_tags_written_at_embed_time_are_filtered_on_in_the_embedded_store(corpus
     assert "400 items: 0 embedded, 400 unchanged" in rerun
 
 
+def test_the_tag_help_examples_run_as_written_after_adding_the_example_prompt_sets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples' default paths: data/shards, data/prompt-sets, data/store
+    cli_ok("prompts", "add", *sorted(EXAMPLE_PROMPT_SETS.iterdir()))
+    cli_ok("embed", write_corpus(tmp_path / "corpus", 20, seed=4), "--out", "data/shards", "--workers", "0")
+    help_text = CliRunner().invoke(main, ["tag", "--help"]).output
+    examples = [line.split("#")[0].split()[1:] for line in help_text.splitlines()
+                if line.strip().startswith("clip-sidecar ")]
+    assert len(examples) == 3
+    for example in examples:
+        cli_ok(*example)
+    assert all(metadata["tag_shapes"] for metadata in live_rows(tmp_path / "data" / "shards").values())
+
+
 def test_retagging_after_a_set_changes_reuses_the_stored_vectors_and_reads_no_image(sets, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", 60, seed=31)
     out, store_path = tmp_path / "shards", tmp_path / "store"
