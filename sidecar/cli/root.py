@@ -110,6 +110,8 @@ def settings_from(kwargs: dict[str, Any], names: tuple[str, ...]) -> Settings:
     return settings
 
 
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C
+
 # A folder or file the user pointed a command at that it cannot create or write: theirs to fix, not a bug.
 _UNWRITABLE = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
                errno.EDQUOT}
@@ -151,7 +153,8 @@ def configure_logging(*, verbose: bool, quiet: bool) -> None:
 
 class _Group(click.Group):
     """Turns the errors a user can fix (unknown model or weights, a store of another model, bad corpus,
-    unreachable store, bad prompt set, a folder it cannot create or write) into one clear line and exit code 1, instead of a traceback."""
+    unreachable store, bad prompt set, a folder it cannot create or write) into one clear line and exit code 1, instead of a traceback;
+    Ctrl-C into "Aborted!" and exit code 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from sidecar.ingest.corpus import CorpusError
@@ -162,6 +165,11 @@ class _Group(click.Group):
 
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # click's own handling says "Aborted!" but exits 1, the status of an error to fix: a script
+            # could not tell Ctrl-C from a failure. 130 (128 + SIGINT) is what shells give it.
+            click.echo("\nAborted!", err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
         except (CorpusError, ShardError, StoreError, PromptSetError, ModelSettingsError) as exc:
             raise click.ClickException(str(exc)) from exc
         except OSError as exc:

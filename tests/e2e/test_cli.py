@@ -175,6 +175,32 @@ def test_ctrl_c_stops_embed_promptly_and_the_rerun_completes_it(tmp_path):
     assert len(ids) == len(set(ids)) == 6000
 
 
+def test_ctrl_c_exits_130_saying_aborted_not_1_the_status_of_an_error_to_fix(tmp_path):
+    fifo = tmp_path / "prompts"
+    os.mkfifo(fifo)
+    with sigint_caught():
+        process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "cache", "warm", str(fifo)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+    writer = None
+    try:
+        deadline = time.monotonic() + 60
+        while writer is None:  # opening the FIFO's write end succeeds once the command has it open to read
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "cache warm never opened PROMPTS"
+            with contextlib.suppress(OSError):
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGINT)  # while it waits for the prompts
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert (process.returncode, stderr.strip()) == (130, "Aborted!")
+
+
 # `clip-sidecar embed` with every image's hashing slowed down, so that the Ctrl-C lands while the scan's
 # pool hashes: the first hash in a worker touches STARTED.
 _SLOW_SCAN_EMBED = """
