@@ -132,9 +132,11 @@ def test_a_killed_holder_leaves_the_folder_free_at_once_while_its_forked_childre
     # As a killed embed's decode workers do, for up to a few images: they were forked while it held the lock.
     holder = subprocess.Popen(
         [sys.executable, "-c", "import multiprocessing, time; from sidecar.ingest.shards import exclusive_writer\n"
+         "def work(started):\n    started.set(); time.sleep(600)\n"  # set once the child's fork hooks ran
          f"with exclusive_writer({str(tmp_path)!r}):\n"
-         "    child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(600,))\n"
-         "    child.start(); print(child.pid, flush=True); time.sleep(600)"],
+         "    context = multiprocessing.get_context('fork'); started = context.Event()\n"
+         "    child = context.Process(target=work, args=(started,)); child.start(); started.wait(60)\n"
+         "    print(child.pid, flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         child = int(holder.stdout.readline())
