@@ -122,6 +122,7 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
          resources: RayResources, max_pixels: int, thumbnail_side: int, progress: bool) -> EmbedSummary:
     started = time.perf_counter()
     stages: defaultdict[str, float] = defaultdict(float)
+    actors, actor_gpus = _actor_pool(ray, resources)  # before the scan: its hash tasks need a node that holds them
     # The driver's copy of the models, on its CPU: their signatures and preprocessing for the plan and
     # the decode tasks (and the tiny model trained into the cache before any actor wants it).
     driver_settings = dataclasses.replace(settings, device="cpu", precision="fp32")
@@ -135,7 +136,6 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
     with errors_file(out, plan) as errors, \
             tqdm(total=len(plan.todo), unit="img", desc="embed (ray)", disable=not progress) as bar:
         if plan.todo:
-            actors, actor_gpus = _actor_pool(ray, resources)
             log.info("ray: %d images to embed on %d node(s); up to %d encoder actor(s) with %s GPU and %s CPU each",
                      len(plan.todo), len([n for n in ray.nodes() if n["Alive"]]), actors, actor_gpus,
                      resources.actor_cpus)
@@ -172,6 +172,17 @@ def _actor_pool(ray: Any, resources: RayResources) -> tuple[int, float]:
     """(most encoder actors, GPUs per actor): one actor per GPU where the cluster has GPUs."""
     total = ray.cluster_resources()
     gpus = int(total.get("GPU", 0))
+    # An actor or a task reserves its CPUs on one node (an actor, with a GPU, on a GPU node): more
+    # than any node has passes a check of the cluster's total, and the job then waits forever.
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    for flag, cpus, hosts, kind in (
+            ("--actor-cpus", resources.actor_cpus, [n for n in nodes if n.get("GPU", 0) >= 1] if gpus else nodes,
+             "GPU node" if gpus else "node"),
+            ("--task-cpus", resources.task_cpus, nodes, "node")):
+        largest = max((node.get("CPU", 0) for node in hosts), default=0)
+        if cpus > largest:
+            raise RayUnavailable(f"{flag} {cpus:g}: no {kind} of the cluster has that many CPUs (the largest has "
+                                 f"{largest:g}); lower {flag} or add a larger node")
     if gpus:
         return resources.actors or gpus, 1.0
     cpus = total.get("CPU", 0)

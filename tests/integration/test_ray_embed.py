@@ -181,6 +181,24 @@ def test_relative_paths_are_the_drivers_even_where_the_cluster_started_elsewhere
     assert_same_shards(tmp_path / "shards", local)
 
 
+@pytest.mark.parametrize("flag", ["--actor-cpus", "--task-cpus"])
+def test_more_cpus_than_any_node_has_is_refused_naming_the_flag_instead_of_waiting_forever(ray_cluster, tmp_path,
+                                                                                           flag):
+    """The cluster holds 2 CPUs, 1 per node: 1.5 for an actor or a task fits the total but no node."""
+    _, address = ray_cluster
+    manifest = write_corpus(tmp_path / "corpus", 4, seed=43)
+    process = ray_embed(address, manifest, tmp_path / "shards", flag, "1.5")  # the last value given counts
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 1, stderr
+    assert f"Error: {flag} 1.5: no node of the cluster has that many CPUs (the largest has 1)" in stderr
+    assert not list((tmp_path / "shards").glob("shard-*"))
+
+
 def cluster_processes(env: dict[str, str], pattern: str) -> list[str]:
     """Command lines of the cluster's live processes that start with `pattern` (e.g. ray::MapWorker)."""
     sids = set(Path(env["RAY_LOCAL_DIR"], "sid").read_text().split())
