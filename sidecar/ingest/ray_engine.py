@@ -20,12 +20,14 @@ exist everywhere). Workers import the driver's own `sidecar` package: Ray ships 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -84,7 +86,11 @@ def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address:
     on this machine): the same shards, thumbnails, skips and summary as `embed.embed_corpus`."""
     # The cluster's processes run in folders of their own: relative paths are the driver's, made absolute here.
     source, out = Path(source).absolute(), Path(out).absolute()
-    with exclusive_writer(out):  # held by the driver alone: its tasks write shard files, never the manifest
+    # Ray's driver prints the cluster's error messages (a node lost, with 20 lines of its raylet's log)
+    # on stdout whatever log_to_driver says: on stderr, beside the progress and the logs, they leave
+    # stdout to the job's summary. The lock is held by the driver alone: its tasks write shard files,
+    # never the manifest.
+    with contextlib.redirect_stdout(sys.stderr), exclusive_writer(out):
         ray = _connect(address)
         try:
             return _run(ray, settings, source, out, batch_size=batch_size, shard_size=shard_size,

@@ -249,8 +249,8 @@ def test_a_killed_ray_run_continues_where_it_stopped_with_nothing_lost_or_duplic
     assert not list(out.glob("*.tmp"))
 
 
-def test_a_node_lost_mid_run_the_job_completes_on_the_rest_with_nothing_lost_or_duplicated(ray_cluster, kill_corpus,
-                                                                                             tmp_path):
+def test_a_node_lost_mid_run_the_job_completes_on_the_rest_with_nothing_lost_or_duplicated_and_stdout_the_summary(
+        ray_cluster, kill_corpus, tmp_path):
     env, address = ray_cluster
     manifest, local_out = kill_corpus
     out = tmp_path / "shards"
@@ -266,5 +266,6 @@ def test_a_node_lost_mid_run_the_job_completes_on_the_rest_with_nothing_lost_or_
             process.kill()
         # Give the cluster its second node back for whatever runs after.
         subprocess.run([str(RAY_LOCAL), "start-node", "2"], env=env, capture_output=True, timeout=180)
-    assert "1200 items: 1200 embedded, 0 unchanged, 0 failed" in stdout
+    # stdout is the summary alone: Ray's report of the lost node (its raylet's last log lines) is not on it.
+    assert len(stdout.splitlines()) == 1 and stdout.startswith("1200 items: 1200 embedded, 0 unchanged, 0 failed")
     assert_same_shards(out, local_out)
