@@ -177,6 +177,10 @@ class Settings:
     metrics_public: bool = False
     # Serve without API keys on an address other than loopback (`serve --insecure`): on purpose only.
     insecure: bool = False
+    # Without API keys, the Host names a request may be addressed to besides localhost and IP addresses
+    # (comma-separated; ".example.com" takes its subdomains too; "*" any): a web page could otherwise read
+    # an open API through DNS rebinding (sidecar/api/auth.py). Unused once api_keys names any key.
+    allowed_hosts: str = ""
 
     # Prompt sets (`clip-sidecar prompts`, /v1/classify, `embed --tag`): one file per set, and their
     # vectors per model, in this folder.

@@ -27,7 +27,8 @@ class Unauthorized(ApiError):
 
 
 class Forbidden(ApiError):
-    """A valid API key whose scopes do not include the endpoint."""
+    """A valid API key whose scopes do not include the endpoint; without keys, a request addressed to a
+    Host the open API does not answer (sidecar/api/auth.py host_guard)."""
 
     status, code = 403, "forbidden"
 

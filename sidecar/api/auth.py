@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
+from urllib.parse import urlsplit
 
 from sidecar.config import Settings
 from sidecar.errors import Forbidden, RateLimited, Unauthorized
@@ -219,14 +220,53 @@ def refusal_to_serve(settings: Settings, hosts: Iterable[str]) -> str | None:
             f"(SIDECAR_INSECURE=true) to serve open on purpose")
 
 
+def host_guard(allowed_hosts: str) -> Callable[[str], None]:
+    """A check of a request's Host header for an API without keys: `check(host)` raises Forbidden
+    unless the host is localhost (or a subdomain of it), an IP address, or in `allowed_hosts`.
+
+    Why: a web page the user opens can rename its own domain to 127.0.0.1 (DNS rebinding) and then
+    read an open API on loopback as same-origin; its requests still carry the page's domain in Host.
+    No browser lets a page set Host, so requests from programs (curl, OpenSearch, the tests) pass."""
+    names = {name.strip().lower().rstrip(".") for name in allowed_hosts.split(",") if name.strip()}
+    if "*" in names:
+        return lambda host: None
+    suffixes = tuple(name for name in names if name.startswith(".")) + (".localhost",)
+    exact = {name.lstrip(".") for name in names} | {"localhost"}
+
+    def check(host: str) -> None:
+        try:
+            name = (urlsplit(f"//{host}").hostname or "").rstrip(".")
+        except ValueError:  # a malformed bracketed address
+            name = ""
+        if name in exact or name.endswith(suffixes):
+            return
+        try:
+            ipaddress.ip_address(name)
+            return
+        except ValueError:
+            pass
+        raise Forbidden(f"Host {host!r} is not localhost, an IP address or in allowed_hosts: an API without keys "
+                        f"answers only requests addressed to those (a web page could otherwise read it through DNS "
+                        f"rebinding). Add the name to SIDECAR_ALLOWED_HOSTS, or configure API keys")
+    return check
+
+
 def init_app(app: Flask, settings: Settings, *, public_paths: tuple[str, ...] = ()) -> None:
     """Require a key on every request (but /healthz, `public_paths`, and /metrics when metrics_public)
-    once SIDECAR_API_KEYS names any; without keys the API is open, as `serve` allows only on loopback."""
+    once SIDECAR_API_KEYS names any; without keys the API is open, as `serve` allows only on loopback,
+    to requests addressed to a host `host_guard` admits."""
     from flask import request  # here, not at the top: the CLI imports this module for `keys create`
 
     entries = parse_key_entries(settings.api_keys)
     if not entries:
-        log.info("no API keys configured (SIDECAR_API_KEYS): every endpoint is open")
+        log.info("no API keys configured (SIDECAR_API_KEYS): every endpoint is open to requests addressed to "
+                 "localhost, an IP address%s", f" or {settings.allowed_hosts}" if settings.allowed_hosts else "")
+        check_host = host_guard(settings.allowed_hosts)
+
+        @app.before_request
+        def require_local_host():
+            if request.path not in OPEN_PATHS:  # liveness probes address the pod or container by any name
+                check_host(request.host)
         return
     open_paths = OPEN_PATHS + public_paths + (("/metrics",) if settings.metrics_public else ())
     guard = KeyGuard(entries, rate=settings.api_rate_limit, burst=settings.api_rate_burst, open_paths=open_paths)

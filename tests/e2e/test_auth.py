@@ -153,6 +153,54 @@ def test_without_keys_every_endpoint_is_open(build_app, tmp_path):
         assert call(client, method, path, body).status_code == 200, path
 
 
+REBOUND = "rebound.example:8080"  # what a page's requests carry once its domain resolves to 127.0.0.1
+
+
+@pytest.mark.parametrize("method, path, body", PROTECTED, ids=IDS)
+def test_without_keys_a_request_addressed_to_another_host_gets_403_naming_it_and_the_setting(build_app, tmp_path,
+                                                                                           method, path, body):
+    client = build_app(quality_log_dir=str(tmp_path / "quality")).test_client()
+    response = client.open(path, method=method, json=body, headers={"Host": REBOUND})
+    assert response.status_code == 403, response.json
+    assert response.json["error"]["code"] == "forbidden"
+    assert repr(REBOUND) in response.json["error"]["message"]
+    assert "SIDECAR_ALLOWED_HOSTS" in response.json["error"]["message"]
+
+
+def test_without_keys_liveness_answers_any_host(build_app):
+    assert build_app().test_client().get("/healthz", headers={"Host": REBOUND}).status_code == 200
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8080", "LocalHost.:8080", "page.localhost:8080",
+                                  "127.0.0.1:8080", "[::1]:8080", "10.1.2.3", "[fd00::5]:80"])
+def test_without_keys_localhost_its_subdomains_and_ip_addresses_are_answered(build_app, host):
+    assert build_app().test_client().get("/v1/models", headers={"Host": host}).status_code == 200
+
+
+def test_allowed_hosts_admits_its_names_and_domains_and_star_admits_any(build_app):
+    client = build_app(allowed_hosts="sidecar, .example.com").test_client()
+    statuses = {host: client.get("/v1/models", headers={"Host": host}).status_code
+                for host in ("sidecar:8080", "example.com", "api.example.com", "notexample.com", "sidecar.evil")}
+    assert statuses == {"sidecar:8080": 200, "example.com": 200, "api.example.com": 200, "notexample.com": 403,
+                        "sidecar.evil": 403}
+    anything = build_app(allowed_hosts="*").test_client()
+    assert anything.get("/v1/models", headers={"Host": REBOUND}).status_code == 200
+
+
+def test_with_keys_the_host_is_not_checked(keyed, keys):
+    assert keyed.get("/v1/models", headers={"Host": REBOUND, "Authorization": f"Bearer {keys['ops']}"}
+                     ).status_code == 200
+
+
+def test_the_served_open_api_refuses_a_rebound_host_and_answers_its_own_address(store_path, tmp_path):
+    env = {"SIDECAR_STORE_PATH": str(store_path), "SIDECAR_TEXT_CACHE_PATH": str(tmp_path / "text.sqlite")}
+    with gunicorn_server(env, tmp_path / "server.log") as url:
+        rebound = requests.get(f"{url}/v1/models", headers={"Host": REBOUND}, timeout=60)
+        direct = requests.get(f"{url}/v1/models", timeout=60)
+    assert (rebound.status_code, direct.status_code) == (403, 200)
+    assert repr(REBOUND) in rebound.json()["error"]["message"]
+
+
 def test_over_the_rate_a_key_gets_429_with_retry_after_and_other_keys_are_still_served(build_app, keys):
     # 0.01 requests/s: no token comes back while the test runs, however slow the machine.
     client = build_app(api_keys=entries(keys, "ops", "web"), api_rate_limit=0.01, api_rate_burst=3).test_client()
