@@ -3,6 +3,7 @@ often (a token bucket per key)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -233,21 +234,27 @@ def host_guard(allowed_hosts: str) -> Callable[[str], None]:
     suffixes = tuple(name for name in names if name.startswith(".")) + (".localhost",)
     exact = {name.lstrip(".") for name in names} | {"localhost"}
 
-    def check(host: str) -> None:
+    # Clients address a server by a handful of names: remembered, the check costs a dict lookup per
+    # request instead of ~7 µs of parsing an IP address.
+    @functools.lru_cache(maxsize=256)
+    def admitted(host: str) -> bool:
         try:
             name = (urlsplit(f"//{host}").hostname or "").rstrip(".")
         except ValueError:  # a malformed bracketed address
-            name = ""
+            return False
         if name in exact or name.endswith(suffixes):
-            return
+            return True
         try:
             ipaddress.ip_address(name)
-            return
+            return True
         except ValueError:
-            pass
-        raise Forbidden(f"Host {host!r} is not localhost, an IP address or in allowed_hosts: an API without keys "
-                        f"answers only requests addressed to those (a web page could otherwise read it through DNS "
-                        f"rebinding). Add the name to SIDECAR_ALLOWED_HOSTS, or configure API keys")
+            return False
+
+    def check(host: str) -> None:
+        if not admitted(host):
+            raise Forbidden(f"Host {host!r} is not localhost, an IP address or in allowed_hosts: an API without keys "
+                            f"answers only requests addressed to those (a web page could otherwise read it through "
+                            f"DNS rebinding). Add the name to SIDECAR_ALLOWED_HOSTS, or configure API keys")
     return check
 
 
