@@ -382,8 +382,11 @@ class EmbeddedStore:
             finally:
                 conn.execute("ROLLBACK")
             return
-        raise StoreError(f"{self.path}: the graph file {missing} named by the committed generation is missing; "
-                         "run `clip-sidecar store repair` (it rebuilds the graph from the stored vectors)")
+        raise self._graph_missing(missing)
+
+    def _graph_missing(self, missing: FileNotFoundError | None) -> StoreError:
+        return StoreError(f"{self.path}: the graph file {missing} named by the committed generation is missing; "
+                          "run `clip-sidecar store repair` (it rebuilds the graph from the stored vectors)")
 
     def _snapshot(self, conn: sqlite3.Connection, *, strict_bm25: bool = True) -> _State:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -463,7 +466,10 @@ class EmbeddedStore:
             conn = self._writer
             conn.execute("BEGIN IMMEDIATE")
             try:
-                write = self._begin_write(conn, stack)
+                try:
+                    write = self._begin_write(conn, stack)
+                except FileNotFoundError as exc:  # under the writer lock no writer removed it: it is lost
+                    raise self._graph_missing(exc) from exc
                 yield write
                 if write.bm25_pending:
                     opstamp = write.bm25().commit()

@@ -794,7 +794,7 @@ def test_check_keeps_another_processs_write_out_while_it_reads_and_finds_no_dama
         writer.close()
 
 
-def test_a_missing_graph_file_is_reported_and_rebuilt_by_repair(tmp_path: Path):
+def test_a_missing_graph_file_is_reported_refused_by_searches_and_writes_and_rebuilt_by_repair(tmp_path: Path):
     path, docs = tmp_path / "s", make_docs(300)
     graph = closed_store_with_a_graph(path, docs)
     graph.unlink()  # a power loss after a commit that named a graph file never written
@@ -803,6 +803,10 @@ def test_a_missing_graph_file_is_reported_and_rebuilt_by_repair(tmp_path: Path):
         assert not report.clean and any(graph.name in p and "missing" in p for p in report.problems)
         with pytest.raises(StoreError, match="store repair"):
             store.vector_search(docs[0].vector, 3)
+        with pytest.raises(StoreError, match="store repair"):  # `index`: not a FileNotFoundError traceback
+            store.upsert(make_docs(1, version=1))
+        with sqlite3.connect(path / "store.sqlite") as conn:
+            assert conn.execute("SELECT count(*) FROM docs").fetchone()[0] == 300
         repaired = store.repair()
         assert any("rebuilt the HNSW graph from 300 live rows" in a for a in repaired.actions)
         assert store.check().clean
