@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
 
 TINY_MODEL = "tiny-clip"
 # The project's own models, trained into the cache (sidecar.model.tiny_model.RECIPES has their recipes):
@@ -39,6 +43,11 @@ MAX_JPEG_SCANS = 100
 # Longer side of the thumbnail `embed` keeps of each image for the search page: a results grid shows
 # them at about 150 CSS pixels, and 128-px JPEGs weigh 3-6 KB (a million documents: a few GB).
 THUMBNAIL_SIDE = 128
+# SIDECAR_* variables that are no setting: a command-line flag's own (`opensearch connect --api-key`).
+FLAG_VARIABLES = ("SIDECAR_CONNECTOR_API_KEY",)
+# Unknown SIDECAR_* variables this process has warned about: Settings are built several times per process
+# (gunicorn's arbiter and each worker, a CLI command and its helpers), one warning per name is enough.
+_warned_unknown: set[str] = set()
 
 
 def _default_cache_dir() -> Path:
@@ -216,6 +225,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
         """Build from SIDECAR_* variables, then explicit overrides (CLI flags, tests) on top."""
         environ = os.environ if environ is None else environ
+        _warn_unknown_variables(environ)
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = environ.get(f"SIDECAR_{f.name.upper()}")
@@ -288,6 +298,20 @@ class Settings:
                              "'{}' where the text goes and double any other brace ('{{', '}}')") from exc
         if "\0" not in filled:
             raise ValueError(f"setting prompt_template must contain '{{}}' for the text, got {self.prompt_template!r}")
+
+
+def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
+    """A misspelt or renamed variable (SIDECAR_STORE_PTH, SIDECAR_API_KEY) would otherwise leave its setting
+    at the default without a word: a store in ./data/store, a server without keys, a cache off the volume."""
+    known = {f"SIDECAR_{f.name.upper()}" for f in fields(Settings)} | set(FLAG_VARIABLES)
+    for name in sorted(environ):
+        if name.startswith("SIDECAR_") and name not in known and name not in _warned_unknown:
+            _warned_unknown.add(name)
+            # Compared without the prefix every name shares, which would make any two look alike.
+            close = difflib.get_close_matches(name.removeprefix("SIDECAR_"),
+                                              sorted(k.removeprefix("SIDECAR_") for k in known), n=1)
+            log.warning("environment variable %s is no clip-sidecar setting and is ignored%s (README: Configuration)",
+                        name, f"; did you mean SIDECAR_{close[0]}?" if close else "")
 
 
 def _pillow_formats() -> list[str]:

@@ -168,3 +168,24 @@ def test_the_images_keep_every_path_the_server_and_cli_write_on_the_data_volume(
     env = dict(re.findall(r"\b(SIDECAR_[A-Z0-9_]+)=(\S+)", text.replace("\\\n", " ")))
     for name in ("store_path", "text_cache_path", "prompt_sets_dir"):
         assert env.get(f"SIDECAR_{name.upper()}", "").startswith("/data/"), (name, env)
+
+
+def test_a_misspelt_sidecar_variable_is_warned_about_once_naming_the_setting_it_resembles(caplog, monkeypatch):
+    from sidecar import config
+
+    monkeypatch.setattr(config, "_warned_unknown", set())
+    env = {"SIDECAR_STORE_PTH": "/srv/store", "SIDECAR_MAX_BATCH": "8", "SIDECAR_CONNECTOR_API_KEY": "k", "HOME": "/"}
+    with caplog.at_level("WARNING", logger="sidecar.config"):
+        settings = Settings.from_env(env)
+        Settings.from_env(env)
+    assert settings.store_path == Path("data/store")  # ignored, as the warning says
+    assert [r.getMessage() for r in caplog.records] == [
+        "environment variable SIDECAR_STORE_PTH is no clip-sidecar setting and is ignored; did you mean "
+        "SIDECAR_STORE_PATH? (README: Configuration)"]
+
+
+def test_the_sidecar_variables_that_are_no_setting_are_exactly_the_command_lines_own():
+    from sidecar.cli import main
+    from sidecar.config import FLAG_VARIABLES
+
+    assert {name for name in _cli_variables(main) if name.startswith("SIDECAR_")} == set(FLAG_VARIABLES)
