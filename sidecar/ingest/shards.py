@@ -122,11 +122,18 @@ class ShardSet:
         self.manifest_path = self.root / "manifest.json"
         self.manifest: dict[str, Any] = {}
         if self.manifest_path.exists():
-            self.manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        found = self.manifest.get("format_version", 1)
+            try:
+                self.manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            except ValueError as exc:  # not JSON, or not UTF-8
+                raise ShardError(f"{self.manifest_path} cannot be read ({exc}); it names the shards' model: restore "
+                                 "it, or embed into a new --out folder") from exc
+        found = self.manifest.get("format_version", 1) if isinstance(self.manifest, dict) else None
+        if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+            raise ShardError(f"{self.manifest_path}: format_version {found!r} is no shard format; this version "
+                             f"reads formats 1 to {FORMAT_VERSION}")
         if found > FORMAT_VERSION:
             raise ShardError(f"{self.root} holds shards of format {found}, written by a newer clip-sidecar; "
-                             f"this version reads formats up to {FORMAT_VERSION}")
+                             f"this version reads formats up to {FORMAT_VERSION}: upgrade clip-sidecar to use them")
 
     @property
     def signature(self) -> ModelSignature | None:

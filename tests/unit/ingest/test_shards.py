@@ -112,9 +112,25 @@ def test_format_1_rows_are_read_with_their_hash_as_the_image_hash(tmp_path):
     assert [d.content_hash for batch in resumed.documents() for d in batch] == [row.content_hash]
 
 
-def test_a_directory_of_a_newer_format_is_refused(tmp_path):
+def test_a_directory_of_a_newer_format_is_refused_saying_to_upgrade(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION + 1}))
-    with pytest.raises(ShardError, match=f"format {FORMAT_VERSION + 1}, written by a newer clip-sidecar"):
+    with pytest.raises(ShardError, match=f"format {FORMAT_VERSION + 1}, written by a newer clip-sidecar.*"
+                                         "upgrade clip-sidecar"):
+        ShardSet(tmp_path)
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    ('{"format_version": 2, "model": ', "cannot be read"),
+    (b"\xff\xfe", "cannot be read"),
+    ('{"format_version": "2"}', "format_version '2' is no shard format"),
+    ('{"format_version": null}', "format_version None is no shard format"),
+    ('{"format_version": 0}', "format_version 0 is no shard format"),
+    ("[2]", "format_version None is no shard format"),
+])
+def test_a_damaged_manifest_or_format_version_is_refused_naming_the_manifest(tmp_path, manifest, message):
+    path = tmp_path / "manifest.json"
+    path.write_bytes(manifest if isinstance(manifest, bytes) else manifest.encode())
+    with pytest.raises(ShardError, match=f"^{path}:? .*{message}"):
         ShardSet(tmp_path)
 
 
