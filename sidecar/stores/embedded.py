@@ -255,8 +255,10 @@ class EmbeddedStore:
         row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
         if row is None or row[0] not in _READABLE_FORMATS:
             found = None if row is None else row[0]
+            newer = found is not None and found.isdigit() and int(found) > int(_FORMAT_VERSION)
             raise StoreError(f"{self.path} holds embedded-store format {found!r}; this version reads "
-                             f"{', '.join(map(repr, _READABLE_FORMATS))}")
+                             f"{', '.join(map(repr, _READABLE_FORMATS))}"
+                             + (": a newer clip-sidecar wrote it, upgrade clip-sidecar to open it" if newer else ""))
         columns = {column for _, column, *_ in conn.execute("PRAGMA table_info(docs)")}
         # Stores made before fine ranking, or before thumbnails: the column is NULL for every existing document.
         for column in ("fine_vector", "thumbnail"):

@@ -922,6 +922,25 @@ def test_filtered_text_search_gives_the_same_hits_whichever_way_it_restricts(sto
     assert by_term_set[0] and by_term_set[1]
 
 
+@pytest.mark.parametrize(("found", "advice"), [("4", ": a newer clip-sidecar wrote it, upgrade clip-sidecar to open it"),
+                                             ("x", "")])
+def test_a_store_of_an_unknown_format_is_refused_untouched_saying_to_upgrade_when_newer(tmp_path: Path, found, advice):
+    path = tmp_path / "s"
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.upsert(make_docs(5))
+    conn = sqlite3.connect(path / "store.sqlite")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'format'", (found,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError) as refused:
+        EmbeddedStore(path)
+    assert str(refused.value) == f"{path} holds embedded-store format {found!r}; this version reads '1', '2', '3'{advice}"
+    conn = sqlite3.connect(path / "store.sqlite")
+    assert conn.execute("SELECT count(*) FROM docs").fetchone()[0] == 5
+    assert dict(conn.execute("SELECT key, value FROM meta"))["format"] == found
+
+
 def test_a_format_2_store_gets_its_bm25_index_when_opened(tmp_path: Path):
     path = tmp_path / "s"
     docs = make_docs(40)
