@@ -387,7 +387,8 @@ class EmbeddedStore:
         raise self._graph_missing(missing)
 
     def _graph_missing(self, missing: FileNotFoundError | None) -> StoreError:
-        return StoreError(f"{self.path}: the graph file {missing} named by the committed generation is missing; "
+        name = Path(missing.filename).name if missing is not None and missing.filename else "file"
+        return StoreError(f"{self.path}: the graph file {name} named by the committed generation is missing; "
                           "run `clip-sidecar store repair` (it rebuilds the graph from the stored vectors)")
 
     def _snapshot(self, conn: sqlite3.Connection, *, strict_bm25: bool = True) -> _State:
