@@ -53,6 +53,7 @@ class EmbedSummary:
     embedded: int
     redescribed: int  # text or metadata changed, image not: new rows with the stored vectors
     unchanged: int
+    relocated: int  # of the unchanged, those found at a new path (the corpus moved): their rows now name it
     failed: int
     deleted: int
     shards_written: int
@@ -68,9 +69,10 @@ class EmbedSummary:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
     def describe(self) -> str:
-        return (f"{self.total} items: {self.embedded} embedded, {self.unchanged} unchanged, {self.failed} failed "
-                f"(see errors.jsonl), {self.deleted} deleted since last run, {self.redescribed} with new text or "
-                f"metadata only (vectors reused); {self.shards_written} new shards; {self.images_per_s:.1f} images/s")
+        moved = f" ({self.relocated} at a new path: rows updated)" if self.relocated else ""
+        return (f"{self.total} items: {self.embedded} embedded, {self.unchanged} unchanged{moved}, {self.failed} "
+                f"failed (see errors.jsonl), {self.deleted} deleted since last run, {self.redescribed} with new text "
+                f"or metadata only (vectors reused); {self.shards_written} new shards; {self.images_per_s:.1f} images/s")
 
     def describe_stages(self) -> str:
         return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stages.items())
@@ -212,6 +214,7 @@ class EmbedPlan:
     unusable: list[CorpusItem]  # listed in errors.jsonl; recorded as deleted, as any file that cannot be used
     redescribed: int
     unchanged: int
+    relocated: int  # of the unchanged, those found at a new path: their rows now name it
     deleted: list[str]  # ids whose file vanished
     newly_deleted: int  # of them, those not recorded as deleted before this run (the summary's count)
     shards_before: int
@@ -243,6 +246,9 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
                                 max_pixels=max_pixels, progress=progress)
     todo: list[tuple[CorpusItem, str]] = []
     redescribe: list[tuple[CorpusItem, ShardRow, str, int]] = []  # the stored vector serves the new row
+    # Unchanged documents whose file the scan found at another path than their row names (the corpus moved, or
+    # an older version's row names it relative to the folder that run was in): shard name → {row index: path}.
+    moved: defaultdict[str, dict[int, str]] = defaultdict(dict)
     stored_tags = {}
     if tagger is not None:  # the tags of known images, from their stored vectors
         with _timed(stages, "tag"):
@@ -258,6 +264,8 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
             row = tagged(row, stored_tags[item.id])
         if entry[1].content_hash != row.content_hash:
             redescribe.append((item, row, entry[0], entry[2]))
+        elif entry[1].path != row.path:
+            moved[entry[0]][entry[2]] = row.path
     unchanged = len(items) - len(todo) - len(redescribe)
     deleted = sorted(set(known) - set(hashes))
     newly_deleted = len(set(deleted) - set(shards.deleted))  # rows of earlier runs' deletions stay in `known`
@@ -266,13 +274,15 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
     # `index` serve the old row again.
     withheld = set(shards.deleted) & {item.id for item in [*(item for item, _ in todo), *unusable]}
     shards.set_deleted(sorted(set(deleted) | withheld))
-    log.info("%d items in %s: %d to embed, %d with new text or metadata only, %d unchanged, %d unusable (see "
-             "errors.jsonl), %d deleted since the last run", len(scanned), source, len(todo), len(redescribe),
-             unchanged, len(unusable), newly_deleted)
+    relocated = sum(map(len, moved.values()))
+    log.info("%d items in %s: %d to embed, %d with new text or metadata only, %d unchanged (%d at a new path), %d "
+             "unusable (see errors.jsonl), %d deleted since the last run", len(scanned), source, len(todo),
+             len(redescribe), unchanged, relocated, len(unusable), newly_deleted)
+    shards.set_paths(moved)
     shards_before = len(shards.shard_names())
     _write_redescribed(shards, redescribe, shard_size=shard_size)
     return EmbedPlan(shards=shards, total=len(scanned), todo=todo, unusable=unusable, redescribed=len(redescribe),
-                     unchanged=unchanged, deleted=deleted, newly_deleted=newly_deleted,
+                     unchanged=unchanged, relocated=relocated, deleted=deleted, newly_deleted=newly_deleted,
                      shards_before=shards_before)
 
 
@@ -287,7 +297,8 @@ def finish_embed(plan: EmbedPlan, *, failed: list[str], started: float, stages: 
     if plan.shards.tagging != (tagger.record() if tagger else []):
         plan.shards.set_tagging(tagger.record() if tagger else [])
     summary = EmbedSummary(total=plan.total, embedded=len(plan.todo) - len(failed), redescribed=plan.redescribed,
-                           unchanged=plan.unchanged, failed=len(failed) + len(unusable), deleted=plan.newly_deleted,
+                           unchanged=plan.unchanged, relocated=plan.relocated, failed=len(failed) + len(unusable),
+                           deleted=plan.newly_deleted,
                            shards_written=len(plan.shards.shard_names()) - plan.shards_before,
                            seconds=time.perf_counter() - started, stages=dict(stages))
     log.info("embed finished: %s", summary.describe())

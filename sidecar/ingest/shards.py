@@ -4,7 +4,9 @@ Layout of an output directory:
   manifest.json        model signature, preprocessing, dtype, normalisation, shard list, deleted ids (the
                        store must not hold them: their file vanished, or its current bytes cannot be used)
   shard-00000.npy      float32 [n, dim], L2-normalised
-  shard-00000.jsonl    n rows: id, path, text, metadata, image_hash, content_hash (row i ↔ vector i)
+  shard-00000.jsonl    n rows: id, path, text, metadata, image_hash, content_hash (row i ↔ vector i); the
+                       path is absolute (rows of older versions: relative to the folder their embed ran
+                       in), and rewritten in place by the next run that finds the image elsewhere
   shard-00000.fine.npy float32 [n, fine dim]: the fine-ranking model's vectors, when the manifest names one
   shard-00000.thumbs.npz  the rows' thumbnails (JPEG bytes, `offsets` into `data`), when the manifest names a size
   errors.jsonl         images that could not be used, with the reason (rewritten each run)
@@ -33,7 +35,7 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -249,6 +251,25 @@ class ShardSet:
             if self.thumbnail_side:
                 thumbnails = [self.thumbnails(name)[index] for _, name, index in part]
             self.write_shard(vectors, [row for row, _, _ in part], fine, thumbnails)
+
+    def set_paths(self, paths: Mapping[str, Mapping[int, str]]) -> None:
+        """Point rows at where their image is now (shard name → {row index: path}): each such shard's .jsonl
+        is rewritten in place (under a temporary name, renamed over it), its vectors and thumbnails untouched.
+        A path is no part of a document's identity, so neither the hashes nor the store change."""
+        for name, changed in paths.items():
+            jsonl = self.root / f"{name}.jsonl"
+            with jsonl.open(encoding="utf-8") as fh:
+                lines = fh.readlines()
+            with open(jsonl.with_suffix(".jsonl.tmp"), "w", encoding="utf-8") as fh:
+                for index, line in enumerate(lines):
+                    if index in changed:
+                        fields = json.loads(line)  # as stored: a format 1 row stays one
+                        fields["path"] = changed[index]
+                        line = json.dumps(fields, ensure_ascii=False) + "\n"
+                    fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(jsonl.with_suffix(".jsonl.tmp"), jsonl)
 
     @property
     def tagging(self) -> list[dict[str, Any]]:

@@ -98,3 +98,44 @@ def test_shard_rows_name_each_image_by_its_absolute_path_whatever_folder_embed_r
     monkeypatch.chdir(tmp_path / "photos")  # where `hard-examples export` might run: the rows still find them
     paths = {doc_id: row.path for doc_id, (_, row, _) in ShardSet(tmp_path / "shards").live().items()}
     assert paths == {f"{i}.jpg": str(tmp_path / "photos" / f"{i}.jpg") for i in range(2)}
+
+
+def test_a_rerun_after_the_corpus_and_shards_moved_points_the_rows_at_the_new_paths_without_embedding(encoder,
+                                                                                                      tmp_path):
+    import shutil
+
+    from sidecar.ingest.shards import ShardSet
+    from sidecar.model.synthetic import sample_items
+
+    (tmp_path / "m1" / "photos").mkdir(parents=True)
+    for i, item in enumerate(sample_items(3, seed=5)):
+        item.image.save(tmp_path / "m1" / "photos" / f"{i}.jpg")
+    embed.embed_corpus(encoder, tmp_path / "m1" / "photos", tmp_path / "m1" / "shards", workers=0, progress=False)
+    shutil.move(tmp_path / "m1", tmp_path / "m2")  # another machine: images and shards copied under another root
+    shutil.move(tmp_path / "m2" / "photos", tmp_path / "m2" / "pictures")
+    vectors = (tmp_path / "m2" / "shards" / "shard-00000.npy").read_bytes()
+    summary = embed.embed_corpus(encoder, tmp_path / "m2" / "pictures", tmp_path / "m2" / "shards", workers=0,
+                                 progress=False)
+    paths = {doc_id: row.path for doc_id, (_, row, _) in ShardSet(tmp_path / "m2" / "shards").live().items()}
+    assert paths == {f"{i}.jpg": str(tmp_path / "m2" / "pictures" / f"{i}.jpg") for i in range(3)}
+    assert (summary.embedded, summary.unchanged, summary.relocated, summary.shards_written) == (0, 3, 3, 0)
+    assert "3 unchanged (3 at a new path: rows updated)" in summary.describe()
+    assert (tmp_path / "m2" / "shards" / "shard-00000.npy").read_bytes() == vectors  # the vectors stay as they were
+
+
+def test_a_rerun_over_an_older_versions_rows_naming_images_relative_to_its_folder_makes_them_absolute(encoder,
+                                                                                                    tmp_path):
+    from sidecar.ingest.shards import ShardSet
+    from sidecar.model.synthetic import sample_items
+
+    (tmp_path / "photos").mkdir()
+    for i, item in enumerate(sample_items(2, seed=5)):
+        item.image.save(tmp_path / "photos" / f"{i}.jpg")
+    embed.embed_corpus(encoder, tmp_path / "photos", tmp_path / "shards", workers=0, progress=False)
+    rows = tmp_path / "shards" / "shard-00000.jsonl"  # as versions before 0f622ce wrote them, from tmp_path
+    rows.write_text(rows.read_text().replace(str(tmp_path) + "/", ""))
+    assert '"path": "photos/0.jpg"' in rows.read_text()
+    summary = embed.embed_corpus(encoder, tmp_path / "photos", tmp_path / "shards", workers=0, progress=False)
+    paths = {doc_id: row.path for doc_id, (_, row, _) in ShardSet(tmp_path / "shards").live().items()}
+    assert paths == {f"{i}.jpg": str(tmp_path / "photos" / f"{i}.jpg") for i in range(2)}
+    assert (summary.embedded, summary.relocated, summary.shards_written) == (0, 2, 0)
