@@ -240,8 +240,8 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     - `to_judge.jsonl`: hard queries without feedback, with the hits they were shown;
     - `pairs.csv`: (document image, query text) for judgments of at least `min_relevance`, in
       open_clip's CSV format (tab-separated `filepath`, `title`), where `image_paths` (document id
-      → image file, from the shards) knows the document's image and open_clip's reader would not read
-      the text as a missing value (NA, null, …)."""
+      → image file, from the shards) knows the document's image, an absolute path to a file that
+      exists, and open_clip's reader would not read the text as a missing value (NA, null, …)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary()
@@ -302,6 +302,13 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
             path = (image_paths or {}).get(doc_id)
             if path is None:
                 _count(summary.skipped, "pairs whose document image is unknown (pass the shards)")
+                continue
+            if not (Path(path).is_absolute() and Path(path).is_file()):
+                # The trainer would stop at the first such pair. A relative path is an older version's, relative
+                # to the folder its embed ran in, which the shards do not record.
+                _count(summary.skipped, "pairs whose image is not at the path the shards name (moved since, or "
+                                        "named relative to an older embed's folder): rerun `clip-sidecar embed "
+                                        "SOURCE --out SHARDS` with SOURCE where it is now to update the paths")
                 continue
             caption = " ".join(text.split())
             if caption in _CSV_MISSING:

@@ -74,3 +74,23 @@ def test_open_clips_csv_reader_reads_every_exported_pair_caption_as_written_and_
     assert [str(caption) for caption in pairs.captions] == ["red sneakers", 'a "quoted" query', "1234"]
     assert pairs.images == [str(image.resolve())] * 3
     assert summary.pairs == 3 and sum(count for why, count in summary.skipped.items() if "missing" in why) == 4
+
+
+def test_pairs_whose_image_moved_or_is_named_relative_to_an_older_embeds_folder_are_left_out_naming_the_rerun(
+        tmp_path: Path, monkeypatch):
+    (tmp_path / "photos").mkdir()
+    image = tmp_path / "photos" / "here.png"
+    image.write_bytes(base64.b64decode(png_b64()))
+    (tmp_path / "photos" / "old.png").write_bytes(image.read_bytes())
+    feedback = JsonlLog(tmp_path / FEEDBACK_FILE, max_bytes=10**6, backups=1)
+    for doc_id in ("here", "moved", "old"):
+        feedback.write(feedback_record(query_id=None, text="red", doc_id=doc_id, relevance=2, kind="judgment"))
+    feedback.close()
+    monkeypatch.chdir(tmp_path)  # where "photos/old.png" happens to resolve, though not where its embed ran
+    summary = export_examples(tmp_path, tmp_path / "out", image_paths={
+        "here": str(image), "moved": str(tmp_path / "gone" / "moved.png"), "old": "photos/old.png"})
+    rows = (tmp_path / "out" / "pairs.csv").read_text().splitlines()[1:]
+    assert rows == [f"{image}\tred"]
+    assert [(why, count) for why, count in summary.skipped.items() if "rerun `clip-sidecar embed" in why] == [
+        ("pairs whose image is not at the path the shards name (moved since, or named relative to an older embed's "
+         "folder): rerun `clip-sidecar embed SOURCE --out SHARDS` with SOURCE where it is now to update the paths", 2)]
