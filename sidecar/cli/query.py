@@ -67,23 +67,25 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, fusio
                                 exact=exact, ef_search=ef_search, filters=_parse_filters(filters))
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-    encoder = load_encoder(settings)
-    fine_encoder = load_fine_encoder(settings) if options.rerank else None
-    try:
-        vector = _query_vector(encoder, settings, text=text, image=image)
-        fine_vector = _query_vector(fine_encoder, settings, text=text, image=image) if fine_encoder else None
-    except ImageDecodeError as exc:
-        raise click.BadParameter(f"{image}: {exc.reason}", param_hint="--image") from exc
+    # The store first: a mistyped --store-path (or an unreachable cluster) is told at once, not after the model load.
     store = open_existing_store(settings)
     try:
-        if options.mode != "bm25":
-            check_query_model(store, encoder.signature)  # another model's vectors of the same size rank silently wrong
-        result = run_search(store, vector=vector, text=text, options=options, fine_vector=fine_vector,
-                            fine_model=fine_encoder.signature if fine_encoder else None)
-    except UnknownFilterField as exc:
-        raise click.BadParameter(str(exc), param_hint="--filter") from exc
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+        encoder = load_encoder(settings)
+        fine_encoder = load_fine_encoder(settings) if options.rerank else None
+        try:
+            vector = _query_vector(encoder, settings, text=text, image=image)
+            fine_vector = _query_vector(fine_encoder, settings, text=text, image=image) if fine_encoder else None
+        except ImageDecodeError as exc:
+            raise click.BadParameter(f"{image}: {exc.reason}", param_hint="--image") from exc
+        try:
+            if options.mode != "bm25":
+                check_query_model(store, encoder.signature)  # another model's vectors of the same size rank wrong
+            result = run_search(store, vector=vector, text=text, options=options, fine_vector=fine_vector,
+                                fine_model=fine_encoder.signature if fine_encoder else None)
+        except UnknownFilterField as exc:
+            raise click.BadParameter(str(exc), param_hint="--filter") from exc
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
     finally:
         store.close()
     if as_json:

@@ -95,6 +95,19 @@ def test_search_refuses_a_filter_on_a_field_no_document_holds_naming_the_fields_
             "color, position, shape, size") in result.output
 
 
+def test_search_refuses_a_path_holding_no_store_before_loading_the_model(tmp_path, monkeypatch):
+    def load_encoder(*_, **__):
+        raise AssertionError("the model was loaded before --store-path was checked")
+
+    monkeypatch.setattr("sidecar.model.encoder.load_encoder", load_encoder)
+    mistyped = tmp_path / "mistyped"
+    result = CliRunner().invoke(main, ["-q", "search", "red", "--store-path", str(mistyped)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (f"Error: no embedded store at {mistyped}: give the --store-path (or "
+                                     "SIDECAR_STORE_PATH) that `clip-sidecar index` wrote to")
+    assert not mistyped.exists()
+
+
 def test_search_notes_a_skipped_rerank_only_when_asked_for_as_its_help_says(store_path, monkeypatch):
     monkeypatch.delenv("SIDECAR_FINE_MODEL", raising=False)
     assert "silently by default, with a note on stderr when --rerank is given" in " ".join(
