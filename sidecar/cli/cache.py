@@ -19,8 +19,11 @@ def cache() -> None:
 @cache.command("warm")
 @click.argument("prompts", type=click.File("rb"))
 @coarse_model_options
-def cache_warm(prompts, **kwargs: Any) -> None:
+@click.pass_context
+def cache_warm(ctx: click.Context, prompts, **kwargs: Any) -> None:
     """Pre-compute vectors for PROMPTS (one text per line; - for stdin) so the first queries hit."""
+    from tqdm import tqdm
+
     from sidecar.model.encoder import load_encoder
     from sidecar.serving.encoding import EncodingService
 
@@ -32,8 +35,11 @@ def cache_warm(prompts, **kwargs: Any) -> None:
     service = EncodingService(load_encoder(settings), settings)
     try:
         started = time.perf_counter()
-        for start in range(0, len(texts), settings.max_batch_items):
-            service.encode_texts(texts[start:start + settings.max_batch_items])
+        with tqdm(total=len(texts), unit="prompt", desc="cache warm", disable=not ctx.obj["progress"]) as bar:
+            for start in range(0, len(texts), settings.max_batch_items):
+                batch = texts[start:start + settings.max_batch_items]
+                service.encode_texts(batch)
+                bar.update(len(batch))
         click.echo(f"{len(texts)} prompts cached in {time.perf_counter() - started:.1f} s; "
                    f"{service.cache.persisted_count()} vectors stored for this model and prompt version")
     finally:

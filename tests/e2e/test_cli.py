@@ -596,6 +596,19 @@ def test_cache_warm_persists_prompt_vectors_and_a_new_prompt_version_re_embeds(t
     assert not np.allclose(stored, encoder.encode_texts(["red circle", "blue square"]), atol=1e-3)
 
 
+def test_cache_warm_shows_a_progress_bar_over_its_prompts_unless_quiet(tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(300)))
+    monkeypatch.setenv("SIDECAR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SIDECAR_PRETRAINED", str(_tiny_checkpoint()))
+    monkeypatch.setenv("SIDECAR_MAX_BATCH_ITEMS", "64")  # five batches: the bar moves between them
+    shown = CliRunner().invoke(main, ["cache", "warm", str(prompts)])
+    assert shown.exit_code == 0, shown.output
+    assert "cache warm: 100%" in shown.stderr and "300/300" in shown.stderr, shown.stderr
+    quiet = CliRunner().invoke(main, ["-q", "cache", "warm", str(prompts)])
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.stderr
+
+
 def test_cache_warm_refuses_a_prompts_file_that_is_not_utf8_naming_it(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("red circle\ncafé au lait\n".encode("latin-1"))
