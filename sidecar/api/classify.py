@@ -20,7 +20,7 @@ from sidecar.api.validation import (
     optional,
 )
 from sidecar.errors import BadRequest, PromptSetMissing
-from sidecar.model.prompts import PromptSet, PromptSetNotFound, PromptSetRegistry, rank_labels
+from sidecar.model.prompts import PromptSet, PromptSetNotFound, PromptSetRegistry, count_reaching, rank_labels
 
 bp = Blueprint("classify", __name__)
 
@@ -67,6 +67,14 @@ def classify():
         vectors[[i for i, _ in images]] = state.encoding.encode_images(pixels)
     ranked = rank_labels(vectors, label_vectors, prompt_set.label_names, logit_scale=encoder.logit_scale, k=k,
                          threshold=threshold)
+    data = [{"index": i, "type": kind, "labels": [asdict(score) for score in labels]}
+            for i, ((kind, _), labels) in enumerate(zip(items, ranked))]
+    if threshold is not None and k < len(prompt_set.labels):
+        # The list stops at k (max_k when none was given): a set of more labels can have more that
+        # clear the threshold, and a client reading the list as "every label that clears it" must be told.
+        for entry, reaching in zip(data, count_reaching(vectors, label_vectors, threshold=threshold)):
+            if reaching > len(entry["labels"]):
+                entry["omitted"] = int(reaching) - len(entry["labels"])
     return jsonify({
         "object": "list",
         "set": prompt_set.name,
@@ -74,8 +82,7 @@ def classify():
         "model": encoder.name,
         "weights": encoder.weights,
         "logit_scale": encoder.logit_scale,
-        "data": [{"index": i, "type": kind, "labels": [asdict(score) for score in labels]}
-                 for i, ((kind, _), labels) in enumerate(zip(items, ranked))],
+        "data": data,
         "truncated": truncated,
     })
 

@@ -442,6 +442,11 @@ def rank_labels(vectors: np.ndarray, label_vectors: np.ndarray, labels: Sequence
     return ranked
 
 
+def count_reaching(vectors: np.ndarray, label_vectors: np.ndarray, *, threshold: float) -> np.ndarray:
+    """Per input vector, how many labels score at least `threshold`: what rank_labels keeps before its `k` cut."""
+    return np.count_nonzero(np.asarray(vectors, dtype=np.float32) @ label_vectors.T >= threshold, axis=1)
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)

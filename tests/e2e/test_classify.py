@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from prometheus_client import REGISTRY
 
+import sidecar
 from sidecar.model.prompts import PromptSet, PromptSetRegistry, load_prompt_set
 from sidecar.model.synthetic import iter_items, jpeg_roundtrip, render
 from tests.conftest import EXAMPLE_PROMPT_SETS
@@ -109,6 +111,20 @@ def test_a_threshold_returns_every_label_that_clears_it(client):
     assert [entry["label"] for entry in some] == [entry["label"] for entry in every[:2]]
     capped = classify(client, set="shapes", input=[jpeg_b64(item.image)], threshold=-1, k=3)["data"][0]["labels"]
     assert len(capped) == 3
+
+
+def test_a_threshold_over_a_set_of_more_labels_than_max_k_counts_the_labels_left_out(build_app):
+    client = build_app(max_k=3).test_client()  # the shapes set has 5 labels
+    item = jpeg_b64(next(iter_items(1, seed=FRESH_SEED)).image)
+    every = classify(client, set="shapes", input=[item], threshold=-1)["data"][0]
+    assert len(every["labels"]) == 3 and every["omitted"] == 2
+    documented = yaml.safe_load((Path(sidecar.__file__).parent / "openapi.yaml").read_text())
+    assert set(every) <= set(documented["components"]["schemas"]["ClassifyResponse"]["properties"]["data"]["items"][
+        "properties"])
+    # Fewer labels clear it than the list can hold: nothing was left out, nothing is said.
+    scores = [entry["score"] for entry in every["labels"]]
+    some = classify(client, set="shapes", input=[item], threshold=(scores[1] + scores[2]) / 2)["data"][0]
+    assert len(some["labels"]) == 2 and "omitted" not in some
 
 
 def test_images_go_through_the_micro_batcher_and_set_vectors_are_computed_once(client):
