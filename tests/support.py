@@ -48,6 +48,12 @@ def stored_copies(vectors: np.ndarray, *, copies: int) -> list[Document]:
     return [Document(id=f"{'abcdefgh'[copy]}{i}", vector=v) for i, v in enumerate(vectors) for copy in range(copies)]
 
 
+def repeat_last_scan(jpeg: bytes, times: int) -> bytes:
+    """A progressive JPEG whose last scan comes `times` times: each copy is one more pass over every block."""
+    start = jpeg.rindex(b"\xff\xda")  # the last scan's marker (entropy-coded data never holds 0xFF 0xDA)
+    return jpeg[:start] + jpeg[start:-2] * times + jpeg[-2:]  # then EOI
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -320,12 +320,17 @@ class ImagePreprocess:
 
     # ---- device ----
     @staticmethod
-    def wants_device_decode(data: bytes, *, max_pixels: int) -> bool:
-        """True for a plain RGB/greyscale JPEG within the pixel limit (header read only, no decode)."""
+    def wants_device_decode(data: bytes, *, max_pixels: int, max_scans: int = MAX_JPEG_SCANS) -> bool:
+        """True for a plain RGB/greyscale JPEG within the pixel limit and, progressive, within `max_scans`
+        (header and scan markers read only, no decode)."""
+        stream = io.BytesIO(data)
         try:
-            with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:
+            with Image.open(stream, formats=("JPEG",)) as image:
                 width, height = image.size
-                return image.format == "JPEG" and image.mode in ("RGB", "L") and width * height <= max_pixels
+                plain = image.format == "JPEG" and image.mode in ("RGB", "L") and width * height <= max_pixels
+                # Too many scans: the CPU decoder refuses the file (`open_image`) and the job lists it; the
+                # device decoder would make every scan's pass over the image, and store it.
+                return plain and not (image.info.get("progressive") and _jpeg_scans(stream) > max_scans)
         except Exception:  # noqa: BLE001 - anything odd is the CPU decoder's to judge and report
             return False
 

@@ -1,17 +1,20 @@
 """Split decode: the decode workers and the device decode JPEGs at the same time, in the share that
-keeps both sides equally busy."""
+keeps both sides equally busy; and every decode refuses the files the workers refuse."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sidecar.ingest.decode_pool import DecodeSplit
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.shards import ShardSet
+from tests.support import repeat_last_scan
 
 
 def test_the_share_balances_the_workers_time_against_the_devices():
@@ -73,3 +76,22 @@ def test_a_device_embed_with_nvimagecodec_records_it_and_matches_the_cpu_decode(
     assert sorted(device_vectors) == ids
     cosines = np.einsum("ij,ij->i", np.stack([device_vectors[i] for i in ids]), np.stack([cpu_vectors[i] for i in ids]))
     assert cosines.min() > 0.98, cosines.min()
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device", "split"])
+def test_a_progressive_jpeg_of_too_many_scans_is_listed_unusable_by_every_decode_not_embedded(encoder, tmp_path,
+                                                                                               decode):
+    # The decode workers refuse it before decoding (max_jpeg_scans); the device decoder would make each scan's
+    # pass over the image and store it. On a CPU-only machine the "device" decoder is torchvision's.
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="JPEG", progressive=True)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "fine.jpg").write_bytes(buffer.getvalue())
+    (images / "bomb.jpg").write_bytes(repeat_last_scan(buffer.getvalue(), 200))
+    out = tmp_path / "shards"
+    summary = embed_corpus(encoder, images, out, workers=0, decode=decode, progress=False)
+    assert (summary.embedded, summary.failed) == (1, 1)
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["id"], e["reason"]) for e in errors] == [("bomb.jpg", "progressive JPEG of 209 scans, over the limit "
+                                                        "of 100 (max_jpeg_scans): each scan is a pass over the whole image")]

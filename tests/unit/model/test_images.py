@@ -22,6 +22,7 @@ from sidecar.model.images import (
     open_image,
     stack_pixels,
 )
+from tests.support import repeat_last_scan
 
 LIMIT = 10_000_000
 
@@ -141,6 +142,13 @@ def test_wants_device_decode_takes_plain_jpegs_within_the_limit_only():
     assert not ImagePreprocess.wants_device_decode(_encode(Image.new("CMYK", (8, 8)), "JPEG"), max_pixels=LIMIT)
     assert not ImagePreprocess.wants_device_decode(_encode(_photo(0), "PNG"), max_pixels=LIMIT)
     assert not ImagePreprocess.wants_device_decode(data, max_pixels=100)
+
+
+def test_wants_device_decode_leaves_a_progressive_jpeg_of_more_scans_than_max_scans_to_the_cpu_decoder():
+    progressive = _encode(Image.new("RGB", (64, 64), (200, 10, 10)), "JPEG", progressive=True)  # 10 scans
+    assert ImagePreprocess.wants_device_decode(progressive, max_pixels=LIMIT)
+    assert not ImagePreprocess.wants_device_decode(progressive, max_pixels=LIMIT, max_scans=9)
+    assert not ImagePreprocess.wants_device_decode(repeat_last_scan(progressive, 200), max_pixels=LIMIT)  # 209 > 100
 
 
 # The one place the CPU path (PIL draft decode + open_clip's PIL steps) and the device path
@@ -331,16 +339,10 @@ def test_a_batch_of_host_arrays_and_device_tensors_stacks_in_the_items_order():
     assert isinstance(stack_pixels(pixels[1:3], torch.device("cpu")), np.ndarray)  # arrays only: one host array
 
 
-def _repeat_last_scan(jpeg: bytes, times: int) -> bytes:
-    """A progressive JPEG whose last scan comes `times` times: each copy is one more pass over every block."""
-    start = jpeg.rindex(b"\xff\xda")  # the last scan's marker (entropy-coded data never holds 0xFF 0xDA)
-    return jpeg[:start] + jpeg[start:-2] * times + jpeg[-2:]  # then EOI
-
-
 def test_a_progressive_jpeg_of_more_scans_than_max_scans_is_refused_from_its_bytes_alone():
     progressive = _encode(Image.new("RGB", (64, 64), (200, 10, 10)), "JPEG", progressive=True)
     assert progressive.count(b"\xff\xda") == 10  # libjpeg's script for colour
-    bomb = _repeat_last_scan(progressive, 200)
+    bomb = repeat_last_scan(progressive, 200)
     with pytest.raises(ImageDecodeError, match=r"progressive JPEG of 209 scans, over the limit of 100 "
                                                r"\(max_jpeg_scans\)") as info:
         open_image(bomb, max_pixels=LIMIT)
