@@ -150,7 +150,9 @@ def run_benchmark(settings: Settings, *, workdir: Path, out: Path, items: int, q
 
 def _catalogue(folder: Path, *, items: int, queries_per_category: int, seed: int, progress: bool,
                echo: Callable[[str], None]):
-    """Reuse a catalogue written with the same parameters; otherwise write it afresh."""
+    """Reuse a catalogue written with the same parameters; otherwise write it afresh. The parameters' stamp
+    is removed before the rewrite and put back (renamed into place) after it: a run killed in between
+    leaves no stamp, so no later run takes a half-rewritten catalogue, or another one, for its own."""
     from sidecar.model.catalogue import CatalogueFiles, write_catalogue
 
     parameters = {"items": items, "queries_per_category": queries_per_category, "seed": seed}
@@ -162,6 +164,9 @@ def _catalogue(folder: Path, *, items: int, queries_per_category: int, seed: int
         echo(f"[2/4] catalogue: reusing {folder}")
         return files
     echo(f"[2/4] rendering a {items}-product catalogue with {queries_per_category} queries per kind into {folder}")
+    stamp.unlink(missing_ok=True)
     files = write_catalogue(folder, items, queries_per_category=queries_per_category, seed=seed, progress=progress)
-    stamp.write_text(json.dumps(parameters) + "\n", encoding="utf-8")
+    partial = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(parameters) + "\n", encoding="utf-8")
+    os.replace(partial, stamp)
     return files

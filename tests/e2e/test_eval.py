@@ -166,6 +166,44 @@ def test_search_and_eval_refuse_a_store_path_that_holds_no_store_and_create_none
     assert not mistyped.exists()
 
 
+# `eval --benchmark`'s catalogue step rewriting a catalogue of other parameters, killed (SIGKILL) at `window`.
+_KILLED_CATALOGUE = """
+import os, signal, sys
+from pathlib import Path
+import sidecar.model.catalogue as catalogue
+from sidecar.cli.benchmark import _catalogue
+
+window = sys.argv[2]
+real = getattr(catalogue, window)
+
+def killed(*args, **kwargs):
+    if window == "make_queries":  # the new corpus and manifest in place, the old queries and qrels still there
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # write_catalogue: every file written, the parameters not yet
+
+setattr(catalogue, window, killed)
+_catalogue(Path(sys.argv[1]), items=60, queries_per_category=2, seed=0, progress=False, echo=print)
+"""
+
+
+@pytest.mark.parametrize("window", ["make_queries", "write_catalogue"])
+def test_a_catalogue_rewrite_killed_midway_is_rendered_again_not_reused_under_the_old_parameters(tmp_path, window):
+    from sidecar.cli.benchmark import _catalogue
+
+    folder = tmp_path / "catalogue"
+    echoed: list[str] = []
+    _catalogue(folder, items=40, queries_per_category=2, seed=0, progress=False, echo=echoed.append)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_CATALOGUE, str(folder), window], capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -9 and "rendering a 60-product catalogue" in killed.stdout, killed.stderr
+    files = _catalogue(folder, items=40, queries_per_category=2, seed=0, progress=False, echo=echoed.append)
+    assert "rendering a 40-product catalogue" in echoed[-1], echoed
+    assert len(files.manifest.read_text(encoding="utf-8").splitlines()) == 40
+    _catalogue(folder, items=40, queries_per_category=2, seed=0, progress=False, echo=echoed.append)
+    assert "catalogue: reusing" in echoed[-1]  # a complete rewrite is stamped and reused
+
+
 @pytest.mark.slow
 def test_benchmark_runs_from_nothing_to_a_report(tmp_path, fine_encoder):
     # The whole path a user runs: both tiny models (trained once into the test cache), the catalogue,
