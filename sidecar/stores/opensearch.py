@@ -255,11 +255,14 @@ class OpenSearchStore:
     def _recorded_models(self) -> _Record:
         """What the mapping of the index behind the alias records. Read again every REFRESH_S, not per call:
         the server checks the model on every vector search and the fine stage asks for its model, and a
-        mapping request costs milliseconds; while the index serves, only another process's first `index`
-        (recording them) or rebuild (another index) changes them, and a vector search notices either at
-        once (`_vector_hits`)."""
+        mapping request costs milliseconds; while the index serves, only another process's rebuild (another
+        index) changes them, and a vector search notices it at once (`_vector_hits`). A record of no model
+        is read again on every call: another process's first `index` claims the store for its model, and
+        nothing in a search's answer tells which (an unclaimed index takes any), so a cached one would let
+        this server's vectors rank another model's of the same size until the next read. An unclaimed
+        store is an empty one, the rare case: the extra request is its alone."""
         known = self._models_read
-        if known is not None and time.monotonic() - known.read_at < REFRESH_S:
+        if known is not None and known.signature is not None and time.monotonic() - known.read_at < REFRESH_S:
             return known
         return self._read_models()
 
@@ -796,10 +799,11 @@ class OpenSearchStore:
         an index recording that model, and a record up to REFRESH_S old would let this server's vectors
         rank the other model's (same size) or let OpenSearch refuse them (400, another size). Each hit
         names the index that answered (`_index`), so a move is seen in the answer itself, and only then
-        (or on a refusal, or on the first hits of an index read while unclaimed) is the mapping read
-        again: the common path costs no request more. The record held to is the last one read, whatever its
-        age: a search checked before another thread's search read the new record is held to the new one
-        (it may rank the new index's vectors once: requests in flight while the alias moves)."""
+        (or on a refusal) is the mapping read again: the common path costs no request more. A record of no
+        model is never cached (`_recorded_models`): the caller checked against one read just now. The record
+        held to is the last one read, whatever its age: a search checked before another thread's search read
+        the new record is held to the new one (it may rank the new index's vectors once: requests in flight
+        while the alias moves, or while another process's first `index` claims the store)."""
         checked = self._models_read or self._read_models()
         try:
             hits = self._search(body)
@@ -812,7 +816,7 @@ class OpenSearchStore:
                 query: ModelSignature | int = stale if stale is not None and stale != current.signature else dim
                 raise QueryModelMismatch(current.signature or current.dim, query) from exc
             raise
-        if any(hit["_index"] != checked.index for hit in hits) or (hits and checked.signature is None):
+        if any(hit["_index"] != checked.index for hit in hits):
             current = self._read_models()
             if checked.signature is not None and current.signature not in (None, checked.signature):
                 # Refused whatever the query vector's source: a `like` query's stored vector, read from the

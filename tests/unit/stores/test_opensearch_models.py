@@ -1,6 +1,6 @@
 """The OpenSearch store's recorded models: read from the mapping at most once per REFRESH_S, since the
 server checks the model on every vector search, and at once where a search is answered by another index;
-a claim compares with what is recorded now."""
+a record of no model (an empty store) is read on every call; a claim compares with what is recorded now."""
 
 from __future__ import annotations
 
@@ -43,6 +43,13 @@ def test_signature_and_fine_signature_share_one_mapping_read_per_refresh(store, 
     store.meta = recorded(OTHER)  # another process's `index --rebuild` with another model
     clock[0] += opensearch.REFRESH_S
     assert store.signature() == OTHER and store.reads == 2
+
+
+def test_a_record_of_no_model_is_read_again_on_every_call_until_a_model_is_recorded(store):
+    store.meta = {"model": "", "weights": "", "dim": 512}  # the unclaimed index `setup` creates
+    assert [store.signature() for _ in range(3)] == [None] * 3 and store.reads == 3
+    store.meta = recorded(OTHER)  # another process's first `index` claims the store
+    assert [store.signature() for _ in range(3)] == [OTHER] * 3 and store.reads == 4
 
 
 def test_a_claim_compares_with_the_mapping_of_now_not_the_cached_read(store, monkeypatch):
