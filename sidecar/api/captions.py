@@ -44,14 +44,17 @@ def captions_endpoint():
     exact = optional(body, "exact", bool, False)
     ef_search = ef_search_field(body)
     wanted = filters(body, settings)
-    state.check_store_model()  # the captions are ranked by this server's text vectors, even for `like`
+    liked = stored_document(state.store, like, field="like") if like is not None else None
+    # The captions are ranked by this server's text vectors, even for `like`: checked after the liked document's
+    # read, which reads the store's record again where another model's rebuild moved the index under it.
+    state.check_store_model()
     started = time.perf_counter()
-    if image is not None:
+    if liked is None:
         data = image_bytes(image, field="image", max_bytes=settings.max_body_bytes)
         pixels = decode_images([("image", data)], encoding=state.encoding, settings=settings)
         vector = state.encoding.encode_images(pixels)[0]
     else:
-        vector = stored_document(state.store, like, field="like").vector
+        vector = liked.vector
     encoded = time.perf_counter()
     with filter_errors(wanted):
         result = rank_captions(state.store, vector, encode_texts=lambda texts: state.encoding.encode_texts(texts).vectors,

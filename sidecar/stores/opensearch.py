@@ -543,6 +543,12 @@ class OpenSearchStore:
         excludes = ["thumbnail"] if vectors else ["thumbnail", "vector"]
         with self._read_errors(f"fetch from {self.alias}"):
             docs = self.client.mget(index=self.alias, body={"ids": list(ids)}, _source_excludes=excludes)["docs"]
+        known = self._models_read
+        if known is not None and any(d.get("found") and d["_index"] != known.index for d in docs):
+            # Read from another index than the record's (another process's rebuild moved the alias): the vectors
+            # are that index's model's. The record is read again at once, as `_vector_hits` does for hits, so a
+            # `like` search by one is held to its own model, and a check of the server's model refuses at once.
+            self._read_models()
         found = []
         for d in docs:
             if not d.get("found"):
@@ -819,8 +825,8 @@ class OpenSearchStore:
         if any(hit["_index"] != checked.index for hit in hits):
             current = self._read_models()
             if checked.signature is not None and current.signature not in (None, checked.signature):
-                # Refused whatever the query vector's source: a `like` query's stored vector, read from the
-                # new index, is refused once too, as the server's own checks refuse it from now on.
+                # A `like` query's stored vector read from the new index made `fetch` read the new record; one
+                # read from the old index before the move is the old model's, refused here as the server's are.
                 raise QueryModelMismatch(current.signature, checked.signature)
         return hits
 

@@ -153,6 +153,34 @@ def test_a_rebuild_with_the_served_model_while_serving_answers_from_the_new_inde
     assert {hit["id"] for hit in response.json["hits"]} == {f"new{i}" for i in range(4)}
 
 
+@pytest.mark.parametrize("size", [1, 2], ids=["same-size", "other-size"])
+def test_another_models_rebuild_while_serving_leaves_like_searches_answering_from_the_first(served, encoder, size):
+    # A `like` search alone ranks the stored vectors by one of their own: valid whatever their model. It used
+    # to be refused once (409), by the check of the server's own model, and answered from then on.
+    client, rebuild = served
+    assert client.post("/v1/search", json={"like": "old0"}).json["hits"][0]["id"] == "old0"
+    rebuild(ModelSignature(model="other-clip", weights="other-weights", dim=size * encoder.dim))
+    for _ in range(2):
+        response = client.post("/v1/search", json={"like": "new0"})
+        assert response.status_code == 200, response.json
+        assert [hit["id"] for hit in response.json["hits"]][0] == "new0"
+        assert {hit["id"] for hit in response.json["hits"]} == {f"new{i}" for i in range(4)}
+
+
+@pytest.mark.parametrize(("path", "body"), [("/v1/captions", {"like": "new0"}),
+                                            ("/v1/search", {"like": "new0", "text": "red circle"})],
+                         ids=["captions", "search-with-text"])
+def test_another_models_rebuild_while_serving_refuses_like_ranked_by_this_servers_vectors_from_the_first(
+        served, encoder, path, body):
+    # Captions are ranked by this server's text vectors, `like` with text by its encoding of the text: the
+    # liked document's read notices the rebuild, and the model check after it refuses.
+    client, rebuild = served
+    rebuild(ModelSignature(model="other-clip", weights="other-weights", dim=encoder.dim))
+    for _ in range(2):
+        response = client.post(path, json=body)
+        assert response.status_code == 409 and response.json["error"]["code"] == "model_mismatch", response.json
+
+
 @pytest.mark.parametrize("empty", ["unclaimed-index", "no-alias"])
 def test_an_index_into_the_empty_store_by_another_model_while_serving_is_refused_from_the_first_search(
         app_on, encoder, node, monkeypatch, empty):

@@ -1,6 +1,7 @@
 """The OpenSearch store's recorded models: read from the mapping at most once per REFRESH_S, since the
-server checks the model on every vector search, and at once where a search is answered by another index;
-a record of no model (an empty store) is read on every call; a claim compares with what is recorded now."""
+server checks the model on every vector search, and at once where a search's hits or fetched documents come
+from another index; a record of no model (an empty store) is read on every call; a claim compares with what
+is recorded now."""
 
 from __future__ import annotations
 
@@ -74,4 +75,17 @@ def test_hits_of_another_index_recording_another_model_refuse_the_search_at_once
     store.meta, store.index = recorded(OTHER), "clip-test-v2"  # another model's rebuild moved the alias
     with pytest.raises(QueryModelMismatch, match="holds vectors of ViT-B-16 .*encoded by ViT-B-32 "):
         store.vector_search(np.ones(SIGNATURE.dim, dtype=np.float32), 1)
+    assert store.reads == 2 and store.signature() == OTHER
+
+
+def test_documents_fetched_from_another_index_than_the_records_read_the_record_again_at_once(store, monkeypatch):
+    def mget(**_):
+        return {"docs": [{"_index": store.index, "_id": "d0", "found": True, "_source": {"vector": [0.0] * 512}}]}
+
+    monkeypatch.setattr(store.client, "mget", mget)
+    assert store.signature() == SIGNATURE
+    store.fetch(["d0"])
+    assert store.reads == 1  # the common path: no mapping read
+    store.meta, store.index = recorded(OTHER), "clip-test-v2"  # another model's rebuild moved the alias
+    store.fetch(["d0"])
     assert store.reads == 2 and store.signature() == OTHER
