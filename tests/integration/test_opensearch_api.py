@@ -5,7 +5,6 @@ search)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from sidecar.api.app import create_app
@@ -17,7 +16,7 @@ from sidecar.stores import opensearch
 from sidecar.stores.base import StoreUnavailable
 from sidecar.types import Document, ModelSignature
 from tests.integration.conftest import drop, make_store
-from tests.support import free_port, png_b64
+from tests.support import free_port, png_b64, unit_vectors
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +33,30 @@ def app_on(encoder, tmp_path):
     yield build
     for app in built:
         state_of(app).encoding.close()
+
+
+def documents(dim: int, *, n: int = 4, prefix: str = "d", seed: int = 0) -> list[Document]:
+    """`n` documents of random unit vectors, texts "red circle <i>", metadata colour red and size i."""
+    vectors = unit_vectors(n, dim=dim, seed=seed)
+    return [Document(id=f"{prefix}{i}", vector=vectors[i], text=f"red circle {i}",
+                     metadata={"size": i, "colour": "red"}, content_hash=f"h{i}") for i in range(n)]
+
+
+@pytest.fixture
+def claimed_store(encoder, node):
+    """`claimed_store(documents)`: a new store claimed by the served model, holding `documents` (searchable
+    at once: the load refreshes); dropped after the test."""
+    made = []
+
+    def build(held: list[Document]):
+        made.append(make_store())
+        made[-1].claim(encoder.signature)
+        made[-1].upsert(held)
+        return made[-1]
+
+    yield build
+    for store in made:
+        drop(store)
 
 
 @pytest.mark.parametrize("body", [{"text": "red circle"}, {"text": "red circle", "mode": "bm25"},
@@ -62,55 +85,35 @@ def test_counting_on_a_cluster_nobody_answers_at_is_store_unavailable():
         store.close()
 
 
-def test_a_filter_value_of_another_type_than_the_field_is_400_naming_filters(app_on, encoder, node):
-    store = make_store()
-    try:
-        store.claim(encoder.signature)
-        rng = np.random.default_rng(0)
-        vectors = rng.normal(size=(4, encoder.dim)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        store.upsert([Document(id=f"d{i}", vector=vectors[i], text=f"red circle {i}",
-                               metadata={"size": i, "colour": "red"}, content_hash=f"h{i}") for i in range(4)])
-        store.client.indices.refresh(index=store.alias)
-        client = app_on(store)
-        matching = client.post("/v1/search", json={"text": "red circle", "filters": {"size": [1, 2]}})
-        assert matching.status_code == 200, matching.json
-        assert sorted(h["id"] for h in matching.json["hits"]) == ["d1", "d2"]
-        # "size" holds numbers in the index: OpenSearch refuses a word for it (400), which used to
-        # surface as a 500.
-        response = client.post("/v1/search", json={"text": "red circle", "filters": {"size": "big"}})
-        assert response.status_code == 400, response.json
-        assert response.json["error"]["message"].startswith("field 'filters' does not fit the types")
-        assert "big" in response.json["error"]["message"]
-        # A field no document holds is absent from the mapping: no error from OpenSearch, no hits; the
-        # empty answer is checked against the fields the mapping holds (facets), numbers and keywords.
-        response = client.post("/v1/search", json={"text": "red circle", "filters": {"colour": "red", "sise": 1}})
-        assert response.status_code == 400, response.json
-        message = response.json["error"]["message"]
-        assert message.startswith("field 'filters': no stored document holds metadata field 'sise'"), message
-        assert "colour, size" in message
-        held_value_nobody_has = client.post("/v1/search", json={"text": "red circle", "filters": {"size": 9}})
-        assert held_value_nobody_has.status_code == 200 and held_value_nobody_has.json["hits"] == []
-    finally:
-        drop(store)
-
-
-def documents(dim: int, *, prefix: str, seed: int) -> list[Document]:
-    vectors = np.random.default_rng(seed).normal(size=(4, dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return [Document(id=f"{prefix}{i}", vector=vectors[i], text=f"red circle {i}", metadata={"colour": "red"},
-                     content_hash=f"h{i}") for i in range(4)]
+def test_a_filter_value_of_another_type_than_the_field_is_400_naming_filters(app_on, claimed_store, encoder):
+    client = app_on(claimed_store(documents(encoder.dim)))
+    matching = client.post("/v1/search", json={"text": "red circle", "filters": {"size": [1, 2]}})
+    assert matching.status_code == 200, matching.json
+    assert sorted(h["id"] for h in matching.json["hits"]) == ["d1", "d2"]
+    # "size" holds numbers in the index: OpenSearch refuses a word for it (400), which used to
+    # surface as a 500.
+    response = client.post("/v1/search", json={"text": "red circle", "filters": {"size": "big"}})
+    assert response.status_code == 400, response.json
+    assert response.json["error"]["message"].startswith("field 'filters' does not fit the types")
+    assert "big" in response.json["error"]["message"]
+    # A field no document holds is absent from the mapping: no error from OpenSearch, no hits; the
+    # empty answer is checked against the fields the mapping holds (facets), numbers and keywords.
+    response = client.post("/v1/search", json={"text": "red circle", "filters": {"colour": "red", "sise": 1}})
+    assert response.status_code == 400, response.json
+    message = response.json["error"]["message"]
+    assert message.startswith("field 'filters': no stored document holds metadata field 'sise'"), message
+    assert "colour, size" in message
+    held_value_nobody_has = client.post("/v1/search", json={"text": "red circle", "filters": {"size": 9}})
+    assert held_value_nobody_has.status_code == 200 and held_value_nobody_has.json["hits"] == []
 
 
 @pytest.fixture
-def served(app_on, encoder, node, monkeypatch):
+def served(app_on, claimed_store, encoder, monkeypatch):
     """A server on an OpenSearch store of its own model, and `rebuild(signature)`: another process's
     `index --rebuild` of that alias (a new index recording `signature`, the alias moved onto it). The
     recorded model is cached for an hour, not REFRESH_S: only the search's own answer can tell it moved."""
     monkeypatch.setattr(opensearch, "REFRESH_S", 3600.0)
-    store = make_store()
-    store.claim(encoder.signature)
-    store.upsert(documents(encoder.dim, prefix="old", seed=0))
+    store = claimed_store(documents(encoder.dim, prefix="old"))
 
     def rebuild(signature: ModelSignature) -> None:
         other_process = make_store(index=store.alias)
@@ -120,7 +123,6 @@ def served(app_on, encoder, node, monkeypatch):
             other_process.close()
 
     yield app_on(store), rebuild
-    drop(store)
 
 
 VECTOR_SEARCHES = [{"text": "red circle"}, {"image": png_b64()}, {"image": png_b64(), "exact": True},
@@ -207,30 +209,21 @@ def test_an_index_into_the_empty_store_by_another_model_while_serving_is_refused
 
 
 def test_a_document_written_without_a_vector_is_found_by_hybrid_search_refused_as_like_and_skipped_as_a_query(
-        app_on, encoder, node):
+        app_on, claimed_store, encoder):
     # An ingest pipeline writes a document that lacks the field it embeds (a text-only document
     # through the image pipeline) without `vector`: searches must still answer, not 500.
-    store = make_store()
-    try:
-        store.claim(encoder.signature)
-        rng = np.random.default_rng(0)
-        vectors = rng.normal(size=(3, encoder.dim)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        store.upsert([Document(id=f"d{i}", vector=vectors[i], text=f"blue circle {i}", content_hash=f"h{i}")
-                      for i in range(3)])
-        store.client.index(index=store.alias, id="no-vector", body={"id": "no-vector", "text": "blue circle"},
-                           refresh=True)
-        client = app_on(store)
-        response = client.post("/v1/search", json={"text": "blue circle", "mode": "hybrid", "k": 4})
-        assert response.status_code == 200, response.json
-        hits = {hit["id"]: hit for hit in response.json["hits"]}
-        assert set(hits) == {"d0", "d1", "d2", "no-vector"}
-        assert "vector" not in hits["no-vector"]["scores"] and "vector" in hits["d0"]["scores"]
-        liked = client.post("/v1/search", json={"like": "no-vector"})
-        assert liked.status_code == 400, liked.json
-        assert "field 'like'" in liked.json["error"]["message"] and "no vector" in liked.json["error"]["message"]
-        # Calibrating the search effort samples stored documents as queries: that one is no query.
-        assert calibrate(store, target_recall=0.5, k=1, queries=4).queries == 3
-        assert ann_recall(store, queries=4, k=1).queries == 3  # eval --ann likewise
-    finally:
-        drop(store)
+    store = claimed_store(documents(encoder.dim, n=3))
+    store.client.index(index=store.alias, id="no-vector", body={"id": "no-vector", "text": "red circle"},
+                       refresh=True)
+    client = app_on(store)
+    response = client.post("/v1/search", json={"text": "red circle", "mode": "hybrid", "k": 4})
+    assert response.status_code == 200, response.json
+    hits = {hit["id"]: hit for hit in response.json["hits"]}
+    assert set(hits) == {"d0", "d1", "d2", "no-vector"}
+    assert "vector" not in hits["no-vector"]["scores"] and "vector" in hits["d0"]["scores"]
+    liked = client.post("/v1/search", json={"like": "no-vector"})
+    assert liked.status_code == 400, liked.json
+    assert "field 'like'" in liked.json["error"]["message"] and "no vector" in liked.json["error"]["message"]
+    # Calibrating the search effort samples stored documents as queries: that one is no query.
+    assert calibrate(store, target_recall=0.5, k=1, queries=4).queries == 3
+    assert ann_recall(store, queries=4, k=1).queries == 3  # eval --ann likewise
