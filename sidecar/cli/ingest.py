@@ -142,15 +142,21 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
 @click.command()
 @click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=Path("data/shards"))
 @click.option("--rebuild", is_flag=True,
-              help="OpenSearch only: build a new versioned index and swap the alias when it is complete "
-                   "(zero downtime); without it, changed documents are upserted in place.")
+              help="Build the store anew from SHARDS beside the one serving and switch to it when complete (zero "
+                   "downtime; the shards may be of another model): OpenSearch swaps its alias onto a new "
+                   "versioned index, the embedded store points STORE_PATH/current at a new version directory. "
+                   "Running servers answer from the old contents until the switch, then from the new, without a "
+                   "restart. A killed rebuild leaves the old store serving; rerun it. Without --rebuild, changed "
+                   "documents are upserted in place.")
 @click.option("--drop-unsharded", is_flag=True,
               help="With --rebuild: drop the stored documents no shard holds (written through OpenSearch's ingest "
-                   "pipeline); without it such a rebuild is refused, naming them, before anything changes.")
+                   "pipeline, or by another shard directory); without it such a rebuild is refused, naming them, "
+                   "before anything changes.")
 @click.option("--wait-for-lock", "lock_wait_s", type=click.FloatRange(0), default=0, show_default=True,
               metavar="SECONDS",
-              help="OpenSearch: when another index run or a --rebuild holds the alias's load lock, wait up to "
-                   "SECONDS for it to finish; 0 refuses at once, naming the holder.")
+              help="Wait up to SECONDS for the load holding the store's load lock to finish (a --rebuild, for "
+                   "an index run; an index run, for a --rebuild; on OpenSearch also another index run); 0 refuses "
+                   "at once, naming the holder.")
 @store_options
 @click.pass_context
 def index(ctx: click.Context, shards: Path, rebuild: bool, drop_unsharded: bool, lock_wait_s: float,
@@ -161,7 +167,8 @@ def index(ctx: click.Context, shards: Path, rebuild: bool, drop_unsharded: bool,
 
     One run is one load session: the embedded store saves its HNSW graph once at the end;
     OpenSearch holds the alias's load lock for the run (a concurrent --rebuild or index run waits
-    or is refused) and relaxes refresh and replicas once when the run is large. A killed run
+    or is refused) and relaxes refresh and replicas once when the run is large; the embedded store
+    holds its load lock shared (index runs go side by side, a --rebuild waits or is refused). A killed run
     leaves what it committed; rerun it to write the rest (`clip-sidecar store check` tells).
     With a recall target (--target-recall, SIDECAR_TARGET_RECALL), a run that changed a tenth of
     the documents or more (or left the store uncalibrated) calibrates the search effort again."""

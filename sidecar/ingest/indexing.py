@@ -64,10 +64,11 @@ def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 10_000, loc
 
 def rebuild_index(store: Store, shard_dir: Path, *, batch_size: int = 10_000, lock_wait_s: float = 0.0,
                   drop_unsharded: bool = False, progress: bool = True) -> IndexSummary:
-    """Full rebuild into a fresh index behind the store's alias, swapped in when complete. The new
-    index holds the shards' documents only: `deleted` counts the stored ones it drops. Stored documents
-    the shards never held (written through OpenSearch's ingest pipeline) only that door can write again:
-    ShardError names them, before anything is built, unless `drop_unsharded`."""
+    """Full rebuild into a fresh index (OpenSearch: a versioned index behind the alias; embedded: a
+    version directory behind the `current` pointer), switched to when complete. The new index holds
+    the shards' documents only: `deleted` counts the stored ones it drops. Stored documents the shards
+    never held (written through OpenSearch's ingest pipeline, or from another shard directory) only
+    that door can write again: ShardError names them, before anything is built, unless `drop_unsharded`."""
     started = time.perf_counter()
     shards = ShardSet(shard_dir)
     if shards.signature is None:
@@ -80,19 +81,19 @@ def rebuild_index(store: Store, shard_dir: Path, *, batch_size: int = 10_000, lo
     unsharded = [doc_id for doc_id in stored if doc_id not in live and doc_id not in deleted]
     if unsharded and not drop_unsharded:
         raise ShardError(f"{len(unsharded)} stored documents are in no shard of {shard_dir} (written through "
-                         f"OpenSearch's ingest pipeline?), e.g. {', '.join(map(repr, unsharded[:3]))}: a rebuild "
-                         "from the shards would drop them. Nothing was changed. Pass --drop-unsharded to rebuild "
-                         "without them (then write them again through the pipeline), or run `index` without "
-                         "--rebuild, which keeps them")
+                         "OpenSearch's ingest pipeline, or from another shard directory?), e.g. "
+                         f"{', '.join(map(repr, unsharded[:3]))}: a rebuild from the shards would drop them. Nothing "
+                         "was changed. Pass --drop-unsharded to rebuild without them (then write them again the way "
+                         "they were written), or run `index` without --rebuild, which keeps them")
     documents = (doc for batch in tqdm(shards.documents(batch_size=batch_size), unit="batch", desc="rebuild",
                                        disable=not progress) for doc in batch)
     new_index = store.rebuild(documents, signature=shards.signature, fine_signature=shards.fine_signature,
                               lock_wait_s=lock_wait_s)
     total = store.count()
-    log.info("rebuilt into %s and swapped the alias", new_index)
+    log.info("rebuilt into %s and switched to it", new_index)
     if unsharded:
         log.warning("%d documents of the previous index were in no shard of %s and are not in the rebuilt one "
-                    "(--drop-unsharded): write them again through OpenSearch's ingest pipeline", len(unsharded),
+                    "(--drop-unsharded): write them again the way they were written", len(unsharded),
                     shard_dir)
     return IndexSummary(written=total, unchanged=0, deleted=dropped, total_in_store=total,
                         seconds=time.perf_counter() - started)

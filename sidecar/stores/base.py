@@ -205,7 +205,8 @@ class Store(Protocol):
                 fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0) -> str:
         """Load `documents` into a fresh index recording `signature` (and `fine_signature`, the fine
         model of their fine vectors) and swap it in whole (zero downtime), under the same
-        load lock as `bulk_load`; returns its name. Stores updated in place raise StoreError saying so."""
+        load lock as `bulk_load`; returns its name (OpenSearch: the new index; embedded: the new version's
+        directory)."""
 
     def fetch(self, ids: Sequence[str], *, vectors: bool = True) -> list[Document]:
         """Full documents (full-precision vectors included, and the fine model's where stored) in the

@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import json
 import logging
 import math
 import os
+import shutil
+import socket
 import sqlite3
 import threading
 import time
@@ -19,7 +22,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import faiss
 import numpy as np
 
-from sidecar.stores.base import FacetCounts, ModelMismatchError, QueryModelMismatch, StoreError, StoreReport
+from sidecar.stores.base import (
+    FacetCounts,
+    ModelMismatchError,
+    QueryModelMismatch,
+    StoreError,
+    StoreLocked,
+    StoreReport,
+)
 from sidecar.stores.bm25 import Bm25Index, Bm25Snapshot, Bm25Writer, query_terms, text_hash
 from sidecar.stores.effort import EffortPolicy
 from sidecar.types import NO_VECTOR, Document, Filters, ModelSignature, ScoredId
@@ -142,15 +152,17 @@ class _EmbeddedLoad:
         return None
 
 
-class EmbeddedStore:
-    """The default zero-setup store; see the Store protocol in `sidecar.stores.base`.
+class _VersionStore:
+    """One version of the embedded store (`EmbeddedStore` follows the current one): the Store protocol's
+    reads and writes, over one directory.
 
     Layout of `path`: `store.sqlite` (WAL, synchronous=FULL; meta, docs with tombstones and the
     fine-ranking model's vectors as blobs), `bm25/` (a tantivy index of the live rows' texts, keyed
     by row number: BM25 with top-k pruning, `sidecar.stores.bm25`),
     `vectors.f32` (append-only float32 rows, row number = SQLite row), `hnsw.<generation>.faiss`
-    (the ANN graph over rows below `hnsw_rows`, ids = row numbers), `write.lock` (fcntl lock
-    serialising writer processes).
+    (the ANN graph over rows below `hnsw_rows`, ids = row numbers), `calibration.json` (the search
+    effort), `write.lock` (fcntl lock serialising writer processes), `read.lock` (`EmbeddedStore`'s:
+    held shared by every process that has this version open).
 
     Writes: every upsert or delete commits its rows at once (vectors fsynced, then SQLite), but the
     HNSW graph is brought up to date and saved only when a `bulk_load` session ends (an upsert
@@ -174,16 +186,9 @@ class EmbeddedStore:
     `exact_filter_rows` are answered exactly.
     """
 
-    name = "embedded"
-
-    @staticmethod
-    def exists_at(path: str | os.PathLike[str]) -> bool:
-        """Whether `path` holds an embedded store (opening one elsewhere creates it)."""
-        return (Path(path) / _DB_FILE).is_file()
-
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: Path,
         *,
         m: int = 32,
         ef_construction: int = 200,
@@ -321,12 +326,6 @@ class EmbeddedStore:
                 conn.close()
             self._readers.clear()
             self._state = None
-
-    def __enter__(self) -> EmbeddedStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _reader(self) -> sqlite3.Connection:
         """This thread's read connection (SQLite connections must not be shared by concurrent threads)."""
@@ -603,12 +602,11 @@ class EmbeddedStore:
     # -- writes ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def bulk_load(self, *, lock_wait_s: float = 0.0) -> Iterator[_EmbeddedLoad]:
-        """A loading session (Store protocol): rows commit as they are written; the HNSW graph is
-        brought up to date and saved once, when the outermost session of this store object ends
-        without an error (after an error or a kill, the next session or `repair` does it).
-        Writers of several processes serialise on write.lock per write, so `lock_wait_s` has
-        nothing to wait for here."""
+    def bulk_load(self) -> Iterator[_EmbeddedLoad]:
+        """A loading session: rows commit as they are written; the HNSW graph is brought up to date
+        and saved once, when the outermost session of this store object ends without an error (after
+        an error or a kill, the next session or `repair` does it). Writers of several processes
+        serialise on write.lock per write (`EmbeddedStore.bulk_load` adds the load lock)."""
         with self._sessions_lock:
             self._sessions += 1
         ok = False
@@ -880,11 +878,6 @@ class EmbeddedStore:
         raise StoreError("the embedded store has no native hybrid query; sidecar.retrieval.search fuses its "
                          "vector and BM25 results")
 
-    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature,
-                fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0) -> str:
-        raise StoreError(f"the embedded store at {self.path} is updated in place (readers always see a complete "
-                         "generation); --rebuild is for OpenSearch's versioned indices")
-
     def _filtered_rows(self, conn: sqlite3.Connection, filters: Filters, *,
                        ids: Sequence[str] | None = None) -> np.ndarray:
         """Live rows matching `filters` (and among `ids`, where given), sorted."""
@@ -1144,6 +1137,445 @@ class EmbeddedStore:
             if not np.allclose(stored, np.asarray(vectors[ids[positions]]), atol=1e-6):
                 problems.append("the HNSW graph's vectors do not match vectors.f32")
         return problems, len(ids)
+
+
+# -- versions: what `EmbeddedStore` follows ---------------------------------------------------
+
+# The symlink naming the version directory readers open; absent: version 0, the store's own directory.
+_POINTER = "current"
+_POINTER_NEW = ".current.new"  # the next pointer, renamed over `current` (not *.tmp: version 0 removes those)
+_VERSION_PREFIX = "version."
+# Per version: each process with the version open holds it shared; removing the version takes it exclusive.
+_READ_LOCK_FILE = "read.lock"
+# `index` sessions hold it shared, a rebuild exclusive; the rebuild writes who it is into it.
+_LOAD_LOCK_FILE = "load.lock"
+# Version 0's files beside the pointer and the version directories (besides hnsw.*, *.tmp and bm25/).
+_ROOT_VERSION_FILES = (_DB_FILE, f"{_DB_FILE}-wal", f"{_DB_FILE}-shm", f"{_DB_FILE}-journal", _VECTORS_FILE,
+                       _CALIBRATION_FILE, _LOCK_FILE)
+# Documents a rebuild writes per commit into the new version (one SQLite transaction, one BM25 commit).
+_REBUILD_BATCH = 10_000
+_LOAD_LOCK_POLL_S = 0.1
+
+
+@dataclasses.dataclass(eq=False)
+class _Opened:
+    """A version this process has open: its store, the descriptor holding its read.lock shared (so no
+    process removes its files meanwhile), and how many calls are using it now."""
+
+    number: int
+    store: _VersionStore
+    handle: int
+    users: int = 0
+
+
+class _VersionGone(Exception):
+    """The version being opened was replaced and removed meanwhile: read the pointer again."""
+
+
+class EmbeddedStore:
+    """The default zero-setup store; see the Store protocol in `sidecar.stores.base`.
+
+    `path` holds versions of the store, each a `_VersionStore` directory (SQLite, BM25, vectors, the
+    HNSW graph): version 0 is `path` itself (a store never rebuilt is only that), version N is
+    `path/version.N`, and the `current` symlink names the one to read (absent: version 0). `index`
+    writes into the current version in place; `rebuild` (`index --rebuild`) builds a new version
+    beside it, then points `current` at it with one rename: readers answer from the old contents
+    until then and from the new ones after, never a mix. Every call reads the pointer (one readlink)
+    and moves this process to a newer version when there is one; calls already running finish on the
+    version they started on, and its files stay while any process has it open (a shared lock on its
+    `read.lock`). The last process to let go of a replaced version removes it; else the next rebuild
+    or `store repair` does. A rebuild killed at any point leaves the current version serving as it
+    was and a version directory no pointer names, which the next rebuild removes. `load.lock`:
+    `index` sessions hold it shared and a rebuild exclusive, so no `index` writes into a version that
+    a rebuild is replacing (`lock_wait_s` waits for the other side, then StoreLocked).
+
+    Keyword options (m, ef_construction, ef_search, rebuild_tombstone_fraction, exact_filter_rows,
+    target_recall, target_k) are `_VersionStore`'s, for every version this store opens.
+    """
+
+    name = "embedded"
+
+    @staticmethod
+    def exists_at(path: str | os.PathLike[str]) -> bool:
+        """Whether `path` holds an embedded store (opening one elsewhere creates it)."""
+        path = Path(path)
+        return (path / _DB_FILE).is_file() or (path / _POINTER).is_symlink()
+
+    def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._options = options
+        self._lock = threading.Lock()
+        self._opened: list[_Opened] = []  # the newest last; older ones until their last call returns
+        self._closed = False
+        self._session_lock = threading.Lock()
+        self._sessions = 0  # load sessions of this object: the first takes load.lock shared, the last lets go
+        self._load_handle: int | None = None
+        # The version and model `signature()` last answered: a vector search on a newer version of another
+        # model is refused once (the caller checked its queries' model against the old one).
+        self._checked: tuple[int, ModelSignature | None] | None = None
+        with self._version():  # bad options, or a format this version cannot read, fail here
+            pass
+
+    def __enter__(self) -> EmbeddedStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            opened, self._opened = self._opened, []
+        for version in opened:
+            version.store.close()
+            os.close(version.handle)
+        with self._session_lock:
+            if self._load_handle is not None:
+                os.close(self._load_handle)
+                self._load_handle = None
+
+    # -- following the current version -----------------------------------------------------------
+
+    def _folder(self, number: int) -> Path:
+        return self.path / f"{_VERSION_PREFIX}{number}" if number else self.path
+
+    def _pointed(self) -> int:
+        """The current version's number."""
+        try:
+            target = os.readlink(self.path / _POINTER)
+        except FileNotFoundError:
+            return 0
+        number = _version_number(target)
+        if number is None:
+            raise StoreError(f"{self.path / _POINTER} names {target!r}, not a version directory ({_VERSION_PREFIX}N)")
+        return number
+
+    def _versions_on_disk(self) -> list[int]:
+        found = [0] if any((self.path / name).exists() for name in (_DB_FILE, _READ_LOCK_FILE)) else []
+        found += [number for entry in self.path.iterdir() if (number := _version_number(entry.name)) is not None]
+        return sorted(found)
+
+    @contextlib.contextmanager
+    def _version(self) -> Iterator[_Opened]:
+        """The current version, kept open (and on disk) until the block ends."""
+        opened = self._follow()
+        try:
+            yield opened
+        finally:
+            with self._lock:
+                opened.users -= 1
+                done = self._unused_retired()
+            self._let_go(done)
+
+    def _follow(self) -> _Opened:
+        for _ in range(_MAX_READ_RETRIES):
+            number = self._pointed()
+            with self._lock:
+                if self._closed:
+                    raise StoreError(f"embedded store at {self.path} is closed")
+                newest = self._opened[-1] if self._opened else None
+                # Only forward: a thread that read the pointer before a rebuild moved it keeps the newer one.
+                if newest is None or number > newest.number:
+                    try:
+                        newest = self._open(number)
+                    except _VersionGone:
+                        continue
+                    self._opened.append(newest)
+                newest.users += 1
+                done = self._unused_retired()
+            self._let_go(done)
+            return newest
+        raise StoreError(f"{self.path}: the version {_POINTER} names was replaced {_MAX_READ_RETRIES} times while "
+                         "this process opened it; try again")
+
+    def _open(self, number: int) -> _Opened:
+        folder = self._folder(number)
+        try:
+            # Version 0 of a new store (or of one made before versions) gets its read.lock here.
+            handle = os.open(folder / _READ_LOCK_FILE, os.O_RDWR | (os.O_CREAT if number == 0 else 0), 0o644)
+        except FileNotFoundError as exc:
+            raise _VersionGone from exc
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH)  # a removal holds it exclusive only while it removes
+            if os.fstat(handle).st_nlink == 0 or (number == 0 and self._pointed() != 0):
+                raise _VersionGone  # removed while this process waited for the lock, or replaced before it
+            return _Opened(number=number, store=_VersionStore(folder, **self._options), handle=handle)
+        except BaseException:
+            os.close(handle)
+            raise
+
+    def _unused_retired(self) -> list[_Opened]:
+        """Under self._lock: the replaced versions no call uses any more, taken off the list."""
+        done = [version for version in self._opened[:-1] if version.users == 0]
+        self._opened = [version for version in self._opened if version not in done]
+        return done
+
+    def _let_go(self, done: list[_Opened]) -> None:
+        for version in done:
+            version.store.close()
+            os.close(version.handle)
+        if done:
+            self._remove_replaced()
+
+    def _remove_replaced(self, *, unfinished: bool = False) -> list[str]:
+        """Remove the versions older than the current one that no process has open; with `unfinished` (only
+        under load.lock held exclusive: no rebuild is running) the newer ones too, which interrupted
+        rebuilds left. Returns the names removed."""
+        current = self._pointed()
+        removed = []
+        for number in self._versions_on_disk():
+            if (number < current or (unfinished and number > current)) and self._remove(number):
+                removed.append(self._folder(number).name if number else f"version 0 (the files of {self.path})")
+        return removed
+
+    def _remove(self, number: int) -> bool:
+        """Remove version `number` unless a process has it open; a version without read.lock (a removal cut
+        off after its first step) has nobody reading it."""
+        folder = self._folder(number)
+        try:
+            handle: int | None = os.open(folder / _READ_LOCK_FILE, os.O_RDWR)
+        except FileNotFoundError:
+            handle = None
+        try:
+            if handle is not None:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+                # First: a process opening the version from now on finds it gone (and reads the pointer again).
+                (folder / _READ_LOCK_FILE).unlink()
+            if number:
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                for file in [*(self.path / name for name in _ROOT_VERSION_FILES), *self.path.glob("hnsw.*"),
+                             *self.path.glob("*.tmp")]:
+                    file.unlink(missing_ok=True)
+                shutil.rmtree(self.path / _BM25_DIR, ignore_errors=True)
+        finally:
+            if handle is not None:
+                os.close(handle)
+        log.info("removed %s, a version of %s that a rebuild replaced", folder, self.path)
+        return True
+
+    # -- the load lock ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _load_session(self, wait_s: float) -> Iterator[None]:
+        """load.lock held shared for as long as a load session of this object is open."""
+        with self._session_lock:
+            if self._sessions == 0:
+                self._load_handle = self._take_load_lock(fcntl.LOCK_SH, wait_s, "this index run")
+            self._sessions += 1
+        try:
+            yield
+        finally:
+            with self._session_lock:
+                self._sessions -= 1
+                if self._sessions == 0 and self._load_handle is not None:
+                    os.close(self._load_handle)
+                    self._load_handle = None
+
+    @contextlib.contextmanager
+    def _exclusive_load(self, wait_s: float, operation: str) -> Iterator[None]:
+        handle = self._take_load_lock(fcntl.LOCK_EX, wait_s, operation)
+        try:
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, f"a {operation} by {socket.gethostname()} pid {os.getpid()} since "
+                              f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}".encode(), 0)
+            yield
+        finally:
+            os.ftruncate(handle, 0)  # a holder's name in the file means it still runs (or was killed)
+            os.close(handle)
+
+    def _take_load_lock(self, mode: int, wait_s: float, operation: str) -> int:
+        handle = os.open(self.path / _LOAD_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+                return handle
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(_LOAD_LOCK_POLL_S)
+                    continue
+                holder = os.pread(handle, 4096, 0).decode(errors="replace") or "an index run"
+                os.close(handle)
+                raise StoreLocked(f"{self.path} is being loaded by {holder}; {operation} would write beside it. "
+                                  "Rerun when it has finished, or let the run wait for it (clip-sidecar index "
+                                  "--wait-for-lock SECONDS); a killed process holds nothing") from None
+
+    # -- the Store protocol, on the current version --------------------------------------------------
+
+    @property
+    def effort(self) -> EffortPolicy:
+        """The current version's: a rebuilt version is calibrated anew (`index` does it with a recall target)."""
+        with self._version() as opened:
+            return opened.store.effort
+
+    def signature(self) -> ModelSignature | None:
+        with self._version() as opened:
+            found = opened.store.signature()
+        self._checked = (opened.number, found)
+        return found
+
+    def fine_signature(self) -> ModelSignature | None:
+        with self._version() as opened:
+            return opened.store.fine_signature()
+
+    def claim(self, signature: ModelSignature, *, fine_signature: ModelSignature | None = None) -> None:
+        with self._version() as opened:
+            opened.store.claim(signature, fine_signature=fine_signature)
+
+    @contextlib.contextmanager
+    def bulk_load(self, *, lock_wait_s: float = 0.0) -> Iterator[_EmbeddedLoad]:
+        """A loading session (Store protocol) under load.lock held shared: a rebuild running now is waited
+        for up to `lock_wait_s`, then StoreLocked; sessions of several processes run side by side, their
+        writes serialised on the version's write.lock."""
+        with self._load_session(lock_wait_s), self._version() as opened, opened.store.bulk_load() as load:
+            yield load
+
+    def upsert(self, documents: Sequence[Document]) -> int:
+        with self._load_session(0.0), self._version() as opened:
+            return opened.store.upsert(documents)
+
+    def delete(self, ids: Sequence[str]) -> int:
+        with self._load_session(0.0), self._version() as opened:
+            return opened.store.delete(ids)
+
+    def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature,
+                fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0) -> str:
+        """Under load.lock held exclusive: build the next version from `documents` beside the current one
+        (which keeps serving), check its count, point `current` at it, then remove the replaced version
+        unless a process still reads it. Returns the new version's directory."""
+        with self._exclusive_load(lock_wait_s, "rebuild"):
+            self._remove_replaced(unfinished=True)
+            number = max([self._pointed(), *self._versions_on_disk()]) + 1
+            folder = self._folder(number)
+            folder.mkdir()
+            handle = os.open(folder / _READ_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)  # nobody removes it while it is built
+                try:
+                    total = self._build(folder, documents, signature=signature, fine_signature=fine_signature)
+                except BaseException:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    raise
+                _fsync_directory(folder)
+                new = self.path / _POINTER_NEW
+                new.unlink(missing_ok=True)
+                os.symlink(folder.name, new)
+                os.replace(new, self.path / _POINTER)
+                _fsync_directory(self.path)
+            finally:
+                os.close(handle)
+        with self._version():  # this process moves to it now; the replaced version goes with its last call
+            pass
+        log.info("rebuilt %s into %s (%d documents)", self.path, folder.name, total)
+        return str(folder)
+
+    def _build(self, folder: Path, documents: Iterable[Document], *, signature: ModelSignature,
+               fine_signature: ModelSignature | None) -> int:
+        built = _VersionStore(folder, **self._options)
+        try:
+            built.claim(signature, fine_signature=fine_signature)
+            ids: set[str] = set()
+            with built.bulk_load():  # the graph is built once, from every row, when the session ends
+                iterator = iter(documents)
+                while batch := list(itertools.islice(iterator, _REBUILD_BATCH)):
+                    ids.update(doc.id for doc in batch)
+                    built.upsert(batch)
+            total = built.count()
+        finally:
+            built.close()
+        if total != len(ids):
+            raise StoreError(f"the rebuilt version {folder} holds {total} documents, expected {len(ids)} unique ids")
+        return total
+
+    def count(self) -> int:
+        with self._version() as opened:
+            return opened.store.count()
+
+    def content_hashes(self) -> dict[str, str]:
+        with self._version() as opened:
+            return opened.store.content_hashes()
+
+    def fetch(self, ids: Sequence[str], *, vectors: bool = True) -> list[Document]:
+        with self._version() as opened:
+            return opened.store.fetch(ids, vectors=vectors)
+
+    def thumbnail(self, doc_id: str) -> bytes | None:
+        with self._version() as opened:
+            return opened.store.thumbnail(doc_id)
+
+    def facets(self, *, size: int = 20) -> dict[str, FacetCounts]:
+        with self._version() as opened:
+            return opened.store.facets(size=size)
+
+    def vector_search(
+        self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False,
+        ef_search: int | None = None,
+    ) -> list[ScoredId]:
+        with self._version() as opened:
+            checked = self._checked
+            if checked is not None and checked[0] != opened.number and checked[1] is not None:
+                # A rebuild with another model moved the store since the caller checked its queries' model
+                # (`signature()`): refused once, as the caller's own check refuses from now on.
+                held = opened.store.signature()
+                self._checked = (opened.number, held)
+                if held is not None and held != checked[1]:
+                    raise QueryModelMismatch(held, checked[1])
+            return opened.store.vector_search(vector, k, filters=filters, exact=exact, ef_search=ef_search)
+
+    def text_search(self, query: str, k: int, *, filters: Filters | None = None,
+                    ids: Sequence[str] | None = None) -> list[ScoredId]:
+        with self._version() as opened:
+            return opened.store.text_search(query, k, filters=filters, ids=ids)
+
+    def supports_native_hybrid(self, *, fusion: str, weights: tuple[float, float], exact: bool) -> bool:
+        return False  # vector and BM25 lists are fused in Python (sidecar.retrieval.fusion)
+
+    def hybrid_search(self, vector: np.ndarray, query: str, k: int, *, filters: Filters | None = None,
+                      fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5),
+                      ef_search: int | None = None) -> list[ScoredId]:
+        raise StoreError("the embedded store has no native hybrid query; sidecar.retrieval.search fuses its "
+                         "vector and BM25 results")
+
+    def check(self) -> StoreReport:
+        """The current version's check (`_VersionStore.check`), and the other versions on disk."""
+        with self._version() as opened:
+            report = opened.store.check()
+        for number in self._versions_on_disk():
+            name = self._folder(number).name if number else f"version 0 (the files of {self.path})"
+            if number < opened.number:
+                report.notes.append(f"{name} was replaced by a rebuild; it stays while a process still reads it "
+                                    "(a server's idle worker lets go at its next request), and the last one to "
+                                    "let go, the next rebuild or `store repair` removes it")
+            elif number > opened.number:
+                report.notes.append(f"{name} is a rebuild's unfinished version (one running now, or one that was "
+                                    "interrupted); the next `index --rebuild` or `store repair` removes it")
+        return report
+
+    def repair(self) -> StoreReport:
+        """The current version's repair (`_VersionStore.repair`); then the versions no process reads are
+        removed: replaced ones, and interrupted rebuilds' where no load runs now."""
+        with self._version() as opened:
+            report = opened.store.repair()
+        try:
+            with self._exclusive_load(0.0, "repair"):
+                removed = self._remove_replaced(unfinished=True)
+        except StoreLocked:  # a load runs: an unfinished version may be its rebuild's
+            removed = self._remove_replaced()
+        report.actions.extend(f"removed {name}, a version no current pointer names" for name in removed)
+        return report
+
+
+def _version_number(name: str) -> int | None:
+    """N for a version directory's name (version.N), else None."""
+    digits = name[len(_VERSION_PREFIX):]
+    return int(digits) if name.startswith(_VERSION_PREFIX) and digits.isdigit() and digits[0] != "0" else None
 
 
 # -- helpers ---------------------------------------------------------------------------------

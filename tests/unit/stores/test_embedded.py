@@ -665,13 +665,14 @@ def run_beside(hold, read, *, timeout: float = 60) -> list:
 
 def test_a_reader_does_not_wait_for_another_reader(store: EmbeddedStore):
     store.upsert(make_docs(30))
-    assert run_beside(store._read, store.count) == [30]
+    version = store._opened[-1].store
+    assert run_beside(version._read, store.count) == [30]
 
 
 def test_a_reader_does_not_wait_for_a_writer(store: EmbeddedStore):
     docs = make_docs(30)
     store.upsert(docs)
-    found = run_beside(store._write, lambda: [h.id for h in store.vector_search(docs[4].vector, 1)])
+    found = run_beside(store._opened[-1].store._write, lambda: [h.id for h in store.vector_search(docs[4].vector, 1)])
     assert found == [["doc4"]]
 
 
@@ -734,7 +735,7 @@ def test_a_graph_file_removed_while_a_reader_opens_it_is_still_read_whole(tmp_pa
 
 
 def test_the_writer_syncs_every_commit_to_disk(store: EmbeddedStore):
-    assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store._opened[-1].store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
 def test_a_large_write_leaves_no_large_write_ahead_log_while_a_reader_keeps_the_store_open(tmp_path: Path):
@@ -767,7 +768,7 @@ def test_check_keeps_another_processs_write_out_while_it_reads_and_finds_no_dama
     with EmbeddedStore(path) as seed:
         seed.upsert(make_docs(100))
     checker, writer = EmbeddedStore(path), EmbeddedStore(path)  # `writer`: an `index` run of another process
-    inspect_graph = checker._inspect_graph
+    inspect_graph = checker._opened[-1].store._inspect_graph
     wrote = []
 
     def a_writer_writes_if_write_lock_is_free(*args, **kwargs):
@@ -783,7 +784,7 @@ def test_check_keeps_another_processs_write_out_while_it_reads_and_finds_no_dama
             wrote.append(writer.upsert(make_docs(100, version=1)))  # replaces every row: a new graph file
         return inspect_graph(*args, **kwargs)
 
-    monkeypatch.setattr(checker, "_inspect_graph", a_writer_writes_if_write_lock_is_free)
+    monkeypatch.setattr(checker._opened[-1].store, "_inspect_graph", a_writer_writes_if_write_lock_is_free)
     try:
         report = checker.check()
         assert report.problems == [] and wrote == []
@@ -898,13 +899,14 @@ def test_ctrl_c_during_a_commit_surfaces_as_the_interrupt_and_the_write_stays_co
     with EmbeddedStore(path) as store:
         store.claim(SIGNATURE)
         store.upsert(docs[:5])
-        real_writer = store._writer
-        store._writer = _CtrlCDuringCommit(real_writer)
+        version = store._opened[-1].store
+        real_writer = version._writer
+        version._writer = _CtrlCDuringCommit(real_writer)
         try:
             with pytest.raises(KeyboardInterrupt):  # not sqlite3.OperationalError from a ROLLBACK of nothing
                 store.upsert(docs[5:])
         finally:
-            store._writer = real_writer
+            version._writer = real_writer
     with EmbeddedStore(path) as store:
         assert store.count() == 10
         assert store.check().clean

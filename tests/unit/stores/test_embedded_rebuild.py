@@ -1,0 +1,157 @@
+"""The embedded store's full rebuild: a new version built beside the one serving, switched to by one rename of
+the `current` pointer; readers (other store objects: other processes' workers) answer from the old contents
+until then and from the new ones after, a killed rebuild leaves the old version serving, and a replaced version
+is removed once nobody reads it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from sidecar.stores import embedded
+from sidecar.stores.base import StoreLocked
+from sidecar.stores.embedded import EmbeddedStore
+from sidecar.types import ModelSignature
+from tests.unit.stores.test_embedded import SIGNATURE, make_docs
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def ids_of(hits) -> list[str]:
+    return [hit.id for hit in hits]
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    """A store of 30 documents (version 0) and a reader of it: another process's server, say."""
+    path = tmp_path / "store"
+    with EmbeddedStore(path) as writer:
+        writer.claim(SIGNATURE)
+        writer.upsert(make_docs(30))
+    with EmbeddedStore(path) as reader:
+        yield path, reader
+
+
+def test_a_reader_answers_from_the_old_version_while_a_rebuild_builds_and_from_the_new_one_after(served, monkeypatch):
+    path, reader = served
+    monkeypatch.setattr(embedded, "_REBUILD_BATCH", 5)  # several commits into the new version before the switch
+    new_docs = make_docs(20, seed=1, prefix="new", version=1)
+    seen_while_building = []
+
+    def documents():
+        for i, doc in enumerate(new_docs):
+            if i == 15:  # three batches of the new version are committed by now
+                assert (path / "version.1" / "store.sqlite").exists()
+                seen_while_building.append((reader.count(), ids_of(reader.vector_search(make_docs(30)[3].vector, 1)),
+                                            ids_of(reader.text_search("number3", 1))))
+            yield doc
+
+    with EmbeddedStore(path) as rebuilder:
+        name = rebuilder.rebuild(documents(), signature=SIGNATURE)
+    assert seen_while_building == [(30, ["doc3"], ["doc3"])]
+    assert Path(name) == path / "version.1" and os.readlink(path / "current") == "version.1"
+    assert reader.count() == 20  # the same store object, no reopening
+    assert ids_of(reader.vector_search(new_docs[7].vector, 1)) == ["new7"]
+    assert ids_of(reader.text_search("number7", 1)) == ["new7"] and reader.text_search("doc3", 1) == []
+    assert reader.check().clean
+
+
+def test_a_replaced_version_stays_on_disk_while_a_reader_holds_it_and_goes_when_it_lets_go(served):
+    path, reader = served
+    assert reader.count() == 30  # the reader has version 0 open
+    with EmbeddedStore(path) as rebuilder:
+        rebuilder.rebuild(make_docs(20, seed=1, prefix="new", version=1), signature=SIGNATURE)
+    assert (path / "store.sqlite").exists() and (path / "vectors.f32").exists()
+    with EmbeddedStore(path) as checker:
+        assert any("version 0" in note and "replaced by a rebuild" in note for note in checker.check().notes)
+    assert reader.count() == 20  # its first call after the switch moves it, and it lets go of version 0
+    assert not (path / "store.sqlite").exists() and not (path / "bm25").exists()
+    assert sorted(entry.name for entry in path.iterdir()) == ["current", "load.lock", "version.1"]
+    with EmbeddedStore(path) as rebuilder:  # a second rebuild replaces version 1 the same way
+        rebuilder.rebuild(make_docs(10, seed=2, prefix="third", version=2), signature=SIGNATURE)
+    assert reader.count() == 10 and not (path / "version.1").exists()
+    assert EmbeddedStore.exists_at(path)
+
+
+def test_an_index_run_waits_for_a_rebuild_or_is_refused_naming_it_and_a_rebuild_refuses_beside_an_index_run(served):
+    path, reader = served
+    refusals = []
+
+    def documents():
+        try:
+            reader.upsert(make_docs(1, prefix="late"))
+        except StoreLocked as exc:
+            refusals.append(str(exc))
+        yield from make_docs(5, seed=1, prefix="new")
+
+    with EmbeddedStore(path) as rebuilder:
+        rebuilder.rebuild(documents(), signature=SIGNATURE)
+        assert len(refusals) == 1 and f"{path} is being loaded by a rebuild by " in refusals[0]
+        assert "--wait-for-lock SECONDS" in refusals[0]
+        with reader.bulk_load():
+            with pytest.raises(StoreLocked, match="is being loaded by an index run; rebuild would write beside it"):
+                rebuilder.rebuild(make_docs(3), signature=SIGNATURE)
+    assert reader.content_hashes().keys() == {f"new{i}" for i in range(5)}
+
+
+def test_a_rebuild_killed_midway_leaves_the_old_version_serving_and_a_rerun_completes(served):
+    path, reader = served
+    marker = path.parent / "building"
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from sidecar.stores import embedded
+        from tests.unit.stores.test_embedded import SIGNATURE, make_docs
+
+        embedded._REBUILD_BATCH = 5
+
+        def documents():
+            for i, doc in enumerate(make_docs(20, seed=1, prefix="new", version=1)):
+                if i == 15:
+                    Path({str(marker)!r}).touch()
+                    time.sleep(600)
+                yield doc
+
+        embedded.EmbeddedStore({str(path)!r}).rebuild(documents(), signature=SIGNATURE)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, start_new_session=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert (path / "version.1" / "store.sqlite").exists()  # the kill lands mid-build
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert not (path / "current").exists()
+    with EmbeddedStore(path) as after:
+        assert after.count() == 30 and ids_of(after.vector_search(make_docs(30)[3].vector, 1)) == ["doc3"]
+        report = after.check()
+        assert report.clean and any("version.1 is a rebuild's unfinished version" in n for n in report.notes)
+        after.rebuild(make_docs(20, seed=1, prefix="new", version=1), signature=SIGNATURE)
+        assert after.count() == 20  # the partial version was removed first, the new one built in full
+        assert not any("unfinished" in note for note in after.check().notes)
+    assert reader.count() == 20 and reader.check().clean
+
+
+def test_a_rebuild_with_another_model_switches_the_recorded_model_and_a_reader_checked_on_the_old_one_is_refused(
+        served):
+    path, reader = served
+    assert reader.signature() == SIGNATURE  # what a server checks its queries' model against
+    other = ModelSignature(model="other-clip", weights="other", dim=SIGNATURE.dim)
+    with EmbeddedStore(path) as rebuilder:
+        rebuilder.rebuild(make_docs(20, seed=1, prefix="new"), signature=other)
+    query = make_docs(20, seed=1, prefix="new")[4].vector
+    with pytest.raises(embedded.QueryModelMismatch, match="vectors of other-clip"):
+        reader.vector_search(query, 1)  # ranked by the old model's vectors: refused, once
+    assert reader.signature() == other
+    assert ids_of(reader.vector_search(query, 1)) == ["new4"]
