@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 import uuid
@@ -59,6 +60,10 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # this `sidecar` package, shipped to the workers
 LOCAL = "local"  # --address local: a Ray instance of this process's own, on this machine
 HASH_CHUNK = 512  # files hashed per scan task
+# How long the driver waits for the head's port to accept a connection. Ray itself retries an address
+# nobody answers at for minutes (20 attempts of ~40 s each in ray 2.60's driver: GCS connect, then its
+# cluster id); a plain TCP connect first answers in this long at most.
+CONNECT_TIMEOUT_S = 5.0
 # Per-row columns carrying each stage's seconds (the batch's time shared out over its rows, so
 # sums stay right however Ray Data re-batches); the writer adds them up per shard.
 STAGE_COLUMNS = ("decode", "forward", "fine_model")
@@ -112,6 +117,8 @@ def _connect(address: str) -> Any:
                                "runtime_env": {"py_modules": [str(PACKAGE_DIR)]}}
     if address == LOCAL:
         options["include_dashboard"] = False
+    else:
+        _check_reachable(address)
     try:
         ray.init(address=address, **options)
     except ConnectionError as exc:
@@ -122,6 +129,21 @@ def _connect(address: str) -> Any:
     context.print_on_execution_start = False
     context.execution_options.preserve_order = False  # rows carry their ids
     return ray
+
+
+def _check_reachable(address: str) -> None:
+    """Raise RayUnavailable unless HOST:PORT (or ray://HOST:PORT) accepts a TCP connection within
+    CONNECT_TIMEOUT_S; other forms ("auto") are Ray's to resolve."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = f"no answer in {CONNECT_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise RayUnavailable(f"no Ray cluster answers at {address} ({reason}): check "
+                             "that its head runs (`ray status` on it) and that this machine reaches that host and "
+                             "port (firewall, --address as `ray start --head` printed it)") from exc
 
 
 def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: int, shard_size: int,

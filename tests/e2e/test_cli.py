@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -922,3 +923,22 @@ def test_embed_on_ray_refuses_tags_naming_the_sets(tmp_path: Path):
                                        "--engine", "ray", "--tag", "shapes", "--tag", "colors:2"])
     assert result.exit_code == 2, result.output
     assert "--engine ray does not tag (shapes, colors)" in result.output
+
+
+def test_embed_on_ray_at_an_address_nobody_answers_fails_within_seconds_naming_it(tmp_path: Path):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    with socket.socket() as reserved:  # bound, never listening: a connect to it is refused
+        reserved.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{reserved.getsockname()[1]}"
+        folder = tmp_path / "images"
+        folder.mkdir()
+        started = time.monotonic()
+        result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(tmp_path / "shards"),
+                                           "--engine", "ray", "--address", address])
+        elapsed = time.monotonic() - started
+    assert result.exit_code == 1, result.output
+    assert f"Error: no Ray cluster answers at {address} (Connection refused): check that its head " \
+           "runs" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    # Ray alone retries such an address for minutes; the bound leaves room for importing Ray on a busy machine.
+    assert elapsed < 30
