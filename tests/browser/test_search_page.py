@@ -383,6 +383,31 @@ def test_each_filter_is_labelled_by_its_own_field_name(browser, encoder, tmp_pat
             assert page.get_by_role("combobox", name=name, exact=True).get_attribute("data-field") == name
 
 
+def test_a_field_with_more_values_than_listed_says_so_and_takes_a_typed_value_of_its_own_type(browser, encoder,
+                                                                                                 tmp_path):
+    # 21 values per field: the facets list the 20 held twice each; the one held once is "other", found by typing it
+    # (a number for a field of numbers: 99 the string would match nothing).
+    rows = [{"serial": f"common-{i // 2}", "n": i // 2} for i in range(40)] + [{"serial": "rare", "n": 99}]
+    store_path = red_circles(encoder, tmp_path / "store", [{"metadata": row} for row in rows])
+    with page_app(Settings(cache_dir=tmp_path / "cache", store_path=store_path), encoder, store_path) as url:
+        page = browser.page
+        page.goto(f"{url}/")
+        page.wait_for_selector("#filters select")
+        search_for(page, "red circle")
+        for field, typed in (("serial", "rare"), ("n", "99")):
+            select = f"#filters select[data-field='{field}']"
+            labels = page.eval_on_selector_all(f"{select} option", "els => els.map(e => e.textContent)")
+            assert len(labels) == 22 and labels[-1] == "other value… (1 more not listed)", labels
+            box = page.get_by_role("textbox", name=f"{field}: a value not listed")
+            assert box.is_hidden()
+            settle(page, "/v1/search", lambda: page.select_option(select, "other"))  # no value typed yet: any
+            assert box.is_visible() and page.evaluate("document.activeElement.id") == box.get_attribute("id")
+            box.fill(typed)
+            settle(page, "/v1/search", lambda: box.press("Enter"))
+            assert [hit["id"] for hit in hits(page)] == ["doc-40"], field
+            settle(page, "/v1/search", lambda: page.select_option(select, ""))  # back to any, for the next field
+
+
 def red_circles(encoder, store_path: Path, documents: list[dict]) -> Path:
     """An embedded store of documents with the vector of "a red circle" and text "red circle", ids `doc-0`,
     `doc-1`, …, and the Document fields each dict gives (an id among them)."""

@@ -12,6 +12,9 @@
     thumbUrls: [],  // blob: URLs of thumbnails fetched with an API key, released on the next render
   };
   const KEY_STORAGE = 'clip-sidecar-api-key';
+  // The filter option that opens a box for a value the facets do not list (they list each field's 20 most
+  // frequent); never an option's JSON value, which is quoted, a number, a boolean or null.
+  const OTHER_VALUE = 'other';
 
   // ---- talking to the API -------------------------------------------------------------------
 
@@ -181,7 +184,14 @@
   function filtersFromControls() {
     const filters = {};
     for (const select of $('filters').querySelectorAll('select')) {
-      if (select.value !== '') filters[select.dataset.field] = JSON.parse(select.value);
+      if (select.value === OTHER_VALUE) {
+        const typed = $(`${select.id}-other`);
+        const text = typed.value.trim();
+        // A filter matches values of its own JSON type only: a number typed for a field of numbers is a number.
+        if (text) filters[select.dataset.field] = typed.dataset.numbers && Number.isFinite(Number(text)) ? Number(text) : text;
+      } else if (select.value !== '') {
+        filters[select.dataset.field] = JSON.parse(select.value);
+      }
     }
     return filters;
   }
@@ -400,19 +410,35 @@
     try {
       const answer = await api('/v1/facets');
       const fields = Object.entries(answer.facets).filter(([, facet]) => facet.values.length > 1);
-      // Reloaded (a new API key): the values chosen stay chosen, or the next page would be of another ranking.
-      const chosen = new Map([...fieldset.querySelectorAll('select')].map((select) => [select.dataset.field, select.value]));
+      // Reloaded (a new API key): the values chosen (or typed) stay, or the next page would be of another ranking.
+      const chosen = new Map([...fieldset.querySelectorAll('select')].map((select) => [select.dataset.field,
+        { value: select.value, typed: $(`${select.id}-other`)?.value }]));
       fieldset.querySelectorAll('label').forEach((node) => node.remove());
       $('filters-note').textContent = fields.length ? '' : 'No metadata fields to filter by in this store.';
       $('filters-note').hidden = fields.length > 0;
       // Ids by position: names can differ only in characters an id would have to drop ("a b", "a_b"; 色, 形).
       for (const [index, [name, facet]] of fields.entries()) {
         const id = `filter-${index}`;
+        const before = chosen.get(name) || {};
         const options = [el('option', { value: '' }, 'any'),
           ...facet.values.map(({ value, count }) => el('option', { value: JSON.stringify(value) }, `${format(value)} (${count})`))];
+        if (facet.other > 0) options.push(el('option', { value: OTHER_VALUE }, `other value… (${facet.other} more not listed)`));
         const select = el('select', { id, 'data-field': name }, ...options);
-        if (options.some((option) => option.value === chosen.get(name))) select.value = chosen.get(name);
-        fieldset.append(el('label', { for: id }, name, select));
+        if (options.some((option) => option.value === before.value)) select.value = before.value;
+        const label = el('label', { for: id }, name, select);
+        if (facet.other > 0) {
+          const typed = el('input', { id: `${id}-other`, type: 'text', spellcheck: 'false', placeholder: 'type a value',
+            'aria-label': `${name}: a value not listed` });
+          if (facet.values.every(({ value }) => typeof value === 'number')) typed.dataset.numbers = 'yes';
+          typed.value = before.typed || '';
+          typed.hidden = select.value !== OTHER_VALUE;
+          select.addEventListener('change', () => {
+            typed.hidden = select.value !== OTHER_VALUE;
+            if (!typed.hidden) typed.focus();
+          });
+          label.append(typed);
+        }
+        fieldset.append(label);
       }
       if (answer.documents !== undefined) updateCount(answer.documents);
     } catch (problem) {
