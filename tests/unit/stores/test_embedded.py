@@ -15,6 +15,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,6 +61,15 @@ def store(tmp_path: Path):
     with EmbeddedStore(tmp_path / "store") as opened:
         opened.claim(SIGNATURE)
         yield opened
+
+
+def stored(path: Path, docs: list[Document], **options: Any) -> EmbeddedStore:
+    """A store opened at `path` (with EmbeddedStore's `options`), claimed for SIGNATURE and holding `docs`; the
+    caller closes it (`with stored(...) as store:`)."""
+    store = EmbeddedStore(path, **options)
+    store.claim(SIGNATURE)
+    store.upsert(docs)
+    return store
 
 
 def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -153,9 +163,7 @@ def test_readding_a_deleted_id(store: EmbeddedStore):
 def test_reopen_gives_identical_results(tmp_path: Path):
     docs = make_docs(500)
     query = clustered_unit_vectors(1, seed=7)[0]
-    with EmbeddedStore(tmp_path / "s") as store:
-        store.claim(SIGNATURE)
-        store.upsert(docs)
+    with stored(tmp_path / "s", docs) as store:
         store.delete(["doc10"])
         before = (as_pairs(store.vector_search(query, 10)), as_pairs(store.vector_search(query, 10, exact=True)),
                   as_pairs(store.text_search("red number5", 10)), store.count())
@@ -169,9 +177,7 @@ def test_reopen_gives_identical_results(tmp_path: Path):
 def test_another_process_sees_identical_results(tmp_path: Path):
     docs = make_docs(500)
     query = clustered_unit_vectors(1, seed=7)[0]
-    with EmbeddedStore(tmp_path / "s") as store:
-        store.claim(SIGNATURE)
-        store.upsert(docs)
+    with stored(tmp_path / "s", docs) as store:
         here = {"ann": as_pairs(store.vector_search(query, 10)),
                 "text": as_pairs(store.text_search("blue number3", 5, filters={"shard": 0}))}
     result = run_python(
@@ -193,9 +199,7 @@ def test_another_process_sees_identical_results(tmp_path: Path):
 
 
 def test_writes_from_another_process_are_seen_by_an_open_store(tmp_path: Path):
-    with EmbeddedStore(tmp_path / "s") as store:
-        store.claim(SIGNATURE)
-        store.upsert(make_docs(10))
+    with stored(tmp_path / "s", make_docs(10)) as store:
         assert store.count() == 10
         result = run_python(
             """
@@ -575,9 +579,7 @@ def graph_files(path: Path) -> list[str]:
 
 def test_a_load_session_saves_the_graph_once_and_its_rows_answer_searches_meanwhile(tmp_path: Path):
     path = tmp_path / "s"
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(make_docs(200))
+    with stored(path, make_docs(200)) as store:
         before = graph_files(path)
         assert len(before) == 1
         with store.bulk_load() as load:
@@ -600,9 +602,7 @@ def test_a_load_session_saves_the_graph_once_and_its_rows_answer_searches_meanwh
 
 def test_a_session_that_fails_leaves_its_committed_rows_searchable_and_the_next_one_adds_them(tmp_path: Path):
     path = tmp_path / "s"
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(make_docs(100))
+    with stored(path, make_docs(100)) as store:
         before = graph_files(path)
         with pytest.raises(RuntimeError, match="interrupted"), store.bulk_load():
             store.upsert(make_docs(40, seed=3, prefix="late"))
@@ -618,9 +618,7 @@ def test_a_session_that_fails_leaves_its_committed_rows_searchable_and_the_next_
 def test_a_session_cut_off_after_deleting_most_rows_still_answers_k_hits_and_repair_rebuilds_its_graph(
         tmp_path: Path):
     path, docs = tmp_path / "s", make_docs(1000)
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(docs)
+    with stored(path, docs) as store:
         kept = docs[::50]
         with pytest.raises(RuntimeError, match="interrupted"), store.bulk_load():
             store.delete([doc.id for doc in docs if doc not in kept])  # deletes commit at once
@@ -680,9 +678,7 @@ def test_threads_sharing_one_store_read_whole_generations_while_it_writes(tmp_pa
     n = 120
     errors: list[str] = []
     done = threading.Event()
-    with EmbeddedStore(tmp_path / "s", rebuild_tombstone_fraction=0.5) as store:
-        store.claim(SIGNATURE)
-        store.upsert(make_docs(n))
+    with stored(tmp_path / "s", make_docs(n), rebuild_tombstone_fraction=0.5) as store:
 
         def read_loop() -> None:
             ids = [f"doc{i}" for i in range(n)]
@@ -708,9 +704,7 @@ def test_threads_sharing_one_store_read_whole_generations_while_it_writes(tmp_pa
 
 def closed_store_with_a_graph(path: Path, docs: list[Document]) -> Path:
     """A store at `path` holding `docs`, closed; its one graph file."""
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(docs)
+    stored(path, docs).close()
     (graph,) = path.glob("hnsw.*")
     return graph
 
@@ -818,9 +812,7 @@ def test_a_missing_graph_file_is_reported_refused_by_searches_and_writes_and_reb
 def test_lost_vectors_are_reported_and_repair_removes_those_documents(tmp_path: Path):
     path = tmp_path / "s"
     docs = make_docs(50)
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(docs)
+    stored(path, docs).close()
     with open(path / "vectors.f32", "r+b") as handle:
         handle.truncate(48 * DIM * 4)  # the last two rows' bytes never reached the disk
     with EmbeddedStore(path) as store:
@@ -843,9 +835,7 @@ def _damage_bm25(path: Path, *, delete: list[int] = (), add: list[tuple[int, str
 
 def test_a_bm25_index_out_of_step_is_reported_and_rebuilt(tmp_path: Path):
     path = tmp_path / "s"
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(make_docs(20))
+    stored(path, make_docs(20)).close()
     _damage_bm25(path, delete=[3, 4], add=[(4, "something else"), (999, "a red item")])
     with EmbeddedStore(path) as store:
         problems = store.check().problems
@@ -861,9 +851,7 @@ def test_a_bm25_index_out_of_step_is_reported_and_rebuilt(tmp_path: Path):
 def test_a_write_cut_off_between_its_bm25_and_sqlite_commits_is_healed_by_the_next_write(tmp_path: Path):
     path = tmp_path / "s"
     docs = make_docs(30)
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(docs[:20])
+    with stored(path, docs[:20]) as store:
         before = as_pairs(store.text_search("red item", 10))
     # What a writer killed after its tantivy commit leaves: rows SQLite never committed.
     _damage_bm25(path, add=[(20, "red red red item"), (21, "red item")])
@@ -896,9 +884,7 @@ class _CtrlCDuringCommit:
 def test_ctrl_c_during_a_commit_surfaces_as_the_interrupt_and_the_write_stays_committed(tmp_path: Path):
     path = tmp_path / "s"
     docs = make_docs(10)
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(docs[:5])
+    with stored(path, docs[:5]) as store:
         version = store._opened[-1].store
         real_writer = version._writer
         version._writer = _CtrlCDuringCommit(real_writer)
@@ -946,9 +932,7 @@ def test_a_store_of_an_unknown_format_is_refused_untouched_saying_to_upgrade_whe
 def test_a_format_2_store_gets_its_bm25_index_when_opened(tmp_path: Path):
     path = tmp_path / "s"
     docs = make_docs(40)
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(docs)
+    with stored(path, docs) as store:
         expected = as_pairs(store.text_search("blue number7", 5))
     shutil.rmtree(path / "bm25")  # what format 2 had instead: an FTS5 table
     conn = sqlite3.connect(path / "store.sqlite")
@@ -969,9 +953,7 @@ def test_a_format_2_store_gets_its_bm25_index_when_opened(tmp_path: Path):
 
 def test_leftovers_of_an_interrupted_write_are_notes_and_repair_removes_them(tmp_path: Path):
     path = tmp_path / "s"
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(make_docs(20))
+    stored(path, make_docs(20)).close()
     with open(path / "vectors.f32", "ab") as handle:
         handle.write(np.ones((3, DIM), dtype=np.float32).tobytes())  # appended, never committed
     (path / "hnsw.99.faiss.tmp").write_bytes(b"half a graph")
@@ -988,9 +970,7 @@ def test_leftovers_of_an_interrupted_write_are_notes_and_repair_removes_them(tmp
 def test_a_format_1_store_is_read_and_upgraded_when_opened(tmp_path: Path):
     path = tmp_path / "s"
     docs = make_docs(60)
-    with EmbeddedStore(path) as store:
-        store.claim(SIGNATURE)
-        store.upsert(docs[:50])
+    stored(path, docs[:50]).close()
     conn = sqlite3.connect(path / "store.sqlite")  # what format 1 wrote: no hnsw_rows, the graph covers all rows
     conn.execute("UPDATE meta SET value = '1' WHERE key = 'format'")
     conn.execute("DELETE FROM meta WHERE key = 'hnsw_rows'")
