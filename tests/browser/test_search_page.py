@@ -397,7 +397,7 @@ def test_a_field_with_more_values_than_listed_says_so_and_takes_a_typed_value_of
         for field, typed in (("serial", "rare"), ("n", "99")):
             select = f"#filters select[data-field='{field}']"
             labels = page.eval_on_selector_all(f"{select} option", "els => els.map(e => e.textContent)")
-            assert len(labels) == 22 and labels[-1] == "other value… (1 more not listed)", labels
+            assert len(labels) == 22 and labels[-1] == "other value… (1 document holds values not listed)", labels
             box = page.get_by_role("textbox", name=f"{field}: a value not listed")
             assert box.is_hidden()
             settle(page, "/v1/search", lambda: page.select_option(select, "other"))  # no value typed yet: any

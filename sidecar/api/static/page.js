@@ -422,7 +422,9 @@
         const before = chosen.get(name) || {};
         const options = [el('option', { value: '' }, 'any'),
           ...facet.values.map(({ value, count }) => el('option', { value: JSON.stringify(value) }, `${format(value)} (${count})`))];
-        if (facet.other > 0) options.push(el('option', { value: OTHER_VALUE }, `other value… (${facet.other} more not listed)`));
+        // `other` counts documents, not values: one unlisted value held by ten documents is ten.
+        const holders = facet.other === 1 ? '1 document holds' : `${facet.other} documents hold`;
+        if (facet.other > 0) options.push(el('option', { value: OTHER_VALUE }, `other value… (${holders} values not listed)`));
         const select = el('select', { id, 'data-field': name }, ...options);
         if (options.some((option) => option.value === before.value)) select.value = before.value;
         const label = el('label', { for: id }, name, select);
