@@ -49,7 +49,10 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     app = Flask(__name__, static_folder=None)
     app.json = OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    # First: a malformed SIDECAR_API_KEYS fails before the models load. The page's own files hold no data
+    # Before auth's hooks (Flask runs before_request hooks in the order registered): a request the key or host
+    # check refuses (401, 403, 429) is timed too, from its start, not from a clock that never started.
+    _register_request_metrics(app)
+    # A malformed SIDECAR_API_KEYS fails before the models load. The page's own files hold no data
     # and must load before anyone can type a key into it.
     auth.init_app(app, settings, public_paths=page.PUBLIC_PATHS)
     # The server loads cached models only: downloading or training inside a gunicorn worker
@@ -76,7 +79,6 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
                       page.bp, status.bp, feedback.bp):
         app.register_blueprint(blueprint)
     _register_errors(app, settings)
-    _register_request_metrics(app)
     return app
 
 
@@ -139,5 +141,5 @@ def _register_request_metrics(app: Flask) -> None:
     def record(response):
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
-        metrics.REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        metrics.REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - g.started)
         return response

@@ -13,6 +13,7 @@ import pytest
 import requests
 import yaml
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 
 import sidecar
 from sidecar.api.app import create_app
@@ -145,6 +146,22 @@ def test_healthz_is_open_and_metrics_opens_with_metrics_public(build_app, keys):
     assert client.get("/healthz").status_code == 200
     assert client.get("/metrics").status_code == 200
     assert client.get("/readyz").status_code == 401
+
+
+def latency_sum(client, key: str, endpoint: str) -> float:
+    """sidecar_request_seconds_sum of `endpoint` in a scrape of the app's /metrics."""
+    scrape = call(client, "GET", "/metrics", None, key).get_data(as_text=True)
+    return next(sample.value for family in text_string_to_metric_families(scrape) for sample in family.samples
+                if sample.name == "sidecar_request_seconds_sum" and sample.labels["endpoint"] == endpoint)
+
+
+def test_a_request_refused_for_its_key_adds_its_own_positive_time_to_the_endpoints_latency(build_app, keys):
+    # The key check runs before the request's handler; the latency clock must start before it.
+    client = build_app(api_keys=entries(keys, "ops")).test_client()
+    assert call(client, "POST", "/v1/search", {"text": "red circle"}, keys["ops"]).status_code == 200
+    before = latency_sum(client, keys["ops"], "/v1/search")
+    assert all(call(client, "POST", "/v1/search", {"text": "red circle"}).status_code == 401 for _ in range(20))
+    assert latency_sum(client, keys["ops"], "/v1/search") > before
 
 
 def test_without_keys_every_endpoint_is_open(build_app, tmp_path):
