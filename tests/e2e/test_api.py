@@ -166,6 +166,21 @@ def test_health_readiness_and_metrics(client, encoder):
     assert 'stage="forward"' in text and 'stage="queue_wait"' in text and 'stage="rerank"' in text
 
 
+def test_the_latency_budget_of_the_p95_alert_is_a_bucket_bound_of_the_request_histogram_the_app_exports(client):
+    # histogram_quantile interpolates inside a bucket: with a bound at the budget, "p95 above it" is exactly "more
+    # than 5 % of requests slower than it"; with the next bound above it, requests between the two count as fast.
+    rules = yaml.safe_load((Path(sidecar.__file__).parents[1] / "docker/prometheus/alerts.yml").read_text())
+    alert = next(rule for group in rules["groups"] for rule in group["rules"]
+                 if rule.get("alert") == "SidecarLatencyP95AboveBudget")
+    budget = float(alert["expr"].rsplit(">", 1)[1])
+    client.post("/v1/search", json={"text": "red circle"})
+    scrape = client.get("/metrics").get_data(as_text=True)
+    bounds = {float(sample.labels["le"]) for family in text_string_to_metric_families(scrape)
+              for sample in family.samples
+              if sample.name == "sidecar_request_seconds_bucket" and sample.labels["endpoint"] == "/v1/search"}
+    assert budget in bounds, sorted(bounds)
+
+
 def test_readyz_answers_an_unreachable_store_in_the_openapi_files_not_ready_shape_with_the_pid(app, monkeypatch):
     def unreachable():
         raise ConnectionError("connection refused")
