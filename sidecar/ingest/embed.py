@@ -3,7 +3,8 @@
 Resumable and incremental: a rerun skips every item whose document (image bytes, text and
 metadata; `sidecar.ingest.identity`) is already in a complete shard, embeds new or changed
 images, gives items whose text or metadata alone changed a new row with their stored vector
-(no forward pass), and records the ids the store must no longer serve: those that disappeared, and
+(no forward pass), gives an item whose image bytes a row of another id holds (a file renamed or moved
+within the corpus, SOURCE now a parent folder: a new id) a row with that row's vector, and records the ids the store must no longer serve: those that disappeared, and
 those whose current file cannot be used (a stored row of theirs shows an image the corpus no longer
 has). Each image's thumbnail (for the search page) is made by the decode workers and written into
 its shard. With a tagger, every document's metadata also carries the top labels of prompt sets
@@ -52,6 +53,7 @@ class EmbedSummary:
     total: int
     embedded: int
     redescribed: int  # text or metadata changed, image not: new rows with the stored vectors
+    reused: int  # new ids (renamed, moved or copied files) whose image another id's row holds: rows with its vectors
     unchanged: int
     relocated: int  # of the unchanged, those found at a new path (the corpus moved): their rows now name it
     failed: int
@@ -72,7 +74,8 @@ class EmbedSummary:
         moved = f" ({self.relocated} at a new path: rows updated)" if self.relocated else ""
         return (f"{self.total} items: {self.embedded} embedded, {self.unchanged} unchanged{moved}, {self.failed} "
                 f"failed (see errors.jsonl), {self.deleted} deleted since last run, {self.redescribed} with new text "
-                f"or metadata only (vectors reused); {self.shards_written} new shards; {self.images_per_s:.1f} images/s")
+                f"or metadata only (vectors reused), {self.reused} renamed, moved or copied (an image embedded under "
+                f"another id: vectors reused); {self.shards_written} new shards; {self.images_per_s:.1f} images/s")
 
     def describe_stages(self) -> str:
         return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stages.items())
@@ -213,6 +216,7 @@ class EmbedPlan:
     todo: list[tuple[CorpusItem, str]]  # (item, image hash): encode the image
     unusable: list[CorpusItem]  # listed in errors.jsonl; recorded as deleted, as any file that cannot be used
     redescribed: int
+    reused: int  # new ids whose image another id's row holds: rows with its vectors written
     unchanged: int
     relocated: int  # of the unchanged, those found at a new path: their rows now name it
     deleted: list[str]  # ids whose file vanished
@@ -226,8 +230,9 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
                max_pixels: int = 40_000_000) -> EmbedPlan:
     """Claim `out` for the model (and `thumbnail_side`), scan `source` (hashing every file, by
     `hash_files` when given; shards written without thumbnails then get theirs from the files found)
-    and compare it with the shards there: what to encode, what only needs its stored vector under a
-    new text or metadata (written here), what vanished (recorded). `decode` names where images are
+    and compare it with the shards there: what to encode, what only needs a stored vector under a
+    new text or metadata, or under a new id (its image held by another id's row: written here), what
+    vanished (recorded). `decode` names where images are
     decoded ("cpu" or "device"), for the manifest."""
     # Rows name each image by its absolute path: what reads them (`hard-examples export`'s pairs.csv, a
     # trainer) runs from other folders than this run did.
@@ -245,45 +250,61 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
         _add_missing_thumbnails(shards, {hashes[item.id]: item.path for item in items}, workers=workers,
                                 max_pixels=max_pixels, progress=progress)
     todo: list[tuple[CorpusItem, str]] = []
-    redescribe: list[tuple[CorpusItem, ShardRow, str, int]] = []  # the stored vector serves the new row
-    # Unchanged documents whose file the scan found at another path than their row names (the corpus moved, or
-    # an older version's row names it relative to the folder that run was in): shard name → {row index: path}.
-    moved: defaultdict[str, dict[int, str]] = defaultdict(dict)
+    # The stored row whose vector serves each item with a known image: its own id's, else a row of another id holding
+    # the same bytes (the file renamed or moved within the corpus, SOURCE now a parent folder: the item has a new id).
+    # The scan's hashes are of the files' bytes, so finding it decodes nothing; every row here is by the model (and
+    # fine model) the manifest pins (`ShardSet.start`), and a vanished id's row stays in its shard to be read.
+    by_image = {entry[1].image_hash: entry for entry in known.values()}
+    found: list[tuple[CorpusItem, ShardRow, tuple[str, ShardRow, int]]] = []
+    for item in items:
+        row = document_row(item, hashes[item.id])
+        own = known.get(item.id)
+        entry = own if own is not None and own[1].image_hash == row.image_hash else by_image.get(row.image_hash)
+        if entry is None:
+            todo.append((item, row.image_hash))
+        else:
+            found.append((item, row, entry))
+    found, embed_again = _with_thumbnails(shards, found)
+    todo.extend(embed_again)
     stored_tags = {}
     if tagger is not None:  # the tags of known images, from their stored vectors
         with _timed(stages, "tag"):
-            stored_tags = tagger.stored_tags(shards, (known[i.id] for i in items if i.id in known and
-                                                      known[i.id][1].image_hash == hashes[i.id]), progress=progress)
-    for item in items:
-        row = document_row(item, hashes[item.id])
-        entry = known.get(item.id)
-        if entry is None or entry[1].image_hash != row.image_hash:
-            todo.append((item, row.image_hash))
-            continue
+            stored_tags = tagger.stored_tags(shards, {entry[1].id: entry for *_, entry in found}.values(),
+                                             progress=progress)
+    redescribe: list[tuple[ShardRow, str, int]] = []  # the stored vector serves the new row
+    reuse: list[tuple[ShardRow, str, int]] = []  # the stored vector of another id serves the new row
+    # Unchanged documents whose file the scan found at another path than their row names (the corpus moved, or
+    # an older version's row names it relative to the folder that run was in): shard name → {row index: path}.
+    moved: defaultdict[str, dict[int, str]] = defaultdict(dict)
+    for item, row, (name, stored, index) in found:
         if tagger is not None:
-            row = tagged(row, stored_tags[item.id])
-        if entry[1].content_hash != row.content_hash:
-            redescribe.append((item, row, entry[0], entry[2]))
-        elif entry[1].path != row.path:
-            moved[entry[0]][entry[2]] = row.path
-    unchanged = len(items) - len(todo) - len(redescribe)
+            row = tagged(row, stored_tags[stored.id])
+        if stored.id != item.id:
+            reuse.append((row, name, index))
+        elif stored.content_hash != row.content_hash:
+            redescribe.append((row, name, index))
+        elif stored.path != row.path:
+            moved[name][index] = row.path
+    unchanged = len(items) - len(todo) - len(redescribe) - len(reuse)
     deleted = sorted(set(known) - set(hashes))
     newly_deleted = len(set(deleted) - set(shards.deleted))  # rows of earlier runs' deletions stay in `known`
     # An id recorded as deleted (its file vanished, or could not be used) stays deleted until its current
     # file has a row (`finish_embed` records the run's outcome): a run killed before then must not let
     # `index` serve the old row again.
-    withheld = set(shards.deleted) & {item.id for item in [*(item for item, _ in todo), *unusable]}
+    withheld = set(shards.deleted) & {*(item.id for item, _ in todo), *(row.id for row, *_ in reuse),
+                                      *(item.id for item in unusable)}
     shards.set_deleted(sorted(set(deleted) | withheld))
     relocated = sum(map(len, moved.values()))
-    log.info("%d items in %s: %d to embed, %d with new text or metadata only, %d unchanged (%d at a new path), %d "
-             "unusable (see errors.jsonl), %d deleted since the last run", len(scanned), source, len(todo),
-             len(redescribe), unchanged, relocated, len(unusable), newly_deleted)
+    log.info("%d items in %s: %d to embed, %d with new text or metadata only, %d renamed, moved or copied (an image "
+             "embedded under another id: stored vectors reused), %d unchanged (%d at a new path), %d unusable (see "
+             "errors.jsonl), %d deleted since the last run", len(scanned), source, len(todo), len(redescribe),
+             len(reuse), unchanged, relocated, len(unusable), newly_deleted)
     shards.set_paths(moved)
     shards_before = len(shards.shard_names())
-    _write_redescribed(shards, redescribe, shard_size=shard_size)
+    shards.rewrite_rows(redescribe + reuse, shard_size=shard_size)
     return EmbedPlan(shards=shards, total=len(scanned), todo=todo, unusable=unusable, redescribed=len(redescribe),
-                     unchanged=unchanged, relocated=relocated, deleted=deleted, newly_deleted=newly_deleted,
-                     shards_before=shards_before)
+                     reused=len(reuse), unchanged=unchanged, relocated=relocated, deleted=deleted,
+                     newly_deleted=newly_deleted, shards_before=shards_before)
 
 
 def finish_embed(plan: EmbedPlan, *, failed: list[str], started: float, stages: dict[str, float],
@@ -297,7 +318,7 @@ def finish_embed(plan: EmbedPlan, *, failed: list[str], started: float, stages: 
     if plan.shards.tagging != (tagger.record() if tagger else []):
         plan.shards.set_tagging(tagger.record() if tagger else [])
     summary = EmbedSummary(total=plan.total, embedded=len(plan.todo) - len(failed), redescribed=plan.redescribed,
-                           unchanged=plan.unchanged, relocated=plan.relocated, failed=len(failed) + len(unusable),
+                           reused=plan.reused, unchanged=plan.unchanged, relocated=plan.relocated, failed=len(failed) + len(unusable),
                            deleted=plan.newly_deleted,
                            shards_written=len(plan.shards.shard_names()) - plan.shards_before,
                            seconds=time.perf_counter() - started, stages=dict(stages))
@@ -376,10 +397,24 @@ def _json_storable(value: object) -> bool:
     return True
 
 
-def _write_redescribed(shards: ShardSet, redescribe: list[tuple[CorpusItem, ShardRow, str, int]], *,
-                       shard_size: int) -> None:
-    """New rows for items whose text, metadata or tags changed, each with its stored vector (no forward pass)."""
-    shards.rewrite_rows([(row, name, index) for _, row, name, index in redescribe], shard_size=shard_size)
+def _with_thumbnails(shards: ShardSet, found: list[tuple[CorpusItem, ShardRow, tuple[str, ShardRow, int]]]
+                     ) -> tuple[list[tuple[CorpusItem, ShardRow, tuple[str, ShardRow, int]]], list[tuple[CorpusItem, str]]]:
+    """`found` (item, its row, the stored row whose vectors serve it) split in two: those the stored row serves, and
+    (item, image hash) to embed again: items that would take the vectors of another id's row holding no thumbnail
+    (b"": its shard got thumbnails while the corpus lacked its image), where the shards keep thumbnails. Their
+    stored row cannot give them one; the decode that embeds them does."""
+    if not shards.thumbnail_side:
+        return found, []
+    sources = {name for item, _, (name, stored, _) in found if stored.id != item.id}
+    blank = {(name, index) for name in sources for index, thumbnail in enumerate(shards.thumbnails(name))
+             if not thumbnail}
+    served, again = [], []
+    for item, row, (name, stored, index) in found:
+        if stored.id != item.id and (name, index) in blank:
+            again.append((item, row.image_hash))
+        else:
+            served.append((item, row, (name, stored, index)))
+    return served, again
 
 
 def _add_missing_thumbnails(shards: ShardSet, files: Mapping[str, Path], *, workers: int, max_pixels: int,
