@@ -400,17 +400,23 @@ def _json_storable(value: object) -> bool:
 def _with_thumbnails(shards: ShardSet, found: list[tuple[CorpusItem, ShardRow, tuple[str, ShardRow, int]]]
                      ) -> tuple[list[tuple[CorpusItem, ShardRow, tuple[str, ShardRow, int]]], list[tuple[CorpusItem, str]]]:
     """`found` (item, its row, the stored row whose vectors serve it) split in two: those the stored row serves, and
-    (item, image hash) to embed again: items that would take the vectors of another id's row holding no thumbnail
-    (b"": its shard got thumbnails while the corpus lacked its image), where the shards keep thumbnails. Their
-    stored row cannot give them one; the decode that embeds them does."""
+    (item, image hash) to embed again: items whose stored row holds no thumbnail (b"": its shard got thumbnails while
+    the corpus lacked its image), where the shards keep thumbnails. Their stored row cannot give them one; the decode
+    that embeds them does. Only rows that may lack one are read: another id's, and those of ids recorded deleted
+    (vanished, or their file unusable, when thumbnails came: back now with the same bytes)."""
     if not shards.thumbnail_side:
         return found, []
-    sources = {name for item, _, (name, stored, _) in found if stored.id != item.id}
+    withdrawn = set(shards.deleted)
+
+    def may_lack(item: CorpusItem, stored: ShardRow) -> bool:
+        return stored.id != item.id or stored.id in withdrawn
+
+    sources = {name for item, _, (name, stored, _) in found if may_lack(item, stored)}
     blank = {(name, index) for name in sources for index, thumbnail in enumerate(shards.thumbnails(name))
              if not thumbnail}
     served, again = [], []
     for item, row, (name, stored, index) in found:
-        if stored.id != item.id and (name, index) in blank:
+        if may_lack(item, stored) and (name, index) in blank:
             again.append((item, row.image_hash))
         else:
             served.append((item, row, (name, stored, index)))

@@ -139,3 +139,30 @@ def test_a_thumbnail_size_change_for_a_directory_with_thumbnails_is_refused(enco
     with pytest.raises(ShardError, match="pass --thumbnail-size 32, or write to a new --out directory"):
         embed_corpus(encoder, corpus, tmp_path / "shards", workers=0, thumbnail_side=64, progress=False)
     assert Path(tmp_path / "shards" / "shard-00000.thumbs.npz").exists()
+
+
+@pytest.mark.parametrize("away", ["vanished", "spoilt"])
+def test_an_image_back_under_its_id_after_thumbnails_came_while_it_was_away_gets_a_thumbnail(encoder, tmp_path,
+                                                                                              away):
+    # Its row got b"" then (the corpus held no file of its image to make one from): kept as it was, the store
+    # would serve the document without a thumbnail, where a fresh embed of the same corpus has one.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(folder / "red.jpg")
+    Image.new("RGB", (80, 60), (30, 200, 30)).save(folder / "green.jpg")
+    out = tmp_path / "shards"
+    embed_corpus(encoder, folder, out, workers=0, thumbnail_side=0, progress=False)
+    kept = (folder / "red.jpg").read_bytes()
+    if away == "vanished":
+        (folder / "red.jpg").unlink()
+    else:
+        (folder / "red.jpg").write_bytes(b"not an image")
+    embed_corpus(encoder, folder, out, workers=0, thumbnail_side=32, progress=False)
+    assert "red.jpg" in ShardSet(out).deleted
+    (folder / "red.jpg").write_bytes(kept)
+
+    rerun = embed_corpus(encoder, folder, out, workers=0, thumbnail_side=32, progress=False)
+
+    assert (rerun.embedded, rerun.unchanged) == (1, 1)
+    docs = {d.id: d for batch in ShardSet(out).documents() for d in batch}
+    np.testing.assert_allclose(mean_colour(docs["red.jpg"].thumbnail), (200, 30, 30), atol=6)
