@@ -69,6 +69,9 @@ class MicroBatcher(Generic[Item]):
         self._queue_wait = metrics.STAGE_SECONDS.labels("queue_wait", modality, role)
         self._forward_seconds = metrics.STAGE_SECONDS.labels("forward", modality, role)
         self._batch_size = metrics.BATCH_SIZE.labels(modality, role)
+        # Exported as 0 from the start: an alert on increase() sees a series's first sample as its base, so one
+        # that first appears at 1 would never fire.
+        self._stops = metrics.BATCHER_STOPS.labels(modality, role)
         # Named for `top -H` and py-spy: the fine model's model threads apart from the coarse model's.
         self._thread = NamedThread(target=self._supervise, name=f"{'batcher' if role == 'coarse' else role}-{modality}",
                                    daemon=True)
@@ -130,7 +133,7 @@ class MicroBatcher(Generic[Item]):
         reason = (f"the {self.modality} encode thread{model} stopped ({type(exc).__name__}: {exc}); "
                   "this worker no longer serves encodes")
         log.critical("%s; failing its waiting requests with 503", reason, exc_info=exc)
-        metrics.BATCHER_STOPS.labels(self.modality, self.role).inc()
+        self._stops.inc()
         with self._admission:
             self._stopped = reason
             pending = list(self._held)

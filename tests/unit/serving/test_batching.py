@@ -139,6 +139,19 @@ def test_a_dead_model_thread_fails_waiting_and_later_requests_at_once_with_503(f
         batcher.close()
 
 
+def test_the_stop_counter_reads_0_from_the_start_and_1_after_the_thread_dies(forward):
+    # An increase() alert takes a series's first sample as its base: one first exported at 1 never fires.
+    labels = {"modality": "stop-counter", "model": "coarse"}
+    batcher = make(forward, modality="stop-counter")
+    try:
+        before = REGISTRY.get_sample_value("sidecar_batcher_stops_total", labels)
+        with pytest.raises(NotReady):
+            batcher.submit([KILL], timeout_s=60)
+        assert (before, REGISTRY.get_sample_value("sidecar_batcher_stops_total", labels)) == (0.0, 1.0)
+    finally:
+        batcher.close()
+
+
 def test_a_forward_returning_the_wrong_row_count_fails_its_requests_instead_of_misrouting_rows():
     def drops_the_first_row(items):
         time.sleep(0.02)  # long enough for the other requests to queue into one batch
