@@ -46,7 +46,7 @@ def exchange(url: str, head: bytes, chunks: list[bytes] = (), *, finish: bool = 
 
 
 def chunked_head(path: str = "/v1/embeddings") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             "Transfer-Encoding: chunked\r\n\r\n").encode()
 
 
@@ -83,11 +83,11 @@ def test_a_bad_chunk_size_answers_400_json(server):
 @pytest.mark.parametrize(
     ("request_bytes", "status", "code"),
     [
-        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: test\r\n\r\n", 414, "uri_too_long"),
-        (b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431,
+        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414, "uri_too_long"),
+        (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431,
          "request_header_fields_too_large"),
         (b"NOT AN HTTP REQUEST\r\n\r\n", 400, "bad_request"),
-        (b"GET /healthz HTTP/1.1\r\nHost: test\r\nBad Header: x\r\n\r\n", 400, "bad_request"),
+        (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nBad Header: x\r\n\r\n", 400, "bad_request"),
     ],
     ids=["request-line-414", "header-431", "garbage-400", "bad-header-400"],
 )
