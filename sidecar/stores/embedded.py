@@ -1168,6 +1168,23 @@ class _Opened:
     users: int = 0
 
 
+class _Using:
+    """`with store._version() as opened:` — the current version, in use until the block ends. A class, not
+    a generator-based context manager: it wraps every store call, and costs a third of one."""
+
+    __slots__ = ("_store", "_opened")
+
+    def __init__(self, store: EmbeddedStore):
+        self._store = store
+
+    def __enter__(self) -> _Opened:
+        self._opened = self._store._follow()
+        return self._opened
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._store._release(self._opened)
+
+
 class _VersionGone(Exception):
     """The version being opened was replaced and removed meanwhile: read the pointer again."""
 
@@ -1204,6 +1221,7 @@ class EmbeddedStore:
     def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._pointer = str(self.path / _POINTER)  # read on every call: a Path join per call costs more than the read
         self._options = options
         self._lock = threading.Lock()
         self._opened: list[_Opened] = []  # the newest last; older ones until their last call returns
@@ -1245,7 +1263,7 @@ class EmbeddedStore:
     def _pointed(self) -> int:
         """The current version's number."""
         try:
-            target = os.readlink(self.path / _POINTER)
+            target = os.readlink(self._pointer)
         except FileNotFoundError:
             return 0
         number = _version_number(target)
@@ -1258,17 +1276,9 @@ class EmbeddedStore:
         found += [number for entry in self.path.iterdir() if (number := _version_number(entry.name)) is not None]
         return sorted(found)
 
-    @contextlib.contextmanager
-    def _version(self) -> Iterator[_Opened]:
-        """The current version, kept open (and on disk) until the block ends."""
-        opened = self._follow()
-        try:
-            yield opened
-        finally:
-            with self._lock:
-                opened.users -= 1
-                done = self._unused_retired()
-            self._let_go(done)
+    def _version(self) -> _Using:
+        """The current version, kept open (and on disk) until the `with` block ends."""
+        return _Using(self)
 
     def _follow(self) -> _Opened:
         for _ in range(_MAX_READ_RETRIES):
@@ -1285,8 +1295,9 @@ class EmbeddedStore:
                         continue
                     self._opened.append(newest)
                 newest.users += 1
-                done = self._unused_retired()
-            self._let_go(done)
+                done = self._unused_retired() if len(self._opened) > 1 else None
+            if done:
+                self._let_go(done)
             return newest
         raise StoreError(f"{self.path}: the version {_POINTER} names was replaced {_MAX_READ_RETRIES} times while "
                          "this process opened it; try again")
@@ -1306,6 +1317,14 @@ class EmbeddedStore:
         except BaseException:
             os.close(handle)
             raise
+
+    def _release(self, opened: _Opened) -> None:
+        """A call on `opened` has returned: a replaced version nobody uses any more is let go."""
+        with self._lock:
+            opened.users -= 1
+            done = self._unused_retired() if len(self._opened) > 1 else None
+        if done:
+            self._let_go(done)
 
     def _unused_retired(self) -> list[_Opened]:
         """Under self._lock: the replaced versions no call uses any more, taken off the list."""
