@@ -169,7 +169,7 @@ class Connection:
 
     def request(self, method: str, path: str, body: bytes = b"") -> int:
         """Send one request, read its response whole; returns the status code."""
-        self.sock.sendall(b"%s %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        self.sock.sendall(b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                           b"Content-Length: %d\r\n\r\n%s" % (method.encode(), path.encode(), len(body), body))
         while b"\r\n\r\n" not in self.buffer:
             self.buffer += self._recv()
@@ -347,6 +347,9 @@ def run_load(ports: list[int], concurrency: int, requests: int, seed: int, proce
     for server, ((cpu0, threads0, forward0), (cpu1, threads1, forward1)) in enumerate(zip(before, after)):
         threads_cpu = threads1 - threads0
         ms = np.asarray([x for p in parts for x in p["latencies"][server]]) * 1000
+        if not len(ms):
+            raise RuntimeError(f"server {server} answered none of its requests with 200 "
+                               f"({sum(p['errors'][server] for p in parts)} other answers): see its log")
         results.append({
             "concurrency": concurrency, "requests": len(ms), "errors": sum(p["errors"][server] for p in parts),
             "qps": len(ms) / wall, "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
