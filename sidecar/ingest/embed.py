@@ -4,7 +4,8 @@ Resumable and incremental: a rerun skips every item whose document (image bytes,
 metadata; `sidecar.ingest.identity`) is already in a complete shard, embeds new or changed
 images, gives items whose text or metadata alone changed a new row with their stored vector
 (no forward pass), gives an item whose image bytes a row of another id holds (a file renamed or moved
-within the corpus, SOURCE now a parent folder: a new id) a row with that row's vector, and records the ids the store must no longer serve: those that disappeared, and
+within the corpus, SOURCE now a parent folder: a new id) a row with that row's vector, and records the
+ids the store must no longer serve: those that disappeared, and
 those whose current file cannot be used (a stored row of theirs shows an image the corpus no longer
 has). Each image's thumbnail (for the search page) is made by the decode workers and written into
 its shard. With a tagger, every document's metadata also carries the top labels of prompt sets
@@ -318,8 +319,8 @@ def finish_embed(plan: EmbedPlan, *, failed: list[str], started: float, stages: 
     if plan.shards.tagging != (tagger.record() if tagger else []):
         plan.shards.set_tagging(tagger.record() if tagger else [])
     summary = EmbedSummary(total=plan.total, embedded=len(plan.todo) - len(failed), redescribed=plan.redescribed,
-                           reused=plan.reused, unchanged=plan.unchanged, relocated=plan.relocated, failed=len(failed) + len(unusable),
-                           deleted=plan.newly_deleted,
+                           reused=plan.reused, unchanged=plan.unchanged, relocated=plan.relocated,
+                           failed=len(failed) + len(unusable), deleted=plan.newly_deleted,
                            shards_written=len(plan.shards.shard_names()) - plan.shards_before,
                            seconds=time.perf_counter() - started, stages=dict(stages))
     log.info("embed finished: %s", summary.describe())
