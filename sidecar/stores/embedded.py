@@ -869,15 +869,6 @@ class _VersionStore:
                     return []
             return self._scored(conn, state.bm25.search(terms, k, live=state.live, rows=rows))
 
-    def supports_native_hybrid(self, *, fusion: str, weights: tuple[float, float], exact: bool) -> bool:
-        return False  # vector and BM25 lists are fused in Python (sidecar.retrieval.fusion)
-
-    def hybrid_search(self, vector: np.ndarray, query: str, k: int, *, filters: Filters | None = None,
-                      fusion: str = "minmax", weights: tuple[float, float] = (0.5, 0.5),
-                      ef_search: int | None = None) -> list[ScoredId]:
-        raise StoreError("the embedded store has no native hybrid query; sidecar.retrieval.search fuses its "
-                         "vector and BM25 results")
-
     def _filtered_rows(self, conn: sqlite3.Connection, filters: Filters, *,
                        ids: Sequence[str] | None = None) -> np.ndarray:
         """Live rows matching `filters` (and among `ids`, where given), sorted."""
