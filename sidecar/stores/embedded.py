@@ -1220,9 +1220,10 @@ class EmbeddedStore:
         self._session_lock = threading.Lock()
         self._sessions = 0  # load sessions of this object: the first takes load.lock shared, the last lets go
         self._load_handle: int | None = None
-        # The version and model `signature()` last answered: a vector search on a newer version of another
-        # model is refused once (the caller checked its queries' model against the old one).
-        self._checked: tuple[int, ModelSignature | None] | None = None
+        # Per thread (`checked`: the version and model `signature()` last answered it): a vector search on a
+        # newer version of another model is refused once, to the thread that checked its query's model
+        # against the old one. Shared by threads, another request's check cleared the refusal.
+        self._checked = threading.local()
         with self._version():  # bad options, or a format this version cannot read, fail here
             pass
 
@@ -1428,7 +1429,7 @@ class EmbeddedStore:
     def signature(self) -> ModelSignature | None:
         with self._version() as opened:
             found = opened.store.signature()
-        self._checked = (opened.number, found)
+        self._checked.checked = (opened.number, found)
         return found
 
     def fine_signature(self) -> ModelSignature | None:
@@ -1529,12 +1530,12 @@ class EmbeddedStore:
         ef_search: int | None = None,
     ) -> list[ScoredId]:
         with self._version() as opened:
-            checked = self._checked
+            checked = getattr(self._checked, "checked", None)
             if checked is not None and checked[0] != opened.number and checked[1] is not None:
                 # A rebuild with another model moved the store since the caller checked its queries' model
                 # (`signature()`): refused once, as the caller's own check refuses from now on.
                 held = opened.store.signature()
-                self._checked = (opened.number, held)
+                self._checked.checked = (opened.number, held)
                 if held is not None and held != checked[1]:
                     raise QueryModelMismatch(held, checked[1])
             return opened.store.vector_search(vector, k, filters=filters, exact=exact, ef_search=ef_search)

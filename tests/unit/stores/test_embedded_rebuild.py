@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,19 @@ def test_a_rebuild_with_another_model_switches_the_recorded_model_and_a_reader_c
         reader.vector_search(query, 1)  # ranked by the old model's vectors: refused, once
     assert reader.signature() == other
     assert ids_of(reader.vector_search(query, 1)) == ["new4"]
+
+
+def test_a_request_thread_checked_on_the_old_model_is_refused_even_after_another_thread_checked_the_new_one(served):
+    path, reader = served
+    first, second = ThreadPoolExecutor(1), ThreadPoolExecutor(1)  # two request threads of one server worker
+    try:
+        assert first.submit(reader.signature).result() == SIGNATURE  # its query is encoded by the old model
+        other = ModelSignature(model="other-clip", weights="other", dim=SIGNATURE.dim)
+        with EmbeddedStore(path) as rebuilder:
+            rebuilder.rebuild(make_docs(20, seed=1, prefix="new"), signature=other)
+        assert second.submit(reader.signature).result() == other  # a later request checks the new record
+        with pytest.raises(embedded.QueryModelMismatch, match="vectors of other-clip"):
+            first.submit(reader.vector_search, make_docs(30)[3].vector, 1).result()
+    finally:
+        first.shutdown()
+        second.shutdown()
