@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -79,7 +80,25 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
                       page.bp, status.bp, feedback.bp):
         app.register_blueprint(blueprint)
     _register_errors(app, settings)
+    _register_store_version(app, store)
     return app
+
+
+def _register_store_version(app: Flask, store: Store) -> None:
+    """Each request's store calls (a hybrid search's vector and BM25 lists, the fetch of its hits) answer from
+    one version of the store: a rebuild switching between two of them mixed its old and new contents. The
+    version is the one current at the request's first store call (a request without any reads none)."""
+
+    @app.before_request
+    def pin_store_version():
+        g.store_version = contextlib.ExitStack()
+        g.store_version.enter_context(store.one_version())
+
+    @app.teardown_request
+    def release_store_version(exc: BaseException | None):
+        pinned = g.pop("store_version", None)
+        if pinned is not None:
+            pinned.close()
 
 
 def _check_store_model(store: Store, encoder: Encoder) -> None:

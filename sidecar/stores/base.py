@@ -224,6 +224,11 @@ class Store(Protocol):
         list elements) are strings, numbers or booleans — the values `filters` match — the `size`
         most frequent per field."""
 
+    def one_version(self) -> AbstractContextManager[None]:
+        """Every call of this thread inside the block answers from the contents current at its first call, so
+        that the several calls of one request (vector and BM25 search, fetch) never straddle a rebuild's
+        switch (the embedded store pins its current version; OpenSearch's calls each read the alias)."""
+
     def check(self) -> StoreReport:
         """Read-only consistency check of what the store holds (`clip-sidecar store check`)."""
 

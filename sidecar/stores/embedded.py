@@ -1224,6 +1224,8 @@ class EmbeddedStore:
         # newer version of another model is refused once, to the thread that checked its query's model
         # against the old one. Shared by threads, another request's check cleared the refusal.
         self._checked = threading.local()
+        # `active` inside this thread's `one_version` block; `opened`: the version it answers from, from its first call.
+        self._pinned = threading.local()
         with self._version():  # bad options, or a format this version cannot read, fail here
             pass
 
@@ -1273,6 +1275,16 @@ class EmbeddedStore:
         return _Using(self)
 
     def _follow(self) -> _Opened:
+        pin = self._pinned
+        if getattr(pin, "active", False):
+            if pin.opened is None:  # the block's first call: the version it answers from, held until it ends
+                pin.opened = self._newest()
+            with self._lock:
+                pin.opened.users += 1
+            return pin.opened
+        return self._newest()
+
+    def _newest(self) -> _Opened:
         for _ in range(_MAX_READ_RETRIES):
             number = self._pointed()
             with self._lock:
@@ -1370,6 +1382,23 @@ class EmbeddedStore:
                 os.close(handle)
         log.info("removed %s, a version of %s that a rebuild replaced", folder, self.path)
         return True
+
+    @contextlib.contextmanager
+    def one_version(self) -> Iterator[None]:
+        """Store protocol: this thread's calls inside the block answer from the version current at its first
+        call (kept open, and on disk, until the block ends; a block without calls reads nothing); a nested
+        block keeps the outer one's."""
+        pin = self._pinned
+        if getattr(pin, "active", False):
+            yield
+            return
+        pin.active, pin.opened = True, None
+        try:
+            yield
+        finally:
+            opened, pin.active, pin.opened = pin.opened, False, None
+            if opened is not None:
+                self._release(opened)
 
     # -- the load lock ---------------------------------------------------------------------------
 

@@ -465,6 +465,11 @@ class OpenSearchStore:
         # shards scores as one shard does (OpenSearch skips the extra phase on one shard).
         return [ScoredId(h["_id"], float(h["_score"])) for h in self._search(body, search_type="dfs_query_then_fetch")]
 
+    def one_version(self) -> contextlib.nullcontext[None]:
+        # Each call reads the alias: a request's calls may straddle a rebuild's alias swap (pinning would cost a
+        # lookup of the alias per request).
+        return contextlib.nullcontext()
+
     def supports_native_hybrid(self, *, fusion: str, weights: tuple[float, float], exact: bool) -> bool:
         """Whether `hybrid_search` can fuse these options in the cluster (hybrid query + a
         normalisation or score-ranker pipeline): min-max with any weights, RRF with equal weights

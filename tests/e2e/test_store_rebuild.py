@@ -127,3 +127,28 @@ def test_a_rebuild_with_another_model_makes_the_served_app_refuse_vector_searche
         assert len(client.post("/v1/search", json={"text": "red", "k": 10}).json["hits"]) == 4
     finally:
         state_of(app).close()
+
+
+def test_a_request_answers_from_one_version_when_a_rebuild_switches_between_its_store_calls(
+        app_settings, encoder, tmp_path):
+    settings = dataclasses.replace(app_settings, store_path=tmp_path / "store")
+    vectors = np.random.default_rng(0).standard_normal((6, encoder.dim)).astype(np.float32)
+    documents = [Document(id=f"d{i}", vector=v / np.linalg.norm(v), text="red circle") for i, v in enumerate(vectors)]
+    with EmbeddedStore(settings.store_path) as writer:
+        writer.claim(encoder.signature)
+        writer.upsert(documents[:3])
+    app = create_app(settings, encoder=encoder, store=EmbeddedStore(settings.store_path))
+    store = state_of(app).store
+    try:
+        with app.test_request_context("/v1/search", method="POST"):
+            app.preprocess_request()  # the request's before-request hooks
+            found = [hit.id for hit in store.text_search("red", 10)]  # a hybrid search's BM25 list
+            with EmbeddedStore(settings.store_path) as rebuilder:
+                rebuilder.rebuild(documents[3:], signature=encoder.signature)
+            assert sorted(found) == ["d0", "d1", "d2"]
+            assert [doc.id for doc in store.fetch(found)] == found  # its hits fetched from the same version
+            app.do_teardown_request()
+        assert sorted(hit["id"] for hit in app.test_client().post(
+            "/v1/search", json={"text": "red", "mode": "bm25", "k": 10}).json["hits"]) == ["d3", "d4", "d5"]
+    finally:
+        state_of(app).close()

@@ -172,3 +172,19 @@ def test_a_request_thread_checked_on_the_old_model_is_refused_even_after_another
     finally:
         first.shutdown()
         second.shutdown()
+
+
+def test_calls_in_one_version_block_answer_from_its_first_calls_version_through_a_switch_which_stays_until_it_ends(
+        served):
+    path, reader = served
+    query = make_docs(30)[3].vector
+    with reader.one_version():  # one request of a server: search, then fetch what it found
+        found = ids_of(reader.vector_search(query, 5))
+        with EmbeddedStore(path) as rebuilder:
+            rebuilder.rebuild(make_docs(20, seed=1, prefix="new", version=1), signature=SIGNATURE)
+        assert [doc.id for doc in reader.fetch(found)] == found and found[0] == "doc3"
+        assert reader.count() == 30 and ids_of(reader.text_search("number3", 1)) == ["doc3"]
+        assert (path / "store.sqlite").exists()
+    assert reader.count() == 20 and ids_of(reader.vector_search(make_docs(20, seed=1, prefix="new")[3].vector, 1)) \
+        == ["new3"]
+    assert not (path / "store.sqlite").exists()  # the block let go of version 0: removed
