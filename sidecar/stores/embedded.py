@@ -1373,10 +1373,13 @@ class EmbeddedStore:
             if number:
                 shutil.rmtree(folder, ignore_errors=True)
             else:
-                for file in [*(self.path / name for name in _ROOT_VERSION_FILES), *self.path.glob("hnsw.*"),
-                             *self.path.glob("*.tmp")]:
+                # store.sqlite last: while it is there `_versions_on_disk` finds version 0, so the next removal
+                # finishes one that was killed midway instead of leaving its vectors and BM25 index unnamed.
+                for file in [*(self.path / name for name in _ROOT_VERSION_FILES if name != _DB_FILE),
+                             *self.path.glob("hnsw.*"), *self.path.glob("*.tmp")]:
                     file.unlink(missing_ok=True)
                 shutil.rmtree(self.path / _BM25_DIR, ignore_errors=True)
+                (self.path / _DB_FILE).unlink(missing_ok=True)
         finally:
             if handle is not None:
                 os.close(handle)

@@ -188,3 +188,32 @@ def test_calls_in_one_version_block_answer_from_its_first_calls_version_through_
     assert reader.count() == 20 and ids_of(reader.vector_search(make_docs(20, seed=1, prefix="new")[3].vector, 1)) \
         == ["new3"]
     assert not (path / "store.sqlite").exists()  # the block let go of version 0: removed
+
+
+def test_a_removal_of_version_0_killed_midway_is_finished_by_the_next_rebuild_leaving_none_of_its_files(served):
+    path, reader = served
+    assert reader.count() == 30  # holds version 0: the rebuild below leaves its removal to the reader's process
+    with EmbeddedStore(path) as rebuilder:
+        rebuilder.rebuild(make_docs(20, seed=1, prefix="new", version=1), signature=SIGNATURE)
+    reader.close()
+    script = textwrap.dedent(f"""
+        import os, pathlib, signal
+        from sidecar.stores.embedded import EmbeddedStore
+
+        unlink = pathlib.Path.unlink
+
+        def killed_at_the_vectors(self, missing_ok=False):  # SIGKILL lands in the middle of the removal
+            if self.name == "vectors.f32":
+                os.kill(os.getpid(), signal.SIGKILL)
+            unlink(self, missing_ok=missing_ok)
+
+        pathlib.Path.unlink = killed_at_the_vectors
+        EmbeddedStore({str(path)!r}).repair()
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert killed.returncode == -signal.SIGKILL and (path / "vectors.f32").exists()
+    with EmbeddedStore(path) as rebuilder:
+        rebuilder.rebuild(make_docs(10, seed=2, prefix="third", version=2), signature=SIGNATURE)
+        assert rebuilder.count() == 10
+    assert sorted(entry.name for entry in path.iterdir()) == ["current", "load.lock", "version.2"]
