@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
@@ -91,14 +90,14 @@ def _register_store_version(app: Flask, store: Store) -> None:
 
     @app.before_request
     def pin_store_version():
-        g.store_version = contextlib.ExitStack()
-        g.store_version.enter_context(store.one_version())
+        g.store_version = pinned = store.one_version()
+        pinned.__enter__()
 
     @app.teardown_request
     def release_store_version(exc: BaseException | None):
         pinned = g.pop("store_version", None)
         if pinned is not None:
-            pinned.close()
+            pinned.__exit__(None, None, None)
 
 
 def _check_store_model(store: Store, encoder: Encoder) -> None:

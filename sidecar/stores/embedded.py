@@ -1176,6 +1176,28 @@ class _Using:
         self._store._release(self._opened)
 
 
+class _OneVersion:
+    """`EmbeddedStore.one_version`'s block. A class, as `_Using`: the app enters one around every request."""
+
+    __slots__ = ("_store", "_outer")
+
+    def __init__(self, store: EmbeddedStore):
+        self._store = store
+
+    def __enter__(self) -> None:
+        pin = self._store._pinned
+        self._outer = not getattr(pin, "active", False)
+        if self._outer:
+            pin.active, pin.opened = True, None
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._outer:
+            pin = self._store._pinned
+            opened, pin.active, pin.opened = pin.opened, False, None
+            if opened is not None:
+                self._store._release(opened)
+
+
 class _VersionGone(Exception):
     """The version being opened was replaced and removed meanwhile: read the pointer again."""
 
@@ -1386,22 +1408,11 @@ class EmbeddedStore:
         log.info("removed %s, a version of %s that a rebuild replaced", folder, self.path)
         return True
 
-    @contextlib.contextmanager
-    def one_version(self) -> Iterator[None]:
+    def one_version(self) -> _OneVersion:
         """Store protocol: this thread's calls inside the block answer from the version current at its first
         call (kept open, and on disk, until the block ends; a block without calls reads nothing); a nested
         block keeps the outer one's."""
-        pin = self._pinned
-        if getattr(pin, "active", False):
-            yield
-            return
-        pin.active, pin.opened = True, None
-        try:
-            yield
-        finally:
-            opened, pin.active, pin.opened = pin.opened, False, None
-            if opened is not None:
-                self._release(opened)
+        return _OneVersion(self)
 
     # -- the load lock ---------------------------------------------------------------------------
 
