@@ -130,7 +130,8 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
 @click.option("--config", "configs", multiple=True, metavar="JSON|FILE",
               help="Configurations to compare (repeatable): inline JSON or a JSON file with an object, a list, or "
                    "{\"grid\": {field: [values]}}; fields mode, fusion, weights, rerank, exact, candidates "
-                   "(default SIDECAR_RERANK_CANDIDATES), ef_search, name. Default: every mode, rerank on and off.")
+                   "(at least the deepest --measure cutoff; default SIDECAR_RERANK_CANDIDATES, or that cutoff where "
+                   "deeper), ef_search, name. Default: every mode, rerank on and off.")
 @click.option("--measure", "measures", multiple=True, metavar="MEASURE",
               help="ir-measures names, repeatable (default nDCG@10, RR@10, R@10; e.g. R@100, P@5, AP@100), each "
                    "with a cutoff: a configuration ranks its top N only (N the deepest cutoff), so AP or nDCG over "
@@ -294,6 +295,7 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
         default_configs,
         evaluate,
         parse_configs,
+        ranking_depth,
         read_qrels,
         read_queries,
         standard_measures,
@@ -301,11 +303,12 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
     from sidecar.retrieval.report import write_report
     from sidecar.stores.base import check_query_model
 
+    measure_names = list(measures) or standard_measures(relevant_grade=relevant_grade)
     try:
         queries, qrels = read_queries(queries_path), read_qrels(qrels_path)
-        candidates = settings.rerank_candidates
-        runs = ([c for spec in configs for c in parse_configs(_load_json(spec), candidates=candidates)] if configs
-                else default_configs(candidates=candidates))
+        depth, candidates = ranking_depth(measure_names), settings.rerank_candidates
+        runs = ([c for spec in configs for c in parse_configs(_load_json(spec), k=depth, candidates=candidates)]
+                if configs else default_configs(k=depth, candidates=candidates))
     except EvaluationInputError as exc:
         raise click.UsageError(str(exc)) from exc
     store = open_existing_store(settings)
@@ -314,8 +317,7 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
                               fine_encoder=load_fine_encoder(settings))
         if any(run.options.mode != "bm25" for run in runs):  # as `search`: another model's vectors rank wrong
             check_query_model(store, target.encoder.signature)
-        evaluation = evaluate({"default": target}, queries, qrels, runs,
-                              measures=list(measures) or standard_measures(relevant_grade=relevant_grade),
+        evaluation = evaluate({"default": target}, queries, qrels, runs, measures=measure_names,
                               max_image_pixels=settings.max_image_pixels,
                               encode_threads=settings.serve_torch_threads, progress=progress)
     except EvaluationInputError as exc:

@@ -173,7 +173,8 @@ def describe_options(options: SearchOptions, *, target: str = "default") -> str:
 def parse_configs(spec: Any, *, k: int = DEFAULT_CUTOFF, candidates: int = SearchOptions.candidates) -> list[RunConfig]:
     """Configurations from JSON: one object, a list of objects, or {"grid": {field: [values]}} (every
     combination). Objects hold SearchOptions fields (CONFIG_FIELDS) plus "name" and "target"; one that
-    names no candidates gets `candidates` (the rerank_candidates setting, as a request would)."""
+    names no candidates gets `candidates` (the rerank_candidates setting, as a request would), or `k`
+    (the ranking depth: `ranking_depth`) where that is deeper; one that names fewer than `k` is refused."""
     if isinstance(spec, dict) and "grid" in spec:
         grid = spec["grid"]
         if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
@@ -222,7 +223,12 @@ def _config(row: Any, *, k: int, candidates: int) -> RunConfig:
         if not all(_is_a(w, (int, float)) for w in weights):
             raise EvaluationInputError(f"configuration {row}: 'weights' must be numbers, got {values['weights']!r}")
         values["weights"] = tuple(float(w) for w in weights)
-    values["candidates"] = max(values.get("candidates", candidates), k)
+    if "candidates" not in values:
+        values["candidates"] = max(candidates, k)
+    elif values["candidates"] < k:  # SearchOptions would raise it to k: a row named N=20 would rank 100
+        raise EvaluationInputError(f"configuration {row}: 'candidates' must be at least {k}, the deepest cutoff "
+                                   f"of the measures (each configuration ranks its top N only), got "
+                                   f"{values['candidates']}")
     try:
         options = SearchOptions(k=k, **values)
     except (TypeError, ValueError) as exc:
@@ -230,10 +236,10 @@ def _config(row: Any, *, k: int, candidates: int) -> RunConfig:
     return RunConfig(options=options, target=str(row.get("target", "default")), name=str(row.get("name", "")))
 
 
-def default_configs(*, candidates: int = SearchOptions.candidates) -> list[RunConfig]:
+def default_configs(*, k: int = DEFAULT_CUTOFF, candidates: int = SearchOptions.candidates) -> list[RunConfig]:
     """What `eval --queries` compares without --config: every mode, rerank on and off, and RRF, each
-    with `candidates` (the rerank_candidates setting)."""
-    base = SearchOptions(candidates=candidates)
+    with `candidates` (the rerank_candidates setting), or `k` (the ranking depth) where that is deeper."""
+    base = SearchOptions(candidates=max(candidates, k))
     rows = [dict(mode="vector", rerank=False), dict(mode="vector"), dict(mode="bm25", rerank=False),
             dict(mode="bm25"), dict(), dict(rerank=False), dict(fusion="rrf", weights=(0.5, 0.5))]
     return dedupe(RunConfig(options=dataclasses.replace(base, **row)) for row in rows)
@@ -329,6 +335,11 @@ def standard_measures(*, relevant_grade: int = 1, recall_at: Sequence[int] = (DE
     return ["nDCG@10", f"RR{rel}@10", *(f"R{rel}@{k}" for k in recall_at)]
 
 
+def ranking_depth(measures: Sequence[str]) -> int:
+    """How deep each configuration ranks: the deepest cutoff of `measures`, at least DEFAULT_CUTOFF."""
+    return max([DEFAULT_CUTOFF, *(m.params["cutoff"] for m in _parse_measures(measures))])
+
+
 def _parse_measures(measures: Sequence[str]) -> list:
     """ir-measures objects for `measures`, each with a cutoff: every configuration ranks its top N only
     (N = the deepest cutoff), so a measure over the whole ranking (AP, nDCG, R without @K) is not defined."""
@@ -360,7 +371,7 @@ def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrel
     worker encodes them (SIDECAR_SERVE_TORCH_THREADS): the encode latency is a request's."""
     measures = list(measures or standard_measures())
     parsed = _parse_measures(measures)
-    depth = max([DEFAULT_CUTOFF, *(m.params["cutoff"] for m in parsed)])
+    depth = ranking_depth(measures)
     judged = [q for q in queries if qrels.get(q.id)]
     if len(judged) < len(queries):
         log.warning("%d of %d queries have no judgments and are left out", len(queries) - len(judged), len(queries))
@@ -370,6 +381,9 @@ def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrel
         if config.target not in targets:
             raise EvaluationInputError(f"configuration {config.name!r} runs on target {config.target!r}; "
                                        f"targets: {', '.join(targets)}")
+        if config.options.candidates < depth:  # it would rank `depth` deep under its own name's N
+            raise EvaluationInputError(f"configuration {config.name!r}: 'candidates' must be at least {depth}, the "
+                                       f"deepest cutoff of the measures, got {config.options.candidates}")
         if config.options.mode != "vector":
             missing = [q.id for q in judged if not (q.text and q.text.strip())]
             if missing:
@@ -443,7 +457,7 @@ def _run_config(config: RunConfig, target: SearchTarget, queries: Sequence[Query
                 vectors: Mapping[tuple[str, str], tuple[np.ndarray, float]],
                 fine_vectors: Mapping[tuple[str, str], tuple[np.ndarray, float]], qrel_list: list, measures: list,
                 groups: Mapping[str, list[str]], *, depth: int) -> ConfigResult:
-    options = dataclasses.replace(config.options, k=depth, candidates=max(config.options.candidates, depth))
+    options = dataclasses.replace(config.options, k=depth)
     needs_vector = _needs_vector(options)
     run: list = []
     timings: dict[str, list[float]] = {stage: [] for stage in STAGES}

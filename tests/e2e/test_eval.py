@@ -104,6 +104,13 @@ def test_a_bad_configuration_is_a_usage_error_naming_the_field(store_path, judge
     assert result.exit_code == 2 and "unknown field(s) colour" in result.output
 
 
+def test_candidates_under_a_measures_cutoff_are_a_usage_error_naming_the_field(store_path, judged, tmp_path):
+    # With R@100 this row ran 100 deep, reported as N=50.
+    result = eval_judged(store_path, judged, "--measure", "R@100", "--config", '{"mode": "vector", "candidates": 50}',
+                         "--out", str(tmp_path / "report"))
+    assert result.exit_code == 2 and "'candidates' must be at least 100, the deepest cutoff" in result.output
+
+
 def test_a_configuration_file_that_is_not_utf8_is_a_usage_error_naming_it(store_path, judged, tmp_path):
     config = tmp_path / "configs.json"
     config.write_bytes('{"name": "caf\u00e9"}'.encode("latin-1"))

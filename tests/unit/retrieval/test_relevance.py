@@ -165,6 +165,24 @@ def test_a_configuration_value_of_the_wrong_type_is_refused_naming_the_key_and_t
         relevance.parse_configs([row])
 
 
+def test_candidates_under_the_deepest_cutoff_are_refused_naming_the_field_not_run_deeper_under_their_name(store):
+    # They ran as N=100 (the deepest cutoff) in a row named N=20: a flat candidates sweep on the plot.
+    with pytest.raises(EvaluationInputError, match="'candidates' must be at least 100, the deepest cutoff.*got 20"):
+        relevance.parse_configs({"candidates": 20}, k=100)
+    with pytest.raises(EvaluationInputError, match="'candidates' must be at least 10, .*got 0"):
+        relevance.parse_configs([{"mode": "vector", "candidates": 0}])  # ran as N=10
+    shallow = RunConfig(options=SearchOptions(mode="bm25", rerank=False, candidates=20))
+    with pytest.raises(EvaluationInputError, match="'bm25 N=20': 'candidates' must be at least 100"):
+        relevance.evaluate({"default": SearchTarget(store=store, encoder=None)}, QUERIES, {"q1": {"d1": 1}},
+                           [shallow], measures=["R@100"])
+
+
+def test_configurations_naming_no_candidates_rank_as_deep_as_the_deepest_cutoff_and_say_so():
+    assert [c.name for c in relevance.parse_configs({"mode": "bm25"}, k=100, candidates=30)] == ["bm25 N=100"]
+    assert {c.options.candidates for c in relevance.default_configs(k=100, candidates=30)} == {100}
+    assert [c.name for c in relevance.parse_configs({"mode": "bm25"}, k=10, candidates=30)] == ["bm25 N=30"]
+
+
 def test_a_configuration_with_a_weight_that_is_not_finite_is_refused():
     # JSON's NaN parses to a float: it ran as a row "hybrid minmax nan/1" of NaN scores.
     with pytest.raises(EvaluationInputError, match="weights must be two finite"):
