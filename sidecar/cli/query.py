@@ -129,7 +129,8 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
                    "\"relevance\"}.")
 @click.option("--config", "configs", multiple=True, metavar="JSON|FILE",
               help="Configurations to compare (repeatable): inline JSON or a JSON file with an object, a list, or "
-                   "{\"grid\": {field: [values]}}; fields mode, fusion, weights, rerank, exact, candidates "
+                   "{\"grid\": {field: [values]}}; fields mode, fusion, weights ([vector, bm25] or {\"vector\", \"bm25\"} as /v1/search "
+                   "takes them), rerank, exact, candidates "
                    "(at least the deepest --measure cutoff; default SIDECAR_RERANK_CANDIDATES, or that cutoff where "
                    "deeper), ef_search, name. Default: every mode, rerank on and off.")
 @click.option("--measure", "measures", multiple=True, metavar="MEASURE",

@@ -218,8 +218,12 @@ def _config(row: Any, *, k: int, candidates: int) -> RunConfig:
             raise EvaluationInputError(f"configuration {row}: {key!r} must be {expected[1]}, got {value!r}")
     if "weights" in values:
         weights = values["weights"]
-        if isinstance(weights, dict):
-            weights = [weights.get("vector", 0.0), weights.get("bm25", 0.0)]
+        if isinstance(weights, dict):  # as /v1/search reads it: a misspelt key is refused, a missing one the default
+            unknown = set(weights) - {"vector", "bm25"}
+            if unknown:
+                raise EvaluationInputError(f"configuration {row}: 'weights' has unknown key(s) "
+                                           f"{', '.join(sorted(map(str, unknown)))}; known: vector, bm25")
+            weights = [weights.get(side, default) for side, default in zip(("vector", "bm25"), SearchOptions.weights)]
         if not all(_is_a(w, (int, float)) for w in weights):
             raise EvaluationInputError(f"configuration {row}: 'weights' must be numbers, got {values['weights']!r}")
         values["weights"] = tuple(float(w) for w in weights)

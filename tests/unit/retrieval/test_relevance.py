@@ -183,6 +183,13 @@ def test_configurations_naming_no_candidates_rank_as_deep_as_the_deepest_cutoff_
     assert [c.name for c in relevance.parse_configs({"mode": "bm25"}, k=10, candidates=30)] == ["bm25 N=30"]
 
 
+def test_weights_as_an_object_refuse_a_misspelt_key_and_default_a_missing_one_as_the_search_api_does():
+    # {"bm52": 0.5} ran as weights 0.5/0 (vector alone, named "hybrid minmax 0.5/0"), a missing key as 0.
+    with pytest.raises(EvaluationInputError, match="'weights' has unknown key\\(s\\) bm52; known: vector, bm25"):
+        relevance.parse_configs({"mode": "hybrid", "weights": {"vector": 0.5, "bm52": 0.5}})
+    assert relevance.parse_configs({"weights": {"vector": 0.7}})[0].options.weights == (0.7, SearchOptions().weights[1])
+
+
 def test_a_configuration_with_a_weight_that_is_not_finite_is_refused():
     # JSON's NaN parses to a float: it ran as a row "hybrid minmax nan/1" of NaN scores.
     with pytest.raises(EvaluationInputError, match="weights must be two finite"):
