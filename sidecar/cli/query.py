@@ -139,7 +139,9 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
                    "the whole ranking is refused.")
 @click.option("--relevant-grade", type=click.IntRange(1), default=1, show_default=True,
               help="The lowest grade that counts as relevant for the default MRR and Recall (nDCG always uses the "
-                   "grades). Not with --measure: write it in the measure there, e.g. RR(rel=2)@10.")
+                   "grades). Not with --measure: write it in the measure there, e.g. RR(rel=2)@10. A judged "
+                   "query with no document at that grade scores 0 and stays in the mean (as trec_eval); a query "
+                   "the qrels do not name is left out.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder: results.json and results.md; with --benchmark and --queries also PNG plots and "
                    "report.html [default: reports/benchmark, reports/eval or reports/prompts; --ann writes only "

@@ -85,6 +85,21 @@ def test_a_judged_query_the_run_misses_counts_as_zero_not_as_absent(store, tmp_p
     assert result.metrics["RR@10"] == pytest.approx((1 / 2 + 0.0) / 2)
 
 
+def test_a_judged_query_with_no_relevant_document_scores_zero_in_the_mean_as_ir_measures_aggregates_it(store):
+    # q2's only judgment is grade 0; q9 is judged nowhere and is left out.
+    qrels = {"q1": {"d2": 1}, "q2": {"d3": 0}}
+    queries = [*QUERIES, Query(id="q9", text="alpha")]
+    measures = ["nDCG@10", "RR@10", "R@10", "P@5"]
+    result = relevance.evaluate({"default": SearchTarget(store=store, encoder=None)}, queries, qrels, [BM25],
+                                measures=measures).results[0]
+    assert set(result.per_query) == {"q1", "q2"} and all(v == 0.0 for v in result.per_query["q2"].values())
+    run = [ir_measures.ScoredDoc("q1", "d1", 2.0), ir_measures.ScoredDoc("q1", "d2", 1.0),
+           ir_measures.ScoredDoc("q2", "d3", 1.0)]  # BM25's ranking of "alpha" and "gamma"
+    qrel_list = [ir_measures.Qrel(q, d, g) for q, docs in qrels.items() for d, g in docs.items()]
+    library = ir_measures.calc_aggregate([ir_measures.parse_measure(m) for m in measures], qrel_list, run)
+    assert result.metrics == pytest.approx({str(m): v for m, v in library.items()})
+
+
 @pytest.mark.parametrize(("measure", "message"), [
     ("AP", "measure AP has no cutoff: give one, e.g. AP@100"),  # was 0.0: scored on the top 10 only
     ("R", "measure R has no cutoff"),  # was an AssertionError from ir-measures
