@@ -185,13 +185,25 @@ def sweeps(results: Sequence[ConfigResult]) -> dict[str, list[ConfigResult]]:
 
 def plot_quality_against_latency(evaluation: Evaluation, path: Path) -> Path:
     """Recall against p50 search latency per query (coarse + rerank; query encoding, the same for
-    every point of a sweep, left out): every configuration a point, sweeps of ef_search or N a line."""
+    every point of a sweep, left out): every configuration a point named, sweeps of ef_search or N a line;
+    the machine in the title (a latency means nothing without it, and the PNG travels alone)."""
+    quality_latency_figure(evaluation).savefig(path)
+    return path
+
+
+def quality_latency_figure(evaluation: Evaluation):
+    """The figure `plot_quality_against_latency` saves."""
     recall = next((m for m in evaluation.measures if label(m).startswith("Recall")), evaluation.measures[0])
     figure = _figure(9.0, 5.0)
     axes = figure.add_subplot()
+    lines = sweeps(evaluation.results)
+    on_a_line = {id(f) for family in lines.values() for f in family}
     for result in evaluation.results:
-        axes.scatter(result.latency_ms["search"][0], result.metrics[recall], s=18, color="0.6", zorder=2)
-    for name, family in sweeps(evaluation.results).items():
+        x, y = result.latency_ms["search"][0], result.metrics[recall]
+        axes.scatter(x, y, s=18, color="0.6", zorder=2)
+        if id(result) not in on_a_line:  # a point of a sweep is named by its line and its value
+            axes.annotate(result.config.name, (x, y), textcoords="offset points", xytext=(6, -10), fontsize=7)
+    for name, family in lines.items():
         xs = [f.latency_ms["search"][0] for f in family]
         ys = [f.metrics[recall] for f in family]
         axes.plot(xs, ys, marker="o", label=name, zorder=3)
@@ -199,17 +211,14 @@ def plot_quality_against_latency(evaluation: Evaluation, path: Path) -> Path:
         for f, x, y in zip(family, xs, ys):
             axes.annotate(str(f.config.parameters()[varied]), (x, y), textcoords="offset points", xytext=(4, 4),
                           fontsize=7)
-    best = evaluation.best(recall)
-    axes.annotate(best.config.name, (best.latency_ms["search"][0], best.metrics[recall]), textcoords="offset points",
-                  xytext=(6, -10), fontsize=7)
     axes.set_xlabel("search latency per query, p50 ms (coarse + rerank; query encoding left out)")
     axes.set_ylabel(label(recall))
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=7, loc="lower right")
-    axes.set_title(f"{label(recall)} against latency")
-    figure.savefig(path)
-    return path
+    machine = evaluation.info.get("machine")
+    axes.set_title(f"{label(recall)} against latency" + (f"\n{machine}" if machine else ""), fontsize=10)
+    return figure
 
 
 def _html(evaluation: Evaluation, title: str, plots: Sequence[Path]) -> str:

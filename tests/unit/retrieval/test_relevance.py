@@ -244,5 +244,18 @@ def test_report_writes_json_markdown_plots_and_one_self_contained_html(store, qr
     assert [len(family) for family in sweeps(evaluation.results).values()] == [3]
 
 
+def test_the_quality_latency_plot_names_every_configuration_and_the_machine(store, qrels_file):
+    from sidecar.retrieval.report import quality_latency_figure
+
+    # Each point was a grey dot with no name but the best one's, and the title named no machine.
+    configs = [BM25, RunConfig(options=SearchOptions(mode="bm25", rerank=True, weights=(0.3, 0.7)))]
+    evaluation = relevance.evaluate({"default": SearchTarget(store=store, encoder=None)}, QUERIES,
+                                    relevance.read_qrels(qrels_file), configs)
+    evaluation.info["machine"] = "Test CPU, 2 cores"
+    axes = quality_latency_figure(evaluation).axes[0]
+    assert {text.get_text() for text in axes.texts} == {c.name for c in configs}
+    assert "Test CPU, 2 cores" in axes.get_title()
+
+
 def test_labels_read_as_the_field_names_them():
     assert [label(m) for m in ("nDCG@10", "RR(rel=2)@10", "R@100")] == ["nDCG@10", "MRR@10", "Recall@100"]
