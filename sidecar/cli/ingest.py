@@ -194,6 +194,7 @@ def index(ctx: click.Context, shards: Path, rebuild: bool, drop_unsharded: bool,
             from sidecar.retrieval.calibration import recalibrate_if_changed
 
             effort, decision = recalibrate_if_changed(store, changed=summary.written + summary.deleted,
+                                                      depth=settings.rerank_candidates,
                                                       queries=settings.calibration_queries,
                                                       progress=ctx.obj["progress"])
             click.echo(f"search effort: {decision}" + (f"\n{effort.describe()}" if effort else ""))

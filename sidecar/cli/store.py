@@ -78,9 +78,11 @@ def repair(**kwargs: Any) -> None:
 def calibrate(ctx: click.Context, seed: int, allow_exact: bool, **kwargs: Any) -> None:
     """Choose the search effort for --target-recall and save it with the store.
 
-    Samples stored vectors, searches each exactly and by HNSW at growing efSearch, and keeps the
-    lowest efSearch whose Recall@K against exact search reaches the target with 95 % confidence
-    (exact search instead where it is as fast, or where no efSearch up to 4096 reaches it). Every
+    Samples stored vectors, searches each exactly and by HNSW at growing efSearch, as deep as
+    searches do (SIDECAR_RERANK_CANDIDATES, 100: the store searches at least that wide, so no
+    efSearch under it is tried), and keeps the lowest efSearch whose Recall@K against exact search
+    reaches the target with 95 % confidence (exact search instead where it is as fast, or where no
+    efSearch up to 4096 reaches it). Every
     server and command with the same target then gives that effort to the vector queries that
     name no ef_search of their own; `index` calibrates again after large changes, and /v1/status
     and /metrics show the live recall it gets on real queries.
@@ -97,7 +99,7 @@ def calibrate(ctx: click.Context, seed: int, allow_exact: bool, **kwargs: Any) -
     with _opened_with(settings) as opened:
         try:
             effort = run_calibration(opened, target_recall=settings.target_recall, k=settings.target_recall_k,
-                                     queries=settings.calibration_queries, seed=seed, allow_exact=allow_exact,
+                                     depth=settings.rerank_candidates, queries=settings.calibration_queries, seed=seed, allow_exact=allow_exact,
                                      progress=ctx.obj["progress"])
         except ValueError as exc:
             raise click.ClickException(str(exc)) from exc

@@ -6,16 +6,18 @@ fresh ones). So each sampled stored vector x becomes a fresh query: x turned, in
 direction, by the angle between x and its K-th nearest neighbour — a point about as far from the
 data as a new draw from the same distribution, a little farther (on that set, recall on such
 queries was within 0.005 of fresh draws' from efSearch 32 up, and below it under 32). Each such
-query is searched exactly (the truth) and by HNSW at growing efSearch; Recall@K is the share of the
-exact top K the ANN top K found (a tie with the K-th counts: `evaluation.found_of_exact`). A random
+query is searched exactly (the truth) and by HNSW at growing efSearch, each `depth` deep: the candidates
+(N) a search asks the store for, which searches at least N wide (efSearch = max(ef_search, N)), so an
+effort measured K deep would not be the one searches run at. Recall@K is the share of the exact top K
+the top K of the ANN search found (a tie with the K-th counts: `evaluation.found_of_exact`). A random
 direction of the whole space suits uniform data, but leaves data of low intrinsic dimension (CLIP's):
 such a query stays nearest x and is easier than a new one (20k structured 512-d vectors: efSearch 16
 chosen, 0.972 on fresh draws for a 0.99 target). So every other query turns towards a random mix of x's
 K neighbours instead, along the data, and the target must be reached on each half. The effort chosen is
 the lowest efSearch whose recall reaches the target with 95 % confidence (the lower end of a one-sided
 Wilson interval, so a sample that happens to be easy does not pick an effort that misses the target on
-the next queries), found by doubling and then bisecting to within 1/16, never under K (the stores
-search at least K wide); exact search where it is as fast as that effort, or where no efSearch up to
+the next queries), found by doubling and then bisecting to within 1/16, never under the depth (an effort under it
+runs as the depth); exact search where it is as fast as that effort (both timed `depth` deep), or where no efSearch up to
 MAX_EF_SEARCH reaches the target. The store saves the result (`sidecar.stores.effort`). The live
 monitor (`sidecar.retrieval.monitor`) then measures the recall real queries get.
 """
@@ -30,6 +32,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from sidecar.config import Settings
 from sidecar.retrieval.evaluation import found_of_exact, percentiles
 from sidecar.stores.base import Store
 from sidecar.stores.effort import EffortPoint, SearchEffort
@@ -55,14 +58,17 @@ def wilson_lower_bound(hits: int, total: int, *, z: float = CONFIDENCE_Z) -> flo
     return max(0.0, (centre - spread) / (1 + z * z / total))
 
 
-def calibrate(store: Store, *, target_recall: float, k: int = 10, queries: int = 300, seed: int = 0,
-              max_ef: int = MAX_EF_SEARCH, allow_exact: bool = True, progress: bool = False) -> SearchEffort:
+def calibrate(store: Store, *, target_recall: float, k: int = 10, depth: int = Settings.rerank_candidates,
+              queries: int = 300, seed: int = 0, max_ef: int = MAX_EF_SEARCH, allow_exact: bool = True,
+              progress: bool = False) -> SearchEffort:
     """Measure the lowest effort that reaches `target_recall` (Recall@`k` against exact search) on
-    `queries` stored vectors, and return it (the caller saves it: `store.effort.save`).
+    `queries` stored vectors, each searched `depth` deep (the candidates searches ask for: the
+    rerank_candidates setting; at least `k`), and return it (the caller saves it: `store.effort.save`).
     `allow_exact=False` keeps the ANN even where exact search measures as fast (exact search reads
     every vector: on a shared cluster its cost is not only this query's latency)."""
     if not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    depth = max(depth, k)  # as a search's candidates (SearchOptions)
     ids = sorted(store.content_hashes())
     if not ids:
         raise ValueError("the store is empty: index something before calibrating")
@@ -88,10 +94,10 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, queries: int =
         vector = fresh_query(np.asarray(doc.vector, dtype=np.float32), neighbours[:k][-1].score, rng, towards)
         along.append(towards is not None)
         started = time.perf_counter()
-        hits = store.vector_search(vector, k, exact=True)
+        hits = store.vector_search(vector, depth, exact=True)
         exact_s.append(time.perf_counter() - started)  # the cost of exact search, where no effort reaches the target
         vectors.append(vector)
-        truth.append(hits)
+        truth.append(hits[:k])
     if not vectors:
         raise ValueError("the store holds one document: there is no neighbour to calibrate against")
 
@@ -103,7 +109,7 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, queries: int =
             seconds = []
             for vector, expected, half in zip(vectors, truth, along):
                 started = time.perf_counter()
-                found = store.vector_search(vector, k, ef_search=ef)
+                found = store.vector_search(vector, depth, ef_search=ef)[:k]
                 seconds.append(time.perf_counter() - started)
                 hits[half] += found_of_exact(found, expected)
                 total[half] += len(expected)
@@ -119,10 +125,10 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, queries: int =
     def reaches(ef: int) -> bool:
         return measure(ef).lower_bound >= target_recall
 
-    # low: the widest effort known to miss the target, or k - 1. Both stores search at least k wide
-    # (max(ef_search, k)), so an effort under k measures as k and the bisection would choose it (down to 1),
-    # which a query asking for fewer than k candidates then runs as itself: no effort under k is tried.
-    low, ef = k - 1, max(FIRST_EF_SEARCH, k)
+    # low: the widest effort known to miss the target, or depth - 1. Both stores search at least as wide as
+    # the results asked for (max(ef_search, depth)), so an effort under the depth measures as the depth and
+    # the bisection would choose it (down to 1), which a shallower query then runs as itself: none is tried.
+    low, ef = depth - 1, max(FIRST_EF_SEARCH, depth)
     while not reaches(ef) and ef < max_ef:
         low, ef = ef, min(2 * ef, max_ef)
     chosen: int | None = ef if reaches(ef) else None
@@ -134,7 +140,7 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, queries: int =
             else:
                 low = middle
     curve = tuple(measured[e] for e in sorted(measured))
-    common = dict(target_recall=target_recall, k=k, queries=len(vectors), documents=len(ids),
+    common = dict(target_recall=target_recall, k=k, depth=depth, queries=len(vectors), documents=len(ids),
                   calibrated_at=time.time(), curve=curve)
     if chosen is None:
         exact_p50, exact_p95 = percentiles(exact_s)
@@ -149,7 +155,7 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, queries: int =
     for vector in vectors:
         for seconds, options in ((ann_s, {"ef_search": chosen}), (exact_s, {"exact": True})):
             started = time.perf_counter()
-            store.vector_search(vector, k, **options)
+            store.vector_search(vector, depth, **options)
             seconds.append(time.perf_counter() - started)
     (ann_p50, ann_p95), (exact_p50, exact_p95) = percentiles(ann_s), percentiles(exact_s)
     common.update(exact_p50_ms=exact_p50, exact_p95_ms=exact_p95)
@@ -162,11 +168,11 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, queries: int =
                                f"{exact_p50 / ann_p50:.1f}x faster than exact search at p50", **common)
 
 
-def recalibrate_if_changed(store: Store, *, changed: int, queries: int = 300,
+def recalibrate_if_changed(store: Store, *, changed: int, depth: int = Settings.rerank_candidates, queries: int = 300,
                            progress: bool = False) -> tuple[SearchEffort | None, str]:
-    """After a load that wrote or deleted `changed` documents: calibrate again (and save) when the
-    store has a recall target and no calibration for it, or when the load changed at least
-    RECALIBRATE_FRACTION of the documents the calibration saw. Returns (the new effort or None,
+    """After a load that wrote or deleted `changed` documents: calibrate again (and save) `depth` deep
+    when the store has a recall target and no calibration for it at that depth, or when the load changed
+    at least RECALIBRATE_FRACTION of the documents the calibration saw. Returns (the new effort or None,
     what was decided and why)."""
     policy = store.effort
     if not policy.target_recall:
@@ -175,8 +181,11 @@ def recalibrate_if_changed(store: Store, *, changed: int, queries: int = 300,
     count = store.count()
     if count == 0:
         return None, "the store is empty: nothing to calibrate"
+    depth = max(depth, policy.k)
     if saved is None:
         why = f"no calibration for Recall@{policy.k} {policy.target_recall:g} yet"
+    elif saved.depth != depth:
+        why = f"the calibration measured searches {saved.depth} deep; searches ask for {depth} candidates"
     elif changed >= RECALIBRATE_FRACTION * saved.documents or \
             abs(count - saved.documents) >= RECALIBRATE_FRACTION * saved.documents:
         why = (f"{changed} documents written or deleted; the calibration saw {saved.documents}, the store now "
@@ -184,7 +193,8 @@ def recalibrate_if_changed(store: Store, *, changed: int, queries: int = 300,
     else:
         return None, (f"kept ef_search {saved.ef_search or 'exact'}: {changed} documents changed, under "
                       f"{RECALIBRATE_FRACTION:.0%} of the {saved.documents} calibrated")
-    effort = calibrate(store, target_recall=policy.target_recall, k=policy.k, queries=queries, progress=progress)
+    effort = calibrate(store, target_recall=policy.target_recall, k=policy.k, depth=depth, queries=queries,
+                       progress=progress)
     policy.save(effort)
     return effort, f"calibrated ({why})"
 

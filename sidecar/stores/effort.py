@@ -42,6 +42,7 @@ class SearchEffort:
 
     target_recall: float
     k: int
+    depth: int  # results each measured search asked for: the candidates searches ask for (they run at least this wide)
     ef_search: int | None  # None: exact search (cheaper than the ANN effort that reaches the target, or none did)
     recall: float  # on the sample, at the chosen effort (1.0 for exact search)
     p50_ms: float  # latency of one search at the chosen effort
@@ -64,6 +65,7 @@ class SearchEffort:
     def describe(self) -> str:
         chosen = "exact search" if self.exact else f"ef_search {self.ef_search}"
         lines = [f"target Recall@{self.k} {self.target_recall:g}: {chosen} ({self.reason})",
+                 f"measured {self.depth} deep, as searches run (the candidates they ask for; efSearch is at least that)",
                  f"recall on {self.queries} stored vectors (of {self.documents} documents): {self.recall:.4f}; "
                  f"latency p50/p95 {self.p50_ms:.2f}/{self.p95_ms:.2f} ms (exact search "
                  f"{self.exact_p50_ms:.2f}/{self.exact_p95_ms:.2f} ms)"]
@@ -77,6 +79,7 @@ class SearchEffort:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SearchEffort:
         values = dict(data)
+        values.setdefault("depth", values["k"])  # saved before the depth was recorded: measured k deep
         values["curve"] = tuple(EffortPoint(**point) for point in values.get("curve", ()))
         return cls(**values)
 

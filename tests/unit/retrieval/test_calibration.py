@@ -50,7 +50,8 @@ def test_the_chosen_effort_reaches_the_target_on_fresh_queries_and_the_one_below
     # A low fixed ef_search (16): the recall a target is there to fix.
     with EmbeddedStore(uniform_store, ef_search=16, target_recall=0.95) as store:
         # ANN only: whether exact search is as fast is a timing, which a test on a shared machine cannot decide.
-        effort = calibrate(store, target_recall=0.95, k=10, queries=150, seed=0, allow_exact=False)
+        # 10 deep, as the fresh queries below search.
+        effort = calibrate(store, target_recall=0.95, k=10, depth=10, queries=150, seed=0, allow_exact=False)
         assert effort.ef_search is not None, effort.describe()
         below = [p for p in effort.curve if p.ef_search < effort.ef_search]
         assert below and max(below, key=lambda p: p.ef_search).lower_bound < 0.95, effort.describe()
@@ -67,15 +68,25 @@ def test_the_chosen_effort_reaches_the_target_on_fresh_queries_and_the_one_below
         assert "calibrate" in other_target.effort.status()["note"]
 
 
-def test_calibration_neither_tries_nor_chooses_an_effort_under_k(tmp_path):
-    # An easy target on a small store: every effort reaches it. The stores search at least k wide, so
-    # efforts under k measure as k; were they tried, the bisection would go down to ef_search 1.
+def test_calibration_measures_searches_as_deep_as_the_candidates_and_no_effort_under_that_depth(tmp_path,
+                                                                                                 monkeypatch):
+    # An easy target on a small store: every effort reaches it. A search asks for its candidates (N, 30
+    # here) and the store searches at least N wide, so efforts under N measure as N; were they tried, the
+    # bisection would go down to ef_search 1, an effort with no effect on the searches that ask for N.
     with EmbeddedStore(tmp_path / "s") as store:
         store.claim(SIGNATURE)
         store.upsert([Document(id=f"d{i}", vector=v) for i, v in enumerate(uniform(500, seed=5))])
-        effort = calibrate(store, target_recall=0.5, k=10, queries=40, allow_exact=False)
-    assert effort.ef_search == 10, effort.describe()
-    assert min(p.ef_search for p in effort.curve) == 10, effort.describe()
+        searched = []  # (results asked for, ef_search, exact) of every search the calibration runs
+        vector_search = store.vector_search
+        monkeypatch.setattr(store, "vector_search", lambda vector, k, **options: searched.append(
+            (k, options.get("ef_search"), options.get("exact", False))) or vector_search(vector, k, **options))
+        effort = calibrate(store, target_recall=0.5, k=10, depth=30, queries=40, allow_exact=False)
+    assert effort.ef_search == 30 and effort.depth == 30, effort.describe()
+    assert min(p.ef_search for p in effort.curve) == 30, effort.describe()
+    timed = [(k, ef) for k, ef, exact in searched if exact and k != 11]  # k + 1: the sampled vector's neighbours
+    measured = [(k, ef) for k, ef, exact in searched if not exact]
+    assert timed and {k for k, _ in timed} == {30}  # the truth and exact search's latency, as deep as the ANN
+    assert measured and {k for k, _ in measured} == {30} and min(ef for _, ef in measured) == 30
 
 
 def test_on_a_store_of_duplicates_an_exhaustive_effort_reaches_the_target(tmp_path):
@@ -89,7 +100,7 @@ def test_on_a_store_of_duplicates_an_exhaustive_effort_reaches_the_target(tmp_pa
 
 def test_where_no_effort_reaches_the_target_queries_are_answered_exactly(uniform_store):
     with EmbeddedStore(uniform_store, target_recall=0.999) as store:
-        effort = calibrate(store, target_recall=0.999, k=10, queries=50, max_ef=16)
+        effort = calibrate(store, target_recall=0.999, k=10, depth=10, queries=50, max_ef=16)
         assert effort.exact and "no ef_search up to 16" in effort.reason
         store.effort.save(effort)
         fresh = uniform(30, seed=3)
@@ -111,5 +122,7 @@ def test_an_index_run_calibrates_again_after_large_changes_only(tmp_path):
         store.upsert([Document(id=f"d{i}", vector=v) for i, v in enumerate(vectors[1050:], start=1050)])
         again, decision = recalibrate_if_changed(store, changed=100, queries=50)
         assert again is not None and again.documents == 1100 and "calibrated" in decision
+        deeper, decision = recalibrate_if_changed(store, changed=0, depth=200, queries=50)  # searches ask for more
+        assert deeper is not None and deeper.depth == 200 and "100 deep" in decision
     with EmbeddedStore(tmp_path / "s") as untargeted:
         assert recalibrate_if_changed(untargeted, changed=5000)[0] is None
