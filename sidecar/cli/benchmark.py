@@ -34,7 +34,7 @@ def standard_configs() -> list[RunConfig]:
     beside each document): every mode, the fusions and weights, exact vs ANN and an ef_search sweep,
     each coarse alone and with the fine stage (the cascade), and the candidate depth N. On the strong
     model's own store: its exact search alone, the reference the cascade is measured against."""
-    from sidecar.retrieval.relevance import RunConfig, dedupe
+    from sidecar.retrieval.relevance import DEFAULT_CUTOFF, RunConfig, dedupe
 
     base = SearchOptions(rerank=False)
 
@@ -51,7 +51,9 @@ def standard_configs() -> list[RunConfig]:
         *(fast(weights=w) for w in WEIGHTS),
         fast(fusion="zscore", weights=(0.5, 0.5)),
         fast(fusion="rrf", weights=(0.5, 0.5)),
-        *(fast(mode="vector", ef_search=ef) for ef in (4, 8, 16, 32)),
+        # The store searches at least the N candidates wide (efSearch = max(ef_search, N)): the sweep ranks
+        # the measures' cutoff (N = 10), where efSearch 10 and up each search as named.
+        *(fast(mode="vector", candidates=DEFAULT_CUTOFF, ef_search=ef) for ef in (10, 20, 40, 80)),
         # The cascade: coarse on the fast model, the fine stage on the strong one.
         fast(mode="vector", rerank=True),
         fast(mode="bm25", rerank=True),

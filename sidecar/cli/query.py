@@ -132,7 +132,8 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
                    "{\"grid\": {field: [values]}}; fields mode, fusion, weights ([vector, bm25] or {\"vector\", \"bm25\"} as /v1/search "
                    "takes them), rerank, exact, candidates "
                    "(at least the deepest --measure cutoff; default SIDECAR_RERANK_CANDIDATES, or that cutoff where "
-                   "deeper), ef_search, name. Default: every mode, rerank on and off.")
+                   "deeper), ef_search (not under candidates: the store searches at least candidates wide), name. "
+                   "Default: every mode, rerank on and off.")
 @click.option("--measure", "measures", multiple=True, metavar="MEASURE",
               help="ir-measures names, repeatable (default nDCG@10, RR@10, R@10; e.g. R@100, P@5, AP@100), each "
                    "with a cutoff: a configuration ranks its top N only (N the deepest cutoff), so AP or nDCG over "

@@ -146,6 +146,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.name:
             object.__setattr__(self, "name", describe_options(self.options, target=self.target))
+        options = self.options
+        # The search asks the store for its N candidates, which it searches at least N wide (efSearch =
+        # max(ef_search, N)): a lower ef_search would run, and be reported, as what it is not.
+        if options.ef_search is not None and options.ef_search < options.candidates and not options.exact \
+                and options.mode != "bm25":
+            raise EvaluationInputError(f"configuration {self.name!r}: ef_search {options.ef_search} is below "
+                                       f"candidates {options.candidates}: the store searches at least candidates "
+                                       f"wide, so it would run at {options.candidates}")
 
     def parameters(self) -> dict[str, Any]:
         values = {name: getattr(self.options, name) for name in CONFIG_FIELDS}

@@ -111,6 +111,16 @@ def test_candidates_under_a_measures_cutoff_are_a_usage_error_naming_the_field(s
     assert result.exit_code == 2 and "'candidates' must be at least 100, the deepest cutoff" in result.output
 
 
+def test_an_ef_search_under_the_candidates_is_a_usage_error_naming_both_fields(store_path, judged, tmp_path):
+    # It ran at efSearch = candidates (the store searches at least that wide), reported as ef=16.
+    result = eval_judged(store_path, judged, "--config", '{"mode": "vector", "ef_search": 16, "candidates": 50}',
+                         "--out", str(tmp_path / "report"))
+    assert result.exit_code == 2, result.output
+    assert "ef_search 16 is below candidates 50: the store searches at least candidates wide, so it would run at 50" \
+        in result.output
+    assert not (tmp_path / "report").exists()
+
+
 def test_a_configuration_file_that_is_not_utf8_is_a_usage_error_naming_it(store_path, judged, tmp_path):
     config = tmp_path / "configs.json"
     config.write_bytes('{"name": "caf\u00e9"}'.encode("latin-1"))

@@ -192,6 +192,22 @@ def test_candidates_under_the_deepest_cutoff_are_refused_naming_the_field_not_ru
                            [shallow], measures=["R@100"])
 
 
+def test_an_ef_search_under_the_candidates_is_refused_naming_both_fields_not_run_at_n_under_its_name():
+    # The store searches at least the N candidates wide: "vector N=100 ef=16" ran at efSearch 100.
+    refused = "ef_search 16 is below candidates 100: the store searches at least candidates wide, so it would run at 100"
+    with pytest.raises(EvaluationInputError, match=f"'vector N=100 ef=16': {refused}"):
+        relevance.parse_configs({"mode": "vector", "rerank": False, "ef_search": 16})
+    with pytest.raises(EvaluationInputError, match=refused):
+        relevance.parse_configs({"grid": {"mode": ["hybrid"], "ef_search": [128, 16]}})
+    with pytest.raises(EvaluationInputError, match=refused):  # the benchmark's configurations are checked too
+        RunConfig(options=SearchOptions(mode="vector", ef_search=16))
+    # Where ef_search means nothing (exact search, BM25) or reaches N, it runs as named.
+    assert [c.name for c in relevance.parse_configs({"grid": {"mode": ["vector"], "rerank": [False],
+                                                              "ef_search": [10, 40], "candidates": [10]}})] == \
+        ["vector N=10 ef=10", "vector N=10 ef=40"]
+    assert len(relevance.parse_configs([{"mode": "bm25", "ef_search": 16}, {"exact": True, "ef_search": 16}])) == 2
+
+
 def test_configurations_naming_no_candidates_rank_as_deep_as_the_deepest_cutoff_and_say_so():
     assert [c.name for c in relevance.parse_configs({"mode": "bm25"}, k=100, candidates=30)] == ["bm25 N=100"]
     assert {c.options.candidates for c in relevance.default_configs(k=100, candidates=30)} == {100}
