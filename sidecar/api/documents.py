@@ -24,9 +24,12 @@ MAX_FACET_VALUES = 1000
 
 
 def stored_document(store: Store, doc_id: str, *, field: str) -> Document:
-    """The stored document a request names in `field`, with its vector: 404 naming the field and the
-    id where there is none, 400 where it has no vector to search by."""
-    found = store.fetch([doc_id]) if doc_id else []
+    """The stored document a request names in `field`, with its vector: 400 for an empty id (no document
+    can have one: the schema's minLength), 404 naming the field and the id where there is none, 400 where
+    it has no vector to search by."""
+    if not doc_id:
+        raise BadRequest(f"field '{field}' is empty: send a stored document's id")
+    found = store.fetch([doc_id])
     if not found:
         raise DocumentNotFound(f"field '{field}': no document with id {doc_id!r} in the store")
     if not found[0].vector.size:

@@ -86,7 +86,7 @@ def test_like_of_a_document_whose_fine_vector_has_another_size_skips_the_rerank_
 
 @pytest.mark.parametrize(("body", "status", "message"), [
     ({"like": "no-such-id"}, 404, "field 'like': no document with id 'no-such-id' in the store"),
-    ({"like": ""}, 404, "field 'like': no document with id ''"),
+    ({"like": ""}, 400, "field 'like' is empty: send a stored document's id"),
     ({"like": 7}, 400, "field 'like' must be a string, got an integer"),
     ({"like": "item-000001", "image": "iVBORw0KGgo="}, 400, "send field 'image' or field 'like', not both"),
     ({"like": "item-000001", "mode": "bm25"}, 400, "field 'text' is required for mode bm25"),
@@ -284,6 +284,7 @@ def test_captions_respect_filters(client, corpus):
     ({"like": "item-000001", "image": "iVBORw0KGgo="}, 400, "one of the two"),
     ({"text": "red"}, 400, "unknown field 'text' in the request body"),
     ({"like": "gone"}, 404, "field 'like': no document with id 'gone' in the store"),
+    ({"like": ""}, 400, "field 'like' is empty: send a stored document's id"),
     ({"image": "bm90IGFuIGltYWdl"}, 415, "field 'image': not a recognised image format"),
     ({"like": "item-000001", "k": 0}, 400, "field 'k' must be between 1 and 1000 (max_k), got 0"),
     ({"like": "item-000001", "ef_search": None}, 400, "field 'ef_search' must be an integer, got null"),
