@@ -124,6 +124,16 @@ def test_pages_ending_at_the_candidates_repeat_and_skip_no_hit_of_the_ranking(cl
     assert paged == [h["id"] for h in whole["hits"]]
 
 
+def test_pages_past_rerank_candidates_are_one_ranking_when_every_page_sends_the_same_candidates(client):
+    # What README and openapi.yaml tell a client paging deeper than rerank_candidates (100) to do.
+    query = {"text": "green circle", "mode": "hybrid", "candidates": 150}
+    whole = client.post("/v1/search", json={**query, "k": 150}).json
+    paged = []
+    for offset in range(0, 150, 30):
+        paged += client.post("/v1/search", json={**query, "k": 30, "offset": offset}).json["hits"]
+    assert [h["id"] for h in paged] == [h["id"] for h in whole["hits"]] and len({h["id"] for h in paged}) == 150
+
+
 def test_a_page_ending_at_the_candidates_has_a_next_offset_exactly_while_more_hits_exist(client):
     matches = len(client.post("/v1/search", json={"text": "circle", "mode": "bm25", "k": 1000}).json["hits"])
     query = {"text": "circle", "mode": "bm25", "k": 10}
