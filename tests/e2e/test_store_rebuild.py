@@ -98,16 +98,21 @@ def test_gunicorn_workers_answer_through_a_rebuild_and_serve_the_new_contents_af
         assert len(hits) == 20 and all(int(hit["id"].split("-")[1]) < 20 for hit in hits)
 
 
-def test_a_rebuild_with_another_model_makes_the_served_app_refuse_vector_searches_409_and_back(
-        app_settings, encoder, tmp_path):
+def app_serving_three_of_six(app_settings, encoder, tmp_path):
+    """Six documents of the served model's size, the first three stored, and an app serving that store:
+    (settings, documents, app); the caller closes the app's state."""
     settings = dataclasses.replace(app_settings, store_path=tmp_path / "store")
     vectors = np.random.default_rng(0).standard_normal((6, encoder.dim)).astype(np.float32)
     documents = [Document(id=f"d{i}", vector=v / np.linalg.norm(v), text="red circle") for i, v in enumerate(vectors)]
     with EmbeddedStore(settings.store_path) as writer:
         writer.claim(encoder.signature)
         writer.upsert(documents[:3])
-    store = EmbeddedStore(settings.store_path)
-    app = create_app(settings, encoder=encoder, store=store)
+    return settings, documents, create_app(settings, encoder=encoder, store=EmbeddedStore(settings.store_path))
+
+
+def test_a_rebuild_with_another_model_makes_the_served_app_refuse_vector_searches_409_and_back(
+        app_settings, encoder, tmp_path):
+    settings, documents, app = app_serving_three_of_six(app_settings, encoder, tmp_path)
     try:
         client = app.test_client()
         assert client.post("/v1/search", json={"text": "red"}).status_code == 200
@@ -131,13 +136,7 @@ def test_a_rebuild_with_another_model_makes_the_served_app_refuse_vector_searche
 
 def test_a_request_answers_from_one_version_when_a_rebuild_switches_between_its_store_calls(
         app_settings, encoder, tmp_path):
-    settings = dataclasses.replace(app_settings, store_path=tmp_path / "store")
-    vectors = np.random.default_rng(0).standard_normal((6, encoder.dim)).astype(np.float32)
-    documents = [Document(id=f"d{i}", vector=v / np.linalg.norm(v), text="red circle") for i, v in enumerate(vectors)]
-    with EmbeddedStore(settings.store_path) as writer:
-        writer.claim(encoder.signature)
-        writer.upsert(documents[:3])
-    app = create_app(settings, encoder=encoder, store=EmbeddedStore(settings.store_path))
+    settings, documents, app = app_serving_three_of_six(app_settings, encoder, tmp_path)
     store = state_of(app).store
     try:
         with app.test_request_context("/v1/search", method="POST"):
