@@ -441,8 +441,11 @@ class OpenSearchStore:
         """Top-k by inner product (raw, in [-1, 1]); exact=True is a knn_score script over every match."""
         query_vector = _as_list(vector)
         if exact or self.effort.exact(ef_search):
+            # Only documents holding a vector: the ingest pipeline writes some without one, which the script
+            # would score 0 (no inner product maps to it) where a knn query leaves them out.
+            present = [{"exists": {"field": "vector"}}, *(_filter_clauses(filters) if filters else [])]
             query = {"script_score": {
-                "query": {"bool": {"filter": _filter_clauses(filters)}} if filters else {"match_all": {}},
+                "query": {"bool": {"filter": present}},
                 "script": {"source": "knn_score", "lang": "knn", "params": {
                     "field": "vector", "query_value": query_vector, "space_type": "innerproduct"}},
             }}

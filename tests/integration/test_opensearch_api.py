@@ -224,6 +224,8 @@ def test_a_document_written_without_a_vector_is_found_by_hybrid_search_refused_a
     liked = client.post("/v1/search", json={"like": "no-vector"})
     assert liked.status_code == 400, liked.json
     assert "field 'like'" in liked.json["error"]["message"] and "no vector" in liked.json["error"]["message"]
+    # Exact search scores only documents holding a vector (the script scored that one 0: no inner product).
+    assert len(store.vector_search(documents(encoder.dim, n=1)[0].vector, 10, exact=True)) == 3
     # Calibrating the search effort samples stored documents as queries: that one is no query.
     assert calibrate(store, target_recall=0.5, k=1, queries=4).queries == 3
     assert ann_recall(store, queries=4, k=1).queries == 3  # eval --ann likewise
