@@ -19,7 +19,18 @@ import numpy as np
 import requests
 from PIL import Image
 
-from sidecar.types import Document
+from sidecar.ingest.shards import ShardRow, ShardSet
+from sidecar.types import Document, ModelSignature
+
+
+def write_shards(out: Path, docs: Sequence[Document], signature: ModelSignature) -> Path:
+    """Shards of `signature` holding `docs` as they are (vectors, text, metadata, hashes), as `embed` writes them."""
+    shards = ShardSet(out)
+    shards.start(signature, preprocessing={})
+    shards.write_shard(np.stack([d.vector for d in docs]),
+                       [ShardRow(id=d.id, path=f"{d.id}.jpg", text=d.text, metadata=dict(d.metadata),
+                                 content_hash=d.content_hash, image_hash=d.content_hash) for d in docs])
+    return out
 
 
 def image_b64(path: Path) -> str:

@@ -68,32 +68,41 @@ def rebuild_index(store: Store, shard_dir: Path, *, batch_size: int = 10_000, lo
     version directory behind the `current` pointer), switched to when complete. The new index holds
     the shards' documents only: `deleted` counts the stored ones it drops. Stored documents the shards
     never held (written through OpenSearch's ingest pipeline, or from another shard directory) only
-    that door can write again: ShardError names them, before anything is built, unless `drop_unsharded`."""
+    that door can write again: ShardError names them, before anything is built, unless `drop_unsharded`
+    (read under the store's load lock, so that an `index` run finishing while the rebuild waits for it counts)."""
     started = time.perf_counter()
     shards = ShardSet(shard_dir)
     if shards.signature is None:
         raise ShardError(f"{shard_dir} holds no shards (no manifest.json): run `clip-sidecar embed` first")
     live, deleted = shards.live(), set(shards.deleted)
-    stored = store.content_hashes()
-    # Documents no shard holds: deleted since the last embed, or written by another door (OpenSearch's
-    # ingest pipeline), which only that door can write again.
-    dropped = sum(doc_id not in live for doc_id in stored)
-    unsharded = [doc_id for doc_id in stored if doc_id not in live and doc_id not in deleted]
-    if unsharded and not drop_unsharded:
-        raise ShardError(f"{len(unsharded)} stored documents are in no shard of {shard_dir} (written through "
-                         "OpenSearch's ingest pipeline, or from another shard directory?), e.g. "
-                         f"{', '.join(map(repr, unsharded[:3]))}: a rebuild from the shards would drop them. Nothing "
-                         "was changed. Pass --drop-unsharded to rebuild without them (then write them again the way "
-                         "they were written), or run `index` without --rebuild, which keeps them")
+    found: dict[str, int] = {}
+
+    def refuse_unsharded() -> None:
+        # Called by the store under its load lock, before it builds anything: read earlier, the stored documents
+        # would miss those an `index` run from another shard directory writes before the rebuild takes the lock
+        # (one it waits for with --wait-for-lock), and the rebuild would drop them unnamed.
+        stored = store.content_hashes()
+        # Documents no shard holds: deleted since the last embed, or written by another door (OpenSearch's
+        # ingest pipeline), which only that door can write again.
+        found["dropped"] = sum(doc_id not in live for doc_id in stored)
+        unsharded = [doc_id for doc_id in stored if doc_id not in live and doc_id not in deleted]
+        found["unsharded"] = len(unsharded)
+        if unsharded and not drop_unsharded:
+            raise ShardError(f"{len(unsharded)} stored documents are in no shard of {shard_dir} (written through "
+                             "OpenSearch's ingest pipeline, or from another shard directory?), e.g. "
+                             f"{', '.join(map(repr, unsharded[:3]))}: a rebuild from the shards would drop them. "
+                             "Nothing was changed. Pass --drop-unsharded to rebuild without them (then write them "
+                             "again the way they were written), or run `index` without --rebuild, which keeps them")
+
     documents = (doc for batch in tqdm(shards.documents(batch_size=batch_size), unit="batch", desc="rebuild",
                                        disable=not progress) for doc in batch)
     new_index = store.rebuild(documents, signature=shards.signature, fine_signature=shards.fine_signature,
-                              lock_wait_s=lock_wait_s)
+                              lock_wait_s=lock_wait_s, before=refuse_unsharded)
     total = store.count()
     log.info("rebuilt into %s and switched to it", new_index)
-    if unsharded:
+    if found["unsharded"]:
         log.warning("%d documents of the previous index were in no shard of %s and are not in the rebuilt one "
-                    "(--drop-unsharded): write them again the way they were written", len(unsharded),
+                    "(--drop-unsharded): write them again the way they were written", found["unsharded"],
                     shard_dir)
-    return IndexSummary(written=total, unchanged=0, deleted=dropped, total_in_store=total,
+    return IndexSummary(written=total, unchanged=0, deleted=found["dropped"], total_in_store=total,
                         seconds=time.perf_counter() - started)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -202,11 +202,13 @@ class Store(Protocol):
         is False."""
 
     def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature,
-                fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0) -> str:
+                fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0,
+                before: Callable[[], None] | None = None) -> str:
         """Load `documents` into a fresh index recording `signature` (and `fine_signature`, the fine
         model of their fine vectors) and swap it in whole (zero downtime), under the same
         load lock as `bulk_load`; returns its name (OpenSearch: the new index; embedded: the new version's
-        directory)."""
+        directory). `before` is called once the lock is held, before anything is built: a check of what
+        is stored that no load changes until the swap; what it raises refuses the rebuild, nothing changed."""
 
     def fetch(self, ids: Sequence[str], *, vectors: bool = True) -> list[Document]:
         """Full documents (full-precision vectors included, and the fine model's where stored) in the

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -1500,11 +1500,14 @@ class EmbeddedStore:
             return opened.store.delete(ids)
 
     def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature,
-                fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0) -> str:
-        """Under load.lock held exclusive: build the next version from `documents` beside the current one
-        (which keeps serving), check its count, point `current` at it, then remove the replaced version
-        unless a process still reads it. Returns the new version's directory."""
+                fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0,
+                before: Callable[[], None] | None = None) -> str:
+        """Under load.lock held exclusive: call `before`, build the next version from `documents` beside the
+        current one (which keeps serving), check its count, point `current` at it, then remove the replaced
+        version unless a process still reads it. Returns the new version's directory."""
         with self._exclusive_load(lock_wait_s, "rebuild"):
+            if before is not None:
+                before()
             self._remove_replaced(unfinished=True)
             number = max([self._pointed(), *self._versions_on_disk()]) + 1
             folder = self._folder(number)

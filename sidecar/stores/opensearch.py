@@ -17,7 +17,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from opensearchpy import OpenSearch, Transport, helpers
@@ -373,11 +373,14 @@ class OpenSearchStore:
         return deleted
 
     def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature,
-                fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0) -> str:
-        """Under the load lock: load a new versioned index, check its count, swap the alias
+                fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0,
+                before: Callable[[], None] | None = None) -> str:
+        """Under the load lock: call `before`, load a new versioned index, check its count, swap the alias
         atomically, then drop the old index. An `index` run started meanwhile waits or is refused
         (its writes would land in the index the swap drops)."""
         with self._load_lock("rebuild", lock_wait_s=lock_wait_s) as lock:
+            if before is not None:
+                before()
             old = self._alias_indices()
             name = self._new_index_name()
             self._create_index(name, dim=signature.dim, signature=signature, fine_signature=fine_signature)

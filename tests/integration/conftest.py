@@ -17,7 +17,6 @@ from opensearchpy.exceptions import ConnectionError as OSConnectionError
 
 from sidecar.cli import main
 from sidecar.ingest.embed import embed_corpus
-from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.encoder import Encoder
 from sidecar.model.synthetic import write_corpus
 from sidecar.stores.base import StoreError
@@ -143,16 +142,6 @@ def make_documents(n: int, *, seed: int = 0, prefix: str = "d") -> tuple[list[Do
         for i in range(n)
     ]
     return docs, labels, centres
-
-
-def write_shards(out: Path, docs: list[Document]) -> Path:
-    """Shards holding `docs` as they are (vectors, text, metadata, hashes), as `embed` writes them."""
-    shards = ShardSet(out)
-    shards.start(SIGNATURE, preprocessing={})
-    shards.write_shard(np.stack([d.vector for d in docs]),
-                       [ShardRow(id=d.id, path=f"{d.id}.jpg", text=d.text, metadata=dict(d.metadata),
-                                 content_hash=d.content_hash, image_hash=d.content_hash) for d in docs])
-    return out
 
 
 # --- the real model and corpus (tests/conftest.py: encoder, corpus, shards) on OpenSearch -----------

@@ -22,8 +22,8 @@ from sidecar.ingest.indexing import index_shards
 from sidecar.stores.base import StoreLocked
 from sidecar.stores.opensearch import LOCK_ID, OpenSearchStore
 from sidecar.types import Document
-from tests.integration.conftest import SIGNATURE, URL, drop, make_documents, make_store, write_shards
-from tests.support import ORIGINAL_ENVIRON
+from tests.integration.conftest import SIGNATURE, URL, drop, make_documents, make_store
+from tests.support import ORIGINAL_ENVIRON, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -179,7 +179,7 @@ def settings_version(store: OpenSearchStore) -> int:
 
 def test_an_index_run_relaxes_refresh_and_replicas_once_not_per_batch(node, tmp_path):
     docs, _, _ = make_documents(3000, seed=6)
-    shards = write_shards(tmp_path / "shards", docs)
+    shards = write_shards(tmp_path / "shards", docs, SIGNATURE)
     store = make_store(large_load_threshold=1000, number_of_replicas=1)
     try:
         store.setup(SIGNATURE.dim)
@@ -205,7 +205,7 @@ def index_cli(shards: Path, alias: str, *extra: str) -> list[str]:
 
 def test_an_index_run_beside_a_rebuild_is_refused_or_waits_and_its_writes_survive_the_swap(node, tmp_path):
     docs, _, _ = make_documents(400, seed=7)
-    shards = write_shards(tmp_path / "shards", docs)
+    shards = write_shards(tmp_path / "shards", docs, SIGNATURE)
     store = make_store()
     gate, rebuilding = threading.Event(), threading.Event()
     outcome: list[object] = []

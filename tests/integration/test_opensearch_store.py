@@ -18,6 +18,7 @@ from sidecar.ingest.indexing import rebuild_index
 from sidecar.ingest.shards import ShardError
 from sidecar.retrieval.search import SearchOptions, search, uses_native_hybrid
 from sidecar.stores.base import ModelMismatchError, StoreError
+from sidecar.stores.opensearch import _LoadLock
 from sidecar.types import Document, ModelSignature
 from tests.integration.conftest import (
     DIM,
@@ -26,8 +27,8 @@ from tests.integration.conftest import (
     drop,
     make_documents,
     make_store,
-    write_shards,
 )
+from tests.support import write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -267,7 +268,7 @@ def test_a_rebuild_that_would_drop_documents_no_shard_holds_is_refused_unless_to
     store.upsert(docs)
     store.client.index(index=store.alias, id="from-the-pipeline", refresh=True,
                        body={"id": "from-the-pipeline", "text": "red", "vector": docs[0].vector.tolist()})
-    shards = write_shards(tmp_path / "shards", docs)
+    shards = write_shards(tmp_path / "shards", docs, SIGNATURE)
     before = store._alias_indices()
     with pytest.raises(ShardError, match=r"1 stored documents are in no shard .* 'from-the-pipeline'.*--drop-unsharded"):
         rebuild_index(store, shards, progress=False)
@@ -277,11 +278,48 @@ def test_a_rebuild_that_would_drop_documents_no_shard_holds_is_refused_unless_to
     assert "1 deleted" in summary.describe()
 
 
+
+def test_a_rebuild_waiting_for_an_index_run_refuses_the_documents_that_run_writes_from_another_shard_directory(
+        store, tmp_path, monkeypatch):
+    # The unsharded check reads what is stored once the rebuild holds the load lock: read while it waited, it missed
+    # what the index run it waited for wrote, and the rebuild dropped those documents unnamed.
+    docs, _, _ = make_documents(7)
+    store.upsert(docs[:5])
+    shards = write_shards(tmp_path / "shards", docs[:5], SIGNATURE)
+    holder = make_store(index=store.alias)  # another process's index run from another shard directory
+    waiting, outcome = threading.Event(), []
+
+    def rebuild() -> None:
+        try:
+            outcome.append(rebuild_index(store, shards, lock_wait_s=60, progress=False))
+        except ShardError as exc:
+            outcome.append(exc)
+
+    try:
+        with holder.bulk_load():
+            acquire = _LoadLock.acquire
+
+            def signalling_acquire(lock, **kwargs):
+                waiting.set()
+                return acquire(lock, **kwargs)
+
+            monkeypatch.setattr(_LoadLock, "acquire", signalling_acquire)
+            thread = threading.Thread(target=rebuild)
+            thread.start()
+            assert waiting.wait(timeout=60)
+            holder.upsert(docs[5:])
+        thread.join(timeout=120)
+    finally:
+        holder.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], ShardError), outcome
+    assert "2 stored documents are in no shard of" in str(outcome[0]) and "'d5'" in str(outcome[0])
+    assert store.count() == 7 and len(store._alias_indices()) == 1
+
 def test_a_first_rebuild_onto_an_alias_nothing_set_up_yet_writes_every_document(node, tmp_path):
     store = make_store()
     try:
         docs, _, _ = make_documents(3)
-        summary = rebuild_index(store, write_shards(tmp_path / "shards", docs), progress=False)
+        summary = rebuild_index(store, write_shards(tmp_path / "shards", docs, SIGNATURE), progress=False)
         assert (summary.written, summary.deleted, summary.total_in_store) == (3, 0, 3)
     finally:
         drop(store)

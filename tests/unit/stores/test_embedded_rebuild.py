@@ -10,16 +10,20 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from sidecar.ingest.indexing import rebuild_index
+from sidecar.ingest.shards import ShardError
 from sidecar.stores import embedded
 from sidecar.stores.base import StoreLocked
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import ModelSignature
+from tests.support import write_shards
 from tests.unit.stores.test_embedded import SIGNATURE, make_docs
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -217,3 +221,36 @@ def test_a_removal_of_version_0_killed_midway_is_finished_by_the_next_rebuild_le
         rebuilder.rebuild(make_docs(10, seed=2, prefix="third", version=2), signature=SIGNATURE)
         assert rebuilder.count() == 10
     assert sorted(entry.name for entry in path.iterdir()) == ["current", "load.lock", "version.2"]
+
+
+def test_a_rebuild_waiting_for_an_index_run_refuses_the_documents_that_run_writes_from_another_shard_directory(
+        served, tmp_path, monkeypatch):
+    # The unsharded check reads what is stored once the rebuild holds the load lock: read while it waited, it missed
+    # what the index run it waited for wrote, and the rebuild dropped those documents unnamed.
+    path, reader = served
+    shards = write_shards(tmp_path / "shards", make_docs(30), SIGNATURE)
+    waiting, outcome = threading.Event(), []
+    with EmbeddedStore(path) as rebuilder:
+        take_load_lock = rebuilder._take_load_lock
+
+        def signalling_take_load_lock(*args, **kwargs):
+            waiting.set()
+            return take_load_lock(*args, **kwargs)
+
+        monkeypatch.setattr(rebuilder, "_take_load_lock", signalling_take_load_lock)
+
+        def rebuild() -> None:
+            try:
+                outcome.append(rebuild_index(rebuilder, shards, lock_wait_s=60, progress=False))
+            except ShardError as exc:
+                outcome.append(exc)
+
+        with reader.bulk_load():  # an index run from another shard directory, holding the load lock
+            thread = threading.Thread(target=rebuild)
+            thread.start()
+            assert waiting.wait(timeout=60)
+            reader.upsert(make_docs(2, prefix="other"))
+        thread.join(timeout=60)
+    assert len(outcome) == 1 and isinstance(outcome[0], ShardError), outcome
+    assert "2 stored documents are in no shard of" in str(outcome[0]) and "'other0'" in str(outcome[0])
+    assert reader.count() == 32 and not (path / "current").exists()
