@@ -1422,6 +1422,9 @@ class EmbeddedStore:
         with self._session_lock:
             if self._sessions == 0:
                 self._load_handle = self._take_load_lock(fcntl.LOCK_SH, wait_s, "this index run")
+                # Held shared, so no rebuild runs: a name in the file is a killed one's, which a rebuild refused
+                # beside this session would name as the holder (index sessions leave it empty: "an index run").
+                os.ftruncate(self._load_handle, 0)
             self._sessions += 1
         try:
             yield
@@ -1441,7 +1444,7 @@ class EmbeddedStore:
                               f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}".encode(), 0)
             yield
         finally:
-            os.ftruncate(handle, 0)  # a holder's name in the file means it still runs (or was killed)
+            os.ftruncate(handle, 0)  # a name in the file: its holder runs, or was killed (the next session clears it)
             os.close(handle)
 
     def _take_load_lock(self, mode: int, wait_s: float, operation: str) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -106,8 +107,8 @@ def test_an_index_run_waits_for_a_rebuild_or_is_refused_naming_it_and_a_rebuild_
     assert reader.content_hashes().keys() == {f"new{i}" for i in range(5)}
 
 
-def test_a_rebuild_killed_midway_leaves_the_old_version_serving_and_a_rerun_completes(served):
-    path, reader = served
+def kill_a_rebuild_midway(path: Path) -> int:
+    """Run a rebuild of the store at `path` in a process of its own and SIGKILL it mid-build; returns its pid."""
     marker = path.parent / "building"
     script = textwrap.dedent(f"""
         import time
@@ -137,6 +138,12 @@ def test_a_rebuild_killed_midway_leaves_the_old_version_serving_and_a_rerun_comp
         os.killpg(process.pid, signal.SIGKILL)
     finally:
         process.wait(timeout=30)
+    return process.pid
+
+
+def test_a_rebuild_killed_midway_leaves_the_old_version_serving_and_a_rerun_completes(served):
+    path, reader = served
+    kill_a_rebuild_midway(path)
     assert not (path / "current").exists()
     with EmbeddedStore(path) as after:
         assert after.count() == 30 and ids_of(after.vector_search(make_docs(30)[3].vector, 1)) == ["doc3"]
@@ -147,6 +154,17 @@ def test_a_rebuild_killed_midway_leaves_the_old_version_serving_and_a_rerun_comp
         assert not any("unfinished" in note for note in after.check().notes)
     assert reader.count() == 20 and reader.check().clean
 
+
+def test_a_rebuild_refused_beside_an_index_run_after_a_killed_rebuild_names_the_index_run_not_the_dead_rebuild(
+        served):
+    path, reader = served
+    dead = kill_a_rebuild_midway(path)
+    assert f"a rebuild by {socket.gethostname()} pid {dead}" in (path / "load.lock").read_text()  # its name stays
+    with EmbeddedStore(path) as rebuilder, reader.bulk_load():
+        with pytest.raises(StoreLocked) as refused:
+            rebuilder.rebuild(make_docs(3), signature=SIGNATURE)
+    assert "is being loaded by an index run; rebuild would write beside it" in str(refused.value)
+    assert f"pid {dead}" not in str(refused.value)
 
 def test_a_rebuild_with_another_model_switches_the_recorded_model_and_a_reader_checked_on_the_old_one_is_refused(
         served):
