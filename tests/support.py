@@ -33,6 +33,17 @@ def write_shards(out: Path, docs: Sequence[Document], signature: ModelSignature)
     return out
 
 
+def removed_soon(path: Path, *, timeout_s: float = 30) -> bool:
+    """Whether `path` is gone, or goes within `timeout_s`: a process that lets go of a replaced version of an
+    embedded store removes it on a thread of its own, after the call that let go has returned."""
+    deadline = time.monotonic() + timeout_s
+    while path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def image_b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 

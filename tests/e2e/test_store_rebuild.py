@@ -23,7 +23,7 @@ from sidecar.ingest.indexing import index_shards
 from sidecar.model.synthetic import write_corpus
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document, ModelSignature
-from tests.support import gunicorn_server
+from tests.support import gunicorn_server, removed_soon
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,7 +93,7 @@ def test_gunicorn_workers_answer_through_a_rebuild_and_serve_the_new_contents_af
             moved = min(answered for _, answered, worker, documents in counted if worker == pid and documents == 20)
             assert {documents for sent, _, worker, documents in counted if worker == pid and sent > moved} == {20}
         assert os.readlink(store / "current") == "version.1"
-        assert not (store / "store.sqlite").exists()  # no worker reads version 0 any more: removed
+        assert removed_soon(store / "store.sqlite")  # no worker reads version 0 any more: removed
         hits = requests.post(f"{url}/v1/search", json={"text": "red circle", "k": 30}, timeout=30).json()["hits"]
         assert len(hits) == 20 and all(int(hit["id"].split("-")[1]) < 20 for hit in hits)
 
