@@ -144,7 +144,7 @@ def test_every_sidecar_variable_the_docs_and_the_images_name_is_a_setting_or_a_f
 
     known = {f"SIDECAR_{name.upper()}" for name in Settings.__dataclass_fields__} | _cli_variables(main)
     root = Path(__file__).parents[2]
-    paths = [root / "README.md", root / "docker-compose.yml", *(root / "docs").glob("*.md"),
+    paths = [root / "README.md", *root.glob("docker-compose*.yml"), *(root / "docs").glob("*.md"),
              *(path for path in (root / "docker").rglob("*") if path.is_file())]
     # Whole names only: not CLIP_SIDECAR_CACHE, not a prefix such as SIDECAR_OPENSEARCH_*.
     named = {(path.name, name) for path in paths
