@@ -1,6 +1,7 @@
 """docker-compose.yml and docker-compose.gpu.yml read as compose reads them: what each way of starting
 them starts, and which host ports that publishes."""
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -41,3 +42,31 @@ def test_the_gpu_file_changes_the_one_sidecar_to_the_gpu_image_adding_no_service
     assert "ports" not in sidecar and "profiles" not in sidecar and "profiles" not in base["sidecar"]
     assert sidecar["build"]["dockerfile"] == "docker/Dockerfile.gpu" and (ROOT / "docker/Dockerfile.gpu").is_file()
     assert sidecar["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def _mounts(service: dict) -> dict[str, bool]:
+    """Each mount's path in the container -> whether the container may write it (short syntax)."""
+    mounts = {}
+    for volume in service["volumes"]:  # SOURCE:TARGET[:MODE]; a SOURCE of ${VARIABLE:-default} holds a colon too
+        mode = volume.rsplit(":", 1)[1] if volume.endswith((":ro", ":rw")) else "rw"
+        target = volume.removesuffix(f":{mode}").rsplit(":", 1)[1]
+        mounts[target] = mode == "rw"
+    return mounts
+
+
+def test_the_readmes_compose_embed_and_index_read_a_mounted_folder_and_write_shards_on_a_writable_volume():
+    sidecar = _services("docker-compose.yml")["sidecar"]
+    mounts = _mounts(sidecar)
+    assert any(volume.startswith("${CLIP_SIDECAR_IMAGES:-") for volume in sidecar["volumes"])
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    embed = re.search(r"docker compose run --rm sidecar clip-sidecar embed (\S+) --out (\S+)", readme)
+    index = re.search(r"docker compose run --rm sidecar clip-sidecar index (\S+)", readme)
+    assert embed and index, "README shows the embed/index flow in compose"
+    source, shards = Path(embed[1]), Path(embed[2])
+
+    def mount_of(path: Path) -> str | None:
+        return next((target for target in mounts if path.is_relative_to(target)), None)
+
+    assert mount_of(source) is not None, (source, mounts)
+    assert mount_of(shards) is not None and mounts[mount_of(shards)], (shards, mounts)  # not the image's /app
+    assert Path(index[1]) == shards
