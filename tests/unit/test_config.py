@@ -170,6 +170,15 @@ def test_the_images_keep_every_path_the_server_and_cli_write_on_the_data_volume(
         assert env.get(f"SIDECAR_{name.upper()}", "").startswith("/data/"), (name, env)
 
 
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_the_images_run_as_the_non_root_uid_they_create_named_by_number_as_runasnonroot_requires(dockerfile):
+    text = (Path(__file__).parents[2] / "docker" / dockerfile).read_text(encoding="utf-8")
+    users = re.findall(r"^USER (\S+)$", text, flags=re.MULTILINE)
+    assert len(users) == 1 and re.fullmatch(r"[1-9][0-9]*:[0-9]+", users[0]), users  # a name cannot be verified
+    uid, gid = users[0].split(":")
+    assert f"useradd --create-home --uid {uid} --gid {gid} " in text and f"groupadd --gid {gid} " in text
+
+
 def test_a_misspelt_sidecar_variable_is_warned_about_once_naming_the_setting_it_resembles(caplog, monkeypatch):
     from sidecar import config
 
