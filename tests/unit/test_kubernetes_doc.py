@@ -1,0 +1,101 @@
+"""docs/kubernetes.md's manifest against the code: the probes ask routes the app has, on the port gunicorn binds,
+the grace outlasts gunicorn's, the pod runs as the images' user, every path the server writes is mounted."""
+
+import re
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from flask import Flask
+
+from sidecar.api import ops
+from sidecar.api.auth import OPEN_PATHS
+from sidecar.api.healthcheck import config_bind
+from sidecar.config import Settings
+from tests.unit.api.test_gunicorn_config import effective_config
+
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict[str, dict]:
+    text = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
+    documents = [doc for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)
+                 for doc in yaml.safe_load_all(block)]
+    return {doc["kind"]: doc for doc in documents}
+
+
+@pytest.fixture(scope="module")
+def pod(manifest) -> dict:
+    return manifest["Deployment"]["spec"]["template"]["spec"]
+
+
+@pytest.fixture(scope="module")
+def container(pod) -> dict:
+    (only,) = pod["containers"]
+    return only
+
+
+@pytest.fixture(scope="module")
+def gunicorn() -> dict[str, str]:
+    return effective_config()
+
+
+def _probe_url(probe: dict, container: dict) -> tuple[str, int]:
+    """The path and port a probe asks: an httpGet's, or the URL in an exec probe's command."""
+    if "httpGet" in probe:
+        port = probe["httpGet"]["port"]
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        return probe["httpGet"]["path"], named.get(port, port)
+    (url,) = re.findall(r"https?://[^'\"\s]+", " ".join(probe["exec"]["command"]))
+    return urlsplit(url).path, urlsplit(url).port
+
+
+def test_the_probes_ask_the_apps_own_routes_on_the_port_gunicorn_binds(container):
+    app = Flask("routes")
+    app.register_blueprint(ops.bp)
+    routes = {rule.rule for rule in app.url_map.iter_rules()}
+    port = int(config_bind({}).rsplit(":", 1)[1])
+    asked = {kind: _probe_url(container[kind], container) for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert asked == {"startupProbe": ("/healthz", port), "livenessProbe": ("/healthz", port),
+                     "readinessProbe": ("/readyz", port)}
+    assert {path for path, _ in asked.values()} <= routes
+    assert "/healthz" in OPEN_PATHS  # the kubelet's httpGet sends no key
+
+
+def test_the_grace_outlasts_gunicorns_after_the_prestop_pause_and_the_startup_probe_its_boot_timeout(pod, container,
+                                                                                                     gunicorn):
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] > pause + int(gunicorn["graceful_timeout"])
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= int(gunicorn["timeout"])
+
+
+def test_the_pod_runs_as_the_images_numeric_user_on_a_read_only_root_with_every_written_path_mounted(pod, container):
+    mounts = [PurePosixPath(mount["mountPath"]) for mount in container["volumeMounts"]]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"]
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (ROOT / "docker" / dockerfile).read_text(encoding="utf-8")
+        (user,) = re.findall(r"^USER (\S+)$", text, flags=re.MULTILINE)
+        assert user == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+        env = dict(re.findall(r"\b(SIDECAR_[A-Z0-9_]+)=(\S+)", text.replace("\\\n", " ")))
+        # What the server writes (strace of a serving gunicorn: the docs' "Writable paths"): the settings'
+        # paths, and the temporary folder (gunicorn's heartbeat files, the metrics folder).
+        written = [env[f"SIDECAR_{name.upper()}"] for name in ("store_path", "text_cache_path", "prompt_sets_dir")]
+        for path in [*written, "/tmp"]:
+            assert any(PurePosixPath(path).is_relative_to(mount) for mount in mounts), (dockerfile, path)
+
+
+def test_every_variable_the_manifest_sets_is_a_setting_one_gunicorns_config_reads_or_the_probes_key(container):
+    read_by_gunicorn = set(re.findall(r"\bGUNICORN_[A-Z_]+",
+                                      (ROOT / "sidecar/api/gunicorn_config.py").read_text(encoding="utf-8")))
+    settings = {f"SIDECAR_{name.upper()}" for name in Settings.__dataclass_fields__}
+    names = {variable["name"] for variable in container["env"]}
+    assert "PROBE_KEY" in " ".join(container["readinessProbe"]["exec"]["command"])
+    assert names - settings - read_by_gunicorn == {"PROBE_KEY"}
+
+
+def test_the_service_sends_to_the_containers_named_port(manifest, container):
+    (port,) = manifest["Service"]["spec"]["ports"]
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}
