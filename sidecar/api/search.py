@@ -88,8 +88,7 @@ def search_endpoint():
         result = search(state.store, vector=vector, text=text, options=options, fine_vector=fine_vector,
                         fine_model=fine.encoder.signature if fine is not None else None,
                         no_fine_vector=no_fine_vector)
-        more = offset + 2 * k <= settings.max_k and _ranking_goes_on(state.store, result, options, vector=vector,
-                                                                       text=text, past=offset + k)
+    more = offset + 2 * k <= settings.max_k and len(result.hits) > offset + k
     # Stages of the store, not of a model: no `model` label value.
     metrics.STAGE_SECONDS.labels("search", mode, "").observe(result.timings_s["coarse"])
     metrics.STAGE_SECONDS.labels("rerank", mode, "").observe(result.timings_s["rerank"])
@@ -140,13 +139,13 @@ def _query(encoding, *, text: str | None, pixels: list, stored=None):
 
 
 def _options(body: dict, *, mode: str, offset: int, k: int, settings) -> SearchOptions:
-    # The ranking is of `candidates` (at least offset + k, so the page is in it). One hit past the page, within
-    # that ranking, tells whether there is a next one: asking for it must not raise the candidates, or a page
-    # ending at them would be cut from another ranking than the pages before it (fusion normalises over them).
-    candidates = max(bounded_int(body, "candidates", default=settings.rerank_candidates, low=1, high=settings.max_k,
-                                 setting="max_k"), offset + k)
+    # The ranking is down to the page's end and one hit past it, which tells whether there is a next page.
+    # Its first `candidates` ranks are the fine stage's whatever the page; the ranks past them come from a
+    # coarse search max_k deep for every page, so that pages past the candidates are slices of one ranking.
     return SearchOptions(
-        mode=mode, k=min(offset + k + 1, candidates), candidates=candidates,
+        mode=mode, k=min(offset + k + 1, settings.max_k), depth=settings.max_k,
+        candidates=bounded_int(body, "candidates", default=settings.rerank_candidates, low=1, high=settings.max_k,
+                               setting="max_k"),
         fusion=choice(body, "fusion", choices=FUSION_METHODS, default="minmax"),
         weights=_weights(body),
         rerank=optional(body, "rerank", bool),  # None: the mode's default (off for bm25)
@@ -154,17 +153,6 @@ def _options(body: dict, *, mode: str, offset: int, k: int, settings) -> SearchO
         ef_search=ef_search_field(body),
         filters=filters(body, settings),
     )
-
-
-def _ranking_goes_on(store, result, options: SearchOptions, *, vector, text: str | None, past: int) -> bool:
-    """Whether the ranking has hits past the first `past`: the hit searched for past them or, where the page
-    ends the ranking's N candidates, a coarse search one candidate deeper (the next page's ranking is deeper)."""
-    if len(result.hits) > past or len(result.hits) < options.candidates:
-        return len(result.hits) > past
-    deeper = options.candidates + 1
-    probe = search(store, vector=vector, text=text,
-                   options=dataclasses.replace(options, k=deeper, candidates=deeper, rerank=False))
-    return len(probe.hits) == deeper
 
 
 def _weights(body: dict) -> tuple[float, float]:

@@ -31,7 +31,8 @@ from sidecar.retrieval.search import MODES
 @click.option("--mode", type=click.Choice(MODES), help="Default: hybrid with text, vector without.")
 @click.option("-k", "--k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--candidates", "rerank_candidates", type=click.IntRange(1, 10000),
-              help="How many coarse hits the fine stage (rerank) sees (default: SIDECAR_RERANK_CANDIDATES, else 100).")
+              help="How many coarse hits the fine stage (rerank) sees (default: SIDECAR_RERANK_CANDIDATES, else 100); "
+                   "with -k above it, the hits past them follow in coarse order.")
 @click.option("--fusion", type=click.Choice(FUSION_METHODS), default="minmax", show_default=True)
 @click.option("--vector-weight", type=float, default=0.5, show_default=True)
 @click.option("--bm25-weight", type=float, default=0.5, show_default=True)

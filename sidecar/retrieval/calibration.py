@@ -68,7 +68,7 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, depth: int = S
     every vector: on a shared cluster its cost is not only this query's latency)."""
     if not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
-    depth = max(depth, k)  # as a search's candidates (SearchOptions)
+    depth = max(depth, k)  # Recall@k reads k hits
     ids = sorted(store.content_hashes())
     if not ids:
         raise ValueError("the store is empty: index something before calibrating")

@@ -237,7 +237,7 @@ def _config(row: Any, *, k: int, candidates: int) -> RunConfig:
         values["weights"] = tuple(float(w) for w in weights)
     if "candidates" not in values:
         values["candidates"] = max(candidates, k)
-    elif values["candidates"] < k:  # SearchOptions would raise it to k: a row named N=20 would rank 100
+    elif values["candidates"] < k:  # a row named N=20 would have its ranks past 20 in coarse order
         raise EvaluationInputError(f"configuration {row}: 'candidates' must be at least {k}, the deepest cutoff "
                                    f"of the measures (each configuration ranks its top N only), got "
                                    f"{values['candidates']}")

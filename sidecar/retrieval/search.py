@@ -22,6 +22,9 @@ class SearchOptions:
     mode: str = "hybrid"
     k: int = 10
     candidates: int = 100  # N: how many the coarse stage hands to the fine stage
+    # Ranks past the N candidates (k > N) follow in coarse order from one more coarse search this deep
+    # (None: k), leaving the N out: searches of one depth (the API's: max_k, for every page) rank them alike.
+    depth: int | None = None
     fusion: str = "minmax"
     # (vector, bm25). Chosen on the relevance benchmark (bench/RESULTS.md): equal weights beat 0.7/0.3
     # by 12.6 points of nDCG@10 without a fine model, and tie it (-0.2) with one.
@@ -47,8 +50,10 @@ class SearchOptions:
             object.__setattr__(self, "rerank", self.mode != "bm25")
         if self.ef_search is not None and self.ef_search < 1:
             raise ValueError(f"ef_search must be >= 1, got {self.ef_search}")
-        if self.candidates < self.k:
-            object.__setattr__(self, "candidates", self.k)
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        if self.depth is not None and self.depth < self.k:
+            raise ValueError(f"depth must be at least k ({self.k}), got {self.depth}")
         # isfinite first: NaN passes both comparisons below and would make every fused score NaN.
         if len(self.weights) != 2 or not all(map(math.isfinite, self.weights)) or min(self.weights) < 0 \
                 or sum(self.weights) <= 0:
@@ -94,7 +99,8 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
            fine_vector: np.ndarray | None = None, fine_model: ModelSignature | None = None,
            no_fine_vector: str = NO_FINE_MODEL) -> SearchResult:
     """Coarse retrieval of N candidates, then (with `options.rerank` and a `fine_vector`, the query by
-    the fine model `fine_model`) the fine stage over them; top K with per-stage scores. The stage is
+    the fine model `fine_model`) the fine stage over them; top K with per-stage scores, those past the N
+    (K > N) in the coarse order of a search `options.depth` deep, with coarse scores only. The stage is
     skipped, saying why, where the store records another fine model. `no_fine_vector` says why a
     requested fine stage has no `fine_vector`."""
     if fine_vector is not None and fine_model is None:
@@ -106,29 +112,26 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
         raise ValueError(f"mode {options.mode} needs a query vector (text or image)")
 
     started = time.perf_counter()
-    n = options.candidates
-    vector_scores: dict[str, float] = {}
-    bm25_scores: dict[str, float] = {}
     native = options.mode == "hybrid" and uses_native_hybrid(store, options)
-    if native:
-        coarse = _as_dict(store.hybrid_search(vector, text, n, filters=options.filters, fusion=options.fusion,
-                                              weights=options.weights, ef_search=options.ef_search))
-        top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
-    else:
-        if options.mode in ("vector", "hybrid"):
-            vector_scores = _as_dict(store.vector_search(vector, n, filters=options.filters, exact=options.exact,
-                                                         ef_search=options.ef_search))
-        if options.mode in ("bm25", "hybrid"):
-            bm25_scores = _as_dict(store.text_search(text, n, filters=options.filters))
-        if options.mode == "hybrid":
-            # BM25's top N only: a vector candidate outside it adds 0 here, and without the fine stage its
-            # hit shows no `scores.bm25` (the score shown is the one fused; finding another costs a query).
-            coarse = fuse([vector_scores, bm25_scores], method=options.fusion, weights=options.weights)
-        else:
-            coarse = vector_scores or bm25_scores
-        top = sorted(coarse, key=coarse.__getitem__, reverse=True)[:n]
-    if not coarse and options.filters:
+    window = _coarse(store, vector=vector, text=text, options=options, depth=options.candidates, native=native)
+    if not window.scores and options.filters:
         check_filter_fields(store, options.filters)
+    # Ranks past the N candidates (the rescore window) come from one deeper coarse search, in its order,
+    # leaving out the N: the first N are the ranking a search of k <= N shows, and what follows them is
+    # the same for every search of that depth, so pages cut from such searches neither repeat nor skip.
+    past: list[str] = []
+    vector_scores, bm25_scores, coarse = dict(window.vector), dict(window.bm25), dict(window.scores)
+    if options.k > options.candidates:
+        deep = _coarse(store, vector=vector, text=text, options=options, depth=options.depth or options.k,
+                       native=native)
+        in_window = set(window.top)
+        past = [doc_id for doc_id in deep.top if doc_id not in in_window][:options.k - len(window.top)]
+        # Raw vector and BM25 scores do not depend on the depth; fused ones do: a hit past the window
+        # shows the deep search's.
+        vector_scores = {**deep.vector, **vector_scores}
+        bm25_scores = {**deep.bm25, **bm25_scores}
+        coarse.update((doc_id, deep.scores[doc_id]) for doc_id in past)
+    top = window.top
     fine_stage = options.rerank and fine_vector is not None
     if top and (native or (fine_stage and options.mode == "hybrid")):
         # The lexical evidence the fine stage fuses (and `scores.bm25` shows) is raw BM25 of every
@@ -136,7 +139,7 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
         # that match too; the native hybrid response carries fused scores only (their vector scores come
         # below). The candidates it lacks get theirs from one query restricted to their ids: the same
         # scores a full text_search gives them, and no query at all where BM25's list holds them all.
-        rest = [doc_id for doc_id in top if doc_id not in bm25_scores]
+        rest = [doc_id for doc_id in top + (past if native else []) if doc_id not in bm25_scores]
         if rest:
             bm25_scores.update(_as_dict(store.text_search(text, len(rest), filters=options.filters, ids=rest)))
     coarse_done = time.perf_counter()
@@ -146,7 +149,7 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
     # The model's vectors are read only where the native hybrid left `scores.vector` to fill in, and
     # only for the K hits shown: on OpenSearch they are most of a fetch's bytes (bench/RESULTS.md).
     shown = top if fine_stage else top[:options.k]
-    documents = {doc.id: doc for doc in store.fetch(shown, vectors=native and not fine_stage)}
+    documents = {doc.id: doc for doc in store.fetch(shown + past, vectors=native and not fine_stage)}
     top = [doc_id for doc_id in shown if doc_id in documents]  # a document deleted between the two calls drops out
     fine = None
     if fine_stage:
@@ -157,6 +160,7 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
             skipped = str(exc)
     final = fine.final if fine else coarse
     ranked = sorted(top, key=final.__getitem__, reverse=True)[:options.k]
+    ranked += [doc_id for doc_id in past if doc_id in documents][:options.k - len(ranked)]
     if native:
         # Exact inner product from the stored full vectors (what the ANN side scored, without its error).
         with_vectors = {doc.id: doc for doc in store.fetch(ranked)} if fine_stage else documents
@@ -164,15 +168,49 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
                                        and with_vectors[doc_id].vector.size], with_vectors, vector)
     hits = []
     for doc_id in ranked:
+        reranked = fine is not None and doc_id in fine.final  # not a hit past the window
         scores = {"vector": vector_scores.get(doc_id), "bm25": bm25_scores.get(doc_id),
                   "fused": coarse[doc_id] if options.mode == "hybrid" else None,
-                  "fine": fine.fine[doc_id] if fine else None, "rerank": fine.final[doc_id] if fine else None}
+                  "fine": fine.fine[doc_id] if reranked else None, "rerank": fine.final[doc_id] if reranked else None}
         doc = documents[doc_id]
-        hits.append(Hit(id=doc_id, score=final[doc_id], text=doc.text, metadata=dict(doc.metadata),
-                        scores={name: value for name, value in scores.items() if value is not None}))
+        hits.append(Hit(id=doc_id, score=fine.final[doc_id] if reranked else coarse[doc_id], text=doc.text,
+                        metadata=dict(doc.metadata), scores={name: value for name, value in scores.items()
+                                                             if value is not None}))
     return SearchResult(hits=hits, timings_s={"coarse": coarse_done - started,
                                               "rerank": time.perf_counter() - coarse_done},
                         reranked=fine is not None, rerank_skipped=skipped)
+
+
+@dataclass(frozen=True, slots=True)
+class _Coarse:
+    top: list[str]  # the depth's best ids, best first
+    scores: dict[str, float]  # what ranked them: vector, BM25 or fused (over this depth's lists)
+    vector: dict[str, float]  # each side's raw scores (none where the store fused them itself)
+    bm25: dict[str, float]
+
+
+def _coarse(store: Store, *, vector: np.ndarray | None, text: str | None, options: SearchOptions, depth: int,
+            native: bool) -> _Coarse:
+    """The coarse stage `depth` deep: vector, BM25, or both fused (in the store where `native`)."""
+    vector_scores: dict[str, float] = {}
+    bm25_scores: dict[str, float] = {}
+    if native:
+        scores = _as_dict(store.hybrid_search(vector, text, depth, filters=options.filters, fusion=options.fusion,
+                                              weights=options.weights, ef_search=options.ef_search))
+    else:
+        if options.mode in ("vector", "hybrid"):
+            vector_scores = _as_dict(store.vector_search(vector, depth, filters=options.filters, exact=options.exact,
+                                                         ef_search=options.ef_search))
+        if options.mode in ("bm25", "hybrid"):
+            bm25_scores = _as_dict(store.text_search(text, depth, filters=options.filters))
+        if options.mode == "hybrid":
+            # BM25's top N only: a vector candidate outside it adds 0 here, and without the fine stage its
+            # hit shows no `scores.bm25` (the score shown is the one fused; finding another costs a query).
+            scores = fuse([vector_scores, bm25_scores], method=options.fusion, weights=options.weights)
+        else:
+            scores = vector_scores or bm25_scores
+    return _Coarse(top=sorted(scores, key=scores.__getitem__, reverse=True)[:depth], scores=scores,
+                   vector=vector_scores, bm25=bm25_scores)
 
 
 def uses_native_hybrid(store: Store, options: SearchOptions) -> bool:

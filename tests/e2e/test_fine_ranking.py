@@ -87,6 +87,29 @@ def rerank_scores(client, kind: str, query: str, documents: list[str]) -> list[f
     return [r["relevance_score"] for r in response.json["results"]]
 
 
+@pytest.mark.parametrize("mode", ["vector", "hybrid"])
+def test_pages_past_the_fine_stages_candidates_follow_it_in_coarse_order_none_repeated_none_skipped(fine_client, mode):
+    # Before, each page past the 10 candidates had the fine stage rank offset + k: 34 of 60 hits repeated.
+    query = {"text": "red circle", "mode": mode, "exact": True, "candidates": 10}
+    hits, offset = [], 0
+    while offset is not None and offset < 60:
+        page = fine_client.post("/v1/search", json={**query, "k": 5, "offset": offset}).json
+        assert page["rerank"] is True  # the fine stage ranked the ranking's first 10, this page's or not
+        hits += page["hits"]
+        offset = page.get("next_offset")
+    paged = [h["id"] for h in hits]
+    assert len(set(paged)) == 60 and paged == [h["id"] for h in fine_client.post(
+        "/v1/search", json={**query, "k": 60}).json["hits"]]
+    window = fine_client.post("/v1/search", json={**query, "k": 10}).json["hits"]
+    assert hits[:10] == window and all("fine" in h["scores"] for h in window)
+    # Past the candidates: coarse scores only, in the coarse order (vector mode: the one exact ranking's).
+    assert all({"fine", "rerank"}.isdisjoint(h["scores"]) for h in hits[10:])
+    assert [h["score"] for h in hits[10:]] == sorted((h["score"] for h in hits[10:]), reverse=True)
+    if mode == "vector":
+        coarse = fine_client.post("/v1/search", json={**query, "k": 60, "candidates": 60, "rerank": False}).json
+        assert paged[10:] == [h["id"] for h in coarse["hits"] if h["id"] not in set(paged[:10])][:50]
+
+
 def test_the_rerank_by_id_opensearch_calls_scores_exactly_as_v1_search(fine_client):
     # All 400 documents as candidates: every lexical match is among them on both paths.
     hits = fine_client.post("/v1/search", json={"text": "red circle", "mode": "hybrid", "k": 400,

@@ -124,14 +124,24 @@ def test_pages_ending_at_the_candidates_repeat_and_skip_no_hit_of_the_ranking(cl
     assert paged == [h["id"] for h in whole["hits"]]
 
 
-def test_pages_past_rerank_candidates_are_one_ranking_when_every_page_sends_the_same_candidates(client):
-    # What README and openapi.yaml tell a client paging deeper than rerank_candidates (100) to do.
-    query = {"text": "green circle", "mode": "hybrid", "candidates": 150}
-    whole = client.post("/v1/search", json={**query, "k": 150}).json
-    paged = []
-    for offset in range(0, 150, 30):
-        paged += client.post("/v1/search", json={**query, "k": 30, "offset": offset}).json["hits"]
-    assert [h["id"] for h in paged] == [h["id"] for h in whole["hits"]] and len({h["id"] for h in paged}) == 150
+@pytest.mark.parametrize("mode", ["vector", "bm25", "hybrid"])
+def test_pages_past_the_candidates_are_slices_of_one_ranking_none_repeated_none_skipped(build_app, mode):
+    # Before, each page past the 10 candidates ranked offset + k of them: hybrid fusion normalised over another
+    # depth each time, so pages repeated hits of earlier pages and skipped others.
+    client = build_app(max_k=60).test_client()
+    query = {"text": "red circle", "mode": mode, "exact": True, "candidates": 10}
+    paged, offset = [], 0
+    while offset is not None:
+        page = client.post("/v1/search", json={**query, "k": 5, "offset": offset}).json
+        paged += [h["id"] for h in page["hits"]]
+        offset = page.get("next_offset")
+    whole = [h["id"] for h in client.post("/v1/search", json={**query, "k": 60}).json["hits"]]
+    assert len(paged) == len(set(paged)) == 60 and paged == whole
+    # The first 10 ranks are the ranking a page within the candidates shows.
+    assert paged[:10] == [h["id"] for h in client.post("/v1/search", json={**query, "k": 10}).json["hits"]]
+    if mode != "hybrid":  # without fusion (nor a fine model) every depth ranks alike: the one exact ranking
+        assert paged == [h["id"] for h in client.post("/v1/search", json={**query, "k": 60, "candidates": 60})
+                         .json["hits"]]
 
 
 def test_a_page_ending_at_the_candidates_has_a_next_offset_exactly_while_more_hits_exist(client):

@@ -203,10 +203,10 @@ def test_incremental_embed_and_index_show_changes_and_deletions(encoder, tmp_pat
         store.close()
 
 
-def _app(encoder: Encoder, alias: str, cache_dir: Path):
+def _app(encoder: Encoder, alias: str, cache_dir: Path, **overrides):
     user_password = _auth() or ("", "")
     settings = Settings(store="opensearch", opensearch_url=URL, opensearch_index=alias, cache_dir=cache_dir,
-                        opensearch_user=user_password[0], opensearch_password=user_password[1])
+                        opensearch_user=user_password[0], opensearch_password=user_password[1], **overrides)
     return create_app(settings, encoder=encoder)
 
 
@@ -234,6 +234,27 @@ def test_flask_app_searches_opensearch(encoder, large_store, large_corpus, tmp_p
         image = base64.b64encode((large_corpus.parent / record["path"]).read_bytes()).decode()
         body = client.post("/v1/search", json={"image": image, "k": 3}).json
         assert body["mode"] == "vector" and body["hits"][0]["id"] == record["id"]
+    finally:
+        _close(app)
+
+
+@pytest.mark.parametrize(("mode", "exact"), [("vector", True), ("hybrid", True), ("hybrid", False)])
+def test_pages_past_the_candidates_are_slices_of_one_ranking_none_repeated_none_skipped(
+        encoder, large_store, tmp_path, mode, exact):
+    # Hybrid without exact is fused in the cluster (the native hybrid query), with exact in Python.
+    assert uses_native_hybrid(large_store, SearchOptions(mode=mode, exact=exact)) is (mode == "hybrid" and not exact)
+    app = _app(encoder, large_store.alias, tmp_path / "cache", max_k=60)
+    try:
+        client = app.test_client()
+        query = {"text": "red circle", "mode": mode, "exact": exact, "candidates": 10}
+        paged, offset = [], 0
+        while offset is not None:
+            page = client.post("/v1/search", json={**query, "k": 5, "offset": offset}).json
+            paged += [h["id"] for h in page["hits"]]
+            offset = page.get("next_offset")
+        assert len(paged) == len(set(paged)) == 60
+        assert paged == [h["id"] for h in client.post("/v1/search", json={**query, "k": 60}).json["hits"]]
+        assert paged[:10] == [h["id"] for h in client.post("/v1/search", json={**query, "k": 10}).json["hits"]]
     finally:
         _close(app)
 
