@@ -56,7 +56,8 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
               help="--engine ray: the cluster's address (HOST:PORT of its head, as `ray start --head` prints it; "
                    "or RAY_ADDRESS); local starts a Ray of this command's own on this machine. Every node must "
                    "see SOURCE and --out at the same paths. A HOST:PORT that accepts no connection within 5 s "
-                   "fails at once, naming it (Ray alone retries it for minutes).")
+                   "fails at once, naming it, as does one where no Ray head answers within 6 s (another server, "
+                   "the dashboard's port): Ray alone retries either for minutes.")
 @click.option("--actors", type=click.IntRange(0), default=0, show_default=True,
               help="--engine ray: most encoder actors; 0 = one per GPU of the cluster, or as many CPU actors as "
                    "its CPUs hold.")

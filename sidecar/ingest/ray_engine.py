@@ -64,6 +64,21 @@ HASH_CHUNK = 512  # files hashed per scan task
 # nobody answers at for minutes (20 attempts of ~40 s each in ray 2.60's driver: GCS connect, then its
 # cluster id); a plain TCP connect first answers in this long at most.
 CONNECT_TIMEOUT_S = 5.0
+# A port that accepts connections but holds no Ray head (another server, the dashboard's or the Ray
+# Client's port) passes that check, and Ray's retries run for minutes again. Ray 2.60's driver
+# (`ray._private.node.Node._init_gcs_client`) makes RAY_gcs_server_port_wait_time_s attempts (else
+# NUM_REDIS_GET_RETRIES = 20), each a channel connect and a pubsub connect of up to
+# gcs_rpc_server_connect_timeout_s (5 s; past it Ray only warns and goes on) and a wait of up to
+# py_gcs_connect_timeout_s (30 s) for the GCS to send its cluster id, then 1 s of sleep: here one attempt of
+# 1 + 1 + 3 + 1 s. A ray:// address goes through the Ray Client instead (`ray.util.client.worker`): 3 attempts
+# of RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S (5 s), each 5 s longer up to RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S
+# (30 s), to connect and ping: here 3 of 2 s. A head that runs answers in milliseconds. Ray reads these
+# when it is first imported (its C++ RayConfig, module constants), so they are set before `import ray`;
+# values already in the environment win.
+RAY_CONNECT_SETTINGS = {"RAY_gcs_server_port_wait_time_s": "1", "RAY_gcs_rpc_server_connect_timeout_s": "1",
+                        "RAY_py_gcs_connect_timeout_s": "3", "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "2",
+                        "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "2"}
+RAY_CONNECT_S = 6  # what those settings add up to, either way
 # Per-row columns carrying each stage's seconds (the batch's time shared out over its rows, so
 # sums stay right however Ray Data re-batches); the writer adds them up per shard.
 STAGE_COLUMNS = ("decode", "forward", "fine_model")
@@ -108,6 +123,9 @@ def _connect(address: str) -> Any:
     # The driver's own opt-out: `ray start --disable-usage-stats` covers only the cluster's processes.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # no INFO lines per execution
+    if address != LOCAL:
+        for name, value in RAY_CONNECT_SETTINGS.items():
+            os.environ.setdefault(name, value)
     try:
         import ray
         import ray.data  # noqa: F401 - imported here so a missing extra fails before any work
@@ -122,7 +140,14 @@ def _connect(address: str) -> Any:
     try:
         ray.init(address=address, **options)
     except ConnectionError as exc:
-        raise RayUnavailable(f"no Ray cluster answers at {address}: {exc}") from exc
+        # Past _check_reachable: something accepts connections there, but it is no Ray head (GCS) or Ray Client server.
+        if address.startswith("ray://"):
+            what, port = "no Ray Client server", "its Ray Client port, 10001 by default"
+        else:
+            what, port = "no Ray head", "its GCS port, 6379 by default; not the dashboard's or the Ray Client's port"
+        raise RayUnavailable(f"no Ray cluster answers at {address}: {what} answered there within {RAY_CONNECT_S} s "
+                             f"(Ray: {exc}): check that the address is the head's as `ray start --head` printed it "
+                             f"({port}) and that the head runs (`ray status` on it)") from exc
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # this job draws its own bar, as the local job does

@@ -942,3 +942,27 @@ def test_embed_on_ray_at_an_address_nobody_answers_fails_within_seconds_naming_i
     assert len(result.output.strip().splitlines()) == 1
     # Ray alone retries such an address for minutes; the bound leaves room for importing Ray on a busy machine.
     assert elapsed < 30
+
+
+def test_embed_on_ray_at_a_port_that_accepts_connections_but_holds_no_ray_head_fails_within_seconds_naming_it(
+        tmp_path: Path):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    with socket.socket() as listening:  # accepts connections (the kernel's backlog), answers nothing: not a Ray head
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        folder = tmp_path / "images"
+        folder.mkdir()
+        started = time.monotonic()
+        # A process of its own, as the command runs: Ray reads its connect settings when it is first imported.
+        result = subprocess.run([sys.executable, "-m", "sidecar.cli", "-q", "embed", str(folder), "--out",
+                                 str(tmp_path / "shards"), "--engine", "ray", "--address", address],
+                                capture_output=True, text=True, timeout=90)
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: no Ray cluster answers at {address}: no Ray head "
+                                                     "answered there within 6 s"), result.stderr
+    assert "check that the address is the head's as `ray start --head` printed it" in errors[0]
+    # Ray alone retries it for minutes (20 attempts of ~40 s); the bound leaves room for importing Ray on a busy machine.
+    assert elapsed < 45
