@@ -82,7 +82,8 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     of unchanged images name their new paths, with nothing embedded again. A file or subfolder
     renamed or moved within SOURCE (or SOURCE given as a parent folder) gives its items new ids:
     each gets the stored vectors and thumbnail of its image bytes under the new id, with no
-    forward pass, and the old id counts as vanished. Unusable images (and
+    forward pass, and the old id counts as vanished. Copies among the new files (the same bytes)
+    are encoded once: each copy gets the first's vectors and thumbnail. Unusable images (and
     files whose name or caption is not UTF-8) are skipped and listed in OUT/errors.jsonl with the
     reason; one under an id embedded before counts as
     vanished (`index` removes the old image's vector) until a rerun finds a usable file there. With

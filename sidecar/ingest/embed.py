@@ -4,8 +4,9 @@ Resumable and incremental: a rerun skips every item whose document (image bytes,
 metadata; `sidecar.ingest.identity`) is already in a complete shard, embeds new or changed
 images, gives items whose text or metadata alone changed a new row with their stored vector
 (no forward pass), gives an item whose image bytes a row of another id holds (a file renamed or moved
-within the corpus, SOURCE now a parent folder: a new id) a row with that row's vector, and records the
-ids the store must no longer serve: those that disappeared, and
+within the corpus, SOURCE now a parent folder: a new id) a row with that row's vector, encodes the bytes
+of files copied within this run's new images once (each copy gets the row written for the first), and
+records the ids the store must no longer serve: those that disappeared, and
 those whose current file cannot be used (a stored row of theirs shows an image the corpus no longer
 has). Each image's thumbnail (for the search page) is made by the decode workers and written into
 its shard. With a tagger, every document's metadata also carries the top labels of prompt sets
@@ -54,7 +55,9 @@ class EmbedSummary:
     total: int
     embedded: int
     redescribed: int  # text or metadata changed, image not: new rows with the stored vectors
-    reused: int  # new ids (renamed, moved or copied files) whose image another id's row holds: rows with its vectors
+    # new ids whose image another id's row holds (renamed, moved or copied files; a row of an earlier run, or of this
+    # one for a copy among its new files): rows with its vectors
+    reused: int
     unchanged: int
     relocated: int  # of the unchanged, those found at a new path (the corpus moved): their rows now name it
     failed: int
@@ -215,6 +218,8 @@ class EmbedPlan:
     shards: ShardSet  # claimed for the model; deletions recorded, redescribed rows written
     total: int
     todo: list[tuple[CorpusItem, str]]  # (item, image hash): encode the image
+    # (row, id of the item of `todo` with the same image): once that item's row is written, a row with its vectors
+    copies: list[tuple[ShardRow, str]]
     unusable: list[CorpusItem]  # listed in errors.jsonl; recorded as deleted, as any file that cannot be used
     redescribed: int
     reused: int  # new ids whose image another id's row holds: rows with its vectors written
@@ -223,6 +228,7 @@ class EmbedPlan:
     deleted: list[str]  # ids whose file vanished
     newly_deleted: int  # of them, those not recorded as deleted before this run (the summary's count)
     shards_before: int
+    shard_size: int
 
 
 def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_encoder: Encoder | None,
@@ -267,6 +273,7 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
             found.append((item, row, entry))
     found, embed_again = _with_thumbnails(shards, found)
     todo.extend(embed_again)
+    todo, copies = _copies_apart(todo)
     stored_tags = {}
     if tagger is not None:  # the tags of known images, from their stored vectors
         with _timed(stages, "tag"):
@@ -286,26 +293,42 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
             redescribe.append((row, name, index))
         elif stored.path != row.path:
             moved[name][index] = row.path
-    unchanged = len(items) - len(todo) - len(redescribe) - len(reuse)
+    unchanged = len(items) - len(todo) - len(copies) - len(redescribe) - len(reuse)
     deleted = sorted(set(known) - set(hashes))
     newly_deleted = len(set(deleted) - set(shards.deleted))  # rows of earlier runs' deletions stay in `known`
     # An id recorded as deleted (its file vanished, or could not be used) stays deleted until its current
     # file has a row (`finish_embed` records the run's outcome): a run killed before then must not let
     # `index` serve the old row again.
     withheld = set(shards.deleted) & {*(item.id for item, _ in todo), *(row.id for row, *_ in reuse),
-                                      *(item.id for item in unusable)}
+                                      *(row.id for row, _ in copies), *(item.id for item in unusable)}
     shards.set_deleted(sorted(set(deleted) | withheld))
     relocated = sum(map(len, moved.values()))
-    log.info("%d items in %s: %d to embed, %d with new text or metadata only, %d renamed, moved or copied (an image "
-             "embedded under another id: stored vectors reused), %d unchanged (%d at a new path), %d unusable (see "
-             "errors.jsonl), %d deleted since the last run", len(scanned), source, len(todo), len(redescribe),
-             len(reuse), unchanged, relocated, len(unusable), newly_deleted)
+    log.info("%d items in %s: %d to embed (and %d copies of them, which get their vectors), %d with new text or "
+             "metadata only, %d renamed, moved or copied (an image embedded under another id: stored vectors reused), "
+             "%d unchanged (%d at a new path), %d unusable (see errors.jsonl), %d deleted since the last run",
+             len(scanned), source, len(todo), len(copies), len(redescribe), len(reuse), unchanged, relocated,
+             len(unusable), newly_deleted)
     shards.set_paths(moved)
     shards_before = len(shards.shard_names())
     shards.rewrite_rows(redescribe + reuse, shard_size=shard_size)
-    return EmbedPlan(shards=shards, total=len(scanned), todo=todo, unusable=unusable, redescribed=len(redescribe),
-                     reused=len(reuse), unchanged=unchanged, relocated=relocated, deleted=deleted,
-                     newly_deleted=newly_deleted, shards_before=shards_before)
+    return EmbedPlan(shards=shards, total=len(scanned), todo=todo, copies=copies, unusable=unusable,
+                     redescribed=len(redescribe), reused=len(reuse), unchanged=unchanged, relocated=relocated,
+                     deleted=deleted, newly_deleted=newly_deleted, shards_before=shards_before, shard_size=shard_size)
+
+
+def _copies_apart(todo: list[tuple[CorpusItem, str]]) -> tuple[list[tuple[CorpusItem, str]], list[tuple[ShardRow, str]]]:
+    """`todo` with one item per image (the first), and the others' rows, each with the id of the first item of its
+    image: files copied within the corpus, none of whose bytes a stored row holds, are encoded once
+    (`_write_copies` gives the copies the first's vectors once they are written)."""
+    first: dict[str, str] = {}  # image hash -> id
+    unique, copies = [], []
+    for item, digest in todo:
+        if digest in first:
+            copies.append((document_row(item, digest), first[digest]))
+        else:
+            first[digest] = item.id
+            unique.append((item, digest))
+    return unique, copies
 
 
 def finish_embed(plan: EmbedPlan, *, failed: list[str], started: float, stages: dict[str, float],
@@ -313,19 +336,50 @@ def finish_embed(plan: EmbedPlan, *, failed: list[str], started: float, stages: 
     """Once every shard is written: records the deletions (the `failed` ids and the plan's unusable
     items too: their current file cannot be used, so a stored row of theirs shows an image the corpus no
     longer has; a rerun after the file is fixed embeds it again) and the tagging (once every row carries
-    it); the run's summary, logged. `failed`: the images the run could not decode."""
+    it); the run's summary, logged. `failed`: the images the run could not decode. The plan's copies get their rows
+    first (`_write_copies`)."""
+    copied, failed_copies = _write_copies(plan, tagger=tagger)
     unusable = [item.id for item in plan.unusable]
-    plan.shards.set_deleted(sorted(set(plan.deleted) | set(failed) | set(unusable)))
+    plan.shards.set_deleted(sorted(set(plan.deleted) | set(failed) | set(failed_copies) | set(unusable)))
     if plan.shards.tagging != (tagger.record() if tagger else []):
         plan.shards.set_tagging(tagger.record() if tagger else [])
     summary = EmbedSummary(total=plan.total, embedded=len(plan.todo) - len(failed), redescribed=plan.redescribed,
-                           reused=plan.reused, unchanged=plan.unchanged, relocated=plan.relocated,
-                           failed=len(failed) + len(unusable), deleted=plan.newly_deleted,
+                           reused=plan.reused + copied, unchanged=plan.unchanged, relocated=plan.relocated,
+                           failed=len(failed) + len(failed_copies) + len(unusable), deleted=plan.newly_deleted,
                            shards_written=len(plan.shards.shard_names()) - plan.shards_before,
                            seconds=time.perf_counter() - started, stages=dict(stages))
     log.info("embed finished: %s", summary.describe())
     log.info("embed time by stage: %s", summary.describe_stages())
     return summary
+
+
+def _write_copies(plan: EmbedPlan, *, tagger: Tagger | None) -> tuple[int, list[str]]:
+    """Rows for the plan's copies, each with the vectors, fine vectors and thumbnail this run wrote for the item
+    whose image it holds: no decode, no forward pass. (rows written, ids of the copies that failed): where that
+    item could not be used (listed in errors.jsonl), its bytes cannot be used under another name either; each is
+    listed after it, with its reason. A run killed before this leaves the copies without rows: the next run finds
+    their image in a stored row and reuses it then."""
+    if not plan.copies:
+        return 0, []
+    shards = plan.shards
+    wanted = {first for _, first in plan.copies}
+    # This run's shards: a row of a first item there is the one it wrote; one it could not use has none.
+    written = {row.id: (name, row, index) for name, row, index in shards.rows(shards.shard_names()[plan.shards_before:])
+               if row.id in wanted}
+    served = [(row, written[first]) for row, first in plan.copies if first in written]
+    if tagger is not None:  # the tags of the image, from its stored vector, as for a file renamed since an earlier run
+        tags = tagger.stored_tags(shards, {first[1].id: first for _, first in served}.values())
+        served = [(tagged(row, tags[first[1].id]), first) for row, first in served]
+    shards.rewrite_rows([(row, name, index) for row, (name, _, index) in served], shard_size=plan.shard_size)
+    lost = [(row, first) for row, first in plan.copies if first not in written]
+    if lost:
+        errors_path = shards.root / "errors.jsonl"
+        reasons = {entry["id"]: entry["reason"] for entry in map(json.loads, errors_path.read_text("utf-8").splitlines())}
+        with errors_path.open("a", encoding="utf-8") as errors:
+            errors.writelines(error_line(row.id, row.path, f"a copy of {first!r}, which could not be used: "
+                                                           f"{reasons.get(first, 'see its line')}")
+                              for row, first in lost)
+    return len(served), [row.id for row, _ in lost]
 
 
 def forward_batch(encoder: Encoder, pixels: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:

@@ -205,9 +205,10 @@ class ShardSet:
             self.manifest["thumbnails"] = {"side": thumbnail_side, "format": "JPEG"}
         self._write_manifest()
 
-    def rows(self) -> Iterator[tuple[str, ShardRow, int]]:
-        """(shard name, row, index within shard) for every row, oldest shard first."""
-        for name in self.shard_names():
+    def rows(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, ShardRow, int]]:
+        """(shard name, row, index within shard) for every row (of the shards `names`, else of all), oldest shard
+        first."""
+        for name in self.shard_names() if names is None else names:
             with (self.root / f"{name}.jsonl").open(encoding="utf-8") as fh:
                 for index, line in enumerate(fh):
                     yield name, ShardRow.from_json(line), index

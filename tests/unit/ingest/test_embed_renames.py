@@ -1,8 +1,11 @@
 """Images renamed or moved within the corpus (a new id, the same bytes): a rerun of `embed` gives the new id a row
-with the stored vectors, fine vectors and thumbnail (no decode, no forward pass), and records the old id deleted."""
+with the stored vectors, fine vectors and thumbnail (no decode, no forward pass), and records the old id deleted.
+Copies of a new image within one run: the image is encoded once, each copy gets its row's vectors."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,8 @@ import pytest
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.indexing import index_shards
 from sidecar.ingest.shards import ShardSet
+from sidecar.ingest.tagging import Tagger, TagSpec
+from sidecar.model.prompts import PromptSetRegistry
 from sidecar.model.synthetic import sample_items
 from sidecar.stores.embedded import EmbeddedStore
 
@@ -124,3 +129,66 @@ def test_a_stored_row_without_a_thumbnail_gives_a_renamed_file_no_vector_it_is_e
 
     assert sum(encoded) == 1 and (rerun.embedded, rerun.reused) == (1, 0)
     assert stored(out)["back.jpg"][3] != b""
+
+
+def copies(folder: Path) -> Path:
+    """photos() with two copies of top.jpg (one in sub/) and one of sub/one.jpg, each listed after its original."""
+    photos(folder)
+    shutil.copy(folder / "top.jpg", folder / "top2.jpg")
+    shutil.copy(folder / "top.jpg", folder / "sub" / "top3.jpg")
+    shutil.copy(folder / "sub" / "one.jpg", folder / "sub" / "one2.jpg")
+    return folder
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_copies_of_new_images_in_one_run_get_the_first_copys_vectors_fine_vectors_and_thumbnail_without_a_forward_pass(
+        encoder, encoded, tmp_path, workers):
+    folder = copies(tmp_path / "photos")
+    out = tmp_path / "shards"
+    summary = embed_corpus(encoder, folder, out, workers=workers, fine_encoder=encoder, thumbnail_side=32,
+                           progress=False)
+
+    # Three images (top.jpg, one.jpg, two.jpg) through the model, and through the fine model (the same tiny model).
+    assert sum(encoded) == 3 + 3
+    assert (summary.total, summary.embedded, summary.reused, summary.failed) == (6, 3, 3, 0)
+    assert "3 renamed, moved or copied (an image embedded under another id: vectors reused)" in summary.describe()
+    after = stored(out)
+    assert len(after) == 6 and after["top2.jpg"] == after["sub/top3.jpg"] == after["top.jpg"]
+    assert after["sub/one2.jpg"] == after["sub/one.jpg"] != after["top.jpg"]
+    assert after["top.jpg"][3]  # a thumbnail, shared
+    rows = {doc_id: row for doc_id, (_, row, _) in ShardSet(out).live().items()}
+    assert (rows["sub/top3.jpg"].path, rows["sub/top3.jpg"].text) == (str(folder / "sub" / "top3.jpg"), "top3")
+
+    encoded.clear()
+    rerun = embed_corpus(encoder, folder, out, workers=workers, fine_encoder=encoder, thumbnail_side=32,
+                         progress=False)
+    assert encoded == [] and (rerun.embedded, rerun.reused, rerun.unchanged) == (0, 0, 6)
+
+
+def test_copies_get_the_tags_of_their_image(encoder, encoded, example_prompt_sets, tmp_path):
+    folder = copies(tmp_path / "photos")
+    out = tmp_path / "shards"
+    tagger = Tagger.load([TagSpec("shapes", k=2)], PromptSetRegistry(example_prompt_sets), encoder)
+    embed_corpus(encoder, folder, out, workers=0, tagger=tagger, progress=False)
+
+    assert sum(encoded) == 3
+    rows = {doc_id: row for doc_id, (_, row, _) in ShardSet(out).live().items()}
+    assert rows["top2.jpg"].metadata["tag_shapes"] == rows["top.jpg"].metadata["tag_shapes"]
+    assert rows["top2.jpg"].metadata["tag_shapes_score"] == rows["top.jpg"].metadata["tag_shapes_score"]
+    assert len(rows["top2.jpg"].metadata["tag_shapes"]) == 2
+
+
+def test_copies_of_a_file_that_cannot_be_decoded_fail_with_it_each_listed_in_errors_jsonl(encoder, encoded, tmp_path):
+    folder = photos(tmp_path / "photos")
+    (folder / "broken.jpg").write_bytes(b"not a JPEG")
+    shutil.copy(folder / "broken.jpg", folder / "broken2.jpg")
+    out = tmp_path / "shards"
+    summary = embed_corpus(encoder, folder, out, workers=0, progress=False)
+
+    assert sum(encoded) == 3 and (summary.embedded, summary.reused, summary.failed) == (3, 0, 2)
+    errors = {entry["id"]: entry for entry in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
+    assert sorted(errors) == ["broken.jpg", "broken2.jpg"]
+    assert errors["broken2.jpg"]["reason"] == f"a copy of 'broken.jpg', which could not be used: " \
+                                              f"{errors['broken.jpg']['reason']}"
+    assert errors["broken2.jpg"]["path"] == str(folder / "broken2.jpg")
+    assert sorted(ShardSet(out).deleted) == ["broken.jpg", "broken2.jpg"] and len(stored(out)) == 3
