@@ -427,8 +427,9 @@ def rank_labels(vectors: np.ndarray, label_vectors: np.ndarray, labels: Sequence
     ones scoring at least `threshold` where one is given (multi-label tagging)."""
     if len(labels) != len(label_vectors):
         raise ValueError(f"{len(labels)} labels for {len(label_vectors)} label vectors")
-    scores = np.asarray(vectors, dtype=np.float32) @ label_vectors.T  # [n, labels]
+    scores = _label_scores(vectors, label_vectors)
     probabilities = _softmax(logit_scale * scores)
+    kept = np.ones(scores.shape, dtype=bool) if threshold is None else _reaching(scores, threshold)
     k = len(labels) if k is None else min(k, len(labels))
     if k < len(labels):
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
@@ -438,13 +439,23 @@ def rank_labels(vectors: np.ndarray, label_vectors: np.ndarray, labels: Sequence
     for row, candidates in enumerate(top):
         order = candidates[np.lexsort((candidates, -scores[row, candidates]))]  # ties: the set's order
         ranked.append([LabelScore(label=labels[j], score=float(scores[row, j]), probability=float(probabilities[row, j]))
-                       for j in order if threshold is None or scores[row, j] >= threshold])
+                       for j in order if kept[row, j]])
     return ranked
 
 
 def count_reaching(vectors: np.ndarray, label_vectors: np.ndarray, *, threshold: float) -> np.ndarray:
     """Per input vector, how many labels score at least `threshold`: what rank_labels keeps before its `k` cut."""
-    return np.count_nonzero(np.asarray(vectors, dtype=np.float32) @ label_vectors.T >= threshold, axis=1)
+    return np.count_nonzero(_reaching(_label_scores(vectors, label_vectors), threshold), axis=1)
+
+
+def _label_scores(vectors: np.ndarray, label_vectors: np.ndarray) -> np.ndarray:
+    """[inputs, labels]: the cosine similarity of each input's vector and each label's (both L2-normalised)."""
+    return np.asarray(vectors, dtype=np.float32) @ label_vectors.T
+
+
+def _reaching(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Which scores clear a `threshold`: the one rule of rank_labels' cut and count_reaching's count."""
+    return scores >= threshold
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

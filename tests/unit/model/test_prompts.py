@@ -15,6 +15,7 @@ from sidecar.model.prompts import (
     PromptSetError,
     PromptSetNotFound,
     PromptSetRegistry,
+    count_reaching,
     ensemble_vectors,
     load_prompt_set,
     rank_labels,
@@ -228,3 +229,17 @@ def test_ranking_orders_labels_with_softmax_probabilities_at_the_logit_scale():
     assert [(r.label, r.probability) for r in top] == [("b", pytest.approx(ranked[0].probability))]
     assert [r.label for r in rank_labels(query, label_vectors, labels, logit_scale=10.0, threshold=0.5)[0]] == ["b", "a"]
     assert rank_labels(query, label_vectors, labels, logit_scale=10.0, k=2, threshold=0.9) == [[]]
+
+
+def test_count_reaching_counts_what_rank_labels_keeps_at_the_threshold_before_its_k_cut():
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(50, 8)).astype(np.float32)
+    label_vectors = rng.normal(size=(6, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    label_vectors /= np.linalg.norm(label_vectors, axis=1, keepdims=True)
+    labels = [f"label {i}" for i in range(6)]
+    for threshold in (-1.0, 0.0, 0.3, 0.7, 1.0):
+        kept = rank_labels(vectors, label_vectors, labels, logit_scale=100.0, threshold=threshold)
+        assert list(count_reaching(vectors, label_vectors, threshold=threshold)) == [len(row) for row in kept]
+        cut = rank_labels(vectors, label_vectors, labels, logit_scale=100.0, k=2, threshold=threshold)
+        assert [row[:2] for row in kept] == cut
