@@ -64,6 +64,13 @@ class ModelMismatch(ApiError):
     status, code = 409, "model_mismatch"
 
 
+class PromptSetUnusable(ApiError):
+    """A stored prompt set this server's version cannot use (saved by a newer version, edited by hand): like
+    a model mismatch, the request is fine and retrying does not help; an operator's matter."""
+
+    status, code = 409, "prompt_set_unusable"
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 

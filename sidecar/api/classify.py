@@ -19,8 +19,16 @@ from sidecar.api.validation import (
     known_fields,
     optional,
 )
-from sidecar.errors import BadRequest, PromptSetMissing
-from sidecar.model.prompts import PromptSet, PromptSetNotFound, PromptSetRegistry, count_reaching, rank_labels
+from sidecar.errors import BadRequest, PromptSetMissing, PromptSetUnusable
+from sidecar.model.prompts import (
+    UNREADABLE_REMEDY,
+    PromptSet,
+    PromptSetNotFound,
+    PromptSetRegistry,
+    PromptSetUnreadable,
+    count_reaching,
+    rank_labels,
+)
 
 bp = Blueprint("classify", __name__)
 
@@ -112,3 +120,7 @@ def _prompt_set(registry: PromptSetRegistry, name: str) -> PromptSet:
         # Not the registry's message: it names the server's folder.
         raise PromptSetMissing(f"no prompt set named {name!r} on this server; available: "
                                f"{', '.join(available) if available else 'none'} (GET /v1/prompt-sets)") from exc
+    except PromptSetUnreadable as exc:
+        # Its problem, not the registry's message: that names the server's folder.
+        raise PromptSetUnusable(f"{exc.problem}. This server's version cannot use the set (saved by a newer "
+                                f"version, or edited by hand); its operator can {UNREADABLE_REMEDY}") from exc

@@ -47,6 +47,20 @@ class PromptSetNotFound(PromptSetError):
     """No set of that name in the registry; the message lists the ones there are."""
 
 
+class PromptSetUnreadable(PromptSetError):
+    """A stored set this version cannot use (saved by a newer version, edited by hand, cut short). `problem`
+    names the set and the field without the server's folder, for API clients; the message adds the file."""
+
+    def __init__(self, name: str, path: Path, problem: str):
+        super().__init__(f"{problem} ({path}); {UNREADABLE_REMEDY}")
+        self.name = name
+        self.problem = problem
+
+
+UNREADABLE_REMEDY = ("store it again from its source file (`clip-sidecar prompts add FILE`, which replaces it) or "
+                     "delete it (`clip-sidecar prompts remove NAME`)")
+
+
 @dataclass(frozen=True, slots=True)
 class Label:
     name: str
@@ -248,7 +262,8 @@ class PromptSetRegistry:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._lock = threading.Lock()
-        self._sets: dict[str, tuple[tuple[int, int, int], PromptSet]] = {}  # name -> (file stat, set)
+        # name -> (file stat, the set, or why its file cannot be used: told once per version of the file)
+        self._sets: dict[str, tuple[tuple[int, int, int], PromptSet | str]] = {}
         self._vectors: dict[tuple[str, str], tuple[str, np.ndarray]] = {}  # (name, model file) -> (key, vectors)
         self._computing: dict[tuple[str, str], threading.Lock] = {}
 
@@ -262,7 +277,8 @@ class PromptSetRegistry:
         return sorted(p.stem for p in self.root.glob("*.json") if SET_NAME.match(p.stem))
 
     def get(self, name: str) -> PromptSet:
-        """The set as its file holds it now (re-read when the file changed)."""
+        """The set as its file holds it now (re-read when the file changed); PromptSetUnreadable where
+        this version cannot use the file."""
         path = self._path(name) if SET_NAME.match(name) else None
         try:
             stat = path.stat() if path is not None else None
@@ -273,16 +289,31 @@ class PromptSetRegistry:
         marker = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         with self._lock:
             cached = self._sets.get(name)
-        if cached is not None and cached[0] == marker:
-            return cached[1]
+        if cached is None or cached[0] != marker:
+            cached = (marker, self._read(name, path))
+            with self._lock:
+                self._sets[name] = cached
+        if isinstance(cached[1], str):
+            raise PromptSetUnreadable(name, path, cached[1])
+        return cached[1]
+
+    def _read(self, name: str, path: Path) -> PromptSet | str:
+        """The set in the file, or what makes it unusable (logged: the operator's to repair)."""
+        source = f"stored prompt set {name!r}"
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:  # removed since the stat above (`prompts remove` beside a server)
+            return PromptSet.from_dict(json.loads(path.read_text(encoding="utf-8")), source=source)
+        except FileNotFoundError:  # removed since the stat (`prompts remove` beside a server)
             raise self._not_found(name) from None
-        prompt_set = PromptSet.from_dict(json.loads(text), source=str(path))
-        with self._lock:
-            self._sets[name] = (marker, prompt_set)
-        return prompt_set
+        except PromptSetError as exc:
+            problem = str(exc)
+        except json.JSONDecodeError as exc:
+            problem = f"{source}: not valid JSON: {exc}"
+        except UnicodeDecodeError as exc:
+            problem = f"{source}: {not_utf8(exc)}"
+        except OSError as exc:
+            problem = f"{source}: cannot read it: {exc.strerror}"
+        log.warning("%s", PromptSetUnreadable(name, path, problem))
+        return problem
 
     def _not_found(self, name: str) -> PromptSetNotFound:
         available = self.names()
@@ -291,29 +322,38 @@ class PromptSetRegistry:
                                     "none yet (add one with `clip-sidecar prompts add FILE`)"))
 
     def sets(self) -> list[PromptSet]:
-        """Every stored set, by name; one removed while they are read is left out, not an error."""
+        """Every stored set, by name; one removed while they are read, or one this version cannot use
+        (logged), is left out, not an error."""
         found = []
         for name in self.names():
             try:
                 found.append(self.get(name))
-            except PromptSetNotFound:
+            except (PromptSetNotFound, PromptSetUnreadable):
                 continue
         return found
 
     def add(self, prompt_set: PromptSet) -> bool:
-        """Store the set (replacing one of the same name); False when the stored one is identical."""
+        """Store the set (replacing one of the same name, also one this version cannot use); False when the
+        stored one is identical."""
         path = self._path(prompt_set.name)
-        if path.exists() and self.get(prompt_set.name) == prompt_set:
-            return False
+        try:
+            if self.get(prompt_set.name) == prompt_set:
+                return False
+        except (PromptSetNotFound, PromptSetUnreadable):
+            pass
         self.root.mkdir(parents=True, exist_ok=True)
         _write_atomically(path, lambda fh: fh.write(json.dumps(prompt_set.to_dict(), ensure_ascii=False,
                                                                indent=2).encode("utf-8")))
         return True
 
     def remove(self, name: str) -> None:
-        """Delete the set and its vectors (PromptSetNotFound if there is none)."""
-        self.get(name)
-        self._path(name).unlink()
+        """Delete the set and its vectors (PromptSetNotFound if there is none), also one this version cannot use."""
+        if not SET_NAME.match(name):  # a name is never a path
+            raise self._not_found(name)
+        try:
+            self._path(name).unlink()
+        except FileNotFoundError:
+            raise self._not_found(name) from None
         folder = self.root / "vectors" / name
         if folder.is_dir():
             for file in folder.glob("*"):

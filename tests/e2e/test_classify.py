@@ -190,6 +190,28 @@ def test_a_set_removed_while_a_request_reads_it_is_left_out_or_not_found_not_a_5
     assert missing.status_code == 404 and missing.json["error"]["code"] == "prompt_set_not_found"
 
 
+def test_a_stored_set_this_version_cannot_use_answers_409_naming_it_and_the_field_and_is_left_out_of_the_listing(
+        build_app, tmp_path):
+    folder = tmp_path / "prompt-sets"
+    registry = PromptSetRegistry(folder)
+    for name in ("shapes.yaml", "colors.csv"):
+        registry.add(load_prompt_set(EXAMPLE_PROMPT_SETS / name))
+    stored = json.loads((folder / "shapes.json").read_text())
+    (folder / "shapes.json").write_text(json.dumps({**stored, "locale": "en"}))  # a field of a newer version
+    client = build_app(prompt_sets_dir=folder).test_client()
+    listed = client.get("/v1/prompt-sets")
+    assert listed.status_code == 200 and [s["name"] for s in listed.json["data"]] == ["colors"]
+    star = [{"type": "text", "text": "a star"}]
+    for response in (client.get("/v1/prompt-sets/shapes"), client.post("/v1/classify", json={"set": "shapes",
+                                                                                              "input": star})):
+        assert response.status_code == 409 and response.json["error"]["code"] == "prompt_set_unusable"
+        message = response.json["error"]["message"]
+        assert "stored prompt set 'shapes': unknown field 'locale'" in message and "prompts add" in message
+        assert str(folder) not in message  # the server's folder is not the client's business
+    registry.add(load_prompt_set(EXAMPLE_PROMPT_SETS / "shapes.yaml"))  # the remedy the message names
+    assert classify(client, set="shapes", input=star)["data"][0]["labels"][0]["label"] == "star"
+
+
 @pytest.mark.parametrize(("body", "status", "message"), [
     ({"input": ["x"]}, 400, "field 'set' is required"),
     ({"set": "nope", "input": [{"type": "text", "text": "a"}]}, 404,

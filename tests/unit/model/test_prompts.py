@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from sidecar.model.prompts import (
     PromptSetError,
     PromptSetNotFound,
     PromptSetRegistry,
+    PromptSetUnreadable,
     count_reaching,
     ensemble_vectors,
     load_prompt_set,
@@ -204,6 +206,30 @@ def test_a_set_removed_while_it_is_read_is_not_found_and_left_out_of_the_listing
     registry.add(load_prompt_set(EXAMPLES / "shapes.yaml"))
     assert [s.name for s in registry.sets()] == ["colors"]
     assert [s.name for s in registry.summaries()] == ["colors"]
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b'{"name": "shapes", "locale": "en", "labels": ["circle"]}', "unknown field 'locale'"),  # a newer version's
+    (b'{"name": "shapes", "labels": [', "not valid JSON"),  # cut short
+    ('{"name": "shapes", "labels": ["c\u00edrculo"]}'.encode("latin-1"), "not UTF-8 text (byte 0xed"),  # hand-edited
+])
+def test_a_stored_set_this_version_cannot_use_is_named_logged_once_left_out_and_can_be_replaced_or_removed(
+        tmp_path, caplog, content, problem):
+    registry = PromptSetRegistry(tmp_path)
+    registry.add(load_prompt_set(EXAMPLES / "colors.csv"))
+    (tmp_path / "shapes.json").write_bytes(content)
+    for _ in range(2):
+        with pytest.raises(PromptSetUnreadable, match=re.escape(f"stored prompt set 'shapes': {problem}")) as caught:
+            registry.get("shapes")
+    assert caught.value.name == "shapes" and str(tmp_path) not in caught.value.problem
+    assert "prompts add FILE" in str(caught.value) and str(tmp_path / "shapes.json") in str(caught.value)
+    assert [s.name for s in registry.sets()] == ["colors"] and [s.name for s in registry.summaries()] == ["colors"]
+    assert caplog.text.count("stored prompt set 'shapes'") == 1  # once per version of the file, not per use
+    shapes = load_prompt_set(EXAMPLES / "shapes.yaml")
+    assert registry.add(shapes) is True and registry.get("shapes") == shapes
+    (tmp_path / "shapes.json").write_bytes(content)
+    registry.remove("shapes")
+    assert registry.names() == ["colors"]
 
 
 def test_an_unwritable_registry_still_serves_the_vectors(tmp_path, caplog):
