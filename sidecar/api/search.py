@@ -89,9 +89,12 @@ def search_endpoint():
                         fine_model=fine.encoder.signature if fine is not None else None,
                         no_fine_vector=no_fine_vector)
     more = offset + 2 * k <= settings.max_k and len(result.hits) > offset + k
-    # Stages of the store, not of a model: no `model` label value.
+    # Stages of the store, not of a model: no `model` label value. The time after the coarse stage is the
+    # fine stage's only where it ran: without it, it is the fetch of the page, which a rerank series would
+    # count as reranks that never happened.
     metrics.STAGE_SECONDS.labels("search", mode, "").observe(result.timings_s["coarse"])
-    metrics.STAGE_SECONDS.labels("rerank", mode, "").observe(result.timings_s["rerank"])
+    if result.reranked:
+        metrics.STAGE_SECONDS.labels("rerank", mode, "").observe(result.timings_s["rerank"])
     query_id = uuid.uuid4().hex  # names this search in POST /v1/feedback and the hard-example log
     # The hard-example log sees the ranking down to this page's end, as the client was shown it, and its
     # top K is offset + k: not the one hit past the page that `options.k` asked for to tell whether a

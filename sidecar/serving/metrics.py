@@ -4,7 +4,9 @@ stops.
 The encoder's series carry a `model` label, the role of the encoder that recorded them: "coarse" (the
 model every search and embedding uses) or "fine" (the fine-ranking model, where one is configured:
 its own batchers and cache in the same worker). The search and rerank stages run in the store, not
-in a model: their `model` is empty.
+in a model: their `model` is empty. `search` is a /v1/search's coarse stage (the candidates); `rerank` is
+recorded for a search the fine stage ranked (response `rerank: true`) only: reading the candidates'
+documents and fine vectors, and ranking them.
 
 Under gunicorn each worker is a process of its own: with PROMETHEUS_MULTIPROC_DIR set (the
 gunicorn config sets it before any worker starts) every worker writes its series to files in
@@ -34,7 +36,7 @@ _BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25
 REQUESTS = Counter("sidecar_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"])
 REQUEST_SECONDS = Histogram("sidecar_request_seconds", "HTTP request latency", ["endpoint"], buckets=_BUCKETS)
 STAGE_SECONDS = Histogram(
-    "sidecar_stage_seconds", "Latency per stage: queue_wait, forward, search, rerank", ["stage", "modality", "model"],
+    "sidecar_stage_seconds", "Latency per stage: queue_wait, forward, search (coarse), rerank (fine stage, where it ran)", ["stage", "modality", "model"],
     buckets=_BUCKETS,
 )
 # CPU (thread time) of the forward passes, apart from their latency: with the server's total CPU it

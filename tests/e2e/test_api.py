@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -14,11 +15,15 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 import sidecar
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
+from sidecar.ingest.embed import embed_corpus
+from sidecar.ingest.indexing import index_shards
+from sidecar.model.synthetic import write_corpus
 from sidecar.stores.embedded import EmbeddedStore
 from tests.support import image_b64, png_b64
 
@@ -163,7 +168,30 @@ def test_health_readiness_and_metrics(client, encoder):
     for series in ("sidecar_requests_total", "sidecar_stage_seconds_bucket", "sidecar_batch_size_bucket",
                    "sidecar_queue_depth", "sidecar_text_cache_lookups_total"):
         assert series in text
-    assert 'stage="forward"' in text and 'stage="queue_wait"' in text and 'stage="rerank"' in text
+    assert 'stage="forward"' in text and 'stage="queue_wait"' in text and 'stage="search"' in text
+
+
+def test_the_rerank_stage_is_timed_only_on_searches_the_fine_stage_ranked(app_settings, encoder, tmp_path):
+    def timed(stage: str) -> float:
+        return REGISTRY.get_sample_value("sidecar_stage_seconds_count", {"stage": stage, "modality": "hybrid",
+                                                                          "model": ""}) or 0.0
+
+    # The tiny model stands in for the fine model: a store whose documents hold its vectors as fine vectors.
+    embed_corpus(encoder, write_corpus(tmp_path / "corpus", 20, seed=5), tmp_path / "shards", workers=0,
+                 fine_encoder=encoder, progress=False)
+    with EmbeddedStore(tmp_path / "store") as store:
+        index_shards(store, tmp_path / "shards", progress=False)
+    for fine_encoder, reranked in ((None, False), (encoder, True)):
+        store = EmbeddedStore(tmp_path / "store")
+        app = create_app(dataclasses.replace(app_settings, store_path=tmp_path / "store"), encoder=encoder,
+                         store=store, fine_encoder=fine_encoder)
+        try:
+            searches, reranks = timed("search"), timed("rerank")
+            body = app.test_client().post("/v1/search", json={"text": "red circle"}).json
+            assert body["rerank"] is reranked, body
+            assert (timed("search") - searches, timed("rerank") - reranks) == (1, int(reranked))
+        finally:
+            state_of(app).close()
 
 
 def test_the_latency_budget_of_the_p95_alert_is_a_bucket_bound_of_the_request_histogram_the_app_exports(client):
