@@ -301,7 +301,12 @@ class PromptSetRegistry:
         """The set in the file, or what makes it unusable (logged: the operator's to repair)."""
         source = f"stored prompt set {name!r}"
         try:
-            return PromptSet.from_dict(json.loads(path.read_text(encoding="utf-8")), source=source)
+            prompt_set = PromptSet.from_dict(json.loads(path.read_text(encoding="utf-8")), source=source)
+            if prompt_set.name == name:
+                return prompt_set
+            # A file renamed or edited by hand: under both names the listing would show it twice, and its
+            # vectors and tags (tag_<name>) would be those of the other set.
+            problem = (f"{source}: field 'name' is {prompt_set.name!r}, not the name it is stored under ({name}.json)")
         except FileNotFoundError:  # removed since the stat (`prompts remove` beside a server)
             raise self._not_found(name) from None
         except PromptSetError as exc:

@@ -211,6 +211,7 @@ def test_a_set_removed_while_it_is_read_is_not_found_and_left_out_of_the_listing
 @pytest.mark.parametrize(("content", "problem"), [
     (b'{"name": "shapes", "locale": "en", "labels": ["circle"]}', "unknown field 'locale'"),  # a newer version's
     (b'{"name": "shapes", "labels": [', "not valid JSON"),  # cut short
+    (b'{"name": "colors", "labels": ["circle"]}', "field 'name' is 'colors', not the name it is stored under"),
     ('{"name": "shapes", "labels": ["c\u00edrculo"]}'.encode("latin-1"), "not UTF-8 text (byte 0xed"),  # hand-edited
 ])
 def test_a_stored_set_this_version_cannot_use_is_named_logged_once_left_out_and_can_be_replaced_or_removed(
