@@ -45,6 +45,9 @@ OPEN_PATHS = ("/healthz",)
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CHALLENGE = 'Bearer realm="clip-sidecar"'
+# A Host header: a name (a compose service's may hold "_") or a bracketed IPv6 address, and an optional port;
+# nothing else (no userinfo: "evil.com@localhost" is not addressed to localhost).
+_HOST_HEADER = re.compile(r"(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::[0-9]*)?", re.ASCII | re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,8 @@ def host_guard(allowed_hosts: str) -> Callable[[str], None]:
     # request instead of ~7 µs of parsing an IP address.
     @functools.lru_cache(maxsize=256)
     def admitted(host: str) -> bool:
+        if not _HOST_HEADER.fullmatch(host):
+            return False
         try:
             name = (urlsplit(f"//{host}").hostname or "").rstrip(".")
         except ValueError:  # a malformed bracketed address
@@ -273,7 +278,9 @@ def init_app(app: Flask, settings: Settings, *, public_paths: tuple[str, ...] = 
         @app.before_request
         def require_local_host():
             if request.path not in OPEN_PATHS:  # liveness probes address the pod or container by any name
-                check_host(request.host)
+                # The header as sent: werkzeug's request.host is "" for a name outside [a-z0-9.-] (a compose
+                # service `clip_sidecar`), which no allowed_hosts entry could then admit, and which the 403 named ''.
+                check_host(request.headers.get("Host") or request.host)
         return
     open_paths = OPEN_PATHS + public_paths + (("/metrics",) if settings.metrics_public else ())
     guard = KeyGuard(entries, rate=settings.api_rate_limit, burst=settings.api_rate_burst, open_paths=open_paths)

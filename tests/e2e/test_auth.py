@@ -204,6 +204,14 @@ def test_allowed_hosts_admits_its_names_and_domains_and_star_admits_any(build_ap
     assert anything.get("/v1/models", headers={"Host": REBOUND}).status_code == 200
 
 
+def test_allowed_hosts_admits_a_name_with_an_underscore_and_a_refused_host_is_named_as_sent(build_app):
+    client = build_app(allowed_hosts="clip_sidecar").test_client()  # a compose service's name
+    assert client.get("/v1/models", headers={"Host": "clip_sidecar:8080"}).status_code == 200
+    for host in ("other_sidecar:8080", "rebound.example:80@localhost"):  # userinfo: addressed to rebound.example
+        refused = client.get("/v1/models", headers={"Host": host})
+        assert refused.status_code == 403 and f"Host {host!r} is not" in refused.json["error"]["message"]
+
+
 def test_with_keys_the_host_is_not_checked(keyed, keys):
     assert keyed.get("/v1/models", headers={"Host": REBOUND, "Authorization": f"Bearer {keys['ops']}"}
                      ).status_code == 200
