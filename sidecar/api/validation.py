@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import math
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -22,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
 from sidecar.config import Settings
-from sidecar.errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType
+from sidecar.errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType, not_utf8
 from sidecar.model.images import ImageDecodeError
 from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.serving.encoding import EncodingService
@@ -59,8 +60,15 @@ def json_body(request: Request, settings: Settings) -> dict[str, Any]:
         body = json.loads(data)
     except RecursionError as exc:  # the parser's own guard, far deeper than max_json_depth
         raise BadRequest(f"request body nests deeper than {settings.max_json_depth} levels (max_json_depth)") from exc
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"request body is {not_utf8(exc)}: JSON is sent as UTF-8") from exc
+    except ValueError as exc:
+        # Python's own limit on an integer's digits, whose message advises the server's code
+        # (sys.set_int_max_str_digits); no field takes a number a fraction of that long.
+        raise BadRequest(f"request body holds an integer of more than {sys.get_int_max_str_digits()} digits; "
+                         "no field takes one that long") from exc
     check_json_values(body, max_depth=settings.max_json_depth)
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {json_type(body)}")

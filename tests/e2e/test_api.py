@@ -316,6 +316,18 @@ def test_wrong_content_type_invalid_json_and_oversized_body(client):
     assert client.get("/v1/nothing").json["error"]["code"] == "not_found"
 
 
+@pytest.mark.parametrize(("raw", "message"), [
+    (b'{"input": "caf\xe9"}', "request body is not UTF-8 text (byte 0xe9 at offset 14): JSON is sent as UTF-8"),
+    (b'{"input": "a", "dimensions": 1' + b"0" * 5000 + b"}",
+     "request body holds an integer of more than 4300 digits; no field takes one that long"),
+], ids=["latin-1", "5001-digits"])
+def test_a_body_python_cannot_read_is_refused_saying_what_the_client_sent(client, raw, message):
+    # Not Python's messages: "'utf-8' codec can't decode ..." and "use sys.set_int_max_str_digits() to increase
+    # the limit", which advised a change to the server's code.
+    response = client.post("/v1/embeddings", data=raw, content_type="application/json")
+    assert response.status_code == 400 and response.json["error"]["message"] == message
+
+
 # ---- no 500 from any input: what used to crash, each answered 4xx naming the field -------------
 
 def post_raw(client, path: str, raw: str):
