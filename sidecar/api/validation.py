@@ -55,6 +55,10 @@ def json_body(request: Request, settings: Settings) -> dict[str, Any]:
     """The request's JSON object, or a 4xx naming what is wrong with it."""
     if not request.is_json:
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}")
+    if request.content_encoding and request.content_encoding.lower() != "identity":
+        # Nothing here decompresses: a gzip body would read as bytes that are not UTF-8, another as its raw bytes.
+        raise UnsupportedMediaType(f"Content-Encoding {request.content_encoding!r} is not accepted: send the body "
+                                   "uncompressed")
     data = _read_body(request, max_bytes=settings.max_body_bytes)
     try:
         body = json.loads(data)

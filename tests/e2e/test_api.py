@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import gzip
 import io
 import json
 import os
@@ -314,6 +315,15 @@ def test_wrong_content_type_invalid_json_and_oversized_body(client):
     assert response.status_code == 413 and "262144 bytes (max_body_bytes)" in response.json["error"]["message"]
     assert client.get("/v1/nothing").status_code == 404
     assert client.get("/v1/nothing").json["error"]["code"] == "not_found"
+
+
+def test_a_compressed_body_answers_415_naming_its_content_encoding(client):
+    response = client.post("/v1/embeddings", data=gzip.compress(b'{"input": "a"}'), content_type="application/json",
+                           headers={"Content-Encoding": "gzip"})
+    assert response.status_code == 415
+    assert response.json["error"]["message"] == "Content-Encoding 'gzip' is not accepted: send the body uncompressed"
+    identity = client.post("/v1/embeddings", json={"input": "a"}, headers={"Content-Encoding": "identity"})
+    assert identity.status_code == 200
 
 
 @pytest.mark.parametrize(("raw", "message"), [
