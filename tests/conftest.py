@@ -54,6 +54,16 @@ def fine_encoder(model_settings: Settings) -> Encoder:
 
 
 @pytest.fixture(scope="session")
+def fine_store_path(encoder, fine_encoder, corpus, tmp_path_factory) -> Path:
+    """An embedded store of the test corpus with the stronger tiny model's fine vectors (the fine stage's)."""
+    root = tmp_path_factory.mktemp("fine")
+    embed_corpus(encoder, corpus, root / "shards", workers=0, fine_encoder=fine_encoder, progress=False)
+    with EmbeddedStore(root / "store") as store:
+        index_shards(store, root / "shards", progress=False)
+    return root / "store"
+
+
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """Manifest of a synthetic corpus: JPEG files with shape/colour/size/position metadata."""
     return write_corpus(tmp_path_factory.mktemp("corpus"), CORPUS_ITEMS, seed=11)

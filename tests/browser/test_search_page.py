@@ -22,6 +22,7 @@ from sidecar.api.auth import key_entry, new_key
 from sidecar.api.page import ASSETS
 from sidecar.api.state import state_of
 from sidecar.config import Settings
+from sidecar.model.tiny_model import LARGE_MODEL_NAME
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.stores.opensearch import OpenSearchStore
 from sidecar.types import Document
@@ -303,17 +304,43 @@ def test_with_api_keys_the_page_asks_for_one_then_searches_with_it(browser, stor
 
 
 @contextlib.contextmanager
-def page_app(settings: Settings, encoder, store_path: Path) -> Iterator[str]:
+def page_app(settings: Settings, encoder, store_path: Path, *, fine_encoder=None) -> Iterator[str]:
     """The app on `store_path` served in this process (werkzeug's server) until the block ends; yields its URL."""
     store = EmbeddedStore(store_path)
-    app = create_app(settings, encoder=encoder, store=store)
+    app = create_app(settings, encoder=encoder, store=store, fine_encoder=fine_encoder)
     try:
         with serving(app) as url:
             yield url
     finally:
-        state_of(app).encoding.close()
-        state_of(app).quality.close()
+        state = state_of(app)
+        state.encoding.close()
+        if state.fine_encoding is not None:
+            state.fine_encoding.close()
+        state.quality.close()
         store.close()
+
+
+@pytest.mark.slow  # the stronger tiny model (fine_encoder) trains once per test run
+def test_a_page_reaching_past_the_candidates_says_which_of_its_hits_the_fine_model_reranked(
+        browser, encoder, fine_encoder, fine_store_path, tmp_path):
+    # The fine stage ranks the ranking's first `candidates` (15 here); the hits past them follow in coarse order.
+    settings = Settings(cache_dir=tmp_path / "cache", store_path=fine_store_path)
+    with page_app(settings, encoder, fine_store_path, fine_encoder=fine_encoder) as url:
+        page = open_page(browser, url)
+        page.select_option("#page-size", "10")
+        page.fill("#candidates", "15")
+        first = search_for(page, "red circle")
+        assert all("rerank" in hit["stages"] for hit in first)
+        model = f"{LARGE_MODEL_NAME} (weights"  # the answer's fine_model: name, weights and size
+        assert f"(mode hybrid, fusion minmax, reranked by {model}" in page.inner_text("#status")
+        settle(page, "/v1/search", lambda: page.click("#next-page"))
+        second = hits(page)
+        assert ["rerank" in hit["stages"] for hit in second] == [True] * 5 + [False] * 5
+        status = page.inner_text("#status")
+        assert f"first 5 reranked by {model}" in status and status.endswith("the rest past the candidates in coarse order).")
+        settle(page, "/v1/search", lambda: page.click("#next-page"))
+        assert not any("rerank" in hit["stages"] for hit in hits(page))
+        assert f"(mode hybrid, fusion minmax, coarse order: past the candidates {model}" in page.inner_text("#status")
 
 
 def test_thumbnails_the_rate_limit_refused_appear_after_retry_after(browser, encoder, store_path, tmp_path):

@@ -14,22 +14,11 @@ import pytest
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.config import Settings
-from sidecar.ingest.embed import embed_corpus
-from sidecar.ingest.indexing import index_shards
 from sidecar.model.synthetic import SHAPES
 from sidecar.model.tiny_model import LARGE_MODEL_NAME
 from sidecar.stores.embedded import EmbeddedStore
 
 pytestmark = pytest.mark.slow  # trains the stronger tiny model once per test run (a few minutes)
-
-
-@pytest.fixture(scope="session")
-def fine_store_path(encoder, fine_encoder, corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fine")
-    embed_corpus(encoder, corpus, root / "shards", workers=0, fine_encoder=fine_encoder, progress=False)
-    with EmbeddedStore(root / "store") as store:
-        index_shards(store, root / "shards", progress=False)
-    return root / "store"
 
 
 @pytest.fixture

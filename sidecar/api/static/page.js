@@ -312,7 +312,7 @@
     const range = hits.length ? `Results ${first}–${answer.offset + hits.length}` : 'No results';
     const notes = [`mode ${answer.mode}`];
     if (answer.mode === 'hybrid') notes.push(`fusion ${answer.fusion}`);
-    notes.push(answer.rerank ? `reranked by ${answer.fine_model}` : 'no rerank');
+    notes.push(rerankNote(answer));
     $('status').textContent = `${range} (${notes.join(', ')}).`;
     $('rerank-note').textContent = answer.rerank_skipped ? `Rerank skipped: ${answer.rerank_skipped}.` : '';
     $('rerank-note').hidden = !answer.rerank_skipped;
@@ -323,6 +323,16 @@
     $('next-page').disabled = answer.next_offset === undefined;
     $('next-page').dataset.offset = answer.next_offset === undefined ? '' : String(answer.next_offset);
     $('page-info').textContent = hits.length ? `${range.replace('Results ', '')}` : '';
+  }
+
+  // The fine stage ranks the first `candidates` of the ranking; a page reaching past them shows the rest in
+  // coarse order (those hits carry no rerank score), which "reranked" alone would hide.
+  function rerankNote(answer) {
+    if (!answer.rerank) return 'no rerank';
+    const reranked = answer.hits.filter((hit) => hit.scores.rerank !== undefined).length;
+    if (reranked === answer.hits.length) return `reranked by ${answer.fine_model}`;
+    if (reranked === 0) return `coarse order: past the candidates ${answer.fine_model} reranked`;
+    return `first ${reranked} reranked by ${answer.fine_model}, the rest past the candidates in coarse order`;
   }
 
   function renderHit(hit, rank) {
