@@ -282,7 +282,7 @@ class PromptSetRegistry:
         path = self._path(name) if SET_NAME.match(name) else None
         try:
             stat = path.stat() if path is not None else None
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # the folder is a file: no set there (`add` names it)
             stat = None
         if stat is None:
             raise self._not_found(name)
