@@ -200,8 +200,18 @@ def _create_untrained(name: str, seed: int):
 
     register_tiny_config()
     torch.manual_seed(seed)
-    # Random init is the point here; open_clip logs (not warns) that no weights were loaded.
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    # Random init is the point here, but open_clip says "No pretrained weights loaded ... initialized randomly"
+    # at WARNING on the root logger, which the CLI shows: in the middle of a first run's training it reads as
+    # a fault. Only that record is dropped, only while the model is created.
+    def not_random_init(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(not_random_init)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    finally:
+        root.removeFilter(not_random_init)
     return model, preprocess, open_clip.get_tokenizer(name)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 import time
@@ -54,6 +55,14 @@ def test_loss_with_one_positive_per_row_is_clip_loss():
     scale = torch.tensor(10.0)
     ours = tiny_model.contrastive_loss(images, texts, scale, torch.eye(8, dtype=torch.bool))
     assert torch.allclose(ours, ClipLoss()(images, texts, scale), atol=1e-6)
+
+
+def test_creating_the_untrained_model_logs_no_random_init_warning(caplog):
+    # open_clip's "No pretrained weights loaded ... initialized randomly" is the plan here, not a fault to show.
+    with caplog.at_level(logging.WARNING):
+        tiny_model._create_untrained(tiny_model.MODEL_NAME, seed=0)
+        logging.getLogger("sidecar.test").warning("still shown")
+    assert [r.getMessage() for r in caplog.records] == ["still shown"]
 
 
 @pytest.mark.slow
