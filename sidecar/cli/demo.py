@@ -28,6 +28,10 @@ def demo(ctx: click.Context, workdir: Path, items: int, seed: int, serve_page: b
     corpus, embed it, index it into an embedded store, and run sample queries in every mode
     (`clip-sidecar eval --benchmark` measures the modes, and the fine-ranking stage, on judged queries).
     With --serve, the search page then shows the same store in a browser."""
+    if serve_page:  # a port already taken is said now, not after the demo's minutes of work
+        from sidecar.cli.serve import refuse_an_address_taken
+
+        refuse_an_address_taken(DEMO_HOST, port)
     run_demo(workdir, items=items, seed=seed, progress=ctx.obj["progress"], echo=click.echo,
              serve_port=port if serve_page else None)
 

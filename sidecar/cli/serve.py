@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import sys
 import sysconfig
 from pathlib import Path
@@ -93,6 +95,7 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
         missing = missing_weights(model_settings, fine=fine)
         if missing:
             raise click.ClickException(f"not starting the server: {missing}")
+    refuse_an_address_taken(host, port)  # before the store's model check loads the model
     encoder = _check_store_model(settings)
     _embed_prompt_sets(settings, encoder)
     if dev:
@@ -114,6 +117,25 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
     sys.stdout.flush()  # what was printed before must not be lost with this process's buffers
     sys.stderr.flush()
     os.execve(sys.executable, args, env)
+
+
+def refuse_an_address_taken(host: str, port: int) -> None:
+    """One line, before the model loads, where the server could not listen on host:port: gunicorn finds out
+    only once started (after a demo's minutes of work) and says it in ten ERROR lines of retries ending
+    "Can't connect to", without naming the flag to change."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror} (--host)") from exc
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: TIME_WAIT is no refusal
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            hint = ("another process listens there: stop it or choose another --port" if exc.errno == errno.EADDRINUSE
+                    else "choose another --host or --port")
+            raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror} ({hint})") from exc
 
 
 def _gunicorn_entry() -> list[str]:

@@ -576,6 +576,21 @@ def test_demo_serve_ends_by_naming_the_page_and_serves_it(tmp_path):
         process.stdout.close()
 
 
+@pytest.mark.parametrize("command", [("serve",), ("demo", "--serve")])
+def test_a_port_another_process_listens_on_is_refused_in_one_line_naming_port_before_any_work(tmp_path, command):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = run_cli(*command, "--port", str(port), "--store-path" if command == ("serve",) else "--workdir",
+                         str(tmp_path / "work"))
+    assert result.returncode == 1 and time.monotonic() - started < 30, result.stderr
+    assert result.stderr == (f"Error: cannot listen on 127.0.0.1:{port}: Address already in use (another process "
+                             "listens there: stop it or choose another --port)\n")
+    assert not (tmp_path / "work").exists()  # refused before the demo rendered or the server opened anything
+
+
 def test_cache_warm_persists_prompt_vectors_and_a_new_prompt_version_re_embeds(tmp_path, monkeypatch, encoder):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red circle\nblue square\n\nred circle\n")
