@@ -86,14 +86,20 @@ def run_demo(workdir: Path, *, items: int, seed: int, progress: bool, echo: Call
     finally:
         store.close()
     command = command_name()
+    search_next = f"{command} search \"red circle\" --store-path {settings.store_path}"
+    serve_next = f"{command} serve --store-path {settings.store_path}"
     if serve_port is not None:
         from sidecar.cli.serve import run_server
 
+        # Said before the server takes the terminal: after Ctrl-C nothing else tells where the demo's store is
+        # (`search` and `serve` default to another path).
+        echo(f"\nAfter Ctrl-C: {search_next}\n"
+             f"              {serve_next} --port {serve_port}")
         echo(f"\nSearch page: {page_url(serve_port)}  (open it in a browser; Ctrl-C stops the server)")
         run_server(settings, host=DEMO_HOST, port=serve_port)
         return
-    echo(f"\nNext: {command} search \"red circle\" --store-path {settings.store_path}\n"
-         f"      {command} serve --store-path {settings.store_path}   (then open {page_url(8080)})\n"
+    echo(f"\nNext: {search_next}\n"
+         f"      {serve_next}   (then open {page_url(8080)})\n"
          f"      or {command} demo --serve: this demo, then the search page")
 
 

@@ -553,10 +553,17 @@ def test_demo_serve_ends_by_naming_the_page_and_serves_it(tmp_path):
                                env={**os.environ, "GUNICORN_LOGLEVEL": "warning"}, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
+        printed = []
         for line in process.stdout:
+            printed.append(line)
             if line.startswith("Search page:"):
                 break
         assert line.startswith(f"Search page: http://127.0.0.1:{port}/  (open it in a browser"), line
+        # What to run on the demo's store once Ctrl-C ends the server: `search` and `serve` default elsewhere.
+        store = tmp_path / "demo" / "store"
+        after = next(i for i, text in enumerate(printed) if text.startswith("After Ctrl-C: "))
+        assert printed[after].endswith(f' search "red circle" --store-path {store}\n'), printed
+        assert printed[after + 1].endswith(f" serve --store-path {store} --port {port}\n"), printed
         deadline = time.monotonic() + 120
         while True:
             try:
