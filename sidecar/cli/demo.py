@@ -15,9 +15,11 @@ DEMO_HOST = "127.0.0.1"  # the demo serves this machine only: it has no API keys
 
 
 @click.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/demo"), show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/demo"), show_default=True,
+              help="Folder of the demo's corpus, shards and store (WORKDIR/store); a rerun updates them.")
 @click.option("--items", type=click.IntRange(10), default=2000, show_default=True, help="Synthetic images to render.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the rendered corpus (the tiny CLIP is the same whatever it is).")
 @click.option("--serve", "serve_page", is_flag=True,
               help="Then serve the search page (and the API) on --port until Ctrl-C; it prints the URL to open.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
@@ -53,12 +55,10 @@ def run_demo(workdir: Path, *, items: int, seed: int, progress: bool, echo: Call
     encoder = load_encoder(settings)
     echo(f"      {encoder.signature.describe()} on {encoder.device}")
 
-    manifest = workdir / "corpus" / "manifest.jsonl"
-    if not manifest.exists():
-        echo(f"[2/5] rendering {items} synthetic product photos into {manifest.parent}")
-        write_corpus(manifest.parent, items, seed=seed, progress=progress)
-    else:
-        echo(f"[2/5] corpus: reusing {manifest}")
+    # Rendered on every run, never reused: a rerun with other --items or --seed must show that corpus, and the
+    # same flags give the same bytes (a second of work for 2,000 images), which embed then finds unchanged.
+    echo(f"[2/5] rendering {items} synthetic product photos into {workdir / 'corpus'}")
+    manifest = write_corpus(workdir / "corpus", items, seed=seed, progress=progress)
 
     echo("[3/5] embedding images into shards (only new or changed files on a rerun)")
     summary = embed_corpus(encoder, manifest, workdir / "shards", workers=2, progress=progress)

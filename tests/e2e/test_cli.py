@@ -32,7 +32,7 @@ from sidecar.config import Settings
 from sidecar.ingest.embed import PARALLEL_SCAN_MIN
 from sidecar.ingest.indexing import index_shards
 from sidecar.ingest.shards import ShardRow, ShardSet
-from sidecar.model.synthetic import sample_items, write_corpus
+from sidecar.model.synthetic import describe, iter_items, sample_items, write_corpus
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import ModelSignature
 from tests.support import cli_ok, free_port
@@ -543,6 +543,21 @@ def test_demo_prints_ranked_results_in_every_mode(tmp_path):
                    "Recall@10 (HNSW vs exact)"):
         assert header in result.stdout
     assert "red circle" in result.stdout
+
+
+def test_a_demo_rerun_with_other_items_and_seed_serves_that_corpus_and_with_the_same_embeds_nothing(tmp_path):
+    from sidecar.cli.demo import run_demo
+
+    summaries = []
+    for items, seed in ((40, 0), (20, 1), (20, 1)):
+        echoed: list[str] = []
+        run_demo(tmp_path / "demo", items=items, seed=seed, progress=False, echo=echoed.append)
+        summaries.append([line.strip() for line in echoed if " items: " in line or "store now holds" in line])
+    assert summaries[1][0].startswith("20 items: 20 embedded") and "20 deleted since last run" in summaries[1][0]
+    assert "20 deleted; store now holds 20 documents" in summaries[1][1], summaries[1]
+    assert summaries[2][0].startswith("20 items: 0 embedded, 20 unchanged"), summaries[2]
+    texts = [json.loads(line)["text"] for line in (tmp_path / "demo/corpus/manifest.jsonl").read_text().splitlines()]
+    assert texts == [describe(item.attributes) for item in iter_items(20, seed=1)]
 
 
 @pytest.mark.slow
