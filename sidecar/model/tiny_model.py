@@ -130,8 +130,10 @@ def ensure_tiny_model(cache_dir: Path, *, model: str = MODEL_NAME, seed: int = 0
     with _exclusive_lock(path.with_suffix(".lock")):
         if path.is_file():  # another process finished it while we waited
             return path
-        log.info("%s not cached at %s: training it (seed=%d, %d steps; a few minutes, once)", model, path, seed,
-                 recipe.steps)
+        # No fixed duration: tiny-clip trains in about a minute on 2 cores, tiny-clip-large in about 15 (the
+        # checkpoint's .json records train_seconds), and far longer on a busy machine.
+        log.info("%s not cached at %s: training it, once (seed=%d, %d steps; the progress bar shows the time left)",
+                 model, path, seed, recipe.steps)
         started = time.perf_counter()
         trained = train_tiny_model(model=model, seed=seed, recipe=recipe, progress=progress, threads=threads)
         train_seconds = time.perf_counter() - started
