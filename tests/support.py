@@ -44,6 +44,16 @@ def removed_soon(path: Path, *, timeout_s: float = 30) -> bool:
     return True
 
 
+def search_pages(client, query: dict, *, k: int, limit: int | None = None) -> list[dict]:
+    """The /v1/search answers for `query`, `k` hits a page from offset 0, while each names a next_offset
+    (and, with `limit`, while the next page starts before it)."""
+    pages, offset = [], 0
+    while offset is not None and (limit is None or offset < limit):
+        pages.append(client.post("/v1/search", json={**query, "k": k, "offset": offset}).json)
+        offset = pages[-1].get("next_offset")
+    return pages
+
+
 def image_b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 

@@ -17,6 +17,7 @@ from sidecar.config import Settings
 from sidecar.model.synthetic import SHAPES
 from sidecar.model.tiny_model import LARGE_MODEL_NAME
 from sidecar.stores.embedded import EmbeddedStore
+from tests.support import search_pages
 
 pytestmark = pytest.mark.slow  # trains the stronger tiny model once per test run (a few minutes)
 
@@ -80,12 +81,9 @@ def rerank_scores(client, kind: str, query: str, documents: list[str]) -> list[f
 def test_pages_past_the_fine_stages_candidates_follow_it_in_coarse_order_none_repeated_none_skipped(fine_client, mode):
     # Before, each page past the 10 candidates had the fine stage rank offset + k: 34 of 60 hits repeated.
     query = {"text": "red circle", "mode": mode, "exact": True, "candidates": 10}
-    hits, offset = [], 0
-    while offset is not None and offset < 60:
-        page = fine_client.post("/v1/search", json={**query, "k": 5, "offset": offset}).json
-        assert page["rerank"] is True  # the fine stage ranked the ranking's first 10, this page's or not
-        hits += page["hits"]
-        offset = page.get("next_offset")
+    pages = search_pages(fine_client, query, k=5, limit=60)
+    assert all(page["rerank"] is True for page in pages)  # the fine stage ranked the ranking's first 10, any page's
+    hits = [h for page in pages for h in page["hits"]]
     paged = [h["id"] for h in hits]
     assert len(set(paged)) == 60 and paged == [h["id"] for h in fine_client.post(
         "/v1/search", json={**query, "k": 60}).json["hits"]]

@@ -17,7 +17,7 @@ from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document
-from tests.support import image_b64
+from tests.support import image_b64, search_pages
 
 
 def manifest_rows(corpus):
@@ -130,11 +130,7 @@ def test_pages_past_the_candidates_are_slices_of_one_ranking_none_repeated_none_
     # depth each time, so pages repeated hits of earlier pages and skipped others.
     client = build_app(max_k=60).test_client()
     query = {"text": "red circle", "mode": mode, "exact": True, "candidates": 10}
-    paged, offset = [], 0
-    while offset is not None:
-        page = client.post("/v1/search", json={**query, "k": 5, "offset": offset}).json
-        paged += [h["id"] for h in page["hits"]]
-        offset = page.get("next_offset")
+    paged = [h["id"] for page in search_pages(client, query, k=5) for h in page["hits"]]
     whole = [h["id"] for h in client.post("/v1/search", json={**query, "k": 60}).json["hits"]]
     assert len(paged) == len(set(paged)) == 60 and paged == whole
     # The first 10 ranks are the ranking a page within the candidates shows.

@@ -31,6 +31,7 @@ from tests.integration.conftest import (
     owned_indices,
     store_args,
 )
+from tests.support import search_pages
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -247,11 +248,7 @@ def test_pages_past_the_candidates_are_slices_of_one_ranking_none_repeated_none_
     try:
         client = app.test_client()
         query = {"text": "red circle", "mode": mode, "exact": exact, "candidates": 10}
-        paged, offset = [], 0
-        while offset is not None:
-            page = client.post("/v1/search", json={**query, "k": 5, "offset": offset}).json
-            paged += [h["id"] for h in page["hits"]]
-            offset = page.get("next_offset")
+        paged = [h["id"] for page in search_pages(client, query, k=5) for h in page["hits"]]
         assert len(paged) == len(set(paged)) == 60
         assert paged == [h["id"] for h in client.post("/v1/search", json={**query, "k": 60}).json["hits"]]
         assert paged[:10] == [h["id"] for h in client.post("/v1/search", json={**query, "k": 10}).json["hits"]]
