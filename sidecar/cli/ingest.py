@@ -107,7 +107,9 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise click.BadParameter(f"cannot create directory {out}: {exc.strerror}", param_hint="'--out'") from exc
-    specs = parse_tag_specs(tags) or recorded_specs(ShardSet(out))
+    specs = parse_tag_specs(tags)
+    recorded_in = None if specs else out
+    specs = specs or recorded_specs(ShardSet(out))
     settings = settings_from(kwargs, MODEL_FLAGS + PROMPT_FLAGS)
     if engine == "ray":
         from sidecar.ingest.ray_engine import RayResources, RayUnavailable, embed_corpus_on_ray
@@ -134,7 +136,8 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
         from sidecar.model.images import JpegDecoderUnavailable
 
         encoder = load_encoder(settings)
-        tagger = Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), encoder) if specs else None
+        tagger = (Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), encoder, recorded_in=recorded_in)
+                  if specs else None)
         try:
             summary = embed_corpus(encoder, source, out, batch_size=batch_size, shard_size=shard_size,
                                    workers=workers, max_pixels=settings.max_image_pixels, decode=decode,

@@ -98,7 +98,9 @@ def prompts_show(name: str, as_json: bool, **kwargs: Any) -> None:
 @click.argument("name")
 @prompt_sets_option
 def prompts_remove(name: str, **kwargs: Any) -> None:
-    """Delete a prompt set and its cached vectors (tags already written to shards stay until `tag` runs)."""
+    """Delete a prompt set and its cached vectors. Tags already written to shards stay; shards last tagged
+    with it need `clip-sidecar tag SHARDS --clear` (or --tag other sets) before `embed` or `tag` runs on
+    them without --tag."""
     from sidecar.model.prompts import PromptSetRegistry
 
     settings = settings_from(kwargs, PROMPT_FLAGS)
@@ -151,12 +153,15 @@ def tag(ctx: click.Context, shards: Path, tags: tuple[str, ...], clear: bool, sh
 
     if clear and tags:
         raise click.UsageError("--clear removes every tag: give it without --tag")
-    specs = parse_tag_specs(tags) or ([] if clear else recorded_specs(ShardSet(shards)))
+    specs = parse_tag_specs(tags)
+    recorded_in = None if specs or clear else shards
+    specs = specs or ([] if clear else recorded_specs(ShardSet(shards)))
     if not specs and not clear:
         raise click.UsageError(f"{shards} was never tagged: name the sets with --tag SET")
     settings = settings_from(kwargs, MODEL_FLAGS + PROMPT_FLAGS)
     tagger = None
     if specs:
-        tagger = Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), load_encoder(settings))
+        tagger = Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), load_encoder(settings),
+                             recorded_in=recorded_in)
     summary = retag_shards(shards, tagger, shard_size=shard_size, progress=ctx.obj["progress"])
     click.echo(summary.describe())

@@ -25,7 +25,7 @@ from sidecar.ingest.corpus import CorpusError
 from sidecar.ingest.identity import document_hash
 from sidecar.ingest.shards import ShardError, ShardRow, ShardSet, exclusive_writer
 from sidecar.model.encoder import Encoder
-from sidecar.model.prompts import SET_NAME, PromptSet, PromptSetRegistry, rank_labels
+from sidecar.model.prompts import SET_NAME, PromptSet, PromptSetNotFound, PromptSetRegistry, rank_labels
 from sidecar.types import ModelSignature
 
 log = logging.getLogger(__name__)
@@ -119,12 +119,23 @@ class Tagger:
         self.fields = frozenset(f for s in self._sets for f in (label_field(s.spec.set), score_field(s.spec.set)))
 
     @classmethod
-    def load(cls, specs: Sequence[TagSpec], registry: PromptSetRegistry, encoder: Encoder) -> Tagger:
-        """The sets' label vectors by `encoder` (from the registry's cache, computed once where missing)."""
+    def load(cls, specs: Sequence[TagSpec], registry: PromptSetRegistry, encoder: Encoder, *,
+             recorded_in: Path | None = None) -> Tagger:
+        """The sets' label vectors by `encoder` (from the registry's cache, computed once where missing).
+        `recorded_in`: the shards whose recorded tagging `specs` are (no --tag given), for the error of a
+        set removed since: the user named no set, so it says whose set it is and the ways on."""
         check_tag_specs(specs)
         sets = []
         for spec in specs:
-            prompt_set = registry.get(spec.set)
+            try:
+                prompt_set = registry.get(spec.set)
+            except PromptSetNotFound:
+                if recorded_in is None:
+                    raise
+                raise PromptSetNotFound(
+                    f"{recorded_in} was last tagged with prompt set {spec.set!r}, which {registry.root} no longer "
+                    f"holds: add it again (`clip-sidecar prompts add FILE`), name the sets to tag with (--tag SET), "
+                    f"or remove every tag (`clip-sidecar tag {recorded_in} --clear`)") from None
             vectors = registry.vectors(prompt_set, model=encoder.name, weights=encoder.weights,
                                        encode=encoder.encode_texts)
             sets.append(_SetTagging(spec=spec, prompt_set=prompt_set, vectors=vectors,

@@ -232,3 +232,20 @@ def test_eval_of_prompt_sets_skips_and_counts_a_missing_or_broken_image_of_the_s
                                                                   Path(rows[1]["path"]).name]
     assert report["skipped"][0]["reason"].startswith("cannot read file")
     assert "2 of 12 images skipped as unusable" in (out / "results.md").read_text()
+
+
+def test_embed_and_tag_without_tag_after_the_recorded_set_was_removed_name_it_as_the_shards_and_the_ways_on(
+        sets, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", 5, seed=34)
+    out = tmp_path / "shards"
+    cli_ok("embed", corpus, "--out", out, "--workers", "0", "--tag", "colors", "--prompt-sets", sets)
+    cli_ok("prompts", "remove", "colors", "--prompt-sets", sets)
+    for args in (["embed", str(corpus), "--out", str(out), "--workers", "0"], ["tag", str(out)]):
+        result = CliRunner().invoke(main, ["-q", *args, "--prompt-sets", str(sets)])
+        assert result.exit_code == 1
+        assert f"{out} was last tagged with prompt set 'colors', which {sets} no longer holds" in result.output
+        assert f"`clip-sidecar tag {out} --clear`" in result.output
+    # The way out it names works: the tags go, and embed runs again without --tag.
+    cli_ok("tag", out, "--clear", "--prompt-sets", sets)
+    assert "5 items: 0 embedded, 5 unchanged" in cli_ok("embed", corpus, "--out", out, "--workers", "0",
+                                                          "--prompt-sets", sets)
