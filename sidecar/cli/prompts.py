@@ -36,7 +36,11 @@ def prompts() -> None:
 @prompt_sets_option
 @coarse_model_options
 def prompts_add(files: tuple[Path, ...], name: str | None, version: str | None, **kwargs: Any) -> None:
-    """Add (or replace) the prompt sets in FILES, and embed their prompts with the configured model."""
+    """Add (or replace) the prompt sets in FILES, and embed their prompts with the configured model.
+
+    A running server classifies with a replaced set from its next request, no restart. Tags already
+    written with it change only when `clip-sidecar tag SHARDS` (or the next `embed`) re-tags the
+    shards, from their stored vectors, and `clip-sidecar index SHARDS` loads them."""
     from sidecar.model.encoder import load_encoder
     from sidecar.model.prompts import PromptSetRegistry, load_prompt_set
 
