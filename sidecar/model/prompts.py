@@ -138,8 +138,8 @@ class PromptSet:
             else:
                 labels.append(Label(name=_label_name(raw, where=where), templates=templates))
         _check_unique(labels, source=source)
-        return cls(name=set_name, version=str(set_version), labels=tuple(labels), templates=templates,
-                   description=description)
+        return cls(name=set_name, version=getattr(set_version, "written", str(set_version)), labels=tuple(labels),
+                   templates=templates, description=description)
 
 
 def load_prompt_set(path: Path, *, name: str | None = None, version: str | None = None) -> PromptSet:
@@ -160,17 +160,35 @@ def load_prompt_set(path: Path, *, name: str | None = None, version: str | None 
         return _from_csv(text, source=str(path), name=name if name is not None else path.stem, version=version)
     if suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_float=lambda written: _WrittenFloat.of(written, float(written)))
         except json.JSONDecodeError as exc:
             raise PromptSetError(f"{path}: not valid JSON: {exc}") from exc
     else:
         import yaml  # only for YAML files
 
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_constructor("tag:yaml.org,2002:float", lambda loader, node: _WrittenFloat.of(
+            node.value, loader.construct_yaml_float(node)))
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=Loader)  # safe_load's loader, its floats keeping their text
         except yaml.YAMLError as exc:
             raise PromptSetError(f"{path}: not valid YAML: {exc}") from exc
     return PromptSet.from_dict(data, source=str(path), name=name, version=version)
+
+
+class _WrittenFloat(float):
+    """A number read from a file, with its text: YAML and JSON read `version: 1.10` as 1.1, so a set bumped
+    from 1.1 to 1.10 would read as unchanged, its version shown as 1.1."""
+
+    written: str
+
+    @classmethod
+    def of(cls, written: str, value: float) -> _WrittenFloat:
+        number = cls(value)
+        number.written = written
+        return number
 
 
 def _from_csv(text: str, *, source: str, name: str, version: str | None) -> PromptSet:

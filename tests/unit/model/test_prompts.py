@@ -62,6 +62,17 @@ def test_the_same_set_reads_alike_from_yaml_json_and_csv(tmp_path):
     assert PromptSet.from_dict(yaml_set.to_dict(), source="stored") == yaml_set
 
 
+@pytest.mark.parametrize(("name", "text"), [("a.yaml", "name: s\nversion: {}\nlabels: [a]\n"),
+                                           ("a.json", '{{"name": "s", "version": {}, "labels": ["a"]}}')])
+def test_a_numeric_version_is_the_version_as_written_so_a_bump_from_1_1_to_1_10_is_a_new_version(
+        tmp_path, name, text):
+    registry = PromptSetRegistry(tmp_path / "sets")
+    assert registry.add(load_prompt_set(write(tmp_path / name, text.format("1.1"))))
+    bumped = load_prompt_set(write(tmp_path / name, text.format("1.10")))
+    assert bumped.version == "1.10"
+    assert registry.add(bumped) and registry.get("s").version == "1.10"
+
+
 def test_a_csv_whose_labels_share_templates_has_them_as_the_set_templates(tmp_path):
     prompt_set = load_prompt_set(EXAMPLES / "colors.csv")
     assert prompt_set.templates == ("a {} shape", "something {}") and len(prompt_set.labels) == 8
