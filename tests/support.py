@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import inspect
 import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -52,6 +54,34 @@ def search_pages(client, query: dict, *, k: int, limit: int | None = None) -> li
         pages.append(client.post("/v1/search", json={**query, "k": k, "offset": offset}).json)
         offset = pages[-1].get("next_offset")
     return pages
+
+
+@contextlib.contextmanager
+def coarse_depths(store) -> Iterator[list[int]]:
+    """The depth (`k`) of each coarse ranking asked of the real `store` meanwhile by this thread: vector, BM25
+    and native hybrid searches, not BM25 restricted to given ids (the lexical scores of candidates already
+    found). Not another thread's: the recall monitor's background checks search the store too."""
+    depths: list[int] = []
+    thread = threading.get_ident()
+
+    def spy(method: str):
+        real = getattr(store, method)
+
+        def recorded(*args, **kwargs):
+            arguments = inspect.signature(real).bind(*args, **kwargs).arguments
+            if arguments.get("ids") is None and threading.get_ident() == thread:
+                depths.append(arguments["k"])
+            return real(*args, **kwargs)
+        return recorded
+
+    methods = ("vector_search", "text_search", "hybrid_search")
+    for method in methods:
+        setattr(store, method, spy(method))
+    try:
+        yield depths
+    finally:
+        for method in methods:
+            delattr(store, method)  # the class's own method again
 
 
 def image_b64(path: Path) -> str:

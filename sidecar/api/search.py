@@ -144,11 +144,14 @@ def _query(encoding, *, text: str | None, pixels: list, stored=None):
 def _options(body: dict, *, mode: str, offset: int, k: int, settings) -> SearchOptions:
     # The ranking is down to the page's end and one hit past it, which tells whether there is a next page.
     # Its first `candidates` ranks are the fine stage's whatever the page; the ranks past them come from a
-    # coarse search max_k deep for every page, so that pages past the candidates are slices of one ranking.
+    # coarse search max_k deep for every page that shows some, so that those pages are slices of one ranking.
+    # The page ending at the candidates shows none: the one rank past them only has to exist, which a search
+    # one deeper than the candidates tells (it holds candidates + 1 ids, or the store has no more), not max_k.
+    candidates = bounded_int(body, "candidates", default=settings.rerank_candidates, low=1, high=settings.max_k,
+                             setting="max_k")
     return SearchOptions(
-        mode=mode, k=min(offset + k + 1, settings.max_k), depth=settings.max_k,
-        candidates=bounded_int(body, "candidates", default=settings.rerank_candidates, low=1, high=settings.max_k,
-                               setting="max_k"),
+        mode=mode, k=min(offset + k + 1, settings.max_k), candidates=candidates,
+        depth=settings.max_k if offset + k > candidates else None,
         fusion=choice(body, "fusion", choices=FUSION_METHODS, default="minmax"),
         weights=_weights(body),
         rerank=optional(body, "rerank", bool),  # None: the mode's default (off for bm25)

@@ -17,7 +17,7 @@ from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document
-from tests.support import image_b64, search_pages
+from tests.support import coarse_depths, image_b64, search_pages
 
 
 def manifest_rows(corpus):
@@ -147,6 +147,24 @@ def test_a_page_ending_at_the_candidates_has_a_next_offset_exactly_while_more_hi
     assert len(more["hits"]) == 10 and more["next_offset"] == matches - 10
     last = client.post("/v1/search", json={**query, "offset": matches - 10, "candidates": matches}).json
     assert len(last["hits"]) == 10 and "next_offset" not in last
+
+
+@pytest.mark.parametrize("mode", ["vector", "bm25", "hybrid"])
+def test_the_page_ending_at_the_candidates_asks_the_store_one_rank_past_them_not_max_k(app, mode):
+    # Before, it asked for max_k (1000) ranks, the depth of the pages past the candidates, only to learn
+    # whether one more hit exists.
+    client = app.test_client()
+    query = {"text": "red circle", "mode": mode, "filters": {"color": "red"}, "k": 10}
+    matches = len(client.post("/v1/search", json={**query, "k": 1000}).json["hits"])
+    assert 20 < matches < 100
+    # More hits than the candidates, then exactly as many.
+    for candidates, next_offset in ((matches - 10, matches - 10), (matches, None)):
+        with coarse_depths(state_of(app).store) as depths:
+            page = client.post("/v1/search", json={**query, "offset": candidates - 10, "candidates": candidates}).json
+        assert page.get("next_offset") == next_offset and max(depths) == candidates + 1
+        # Its hits are still the last 10 of the candidates' ranking.
+        window = client.post("/v1/search", json={**query, "k": candidates, "candidates": candidates}).json["hits"]
+        assert page["hits"] == window[-10:]
 
 
 def test_next_offset_is_present_exactly_while_more_hits_exist(client):

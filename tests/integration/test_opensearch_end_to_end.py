@@ -31,7 +31,7 @@ from tests.integration.conftest import (
     owned_indices,
     store_args,
 )
-from tests.support import search_pages
+from tests.support import coarse_depths, search_pages
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -252,6 +252,29 @@ def test_pages_past_the_candidates_are_slices_of_one_ranking_none_repeated_none_
         assert len(paged) == len(set(paged)) == 60
         assert paged == [h["id"] for h in client.post("/v1/search", json={**query, "k": 60}).json["hits"]]
         assert paged[:10] == [h["id"] for h in client.post("/v1/search", json={**query, "k": 10}).json["hits"]]
+    finally:
+        _close(app)
+
+
+@pytest.mark.parametrize(("mode", "exact"), [("vector", False), ("bm25", False), ("hybrid", True), ("hybrid", False)])
+def test_the_page_ending_at_the_candidates_asks_the_store_one_rank_past_them_not_max_k(
+        encoder, large_store, tmp_path, mode, exact):
+    # Before, it asked for max_k (1000) ranks, the depth of the pages past the candidates, only to learn
+    # whether one more hit exists.
+    app = _app(encoder, large_store.alias, tmp_path / "cache")
+    try:
+        client = app.test_client()
+        query = {"text": "red circle", "mode": mode, "exact": exact, "filters": {"color": "red"}, "k": 10}
+        matches = len(client.post("/v1/search", json={**query, "k": 1000}).json["hits"])
+        assert 20 < matches < 1000
+        # More hits than the candidates, then exactly as many.
+        for candidates, next_offset in ((matches - 10, matches - 10), (matches, None)):
+            with coarse_depths(state_of(app).store) as depths:
+                page = client.post("/v1/search", json={**query, "offset": candidates - 10,
+                                                       "candidates": candidates}).json
+            assert page.get("next_offset") == next_offset and max(depths) == candidates + 1
+            window = client.post("/v1/search", json={**query, "k": candidates, "candidates": candidates}).json
+            assert page["hits"] == window["hits"][-10:]
     finally:
         _close(app)
 
