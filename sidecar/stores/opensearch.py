@@ -861,9 +861,10 @@ class OpenSearchStore:
     def _knn_clause(self, vector: list[float], k: int, filters: Filters | None, *,
                     ef_search: int | None = None) -> dict[str, Any]:
         clause: dict[str, Any] = {"vector": vector, "k": k}
-        if self.engine == "lucene":
-            # Lucene's ef_search is per query (k-NN >= 2.16); HNSW needs at least k candidates.
-            clause["method_parameters"] = {"ef_search": max(self.effort.ef_search(ef_search), k)}
+        # Per query for both engines (k-NN >= 2.16); without it faiss searches at the index's
+        # knn.algo_param.ef_search (100), whatever the request, the setting or the calibration asked.
+        # HNSW needs at least k candidates: lucene takes max(k, ef_search) itself, faiss is given it.
+        clause["method_parameters"] = {"ef_search": max(self.effort.ef_search(ef_search), k)}
         if filters:
             # Inside knn = efficient filtering (lucene, faiss): k results that all pass the filter.
             clause["filter"] = {"bool": {"filter": _filter_clauses(filters)}}
