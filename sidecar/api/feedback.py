@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 
 from sidecar.api.state import current_state
-from sidecar.api.validation import bounded_int, choice, is_blank, json_body, known_fields, optional
+from sidecar.api.validation import bounded_int, choice, is_blank, json_body, known_fields, optional, query_text
 from sidecar.errors import BadRequest, NotEnabled, PayloadTooLarge
 from sidecar.retrieval.hard_examples import FEEDBACK_KINDS, MAX_RELEVANCE, feedback_record
 from sidecar.serving import metrics
@@ -30,13 +30,7 @@ def feedback():
     if doc_id is None:
         raise BadRequest("field 'doc_id' is required: the id of the document clicked or judged")
     query_id = _name(body, "query_id")
-    text = optional(body, "text", str)
-    # The limit first: a blank text is ignored (a query_id names the query), but not past the limit.
-    if text is not None and len(text) > settings.max_text_chars:
-        raise PayloadTooLarge(f"field 'text' has {len(text)} characters, over the limit of {settings.max_text_chars} "
-                              "(max_text_chars)")
-    if text is not None and is_blank(text):
-        text = None
+    text = query_text(body, settings)  # blank: none (a query_id names the query)
     if query_id is None and text is None:
         raise BadRequest("send field 'query_id' (from the /v1/search response) or field 'text' (the query as "
                          "searched), or both")

@@ -19,10 +19,10 @@ from sidecar.api.validation import (
     filter_errors,
     filters,
     image_bytes,
-    is_blank,
     json_body,
     known_fields,
     optional,
+    query_text,
 )
 from sidecar.errors import BadRequest
 from sidecar.retrieval.fine import fine_size_mismatch
@@ -45,9 +45,7 @@ def search_endpoint():
     settings = state.settings
     body = json_body(request, settings)
     known_fields(body, FIELDS)
-    text = optional(body, "text", str)
-    if text is not None and is_blank(text):
-        text = None  # blank text beside an image: an image query
+    text = query_text(body, settings)  # blank text beside an image: an image query
     image = optional(body, "image", str)
     like = optional(body, "like", str)
     if text is None and image is None and like is None:

@@ -187,6 +187,17 @@ def is_blank(text: str) -> bool:
     return not text.strip(WHITESPACE)
 
 
+def query_text(body: dict, settings: Settings) -> str | None:
+    """Field 'text', the query as searched: its first max_text_chars characters (as every text is cut before
+    tokenising), None where absent or blank. /v1/search and /v1/feedback both read it here, so the text a client
+    sends back with its feedback is the text its search ranked by and logged."""
+    text = optional(body, "text", str)
+    if text is None:
+        return None
+    text = text[:settings.max_text_chars]
+    return None if is_blank(text) else text
+
+
 def bounded_int(body: dict, field: str, *, default: int, low: int, high: int, setting: str | None = None) -> int:
     """body[field], an integer from low to high; `setting` names where `high` comes from (e.g. "max_k"), so
     the error tells a client which setting to raise."""

@@ -201,7 +201,7 @@ def status_by_worker(url: str, *, until) -> dict[int, dict]:
     return answers
 
 
-def test_feedback_answers_404_when_not_enabled_400_naming_the_field_and_413_past_the_text_limit(build_app, tmp_path):
+def test_feedback_answers_404_when_not_enabled_and_400_naming_the_field(build_app, tmp_path):
     disabled = build_app().test_client()
     answer = disabled.post("/v1/feedback", json={"text": "red circle", "doc_id": "x"})
     assert answer.status_code == 404 and "SIDECAR_QUALITY_LOG_DIR" in answer.get_json()["error"]["message"]
@@ -212,10 +212,27 @@ def test_feedback_answers_404_when_not_enabled_400_naming_the_field_and_413_past
                         ({"doc_id": " ", "text": "red"}, "doc_id")):
         answer = client.post("/v1/feedback", json=body)
         assert answer.status_code == 400 and field in answer.get_json()["error"]["message"], (body, answer.get_json())
-    too_long = client.post("/v1/feedback", json={"query_id": "abc", "doc_id": "a", "text": "\u2009" * 4097})
-    assert too_long.status_code == 413 and "max_text_chars" in too_long.get_json()["error"]["message"]
     answer = client.post("/v1/feedback", json={"query_id": "abc", "doc_id": "a", "kind": "judgment", "relevance": 0})
     assert answer.status_code == 200 and answer.get_json()["recorded"]["relevance"] == 0
+
+
+def test_feedback_on_a_query_past_max_text_chars_records_the_text_its_search_logged_cut_alike(build_app, tmp_path):
+    # The text a client searched and sends back: past max_text_chars, /v1/search cut it and /v1/feedback answered 413.
+    logs = tmp_path / "quality"
+    app = build_app(quality_log_dir=str(logs), hard_example_min_score=2.0, monitor_fraction=0.0)
+    client = app.test_client()
+    text = "red circle " * 500  # 5,500 characters
+    searched = client.post("/v1/search", json={"text": text, "k": 3})
+    assert searched.status_code == 200
+    answer = client.post("/v1/feedback", json={"query_id": searched.get_json()["query_id"], "text": text,
+                                               "doc_id": searched.get_json()["hits"][0]["id"]})
+    assert answer.status_code == 200, answer.get_json()
+    assert state_of(app).quality.hard_example_checks.wait_idle(60)
+    (logged,) = map(json.loads, (logs / "hard-examples.jsonl").read_text().splitlines())
+    assert answer.get_json()["recorded"]["text"] == logged["text"] == text[:4096]
+    # Blank within the characters kept: no text, as a blank one (a query_id names the query).
+    blank = client.post("/v1/feedback", json={"query_id": "abc", "doc_id": "a", "text": "\u2009" * 4096 + "red"})
+    assert blank.status_code == 200 and blank.get_json()["recorded"]["text"] is None
 
 
 def test_a_hard_example_logs_the_k_and_the_hits_its_pages_showed_not_the_next_page_probe(build_app, tmp_path):
