@@ -24,7 +24,7 @@ from sidecar.api import (
 from sidecar.api.json_provider import OrjsonProvider
 from sidecar.api.quality import build_quality
 from sidecar.api.state import AppState, attach_state
-from sidecar.api.validation import IdConverter, body_too_large
+from sidecar.api.validation import IdConverter, body_too_large, check_query_string
 from sidecar.config import Settings
 from sidecar.errors import ApiError, ModelMismatch, StoreFailed, StoreUnreachable
 from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
@@ -78,9 +78,20 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
     for blueprint in (embeddings.bp, search.bp, captions.bp, classify.bp, documents.bp, opensearch_native.bp, ops.bp,
                       page.bp, status.bp, feedback.bp):
         app.register_blueprint(blueprint)
+    _register_query_check(app)
     _register_errors(app, settings)
     _register_store_version(app, store)
     return app
+
+
+def _register_query_check(app: Flask) -> None:
+    """Every route's query string, checked against the parameters its view declares (none unless it uses
+    validation.query_parameters): after the key check, before any work for the request."""
+
+    @app.before_request
+    def check_query():
+        if request.url_rule is not None:  # else the routing error (404, 405) answers
+            check_query_string(request.args, getattr(app.view_functions[request.endpoint], "query_parameters", ()))
 
 
 def _register_store_version(app: Flask, store: Store) -> None:

@@ -11,7 +11,7 @@ import hashlib
 from flask import Blueprint, Response, jsonify, request
 
 from sidecar.api.state import current_state
-from sidecar.api.validation import known_fields
+from sidecar.api.validation import query_parameters
 from sidecar.errors import BadRequest, DocumentNotFound
 from sidecar.ingest.thumbnails import MEDIA_TYPE
 from sidecar.stores.base import Store
@@ -55,8 +55,8 @@ def thumbnail(doc_id: str):
 
 
 @bp.get("/v1/facets")
+@query_parameters("size")
 def facets():
-    known_fields(request.args, ("size",), where="query string")
     raw = request.args.get("size", str(DEFAULT_FACET_VALUES))
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_FACET_VALUES:
         raise BadRequest(f"query parameter 'size' must be an integer between 1 and {MAX_FACET_VALUES}, got {raw!r}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from typing import Any, Callable
 
@@ -41,6 +42,7 @@ from sidecar.api.validation import (
     known_fields,
     open_images,
     optional,
+    query_parameters,
 )
 from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge, UnsupportedMediaType
 from sidecar.model.images import sniff_format
@@ -56,6 +58,7 @@ bp = Blueprint("opensearch_native", __name__)
 EMBEDDING_FIELDS = ("input", "model", "user", "encoding_format")
 RERANK_FIELDS = ("query", "documents", "top_n", "model", "return_documents")
 RERANK_KINDS = ("ids", "texts", "images")
+PINS = ("model", "weights")  # the query parameters of a connector's URL (sidecar.stores.ml_commons._sidecar_url)
 # ml-commons retries a remote call only when the answer carries this header (any status), up to the
 # connector's client_config.max_retry_times; without it a 503 fails the bulk item or the search.
 THROTTLING_HEADER = ("x-amzn-ErrorType", "ThrottlingException")
@@ -82,6 +85,7 @@ def mark_retryable(response: Response) -> Response:
 
 
 @bp.post(TEXTS_PATH)
+@query_parameters(*PINS)
 def embed_texts():
     """A batch of texts (text_embedding with batch_size, the connector's step size) → one vector each."""
     state, body = _request_body(EMBEDDING_FIELDS)
@@ -105,6 +109,7 @@ def embed_texts():
 
 
 @bp.post(TEXT_IMAGE_PATH)
+@query_parameters(*PINS)
 def embed_text_image():
     """One document or query → exactly one vector (ml-commons keeps only the first one answered)."""
     state, body = _request_body(EMBEDDING_FIELDS)
@@ -173,9 +178,11 @@ def rerank_documents(kind: str):
     return jsonify(result)
 
 
-for _kind in RERANK_KINDS:  # one rule per kind: each its own line in /metrics
-    bp.add_url_rule(RERANK_PATH.format(kind=_kind), endpoint=f"rerank_{_kind}", view_func=rerank_documents,
-                    methods=["POST"], defaults={"kind": _kind})
+for _kind in RERANK_KINDS:  # one rule per kind: each its own line in /metrics, and its own query parameters
+    bp.add_url_rule(RERANK_PATH.format(kind=_kind), endpoint=f"rerank_{_kind}", methods=["POST"],
+                    view_func=query_parameters(*PINS, *(("index",) if _kind == "ids" else ()))(
+                        functools.partial(rerank_documents)),
+                    defaults={"kind": _kind})
 
 
 def _fine_scores(state: AppState, kind: str, query: str, documents: list[str]) -> tuple[list[float], str | None]:

@@ -14,11 +14,12 @@ import json
 import math
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 from flask import Request
 from PIL import Image
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
@@ -33,6 +34,7 @@ from sidecar.stores.base import StoreQueryError, UnknownFilterField
 INT64 = (-2**63, 2**63 - 1)
 _READ_CHUNK = 64 * 1024
 _BASE64_SPACING = dict.fromkeys(map(ord, "\t\n\r "))
+V = TypeVar("V", bound=Callable[..., Any])
 # ECMAScript's \s, which the OpenAPI file's patterns use: a text of only these is blank.
 WHITESPACE = "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
              "\u2028\u2029\u202f\u205f\u3000\ufeff"
@@ -159,6 +161,25 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def query_parameters(*names: str) -> Callable[[V], V]:
+    """Declares the query parameters a view reads; check_query_string refuses any other, on every route."""
+    def declare(view: V) -> V:
+        view.query_parameters = names  # type: ignore[attr-defined]
+        return view
+    return declare
+
+
+def check_query_string(args: MultiDict[str, str], names: tuple[str, ...]) -> None:
+    """The query string holds only the view's parameters, each once: a repeated one is not read as its first
+    (`?size=1&size=2` answered one value a facet) and an unknown one is not ignored (a typo would be)."""
+    for name in args:
+        if name not in names:
+            takes = f"it takes {', '.join(names)}" if names else "this path takes none"
+            raise BadRequest(f"unknown query parameter {name!r}; {takes}")
+        if len(values := args.getlist(name)) > 1:
+            raise BadRequest(f"query parameter {name!r} is given {len(values)} times: send it once")
 
 
 def known_fields(body: dict, fields: tuple[str, ...], *, where: str = "request body") -> None:

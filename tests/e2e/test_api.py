@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -472,6 +473,26 @@ def test_a_doubled_slash_is_a_json_404_naming_the_path_not_an_html_redirect(clie
     assert "Location" not in response.headers
     assert response.json["error"] == {"code": "not_found", "message": f"no route for '{path}': the paths are in "
                                                                       "/openapi.yaml"}
+
+
+def test_every_route_refuses_a_query_parameter_it_does_not_take_and_a_repeated_one_naming_it(app):
+    # The thumbnail (and every route but /v1/facets) ignored any query string; /v1/facets read `?size=1&size=2`
+    # as size 1. The check runs before the view, so a route's path placeholders need no real value.
+    client = app.test_client()
+    pins = ("model", "weights")  # a connector URL's (ml-commons)
+    declared = {"/v1/facets": ("size",), "/v1/opensearch/embeddings/texts": pins,
+                "/v1/opensearch/embeddings/text-image": pins, "/v1/opensearch/rerank/ids": (*pins, "index"),
+                "/v1/opensearch/rerank/texts": pins, "/v1/opensearch/rerank/images": pins}
+    for rule in app.url_map.iter_rules():
+        path = re.sub(r"<[^>]+>", "x", rule.rule)
+        method = "GET" if "GET" in rule.methods else "POST"
+        response = client.open(f"{path}?bogus=1", method=method, json={})
+        assert response.status_code == 400, (path, response.status_code)
+        takes = f"it takes {', '.join(declared[path])}" if path in declared else "this path takes none"
+        assert response.json["error"]["message"] == f"unknown query parameter 'bogus'; {takes}", path
+    repeated = client.get("/v1/facets?size=1&size=2")
+    assert repeated.status_code == 400
+    assert repeated.json["error"]["message"] == "query parameter 'size' is given 2 times: send it once"
 
 
 def test_dimensions_other_than_the_models_answer_400(client, encoder):

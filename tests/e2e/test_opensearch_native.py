@@ -134,6 +134,19 @@ def test_a_url_pinned_to_another_model_answers_404_naming_the_served_one(client,
     assert client.post(pinned, json={"input": ["a"]}).status_code == 200
 
 
+def test_a_connector_url_takes_its_pins_once_and_index_only_where_it_reranks_stored_ids(client, encoder):
+    pins = f"model={encoder.name}&weights={encoder.weights}"
+    assert client.post(f"{TEXTS}?{pins}", json={"input": ["a"]}).status_code == 200
+    message = error_of(client.post(f"{TEXTS}?{pins}&model={encoder.name}", json={"input": ["a"]}), 400)
+    assert message == "query parameter 'model' is given 2 times: send it once"
+    rerank = {"query": "red", "documents": ["red circle"]}
+    assert client.post(f"/v1/opensearch/rerank/texts?{pins}", json=rerank).status_code == 200
+    message = error_of(client.post(f"/v1/opensearch/rerank/texts?{pins}&index=a", json=rerank), 400)
+    assert message == "unknown query parameter 'index'; it takes model, weights"
+    # rerank/ids takes the index (and checks it: this sidecar's store is embedded).
+    assert "index 'a'" in error_of(client.post(f"/v1/opensearch/rerank/ids?{pins}&index=a", json=rerank), 400)
+
+
 def test_overload_answers_503_with_the_header_that_makes_ml_commons_retry(build_app, corpus):
     app = build_app(request_timeout_s=0.2)
     budget = state_of(app).encoding.decode_memory

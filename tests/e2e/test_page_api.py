@@ -208,7 +208,8 @@ def test_facets_count_every_stored_documents_metadata(client, corpus):
 @pytest.mark.parametrize(("query", "message"), [
     ("size=0", "query parameter 'size' must be an integer between 1 and 1000, got '0'"),
     ("size=²", "query parameter 'size' must be an integer between 1 and 1000, got '²'"),
-    ("fields=color", "unknown field 'fields' in the query string"),
+    ("fields=color", "unknown query parameter 'fields'; it takes size"),
+    ("size=1&size=2", "query parameter 'size' is given 2 times: send it once"),
 ])
 def test_bad_facet_parameters_are_refused_naming_them(client, query, message):
     response = client.get(f"/v1/facets?{query}")
