@@ -107,3 +107,16 @@ def not_utf8(exc: UnicodeDecodeError) -> str:
     """A file that does not decode as UTF-8, said the one way every reader of user files says it
     (after the file's name): the first bad byte and where it is."""
     return f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+
+
+# An id, name or value a client sent, as an error message shows it: enough to recognise it. A body field
+# has no length limit but max_body_bytes: a 70,000-character `like` id came back whole in its 404.
+MAX_ECHOED_CHARS = 200
+
+
+def quoted(value: str) -> str:
+    """A client's string, quoted as repr() does, its first MAX_ECHOED_CHARS characters where it is longer
+    (saying so, with its length)."""
+    if len(value) <= MAX_ECHOED_CHARS:
+        return repr(value)
+    return f"{value[:MAX_ECHOED_CHARS]!r} (the first {MAX_ECHOED_CHARS} of its {len(value)} characters)"

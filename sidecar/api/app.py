@@ -26,7 +26,7 @@ from sidecar.api.quality import build_quality
 from sidecar.api.state import AppState, attach_state
 from sidecar.api.validation import IdConverter, body_too_large, check_query_string
 from sidecar.config import Settings
-from sidecar.errors import ApiError, ModelMismatch, StoreFailed, StoreUnreachable
+from sidecar.errors import ApiError, ModelMismatch, StoreFailed, StoreUnreachable, quoted
 from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
 from sidecar.model.prompts import PromptSetRegistry
 from sidecar.serving import metrics
@@ -149,7 +149,7 @@ def _register_errors(app: Flask, settings: Settings) -> None:
         code = (exc.name or "error").lower().replace(" ", "_")
         message = exc.description or exc.name
         if exc.code == 404 and exc is request.routing_exception:
-            message = f"no route for {request.path!r}: the paths are in /openapi.yaml"
+            message = f"no route for {quoted(request.path)}: the paths are in /openapi.yaml"
         response = jsonify({"error": {"code": code, "message": message}})
         # werkzeug's own headers for the error: Allow on 405 (RFC 9110 requires it).
         response.headers.extend((name, value) for name, value in exc.get_headers() if name.lower() != "content-type")

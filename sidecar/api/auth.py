@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import urlsplit
 
 from sidecar.config import Settings
-from sidecar.errors import Forbidden, RateLimited, Unauthorized
+from sidecar.errors import Forbidden, RateLimited, Unauthorized, quoted
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -257,7 +257,7 @@ def host_guard(allowed_hosts: str) -> Callable[[str], None]:
 
     def check(host: str) -> None:
         if not admitted(host):
-            raise Forbidden(f"Host {host!r} is not localhost, an IP address or in allowed_hosts: an API without keys "
+            raise Forbidden(f"Host {quoted(host)} is not localhost, an IP address or in allowed_hosts: an API without keys "
                             f"answers only requests addressed to those (a web page could otherwise read it through "
                             f"DNS rebinding). Add the name to SIDECAR_ALLOWED_HOSTS, or configure API keys")
     return check

@@ -19,7 +19,7 @@ from sidecar.api.validation import (
     known_fields,
     optional,
 )
-from sidecar.errors import BadRequest, PromptSetMissing, PromptSetUnusable
+from sidecar.errors import BadRequest, PromptSetMissing, PromptSetUnusable, quoted
 from sidecar.model.prompts import (
     UNREADABLE_REMEDY,
     PromptSet,
@@ -118,7 +118,7 @@ def _prompt_set(registry: PromptSetRegistry, name: str) -> PromptSet:
     except PromptSetNotFound as exc:
         available = registry.names()
         # Not the registry's message: it names the server's folder.
-        raise PromptSetMissing(f"no prompt set named {name!r} on this server; available: "
+        raise PromptSetMissing(f"no prompt set named {quoted(name)} on this server; available: "
                                f"{', '.join(available) if available else 'none'} (GET /v1/prompt-sets)") from exc
     except PromptSetUnreadable as exc:
         # Its problem, not the registry's message: that names the server's folder.

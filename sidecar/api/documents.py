@@ -12,7 +12,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from sidecar.api.state import current_state
 from sidecar.api.validation import query_parameters
-from sidecar.errors import BadRequest, DocumentNotFound
+from sidecar.errors import BadRequest, DocumentNotFound, quoted
 from sidecar.ingest.thumbnails import MEDIA_TYPE
 from sidecar.stores.base import Store
 from sidecar.types import Document
@@ -31,9 +31,9 @@ def stored_document(store: Store, doc_id: str, *, field: str) -> Document:
         raise BadRequest(f"field '{field}' is empty: send a stored document's id")
     found = store.fetch([doc_id])
     if not found:
-        raise DocumentNotFound(f"field '{field}': no document with id {doc_id!r} in the store")
+        raise DocumentNotFound(f"field '{field}': no document with id {quoted(doc_id)} in the store")
     if not found[0].vector.size:
-        raise BadRequest(f"field '{field}': document {doc_id!r} has no vector (an ingest pipeline wrote it without "
+        raise BadRequest(f"field '{field}': document {quoted(doc_id)} has no vector (an ingest pipeline wrote it without "
                          "the field it embeds): search by its text instead")
     return found[0]
 
@@ -44,8 +44,8 @@ def thumbnail(doc_id: str):
     data = store.thumbnail(doc_id)
     if data is None:
         if not store.fetch([doc_id], vectors=False):
-            raise DocumentNotFound(f"no document with id {doc_id!r} in the store")
-        raise DocumentNotFound(f"document {doc_id!r} has no thumbnail: it was indexed from shards without "
+            raise DocumentNotFound(f"no document with id {quoted(doc_id)} in the store")
+        raise DocumentNotFound(f"document {quoted(doc_id)} has no thumbnail: it was indexed from shards without "
                                "thumbnails (embed with --thumbnail-size above 0, then index again)")
     response = Response(data, mimetype=MEDIA_TYPE)
     # A re-embedded image gets a new thumbnail under the same id: caches revalidate by content.
@@ -59,7 +59,7 @@ def thumbnail(doc_id: str):
 def facets():
     raw = request.args.get("size", str(DEFAULT_FACET_VALUES))
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_FACET_VALUES:
-        raise BadRequest(f"query parameter 'size' must be an integer between 1 and {MAX_FACET_VALUES}, got {raw!r}")
+        raise BadRequest(f"query parameter 'size' must be an integer between 1 and {MAX_FACET_VALUES}, got {quoted(raw)}")
     store = current_state().store
     counts = store.facets(size=int(raw))
     return jsonify({

@@ -18,7 +18,7 @@ from sidecar.api.validation import (
     known_fields,
     optional,
 )
-from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge
+from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge, quoted
 from sidecar.model.encoder import Encoder
 from sidecar.serving import metrics
 
@@ -80,7 +80,7 @@ def list_models():
 def retrieve_model(model: str):
     entry = _model_entry()
     if model != entry["id"]:
-        raise ModelNotFound(f"model {model!r} is not served here; this server serves {entry['id']!r}")
+        raise ModelNotFound(f"model {quoted(model)} is not served here; this server serves {entry['id']!r}")
     return jsonify(entry)
 
 

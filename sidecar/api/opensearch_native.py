@@ -44,7 +44,7 @@ from sidecar.api.validation import (
     optional,
     query_parameters,
 )
-from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge, UnsupportedMediaType
+from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge, UnsupportedMediaType, quoted
 from sidecar.model.images import sniff_format
 from sidecar.retrieval.fine import UnusableFineVectors, fine_rank
 from sidecar.retrieval.search import NO_FINE_MODEL, SearchOptions, query_vector
@@ -216,7 +216,7 @@ def _stored(state: AppState, ids: list[str]) -> list[Document]:
     found = {doc.id: doc for doc in state.store.fetch(unique, vectors=False)}  # the fine stage reads fine vectors
     missing = next((i for i in ids if i not in found), None)
     if missing is not None:
-        raise BadRequest(f"field 'documents[{ids.index(missing)}]': no document with id {missing!r} in the "
+        raise BadRequest(f"field 'documents[{ids.index(missing)}]': no document with id {quoted(missing)} in the "
                          f"sidecar's store ({_store_name(state)}); the rerank processor must read the `id` field "
                          "of documents in the sidecar's own index")
     return [found[i] for i in unique]
@@ -259,7 +259,7 @@ def _request_body(fields: tuple[str, ...]) -> tuple[AppState, dict[str, Any]]:
     for name, served in (("model", encoder.name), ("weights", encoder.weights)):
         pinned = request.args.get(name)
         if pinned is not None and pinned != served:
-            raise ModelNotFound(f"the URL asks for {name} {pinned!r}, but this sidecar serves "
+            raise ModelNotFound(f"the URL asks for {name} {quoted(pinned)}, but this sidecar serves "
                                 f"{encoder.signature.describe()}: the connector was made for another model; run "
                                 "`clip-sidecar opensearch connect` against a sidecar serving the index's model")
     body = json_body(request, state.settings)
@@ -271,7 +271,7 @@ def _check_index(state: AppState) -> None:
     pinned = request.args.get("index")
     settings = state.settings
     if pinned is not None and (settings.store != "opensearch" or pinned != settings.opensearch_index):
-        raise BadRequest(f"the URL reranks documents of OpenSearch index {pinned!r}, but this sidecar's store is "
+        raise BadRequest(f"the URL reranks documents of OpenSearch index {quoted(pinned)}, but this sidecar's store is "
                          f"{_store_name(state)}: point the connector at the sidecar of that index")
 
 

@@ -10,6 +10,8 @@ from importlib.resources import files
 
 from flask import Blueprint, Response, abort, request
 
+from sidecar.errors import quoted
+
 bp = Blueprint("page", __name__)
 
 # name → media type: everything the page loads from the server besides the API.
@@ -33,7 +35,7 @@ def index():
 @bp.get("/static/<name>")
 def static_asset(name: str):
     if name not in ASSETS or name == "index.html":
-        abort(404, f"no page asset {name!r}; the page is at /")
+        abort(404, f"no page asset {quoted(name)}; the page is at /")
     return _asset(name)
 
 

@@ -24,7 +24,7 @@ from sidecar.api.validation import (
     optional,
     query_text,
 )
-from sidecar.errors import BadRequest
+from sidecar.errors import BadRequest, quoted
 from sidecar.retrieval.fine import fine_size_mismatch
 from sidecar.retrieval.fusion import FUSION_METHODS
 from sidecar.retrieval.search import MODES, NO_FINE_MODEL, SearchOptions, query_vector, search
@@ -124,11 +124,11 @@ def _unusable_fine_vector(liked: Document, fine: EncodingService) -> str | None:
     if liked.fine_vector is None:
         # The fine model has no view of the liked document: with text, its query would be the text alone,
         # and the fine stage would rank the `like` half of the query away. Skipped, as without text.
-        return f"the liked document {liked.id!r} has no fine-model vector: embed it with --fine-model and index again"
+        return f"the liked document {quoted(liked.id)} has no fine-model vector: embed it with --fine-model and index again"
     # Another fine model's vector: the text's vector by this one cannot be added to it (numpy refuses two sizes),
     # and ranking by it would be in another model's space under this one's name.
     return fine_size_mismatch(len(liked.fine_vector), model_size=fine.encoder.dim,
-                              whose=f"the liked document {liked.id!r} has a fine vector of")
+                              whose=f"the liked document {quoted(liked.id)} has a fine vector of")
 
 
 def _query(encoding, *, text: str | None, pixels: list, stored=None):

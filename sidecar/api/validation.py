@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
 from sidecar.config import Settings
-from sidecar.errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType, not_utf8
+from sidecar.errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType, not_utf8, quoted
 from sidecar.model.images import ImageDecodeError
 from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.serving.encoding import EncodingService
@@ -56,10 +56,10 @@ def body_too_large(max_bytes: int) -> PayloadTooLarge:
 def json_body(request: Request, settings: Settings) -> dict[str, Any]:
     """The request's JSON object, or a 4xx naming what is wrong with it."""
     if not request.is_json:
-        raise UnsupportedMediaType(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}")
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {quoted(request.mimetype or 'none')}")
     if request.content_encoding and request.content_encoding.lower() != "identity":
         # Nothing here decompresses: a gzip body would read as bytes that are not UTF-8, another as its raw bytes.
-        raise UnsupportedMediaType(f"Content-Encoding {request.content_encoding!r} is not accepted: send the body "
+        raise UnsupportedMediaType(f"Content-Encoding {quoted(request.content_encoding)} is not accepted: send the body "
                                    "uncompressed")
     data = _read_body(request, max_bytes=settings.max_body_bytes)
     try:
@@ -119,7 +119,7 @@ def check_json_values(body: Any, *, max_depth: int) -> None:
         path, is_object, children = walk[-1]
         for key, child in children:
             if is_object and not _is_unicode(key):
-                raise BadRequest(f"field '{path or 'body'}' has a key with a lone surrogate ({key!r}): "
+                raise BadRequest(f"field '{path or 'body'}' has a key with a lone surrogate ({quoted(key)}): "
                                  "send valid Unicode")
             if isinstance(child, (dict, list)) or _scalar_problem(child):
                 child_path = (f"{path}.{key}" if path else key) if is_object else f"{path}[{key}]"
@@ -177,15 +177,15 @@ def check_query_string(args: MultiDict[str, str], names: tuple[str, ...]) -> Non
     for name in args:
         if name not in names:
             takes = f"it takes {', '.join(names)}" if names else "this path takes none"
-            raise BadRequest(f"unknown query parameter {name!r}; {takes}")
+            raise BadRequest(f"unknown query parameter {quoted(name)}; {takes}")
         if len(values := args.getlist(name)) > 1:
-            raise BadRequest(f"query parameter {name!r} is given {len(values)} times: send it once")
+            raise BadRequest(f"query parameter {quoted(name)} is given {len(values)} times: send it once")
 
 
 def known_fields(body: dict, fields: tuple[str, ...], *, where: str = "request body") -> None:
     unknown = [name for name in body if name not in fields]
     if unknown:
-        raise BadRequest(f"unknown field '{unknown[0]}' in the {where}; it takes {', '.join(fields)}")
+        raise BadRequest(f"unknown field {quoted(unknown[0])} in the {where}; it takes {', '.join(fields)}")
 
 
 def optional(body: dict, field: str, kind: type | tuple[type, ...], default: Any = None, *,
@@ -239,7 +239,7 @@ def ef_search_field(body: dict) -> int | None:
 def choice(body: dict, field: str, *, choices: tuple[str, ...], default: str, name: str | None = None) -> str:
     value = optional(body, field, str, default, name=name)
     if value not in choices:
-        raise BadRequest(f"field '{name or field}' must be one of {', '.join(choices)}, got {value!r}")
+        raise BadRequest(f"field '{name or field}' must be one of {', '.join(choices)}, got {quoted(value)}")
     return value
 
 
@@ -256,7 +256,7 @@ def filters(body: dict, settings: Settings) -> dict[str, Any] | None:
     total = 0
     for name, wanted in value.items():
         if not name or '"' in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
-            raise BadRequest(f"field 'filters' has a key {name!r}: a metadata field name is non-empty, without "
+            raise BadRequest(f"field 'filters' has a key {quoted(name)}: a metadata field name is non-empty, without "
                              "'\"' or control characters")
         values = wanted if isinstance(wanted, list) else [wanted]
         if not values:

@@ -97,6 +97,19 @@ def test_a_bad_like_names_the_field(client, body, status, message):
     assert message in response.json["error"]["message"]
 
 
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/search", {"like": "a" * 70_000}),
+    ("GET", "/v1/documents/" + "a" * 70_000 + "/thumbnail", None),
+    ("POST", "/v1/opensearch/rerank/ids", {"query": "red", "documents": ["a" * 70_000]}),
+])
+def test_an_unknown_id_is_echoed_by_its_first_200_characters_and_its_length_not_whole(client, method, path, body):
+    # The 404 of a 70,000-character `like` id held all 70,000 characters.
+    response = client.open(path, method=method, json=body)
+    message = response.json["error"]["message"]
+    assert response.status_code in (400, 404) and len(message) < 500, (response.status_code, len(message))
+    assert f"{'a' * 200!r} (the first 200 of its 70000 characters)" in message
+
+
 # ---- pagination -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["vector", "bm25", "hybrid"])
