@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from sidecar.api import (
@@ -41,12 +41,23 @@ log = logging.getLogger(__name__)
 STORE_RETRY_AFTER_S = 5
 
 
+class SidecarFlask(Flask):
+    def make_default_options_response(self) -> Response:
+        """OPTIONS on a path: 204, no body, the methods it takes in Allow (RFC 9110). Flask's own answered 200
+        with an empty body labelled text/html. No CORS headers: the API serves its own page (same origin) and
+        programs; a page of another origin gets no access to it (see auth.host_guard)."""
+        response = super().make_default_options_response()
+        response.status_code = 204
+        del response.headers["Content-Type"]
+        return response
+
+
 def create_app(settings: Settings | None = None, *, encoder: Encoder | None = None,
                store: Store | None = None, fine_encoder: Encoder | None = None) -> Flask:
     """Build the app. Tests pass Settings (and may pass a loaded encoder/store/fine encoder to share them)."""
     settings = settings or Settings.from_env()
     # No Flask static route: the page's three files are served by name (api/page.py), nothing else on disk.
-    app = Flask(__name__, static_folder=None)
+    app = SidecarFlask(__name__, static_folder=None)
     app.json = OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # Before auth's hooks (Flask runs before_request hooks in the order registered): a request the key or host

@@ -495,6 +495,18 @@ def test_every_route_refuses_a_query_parameter_it_does_not_take_and_a_repeated_o
     assert repeated.json["error"]["message"] == "query parameter 'size' is given 2 times: send it once"
 
 
+@pytest.mark.parametrize(("path", "methods"), [("/v1/search", {"POST", "OPTIONS"}),
+                                               ("/v1/documents/item-000001/thumbnail", {"GET", "HEAD", "OPTIONS"}),
+                                               ("/healthz", {"GET", "HEAD", "OPTIONS"})])
+def test_options_answers_204_listing_the_paths_methods_in_allow_without_a_body(client, path, methods):
+    # Flask's own answer was a 200 with an empty body labelled text/html.
+    response = client.options(path)
+    assert response.status_code == 204 and response.data == b"" and "Content-Type" not in response.headers
+    assert set(response.headers["Allow"].split(", ")) == methods
+    unknown = client.options("/v1/nothing")
+    assert (unknown.status_code, unknown.json["error"]["code"]) == (404, "not_found")
+
+
 def test_dimensions_other_than_the_models_answer_400(client, encoder):
     response = client.post("/v1/embeddings", json={"input": "red", "dimensions": 32})
     assert response.status_code == 400
