@@ -87,6 +87,7 @@ def classify():
         "object": "list",
         "set": prompt_set.name,
         "version": prompt_set.version,
+        "fingerprint": prompt_set.fingerprint,
         "model": encoder.name,
         "weights": encoder.weights,
         "logit_scale": encoder.logit_scale,
@@ -104,11 +105,12 @@ def list_prompt_sets():
 @bp.get("/v1/prompt-sets/<name>")
 def show_prompt_set(name: str):
     prompt_set = _prompt_set(current_state().prompt_sets, name)
-    return jsonify({**prompt_set.to_dict(), "prompts": prompt_set.prompt_count})
+    return jsonify({**prompt_set.to_dict(), "fingerprint": prompt_set.fingerprint, "prompts": prompt_set.prompt_count})
 
 
 def _summary(prompt_set: PromptSet) -> dict:
-    return {"name": prompt_set.name, "version": prompt_set.version, "description": prompt_set.description,
+    return {"name": prompt_set.name, "version": prompt_set.version, "fingerprint": prompt_set.fingerprint,
+            "description": prompt_set.description,
             "labels": len(prompt_set.labels), "prompts": prompt_set.prompt_count}
 
 

@@ -64,7 +64,8 @@ def prompts_add(files: tuple[Path, ...], name: str | None, version: str | None, 
 @prompts.command("list")
 @prompt_sets_option
 def prompts_list(**kwargs: Any) -> None:
-    """The stored prompt sets, with the models whose vectors of them are cached."""
+    """The stored prompt sets, with the models whose vectors of them are cached. A set's fingerprint (a hash of
+    its labels and prompts) changes with any template or label, also where the version was not bumped."""
     from sidecar.model.prompts import PromptSetRegistry
 
     settings = settings_from(kwargs, PROMPT_FLAGS)
@@ -72,9 +73,10 @@ def prompts_list(**kwargs: Any) -> None:
     if not summaries:
         click.echo(f"no prompt sets in {settings.prompt_sets_dir} (add one: prompts add FILE)")
         return
-    click.echo(f"{'name':<20}  {'version':<8}  {'labels':>6}  {'prompts':>7}  vectors cached for")
+    click.echo(f"{'name':<20}  {'version':<8}  {'labels':>6}  {'prompts':>7}  {'fingerprint':<23}  vectors cached for")
     for s in summaries:
-        click.echo(f"{s.name:<20}  {s.version:<8}  {s.labels:>6}  {s.prompts:>7}  {', '.join(s.models) or '-'}")
+        click.echo(f"{s.name:<20}  {s.version:<8}  {s.labels:>6}  {s.prompts:>7}  {s.fingerprint:<23}  "
+                   f"{', '.join(s.models) or '-'}")
 
 
 @prompts.command("show")
@@ -91,7 +93,8 @@ def prompts_show(name: str, as_json: bool, **kwargs: Any) -> None:
         click.echo(json.dumps(prompt_set.to_dict(), ensure_ascii=False, indent=2))
         return
     click.echo(f"{prompt_set.name}, version {prompt_set.version}: {len(prompt_set.labels)} labels, "
-               f"{prompt_set.prompt_count} prompts" + (f"\n{prompt_set.description}" if prompt_set.description else ""))
+               f"{prompt_set.prompt_count} prompts, fingerprint {prompt_set.fingerprint}"
+               + (f"\n{prompt_set.description}" if prompt_set.description else ""))
     click.echo(f"templates: {' | '.join(prompt_set.templates)}")
     for label in prompt_set.labels:
         own = "" if label.templates == prompt_set.templates else f"  (templates: {' | '.join(label.templates)})"

@@ -88,11 +88,18 @@ class PromptSet:
     def prompt_count(self) -> int:
         return sum(len(label.templates) for label in self.labels)
 
+    @property
+    def fingerprint(self) -> str:
+        """What the set's results depend on besides the model: its labels and their every prompt, hashed. Reported
+        beside the version, which is declared: a set whose templates changed under the same version has another."""
+        return "sha256:" + _digest([self._prompts()])[:16]
+
     def vector_key(self, *, model: str, weights: str) -> str:
         """What the set's vectors depend on: the model, its weights, the version and every prompt."""
-        canonical = json.dumps([model, weights, self.version, [[label.name, label.prompts] for label in self.labels]],
-                               ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+        return _digest([model, weights, self.version, self._prompts()])[:32]
+
+    def _prompts(self) -> list[list[Any]]:
+        return [[label.name, label.prompts] for label in self.labels]
 
     def to_dict(self) -> dict[str, Any]:
         """The file form (JSON/YAML); a label carries its own templates only where they differ from the set's."""
@@ -140,6 +147,11 @@ class PromptSet:
         _check_unique(labels, source=source)
         return cls(name=set_name, version=getattr(set_version, "written", str(set_version)), labels=tuple(labels),
                    templates=templates, description=description)
+
+
+def _digest(value: Any) -> str:
+    canonical = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def load_prompt_set(path: Path, *, name: str | None = None, version: str | None = None) -> PromptSet:
@@ -265,6 +277,7 @@ def ensemble_vectors(prompt_set: PromptSet, encode: EncodeTexts) -> np.ndarray:
 class SetSummary:
     name: str
     version: str
+    fingerprint: str  # PromptSet.fingerprint
     labels: int
     prompts: int
     description: str
@@ -395,7 +408,8 @@ class PromptSetRegistry:
                 stored = _read_vectors(file)
                 if stored is not None and stored[0] == prompt_set.vector_key(model=stored[2], weights=stored[3]):
                     models.append(f"{stored[2]} ({stored[3]})")
-            out.append(SetSummary(name=prompt_set.name, version=prompt_set.version, labels=len(prompt_set.labels),
+            out.append(SetSummary(name=prompt_set.name, version=prompt_set.version, fingerprint=prompt_set.fingerprint,
+                                  labels=len(prompt_set.labels),
                                   prompts=prompt_set.prompt_count, description=prompt_set.description,
                                   models=tuple(models)))
         return out

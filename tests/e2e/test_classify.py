@@ -158,6 +158,24 @@ def test_a_set_changed_under_a_running_app_is_used_at_its_new_version(build_app,
     assert batch_items("text") - texts_before == 5
 
 
+def test_a_set_whose_templates_changed_under_the_same_version_answers_another_fingerprint(build_app, tmp_path):
+    folder = tmp_path / "sets"
+    registry = PromptSetRegistry(folder)
+    registry.add(load_prompt_set(EXAMPLE_PROMPT_SETS / "shapes.yaml"))
+    client = build_app(prompt_sets_dir=folder).test_client()
+    star = [{"type": "text", "text": "a star"}]
+    before = classify(client, set="shapes", input=star)
+    edited = json.loads((folder / "shapes.json").read_text())
+    edited.update(templates=["a drawing of a {}"])  # version 1 still
+    registry.add(PromptSet.from_dict(edited, source="edited"))
+    after = classify(client, set="shapes", input=star)
+    assert before["version"] == after["version"] == "1"
+    assert before["data"][0]["labels"][0]["score"] != after["data"][0]["labels"][0]["score"]
+    assert before["fingerprint"] != after["fingerprint"] == registry.get("shapes").fingerprint
+    assert client.get("/v1/prompt-sets").json["data"][0]["fingerprint"] == after["fingerprint"]
+    assert client.get("/v1/prompt-sets/shapes").json["fingerprint"] == after["fingerprint"]
+
+
 def test_prompt_sets_are_listed_and_shown(client):
     listed = client.get("/v1/prompt-sets").json
     assert [(s["name"], s["labels"], s["prompts"]) for s in listed["data"]] == [

@@ -42,6 +42,7 @@ def test_prompts_add_list_show_and_remove(tmp_path):
     assert [line.split()[:4] for line in listed[1:]] == [["colors", "1", "8", "16"], ["descriptions", "1", "10", "10"],
                                                          ["shapes", "1", "5", "15"]]
     assert all("tiny-clip (sha256:" in line for line in listed[1:])
+    fingerprint = listed[3].split()[4]
     shown = cli_ok("prompts", "show", "shapes", "--prompt-sets", folder)
     assert "shapes, version 1: 5 labels, 15 prompts" in shown and "templates: a {} | a photo of a {} | an image of a {}" \
         in shown
@@ -60,6 +61,9 @@ def test_prompts_add_list_show_and_remove(tmp_path):
     assert "shapes: version 1, 5 labels, 5 prompts; stored, vectors by tiny-clip computed in" in changed
     assert "colors: version 1, 8 labels, 16 prompts; unchanged, vectors by tiny-clip already cached" in changed
     assert colors_vectors.stat().st_mtime_ns == written
+    # Its version is still 1: the fingerprint tells the changed prompts apart.
+    relisted = cli_ok("prompts", "list", "--prompt-sets", folder).splitlines()[3].split()
+    assert relisted[:2] == ["shapes", "1"] and relisted[4].startswith("sha256:") and relisted[4] != fingerprint
 
     assert "removed prompt set shapes" in cli_ok("prompts", "remove", "shapes", "--prompt-sets", folder)
     missing = CliRunner().invoke(main, ["-q", "prompts", "show", "shapes", "--prompt-sets", str(folder)])

@@ -164,6 +164,20 @@ def test_a_changed_template_or_version_re_embeds_only_that_set(tmp_path):
     assert len(list((tmp_path / "vectors" / "shapes").iterdir())) == 1  # one file per model: replaced, not added
 
 
+def test_the_fingerprint_changes_with_a_template_or_label_under_the_same_version_and_not_with_the_version():
+    shapes = load_prompt_set(EXAMPLES / "shapes.yaml")
+    retemplated = PromptSet.from_dict(dict(shapes.to_dict(), templates=["a drawing of a {}"]), source="test")
+    relabelled = PromptSet.from_dict(dict(shapes.to_dict(), labels=["circle", "square"]), source="test")
+    bumped = PromptSet.from_dict(dict(shapes.to_dict(), description="same prompts"), source="test", version="2")
+    assert retemplated.version == relabelled.version == shapes.version
+    assert len({shapes.fingerprint, retemplated.fingerprint, relabelled.fingerprint}) == 3
+    assert bumped.fingerprint == shapes.fingerprint and re.fullmatch(r"sha256:[0-9a-f]{16}", shapes.fingerprint)
+    # The vector cache's key is as it was: vectors already on disk are not embedded again.
+    assert shapes.vector_key(model="m", weights="w") == hashlib.sha256(json.dumps(
+        ["m", "w", "1", [[label.name, list(label.prompts)] for label in shapes.labels]],
+        separators=(",", ":")).encode()).hexdigest()[:32]
+
+
 def test_concurrent_first_uses_compute_the_vectors_once(tmp_path):
     registry = PromptSetRegistry(tmp_path)
     shapes = load_prompt_set(EXAMPLES / "shapes.yaml")
