@@ -18,6 +18,7 @@ from gunicorn import glogging, util
 from sidecar.api.auth import refusal_to_serve
 from sidecar.api.healthcheck import config_bind
 from sidecar.config import Settings
+from sidecar.logs import OneLineFormatter
 
 # Read once in the arbiter; each worker reads its own Settings again when it builds the app.
 _settings = Settings.from_env()
@@ -58,7 +59,14 @@ class KeylessLogger(glogging.Logger):
     """gunicorn's logger, whose access lines never carry an API key. gunicorn's default line names the
     user of an `Authorization: Basic` header, which is the key itself when a client sends it that way
     (`curl -u KEY:`): the API answers 401, and the key was in the log. The header (atom `{authorization}i`,
-    environ `{http_authorization}e`) is left out too, whatever access_log_format names."""
+    environ `{http_authorization}e`) is left out too, whatever access_log_format names. Its error log
+    (gunicorn's lines and, from post_fork, the app's) writes every record on one line, tracebacks too."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            if getattr(handler, "_gunicorn", False):  # gunicorn's own, not those of an operator's --log-config
+                handler.setFormatter(OneLineFormatter(handler.formatter))
 
     def atoms(self, resp, req, environ, request_time):
         atoms = super().atoms(resp, req, environ, request_time)

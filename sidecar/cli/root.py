@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from sidecar.config import PRECISIONS, STORES, Settings
+from sidecar.logs import OneLineFormatter
 
 MODEL_FLAGS = ("model", "pretrained", "model_config", "device", "precision", "fine_model", "fine_pretrained")
 OPENSEARCH_FLAGS = ("opensearch_url", "opensearch_index")
@@ -141,9 +142,10 @@ def configure_logging(*, verbose: bool, quiet: bool) -> None:
     """The project's own INFO lines on stderr; third-party loggers (faiss's loader, open_clip,
     opensearch-py's request log) only from WARNING up unless -v, so their chatter does not
     interleave with the progress a user is watching. opensearch-py's failed-request warnings (a
-    traceback per attempt) only from ERROR: the store reports each failure itself, in one line."""
+    traceback per attempt) only from ERROR: the store reports each failure itself, in one line.
+    Every record is one line, a traceback's too (`OneLineFormatter`)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(OneLineFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)

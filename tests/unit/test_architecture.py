@@ -10,13 +10,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "sidecar"
 
 # Which parts each part may import (besides itself). Top: api, cli; middle: serving, retrieval,
-# ingest; below them: model, stores; at the bottom: config, errors, types, threads.
-BOTTOM = {"config", "errors", "types", "threads"}
+# ingest; below them: model, stores; at the bottom: config, errors, types, threads, logs.
+BOTTOM = {"config", "errors", "types", "threads", "logs"}
 ALLOWED = {
     "config": set(),
     "errors": set(),
     "types": set(),
     "threads": set(),
+    "logs": set(),
     "model": BOTTOM,
     "stores": BOTTOM,
     "serving": BOTTOM | {"model"},

@@ -7,6 +7,7 @@ import base64
 import logging
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,15 @@ def test_usr2_hands_the_servers_own_metrics_folder_to_the_new_master_and_the_las
     assert not os.path.exists(folder)
 
 
+def config_file_settings() -> Config:
+    """gunicorn's settings from the config file, as gunicorn reads it."""
+    cfg = Config()
+    for name, value in vars(gunicorn_config).items():
+        if name in cfg.settings:
+            cfg.set(name, value)
+    return cfg
+
+
 @pytest.mark.parametrize("access_format", [
     None,  # gunicorn's default line, whose user field is the Basic header's user
     '%(u)s %({authorization}i)s %({Authorization}i)s %({http_authorization}e)s "%(r)s" %(s)s',
@@ -81,10 +91,7 @@ def test_usr2_hands_the_servers_own_metrics_folder_to_the_new_master_and_the_las
 def test_an_access_log_line_never_carries_an_api_key_sent_as_basic_auth(tmp_path, access_format):
     key = "csk_" + "k" * 43
     header = "Basic " + base64.b64encode(f"{key}:".encode()).decode()  # what `curl -u KEY:` sends
-    cfg = Config()
-    for name, value in vars(gunicorn_config).items():  # as gunicorn reads a config file
-        if name in cfg.settings:
-            cfg.set(name, value)
+    cfg = config_file_settings()
     cfg.set("accesslog", str(tmp_path / "access.log"))
     if access_format:
         cfg.set("access_log_format", access_format)
@@ -98,6 +105,32 @@ def test_an_access_log_line_never_carries_an_api_key_sent_as_basic_auth(tmp_path
     line = (tmp_path / "access.log").read_text()
     assert '"GET /v1/models HTTP/1.1" 401' in line, line  # the request was logged
     assert key not in line and header.split()[1] not in line, line
+
+
+def test_the_error_log_writes_a_traceback_in_its_record_on_one_line_for_gunicorns_and_the_workers_app_lines(
+        tmp_path):
+    cfg = config_file_settings()
+    cfg.set("errorlog", str(tmp_path / "error.log"))
+    logger = cfg.logger_class(cfg)
+    app_log = logging.getLogger("sidecar")
+    saved = list(app_log.handlers), app_log.level, app_log.propagate
+    try:
+        gunicorn_config.post_fork(arbiter(), SimpleNamespace(log=logger))  # the app's lines into gunicorn's log
+        try:
+            raise sqlite3.DatabaseError("file is not a database")
+        except sqlite3.DatabaseError:
+            logger.exception("Exception in worker process")  # gunicorn's own
+            logging.getLogger("sidecar.api.app").exception("unhandled error on POST /v1/embeddings")
+    finally:
+        app_log.handlers[:], level, app_log.propagate = saved
+        app_log.setLevel(level)
+        for handler in logger.error_log.handlers:
+            handler.close()
+    lines = (tmp_path / "error.log").read_text().splitlines()
+    assert [re.sub(r".*?\] \[ERROR\] ", "", line).split("\\n")[:2] for line in lines] == [
+        ["Exception in worker process", "Traceback (most recent call last):"],
+        ["unhandled error on POST /v1/embeddings", "Traceback (most recent call last):"]], lines
+    assert all(line.endswith("sqlite3.DatabaseError: file is not a database") for line in lines), lines
 
 
 def effective_config(**env: str) -> dict[str, str]:
