@@ -38,6 +38,10 @@ _WRITE_LINGER_S = 0.05
 # of a tenth of the table, a prompt set's first encode: tens of MB for 20k rows); with a limit it
 # cuts the file back to it when the log next starts over, so the cache's disk use stays bounded.
 _WAL_SIZE_LIMIT = 8 << 20
+# SQLITE_CORRUPT, SQLITE_NOTADB: the file's contents are unreadable (not a lock or a permission).
+_UNREADABLE = (11, 26)
+# A failing read is logged at most this often: it recurs on every batch until the file is replaced.
+_READ_WARNING_EVERY_S = 60.0
 
 
 class CachedText(NamedTuple):
@@ -77,6 +81,8 @@ class TextVectorCache:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None  # reads (the batcher thread), counts
         self._db_lock = threading.Lock()
+        self._write_db: sqlite3.Connection | None = None  # the writer thread's
+        self._read_warned_at = -_READ_WARNING_EVERY_S
         self._writes: queue.Queue[tuple[str, list] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         if path is not None:
@@ -87,23 +93,46 @@ class TextVectorCache:
             # failure would stop a worker from booting (tests/unit/serving/test_cache.py).
             with open(path.with_name(path.name + ".lock"), "a+b") as setup_lock:
                 fcntl.flock(setup_lock, fcntl.LOCK_EX)
-                self._db = self._connect(path)
-                self._db.execute("CREATE TABLE IF NOT EXISTS text_vectors (namespace TEXT, key TEXT, vector BLOB, "
-                                 "last_used INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (namespace, key))")
-                columns = {row[1] for row in self._db.execute("PRAGMA table_info(text_vectors)")}
-                if "last_used" not in columns:  # a file from before the bound: its rows count as least recent
-                    self._db.execute("ALTER TABLE text_vectors ADD COLUMN last_used INTEGER NOT NULL DEFAULT 0")
-                if "tokens" not in columns:  # a file from before token counts were kept: such rows are recomputed
-                    self._db.execute("ALTER TABLE text_vectors ADD COLUMN tokens INTEGER")
-                self._db.execute("CREATE INDEX IF NOT EXISTS text_vectors_last_used ON text_vectors (last_used)")
-                # Rows in the file as this process last counted them, plus what it inserted since;
-                # other processes' inserts show up at the next count.
-                self._rows = self._db.execute("SELECT count(*) FROM text_vectors").fetchone()[0]
-                self._write_db = self._connect(path)
-                self._evict_if_over()
+                self._open_tables(path)
             self._writer = NamedThread(target=self._write_loop, name=f"{'text' if role == 'coarse' else role}-cache-writer",
                                        daemon=True)
             self._writer.start()
+
+    def _open_tables(self, path: Path) -> None:
+        """Connects, creating or upgrading the table. A file SQLite cannot read (a disk fault, a copy cut
+        short) is moved aside and a new one begun: every row can be computed again, and a worker that
+        refused to boot over its cache would stop serving for want of an optimisation."""
+        try:
+            self._create_tables(path)
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) not in _UNREADABLE:
+                raise  # a locked file, a read-only folder: the operator's to fix, said as SQLite says it
+            for db in (self._db, self._write_db):
+                if db is not None:
+                    db.close()
+            aside = path.with_name(path.name + ".unreadable")
+            path.replace(aside)
+            for suffix in ("-wal", "-shm"):  # the old file's log must not be replayed into the new one
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+            log.warning("text-vector cache: %s cannot be read (%s); moved to %s and began a new one (texts are "
+                        "encoded again as they come)", path, exc, aside.name)
+            self._create_tables(path)
+
+    def _create_tables(self, path: Path) -> None:
+        self._db = self._connect(path)
+        self._db.execute("CREATE TABLE IF NOT EXISTS text_vectors (namespace TEXT, key TEXT, vector BLOB, "
+                         "last_used INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (namespace, key))")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(text_vectors)")}
+        if "last_used" not in columns:  # a file from before the bound: its rows count as least recent
+            self._db.execute("ALTER TABLE text_vectors ADD COLUMN last_used INTEGER NOT NULL DEFAULT 0")
+        if "tokens" not in columns:  # a file from before token counts were kept: such rows are recomputed
+            self._db.execute("ALTER TABLE text_vectors ADD COLUMN tokens INTEGER")
+        self._db.execute("CREATE INDEX IF NOT EXISTS text_vectors_last_used ON text_vectors (last_used)")
+        # Rows in the file as this process last counted them, plus what it inserted since;
+        # other processes' inserts show up at the next count.
+        self._rows = self._db.execute("SELECT count(*) FROM text_vectors").fetchone()[0]
+        self._write_db = self._connect(path)
+        self._evict_if_over()
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -193,13 +222,20 @@ class TextVectorCache:
         found: dict[str, CachedText] = {}
         touched: list[str] = []
         with self._db_lock:
-            for start in range(0, len(keys), 500):
-                chunk = list(keys)[start:start + 500]
-                for key, blob, tokens in self._db.execute(
-                        f"SELECT key, vector, tokens FROM text_vectors WHERE namespace = ? AND key IN "
-                        f"({','.join('?' * len(chunk))}) AND tokens IS NOT NULL", [self.namespace, *chunk]):
-                    found[keys[key]] = CachedText(np.frombuffer(blob, dtype=np.float32), tokens)
-                    touched.append(key)
+            try:
+                for start in range(0, len(keys), 500):
+                    chunk = list(keys)[start:start + 500]
+                    for key, blob, tokens in self._db.execute(
+                            f"SELECT key, vector, tokens FROM text_vectors WHERE namespace = ? AND key IN "
+                            f"({','.join('?' * len(chunk))}) AND tokens IS NOT NULL", [self.namespace, *chunk]):
+                        found[keys[key]] = CachedText(np.frombuffer(blob, dtype=np.float32), tokens)
+                        touched.append(key)
+            except sqlite3.Error as exc:  # the file damaged under a running server: misses, as a failed write is
+                now = time.monotonic()
+                if now - self._read_warned_at >= _READ_WARNING_EVERY_S:
+                    self._read_warned_at = now
+                    log.warning("text-vector cache: reading the file failed (%s); its texts are encoded again. A "
+                                "file that cannot be read is replaced when the server next starts", exc)
         if touched:  # a use: these rows move to the recent end
             self._writes.put(("touch", touched))
         return found

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -425,3 +426,30 @@ def test_text_cache_persistence_follows_its_settings(build_app, tmp_path):
     assert client.post("/v1/embeddings", json={"input": ["red circle"]}).status_code == 200
     assert not (tmp_path / "cache" / "text-vectors.sqlite").exists()
     assert state_of(client.application).encoding.cache.persisted_count() == 0
+
+
+def damage(path):
+    """What a disk fault or a copy cut short leaves: bytes SQLite does not recognise, its log gone."""
+    for part in path.parent.glob(path.name + "*"):
+        if not part.name.endswith(".lock"):
+            part.write_bytes(b"not a database" * 512)
+
+
+def test_a_text_cache_file_damaged_under_the_server_costs_encodes_not_errors_and_is_replaced_at_the_next_start(
+        build_app, tmp_path, caplog):
+    path = tmp_path / "vectors.sqlite"
+    client = build_app(text_cache_path=str(path)).test_client()
+    assert client.post("/v1/embeddings", json={"input": ["red circle"]}).status_code == 200
+    state_of(client.application).encoding.cache.flush()
+    damage(path)
+    caplog.set_level(logging.WARNING, logger="sidecar.serving.cache")
+    assert client.post("/v1/embeddings", json={"input": ["blue square", "green"]}).status_code == 200  # was a 500
+    assert client.post("/v1/embeddings", json={"input": ["yellow"]}).status_code == 200
+    assert sum("reading the file failed (file is not a database)" in r.getMessage() for r in caplog.records) == 1
+
+    restarted = build_app(text_cache_path=str(path)).test_client()  # a worker that could not boot, before
+    assert restarted.post("/v1/embeddings", json={"input": ["red circle"]}).status_code == 200
+    cache = state_of(restarted.application).encoding.cache
+    assert cache.persisted_count() == 1  # a new file, holding what was encoded since
+    assert path.with_name("vectors.sqlite.unreadable").read_bytes().startswith(b"not a database")
+    assert any("moved to vectors.sqlite.unreadable and began a new one" in r.getMessage() for r in caplog.records)

@@ -1,4 +1,5 @@
 import multiprocessing
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -215,3 +216,14 @@ def test_processes_opening_a_new_cache_file_at_once_all_start(tmp_path):
         for worker in workers:
             worker.join(180)
         assert [worker.exitcode for worker in workers] == [0] * 8, f"attempt {attempt}"
+
+
+def test_a_cache_file_that_cannot_be_opened_for_another_reason_than_its_contents_is_not_moved_aside(tmp_path):
+    # Only contents SQLite cannot read are replaced; a folder the process may not write is the operator's.
+    path = tmp_path / "text-vectors.sqlite"
+    TextVectorCache(path, namespace=namespace(), capacity=10).close()
+    path.unlink()
+    path.mkdir()  # "unable to open database file": not a damaged file
+    with pytest.raises(sqlite3.OperationalError):
+        TextVectorCache(path, namespace=namespace(), capacity=10)
+    assert path.is_dir() and not path.with_name(path.name + ".unreadable").exists()
