@@ -1215,7 +1215,7 @@ class EmbeddedStore:
     and moves this process to a newer version when there is one; calls already running finish on the
     version they started on, and its files stay while any process has it open (a shared lock on its
     `read.lock`). The last process to let go of a replaced version removes it (on a thread of its own:
-    `_let_go`); else the next rebuild or `store repair` does. A rebuild killed at any point leaves the
+    `_let_go_unused`; `close` waits for it); else the next rebuild or `store repair` does. A rebuild killed at any point leaves the
     current version serving as it was and a version directory no pointer names, which the next rebuild
     removes. `load.lock`:
     `index` sessions hold it shared and a rebuild exclusive, so no `index` writes into a version that
@@ -1240,7 +1240,7 @@ class EmbeddedStore:
         self._options = options
         self._lock = threading.Lock()
         self._opened: list[_Opened] = []  # the newest last; older ones until their last call returns
-        self._letting_go: list[threading.Thread] = []  # closing and removing replaced versions (`_let_go`)
+        self._letting_go: list[threading.Thread] = []  # closing and removing replaced versions (`_let_go_unused`)
         self._closed = False
         self._session_lock = threading.Lock()
         self._sessions = 0  # load sessions of this object: the first takes load.lock shared, the last lets go
@@ -1269,9 +1269,8 @@ class EmbeddedStore:
             letting_go, self._letting_go = self._letting_go, []
         for thread in letting_go:  # a replaced version this process let go of is removed before it exits
             thread.join()
-        for version in opened:
-            version.store.close()
-            os.close(version.handle)
+        # A replaced version that a call still used is closed here, with the rest: its removal is close's too.
+        self._close_and_remove(opened)
         with self._session_lock:
             if self._load_handle is not None:
                 os.close(self._load_handle)
@@ -1327,9 +1326,8 @@ class EmbeddedStore:
                         continue
                     self._opened.append(newest)
                 newest.users += 1
-                done = self._unused_retired() if len(self._opened) > 1 else None
-            if done:
-                self._let_go(done)
+                if len(self._opened) > 1:
+                    self._let_go_unused()
             return newest
         raise StoreError(f"{self.path}: the version {_POINTER} names was replaced {_MAX_READ_RETRIES} times while "
                          "this process opened it; try again")
@@ -1354,24 +1352,23 @@ class EmbeddedStore:
         """A call on `opened` has returned: a replaced version nobody uses any more is let go."""
         with self._lock:
             opened.users -= 1
-            done = self._unused_retired() if len(self._opened) > 1 else None
-        if done:
-            self._let_go(done)
+            if len(self._opened) > 1:
+                self._let_go_unused()
 
-    def _unused_retired(self) -> list[_Opened]:
-        """Under self._lock: the replaced versions no call uses any more, taken off the list."""
+    def _let_go_unused(self) -> None:
+        """Under self._lock: take the replaced versions no call uses any more off the list, then close them and
+        remove those no process has open on a thread of its own: the call that let go of them is a request's,
+        and unlinking a version of 100k 512-d documents (430 MB of vectors, graph, SQLite and BM25 files) added
+        50-200 ms to that request. Started under the lock that took them off the list, so `close`, which takes
+        it too, finds either the versions (and removes them itself) or the started thread (and joins it); a
+        thread started after `close` had looked was left removing, or killed at exit with the files behind."""
         done = [version for version in self._opened[:-1] if version.users == 0]
+        if not done:
+            return
         self._opened = [version for version in self._opened if version not in done]
-        return done
-
-    def _let_go(self, done: list[_Opened]) -> None:
-        """Close the replaced versions `done` and remove those no process has open, on a thread of its own: the
-        call that let go of them is a request's, and unlinking a version of 100k 512-d documents (430 MB of
-        vectors, graph, SQLite and BM25 files) added 50-200 ms to that request. `close` waits for it."""
         thread = NamedThread(target=self._close_and_remove, args=(done,), name="version-removal", daemon=True)
-        with self._lock:  # started under it: `close` joins only started threads
-            self._letting_go = [*(running for running in self._letting_go if running.is_alive()), thread]
-            thread.start()
+        self._letting_go = [*(running for running in self._letting_go if running.is_alive()), thread]
+        thread.start()
 
     def _close_and_remove(self, done: list[_Opened]) -> None:
         try:

@@ -5,6 +5,7 @@ is removed once nobody reads it."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -113,6 +114,59 @@ def test_the_call_that_lets_go_of_a_replaced_version_returns_before_its_removal_
         go_on.set()
     reader.close()
     assert not (path / "store.sqlite").exists()
+
+
+def test_a_version_let_go_while_the_store_closes_is_removed_before_close_returns(served, monkeypatch):
+    # A call lets go of the replaced version 0 while another thread closes the store; the removal thread is held
+    # as it is made, so close runs while the call is between taking version 0 off the list and starting it.
+    path, reader = served
+    assert reader.count() == 30  # the reader holds version 0
+    with EmbeddedStore(path) as rebuilder:
+        rebuilder.rebuild(make_docs(20, seed=1, prefix="new", version=1), signature=SIGNATURE)
+    letting_go, go_on = threading.Event(), threading.Event()
+
+    class HeldUpThread(embedded.NamedThread):
+        def __init__(self, *args, **kwargs):
+            letting_go.set()
+            go_on.wait(timeout=10)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(embedded, "NamedThread", HeldUpThread)
+    order = []
+    with ThreadPoolExecutor(2) as pool:
+        pool.submit(reader.count)  # moves the reader to version 1 and lets go of version 0 (may then find it closed)
+        assert letting_go.wait(timeout=30)
+        closing = pool.submit(lambda: (reader.close(), order.append("closed")))
+        time.sleep(1)  # long enough for a close that does not wait to return
+        order.append("removal thread made")
+        go_on.set()
+        closing.result(timeout=30)
+    assert order == ["removal thread made", "closed"]
+    assert not (path / "store.sqlite").exists() and not (path / "bm25").exists()
+
+
+def test_a_replaced_version_a_call_still_uses_when_the_store_closes_is_removed_by_close(served):
+    path, reader = served
+    holding, leave = threading.Event(), threading.Event()
+
+    def hold_version_0():
+        with reader.one_version():
+            reader.count()
+            holding.set()
+            leave.wait(timeout=30)
+
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(hold_version_0)
+        assert holding.wait(timeout=30)
+        with EmbeddedStore(path) as rebuilder:
+            rebuilder.rebuild(make_docs(20, seed=1, prefix="new", version=1), signature=SIGNATURE)
+        assert reader.count() == 20  # this thread moves to version 1; the other still uses version 0
+        reader.close()
+        leave.set()
+        held.result(timeout=30)
+    assert not (path / "store.sqlite").exists() and not (path / "bm25").exists()
+    assert sorted(entry.name for entry in path.iterdir()) == ["current", "load.lock", "version.1"]
+
 
 def test_an_index_run_waits_for_a_rebuild_or_is_refused_naming_it_and_a_rebuild_refuses_beside_an_index_run(served):
     path, reader = served
@@ -245,7 +299,9 @@ def test_a_removal_of_version_0_killed_midway_is_finished_by_the_next_rebuild_le
     assert reader.count() == 30  # holds version 0: the rebuild below leaves its removal to the reader's process
     with EmbeddedStore(path) as rebuilder:
         rebuilder.rebuild(make_docs(20, seed=1, prefix="new", version=1), signature=SIGNATURE)
-    reader.close()
+    with (path / "read.lock").open() as other_reader:  # another process still has version 0 open when this one
+        fcntl.flock(other_reader, fcntl.LOCK_SH)  # closes: its removal falls to the repair below
+        reader.close()
     script = textwrap.dedent(f"""
         import os, pathlib, signal
         from sidecar.stores.embedded import EmbeddedStore
