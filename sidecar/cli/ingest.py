@@ -48,7 +48,7 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
                    "store serves them by document id); 0 = none. Fixed per --out directory once shards exist.")
 @click.option("--tag", "tags", multiple=True, metavar="SET[:K|THRESHOLD]",
               help=TAG_HELP + " Default: the sets OUT was last tagged with (`clip-sidecar tag OUT --clear` drops "
-                              "them). Local engine only.")
+                              "them).")
 @click.option("--engine", type=click.Choice(EMBED_ENGINES), default="local", show_default=True,
               help="local: this machine's processes. ray: a Ray cluster (pip install 'clip-sidecar[ray]') decodes "
                    "on CPU tasks and runs the model on actors, one per GPU; same shards, skips and reruns.")
@@ -100,7 +100,7 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     """
     from sidecar.ingest.shards import ShardSet
     from sidecar.ingest.tagging import Tagger, recorded_specs
-    from sidecar.model.encoder import load_encoder, load_fine_encoder
+    from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
     from sidecar.model.prompts import PromptSetRegistry
 
     try:  # before the model loads: a path under a file fails here, not minutes later
@@ -111,6 +111,11 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     recorded_in = None if specs else out
     specs = specs or recorded_specs(ShardSet(out))
     settings = settings_from(kwargs, MODEL_FLAGS + PROMPT_FLAGS)
+
+    def load_tagger(encoder: Encoder) -> Tagger | None:  # either engine's, by the model it embeds with
+        return (Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), encoder, recorded_in=recorded_in)
+                if specs else None)
+
     if engine == "ray":
         from sidecar.ingest.ray_engine import RayResources, RayUnavailable, embed_corpus_on_ray
 
@@ -119,13 +124,10 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
         if jpeg_decoder != "torchvision":
             raise click.UsageError(f"--engine ray decodes on CPU tasks: --jpeg-decoder {jpeg_decoder} is for the "
                                    "local engine's --decode device or split")
-        if specs:
-            raise click.UsageError(f"--engine ray does not tag ({', '.join(spec.set for spec in specs)}): embed "
-                                   "with --engine local, or tag afterwards with `clip-sidecar tag OUT`")
         try:
             summary = embed_corpus_on_ray(settings, source, out, address=address, batch_size=batch_size,
                                           shard_size=shard_size, max_pixels=settings.max_image_pixels,
-                                          thumbnail_side=thumbnail_side,
+                                          thumbnail_side=thumbnail_side, load_tagger=load_tagger,
                                           resources=RayResources(actors=actors, actor_cpus=actor_cpus,
                                                                  task_cpus=task_cpus),
                                           progress=ctx.obj["progress"])
@@ -136,13 +138,12 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
         from sidecar.model.images import JpegDecoderUnavailable
 
         encoder = load_encoder(settings)
-        tagger = (Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), encoder, recorded_in=recorded_in)
-                  if specs else None)
         try:
             summary = embed_corpus(encoder, source, out, batch_size=batch_size, shard_size=shard_size,
                                    workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
                                    jpeg_decoder=jpeg_decoder, fine_encoder=load_fine_encoder(settings),
-                                   thumbnail_side=thumbnail_side, tagger=tagger, progress=ctx.obj["progress"])
+                                   thumbnail_side=thumbnail_side, tagger=load_tagger(encoder),
+                                   progress=ctx.obj["progress"])
         except JpegDecoderUnavailable as exc:
             raise click.UsageError(f"--jpeg-decoder {jpeg_decoder}: {exc}") from exc
     click.echo(summary.describe())

@@ -2,8 +2,8 @@
 
 One implementation, two schedulers: what to embed (`embed.plan_embed`: scan, identity, skips,
 deletions), how an image is read and decoded and its thumbnail made (`decode_pool.read_file`,
-`decode_data`), the forward (`embed.forward_batch`, `embed.fine_vectors`) and a shard's files
-(`shards.write_shard_files`) are the local job's own functions. Ray Data runs them: files are
+`decode_data`), the forward (`embed.forward_batch`, `embed.fine_vectors`), the tags (`tagging.Tagger`) and a
+shard's files (`shards.write_shard_files`) are the local job's own functions. Ray Data runs them: files are
 hashed and decoded by CPU tasks, the model runs in actors (one per GPU, or CPU actors where the
 cluster has no GPU; the pool grows from one actor as work waits and shrinks again when a node is
 lost), and tasks write each shard under a name no other writer can take:
@@ -33,7 +33,7 @@ import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -52,7 +52,8 @@ from sidecar.ingest.embed import (
     plan_embed,
 )
 from sidecar.ingest.shards import ShardRow, exclusive_writer, write_shard_files
-from sidecar.model.encoder import load_encoder, load_fine_encoder
+from sidecar.ingest.tagging import Tagger
+from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
 from sidecar.model.images import ImagePreprocess
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,12 @@ class RayResources:
 def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address: str = LOCAL,
                         batch_size: int = 256, shard_size: int = 4096, resources: RayResources = RayResources(),
                         max_pixels: int = 40_000_000, thumbnail_side: int = THUMBNAIL_SIDE,
+                        load_tagger: Callable[[Encoder], Tagger | None] | None = None,
                         progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out` on the Ray cluster at `address` ("local" starts one
-    on this machine): the same shards, thumbnails, skips and summary as `embed.embed_corpus`."""
+    on this machine): the same shards, thumbnails, skips and summary as `embed.embed_corpus`.
+    `load_tagger`: the tagger (`embed.embed_corpus`'s `tagger`) for the job's model, which the driver
+    loads here."""
     # The cluster's processes run in folders of their own: relative paths are the driver's, made absolute here.
     source, out = Path(source).absolute(), Path(out).absolute()
     # Ray's driver prints the cluster's error messages (a node lost, with 20 lines of its raylet's log)
@@ -114,7 +118,8 @@ def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address:
         ray = _connect(address)
         try:
             return _run(ray, settings, source, out, batch_size=batch_size, shard_size=shard_size,
-                        resources=resources, max_pixels=max_pixels, thumbnail_side=thumbnail_side, progress=progress)
+                        resources=resources, max_pixels=max_pixels, thumbnail_side=thumbnail_side,
+                        load_tagger=load_tagger, progress=progress)
         finally:
             ray.shutdown()
 
@@ -172,7 +177,8 @@ def _check_reachable(address: str) -> None:
 
 
 def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: int, shard_size: int,
-         resources: RayResources, max_pixels: int, thumbnail_side: int, progress: bool) -> EmbedSummary:
+         resources: RayResources, max_pixels: int, thumbnail_side: int,
+         load_tagger: Callable[[Encoder], Tagger | None] | None, progress: bool) -> EmbedSummary:
     started = time.perf_counter()
     stages: defaultdict[str, float] = defaultdict(float)
     actors, actor_gpus = _actor_pool(ray, resources)  # before the scan: its hash tasks need a node that holds them
@@ -180,7 +186,9 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
     # the decode tasks (and the tiny model trained into the cache before any actor wants it).
     driver_settings = dataclasses.replace(settings, device="cpu", precision="fp32")
     encoder, fine_encoder = load_encoder(driver_settings), load_fine_encoder(driver_settings)
-    plan = plan_embed(encoder, source, out, decode="cpu", fine_encoder=fine_encoder, shard_size=shard_size,
+    tagger = load_tagger(encoder) if load_tagger else None
+    plan = plan_embed(encoder, source, out, decode="cpu", fine_encoder=fine_encoder, tagger=tagger,
+                      shard_size=shard_size,
                       workers=0, progress=progress, stages=stages, thumbnail_side=thumbnail_side,
                       max_pixels=max_pixels,
                       hash_files=lambda paths: _hash_on_cluster(ray, paths, task_cpus=resources.task_cpus))
@@ -195,7 +203,7 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
             dataset = _pipeline(ray, plan.todo, encoder.images, settings, out=out, run_base=len(shards.shard_names()),
                                 batch_size=batch_size, shard_size=shard_size, resources=resources, actors=actors,
                                 actor_gpus=actor_gpus, max_pixels=max_pixels, fine=fine_encoder is not None,
-                                thumbnail_side=shards.thumbnail_side)
+                                thumbnail_side=shards.thumbnail_side, tagger=tagger)
             pipeline_started = time.perf_counter()
             for written in dataset.iter_rows():
                 errors.write(written["errors"])
@@ -205,7 +213,7 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
                 bar.update(int(written["rows"]) + int(written["failed"]))
             stages["pipeline"] = time.perf_counter() - pipeline_started
     shards.record_shards()  # the manifest, once: every shard the writers renamed into place
-    return finish_embed(plan, failed=failed, started=started, stages=stages)
+    return finish_embed(plan, failed=failed, started=started, stages=stages, tagger=tagger)
 
 
 def _hash_on_cluster(ray: Any, paths: list[Path], *, task_cpus: float) -> Iterable[tuple[str | None, str | None]]:
@@ -248,7 +256,7 @@ def _actor_pool(ray: Any, resources: RayResources) -> tuple[int, float]:
 
 def _pipeline(ray: Any, todo: list, images: ImagePreprocess, settings: Settings, *, out: Path, run_base: int,
               batch_size: int, shard_size: int, resources: RayResources, actors: int, actor_gpus: float,
-              max_pixels: int, fine: bool, thumbnail_side: int) -> Any:
+              max_pixels: int, fine: bool, thumbnail_side: int, tagger: Tagger | None) -> Any:
     """The plan's rows → decode (CPU tasks) → forward (actors) → shard files (CPU tasks), one
     result row per shard written."""
     rows = [{"path": str(item.path), "row": json.dumps(dataclasses.asdict(document_row(item, digest)),
@@ -263,7 +271,8 @@ def _pipeline(ray: Any, todo: list, images: ImagePreprocess, settings: Settings,
                          batch_size=batch_size, batch_format="numpy", num_cpus=resources.actor_cpus,
                          num_gpus=actor_gpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
             .map_batches(_write_shard, fn_kwargs={"root": str(out), "prefix": f"shard-{run_base:05d}-{run}",
-                                                  "fine": fine, "thumbnails": bool(thumbnail_side)},
+                                                  "fine": fine, "thumbnails": bool(thumbnail_side),
+                                                  "tagger": tagger},
                          batch_size=shard_size, batch_format="numpy", num_cpus=resources.task_cpus))
 
 
@@ -324,12 +333,14 @@ class _EncodeBatches:
 
 
 def _write_shard(batch: dict[str, np.ndarray], *, root: str, prefix: str, fine: bool,
-                 thumbnails: bool) -> dict[str, list]:
-    """A CPU task: one shard of the batch's usable rows, named by the run and its ids; the failures
-    as errors.jsonl lines for the driver."""
+                 thumbnails: bool, tagger: Tagger | None) -> dict[str, list]:
+    """A CPU task: one shard of the batch's usable rows (with their tags, given a tagger), named by the run and
+    its ids; the failures as errors.jsonl lines for the driver."""
     started = time.perf_counter()
     usable = batch["reason"] == ""
     rows = [ShardRow.from_json(line) for line in batch["row"][usable]]
+    if tagger is not None:
+        rows = tagger.apply(rows, batch["vector"][usable])
     failures = "".join(error_line(json.loads(line)["id"], str(path), str(reason))
                        for line, path, reason in zip(batch["row"][~usable], batch["path"][~usable],
                                                      batch["reason"][~usable]))

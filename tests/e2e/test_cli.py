@@ -952,16 +952,6 @@ def test_kill_minus_9_during_store_repair_loses_no_document_and_a_rerun_repairs_
         assert report.clean and report.notes == [], report.describe()  # no leftover file of the killed runs
 
 
-def test_embed_on_ray_refuses_tags_naming_the_sets(tmp_path: Path):
-    pytest.importorskip("ray", reason="the ray extra is not installed")
-    folder = tmp_path / "images"
-    folder.mkdir()
-    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(tmp_path / "shards"),
-                                       "--engine", "ray", "--tag", "shapes", "--tag", "colors:2"])
-    assert result.exit_code == 2, result.output
-    assert "--engine ray does not tag (shapes, colors)" in result.output
-
-
 def test_embed_on_ray_at_an_address_nobody_answers_fails_within_seconds_naming_it(tmp_path: Path):
     pytest.importorskip("ray", reason="the ray extra is not installed")
     with socket.socket() as reserved:  # bound, never listening: a connect to it is refused

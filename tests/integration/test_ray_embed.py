@@ -167,6 +167,53 @@ def test_ray_job_writes_the_local_jobs_rows_and_vectors_and_reruns_like_it(ray_c
                                                                                     removed)]
 
 
+def local_embed(source: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """The real CLI on the local engine, as `ray_embed` runs it on the cluster."""
+    return subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "embed", str(source), "--out", str(out),
+                             "--workers", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def tags_by_id(out: Path) -> dict[str, dict[str, list]]:
+    """id → the tag fields (tag_SET, tag_SET_score) of its newest row."""
+    return {doc_id: {name: value for name, value in fields["metadata"].items() if name.startswith("tag_")}
+            for doc_id, (_, fields) in shard_contents(out)[1].items()}
+
+
+def test_ray_job_tags_as_the_local_job_does_and_its_rerun_of_a_tagged_folder_tags_the_new_rows(
+        ray_cluster, example_prompt_sets: Path, tmp_path, monkeypatch):
+    _, address = ray_cluster
+    monkeypatch.setenv("SIDECAR_PROMPT_SETS_DIR", str(example_prompt_sets))
+    corpus = tmp_path / "corpus"
+    manifest = write_corpus(corpus, 40, seed=41)
+    ray_out, local_out = tmp_path / "ray", tmp_path / "local"
+
+    def both_engines(*tags: str) -> None:
+        finish(ray_embed(address, manifest, ray_out, *tags))
+        finish(local_embed(manifest, local_out, *tags))
+        assert ShardSet(ray_out).tagging == ShardSet(local_out).tagging
+        assert [spec["set"] for spec in ShardSet(ray_out).tagging] == ["shapes", "colors"]
+        on_ray, local = tags_by_id(ray_out), tags_by_id(local_out)
+        assert on_ray.keys() == local.keys()
+        for doc_id, fields in local.items():  # the same labels; scores from vectors equal to within 1e-5
+            assert fields.keys() == on_ray[doc_id].keys() == {"tag_shapes", "tag_shapes_score", "tag_colors",
+                                                              "tag_colors_score"}
+            assert [on_ray[doc_id]["tag_shapes"], on_ray[doc_id]["tag_colors"]] == [fields["tag_shapes"],
+                                                                                    fields["tag_colors"]]
+            assert len(fields["tag_colors"]) == 2
+            np.testing.assert_allclose(on_ray[doc_id]["tag_colors_score"], fields["tag_colors_score"], atol=2e-4)
+
+    both_engines("--tag", "shapes", "--tag", "colors:2")
+    # New images, and a rerun without --tag: the folder's recorded sets tag them, on the cluster too.
+    lines = manifest.read_text()
+    for item in sample_items(4, seed=123):
+        item.image.save(corpus / f"new-{item.id}.jpg", format="JPEG")
+        lines += json.dumps({"id": f"new-{item.id}", "path": f"new-{item.id}.jpg", "text": "new"}) + "\n"
+    manifest.write_text(lines)
+    both_engines()
+    assert len(tags_by_id(ray_out)) == 44
+
+
 def test_relative_paths_are_the_drivers_even_where_the_cluster_started_elsewhere(ray_cluster, encoder: Encoder,
                                                                                   tmp_path):
     """The cluster's processes run in their own folders (here: wherever `ray start` ran); the job reads
