@@ -33,7 +33,7 @@ import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import numpy as np
 from tqdm import tqdm
@@ -73,9 +73,13 @@ CONNECT_TIMEOUT_S = 5.0
 # py_gcs_connect_timeout_s (30 s) for the GCS to send its cluster id, then 1 s of sleep: here one attempt of
 # 1 + 1 + 3 + 1 s. A ray:// address goes through the Ray Client instead (`ray.util.client.worker`): 3 attempts
 # of RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S (5 s), each 5 s longer up to RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S
-# (30 s), to connect and ping: here 3 of 2 s. A head that runs answers in milliseconds. Ray reads these
-# when it is first imported (its C++ RayConfig, module constants), so they are set before `import ray`;
-# values already in the environment win.
+# (30 s), to connect and ping: here 3 of 2 s. A head that runs answers in milliseconds. Values already in the
+# environment win. They are in os.environ only while the driver connects (`_connect_settings`): left there, they
+# went to every process the job's process started later and to its later ray.init calls. Ray reads the first one
+# on each connect; the next two (its C++ RayConfig) when it is imported, so `_connect_settings` has Ray read them
+# again where it was imported before (else such a port took 42 s to fail there, not 8); the Ray Client's two when
+# `ray.util.client` is first imported, at a process's first ray:// connect, so a process that connected to a
+# ray:// address before keeps the Client timeouts it had then (module constants of Ray's, not patched here).
 RAY_CONNECT_SETTINGS = {"RAY_gcs_server_port_wait_time_s": "1", "RAY_gcs_rpc_server_connect_timeout_s": "1",
                         "RAY_py_gcs_connect_timeout_s": "3", "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "2",
                         "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "2"}
@@ -128,37 +132,60 @@ def _connect(address: str) -> Any:
     # The driver's own opt-out: `ray start --disable-usage-stats` covers only the cluster's processes.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # no INFO lines per execution
-    if address != LOCAL:
-        for name, value in RAY_CONNECT_SETTINGS.items():
-            os.environ.setdefault(name, value)
-    try:
-        import ray
-        import ray.data  # noqa: F401 - imported here so a missing extra fails before any work
-    except ImportError as exc:
-        raise RayUnavailable(f"--engine ray needs Ray ({exc}): pip install 'clip-sidecar[ray]'") from exc
-    options: dict[str, Any] = {"log_to_driver": False, "logging_level": "WARNING",
-                               "runtime_env": {"py_modules": [str(PACKAGE_DIR)]}}
-    if address == LOCAL:
-        options["include_dashboard"] = False
-    else:
-        _check_reachable(address)
-    try:
-        ray.init(address=address, **options)
-    except ConnectionError as exc:
-        # Past _check_reachable: something accepts connections there, but it is no Ray head (GCS) or Ray Client server.
-        if address.startswith("ray://"):
-            what, port = "no Ray Client server", "its Ray Client port, 10001 by default"
+    with _connect_settings(address):
+        try:
+            import ray
+            import ray.data  # noqa: F401 - imported here so a missing extra fails before any work
+        except ImportError as exc:
+            raise RayUnavailable(f"--engine ray needs Ray ({exc}): pip install 'clip-sidecar[ray]'") from exc
+        options: dict[str, Any] = {"log_to_driver": False, "logging_level": "WARNING",
+                                   "runtime_env": {"py_modules": [str(PACKAGE_DIR)]}}
+        if address == LOCAL:
+            options["include_dashboard"] = False
         else:
-            what, port = "no Ray head", "its GCS port, 6379 by default; not the dashboard's or the Ray Client's port"
-        raise RayUnavailable(f"no Ray cluster answers at {address}: {what} answered there within {RAY_CONNECT_S} s "
-                             f"(Ray: {exc}): check that the address is the head's as `ray start --head` printed it "
-                             f"({port}) and that the head runs (`ray status` on it)") from exc
+            _check_reachable(address)
+        try:
+            ray.init(address=address, **options)
+        except ConnectionError as exc:
+            _refuse_no_head(address, exc)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # this job draws its own bar, as the local job does
     context.print_on_execution_start = False
     context.execution_options.preserve_order = False  # rows carry their ids
     return ray
+
+
+@contextlib.contextmanager
+def _connect_settings(address: str) -> Iterator[None]:
+    """RAY_CONNECT_SETTINGS (those not set already) in os.environ while the block connects to `address`."""
+    added = {} if address == LOCAL else {name: value for name, value in RAY_CONNECT_SETTINGS.items()
+                                         if name not in os.environ}
+    imported = "ray" in sys.modules
+    os.environ.update(added)
+    try:
+        if added and imported and not sys.modules["ray"].is_initialized():
+            # Ray's C++ settings were read from the environment of its import; RayConfig::initialize reads
+            # them all again (with no driver connected nothing else has set them; ray.init's driver reads
+            # them once more, with the cluster's settings).
+            from ray._raylet import Config
+
+            Config.initialize("")
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _refuse_no_head(address: str, exc: ConnectionError) -> NoReturn:
+    # Past _check_reachable: something accepts connections there, but it is no Ray head (GCS) or Ray Client server.
+    if address.startswith("ray://"):
+        what, port = "no Ray Client server", "its Ray Client port, 10001 by default"
+    else:
+        what, port = "no Ray head", "its GCS port, 6379 by default; not the dashboard's or the Ray Client's port"
+    raise RayUnavailable(f"no Ray cluster answers at {address}: {what} answered there within {RAY_CONNECT_S} s "
+                         f"(Ray: {exc}): check that the address is the head's as `ray start --head` printed it "
+                         f"({port}) and that the head runs (`ray status` on it)") from exc
 
 
 def _check_reachable(address: str) -> None:

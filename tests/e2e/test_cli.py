@@ -981,7 +981,7 @@ def test_embed_on_ray_at_a_port_that_accepts_connections_but_holds_no_ray_head_f
         folder = tmp_path / "images"
         folder.mkdir()
         started = time.monotonic()
-        # A process of its own, as the command runs: Ray reads its connect settings when it is first imported.
+        # A process of its own, as the command runs (a failed ray.init leaves Ray's state behind in the process).
         result = subprocess.run([sys.executable, "-m", "sidecar.cli", "-q", "embed", str(folder), "--out",
                                  str(tmp_path / "shards"), "--engine", "ray", "--address", address],
                                 capture_output=True, text=True, timeout=90)
