@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # A recognisable prefix lets secret scanners (and people) tell a key from its hash.
 KEY_PREFIX = "csk_"
-# What each scope opens (path prefixes). Endpoints in no scope (/readyz, /openapi.yaml) take any valid key.
+# What each scope opens (path prefixes). Endpoints in no scope (/readyz's details, /openapi.yaml) take any valid key.
 # /v1/opensearch is what ml-commons calls (embeddings, and rerank scores: no document comes back), so the
 # connector's key needs `embeddings` only and cannot search the index.
 SCOPES = {
@@ -42,6 +42,9 @@ SCOPES = {
 ALL_SCOPES = "*"
 # Liveness answers without a key: an orchestrator's probe must not need a secret.
 OPEN_PATHS = ("/healthz",)
+# Readiness answers without a key too (a kubelet's httpGet probe cannot send one), but only ready or not: its
+# details (model, store, documents, the reason it is not, which can name a cluster's address) need a key.
+STATUS_ONLY_PATHS = ("/readyz",)
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CHALLENGE = 'Bearer realm="clip-sidecar"'
@@ -182,8 +185,9 @@ class KeyGuard:
         return found
 
     def check(self, authorization: str | None, path: str) -> KeyEntry | None:
-        """The caller's entry (None on an open path); raises Unauthorized, Forbidden or RateLimited."""
-        if path in self.open_paths:
+        """The caller's entry (None on an open path, and on a status-only path asked without a key); raises
+        Unauthorized, Forbidden or RateLimited. A key sent to a status-only path is checked like any other."""
+        if path in self.open_paths or (not authorization and path in STATUS_ONLY_PATHS):
             return None
         entry = self.identify(authorization)
         if not entry.allows(path):
@@ -264,10 +268,10 @@ def host_guard(allowed_hosts: str) -> Callable[[str], None]:
 
 
 def init_app(app: Flask, settings: Settings, *, public_paths: tuple[str, ...] = ()) -> None:
-    """Require a key on every request (but /healthz, `public_paths`, and /metrics when metrics_public)
-    once SIDECAR_API_KEYS names any; without keys the API is open, as `serve` allows only on loopback,
+    """Require a key on every request (but /healthz, `public_paths`, /metrics when metrics_public, and /readyz's
+    status alone) once SIDECAR_API_KEYS names any; without keys the API is open, as `serve` allows only on loopback,
     to requests addressed to a host `host_guard` admits."""
-    from flask import request  # here, not at the top: the CLI imports this module for `keys create`
+    from flask import g, request  # here, not at the top: the CLI imports this module for `keys create`
 
     entries = parse_key_entries(settings.api_keys)
     if not entries:
@@ -289,4 +293,12 @@ def init_app(app: Flask, settings: Settings, *, public_paths: tuple[str, ...] = 
 
     @app.before_request
     def require_key():
-        guard.check(request.headers.get("Authorization"), request.path)
+        g.without_key = guard.check(request.headers.get("Authorization"), request.path) is None
+
+
+def sent_without_key() -> bool:
+    """Whether this request came without a key to an API that takes keys: it may see only what needs none (the
+    status alone of a STATUS_ONLY_PATHS path). An API without keys shows everything to whoever it answers."""
+    from flask import g
+
+    return g.get("without_key", False)

@@ -8,6 +8,7 @@ from importlib.resources import files
 
 from flask import Blueprint, Response, jsonify
 
+from sidecar.api.auth import sent_without_key
 from sidecar.api.state import current_state
 from sidecar.serving import metrics
 from sidecar.stores.base import QueryModelMismatch
@@ -22,6 +23,15 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
+    """Ready (200) or not (503), to anyone; the details (model, store, documents, the reason it is not, the
+    answering worker's pid) only to a caller with a key where the API takes keys (`auth.STATUS_ONLY_PATHS`)."""
+    answer, status = _readiness()
+    if sent_without_key():
+        answer = {"status": answer["status"]}
+    return jsonify(answer), status
+
+
+def _readiness() -> tuple[dict, int]:
     state = current_state()
     encoder = state.encoding.encoder
     stopped = state.stopped
@@ -34,15 +44,14 @@ def readyz():
         return _not_ready(str(exc))
     except Exception as exc:  # noqa: BLE001 - readiness reports, it does not crash
         return _not_ready(f"store {state.store.name} unavailable: {exc}")
-    return jsonify({"status": "ready", "model": encoder.name, "weights": encoder.weights, "dim": encoder.dim,
-                    "device": str(encoder.device), "precision": encoder.precision,
-                    "store": state.store.name, "documents": documents,
-                    "pid": os.getpid()})  # which gunicorn worker answered
+    return {"status": "ready", "model": encoder.name, "weights": encoder.weights, "dim": encoder.dim,
+            "device": str(encoder.device), "precision": encoder.precision, "store": state.store.name,
+            "documents": documents, "pid": os.getpid()}, 200  # pid: which gunicorn worker answered
 
 
-def _not_ready(reason: str):
+def _not_ready(reason: str) -> tuple[dict, int]:
     """Every 503 of /readyz: why, and which gunicorn worker said so (as the 200 names it)."""
-    return jsonify({"status": "not_ready", "reason": reason, "pid": os.getpid()}), 503
+    return {"status": "not_ready", "reason": reason, "pid": os.getpid()}, 503
 
 
 @bp.get("/openapi.yaml")

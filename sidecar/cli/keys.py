@@ -19,7 +19,7 @@ def keys() -> None:
 @click.option("--scope", "scopes", multiple=True, type=click.Choice((ALL_SCOPES, *SCOPES)),
               help="What the key may call, repeatable: "
                    + "; ".join(f"{scope} ({', '.join(paths)})" for scope, paths in SCOPES.items())
-                   + "; * (default) = everything. Any key may call /readyz and /openapi.yaml.")
+                   + "; * (default) = everything. Any key may read /readyz's details and /openapi.yaml.")
 def keys_create(name: str | None, scopes: tuple[str, ...]) -> None:
     """Create a key. Prints it once (give it to the caller; it is stored nowhere) and the line to
     append to SIDECAR_API_KEYS (comma-separated), which holds only its SHA-256.

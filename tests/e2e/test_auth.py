@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
+import numpy as np
 import pytest
 import requests
 import yaml
@@ -17,9 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import sidecar
 from sidecar.api.app import create_app
-from sidecar.api.auth import OPEN_PATHS, is_loopback, key_entry, new_key, scope_of
+from sidecar.api.auth import OPEN_PATHS, STATUS_ONLY_PATHS, is_loopback, key_entry, new_key, scope_of
 from sidecar.api.page import PUBLIC_PATHS
 from sidecar.cli import main
+from sidecar.stores.embedded import EmbeddedStore
+from sidecar.types import Document, ModelSignature
 from tests.support import free_port, gunicorn_server
 
 # Every endpoint that takes a key, with a request it answers 200 to.
@@ -73,7 +77,8 @@ def call(client, method, path, body, key=None, *, header=None):
 @pytest.mark.parametrize("method, path, body", PROTECTED, ids=IDS)
 def test_missing_wrong_revoked_and_malformed_keys_answer_401_on_every_protected_endpoint(keyed, keys, method,
                                                                                           path, body):
-    for key, header in ((None, None), (new_key(), None), (keys["revoked"], None),
+    missing = [] if path in STATUS_ONLY_PATHS else [(None, None)]  # /readyz answers its status without a key
+    for key, header in (*missing, (new_key(), None), (keys["revoked"], None),
                         (None, f"Basic {keys['ops']}"), (None, f"Bearer{keys['ops']}")):
         response = call(keyed, method, path, body, key, header=header)
         assert response.status_code == 401, (key, header, response.json)
@@ -130,8 +135,9 @@ def test_the_openapi_file_says_which_paths_take_a_key_and_documents_401_403_429_
             if any(template.fullmatch(open_path) for open_path in (*OPEN_PATHS, *PUBLIC_PATHS)):
                 assert operation["security"] == [], where
                 continue
-            # /metrics alone may be open too: SIDECAR_METRICS_PUBLIC.
-            assert operation.get("security", spec["security"]) == ([{"apiKey": []}, {}] if path == "/metrics"
+            # /metrics may be open too (SIDECAR_METRICS_PUBLIC), /readyz answers its status alone without a key.
+            may_be_open = path == "/metrics" or path in STATUS_ONLY_PATHS
+            assert operation.get("security", spec["security"]) == ([{"apiKey": []}, {}] if may_be_open
                                                                    else [{"apiKey": []}]), where
             assert responses["401"] == {"$ref": ref("Unauthorized")}, where
             # A key outside its scopes: only where the path needs one (/readyz, /openapi.yaml take any key).
@@ -145,7 +151,29 @@ def test_healthz_is_open_and_metrics_opens_with_metrics_public(build_app, keys):
     client = build_app(api_keys=entries(keys, "ops"), metrics_public=True).test_client()
     assert client.get("/healthz").status_code == 200
     assert client.get("/metrics").status_code == 200
-    assert client.get("/readyz").status_code == 401
+
+
+def test_without_a_key_readyz_answers_ready_or_not_alone_and_with_one_its_details(build_app, keys, encoder, tmp_path):
+    # A kubelet's httpGet probe sends no key; the details (model, store, documents, a reason that can name the
+    # store's address) stay behind one.
+    client = build_app(api_keys=entries(keys, "ops", "web"), store_path=tmp_path / "store").test_client()
+    spec = yaml.safe_load((Path(sidecar.__file__).parent / "openapi.yaml").read_text())["paths"]["/readyz"]["get"]
+    ready = client.get("/readyz")
+    assert (ready.status_code, ready.json) == (200, {"status": "ready"})
+    detailed = call(client, "GET", "/readyz", None, keys["web"])
+    assert detailed.status_code == 200 and (detailed.json["model"], detailed.json["documents"]) == (encoder.name, 0)
+    # Another model claims the store while the app serves (an `index` of its shards): not ready, keyed or not.
+    other = ModelSignature(model="other-clip", weights="other-weights", dim=2 * encoder.dim)
+    with EmbeddedStore(tmp_path / "store") as indexer:
+        indexer.claim(other)
+        indexer.upsert([Document(id="d0", vector=np.eye(other.dim, dtype=np.float32)[0], text="red circle")])
+    not_ready = client.get("/readyz")
+    assert (not_ready.status_code, not_ready.json) == (503, {"status": "not_ready"})
+    detailed = call(client, "GET", "/readyz", None, keys["web"])
+    assert detailed.status_code == 503 and "vectors of other-clip" in detailed.json["reason"]
+    for answer in (ready, not_ready):
+        content = spec["responses"][str(answer.status_code)]["content"]["application/json"]
+        jsonschema.validate(answer.json, content["schema"])
 
 
 def latency_sum(client, key: str, endpoint: str) -> float:

@@ -3,14 +3,13 @@ the grace outlasts gunicorn's, the pod runs as the images' user, every path the 
 
 import re
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from flask import Flask
 
 from sidecar.api import ops
-from sidecar.api.auth import OPEN_PATHS
+from sidecar.api.auth import KeyGuard, key_entry, new_key, parse_key_entries
 from sidecar.api.healthcheck import config_bind
 from sidecar.config import Settings
 from tests.unit.api.test_gunicorn_config import effective_config
@@ -43,16 +42,13 @@ def gunicorn() -> dict[str, str]:
 
 
 def _probe_url(probe: dict, container: dict) -> tuple[str, int]:
-    """The path and port a probe asks: an httpGet's, or the URL in an exec probe's command."""
-    if "httpGet" in probe:
-        port = probe["httpGet"]["port"]
-        named = {p["name"]: p["containerPort"] for p in container["ports"]}
-        return probe["httpGet"]["path"], named.get(port, port)
-    (url,) = re.findall(r"https?://[^'\"\s]+", " ".join(probe["exec"]["command"]))
-    return urlsplit(url).path, urlsplit(url).port
+    """The path and port an httpGet probe asks."""
+    port = probe["httpGet"]["port"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    return probe["httpGet"]["path"], named.get(port, port)
 
 
-def test_the_probes_ask_the_apps_own_routes_on_the_port_gunicorn_binds(container):
+def test_the_probes_ask_the_apps_own_routes_on_the_port_gunicorn_binds_and_need_no_key(container):
     app = Flask("routes")
     app.register_blueprint(ops.bp)
     routes = {rule.rule for rule in app.url_map.iter_rules()}
@@ -60,7 +56,10 @@ def test_the_probes_ask_the_apps_own_routes_on_the_port_gunicorn_binds(container
     asked = {kind: _probe_url(container[kind], container) for kind in ("startupProbe", "readinessProbe")}
     assert asked == {"startupProbe": ("/healthz", port), "readinessProbe": ("/readyz", port)}
     assert {path for path, _ in asked.values()} <= routes
-    assert "/healthz" in OPEN_PATHS  # the kubelet's httpGet sends no key
+    # The manifest sets SIDECAR_API_KEYS, and the kubelet's httpGet sends no key: the guard must let both through.
+    assert "SIDECAR_API_KEYS" in {variable["name"] for variable in container["env"]}
+    guard = KeyGuard(parse_key_entries(key_entry("web", ["search"], new_key())))
+    assert all(guard.check(None, path) is None for path, _ in asked.values())
 
 
 def test_liveness_asks_the_port_not_an_http_route_which_waits_behind_queued_requests_under_load(container):
@@ -94,13 +93,12 @@ def test_the_pod_runs_as_the_images_numeric_user_on_a_read_only_root_with_every_
             assert any(PurePosixPath(path).is_relative_to(mount) for mount in mounts), (dockerfile, path)
 
 
-def test_every_variable_the_manifest_sets_is_a_setting_one_gunicorns_config_reads_or_the_probes_key(container):
+def test_every_variable_the_manifest_sets_is_a_setting_or_one_gunicorns_config_reads(container):
     read_by_gunicorn = set(re.findall(r"\bGUNICORN_[A-Z_]+",
                                       (ROOT / "sidecar/api/gunicorn_config.py").read_text(encoding="utf-8")))
     settings = {f"SIDECAR_{name.upper()}" for name in Settings.__dataclass_fields__}
     names = {variable["name"] for variable in container["env"]}
-    assert "PROBE_KEY" in " ".join(container["readinessProbe"]["exec"]["command"])
-    assert names - settings - read_by_gunicorn == {"PROBE_KEY"}
+    assert names - settings - read_by_gunicorn == set()
 
 
 def test_the_service_sends_to_the_containers_named_port(manifest, container):

@@ -46,7 +46,8 @@
       data = null;
     }
     if (!response.ok) {
-      // Errors are {"error": {"code", "message"}}; /readyz says {"status": "not_ready", "reason"}.
+      // Errors are {"error": {"code", "message"}}; /readyz says {"status": "not_ready", "reason"} (the reason only
+      // to a caller with a key).
       const error = (data && data.error) || {};
       throw new ApiProblem(response.status, error.code || (data && data.status) || 'error',
         error.message || (data && data.reason) || response.statusText, response.headers.get('Retry-After'));
@@ -471,6 +472,10 @@
   async function loadInfo() {
     try {
       const ready = await api('/readyz');
+      // Without a key a server that takes keys says only whether it is ready; nothing else on the page would work.
+      if (ready.model === undefined) {
+        throw new ApiProblem(401, 'unauthorized', 'without one it answers only whether it is ready');
+      }
       info = { store: ready.store, model: ready.model };
       updateCount(ready.documents);
       if (state.infoRefused) clearError();  // the key now typed fixed what loading the page said
