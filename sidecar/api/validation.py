@@ -119,7 +119,7 @@ def check_json_values(body: Any, *, max_depth: int) -> None:
         path, is_object, children = walk[-1]
         for key, child in children:
             if is_object and not _is_unicode(key):
-                raise BadRequest(f"field '{path or 'body'}' has a key with a lone surrogate ({quoted(key)}): "
+                raise BadRequest(f"field {quoted(path or 'body')} has a key with a lone surrogate ({quoted(key)}): "
                                  "send valid Unicode")
             if isinstance(child, (dict, list)) or _scalar_problem(child):
                 child_path = (f"{path}.{key}" if path else key) if is_object else f"{path}[{key}]"
@@ -137,7 +137,7 @@ def _open_or_check(value: Any, path: str, walk: list, max_depth: int) -> None:
         return
     problem = _scalar_problem(value)
     if problem:
-        raise BadRequest(f"field '{path}' {problem}")
+        raise BadRequest(f"field {quoted(path)} {problem}")
 
 
 def _scalar_problem(value: Any) -> str | None:
@@ -150,7 +150,7 @@ def _scalar_problem(value: Any) -> str | None:
 
 def _check_depth(path: str, depth: int, max_depth: int) -> None:
     if depth > max_depth:
-        raise BadRequest(f"field '{path}' nests deeper than {max_depth} levels (max_json_depth)")
+        raise BadRequest(f"field {quoted(path)} nests deeper than {max_depth} levels (max_json_depth)")
 
 
 def _is_unicode(text: str) -> bool:
@@ -260,7 +260,7 @@ def filters(body: dict, settings: Settings) -> dict[str, Any] | None:
                              "'\"' or control characters")
         values = wanted if isinstance(wanted, list) else [wanted]
         if not values:
-            raise BadRequest(f"field 'filters.{name}' is an empty list: send at least one value")
+            raise BadRequest(f"field {quoted(f'filters.{name}')} is an empty list: send at least one value")
         total += len(values)
         if total > settings.max_filter_values:
             raise PayloadTooLarge(f"field 'filters' has more than {settings.max_filter_values} values "
@@ -268,11 +268,11 @@ def filters(body: dict, settings: Settings) -> dict[str, Any] | None:
         for i, item in enumerate(values):
             field = f"filters.{name}[{i}]" if isinstance(wanted, list) else f"filters.{name}"
             if not isinstance(item, (str, int, float)):  # bool is an int
-                raise BadRequest(f"field '{field}' must be a string, number or boolean, got {json_type(item)}")
+                raise BadRequest(f"field {quoted(field)} must be a string, number or boolean, got {json_type(item)}")
             # JSON Schema's integers are whole numbers however written (2.0, 1e300): held to 64 bits alike.
             whole = isinstance(item, int) or isinstance(item, float) and item.is_integer()
             if whole and not isinstance(item, bool) and not INT64[0] <= item <= INT64[1]:
-                raise BadRequest(f"field '{field}' is {item}, outside the 64-bit integers the stores hold "
+                raise BadRequest(f"field {quoted(field)} is {item}, outside the 64-bit integers the stores hold "
                                  f"({INT64[0]} to {INT64[1]})")
     return value
 

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
+from sidecar.errors import quoted
 from sidecar.stores.effort import EffortPolicy
 from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
@@ -32,7 +33,7 @@ class UnknownFilterField(StoreQueryError):
     and an empty answer would hide a misspelt name. The message names the fields the documents hold."""
 
     def __init__(self, unknown: Sequence[str], held: Sequence[str]):
-        names = ", ".join(repr(name) for name in unknown)
+        names = ", ".join(quoted(name) for name in unknown)  # a client's names: a 70,000-character one is not echoed
         listed = ", ".join(held[:NAMED_FIELDS]) + (f", … ({len(held)} in all)" if len(held) > NAMED_FIELDS else "")
         super().__init__(f"no stored document holds metadata field{'s' if len(unknown) > 1 else ''} {names}; "
                          + (f"the fields they hold: {listed}" if held else "they hold no metadata a filter matches"))

@@ -405,6 +405,26 @@ def test_a_filter_on_a_field_no_document_holds_answers_400_naming_it_and_the_fie
         "color, position, shape, size")
 
 
+LONG_KEY = "k" * 70_000
+
+
+@pytest.mark.parametrize("raw, path", [
+    ('{"text": "red", "filters": {"%s": []}}' % LONG_KEY, f"filters.{LONG_KEY}"),
+    ('{"text": "red", "filters": {"%s": [null]}}' % LONG_KEY, f"filters.{LONG_KEY}[0]"),
+    ('{"text": "red", "filters": {"%s": NaN}}' % LONG_KEY, f"filters.{LONG_KEY}"),
+    ('{"text": "red", "filters": {"%s": %s1%s}}' % (LONG_KEY, "[" * 40, "]" * 40), f"filters.{LONG_KEY}" + "[0]" * 30),
+    ('{"text": "red", "filters": {"%s": {"\\ud800": 1}}}' % LONG_KEY, f"filters.{LONG_KEY}"),
+    ('{"text": "red", "filters": {"%s": "x"}}' % LONG_KEY, LONG_KEY),  # a field no document holds
+], ids=["empty-list", "null-item", "nan", "nested-deeper", "surrogate-key", "unknown-field"])
+def test_a_70000_character_filter_key_is_echoed_by_its_first_200_characters_and_its_length_not_whole(client, raw,
+                                                                                                    path):
+    # Each of these 400s held all 70,000 characters of the key.
+    response = post_raw(client, "/v1/search", raw)
+    message = response.json["error"]["message"]
+    assert response.status_code == 400 and len(message) < 600, (response.status_code, len(message))
+    assert f"{path[:200]!r} (the first 200 of its {len(path)} characters)" in message
+
+
 def test_a_filter_value_no_document_holds_in_a_held_field_is_no_error_but_no_hits(client):
     response = client.post("/v1/search", json={"text": "red", "filters": {"color": "chartreuse"}})
     assert response.status_code == 200 and response.json["hits"] == []
