@@ -43,6 +43,7 @@ from sidecar.api.validation import (
     open_images,
     optional,
     query_parameters,
+    query_text,
 )
 from sidecar.errors import BadRequest, ModelNotFound, PayloadTooLarge, UnsupportedMediaType, quoted
 from sidecar.model.images import sniff_format
@@ -148,9 +149,10 @@ def rerank_documents(kind: str):
     if "query" not in body:
         raise BadRequest("field 'query' is required: the text the documents are ranked for "
                          "(ext.rerank.query_context in the search request)")
-    query = optional(body, "query", str)
-    if is_blank(query):
-        raise BadRequest("field 'query' is blank: there is nothing to rank the documents for")
+    query = query_text(body, state.settings, field="query")  # as /v1/search cuts its text: for the model and BM25
+    if query is None:
+        raise BadRequest(f"field 'query' is blank (within its first {state.settings.max_text_chars} characters, "
+                         "max_text_chars, the text ranked by): there is nothing to rank the documents for")
     documents = _documents(body, limit=state.settings.max_k if kind == "ids" else state.settings.max_batch_items,
                            setting="max_k" if kind == "ids" else "max_batch_items")
     top_n = optional(body, "top_n", int)

@@ -208,11 +208,12 @@ def is_blank(text: str) -> bool:
     return not text.strip(WHITESPACE)
 
 
-def query_text(body: dict, settings: Settings) -> str | None:
-    """Field 'text', the query as searched: its first max_text_chars characters (as every text is cut before
-    tokenising), None where absent or blank. /v1/search and /v1/feedback both read it here, so the text a client
-    sends back with its feedback is the text its search ranked by and logged."""
-    text = optional(body, "text", str)
+def query_text(body: dict, settings: Settings, *, field: str = "text") -> str | None:
+    """A query's text (field 'text', or the rerank endpoints' 'query'), as searched: its first max_text_chars
+    characters (as every text is cut before tokenising), None where absent or blank. Every endpoint ranking by a
+    client's query reads it here, so the model, BM25 and the logs all see one text, and the text a client sends
+    back with its feedback is the text its search ranked by and logged."""
+    text = optional(body, field, str)
     if text is None:
         return None
     text = text[:settings.max_text_chars]

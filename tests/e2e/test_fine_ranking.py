@@ -110,6 +110,17 @@ def test_the_rerank_by_id_opensearch_calls_scores_exactly_as_v1_search(fine_clie
     assert hits[0]["scores"]["fine"] != hits[0]["scores"].get("vector")  # the fine model's, not the coarse one's
 
 
+def test_a_rerank_query_past_max_text_chars_is_cut_for_bm25_as_v1_search_cuts_its_text(fine_client):
+    # Past the first max_text_chars (4096) characters: words BM25 would match if it saw them. /v1/search ranks by
+    # the cut text; the rerank by id gave the fine model the cut text but BM25 the whole one (other scores).
+    text = "red circle".ljust(Settings().max_text_chars) + " blue square" * 20
+    hits = fine_client.post("/v1/search", json={"text": text, "mode": "hybrid", "k": 400,
+                                                "candidates": 400}).json["hits"]
+    ids = [h["id"] for h in hits]
+    np.testing.assert_allclose(rerank_scores(fine_client, "ids", text, ids), [h["scores"]["rerank"] for h in hits],
+                               atol=1e-6)
+
+
 @pytest.fixture
 def client_without_fine_vectors(tmp_path, encoder, fine_encoder, store_path):
     """A fine model, but documents indexed without one (as the ingest pipeline writes them)."""

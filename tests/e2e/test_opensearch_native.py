@@ -252,6 +252,8 @@ def test_blank_documents_rank_last_and_json_looking_queries_are_text(client):
 @pytest.mark.parametrize(("body", "message"), [
     ({"documents": ["a"]}, "field 'query' is required"),
     ({"query": " ", "documents": ["a"]}, "field 'query' is blank"),
+    # Blank where it is cut (max_text_chars, 4096), as /v1/search refuses such a text: nothing to rank by.
+    ({"query": " " * 4096 + "red", "documents": ["a"]}, "field 'query' is blank (within its first 4096 characters"),
     ({"query": "a"}, "field 'documents' is required"),
     ({"query": "a", "documents": ["a", 3]}, "field 'documents[1]' must be a string, got an integer"),
     ({"query": "a", "documents": ["a", "b"], "top_n": 1}, "field 'top_n' is 1, fewer than the 2 documents"),
