@@ -250,7 +250,7 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
                  fine_signature=fine_encoder.signature if fine_encoder else None, thumbnail_side=thumbnail_side)
     known = shards.latest()
     with _timed(stages, "scan"):
-        scanned, hashes = _scan(source, workers=workers, progress=progress, hash_files=hash_files)
+        scanned, hashes = _scan(source, workers=workers, progress=progress, hash_files=hash_files, tagger=tagger)
     unusable = [item for item in scanned if item.unusable]  # not vanished: finish_embed records them
     items = [item for item in scanned if not item.unusable]
     with _timed(stages, "thumbnails"):
@@ -529,9 +529,11 @@ def _write(writer: ThreadPoolExecutor, pending: Future | None, shards: ShardSet,
                          thumbnails if shards.thumbnail_side else None)
 
 
-def _scan(source: Path, *, workers: int, progress: bool,
-          hash_files: HashFiles | None = None) -> tuple[list[CorpusItem], dict[str, str]]:
+def _scan(source: Path, *, workers: int, progress: bool, hash_files: HashFiles | None = None,
+          tagger: Tagger | None = None) -> tuple[list[CorpusItem], dict[str, str]]:
     items = list(read_corpus(source))
+    if tagger is not None:  # before any work: a clash found by a Ray task would reach the user as a task's traceback
+        tagger.check_metadata(items)
     hashes: dict[str, str] = {}
     # Hashing reads every file: on a large corpus that is seconds of one core, so the decode
     # worker count hashes in parallel too (small corpora are not worth the processes).

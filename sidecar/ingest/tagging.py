@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from sidecar.ingest.corpus import CorpusError
+from sidecar.ingest.corpus import CorpusError, CorpusItem
 from sidecar.ingest.identity import document_hash
 from sidecar.ingest.shards import ShardError, ShardRow, ShardSet, exclusive_writer
 from sidecar.model.encoder import Encoder
@@ -144,6 +144,15 @@ class Tagger:
         log.info("tagging with %s", tagger.describe())
         return tagger
 
+    def check_metadata(self, items: Iterable[CorpusItem]) -> None:
+        """Refuse a corpus whose metadata has a field this tagging writes (its value would be replaced). `embed`
+        checks the corpus as read, before any file is hashed or encoded: on Ray, on the driver, not in a task."""
+        for item in items:
+            clash = sorted(item.metadata.keys() & self.fields)
+            if clash:
+                raise CorpusError(f"item {item.id!r}: its metadata has a field {clash[0]!r}, which tagging writes; "
+                                  "rename that field in the corpus, or tag with another set")
+
     def describe(self) -> str:
         return ", ".join(f"{s.spec.describe()} (version {s.prompt_set.version}, {len(s.prompt_set.labels)} labels)"
                          for s in self._sets)
@@ -187,11 +196,8 @@ class Tagger:
 
 
 def tagged(row: ShardRow, fields: Mapping[str, list]) -> ShardRow:
-    """The row with `fields` added to its metadata and its document hash recomputed."""
-    clash = sorted(row.metadata.keys() & fields.keys())
-    if clash:
-        raise CorpusError(f"item {row.id!r}: its metadata has a field {clash[0]!r}, which tagging writes; rename that "
-                          "field in the corpus, or tag with another set")
+    """The row with `fields` added to its metadata and its document hash recomputed. A corpus field of the same
+    name never gets here: `embed` refused it (`Tagger.check_metadata`), `tag` removes the fields it rewrites."""
     metadata = {**row.metadata, **fields}
     return dataclasses.replace(row, metadata=metadata,
                                content_hash=document_hash(row.image_hash, row.text, metadata))

@@ -214,6 +214,26 @@ def test_ray_job_tags_as_the_local_job_does_and_its_rerun_of_a_tagged_folder_tag
     assert len(tags_by_id(ray_out)) == 44
 
 
+def test_a_corpus_field_named_as_a_tag_field_is_refused_by_the_driver_before_any_task_as_the_local_job_refuses_it(
+        ray_cluster, example_prompt_sets: Path, tmp_path, monkeypatch):
+    # Before, the shard-writing task found the clash: the user got Ray's task error and its traceback.
+    _, address = ray_cluster
+    monkeypatch.setenv("SIDECAR_PROMPT_SETS_DIR", str(example_prompt_sets))
+    manifest = write_corpus(tmp_path / "corpus", 8, seed=33)
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    lines[2]["metadata"]["tag_shapes"] = "hand-written"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for out, process in ((tmp_path / "ray", ray_embed(address, manifest, tmp_path / "ray", "--tag", "shapes")),
+                         (tmp_path / "local", local_embed(manifest, tmp_path / "local", "--tag", "shapes"))):
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 1, stderr
+        assert stderr.strip().splitlines()[-1] == ("Error: item 'item-000002': its metadata has a field 'tag_shapes', "
+                                                   "which tagging writes; rename that field in the corpus, or tag "
+                                                   "with another set")
+        assert "Traceback" not in stderr and "RayTaskError" not in stderr
+        assert not ShardSet(out).shard_names()  # refused before anything was embedded
+
+
 def test_relative_paths_are_the_drivers_even_where_the_cluster_started_elsewhere(ray_cluster, encoder: Encoder,
                                                                                   tmp_path):
     """The cluster's processes run in their own folders (here: wherever `ray start` ran); the job reads
