@@ -371,6 +371,8 @@ def _parse_measures(measures: Sequence[str]) -> list:
             measure.validate_params()  # ir-measures checks with assert: its message names the parameter
         except AssertionError as exc:
             raise EvaluationInputError(f"measure {text}: {exc}") from exc
+        if measure.params["cutoff"] < 1:  # ir-measures lets it through; pytrec_eval aborts the process on it
+            raise EvaluationInputError(f"measure {text}: the cutoff must be at least 1, got {measure.params['cutoff']}")
     return parsed
 
 

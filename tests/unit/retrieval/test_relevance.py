@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import ir_measures
 import numpy as np
@@ -111,6 +112,13 @@ def test_a_measure_without_a_cutoff_or_with_a_bad_parameter_is_refused_naming_it
     with pytest.raises(EvaluationInputError, match=message):
         relevance.evaluate({"default": SearchTarget(store=store, encoder=None)}, QUERIES, {"q1": {"d1": 1}}, [BM25],
                            measures=[measure])
+
+
+@pytest.mark.parametrize("measure", ["P@0", "nDCG@0", "R(rel=2)@0"])
+def test_a_cutoff_of_zero_is_refused_naming_the_measure_before_any_search(measure):
+    # pytrec_eval aborted the process on it (SIGABRT, "Negative cutoff detected"), after every configuration ran.
+    with pytest.raises(EvaluationInputError, match=rf"measure {re.escape(measure)}: the cutoff must be at least 1, got 0"):
+        relevance.ranking_depth(["nDCG@10", measure])
 
 
 def test_jsonl_judgments_read_the_same_as_trec(tmp_path, qrels_file):
