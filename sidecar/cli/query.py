@@ -154,7 +154,8 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
               help="--benchmark: products in the catalogue.")
 @click.option("--ann", is_flag=True, help="Validate the ANN index instead: Recall@K of HNSW against exact search.")
 @click.option("--samples", type=click.IntRange(1), default=200, show_default=True,
-              help="--ann: random stored vectors used as queries.")
+              help="--ann: queries, each a random stored vector turned as far from itself as its K-th neighbour "
+                   "(as `store calibrate` makes them: a stored vector itself is far easier for HNSW to find).")
 @click.option("-k", "--k", "k", type=click.IntRange(1, 1000), default=10, show_default=True, help="--ann: K.")
 @click.option("--prompts", "prompt_sets", multiple=True, metavar="SET",
               help="Score prompt sets instead (repeatable, to compare templates): top-1 / top-5 zero-shot accuracy on "

@@ -28,6 +28,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
@@ -69,38 +70,8 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, depth: int = S
     if not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
     depth = max(depth, k)  # Recall@k reads k hits
-    ids = sorted(store.content_hashes())
-    if not ids:
-        raise ValueError("the store is empty: index something before calibrating")
-    sample = random.Random(seed).sample(ids, min(queries, len(ids)))
-    rng = np.random.default_rng((seed, 0xCA11B))  # not the stream of a data set generated with `seed`
-    vectors: list[np.ndarray] = []
-    truth: list[list[ScoredId]] = []
-    along: list[bool] = []  # turned along the data (towards its neighbours), else in any direction
-    exact_s: list[float] = []
-    for doc in tqdm(store.fetch(sample), desc="exact search (the truth)", unit="query", disable=not progress):
-        if not doc.vector.size:
-            continue  # written by OpenSearch's ingest pipeline without one (a document it could not embed)
-        neighbours = [hit for hit in store.vector_search(doc.vector, k + 1, exact=True) if hit.id != doc.id]
-        if not neighbours:
-            continue  # a store of one document
-        # Fresh queries of uniform data come from any direction; of data of low intrinsic dimension (CLIP's),
-        # along the data, where a query turned in any direction is easier than a new one. Half of each:
-        # the target must be reached on both halves.
-        towards = None
-        if len(vectors) % 2:
-            towards = np.stack([np.asarray(d.vector, dtype=np.float32)
-                                for d in store.fetch([hit.id for hit in neighbours[:k]])])
-        vector = fresh_query(np.asarray(doc.vector, dtype=np.float32), neighbours[:k][-1].score, rng, towards)
-        along.append(towards is not None)
-        started = time.perf_counter()
-        hits = store.vector_search(vector, depth, exact=True)
-        exact_s.append(time.perf_counter() - started)  # the cost of exact search, where no effort reaches the target
-        vectors.append(vector)
-        truth.append(hits[:k])
-    if not vectors:
-        raise ValueError("the store holds one document: there is no neighbour to calibrate against")
-
+    sampled = fresh_queries(store, k=k, depth=depth, queries=queries, seed=seed, progress=progress)
+    vectors, truth, along, exact_s = sampled.vectors, sampled.truth, sampled.along, sampled.exact_s
     measured: dict[int, EffortPoint] = {}
 
     def measure(ef: int) -> EffortPoint:
@@ -140,7 +111,7 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, depth: int = S
             else:
                 low = middle
     curve = tuple(measured[e] for e in sorted(measured))
-    common = dict(target_recall=target_recall, k=k, depth=depth, queries=len(vectors), documents=len(ids),
+    common = dict(target_recall=target_recall, k=k, depth=depth, queries=len(vectors), documents=sampled.documents,
                   calibrated_at=time.time(), curve=curve)
     if chosen is None:
         exact_p50, exact_p95 = percentiles(exact_s)
@@ -197,6 +168,56 @@ def recalibrate_if_changed(store: Store, *, changed: int, depth: int = Settings.
                        progress=progress)
     policy.save(effort)
     return effort, f"calibrated ({why})"
+
+
+@dataclass(frozen=True, slots=True)
+class FreshQueries:
+    """Queries made of a store's own vectors (`fresh_queries`), each with its exact top K."""
+
+    vectors: list[np.ndarray]
+    truth: list[list[ScoredId]]  # the exact top K of each
+    along: list[bool]  # turned along the data (towards its neighbours), else in any direction
+    exact_s: list[float]  # the exact search of each, `depth` deep
+    documents: int  # in the store when sampled
+
+
+def fresh_queries(store: Store, *, k: int, depth: int, queries: int, seed: int = 0,
+                  progress: bool = False) -> FreshQueries:
+    """`queries` stored vectors (sampled by seed), each turned into a fresh query (see the module's
+    docstring: a stored vector itself is an easy one), half in any direction and half along the data,
+    with its exact top `k` from an exact search `depth` deep."""
+    ids = sorted(store.content_hashes())
+    if not ids:
+        raise ValueError("the store is empty: index something first")
+    sample = random.Random(seed).sample(ids, min(queries, len(ids)))
+    rng = np.random.default_rng((seed, 0xCA11B))  # not the stream of a data set generated with `seed`
+    vectors: list[np.ndarray] = []
+    truth: list[list[ScoredId]] = []
+    along: list[bool] = []
+    exact_s: list[float] = []
+    for doc in tqdm(store.fetch(sample), desc="exact search (the truth)", unit="query", disable=not progress):
+        if not doc.vector.size:
+            continue  # written by OpenSearch's ingest pipeline without one (a document it could not embed)
+        neighbours = [hit for hit in store.vector_search(doc.vector, k + 1, exact=True) if hit.id != doc.id]
+        if not neighbours:
+            continue  # a store of one document
+        # Fresh queries of uniform data come from any direction; of data of low intrinsic dimension (CLIP's),
+        # along the data, where a query turned in any direction is easier than a new one. Half of each:
+        # the target must be reached on both halves.
+        towards = None
+        if len(vectors) % 2:
+            towards = np.stack([np.asarray(d.vector, dtype=np.float32)
+                                for d in store.fetch([hit.id for hit in neighbours[:k]])])
+        vector = fresh_query(np.asarray(doc.vector, dtype=np.float32), neighbours[:k][-1].score, rng, towards)
+        along.append(towards is not None)
+        started = time.perf_counter()
+        hits = store.vector_search(vector, depth, exact=True)
+        exact_s.append(time.perf_counter() - started)  # the cost of exact search, where no effort reaches the target
+        vectors.append(vector)
+        truth.append(hits[:k])
+    if not vectors:
+        raise ValueError("the store holds one document: there is no neighbour to measure recall against")
+    return FreshQueries(vectors=vectors, truth=truth, along=along, exact_s=exact_s, documents=len(ids))
 
 
 def fresh_query(vector: np.ndarray, nearest_cosine: float, rng: np.random.Generator,
