@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import ir_measures
+
 from sidecar.retrieval.relevance import ConfigResult, Evaluation
 
 _PLOT_DPI = 110
 _BOLD = re.compile(r"\*\*(.+?)\*\*")  # Markdown bold in a cell -> <b> in HTML
 _BOLD_HTML = r"<b>\1</b>"
+_READABLE = {"RR": "MRR", "R": "Recall", "AP": "MAP"}  # ir-measures' names the report spells out
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,12 +28,20 @@ class ReportFiles:
     html: Path
 
 
-def label(measure: str) -> str:
-    """Reader's names for ir-measures' strings: RR(rel=2)@10 -> MRR@10, R(rel=2)@10 -> Recall@10."""
-    name, _, cutoff = measure.partition("@")
-    base = re.sub(r"\(.*\)", "", name)
-    readable = {"RR": "MRR", "R": "Recall", "P": "P", "nDCG": "nDCG", "AP": "MAP"}.get(base, base)
-    return f"{readable}@{cutoff}" if cutoff else readable
+def label(measure: str, *, among: Sequence[str] = ()) -> str:
+    """Reader's names for ir-measures' strings: RR(rel=2)@10 -> MRR@10, R(rel=2)@10 -> Recall@10. The grade
+    (`rel`: the report's facts list every measure in full) is left out unless another measure of `among`
+    would then read the same (R@10 beside R(rel=2)@10: Recall@10 and Recall(rel=2)@10, not two columns of
+    Recall@10); other parameters change what is measured and stay (nDCG(judged_only=True)@10)."""
+    def shown(text: str, *, rel: bool) -> str:
+        parsed = ir_measures.parse_measure(text)
+        params = {key: value for key, value in parsed.params.items() if rel or key != "rel"}
+        written = str(ir_measures.parse_measure(parsed.NAME)(**params))
+        return _READABLE.get(parsed.NAME, parsed.NAME) + written[len(parsed.NAME):]
+
+    short = shown(measure, rel=False)
+    clash = any(other != measure and shown(other, rel=False) == short for other in among)
+    return shown(measure, rel=True) if clash else short
 
 
 Table = tuple[list[str], list[list[str]]]  # header, rows of cells (already formatted)
@@ -41,8 +52,8 @@ def results_table(evaluation: Evaluation, *, groups: Sequence[str] | None = None
     latency p50/p95 per query (total)."""
     primary = evaluation.measures[0]
     groups = list(evaluation.groups) if groups is None else list(groups)
-    header = (["configuration"] + [label(m) for m in evaluation.measures]
-              + [f"{label(primary)} {g}" for g in groups] + ["p50 ms", "p95 ms"])
+    header = (["configuration"] + [label(m, among=evaluation.measures) for m in evaluation.measures]
+              + [f"{label(primary, among=evaluation.measures)} {g}" for g in groups] + ["p50 ms", "p95 ms"])
     best = {m: max(r.metrics[m] for r in evaluation.results) for m in evaluation.measures}
     rows = []
     for result in evaluation.results:
@@ -71,7 +82,7 @@ def latency_table(evaluation: Evaluation) -> Table:
 
 def defaults_table(evaluation: Evaluation) -> Table:
     """The default request against the best configuration, per query group, on the primary measure."""
-    primary = label(evaluation.measures[0])
+    primary = label(evaluation.measures[0], among=evaluation.measures)
     rows = [[group, f"{gap['default']:.3f}", f"{gap['best']:.3f}", gap["best_configuration"],
              f"{gap['gap_points']:.1f}"] for group, gap in evaluation.default_gaps().items()]
     return ["queries", f"default {primary}", f"best {primary}", "best configuration", "gap (points)"], rows
@@ -156,10 +167,11 @@ def plot_metric_per_configuration(evaluation: Evaluation, path: Path) -> Path:
     axes.set_yticks(range(len(results)), [r.config.name for r in results], fontsize=8)
     axes.invert_yaxis()
     axes.set_xlim(0, 1)
-    axes.set_xlabel(label(primary))
+    primary_label = label(primary, among=evaluation.measures)
+    axes.set_xlabel(primary_label)
     axes.grid(axis="x", alpha=0.3)
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="queries", title_fontsize=8)
-    axes.set_title(f"{label(primary)} per configuration ({evaluation.queries} judged queries)")
+    axes.set_title(f"{primary_label} per configuration ({evaluation.queries} judged queries)")
     figure.savefig(path)
     return path
 
@@ -212,12 +224,13 @@ def quality_latency_figure(evaluation: Evaluation):
             axes.annotate(str(f.config.parameters()[varied]), (x, y), textcoords="offset points", xytext=(4, 4),
                           fontsize=7)
     axes.set_xlabel("search latency per query, p50 ms (coarse + rerank; query encoding left out)")
-    axes.set_ylabel(label(recall))
+    recall_label = label(recall, among=evaluation.measures)
+    axes.set_ylabel(recall_label)
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=7, loc="lower right")
     machine = evaluation.info.get("machine")
-    axes.set_title(f"{label(recall)} against latency" + (f"\n{machine}" if machine else ""), fontsize=10)
+    axes.set_title(f"{recall_label} against latency" + (f"\n{machine}" if machine else ""), fontsize=10)
     return figure
 
 

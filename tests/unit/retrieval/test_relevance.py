@@ -283,3 +283,10 @@ def test_the_quality_latency_plot_names_every_configuration_and_the_machine(stor
 
 def test_labels_read_as_the_field_names_them():
     assert [label(m) for m in ("nDCG@10", "RR(rel=2)@10", "R@100")] == ["nDCG@10", "MRR@10", "Recall@100"]
+
+
+def test_two_measures_that_differ_only_in_their_grade_keep_it_in_their_labels_and_other_parameters_always():
+    # Both read Recall@10 (two columns, 0.200 and 0.600, of the same name); judged_only vanished.
+    measures = ["R@10", "R(rel=2)@10", "nDCG(judged_only=True)@10"]
+    assert [label(m, among=measures) for m in measures] == ["Recall@10", "Recall(rel=2)@10",
+                                                            "nDCG(judged_only=True)@10"]
