@@ -456,15 +456,16 @@ def _needs_vector(options: SearchOptions) -> bool:
 
 
 def _groups(queries: Sequence[Query]) -> dict[str, list[str]]:
-    """Query ids per category (in order of first appearance), then per tag."""
-    groups: dict[str, list[str]] = {}
+    """Query ids per category (in order of first appearance), then per tag; a query is in a group once,
+    whether it names it as its category, as a tag or as both (as `hard-examples export` writes them)."""
+    groups: dict[str, dict[str, None]] = {}  # dicts as ordered sets
     for query in queries:
         if query.category:
-            groups.setdefault(query.category, []).append(query.id)
+            groups.setdefault(query.category, {})[query.id] = None
     for query in queries:
         for tag in query.tags:
-            groups.setdefault(tag, []).append(query.id)
-    return groups
+            groups.setdefault(tag, {})[query.id] = None
+    return {name: list(ids) for name, ids in groups.items()}
 
 
 def _run_config(config: RunConfig, target: SearchTarget, queries: Sequence[Query],

@@ -77,6 +77,19 @@ def test_metrics_on_a_hand_made_qrels_file_are_the_librarys_and_the_hand_compute
     assert set(result.latency_ms) == {"encode", "coarse", "rerank", "search", "total"}
 
 
+def test_a_query_naming_a_group_as_its_category_and_a_tag_counts_once_in_its_size_and_its_mean(store, qrels_file):
+    # As hard-examples export writes them: category = the first reason, tags = every reason. The group
+    # "hard" counted 4 queries of 2, q2 three times, and weighted its mean so.
+    queries = [Query(id="q1", text="alpha", category="other", tags=("hard",)),
+               Query(id="q2", text="gamma", category="hard", tags=("hard", "hard"))]
+    evaluation = relevance.evaluate({"default": SearchTarget(store=store, encoder=None)}, queries,
+                                    relevance.read_qrels(qrels_file), [BM25], measures=["nDCG@10"])
+    assert evaluation.groups == {"other": 1, "hard": 2}
+    per_query = evaluation.results[0].per_query
+    assert evaluation.results[0].by_group["hard"]["nDCG@10"] == pytest.approx(
+        (per_query["q1"]["nDCG@10"] + per_query["q2"]["nDCG@10"]) / 2)
+
+
 def test_a_judged_query_the_run_misses_counts_as_zero_not_as_absent(store, tmp_path):
     qrels = {"q1": {"d2": 1}, "q3": {"d4": 1}}
     queries = [Query(id="q1", text="alpha"), Query(id="q3", text="nothing matches this")]
