@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from sidecar.retrieval.evaluation import ann_recall, found_of_exact
+from sidecar.stores.effort import SearchEffort
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document
 from tests.support import stored_copies, unit_vectors
@@ -46,3 +47,17 @@ def test_ann_recall_reads_within_a_tenth_of_the_recall_new_queries_get_not_the_s
         measured = ann_recall(store, queries=200, k=10).recall
     assert fresh < 0.5  # an effort that misses, or there is nothing to tell apart
     assert abs(measured - fresh) < 0.1
+
+
+def test_where_the_calibration_gives_queries_exact_search_ann_recall_measures_the_hnsw_and_says_so(tmp_path: Path):
+    # It searched without an ef_search, so exact search against exact search: 1.0000, "HNSW vs exact".
+    with EmbeddedStore(tmp_path / "s", ef_search=10, m=4, ef_construction=20, target_recall=0.99,
+                       target_k=10) as store:
+        store.upsert([Document(id=f"d{i}", vector=v) for i, v in enumerate(unit_vectors(3000, seed=3))])
+        store.effort.save(SearchEffort(target_recall=0.99, k=10, depth=10, ef_search=None, recall=1.0, p50_ms=0.1,
+                                       p95_ms=0.1, exact_p50_ms=0.1, exact_p95_ms=0.1, reason="as fast", queries=100,
+                                       documents=3000, calibrated_at=0.0))
+        assert store.effort.exact(None)
+        report = ann_recall(store, queries=100, k=10)
+    assert report.recall < 0.5 and report.ef_search == 10 and report.queries_get_exact
+    assert "at efSearch 10" in report.describe() and "get exact search on this store" in report.describe()
