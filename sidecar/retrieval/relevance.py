@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from sidecar.errors import not_utf8
 from sidecar.model.encoder import Encoder
+from sidecar.model.images import ImageDecodeError
 from sidecar.retrieval.evaluation import percentiles
 from sidecar.retrieval.search import SearchOptions, query_vector, search
 from sidecar.stores.base import Store
@@ -445,7 +446,11 @@ def _encode_queries(encoders: Mapping[str, Encoder], targets: Mapping[str, Searc
             if query.text and query.text.strip():
                 text_vector = encoder.encode_texts([prompt.format(query.text)])[0]
             if query.image is not None:
-                image_vector = encoder.encode_image_files([query.image.read_bytes()], max_pixels=max_image_pixels)[0]
+                try:
+                    image_vector = encoder.encode_image_files([query.image.read_bytes()],
+                                                              max_pixels=max_image_pixels)[0]
+                except ImageDecodeError as exc:
+                    raise EvaluationInputError(f"query {query.id!r}: image {query.image}: {exc.reason}") from exc
             encoded[(name, query.id)] = (query_vector(text_vector, image_vector), time.perf_counter() - started)
     return encoded
 

@@ -160,6 +160,15 @@ def test_query_and_judgment_files_that_are_not_utf8_are_refused_naming_them(tmp_
             read(path)
 
 
+def test_a_query_image_that_is_no_image_is_refused_naming_the_query_and_the_file(store, encoder, tmp_path):
+    # Was an ImageDecodeError traceback out of `clip-sidecar eval`, after the model loaded.
+    (tmp_path / "notes.jpg").write_bytes(b"not an image")
+    queries = [Query(id="qa", image=tmp_path / "notes.jpg")]
+    with pytest.raises(EvaluationInputError, match=r"query 'qa': image .*notes.jpg: not a recognised image format"):
+        relevance.evaluate({"default": SearchTarget(store=store, encoder=encoder)}, queries, {"qa": {"d1": 1}},
+                           [RunConfig(options=SearchOptions(mode="vector", rerank=False))])
+
+
 def test_image_queries_resolve_relative_to_the_query_file(tmp_path):
     (tmp_path / "photo.jpg").write_bytes(b"not read here")
     path = tmp_path / "queries.jsonl"
