@@ -420,8 +420,9 @@ def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrel
                                        max_image_pixels=max_image_pixels, progress=progress)
     finally:
         torch.set_num_threads(previous_threads)
-    qrel_list = [ir_measures.Qrel(qid, doc, grade) for qid, docs in qrels.items() for doc, grade in docs.items()
-                 if qid in {q.id for q in judged}]
+    judged_ids = {q.id for q in judged}  # once: built in the comprehension's condition it cost a set per judgment
+    qrel_list = [ir_measures.Qrel(qid, doc, grade) for qid, docs in qrels.items() if qid in judged_ids
+                 for doc, grade in docs.items()]
     groups = _groups(judged)
     results = []
     for config in tqdm(configs, desc="configurations", unit="config", disable=not progress):
