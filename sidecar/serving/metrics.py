@@ -76,7 +76,8 @@ SHADOW_CHECKS = Counter("sidecar_shadow_checks_total",
 # The recall target and the effort it chose (set at each scrape; the most recent write of a live worker wins).
 RECALL_TARGET = Gauge("sidecar_recall_target", "target_recall the store's effort was calibrated for (0: none)",
                       multiprocess_mode="livemostrecent")
-SEARCH_EF = Gauge("sidecar_search_ef_search", "HNSW efSearch of queries that name none (0: exact search)",
+SEARCH_EF = Gauge("sidecar_search_ef_search", "HNSW efSearch of queries that name none (0: exact search); one that "
+                  "asks for more candidates than this searches at that many",
                   multiprocess_mode="livemostrecent")
 HARD_EXAMPLES = Counter("sidecar_hard_examples_total",
                         "Hard searches: logged, dropped (queue full), too_large (a record over the file bound)",
