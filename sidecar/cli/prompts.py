@@ -145,8 +145,10 @@ def tag(ctx: click.Context, shards: Path, tags: tuple[str, ...], clear: bool, sh
     """Re-tag SHARDS (from `embed`) with prompt sets, from the stored image vectors alone: no image is
     read or encoded, only the sets' prompts (once per set version). Documents whose tags change get a
     new row; `clip-sidecar index` then rewrites exactly those. Run it after a set changed
-    (`prompts add`), or to tag shards embedded without --tag. One job at a time writes SHARDS: while an
-    `embed` or another `tag` writes them, this is refused at once, naming that job.
+    (`prompts add`), or to tag shards embedded without --tag. It replaces the tags of the sets SHARDS
+    were tagged with; a corpus field named as a tag field of another set (tag_SET) is refused before
+    anything is written. One job at a time writes SHARDS: while an `embed` or another `tag` writes
+    them, this is refused at once, naming that job.
 
     \b
       clip-sidecar tag data/shards --tag shapes --tag colors:0.3

@@ -310,6 +310,8 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
              len(unusable), newly_deleted)
     shards.set_paths(moved)
     shards_before = len(shards.shard_names())
+    if tagger is not None:  # a run killed from here leaves rows tagged with sets `tagging` may not name yet
+        shards.begin_tagging(tagger.set_names)
     shards.rewrite_rows(redescribe + reuse, shard_size=shard_size)
     return EmbedPlan(shards=shards, total=len(scanned), todo=todo, copies=copies, unusable=unusable,
                      redescribed=len(redescribe), reused=len(reuse), unchanged=unchanged, relocated=relocated,
@@ -341,7 +343,7 @@ def finish_embed(plan: EmbedPlan, *, failed: list[str], started: float, stages: 
     copied, failed_copies = _write_copies(plan, tagger=tagger)
     unusable = [item.id for item in plan.unusable]
     plan.shards.set_deleted(sorted(set(plan.deleted) | set(failed) | set(failed_copies) | set(unusable)))
-    if plan.shards.tagging != (tagger.record() if tagger else []):
+    if plan.shards.tagging != (tagger.record() if tagger else []) or plan.shards.tagging_begun:
         plan.shards.set_tagging(tagger.record() if tagger else [])
     summary = EmbedSummary(total=plan.total, embedded=len(plan.todo) - len(failed), redescribed=plan.redescribed,
                            reused=plan.reused + copied, unchanged=plan.unchanged, relocated=plan.relocated,

@@ -196,9 +196,12 @@ class ShardSet:
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob("*.tmp"):
             stale.unlink()  # leftovers of a killed run
+        begun = self.tagging_begun
         self.manifest = {"format_version": FORMAT_VERSION, "model": asdict(signature), "dtype": "float32",
                          "normalised": "l2", "preprocessing": preprocessing, "shards": self.shard_names(),
                          "deleted": self.manifest.get("deleted", []), "tagging": self.tagging}
+        if begun:
+            self.manifest["tagging_begun"] = begun
         if fine_signature is not None:
             self.manifest["fine_model"] = asdict(fine_signature)
         if thumbnail_side:
@@ -284,8 +287,24 @@ class ShardSet:
         return list(self.manifest.get("tagging", []))
 
     def set_tagging(self, record: list[dict[str, Any]]) -> None:
+        """Record a tagging every live row now carries (no longer only begun)."""
         self.manifest["tagging"] = record
+        self.manifest.pop("tagging_begun", None)
         self._write_manifest()
+
+    @property
+    def tagging_begun(self) -> list[str]:
+        """Sets whose tags a job began writing into rows and did not finish (a killed `tag` or `embed`): some rows
+        may hold their fields though `tagging` does not name them."""
+        return list(self.manifest.get("tagging_begun", []))
+
+    def begin_tagging(self, sets: Iterable[str]) -> None:
+        """Record, before any row is written, that rows may get these sets' tags: a rerun after a kill then
+        knows those fields as tagging's, not the corpus's (`Tagger.check_metadata`)."""
+        begun = set(self.tagging_begun) | (set(sets) - {record["set"] for record in self.tagging})
+        if begun != set(self.tagging_begun):  # a rerun with the recorded sets writes no manifest
+            self.manifest["tagging_begun"] = sorted(begun)
+            self._write_manifest()
 
     def set_deleted(self, ids: list[str]) -> None:
         self.manifest["deleted"] = sorted(ids)

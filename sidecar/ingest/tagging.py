@@ -5,7 +5,9 @@ for every image it already holds, from the stored vectors) and writes two metada
 `tag_<set>` (the labels, best first) and `tag_<set>_score` (their cosine scores). `index` loads them
 like any metadata (keyword fields in OpenSearch), so filters work on them in both stores. The
 manifest records which sets, versions and vectors the tags came from; `clip-sidecar tag SHARDS`
-re-tags from the stored vectors alone (no image is read), after a set changed. A tag change changes
+re-tags from the stored vectors alone (no image is read), after a set changed. A row's metadata holds the
+corpus's fields and the tags together: the sets the manifest records (and those of a killed job's tagging,
+recorded before any row is written) tell which fields are tags. A tag change changes
 the document hash, so `index` rewrites exactly the documents whose tags moved.
 """
 
@@ -16,7 +18,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -144,11 +146,18 @@ class Tagger:
         log.info("tagging with %s", tagger.describe())
         return tagger
 
-    def check_metadata(self, items: Iterable[CorpusItem]) -> None:
+    @property
+    def set_names(self) -> list[str]:
+        return [s.spec.set for s in self._sets]
+
+    def check_metadata(self, items: Iterable[CorpusItem | ShardRow], *, tagged_fields: Collection[str] = ()) -> None:
         """Refuse a corpus whose metadata has a field this tagging writes (its value would be replaced). `embed`
-        checks the corpus as read, before any file is hashed or encoded: on Ray, on the driver, not in a task."""
+        checks the corpus as read, before any file is hashed or encoded: on Ray, on the driver, not in a task.
+        `tag` checks the shards' rows, whose metadata also holds `tagged_fields`, an earlier tagging's
+        (`recorded_fields`): those it may replace; any other field it writes came from the corpus."""
+        fields = self.fields - set(tagged_fields)
         for item in items:
-            clash = sorted(item.metadata.keys() & self.fields)
+            clash = sorted(item.metadata.keys() & fields)
             if clash:
                 raise CorpusError(f"item {item.id!r}: its metadata has a field {clash[0]!r}, which tagging writes; "
                                   "rename that field in the corpus, or tag with another set")
@@ -197,7 +206,8 @@ class Tagger:
 
 def tagged(row: ShardRow, fields: Mapping[str, list]) -> ShardRow:
     """The row with `fields` added to its metadata and its document hash recomputed. A corpus field of the same
-    name never gets here: `embed` refused it (`Tagger.check_metadata`), `tag` removes the fields it rewrites."""
+    name never gets here: `embed` and `tag` refuse it (`Tagger.check_metadata`); `tag` removes an earlier
+    tagging's fields first."""
     metadata = {**row.metadata, **fields}
     return dataclasses.replace(row, metadata=metadata,
                                content_hash=document_hash(row.image_hash, row.text, metadata))
@@ -209,7 +219,10 @@ def recorded_specs(shards: ShardSet) -> list[TagSpec]:
 
 
 def recorded_fields(shards: ShardSet) -> set[str]:
-    return {f for record in shards.tagging for f in (label_field(record["set"]), score_field(record["set"]))}
+    """The fields tagging wrote into the shards' rows: the recorded tagging's, and those of a tagging begun and not
+    finished (`ShardSet.tagging_begun`). No other field in a row is tagging's: the corpus gave it."""
+    sets = {record["set"] for record in shards.tagging} | set(shards.tagging_begun)
+    return {f for name in sets for f in (label_field(name), score_field(name))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,8 +251,10 @@ def _retag(shards: ShardSet, tagger: Tagger | None, *, shard_size: int, progress
     if tagger is not None and tagger.signature != shards.signature:
         raise ShardError(f"{root} holds vectors of {shards.signature.describe()}, not {tagger.signature.describe()}: "
                          "tag with the model the shards were embedded with (--model, --pretrained)")
-    stale = recorded_fields(shards) | (tagger.fields if tagger else set())
+    stale = recorded_fields(shards)
     entries = list(shards.live().values())
+    if tagger is not None:  # before anything is written: a corpus field of a tag field's name would be lost
+        tagger.check_metadata((row for _, row, _ in entries), tagged_fields=stale)
     fresh = tagger.stored_tags(shards, entries, progress=progress) if tagger else {}
     changed = []
     for name, row, index in entries:
@@ -247,6 +262,8 @@ def _retag(shards: ShardSet, tagger: Tagger | None, *, shard_size: int, progress
         new = tagged(base, fresh.get(row.id, {}))
         if new.content_hash != row.content_hash:
             changed.append((new, name, index))
+    if tagger is not None:
+        shards.begin_tagging(tagger.set_names)
     shards.rewrite_rows(changed, shard_size=shard_size)
     shards.set_tagging(tagger.record() if tagger else [])
     summary = RetagSummary(total=len(entries), retagged=len(changed), unchanged=len(entries) - len(changed))

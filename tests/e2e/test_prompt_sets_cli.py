@@ -184,6 +184,47 @@ def test_tagging_refuses_a_corpus_field_of_the_same_name(sets, tmp_path):
     assert "item 'item-000002': its metadata has a field 'tag_shapes', which tagging writes" in result.output
 
 
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != ".lock"}
+
+
+def test_tag_refuses_a_corpus_field_named_for_a_set_the_shards_were_never_tagged_with_and_writes_nothing(
+        sets, tmp_path):
+    folder = tmp_path / "corpus"
+    manifest = write_corpus(folder, 5, seed=33)
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    lines[2]["metadata"]["tag_shapes"] = "hand-written"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "shards"
+    cli_ok("embed", manifest, "--out", out, "--workers", "0", "--prompt-sets", sets)
+    before = files_of(out)
+
+    result = CliRunner().invoke(main, ["-q", "tag", str(out), "--tag", "shapes", "--prompt-sets", str(sets)])
+    assert result.exit_code == 1, result.output
+    assert "item 'item-000002': its metadata has a field 'tag_shapes', which tagging writes" in result.output
+    assert files_of(out) == before
+    # Another set tags the folder; the corpus's field stays, through a retag and through --clear.
+    cli_ok("tag", out, "--tag", "colors", "--prompt-sets", sets)
+    assert live_rows(out)["item-000002"]["tag_shapes"] == "hand-written"
+    assert all(len(m["tag_colors"]) == 1 for m in live_rows(out).values())
+    cli_ok("tag", out, "--tag", "colors:2", "--prompt-sets", sets)
+    assert all(len(m["tag_colors"]) == 2 for m in live_rows(out).values())
+    cli_ok("tag", out, "--clear", "--prompt-sets", sets)
+    assert {doc_id: m["tag_shapes"] for doc_id, m in live_rows(out).items() if "tag_shapes" in m} == {
+        "item-000002": "hand-written"}
+    assert not any(key.startswith("tag_colors") for m in live_rows(out).values() for key in m)
+    # The embed rerun that tagging would have made refuse the corpus still runs.
+    cli_ok("embed", manifest, "--out", out, "--workers", "0", "--prompt-sets", sets)
+
+
+def test_tag_replaces_the_tags_of_a_set_the_shards_were_tagged_with(sets, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", 5, seed=34)
+    out = tmp_path / "shards"
+    cli_ok("embed", corpus, "--out", out, "--workers", "0", "--tag", "shapes", "--prompt-sets", sets)
+    assert "5 documents: 5 with new tags" in cli_ok("tag", out, "--tag", "shapes:2", "--prompt-sets", sets)
+    assert all(len(m["tag_shapes"]) == len(m["tag_shapes_score"]) == 2 for m in live_rows(out).values())
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--tag", "shapes:0"], "after ':' comes a count of labels"),
     (["--tag", "shapes:1.5"], "after ':' comes a count of labels (e.g. 3) or a cosine score threshold"),
