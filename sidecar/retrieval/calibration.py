@@ -2,7 +2,8 @@
 
 A stored vector is an easy query: the HNSW graph was built around it, its neighbours are its graph
 neighbours (on 10k uniform 64-d vectors, 0.99 recall on stored vectors at efSearch 31 was 0.82 on
-fresh ones). So each sampled stored vector x becomes a fresh query: x turned, in a random
+fresh ones). So each sampled stored vector x becomes a fresh query (`evaluation.fresh_queries`, which
+`eval --ann` measures on too): x turned, in a random
 direction, by the angle between x and its K-th nearest neighbour — a point about as far from the
 data as a new draw from the same distribution, a little farther (on that set, recall on such
 queries was within 0.005 of fresh draws' from efSearch 32 up, and below it under 32). Each such
@@ -26,18 +27,12 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
-from dataclasses import dataclass
-
-import numpy as np
-from tqdm import tqdm
 
 from sidecar.config import Settings
-from sidecar.retrieval.evaluation import found_of_exact, percentiles
+from sidecar.retrieval.evaluation import found_of_exact, fresh_queries, percentiles
 from sidecar.stores.base import Store
 from sidecar.stores.effort import EffortPoint, SearchEffort
-from sidecar.types import ScoredId
 
 log = logging.getLogger(__name__)
 
@@ -170,67 +165,3 @@ def recalibrate_if_changed(store: Store, *, changed: int, depth: int = Settings.
     return effort, f"calibrated ({why})"
 
 
-@dataclass(frozen=True, slots=True)
-class FreshQueries:
-    """Queries made of a store's own vectors (`fresh_queries`), each with its exact top K."""
-
-    vectors: list[np.ndarray]
-    truth: list[list[ScoredId]]  # the exact top K of each
-    along: list[bool]  # turned along the data (towards its neighbours), else in any direction
-    exact_s: list[float]  # the exact search of each, `depth` deep
-    documents: int  # in the store when sampled
-
-
-def fresh_queries(store: Store, *, k: int, depth: int, queries: int, seed: int = 0,
-                  progress: bool = False) -> FreshQueries:
-    """`queries` stored vectors (sampled by seed), each turned into a fresh query (see the module's
-    docstring: a stored vector itself is an easy one), half in any direction and half along the data,
-    with its exact top `k` from an exact search `depth` deep."""
-    ids = sorted(store.content_hashes())
-    if not ids:
-        raise ValueError("the store is empty: index something first")
-    sample = random.Random(seed).sample(ids, min(queries, len(ids)))
-    rng = np.random.default_rng((seed, 0xCA11B))  # not the stream of a data set generated with `seed`
-    vectors: list[np.ndarray] = []
-    truth: list[list[ScoredId]] = []
-    along: list[bool] = []
-    exact_s: list[float] = []
-    for doc in tqdm(store.fetch(sample), desc="exact search (the truth)", unit="query", disable=not progress):
-        if not doc.vector.size:
-            continue  # written by OpenSearch's ingest pipeline without one (a document it could not embed)
-        neighbours = [hit for hit in store.vector_search(doc.vector, k + 1, exact=True) if hit.id != doc.id]
-        if not neighbours:
-            continue  # a store of one document
-        # Fresh queries of uniform data come from any direction; of data of low intrinsic dimension (CLIP's),
-        # along the data, where a query turned in any direction is easier than a new one. Half of each:
-        # the target must be reached on both halves.
-        towards = None
-        if len(vectors) % 2:
-            towards = np.stack([np.asarray(d.vector, dtype=np.float32)
-                                for d in store.fetch([hit.id for hit in neighbours[:k]])])
-        vector = fresh_query(np.asarray(doc.vector, dtype=np.float32), neighbours[:k][-1].score, rng, towards)
-        along.append(towards is not None)
-        started = time.perf_counter()
-        hits = store.vector_search(vector, depth, exact=True)
-        exact_s.append(time.perf_counter() - started)  # the cost of exact search, where no effort reaches the target
-        vectors.append(vector)
-        truth.append(hits[:k])
-    if not vectors:
-        raise ValueError("the store holds one document: there is no neighbour to measure recall against")
-    return FreshQueries(vectors=vectors, truth=truth, along=along, exact_s=exact_s, documents=len(ids))
-
-
-def fresh_query(vector: np.ndarray, nearest_cosine: float, rng: np.random.Generator,
-                towards: np.ndarray | None = None) -> np.ndarray:
-    """`vector` (a unit vector) turned by the angle whose cosine is `nearest_cosine`, towards a random
-    direction orthogonal to it (a random mix of the rows of `towards` less `vector`, where given): a
-    unit vector that far from `vector`."""
-    if towards is None:
-        direction = rng.standard_normal(vector.shape[0]).astype(np.float32)
-    else:
-        direction = (rng.standard_normal(len(towards)) @ (towards - vector)).astype(np.float32)
-    direction -= float(direction @ vector) * vector
-    direction /= max(float(np.linalg.norm(direction)), 1e-12)
-    cosine = float(np.clip(nearest_cosine, -1.0, 1.0))
-    turned = cosine * vector + np.sqrt(1.0 - cosine * cosine) * direction
-    return (turned / max(float(np.linalg.norm(turned)), 1e-12)).astype(np.float32)
