@@ -7,7 +7,8 @@ like any metadata (keyword fields in OpenSearch), so filters work on them in bot
 manifest records which sets, versions and vectors the tags came from; `clip-sidecar tag SHARDS`
 re-tags from the stored vectors alone (no image is read), after a set changed. A row's metadata holds the
 corpus's fields and the tags together: the sets the manifest records (and those of a killed job's tagging,
-recorded before any row is written) tell which fields are tags. A tag change changes
+recorded before any row is written; in a folder an older version's killed job left, the pairs of labels and
+scores tagging writes) tell which fields are tags. A tag change changes
 the document hash, so `index` rewrites exactly the documents whose tags moved.
 """
 
@@ -225,6 +226,21 @@ def recorded_fields(shards: ShardSet) -> set[str]:
     return {f for name in sets for f in (label_field(name), score_field(name))}
 
 
+def _without_tagging_output(row: ShardRow, sets: Iterable[str]) -> ShardRow:
+    """The row without the fields of `sets` that hold what tagging writes: a list of labels in tag_SET and as
+    many scores in tag_SET_score. A `tag` or `embed --tag` of a version before `tagging_begun` (in the manifest)
+    killed before recording its tagging left such pairs in the rows it had written, unrecorded: they are
+    tagging's, to replace, not a corpus value (a corpus field of that name, a string say, is still refused)."""
+    metadata = dict(row.metadata)
+    for name in sets:
+        labels, scores = metadata.get(label_field(name)), metadata.get(score_field(name))
+        if isinstance(labels, list) and isinstance(scores, list) and len(labels) == len(scores) \
+                and all(isinstance(label, str) for label in labels) \
+                and all(isinstance(score, (int, float)) and not isinstance(score, bool) for score in scores):
+            del metadata[label_field(name)], metadata[score_field(name)]
+    return dataclasses.replace(row, metadata=metadata)
+
+
 @dataclass(frozen=True, slots=True)
 class RetagSummary:
     total: int
@@ -254,7 +270,8 @@ def _retag(shards: ShardSet, tagger: Tagger | None, *, shard_size: int, progress
     stale = recorded_fields(shards)
     entries = list(shards.live().values())
     if tagger is not None:  # before anything is written: a corpus field of a tag field's name would be lost
-        tagger.check_metadata((row for _, row, _ in entries), tagged_fields=stale)
+        tagger.check_metadata((_without_tagging_output(row, tagger.set_names) for _, row, _ in entries),
+                              tagged_fields=stale)
     fresh = tagger.stored_tags(shards, entries, progress=progress) if tagger else {}
     changed = []
     for name, row, index in entries:

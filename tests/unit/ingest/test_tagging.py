@@ -1,5 +1,6 @@
 """`tag` after a killed job: the fields a tagging began writing are known as tagging's (the manifest records the
-sets before any row is written), so the rerun replaces them and refuses only a field the corpus gave."""
+sets before any row is written; an older version's killed run left its label and score lists unrecorded), so the
+rerun replaces them and refuses only a field the corpus gave."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from sidecar.config import THUMBNAIL_SIDE
 from sidecar.ingest.embed import embed_corpus, plan_embed
 from sidecar.ingest.shards import ShardSet
-from sidecar.ingest.tagging import Tagger, TagSpec, retag_shards
+from sidecar.ingest.tagging import Tagger, TagSpec, retag_shards, tagged
 from sidecar.model.prompts import PromptSetRegistry
 from sidecar.model.synthetic import write_corpus
 
@@ -65,3 +66,22 @@ def test_tag_rerun_after_a_tag_killed_before_recording_its_tagging_replaces_its_
     assert all("tag_colors" in row.metadata for _, row, _ in ShardSet(untagged).live().values())
     retag_shards(untagged, None, progress=False)
     assert not any(key.startswith("tag_") for _, row, _ in ShardSet(untagged).live().values() for key in row.metadata)
+
+
+def test_tag_rerun_in_a_folder_an_older_version_left_after_a_killed_tag_finishes_the_tagging_and_keeps_every_vector(
+        encoder, example_prompt_sets, untagged):
+    # What `tag` before `tagging_begun` left when killed while writing its rows: some rows rewritten with the
+    # set's labels and scores, the manifest naming neither the tagging nor a tagging begun.
+    shards = ShardSet(untagged)
+    entries = list(shards.live().values())
+    vectors_before = {row.id: shards.vectors(name)[index].copy() for name, row, index in entries}
+    tags = tagger_of(encoder, example_prompt_sets).stored_tags(shards, entries)
+    shards.rewrite_rows([(tagged(row, tags[row.id]), name, index) for name, row, index in entries[:3]], shard_size=64)
+    assert "tagging_begun" not in ShardSet(untagged).manifest and tag_counts(untagged) == [0, 0, 0, 1, 1, 1]
+
+    retag_shards(untagged, tagger_of(encoder, example_prompt_sets, k=2), progress=False)
+    after = ShardSet(untagged)
+    assert tag_counts(untagged) == [2] * 6 and [record["set"] for record in after.tagging] == ["shapes"]
+    live = after.live().values()
+    assert {row.id: after.vectors(name)[index].tolist() for name, row, index in live} == {
+        doc_id: vector.tolist() for doc_id, vector in vectors_before.items()}
