@@ -165,12 +165,12 @@ class Settings:
     # hard-example checks have a queue of their own, as long.
     monitor_fraction: float = 0.01
     monitor_queue: int = 16
-    # Hard examples (queries with a low top score, vector/BM25 disagreement or no result) and
+    # Hard examples (queries the model matches nothing close to, vector/BM25 disagreement or no result) and
     # POST /v1/feedback go to rotating JSONL files in this folder; "" = off. Texts only, unless
     # hard_example_images (then an image query's bytes, base64, are logged too).
     quality_log_dir: str = ""
     hard_example_fraction: float = 1.0  # share of searches checked
-    hard_example_min_score: float = 0.2  # top hit's vector cosine below this: low score
+    hard_example_min_score: float = 0.2  # the model's best match (a vector search's top cosine) below it: low score
     hard_example_max_agreement: float = 0.1  # shared share of the vector and BM25 top k at most this: disagreement
     hard_example_images: bool = False
     quality_log_max_bytes: int = 10 * 1024 * 1024  # per file; a log keeps quality_log_backups more

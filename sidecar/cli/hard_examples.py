@@ -13,7 +13,7 @@ from sidecar.config import Settings
 @click.group("hard-examples")
 def hard_examples() -> None:
     """The queries that failed users, as the server logged them (SIDECAR_QUALITY_LOG_DIR): hard
-    examples (no result, a low top score, vector and BM25 disagreeing) and POST /v1/feedback."""
+    examples (no result, nothing the model finds close, vector and BM25 disagreeing) and POST /v1/feedback."""
 
 
 @hard_examples.command()

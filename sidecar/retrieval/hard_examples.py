@@ -1,7 +1,8 @@
 """Hard examples and feedback: the queries that fail users, kept for evaluation and fine-tuning.
 
-A searched query is hard when it found nothing, when its best hit is far from it (the top hit's
-vector cosine under `min_score`), or when the vector and BM25 lists disagree (they share at most
+A searched query is hard when it found nothing, when the model finds nothing close to it (the top
+cosine of a vector search under its filters is under `min_score`, whatever ranked the hits shown: a
+top hit BM25 put first says nothing of the model), or when the vector and BM25 lists disagree (they share at most
 `max_agreement` of their top K). A sampled share of searches is classified off the request path
 (`sidecar.retrieval.monitor.BackgroundChecks`: the disagreement costs a vector and a BM25 search)
 and the hard ones are appended to `hard-examples.jsonl`; `POST /v1/feedback` appends a clicked or
@@ -106,7 +107,7 @@ def read_jsonl_log(path: Path) -> Iterator[dict[str, Any]]:
 
 @dataclass(frozen=True, kw_only=True)
 class HardExampleRules:
-    min_score: float = 0.2  # top hit's vector cosine below this: low_score
+    min_score: float = 0.2  # the vector search's top cosine (the model's best match) below this: low_score
     max_agreement: float = 0.1  # share of the vector top k also in the BM25 top k at most this: disagreement
 
 
@@ -139,14 +140,16 @@ def classify(query: SearchedQuery, *, store: Store, rules: HardExampleRules) -> 
     reasons = []
     if not query.hits:
         reasons.append("no_result")
-    top = query.hits[0].scores.get("vector") if query.hits else None
+    # The model's best match among the documents the query may see, not the top hit's cosine: in hybrid
+    # mode BM25 may rank first a hit the model scores low (or never scored) while the model found a close one.
+    by_vector = store.vector_search(query.vector, query.k, filters=query.filters) if query.vector is not None else []
+    top = by_vector[0].score if by_vector else None
     if top is not None and top < rules.min_score:
         reasons.append("low_score")
     shared = None
     if query.text and query.vector is not None:
-        by_vector = [hit.id for hit in store.vector_search(query.vector, query.k, filters=query.filters)]
         by_bm25 = [hit.id for hit in store.text_search(query.text, query.k, filters=query.filters)]
-        shared = agreement(by_vector, by_bm25)
+        shared = agreement([hit.id for hit in by_vector], by_bm25)
         if shared is not None and shared <= rules.max_agreement:
             reasons.append("disagreement")
     if not reasons:
@@ -154,7 +157,7 @@ def classify(query: SearchedQuery, *, store: Store, rules: HardExampleRules) -> 
     record: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "query_id": query.query_id,
         "text": query.text, "mode": query.mode, "k": query.k, "filters": dict(query.filters or {}),
-        "reasons": reasons, "top_score": top, "agreement": shared, "model": query.model,
+        "reasons": reasons, "vector_top_score": top, "agreement": shared, "model": query.model,
         "hits": [{"id": hit.id, "score": hit.score} for hit in query.hits]}
     if query.image is not None:
         record["image"] = base64.b64encode(query.image).decode("ascii")

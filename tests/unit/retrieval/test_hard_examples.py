@@ -17,12 +17,15 @@ from sidecar.retrieval.hard_examples import (
     HardExampleRules,
     JsonlLog,
     SearchedQuery,
+    classify,
     export_examples,
     feedback_record,
     read_jsonl_log,
 )
 from sidecar.retrieval.monitor import BackgroundChecks
+from sidecar.retrieval.search import SearchOptions, search
 from sidecar.stores.embedded import EmbeddedStore
+from sidecar.types import Document, ModelSignature
 from tests.support import png_b64
 
 
@@ -94,3 +97,32 @@ def test_pairs_whose_image_moved_or_is_named_relative_to_an_older_embeds_folder_
     assert [(why, count) for why, count in summary.skipped.items() if "rerun `clip-sidecar embed" in why] == [
         ("pairs whose image is not at the path the shards name (moved since, or named relative to an older embed's "
          "folder): rerun `clip-sidecar embed SOURCE --out SHARDS` with SOURCE where it is now to update the paths", 2)]
+
+
+def unit(*values: float) -> np.ndarray:
+    vector = np.array(values, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def reasons_of_hybrid_search(tmp_path: Path, documents: list[tuple[str, np.ndarray, str]], **options) -> list[str]:
+    """The hard-example reasons of a real hybrid search for "zebra" (query vector e1) on an embedded store."""
+    query = unit(1, 0, 0, 0)
+    with EmbeddedStore(tmp_path / "store") as store:
+        store.claim(ModelSignature("m", "w", 4))
+        store.upsert([Document(id=doc_id, vector=vector, text=text, content_hash=doc_id)
+                      for doc_id, vector, text in documents])
+        options = SearchOptions(mode="hybrid", weights=(0.4, 0.6), rerank=False, **options)
+        hits = search(store, vector=query, text="zebra", options=options).hits
+        record = classify(SearchedQuery(query_id="q", text="zebra", image=None, mode="hybrid", k=options.k,
+                                        filters=None, vector=query, hits=hits), store=store, rules=HardExampleRules())
+    return record["reasons"] if record else []
+
+
+def test_low_score_judges_the_models_best_match_not_the_top_hit_bm25_ranked_first(tmp_path: Path):
+    # BM25 ranks first a document the model scores 0, while the model matches another exactly: not low_score.
+    exact = [("match", unit(1, 0, 0, 0), "apple"), ("words", unit(0, 1, 0, 0), "zebra zebra"),
+             ("other", unit(0, 0, 0, 1), "fig")]
+    assert "low_score" not in reasons_of_hybrid_search(tmp_path / "exact", exact, k=3)
+    # The model's best match is at cosine 0.1; the top hit is BM25's alone, with no vector score: low_score.
+    far = [("near", unit(0.1, 1, 0, 0), "apple"), ("words", unit(0, 0, 1, 0), "zebra")]
+    assert "low_score" in reasons_of_hybrid_search(tmp_path / "far", far, k=1, candidates=1)
