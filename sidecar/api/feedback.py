@@ -5,14 +5,23 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 
 from sidecar.api.state import current_state
-from sidecar.api.validation import bounded_int, choice, is_blank, json_body, known_fields, optional, query_text
+from sidecar.api.validation import (
+    bounded_int,
+    choice,
+    filters,
+    is_blank,
+    json_body,
+    known_fields,
+    optional,
+    query_text,
+)
 from sidecar.errors import BadRequest, NotEnabled, PayloadTooLarge
 from sidecar.retrieval.hard_examples import FEEDBACK_KINDS, MAX_RELEVANCE, feedback_record
 from sidecar.serving import metrics
 
 bp = Blueprint("feedback", __name__)
 
-FIELDS = ("query_id", "text", "doc_id", "relevance", "kind")
+FIELDS = ("query_id", "text", "filters", "doc_id", "relevance", "kind")
 MAX_ID_CHARS = 512  # document ids and query ids: names, not texts
 
 
@@ -36,7 +45,10 @@ def feedback():
                          "searched), or both")
     kind = choice(body, "kind", choices=FEEDBACK_KINDS, default="click")
     relevance = bounded_int(body, "relevance", default=1, low=0, high=MAX_RELEVANCE)
-    record = feedback_record(query_id=query_id, text=text, doc_id=doc_id, relevance=relevance, kind=kind)
+    # The search's filters: its judgments hold among the documents they let through (the export keeps them, eval
+    # re-runs the query with them); without them, those of its search where the hard-example log has it.
+    record = feedback_record(query_id=query_id, text=text, doc_id=doc_id, relevance=relevance, kind=kind,
+                             filters=filters(body, settings))
     if not log.write(record):
         raise PayloadTooLarge(f"the feedback record is over the log's file limit of {settings.quality_log_max_bytes} "
                               "bytes (quality_log_max_bytes)")

@@ -29,8 +29,8 @@ def export(log_dir: Path | None, out: Path, shards: Path | None, min_relevance: 
     """Write an evaluation set and fine-tuning pairs from the logs.
 
     \b
-    OUT/queries.jsonl, OUT/qrels.jsonl  every query with feedback and its judged documents (a
-        judgment's grade, else 1 for a click): run them with
+    OUT/queries.jsonl, OUT/qrels.jsonl  every query (text and filters) with feedback and its judged
+        documents (a judgment's grade, else 1 for a click): run them, each with its filters, with
         clip-sidecar eval --queries OUT/queries.jsonl --qrels OUT/qrels.jsonl
         (categories are the hard-example reasons, so eval reports each kind apart)
     OUT/to_judge.jsonl  hard queries nobody gave feedback on yet, with the hits they were shown

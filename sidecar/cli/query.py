@@ -124,7 +124,8 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
               help="The built-in relevance benchmark: train the tiny models (cached), render a product catalogue, "
                    "embed and index it, run the standard configurations, write the report to --out.")
 @click.option("--queries", "queries_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Judged queries, JSONL: {\"id\", \"text\"?, \"image\"? (path), \"category\"?, \"tags\"?} a line.")
+              help="Judged queries, JSONL: {\"id\", \"text\"?, \"image\"? (path), \"category\"?, \"tags\"?, "
+                   "\"filters\"? (as /v1/search takes them: the query runs with them)} a line.")
 @click.option("--qrels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Graded judgments: TREC qrels (qid iter docid grade) or JSONL {\"query_id\", \"doc_id\", "
                    "\"relevance\"}.")

@@ -6,7 +6,9 @@ top hit BM25 put first says nothing of the model), or when the vector and BM25 l
 `max_agreement` of their top K). A sampled share of searches is classified off the request path
 (`sidecar.retrieval.monitor.BackgroundChecks`: the disagreement costs a vector and a BM25 search)
 and the hard ones are appended to `hard-examples.jsonl`; `POST /v1/feedback` appends a clicked or
-judged document to `feedback.jsonl`. Both are size-bounded rotating files that several server
+judged document to `feedback.jsonl`. A query is its text (or image) and its filters: the documents a
+filtered search could show are all its judgments mean, so the export keeps the filters and eval re-runs
+the query with them. Both are size-bounded rotating files that several server
 processes write at once. `export_examples` turns them into an evaluation set (queries and qrels
 for `clip-sidecar eval`), the hard queries still to judge, and image-text pairs for open_clip's
 trainer.
@@ -209,9 +211,10 @@ def _without_image(query: SearchedQuery) -> SearchedQuery:
                          filters=query.filters, vector=query.vector, hits=query.hits, model=query.model)
 
 
-def feedback_record(*, query_id: str | None, text: str | None, doc_id: str, relevance: int, kind: str) -> dict[str, Any]:
+def feedback_record(*, query_id: str | None, text: str | None, doc_id: str, relevance: int, kind: str,
+                    filters: Filters | None = None) -> dict[str, Any]:
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "query_id": query_id, "text": text,
-            "doc_id": doc_id, "relevance": relevance, "kind": kind}
+            "filters": dict(filters) if filters else None, "doc_id": doc_id, "relevance": relevance, "kind": kind}
 
 
 # ---- export --------------------------------------------------------------------------------------
@@ -238,9 +241,11 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     """Write, from the logs in `log_dir`:
     - `queries.jsonl` + `qrels.jsonl`: every query with feedback, as `clip-sidecar eval --queries
       --qrels` reads them (category: its first hard-example reason, or `feedback`; tags: all of
-      them; a logged query image is written to `images/`); a document's grade is its latest
-      judgment, else its highest click (a click's relevance: 1 unless it carried its own);
-    - `to_judge.jsonl`: hard queries without feedback, with the hits they were shown;
+      them; a logged query image is written to `images/`; filters: the feedback's, else those of
+      the logged search its query_id names); a document's grade is its latest judgment, else its
+      highest click (a click's relevance: 1 unless it carried its own). The same text under other
+      filters is another query;
+    - `to_judge.jsonl`: hard queries without feedback, with their filters and the hits they were shown;
     - `pairs.csv`: (document image, query text) for judgments of at least `min_relevance`, in
       open_clip's CSV format (tab-separated `filepath`, `title`), where `image_paths` (document id
       → image file, from the shards) knows the document's image, an absolute path to a file that
@@ -253,22 +258,24 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     # names the query_id of the answer it was given, which need not be the latest.
     by_query_id: dict[str, str] = {}
     for record in read_jsonl_log(Path(log_dir) / HARD_EXAMPLES_FILE):
-        key = _query_key(record.get("text"), record.get("query_id"))
+        key = _query_key(record.get("text"), record.get("query_id"), record.get("filters"))
         hard[key] = record
         if record.get("query_id"):
             by_query_id[record["query_id"]] = key
 
-    queries: dict[str, dict[str, Any]] = {}  # key -> {"text", "image", "reasons"}
+    queries: dict[str, dict[str, Any]] = {}  # key -> {"text", "image", "reasons", "filters"}
     grades: dict[tuple[str, str], tuple[int, bool]] = {}  # (key, doc) -> (grade, from a judgment)
     for record in read_jsonl_log(Path(log_dir) / FEEDBACK_FILE):
         text, query_id, doc_id = record.get("text"), record.get("query_id"), record.get("doc_id")
-        key = _query_key(text, None) if text else by_query_id.get(query_id or "")
+        # The documents the user could see: the feedback's filters, else those of the logged search it names.
+        filters = record.get("filters") or hard.get(by_query_id.get(query_id or ""), {}).get("filters")
+        key = _query_key(text, None, filters) if text else by_query_id.get(query_id or "")
         if key is None or not doc_id:
             _count(summary.skipped, "feedback without query text whose query_id names no logged query")
             continue
         logged = hard.get(key, {})
         queries.setdefault(key, {"text": text or logged.get("text"), "image": logged.get("image"),
-                                 "reasons": logged.get("reasons", [])})
+                                 "reasons": logged.get("reasons", []), "filters": filters})
         grade, judged = int(record.get("relevance", 1)), record.get("kind") == "judgment"
         previous = grades.get((key, doc_id))
         if judged or previous is None or (not previous[1] and grade > previous[0]):
@@ -281,6 +288,8 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
                                    "tags": query["reasons"]}
             if query["text"]:
                 row["text"] = query["text"]
+            if query["filters"]:
+                row["filters"] = query["filters"]
             if query["image"]:
                 row["image"] = str(_write_image(images_dir, key, base64.b64decode(query["image"])).relative_to(out))
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -292,8 +301,9 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     with (out / "to_judge.jsonl").open("w", encoding="utf-8") as handle:
         for key, record in hard.items():
             if key not in queries:
-                handle.write(json.dumps({"id": key, "text": record.get("text"), "reasons": record.get("reasons"),
-                                         "hits": record.get("hits", [])}, ensure_ascii=False) + "\n")
+                row = {"id": key, "text": record.get("text"), "filters": record.get("filters") or None,
+                       "reasons": record.get("reasons"), "hits": record.get("hits", [])}
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                 summary.to_judge += 1
     with (out / "pairs.csv").open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t")
@@ -323,10 +333,14 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     return summary
 
 
-def _query_key(text: str | None, query_id: str | None) -> str:
-    """One id per query: its text's (the same words searched twice are one query), else its query_id."""
+def _query_key(text: str | None, query_id: str | None, filters: Filters | None) -> str:
+    """One id per query: its text's and filters' (the same words searched twice under the same filters are
+    one query; under other filters, they judge other documents), else its query_id."""
     if text:
-        return "q-" + hashlib.sha1(" ".join(text.split()).encode("utf-8")).hexdigest()[:12]
+        words = " ".join(text.split())
+        if filters:  # an unfiltered query keeps the id it had before filters were part of it
+            words += "\0" + json.dumps(filters, sort_keys=True, ensure_ascii=False)
+        return "q-" + hashlib.sha1(words.encode("utf-8")).hexdigest()[:12]
     return f"q-{query_id}"
 
 

@@ -28,7 +28,8 @@ from sidecar.model.encoder import Encoder
 from sidecar.model.images import ImageDecodeError
 from sidecar.retrieval.evaluation import percentiles
 from sidecar.retrieval.search import SearchOptions, query_vector, search
-from sidecar.stores.base import Store
+from sidecar.stores.base import Store, StoreQueryError
+from sidecar.types import Filters
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Query:
     image: Path | None = None
     category: str = ""  # e.g. text-heavy; metrics are also reported per category
     tags: tuple[str, ...] = ()  # e.g. out-of-distribution; metrics are also reported per tag
+    filters: Filters | None = None  # metadata filters the query runs with, as /v1/search takes them
 
 
 def read_input_text(path: Path) -> str:
@@ -62,7 +64,8 @@ def read_input_text(path: Path) -> str:
 
 
 def read_queries(path: Path | str) -> list[Query]:
-    """JSONL, one query a line: {"id", "text"?, "image"? (a file, relative to this file), "category"?, "tags"?}."""
+    """JSONL, one query a line: {"id", "text"?, "image"? (a file, relative to this file), "category"?, "tags"?,
+    "filters"? (metadata field -> value or list of values, as /v1/search takes them)}."""
     path = Path(path)
     queries: list[Query] = []
     seen: set[str] = set()
@@ -92,11 +95,25 @@ def read_queries(path: Path | str) -> list[Query]:
         tags = row.get("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise EvaluationInputError(f"{where}: \"tags\" must be a list of strings")
+        filters = row.get("filters")
+        if filters is not None and not _is_filters(filters):
+            raise EvaluationInputError(f"{where}: \"filters\" must be an object of metadata field -> a string, number "
+                                       "or boolean, or a non-empty list of them")
         queries.append(Query(id=query_id, text=text, image=image_path, category=str(row.get("category", "")),
-                             tags=tuple(tags)))
+                             tags=tuple(tags), filters=filters or None))
     if not queries:
         raise EvaluationInputError(f"{path}: no queries")
     return queries
+
+
+def _is_filters(value: Any) -> bool:
+    def scalar(item: Any) -> bool:
+        return isinstance(item, (str, int, float))  # bool is an int
+
+    return isinstance(value, dict) and all(
+        isinstance(name, str) and name and (scalar(wanted) or isinstance(wanted, list) and wanted
+                                            and all(map(scalar, wanted)))
+        for name, wanted in value.items())
 
 
 def read_qrels(path: Path | str) -> dict[str, dict[str, int]]:
@@ -132,7 +149,7 @@ def read_qrels(path: Path | str) -> dict[str, dict[str, int]]:
 
 # ---- configurations ------------------------------------------------------------------------------
 
-# SearchOptions fields a configuration may set; k is the harness's (the deepest cutoff), filters are per query set.
+# SearchOptions fields a configuration may set; k is the harness's (the deepest cutoff), filters each query's.
 CONFIG_FIELDS = ("mode", "fusion", "weights", "rerank", "exact", "candidates", "ef_search")
 
 
@@ -488,8 +505,14 @@ def _run_config(config: RunConfig, target: SearchTarget, queries: Sequence[Query
         fine_vector, fine_encode_s = fine_vectors.get((config.target, query.id), (None, 0.0)) if options.rerank \
             else (None, 0.0)
         encode_s += fine_encode_s
-        result = search(target.store, vector=vector, text=query.text, options=options, fine_vector=fine_vector,
-                        fine_model=target.fine_encoder.signature if target.fine_encoder else None)
+        try:
+            result = search(target.store, vector=vector, text=query.text,
+                            options=dataclasses.replace(options, filters=query.filters), fine_vector=fine_vector,
+                            fine_model=target.fine_encoder.signature if target.fine_encoder else None)
+        except StoreQueryError as exc:
+            if not query.filters:
+                raise  # a query the harness built alone: the store's error
+            raise EvaluationInputError(f"query {query.id!r}: its filters do not fit the store: {exc}") from exc
         if result.rerank_skipped:
             notes[result.rerank_skipped] = notes.get(result.rerank_skipped, 0) + 1
         # Scores by rank, so the library sees exactly our order (pytrec_eval breaks score ties by doc id).

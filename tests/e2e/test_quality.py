@@ -313,6 +313,41 @@ def test_hard_examples_and_feedback_export_into_an_evaluation_set_eval_runs_and_
     assert pair_loss(after, images, [text for _, text in rows]) < pair_loss(before, images, [text for _, text in rows])
 
 
+
+def test_feedback_on_a_filtered_search_is_exported_with_its_filters_and_eval_reruns_the_query_with_them(
+        build_app, tmp_path):
+    logs, out = tmp_path / "quality", tmp_path / "export"
+    app = build_app(quality_log_dir=str(logs), hard_example_min_score=2.0, monitor_fraction=0.0)
+    client = app.test_client()
+    blue, unfiltered = (client.post("/v1/search", json={"text": "red circle", "mode": "vector", "k": 5, **body}).get_json()
+                        for body in ({"filters": {"color": "blue"}}, {}))
+    shapes = client.post("/v1/search", json={"text": "small star", "mode": "vector", "k": 5,
+                                              "filters": {"shape": "square"}}).get_json()
+    assert {hit["metadata"]["color"] for hit in blue["hits"]} == {"blue"} and blue["hits"][0] != unfiltered["hits"][0]
+    # The filters named by the logged search's query_id, sent with the feedback, or none (the same text unfiltered).
+    for body in ({"query_id": blue["query_id"], "text": "red circle", "doc_id": blue["hits"][0]["id"],
+                  "kind": "judgment", "relevance": 3},
+                 {"text": "red circle", "doc_id": unfiltered["hits"][0]["id"]},
+                 {"text": "small star", "filters": {"shape": "square"}, "doc_id": shapes["hits"][0]["id"]}):
+        assert client.post("/v1/feedback", json=body).status_code == 200
+    assert state_of(app).quality.hard_example_checks.wait_idle(60)
+    runner = CliRunner()
+    result = runner.invoke(main, ["-q", "hard-examples", "export", "--log-dir", str(logs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    exported = [json.loads(line) for line in (out / "queries.jsonl").read_text().splitlines()]
+    assert sorted((q["text"], json.dumps(q.get("filters"))) for q in exported) == [
+        ("red circle", "null"), ("red circle", '{"color": "blue"}'), ("small star", '{"shape": "square"}')]
+
+    report = tmp_path / "report"
+    result = runner.invoke(main, ["-q", "eval", "--queries", str(out / "queries.jsonl"), "--qrels",
+                                  str(out / "qrels.jsonl"), "--config", '{"mode": "vector", "rerank": false}',
+                                  "--store-path", str(state_of(app).settings.store_path), "--out", str(report)])
+    assert result.exit_code == 0, result.output
+    per_query = json.loads((report / "results.json").read_text())["results"][0]["per_query"]
+    # Each judged document was its search's top hit among the documents its filters let through: found at rank 1.
+    assert {q["id"]: per_query[q["id"]]["RR@10"] for q in exported} == {q["id"]: 1.0 for q in exported}
+
+
 # The tiny model's config is registered in the process (a real model needs no such line):
 # python -m open_clip_train.main --train-data OUT/pairs.csv --model ViT-B-32 --pretrained ...
 FINE_TUNE = ("import sys; from sidecar.model.tiny_model import register_tiny_config; register_tiny_config(); "
