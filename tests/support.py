@@ -84,6 +84,23 @@ def coarse_depths(store) -> Iterator[list[int]]:
             delattr(store, method)  # the class's own method again
 
 
+@contextlib.contextmanager
+def store_counts(store) -> Iterator[list[int]]:
+    """Each count of its documents the real `store` answers meanwhile (what /readyz asks of it)."""
+    counted: list[int] = []
+    real = store.count
+
+    def recorded(*args, **kwargs):
+        counted.append(real(*args, **kwargs))
+        return counted[-1]
+
+    store.count = recorded
+    try:
+        yield counted
+    finally:
+        del store.count  # the class's own method again
+
+
 def image_b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 

@@ -24,10 +24,14 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     """Ready (200) or not (503), to anyone; the details (model, store, documents, the reason it is not, the
-    answering worker's pid) only to a caller with a key where the API takes keys (`auth.STATUS_ONLY_PATHS`)."""
-    answer, status = _readiness()
+    answering worker's pid) only to a caller with a key where the API takes keys (`auth.STATUS_ONLY_PATHS`).
+    Keyless callers share one answer a second per worker (`state.SharedReadiness`); a caller with a key gets it
+    fresh."""
+    readiness = current_state().readiness
     if sent_without_key():
-        answer = {"status": answer["status"]}
+        answer, status = readiness.shared(_readiness)
+        return jsonify({"status": answer["status"]}), status
+    answer, status = readiness.fresh(_readiness)
     return jsonify(answer), status
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 from flask import Flask, current_app
 
@@ -13,6 +16,34 @@ from sidecar.serving.encoding import EncodingService
 from sidecar.stores.base import Store, check_query_model
 
 _KEY = "clip_sidecar"
+# How long keyless /readyz callers share one computed readiness (auth.STATUS_ONLY_PATHS): a kubelet's probe
+# every few seconds still sees each change, and whoever reaches the port cannot make the worker count the
+# store (on OpenSearch, a cluster request) more than once a second however often it asks.
+READINESS_SHARED_S = 1.0
+
+
+class SharedReadiness:
+    """The worker's last readiness answer, for the callers that may share one (`shared`): computed again only
+    once it is older than `max_age_s`; `fresh` computes it now (a caller with a key) and keeps it for them."""
+
+    def __init__(self, max_age_s: float = READINESS_SHARED_S, *, clock: Callable[[], float] = time.monotonic):
+        self.max_age_s, self.clock = max_age_s, clock
+        self._kept: tuple[float, tuple[dict, int]] | None = None  # (when computed, answer): one attribute, set at once
+        # Held while a shared answer is computed: callers arriving meanwhile wait for it instead of asking the
+        # store too (a store that takes its timeout to answer would otherwise be asked by each of them).
+        self._computing = threading.Lock()
+
+    def shared(self, compute: Callable[[], tuple[dict, int]]) -> tuple[dict, int]:
+        with self._computing:
+            kept = self._kept
+            if kept is None or self.clock() - kept[0] > self.max_age_s:
+                return self.fresh(compute)
+            return kept[1]
+
+    def fresh(self, compute: Callable[[], tuple[dict, int]]) -> tuple[dict, int]:
+        answer = compute()
+        self._kept = (self.clock(), answer)  # stamped when answered: a slow store's answer is not born stale
+        return answer
 
 
 @dataclass(frozen=True)
@@ -24,6 +55,7 @@ class AppState:
     prompt_sets: PromptSetRegistry  # the named prompt sets /v1/classify ranks labels of
     fine_encoding: EncodingService | None = None  # the fine-ranking model, where one is configured
     quality: Quality | None = None  # live recall, hard examples, feedback, the window of /v1/status
+    readiness: SharedReadiness = field(default_factory=SharedReadiness)  # /readyz's answer to keyless callers
 
     def encodings(self) -> tuple[EncodingService, ...]:
         """Every encoding service of this worker: the coarse model's, and the fine model's where configured."""

@@ -21,10 +21,11 @@ import sidecar
 from sidecar.api.app import create_app
 from sidecar.api.auth import OPEN_PATHS, STATUS_ONLY_PATHS, is_loopback, key_entry, new_key, scope_of
 from sidecar.api.page import PUBLIC_PATHS
+from sidecar.api.state import state_of
 from sidecar.cli import main
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document, ModelSignature
-from tests.support import free_port, gunicorn_server
+from tests.support import free_port, gunicorn_server, store_counts
 
 # Every endpoint that takes a key, with a request it answers 200 to.
 PROTECTED = [
@@ -167,13 +168,36 @@ def test_without_a_key_readyz_answers_ready_or_not_alone_and_with_one_its_detail
     with EmbeddedStore(tmp_path / "store") as indexer:
         indexer.claim(other)
         indexer.upsert([Document(id="d0", vector=np.eye(other.dim, dtype=np.float32)[0], text="red circle")])
-    not_ready = client.get("/readyz")
-    assert (not_ready.status_code, not_ready.json) == (503, {"status": "not_ready"})
+    # The keyed call first: it is answered fresh, and the keyless one within the second shares its answer.
     detailed = call(client, "GET", "/readyz", None, keys["web"])
     assert detailed.status_code == 503 and "vectors of other-clip" in detailed.json["reason"]
+    not_ready = client.get("/readyz")
+    assert (not_ready.status_code, not_ready.json) == (503, {"status": "not_ready"})
     for answer in (ready, not_ready):
         content = spec["responses"][str(answer.status_code)]["content"]["application/json"]
         jsonschema.validate(answer.json, content["schema"])
+
+
+def test_keyless_readyz_asks_the_store_once_a_second_per_worker_and_a_keyed_one_every_time(build_app, keys,
+                                                                                            tmp_path):
+    # Without a key anyone reaching the port may ask; on OpenSearch each count is a cluster request.
+    app = build_app(api_keys=entries(keys, "ops"), store_path=tmp_path / "store")
+    state = state_of(app)
+    with store_counts(state.store) as counted:
+        answers = [app.test_client().get("/readyz") for _ in range(20)]
+        assert {(a.status_code, a.get_data(as_text=True)) for a in answers} == {(200, '{"status":"ready"}\n')}
+        assert len(counted) == 1
+        now = [0.0]  # the second is counted on this clock from here on
+        state.readiness.clock = lambda: now[0]
+        for _ in range(3):
+            assert call(app.test_client(), "GET", "/readyz", None, keys["ops"]).json["documents"] == 0
+        assert len(counted) == 4
+        now[0] += 0.9  # within the second since the last (keyed) answer: shared
+        app.test_client().get("/readyz")
+        assert len(counted) == 4
+        now[0] += 0.2  # past it: counted again, so a probe sees a change within the second
+        app.test_client().get("/readyz")
+        assert len(counted) == 5
 
 
 def latency_sum(client, key: str, endpoint: str) -> float:
