@@ -215,6 +215,33 @@ def test_a_store_that_cannot_be_reached_is_said_so(browser, encoder, tmp_path):
         store.close()
 
 
+def test_a_server_not_ready_asks_a_page_without_its_key_for_one_and_with_it_says_why(browser, encoder, tmp_path):
+    # Without a key a server that takes keys says only "not_ready", not why: the page must ask for the key, with
+    # which it learns why. Not ready for real: an OpenSearch store on a loopback port nobody listens at.
+    key = new_key()
+    store = OpenSearchStore(url=f"http://127.0.0.1:{free_port()}", index="nowhere")
+    app = create_app(Settings(cache_dir=tmp_path / "cache", store="opensearch", api_keys=key_entry("web", [], key)),
+                     encoder=encoder, store=store)
+    try:
+        with serving(app) as url:
+            page = browser.page
+            page.goto(f"{url}/")
+            page.wait_for_function("() => document.getElementById('store-info').textContent !== 'Connecting…'")
+            asked = ("This server needs an API key: enter it under “API key” in the search options. "
+                     "without one it says only that it is not ready, not why.")
+            assert page.inner_text("#store-info") == asked
+            assert page.inner_text("#error") == asked
+            assert page.locator("#key-settings").get_attribute("open") is not None
+            page.fill("#api-key", key)
+            page.press("#api-key", "Tab")
+            page.wait_for_function("() => document.getElementById('store-info').textContent.startsWith("
+                                   "'The server is not ready: store opensearch unavailable')")
+            assert page.locator("#error").is_hidden()  # what the box asked for is done
+    finally:
+        state_of(app).encoding.close()
+        store.close()
+
+
 def test_one_search_by_keyboard_alone(browser, page_server):
     page = open_page(browser, page_server)
     order = []

@@ -19,9 +19,9 @@
   // ---- talking to the API -------------------------------------------------------------------
 
   class ApiProblem extends Error {
-    constructor(status, code, message, retryAfter) {
+    constructor(status, code, message, retryAfter, answer) {
       super(message);
-      Object.assign(this, { status, code, retryAfter });
+      Object.assign(this, { status, code, retryAfter, answer });  // answer: the JSON body, where there was one
     }
   }
 
@@ -50,7 +50,7 @@
       // to a caller with a key).
       const error = (data && data.error) || {};
       throw new ApiProblem(response.status, error.code || (data && data.status) || 'error',
-        error.message || (data && data.reason) || response.statusText, response.headers.get('Retry-After'));
+        error.message || (data && data.reason) || response.statusText, response.headers.get('Retry-After'), data);
     }
     return data;
   }
@@ -479,10 +479,17 @@
       info = { store: ready.store, model: ready.model };
       updateCount(ready.documents);
       if (state.infoRefused) clearError();  // the key now typed fixed what loading the page said
-    } catch (problem) {
+    } catch (caught) {
+      // Not ready, and no reason: a server that takes keys says why only to a caller with one (and nothing else
+      // on the page works without one), so ask for the key rather than show the bare HTTP status.
+      const unexplained = caught instanceof ApiProblem && caught.code === 'not_ready' && !(caught.answer || {}).reason;
+      const problem = unexplained
+        ? new ApiProblem(401, 'unauthorized', 'without one it says only that it is not ready, not why') : caught;
       // Without a key nothing on the page works: say so where errors are read, not only in the header.
-      state.infoRefused = problem instanceof ApiProblem && problem.status === 401;
-      if (state.infoRefused) showError(problem);
+      const refused = problem instanceof ApiProblem && problem.status === 401;
+      if (state.infoRefused && !refused) clearError();  // the key now typed fixed what loading the page said
+      state.infoRefused = refused;
+      if (refused) showError(problem);
       const { title, detail } = problem instanceof ApiProblem ? explain(problem) : { title: 'Error:', detail: String(problem) };
       $('store-info').textContent = `${title} ${detail}`;
     }
