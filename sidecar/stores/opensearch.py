@@ -35,6 +35,7 @@ from opensearchpy.exceptions import (
     ConnectionError as OSConnectionError,
 )
 
+from sidecar.errors import quoted
 from sidecar.stores.base import (
     FacetCounts,
     ModelMismatchError,
@@ -855,7 +856,8 @@ class OpenSearchStore:
                 raise StoreUnavailable(f"{what} failed: OpenSearch at {self.url} answered {exc.status_code} "
                                        f"{exc.error}") from exc
             if exc.status_code == 400:
-                raise StoreQueryError(f"{what}: OpenSearch refused the query: {_root_cause(exc)}") from exc
+                # The reason can hold a client's filter value whole (`For input string: "…"`): cut as one is.
+                raise StoreQueryError(f"{what}: OpenSearch refused the query: {quoted(_root_cause(exc))}") from exc
             raise StoreError(f"{what} failed: {exc.status_code} {exc.error}: {exc.info}") from exc
 
     def _knn_clause(self, vector: list[float], k: int, filters: Filters | None, *,

@@ -10,6 +10,7 @@ import pytest
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.config import Settings
+from sidecar.errors import MAX_ECHOED_CHARS
 from sidecar.retrieval.calibration import calibrate
 from sidecar.retrieval.evaluation import ann_recall
 from sidecar.stores import opensearch
@@ -19,6 +20,16 @@ from tests.integration.conftest import drop, make_store
 from tests.support import free_port, png_b64, unit_vectors
 
 pytestmark = pytest.mark.integration
+
+
+def test_a_long_filter_value_the_cluster_refuses_is_echoed_as_far_as_any_client_value(app_on, claimed_store, encoder):
+    # OpenSearch's reason repeats the value it could not parse; a 70,000-character one came back whole.
+    client = app_on(claimed_store(documents(encoder.dim)))
+    response = client.post("/v1/search", json={"text": "red circle", "filters": {"size": "9" * 69_999 + "x"}})
+    assert response.status_code == 400, response.json
+    message = response.json["error"]["message"]
+    assert message.startswith("field 'filters' does not fit the types") and len(message) < 500, message[:500]
+    assert message.endswith(f"(the first {MAX_ECHOED_CHARS} of its 70044 characters)"), message
 
 
 @pytest.fixture
