@@ -49,8 +49,9 @@ def search_endpoint():
     image = optional(body, "image", str)
     like = optional(body, "like", str)
     if text is None and image is None and like is None:
-        raise BadRequest("send field 'text' (not blank), field 'image' (base64) or field 'like' (a stored document's "
-                         "id), or text with one of the other two")
+        raise BadRequest(f"send field 'text' (not blank within its first {settings.max_text_chars} characters, "
+                         "max_text_chars), field 'image' (base64) or field 'like' (a stored document's id), or text "
+                         "with one of the other two")
     if image is not None and like is not None:
         raise BadRequest("send field 'image' or field 'like', not both: each is the query's image")
     mode = choice(body, "mode", choices=MODES, default="hybrid" if text else "vector")

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import sidecar
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
+from sidecar.config import Settings
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.indexing import index_shards
 from sidecar.model.synthetic import write_corpus
@@ -273,7 +274,8 @@ def test_with_a_fine_model_each_encoder_counts_its_encodes_under_its_own_model_l
          "over the limit of 1000000 (max_image_pixels)"),
         ("/v1/embeddings", {"input": ["x"], "modality": "audio"}, 400, "field 'modality' must be one of text, image"),
         ("/v1/embeddings", {"input": [{"type": "image"}]}, 400, "field 'input[0].image' is required"),
-        ("/v1/search", {}, 400, "send field 'text' (not blank), field 'image'"),
+        ("/v1/search", {}, 400, "send field 'text' (not blank within its first 4096 characters, max_text_chars), "
+                                "field 'image'"),
         ("/v1/search", {"text": "red", "mode": "semantic"}, 400, "field 'mode' must be one of vector, bm25, hybrid"),
         ("/v1/search", {"text": "red", "k": 0}, 400, "field 'k' must be between 1 and 1000"),
         ("/v1/search", {"text": "red", "k": 1001}, 400, "field 'k' must be between 1 and 1000 (max_k), got 1001"),
@@ -662,6 +664,26 @@ def test_every_example_in_the_openapi_file_is_served(build_app, tmp_path, method
     client = build_app(quality_log_dir=str(tmp_path / "quality")).test_client()
     response = client.open(path, method=method.upper(), json=body)
     assert response.status_code == 200, response.json
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/search", lambda text: {"text": text}),
+    ("/v1/opensearch/rerank/texts", lambda text: {"query": text, "documents": ["red circle"]}),
+    ("/v1/feedback", lambda text: {"text": text, "doc_id": "item-000001"})])
+def test_the_openapi_file_calls_a_query_blank_within_max_text_chars_blank_as_the_server_does(build_app, tmp_path,
+                                                                                             path, body):
+    # The server ranks by a query's first max_text_chars characters (4096, the file states the default):
+    # blank within them is blank, whatever follows; the file's pattern used to accept it.
+    spec = yaml.safe_load((Path(sidecar.__file__).parent / "openapi.yaml").read_text())
+    schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    validator = jsonschema.Draft202012Validator({**schema, "components": spec["components"]})
+    client = build_app(quality_log_dir=str(tmp_path / "quality")).test_client()
+    limit = Settings().max_text_chars
+    for blanks, served in ((limit - 1, True), (limit, False)):
+        sent = body(" \u3000\t" * (blanks // 3) + " " * (blanks % 3) + "red circle")
+        answer = client.post(path, json=sent)
+        assert (validator.is_valid(sent), answer.status_code == 200) == (served, served), (blanks, answer.json)
+        assert served or answer.status_code == 400
 
 
 def test_the_served_openapi_file_is_the_packaged_one(client):
