@@ -42,7 +42,8 @@ def feedback():
     text = query_text(body, settings)  # blank: none (a query_id names the query)
     if query_id is None and text is None:
         raise BadRequest("send field 'query_id' (from the /v1/search response) or field 'text' (the query as "
-                         "searched), or both")
+                         f"searched, not blank within its first {settings.max_text_chars} characters, max_text_chars), "
+                         "or both")
     kind = choice(body, "kind", choices=FEEDBACK_KINDS, default="click")
     relevance = bounded_int(body, "relevance", default=1, low=0, high=MAX_RELEVANCE)
     # The search's filters: its judgments hold among the documents they let through (the export keeps them, eval

@@ -216,7 +216,7 @@ def test_feedback_answers_404_when_not_enabled_and_400_naming_the_field(build_ap
     assert answer.status_code == 200 and answer.get_json()["recorded"]["relevance"] == 0
 
 
-def test_feedback_on_a_query_past_max_text_chars_records_the_text_its_search_logged_cut_alike(build_app, tmp_path):
+def test_feedback_on_a_query_past_max_text_chars_records_the_text_its_search_logged_cut_alike_and_a_blank_cut_names_the_limit(build_app, tmp_path):
     # The text a client searched and sends back: past max_text_chars, /v1/search cut it and /v1/feedback answered 413.
     logs = tmp_path / "quality"
     app = build_app(quality_log_dir=str(logs), hard_example_min_score=2.0, monitor_fraction=0.0)
@@ -233,6 +233,10 @@ def test_feedback_on_a_query_past_max_text_chars_records_the_text_its_search_log
     # Blank within the characters kept: no text, as a blank one (a query_id names the query).
     blank = client.post("/v1/feedback", json={"query_id": "abc", "doc_id": "a", "text": "\u2009" * 4096 + "red"})
     assert blank.status_code == 200 and blank.get_json()["recorded"]["text"] is None
+    # Without a query_id, such a text names no query: the 400 says where the text must not be blank.
+    refused = client.post("/v1/feedback", json={"doc_id": "a", "text": "\u2009" * 4096 + "red"})
+    assert refused.status_code == 400 and "within its first 4096 characters, max_text_chars" in \
+        refused.get_json()["error"]["message"]
 
 
 def test_a_hard_example_logs_the_k_and_the_hits_its_pages_showed_not_the_next_page_probe(build_app, tmp_path):
