@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,9 @@ from sidecar.retrieval.search import MODES
 @click.option("--exact", is_flag=True, help="Brute-force vector search instead of HNSW.")
 @click.option("--ef-search", type=click.IntRange(1), help="HNSW search breadth for this query (default: the store's).")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
-              help="Metadata filter, repeatable; FIELD=a,b matches either. A FIELD no stored document holds "
-                   "is refused, naming the fields they hold.")
+              help="Metadata filter, repeatable; FIELD=a,b matches either. A VALUE that reads as a number or "
+                   "true/false matches that number or boolean too (year=2020 finds 2020 and \"2020\"). A FIELD "
+                   "no stored document holds is refused, naming the fields they hold.")
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON.")
 @model_options
 @store_options
@@ -114,9 +116,23 @@ def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
         field, sep, value = item.partition("=")
         if not sep or not field:
             raise ValueError(f"--filter {item!r}: expected FIELD=VALUE")
-        values = value.split(",")
+        values = [typed for text in value.split(",") for typed in _filter_values(text)]
         parsed[field] = values if len(values) > 1 else value
     return parsed or None
+
+
+def _filter_values(text: str) -> list[Any]:
+    """A filter matches values of its own JSON type only (a stored 2020 is no "2020"), and a command line
+    has no types: a word that reads as a JSON number or boolean matches that value too (as the search
+    page sends a number typed for a field of numbers)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return [text]
+    if isinstance(value, bool) or (isinstance(value, float) and math.isfinite(value)) or (
+            isinstance(value, int) and -2 ** 63 <= value < 2 ** 63):  # the stores' integers are 64-bit
+        return [text, value]
+    return [text]
 
 
 @click.command("eval")

@@ -34,8 +34,8 @@ from sidecar.ingest.indexing import index_shards
 from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.synthetic import describe, iter_items, sample_items, write_corpus
 from sidecar.stores.embedded import EmbeddedStore
-from sidecar.types import ModelSignature
-from tests.support import cli_ok, free_port
+from sidecar.types import Document, ModelSignature
+from tests.support import cli_ok, free_port, write_shards
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -94,6 +94,28 @@ def test_search_refuses_a_filter_on_a_field_no_document_holds_naming_the_fields_
     assert result.exit_code == 2, result.output
     assert ("Invalid value for --filter: no stored document holds metadata field 'nofield'; the fields they hold: "
             "color, position, shape, size") in result.output
+
+
+def test_search_filter_on_the_command_line_finds_numbers_and_booleans_stored_as_such(encoder, tmp_path):
+    # A filter matches values of its own JSON type; the command line has only strings, so `year=2020` found
+    # no document whose JSONL metadata held the number 2020 ("(no hits)", no error).
+    metadata = {"int-2020": {"year": 2020, "on_sale": True}, "text-2020": {"year": "2020", "on_sale": "true"},
+                "int-2021": {"year": 2021, "on_sale": False}, "price": {"year": 1999, "price": 9.5}}
+    vectors = encoder.encode_texts(list(metadata))
+    docs = [Document(id=doc_id, vector=vector, text=f"item {doc_id}", metadata=meta, content_hash=doc_id)
+            for (doc_id, meta), vector in zip(metadata.items(), vectors)]
+    shards, store_path = write_shards(tmp_path / "shards", docs, encoder.signature), tmp_path / "store"
+    cli_ok("index", str(shards), "--store-path", str(store_path))
+
+    def found(*filters: str) -> set[str]:
+        args = ["search", "item", "--mode", "bm25", "--store-path", str(store_path), "--json"]
+        return {hit["id"] for hit in json.loads(cli_ok(*args, *[f"--filter={item}" for item in filters]))}
+
+    assert found("year=2020") == {"int-2020", "text-2020"}
+    assert found("year=2021,1999") == {"int-2021", "price"}
+    assert found("on_sale=true") == {"int-2020", "text-2020"}
+    assert found("price=9.5") == {"price"}
+    assert found("year=99999999999999999999") == set()  # past 64 bits: compared as the text it is
 
 
 def test_search_refuses_a_path_holding_no_store_before_loading_the_model(tmp_path, monkeypatch):
