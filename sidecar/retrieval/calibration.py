@@ -110,11 +110,15 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, depth: int = S
                   calibrated_at=time.time(), curve=curve)
     if chosen is None:
         exact_p50, exact_p95 = percentiles(exact_s)
-        best = max(curve, key=lambda p: p.recall)
+        best = max(curve, key=lambda p: (p.lower_bound, p.recall))
+        reason = (f"no ef_search up to {max_ef} reached it at 95 % confidence (best: {best.recall:.4f} at "
+                  f"{best.ef_search}, at least {best.lower_bound:.4f})")
+        if best.recall >= target_recall:  # measured at or over the target, yet not shown: the sample is too small
+            reason += (f"; {len(vectors)} sampled vectors are too few to show {target_recall:g}: sample more "
+                       f"(--queries, SIDECAR_CALIBRATION_QUERIES)" if len(vectors) < sampled.documents else
+                       f"; the store's {sampled.documents} documents are too few to show {target_recall:g}")
         return SearchEffort(ef_search=None, recall=1.0, p50_ms=exact_p50, p95_ms=exact_p95, exact_p50_ms=exact_p50,
-                            exact_p95_ms=exact_p95, reason=f"no ef_search up to {max_ef} reached it (best: "
-                                                           f"{best.recall:.4f} at {best.ef_search}): exact search",
-                            **common)
+                            exact_p95_ms=exact_p95, reason=reason, **common)
     # The cost, measured side by side (query by query, ANN then exact) so that a busy machine's
     # drift between the phases above cannot decide between the two.
     ann_s, exact_s = [], []

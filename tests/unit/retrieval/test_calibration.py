@@ -109,6 +109,20 @@ def test_where_no_effort_reaches_the_target_queries_are_answered_exactly(uniform
     (uniform_store / "calibration.json").unlink()  # the module's store, uncalibrated again
 
 
+def test_a_target_measured_but_too_few_vectors_to_show_it_says_the_sample_is_too_small(tmp_path):
+    # 40 documents: every effort found all of the exact top 10 (recall 1.0000), but 40 queries show 0.99 at 95 %
+    # confidence for none of them. The reason said "no ef_search reached it (best: 1.0000 ...)", a contradiction.
+    with EmbeddedStore(tmp_path / "s") as store:
+        store.claim(SIGNATURE)
+        store.upsert([Document(id=f"d{i}", vector=v) for i, v in enumerate(uniform(40, seed=7))])
+        whole = calibrate(store, target_recall=0.99, k=10, queries=300, max_ef=256)
+        sampled = calibrate(store, target_recall=0.99, k=10, queries=20, max_ef=256)
+    assert whole.exact and max(p.recall for p in whole.curve) == 1.0, whole.describe()
+    assert whole.reason.endswith("; the store's 40 documents are too few to show 0.99"), whole.reason
+    assert sampled.reason.endswith("; 20 sampled vectors are too few to show 0.99: sample more (--queries, "
+                                   "SIDECAR_CALIBRATION_QUERIES)"), sampled.reason
+
+
 def test_an_index_run_calibrates_again_after_large_changes_only(tmp_path):
     vectors = uniform(1100, seed=4)
     with EmbeddedStore(tmp_path / "s", target_recall=0.9) as store:
