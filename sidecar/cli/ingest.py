@@ -25,7 +25,8 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/shards"), show_default=True,
               help="Shard directory (reused by reruns: only new or changed images are embedded).")
-@click.option("--batch-size", type=click.IntRange(1, 8192), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 8192), default=256, show_default=True,
+              help="Images per forward pass of the model: larger keeps a GPU busier, at more memory.")
 @click.option("--shard-size", type=click.IntRange(1), default=4096, show_default=True,
               help="Vectors per shard file. The local engine writes a shard once this many vectors are waiting "
                    "and does not split a batch, so its shards hold up to --shard-size + --batch-size - 1. A killed "

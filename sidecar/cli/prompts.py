@@ -137,7 +137,8 @@ TAG_HELP = ("Write the top labels of prompt set SET into each document's metadat
 @click.option("--tag", "tags", multiple=True, metavar="SET[:K|THRESHOLD]",
               help=TAG_HELP + " Default: the sets the shards were last tagged with, at their current versions.")
 @click.option("--clear", is_flag=True, help="Remove every tag from the shards.")
-@click.option("--shard-size", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--shard-size", type=click.IntRange(1), default=4096, show_default=True,
+              help="Rows per shard file written for the documents whose tags change.")
 @prompt_sets_option
 @coarse_model_options
 @click.pass_context

@@ -30,13 +30,15 @@ from sidecar.retrieval.search import MODES
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Query image (alone: more like this photo; with TEXT: both).")
 @click.option("--mode", type=click.Choice(MODES), help="Default: hybrid with text, vector without.")
-@click.option("-k", "--k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("-k", "--k", "k", type=click.IntRange(1, 1000), default=10, show_default=True, help="Hits to print.")
 @click.option("--candidates", "rerank_candidates", type=click.IntRange(1, 10000),
               help="How many coarse hits the fine stage (rerank) sees (default: SIDECAR_RERANK_CANDIDATES, else 100); "
                    "with -k above it, the hits past them follow in coarse order.")
-@click.option("--fusion", type=click.Choice(FUSION_METHODS), default="minmax", show_default=True)
-@click.option("--vector-weight", type=float, default=0.5, show_default=True)
-@click.option("--bm25-weight", type=float, default=0.5, show_default=True)
+@click.option("--fusion", type=click.Choice(FUSION_METHODS), default="minmax", show_default=True,
+              help="How hybrid mode merges the vector and BM25 lists: each list's scores scaled (minmax, zscore), "
+                   "or their ranks (rrf), then summed by the weights.")
+@click.option("--vector-weight", type=float, default=0.5, show_default=True, help="Weight of the vector scores where they are fused with BM25's.")
+@click.option("--bm25-weight", type=float, default=0.5, show_default=True, help="Weight of the BM25 scores where they are fused with the vector's.")
 @click.option("--rerank/--no-rerank", default=None,
               help="The fine stage: re-score the candidates with --fine-model (default: on, except in bm25 mode). "
                    "Skipped when no fine model is configured: silently by default, with a note on stderr when "

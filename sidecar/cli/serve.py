@@ -33,8 +33,9 @@ SERVE_FLAGS = ("request_threads", "pin_workers", "insecure") + PROMPT_FLAGS
 
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; one other than loopback needs API keys, or --insecure.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Gunicorn worker processes; each loads the model once, after the fork. With a GPU the "
                    "request path's CPU sets the ceiling: about one worker per two cores (8 on 16 vCPUs).")

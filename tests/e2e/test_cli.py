@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import click
 import numpy as np
 import pytest
 import requests
@@ -546,6 +547,19 @@ def test_every_command_teaches_with_help():
                     ["keys", "create", "--help"]):
         result = runner.invoke(main, command)
         assert result.exit_code == 0 and "Usage:" in result.output, command
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    # embed --batch-size, tag --shard-size, search -k, --fusion and the weights, serve --host and --port
+    # showed only their type and default.
+    def commands(command: click.Command, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, (*path, name))
+        yield path, command
+
+    silent = [(" ".join(path), option.opts[0]) for path, command in commands(main, ())
+              for option in command.params if isinstance(option, click.Option) and not option.help]
+    assert silent == []
 
 
 def test_serve_help_sends_to_the_openapi_file_for_the_routes_and_names_only_routes_in_it():
