@@ -1281,6 +1281,11 @@ class EmbeddedStore:
     def _folder(self, number: int) -> Path:
         return self.path / f"{_VERSION_PREFIX}{number}" if number else self.path
 
+    def _version_name(self, number: int) -> str:
+        """How messages name version `number`: its folder's name; version 0 has no folder of its own (its files
+        lie in the store's), which its folder, STORE_PATH itself, would misname as the whole store."""
+        return self._folder(number).name if number else "version 0 (the store's own files)"
+
     def _pointed(self) -> int:
         """The current version's number."""
         try:
@@ -1387,7 +1392,7 @@ class EmbeddedStore:
         removed = []
         for number in self._versions_on_disk():
             if (number < current or (unfinished and number > current)) and self._remove(number):
-                removed.append(self._folder(number).name if number else f"version 0 (the files of {self.path})")
+                removed.append(self._version_name(number))
         return removed
 
     def _remove(self, number: int) -> bool:
@@ -1419,7 +1424,7 @@ class EmbeddedStore:
         finally:
             if handle is not None:
                 os.close(handle)
-        log.info("removed %s, a version of %s that a rebuild replaced", folder, self.path)
+        log.info("removed %s of %s, which a rebuild replaced", self._version_name(number), self.path)
         return True
 
     def one_version(self) -> _OneVersion:
@@ -1622,7 +1627,7 @@ class EmbeddedStore:
         with self._version() as opened:
             report = opened.store.check()
         for number in self._versions_on_disk():
-            name = self._folder(number).name if number else f"version 0 (the files of {self.path})"
+            name = self._version_name(number)
             if number < opened.number:
                 report.notes.append(f"{name} was replaced by a rebuild; it stays while a process still reads it "
                                     "(a server's idle worker lets go at its next request), and the last one to "

@@ -6,6 +6,7 @@ is removed once nobody reads it."""
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -86,6 +87,22 @@ def test_a_replaced_version_stays_on_disk_while_a_reader_holds_it_and_goes_when_
     assert reader.count() == 10 and removed_soon(path / "version.1")
     assert EmbeddedStore.exists_at(path)
 
+
+
+def test_the_log_names_a_removed_version_0_as_the_stores_own_files_not_as_the_store(tmp_path, caplog):
+    # A store's first rebuild logged "removed data/store, a version of data/store that a rebuild replaced":
+    # read as the whole store gone, where only the files of the version it replaced were.
+    path = tmp_path / "store"
+    with EmbeddedStore(path) as writer:
+        writer.claim(SIGNATURE)
+        writer.upsert(make_docs(30))
+    with caplog.at_level(logging.INFO, logger="sidecar.stores.embedded"):
+        for number in (1, 2):  # closing the store waits for its removal of the version it replaced
+            with EmbeddedStore(path) as rebuilder:
+                rebuilder.rebuild(make_docs(10, seed=number, prefix=f"v{number}-", version=number), signature=SIGNATURE)
+    assert [record.getMessage() for record in caplog.records if record.getMessage().startswith("removed ")] == [
+        f"removed version 0 (the store's own files) of {path}, which a rebuild replaced",
+        f"removed version.1 of {path}, which a rebuild replaced"]
 
 
 def test_the_call_that_lets_go_of_a_replaced_version_returns_before_its_removal_and_close_waits_for_the_removal(
