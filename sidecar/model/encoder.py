@@ -281,7 +281,13 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
     """
     import open_clip  # heavy import, deferred so `--help` stays fast
 
-    from sidecar.model.weights import ModelNotCached, check_model_settings, missing_weights, weights_dir
+    from sidecar.model.weights import (
+        ModelNotCached,
+        check_model_settings,
+        missing_weights,
+        unloadable_checkpoint,
+        weights_dir,
+    )
 
     if fetch:
         check_model_settings(settings, fine=fine)
@@ -299,13 +305,18 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
     log.info("loading %s (pretrained=%s) on %s, %s", model_name, pretrained or "none", device, precision)
     # Random weights (no pretrained) come from one fixed seed, so every worker and every restart builds
     # the same model: the text-vector cache and the store may key its vectors by the name "random".
-    with torch.random.fork_rng(devices=[], enabled=not pretrained):  # open_clip initialises on the CPU
-        if not pretrained:
-            torch.manual_seed(RANDOM_INIT_SEED)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, device=device,
-            cache_dir=os.fspath(weights_dir(settings)),
-        )
+    try:
+        with torch.random.fork_rng(devices=[], enabled=not pretrained):  # open_clip initialises on the CPU
+            if not pretrained:
+                torch.manual_seed(RANDOM_INIT_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained or None, device=device,
+                cache_dir=os.fspath(weights_dir(settings)),
+            )
+    except Exception as exc:  # noqa: BLE001 - torch and open_clip refuse a bad file with any of several types
+        if settings.pretrained and Path(settings.pretrained).is_file():  # the user's file, not a download's
+            raise unloadable_checkpoint(settings, exc, fine=fine) from exc
+        raise
     tokenizer = open_clip.get_tokenizer(model_name)
     return Encoder(model, tokenizer=tokenizer, preprocess=preprocess, name=model_name,
                    weights=weights_id(pretrained), device=device, precision=precision)

@@ -78,6 +78,18 @@ def check_model_settings(settings: Settings, *, fine: bool = False) -> None:
             f"of {settings.model}; its tags: {', '.join(_tags(settings.model)) or 'none'}")
 
 
+def unloadable_checkpoint(settings: Settings, exc: Exception, *, fine: bool = False) -> ModelSettingsError:
+    """The error for a `pretrained` file that does not load into the model: torch and open_clip each say
+    so in their own way (a file cut short, not a checkpoint at all, one of another architecture), in a
+    traceback, and torch's advice for some of them (weights_only=False) is not the user's remedy."""
+    names = _SETTING_NAMES[fine]
+    said = str(exc).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(exc).strip() else ""
+    return ModelSettingsError(
+        f"checkpoint {settings.pretrained!r} ({names['pretrained']}) does not load into {settings.model} "
+        f"({type(exc).__name__}{': ' + said[:200] if said else ''}): give a complete checkpoint file of "
+        f"{settings.model}, or the model it was saved from ({names['model']})")
+
+
 def missing_weights(settings: Settings, *, fine: bool = False) -> str | None:
     """None if the configured model can load without a download or training; else what is missing
     and the command that puts it there. Touches no network; ModelSettingsError for a model or

@@ -84,6 +84,34 @@ def test_a_wrong_model_or_weights_is_one_line_naming_the_setting_and_the_choices
     assert result.output.splitlines()[-1].startswith(message), result.output
 
 
+def unloadable_checkpoint(tmp_path: Path, test_cache_dir: Path, content: str) -> Path:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(checkpoint_path(test_cache_dir).read_bytes()[:3000] if content == "cut short" else b"id,path\n")
+    return bad
+
+
+@pytest.mark.parametrize("content", ["cut short", "not a checkpoint"])
+@pytest.mark.parametrize("command", [["search", "red"], ["serve", "--port", "{port}"]])
+def test_a_checkpoint_file_that_does_not_load_is_one_line_naming_the_setting(tmp_path, test_cache_dir, store_path,
+                                                                             command, content):
+    # A truncated download or the wrong file given to --pretrained ended in torch's traceback (RuntimeError,
+    # UnpicklingError or IndexError, by what the file held), from every command that loads the model.
+    bad = unloadable_checkpoint(tmp_path, test_cache_dir, content)
+    args = [arg.format(port=free_port()) for arg in command]
+    result = CliRunner().invoke(main, ["-q", *args, "--pretrained", str(bad)], env={"SIDECAR_STORE_PATH": str(store_path)})
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.output.splitlines()[-1].startswith(
+        f"Error: checkpoint '{bad}' (--pretrained / SIDECAR_PRETRAINED) does not load into tiny-clip ("), result.output
+
+
+def test_a_gunicorn_worker_given_a_checkpoint_cut_short_fails_to_boot_in_one_line(tmp_path, test_cache_dir, store_path):
+    bad = unloadable_checkpoint(tmp_path, test_cache_dir, "cut short")
+    result = gunicorn_boot({**os.environ, "SIDECAR_PRETRAINED": str(bad), "SIDECAR_STORE_PATH": str(store_path)})
+    assert result.returncode != 0
+    assert f"checkpoint '{bad}' (--pretrained / SIDECAR_PRETRAINED) does not load into tiny-clip" in result.stderr
+    assert "Traceback" not in result.stderr and "App failed to load" in result.stderr
+
+
 @pytest.mark.parametrize("wrong", ["model", "fine model"])
 def test_serve_refuses_a_wrong_model_before_starting_gunicorn(wrong):
     flags, message = WRONG_MODELS[wrong]
