@@ -37,8 +37,10 @@ from sidecar.retrieval.search import MODES
 @click.option("--fusion", type=click.Choice(FUSION_METHODS), default="minmax", show_default=True,
               help="How hybrid mode merges the vector and BM25 lists: each list's scores scaled (minmax, zscore), "
                    "or their ranks (rrf), then summed by the weights.")
-@click.option("--vector-weight", type=float, default=0.5, show_default=True, help="Weight of the vector scores where they are fused with BM25's.")
-@click.option("--bm25-weight", type=float, default=0.5, show_default=True, help="Weight of the BM25 scores where they are fused with the vector's.")
+@click.option("--vector-weight", type=float, default=0.5, show_default=True,
+              help="Weight of the vector scores where they are fused with BM25's.")
+@click.option("--bm25-weight", type=float, default=0.5, show_default=True,
+              help="Weight of the BM25 scores where they are fused with the vector's.")
 @click.option("--rerank/--no-rerank", default=None,
               help="The fine stage: re-score the candidates with --fine-model (default: on, except in bm25 mode). "
                    "Skipped when no fine model is configured: silently by default, with a note on stderr when "
