@@ -50,6 +50,9 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
 @click.option("--tag", "tags", multiple=True, metavar="SET[:K|THRESHOLD]",
               help=TAG_HELP + " Default: the sets OUT was last tagged with (`clip-sidecar tag OUT --clear` drops "
                               "them).")
+@click.option("--allow-empty", is_flag=True,
+              help="Let a SOURCE with no images record every document OUT holds as deleted (the next `index` removes "
+                   "them). Without it such a run is refused: a disk not mounted shows an empty folder.")
 @click.option("--engine", type=click.Choice(EMBED_ENGINES), default="local", show_default=True,
               help="local: this machine's processes. ray: a Ray cluster (pip install 'clip-sidecar[ray]') decodes "
                    "on CPU tasks and runs the model on actors, one per GPU; same shards, skips and reruns.")
@@ -70,8 +73,8 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
 @model_options
 @click.pass_context
 def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_size: int, workers: int,
-          decode: str, jpeg_decoder: str, thumbnail_side: int, tags: tuple[str, ...], engine: str, address: str,
-          actors: int, actor_cpus: float, task_cpus: float, **kwargs: Any) -> None:
+          decode: str, jpeg_decoder: str, thumbnail_side: int, tags: tuple[str, ...], allow_empty: bool, engine: str,
+          address: str, actors: int, actor_cpus: float, task_cpus: float, **kwargs: Any) -> None:
     """Embed the images of SOURCE into vector shards.
 
     SOURCE is a folder of images (a .txt beside an image is its text; else the file name is),
@@ -79,7 +82,8 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     only one required), text, and metadata (a JSONL object or Parquet struct column; any other
     CSV or Parquet columns are metadata too). Rerun it after the folder changes: new and changed
     files are embedded, vanished ones are recorded for the index step, a killed run continues
-    where it stopped, and after a move (SOURCE in another folder or on another machine) the rows
+    where it stopped (a SOURCE with no images at all over shards that hold some is refused unless
+    --allow-empty), and after a move (SOURCE in another folder or on another machine) the rows
     of unchanged images name their new paths, with nothing embedded again. A file or subfolder
     renamed or moved within SOURCE (or SOURCE given as a parent folder) gives its items new ids:
     each gets the stored vectors and thumbnail of its image bytes under the new id, with no
@@ -129,7 +133,7 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
             summary = embed_corpus_on_ray(settings, source, out, address=address, batch_size=batch_size,
                                           shard_size=shard_size, max_pixels=settings.max_image_pixels,
                                           thumbnail_side=thumbnail_side, load_tagger=load_tagger,
-                                          resources=RayResources(actors=actors, actor_cpus=actor_cpus,
+                                          allow_empty=allow_empty, resources=RayResources(actors=actors, actor_cpus=actor_cpus,
                                                                  task_cpus=task_cpus),
                                           progress=ctx.obj["progress"])
         except RayUnavailable as exc:
@@ -144,7 +148,7 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
                                    workers=workers, max_pixels=settings.max_image_pixels, decode=decode,
                                    jpeg_decoder=jpeg_decoder, fine_encoder=load_fine_encoder(settings),
                                    thumbnail_side=thumbnail_side, tagger=load_tagger(encoder),
-                                   progress=ctx.obj["progress"])
+                                   allow_empty=allow_empty, progress=ctx.obj["progress"])
         except JpegDecoderUnavailable as exc:
             raise click.UsageError(f"--jpeg-decoder {jpeg_decoder}: {exc}") from exc
     click.echo(summary.describe())

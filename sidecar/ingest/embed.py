@@ -92,7 +92,7 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                  workers: int = 2, max_pixels: int = 40_000_000, decode: str = "auto",
                  jpeg_decoder: str = "torchvision", fine_encoder: Encoder | None = None,
                  thumbnail_side: int = THUMBNAIL_SIDE, tagger: Tagger | None = None,
-                 progress: bool = True) -> EmbedSummary:
+                 allow_empty: bool = False, progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out`. `decode`: "cpu" (PIL in worker processes),
     "device" (JPEGs decoded and resized on the model's device — nvjpeg on a GPU), or "auto"
     (device on CUDA, else cpu). With `fine_encoder`, the same pass also stores each image's vector
@@ -123,7 +123,7 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     with exclusive_writer(out):  # until finish_embed has written the manifest
         plan = plan_embed(encoder, source, out, decode=used, fine_encoder=fine_encoder, tagger=tagger,
                           shard_size=shard_size, workers=workers, progress=progress, stages=stages,
-                          thumbnail_side=thumbnail_side, max_pixels=max_pixels)
+                          thumbnail_side=thumbnail_side, max_pixels=max_pixels, allow_empty=allow_empty)
         shards, todo = plan.shards, plan.todo
 
         failed: list[str] = []  # ids
@@ -234,13 +234,14 @@ class EmbedPlan:
 def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_encoder: Encoder | None,
                shard_size: int, workers: int, progress: bool, stages: defaultdict[str, float],
                hash_files: HashFiles | None = None, tagger: Tagger | None = None, thumbnail_side: int = 0,
-               max_pixels: int = 40_000_000) -> EmbedPlan:
+               max_pixels: int = 40_000_000, allow_empty: bool = False) -> EmbedPlan:
     """Claim `out` for the model (and `thumbnail_side`), scan `source` (hashing every file, by
     `hash_files` when given; shards written without thumbnails then get theirs from the files found)
     and compare it with the shards there: what to encode, what only needs a stored vector under a
     new text or metadata, or under a new id (its image held by another id's row: written here), what
     vanished (recorded). `decode` names where images are
-    decoded ("cpu" or "device"), for the manifest."""
+    decoded ("cpu" or "device"), for the manifest. A SOURCE with no items while `out` holds some is refused
+    (EmptyCorpus) unless `allow_empty`."""
     # Rows name each image by its absolute path: what reads them (`hard-examples export`'s pairs.csv, a
     # trainer) runs from other folders than this run did.
     source = Path(source).absolute()
@@ -251,6 +252,8 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
     known = shards.latest()
     with _timed(stages, "scan"):
         scanned, hashes = _scan(source, workers=workers, progress=progress, hash_files=hash_files, tagger=tagger)
+    if not scanned and not allow_empty:
+        _refuse_empty(source, out, live=len(set(known) - set(shards.deleted)))
     unusable = [item for item in scanned if item.unusable]  # not vanished: finish_embed records them
     items = [item for item in scanned if not item.unusable]
     with _timed(stages, "thumbnails"):
@@ -316,6 +319,20 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
     return EmbedPlan(shards=shards, total=len(scanned), todo=todo, copies=copies, unusable=unusable,
                      redescribed=len(redescribe), reused=len(reuse), unchanged=unchanged, relocated=relocated,
                      deleted=deleted, newly_deleted=newly_deleted, shards_before=shards_before, shard_size=shard_size)
+
+
+class EmptyCorpus(CorpusError):
+    """SOURCE lists nothing while the shards hold documents (`plan_embed`'s `allow_empty`)."""
+
+
+def _refuse_empty(source: Path, out: Path, *, live: int) -> None:
+    # An unmounted disk, a mistyped path or a manifest cut to its header reads as a corpus emptied on purpose:
+    # the run would record every document deleted, and the next `index` would empty the store.
+    if live:
+        raise EmptyCorpus(f"corpus {source} holds no images, while {out} holds {live} embedded documents: this run "
+                          "would record every one deleted, and the next `index` remove them from the store. Check "
+                          "that SOURCE is the corpus (a disk not mounted shows an empty folder); to empty the corpus "
+                          "on purpose, rerun with --allow-empty")
 
 
 def _copies_apart(todo: list[tuple[CorpusItem, str]]) -> tuple[list[tuple[CorpusItem, str]], list[tuple[ShardRow, str]]]:

@@ -107,7 +107,7 @@ def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address:
                         batch_size: int = 256, shard_size: int = 4096, resources: RayResources = RayResources(),
                         max_pixels: int = 40_000_000, thumbnail_side: int = THUMBNAIL_SIDE,
                         load_tagger: Callable[[Encoder], Tagger | None] | None = None,
-                        progress: bool = True) -> EmbedSummary:
+                        allow_empty: bool = False, progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out` on the Ray cluster at `address` ("local" starts one
     on this machine): the same shards, thumbnails, skips and summary as `embed.embed_corpus`.
     `load_tagger`: the tagger (`embed.embed_corpus`'s `tagger`) for the job's model, which the driver
@@ -123,7 +123,7 @@ def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address:
         try:
             return _run(ray, settings, source, out, batch_size=batch_size, shard_size=shard_size,
                         resources=resources, max_pixels=max_pixels, thumbnail_side=thumbnail_side,
-                        load_tagger=load_tagger, progress=progress)
+                        load_tagger=load_tagger, allow_empty=allow_empty, progress=progress)
         finally:
             ray.shutdown()
 
@@ -205,7 +205,7 @@ def _check_reachable(address: str) -> None:
 
 def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: int, shard_size: int,
          resources: RayResources, max_pixels: int, thumbnail_side: int,
-         load_tagger: Callable[[Encoder], Tagger | None] | None, progress: bool) -> EmbedSummary:
+         load_tagger: Callable[[Encoder], Tagger | None] | None, allow_empty: bool, progress: bool) -> EmbedSummary:
     started = time.perf_counter()
     stages: defaultdict[str, float] = defaultdict(float)
     actors, actor_gpus = _actor_pool(ray, resources)  # before the scan: its hash tasks need a node that holds them
@@ -217,7 +217,7 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
     plan = plan_embed(encoder, source, out, decode="cpu", fine_encoder=fine_encoder, tagger=tagger,
                       shard_size=shard_size,
                       workers=0, progress=progress, stages=stages, thumbnail_side=thumbnail_side,
-                      max_pixels=max_pixels,
+                      max_pixels=max_pixels, allow_empty=allow_empty,
                       hash_files=lambda paths: _hash_on_cluster(ray, paths, task_cpus=resources.task_cpus))
     shards = plan.shards
     failed: list[str] = []  # ids

@@ -319,6 +319,30 @@ def test_incremental_rerun_embeds_only_new_and_changed_files_and_index_removes_d
         store.close()
 
 
+def test_an_empty_source_over_embedded_shards_is_refused_deleting_nothing_unless_allow_empty(tmp_path):
+    folder, empty = tmp_path / "photos", tmp_path / "mnt"  # `empty`: a disk that did not mount
+    folder.mkdir()
+    empty.mkdir()
+    for item in sample_items(4, seed=5):
+        item.image.save(folder / f"{item.id}.jpg", quality=90)
+    out, store_path = tmp_path / "shards", tmp_path / "store"
+    runner = CliRunner()
+    assert runner.invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "0"]).exit_code == 0
+    manifest = (out / "manifest.json").read_bytes()
+
+    refused = runner.invoke(main, ["-q", "embed", str(empty), "--out", str(out), "--workers", "0"])
+    assert refused.exit_code == 1, refused.output
+    assert f"corpus {empty.absolute()} holds no images, while {out} holds 4 embedded documents" in refused.output
+    assert "--allow-empty" in refused.output
+    assert (out / "manifest.json").read_bytes() == manifest and ShardSet(out).deleted == []
+
+    emptied = runner.invoke(main, ["-q", "embed", str(empty), "--out", str(out), "--workers", "0", "--allow-empty"])
+    assert emptied.exit_code == 0, emptied.output
+    assert "4 deleted" in emptied.output
+    indexed = runner.invoke(main, ["-q", "index", str(out), "--store-path", str(store_path)])
+    assert indexed.exit_code == 0 and "store now holds 0 documents" in indexed.output, indexed.output
+
+
 def test_bad_images_are_skipped_listed_and_counted(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -242,7 +242,8 @@ class IncrementalPipeline(RuleBasedStateMachine):
     def run_embed(self, out: Path, args: list[str], *, tag: bool) -> None:
         # --prompt-sets every time, as SIDECAR_PROMPT_SETS_DIR would give it: a rerun without --tag tags with the
         # sets the shards were last tagged with, found there.
-        cli_ok("embed", str(self.source()), "--out", str(out), "--workers", "0", "--prompt-sets",
+        # --allow-empty: the machine may delete every item, which a fresh build of the empty corpus must equal.
+        cli_ok("embed", str(self.source()), "--out", str(out), "--workers", "0", "--allow-empty", "--prompt-sets",
                str(self.prompt_sets), *args, *(["--tag", TAG_SET] if tag else []))
 
     # -- checks --------------------------------------------------------------------------------------
