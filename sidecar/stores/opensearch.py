@@ -858,6 +858,10 @@ class OpenSearchStore:
             if exc.status_code == 400:
                 # The reason can hold a client's filter value whole (`For input string: "…"`): cut as one is.
                 raise StoreQueryError(f"{what}: OpenSearch refused the query: {quoted(_root_cause(exc))}") from exc
+            if exc.status_code == 404 and exc.error == "index_not_found_exception":
+                # A server started before its index (docker compose, Kubernetes): say the step, not the dump.
+                raise StoreError(f"{what} failed: OpenSearch at {self.url} has no index or alias {self.alias}: run "
+                                 "`clip-sidecar opensearch setup` (it creates them, sized for the model)") from exc
             raise StoreError(f"{what} failed: {exc.status_code} {exc.error}: {exc.info}") from exc
 
     def _knn_clause(self, vector: list[float], k: int, filters: Filters | None, *,

@@ -225,6 +225,22 @@ def test_setup_is_idempotent(node):
         drop(s)
 
 
+def test_reads_before_setup_name_the_missing_alias_and_the_setup_command(node):
+    # docker compose and Kubernetes start the server before anyone ran `opensearch setup`: /readyz's reason
+    # and /v1/search's error are these messages.
+    s = make_store()
+    try:
+        for read in (s.count, lambda: s.vector_search(np.ones(DIM, dtype=np.float32) / DIM**0.5, 3),
+                     lambda: s.text_search("red", 3)):
+            with pytest.raises(StoreError) as caught:
+                read()
+            message = str(caught.value)
+            assert f"no index or alias {s.alias}: run `clip-sidecar opensearch setup`" in message
+            assert "root_cause" not in message
+    finally:
+        s.close()
+
+
 def test_installed_package_finds_plugin_config_through_the_setting(node, tmp_path):
     """A non-editable install (Docker: `pip install .`) has no plugin_config/ beside the package:
     SIDECAR_PLUGIN_CONFIG_DIR points at a copy; without it the error names the variable."""
