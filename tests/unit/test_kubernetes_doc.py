@@ -104,3 +104,12 @@ def test_every_variable_the_manifest_sets_is_a_setting_or_one_gunicorns_config_r
 def test_the_service_sends_to_the_containers_named_port(manifest, container):
     (port,) = manifest["Service"]["spec"]["ports"]
     assert port["targetPort"] in {p["name"] for p in container["ports"]}
+
+
+def test_the_docs_commands_create_the_opensearch_index_the_readiness_probe_waits_for(container):
+    # /readyz answers 503 while the alias does not exist: without `opensearch setup` no pod would become Ready.
+    assert {"name": "SIDECAR_STORE", "value": "opensearch"} in container["env"]
+    text = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
+    commands = "".join(re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL))
+    assert re.search(r"^kubectl exec deploy/clip-sidecar -- .*clip-sidecar opensearch setup$", commands,
+                     flags=re.MULTILINE)
