@@ -13,16 +13,18 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from click.testing import CliRunner
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import TransportError
 
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
+from sidecar.cli import main
 from sidecar.config import Settings
 from sidecar.stores.base import StoreError, StoreUnavailable
 from sidecar.stores.opensearch import OpenSearchStore
 from tests.integration.conftest import DIM, SIGNATURE, make_documents
-from tests.support import ORIGINAL_ENVIRON
+from tests.support import ORIGINAL_ENVIRON, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.secure]
 
@@ -262,3 +264,45 @@ def test_an_alias_outside_the_roles_patterns_is_refused_naming_the_missing_permi
         assert "plugin_config/security/roles.yml" in str(info.value)
     finally:
         store.close()
+
+
+# What docs/opensearch.md ("An existing cluster") gives `opensearch connect`'s user beside the role clip_sidecar:
+# ml_full_access as OpenSearch's default roles.yml defines it (this node's security config has no such role),
+# and the ingest pipeline, search pipeline and index template rights.
+CONNECT_RIGHTS = {
+    "cluster_permissions": ["cluster_monitor", "cluster:admin/opensearch/ml/*", "cluster:admin/ingest/pipeline/*",
+                            "cluster:admin/search/pipeline/*", "indices:admin/index_template/*"],
+    "index_permissions": [{"index_patterns": ["*"], "allowed_actions": ["indices_monitor"]}],
+}
+
+
+def test_connect_as_a_user_with_the_sidecars_role_and_the_documented_rights_gets_to_calling_the_sidecar(
+        secured_node):
+    # Nothing listens at the sidecar URL, so the run ends at its last step, OpenSearch calling the sidecar, after
+    # every step that needs a right: the model group, connectors, models, pipelines, template and index settings.
+    alias = f"it-secure-{uuid.uuid4().hex[:10]}"
+    user, password = f"it-connect-{uuid.uuid4().hex[:8]}", f"Pw-{uuid.uuid4().hex}"
+    security = "/_plugins/_security/api"
+    store = secured_node.store(index=alias)
+    admin = secured_node.client(secured_node.admin)
+    try:
+        store.claim(SIGNATURE)
+        # One role of the user's own: clip_sidecar's permissions and the rights above (the shared mappings stay).
+        sidecar_role = admin.transport.perform_request("GET", f"{security}/roles/clip_sidecar")["clip_sidecar"]
+        admin.transport.perform_request("PUT", f"{security}/roles/{user}", body={
+            key: sidecar_role[key] + CONNECT_RIGHTS[key] for key in ("cluster_permissions", "index_permissions")})
+        admin.transport.perform_request("PUT", f"{security}/internalusers/{user}", body={"password": password})
+        admin.transport.perform_request("PUT", f"{security}/rolesmapping/{user}", body={"users": [user]})
+        result = CliRunner().invoke(main, [
+            "-q", "opensearch", "connect", "--opensearch-url", secured_node.url, "--opensearch-index", alias,
+            "--sidecar-url", f"http://127.0.0.1:{free_port()}", "--set-defaults"], env={
+            "SIDECAR_OPENSEARCH_USER": user, "SIDECAR_OPENSEARCH_PASSWORD": password,
+            "SIDECAR_OPENSEARCH_CA_CERTS": secured_node.ca_cert})
+        assert "OpenSearch could not call the sidecar" in result.output, result.output
+        assert "no permissions" not in result.output and "nothing was kept" in result.output
+    finally:
+        for kind in ("rolesmapping", "internalusers", "roles"):
+            admin.transport.perform_request("DELETE", f"{security}/{kind}/{user}", params={"ignore": 404})
+        admin.close()
+        store.close()
+        secured_node.drop(alias)
