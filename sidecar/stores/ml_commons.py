@@ -36,7 +36,12 @@ from urllib.parse import urlencode
 from opensearchpy.exceptions import TransportError
 
 from sidecar.stores.base import StoreError
-from sidecar.stores.opensearch import OpenSearchStore, OpenSearchUnreachable, render_template
+from sidecar.stores.opensearch import (
+    DEFAULT_PIPELINE_SETTINGS,
+    OpenSearchStore,
+    OpenSearchUnreachable,
+    render_template,
+)
 from sidecar.types import ModelSignature
 
 log = logging.getLogger(__name__)
@@ -200,7 +205,7 @@ def disconnect(store: OpenSearchStore) -> list[str]:
     removed: list[str] = []
     ours = {names.ingest_image, names.ingest_text, names.hybrid, names.hybrid_rerank}
     for index, settings in cluster.alias_settings().items():
-        for setting in ("default_pipeline", "search.default_pipeline"):
+        for setting in DEFAULT_PIPELINE_SETTINGS:
             if _setting(settings, setting) in ours:
                 cluster.request("PUT", f"/{index}/_settings", {"index": {setting: None}})
                 removed.append(f"index {index} setting {setting}")

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 # it at the repository root; an installed package (Docker: `pip install .`) is pointed at a copy
 # by the plugin_config_dir setting (SIDECAR_PLUGIN_CONFIG_DIR).
 REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "plugin_config"
+# An index's default pipelines, which a rebuild carries into the new index.
+DEFAULT_PIPELINE_SETTINGS = ("default_pipeline", "search.default_pipeline")  # under `index.`
 ENGINES = ("lucene", "faiss")
 FUSIONS = ("minmax", "rrf")
 PIPELINES = {"minmax": "hybrid-minmax", "rrf": "hybrid-rrf"}
@@ -384,7 +386,8 @@ class OpenSearchStore:
                 before()
             old = self._alias_indices()
             name = self._new_index_name()
-            self._create_index(name, dim=signature.dim, signature=signature, fine_signature=fine_signature)
+            self._create_index(name, dim=signature.dim, signature=signature, fine_signature=fine_signature,
+                               settings=self._default_pipelines(old))
             try:
                 ids: set[str] = set()
                 # A fresh index nobody reads yet: load all of it with refresh relaxed and no replicas.
@@ -882,7 +885,7 @@ class OpenSearchStore:
                                rank_constant=RRF_RANK_CONSTANT)
 
     def _create_index(self, name: str, *, dim: int, signature: ModelSignature | None,
-                      fine_signature: ModelSignature | None = None) -> None:
+                      fine_signature: ModelSignature | None = None, settings: dict[str, str] | None = None) -> None:
         template = json.loads((self.config_dir / "index.json").read_text())
         body = render_template(template, dim=dim, engine=self.engine, m=self.m, ef_construction=self.ef_construction,
                                number_of_shards=self.number_of_shards, number_of_replicas=self.number_of_replicas,
@@ -890,7 +893,21 @@ class OpenSearchStore:
                                weights=signature.weights if signature else "")
         if fine_signature is not None:
             body["mappings"]["_meta"][FINE_MODEL_KEY] = dataclasses.asdict(fine_signature)
+        body["settings"]["index"].update(settings or {})
         self.client.indices.create(index=name, body=body)
+
+    def _default_pipelines(self, indices: list[str]) -> dict[str, str]:
+        """The default ingest and search pipelines of the index behind the alias (`opensearch connect
+        --set-defaults`, or set by hand), for the index a rebuild makes: given at creation they hold whatever
+        index template matches it (only the one of highest priority applies, and a cluster's own may outrank
+        connect's)."""
+        if not indices:
+            return {}
+        found = self.client.indices.get_settings(index=indices[-1], flat_settings=True,
+                                                 name=",".join(f"index.{key}" for key in DEFAULT_PIPELINE_SETTINGS))
+        # An index with neither setting is left out of the answer.
+        settings = found.get(indices[-1], {}).get("settings", {})
+        return {key.removeprefix("index."): value for key, value in settings.items()}
 
     def _new_index_name(self) -> str:
         # Millisecond versions sort by creation; the loop guards two rebuilds in one millisecond.

@@ -27,6 +27,7 @@ from tests.integration.conftest import (
     drop,
     make_documents,
     make_store,
+    owned_indices,
 )
 from tests.support import write_shards
 
@@ -157,6 +158,30 @@ def test_alias_swap_under_query_load_has_no_failures(store):
     assert not store.client.indices.exists(index=before[0])
     assert store.count() == 1200
     assert store.signature() == SIGNATURE
+
+
+def test_a_rebuild_keeps_the_default_pipelines_though_a_cluster_template_of_higher_priority_matches_the_new_index(
+        store):
+    # `opensearch connect --set-defaults` also leaves an index template of priority 100 for later versions, but a
+    # cluster's own template that outranks it and matches `<alias>-v*` is the only one OpenSearch applies.
+    client, alias = store.client, store.alias
+    ingest, search_pipeline, template = f"{alias}-ingest", f"{alias}-search", f"{alias}-cluster-wide"
+    try:
+        client.ingest.put_pipeline(id=ingest, body={"processors": []})
+        client.transport.perform_request("PUT", f"/_search/pipeline/{search_pipeline}", body={"request_processors": []})
+        client.indices.put_settings(index=alias, body={"index": {"default_pipeline": ingest,
+                                                                 "search.default_pipeline": search_pipeline}})
+        client.indices.put_index_template(name=template, body={
+            "index_patterns": [f"{alias}-*"], "priority": 500, "template": {"settings": {"index": {"max_result_window": 20000}}}})
+        new_index = store.rebuild(iter(make_documents(10)[0]), signature=SIGNATURE)
+        settings = client.indices.get_settings(index=new_index, flat_settings=True)[new_index]["settings"]
+        assert (settings["index.default_pipeline"], settings["index.search.default_pipeline"]) == (ingest, search_pipeline)
+        assert store.count() == 10
+    finally:
+        client.indices.delete_index_template(name=template, ignore=404)
+        client.indices.delete(index=owned_indices(alias), ignore_unavailable=True)  # before the pipelines it names
+        client.ingest.delete_pipeline(id=ingest, ignore=404)
+        client.transport.perform_request("DELETE", f"/_search/pipeline/{search_pipeline}", params={"ignore": 404})
 
 
 def test_hybrid_search_fuses_vector_and_text(store):
