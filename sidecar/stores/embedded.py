@@ -1261,16 +1261,19 @@ class EmbeddedStore:
         self.close()
 
     def close(self) -> None:
+        """Refuse new calls; close the versions no call uses (removing the replaced ones) before returning. A
+        version a call still runs on is closed when that call returns (`_release`): closing its SQLite connections
+        under a running statement crashed the process (SIGSEGV: the sqlite3 module reads the closed handle)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            opened, self._opened = self._opened, []
+            idle = [version for version in self._opened if version.users == 0]
+            self._opened = [version for version in self._opened if version.users]
             letting_go, self._letting_go = self._letting_go, []
         for thread in letting_go:  # a replaced version this process let go of is removed before it exits
             thread.join()
-        # A replaced version that a call still used is closed here, with the rest: its removal is close's too.
-        self._close_and_remove(opened)
+        self._close_and_remove(idle)
         with self._session_lock:
             if self._load_handle is not None:
                 os.close(self._load_handle)
@@ -1312,6 +1315,8 @@ class EmbeddedStore:
             if pin.opened is None:  # the block's first call: the version it answers from, held until it ends
                 pin.opened = self._newest()
             with self._lock:
+                if self._closed:  # the block's version may be closing as its last call returns
+                    raise StoreError(f"embedded store at {self.path} is closed")
                 pin.opened.users += 1
             return pin.opened
         return self._newest()
@@ -1354,11 +1359,17 @@ class EmbeddedStore:
             raise
 
     def _release(self, opened: _Opened) -> None:
-        """A call on `opened` has returned: a replaced version nobody uses any more is let go."""
+        """A call on `opened` has returned: a replaced version nobody uses any more is let go; after `close`, the
+        last call on a version closes it (and removes it if replaced), here: no `close` is left to join a thread."""
         with self._lock:
             opened.users -= 1
-            if len(self._opened) > 1:
+            last_after_close = self._closed and opened.users == 0
+            if last_after_close:
+                self._opened.remove(opened)
+            elif len(self._opened) > 1:
                 self._let_go_unused()
+        if last_after_close:
+            self._close_and_remove([opened])
 
     def _let_go_unused(self) -> None:
         """Under self._lock: take the replaced versions no call uses any more off the list, then close them and

@@ -23,7 +23,7 @@ import pytest
 from sidecar.ingest.indexing import rebuild_index
 from sidecar.ingest.shards import ShardError
 from sidecar.stores import embedded
-from sidecar.stores.base import StoreLocked
+from sidecar.stores.base import StoreError, StoreLocked
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import ModelSignature
 from tests.support import removed_soon, write_shards
@@ -162,7 +162,7 @@ def test_a_version_let_go_while_the_store_closes_is_removed_before_close_returns
     assert not (path / "store.sqlite").exists() and not (path / "bm25").exists()
 
 
-def test_a_replaced_version_a_call_still_uses_when_the_store_closes_is_removed_by_close(served):
+def test_a_replaced_version_a_call_still_uses_when_the_store_closes_is_removed_when_that_call_ends(served):
     path, reader = served
     holding, leave = threading.Event(), threading.Event()
 
@@ -183,6 +183,73 @@ def test_a_replaced_version_a_call_still_uses_when_the_store_closes_is_removed_b
         held.result(timeout=30)
     assert not (path / "store.sqlite").exists() and not (path / "bm25").exists()
     assert sorted(entry.name for entry in path.iterdir()) == ["current", "load.lock", "version.1"]
+
+
+def test_a_call_running_when_the_store_closes_finishes_on_its_version_and_later_calls_are_refused(
+        served, monkeypatch):
+    # close() closed the SQLite connections of a version a call was still reading: the call's next statement
+    # failed "Cannot operate on a closed database", or, landing inside a running statement, killed the process.
+    _, reader = served
+    inside, go_on = threading.Event(), threading.Event()
+    scored = embedded._VersionStore._scored
+
+    def held_up_scored(self, conn, hits):  # the call is inside its read transaction, between two statements
+        inside.set()
+        go_on.wait(timeout=30)
+        return scored(self, conn, hits)
+
+    monkeypatch.setattr(embedded._VersionStore, "_scored", held_up_scored)
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(reader.text_search, "number3", 1)
+        assert inside.wait(timeout=30)
+        reader.close()
+        with pytest.raises(StoreError, match="is closed"):
+            reader.count()
+        go_on.set()
+        assert ids_of(call.result(timeout=30)) == ["doc3"]
+
+
+def test_closing_the_store_while_threads_search_it_refuses_their_later_calls_and_never_crashes_the_process(
+        served):
+    # Run in a process of its own: before the fix, closing under running statements crashed it (SIGSEGV)
+    # within a few of these rounds.
+    path, _ = served
+    script = textwrap.dedent(f"""
+        import threading
+        from sidecar.stores.base import StoreError
+        from sidecar.stores.embedded import EmbeddedStore
+
+        unexpected = []
+        for n in range(40):
+            store = EmbeddedStore({str(path)!r})
+            started = threading.Barrier(4)
+
+            def search(store=store, started=started):
+                started.wait()
+                try:
+                    while True:
+                        store.count()
+                        store.text_search("number3 number7", 5)
+                        store.fetch(["doc1", "doc2"], vectors=False)
+                except StoreError:  # closed: refused
+                    pass
+                except Exception as exc:
+                    unexpected.append(repr(exc))
+
+            threads = [threading.Thread(target=search) for _ in range(3)]
+            for thread in threads:
+                thread.start()
+            started.wait()
+            for _ in range(n % 5):  # close at a different point of the searches each round
+                store.count()
+            store.close()
+            for thread in threads:
+                thread.join()
+        assert not unexpected, unexpected
+    """)
+    ran = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], cwd=REPO_ROOT, timeout=300,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert ran.returncode == 0, ran.stderr[-3000:]
 
 
 def test_an_index_run_waits_for_a_rebuild_or_is_refused_naming_it_and_a_rebuild_refuses_beside_an_index_run(served):
