@@ -18,8 +18,9 @@ class StoreError(RuntimeError):
 
 
 class StoreUnavailable(StoreError):
-    """The store cannot be reached right now (cluster down, connection refused, timeout): the
-    caller may retry later; the API answers 503 with Retry-After."""
+    """The store cannot answer right now (cluster down, connection refused, timeout; an OpenSearch store
+    whose index `opensearch setup` has not created yet): the caller may retry later; the API answers 503
+    with Retry-After."""
 
 
 class StoreQueryError(StoreError):

@@ -848,8 +848,8 @@ class OpenSearchStore:
     @contextlib.contextmanager
     def _read_errors(self, what: str) -> Iterator[None]:
         """The query path's client errors as the store's: a cluster that cannot answer now (down,
-        timing out, rejecting under load) → StoreUnavailable; a query it refuses (400) →
-        StoreQueryError; anything else → StoreError."""
+        timing out, rejecting under load) or has no index yet (`opensearch setup` not run) →
+        StoreUnavailable; a query it refuses (400) → StoreQueryError; anything else → StoreError."""
         try:
             yield
         except OpenSearchUnreachable as exc:
@@ -863,8 +863,11 @@ class OpenSearchStore:
                 raise StoreQueryError(f"{what}: OpenSearch refused the query: {quoted(_root_cause(exc))}") from exc
             if exc.status_code == 404 and exc.error == "index_not_found_exception":
                 # A server started before its index (docker compose, Kubernetes): say the step, not the dump.
-                raise StoreError(f"{what} failed: OpenSearch at {self.url} has no index or alias {self.alias}: run "
-                                 "`clip-sidecar opensearch setup` (it creates them, sized for the model)") from exc
+                # Unavailable, not failed: the request is fine and answers once setup has run, so the API says
+                # 503 with Retry-After (retry), as /readyz says not ready; a 502 would tell clients not to retry.
+                raise StoreUnavailable(f"{what} failed: OpenSearch at {self.url} has no index or alias {self.alias}: "
+                                       "run `clip-sidecar opensearch setup` (it creates them, sized for the model)"
+                                       ) from exc
             raise StoreError(f"{what} failed: {exc.status_code} {exc.error}: {exc.info}") from exc
 
     def _knn_clause(self, vector: list[float], k: int, filters: Filters | None, *,

@@ -1,7 +1,7 @@
 """The Flask app on OpenSearch when things go wrong: a cluster nobody answers at (503 + Retry-After,
-a real closed port), a filter the cluster refuses for its field's type or on a field no document holds
-(400 naming `filters`), another model's rebuild while serving (409 model_mismatch on the next vector
-search)."""
+a real closed port), one without the index yet (503 too), a filter the cluster refuses for its field's
+type or on a field no document holds (400 naming `filters`), another model's rebuild while serving (409
+model_mismatch on the next vector search)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,26 @@ def test_a_cluster_nobody_answers_at_is_503_with_retry_after(app_on, body):
     assert response.headers["Retry-After"] == "5"
     assert response.json["error"]["code"] == "store_unavailable"
     assert "cannot be reached" in response.json["error"]["message"]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/search", {"text": "red circle"}), ("POST", "/v1/search", {"text": "red circle", "mode": "bm25"}),
+    ("POST", "/v1/search", {"image": png_b64()}), ("GET", "/v1/facets", None)], ids=["hybrid", "bm25", "image", "facets"])
+def test_a_store_not_set_up_yet_is_503_with_retry_after_naming_setup_as_readyz_says_not_ready(
+        app_on, node, method, path, body):
+    # docker compose / kubectl apply start the server before anyone ran `opensearch setup`: the server is not
+    # available yet (its /readyz says so), not a bad gateway; it used to answer 502 store_error.
+    store = make_store()
+    try:
+        client = app_on(store)
+        response = client.open(path, method=method, json=body)
+        assert response.status_code == 503, response.json
+        assert response.headers["Retry-After"] == "5"
+        assert response.json["error"]["code"] == "store_unavailable"
+        assert f"no index or alias {store.alias}: run `clip-sidecar opensearch setup`" in response.json["error"]["message"]
+        assert client.get("/readyz").status_code == 503
+    finally:
+        store.close()
 
 
 def test_counting_on_a_cluster_nobody_answers_at_is_store_unavailable():
