@@ -1,4 +1,5 @@
-"""Log records one line each, tracebacks included, for log shippers that read a record per line."""
+"""Which records reach the log (the project's, third parties' from WARNING), each one line, tracebacks included, for
+log shippers that read a record per line."""
 
 from __future__ import annotations
 
@@ -16,3 +17,18 @@ class OneLineFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return self.inner.format(record).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
+
+
+def route_logs(handlers: list[logging.Handler], *, app_level: int, verbose: bool) -> None:
+    """Every logger's records to `handlers` (the CLI's stderr; a gunicorn worker's error log): the project's own
+    (`sidecar`) from `app_level`; third-party ones (faiss's loader, open_clip, opensearch-py's request log) only
+    from WARNING unless `verbose`, so their chatter does not interleave with the progress a user is watching.
+    opensearch-py's failed-request warnings (a line, or a traceback, per attempt: each /readyz probe while the
+    index is missing) only from ERROR: the store reports each failure itself, in one line. The root logger gets
+    handlers here, so a library's `logging.info(...)` (open_clip's) finds it configured and does not call
+    `logging.basicConfig`, whose `WARNING:name:message` lines bypassed these handlers and their format."""
+    root = logging.getLogger()
+    root.handlers[:] = handlers
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("sidecar").setLevel(app_level)
+    logging.getLogger("opensearch").setLevel(logging.DEBUG if verbose else logging.ERROR)

@@ -3,6 +3,7 @@ an indexed embedded store."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -96,3 +97,16 @@ def example_prompt_sets(tmp_path_factory) -> Path:
     for path in sorted(EXAMPLE_PROMPT_SETS.iterdir()):
         registry.add(load_prompt_set(path))
     return folder
+
+
+@pytest.fixture
+def root_logging():
+    """`sidecar.logs.route_logs` (the CLI's configure_logging, gunicorn's post_fork) rewires the root logger
+    and sets levels: put them back after the test."""
+    loggers = [logging.getLogger(name) for name in ("", "sidecar", "opensearch")]
+    saved = [(logger, list(logger.handlers), logger.level, logger.propagate) for logger in loggers]
+    yield
+    for logger, handlers, level, propagate in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate

@@ -152,14 +152,15 @@ def gunicorn_boot(env: dict[str, str]) -> subprocess.CompletedProcess:
 @contextlib.contextmanager
 def gunicorn_server(env: dict[str, str], log: Path, *, workers: int = 1, threads: int = 8,
                     port: int | None = None, log_flag: str = "-q", serve_args: Sequence[str] = (),
-                    api_key: str | None = None, ca_file: Path | None = None) -> Iterator[str]:
+                    api_key: str | None = None, ca_file: Path | None = None,
+                    ready_status: int = 200) -> Iterator[str]:
     """`clip-sidecar serve` (gunicorn, this checkout's code) on a loopback port (a free one unless
     given: a restart on the same port keeps a URL others hold, and appends to `log`) until the block
-    ends; yields its URL once /readyz answers 200. Its stdout (gunicorn's access log) and stderr go to
-    `log`. Settings come in `env` (SIDECAR_*); `log_flag` is the CLI's verbosity (-q, -v or "");
-    `serve_args` more flags for `serve`. The readiness poll sends `api_key` when the server takes keys,
-    and speaks HTTPS, verifying against `ca_file`, when one is given (serve_args then carry
-    --certfile/--keyfile)."""
+    ends; yields its URL once /readyz answers `ready_status` (503: a worker is up, not ready). Its stdout
+    (gunicorn's access log) and stderr go to `log`. Settings come in `env` (SIDECAR_*); `log_flag` is the
+    CLI's verbosity (-q, -v or ""); `serve_args` more flags for `serve`. The readiness poll sends
+    `api_key` when the server takes keys, and speaks HTTPS, verifying against `ca_file`, when one is
+    given (serve_args then carry --certfile/--keyfile)."""
     port = port or free_port()
     with log.open("a") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", *([log_flag] if log_flag else []), "serve",
@@ -174,7 +175,7 @@ def gunicorn_server(env: dict[str, str], log: Path, *, workers: int = 1, threads
         while True:
             try:
                 ready = requests.get(f"{url}/readyz", headers=headers, timeout=2, verify=str(ca_file or True))
-                if ready.status_code == 200:
+                if ready.status_code == ready_status:
                     break
             except requests.RequestException:
                 pass  # the worker is still loading the model

@@ -18,7 +18,7 @@ from gunicorn import glogging, util
 from sidecar.api.auth import refusal_to_serve
 from sidecar.api.healthcheck import config_bind
 from sidecar.config import Settings
-from sidecar.logs import OneLineFormatter
+from sidecar.logs import OneLineFormatter, route_logs
 
 # Read once in the arbiter; each worker reads its own Settings again when it builds the app.
 _settings = Settings.from_env()
@@ -169,12 +169,12 @@ def post_fork(server, worker):
     """The app's log lines into gunicorn's log. Pin the worker to its CPU (pin_workers). Split the GPU
     between workers: gpu_memory_fraction (e.g. 0.45 with two workers)."""
     # A worker's own account of itself (the model it loaded, the text tower's measured cost, the CUDA
-    # graphs, API keys, store maintenance) in gunicorn's format and at its level (GUNICORN_LOGLEVEL);
-    # without this only the app's warnings reached stderr, bare, through Python's last-resort handler.
-    app_log = logging.getLogger("sidecar")
-    app_log.handlers[:] = worker.log.error_log.handlers
-    app_log.setLevel(worker.log.error_log.level)
-    app_log.propagate = False
+    # graphs, API keys, store maintenance) in gunicorn's format and at its level (GUNICORN_LOGLEVEL), and
+    # third parties' warnings as the CLI lets them through: without this the app's warnings reached stderr
+    # bare (Python's last-resort handler), and opensearch-py's per-request ones in basicConfig's
+    # `WARNING:opensearch:…` format (open_clip's `logging.info` calls it), on every /readyz probe.
+    level = worker.log.error_log.level
+    route_logs(worker.log.error_log.handlers, app_level=level, verbose=level <= logging.DEBUG)
     cpu = getattr(worker, "sidecar_cpu", None)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from sidecar.config import PRECISIONS, STORES, Settings
-from sidecar.logs import OneLineFormatter
+from sidecar.logs import OneLineFormatter, route_logs
 
 MODEL_FLAGS = ("model", "pretrained", "model_config", "device", "precision", "fine_model", "fine_pretrained")
 OPENSEARCH_FLAGS = ("opensearch_url", "opensearch_index")
@@ -139,18 +139,12 @@ def _path_error(exc: OSError, running: tuple[click.Context, Settings] | None) ->
 
 
 def configure_logging(*, verbose: bool, quiet: bool) -> None:
-    """The project's own INFO lines on stderr; third-party loggers (faiss's loader, open_clip,
-    opensearch-py's request log) only from WARNING up unless -v, so their chatter does not
-    interleave with the progress a user is watching. opensearch-py's failed-request warnings (a
-    traceback per attempt) only from ERROR: the store reports each failure itself, in one line.
-    Every record is one line, a traceback's too (`OneLineFormatter`)."""
+    """The project's own INFO lines on stderr, third parties' as `route_logs` lets them through;
+    every record is one line, a traceback's too (`OneLineFormatter`)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    logging.getLogger("sidecar").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    logging.getLogger("opensearch").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    route_logs([handler], app_level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+               verbose=verbose)
 
 
 class _Group(click.Group):

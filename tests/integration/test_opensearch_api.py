@@ -5,7 +5,11 @@ model_mismatch on the next vector search)."""
 
 from __future__ import annotations
 
+import re
+import uuid
+
 import pytest
+import requests
 
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
@@ -17,7 +21,8 @@ from sidecar.stores import opensearch
 from sidecar.stores.base import StoreUnavailable
 from sidecar.types import Document, ModelSignature
 from tests.integration.conftest import drop, make_store
-from tests.support import free_port, png_b64, unit_vectors
+from tests.integration.native_support import sidecar_env
+from tests.support import free_port, gunicorn_server, png_b64, unit_vectors
 
 pytestmark = pytest.mark.integration
 
@@ -104,6 +109,26 @@ def test_a_store_not_set_up_yet_is_503_with_retry_after_naming_setup_as_readyz_s
         assert client.get("/readyz").status_code == 503
     finally:
         store.close()
+
+
+# gunicorn's error log line ("[time] [pid] [LEVEL] message") and its access line ('host - - [time] "GET …" 503 …').
+SERVER_LINE = re.compile(r'\[[^]]+\] \[\d+\] \[[A-Z]+\] |\S+ - \S+ \[[^]]+\] "')
+
+
+def test_a_served_store_not_set_up_yet_logs_each_failed_search_once_in_the_servers_format(node, test_cache_dir,
+                                                                                           tmp_path):
+    # opensearch-py's own warning for each 404 reached the log as `WARNING:opensearch:POST …/_count
+    # [status:404 …]`, on every probe: basicConfig's format (open_clip's `logging.info` installs it), not gunicorn's.
+    alias = f"it-{uuid.uuid4().hex[:10]}"
+    log = tmp_path / "sidecar.log"
+    with gunicorn_server(sidecar_env(alias, tmp_path, test_cache_dir), log, ready_status=503) as url:
+        for _ in range(3):
+            assert requests.get(f"{url}/readyz", timeout=30).status_code == 503
+        assert requests.post(f"{url}/v1/search", json={"text": "red circle"}, timeout=30).status_code == 503
+    lines = log.read_text().splitlines()
+    assert [line for line in lines if not SERVER_LINE.match(line)] == [], lines
+    (said,) = [line for line in lines if f"no index or alias {alias}" in line]
+    assert "[WARNING] POST /v1/search: search on" in said, said
 
 
 def test_counting_on_a_cluster_nobody_answers_at_is_store_unavailable():

@@ -8,8 +8,6 @@ import logging
 import sqlite3
 import sys
 
-import pytest
-
 from sidecar.cli.root import configure_logging
 from sidecar.logs import OneLineFormatter
 
@@ -29,17 +27,6 @@ def test_a_record_with_a_traceback_is_one_line_that_unfolds_to_the_usual_record(
     assert "\n" not in line and "\r" not in line
     assert "\\nTraceback (most recent call last):\\n" in line and line.endswith("file is not a database")
     assert line.replace("\\n", "\n") == logging.Formatter(FORMAT).format(record).replace("\r\n", "\n")
-
-
-@pytest.fixture
-def root_logging():
-    """configure_logging rewires the root logger and sets levels: put them back after the test."""
-    loggers = [logging.getLogger(name) for name in ("", "sidecar", "opensearch")]
-    saved = [(logger, list(logger.handlers), logger.level) for logger in loggers]
-    yield
-    for logger, handlers, level in saved:
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
 
 
 def test_the_clis_log_writes_an_unhandled_errors_traceback_in_its_record_on_one_line(root_logging, monkeypatch):

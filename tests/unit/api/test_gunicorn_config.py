@@ -108,12 +108,10 @@ def test_an_access_log_line_never_carries_an_api_key_sent_as_basic_auth(tmp_path
 
 
 def test_the_error_log_writes_a_traceback_in_its_record_on_one_line_for_gunicorns_and_the_workers_app_lines(
-        tmp_path):
+        tmp_path, root_logging):
     cfg = config_file_settings()
     cfg.set("errorlog", str(tmp_path / "error.log"))
     logger = cfg.logger_class(cfg)
-    app_log = logging.getLogger("sidecar")
-    saved = list(app_log.handlers), app_log.level, app_log.propagate
     try:
         gunicorn_config.post_fork(arbiter(), SimpleNamespace(log=logger))  # the app's lines into gunicorn's log
         try:
@@ -122,8 +120,6 @@ def test_the_error_log_writes_a_traceback_in_its_record_on_one_line_for_gunicorn
             logger.exception("Exception in worker process")  # gunicorn's own
             logging.getLogger("sidecar.api.app").exception("unhandled error on POST /v1/embeddings")
     finally:
-        app_log.handlers[:], level, app_log.propagate = saved
-        app_log.setLevel(level)
         for handler in logger.error_log.handlers:
             handler.close()
     lines = (tmp_path / "error.log").read_text().splitlines()
@@ -131,6 +127,26 @@ def test_the_error_log_writes_a_traceback_in_its_record_on_one_line_for_gunicorn
         ["Exception in worker process", "Traceback (most recent call last):"],
         ["unhandled error on POST /v1/embeddings", "Traceback (most recent call last):"]], lines
     assert all(line.endswith("sqlite3.DatabaseError: file is not a database") for line in lines), lines
+
+
+def test_a_workers_third_party_warnings_reach_gunicorns_log_in_its_format_but_opensearch_pys_per_request_ones_do_not(
+        tmp_path, root_logging):
+    cfg = config_file_settings()
+    cfg.set("errorlog", str(tmp_path / "error.log"))
+    logger = cfg.logger_class(cfg)
+    try:
+        gunicorn_config.post_fork(arbiter(), SimpleNamespace(log=logger))
+        # open_clip logs through the module-level functions, which install basicConfig's
+        # `WARNING:name:message` handler on a root logger without one.
+        logging.info("Loaded built-in tiny-clip model config.")
+        logging.getLogger("opensearch").warning("POST http://127.0.0.1:9200/clip/_count [status:404 request:0.006s]")
+        logging.getLogger("timm").warning("a third party's warning")
+    finally:
+        for handler in logger.error_log.handlers:
+            handler.close()
+    assert logging.getLogger().handlers == logger.error_log.handlers  # basicConfig added none
+    (line,) = (tmp_path / "error.log").read_text().splitlines()
+    assert re.fullmatch(r"\[[^]]+\] \[\d+\] \[WARNING\] a third party's warning", line), line
 
 
 def effective_config(**env: str) -> dict[str, str]:
