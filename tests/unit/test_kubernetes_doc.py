@@ -1,5 +1,6 @@
 """docs/kubernetes.md's manifest against the code: the probes ask routes the app has, on the port gunicorn binds,
-the grace outlasts gunicorn's, the pod runs as the images' user, every path the server writes is mounted."""
+the grace outlasts gunicorn's, the pod runs as the images' user, every path the server writes is mounted, the
+HTTPS cluster's CA file comes from a Secret the docs create."""
 
 import re
 from pathlib import Path, PurePosixPath
@@ -106,10 +107,29 @@ def test_the_service_sends_to_the_containers_named_port(manifest, container):
     assert port["targetPort"] in {p["name"] for p in container["ports"]}
 
 
+def _commands() -> str:
+    """The docs' shell commands (its bash blocks)."""
+    text = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
+    return "".join(re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL))
+
+
 def test_the_docs_commands_create_the_opensearch_index_the_readiness_probe_waits_for(container):
     # /readyz answers 503 while the alias does not exist: without `opensearch setup` no pod would become Ready.
     assert {"name": "SIDECAR_STORE", "value": "opensearch"} in container["env"]
-    text = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
-    commands = "".join(re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL))
+    commands = _commands()
     assert re.search(r"^kubectl exec deploy/clip-sidecar -- .*clip-sidecar opensearch setup$", commands,
                      flags=re.MULTILINE)
+
+
+def test_the_https_cluster_is_verified_with_a_ca_file_mounted_read_only_from_a_secret_the_docs_create(pod, container):
+    # An in-cluster OpenSearch's certificate is signed by a private CA: with the image's system CAs only, every
+    # request failed "certificate verify failed", and no pod became Ready.
+    env = {variable["name"]: variable.get("value") for variable in container["env"]}
+    assert env["SIDECAR_OPENSEARCH_URL"].startswith("https://") and "opensearch_ca_certs" in Settings.__dataclass_fields__
+    ca_file = PurePosixPath(env["SIDECAR_OPENSEARCH_CA_CERTS"])
+    (mount,) = [mount for mount in container["volumeMounts"] if ca_file.is_relative_to(mount["mountPath"])]
+    assert mount.get("readOnly") is True
+    (volume,) = [volume for volume in pod["volumes"] if volume["name"] == mount["name"]]
+    key = ca_file.relative_to(mount["mountPath"])
+    assert re.search(rf"^kubectl create secret generic {volume['secret']['secretName']} --from-file={key}=\S+$",
+                     _commands(), flags=re.MULTILINE)
