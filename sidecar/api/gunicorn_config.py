@@ -19,6 +19,7 @@ from sidecar.api.auth import refusal_to_serve
 from sidecar.api.healthcheck import config_bind
 from sidecar.config import Settings
 from sidecar.logs import OneLineFormatter, route_logs
+from sidecar.model.weights import configured_models, random_weights_notice
 
 # Read once in the arbiter; each worker reads its own Settings again when it builds the app.
 _settings = Settings.from_env()
@@ -115,6 +116,11 @@ def on_starting(server):
         _owned_metrics_dir = tempfile.mkdtemp(prefix="clip-sidecar-metrics-")
         os.environ[_MULTIPROC_ENV] = _owned_metrics_dir
     server.log.info("Prometheus multiprocess metrics in %s", os.environ[_MULTIPROC_ENV])
+    # Said once, here: the workers, forked from this process, inherit that it was said.
+    for model_settings, fine in configured_models(_settings):
+        notice = random_weights_notice(model_settings, fine=fine)
+        if notice:
+            server.log.warning("%s", notice)
     # Workers load cached weights only: open_clip's hub lookups must not wait on the network
     # (huggingface_hub reads this when a worker imports it).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

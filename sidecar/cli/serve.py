@@ -81,7 +81,7 @@ def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str
 def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, certfile: str | None = None,
                keyfile: str | None = None, dev: bool = False) -> None:
     """Serve `settings` until stopped: gunicorn in place of this process, or Flask's development server."""
-    from sidecar.model.weights import configured_models, missing_weights
+    from sidecar.model.weights import configured_models, missing_weights, random_weights_notice
 
     try:
         keys = parse_key_entries(settings.api_keys)
@@ -97,6 +97,8 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
         missing = missing_weights(model_settings, fine=fine)
         if missing:
             raise click.ClickException(f"not starting the server: {missing}")
+        if not dev:  # gunicorn's arbiter says it (gunicorn_config.on_starting): not here as well
+            random_weights_notice(model_settings, fine=fine)
     refuse_an_address_taken(host, port)  # before the store's model check loads the model
     encoder = _check_store_model(settings)
     _embed_prompt_sets(settings, encoder)

@@ -271,6 +271,24 @@ def weights_id(pretrained: str) -> str:
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
+class _RandomInitWarning(logging.Filter):
+    """open_clip's "No pretrained weights loaded … initialized randomly", logged on the root logger: said
+    once in the project's words instead (weights.random_weights_notice), which name the flag that fixes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    root, quiet = logging.getLogger(), _RandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) -> Encoder:
     """Load the configured model: by name + pretrained tag, a checkpoint file, or the tiny model.
 
@@ -285,6 +303,7 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
         ModelNotCached,
         check_model_settings,
         missing_weights,
+        random_weights_notice,
         unloadable_checkpoint,
         weights_dir,
     )
@@ -303,10 +322,14 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     log.info("loading %s (pretrained=%s) on %s, %s", model_name, pretrained or "none", device, precision)
+    notice = random_weights_notice(settings, fine=fine)
+    if notice:
+        log.warning("%s", notice)
     # Random weights (no pretrained) come from one fixed seed, so every worker and every restart builds
     # the same model: the text-vector cache and the store may key its vectors by the name "random".
     try:
-        with torch.random.fork_rng(devices=[], enabled=not pretrained):  # open_clip initialises on the CPU
+        # open_clip initialises on the CPU
+        with torch.random.fork_rng(devices=[], enabled=not pretrained), _without_random_init_warning():
             if not pretrained:
                 torch.manual_seed(RANDOM_INIT_SEED)
             model, _, preprocess = open_clip.create_model_and_transforms(

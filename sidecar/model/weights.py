@@ -90,6 +90,27 @@ def unloadable_checkpoint(settings: Settings, exc: Exception, *, fine: bool = Fa
         f"{settings.model}, or the model it was saved from ({names['model']})")
 
 
+# The models this process has already said run with random weights (random_weights_notice): a
+# gunicorn worker inherits the arbiter's, so the server says it once, not once per worker.
+_TOLD_RANDOM: set[tuple[str, bool]] = set()
+
+
+def random_weights_notice(settings: Settings, *, fine: bool = False) -> str | None:
+    """What to tell a user whose model runs with random weights: an architecture of open_clip's (or the
+    model config's) with no `pretrained`, which a user forgets more often than wants (benchmarks and the
+    random-weight tests do want it). The first time this process asks for that model; None after, and
+    for the tiny models (trained into the cache) and any model with weights."""
+    if settings.pretrained or settings.model in TINY_MODELS or (settings.model, fine) in _TOLD_RANDOM:
+        return None
+    _TOLD_RANDOM.add((settings.model, fine))
+    names = _SETTING_NAMES[fine]
+    tags = _tags(settings.model)
+    choices = f"one of its pretrained tags ({', '.join(tags[:3])}{', …' if len(tags) > 3 else ''}) or " if tags else ""
+    return (f"{settings.model} runs with random weights (weights \"random\"): no {names['pretrained']} was given. "
+            f"Its vectors mean nothing, so search and zero-shot answers are noise: right for benchmarks only. Give "
+            f"{names['pretrained']} {choices}a checkpoint file")
+
+
 def missing_weights(settings: Settings, *, fine: bool = False) -> str | None:
     """None if the configured model can load without a download or training; else what is missing
     and the command that puts it there. Touches no network; ModelSettingsError for a model or

@@ -7,6 +7,7 @@ import base64
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -19,8 +20,12 @@ import pytest
 import yaml
 from gunicorn.config import Config
 
+import sidecar
 from sidecar.api import gunicorn_config
 from sidecar.cli.serve import GUNICORN_CONFIG
+from sidecar.config import Settings
+from sidecar.model import weights
+from sidecar.model.encoder import load_encoder
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -147,6 +152,32 @@ def test_a_workers_third_party_warnings_reach_gunicorns_log_in_its_format_but_op
     assert logging.getLogger().handlers == logger.error_log.handlers  # basicConfig added none
     (line,) = (tmp_path / "error.log").read_text().splitlines()
     assert re.fullmatch(r"\[[^]]+\] \[\d+\] \[WARNING\] a third party's warning", line), line
+
+
+def test_a_random_weights_server_says_so_once_in_gunicorns_log_and_its_workers_model_load_adds_nothing(
+        tmp_path, monkeypatch, root_logging):
+    config = tmp_path / "tiny-random.json"
+    shutil.copy(Path(sidecar.__file__).parent / "model" / "model_configs" / "tiny-clip.json", config)
+    settings = Settings(model="tiny-random", model_config=str(config), pretrained="", device="cpu",
+                        cache_dir=tmp_path / "cache")  # an architecture with no weights given
+    monkeypatch.setattr(gunicorn_config, "_settings", settings)
+    monkeypatch.setattr(weights, "_TOLD_RANDOM", set())  # a fresh arbiter, whose workers fork from it
+    cfg = config_file_settings()
+    cfg.set("errorlog", str(tmp_path / "error.log"))
+    logger = cfg.logger_class(cfg)
+    server = arbiter()
+    server.log = logger
+    try:
+        gunicorn_config.on_starting(server)
+        gunicorn_config.post_fork(server, SimpleNamespace(log=logger))
+        load_encoder(settings, fetch=False)  # what the worker's app does
+    finally:
+        for handler in logger.error_log.handlers:
+            handler.close()
+    warnings = [line for line in (tmp_path / "error.log").read_text().splitlines() if "[WARNING]" in line]
+    assert len(warnings) == 1, warnings  # open_clip's "… initialized randomly" not among them, in any format
+    assert 'tiny-random runs with random weights (weights "random"): no --pretrained / SIDECAR_PRETRAINED' in \
+        warnings[0], warnings
 
 
 def effective_config(**env: str) -> dict[str, str]:
