@@ -21,6 +21,7 @@ from sidecar.cli.root import (
     settings_from,
     store_options,
 )
+from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.retrieval.fusion import FUSION_METHODS
 from sidecar.retrieval.search import MODES
 
@@ -30,10 +31,11 @@ from sidecar.retrieval.search import MODES
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Query image (alone: more like this photo; with TEXT: both).")
 @click.option("--mode", type=click.Choice(MODES), help="Default: hybrid with text, vector without.")
-@click.option("-k", "--k", "k", type=click.IntRange(1, 1000), default=10, show_default=True, help="Hits to print.")
-@click.option("--candidates", "rerank_candidates", type=click.IntRange(1, 10000),
+@click.option("-k", "--k", "k", type=click.IntRange(1), default=10, show_default=True,
+              help="Hits to print; at most max_k (SIDECAR_MAX_K, else 1000), as /v1/search takes.")
+@click.option("--candidates", "rerank_candidates", type=click.IntRange(1),
               help="How many coarse hits the fine stage (rerank) sees (default: SIDECAR_RERANK_CANDIDATES, else 100); "
-                   "with -k above it, the hits past them follow in coarse order.")
+                   "at most max_k, as -k. With -k above it, the hits past them follow in coarse order.")
 @click.option("--fusion", type=click.Choice(FUSION_METHODS), default="minmax", show_default=True,
               help="How hybrid mode merges the vector and BM25 lists: each list's scores scaled (minmax, zscore), "
                    "or their ranks (rrf), then summed by the weights.")
@@ -46,7 +48,8 @@ from sidecar.retrieval.search import MODES
                    "Skipped when no fine model is configured: silently by default, with a note on stderr when "
                    "--rerank is given.")
 @click.option("--exact", is_flag=True, help="Brute-force vector search instead of HNSW.")
-@click.option("--ef-search", type=click.IntRange(1), help="HNSW search breadth for this query (default: the store's).")
+@click.option("--ef-search", type=click.IntRange(1, MAX_EF_SEARCH),
+              help="HNSW search breadth for this query (default: the store's).")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
               help="Metadata filter, repeatable; FIELD=a,b matches either. A VALUE that reads as a number or "
                    "true/false matches that number or boolean too (year=2020 finds 2020 and \"2020\"). A FIELD "
@@ -67,6 +70,11 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, fusio
     if not text and image is None:
         raise click.UsageError("give TEXT, --image, or both")
     settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + ("rerank_candidates",))
+    # The API's limit on a search's depth (field 'k', 'candidates': max_k), refused here as it refuses it.
+    for flag, value in (("'-k'", k), ("'--candidates' (or SIDECAR_RERANK_CANDIDATES)", settings.rerank_candidates)):
+        if value > settings.max_k:
+            raise click.BadParameter(f"{value} is over {settings.max_k}, the most hits a search ranks (max_k: "
+                                     "SIDECAR_MAX_K)", param_hint=flag)
     try:
         options = SearchOptions(mode=mode or ("hybrid" if text else "vector"), k=k,
                                 candidates=settings.rerank_candidates,

@@ -159,6 +159,28 @@ def test_search_candidates_come_from_the_setting_unless_the_flag_is_given(store_
     assert searched == [30, 40]
 
 
+def test_search_refuses_what_the_api_refuses_naming_the_limit_and_its_setting_before_the_model_loads(
+        store_path, monkeypatch):
+    # --ef-search had no upper bound and --candidates went to 10000 where /v1/search refuses over 4096 and
+    # over max_k; -k stopped at 1000 whatever max_k was.
+    def load_encoder(*_, **__):
+        raise AssertionError("the model was loaded before the limits were checked")
+
+    base = ["-q", "search", "red", "--store-path", str(store_path)]
+    refused = {("--ef-search", "4097"): "Invalid value for '--ef-search': 4097 is not in the range 1<=x<=4096.",
+               ("--candidates", "1001"): "Invalid value for '--candidates' (or SIDECAR_RERANK_CANDIDATES): 1001 is "
+                                         "over 1000, the most hits a search ranks (max_k: SIDECAR_MAX_K)",
+               ("-k", "51"): "Invalid value for '-k': 51 is over 50, the most hits a search ranks (max_k: SIDECAR_MAX_K)"}
+    with monkeypatch.context() as patched:
+        patched.setattr("sidecar.model.encoder.load_encoder", load_encoder)
+        for args, message in refused.items():
+            result = CliRunner().invoke(main, [*base, *args], env={"SIDECAR_MAX_K": "50" if args[0] == "-k" else None})
+            assert result.exit_code == 2 and message in result.output, (args, result.output)
+    result = CliRunner().invoke(main, [*base, "-k", "1001", "--ef-search", "4096", "--json"],
+                                env={"SIDECAR_MAX_K": "2000"})  # max_k raised: the CLI follows it, as the API
+    assert result.exit_code == 0, result.output
+
+
 def test_embed_continues_after_kill_minus_9_without_duplicates_or_gaps(tmp_path):
     manifest = write_corpus(tmp_path / "corpus", 3000, seed=5)
     out = tmp_path / "shards"
