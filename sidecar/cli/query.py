@@ -152,7 +152,7 @@ def _filter_values(text: str) -> list[Any]:
               help="The built-in relevance benchmark: train the tiny models (cached), render a product catalogue, "
                    "embed and index it, run the standard configurations, write the report to --out.")
 @click.option("--queries", "queries_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Judged queries, JSONL: {\"id\", \"text\"?, \"image\"? (path), \"category\"?, \"tags\"?, "
+              help="Judged queries, JSONL: {\"id\", \"text\"?, \"image\"? (path; alone, for vector configurations only), \"category\"?, \"tags\"?, "
                    "\"filters\"? (as /v1/search takes them: the query runs with them)} a line.")
 @click.option("--qrels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Graded judgments: TREC qrels (qid iter docid grade) or JSONL {\"query_id\", \"doc_id\", "
@@ -328,6 +328,7 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
     from sidecar.retrieval.relevance import (
         EvaluationInputError,
         SearchTarget,
+        check_configs,
         default_configs,
         evaluate,
         parse_configs,
@@ -345,6 +346,7 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
         depth, candidates = ranking_depth(measure_names), settings.rerank_candidates
         runs = ([c for spec in configs for c in parse_configs(_load_json(spec), k=depth, candidates=candidates)]
                 if configs else default_configs(k=depth, candidates=candidates))
+        check_configs(runs, queries, qrels, measures=measure_names)  # before the model loads
     except EvaluationInputError as exc:
         raise click.UsageError(str(exc)) from exc
     store = open_existing_store(settings)

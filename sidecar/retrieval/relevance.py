@@ -394,6 +394,25 @@ def _parse_measures(measures: Sequence[str]) -> list:
     return parsed
 
 
+def check_configs(configs: Sequence[RunConfig], queries: Sequence[Query], qrels: Mapping[str, Mapping[str, int]],
+                  *, measures: Sequence[str]) -> None:
+    """EvaluationInputError where a configuration cannot run over every judged query: `eval` asks before
+    it loads a model. A mode with BM25 needs each query's text (the search refuses an image alone), and
+    one configuration over fewer queries than the others would not compare with them."""
+    depth = ranking_depth(measures)
+    imageonly = [q.id for q in queries if qrels.get(q.id) and not (q.text and q.text.strip())]
+    for config in configs:
+        if config.options.candidates < depth:  # it would rank `depth` deep under its own name's N
+            raise EvaluationInputError(f"configuration {config.name!r}: 'candidates' must be at least {depth}, the "
+                                       f"deepest cutoff of the measures, got {config.options.candidates}")
+        if config.options.mode != "vector" and imageonly:
+            raise EvaluationInputError(
+                f"configuration {config.name!r}: mode {config.options.mode} needs query text, and {len(imageonly)} "
+                f"queries (e.g. {imageonly[0]}) have an image only. Evaluate those in a queries file of their own "
+                "with vector configurations only (--config '{\"mode\": \"vector\"}'; the default configurations "
+                "run every mode), and the queries with text apart")
+
+
 def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrels: Mapping[str, Mapping[str, int]],
              configs: Sequence[RunConfig], *, measures: Sequence[str] | None = None, max_image_pixels: int = 40_000_000,
              encode_threads: int = 1, progress: bool = False) -> Evaluation:
@@ -409,19 +428,11 @@ def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrel
         log.warning("%d of %d queries have no judgments and are left out", len(queries) - len(judged), len(queries))
     if not judged:
         raise EvaluationInputError("no query has a judgment: do the query ids match the qrels?")
+    check_configs(configs, judged, qrels, measures=measures)
     for config in configs:
         if config.target not in targets:
             raise EvaluationInputError(f"configuration {config.name!r} runs on target {config.target!r}; "
                                        f"targets: {', '.join(targets)}")
-        if config.options.candidates < depth:  # it would rank `depth` deep under its own name's N
-            raise EvaluationInputError(f"configuration {config.name!r}: 'candidates' must be at least {depth}, the "
-                                       f"deepest cutoff of the measures, got {config.options.candidates}")
-        if config.options.mode != "vector":
-            missing = [q.id for q in judged if not (q.text and q.text.strip())]
-            if missing:
-                raise EvaluationInputError(f"configuration {config.name!r}: mode {config.options.mode} needs query "
-                                           f"text, and {len(missing)} queries (e.g. {missing[0]}) have none; run "
-                                           "image-only queries with mode vector")
 
     needing = {c.target for c in configs if _needs_vector(c.options)}
     for name in needing:

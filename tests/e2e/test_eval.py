@@ -121,6 +121,29 @@ def test_an_ef_search_under_the_candidates_is_a_usage_error_naming_both_fields(s
     assert not (tmp_path / "report").exists()
 
 
+def test_an_image_only_query_in_a_hybrid_grid_is_refused_before_the_model_loads_saying_how_to_evaluate_it(
+        store_path, judged, corpus, tmp_path, monkeypatch):
+    # The search refuses hybrid and bm25 without text, and a configuration over fewer queries than the
+    # others would not compare with them: refused, as before, but after the model loaded and without saying
+    # how to evaluate such queries.
+    def load_encoder(*_, **__):
+        raise AssertionError("the model was loaded before the configurations were checked")
+
+    monkeypatch.setattr("sidecar.model.encoder.load_encoder", load_encoder)
+    queries_path, qrels_path = judged
+    image = corpus.parent / "item-000000.jpg"
+    with queries_path.open("a", encoding="utf-8") as queries:
+        queries.write(json.dumps({"id": "by-image", "image": str(image)}) + "\n")
+    with qrels_path.open("a", encoding="utf-8") as qrels:
+        qrels.write("by-image 0 item-000000 2\n")
+    result = eval_judged(store_path, judged, "--config", '{"grid": {"mode": ["vector", "hybrid"]}}',
+                         "--out", str(tmp_path / "report"))
+    assert result.exit_code == 2, result.output
+    assert ("mode hybrid needs query text, and 1 queries (e.g. by-image) have an image only. Evaluate those in a "
+            "queries file of their own with vector configurations only (--config '{\"mode\": \"vector\"}'") in \
+        " ".join(result.output.split())
+
+
 def test_a_configuration_file_that_is_not_utf8_is_a_usage_error_naming_it(store_path, judged, tmp_path):
     config = tmp_path / "configs.json"
     config.write_bytes('{"name": "caf\u00e9"}'.encode("latin-1"))
