@@ -75,6 +75,8 @@ class Label:
 @dataclass(frozen=True, slots=True)
 class PromptSet:
     name: str
+    # A name, not a number: one written as a number in a file is kept as the text it was written as
+    # (_WrittenFloat: 1.10 is not 1.1), and the file form (to_dict) and the API give it as that string.
     version: str
     labels: tuple[Label, ...]
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # the set's default, for labels without their own
