@@ -25,8 +25,9 @@ def models() -> None:
 @model_options
 @click.pass_context
 def models_fetch(ctx: click.Context, **kwargs: Any) -> None:
-    """Put the configured model in the cache: download an open_clip pretrained tag, check a checkpoint
-    file, or train the tiny model (which cannot be downloaded; as `models train`).
+    """Put the configured model in the cache: download an open_clip pretrained tag, check that a checkpoint
+    file loads into the model (as the server will load it), or train the tiny model (which cannot be
+    downloaded; as `models train`).
 
     \b
       clip-sidecar models fetch --model ViT-B-32 --pretrained laion2b_s34b_b79k

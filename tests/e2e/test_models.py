@@ -91,11 +91,12 @@ def unloadable_checkpoint(tmp_path: Path, test_cache_dir: Path, content: str) ->
 
 
 @pytest.mark.parametrize("content", ["cut short", "not a checkpoint"])
-@pytest.mark.parametrize("command", [["search", "red"], ["serve", "--port", "{port}"]])
+@pytest.mark.parametrize("command", [["search", "red"], ["serve", "--port", "{port}"], ["models", "fetch"]])
 def test_a_checkpoint_file_that_does_not_load_is_one_line_naming_the_setting(tmp_path, test_cache_dir, store_path,
                                                                              command, content):
     # A truncated download or the wrong file given to --pretrained ended in torch's traceback (RuntimeError,
-    # UnpicklingError or IndexError, by what the file held), from every command that loads the model.
+    # UnpicklingError or IndexError, by what the file held), from every command that loads the model; `models
+    # fetch`, which a user runs to check the model is ready, said such a file "is cached" without loading it.
     bad = unloadable_checkpoint(tmp_path, test_cache_dir, content)
     args = [arg.format(port=free_port()) for arg in command]
     result = CliRunner().invoke(main, ["-q", *args, "--pretrained", str(bad)], env={"SIDECAR_STORE_PATH": str(store_path)})
