@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -33,6 +34,7 @@ def models_fetch(ctx: click.Context, **kwargs: Any) -> None:
       clip-sidecar models fetch --model ViT-B-32 --pretrained laion2b_s34b_b79k
       clip-sidecar models fetch          # the default tiny model
     """
+    from sidecar.model.encoder import load_encoder
     from sidecar.model.weights import FetchFailed, configured_models, fetch_weights
 
     settings = settings_from(kwargs, MODEL_FLAGS)
@@ -43,6 +45,10 @@ def models_fetch(ctx: click.Context, **kwargs: Any) -> None:
         except FetchFailed as exc:
             raise click.ClickException(str(exc)) from exc
         pretrained = model_settings.pretrained
+        if pretrained and Path(pretrained).is_file():
+            # The user's own file, which nothing checked yet: loaded as the server will load it, so that a file
+            # cut short or of another model fails here (one line naming the setting), not at the server's boot.
+            load_encoder(model_settings, fetch=False, fine=fine)
         click.echo(f"{model_settings.model}{' / ' + pretrained if pretrained else ''} is cached: {where}")
 
 

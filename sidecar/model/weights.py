@@ -136,9 +136,9 @@ def missing_weights(settings: Settings, *, fine: bool = False) -> str | None:
 
 
 def fetch_weights(settings: Settings, *, progress: bool = True, fine: bool = False) -> str:
-    """Put the configured model's weights in the cache (download a tag, train the tiny model), or check
-    that a checkpoint file loads; returns where they are. FetchFailed says why a download failed, ModelSettingsError that there is
-    no such model or tag."""
+    """Put the configured model's weights in the cache (download a tag, train the tiny model); returns
+    where they are (a checkpoint file: itself, unread). FetchFailed says why a download failed,
+    ModelSettingsError that there is no such model or tag."""
     check_model_settings(settings, fine=fine)
     model, pretrained = settings.model, settings.pretrained
     if model in TINY_MODELS and not pretrained:
@@ -148,11 +148,6 @@ def fetch_weights(settings: Settings, *, progress: bool = True, fine: bool = Fal
     if not pretrained:
         return f"{model} has no pretrained weights configured (random init): nothing to fetch"
     if Path(pretrained).is_file():
-        # The user's own file, which nothing checked yet: loaded as the server will load it, so that a
-        # file cut short or of another model fails here (ModelSettingsError naming the setting), not at boot.
-        from sidecar.model.encoder import load_encoder
-
-        load_encoder(settings, fetch=False, fine=fine)
         return pretrained
     cfg = _tag_config(model, pretrained)
     cached = _cached_file(cfg, weights_dir(settings))
