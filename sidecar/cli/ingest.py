@@ -133,7 +133,8 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
             summary = embed_corpus_on_ray(settings, source, out, address=address, batch_size=batch_size,
                                           shard_size=shard_size, max_pixels=settings.max_image_pixels,
                                           thumbnail_side=thumbnail_side, load_tagger=load_tagger,
-                                          allow_empty=allow_empty, resources=RayResources(actors=actors, actor_cpus=actor_cpus,
+                                          allow_empty=allow_empty,
+                                          resources=RayResources(actors=actors, actor_cpus=actor_cpus,
                                                                  task_cpus=task_cpus),
                                           progress=ctx.obj["progress"])
         except RayUnavailable as exc:

@@ -81,10 +81,10 @@ def prompts_list(**kwargs: Any) -> None:
 
 @prompts.command("show")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="The set in its file form (what `prompts add` takes). The version is written as "
-                                                     "a string: a set's version is a name, and a number in its file "
-                                                     "is read as the text it was written as (1.10 is not 1.1), so "
-                                                     "version: 1 shows as \"1\", the same version.")
+@click.option("--json", "as_json", is_flag=True,
+              help="The set in its file form (what `prompts add` takes). The version is written as a string: a "
+                   "set's version is a name, and a number in its file is read as the text it was written as (1.10 "
+                   "is not 1.1), so version: 1 shows as \"1\", the same version.")
 @prompt_sets_option
 def prompts_show(name: str, as_json: bool, **kwargs: Any) -> None:
     """A prompt set's labels and templates."""
