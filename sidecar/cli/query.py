@@ -152,8 +152,9 @@ def _filter_values(text: str) -> list[Any]:
               help="The built-in relevance benchmark: train the tiny models (cached), render a product catalogue, "
                    "embed and index it, run the standard configurations, write the report to --out.")
 @click.option("--queries", "queries_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Judged queries, JSONL: {\"id\", \"text\"?, \"image\"? (path; alone, for vector configurations only), \"category\"?, \"tags\"?, "
-                   "\"filters\"? (as /v1/search takes them: the query runs with them)} a line.")
+              help="Judged queries, JSONL: {\"id\", \"text\"?, \"image\"? (path; alone, for vector configurations "
+                   "only), \"category\"?, \"tags\"?, \"filters\"? (as /v1/search takes them: the query runs with "
+                   "them)} a line.")
 @click.option("--qrels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Graded judgments: TREC qrels (qid iter docid grade) or JSONL {\"query_id\", \"doc_id\", "
                    "\"relevance\"}.")

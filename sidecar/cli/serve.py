@@ -97,7 +97,9 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
         missing = missing_weights(model_settings, fine=fine)
         if missing:
             raise click.ClickException(f"not starting the server: {missing}")
-        if not dev:  # gunicorn's arbiter says it (gunicorn_config.on_starting): not here as well
+        if not dev:
+            # Marked as said in this process, so the model check below does not say it: gunicorn's arbiter,
+            # which replaces this process, says it once (gunicorn_config.on_starting) for all its workers.
             random_weights_notice(model_settings, fine=fine)
     refuse_an_address_taken(host, port)  # before the store's model check loads the model
     encoder = _check_store_model(settings)

@@ -328,7 +328,7 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
     # Random weights (no pretrained) come from one fixed seed, so every worker and every restart builds
     # the same model: the text-vector cache and the store may key its vectors by the name "random".
     try:
-        # open_clip initialises on the CPU
+        # fork_rng of the CPU generator alone: open_clip initialises on the CPU.
         with torch.random.fork_rng(devices=[], enabled=not pretrained), _without_random_init_warning():
             if not pretrained:
                 torch.manual_seed(RANDOM_INIT_SEED)
