@@ -351,9 +351,8 @@ class _Cluster:
         if missing:
             raise StoreError(f"{self.store.url} lacks the plugin(s) {', '.join(missing)}: OpenSearch can call the "
                              "sidecar only with ml-commons, neural-search and k-NN installed")
-        # The store's own question (its versions' aliases): an index-less _alias/<name> is checked against every
-        # index, which a least-privilege user may not read (403 on a secured cluster).
-        if not self.store._alias_indices():
+        # The store's own question (alias_indices): a least-privilege user may not ask it of every index.
+        if not self.store.alias_indices():
             raise StoreError(f"index {self.store.alias} does not exist at {self.store.url}: run `clip-sidecar "
                              "opensearch setup` first (it creates the index sized for the model)")
         signature = self.store.signature()

@@ -220,7 +220,7 @@ class OpenSearchStore:
                 "PUT", f"/_search/pipeline/{PIPELINES['minmax']}", body=self._pipeline_body("minmax", (0.5, 0.5)))
             self.client.transport.perform_request(
                 "PUT", f"/_search/pipeline/{PIPELINES['rrf']}", body=self._pipeline_body("rrf", (0.5, 0.5)))
-        if self._alias_indices():
+        if self.alias_indices():
             stored = self._mapping_dim()
             if stored != dim:
                 raise StoreError(f"alias {self.alias} holds dim-{stored} vectors; setup asked for dim {dim}")
@@ -283,7 +283,7 @@ class OpenSearchStore:
     def claim(self, signature: ModelSignature, *, fine_signature: ModelSignature | None = None) -> None:
         """Record the model in _meta on first use, and the fine model where none is recorded; another
         model's vectors, or another fine model's, are refused."""
-        if not self._alias_indices():
+        if not self.alias_indices():
             self.setup(signature.dim)
         meta = self._meta() or {}  # not the cached read: a claim compares with what is recorded now
         stored = _signature_in(meta)
@@ -352,7 +352,7 @@ class OpenSearchStore:
         with self.bulk_load() as load:
             if load.depth == 0:
                 load.expect(len(documents))
-            if not self._alias_indices():
+            if not self.alias_indices():
                 raise StoreError(f"alias {self.alias} does not exist; run setup (clip-sidecar opensearch setup) "
                                  "or claim first")
             binary = [name for name in BINARY_FIELDS if any(getattr(doc, name) is not None for doc in documents)]
@@ -384,7 +384,7 @@ class OpenSearchStore:
         with self._load_lock("rebuild", lock_wait_s=lock_wait_s) as lock:
             if before is not None:
                 before()
-            old = self._alias_indices()
+            old = self.alias_indices()
             name = self._new_index_name()
             self._create_index(name, dim=signature.dim, signature=signature, fine_signature=fine_signature,
                                settings=self._default_pipelines(old))
@@ -643,7 +643,7 @@ class OpenSearchStore:
         return report
 
     def _inspect(self, report: StoreReport, *, running: bool, repair: bool) -> None:
-        indices = self._alias_indices()
+        indices = self.alias_indices()
         if not indices:
             report.notes.append("the alias does not exist yet (nothing indexed)")
         elif len(indices) > 1:
@@ -920,7 +920,8 @@ class OpenSearchStore:
                 return name
             time.sleep(0.002)
 
-    def _alias_indices(self) -> list[str]:
+    def alias_indices(self) -> list[str]:
+        """The indices behind the alias, sorted; [] before the first setup or rebuild."""
         # Only the store's own versions are asked about: an index-less _alias/<name> is checked
         # against every index, which a least-privilege user may not read (roles.yml).
         versions = f"{self.alias}-v*"
@@ -1126,7 +1127,7 @@ class _OpenSearchLoad:
         store = self.store
         if self._relaxed is not None or count < store.large_load_threshold:
             return
-        indices = store._alias_indices()
+        indices = store.alias_indices()
         if len(indices) == 1:
             self._relaxed = (indices[0], store._relax_settings(indices[0]))
             log.info("large load (%d documents) into %s: refresh_interval %s and 0 replicas until it ends",
@@ -1140,7 +1141,7 @@ class _OpenSearchLoad:
     def finish(self) -> None:
         """Make the session's writes searchable, and check that none went missing."""
         store = self.store
-        if not store._alias_indices():
+        if not store.alias_indices():
             return
         store.client.indices.refresh(index=store.alias)
         total = store.count()

@@ -172,7 +172,7 @@ def test_a_load_resumes_by_acknowledged_ids_after_a_dropped_connection(overloade
 
 
 def settings_version(store: OpenSearchStore) -> int:
-    (name,) = store._alias_indices()
+    (name,) = store.alias_indices()
     state = store.client.cluster.state(metric="metadata", index=name)
     return int(state["metadata"]["indices"][name]["settings_version"])
 
@@ -274,7 +274,7 @@ def test_check_reports_what_an_interrupted_load_left_and_repair_restores_it(node
     store = make_store(large_load_threshold=10, number_of_replicas=1)
     try:
         store.claim(SIGNATURE)
-        (index,) = store._alias_indices()
+        (index,) = store.alias_indices()
         store._relax_settings(index)  # what a load killed with its process leaves behind
         orphan = store._new_index_name()
         store._create_index(orphan, dim=SIGNATURE.dim, signature=SIGNATURE)  # an interrupted rebuild's index

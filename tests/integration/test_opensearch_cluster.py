@@ -228,9 +228,9 @@ def test_a_node_killed_mid_load_ends_with_every_document_exactly_once(cluster):
 def test_rebuild_swaps_the_alias_to_a_new_sharded_index_on_the_cluster(cluster, corpus, sharded):
     docs, queries = corpus
     before = top10s(sharded, queries)
-    old = sharded._alias_indices()
+    old = sharded.alias_indices()
     new = sharded.rebuild(iter(docs), signature=SIGNATURE)
-    assert sharded._alias_indices() == [new] and new not in old
+    assert sharded.alias_indices() == [new] and new not in old
     assert not any(sharded.client.indices.exists(index=name) for name in old)
     wait_for_status(sharded, "green")
     settings = sharded.client.indices.get_settings(index=new)[new]["settings"]["index"]

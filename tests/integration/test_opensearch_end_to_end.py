@@ -72,9 +72,9 @@ def test_cli_setup_index_rerun_rebuild_and_search(encoder, shards, alias):
         assert "400 written, 0 unchanged, 0 deleted; store now holds 400 documents" in result.output
         result = cli("index", str(shards), *store_args(alias))
         assert "0 written, 400 unchanged, 0 deleted; store now holds 400 documents" in result.output
-        before = store._alias_indices()
+        before = store.alias_indices()
         assert "store now holds 400 documents" in cli("index", str(shards), "--rebuild", *store_args(alias)).output
-        after = store._alias_indices()
+        after = store.alias_indices()
         assert len(after) == 1 and after != before and not store.client.indices.exists(index=before[0])
         assert store.count() == 400 and store.signature() == encoder.signature
         hits = json.loads(cli("search", "blue square", *store_args(alias), "-k", "3", "--json").output)

@@ -130,9 +130,9 @@ def test_every_store_operation_runs_over_verified_https_as_the_least_privileged_
     assert [d.id for d in store.fetch(["d4", "d2"])] == ["d4", "d2"]
     assert len(store.content_hashes()) == 600
     assert store.delete(["d1", "d2"]) == 2 and store.count() == 598
-    before = store._alias_indices()
+    before = store.alias_indices()
     new = store.rebuild(docs[:100], signature=SIGNATURE)
-    assert store._alias_indices() == [new] and new not in before and store.count() == 100
+    assert store.alias_indices() == [new] and new not in before and store.count() == 100
     assert store.check().clean
 
 

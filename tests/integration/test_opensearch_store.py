@@ -146,7 +146,7 @@ def test_alias_swap_under_query_load_has_no_failures(store):
     thread = threading.Thread(target=query_loop)
     thread.start()
     try:
-        before = store._alias_indices()
+        before = store.alias_indices()
         new_docs, _, _ = make_documents(1200, seed=5, prefix="n")
         new_index = store.rebuild(iter(new_docs), signature=SIGNATURE)
     finally:
@@ -154,7 +154,7 @@ def test_alias_swap_under_query_load_has_no_failures(store):
         thread.join(timeout=60)
     assert failures == []
     assert answered and all(n == 5 for n in answered)
-    assert store._alias_indices() == [new_index]
+    assert store.alias_indices() == [new_index]
     assert not store.client.indices.exists(index=before[0])
     assert store.count() == 1200
     assert store.signature() == SIGNATURE
@@ -241,9 +241,9 @@ def test_setup_is_idempotent(node):
     s = make_store()
     try:
         s.setup(DIM)
-        first = s._alias_indices()
+        first = s.alias_indices()
         s.setup(DIM)
-        assert s._alias_indices() == first and s.signature() is None
+        assert s.alias_indices() == first and s.signature() is None
         with pytest.raises(StoreError, match="dim"):
             s.setup(DIM + 1)
     finally:
@@ -310,10 +310,10 @@ def test_a_rebuild_that_would_drop_documents_no_shard_holds_is_refused_unless_to
     store.client.index(index=store.alias, id="from-the-pipeline", refresh=True,
                        body={"id": "from-the-pipeline", "text": "red", "vector": docs[0].vector.tolist()})
     shards = write_shards(tmp_path / "shards", docs, SIGNATURE)
-    before = store._alias_indices()
+    before = store.alias_indices()
     with pytest.raises(ShardError, match=r"1 stored documents are in no shard .* 'from-the-pipeline'.*--drop-unsharded"):
         rebuild_index(store, shards, progress=False)
-    assert store._alias_indices() == before and store.count() == 6
+    assert store.alias_indices() == before and store.count() == 6
     summary = rebuild_index(store, shards, drop_unsharded=True, progress=False)
     assert (summary.deleted, summary.total_in_store) == (1, 5)
     assert "1 deleted" in summary.describe()
@@ -354,7 +354,7 @@ def test_a_rebuild_waiting_for_an_index_run_refuses_the_documents_that_run_write
         holder.close()
     assert len(outcome) == 1 and isinstance(outcome[0], ShardError), outcome
     assert "2 stored documents are in no shard of" in str(outcome[0]) and "'d5'" in str(outcome[0])
-    assert store.count() == 7 and len(store._alias_indices()) == 1
+    assert store.count() == 7 and len(store.alias_indices()) == 1
 
 def test_a_first_rebuild_onto_an_alias_nothing_set_up_yet_writes_every_document(node, tmp_path):
     store = make_store()

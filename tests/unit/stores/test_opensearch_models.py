@@ -54,7 +54,7 @@ def test_a_record_of_no_model_is_read_again_on_every_call_until_a_model_is_recor
 
 
 def test_a_claim_compares_with_the_mapping_of_now_not_the_cached_read(store, monkeypatch):
-    monkeypatch.setattr(store, "_alias_indices", lambda: ["clip-test-1"])
+    monkeypatch.setattr(store, "alias_indices", lambda: ["clip-test-1"])
     assert store.signature() == SIGNATURE
     store.meta = recorded(OTHER)
     with pytest.raises(ModelMismatchError, match="holds vectors of ViT-B-16"):
