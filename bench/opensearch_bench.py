@@ -101,7 +101,7 @@ def load_bare(url: str, docs: list[Document]) -> float:
     store = store_for(url, alias)
     try:
         store.setup(len(docs[0].vector))  # the same index body as the CLI's
-        target = store._alias_indices()[0]
+        target = store.alias_indices()[0]
         actions = ({"_index": target, "_id": d.id,
                     "_source": {"id": d.id, "vector": d.vector.tolist(), "text": d.text,
                                 "metadata": dict(d.metadata), "content_hash": d.content_hash}} for d in docs)

@@ -115,7 +115,7 @@ def lucene_bytes_per_vector(url: str, vectors: np.ndarray) -> dict[str, float]:
         store.setup(vectors.shape[1])
         store.upsert([Document(id=str(i), vector=v, text=f"item {i}", metadata={"group": str(i % 50)},
                                content_hash=f"h{i}") for i, v in enumerate(vectors)])
-        index = store._alias_indices()[0]
+        index = store.alias_indices()[0]
         store.client.indices.forcemerge(index=index, max_num_segments=1, request_timeout=900)
         # The searcher must drop the merged-away segments, or their files are counted too.
         store.client.indices.refresh(index=index)

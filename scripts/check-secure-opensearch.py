@@ -273,7 +273,7 @@ def store_checks() -> None:
         check("store: content_hashes (scan)", len(store.content_hashes()) == 60)
         check("store: delete", store.delete(["d1", "d2"]) == 2)
         new = allowed("store: rebuild (new version, alias swap, old deleted)", lambda: store.rebuild(docs(30, 100), signature=sig))
-        check("store: after rebuild", bool(new) and store.count() == 30 and store._alias_indices() == [new])
+        check("store: after rebuild", bool(new) and store.count() == 30 and store.alias_indices() == [new])
         report = allowed("store: check (alias, load lock, relaxed settings)", store.check)
         check("store: check is clean", report is not None and report.clean, report.describe() if report else "")
     finally:
