@@ -139,7 +139,9 @@ TAG_HELP = ("Write the top labels of prompt set SET into each document's metadat
 @click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=Path("data/shards"))
 @click.option("--tag", "tags", multiple=True, metavar="SET[:K|THRESHOLD]",
               help=TAG_HELP + " Default: the sets the shards were last tagged with, at their current versions.")
-@click.option("--clear", is_flag=True, help="Remove every tag from the shards.")
+@click.option("--clear", is_flag=True,
+              help="Remove every tag from the shards: the fields of the sets they were tagged with, and of a killed "
+                   "run's. Corpus fields stay, tag_SET-named ones too.")
 @click.option("--shard-size", type=click.IntRange(1), default=4096, show_default=True,
               help="Rows per shard file written for the documents whose tags change.")
 @prompt_sets_option
@@ -150,9 +152,9 @@ def tag(ctx: click.Context, shards: Path, tags: tuple[str, ...], clear: bool, sh
     read or encoded, only the sets' prompts (once per set version). Documents whose tags change get a
     new row; `clip-sidecar index` then rewrites exactly those. Run it after a set changed
     (`prompts add`), or to tag shards embedded without --tag. It replaces the tags of the sets SHARDS
-    were tagged with; a corpus field named as a tag field of another set (tag_SET) is refused before
-    anything is written. One job at a time writes SHARDS: while an `embed` or another `tag` writes
-    them, this is refused at once, naming that job.
+    were tagged with; a corpus field named as a tag field of another set (tag_SET), whatever its value,
+    is refused before anything is written. One job at a time writes SHARDS: while an `embed` or another
+    `tag` writes them, this is refused at once, naming that job.
 
     \b
       clip-sidecar tag data/shards --tag shapes --tag colors:0.3

@@ -7,8 +7,8 @@ like any metadata (keyword fields in OpenSearch), so filters work on them in bot
 manifest records which sets, versions and vectors the tags came from; `clip-sidecar tag SHARDS`
 re-tags from the stored vectors alone (no image is read), after a set changed. A row's metadata holds the
 corpus's fields and the tags together: the sets the manifest records (and those of a killed job's tagging,
-recorded before any row is written; in a folder an older version's killed job left, the pairs of labels and
-scores tagging writes) tell which fields are tags. A tag change changes
+recorded before any row is written) tell which fields are tags. Any other field, whatever its name or value, is
+the corpus's: tagging refuses to write over it and `tag --clear` keeps it. A tag change changes
 the document hash, so `index` rewrites exactly the documents whose tags moved.
 """
 
@@ -119,7 +119,8 @@ class Tagger:
         self._sets = list(sets)
         self.logit_scale = logit_scale
         self.signature = signature
-        self.fields = frozenset(f for s in self._sets for f in (label_field(s.spec.set), score_field(s.spec.set)))
+        # field -> the set that writes it: a clash with the corpus names both
+        self.fields = {f: s.spec.set for s in self._sets for f in (label_field(s.spec.set), score_field(s.spec.set))}
 
     @classmethod
     def load(cls, specs: Sequence[TagSpec], registry: PromptSetRegistry, encoder: Encoder, *,
@@ -155,13 +156,18 @@ class Tagger:
         """Refuse a corpus whose metadata has a field this tagging writes (its value would be replaced). `embed`
         checks the corpus as read, before any file is hashed or encoded: on Ray, on the driver, not in a task.
         `tag` checks the shards' rows, whose metadata also holds `tagged_fields`, an earlier tagging's
-        (`recorded_fields`): those it may replace; any other field it writes came from the corpus."""
-        fields = self.fields - set(tagged_fields)
+        (`recorded_fields`): those it may replace; any other field it writes came from the corpus, whatever its
+        value: a list of labels with as many scores is no proof of tagging (a corpus may hold one, and replacing
+        it loses the user's data). The pairs a killed `tag` of a version before `tagging_begun` left unrecorded
+        are refused too: the `embed` rerun the error names rebuilds the rows' metadata from the corpus."""
+        fields = self.fields.keys() - set(tagged_fields)
         for item in items:
             clash = sorted(item.metadata.keys() & fields)
             if clash:
-                raise CorpusError(f"item {item.id!r}: its metadata has a field {clash[0]!r}, which tagging writes; "
-                                  "rename that field in the corpus, or tag with another set")
+                rename = ("rename it in the corpus and rerun `clip-sidecar embed` (it rebuilds each row's metadata "
+                          "from the corpus)" if isinstance(item, ShardRow) else "rename it in the corpus")
+                raise CorpusError(f"item {item.id!r}: its metadata has a field {clash[0]!r}, which tagging with prompt "
+                                  f"set {self.fields[clash[0]]!r} writes; {rename}, or tag with another set")
 
     def describe(self) -> str:
         return ", ".join(f"{s.spec.describe()} (version {s.prompt_set.version}, {len(s.prompt_set.labels)} labels)"
@@ -226,21 +232,6 @@ def recorded_fields(shards: ShardSet) -> set[str]:
     return {f for name in sets for f in (label_field(name), score_field(name))}
 
 
-def _without_tagging_output(row: ShardRow, sets: Iterable[str]) -> ShardRow:
-    """The row without the fields of `sets` that hold what tagging writes: a list of labels in tag_SET and as
-    many scores in tag_SET_score. A `tag` or `embed --tag` of a version before `tagging_begun` (in the manifest)
-    killed before recording its tagging left such pairs in the rows it had written, unrecorded: they are
-    tagging's, to replace, not a corpus value (a corpus field of that name, a string say, is still refused)."""
-    metadata = dict(row.metadata)
-    for name in sets:
-        labels, scores = metadata.get(label_field(name)), metadata.get(score_field(name))
-        if isinstance(labels, list) and isinstance(scores, list) and len(labels) == len(scores) \
-                and all(isinstance(label, str) for label in labels) \
-                and all(isinstance(score, (int, float)) and not isinstance(score, bool) for score in scores):
-            del metadata[label_field(name)], metadata[score_field(name)]
-    return dataclasses.replace(row, metadata=metadata)
-
-
 @dataclass(frozen=True, slots=True)
 class RetagSummary:
     total: int
@@ -270,8 +261,7 @@ def _retag(shards: ShardSet, tagger: Tagger | None, *, shard_size: int, progress
     stale = recorded_fields(shards)
     entries = list(shards.live().values())
     if tagger is not None:  # before anything is written: a corpus field of a tag field's name would be lost
-        tagger.check_metadata((_without_tagging_output(row, tagger.set_names) for _, row, _ in entries),
-                              tagged_fields=stale)
+        tagger.check_metadata((row for _, row, _ in entries), tagged_fields=stale)
     fresh = tagger.stored_tags(shards, entries, progress=progress) if tagger else {}
     changed = []
     for name, row, index in entries:

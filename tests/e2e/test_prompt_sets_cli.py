@@ -181,19 +181,25 @@ def test_tagging_refuses_a_corpus_field_of_the_same_name(sets, tmp_path):
     result = CliRunner().invoke(main, ["-q", "embed", str(manifest), "--out", str(tmp_path / "shards"), "--workers",
                                        "0", "--tag", "shapes", "--prompt-sets", str(sets)])
     assert result.exit_code == 1
-    assert "item 'item-000002': its metadata has a field 'tag_shapes', which tagging writes" in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: item 'item-000002': its metadata has a field 'tag_shapes', which tagging with prompt set 'shapes' "
+        "writes; rename it in the corpus, or tag with another set")
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != ".lock"}
 
 
+# The user's own fields named as set shapes' tag fields: a string, and a list of labels with as many scores, the
+# very shape tagging writes (which `tag` took for an earlier tagging's and replaced, and --clear then deleted).
+@pytest.mark.parametrize("mine", [{"tag_shapes": "hand-written"},
+                                  {"tag_shapes": ["my circle"], "tag_shapes_score": [0.5]}])
 def test_tag_refuses_a_corpus_field_named_for_a_set_the_shards_were_never_tagged_with_and_writes_nothing(
-        sets, tmp_path):
+        sets, tmp_path, mine):
     folder = tmp_path / "corpus"
     manifest = write_corpus(folder, 5, seed=33)
     lines = [json.loads(line) for line in manifest.read_text().splitlines()]
-    lines[2]["metadata"]["tag_shapes"] = "hand-written"
+    lines[2]["metadata"].update(mine)
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "shards"
     cli_ok("embed", manifest, "--out", out, "--workers", "0", "--prompt-sets", sets)
@@ -201,17 +207,20 @@ def test_tag_refuses_a_corpus_field_named_for_a_set_the_shards_were_never_tagged
 
     result = CliRunner().invoke(main, ["-q", "tag", str(out), "--tag", "shapes", "--prompt-sets", str(sets)])
     assert result.exit_code == 1, result.output
-    assert "item 'item-000002': its metadata has a field 'tag_shapes', which tagging writes" in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: item 'item-000002': its metadata has a field 'tag_shapes', which tagging with prompt set 'shapes' "
+        "writes; rename it in the corpus and rerun `clip-sidecar embed` (it rebuilds each row's metadata from the "
+        "corpus), or tag with another set")
     assert files_of(out) == before
-    # Another set tags the folder; the corpus's field stays, through a retag and through --clear.
+    # Another set tags the folder; the corpus's fields stay, through a retag and through --clear.
     cli_ok("tag", out, "--tag", "colors", "--prompt-sets", sets)
-    assert live_rows(out)["item-000002"]["tag_shapes"] == "hand-written"
+    assert {key: live_rows(out)["item-000002"][key] for key in mine} == mine
     assert all(len(m["tag_colors"]) == 1 for m in live_rows(out).values())
     cli_ok("tag", out, "--tag", "colors:2", "--prompt-sets", sets)
     assert all(len(m["tag_colors"]) == 2 for m in live_rows(out).values())
     cli_ok("tag", out, "--clear", "--prompt-sets", sets)
-    assert {doc_id: m["tag_shapes"] for doc_id, m in live_rows(out).items() if "tag_shapes" in m} == {
-        "item-000002": "hand-written"}
+    assert {doc_id: {key: m[key] for key in mine} for doc_id, m in live_rows(out).items() if "tag_shapes" in m} == {
+        "item-000002": mine}
     assert not any(key.startswith("tag_colors") for m in live_rows(out).values() for key in m)
     # The embed rerun that tagging would have made refuse the corpus still runs.
     cli_ok("embed", manifest, "--out", out, "--workers", "0", "--prompt-sets", sets)

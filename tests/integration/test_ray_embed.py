@@ -228,8 +228,8 @@ def test_a_corpus_field_named_as_a_tag_field_is_refused_by_the_driver_before_any
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 1, stderr
         assert stderr.strip().splitlines()[-1] == ("Error: item 'item-000002': its metadata has a field 'tag_shapes', "
-                                                   "which tagging writes; rename that field in the corpus, or tag "
-                                                   "with another set")
+                                                   "which tagging with prompt set 'shapes' writes; rename it in the "
+                                                   "corpus, or tag with another set")
         assert "Traceback" not in stderr and "RayTaskError" not in stderr
         assert not ShardSet(out).shard_names()  # refused before anything was embedded
 

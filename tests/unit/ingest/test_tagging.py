@@ -1,6 +1,6 @@
 """`tag` after a killed job: the fields a tagging began writing are known as tagging's (the manifest records the
-sets before any row is written; an older version's killed run left its label and score lists unrecorded), so the
-rerun replaces them and refuses only a field the corpus gave."""
+sets before any row is written), so the rerun replaces them and refuses only a field the corpus gave. What an older
+version's killed run left unrecorded cannot be told from a corpus field: refused too, until `embed` reruns."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import THUMBNAIL_SIDE
+from sidecar.ingest.corpus import CorpusError
 from sidecar.ingest.embed import embed_corpus, plan_embed
 from sidecar.ingest.shards import ShardSet
 from sidecar.ingest.tagging import Tagger, TagSpec, retag_shards, tagged
@@ -68,17 +69,27 @@ def test_tag_rerun_after_a_tag_killed_before_recording_its_tagging_replaces_its_
     assert not any(key.startswith("tag_") for _, row, _ in ShardSet(untagged).live().values() for key in row.metadata)
 
 
-def test_tag_rerun_in_a_folder_an_older_version_left_after_a_killed_tag_finishes_the_tagging_and_keeps_every_vector(
-        encoder, example_prompt_sets, untagged):
+def test_tag_in_a_folder_an_older_versions_killed_tag_left_is_refused_until_an_embed_rerun_which_keeps_every_vector(
+        encoder, example_prompt_sets, untagged, tmp_path):
     # What `tag` before `tagging_begun` left when killed while writing its rows: some rows rewritten with the
-    # set's labels and scores, the manifest naming neither the tagging nor a tagging begun.
+    # set's labels and scores, the manifest naming neither the tagging nor a tagging begun. A corpus may hold such
+    # lists too (the e2e test of the refusal): replacing them would lose the user's data.
     shards = ShardSet(untagged)
     entries = list(shards.live().values())
     vectors_before = {row.id: shards.vectors(name)[index].copy() for name, row, index in entries}
     tags = tagger_of(encoder, example_prompt_sets).stored_tags(shards, entries)
     shards.rewrite_rows([(tagged(row, tags[row.id]), name, index) for name, row, index in entries[:3]], shard_size=64)
     assert "tagging_begun" not in ShardSet(untagged).manifest and tag_counts(untagged) == [0, 0, 0, 1, 1, 1]
+    names = ShardSet(untagged).shard_names()
 
+    with pytest.raises(CorpusError, match="which tagging with prompt set 'shapes' writes; rename it in the corpus "
+                                          "and rerun `clip-sidecar embed`"):
+        retag_shards(untagged, tagger_of(encoder, example_prompt_sets, k=2), progress=False)
+    assert ShardSet(untagged).shard_names() == names and tag_counts(untagged) == [0, 0, 0, 1, 1, 1]
+
+    # The way on the error names: the rerun rebuilds the rows' metadata from the corpus, from the stored vectors.
+    summary = embed_corpus(encoder, tmp_path / "corpus" / "manifest.jsonl", untagged, workers=0, progress=False)
+    assert summary.embedded == 0 and tag_counts(untagged) == [0] * 6
     retag_shards(untagged, tagger_of(encoder, example_prompt_sets, k=2), progress=False)
     after = ShardSet(untagged)
     assert tag_counts(untagged) == [2] * 6 and [record["set"] for record in after.tagging] == ["shapes"]
