@@ -226,6 +226,37 @@ def test_tag_refuses_a_corpus_field_named_for_a_set_the_shards_were_never_tagged
     cli_ok("embed", manifest, "--out", out, "--workers", "0", "--prompt-sets", sets)
 
 
+def killed(monkeypatch: pytest.MonkeyPatch, *args: object) -> None:
+    """`clip-sidecar ARGS` killed once its rows are written, before the manifest records their tagging: a kill
+    cannot be timed for real, so recording it raises as Ctrl-C would."""
+    def interrupt(self, record):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ShardSet, "set_tagging", interrupt)
+        result = CliRunner().invoke(main, ["-q", *map(str, args)])
+    assert result.exit_code == 130, result.output  # click's Abort
+
+
+def test_tag_clear_after_killed_tag_and_embed_runs_leaves_every_row_as_an_untagged_embed_wrote_it(
+        sets, tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus", 6, seed=36)
+    out = tmp_path / "shards"
+    cli_ok("embed", corpus, "--out", out, "--workers", "0", "--prompt-sets", sets)
+    untagged = {doc_id: (row.metadata, row.content_hash) for doc_id, (_, row, _) in ShardSet(out).live().items()}
+    cli_ok("tag", out, "--tag", "shapes", "--prompt-sets", sets)
+    killed(monkeypatch, "tag", out, "--tag", "colors:2", "--prompt-sets", sets)
+    killed(monkeypatch, "embed", corpus, "--out", out, "--workers", "0", "--tag", "descriptions",
+           "--prompt-sets", sets)
+    assert all("tag_descriptions" in m for m in live_rows(out).values())
+    assert ShardSet(out).tagging_begun == ["colors", "descriptions"]
+
+    cli_ok("tag", out, "--clear", "--prompt-sets", sets)
+    shards = ShardSet(out)
+    assert {doc_id: (row.metadata, row.content_hash) for doc_id, (_, row, _) in shards.live().items()} == untagged
+    assert shards.tagging == [] and shards.tagging_begun == []
+
+
 def test_tag_replaces_the_tags_of_a_set_the_shards_were_tagged_with(sets, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", 5, seed=34)
     out = tmp_path / "shards"
