@@ -36,9 +36,11 @@ def tag_counts(out: Path) -> list[int]:
 def test_tag_after_an_embed_killed_once_its_plan_wrote_tagged_rows_replaces_those_tags(
         encoder, example_prompt_sets, untagged, tmp_path):
     # Killed right after its plan: every known image's row is rewritten with tags, the tagging not yet recorded.
-    plan_embed(encoder, tmp_path / "corpus", untagged, decode="cpu", fine_encoder=None, shard_size=64, workers=0,
+    ids = set(ShardSet(untagged).live())
+    plan_embed(encoder, tmp_path / "corpus" / "manifest.jsonl", untagged, decode="cpu", fine_encoder=None, shard_size=64, workers=0,
                progress=False, stages=defaultdict(float), thumbnail_side=THUMBNAIL_SIDE,
                tagger=tagger_of(encoder, example_prompt_sets))
+    assert set(ShardSet(untagged).live()) == ids  # the same documents' rows, rewritten
     assert ShardSet(untagged).tagging == [] and tag_counts(untagged) == [1] * 6
 
     retag_shards(untagged, tagger_of(encoder, example_prompt_sets, k=2), progress=False)
