@@ -237,10 +237,12 @@ class RetagSummary:
     total: int
     retagged: int
     unchanged: int
+    cleared: bool = False  # `tag --clear`: the changed documents lost their tags
 
     def describe(self) -> str:
-        return (f"{self.total} documents: {self.retagged} with new tags (stored vectors reused), {self.unchanged} "
-                f"unchanged; run `clip-sidecar index` to load them")
+        change = "with their tags removed" if self.cleared else "with new tags (stored vectors reused)"
+        return (f"{self.total} documents: {self.retagged} {change}, {self.unchanged} unchanged; run `clip-sidecar "
+                f"index` to load them")
 
 
 def retag_shards(root: Path, tagger: Tagger | None, *, shard_size: int = 4096, progress: bool = True) -> RetagSummary:
@@ -273,6 +275,7 @@ def _retag(shards: ShardSet, tagger: Tagger | None, *, shard_size: int, progress
         shards.begin_tagging(tagger.set_names)
     shards.rewrite_rows(changed, shard_size=shard_size)
     shards.set_tagging(tagger.record() if tagger else [])
-    summary = RetagSummary(total=len(entries), retagged=len(changed), unchanged=len(entries) - len(changed))
+    summary = RetagSummary(total=len(entries), retagged=len(changed), unchanged=len(entries) - len(changed),
+                           cleared=tagger is None)
     log.info("tag finished: %s", summary.describe())
     return summary

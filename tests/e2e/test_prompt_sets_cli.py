@@ -153,7 +153,7 @@ def test_retagging_after_a_set_changes_reuses_the_stored_vectors_and_reads_no_im
     assert {h["id"] for h in hits} == circles
 
     # --clear removes every tag, again from the stored vectors alone.
-    assert "60 documents: 60 with new tags" in cli_ok("tag", out, "--clear", "--prompt-sets", sets)
+    assert "60 documents: 60 with their tags removed" in cli_ok("tag", out, "--clear", "--prompt-sets", sets)
     assert not any(key.startswith("tag_") for m in live_rows(out).values() for key in m)
 
 
