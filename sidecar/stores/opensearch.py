@@ -558,6 +558,9 @@ class OpenSearchStore:
         excludes = ["thumbnail"] if vectors else ["thumbnail", "vector"]
         with self._read_errors(f"fetch from {self.alias}"):
             docs = self.client.mget(index=self.alias, body={"ids": list(ids)}, _source_excludes=excludes)["docs"]
+        if any(d.get("error", {}).get("type") == "index_not_found_exception" for d in docs):
+            # mget answers 200 with the error under each id: skipped, every id would read as not stored.
+            raise self._no_index(f"fetch from {self.alias}")
         known = self._models_read
         if known is not None and any(d.get("found") and d["_index"] != known.index for d in docs):
             # Read from another index than the record's (another process's rebuild moved the alias): the vectors
@@ -583,7 +586,9 @@ class OpenSearchStore:
         with self._read_errors(f"thumbnail from {self.alias}"):
             try:
                 found = self.client.get(index=self.alias, id=doc_id, _source_includes=["thumbnail"])
-            except NotFoundError:
+            except NotFoundError as exc:
+                if exc.error == "index_not_found_exception":
+                    raise  # no index yet (unavailable, as `_read_errors` says), not an unknown id
                 return None
         encoded = found.get("_source", {}).get("thumbnail")
         return base64.b64decode(encoded) if encoded else None
@@ -862,13 +867,16 @@ class OpenSearchStore:
                 # The reason can hold a client's filter value whole (`For input string: "…"`): cut as one is.
                 raise StoreQueryError(f"{what}: OpenSearch refused the query: {quoted(_root_cause(exc))}") from exc
             if exc.status_code == 404 and exc.error == "index_not_found_exception":
-                # A server started before its index (docker compose, Kubernetes): say the step, not the dump.
-                # Unavailable, not failed: the request is fine and answers once setup has run, so the API says
-                # 503 with Retry-After (retry), as /readyz says not ready; a 502 would tell clients not to retry.
-                raise StoreUnavailable(f"{what} failed: OpenSearch at {self.url} has no index or alias {self.alias}: "
-                                       "run `clip-sidecar opensearch setup` (it creates them, sized for the model)"
-                                       ) from exc
+                raise self._no_index(what) from exc
             raise StoreError(f"{what} failed: {exc.status_code} {exc.error}: {exc.info}") from exc
+
+    def _no_index(self, what: str) -> StoreUnavailable:
+        """A read of an alias that does not exist. A server started before its index (docker compose,
+        Kubernetes): say the step, not the dump. Unavailable, not failed: the request is fine and answers
+        once setup has run, so the API says 503 with Retry-After (retry), as /readyz says not ready; a 502
+        would tell clients not to retry, and a 404 that the document they named is not stored."""
+        return StoreUnavailable(f"{what} failed: OpenSearch at {self.url} has no index or alias {self.alias}: "
+                                "run `clip-sidecar opensearch setup` (it creates them, sized for the model)")
 
     def _knn_clause(self, vector: list[float], k: int, filters: Filters | None, *,
                     ef_search: int | None = None) -> dict[str, Any]:

@@ -93,7 +93,10 @@ def test_a_cluster_nobody_answers_at_is_503_with_retry_after(app_on, body):
 
 @pytest.mark.parametrize(("method", "path", "body"), [
     ("POST", "/v1/search", {"text": "red circle"}), ("POST", "/v1/search", {"text": "red circle", "mode": "bm25"}),
-    ("POST", "/v1/search", {"image": png_b64()}), ("GET", "/v1/facets", None)], ids=["hybrid", "bm25", "image", "facets"])
+    ("POST", "/v1/search", {"image": png_b64()}), ("GET", "/v1/facets", None),
+    # A stored document is looked up by id before anything is searched: the missing index, not a missing document.
+    ("POST", "/v1/search", {"like": "d1"}), ("GET", "/v1/documents/d1/thumbnail", None)],
+    ids=["hybrid", "bm25", "image", "facets", "like", "thumbnail"])
 def test_a_store_not_set_up_yet_is_503_with_retry_after_naming_setup_as_readyz_says_not_ready(
         app_on, node, method, path, body):
     # docker compose / kubectl apply start the server before anyone ran `opensearch setup`: the server is not
@@ -109,6 +112,15 @@ def test_a_store_not_set_up_yet_is_503_with_retry_after_naming_setup_as_readyz_s
         assert client.get("/readyz").status_code == 503
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/search", {"like": "nope"}), ("GET", "/v1/documents/nope/thumbnail", None)], ids=["like", "thumbnail"])
+def test_a_document_missing_from_a_set_up_store_is_404_naming_it(app_on, claimed_store, encoder, method, path, body):
+    response = app_on(claimed_store(documents(encoder.dim))).open(path, method=method, json=body)
+    assert response.status_code == 404, response.json
+    assert response.json["error"]["code"] == "document_not_found"
+    assert "no document with id 'nope' in the store" in response.json["error"]["message"]
 
 
 # gunicorn's error log line ("[time] [pid] [LEVEL] message") and its access line ('host - - [time] "GET …" 503 …').
