@@ -1019,10 +1019,14 @@ class _SecuredTransport(Transport):
             return super().perform_request(method, url, *args, **kwargs)
         except OSConnectionError as exc:  # SSLError and ConnectionTimeout included
             if isinstance(exc, SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc.error):
-                trusted = f"the CA in {who.ca_certs}" if who.ca_certs else "none of this machine's CAs"
-                raise StoreError(f"TLS to OpenSearch at {who.url}: {exc.error}. Its certificate must be signed by "
-                                 f"{trusted} and name the URL's host: set SIDECAR_OPENSEARCH_CA_CERTS to the PEM "
-                                 f"file of the CA that signed it") from exc
+                # Which trust store refused it: opensearch-py's ca_certs replaces the system's CAs, not adds to them.
+                trusted = (f"the CA file {who.ca_certs} only (SIDECAR_OPENSEARCH_CA_CERTS; the system CAs are not "
+                           f"consulted when it is set): it must be signed by a CA in that file" if who.ca_certs else
+                           "this machine's system CAs (SIDECAR_OPENSEARCH_CA_CERTS is not set): it must be signed "
+                           "by one of them")
+                raise StoreError(f"TLS to OpenSearch at {who.url}: {exc.error}. Its certificate was checked against "
+                                 f"{trusted} and name the URL's host; set SIDECAR_OPENSEARCH_CA_CERTS to the PEM file "
+                                 f"of the CA that signed it") from exc
             raise OpenSearchUnreachable(f"OpenSearch at {who.url} cannot be reached: {exc.error} (is it up? "
                                         f"SIDECAR_OPENSEARCH_URL or --opensearch-url sets where)", exc) from exc
         except AuthenticationException as exc:

@@ -1,12 +1,20 @@
-"""The OpenSearch store without a cluster: what its client raises when none can be reached, and the k-NN
-query it builds."""
+"""The OpenSearch store without a cluster: what its client raises when none can be reached or its
+certificate does not verify, and the k-NN query it builds."""
 
 from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import subprocess
+import threading
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 
-from sidecar.stores.base import StoreUnavailable
+from sidecar.stores.base import StoreError, StoreUnavailable
 from sidecar.stores.opensearch import RETRYABLE, OpenSearchStore
 from tests.support import free_port
 
@@ -33,3 +41,77 @@ def test_each_engines_knn_query_carries_the_ef_search_asked_for_and_never_less_t
         assert store._knn_clause([0.0], 400, None, ef_search=16)["method_parameters"] == {"ef_search": 400}
     finally:
         store.close()
+
+
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    cert, key = folder / f"{name}.pem", folder / f"{name}-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@contextlib.contextmanager
+def tls_listener(cert: Path, key: Path) -> Iterator[str]:
+    """An https URL on loopback whose server presents `cert` (self-signed) and answers nothing: enough for
+    the client's certificate check to fail for real."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with connection, contextlib.suppress(ssl.SSLError, OSError):  # the client refuses the certificate
+                context.wrap_socket(connection, server_side=True).close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept (close alone does not, on Linux)
+        listener.close()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory) -> dict[str, Path]:
+    """The server's self-signed certificate and key, and a CA file that did not sign it."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = _self_signed(folder, "server")
+    other, _ = _self_signed(folder, "other-ca")
+    return {"cert": cert, "key": key, "other_ca": other}
+
+
+def _certificate_error(url: str, **store_args: object) -> str:
+    store = OpenSearchStore(url=url, **store_args)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(StoreError) as raised:
+            store.count()
+    finally:
+        store.close()
+    # Not StoreUnavailable: retrying cannot fix a certificate.
+    assert not isinstance(raised.value, StoreUnavailable)
+    assert "certificate verify failed" in str(raised.value)
+    return str(raised.value)
+
+
+def test_a_certificate_no_system_ca_signed_fails_naming_the_system_cas_and_the_setting(certificates):
+    with tls_listener(certificates["cert"], certificates["key"]) as url:
+        message = _certificate_error(url)
+    assert "checked against this machine's system CAs (SIDECAR_OPENSEARCH_CA_CERTS is not set)" in message
+    assert "set SIDECAR_OPENSEARCH_CA_CERTS to the PEM file of the CA that signed it" in message
+    assert "none of" not in message
+
+
+def test_a_certificate_the_given_ca_file_did_not_sign_fails_naming_that_file_and_the_setting(certificates):
+    ca_file = certificates["other_ca"]
+    with tls_listener(certificates["cert"], certificates["key"]) as url:
+        message = _certificate_error(url, ca_certs=str(ca_file))
+    assert f"checked against the CA file {ca_file} only (SIDECAR_OPENSEARCH_CA_CERTS" in message
+    assert "system CAs" in message and "not consulted" in message
+    assert "set SIDECAR_OPENSEARCH_CA_CERTS to the PEM file of the CA that signed it" in message
