@@ -12,8 +12,9 @@ other's objects:
   vector pass untouched) and `<alias>-text` (text_embedding, batched);
 - search pipelines `<alias>-hybrid` (neural query enricher + min-max normalisation) and
   `<alias>-hybrid-rerank` (the same + the sidecar's rerank);
-- on request, the index's default ingest and search pipelines, and an index template
-  `<alias>-pipelines` that gives them to every later version of the index (`index --rebuild`).
+- on request, the index's default ingest and search pipelines, as settings of the index behind the alias
+  (`index --rebuild` gives them to the new version itself: no index template, which would hide the
+  cluster's own templates for the index's names).
 
 Idempotent: every object is found by name and compared with what plugin_config/ renders (a
 connector by a fingerprint of its whole body, credential included, kept in its parameters: OpenSearch
@@ -131,6 +132,7 @@ class Names:
 
     @property
     def template(self) -> str:
+        """The index template of the default pipelines that connect made before rebuilds carried them."""
         return f"{self.alias}-pipelines"
 
 
@@ -170,6 +172,12 @@ def _connect(cluster: "_Cluster", signature: ModelSignature, options: ConnectOpt
     store = cluster.store
     names = Names(store.alias)
     connection = Connection()
+    # Connect made an index template of priority 100 for `<alias>-v*` until rebuilds carried the default pipelines:
+    # OpenSearch applies one composable template per new index (and then no legacy one), so it hid the cluster's
+    # own templates for those names (replicas, ISM policies), and refused to be made beside one of priority 100.
+    if cluster.delete(f"/_index_template/{names.template}"):
+        connection.changes.append(f"removed index template {names.template} (an earlier connect's; a rebuild "
+                                  "carries the default pipelines)")
     connection.changes.extend(cluster.ensure_image_field())
     connection.model_group = cluster.ensure_group(names.group, connection.changes)
     roles = [role for role in names.roles if role != "rerank" or options.rerank != "none"]
@@ -283,11 +291,8 @@ def _ensure_pipelines(cluster: "_Cluster", names: Names, connection: Connection,
 
 
 def _ensure_defaults(cluster: "_Cluster", names: Names, changes: list[str]) -> None:
-    template = cluster.render("index_template_pipelines.json", index_pattern=f"{names.alias}-v*",
-                              ingest_pipeline=names.ingest_image, search_pipeline=names.hybrid,
-                              description=f"clip-sidecar: default pipelines of every version of {names.alias}")
-    changes.append(cluster.ensure_document(f"/_index_template/{names.template}", template, what="index template",
-                                           read=lambda found: found["index_templates"][0]["index_template"]))
+    """The default pipelines as settings of the index behind the alias; a rebuild gives the new index the
+    old one's (`OpenSearchStore._default_pipelines`)."""
     wanted = {"default_pipeline": names.ingest_image, "search.default_pipeline": names.hybrid}
     for index, settings in cluster.alias_settings().items():
         differing = {key: value for key, value in wanted.items() if _setting(settings, key) != value}
@@ -511,14 +516,13 @@ class _Cluster:
                                  f"vectors, but index {self.store.alias} holds {signature.dim}-dimensional ones "
                                  f"({signature.describe()})")
 
-    # --- pipelines and templates ------------------------------------------------------------
+    # --- pipelines ---------------------------------------------------------------------------
 
-    def ensure_document(self, path: str, body: dict[str, Any], *, what: str,
-                        read=lambda found: next(iter(found.values()))) -> str:
+    def ensure_document(self, path: str, body: dict[str, Any], *, what: str) -> str:
         """PUT `body` at `path` unless the same body is there already; says which."""
         name = path.rsplit("/", 1)[1]
         found = self.get(path)
-        current = read(found) if found is not None else None
+        current = next(iter(found.values())) if found is not None else None
         if current == body:
             return f"unchanged {what} {name}"
         self.request("PUT", path, body)

@@ -909,9 +909,8 @@ class OpenSearchStore:
 
     def _default_pipelines(self, indices: list[str]) -> dict[str, str]:
         """The default ingest and search pipelines of the index behind the alias (`opensearch connect
-        --set-defaults`, or set by hand), for the index a rebuild makes: given at creation they hold whatever
-        index template matches it (only the one of highest priority applies, and a cluster's own may outrank
-        connect's)."""
+        --set-defaults`, or set by hand), for the index a rebuild makes: given at creation, beside whatever
+        index template of the cluster's matches it (connect makes none, which would hide the cluster's)."""
         if not indices:
             return {}
         found = self.client.indices.get_settings(index=indices[-1], flat_settings=True,

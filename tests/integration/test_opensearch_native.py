@@ -235,15 +235,41 @@ def test_connect_twice_is_a_no_op(native):
     assert printed_json(again) == printed_json(native.connected)
     assert ml_objects(native.client, native.alias) == before
     assert {kind: len(ids) for kind, ids in before.items()} == {
-        "connectors": 3, "models": 3, "model_groups": 1, "tasks": 6, "ingest": 2, "search": 2, "templates": 1,
+        "connectors": 3, "models": 3, "model_groups": 1, "tasks": 6, "ingest": 2, "search": 2, "templates": 0,
         "settings": 2}
+
+
+def test_connect_leaves_the_clusters_own_template_for_the_index_in_force_and_removes_an_earlier_connects(native):
+    # An operator's template for the index's names (here one setting; in life replicas, an ISM policy). Connect used
+    # to put one of priority 100 over it: OpenSearch applies one composable template per new index, so the index a
+    # rebuild made lost the operator's settings without a word.
+    alias, client = native.alias, native.client
+    operators, earlier = f"ops-{alias}", f"{alias}-pipelines"
+    client.indices.put_index_template(name=operators, body={
+        "index_patterns": [f"{alias}-*"], "priority": 10, "template": {"settings": {"index": {"max_result_window": 20000}}}})
+    # What connect made before: found by its name and removed by the next run.
+    client.indices.put_index_template(name=earlier, body={
+        "index_patterns": [f"{alias}-v*"], "priority": 100,
+        "template": {"settings": {"index": {"default_pipeline": f"{alias}-image"}}}})
+    probe = f"{alias}-v0"  # named as the index's versions are, but behind no alias: no search reads it
+    try:
+        again = cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", native.sidecar, "--set-defaults")
+        assert f"removed index template {earlier}" in again.output
+        assert ml_objects(client, alias)["templates"] == []
+        client.indices.create(index=probe)
+        settings = client.indices.get_settings(index=probe, flat_settings=True)[probe]["settings"]
+        assert settings.get("index.max_result_window") == "20000", settings
+    finally:
+        client.indices.delete(index=probe, ignore_unavailable=True)
+        for template in (operators, earlier):
+            client.indices.delete_index_template(name=template, ignore=404)
 
 
 def test_disconnect_leaves_nothing_behind(native):
     # Last in the module: the fixture's teardown disconnects again, finding nothing.
     result = cli("opensearch", "connect", *opensearch_args(native.alias), "--disconnect")
-    # 2 index settings, the template, 4 pipelines, 3 models, 3 connectors, the group
-    assert result.output.count("removed ") == 14, result.output
+    # 2 index settings, 4 pipelines, 3 models, 3 connectors, the group
+    assert result.output.count("removed ") == 13, result.output
     assert ml_objects(native.client, native.alias) == {
         "connectors": [], "models": [], "model_groups": [], "tasks": [], "ingest": [], "search": [], "templates": [],
         "settings": []}

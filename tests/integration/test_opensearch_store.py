@@ -160,10 +160,10 @@ def test_alias_swap_under_query_load_has_no_failures(store):
     assert store.signature() == SIGNATURE
 
 
-def test_a_rebuild_keeps_the_default_pipelines_though_a_cluster_template_of_higher_priority_matches_the_new_index(
+def test_a_rebuild_keeps_the_default_pipelines_beside_the_settings_of_a_cluster_template_matching_the_new_index(
         store):
-    # `opensearch connect --set-defaults` also leaves an index template of priority 100 for later versions, but a
-    # cluster's own template that outranks it and matches `<alias>-v*` is the only one OpenSearch applies.
+    # The default pipelines (`opensearch connect --set-defaults`, or by hand) are the old index's settings, which no
+    # template gives the new one: connect leaves none, so as not to hide the cluster's own (one applies per index).
     client, alias = store.client, store.alias
     ingest, search_pipeline, template = f"{alias}-ingest", f"{alias}-search", f"{alias}-cluster-wide"
     try:
@@ -176,6 +176,7 @@ def test_a_rebuild_keeps_the_default_pipelines_though_a_cluster_template_of_high
         new_index = store.rebuild(iter(make_documents(10)[0]), signature=SIGNATURE)
         settings = client.indices.get_settings(index=new_index, flat_settings=True)[new_index]["settings"]
         assert (settings["index.default_pipeline"], settings["index.search.default_pipeline"]) == (ingest, search_pipeline)
+        assert settings["index.max_result_window"] == "20000"
         assert store.count() == 10
     finally:
         client.indices.delete_index_template(name=template, ignore=404)
