@@ -254,6 +254,12 @@ class Settings:
             raise ValueError(f"setting pin_workers runs each worker on one CPU, where serve_torch_threads="
                              f"{self.serve_torch_threads} torch threads would take turns: set serve_torch_threads=1 "
                              "or pin_workers=false")
+        if self.rerank_candidates > self.max_k:
+            # It is the `candidates` of every search that names none, which the API and `search` refuse over max_k:
+            # such a server would answer 400 to requests that never sent the field.
+            raise ValueError(f"setting rerank_candidates={self.rerank_candidates} (the candidates of a search that "
+                             f"names none) is over max_k={self.max_k}, the most hits a search ranks: set "
+                             f"rerank_candidates to at most {self.max_k} or max_k to at least {self.rerank_candidates}")
         if self.quality_log_backups < 0:
             raise ValueError(f"setting quality_log_backups must be >= 0, got {self.quality_log_backups}")
         if self.opensearch_replicas < 0:

@@ -63,23 +63,22 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, fusio
     """Search the store by TEXT, --image, or both."""
     from sidecar.model.encoder import load_encoder, load_fine_encoder
     from sidecar.model.images import ImageDecodeError
-    from sidecar.retrieval.search import SearchOptions
+    from sidecar.retrieval.search import OverSearchLimit, SearchOptions, check_search_limits
     from sidecar.retrieval.search import search as run_search
     from sidecar.stores.base import UnknownFilterField, check_query_model
 
     if not text and image is None:
         raise click.UsageError("give TEXT, --image, or both")
+    # --candidates over max_k is refused here by the settings (rerank_candidates), as SIDECAR_RERANK_CANDIDATES is.
     settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + ("rerank_candidates",))
-    # The API's limit on a search's depth (field 'k', 'candidates': max_k), refused here as it refuses it.
-    for flag, value in (("'-k'", k), ("'--candidates' (or SIDECAR_RERANK_CANDIDATES)", settings.rerank_candidates)):
-        if value > settings.max_k:
-            raise click.BadParameter(f"{value} is over {settings.max_k}, the most hits a search ranks (max_k: "
-                                     "SIDECAR_MAX_K)", param_hint=flag)
     try:
         options = SearchOptions(mode=mode or ("hybrid" if text else "vector"), k=k,
                                 candidates=settings.rerank_candidates,
                                 fusion=fusion, weights=(vector_weight, bm25_weight), rerank=rerank,
                                 exact=exact, ef_search=ef_search, filters=_parse_filters(filters))
+        check_search_limits(options, max_k=settings.max_k)  # as the API refuses them
+    except OverSearchLimit as exc:
+        raise click.BadParameter(str(exc), param_hint=f"'--{exc.field.replace('_', '-')}'") from exc
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     # The store first: a mistyped --store-path (or an unreachable cluster) is told at once, not after the model load.

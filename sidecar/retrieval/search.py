@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.retrieval.fine import UnusableFineVectors, fine_rank
 from sidecar.retrieval.fusion import FUSION_METHODS, fuse
 from sidecar.stores.base import Store, check_filter_fields
@@ -59,6 +60,27 @@ class SearchOptions:
                 or sum(self.weights) <= 0:
             raise ValueError("weights must be two finite non-negative numbers (vector, bm25) with a positive sum, "
                              f"got {self.weights}")
+
+
+class OverSearchLimit(ValueError):
+    """A search option over what any search may ask for; `field` names the option (k, candidates, ef_search)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def check_search_limits(options: SearchOptions, *, max_k: int) -> None:
+    """OverSearchLimit where `options` ask for more than /v1/search takes: k or candidates over max_k (the
+    setting), ef_search over MAX_EF_SEARCH. The API checks each field as it reads it; `search` and `eval`,
+    which build their options from flags and configuration files, ask here before the model loads."""
+    for field_name, value in (("k", options.k), ("candidates", options.candidates)):
+        if value > max_k:
+            raise OverSearchLimit(field_name, f"{value} is over {max_k}, the most hits a search ranks "
+                                              "(max_k: SIDECAR_MAX_K)")
+    if options.ef_search is not None and options.ef_search > MAX_EF_SEARCH:
+        raise OverSearchLimit("ef_search", f"{options.ef_search} is over {MAX_EF_SEARCH}, the widest HNSW search "
+                                           "a query may ask for")
 
 
 @dataclass(frozen=True, slots=True)

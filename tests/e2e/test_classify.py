@@ -114,7 +114,7 @@ def test_a_threshold_returns_every_label_that_clears_it(client):
 
 
 def test_a_threshold_over_a_set_of_more_labels_than_max_k_counts_the_labels_left_out(build_app):
-    client = build_app(max_k=3).test_client()  # the shapes set has 5 labels
+    client = build_app(max_k=3, rerank_candidates=3).test_client()  # the shapes set has 5 labels
     item = jpeg_b64(next(iter_items(1, seed=FRESH_SEED)).image)
     every = classify(client, set="shapes", input=[item], threshold=-1)["data"][0]
     assert len(every["labels"]) == 3 and every["omitted"] == 2

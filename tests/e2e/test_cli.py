@@ -167,14 +167,19 @@ def test_search_refuses_what_the_api_refuses_naming_the_limit_and_its_setting_be
         raise AssertionError("the model was loaded before the limits were checked")
 
     base = ["-q", "search", "red", "--store-path", str(store_path)]
-    refused = {("--ef-search", "4097"): "Invalid value for '--ef-search': 4097 is not in the range 1<=x<=4096.",
-               ("--candidates", "1001"): "Invalid value for '--candidates' (or SIDECAR_RERANK_CANDIDATES): 1001 is "
-                                         "over 1000, the most hits a search ranks (max_k: SIDECAR_MAX_K)",
-               ("-k", "51"): "Invalid value for '-k': 51 is over 50, the most hits a search ranks (max_k: SIDECAR_MAX_K)"}
+    # --candidates is the rerank_candidates setting: over max_k, the settings refuse it, as from the environment.
+    refused = {("--ef-search", "4097"): ({}, "Invalid value for '--ef-search': 4097 is not in the range 1<=x<=4096."),
+               ("--candidates", "1001"): ({}, "setting rerank_candidates=1001 (the candidates of a search that names "
+                                              "none) is over max_k=1000, the most hits a search ranks"),
+               (): ({"SIDECAR_MAX_K": "50"}, "rerank_candidates=100 (the candidates of a search that names none) is "
+                                             "over max_k=50"),
+               ("-k", "101"): ({"SIDECAR_MAX_K": "100"}, "Invalid value for '--k': 101 is over 100, the most hits a "
+                                                         "search ranks (max_k: SIDECAR_MAX_K)")}
     with monkeypatch.context() as patched:
         patched.setattr("sidecar.model.encoder.load_encoder", load_encoder)
-        for args, message in refused.items():
-            result = CliRunner().invoke(main, [*base, *args], env={"SIDECAR_MAX_K": "50" if args[0] == "-k" else None})
+        for args, (env, message) in refused.items():
+            result = CliRunner().invoke(main, [*base, *args],
+                                        env={"SIDECAR_MAX_K": None, "SIDECAR_RERANK_CANDIDATES": None, **env})
             assert result.exit_code == 2 and message in result.output, (args, result.output)
     result = CliRunner().invoke(main, [*base, "-k", "1001", "--ef-search", "4096", "--json"],
                                 env={"SIDECAR_MAX_K": "2000"})  # max_k raised: the CLI follows it, as the API

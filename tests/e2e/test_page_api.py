@@ -141,7 +141,7 @@ def test_pages_ending_at_the_candidates_repeat_and_skip_no_hit_of_the_ranking(cl
 def test_pages_past_the_candidates_are_slices_of_one_ranking_none_repeated_none_skipped(build_app, mode):
     # Before, each page past the 10 candidates ranked offset + k of them: hybrid fusion normalised over another
     # depth each time, so pages repeated hits of earlier pages and skipped others.
-    client = build_app(max_k=60).test_client()
+    client = build_app(max_k=60, rerank_candidates=10).test_client()
     query = {"text": "red circle", "mode": mode, "exact": True, "candidates": 10}
     paged = [h["id"] for page in search_pages(client, query, k=5) for h in page["hits"]]
     whole = [h["id"] for h in client.post("/v1/search", json={**query, "k": 60}).json["hits"]]

@@ -244,7 +244,7 @@ def test_pages_past_the_candidates_are_slices_of_one_ranking_none_repeated_none_
         encoder, large_store, tmp_path, mode, exact):
     # Hybrid without exact is fused in the cluster (the native hybrid query), with exact in Python.
     assert uses_native_hybrid(large_store, SearchOptions(mode=mode, exact=exact)) is (mode == "hybrid" and not exact)
-    app = _app(encoder, large_store.alias, tmp_path / "cache", max_k=60)
+    app = _app(encoder, large_store.alias, tmp_path / "cache", max_k=60, rerank_candidates=10)
     try:
         client = app.test_client()
         query = {"text": "red circle", "mode": mode, "exact": exact, "candidates": 10}

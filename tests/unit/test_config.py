@@ -91,6 +91,14 @@ def test_pinned_workers_refuse_more_than_one_torch_thread_naming_both_settings()
         Settings(pin_workers=True, serve_torch_threads=2)
 
 
+def test_rerank_candidates_over_max_k_is_refused_at_start_naming_both_settings_and_the_fix():
+    # Before, such a server answered every search that sent no `candidates` with a 400 about that field.
+    with pytest.raises(ValueError, match=r"rerank_candidates=100 .* over max_k=50, .* set rerank_candidates to at "
+                                         r"most 50 or max_k to at least 100"):
+        Settings.from_env({"SIDECAR_MAX_K": "50"})
+    assert Settings.from_env({"SIDECAR_MAX_K": "50", "SIDECAR_RERANK_CANDIDATES": "50"}).max_k == 50
+
+
 def test_the_text_cache_file_has_its_own_path_setting_and_can_be_turned_off():
     assert Settings(cache_dir="/c").text_cache_file() == Path("/c/text-vectors.sqlite")
     env = {"SIDECAR_TEXT_CACHE_PATH": "/v/texts.sqlite", "SIDECAR_CACHE_DIR": "/c"}
