@@ -161,8 +161,9 @@ def _filter_values(text: str) -> list[Any]:
               help="Configurations to compare (repeatable): inline JSON or a JSON file with an object, a list, or "
                    "{\"grid\": {field: [values]}}; fields mode, fusion, weights ([vector, bm25] or {\"vector\", \"bm25\"} as /v1/search "
                    "takes them), rerank, exact, candidates "
-                   "(at least the deepest --measure cutoff; default SIDECAR_RERANK_CANDIDATES, or that cutoff where "
-                   "deeper), ef_search (not under candidates: the store searches at least candidates wide), name. "
+                   "(at least the deepest --measure cutoff, at most max_k; default SIDECAR_RERANK_CANDIDATES, or that "
+                   "cutoff where deeper), ef_search (not under candidates: the store searches at least candidates "
+                   f"wide; at most {MAX_EF_SEARCH}), name. "
                    "Default: every mode, rerank on and off.")
 @click.option("--measure", "measures", multiple=True, metavar="MEASURE",
               help="ir-measures names, repeatable (default nDCG@10, RR@10, R@10; e.g. R@100, P@5, AP@100), each "
@@ -346,7 +347,7 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
         depth, candidates = ranking_depth(measure_names), settings.rerank_candidates
         runs = ([c for spec in configs for c in parse_configs(_load_json(spec), k=depth, candidates=candidates)]
                 if configs else default_configs(k=depth, candidates=candidates))
-        check_configs(runs, queries, qrels, measures=measure_names)  # before the model loads
+        check_configs(runs, queries, qrels, measures=measure_names, max_k=settings.max_k)  # before the model loads
     except EvaluationInputError as exc:
         raise click.UsageError(str(exc)) from exc
     store = open_existing_store(settings)

@@ -27,7 +27,7 @@ from sidecar.errors import not_utf8
 from sidecar.model.encoder import Encoder
 from sidecar.model.images import ImageDecodeError
 from sidecar.retrieval.evaluation import percentiles
-from sidecar.retrieval.search import SearchOptions, query_vector, search
+from sidecar.retrieval.search import OverSearchLimit, SearchOptions, check_search_limits, query_vector, search
 from sidecar.stores.base import Store, StoreQueryError
 from sidecar.types import Filters
 
@@ -395,16 +395,24 @@ def _parse_measures(measures: Sequence[str]) -> list:
 
 
 def check_configs(configs: Sequence[RunConfig], queries: Sequence[Query], qrels: Mapping[str, Mapping[str, int]],
-                  *, measures: Sequence[str]) -> None:
-    """EvaluationInputError where a configuration cannot run over every judged query: `eval` asks before
-    it loads a model. A mode with BM25 needs each query's text (the search refuses an image alone), and
-    one configuration over fewer queries than the others would not compare with them."""
+                  *, measures: Sequence[str], max_k: int | None = None) -> None:
+    """EvaluationInputError where a configuration cannot run over every judged query, or, given the max_k
+    setting, asks for more than /v1/search takes (check_search_limits): it would measure a search no request
+    can make. `eval` asks before it loads a model; the built-in benchmark's fixed configurations measure the
+    project, not one server's limits. A mode with BM25 needs each query's text (the search refuses an image
+    alone), and one configuration over fewer queries than the others would not compare with them."""
     depth = ranking_depth(measures)
     imageonly = [q.id for q in queries if qrels.get(q.id) and not (q.text and q.text.strip())]
     for config in configs:
         if config.options.candidates < depth:  # it would rank `depth` deep under its own name's N
             raise EvaluationInputError(f"configuration {config.name!r}: 'candidates' must be at least {depth}, the "
                                        f"deepest cutoff of the measures, got {config.options.candidates}")
+        try:
+            if max_k is not None:
+                check_search_limits(config.options, max_k=max_k)
+        except OverSearchLimit as exc:  # k is no field of a configuration: each ranks the measures' deepest cutoff
+            field_name = "the deepest cutoff of the measures" if exc.field == "k" else repr(exc.field)
+            raise EvaluationInputError(f"configuration {config.name!r}: {field_name}: {exc}") from exc
         if config.options.mode != "vector" and imageonly:
             raise EvaluationInputError(
                 f"configuration {config.name!r}: mode {config.options.mode} needs query text, and {len(imageonly)} "

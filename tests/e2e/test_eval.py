@@ -258,3 +258,31 @@ def test_benchmark_runs_from_nothing_to_a_report(tmp_path, fine_encoder):
     assert report["groups"].keys() == {"text-heavy", "image-heavy", "mixed", "out-of-distribution"}
     assert report["default"] in {r["name"] for r in report["results"]}
     assert "report.html" in result.stdout and (out / "report.html").is_file()
+
+
+def test_configurations_over_what_the_api_takes_are_refused_naming_them_before_the_model_loads(
+        store_path, judged, tmp_path, monkeypatch):
+    # They ran after the model load, measuring searches that this server's /v1/search refuses.
+    def load_encoder(*_, **__):
+        raise AssertionError("the model was loaded before the configurations were checked")
+
+    monkeypatch.setattr("sidecar.model.encoder.load_encoder", load_encoder)
+    limit = "the most hits a search ranks (max_k: SIDECAR_MAX_K)"
+    vector = '{"mode": "vector", "rerank": false'
+    refused = {
+        (vector + ', "candidates": 1001}',): f"configuration 'vector N=1001': 'candidates': 1001 is over 1000, {limit}",
+        (vector + ', "ef_search": 4097}',): "configuration 'vector N=100 ef=4097': 'ef_search': 4097 is over 4096, "
+                                            "the widest HNSW search a query may ask for",
+        (vector + "}", "--measure", "R@1001"): "configuration 'vector N=1001': the deepest cutoff of the measures: "
+                                               f"1001 is over 1000, {limit}",
+    }
+    for (config, *more), message in refused.items():
+        result = eval_judged(store_path, judged, "--config", config, *more, "--out", str(tmp_path / "report"))
+        assert result.exit_code == 2 and message in result.output, (config, result.output)
+    # max_k raised (with SIDECAR_MAX_K): the configuration is the setting's to allow, as for the API.
+    monkeypatch.undo()
+    result = CliRunner().invoke(main, ["-q", "eval", "--queries", str(judged[0]), "--qrels", str(judged[1]),
+                                       "--store-path", str(store_path), "--config",
+                                       vector + ', "candidates": 1001}',
+                                       "--out", str(tmp_path / "report")], env={"SIDECAR_MAX_K": "2000"})
+    assert result.exit_code == 0, result.output
