@@ -122,6 +122,7 @@ def input_items(body: dict, *, modality: str, limit: int) -> list[tuple[str, Any
         raise BadRequest("field 'input' is required: a string, a list of strings, or a list of "
                          "{\"type\": \"text\"|\"image\", ...} objects")
     raw = body["input"]
+    bare = isinstance(raw, str)
     raw = [raw] if isinstance(raw, (str, dict)) else raw
     if not isinstance(raw, list):
         raise BadRequest(f"field 'input' must be a string or a list, got {json_type(raw)}")
@@ -137,6 +138,12 @@ def input_items(body: dict, *, modality: str, limit: int) -> list[tuple[str, Any
             items.append(_typed_item(item, field=f"input[{i}]"))
         else:
             raise BadRequest(f"field 'input[{i}]' must be a string or an object, got {json_type(item)}")
+        kind, value = items[-1]
+        if value == "":
+            # Refused as OpenAI's API refuses it: an empty text would get the vector of the model's start and
+            # end tokens alone, the same for every empty input, and near nothing a client meant.
+            field = f"input[{i}].{kind}" if isinstance(item, dict) else "input" if bare else f"input[{i}]"
+            raise BadRequest(f"field '{field}' is an empty string: each input must be non-empty")
     return items
 
 

@@ -274,6 +274,12 @@ def test_with_a_fine_model_each_encoder_counts_its_encodes_under_its_own_model_l
          "over the limit of 1000000 (max_image_pixels)"),
         ("/v1/embeddings", {"input": ["x"], "modality": "audio"}, 400, "field 'modality' must be one of text, image"),
         ("/v1/embeddings", {"input": [{"type": "image"}]}, 400, "field 'input[0].image' is required"),
+        # An empty string was embedded (the start and end tokens' vector); OpenAI's API refuses it.
+        ("/v1/embeddings", {"input": ""}, 400, "field 'input' is an empty string: each input must be non-empty"),
+        ("/v1/embeddings", {"input": ["red", ""]}, 400, "field 'input[1]' is an empty string"),
+        ("/v1/embeddings", {"input": ["red", {"text": ""}]}, 400, "field 'input[1].text' is an empty string"),
+        ("/v1/classify", {"set": "shapes", "input": [""], "modality": "text"}, 400,
+         "field 'input[0]' is an empty string"),
         ("/v1/search", {}, 400, "send field 'text' (not blank within its first 4096 characters, max_text_chars), "
                                 "field 'image'"),
         ("/v1/search", {"text": "red", "mode": "semantic"}, 400, "field 'mode' must be one of vector, bm25, hybrid"),
