@@ -88,6 +88,10 @@ BY_SCORE_THEN_ID = {"sort": [{"_score": "desc"}, {"id": "asc"}], "track_scores":
 # Metadata field types a terms aggregation counts as facets (what `term` filters match).
 FACET_FIELD_TYPES = {"keyword", "long", "integer", "short", "byte", "double", "float", "half_float",
                      "scaled_float", "unsigned_long", "boolean"}
+# What a filter on a field of each type may send, as a refused filter's error tells a client.
+_FILTER_VALUES = {"keyword": "strings", "boolean": "true or false",
+                  **dict.fromkeys(("long", "integer", "short", "byte", "unsigned_long"), "whole numbers"),
+                  **dict.fromkeys(("double", "float", "half_float", "scaled_float"), "numbers")}
 # _meta key holding the search effort a calibration chose for a recall target (sidecar.stores.effort).
 EFFORT_KEY = "search_effort"
 # _meta key holding the fine model whose vectors the documents hold (model, weights, dim), where recorded.
@@ -458,8 +462,9 @@ class OpenSearchStore:
             }}
         else:
             query = {"knn": {"vector": self._knn_clause(query_vector, k, filters, ef_search=ef_search)}}
-        hits = self._vector_hits({"size": k, "query": query, "_source": False, **BY_SCORE_THEN_ID},
-                                 dim=len(query_vector))
+        with self._filter_refusals(filters):
+            hits = self._vector_hits({"size": k, "query": query, "_source": False, **BY_SCORE_THEN_ID},
+                                     dim=len(query_vector))
         return [ScoredId(h["_id"], knn_score_to_inner_product(h["_score"])) for h in hits]
 
     def text_search(self, query: str, k: int, *, filters: Filters | None = None,
@@ -473,7 +478,9 @@ class OpenSearchStore:
                 "query": {"bool": {"must": [{"match": {"text": query}}], "filter": clauses}}}
         # dfs: BM25 from the index's term statistics, not each shard's, so an index of several
         # shards scores as one shard does (OpenSearch skips the extra phase on one shard).
-        return [ScoredId(h["_id"], float(h["_score"])) for h in self._search(body, search_type="dfs_query_then_fetch")]
+        with self._filter_refusals(filters):
+            hits = self._search(body, search_type="dfs_query_then_fetch")
+        return [ScoredId(h["_id"], float(h["_score"])) for h in hits]
 
     def one_version(self) -> contextlib.nullcontext[None]:
         # Each call reads the alias: a request's calls may straddle a rebuild's alias swap (pinning would cost a
@@ -548,7 +555,9 @@ class OpenSearchStore:
         # Back to the Python fusion's scale: arithmetic_mean divided by the weights' sum (1 here),
         # and the score-ranker's RRF is unweighted (1 / (rank constant + rank)).
         scale = total if fusion == "minmax" else weights[0]
-        return [ScoredId(h["_id"], float(h["_score"]) * scale) for h in self._vector_hits(body, dim=len(vector))]
+        with self._filter_refusals(filters):
+            hits = self._vector_hits(body, dim=len(vector))
+        return [ScoredId(h["_id"], float(h["_score"]) * scale) for h in hits]
 
     def fetch(self, ids: Sequence[str], *, vectors: bool = True) -> list[Document]:
         """Full documents in the order asked (vectors from _source, unless `vectors=False`; NO_VECTOR for
@@ -596,10 +605,7 @@ class OpenSearchStore:
     def facets(self, *, size: int = 20) -> dict[str, FacetCounts]:
         """One terms aggregation per metadata field the mapping holds as a keyword, number or boolean."""
         with self._read_errors(f"facets of {self.alias}"):
-            mappings = self.client.indices.get_mapping(index=self.alias)
-            fields = {name: spec["type"] for mapping in mappings.values()
-                      for name, spec in mapping["mappings"].get("properties", {}).get("metadata", {})
-                      .get("properties", {}).items() if spec.get("type") in FACET_FIELD_TYPES}
+            fields = {name: kind for name, kind in self._metadata_types().items() if kind in FACET_FIELD_TYPES}
             if not fields:
                 return {}
             names = sorted(fields)
@@ -615,6 +621,30 @@ class OpenSearchStore:
                                         for bucket in buckets["buckets"])
             facets[name] = FacetCounts(values=counts.values, other=buckets["sum_other_doc_count"])
         return facets
+
+    def _metadata_types(self) -> dict[str, str]:
+        """The mapped type of each metadata field (keyword, long, double, boolean...) in the index behind the alias."""
+        mappings = self.client.indices.get_mapping(index=self.alias)
+        return {name: spec.get("type", "object") for mapping in mappings.values()
+                for name, spec in mapping["mappings"].get("properties", {}).get("metadata", {})
+                .get("properties", {}).items()}
+
+    @contextlib.contextmanager
+    def _filter_refusals(self, filters: Filters | None) -> Iterator[None]:
+        """A filtered query OpenSearch refuses (400: a word for a field of numbers, say) as the filters' error:
+        named by each filter field and what the index holds in it, which the client can fix, and not by the index,
+        which is this server's own (the chained refusal still names it)."""
+        try:
+            yield
+        except StoreQueryError as exc:
+            if not filters or not isinstance(exc.__cause__, TransportError):
+                raise
+            with self._read_errors(f"reading the mapping of {self.alias}"):
+                types = self._metadata_types()
+            held = [f"{quoted(name)} holds {_FILTER_VALUES.get(types[name], f'{types[name]} values')} ({types[name]})"
+                    for name in filters if name in types]
+            raise StoreQueryError((f"metadata field {', '.join(held)}; " if held else "")
+                                  + f"OpenSearch refused the query: {quoted(_root_cause(exc.__cause__))}") from exc
 
     def close(self) -> None:
         self.client.close()

@@ -154,7 +154,8 @@ def test_counting_on_a_cluster_nobody_answers_at_is_store_unavailable():
 
 
 def test_a_filter_value_of_another_type_than_the_field_is_400_naming_filters(app_on, claimed_store, encoder):
-    client = app_on(claimed_store(documents(encoder.dim)))
+    store = claimed_store(documents(encoder.dim))
+    client = app_on(store)
     matching = client.post("/v1/search", json={"text": "red circle", "filters": {"size": [1, 2]}})
     assert matching.status_code == 200, matching.json
     assert sorted(h["id"] for h in matching.json["hits"]) == ["d1", "d2"]
@@ -162,8 +163,11 @@ def test_a_filter_value_of_another_type_than_the_field_is_400_naming_filters(app
     # surface as a 500.
     response = client.post("/v1/search", json={"text": "red circle", "filters": {"size": "big"}})
     assert response.status_code == 400, response.json
-    assert response.json["error"]["message"].startswith("field 'filters' does not fit the types")
-    assert "big" in response.json["error"]["message"]
+    # It named the alias ("search on <alias>: ...") rather than the field and what it holds.
+    message = response.json["error"]["message"]
+    assert message.startswith("field 'filters' does not fit the types of the stored metadata: metadata field 'size' "
+                              "holds whole numbers (long); ")
+    assert "big" in message and store.alias not in message
     # A field no document holds is absent from the mapping: no error from OpenSearch, no hits; the
     # empty answer is checked against the fields the mapping holds (facets), numbers and keywords.
     response = client.post("/v1/search", json={"text": "red circle", "filters": {"colour": "red", "sise": 1}})

@@ -11,10 +11,12 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
+from opensearchpy.exceptions import TransportError
 
-from sidecar.stores.base import StoreError, StoreUnavailable
+from sidecar.stores.base import StoreError, StoreQueryError, StoreUnavailable
 from sidecar.stores.opensearch import RETRYABLE, OpenSearchStore
 from tests.support import free_port
 
@@ -115,3 +117,31 @@ def test_a_certificate_the_given_ca_file_did_not_sign_fails_naming_that_file_and
     assert f"checked against the CA file {ca_file} only (SIDECAR_OPENSEARCH_CA_CERTS" in message
     assert "system CAs" in message and "not consulted" in message
     assert "set SIDECAR_OPENSEARCH_CA_CERTS to the PEM file of the CA that signed it" in message
+
+
+def test_a_filter_the_cluster_refuses_is_named_by_its_fields_and_their_stored_types_not_by_the_index(monkeypatch):
+    # The message was "search on clip-sidecar: OpenSearch refused the query: ...": the index, which is the server's
+    # own, rather than the field and what it takes. No cluster here: its client answers as a node does.
+    store = OpenSearchStore(url=f"http://127.0.0.1:{free_port()}", index="private-index-name")
+    refusal = TransportError(400, "search_phase_execution_exception", {"error": {"root_cause": [
+        {"type": "query_shard_exception", "reason": 'failed to create query: For input string: "big"',
+         "index": "private-index-name-v2"}]}})
+    mapping = {"private-index-name-v2": {"mappings": {"properties": {"metadata": {"properties": {
+        "size": {"type": "long"}, "color": {"type": "keyword"}, "ripe": {"type": "boolean"}}}}}}}
+    monkeypatch.setattr(store.client, "search", lambda **_: (_ for _ in ()).throw(refusal))
+    monkeypatch.setattr(store.client.indices, "get_mapping", lambda **_: mapping)
+    try:
+        searches = {"text": lambda filters: store.text_search("red", 5, filters=filters),
+                    "exact vector": lambda filters: store.vector_search(np.ones(4), 5, filters=filters, exact=True)}
+        for search in searches.values():
+            with pytest.raises(StoreQueryError) as raised:
+                search({"size": "big", "color": "red", "unheld": 1})
+            message = str(raised.value)
+            assert message == ("metadata field 'size' holds whole numbers (long), 'color' holds strings (keyword); "
+                               """OpenSearch refused the query: 'failed to create query: For input string: "big"'""")
+            assert "private-index-name" not in message
+        # Without filters the refusal is not the client's to fix: the store's own error, naming where it happened.
+        with pytest.raises(StoreQueryError, match="search on private-index-name: OpenSearch refused the query"):
+            store.text_search("red", 5)
+    finally:
+        store.close()
