@@ -641,10 +641,10 @@ class OpenSearchStore:
                 raise
             with self._read_errors(f"reading the mapping of {self.alias}"):
                 types = self._metadata_types()
-            held = [f"{quoted(name)} holds {_FILTER_VALUES.get(types[name], f'{types[name]} values')} ({types[name]})"
-                    for name in filters if name in types]
-            raise StoreQueryError((f"metadata field {', '.join(held)}; " if held else "")
-                                  + f"OpenSearch refused the query: {quoted(_root_cause(exc.__cause__))}") from exc
+            held = [f"metadata field {quoted(name)} holds {_FILTER_VALUES.get(types[name], f'{types[name]} values')} "
+                    f"({types[name]}); " for name in filters if name in types]
+            raise StoreQueryError("".join(held) + f"OpenSearch refused the query: {quoted(_root_cause(exc.__cause__))}"
+                                  ) from exc
 
     def close(self) -> None:
         self.client.close()

@@ -137,8 +137,9 @@ def test_a_filter_the_cluster_refuses_is_named_by_its_fields_and_their_stored_ty
             with pytest.raises(StoreQueryError) as raised:
                 search({"size": "big", "color": "red", "unheld": 1})
             message = str(raised.value)
-            assert message == ("metadata field 'size' holds whole numbers (long), 'color' holds strings (keyword); "
-                               """OpenSearch refused the query: 'failed to create query: For input string: "big"'""")
+            assert message == ("metadata field 'size' holds whole numbers (long); metadata field 'color' holds "
+                               "strings (keyword); OpenSearch refused the query: "
+                               """'failed to create query: For input string: "big"'""")
             assert "private-index-name" not in message
         # Without filters the refusal is not the client's to fix: the store's own error, naming where it happened.
         with pytest.raises(StoreQueryError, match="search on private-index-name: OpenSearch refused the query"):
