@@ -407,12 +407,12 @@ def check_configs(configs: Sequence[RunConfig], queries: Sequence[Query], qrels:
         if config.options.candidates < depth:  # it would rank `depth` deep under its own name's N
             raise EvaluationInputError(f"configuration {config.name!r}: 'candidates' must be at least {depth}, the "
                                        f"deepest cutoff of the measures, got {config.options.candidates}")
-        try:
-            if max_k is not None:
+        if max_k is not None:
+            try:
                 check_search_limits(config.options, max_k=max_k)
-        except OverSearchLimit as exc:  # k is no field of a configuration: each ranks the measures' deepest cutoff
-            field_name = "the deepest cutoff of the measures" if exc.field == "k" else repr(exc.field)
-            raise EvaluationInputError(f"configuration {config.name!r}: {field_name}: {exc}") from exc
+            except OverSearchLimit as exc:  # k is no field of a configuration: each ranks the deepest cutoff
+                field_name = "the deepest cutoff of the measures" if exc.field == "k" else repr(exc.field)
+                raise EvaluationInputError(f"configuration {config.name!r}: {field_name}: {exc}") from exc
         if config.options.mode != "vector" and imageonly:
             raise EvaluationInputError(
                 f"configuration {config.name!r}: mode {config.options.mode} needs query text, and {len(imageonly)} "
