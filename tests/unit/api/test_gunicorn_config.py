@@ -12,12 +12,14 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
+from gunicorn import glogging
 from gunicorn.config import Config
 
 import sidecar
@@ -89,6 +91,18 @@ def config_file_settings() -> Config:
     return cfg
 
 
+@pytest.fixture
+def error_logger(tmp_path, root_logging) -> Iterator[glogging.Logger]:
+    """gunicorn's logger as the config file sets it up, its error log in tmp_path / "error.log"; the test's
+    post_fork routes the root logger to it (root_logging puts that back after this closes the file)."""
+    cfg = config_file_settings()
+    cfg.set("errorlog", str(tmp_path / "error.log"))
+    logger = cfg.logger_class(cfg)
+    yield logger
+    for handler in logger.error_log.handlers:
+        handler.close()
+
+
 @pytest.mark.parametrize("access_format", [
     None,  # gunicorn's default line, whose user field is the Basic header's user
     '%(u)s %({authorization}i)s %({Authorization}i)s %({http_authorization}e)s "%(r)s" %(s)s',
@@ -113,20 +127,13 @@ def test_an_access_log_line_never_carries_an_api_key_sent_as_basic_auth(tmp_path
 
 
 def test_the_error_log_writes_a_traceback_in_its_record_on_one_line_for_gunicorns_and_the_workers_app_lines(
-        tmp_path, root_logging):
-    cfg = config_file_settings()
-    cfg.set("errorlog", str(tmp_path / "error.log"))
-    logger = cfg.logger_class(cfg)
+        tmp_path, error_logger):
+    gunicorn_config.post_fork(arbiter(), SimpleNamespace(log=error_logger))  # the app's lines into gunicorn's log
     try:
-        gunicorn_config.post_fork(arbiter(), SimpleNamespace(log=logger))  # the app's lines into gunicorn's log
-        try:
-            raise sqlite3.DatabaseError("file is not a database")
-        except sqlite3.DatabaseError:
-            logger.exception("Exception in worker process")  # gunicorn's own
-            logging.getLogger("sidecar.api.app").exception("unhandled error on POST /v1/embeddings")
-    finally:
-        for handler in logger.error_log.handlers:
-            handler.close()
+        raise sqlite3.DatabaseError("file is not a database")
+    except sqlite3.DatabaseError:
+        error_logger.exception("Exception in worker process")  # gunicorn's own
+        logging.getLogger("sidecar.api.app").exception("unhandled error on POST /v1/embeddings")
     lines = (tmp_path / "error.log").read_text().splitlines()
     assert [re.sub(r".*?\] \[ERROR\] ", "", line).split("\\n")[:2] for line in lines] == [
         ["Exception in worker process", "Traceback (most recent call last):"],
@@ -135,45 +142,31 @@ def test_the_error_log_writes_a_traceback_in_its_record_on_one_line_for_gunicorn
 
 
 def test_a_workers_third_party_warnings_reach_gunicorns_log_in_its_format_but_opensearch_pys_per_request_ones_do_not(
-        tmp_path, root_logging):
-    cfg = config_file_settings()
-    cfg.set("errorlog", str(tmp_path / "error.log"))
-    logger = cfg.logger_class(cfg)
-    try:
-        gunicorn_config.post_fork(arbiter(), SimpleNamespace(log=logger))
-        # open_clip logs through the module-level functions, which install basicConfig's
-        # `WARNING:name:message` handler on a root logger without one.
-        logging.info("Loaded built-in tiny-clip model config.")
-        logging.getLogger("opensearch").warning("POST http://127.0.0.1:9200/clip/_count [status:404 request:0.006s]")
-        logging.getLogger("timm").warning("a third party's warning")
-    finally:
-        for handler in logger.error_log.handlers:
-            handler.close()
-    assert logging.getLogger().handlers == logger.error_log.handlers  # basicConfig added none
+        tmp_path, error_logger):
+    gunicorn_config.post_fork(arbiter(), SimpleNamespace(log=error_logger))
+    # open_clip logs through the module-level functions, which install basicConfig's
+    # `WARNING:name:message` handler on a root logger without one.
+    logging.info("Loaded built-in tiny-clip model config.")
+    logging.getLogger("opensearch").warning("POST http://127.0.0.1:9200/clip/_count [status:404 request:0.006s]")
+    logging.getLogger("timm").warning("a third party's warning")
+    assert logging.getLogger().handlers == error_logger.error_log.handlers  # basicConfig added none
     (line,) = (tmp_path / "error.log").read_text().splitlines()
     assert re.fullmatch(r"\[[^]]+\] \[\d+\] \[WARNING\] a third party's warning", line), line
 
 
 def test_a_random_weights_server_says_so_once_in_gunicorns_log_and_its_workers_model_load_adds_nothing(
-        tmp_path, monkeypatch, root_logging):
+        tmp_path, monkeypatch, error_logger):
     config = tmp_path / "tiny-random.json"
     shutil.copy(Path(sidecar.__file__).parent / "model" / "model_configs" / "tiny-clip.json", config)
     settings = Settings(model="tiny-random", model_config=str(config), pretrained="", device="cpu",
                         cache_dir=tmp_path / "cache")  # an architecture with no weights given
     monkeypatch.setattr(gunicorn_config, "_settings", settings)
     monkeypatch.setattr(weights, "_TOLD_RANDOM", set())  # a fresh arbiter, whose workers fork from it
-    cfg = config_file_settings()
-    cfg.set("errorlog", str(tmp_path / "error.log"))
-    logger = cfg.logger_class(cfg)
     server = arbiter()
-    server.log = logger
-    try:
-        gunicorn_config.on_starting(server)
-        gunicorn_config.post_fork(server, SimpleNamespace(log=logger))
-        load_encoder(settings, fetch=False)  # what the worker's app does
-    finally:
-        for handler in logger.error_log.handlers:
-            handler.close()
+    server.log = error_logger
+    gunicorn_config.on_starting(server)
+    gunicorn_config.post_fork(server, SimpleNamespace(log=error_logger))
+    load_encoder(settings, fetch=False)  # what the worker's app does
     warnings = [line for line in (tmp_path / "error.log").read_text().splitlines() if "[WARNING]" in line]
     assert len(warnings) == 1, warnings  # open_clip's "… initialized randomly" not among them, in any format
     assert 'tiny-random runs with random weights (weights "random"): no --pretrained / SIDECAR_PRETRAINED' in \
