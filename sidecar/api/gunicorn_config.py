@@ -19,7 +19,7 @@ from sidecar.api.auth import refusal_to_serve
 from sidecar.api.healthcheck import config_bind
 from sidecar.config import Settings
 from sidecar.logs import OneLineFormatter, route_logs
-from sidecar.model.weights import configured_models, random_weights_notice
+from sidecar.model.weights import configured_models, random_weights_said_elsewhere
 
 # Read once in the arbiter; each worker reads its own Settings again when it builds the app.
 _settings = Settings.from_env()
@@ -116,11 +116,6 @@ def on_starting(server):
         _owned_metrics_dir = tempfile.mkdtemp(prefix="clip-sidecar-metrics-")
         os.environ[_MULTIPROC_ENV] = _owned_metrics_dir
     server.log.info("Prometheus multiprocess metrics in %s", os.environ[_MULTIPROC_ENV])
-    # Said once, here: the workers, forked from this process, inherit that it was said.
-    for model_settings, fine in configured_models(_settings):
-        notice = random_weights_notice(model_settings, fine=fine)
-        if notice:
-            server.log.warning("%s", notice)
     # Workers load cached weights only: open_clip's hub lookups must not wait on the network
     # (huggingface_hub reads this when a worker imports it).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -172,8 +167,9 @@ def pre_fork(server, worker):
 
 
 def post_fork(server, worker):
-    """The app's log lines into gunicorn's log. Pin the worker to its CPU (pin_workers). Split the GPU
-    between workers: gpu_memory_fraction (e.g. 0.45 with two workers)."""
+    """The app's log lines into gunicorn's log. The random-weights notice from the first worker alone. Pin the
+    worker to its CPU (pin_workers). Split the GPU between workers: gpu_memory_fraction (e.g. 0.45 with two
+    workers)."""
     # A worker's own account of itself (the model it loaded, the text tower's measured cost, the CUDA
     # graphs, API keys, store maintenance) in gunicorn's format and at its level (GUNICORN_LOGLEVEL), and
     # third parties' warnings as the CLI lets them through: without this the app's warnings reached stderr
@@ -181,6 +177,13 @@ def post_fork(server, worker):
     # `WARNING:opensearch:…` format (open_clip's `logging.info` calls it), on every /readyz probe.
     level = worker.log.error_log.level
     route_logs(worker.log.error_log.handlers, app_level=level, verbose=level <= logging.DEBUG)
+    # A model run with random weights is said once per server: by the first worker this arbiter forks (age 1),
+    # as it loads the model (load_encoder), in the log routed above. Not by the arbiter, which loads no model:
+    # the notice's wording (the model's pretrained tags) would import open_clip and torch there, seconds of
+    # start-up and ~900 MB of memory before any worker boots.
+    if worker.age > 1:
+        for model_settings, fine in configured_models(_settings):
+            random_weights_said_elsewhere(model_settings, fine=fine)
     cpu = getattr(worker, "sidecar_cpu", None)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})

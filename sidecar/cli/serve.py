@@ -81,7 +81,7 @@ def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str
 def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, certfile: str | None = None,
                keyfile: str | None = None, dev: bool = False) -> None:
     """Serve `settings` until stopped: gunicorn in place of this process, or Flask's development server."""
-    from sidecar.model.weights import configured_models, missing_weights, random_weights_notice
+    from sidecar.model.weights import configured_models, missing_weights, random_weights_said_elsewhere
 
     try:
         keys = parse_key_entries(settings.api_keys)
@@ -98,9 +98,9 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
         if missing:
             raise click.ClickException(f"not starting the server: {missing}")
         if not dev:
-            # Marked as said in this process, so the model check below does not say it: gunicorn's arbiter,
-            # which replaces this process, says it once (gunicorn_config.on_starting) for all its workers.
-            random_weights_notice(model_settings, fine=fine)
+            # Not said by the model check below: gunicorn, which replaces this process, says it once for all its
+            # workers (gunicorn_config.post_fork).
+            random_weights_said_elsewhere(model_settings, fine=fine)
     refuse_an_address_taken(host, port)  # before the store's model check loads the model
     encoder = _check_store_model(settings)
     _embed_prompt_sets(settings, encoder)

@@ -90,8 +90,8 @@ def unloadable_checkpoint(settings: Settings, exc: Exception, *, fine: bool = Fa
         f"{settings.model}, or the model it was saved from ({names['model']})")
 
 
-# The models this process has already said run with random weights (random_weights_notice): a
-# gunicorn worker inherits the arbiter's, so the server says it once, not once per worker.
+# The models this process has already said, or leaves another process to say, run with random weights
+# (random_weights_notice, random_weights_said_elsewhere).
 _TOLD_RANDOM: set[tuple[str, bool]] = set()
 
 
@@ -109,6 +109,12 @@ def random_weights_notice(settings: Settings, *, fine: bool = False) -> str | No
     return (f"{settings.model} runs with random weights (weights \"random\"): no {names['pretrained']} was given. "
             f"Its vectors mean nothing, so search and zero-shot answers are noise: right for benchmarks only. Give "
             f"{names['pretrained']} {choices}a checkpoint file")
+
+
+def random_weights_said_elsewhere(settings: Settings, *, fine: bool = False) -> None:
+    """Another process says the random-weights notice for this model (a server's: its first gunicorn worker),
+    so this one's random_weights_notice returns None for it. From the settings alone: no open_clip import."""
+    _TOLD_RANDOM.add((settings.model, fine))
 
 
 def missing_weights(settings: Settings, *, fine: bool = False) -> str | None:

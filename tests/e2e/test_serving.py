@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+import sidecar
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.config import Settings
@@ -231,6 +233,17 @@ def test_pinned_workers_each_run_on_their_own_cpu_and_a_replacement_takes_the_fr
     response = requests.post(f"{server.url}/v1/embeddings", json={"input": f"pinned {run}"}, timeout=60)
     assert response.status_code == 200, response.text
 
+
+
+def test_a_two_worker_random_weights_server_says_so_once_and_its_master_never_loads_torch(start_gunicorn,
+                                                                                         tmp_path):
+    config = tmp_path / "tiny-random.json"
+    shutil.copy(Path(sidecar.__file__).parent / "model" / "model_configs" / "tiny-clip.json", config)
+    server = start_gunicorn(workers=2, model="tiny-random", model_config=str(config), pretrained="",
+                            store_path=str(tmp_path / "store"))  # an architecture with no weights given
+    log = server.log.read_text()  # both workers have loaded the model: both have answered /readyz
+    assert log.count("tiny-random runs with random weights") == 1, log
+    assert "libtorch" not in Path(f"/proc/{server.process.pid}/maps").read_text()  # `serve` execs the master
 
 
 def test_overload_answers_503_with_retry_after_from_gunicorn(start_gunicorn):

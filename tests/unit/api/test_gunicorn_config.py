@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +36,11 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 def arbiter(*, master_pid: int = 0, reexec_pid: int = 0) -> SimpleNamespace:
     return SimpleNamespace(cfg=SimpleNamespace(address=[], env_orig={}), master_pid=master_pid,
                            reexec_pid=reexec_pid, log=logging.getLogger("test.gunicorn"))
+
+
+def worker(logger: glogging.Logger, *, age: int = 1) -> SimpleNamespace:
+    """A stand-in for a gunicorn worker: its log, and its age (1 for the first worker an arbiter forks)."""
+    return SimpleNamespace(log=logger, age=age)
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +134,7 @@ def test_an_access_log_line_never_carries_an_api_key_sent_as_basic_auth(tmp_path
 
 def test_the_error_log_writes_a_traceback_in_its_record_on_one_line_for_gunicorns_and_the_workers_app_lines(
         tmp_path, error_logger):
-    gunicorn_config.post_fork(arbiter(), SimpleNamespace(log=error_logger))  # the app's lines into gunicorn's log
+    gunicorn_config.post_fork(arbiter(), worker(error_logger))  # the app's lines into gunicorn's log
     try:
         raise sqlite3.DatabaseError("file is not a database")
     except sqlite3.DatabaseError:
@@ -143,7 +149,7 @@ def test_the_error_log_writes_a_traceback_in_its_record_on_one_line_for_gunicorn
 
 def test_a_workers_third_party_warnings_reach_gunicorns_log_in_its_format_but_opensearch_pys_per_request_ones_do_not(
         tmp_path, error_logger):
-    gunicorn_config.post_fork(arbiter(), SimpleNamespace(log=error_logger))
+    gunicorn_config.post_fork(arbiter(), worker(error_logger))
     # open_clip logs through the module-level functions, which install basicConfig's
     # `WARNING:name:message` handler on a root logger without one.
     logging.info("Loaded built-in tiny-clip model config.")
@@ -154,23 +160,51 @@ def test_a_workers_third_party_warnings_reach_gunicorns_log_in_its_format_but_op
     assert re.fullmatch(r"\[[^]]+\] \[\d+\] \[WARNING\] a third party's warning", line), line
 
 
-def test_a_random_weights_server_says_so_once_in_gunicorns_log_and_its_workers_model_load_adds_nothing(
+def test_a_random_weights_server_says_so_once_in_gunicorns_log_from_its_first_worker_and_no_other_adds_it(
         tmp_path, monkeypatch, error_logger):
     config = tmp_path / "tiny-random.json"
     shutil.copy(Path(sidecar.__file__).parent / "model" / "model_configs" / "tiny-clip.json", config)
     settings = Settings(model="tiny-random", model_config=str(config), pretrained="", device="cpu",
                         cache_dir=tmp_path / "cache")  # an architecture with no weights given
     monkeypatch.setattr(gunicorn_config, "_settings", settings)
-    monkeypatch.setattr(weights, "_TOLD_RANDOM", set())  # a fresh arbiter, whose workers fork from it
+    monkeypatch.setattr(weights, "_TOLD_RANDOM", set())  # a fresh arbiter
     server = arbiter()
     server.log = error_logger
     gunicorn_config.on_starting(server)
-    gunicorn_config.post_fork(server, SimpleNamespace(log=error_logger))
-    load_encoder(settings, fetch=False)  # what the worker's app does
+    arbiters_told = set(weights._TOLD_RANDOM)
+    for age in (1, 2, 3):  # the first worker, a second one, a replacement
+        monkeypatch.setattr(weights, "_TOLD_RANDOM", set(arbiters_told))  # forked from the arbiter
+        gunicorn_config.post_fork(server, worker(error_logger, age=age))
+        load_encoder(settings, fetch=False)  # what the worker's app does
     warnings = [line for line in (tmp_path / "error.log").read_text().splitlines() if "[WARNING]" in line]
     assert len(warnings) == 1, warnings  # open_clip's "… initialized randomly" not among them, in any format
     assert 'tiny-random runs with random weights (weights "random"): no --pretrained / SIDECAR_PRETRAINED' in \
         warnings[0], warnings
+
+
+def test_gunicorns_arbiter_runs_its_hooks_for_a_random_weights_server_without_importing_torch(tmp_path):
+    # The arbiter forks workers and loads no model: importing open_clip (torch with it) for the notice's
+    # wording cost it seconds of start-up and ~900 MB before the first worker booted. The notice is the
+    # first worker's to say (test above), so the arbiter does not say it either.
+    arbiter_hooks = textwrap.dedent("""
+        import logging, sys
+        from types import SimpleNamespace
+        from sidecar.api import gunicorn_config
+        logging.basicConfig()
+        server = SimpleNamespace(cfg=SimpleNamespace(address=[], env_orig={}), master_pid=0, reexec_pid=0,
+                                 WORKERS={}, log=logging.getLogger("gunicorn.error"))
+        gunicorn_config.on_starting(server)
+        gunicorn_config.pre_fork(server, SimpleNamespace())
+        print(sorted({"torch", "open_clip"} & set(sys.modules)))
+    """)
+    clean = {name: value for name, value in os.environ.items() if not name.startswith(("SIDECAR_", "GUNICORN_"))}
+    random_weights = {"SIDECAR_MODEL": "ViT-B-32", "SIDECAR_PRETRAINED": "", "SIDECAR_FINE_MODEL": "ViT-B-16",
+                      "SIDECAR_PIN_WORKERS": "true", "SIDECAR_CACHE_DIR": str(tmp_path / "cache"),
+                      MULTIPROC_ENV: str(tmp_path / "metrics")}
+    ran = subprocess.run([sys.executable, "-c", arbiter_hooks], env={**clean, **random_weights},
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert ran.stdout.strip() == "[]", ran.stdout
+    assert "random weights" not in ran.stderr, ran.stderr
 
 
 def effective_config(**env: str) -> dict[str, str]:
