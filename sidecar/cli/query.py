@@ -186,7 +186,8 @@ def _filter_values(text: str) -> list[Any]:
 @click.option("--samples", type=click.IntRange(1), default=200, show_default=True,
               help="--ann: queries, each a random stored vector turned as far from itself as its K-th neighbour "
                    "(as `store calibrate` makes them: a stored vector itself is far easier for HNSW to find).")
-@click.option("-k", "--k", "k", type=click.IntRange(1, 1000), default=10, show_default=True, help="--ann: K.")
+@click.option("-k", "--k", "k", type=click.IntRange(1), default=10, show_default=True,
+              help="--ann: K, at most max_k (SIDECAR_MAX_K) as for a search.")
 @click.option("--prompts", "prompt_sets", multiple=True, metavar="SET",
               help="Score prompt sets instead (repeatable, to compare templates): top-1 / top-5 zero-shot accuracy on "
                    "the images of --labels.")
@@ -301,7 +302,12 @@ def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, lab
 def _ann(settings, *, samples: int, k: int, out: Path | None) -> None:
     from sidecar.cli.benchmark import machine_description
     from sidecar.retrieval.evaluation import ann_recall
+    from sidecar.retrieval.search import OverSearchLimit, SearchOptions, check_search_limits
 
+    try:  # the depth a search may rank, as /v1/search and `search` limit it
+        check_search_limits(SearchOptions(mode="vector", k=k, candidates=k), max_k=settings.max_k)
+    except OverSearchLimit as exc:
+        raise click.BadParameter(str(exc), param_hint="'--k'") from exc
     store = open_existing_store(settings)
     try:
         report = ann_recall(store, queries=samples, k=k)

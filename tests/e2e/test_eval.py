@@ -173,6 +173,17 @@ def test_ann_validation_writes_its_report_where_out_is_given(store_path, tmp_pat
     assert f"Report: {out / 'results.md'}, {out / 'results.json'}" in result.output
 
 
+def test_ann_validation_takes_k_up_to_max_k_and_refuses_one_over_it_naming_the_setting(store_path, monkeypatch):
+    monkeypatch.setenv("SIDECAR_MAX_K", "1500")
+    deep = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(store_path), "--samples", "2",
+                                     "-k", "1200"])
+    assert deep.exit_code == 0, deep.output
+    assert "Recall@1200" in deep.output
+    over = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(store_path), "-k", "1501"])
+    assert over.exit_code == 2 and "'--k': 1501 is over 1500, the most hits a search ranks (max_k: SIDECAR_MAX_K)" \
+        in over.output
+
+
 def test_ann_validation_of_an_empty_store_is_an_error_saying_so(tmp_path):
     EmbeddedStore(tmp_path / "store").close()  # a store, with nothing in it
     result = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(tmp_path / "store")])
