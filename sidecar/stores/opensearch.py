@@ -66,6 +66,11 @@ RRF_RANK_CONSTANT = 60
 # killed) is still undone by the next one instead of "restoring" refresh_interval -1.
 SAVED_SETTINGS_KEY = "bulk_load_saved_settings"
 RETRYABLE = (OSConnectionError, ConnectionTimeout)
+# A multi-get's per-document errors that OpenSearch answers 429 or 503 for on a request of its own (a get):
+# the statuses `_read_errors` reads as unavailable. Its items carry the error's type, not its status.
+UNAVAILABLE_ITEM_ERRORS = frozenset({
+    "no_shard_available_action_exception",  # no copy of the document's shard is assigned: a red index
+    "unavailable_shards_exception", "es_rejected_execution_exception", "circuit_breaking_exception"})
 # Documents pulled from a rebuild's iterable at a time: the unit a dropped connection resumes within.
 REBUILD_BATCH = 10_000
 # refresh_interval during a large load, per engine. lucene builds each segment's HNSW graph while
@@ -561,15 +566,16 @@ class OpenSearchStore:
 
     def fetch(self, ids: Sequence[str], *, vectors: bool = True) -> list[Document]:
         """Full documents in the order asked (vectors from _source, unless `vectors=False`; NO_VECTOR for
-        a document written without one); unknown ids are skipped."""
+        a document written without one); unknown ids are skipped, ids OpenSearch could not read raise."""
         if not ids:
             return []
         excludes = ["thumbnail"] if vectors else ["thumbnail", "vector"]
-        with self._read_errors(f"fetch from {self.alias}"):
+        what = f"fetch from {self.alias}"
+        with self._read_errors(what):
             docs = self.client.mget(index=self.alias, body={"ids": list(ids)}, _source_excludes=excludes)["docs"]
-        if any(d.get("error", {}).get("type") == "index_not_found_exception" for d in docs):
-            # mget answers 200 with the error under each id: skipped, every id would read as not stored.
-            raise self._no_index(f"fetch from {self.alias}")
+        failed = [d for d in docs if "error" in d]
+        if failed:
+            raise self._fetch_errors(what, failed, asked=len(docs))
         known = self._models_read
         if known is not None and any(d.get("found") and d["_index"] != known.index for d in docs):
             # Read from another index than the record's (another process's rebuild moved the alias): the vectors
@@ -592,7 +598,7 @@ class OpenSearchStore:
         return found
 
     def thumbnail(self, doc_id: str) -> bytes | None:
-        with self._read_errors(f"thumbnail from {self.alias}"):
+        with self._read_errors(f"thumbnail of {quoted(doc_id)} from {self.alias}"):
             try:
                 found = self.client.get(index=self.alias, id=doc_id, _source_includes=["thumbnail"])
             except NotFoundError as exc:
@@ -891,14 +897,31 @@ class OpenSearchStore:
             raise StoreUnavailable(f"{what} failed: {exc}") from exc
         except TransportError as exc:
             if exc.status_code in (429, 502, 503, 504):
+                # The reason names what could not answer (`No shard available for [get [index][id]…]`).
+                reason = _root_cause(exc)
+                said = "" if reason == exc.error else f": {quoted(reason)}"
                 raise StoreUnavailable(f"{what} failed: OpenSearch at {self.url} answered {exc.status_code} "
-                                       f"{exc.error}") from exc
+                                       f"{exc.error}{said}") from exc
             if exc.status_code == 400:
                 # The reason can hold a client's filter value whole (`For input string: "…"`): cut as one is.
                 raise StoreQueryError(f"{what}: OpenSearch refused the query: {quoted(_root_cause(exc))}") from exc
             if exc.status_code == 404 and exc.error == "index_not_found_exception":
                 raise self._no_index(what) from exc
             raise StoreError(f"{what} failed: {exc.status_code} {exc.error}: {exc.info}") from exc
+
+    def _fetch_errors(self, what: str, failed: list[dict[str, Any]], *, asked: int) -> StoreError:
+        """A multi-get's per-document errors as the store's: mget answers 200 with an error in place of each
+        document it could not read, which skipped would read as not stored (404 for `like`, hits dropped
+        from the fine stage or a page). No index as `_read_errors` says it; a shard that cannot answer now
+        (UNAVAILABLE_ITEM_ERRORS: a red index, as a search there answers 503) → StoreUnavailable; anything
+        else → StoreError. The first such document is named, with its index and OpenSearch's reason."""
+        if any(d["error"].get("type") == "index_not_found_exception" for d in failed):
+            return self._no_index(what)
+        first, error = failed[0], failed[0]["error"]
+        message = (f"{what} failed: OpenSearch at {self.url} could not read {len(failed)} of {asked} documents, the "
+                   f"first {quoted(first['_id'])} of index {first.get('_index', self.alias)}: {error.get('type')}: "
+                   f"{quoted(str(error.get('reason')))}")
+        return StoreUnavailable(message) if error.get("type") in UNAVAILABLE_ITEM_ERRORS else StoreError(message)
 
     def _no_index(self, what: str) -> StoreUnavailable:
         """A read of an alias that does not exist. A server started before its index (docker compose,
@@ -1107,11 +1130,13 @@ def _fine_signature_in(meta: dict[str, Any]) -> ModelSignature | None:
 
 
 def _root_cause(exc: TransportError) -> str:
-    """OpenSearch's first root-cause reason (e.g. 'failed to create query: For input string: "big"')."""
-    try:
-        return str(exc.info["error"]["root_cause"][0]["reason"])
-    except (KeyError, IndexError, TypeError):
+    """OpenSearch's first root-cause reason (e.g. 'failed to create query: For input string: "big"'), else
+    its error's reason (a search on a red index lists no root cause: 'all shards failed'), else its type."""
+    error = exc.info.get("error") if isinstance(exc.info, dict) else None
+    if not isinstance(error, dict):
         return str(exc.error)
+    causes = error.get("root_cause") or [{}]
+    return str(causes[0].get("reason") or error.get("reason") or exc.error)
 
 
 def _facet_value(bucket: dict[str, Any], field_type: str) -> Any:

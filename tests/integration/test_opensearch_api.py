@@ -1,7 +1,8 @@
 """The Flask app on OpenSearch when things go wrong: a cluster nobody answers at (503 + Retry-After,
-a real closed port), one without the index yet (503 too), a filter the cluster refuses for its field's
-type or on a field no document holds (400 naming `filters`), another model's rebuild while serving (409
-model_mismatch on the next vector search)."""
+a real closed port), one without the index yet (503 too), a document on a shard with no copy assigned (a
+red index: 503 too, not 404), a filter the cluster refuses for its field's type or on a field no document
+holds (400 naming `filters`), another model's rebuild while serving (409 model_mismatch on the next vector
+search)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from sidecar.errors import MAX_ECHOED_CHARS
 from sidecar.retrieval.calibration import calibrate
 from sidecar.retrieval.evaluation import ann_recall
 from sidecar.stores import opensearch
-from sidecar.stores.base import StoreUnavailable
+from sidecar.stores.base import StoreError, StoreUnavailable
 from sidecar.types import Document, ModelSignature
 from tests.integration.conftest import drop, make_store
 from tests.integration.native_support import sidecar_env
@@ -121,6 +122,83 @@ def test_a_document_missing_from_a_set_up_store_is_404_naming_it(app_on, claimed
     assert response.status_code == 404, response.json
     assert response.json["error"]["code"] == "document_not_found"
     assert "no document with id 'nope' in the store" in response.json["error"]["message"]
+
+
+@pytest.fixture
+def half_red_store(encoder, node):
+    """(store, held, lost): a store claimed by the served model whose index lost one of its two primary shards
+    (unassigned: the index is red), `held` the ids of its documents on the shard that answers, `lost` those
+    on the other one. A shard that holds data cannot be unassigned (OpenSearch allocates an existing primary
+    again to the node holding its copy, whatever the allocation filters say), so the loaded index is cloned
+    into one allowed one shard per node, on the node of the first: the clone's second shard gets none."""
+    store = make_store(number_of_shards=2, number_of_replicas=0)
+    try:
+        store.claim(encoder.signature)
+        store.upsert(documents(encoder.dim, n=6))
+        (loaded,) = store.alias_indices()
+        red = f"{loaded}-red"  # `drop` deletes it with the store's own versions
+        node_id = store.client.search_shards(index=loaded)["shards"][0][0]["node"]
+        store.client.indices.put_settings(index=loaded, body={"index.blocks.write": True})  # as a clone requires
+        store.client.indices.clone(index=loaded, target=red, wait_for_active_shards=0, body={"settings": {
+            "index.number_of_replicas": 0, "index.routing.allocation.require._id": node_id,
+            "index.routing.allocation.total_shards_per_node": 1}})
+        health = store.client.cluster.health(index=red, wait_for_active_shards=1, wait_for_no_initializing_shards=True,
+                                             timeout="30s", request_timeout=40)
+        assert not health["timed_out"] and health["status"] == "red", health
+        store.client.indices.update_aliases(body={"actions": [{"remove": {"index": loaded, "alias": store.alias}},
+                                                              {"add": {"index": red, "alias": store.alias}}]})
+        # Routing by a value routes as by an id: a shard without a copy answers no group members.
+        routed = {f"d{i}": store.client.search_shards(index=red, routing=f"d{i}")["shards"][0] for i in range(6)}
+        held, lost = [i for i, copies in routed.items() if copies], [i for i, copies in routed.items() if not copies]
+        assert held and lost, routed
+        yield store, held, lost
+    finally:
+        drop(store)
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/search", {"like": "{lost}"}), ("POST", "/v1/captions", {"like": "{lost}"}),
+    ("GET", "/v1/documents/{lost}/thumbnail", None)], ids=["search-like", "captions-like", "thumbnail"])
+def test_a_document_on_a_shard_without_a_copy_is_503_with_retry_after_naming_it_as_a_search_on_a_red_index(
+        app_on, half_red_store, method, path, body):
+    # mget answers 200 with an error in place of each such document, which was skipped: 404 "no document with
+    # id", a wrong answer while the document is stored; a search on an index without any shard answers 503.
+    store, held, lost = half_red_store
+    client = app_on(store)
+    fill = {"lost": lost[0]}
+    response = client.open(path.format(**fill), method=method,
+                           json=None if body is None else {key: value.format(**fill) for key, value in body.items()})
+    assert response.status_code == 503, response.json
+    assert response.headers["Retry-After"] == "5"
+    assert response.json["error"]["code"] == "store_unavailable"
+    message = response.json["error"]["message"]
+    assert repr(lost[0]) in message and store.alias in message, message
+    assert "no_shard_available_action_exception" in message and "No shard available" in message, message
+    assert client.post("/v1/search", json={"like": held[0]}).status_code == 200
+
+
+def test_fetching_documents_some_on_a_shard_without_a_copy_is_store_unavailable_counting_and_naming_them(
+        half_red_store):
+    # The fine stage and page reads fetch many ids at once: one lost shard used to drop its hits silently.
+    store, held, lost = half_red_store
+    assert [doc.id for doc in store.fetch(held)] == held
+    with pytest.raises(StoreUnavailable) as raised:
+        store.fetch([*held, *lost])
+    message = str(raised.value)
+    assert f"{len(lost)} of {len(held) + len(lost)} documents, the first {lost[0]!r} of index " \
+           f"{store.alias_indices()[0]}: no_shard_available_action_exception: 'No shard available" in message, message
+
+
+
+def test_fetching_from_a_closed_index_is_a_store_error_naming_the_document_and_the_reason(claimed_store, encoder):
+    # Another error in place of a document than a shard that cannot answer now: an operator's matter (502).
+    store = claimed_store(documents(encoder.dim))
+    store.client.indices.close(index=store.alias_indices()[0])
+    with pytest.raises(StoreError) as raised:
+        store.fetch(["d0", "d1"])
+    assert not isinstance(raised.value, StoreUnavailable)
+    assert "could not read 2 of 2 documents, the first 'd0' of index " in str(raised.value), raised.value
+    assert str(raised.value).endswith("index_closed_exception: 'closed'"), raised.value
 
 
 # gunicorn's error log line ("[time] [pid] [LEVEL] message") and its access line ('host - - [time] "GET …" 503 …').
