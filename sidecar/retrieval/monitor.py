@@ -1,11 +1,11 @@
 """Live Recall@K: a sampled share of real queries searched again, ANN and exact, off the request path.
 
-A request that searched by vector offers its query here; a `fraction` of them is handed to one
-background thread through a bounded queue (full: the query is dropped and counted, never waited
-for), which runs the request's ANN search again and the exact search, and records how many of the
-exact top K the ANN top K found (a tie with the K-th counts: `evaluation.found_of_exact`). Summed over
-queries and workers (Prometheus counters of hits and of expected hits), the ratio is the served
-Recall@K, however the effort was chosen.
+A request that searched by vector offers its query here; a `fraction` of those the HNSW served (not
+those the store's calibrated effort ran exactly) is handed to one background thread through a bounded
+queue (full: the query is dropped and counted, never waited for), which runs the request's ANN search
+again and the exact search, and records how many of the exact top K the ANN top K found (a tie with the
+K-th counts: `evaluation.found_of_exact`). Summed over queries and workers (Prometheus counters of hits
+and of expected hits), the ratio is the Recall@K the HNSW served, however its effort was chosen.
 """
 
 from __future__ import annotations
@@ -112,8 +112,12 @@ class RecallMonitor:
 
     def offer(self, vector: np.ndarray, *, candidates: int, filters: Filters | None = None,
               ef_search: int | None = None) -> None:
-        """A query that searched by ANN (its `candidates` and `ef_search`, as the request had them)."""
+        """A query that asked for ANN (its `candidates` and `ef_search`, as the request had them). One the
+        store ran exactly (its calibrated effort, for a query that names no ef_search) is not checked: exact
+        search against exact search would count as a perfect ANN recall where no ANN ran."""
         if self.fraction <= 0 or self._random.random() >= self.fraction:
+            return
+        if self.store.effort.exact(ef_search):
             return
         if not self._checks.submit(lambda: self._check(vector, candidates=candidates, filters=filters,
                                                        ef_search=ef_search)):

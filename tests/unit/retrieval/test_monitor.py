@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sidecar.retrieval.monitor import BackgroundChecks, RecallCheck, RecallMonitor
+from sidecar.stores.effort import SearchEffort
 from sidecar.stores.embedded import EmbeddedStore
 from tests.support import stored_copies, unit_vectors
 
@@ -22,3 +23,23 @@ def test_live_recall_on_a_store_of_duplicates_is_one_at_an_exhaustive_ef_search(
         checks.close()
     assert len(checked) == 50 and {check.outcome for check in checked} == {"checked"}
     assert sum(check.hits for check in checked) == sum(check.expected for check in checked) == 50 * 9
+
+
+def test_queries_the_calibrated_effort_ran_exactly_are_not_checked_and_those_naming_an_ef_search_are(tmp_path: Path):
+    # Exact search checked against exact search reads 1.0: a live "ANN recall" of a store that ran no ANN.
+    checked: list[RecallCheck] = []
+    with EmbeddedStore(tmp_path / "s", ef_search=10, target_recall=0.99, target_k=10) as store:
+        store.upsert(stored_copies(unit_vectors(200, seed=5), copies=1))
+        store.effort.save(SearchEffort(target_recall=0.99, k=10, depth=10, ef_search=None, recall=1.0, p50_ms=0.1,
+                                       p95_ms=0.1, exact_p50_ms=0.1, exact_p95_ms=0.1, reason="as fast", queries=100,
+                                       documents=200, calibrated_at=0.0))
+        assert store.effort.exact(None)
+        checks = BackgroundChecks(capacity=100)
+        monitor = RecallMonitor(store, fraction=1.0, k=10, checks=checks, record=checked.append, seed=0)
+        for query in unit_vectors(5, seed=6):
+            monitor.offer(query, candidates=10)  # no ef_search: the store ran it exactly
+        for query in unit_vectors(3, seed=7):
+            monitor.offer(query, candidates=10, ef_search=50)  # its own ef_search: the HNSW ran
+        assert checks.wait_idle(60)
+        checks.close()
+    assert [check.outcome for check in checked] == ["checked"] * 3
