@@ -82,7 +82,8 @@ def run_demo(workdir: Path, *, items: int, seed: int, progress: bool, echo: Call
         result = search(store, vector=query_vector(None, vector), text=None, options=SearchOptions(mode="vector", k=5))
         echo(f"\n  image query {image_path.name} ({first.text}) — more like this photo")
         echo(_indent(format_hits(result.hits)))
-        echo("\n" + ann_recall(store, queries=100, k=10).describe())
+        echo("\n" + ann_recall(store, queries=100, k=10, depth=settings.rerank_candidates,
+                                progress=progress).describe())
     finally:
         store.close()
     command = command_name()

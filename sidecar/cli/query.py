@@ -182,7 +182,8 @@ def _filter_values(text: str) -> list[Any]:
               show_default=True, help="--benchmark: catalogue, shards and stores (reused by reruns).")
 @click.option("--items", type=click.IntRange(100), default=BENCHMARK_ITEMS, show_default=True,
               help="--benchmark: products in the catalogue.")
-@click.option("--ann", is_flag=True, help="Validate the ANN index instead: Recall@K of HNSW against exact search.")
+@click.option("--ann", is_flag=True, help="Validate the ANN index instead: Recall@K of HNSW against exact search, "
+              "each search as deep as searches ask (SIDECAR_RERANK_CANDIDATES: efSearch is at least that).")
 @click.option("--samples", type=click.IntRange(1), default=200, show_default=True,
               help="--ann: queries, each a random stored vector turned as far from itself as its K-th neighbour "
                    "(as `store calibrate` makes them: a stored vector itself is far easier for HNSW to find).")
@@ -233,7 +234,7 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
         _prompt_accuracy(settings, prompt_sets, labels_path, label_field=label_field,
                          out=out or Path("reports/prompts"), progress=progress)
     elif ann:
-        _ann(settings, samples=samples, k=k, out=out)
+        _ann(settings, samples=samples, k=k, out=out, progress=progress)
     elif benchmark:
         from sidecar.cli.benchmark import QUERIES_PER_CATEGORY, run_benchmark
 
@@ -299,7 +300,7 @@ def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, lab
     click.echo(f"\n{table}\n\nReport: {out / 'results.md'}, {out / 'results.json'}")
 
 
-def _ann(settings, *, samples: int, k: int, out: Path | None) -> None:
+def _ann(settings, *, samples: int, k: int, out: Path | None, progress: bool) -> None:
     from sidecar.cli.benchmark import machine_description
     from sidecar.retrieval.evaluation import ann_recall
     from sidecar.retrieval.search import OverSearchLimit, SearchOptions, check_search_limits
@@ -310,7 +311,8 @@ def _ann(settings, *, samples: int, k: int, out: Path | None) -> None:
         raise click.BadParameter(str(exc), param_hint="'--k'") from exc
     store = open_existing_store(settings)
     try:
-        report = ann_recall(store, queries=samples, k=k)
+        # As deep as searches ask (their candidates), as `store calibrate` measures: the effort they run at.
+        report = ann_recall(store, queries=samples, k=k, depth=settings.rerank_candidates, progress=progress)
     except ValueError as exc:  # the store is empty
         raise click.ClickException(str(exc)) from exc
     finally:

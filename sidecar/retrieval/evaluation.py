@@ -27,18 +27,19 @@ class RecallReport:
     recall: float
     ann_ms: tuple[float, float]  # p50, p95
     exact_ms: tuple[float, float]
-    ef_search: int  # the efSearch the HNSW ran at (at least k: the stores search at least as wide as they return)
+    ef_search: int  # the efSearch the HNSW ran at (at least depth: the stores search at least as wide as they return)
+    depth: int  # results each search asked for: the candidates searches ask for, as they run
     # The store's calibrated effort gives vector queries that name no ef_search exact search, not HNSW.
     queries_get_exact: bool = False
 
     def to_json(self) -> dict:
         return {"k": self.k, "queries": self.queries, "recall": self.recall, "ef_search": self.ef_search,
-                "queries_get_exact": self.queries_get_exact,
+                "depth": self.depth, "queries_get_exact": self.queries_get_exact,
                 "ann_ms": dict(zip(("p50", "p95"), self.ann_ms)), "exact_ms": dict(zip(("p50", "p95"), self.exact_ms))}
 
     def describe(self) -> str:
         lines = [f"Recall@{self.k} (HNSW vs exact) over {self.queries} queries: {self.recall:.4f} at efSearch "
-                 f"{self.ef_search}",
+                 f"{self.ef_search}, each search {self.depth} deep (the candidates searches ask for)",
                  f"latency p50/p95: HNSW {self.ann_ms[0]:.2f}/{self.ann_ms[1]:.2f} ms, "
                  f"exact {self.exact_ms[0]:.2f}/{self.exact_ms[1]:.2f} ms"]
         if self.queries_get_exact:
@@ -131,13 +132,17 @@ def fresh_query(vector: np.ndarray, nearest_cosine: float, rng: np.random.Genera
     return (turned / max(float(np.linalg.norm(turned)), 1e-12)).astype(np.float32)
 
 
-def ann_recall(store: Store, *, queries: int, k: int, seed: int = 0) -> RecallReport:
+def ann_recall(store: Store, *, queries: int, k: int, depth: int | None = None, seed: int = 0,
+               progress: bool = False) -> RecallReport:
     """Recall@k of the store's ANN search against its exact search: the share of the exact top k the
     ANN top k found (`found_of_exact`), on `queries` stored vectors (sampled by seed) each turned into
     a fresh query (`fresh_queries`, as the calibration's are): a stored vector is a
     node of the HNSW graph, easy for the graph around it to find (3,000 uniform 32-d vectors at efSearch
-    10: 0.46 on stored vectors, 0.24 on new queries, 0.29 on turned ones)."""
-    sampled = fresh_queries(store, k=k, depth=k, queries=queries, seed=seed)
+    10: 0.46 on stored vectors, 0.24 on new queries, 0.29 on turned ones). Each search asks for `depth`
+    results (default k): the candidates a search asks for, which the stores search at least as wide as
+    (efSearch = max(ef_search, depth)), so the HNSW runs at the effort searches get."""
+    depth = max(depth or k, k)
+    sampled = fresh_queries(store, k=k, depth=depth, queries=queries, seed=seed, progress=progress)
     # The effort queries get. Where the calibration turned them to exact search, a search naming no
     # ef_search would be exact too, and compared with exact search read 1.0: the HNSW runs at the
     # store's fixed effort then, and the report says which.
@@ -146,9 +151,9 @@ def ann_recall(store: Store, *, queries: int, k: int, seed: int = 0) -> RecallRe
     hits, ann_times = 0, []
     for vector, exact in zip(sampled.vectors, sampled.truth):
         started = time.perf_counter()
-        approx = store.vector_search(vector, k, ef_search=ef_search)
+        approx = store.vector_search(vector, depth, ef_search=ef_search)[:k]
         ann_times.append(time.perf_counter() - started)
         hits += found_of_exact(approx, exact)
     return RecallReport(k=k, queries=len(sampled.vectors), recall=hits / sum(len(exact) for exact in sampled.truth),
                         ann_ms=percentiles(ann_times), exact_ms=percentiles(sampled.exact_s),
-                        ef_search=max(ef_search, k), queries_get_exact=queries_get_exact)
+                        ef_search=max(ef_search, depth), depth=depth, queries_get_exact=queries_get_exact)

@@ -184,6 +184,20 @@ def test_ann_validation_takes_k_up_to_max_k_and_refuses_one_over_it_naming_the_s
         in over.output
 
 
+def test_ann_validation_searches_as_deep_as_searches_do_and_reports_the_efsearch_they_run_at(store_path):
+    # Searches ask for the N candidates (200 here) and run at efSearch max(ef_search, N): 200, not the store's 128.
+    result = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(store_path), "--samples", "10"],
+                                env={"SIDECAR_RERANK_CANDIDATES": "200"})
+    assert result.exit_code == 0, result.output
+    assert "at efSearch 200" in result.output and "200 deep" in result.output, result.output
+
+
+def test_ann_validation_shows_progress_through_its_exact_searches_unless_quiet(store_path):
+    args = ["eval", "--ann", "--store-path", str(store_path), "--samples", "10"]
+    assert "exact search (the truth)" in CliRunner().invoke(main, args).stderr
+    assert "exact search (the truth)" not in CliRunner().invoke(main, ["-q", *args]).stderr
+
+
 def test_ann_validation_of_an_empty_store_is_an_error_saying_so(tmp_path):
     EmbeddedStore(tmp_path / "store").close()  # a store, with nothing in it
     result = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(tmp_path / "store")])
