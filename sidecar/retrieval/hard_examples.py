@@ -312,9 +312,13 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
             text = queries[key]["text"]
             if grade < min_relevance or not text:
                 continue
-            path = (image_paths or {}).get(doc_id)
-            if path is None:
+            if image_paths is None:
                 _count(summary.skipped, "pairs whose document image is unknown (pass the shards)")
+                continue
+            path = image_paths.get(doc_id)
+            if path is None:
+                _count(summary.skipped, "pairs whose document the shards do not hold (deleted since, or an id feedback "
+                                        "named that was never indexed)")
                 continue
             if not (Path(path).is_absolute() and Path(path).is_file()):
                 # The trainer would stop at the first such pair. A relative path is an older version's, relative

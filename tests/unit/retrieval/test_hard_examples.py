@@ -99,6 +99,21 @@ def test_pairs_whose_image_moved_or_is_named_relative_to_an_older_embeds_folder_
          "folder): rerun `clip-sidecar embed SOURCE --out SHARDS` with SOURCE where it is now to update the paths", 2)]
 
 
+def test_a_pair_whose_document_the_shards_do_not_hold_says_so_and_only_without_shards_asks_for_them(tmp_path: Path):
+    image = tmp_path / "here.png"
+    image.write_bytes(base64.b64decode(png_b64()))
+    feedback = JsonlLog(tmp_path / FEEDBACK_FILE, max_bytes=10**6, backups=1)
+    for doc_id in ("here", "deleted"):
+        feedback.write(feedback_record(query_id=None, text="red", doc_id=doc_id, relevance=2, kind="judgment"))
+    feedback.close()
+    with_shards = export_examples(tmp_path, tmp_path / "out", image_paths={"here": str(image)})
+    assert with_shards.pairs == 1 and with_shards.skipped == {
+        "pairs whose document the shards do not hold (deleted since, or an id feedback named that was never "
+        "indexed)": 1}, with_shards.describe()
+    without = export_examples(tmp_path, tmp_path / "out")
+    assert without.pairs == 0 and without.skipped == {"pairs whose document image is unknown (pass the shards)": 2}
+
+
 def unit(*values: float) -> np.ndarray:
     vector = np.array(values, dtype=np.float32)
     return vector / np.linalg.norm(vector)
