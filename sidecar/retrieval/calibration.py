@@ -29,6 +29,8 @@ import logging
 import math
 import time
 
+from tqdm import tqdm
+
 from sidecar.config import Settings
 from sidecar.retrieval.evaluation import found_of_exact, fresh_queries, percentiles
 from sidecar.stores.base import Store
@@ -122,7 +124,8 @@ def calibrate(store: Store, *, target_recall: float, k: int = 10, depth: int = S
     # The cost, measured side by side (query by query, ANN then exact) so that a busy machine's
     # drift between the phases above cannot decide between the two.
     ann_s, exact_s = [], []
-    for vector in vectors:
+    for vector in tqdm(vectors, desc=f"timing ef_search {chosen} against exact search", unit="query",
+                       disable=not progress):
         for seconds, options in ((ann_s, {"ef_search": chosen}), (exact_s, {"exact": True})):
             started = time.perf_counter()
             store.vector_search(vector, depth, **options)

@@ -140,3 +140,18 @@ def test_an_index_run_calibrates_again_after_large_changes_only(tmp_path):
         assert deeper is not None and deeper.depth == 200 and "100 deep" in decision
     with EmbeddedStore(tmp_path / "s") as untargeted:
         assert recalibrate_if_changed(untargeted, changed=5000)[0] is None
+
+
+def test_calibration_shows_progress_through_the_side_by_side_timing_of_the_chosen_effort_and_exact_search(
+        tmp_path, capsys):
+    # The timing searches every sampled vector twice more (by HNSW and exactly): on a large store as long a wait
+    # as the truth's, which has its bar.
+    with EmbeddedStore(tmp_path / "s") as store:
+        store.claim(SIGNATURE)
+        store.upsert([Document(id=f"d{i}", vector=v) for i, v in enumerate(uniform(500, seed=5))])
+        effort = calibrate(store, target_recall=0.5, k=10, depth=30, queries=40, progress=True)
+        shown = capsys.readouterr().err
+        calibrate(store, target_recall=0.5, k=10, depth=30, queries=40, progress=False)
+        quiet = capsys.readouterr().err
+    assert "exact search (the truth)" in shown and "timing ef_search 30 against exact search" in shown, shown
+    assert effort.curve and quiet == ""
