@@ -267,8 +267,11 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     grades: dict[tuple[str, str], tuple[int, bool]] = {}  # (key, doc) -> (grade, from a judgment)
     for record in read_jsonl_log(Path(log_dir) / FEEDBACK_FILE):
         text, query_id, doc_id = record.get("text"), record.get("query_id"), record.get("doc_id")
+        named = hard.get(by_query_id.get(query_id or ""), {})  # the logged search its query_id names, if any
         # The documents the user could see: the feedback's filters, else those of the logged search it names.
-        filters = record.get("filters") or hard.get(by_query_id.get(query_id or ""), {}).get("filters")
+        filters = record.get("filters") or named.get("filters")
+        # A query_id alone names the logged search's text: under the feedback's own filters, another query.
+        text = text or named.get("text")
         key = _query_key(text, None, filters) if text else by_query_id.get(query_id or "")
         if key is None or not doc_id:
             _count(summary.skipped, "feedback without query text whose query_id names no logged query")

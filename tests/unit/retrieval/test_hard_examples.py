@@ -46,6 +46,29 @@ def test_feedback_on_an_earlier_search_of_a_text_searched_again_is_exported(tmp_
     assert {(q["doc_id"], q["relevance"]) for q in qrels} == {("sku-1", 3), ("sku-2", 1)}
 
 
+def test_feedback_naming_a_logged_search_by_query_id_with_other_filters_is_another_query(tmp_path: Path):
+    # The text under other filters judges other documents: lumped with the logged search's query, the first record
+    # would decide which filters eval re-runs both judgments with.
+    hard = JsonlLog(tmp_path / HARD_EXAMPLES_FILE, max_bytes=10**6, backups=1)
+    hard.write({"query_id": "unfiltered", "text": "red circle", "mode": "vector", "k": 10, "filters": {},
+                "reasons": ["low_score"], "hits": []})
+    hard.close()
+    feedback = JsonlLog(tmp_path / FEEDBACK_FILE, max_bytes=10**6, backups=1)
+    feedback.write(feedback_record(query_id="unfiltered", text=None, doc_id="blue-1", relevance=3, kind="judgment",
+                                   filters={"color": "blue"}))
+    feedback.write(feedback_record(query_id="unfiltered", text=None, doc_id="red-1", relevance=3, kind="judgment"))
+    feedback.close()
+    summary = export_examples(tmp_path, tmp_path / "out")
+    queries = {q["id"]: q for q in map(json.loads, (tmp_path / "out" / "queries.jsonl").read_text().splitlines())}
+    qrels = [json.loads(line) for line in (tmp_path / "out" / "qrels.jsonl").read_text().splitlines()]
+    judged = {(queries[q["query_id"]]["text"], json.dumps(queries[q["query_id"]].get("filters")), q["doc_id"])
+              for q in qrels}
+    assert summary.queries == 2 and judged == {("red circle", '{"color": "blue"}', "blue-1"),
+                                               ("red circle", "null", "red-1")}, summary.describe()
+    # The logged search's own query keeps its hard-example reason; the other filters' was not logged as hard.
+    assert sorted(q["category"] for q in queries.values()) == ["feedback", "low_score"]
+
+
 def test_a_like_search_with_neither_text_nor_image_is_not_logged_and_an_image_query_is(tmp_path: Path):
     image = base64.b64decode(png_b64())
     checks = BackgroundChecks(capacity=10)
