@@ -6,7 +6,7 @@ import logging
 import time
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from sidecar.api import (
     auth,
@@ -179,7 +179,21 @@ def _register_request_metrics(app: Flask) -> None:
 
     @app.after_request
     def record(response):
-        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        endpoint = _route_pattern(app)
         metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
         metrics.REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - g.started)
         return response
+
+
+def _route_pattern(app: Flask) -> str:
+    """The route a request counts under: its rule's pattern; the path's route for a method it does not take
+    (405: routing matched no rule, though the path has one); "unmatched" for a path of no route, which keeps
+    the label's values bounded whatever paths clients send."""
+    if request.url_rule is not None:
+        return request.url_rule.rule
+    refused = request.routing_exception
+    if isinstance(refused, MethodNotAllowed) and refused.valid_methods:
+        rule, _ = app.url_map.bind_to_environ(request.environ).match(method=refused.valid_methods[0],
+                                                                    return_rule=True)
+        return rule.rule
+    return "unmatched"

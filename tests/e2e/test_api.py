@@ -456,6 +456,19 @@ def test_405_names_the_allowed_methods(client):
     assert "GET" in client.delete("/v1/models").headers["Allow"]
 
 
+def test_a_405_counts_in_metrics_under_its_paths_route_and_only_a_path_of_no_route_as_unmatched(client):
+    def count(endpoint: str, status: str) -> float:
+        return REGISTRY.get_sample_value("sidecar_requests_total", {"endpoint": endpoint, "status": status}) or 0.0
+
+    before = (count("/v1/search", "405"), count("/v1/documents/<id:doc_id>/thumbnail", "405"),
+              count("unmatched", "404"))
+    client.get("/v1/search")
+    client.post("/v1/documents/d1/thumbnail")
+    client.get("/v1/no-such-path")
+    assert (count("/v1/search", "405"), count("/v1/documents/<id:doc_id>/thumbnail", "405"),
+            count("unmatched", "404")) == (before[0] + 1, before[1] + 1, before[2] + 1)
+
+
 def test_mime_wrapped_base64_and_data_urls_are_images(client, corpus):
     path = corpus.parent / manifest_rows(corpus)[0]["path"]
     plain = client.post("/v1/embeddings", json={"input": [image_b64(path)], "modality": "image"}).json
