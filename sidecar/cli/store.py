@@ -105,9 +105,11 @@ def calibrate(ctx: click.Context, seed: int, allow_exact: bool, **kwargs: Any) -
             raise click.ClickException(str(exc)) from exc
         opened.effort.save(effort)
     click.echo(effort.describe())
+    # A calibration applies where both the target and K match (`SearchEffort.matches`).
+    at_k = "" if effort.k == Settings.target_recall_k else f" with SIDECAR_TARGET_RECALL_K={effort.k}"
     click.echo(f"saved with the store: vector queries without ef_search get "
                f"{'exact search' if effort.exact else f'ef_search {effort.ef_search}'} wherever "
-               f"SIDECAR_TARGET_RECALL={settings.target_recall:g} (or --target-recall) is set")
+               f"SIDECAR_TARGET_RECALL={settings.target_recall:g} (or --target-recall) is set{at_k}")
 
 
 @contextlib.contextmanager

@@ -126,6 +126,24 @@ def test_live_recall_drops_with_an_absurdly_low_ef_search_and_recovers_when_the_
         (uniform_store / "calibration.json").unlink()
 
 
+def test_calibrate_at_another_k_names_the_recall_k_setting_servers_need_to_apply_it(tmp_path):
+    # A calibration applies where the target and K both match: at K=5, a server with the default K=10 keeps its
+    # fixed ef_search, so "wherever SIDECAR_TARGET_RECALL=0.5 is set" alone would send the operator astray.
+    path = tmp_path / "store"
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    with EmbeddedStore(path) as store:
+        store.upsert([Document(id=f"d{i}", vector=v / np.linalg.norm(v)) for i, v in enumerate(vectors)])
+    result = CliRunner().invoke(main, ["-q", "store", "calibrate", "--store-path", str(path), "--target-recall", "0.5",
+                                       "-k", "5", "--queries", "20", "--ann-only"])
+    assert result.exit_code == 0, result.output
+    assert "wherever SIDECAR_TARGET_RECALL=0.5 (or --target-recall) is set with SIDECAR_TARGET_RECALL_K=5" \
+        in result.output, result.output
+    for k, applied in ((5, True), (10, False)):
+        with EmbeddedStore(path, target_recall=0.5, target_k=k) as store:
+            assert (store.effort.applied() is not None) is applied
+
+
 def test_shadow_checks_wait_for_no_request_and_are_dropped_when_their_queue_is_full(encoder, uniform_store,
                                                                                     tmp_path):
     app, store = quality_app(encoder, uniform_store, tmp_path, monitor_fraction=1.0, monitor_queue=1)
