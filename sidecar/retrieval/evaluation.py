@@ -39,7 +39,7 @@ class RecallReport:
 
     def describe(self) -> str:
         lines = [f"Recall@{self.k} (HNSW vs exact) over {self.queries} queries: {self.recall:.4f} at efSearch "
-                 f"{self.ef_search}, each search {self.depth} deep (the candidates searches ask for)",
+                 f"{self.ef_search}, each search {self.depth} deep",
                  f"latency p50/p95: HNSW {self.ann_ms[0]:.2f}/{self.ann_ms[1]:.2f} ms, "
                  f"exact {self.exact_ms[0]:.2f}/{self.exact_ms[1]:.2f} ms"]
         if self.queries_get_exact:
