@@ -48,9 +48,11 @@ class Quality:
                                                    hits=result.hits, model=model))
 
     def update_gauges(self, store: Store) -> None:
-        """The recall target and the effort queries get now (before each scrape)."""
+        """The recall target and the effort queries get now (before each scrape). The target is the setting's
+        whether or not a calibration for it exists: recall under it is what the operator asked to hear of
+        (the alert's and /v1/status's verdicts alike), and the usual remedy is that calibration."""
         effort = store.effort
-        metrics.RECALL_TARGET.set(effort.target_recall if effort.applied() is not None else 0.0)
+        metrics.RECALL_TARGET.set(effort.target_recall or 0.0)
         metrics.SEARCH_EF.set(0 if effort.exact(None) else effort.ef_search(None))
 
     def close(self) -> None:

@@ -74,7 +74,8 @@ RECALL_EXPECTED = Counter("sidecar_ann_recall_expected_total", "Shadow-checked q
 SHADOW_CHECKS = Counter("sidecar_shadow_checks_total",
                         "Queries offered to the shadow exact search: checked, dropped (queue full), failed", ["outcome"])
 # The recall target and the effort it chose (set at each scrape; the most recent write of a live worker wins).
-RECALL_TARGET = Gauge("sidecar_recall_target", "target_recall the store's effort was calibrated for (0: none)",
+RECALL_TARGET = Gauge("sidecar_recall_target", "The target_recall setting, calibrated for or not, as /v1/status "
+                      "judges recall against it (0: none set)",
                       multiprocess_mode="livemostrecent")
 SEARCH_EF = Gauge("sidecar_search_ef_search", "HNSW efSearch of queries that name none (0: exact search); one that "
                   "asks for more candidates than this searches at that many",

@@ -126,6 +126,21 @@ def test_live_recall_drops_with_an_absurdly_low_ef_search_and_recovers_when_the_
         (uniform_store / "calibration.json").unlink()
 
 
+def test_a_recall_target_not_calibrated_for_is_the_alerts_target_as_it_is_the_status_pages(
+        encoder, uniform_store, tmp_path):
+    # The gauge read 0 until a calibration for the target existed: the alert then judged recall against its 0.95
+    # floor while /v1/status judged it against the 0.99 asked for, and the two could disagree.
+    assert not (uniform_store / "calibration.json").exists()
+    app, store = quality_app(encoder, uniform_store, tmp_path, target_recall=0.99)
+    client = app.test_client()
+    try:
+        status = client.get("/v1/status").get_json()
+        assert status["search_effort"]["calibrated"] is False and status["recall"]["target"] == 0.99
+        assert scraped(client, "sidecar_recall_target") == 0.99
+    finally:
+        close(app, store)
+
+
 def test_calibrate_at_another_k_names_the_recall_k_setting_servers_need_to_apply_it(tmp_path):
     # A calibration applies where the target and K both match: at K=5, a server with the default K=10 keeps its
     # fixed ef_search, so "wherever SIDECAR_TARGET_RECALL=0.5 is set" alone would send the operator astray.
