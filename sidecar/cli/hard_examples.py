@@ -42,12 +42,17 @@ def export(log_dir: Path | None, out: Path, shards: Path | None, min_relevance: 
         `clip-sidecar eval` on OUT/queries.jsonl before switching.
     """
     from sidecar.ingest.shards import ShardSet
-    from sidecar.retrieval.hard_examples import export_examples
+    from sidecar.retrieval.hard_examples import FEEDBACK_FILE, HARD_EXAMPLES_FILE, export_examples
 
     configured = Settings.from_env().quality_log_dir
     if log_dir is None and not configured:
         raise click.UsageError("give --log-dir (or SIDECAR_QUALITY_LOG_DIR): the folder the server logged to")
     folder = log_dir or Path(configured)
+    if not any(path for name in (HARD_EXAMPLES_FILE, FEEDBACK_FILE) for path in folder.glob(f"{name}*")):
+        # Four empty files and exit 0 would read as "nothing was logged" where the folder is the wrong one.
+        raise click.ClickException(f"{folder} holds no {HARD_EXAMPLES_FILE} or {FEEDBACK_FILE}: is it the server's "
+                                   "SIDECAR_QUALITY_LOG_DIR? The server writes them at its first hard query or "
+                                   "feedback (SIDECAR_HARD_EXAMPLE_FRACTION: the share of searches it checks)")
     image_paths = None
     if shards is not None:
         image_paths = {doc_id: row.path for doc_id, (_, row, _) in ShardSet(shards).live().items()}

@@ -398,3 +398,13 @@ def pair_loss(encoder, images, texts) -> float:
     similarity = torch.from_numpy(cosines) * float(encoder.model.logit_scale.detach().exp())
     labels = torch.arange(len(texts))
     return float(F.cross_entropy(similarity, labels) + F.cross_entropy(similarity.T, labels)) / 2
+
+
+def test_hard_examples_export_from_a_folder_without_the_servers_logs_is_an_error_naming_the_setting(tmp_path):
+    # It wrote four empty files and exited 0: a mistyped folder read as "nothing was logged".
+    (tmp_path / "logs").mkdir()
+    result = CliRunner().invoke(main, ["-q", "hard-examples", "export", "--log-dir", str(tmp_path / "logs"),
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'logs'} holds no hard-examples.jsonl or feedback.jsonl" in result.output
+    assert "SIDECAR_QUALITY_LOG_DIR" in result.output and not (tmp_path / "out").exists()
