@@ -889,13 +889,17 @@ class OpenSearchStore:
     @contextlib.contextmanager
     def _read_errors(self, what: str) -> Iterator[None]:
         """The query path's client errors as the store's: a cluster that cannot answer now (down,
-        timing out, rejecting under load) or has no index yet (`opensearch setup` not run) →
-        StoreUnavailable; a query it refuses (400) → StoreQueryError; anything else → StoreError."""
+        timing out, rejecting under load), an index that cannot be read in its present state (none yet,
+        closed: `_index_state`) → StoreUnavailable; a query it refuses (400) → StoreQueryError; anything
+        else → StoreError."""
         try:
             yield
         except OpenSearchUnreachable as exc:
             raise StoreUnavailable(f"{what} failed: {exc}") from exc
         except TransportError as exc:
+            state = self._index_state(what, exc.info.get("error") if isinstance(exc.info, dict) else None)
+            if state is not None:
+                raise state from exc
             if exc.status_code in (429, 502, 503, 504):
                 # The reason names what could not answer (`No shard available for [get [index][id]…]`).
                 reason = _root_cause(exc)
@@ -905,23 +909,38 @@ class OpenSearchStore:
             if exc.status_code == 400:
                 # The reason can hold a client's filter value whole (`For input string: "…"`): cut as one is.
                 raise StoreQueryError(f"{what}: OpenSearch refused the query: {quoted(_root_cause(exc))}") from exc
-            if exc.status_code == 404 and exc.error == "index_not_found_exception":
-                raise self._no_index(what) from exc
             raise StoreError(f"{what} failed: {exc.status_code} {exc.error}: {exc.info}") from exc
 
     def _fetch_errors(self, what: str, failed: list[dict[str, Any]], *, asked: int) -> StoreError:
         """A multi-get's per-document errors as the store's: mget answers 200 with an error in place of each
         document it could not read, which skipped would read as not stored (404 for `like`, hits dropped
-        from the fine stage or a page). No index as `_read_errors` says it; a shard that cannot answer now
-        (UNAVAILABLE_ITEM_ERRORS: a red index, as a search there answers 503) → StoreUnavailable; anything
-        else → StoreError. The first such document is named, with its index and OpenSearch's reason."""
-        if any(d["error"].get("type") == "index_not_found_exception" for d in failed):
-            return self._no_index(what)
+        from the fine stage or a page). An index that cannot be read in its present state as `_read_errors`
+        says it; a shard that cannot answer now (UNAVAILABLE_ITEM_ERRORS: a red index, as a search there
+        answers 503) → StoreUnavailable; anything else → StoreError. The first such document is named, with
+        its index and OpenSearch's reason."""
+        for d in failed:
+            if (state := self._index_state(what, d["error"])) is not None:
+                return state
         first, error = failed[0], failed[0]["error"]
         message = (f"{what} failed: OpenSearch at {self.url} could not read {len(failed)} of {asked} documents, the "
                    f"first {quoted(first['_id'])} of index {first.get('_index', self.alias)}: {error.get('type')}: "
                    f"{quoted(str(error.get('reason')))}")
         return StoreUnavailable(message) if error.get("type") in UNAVAILABLE_ITEM_ERRORS else StoreError(message)
+
+    def _index_state(self, what: str, error: Any) -> StoreUnavailable | None:
+        """OpenSearch's error (a response's or a multi-get item's) where it says the index behind the alias cannot
+        be read in its present state, as StoreUnavailable; None for any other. No index yet (`_no_index`), or a
+        closed one: OpenSearch answers 400 index_closed_exception, as to a bad request, but the request is fine
+        and answers once an operator opens the index (a 502 would tell clients not to retry)."""
+        kind = error.get("type") if isinstance(error, dict) else None
+        if kind == "index_not_found_exception":
+            return self._no_index(what)
+        if kind == "index_closed_exception":
+            index = error.get("index") or self.alias
+            return StoreUnavailable(f"{what} failed: index {index} behind alias {self.alias} on OpenSearch at "
+                                    f"{self.url} is closed: it answers no reads until it is opened "
+                                    f"(`POST /{index}/_open`)")
+        return None
 
     def _no_index(self, what: str) -> StoreUnavailable:
         """A read of an alias that does not exist. A server started before its index (docker compose,

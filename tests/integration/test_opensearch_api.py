@@ -1,8 +1,8 @@
 """The Flask app on OpenSearch when things go wrong: a cluster nobody answers at (503 + Retry-After,
-a real closed port), one without the index yet (503 too), a document on a shard with no copy assigned (a
-red index: 503 too, not 404), a filter the cluster refuses for its field's type or on a field no document
-holds (400 naming `filters`), another model's rebuild while serving (409 model_mismatch on the next vector
-search)."""
+a real closed port), one without the index yet (503 too), a closed index (503 too, not 400 or 502), a document
+on a shard with no copy assigned (a red index: 503 too, not 404), a filter the cluster refuses for its field's
+type or on a field no document holds (400 naming `filters`), another model's rebuild while serving (409
+model_mismatch on the next vector search)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from sidecar.errors import MAX_ECHOED_CHARS
 from sidecar.retrieval.calibration import calibrate
 from sidecar.retrieval.evaluation import ann_recall
 from sidecar.stores import opensearch
-from sidecar.stores.base import StoreError, StoreUnavailable
+from sidecar.stores.base import StoreUnavailable
 from sidecar.types import Document, ModelSignature
 from tests.integration.conftest import drop, make_store
 from tests.integration.native_support import sidecar_env
@@ -190,15 +190,47 @@ def test_fetching_documents_some_on_a_shard_without_a_copy_is_store_unavailable_
 
 
 
-def test_fetching_from_a_closed_index_is_a_store_error_naming_the_document_and_the_reason(claimed_store, encoder):
-    # Another error in place of a document than a shard that cannot answer now: an operator's matter (502).
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/search", {"text": "red circle"}), ("POST", "/v1/search", {"text": "red circle", "mode": "bm25"}),
+    ("POST", "/v1/search", {"image": png_b64()}), ("POST", "/v1/search", {"image": png_b64(), "exact": True}),
+    ("POST", "/v1/search", {"image": png_b64(), "filters": {"colour": "red"}}),
+    ("POST", "/v1/search", {"like": "d1"}), ("POST", "/v1/search", {"like": "d1", "text": "red circle"}),
+    ("POST", "/v1/captions", {"like": "d1"}), ("POST", "/v1/captions", {"image": png_b64()}),
+    ("GET", "/v1/documents/d1/thumbnail", None), ("GET", "/v1/facets", None)],
+    ids=["hybrid", "bm25", "image", "image-exact", "image-filtered", "like", "like-with-text", "captions-like",
+         "captions-image", "thumbnail", "facets"])
+def test_a_read_of_a_closed_index_is_503_with_retry_after_naming_the_index_and_how_to_open_it(
+        app_on, closed_store, method, path, body):
+    # OpenSearch answers a read of a closed index 400 index_closed_exception, which read as a query it refused: 502
+    # "OpenSearch refused the query: 'closed'", 400 blaming `filters` for a filtered search, 502 for `like` (its
+    # mget's item error). The request is fine; the index is shut until an operator opens it.
+    store, index = closed_store
+    response = app_on(store).open(path, method=method, json=body)
+    assert response.status_code == 503, response.json
+    assert response.headers["Retry-After"] == "5"
+    assert response.json["error"]["code"] == "store_unavailable"
+    message = response.json["error"]["message"]
+    assert f"index {index} behind alias {store.alias} on OpenSearch at {store.url} is closed" in message, message
+    assert f"`POST /{index}/_open`" in message, message
+
+
+@pytest.mark.parametrize("read", ["count", "fetch"])
+def test_counting_or_fetching_from_a_closed_index_is_store_unavailable_naming_the_index(closed_store, read):
+    # mget answers 200 with index_closed_exception in place of each document: it read as a StoreError (502).
+    store, index = closed_store
+    with pytest.raises(StoreUnavailable) as raised:
+        store.count() if read == "count" else store.fetch(["d0", "d1"])
+    assert f"index {index} behind alias {store.alias} on OpenSearch at {store.url} is closed" in str(raised.value)
+
+
+@pytest.fixture
+def closed_store(claimed_store, encoder):
+    """(store, index): a store claimed by the served model, holding `documents`, whose one index is closed (as
+    `POST /<index>/_close` leaves it; dropped after the test as an open one is)."""
     store = claimed_store(documents(encoder.dim))
-    store.client.indices.close(index=store.alias_indices()[0])
-    with pytest.raises(StoreError) as raised:
-        store.fetch(["d0", "d1"])
-    assert not isinstance(raised.value, StoreUnavailable)
-    assert "could not read 2 of 2 documents, the first 'd0' of index " in str(raised.value), raised.value
-    assert str(raised.value).endswith("index_closed_exception: 'closed'"), raised.value
+    (index,) = store.alias_indices()
+    assert store.client.indices.close(index=index, timeout="30s", request_timeout=40)["acknowledged"]
+    return store, index
 
 
 # gunicorn's error log line ("[time] [pid] [LEVEL] message") and its access line ('host - - [time] "GET …" 503 …').
