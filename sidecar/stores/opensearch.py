@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -71,6 +72,14 @@ RETRYABLE = (OSConnectionError, ConnectionTimeout)
 UNAVAILABLE_ITEM_ERRORS = frozenset({
     "no_shard_available_action_exception",  # no copy of the document's shard is assigned: a red index
     "unavailable_shards_exception", "es_rejected_execution_exception", "circuit_breaking_exception"})
+# Every search of the store is of the whole index or none: by default OpenSearch answers 200 from the shards
+# that have a copy assigned (`_shards.successful` below `total`, `failed` 0), and the hits of the others would
+# be missing without a sign from a ranking, a fusion's normalisation, a rerank, a recall measurement. Refused,
+# it answers 503 naming the shards it misses (`_partial`).
+WHOLE_INDEX = {"allow_partial_search_results": "false"}
+# How OpenSearch 2.19 names those shards: "Search rejected due to missing shards [[index][1], [index][3]]. …".
+MISSING_SHARDS = re.compile(r"Search rejected due to missing shards \[(.*)\]\.")
+SHARD = re.compile(r"\[([^\[\]]+)\]\[(\d+)\]")
 # Documents pulled from a rebuild's iterable at a time: the unit a dropped connection resumes within.
 REBUILD_BATCH = 10_000
 # refresh_interval during a large load, per engine. lucene builds each segment's HNSW graph while
@@ -437,8 +446,9 @@ class OpenSearchStore:
     # --- reads -----------------------------------------------------------------------------
 
     def count(self) -> int:
-        with self._read_errors(f"counting {self.alias}"):
-            return int(self.client.count(index=self.alias)["count"])
+        # A search, not _count: _count takes no allow_partial_search_results, and counted the shards left alone.
+        body = {"size": 0, "track_total_hits": True, "query": {"match_all": {}}}
+        return int(self._search(body, what=f"counting {self.alias}")["hits"]["total"]["value"])
 
     def content_hashes(self) -> dict[str, str]:
         """id -> content_hash for every stored document, via the scan helper (none before the alias exists:
@@ -484,7 +494,7 @@ class OpenSearchStore:
         # dfs: BM25 from the index's term statistics, not each shard's, so an index of several
         # shards scores as one shard does (OpenSearch skips the extra phase on one shard).
         with self._filter_refusals(filters):
-            hits = self._search(body, search_type="dfs_query_then_fetch")
+            hits = self._search(body, search_type="dfs_query_then_fetch")["hits"]["hits"]
         return [ScoredId(h["_id"], float(h["_score"])) for h in hits]
 
     def one_version(self) -> contextlib.nullcontext[None]:
@@ -617,7 +627,7 @@ class OpenSearchStore:
             names = sorted(fields)
             aggregations = {f"f{i}": {"terms": {"field": f"metadata.{name}", "size": size}}
                             for i, name in enumerate(names)}
-            answer = self.client.search(index=self.alias, body={"size": 0, "aggs": aggregations})["aggregations"]
+            answer = self._search({"size": 0, "aggs": aggregations}, what=f"facets of {self.alias}")["aggregations"]
         facets = {}
         for i, name in enumerate(names):
             buckets = answer[f"f{i}"]
@@ -850,10 +860,12 @@ class OpenSearchStore:
                 time.sleep(min(self.initial_backoff * 2 ** attempt, 30.0))
         return None
 
-    def _search(self, body: dict[str, Any], *, search_type: str | None = None) -> list[dict[str, Any]]:
-        params = {"search_type": search_type} if search_type else None
-        with self._read_errors(f"search on {self.alias}"):
-            return self.client.search(index=self.alias, body=body, params=params)["hits"]["hits"]
+    def _search(self, body: dict[str, Any], *, search_type: str | None = None,
+                what: str | None = None) -> dict[str, Any]:
+        """OpenSearch's answer to a search of the index behind the alias, of every shard (WHOLE_INDEX) or none."""
+        params = {**WHOLE_INDEX, **({"search_type": search_type} if search_type else {})}
+        with self._read_errors(what or f"search on {self.alias}"):
+            return self.client.search(index=self.alias, body=body, params=params)
 
     def _vector_hits(self, body: dict[str, Any], *, dim: int) -> list[dict[str, Any]]:
         """`_search` for a query by a `dim`-d vector, held to the record its caller checked the query's model
@@ -868,7 +880,7 @@ class OpenSearchStore:
         while the alias moves, or while another process's first `index` claims the store)."""
         checked = self._models_read or self._read_models()
         try:
-            hits = self._search(body)
+            hits = self._search(body)["hits"]["hits"]
         except StoreQueryError as exc:
             current = self._read_models()
             if current.dim is not None and current.dim != dim:
@@ -889,9 +901,9 @@ class OpenSearchStore:
     @contextlib.contextmanager
     def _read_errors(self, what: str) -> Iterator[None]:
         """The query path's client errors as the store's: a cluster that cannot answer now (down,
-        timing out, rejecting under load), an index that cannot be read in its present state (none yet,
-        closed: `_index_state`) → StoreUnavailable; a query it refuses (400) → StoreQueryError; anything
-        else → StoreError."""
+        timing out, rejecting under load, missing shards of the index), an index that cannot be read in
+        its present state (none yet, closed: `_index_state`) → StoreUnavailable; a query it refuses (400)
+        → StoreQueryError; anything else → StoreError."""
         try:
             yield
         except OpenSearchUnreachable as exc:
@@ -900,6 +912,8 @@ class OpenSearchStore:
             state = self._index_state(what, exc.info.get("error") if isinstance(exc.info, dict) else None)
             if state is not None:
                 raise state from exc
+            if exc.status_code == 503 and (missing := _missing_shards(exc)):
+                raise self._partial(what, missing) from exc
             if exc.status_code in (429, 502, 503, 504):
                 # The reason names what could not answer (`No shard available for [get [index][id]…]`).
                 reason = _root_cause(exc)
@@ -941,6 +955,17 @@ class OpenSearchStore:
                                     f"{self.url} is closed: it answers no reads until it is opened "
                                     f"(`POST /{index}/_open`)")
         return None
+
+    def _partial(self, what: str, missing: dict[str, list[int]]) -> StoreUnavailable:
+        """A search refused (WHOLE_INDEX) for shards of the index that have no copy assigned (a red index)."""
+        index, shards = next(iter(missing.items()))
+        total = self.primary_shards()
+        named = f"shard {shards[0]}" if len(shards) == 1 else f"shards {', '.join(map(str, shards))}"
+        return StoreUnavailable(f"{what} failed: OpenSearch at {self.url} has no copy of {named} of index {index}: "
+                                f"{total - len(shards)} of its {total} shards could answer, and the store reads all "
+                                "of an index or none of it (the documents of the others would be missing without a "
+                                "sign); retry once every shard is assigned (`GET _cluster/allocation/explain` says "
+                                "why one is not)")
 
     def _no_index(self, what: str) -> StoreUnavailable:
         """A read of an alias that does not exist. A server started before its index (docker compose,
@@ -1150,12 +1175,32 @@ def _fine_signature_in(meta: dict[str, Any]) -> ModelSignature | None:
 
 def _root_cause(exc: TransportError) -> str:
     """OpenSearch's first root-cause reason (e.g. 'failed to create query: For input string: "big"'), else
-    its error's reason (a search on a red index lists no root cause: 'all shards failed'), else its type."""
+    its error's reason (a search on a red index lists no root cause: 'all shards failed'), else the first reason
+    of its chain of causes (a search refused for missing shards has an empty one), else its type."""
     error = exc.info.get("error") if isinstance(exc.info, dict) else None
     if not isinstance(error, dict):
         return str(exc.error)
     causes = error.get("root_cause") or [{}]
-    return str(causes[0].get("reason") or error.get("reason") or exc.error)
+    return str(causes[0].get("reason") or next((reason for reason in _reasons(error) if reason), exc.error))
+
+
+def _reasons(error: Any) -> Iterator[str]:
+    """The reasons of an OpenSearch error and of its causes (`caused_by`), outermost first."""
+    while isinstance(error, dict):
+        yield str(error.get("reason") or "")
+        error = error.get("caused_by")
+
+
+def _missing_shards(exc: TransportError) -> dict[str, list[int]]:
+    """index -> the shard numbers a search was refused for (WHOLE_INDEX) as they have no copy assigned, as the
+    error's reasons list them; {} for another error."""
+    missing: dict[str, list[int]] = {}
+    for reason in _reasons(exc.info.get("error") if isinstance(exc.info, dict) else None):
+        if (listed := MISSING_SHARDS.search(reason)) is not None:
+            for index, shard in SHARD.findall(listed.group(1)):
+                missing.setdefault(index, []).append(int(shard))
+            break
+    return missing
 
 
 def _facet_value(bucket: dict[str, Any], field_type: str) -> Any:

@@ -1,5 +1,5 @@
 """The OpenSearch store without a cluster: what its client raises when none can be reached or its
-certificate does not verify, and the k-NN query it builds."""
+certificate does not verify, the k-NN query it builds, and OpenSearch's refusals read as its own errors."""
 
 from __future__ import annotations
 
@@ -146,3 +146,20 @@ def test_a_filter_the_cluster_refuses_is_named_by_its_fields_and_their_stored_ty
             store.text_search("red", 5)
     finally:
         store.close()
+
+
+def test_an_unavailable_search_whose_reason_is_only_in_its_cause_is_named_by_that_cause(monkeypatch):
+    # A search refused for missing shards answers an empty reason and no root cause, its reason in `caused_by`:
+    # the message said only the type. The missing-shards refusal itself (named by its shards) is tested on a node.
+    store = OpenSearchStore(url=f"http://127.0.0.1:{free_port()}", index="an-alias")
+    refusal = TransportError(503, "search_phase_execution_exception", {"error": {
+        "root_cause": [], "type": "search_phase_execution_exception", "reason": "",
+        "caused_by": {"type": "search_phase_execution_exception", "reason": "Partial shards failure"}}})
+    monkeypatch.setattr(store.client, "search", lambda **_: (_ for _ in ()).throw(refusal))
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            store.text_search("red", 5)
+    finally:
+        store.close()
+    assert str(raised.value) == (f"search on an-alias failed: OpenSearch at {store.url} answered 503 "
+                                 "search_phase_execution_exception: 'Partial shards failure'")

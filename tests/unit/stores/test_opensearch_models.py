@@ -62,7 +62,8 @@ def test_a_claim_compares_with_the_mapping_of_now_not_the_cached_read(store, mon
 
 
 def test_vector_searches_answered_by_the_index_read_cost_no_mapping_read(store, monkeypatch):
-    monkeypatch.setattr(store, "_search", lambda body, **_: [{"_index": store.index, "_id": "d0", "_score": 1.5}])
+    monkeypatch.setattr(store, "_search", lambda body, **_: {"hits": {"hits": [
+        {"_index": store.index, "_id": "d0", "_score": 1.5}]}})
     assert store.signature() == SIGNATURE and store.reads == 1
     for _ in range(5):
         assert [hit.id for hit in store.vector_search(np.ones(SIGNATURE.dim, dtype=np.float32), 1)] == ["d0"]
@@ -70,7 +71,8 @@ def test_vector_searches_answered_by_the_index_read_cost_no_mapping_read(store, 
 
 
 def test_hits_of_another_index_recording_another_model_refuse_the_search_at_once(store, monkeypatch):
-    monkeypatch.setattr(store, "_search", lambda body, **_: [{"_index": store.index, "_id": "d0", "_score": 1.5}])
+    monkeypatch.setattr(store, "_search", lambda body, **_: {"hits": {"hits": [
+        {"_index": store.index, "_id": "d0", "_score": 1.5}]}})
     assert store.signature() == SIGNATURE
     store.meta, store.index = recorded(OTHER), "clip-test-v2"  # another model's rebuild moved the alias
     with pytest.raises(QueryModelMismatch, match="holds vectors of ViT-B-16 .*encoded by ViT-B-32 "):
