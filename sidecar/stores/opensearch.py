@@ -452,13 +452,20 @@ class OpenSearchStore:
 
     def content_hashes(self) -> dict[str, str]:
         """id -> content_hash for every stored document, via the scan helper (none before the alias exists:
-        a first rebuild creates it)."""
+        a first rebuild creates it), of every shard or none as the searches are (WHOLE_INDEX): `index` would
+        take a document on a shard left out for one not stored, and load it again."""
+        what = f"reading the content hashes of {self.alias}"
         hits = helpers.scan(self.client, index=self.alias, query={"query": {"match_all": {}}},
-                            _source=["content_hash"], size=1000)
-        try:
-            return {h["_id"]: h["_source"].get("content_hash", "") for h in hits}
-        except NotFoundError:
-            return {}
+                            _source=["content_hash"], size=1000, params=WHOLE_INDEX)
+        with self._read_errors(what):
+            try:
+                return {h["_id"]: h["_source"].get("content_hash", "") for h in hits}
+            except NotFoundError as exc:
+                if exc.error != "index_not_found_exception":
+                    raise
+                return {}
+            except helpers.ScanError as exc:  # a shard lost between two pages of the scroll
+                raise StoreUnavailable(f"{what} failed: {exc}") from exc
 
     def vector_search(
         self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False,

@@ -214,12 +214,13 @@ def test_a_read_of_a_closed_index_is_503_with_retry_after_naming_the_index_and_h
     assert f"`POST /{index}/_open`" in message, message
 
 
-@pytest.mark.parametrize("read", ["count", "fetch"])
+@pytest.mark.parametrize("read", ["count", "fetch", "content_hashes"])
 def test_counting_or_fetching_from_a_closed_index_is_store_unavailable_naming_the_index(closed_store, read):
-    # mget answers 200 with index_closed_exception in place of each document: it read as a StoreError (502).
+    # mget answers 200 with index_closed_exception in place of each document: it read as a StoreError (502); the
+    # content hashes `index` reads raised opensearch-py's own 400 to the CLI.
     store, index = closed_store
     with pytest.raises(StoreUnavailable) as raised:
-        store.count() if read == "count" else store.fetch(["d0", "d1"])
+        {"count": store.count, "fetch": lambda: store.fetch(["d0", "d1"]), "content_hashes": store.content_hashes}[read]()
     assert f"index {index} behind alias {store.alias} on OpenSearch at {store.url} is closed" in str(raised.value)
 
 
@@ -252,15 +253,18 @@ def test_a_search_of_an_index_with_a_shard_without_a_copy_is_503_naming_the_inde
     assert_refused_as_partial(response.json["error"]["message"], store)
 
 
-@pytest.mark.parametrize("read", ["hybrid-minmax", "hybrid-rrf", "count"])
+@pytest.mark.parametrize("read", ["hybrid-minmax", "hybrid-rrf", "count", "content_hashes"])
 def test_the_native_hybrid_search_and_the_count_of_an_index_with_a_shard_without_a_copy_are_store_unavailable(
         half_red_store, encoder, read):
     # The hybrid query through an inline search pipeline (served on an index of one shard) refuses as other
-    # searches do; `_count` takes no allow_partial_search_results and counted the shard left alone.
+    # searches do; `_count` takes no allow_partial_search_results and counted the shard left alone; the scan of
+    # the content hashes `index` reads raised opensearch-py's ScanError to the CLI.
     store, _, _ = half_red_store
     with pytest.raises(StoreUnavailable) as raised:
         if read == "count":
             store.count()
+        elif read == "content_hashes":
+            store.content_hashes()
         else:
             store.hybrid_search(documents(encoder.dim, n=1)[0].vector, "red circle", 5, fusion=read.split("-")[1])
     assert_refused_as_partial(str(raised.value), store)
