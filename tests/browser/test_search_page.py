@@ -520,3 +520,14 @@ def test_a_new_api_key_keeps_the_chosen_filters_for_the_next_page(browser, encod
         settle(page, "/v1/search", lambda: page.click("#next-page"))
         shown = hits(page)
         assert shown and {hit["metadata"]["color"] for hit in shown} == {"blue"}
+
+
+def test_the_search_button_keeps_keyboard_focus_through_its_search(browser, page_server):
+    # A button disabled while it has focus loses it to <body>: a keyboard user who pressed Search had to start
+    # tabbing from the top of the page again, and Enter in the query box did nothing while a search ran.
+    page = open_page(browser, page_server)
+    page.fill("#query", "blue square")
+    page.focus("#search-button")
+    settle(page, "/v1/search", lambda: page.keyboard.press("Enter"))
+    assert hits(page)
+    assert page.evaluate("document.activeElement.id") == "search-button"

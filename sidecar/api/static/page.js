@@ -254,7 +254,9 @@
     const mine = ++generation;
     clearError();
     $('status').textContent = 'Searching…';
-    $('search-button').disabled = true;
+    // The search button stays enabled: disabled, it would drop keyboard focus to <body> (and Enter in the query
+    // box would do nothing); a search started meanwhile supersedes this one (`generation`).
+    $('results').setAttribute('aria-busy', 'true');
     document.body.classList.add('busy');
     const started = performance.now();
     try {
@@ -273,7 +275,7 @@
       showError(problem);
     } finally {
       if (mine === generation) {
-        $('search-button').disabled = false;
+        $('results').removeAttribute('aria-busy');
         document.body.classList.remove('busy');
       }
     }
