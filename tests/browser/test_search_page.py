@@ -531,3 +531,16 @@ def test_the_search_button_keeps_keyboard_focus_through_its_search(browser, page
     settle(page, "/v1/search", lambda: page.keyboard.press("Enter"))
     assert hits(page)
     assert page.evaluate("document.activeElement.id") == "search-button"
+
+
+def test_the_next_page_is_of_the_results_shown_not_of_text_typed_since(browser, page_server):
+    page = open_page(browser, page_server)
+    search_for(page, "red circle")
+    settle(page, "/v1/search", lambda: page.click("#next-page"))
+    second = [hit["id"] for hit in hits(page)]
+    settle(page, "/v1/search", lambda: page.click("#prev-page"))
+    page.fill("#query", "blue square")  # typed, not searched: the results shown are still of "red circle"
+    settle(page, "/v1/search", lambda: page.click("#next-page"))
+    assert [hit["id"] for hit in hits(page)] == second
+    settle(page, "/v1/search", lambda: page.press("#query", "Enter"))  # a search of its own starts from page 1
+    assert page.inner_text("#page-info") == "1–20" and hits(page)[0]["metadata"]["color"] == "blue"

@@ -7,6 +7,7 @@
   const state = {
     image: null,    // {dataUrl, name, previewUrl}: the query image
     like: null,     // {id, text}: "more like this" of a stored document
+    query: null,    // {text, image, like} of the latest search: what its next and previous pages are of
     offset: 0,
     searched: false,
     thumbUrls: [],  // blob: URLs of thumbnails fetched with an API key, released on the next render
@@ -204,10 +205,10 @@
 
   function searchBody() {
     const body = { k: Number($('page-size').value), offset: state.offset };
-    const text = $('query').value.trim();
+    const { text, image, like } = state.query;
     if (text) body.text = text;
-    if (state.image) body.image = state.image.dataUrl;
-    if (state.like) body.like = state.like.id;
+    if (image) body.image = image.dataUrl;
+    if (like) body.like = like.id;
     if ($('mode').value) body.mode = $('mode').value;
     body.fusion = $('fusion').value;
     const weights = { vector: number('weight-vector'), bm25: number('weight-bm25') };
@@ -223,8 +224,9 @@
 
   function captionsBody() {
     const body = { k: Number($('page-size').value) };
-    if (state.image) body.image = state.image.dataUrl;
-    if (state.like) body.like = state.like.id;
+    const { image, like } = state.query;
+    if (image) body.image = image.dataUrl;
+    if (like) body.like = like.id;
     const candidates = number('candidates');
     if (candidates !== null) body.candidates = candidates;
     if ($('exact').checked) body.exact = true;
@@ -241,15 +243,19 @@
 
   let generation = 0;  // answers to a superseded request are dropped
 
-  async function run({ focusResults = false } = {}) {
-    if (!hasQuery()) {
-      showError(new ApiProblem(400, 'bad_request', 'type some text, choose an image, or pick “More like this” on a result.'));
-      return;
-    }
-    const captions = findCaptions();
-    if (captions && !state.image && !state.like) {
-      showError(new ApiProblem(400, 'bad_request', 'captions describe an image: choose one, or pick “More like this” on a result.'));
-      return;
+  // paging: another page of the query shown (state.query), not of what the query box holds meanwhile.
+  async function run({ focusResults = false, paging = false } = {}) {
+    const captions = !paging && findCaptions();  // pages are of images found; captions come in one list
+    if (!paging) {
+      if (!hasQuery()) {
+        showError(new ApiProblem(400, 'bad_request', 'type some text, choose an image, or pick “More like this” on a result.'));
+        return;
+      }
+      if (captions && !state.image && !state.like) {
+        showError(new ApiProblem(400, 'bad_request', 'captions describe an image: choose one, or pick “More like this” on a result.'));
+        return;
+      }
+      state.query = { text: $('query').value.trim(), image: state.image, like: state.like };
     }
     const mine = ++generation;
     clearError();
@@ -537,11 +543,11 @@
 
   $('prev-page').addEventListener('click', () => {
     state.offset = Math.max(0, state.offset - Number($('page-size').value));
-    run({ focusResults: true });
+    run({ focusResults: true, paging: true });
   });
   $('next-page').addEventListener('click', () => {
     state.offset = Number($('next-page').dataset.offset);
-    run({ focusResults: true });
+    run({ focusResults: true, paging: true });
   });
 
   const key = $('api-key');
