@@ -544,3 +544,32 @@ def test_the_next_page_is_of_the_results_shown_not_of_text_typed_since(browser, 
     assert [hit["id"] for hit in hits(page)] == second
     settle(page, "/v1/search", lambda: page.press("#query", "Enter"))  # a search of its own starts from page 1
     assert page.inner_text("#page-info") == "1–20" and hits(page)[0]["metadata"]["color"] == "blue"
+
+
+def test_back_and_forward_step_through_searches_and_pages_and_their_url_shows_them_again(browser, page_server):
+    page = open_page(browser, page_server)
+    color = "#filters select[data-field='color']"
+
+    def shown() -> tuple:
+        return ([hit["id"] for hit in hits(page)], page.input_value("#query"), page.input_value("#mode"),
+                page.input_value(color), page.inner_text("#page-info"))
+
+    search_for(page, "red circle")
+    steps = [shown()]
+    for action in (lambda: page.select_option(color, json.dumps("red")), lambda: page.select_option("#mode", "vector"),
+                   lambda: page.click("#next-page")):
+        settle(page, "/v1/search", action)
+        steps.append(shown())
+    assert steps[-1][1:] == ("red circle", "vector", json.dumps("red"), "21–40")
+    shared = page.url
+    for step in reversed(steps[:-1]):
+        settle(page, "/v1/search", page.go_back)
+        assert shown() == step
+    settle(page, "/v1/search", page.go_forward)
+    assert shown() == steps[1]
+
+    other = page.context.new_page()  # the URL of a search, opened elsewhere, shows that search
+    other.on("pageerror", lambda error: browser.errors.append(str(error)))
+    settle(other, "/v1/search", lambda: other.goto(shared))
+    page = other
+    assert shown() == steps[-1]

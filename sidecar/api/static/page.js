@@ -244,7 +244,7 @@
   let generation = 0;  // answers to a superseded request are dropped
 
   // paging: another page of the query shown (state.query), not of what the query box holds meanwhile.
-  async function run({ focusResults = false, paging = false } = {}) {
+  async function run({ focusResults = false, paging = false, record = true } = {}) {
     const captions = !paging && findCaptions();  // pages are of images found; captions come in one list
     if (!paging) {
       if (!hasQuery()) {
@@ -257,6 +257,7 @@
       }
       state.query = { text: $('query').value.trim(), image: state.image, like: state.like };
     }
+    if (record) recordInUrl(captions);
     const mine = ++generation;
     clearError();
     $('status').textContent = 'Searching…';
@@ -382,12 +383,77 @@
     renderLatency(answer.took_ms, roundTrip);
   }
 
+  // ---- the search in the URL ------------------------------------------------------------------------
+  // Each search without an uploaded image is a history entry, its request in the fragment (never sent to the
+  // server): back and forward step through searches and pages, and the URL shared or reloaded shows them again.
+  // Controls missing from a fragment keep their defaults; an image search leaves the URL as it was.
+
+  function recordInUrl(captions) {
+    if (state.query.image) return;
+    const body = captions ? captionsBody() : searchBody();
+    const params = new URLSearchParams();
+    if (captions) params.set('find', 'captions');
+    for (const [name, value] of Object.entries(body)) {
+      params.set(name, typeof value === 'string' ? value : JSON.stringify(value));
+    }
+    const fragment = `#${params}`;
+    if (fragment !== window.location.hash) window.history.pushState(null, '', fragment);
+  }
+
+  function restoreFromUrl() {
+    const params = new URLSearchParams(window.location.hash.slice(1));
+    const json = (name) => { try { return JSON.parse(params.get(name)); } catch (err) { return null; } };
+    const pick = (id, value) => {
+      const known = [...$(id).options].some((option) => option.value === value);
+      $(id).value = known ? value : $(id).options[0].value;
+    };
+    setImage(null);
+    $('query').value = params.get('text') || '';
+    setLike(params.get('like') ? { id: params.get('like') } : null);
+    document.querySelector(`input[name="find"][value="${params.get('find') === 'captions' ? 'captions' : 'images'}"]`)
+      .checked = true;
+    pick('mode', params.get('mode') || '');
+    pick('fusion', params.get('fusion') || 'minmax');
+    const weights = json('weights') || {};
+    $('weight-vector').value = weights.vector ?? 0.5;
+    $('weight-bm25').value = weights.bm25 ?? 0.5;
+    $('candidates').value = params.get('candidates') || '';
+    pick('rerank', { true: 'on', false: 'off' }[params.get('rerank')] || '');
+    pick('page-size', params.get('k') || '20');
+    $('exact').checked = params.get('exact') === 'true';
+    const wanted = json('filters') || {};
+    for (const select of $('filters').querySelectorAll('select')) {
+      const value = wanted[select.dataset.field];
+      const typed = $(`${select.id}-other`);
+      if (value === undefined) select.value = '';
+      else if ([...select.options].some((option) => option.value === JSON.stringify(value))) select.value = JSON.stringify(value);
+      else select.value = typed ? OTHER_VALUE : '';  // without a box for other values: one no document holds
+      if (typed) {
+        typed.value = select.value === OTHER_VALUE ? String(value) : '';
+        typed.hidden = select.value !== OTHER_VALUE;
+      }
+    }
+    state.offset = Math.max(0, Number.parseInt(params.get('offset'), 10) || 0);
+    if (hasQuery()) {
+      run({ record: false });
+    } else {
+      ++generation;  // an answer still on its way is of another entry
+      $('results').removeAttribute('aria-busy');
+      document.body.classList.remove('busy');
+      renderNothing();
+      clearError();
+      $('status').textContent = '';
+      $('empty').textContent = 'Type a query or choose an image to search.';
+    }
+  }
+
   // ---- query inputs -----------------------------------------------------------------------------
 
   function setLike(hit) {
     state.like = hit ? { id: hit.id, text: hit.text || hit.id } : null;
     $('like-banner').hidden = !hit;
-    $('like-text').textContent = hit ? `More like this: ${state.like.text} (${hit.id})` : '';
+    const named = hit && hit.text ? `${hit.text} (${hit.id})` : hit && hit.id;  // from a URL: the id alone
+    $('like-text').textContent = hit ? `More like this: ${named}` : '';
   }
 
   function moreLikeThis(hit) {
@@ -561,6 +627,7 @@
     if (state.keyRefused && hasQuery()) run();  // the search the old key (or none) was refused
   });
 
+  window.addEventListener('popstate', restoreFromUrl);
   loadInfo();
-  loadFilters();
+  loadFilters().then(() => { if (window.location.hash.length > 1) restoreFromUrl(); });
 })();
