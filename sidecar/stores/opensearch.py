@@ -403,6 +403,11 @@ class OpenSearchStore:
             if before is not None:
                 before()
             old = self.alias_indices()
+            # A rebuild killed past its own cleanup (SIGKILL, a lost machine) left its index behind; under the lock
+            # no other rebuild is building one, so each unaliased version is such a leftover, as `store repair` says.
+            for leftover in self._unaliased_versions(old):
+                self.client.indices.delete(index=leftover, ignore_unavailable=True)
+                log.warning("deleted %s, a versioned index no alias names (an interrupted rebuild's)", leftover)
             name = self._new_index_name()
             self._create_index(name, dim=signature.dim, signature=signature, fine_signature=fine_signature,
                                settings=self._default_pipelines(old))
@@ -720,7 +725,7 @@ class OpenSearchStore:
             else:
                 report.problems.append(f"{name} still runs with the settings an interrupted load relaxed (saved: "
                                        f"{saved}); `store repair` restores them")
-        for name in sorted(set(self.client.indices.get(index=f"{self.alias}-v*")) - set(indices)):
+        for name in self._unaliased_versions(indices):
             if repair:
                 self.client.indices.delete(index=name, ignore_unavailable=True)
                 report.actions.append(f"deleted {name}, a versioned index no alias names (an interrupted rebuild)")
@@ -1030,6 +1035,14 @@ class OpenSearchStore:
             if not self.client.indices.exists(index=name):
                 return name
             time.sleep(0.002)
+
+    def _unaliased_versions(self, behind: list[str]) -> list[str]:
+        """This alias's versioned indices (`_new_index_name`) not in `behind`, sorted. Matched by the whole name:
+        `<alias>-v*` also matches another alias's, e.g. `clip-vision-v…` for the alias `clip`, which are not ours to
+        report or delete."""
+        version = re.compile(re.escape(self.alias) + r"-v\d+")
+        found = self.client.indices.get(index=f"{self.alias}-v*", filter_path="*.settings.index.provided_name")
+        return sorted(name for name in found if version.fullmatch(name) and name not in behind)
 
     def alias_indices(self) -> list[str]:
         """The indices behind the alias, sorted; [] before the first setup or rebuild."""

@@ -27,7 +27,8 @@ from tests.support import ORIGINAL_ENVIRON, write_shards
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "opensearch-local"
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "opensearch-local"
 OVERLOADED_PORT = 9670
 
 
@@ -288,4 +289,64 @@ def test_check_reports_what_an_interrupted_load_left_and_repair_restores_it(node
         settings = next(iter(store.client.indices.get_settings(index=index).values()))["settings"]["index"]
         assert settings["refresh_interval"] == "1s" and settings["number_of_replicas"] == "1"
     finally:
+        drop(store)
+
+
+# A rebuild that SIGKILLs itself once two batches of 100 are in its new index: killed mid-bulk, as by `kill -9`.
+KILLED_REBUILD = """
+import os, signal, sys
+import sidecar.stores.opensearch as opensearch
+from tests.integration.conftest import SIGNATURE, make_documents
+
+opensearch.REBUILD_BATCH = 100
+docs, _, _ = make_documents(400)
+
+def documents():
+    yield from docs[:250]
+    os.kill(os.getpid(), signal.SIGKILL)
+
+opensearch.OpenSearchStore(url=sys.argv[1], index=sys.argv[2]).rebuild(documents(), signature=SIGNATURE)
+"""
+
+
+def test_the_rerun_of_a_rebuild_killed_mid_bulk_deletes_the_index_it_left_and_says_so(node, caplog):
+    store = make_store()
+    neighbour = make_store(index=f"{store.alias}-vision")  # an alias whose versions match `<alias>-v*` too
+    docs, _, _ = make_documents(400)
+    try:
+        store.claim(SIGNATURE)
+        store.upsert(docs[:300])
+        neighbour.claim(SIGNATURE)
+        killed = subprocess.run([sys.executable, "-c", KILLED_REBUILD, URL, store.alias], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -9, killed.stderr
+        (serving,) = store.alias_indices()
+        left = sorted(set(store.client.indices.get(index=f"{store.alias}-v1*")) - {serving})
+        assert len(left) == 1
+        store.client.indices.refresh(index=left[0])  # the killed run had relaxed its refresh
+        assert store.client.count(index=left[0])["count"] == 200  # what it wrote
+        assert store.count() == 300  # searches still read the index it was replacing, whole
+        with caplog.at_level(logging.WARNING, logger="sidecar.stores.opensearch"):
+            new_index = store.rebuild(iter(docs), signature=SIGNATURE)
+        assert any(f"deleted {left[0]}, a versioned index no alias names" in r.getMessage() for r in caplog.records)
+        assert store.client.indices.get(index=f"{store.alias}-v1*").keys() == {new_index}
+        assert store.count() == 400
+        assert neighbour.count() == 0 and len(neighbour.alias_indices()) == 1  # another alias's index is not ours
+    finally:
+        drop(neighbour)
+        drop(store)
+
+
+def test_check_and_repair_leave_the_index_of_an_alias_named_like_a_version_of_this_one_alone(node):
+    store = make_store()
+    neighbour = make_store(index=f"{store.alias}-vision")
+    try:
+        store.claim(SIGNATURE)
+        neighbour.claim(SIGNATURE)
+        (theirs,) = neighbour.alias_indices()
+        assert store.check().notes == []
+        assert store.repair().actions == []
+        assert neighbour.alias_indices() == [theirs] and neighbour.signature() == SIGNATURE
+    finally:
+        drop(neighbour)
         drop(store)
