@@ -1273,15 +1273,21 @@ class _OpenSearchLoad:
         self._relaxed: tuple[str, dict[str, Any]] | None = None
 
     def expect(self, count: int) -> None:
-        """Relax refresh and replicas once, for the whole session, when it is a large load."""
+        """Relax refresh and replicas once, for the whole session, when it is a large load; else restore what a
+        killed load left relaxed (a large one restores it as it ends), or nothing would until `store repair`."""
         store = self.store
-        if self._relaxed is not None or count < store.large_load_threshold:
+        if self._relaxed is not None:
             return
         indices = store.alias_indices()
-        if len(indices) == 1:
+        if len(indices) != 1:
+            return
+        if count >= store.large_load_threshold:
             self._relaxed = (indices[0], store._relax_settings(indices[0]))
             log.info("large load (%d documents) into %s: refresh_interval %s and 0 replicas until it ends",
                      count, indices[0], store.bulk_refresh_interval)
+        elif (saved := (store._meta(indices[0]) or {}).get(SAVED_SETTINGS_KEY)) is not None:
+            log.warning("%s still runs with the settings an interrupted load relaxed; restoring %s", indices[0], saved)
+            store._restore_settings(indices[0], saved)
 
     def restore(self) -> None:
         if self._relaxed is not None:

@@ -350,3 +350,21 @@ def test_check_and_repair_leave_the_index_of_an_alias_named_like_a_version_of_th
     finally:
         drop(neighbour)
         drop(store)
+
+
+def test_a_small_load_after_a_killed_large_one_restores_the_settings_it_left_relaxed(node, caplog):
+    store = make_store(large_load_threshold=100, number_of_replicas=1)
+    docs, _, _ = make_documents(20, seed=9)
+    try:
+        store.claim(SIGNATURE)
+        (index,) = store.alias_indices()
+        store._relax_settings(index)  # what a large load killed with its process leaves behind
+        with caplog.at_level(logging.WARNING, logger="sidecar.stores.opensearch"):
+            assert store.upsert(docs) == 20  # under large_load_threshold: it relaxes nothing itself
+        assert any(f"{index} still runs with the settings an interrupted load relaxed" in r.getMessage()
+                   for r in caplog.records)
+        settings = next(iter(store.client.indices.get_settings(index=index).values()))["settings"]["index"]
+        assert (settings["refresh_interval"], settings["number_of_replicas"]) == ("1s", "1")
+        assert store.check().clean
+    finally:
+        drop(store)
