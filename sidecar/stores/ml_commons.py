@@ -506,7 +506,7 @@ class _Cluster:
                 continue
             result = self.request("POST", path + models[role], body, refused=lambda exc, role=role: (
                 f"OpenSearch could not call the sidecar at {sidecar_url} through model {models[role]} ({role}): "
-                f"{exc.status_code} {_reason(exc)}"))
+                f"{exc.status_code} {_reason(exc)}{_call_hint(_reason(exc))}"))
             outputs = [out for item in result["inference_results"] for out in item["output"]]
             if len(outputs) != answers:
                 raise StoreError(f"the sidecar at {sidecar_url} answered {len(outputs)} results for {answers} "
@@ -538,6 +538,22 @@ def _reason(exc: TransportError) -> str:
         except (KeyError, TypeError):
             reason = exc.info or exc.error
     return str(reason).strip()  # the sidecar's JSON body arrives with its trailing newline
+
+
+# What ml-commons answers when its call never reached a sidecar: refused, unknown host, connect timeout.
+UNREACHED = ("Connection refused", "Fail to execute http connector", "No response from model",
+             "Error communicating with remote model")
+
+
+def _call_hint(reason: str) -> str:
+    """What to do about a check call that did not reach the sidecar; "" for the sidecar's own answers, which say."""
+    if "private ip address" in reason:
+        return (". Let the cluster call a sidecar on a private address: PUT _cluster/settings {\"persistent\": "
+                "{\"plugins.ml_commons.connector.private_ip_enabled\": true}}")
+    if any(marker in reason for marker in UNREACHED):
+        return (". Check that the sidecar runs there and that --sidecar-url is the address OpenSearch's nodes reach "
+                "it at (not necessarily this machine's: http://sidecar:8080 inside docker compose)")
+    return ""
 
 
 def _connector_refused(exc: TransportError, url: str) -> str:

@@ -225,3 +225,28 @@ def test_a_rerun_with_a_changed_option_updates_the_connectors_in_place_and_keeps
             assert [r["status"] for r in results] == [201] * 3, results
     finally:
         client.close()
+
+
+def test_a_sidecar_opensearch_cannot_reach_is_refused_with_what_to_check(alias):
+    result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias),
+                                       "--sidecar-url", f"http://127.0.0.1:{free_port()}"])  # nothing listens
+    assert result.exit_code == 1
+    assert "Connection refused" in result.output and "--sidecar-url is the address OpenSearch's nodes reach" \
+        in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_cluster_that_refuses_private_addresses_is_told_the_setting_to_change(alias, test_cache_dir, tmp_path):
+    client = _client()
+    setting = "plugins.ml_commons.connector.private_ip_enabled"
+    try:
+        with gunicorn_server(sidecar_env(alias, tmp_path, test_cache_dir), tmp_path / "sidecar.log") as url:
+            client.cluster.put_settings(body={"transient": {setting: False}})
+            result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias),
+                                               "--sidecar-url", url])
+        assert result.exit_code == 1
+        assert "private ip address" in result.output and f'"{setting}": true' in result.output, result.output
+        assert not any(ml_objects(client, alias).values())
+    finally:
+        client.cluster.put_settings(body={"transient": {setting: None}})
+        client.close()
