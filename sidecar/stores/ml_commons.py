@@ -381,8 +381,11 @@ class _Cluster:
         return notes
 
     def alias_settings(self) -> dict[str, dict[str, Any]]:
-        """index -> its `index` settings, for every index behind the alias."""
-        found = self.request("GET", f"/{self.store.alias}/_settings")
+        """index -> its `index` settings, for every index behind the alias; {} once the index is deleted (a
+        teardown deletes it before `--disconnect`, which must still remove everything else)."""
+        found = self.request("GET", f"/{self.store.alias}/_settings", params=IGNORE_404)
+        if "error" in found:
+            return {}
         return {index: body["settings"]["index"] for index, body in found.items()}
 
     # --- ml-commons objects ------------------------------------------------------------------

@@ -90,7 +90,7 @@ def ml_objects(client: OpenSearch, alias: str) -> dict[str, list[str]]:
     found["search"] = sorted(n for n in get(client, "/_search/pipeline") if n.startswith(alias))
     found["templates"] = sorted(t["name"] for t in get(client, "/_index_template").get("index_templates", [])
                                 if t["name"].startswith(alias))
-    settings = client.indices.get_settings(index=alias)
+    settings = client.indices.get_settings(index=alias, ignore_unavailable=True)  # {} once the index is gone
     found["settings"] = sorted(f"{index}:{key}" for index, body in settings.items()
                                for key in ("default_pipeline", "search") if key in body["settings"]["index"])
     return found

@@ -250,3 +250,19 @@ def test_a_cluster_that_refuses_private_addresses_is_told_the_setting_to_change(
     finally:
         client.cluster.put_settings(body={"transient": {setting: None}})
         client.close()
+
+
+def test_disconnect_after_the_index_was_deleted_removes_what_connect_made(alias, test_cache_dir, tmp_path):
+    # Deleting the index first is the natural order of a teardown; the connectors, models and pipelines named
+    # after it must not be left on the cluster for good.
+    client = _client()
+    try:
+        with gunicorn_server(sidecar_env(alias, tmp_path, test_cache_dir), tmp_path / "sidecar.log") as url:
+            cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url, "--set-defaults")
+        client.indices.delete(index=f"{alias}-v*")
+        result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias), "--disconnect"])
+        assert result.exit_code == 0, result.output
+        assert f"removed connector {alias}-texts" in result.output
+        assert not any(ml_objects(client, alias).values())
+    finally:
+        client.close()
