@@ -426,8 +426,11 @@ class OpenSearchStore:
                 total = self.client.count(index=name)["count"]
                 if total != len(ids):
                     raise StoreError(f"rebuilt index {name} counts {total} documents, expected {len(ids)} unique ids")
-            except BaseException:
+            except BaseException as exc:
                 self.client.indices.delete(index=name, ignore_unavailable=True)
+                # Ctrl-C ends with a bare "Aborted!": say that nothing changed.
+                log.warning("rebuild of %s stopped (%s): deleted its unfinished index %s; the alias still names %s",
+                            self.alias, type(exc).__name__, name, ", ".join(old) or "nothing")
                 raise
             lock.ensure_held()
             actions = [{"remove": {"index": i, "alias": self.alias}} for i in old]

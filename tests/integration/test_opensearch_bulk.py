@@ -368,3 +368,26 @@ def test_a_small_load_after_a_killed_large_one_restores_the_settings_it_left_rel
         assert store.check().clean
     finally:
         drop(store)
+
+
+def test_a_rebuild_stopped_by_ctrl_c_deletes_its_index_and_says_the_alias_is_unchanged(node, caplog, monkeypatch):
+    monkeypatch.setattr("sidecar.stores.opensearch.REBUILD_BATCH", 100)
+    store = make_store()
+    docs, _, _ = make_documents(300)
+
+    def interrupted() -> Iterator[Document]:
+        yield from docs
+        raise KeyboardInterrupt  # Ctrl-C once three batches are in the new index
+
+    try:
+        store.claim(SIGNATURE)
+        store.upsert(docs[:100])
+        (serving,) = store.alias_indices()
+        with caplog.at_level(logging.WARNING, logger="sidecar.stores.opensearch"), pytest.raises(KeyboardInterrupt):
+            store.rebuild(interrupted(), signature=SIGNATURE)
+        assert any(f"rebuild of {store.alias} stopped (KeyboardInterrupt): deleted its unfinished index" in
+                   r.getMessage() and r.getMessage().endswith(f"the alias still names {serving}") for r in caplog.records)
+        assert store.client.indices.get(index=f"{store.alias}-v*").keys() == {serving}
+        assert store.count() == 100
+    finally:
+        drop(store)
