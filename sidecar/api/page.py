@@ -14,8 +14,10 @@ from sidecar.errors import quoted
 
 bp = Blueprint("page", __name__)
 
-# name → media type: everything the page loads from the server besides the API.
-ASSETS = {"index.html": "text/html", "page.js": "text/javascript", "page.css": "text/css"}
+# name → media type: everything the page loads from the server besides the API. The icon named by the page
+# keeps browsers from asking for /favicon.ico, a 404 in the server's log at every page load.
+ASSETS = {"index.html": "text/html", "page.js": "text/javascript", "page.css": "text/css",
+          "favicon.svg": "image/svg+xml"}
 # The page reaches this server only, and the browser is told so: nothing else may load, even if a
 # stored caption carried markup (the page writes text, never HTML, anyway). blob: is the preview
 # of a chosen image and thumbnails fetched with an API key.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 from collections import Counter
 from urllib.parse import quote
 
@@ -357,3 +358,12 @@ def test_the_page_and_its_files_are_served_with_a_policy_that_keeps_the_browser_
     assert total < 100_000
     html = client.get("/").get_data(as_text=True)
     assert "http://" not in html and "https://" not in html  # nothing from elsewhere
+
+
+def test_the_page_names_its_icon_so_browsers_do_not_ask_for_a_missing_favicon_ico(client):
+    html = client.get("/").get_data(as_text=True)
+    icon = re.search(r'<link rel="icon" href="([^"]+)"', html)
+    assert icon is not None, "without an icon link every page load asks for /favicon.ico: a 404 in the server's log"
+    response = client.get(icon.group(1))
+    assert response.status_code == 200 and response.mimetype == "image/svg+xml"
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]  # an SVG runs no script here
