@@ -97,12 +97,16 @@ def create_app(settings: Settings | None = None, *, encoder: Encoder | None = No
 
 def _register_query_check(app: Flask) -> None:
     """Every route's query string, checked against the parameters its view declares (none unless it uses
-    validation.query_parameters): after the key check, before any work for the request."""
+    validation.query_parameters; any for validation.any_query_string): after the key check, before any work
+    for the request."""
 
     @app.before_request
     def check_query():
-        if request.url_rule is not None:  # else the routing error (404, 405) answers
-            check_query_string(request.args, getattr(app.view_functions[request.endpoint], "query_parameters", ()))
+        if request.url_rule is None:  # the routing error (404, 405) answers
+            return
+        names = getattr(app.view_functions[request.endpoint], "query_parameters", ())
+        if names is not None:
+            check_query_string(request.args, names)
 
 
 def _register_store_version(app: Flask, store: Store) -> None:

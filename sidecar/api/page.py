@@ -10,6 +10,7 @@ from importlib.resources import files
 
 from flask import Blueprint, Response, abort, request
 
+from sidecar.api.validation import any_query_string
 from sidecar.errors import quoted
 
 bp = Blueprint("page", __name__)
@@ -30,6 +31,7 @@ _CONTENT = {name: (files("sidecar.api") / "static" / name).read_bytes() for name
 
 
 @bp.get("/")
+@any_query_string
 def index():
     return _asset("index.html")
 

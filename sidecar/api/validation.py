@@ -171,6 +171,14 @@ def query_parameters(*names: str) -> Callable[[V], V]:
     return declare
 
 
+def any_query_string(view: V) -> V:
+    """Declares a view that reads no query string and answers whatever one it is sent: the search page, whose
+    links pick up parameters on their way through mail, chat and trackers (?utm_source=…, ?fbclid=…), where a
+    JSON 400 would greet a person instead of the page."""
+    view.query_parameters = None  # type: ignore[attr-defined]
+    return view
+
+
 def check_query_string(args: MultiDict[str, str], names: tuple[str, ...]) -> None:
     """The query string holds only the view's parameters, each once: a repeated one is not read as its first
     (`?size=1&size=2` answered one value a facet) and an unknown one is not ignored (a typo would be)."""
