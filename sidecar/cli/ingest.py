@@ -83,7 +83,7 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     CSV or Parquet columns are metadata too). Rerun it after the folder changes: new and changed
     files are embedded, vanished ones are recorded for the index step, a killed run continues
     where it stopped (a SOURCE with no images at all over shards that hold some is refused unless
-    --allow-empty), and after a move (SOURCE in another folder or on another machine) the rows
+    --allow-empty; a file or folder it cannot read is refused, naming it), and after a move (SOURCE in another folder or on another machine) the rows
     of unchanged images name their new paths, with nothing embedded again. A file or subfolder
     renamed or moved within SOURCE (or SOURCE given as a parent folder) gives its items new ids:
     each gets the stored vectors and thumbnail of its image bytes under the new id, with no

@@ -53,7 +53,7 @@ def _read_folder(root: Path) -> Iterator[CorpusItem]:
     # strings and each image gets one Path: Path.relative_to, .stem and .with_suffix per file cost
     # more than the listing itself (bench/corpus_listing.py).
     found: list[tuple[str, str, str, bool]] = []  # (id, folder, file name, has a caption)
-    for folder, _, names in os.walk(root):
+    for folder, _, names in os.walk(root, onerror=_unlistable):
         present = set(names)
         relative = os.path.relpath(folder, root)
         prefix = "" if relative == os.curdir else relative.replace(os.sep, "/") + "/"
@@ -82,6 +82,13 @@ def _read_folder(root: Path) -> Iterator[CorpusItem]:
         else:
             text = stem.replace("_", " ").replace("-", " ")
         yield CorpusItem(id=item_id, path=path, text=text)
+
+
+def _unlistable(error: OSError) -> None:
+    # os.walk skips a folder it cannot list: its images would read as vanished, and the next `index` would remove
+    # them from the store.
+    raise CorpusError(f"cannot list folder {error.filename}: {error.strerror}: its images would count as deleted; "
+                      "make it readable (or move it out of SOURCE), then rerun") from error
 
 
 def _is_utf8(text: str) -> bool:

@@ -4,6 +4,7 @@ edits of text and metadata, kill -9 during `index` and `store repair`, `store ch
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -368,6 +369,47 @@ def test_an_empty_source_over_embedded_shards_is_refused_deleting_nothing_unless
     assert "4 deleted" in emptied.output
     indexed = runner.invoke(main, ["-q", "index", str(out), "--store-path", str(store_path)])
     assert indexed.exit_code == 0 and "store now holds 0 documents" in indexed.output, indexed.output
+
+
+@contextlib.contextmanager
+def unlistable(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`folder` without permissions (mode 000). No mode stops root: run as root, os.scandir refuses it as the
+    kernel refuses anyone else."""
+    folder.chmod(0)
+    if os.geteuid() == 0:
+        scandir = os.scandir
+
+        def refusing(path="."):
+            if os.fspath(path) == str(folder):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            return scandir(path)
+
+        monkeypatch.setattr(os, "scandir", refusing)
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        folder.chmod(0o755)
+
+
+def test_a_subfolder_embed_cannot_list_is_refused_naming_it_not_its_images_recorded_deleted(tmp_path, monkeypatch):
+    # os.walk skipped it without a word: its images counted as deleted, and the next `index` removed them.
+    folder, out = tmp_path / "photos", tmp_path / "shards"
+    locked = folder / "b" / "locked"
+    locked.mkdir(parents=True)
+    first, second = sample_items(2, seed=9)
+    first.image.save(folder / "a.jpg", quality=90)
+    second.image.save(locked / "c.jpg", quality=90)
+    cli_ok("embed", str(folder), "--out", str(out), "--workers", "0")
+    manifest = (out / "manifest.json").read_bytes()
+
+    with unlistable(locked, monkeypatch):
+        result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "0"])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: cannot list folder {locked.absolute()}: Permission denied: its images would count as deleted; "
+        "make it readable (or move it out of SOURCE), then rerun")
+    assert (out / "manifest.json").read_bytes() == manifest and ShardSet(out).deleted == []
 
 
 def test_bad_images_are_skipped_listed_and_counted(tmp_path):
