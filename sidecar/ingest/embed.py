@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -564,20 +565,35 @@ def _scan(source: Path, *, workers: int, progress: bool, hash_files: HashFiles |
             digests = hash_files(paths)
         else:
             digests = pool.imap(hash_file, paths, chunksize=256) if pool else map(hash_file, paths)
+        unreadable: list[str] = []
         for item, (digest, error) in tqdm(zip(items, digests), total=len(items), unit="file", desc="scan",
                                           disable=not progress):
             if item.id in hashes:
                 raise CorpusError(f"duplicate id {item.id!r} in {source}: ids must be unique")
             if error is not None:
-                raise CorpusError(f"item {item.id!r}: cannot read {item.path}: {error}")
+                unreadable.append(f"item {item.id!r}: cannot read {item.path}: {error}")
             hashes[item.id] = digest
+    if unreadable:
+        # All of them at once: one per rerun would hash the whole corpus again for each.
+        shown = "; ".join(unreadable[:UNREADABLE_SHOWN])
+        more = f"; and {len(unreadable) - UNREADABLE_SHOWN} more" if len(unreadable) > UNREADABLE_SHOWN else ""
+        count = f"{len(unreadable)} files cannot be read: " if len(unreadable) > 1 else ""
+        raise CorpusError(f"{count}{shown}{more}. Make each readable (or take it out of SOURCE), then rerun; nothing "
+                          "was embedded")
     return items, hashes
+
+
+UNREADABLE_SHOWN = 5  # files an unreadable corpus's error names
 
 
 def hash_file(path: Path) -> tuple[str | None, str | None]:
     """(image hash, None), or (None, the reason the file cannot be read)."""
     try:
         return image_hash(path), None
+    except FileNotFoundError as exc:
+        if os.path.islink(path):  # listed, yet "No such file": say why
+            return None, f"a symbolic link to {os.readlink(path)}, which does not exist"
+        return None, exc.strerror
     except OSError as exc:
         return None, exc.strerror
 

@@ -412,6 +412,24 @@ def test_a_subfolder_embed_cannot_list_is_refused_naming_it_not_its_images_recor
     assert (out / "manifest.json").read_bytes() == manifest and ShardSet(out).deleted == []
 
 
+def test_embed_refuses_once_naming_every_file_it_cannot_read_and_a_broken_link_as_such(tmp_path):
+    # It stopped at the first, so each rerun (the model loaded, the corpus hashed again) found the next one; a
+    # dangling link, which `ls` lists, was "No such file or directory".
+    folder, out = tmp_path / "photos", tmp_path / "shards"
+    folder.mkdir()
+    sample_items(1, seed=9)[0].image.save(folder / "a.jpg", quality=90)
+    (folder / "gone.jpg").symlink_to(tmp_path / "moved" / "gone.jpg")
+    (folder / "lost.png").symlink_to("nowhere.png")
+    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "0"])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: 2 files cannot be read: item 'gone.jpg': cannot read {folder / 'gone.jpg'}: a symbolic link to "
+        f"{tmp_path / 'moved' / 'gone.jpg'}, which does not exist; item 'lost.png': cannot read "
+        f"{folder / 'lost.png'}: a symbolic link to nowhere.png, which does not exist. Make each readable (or take "
+        "it out of SOURCE), then rerun; nothing was embedded")
+    assert ShardSet(out).shard_names() == []
+
+
 def test_bad_images_are_skipped_listed_and_counted(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

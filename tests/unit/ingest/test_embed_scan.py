@@ -38,8 +38,19 @@ def test_scan_hashes_every_file_in_order(tmp_path, workers):
 def test_scan_names_the_item_whose_file_cannot_be_read(tmp_path, workers):
     (tmp_path / "a.jpg").write_bytes(b"a")
     manifest = write_manifest(tmp_path, [{"id": "a", "path": "a.jpg"}, {"id": "gone", "path": "missing.jpg"}])
-    with pytest.raises(CorpusError, match=r"item 'gone': cannot read .*missing\.jpg: No such file"):
+    with pytest.raises(CorpusError, match=r"^item 'gone': cannot read .*missing\.jpg: No such file or directory\. "
+                                          r"Make each readable \(or take it out of SOURCE\), then rerun"):
         embed._scan(manifest, workers=workers, progress=False)
+
+
+def test_scan_refuses_once_counting_every_file_it_cannot_read_and_naming_the_first_few(tmp_path, workers):
+    rows = [{"id": f"gone-{i}", "path": f"missing-{i}.jpg"} for i in range(embed.UNREADABLE_SHOWN + 2)]
+    with pytest.raises(CorpusError) as refused:
+        embed._scan(write_manifest(tmp_path, rows), workers=workers, progress=False)
+    message = str(refused.value)
+    assert message.startswith(f"{len(rows)} files cannot be read: item 'gone-0': cannot read ")
+    assert [f"'gone-{i}'" in message for i in range(len(rows))] == [True] * embed.UNREADABLE_SHOWN + [False] * 2
+    assert "; and 2 more. Make each readable" in message
 
 
 def test_scan_refuses_duplicate_ids(tmp_path, workers):
