@@ -536,7 +536,10 @@ def count_reaching(vectors: np.ndarray, label_vectors: np.ndarray, *, threshold:
 
 def _label_scores(vectors: np.ndarray, label_vectors: np.ndarray) -> np.ndarray:
     """[inputs, labels]: the cosine similarity of each input's vector and each label's (both L2-normalised)."""
-    return np.asarray(vectors, dtype=np.float32) @ label_vectors.T
+    # einsum, not BLAS: a BLAS product's last bits depend on how many rows it multiplies at once, which moved a
+    # tag's rounded score or a threshold's cut between runs that read the same vector in other batches (`tag`
+    # rerun over another shard layout), rewriting rows nothing had changed. einsum sums each row alone, in one order.
+    return np.einsum("ij,kj->ik", np.asarray(vectors, dtype=np.float32), np.asarray(label_vectors, dtype=np.float32))
 
 
 def _reaching(scores: np.ndarray, threshold: float) -> np.ndarray:

@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from sidecar.cli import main
-from sidecar.ingest.shards import ShardSet
+from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.synthetic import write_corpus
 from sidecar.stores.embedded import EmbeddedStore
 from tests.conftest import EXAMPLE_PROMPT_SETS
@@ -155,6 +155,25 @@ def test_retagging_after_a_set_changes_reuses_the_stored_vectors_and_reads_no_im
     # --clear removes every tag, again from the stored vectors alone.
     assert "60 documents: 60 with their tags removed" in cli_ok("tag", out, "--clear", "--prompt-sets", sets)
     assert not any(key.startswith("tag_") for m in live_rows(out).values() for key in m)
+
+
+def test_tag_rerun_with_nothing_changed_changes_no_row_whatever_the_shard_layout(encoder, sets, tmp_path):
+    # Scores came from a float32 matrix product, whose last bits depend on how many rows it multiplies at once:
+    # a rerun over the shards the first run wrote (another layout) moved a rounded score or a threshold's cut,
+    # and wrote new rows for documents nothing had changed.
+    out, rng = tmp_path / "shards", np.random.default_rng(7)
+    shards = ShardSet(out)
+    shards.start(encoder.signature, preprocessing={})
+    for start in range(0, 5920, 37):  # small shards: the first run reads 37 rows at a time, the rerun 4096
+        vectors = rng.standard_normal((37, encoder.dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        shards.write_shard(vectors, [ShardRow(id=f"doc{start + i}", path=f"{start + i}.jpg", text="", metadata={},
+                                              content_hash=f"c{start + i}", image_hash=f"i{start + i}")
+                                     for i in range(37)])
+    first = cli_ok("tag", out, "--tag", "colors:0.1", "--tag", "shapes:3", "--prompt-sets", sets)
+    assert "5920 documents: 5920 with new tags" in first
+    assert "5920 documents: 0 with new tags (stored vectors reused), 5920 unchanged" in cli_ok(
+        "tag", out, "--prompt-sets", sets)
 
 
 def test_embed_rerun_after_a_set_changes_retags_without_encoding(sets, tmp_path):
