@@ -73,7 +73,10 @@ def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Seq
             image = Image.open(stream, formats=tuple(formats))
         except UnidentifiedImageError as exc:
             stream.seek(0)
-            found = sniff_format(stream.read(16))
+            head = stream.read(16)
+            if not head:  # a download or copy that never wrote a byte: say so, not "not a recognised image format"
+                raise ImageDecodeError("empty file (0 bytes)", kind="format") from exc
+            found = sniff_format(head)
             if found:
                 raise ImageDecodeError(f"{found} is not an accepted image format (image_formats: "
                                        f"{', '.join(formats)})", kind="format") from exc

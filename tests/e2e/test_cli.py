@@ -438,15 +438,17 @@ def test_bad_images_are_skipped_listed_and_counted(tmp_path):
     (folder / "garbage.jpg").write_bytes(b"this is not a jpeg")
     good = next(folder.glob("item-*.jpg")).read_bytes()
     (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (folder / "empty.jpg").write_bytes(b"")  # a download that never wrote a byte
     out = tmp_path / "shards"
     result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "2"])
     assert result.exit_code == 0, result.output
-    assert "7 items: 5 embedded, 0 unchanged, 2 failed" in result.output
+    assert "8 items: 5 embedded, 0 unchanged, 3 failed" in result.output
     lines = (out / "errors.jsonl").read_text().splitlines()
     errors = {json.loads(line)["id"]: json.loads(line)["reason"] for line in lines}
-    assert set(errors) == {"garbage.jpg", "truncated.jpg"}
+    assert set(errors) == {"garbage.jpg", "truncated.jpg", "empty.jpg"}
     assert "not a recognised image format" in errors["garbage.jpg"]
     assert "corrupt or truncated" in errors["truncated.jpg"]
+    assert errors["empty.jpg"] == "empty file (0 bytes)"
 
 
 def embedded_and_indexed(folder: Path, out: Path, store_path: Path) -> tuple[str, str]:
