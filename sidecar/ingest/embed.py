@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import stat
 import threading
 import time
 from collections import defaultdict
@@ -589,6 +590,8 @@ UNREADABLE_SHOWN = 5  # files an unreadable corpus's error names
 def hash_file(path: Path) -> tuple[str | None, str | None]:
     """(image hash, None), or (None, the reason the file cannot be read)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe's read waits for a writer that never comes
+            return None, "not a regular file (a folder, pipe, socket or device)"
         return image_hash(path), None
     except FileNotFoundError as exc:
         if os.path.islink(path):  # listed, yet "No such file": say why

@@ -430,6 +430,19 @@ def test_embed_refuses_once_naming_every_file_it_cannot_read_and_a_broken_link_a
     assert ShardSet(out).shard_names() == []
 
 
+def test_embed_refuses_a_named_pipe_in_the_folder_naming_it_instead_of_waiting_on_it_forever(tmp_path):
+    folder, out = tmp_path / "photos", tmp_path / "shards"
+    folder.mkdir()
+    sample_items(1, seed=9)[0].image.save(folder / "a.jpg", quality=90)
+    os.mkfifo(folder / "pipe.jpg")  # its read waited for a writer: the scan never ended
+    result = subprocess.run([sys.executable, "-m", "sidecar.cli", "-q", "embed", str(folder), "--out", str(out),
+                             "--workers", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: item 'pipe.jpg': cannot read {folder / 'pipe.jpg'}: not a regular file (a folder, pipe, socket or "
+        "device). Make each readable (or take it out of SOURCE), then rerun; nothing was embedded")
+
+
 def test_bad_images_are_skipped_listed_and_counted(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
