@@ -19,6 +19,7 @@ import functools
 import io
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -68,7 +69,7 @@ def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Seq
     still at least this large in both directions.
     """
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    with _decoder_errors():
+    with _decoder_errors(max_pixels):
         try:
             image = Image.open(stream, formats=tuple(formats))
         except UnidentifiedImageError as exc:
@@ -129,9 +130,14 @@ def decode_bytes(image: Image.Image) -> int:
     return width * height * DECODE_BYTES_PER_PIXEL
 
 
+# Pillow's DecompressionBombError: "Image size (400000000 pixels) exceeds limit of 178956970 pixels, …".
+PILLOW_BOMB_SIZE = re.compile(r"\((\d+) pixels\)")
+
+
 @contextmanager
-def _decoder_errors() -> Iterator[None]:
-    """Whatever a decoder raises on hostile bytes becomes ImageDecodeError: the bytes are the cause."""
+def _decoder_errors(max_pixels: int | None = None) -> Iterator[None]:
+    """Whatever a decoder raises on hostile bytes becomes ImageDecodeError: the bytes are the cause.
+    `max_pixels`: the limit the caller checks, named where Pillow refuses an image first."""
     try:
         with warnings.catch_warnings():
             # PIL warns (DecompressionBombWarning) between its two limits; ours is explicit.
@@ -140,7 +146,12 @@ def _decoder_errors() -> Iterator[None]:
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"decompression bomb: {exc}", kind="too_large") from exc
+        # Pillow refuses past twice its MAX_IMAGE_PIXELS, in Image.open before our own check (max_image_pixels is
+        # at most that: config.py), in its own words ("… could be decompression bomb DOS attack"): say ours.
+        size = PILLOW_BOMB_SIZE.search(str(exc))
+        pixels = f"{size.group(1)} pixels" if size else "more pixels than Pillow opens"
+        limit = f"{max_pixels} (max_image_pixels)" if max_pixels else f"{2 * Image.MAX_IMAGE_PIXELS}, Pillow's own"
+        raise ImageDecodeError(f"image is {pixels}, over the limit of {limit}", kind="too_large") from exc
     except MemoryError as exc:
         raise ImageDecodeError("not enough memory to decode the image", kind="too_large") from exc
     except Exception as exc:  # noqa: BLE001 - plugins raise OSError, SyntaxError, struct.error, IndexError, ...

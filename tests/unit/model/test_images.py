@@ -1,8 +1,10 @@
 """The bad-image corpus: every awkward real-world file is converted or refused with a reason."""
 
 import io
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,14 @@ from sidecar.model.images import (
 from tests.support import repeat_last_scan
 
 LIMIT = 10_000_000
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG's chunks up to its (empty) image data: a size no test should have to allocate."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -108,8 +118,12 @@ def test_a_many_page_file_is_read_no_further_than_its_first_page(fmt):
         (b"definitely not an image", "format", "not a recognised image format"),
         (_encode(Image.new("RGB", (64, 64), (9, 9, 9)), "JPEG")[:300], "corrupt", "corrupt or truncated"),
         (_encode(Image.new("L", (4000, 3000)), "PNG"), "too_large", "12000000 pixels, over the limit of 10000000"),
+        # Past twice Pillow's MAX_IMAGE_PIXELS Image.open itself refuses, before the size check: its words were
+        # "could be decompression bomb DOS attack", naming no setting.
+        (_png_header(20000, 10000), "too_large",
+         r"^image is 200000000 pixels, over the limit of 10000000 \(max_image_pixels\)$"),
     ],
-    ids=["garbage", "truncated", "bomb"],
+    ids=["garbage", "truncated", "bomb", "pillow-bomb"],
 )
 def test_unusable_files_are_refused_with_a_reason(data, kind, message):
     with pytest.raises(ImageDecodeError, match=message) as info:
