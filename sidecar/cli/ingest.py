@@ -194,7 +194,7 @@ def index(ctx: click.Context, shards: Path, rebuild: bool, drop_unsharded: bool,
     if drop_unsharded and not rebuild:
         raise click.UsageError("--drop-unsharded goes with --rebuild: `index` alone keeps every stored document")
     settings = settings_from(kwargs, STORE_FLAGS)
-    store = open_store(settings)
+    store = open_store(settings, progress=ctx.obj["progress"])
     try:
         if rebuild:
             summary = rebuild_index(store, shards, lock_wait_s=lock_wait_s, drop_unsharded=drop_unsharded,

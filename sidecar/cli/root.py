@@ -197,13 +197,14 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     ctx.obj = {"progress": not quiet}
 
 
-def open_existing_store(settings: Settings):
-    """The store the settings name, for a command that reads one. An embedded store path that holds
-    none is refused: opening it would create an empty store there, and answer (nothing) from it."""
+def open_existing_store(settings: Settings, *, progress: bool = False):
+    """The store the settings name, for a command that reads one (`progress`: as `open_store`). An embedded
+    store path that holds none is refused: opening it would create an empty store there, and answer (nothing)
+    from it."""
     from sidecar.stores import open_store
     from sidecar.stores.embedded import EmbeddedStore
 
     if settings.store == "embedded" and not EmbeddedStore.exists_at(settings.store_path):
         raise click.ClickException(f"no embedded store at {settings.store_path}: give the --store-path (or "
                                    "SIDECAR_STORE_PATH) that `clip-sidecar index` wrote to")
-    return open_store(settings)
+    return open_store(settings, progress=progress)

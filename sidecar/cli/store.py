@@ -45,7 +45,8 @@ def check(**kwargs: Any) -> None:
 
 @store.command()
 @store_location_options
-def repair(**kwargs: Any) -> None:
+@click.pass_context
+def repair(ctx: click.Context, **kwargs: Any) -> None:
     """Rebuild what can be rebuilt from what the store committed, say what was done, then check.
 
     Embedded: discards an uncommitted tail of vectors.f32, removes documents whose vectors were
@@ -55,7 +56,7 @@ def repair(**kwargs: Any) -> None:
     OpenSearch: restores settings an interrupted load left relaxed, deletes versioned indices no
     alias names. Takes the store's write lock.
     """
-    with _opened(kwargs) as opened:
+    with _opened(kwargs, progress=ctx.obj["progress"]) as opened:
         report = opened.repair()
         click.echo(report.describe() if report.actions or report.problems else f"{report.location}: nothing to repair")
         after = opened.check()
@@ -113,14 +114,14 @@ def calibrate(ctx: click.Context, seed: int, allow_exact: bool, **kwargs: Any) -
 
 
 @contextlib.contextmanager
-def _opened(kwargs: dict[str, Any]) -> Iterator[Store]:
-    with _opened_with(settings_from(kwargs, STORE_LOCATION_FLAGS)) as opened:
+def _opened(kwargs: dict[str, Any], *, progress: bool = False) -> Iterator[Store]:
+    with _opened_with(settings_from(kwargs, STORE_LOCATION_FLAGS), progress=progress) as opened:
         yield opened
 
 
 @contextlib.contextmanager
-def _opened_with(settings: Settings) -> Iterator[Store]:
-    opened = open_existing_store(settings)
+def _opened_with(settings: Settings, *, progress: bool = False) -> Iterator[Store]:
+    opened = open_existing_store(settings, progress=progress)
     try:
         yield opened
     finally:

@@ -6,13 +6,14 @@ from sidecar.config import Settings
 from sidecar.stores.base import Store
 
 
-def open_store(settings: Settings) -> Store:
-    """The store the settings name; imports only what that store needs."""
+def open_store(settings: Settings, *, progress: bool = False) -> Store:
+    """The store the settings name; imports only what that store needs. `progress`: a command's progress bars
+    for the store's own long work (the embedded store's HNSW graph builds; OpenSearch builds its graphs itself)."""
     if settings.store == "embedded":
         from sidecar.stores.embedded import EmbeddedStore
 
         return EmbeddedStore(settings.store_path, target_recall=settings.target_recall,
-                             target_k=settings.target_recall_k)
+                             target_k=settings.target_recall_k, progress=progress)
     from sidecar.stores.opensearch import OpenSearchStore
 
     return OpenSearchStore(url=settings.opensearch_url, index=settings.opensearch_index,

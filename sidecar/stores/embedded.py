@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from sidecar.stores.base import (
     FacetCounts,
@@ -184,7 +185,8 @@ class _VersionStore:
     query that names none, unless `target_recall` is set and `calibration.json` holds a calibration
     for it (`effort`: the calibrated efSearch, or exact search). The HNSW graph is rebuilt from the live rows when tombstones exceed
     `rebuild_tombstone_fraction` of it. Filtered vector searches whose candidates number at most
-    `exact_filter_rows` are answered exactly.
+    `exact_filter_rows` are answered exactly. `progress`: a progress bar while the graph is built or
+    extended (a command's; minutes for millions of rows), never in a server.
     """
 
     def __init__(
@@ -198,6 +200,7 @@ class _VersionStore:
         exact_filter_rows: int = 20_000,
         target_recall: float = 0.0,
         target_k: int = 10,
+        progress: bool = False,
     ) -> None:
         for label, value in (("m", m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
             _require_positive_int(label, value)
@@ -210,6 +213,7 @@ class _VersionStore:
         self.ef_search = ef_search
         self.rebuild_tombstone_fraction = rebuild_tombstone_fraction
         self.exact_filter_rows = exact_filter_rows
+        self.progress = progress
         self.effort = EffortPolicy(target_recall=target_recall, k=target_k, default_ef=ef_search,
                                    load=self._load_calibration, save=self._save_calibration)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -688,7 +692,7 @@ class _VersionStore:
                 log.info("adding %d rows to the HNSW graph of %s", len(state.tail), self.path)
                 index = faiss.clone_index(state.index)  # readers keep searching the committed graph
                 faiss.downcast_index(index.index).hnsw.efConstruction = self.ef_construction
-                _add_to_index(index, np.asarray(state.vectors[state.tail]), state.tail)
+                self._add_tail(index, state)
                 log.info("added %d rows to the HNSW graph of %s (now %d) in %.1f s", len(state.tail), self.path,
                          index.ntotal, time.perf_counter() - started)
                 self._save_graph(write, index, rebuilt=False)
@@ -744,10 +748,19 @@ class _VersionStore:
         started = time.perf_counter()
         log.info("building the HNSW graph of %s from %d live rows", self.path, len(rows))
         index = self._new_index(vectors.shape[1])
-        for batch in _batched(rows, _HNSW_ADD_BATCH):
-            _add_to_index(index, np.asarray(vectors[batch]), batch)
+        with self._graph_bar(len(rows), "HNSW graph") as bar:
+            for batch in _batched(rows, _HNSW_ADD_BATCH):
+                _add_to_index(index, np.asarray(vectors[batch]), batch, bar)
         log.info("built the HNSW graph of %s in %.1f s", self.path, time.perf_counter() - started)
         return index
+
+    def _add_tail(self, index: Any, state: _State) -> None:
+        """Add the live rows the graph does not cover yet (`state.tail`) to `index`."""
+        with self._graph_bar(len(state.tail), "HNSW graph (adding)") as bar:
+            _add_to_index(index, np.asarray(state.vectors[state.tail]), state.tail, bar)
+
+    def _graph_bar(self, rows: int, desc: str) -> tqdm:
+        return tqdm(total=rows, unit="row", desc=desc, disable=not self.progress)
 
     def _save_index(self, index: Any, name: str) -> None:
         final = self.path / name
@@ -1011,7 +1024,7 @@ class _VersionStore:
                                      if found.graph_tombstones else ""))
         elif found.tail_rows:
             index = faiss.read_index(str(self.path / state.hnsw_file))
-            _add_to_index(index, np.asarray(state.vectors[state.tail]), state.tail)
+            self._add_tail(index, state)
             rebuilt = False
             report.actions.append(f"added {len(state.tail)} rows to the HNSW graph")
         elif bm25_rebuilt:  # a generation of its own, so every process takes the rebuilt index
@@ -1222,7 +1235,7 @@ class EmbeddedStore:
     a rebuild is replacing (`lock_wait_s` waits for the other side, then StoreLocked).
 
     Keyword options (m, ef_construction, ef_search, rebuild_tombstone_fraction, exact_filter_rows,
-    target_recall, target_k) are `_VersionStore`'s, for every version this store opens.
+    target_recall, target_k, progress) are `_VersionStore`'s, for every version this store opens.
     """
 
     name = "embedded"
@@ -1841,10 +1854,11 @@ def _query_vector(vector: np.ndarray, dim: int, signature: ModelSignature | None
     return np.ascontiguousarray(query, dtype=np.float32)
 
 
-def _add_to_index(index: Any, matrix: np.ndarray, rows: np.ndarray) -> None:
+def _add_to_index(index: Any, matrix: np.ndarray, rows: np.ndarray, bar: tqdm) -> None:
     for start in range(0, len(rows), _HNSW_ADD_BATCH):
         stop = start + _HNSW_ADD_BATCH
         index.add_with_ids(np.ascontiguousarray(matrix[start:stop], dtype=np.float32), rows[start:stop])
+        bar.update(len(rows[start:stop]))
 
 
 def _bitmap(rows: np.ndarray, n_rows: int) -> np.ndarray:

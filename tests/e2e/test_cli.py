@@ -590,6 +590,23 @@ def test_index_refuses_shards_of_another_model(shards, tmp_path):
     assert "refusing vectors of tiny-clip" in result.output
 
 
+def test_index_and_store_repair_show_a_progress_bar_while_they_build_the_hnsw_graph_unless_quiet(shards, tmp_path):
+    # The graph build is most of an index run's time on a large store (minutes for millions of rows): it showed
+    # two log lines and no bar.
+    store_path = tmp_path / "store"
+    indexed = CliRunner().invoke(main, ["index", str(shards), "--store-path", str(store_path)])
+    assert indexed.exit_code == 0, indexed.output
+    assert "HNSW graph: 100%" in indexed.stderr, indexed.stderr
+    for graph in store_path.glob("hnsw.*.faiss"):
+        graph.unlink()  # lost: repair builds it again
+    repaired = CliRunner().invoke(main, ["store", "repair", "--store-path", str(store_path)])
+    assert repaired.exit_code == 0, repaired.output
+    assert "rebuilt the HNSW graph" in repaired.stdout and "HNSW graph: 100%" in repaired.stderr, repaired.stderr
+    (tmp_path / "quiet").mkdir()
+    quiet = CliRunner().invoke(main, ["-q", "index", str(shards), "--store-path", str(tmp_path / "quiet")])
+    assert quiet.exit_code == 0 and "HNSW graph" not in quiet.stderr, quiet.stderr
+
+
 def test_embed_refuses_a_shard_directory_of_another_model(shards, corpus, tmp_path):
     out = tmp_path / "shards"
     shutil.copytree(shards, out)
