@@ -24,6 +24,8 @@ def prompts() -> None:
       templates: ["a photo of a {}", "a drawing of a {}"]
       labels: [circle, square, {name: star, templates: ["a {} shape"]}]
     or a CSV file with a `label` and an optional `template` column (one row per template).
+    '{}' stands for the label: each of the set's templates needs one, a label's own may be a
+    whole prompt; other braces ({0}, {label}) are refused, as are two labels of the same prompts.
     A label's vector averages its templates' vectors (CLIP's template ensembling). Vectors are
     computed once per model and set, and again only when a template, a label or the version changes.
     """

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -172,13 +173,15 @@ def load_prompt_set(path: Path, *, name: str | None = None, version: str | None 
     if suffix not in SOURCE_SUFFIXES:
         raise PromptSetError(f"{path}: a prompt set file is {', '.join(SOURCE_SUFFIXES)}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # Excel's "CSV UTF-8" (and Notepad) begin with a BOM
     except OSError as exc:
         raise PromptSetError(f"{path}: cannot read it: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise PromptSetError(f"{path}: {not_utf8(exc)}; save it as UTF-8") from exc
     if suffix == ".csv":
-        return _from_csv(text, source=str(path), name=name if name is not None else path.stem, version=version)
+        prompt_set = _from_csv(text, source=str(path), name=name if name is not None else path.stem, version=version)
+        _check_prompts(prompt_set, source=str(path), templates_field="column 'template'")
+        return prompt_set
     if suffix == ".json":
         try:
             data = json.loads(text, parse_float=lambda written: _WrittenFloat.of(written, float(written)))
@@ -196,7 +199,33 @@ def load_prompt_set(path: Path, *, name: str | None = None, version: str | None 
             data = yaml.load(text, Loader=Loader)  # safe_load's loader, its floats keeping their text
         except yaml.YAMLError as exc:
             raise PromptSetError(f"{path}: not valid YAML: {exc}") from exc
-    return PromptSet.from_dict(data, source=str(path), name=name, version=version)
+    prompt_set = PromptSet.from_dict(data, source=str(path), name=name, version=version)
+    _check_prompts(prompt_set, source=str(path), templates_field="field 'templates'")
+    return prompt_set
+
+
+def _check_prompts(prompt_set: PromptSet, *, source: str, templates_field: str) -> None:
+    """Templates a file can hold that would silently give labels prompts that do not tell them apart. Checked
+    where a file is added, not where a stored set is read: a set stored before keeps serving."""
+    for label in prompt_set.labels:
+        own = label.templates != prompt_set.templates
+        where = f"{source}: {templates_field}" + (f" of label {label.name!r}" if own else "")
+        for template in label.templates:
+            if re.search(r"[{}]", template.replace("{}", "")):
+                raise PromptSetError(f"{where}: template {template!r} has a brace that is not part of '{{}}': '{{}}' "
+                                     "stands for the label (\"a photo of a {}\"); {0}, {label} or {{}} are not filled in "
+                                     "but kept in the prompt as written")
+            if not own and "{}" not in template:
+                raise PromptSetError(f"{where}: template {template!r} has no '{{}}': a set's templates apply to "
+                                     "every label, so each needs '{}' where the label goes (a whole prompt of one "
+                                     "label's own goes in that label's templates)")
+    first: dict[tuple[str, ...], str] = {}
+    for label in prompt_set.labels:
+        other = first.setdefault(label.prompts, label.name)
+        if other != label.name:
+            raise PromptSetError(f"{source}: labels {other!r} and {label.name!r} have the same prompts "
+                                 f"({', '.join(map(repr, label.prompts))}): their vectors would be identical, so "
+                                 "neither could rank above the other; give their templates '{}' for the label")
 
 
 class _WrittenFloat(float):
@@ -213,20 +242,21 @@ class _WrittenFloat(float):
 
 
 def _from_csv(text: str, *, source: str, name: str, version: str | None) -> PromptSet:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # not splitlines(): a quoted cell may hold a newline
     columns = set(reader.fieldnames or [])
     if "label" not in columns or columns - {"label", "template"}:
         raise PromptSetError(f"{source}: a CSV prompt set has the columns label and (optionally) template; "
                              f"found {', '.join(sorted(columns)) or 'none'}")
     templates: dict[str, list[str]] = {}
-    for line_no, row in enumerate(reader, start=2):
-        label = _label_name(row.get("label"), where=f"{source}:{line_no}: label")
+    for row in reader:
+        label = _label_name(row.get("label"), where=f"{source}:{reader.line_num}: label")
         template = (row.get("template") or "").strip()
         templates.setdefault(label, [])
         if template:
             templates[label].append(template)
     shared = {tuple(own) for own in templates.values()}
-    if len(shared) == 1 and next(iter(shared)):  # every label has the same templates: the set's
+    # Every label has the same templates, each with the label's place: the set's. Whole prompts stay the labels'.
+    if len(shared) == 1 and next(iter(shared)) and all("{}" in t for t in next(iter(shared))):
         return PromptSet.from_dict({"name": name, "version": version or "1", "templates": list(next(iter(shared))),
                                     "labels": list(templates)}, source=source)
     labels = [{"name": label, "templates": own} if own else label for label, own in templates.items()]

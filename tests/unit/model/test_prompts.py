@@ -99,6 +99,51 @@ def test_a_bad_file_is_refused_naming_the_file_and_the_field(tmp_path, name, tex
     assert str(path) in str(caught.value) and message in str(caught.value)
 
 
+@pytest.mark.parametrize(("name", "text", "message"), [
+    # Every label would be the same prompt, "a photo": their vectors identical, the ranking the set's order.
+    ("a.yaml", "name: s\ntemplates: ['a photo']\nlabels: [cat, dog]\n",
+     "field 'templates': template 'a photo' has no '{}'"),
+    # Half of each label's vector the same for every label.
+    ("a.yaml", "name: s\ntemplates: ['a photo of a {}', 'a photo']\nlabels: [cat, dog]\n",
+     "field 'templates': template 'a photo' has no '{}'"),
+    # str.format's placeholders are not filled in: the prompt would be "a photo of {0}" for every label.
+    ("a.yaml", "name: s\ntemplates: ['a photo of {0}']\nlabels: [cat, dog]\n",
+     "field 'templates': template 'a photo of {0}' has a brace that is not part of '{}'"),
+    ("a.yaml", "name: s\nlabels: [{name: cat, templates: ['a {label}']}, dog]\n",
+     "field 'templates' of label 'cat': template 'a {label}' has a brace that is not part of '{}'"),
+    ("a.json", '{"name": "s", "templates": ["a {{}}"], "labels": ["cat", "dog"]}',
+     "field 'templates': template 'a {{}}' has a brace that is not part of '{}'"),
+    ("a.yaml", "name: s\nlabels: [{name: cat, templates: ['a pet']}, {name: dog, templates: ['a pet']}]\n",
+     "labels 'cat' and 'dog' have the same prompts ('a pet')"),
+    ("a.csv", "label,template\ncat,a pet\ndog,a pet\n", "labels 'cat' and 'dog' have the same prompts ('a pet')"),
+])
+def test_templates_that_would_give_labels_the_same_prompts_or_leave_braces_unfilled_are_refused(
+        tmp_path, name, text, message):
+    path = write(tmp_path / name, text)
+    with pytest.raises(PromptSetError) as caught:
+        load_prompt_set(path)
+    assert str(caught.value).startswith(str(path)) and message in str(caught.value)
+
+
+def test_a_labels_own_template_may_be_a_whole_prompt_also_in_a_csv_of_one_label(tmp_path):
+    yaml_set = load_prompt_set(write(tmp_path / "a.yaml", "name: s\nlabels: [{name: cat, templates: ['a kitten', "
+                                                          "'a {}']}, dog]\n"))
+    assert yaml_set.labels[0].prompts == ("a kitten", "a cat") and yaml_set.labels[1].prompts == ("dog",)
+    csv_set = load_prompt_set(write(tmp_path / "pets.csv", "label,template\ncat,a kitten\n"))
+    assert csv_set.labels[0].prompts == ("a kitten",)
+
+
+def test_a_csv_saved_with_a_byte_order_mark_or_a_quoted_multiline_cell_reads_as_written(tmp_path):
+    # Excel's "CSV UTF-8" starts the file with a BOM: the header read "\ufefflabel" and was refused.
+    path = tmp_path / "pets.csv"
+    path.write_bytes("label,template\ncat,a {}\n\ndog,\"a {}\nat home\"\n".encode("utf-8-sig"))
+    prompt_set = load_prompt_set(path)
+    assert [label.prompts for label in prompt_set.labels] == [("a cat",), ("a dog\nat home",)]
+    bad = write(tmp_path / "bad.csv", "label,template\ncat,a {}\n\n,a {}\n")
+    with pytest.raises(PromptSetError, match=r"bad\.csv:4: label: a label is a non-empty string"):
+        load_prompt_set(bad)
+
+
 @pytest.mark.parametrize("name", ["a.yaml", "a.json", "a.csv"])
 def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path, name):
     path = tmp_path / name
