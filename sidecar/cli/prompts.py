@@ -39,28 +39,43 @@ def prompts() -> None:
 @coarse_model_options
 def prompts_add(files: tuple[Path, ...], name: str | None, version: str | None, **kwargs: Any) -> None:
     """Add (or replace) the prompt sets in FILES, and embed their prompts with the configured model.
+    Each line says whether the set was added, unchanged, or replaced (from which version, and what
+    changed: labels added or removed, labels with other prompts).
 
     A running server classifies with a replaced set from its next request, no restart. Tags already
     written with it change only when `clip-sidecar tag SHARDS` (or the next `embed`) re-tags the
     shards, from their stored vectors, and `clip-sidecar index SHARDS` loads them."""
     from sidecar.model.encoder import load_encoder
-    from sidecar.model.prompts import PromptSetRegistry, load_prompt_set
+    from sidecar.model.prompts import PromptSetNotFound, PromptSetRegistry, PromptSetUnreadable, load_prompt_set
 
     if len(files) > 1 and (name or version):
         raise click.UsageError("--name and --version name one set: give one FILE with them")
     settings = settings_from(kwargs, MODEL_FLAGS + PROMPT_FLAGS)
     loaded = [load_prompt_set(path, name=name, version=version) for path in files]  # all valid before any is stored
+    sources: dict[str, Path] = {}
+    for path, prompt_set in zip(files, loaded):
+        first = sources.setdefault(prompt_set.name, path)
+        if first != path:  # the last would replace the others, which the output would show as stored too
+            raise click.UsageError(f"{first} and {path} both hold prompt set {prompt_set.name!r}: give one of them, "
+                                   "or add the other alone with --name")
     registry = PromptSetRegistry(settings.prompt_sets_dir)
     encoder = load_encoder(settings)
     for prompt_set in loaded:
-        changed = registry.add(prompt_set)
+        try:
+            previous = registry.get(prompt_set.name)
+            stored = "unchanged" if previous == prompt_set else prompt_set.changes_from(previous)
+        except PromptSetUnreadable:
+            stored = "replaced a stored set this version could not use"
+        except PromptSetNotFound:
+            stored = "added"
+        registry.add(prompt_set)
         cached = registry.cached_vectors(prompt_set, model=encoder.name, weights=encoder.weights)
         started = time.perf_counter()
         registry.vectors(prompt_set, model=encoder.name, weights=encoder.weights, encode=encoder.encode_texts)
         vectors = (f"vectors by {encoder.name} already cached" if cached else
                    f"vectors by {encoder.name} computed in {time.perf_counter() - started:.2f} s")
         click.echo(f"{prompt_set.name}: version {prompt_set.version}, {len(prompt_set.labels)} labels, "
-                   f"{prompt_set.prompt_count} prompts; {'stored' if changed else 'unchanged'}, {vectors}")
+                   f"{prompt_set.prompt_count} prompts; {stored}, {vectors}")
 
 
 @prompts.command("list")

@@ -111,6 +111,23 @@ class PromptSet:
     def _prompts(self) -> list[list[Any]]:
         return [[label.name, label.prompts] for label in self.labels]
 
+    def changes_from(self, old: PromptSet) -> str:
+        """What differs from `old` (the set this one replaces), in a few words: what `prompts add` says."""
+        names, old_names = set(self.label_names), set(old.label_names)
+        old_prompts = {label.name: label.prompts for label in old.labels}
+        changes = [f"{count} label{'s' * (count != 1)} {what}" for count, what in
+                   ((len(names - old_names), "added"), (len(old_names - names), "removed"),
+                    (sum(label.prompts != old_prompts[label.name] for label in self.labels if label.name in old_names),
+                     "with other prompts")) if count]
+        if not changes and self.label_names != old.label_names:
+            changes.append("labels reordered")
+        if self.description != old.description:
+            changes.append("description changed")
+        if self.version == old.version and self.fingerprint != old.fingerprint:
+            # Clients that compare versions would take the two for the same prompts.
+            changes.append(f"the same version, so only the fingerprint ({old.fingerprint} before) tells them apart")
+        return f"replaced version {old.version}" + (f" ({'; '.join(changes)})" if changes else "")
+
     def to_dict(self) -> dict[str, Any]:
         """The file form (JSON/YAML); a label carries its own templates only where they differ from the set's."""
         labels: list[Any] = [label.name if label.templates == self.templates else

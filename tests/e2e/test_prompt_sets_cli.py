@@ -36,8 +36,8 @@ def live_rows(out: Path) -> dict[str, dict]:
 def test_prompts_add_list_show_and_remove(tmp_path):
     folder = tmp_path / "prompt-sets"
     added = cli_ok("prompts", "add", *sorted(EXAMPLE_PROMPT_SETS.iterdir()), "--prompt-sets", folder)
-    assert "colors: version 1, 8 labels, 16 prompts; stored, vectors by tiny-clip computed in" in added
-    assert "shapes: version 1, 5 labels, 15 prompts; stored, vectors by tiny-clip computed in" in added
+    assert "colors: version 1, 8 labels, 16 prompts; added, vectors by tiny-clip computed in" in added
+    assert "shapes: version 1, 5 labels, 15 prompts; added, vectors by tiny-clip computed in" in added
     listed = cli_ok("prompts", "list", "--prompt-sets", folder).splitlines()
     assert [line.split()[:4] for line in listed[1:]] == [["colors", "1", "8", "16"], ["descriptions", "1", "10", "10"],
                                                          ["shapes", "1", "5", "15"]]
@@ -58,7 +58,9 @@ def test_prompts_add_list_show_and_remove(tmp_path):
     (tmp_path / "shapes.yaml").write_text(yaml.safe_dump(edited))
     changed = cli_ok("prompts", "add", tmp_path / "shapes.yaml", EXAMPLE_PROMPT_SETS / "colors.csv",
                      "--prompt-sets", folder)
-    assert "shapes: version 1, 5 labels, 5 prompts; stored, vectors by tiny-clip computed in" in changed
+    assert ("shapes: version 1, 5 labels, 5 prompts; replaced version 1 (5 labels with other prompts; the same "
+            f"version, so only the fingerprint ({fingerprint} before) tells them apart), vectors by tiny-clip computed "
+            "in") in changed
     assert "colors: version 1, 8 labels, 16 prompts; unchanged, vectors by tiny-clip already cached" in changed
     assert colors_vectors.stat().st_mtime_ns == written
     # Its version is still 1: the fingerprint tells the changed prompts apart.
@@ -71,6 +73,24 @@ def test_prompts_add_list_show_and_remove(tmp_path):
     bad = CliRunner().invoke(main, ["-q", "prompts", "add", str(EXAMPLE_PROMPT_SETS / "colors.csv"), "--name", "Bad!",
                                     "--prompt-sets", str(folder)])
     assert bad.exit_code == 1 and "the set's name must be 1-64 characters" in bad.output
+
+
+def test_prompts_add_says_what_a_replaced_set_changed_and_refuses_two_files_of_one_set(tmp_path):
+    folder = tmp_path / "prompt-sets"
+    first = tmp_path / "pets.yaml"
+    first.write_text("name: pets\nversion: 1\ntemplates: ['a {}']\nlabels: [cat, dog, fish]\n")
+    assert "pets: version 1, 3 labels, 3 prompts; added," in cli_ok("prompts", "add", first, "--prompt-sets", folder)
+    second = tmp_path / "pets-2.yaml"
+    second.write_text("name: pets\nversion: 2\ntemplates: ['a {}']\nlabels: [cat, {name: dog, templates: "
+                      "['a {} barking']}, bird, frog]\n")
+    replaced = cli_ok("prompts", "add", second, "--prompt-sets", folder)
+    assert ("pets: version 2, 4 labels, 4 prompts; replaced version 1 (2 labels added; 1 label removed; 1 label "
+            "with other prompts), vectors by tiny-clip computed in") in replaced
+
+    # Both files hold set "pets": the second would replace the first, and both were reported stored.
+    both = CliRunner().invoke(main, ["-q", "prompts", "add", str(first), str(second), "--prompt-sets", str(folder)])
+    assert both.exit_code == 2 and f"{first} and {second} both hold prompt set 'pets'" in both.output
+    assert cli_ok("prompts", "show", "pets", "--prompt-sets", folder).startswith("pets, version 2:")
 
 
 def test_tags_written_at_embed_time_are_filtered_on_in_the_embedded_store(corpus, sets, tmp_path):
