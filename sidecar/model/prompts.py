@@ -150,8 +150,11 @@ class PromptSet:
                                  "description, templates and labels")
         set_name = _set_name(name if name is not None else data.get("name"), source=source)
         set_version = version if version is not None else data.get("version", "1")
-        if isinstance(set_version, bool) or not isinstance(set_version, (str, int, float)) or not str(set_version):
-            raise PromptSetError(f"{source}: field 'version' must be a string or a number, got {set_version!r}")
+        # Not blank and one line: `prompts list` shows it in a column, /v1/classify answers it.
+        if isinstance(set_version, bool) or not isinstance(set_version, (str, int, float)) or \
+                not str(set_version).strip() or not str(set_version).isprintable():
+            raise PromptSetError(f"{source}: field 'version' must be a string or a number, printable and not blank, "
+                                 f"got {set_version!r}")
         description = data.get("description") or ""
         if not isinstance(description, str):
             raise PromptSetError(f"{source}: field 'description' must be a string")

@@ -87,6 +87,9 @@ def test_a_csv_whose_labels_share_templates_has_them_as_the_set_templates(tmp_pa
     ("a.yaml", "name: s\ntemplates: [1]\nlabels: [a]\n", "field 'templates': templates are a non-empty list"),
     ("a.yaml", "name: s\nlabels: [{name: a, prompts: [x]}]\n", "labels[0]: unknown field 'prompts'"),
     ("a.yaml", "name: s\nlabel: [a]\n", "unknown field 'label'"),
+    ("a.yaml", "name: s\nversion: '  '\nlabels: [a]\n", "field 'version' must be a string or a number, printable "
+                                                         "and not blank, got '  '"),
+    ("a.yaml", "name: s\nversion: \"2\\nbeta\"\nlabels: [a]\n", "field 'version' must be"),
     ("a.yaml", "name: s\nlabels: [a\n", "not valid YAML"),
     ("a.json", "{\"name\": ", "not valid JSON"),
     ("a.csv", "name,template\na,b\n", "a CSV prompt set has the columns label and (optionally) template"),
