@@ -102,6 +102,7 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
             # workers (gunicorn_config.post_fork).
             random_weights_said_elsewhere(model_settings, fine=fine)
     refuse_an_address_taken(host, port)  # before the store's model check loads the model
+    _open_text_cache(settings)
     encoder = _check_store_model(settings)
     _embed_prompt_sets(settings, encoder)
     if dev:
@@ -154,6 +155,16 @@ def _gunicorn_entry() -> list[str]:
         return [str(script)]
     log.warning("no gunicorn script at %s: running `python -m gunicorn`, under which a USR2 upgrade fails", script)
     return ["-m", "gunicorn"]
+
+
+def _open_text_cache(settings: Settings) -> None:
+    """Open (and close) the text-vector cache file here, where a path that cannot hold it is one line naming
+    the setting: in each worker it stops the boot, and gunicorn's last words are "Worker failed to boot"."""
+    from sidecar.serving.cache import TextVectorCache
+
+    path = settings.text_cache_file()
+    if path is not None:
+        TextVectorCache(path, namespace="", capacity=0, max_entries=settings.text_cache_max_entries).close()
 
 
 def _check_store_model(settings: Settings):

@@ -40,6 +40,8 @@ _WRITE_LINGER_S = 0.05
 _WAL_SIZE_LIMIT = 8 << 20
 # SQLITE_CORRUPT, SQLITE_NOTADB: the file's contents are unreadable (not a lock or a permission).
 _UNREADABLE = (11, 26)
+# SQLITE_CANTOPEN: "unable to open database file", naming neither the file nor why.
+_CANTOPEN = 14
 # A failing read is logged at most this often: it recurs on every batch until the file is replaced.
 _READ_WARNING_EVERY_S = 60.0
 
@@ -105,8 +107,13 @@ class TextVectorCache:
         try:
             self._create_tables(path)
         except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == _CANTOPEN:
+                # A folder at the path, one the process may not write: the operator's to fix. The OS says which
+                # file and why, where SQLite does not (the CLI turns it into one line naming the setting).
+                with open(path, "ab"):
+                    pass
             if getattr(exc, "sqlite_errorcode", None) not in _UNREADABLE:
-                raise  # a locked file, a read-only folder: the operator's to fix, said as SQLite says it
+                raise  # a locked file: the operator's to fix, said as SQLite says it
             for db in (self._db, self._write_db):
                 if db is not None:
                     db.close()

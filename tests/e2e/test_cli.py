@@ -813,6 +813,20 @@ def test_cache_warm_persists_prompt_vectors_and_a_new_prompt_version_re_embeds(t
     assert not np.allclose(stored, encoder.encode_texts(["red circle", "blue square"]), atol=1e-3)
 
 
+@pytest.mark.parametrize("command", [("cache", "warm", "PROMPTS"), ("serve", "--port", "8789")])
+def test_a_text_cache_path_that_is_a_folder_is_refused_in_one_line_naming_the_setting(tmp_path, command):
+    # Was SQLite's traceback "unable to open database file" (serve: in each worker, then "Worker failed to boot").
+    folder = tmp_path / "vectors"
+    folder.mkdir()
+    (tmp_path / "prompts.txt").write_text("red circle\n")
+    env = {**os.environ, "SIDECAR_TEXT_CACHE_PATH": str(folder), "SIDECAR_STORE_PATH": str(tmp_path / "store")}
+    result = subprocess.run([sys.executable, "-m", "sidecar.cli", "-q",
+                             *[str(tmp_path / "prompts.txt") if arg == "PROMPTS" else arg for arg in command]],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1 and result.stderr == (f"Error: cannot write {folder}: Is a directory "
+                                                        f"(SIDECAR_TEXT_CACHE_PATH is {folder})\n")
+
+
 def test_cache_warm_shows_a_progress_bar_over_its_prompts_unless_quiet(tmp_path, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(300)))

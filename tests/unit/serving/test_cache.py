@@ -1,5 +1,4 @@
 import multiprocessing
-import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -223,7 +222,8 @@ def test_a_cache_file_that_cannot_be_opened_for_another_reason_than_its_contents
     path = tmp_path / "text-vectors.sqlite"
     TextVectorCache(path, namespace=namespace(), capacity=10).close()
     path.unlink()
-    path.mkdir()  # "unable to open database file": not a damaged file
-    with pytest.raises(sqlite3.OperationalError):
+    path.mkdir()  # SQLite's "unable to open database file": not a damaged file. Said naming the file and why.
+    with pytest.raises(IsADirectoryError) as caught:
         TextVectorCache(path, namespace=namespace(), capacity=10)
+    assert caught.value.filename == str(path)
     assert path.is_dir() and not path.with_name(path.name + ".unreadable").exists()
