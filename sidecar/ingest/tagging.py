@@ -241,8 +241,8 @@ class RetagSummary:
 
     def describe(self) -> str:
         change = "with their tags removed" if self.cleared else "with new tags (stored vectors reused)"
-        return (f"{self.total} documents: {self.retagged} {change}, {self.unchanged} unchanged; run `clip-sidecar "
-                f"index` to load them")
+        then = "run `clip-sidecar index` to load them" if self.retagged else "nothing to load"
+        return f"{self.total} documents: {self.retagged} {change}, {self.unchanged} unchanged; {then}"
 
 
 def retag_shards(root: Path, tagger: Tagger | None, *, shard_size: int = 4096, progress: bool = True) -> RetagSummary:

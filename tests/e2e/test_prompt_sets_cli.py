@@ -192,7 +192,7 @@ def test_tag_rerun_with_nothing_changed_changes_no_row_whatever_the_shard_layout
                                      for i in range(37)])
     first = cli_ok("tag", out, "--tag", "colors:0.1", "--tag", "shapes:3", "--prompt-sets", sets)
     assert "5920 documents: 5920 with new tags" in first
-    assert "5920 documents: 0 with new tags (stored vectors reused), 5920 unchanged" in cli_ok(
+    assert "5920 documents: 0 with new tags (stored vectors reused), 5920 unchanged; nothing to load" in cli_ok(
         "tag", out, "--prompt-sets", sets)
 
 
