@@ -292,6 +292,10 @@ def _set_name(value: Any, *, source: str) -> str:
 
 
 def _label_name(value: Any, *, where: str) -> str:
+    if value is None or isinstance(value, (bool, int, float)):
+        # YAML reads yes, no, on, off, null and numbers unquoted as such: the label the file means is a word.
+        raise PromptSetError(f"{where}: a label is a non-empty string, got {value!r}; in YAML, quote a label that "
+                             "reads as a boolean, a number or null (\"yes\", \"no\", \"on\", \"off\", \"1\")")
     if not isinstance(value, str) or not value.strip():
         raise PromptSetError(f"{where}: a label is a non-empty string, got {value!r}")
     value = value.strip()
