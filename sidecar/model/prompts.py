@@ -590,12 +590,12 @@ def count_reaching(vectors: np.ndarray, label_vectors: np.ndarray, *, threshold:
 
 def _label_scores(vectors: np.ndarray, label_vectors: np.ndarray) -> np.ndarray:
     """[inputs, labels]: the cosine similarity of each input's vector and each label's (both L2-normalised)."""
-    # A float32 BLAS product's last bits depend on how many rows it multiplies at once, which moved a tag's rounded
-    # score or a threshold's cut between runs that read the same vector in other batches (`tag` rerun over another
-    # shard layout), rewriting rows nothing had changed. In float64 each product of two float32 values is exact and
-    # the sums differ by float64's last bit at most, which the cast to float32 rounds away: the same scores whatever
-    # the batch, at BLAS speed (np.einsum, exact too, took ×8 as long for a 1,000-label set: the stage then rivals a
-    # GPU's embed rate).
+    # A float32 BLAS product's last bits depend on how many rows it multiplies at once (~1e-8 apart), which moved a
+    # tag's score rounded to 4 decimals or a threshold's cut between runs that read the same vector in other batches
+    # (`tag` rerun over another shard layout), rewriting rows nothing had changed. In float64 each product of two
+    # float32 values is exact and the sums differ by ~1e-16: below float32's resolution but for scores near 0, and
+    # ~1e-12 short of moving a 4-decimal score. np.einsum (one order, every bit the same) took ×4–8 as long for a
+    # 1,000-label set, where the stage would rival a GPU's embed rate (bench/label_scores.py).
     products = np.asarray(vectors, dtype=np.float64) @ np.asarray(label_vectors, dtype=np.float64).T
     return products.astype(np.float32)
 
