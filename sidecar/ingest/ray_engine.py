@@ -190,10 +190,21 @@ def _refuse_no_head(address: str, exc: ConnectionError) -> NoReturn:
 
 def _check_reachable(address: str) -> None:
     """Raise RayUnavailable unless HOST:PORT (or ray://HOST:PORT) accepts a TCP connection within
-    CONNECT_TIMEOUT_S; other forms ("auto") are Ray's to resolve."""
-    host, colon, port = address.removeprefix("ray://").rpartition(":")
-    if not colon or not port.isdigit():
+    CONNECT_TIMEOUT_S; "auto" and a ray:// address without a port are Ray's to resolve."""
+    if address == "auto":
         return
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme != "ray":  # the dashboard's http://HOST:8265 is what `ray job submit` takes, not a driver
+        raise RayUnavailable(f"--address {address}: a driver connects to the head's HOST:PORT (its GCS port, 6379 by "
+                             "default) or ray://HOST:PORT (its Ray Client port, 10001 by default), not a "
+                             f"{scheme}:// URL (the dashboard's, for `ray job submit`)")
+    host, colon, port = (rest if sep else address).rpartition(":")
+    if not colon or not port.isdigit():
+        if sep:
+            return
+        # Ray's own answer is a ValueError and its traceback.
+        raise RayUnavailable(f"--address {address}: not HOST:PORT; give the head's address as `ray start --head` "
+                             "printed it (its GCS port, 6379 by default), ray://HOST:PORT, auto or local")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:

@@ -1164,6 +1164,23 @@ def test_embed_on_ray_at_an_address_nobody_answers_fails_within_seconds_naming_i
     assert elapsed < 30
 
 
+@pytest.mark.parametrize(("address", "says"), [
+    ("127.0.0.1", "--address 127.0.0.1: not HOST:PORT; give the head's address as `ray start --head` printed it"),
+    ("http://127.0.0.1:8265", "--address http://127.0.0.1:8265: a driver connects to the head's HOST:PORT"),
+])
+def test_embed_on_ray_at_an_address_of_another_form_fails_in_one_line_saying_which_form_to_give(tmp_path: Path, address,
+                                                                                                  says):
+    # Before: a bare host ended in Ray's ValueError traceback; the dashboard's URL in "Name or service not known".
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(tmp_path / "shards"),
+                                       "--engine", "ray", "--address", address])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [result.output.strip()]
+    assert result.output.startswith(f"Error: {says}")
+
+
 def test_embed_on_ray_at_a_port_that_accepts_connections_but_holds_no_ray_head_fails_within_seconds_naming_it(
         tmp_path: Path):
     pytest.importorskip("ray", reason="the ray extra is not installed")
