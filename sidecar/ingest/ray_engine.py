@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -124,6 +125,9 @@ def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address:
             return _run(ray, settings, source, out, batch_size=batch_size, shard_size=shard_size,
                         resources=resources, max_pixels=max_pixels, thumbnail_side=thumbnail_side,
                         load_tagger=load_tagger, allow_empty=allow_empty, progress=progress)
+        except Exception as exc:
+            _refuse_missing_module(exc)
+            raise
         finally:
             ray.shutdown()
 
@@ -186,6 +190,28 @@ def _refuse_no_head(address: str, exc: ConnectionError) -> NoReturn:
     raise RayUnavailable(f"no Ray cluster answers at {address}: {what} answered there within {RAY_CONNECT_S} s "
                          f"(Ray: {exc}): check that the address is the head's as `ray start --head` printed it "
                          f"({port}) and that the head runs (`ray status` on it)") from exc
+
+
+def _refuse_missing_module(exc: BaseException) -> None:
+    """Raise RayUnavailable where `exc` is a worker's failed import (a dependency of the job missing from the
+    Python `ray start` runs on a node): Ray reports it as a task's error, with its traceback."""
+    from ray.exceptions import RayError
+
+    if not isinstance(exc, RayError):  # the driver's own: its traceback says where
+        return
+    cause: BaseException | None = exc
+    reason = None
+    while cause is not None and reason is None:  # RayTaskError.cause; RaySystemError.client_exc (an unpicklable argument)
+        # Not a RayTaskError(ModuleNotFoundError): Ray's copy of the error, whose cause is the original.
+        if isinstance(cause, ImportError) and not isinstance(cause, RayError):
+            reason = str(cause)
+        cause = getattr(cause, "cause", None) or getattr(cause, "client_exc", None)
+    # An actor's constructor's error reaches the driver as ActorDiedError, which keeps it as text only.
+    reason = reason or next(iter(re.findall(r"^(?:ModuleNotFoundError|ImportError): (.+)$", str(exc), re.M)[-1:]), None)
+    if reason:
+        raise RayUnavailable(f"a Ray worker cannot import what the job needs ({reason}): every node must run `ray start` "
+                             "from a Python with clip-sidecar's dependencies, the versions this driver has (pip install "
+                             "'clip-sidecar[ray]' there)") from exc
 
 
 def _check_reachable(address: str) -> None:

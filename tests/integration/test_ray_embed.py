@@ -61,12 +61,13 @@ def ray_cluster() -> Iterator[tuple[dict[str, str], str]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def ray_embed(address: str, source: Path, out: Path, *extra: str, cwd: Path = REPO) -> subprocess.Popen:
-    """The real CLI, this checkout's code, as the driver of a job on the cluster."""
+def ray_embed(address: str, source: Path, out: Path, *extra: str, cwd: Path = REPO,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The real CLI, this checkout's code, as the driver of a job on the cluster (`env`: more variables)."""
     return subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "embed", str(source), "--out", str(out),
                              "--engine", "ray", "--address", address, *RESOURCE_FLAGS, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def finish(process: subprocess.Popen, *, timeout: float = 600) -> str:
@@ -264,6 +265,26 @@ def test_more_cpus_than_any_node_has_is_refused_naming_the_flag_instead_of_waiti
     assert process.returncode == 1, stderr
     assert f"Error: {flag} 1.5: no node of the cluster has that many CPUs (the largest has 1)" in stderr
     assert not list((tmp_path / "shards").glob("shard-*"))
+
+
+def test_workers_that_cannot_import_a_dependency_fail_the_job_in_one_line_saying_what_to_install(ray_cluster, tmp_path):
+    """Workers whose Python lacks open_clip: a module of that name that fails to import, first on their path by the
+    job's runtime environment (as Ray's job submission injects one). Before, the command ended in Ray's task error
+    and its traceback."""
+    _, address = ray_cluster
+    manifest = write_corpus(tmp_path / "corpus", 4, seed=44)
+    shadow = tmp_path / "shadow" / "open_clip"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'open_clip'\", name='open_clip')\n")
+    job = {"runtime_env": {"env_vars": {"PYTHONPATH": str(shadow.parent)}}}
+    process = ray_embed(address, manifest, tmp_path / "shards", env={"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)})
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 1, stderr
+    # The last line (Ray Data logs the task's error before it, as for any failed task).
+    assert stderr.strip().splitlines()[-1] == (
+        "Error: a Ray worker cannot import what the job needs (No module named 'open_clip'): every node must run "
+        "`ray start` from a Python with clip-sidecar's dependencies, the versions this driver has (pip install "
+        "'clip-sidecar[ray]' there)"), stderr
 
 
 def cluster_processes(env: dict[str, str], pattern: str) -> list[str]:
