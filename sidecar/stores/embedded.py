@@ -1873,8 +1873,13 @@ def _pack_bits(mask: np.ndarray) -> np.ndarray:
 
 
 def _top_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best; of the scores equal to the k-th, the lowest rows, as `_ranked` orders ties (argpartition
+    keeps any of them): a search is then a prefix of a deeper one, and agrees with a full sort."""
     if len(scores) > k:
-        keep = np.argpartition(-scores, k - 1)[:k]
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+        above = np.flatnonzero(scores > kth)
+        tied = np.flatnonzero(scores == kth)
+        keep = np.concatenate([above, tied[np.argsort(rows[tied], kind="stable")[:k - len(above)]]])
         scores, rows = scores[keep], rows[keep]
     return scores, rows
 

@@ -357,6 +357,23 @@ def test_exact_search_matches_numpy(store: EmbeddedStore):
     assert [h.id for h in store.vector_search(query[None, :], 7, exact=True)] == expected
 
 
+@pytest.mark.parametrize("filtered", [False, True])
+def test_exact_search_cut_inside_a_group_of_equal_scores_keeps_its_lowest_rows_as_a_deeper_search_ranks_them(
+        store: EmbeddedStore, filtered: bool):
+    # One image under several ids scores alike. The cut at k inside such a group kept whichever rows
+    # argpartition left there (k=17 over 5 groups of 8: d39 for d32), so a page was no prefix of a deeper
+    # search and exact search disagreed with a brute-force ranking (score, then row).
+    groups = clustered_unit_vectors(5, seed=3)
+    vectors = np.repeat(groups, 8, axis=0)
+    store.upsert([Document(id=f"d{i:02d}", vector=v, metadata={"all": 1}) for i, v in enumerate(vectors)])
+    query = groups[0] + 0.1 * groups[1]
+    query /= np.linalg.norm(query)
+    brute = [f"d{i:02d}" for i in np.lexsort((np.arange(len(vectors)), -(vectors @ query)))]
+    filters = {"all": 1} if filtered else None
+    for k in range(1, len(vectors) + 1):
+        assert [h.id for h in store.vector_search(query, k, exact=True, filters=filters)] == brute[:k], k
+
+
 def test_k_larger_than_the_store(store: EmbeddedStore):
     store.upsert(make_docs(5))
     assert len(store.vector_search(make_docs(1)[0].vector, 50)) == 5
