@@ -27,7 +27,14 @@ from sidecar.api.validation import (
 from sidecar.errors import BadRequest, quoted
 from sidecar.retrieval.fine import fine_size_mismatch
 from sidecar.retrieval.fusion import FUSION_METHODS
-from sidecar.retrieval.search import MODES, NO_FINE_MODEL, SearchOptions, query_vector, search
+from sidecar.retrieval.search import (
+    MODES,
+    NO_FINE_MODEL,
+    SearchOptions,
+    past_window_depth,
+    query_vector,
+    search,
+)
 from sidecar.serving import metrics
 from sidecar.serving.encoding import EncodingService
 from sidecar.types import Document
@@ -150,7 +157,7 @@ def _options(body: dict, *, mode: str, offset: int, k: int, settings) -> SearchO
                              setting="max_k")
     return SearchOptions(
         mode=mode, k=min(offset + k + 1, settings.max_k), candidates=candidates,
-        depth=settings.max_k if offset + k > candidates else None,
+        depth=past_window_depth(offset + k, candidates=candidates, max_k=settings.max_k),
         fusion=choice(body, "fusion", choices=FUSION_METHODS, default="minmax"),
         weights=_weights(body),
         rerank=optional(body, "rerank", bool),  # None: the mode's default (off for bm25)

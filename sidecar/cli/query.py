@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -63,7 +64,7 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, fusio
     """Search the store by TEXT, --image, or both."""
     from sidecar.model.encoder import load_encoder, load_fine_encoder
     from sidecar.model.images import ImageDecodeError
-    from sidecar.retrieval.search import OverSearchLimit, SearchOptions, check_search_limits
+    from sidecar.retrieval.search import OverSearchLimit, SearchOptions, check_search_limits, past_window_depth
     from sidecar.retrieval.search import search as run_search
     from sidecar.stores.base import UnknownFilterField, check_query_model
 
@@ -77,6 +78,9 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, fusio
                                 fusion=fusion, weights=(vector_weight, bm25_weight), rerank=rerank,
                                 exact=exact, ef_search=ef_search, filters=_parse_filters(filters))
         check_search_limits(options, max_k=settings.max_k)  # as the API refuses them
+        # After the limits: -k over max_k is told as such, not as a depth under k.
+        options = dataclasses.replace(options, depth=past_window_depth(k, candidates=options.candidates,
+                                                                         max_k=settings.max_k))
     except OverSearchLimit as exc:
         raise click.BadParameter(str(exc), param_hint=f"'--{exc.field.replace('_', '-')}'") from exc
     except ValueError as exc:

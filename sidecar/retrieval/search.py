@@ -24,7 +24,8 @@ class SearchOptions:
     k: int = 10
     candidates: int = 100  # N: how many the coarse stage hands to the fine stage
     # Ranks past the N candidates (k > N) follow in coarse order from one more coarse search this deep
-    # (None: k), leaving the N out: searches of one depth (the API's: max_k, for every page) rank them alike.
+    # (None: k), leaving the N out: searches of one depth (max_k for /v1/search's every page and for `search`:
+    # past_window_depth) rank them alike.
     depth: int | None = None
     fusion: str = "minmax"
     # (vector, bm25). Chosen on the relevance benchmark (bench/RESULTS.md): equal weights beat 0.7/0.3
@@ -81,6 +82,12 @@ def check_search_limits(options: SearchOptions, *, max_k: int) -> None:
     if options.ef_search is not None and options.ef_search > MAX_EF_SEARCH:
         raise OverSearchLimit("ef_search", f"{options.ef_search} is over {MAX_EF_SEARCH}, the widest HNSW search "
                                            "a query may ask for")
+
+
+def past_window_depth(shown: int, *, candidates: int, max_k: int) -> int | None:
+    """`SearchOptions.depth` for a ranking shown down to rank `shown`: max_k where it reaches past the
+    `candidates`, so that /v1/search's every page and `search` rank the hits past them alike; else None."""
+    return max_k if shown > candidates else None
 
 
 @dataclass(frozen=True, slots=True)

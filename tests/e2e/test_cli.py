@@ -1203,3 +1203,17 @@ def test_embed_on_ray_at_a_port_that_accepts_connections_but_holds_no_ray_head_f
     assert "check that the address is the head's as `ray start --head` printed it" in errors[0]
     # Ray alone retries it for minutes (20 attempts of ~40 s); the bound leaves room for importing Ray on a busy machine.
     assert elapsed < 45
+
+
+def test_search_past_the_candidates_gives_the_hits_and_scores_v1_search_gives_for_the_same_options(
+        store_path, client, monkeypatch):
+    # The hits past the candidates came from a coarse search -k deep on the command line and max_k deep in
+    # the API: hybrid's fused scores (min-max over each list) and so the order there differed from rank 21.
+    monkeypatch.delenv("SIDECAR_FINE_MODEL", raising=False)
+    for mode in ("hybrid", "vector"):
+        result = CliRunner().invoke(main, ["-q", "search", "red circle", "--mode", mode, "-k", "30", "--candidates",
+                                           "20", "--json", "--store-path", str(store_path)])
+        assert result.exit_code == 0, result.output
+        api = client.post("/v1/search", json={"text": "red circle", "mode": mode, "k": 30, "candidates": 20}).json
+        assert [(h["id"], h["scores"]) for h in json.loads(result.stdout)] == [(h["id"], h["scores"])
+                                                                               for h in api["hits"]]
