@@ -118,33 +118,50 @@ def _is_filters(value: Any) -> bool:
 
 def read_qrels(path: Path | str) -> dict[str, dict[str, int]]:
     """Graded judgments, query id -> {doc id: relevance}: TREC qrels ("qid iter docid rel" a line) or
-    JSONL ({"query_id", "doc_id", "relevance"} a line)."""
+    JSONL ({"query_id", "doc_id", "relevance"} a line). A document judged twice for one query with two
+    grades is refused: which one the metrics use would be the file's order."""
     path = Path(path)
-    text = read_input_text(path)
-    first = next((line for line in text.splitlines() if line.strip()), "")
+    lines = read_input_text(path).splitlines()
+    jsonl = next((line for line in lines if line.strip()), "").lstrip().startswith("{")
     qrels: dict[str, dict[str, int]] = {}
-    if first.lstrip().startswith("{"):
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                query_id, doc_id, relevance = str(row["query_id"]), str(row["doc_id"]), row["relevance"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise EvaluationInputError(f"{path}:{number}: expected {{\"query_id\", \"doc_id\", \"relevance\"}}: "
-                                           f"{exc}") from exc
-            if not isinstance(relevance, int) or isinstance(relevance, bool):
-                raise EvaluationInputError(f"{path}:{number}: \"relevance\" must be an integer grade")
-            qrels.setdefault(query_id, {})[doc_id] = relevance
-    else:
-        try:
-            for qrel in ir_measures.read_trec_qrels(str(path)):
-                qrels.setdefault(qrel.query_id, {})[qrel.doc_id] = int(qrel.relevance)
-        except (ValueError, IndexError) as exc:
-            raise EvaluationInputError(f"{path}: not TREC qrels (\"qid iter docid relevance\" a line): {exc}") from exc
+    judged_on: dict[tuple[str, str], int] = {}  # (query id, doc id) -> the line that judged it
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        query_id, doc_id, relevance = _jsonl_judgment(line, where) if jsonl else _trec_judgment(line, where)
+        grades = qrels.setdefault(query_id, {})
+        if grades.get(doc_id, relevance) != relevance:
+            raise EvaluationInputError(f"{where}: query {query_id!r} grades document {doc_id!r} {relevance}, line "
+                                       f"{judged_on[query_id, doc_id]} grades it {grades[doc_id]}: keep one")
+        grades[doc_id] = relevance
+        judged_on.setdefault((query_id, doc_id), number)
     if not qrels:
         raise EvaluationInputError(f"{path}: no judgments")
     return qrels
+
+
+def _trec_judgment(line: str, where: str) -> tuple[str, str, int]:
+    fields = line.split()
+    if len(fields) != 4:
+        raise EvaluationInputError(f"{where}: expected 4 fields \"qid iter docid relevance\" (TREC qrels), got "
+                                   f"{len(fields)}: {line.strip()[:80]!r}")
+    try:
+        relevance = int(fields[3])
+    except ValueError:
+        raise EvaluationInputError(f"{where}: relevance {fields[3]!r} is not an integer grade") from None
+    return fields[0], fields[2], relevance
+
+
+def _jsonl_judgment(line: str, where: str) -> tuple[str, str, int]:
+    try:
+        row = json.loads(line)
+        query_id, doc_id, relevance = str(row["query_id"]), str(row["doc_id"]), row["relevance"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise EvaluationInputError(f"{where}: expected {{\"query_id\", \"doc_id\", \"relevance\"}}: {exc}") from exc
+    if not isinstance(relevance, int) or isinstance(relevance, bool):
+        raise EvaluationInputError(f"{where}: \"relevance\" must be an integer grade")
+    return query_id, doc_id, relevance
 
 
 # ---- configurations ------------------------------------------------------------------------------

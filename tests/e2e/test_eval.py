@@ -99,6 +99,18 @@ def eval_judged(store_path: Path, judged: tuple[Path, Path], *args: str):
                                      str(store_path), *args])
 
 
+def test_a_bad_qrels_line_is_a_usage_error_in_one_line_naming_the_file_and_line(store_path, judged, tmp_path):
+    queries, _ = judged
+    qrels = tmp_path / "bad-qrels.txt"
+    qrels.write_text("q0 0 item-000001 1\nq0 0 item-000002\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["-q", "eval", "--queries", str(queries), "--qrels", str(qrels), "--store-path",
+                                       str(store_path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: {qrels}:2: expected 4 fields \"qid iter docid relevance\" (TREC qrels), got 3: "
+                      "'q0 0 item-000002'"], result.output
+
+
 def test_a_bad_configuration_is_a_usage_error_naming_the_field(store_path, judged):
     result = eval_judged(store_path, judged, "--config", '{"mode": "vector", "colour": "red"}')
     assert result.exit_code == 2 and "unknown field(s) colour" in result.output

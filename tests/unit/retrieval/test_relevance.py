@@ -142,6 +142,35 @@ def test_jsonl_judgments_read_the_same_as_trec(tmp_path, qrels_file):
         "q1": {"d2": 2, "d1": 1, "d4": 1}, "q2": {"d3": 1, "d9": 2}}
 
 
+@pytest.mark.parametrize(("second_line", "message"), [
+    ("q1 0 d2", "expected 4 fields \"qid iter docid relevance\" (TREC qrels), got 3: 'q1 0 d2'"),
+    ("q1 0 d2 1 extra", "expected 4 fields \"qid iter docid relevance\" (TREC qrels), got 5: 'q1 0 d2 1 extra'"),
+    ("q1 0 d2 1.5", "relevance '1.5' is not an integer grade"),
+    ("q1 0 d1 0", "query 'q1' grades document 'd1' 0, line 1 grades it 2: keep one"),
+])
+def test_a_bad_trec_judgment_is_refused_naming_the_file_and_line(tmp_path, second_line, message):
+    # Was "not TREC qrels: not enough values to unpack (expected 4, got 3)" with no line; a document graded
+    # twice was read as its last grade.
+    path = tmp_path / "qrels.txt"
+    path.write_text(f"q1 0 d1 2\n{second_line}\n", encoding="utf-8")
+    with pytest.raises(EvaluationInputError) as refused:
+        relevance.read_qrels(path)
+    assert str(refused.value) == f"{path}:2: {message}"
+
+
+def test_a_document_graded_twice_alike_and_one_graded_twice_apart_in_jsonl(tmp_path):
+    path = tmp_path / "qrels.jsonl"
+    rows = [("q1", "d1", 1), ("q1", "d1", 1), ("q2", "d1", 2), ("q1", "d1", 2)]
+    path.write_text("".join(json.dumps({"query_id": q, "doc_id": d, "relevance": g}) + "\n" for q, d, g in rows[:3]),
+                    encoding="utf-8")
+    assert relevance.read_qrels(path) == {"q1": {"d1": 1}, "q2": {"d1": 2}}
+    path.write_text("".join(json.dumps({"query_id": q, "doc_id": d, "relevance": g}) + "\n" for q, d, g in rows),
+                    encoding="utf-8")
+    with pytest.raises(EvaluationInputError, match=r"qrels.jsonl:4: query 'q1' grades document 'd1' 2, line 1 "
+                                                    r"grades it 1: keep one"):
+        relevance.read_qrels(path)
+
+
 def test_query_file_errors_name_the_line(tmp_path):
     path = tmp_path / "queries.jsonl"
     path.write_text('{"id": "q1", "text": "red"}\n{"id": "q2"}\n', encoding="utf-8")
