@@ -23,7 +23,7 @@ from sidecar.cli.root import (
     store_options,
 )
 from sidecar.retrieval.calibration import MAX_EF_SEARCH
-from sidecar.retrieval.fusion import FUSION_METHODS
+from sidecar.retrieval.fusion import FUSION_METHODS, RRF_K
 from sidecar.retrieval.search import MODES
 
 
@@ -39,7 +39,8 @@ from sidecar.retrieval.search import MODES
                    "at most max_k, as -k. With -k above it, the hits past them follow in coarse order.")
 @click.option("--fusion", type=click.Choice(FUSION_METHODS), default="minmax", show_default=True,
               help="How hybrid mode merges the vector and BM25 lists: each list's scores scaled (minmax, zscore), "
-                   "or their ranks (rrf), then summed by the weights.")
+                   f"or their ranks (rrf: weight / ({RRF_K} + rank), rank counted from 1 in each list), then summed "
+                   "by the weights.")
 @click.option("--vector-weight", type=float, default=0.5, show_default=True,
               help="Weight of the vector scores where they are fused with BM25's.")
 @click.option("--bm25-weight", type=float, default=0.5, show_default=True,

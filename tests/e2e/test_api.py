@@ -16,6 +16,7 @@ import jsonschema
 import numpy as np
 import pytest
 import yaml
+from click.testing import CliRunner
 from PIL import Image
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,10 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 import sidecar
 from sidecar.api.app import create_app
 from sidecar.api.state import state_of
+from sidecar.cli import main
 from sidecar.config import Settings
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.indexing import index_shards
 from sidecar.model.synthetic import write_corpus
+from sidecar.retrieval.fusion import RRF_K
 from sidecar.stores.embedded import EmbeddedStore
 from tests.support import image_b64, png_b64
 
@@ -158,6 +161,23 @@ def test_filters_restrict_every_hit(client):
 def test_every_fusion_method_ranks_the_concept_first(client, fusion):
     hits = client.post("/v1/search", json={"text": "blue square", "fusion": fusion, "k": 5}).json["hits"]
     assert all((h["metadata"]["color"], h["metadata"]["shape"]) == ("blue", "square") for h in hits), hits
+
+
+def test_rrf_fuses_by_the_documented_weight_over_the_rank_constant_plus_rank(client):
+    # The constant (60) was in the code only: neither the API's reference nor `search --help` said it.
+    spec = yaml.safe_load((Path(sidecar.__file__).parent / "openapi.yaml").read_text())
+    documented = " ".join(spec["components"]["schemas"]["SearchRequest"]["properties"]["fusion"]["description"].split())
+    assert f"rrf: weight / ({RRF_K} + rank), rank counted from 1 in each list" in documented
+    assert f"rrf: weight / ({RRF_K} + rank), rank counted from 1 in each list" in " ".join(
+        CliRunner().invoke(main, ["search", "--help"]).output.split())
+    query = {"text": "blue square", "k": 20, "candidates": 20, "exact": True, "rerank": False}
+    ranks = {mode: {h["id"]: rank for rank, h in enumerate(client.post("/v1/search", json={**query, "mode": mode})
+                                                          .json["hits"], start=1)} for mode in ("vector", "bm25")}
+    fused = client.post("/v1/search", json={**query, "fusion": "rrf", "weights": {"vector": 0.7, "bm25": 0.3}}).json
+    for hit in fused["hits"]:
+        expected = sum(weight / (RRF_K + ranks[mode][hit["id"]]) for mode, weight in (("vector", 0.7), ("bm25", 0.3))
+                       if hit["id"] in ranks[mode])
+        assert hit["scores"]["fused"] == pytest.approx(expected, rel=1e-12), hit
 
 
 # ---- operations ---------------------------------------------------------------------------
