@@ -155,11 +155,14 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
                        native=native)
         in_window = set(window.top)
         past = [doc_id for doc_id in deep.top if doc_id not in in_window][:options.k - len(window.top)]
-        # Raw vector and BM25 scores do not depend on the depth; fused ones do: a hit past the window
-        # shows the deep search's.
-        vector_scores = {**deep.vector, **vector_scores}
-        bm25_scores = {**deep.bm25, **bm25_scores}
-        coarse.update((doc_id, deep.scores[doc_id]) for doc_id in past)
+        # A hit past the window shows the deep search's scores. One in the window keeps the window's
+        # alone: the deep lists hold raw scores the window's lists lacked (a BM25-only hit's vector
+        # score), which a page reaching past the window would show and one ending inside it would not.
+        for doc_id in past:
+            for scores, deep_scores in ((vector_scores, deep.vector), (bm25_scores, deep.bm25)):
+                if doc_id in deep_scores:
+                    scores[doc_id] = deep_scores[doc_id]
+            coarse[doc_id] = deep.scores[doc_id]
     top = window.top
     fine_stage = options.rerank and fine_vector is not None
     if top and (native or (fine_stage and options.mode == "hybrid")):

@@ -31,7 +31,7 @@ from sidecar.ingest.indexing import index_shards
 from sidecar.model.synthetic import write_corpus
 from sidecar.retrieval.fusion import RRF_K
 from sidecar.stores.embedded import EmbeddedStore
-from tests.support import image_b64, png_b64
+from tests.support import image_b64, png_b64, search_pages
 
 
 def manifest_rows(corpus):
@@ -161,6 +161,17 @@ def test_filters_restrict_every_hit(client):
 def test_every_fusion_method_ranks_the_concept_first(client, fusion):
     hits = client.post("/v1/search", json={"text": "blue square", "fusion": fusion, "k": 5}).json["hits"]
     assert all((h["metadata"]["color"], h["metadata"]["shape"]) == ("blue", "square") for h in hits), hits
+
+
+@pytest.mark.parametrize("query", ["small", "large blue star at the bottom"])
+def test_pages_show_each_hit_with_the_scores_one_big_page_shows(client, query):
+    # A page reaching past the candidates ran one deeper coarse search whose raw scores filled in the
+    # window's hits too: a BM25-only hit showed a vector score there and none on a page ending in the window.
+    request = {"text": query, "candidates": 20}
+    paged = [(h["id"], h["score"], h["scores"]) for page in search_pages(client, request, k=5, limit=30)
+             for h in page["hits"]]
+    big = client.post("/v1/search", json={**request, "k": 30}).json["hits"]
+    assert paged == [(h["id"], h["score"], h["scores"]) for h in big]
 
 
 def test_rrf_fuses_by_the_documented_weight_over_the_rank_constant_plus_rank(client):
