@@ -275,8 +275,9 @@ def init_app(app: Flask, settings: Settings, *, public_paths: tuple[str, ...] = 
 
     entries = parse_key_entries(settings.api_keys)
     if not entries:
-        log.info("no API keys configured (SIDECAR_API_KEYS): every endpoint is open to requests addressed to "
-                 "localhost, an IP address%s", f" or {settings.allowed_hosts}" if settings.allowed_hosts else "")
+        log.info("no API keys configured (SIDECAR_API_KEYS): every endpoint is open to requests addressed to %s",
+                 f"localhost, an IP address or {settings.allowed_hosts}" if settings.allowed_hosts
+                 else "localhost or an IP address")
         check_host = host_guard(settings.allowed_hosts)
 
         @app.before_request

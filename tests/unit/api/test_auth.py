@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 from pathlib import Path
@@ -14,12 +15,14 @@ from sidecar.api.auth import (
     SCOPES,
     KeyGuard,
     TokenBucket,
+    init_app,
     key_digest,
     key_entry,
     new_key,
     parse_key_entries,
     scope_of,
 )
+from sidecar.config import Settings
 from sidecar.errors import Forbidden, RateLimited, Unauthorized
 
 
@@ -133,3 +136,16 @@ def test_each_key_has_its_own_bucket_and_the_refusal_says_when_to_retry():
         guard.check(f"Bearer {busy}", "/v1/search")
     assert 99 <= info.value.retry_after_s <= 100 and "key 'k0' is over its limit of 0.01 requests/s" in info.value.message
     assert guard.check(f"Bearer {quiet}", "/v1/search").name == "k1"
+
+
+@pytest.mark.parametrize(("allowed_hosts", "hosts"), [
+    ("", "localhost or an IP address"),
+    (".example.com", "localhost, an IP address or .example.com"),
+])
+def test_the_open_server_says_in_one_sentence_which_hosts_it_answers(caplog, allowed_hosts, hosts):
+    from flask import Flask
+
+    caplog.set_level(logging.INFO, logger="sidecar.api.auth")
+    init_app(Flask(__name__), Settings(allowed_hosts=allowed_hosts))
+    assert caplog.messages == [f"no API keys configured (SIDECAR_API_KEYS): every endpoint is open to requests "
+                               f"addressed to {hosts}"]
