@@ -67,8 +67,8 @@ def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str
     prompt sets (`clip-sidecar prompts`) are computed here, before the workers start, where missing.
 
     With API keys (SIDECAR_API_KEYS, `clip-sidecar keys create`) every endpoint but /healthz, the
-    search page's own files (/, /static/page.js, /static/page.css) and, with SIDECAR_METRICS_PUBLIC,
-    /metrics takes `Authorization: Bearer <key>`; /readyz answers ready or not without one, its details
+    search page's own files (/, /static/page.js, /static/page.css, /static/favicon.svg) and, with
+    SIDECAR_METRICS_PUBLIC, /metrics takes `Authorization: Bearer <key>`; /readyz answers ready or not without one, its details
     with one. Without keys it listens on loopback only, unless
     --insecure.
     """

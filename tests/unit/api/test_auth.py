@@ -149,3 +149,20 @@ def test_the_open_server_says_in_one_sentence_which_hosts_it_answers(caplog, all
     init_app(Flask(__name__), Settings(allowed_hosts=allowed_hosts))
     assert caplog.messages == [f"no API keys configured (SIDECAR_API_KEYS): every endpoint is open to requests "
                                f"addressed to {hosts}"]
+
+
+def test_serve_help_the_openapi_file_and_the_readme_name_every_page_file_served_without_a_key():
+    from sidecar.api.page import PUBLIC_PATHS
+    from sidecar.cli.serve import serve
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    readme = readme[readme.index("**With API keys** the page's own files"):][:200]
+    spec = yaml.safe_load((Path(sidecar.__file__).parent / "openapi.yaml").read_text())
+    static = spec["paths"]["/static/{name}"]["get"]
+    help_text = " ".join(serve.help.split())
+    for path in PUBLIC_PATHS:
+        assert path in help_text, path
+        assert path in " ".join(spec["info"]["description"].split()), path
+        assert f"`{path}`" in readme, path
+        if path.startswith("/static/"):
+            assert path.removeprefix("/static/") in static["description"], path
