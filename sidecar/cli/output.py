@@ -11,11 +11,13 @@ def format_hits(hits: list) -> str:
     """A ranked table: rank, final score, per-stage scores, id and text."""
     if not hits:
         return "(no hits)"
-    lines = [f"{'#':>3}  {'score':>7}  {'vector':>7}  {'bm25':>7}  {'id':<14}  text"]
+    # As wide as the longest id: a folder's ids are paths inside it, and a wider one would push its text out of line.
+    width = max(14, *(len(hit.id) for hit in hits))
+    lines = [f"{'#':>3}  {'score':>7}  {'vector':>7}  {'bm25':>7}  {'id':<{width}}  text"]
     for rank, hit in enumerate(hits, start=1):
         vector = hit.scores.get("vector")
         bm25 = hit.scores.get("bm25")
-        lines.append(f"{rank:>3}  {hit.score:7.3f}  {_fmt(vector):>7}  {_fmt(bm25):>7}  {hit.id:<14}  {hit.text}")
+        lines.append(f"{rank:>3}  {hit.score:7.3f}  {_fmt(vector):>7}  {_fmt(bm25):>7}  {hit.id:<{width}}  {hit.text}")
     return "\n".join(lines)
 
 
