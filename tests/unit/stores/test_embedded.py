@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pytest
 
-from sidecar.stores import bm25, embedded
+from sidecar.stores import bm25
 from sidecar.stores.base import ModelMismatchError, QueryModelMismatch, StoreError
 from sidecar.stores.bm25 import Bm25Index, query_terms
 from sidecar.stores.embedded import EmbeddedStore
@@ -733,13 +734,13 @@ def test_a_graph_file_removed_while_a_reader_opens_it_is_still_read_whole(tmp_pa
     failed with a RuntimeError, which no reader retried: seen once in CI.)"""
     path, docs = tmp_path / "s", make_docs(300)
     graph = closed_store_with_a_graph(path, docs)
-    read_index = embedded.faiss.read_index
+    read_index = faiss.read_index
 
     def removed_as_read_starts(*args):
         graph.unlink(missing_ok=True)
         return read_index(*args)
 
-    monkeypatch.setattr(embedded.faiss, "read_index", removed_as_read_starts)
+    monkeypatch.setattr(faiss, "read_index", removed_as_read_starts)
     with EmbeddedStore(path) as store:
         assert as_pairs(store.vector_search(docs[7].vector, 3))[0][0] == "doc7"
     assert not graph.exists()

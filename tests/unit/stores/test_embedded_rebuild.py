@@ -22,9 +22,10 @@ import pytest
 
 from sidecar.ingest.indexing import rebuild_index
 from sidecar.ingest.shards import ShardError
-from sidecar.stores import embedded
-from sidecar.stores.base import StoreError, StoreLocked
+from sidecar.stores.base import QueryModelMismatch, StoreError, StoreLocked
 from sidecar.stores.embedded import EmbeddedStore
+from sidecar.stores.embedded import store as embedded_store
+from sidecar.stores.embedded.version import VersionStore
 from sidecar.types import ModelSignature
 from tests.support import removed_soon, write_shards
 from tests.unit.stores.test_embedded import SIGNATURE, make_docs
@@ -49,7 +50,7 @@ def served(tmp_path: Path):
 
 def test_a_reader_answers_from_the_old_version_while_a_rebuild_builds_and_from_the_new_one_after(served, monkeypatch):
     path, reader = served
-    monkeypatch.setattr(embedded, "_REBUILD_BATCH", 5)  # several commits into the new version before the switch
+    monkeypatch.setattr(embedded_store, "_REBUILD_BATCH", 5)  # several commits into the new version before the switch
     new_docs = make_docs(20, seed=1, prefix="new", version=1)
     seen_while_building = []
 
@@ -142,13 +143,13 @@ def test_a_version_let_go_while_the_store_closes_is_removed_before_close_returns
         rebuilder.rebuild(make_docs(20, seed=1, prefix="new", version=1), signature=SIGNATURE)
     letting_go, go_on = threading.Event(), threading.Event()
 
-    class HeldUpThread(embedded.NamedThread):
+    class HeldUpThread(embedded_store.NamedThread):
         def __init__(self, *args, **kwargs):
             letting_go.set()
             go_on.wait(timeout=10)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(embedded, "NamedThread", HeldUpThread)
+    monkeypatch.setattr(embedded_store, "NamedThread", HeldUpThread)
     order = []
     with ThreadPoolExecutor(2) as pool:
         pool.submit(reader.count)  # moves the reader to version 1 and lets go of version 0 (may then find it closed)
@@ -191,14 +192,14 @@ def test_a_call_running_when_the_store_closes_finishes_on_its_version_and_later_
     # failed "Cannot operate on a closed database", or, landing inside a running statement, killed the process.
     _, reader = served
     inside, go_on = threading.Event(), threading.Event()
-    scored = embedded._VersionStore._scored
+    scored = VersionStore._scored
 
     def held_up_scored(self, conn, hits):  # the call is inside its read transaction, between two statements
         inside.set()
         go_on.wait(timeout=30)
         return scored(self, conn, hits)
 
-    monkeypatch.setattr(embedded._VersionStore, "_scored", held_up_scored)
+    monkeypatch.setattr(VersionStore, "_scored", held_up_scored)
     with ThreadPoolExecutor(1) as pool:
         call = pool.submit(reader.text_search, "number3", 1)
         assert inside.wait(timeout=30)
@@ -279,10 +280,10 @@ def kill_a_rebuild_midway(path: Path) -> int:
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from sidecar.stores import embedded
+        from sidecar.stores.embedded import store as embedded_store
         from tests.unit.stores.test_embedded import SIGNATURE, make_docs
 
-        embedded._REBUILD_BATCH = 5
+        embedded_store._REBUILD_BATCH = 5
 
         def documents():
             for i, doc in enumerate(make_docs(20, seed=1, prefix="new", version=1)):
@@ -291,7 +292,7 @@ def kill_a_rebuild_midway(path: Path) -> int:
                     time.sleep(600)
                 yield doc
 
-        embedded.EmbeddedStore({str(path)!r}).rebuild(documents(), signature=SIGNATURE)
+        embedded_store.EmbeddedStore({str(path)!r}).rebuild(documents(), signature=SIGNATURE)
     """)
     process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, start_new_session=True,
                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
@@ -340,7 +341,7 @@ def test_a_rebuild_with_another_model_switches_the_recorded_model_and_a_reader_c
     with EmbeddedStore(path) as rebuilder:
         rebuilder.rebuild(make_docs(20, seed=1, prefix="new"), signature=other)
     query = make_docs(20, seed=1, prefix="new")[4].vector
-    with pytest.raises(embedded.QueryModelMismatch, match="vectors of other-clip"):
+    with pytest.raises(QueryModelMismatch, match="vectors of other-clip"):
         reader.vector_search(query, 1)  # ranked by the old model's vectors: refused, once
     assert reader.signature() == other
     assert ids_of(reader.vector_search(query, 1)) == ["new4"]
@@ -355,7 +356,7 @@ def test_a_request_thread_checked_on_the_old_model_is_refused_even_after_another
         with EmbeddedStore(path) as rebuilder:
             rebuilder.rebuild(make_docs(20, seed=1, prefix="new"), signature=other)
         assert second.submit(reader.signature).result() == other  # a later request checks the new record
-        with pytest.raises(embedded.QueryModelMismatch, match="vectors of other-clip"):
+        with pytest.raises(QueryModelMismatch, match="vectors of other-clip"):
             first.submit(reader.vector_search, make_docs(30)[3].vector, 1).result()
     finally:
         first.shutdown()
