@@ -39,7 +39,8 @@ from opensearchpy import helpers
 from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.retrieval.evaluation import found_of_exact
 from sidecar.retrieval.search import SearchOptions, search, uses_native_hybrid
-from sidecar.stores.opensearch import LOCK_SUFFIX, OpenSearchStore
+from sidecar.stores.opensearch import OpenSearchStore
+from sidecar.stores.opensearch_lock import LOCK_SUFFIX
 from sidecar.types import Document, ModelSignature, ScoredId
 
 log = logging.getLogger("opensearch_bench")

@@ -65,7 +65,8 @@ from sidecar.config import Settings
 from sidecar.ingest.embed import embed_corpus
 from sidecar.model.encoder import load_encoder
 from sidecar.model.synthetic import write_corpus
-from sidecar.stores.opensearch import LOCK_SUFFIX, OpenSearchStore
+from sidecar.stores.opensearch import OpenSearchStore
+from sidecar.stores.opensearch_lock import LOCK_SUFFIX
 from sidecar.types import Document
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -11,10 +11,8 @@ import json
 import logging
 import os
 import re
-import socket
 import threading
 import time
-import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +23,6 @@ from opensearchpy import OpenSearch, Transport, helpers
 from opensearchpy.exceptions import (
     AuthenticationException,
     AuthorizationException,
-    ConflictError,
     ConnectionTimeout,
     NotFoundError,
     OpenSearchException,
@@ -42,13 +39,13 @@ from sidecar.stores.base import (
     ModelMismatchError,
     QueryModelMismatch,
     StoreError,
-    StoreLocked,
     StoreQueryError,
     StoreReport,
     StoreUnavailable,
 )
 from sidecar.stores.effort import REFRESH_S, EffortPolicy
-from sidecar.threads import NamedThread, name_for_the_os
+from sidecar.stores.opensearch_lock import LOCK_SUFFIX, LoadLock, when
+from sidecar.threads import name_for_the_os
 from sidecar.types import NO_VECTOR, Document, Filters, ModelSignature, ScoredId
 
 log = logging.getLogger(__name__)
@@ -110,12 +107,6 @@ _FILTER_VALUES = {"keyword": "strings", "boolean": "true or false",
 EFFORT_KEY = "search_effort"
 # _meta key holding the fine model whose vectors the documents hold (model, weights, dim), where recorded.
 FINE_MODEL_KEY = "fine_model"
-# The load lock: one document in `<alias>-lock`, held by an `index` run or a rebuild (see _LoadLock).
-LOCK_SUFFIX = "-lock"
-LOCK_ID = "load"
-# Tokens of the locks this process holds now: a lock naming this process with another token was
-# left by a load of this process that could not release it (the cluster was down), so it is stale.
-_HELD_TOKENS: set[str] = set()
 
 
 def resolve_config_dir(configured: str | os.PathLike[str] | None) -> Path:
@@ -251,7 +242,7 @@ class OpenSearchStore:
         log.info("created index %s behind alias %s (dim %d, engine %s)", name, self.alias, dim, self.engine)
 
     def _ensure_lock_index(self) -> None:
-        """The hidden index holding the alias's load lock (`_LoadLock`); created once, by `setup` or
+        """The hidden index holding the alias's load lock (`LoadLock`); created once, by `setup` or
         by the first load."""
         if self.client.indices.exists(index=self.lock_index):
             return
@@ -443,13 +434,18 @@ class OpenSearchStore:
         return name
 
     @contextlib.contextmanager
-    def _load_lock(self, operation: str, *, lock_wait_s: float) -> Iterator[_LoadLock]:
-        lock = _LoadLock(self, operation)
+    def _load_lock(self, operation: str, *, lock_wait_s: float) -> Iterator[LoadLock]:
+        self._ensure_lock_index()
+        lock = self._lock_for(operation)
         lock.acquire(wait_s=lock_wait_s)
         try:
             yield lock
         finally:
             lock.release()
+
+    def _lock_for(self, operation: str) -> LoadLock:
+        return LoadLock(self.client, index=self.lock_index, alias=self.alias, operation=operation,
+                        stale_s=self.lock_stale_s, heartbeat_s=self.lock_heartbeat_s)
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -687,13 +683,13 @@ class OpenSearchStore:
         settings an interrupted load left relaxed, versioned indices no alias names (an
         interrupted rebuild's)."""
         report = StoreReport(location=f"OpenSearch {self.url}, alias {self.alias}")
-        probe = _LoadLock(self, "check")
+        probe = self._lock_for("check")
         held = probe.held()
         stale = probe.stale_reason(held[0]) if held is not None else None
         if held is not None:
             body, _ = held
             report.notes.append(f"the load lock is held by the {body.get('operation')} of {body.get('owner')} since "
-                                f"{_when(body.get('started_at'))}" + (f"; stale ({stale}): the next load or "
+                                f"{when(body.get('started_at'))}" + (f"; stale ({stale}): the next load or "
                                                                        "`store repair` breaks it" if stale else ""))
         running = held is not None and stale is None
         self._inspect(report, running=running, repair=False)
@@ -740,7 +736,7 @@ class OpenSearchStore:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _bulk(self, index: str, ops: dict[str, Document | None], *, lock: _LoadLock) -> tuple[int, int]:
+    def _bulk(self, index: str, ops: dict[str, Document | None], *, lock: LoadLock) -> tuple[int, int]:
         """Index (a Document) or delete (None) every id of `ops` through streaming_bulk until each
         one is acknowledged; returns (written, deleted).
 
@@ -1268,7 +1264,7 @@ def _batches(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
 class _OpenSearchLoad:
     """A load session of the OpenSearch store (`OpenSearchStore.bulk_load`)."""
 
-    def __init__(self, store: OpenSearchStore, lock: _LoadLock):
+    def __init__(self, store: OpenSearchStore, lock: LoadLock):
         self.store = store
         self.lock = lock
         self.depth = 0  # sessions joined to this one (an upsert inside an `index` run's session)
@@ -1307,149 +1303,3 @@ class _OpenSearchLoad:
         if total < len(self.written):
             raise StoreError(f"after writing {len(self.written)} unique ids, {store.alias} counts only {total} "
                              "documents")
-
-
-class _LoadLock:
-    """The alias's load lock: the document `load` in the index `<alias>-lock`, created with
-    op_type=create (only one creator wins) and deleted by its holder.
-
-    It names its owner (host and pid), the operation (`index` or `rebuild`) and when it started. A
-    thread renews `heartbeat_at` every `lock_heartbeat_s`, with if_seq_no, so a holder that lost
-    the lock (broken as stale) finds out and stops (StoreError) instead of writing on. Another load
-    breaks the lock, with a warning naming it, when it is stale: no heartbeat for `lock_stale_s`,
-    or its owner is a process of this host that no longer runs (or an earlier load of this very
-    process that could not release it)."""
-
-    def __init__(self, store: OpenSearchStore, operation: str):
-        self.store = store
-        self.client = store.client
-        self.operation = operation
-        self.token = uuid.uuid4().hex
-        self.body: dict[str, Any] = {}
-        self.version: tuple[int, int] | None = None  # (seq_no, primary_term) of our last write
-        self.lost: str | None = None
-        self._stop = threading.Event()
-        self._beater: threading.Thread | None = None
-
-    def acquire(self, *, wait_s: float) -> None:
-        self.store._ensure_lock_index()
-        deadline = time.monotonic() + wait_s
-        waiting = False
-        while True:
-            now = time.time()
-            self.body = {"operation": self.operation, "owner": f"{socket.gethostname()} pid {os.getpid()}",
-                         "host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                         "started_at": now, "heartbeat_at": now}
-            try:
-                result = self.client.create(index=self.store.lock_index, id=LOCK_ID, body=self.body)
-            except ConflictError:
-                held = self.held()
-                if held is None:
-                    continue  # released between our create and our read
-                body, version = held
-                stale = self.stale_reason(body)
-                if stale is not None:
-                    log.warning("breaking the load lock on %s held by the %s of %s since %s: %s", self.store.alias,
-                                body.get("operation"), body.get("owner"), _when(body.get("started_at")), stale)
-                    with contextlib.suppress(ConflictError, NotFoundError):
-                        self.client.delete(index=self.store.lock_index, id=LOCK_ID, if_seq_no=version[0],
-                                           if_primary_term=version[1])
-                    continue
-                if time.monotonic() >= deadline:
-                    raise StoreLocked(self._refusal(body)) from None
-                if not waiting:
-                    log.info("%s; waiting up to %.0f s", self._refusal(body).split(";")[0], wait_s)
-                    waiting = True
-                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-                continue
-            self.version = (result["_seq_no"], result["_primary_term"])
-            _HELD_TOKENS.add(self.token)
-            self._beater = NamedThread(target=self._beat, name="load-lock-heartbeat", daemon=True)
-            self._beater.start()
-            return
-
-    def ensure_held(self) -> None:
-        if self.lost is not None:
-            raise StoreError(self.lost)
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._beater is not None:
-            self._beater.join()
-        _HELD_TOKENS.discard(self.token)
-        if self.version is None or self.lost is not None:
-            return
-        try:
-            self.client.delete(index=self.store.lock_index, id=LOCK_ID, if_seq_no=self.version[0],
-                               if_primary_term=self.version[1])
-        except (ConflictError, NotFoundError):
-            log.warning("the load lock on %s was broken by another process before this %s ended",
-                        self.store.alias, self.operation)
-        except OpenSearchException as exc:
-            log.warning("could not release the load lock on %s (%s); the next load breaks it (this process "
-                        "ended or %.0f s without a heartbeat)", self.store.alias, exc.__class__.__name__,
-                        self.store.lock_stale_s)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.store.lock_heartbeat_s) and self.version is not None:
-            body = {**self.body, "heartbeat_at": time.time()}
-            try:
-                result = self.client.index(index=self.store.lock_index, id=LOCK_ID, body=body,
-                                           if_seq_no=self.version[0], if_primary_term=self.version[1])
-            except (ConflictError, NotFoundError):
-                self.lost = (f"the {self.operation} on {self.store.alias} lost its load lock: another process broke "
-                             f"it as stale (no heartbeat for {self.store.lock_stale_s:.0f} s); stopping so as not "
-                             "to write beside that process; rerun when it has finished")
-                return
-            except OpenSearchException as exc:
-                log.warning("load lock heartbeat on %s failed (%s); retrying", self.store.alias, exc.__class__.__name__)
-                continue
-            self.body, self.version = body, (result["_seq_no"], result["_primary_term"])
-
-    def held(self) -> tuple[dict[str, Any], tuple[int, int]] | None:
-        """The lock document and its (seq_no, primary_term), or None when nobody holds it."""
-        try:
-            doc = self.client.get(index=self.store.lock_index, id=LOCK_ID)
-        except NotFoundError:  # no lock document, or no lock index yet
-            return None
-        return doc["_source"], (doc["_seq_no"], doc["_primary_term"])
-
-    def stale_reason(self, body: dict[str, Any]) -> str | None:
-        silent = time.time() - float(body.get("heartbeat_at", 0))
-        if silent > self.store.lock_stale_s:
-            return f"no heartbeat for {silent:.0f} s (stale after {self.store.lock_stale_s:.0f} s)"
-        if body.get("host") == socket.gethostname():
-            pid = int(body.get("pid", -1))
-            if pid == os.getpid():
-                if body.get("token") not in _HELD_TOKENS:
-                    return "an earlier load of this process left it behind"
-            elif not _process_exists(pid):
-                return f"its process {pid} on this host is gone"
-        return None
-
-    def _refusal(self, body: dict[str, Any]) -> str:
-        silent = time.time() - float(body.get("heartbeat_at", 0))
-        operation = str(body.get("operation"))
-        article = "an" if operation[:1] in "aeiou" else "a"
-        return (f"{self.store.alias} is locked by {article} {operation} run by {body.get('owner')} since "
-                f"{_when(body.get('started_at'))} (last heartbeat {silent:.0f} s ago); this {self.operation} would "
-                "write beside it. Rerun when it has finished, or let the run wait for it (clip-sidecar index "
-                "--wait-for-lock SECONDS); if that process is gone, its lock counts as stale and is broken "
-                f"{self.store.lock_stale_s:.0f} s after its last heartbeat")
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _when(epoch: Any) -> str:
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(epoch)))
-    except (TypeError, ValueError):
-        return "(unknown)"

@@ -20,7 +20,8 @@ from sidecar.ingest.embed import embed_corpus
 from sidecar.model.encoder import Encoder
 from sidecar.model.synthetic import write_corpus
 from sidecar.stores.base import StoreError
-from sidecar.stores.opensearch import LOCK_SUFFIX, OpenSearchStore
+from sidecar.stores.opensearch import OpenSearchStore
+from sidecar.stores.opensearch_lock import LOCK_SUFFIX
 from sidecar.types import Document, ModelSignature
 
 URL = os.environ.get("SIDECAR_OPENSEARCH_URL", "http://127.0.0.1:9250")

@@ -20,7 +20,8 @@ from opensearchpy import OpenSearch
 from sidecar.cli import main
 from sidecar.ingest.indexing import index_shards
 from sidecar.stores.base import StoreLocked
-from sidecar.stores.opensearch import LOCK_ID, OpenSearchStore
+from sidecar.stores.opensearch import OpenSearchStore
+from sidecar.stores.opensearch_lock import LOCK_ID
 from sidecar.types import Document
 from tests.integration.conftest import SIGNATURE, URL, drop, make_documents, make_store
 from tests.support import ORIGINAL_ENVIRON, write_shards

@@ -20,7 +20,8 @@ from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 
 from sidecar.retrieval.search import SearchOptions, search
-from sidecar.stores.opensearch import LOCK_SUFFIX, OpenSearchStore
+from sidecar.stores.opensearch import OpenSearchStore
+from sidecar.stores.opensearch_lock import LOCK_SUFFIX
 from sidecar.types import Document
 from tests.integration.conftest import SIGNATURE, clustered_vectors, load_in_background, make_documents
 from tests.support import ORIGINAL_ENVIRON

@@ -18,7 +18,7 @@ from sidecar.ingest.indexing import rebuild_index
 from sidecar.ingest.shards import ShardError
 from sidecar.retrieval.search import SearchOptions, search, uses_native_hybrid
 from sidecar.stores.base import ModelMismatchError, StoreError, StoreUnavailable
-from sidecar.stores.opensearch import _LoadLock
+from sidecar.stores.opensearch_lock import LoadLock
 from sidecar.types import Document, ModelSignature
 from tests.integration.conftest import (
     DIM,
@@ -339,13 +339,13 @@ def test_a_rebuild_waiting_for_an_index_run_refuses_the_documents_that_run_write
 
     try:
         with holder.bulk_load():
-            acquire = _LoadLock.acquire
+            acquire = LoadLock.acquire
 
             def signalling_acquire(lock, **kwargs):
                 waiting.set()
                 return acquire(lock, **kwargs)
 
-            monkeypatch.setattr(_LoadLock, "acquire", signalling_acquire)
+            monkeypatch.setattr(LoadLock, "acquire", signalling_acquire)
             thread = threading.Thread(target=rebuild)
             thread.start()
             assert waiting.wait(timeout=60)
