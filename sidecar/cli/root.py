@@ -7,7 +7,9 @@ import errno
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -112,6 +114,29 @@ def settings_from(kwargs: dict[str, Any], names: tuple[str, ...]) -> Settings:
 
 
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C
+TERMINATED = 143  # by SIGTERM (128 + 15), as a shell reports it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt is: `docker stop`, a Kubernetes Job deleted, `kill`.
+    Without a handler the command, as a container's first process, ignored it (the kernel drops signals a
+    PID 1 does not handle) and was killed at the grace's end; elsewhere it died at once, leaving the decode
+    workers and half-written `.tmp` files a Ctrl-C cleans up. Every path that stops cleanly on Ctrl-C now
+    stops the same way on SIGTERM."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _default_sigterm_in_forked_child() -> None:
+    # A forked worker (the scan's and the decoders' pools) is stopped by its parent with SIGTERM
+    # (Pool.terminate): it should die at once, as before, not raise Terminated into its task.
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_forked_child)
 
 # A folder or file the user pointed a command at that it cannot create or write: theirs to fix, not a bug.
 _UNWRITABLE = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
@@ -150,7 +175,8 @@ def configure_logging(*, verbose: bool, quiet: bool) -> None:
 class _Group(click.Group):
     """Turns the errors a user can fix (unknown model or weights, a store of another model, bad corpus,
     unreachable store, bad prompt set, a folder it cannot create or write) into one clear line and exit code 1, instead of a traceback;
-    Ctrl-C into "Aborted!" and exit code 130."""
+    Ctrl-C into "Aborted!" and exit code 130; SIGTERM, stopping the command as Ctrl-C does, into "Terminated."
+    and exit code 143."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from sidecar.ingest.corpus import CorpusError
@@ -159,8 +185,16 @@ class _Group(click.Group):
         from sidecar.model.weights import ModelSettingsError
         from sidecar.stores.base import StoreError
 
+        # Only the main thread may set a handler; the previous one comes back when the command returns (a
+        # test's CliRunner runs commands inside pytest's process). `serve` replaces this process with gunicorn,
+        # which handles SIGTERM its own way.
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
         try:
             return super().invoke(ctx)
+        except Terminated:
+            click.echo("\nTerminated.", err=True)
+            raise click.exceptions.Exit(TERMINATED) from None
         except KeyboardInterrupt:
             # click's own handling says "Aborted!" but exits 1, the status of an error to fix: a script
             # could not tell Ctrl-C from a failure. 130 (128 + SIGINT) is what shells give it.
@@ -172,6 +206,9 @@ class _Group(click.Group):
             if exc.errno not in _UNWRITABLE or exc.filename is None:
                 raise
             raise click.ClickException(_path_error(exc, ctx.meta.get(_RUNNING))) from exc
+        finally:
+            if main_thread:  # None: a handler set outside Python, which leaves the default's behaviour
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
