@@ -70,3 +70,37 @@ def test_the_readmes_compose_embed_and_index_read_a_mounted_folder_and_write_sha
     assert mount_of(source) is not None, (source, mounts)
     assert mount_of(shards) is not None and mounts[mount_of(shards)], (shards, mounts)  # not the image's /app
     assert Path(index[1]) == shards
+
+
+def test_the_sidecar_runs_under_an_init_process_so_a_one_off_cli_container_stops_on_sigterm():
+    # `docker compose run --rm sidecar clip-sidecar embed …` makes the CLI the container's PID 1, and the kernel
+    # drops a signal PID 1 has no handler for: docker stop's SIGTERM was ignored, and `docker compose down` waited
+    # out stop_grace_period before it killed the job. docker's init forwards SIGTERM to the command (gunicorn's
+    # own handler still stops it gracefully) and reaps what the command leaves behind.
+    assert _services("docker-compose.yml")["sidecar"].get("init") is True
+
+
+def _default(value: str) -> str:
+    """What compose makes of `${VARIABLE:-default}` where the variable is unset."""
+    match = re.fullmatch(r"\$\{[A-Z0-9_]+:-(.*)\}", value)
+    return match[1] if match else value
+
+
+def test_without_keys_the_sidecar_answers_the_names_prometheus_and_opensearchs_connectors_call_it_by():
+    # An open sidecar answers only Hosts its allowed_hosts admit (DNS rebinding): a scrape or a connector call
+    # addressed to a name outside them gets 403, every time.
+    from sidecar.api.auth import host_guard
+
+    services = _services("docker-compose.yml")
+    environment = services["sidecar"]["environment"]
+    assert _default(environment["SIDECAR_API_KEYS"]) == ""
+    check = host_guard(_default(environment["SIDECAR_ALLOWED_HOSTS"]))
+    scrape = yaml.safe_load((ROOT / "docker/prometheus/prometheus.yml").read_text(encoding="utf-8"))
+    targets = [target for job in scrape["scrape_configs"] for config in job["static_configs"]
+               for target in config["targets"]]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    connect = re.findall(r"docker compose exec sidecar clip-sidecar opensearch connect --sidecar-url http://(\S+)",
+                         readme)
+    assert targets and connect
+    for host in [*targets, *connect]:
+        check(host)  # raises Forbidden where the name is not admitted
