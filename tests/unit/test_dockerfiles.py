@@ -50,3 +50,29 @@ def test_the_healthcheck_counts_no_failure_while_a_worker_takes_the_boot_gunicor
     (flags,) = re.findall(r"^HEALTHCHECK (.*?) CMD ", _text(dockerfile), flags=re.MULTILINE)
     options = dict(re.findall(r"--([a-z-]+)=(\S+)", flags))
     assert _seconds(options["start-period"]) >= int(effective_config()["timeout"]), (dockerfile, options)
+
+
+# The settings naming a model the server loads from the image's cache at boot (sidecar.model.weights.configured_models:
+# the model, and the fine-ranking model where one is set). A file setting (model_config) needs a COPY, not an argument.
+MODEL_VARIABLES = tuple(f"SIDECAR_{name.upper()}" for name in ("model", "pretrained", "fine_model", "fine_pretrained"))
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_every_model_the_server_loads_is_a_build_argument_fetched_into_the_image(dockerfile):
+    # Workers load cached weights only, and the image's cache is filled at build time: a fine model named only at
+    # run time (SIDECAR_FINE_MODEL for the rerank stage) stopped every worker's boot, "not trained yet".
+    from sidecar.config import Settings
+
+    assert {name.removeprefix("SIDECAR_").lower() for name in MODEL_VARIABLES} <= set(Settings.__dataclass_fields__)
+    text = _text(dockerfile)
+    before_fetch = text[:text.index("RUN clip-sidecar models fetch")]
+    for variable in MODEL_VARIABLES:
+        assert re.search(rf"^ARG {variable}=", before_fetch, flags=re.MULTILINE), (dockerfile, variable)
+        assert f"{variable}=${{{variable}}}" in before_fetch, (dockerfile, variable)  # the ENV the fetch and server read
+
+
+def test_compose_passes_every_model_build_argument_to_the_image():
+    import yaml
+
+    build = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))["services"]["sidecar"]["build"]
+    assert set(MODEL_VARIABLES) <= set(build["args"]), build["args"]
