@@ -4,6 +4,7 @@ read, and README and docs/ name, is one the sidecar exports."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import REGISTRY
 
 from sidecar.serving import metrics  # noqa: F401  (registers the sidecar's metrics)
@@ -71,3 +73,22 @@ def test_every_metric_the_sidecar_exports_is_named_in_readme_or_docs():
     exported = {family.name + ("_total" if family.type == "counter" else "") for family in REGISTRY.collect()
                 if family.name.startswith("sidecar_")}
     assert exported and not {name for name in exported if f"`{name}" not in documented}
+
+
+def _container_path(service: dict, path: str) -> Path | None:
+    """The checkout file a path inside the container is, through the service's bind mounts of ./ paths."""
+    for volume in service["volumes"]:
+        source, target = volume.split(":")[:2]
+        if source.startswith("./") and (path == target or path.startswith(target + "/")):
+            return ROOT / source / path[len(target):].lstrip("/")
+    return None
+
+
+def test_grafana_opens_the_mounted_dashboard_whose_panels_read_the_provisioned_prometheus():
+    grafana = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))["services"]["grafana"]
+    home = _container_path(grafana, grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert home == DASHBOARD and home.is_file()
+    provisioned = {source["uid"] for path in (ROOT / "docker/grafana/provisioning/datasources").glob("*.yml")
+                   for source in yaml.safe_load(path.read_text(encoding="utf-8"))["datasources"]}
+    used = set(re.findall(r'"datasource": \{[^}]*"uid": "([^"]+)"', json.dumps(json.loads(DASHBOARD.read_text()))))
+    assert used and used <= provisioned, (used, provisioned)
