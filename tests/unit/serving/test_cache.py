@@ -1,4 +1,5 @@
 import multiprocessing
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -169,6 +170,26 @@ def test_the_persistent_cache_keeps_at_most_max_entries_dropping_the_least_recen
     assert len(encode.calls) == 11, "kept entries come from disk"
     reopened.get_or_compute(["t1", "t2"], encode_through_disk(reopened, encode), timeout_s=10)
     assert encode.calls[-1] == ["t1", "t2"], "the least recently used were evicted"
+
+
+def test_workers_sharing_the_file_keep_it_within_max_entries_together(tmp_path):
+    # Each worker counted the file once, at its start, then only its own inserts: four workers filling a
+    # new file took it to 4,000 rows under a bound of 1,000 before any of them evicted.
+    path = tmp_path / "text-vectors.sqlite"
+    workers = [TextVectorCache(path, namespace=namespace(), capacity=1, max_entries=1000) for _ in range(4)]
+    try:
+        largest = 0
+        for round_ in range(10):
+            for i, worker in enumerate(workers):
+                worker.through_disk(CountingEncoder())([f"w{i} r{round_} t{j}" for j in range(100)])
+                worker.flush()
+                with sqlite3.connect(path) as db:
+                    largest = max(largest, db.execute("SELECT count(*) FROM text_vectors").fetchone()[0])
+                db.close()
+    finally:
+        for worker in workers:
+            worker.close()
+    assert largest <= 1000
 
 
 def test_the_write_ahead_log_is_cut_back_after_a_large_write(tmp_path):
