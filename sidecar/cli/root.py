@@ -19,16 +19,25 @@ from sidecar.config import PRECISIONS, STORES, Settings
 from sidecar.logs import OneLineFormatter, route_logs
 
 MODEL_FLAGS = ("model", "pretrained", "model_config", "device", "precision", "fine_model", "fine_pretrained")
+MODEL_IDENTITY_FLAGS = ("model", "pretrained", "fine_model", "fine_pretrained")
 OPENSEARCH_FLAGS = ("opensearch_url", "opensearch_index")
 STORE_LOCATION_FLAGS = ("store", "store_path", *OPENSEARCH_FLAGS)
 STORE_FLAGS = (*STORE_LOCATION_FLAGS, "target_recall")
 PROMPT_FLAGS = ("prompt_sets_dir",)
 
 
+_MODEL = click.option("--model", help="open_clip model name, e.g. ViT-B-32 (default: the tiny synthetic model).")
+_PRETRAINED = click.option("--pretrained", help="Pretrained tag (e.g. laion2b_s34b_b79k) or a checkpoint file path.")
+_FINE_MODEL = click.option("--fine-model", help="A stronger model for the fine-ranking stage (e.g. ViT-L-14, or "
+                                                "tiny-clip-large): embed stores its image vectors beside each document, "
+                                                "search re-scores the coarse candidates with it.")
+_FINE_PRETRAINED = click.option("--fine-pretrained", help="Pretrained tag or checkpoint of --fine-model.")
+
+
 def _coarse_model_option_list() -> list[Callable]:
     return [
-        click.option("--model", help="open_clip model name, e.g. ViT-B-32 (default: the tiny synthetic model)."),
-        click.option("--pretrained", help="Pretrained tag (e.g. laion2b_s34b_b79k) or a checkpoint file path."),
+        _MODEL,
+        _PRETRAINED,
         click.option("--model-config", type=click.Path(exists=True, dir_okay=True),
                      help="JSON model config (or folder of them) for architectures open_clip lacks."),
         click.option("--device", help="auto (default: CUDA if present), cpu, cuda or cuda:N."),
@@ -44,14 +53,15 @@ def coarse_model_options(func: Callable) -> Callable:
 
 
 def model_options(func: Callable) -> Callable:
-    options = [
-        *_coarse_model_option_list(),
-        click.option("--fine-model", help="A stronger model for the fine-ranking stage (e.g. ViT-L-14, or "
-                                          "tiny-clip-large): embed stores its image vectors beside each document, "
-                                          "search re-scores the coarse candidates with it."),
-        click.option("--fine-pretrained", help="Pretrained tag or checkpoint of --fine-model."),
-    ]
+    options = [*_coarse_model_option_list(), _FINE_MODEL, _FINE_PRETRAINED]
     return functools.reduce(lambda f, option: option(f), reversed(options), func)
+
+
+def model_identity_options(func: Callable) -> Callable:
+    """The model options of a command that names models without loading them (MODEL_IDENTITY_FLAGS, what the
+    text-vector cache is keyed by): no device, precision or config it would ignore."""
+    return functools.reduce(lambda f, option: option(f), reversed([_MODEL, _PRETRAINED, _FINE_MODEL, _FINE_PRETRAINED]),
+                            func)
 
 
 def _opensearch_option_list() -> list[Callable]:

@@ -271,6 +271,16 @@ def weights_id(pretrained: str) -> str:
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
+def configured_weights_id(settings: Settings) -> str:
+    """The weights id load_encoder gives the settings' model, found without loading it (a checkpoint file
+    is hashed): a tiny model without `pretrained` has its trained checkpoint's."""
+    from sidecar.model.tiny_model import RECIPES, checkpoint_path
+
+    if settings.model in RECIPES and not settings.pretrained:
+        return weights_id(str(checkpoint_path(settings.cache_dir, model=settings.model)))
+    return weights_id(settings.pretrained)
+
+
 class _RandomInitWarning(logging.Filter):
     """open_clip's "No pretrained weights loaded … initialized randomly", logged on the root logger: said
     once in the project's words instead (weights.random_weights_notice), which name the flag that fixes it."""

@@ -3,9 +3,11 @@ computed once; the table read once per forward batch and written by a thread of 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -54,6 +56,85 @@ class CachedText(NamedTuple):
 def cache_namespace(*, model: str, weights: str, prompt_template: str, prompt_version: str) -> str:
     """Vectors are only reusable for the same model, weights and prompt template version."""
     return f"{model}|{weights}|{prompt_version}|{prompt_template}"
+
+
+class NamespaceUsage(NamedTuple):
+    """What the file holds under one namespace (`cache_namespace`)."""
+    namespace: str
+    vectors: int
+    bytes: int  # the rows' contents (vector, key, namespace); SQLite's index and free pages come on top
+    last_used_ns: int  # time.time_ns() of the most recent write or disk read; 0 for rows from before it was kept
+    stale: bool  # rows from before token counts were kept: never read again (recomputed, then replaced)
+
+    @property
+    def parts(self) -> tuple[str, str, str, str]:
+        """model, weights, prompt version, prompt template (a template may hold "|"; it is last)."""
+        model, weights, version, template = (self.namespace.split("|", 3) + ["", "", ""])[:4]
+        return model, weights, version, template
+
+
+def _open_file(path: Path) -> tuple[sqlite3.Connection, set[str]]:
+    """A connection to an existing cache file (FileNotFoundError where there is none: it is not created
+    here) and its table's columns (none where no server has created the table yet)."""
+    if path.is_dir():  # SQLite would say only "unable to open database file"
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    db = TextVectorCache._connect(path)
+    return db, {row[1] for row in db.execute("PRAGMA table_info(text_vectors)")}
+
+
+def _stale(columns: set[str]) -> str:
+    """SQL true of a row no server reads: one from before token counts were kept (it is recomputed)."""
+    return "tokens IS NULL" if "tokens" in columns else "1"
+
+
+def file_bytes(path: Path) -> int:
+    """The file's size on disk with its write-ahead log."""
+    return sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists())
+
+
+def usage(path: Path) -> list[NamespaceUsage]:
+    """Per namespace (stale rows apart), what the file at `path` holds, most vectors first. Reads only:
+    safe beside a running server."""
+    db, columns = _open_file(path)
+    try:
+        if not columns:
+            return []
+        last_used = "max(last_used)" if "last_used" in columns else "0"  # a file from before the bound
+        rows = db.execute(f"SELECT namespace, count(*), sum(length(vector) + length(key) + length(namespace)), "
+                          f"{last_used}, {_stale(columns)} AS stale FROM text_vectors GROUP BY namespace, stale "
+                          "ORDER BY count(*) DESC, namespace").fetchall()
+    finally:
+        db.close()
+    return [NamespaceUsage(ns, count, size or 0, used or 0, bool(stale)) for ns, count, size, used, stale in rows]
+
+
+def remove(path: Path, *, keep: Sequence[str] | None) -> int:
+    """Delete the rows of every namespace but those in `keep` (None: every row), and stale rows, then
+    give the space back to the disk; returns how many rows went.
+
+    A server sharing the file goes on: its reads see the rows until the delete commits, then miss and
+    encode again (what it holds in memory it still answers from); its writes wait for the delete and
+    the VACUUM (SQLite's busy timeout, 30 s) and one that waits longer is dropped with a warning.
+    VACUUM needs free disk space of about the remaining rows' size while it runs."""
+    db, columns = _open_file(path)
+    try:
+        if not columns:
+            return 0
+        if keep is None:
+            deleted = db.execute("DELETE FROM text_vectors").rowcount
+        else:
+            others = f"namespace NOT IN ({','.join('?' * len(keep))})" if keep else "1"
+            deleted = db.execute(f"DELETE FROM text_vectors WHERE {_stale(columns)} OR {others}", list(keep)).rowcount
+        if deleted:
+            db.execute("VACUUM")
+            # VACUUM writes the whole file again into the write-ahead log; a checkpoint copies it back
+            # and empties the log (as far as no reader still needs the old pages).
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    return deleted
 
 
 class TextVectorCache:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from sidecar.config import Settings
-from sidecar.model.encoder import Encoder
+from sidecar.model.encoder import Encoder, configured_weights_id
 from sidecar.model.images import ImageDecodeError, decode_bytes, load_rgb
 from sidecar.serving import metrics
 from sidecar.serving.batching import MicroBatcher
@@ -31,6 +31,14 @@ class TextVectors:
     vectors: np.ndarray
     truncated: list[int]  # indices of texts cut (to max_text_chars or to the model's context length)
     tokens: int  # tokens the model saw, summed over texts
+
+
+def text_cache_namespaces(settings: Settings) -> list[str]:
+    """The text-vector cache namespaces a server of these settings reads (its model's, and its fine
+    model's), found without loading either model."""
+    return [cache_namespace(model=model.model, weights=configured_weights_id(model),
+                            prompt_template=settings.prompt_template, prompt_version=settings.prompt_version)
+            for model in (settings, settings.fine_model_settings()) if model is not None]
 
 
 class EncodingService:

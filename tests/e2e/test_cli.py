@@ -696,6 +696,7 @@ def test_every_command_teaches_with_help():
     runner = CliRunner()
     for command in (["--help"], ["embed", "--help"], ["index", "--help"], ["search", "--help"], ["serve", "--help"],
                     ["demo", "--help"], ["eval", "--help"], ["cache", "warm", "--help"],
+                    ["cache", "stats", "--help"], ["cache", "prune", "--help"], ["cache", "clear", "--help"],
                     ["opensearch", "setup", "--help"], ["store", "check", "--help"], ["store", "repair", "--help"],
                     ["keys", "create", "--help"]):
         result = runner.invoke(main, command)

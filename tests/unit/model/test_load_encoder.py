@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 import sidecar
 from sidecar.config import Settings
 from sidecar.model import weights
-from sidecar.model.encoder import load_encoder
+from sidecar.model.encoder import configured_weights_id, load_encoder, weights_id
+from sidecar.model.tiny_model import checkpoint_path
 
 TINY_CONFIG = Path(sidecar.__file__).parent / "model" / "model_configs" / "tiny-clip.json"
 
@@ -56,3 +58,15 @@ def test_a_tiny_model_trained_into_the_cache_is_not_said_to_run_random_weights(m
         encoder = load_encoder(model_settings, fetch=False)
     assert encoder.weights.startswith("sha256:")
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+
+
+def test_configured_weights_id_is_the_weights_load_encoder_gives_without_loading(encoder, fine_encoder, model_settings):
+    # What `cache stats` / `cache prune` key the server's text vectors by: the tiny model's trained checkpoint
+    # (by hash), a checkpoint file given as pretrained (the same hash), a tag as written, else "random".
+    tiny = checkpoint_path(model_settings.cache_dir)
+    assert configured_weights_id(model_settings) == encoder.weights == weights_id(str(tiny))
+    large = dataclasses.replace(model_settings, model=fine_encoder.name)
+    assert configured_weights_id(large) == fine_encoder.weights
+    assert configured_weights_id(dataclasses.replace(model_settings, pretrained=str(tiny))) == encoder.weights
+    assert configured_weights_id(dataclasses.replace(model_settings, model="ViT-B-32", pretrained="openai")) == "openai"
+    assert configured_weights_id(dataclasses.replace(model_settings, model="ViT-B-32")) == "random"
