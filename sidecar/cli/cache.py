@@ -82,11 +82,13 @@ def _cache_file(settings: Settings) -> Path | None:
 @contextlib.contextmanager
 def _read_errors(path: Path) -> Iterator[None]:
     """SQLite's refusals (a file that is not a cache, one this user may not write) as one line naming the file."""
+    from sidecar.serving.cache import unreadable
+
     try:
         yield
     except sqlite3.Error as exc:
-        raise click.ClickException(f"text-vector cache {path}: {exc} (SIDECAR_TEXT_CACHE_PATH; a file SQLite "
-                                   "cannot read is moved aside when the server next starts)") from exc
+        hint = "; a server moves a file SQLite cannot read aside when it next starts" if unreadable(exc) else ""
+        raise click.ClickException(f"text-vector cache {path}: {exc} (SIDECAR_TEXT_CACHE_PATH{hint})") from exc
 
 
 def _size(size: int) -> str:

@@ -89,6 +89,12 @@ def _stale(columns: set[str]) -> str:
     return "tokens IS NULL" if "tokens" in columns else "1"
 
 
+def unreadable(exc: sqlite3.Error) -> bool:
+    """Whether SQLite refused the file for its contents (not a lock or a permission): a server moves
+    such a file aside and begins a new one."""
+    return getattr(exc, "sqlite_errorcode", None) in _UNREADABLE
+
+
 def file_bytes(path: Path) -> int:
     """The file's size on disk with its write-ahead log."""
     return sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists())
@@ -193,7 +199,7 @@ class TextVectorCache:
                 # file and why, where SQLite does not (the CLI turns it into one line naming the setting).
                 with open(path, "ab"):
                     pass
-            if getattr(exc, "sqlite_errorcode", None) not in _UNREADABLE:
+            if not unreadable(exc):
                 raise  # a locked file: the operator's to fix, said as SQLite says it
             for db in (self._db, self._write_db):
                 if db is not None:

@@ -3,7 +3,9 @@ the cache a server's workers run (TextVectorCache, EncodingService), open while 
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
 
 import numpy as np
 import pytest
@@ -154,8 +156,8 @@ def test_a_cache_path_that_is_a_folder_or_not_a_cache_file_is_refused_in_one_lin
     for command in (["stats"], ["prune"], ["clear"]):
         result = cli("cache", *command, ok=False)
         assert result.exit_code == 1 and result.output.splitlines() == [
-            f"Error: text-vector cache {cache_file}: file is not a database (SIDECAR_TEXT_CACHE_PATH; a file SQLite "
-            "cannot read is moved aside when the server next starts)"]
+            f"Error: text-vector cache {cache_file}: file is not a database (SIDECAR_TEXT_CACHE_PATH; a server moves "
+            "a file SQLite cannot read aside when it next starts)"]
     assert cache_file.read_bytes().startswith(b"not a database")  # left as it was
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -163,3 +165,32 @@ def test_a_cache_path_that_is_a_folder_or_not_a_cache_file_is_refused_in_one_lin
     result = cli("cache", "stats", ok=False)
     assert result.exit_code == 1 and result.output.splitlines() == [
         f"Error: cannot write {folder}: Is a directory (SIDECAR_TEXT_CACHE_PATH is {folder})"]
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Makes a file one this process may not write: chmod where it is not root, else the immutable attribute."""
+    made: list = []
+
+    def make(path) -> None:
+        if os.geteuid() != 0:
+            path.chmod(0o444)
+        elif subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+            made.append(lambda: subprocess.run(["chattr", "-i", str(path)], check=True))
+        else:
+            pytest.skip("root, on a file system without the immutable attribute: every file is writable")
+
+    yield make
+    for undo in made:
+        undo()
+
+
+def test_prune_and_clear_of_a_file_this_user_may_not_write_fail_in_one_line_and_stats_still_reads_it(
+        tmp_path, cache_file, read_only):
+    warm(tmp_path, ["red circle"], SIDECAR_PROMPT_VERSION="2")
+    read_only(cache_file)
+    for command in (["prune"], ["clear"]):
+        result = cli("cache", *command, ok=False)
+        assert result.exit_code == 1 and result.output.splitlines() == [
+            f"Error: text-vector cache {cache_file}: attempt to write a readonly database (SIDECAR_TEXT_CACHE_PATH)"]
+    assert [row[-1] for row in table(cli("cache", "stats").output)] == ["not read"]
