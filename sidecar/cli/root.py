@@ -169,8 +169,11 @@ def _path_error(exc: OSError, running: tuple[click.Context, Settings] | None) ->
                 sources.setdefault(os.path.abspath(value), flags[name])
     failed = Path(os.path.abspath(exc.filename))
     holding = [path for path in sources if failed.is_relative_to(path)]
-    origin = f" ({sources[max(holding, key=len)]} is {max(holding, key=len)})" if holding else ""
-    return f"cannot write {exc.filename}: {exc.strerror}{origin}"
+    # Else a folder on the way to one path only (the folder of SIDECAR_TEXT_CACHE_PATH's file): it is that
+    # setting's; a folder on the way to several could be any of theirs.
+    needing = [path for path in sources if Path(path).is_relative_to(failed)]
+    origin = max(holding, key=len) if holding else needing[0] if len(needing) == 1 else None
+    return f"cannot write {exc.filename}: {exc.strerror}{f' ({sources[origin]} is {origin})' if origin else ''}"
 
 
 def configure_logging(*, verbose: bool, quiet: bool) -> None:

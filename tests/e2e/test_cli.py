@@ -838,6 +838,18 @@ def test_a_text_cache_path_that_is_a_folder_is_refused_in_one_line_naming_the_se
                                                         f"(SIDECAR_TEXT_CACHE_PATH is {folder})\n")
 
 
+def test_a_text_cache_path_under_a_regular_file_is_refused_in_one_line_naming_the_setting(tmp_path):
+    # The folder that failed holds the setting's file rather than lying inside a setting's path: the line
+    # named no setting at all.
+    (tmp_path / "file").write_text("a regular file, not a folder")
+    path = tmp_path / "file" / "sub" / "text-vectors.sqlite"
+    (tmp_path / "prompts.txt").write_text("red circle\n")
+    result = CliRunner().invoke(main, ["-q", "cache", "warm", str(tmp_path / "prompts.txt")],
+                                env={"SIDECAR_TEXT_CACHE_PATH": str(path)})
+    assert result.exit_code == 1 and result.output.splitlines() == [
+        f"Error: cannot write {path.parent}: Not a directory (SIDECAR_TEXT_CACHE_PATH is {path})"]
+
+
 def test_cache_warm_shows_a_progress_bar_over_its_prompts_unless_quiet(tmp_path, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(300)))
