@@ -44,8 +44,9 @@ _WAL_SIZE_LIMIT = 8 << 20
 _UNREADABLE = (11, 26)
 # SQLITE_CANTOPEN: "unable to open database file", naming neither the file nor why.
 _CANTOPEN = 14
-# A failing read is logged at most this often: it recurs on every batch until the file is replaced.
-_READ_WARNING_EVERY_S = 60.0
+# A failing read or write is logged at most this often: it recurs on every batch until the file is replaced
+# (or, for writes, made writable again).
+_WARNING_EVERY_S = 60.0
 
 
 class CachedText(NamedTuple):
@@ -171,7 +172,8 @@ class TextVectorCache:
         self._db: sqlite3.Connection | None = None  # reads (the batcher thread), counts
         self._db_lock = threading.Lock()
         self._write_db: sqlite3.Connection | None = None  # the writer thread's
-        self._read_warned_at = -_READ_WARNING_EVERY_S
+        self._read_warned_at = self._write_warned_at = -_WARNING_EVERY_S
+        self._failed_writes = 0  # rows the writer could not write since it last said so
         self._writes: queue.Queue[tuple[str, list] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         if path is not None:
@@ -327,7 +329,7 @@ class TextVectorCache:
                         touched.append(key)
             except sqlite3.Error as exc:  # the file damaged under a running server: misses, as a failed write is
                 now = time.monotonic()
-                if now - self._read_warned_at >= _READ_WARNING_EVERY_S:
+                if now - self._read_warned_at >= _WARNING_EVERY_S:
                     self._read_warned_at = now
                     log.warning("text-vector cache: reading the file failed (%s); its texts are encoded again. A "
                                 "file that cannot be read is replaced when the server next starts", exc)
@@ -360,8 +362,15 @@ class TextVectorCache:
                 batch.append(item)
             try:
                 self._write([work for work in batch if work is not None])
-            except sqlite3.Error as exc:  # a full disk, a locked file: the cache misses, serving goes on
-                log.warning("text-vector cache: %d writes failed: %s", len(batch), exc)
+            except sqlite3.Error as exc:  # a full disk, a read-only file: the cache misses, serving goes on
+                self._failed_writes += sum(len(rows) for _, rows in (work for work in batch if work is not None))
+                now = time.monotonic()
+                if now - self._write_warned_at >= _WARNING_EVERY_S:
+                    self._write_warned_at = now
+                    log.warning("text-vector cache: %d vectors (or their last-use times) could not be written: %s "
+                                "(their texts are encoded again; said at most once a minute)",
+                                self._failed_writes, exc)
+                    self._failed_writes = 0
             finally:
                 for _ in batch:
                     self._writes.task_done()

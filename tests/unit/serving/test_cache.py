@@ -1,3 +1,4 @@
+import logging
 import multiprocessing
 import sqlite3
 import threading
@@ -190,6 +191,28 @@ def test_workers_sharing_the_file_keep_it_within_max_entries_together(tmp_path):
         for worker in workers:
             worker.close()
     assert largest <= 1000
+
+
+def test_writes_that_keep_failing_are_warned_about_once_not_per_batch(tmp_path, caplog):
+    # A file the server can no longer write (here: damaged under it) failed every batch of the writer
+    # thread, and each said so: under load a warning every 50 ms in each worker.
+    path = tmp_path / "text-vectors.sqlite"
+    cache = TextVectorCache(path, namespace=namespace(), capacity=1)
+    try:
+        cache.through_disk(CountingEncoder())(["before"])
+        cache.flush()
+        for part in tmp_path.glob("text-vectors.sqlite*"):
+            if not part.name.endswith(".lock"):
+                part.write_bytes(b"not a database" * 512)
+        caplog.set_level(logging.WARNING, logger="sidecar.serving.cache")
+        for i in range(3):
+            cache.through_disk(CountingEncoder())([f"batch {i}"])
+            cache.flush()
+    finally:
+        cache.close()
+    failed = [r.getMessage() for r in caplog.records if "reading the file failed" not in r.getMessage()]
+    assert len(failed) == 1 and failed[0].startswith("text-vector cache: 1 vectors (or their last-use times) could "
+                                                     "not be written: file is not a database"), failed
 
 
 def test_the_write_ahead_log_is_cut_back_after_a_large_write(tmp_path):
