@@ -80,7 +80,7 @@ def _cache_file(settings: Settings) -> Path | None:
 
 
 @contextlib.contextmanager
-def _read_errors(path: Path) -> Iterator[None]:
+def _sqlite_errors(path: Path) -> Iterator[None]:
     """SQLite's refusals (a file that is not a cache, one this user may not write) as one line naming the file."""
     from sidecar.serving.cache import unreadable
 
@@ -91,7 +91,7 @@ def _read_errors(path: Path) -> Iterator[None]:
         raise click.ClickException(f"text-vector cache {path}: {exc} (SIDECAR_TEXT_CACHE_PATH{hint})") from exc
 
 
-def _size(size: int) -> str:
+def _size(size: float) -> str:
     for unit in ("B", "kB", "MB"):
         if size < 1000:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -118,7 +118,7 @@ def cache_stats(**kwargs: Any) -> None:
     path = _cache_file(settings)
     if path is None:
         return
-    with _read_errors(path):
+    with _sqlite_errors(path):
         rows = usage(path)
     read = set(text_cache_namespaces(settings))
     click.echo(f"{path}: {sum(row.vectors for row in rows):,} vectors, {_size(file_bytes(path))} on disk; it keeps at "
@@ -162,7 +162,7 @@ def cache_prune(dry_run: bool, **kwargs: Any) -> None:
     if path is None:
         return
     keep = text_cache_namespaces(settings)
-    with _read_errors(path):
+    with _sqlite_errors(path):
         going = [row for row in usage(path) if row.stale or row.namespace not in keep]
         if dry_run:
             click.echo(f"would delete {sum(row.vectors for row in going):,} vectors of {path}"
@@ -187,7 +187,7 @@ def cache_clear() -> None:
     path = _cache_file(settings_from({}, ()))
     if path is None:
         return
-    with _read_errors(path):
+    with _sqlite_errors(path):
         before = file_bytes(path)
         deleted = remove(path, keep=None)
     click.echo(f"deleted {deleted:,} vectors; {path}: {_size(before)} -> {_size(file_bytes(path))}")
