@@ -76,3 +76,13 @@ def test_compose_passes_every_model_build_argument_to_the_image():
 
     build = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))["services"]["sidecar"]["build"]
     assert set(MODEL_VARIABLES) <= set(build["args"]), build["args"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_every_command_in_the_image_reads_its_model_offline_after_the_build_fetched_it(dockerfile):
+    # Only gunicorn's workers set HF_HUB_OFFLINE themselves: embed, search or opensearch setup run in the container
+    # asked huggingface.co about a newer file first, waiting out its timeouts where the network is closed.
+    text = _text(dockerfile)
+    fetch = text.index("RUN clip-sidecar models fetch")
+    offline = re.search(r"^ENV HF_HUB_OFFLINE=1$", text, flags=re.MULTILINE)
+    assert offline and offline.start() > fetch, dockerfile
