@@ -50,7 +50,8 @@ def _readiness() -> tuple[dict, int]:
         return _not_ready(f"store {state.store.name} unavailable: {exc}")
     return {"status": "ready", "model": encoder.name, "weights": encoder.weights, "dim": encoder.dim,
             "device": str(encoder.device), "precision": encoder.precision, "store": state.store.name,
-            "documents": documents, "pid": os.getpid()}, 200  # pid: which gunicorn worker answered
+            "documents": documents, "request_timeout_s": state.settings.request_timeout_s,
+            "pid": os.getpid()}, 200  # pid: which gunicorn worker answered; request_timeout_s: the page's wait
 
 
 def _not_ready(reason: str) -> tuple[dict, int]:
