@@ -546,7 +546,8 @@ def test_the_next_page_is_of_the_results_shown_not_of_text_typed_since(browser, 
     assert page.inner_text("#page-info") == "1–20" and hits(page)[0]["metadata"]["color"] == "blue"
 
 
-def test_back_and_forward_step_through_searches_and_pages_and_their_url_shows_them_again(browser, page_server):
+def test_back_and_forward_step_through_searches_and_pages_not_option_changes_and_the_url_shows_the_search_shown(
+        browser, page_server):
     page = open_page(browser, page_server)
     color = "#filters select[data-field='color']"
 
@@ -554,22 +555,103 @@ def test_back_and_forward_step_through_searches_and_pages_and_their_url_shows_th
         return ([hit["id"] for hit in hits(page)], page.input_value("#query"), page.input_value("#mode"),
                 page.input_value(color), page.inner_text("#page-info"))
 
+    history = page.evaluate("history.length")
     search_for(page, "red circle")
-    steps = [shown()]
-    for action in (lambda: page.select_option(color, json.dumps("red")), lambda: page.select_option("#mode", "vector"),
-                   lambda: page.click("#next-page")):
-        settle(page, "/v1/search", action)
-        steps.append(shown())
-    assert steps[-1][1:] == ("red circle", "vector", json.dumps("red"), "21–40")
+    # Options tweaked: the search shown is ranked again in its own entry, whose URL says how.
+    settle(page, "/v1/search", lambda: page.select_option(color, json.dumps("red")))
+    settle(page, "/v1/search", lambda: page.select_option("#mode", "vector"))
+    tuned = shown()
+    assert tuned[1:] == ("red circle", "vector", json.dumps("red"), "1–20")
+    assert page.evaluate("history.length") == history + 1
+    tuned_url = page.url
+    settle(page, "/v1/search", lambda: page.click("#next-page"))
+    paged = shown()
+    assert paged[1:] == ("red circle", "vector", json.dumps("red"), "21–40")
+    search_for(page, "blue square")
+    searched = shown()
     shared = page.url
-    for step in reversed(steps[:-1]):
-        settle(page, "/v1/search", page.go_back)
-        assert shown() == step
+    assert page.evaluate("history.length") == history + 3
+    settle(page, "/v1/search", page.go_back)
+    assert shown() == paged
+    settle(page, "/v1/search", page.go_back)
+    assert shown() == tuned and page.url == tuned_url
+    page.go_back()  # the page as opened: no search to show
+    page.wait_for_function("() => document.getElementById('hits').children.length === 0")
+    assert page.input_value("#query") == "" and page.inner_text("#empty") == "Type a query or choose an image to search."
     settle(page, "/v1/search", page.go_forward)
-    assert shown() == steps[1]
+    assert shown() == tuned
 
     other = page.context.new_page()  # the URL of a search, opened elsewhere, shows that search
     other.on("pageerror", lambda error: browser.errors.append(str(error)))
     settle(other, "/v1/search", lambda: other.goto(shared))
     page = other
-    assert shown() == steps[-1]
+    assert shown() == searched
+
+
+def test_back_from_an_image_search_shows_the_search_before_it_and_forward_the_image_search_again(
+        browser, page_server, corpus):
+    # An image is too big for a URL: its entry's URL names no search (sharing it shares none, not the one before),
+    # and the entry keeps the image for back and forward.
+    row = manifest_rows(corpus)[7]
+    path = corpus.parent / row["path"]
+    page = open_page(browser, page_server)
+    before = [hit["id"] for hit in search_for(page, "blue square")]
+    before_url = page.url
+    page.fill("#query", "")  # the image alone
+    settle(page, "/v1/search", lambda: page.set_input_files("#image-file", str(path)))
+    found = [hit["id"] for hit in hits(page)]
+    assert found[0] == row["id"] and page.url == f"{page_server}/"
+    settle(page, "/v1/search", page.go_back)
+    assert [hit["id"] for hit in hits(page)] == before and page.url == before_url
+    assert page.locator("#image-preview").is_hidden() and page.input_value("#query") == "blue square"
+    settle(page, "/v1/search", page.go_forward)
+    assert [hit["id"] for hit in hits(page)] == found and page.input_value("#query") == ""
+    assert page.get_attribute("#image-preview-img", "alt") == f"Query image: {path.name}"
+    page.wait_for_function("() => document.getElementById('image-preview-img').naturalWidth > 0")
+
+
+def test_a_server_that_never_answers_is_given_up_on_after_request_timeout_s_and_30_s_and_searched_again(
+        browser, encoder, store_path, tmp_path):
+    # No answer at all (held by the browser, never passed on): the page says so once the server's own bound on a
+    # request has passed (request_timeout_s from /readyz, 5 s here, and 30 s for the rest), on a paused clock.
+    settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, request_timeout_s=5)
+    with page_app(settings, encoder, store_path) as url:
+        page = browser.page
+        page.clock.install()
+        page.goto(f"{url}/")
+        page.wait_for_selector("#filters select")
+        page.wait_for_function("() => document.getElementById('store-info').textContent.includes('documents')")
+        page.clock.pause_at(page.evaluate("Date.now()") + 1000)
+        held = []
+        page.route("**/v1/search", lambda route: held.append(route))
+        page.fill("#query", "red circle")
+        with page.expect_request("**/v1/search"):
+            page.press("#query", "Enter")
+        page.clock.run_for(34_000)
+        assert page.inner_text("#status") == "Searching…" and page.locator("#error").is_hidden()
+        with page.expect_event("requestfailed") as failed:  # the request itself was given up, not only ignored
+            page.clock.run_for(2_000)
+        page.wait_for_function("() => !document.body.classList.contains('busy')")
+        assert page.inner_text("#error") == ("The server did not answer: no answer within 35 s. The server may be "
+                                             "overloaded or stuck; search again to retry.")
+        assert page.inner_text("#status") == "The search failed." and page.is_enabled("#search-button")
+        assert page.get_attribute("#results", "aria-busy") is None
+        assert len(held) == 1 and failed.value.failure == "net::ERR_ABORTED"
+        page.unroute("**/v1/search")
+        settle(page, "/v1/search", lambda: page.click("#search-button"))
+        assert page.locator("#error").is_hidden() and len(hits(page)) == 20
+
+
+def test_a_newer_search_cancels_an_older_one_still_waiting_whose_answer_never_shows(browser, page_server):
+    page = open_page(browser, page_server)
+    held = []
+    # The first search is held unanswered; the second goes through.
+    page.route("**/v1/search", lambda route: route.continue_() if held else held.append(route))
+    page.fill("#query", "red circle")
+    with page.expect_request("**/v1/search"):
+        page.press("#query", "Enter")
+    with page.expect_event("requestfailed") as failed:
+        newer = search_for(page, "blue square")
+    assert (failed.value.post_data_json["text"], failed.value.failure) == ("red circle", "net::ERR_ABORTED")
+    assert newer[0]["metadata"]["color"] == "blue" and page.input_value("#query") == "blue square"
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Results 1–20')")

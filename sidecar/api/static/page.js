@@ -7,9 +7,8 @@
   const state = {
     image: null,    // {dataUrl, name, previewUrl}: the query image
     like: null,     // {id, text}: "more like this" of a stored document
-    query: null,    // {text, image, like} of the latest search: what its next and previous pages are of
+    query: null,    // {text, image, like} of the search shown: what its other pages and rankings are of
     offset: 0,
-    searched: false,
     thumbUrls: [],  // blob: URLs of thumbnails fetched with an API key, released on the next render
   };
   const KEY_STORAGE = 'clip-sidecar-api-key';
@@ -31,20 +30,39 @@
     return Object.assign(key ? { Authorization: `Bearer ${key}` } : {}, extra || {});
   }
 
-  async function api(path, body) {
+  // How long a call waits for its answer (the whole of it, body included) before the page gives up on it: the
+  // server's encode deadline (request_timeout_s, in /readyz's details) and the 30 s the server allows the rest of
+  // a request that ran to it (gunicorn's graceful_timeout). Until /readyz has said, the setting's default (30 s).
+  // A server that never answers would otherwise leave the page searching forever.
+  const ANSWER_MARGIN_S = 30;
+  let requestTimeoutS = 30;
+
+  // `cancel`: an AbortSignal of the caller's (a newer search supersedes this one), which rejects with its AbortError.
+  async function api(path, body, cancel) {
+    const waitS = requestTimeoutS + ANSWER_MARGIN_S;
+    const controller = new AbortController();
+    let timedOut = false;
+    const timer = setTimeout(() => { timedOut = true; controller.abort(); }, waitS * 1000);
+    const cancelled = () => controller.abort();
+    if (cancel) cancel.addEventListener('abort', cancelled, { once: true });
     let response;
-    try {
-      response = await fetch(path, body === undefined ? { headers: headers() } : {
-        method: 'POST', headers: headers({ 'Content-Type': 'application/json' }), body: JSON.stringify(body),
-      });
-    } catch (err) {
-      throw new ApiProblem(0, 'unreachable', `the server does not answer (${err.message}). Is clip-sidecar still running?`);
-    }
     let data = null;
     try {
-      data = await response.json();
-    } catch (err) {
-      data = null;
+      try {
+        response = await fetch(path, body === undefined ? { headers: headers(), signal: controller.signal } : {
+          method: 'POST', headers: headers({ 'Content-Type': 'application/json' }), body: JSON.stringify(body),
+          signal: controller.signal,
+        });
+        data = await response.json();
+      } catch (err) {
+        if (timedOut) throw new ApiProblem(0, 'timeout', `no answer within ${waitS} s. The server may be overloaded or stuck; search again to retry`);
+        if (cancel && cancel.aborted) throw err;
+        if (!response) throw new ApiProblem(0, 'unreachable', `the server does not answer (${err.message}). Is clip-sidecar still running?`);
+        data = null;  // an answer that is not JSON (a proxy's error page): its HTTP status says what went wrong
+      }
+    } finally {
+      clearTimeout(timer);
+      if (cancel) cancel.removeEventListener('abort', cancelled);
     }
     if (!response.ok) {
       // Errors are {"error": {"code", "message"}}; /readyz says {"status": "not_ready", "reason"} (the reason only
@@ -72,6 +90,7 @@
       504: 'The server took too long:',
     };
     let title = titles[problem.status] || `Error ${problem.status}:`;
+    if (problem.code === 'timeout' && problem.status === 0) title = 'The server did not answer:';
     if (problem.status === 503) {
       title = { store_unavailable: 'The store cannot be reached right now:', not_ready: 'The server is not ready:' }[
         problem.code] || 'The server is busy:';
@@ -242,23 +261,36 @@
   // ---- running a search ---------------------------------------------------------------------------
 
   let generation = 0;  // answers to a superseded request are dropped
+  let searching = null;  // the AbortController of the search in flight
 
-  // paging: another page of the query shown (state.query), not of what the query box holds meanwhile.
-  async function run({ focusResults = false, paging = false, record = true } = {}) {
+  // A newer search, or none (an entry of the history without one): the one in flight is cancelled, so its answer
+  // can neither arrive after the newer one's nor keep the server busy. Returns the newer one's generation.
+  function supersede() {
+    if (searching) searching.abort();
+    searching = new AbortController();
+    return ++generation;
+  }
+
+  // paging: another page of the query shown (state.query), not of what the query box holds meanwhile; again: the
+  // query shown from its first page, ranked or filtered as the controls now say. record: 'push' a history entry
+  // (a new search, another page), 'replace' the current one (the same search ranked another way), or none.
+  async function run({ focusResults = false, paging = false, again = false, record = 'push' } = {}) {
     const captions = !paging && findCaptions();  // pages are of images found; captions come in one list
     if (!paging) {
-      if (!hasQuery()) {
+      const query = again ? state.query : { text: $('query').value.trim(), image: state.image, like: state.like };
+      if (!query.text && !query.image && !query.like) {
         showError(new ApiProblem(400, 'bad_request', 'type some text, choose an image, or pick “More like this” on a result.'));
         return;
       }
-      if (captions && !state.image && !state.like) {
+      if (captions && !query.image && !query.like) {
         showError(new ApiProblem(400, 'bad_request', 'captions describe an image: choose one, or pick “More like this” on a result.'));
         return;
       }
-      state.query = { text: $('query').value.trim(), image: state.image, like: state.like };
+      state.query = query;
     }
-    if (record) recordInUrl(captions);
-    const mine = ++generation;
+    if (record) recordInUrl(captions, record);
+    const mine = supersede();
+    const { signal } = searching;
     clearError();
     $('status').textContent = 'Searching…';
     // The search button stays enabled: disabled, it would drop keyboard focus to <body> (and Enter in the query
@@ -267,9 +299,8 @@
     document.body.classList.add('busy');
     const started = performance.now();
     try {
-      const answer = captions ? await api('/v1/captions', captionsBody()) : await api('/v1/search', searchBody());
+      const answer = captions ? await api('/v1/captions', captionsBody(), signal) : await api('/v1/search', searchBody(), signal);
       if (mine !== generation) return;
-      state.searched = true;
       const roundTrip = performance.now() - started;
       if (captions) renderCaptions(answer, roundTrip);
       else renderHits(answer, roundTrip);
@@ -384,30 +415,50 @@
   }
 
   // ---- the search in the URL ------------------------------------------------------------------------
-  // Each search without an uploaded image is a history entry, its request in the fragment (never sent to the
-  // server): back and forward step through searches and pages, and the URL shared or reloaded shows them again.
-  // Controls missing from a fragment keep their defaults; an image search leaves the URL as it was.
+  // Each search and each page of one is a history entry, its request in the fragment (never sent to the server):
+  // back and forward step through them, and the URL shared or reloaded shows them again. Changing how the search
+  // shown is ranked or filtered updates its entry instead: back leaves the search, not the last option touched.
+  // Controls missing from a fragment keep their defaults. An uploaded image is too big for a URL: its search's
+  // entry has none (a URL shared shows no search rather than another one), and keeps the image and the request
+  // in the entry's state, for back and forward in this tab.
 
-  function recordInUrl(captions) {
-    if (state.query.image) return;
+  function recordInUrl(captions, how) {
     const body = captions ? captionsBody() : searchBody();
+    const image = body.image && { dataUrl: body.image, name: state.query.image.name };
+    delete body.image;
     const params = new URLSearchParams();
     if (captions) params.set('find', 'captions');
     for (const [name, value] of Object.entries(body)) {
       params.set(name, typeof value === 'string' ? value : JSON.stringify(value));
     }
-    const fragment = `#${params}`;
-    if (fragment !== window.location.hash) window.history.pushState(null, '', fragment);
+    const url = image ? `${window.location.pathname}${window.location.search}` : `#${params}`;
+    const kept = image ? { image, params: String(params) } : null;
+    if (how === 'push' && !image && url === window.location.hash) return;  // the same search again: no new entry
+    const write = (entry) => (how === 'push' ? window.history.pushState(entry, '', url) : window.history.replaceState(entry, '', url));
+    try {
+      write(kept);
+    } catch (err) {
+      write(null);  // an image past what this browser keeps in an entry's state: back and forward show no search
+    }
+  }
+
+  // The preview of an image kept in a history entry, from its data URL (the page may load no data: URLs).
+  function imageFromEntry({ dataUrl, name }) {
+    const [head, data] = dataUrl.split(',', 2);
+    const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+    const blob = new Blob([bytes], { type: head.slice('data:'.length).split(';')[0] });
+    return { dataUrl, name, previewUrl: URL.createObjectURL(blob) };
   }
 
   function restoreFromUrl() {
-    const params = new URLSearchParams(window.location.hash.slice(1));
+    const kept = window.history.state && window.history.state.image ? window.history.state : null;
+    const params = new URLSearchParams(kept ? kept.params : window.location.hash.slice(1));
     const json = (name) => { try { return JSON.parse(params.get(name)); } catch (err) { return null; } };
     const pick = (id, value) => {
       const known = [...$(id).options].some((option) => option.value === value);
       $(id).value = known ? value : $(id).options[0].value;
     };
-    setImage(null);
+    setImage(kept ? imageFromEntry(kept.image) : null);
     $('query').value = params.get('text') || '';
     setLike(params.get('like') ? { id: params.get('like') } : null);
     document.querySelector(`input[name="find"][value="${params.get('find') === 'captions' ? 'captions' : 'images'}"]`)
@@ -435,9 +486,10 @@
     }
     state.offset = Math.max(0, Number.parseInt(params.get('offset'), 10) || 0);
     if (hasQuery()) {
-      run({ record: false });
+      run({ record: null });
     } else {
-      ++generation;  // an answer still on its way is of another entry
+      supersede();  // an answer still on its way is of another entry
+      state.query = null;  // nothing shown: an option changed now has no search to run again
       $('results').removeAttribute('aria-busy');
       document.body.classList.remove('busy');
       renderNothing();
@@ -551,6 +603,7 @@
         throw new ApiProblem(401, 'unauthorized', 'without one it answers only whether it is ready');
       }
       info = { store: ready.store, model: ready.model };
+      if (ready.request_timeout_s > 0) requestTimeoutS = ready.request_timeout_s;
       updateCount(ready.documents);
       if (state.infoRefused) clearError();  // the key now typed fixed what loading the page said
     } catch (caught) {
@@ -598,13 +651,19 @@
     }
   });
 
-  // Changing how to rank re-runs the search being looked at, from its first page.
-  for (const id of ['mode', 'fusion', 'weight-vector', 'weight-bm25', 'candidates', 'rerank', 'page-size', 'exact']) {
-    $(id).addEventListener('change', () => { if (state.searched && hasQuery()) { state.offset = 0; run(); } });
+  // Changing how to rank re-runs the search being looked at (not text typed since), from its first page, in its
+  // own history entry.
+  function rankAgain() {
+    if (!state.query) return;
+    state.offset = 0;
+    run({ again: true, record: 'replace' });
   }
-  $('filters').addEventListener('change', () => { if (state.searched && hasQuery()) { state.offset = 0; run(); } });
+  for (const id of ['mode', 'fusion', 'weight-vector', 'weight-bm25', 'candidates', 'rerank', 'page-size', 'exact']) {
+    $(id).addEventListener('change', rankAgain);
+  }
+  $('filters').addEventListener('change', rankAgain);
   document.querySelectorAll('input[name="find"]').forEach((radio) => radio.addEventListener('change', () => {
-    if (state.searched && (state.image || state.like)) { state.offset = 0; run(); }
+    if (state.query && (state.query.image || state.query.like)) rankAgain();
   }));
 
   $('prev-page').addEventListener('click', () => {
@@ -624,10 +683,11 @@
     else sessionStorage.removeItem(KEY_STORAGE);
     loadInfo();
     loadFilters();
-    if (state.keyRefused && hasQuery()) run();  // the search the old key (or none) was refused
+    if (state.keyRefused && hasQuery()) run({ record: 'replace' });  // the search the old key (or none) was refused
   });
 
   window.addEventListener('popstate', restoreFromUrl);
   loadInfo();
-  loadFilters().then(() => { if (window.location.hash.length > 1) restoreFromUrl(); });
+  // A reloaded image search's entry keeps its state, though its URL has no fragment.
+  loadFilters().then(() => { if (window.location.hash.length > 1 || window.history.state) restoreFromUrl(); });
 })();
