@@ -632,8 +632,8 @@ def test_a_server_that_never_answers_is_given_up_on_after_request_timeout_s_and_
         with page.expect_event("requestfailed") as failed:  # the request itself was given up, not only ignored
             page.clock.run_for(2_000)
         page.wait_for_function("() => !document.body.classList.contains('busy')")
-        assert page.inner_text("#error") == ("The server did not answer: no answer within 35 s. The server may be "
-                                             "overloaded or stuck; search again to retry.")
+        assert page.inner_text("#error") == ("The server did not answer: no answer within 35 s (the server may be "
+                                             "overloaded or stuck). Try again.")
         assert page.inner_text("#status") == "The search failed." and page.is_enabled("#search-button")
         assert page.get_attribute("#results", "aria-busy") is None
         assert len(held) == 1 and failed.value.failure == "net::ERR_ABORTED"
@@ -655,3 +655,27 @@ def test_a_newer_search_cancels_an_older_one_still_waiting_whose_answer_never_sh
     assert (failed.value.post_data_json["text"], failed.value.failure) == ("red circle", "net::ERR_ABORTED")
     assert newer[0]["metadata"]["color"] == "blue" and page.input_value("#query") == "blue square"
     page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Results 1–20')")
+
+
+def test_an_option_fixed_after_the_server_refused_it_runs_the_search_again(browser, page_server):
+    # The refusal names the field and its limit; correcting the field re-runs the search, as any option change does.
+    page = open_page(browser, page_server)
+    page.fill("#weight-vector", "200")
+    page.fill("#query", "red circle")
+    settle(page, "/v1/search", lambda: page.press("#query", "Enter"))
+    assert page.inner_text("#error") == ("The request was refused: field 'weights.vector' must be a number between 0 "
+                                         "and 100, got 200.")
+    page.fill("#weight-vector", "0.5")
+    settle(page, "/v1/search", lambda: page.press("#weight-vector", "Tab"))
+    assert page.locator("#error").is_hidden() and len(hits(page)) == 20
+
+
+def test_a_page_past_the_end_of_the_ranking_says_so_not_that_nothing_matched(browser, encoder, tmp_path):
+    store_path = red_circles(encoder, tmp_path / "store", [{}, {}, {}])
+    with page_app(Settings(cache_dir=tmp_path / "cache", store_path=store_path), encoder, store_path) as url:
+        page = browser.page
+        settle(page, "/v1/search", lambda: page.goto(f"{url}/#text=red+circle&k=20&offset=20"))
+        assert not hits(page)
+        assert page.inner_text("#empty") == "No results past result 20: the ranking ends there."
+        settle(page, "/v1/search", lambda: page.click("#prev-page"))
+        assert len(hits(page)) == 3 and page.is_hidden("#empty")

@@ -55,7 +55,7 @@
         });
         data = await response.json();
       } catch (err) {
-        if (timedOut) throw new ApiProblem(0, 'timeout', `no answer within ${waitS} s. The server may be overloaded or stuck; search again to retry`);
+        if (timedOut) throw new ApiProblem(0, 'timeout', `no answer within ${waitS} s (the server may be overloaded or stuck). Try again`);
         if (cancel && cancel.aborted) throw err;
         if (!response) throw new ApiProblem(0, 'unreachable', `the server does not answer (${err.message}). Is clip-sidecar still running?`);
         data = null;  // an answer that is not JSON (a proxy's error page): its HTTP status says what went wrong
@@ -349,7 +349,9 @@
     $('hits').start = first;
     $('hits').replaceChildren(...hits.map((hit, i) => renderHit(hit, answer.offset + i + 1)));
     $('empty').hidden = hits.length > 0;
-    $('empty').textContent = 'No documents match.';
+    // A page past the ranking's end (an old or edited URL) is not a search that matched nothing.
+    $('empty').textContent = answer.offset > 0 ? `No results past result ${answer.offset}: the ranking ends there.`
+      : 'No documents match.';
     const range = hits.length ? `Results ${first}–${answer.offset + hits.length}` : 'No results';
     const notes = [`mode ${answer.mode}`];
     if (answer.mode === 'hybrid') notes.push(`fusion ${answer.fusion}`);
