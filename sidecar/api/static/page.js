@@ -422,7 +422,9 @@
   // shown is ranked or filtered updates its entry instead: back leaves the search, not the last option touched.
   // Controls missing from a fragment keep their defaults. An uploaded image is too big for a URL: its search's
   // entry has none (a URL shared shows no search rather than another one), and keeps the image and the request
-  // in the entry's state, for back and forward in this tab.
+  // in the entry's state, for back and forward in this tab, unless it is bigger than KEPT_IMAGE_CHARS (each page
+  // of its search is an entry with a copy of it, which the browser keeps for the tab's life).
+  const KEPT_IMAGE_CHARS = 8 * 1024 * 1024;
 
   function recordInUrl(captions, how) {
     const body = captions ? captionsBody() : searchBody();
@@ -434,7 +436,7 @@
       params.set(name, typeof value === 'string' ? value : JSON.stringify(value));
     }
     const url = image ? `${window.location.pathname}${window.location.search}` : `#${params}`;
-    const kept = image ? { image, params: String(params) } : null;
+    const kept = image && image.dataUrl.length <= KEPT_IMAGE_CHARS ? { image, params: String(params) } : null;
     if (how === 'push' && !image && url === window.location.hash) return;  // the same search again: no new entry
     const write = (entry) => (how === 'push' ? window.history.pushState(entry, '', url) : window.history.replaceState(entry, '', url));
     try {
