@@ -679,3 +679,26 @@ def test_a_page_past_the_end_of_the_ranking_says_so_not_that_nothing_matched(bro
         assert page.inner_text("#empty") == "No results past result 20: the ranking ends there."
         settle(page, "/v1/search", lambda: page.click("#prev-page"))
         assert len(hits(page)) == 3 and page.is_hidden("#empty")
+
+
+def test_a_dropped_file_the_browser_cannot_read_is_named_in_one_error_and_the_page_still_searches(
+        browser, page_server, tmp_path):
+    # A file deleted between being chosen and being read: the browser's own error, said once ("Error: Error: …" was
+    # the String() of an Error), and no search started with it.
+    page = open_page(browser, page_server)
+    gone = tmp_path / "gone.jpg"
+    gone.write_bytes(jpeg(8, 8))
+    page.evaluate("() => document.body.append(Object.assign(document.createElement('input'), {type: 'file', id: 'picked'}))")
+    page.set_input_files("#picked", str(gone))
+    gone.unlink()
+    page.evaluate("""() => {
+        const transfer = new DataTransfer();
+        transfer.items.add(document.getElementById('picked').files[0]);
+        document.getElementById('drop-zone').dispatchEvent(
+            new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    }""")
+    page.wait_for_selector("#error:not([hidden])")
+    error = page.inner_text("#error")
+    assert error.startswith("Error: could not read gone.jpg: ") and "Error: Error" not in error, error
+    assert page.locator("#image-preview").is_hidden() and page.inner_text("#status") == ""
+    assert search_for(page, "red circle")

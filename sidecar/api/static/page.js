@@ -99,6 +99,12 @@
     return { title, detail: `${message}${retry}` };
   }
 
+  // The title and text of anything thrown: an Error's own message (its String() would say "Error:" once more).
+  function describe(problem) {
+    if (problem instanceof ApiProblem) return explain(problem);
+    return { title: 'Error:', detail: problem instanceof Error ? problem.message : String(problem) };
+  }
+
   // A missing or refused key: open the key's box, so the field to fix is in sight (and next in focus order).
   function askForKey(problem) {
     if (problem instanceof ApiProblem && problem.status === 401) $('key-settings').open = true;
@@ -107,7 +113,7 @@
   function showError(problem) {
     askForKey(problem);
     const box = $('error');
-    const { title, detail } = problem instanceof ApiProblem ? explain(problem) : { title: 'Error:', detail: String(problem) };
+    const { title, detail } = describe(problem);
     box.replaceChildren(el('strong', {}, title), ` ${detail}`);
     box.hidden = false;
   }
@@ -540,7 +546,7 @@
       state.offset = 0;
       run();
     });
-    reader.addEventListener('error', () => showError(new Error(`could not read ${file.name}: ${reader.error}`)));
+    reader.addEventListener('error', () => showError(new Error(`could not read ${file.name || 'the pasted image'}: ${reader.error.message}`)));
     reader.readAsDataURL(file);
   }
 
@@ -585,7 +591,7 @@
       }
       if (answer.documents !== undefined) updateCount(answer.documents);
     } catch (problem) {
-      const { title, detail } = problem instanceof ApiProblem ? explain(problem) : { title: 'Error:', detail: String(problem) };
+      const { title, detail } = describe(problem);
       $('filters-note').textContent = `Filters unavailable. ${title} ${detail}`;
     }
   }
@@ -621,7 +627,7 @@
       if (state.infoRefused && !refused) clearError();  // the key now typed fixed what loading the page said
       state.infoRefused = refused;
       if (refused) showError(problem);
-      const { title, detail } = problem instanceof ApiProblem ? explain(problem) : { title: 'Error:', detail: String(problem) };
+      const { title, detail } = describe(problem);
       $('store-info').textContent = `${title} ${detail}`;
     }
   }
