@@ -104,3 +104,11 @@ def test_without_keys_the_sidecar_answers_the_names_prometheus_and_opensearchs_c
     assert targets and connect
     for host in [*targets, *connect]:
         check(host)  # raises Forbidden where the name is not admitted
+
+
+def test_the_index_on_composes_single_opensearch_node_asks_for_no_replica_so_it_can_turn_green():
+    # OpenSearch never places a replica on its primary's node: with the store's default of 1 replica the index on
+    # the one node stays yellow for good.
+    services = _services("docker-compose.yml")
+    assert services["opensearch"]["environment"]["discovery.type"] == "single-node"
+    assert _default(services["sidecar"]["environment"]["SIDECAR_OPENSEARCH_REPLICAS"]) == "0"
