@@ -60,6 +60,10 @@ def cache_warm(ctx: click.Context, prompts, **kwargs: Any) -> None:
                 batch = texts[start:start + settings.max_batch_items]
                 service.encode_texts(batch)
                 bar.update(len(batch))
+        service.cache.flush()
+        if service.cache.write_error is not None:  # the server's writer only warns: serving goes on without it
+            raise click.ClickException(f"the vectors could not be stored in {settings.text_cache_file()}: "
+                                       f"{service.cache.write_error} (SIDECAR_TEXT_CACHE_PATH)")
         click.echo(f"{len(texts)} prompts cached in {time.perf_counter() - started:.1f} s; "
                    f"{service.cache.persisted_count()} vectors stored for this model and prompt version")
     finally:

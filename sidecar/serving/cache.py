@@ -174,6 +174,7 @@ class TextVectorCache:
         self._write_db: sqlite3.Connection | None = None  # the writer thread's
         self._read_warned_at = self._write_warned_at = -_WARNING_EVERY_S
         self._failed_writes = 0  # rows the writer could not write since it last said so
+        self.write_error: sqlite3.Error | None = None  # the last write that failed (`cache warm` reports it)
         self._writes: queue.Queue[tuple[str, list] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         if path is not None:
@@ -363,6 +364,7 @@ class TextVectorCache:
             try:
                 self._write([work for work in batch if work is not None])
             except sqlite3.Error as exc:  # a full disk, a read-only file: the cache misses, serving goes on
+                self.write_error = exc
                 self._failed_writes += sum(len(rows) for _, rows in (work for work in batch if work is not None))
                 now = time.monotonic()
                 if now - self._write_warned_at >= _WARNING_EVERY_S:

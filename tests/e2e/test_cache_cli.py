@@ -194,3 +194,16 @@ def test_prune_and_clear_of_a_file_this_user_may_not_write_fail_in_one_line_and_
         assert result.exit_code == 1 and result.output.splitlines() == [
             f"Error: text-vector cache {cache_file}: attempt to write a readonly database (SIDECAR_TEXT_CACHE_PATH)"]
     assert [row[-1] for row in table(cli("cache", "stats").output)] == ["not read"]
+
+
+def test_cache_warm_into_a_file_this_user_may_not_write_fails_in_one_line_not_exit_0(tmp_path, cache_file, read_only):
+    # A server's writer only warns (serving goes on without the file); `cache warm` exists to fill the file, and
+    # said "N prompts cached" with exit 0 while nothing was stored.
+    warm(tmp_path, ["red circle"])
+    read_only(cache_file)
+    prompts = tmp_path / "more.txt"
+    prompts.write_text("blue square\n")
+    result = cli("cache", "warm", str(prompts), ok=False)
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1] == (f"Error: the vectors could not be stored in {cache_file}: attempt to "
+                                              "write a readonly database (SIDECAR_TEXT_CACHE_PATH)")
