@@ -702,3 +702,16 @@ def test_a_dropped_file_the_browser_cannot_read_is_named_in_one_error_and_the_pa
     assert error.startswith("Error: could not read gone.jpg: ") and "Error: Error" not in error, error
     assert page.locator("#image-preview").is_hidden() and page.inner_text("#status") == ""
     assert search_for(page, "red circle")
+
+
+def test_searching_with_nothing_typed_says_what_to_give_without_calling_the_server_or_saying_it_refused(
+        browser, page_server):
+    page = open_page(browser, page_server)
+    sent = []
+    page.on("request", lambda request: sent.append(request.url) if "/v1/search" in request.url else None)
+    page.fill("#query", "")
+    page.press("#query", "Enter")
+    page.wait_for_selector("#error:not(:empty)")
+    assert page.inner_text("#error") == ("Nothing to search yet: type some text, choose an image, or pick “More like "
+                                         "this” on a result.")
+    assert sent == []

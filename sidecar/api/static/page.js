@@ -91,6 +91,7 @@
     };
     let title = titles[problem.status] || `Error ${problem.status}:`;
     if (problem.code === 'timeout' && problem.status === 0) title = 'The server did not answer:';
+    if (problem.code === 'incomplete') title = 'Nothing to search yet:';  // the page's own check: nothing was sent
     if (problem.status === 503) {
       title = { store_unavailable: 'The store cannot be reached right now:', not_ready: 'The server is not ready:' }[
         problem.code] || 'The server is busy:';
@@ -285,11 +286,11 @@
     if (!paging) {
       const query = again ? state.query : { text: $('query').value.trim(), image: state.image, like: state.like };
       if (!query.text && !query.image && !query.like) {
-        showError(new ApiProblem(400, 'bad_request', 'type some text, choose an image, or pick “More like this” on a result.'));
+        showError(new ApiProblem(0, 'incomplete', 'type some text, choose an image, or pick “More like this” on a result.'));
         return;
       }
       if (captions && !query.image && !query.like) {
-        showError(new ApiProblem(400, 'bad_request', 'captions describe an image: choose one, or pick “More like this” on a result.'));
+        showError(new ApiProblem(0, 'incomplete', 'captions describe an image: choose one, or pick “More like this” on a result.'));
         return;
       }
       state.query = query;
