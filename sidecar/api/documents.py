@@ -23,19 +23,24 @@ DEFAULT_FACET_VALUES = 20
 MAX_FACET_VALUES = 1000
 
 
-def stored_document(store: Store, doc_id: str, *, field: str) -> Document:
-    """The stored document a request names in `field`, with its vector: 400 for an empty id (no document
-    can have one: the schema's minLength), 404 naming the field and the id where there is none, 400 where
-    it has no vector to search by."""
+def held_document(store: Store, doc_id: str, *, field: str, vectors: bool = True) -> Document:
+    """The stored document a request names in `field`: 400 for an empty id (no document can have one: the
+    schema's minLength), 404 naming the field and the id where there is none."""
     if not doc_id:
         raise BadRequest(f"field '{field}' is empty: send a stored document's id")
-    found = store.fetch([doc_id])
+    found = store.fetch([doc_id], vectors=vectors)
     if not found:
         raise DocumentNotFound(f"field '{field}': no document with id {quoted(doc_id)} in the store")
-    if not found[0].vector.size:
+    return found[0]
+
+
+def stored_document(store: Store, doc_id: str, *, field: str) -> Document:
+    """`held_document` with its vector: 400 where it has none to search by."""
+    document = held_document(store, doc_id, field=field)
+    if not document.vector.size:
         raise BadRequest(f"field '{field}': document {quoted(doc_id)} has no vector (an ingest pipeline wrote it without "
                          "the field it embeds): search by its text instead")
-    return found[0]
+    return document
 
 
 @bp.get("/v1/documents/<id:doc_id>/thumbnail")

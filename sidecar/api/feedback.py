@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
+from sidecar.api.documents import held_document
 from sidecar.api.state import current_state
 from sidecar.api.validation import (
     bounded_int,
@@ -48,6 +49,9 @@ def feedback():
     relevance = bounded_int(body, "relevance", default=1, low=0, high=MAX_RELEVANCE)
     # The search's filters: its judgments hold among the documents they let through (the export keeps them, eval
     # re-runs the query with them); without them, those of its search where the hard-example log has it.
+    # A judgment of a document the store does not hold could never be found again by eval, nor paired with its
+    # image for fine-tuning: a mistyped id (or one of another index) is refused where the client can see it.
+    held_document(state.store, doc_id, field="doc_id", vectors=False)
     record = feedback_record(query_id=query_id, text=text, doc_id=doc_id, relevance=relevance, kind=kind,
                              filters=filters(body, settings))
     if not log.write(record):

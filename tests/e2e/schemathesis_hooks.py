@@ -1,7 +1,7 @@
 """A check for `schemathesis run` (tests/e2e/test_api_fuzz.py): a request the OpenAPI file calls
 valid is served (2xx), except where it carries what a schema cannot describe: image bytes (valid
 base64 need not be a decodable image: 415), `dimensions` (only the served model's own: 400), a
-document id (`like`: only a stored one, else 404), an `offset` whose sum with `k` passes max_k, a
+document id (`like`, feedback's `doc_id`: only a stored one, else 404), an `offset` whose sum with `k` passes max_k, a
 pinned model (only the served one: 404), stored document ids (only those in the store: 400), a
 `top_n` below the number of documents (400: every document is answered), a prompt set's name the
 server does not hold (which names exist is the server's state: 404), a filter on a metadata field
@@ -27,7 +27,7 @@ def schema_valid_requests_are_served(ctx, response, case):
         return None
     if isinstance(body.get("offset"), int) and body["offset"] + body.get("k", 10) > MAX_K:
         return None
-    if response.status_code == 404 and _error(response).get("code") == "prompt_set_not_found":
+    if response.status_code == 404 and _error(response).get("code") in ("prompt_set_not_found", "document_not_found"):
         return None
     if response.status_code == 400 and "no stored document holds metadata field" in str(_error(response).get("message")):
         return None

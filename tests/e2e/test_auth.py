@@ -39,7 +39,7 @@ PROTECTED = [
     ("GET", "/v1/documents/item-000001/thumbnail", None),
     ("POST", "/v1/opensearch/embeddings/texts", {"input": ["red circle"]}),  # what ml-commons calls
     ("POST", "/v1/opensearch/rerank/texts", {"query": "red circle", "documents": ["a red circle"]}),
-    ("POST", "/v1/feedback", {"text": "red circle", "doc_id": "a"}),
+    ("POST", "/v1/feedback", {"text": "red circle", "doc_id": "item-000001"}),
     ("GET", "/v1/status", None),
     ("POST", "/v1/classify", {"set": "colors", "modality": "text", "input": ["red circle"]}),
     ("GET", "/v1/prompt-sets", None),

@@ -245,8 +245,20 @@ def test_feedback_answers_404_when_not_enabled_and_400_naming_the_field(build_ap
                         ({"doc_id": " ", "text": "red"}, "doc_id")):
         answer = client.post("/v1/feedback", json=body)
         assert answer.status_code == 400 and field in answer.get_json()["error"]["message"], (body, answer.get_json())
-    answer = client.post("/v1/feedback", json={"query_id": "abc", "doc_id": "a", "kind": "judgment", "relevance": 0})
+    answer = client.post("/v1/feedback", json={"query_id": "abc", "doc_id": "item-000001", "kind": "judgment",
+                                               "relevance": 0})
     assert answer.status_code == 200 and answer.get_json()["recorded"]["relevance"] == 0
+
+
+def test_feedback_on_a_document_the_store_does_not_hold_answers_404_naming_the_field_and_logs_nothing(
+        build_app, tmp_path):
+    # It was answered 200 `recorded`: a mistyped id went into qrels, a judgment eval could never find again.
+    logs = tmp_path / "quality"
+    client = build_app(quality_log_dir=str(logs)).test_client()
+    answer = client.post("/v1/feedback", json={"text": "red circle", "doc_id": "item-999999"})
+    assert answer.status_code == 404 and answer.get_json()["error"] == {
+        "code": "document_not_found", "message": "field 'doc_id': no document with id 'item-999999' in the store"}
+    assert not (logs / "feedback.jsonl").exists() or not (logs / "feedback.jsonl").read_text()
 
 
 def test_feedback_on_a_query_past_max_text_chars_records_the_text_its_search_logged_cut_alike_and_a_blank_cut_names_the_limit(build_app, tmp_path):
@@ -264,7 +276,8 @@ def test_feedback_on_a_query_past_max_text_chars_records_the_text_its_search_log
     (logged,) = map(json.loads, (logs / "hard-examples.jsonl").read_text().splitlines())
     assert answer.get_json()["recorded"]["text"] == logged["text"] == text[:4096]
     # Blank within the characters kept: no text, as a blank one (a query_id names the query).
-    blank = client.post("/v1/feedback", json={"query_id": "abc", "doc_id": "a", "text": "\u2009" * 4096 + "red"})
+    blank = client.post("/v1/feedback", json={"query_id": "abc", "doc_id": "item-000001",
+                                              "text": "\u2009" * 4096 + "red"})
     assert blank.status_code == 200 and blank.get_json()["recorded"]["text"] is None
     # Without a query_id, such a text names no query: the 400 says where the text must not be blank.
     refused = client.post("/v1/feedback", json={"doc_id": "a", "text": "\u2009" * 4096 + "red"})
