@@ -89,20 +89,23 @@ class JsonlLog:
         self._handler.close()
 
 
-def read_jsonl_log(path: Path) -> Iterator[dict[str, Any]]:
-    """Every record of a rotated log, oldest first (path.N … path.1, then path); a line cut short
-    by a kill is skipped."""
+def read_jsonl_log(path: Path, *, skipped: Callable[[Path], None] = lambda file: None) -> Iterator[dict[str, Any]]:
+    """Every record of a rotated log, oldest first (path.N … path.1, then path); a line that is not
+    a whole record (cut short by a killed server or a full disk, maybe inside a character) is
+    skipped and told to `skipped` with its file."""
     path = Path(path)
     rotated = [p for p in path.parent.glob(f"{path.name}.*") if p.suffix[1:].isdigit()]
     for file in sorted(rotated, key=lambda p: int(p.suffix[1:]), reverse=True) + ([path] if path.exists() else []):
-        with file.open(encoding="utf-8") as handle:
+        with file.open("rb") as handle:  # bytes: a line cut inside a character must not stop the reading
             for line in handle:
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+                except ValueError:  # not JSON, or not UTF-8
+                    record = None
                 if isinstance(record, dict):
                     yield record
+                elif line.strip():
+                    skipped(file)
 
 
 # ---- classifying searches ------------------------------------------------------------------------
@@ -257,7 +260,11 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     # Every logged query_id -> its query key, the earlier searches of a text searched again too: feedback
     # names the query_id of the answer it was given, which need not be the latest.
     by_query_id: dict[str, str] = {}
-    for record in read_jsonl_log(Path(log_dir) / HARD_EXAMPLES_FILE):
+    def unreadable(file: Path) -> None:
+        _count(summary.skipped, f"lines of {file.name} that are not a whole record (cut short by a killed server "
+                                "or a full disk)")
+
+    for record in read_jsonl_log(Path(log_dir) / HARD_EXAMPLES_FILE, skipped=unreadable):
         key = _query_key(record.get("text"), record.get("query_id"), record.get("filters"))
         hard[key] = record
         if record.get("query_id"):
@@ -265,7 +272,7 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
 
     queries: dict[str, dict[str, Any]] = {}  # key -> {"text", "image", "reasons", "filters"}
     grades: dict[tuple[str, str], tuple[int, bool]] = {}  # (key, doc) -> (grade, from a judgment)
-    for record in read_jsonl_log(Path(log_dir) / FEEDBACK_FILE):
+    for record in read_jsonl_log(Path(log_dir) / FEEDBACK_FILE, skipped=unreadable):
         text, query_id, doc_id = record.get("text"), record.get("query_id"), record.get("doc_id")
         named = hard.get(by_query_id.get(query_id or ""), {})  # the logged search its query_id names, if any
         # The documents the user could see: the feedback's filters, else those of the logged search it names.

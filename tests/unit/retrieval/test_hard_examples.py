@@ -46,6 +46,26 @@ def test_feedback_on_an_earlier_search_of_a_text_searched_again_is_exported(tmp_
     assert {(q["doc_id"], q["relevance"]) for q in qrels} == {("sku-1", 3), ("sku-2", 1)}
 
 
+def test_export_skips_lines_a_killed_server_cut_short_even_inside_a_character_and_counts_them_per_file(
+        tmp_path: Path):
+    # A line cut inside "é" stopped the export with a UnicodeDecodeError traceback; a line cut elsewhere was
+    # dropped without a word.
+    def line(doc_id: str) -> bytes:
+        record = feedback_record(query_id=None, text="café rouge", doc_id=doc_id, relevance=1, kind="click")
+        return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+
+    cut_in_character = line("d2")[:line("d2").index("é".encode()) + 1]
+    (tmp_path / f"{FEEDBACK_FILE}.1").write_bytes(line("d1") + line("d3")[:20] + b"\n")
+    (tmp_path / FEEDBACK_FILE).write_bytes(line("d4") + cut_in_character)
+    summary = export_examples(tmp_path, tmp_path / "out")
+    qrels = [json.loads(row) for row in (tmp_path / "out" / "qrels.jsonl").read_text().splitlines()]
+    assert sorted(q["doc_id"] for q in qrels) == ["d1", "d4"]
+    assert {why: count for why, count in summary.skipped.items() if why.startswith("lines")} == {
+        f"lines of {FEEDBACK_FILE}.1 that are not a whole record (cut short by a killed server or a full disk)": 1,
+        f"lines of {FEEDBACK_FILE} that are not a whole record (cut short by a killed server or a full disk)": 1}
+    assert f"left out: 1 lines of {FEEDBACK_FILE} that are not a whole record" in summary.describe()
+
+
 def test_feedback_naming_a_logged_search_by_query_id_with_other_filters_is_another_query(tmp_path: Path):
     # The text under other filters judges other documents: lumped with the logged search's query, the first record
     # would decide which filters eval re-runs both judgments with.
