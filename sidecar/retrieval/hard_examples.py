@@ -54,14 +54,31 @@ _CSV_MISSING = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", 
 
 class _BoundedRotatingHandler(ConcurrentRotatingFileHandler):
     """concurrent-log-handler rotates once a file has reached maxBytes, before writing the next
-    record; rotating when the record would take it past maxBytes keeps every file within it."""
+    record; rotating when the record would take it past maxBytes keeps every file within it.
+    A line left unfinished (a writer killed, or a disk full, mid-line) is ended before the next
+    record: appended to it, that record would be lost with it."""
 
     def shouldRollover(self, record: logging.LogRecord) -> bool:
         if self.stream is None or self.stream.closed:
             self.stream = self.do_open()
         self.stream.flush()
         size = self.stream.seek(0, os.SEEK_END)
-        return size > 0 and size + len(record.getMessage().encode("utf-8")) + 1 > self.maxBytes
+        ending = 1 if self._unfinished() else 0
+        return size > 0 and size + ending + len(record.getMessage().encode("utf-8")) + 1 > self.maxBytes
+
+    def do_write(self, msg: str) -> None:
+        super().do_write("\n" + msg if self._unfinished() else msg)
+
+    def _unfinished(self) -> bool:
+        """Whether the file's last line lacks its newline (read anew: another process may have written it)."""
+        try:
+            with open(self.baseFilename, "rb") as file:
+                if file.seek(0, os.SEEK_END) == 0:
+                    return False
+                file.seek(-1, os.SEEK_END)
+                return file.read(1) != b"\n"
+        except FileNotFoundError:
+            return False
 
 
 class JsonlLog:

@@ -66,6 +66,22 @@ def test_export_skips_lines_a_killed_server_cut_short_even_inside_a_character_an
     assert f"left out: 1 lines of {FEEDBACK_FILE} that are not a whole record" in summary.describe()
 
 
+def test_a_record_written_after_a_line_left_unfinished_starts_a_line_of_its_own_within_the_bound(tmp_path: Path):
+    # Appended to the unfinished line (a server killed, or a disk full, mid-write), the next record was lost with it.
+    cut = b'{"time":"2026-01-01T00:00:00Z","doc_id":"cut'
+    record = feedback_record(query_id=None, text="red circle", doc_id="d1", relevance=1, kind="click")
+    size = len(json.dumps(record, separators=(",", ":")).encode("utf-8")) + 1
+    for folder, max_bytes in (("roomy", 10**6), ("tight", len(cut) + size)):  # tight: no room for the line's end
+        path = tmp_path / folder / FEEDBACK_FILE
+        path.parent.mkdir()
+        path.write_bytes(cut)
+        log = JsonlLog(path, max_bytes=max_bytes, backups=1)
+        log.write(record)
+        log.close()
+        assert [r["doc_id"] for r in read_jsonl_log(path)] == ["d1"], folder
+        assert all(file.stat().st_size <= max_bytes for file in path.parent.glob(f"{FEEDBACK_FILE}*")), folder
+
+
 def test_feedback_naming_a_logged_search_by_query_id_with_other_filters_is_another_query(tmp_path: Path):
     # The text under other filters judges other documents: lumped with the logged search's query, the first record
     # would decide which filters eval re-runs both judgments with.
