@@ -269,7 +269,8 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     - `pairs.csv`: (document image, query text) for judgments of at least `min_relevance`, in
       open_clip's CSV format (tab-separated `filepath`, `title`), where `image_paths` (document id
       → image file, from the shards) knows the document's image, an absolute path to a file that
-      exists, and open_clip's reader would not read the text as a missing value (NA, null, …)."""
+      exists, and open_clip's reader would not read the text as a missing value (NA, null, …); each
+      (image, text) once, however many filters it was judged under."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary()
@@ -335,6 +336,7 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     with (out / "pairs.csv").open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t")
         writer.writerow(["filepath", "title"])
+        written: set[tuple[str, str]] = set()
         for (key, doc_id), (grade, _) in grades.items():
             text = queries[key]["text"]
             if grade < min_relevance or not text:
@@ -358,7 +360,14 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
             if caption in _CSV_MISSING:
                 _count(summary.skipped, "pairs whose text open_clip's CSV reader reads as missing (NA, null, None, …)")
                 continue
-            writer.writerow([str(Path(path).resolve()), caption])
+            pair = (str(Path(path).resolve()), caption)
+            if pair in written:
+                # The same text judged under other filters is another query, but the same pair to train on: copies
+                # weigh it more and, in one batch, are each other's negatives.
+                _count(summary.skipped, "pairs already written (the same image and text, judged under other filters)")
+                continue
+            written.add(pair)
+            writer.writerow(pair)
             summary.pairs += 1
     summary.files = [out / name for name in ("queries.jsonl", "qrels.jsonl", "to_judge.jsonl", "pairs.csv")]
     return summary

@@ -138,6 +138,22 @@ def test_open_clips_csv_reader_reads_every_exported_pair_caption_as_written_and_
     assert summary.pairs == 3 and sum(count for why, count in summary.skipped.items() if "missing" in why) == 4
 
 
+def test_a_document_judged_for_one_text_under_several_filters_or_spacings_makes_one_pair(tmp_path: Path):
+    # Each was its own query (rightly, in qrels), and each wrote the same (image, caption) row to pairs.csv: the
+    # trainer saw the pair as often as its filters varied, and two copies in a batch are each other's negatives.
+    image = tmp_path / "sku-1.png"
+    image.write_bytes(base64.b64decode(png_b64()))
+    feedback = JsonlLog(tmp_path / FEEDBACK_FILE, max_bytes=10**6, backups=1)
+    for text, filters in (("red sneakers", None), ("red sneakers", {"size": "42"}), ("red  sneakers", {"size": "43"})):
+        feedback.write(feedback_record(query_id=None, text=text, doc_id="sku-1", relevance=1, kind="click",
+                                       filters=filters))
+    feedback.close()
+    summary = export_examples(tmp_path, tmp_path / "out", image_paths={"sku-1": str(image)})
+    rows = (tmp_path / "out" / "pairs.csv").read_text().splitlines()[1:]
+    assert summary.judgments == 3 and rows == [f"{image.resolve()}\tred sneakers"] and summary.pairs == 1
+    assert summary.skipped == {"pairs already written (the same image and text, judged under other filters)": 2}
+
+
 def test_pairs_whose_image_moved_or_is_named_relative_to_an_older_embeds_folder_are_left_out_naming_the_rerun(
         tmp_path: Path, monkeypatch):
     (tmp_path / "photos").mkdir()
