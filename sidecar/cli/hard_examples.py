@@ -48,6 +48,9 @@ def export(log_dir: Path | None, out: Path, shards: Path | None, min_relevance: 
     if log_dir is None and not configured:
         raise click.UsageError("give --log-dir (or SIDECAR_QUALITY_LOG_DIR): the folder the server logged to")
     folder = log_dir or Path(configured)
+    if not folder.is_dir():  # --log-dir is checked by click; the setting is not
+        raise click.ClickException(f"SIDECAR_QUALITY_LOG_DIR names {folder}, which is not a folder: give the one the "
+                                   "server logs to (its SIDECAR_QUALITY_LOG_DIR), or --log-dir")
     if not any(path for name in (HARD_EXAMPLES_FILE, FEEDBACK_FILE) for path in folder.glob(f"{name}*")):
         # Four empty files and exit 0 would read as "nothing was logged" where the folder is the wrong one.
         raise click.ClickException(f"{folder} holds no {HARD_EXAMPLES_FILE} or {FEEDBACK_FILE}: is it the server's "

@@ -421,3 +421,13 @@ def test_hard_examples_export_from_a_folder_without_the_servers_logs_is_an_error
     assert result.exit_code == 1
     assert f"{tmp_path / 'logs'} holds no hard-examples.jsonl or feedback.jsonl" in result.output
     assert "SIDECAR_QUALITY_LOG_DIR" in result.output and not (tmp_path / "out").exists()
+
+
+def test_hard_examples_export_from_a_setting_naming_no_folder_says_so_naming_the_setting(tmp_path, monkeypatch):
+    # It said the missing folder "holds no hard-examples.jsonl", and asked whether it was SIDECAR_QUALITY_LOG_DIR.
+    monkeypatch.setenv("SIDECAR_QUALITY_LOG_DIR", str(tmp_path / "missing"))
+    result = CliRunner().invoke(main, ["-q", "hard-examples", "export", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: SIDECAR_QUALITY_LOG_DIR names {tmp_path / 'missing'}, which is not a folder: give the one the server "
+        "logs to (its SIDECAR_QUALITY_LOG_DIR), or --log-dir")
+    assert not (tmp_path / "out").exists()
