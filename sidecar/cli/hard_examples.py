@@ -28,16 +28,22 @@ def hard_examples() -> None:
 def export(log_dir: Path | None, out: Path, shards: Path | None, min_relevance: int) -> None:
     """Write an evaluation set and fine-tuning pairs from the logs.
 
+    The logs keep their newest records only (SIDECAR_QUALITY_LOG_MAX_BYTES x (1 + backups)): each
+    export reads what they hold now and replaces the files in OUT, so export into a new --out to
+    keep an earlier export's.
+
     \b
     OUT/queries.jsonl, OUT/qrels.jsonl  every query (text and filters) with feedback and its judged
         documents (a judgment's grade, else 1 for a click): run them, each with its filters, with
         clip-sidecar eval --queries OUT/queries.jsonl --qrels OUT/qrels.jsonl
         (categories are the hard-example reasons, so eval reports each kind apart)
     OUT/to_judge.jsonl  hard queries nobody gave feedback on yet, with the hits they were shown
-    OUT/pairs.csv  (document image, query text) per judged document, open_clip's CSV format
-        (tab-separated filepath, title), for open_clip's trainer (pip install webdataset), e.g.
+    OUT/pairs.csv  (document image, query text) per judged document, each pair once, the images
+        named by --shards, in open_clip's CSV format (tab-separated filepath, title), for
+        open_clip's trainer (pip install webdataset), e.g.
         python -m open_clip_train.main --train-data OUT/pairs.csv --model ViT-B-32
             --pretrained laion2b_s34b_b79k --lr 1e-6 --epochs 1 --batch-size 64 --logs runs
+        (--batch-size at most the number of pairs: the trainer drops an incomplete batch)
         then serve runs/<name>/checkpoints/epoch_1.pt (SIDECAR_PRETRAINED) and compare with
         `clip-sidecar eval` on OUT/queries.jsonl before switching.
     """
