@@ -91,6 +91,12 @@ class NotReady(ApiError):
     status, code = 503, "not_ready"
 
 
+class LogUnwritable(ApiError):
+    """A quality log cannot take a record (a full or read-only disk): nothing was recorded."""
+
+    status, code = 503, "log_unwritable"
+
+
 class StoreUnreachable(ApiError):
     """The store cannot answer now (cluster down, timing out, rejecting under load): retry later."""
 

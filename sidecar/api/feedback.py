@@ -16,7 +16,7 @@ from sidecar.api.validation import (
     optional,
     query_text,
 )
-from sidecar.errors import BadRequest, NotEnabled, PayloadTooLarge
+from sidecar.errors import BadRequest, LogUnwritable, NotEnabled, PayloadTooLarge
 from sidecar.retrieval.hard_examples import FEEDBACK_KINDS, MAX_RELEVANCE, feedback_record
 from sidecar.serving import metrics
 
@@ -54,7 +54,11 @@ def feedback():
     held_document(state.store, doc_id, field="doc_id", vectors=False)
     record = feedback_record(query_id=query_id, text=text, doc_id=doc_id, relevance=relevance, kind=kind,
                              filters=filters(body, settings))
-    if not log.write(record):
+    try:
+        written = log.write(record)
+    except OSError as exc:
+        raise LogUnwritable(f"the feedback log {log.path} could not be written ({exc}): nothing was recorded") from exc
+    if not written:
         raise PayloadTooLarge(f"the feedback record is over the log's file limit of {settings.quality_log_max_bytes} "
                               "bytes (quality_log_max_bytes)")
     metrics.FEEDBACK.labels(kind).inc()

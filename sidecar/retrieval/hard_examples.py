@@ -17,6 +17,7 @@ trainer.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import hashlib
 import io
@@ -69,6 +70,16 @@ class _BoundedRotatingHandler(ConcurrentRotatingFileHandler):
     def do_write(self, msg: str) -> None:
         super().do_write("\n" + msg if self._unfinished() else msg)
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A write that failed (a full disk, a read-only one) is raised to the writer, not printed and
+        forgotten; the stream holding its unwritten bytes is dropped, so they neither fail the next
+        write nor the close."""
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+        raise  # emit() calls this within its `except`: the write's own error
+
     def _unfinished(self) -> bool:
         """Whether the file's last line lacks its newline (read anew: another process may have written it)."""
         try:
@@ -95,7 +106,8 @@ class JsonlLog:
                                                 encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> bool:
-        """Append one record; False (not written) when it alone is larger than `max_bytes`."""
+        """Append one record; False (not written) when it alone is larger than `max_bytes`; OSError
+        where the file cannot take it."""
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
         if len(line.encode("utf-8")) + 1 > self.max_bytes:
             return False

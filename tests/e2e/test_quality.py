@@ -261,6 +261,21 @@ def test_feedback_on_a_document_the_store_does_not_hold_answers_404_naming_the_f
     assert not (logs / "feedback.jsonl").exists() or not (logs / "feedback.jsonl").read_text()
 
 
+def test_feedback_the_log_cannot_take_answers_503_saying_nothing_was_recorded_and_the_server_closes_cleanly(
+        build_app, tmp_path):
+    # A full disk (the log is /dev/full here) was answered 200 `recorded`: the record was lost, and the error went
+    # only to stderr as a "--- Logging error ---" traceback; closing the app then raised it again.
+    logs = tmp_path / "quality"
+    logs.mkdir()
+    (logs / "feedback.jsonl").symlink_to("/dev/full")
+    app = build_app(quality_log_dir=str(logs))
+    answer = app.test_client().post("/v1/feedback", json={"text": "red circle", "doc_id": "item-000001"})
+    assert answer.status_code == 503 and answer.get_json()["error"] == {
+        "code": "log_unwritable", "message": f"the feedback log {logs / 'feedback.jsonl'} could not be written "
+                                             "([Errno 28] No space left on device): nothing was recorded"}
+    # build_app's teardown closes the app: it raised the unwritten bytes' error again.
+
+
 def test_feedback_on_a_query_past_max_text_chars_records_the_text_its_search_logged_cut_alike_and_a_blank_cut_names_the_limit(build_app, tmp_path):
     # The text a client searched and sends back: past max_text_chars, /v1/search cut it and /v1/feedback answered 413.
     logs = tmp_path / "quality"
