@@ -277,7 +277,8 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
       the logged search its query_id names); a document's grade is its latest judgment, else its
       highest click (a click's relevance: 1 unless it carried its own). The same text under other
       filters is another query;
-    - `to_judge.jsonl`: hard queries without feedback, with their filters and the hits they were shown;
+    - `to_judge.jsonl`: hard queries without feedback, with their filters, the hits they were shown and
+      a query image's file in `images/`;
     - `pairs.csv`: (document image, query text) for judgments of at least `min_relevance`, in
       open_clip's CSV format (tab-separated `filepath`, `title`), where `image_paths` (document id
       → image file, from the shards) knows the document's image, an absolute path to a file that
@@ -321,7 +322,6 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
         if judged or previous is None or (not previous[1] and grade > previous[0]):
             grades[(key, doc_id)] = (grade, judged)  # the latest judgment, else the highest click
 
-    images_dir = out / "images"
     with (out / "queries.jsonl").open("w", encoding="utf-8") as handle:
         for key, query in queries.items():
             row: dict[str, Any] = {"id": key, "category": (query["reasons"] or ["feedback"])[0],
@@ -331,7 +331,7 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
             if query["filters"]:
                 row["filters"] = query["filters"]
             if query["image"]:
-                row["image"] = str(_write_image(images_dir, key, base64.b64decode(query["image"])).relative_to(out))
+                row["image"] = _write_image(out, key, query["image"])
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     summary.queries = len(queries)
     with (out / "qrels.jsonl").open("w", encoding="utf-8") as handle:
@@ -343,6 +343,8 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
             if key not in queries:
                 row = {"id": key, "text": record.get("text"), "filters": record.get("filters") or None,
                        "reasons": record.get("reasons"), "hits": record.get("hits", [])}
+                if record.get("image"):  # an image query: what the judge looks at
+                    row["image"] = _write_image(out, key, record["image"])
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                 summary.to_judge += 1
     with (out / "pairs.csv").open("w", encoding="utf-8", newline="") as handle:
@@ -396,15 +398,17 @@ def _query_key(text: str | None, query_id: str | None, filters: Filters | None) 
     return f"q-{query_id}"
 
 
-def _write_image(folder: Path, key: str, data: bytes) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+def _write_image(out: Path, key: str, encoded: str) -> str:
+    """A logged query image (base64) written to `out/images/`, named by its query key: its path relative to `out`."""
+    data = base64.b64decode(encoded)
+    (out / "images").mkdir(parents=True, exist_ok=True)
     try:
         extension = (Image.open(io.BytesIO(data)).format or "img").lower()
     except Exception:  # noqa: BLE001 - the bytes are kept as they came; eval reports an undecodable image
         extension = "img"
-    path = folder / f"{key}.{extension}"
-    path.write_bytes(data)
-    return path
+    path = Path("images") / f"{key}.{extension}"
+    (out / path).write_bytes(data)
+    return str(path)
 
 
 def _count(counts: dict[str, int], why: str) -> None:

@@ -118,6 +118,10 @@ def test_a_like_search_with_neither_text_nor_image_is_not_logged_and_an_image_qu
         checks.close()
         log.close()
     assert [record["query_id"] for record in read_jsonl_log(tmp_path / "log" / HARD_EXAMPLES_FILE)] == ["image"]
+    # Still to judge, it is shown as queries.jsonl shows a judged one: its image file (it had neither text nor image).
+    export_examples(tmp_path / "log", tmp_path / "out")
+    (row,) = map(json.loads, (tmp_path / "out" / "to_judge.jsonl").read_text().splitlines())
+    assert row["text"] is None and (tmp_path / "out" / row["image"]).read_bytes() == image
 
 
 def test_open_clips_csv_reader_reads_every_exported_pair_caption_as_written_and_na_texts_are_left_out(tmp_path: Path):
