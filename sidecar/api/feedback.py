@@ -49,11 +49,12 @@ def feedback():
     relevance = bounded_int(body, "relevance", default=1, low=0, high=MAX_RELEVANCE)
     # The search's filters: its judgments hold among the documents they let through (the export keeps them, eval
     # re-runs the query with them); without them, those of its search where the hard-example log has it.
+    searched = filters(body, settings)
     # A judgment of a document the store does not hold could never be found again by eval, nor paired with its
     # image for fine-tuning: a mistyped id (or one of another index) is refused where the client can see it.
     held_document(state.store, doc_id, field="doc_id", vectors=False)
     record = feedback_record(query_id=query_id, text=text, doc_id=doc_id, relevance=relevance, kind=kind,
-                             filters=filters(body, settings))
+                             filters=searched)
     try:
         written = log.write(record)
     except OSError as exc:

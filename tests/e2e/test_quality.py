@@ -259,6 +259,9 @@ def test_feedback_on_a_document_the_store_does_not_hold_answers_404_naming_the_f
     assert answer.status_code == 404 and answer.get_json()["error"] == {
         "code": "document_not_found", "message": "field 'doc_id': no document with id 'item-999999' in the store"}
     assert not (logs / "feedback.jsonl").exists() or not (logs / "feedback.jsonl").read_text()
+    # The request's own faults are told first: the store is asked only about a request otherwise valid.
+    answer = client.post("/v1/feedback", json={"text": "red circle", "doc_id": "item-999999", "filters": ["red"]})
+    assert answer.status_code == 400 and "'filters'" in answer.get_json()["error"]["message"], answer.get_json()
 
 
 def test_feedback_the_log_cannot_take_answers_503_saying_nothing_was_recorded_and_the_server_closes_cleanly(
