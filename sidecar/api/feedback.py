@@ -58,7 +58,8 @@ def feedback():
     try:
         written = log.write(record)
     except OSError as exc:
-        raise LogUnwritable(f"the feedback log {log.path} could not be written ({exc}): nothing was recorded") from exc
+        raise LogUnwritable(f"the feedback log ({log.path.name}) could not be written ({exc.strerror or exc}): nothing "
+                            "was recorded") from exc
     if not written:
         raise PayloadTooLarge(f"the feedback record is over the log's file limit of {settings.quality_log_max_bytes} "
                               "bytes (quality_log_max_bytes)")
