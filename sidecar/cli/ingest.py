@@ -136,7 +136,7 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
                                           allow_empty=allow_empty,
                                           resources=RayResources(actors=actors, actor_cpus=actor_cpus,
                                                                  task_cpus=task_cpus),
-                                          progress=ctx.obj["progress"])
+                                          progress=ctx.obj["progress"], verbose=ctx.obj["verbose"])
         except RayUnavailable as exc:
             raise click.ClickException(str(exc)) from exc
     else:

@@ -244,7 +244,7 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     come from SIDECAR_* environment variables too; a flag given overrides its variable.
     """
     configure_logging(verbose=verbose, quiet=quiet)
-    ctx.obj = {"progress": not quiet}
+    ctx.obj = {"progress": not quiet, "verbose": verbose}
 
 
 def open_existing_store(settings: Settings, *, progress: bool = False):

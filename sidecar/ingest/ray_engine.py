@@ -21,7 +21,9 @@ exist everywhere). Workers import the driver's own `sidecar` package: Ray ships 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -30,6 +32,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -54,6 +57,7 @@ from sidecar.ingest.embed import (
 )
 from sidecar.ingest.shards import ShardRow, exclusive_writer, write_shard_files
 from sidecar.ingest.tagging import Tagger
+from sidecar.logs import LinesToLog, adopt_library_loggers
 from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
 from sidecar.model.images import ImagePreprocess
 
@@ -108,56 +112,107 @@ def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address:
                         batch_size: int = 256, shard_size: int = 4096, resources: RayResources = RayResources(),
                         max_pixels: int = 40_000_000, thumbnail_side: int = THUMBNAIL_SIDE,
                         load_tagger: Callable[[Encoder], Tagger | None] | None = None,
-                        allow_empty: bool = False, progress: bool = True) -> EmbedSummary:
+                        allow_empty: bool = False, progress: bool = True, verbose: bool = False) -> EmbedSummary:
     """Embed `source` into shards under `out` on the Ray cluster at `address` ("local" starts one
     on this machine): the same shards, thumbnails, skips and summary as `embed.embed_corpus`.
     `load_tagger`: the tagger (`embed.embed_corpus`'s `tagger`) for the job's model, which the driver
-    loads here."""
+    loads here. `verbose`: Ray's output that only -v shows (its workers' output; Ray Data's warnings about its own
+    scheduling); the log's levels (`sidecar.logs.route_logs`) decide on Ray's records."""
     # The cluster's processes run in folders of their own: relative paths are the driver's, made absolute here.
     source, out = Path(source).absolute(), Path(out).absolute()
-    # Ray's driver prints the cluster's error messages (a node lost, with 20 lines of its raylet's log)
-    # on stdout whatever log_to_driver says: on stderr, beside the progress and the logs, they leave
-    # stdout to the job's summary. The lock is held by the driver alone: its tasks write shard files,
+    # Ray's driver prints the cluster's error reports (a node lost, with 20 lines of its raylet's log; a worker
+    # killed) on stdout, whatever log_to_driver says: records of the `ray` logger at INFO instead, shown with -v,
+    # they leave stdout to the job's summary. The lock is held by the driver alone: its tasks write shard files,
     # never the manifest.
-    with contextlib.redirect_stdout(sys.stderr), exclusive_writer(out):
-        ray = _connect(address)
+    with LinesToLog(logging.getLogger("ray"), logging.INFO) as reports, contextlib.redirect_stdout(reports), \
+            exclusive_writer(out):
+        ray = _connect(address, verbose=verbose)
         try:
             return _run(ray, settings, source, out, batch_size=batch_size, shard_size=shard_size,
                         resources=resources, max_pixels=max_pixels, thumbnail_side=thumbnail_side,
                         load_tagger=load_tagger, allow_empty=allow_empty, progress=progress)
         except Exception as exc:
-            _refuse_missing_module(exc)
+            _refuse_task_failure(exc)
             raise
         finally:
             ray.shutdown()
 
 
-def _connect(address: str) -> Any:
+def _connect(address: str, *, verbose: bool) -> Any:
     # The driver's own opt-out: `ray start --disable-usage-stats` covers only the cluster's processes.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # no INFO lines per execution
     with _connect_settings(address):
         try:
             import ray
             import ray.data  # noqa: F401 - imported here so a missing extra fails before any work
         except ImportError as exc:
             raise RayUnavailable(f"--engine ray needs Ray ({exc}): pip install 'clip-sidecar[ray]'") from exc
-        options: dict[str, Any] = {"log_to_driver": False, "logging_level": "WARNING",
+        # Ray's import gave `ray` and `ray.data` handlers of their own on the terminal, at INFO: the CLI's log
+        # takes them (and ray.init leaves them be), so -q and the default show their warnings, -v all of it.
+        adopt_library_loggers("ray", "ray.data")
+        options: dict[str, Any] = {"log_to_driver": verbose, "configure_logging": False,
                                    "runtime_env": {"py_modules": [str(PACKAGE_DIR)]}}
         if address == LOCAL:
             options["include_dashboard"] = False
         else:
             _check_reachable(address)
         try:
-            ray.init(address=address, **options)
+            with _native_errors_logged():
+                ray.init(address=address, **options)
         except ConnectionError as exc:
             _refuse_no_head(address, exc)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    if not verbose:
+        # Ray Data's warnings that progress bars are off (this job turns them off: it draws its own) and that an
+        # operator has had no output for 60 s ("ignore this warning if your UDF is expected to be slow": a large
+        # model loading on its actors), or that blocks' schemas differ (the job's are fixed).
+        for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor_state"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # this job draws its own bar, as the local job does
-    context.print_on_execution_start = False
     context.execution_options.preserve_order = False  # rows carry their ids
     return ray
+
+
+@contextlib.contextmanager
+def _native_errors_logged() -> Iterator[None]:
+    """C's `stderr` pointed at `_native_log_stream` while the block starts the driver's core worker (ray.init). Its
+    C++ log writes every record to the driver's log file in the session's folder (logs/python-core-driver-*.log)
+    and its ERROR ones to the `FILE *stderr` it finds when it starts too, for the process's life: Ray's notes to
+    itself (an actor whose constructor arguments are in the object store), which reached the terminal even with -q.
+    Python's sys.stderr writes to file descriptor 2, not through that FILE *, and keeps the terminal. Where the C
+    library has no `stderr` symbol (not glibc), nothing changes."""
+    try:
+        stream = ctypes.c_void_p.in_dll(ctypes.CDLL(None), "stderr")
+    except (OSError, ValueError):
+        yield
+        return
+    original = stream.value
+    stream.value = _native_log_stream()
+    try:
+        yield
+    finally:
+        stream.value = original
+
+
+@functools.cache
+def _native_log_stream() -> int:
+    """A C `FILE *` whose lines become records of the `ray.core_worker` logger, open for the process's life (each
+    core worker Ray starts keeps writing to it): a fatal one (the driver's core worker ending the process: the
+    head lost for a minute) at CRITICAL, which the terminal shows; the rest at DEBUG, which -v shows."""
+    read_end, write_end = os.pipe()
+    libc = ctypes.CDLL(None)
+    libc.fdopen.restype = ctypes.c_void_p
+    libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    threading.Thread(target=_log_native_lines, args=(read_end,), name="ray-core-worker-log", daemon=True).start()
+    return libc.fdopen(write_end, b"w")
+
+
+def _log_native_lines(read_end: int) -> None:
+    native = logging.getLogger("ray.core_worker")
+    with open(read_end, encoding="utf-8", errors="replace") as lines:
+        for line in lines:  # "[2026-12-02 12:36:22,411 E 9300 9300] core_worker.cc:2465: ..."
+            if line.strip():
+                native.log(logging.CRITICAL if re.match(r"\[[^\]]* F ", line) else logging.DEBUG, line.rstrip())
 
 
 @contextlib.contextmanager
@@ -192,26 +247,38 @@ def _refuse_no_head(address: str, exc: ConnectionError) -> NoReturn:
                          f"({port}) and that the head runs (`ray status` on it)") from exc
 
 
-def _refuse_missing_module(exc: BaseException) -> None:
-    """Raise RayUnavailable where `exc` is a worker's failed import (a dependency of the job missing from the
-    Python `ray start` runs on a node): Ray reports it as a task's error, with its traceback."""
+def _refuse_task_failure(exc: BaseException) -> None:
+    """Raise RayUnavailable, in one line, where `exc` is the job's task or actor failing on the cluster (Ray's error:
+    its traceback and the worker's, in many lines); a worker's failed import (a dependency of the job missing from
+    the Python `ray start` runs on a node) says what to install. -v shows Ray's report of it, traceback included."""
     from ray.exceptions import RayError
 
     if not isinstance(exc, RayError):  # the driver's own: its traceback says where
         return
     cause: BaseException | None = exc
-    reason = None
-    while cause is not None and reason is None:  # RayTaskError.cause; RaySystemError.client_exc (an unpicklable argument)
-        # Not a RayTaskError(ModuleNotFoundError): Ray's copy of the error, whose cause is the original.
-        if isinstance(cause, ImportError) and not isinstance(cause, RayError):
-            reason = str(cause)
+    original = None
+    while cause is not None and original is None:  # RayTaskError.cause; RaySystemError.client_exc (an unpicklable argument)
+        # Not a RayTaskError(ValueError): Ray's copy of the error, whose cause is the original.
+        if not isinstance(cause, RayError):
+            original = cause
         cause = getattr(cause, "cause", None) or getattr(cause, "client_exc", None)
-    # An actor's constructor's error reaches the driver as ActorDiedError, which keeps it as text only.
-    reason = reason or next(iter(re.findall(r"^(?:ModuleNotFoundError|ImportError): (.+)$", str(exc), re.M)[-1:]), None)
-    if reason:
+    if original is not None:
+        kind, reason = type(original).__name__, str(original)
+    else:
+        # Text only: an actor's constructor's error (ActorDiedError), a function's under Ray Data (its
+        # UserCodeException keeps the original in the worker's traceback). Its last line names the original;
+        # Ray's own exceptions (ray.exceptions.UserCodeException: ...) come after it.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the colours of Ray's task names
+        named = [(name, reason) for name, reason in re.findall(r"^((?:\w+\.)*\w+(?:Error|Exception)): (.+)$", text, re.M)
+                 if not name.startswith("ray.")]
+        kind, reason = (named[-1][0].rpartition(".")[2], named[-1][1]) if named else (type(exc).__name__,
+                                                                                       text.strip().splitlines()[0])
+    if isinstance(original, ImportError) or kind in ("ModuleNotFoundError", "ImportError"):
         raise RayUnavailable(f"a Ray worker cannot import what the job needs ({reason}): every node must run `ray start` "
                              "from a Python with clip-sidecar's dependencies, the versions this driver has (pip install "
                              "'clip-sidecar[ray]' there)") from exc
+    raise RayUnavailable(f"the job failed on the Ray cluster ({kind}: {reason}); -v shows Ray's report of it, with "
+                         "the worker's traceback") from exc
 
 
 def _check_reachable(address: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,9 +63,10 @@ def ray_cluster() -> Iterator[tuple[dict[str, str], str]]:
 
 
 def ray_embed(address: str, source: Path, out: Path, *extra: str, cwd: Path = REPO,
-              env: dict[str, str] | None = None) -> subprocess.Popen:
-    """The real CLI, this checkout's code, as the driver of a job on the cluster (`env`: more variables)."""
-    return subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "embed", str(source), "--out", str(out),
+              env: dict[str, str] | None = None, verbosity: tuple[str, ...] = ("-q",)) -> subprocess.Popen:
+    """The real CLI, this checkout's code, as the driver of a job on the cluster (`env`: more variables;
+    `verbosity`: the CLI's -q or -v, or neither)."""
+    return subprocess.Popen([sys.executable, "-m", "sidecar.cli", *verbosity, "embed", str(source), "--out", str(out),
                              "--engine", "ray", "--address", address, *RESOURCE_FLAGS, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                             env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
@@ -249,6 +251,37 @@ def test_relative_paths_are_the_drivers_even_where_the_cluster_started_elsewhere
     assert_same_shards(tmp_path / "shards", local)
 
 
+# A record of the CLI's log ("2026-12-02 12:33:48,904 INFO sidecar.model.encoder: ..."): its logger's name.
+RECORD = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ [A-Z]+ (\S+): ", re.M)
+
+
+def stderr_lines(stderr: str) -> list[str]:
+    """stderr's lines without the progress bars' redraws (which a record may follow on the same line)."""
+    bars = re.sub(r"(?:scan|embed \(ray\)): *\d+%\|[^|]*\|[^\[]*\[[^\]]*\]", "\n", stderr)
+    return [line for line in re.split(r"[\r\n]", bars) if line.strip()]
+
+
+def test_quiet_prints_the_summary_alone_the_default_the_jobs_own_records_and_verbose_rays_too(ray_cluster, tmp_path):
+    """Before, -q printed Ray's C++ errors (core_worker.cc: an actor with constructor arguments in the object store)
+    and the default printed them too; -v showed none of Ray's records, its loggers set to WARNING by the job."""
+    _, address = ray_cluster
+    manifest = write_corpus(tmp_path / "corpus", 8, seed=46)
+    outputs = {}
+    for name, verbosity in (("quiet", ("-q",)), ("default", ()), ("verbose", ("-v",))):
+        process = ray_embed(address, manifest, tmp_path / name, verbosity=verbosity)
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+        assert stdout.splitlines() == [stdout.strip()] and stdout.startswith("8 items: 8 embedded")
+        outputs[name] = stderr
+    assert outputs["quiet"] == ""
+    default = stderr_lines(outputs["default"])
+    assert default and all(RECORD.match(line) for line in default), default  # no line of Ray's own (C++'s `[...`)
+    assert {RECORD.match(line)[1].partition(".")[0] for line in default} == {"sidecar"}
+    verbose = {RECORD.match(line)[1] for line in stderr_lines(outputs["verbose"]) if RECORD.match(line)}
+    assert any(name.startswith("ray.data.") for name in verbose), verbose
+    assert any(name.startswith("ray._private.") for name in verbose), verbose
+
+
 @pytest.mark.parametrize("flag", ["--actor-cpus", "--task-cpus"])
 def test_more_cpus_than_any_node_has_is_refused_naming_the_flag_instead_of_waiting_forever(ray_cluster, tmp_path,
                                                                                            flag):
@@ -280,11 +313,39 @@ def test_workers_that_cannot_import_a_dependency_fail_the_job_in_one_line_saying
     process = ray_embed(address, manifest, tmp_path / "shards", env={"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)})
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 1, stderr
-    # The last line (Ray Data logs the task's error before it, as for any failed task).
-    assert stderr.strip().splitlines()[-1] == (
+    # The one line alone: Ray Data's log of the task's error and its traceback came before it.
+    assert stderr.splitlines() == [
         "Error: a Ray worker cannot import what the job needs (No module named 'open_clip'): every node must run "
         "`ray start` from a Python with clip-sidecar's dependencies, the versions this driver has (pip install "
-        "'clip-sidecar[ray]' there)"), stderr
+        "'clip-sidecar[ray]' there)"], stderr
+
+
+def broken_workers(tmp_path: Path) -> dict[str, str]:
+    """The environment of a driver whose job's workers fail in a way no check of the job foresees: open_clip,
+    first on their path by the job's runtime environment, raises RuntimeError when the model loads."""
+    shadow = tmp_path / "broken" / "open_clip"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise RuntimeError('this node is broken')\n")
+    return {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"env_vars": {"PYTHONPATH": str(shadow.parent)}}})}
+
+
+def test_a_worker_failing_fails_the_job_in_one_line_naming_the_workers_error_and_verbose_shows_its_traceback(
+        ray_cluster, tmp_path):
+    """Before, the command ended in Ray Data's logs of the error and Ray's traceback, tens of lines, with -q too."""
+    _, address = ray_cluster
+    manifest = write_corpus(tmp_path / "corpus", 4, seed=45)
+    env = broken_workers(tmp_path)
+    line = ("Error: the job failed on the Ray cluster (RuntimeError: this node is broken); -v shows Ray's report of it, "
+            "with the worker's traceback")
+    process = ray_embed(address, manifest, tmp_path / "quiet", env=env)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 1, stderr
+    assert stderr.splitlines() == [line], stderr
+    process = ray_embed(address, manifest, tmp_path / "verbose", env=env, verbosity=("-v",))
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 1, stderr
+    assert stderr.splitlines()[-1] == line
+    assert "raise RuntimeError('this node is broken')" in stderr  # the worker's traceback
 
 
 def cluster_processes(env: dict[str, str], pattern: str) -> list[str]:
@@ -348,12 +409,15 @@ def test_a_node_lost_mid_run_the_job_completes_on_the_rest_with_nothing_lost_or_
                  what="the Ray job's first shard")
         assert process.poll() is None, "the job ended before the node could be lost"
         subprocess.run([str(RAY_LOCAL), "stop-node", "2"], env=env, check=True, capture_output=True, timeout=60)
-        stdout = finish(process)
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
     finally:
         if process.poll() is None:
             process.kill()
         # Give the cluster its second node back for whatever runs after.
         subprocess.run([str(RAY_LOCAL), "start-node", "2"], env=env, capture_output=True, timeout=180)
-    # stdout is the summary alone: Ray's report of the lost node (its raylet's last log lines) is not on it.
+    # stdout is the summary alone, and -q keeps Ray's reports of the lost node (its raylet's last log lines, each
+    # task it retries) off stderr too: they are Ray's INFO records, for -v.
     assert len(stdout.splitlines()) == 1 and stdout.startswith("1200 items: 1200 embedded, 0 unchanged, 0 failed")
+    assert "(raylet)" not in stderr and "Traceback" not in stderr, stderr
     assert_same_shards(out, local_out)

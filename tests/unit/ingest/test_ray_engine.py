@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -29,7 +30,7 @@ def test_a_port_without_a_ray_head_fails_within_seconds_in_a_process_that_import
 
             started = time.monotonic()
             try:
-                _connect({address!r})
+                _connect({address!r}, verbose=False)
             except RayUnavailable as exc:
                 error = str(exc)
             print(json.dumps({{"seconds": time.monotonic() - started, "error": error,
@@ -43,3 +44,19 @@ def test_a_port_without_a_ray_head_fails_within_seconds_in_a_process_that_import
     assert outcome["error"].startswith(f"no Ray cluster answers at {address}: no Ray head answered there within 6 s")
     assert outcome["seconds"] < 25  # 42 s while Ray kept the settings it read at its import; room for a busy machine
     assert outcome["left"] == []  # children of the job's process and its later ray.init calls get Ray's own
+
+
+def test_the_drivers_cpp_log_lines_become_debug_records_and_a_fatal_one_a_critical_record(caplog):
+    """Ray's C++ log on the driver wrote its ERROR lines (notes to itself) straight to the terminal, even with -q; a
+    fatal one (the core worker ending the process) must still reach it."""
+    from sidecar.ingest.ray_engine import _log_native_lines
+
+    read_end, write_end = os.pipe()
+    with open(write_end, "w") as native:
+        native.write("[2026-12-02 12:36:22,411 E 9300 9300] core_worker.cc:2465: Actor with class name: 'MapWorker'\n"
+                     "\n[2026-12-02 12:37:22,411 F 9300 9311] gcs_client.cc:85: Failed to connect to GCS within 60 s\n")
+    caplog.set_level(logging.DEBUG, logger="ray.core_worker")
+    _log_native_lines(read_end)
+    assert [(record.name, record.levelno, record.getMessage()[:40]) for record in caplog.records] == [
+        ("ray.core_worker", logging.DEBUG, "[2026-12-02 12:36:22,411 E 9300 9300] co"),
+        ("ray.core_worker", logging.CRITICAL, "[2026-12-02 12:37:22,411 F 9300 9311] gc")]
