@@ -31,8 +31,8 @@ import math
 import os
 import re
 import socket
+import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import defaultdict
@@ -157,7 +157,7 @@ def _connect(address: str, *, verbose: bool) -> Any:
         else:
             _check_reachable(address)
         try:
-            with _native_errors_logged():
+            with _native_errors_quiet(verbose):
                 ray.init(address=address, **options)
         except ConnectionError as exc:
             _refuse_no_head(address, exc)
@@ -174,45 +174,53 @@ def _connect(address: str, *, verbose: bool) -> Any:
 
 
 @contextlib.contextmanager
-def _native_errors_logged() -> Iterator[None]:
-    """C's `stderr` pointed at `_native_log_stream` while the block starts the driver's core worker (ray.init). Its
-    C++ log writes every record to the driver's log file in the session's folder (logs/python-core-driver-*.log)
-    and its ERROR ones to the `FILE *stderr` it finds when it starts too, for the process's life: Ray's notes to
-    itself (an actor whose constructor arguments are in the object store), which reached the terminal even with -q.
-    Python's sys.stderr writes to file descriptor 2, not through that FILE *, and keeps the terminal. Where the C
-    library has no `stderr` symbol (not glibc), nothing changes."""
+def _native_errors_quiet(verbose: bool) -> Iterator[None]:
+    """C's `stderr` pointed at `_fatal_lines_only` while the block starts the driver's core worker (ray.init), except
+    with -v. Its C++ log writes every record to the driver's log file in the session's folder
+    (logs/python-core-driver-*.log), and its ERROR ones to the `FILE *stderr` it finds as it starts too, for the
+    process's life: Ray's notes to itself (an actor whose constructor arguments are in the object store), which
+    reached the terminal even with -q. Python's sys.stderr writes to file descriptor 2, not through that FILE *,
+    and keeps the terminal. Where the C library has no `stderr` symbol (not glibc), nothing changes."""
     try:
-        stream = ctypes.c_void_p.in_dll(ctypes.CDLL(None), "stderr")
+        stream = None if verbose else ctypes.c_void_p.in_dll(ctypes.CDLL(None), "stderr")
     except (OSError, ValueError):
+        stream = None
+    if stream is None:
         yield
         return
     original = stream.value
-    stream.value = _native_log_stream()
+    stream.value = _fatal_lines_only()[1]
     try:
         yield
     finally:
         stream.value = original
 
 
+# Passes the lines of Ray's C++ log that say it ends the process (level F) on to the terminal, drops the rest.
+_FATAL_FILTER = ("import re, signal, sys\n"
+                 "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"  # Ctrl-C stops the driver; this ends at its EOF
+                 "for line in sys.stdin.buffer:\n"
+                 "    if re.match(rb'\\[[^\\]]* F ', line):\n"
+                 "        sys.stderr.buffer.write(line)\n"
+                 "        sys.stderr.buffer.flush()\n")
+
+
 @functools.cache
-def _native_log_stream() -> int:
-    """A C `FILE *` whose lines become records of the `ray.core_worker` logger, open for the process's life (each
-    core worker Ray starts keeps writing to it): a fatal one (the driver's core worker ending the process: the
-    head lost for a minute) at CRITICAL, which the terminal shows; the rest at DEBUG, which -v shows."""
+def _fatal_lines_only() -> tuple[subprocess.Popen, int]:
+    """The filter and a C `FILE *` (line-buffered) into it: a process of its own that shows only the fatal lines of what is written to
+    it: the driver's core worker ending this process (the head lost for a minute) says why right before it exits,
+    and a reader in a process apart still reads that line once this one is gone. Open for the process's life (each
+    core worker Ray starts here keeps writing to it); the filter ends when the last writer does."""
     read_end, write_end = os.pipe()
+    process = subprocess.Popen([sys.executable, "-c", _FATAL_FILTER], stdin=read_end, stdout=subprocess.DEVNULL)
+    os.close(read_end)
     libc = ctypes.CDLL(None)
     libc.fdopen.restype = ctypes.c_void_p
     libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
-    threading.Thread(target=_log_native_lines, args=(read_end,), name="ray-core-worker-log", daemon=True).start()
-    return libc.fdopen(write_end, b"w")
-
-
-def _log_native_lines(read_end: int) -> None:
-    native = logging.getLogger("ray.core_worker")
-    with open(read_end, encoding="utf-8", errors="replace") as lines:
-        for line in lines:  # "[2026-12-02 12:36:22,411 E 9300 9300] core_worker.cc:2465: ..."
-            if line.strip():
-                native.log(logging.CRITICAL if re.match(r"\[[^\]]* F ", line) else logging.DEBUG, line.rstrip())
+    libc.setvbuf.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_size_t]
+    stream = libc.fdopen(write_end, b"w")
+    libc.setvbuf(stream, None, 1, 0)  # _IOLBF: each line out as it ends, as stderr's unbuffered writes were
+    return process, stream
 
 
 @contextlib.contextmanager
