@@ -31,7 +31,6 @@ import math
 import os
 import re
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -189,7 +188,7 @@ def _native_errors_quiet(verbose: bool) -> Iterator[None]:
         yield
         return
     original = stream.value
-    stream.value = _fatal_lines_only()[1]
+    stream.value = _fatal_lines_only()
     try:
         yield
     finally:
@@ -206,13 +205,17 @@ _FATAL_FILTER = ("import re, signal, sys\n"
 
 
 @functools.cache
-def _fatal_lines_only() -> tuple[subprocess.Popen, int]:
-    """The filter and a C `FILE *` (line-buffered) into it: a process of its own that shows only the fatal lines of what is written to
+def _fatal_lines_only() -> int:
+    """A C `FILE *` (line-buffered) into a process of its own that shows only the fatal lines of what is written to
     it: the driver's core worker ending this process (the head lost for a minute) says why right before it exits,
     and a reader in a process apart still reads that line once this one is gone. Open for the process's life (each
     core worker Ray starts here keeps writing to it); the filter ends when the last writer does."""
     read_end, write_end = os.pipe()
-    process = subprocess.Popen([sys.executable, "-c", _FATAL_FILTER], stdin=read_end, stdout=subprocess.DEVNULL)
+    # Spawned, not a Popen: nothing here waits for it (it outlives this process's last Python object), and a Popen
+    # left running warns as it is collected.
+    os.posix_spawn(sys.executable, [sys.executable, "-c", _FATAL_FILTER], os.environ,
+                   file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0),
+                                 (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
     os.close(read_end)
     libc = ctypes.CDLL(None)
     libc.fdopen.restype = ctypes.c_void_p
@@ -220,7 +223,7 @@ def _fatal_lines_only() -> tuple[subprocess.Popen, int]:
     libc.setvbuf.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_size_t]
     stream = libc.fdopen(write_end, b"w")
     libc.setvbuf(stream, None, 1, 0)  # _IOLBF: each line out as it ends, as stderr's unbuffered writes were
-    return process, stream
+    return stream
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def test_the_drivers_cpp_log_shows_only_its_fatal_line_even_when_the_process_end
 
         libc = ctypes.CDLL(None)
         libc.fputs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
-        stream = _fatal_lines_only()[1]
+        stream = _fatal_lines_only()
         libc.fputs(b"[2026-12-02 12:36:22,411 E 9300 9300] core_worker.cc:2465: Actor with class name: 'MapWorker'\\n",
                    stream)
         libc.fputs(b"[2026-12-02 12:37:22,411 F 9300 9311] gcs_client.cc:85: Failed to connect to GCS within 60 s\\n",
