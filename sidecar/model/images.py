@@ -333,17 +333,18 @@ class ImagePreprocess:
         return load_rgb(self.open(data, max_pixels=max_pixels, max_resized_side=max_resized_side, formats=formats))
 
     # ---- device ----
-    @staticmethod
-    def wants_device_decode(data: bytes, *, max_pixels: int, max_scans: int = MAX_JPEG_SCANS) -> bool:
-        """True for a plain RGB/greyscale JPEG within the pixel limit and, progressive, within `max_scans`
-        (header and scan markers read only, no decode)."""
+    def wants_device_decode(self, data: bytes, *, max_pixels: int, max_scans: int = MAX_JPEG_SCANS,
+                            max_resized_side: int = MAX_RESIZED_SIDE) -> bool:
+        """True for a plain RGB/greyscale JPEG within `open`'s limits: pixels, the resize's longer side and,
+        progressive, `max_scans` (header and scan markers read only, no decode)."""
         stream = io.BytesIO(data)
         try:
             with Image.open(stream, formats=("JPEG",)) as image:
                 width, height = image.size
-                plain = image.format == "JPEG" and image.mode in ("RGB", "L") and width * height <= max_pixels
-                # Too many scans: the CPU decoder refuses the file (`open_image`) and the job lists it; the
-                # device decoder would make every scan's pass over the image, and store it.
+                # Past a limit the CPU decoder refuses the file (`open`) and the job lists it; the device decoder
+                # would decode and resize it (too many scans: every scan a pass over the image), and store it.
+                plain = (image.format == "JPEG" and image.mode in ("RGB", "L") and width * height <= max_pixels
+                         and max(self.spec.resized_shape(height, width)) <= max_resized_side)
                 return plain and not (image.info.get("progressive") and _jpeg_scans(stream) > max_scans)
         except Exception:  # noqa: BLE001 - anything odd is the CPU decoder's to judge and report
             return False

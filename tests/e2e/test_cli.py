@@ -557,6 +557,26 @@ def test_a_file_whose_name_is_not_utf8_is_listed_in_errors_and_the_run_goes_on(t
     assert "store now holds 2 documents" in result.output
 
 
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_embed_lists_a_panorama_past_max_resized_side_in_errors_whichever_decoder_would_take_it(tmp_path, decode):
+    # The device decoder (here libjpeg-turbo on the CPU, nvjpeg on a GPU) stored it: a vector the API refuses to
+    # compute for the same file (413), resized to 12,800 px wide first.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sample_items(1, seed=32)[0].image.save(folder / "photo.jpg", quality=90)
+    Image.new("RGB", (20000, 50), (90, 120, 200)).save(folder / "panorama.jpg", quality=90)
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "0",
+                                       "--decode", decode])
+    assert result.exit_code == 0, result.output
+    assert "2 items: 1 embedded, 0 unchanged, 1 failed" in result.output
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(row["id"], row["reason"]) for row in errors] == [
+        ("panorama.jpg", "image is 20000x50: the model's resize would make it 12800x32, over the limit of 8192 pixels "
+                         "a side (max_resized_side)")]
+    assert shard_ids(out) == ["photo.jpg"]
+
+
 @pytest.mark.parametrize("out", ["afile", "afile/sub"])
 def test_embed_refuses_an_out_that_cannot_be_a_directory_before_loading_the_model(corpus, tmp_path, monkeypatch, out):
     (tmp_path / "afile").write_text("not a directory")

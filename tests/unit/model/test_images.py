@@ -152,17 +152,19 @@ def _preprocess(resize_mode: str, size=32):
 
 def test_wants_device_decode_takes_plain_jpegs_within_the_limit_only():
     data = _encode(_photo(0), "JPEG", quality=95)
-    assert ImagePreprocess.wants_device_decode(data, max_pixels=LIMIT)
-    assert not ImagePreprocess.wants_device_decode(_encode(Image.new("CMYK", (8, 8)), "JPEG"), max_pixels=LIMIT)
-    assert not ImagePreprocess.wants_device_decode(_encode(_photo(0), "PNG"), max_pixels=LIMIT)
-    assert not ImagePreprocess.wants_device_decode(data, max_pixels=100)
+    preprocess = _preprocess("shortest")
+    assert preprocess.wants_device_decode(data, max_pixels=LIMIT)
+    assert not preprocess.wants_device_decode(_encode(Image.new("CMYK", (8, 8)), "JPEG"), max_pixels=LIMIT)
+    assert not preprocess.wants_device_decode(_encode(_photo(0), "PNG"), max_pixels=LIMIT)
+    assert not preprocess.wants_device_decode(data, max_pixels=100)
 
 
 def test_wants_device_decode_leaves_a_progressive_jpeg_of_more_scans_than_max_scans_to_the_cpu_decoder():
     progressive = _encode(Image.new("RGB", (64, 64), (200, 10, 10)), "JPEG", progressive=True)  # 10 scans
-    assert ImagePreprocess.wants_device_decode(progressive, max_pixels=LIMIT)
-    assert not ImagePreprocess.wants_device_decode(progressive, max_pixels=LIMIT, max_scans=9)
-    assert not ImagePreprocess.wants_device_decode(repeat_last_scan(progressive, 200), max_pixels=LIMIT)  # 209 > 100
+    preprocess = _preprocess("shortest")
+    assert preprocess.wants_device_decode(progressive, max_pixels=LIMIT)
+    assert not preprocess.wants_device_decode(progressive, max_pixels=LIMIT, max_scans=9)
+    assert not preprocess.wants_device_decode(repeat_last_scan(progressive, 200), max_pixels=LIMIT)  # 209 > 100
 
 
 # The one place the CPU path (PIL draft decode + open_clip's PIL steps) and the device path
@@ -302,6 +304,17 @@ def test_resized_shape_is_what_the_resize_step_makes(resize_mode, size):
     assert preprocess.spec.resized_shape(size[1], size[0]) == (height, width)
 
 
+def test_a_jpeg_the_resize_would_stretch_past_max_resized_side_is_left_to_the_cpu_decoder_which_refuses_it():
+    # The device decoder resized it (a 20000x50 panorama: 12,800 px wide) and the job stored what the CPU path and
+    # the API refuse.
+    preprocess = _preprocess("shortest", size=32)
+    panorama = _encode(Image.new("RGB", (20000, 50), (90, 120, 200)), "JPEG")
+    assert not preprocess.wants_device_decode(panorama, max_pixels=LIMIT)
+    assert preprocess.wants_device_decode(panorama, max_pixels=LIMIT, max_resized_side=12_800)
+    with pytest.raises(ImageDecodeError, match=r"over the limit of 8192 pixels a side \(max_resized_side\)"):
+        preprocess.decode(panorama, max_pixels=LIMIT)
+
+
 def test_an_image_the_resize_would_stretch_past_max_resized_side_is_refused():
     preprocess = _preprocess("shortest", size=32)
     data = _encode(Image.new("RGB", (4000, 4)), "PNG")  # the shorter side to 32: 32,000 x 32
@@ -363,3 +376,4 @@ def test_a_progressive_jpeg_of_more_scans_than_max_scans_is_refused_from_its_byt
     assert info.value.kind == "too_large"
     assert load_rgb(open_image(progressive, max_pixels=LIMIT, max_scans=10)).size == (64, 64)
     assert load_rgb(open_image(bomb, max_pixels=LIMIT, max_scans=209)).size == (64, 64)  # the limit refused it
+
