@@ -11,7 +11,12 @@ from typing import Any, Iterable, Iterator
 
 from sidecar.errors import not_utf8
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# A folder's files by name: every name Pillow gives the formats decoded by default (config.IMAGE_FORMATS: .jfif
+# and .jpe are JPEGs, .apng a PNG), and the photo formats of phones and the web that are not decoded (HEIC/HEIF,
+# AVIF, ICO, SVG): those are picked up to be refused by the decoder and listed in errors.jsonl, not left out
+# of the corpus without a word.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+                  ".heic", ".heif", ".avif", ".ico", ".svg"}
 RESERVED = ("id", "path", "text", "metadata")
 
 

@@ -557,6 +557,34 @@ def test_a_file_whose_name_is_not_utf8_is_listed_in_errors_and_the_run_goes_on(t
     assert "store now holds 2 documents" in result.output
 
 
+def test_embed_takes_jfif_and_jpe_jpegs_and_lists_heic_avif_ico_and_svg_files_in_errors_naming_why(encoder, tmp_path):
+    # The scan left these out without a word: a .jfif (what browsers save JPEGs as on Windows) was never
+    # embedded, an iPhone's .heic never reported.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    first, second = (item.image for item in sample_items(2, seed=31))
+    first.save(folder / "saved.jfif", format="JPEG", quality=90)
+    second.save(folder / "camera.JPE", format="JPEG", quality=90)
+    first.save(folder / "phone.avif")
+    first.save(folder / "favicon.ico", sizes=[(32, 32)])
+    (folder / "iphone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    (folder / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>')
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "6 items: 2 embedded, 0 unchanged, 4 failed" in result.output
+    reasons = {row["id"]: row["reason"] for row in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
+    accepted = "is not an accepted image format (image_formats: JPEG, PNG, WEBP, GIF, BMP, TIFF)"
+    assert reasons == {"phone.avif": f"AVIF {accepted}", "favicon.ico": f"ICO {accepted}",
+                       "iphone.heic": f"HEIF {accepted}", "logo.svg": "not a recognised image format"}
+    shards = ShardSet(out)
+    vectors = {row.id: shards.vectors(name)[index] for name, row, index in shards.rows()}
+    assert set(vectors) == {"saved.jfif", "camera.JPE"}
+    np.testing.assert_allclose(vectors["saved.jfif"],
+                               encoder.encode_image_files([(folder / "saved.jfif").read_bytes()], max_pixels=10**8)[0],
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("decode", ["cpu", "device"])
 def test_embed_lists_a_panorama_past_max_resized_side_in_errors_whichever_decoder_would_take_it(tmp_path, decode):
     # The device decoder (here libjpeg-turbo on the CPU, nvjpeg on a GPU) stored it: a vector the API refuses to

@@ -97,3 +97,18 @@ def test_a_csv_row_with_more_fields_than_its_header_is_refused_naming_file_and_l
     (tmp_path / "m.csv").write_text("id,path,text,color\nb,img_01.jpg,fine,blue\na,img_00.jpg,hello,red,extra\n")
     with pytest.raises(CorpusError, match=r"m\.csv:3: more fields than the header \(5, header 4\)"):
         list(read_corpus(tmp_path / "m.csv"))
+
+
+def test_the_folder_scan_takes_every_name_pillow_gives_the_decoded_formats_and_the_undecoded_photo_formats(tmp_path):
+    from PIL import Image
+
+    from sidecar.config import IMAGE_FORMATS
+
+    Image.init()
+    decoded = {suffix for suffix, fmt in Image.registered_extensions().items() if fmt in IMAGE_FORMATS}
+    refused = {".heic", ".heif", ".avif", ".ico", ".svg"}  # listed in errors.jsonl by the decoder's refusal
+    for suffix in decoded | refused:
+        (tmp_path / f"photo{suffix.upper() if suffix == '.jfif' else suffix}").write_bytes(b"x")
+    (tmp_path / "notes.md").write_text("not an image")
+    found = {os.path.splitext(item.id)[1].lower() for item in read_corpus(tmp_path)}
+    assert found == decoded | refused

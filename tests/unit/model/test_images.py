@@ -377,3 +377,12 @@ def test_a_progressive_jpeg_of_more_scans_than_max_scans_is_refused_from_its_byt
     assert load_rgb(open_image(progressive, max_pixels=LIMIT, max_scans=10)).size == (64, 64)
     assert load_rgb(open_image(bomb, max_pixels=LIMIT, max_scans=209)).size == (64, 64)  # the limit refused it
 
+
+# The start of an iPhone photo: an ISO base media file whose major brand is HEIC. Pillow has no plugin for it.
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+
+
+def test_a_heic_photo_is_refused_naming_heif_not_as_an_unrecognised_file():
+    with pytest.raises(ImageDecodeError, match=r"^HEIF is not an accepted image format \(image_formats: JPEG") as info:
+        decode_image(HEIC, max_pixels=LIMIT)
+    assert info.value.kind == "format"
