@@ -181,11 +181,13 @@ HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: PIL's convert("RGB") clips at 255, so rescale by the real range.
-        array = np.asarray(image, dtype=np.float32)
-        top = float(array.max()) or 1.0
-        image = Image.fromarray((array * (255.0 / top)).astype(np.uint8), mode="L")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit integer or float greyscale: PIL's convert("RGB") clips at 255 (a float TIFF of 0..1 came out
+        # black), so rescale by the real range; below zero and NaN are black.
+        array = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        top = float(array.max())
+        scaled = np.clip(array * (255.0 / top), 0, 255) if top > 0 else np.zeros_like(array)
+        image = Image.fromarray(scaled.astype(np.uint8), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -63,6 +63,15 @@ def test_16_bit_greyscale_keeps_its_range():
     assert 140 < image.getpixel((4, 4))[0] < 170  # 40000/65535 of white, not clipped to 255
 
 
+
+def test_a_float_tiff_of_zero_to_one_keeps_its_range_instead_of_decoding_black():
+    array = np.full((8, 8), 0.6, dtype=np.float32)
+    array[0, 0], array[0, 1], array[0, 2] = 1.0, -0.5, np.nan
+    image = decode_image(_encode(Image.fromarray(array), "TIFF"), max_pixels=LIMIT)
+    assert image.mode == "RGB"
+    assert 145 < image.getpixel((4, 4))[0] < 160  # 0.6 of white
+    assert image.getpixel((1, 0)) == image.getpixel((2, 0)) == (0, 0, 0)  # below zero and NaN: black
+
 def test_palette_with_transparency_goes_on_white():
     image = Image.new("P", (8, 8), 0)
     image.putpalette([0, 0, 0] * 256)
