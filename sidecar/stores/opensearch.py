@@ -346,8 +346,12 @@ class OpenSearchStore:
             try:
                 try:
                     yield session
-                finally:
-                    session.restore()
+                except BaseException:
+                    # Most often the cluster went away and the load has just spent its retries on it: one
+                    # attempt, not another round of them (the values stay in _meta for the next load).
+                    session.restore(retry=False)
+                    raise
+                session.restore()
                 session.finish()
             finally:
                 with self._session_guard:
@@ -406,22 +410,28 @@ class OpenSearchStore:
                 ids: set[str] = set()
                 # A fresh index nobody reads yet: load all of it with refresh relaxed and no replicas.
                 saved = self._relax_settings(name)
-                try:
-                    for batch in _batches(documents, REBUILD_BATCH):
-                        ops = {d.id: d for d in batch}
-                        ids.update(ops)
-                        self._bulk(name, ops, lock=lock)
-                finally:
-                    self._restore_settings(name, saved)
+                for batch in _batches(documents, REBUILD_BATCH):
+                    ops = {d.id: d for d in batch}
+                    ids.update(ops)
+                    self._bulk(name, ops, lock=lock)
+                # Only once loaded: a failed load deletes the index below, relaxed or not.
+                self._restore_settings(name, saved)
                 self.client.indices.refresh(index=name)
                 total = self.client.count(index=name)["count"]
                 if total != len(ids):
                     raise StoreError(f"rebuilt index {name} counts {total} documents, expected {len(ids)} unique ids")
             except BaseException as exc:
-                self.client.indices.delete(index=name, ignore_unavailable=True)
                 # Ctrl-C ends with a bare "Aborted!": say that nothing changed.
-                log.warning("rebuild of %s stopped (%s): deleted its unfinished index %s; the alias still names %s",
-                            self.alias, type(exc).__name__, name, ", ".join(old) or "nothing")
+                try:
+                    self.client.indices.delete(index=name, ignore_unavailable=True)
+                except OpenSearchException as cleanup:
+                    # The cluster lost mid-load: the load's own error is the one to raise, below.
+                    log.warning("rebuild of %s stopped (%s); its unfinished index %s could not be deleted (%s): "
+                                "the next rebuild, or `clip-sidecar store repair`, deletes it; the alias still "
+                                "names %s", self.alias, type(exc).__name__, name, cleanup, ", ".join(old) or "nothing")
+                else:
+                    log.warning("rebuild of %s stopped (%s): deleted its unfinished index %s; the alias still names %s",
+                                self.alias, type(exc).__name__, name, ", ".join(old) or "nothing")
                 raise
             lock.ensure_held()
             actions = [{"remove": {"index": i, "alias": self.alias}} for i in old]
@@ -779,7 +789,7 @@ class OpenSearchStore:
                 if drops > self.connection_retries:
                     raise StoreUnavailable(f"bulk load into {index} lost the cluster at {self.url}: "
                                            f"{len(ops) - len(pending)} of {len(ops)} operations acknowledged "
-                                           f"({drops - 1} retries)") from exc
+                                           f"({drops - 1} retries); rerun once it answers") from exc
                 delay = min(self.initial_backoff * 2 ** (drops - 1), 30.0)
                 log.warning("bulk load into %s: %s; retry %d/%d in %.1fs with the %d unacknowledged operations",
                             index, exc.__class__.__name__, drops, self.connection_retries, delay, len(pending))
@@ -843,7 +853,7 @@ class OpenSearchStore:
             "refresh_interval": self.bulk_refresh_interval, "number_of_replicas": 0}})
         return saved
 
-    def _restore_settings(self, index: str, saved: dict[str, Any]) -> None:
+    def _restore_settings(self, index: str, saved: dict[str, Any], *, retry: bool = True) -> None:
         def restore() -> None:
             if int(saved.get("number_of_replicas", 0)):
                 # A commit first: replicas then recover by copying its segments, HNSW graphs included,
@@ -856,10 +866,14 @@ class OpenSearchStore:
             self._put_meta(meta, index=index)
 
         try:
-            self._with_retry(restore)
-        except OpenSearchException:
+            if retry:
+                self._with_retry(restore)
+            else:
+                restore()
+        except OpenSearchException as exc:
             # Must not hide the load's own error; the saved values in _meta let the next load restore them.
-            log.exception("could not restore %s on %s; the next load will", saved, index)
+            log.warning("could not restore %s on %s (%s); the next load, or `clip-sidecar store repair`, will",
+                        saved, index, exc)
 
     def _with_retry(self, call: Any) -> Any:
         for attempt in range(self.connection_retries + 1):
@@ -1288,9 +1302,9 @@ class _OpenSearchLoad:
             log.warning("%s still runs with the settings an interrupted load relaxed; restoring %s", indices[0], saved)
             store._restore_settings(indices[0], saved)
 
-    def restore(self) -> None:
+    def restore(self, *, retry: bool = True) -> None:
         if self._relaxed is not None:
-            self.store._restore_settings(*self._relaxed)
+            self.store._restore_settings(*self._relaxed, retry=retry)
             self._relaxed = None
 
     def finish(self) -> None:

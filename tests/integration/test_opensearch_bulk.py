@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 from click.testing import CliRunner
@@ -19,7 +20,7 @@ from opensearchpy import OpenSearch
 
 from sidecar.cli import main
 from sidecar.ingest.indexing import index_shards
-from sidecar.stores.base import StoreLocked
+from sidecar.stores.base import StoreLocked, StoreUnavailable
 from sidecar.stores.opensearch import OpenSearchStore
 from sidecar.stores.opensearch_lock import LOCK_ID
 from sidecar.types import Document
@@ -94,6 +95,7 @@ class DroppingProxy:
         self.bulk_requests = 0
         self.drops = 0
         self.down_until = 0.0
+        self.refused: list[bytes] = []  # the request line of each connection refused while down
         self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -107,13 +109,22 @@ class DroppingProxy:
             except OSError:
                 return
             if time.monotonic() < self.down_until:
-                client.close()
+                self._refuse(client)
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self.lock:
                 self.sockets += [client, upstream]
             threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _refuse(self, client: socket.socket) -> None:
+        client.settimeout(5)
+        try:
+            self.refused.append(client.recv(65536).split(b"\r\n", 1)[0])
+        except OSError:
+            pass
+        finally:
+            client.close()
 
     def _pipe(self, source: socket.socket, target: socket.socket, from_client: bool) -> None:
         try:
@@ -168,6 +179,36 @@ def test_a_load_resumes_by_acknowledged_ids_after_a_dropped_connection(overloade
     finally:
         proxy.close()
         drop(store)
+
+
+@pytest.mark.parametrize("operation", ["upsert", "rebuild"])
+def test_a_load_that_loses_the_cluster_fails_without_another_round_of_retries_to_restore_its_settings(
+        node, operation, caplog):
+    # The node stays away once 3 bulk requests have passed. The load spends its connection retries on it; restoring
+    # the relaxed settings then is one attempt (the client's own retries of it included), not another round of
+    # connection_retries with backoff, which kept a CLI `index` waiting minutes before it said anything.
+    proxy = DroppingProxy(urlsplit(node).port, drop_after=3, down_s=3600)
+    store = make_store(url=f"http://127.0.0.1:{proxy.port}", number_of_replicas=1, chunk_size=200,
+                       large_load_threshold=100, connection_retries=2, initial_backoff=0.01,
+                       lock_stale_s=3600, lock_heartbeat_s=3000)
+    docs, _, _ = make_documents(3000, seed=5)
+    try:
+        store.claim(SIGNATURE)
+        with caplog.at_level(logging.WARNING, logger="sidecar.stores.opensearch"), \
+                pytest.raises(StoreUnavailable, match=r"lost the cluster .*; rerun once it answers"):
+            if operation == "upsert":
+                store.upsert(docs)
+            else:
+                store.rebuild(iter(docs), signature=SIGNATURE)
+        assert proxy.drops == 1
+        restore_attempts = [line for line in proxy.refused if b"/_flush" in line or b"/_settings" in line]
+        assert len(restore_attempts) <= store.client.transport.max_retries + 1, restore_attempts
+        not_restored = [r for r in caplog.records if r.name == "sidecar.stores.opensearch" and "could not" in r.getMessage()]
+        assert not_restored and all(r.exc_info is None and "store repair" in r.getMessage() for r in not_restored)
+    finally:
+        proxy.close()
+        store.close()
+        drop(make_store(index=store.alias))
 
 
 # --- one load session per index run -------------------------------------------------------------
