@@ -20,7 +20,8 @@ from sidecar.stores.ml_commons import INGEST_FIELDS, PLACEHOLDER_KEY, RERANK_BY
 
 @click.group()
 def opensearch() -> None:
-    """OpenSearch: apply the project's index template, mapping and search pipelines; let OpenSearch call the sidecar."""
+    """OpenSearch: create the index, its alias and the hybrid search pipelines (setup); let OpenSearch call the
+    sidecar (connect)."""
 
 
 @opensearch.command("setup")

@@ -66,8 +66,8 @@ def model_identity_options(func: Callable) -> Callable:
 
 def _opensearch_option_list() -> list[Callable]:
     return [
-        click.option("--opensearch-url", help="OpenSearch URL (default http://127.0.0.1:9250)."),
-        click.option("--opensearch-index", help="OpenSearch alias to read and write (default clip-sidecar)."),
+        click.option("--opensearch-url", help="OpenSearch URL (default: SIDECAR_OPENSEARCH_URL, else http://127.0.0.1:9250)."),
+        click.option("--opensearch-index", help="OpenSearch alias to read and write (default: SIDECAR_OPENSEARCH_INDEX, else clip-sidecar)."),
     ]
 
 
@@ -78,7 +78,7 @@ def opensearch_options(func: Callable) -> Callable:
 
 def _store_location_option_list() -> list[Callable]:
     return [
-        click.option("--store", type=click.Choice(STORES), help="Where vectors live (default embedded)."),
+        click.option("--store", type=click.Choice(STORES), help="Where vectors live (default: SIDECAR_STORE, else embedded)."),
         click.option("--store-path", type=click.Path(path_type=Path), help="Embedded store directory (default data/store)."),
         *_opensearch_option_list(),
     ]
