@@ -63,6 +63,9 @@ INGEST_FIELDS = {"image": {"image": "image"}, "image+text": {"text": "text", "im
 PLACEHOLDER_KEY = "no-key-configured"
 FINGERPRINT = "clip_sidecar_config"
 REQUIRED_PLUGINS = ("opensearch-ml", "opensearch-neural-search", "opensearch-knn")
+# What ml-commons answers a call in the first seconds after its node started, and how long connect waits it out.
+STARTING = "Fetching master key timed out"
+STARTING_WAIT_S = 60.0
 DEPLOY_TIMEOUT_S = 60.0
 IGNORE_404 = {"ignore": 404}  # opensearch-py: answer a 404 instead of raising (and logging) it
 
@@ -454,7 +457,13 @@ class _Cluster:
             changes.append(f"created and deployed model {name} ({model_id})")
             return model_id
         model_id = keep["_id"]
-        if self.request("GET", f"/_plugins/_ml/models/{model_id}").get("model_state") != "DEPLOYED":
+        state = self.request("GET", f"/_plugins/_ml/models/{model_id}").get("model_state")
+        if state == "DEPLOYING":
+            # ml-commons redeploys its models by itself after a node (re)starts; a deploy of ours beside its own
+            # fails as a duplicate task (DEPLOY_FAILED), and connect would then remove the whole connection.
+            self._wait_deployed(model_id, name)
+            changes.append(f"unchanged model {name} ({model_id}; OpenSearch was redeploying it)")
+        elif state != "DEPLOYED":
             self.request("POST", f"/_plugins/_ml/models/{model_id}/_deploy")
             self._wait_deployed(model_id, name)
             changes.append(f"deployed model {name} ({model_id})")
@@ -507,9 +516,19 @@ class _Cluster:
         for role, (path, body, answers) in checks.items():
             if role not in models:
                 continue
-            result = self.request("POST", path + models[role], body, refused=lambda exc, role=role: (
-                f"OpenSearch could not call the sidecar at {sidecar_url} through model {models[role]} ({role}): "
-                f"{exc.status_code} {_reason(exc)}{_call_hint(_reason(exc))}"))
+            deadline = time.monotonic() + STARTING_WAIT_S
+            while True:
+                try:
+                    result = self.request("POST", path + models[role], body, refused=lambda exc, role=role: (
+                        f"OpenSearch could not call the sidecar at {sidecar_url} through model {models[role]} "
+                        f"({role}): {exc.status_code} {_reason(exc)}{_call_hint(_reason(exc))}"))
+                    break
+                except StoreError as exc:
+                    # A node that has just started answers this until ml-commons has read its encryption key
+                    # (seconds): no fault of the sidecar's, and refusing would remove a connection that works.
+                    if STARTING not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(1.0)
             outputs = [out for item in result["inference_results"] for out in item["output"]]
             if len(outputs) != answers:
                 raise StoreError(f"the sidecar at {sidecar_url} answered {len(outputs)} results for {answers} "

@@ -10,7 +10,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from sidecar.stores.ml_commons import ConnectOptions, Names, _fingerprint, _sidecar_url
+from sidecar.stores.base import StoreError
+from sidecar.stores.ml_commons import ConnectOptions, Names, _Cluster, _fingerprint, _sidecar_url
 from sidecar.types import ModelSignature
 
 SIGNATURE = ModelSignature(model="ViT-B-32", weights="sha256:0123abcd", dim=512)
@@ -65,3 +66,55 @@ def test_compose_trusts_every_connector_url_as_opensearch_splits_the_env_string(
         url = _sidecar_url("http://sidecar:8080", role, SIGNATURE, "products", rerank=rerank)
         assert any(re.fullmatch(pattern, url) for pattern in patterns), (url, patterns)
     assert "$" not in value  # compose would take it for a variable
+
+
+class _Restarted(_Cluster):
+    """A cluster just restarted: ml-commons is redeploying the model by itself (DEPLOYING, then DEPLOYED).
+    Scripted: the window lasts a second or two after a start, too short to meet for certain on a real node."""
+
+    def __init__(self, states: list[str]):
+        self.states = states
+        self.calls: list[tuple[str, str]] = []
+
+    def find(self, kind: str, *names: str) -> list[dict]:
+        return [{"_id": "m1", "_source": {"name": names[0], "connector_id": "c1", "model_group_id": "g1"}}]
+
+    def request(self, method: str, path: str, body=None, **kwargs) -> dict:
+        self.calls.append((method, path))
+        return {"model_state": self.states.pop(0) if len(self.states) > 1 else self.states[0]}
+
+
+def test_a_rerun_while_opensearch_redeploys_a_model_waits_for_it_instead_of_a_second_deploy_that_fails():
+    cluster = _Restarted(["DEPLOYING", "DEPLOYING", "DEPLOYED"])
+    changes: list[str] = []
+    body = {"name": "products-texts", "connector_id": "c1", "model_group_id": "g1"}
+    assert cluster.ensure_model(body, changes) == "m1"
+    assert ("POST", "/_plugins/_ml/models/m1/_deploy") not in cluster.calls
+    assert changes == ["unchanged model products-texts (m1; OpenSearch was redeploying it)"]
+
+
+class _Starting(_Cluster):
+    """A node that has just started: ml-commons answers its first _predict 500 until it has read its key."""
+
+    def __init__(self, first_error: str):
+        self.store = None
+        self.first_error = first_error
+        self.calls = 0
+
+    def request(self, method: str, path: str, body=None, **kwargs) -> dict:
+        self.calls += 1
+        if self.calls == 1:
+            raise StoreError(self.first_error)
+        return {"inference_results": [{"output": [{"data": [0.0] * SIGNATURE.dim}]}]}
+
+
+def test_the_connect_check_waits_out_a_just_started_node_reading_its_key_and_refuses_anything_else_at_once():
+    starting = _Starting("OpenSearch could not call the sidecar at http://s:8080 through model m (text-image): "
+                         "500 Fetching master key timed out.")
+    starting.check_models({"text-image": "m"}, signature=SIGNATURE, sidecar_url="http://s:8080")
+    assert starting.calls == 2
+    refused = _Starting("OpenSearch could not call the sidecar at http://s:8080 through model m (text-image): "
+                        "500 Connection refused")
+    with pytest.raises(StoreError, match="Connection refused"):
+        refused.check_models({"text-image": "m"}, signature=SIGNATURE, sidecar_url="http://s:8080")
+    assert refused.calls == 1
