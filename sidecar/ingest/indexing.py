@@ -88,7 +88,8 @@ def rebuild_index(store: Store, shard_dir: Path, *, batch_size: int = 10_000, lo
         unsharded = [doc_id for doc_id in stored if doc_id not in live and doc_id not in deleted]
         found["unsharded"] = len(unsharded)
         if unsharded and not drop_unsharded:
-            raise ShardError(f"{len(unsharded)} stored documents are in no shard of {shard_dir} (written through "
+            counted = "1 stored document is" if len(unsharded) == 1 else f"{len(unsharded)} stored documents are"
+            raise ShardError(f"{counted} in no shard of {shard_dir} (written through "
                              "OpenSearch's ingest pipeline, or from another shard directory?), e.g. "
                              f"{', '.join(map(repr, unsharded[:3]))}: a rebuild from the shards would drop them. "
                              "Nothing was changed. Pass --drop-unsharded to rebuild without them (then write them "

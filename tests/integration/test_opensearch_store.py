@@ -312,7 +312,7 @@ def test_a_rebuild_that_would_drop_documents_no_shard_holds_is_refused_unless_to
                        body={"id": "from-the-pipeline", "text": "red", "vector": docs[0].vector.tolist()})
     shards = write_shards(tmp_path / "shards", docs, SIGNATURE)
     before = store.alias_indices()
-    with pytest.raises(ShardError, match=r"1 stored documents are in no shard .* 'from-the-pipeline'.*--drop-unsharded"):
+    with pytest.raises(ShardError, match=r"1 stored document is in no shard .* 'from-the-pipeline'.*--drop-unsharded"):
         rebuild_index(store, shards, progress=False)
     assert store.alias_indices() == before and store.count() == 6
     summary = rebuild_index(store, shards, drop_unsharded=True, progress=False)
