@@ -139,6 +139,21 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+def _redeliver_swallowed_stop(previous_hook: Any, unraisable: Any) -> None:
+    # Python runs weakref callbacks and __del__ methods at any bytecode (an import's module-lock release
+    # among them) and drops what they raise after printing "Exception ignored in". A Ctrl-C or SIGTERM whose
+    # exception is raised in one would be lost and the command run on (CI once saw `cache warm` go on
+    # waiting for its prompts after SIGTERM). The signal is sent again a moment later, from a thread: sent
+    # from here it would raise inside this hook, whose exceptions Python drops too.
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        resend = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        resend.daemon = True
+        resend.start()
+    else:
+        previous_hook(unraisable)
+
+
 def _default_sigterm_in_forked_child() -> None:
     # A forked worker (the scan's and the decoders' pools) is stopped by its parent with SIGTERM
     # (Pool.terminate): it should die at once, as before, not raise Terminated into its task.
@@ -203,6 +218,9 @@ class _Group(click.Group):
         # which handles SIGTERM its own way.
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+        previous_unraisablehook = sys.unraisablehook
+        if main_thread:
+            sys.unraisablehook = functools.partial(_redeliver_swallowed_stop, previous_unraisablehook)
         try:
             return super().invoke(ctx)
         except Terminated:
@@ -222,6 +240,7 @@ class _Group(click.Group):
         finally:
             if main_thread:  # None: a handler set outside Python, which leaves the default's behaviour
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+                sys.unraisablehook = previous_unraisablehook
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -273,7 +273,37 @@ def test_ctrl_c_exits_130_and_sigterm_143_not_1_the_status_of_an_error_to_fix(tm
             os.close(writer)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+        process.stderr.close()  # left open by a timed-out communicate, it would warn in a later test
     assert (process.returncode, stderr.strip()) == (status, said)
+
+
+# A command whose stop signal arrives inside a weakref callback, where Python prints and drops what a
+# callback raises (as it may inside an import's module-lock release), then would go on for a minute.
+_STOPPED_IN_A_CALLBACK = """
+import os, signal, sys, time, weakref
+from sidecar.cli import main
+signum = getattr(signal, sys.argv[1])
+
+class Resource:
+    pass
+
+@main.command()
+def linger():
+    resource = Resource()
+    ref = weakref.ref(resource, lambda _: (os.kill(os.getpid(), signum), time.sleep(5)))
+    del resource  # runs the callback, in which the signal's exception is raised and dropped
+    time.sleep(60)
+
+main(["linger"])
+"""
+
+
+@pytest.mark.parametrize(("signame", "status", "said"), [("SIGINT", 130, "Aborted!"), ("SIGTERM", 143, "Terminated.")])
+def test_a_stop_signal_whose_exception_python_drops_in_a_callback_still_stops_the_command(signame, status, said):
+    with sigint_caught():
+        result = subprocess.run([sys.executable, "-c", _STOPPED_IN_A_CALLBACK, signame], capture_output=True,
+                                text=True, timeout=50)
+    assert (result.returncode, result.stderr.strip()) == (status, said)
 
 
 # `clip-sidecar embed` with every image's hashing slowed down, so that the Ctrl-C lands while the scan's
