@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import inspect
 import io
 import os
@@ -149,6 +150,20 @@ def gunicorn_boot(env: dict[str, str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, env=env)
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a child between fork and exec should not dlopen
+_PR_SET_PDEATHSIG = 1
+_TEST_RUN = os.getpid()
+
+
+def ends_with_the_test_run() -> None:
+    """A `preexec_fn` for a server a test starts in a session of its own: SIGTERM reaches it when the test run
+    dies. Fixture teardown, which stops it otherwise, never runs in a pytest killed by a signal, and a gunicorn
+    left behind holds its port, its store and two cores' worth of workers until someone finds it."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != _TEST_RUN:  # the run died before the request took effect
+        os._exit(1)
+
+
 @contextlib.contextmanager
 def gunicorn_server(env: dict[str, str], log: Path, *, workers: int = 1, threads: int = 8,
                     port: int | None = None, log_flag: str = "-q", serve_args: Sequence[str] = (),
@@ -167,7 +182,8 @@ def gunicorn_server(env: dict[str, str], log: Path, *, workers: int = 1, threads
                                     "--port", str(port), "--workers", str(workers), "--threads", str(threads),
                                     *serve_args],
                                    env={**os.environ, "GUNICORN_LOGLEVEL": "warning", **env},
-                                   start_new_session=True, stdout=stderr, stderr=stderr)
+                                   start_new_session=True, preexec_fn=ends_with_the_test_run, stdout=stderr,
+                                   stderr=stderr)
     url = f"{'https' if ca_file else 'http'}://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:

@@ -37,7 +37,7 @@ from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.synthetic import describe, iter_items, sample_items, write_corpus
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document, ModelSignature
-from tests.support import cli_ok, free_port, write_shards
+from tests.support import cli_ok, ends_with_the_test_run, free_port, write_shards
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -834,7 +834,8 @@ def test_demo_serve_ends_by_naming_the_page_and_serves_it(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "demo", "--workdir", str(tmp_path / "demo"),
                                 "--items", "60", "--serve", "--port", str(port)],
                                env={**os.environ, "GUNICORN_LOGLEVEL": "warning"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+                               preexec_fn=ends_with_the_test_run)
     try:
         printed = []
         for line in process.stdout:

@@ -30,7 +30,7 @@ from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.config import Settings
 from sidecar.stores.embedded import EmbeddedStore
-from tests.support import ThreadKiller, free_port
+from tests.support import ThreadKiller, ends_with_the_test_run, free_port
 
 
 class Server:
@@ -82,8 +82,8 @@ def start_gunicorn(store_path, tmp_path):
                     "--workers", str(workers), "sidecar.api.wsgi:app"]
         log = tmp_path / f"gunicorn-{port}.log"
         with log.open("w") as out:
-            process = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                       stderr=out)
+            process = subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=ends_with_the_test_run,
+                                       stdout=subprocess.DEVNULL, stderr=out)
         started.append(process)
         server = Server(f"http://127.0.0.1:{port}", process, log)
         wait_for_workers(server, workers)

@@ -20,7 +20,7 @@ from sidecar.cli import main
 from sidecar.stores.base import QueryModelMismatch
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document, ModelSignature
-from tests.support import free_port, gunicorn_boot, png_b64
+from tests.support import ends_with_the_test_run, free_port, gunicorn_boot, png_b64
 
 
 @pytest.fixture
@@ -41,7 +41,8 @@ def test_serve_refuses_to_start_against_another_models_store_naming_it_and_the_f
     process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "serve", "--port", str(port),
                                 "--store-path", str(other_models_store)],
                                env={**os.environ, "GUNICORN_LOGLEVEL": "warning"}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=ends_with_the_test_run)
     try:
         _, stderr = process.communicate(timeout=120)  # without the check, gunicorn serves on until killed
     finally:
