@@ -238,6 +238,12 @@ class HardExampleLog:
         self.log.close()
 
 
+def normalised_text(text: str) -> str:
+    """A query's text as one query: casefolded, its whitespace runs one space. CLIP's tokenizer lowercases and
+    splits on whitespace, as BM25's analyser does: "Red Circle" and "red  circle" search alike."""
+    return " ".join(text.casefold().split())
+
+
 def _without_image(query: SearchedQuery) -> SearchedQuery:
     return SearchedQuery(query_id=query.query_id, text=query.text, image=None, mode=query.mode, k=query.k,
                          filters=query.filters, vector=query.vector, hits=query.hits, model=query.model)
@@ -276,7 +282,7 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
       them; a logged query image is written to `images/`; filters: the feedback's, else those of
       the logged search its query_id names); a document's grade is its latest judgment, else its
       highest click (a click's relevance: 1 unless it carried its own). The same text under other
-      filters is another query;
+      filters is another query, in another case or spacing the same one;
     - `to_judge.jsonl`: hard queries without feedback, with their filters, the hits they were shown and
       a query image's file in `images/`;
     - `pairs.csv`: (document image, query text) for judgments of at least `min_relevance`, in
@@ -388,10 +394,11 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
 
 
 def _query_key(text: str | None, query_id: str | None, filters: Filters | None) -> str:
-    """One id per query: its text's and filters' (the same words searched twice under the same filters are
-    one query; under other filters, they judge other documents), else its query_id."""
+    """One id per query: its normalised text's and filters' (the same words in any case or spacing searched
+    twice under the same filters are one query; under other filters, they judge other documents), else its
+    query_id."""
     if text:
-        words = " ".join(text.split())
+        words = normalised_text(text)
         if filters:  # an unfiltered query keeps the id it had before filters were part of it
             words += "\0" + json.dumps(filters, sort_keys=True, ensure_ascii=False)
         return "q-" + hashlib.sha1(words.encode("utf-8")).hexdigest()[:12]

@@ -46,6 +46,19 @@ def test_feedback_on_an_earlier_search_of_a_text_searched_again_is_exported(tmp_
     assert {(q["doc_id"], q["relevance"]) for q in qrels} == {("sku-1", 3), ("sku-2", 1)}
 
 
+def test_feedback_on_a_text_in_another_case_or_spacing_judges_the_logged_query_and_keeps_its_text(tmp_path: Path):
+    hard = JsonlLog(tmp_path / HARD_EXAMPLES_FILE, max_bytes=10**6, backups=1)
+    hard.write({"query_id": "q1", "text": "Blue Square", "mode": "vector", "k": 10, "reasons": ["low_score"],
+                "hits": []})
+    hard.close()
+    feedback = JsonlLog(tmp_path / FEEDBACK_FILE, max_bytes=10**6, backups=1)
+    feedback.write(feedback_record(query_id=None, text="blue  SQUARE", doc_id="sq-1", relevance=3, kind="judgment"))
+    feedback.close()
+    summary = export_examples(tmp_path, tmp_path / "out")
+    (judged,) = map(json.loads, (tmp_path / "out" / "queries.jsonl").read_text().splitlines())
+    assert summary.to_judge == 0 and judged["category"] == "low_score" and judged["text"] == "blue  SQUARE"
+
+
 def test_export_skips_lines_a_killed_server_cut_short_even_inside_a_character_and_counts_them_per_file(
         tmp_path: Path):
     # A line cut inside "é" stopped the export with a UnicodeDecodeError traceback; a line cut elsewhere was
