@@ -173,6 +173,9 @@ class Settings:
     hard_example_min_score: float = 0.2  # the model's best match (a vector search's top cosine) below it: low score
     hard_example_max_agreement: float = 0.1  # shared share of the vector and BM25 top k at most this: disagreement
     hard_example_images: bool = False
+    # A query (text up to case and spacing, image, filters, model) a worker logged is not logged again for
+    # this long: its searches only name its record in hard-example-repeats.jsonl. 0 = every search logged.
+    hard_example_repeat_seconds: float = 3600.0
     quality_log_max_bytes: int = 10 * 1024 * 1024  # per file; a log keeps quality_log_backups more
     quality_log_backups: int = 4
 
@@ -260,6 +263,9 @@ class Settings:
             raise ValueError(f"setting rerank_candidates={self.rerank_candidates} (the candidates of a search that "
                              f"names none) is over max_k={self.max_k}, the most hits a search ranks: set "
                              f"rerank_candidates to at most {self.max_k} or max_k to at least {self.rerank_candidates}")
+        if self.hard_example_repeat_seconds < 0:
+            raise ValueError(f"setting hard_example_repeat_seconds must be >= 0 (0 = every search logged), "
+                             f"got {self.hard_example_repeat_seconds}")
         if self.quality_log_backups < 0:
             raise ValueError(f"setting quality_log_backups must be >= 0, got {self.quality_log_backups}")
         if self.opensearch_replicas < 0:

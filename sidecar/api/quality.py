@@ -78,8 +78,8 @@ def build_quality(settings: Settings, store: Store) -> Quality:
             store, folder=folder, checks=quality.hard_example_checks, fraction=settings.hard_example_fraction,
             rules=HardExampleRules(min_score=settings.hard_example_min_score,
                                    max_agreement=settings.hard_example_max_agreement),
-            images=settings.hard_example_images, record=lambda outcome: metrics.HARD_EXAMPLES.labels(outcome).inc(),
-            **bounds)
+            images=settings.hard_example_images, repeat_seconds=settings.hard_example_repeat_seconds,
+            record=lambda outcome: metrics.HARD_EXAMPLES.labels(outcome).inc(), **bounds)
         quality.feedback = JsonlLog(folder / FEEDBACK_FILE, **bounds)
     quality.window.start()
     return quality

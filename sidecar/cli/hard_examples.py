@@ -37,8 +37,8 @@ def export(log_dir: Path | None, out: Path, shards: Path | None, min_relevance: 
         documents (a judgment's grade, else 1 for a click): run them, each with its filters, with
         clip-sidecar eval --queries OUT/queries.jsonl --qrels OUT/qrels.jsonl
         (categories are the hard-example reasons, so eval reports each kind apart)
-    OUT/to_judge.jsonl  hard queries nobody gave feedback on yet, with the hits they were shown
-        (an image query's image in OUT/images/)
+    OUT/to_judge.jsonl  hard queries nobody gave feedback on yet, the most searched first, with
+        the hits they were shown (an image query's image in OUT/images/)
     OUT/pairs.csv  (document image, query text) per judged document, each pair once, the images
         named by --shards, in open_clip's CSV format (tab-separated filepath, title), for
         open_clip's trainer (pip install webdataset), e.g.

@@ -5,11 +5,13 @@ cosine of a vector search under its filters is under `min_score`, whatever ranke
 top hit BM25 put first says nothing of the model), or when the vector and BM25 lists disagree (they share at most
 `max_agreement` of their top K). A sampled share of searches is classified off the request path
 (`sidecar.retrieval.monitor.BackgroundChecks`: the disagreement costs a vector and a BM25 search)
-and the hard ones are appended to `hard-examples.jsonl`; `POST /v1/feedback` appends a clicked or
-judged document to `feedback.jsonl`. A query is its text (or image) and its filters: the documents a
-filtered search could show are all its judgments mean, so the export keeps the filters and eval re-runs
-the query with them. Both are size-bounded rotating files that several server
-processes write at once. `export_examples` turns them into an evaluation set (queries and qrels
+and the hard ones are appended to `hard-examples.jsonl`, each query once a while (`repeat_seconds`): a
+search of a query logged since is a line in `hard-example-repeats.jsonl` naming its record, so a popular
+failing query neither fills the log nor leaves feedback on its later searches unresolved; `POST
+/v1/feedback` appends a clicked or judged document to `feedback.jsonl`. A query is its text (in any case
+or spacing, or its image) and its filters: the documents a filtered search could show are all its
+judgments mean, so the export keeps the filters and eval re-runs the query with them. All are
+size-bounded rotating files that several server processes write at once. `export_examples` turns them into an evaluation set (queries and qrels
 for `clip-sidecar eval`), the hard queries still to judge, and image-text pairs for open_clip's
 trainer.
 """
@@ -26,6 +28,7 @@ import logging
 import os
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -41,10 +44,14 @@ from sidecar.types import Filters
 log = logging.getLogger(__name__)
 
 HARD_EXAMPLES_FILE = "hard-examples.jsonl"
+REPEATS_FILE = "hard-example-repeats.jsonl"
 FEEDBACK_FILE = "feedback.jsonl"
 REASONS = ("no_result", "low_score", "disagreement")
 FEEDBACK_KINDS = ("click", "judgment")
 MAX_RELEVANCE = 3  # judgment grades 0 (not relevant) .. 3, as TREC qrels grade
+# Queries logged within the repeat window that a process remembers (a few MB for ordinary query lengths); past it
+# the oldest is forgotten, and its next search is logged in full again.
+MAX_REMEMBERED = 10_000
 # Captions open_clip's CSV reader (pandas.read_csv with its default na_values) reads as a missing value,
 # quoted or not: it would train on the caption "nan". Such pairs are left out of pairs.csv.
 _CSV_MISSING = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
@@ -202,20 +209,33 @@ class HardExampleLog:
     """Classifies a `fraction` of the searches it is shown, off the request path (`checks`), and
     appends the hard ones to `folder/hard-examples.jsonl`. `images`: also log an image query's
     bytes (base64); without it image-only queries are not logged at all. A query with neither text
-    nor image (`like`: a stored document's vector) is never logged. `record(outcome)` is told
-    logged, dropped (the queue was full) or too_large (one record over the file's bound)."""
+    nor image (`like`: a stored document's vector) is never logged.
+
+    A query this process logged within the last `repeat_seconds` (the same text up to case and
+    spacing, image, filters and model: `repeat_key`) is not classified or logged again: its search is
+    a line `{query_id, repeat_of}` in `folder/hard-example-repeats.jsonl`, bounded apart, so feedback
+    naming it by query_id alone still finds its query, and repeats rotate out only each other. 0: every
+    search is classified and logged. `record(outcome)` is told logged, repeated, dropped (the queue was
+    full) or too_large (one record over the file's bound)."""
 
     def __init__(self, store: Store, *, folder: Path, checks: BackgroundChecks, fraction: float,
-                 rules: HardExampleRules, images: bool, max_bytes: int, backups: int,
-                 record: Callable[[str], None] = lambda outcome: None, seed: int | None = None):
+                 rules: HardExampleRules, images: bool, max_bytes: int, backups: int, repeat_seconds: float,
+                 record: Callable[[str], None] = lambda outcome: None, seed: int | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.fraction = fraction
         self.rules = rules
         self.images = images
+        self.repeat_seconds = repeat_seconds
         self.log = JsonlLog(Path(folder) / HARD_EXAMPLES_FILE, max_bytes=max_bytes, backups=backups)
+        self.repeats = JsonlLog(Path(folder) / REPEATS_FILE, max_bytes=max_bytes, backups=backups)
         self._checks = checks
         self._record = record
         self._random = random.Random(seed)
+        self._clock = clock
+        # repeat key -> (query_id of its record, when it was logged), oldest first. Only the checks' one
+        # thread reads and writes it. Per process: each Gunicorn worker logs a popular query once itself.
+        self._logged: OrderedDict[tuple[str | None, ...], tuple[str, float]] = OrderedDict()
 
     def offer(self, query: SearchedQuery) -> None:
         if self.fraction <= 0 or self._random.random() >= self.fraction:
@@ -230,18 +250,52 @@ class HardExampleLog:
             self._record("dropped")
 
     def _classify(self, query: SearchedQuery) -> None:
+        key = repeat_key(query)
+        first = self._logged_since(key)
+        if first is not None:  # not classified again either: its two searches were most of what a check costs
+            written = self.repeats.write({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                          "query_id": query.query_id, "repeat_of": first})
+            self._record("repeated" if written else "too_large")
+            return
         record = classify(query, store=self.store, rules=self.rules)
-        if record is not None:
-            self._record("logged" if self.log.write(record) else "too_large")
+        if record is None:
+            return
+        if not self.log.write(record):
+            self._record("too_large")
+            return
+        self._record("logged")
+        if self.repeat_seconds > 0:
+            self._logged[key] = (query.query_id, self._clock())
+            self._logged.move_to_end(key)
+            if len(self._logged) > MAX_REMEMBERED:
+                self._logged.popitem(last=False)
+
+    def _logged_since(self, key: tuple[str | None, ...]) -> str | None:
+        """The query_id of `key`'s record if it was logged within `repeat_seconds`; forgets those logged before."""
+        horizon = self._clock() - self.repeat_seconds
+        while self._logged and next(iter(self._logged.values()))[1] <= horizon:
+            self._logged.popitem(last=False)
+        entry = self._logged.get(key)
+        return entry[0] if entry is not None else None
 
     def close(self) -> None:
         self.log.close()
+        self.repeats.close()
 
 
 def normalised_text(text: str) -> str:
     """A query's text as one query: casefolded, its whitespace runs one space. CLIP's tokenizer lowercases and
     splits on whitespace, as BM25's analyser does: "Red Circle" and "red  circle" search alike."""
     return " ".join(text.casefold().split())
+
+
+def repeat_key(query: SearchedQuery) -> tuple[str | None, ...]:
+    """What makes two searches one query for the hard-example log: the normalised text, the image's bytes, the
+    filters (they decide which documents could be found) and the model (another model is another verdict). The
+    mode and depth are not: the record of its first search stands for it."""
+    image = hashlib.sha1(query.image).hexdigest() if query.image is not None else None
+    return (normalised_text(query.text) if query.text else None, image,
+            json.dumps(dict(query.filters or {}), sort_keys=True, ensure_ascii=False), query.model)
 
 
 def _without_image(query: SearchedQuery) -> SearchedQuery:
@@ -280,11 +334,12 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     - `queries.jsonl` + `qrels.jsonl`: every query with feedback, as `clip-sidecar eval --queries
       --qrels` reads them (category: its first hard-example reason, or `feedback`; tags: all of
       them; a logged query image is written to `images/`; filters: the feedback's, else those of
-      the logged search its query_id names); a document's grade is its latest judgment, else its
-      highest click (a click's relevance: 1 unless it carried its own). The same text under other
-      filters is another query, in another case or spacing the same one;
-    - `to_judge.jsonl`: hard queries without feedback, with their filters, the hits they were shown and
-      a query image's file in `images/`;
+      the logged search its query_id names, itself or by a repeat line); a document's grade is its
+      latest judgment, else its highest click (a click's relevance: 1 unless it carried its own). The
+      same text under other filters is another query, in another case or spacing the same one;
+    - `to_judge.jsonl`: hard queries without feedback, the most searched first (`searches`: their
+      records and repeat lines), with their filters, the hits they were shown and a query image's file
+      in `images/`;
     - `pairs.csv`: (document image, query text) for judgments of at least `min_relevance`, in
       open_clip's CSV format (tab-separated `filepath`, `title`), where `image_paths` (document id
       → image file, from the shards) knows the document's image, an absolute path to a file that
@@ -294,9 +349,10 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     out.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary()
     hard: dict[str, dict[str, Any]] = {}  # query key -> its latest hard-example record
-    # Every logged query_id -> its query key, the earlier searches of a text searched again too: feedback
-    # names the query_id of the answer it was given, which need not be the latest.
+    # Every logged query_id -> its query key, the earlier searches of a text searched again and its repeats too:
+    # feedback names the query_id of the answer it was given, which need not be the one its record holds.
     by_query_id: dict[str, str] = {}
+    searches: dict[str, int] = {}  # query key -> its records and repeats
     def unreadable(file: Path) -> None:
         _count(summary.skipped, f"lines of {file.name} that are not a whole record (cut short by a killed server "
                                 "or a full disk)")
@@ -304,8 +360,14 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     for record in read_jsonl_log(Path(log_dir) / HARD_EXAMPLES_FILE, skipped=unreadable):
         key = _query_key(record.get("text"), record.get("query_id"), record.get("filters"))
         hard[key] = record
+        searches[key] = searches.get(key, 0) + 1
         if record.get("query_id"):
             by_query_id[record["query_id"]] = key
+    for repeat in read_jsonl_log(Path(log_dir) / REPEATS_FILE, skipped=unreadable):
+        key = by_query_id.get(repeat.get("repeat_of") or "")
+        if key is not None and repeat.get("query_id"):  # else its record rotated out: feedback on it is left out
+            by_query_id[repeat["query_id"]] = key
+            searches[key] += 1
 
     queries: dict[str, dict[str, Any]] = {}  # key -> {"text", "image", "reasons", "filters"}
     grades: dict[tuple[str, str], tuple[int, bool]] = {}  # (key, doc) -> (grade, from a judgment)
@@ -345,10 +407,11 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
             handle.write(json.dumps({"query_id": key, "doc_id": doc_id, "relevance": grade}) + "\n")
     summary.judgments = len(grades)
     with (out / "to_judge.jsonl").open("w", encoding="utf-8") as handle:
-        for key, record in hard.items():
+        # The most searched first: judging a query that fails many users is worth the most.
+        for key, record in sorted(hard.items(), key=lambda item: -searches[item[0]]):
             if key not in queries:
                 row = {"id": key, "text": record.get("text"), "filters": record.get("filters") or None,
-                       "reasons": record.get("reasons"), "hits": record.get("hits", [])}
+                       "reasons": record.get("reasons"), "searches": searches[key], "hits": record.get("hits", [])}
                 if record.get("image"):  # an image query: what the judge looks at
                     row["image"] = _write_image(out, key, record["image"])
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -28,6 +28,7 @@ from sidecar.cli import main
 from sidecar.config import Settings
 from sidecar.model.encoder import load_encoder
 from sidecar.model.tiny_model import checkpoint_path
+from sidecar.retrieval.hard_examples import read_jsonl_log
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document
 from tests.support import gunicorn_server
@@ -321,6 +322,34 @@ def test_a_hard_example_logs_the_k_and_the_hits_its_pages_showed_not_the_next_pa
     assert logged[second["query_id"]]["k"] == 6
     assert [hit["id"] for hit in logged[second["query_id"]]["hits"]] == \
         [hit["id"] for hit in before["hits"] + second["hits"]]
+
+
+def test_a_popular_hard_query_in_any_case_or_spacing_is_logged_once_leaving_rarer_ones_in_the_bounded_log_and_feedback_on_any_of_its_searches_is_exported(
+        build_app, tmp_path):
+    logs, out = tmp_path / "quality", tmp_path / "export"
+    # min_score 2: every search is hard. Two files of 4 KiB hold a few full records: each search of the popular
+    # query logged again (SIDECAR_HARD_EXAMPLE_FRACTION=1.0) rotated the rare one out before anyone exported it.
+    app = build_app(quality_log_dir=str(logs), hard_example_min_score=2.0, monitor_fraction=0.0, monitor_queue=512,
+                    quality_log_max_bytes=4096, quality_log_backups=1)
+    client = app.test_client()
+    (rare,) = search_all(client, ["small star on the left"])
+    spellings = ["Red Circle", "red  circle", " RED circle\t"]
+    answers = search_all(client, [spellings[i % 3] for i in range(300)])
+    assert state_of(app).quality.hard_example_checks.wait_idle(60)
+    logged = list(read_jsonl_log(logs / "hard-examples.jsonl"))
+    assert [(r["query_id"], r["text"]) for r in logged] == [(rare["query_id"], "small star on the left"),
+                                                            (answers[0]["query_id"], "Red Circle")]
+    # Feedback naming the last search of the popular query by its query_id alone still reaches its query.
+    last = answers[-1]
+    assert client.post("/v1/feedback", json={"query_id": last["query_id"], "doc_id": last["hits"][0]["id"],
+                                             "kind": "judgment", "relevance": 3}).status_code == 200
+    result = CliRunner().invoke(main, ["-q", "hard-examples", "export", "--log-dir", str(logs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "1 judged queries (1 judgments), 1 hard queries still to judge" in result.output
+    (judged,) = map(json.loads, (out / "queries.jsonl").read_text().splitlines())
+    assert judged["text"] == "Red Circle" and judged["category"] == "low_score"
+    (to_judge,) = map(json.loads, (out / "to_judge.jsonl").read_text().splitlines())
+    assert to_judge["text"] == "small star on the left"
 
 
 def test_hard_examples_and_feedback_export_into_an_evaluation_set_eval_runs_and_open_clip_fine_tunes_on_the_pairs(

@@ -43,6 +43,7 @@ def test_a_prompt_template_may_format_the_text_and_use_literal_braces():
     ("request_timeout_s", 0.0, "must be > 0"), ("request_timeout_s", -1.0, "must be > 0"),
     ("request_timeout_s", math.inf, "finite"), ("max_wait_ms", -5.0, "must be >= 0"), ("max_wait_ms", math.nan, "finite"),
     ("api_rate_limit", math.nan, "finite"), ("hard_example_min_score", math.inf, "finite"),
+    ("hard_example_repeat_seconds", -1.0, "must be >= 0"),
 ])
 def test_time_and_rate_settings_refuse_values_no_request_could_meet(name, value, message):
     with pytest.raises(ValueError, match=f"setting {name} {message}|setting {name} must be a {message}"):

@@ -13,6 +13,7 @@ import numpy as np
 from sidecar.retrieval.hard_examples import (
     FEEDBACK_FILE,
     HARD_EXAMPLES_FILE,
+    REPEATS_FILE,
     HardExampleLog,
     HardExampleRules,
     JsonlLog,
@@ -123,7 +124,7 @@ def test_a_like_search_with_neither_text_nor_image_is_not_logged_and_an_image_qu
     checks = BackgroundChecks(capacity=10)
     with EmbeddedStore(tmp_path / "store") as store:
         log = HardExampleLog(store, folder=tmp_path / "log", checks=checks, fraction=1.0, rules=HardExampleRules(),
-                             images=True, max_bytes=10**6, backups=1)
+                             images=True, max_bytes=10**6, backups=1, repeat_seconds=3600)
         for query_id, query_image in (("like", None), ("image", image)):  # both found nothing: hard
             log.offer(SearchedQuery(query_id=query_id, text=None, image=query_image, mode="vector", k=3,
                                     filters=None, vector=np.ones(4, dtype=np.float32) / 2, hits=[]))
@@ -135,6 +136,82 @@ def test_a_like_search_with_neither_text_nor_image_is_not_logged_and_an_image_qu
     export_examples(tmp_path / "log", tmp_path / "out")
     (row,) = map(json.loads, (tmp_path / "out" / "to_judge.jsonl").read_text().splitlines())
     assert row["text"] is None and (tmp_path / "out" / row["image"]).read_bytes() == image
+
+
+def searched(query_id: str, text: str, *, filters=None, model: str = "m") -> SearchedQuery:
+    """A search that found nothing (no_result: hard on any store)."""
+    return SearchedQuery(query_id=query_id, text=text, image=None, mode="vector", k=3, filters=filters,
+                         vector=np.ones(4, dtype=np.float32) / 2, hits=[], model=model)
+
+
+def logged_searches(tmp_path: Path, searches: list[tuple[float, SearchedQuery]], *, repeat_seconds: float
+                    ) -> tuple[list[dict], list[dict]]:
+    """The hard-example records and repeat lines of `searches`, each offered at its clock time (seconds)."""
+    now = [0.0]
+    checks = BackgroundChecks(capacity=10)
+    with EmbeddedStore(tmp_path / "store") as store:
+        log = HardExampleLog(store, folder=tmp_path / "log", checks=checks, fraction=1.0, rules=HardExampleRules(),
+                             images=False, max_bytes=10**6, backups=1, repeat_seconds=repeat_seconds,
+                             clock=lambda: now[0])
+        for at, query in searches:
+            now[0] = at
+            log.offer(query)
+            assert checks.wait_idle(30)
+        checks.close()
+        log.close()
+    return (list(read_jsonl_log(tmp_path / "log" / HARD_EXAMPLES_FILE)),
+            list(read_jsonl_log(tmp_path / "log" / REPEATS_FILE)))
+
+
+def test_a_query_searched_again_in_any_case_or_spacing_within_the_window_is_a_repeat_line_naming_its_record(
+        tmp_path: Path):
+    records, repeats = logged_searches(tmp_path, [
+        (0, searched("a", "Red Circle")), (10, searched("b", "red  circle")), (3599, searched("c", " RED circle\t")),
+        (3600, searched("d", "red circle"))], repeat_seconds=3600)
+    # The user's own text is kept; past the window the query is classified and logged afresh.
+    assert [(r["query_id"], r["text"]) for r in records] == [("a", "Red Circle"), ("d", "red circle")]
+    assert [(r["query_id"], r["repeat_of"]) for r in repeats] == [("b", "a"), ("c", "a")]
+
+
+def test_the_same_text_under_other_filters_or_by_another_model_is_another_query_and_a_zero_window_logs_every_search(
+        tmp_path: Path):
+    records, repeats = logged_searches(tmp_path / "keys", [
+        (0, searched("a", "red")), (1, searched("b", "red", filters={"color": "blue"})),
+        (2, searched("c", "red", model="other")), (3, searched("d", "Red", filters={"color": "blue"}))],
+        repeat_seconds=3600)
+    assert [r["query_id"] for r in records] == ["a", "b", "c"] and [r["query_id"] for r in repeats] == ["d"]
+    records, repeats = logged_searches(tmp_path / "zero", [(0, searched("a", "red")), (0, searched("b", "red"))],
+                                       repeat_seconds=0)
+    assert [r["query_id"] for r in records] == ["a", "b"] and repeats == []
+
+
+def test_feedback_naming_a_repeat_by_query_id_is_exported_with_its_query_and_to_judge_puts_the_most_searched_first(
+        tmp_path: Path):
+    hard = JsonlLog(tmp_path / HARD_EXAMPLES_FILE, max_bytes=10**6, backups=1)
+    for query_id, text in (("rare", "green star"), ("popular", "Red Circle"), ("judged", "blue square")):
+        hard.write({"query_id": query_id, "text": text, "mode": "vector", "k": 10, "reasons": ["low_score"],
+                    "hits": []})
+    hard.close()
+    repeats = JsonlLog(tmp_path / REPEATS_FILE, max_bytes=10**6, backups=1)
+    for query_id, first in (("p2", "popular"), ("p3", "popular"), ("j2", "judged"), ("gone", "rotated-out")):
+        repeats.write({"query_id": query_id, "repeat_of": first})
+    repeats.close()
+    feedback = JsonlLog(tmp_path / FEEDBACK_FILE, max_bytes=10**6, backups=1)
+    feedback.write(feedback_record(query_id="j2", text=None, doc_id="sq-1", relevance=3, kind="judgment"))
+    feedback.write(feedback_record(query_id=None, text="BLUE  Square", doc_id="sq-2", relevance=0, kind="judgment"))
+    feedback.write(feedback_record(query_id="gone", text=None, doc_id="x", relevance=1, kind="click"))
+    feedback.close()
+    summary = export_examples(tmp_path, tmp_path / "out")
+    # The repeat's judgment and the same text in other case and spacing judge the one logged query.
+    (judged,) = map(json.loads, (tmp_path / "out" / "queries.jsonl").read_text().splitlines())
+    qrels = [json.loads(line) for line in (tmp_path / "out" / "qrels.jsonl").read_text().splitlines()]
+    assert judged["text"] == "blue square" and judged["category"] == "low_score"
+    assert {(q["query_id"], q["doc_id"], q["relevance"]) for q in qrels} == {(judged["id"], "sq-1", 3),
+                                                                              (judged["id"], "sq-2", 0)}
+    to_judge = [json.loads(line) for line in (tmp_path / "out" / "to_judge.jsonl").read_text().splitlines()]
+    assert [(row["text"], row["searches"]) for row in to_judge] == [("Red Circle", 3), ("green star", 1)]
+    # A repeat whose record rotated out names no text: its feedback is left out, and counted.
+    assert summary.skipped["feedback without query text whose query_id names no logged query"] == 1
 
 
 def test_open_clips_csv_reader_reads_every_exported_pair_caption_as_written_and_na_texts_are_left_out(tmp_path: Path):
