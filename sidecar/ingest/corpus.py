@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from sidecar.errors import not_utf8
+
+log = logging.getLogger(__name__)
 
 # A folder's files by name: every name Pillow gives the formats decoded by default (config.IMAGE_FORMATS: .jfif
 # and .jpe are JPEGs, .apng a PNG), and the photo formats of phones and the web that are not decoded (HEIC/HEIF,
@@ -18,6 +21,12 @@ from sidecar.errors import not_utf8
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".tif", ".tiff",
                   ".heic", ".heif", ".avif", ".ico", ".svg"}
 RESERVED = ("id", "path", "text", "metadata")
+# What macOS writes beside files on volumes and into archives that cannot hold its metadata: an AppleDouble twin
+# `._photo.jpg` per file (resource fork and Finder info, no image) and, in a zip, a `__MACOSX/` folder of them.
+# Finder never shows them; listed as images, each would be refused as "not a recognised image format", as many
+# refusals as photos. Other hidden files and folders are ordinary files of the corpus.
+APPLEDOUBLE_PREFIX = "._"
+MACOS_ARCHIVE_FOLDER = "__MACOSX"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +67,24 @@ def _read_folder(root: Path) -> Iterator[CorpusItem]:
     # strings and each image gets one Path: Path.relative_to, .stem and .with_suffix per file cost
     # more than the listing itself (bench/corpus_listing.py).
     found: list[tuple[str, str, str, bool]] = []  # (id, folder, file name, has a caption)
-    for folder, _, names in os.walk(root, onerror=_unlistable):
+    macos_twins = macos_folders = 0
+    for folder, subfolders, names in os.walk(root, onerror=_unlistable):
+        if MACOS_ARCHIVE_FOLDER in subfolders:
+            subfolders.remove(MACOS_ARCHIVE_FOLDER)  # in place: os.walk then never enters it
+            macos_folders += 1
         present = set(names)
         relative = os.path.relpath(folder, root)
         prefix = "" if relative == os.curdir else relative.replace(os.sep, "/") + "/"
         for name in names:
             stem, suffix = os.path.splitext(name)
             if suffix.lower() in IMAGE_SUFFIXES:
+                if name.startswith(APPLEDOUBLE_PREFIX):
+                    macos_twins += 1
+                    continue
                 found.append((prefix + name, folder, name, f"{stem}.txt" in present))
+    if macos_twins or macos_folders:
+        log.debug("%s: macOS metadata left out of the corpus: AppleDouble files (._NAME) %d, %s/ folders %d",
+                  root, macos_twins, MACOS_ARCHIVE_FOLDER, macos_folders)
     found.sort()
     for item_id, folder, name, has_caption in found:
         path = Path(folder, name)

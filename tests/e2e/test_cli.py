@@ -504,6 +504,33 @@ def test_bad_images_are_skipped_listed_and_counted(tmp_path):
     assert errors["empty.jpg"] == "empty file (0 bytes)"
 
 
+# The header of an AppleDouble file (RFC 1740): what macOS writes as `._NAME` beside each file it copies onto a
+# volume (or into an archive) that cannot hold its resource fork and Finder info.
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)
+
+
+def test_embed_leaves_out_macos_appledouble_twins_and_macosx_folders_but_embeds_hidden_images(tmp_path):
+    # A folder copied from a Mac listed each `._photo.jpg` twin in errors.jsonl as "not a recognised image
+    # format": as many refusals as photos.
+    folder = tmp_path / "photos"
+    (folder / "trip").mkdir(parents=True)
+    (folder / "__MACOSX" / "trip").mkdir(parents=True)
+    (folder / ".edits").mkdir()
+    images = [item.image for item in sample_items(4, seed=33)]
+    for image, name in zip(images, ["beach.jpg", "trip/hill.png", ".cover.jpg", ".edits/crop.jpg"]):
+        image.save(folder / name)
+    for twin in ["._beach.jpg", "trip/._hill.png", "__MACOSX/._beach.jpg", "__MACOSX/trip/._hill.png",
+                 ".edits/._crop.jpg"]:
+        (folder / twin).write_bytes(APPLEDOUBLE)
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(32))
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "4 items: 4 embedded, 0 unchanged, 0 failed" in result.output
+    assert (out / "errors.jsonl").read_text() == ""
+    assert shard_ids(out) == [".cover.jpg", ".edits/crop.jpg", "beach.jpg", "trip/hill.png"]
+
+
 def embedded_and_indexed(folder: Path, out: Path, store_path: Path) -> tuple[str, str]:
     """The summaries of an `embed` rerun of `folder` and the `index` run after it."""
     return (cli_ok("embed", str(folder), "--out", str(out), "--workers", "0"),

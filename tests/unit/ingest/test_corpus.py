@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 
 import pyarrow as pa
@@ -18,6 +19,18 @@ def test_folder_ids_are_relative_paths_and_text_comes_from_a_caption_file_or_the
     assert set(items) == {"shoes/red_sneakers.jpg", "bag.png"}
     assert items["shoes/red_sneakers.jpg"].text == "red sneakers"
     assert items["bag.png"].text == "a blue leather handbag"
+
+
+def test_folder_scan_says_at_debug_how_many_macos_metadata_files_and_folders_it_left_out(tmp_path, caplog):
+    (tmp_path / "__MACOSX").mkdir()
+    (tmp_path / "__MACOSX" / "._a.jpg").write_bytes(b"AppleDouble")
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "._a.jpg").write_bytes(b"AppleDouble")
+    (tmp_path / "._b.jpg").write_bytes(b"AppleDouble")
+    with caplog.at_level(logging.DEBUG, logger="sidecar.ingest.corpus"):
+        assert [item.id for item in read_corpus(tmp_path)] == ["a.jpg"]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{tmp_path}: macOS metadata left out of the corpus: AppleDouble files (._NAME) 2, __MACOSX/ folders 1"]
 
 
 def test_jsonl_csv_and_parquet_manifests_agree(tmp_path):
