@@ -10,11 +10,9 @@ thumbnail is made from that decode instead of a second one.
 from __future__ import annotations
 
 import io
-from typing import Sequence
 
 from PIL import Image
 
-from sidecar.config import IMAGE_FORMATS
 from sidecar.model.images import ImageDecodeError, decode_image
 
 # What the thumbnail endpoint answers with: every thumbnail is a baseline JPEG.
@@ -23,11 +21,11 @@ FORMAT = "JPEG"
 QUALITY = 80
 
 
-def make_thumbnail(data: bytes, *, side: int, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS) -> bytes:
+def make_thumbnail(data: bytes, *, side: int, max_pixels: int) -> bytes:
     """Image file bytes → a JPEG no larger than side × side (never enlarged), or b"" when the bytes
     cannot be decoded (the embed job reports unusable images through the model's own decode)."""
     try:
-        image = decode_image(data, max_pixels=max_pixels, formats=formats, draft_size=(side, side))
+        image = decode_image(data, max_pixels=max_pixels, draft_size=(side, side))
     except ImageDecodeError:
         return b""
     return thumbnail_of(image, side=side)

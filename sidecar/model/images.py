@@ -42,7 +42,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 class ImageDecodeError(ValueError):
     """The bytes are not a usable image; `reason` says why in a few words.
 
-    `kind`: "format" (not an image, or a format outside image_formats), "corrupt" (truncated or
+    `kind`: "format" (not an image, or a format not accepted), "corrupt" (truncated or
     broken; the decoder failed), "too_large" (a pixel, resize or memory limit).
     """
 
@@ -59,11 +59,14 @@ class ImageDecodeError(ValueError):
 DECODE_BYTES_PER_PIXEL = 16
 
 
-def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS,
+def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Sequence[str] | None = None,
                draft_size: tuple[int, int] | None = None, max_scans: int = MAX_JPEG_SCANS) -> Image.Image:
     """Read the header only: the format must be in `formats`, the declared size within `max_pixels`, a
     progressive JPEG's scans at most `max_scans`. No pixel is decoded yet (`load_rgb` does that);
     `image.size` is then the size the decode will have.
+
+    `formats`: those the setting image_formats allows (uploads), named so in a refusal; None: the built-in
+    IMAGE_FORMATS, which no setting changes (the files the CLI reads), so a refusal names none.
 
     `draft_size` (width, height): JPEGs are set to decode at the smallest DCT scale whose result is
     still at least this large in both directions.
@@ -71,7 +74,7 @@ def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Seq
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     with _decoder_errors(max_pixels):
         try:
-            image = Image.open(stream, formats=tuple(formats))
+            image = Image.open(stream, formats=tuple(formats or IMAGE_FORMATS))
         except UnidentifiedImageError as exc:
             stream.seek(0)
             head = stream.read(16)
@@ -79,8 +82,9 @@ def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Seq
                 raise ImageDecodeError("empty file (0 bytes)", kind="format") from exc
             found = sniff_format(head)
             if found:
-                raise ImageDecodeError(f"{found} is not an accepted image format (image_formats: "
-                                       f"{', '.join(formats)})", kind="format") from exc
+                accepted = (f"image_formats: {', '.join(formats)}" if formats else
+                            f"accepted: {', '.join(IMAGE_FORMATS)}; convert it to one of them")
+                raise ImageDecodeError(f"{found} is not an accepted image format ({accepted})", kind="format") from exc
             raise ImageDecodeError("not a recognised image format", kind="format") from exc
         width, height = image.size
         if width * height > max_pixels:
@@ -118,7 +122,7 @@ def load_rgb(image: Image.Image) -> Image.Image:
         return _to_rgb(image)
 
 
-def decode_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS,
+def decode_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Sequence[str] | None = None,
                  draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode to an upright RGB image (`open_image`, then `load_rgb`), or raise ImageDecodeError."""
     return load_rgb(open_image(data, max_pixels=max_pixels, formats=formats, draft_size=draft_size))
@@ -319,7 +323,7 @@ class ImagePreprocess:
         return np.ascontiguousarray(self.spec.resize_batch(hwc.permute(2, 0, 1)[None])[0].numpy())
 
     def open(self, data: bytes, *, max_pixels: int, max_resized_side: int = MAX_RESIZED_SIDE,
-             formats: Sequence[str] = IMAGE_FORMATS, max_scans: int = MAX_JPEG_SCANS) -> Image.Image:
+             formats: Sequence[str] | None = None, max_scans: int = MAX_JPEG_SCANS) -> Image.Image:
         """`open_image` at this model's draft size, plus the resize step's cost: an image whose longer
         side would pass `max_resized_side` after the resize (an extreme aspect ratio) is refused."""
         image = open_image(data, max_pixels=max_pixels, formats=formats, draft_size=self.spec.draft_size,
@@ -332,13 +336,13 @@ class ImagePreprocess:
         return image
 
     def decode(self, data: bytes, *, max_pixels: int, max_resized_side: int = MAX_RESIZED_SIDE,
-               formats: Sequence[str] = IMAGE_FORMATS) -> np.ndarray:
+               formats: Sequence[str] | None = None) -> np.ndarray:
         """Image file bytes → uint8 model pixels: the CPU path of the embed job and of queries."""
         return self.pixels(self.load(data, max_pixels=max_pixels, max_resized_side=max_resized_side,
                                      formats=formats))
 
     def load(self, data: bytes, *, max_pixels: int, max_resized_side: int = MAX_RESIZED_SIDE,
-             formats: Sequence[str] = IMAGE_FORMATS) -> Image.Image:
+             formats: Sequence[str] | None = None) -> Image.Image:
         """Image file bytes → the upright RGB image `pixels` takes, decoded at this model's draft size."""
         return load_rgb(self.open(data, max_pixels=max_pixels, max_resized_side=max_resized_side, formats=formats))
 

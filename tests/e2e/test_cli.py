@@ -187,6 +187,19 @@ def test_search_refuses_what_the_api_refuses_naming_the_limit_and_its_setting_be
     assert result.exit_code == 0, result.output
 
 
+def test_search_image_refusing_a_format_names_no_setting_as_image_formats_governs_uploads_only(store_path, tmp_path):
+    # The refusal said "(image_formats: JPEG, PNG, WEBP, GIF, BMP, TIFF)": SIDECAR_IMAGE_FORMATS=...,ICO changed
+    # nothing for the CLI, while its own message pointed there.
+    icon = tmp_path / "favicon.ico"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(icon)
+    result = CliRunner().invoke(main, ["-q", "search", "--image", str(icon), "--store-path", str(store_path)],
+                                env={"SIDECAR_IMAGE_FORMATS": "JPEG,PNG,ICO"})
+    assert result.exit_code == 2, result.output
+    assert (f"Invalid value for --image: {icon}: ICO is not an accepted image format (accepted: JPEG, PNG, WEBP, GIF, "
+            "BMP, TIFF; convert it to one of them)") in result.output
+    assert "image_formats" not in result.output
+
+
 def test_embed_continues_after_kill_minus_9_without_duplicates_or_gaps(tmp_path):
     manifest = write_corpus(tmp_path / "corpus", 3000, seed=5)
     out = tmp_path / "shards"
@@ -631,7 +644,7 @@ def test_embed_takes_jfif_and_jpe_jpegs_and_lists_heic_avif_ico_and_svg_files_in
     assert result.exit_code == 0, result.output
     assert "6 items: 2 embedded, 0 unchanged, 4 failed" in result.output
     reasons = {row["id"]: row["reason"] for row in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
-    accepted = "is not an accepted image format (image_formats: JPEG, PNG, WEBP, GIF, BMP, TIFF)"
+    accepted = "is not an accepted image format (accepted: JPEG, PNG, WEBP, GIF, BMP, TIFF; convert it to one of them)"
     assert reasons == {"phone.avif": f"AVIF {accepted}", "favicon.ico": f"ICO {accepted}",
                        "iphone.heic": f"HEIF {accepted}", "logo.svg": "not a recognised image format"}
     shards = ShardSet(out)
