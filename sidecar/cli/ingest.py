@@ -78,7 +78,8 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     """Embed the images of SOURCE into vector shards.
 
     SOURCE is a folder of images (a .txt beside an image is its text; else the file name is;
-    macOS's ._NAME twins and __MACOSX folders are not images and are left out), or a .jsonl / .csv / .parquet manifest with fields id, path (relative to the manifest; the
+    macOS's ._NAME twins and __MACOSX folders are not images and are left out),
+    or a .jsonl / .csv / .parquet manifest with fields id, path (relative to the manifest; the
     only one required), text, and metadata (a JSONL object or Parquet struct column; any other
     CSV or Parquet columns are metadata too). Rerun it after the folder changes: new and changed
     files are embedded, vanished ones are recorded for the index step, a killed run continues
