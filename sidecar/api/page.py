@@ -21,7 +21,7 @@ ASSETS = {"index.html": "text/html", "page.js": "text/javascript", "page.css": "
           "favicon.svg": "image/svg+xml"}
 # The page reaches this server only, and the browser is told so: nothing else may load, even if a
 # stored caption carried markup (the page writes text, never HTML, anyway). blob: is the preview
-# of a chosen image and thumbnails fetched with an API key.
+# of a chosen image and the thumbnails (fetched: with the API key, and given up on if they hang).
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
                            "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
 # What the page's routes answer: open without an API key (the page holds no data; every API call it

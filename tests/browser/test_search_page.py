@@ -642,6 +642,35 @@ def test_a_server_that_never_answers_is_given_up_on_after_request_timeout_s_and_
         assert page.locator("#error").is_hidden() and len(hits(page)) == 20
 
 
+def test_a_thumbnail_with_no_answer_is_given_up_on_after_request_timeout_s_and_30_s_and_shown_missing(
+        browser, encoder, store_path, tmp_path):
+    # No answer at all (held by the browser, never passed on): the thumbnail is given up on when a search would be
+    # (request_timeout_s, 5 s here, and 30 s), on a paused clock, and shown as one that failed to load.
+    settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, request_timeout_s=5)
+    with page_app(settings, encoder, store_path) as url:
+        page = browser.page
+        page.clock.install()
+        page.goto(f"{url}/")
+        page.wait_for_selector("#filters select")
+        page.wait_for_function("() => document.getElementById('store-info').textContent.includes('documents')")
+        page.clock.pause_at(page.evaluate("Date.now()") + 1000)
+        held = []
+        # The first thumbnail asked for is held unanswered; the others go through.
+        page.route("**/thumbnail", lambda route: route.continue_() if held else held.append(route))
+        assert len(search_for(page, "red circle")) == 20
+        loaded = ("n => [...document.querySelectorAll('#hits img.thumb')]"
+                  ".filter(img => img.complete && img.naturalWidth > 0).length === n")
+        page.wait_for_function(loaded, arg=19)
+        page.clock.run_for(34_000)
+        assert page.locator("#hits img.thumb").count() == 20 and page.locator("#hits .no-thumb").count() == 0
+        with page.expect_event("requestfailed", lambda request: request.url.endswith("/thumbnail")) as failed:
+            page.clock.run_for(2_000)
+        assert len(held) == 1 and failed.value.url == held[0].request.url and failed.value.failure == "net::ERR_ABORTED"
+        page.wait_for_selector("#hits .no-thumb")
+        assert page.locator("#hits .no-thumb").inner_text() == "no thumbnail"
+        page.wait_for_function(loaded, arg=19)
+
+
 def test_a_newer_search_cancels_an_older_one_still_waiting_whose_answer_never_shows(browser, page_server):
     page = open_page(browser, page_server)
     held = []

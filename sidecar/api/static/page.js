@@ -9,7 +9,7 @@
     like: null,     // {id, text}: "more like this" of a stored document
     query: null,    // {text, image, like} of the search shown: what its other pages and rankings are of
     offset: 0,
-    thumbUrls: [],  // blob: URLs of thumbnails fetched with an API key, released on the next render
+    thumbUrls: [],  // blob: URLs of the thumbnails fetched, released on the next render
   };
   const KEY_STORAGE = 'clip-sidecar-api-key';
   // The filter option that opens a box for a value the facets do not list (they list each field's 20 most
@@ -37,9 +37,13 @@
   const ANSWER_MARGIN_S = 30;
   let requestTimeoutS = 30;
 
+  function answerWaitS() {
+    return requestTimeoutS + ANSWER_MARGIN_S;
+  }
+
   // `cancel`: an AbortSignal of the caller's (a newer search supersedes this one), which rejects with its AbortError.
   async function api(path, body, cancel) {
-    const waitS = requestTimeoutS + ANSWER_MARGIN_S;
+    const waitS = answerWaitS();
     const controller = new AbortController();
     let timedOut = false;
     const timer = setTimeout(() => { timedOut = true; controller.abort(); }, waitS * 1000);
@@ -164,35 +168,45 @@
     return (Number.isFinite(seconds) && seconds > 0 ? seconds : 1) * 1000;
   }
 
+  // One try at a thumbnail: {response, blob} (the blob where it was sent). Given up on (rejected) after the wait
+  // any call gets (answerWaitS), body included: an <img> has no timeout, and one hung request would leave its
+  // placeholder on the page for good.
+  async function fetchThumbnail(id) {
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), answerWaitS() * 1000);
+    try {
+      const response = await fetch(thumbnailUrl(id), { headers: headers(), signal: controller.signal });
+      return { response, blob: response.ok ? await response.blob() : null };
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   function retryRateLimited(img, id, refused) {
-    thumbNotBefore = Math.max(thumbNotBefore, performance.now() + retryAfterMs(refused));
+    thumbNotBefore = Math.max(thumbNotBefore, performance.now() + retryAfterMs(refused.response));
     const turn = thumbRetries.then(async () => {
-      let response = refused;
+      let answer = refused;
       for (let tries = 0; tries < THUMB_RETRIES && img.isConnected; tries += 1) {
         await new Promise((resolve) => { setTimeout(resolve, thumbNotBefore - performance.now()); });
         if (!img.isConnected) break;  // a newer answer replaced the results: no request for it
-        response = await fetch(thumbnailUrl(id), { headers: headers() });
-        if (response.status !== 429) break;
-        thumbNotBefore = performance.now() + retryAfterMs(response);
+        answer = await fetchThumbnail(id);
+        if (answer.response.status !== 429) break;
+        thumbNotBefore = performance.now() + retryAfterMs(answer.response);
       }
-      return response;
+      return answer;
     });
     thumbRetries = turn.catch(() => {});  // a failed fetch must not stop the thumbnails queued after it
     return turn;
   }
 
-  // An <img> of a stored document; with an API key the bytes come through fetch (an <img> sends no header).
+  // An <img> of a stored document, its bytes fetched (fetchThumbnail): an <img> sends no API key, and waits forever.
   function thumbnail(id, alt) {
     const img = el('img', { class: 'thumb', alt, width: '128', height: '128', decoding: 'async' });
     const missing = () => img.replaceWith(el('div', { class: 'thumb no-thumb', role: 'img', 'aria-label': alt }, 'no thumbnail'));
     img.addEventListener('error', missing, { once: true });
-    if (!$('api-key').value.trim()) {
-      img.src = thumbnailUrl(id);
-      return img;
-    }
-    fetch(thumbnailUrl(id), { headers: headers() })
-      .then((r) => (r.status === 429 ? retryRateLimited(img, id, r) : r))
-      .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(String(r.status)))))
+    fetchThumbnail(id)
+      .then((answer) => (answer.response.status === 429 ? retryRateLimited(img, id, answer) : answer))
+      .then(({ response, blob }) => (blob || Promise.reject(new Error(String(response.status)))))
       .then((blob) => { const url = URL.createObjectURL(blob); state.thumbUrls.push(url); img.src = url; })
       .catch(missing);
     return img;
