@@ -522,6 +522,26 @@ def test_a_new_api_key_keeps_the_chosen_filters_for_the_next_page(browser, encod
         assert shown and {hit["metadata"]["color"] for hit in shown} == {"blue"}
 
 
+def test_a_newer_api_key_cancels_the_facets_still_loading_with_the_key_before(browser, page_server):
+    # Each key typed loads the facets again: the load with the key before, still waiting, is given up, so its
+    # answer cannot land after the newer key's and replace the filters built from it.
+    page = open_page(browser, page_server)
+    held = []
+    # The first key's facets are held unanswered; the second key's go through.
+    page.route("**/v1/facets", lambda route: route.continue_() if held else held.append(route))
+    page.click("#key-settings summary")
+    page.fill("#api-key", "csk_first")
+    with page.expect_request("**/v1/facets"):
+        page.press("#api-key", "Tab")
+    before = page.query_selector("#filters select[data-field='color']")
+    page.fill("#api-key", "csk_second")
+    with page.expect_event("requestfailed", lambda request: request.url.endswith("/v1/facets")) as failed:
+        page.press("#api-key", "Tab")
+    assert (failed.value.headers["authorization"], failed.value.failure) == ("Bearer csk_first", "net::ERR_ABORTED")
+    page.wait_for_function("select => !select.isConnected", arg=before)  # the second key's facets are shown
+    assert page.inner_text("#filters-note") == ""
+
+
 def test_the_search_button_keeps_keyboard_focus_through_its_search(browser, page_server):
     # A button disabled while it has focus loses it to <body>: a keyboard user who pressed Search had to start
     # tabbing from the top of the page again, and Enter in the query box did nothing while a search ran.

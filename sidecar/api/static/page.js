@@ -567,10 +567,17 @@
 
   // ---- filters from the store's facets -------------------------------------------------------------
 
+  let loadingFacets = null;  // the AbortController of the latest facets' load
+
+  // Each key typed loads the facets again: a load still waiting is cancelled, so its answer (of the key before)
+  // cannot land after the newer one's and replace it.
   async function loadFilters() {
+    if (loadingFacets) loadingFacets.abort();
+    const mine = new AbortController();
+    loadingFacets = mine;
     const fieldset = $('filters');
     try {
-      const answer = await api('/v1/facets');
+      const answer = await api('/v1/facets', undefined, mine.signal);
       const fields = Object.entries(answer.facets).filter(([, facet]) => facet.values.length > 1);
       // Reloaded (a new API key): the values chosen (or typed) stay, or the next page would be of another ranking.
       const chosen = new Map([...fieldset.querySelectorAll('select')].map((select) => [select.dataset.field,
@@ -606,6 +613,7 @@
       }
       if (answer.documents !== undefined) updateCount(answer.documents);
     } catch (problem) {
+      if (mine.signal.aborted) return;
       const { title, detail } = describe(problem);
       $('filters-note').textContent = `Filters unavailable. ${title} ${detail}`;
     }
