@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from PIL import Image, PngImagePlugin
@@ -540,6 +541,25 @@ def test_a_newer_api_key_cancels_the_facets_still_loading_with_the_key_before(br
     assert (failed.value.headers["authorization"], failed.value.failure) == ("Bearer csk_first", "net::ERR_ABORTED")
     page.wait_for_function("select => !select.isConnected", arg=before)  # the second key's facets are shown
     assert page.inner_text("#filters-note") == ""
+
+
+def test_a_shared_url_with_filters_opened_before_the_api_key_is_typed_searches_with_its_filters_once_it_is(
+        browser, encoder, store_path, tmp_path):
+    # Without a key the server refuses the facets, so the page has no filter controls to set from the URL: the
+    # filters wait for the facets the key brings, and the refused search runs again with them.
+    key = new_key()
+    settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, api_keys=key_entry("web", ["search"], key))
+    with page_app(settings, encoder, store_path) as url:
+        page = browser.page
+        page.goto(f"{url}/#{urlencode({'text': 'circle', 'filters': json.dumps({'color': 'blue'})})}")
+        page.wait_for_function("() => document.getElementById('status').textContent === 'The search failed.'")
+        assert page.inner_text("#error").startswith("This server needs an API key")
+        page.fill("#api-key", key)
+        settle(page, "/v1/search", lambda: page.press("#api-key", "Tab"))
+        assert page.input_value("#filters select[data-field='color']") == json.dumps("blue")
+        shown = hits(page)
+        assert shown and {hit["metadata"]["color"] for hit in shown} == {"blue"}
+        assert json.loads(parse_qs(urlsplit(page.url).fragment)["filters"][0]) == {"color": "blue"}
 
 
 def test_the_search_button_keeps_keyboard_focus_through_its_search(browser, page_server):

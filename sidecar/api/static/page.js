@@ -10,6 +10,8 @@
     query: null,    // {text, image, like} of the search shown: what its other pages and rankings are of
     offset: 0,
     thumbUrls: [],  // blob: URLs of the thumbnails fetched, released on the next render
+    facetsShown: false,  // the filters' controls were built from the store's facets
+    wantedFilters: null,  // {field: value} of a URL shown before the facets arrived (they need a key): set then
   };
   const KEY_STORAGE = 'clip-sidecar-api-key';
   // The filter option that opens a box for a value the facets do not list (they list each field's 20 most
@@ -475,6 +477,21 @@
     return { dataUrl, name, previewUrl: URL.createObjectURL(blob) };
   }
 
+  // The filter controls set to `wanted` ({field: value}), any other field to any.
+  function chooseFilters(wanted) {
+    for (const select of $('filters').querySelectorAll('select')) {
+      const value = wanted[select.dataset.field];
+      const typed = $(`${select.id}-other`);
+      if (value === undefined) select.value = '';
+      else if ([...select.options].some((option) => option.value === JSON.stringify(value))) select.value = JSON.stringify(value);
+      else select.value = typed ? OTHER_VALUE : '';  // without a box for other values: one no document holds
+      if (typed) {
+        typed.value = select.value === OTHER_VALUE ? String(value) : '';
+        typed.hidden = select.value !== OTHER_VALUE;
+      }
+    }
+  }
+
   function restoreFromUrl() {
     const kept = window.history.state && window.history.state.image ? window.history.state : null;
     const params = new URLSearchParams(kept ? kept.params : window.location.hash.slice(1));
@@ -498,17 +515,10 @@
     pick('page-size', params.get('k') || '20');
     $('exact').checked = params.get('exact') === 'true';
     const wanted = json('filters') || {};
-    for (const select of $('filters').querySelectorAll('select')) {
-      const value = wanted[select.dataset.field];
-      const typed = $(`${select.id}-other`);
-      if (value === undefined) select.value = '';
-      else if ([...select.options].some((option) => option.value === JSON.stringify(value))) select.value = JSON.stringify(value);
-      else select.value = typed ? OTHER_VALUE : '';  // without a box for other values: one no document holds
-      if (typed) {
-        typed.value = select.value === OTHER_VALUE ? String(value) : '';
-        typed.hidden = select.value !== OTHER_VALUE;
-      }
-    }
+    chooseFilters(wanted);
+    // No controls to set yet (a server that takes keys refuses the facets until one is typed): the filters wait for
+    // them, or the search run again with the key would be of the URL's query unfiltered.
+    state.wantedFilters = state.facetsShown ? null : wanted;
     state.offset = Math.max(0, Number.parseInt(params.get('offset'), 10) || 0);
     if (hasQuery()) {
       run({ record: null });
@@ -570,7 +580,7 @@
   let loadingFacets = null;  // the AbortController of the latest facets' load
 
   // Each key typed loads the facets again: a load still waiting is cancelled, so its answer (of the key before)
-  // cannot land after the newer one's and replace it.
+  // cannot land after the newer one's and replace it. Resolves false where a newer load superseded this one.
   async function loadFilters() {
     if (loadingFacets) loadingFacets.abort();
     const mine = new AbortController();
@@ -611,12 +621,16 @@
         }
         fieldset.append(label);
       }
+      if (state.wantedFilters) chooseFilters(state.wantedFilters);
+      state.wantedFilters = null;
+      state.facetsShown = true;
       if (answer.documents !== undefined) updateCount(answer.documents);
     } catch (problem) {
-      if (mine.signal.aborted) return;
+      if (mine.signal.aborted) return false;
       const { title, detail } = describe(problem);
       $('filters-note').textContent = `Filters unavailable. ${title} ${detail}`;
     }
+    return true;
   }
 
   let info = {};
@@ -715,8 +729,8 @@
     if (key.value.trim()) sessionStorage.setItem(KEY_STORAGE, key.value.trim());
     else sessionStorage.removeItem(KEY_STORAGE);
     loadInfo();
-    loadFilters();
-    if (state.keyRefused && hasQuery()) run({ record: 'replace' });  // the search the old key (or none) was refused
+    // The search the old key (or none) was refused runs again once the facets arrived: with the filters its URL asked for.
+    loadFilters().then((current) => { if (current && state.keyRefused && hasQuery()) run({ record: 'replace' }); });
   });
 
   window.addEventListener('popstate', restoreFromUrl);
