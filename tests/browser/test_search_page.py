@@ -543,6 +543,22 @@ def test_a_newer_api_key_cancels_the_facets_still_loading_with_the_key_before(br
     assert page.inner_text("#filters-note") == ""
 
 
+def test_a_newer_api_key_cancels_the_readiness_call_still_waiting_with_the_key_before(browser, page_server):
+    # The header, the error shown and the wait the page gives a call come from /readyz, asked again with each key:
+    # an answer for the key before, landing late, would replace the newer key's.
+    page = open_page(browser, page_server)
+    held = []
+    page.route("**/readyz", lambda route: route.continue_() if held else held.append(route))
+    page.click("#key-settings summary")
+    page.fill("#api-key", "csk_first")
+    with page.expect_request("**/readyz"):
+        page.press("#api-key", "Tab")
+    page.fill("#api-key", "csk_second")
+    with page.expect_event("requestfailed", lambda request: request.url.endswith("/readyz")) as failed:
+        page.press("#api-key", "Tab")
+    assert (failed.value.headers["authorization"], failed.value.failure) == ("Bearer csk_first", "net::ERR_ABORTED")
+
+
 def test_a_shared_url_with_filters_opened_before_the_api_key_is_typed_searches_with_its_filters_once_it_is(
         browser, encoder, store_path, tmp_path):
     # Without a key the server refuses the facets, so the page has no filter controls to set from the URL: the

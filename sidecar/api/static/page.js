@@ -642,9 +642,16 @@
     $('store-info').textContent = parts.join(' · ');
   }
 
+  let loadingInfo = null;  // the AbortController of the latest /readyz call
+
+  // Each key typed asks again: a call still waiting is cancelled, so its answer (of the key before) cannot land
+  // after the newer one's and replace the header, the error shown or the wait the page gives a call.
   async function loadInfo() {
+    if (loadingInfo) loadingInfo.abort();
+    const mine = new AbortController();
+    loadingInfo = mine;
     try {
-      const ready = await api('/readyz');
+      const ready = await api('/readyz', undefined, mine.signal);
       // Without a key a server that takes keys says only whether it is ready; nothing else on the page would work.
       if (ready.model === undefined) {
         throw new ApiProblem(401, 'unauthorized', 'without one it answers only whether it is ready');
@@ -654,6 +661,7 @@
       updateCount(ready.documents);
       if (state.infoRefused) clearError();  // the key now typed fixed what loading the page said
     } catch (caught) {
+      if (mine.signal.aborted) return;
       // Not ready, and no reason: a server that takes keys says why only to a caller with one (and nothing else
       // on the page works without one), so ask for the key rather than show the bare HTTP status.
       const unexplained = caught instanceof ApiProblem && caught.code === 'not_ready' && !(caught.answer || {}).reason;
