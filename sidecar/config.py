@@ -7,6 +7,7 @@ import difflib
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,6 +44,8 @@ MAX_JPEG_SCANS = 100
 # Longer side of the thumbnail `embed` keeps of each image for the search page: a results grid shows
 # them at about 150 CSS pixels, and 128-px JPEGs weigh 3-6 KB (a million documents: a few GB).
 THUMBNAIL_SIDE = 128
+# A replicas setting that is a range (`replica_settings`): MIN-MAX, MAX a count or `all`.
+_REPLICA_RANGE = re.compile(r"(\d+)-(\d+|all)")
 # SIDECAR_* variables that are no setting: a command-line flag's own (`opensearch connect --api-key`).
 FLAG_VARIABLES = ("SIDECAR_CONNECTOR_API_KEY",)
 # Unknown SIDECAR_* variables this process has warned about: Settings are built several times per process
@@ -87,8 +90,9 @@ class Settings:
     opensearch_engine: str = "lucene"  # one of OPENSEARCH_ENGINES
     # Primary shards and replicas of each index the store creates (setup, rebuild); docs/scaling.md
     # sizes them. One shard holds ~10-50 GB; a replica per shard keeps a lost node's shards searchable.
+    # Replicas: a whole number is a fixed count, a range as many as the nodes hold (`replica_settings`).
     opensearch_shards: int = 1
-    opensearch_replicas: int = 1
+    opensearch_replicas: int | str = "0-1"
     # plugin_config/ (index template, search pipelines): "" = the checkout's; an installed
     # package (Docker) needs the path of a copy.
     plugin_config_dir: str = ""
@@ -268,8 +272,11 @@ class Settings:
                              f"got {self.hard_example_repeat_seconds}")
         if self.quality_log_backups < 0:
             raise ValueError(f"setting quality_log_backups must be >= 0, got {self.quality_log_backups}")
-        if self.opensearch_replicas < 0:
-            raise ValueError(f"setting opensearch_replicas must be >= 0, got {self.opensearch_replicas}")
+        # A count as an int ("2" from the environment), a range as its text.
+        replicas = replica_settings(self.opensearch_replicas)
+        fixed = replicas["auto_expand_replicas"] == "false"
+        object.__setattr__(self, "opensearch_replicas",
+                           replicas["number_of_replicas"] if fixed else replicas["auto_expand_replicas"])
         if self.queue_items < 0:
             raise ValueError(f"setting queue_items must be >= 0 (0 = sized from request_threads), "
                              f"got {self.queue_items}")
@@ -310,6 +317,22 @@ class Settings:
                              "'{}' where the text goes and double any other brace ('{{', '}}')") from exc
         if "\0" not in filled:
             raise ValueError(f"setting prompt_template must contain '{{}}' for the text, got {self.prompt_template!r}")
+
+
+def replica_settings(replicas: int | str) -> dict[str, int | str]:
+    """The index settings for a replicas setting. A whole number is that fixed count (auto-expansion off). A
+    range MIN-MAX (MAX a count or `all`) is OpenSearch's index.auto_expand_replicas, which keeps as many
+    replicas within it as the cluster has other nodes for: with 0-1, the default, a lone node's index is
+    green with none (a replica is never placed beside its primary, so a fixed 1 leaves it yellow for good)
+    and a cluster's index gets one. ValueError, naming the setting, for anything else."""
+    text = str(replicas).strip()
+    if text.isdigit():
+        return {"number_of_replicas": int(text), "auto_expand_replicas": "false"}
+    found = _REPLICA_RANGE.fullmatch(text)
+    if found is None or (found[2] != "all" and int(found[1]) > int(found[2])):
+        raise ValueError(f"setting opensearch_replicas must be a whole number >= 0 (a fixed count) or a range "
+                         f"MIN-MAX such as 0-1 or 0-all (as many as the nodes hold), got {replicas!r}")
+    return {"number_of_replicas": int(found[1]), "auto_expand_replicas": text}
 
 
 def _warn_unknown_variables(environ: Mapping[str, str]) -> None:

@@ -33,6 +33,7 @@ from opensearchpy.exceptions import (
     ConnectionError as OSConnectionError,
 )
 
+from sidecar.config import replica_settings
 from sidecar.errors import quoted
 from sidecar.stores.base import (
     FacetCounts,
@@ -138,7 +139,7 @@ class OpenSearchStore:
         ef_construction: int = 128,
         ef_search: int = 100,
         number_of_shards: int = 1,
-        number_of_replicas: int = 1,
+        number_of_replicas: int | str = "0-1",
         chunk_size: int = 500,
         max_chunk_bytes: int = 20 * 1024 * 1024,
         max_retries: int = 5,
@@ -168,7 +169,9 @@ class OpenSearchStore:
         self.ef_construction = ef_construction
         self.ef_search = ef_search
         self.number_of_shards = number_of_shards
+        # A fixed count, or a range OpenSearch expands to the nodes (`replica_settings`).
         self.number_of_replicas = number_of_replicas
+        self.replicas = replica_settings(number_of_replicas)
         self.chunk_size = chunk_size
         self.max_chunk_bytes = max_chunk_bytes
         # 429s: streaming_bulk retries a chunk's rejected items max_retries times (with backoff, so an
@@ -836,21 +839,23 @@ class OpenSearchStore:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _relax_settings(self, index: str) -> dict[str, Any]:
-        """Relax refresh (bulk_refresh_interval) and replicas to 0; remember the previous values in _meta first."""
+        """Relax refresh (bulk_refresh_interval) and replicas to 0; remember the previous values in _meta first.
+        Replicas that auto-expand are fixed at 0 for the load: OpenSearch would expand them back at once."""
         meta = self._meta(index) or {}
         saved = meta.get(SAVED_SETTINGS_KEY)
         if saved is None:
             current = self._with_retry(lambda: self.client.indices.get_settings(index=index))
             settings = next(iter(current.values()))["settings"]["index"]
             saved = {"refresh_interval": settings.get("refresh_interval", "1s"),
-                     "number_of_replicas": settings.get("number_of_replicas", "1")}
+                     "number_of_replicas": settings.get("number_of_replicas", "1"),
+                     "auto_expand_replicas": settings.get("auto_expand_replicas", "false")}
             meta[SAVED_SETTINGS_KEY] = saved
             self._put_meta(meta, index=index)
         else:
             log.warning("%s still carries settings saved by an interrupted load (%s); restoring those after this one",
                         index, saved)
         self.client.indices.put_settings(index=index, body={"index": {
-            "refresh_interval": self.bulk_refresh_interval, "number_of_replicas": 0}})
+            "refresh_interval": self.bulk_refresh_interval, "number_of_replicas": 0, "auto_expand_replicas": "false"}})
         return saved
 
     def _restore_settings(self, index: str, saved: dict[str, Any], *, retry: bool = True) -> None:
@@ -858,7 +863,8 @@ class OpenSearchStore:
             if int(saved.get("number_of_replicas", 0)):
                 # A commit first: replicas then recover by copying its segments, HNSW graphs included,
                 # instead of replaying the translog, which indexes every document a second time
-                # (green in 9 s instead of 44 s at 20k x 512 on 3 nodes: bench/RESULTS.md).
+                # (green in 9 s instead of 44 s at 20k x 512 on 3 nodes: bench/RESULTS.md). Replicas that
+                # auto-expand saved the count they had expanded to.
                 self.client.indices.flush(index=index)
             self.client.indices.put_settings(index=index, body={"index": saved})
             meta = self._meta(index) or {}
@@ -1021,7 +1027,7 @@ class OpenSearchStore:
                       fine_signature: ModelSignature | None = None, settings: dict[str, str] | None = None) -> None:
         template = json.loads((self.config_dir / "index.json").read_text())
         body = render_template(template, dim=dim, engine=self.engine, m=self.m, ef_construction=self.ef_construction,
-                               number_of_shards=self.number_of_shards, number_of_replicas=self.number_of_replicas,
+                               number_of_shards=self.number_of_shards, **self.replicas,
                                model=signature.model if signature else "",
                                weights=signature.weights if signature else "")
         if fine_signature is not None:

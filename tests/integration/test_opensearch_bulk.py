@@ -14,17 +14,28 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from opensearchpy import OpenSearch
 
 from sidecar.cli import main
+from sidecar.config import Settings
 from sidecar.ingest.indexing import index_shards
+from sidecar.stores import open_store
 from sidecar.stores.base import StoreLocked, StoreUnavailable
 from sidecar.stores.opensearch import OpenSearchStore
 from sidecar.stores.opensearch_lock import LOCK_ID
-from sidecar.types import Document
-from tests.integration.conftest import SIGNATURE, URL, drop, make_documents, make_store
+from sidecar.types import Document, ModelSignature
+from tests.integration.conftest import (
+    SIGNATURE,
+    URL,
+    cli,
+    drop,
+    make_documents,
+    make_store,
+    opensearch_args,
+)
 from tests.support import ORIGINAL_ENVIRON, write_shards
 
 pytestmark = pytest.mark.integration
@@ -408,6 +419,78 @@ def test_a_small_load_after_a_killed_large_one_restores_the_settings_it_left_rel
         settings = next(iter(store.client.indices.get_settings(index=index).values()))["settings"]["index"]
         assert (settings["refresh_interval"], settings["number_of_replicas"]) == ("1s", "1")
         assert store.check().clean
+    finally:
+        drop(store)
+
+
+def unit_documents(n: int, dim: int) -> list[Document]:
+    """`n` documents of random unit `dim`-d vectors: the size of whichever model the index was set up for."""
+    vectors = np.random.default_rng(n).normal(size=(n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return [Document(id=f"d{i}", vector=vectors[i], text=f"item {i}", content_hash=f"h{i}") for i in range(n)]
+
+
+def replica_and_refresh_settings(store: OpenSearchStore, index: str) -> dict[str, str]:
+    found = store.client.indices.get_settings(index=index, flat_settings=True)[index]["settings"]
+    return {name: found.get(f"index.{name}") for name in ("refresh_interval", "number_of_replicas",
+                                                           "auto_expand_replicas")}
+
+
+def is_green(store: OpenSearchStore, index: str) -> bool:
+    return store.client.cluster.health(index=index, wait_for_status="green")["status"] == "green"  # waits up to 30 s
+
+
+# An `index` run's large upsert that SIGKILLs itself once 200 documents are acknowledged: as by `kill -9` mid-bulk.
+KILLED_LOAD = """
+import os, signal, sys
+from opensearchpy import helpers
+import sidecar.stores.opensearch as opensearch
+from tests.integration.test_opensearch_bulk import unit_documents
+
+bulk = helpers.streaming_bulk
+
+def killed_midway(*args, **kwargs):
+    for acknowledged, result in enumerate(bulk(*args, **kwargs)):
+        if acknowledged == 200:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield result
+
+helpers.streaming_bulk = killed_midway
+store = opensearch.OpenSearchStore(url=sys.argv[1], index=sys.argv[2], large_load_threshold=100, chunk_size=100)
+store.upsert(unit_documents(400, int(sys.argv[3])))
+"""
+
+
+def test_setup_by_default_makes_an_index_green_on_any_node_count_and_loads_killed_or_not_leave_it_as_setup_made_it(
+        node, alias):
+    cli("opensearch", "setup", *opensearch_args(alias))  # default settings: no replica count given
+    store = open_store(Settings.from_env(store="opensearch", opensearch_url=URL, opensearch_index=alias))
+    store.large_load_threshold = 100
+    try:
+        (index,) = store.alias_indices()
+        made = replica_and_refresh_settings(store, index)
+        assert made["auto_expand_replicas"] == "0-1" and is_green(store, index)
+        dim = store._mapping_dim()
+        docs = unit_documents(400, dim)
+        with store.bulk_load() as load:
+            load.expect(len(docs))
+            # Auto-expansion off for the load: OpenSearch would expand a bare `number_of_replicas: 0` back.
+            assert replica_and_refresh_settings(store, index) == {
+                "refresh_interval": "2s", "number_of_replicas": "0", "auto_expand_replicas": "false"}
+            store.upsert(docs)
+        assert replica_and_refresh_settings(store, index) == made and is_green(store, index)
+
+        killed = subprocess.run([sys.executable, "-c", KILLED_LOAD, URL, alias, str(dim)], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -9, killed.stderr
+        assert replica_and_refresh_settings(store, index)["auto_expand_replicas"] == "false"
+        assert any("interrupted load relaxed" in problem for problem in store.check().problems)
+        assert any(action.startswith("restored") for action in store.repair().actions)
+        assert replica_and_refresh_settings(store, index) == made and is_green(store, index)
+        assert store.check().clean
+
+        rebuilt = store.rebuild(iter(docs), signature=ModelSignature(model="synthetic", weights="w", dim=dim))
+        assert replica_and_refresh_settings(store, rebuilt) == made and is_green(store, rebuilt)
     finally:
         drop(store)
 

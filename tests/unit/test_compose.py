@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from sidecar.config import Settings, replica_settings
+
 ROOT = Path(__file__).parents[2]
 
 
@@ -107,8 +109,10 @@ def test_without_keys_the_sidecar_answers_the_names_prometheus_and_opensearchs_c
 
 
 def test_the_index_on_composes_single_opensearch_node_asks_for_no_replica_so_it_can_turn_green():
-    # OpenSearch never places a replica on its primary's node: with the store's default of 1 replica the index on
-    # the one node stays yellow for good.
+    # OpenSearch never places a replica on its primary's node: an index asking for one on the one node stays yellow
+    # for good. The store's default (0-1, expanded to the nodes) asks for none there.
     services = _services("docker-compose.yml")
     assert services["opensearch"]["environment"]["discovery.type"] == "single-node"
-    assert _default(services["sidecar"]["environment"]["SIDECAR_OPENSEARCH_REPLICAS"]) == "0"
+    environment = services["sidecar"]["environment"]
+    replicas = _default(environment.get("SIDECAR_OPENSEARCH_REPLICAS", Settings().opensearch_replicas))
+    assert replica_settings(replicas)["number_of_replicas"] == 0

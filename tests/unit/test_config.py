@@ -129,8 +129,27 @@ def test_opensearch_shards_and_replicas_come_from_the_environment_into_the_store
         store.close()
     with pytest.raises(ValueError, match="opensearch_shards must be >= 1"):
         Settings(opensearch_shards=0)
-    with pytest.raises(ValueError, match="opensearch_replicas must be >= 0"):
-        Settings(opensearch_replicas=-1)
+
+
+def test_opensearch_replicas_default_to_a_range_the_nodes_expand_and_a_count_stays_fixed():
+    from sidecar.stores import open_store
+
+    for environ, replicas, index_settings in (
+            ({}, "0-1", {"number_of_replicas": 0, "auto_expand_replicas": "0-1"}),
+            ({"SIDECAR_OPENSEARCH_REPLICAS": "1"}, 1, {"number_of_replicas": 1, "auto_expand_replicas": "false"}),
+            ({"SIDECAR_OPENSEARCH_REPLICAS": " 1-all"}, "1-all",
+             {"number_of_replicas": 1, "auto_expand_replicas": "1-all"})):
+        settings = Settings.from_env({"SIDECAR_STORE": "opensearch", **environ})
+        assert settings.opensearch_replicas == replicas
+        store = open_store(settings)  # connects lazily: no node needed
+        try:
+            assert store.replicas == index_settings
+        finally:
+            store.close()
+    for wrong in (-1, "-1", "2-1", "one", "0-"):
+        with pytest.raises(ValueError, match=r"opensearch_replicas must be a whole number >= 0 \(a fixed count\) or a "
+                                             r"range MIN-MAX such as 0-1 or 0-all"):
+            Settings(opensearch_replicas=wrong)
 
 
 def test_gpu_memory_fraction_comes_from_the_environment_and_must_be_a_share():
