@@ -53,8 +53,8 @@ def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 10_000, loc
         written = 0
         with tqdm(total=len(changed), unit="doc", desc="index", disable=not progress) as bar:
             for batch in shards.documents(batch_size=batch_size, entries=changed):
-                written += store.upsert(batch)
-                bar.update(len(batch))
+                # Advanced as the store acknowledges documents: a batch is up to batch_size of them.
+                written += store.upsert(batch, progress=bar.update)
         deleted = store.delete(gone) if gone else 0
     summary = IndexSummary(written=written, unchanged=len(live) - len(changed), deleted=deleted,
                            total_in_store=store.count(), seconds=time.perf_counter() - started)

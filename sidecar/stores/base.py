@@ -169,8 +169,10 @@ class Store(Protocol):
         `lock_wait_s`, then StoreLocked), relaxes refresh and replicas once for a large load, and
         refreshes and restores at the end."""
 
-    def upsert(self, documents: Sequence[Document]) -> int:
-        """Insert or replace by id; returns how many were written."""
+    def upsert(self, documents: Sequence[Document], *, progress: Callable[[int], None] | None = None) -> int:
+        """Insert or replace by id; returns how many were written. `progress` is called with counts of documents
+        as they are written (OpenSearch: as each is acknowledged; they add up to the return value), so that a
+        progress bar moves through a large batch instead of jumping at its end."""
 
     def delete(self, ids: Sequence[str]) -> int:
         """Remove by id; unknown ids are ignored; returns how many were removed."""

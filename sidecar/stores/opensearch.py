@@ -360,9 +360,9 @@ class OpenSearchStore:
                 with self._session_guard:
                     self._session = None
 
-    def upsert(self, documents: Sequence[Document]) -> int:
+    def upsert(self, documents: Sequence[Document], *, progress: Callable[[int], None] | None = None) -> int:
         """Insert or replace by id (the last of repeated ids wins), in a load session (this call's
-        own, relaxed for a large load, when none is open)."""
+        own, relaxed for a large load, when none is open); `progress(1)` per document acknowledged."""
         if not documents:
             return 0
         with self.bulk_load() as load:
@@ -378,7 +378,7 @@ class OpenSearchStore:
                 mapping = {"properties": {name: {"type": "binary"} for name in binary}}
                 self._with_retry(lambda: self.client.indices.put_mapping(index=self.alias, body=mapping))
             ops = {d.id: d for d in documents}
-            written, _ = self._bulk(self.alias, ops, lock=load.lock)
+            written, _ = self._bulk(self.alias, ops, lock=load.lock, progress=progress)
             load.written.update(ops)
         return written
 
@@ -749,9 +749,11 @@ class OpenSearchStore:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _bulk(self, index: str, ops: dict[str, Document | None], *, lock: LoadLock) -> tuple[int, int]:
+    def _bulk(self, index: str, ops: dict[str, Document | None], *, lock: LoadLock,
+              progress: Callable[[int], None] | None = None) -> tuple[int, int]:
         """Index (a Document) or delete (None) every id of `ops` through streaming_bulk until each
-        one is acknowledged; returns (written, deleted).
+        one is acknowledged; returns (written, deleted), and calls `progress(1)` per document written
+        as streaming_bulk yields it (a chunk's items as its response arrives).
 
         streaming_bulk retries per-item 429s within a chunk (max_retries, with backoff). Items still
         rejected after that stay pending and are sent again in a later round, after a backoff
@@ -778,6 +780,8 @@ class OpenSearchStore:
                         pending.pop(info["_id"], None)
                         if op == "index":
                             written += 1
+                            if progress is not None:
+                                progress(1)
                         elif info.get("result") == "deleted":
                             deleted += 1
                     elif status == 429:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from opensearchpy import OpenSearch
+from tqdm import tqdm
 
 from sidecar.cli import main
 from sidecar.config import Settings
@@ -223,6 +224,31 @@ def test_a_load_that_loses_the_cluster_fails_without_another_round_of_retries_to
 
 
 # --- one load session per index run -------------------------------------------------------------
+
+
+class RecordingBar(tqdm):
+    """The `index` run's progress bar, remembering every count it reached."""
+
+    reached: list[int] = []
+
+    def update(self, n: float | None = 1) -> bool | None:
+        shown = super().update(n)
+        RecordingBar.reached.append(int(self.n))
+        return shown
+
+
+def test_the_index_progress_bar_advances_per_chunk_acknowledged_within_one_large_upsert(node, tmp_path, monkeypatch):
+    docs, _, _ = make_documents(3000, seed=7)
+    shards = write_shards(tmp_path / "shards", docs, SIGNATURE)
+    store = make_store(chunk_size=500)
+    monkeypatch.setattr("sidecar.ingest.indexing.tqdm", RecordingBar)
+    monkeypatch.setattr(RecordingBar, "reached", [])
+    try:
+        summary = index_shards(store, shards, batch_size=10_000, progress=True)  # the 3000 in one upsert
+        assert summary.written == 3000
+        assert {500, 1000, 1500, 2000, 2500} <= set(RecordingBar.reached) and RecordingBar.reached[-1] == 3000
+    finally:
+        drop(store)
 
 
 def settings_version(store: OpenSearchStore) -> int:

@@ -435,9 +435,12 @@ class EmbeddedStore:
         with self._load_session(lock_wait_s), self._version() as opened, opened.store.bulk_load() as load:
             yield load
 
-    def upsert(self, documents: Sequence[Document]) -> int:
+    def upsert(self, documents: Sequence[Document], *, progress: Callable[[int], None] | None = None) -> int:
         with self._load_session(0.0), self._version() as opened:
-            return opened.store.upsert(documents)
+            written = opened.store.upsert(documents)  # one commit: written all at once
+        if progress is not None:
+            progress(written)
+        return written
 
     def delete(self, ids: Sequence[str]) -> int:
         with self._load_session(0.0), self._version() as opened:

@@ -120,7 +120,9 @@ def test_upsert_replaces_by_id(store: EmbeddedStore):
 
 def test_duplicate_ids_in_one_batch_last_wins(store: EmbeddedStore):
     first, second = make_docs(2)
-    assert store.upsert([first, Document(id=first.id, vector=second.vector, text="later")]) == 1
+    written: list[int] = []
+    assert store.upsert([first, Document(id=first.id, vector=second.vector, text="later")], progress=written.append) == 1
+    assert written == [1]  # progress counts what was written, in the one commit that wrote it
     assert store.fetch([first.id])[0].text == "later"
 
 
