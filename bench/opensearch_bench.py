@@ -85,7 +85,7 @@ def new_alias() -> str:
     return f"bench-{uuid.uuid4().hex[:8]}"
 
 
-def store_for(url: str, alias: str, *, primaries: int = 1, replicas: int = 1) -> OpenSearchStore:
+def store_for(url: str, alias: str, *, primaries: int = 1, replicas: int | str = "0-1") -> OpenSearchStore:
     """What `clip-sidecar index` opens (default settings, or SIDECAR_OPENSEARCH_SHARDS / _REPLICAS)."""
     return OpenSearchStore(url=url, index=alias, number_of_shards=primaries, number_of_replicas=replicas)
 
@@ -117,7 +117,7 @@ def load_bare(url: str, docs: list[Document]) -> float:
         drop(url, alias)
 
 
-def load_cli(url: str, shards: Path, alias: str, *, dim: int, primaries: int = 1, replicas: int = 1) -> float:
+def load_cli(url: str, shards: Path, alias: str, *, dim: int, primaries: int = 1, replicas: int | str = "0-1") -> float:
     """`clip-sidecar index SHARDS --store opensearch` as a user runs it, after the setup a user runs
     first (`clip-sidecar opensearch setup`: index of `primaries` shards and `replicas` replicas, alias,
     lock index; untimed, as the bare path's index creation is); returns seconds."""
