@@ -1187,8 +1187,12 @@ class _SecuredTransport(Transport):
 
 
 def knn_score_to_inner_product(score: float) -> float:
-    """Invert k-NN's innerproduct score (ip >= 0: 1 + ip; ip < 0: 1 / (1 - ip)), same for knn and knn_score."""
-    return score - 1.0 if score >= 1.0 else 1.0 - 1.0 / score
+    """Invert k-NN's innerproduct score (ip >= 0: 1 + ip; ip < 0: 1 / (1 - ip)), same for knn and knn_score.
+    The score is a float32 that OpenSearch writes as its shortest decimal: read back as that float32, as the
+    embedded store's scores are float32 values, not as the float64 nearest the decimal (1.6823235 - 1.0 is
+    0.6823235000000001 there; from the float32, 0.6823234558105469 exactly)."""
+    computed = float(np.float32(score))
+    return computed - 1.0 if computed >= 1.0 else float(np.float32(1.0 - 1.0 / computed))
 
 
 def render_template(template: Any, **values: Any) -> Any:

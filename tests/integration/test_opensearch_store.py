@@ -83,6 +83,20 @@ def test_exact_matches_numpy_and_ann_recall(store):
     assert np.mean(recalls) >= 0.9
 
 
+def test_vector_scores_are_the_float32_inner_products_opensearch_computed_without_decimal_residue(store):
+    docs, _, _ = make_documents(300, seed=3)
+    store.upsert(docs)
+    vectors = {d.id: d.vector for d in docs}
+    queries, _, _ = make_documents(10, seed=4, prefix="q")
+    for q in queries:
+        for exact in (True, False):
+            for hit in store.vector_search(q.vector, 10, exact=exact):
+                # A float32 value, as the embedded store's scores are (1.6823235 read as a float64 less 1 was
+                # 0.6823235000000001), within 2 float32 steps of 1 + ip (2.4e-7) of the inner product.
+                assert float(np.float32(hit.score)) == hit.score
+                assert abs(hit.score - float(vectors[hit.id] @ q.vector)) <= 2.4e-7
+
+
 def test_incremental_upsert_and_delete_are_visible(store):
     docs, _, _ = make_documents(100)
     store.upsert(docs)

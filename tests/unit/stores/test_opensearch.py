@@ -17,7 +17,7 @@ from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from opensearchpy.exceptions import TransportError
 
 from sidecar.stores.base import StoreError, StoreQueryError, StoreUnavailable
-from sidecar.stores.opensearch import RETRYABLE, OpenSearchStore
+from sidecar.stores.opensearch import RETRYABLE, OpenSearchStore, knn_score_to_inner_product
 from tests.support import free_port
 
 
@@ -30,6 +30,15 @@ def test_an_unreachable_cluster_is_a_store_error_naming_the_setting_that_the_sto
     assert "SIDECAR_OPENSEARCH_URL or --opensearch-url" in str(raised.value)
     # Still opensearch-py's ConnectionError: the bulk load's and _with_retry's retries catch that.
     assert isinstance(raised.value, OSConnectionError) and isinstance(raised.value, RETRYABLE)
+
+
+@pytest.mark.parametrize("inner_product", [0.6823234558105469, 0.0, -0.25, -0.999])
+def test_a_knn_score_inverts_to_the_float32_inner_product_it_was_computed_from(inner_product):
+    ip = np.float32(inner_product)
+    # What OpenSearch computes (1 + ip, or 1 / (1 - ip) below 0) in float32, as the shortest decimal it writes.
+    score = float(str(np.float32(1) + ip if ip >= 0 else np.float32(1) / (np.float32(1) - ip)))
+    found = knn_score_to_inner_product(score)
+    assert float(np.float32(found)) == found and abs(found - float(ip)) <= 2.4e-7
 
 
 @pytest.mark.parametrize("engine", ["lucene", "faiss"])
