@@ -178,7 +178,8 @@ class Settings:
     hard_example_max_agreement: float = 0.1  # shared share of the vector and BM25 top k at most this: disagreement
     hard_example_images: bool = False
     # A query (text up to case and spacing, image, filters, model) a worker logged is not logged again for
-    # this long: its searches only name its record in hard-example-repeats.jsonl. 0 = every search logged.
+    # this long: its searches only name its record in hard-example-repeats.jsonl; one it found not hard is not
+    # checked again. 0 = every search checked.
     hard_example_repeat_seconds: float = 3600.0
     quality_log_max_bytes: int = 10 * 1024 * 1024  # per file; a log keeps quality_log_backups more
     quality_log_backups: int = 4
@@ -268,7 +269,7 @@ class Settings:
                              f"names none) is over max_k={self.max_k}, the most hits a search ranks: set "
                              f"rerank_candidates to at most {self.max_k} or max_k to at least {self.rerank_candidates}")
         if self.hard_example_repeat_seconds < 0:
-            raise ValueError(f"setting hard_example_repeat_seconds must be >= 0 (0 = every search logged), "
+            raise ValueError(f"setting hard_example_repeat_seconds must be >= 0 (0 = every search checked), "
                              f"got {self.hard_example_repeat_seconds}")
         if self.quality_log_backups < 0:
             raise ValueError(f"setting quality_log_backups must be >= 0, got {self.quality_log_backups}")

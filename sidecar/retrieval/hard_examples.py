@@ -7,7 +7,8 @@ top hit BM25 put first says nothing of the model), or when the vector and BM25 l
 (`sidecar.retrieval.monitor.BackgroundChecks`: the disagreement costs a vector and a BM25 search)
 and the hard ones are appended to `hard-examples.jsonl`, each query once a while (`repeat_seconds`): a
 search of a query logged since is a line in `hard-example-repeats.jsonl` naming its record, so a popular
-failing query neither fills the log nor leaves feedback on its later searches unresolved; `POST
+failing query neither fills the log nor leaves feedback on its later searches unresolved, and one found
+not hard since is not checked again, so a popular query that does not fail leaves the checks to others; `POST
 /v1/feedback` appends a clicked or judged document to `feedback.jsonl`. A query is its text (in any case
 or spacing, or its image) and its filters: the documents a filtered search could show are all its
 judgments mean, so the export keeps the filters and eval re-runs the query with them. All are
@@ -49,8 +50,8 @@ FEEDBACK_FILE = "feedback.jsonl"
 REASONS = ("no_result", "low_score", "disagreement")
 FEEDBACK_KINDS = ("click", "judgment")
 MAX_RELEVANCE = 3  # judgment grades 0 (not relevant) .. 3, as TREC qrels grade
-# Queries logged within the repeat window that a process remembers (a few MB for ordinary query lengths); past it
-# the oldest is forgotten, and its next search is logged in full again.
+# Queries logged, and apart queries found not hard, within the repeat window that a process remembers (a few MB
+# each for ordinary query lengths); past it the oldest is forgotten, and its next search is checked again.
 MAX_REMEMBERED = 10_000
 # Captions open_clip's CSV reader (pandas.read_csv with its default na_values) reads as a missing value,
 # quoted or not: it would train on the caption "nan". Such pairs are left out of pairs.csv.
@@ -214,9 +215,13 @@ class HardExampleLog:
     A query this process logged within the last `repeat_seconds` (the same text up to case and
     spacing, image, filters and model: `repeat_key`) is not classified or logged again: its search is
     a line `{query_id, repeat_of}` in `folder/hard-example-repeats.jsonl`, bounded apart, so feedback
-    naming it by query_id alone still finds its query, and repeats rotate out only each other. 0: every
-    search is classified and logged. `record(outcome)` is told logged, repeated, dropped (the queue was
-    full) or too_large (one record over the file's bound)."""
+    naming it by query_id alone still finds its query, and repeats rotate out only each other. A query
+    found not hard within the window is not classified again either (skipped), so that a popular query's
+    two searches per check do not keep the queue busy and crowd other queries' checks out (dropped). Either
+    verdict stands for the window, in whatever mode and depth the query is searched again, except a check
+    without a vector (bm25 mode), which judged only the hits and ran no search: its not-hard verdict is not
+    kept. 0: every search is classified. `record(outcome)` is told logged, repeated, skipped, dropped (the
+    queue was full) or too_large (one record over the file's bound)."""
 
     def __init__(self, store: Store, *, folder: Path, checks: BackgroundChecks, fraction: float,
                  rules: HardExampleRules, images: bool, max_bytes: int, backups: int, repeat_seconds: float,
@@ -226,16 +231,16 @@ class HardExampleLog:
         self.fraction = fraction
         self.rules = rules
         self.images = images
-        self.repeat_seconds = repeat_seconds
         self.log = JsonlLog(Path(folder) / HARD_EXAMPLES_FILE, max_bytes=max_bytes, backups=backups)
         self.repeats = JsonlLog(Path(folder) / REPEATS_FILE, max_bytes=max_bytes, backups=backups)
         self._checks = checks
         self._record = record
         self._random = random.Random(seed)
-        self._clock = clock
-        # repeat key -> (query_id of its record, when it was logged), oldest first. Only the checks' one
-        # thread reads and writes it. Per process: each Gunicorn worker logs a popular query once itself.
-        self._logged: OrderedDict[tuple[str | None, ...], tuple[str, float]] = OrderedDict()
+        # Repeat keys of the queries logged (-> the query_id of its record) and, apart, of those found not hard,
+        # so that many of either forget none of the other. Only the checks' one thread reads and writes them.
+        # Per process: each Gunicorn worker checks a popular query once itself.
+        self._logged = _Recent(repeat_seconds, clock)
+        self._not_hard = _Recent(repeat_seconds, clock)
 
     def offer(self, query: SearchedQuery) -> None:
         if self.fraction <= 0 or self._random.random() >= self.fraction:
@@ -251,36 +256,54 @@ class HardExampleLog:
 
     def _classify(self, query: SearchedQuery) -> None:
         key = repeat_key(query)
-        first = self._logged_since(key)
+        first = self._logged.get(key)
         if first is not None:  # not classified again either: its two searches were most of what a check costs
             written = self.repeats.write({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                           "query_id": query.query_id, "repeat_of": first})
             self._record("repeated" if written else "too_large")
             return
+        if self._not_hard.get(key) is not None:
+            self._record("skipped")
+            return
         record = classify(query, store=self.store, rules=self.rules)
         if record is None:
+            if query.vector is not None:
+                self._not_hard.add(key, True)
             return
         if not self.log.write(record):
             self._record("too_large")
             return
         self._record("logged")
-        if self.repeat_seconds > 0:
-            self._logged[key] = (query.query_id, self._clock())
-            self._logged.move_to_end(key)
-            if len(self._logged) > MAX_REMEMBERED:
-                self._logged.popitem(last=False)
-
-    def _logged_since(self, key: tuple[str | None, ...]) -> str | None:
-        """The query_id of `key`'s record if it was logged within `repeat_seconds`; forgets those logged before."""
-        horizon = self._clock() - self.repeat_seconds
-        while self._logged and next(iter(self._logged.values()))[1] <= horizon:
-            self._logged.popitem(last=False)
-        entry = self._logged.get(key)
-        return entry[0] if entry is not None else None
+        self._logged.add(key, query.query_id)
 
     def close(self) -> None:
         self.log.close()
         self.repeats.close()
+
+
+class _Recent:
+    """Keys added within the last `seconds` (0: none kept), each with its value; at most MAX_REMEMBERED, the
+    oldest forgotten first."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float]):
+        self.seconds = seconds
+        self._clock = clock
+        self._added: OrderedDict[Any, tuple[Any, float]] = OrderedDict()  # key -> (value, when added), oldest first
+
+    def add(self, key: Any, value: Any) -> None:
+        if self.seconds > 0:
+            self._added[key] = (value, self._clock())
+            self._added.move_to_end(key)
+            if len(self._added) > MAX_REMEMBERED:
+                self._added.popitem(last=False)
+
+    def get(self, key: Any) -> Any:
+        """`key`'s value if it was added within `seconds`, else None; forgets those added before."""
+        horizon = self._clock() - self.seconds
+        while self._added and next(iter(self._added.values()))[1] <= horizon:
+            self._added.popitem(last=False)
+        entry = self._added.get(key)
+        return entry[0] if entry is not None else None
 
 
 def normalised_text(text: str) -> str:

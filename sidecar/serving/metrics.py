@@ -81,8 +81,9 @@ SEARCH_EF = Gauge("sidecar_search_ef_search", "HNSW efSearch of queries that nam
                   "asks for more candidates than this searches at that many",
                   multiprocess_mode="livemostrecent")
 HARD_EXAMPLES = Counter("sidecar_hard_examples_total",
-                        "Hard searches: logged, repeated (a query logged within SIDECAR_HARD_EXAMPLE_REPEAT_SECONDS), "
-                        "dropped (queue full), too_large (a record over the file bound)",
+                        "Hard-example checks of searches: logged (hard), repeated (a query logged within "
+                        "SIDECAR_HARD_EXAMPLE_REPEAT_SECONDS), skipped (one found not hard within it), dropped "
+                        "(queue full), too_large (a record over the file bound)",
                         ["outcome"])
 FEEDBACK = Counter("sidecar_feedback_total", "Feedback records (POST /v1/feedback) by kind", ["kind"])
 

@@ -185,6 +185,65 @@ def test_the_same_text_under_other_filters_or_by_another_model_is_another_query_
     assert [r["query_id"] for r in records] == ["a", "b"] and repeats == []
 
 
+class CountingStore(EmbeddedStore):
+    """An embedded store that counts its vector and BM25 searches: a hard-example check runs one of each."""
+
+    searches = 0
+
+    def vector_search(self, *args, **kwargs):
+        self.searches += 1
+        return super().vector_search(*args, **kwargs)
+
+    def text_search(self, *args, **kwargs):
+        self.searches += 1
+        return super().text_search(*args, **kwargs)
+
+
+def checks_of_easy_searches(tmp_path: Path, searches: list[tuple[float, str, str]], *, repeat_seconds: float
+                            ) -> tuple[int, list[str]]:
+    """The store searches the checks of `searches` ran, and the outcomes they recorded. Each is (clock time, text,
+    mode) of a search the store answers well: its vector and BM25 top hit are the one document, at cosine 1."""
+    now, outcomes = [0.0], []
+    checks = BackgroundChecks(capacity=10)
+    with CountingStore(tmp_path / "store") as store:
+        store.claim(ModelSignature("m", "w", 4))
+        store.upsert([Document(id="zebra", vector=unit(1, 0, 0, 0), text="zebra", content_hash="z"),
+                      Document(id="fig", vector=unit(0, 1, 0, 0), text="fig", content_hash="f")])
+        hit = store.vector_search(unit(1, 0, 0, 0), 1)[0]
+        store.searches = 0
+        log = HardExampleLog(store, folder=tmp_path / "log", checks=checks, fraction=1.0, rules=HardExampleRules(),
+                             images=False, max_bytes=10**6, backups=1, repeat_seconds=repeat_seconds,
+                             record=outcomes.append, clock=lambda: now[0])
+        for i, (at, text, mode) in enumerate(searches):
+            now[0] = at
+            log.offer(SearchedQuery(query_id=str(i), text=text, image=None, mode=mode, k=1, filters=None,
+                                    vector=None if mode == "bm25" else unit(1, 0, 0, 0), hits=[hit], model="m"))
+            assert checks.wait_idle(30)
+        checks.close()
+        log.close()
+        assert not list(read_jsonl_log(tmp_path / "log" / HARD_EXAMPLES_FILE))
+        return store.searches, outcomes
+
+
+def test_a_popular_query_found_not_hard_is_not_checked_again_within_the_window_nor_logged(tmp_path: Path):
+    # Each of its searches cost a check of two store searches: at fraction 1.0 it kept the check queue busy.
+    searched, outcomes = checks_of_easy_searches(tmp_path / "window", [
+        *((i, "Zebra" if i % 2 else "zebra ", "hybrid") for i in range(50)), (3600, "zebra", "vector")],
+        repeat_seconds=3600)
+    assert searched == 2 * 2  # the first search's check, and the first past the window's
+    assert outcomes == ["skipped"] * 49
+    searched, outcomes = checks_of_easy_searches(tmp_path / "zero", [(0, "zebra", "hybrid")] * 3, repeat_seconds=0)
+    assert searched == 3 * 2 and outcomes == []
+
+
+def test_a_bm25_search_found_not_hard_does_not_spare_a_later_vector_search_its_check(tmp_path: Path):
+    # A check without a query vector judged only the hits shown, not the model: its verdict stands for nothing else.
+    searched, outcomes = checks_of_easy_searches(tmp_path, [(0, "zebra", "bm25"), (1, "zebra", "bm25"),
+                                                            (2, "zebra", "hybrid"), (3, "zebra", "hybrid")],
+                                                 repeat_seconds=3600)
+    assert searched == 2 and outcomes == ["skipped"]
+
+
 def test_feedback_naming_a_repeat_by_query_id_is_exported_with_its_query_and_to_judge_puts_the_most_searched_first(
         tmp_path: Path):
     hard = JsonlLog(tmp_path / HARD_EXAMPLES_FILE, max_bytes=10**6, backups=1)
