@@ -33,8 +33,7 @@ def status():
         "search_effort": effort,
         "stages": summary["stages"],
         "requests": summary["requests"],
-        "hard_examples": {"enabled": state.quality.hard_examples is not None,
-                          "logged": summary["hard_examples_logged"]},
+        "hard_examples": {"enabled": state.quality.hard_examples is not None, **summary["hard_examples"]},
         "store": state.store.name, "documents": documents,
         "pid": os.getpid(),
     })

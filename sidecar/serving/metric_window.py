@@ -100,7 +100,7 @@ class MetricWindow:
 
     def summary(self) -> dict[str, Any]:
         """Over the window: live Recall@K (hits / expected of the shadow checks, with their counts),
-        p50/p95 and count per stage, requests, 5xx and p95 per endpoint, hard examples logged."""
+        p50/p95 and count per stage, requests, 5xx and p95 per endpoint, hard-example checks by outcome."""
         now, current = self._clock(), self._read()
         with self._lock:
             old = [snap for snap in self._snapshots if snap[0] <= now - self.window_s]
@@ -120,7 +120,8 @@ class MetricWindow:
                        **checks},
             "stages": _latencies(delta, "sidecar_stage_seconds", ("stage", "modality", "model")),
             "requests": _requests(delta),
-            "hard_examples_logged": int(total("sidecar_hard_examples_total", outcome="logged")),
+            "hard_examples": {outcome: int(total("sidecar_hard_examples_total", outcome=outcome))
+                              for outcome in ("logged", "repeated", "skipped", "dropped", "too_large")},
         }
 
 

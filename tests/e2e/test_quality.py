@@ -352,6 +352,19 @@ def test_a_popular_hard_query_in_any_case_or_spacing_is_logged_once_leaving_rare
     assert to_judge["text"] == "small star on the left"
 
 
+def test_status_counts_the_hard_example_checks_by_outcome_the_repeats_and_skips_beside_the_logged(build_app, tmp_path):
+    # It reported `logged` alone: the searches a repeat line or a not-hard verdict within the window stood for were
+    # nowhere but in /metrics. min_score and max_agreement -1: only a search that found nothing is hard.
+    app = build_app(quality_log_dir=str(tmp_path / "quality"), hard_example_min_score=-1.0,
+                    hard_example_max_agreement=-1.0, monitor_fraction=0.0)
+    client = app.test_client()
+    for text, mode in (("qwxzv", "bm25"), ("QWXZV", "bm25"), ("red circle", "hybrid"), ("Red Circle", "hybrid")):
+        assert client.post("/v1/search", json={"text": text, "mode": mode, "k": 3}).status_code == 200
+    assert state_of(app).quality.hard_example_checks.wait_idle(60)
+    assert client.get("/v1/status").get_json()["hard_examples"] == {
+        "enabled": True, "logged": 1, "repeated": 1, "skipped": 1, "dropped": 0, "too_large": 0}
+
+
 def test_hard_examples_and_feedback_export_into_an_evaluation_set_eval_runs_and_open_clip_fine_tunes_on_the_pairs(
         build_app, shards, test_cache_dir, tmp_path):
     logs, out = tmp_path / "quality", tmp_path / "export"
