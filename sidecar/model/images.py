@@ -60,13 +60,14 @@ DECODE_BYTES_PER_PIXEL = 16
 
 
 def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Sequence[str] | None = None,
-               draft_size: tuple[int, int] | None = None, max_scans: int = MAX_JPEG_SCANS) -> Image.Image:
+               draft_size: tuple[int, int] | None = None, max_scans: int | None = None) -> Image.Image:
     """Read the header only: the format must be in `formats`, the declared size within `max_pixels`, a
     progressive JPEG's scans at most `max_scans`. No pixel is decoded yet (`load_rgb` does that);
     `image.size` is then the size the decode will have.
 
     `formats`: those the setting image_formats allows (uploads), named so in a refusal; None: the built-in
     IMAGE_FORMATS, which no setting changes (the files the CLI reads), so a refusal names none.
+    `max_scans` alike: the setting max_jpeg_scans's value, or None: the built-in MAX_JPEG_SCANS.
 
     `draft_size` (width, height): JPEGs are set to decode at the smallest DCT scale whose result is
     still at least this large in both directions.
@@ -92,9 +93,10 @@ def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Seq
                                    f"{max_pixels} (max_image_pixels)", kind="too_large")
         if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
             scans = _jpeg_scans(stream)
-            if scans > max_scans:
-                raise ImageDecodeError(f"progressive JPEG of {scans} scans, over the limit of {max_scans} "
-                                       "(max_jpeg_scans): each scan is a pass over the whole image", kind="too_large")
+            limit, named = _limit_in_force(max_scans, MAX_JPEG_SCANS, "max_jpeg_scans")
+            if scans > limit:
+                raise ImageDecodeError(f"progressive JPEG of {scans} scans, over {named}: each scan is a pass over "
+                                       "the whole image", kind="too_large")
         # A file of several frames or pages (animated GIF/WEBP/PNG, multi-page TIFF) opens at its first,
         # which stands for the file. Never ask for n_frames: it walks every frame, which for TIFF takes
         # time quadratic in the page count (2 MB of 1x1 pages: 3.4 s), and none but the first is decoded.
@@ -132,6 +134,15 @@ def decode_bytes(image: Image.Image) -> int:
     """Peak memory a decode of this (opened, not yet loaded) image will hold, estimated from its size."""
     width, height = image.size
     return width * height * DECODE_BYTES_PER_PIXEL
+
+
+def _limit_in_force(value: int | None, built_in: int, setting: str, unit: str = "") -> tuple[int, str]:
+    """A limit and how a refusal names it: `value`, the setting's (uploads), named with the setting; None: the
+    built-in one, which no setting changes on that path (the files the CLI reads), so the refusal names no
+    setting: changing it would change nothing there."""
+    if value is None:
+        return built_in, f"the built-in limit of {built_in}{unit}"
+    return value, f"the limit of {value}{unit} ({setting})"
 
 
 # Pillow's DecompressionBombError: "Image size (400000000 pixels) exceeds limit of 178956970 pixels, …".
@@ -322,35 +333,38 @@ class ImagePreprocess:
         hwc = torch.from_numpy(np.array(image, dtype=np.uint8))  # np.array: a writable copy torch may share
         return np.ascontiguousarray(self.spec.resize_batch(hwc.permute(2, 0, 1)[None])[0].numpy())
 
-    def open(self, data: bytes, *, max_pixels: int, max_resized_side: int = MAX_RESIZED_SIDE,
-             formats: Sequence[str] | None = None, max_scans: int = MAX_JPEG_SCANS) -> Image.Image:
+    def open(self, data: bytes, *, max_pixels: int, max_resized_side: int | None = None,
+             formats: Sequence[str] | None = None, max_scans: int | None = None) -> Image.Image:
         """`open_image` at this model's draft size, plus the resize step's cost: an image whose longer
-        side would pass `max_resized_side` after the resize (an extreme aspect ratio) is refused."""
+        side would pass `max_resized_side` after the resize (an extreme aspect ratio) is refused. None (the
+        limits, as the formats): the built-in ones, which no setting changes, named so in a refusal."""
         image = open_image(data, max_pixels=max_pixels, formats=formats, draft_size=self.spec.draft_size,
                            max_scans=max_scans)
         height, width = self.spec.resized_shape(image.height, image.width)
-        if max(height, width) > max_resized_side:
+        limit, named = _limit_in_force(max_resized_side, MAX_RESIZED_SIDE, "max_resized_side", " pixels a side")
+        if max(height, width) > limit:
             raise ImageDecodeError(f"image is {image.width}x{image.height}: the model's resize would make it "
-                                   f"{width}x{height}, over the limit of {max_resized_side} pixels a side "
-                                   "(max_resized_side)", kind="too_large")
+                                   f"{width}x{height}, over {named}", kind="too_large")
         return image
 
-    def decode(self, data: bytes, *, max_pixels: int, max_resized_side: int = MAX_RESIZED_SIDE,
+    def decode(self, data: bytes, *, max_pixels: int, max_resized_side: int | None = None,
                formats: Sequence[str] | None = None) -> np.ndarray:
         """Image file bytes → uint8 model pixels: the CPU path of the embed job and of queries."""
         return self.pixels(self.load(data, max_pixels=max_pixels, max_resized_side=max_resized_side,
                                      formats=formats))
 
-    def load(self, data: bytes, *, max_pixels: int, max_resized_side: int = MAX_RESIZED_SIDE,
+    def load(self, data: bytes, *, max_pixels: int, max_resized_side: int | None = None,
              formats: Sequence[str] | None = None) -> Image.Image:
         """Image file bytes → the upright RGB image `pixels` takes, decoded at this model's draft size."""
         return load_rgb(self.open(data, max_pixels=max_pixels, max_resized_side=max_resized_side, formats=formats))
 
     # ---- device ----
-    def wants_device_decode(self, data: bytes, *, max_pixels: int, max_scans: int = MAX_JPEG_SCANS,
-                            max_resized_side: int = MAX_RESIZED_SIDE) -> bool:
+    def wants_device_decode(self, data: bytes, *, max_pixels: int, max_scans: int | None = None,
+                            max_resized_side: int | None = None) -> bool:
         """True for a plain RGB/greyscale JPEG within `open`'s limits: pixels, the resize's longer side and,
-        progressive, `max_scans` (header and scan markers read only, no decode)."""
+        progressive, `max_scans` (header and scan markers read only, no decode; None, as `open`: built in)."""
+        max_scans = MAX_JPEG_SCANS if max_scans is None else max_scans
+        max_resized_side = MAX_RESIZED_SIDE if max_resized_side is None else max_resized_side
         stream = io.BytesIO(data)
         try:
             with Image.open(stream, formats=("JPEG",)) as image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import re
@@ -37,7 +38,7 @@ from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.synthetic import describe, iter_items, sample_items, write_corpus
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document, ModelSignature
-from tests.support import cli_ok, ends_with_the_test_run, free_port, write_shards
+from tests.support import cli_ok, ends_with_the_test_run, free_port, repeat_last_scan, write_shards
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -185,6 +186,27 @@ def test_search_refuses_what_the_api_refuses_naming_the_limit_and_its_setting_be
     result = CliRunner().invoke(main, [*base, "-k", "1001", "--ef-search", "4096", "--json"],
                                 env={"SIDECAR_MAX_K": "2000"})  # max_k raised: the CLI follows it, as the API
     assert result.exit_code == 0, result.output
+
+
+def test_search_image_refusing_a_panorama_or_a_many_scan_jpeg_names_no_setting_as_the_limits_govern_uploads_only(
+        store_path, tmp_path):
+    # SIDECAR_MAX_RESIZED_SIDE=20000 still refused the panorama "over the limit of 8192 pixels a side
+    # (max_resized_side)": the CLI holds to the built-in limits, while its message pointed at the settings.
+    panorama, scans = tmp_path / "pano.jpg", tmp_path / "scans.jpg"
+    Image.new("RGB", (20000, 50), (90, 120, 200)).save(panorama, quality=90)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="JPEG", progressive=True)
+    scans.write_bytes(repeat_last_scan(buffer.getvalue(), 200))
+    env = {"SIDECAR_MAX_RESIZED_SIDE": "20000", "SIDECAR_MAX_JPEG_SCANS": "300"}
+    for image, reason in ((panorama, "image is 20000x50: the model's resize would make it 12800x32, over the built-in "
+                                     "limit of 8192 pixels a side"),
+                          (scans, "progressive JPEG of 209 scans, over the built-in limit of 100: each scan is a pass "
+                                  "over the whole image")):
+        result = CliRunner().invoke(main, ["-q", "search", "--image", str(image), "--store-path", str(store_path)],
+                                    env=env)
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for --image: {image}: {reason}" in result.output
+        assert "max_resized_side" not in result.output and "max_jpeg_scans" not in result.output
 
 
 def test_search_image_refusing_a_format_names_no_setting_as_image_formats_governs_uploads_only(store_path, tmp_path):
@@ -656,22 +678,24 @@ def test_embed_takes_jfif_and_jpe_jpegs_and_lists_heic_avif_ico_and_svg_files_in
 
 
 @pytest.mark.parametrize("decode", ["cpu", "device"])
-def test_embed_lists_a_panorama_past_max_resized_side_in_errors_whichever_decoder_would_take_it(tmp_path, decode):
+def test_embed_lists_a_panorama_past_the_built_in_max_resized_side_in_errors_whichever_decoder_would_take_it(
+        tmp_path, decode):
     # The device decoder (here libjpeg-turbo on the CPU, nvjpeg on a GPU) stored it: a vector the API refuses to
-    # compute for the same file (413), resized to 12,800 px wide first.
+    # compute for the same file (413), resized to 12,800 px wide first. The CLI holds to the built-in limit whatever
+    # SIDECAR_MAX_RESIZED_SIDE says (an upload's limit), and its reason named that setting as if it applied.
     folder = tmp_path / "photos"
     folder.mkdir()
     sample_items(1, seed=32)[0].image.save(folder / "photo.jpg", quality=90)
     Image.new("RGB", (20000, 50), (90, 120, 200)).save(folder / "panorama.jpg", quality=90)
     out = tmp_path / "shards"
     result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "0",
-                                       "--decode", decode])
+                                       "--decode", decode], env={"SIDECAR_MAX_RESIZED_SIDE": "20000"})
     assert result.exit_code == 0, result.output
     assert "2 items: 1 embedded, 0 unchanged, 1 failed" in result.output
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert [(row["id"], row["reason"]) for row in errors] == [
-        ("panorama.jpg", "image is 20000x50: the model's resize would make it 12800x32, over the limit of 8192 pixels "
-                         "a side (max_resized_side)")]
+        ("panorama.jpg", "image is 20000x50: the model's resize would make it 12800x32, over the built-in limit of 8192 "
+                         "pixels a side")]
     assert shard_ids(out) == ["photo.jpg"]
 
 

@@ -81,7 +81,7 @@ def test_a_device_embed_with_nvimagecodec_records_it_and_matches_the_cpu_decode(
 @pytest.mark.parametrize("decode", ["cpu", "device", "split"])
 def test_a_progressive_jpeg_of_too_many_scans_is_listed_unusable_by_every_decode_not_embedded(encoder, tmp_path,
                                                                                                decode):
-    # The decode workers refuse it before decoding (max_jpeg_scans); the device decoder would make each scan's
+    # The decode workers refuse it before decoding (the built-in max scans); the device decoder would make each scan's
     # pass over the image and store it. On a CPU-only machine the "device" decoder is torchvision's.
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="JPEG", progressive=True)
@@ -93,5 +93,5 @@ def test_a_progressive_jpeg_of_too_many_scans_is_listed_unusable_by_every_decode
     summary = embed_corpus(encoder, images, out, workers=0, decode=decode, progress=False)
     assert (summary.embedded, summary.failed) == (1, 1)
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
-    assert [(e["id"], e["reason"]) for e in errors] == [("bomb.jpg", "progressive JPEG of 209 scans, over the limit "
-                                                        "of 100 (max_jpeg_scans): each scan is a pass over the whole image")]
+    assert [(e["id"], e["reason"]) for e in errors] == [("bomb.jpg", "progressive JPEG of 209 scans, over the built-in "
+                                                        "limit of 100: each scan is a pass over the whole image")]

@@ -322,17 +322,20 @@ def test_a_jpeg_the_resize_would_stretch_past_max_resized_side_is_left_to_the_cp
     panorama = _encode(Image.new("RGB", (20000, 50), (90, 120, 200)), "JPEG")
     assert not preprocess.wants_device_decode(panorama, max_pixels=LIMIT)
     assert preprocess.wants_device_decode(panorama, max_pixels=LIMIT, max_resized_side=12_800)
-    with pytest.raises(ImageDecodeError, match=r"over the limit of 8192 pixels a side \(max_resized_side\)"):
+    with pytest.raises(ImageDecodeError, match=r"over the built-in limit of 8192 pixels a side$"):
         preprocess.decode(panorama, max_pixels=LIMIT)
 
 
-def test_an_image_the_resize_would_stretch_past_max_resized_side_is_refused():
+def test_an_image_the_resize_would_stretch_past_max_resized_side_is_refused_naming_the_setting_only_if_it_chose_it():
+    # The CLI's decodes (no limit passed: the built-in one) named max_resized_side, which changes nothing there.
     preprocess = _preprocess("shortest", size=32)
     data = _encode(Image.new("RGB", (4000, 4)), "PNG")  # the shorter side to 32: 32,000 x 32
     with pytest.raises(ImageDecodeError, match=r"4000x4: the model's resize would make it 32000x32, over the limit of "
                                                r"8192 pixels a side \(max_resized_side\)") as info:
-        preprocess.decode(data, max_pixels=LIMIT)
+        preprocess.open(data, max_pixels=LIMIT, max_resized_side=8192)
     assert info.value.kind == "too_large"
+    with pytest.raises(ImageDecodeError, match=r"32000x32, over the built-in limit of 8192 pixels a side$"):
+        preprocess.decode(data, max_pixels=LIMIT)
     assert preprocess.decode(data, max_pixels=LIMIT, max_resized_side=32_000).shape == (32, 32, 3)
 
 
@@ -383,8 +386,11 @@ def test_a_progressive_jpeg_of_more_scans_than_max_scans_is_refused_from_its_byt
     bomb = repeat_last_scan(progressive, 200)
     with pytest.raises(ImageDecodeError, match=r"progressive JPEG of 209 scans, over the limit of 100 "
                                                r"\(max_jpeg_scans\)") as info:
-        open_image(bomb, max_pixels=LIMIT)
+        open_image(bomb, max_pixels=LIMIT, max_scans=100)
     assert info.value.kind == "too_large"
+    # No limit passed (the CLI's decodes): the built-in one, and no setting named, as none changes it there.
+    with pytest.raises(ImageDecodeError, match=r"209 scans, over the built-in limit of 100: each scan"):
+        open_image(bomb, max_pixels=LIMIT)
     assert load_rgb(open_image(progressive, max_pixels=LIMIT, max_scans=10)).size == (64, 64)
     assert load_rgb(open_image(bomb, max_pixels=LIMIT, max_scans=209)).size == (64, 64)  # the limit refused it
 
