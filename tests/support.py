@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import requests
 from PIL import Image
+from tqdm import tqdm
 
 from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.types import Document, ModelSignature
@@ -34,6 +35,17 @@ def write_shards(out: Path, docs: Sequence[Document], signature: ModelSignature)
                        [ShardRow(id=d.id, path=f"{d.id}.jpg", text=d.text, metadata=dict(d.metadata),
                                  content_hash=d.content_hash, image_hash=d.content_hash) for d in docs])
     return out
+
+
+class RecordingBar(tqdm):
+    """A progress bar (put in place of indexing's tqdm) remembering every count it reached."""
+
+    reached: list[int] = []
+
+    def update(self, n: float | None = 1) -> bool | None:
+        shown = super().update(n)
+        RecordingBar.reached.append(int(self.n))
+        return shown
 
 
 def removed_soon(path: Path, *, timeout_s: float = 30) -> bool:

@@ -95,10 +95,11 @@ def rebuild_index(store: Store, shard_dir: Path, *, batch_size: int = 10_000, lo
                              "Nothing was changed. Pass --drop-unsharded to rebuild without them (then write them "
                              "again the way they were written), or run `index` without --rebuild, which keeps them")
 
-    documents = (doc for batch in tqdm(shards.documents(batch_size=batch_size), unit="batch", desc="rebuild",
-                                       disable=not progress) for doc in batch)
-    new_index = store.rebuild(documents, signature=shards.signature, fine_signature=shards.fine_signature,
-                              lock_wait_s=lock_wait_s, before=refuse_unsharded)
+    documents = (doc for batch in shards.documents(batch_size=batch_size, entries=live.values()) for doc in batch)
+    with tqdm(total=len(live), unit="doc", desc="rebuild", disable=not progress) as bar:
+        # Advanced as the store writes documents (OpenSearch: as it acknowledges them), not per batch pulled.
+        new_index = store.rebuild(documents, signature=shards.signature, fine_signature=shards.fine_signature,
+                                  lock_wait_s=lock_wait_s, before=refuse_unsharded, progress=bar.update)
     total = store.count()
     log.info("rebuilt into %s and switched to it", new_index)
     if found["unsharded"]:

@@ -207,12 +207,13 @@ class Store(Protocol):
 
     def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature,
                 fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0,
-                before: Callable[[], None] | None = None) -> str:
+                before: Callable[[], None] | None = None, progress: Callable[[int], None] | None = None) -> str:
         """Load `documents` into a fresh index recording `signature` (and `fine_signature`, the fine
         model of their fine vectors) and swap it in whole (zero downtime), under the same
         load lock as `bulk_load`; returns its name (OpenSearch: the new index; embedded: the new version's
         directory). `before` is called once the lock is held, before anything is built: a check of what
-        is stored that no load changes until the swap; what it raises refuses the rebuild, nothing changed."""
+        is stored that no load changes until the swap; what it raises refuses the rebuild, nothing changed.
+        `progress` is called with counts of documents as they are written, as `upsert`'s is."""
 
     def fetch(self, ids: Sequence[str], *, vectors: bool = True) -> list[Document]:
         """Full documents (full-precision vectors included, and the fine model's where stored) in the

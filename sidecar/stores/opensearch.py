@@ -393,10 +393,10 @@ class OpenSearchStore:
 
     def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature,
                 fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0,
-                before: Callable[[], None] | None = None) -> str:
+                before: Callable[[], None] | None = None, progress: Callable[[int], None] | None = None) -> str:
         """Under the load lock: call `before`, load a new versioned index, check its count, swap the alias
         atomically, then drop the old index. An `index` run started meanwhile waits or is refused
-        (its writes would land in the index the swap drops)."""
+        (its writes would land in the index the swap drops). `progress(1)` per document acknowledged."""
         with self._load_lock("rebuild", lock_wait_s=lock_wait_s) as lock:
             if before is not None:
                 before()
@@ -416,7 +416,7 @@ class OpenSearchStore:
                 for batch in _batches(documents, REBUILD_BATCH):
                     ops = {d.id: d for d in batch}
                     ids.update(ops)
-                    self._bulk(name, ops, lock=lock)
+                    self._bulk(name, ops, lock=lock, progress=progress)
                 # Only once loaded: a failed load deletes the index below, relaxed or not.
                 self._restore_settings(name, saved)
                 self.client.indices.refresh(index=name)

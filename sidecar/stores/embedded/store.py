@@ -448,10 +448,11 @@ class EmbeddedStore:
 
     def rebuild(self, documents: Iterable[Document], *, signature: ModelSignature,
                 fine_signature: ModelSignature | None = None, lock_wait_s: float = 0.0,
-                before: Callable[[], None] | None = None) -> str:
+                before: Callable[[], None] | None = None, progress: Callable[[int], None] | None = None) -> str:
         """Under load.lock held exclusive: call `before`, build the next version from `documents` beside the
         current one (which keeps serving), check its count, point `current` at it, then remove the replaced
-        version unless a process still reads it. Returns the new version's directory."""
+        version unless a process still reads it. Returns the new version's directory; `progress` is called
+        with each committed batch's count."""
         with self._exclusive_load(lock_wait_s, "rebuild"):
             if before is not None:
                 before()
@@ -463,7 +464,8 @@ class EmbeddedStore:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX)  # nobody removes it while it is built
                 try:
-                    total = self._build(folder, documents, signature=signature, fine_signature=fine_signature)
+                    total = self._build(folder, documents, signature=signature, fine_signature=fine_signature,
+                                        progress=progress)
                 except BaseException:
                     shutil.rmtree(folder, ignore_errors=True)
                     raise
@@ -481,7 +483,7 @@ class EmbeddedStore:
         return str(folder)
 
     def _build(self, folder: Path, documents: Iterable[Document], *, signature: ModelSignature,
-               fine_signature: ModelSignature | None) -> int:
+               fine_signature: ModelSignature | None, progress: Callable[[int], None] | None) -> int:
         built = VersionStore(folder, **self._options)
         try:
             built.claim(signature, fine_signature=fine_signature)
@@ -490,7 +492,9 @@ class EmbeddedStore:
                 iterator = iter(documents)
                 while batch := list(itertools.islice(iterator, _REBUILD_BATCH)):
                     ids.update(doc.id for doc in batch)
-                    built.upsert(batch)
+                    written = built.upsert(batch)
+                    if progress is not None:
+                        progress(written)
             total = built.count()
         finally:
             built.close()
