@@ -23,7 +23,7 @@ from opensearchpy import OpenSearch, helpers
 from sidecar.cli import main
 from sidecar.ingest.shards import ShardSet
 from sidecar.model.synthetic import COLORS, SHAPES, SIZES
-from tests.integration.conftest import _client
+from tests.integration.conftest import _client, owned_indices
 from tests.integration.native_support import (
     TEXT_IMAGE,
     TEXTS,
@@ -92,7 +92,7 @@ def native(node: str, corpus: Path, test_cache_dir: Path, tmp_path_factory) -> I
             yield world
     finally:
         CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias), "--disconnect"])
-        client.indices.delete(index=f"{alias}-v*", ignore_unavailable=True)
+        client.indices.delete(index=owned_indices(alias), ignore_unavailable=True)
         client.close()
 
 

@@ -15,7 +15,7 @@ from sidecar.api.auth import key_entry, new_key
 from sidecar.cli import main
 from sidecar.stores.opensearch import OpenSearchStore
 from sidecar.types import ModelSignature
-from tests.integration.conftest import _client, make_store
+from tests.integration.conftest import _client, make_store, owned_indices
 from tests.integration.native_support import (
     TEXT_IMAGE,
     bulk,
@@ -44,7 +44,7 @@ def alias(node: str) -> Iterator[str]:
     finally:
         CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(name), "--disconnect"])
         client = _client()
-        client.indices.delete(index=f"{name}-v*", ignore_unavailable=True)
+        client.indices.delete(index=owned_indices(name), ignore_unavailable=True)
         client.close()
 
 
@@ -124,7 +124,7 @@ def test_connect_refuses_a_sidecar_that_does_not_fit_the_index_and_keeps_nothing
         assert message.format(alias=alias) in result.output and "refusing the connection" in result.output
         assert not any(ml_objects(store.client, alias).values())
     finally:
-        store.client.indices.delete(index=f"{alias}-v*", ignore_unavailable=True)
+        store.client.indices.delete(index=owned_indices(alias), ignore_unavailable=True)
         store.close()
 
 

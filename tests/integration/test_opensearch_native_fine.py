@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from sidecar.cli import main
 from sidecar.model.synthetic import COLORS, SHAPES, SIZES
 from sidecar.model.tiny_model import LARGE_MODEL_NAME, checkpoint_path
-from tests.integration.conftest import _client
+from tests.integration.conftest import _client, owned_indices
 from tests.integration.native_support import cli, opensearch_args, scrape, sidecar_env, store_args, value
 from tests.support import gunicorn_server
 
@@ -45,7 +45,7 @@ def fine_sidecar(node: str, corpus: Path, test_cache_dir: Path, tmp_path_factory
             yield alias, url
     finally:
         CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias), "--disconnect"])
-        client.indices.delete(index=f"{alias}-v*", ignore_unavailable=True)
+        client.indices.delete(index=owned_indices(alias), ignore_unavailable=True)
         client.close()
 
 

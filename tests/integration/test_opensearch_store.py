@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -295,26 +296,29 @@ def test_installed_package_finds_plugin_config_through_the_setting(node, tmp_pat
     assert not (target / "plugin_config").exists()
     config = shutil.copytree(REPO / "plugin_config", tmp_path / "config")
     probe = (
-        "import sidecar.stores.opensearch as m, sys, uuid\n"
+        "import sidecar.stores.opensearch as m, sys\n"
         "from sidecar.config import Settings\n"
         "from sidecar.stores import open_store\n"
         "assert m.__file__.startswith(sys.argv[1]), m.__file__\n"
         "try:\n"
-        f"    s = open_store(Settings.from_env(store='opensearch', opensearch_url={URL!r},\n"
-        "                                     opensearch_index='it-inst-' + uuid.uuid4().hex[:8]))\n"
+        f"    s = open_store(Settings.from_env(store='opensearch', opensearch_url={URL!r}, opensearch_index=sys.argv[2]))\n"
         "except m.StoreError as exc:\n"
         "    print('ERROR', exc); sys.exit(0)\n"
         "s.setup(8); print('OK', s.config_dir, s.count())\n"
-        "s.client.indices.delete(index=s.alias + '-v*')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "SIDECAR_PLUGIN_CONFIG_DIR"}
     env["PYTHONPATH"] = str(target)
-    run = functools.partial(subprocess.run, [sys.executable, "-c", probe, str(target)], capture_output=True,
-                            text=True, timeout=120, cwd=tmp_path, check=True)
-    missing = run(env=env).stdout
-    assert missing.startswith("ERROR") and "SIDECAR_PLUGIN_CONFIG_DIR" in missing
-    found = run(env={**env, "SIDECAR_PLUGIN_CONFIG_DIR": str(config)}).stdout
-    assert found.strip() == f"OK {config} 0"
+    # What the probe's setup makes (the index and the load lock's index) is deleted here, whatever the probe did.
+    owner = make_store(index=f"it-inst-{uuid.uuid4().hex[:8]}")
+    run = functools.partial(subprocess.run, [sys.executable, "-c", probe, str(target), owner.alias],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path, check=True)
+    try:
+        missing = run(env=env).stdout
+        assert missing.startswith("ERROR") and "SIDECAR_PLUGIN_CONFIG_DIR" in missing
+        found = run(env={**env, "SIDECAR_PLUGIN_CONFIG_DIR": str(config)}).stdout
+        assert found.strip() == f"OK {config} 0"
+    finally:
+        drop(owner)
 
 
 def test_a_rebuild_that_would_drop_documents_no_shard_holds_is_refused_unless_told_to_drop_them(store, tmp_path):
