@@ -134,6 +134,23 @@ def unit_vectors(n: int, *, dim: int = 32, seed: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
+def tied_captions(*, dim: int = 32) -> tuple[list[Document], np.ndarray]:
+    """Documents whose BM25 scores for "red" tie (the same caption), ranked the other way round by their
+    vectors, two with one vector (a vector tie), and some no BM25 query matches; and the query vector."""
+    basis = np.eye(dim, dtype=np.float32)
+
+    def toward_query(cosine: float, axis: int) -> np.ndarray:
+        return (cosine * basis[0] + np.sqrt(1 - cosine**2) * basis[axis]).astype(np.float32)
+
+    captions = [("tied0", "a red square", 0.5), ("tied1", "a red square", 0.6), ("tied2", "a red square", 0.7),
+                ("tied3", "a red square", 0.8), ("tied4", "a red square", 0.9), ("strong", "red red red", 0.1),
+                ("twin0", "a blue circle", 0.95), ("twin1", "a red circle", 0.95),
+                ("other0", "a green triangle", 0.3), ("other1", "a green triangle", 0.2)]
+    docs = [Document(id=doc_id, vector=toward_query(cosine, 1 if doc_id.startswith("twin") else 2 + i), text=text,
+                     content_hash=doc_id) for i, (doc_id, text, cosine) in enumerate(captions)]
+    return docs, basis[0]
+
+
 def stored_copies(vectors: np.ndarray, *, copies: int) -> list[Document]:
     """Every vector under `copies` ids (a0, b0, …): the same image stored several times, so a top K
     whose size is no multiple of `copies` ends inside a group of equal scores."""

@@ -38,6 +38,22 @@ def rrf(rankings: Sequence[Sequence[str]], *, weights: Sequence[float], k: int =
     return fused
 
 
+def ranking(scores: Mapping[str, float]) -> list[str]:
+    """Ids best first; equal scores keep the list's own order (a store's hits come in its ranking)."""
+    return sorted(scores, key=scores.__getitem__, reverse=True)
+
+
+def fused_ranking(fused: Mapping[str, float], score_lists: Sequence[Mapping[str, float]], *,
+                  weights: Sequence[float]) -> list[str]:
+    """`fused`'s ids best first. Equal fused scores go by rank in the more heavily weighted list (the first
+    of equal weights), then in the others, then by id: so weights 0/1 (1/0) rank exactly as the BM25 (vector)
+    list does, its own ties included, and its hits before the zero-weighted list's (which fuse to its floor)."""
+    by_weight = sorted(zip(weights, score_lists, strict=True), key=lambda pair: -pair[0])
+    ranks = [{key: rank for rank, key in enumerate(ranking(scores))} for _, scores in by_weight]
+    absent = len(fused)
+    return sorted(fused, key=lambda key: (-fused[key], *(rank.get(key, absent) for rank in ranks), key))
+
+
 def fuse(
     score_lists: Sequence[Mapping[str, float]],
     *,
@@ -49,7 +65,7 @@ def fuse(
     if method not in FUSION_METHODS:
         raise ValueError(f"fusion {method!r}: choose one of {', '.join(FUSION_METHODS)}")
     if method == "rrf":
-        rankings = [sorted(scores, key=scores.__getitem__, reverse=True) for scores in score_lists]
+        rankings = [ranking(scores) for scores in score_lists]
         return rrf(rankings, weights=weights)
     bounds = bounds or [None] * len(score_lists)
     normalised = [minmax(s, bounds=b) if method == "minmax" else zscore(s)

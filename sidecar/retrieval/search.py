@@ -11,7 +11,7 @@ import numpy as np
 
 from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.retrieval.fine import UnusableFineVectors, fine_rank
-from sidecar.retrieval.fusion import FUSION_METHODS, fuse
+from sidecar.retrieval.fusion import FUSION_METHODS, fuse, fused_ranking, ranking
 from sidecar.stores.base import Store, check_filter_fields
 from sidecar.types import Filters, ModelSignature
 
@@ -239,10 +239,10 @@ def _coarse(store: Store, *, vector: np.ndarray | None, text: str | None, option
             # BM25's top N only: a vector candidate outside it adds 0 here, and without the fine stage its
             # hit shows no `scores.bm25` (the score shown is the one fused; finding another costs a query).
             scores = fuse([vector_scores, bm25_scores], method=options.fusion, weights=options.weights)
-        else:
-            scores = vector_scores or bm25_scores
-    return _Coarse(top=sorted(scores, key=scores.__getitem__, reverse=True)[:depth], scores=scores,
-                   vector=vector_scores, bm25=bm25_scores)
+            top = fused_ranking(scores, [vector_scores, bm25_scores], weights=options.weights)
+            return _Coarse(top=top[:depth], scores=scores, vector=vector_scores, bm25=bm25_scores)
+        scores = vector_scores or bm25_scores
+    return _Coarse(top=ranking(scores)[:depth], scores=scores, vector=vector_scores, bm25=bm25_scores)
 
 
 def uses_native_hybrid(store: Store, options: SearchOptions) -> bool:

@@ -528,10 +528,15 @@ class OpenSearchStore:
 
     def supports_native_hybrid(self, *, fusion: str, weights: tuple[float, float], exact: bool) -> bool:
         """Whether `hybrid_search` can fuse these options in the cluster (hybrid query + a
-        normalisation or score-ranker pipeline): min-max with any weights, RRF with equal weights
+        normalisation or score-ranker pipeline): min-max with any weights but 0, RRF with equal weights
         (2.19's score-ranker takes none); never exact search (the hybrid query's vector side is
         ANN); only where neural-search is installed, and only on an index of one primary shard."""
         if exact or self.effort.exact(None) or fusion not in FUSIONS or (fusion == "rrf" and weights[0] != weights[1]):
+            return False
+        # A weight of 0 asks for the other list's ranking, ties included. neural-search 2.19 orders equal fused
+        # scores as its HashMap of Lucene doc ids iterates (doc order only while ids stay under the map's size),
+        # which no request option changes; the Python fusion breaks them by that list's own rank.
+        if min(weights) == 0:
             return False
         # On several shards the hybrid query's fused ranking depends on the shard count: neural-search
         # 2.19 takes min-max bounds over the union of every shard's top hits per sub-query, and RRF

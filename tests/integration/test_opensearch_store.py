@@ -30,7 +30,7 @@ from tests.integration.conftest import (
     make_store,
     owned_indices,
 )
-from tests.support import write_shards
+from tests.support import tied_captions, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -218,6 +218,27 @@ def test_hybrid_search_fuses_vector_and_text(store):
     assert red and all(docs[int(h.id[1:])].metadata["color"] == "red" for h in red)
     with pytest.raises(StoreError, match="rrf"):
         store.hybrid_search(centres[4], "x", 5, fusion="rrf", weights=(0.2, 0.8))
+
+
+@pytest.mark.parametrize("fusion", ["minmax", "zscore", "rrf"])
+def test_hybrid_with_one_list_weighted_zero_ranks_exactly_as_the_other_list_ties_included(store, fusion):
+    docs, query = tied_captions(dim=DIM)
+    # Written first, so that the tied captions' Lucene doc ids pass 32: neural-search's hybrid query orders equal
+    # fused scores by a hash map of doc ids, which put tied2..tied4 before tied0 from there (so a weight of 0 is fused in Python).
+    store.upsert([Document(id=f"filler{i}", vector=-query, text="a green triangle") for i in range(30)])
+    store.upsert(docs)
+    n = len(docs)
+    bm25_hits = store.text_search("red", n)
+    bm25, vector = [hit.id for hit in bm25_hits], [hit.id for hit in store.vector_search(query, n)]
+    assert len({hit.score for hit in bm25_hits}) < len(bm25_hits) - 3  # the five captions tie
+
+    def ranked(weights: tuple[float, float]) -> list[str]:
+        options = SearchOptions(mode="hybrid", k=n, candidates=n, fusion=fusion, weights=weights, rerank=False)
+        return [hit.id for hit in search(store, vector=query, text="red", options=options).hits]
+
+    # BM25's ranking (its ties in its own order), then what only the vector side found, in its order.
+    assert ranked((0, 1)) == bm25 + [doc_id for doc_id in vector if doc_id not in bm25]
+    assert ranked((1, 0)) == vector
 
 
 def test_a_searchs_ef_search_reaches_the_native_hybrid_querys_knn_side(store, monkeypatch):

@@ -1,6 +1,6 @@
 import pytest
 
-from sidecar.retrieval.fusion import fuse, minmax, rrf, zscore
+from sidecar.retrieval.fusion import fuse, fused_ranking, minmax, rrf, zscore
 
 
 def test_minmax_scales_to_unit_range_and_respects_bounds():
@@ -42,3 +42,20 @@ def test_fuse_weights_decide_between_retrievers():
 def test_fuse_rejects_unknown_method_naming_the_choices():
     with pytest.raises(ValueError, match="minmax, zscore, rrf"):
         fuse([{}], method="max", weights=[1.0])
+
+
+@pytest.mark.parametrize("method", ["minmax", "zscore", "rrf"])
+def test_a_zero_weight_leaves_the_other_lists_ranking_ties_included(method):
+    # "b" and "c" tie on BM25 (BM25 ranks b first); the vector list ranks c first and holds "v", no BM25 hit.
+    vector = {"c": 0.9, "v": 0.8, "b": 0.7, "a": 0.1}
+    bm25 = {"a": 9.0, "b": 4.0, "c": 4.0}
+    ranked = fused_ranking(fuse([vector, bm25], method=method, weights=[0, 1]), [vector, bm25], weights=[0, 1])
+    assert ranked == ["a", "b", "c", "v"]  # was a, c, b, v: tied fused scores kept the vector list's order
+    assert fused_ranking(fuse([vector, bm25], method=method, weights=[1, 0]), [vector, bm25],
+                         weights=[1, 0]) == ["c", "v", "b", "a"]
+
+
+def test_equal_fused_scores_go_by_the_heavier_lists_rank_then_the_others_then_id():
+    fused = {"x": 1.0, "y": 1.0, "z": 1.0, "w": 1.0}
+    assert fused_ranking(fused, [{"y": 2.0, "x": 1.0}, {"x": 5.0, "z": 3.0}], weights=[0.2, 0.8]) == ["x", "z", "y", "w"]
+    assert fused_ranking(fused, [{"y": 2.0, "x": 1.0}, {"x": 5.0, "z": 3.0}], weights=[0.5, 0.5]) == ["y", "x", "z", "w"]
