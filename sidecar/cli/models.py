@@ -35,15 +35,12 @@ def models_fetch(ctx: click.Context, **kwargs: Any) -> None:
       clip-sidecar models fetch          # the default tiny model
     """
     from sidecar.model.encoder import load_encoder
-    from sidecar.model.weights import FetchFailed, configured_models, fetch_weights
+    from sidecar.model.weights import configured_models, fetch_weights
 
     settings = settings_from(kwargs, MODEL_FLAGS)
     # The fine-ranking model too, where one is configured: serve loads it from the cache as well.
     for model_settings, fine in configured_models(settings):
-        try:
-            where = fetch_weights(model_settings, progress=ctx.obj["progress"], fine=fine)
-        except FetchFailed as exc:
-            raise click.ClickException(str(exc)) from exc
+        where = fetch_weights(model_settings, progress=ctx.obj["progress"], fine=fine)
         pretrained = model_settings.pretrained
         if pretrained and Path(pretrained).is_file():
             # The user's own file, which nothing checked yet: loaded as the server will load it, so that a file

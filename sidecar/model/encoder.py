@@ -303,15 +303,15 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
     """Load the configured model: by name + pretrained tag, a checkpoint file, or the tiny model.
 
     fetch=True downloads missing weights (or trains the tiny model) first, as the command-line
-    tools do; fetch=False (the server) loads only what is cached and raises ModelNotCached,
-    naming the command to run, otherwise. A model or weights that do not exist raise
-    ModelSettingsError naming the setting (the fine model's where `fine`).
+    tools do (FetchFailed says why a download failed); fetch=False (the server) loads only what is
+    cached and raises ModelNotCached, naming the command to run, otherwise. A model or weights that
+    do not exist raise ModelSettingsError naming the setting (the fine model's where `fine`).
     """
     import open_clip  # heavy import, deferred so `--help` stays fast
 
     from sidecar.model.weights import (
         ModelNotCached,
-        check_model_settings,
+        fetch_weights,
         missing_weights,
         random_weights_notice,
         unloadable_checkpoint,
@@ -319,7 +319,8 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
     )
 
     if fetch:
-        check_model_settings(settings, fine=fine)
+        # Says in one line (FetchFailed) why a download failed, and fast where the host is unreachable.
+        fetch_weights(settings, fine=fine)
     else:
         missing = missing_weights(settings, fine=fine)  # checks the model settings first
         if missing:

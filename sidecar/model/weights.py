@@ -9,6 +9,7 @@ downloads or trains inside its boot timeout.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -37,7 +38,7 @@ class ModelSettingsError(ValueError):
 # (Settings.fine_model_settings moves those into `model` and `pretrained`).
 _SETTING_NAMES = {
     False: {"model": "--model / SIDECAR_MODEL", "pretrained": "--pretrained / SIDECAR_PRETRAINED",
-            "model_config": "--model-config"},
+            "model_config": "--model-config / SIDECAR_MODEL_CONFIG"},
     True: {"model": "--fine-model / SIDECAR_FINE_MODEL", "pretrained": "--fine-pretrained / SIDECAR_FINE_PRETRAINED",
            "model_config": "SIDECAR_FINE_MODEL_CONFIG"},
 }
@@ -62,8 +63,11 @@ def check_model_settings(settings: Settings, *, fine: bool = False) -> None:
     from sidecar.model.tiny_model import register_tiny_config
 
     names = _SETTING_NAMES[fine]
+    for value, setting in ((settings.model, names["model"]), (settings.pretrained, names["pretrained"])):
+        if value.startswith(_SCHEMES):
+            raise ModelSettingsError(_schema_refusal(value, setting, names))
     if settings.model_config:
-        open_clip.add_model_config(settings.model_config)
+        _register_model_config(settings.model_config, names["model_config"])
     register_tiny_config()
     # The project's own models first: the ones a user new to open_clip's names can run at once.
     available = [*TINY_MODELS, *(name for name in open_clip.list_models() if name not in TINY_MODELS)]
@@ -73,9 +77,91 @@ def check_model_settings(settings: Settings, *, fine: bool = False) -> None:
             f"({len(available)} in all; {names['model_config']} adds a custom architecture)")
     pretrained = settings.pretrained
     if pretrained and not Path(pretrained).is_file() and _tag_config(settings.model, pretrained) is None:
+        path = Path(pretrained)
+        if path.is_dir():
+            raise ModelSettingsError(f"pretrained {pretrained!r} ({names['pretrained']}) is a directory: give the "
+                                     "checkpoint file in it (.pt, .bin or .safetensors)")
+        what = ("no such checkpoint file" if os.sep in pretrained or path.suffix
+                else f"neither a checkpoint file nor a pretrained tag of {settings.model}")
         raise ModelSettingsError(
-            f"pretrained {pretrained!r} ({names['pretrained']}) is neither a checkpoint file nor a pretrained tag "
-            f"of {settings.model}; its tags: {', '.join(_tags(settings.model)) or 'none'}")
+            f"pretrained {pretrained!r} ({names['pretrained']}): {what}; the pretrained tags of {settings.model}: "
+            f"{', '.join(_tags(settings.model)) or 'none'}")
+
+
+# open_clip's model-name schemes, which fetch config and weights from the Hub (or a folder) on every load:
+# the server loads offline, from the cache, what `models fetch` put there by model name and tag.
+_SCHEMES = ("hf-hub:", "local-dir:")
+_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
+def _schema_refusal(value: str, setting: str, names: dict[str, str]) -> str:
+    scheme, _, identifier = value.partition(":")
+    repo = identifier.strip("/")
+    known = [f"{names['model']} {model} {names['pretrained']} {tag}" for model, tag in _hub_tags(repo)]
+    instead = (f"the same weights by open_clip's name and tag: {known[0]}" if known else
+               f"its open_clip_config.json's \"model_cfg\" saved as <name>.json ({names['model_config']}, with "
+               f"{names['model']} <name>) and its weights file ({names['pretrained']} "
+               "/path/to/open_clip_model.safetensors)")
+    return f"{value!r} ({setting}): open_clip's {scheme}: names are not supported (the server loads only what " \
+           f"`{FETCH_COMMAND}` cached, offline); give {instead}"
+
+
+def _hub_tags(repo: str) -> list[tuple[str, str]]:
+    """The (model, tag) pairs of open_clip's list whose weights are the Hub repository `repo`."""
+    import open_clip
+
+    return [(model, tag) for model, tag in open_clip.list_pretrained()
+            if (open_clip.get_pretrained_cfg(model, tag).get("hf_hub") or "").strip("/").lower() == repo.lower()]
+
+
+def _builtin_configs() -> dict[str, Path]:
+    """open_clip's own architectures (the JSON files it ships), by name."""
+    import open_clip
+
+    return {path.stem: path for path in (Path(open_clip.__file__).parent / "model_configs").glob("*.json")}
+
+
+def _config_files(model_config: str) -> list[Path]:
+    """The JSON files open_clip reads for a model config setting: the file, or a folder's *.json."""
+    path = Path(model_config)
+    return sorted(path.glob("*.json")) if path.is_dir() else [path]
+
+
+def _register_model_config(model_config: str, setting: str) -> None:
+    """add_model_config once each file is checked: open_clip fails on a file that is not JSON with a
+    traceback (and on every later scan in the process, the file staying on its list), skips one that
+    lacks a key without a word (the model is then "unknown"), and lets one named as one of its own models
+    (or the tiny ones) replace that architecture, whose name, tags and weights id then mean another model."""
+    import open_clip
+
+    if not Path(model_config).exists():
+        raise ModelSettingsError(f"model config {model_config!r} ({setting}): no such file or folder")
+    from sidecar.model.tiny_model import CONFIG_DIR
+
+    taken = {**_builtin_configs(), **{path.stem: path for path in CONFIG_DIR.glob("*.json")}}
+    folder = Path(model_config).is_dir()
+    for path in _config_files(model_config):
+        config = _read_config(path, setting)
+        missing = [key for key in _CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+        # In a folder, open_clip passes over JSON that is no architecture at all; a file named alone must be one.
+        if missing and (not folder or len(missing) < len(_CONFIG_KEYS)):
+            raise ModelSettingsError(f"model config {str(path)!r} ({setting}) lacks {', '.join(missing)}: an "
+                                     f"open_clip architecture has {', '.join(_CONFIG_KEYS)}")
+        clash = taken.get(path.stem)
+        if clash is not None and clash.resolve() != path.resolve():
+            raise ModelSettingsError(f"model config {str(path)!r} ({setting}) is named as the built-in model "
+                                     f"{path.stem!r}: rename the file (a model's name is its config file's, less "
+                                     ".json) and give that name as the model")
+    # Added again on each check: open_clip's last path wins a name, so this config is the one the model loads
+    # (the process may have read another config of the same name before: tests, a benchmark's models).
+    open_clip.add_model_config(model_config)
+
+
+def _read_config(path: Path, setting: str) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelSettingsError(f"model config {str(path)!r} ({setting}) is not a JSON file: {exc}") from exc
 
 
 def unloadable_checkpoint(settings: Settings, exc: Exception, *, fine: bool = False) -> ModelSettingsError:
@@ -162,6 +248,11 @@ def fetch_weights(settings: Settings, *, progress: bool = True, fine: bool = Fal
     from open_clip.pretrained import download_pretrained
 
     source = f"the Hugging Face Hub ({cfg['hf_hub'].rstrip('/')})" if cfg.get("hf_hub") else cfg.get("url")
+    unreachable = _unreachable(cfg)
+    if unreachable:
+        raise FetchFailed(f"could not download {model} / {pretrained}: {unreachable}. Run `{FETCH_COMMAND}` where it "
+                          "is reachable (the weights land in the cache dir, which can be copied), or pass "
+                          "--pretrained /path/to/checkpoint")
     log.info("downloading %s / %s from %s into %s", model, pretrained, source, weights_dir(settings))
     try:
         path = download_pretrained(cfg, cache_dir=os.fspath(weights_dir(settings)))
@@ -172,6 +263,38 @@ def fetch_weights(settings: Settings, *, progress: bool = True, fine: bool = Fal
     if not path:
         raise FetchFailed(f"open_clip names no download for {model} / {pretrained}")
     return path
+
+
+# Seconds the reachability check of a download's host waits for an answer.
+PROBE_TIMEOUT_S = 10.0
+
+
+def _unreachable(cfg: dict) -> str | None:
+    """Why the host a tag downloads from cannot be reached (offline, a name that does not resolve, a refused
+    connection), or None. One request, no retries: huggingface_hub retries a connection error with back-off,
+    once per file it tries, about a minute before it says the file is neither online nor cached, in words
+    that a missing file would have too. Any HTTP answer counts as reachable: a missing file is the download's to say."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+    from open_clip.pretrained import has_hf_hub
+
+    if cfg.get("hf_hub") and has_hf_hub():
+        if constants.HF_HUB_OFFLINE:
+            return "HF_HUB_OFFLINE is set, so the Hugging Face Hub is not asked"
+        url, host = constants.ENDPOINT, f"the Hugging Face Hub ({constants.ENDPOINT})"
+    else:
+        url, host = cfg["url"], cfg["url"]
+    try:
+        # urllib goes through the proxy variables (HTTPS_PROXY, …) as the download does.
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"{host} is unreachable from this machine (offline, or blocked: {reason})"
+    return None
 
 
 def _tag_config(model: str, tag: str) -> dict | None:

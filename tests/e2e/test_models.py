@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from sidecar.cli import main
+from sidecar.config import Settings
+from sidecar.model.encoder import load_encoder
 from sidecar.model.tiny_model import checkpoint_path
 from tests.support import free_port, gunicorn_boot
 
@@ -66,8 +69,11 @@ WRONG_MODELS = {
     "model": (["--model", "ViT-Q-99"],
               "Error: unknown model 'ViT-Q-99' (--model / SIDECAR_MODEL); available: tiny-clip, tiny-clip-large, "),
     "pretrained": (["--pretrained", "/nonexistent/none.pt"],
-                   "Error: pretrained '/nonexistent/none.pt' (--pretrained / SIDECAR_PRETRAINED) is neither a "
-                   "checkpoint file nor a pretrained tag of tiny-clip; its tags: none"),
+                   "Error: pretrained '/nonexistent/none.pt' (--pretrained / SIDECAR_PRETRAINED): no such checkpoint "
+                   "file; the pretrained tags of tiny-clip: none"),
+    "model config": (["--model", "my-arch", "--model-config", "{tmp}/my-arch.json"],
+                     "Error: model config '{tmp}/my-arch.json' (--model-config / SIDECAR_MODEL_CONFIG) is not a JSON "
+                     "file: "),
     "fine model": (["--fine-model", "ViT-Q-99"], "Error: unknown model 'ViT-Q-99' (--fine-model / SIDECAR_FINE_MODEL)"),
 }
 
@@ -78,22 +84,26 @@ WRONG_MODELS = {
 def test_a_wrong_model_or_weights_is_one_line_naming_the_setting_and_the_choices(tmp_path, store_path, command,
                                                                                  wrong):
     flags, message = WRONG_MODELS[wrong]
-    args = [arg.format(tmp=tmp_path) for arg in command]
-    result = CliRunner().invoke(main, ["-q", *args, *flags], env={"SIDECAR_STORE_PATH": str(store_path)})
+    (tmp_path / "my-arch.json").write_text('{"embed_dim": 64,')  # for "model config": cut short
+    args = [arg.format(tmp=tmp_path) for arg in [*command, *flags]]
+    result = CliRunner().invoke(main, ["-q", *args], env={"SIDECAR_STORE_PATH": str(store_path)})
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
-    assert result.output.splitlines()[-1].startswith(message), result.output
+    assert result.output.splitlines()[-1].startswith(message.format(tmp=tmp_path)), result.output
 
 
 def unloadable_checkpoint(tmp_path: Path, test_cache_dir: Path, content: str) -> Path:
     bad = tmp_path / "bad.pt"
-    bad.write_bytes(checkpoint_path(test_cache_dir).read_bytes()[:3000] if content == "cut short" else b"id,path\n")
+    if content == "another model's":
+        bad.write_bytes(checkpoint_path(test_cache_dir, model="tiny-clip-large").read_bytes())
+    else:
+        bad.write_bytes(checkpoint_path(test_cache_dir).read_bytes()[:3000] if content == "cut short" else b"id,path\n")
     return bad
 
 
-@pytest.mark.parametrize("content", ["cut short", "not a checkpoint"])
+@pytest.mark.parametrize("content", ["cut short", "not a checkpoint", "another model's"])
 @pytest.mark.parametrize("command", [["search", "red"], ["serve", "--port", "{port}"], ["models", "fetch"]])
-def test_a_checkpoint_file_that_does_not_load_is_one_line_naming_the_setting(tmp_path, test_cache_dir, store_path,
-                                                                             command, content):
+def test_a_checkpoint_file_that_does_not_load_is_one_line_naming_the_setting(tmp_path, test_cache_dir, fine_encoder,
+                                                                             store_path, command, content):
     # A truncated download or the wrong file given to --pretrained ended in torch's traceback (RuntimeError,
     # UnpicklingError or IndexError, by what the file held), from every command that loads the model; `models
     # fetch`, which a user runs to check the model is ready, said such a file "is cached" without loading it.
@@ -122,15 +132,45 @@ def test_serve_refuses_a_wrong_model_before_starting_gunicorn(wrong):
     assert "gunicorn" not in result.stderr
 
 
-@pytest.mark.slow  # huggingface_hub retries a refused connection with back-off (~45 s)
-def test_fetch_fails_with_a_clear_message_when_the_hub_is_unreachable(tmp_path):
+@pytest.mark.parametrize("command", [["models", "fetch"], ["embed", "{tmp}", "--out", "{tmp}/shards"]])
+def test_a_download_from_an_unreachable_hub_is_one_line_saying_so_without_retrying(tmp_path, command):
+    # huggingface_hub retried the refused connection with back-off for about a minute, then said the file was
+    # "neither online nor cached" (`embed`: in open_clip's traceback), as it says of a file that does not exist.
     cache = tmp_path / "cache"
-    unreachable = {"SIDECAR_CACHE_DIR": str(cache), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
-    result = run_cli("models", "fetch", "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k",
-                     env=unreachable)
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    unreachable = {"SIDECAR_CACHE_DIR": str(cache), "HF_ENDPOINT": endpoint}
+    args = [arg.format(tmp=tmp_path) for arg in command]
+    result = run_cli(*args, "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k", env=unreachable)
     assert result.returncode == 1
     message = result.stderr.splitlines()[-1]
-    assert message.startswith("Error: could not download ViT-B-32 / laion2b_s34b_b79k from the Hugging Face Hub "
-                              "(laion/CLIP-ViT-B-32-laion2B-s34B-b79K)"), message
-    assert "pass --pretrained /path/to/checkpoint" in message
+    assert message.startswith(f"Error: could not download ViT-B-32 / laion2b_s34b_b79k: the Hugging Face Hub "
+                              f"({endpoint}) is unreachable from this machine (offline, or blocked: "), message
+    assert "pass --pretrained /path/to/checkpoint" in message and "Traceback" not in result.stderr
     assert not [p for p in Path(cache).rglob("*") if p.is_file() and p.stat().st_size > 0 and "lock" not in p.name]
+
+
+def checkpoint_forms(tmp_path: Path, test_cache_dir: Path) -> dict[str, Path]:
+    """The tiny model's trained weights as a user may hold them: open_clip's .pt state dict, a .bin, a
+    .safetensors file, and a training checkpoint (open_clip's "state_dict" with DDP's "module." prefix)."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = torch.load(checkpoint_path(test_cache_dir), map_location="cpu", weights_only=True)
+    forms = {"pt": tmp_path / "tiny.pt", "bin": tmp_path / "tiny.bin", "safetensors": tmp_path / "tiny.safetensors",
+             "training checkpoint": tmp_path / "epoch_1.pt"}
+    torch.save(state, forms["pt"])
+    torch.save(state, forms["bin"])
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, forms["safetensors"])
+    torch.save({"epoch": 1, "state_dict": {f"module.{name}": tensor for name, tensor in state.items()}},
+               forms["training checkpoint"])
+    return forms
+
+
+def test_each_form_of_a_checkpoint_file_loads_and_embeds_as_the_trained_model(tmp_path, test_cache_dir, encoder):
+    texts = ["a red circle", "two blue squares"]
+    for form, path in checkpoint_forms(tmp_path, test_cache_dir).items():
+        result = CliRunner().invoke(main, ["-q", "models", "fetch", "--pretrained", str(path)])
+        assert result.exit_code == 0, (form, result.output)
+        assert f"tiny-clip / {path} is cached: {path}" in result.output, (form, result.output)
+        loaded = load_encoder(Settings.from_env(pretrained=str(path), device="cpu"), fetch=False)
+        np.testing.assert_allclose(loaded.encode_texts(texts), encoder.encode_texts(texts), atol=1e-6, err_msg=form)
