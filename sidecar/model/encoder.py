@@ -260,7 +260,7 @@ RANDOM_INIT_SEED = 0
 
 def weights_id(pretrained: str) -> str:
     """A stable name for the weights: the tag itself, the checkpoint file's content hash, or "random"
-    (drawn from RANDOM_INIT_SEED)."""
+    (drawn from RANDOM_INIT_SEED; random weights of a model config's architecture: weights.random_weights_id)"""
     path = Path(pretrained)
     if not path.is_file():
         return pretrained or "random"
@@ -273,12 +273,14 @@ def weights_id(pretrained: str) -> str:
 
 def configured_weights_id(settings: Settings) -> str:
     """The weights id load_encoder gives the settings' model, found without loading it (a checkpoint file
-    is hashed): a tiny model without `pretrained` has its trained checkpoint's."""
+    is hashed): a tiny model without `pretrained` has its trained checkpoint's, random weights
+    weights.random_weights_id (which tells the model config's architectures apart)."""
     from sidecar.model.tiny_model import RECIPES, checkpoint_path
+    from sidecar.model.weights import random_weights_id
 
     if settings.model in RECIPES and not settings.pretrained:
         return weights_id(str(checkpoint_path(settings.cache_dir, model=settings.model)))
-    return weights_id(settings.pretrained)
+    return weights_id(settings.pretrained) if settings.pretrained else random_weights_id(settings)
 
 
 class _RandomInitWarning(logging.Filter):
@@ -313,6 +315,7 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
         ModelNotCached,
         fetch_weights,
         missing_weights,
+        random_weights_id,
         random_weights_notice,
         unloadable_checkpoint,
         weights_dir,
@@ -353,7 +356,8 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
         raise
     tokenizer = open_clip.get_tokenizer(model_name)
     return Encoder(model, tokenizer=tokenizer, preprocess=preprocess, name=model_name,
-                   weights=weights_id(pretrained), device=device, precision=precision)
+                   weights=weights_id(pretrained) if pretrained else random_weights_id(settings), device=device,
+                   precision=precision)
 
 
 def load_fine_encoder(settings: Settings, *, fetch: bool = True) -> Encoder | None:

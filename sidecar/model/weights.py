@@ -9,6 +9,7 @@ downloads or trains inside its boot timeout.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -164,6 +165,31 @@ def _read_config(path: Path, setting: str) -> object:
         raise ModelSettingsError(f"model config {str(path)!r} ({setting}) is not a JSON file: {exc}") from exc
 
 
+def custom_config_digest(settings: Settings) -> str | None:
+    """A digest of the architecture the model config gives `settings.model` (its JSON, key order and spacing
+    aside), None where the model is not the config's: random weights of two configs under one name are two
+    models, which the text-vector cache and the store must not take for one another. Reads the file alone
+    (no open_clip): a server's master names the cache namespace without importing torch."""
+    if not settings.model_config:
+        return None
+    path = next((path for path in _config_files(settings.model_config) if path.stem == settings.model), None)
+    if path is None or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # check_model_settings says what is wrong with it
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def random_weights_id(settings: Settings) -> str:
+    """The weights id of the settings' model with random weights (drawn from one seed): "random" for an
+    architecture of open_clip's, "random:<config digest>" for one of the model config's (custom_config_digest)."""
+    digest = custom_config_digest(settings)
+    return "random" if digest is None else f"random:{digest}"
+
+
 def unloadable_checkpoint(settings: Settings, exc: Exception, *, fine: bool = False) -> ModelSettingsError:
     """The error for a `pretrained` file that does not load into the model: torch and open_clip each say
     so in their own way (a file cut short, not a checkpoint at all, one of another architecture), in a
@@ -192,7 +218,8 @@ def random_weights_notice(settings: Settings, *, fine: bool = False) -> str | No
     names = _SETTING_NAMES[fine]
     tags = _tags(settings.model)
     choices = f"one of its pretrained tags ({', '.join(tags[:3])}{', …' if len(tags) > 3 else ''}) or " if tags else ""
-    return (f"{settings.model} runs with random weights (weights \"random\"): no {names['pretrained']} was given. "
+    return (f"{settings.model} runs with random weights (weights \"{random_weights_id(settings)}\"): no "
+            f"{names['pretrained']} was given. "
             f"Its vectors mean nothing, so search and zero-shot answers are noise: right for benchmarks only. Give "
             f"{names['pretrained']} {choices}a checkpoint file")
 

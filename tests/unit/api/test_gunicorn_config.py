@@ -178,7 +178,8 @@ def test_a_random_weights_server_says_so_once_in_gunicorns_log_from_its_first_wo
         load_encoder(settings, fetch=False)  # what the worker's app does
     warnings = [line for line in (tmp_path / "error.log").read_text().splitlines() if "[WARNING]" in line]
     assert len(warnings) == 1, warnings  # open_clip's "… initialized randomly" not among them, in any format
-    assert 'tiny-random runs with random weights (weights "random"): no --pretrained / SIDECAR_PRETRAINED' in \
+    weights_named = weights.random_weights_id(settings)  # "random:<digest of the config>"
+    assert f'tiny-random runs with random weights (weights "{weights_named}"): no --pretrained / SIDECAR_PRETRAINED' in \
         warnings[0], warnings
 
 

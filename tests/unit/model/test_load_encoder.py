@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from sidecar.config import Settings
 from sidecar.model import weights
 from sidecar.model.encoder import configured_weights_id, load_encoder, weights_id
 from sidecar.model.tiny_model import checkpoint_path
+from sidecar.serving.encoding import text_cache_namespaces
 
 TINY_CONFIG = Path(sidecar.__file__).parent / "model" / "model_configs" / "tiny-clip.json"
 
@@ -34,7 +36,7 @@ def test_random_weights_come_from_one_seed_whatever_the_process_drew_before(tmp_
     first = load_encoder(settings, fetch=False)
     torch.rand(1000)  # another draw from the global generator in between, as a worker's start-up makes
     second = load_encoder(settings, fetch=False)
-    assert first.weights == second.weights == "random"
+    assert first.weights == second.weights == weights.random_weights_id(settings)
     texts = ["a red circle", "two blue squares"]
     np.testing.assert_array_equal(first.encode_texts(texts), second.encode_texts(texts))
 
@@ -48,7 +50,8 @@ def test_a_model_without_pretrained_is_said_once_to_run_random_weights_naming_th
         load_encoder(settings, fetch=False)  # a second load in the process (serve --dev, a benchmark) adds nothing
     said = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert len(said) == 1, said  # open_clip's own root-logger line ("… initialized randomly") is not among them
-    assert said[0].startswith('tiny-random runs with random weights (weights "random"): no --pretrained / '
+    weights_named = weights.random_weights_id(settings)
+    assert said[0].startswith(f'tiny-random runs with random weights (weights "{weights_named}"): no --pretrained / '
                               'SIDECAR_PRETRAINED was given'), said
 
 
@@ -70,3 +73,29 @@ def test_configured_weights_id_is_the_weights_load_encoder_gives_without_loading
     assert configured_weights_id(dataclasses.replace(model_settings, pretrained=str(tiny))) == encoder.weights
     assert configured_weights_id(dataclasses.replace(model_settings, model="ViT-B-32", pretrained="openai")) == "openai"
     assert configured_weights_id(dataclasses.replace(model_settings, model="ViT-B-32")) == "random"
+
+
+def test_random_weights_of_two_model_configs_under_one_name_have_two_weights_ids_and_cache_namespaces(tmp_path):
+    # Both were "random": the text-vector cache served one architecture's vectors to the other, and a store
+    # embedded with one took the other's queries.
+    (tmp_path / "one").mkdir()
+    one = random_weights_settings(tmp_path / "one")
+    config = json.loads(TINY_CONFIG.read_text())
+    config["text_cfg"]["layers"] = 1
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "tiny-random.json").write_text(json.dumps(config, indent=4))
+    two = dataclasses.replace(one, model_config=str(tmp_path / "two" / "tiny-random.json"))
+    first, second = load_encoder(one, fetch=False), load_encoder(two, fetch=False)
+    assert first.weights.startswith("random:") and second.weights.startswith("random:")
+    assert first.weights != second.weights
+    assert first.signature != second.signature
+    assert text_cache_namespaces(one) != text_cache_namespaces(two)
+    assert configured_weights_id(one) == first.weights and configured_weights_id(two) == second.weights
+
+
+def test_the_random_weights_id_of_a_model_config_ignores_its_spacing_and_key_order(tmp_path):
+    settings = random_weights_settings(tmp_path)
+    before = configured_weights_id(settings)
+    config = json.loads(TINY_CONFIG.read_text())
+    Path(settings.model_config).write_text(json.dumps(dict(reversed(config.items()))))
+    assert configured_weights_id(settings) == before
