@@ -57,11 +57,12 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
               help="local: this machine's processes. ray: a Ray cluster (pip install 'clip-sidecar[ray]') decodes "
                    "on CPU tasks and runs the model on actors, one per GPU; same shards, skips and reruns.")
 @click.option("--address", envvar="RAY_ADDRESS", default="local", show_default=True,
-              help="--engine ray: the cluster's address (HOST:PORT of its head, as `ray start --head` prints it; "
-                   "or RAY_ADDRESS); local starts a Ray of this command's own on this machine. Every node must "
-                   "see SOURCE and --out at the same paths. A HOST:PORT that accepts no connection within 5 s "
-                   "fails at once, naming it, as does one where no Ray head answers within 6 s (another server, "
-                   "the dashboard's port): Ray alone retries either for minutes.")
+              help="--engine ray: the cluster's address (HOST:PORT of its head, as `ray start --head` prints it, "
+                   "or ray://HOST:PORT of its Ray Client, port 10001 by default; else RAY_ADDRESS); local starts a "
+                   "Ray of this command's own on this machine. Every node must see SOURCE and --out at the same "
+                   "paths. An address that accepts no connection within 5 s fails then, naming it, as does one "
+                   "where no Ray head or Ray Client server answers within 6 s more (another server, the "
+                   "dashboard's port): Ray alone retries either for minutes.")
 @click.option("--actors", type=click.IntRange(0), default=0, show_default=True,
               help="--engine ray: most encoder actors; 0 = one per GPU of the cluster, or as many CPU actors as "
                    "its CPUs hold.")

@@ -34,6 +34,7 @@ import socket
 import sys
 import time
 import uuid
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NoReturn
@@ -156,7 +157,9 @@ def _connect(address: str, *, verbose: bool) -> Any:
         else:
             _check_reachable(address)
         try:
-            with _native_errors_quiet(verbose):
+            with _native_errors_quiet(verbose), warnings.catch_warnings():
+                if not verbose:  # the Ray Client's, two lines with its source's path, before the error said in one
+                    warnings.filterwarnings("ignore", "Ray Client connection timed out", UserWarning)
                 ray.init(address=address, **options)
         except ConnectionError as exc:
             _refuse_no_head(address, exc)
@@ -247,14 +250,23 @@ def _connect_settings(address: str) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
+def _given(address: str) -> str:
+    """How the user gave `address`, for its errors: the CLI's --address falls back to RAY_ADDRESS, which a shell
+    may have set long before."""
+    return f"RAY_ADDRESS={address}" if os.environ.get("RAY_ADDRESS") == address else f"--address {address}"
+
+
 def _refuse_no_head(address: str, exc: ConnectionError) -> NoReturn:
+    if address == "auto":  # Ray's words say it: no cluster found on this machine, or the one it recorded is gone
+        raise RayUnavailable(f"{_given(address)}: {exc}") from exc
     # Past _check_reachable: something accepts connections there, but it is no Ray head (GCS) or Ray Client server.
+    # Ray's own words are left out: they name the address it tried, the machine's outward one for 127.0.0.1.
     if address.startswith("ray://"):
-        what, port = "no Ray Client server", "its Ray Client port, 10001 by default"
+        what, port = "no Ray Client server", "ray://HOST:PORT, its Ray Client port, 10001 by default"
     else:
         what, port = "no Ray head", "its GCS port, 6379 by default; not the dashboard's or the Ray Client's port"
-    raise RayUnavailable(f"no Ray cluster answers at {address}: {what} answered there within {RAY_CONNECT_S} s "
-                         f"(Ray: {exc}): check that the address is the head's as `ray start --head` printed it "
+    raise RayUnavailable(f"no Ray cluster answers at {address}: {what} answered there within {RAY_CONNECT_S} s: "
+                         f"check that {_given(address)} is the head's address as `ray start --head` printed it "
                          f"({port}) and that the head runs (`ray status` on it)") from exc
 
 
@@ -293,29 +305,32 @@ def _refuse_task_failure(exc: BaseException) -> None:
 
 
 def _check_reachable(address: str) -> None:
-    """Raise RayUnavailable unless HOST:PORT (or ray://HOST:PORT) accepts a TCP connection within
-    CONNECT_TIMEOUT_S; "auto" and a ray:// address without a port are Ray's to resolve."""
+    """Raise RayUnavailable unless HOST:PORT (or ray://HOST[:PORT]) accepts a TCP connection within
+    CONNECT_TIMEOUT_S; "auto" is Ray's to resolve."""
     if address == "auto":
         return
     scheme, sep, rest = address.partition("://")
     if sep and scheme != "ray":  # the dashboard's http://HOST:8265 is what `ray job submit` takes, not a driver
-        raise RayUnavailable(f"--address {address}: a driver connects to the head's HOST:PORT (its GCS port, 6379 by "
+        raise RayUnavailable(f"{_given(address)}: a driver connects to the head's HOST:PORT (its GCS port, 6379 by "
                              "default) or ray://HOST:PORT (its Ray Client port, 10001 by default), not a "
                              f"{scheme}:// URL (the dashboard's, for `ray job submit`)")
     host, colon, port = (rest if sep else address).rpartition(":")
+    default_port = ""
     if not colon or not port.isdigit():
-        if sep:
-            return
-        # Ray's own answer is a ValueError and its traceback.
-        raise RayUnavailable(f"--address {address}: not HOST:PORT; give the head's address as `ray start --head` "
-                             "printed it (its GCS port, 6379 by default), ray://HOST:PORT, auto or local")
+        if not sep:  # Ray's own answer is a ValueError and its traceback
+            raise RayUnavailable(f"{_given(address)}: not HOST:PORT; give the head's address as `ray start --head` "
+                                 "printed it (its GCS port, 6379 by default), ray://HOST:PORT, auto or local")
+        # The Ray Client's gRPC channel connects to 443 where the address names no port (a server behind a TLS
+        # proxy), not to the Client's own 10001.
+        host, port = rest, "443"
+        default_port = "port 443, gRPC's default where ray:// names none, not the Ray Client's 10001: "
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
         reason = f"no answer in {CONNECT_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-        raise RayUnavailable(f"no Ray cluster answers at {address} ({reason}): check "
-                             "that its head runs (`ray status` on it) and that this machine reaches that host and "
-                             "port (firewall, --address as `ray start --head` printed it)") from exc
+        raise RayUnavailable(f"no Ray cluster answers at {address} ({default_port}{reason}): check that its head runs "
+                             "(`ray status` on it), that this machine reaches that host and port (firewall) and that "
+                             f"{_given(address)} is the head's address as `ray start --head` printed it") from exc
 
 
 def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: int, shard_size: int,

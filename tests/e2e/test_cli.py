@@ -1311,20 +1311,27 @@ def test_kill_minus_9_during_store_repair_loses_no_document_and_a_rerun_repairs_
         assert report.clean and report.notes == [], report.describe()  # no leftover file of the killed runs
 
 
-def test_embed_on_ray_at_an_address_nobody_answers_fails_within_seconds_naming_it(tmp_path: Path):
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+@pytest.mark.parametrize("given", ["--address", "RAY_ADDRESS"])
+def test_embed_on_ray_at_an_address_nobody_answers_fails_within_seconds_naming_it_and_where_it_was_given(
+        tmp_path: Path, monkeypatch, scheme, given):
     pytest.importorskip("ray", reason="the ray extra is not installed")
     with socket.socket() as reserved:  # bound, never listening: a connect to it is refused
         reserved.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{reserved.getsockname()[1]}"
+        address = f"{scheme}127.0.0.1:{reserved.getsockname()[1]}"
         folder = tmp_path / "images"
         folder.mkdir()
+        monkeypatch.setenv("RAY_ADDRESS", address if given == "RAY_ADDRESS" else "127.0.0.1:6379")
         started = time.monotonic()
         result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(tmp_path / "shards"),
-                                           "--engine", "ray", "--address", address])
+                                           "--engine", "ray", *(["--address", address] if given == "--address" else [])])
         elapsed = time.monotonic() - started
     assert result.exit_code == 1, result.output
     assert f"Error: no Ray cluster answers at {address} (Connection refused): check that its head " \
            "runs" in result.output
+    # Before, the line said --address whichever had given it: a RAY_ADDRESS set long ago went unnoticed.
+    assert (f"that --address {address} is the head's address" if given == "--address" else
+            f"that RAY_ADDRESS={address} is the head's address") in result.output
     assert len(result.output.strip().splitlines()) == 1
     # Ray alone retries such an address for minutes; the bound leaves room for importing Ray on a busy machine.
     assert elapsed < 30
@@ -1347,13 +1354,34 @@ def test_embed_on_ray_at_an_address_of_another_form_fails_in_one_line_saying_whi
     assert result.output.startswith(f"Error: {says}")
 
 
-def test_embed_on_ray_at_a_port_that_accepts_connections_but_holds_no_ray_head_fails_within_seconds_naming_it(
-        tmp_path: Path):
+def test_embed_on_ray_client_address_without_a_port_checks_grpcs_443_at_once_and_says_so(tmp_path: Path):
+    """gRPC's channel connects to 443 where ray:// names no port. Before, no port meant no check: Ray's Client
+    retries (11 s here) and its UserWarning, two lines with its source's path, before the error."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    address = "ray://nosuchhost.invalid"  # .invalid never resolves (RFC 2606)
+    result = subprocess.run([sys.executable, "-m", "sidecar.cli", "-q", "embed", str(folder), "--out",
+                             str(tmp_path / "shards"), "--engine", "ray", "--address", address],
+                            capture_output=True, text=True, timeout=90)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(f"Error: no Ray cluster answers at {address} (port 443, gRPC's default where "
+                                    "ray:// names none, not the Ray Client's 10001: ")
+
+
+@pytest.mark.parametrize(("scheme", "what", "port"), [
+    ("", "no Ray head", "its GCS port, 6379 by default; not the dashboard's or the Ray Client's port"),
+    ("ray://", "no Ray Client server", "ray://HOST:PORT, its Ray Client port, 10001 by default")])
+def test_embed_on_ray_at_a_port_that_accepts_connections_but_holds_no_ray_head_fails_within_seconds_in_one_line(
+        tmp_path: Path, scheme, what, port):
+    """Before, a ray:// address printed the Ray Client's UserWarning (two lines) before the error, and the error
+    quoted Ray's words naming another address (the machine's outward one for 127.0.0.1)."""
     pytest.importorskip("ray", reason="the ray extra is not installed")
     with socket.socket() as listening:  # accepts connections (the kernel's backlog), answers nothing: not a Ray head
         listening.bind(("127.0.0.1", 0))
         listening.listen()
-        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        address = f"{scheme}127.0.0.1:{listening.getsockname()[1]}"
         folder = tmp_path / "images"
         folder.mkdir()
         started = time.monotonic()
@@ -1363,10 +1391,10 @@ def test_embed_on_ray_at_a_port_that_accepts_connections_but_holds_no_ray_head_f
                                 capture_output=True, text=True, timeout=90)
         elapsed = time.monotonic() - started
     assert result.returncode == 1, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"Error: no Ray cluster answers at {address}: no Ray head "
-                                                     "answered there within 6 s"), result.stderr
-    assert "check that the address is the head's as `ray start --head` printed it" in errors[0]
+    assert result.stderr.splitlines() == [
+        f"Error: no Ray cluster answers at {address}: {what} answered there within 6 s: check that --address "
+        f"{address} is the head's address as `ray start --head` printed it ({port}) and that the head runs (`ray "
+        "status` on it)"], result.stderr
     # Ray alone retries it for minutes (20 attempts of ~40 s); the bound leaves room for importing Ray on a busy machine.
     assert elapsed < 45
 
