@@ -348,7 +348,8 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
                       shard_size=shard_size,
                       workers=0, progress=progress, stages=stages, thumbnail_side=thumbnail_side,
                       max_pixels=max_pixels, allow_empty=allow_empty,
-                      hash_files=lambda paths: _hash_on_cluster(ray, paths, task_cpus=resources.task_cpus))
+                      hash_files=lambda paths: _hash_on_cluster(ray, paths, task_cpus=resources.task_cpus,
+                                                                source=source))
     shards = plan.shards
     failed: list[str] = []  # ids
     with errors_file(out, plan) as errors, \
@@ -373,17 +374,30 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
     return finish_embed(plan, failed=failed, started=started, stages=stages, tagger=tagger)
 
 
-def _hash_on_cluster(ray: Any, paths: list[Path], *, task_cpus: float) -> Iterable[tuple[str | None, str | None]]:
+def _hash_on_cluster(ray: Any, paths: list[Path], *, task_cpus: float,
+                     source: Path) -> Iterable[tuple[str | None, str | None]]:
     """Every file hashed where Ray runs the task (reading every byte of the corpus is the scan's
-    cost), in order, chunk by chunk as they finish."""
+    cost), in order, chunk by chunk as they finish. A file the task cannot read but this machine can stops
+    the scan: the nodes do not share SOURCE's files, and every item would fail."""
     hash_chunk = ray.remote(num_cpus=task_cpus)(_hash_chunk)
-    refs = [hash_chunk.remote(paths[start:start + HASH_CHUNK]) for start in range(0, len(paths), HASH_CHUNK)]
-    for ref in refs:
-        yield from ray.get(ref)
+    chunks = [paths[start:start + HASH_CHUNK] for start in range(0, len(paths), HASH_CHUNK)]
+    refs = [hash_chunk.remote(chunk) for chunk in chunks]
+    for chunk, ref in zip(chunks, refs):
+        node, hashes = ray.get(ref)
+        for path, (digest, reason) in zip(chunk, hashes):
+            if digest is None and hash_file(path)[0] is not None:
+                raise RayUnavailable(f"a Ray worker on node {node} cannot read {path} ({reason}), which this machine "
+                                     f"reads: every node must see SOURCE ({source}) and the images it lists at the "
+                                     "same paths as this machine (storage shared by all, mounted at the same place); "
+                                     "nothing was embedded")
+        yield from hashes
 
 
-def _hash_chunk(paths: list[Path]) -> list[tuple[str | None, str | None]]:
-    return [hash_file(path) for path in paths]
+def _hash_chunk(paths: list[Path]) -> tuple[str, list[tuple[str | None, str | None]]]:
+    """(the node's address, each file's hash or the reason it cannot be read there)."""
+    import ray
+
+    return ray.util.get_node_ip_address(), [hash_file(path) for path in paths]
 
 
 def _actor_pool(ray: Any, resources: RayResources) -> tuple[int, float]:

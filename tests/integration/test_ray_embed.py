@@ -421,3 +421,32 @@ def test_a_node_lost_mid_run_the_job_completes_on_the_rest_with_nothing_lost_or_
     assert len(stdout.splitlines()) == 1 and stdout.startswith("1200 items: 1200 embedded, 0 unchanged, 0 failed")
     assert "(raylet)" not in stderr and "Traceback" not in stderr, stderr
     assert_same_shards(out, local_out)
+
+
+def test_a_source_the_workers_cannot_see_stops_the_scan_in_one_line_saying_every_node_must_see_it_at_the_same_path(
+        ray_cluster, tmp_path):
+    """The driver in a mount namespace of its own, where SOURCE is a tmpfs the cluster's nodes do not see (a disk
+    mounted on the driver's machine alone; the cluster sees the empty folder under it). Before, the command blamed
+    each file as the local engine does ('cannot read …: No such file or directory' … 'Make each readable')."""
+    _, address = ray_cluster
+    namespace = ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]
+    if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespace of the driver's own (unshare --user --mount)")
+    images = write_corpus(tmp_path / "corpus", 4, seed=48).parent
+    source, out = tmp_path / "driver-only", tmp_path / "shards"
+    source.mkdir()
+    driver = ["-m", "sidecar.cli", "-q", "embed", str(source), "--out", str(out), "--engine", "ray", "--address",
+              address, *RESOURCE_FLAGS]
+    script = 'mount -t tmpfs tmpfs "$1" && cp "$2"/*.jpg "$1" && shift 2 && exec "$@"'
+    process = subprocess.run([*namespace, "sh", "-c", script, "sh", str(source), str(images), sys.executable, *driver],
+                             capture_output=True, text=True, timeout=600, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert process.returncode == 1, process.stderr
+    assert not list(source.iterdir())  # the cluster's view: the tmpfs was the driver's alone
+    [line] = process.stderr.splitlines()
+    assert re.fullmatch(
+        rf"Error: a Ray worker on node 127\.0\.0\.\d cannot read {re.escape(str(source))}/item-\d+\.jpg \(No such file "
+        rf"or directory\), which this machine reads: every node must see SOURCE \({re.escape(str(source))}\) and the "
+        r"images it lists at the same paths as this machine \(storage shared by all, mounted at the same place\); "
+        r"nothing was embedded", line), line
+    assert not list(out.glob("shard-*"))
