@@ -175,13 +175,16 @@ def _thumbnail(data: bytes) -> bytes:
     return make_thumbnail(data, side=_thumbnail_side, max_pixels=_max_pixels) if _thumbnail_side else b""
 
 
+READ_FAILED = "cannot read file"  # how read_file's reasons start
+
+
 def read_file(path: Path) -> tuple[bytes | None, str | None]:
     """(the file's bytes, None), or (None, why it cannot be read)."""
     try:
         with open(path, "rb") as fh:
             return fh.read(), None
     except OSError as exc:
-        return None, f"cannot read file: {exc}"
+        return None, f"{READ_FAILED}: {exc}"
 
 
 def decode_data(images: ImagePreprocess, data: bytes, *, max_pixels: int,

@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sidecar.config import THUMBNAIL_SIDE, Settings
-from sidecar.ingest.decode_pool import decode_data, read_file
+from sidecar.ingest.decode_pool import READ_FAILED, decode_data, read_file
 from sidecar.ingest.embed import (
     EmbedSummary,
     document_row,
@@ -365,7 +365,12 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
             pipeline_started = time.perf_counter()
             for written in dataset.iter_rows():
                 errors.write(written["errors"])
-                failed.extend(json.loads(line)["id"] for line in written["errors"].splitlines())
+                for line in written["errors"].splitlines():
+                    failure = json.loads(line)
+                    if failure["reason"].startswith(READ_FAILED):  # the scan read it: on another node?
+                        _refuse_unseen(Path(failure["path"]), failure["reason"], source,
+                                       then="the job stopped; a rerun goes on from the shards it wrote")
+                    failed.append(failure["id"])
                 for stage in (*STAGE_COLUMNS, "write"):
                     stages[f"{stage} (summed over workers)"] += float(written[f"{stage}_s"])
                 bar.update(int(written["rows"]) + int(written["failed"]))
@@ -385,12 +390,18 @@ def _hash_on_cluster(ray: Any, paths: list[Path], *, task_cpus: float,
     for chunk, ref in zip(chunks, refs):
         node, hashes = ray.get(ref)
         for path, (digest, reason) in zip(chunk, hashes):
-            if digest is None and hash_file(path)[0] is not None:
-                raise RayUnavailable(f"a Ray worker on node {node} cannot read {path} ({reason}), which this machine "
-                                     f"reads: every node must see SOURCE ({source}) and the images it lists at the "
-                                     "same paths as this machine (storage shared by all, mounted at the same place); "
-                                     "nothing was embedded")
+            if digest is None:
+                _refuse_unseen(path, f"{reason} on Ray node {node}", source, then="nothing was embedded")
         yield from hashes
+
+
+def _refuse_unseen(path: Path, reason: str, source: Path, *, then: str) -> None:
+    """Raise RayUnavailable where this machine reads `path`, which a Ray worker could not (`reason`): the nodes do not
+    all see SOURCE's files, and every item a task of such a node reads would fail, or be recorded as deleted."""
+    if hash_file(path)[0] is not None:
+        raise RayUnavailable(f"a Ray worker cannot read {path}, which this machine reads ({reason}): every node must "
+                             f"see SOURCE ({source}) and the images it lists at the same paths as this machine "
+                             f"(storage shared by all, mounted at the same place); {then}")
 
 
 def _hash_chunk(paths: list[Path]) -> tuple[str, list[tuple[str | None, str | None]]]:
@@ -451,13 +462,18 @@ def _decode_batch(batch: dict[str, np.ndarray], *, images: ImagePreprocess, max_
                   thumbnail_side: int) -> dict[str, np.ndarray]:
     """A CPU task: each file read and decoded to the model's pixels (zeros, and the reason, when
     unusable), and its thumbnail (b"" when none is asked for)."""
+    import ray
+
     started = time.perf_counter()
+    node = ray.util.get_node_ip_address()
     count = len(batch["path"])
     height, width = images.spec.output_size
     pixels = np.zeros((count, height, width, 3), dtype=np.uint8)
     reasons, thumbnails = [], []
     for index, path in enumerate(batch["path"]):
         data, reason = read_file(Path(path))
+        if reason is not None:  # the driver tells a node that does not see SOURCE by it (errors.jsonl keeps it too)
+            reason = f"{reason} on Ray node {node}"
         decoded, thumbnail = None, b""
         if data is not None:
             decoded, thumbnail, reason = decode_data(images, data, max_pixels=max_pixels, thumbnail_side=thumbnail_side)

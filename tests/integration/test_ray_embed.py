@@ -423,30 +423,65 @@ def test_a_node_lost_mid_run_the_job_completes_on_the_rest_with_nothing_lost_or_
     assert_same_shards(out, local_out)
 
 
+
+# A mount namespace of a process's own, where a tmpfs can cover a folder for it alone, without privileges.
+NAMESPACE = ("unshare", "--user", "--map-root-user", "--mount", "--propagation", "private")
+
+
+def unseen_line(source: Path, images: Path, then: str) -> re.Pattern:
+    """The one line of a job whose workers cannot read `images` where the driver does."""
+    return re.compile(
+        rf"Error: a Ray worker cannot read {re.escape(str(images))}/item-\d+\.jpg, which this machine reads \(.+ on Ray "
+        rf"node 127\.0\.0\.\d\): every node must see SOURCE \({re.escape(str(source))}\) and the images it lists at the "
+        rf"same paths as this machine \(storage shared by all, mounted at the same place\); {then}")
+
+
+def needs_namespaces() -> None:
+    if shutil.which("unshare") is None or subprocess.run([*NAMESPACE, "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespace of a process's own (unshare --user --mount)")
+
+
 def test_a_source_the_workers_cannot_see_stops_the_scan_in_one_line_saying_every_node_must_see_it_at_the_same_path(
         ray_cluster, tmp_path):
     """The driver in a mount namespace of its own, where SOURCE is a tmpfs the cluster's nodes do not see (a disk
     mounted on the driver's machine alone; the cluster sees the empty folder under it). Before, the command blamed
     each file as the local engine does ('cannot read …: No such file or directory' … 'Make each readable')."""
     _, address = ray_cluster
-    namespace = ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]
-    if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode != 0:
-        pytest.skip("no mount namespace of the driver's own (unshare --user --mount)")
+    needs_namespaces()
     images = write_corpus(tmp_path / "corpus", 4, seed=48).parent
     source, out = tmp_path / "driver-only", tmp_path / "shards"
     source.mkdir()
     driver = ["-m", "sidecar.cli", "-q", "embed", str(source), "--out", str(out), "--engine", "ray", "--address",
               address, *RESOURCE_FLAGS]
     script = 'mount -t tmpfs tmpfs "$1" && cp "$2"/*.jpg "$1" && shift 2 && exec "$@"'
-    process = subprocess.run([*namespace, "sh", "-c", script, "sh", str(source), str(images), sys.executable, *driver],
+    process = subprocess.run([*NAMESPACE, "sh", "-c", script, "sh", str(source), str(images), sys.executable, *driver],
                              capture_output=True, text=True, timeout=600, cwd=REPO,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
     assert process.returncode == 1, process.stderr
     assert not list(source.iterdir())  # the cluster's view: the tmpfs was the driver's alone
     [line] = process.stderr.splitlines()
-    assert re.fullmatch(
-        rf"Error: a Ray worker on node 127\.0\.0\.\d cannot read {re.escape(str(source))}/item-\d+\.jpg \(No such file "
-        rf"or directory\), which this machine reads: every node must see SOURCE \({re.escape(str(source))}\) and the "
-        r"images it lists at the same paths as this machine \(storage shared by all, mounted at the same place\); "
-        r"nothing was embedded", line), line
+    assert unseen_line(source, source, "nothing was embedded").fullmatch(line), line
     assert not list(out.glob("shard-*"))
+
+
+def test_a_node_that_cannot_see_source_stops_the_job_in_one_line_instead_of_failing_its_items(ray_cluster, tmp_path):
+    """Node 2 in a mount namespace of its own, where a tmpfs covers SOURCE: the driver and node 1 see the images. The
+    scan's one hash task may run on either node, the decode tasks run on both. Before, the job succeeded with every
+    item a node-2 task read failed ('cannot read file: … No such file or directory') and recorded as deleted (an
+    index then drops their earlier rows)."""
+    env, address = ray_cluster
+    needs_namespaces()
+    manifest = write_corpus(tmp_path / "corpus", 40, seed=49)
+    subprocess.run([str(RAY_LOCAL), "stop-node", "2"], env=env, check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run([*NAMESPACE, "sh", "-c", 'mount -t tmpfs tmpfs "$1" && exec "$2" start-node 2', "sh",
+                        str(manifest.parent), str(RAY_LOCAL)], env=env, check=True, capture_output=True, timeout=180)
+        process = ray_embed(address, manifest, tmp_path / "shards", "--batch-size", "1", "--shard-size", "4")
+        _, stderr = process.communicate(timeout=600)
+    finally:  # node 2 back as the other tests know it
+        subprocess.run([str(RAY_LOCAL), "stop-node", "2"], env=env, capture_output=True, timeout=60)
+        subprocess.run([str(RAY_LOCAL), "start-node", "2"], env=env, capture_output=True, timeout=180)
+    assert process.returncode == 1, stderr
+    [line] = stderr.splitlines()
+    assert unseen_line(manifest, manifest.parent, "(nothing was embedded|the job stopped; a rerun goes on from the "
+                                                  "shards it wrote)").fullmatch(line), line
