@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import requests
@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sidecar.ingest.shards import ShardRow, ShardSet
+from sidecar.retrieval.search import SearchOptions, search
 from sidecar.types import Document, ModelSignature
 
 
@@ -149,6 +150,21 @@ def tied_captions(*, dim: int = 32) -> tuple[list[Document], np.ndarray]:
     docs = [Document(id=doc_id, vector=toward_query(cosine, 1 if doc_id.startswith("twin") else 2 + i), text=text,
                      content_hash=doc_id) for i, (doc_id, text, cosine) in enumerate(captions)]
     return docs, basis[0]
+
+
+def assert_a_zero_weight_ranks_as_the_other_list(store: Any, query: np.ndarray, *, depth: int, fusion: str) -> None:
+    """Hybrid search on `store` (holding `tied_captions`) with weights 0/1 ranks exactly as BM25 does, its ties in
+    its own order, then what only the vector side found, in that side's order; 1/0 exactly as the vector side."""
+    bm25_hits = store.text_search("red", depth)
+    bm25, vector = [hit.id for hit in bm25_hits], [hit.id for hit in store.vector_search(query, depth)]
+    assert len({hit.score for hit in bm25_hits}) < len(bm25_hits) - 3  # the five captions tie
+
+    def ranked(weights: tuple[float, float]) -> list[str]:
+        options = SearchOptions(mode="hybrid", k=depth, candidates=depth, fusion=fusion, weights=weights, rerank=False)
+        return [hit.id for hit in search(store, vector=query, text="red", options=options).hits]
+
+    assert ranked((0, 1)) == bm25 + [doc_id for doc_id in vector if doc_id not in bm25]
+    assert ranked((1, 0)) == vector
 
 
 def stored_copies(vectors: np.ndarray, *, copies: int) -> list[Document]:

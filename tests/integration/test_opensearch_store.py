@@ -30,7 +30,7 @@ from tests.integration.conftest import (
     make_store,
     owned_indices,
 )
-from tests.support import tied_captions, write_shards
+from tests.support import assert_a_zero_weight_ranks_as_the_other_list, tied_captions, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -227,18 +227,7 @@ def test_hybrid_with_one_list_weighted_zero_ranks_exactly_as_the_other_list_ties
     # fused scores by a hash map of doc ids, which put tied2..tied4 before tied0 from there (so a weight of 0 is fused in Python).
     store.upsert([Document(id=f"filler{i}", vector=-query, text="a green triangle") for i in range(30)])
     store.upsert(docs)
-    n = len(docs)
-    bm25_hits = store.text_search("red", n)
-    bm25, vector = [hit.id for hit in bm25_hits], [hit.id for hit in store.vector_search(query, n)]
-    assert len({hit.score for hit in bm25_hits}) < len(bm25_hits) - 3  # the five captions tie
-
-    def ranked(weights: tuple[float, float]) -> list[str]:
-        options = SearchOptions(mode="hybrid", k=n, candidates=n, fusion=fusion, weights=weights, rerank=False)
-        return [hit.id for hit in search(store, vector=query, text="red", options=options).hits]
-
-    # BM25's ranking (its ties in its own order), then what only the vector side found, in its order.
-    assert ranked((0, 1)) == bm25 + [doc_id for doc_id in vector if doc_id not in bm25]
-    assert ranked((1, 0)) == vector
+    assert_a_zero_weight_ranks_as_the_other_list(store, query, depth=len(docs), fusion=fusion)
 
 
 def test_a_searchs_ef_search_reaches_the_native_hybrid_querys_knn_side(store, monkeypatch):
