@@ -152,17 +152,26 @@ class Connection:
 
     @property
     def changed(self) -> bool:
-        return any(not line.startswith("unchanged") for line in self.changes)
+        """Whether this run made, changed, deployed or removed anything (a warning changes nothing)."""
+        return any(not line.startswith(("unchanged", "warning:")) for line in self.changes)
 
 
 def connect(store: OpenSearchStore, options: ConnectOptions) -> Connection:
     """Make (or find unchanged) everything OpenSearch needs to call the sidecar for `store`'s index.
-    Either all of it is there and OpenSearch has embedded through it, or (StoreError) none of it is."""
+    Either all of it is there and OpenSearch has embedded through it, or (StoreError) none of what this run
+    made or changed is: a run that changed nothing before it failed leaves what was there as it was."""
     cluster = _Cluster(store)
     signature = cluster.index_signature()
+    connection = Connection()
     try:
-        return _connect(cluster, signature, options)
+        return _connect(cluster, signature, options, connection)
     except StoreError as exc:
+        if not connection.changed:
+            # A rerun that found everything as asked fails on what is already running (most often the sidecar
+            # is down or restarting): removing the connection would turn a pause into an outage, and every
+            # ingest through the index's default pipeline would fail on a missing pipeline instead of retrying.
+            raise StoreError(f"{exc}; this run changed nothing, so it removed nothing (`--disconnect` removes what "
+                             "an earlier connect made)") from exc
         try:
             disconnect(store)
         except StoreError as cleanup:
@@ -171,10 +180,11 @@ def connect(store: OpenSearchStore, options: ConnectOptions) -> Connection:
         raise StoreError(f"{exc}; refusing the connection (nothing was kept)") from exc
 
 
-def _connect(cluster: "_Cluster", signature: ModelSignature, options: ConnectOptions) -> Connection:
+def _connect(cluster: "_Cluster", signature: ModelSignature, options: ConnectOptions,
+             connection: Connection) -> Connection:
+    """Fills `connection` as it goes, so that a failure leaves a record of what this run changed."""
     store = cluster.store
     names = Names(store.alias)
-    connection = Connection()
     # Connect made an index template of priority 100 for `<alias>-v*` until rebuilds carried the default pipelines:
     # OpenSearch applies one composable template per new index (and then no legacy one), so it hid the cluster's
     # own templates for those names (replicas, ISM policies), and refused to be made beside one of priority 100.

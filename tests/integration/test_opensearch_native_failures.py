@@ -227,6 +227,28 @@ def test_a_rerun_with_a_changed_option_updates_the_connectors_in_place_and_keeps
         client.close()
 
 
+def test_a_rerun_that_changes_nothing_while_the_sidecar_is_down_fails_but_keeps_the_connection(
+        alias, corpus, test_cache_dir, tmp_path):
+    env, log, port = sidecar_env(alias, tmp_path, test_cache_dir), tmp_path / "sidecar.log", free_port()
+    client = _client()
+    try:
+        with gunicorn_server(env, log, port=port) as url:
+            cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url, "--set-defaults")
+        made = ml_objects(client, alias)
+        # The sidecar is stopped: the rerun's last step (an embed through OpenSearch) fails.
+        rerun = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url,
+                                          "--set-defaults"])
+        assert rerun.exit_code == 1, rerun.output
+        assert "Connection refused" in rerun.output and "this run changed nothing, so it removed nothing" \
+            in rerun.output, rerun.output
+        assert ml_objects(client, alias) == made
+        with gunicorn_server(env, log, port=port):  # back: the kept connection embeds through the default pipeline
+            results = bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[:3]])
+        assert [r["status"] for r in results] == [201] * 3, results
+    finally:
+        client.close()
+
+
 def test_a_sidecar_opensearch_cannot_reach_is_refused_with_what_to_check(alias):
     result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias),
                                        "--sidecar-url", f"http://127.0.0.1:{free_port()}"])  # nothing listens
