@@ -17,6 +17,7 @@ from sidecar.model.prompts import PromptSetRegistry, load_prompt_set
 from sidecar.model.synthetic import write_corpus
 from sidecar.model.tiny_model import LARGE_MODEL_NAME
 from sidecar.stores.embedded import EmbeddedStore
+from tests.support import RecordingBar
 
 CORPUS_ITEMS = 400
 EXAMPLE_PROMPT_SETS = Path(__file__).resolve().parents[1] / "examples" / "prompt-sets"
@@ -110,3 +111,13 @@ def root_logging():
         logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+@pytest.fixture
+def indexing_progress(monkeypatch) -> list[int]:
+    """Every count indexing's progress bar reaches during the test, in order (a RecordingBar stands in for its
+    tqdm)."""
+    reached: list[int] = []
+    monkeypatch.setattr(RecordingBar, "reached", reached)
+    monkeypatch.setattr("sidecar.ingest.indexing.tqdm", RecordingBar)
+    return reached

@@ -170,7 +170,6 @@ class OpenSearchStore:
         self.ef_search = ef_search
         self.number_of_shards = number_of_shards
         # A fixed count, or a range OpenSearch expands to the nodes (`replica_settings`).
-        self.number_of_replicas = number_of_replicas
         self.replicas = replica_settings(number_of_replicas)
         self.chunk_size = chunk_size
         self.max_chunk_bytes = max_chunk_bytes

@@ -36,7 +36,7 @@ from tests.integration.conftest import (
     make_store,
     opensearch_args,
 )
-from tests.support import ORIGINAL_ENVIRON, RecordingBar, write_shards
+from tests.support import ORIGINAL_ENVIRON, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -225,30 +225,28 @@ def test_a_load_that_loses_the_cluster_fails_without_another_round_of_retries_to
 # --- one load session per index run -------------------------------------------------------------
 
 
-def test_the_index_progress_bar_advances_per_chunk_acknowledged_within_one_large_upsert(node, tmp_path, monkeypatch):
+def test_the_index_progress_bar_advances_per_chunk_acknowledged_within_one_large_upsert(
+        node, tmp_path, indexing_progress):
     docs, _, _ = make_documents(3000, seed=7)
     shards = write_shards(tmp_path / "shards", docs, SIGNATURE)
     store = make_store(chunk_size=500)
-    monkeypatch.setattr("sidecar.ingest.indexing.tqdm", RecordingBar)
-    monkeypatch.setattr(RecordingBar, "reached", [])
     try:
         summary = index_shards(store, shards, batch_size=10_000, progress=True)  # the 3000 in one upsert
         assert summary.written == 3000
-        assert {500, 1000, 1500, 2000, 2500} <= set(RecordingBar.reached) and RecordingBar.reached[-1] == 3000
+        assert {500, 1000, 1500, 2000, 2500} <= set(indexing_progress) and indexing_progress[-1] == 3000
     finally:
         drop(store)
 
 
-def test_the_rebuild_progress_bar_advances_per_chunk_acknowledged_not_per_shard_batch_pulled(node, tmp_path, monkeypatch):
+def test_the_rebuild_progress_bar_advances_per_chunk_acknowledged_not_per_shard_batch_pulled(
+        node, tmp_path, indexing_progress):
     docs, _, _ = make_documents(3000, seed=7)
     shards = write_shards(tmp_path / "shards", docs, SIGNATURE)
     store = make_store(chunk_size=500)
-    monkeypatch.setattr("sidecar.ingest.indexing.tqdm", RecordingBar)
-    monkeypatch.setattr(RecordingBar, "reached", [])
     try:
         summary = rebuild_index(store, shards, batch_size=10_000, progress=True)  # the 3000 in one shard batch
         assert summary.written == 3000
-        assert {500, 1000, 1500, 2000, 2500} <= set(RecordingBar.reached) and RecordingBar.reached[-1] == 3000
+        assert {500, 1000, 1500, 2000, 2500} <= set(indexing_progress) and indexing_progress[-1] == 3000
     finally:
         drop(store)
 

@@ -124,7 +124,8 @@ def test_opensearch_shards_and_replicas_come_from_the_environment_into_the_store
                                   "SIDECAR_OPENSEARCH_REPLICAS": "0"})
     store = open_store(settings)  # connects lazily: no node needed
     try:
-        assert (store.number_of_shards, store.number_of_replicas) == (3, 0)
+        assert store.number_of_shards == 3
+        assert store.replicas == {"number_of_replicas": 0, "auto_expand_replicas": "false"}
     finally:
         store.close()
     with pytest.raises(ValueError, match="opensearch_shards must be >= 1"):

@@ -27,7 +27,7 @@ from sidecar.stores.embedded import EmbeddedStore
 from sidecar.stores.embedded import store as embedded_store
 from sidecar.stores.embedded.version import VersionStore
 from sidecar.types import ModelSignature
-from tests.support import RecordingBar, removed_soon, write_shards
+from tests.support import removed_soon, write_shards
 from tests.unit.stores.test_embedded import SIGNATURE, make_docs
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -443,14 +443,13 @@ def test_a_rebuild_waiting_for_an_index_run_refuses_the_documents_that_run_write
     assert reader.count() == 32 and not (path / "current").exists()
 
 
-def test_the_rebuild_progress_bar_advances_per_batch_committed_not_per_shard_batch_pulled(served, tmp_path, monkeypatch):
+def test_the_rebuild_progress_bar_advances_per_batch_committed_not_per_shard_batch_pulled(
+        served, tmp_path, monkeypatch, indexing_progress):
     path, _ = served
     monkeypatch.setattr(embedded_store, "_REBUILD_BATCH", 5)  # the store commits 5 at a time
     shards = write_shards(tmp_path / "shards", make_docs(20, seed=1, prefix="new", version=1), SIGNATURE)
-    monkeypatch.setattr("sidecar.ingest.indexing.tqdm", RecordingBar)
-    monkeypatch.setattr(RecordingBar, "reached", [])
     with EmbeddedStore(path) as rebuilder:
         summary = rebuild_index(rebuilder, shards, batch_size=10_000, drop_unsharded=True, progress=True)
     assert summary.written == 20
     # The 20 are one shard batch: the bar counted it pulled (0 then 1 batch), not the documents as committed.
-    assert RecordingBar.reached == [5, 10, 15, 20]
+    assert indexing_progress == [5, 10, 15, 20]
