@@ -1,4 +1,5 @@
-"""`clip-sidecar models`: put the model's weights in the cache before serving (download or train)."""
+"""`clip-sidecar models`: the models there are, and putting one's weights in the cache before serving (download
+or train)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,38 @@ def models_train(ctx: click.Context) -> None:
         return
     path = ensure_tiny_model(settings.cache_dir, model=settings.model, progress=ctx.obj["progress"])
     click.echo(f"{settings.model} trained: {path}")
+
+
+@models.command("list")
+@click.option("--model", help="List this model's pretrained tags, each marked cached or not (default: every model "
+                              "with its tags).")
+@click.option("--model-config", type=click.Path(exists=True, dir_okay=True),
+              help="JSON model config (or folder of them): its architectures are listed too.")
+def models_list(**kwargs: Any) -> None:
+    """The models `--model` takes, with their pretrained tags (`--pretrained`); or, given `--model`, that model's
+    tags, each marked as cached on this machine or not (`models fetch` downloads one). Touches no network.
+
+    \b
+      clip-sidecar models list
+      clip-sidecar models list --model ViT-B-32
+    """
+    from sidecar.model.tiny_model import checkpoint_path
+    from sidecar.model.weights import available_models, pretrained_tags, tags_of, weights_dir
+
+    one = kwargs["model"]
+    settings = settings_from(kwargs, ("model", "model_config"))
+    if one in TINY_MODELS:
+        path = checkpoint_path(settings.cache_dir, model=one)
+        click.echo(f"{one}: trained here, not downloaded: " + (f"cached ({path})" if path.is_file() else
+                                                                 "not trained yet (`clip-sidecar models train`)"))
+    elif one:
+        tags = pretrained_tags(settings)
+        click.echo(f"{one}: {len(tags)} pretrained tags (cache: {weights_dir(settings)})" if tags else
+                   f"{one}: no pretrained tags (give --pretrained /path/to/checkpoint)")
+        for tag, cached in tags:
+            click.echo(f"  {tag:<40} {'cached' if cached else 'not cached'}")
+    else:
+        for name in available_models(settings):
+            tags = ("trained here (`clip-sidecar models train`)" if name in TINY_MODELS
+                    else ", ".join(tags_of(name)) or "no pretrained tags")
+            click.echo(f"{name:<36} {tags}")

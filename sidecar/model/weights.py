@@ -9,6 +9,7 @@ downloads or trains inside its boot timeout.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from sidecar.config import TINY_MODELS, Settings
 log = logging.getLogger(__name__)
 
 FETCH_COMMAND = "clip-sidecar models fetch"
+LIST_COMMAND = "clip-sidecar models list"
 
 
 class ModelNotCached(RuntimeError):
@@ -59,23 +61,16 @@ def configured_models(settings: Settings) -> list[tuple[Settings, bool]]:
 def check_model_settings(settings: Settings, *, fine: bool = False) -> None:
     """Raise ModelSettingsError unless open_clip knows the model (its own, the tiny ones, or one from
     the model config) and `pretrained` is empty, a file, or one of the model's tags. Touches no network."""
-    import open_clip
-
-    from sidecar.model.tiny_model import register_tiny_config
-
     names = _SETTING_NAMES[fine]
     for value, setting in ((settings.model, names["model"]), (settings.pretrained, names["pretrained"])):
         if value.startswith(_SCHEMES):
             raise ModelSettingsError(_schema_refusal(value, setting, names))
-    if settings.model_config:
-        _register_model_config(settings.model_config, names["model_config"])
-    register_tiny_config()
-    # The project's own models first: the ones a user new to open_clip's names can run at once.
-    available = [*TINY_MODELS, *(name for name in open_clip.list_models() if name not in TINY_MODELS)]
+    available = available_models(settings, setting=names["model_config"])
     if settings.model not in available:
         raise ModelSettingsError(
-            f"unknown model {settings.model!r} ({names['model']}); available: {', '.join(available[:12])}, … "
-            f"({len(available)} in all; {names['model_config']} adds a custom architecture)")
+            f"unknown model {settings.model!r} ({names['model']}); "
+            f"{_choices(settings.model, available, what='models', listing=LIST_COMMAND)}; the tiny ones, trained "
+            f"here: {', '.join(TINY_MODELS)} ({names['model_config']} adds a custom architecture)")
     pretrained = settings.pretrained
     if pretrained and not Path(pretrained).is_file() and _tag_config(settings.model, pretrained) is None:
         path = Path(pretrained)
@@ -84,9 +79,40 @@ def check_model_settings(settings: Settings, *, fine: bool = False) -> None:
                                      "checkpoint file in it (.pt, .bin or .safetensors)")
         what = ("no such checkpoint file" if os.sep in pretrained or path.suffix
                 else f"neither a checkpoint file nor a pretrained tag of {settings.model}")
-        raise ModelSettingsError(
-            f"pretrained {pretrained!r} ({names['pretrained']}): {what}; the pretrained tags of {settings.model}: "
-            f"{', '.join(_tags(settings.model)) or 'none'}")
+        tags = _choices(Path(pretrained).name, tags_of(settings.model), what=f"pretrained tags of {settings.model}",
+                        listing=f"{LIST_COMMAND} --model {settings.model}")
+        raise ModelSettingsError(f"pretrained {pretrained!r} ({names['pretrained']}): {what}; {tags}")
+
+
+def available_models(settings: Settings, *, setting: str = _SETTING_NAMES[False]["model_config"]) -> list[str]:
+    """Every model name the settings can load: the tiny ones first (what a user new to open_clip's names can
+    run at once), then open_clip's architectures and the model config's (registered, checked, here)."""
+    import open_clip
+
+    from sidecar.model.tiny_model import register_tiny_config
+
+    if settings.model_config:
+        _register_model_config(settings.model_config, setting)
+    register_tiny_config()
+    return [*TINY_MODELS, *(name for name in open_clip.list_models() if name not in TINY_MODELS)]
+
+
+def _choices(given: str, choices: list[str], *, what: str, listing: str) -> str:
+    """The choices a refused `given` had, for its error message: all of a short list; of a long one (open_clip
+    has over a hundred models, ViT-B-32 over twenty tags), the closest few and the command that lists them."""
+    if len(choices) <= _LISTED_IN_FULL:
+        return f"the {what}: {', '.join(choices) or 'none'}"
+    lowered = {choice.lower(): choice for choice in choices}
+    # A prefix (a tag's dataset without its schedule, `laion2b`) first, then what is spelt alike.
+    closest = [choice for choice in choices if choice.lower().startswith(given.lower())]
+    closest += [lowered[name] for name in difflib.get_close_matches(given.lower(), list(lowered), n=4, cutoff=0.5)
+                if lowered[name] not in closest]
+    near = f"closest: {', '.join(closest[:4])}; " if closest else ""
+    return f"{near}`{listing}` lists all {len(choices)} {what}"
+
+
+# How many choices an error message lists whole (_choices); past that, the closest few.
+_LISTED_IN_FULL = 8
 
 
 # open_clip's model-name schemes, which fetch config and weights from the Hub (or a folder) on every load:
@@ -216,7 +242,7 @@ def random_weights_notice(settings: Settings, *, fine: bool = False) -> str | No
         return None
     _TOLD_RANDOM.add((settings.model, fine))
     names = _SETTING_NAMES[fine]
-    tags = _tags(settings.model)
+    tags = tags_of(settings.model)
     choices = f"one of its pretrained tags ({', '.join(tags[:3])}{', …' if len(tags) > 3 else ''}) or " if tags else ""
     return (f"{settings.model} runs with random weights (weights \"{random_weights_id(settings)}\"): no "
             f"{names['pretrained']} was given. "
@@ -324,13 +350,21 @@ def _unreachable(cfg: dict) -> str | None:
     return None
 
 
+def pretrained_tags(settings: Settings) -> list[tuple[str, bool]]:
+    """The configured model's pretrained tags, each with whether its weights are in the cache (no network)."""
+    check_model_settings(settings)
+    return [(tag, _cached_file(_tag_config(settings.model, tag), weights_dir(settings)) is not None)
+            for tag in tags_of(settings.model)]
+
+
 def _tag_config(model: str, tag: str) -> dict | None:
     import open_clip
 
     return open_clip.get_pretrained_cfg(model, tag) or None
 
 
-def _tags(model: str) -> list[str]:
+def tags_of(model: str) -> list[str]:
+    """open_clip's pretrained tags of `model` (none for the tiny models and a model config's)."""
     import open_clip
 
     return open_clip.list_pretrained_tags_by_model(model)

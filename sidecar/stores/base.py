@@ -73,7 +73,8 @@ class QueryModelMismatch(StoreError):
         asked = (f"the queries are encoded by {query.describe()}" if isinstance(query, ModelSignature)
                  else f"the query vector has {query} dimensions")
         super().__init__(f"store holds {held}, {asked}: serve (or search with) the store's model (--model / "
-                         "SIDECAR_MODEL, --pretrained / SIDECAR_PRETRAINED), or index into a new store with this one")
+                         "SIDECAR_MODEL, --pretrained / SIDECAR_PRETRAINED, and --model-config / SIDECAR_MODEL_CONFIG "
+                         "for a custom architecture), or index into a new store with this one")
         self.store = store
         self.query = query
 

@@ -61,13 +61,14 @@ def test_a_gunicorn_worker_given_an_unknown_model_fails_to_boot_in_one_line_nami
     # HaltServer (raised again while it stops the others), whatever the workers report.
     result = gunicorn_boot({**os.environ, "SIDECAR_MODEL": "ViT-Q-99", "SIDECAR_STORE_PATH": str(store_path)})
     assert result.returncode != 0
-    assert "unknown model 'ViT-Q-99' (--model / SIDECAR_MODEL); available: tiny-clip, tiny-clip-large" in result.stderr
+    assert "unknown model 'ViT-Q-99' (--model / SIDECAR_MODEL); " in result.stderr
+    assert "the tiny ones, trained here: tiny-clip, tiny-clip-large" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 WRONG_MODELS = {
     "model": (["--model", "ViT-Q-99"],
-              "Error: unknown model 'ViT-Q-99' (--model / SIDECAR_MODEL); available: tiny-clip, tiny-clip-large, "),
+              "Error: unknown model 'ViT-Q-99' (--model / SIDECAR_MODEL); "),
     "pretrained": (["--pretrained", "/nonexistent/none.pt"],
                    "Error: pretrained '/nonexistent/none.pt' (--pretrained / SIDECAR_PRETRAINED): no such checkpoint "
                    "file; the pretrained tags of tiny-clip: none"),
@@ -174,3 +175,30 @@ def test_each_form_of_a_checkpoint_file_loads_and_embeds_as_the_trained_model(tm
         assert f"tiny-clip / {path} is cached: {path}" in result.output, (form, result.output)
         loaded = load_encoder(Settings.from_env(pretrained=str(path), device="cpu"), fetch=False)
         np.testing.assert_allclose(loaded.encode_texts(texts), encoder.encode_texts(texts), atol=1e-6, err_msg=form)
+
+
+def test_models_list_names_the_tiny_models_first_then_each_open_clip_model_with_its_tags():
+    result = CliRunner().invoke(main, ["-q", "models", "list"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split(maxsplit=1)[1] for line in result.output.splitlines()}
+    assert list(rows)[:2] == ["tiny-clip", "tiny-clip-large"]
+    assert "laion2b_s34b_b79k" in rows["ViT-B-32"].split(", ") and "openai" in rows["ViT-B-32"].split(", ")
+
+
+def test_models_list_of_one_model_marks_each_tag_cached_or_not_from_the_cache_dir_alone(tmp_path):
+    import open_clip
+
+    # What `models fetch` leaves for a tag open_clip downloads from the Hub: huggingface_hub's cache layout.
+    repo = open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"].strip("/")
+    snapshot = tmp_path / "weights" / f"models--{repo.replace('/', '--')}" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"weights")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abc")
+    result = CliRunner().invoke(main, ["-q", "models", "list", "--model", "ViT-B-32"],
+                                env={"SIDECAR_CACHE_DIR": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    header, *rows = result.output.splitlines()
+    assert header.startswith(f"ViT-B-32: {len(rows)} pretrained tags (cache: {tmp_path / 'weights'})")
+    marks = dict(row.split(maxsplit=1) for row in rows)
+    assert marks["openai"] == "cached" and marks["laion2b_s34b_b79k"] == "not cached"

@@ -81,12 +81,28 @@ def test_a_pretrained_directory_or_missing_file_says_which_rather_than_listing_t
                                                  r"checkpoint file in it"):
         check_model_settings(settings(tmp_path, model="ViT-B-32", pretrained=str(tmp_path)))
     with pytest.raises(ModelSettingsError, match=r"\(--pretrained / SIDECAR_PRETRAINED\): no such checkpoint file; "
-                                                 r"the pretrained tags of ViT-B-32: openai, "):
+                                                 r"`clip-sidecar models list --model ViT-B-32` lists all \d+ "
+                                                 r"pretrained tags of ViT-B-32$"):
         check_model_settings(settings(tmp_path, model="ViT-B-32", pretrained=str(tmp_path / "none.pt")))
     with pytest.raises(ModelSettingsError, match=r"'laion5b' \(--pretrained / SIDECAR_PRETRAINED\): neither a "
-                                                 r"checkpoint file nor a pretrained tag of ViT-B-32; the pretrained "
-                                                 r"tags of ViT-B-32: openai, .*laion2b_s34b_b79k"):
+                                                 r"checkpoint file nor a pretrained tag of ViT-B-32; closest: "):
         check_model_settings(settings(tmp_path, model="ViT-B-32", pretrained="laion5b"))
+
+
+def test_an_unknown_tag_or_model_names_the_closest_few_choices_and_the_command_listing_them_all(tmp_path):
+    with pytest.raises(ModelSettingsError) as refused:
+        check_model_settings(settings(tmp_path, model="ViT-B-32", pretrained="laion2b"))
+    said = str(refused.value)
+    assert "; closest: laion2b_e16, laion2b_s34b_b79k, " in said  # the tags it begins first
+    tags = len(open_clip.list_pretrained_tags_by_model("ViT-B-32"))
+    assert f"`clip-sidecar models list --model ViT-B-32` lists all {tags} pretrained tags of ViT-B-32" in said
+    assert "openai" not in said and "metaclip" not in said  # not every one of its tags
+    with pytest.raises(ModelSettingsError) as refused:
+        check_model_settings(settings(tmp_path, model="ViT-B-23"))
+    said = str(refused.value)
+    assert said.startswith("unknown model 'ViT-B-23' (--model / SIDECAR_MODEL); closest: ViT-B-32, "), said
+    assert "`clip-sidecar models list` lists all" in said and "the tiny ones, trained here: tiny-clip, " in said
+    assert "RN50" not in said
 
 
 def test_a_download_from_an_unreachable_hub_fails_at_once_saying_it_is_unreachable(tmp_path, monkeypatch):
