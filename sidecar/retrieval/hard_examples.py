@@ -5,7 +5,8 @@ cosine of a vector search under its filters is under `min_score`, whatever ranke
 top hit BM25 put first says nothing of the model), or when the vector and BM25 lists disagree (they share at most
 `max_agreement` of their top K). A sampled share of searches is classified off the request path
 (`sidecar.retrieval.monitor.BackgroundChecks`: the disagreement costs a vector and a BM25 search)
-and the hard ones are appended to `hard-examples.jsonl`, each query once a while (`repeat_seconds`): a
+and the hard ones are appended to `hard-examples.jsonl`, each query once a while (`repeat_seconds`, remembered in
+`hard-example-recent.sqlite`, which every server process shares): a
 search of a query logged since is a line in `hard-example-repeats.jsonl` naming its record, so a popular
 failing query neither fills the log nor leaves feedback on its later searches unresolved, and one found
 not hard since is not checked again, so a popular query that does not fail leaves the checks to others; `POST
@@ -28,8 +29,8 @@ import json
 import logging
 import os
 import random
+import sqlite3
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -46,11 +47,12 @@ log = logging.getLogger(__name__)
 
 HARD_EXAMPLES_FILE = "hard-examples.jsonl"
 REPEATS_FILE = "hard-example-repeats.jsonl"
+RECENT_FILE = "hard-example-recent.sqlite"
 FEEDBACK_FILE = "feedback.jsonl"
 REASONS = ("no_result", "low_score", "disagreement")
 FEEDBACK_KINDS = ("click", "judgment")
 MAX_RELEVANCE = 3  # judgment grades 0 (not relevant) .. 3, as TREC qrels grade
-# Queries logged, and apart queries found not hard, within the repeat window that a process remembers (a few MB
+# Queries logged, and apart queries found not hard, within the repeat window that RECENT_FILE remembers (a few MB
 # each for ordinary query lengths); past it the oldest is forgotten, and its next search is checked again.
 MAX_REMEMBERED = 10_000
 # Captions open_clip's CSV reader (pandas.read_csv with its default na_values) reads as a missing value,
@@ -212,7 +214,7 @@ class HardExampleLog:
     bytes (base64); without it image-only queries are not logged at all. A query with neither text
     nor image (`like`: a stored document's vector) is never logged.
 
-    A query this process logged within the last `repeat_seconds` (the same text up to case and
+    A query logged within the last `repeat_seconds` (the same text up to case and
     spacing, image, filters and model: `repeat_key`) is not classified or logged again: its search is
     a line `{query_id, repeat_of}` in `folder/hard-example-repeats.jsonl`, bounded apart, so feedback
     naming it by query_id alone still finds its query, and repeats rotate out only each other. A query
@@ -220,13 +222,16 @@ class HardExampleLog:
     two searches per check do not keep the queue busy and crowd other queries' checks out (dropped). Either
     verdict stands for the window, in whatever mode and depth the query is searched again, except a check
     without a vector (bm25 mode), which judged only the hits and ran no search: its not-hard verdict is not
-    kept. 0: every search is classified. `record(outcome)` is told logged, repeated, skipped, dropped (the
+    kept. 0: every search is classified. Both verdicts are kept in `folder/hard-example-recent.sqlite`, which
+    every process logging to `folder` shares (Gunicorn's workers): a popular query is checked once a window, not
+    once by each worker (two workers checking it at the same moment may both log it). `clock`: seconds,
+    comparable across processes and restarts. `record(outcome)` is told logged, repeated, skipped, dropped (the
     queue was full) or too_large (one record over the file's bound)."""
 
     def __init__(self, store: Store, *, folder: Path, checks: BackgroundChecks, fraction: float,
                  rules: HardExampleRules, images: bool, max_bytes: int, backups: int, repeat_seconds: float,
                  record: Callable[[str], None] = lambda outcome: None, seed: int | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.time):
         self.store = store
         self.fraction = fraction
         self.rules = rules
@@ -237,10 +242,10 @@ class HardExampleLog:
         self._record = record
         self._random = random.Random(seed)
         # Repeat keys of the queries logged (-> the query_id of its record) and, apart, of those found not hard,
-        # so that many of either forget none of the other. Only the checks' one thread reads and writes them.
-        # Per process: each Gunicorn worker checks a popular query once itself.
-        self._logged = _Recent(repeat_seconds, clock)
-        self._not_hard = _Recent(repeat_seconds, clock)
+        # so that many of either forget none of the other.
+        recent = Path(folder) / RECENT_FILE
+        self._logged = _Recent(recent, "logged", repeat_seconds, clock)
+        self._not_hard = _Recent(recent, "not_hard", repeat_seconds, clock)
 
     def offer(self, query: SearchedQuery) -> None:
         if self.fraction <= 0 or self._random.random() >= self.fraction:
@@ -279,31 +284,65 @@ class HardExampleLog:
     def close(self) -> None:
         self.log.close()
         self.repeats.close()
+        self._logged.close()
+        self._not_hard.close()
 
 
 class _Recent:
-    """Keys added within the last `seconds` (0: none kept), each with its value; at most MAX_REMEMBERED, the
-    oldest forgotten first."""
+    """Keys (JSON-able) added within the last `seconds` (0: none kept), each with its (JSON-able) value, in a
+    table of the SQLite file `path` that every process opening it shares; at most about MAX_REMEMBERED, the
+    oldest forgotten first. `kind` names the table's share (the file holds several)."""
 
-    def __init__(self, seconds: float, clock: Callable[[], float]):
+    def __init__(self, path: Path, kind: str, seconds: float, clock: Callable[[], float]):
+        self.path = path
+        self.kind = kind
         self.seconds = seconds
         self._clock = clock
-        self._added: OrderedDict[Any, tuple[Any, float]] = OrderedDict()  # key -> (value, when added), oldest first
+        self._db: sqlite3.Connection | None = None  # opened by the first use: on the checks' thread, not at boot
+        self._added = 0
 
     def add(self, key: Any, value: Any) -> None:
-        if self.seconds > 0:
-            self._added[key] = (value, self._clock())
-            self._added.move_to_end(key)
-            if len(self._added) > MAX_REMEMBERED:
-                self._added.popitem(last=False)
+        if self.seconds <= 0:
+            return
+        db = self._connection()
+        with db:
+            db.execute("INSERT OR REPLACE INTO recent VALUES (?, ?, ?, ?)",
+                       (self.kind, json.dumps(key), json.dumps(value), self._clock()))
+            self._added += 1
+            if self._added % _BOUND_EVERY == 0:  # past the bound by at most this many adds of each process
+                db.execute("DELETE FROM recent WHERE rowid IN (SELECT rowid FROM recent WHERE kind = ? "
+                           "ORDER BY added DESC LIMIT -1 OFFSET ?)", (self.kind, MAX_REMEMBERED))
 
     def get(self, key: Any) -> Any:
         """`key`'s value if it was added within `seconds`, else None; forgets those added before."""
-        horizon = self._clock() - self.seconds
-        while self._added and next(iter(self._added.values()))[1] <= horizon:
-            self._added.popitem(last=False)
-        entry = self._added.get(key)
-        return entry[0] if entry is not None else None
+        if self.seconds <= 0:
+            return None
+        db = self._connection()
+        with db:
+            db.execute("DELETE FROM recent WHERE kind = ? AND added <= ?", (self.kind, self._clock() - self.seconds))
+            row = db.execute("SELECT value FROM recent WHERE kind = ? AND key = ?",
+                             (self.kind, json.dumps(key))).fetchone()
+        return json.loads(row[0]) if row is not None else None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            # WAL: the workers' checks read while another writes; the timeout waits out another's write.
+            db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            with db:
+                db.execute("CREATE TABLE IF NOT EXISTS recent (kind TEXT, key TEXT, value TEXT, added REAL, "
+                           "PRIMARY KEY (kind, key))")
+                db.execute("CREATE INDEX IF NOT EXISTS recent_by_age ON recent (kind, added)")
+            self._db = db
+        return self._db
+
+
+# How many adds of one process pass between trims of _Recent's table to MAX_REMEMBERED (a trim reads that many rows).
+_BOUND_EVERY = 100
 
 
 def normalised_text(text: str) -> str:

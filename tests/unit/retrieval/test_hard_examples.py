@@ -185,6 +185,30 @@ def test_the_same_text_under_other_filters_or_by_another_model_is_another_query_
     assert [r["query_id"] for r in records] == ["a", "b"] and repeats == []
 
 
+def test_a_query_logged_by_one_worker_is_a_repeat_for_another_worker_logging_to_the_same_folder(tmp_path: Path):
+    # Two logs on one folder, each with its own checks thread and SQLite connection, as two Gunicorn workers have.
+    now = [0.0]
+    with EmbeddedStore(tmp_path / "store") as store:
+        workers = [(checks := BackgroundChecks(capacity=10),
+                    HardExampleLog(store, folder=tmp_path / "log", checks=checks, fraction=1.0,
+                                   rules=HardExampleRules(), images=False, max_bytes=10**6, backups=1,
+                                   repeat_seconds=3600, clock=lambda: now[0])) for _ in range(2)]
+        for at, worker, query in ((0, 0, searched("a", "red circle")), (5, 1, searched("b", "Red Circle")),
+                                  (3600, 1, searched("c", "red circle")), (3601, 0, searched("d", "red circle"))):
+            now[0] = at
+            checks, log = workers[worker]
+            log.offer(query)
+            assert checks.wait_idle(30)
+        for checks, log in workers:
+            checks.close()
+            log.close()
+    records = list(read_jsonl_log(tmp_path / "log" / HARD_EXAMPLES_FILE))
+    repeats = list(read_jsonl_log(tmp_path / "log" / REPEATS_FILE))
+    # Past the window the second worker logs it afresh, and the first then finds that record.
+    assert [r["query_id"] for r in records] == ["a", "c"]
+    assert [(r["query_id"], r["repeat_of"]) for r in repeats] == [("b", "a"), ("d", "c")]
+
+
 class CountingStore(EmbeddedStore):
     """An embedded store that counts its vector and BM25 searches: a hard-example check runs one of each."""
 
