@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from sidecar.config import DECODE_MODES, THUMBNAIL_SIDE
 from sidecar.ingest.corpus import CorpusError, CorpusItem, printable, read_corpus
-from sidecar.ingest.decode_pool import DecodeSplit, decoded_batches, ignore_ctrl_c
+from sidecar.ingest.decode_pool import DecodeSplit, decoded_batches, ignore_ctrl_c, read_file
 from sidecar.ingest.identity import document_hash, image_hash
 from sidecar.ingest.shards import ShardRow, ShardSet, exclusive_writer
 from sidecar.ingest.tagging import Tagger, tagged
@@ -412,19 +412,21 @@ def forward_batch(encoder: Encoder, pixels: Sequence[np.ndarray | torch.Tensor])
 def fine_vectors(fine_encoder: Encoder, paths: Sequence[Path], *,
                  max_pixels: int) -> tuple[np.ndarray, list[str | None]]:
     """The fine model's vectors for the same files (a row of zeros where it refuses one), and per file None
-    or why the fine model refused it. It has its own input size: its pixels come from the files, decoded by
-    its own preprocessing, whose resize limit can refuse an image the model took; such an image is a
-    failed item like any unusable one, not the end of the run."""
+    or why it has none. It has its own input size: its pixels come from the files, read again and decoded by
+    its own preprocessing, whose resize limit can refuse an image the model took; such an image, or a file
+    that cannot be read this time (read_file's reason), is a failed item like any unusable one, not the end
+    of the run."""
     vectors = np.zeros((len(paths), fine_encoder.dim), dtype=np.float32)
     pixels: list[np.ndarray] = []
     reasons: list[str | None] = []
     for path in paths:
-        try:
-            pixels.append(fine_encoder.images.decode(Path(path).read_bytes(), max_pixels=max_pixels))
-        except ImageDecodeError as exc:
-            reasons.append(f"fine model: {exc.reason}")
-        else:
-            reasons.append(None)
+        data, reason = read_file(Path(path))
+        if data is not None:
+            try:
+                pixels.append(fine_encoder.images.decode(data, max_pixels=max_pixels))
+            except ImageDecodeError as exc:
+                reason = f"fine model: {exc.reason}"
+        reasons.append(reason)
     if pixels:
         vectors[[reason is None for reason in reasons]] = fine_encoder.encode_pixels(pixels)
     return vectors, reasons

@@ -462,18 +462,14 @@ def _decode_batch(batch: dict[str, np.ndarray], *, images: ImagePreprocess, max_
                   thumbnail_side: int) -> dict[str, np.ndarray]:
     """A CPU task: each file read and decoded to the model's pixels (zeros, and the reason, when
     unusable), and its thumbnail (b"" when none is asked for)."""
-    import ray
-
     started = time.perf_counter()
-    node = ray.util.get_node_ip_address()
     count = len(batch["path"])
     height, width = images.spec.output_size
     pixels = np.zeros((count, height, width, 3), dtype=np.uint8)
     reasons, thumbnails = [], []
     for index, path in enumerate(batch["path"]):
         data, reason = read_file(Path(path))
-        if reason is not None:  # the driver tells a node that does not see SOURCE by it (errors.jsonl keeps it too)
-            reason = f"{reason} on Ray node {node}"
+        reason = _naming_this_node(reason)
         decoded, thumbnail = None, b""
         if data is not None:
             decoded, thumbnail, reason = decode_data(images, data, max_pixels=max_pixels, thumbnail_side=thumbnail_side)
@@ -484,6 +480,16 @@ def _decode_batch(batch: dict[str, np.ndarray], *, images: ImagePreprocess, max_
     return {"path": batch["path"], "row": batch["row"], "reason": np.array(reasons, dtype=object), "pixels": pixels,
             "thumbnail": np.array(thumbnails, dtype=object),
             "decode_s": np.full(count, (time.perf_counter() - started) / max(count, 1))}
+
+
+def _naming_this_node(reason: str | None) -> str | None:
+    """A read failure's reason naming the Ray node that failed to read (the driver tells a node that does not
+    see SOURCE by it; errors.jsonl keeps it too); any other reason as it is."""
+    import ray
+
+    if reason is None or not reason.startswith(READ_FAILED):
+        return reason
+    return f"{reason} on Ray node {ray.util.get_node_ip_address()}"
 
 
 class _EncodeBatches:
@@ -505,7 +511,9 @@ class _EncodeBatches:
             if usable.any():
                 fine[usable], refusals = fine_vectors(self.fine_encoder, [Path(p) for p in batch["path"][usable]],
                                                       max_pixels=self.max_pixels)
-                reasons[usable] = [reason or "" for reason in refusals]
+                # Read again here, on the actor's node: one that cannot see the file stops the job as a decode
+                # task's node does.
+                reasons[usable] = [_naming_this_node(reason) or "" for reason in refusals]
             out["fine"] = fine
         out["fine_model_s"] = np.full(count, (time.perf_counter() - started) / count)
         out["reason"] = reasons

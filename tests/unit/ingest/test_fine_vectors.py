@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sidecar.ingest.embed import embed_corpus
+from sidecar.ingest.decode_pool import READ_FAILED
+from sidecar.ingest.embed import embed_corpus, fine_vectors
 from sidecar.ingest.indexing import index_shards
 from sidecar.ingest.shards import ShardError, ShardRow, ShardSet
 from sidecar.stores.base import ModelMismatchError
@@ -108,3 +109,12 @@ def test_an_image_only_the_fine_model_refuses_is_a_failed_item_and_the_rest_of_t
     shards = ShardSet(tmp_path / "out")
     assert shards.deleted == ["wide.png"]
     assert sorted(shards.live()) == ["img0.jpg", "img1.jpg", "img2.jpg"]
+
+
+def test_a_file_gone_before_the_fine_model_reads_it_again_is_a_failed_item_with_the_read_failure_not_an_error(
+        encoder, tmp_path):
+    kept, gone = tmp_path / "kept.png", tmp_path / "gone.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(kept)
+    vectors, reasons = fine_vectors(encoder, [gone, kept], max_pixels=10**7)
+    assert reasons[0].startswith(f"{READ_FAILED}: ") and "No such file" in reasons[0] and reasons[1] is None
+    assert not vectors[0].any() and np.allclose(vectors[1], fine_vectors(encoder, [kept], max_pixels=10**7)[0][0])

@@ -1,4 +1,5 @@
-"""The Ray engine's driver connects with short timeouts, and only while it connects."""
+"""The Ray engine's pieces that need no cluster: the driver connects with short timeouts (and only while it connects), its
+C++ log is quiet, an encoder actor names its node."""
 
 from __future__ import annotations
 
@@ -66,3 +67,25 @@ def test_the_drivers_cpp_log_shows_only_its_fatal_line_even_when_the_process_end
     assert process.returncode == 1
     assert process.stderr == ("[2026-12-02 12:37:22,411 F 9300 9311] gcs_client.cc:85: Failed to connect to GCS within "
                               "60 s\n")
+
+
+def test_the_encoder_actors_second_read_for_the_fine_model_names_its_node_when_the_file_cannot_be_read(
+        model_settings, tmp_path):
+    """The fine model reads each file again on the actor's node: a node that cannot see it is named, as a decode
+    task's is, so the driver stops the job saying which node must see SOURCE."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    import dataclasses
+
+    import numpy as np
+    import ray
+
+    from sidecar.ingest.decode_pool import READ_FAILED
+    from sidecar.ingest.ray_engine import _EncodeBatches
+
+    actor = _EncodeBatches(dataclasses.replace(model_settings, fine_model=model_settings.model), max_pixels=10**7)
+    side = actor.encoder.images.spec.output_size[0]
+    batch = {"path": np.array([str(tmp_path / "gone.jpg")], dtype=object), "row": np.array(["{}"], dtype=object),
+             "reason": np.array([""], dtype=object), "pixels": np.zeros((1, side, side, 3), dtype=np.uint8),
+             "thumbnail": np.array([b""], dtype=object), "decode_s": np.zeros(1)}
+    [reason] = actor(batch)["reason"]
+    assert reason.startswith(f"{READ_FAILED}: ") and reason.endswith(f" on Ray node {ray.util.get_node_ip_address()}")
