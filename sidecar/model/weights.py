@@ -9,6 +9,7 @@ downloads or trains inside its boot timeout.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -351,8 +352,9 @@ def _unreachable(cfg: dict) -> str | None:
 
 
 def pretrained_tags(settings: Settings) -> list[tuple[str, bool]]:
-    """The configured model's pretrained tags, each with whether its weights are in the cache (no network)."""
-    check_model_settings(settings)
+    """The configured model's pretrained tags, each with whether its weights are in the cache (no network).
+    The model alone is checked: the tags listed are what to choose `pretrained` from."""
+    check_model_settings(dataclasses.replace(settings, pretrained=""))
     return [(tag, _cached_file(_tag_config(settings.model, tag), weights_dir(settings)) is not None)
             for tag in tags_of(settings.model)]
 

@@ -195,8 +195,9 @@ def test_models_list_of_one_model_marks_each_tag_cached_or_not_from_the_cache_di
     (snapshot / "open_clip_model.safetensors").write_bytes(b"weights")
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0123abc")
+    # A configured checkpoint of another model does not stand in the way of listing the tags to choose from.
     result = CliRunner().invoke(main, ["-q", "models", "list", "--model", "ViT-B-32"],
-                                env={"SIDECAR_CACHE_DIR": str(tmp_path)})
+                                env={"SIDECAR_CACHE_DIR": str(tmp_path), "SIDECAR_PRETRAINED": "/nonexistent/other.pt"})
     assert result.exit_code == 0, result.output
     header, *rows = result.output.splitlines()
     assert header.startswith(f"ViT-B-32: {len(rows)} pretrained tags (cache: {tmp_path / 'weights'})")
