@@ -25,6 +25,17 @@ def open_page(browser, url: str):
     return page
 
 
+def open_page_on_a_paused_clock(browser, url: str):
+    """The page on a clock that moves only when the test runs it (page.clock.run_for): timeouts fire when a test
+    says. Paused once /readyz answered, which sets how long the page waits for an answer (its request_timeout_s)."""
+    page = browser.page
+    page.clock.install()
+    open_page(browser, url)
+    page.wait_for_function("() => document.getElementById('store-info').textContent.includes('documents')")
+    page.clock.pause_at(page.evaluate("Date.now()") + 1000)
+    return page
+
+
 def settle(page, endpoint: str, action) -> None:
     """Do `action`, wait for the page's call to `endpoint` and for the page to show its answer."""
     with page.expect_response(lambda response: response.url.endswith(endpoint)):

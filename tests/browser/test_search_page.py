@@ -28,7 +28,16 @@ from sidecar.stores.embedded import EmbeddedStore
 from sidecar.stores.opensearch import OpenSearchStore
 from sidecar.types import Document
 from tests.browser.conftest import server_env, serving
-from tests.browser.pages import hits, manifest_rows, only_this_server, open_page, search_for, settle, thumbnails_loaded
+from tests.browser.pages import (
+    hits,
+    manifest_rows,
+    only_this_server,
+    open_page,
+    open_page_on_a_paused_clock,
+    search_for,
+    settle,
+    thumbnails_loaded,
+)
 from tests.support import free_port, gunicorn_server
 
 pytestmark = pytest.mark.browser
@@ -672,12 +681,7 @@ def test_a_server_that_never_answers_is_given_up_on_after_request_timeout_s_and_
     # request has passed (request_timeout_s from /readyz, 5 s here, and 30 s for the rest), on a paused clock.
     settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, request_timeout_s=5)
     with page_app(settings, encoder, store_path) as url:
-        page = browser.page
-        page.clock.install()
-        page.goto(f"{url}/")
-        page.wait_for_selector("#filters select")
-        page.wait_for_function("() => document.getElementById('store-info').textContent.includes('documents')")
-        page.clock.pause_at(page.evaluate("Date.now()") + 1000)
+        page = open_page_on_a_paused_clock(browser, url)
         held = []
         page.route("**/v1/search", lambda route: held.append(route))
         page.fill("#query", "red circle")
@@ -704,12 +708,7 @@ def test_a_thumbnail_with_no_answer_is_given_up_on_after_request_timeout_s_and_3
     # (request_timeout_s, 5 s here, and 30 s), on a paused clock, and shown as one that failed to load.
     settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, request_timeout_s=5)
     with page_app(settings, encoder, store_path) as url:
-        page = browser.page
-        page.clock.install()
-        page.goto(f"{url}/")
-        page.wait_for_selector("#filters select")
-        page.wait_for_function("() => document.getElementById('store-info').textContent.includes('documents')")
-        page.clock.pause_at(page.evaluate("Date.now()") + 1000)
+        page = open_page_on_a_paused_clock(browser, url)
         held = []
         # The first thumbnail asked for is held unanswered; the others go through.
         page.route("**/thumbnail", lambda route: route.continue_() if held else held.append(route))
