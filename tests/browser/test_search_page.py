@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -43,6 +44,11 @@ from tests.support import free_port, gunicorn_server
 pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parents[2]
 README_SCREENSHOT = REPO / "docs" / "img" / "search-page.png"
+
+
+# For page.wait_for_function: `n` thumbnails of the results shown have loaded.
+THUMBNAILS_LOADED = ("n => [...document.querySelectorAll('#hits img.thumb')]"
+                     ".filter(img => img.complete && img.naturalWidth > 0).length === n")
 
 
 def page_fingerprint() -> str:
@@ -713,9 +719,7 @@ def test_a_thumbnail_with_no_answer_is_given_up_on_after_request_timeout_s_and_3
         # The first thumbnail asked for is held unanswered; the others go through.
         page.route("**/thumbnail", lambda route: route.continue_() if held else held.append(route))
         assert len(search_for(page, "red circle")) == 20
-        loaded = ("n => [...document.querySelectorAll('#hits img.thumb')]"
-                  ".filter(img => img.complete && img.naturalWidth > 0).length === n")
-        page.wait_for_function(loaded, arg=19)
+        page.wait_for_function(THUMBNAILS_LOADED, arg=19)
         page.clock.run_for(34_000)
         assert page.locator("#hits img.thumb").count() == 20 and page.locator("#hits .no-thumb").count() == 0
         with page.expect_event("requestfailed", lambda request: request.url.endswith("/thumbnail")) as failed:
@@ -723,7 +727,66 @@ def test_a_thumbnail_with_no_answer_is_given_up_on_after_request_timeout_s_and_3
         assert len(held) == 1 and failed.value.url == held[0].request.url and failed.value.failure == "net::ERR_ABORTED"
         page.wait_for_selector("#hits .no-thumb")
         assert page.locator("#hits .no-thumb").inner_text() == "no thumbnail"
-        page.wait_for_function(loaded, arg=19)
+        page.wait_for_function(THUMBNAILS_LOADED, arg=19)
+
+
+def test_a_thumbnail_still_loading_when_a_newer_search_replaces_the_results_is_cancelled_not_shown_missing(
+        browser, page_server):
+    # A thumbnail of results replaced is of no use: its request is given up then, not left to run to its timeout (on
+    # the paused clock nothing else can end it) against the key's rate limit, and it is shown nowhere as missing.
+    page = open_page_on_a_paused_clock(browser, page_server)
+    held = []
+    # The first thumbnail asked for is held unanswered; the others go through.
+    page.route("**/thumbnail", lambda route: route.continue_() if held else held.append(route))
+    assert len(search_for(page, "red circle")) == 20
+    page.wait_for_function(THUMBNAILS_LOADED, arg=19)
+    with page.expect_event("requestfailed", lambda request: request.url.endswith("/thumbnail")) as failed:
+        newer = search_for(page, "blue square")
+    assert len(held) == 1 and failed.value.url == held[0].request.url and failed.value.failure == "net::ERR_ABORTED"
+    assert newer[0]["metadata"]["color"] == "blue"
+    thumbnails_loaded(page)
+
+
+def test_a_thumbnail_retry_for_results_replaced_is_cancelled_the_next_queued_is_never_sent_and_new_retries_still_run(
+        browser, page_server):
+    # Refused thumbnails (429) are retried one at a time: a retry of results replaced, left to run to its timeout,
+    # would hold up the new results' retries queued behind it, and one still waiting its turn is of no use either.
+    page = open_page_on_a_paused_clock(browser, page_server)
+    asked, refused, held, refusals = Counter(), [], [], {"left": 2}
+
+    def answer(route):
+        url = route.request.url
+        asked[url] += 1
+        if asked[url] == 1 and refusals["left"]:
+            refusals["left"] -= 1
+            refused.append(url)
+            route.fulfill(status=429, headers={"Retry-After": "1"}, body="")
+        elif asked[url] == 2 and not held:  # the first retry is held unanswered
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/thumbnail", answer)
+    assert len(search_for(page, "red circle")) == 20
+    page.wait_for_function(THUMBNAILS_LOADED, arg=18)
+    for _ in range(20):  # the clock past Retry-After, until the first refused is asked again
+        if held:
+            break
+        page.clock.run_for(500)
+    assert held and held[0].request.url in refused
+    [waiting] = [url for url in refused if url != held[0].request.url]
+    refusals["left"] = 1  # one of the new results' thumbnails is refused too
+    # The held retry's own request: Chromium reports each refusal too as failed (its body is never read).
+    with page.expect_event("requestfailed", lambda request: request == held[0].request) as failed:
+        newer = search_for(page, "blue square")
+    assert failed.value.failure == "net::ERR_ABORTED" and len(refused) == 3
+    for _ in range(20):  # the new results' refused thumbnail has its turn after Retry-After
+        if asked[refused[2]] == 2:
+            break
+        page.clock.run_for(500)
+    thumbnails_loaded(page)
+    shown_again = any(waiting.endswith(f"/{hit['id']}/thumbnail") for hit in newer)
+    assert asked[waiting] == 1 + shown_again
 
 
 def test_a_newer_search_cancels_an_older_one_still_waiting_whose_answer_never_shows(browser, page_server):

@@ -164,6 +164,7 @@
   const THUMB_RETRIES = 5;
   let thumbRetries = Promise.resolve();  // the queue: each retry starts when the one before it ended
   let thumbNotBefore = 0;  // performance.now() of the latest Retry-After's end
+  let thumbLoads = new AbortController();  // aborted when the results whose thumbnails it loads are replaced
 
   function retryAfterMs(response) {
     const seconds = Number(response.headers.get('Retry-After'));  // whole seconds from this server
@@ -172,26 +173,39 @@
 
   // One try at a thumbnail: {response, blob} (the blob where it was sent). Given up on (rejected) after the wait
   // any call gets (answerWaitS), body included: an <img> has no timeout, and one hung request would leave its
-  // placeholder on the page for good.
-  async function fetchThumbnail(id) {
+  // placeholder on the page for good. `cancel`: the AbortSignal of the results it is for (thumbLoads), which
+  // rejects with its AbortError.
+  async function fetchThumbnail(id, cancel) {
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(), answerWaitS() * 1000);
+    const cancelled = () => controller.abort();
+    cancel.addEventListener('abort', cancelled, { once: true });
     try {
       const response = await fetch(thumbnailUrl(id), { headers: headers(), signal: controller.signal });
       return { response, blob: response.ok ? await response.blob() : null };
     } finally {
       clearTimeout(timer);
+      cancel.removeEventListener('abort', cancelled);
     }
   }
 
-  function retryRateLimited(img, id, refused) {
+  // Resolves after `ms`, or as soon as `cancel` aborts: a retry of results replaced must not hold up the queue.
+  function waitUnlessCancelled(ms, cancel) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => { cancel.removeEventListener('abort', cancelled); resolve(); }, ms);
+      const cancelled = () => { clearTimeout(timer); resolve(); };
+      cancel.addEventListener('abort', cancelled, { once: true });
+    });
+  }
+
+  function retryRateLimited(id, refused, cancel) {
     thumbNotBefore = Math.max(thumbNotBefore, performance.now() + retryAfterMs(refused.response));
     const turn = thumbRetries.then(async () => {
       let answer = refused;
-      for (let tries = 0; tries < THUMB_RETRIES && img.isConnected; tries += 1) {
-        await new Promise((resolve) => { setTimeout(resolve, thumbNotBefore - performance.now()); });
-        if (!img.isConnected) break;  // a newer answer replaced the results: no request for it
-        answer = await fetchThumbnail(id);
+      for (let tries = 0; tries < THUMB_RETRIES && !cancel.aborted; tries += 1) {
+        await waitUnlessCancelled(thumbNotBefore - performance.now(), cancel);
+        if (cancel.aborted) break;  // a newer answer replaced the results: no request for it
+        answer = await fetchThumbnail(id, cancel);
         if (answer.response.status !== 429) break;
         thumbNotBefore = performance.now() + retryAfterMs(answer.response);
       }
@@ -206,15 +220,20 @@
     const img = el('img', { class: 'thumb', alt, width: '128', height: '128', decoding: 'async' });
     const missing = () => img.replaceWith(el('div', { class: 'thumb no-thumb', role: 'img', 'aria-label': alt }, 'no thumbnail'));
     img.addEventListener('error', missing, { once: true });
-    fetchThumbnail(id)
-      .then((answer) => (answer.response.status === 429 ? retryRateLimited(img, id, answer) : answer))
+    const cancel = thumbLoads.signal;
+    fetchThumbnail(id, cancel)
+      .then((answer) => (answer.response.status === 429 ? retryRateLimited(id, answer, cancel) : answer))
       .then(({ response, blob }) => (blob || Promise.reject(new Error(String(response.status)))))
       .then((blob) => { const url = URL.createObjectURL(blob); state.thumbUrls.push(url); img.src = url; })
-      .catch(missing);
+      .catch(() => { if (!cancel.aborted) missing(); });  // cancelled: its results are gone, nothing went wrong
     return img;
   }
 
+  // Results replaced: the thumbnails still loading for them are cancelled, those waiting to be retried included, so
+  // they neither spend the key's rate limit nor hold up the new results' thumbnails.
   function releaseThumbnails() {
+    thumbLoads.abort();
+    thumbLoads = new AbortController();
     state.thumbUrls.forEach((url) => URL.revokeObjectURL(url));
     state.thumbUrls = [];
   }
