@@ -593,6 +593,28 @@ def test_a_shared_url_with_filters_opened_before_the_api_key_is_typed_searches_w
         assert json.loads(parse_qs(urlsplit(page.url).fragment)["filters"][0]) == {"color": "blue"}
 
 
+def test_a_shared_url_whose_query_is_changed_before_the_api_key_is_typed_does_not_put_its_filters_on_the_new_one(
+        browser, encoder, store_path, tmp_path):
+    # The URL's filters wait for the facets the key brings for the URL's own search only: a query typed and searched
+    # instead (refused too) runs with the key unfiltered, as it was asked for.
+    key = new_key()
+    settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, api_keys=key_entry("web", ["search"], key))
+    with page_app(settings, encoder, store_path) as url:
+        page = browser.page
+        page.goto(f"{url}/#{urlencode({'text': 'circle', 'filters': json.dumps({'color': 'blue'})})}")
+        page.wait_for_function("() => document.getElementById('status').textContent === 'The search failed.'")
+        page.fill("#query", "red square")
+        settle(page, "/v1/search", lambda: page.press("#query", "Enter"))
+        assert page.inner_text("#error").startswith("This server needs an API key")
+        page.fill("#api-key", key)
+        settle(page, "/v1/search", lambda: page.press("#api-key", "Tab"))
+        assert page.input_value("#filters select[data-field='color']") == ""
+        shown = hits(page)
+        assert shown[0]["metadata"]["color"] == "red" and shown[0]["metadata"]["shape"] == "square"
+        assert parse_qs(urlsplit(page.url).fragment)["text"] == ["red square"]
+        assert "filters" not in parse_qs(urlsplit(page.url).fragment)
+
+
 def test_the_search_button_keeps_keyboard_focus_through_its_search(browser, page_server):
     # A button disabled while it has focus loses it to <body>: a keyboard user who pressed Search had to start
     # tabbing from the top of the page again, and Enter in the query box did nothing while a search ran.

@@ -11,7 +11,9 @@
     offset: 0,
     thumbUrls: [],  // blob: URLs of the thumbnails fetched, released on the next render
     facetsShown: false,  // the filters' controls were built from the store's facets
-    wantedFilters: null,  // {field: value} of a URL shown before the facets arrived (they need a key): set then
+    // {field: value} of a URL shown before the facets arrived (they need a key): set then, on the URL's own search
+    // only, so a query changed meanwhile drops them (dropUrlFilters).
+    wantedFilters: null,
   };
   const KEY_STORAGE = 'clip-sidecar-api-key';
   // The filter option that opens a box for a value the facets do not list (they list each field's 20 most
@@ -555,7 +557,13 @@
 
   // ---- query inputs -----------------------------------------------------------------------------
 
+  // The query is no longer the URL's: the filters still waiting for the facets were its, not this one's.
+  function dropUrlFilters() {
+    state.wantedFilters = null;
+  }
+
   function setLike(hit) {
+    dropUrlFilters();
     state.like = hit ? { id: hit.id, text: hit.text || hit.id } : null;
     $('like-banner').hidden = !hit;
     const named = hit && hit.text ? `${hit.text} (${hit.id})` : hit && hit.id;  // from a URL: the id alone
@@ -572,6 +580,7 @@
   }
 
   function setImage(image) {
+    dropUrlFilters();
     if (state.image && state.image.previewUrl) URL.revokeObjectURL(state.image.previewUrl);
     state.image = image;
     $('image-preview').hidden = !image;
@@ -706,6 +715,7 @@
   $('image-file').addEventListener('change', () => useFile($('image-file').files[0]));
   $('clear-image').addEventListener('click', () => { setImage(null); $('image-file').focus(); });
   $('clear-like').addEventListener('click', () => { setLike(null); $('query').focus(); });
+  $('query').addEventListener('input', dropUrlFilters);
 
   const zone = $('drop-zone');
   ['dragenter', 'dragover'].forEach((name) => zone.addEventListener(name, (event) => {
