@@ -574,16 +574,24 @@ def test_a_newer_api_key_cancels_the_readiness_call_still_waiting_with_the_key_b
     assert (failed.value.headers["authorization"], failed.value.failure) == ("Bearer csk_first", "net::ERR_ABORTED")
 
 
-def test_a_shared_url_with_filters_opened_before_the_api_key_is_typed_searches_with_its_filters_once_it_is(
-        browser, encoder, store_path, tmp_path):
-    # Without a key the server refuses the facets, so the page has no filter controls to set from the URL: the
-    # filters wait for the facets the key brings, and the refused search runs again with them.
+@contextlib.contextmanager
+def blue_circles_shared_before_the_api_key(browser, encoder, store_path: Path, tmp_path: Path) -> Iterator[tuple]:
+    """A keyed server, and a page opened on a shared URL (text "circle", filter color=blue) without the key:
+    yields the page, its search refused, and the key."""
     key = new_key()
     settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, api_keys=key_entry("web", ["search"], key))
     with page_app(settings, encoder, store_path) as url:
         page = browser.page
         page.goto(f"{url}/#{urlencode({'text': 'circle', 'filters': json.dumps({'color': 'blue'})})}")
         page.wait_for_function("() => document.getElementById('status').textContent === 'The search failed.'")
+        yield page, key
+
+
+def test_a_shared_url_with_filters_opened_before_the_api_key_is_typed_searches_with_its_filters_once_it_is(
+        browser, encoder, store_path, tmp_path):
+    # Without a key the server refuses the facets, so the page has no filter controls to set from the URL: the
+    # filters wait for the facets the key brings, and the refused search runs again with them.
+    with blue_circles_shared_before_the_api_key(browser, encoder, store_path, tmp_path) as (page, key):
         assert page.inner_text("#error").startswith("This server needs an API key")
         page.fill("#api-key", key)
         settle(page, "/v1/search", lambda: page.press("#api-key", "Tab"))
@@ -597,12 +605,7 @@ def test_a_shared_url_whose_query_is_changed_before_the_api_key_is_typed_does_no
         browser, encoder, store_path, tmp_path):
     # The URL's filters wait for the facets the key brings for the URL's own search only: a query typed and searched
     # instead (refused too) runs with the key unfiltered, as it was asked for.
-    key = new_key()
-    settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, api_keys=key_entry("web", ["search"], key))
-    with page_app(settings, encoder, store_path) as url:
-        page = browser.page
-        page.goto(f"{url}/#{urlencode({'text': 'circle', 'filters': json.dumps({'color': 'blue'})})}")
-        page.wait_for_function("() => document.getElementById('status').textContent === 'The search failed.'")
+    with blue_circles_shared_before_the_api_key(browser, encoder, store_path, tmp_path) as (page, key):
         page.fill("#query", "red square")
         settle(page, "/v1/search", lambda: page.press("#query", "Enter"))
         assert page.inner_text("#error").startswith("This server needs an API key")
