@@ -72,14 +72,6 @@ RECIPES: dict[str, TrainRecipe] = {
 }
 
 
-class TinyModelSpec(NamedTuple):
-    """What an encoder needs to load the tiny model through open_clip's ordinary path."""
-
-    model_name: str
-    pretrained: Path
-    config_dir: Path
-
-
 def register_tiny_config() -> None:
     """Make the tiny models known to open_clip (add_model_config), once per process."""
     import open_clip
@@ -106,13 +98,6 @@ def cache_key(*, model: str = MODEL_NAME, seed: int = 0, recipe: TrainRecipe | N
 def checkpoint_path(cache_dir: Path, *, model: str = MODEL_NAME, seed: int = 0,
                     recipe: TrainRecipe | None = None) -> Path:
     return Path(cache_dir) / "tiny-clip" / f"{model}-{cache_key(model=model, seed=seed, recipe=recipe)}.pt"
-
-
-def tiny_model_spec(cache_dir: Path, *, model: str = MODEL_NAME, seed: int = 0,
-                    recipe: TrainRecipe | None = None) -> TinyModelSpec:
-    """Register the config, train the model if its checkpoint is missing, and say how to load it."""
-    register_tiny_config()
-    return TinyModelSpec(model, ensure_tiny_model(cache_dir, model=model, seed=seed, recipe=recipe), CONFIG_DIR)
 
 
 def ensure_tiny_model(cache_dir: Path, *, model: str = MODEL_NAME, seed: int = 0, recipe: TrainRecipe | None = None,
