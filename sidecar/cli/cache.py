@@ -86,7 +86,7 @@ def _cache_file(settings: Settings) -> Path | None:
 @contextlib.contextmanager
 def _sqlite_errors(path: Path) -> Iterator[None]:
     """SQLite's refusals (a file that is not a cache, one this user may not write) as one line naming the file."""
-    from sidecar.serving.cache import unreadable
+    from sidecar.sqlite_files import unreadable
 
     try:
         yield

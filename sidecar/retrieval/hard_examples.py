@@ -40,6 +40,7 @@ from concurrent_log_handler import ConcurrentRotatingFileHandler
 from PIL import Image
 
 from sidecar.retrieval.monitor import BackgroundChecks
+from sidecar.sqlite_files import move_aside, one_process_at_a_time, unreadable
 from sidecar.stores.base import Store
 from sidecar.types import Filters
 
@@ -330,17 +331,33 @@ class _Recent:
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
-            # WAL: the workers' checks read while another writes; the timeout waits out another's write. A commit
-            # lost with the machine only costs a query checked again: no fsync per commit (synchronous=NORMAL).
-            db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            with one_process_at_a_time(self.path):
+                try:
+                    self._db = self._open()
+                except sqlite3.DatabaseError as exc:
+                    if not unreadable(exc):
+                        raise
+                    aside = move_aside(self.path)
+                    log.warning("hard examples: %s cannot be read (%s); moved to %s and began a new one (queries "
+                                "logged or found not hard before are checked again)", self.path, exc, aside.name)
+                    self._db = self._open()
+        return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        # WAL: the workers' checks read while another writes; the timeout waits out another's write. A commit
+        # lost with the machine only costs a query checked again: no fsync per commit (synchronous=NORMAL).
+        db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             with db:
                 db.execute("CREATE TABLE IF NOT EXISTS recent (kind TEXT, key TEXT, value TEXT, added REAL, "
                            "PRIMARY KEY (kind, key))")
                 db.execute("CREATE INDEX IF NOT EXISTS recent_by_age ON recent (kind, added)")
-            self._db = db
-        return self._db
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
 
 
 # How many adds of one process pass between trims of _Recent's table to MAX_REMEMBERED (a trim reads that many rows).

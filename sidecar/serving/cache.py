@@ -4,7 +4,6 @@ computed once; the table read once per forward batch and written by a thread of 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -22,6 +21,7 @@ import numpy as np
 
 from sidecar.errors import EncodeTimeout
 from sidecar.serving import metrics
+from sidecar.sqlite_files import move_aside, one_process_at_a_time, unreadable
 from sidecar.threads import NamedThread
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ _WRITE_LINGER_S = 0.05
 # of a tenth of the table, a prompt set's first encode: tens of MB for 20k rows); with a limit it
 # cuts the file back to it when the log next starts over, so the cache's disk use stays bounded.
 _WAL_SIZE_LIMIT = 8 << 20
-# SQLITE_CORRUPT, SQLITE_NOTADB: the file's contents are unreadable (not a lock or a permission).
-_UNREADABLE = (11, 26)
 # SQLITE_CANTOPEN: "unable to open database file", naming neither the file nor why.
 _CANTOPEN = 14
 # A failing read or write is logged at most this often: it recurs on every batch until the file is replaced
@@ -88,12 +86,6 @@ def _open_file(path: Path) -> tuple[sqlite3.Connection, set[str]]:
 def _stale(columns: set[str]) -> str:
     """SQL true of a row no server reads: one from before token counts were kept (it is recomputed)."""
     return "tokens IS NULL" if "tokens" in columns else "1"
-
-
-def unreadable(exc: sqlite3.Error) -> bool:
-    """Whether SQLite refused the file for its contents (not a lock or a permission): a server moves
-    such a file aside and begins a new one."""
-    return getattr(exc, "sqlite_errorcode", None) in _UNREADABLE
 
 
 def file_bytes(path: Path) -> int:
@@ -179,12 +171,9 @@ class TextVectorCache:
         self._writer: threading.Thread | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # gunicorn boots its workers together, each opening the file here. One process at a time:
-            # SQLite answers the loser of the WAL switch "database is locked" at once (no busy wait
-            # for that lock upgrade), and two processes both adding a missing column collide; either
-            # failure would stop a worker from booting (tests/unit/serving/test_cache.py).
-            with open(path.with_name(path.name + ".lock"), "a+b") as setup_lock:
-                fcntl.flock(setup_lock, fcntl.LOCK_EX)
+            # gunicorn boots its workers together, each opening the file here: a collision would stop a
+            # worker from booting (tests/unit/serving/test_cache.py).
+            with one_process_at_a_time(path):
                 self._open_tables(path)
             self._writer = NamedThread(target=self._write_loop, name=f"{'text' if role == 'coarse' else role}-cache-writer",
                                        daemon=True)
@@ -207,10 +196,7 @@ class TextVectorCache:
             for db in (self._db, self._write_db):
                 if db is not None:
                     db.close()
-            aside = path.with_name(path.name + ".unreadable")
-            path.replace(aside)
-            for suffix in ("-wal", "-shm"):  # the old file's log must not be replayed into the new one
-                path.with_name(path.name + suffix).unlink(missing_ok=True)
+            aside = move_aside(path)
             log.warning("text-vector cache: %s cannot be read (%s); moved to %s and began a new one (texts are "
                         "encoded again as they come)", path, exc, aside.name)
             self._create_tables(path)

@@ -13,6 +13,7 @@ import numpy as np
 from sidecar.retrieval.hard_examples import (
     FEEDBACK_FILE,
     HARD_EXAMPLES_FILE,
+    RECENT_FILE,
     REPEATS_FILE,
     HardExampleLog,
     HardExampleRules,
@@ -207,6 +208,19 @@ def test_a_query_logged_by_one_worker_is_a_repeat_for_another_worker_logging_to_
     # Past the window the second worker logs it afresh, and the first then finds that record.
     assert [r["query_id"] for r in records] == ["a", "c"]
     assert [(r["query_id"], r["repeat_of"]) for r in repeats] == [("b", "a"), ("d", "c")]
+
+
+def test_a_memory_file_sqlite_cannot_read_is_moved_aside_and_the_queries_are_still_logged_and_repeats_found(
+        tmp_path: Path, caplog):
+    # A disk fault or a copy cut short: the file only remembers recent queries, so the log must go on without it.
+    (tmp_path / "log").mkdir()
+    damaged = b"not a database " * 100
+    (tmp_path / "log" / RECENT_FILE).write_bytes(damaged)
+    records, repeats = logged_searches(tmp_path, [(0, searched("a", "red circle")), (5, searched("b", "red circle"))],
+                                       repeat_seconds=3600)
+    assert ([r["query_id"] for r in records], [(r["query_id"], r["repeat_of"]) for r in repeats]) == (["a"], [("b", "a")])
+    assert (tmp_path / "log" / f"{RECENT_FILE}.unreadable").read_bytes() == damaged
+    assert f"{RECENT_FILE} cannot be read (file is not a database); moved to {RECENT_FILE}.unreadable" in caplog.text
 
 
 class CountingStore(EmbeddedStore):
