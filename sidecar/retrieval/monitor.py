@@ -41,7 +41,7 @@ class BackgroundChecks:
         self._name = name
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._last_warning = 0.0
+        self._last_warning = -_WARN_EVERY_S  # the first failure is logged however soon after boot it comes
 
     def submit(self, check: Callable[[], None]) -> bool:
         """Queue `check`; False (not queued) when `capacity` checks already wait."""
@@ -81,7 +81,8 @@ class BackgroundChecks:
                 now = time.monotonic()
                 if now - self._last_warning >= _WARN_EVERY_S:
                     self._last_warning = now
-                    log.warning("a background quality check failed (more within a minute are not logged): %s", exc)
+                    log.warning("a background quality check (%s) failed: %s: %s (more within a minute are not logged)",
+                                self._name, type(exc).__name__, exc)
             finally:
                 self._queue.task_done()
 

@@ -43,3 +43,17 @@ def test_queries_the_calibrated_effort_ran_exactly_are_not_checked_and_those_nam
         assert checks.wait_idle(60)
         checks.close()
     assert [check.outcome for check in checked] == ["checked"] * 3
+
+
+def test_a_failed_check_is_logged_naming_its_checks_and_error_and_the_next_check_still_runs(caplog):
+    ran: list[str] = []
+
+    def failing() -> None:
+        raise OSError("disk full")
+
+    checks = BackgroundChecks(capacity=10, name="hard-examples")
+    assert checks.submit(failing) and checks.submit(lambda: ran.append("next"))
+    assert checks.wait_idle(30)
+    checks.close()
+    assert ran == ["next"]
+    assert "a background quality check (hard-examples) failed: OSError: disk full" in caplog.text
