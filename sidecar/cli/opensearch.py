@@ -85,8 +85,10 @@ def opensearch_connect(sidecar_url: str, api_key: str, ingest_fields: str, batch
     \b
     Needs the index (`clip-sidecar opensearch setup`) and a running sidecar of the index's model
     (`clip-sidecar serve`): the last step embeds through OpenSearch and refuses a sidecar that cannot
-    be reached or serves another model, removing what the run made or changed. Rerun: same ids, nothing
-    duplicated; changed options update in place; a rerun that changed nothing removes nothing when it
+    be reached or serves another model, removing what the run made. Rerun: same ids, nothing
+    duplicated; changed options are tried through probe copies of the connectors first, then update
+    in place, so a change that cannot work (a --sidecar-url the cluster cannot reach, a key refused)
+    fails with the connection kept as it was; a rerun that changed nothing removes nothing when it
     fails (the sidecar down: the connection stays for when it is back).
 
     \b

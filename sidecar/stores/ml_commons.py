@@ -117,6 +117,10 @@ class Names:
     def model(self, role: str) -> str:
         return f"{self.alias}-{role}"  # connector and model share the name
 
+    def probe(self, role: str) -> str:
+        """The throwaway copy of a role's connector and model that a rerun tries a change through first."""
+        return f"{self.model(role)}-probe"
+
     @property
     def ingest_image(self) -> str:
         return f"{self.alias}-image"
@@ -159,7 +163,8 @@ class Connection:
 def connect(store: OpenSearchStore, options: ConnectOptions) -> Connection:
     """Make (or find unchanged) everything OpenSearch needs to call the sidecar for `store`'s index.
     Either all of it is there and OpenSearch has embedded through it, or (StoreError) none of what this run
-    made or changed is: a run that changed nothing before it failed leaves what was there as it was."""
+    made or changed is: a run that changed nothing before it failed leaves what was there as it was, and a
+    rerun tries its changes through probes first (`_try_changes_first`), so one that cannot work changes nothing."""
     cluster = _Cluster(store)
     signature = cluster.index_signature()
     connection = Connection()
@@ -194,28 +199,62 @@ def _connect(cluster: "_Cluster", signature: ModelSignature, options: ConnectOpt
     connection.changes.extend(cluster.ensure_image_field())
     connection.model_group = cluster.ensure_group(names.group, connection.changes)
     roles = [role for role in names.roles if role != "rerank" or options.rerank != "none"]
+    connectors = {role: cluster.render(f"ml_connector_{'rerank' if role == 'rerank' else 'embeddings'}.json",
+                                       name=names.model(role), description=DESCRIPTIONS[role],
+                                       parameters={"input_docs_processed_step_size": options.step_size}
+                                       if role == "texts" else {},
+                                       api_key=options.api_key, url=_sidecar_url(options.sidecar_url, role, signature,
+                                                                                 store.alias, rerank=options.rerank),
+                                       read_timeout=options.read_timeout_s, max_connection=options.max_connection,
+                                       max_retry_times=options.max_retry_times)
+                  for role in roles}
+
+    def model(role: str, name: str, connector_id: str) -> dict[str, Any]:
+        return cluster.render("ml_model.json", name=name, model_group_id=connection.model_group,
+                              description=DESCRIPTIONS[role], connector_id=connector_id)
+
+    _try_changes_first(cluster, names, connectors, model, signature=signature, sidecar_url=options.sidecar_url)
     if options.rerank == "none":  # a rerun that no longer wants the rerank removes it
         connection.changes.extend(cluster.remove_models(names.model("rerank")))
         if cluster.delete(f"/_search/pipeline/{names.hybrid_rerank}"):
             connection.changes.append(f"removed search pipeline {names.hybrid_rerank}")
-    for role in roles:
-        body = cluster.render(f"ml_connector_{'rerank' if role == 'rerank' else 'embeddings'}.json",
-                              name=names.model(role), description=DESCRIPTIONS[role],
-                              parameters={"input_docs_processed_step_size": options.step_size} if role == "texts"
-                              else {},
-                              api_key=options.api_key, url=_sidecar_url(options.sidecar_url, role, signature,
-                                                                        store.alias, rerank=options.rerank),
-                              read_timeout=options.read_timeout_s, max_connection=options.max_connection,
-                              max_retry_times=options.max_retry_times)
+    for role, body in connectors.items():
         connection.connectors[role] = cluster.ensure_connector(body, connection.changes)
-        model = cluster.render("ml_model.json", name=names.model(role), model_group_id=connection.model_group,
-                               description=DESCRIPTIONS[role], connector_id=connection.connectors[role])
-        connection.models[role] = cluster.ensure_model(model, connection.changes)
+        connection.models[role] = cluster.ensure_model(model(role, names.model(role), connection.connectors[role]),
+                                                       connection.changes)
     cluster.check_models(connection.models, signature=signature, sidecar_url=options.sidecar_url)
     _ensure_pipelines(cluster, names, connection, options)
     if options.set_defaults:
         _ensure_defaults(cluster, names, connection.changes)
     return connection
+
+
+def _try_changes_first(cluster: "_Cluster", names: Names, connectors: dict[str, dict[str, Any]],
+                       model: Callable[[str, str, str], dict[str, Any]], *, signature: ModelSignature,
+                       sidecar_url: str) -> None:
+    """On a rerun, the connectors it would change or add are first made under probe names (`Names.probe`), with a
+    model each, and OpenSearch embeds through them as `check_models` does; the probes are removed after, pass or
+    fail. A change that cannot work (a sidecar URL the cluster cannot reach, a key it refuses, another model) so
+    fails before anything in place is touched: the connection that works stays, and ingest through the index's
+    default pipeline goes on. (OpenSearch never shows a connector's credential, so one changed in place could
+    not be put back.) A first run has nothing to keep and makes its objects directly."""
+    found = {role: cluster.find("connectors", body["name"]) for role, body in connectors.items()}
+    if not any(found.values()):
+        return
+    changing = [role for role, body in connectors.items() if not found[role] or cluster.differs(found[role][0], body)]
+    if not changing:
+        return
+    try:
+        models = {}
+        for role in changing:
+            connector_id = cluster.ensure_connector({**connectors[role], "name": names.probe(role)}, [])
+            models[role] = cluster.ensure_model(model(role, names.probe(role), connector_id), [])
+        cluster.check_models(models, signature=signature, sidecar_url=sidecar_url)
+    except StoreError as exc:
+        raise StoreError(f"{exc} (tried through probe copies of the connectors this run would change: "
+                         f"{', '.join(changing)})") from exc
+    finally:
+        cluster.remove_models(*(names.probe(role) for role in changing))
 
 
 def disconnect(store: OpenSearchStore) -> list[str]:
@@ -239,7 +278,8 @@ def disconnect(store: OpenSearchStore) -> list[str]:
         if cluster.delete(f"/_ingest/pipeline/{name}"):
             removed.append(f"ingest pipeline {name}")
     groups = cluster.find("model_groups", names.group)
-    named = [names.model(role) for role in names.roles]
+    # The probes too: a connect killed while it tried a change leaves them.
+    named = [name for role in names.roles for name in (names.model(role), names.probe(role))]
     for hit in cluster.search("models", {"term": {"model_group_id": groups[0]["_id"]}}) if groups else []:
         if hit["_source"].get("name") not in named:  # registered into the group by someone else: it must go too
             cluster.delete_model(hit["_id"])
@@ -427,28 +467,33 @@ class _Cluster:
         changes.append(f"created model group {name} ({group_id})")
         return group_id
 
+    @staticmethod
+    def differs(found: dict[str, Any], body: dict[str, Any]) -> bool:
+        """Whether a connector found on the cluster was made from another body than `body` (as rendered)."""
+        return found["_source"].get("parameters", {}).get(FINGERPRINT) != _fingerprint(body)
+
     def ensure_connector(self, body: dict[str, Any], changes: list[str]) -> str:
-        fingerprint = _fingerprint(body)
-        body = {**body, "parameters": {**body["parameters"], FINGERPRINT: fingerprint}}
+        # The fingerprint of the body as rendered, kept with it: OpenSearch never shows the credential again.
+        stamped = {**body, "parameters": {**body["parameters"], FINGERPRINT: _fingerprint(body)}}
         name = body["name"]
         found = self.find("connectors", name)
         for extra in found[1:]:  # a run killed between create and the next search; keep the first
             self._delete_connector(extra["_id"])
         if not found:
-            created = self.request("POST", "/_plugins/_ml/connectors/_create", body,
+            created = self.request("POST", "/_plugins/_ml/connectors/_create", stamped,
                                    refused=lambda exc: _connector_refused(exc, body["actions"][0]["url"]))
             connector_id = created["connector_id"]
             changes.append(f"created connector {name} ({connector_id})")
             return connector_id
         connector_id = found[0]["_id"]
-        if found[0]["_source"].get("parameters", {}).get(FINGERPRINT) == fingerprint:
+        if not self.differs(found[0], body):
             changes.append(f"unchanged connector {name} ({connector_id})")
             return connector_id
         # ml-commons refuses to update a connector a deployed model uses: undeploy them first (their
         # ensure_model step deploys them again).
         for model in self.models_of(connector_id):
             self.request("POST", f"/_plugins/_ml/models/{model['_id']}/_undeploy")
-        self.request("PUT", f"/_plugins/_ml/connectors/{connector_id}", body,
+        self.request("PUT", f"/_plugins/_ml/connectors/{connector_id}", stamped,
                      refused=lambda exc: _connector_refused(exc, body["actions"][0]["url"]))
         changes.append(f"updated connector {name} ({connector_id})")
         return connector_id

@@ -249,6 +249,31 @@ def test_a_rerun_that_changes_nothing_while_the_sidecar_is_down_fails_but_keeps_
         client.close()
 
 
+def test_a_rerun_whose_change_cannot_work_fails_on_its_probes_and_keeps_the_connection_as_it_was(
+        alias, corpus, test_cache_dir, tmp_path):
+    # A new --sidecar-url the cluster cannot reach: the changed connectors are tried through probe copies first,
+    # so the working connection is neither updated nor removed, and no probe is left on the cluster.
+    env = sidecar_env(alias, tmp_path, test_cache_dir)
+    client = _client()
+    try:
+        with gunicorn_server(env, tmp_path / "sidecar.log") as url:
+            cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url, "--set-defaults")
+            made = ml_objects(client, alias)
+            unreachable = f"http://127.0.0.1:{free_port()}"  # nothing listens
+            rerun = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias),
+                                              "--sidecar-url", unreachable, "--set-defaults"])
+            assert rerun.exit_code == 1, rerun.output
+            assert f"could not call the sidecar at {unreachable}" in rerun.output, rerun.output
+            assert "tried through probe copies of the connectors this run would change: texts, text-image, rerank" \
+                in rerun.output and "this run changed nothing, so it removed nothing" in rerun.output, rerun.output
+            assert ml_objects(client, alias) == made
+            # The kept connection still embeds through the index's default pipeline.
+            results = bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[:3]])
+            assert [r["status"] for r in results] == [201] * 3, results
+    finally:
+        client.close()
+
+
 def test_a_sidecar_opensearch_cannot_reach_is_refused_with_what_to_check(alias):
     result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias),
                                        "--sidecar-url", f"http://127.0.0.1:{free_port()}"])  # nothing listens
