@@ -190,13 +190,6 @@ def _connect(cluster: "_Cluster", signature: ModelSignature, options: ConnectOpt
     """Fills `connection` as it goes, so that a failure leaves a record of what this run changed."""
     store = cluster.store
     names = Names(store.alias)
-    # Connect made an index template of priority 100 for `<alias>-v*` until rebuilds carried the default pipelines:
-    # OpenSearch applies one composable template per new index (and then no legacy one), so it hid the cluster's
-    # own templates for those names (replicas, ISM policies), and refused to be made beside one of priority 100.
-    if cluster.delete(f"/_index_template/{names.template}"):
-        connection.changes.append(f"removed index template {names.template} (an earlier connect's; a rebuild "
-                                  "carries the default pipelines)")
-    connection.changes.extend(cluster.ensure_image_field())
     connection.model_group = cluster.ensure_group(names.group, connection.changes)
     roles = [role for role in names.roles if role != "rerank" or options.rerank != "none"]
     connectors = {role: cluster.render(f"ml_connector_{'rerank' if role == 'rerank' else 'embeddings'}.json",
@@ -213,7 +206,15 @@ def _connect(cluster: "_Cluster", signature: ModelSignature, options: ConnectOpt
         return cluster.render("ml_model.json", name=name, model_group_id=connection.model_group,
                               description=DESCRIPTIONS[role], connector_id=connector_id)
 
+    # Before anything else changes: a change that fails here leaves the connection in place as it was.
     _try_changes_first(cluster, names, connectors, model, signature=signature, sidecar_url=options.sidecar_url)
+    # Connect made an index template of priority 100 for `<alias>-v*` until rebuilds carried the default pipelines:
+    # OpenSearch applies one composable template per new index (and then no legacy one), so it hid the cluster's
+    # own templates for those names (replicas, ISM policies), and refused to be made beside one of priority 100.
+    if cluster.delete(f"/_index_template/{names.template}"):
+        connection.changes.append(f"removed index template {names.template} (an earlier connect's; a rebuild "
+                                  "carries the default pipelines)")
+    connection.changes.extend(cluster.ensure_image_field())
     if options.rerank == "none":  # a rerun that no longer wants the rerank removes it
         connection.changes.extend(cluster.remove_models(names.model("rerank")))
         if cluster.delete(f"/_search/pipeline/{names.hybrid_rerank}"):
