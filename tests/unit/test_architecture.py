@@ -10,14 +10,15 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "sidecar"
 
 # Which parts each part may import (besides itself). Top: api, cli; middle: serving, retrieval,
-# ingest; below them: model, stores; at the bottom: config, errors, types, threads, logs.
-BOTTOM = {"config", "errors", "types", "threads", "logs"}
+# ingest; below them: model, stores; at the bottom: config, errors, types, threads, logs, sqlite_files.
+BOTTOM = {"config", "errors", "types", "threads", "logs", "sqlite_files"}
 ALLOWED = {
     "config": set(),
     "errors": set(),
     "types": set(),
     "threads": set(),
     "logs": set(),
+    "sqlite_files": set(),
     "model": BOTTOM,
     "stores": BOTTOM,
     "serving": BOTTOM | {"model"},
