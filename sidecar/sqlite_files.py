@@ -21,6 +21,16 @@ def unreadable(exc: sqlite3.Error) -> bool:
     return getattr(exc, "sqlite_errorcode", None) in _UNREADABLE
 
 
+def identity(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` (device, inode; None: none). A process that found its file unreadable moves it
+    aside only if it is still the one at `path`: another process may have begun a new one there since."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 def move_aside(path: Path) -> Path:
     """Move the file at `path` to PATH.unreadable (kept for a look) and delete its write-ahead log and shared memory,
     which must not be replayed into the new file begun at `path`. Returns where it went."""

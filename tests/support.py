@@ -179,6 +179,14 @@ def repeat_last_scan(jpeg: bytes, times: int) -> bytes:
     return jpeg[:start] + jpeg[start:-2] * times + jpeg[-2:]  # then EOI
 
 
+def damage_sqlite_file(path: Path) -> None:
+    """What a disk fault or a copy cut short leaves of the SQLite file `path`: bytes SQLite does not recognise, in
+    it and in its write-ahead log and shared memory (the lock beside them is the server's own, not SQLite's)."""
+    for part in path.parent.glob(path.name + "*"):
+        if not part.name.endswith(".lock"):
+            part.write_bytes(b"not a database" * 512)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -33,14 +33,14 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 from concurrent_log_handler import ConcurrentRotatingFileHandler
 from PIL import Image
 
 from sidecar.retrieval.monitor import BackgroundChecks
-from sidecar.sqlite_files import move_aside, one_process_at_a_time, unreadable
+from sidecar.sqlite_files import identity, move_aside, one_process_at_a_time, unreadable
 from sidecar.stores.base import Store
 from sidecar.types import Filters
 
@@ -300,48 +300,70 @@ class _Recent:
         self.seconds = seconds
         self._clock = clock
         self._db: sqlite3.Connection | None = None  # opened by the first use: on the checks' thread, not at boot
+        self._opened: tuple[int, int] | None = None  # the file `_db` is (or was to be) a connection to
         self._added = 0
 
     def add(self, key: Any, value: Any) -> None:
         if self.seconds <= 0:
             return
-        db = self._connection()
-        with db:
+
+        def insert(db: sqlite3.Connection) -> None:
             db.execute("INSERT OR REPLACE INTO recent VALUES (?, ?, ?, ?)",
                        (self.kind, json.dumps(key), json.dumps(value), self._clock()))
             self._added += 1
             if self._added % _BOUND_EVERY == 0:  # past the bound by at most this many adds of each process
                 db.execute("DELETE FROM recent WHERE rowid IN (SELECT rowid FROM recent WHERE kind = ? "
                            "ORDER BY added DESC LIMIT -1 OFFSET ?)", (self.kind, MAX_REMEMBERED))
+        self._transaction(insert)
 
     def get(self, key: Any) -> Any:
         """`key`'s value if it was added within `seconds`, else None; forgets those added before."""
         if self.seconds <= 0:
             return None
-        db = self._connection()
-        with db:
+
+        def select(db: sqlite3.Connection) -> Any:
             db.execute("DELETE FROM recent WHERE kind = ? AND added <= ?", (self.kind, self._clock() - self.seconds))
-            row = db.execute("SELECT value FROM recent WHERE kind = ? AND key = ?",
-                             (self.kind, json.dumps(key))).fetchone()
+            return db.execute("SELECT value FROM recent WHERE kind = ? AND key = ?",
+                              (self.kind, json.dumps(key))).fetchone()
+        row = self._transaction(select)
         return json.loads(row[0]) if row is not None else None
 
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
 
+    def _transaction(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """`work` in one transaction. A file SQLite cannot read, when opened or under a running server (a disk
+        fault, a copy cut short), is moved aside and `work` runs again on a new one: left alone, it would fail
+        every check until the worker restarted, and nothing more would be logged."""
+        try:
+            with self._connection() as db:
+                return work(db)
+        except sqlite3.DatabaseError as exc:
+            if not unreadable(exc):
+                raise
+            self._begin_again(exc)
+        with self._connection() as db:
+            return work(db)
+
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
             with one_process_at_a_time(self.path):
                 try:
                     self._db = self._open()
-                except sqlite3.DatabaseError as exc:
-                    if not unreadable(exc):
-                        raise
-                    aside = move_aside(self.path)
-                    log.warning("hard examples: %s cannot be read (%s); moved to %s and began a new one (queries "
-                                "logged or found not hard before are checked again)", self.path, exc, aside.name)
-                    self._db = self._open()
+                finally:
+                    self._opened = identity(self.path)  # the file opened, or found unreadable: none else moves it now
         return self._db
+
+    def _begin_again(self, exc: sqlite3.DatabaseError) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        with one_process_at_a_time(self.path):
+            if identity(self.path) == self._opened:  # else another worker (or the other kind) has begun it again
+                aside = move_aside(self.path)
+                log.warning("hard examples: %s cannot be read (%s); moved to %s and began a new one (queries "
+                            "logged or found not hard before are checked again)", self.path, exc, aside.name)
 
     def _open(self) -> sqlite3.Connection:
         # WAL: the workers' checks read while another writes; the timeout waits out another's write. A commit
@@ -359,6 +381,8 @@ class _Recent:
             raise
         return db
 
+
+_T = TypeVar("_T")
 
 # How many adds of one process pass between trims of _Recent's table to MAX_REMEMBERED (a trim reads that many rows).
 _BOUND_EVERY = 100

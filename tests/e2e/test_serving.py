@@ -30,7 +30,7 @@ from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.config import Settings
 from sidecar.stores.embedded import EmbeddedStore
-from tests.support import ThreadKiller, ends_with_the_test_run, free_port
+from tests.support import ThreadKiller, damage_sqlite_file, ends_with_the_test_run, free_port
 
 
 class Server:
@@ -441,20 +441,13 @@ def test_text_cache_persistence_follows_its_settings(build_app, tmp_path):
     assert state_of(client.application).encoding.cache.persisted_count() == 0
 
 
-def damage(path):
-    """What a disk fault or a copy cut short leaves: bytes SQLite does not recognise, its log gone."""
-    for part in path.parent.glob(path.name + "*"):
-        if not part.name.endswith(".lock"):
-            part.write_bytes(b"not a database" * 512)
-
-
 def test_a_text_cache_file_damaged_under_the_server_costs_encodes_not_errors_and_is_replaced_at_the_next_start(
         build_app, tmp_path, caplog):
     path = tmp_path / "vectors.sqlite"
     client = build_app(text_cache_path=str(path)).test_client()
     assert client.post("/v1/embeddings", json={"input": ["red circle"]}).status_code == 200
     state_of(client.application).encoding.cache.flush()
-    damage(path)
+    damage_sqlite_file(path)
     caplog.set_level(logging.WARNING, logger="sidecar.serving.cache")
     assert client.post("/v1/embeddings", json={"input": ["blue square", "green"]}).status_code == 200  # was a 500
     assert client.post("/v1/embeddings", json={"input": ["yellow"]}).status_code == 200

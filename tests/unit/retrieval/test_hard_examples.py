@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from sidecar.retrieval.monitor import BackgroundChecks
 from sidecar.retrieval.search import SearchOptions, search
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document, ModelSignature
-from tests.support import png_b64
+from tests.support import damage_sqlite_file, png_b64
 
 
 def test_feedback_on_an_earlier_search_of_a_text_searched_again_is_exported(tmp_path: Path):
@@ -186,25 +187,36 @@ def test_the_same_text_under_other_filters_or_by_another_model_is_another_query_
     assert [r["query_id"] for r in records] == ["a", "b"] and repeats == []
 
 
-def test_a_query_logged_by_one_worker_is_a_repeat_for_another_worker_logging_to_the_same_folder(tmp_path: Path):
-    # Two logs on one folder, each with its own checks thread and SQLite connection, as two Gunicorn workers have.
+def logged_by_two_workers(tmp_path: Path, steps: list[tuple[float, int, SearchedQuery] | Callable[[], None]]
+                          ) -> tuple[list[dict], list[dict]]:
+    """The hard-example records and repeat lines of two logs on one folder, each with its own checks thread and
+    SQLite connection, as two Gunicorn workers have. `steps`: a search offered at its clock time (seconds) to
+    worker 0 or 1, or something done between searches."""
     now = [0.0]
     with EmbeddedStore(tmp_path / "store") as store:
         workers = [(checks := BackgroundChecks(capacity=10),
                     HardExampleLog(store, folder=tmp_path / "log", checks=checks, fraction=1.0,
                                    rules=HardExampleRules(), images=False, max_bytes=10**6, backups=1,
                                    repeat_seconds=3600, clock=lambda: now[0])) for _ in range(2)]
-        for at, worker, query in ((0, 0, searched("a", "red circle")), (5, 1, searched("b", "Red Circle")),
-                                  (3600, 1, searched("c", "red circle")), (3601, 0, searched("d", "red circle"))):
-            now[0] = at
+        for step in steps:
+            if callable(step):
+                step()
+                continue
+            now[0], worker, query = step
             checks, log = workers[worker]
             log.offer(query)
             assert checks.wait_idle(30)
         for checks, log in workers:
             checks.close()
             log.close()
-    records = list(read_jsonl_log(tmp_path / "log" / HARD_EXAMPLES_FILE))
-    repeats = list(read_jsonl_log(tmp_path / "log" / REPEATS_FILE))
+    return (list(read_jsonl_log(tmp_path / "log" / HARD_EXAMPLES_FILE)),
+            list(read_jsonl_log(tmp_path / "log" / REPEATS_FILE)))
+
+
+def test_a_query_logged_by_one_worker_is_a_repeat_for_another_worker_logging_to_the_same_folder(tmp_path: Path):
+    records, repeats = logged_by_two_workers(tmp_path, [
+        (0, 0, searched("a", "red circle")), (5, 1, searched("b", "Red Circle")),
+        (3600, 1, searched("c", "red circle")), (3601, 0, searched("d", "red circle"))])
     # Past the window the second worker logs it afresh, and the first then finds that record.
     assert [r["query_id"] for r in records] == ["a", "c"]
     assert [(r["query_id"], r["repeat_of"]) for r in repeats] == [("b", "a"), ("d", "c")]
@@ -221,6 +233,22 @@ def test_a_memory_file_sqlite_cannot_read_is_moved_aside_and_the_queries_are_sti
     assert ([r["query_id"] for r in records], [(r["query_id"], r["repeat_of"]) for r in repeats]) == (["a"], [("b", "a")])
     assert (tmp_path / "log" / f"{RECENT_FILE}.unreadable").read_bytes() == damaged
     assert f"{RECENT_FILE} cannot be read (file is not a database); moved to {RECENT_FILE}.unreadable" in caplog.text
+
+
+def test_a_memory_file_damaged_under_two_running_workers_is_moved_aside_once_and_both_go_on_logging_and_finding_repeats(
+        tmp_path: Path, caplog):
+    # Before, every check of both workers failed on the damaged file until they restarted: nothing more was logged.
+    recent = tmp_path / "log" / RECENT_FILE
+    records, repeats = logged_by_two_workers(tmp_path, [
+        (0, 0, searched("a", "red circle")), (1, 1, searched("b", "blue square")),
+        lambda: damage_sqlite_file(recent),
+        (5, 0, searched("c", "green")), (6, 1, searched("d", "green")),
+        (7, 1, searched("e", "yellow")), (8, 0, searched("f", "Yellow"))])
+    assert [r["query_id"] for r in records] == ["a", "b", "c", "e"]
+    # The second worker's connection was to the damaged file: it found the new one the first worker began.
+    assert [(r["query_id"], r["repeat_of"]) for r in repeats] == [("d", "c"), ("f", "e")]
+    assert recent.with_name(f"{RECENT_FILE}.unreadable").read_bytes().startswith(b"not a database")
+    assert caplog.text.count(f"{RECENT_FILE} cannot be read (file is not a database); moved to") == 1
 
 
 class CountingStore(EmbeddedStore):

@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 
 from sidecar.errors import EncodeTimeout
 from sidecar.serving.cache import CachedText, TextVectorCache, cache_namespace
+from tests.support import damage_sqlite_file
 
 
 class CountingEncoder:
@@ -201,9 +202,7 @@ def test_writes_that_keep_failing_are_warned_about_once_not_per_batch(tmp_path, 
     try:
         cache.through_disk(CountingEncoder())(["before"])
         cache.flush()
-        for part in tmp_path.glob("text-vectors.sqlite*"):
-            if not part.name.endswith(".lock"):
-                part.write_bytes(b"not a database" * 512)
+        damage_sqlite_file(path)
         caplog.set_level(logging.WARNING, logger="sidecar.serving.cache")
         for i in range(3):
             cache.through_disk(CountingEncoder())([f"batch {i}"])
