@@ -95,6 +95,19 @@ def _sqlite_errors(path: Path) -> Iterator[None]:
         raise click.ClickException(f"text-vector cache {path}: {exc} (SIDECAR_TEXT_CACHE_PATH{hint})") from exc
 
 
+def _checked_model_settings(kwargs: dict[str, Any]) -> Settings:
+    """The settings the flags give, refused (one line, closest names) when they name a model or weights that do not
+    exist: `cache prune` of a misspelt model would otherwise delete every vector the real one's server reads."""
+    from sidecar.model.weights import check_model_settings
+
+    settings = settings_from(kwargs, MODEL_IDENTITY_FLAGS)
+    check_model_settings(settings)
+    fine = settings.fine_model_settings()
+    if fine is not None:
+        check_model_settings(fine, fine=True)
+    return settings
+
+
 def _size(size: float) -> str:
     for unit in ("B", "kB", "MB"):
         if size < 1000:
@@ -118,7 +131,7 @@ def cache_stats(**kwargs: Any) -> None:
     from sidecar.serving.cache import file_bytes, usage
     from sidecar.serving.encoding import text_cache_namespaces
 
-    settings = settings_from(kwargs, MODEL_IDENTITY_FLAGS)
+    settings = _checked_model_settings(kwargs)
     path = _cache_file(settings)
     if path is None:
         return
@@ -157,11 +170,12 @@ def cache_prune(dry_run: bool, **kwargs: Any) -> None:
     Servers of other models sharing the file lose theirs: they encode those texts again as queries come.
     Safe while a server uses the file: what it no longer finds it encodes again, and its writes wait for
     the prune. `cache stats` shows what would go ("not read", "stale").
+    A model or weights tag that does not exist (a misspelling) is refused: it would delete every vector.
     """
     from sidecar.serving.cache import file_bytes, remove, usage
     from sidecar.serving.encoding import text_cache_namespaces
 
-    settings = settings_from(kwargs, MODEL_IDENTITY_FLAGS)
+    settings = _checked_model_settings(kwargs)
     path = _cache_file(settings)
     if path is None:
         return

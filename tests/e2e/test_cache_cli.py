@@ -117,6 +117,18 @@ def encode_counting(calls: list[str]):
     return encode
 
 
+def test_cache_prune_and_stats_of_a_misspelt_model_or_tag_are_refused_naming_the_closest_and_delete_nothing(
+        tmp_path, cache_file):
+    warm(tmp_path, ["red circle"])
+    before = cli("cache", "stats").output
+    for command, refusal in ((["prune", "--model", "ViT-B-33"], "unknown model 'ViT-B-33'"),
+                             (["stats", "--model", "ViT-B-33"], "unknown model 'ViT-B-33'"),
+                             (["prune", "--model", "ViT-B-32", "--pretrained", "nosuchtag"], "pretrained 'nosuchtag'")):
+        result = cli("cache", *command, ok=False)
+        assert result.exit_code == 1 and refusal in result.output, result.output
+    assert cli("cache", "stats").output == before  # before, the prune deleted the tiny model's vectors
+
+
 @pytest.mark.parametrize("command", [["clear"], ["prune", "--model", "ViT-B-32", "--pretrained", "openai"]])
 def test_a_server_sharing_the_file_keeps_serving_after_its_rows_are_deleted_and_writes_them_again(
         cache_file, command):
