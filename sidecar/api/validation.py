@@ -253,9 +253,9 @@ def choice(body: dict, field: str, *, choices: tuple[str, ...], default: str, na
 
 
 def filters(body: dict, settings: Settings) -> dict[str, Any] | None:
-    """Metadata filters {field: value | [values]}, held to what both stores can run: a field name
-    without '"' or control characters (the embedded store's JSON path), scalar values with integers
-    in 64 bits, at most max_filter_fields fields and max_filter_values values."""
+    """Metadata filters {field: value | [values]}, held to what both stores can run: a non-empty field name
+    without control characters, scalar values with integers in 64 bits, at most max_filter_fields fields and
+    max_filter_values values."""
     value = optional(body, "filters", dict)
     if not value:
         return None
@@ -264,9 +264,9 @@ def filters(body: dict, settings: Settings) -> dict[str, Any] | None:
                               f"{settings.max_filter_fields} (max_filter_fields)")
     total = 0
     for name, wanted in value.items():
-        if not name or '"' in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        if not name or any(ord(c) < 32 or ord(c) == 127 for c in name):
             raise BadRequest(f"field 'filters' has a key {quoted(name)}: a metadata field name is non-empty, without "
-                             "'\"' or control characters")
+                             "control characters")
         values = wanted if isinstance(wanted, list) else [wanted]
         if not values:
             raise BadRequest(f"field {quoted(f'filters.{name}')} is an empty list: send at least one value")

@@ -1166,14 +1166,15 @@ def _count_metadata_values(conn: sqlite3.Connection) -> dict[str, FacetCounts]:
 
 
 def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
-    """Metadata filters -> SQL over alias `d`; a field matches if it (or any element of a list field) equals a value."""
+    """Metadata filters -> SQL over alias `d`: a top-level field matches if it (or any element of a list field)
+    equals a value; a field holding an object matches nothing, as a term filter on an object field."""
     if not isinstance(filters, dict) and not hasattr(filters, "items"):
         raise TypeError(f"filters must be a mapping of field -> value(s), got {type(filters).__name__}")
     clauses: list[str] = []
     params: list[Any] = []
     for field, value in filters.items():
-        if not isinstance(field, str) or not field or '"' in field:
-            raise ValueError(f"filter field must be a non-empty string without '\"', got {field!r}")
+        if not isinstance(field, str) or not field:
+            raise ValueError(f"filter field must be a non-empty string, got {field!r}")
         values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
         # numpy scalars (np.int64 from a DataFrame, say) become Python values SQLite can bind.
         values = [item.item() if isinstance(item, np.generic) else item for item in values]
@@ -1182,16 +1183,24 @@ def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
         for item in values:
             if not isinstance(item, (str, int, float)) or (isinstance(item, float) and not math.isfinite(item)):
                 raise ValueError(f"filter {field!r}: values must be strings, numbers or booleans, got {item!r}")
-        # json_each yields the scalar itself, or each element of a JSON array: term-filter semantics. SQLite
-        # reads JSON true as 1: the element's JSON type keeps a boolean from matching a number, and back.
-        matches = []
-        params.append(f'$."{field}"')
+        # The field is found by json_each's key, the name as decoded, bound as a parameter: a JSON path
+        # ($."name") compares the name as escaped in the JSON text, so a backslash in it matched nothing.
+        # The members' own walk (`json_each(j.value)`) runs on arrays only: on an object it would match its
+        # members' values. SQLite reads JSON true as 1: the JSON type keeps a boolean from matching a number.
+        scalar, element = [], []
         for types, kind in _FILTER_TYPES:
             same = [item for item in values if kind(item)]
             if same:
-                matches.append(f"(j.type IN {types} AND j.value IN ({','.join('?' * len(same))}))")
-                params.extend(same)
-        clauses.append(f" AND EXISTS (SELECT 1 FROM json_each(d.metadata, ?) AS j WHERE {' OR '.join(matches)})")
+                marks = ",".join("?" * len(same))
+                scalar.append((f"(j.type IN {types} AND j.value IN ({marks}))", same))
+                element.append((f"(e.type IN {types} AND e.value IN ({marks}))", same))
+        clauses.append(
+            " AND EXISTS (SELECT 1 FROM json_each(d.metadata) AS j WHERE j.key = ? AND ("
+            f"{' OR '.join(sql for sql, _ in scalar)} OR (j.type = 'array' AND EXISTS (SELECT 1 FROM "
+            f"json_each(j.value) AS e WHERE {' OR '.join(sql for sql, _ in element)}))))")
+        params.append(field)
+        params.extend(item for _, same in scalar for item in same)
+        params.extend(item for _, same in element for item in same)
     return "".join(clauses), params
 
 

@@ -409,6 +409,23 @@ def test_a_filter_matches_values_of_its_own_json_type_only(store: EmbeddedStore)
     assert matching(0) == [] and matching("true") == ["list"]
 
 
+def test_a_filter_finds_fields_named_with_a_backslash_or_quote_and_never_matches_inside_an_object(store: EmbeddedStore):
+    # The field was found by a JSON path ($."name"), which compares the name as escaped in the JSON text (a
+    # backslash matched nothing), and json_each walked an object field's members (its values matched).
+    vectors = clustered_unit_vectors(4)
+    store.upsert([Document(id=doc_id, vector=vector, metadata=metadata) for doc_id, vector, metadata in zip(
+        ("slash", "quote", "object", "list"), vectors,
+        ({"a\\b": "x"}, {'a"b': "x"}, {"colour": {"inner": "red"}}, {"colour": ["red", {"inner": "blue"}]}))])
+
+    def matching(filters) -> list[str]:
+        return sorted(hit.id for hit in store.vector_search(vectors[0], 4, filters=filters, exact=True))
+
+    assert matching({"a\\b": "x"}) == ["slash"]
+    assert matching({'a"b': "x"}) == ["quote"]
+    assert matching({"colour": "red"}) == ["list"]
+    assert matching({"colour": "blue"}) == []
+
+
 @pytest.mark.parametrize("exact", [False, True])
 def test_vector_search_with_filters(store: EmbeddedStore, exact: bool):
     docs = make_docs(400)
