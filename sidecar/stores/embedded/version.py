@@ -678,7 +678,8 @@ class VersionStore:
                 rebuild = self._graph_mostly_tombstones(state.hnsw_dead, state.index.ntotal)
             if rebuild:
                 self._save_graph(write, self._build_index(state.vectors, state.live), rebuilt=True)
-            elif state.hnsw_rows == state.n_rows:
+            elif state.hnsw_rows == state.n_rows or (state.index is None and len(state.tail) == 0):
+                # Without a graph, hnsw_rows stays 0: rows it covered would need a graph file (`store check`).
                 return
             elif len(state.tail) == 0:
                 self._commit(write, hnsw_rows=state.n_rows)  # only dead rows since: nothing to add

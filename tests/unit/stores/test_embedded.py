@@ -637,6 +637,20 @@ def test_a_load_session_saves_the_graph_once_and_its_rows_answer_searches_meanwh
         assert store.check().clean
 
 
+def test_a_first_load_session_whose_every_row_is_deleted_leaves_a_store_that_checks_clean(tmp_path: Path):
+    # The session recorded its rows as covered by a graph it never saved (there were no live rows to build
+    # one from): `store check` then reported "no HNSW graph recorded, though it should cover 5 rows".
+    with EmbeddedStore(tmp_path / "s") as store:
+        with store.bulk_load():
+            docs = make_docs(5)
+            store.upsert(docs)
+            store.delete([doc.id for doc in docs])
+        assert store.check().problems == []
+        store.upsert(make_docs(3, seed=4, prefix="later-"))
+        assert store.vector_search(make_docs(3, seed=4)[1].vector, 1)[0].id == "later-1"
+        assert store.check().problems == []
+
+
 def test_a_session_that_fails_leaves_its_committed_rows_searchable_and_the_next_one_adds_them(tmp_path: Path):
     path = tmp_path / "s"
     with stored(path, make_docs(100)) as store:
