@@ -247,6 +247,8 @@ class Settings:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"setting {name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise ValueError(f"setting device={self.device!r}: choose auto, cpu, cuda or cuda:N (N counts from 0)")
         for name in ("max_batch_items", "max_body_bytes", "max_json_depth", "max_image_pixels", "max_request_pixels",
                      "max_resized_side", "max_jpeg_scans", "decode_memory_bytes", "max_text_chars", "max_filter_fields",
                      "max_filter_values", "max_k", "max_batch", "request_threads", "text_cache_size",

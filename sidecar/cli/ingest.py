@@ -31,8 +31,9 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
               help="Vectors per shard file. The local engine writes a shard once this many vectors are waiting "
                    "and does not split a batch, so its shards hold up to --shard-size + --batch-size - 1. A killed "
                    "run loses at most the shard in progress.")
-@click.option("--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True,
-              help="Decode/resize worker processes (0 = decode in the main process).")
+# Each decode worker is a process with memory of its own: past a few per core they add memory, not speed.
+@click.option("--workers", type=click.IntRange(0, 256), default=min(4, os.cpu_count() or 1), show_default=True,
+              help="Decode/resize worker processes (0 = decode in the main process); one or two per core.")
 @click.option("--decode", type=click.Choice(DECODE_MODES), default="auto", show_default=True,
               help="Where JPEGs are decoded and resized: cpu (the decode workers), device (batched on the "
                    "model's device, by --jpeg-decoder), or split (both at once: the workers decode the share of "

@@ -215,7 +215,7 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
 
     \b
     Built-in benchmark (nothing to prepare; minutes on a laptop once the first run has trained
-    tiny-clip-large, about 15 minutes on 2 cores):
+    tiny-clip-large, about 13 minutes on 2 cores):
       clip-sidecar eval --benchmark
     Your own judged queries, against the store:
       clip-sidecar eval --queries queries.jsonl --qrels qrels.txt \\

@@ -257,7 +257,7 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
       clip-sidecar embed photos/ --out data/shards --model ViT-B-32 --pretrained laion2b_s34b_b79k
       clip-sidecar index data/shards
       clip-sidecar search "red sneakers" --model ViT-B-32 --pretrained laion2b_s34b_b79k
-      clip-sidecar serve --workers 2 --model ViT-B-32 --pretrained laion2b_s34b_b79k
+      clip-sidecar serve --workers 1 --model ViT-B-32 --pretrained laion2b_s34b_b79k
 
     The settings of the model, the store, the prompt sets and the server (README: Configuration)
     come from SIDECAR_* environment variables too; a flag given overrides its variable.

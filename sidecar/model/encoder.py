@@ -19,6 +19,7 @@ from PIL import Image
 from sidecar.config import Settings
 from sidecar.model.images import ImagePreprocess
 from sidecar.model.text_tower import TextTower
+from sidecar.model.weights import ModelSettingsError
 from sidecar.types import ModelSignature
 
 log = logging.getLogger(__name__)
@@ -236,23 +237,34 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device a `device` setting names, refused in one line (ModelSettingsError) where this machine
+    has no such device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"setting device={name!r}, but no CUDA device is available; use auto or cpu")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelSettingsError(f"{_DEVICE_SETTING} is {name!r}, but this machine has no CUDA device: "
+                                     "use auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ModelSettingsError(f"{_DEVICE_SETTING} is {name!r}, but this machine has {count} CUDA "
+                                     f"device(s): cuda:0 to cuda:{count - 1}")
     return device
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     if name != "auto":
         if name != "fp32" and device.type == "cpu":
-            raise ValueError(f"setting precision={name!r} needs a GPU; on CPU use fp32 (or auto)")
+            raise ModelSettingsError(f"--precision / SIDECAR_PRECISION is {name!r}, which needs a GPU, and the "
+                                     "model runs on the CPU: use fp32 or auto")
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
 
+
+_DEVICE_SETTING = "--device / SIDECAR_DEVICE"
 
 # The seed random weights are drawn from (load_encoder): "random" names one model, not one per process.
 RANDOM_INIT_SEED = 0

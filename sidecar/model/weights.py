@@ -34,8 +34,9 @@ class FetchFailed(RuntimeError):
 
 
 class ModelSettingsError(ValueError):
-    """The settings name a model open_clip does not know, or weights that are neither a file nor one of
-    its pretrained tags: a mistake the user fixes (the message names the flag, the variable and the choices)."""
+    """The settings name a model open_clip does not know, weights that are neither a file nor one of its
+    pretrained tags, or a device or precision this machine lacks: a mistake the user fixes (the message
+    names the flag, the variable and the choices)."""
 
 
 # The flag and variable of each model setting, by whether the settings are the fine-ranking model's

@@ -822,6 +822,30 @@ def test_a_folder_under_a_regular_file_is_refused_in_one_line_naming_the_flag_or
     assert result.output.splitlines()[-1] == f"Error: cannot write {blocked}: Not a directory ({origin} is {blocked})"
 
 
+@pytest.mark.parametrize("command", [["embed", "{corpus}", "--out", "{out}"], ["search", "red", "--store-path", "{store}"]])
+@pytest.mark.parametrize(("flags", "exit_code", "message"), [
+    (["--device", "gpu"], 2, "setting device='gpu': choose auto, cpu, cuda or cuda:N (N counts from 0)"),
+    (["--device", "cuda:99"], 1, "Error: --device / SIDECAR_DEVICE is 'cuda:99', but this machine has "),
+    (["--device", "cpu", "--precision", "fp16"], 1, "Error: --precision / SIDECAR_PRECISION is 'fp16', which needs a "
+     "GPU, and the model runs on the CPU: use fp32 or auto"),
+], ids=["unknown-device", "absent-cuda-device", "half-precision-on-cpu"])
+def test_a_device_or_precision_this_machine_cannot_run_is_refused_in_one_line_naming_the_flag(
+        command, flags, exit_code, message, corpus, store_path, tmp_path):
+    # Each was a traceback: torch's RuntimeError for the name, the settings' ValueError for the rest.
+    names = {"corpus": corpus, "out": tmp_path / "shards", "store": store_path}
+    result = CliRunner().invoke(main, ["-q", *(arg.format(**names) for arg in command), *flags])
+    assert result.exit_code == exit_code and isinstance(result.exception, SystemExit), result.exception
+    assert message in result.output
+
+
+def test_embed_refuses_more_decode_workers_than_its_bound_before_starting_any(corpus, tmp_path):
+    # A trillion workers failed with ENOMEM (a traceback) once the pool began forking.
+    result = CliRunner().invoke(main, ["-q", "embed", str(corpus), "--out", str(tmp_path / "s"), "--workers",
+                                       "1000000000000"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--workers': 1000000000000 is not in the range 0<=x<=256." in result.output
+
+
 def test_a_jpeg_decoder_that_would_not_be_used_is_refused_or_named(corpus, tmp_path):
     # The Ray engine decodes on CPU tasks: asking it for a device decoder is a usage error, before any work.
     result = CliRunner().invoke(main, ["-q", "embed", str(corpus), "--out", str(tmp_path / "ray"), "--engine", "ray",
