@@ -28,6 +28,7 @@ from sidecar.errors import BadRequest, quoted
 from sidecar.retrieval.fine import fine_size_mismatch
 from sidecar.retrieval.fusion import FUSION_METHODS
 from sidecar.retrieval.search import (
+    MAX_WEIGHT,
     MODES,
     NO_FINE_MODEL,
     SearchOptions,
@@ -173,8 +174,8 @@ def _weights(body: dict) -> tuple[float, float]:
     weights = []
     for name, default in DEFAULT_WEIGHTS.items():
         weight = optional(value, name, (int, float), default, name=f"weights.{name}")
-        if not 0 <= weight <= 100:
-            raise BadRequest(f"field 'weights.{name}' must be a number between 0 and 100, got {weight}")
+        if not 0 <= weight <= MAX_WEIGHT:
+            raise BadRequest(f"field 'weights.{name}' must be a number between 0 and {MAX_WEIGHT:g}, got {weight}")
         weights.append(float(weight))
     if sum(weights) == 0:
         raise BadRequest("field 'weights' must not be all zero")

@@ -22,9 +22,10 @@ from sidecar.cli.root import (
     settings_from,
     store_options,
 )
+from sidecar.config import Settings
 from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.retrieval.fusion import FUSION_METHODS, RRF_K
-from sidecar.retrieval.search import MODES
+from sidecar.retrieval.search import MAX_WEIGHT, MODES
 
 
 @click.command()
@@ -42,9 +43,10 @@ from sidecar.retrieval.search import MODES
                    f"or their ranks (rrf: weight / ({RRF_K} + rank), rank counted from 1 in each list), then summed "
                    "by the weights.")
 @click.option("--vector-weight", type=float, default=0.5, show_default=True,
-              help="Weight of the vector scores where they are fused with BM25's.")
+              help=f"Weight of the vector scores where they are fused with BM25's (0 to {MAX_WEIGHT:g}).")
 @click.option("--bm25-weight", type=float, default=0.5, show_default=True,
-              help="Weight of the BM25 scores where they are fused with the vector's.")
+              help=f"Weight of the BM25 scores where they are fused with the vector's (0 to {MAX_WEIGHT:g}; "
+                   "not both 0).")
 @click.option("--rerank/--no-rerank", default=None,
               help="The fine stage: re-score the candidates with --fine-model (default: on, except in bm25 mode). "
                    "Skipped when no fine model is configured: silently by default, with a note on stderr when "
@@ -63,21 +65,31 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, fusio
            vector_weight: float, bm25_weight: float, rerank: bool | None, exact: bool, ef_search: int | None,
            filters: tuple[str, ...], as_json: bool, **kwargs: Any) -> None:
     """Search the store by TEXT, --image, or both."""
+    from sidecar.api.validation import is_blank
     from sidecar.model.encoder import load_encoder, load_fine_encoder
     from sidecar.model.images import ImageDecodeError
     from sidecar.retrieval.search import OverSearchLimit, SearchOptions, check_search_limits, past_window_depth
     from sidecar.retrieval.search import search as run_search
     from sidecar.stores.base import UnknownFilterField, check_query_model
 
-    if not text and image is None:
-        raise click.UsageError("give TEXT, --image, or both")
-    # --candidates over max_k is refused here by the settings (rerank_candidates), as SIDECAR_RERANK_CANDIDATES is.
-    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + ("rerank_candidates",))
+    # --candidates is this search's, not a setting: over max_k, check_search_limits names the flag.
+    candidates = kwargs.pop("rerank_candidates")
+    settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS)
+    # As /v1/search reads a query's text: its first max_text_chars characters, blank as none.
+    text = None if text is None or is_blank(text[:settings.max_text_chars]) else text[:settings.max_text_chars]
+    if text is None and image is None:
+        raise click.UsageError("give TEXT (not blank), --image, or both")
+    for flag, weight in (("--vector-weight", vector_weight), ("--bm25-weight", bm25_weight)):
+        if not 0 <= weight <= MAX_WEIGHT:
+            raise click.BadParameter(f"{weight} is not a number from 0 to {MAX_WEIGHT:g}", param_hint=f"'{flag}'")
+    if vector_weight == bm25_weight == 0:
+        raise click.BadParameter("both weights are 0: give one of them a positive weight",
+                                 param_hint="'--vector-weight' / '--bm25-weight'")
     try:
         options = SearchOptions(mode=mode or ("hybrid" if text else "vector"), k=k,
-                                candidates=settings.rerank_candidates,
+                                candidates=candidates or settings.rerank_candidates,
                                 fusion=fusion, weights=(vector_weight, bm25_weight), rerank=rerank,
-                                exact=exact, ef_search=ef_search, filters=_parse_filters(filters))
+                                exact=exact, ef_search=ef_search, filters=_parse_filters(filters, settings))
         check_search_limits(options, max_k=settings.max_k)  # as the API refuses them
         # After the limits: -k over max_k is told as such, not as a depth under k.
         options = dataclasses.replace(options, depth=past_window_depth(k, candidates=options.candidates,
@@ -126,14 +138,24 @@ def _query_vector(encoder, settings, *, text: str | None, image: Path | None):
     return query_vector(text_vector, image_vector)
 
 
-def _parse_filters(filters: tuple[str, ...]) -> dict[str, Any] | None:
+def _parse_filters(filters: tuple[str, ...], settings: Settings) -> dict[str, Any] | None:
+    """--filter FIELD=VALUE flags as the store's filters, held to /v1/search's limits (max_filter_fields,
+    max_filter_values): a list of values is one SQL or OpenSearch clause term per value."""
     parsed: dict[str, Any] = {}
+    given = 0
     for item in filters:
         field, sep, value = item.partition("=")
         if not sep or not field:
             raise ValueError(f"--filter {item!r}: expected FIELD=VALUE")
+        given += len(value.split(","))
+        if given > settings.max_filter_values:
+            raise ValueError(f"--filter: more than {settings.max_filter_values} values in all (max_filter_values: "
+                             "SIDECAR_MAX_FILTER_VALUES)")
         values = [typed for text in value.split(",") for typed in _filter_values(text)]
         parsed[field] = values if len(values) > 1 else value
+    if len(parsed) > settings.max_filter_fields:
+        raise ValueError(f"--filter: {len(parsed)} fields, over the limit of {settings.max_filter_fields} "
+                         "(max_filter_fields: SIDECAR_MAX_FILTER_FIELDS)")
     return parsed or None
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,10 +56,15 @@ class SearchOptions:
         if self.depth is not None and self.depth < self.k:
             raise ValueError(f"depth must be at least k ({self.k}), got {self.depth}")
         # isfinite first: NaN passes both comparisons below and would make every fused score NaN.
-        if len(self.weights) != 2 or not all(map(math.isfinite, self.weights)) or min(self.weights) < 0 \
+        if len(self.weights) != 2 or not all(0 <= weight <= MAX_WEIGHT for weight in self.weights) \
                 or sum(self.weights) <= 0:
-            raise ValueError("weights must be two finite non-negative numbers (vector, bm25) with a positive sum, "
+            raise ValueError(f"weights must be two numbers from 0 to {MAX_WEIGHT:g} (vector, bm25), not both 0, "
                              f"got {self.weights}")
+
+
+# A fusion weight's ceiling (the API's, `search`'s and `eval`'s): only the two weights' ratio ranks, and a
+# weight of 1e308 made fused scores infinite, which JSON cannot carry. NaN fails every comparison: refused too.
+MAX_WEIGHT = 100.0
 
 
 class OverSearchLimit(ValueError):

@@ -89,7 +89,8 @@ def test_search_refuses_a_weight_that_is_not_finite(store_path, weight):
     # NaN passed the non-negative check and gave NaN scores; inf made the fused scores NaN too.
     result = CliRunner().invoke(main, ["-q", "search", "red", "--store-path", str(store_path),
                                        "--vector-weight", weight])
-    assert result.exit_code == 2 and "weights must be two finite non-negative numbers" in result.output
+    assert result.exit_code == 2 and f"Invalid value for '--vector-weight': {weight} is not a number from 0 to 100" \
+        in result.output
 
 
 def test_search_refuses_a_filter_on_a_field_no_document_holds_naming_the_fields_held(store_path):
@@ -169,10 +170,20 @@ def test_search_refuses_what_the_api_refuses_naming_the_limit_and_its_setting_be
         raise AssertionError("the model was loaded before the limits were checked")
 
     base = ["-q", "search", "red", "--store-path", str(store_path)]
-    # --candidates is the rerank_candidates setting: over max_k, the settings refuse it, as from the environment.
+    # --candidates over max_k named the setting rerank_candidates, not the flag; --vector-weight 1e308 printed
+    # "score": Infinity (no JSON), a negative weight's error named neither flag, and --filter took 2000 values.
     refused = {("--ef-search", "4097"): ({}, "Invalid value for '--ef-search': 4097 is not in the range 1<=x<=4096."),
-               ("--candidates", "1001"): ({}, "setting rerank_candidates=1001 (the candidates of a search that names "
-                                              "none) is over max_k=1000, the most hits a search ranks"),
+               ("--candidates", "1001"): ({}, "Invalid value for '--candidates': 1001 is over 1000, the most hits a "
+                                              "search ranks (max_k: SIDECAR_MAX_K)"),
+               ("--vector-weight", "1e308"): ({}, "Invalid value for '--vector-weight': 1e+308 is not a number from "
+                                                  "0 to 100"),
+               ("--bm25-weight", "-1"): ({}, "Invalid value for '--bm25-weight': -1.0 is not a number from 0 to 100"),
+               ("--vector-weight", "0", "--bm25-weight", "0"): ({}, "Invalid value for '--vector-weight' / "
+                                                                    "'--bm25-weight': both weights are 0"),
+               ("--filter", "color=" + ",".join(map(str, range(1025)))): (
+                   {}, "--filter: more than 1024 values in all (max_filter_values: SIDECAR_MAX_FILTER_VALUES)"),
+               tuple(f"--filter=f{i}=x" for i in range(65)): (
+                   {}, "--filter: 65 fields, over the limit of 64 (max_filter_fields: SIDECAR_MAX_FILTER_FIELDS)"),
                (): ({"SIDECAR_MAX_K": "50"}, "rerank_candidates=100 (the candidates of a search that names none) is "
                                              "over max_k=50"),
                ("-k", "101"): ({"SIDECAR_MAX_K": "100"}, "Invalid value for '--k': 101 is over 100, the most hits a "
@@ -183,6 +194,9 @@ def test_search_refuses_what_the_api_refuses_naming_the_limit_and_its_setting_be
             result = CliRunner().invoke(main, [*base, *args],
                                         env={"SIDECAR_MAX_K": None, "SIDECAR_RERANK_CANDIDATES": None, **env})
             assert result.exit_code == 2 and message in result.output, (args, result.output)
+        # A blank TEXT searched an empty prompt; /v1/search reads it as no text.
+        result = CliRunner().invoke(main, ["-q", "search", " \t ", "--store-path", str(store_path)])
+        assert result.exit_code == 2 and "give TEXT (not blank), --image, or both" in result.output, result.output
     result = CliRunner().invoke(main, [*base, "-k", "1001", "--ef-search", "4096", "--json"],
                                 env={"SIDECAR_MAX_K": "2000"})  # max_k raised: the CLI follows it, as the API
     assert result.exit_code == 0, result.output

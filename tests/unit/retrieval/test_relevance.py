@@ -280,10 +280,11 @@ def test_weights_as_an_object_refuse_a_misspelt_key_and_default_a_missing_one_as
     assert relevance.parse_configs({"weights": {"vector": 0.7}})[0].options.weights == (0.7, SearchOptions().weights[1])
 
 
-def test_a_configuration_with_a_weight_that_is_not_finite_is_refused():
-    # JSON's NaN parses to a float: it ran as a row "hybrid minmax nan/1" of NaN scores.
-    with pytest.raises(EvaluationInputError, match="weights must be two finite"):
-        relevance.parse_configs(json.loads('{"weights": [NaN, 1]}'))
+@pytest.mark.parametrize("weights", ["[NaN, 1]", "[1e308, 1]"])
+def test_a_configuration_with_a_weight_that_is_not_finite_or_over_the_apis_ceiling_is_refused(weights):
+    # JSON's NaN parses to a float: it ran as a row "hybrid minmax nan/1" of NaN scores; 1e308 made them infinite.
+    with pytest.raises(EvaluationInputError, match=r"weights must be two numbers from 0 to 100 \(vector, bm25\)"):
+        relevance.parse_configs(json.loads(f'{{"weights": {weights}}}'))
 
 
 def test_a_mode_that_needs_text_refuses_image_only_queries(store, tmp_path):
