@@ -463,11 +463,14 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
                                 "or a full disk)")
 
     for record in read_jsonl_log(Path(log_dir) / HARD_EXAMPLES_FILE, skipped=unreadable):
-        key = _query_key(record.get("text"), record.get("query_id"), record.get("filters"))
+        if not record.get("query_id") or not isinstance(record["query_id"], str):
+            # Every record the server writes has one: this object is another program's (it became query "q-None").
+            _count(summary.skipped, f"records of {HARD_EXAMPLES_FILE} without a query_id (not the server's)")
+            continue
+        key = _query_key(record.get("text"), record["query_id"], record.get("filters"))
         hard[key] = record
         searches[key] = searches.get(key, 0) + 1
-        if record.get("query_id"):
-            by_query_id[record["query_id"]] = key
+        by_query_id[record["query_id"]] = key
     for repeat in read_jsonl_log(Path(log_dir) / REPEATS_FILE, skipped=unreadable):
         key = by_query_id.get(repeat.get("repeat_of") or "")
         if key is not None and repeat.get("query_id"):  # else its record rotated out: feedback on it is left out

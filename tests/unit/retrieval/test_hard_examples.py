@@ -82,6 +82,19 @@ def test_export_skips_lines_a_killed_server_cut_short_even_inside_a_character_an
     assert f"left out: 1 lines of {FEEDBACK_FILE} that are not a whole record" in summary.describe()
 
 
+def test_export_leaves_out_a_hard_example_object_without_a_query_id_and_counts_it(tmp_path: Path):
+    # {"a": 1} became a query "q-None" in to_judge.jsonl, with no text and no reasons.
+    hard = JsonlLog(tmp_path / HARD_EXAMPLES_FILE, max_bytes=10**6, backups=1)
+    hard.write({"a": 1})
+    hard.write({"query_id": "q1", "text": "red circle", "mode": "vector", "k": 10, "reasons": ["low_score"],
+                "hits": []})
+    hard.close()
+    summary = export_examples(tmp_path, tmp_path / "out")
+    (row,) = map(json.loads, (tmp_path / "out" / "to_judge.jsonl").read_text().splitlines())
+    assert row["text"] == "red circle" and summary.to_judge == 1
+    assert summary.skipped == {f"records of {HARD_EXAMPLES_FILE} without a query_id (not the server's)": 1}
+
+
 def test_a_record_written_after_a_line_left_unfinished_starts_a_line_of_its_own_within_the_bound(tmp_path: Path):
     # Appended to the unfinished line (a server killed, or a disk full, mid-write), the next record was lost with it.
     cut = b'{"time":"2026-01-01T00:00:00Z","doc_id":"cut'
