@@ -13,6 +13,7 @@ from sidecar.cli.root import (
     MODEL_FLAGS,
     PROMPT_FLAGS,
     STORE_FLAGS,
+    FiniteFloatRange,
     model_options,
     prompt_sets_option,
     settings_from,
@@ -67,9 +68,9 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
 @click.option("--actors", type=click.IntRange(0), default=0, show_default=True,
               help="--engine ray: most encoder actors; 0 = one per GPU of the cluster, or as many CPU actors as "
                    "its CPUs hold.")
-@click.option("--actor-cpus", type=click.FloatRange(0.01), default=1.0, show_default=True,
+@click.option("--actor-cpus", type=FiniteFloatRange(0.01), default=1.0, show_default=True,
               help="--engine ray: CPUs each encoder actor reserves.")
-@click.option("--task-cpus", type=click.FloatRange(0.01), default=1.0, show_default=True,
+@click.option("--task-cpus", type=FiniteFloatRange(0.01), default=1.0, show_default=True,
               help="--engine ray: CPUs each hash, decode or shard-writing task reserves.")
 @prompt_sets_option
 @model_options
@@ -171,7 +172,7 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
               help="With --rebuild: drop the stored documents no shard holds (written through OpenSearch's ingest "
                    "pipeline, or by another shard directory); without it such a rebuild is refused, naming them, "
                    "before anything changes.")
-@click.option("--wait-for-lock", "lock_wait_s", type=click.FloatRange(0), default=0, show_default=True,
+@click.option("--wait-for-lock", "lock_wait_s", type=FiniteFloatRange(0), default=0, show_default=True,
               metavar="SECONDS",
               help="Wait up to SECONDS for the load holding the store's load lock to finish (a --rebuild, for "
                    "an index run; an index run, for a --rebuild; on OpenSearch also another index run); 0 refuses "

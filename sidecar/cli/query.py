@@ -16,6 +16,7 @@ from sidecar.cli.root import (
     MODEL_FLAGS,
     PROMPT_FLAGS,
     STORE_FLAGS,
+    FiniteFloatRange,
     model_options,
     open_existing_store,
     prompt_sets_option,
@@ -42,11 +43,10 @@ from sidecar.retrieval.search import MAX_WEIGHT, MODES
               help="How hybrid mode merges the vector and BM25 lists: each list's scores scaled (minmax, zscore), "
                    f"or their ranks (rrf: weight / ({RRF_K} + rank), rank counted from 1 in each list), then summed "
                    "by the weights.")
-@click.option("--vector-weight", type=float, default=0.5, show_default=True,
-              help=f"Weight of the vector scores where they are fused with BM25's (0 to {MAX_WEIGHT:g}).")
-@click.option("--bm25-weight", type=float, default=0.5, show_default=True,
-              help=f"Weight of the BM25 scores where they are fused with the vector's (0 to {MAX_WEIGHT:g}; "
-                   "not both 0).")
+@click.option("--vector-weight", type=FiniteFloatRange(0, MAX_WEIGHT), default=0.5, show_default=True,
+              help="Weight of the vector scores where they are fused with BM25's.")
+@click.option("--bm25-weight", type=FiniteFloatRange(0, MAX_WEIGHT), default=0.5, show_default=True,
+              help="Weight of the BM25 scores where they are fused with the vector's (not both 0).")
 @click.option("--rerank/--no-rerank", default=None,
               help="The fine stage: re-score the candidates with --fine-model (default: on, except in bm25 mode). "
                    "Skipped when no fine model is configured: silently by default, with a note on stderr when "
@@ -79,9 +79,6 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, fusio
     text = None if text is None or is_blank(text[:settings.max_text_chars]) else text[:settings.max_text_chars]
     if text is None and image is None:
         raise click.UsageError("give TEXT (not blank), --image, or both")
-    for flag, weight in (("--vector-weight", vector_weight), ("--bm25-weight", bm25_weight)):
-        if not 0 <= weight <= MAX_WEIGHT:
-            raise click.BadParameter(f"{weight} is not a number from 0 to {MAX_WEIGHT:g}", param_hint=f"'{flag}'")
     if vector_weight == bm25_weight == 0:
         raise click.BadParameter("both weights are 0: give one of them a positive weight",
                                  param_hint="'--vector-weight' / '--bm25-weight'")

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -24,6 +25,16 @@ OPENSEARCH_FLAGS = ("opensearch_url", "opensearch_index")
 STORE_LOCATION_FLAGS = ("store", "store_path", *OPENSEARCH_FLAGS)
 STORE_FLAGS = (*STORE_LOCATION_FLAGS, "target_recall")
 PROMPT_FLAGS = ("prompt_sets_dir",)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, refusing NaN, which it lets through (NaN fails both bound comparisons), and infinity."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number.", param, ctx)
+        return number
 
 
 _MODEL = click.option("--model", help="open_clip model name, e.g. ViT-B-32 (default: the tiny synthetic model).")
@@ -92,7 +103,7 @@ def store_location_options(func: Callable) -> Callable:
 def store_options(func: Callable) -> Callable:
     options = [
         *_store_location_option_list(),
-        click.option("--target-recall", type=click.FloatRange(0, 1),
+        click.option("--target-recall", type=FiniteFloatRange(0, 1),
                      help="Recall@K target (e.g. 0.99): vector queries that name no ef_search get the effort a "
                           "calibration chose for it (`store calibrate`; `index` calibrates after large changes); "
                           "0 = the store's fixed ef_search (default)."),

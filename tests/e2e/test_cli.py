@@ -84,13 +84,13 @@ def test_embed_index_search_through_the_cli(corpus, tmp_path):
     assert result.exit_code == 0 and "Recall@10 (HNSW vs exact) over 50 queries" in result.output
 
 
-@pytest.mark.parametrize("weight", ["nan", "inf"])
-def test_search_refuses_a_weight_that_is_not_finite(store_path, weight):
+@pytest.mark.parametrize(("weight", "why"), [("nan", "nan is not a finite number."),
+                                             ("inf", "inf is not in the range 0<=x<=100.")])
+def test_search_refuses_a_weight_that_is_not_finite(store_path, weight, why):
     # NaN passed the non-negative check and gave NaN scores; inf made the fused scores NaN too.
     result = CliRunner().invoke(main, ["-q", "search", "red", "--store-path", str(store_path),
                                        "--vector-weight", weight])
-    assert result.exit_code == 2 and f"Invalid value for '--vector-weight': {weight} is not a number from 0 to 100" \
-        in result.output
+    assert result.exit_code == 2 and f"Invalid value for '--vector-weight': {why}" in result.output
 
 
 def test_search_refuses_a_filter_on_a_field_no_document_holds_naming_the_fields_held(store_path):
@@ -175,9 +175,9 @@ def test_search_refuses_what_the_api_refuses_naming_the_limit_and_its_setting_be
     refused = {("--ef-search", "4097"): ({}, "Invalid value for '--ef-search': 4097 is not in the range 1<=x<=4096."),
                ("--candidates", "1001"): ({}, "Invalid value for '--candidates': 1001 is over 1000, the most hits a "
                                               "search ranks (max_k: SIDECAR_MAX_K)"),
-               ("--vector-weight", "1e308"): ({}, "Invalid value for '--vector-weight': 1e+308 is not a number from "
-                                                  "0 to 100"),
-               ("--bm25-weight", "-1"): ({}, "Invalid value for '--bm25-weight': -1.0 is not a number from 0 to 100"),
+               ("--vector-weight", "1e308"): ({}, "Invalid value for '--vector-weight': 1e+308 is not in the range "
+                                                  "0<=x<=100."),
+               ("--bm25-weight", "-1"): ({}, "Invalid value for '--bm25-weight': -1.0 is not in the range 0<=x<=100."),
                ("--vector-weight", "0", "--bm25-weight", "0"): ({}, "Invalid value for '--vector-weight' / "
                                                                     "'--bm25-weight': both weights are 0"),
                ("--filter", "color=" + ",".join(map(str, range(1025)))): (
@@ -850,6 +850,17 @@ def test_a_device_or_precision_this_machine_cannot_run_is_refused_in_one_line_na
     result = CliRunner().invoke(main, ["-q", *(arg.format(**names) for arg in command), *flags])
     assert result.exit_code == exit_code and isinstance(result.exception, SystemExit), result.exception
     assert message in result.output
+
+
+@pytest.mark.parametrize("command", [["index", "{shards}", "--wait-for-lock", "nan"],
+                                     ["search", "red", "--store-path", "{store}", "--target-recall", "nan"],
+                                     ["embed", "{corpus}", "--engine", "ray", "--task-cpus", "nan"]])
+def test_a_nan_seconds_cpus_or_recall_is_refused_naming_the_flag(command, corpus, shards, store_path):
+    # click's FloatRange lets NaN through: it fails both of the range's comparisons.
+    names = {"corpus": corpus, "shards": shards, "store": store_path}
+    result = CliRunner().invoke(main, ["-q", *(arg.format(**names) for arg in command)])
+    assert result.exit_code == 2 and f"Invalid value for '{command[-2]}': nan is not a finite number." \
+        in result.output, result.output
 
 
 def test_embed_refuses_more_decode_workers_than_its_bound_before_starting_any(corpus, tmp_path):
