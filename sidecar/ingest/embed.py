@@ -256,6 +256,9 @@ def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_e
         scanned, hashes = _scan(source, workers=workers, progress=progress, hash_files=hash_files, tagger=tagger)
     if not scanned and not allow_empty:
         _refuse_empty(source, out, live=len(set(known) - set(shards.deleted)))
+        # A first run over a mistyped or unmounted folder otherwise ends "0 items" among its usual INFO lines.
+        log.warning("corpus %s holds no images (in a folder: files named *.jpg, *.png, *.webp and the like; in a "
+                    "manifest: rows): nothing to embed", source)
     unusable = [item for item in scanned if item.unusable]  # not vanished: finish_embed records them
     items = [item for item in scanned if not item.unusable]
     with _timed(stages, "thumbnails"):

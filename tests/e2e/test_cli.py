@@ -558,6 +558,15 @@ def test_bad_images_are_skipped_listed_and_counted(tmp_path):
 APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)
 
 
+def test_embed_of_a_folder_without_images_warns_that_it_holds_none(tmp_path):
+    # It ended with "0 items: 0 embedded, …" among the INFO lines, which -q hides: no word of the mistyped folder.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("not an image")
+    result = CliRunner().invoke(main, ["-q", "embed", str(tmp_path / "empty"), "--out", str(tmp_path / "shards")])
+    assert result.exit_code == 0, result.output
+    assert f"corpus {tmp_path / 'empty'} holds no images (in a folder: files named *.jpg" in result.stderr
+
+
 def test_embed_leaves_out_macos_appledouble_twins_and_macosx_folders_but_embeds_hidden_images(tmp_path):
     # A folder copied from a Mac listed each `._photo.jpg` twin in errors.jsonl as "not a recognised image
     # format": as many refusals as photos.
