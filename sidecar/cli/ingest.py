@@ -18,6 +18,7 @@ from sidecar.cli.root import (
     prompt_sets_option,
     settings_from,
     store_options,
+    writable_folder,
 )
 from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL_SIDE
 
@@ -112,14 +113,11 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     from sidecar.model.encoder import Encoder, load_encoder, load_fine_encoder
     from sidecar.model.prompts import PromptSetRegistry
 
-    try:  # before the model loads: a path under a file fails here, not minutes later
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise click.BadParameter(f"cannot create directory {out}: {exc.strerror}", param_hint="'--out'") from exc
+    settings = settings_from(kwargs, MODEL_FLAGS + PROMPT_FLAGS)
+    writable_folder(out)  # before the model loads
     specs = parse_tag_specs(tags)
     recorded_in = None if specs else out
     specs = specs or recorded_specs(ShardSet(out))
-    settings = settings_from(kwargs, MODEL_FLAGS + PROMPT_FLAGS)
 
     def load_tagger(encoder: Encoder) -> Tagger | None:  # either engine's, by the model it embeds with
         return (Tagger.load(specs, PromptSetRegistry(settings.prompt_sets_dir), encoder, recorded_in=recorded_in)

@@ -22,6 +22,7 @@ from sidecar.cli.root import (
     prompt_sets_option,
     settings_from,
     store_options,
+    writable_folder,
 )
 from sidecar.config import Settings
 from sidecar.retrieval.calibration import MAX_EF_SEARCH
@@ -252,11 +253,13 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
     progress = ctx.obj["progress"]
     grade_given = ctx.get_parameter_source("relevant_grade") is not click.core.ParameterSource.DEFAULT
     settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + PROMPT_FLAGS)
+    # --ann writes a report only where --out is given: its printed lines are the whole report.
+    out = out or {"--benchmark": Path("reports/benchmark"), "--queries/--qrels": Path("reports/eval"),
+                  "--prompts/--labels": Path("reports/prompts")}.get(chosen[0])
     if prompt_sets or labels_path:
         if not (prompt_sets and labels_path):
             raise click.UsageError("--prompts and --labels go together")
-        _prompt_accuracy(settings, prompt_sets, labels_path, label_field=label_field,
-                         out=out or Path("reports/prompts"), progress=progress)
+        _prompt_accuracy(settings, prompt_sets, labels_path, label_field=label_field, out=out, progress=progress)
     elif ann:
         _ann(settings, samples=samples, k=k, out=out, progress=progress)
     elif benchmark:
@@ -265,7 +268,8 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
         if configs or measures or grade_given:
             raise click.UsageError("--benchmark runs its standard configurations and measures; use --queries "
                                    "and --qrels (its files are in --workdir/catalogue) to run your own")
-        evaluation, report = run_benchmark(settings, workdir=workdir, out=out or Path("reports/benchmark"),
+        writable_folder(out)  # before the run, which takes minutes
+        evaluation, report = run_benchmark(settings, workdir=workdir, out=out,
                                            items=items, queries_per_category=QUERIES_PER_CATEGORY, seed=0,
                                            progress=progress, echo=click.echo)
         _print_report(evaluation, report)
@@ -276,7 +280,7 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
             raise click.UsageError("--relevant-grade sets the default measures; with --measure, write the grade in "
                                    "each measure instead, e.g. RR(rel=2)@10 or R(rel=2)@100")
         _judged(settings, queries_path, qrels, configs=configs, measures=measures, relevant_grade=relevant_grade,
-                out=out or Path("reports/eval"), progress=progress)
+                out=out, progress=progress)
 
 
 def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, label_field: str, out: Path,
@@ -299,6 +303,7 @@ def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, lab
             raise click.UsageError(f"{labels_path}: item {item.id!r} has no {label_field!r} label "
                                    "(--label-field names the metadata field holding the truth)")
         sample.append((item.path, truth))
+    writable_folder(out)  # before the model loads
     encoder = load_encoder(settings)
     try:
         results, unusable = score_prompt_sets(encoder, PromptSetRegistry(settings.prompt_sets_dir), names, sample,
@@ -311,7 +316,6 @@ def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, lab
     table = markdown(accuracy_table(results))
     lines = [f"- {s['path']}: {s['reason']}" for s in listed]
     summary = f"{len(skipped)} of {total} images skipped as unusable"
-    out.mkdir(parents=True, exist_ok=True)
     info = {"machine": machine_description(), "model": encoder.signature.describe(), "labels": str(labels_path),
             "label_field": label_field}
     (out / "results.json").write_text(json.dumps({"info": info, "results": [r.to_json() for r in results],
@@ -333,6 +337,8 @@ def _ann(settings, *, samples: int, k: int, out: Path | None, progress: bool) ->
         check_search_limits(SearchOptions(mode="vector", k=k, candidates=k), max_k=settings.max_k)
     except OverSearchLimit as exc:
         raise click.BadParameter(str(exc), param_hint="'--k'") from exc
+    if out is not None:
+        writable_folder(out)
     store = open_existing_store(settings)
     try:
         # As deep as searches ask (their candidates), as `store calibrate` measures: the effort they run at.
@@ -344,7 +350,6 @@ def _ann(settings, *, samples: int, k: int, out: Path | None, progress: bool) ->
     click.echo(report.describe())
     if out is None:  # the printed lines are the whole report: no folder appears uninvited
         return
-    out.mkdir(parents=True, exist_ok=True)
     info = {"machine": machine_description(), "store": f"{settings.store} ({store.name})"}
     (out / "results.json").write_text(json.dumps({"info": info, "results": report.to_json()}, indent=2),
                                       encoding="utf-8")
@@ -382,6 +387,7 @@ def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[st
         check_configs(runs, queries, qrels, measures=measure_names, max_k=settings.max_k)  # before the model loads
     except EvaluationInputError as exc:
         raise click.UsageError(str(exc)) from exc
+    writable_folder(out)  # before the run, which takes minutes
     store = open_existing_store(settings)
     try:
         target = SearchTarget(store=store, encoder=load_encoder(settings), prompt_template=settings.prompt_template,

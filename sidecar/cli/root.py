@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -132,6 +133,21 @@ def settings_from(kwargs: dict[str, Any], names: tuple[str, ...]) -> Settings:
     if ctx is not None:
         ctx.meta[_RUNNING] = (ctx, settings)
     return settings
+
+
+def writable_folder(path: Path) -> Path:
+    """`path`, a command's output folder, created and checked writable before the work: a folder under a
+    file or on a read-only disk fails here in one line (as `_Group` tells any path it cannot write, naming
+    the flag or setting), not after minutes of embedding or evaluating."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        ctx = click.get_current_context(silent=True)
+        raise click.ClickException(_path_error(exc, ctx.meta.get(_RUNNING) if ctx else None)) from exc
+    return path
 
 
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C

@@ -722,8 +722,12 @@ def test_embed_lists_a_panorama_past_the_built_in_max_resized_side_in_errors_whi
     assert shard_ids(out) == ["photo.jpg"]
 
 
-@pytest.mark.parametrize("out", ["afile", "afile/sub"])
-def test_embed_refuses_an_out_that_cannot_be_a_directory_before_loading_the_model(corpus, tmp_path, monkeypatch, out):
+@pytest.mark.parametrize(("out", "exit_code", "message"), [
+    ("afile", 2, "Invalid value for '--out': Directory '{out}' is a file."),  # click's own check
+    ("afile/sub", 1, "Error: cannot write {out}: Not a directory (--out is {out})"),
+])
+def test_embed_refuses_an_out_that_cannot_be_a_directory_before_loading_the_model(corpus, tmp_path, monkeypatch, out,
+                                                                                   exit_code, message):
     (tmp_path / "afile").write_text("not a directory")
 
     def load_encoder(*_, **__):
@@ -731,8 +735,7 @@ def test_embed_refuses_an_out_that_cannot_be_a_directory_before_loading_the_mode
 
     monkeypatch.setattr("sidecar.model.encoder.load_encoder", load_encoder)
     result = CliRunner().invoke(main, ["-q", "embed", str(corpus), "--out", str(tmp_path / out)])
-    assert result.exit_code == 2, result.output
-    assert "Invalid value for '--out'" in result.output
+    assert result.exit_code == exit_code and message.format(out=tmp_path / out) in result.output, result.output
 
 
 def test_shard_size_help_tells_the_largest_shard_the_local_engine_writes(tmp_path):
@@ -832,6 +835,8 @@ def test_index_drop_unsharded_without_rebuild_is_a_usage_error(tmp_path):
      "--prompt-sets or SIDECAR_PROMPT_SETS_DIR"),
     (["index", "{shards}"], {"SIDECAR_STORE_PATH": "{blocked}"}, "--store-path or SIDECAR_STORE_PATH"),
     (["eval", "--ann", "--samples", "3", "-k", "1", "--store-path", "{store}", "--out", "{blocked}"], {}, "--out"),
+    # Before the run: --benchmark embedded, indexed and evaluated its catalogue, then failed writing the report.
+    (["eval", "--benchmark", "--out", "{blocked}"], {}, "--out"),
 ])
 def test_a_folder_under_a_regular_file_is_refused_in_one_line_naming_the_flag_or_setting_and_the_path(
         command, env, origin, shards, store_path, tmp_path):
