@@ -21,7 +21,7 @@ import numpy as np
 
 from sidecar.errors import EncodeTimeout
 from sidecar.serving import metrics
-from sidecar.sqlite_files import move_aside, one_process_at_a_time, unreadable
+from sidecar.sqlite_files import identity, move_aside, one_process_at_a_time, unreadable
 from sidecar.threads import NamedThread
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,13 @@ class TextVectorCache:
         self._lru: OrderedDict[str, CachedText] = OrderedDict()
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self._path = path
+        # Two connections, each under its lock; a thread replacing an unreadable file takes both, in this order.
         self._db: sqlite3.Connection | None = None  # reads (the batcher thread), counts
         self._db_lock = threading.Lock()
         self._write_db: sqlite3.Connection | None = None  # the writer thread's
+        self._write_lock = threading.Lock()
+        self._opened: tuple[int, int] | None = None  # the file the connections are to (`sqlite_files.identity`)
         self._read_warned_at = self._write_warned_at = -_WARNING_EVERY_S
         self._failed_writes = 0  # rows the writer could not write since it last said so
         self.write_error: sqlite3.Error | None = None  # the last write that failed (`cache warm` reports it)
@@ -193,16 +197,43 @@ class TextVectorCache:
                     pass
             if not unreadable(exc):
                 raise  # a locked file: the operator's to fix, said as SQLite says it
-            for db in (self._db, self._write_db):
-                if db is not None:
-                    db.close()
-            aside = move_aside(path)
+            self._begin_again(exc)
+
+    def _begin_again(self, exc: sqlite3.DatabaseError) -> None:
+        """Under `one_process_at_a_time`: move aside the unreadable file the connections are to, unless another
+        process has begun a new one at the path since, and connect to the file now there."""
+        for db in (self._db, self._write_db):
+            if db is not None:
+                db.close()
+        self._db = self._write_db = None
+        if identity(self._path) == self._opened:
+            aside = move_aside(self._path)
             log.warning("text-vector cache: %s cannot be read (%s); moved to %s and began a new one (texts are "
-                        "encoded again as they come)", path, exc, aside.name)
-            self._create_tables(path)
+                        "encoded again as they come)", self._path, exc, aside.name)
+        self._create_tables(self._path)
+
+    def _replace_unreadable(self, exc: sqlite3.DatabaseError, opened: tuple[int, int] | None) -> None:
+        """The file `opened`, found unreadable under the running server (a disk fault), begun again as at start-up,
+        where every read missed and every write failed until the worker restarted. Each worker sharing the file
+        finds it unreadable; the first moves it aside, the others connect to the new one."""
+        with self._db_lock, self._write_lock, one_process_at_a_time(self._path):
+            if self._db is None or self._opened != opened:
+                return  # the other thread of this worker has begun it again (or given up) since
+            try:
+                self._begin_again(exc)
+            except sqlite3.Error as again:
+                for db in (self._db, self._write_db):
+                    if db is not None:
+                        db.close()
+                self._db = self._write_db = None
+                log.warning("text-vector cache: %s cannot be read (%s) nor begun again (%s); this worker keeps "
+                            "vectors in memory only until it restarts", self._path, exc, again)
 
     def _create_tables(self, path: Path) -> None:
-        self._db = self._connect(path)
+        try:
+            self._db = self._connect(path)
+        finally:  # under one_process_at_a_time: the file connected to, or found unreadable (`_begin_again`)
+            self._opened = identity(path)
         self._db.execute("CREATE TABLE IF NOT EXISTS text_vectors (namespace TEXT, key TEXT, vector BLOB, "
                          "last_used INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (namespace, key))")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(text_vectors)")}
@@ -300,12 +331,13 @@ class TextVectorCache:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def _load(self, texts: Sequence[str]) -> dict[str, CachedText]:
-        if self._db is None:
-            return {}
         keys = {self._key(t): t for t in texts}
         found: dict[str, CachedText] = {}
         touched: list[str] = []
+        damaged: sqlite3.DatabaseError | None = None
         with self._db_lock:
+            if self._db is None:
+                return {}
             try:
                 for start in range(0, len(keys), 500):
                     chunk = list(keys)[start:start + 500]
@@ -314,12 +346,18 @@ class TextVectorCache:
                             f"({','.join('?' * len(chunk))}) AND tokens IS NOT NULL", [self.namespace, *chunk]):
                         found[keys[key]] = CachedText(np.frombuffer(blob, dtype=np.float32), tokens)
                         touched.append(key)
-            except sqlite3.Error as exc:  # the file damaged under a running server: misses, as a failed write is
-                now = time.monotonic()
-                if now - self._read_warned_at >= _WARNING_EVERY_S:
-                    self._read_warned_at = now
-                    log.warning("text-vector cache: reading the file failed (%s); its texts are encoded again. A "
-                                "file that cannot be read is replaced when the server next starts", exc)
+            except sqlite3.DatabaseError as exc:
+                if unreadable(exc):
+                    damaged, opened = exc, self._opened
+                else:  # an I/O error: misses, as a failed write is
+                    now = time.monotonic()
+                    if now - self._read_warned_at >= _WARNING_EVERY_S:
+                        self._read_warned_at = now
+                        log.warning("text-vector cache: reading the file failed (%s); its texts are encoded again",
+                                    exc)
+        if damaged is not None:  # these texts miss; the file is begun again (outside the read lock: it takes both)
+            self._replace_unreadable(damaged, opened)
+            return {}
         if touched:  # a use: these rows move to the recent end
             self._writes.put(("touch", touched))
         return found
@@ -348,7 +386,7 @@ class TextVectorCache:
                     break
                 batch.append(item)
             try:
-                self._write([work for work in batch if work is not None])
+                self._write_or_begin_again([work for work in batch if work is not None])
             except sqlite3.Error as exc:  # a full disk, a read-only file: the cache misses, serving goes on
                 self.write_error = exc
                 self._failed_writes += sum(len(rows) for _, rows in (work for work in batch if work is not None))
@@ -365,11 +403,26 @@ class TextVectorCache:
             if batch[-1] is None:
                 return
 
+    def _write_or_begin_again(self, batch: list[tuple[str, list]]) -> None:
+        """`batch` written; into a new file where the file turns out unreadable (`_replace_unreadable`)."""
+        opened = self._opened
+        try:
+            self._write(batch)
+        except sqlite3.DatabaseError as exc:
+            if not unreadable(exc):
+                raise
+            self._replace_unreadable(exc, opened)
+            self._write(batch)
+
     def _write(self, batch: list[tuple[str, list]]) -> None:
         if not batch:
             return
+        with self._write_lock:
+            if self._write_db is not None:
+                self._write_in(self._write_db, batch)
+
+    def _write_in(self, db: sqlite3.Connection, batch: list[tuple[str, list]]) -> None:
         now = time.time_ns()
-        db = self._write_db
         db.execute("BEGIN")
         try:
             for kind, rows in batch:
@@ -384,7 +437,8 @@ class TextVectorCache:
             self._evict_if_over()
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite ends it itself on some errors (an unreadable file's among them)
+                db.execute("ROLLBACK")
             raise
 
     def _evict_if_over(self) -> None:
@@ -411,10 +465,10 @@ class TextVectorCache:
         self._rows -= excess
 
     def persisted_count(self) -> int:
-        if self._db is None:
-            return 0
         self.flush()
         with self._db_lock:
+            if self._db is None:
+                return 0
             return self._db.execute("SELECT count(*) FROM text_vectors WHERE namespace = ?",
                                     [self.namespace]).fetchone()[0]
 
@@ -424,7 +478,9 @@ class TextVectorCache:
             self._writes.put(None)
             self._writer.join()
             self._writer = None
+        if self._write_db is not None:
             self._write_db.close()
+            self._write_db = None
         if self._db is not None:
             self._db.close()
             self._db = None

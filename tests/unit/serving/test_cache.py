@@ -195,23 +195,51 @@ def test_workers_sharing_the_file_keep_it_within_max_entries_together(tmp_path):
 
 
 def test_writes_that_keep_failing_are_warned_about_once_not_per_batch(tmp_path, caplog):
-    # A file the server can no longer write (here: damaged under it) failed every batch of the writer
-    # thread, and each said so: under load a warning every 50 ms in each worker.
+    # A file the server can no longer write failed every batch of the writer thread, and each said so: under load
+    # a warning every 50 ms in each worker. Here another process holds the write lock past the busy timeout.
     path = tmp_path / "text-vectors.sqlite"
     cache = TextVectorCache(path, namespace=namespace(), capacity=1)
+    holder = sqlite3.connect(path, isolation_level=None)
     try:
         cache.through_disk(CountingEncoder())(["before"])
         cache.flush()
-        damage_sqlite_file(path)
+        cache._write_db.execute("PRAGMA busy_timeout = 10")  # the writer's 30 s wait, shortened for the test
+        holder.execute("BEGIN IMMEDIATE")
         caplog.set_level(logging.WARNING, logger="sidecar.serving.cache")
         for i in range(3):
             cache.through_disk(CountingEncoder())([f"batch {i}"])
             cache.flush()
     finally:
+        holder.close()
         cache.close()
-    failed = [r.getMessage() for r in caplog.records if "reading the file failed" not in r.getMessage()]
+    failed = [r.getMessage() for r in caplog.records]
     assert len(failed) == 1 and failed[0].startswith("text-vector cache: 1 vectors (or their last-use times) could "
-                                                     "not be written: file is not a database"), failed
+                                                     "not be written: database is locked"), failed
+
+
+def test_a_file_damaged_under_two_running_workers_is_moved_aside_once_and_both_go_on_in_a_new_one(tmp_path, caplog):
+    # Damaged under a running server (a disk fault), the file was read as misses and every write failed until
+    # the workers restarted. Now the first worker to find it unreadable moves it aside; the other connects to
+    # the new file at the path, which it must not move aside in turn.
+    path = tmp_path / "text-vectors.sqlite"
+    first, second = (TextVectorCache(path, namespace=namespace(), capacity=1) for _ in range(2))
+    try:
+        first.through_disk(CountingEncoder())(["before"])
+        first.flush()
+        damage_sqlite_file(path)
+        caplog.set_level(logging.WARNING, logger="sidecar.serving.cache")
+        for cache, text in ((first, "one"), (second, "two"), (first, "three"), (second, "one")):
+            encoder = CountingEncoder()
+            cache.through_disk(encoder)([text])
+            cache.flush()
+        assert encoder.calls == []  # "one", written by the first worker into the new file, read by the second
+        assert first.persisted_count() == second.persisted_count() == 3
+    finally:
+        first.close()
+        second.close()
+    assert path.with_name(path.name + ".unreadable").read_bytes().startswith(b"not a database")
+    moved = [r.getMessage() for r in caplog.records]
+    assert len(moved) == 1 and "moved to text-vectors.sqlite.unreadable and began a new one" in moved[0], moved
 
 
 def test_the_write_ahead_log_is_cut_back_after_a_large_write(tmp_path):
