@@ -17,7 +17,7 @@ _UNREADABLE = (11, 26)
 
 def unreadable(exc: sqlite3.Error) -> bool:
     """Whether SQLite refused the file for its contents (not a lock or a permission): a server moves
-    such a file aside and begins a new one."""
+    such a file aside and begins a new one; the embedded store only reports its own (it holds the documents)."""
     return getattr(exc, "sqlite_errorcode", None) in _UNREADABLE
 
 

@@ -4,11 +4,11 @@ from gunicorn.errors import AppImportError
 
 from sidecar.api.app import create_app
 from sidecar.model.weights import ModelNotCached, ModelSettingsError
-from sidecar.stores.base import QueryModelMismatch
+from sidecar.stores.base import QueryModelMismatch, StoreDamaged
 
 try:
     app = create_app()
-except (ModelSettingsError, ModelNotCached, QueryModelMismatch) as exc:
-    # A setting to fix, not a bug: gunicorn prints an AppImportError as its message alone and stops
+except (ModelSettingsError, ModelNotCached, QueryModelMismatch, StoreDamaged) as exc:
+    # A setting (or a damaged store file) to fix, not a bug: gunicorn prints an AppImportError as its message alone and stops
     # the server ("App failed to load"), where any other error is a traceback from every worker.
     raise AppImportError(str(exc)) from exc

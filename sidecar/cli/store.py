@@ -16,7 +16,7 @@ from sidecar.cli.root import (
     store_options,
 )
 from sidecar.config import Settings
-from sidecar.stores.base import Store
+from sidecar.stores.base import Store, StoreDamaged
 
 
 @click.group()
@@ -36,8 +36,11 @@ def check(**kwargs: Any) -> None:
     versioned indices no alias names. Reads only; safe while the store serves. The embedded store's
     check holds its write lock while it reads (an `index` run's next write waits for it).
     """
-    with _opened(kwargs) as opened:
-        report = opened.check()
+    try:
+        with _opened(kwargs) as opened:
+            report = opened.check()
+    except StoreDamaged as exc:  # too damaged to open, which is what the check finds
+        report = exc.report
     click.echo(report.describe())
     if not report.clean:
         raise SystemExit(1)

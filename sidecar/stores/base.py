@@ -102,6 +102,16 @@ class StoreReport:
         return "\n".join(lines)
 
 
+class StoreDamaged(StoreError):
+    """The store's own record of its documents cannot be read (the embedded store's SQLite file unreadable, or
+    gone from beside its vectors): it cannot be opened, and every command refuses it in one line, but `store
+    check`, which reports `report` (the damage as its problem) and exits 1."""
+
+    def __init__(self, location: str, problem: str):
+        super().__init__(problem)
+        self.report = StoreReport(location=location, problems=[problem])
+
+
 @dataclass(frozen=True)
 class FacetCounts:
     """One metadata field's values, each with how many documents hold it (a list field counts each

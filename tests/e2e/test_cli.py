@@ -38,7 +38,7 @@ from sidecar.ingest.shards import ShardRow, ShardSet
 from sidecar.model.synthetic import describe, iter_items, sample_items, write_corpus
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document, ModelSignature
-from tests.support import cli_ok, ends_with_the_test_run, free_port, repeat_last_scan, write_shards
+from tests.support import cli_ok, damage_sqlite_file, ends_with_the_test_run, free_port, repeat_last_scan, write_shards
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -1275,6 +1275,45 @@ def test_store_commands_refuse_a_path_that_holds_no_store_and_create_none(tmp_pa
         result = CliRunner().invoke(main, ["-q", "store", *command, "--store-path", str(path)])
         assert result.exit_code == 1 and f"no embedded store at {path}" in result.output, result.output
     assert not (tmp_path / "mistyped").exists()
+
+
+def lose_store_sqlite(store_path: Path, copy: Path, damage: str) -> Path:
+    """A copy of the store at `store_path` whose store.sqlite a disk fault left unreadable, or emptied."""
+    shutil.copytree(store_path, copy)
+    if damage == "unreadable":
+        damage_sqlite_file(copy / "store.sqlite")
+    else:
+        (copy / "store.sqlite").write_bytes(b"")
+    return copy
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "empty"])
+@pytest.mark.parametrize("command", [["search", "red"], ["store", "repair"], ["index", "{shards}"],
+                                     ["index", "{shards}", "--rebuild"]])
+def test_every_command_on_a_store_whose_sqlite_file_is_lost_fails_in_one_line_naming_it_and_what_to_do(
+        store_path, shards, tmp_path, command, damage):
+    copy = lose_store_sqlite(store_path, tmp_path / "store", damage)
+    before = {file.name: file.read_bytes() for file in copy.iterdir() if file.is_file()}
+    args = [arg.format(shards=shards) for arg in command]
+    result = CliRunner().invoke(main, ["-q", *args, "--store-path", str(copy)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception  # was a traceback
+    line = result.output.splitlines()[-1]
+    what = "is not a readable SQLite database" if damage == "unreadable" else "is empty, though the folder holds"
+    assert line.startswith(f"Error: {copy / 'store.sqlite'} {what}"), result.output
+    assert "clip-sidecar index SHARDS --store-path NEW" in line
+    # `index` over the empty file began a new database and overwrote the vectors; nothing is changed now.
+    assert {file.name: file.read_bytes() for file in copy.iterdir() if file.is_file()} == before
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "empty"])
+def test_store_check_reports_a_lost_store_sqlite_as_a_problem_and_exits_1(store_path, tmp_path, damage):
+    copy = lose_store_sqlite(store_path, tmp_path / "store", damage)
+    result = CliRunner().invoke(main, ["-q", "store", "check", "--store-path", str(copy)])
+    # Unreadable: a traceback; empty: "consistent" and exit 0 (SQLite took it for a new database).
+    assert result.exit_code == 1 and not isinstance(result.exception, sqlite3.Error), result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"embedded store {copy}: 1 problem(s)"
+    assert lines[1].startswith(f"  problem: {copy / 'store.sqlite'} is "), result.output
 
 
 @pytest.mark.parametrize("command", [["opensearch", "setup"], ["opensearch", "connect"], ["index", "{shards}"],

@@ -30,7 +30,7 @@ from sidecar.api.app import create_app
 from sidecar.api.state import state_of
 from sidecar.config import Settings
 from sidecar.stores.embedded import EmbeddedStore
-from tests.support import ThreadKiller, damage_sqlite_file, ends_with_the_test_run, free_port
+from tests.support import ThreadKiller, damage_sqlite_file, ends_with_the_test_run, free_port, gunicorn_boot
 
 
 class Server:
@@ -427,6 +427,18 @@ def test_a_dead_fine_model_encode_thread_takes_the_worker_out_of_readyz_naming_i
         state.encoding.close()
         state.fine_encoding.close()
         store.close()
+
+
+def test_gunicorn_started_directly_stops_in_one_line_against_a_store_whose_sqlite_file_is_unreadable(
+        store_path, tmp_path):
+    # The Docker image's way: no `serve` (which refuses it as every command does) before the workers' app factory.
+    copy = tmp_path / "store"
+    shutil.copytree(store_path, copy)
+    damage_sqlite_file(copy / "store.sqlite")
+    result = gunicorn_boot({**os.environ, "SIDECAR_STORE_PATH": str(copy), "GUNICORN_LOGLEVEL": "warning"})
+    assert result.returncode != 0
+    assert f"{copy / 'store.sqlite'} is not a readable SQLite database (file is not a database)" in result.stderr
+    assert "Traceback" not in result.stderr and "App failed to load" in result.stderr  # was a worker's traceback
 
 
 def test_text_cache_persistence_follows_its_settings(build_app, tmp_path):

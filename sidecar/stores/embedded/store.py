@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from sidecar.sqlite_files import unreadable
 from sidecar.stores.base import (
     FacetCounts,
     QueryModelMismatch,
@@ -36,6 +38,7 @@ from sidecar.stores.embedded.version import (
     EmbeddedLoad,
     VersionStore,
     fsync_directory,
+    written_beside_database,
 )
 from sidecar.threads import NamedThread
 from sidecar.types import Document, Filters, ModelSignature, ScoredId
@@ -84,8 +87,11 @@ class _Using:
         self._opened = self._store._follow()
         return self._opened
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
         self._store._release(self._opened)
+        # Every store call passes here: the one place a damaged store.sqlite becomes one error naming the file.
+        if isinstance(exc, sqlite3.DatabaseError) and unreadable(exc):
+            raise self._opened.store.unreadable_error(exc) from exc
 
 
 class _OneVersion:
@@ -140,9 +146,10 @@ class EmbeddedStore:
 
     @staticmethod
     def exists_at(path: str | os.PathLike[str]) -> bool:
-        """Whether `path` holds an embedded store (opening one elsewhere creates it)."""
+        """Whether `path` holds an embedded store (opening one elsewhere creates it); one whose store.sqlite is
+        gone from beside its other files too, which opening refuses as damaged (`store check` reports it)."""
         path = Path(path)
-        return (path / DB_FILE).is_file() or (path / _POINTER).is_symlink()
+        return (path / DB_FILE).is_file() or (path / _POINTER).is_symlink() or bool(written_beside_database(path))
 
     def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
         self.path = Path(path)

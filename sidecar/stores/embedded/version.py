@@ -21,10 +21,12 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from sidecar.sqlite_files import unreadable
 from sidecar.stores.base import (
     FacetCounts,
     ModelMismatchError,
     QueryModelMismatch,
+    StoreDamaged,
     StoreError,
     StoreReport,
 )
@@ -221,13 +223,46 @@ class VersionStore:
         self._local = threading.local()
         self._facets: tuple[int, dict[str, FacetCounts]] | None = None  # (generation, every field's counts)
         self._readers: list[sqlite3.Connection] = []
+        self._refuse_lost_documents()
         self._writer = self._connect()
-        # A commit is on disk when COMMIT returns (WAL fsynced), before an old graph file is removed.
-        self._writer.execute("PRAGMA synchronous = FULL")
         self._bm25: Bm25Index
-        self._initialise()
+        try:
+            # A commit is on disk when COMMIT returns (WAL fsynced), before an old graph file is removed.
+            self._writer.execute("PRAGMA synchronous = FULL")  # the first statement that reads the file
+            self._initialise()
+        except BaseException as exc:
+            self._writer.close()
+            if isinstance(exc, sqlite3.DatabaseError) and unreadable(exc):
+                raise self.unreadable_error(exc) from exc
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    def _refuse_lost_documents(self) -> None:
+        """Refuse a store.sqlite that is missing or empty beside the files a version writes only once it holds
+        its schema: SQLite would begin an empty database there (deleting the write-ahead log beside an empty
+        one), which reads as a consistent store of no documents, and over whose vectors an `index` writes its own."""
+        database = self.path / DB_FILE
+        try:
+            size: int | None = database.stat().st_size
+        except FileNotFoundError:
+            size = None
+        if not size and (written := written_beside_database(self.path)):
+            raise self._damaged(f"is {'missing' if size is None else 'empty'}, though the folder holds the "
+                                f"store's {', '.join(written)}")
+
+    def unreadable_error(self, exc: sqlite3.DatabaseError) -> StoreDamaged:
+        """The error for SQLite's refusal of store.sqlite's contents (`sqlite_files.unreadable`), at opening or
+        in a later read: a damaged page past the header opens, and fails the first statement that reads it."""
+        return self._damaged(f"is not a readable SQLite database ({exc})")
+
+    def _damaged(self, what: str) -> StoreDamaged:
+        # Only reported: the file holds the user's documents (where readable at all), never moved aside or begun anew.
+        return StoreDamaged(
+            f"embedded store {self.path}",
+            f"{self.path / DB_FILE} {what}: the store's documents cannot be read, and `clip-sidecar store repair` "
+            "cannot rebuild them (it rebuilds the HNSW graph and the BM25 index from them). Restore the file "
+            f"from a backup, or {_REINDEX}")
 
     def _connect(self) -> sqlite3.Connection:
         # check_same_thread=False only so that close() may close every thread's connection.
@@ -984,8 +1019,7 @@ class VersionStore:
         found = self._inspect(conn)
         if found.sqlite != "ok" or found.rows_problem:
             damage = found.rows_problem or f"SQLite integrity check failed: {found.sqlite}"
-            report.problems.append(f"cannot repair: {damage}; index the shards into a new store "
-                                   "(clip-sidecar index SHARDS --store-path NEW)")
+            report.problems.append(f"cannot repair: {damage}; {_REINDEX}")
             return None
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if found.dim is None or found.n_rows == 0:
@@ -1141,6 +1175,23 @@ class VersionStore:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+# What recovers the documents of a version whose SQLite file is lost: `index` writes them from shards alone.
+_REINDEX = "index the shards it was built from into a new store (clip-sidecar index SHARDS --store-path NEW)"
+
+
+def written_beside_database(folder: Path) -> list[str]:
+    """The files in `folder` a version writes only after its store.sqlite holds the schema (vectors, graph, BM25
+    index, calibration, a non-empty write-ahead log): beside a missing or empty store.sqlite they are a store whose
+    documents are lost; without them, a store not created yet (or whose creation was cut off before its schema)."""
+    found = [name for name in (VECTORS_FILE, f"{BM25_DIR}/", CALIBRATION_FILE) if (folder / name).exists()]
+    found += sorted(path.name for path in folder.glob("hnsw.*"))
+    wal = folder / f"{DB_FILE}-wal"
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # the last connection to close removes it
+        if wal.stat().st_size:
+            found.append(wal.name)
+    return found
 
 
 # JSON types a metadata value (or a list's element) may have to be counted as a facet: what filters match.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -22,10 +23,11 @@ import numpy as np
 import pytest
 
 from sidecar.stores import bm25
-from sidecar.stores.base import ModelMismatchError, QueryModelMismatch, StoreError
+from sidecar.stores.base import ModelMismatchError, QueryModelMismatch, StoreDamaged, StoreError
 from sidecar.stores.bm25 import Bm25Index, query_terms
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import NO_VECTOR, Document, ModelSignature
+from tests.support import damage_sqlite_file
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DIM = 32
@@ -873,6 +875,60 @@ def test_lost_vectors_are_reported_and_repair_removes_those_documents(tmp_path: 
         assert store.check().clean and store.count() == 48
         assert store.upsert(docs[48:]) == 2  # what a rerun of `index` does
         assert store.count() == 50 and store.check().clean
+
+
+def test_an_unreadable_store_sqlite_is_refused_naming_the_file_and_what_to_do_and_is_left_as_it_was(tmp_path: Path):
+    path = tmp_path / "s"
+    stored(path, make_docs(20)).close()
+    damage_sqlite_file(path / "store.sqlite")  # was sqlite3.DatabaseError "file is not a database", from any call
+    damaged = (path / "store.sqlite").read_bytes()
+    with pytest.raises(StoreDamaged) as refused:
+        EmbeddedStore(path)
+    assert str(refused.value).startswith(f"{path / 'store.sqlite'} is not a readable SQLite database (file is not a "
+                                         "database): the store's documents cannot be read")
+    assert "store repair` cannot rebuild them" in str(refused.value)
+    assert "clip-sidecar index SHARDS --store-path NEW" in str(refused.value)
+    assert refused.value.report.problems == [str(refused.value)] and not refused.value.report.clean
+    assert (path / "store.sqlite").read_bytes() == damaged  # the documents' file: reported, never moved or begun anew
+
+
+@pytest.mark.parametrize("lost", ["empty", "missing"])
+def test_a_store_sqlite_emptied_or_removed_beside_the_vectors_is_damage_not_a_new_empty_store(tmp_path: Path, lost):
+    path = tmp_path / "s"
+    stored(path, make_docs(20)).close()
+    vectors = (path / "vectors.f32").read_bytes()
+    if lost == "empty":
+        (path / "store.sqlite").write_bytes(b"")  # SQLite reads an empty file as a new database: check said consistent
+    else:
+        (path / "store.sqlite").unlink()
+    assert EmbeddedStore.exists_at(path)
+    with pytest.raises(StoreDamaged, match=re.escape(f"{path / 'store.sqlite'} is {lost}, though the folder holds the "
+                                                     "store's vectors.f32, bm25/, hnsw.")):
+        EmbeddedStore(path)
+    assert (path / "vectors.f32").read_bytes() == vectors  # the next `index` overwrote them
+    assert (path / "store.sqlite").exists() == (lost == "empty")  # no database begun over the lost one
+    # An empty store.sqlite alone is a store whose creation was cut off before its schema: it opens as new.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "store.sqlite").write_bytes(b"")
+    with EmbeddedStore(fresh) as store:
+        assert store.count() == 0 and store.check().clean
+
+
+def test_a_damaged_page_past_the_header_fails_a_search_as_store_damaged_naming_the_file(tmp_path: Path):
+    path, docs = tmp_path / "s", make_docs(20)
+    stored(path, docs).close()
+    with contextlib.closing(sqlite3.connect(path / "store.sqlite")) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        docs_page = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'docs'").fetchone()[0]
+    with open(path / "store.sqlite", "r+b") as handle:
+        handle.seek((docs_page - 1) * page_size)
+        handle.write(b"\xff" * page_size)
+    with EmbeddedStore(path) as store:  # opens: the header and the meta table read fine
+        with pytest.raises(StoreDamaged, match=re.escape(f"{path / 'store.sqlite'} is not a readable SQLite database "
+                                                         "(database disk image is malformed)")):
+            store.vector_search(docs[0].vector, 3)  # was sqlite3.DatabaseError
+        assert any("integrity check failed" in problem for problem in store.check().problems)
 
 
 def _damage_bm25(path: Path, *, delete: list[int] = (), add: list[tuple[int, str]] = ()) -> None:
