@@ -9,6 +9,6 @@ from sidecar.stores.base import QueryModelMismatch, StoreDamaged
 try:
     app = create_app()
 except (ModelSettingsError, ModelNotCached, QueryModelMismatch, StoreDamaged) as exc:
-    # A setting (or a damaged store file) to fix, not a bug: gunicorn prints an AppImportError as its message alone and stops
-    # the server ("App failed to load"), where any other error is a traceback from every worker.
+    # A setting (or a damaged store file) to fix, not a bug: gunicorn prints an AppImportError as its message
+    # alone and stops the server ("App failed to load"), where any other error is a traceback from every worker.
     raise AppImportError(str(exc)) from exc
