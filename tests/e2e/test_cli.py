@@ -1281,6 +1281,10 @@ def lose_store_sqlite(store_path: Path, copy: Path, damage: str) -> Path:
     """A copy of the store at `store_path` whose store.sqlite a disk fault left unreadable, or emptied."""
     shutil.copytree(store_path, copy)
     if damage == "unreadable":
+        # With its write-ahead log and shared memory, as a store left open elsewhere has them (CI's session store
+        # had): SQLite's closing connection deleted the log beside the damaged file.
+        for part in ("store.sqlite-wal", "store.sqlite-shm"):
+            (copy / part).touch()
         damage_sqlite_file(copy / "store.sqlite")
     else:
         (copy / "store.sqlite").write_bytes(b"")

@@ -250,6 +250,12 @@ class VersionStore:
         if not size and (written := written_beside_database(self.path)):
             raise self._damaged(f"is {'missing' if size is None else 'empty'}, though the folder holds the "
                                 f"store's {', '.join(written)}")
+        if size:
+            # A file whose header is not SQLite's: refused before SQLite opens it, whose closing connection
+            # deletes the write-ahead log beside it (commits a recovery of the file could still use).
+            with database.open("rb") as handle:
+                if handle.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
+                    raise self._damaged("is not a readable SQLite database (file is not a database)")  # SQLite's words
 
     def unreadable_error(self, exc: sqlite3.DatabaseError) -> StoreDamaged:
         """The error for SQLite's refusal of store.sqlite's contents (`sqlite_files.unreadable`), at opening or
@@ -1176,6 +1182,9 @@ class VersionStore:
 
 # -- helpers ---------------------------------------------------------------------------------
 
+
+# The first bytes of every SQLite database file (sqlite.org/fileformat.html, 1.3).
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 # What recovers the documents of a version whose SQLite file is lost: `index` writes them from shards alone.
 _REINDEX = "index the shards it was built from into a new store (clip-sidecar index SHARDS --store-path NEW)"
