@@ -40,6 +40,7 @@ def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 10_000, loc
     signature = shards.signature
     if signature is None:
         raise ShardError(f"{shard_dir} holds no shards (no manifest.json): run `clip-sidecar embed` first")
+    shards.check_vector_files()  # before the session: a damaged shard changes nothing
     live = shards.live()
     with store.bulk_load(lock_wait_s=lock_wait_s) as load:
         # Inside the session: under OpenSearch's load lock, what is stored cannot change under us.
@@ -74,6 +75,7 @@ def rebuild_index(store: Store, shard_dir: Path, *, batch_size: int = 10_000, lo
     shards = ShardSet(shard_dir)
     if shards.signature is None:
         raise ShardError(f"{shard_dir} holds no shards (no manifest.json): run `clip-sidecar embed` first")
+    shards.check_vector_files()
     live, deleted = shards.live(), set(shards.deleted)
     found: dict[str, int] = {}
 

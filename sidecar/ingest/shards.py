@@ -210,11 +210,38 @@ class ShardSet:
 
     def rows(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, ShardRow, int]]:
         """(shard name, row, index within shard) for every row (of the shards `names`, else of all), oldest shard
-        first."""
+        first. A line that is no row (a disk fault, an edit) is a ShardError naming the file and the line."""
         for name in self.shard_names() if names is None else names:
-            with (self.root / f"{name}.jsonl").open(encoding="utf-8") as fh:
-                for index, line in enumerate(fh):
-                    yield name, ShardRow.from_json(line), index
+            path = self.root / f"{name}.jsonl"
+            index = 0
+            try:
+                with path.open(encoding="utf-8") as fh:
+                    for index, line in enumerate(fh):
+                        yield name, ShardRow.from_json(line), index
+            except (ValueError, TypeError, KeyError) as exc:  # not JSON or UTF-8, or not a row's fields
+                raise self._damaged(path, f"line {index + 1} is no shard row ({type(exc).__name__}: {exc})") from exc
+            except FileNotFoundError as exc:
+                raise self._damaged(path, "is missing") from exc
+
+    def check_vector_files(self) -> None:
+        """A ShardError for the first shard whose vector files (.npy, .fine.npy) do not hold one vector of the
+        model's size per line of its .jsonl: read before an index changes anything, where a damaged file
+        failed in a traceback midway, or (its rows unchanged since indexed) went unnoticed until a --rebuild.
+        Memory-maps each file: its header is read, not its vectors."""
+        for name in self.shard_names():
+            jsonl = self.root / f"{name}.jsonl"
+            try:
+                with jsonl.open("rb") as fh:
+                    rows = sum(1 for _ in fh)
+            except FileNotFoundError as exc:
+                raise self._damaged(jsonl, "is missing") from exc
+            for suffix, signature in ((".npy", self.signature), (".fine.npy", self.fine_signature)):
+                if signature is None:
+                    continue
+                vectors = self._load_vectors(name, suffix)
+                if vectors.shape != (rows, signature.dim):
+                    raise self._damaged(self.root / f"{name}{suffix}", f"holds vectors of shape {vectors.shape} "
+                                        f"where its {rows} rows need ({rows}, {signature.dim})")
 
     def latest(self) -> dict[str, tuple[str, ShardRow, int]]:
         """id → its newest row: a changed file's later shard supersedes the earlier one."""
@@ -343,13 +370,27 @@ class ShardSet:
 
     def vectors(self, name: str) -> np.ndarray:
         """A shard's vectors, memory-mapped (row i ↔ line i of its .jsonl)."""
-        return np.load(self.root / f"{name}.npy", mmap_mode="r")
+        return self._load_vectors(name, ".npy")
 
     def fine_vectors(self, name: str) -> np.ndarray | None:
         """A shard's fine-model vectors, memory-mapped, or None when the manifest names no fine model."""
         if self.fine_signature is None:
             return None
-        return np.load(self.root / f"{name}.fine.npy", mmap_mode="r")
+        return self._load_vectors(name, ".fine.npy")
+
+    def _load_vectors(self, name: str, suffix: str) -> np.ndarray:
+        path = self.root / f"{name}{suffix}"
+        try:
+            return np.load(path, mmap_mode="r")
+        except FileNotFoundError as exc:
+            raise self._damaged(path, "is missing") from exc
+        except (ValueError, OSError, EOFError) as exc:  # cut short ("mmap length is greater than file size"), no .npy
+            raise self._damaged(path, f"cannot be read ({exc})") from exc
+
+    def _damaged(self, path: Path, what: str) -> ShardError:
+        # Shard files are written whole (renamed into place): damage is a disk fault, a copy cut short or an edit.
+        return ShardError(f"{path} {what}: the shard is damaged. Embed the corpus into a new folder (clip-sidecar "
+                          "embed SOURCE --out NEW) and index from it; documents already in the store stay as they are")
 
     def thumbnails(self, name: str) -> list[bytes] | None:
         """A shard's thumbnails (b"" for a row whose image could not make one), or None when the manifest

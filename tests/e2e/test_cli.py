@@ -757,6 +757,38 @@ def test_embed_help_names_every_manifest_kind_the_reader_takes():
     assert ".jsonl / .csv / .parquet manifest" in embed.help
 
 
+def _garbage_line(shards: Path) -> None:
+    jsonl = shards / "shard-00000.jsonl"
+    lines = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
+    jsonl.write_text("".join(lines[:2] + ["garbage{\n"] + lines[3:]), encoding="utf-8")
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (_garbage_line, "shard-00000.jsonl line 3 is no shard row (JSONDecodeError: Expecting value"),
+    (lambda shards: os.truncate(shards / "shard-00000.npy", 1000),
+     "shard-00000.npy cannot be read (mmap length is greater than file size)"),
+    (lambda shards: (shards / "shard-00000.npy").unlink(), "shard-00000.npy is missing"),
+], ids=["garbage-jsonl-line", "truncated-npy", "missing-npy"])
+@pytest.mark.parametrize("rebuild", [False, True], ids=["index", "rebuild"])
+def test_index_of_a_damaged_shard_fails_in_one_line_naming_the_file_and_changes_nothing(shards, tmp_path, damage,
+                                                                                        message, rebuild):
+    # A garbage line was a JSONDecodeError traceback; a cut or missing .npy a traceback midway through a
+    # --rebuild, and for a plain index (its rows unchanged since indexed) "20 unchanged", unnoticed.
+    store_path = tmp_path / "store"
+    cli_ok("-q", "index", str(shards), "--store-path", str(store_path))
+    damaged = tmp_path / "shards"
+    shutil.copytree(shards, damaged)
+    damage(damaged)
+    result = CliRunner().invoke(main, ["-q", "index", str(damaged), "--store-path", str(store_path),
+                                       *(["--rebuild"] if rebuild else [])])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.output.startswith(f"Error: {damaged}/{message}") and result.output.rstrip().endswith(
+        "the shard is damaged. Embed the corpus into a new folder (clip-sidecar embed SOURCE --out NEW) and index "
+        "from it; documents already in the store stay as they are"), result.output
+    with EmbeddedStore(store_path) as store:
+        assert store.count() == len(ShardSet(shards).live())
+
+
 def test_index_refuses_shards_of_another_model(shards, tmp_path):
     store_path = tmp_path / "store"
     store = EmbeddedStore(store_path)
