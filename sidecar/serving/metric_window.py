@@ -11,6 +11,7 @@ younger than the window reports the time it has seen (`window_s` in the answer).
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import os
 import threading
@@ -22,6 +23,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from sidecar.serving.metrics import MULTIPROC_ENV
 from sidecar.threads import NamedThread
+
+log = logging.getLogger(__name__)
 
 # The series the window keeps: per-stage and per-request latency, requests by status, live recall.
 FAMILIES = ("sidecar_stage_seconds", "sidecar_request_seconds", "sidecar_requests", "sidecar_ann_recall_hits",
@@ -88,7 +91,14 @@ class MetricWindow:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
-            self.take_snapshot()
+            try:
+                self.take_snapshot()
+            except Exception as exc:  # noqa: BLE001 - one failed read must not end the snapshots
+                # Ended, the thread would take none again: the window's base would stay the last snapshot and
+                # /v1/status report an ever longer "last hour". A multiprocess file caught while a new worker
+                # creates it (empty) fails a read once; the next snapshot reads it whole.
+                log.warning("metric window: a snapshot of the series failed (%s: %s); the next is taken in %g s",
+                            type(exc).__name__, exc, self.every_s)
 
     def take_snapshot(self) -> None:
         now, values = self._clock(), self._read()
