@@ -65,7 +65,9 @@ def export(log_dir: Path | None, out: Path, shards: Path | None, min_relevance: 
                                    "feedback (SIDECAR_HARD_EXAMPLE_FRACTION: the share of searches it checks)")
     image_paths = None
     if shards is not None:
-        image_paths = {doc_id: row.path for doc_id, (_, row, _) in ShardSet(shards).live().items()}
+        shard_set = ShardSet(shards)
+        shard_set.require_shards()  # else every pair would be left out as a document the shards do not hold
+        image_paths = {doc_id: row.path for doc_id, (_, row, _) in shard_set.live().items()}
     summary = export_examples(folder, out, image_paths=image_paths, min_relevance=min_relevance)
     click.echo(summary.describe())
     if shards is None and summary.queries:

@@ -37,9 +37,8 @@ def index_shards(store: Store, shard_dir: Path, *, batch_size: int = 10_000, loc
     writes what the killed run did not."""
     started = time.perf_counter()
     shards = ShardSet(shard_dir)
+    shards.require_shards()
     signature = shards.signature
-    if signature is None:
-        raise ShardError(f"{shard_dir} holds no shards (no manifest.json): run `clip-sidecar embed` first")
     shards.check_vector_files()  # before the session: a damaged shard changes nothing
     live = shards.live()
     with store.bulk_load(lock_wait_s=lock_wait_s) as load:
@@ -73,8 +72,7 @@ def rebuild_index(store: Store, shard_dir: Path, *, batch_size: int = 10_000, lo
     (read under the store's load lock, so that an `index` run finishing while the rebuild waits for it counts)."""
     started = time.perf_counter()
     shards = ShardSet(shard_dir)
-    if shards.signature is None:
-        raise ShardError(f"{shard_dir} holds no shards (no manifest.json): run `clip-sidecar embed` first")
+    shards.require_shards()
     shards.check_vector_files()
     live, deleted = shards.live(), set(shards.deleted)
     found: dict[str, int] = {}

@@ -223,6 +223,12 @@ class ShardSet:
             except FileNotFoundError as exc:
                 raise self._damaged(path, "is missing") from exc
 
+    def require_shards(self) -> None:
+        """A ShardError unless an embed wrote shards here (its manifest.json, naming the model): a folder of
+        something else reads as shards holding no documents."""
+        if self.signature is None:
+            raise ShardError(f"{self.root} holds no shards (no manifest.json): run `clip-sidecar embed` first")
+
     def check_vector_files(self) -> None:
         """A ShardError for the first shard whose vector files (.npy, .fine.npy) do not hold one vector of the
         model's size per line of its .jsonl: read before an index changes anything, where a damaged file

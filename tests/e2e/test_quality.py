@@ -491,3 +491,19 @@ def test_hard_examples_export_from_a_setting_naming_no_folder_says_so_naming_the
         f"Error: SIDECAR_QUALITY_LOG_DIR names {tmp_path / 'missing'}, which is not a folder: give the one the server "
         "logs to (its SIDECAR_QUALITY_LOG_DIR), or --log-dir")
     assert not (tmp_path / "out").exists()
+
+
+def test_hard_examples_export_with_shards_naming_a_folder_of_no_shards_is_an_error_naming_it(tmp_path):
+    # It exported, exit 0, every pair left out as "pairs whose document the shards do not hold": the corpus folder
+    # given for the shards read as shards of no documents.
+    logs, corpus = tmp_path / "logs", tmp_path / "corpus"
+    logs.mkdir()
+    (logs / "feedback.jsonl").write_text(json.dumps({"text": "red circle", "doc_id": "d1", "relevance": 1,
+                                                     "kind": "click"}) + "\n")
+    corpus.mkdir()
+    (corpus / "manifest.jsonl").write_text(json.dumps({"id": "d1", "image": "d1.jpg"}) + "\n")
+    result = CliRunner().invoke(main, ["-q", "hard-examples", "export", "--log-dir", str(logs),
+                                       "--out", str(tmp_path / "out"), "--shards", str(corpus)])
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: {corpus} holds no shards (no manifest.json): run `clip-sidecar embed` first")
+    assert not (tmp_path / "out").exists()
