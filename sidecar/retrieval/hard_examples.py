@@ -56,6 +56,16 @@ MAX_RELEVANCE = 3  # judgment grades 0 (not relevant) .. 3, as TREC qrels grade
 # Queries logged, and apart queries found not hard, within the repeat window that RECENT_FILE remembers (a few MB
 # each for ordinary query lengths); past it the oldest is forgotten, and its next search is checked again.
 MAX_REMEMBERED = 10_000
+# The fields the export reads of each log's records, and the types the server writes them in (NoneType: the field
+# may be null or absent). A record of another shape (another program's object, a line edited by hand) is left out
+# and counted: read as the server's, it stopped the export in a traceback.
+_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    HARD_EXAMPLES_FILE: {"query_id": (str,), "text": (str, type(None)), "filters": (dict, type(None)),
+                         "image": (str, type(None))},
+    REPEATS_FILE: {"query_id": (str, type(None)), "repeat_of": (str, type(None))},
+    FEEDBACK_FILE: {"query_id": (str, type(None)), "text": (str, type(None)), "filters": (dict, type(None)),
+                    "doc_id": (str, type(None)), "relevance": (int, type(None)), "kind": (str, type(None))},
+}
 # Captions open_clip's CSV reader (pandas.read_csv with its default na_values) reads as a missing value,
 # quoted or not: it would train on the caption "nan". Such pairs are left out of pairs.csv.
 _CSV_MISSING = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
@@ -458,20 +468,12 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     # feedback names the query_id of the answer it was given, which need not be the one its record holds.
     by_query_id: dict[str, str] = {}
     searches: dict[str, int] = {}  # query key -> its records and repeats
-    def unreadable(file: Path) -> None:
-        _count(summary.skipped, f"lines of {file.name} that are not a whole record (cut short by a killed server "
-                                "or a full disk)")
-
-    for record in read_jsonl_log(Path(log_dir) / HARD_EXAMPLES_FILE, skipped=unreadable):
-        if not record.get("query_id") or not isinstance(record["query_id"], str):
-            # Every record the server writes has one: this object is another program's (it became query "q-None").
-            _count(summary.skipped, f"records of {HARD_EXAMPLES_FILE} without a query_id (not the server's)")
-            continue
+    for record in _server_records(Path(log_dir), HARD_EXAMPLES_FILE, summary):
         key = _query_key(record.get("text"), record["query_id"], record.get("filters"))
         hard[key] = record
         searches[key] = searches.get(key, 0) + 1
         by_query_id[record["query_id"]] = key
-    for repeat in read_jsonl_log(Path(log_dir) / REPEATS_FILE, skipped=unreadable):
+    for repeat in _server_records(Path(log_dir), REPEATS_FILE, summary):
         key = by_query_id.get(repeat.get("repeat_of") or "")
         if key is not None and repeat.get("query_id"):  # else its record rotated out: feedback on it is left out
             by_query_id[repeat["query_id"]] = key
@@ -479,7 +481,7 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
 
     queries: dict[str, dict[str, Any]] = {}  # key -> {"text", "image", "reasons", "filters"}
     grades: dict[tuple[str, str], tuple[int, bool]] = {}  # (key, doc) -> (grade, from a judgment)
-    for record in read_jsonl_log(Path(log_dir) / FEEDBACK_FILE, skipped=unreadable):
+    for record in _server_records(Path(log_dir), FEEDBACK_FILE, summary):
         text, query_id, doc_id = record.get("text"), record.get("query_id"), record.get("doc_id")
         named = hard.get(by_query_id.get(query_id or ""), {})  # the logged search its query_id names, if any
         # The documents the user could see: the feedback's filters, else those of the logged search it names.
@@ -493,7 +495,8 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
         logged = hard.get(key, {})
         queries.setdefault(key, {"text": text or logged.get("text"), "image": logged.get("image"),
                                  "reasons": logged.get("reasons", []), "filters": filters})
-        grade, judged = int(record.get("relevance", 1)), record.get("kind") == "judgment"
+        relevance = record.get("relevance")
+        grade, judged = 1 if relevance is None else relevance, record.get("kind") == "judgment"
         previous = grades.get((key, doc_id))
         if judged or previous is None or (not previous[1] and grade > previous[0]):
             grades[(key, doc_id)] = (grade, judged)  # the latest judgment, else the highest click
@@ -562,6 +565,23 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
             summary.pairs += 1
     summary.files = [out / name for name in ("queries.jsonl", "qrels.jsonl", "to_judge.jsonl", "pairs.csv")]
     return summary
+
+
+def _server_records(log_dir: Path, name: str, summary: ExportSummary) -> Iterator[dict[str, Any]]:
+    """The records of the log `name` in `log_dir` whose fields the export reads are of the types the server writes
+    (_FIELDS); the others, and lines that are not a whole record, are counted in `summary` as left out."""
+    def unreadable(file: Path) -> None:
+        _count(summary.skipped, f"lines of {file.name} that are not a whole record (cut short by a killed server "
+                                "or a full disk)")
+
+    for record in read_jsonl_log(log_dir / name, skipped=unreadable):
+        wrong = next((field for field, kinds in _FIELDS[name].items() if not isinstance(record.get(field), kinds)),
+                     None)
+        if wrong is None:
+            yield record
+        else:
+            _count(summary.skipped, f"records of {name} whose {wrong} is not the server's (missing, or of another "
+                                    "type: another program's record, or one edited by hand)")
 
 
 def _query_key(text: str | None, query_id: str | None, filters: Filters | None) -> str:

@@ -92,7 +92,35 @@ def test_export_leaves_out_a_hard_example_object_without_a_query_id_and_counts_i
     summary = export_examples(tmp_path, tmp_path / "out")
     (row,) = map(json.loads, (tmp_path / "out" / "to_judge.jsonl").read_text().splitlines())
     assert row["text"] == "red circle" and summary.to_judge == 1
-    assert summary.skipped == {f"records of {HARD_EXAMPLES_FILE} without a query_id (not the server's)": 1}
+    assert summary.skipped == {f"records of {HARD_EXAMPLES_FILE} whose query_id is not the server's (missing, or "
+                               "of another type: another program's record, or one edited by hand)": 1}
+
+
+def test_export_leaves_out_and_counts_log_records_whose_fields_are_not_of_the_servers_types(tmp_path: Path):
+    # Each of these stopped the export in a traceback: a number for a text (no casefold), a list for an id
+    # (unhashable), a word for a relevance (no int()); a null relevance is none given: a click's 1.
+    def write(name: str, *records: dict) -> None:
+        log = JsonlLog(tmp_path / name, max_bytes=10**6, backups=1)
+        for record in records:
+            log.write(record)
+        log.close()
+
+    write(HARD_EXAMPLES_FILE, {"query_id": "h1", "text": "red circle", "reasons": ["low_score"], "hits": []},
+          {"query_id": "h2", "text": 5}, {"query_id": "h3", "text": "x", "filters": ["shape"]})
+    write(REPEATS_FILE, {"query_id": "h4", "repeat_of": "h1"}, {"query_id": ["h5"], "repeat_of": "h1"})
+    write(FEEDBACK_FILE, feedback_record(query_id="h4", text=None, doc_id="d1", relevance=2, kind="judgment"),
+          {"text": 5, "doc_id": "d2"}, {"text": "x", "doc_id": ["d3"]}, {"query_id": ["h1"], "doc_id": "d4"},
+          {"text": "x", "doc_id": "d5", "relevance": "high"}, {"text": "x", "doc_id": "d6", "relevance": None})
+    summary = export_examples(tmp_path, tmp_path / "out")
+    qrels = [json.loads(row) for row in (tmp_path / "out" / "qrels.jsonl").read_text().splitlines()]
+    assert [(q["doc_id"], q["relevance"]) for q in qrels] == [("d1", 2), ("d6", 1)]
+    left_out = {why.split(" is not")[0]: count for why, count in summary.skipped.items() if why.startswith("records")}
+    assert left_out == {f"records of {HARD_EXAMPLES_FILE} whose text": 1,
+                        f"records of {HARD_EXAMPLES_FILE} whose filters": 1,
+                        f"records of {REPEATS_FILE} whose query_id": 1,
+                        f"records of {FEEDBACK_FILE} whose text": 1, f"records of {FEEDBACK_FILE} whose doc_id": 1,
+                        f"records of {FEEDBACK_FILE} whose query_id": 1,
+                        f"records of {FEEDBACK_FILE} whose relevance": 1}, summary.skipped
 
 
 def test_a_record_written_after_a_line_left_unfinished_starts_a_line_of_its_own_within_the_bound(tmp_path: Path):
