@@ -91,17 +91,19 @@ class MetricWindow:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
-            try:
-                self.take_snapshot()
-            except Exception as exc:  # noqa: BLE001 - one failed read must not end the snapshots
-                # Ended, the thread would take none again: the window's base would stay the last snapshot and
-                # /v1/status report an ever longer "last hour". A multiprocess file caught while a new worker
-                # creates it (empty) fails a read once; the next snapshot reads it whole.
-                log.warning("metric window: a snapshot of the series failed (%s: %s); the next is taken in %g s",
-                            type(exc).__name__, exc, self.every_s)
+            self.take_snapshot()
 
     def take_snapshot(self) -> None:
-        now, values = self._clock(), self._read()
+        now = self._clock()
+        try:
+            values = self._read()
+        except Exception as exc:  # noqa: BLE001 - one failed read must end neither the snapshots nor the worker's boot
+            # A multiprocess file caught while a new worker creates it (empty) fails a read once; the next snapshot
+            # reads it whole. Raised, it ended the snapshot thread (the window's base stayed its last snapshot:
+            # an ever longer "last hour"), or at boot the worker, and gunicorn stopped the server.
+            log.warning("metric window: a snapshot of the series failed (%s: %s); the next is taken in %g s",
+                        type(exc).__name__, exc, self.every_s)
+            return
         with self._lock:
             self._snapshots.append((now, values))
             # Keep the newest snapshot at least window_s old (the baseline) and everything after it.
@@ -114,7 +116,8 @@ class MetricWindow:
         now, current = self._clock(), self._read()
         with self._lock:
             old = [snap for snap in self._snapshots if snap[0] <= now - self.window_s]
-            since, base = old[-1] if old else self._snapshots[0]
+            # No snapshot yet (the first read failed at boot): nothing counted over an empty window.
+            since, base = old[-1] if old else self._snapshots[0] if self._snapshots else (now, current)
         delta = {key: value - base.get(key, 0.0) for key, value in current.items()}
 
         def total(name: str, **labels: str) -> float:

@@ -33,3 +33,19 @@ def test_snapshots_go_on_after_a_read_of_the_multiprocess_files_failed(tmp_path,
         assert len(reads) >= failed + 3, "no snapshot was taken after a failed one"
     finally:
         window.close()
+
+
+def test_a_window_whose_first_read_of_the_multiprocess_files_failed_boots_and_reports_from_its_next_snapshot(
+        tmp_path, monkeypatch):
+    # The first snapshot is taken as the app is built: its failure failed the worker's boot, and gunicorn stops a
+    # server whose worker cannot boot.
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    caught = tmp_path / "counter_99999.db"
+    caught.touch()
+    clock = [1000.0]
+    window = MetricWindow(window_s=60, every_s=10, clock=lambda: clock[0])
+    caught.unlink()
+    assert window.summary()["window_s"] == 0 and window.summary()["recall"]["checked"] == 0
+    window.take_snapshot()
+    clock[0] += 30
+    assert window.summary()["window_s"] == 30
