@@ -65,10 +65,19 @@ class BackgroundChecks:
             time.sleep(0.01)
         return True
 
-    def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=10)
+    def close(self, *, timeout_s: float = 10.0) -> None:
+        """Run the checks queued, for at most `timeout_s` all told: a worker stopping waits no longer for them,
+        whatever the store's searches cost (one that hangs, say), before it closes the rest of its app."""
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._queue.put(None, timeout=timeout_s)  # behind the queued checks: a full queue waits for one to end
+        except queue.Full:
+            log.warning("background quality checks (%s): %d still queued after %g s are not run", self._name,
+                        self._queue.qsize(), timeout_s)
+            return
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         while True:

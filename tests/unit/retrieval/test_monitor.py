@@ -3,6 +3,8 @@ as found: on a store of duplicates an exhaustive search measures Recall@K 1.0.""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 from sidecar.retrieval.monitor import BackgroundChecks, RecallCheck, RecallMonitor
@@ -57,3 +59,26 @@ def test_a_failed_check_is_logged_naming_its_checks_and_error_and_the_next_check
     checks.close()
     assert ran == ["next"]
     assert "a background quality check (hard-examples) failed: OSError: disk full" in caplog.text
+
+
+def test_closing_checks_whose_queue_is_full_behind_a_check_that_hangs_returns_within_its_timeout():
+    # close() waited to queue its stop behind the full queue for as long as the running check took (a store that
+    # hangs): a stopping worker outlived gunicorn's graceful timeout, killed before committing the rest of its app.
+    running, release = threading.Event(), threading.Event()
+
+    def hangs() -> None:
+        running.set()
+        release.wait(60)
+
+    checks = BackgroundChecks(capacity=2)
+    try:
+        assert checks.submit(hangs) and running.wait(30)
+        assert checks.submit(lambda: None) and checks.submit(lambda: None)
+        assert not checks.submit(lambda: None)  # the queue is full behind it
+        closing = threading.Thread(target=checks.close, kwargs={"timeout_s": 0.5}, daemon=True)
+        started = time.monotonic()
+        closing.start()
+        closing.join(20)
+        assert not closing.is_alive() and time.monotonic() - started < 5
+    finally:
+        release.set()
