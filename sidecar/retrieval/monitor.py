@@ -123,8 +123,9 @@ class RecallMonitor:
     def offer(self, vector: np.ndarray, *, candidates: int, filters: Filters | None = None,
               ef_search: int | None = None) -> None:
         """A query that asked for ANN (its `candidates` and `ef_search`, as the request had them). One the
-        store ran exactly (its calibrated effort, for a query that names no ef_search) is not checked: exact
-        search against exact search would count as a perfect ANN recall where no ANN ran."""
+        store ran exactly (its calibrated effort, for a query that names no ef_search; filters that match few
+        documents, found in the background) is not checked: exact search against exact search would count as a
+        perfect ANN recall where no ANN ran."""
         if self.fraction <= 0 or self._random.random() >= self.fraction:
             return
         if self.store.effort.exact(ef_search):
@@ -135,6 +136,8 @@ class RecallMonitor:
 
     def _check(self, vector: np.ndarray, *, candidates: int, filters: Filters | None, ef_search: int | None) -> None:
         try:
+            if self.store.searches_exactly(filters):
+                return  # filters matching few documents (or no graph yet): as under an exact effort, no ANN ran
             # The request's own ANN search (its depth decides the effective breadth), then its top K.
             approx = self.store.vector_search(vector, max(candidates, self.k), filters=filters,
                                               ef_search=ef_search)[:self.k]

@@ -200,6 +200,11 @@ class Store(Protocol):
         """Top-k by inner product; exact=True is brute force (the ANN's ground truth); `ef_search`
         widens or narrows the HNSW search for this query (None: the store's setting)."""
 
+    def searches_exactly(self, filters: Filters | None) -> bool:
+        """Whether `vector_search` under `filters` is answered by exact search whatever its ef_search (the
+        embedded store's: no graph built yet, or filters matching so few documents that exact search is the
+        faster); False where the store does not know (OpenSearch's k-NN decides per segment, out of sight)."""
+
     def text_search(self, query: str, k: int, *, filters: Filters | None = None,
                     ids: Sequence[str] | None = None) -> list[ScoredId]:
         """Top-k by BM25 over Document.text; `ids` restricts the search to those documents without

@@ -505,6 +505,9 @@ class OpenSearchStore:
                                      dim=len(query_vector))
         return [ScoredId(h["_id"], knn_score_to_inner_product(h["_score"])) for h in hits]
 
+    def searches_exactly(self, filters: Filters | None) -> bool:
+        return False  # k-NN's filtered exact search is its choice per segment, which a search's answer does not say
+
     def text_search(self, query: str, k: int, *, filters: Filters | None = None,
                     ids: Sequence[str] | None = None) -> list[ScoredId]:
         """Top-k by raw BM25 over `text`; filters do not score. `ids` restricts the search to those

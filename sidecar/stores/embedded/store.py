@@ -544,6 +544,10 @@ class EmbeddedStore:
                     raise QueryModelMismatch(held, checked[1])
             return opened.store.vector_search(vector, k, filters=filters, exact=exact, ef_search=ef_search)
 
+    def searches_exactly(self, filters: Filters | None) -> bool:
+        with self._version() as opened:
+            return opened.store.searches_exactly(filters)
+
     def text_search(self, query: str, k: int, *, filters: Filters | None = None,
                     ids: Sequence[str] | None = None) -> list[ScoredId]:
         with self._version() as opened:

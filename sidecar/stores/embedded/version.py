@@ -889,6 +889,12 @@ class VersionStore:
                     hits = exact_all(state.vectors, state.live, query, k)
             return self._scored(conn, hits)
 
+    def searches_exactly(self, filters: Filters | None) -> bool:
+        with self._read() as (conn, state):
+            if state.index is None:
+                return True
+            return bool(filters) and len(self._filtered_rows(conn, filters)) <= self.exact_filter_rows
+
     def _ann(self, state: _State, query: np.ndarray, k: int, allowed: np.ndarray | None,
              ef_search: int | None = None) -> list[tuple[int, float]]:
         params = faiss.SearchParametersHNSW()

@@ -82,3 +82,23 @@ def test_closing_checks_whose_queue_is_full_behind_a_check_that_hangs_returns_wi
         assert not closing.is_alive() and time.monotonic() - started < 5
     finally:
         release.set()
+
+
+def test_filtered_queries_the_embedded_store_answers_exactly_are_not_checked_and_those_it_searches_by_hnsw_are(
+        tmp_path: Path):
+    # A filter matching at most exact_filter_rows documents is searched exactly: checked, it read as perfect recall.
+    checked: list[RecallCheck] = []
+    documents = stored_copies(unit_vectors(200, seed=8), copies=1)
+    for i, document in enumerate(documents):
+        document.metadata["half"] = "even" if i % 2 == 0 else "odd"
+    with EmbeddedStore(tmp_path / "s", exact_filter_rows=150) as store:
+        store.upsert(documents)
+        checks = BackgroundChecks(capacity=100)
+        monitor = RecallMonitor(store, fraction=1.0, k=10, checks=checks, record=checked.append, seed=0)
+        for query in unit_vectors(4, seed=9):
+            monitor.offer(query, candidates=10, filters={"half": ["even"]}, ef_search=50)  # 100 rows: exactly
+        for query in unit_vectors(3, seed=10):
+            monitor.offer(query, candidates=10, ef_search=50)  # all 200 rows: by HNSW
+        assert checks.wait_idle(60)
+        checks.close()
+    assert [check.outcome for check in checked] == ["checked"] * 3
