@@ -21,6 +21,7 @@ trainer.
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import csv
 import hashlib
@@ -569,7 +570,8 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
 
 def _server_records(log_dir: Path, name: str, summary: ExportSummary) -> Iterator[dict[str, Any]]:
     """The records of the log `name` in `log_dir` whose fields the export reads are of the types the server writes
-    (_FIELDS); the others, and lines that are not a whole record, are counted in `summary` as left out."""
+    (_FIELDS; an image, base64: decoded here); the others, and lines that are not a whole record, are counted in
+    `summary` as left out."""
     def unreadable(file: Path) -> None:
         _count(summary.skipped, f"lines of {file.name} that are not a whole record (cut short by a killed server "
                                 "or a full disk)")
@@ -577,6 +579,11 @@ def _server_records(log_dir: Path, name: str, summary: ExportSummary) -> Iterato
     for record in read_jsonl_log(log_dir / name, skipped=unreadable):
         wrong = next((field for field, kinds in _FIELDS[name].items() if not isinstance(record.get(field), kinds)),
                      None)
+        if wrong is None and "image" in _FIELDS[name] and record.get("image"):
+            try:
+                record["image"] = base64.b64decode(record["image"], validate=True)  # as the server encoded it
+            except binascii.Error:
+                wrong = "image"
         if wrong is None:
             yield record
         else:
@@ -596,9 +603,8 @@ def _query_key(text: str | None, query_id: str | None, filters: Filters | None) 
     return f"q-{query_id}"
 
 
-def _write_image(out: Path, key: str, encoded: str) -> str:
-    """A logged query image (base64) written to `out/images/`, named by its query key: its path relative to `out`."""
-    data = base64.b64decode(encoded)
+def _write_image(out: Path, key: str, data: bytes) -> str:
+    """A logged query image written to `out/images/`, named by its query key: its path relative to `out`."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     try:
         extension = (Image.open(io.BytesIO(data)).format or "img").lower()

@@ -476,3 +476,16 @@ def test_low_score_judges_the_models_best_match_not_the_top_hit_bm25_ranked_firs
     # The model's best match is at cosine 0.1; the top hit is BM25's alone, with no vector score: low_score.
     far = [("near", unit(0.1, 1, 0, 0), "apple"), ("words", unit(0, 0, 1, 0), "zebra")]
     assert "low_score" in reasons_of_hybrid_search(tmp_path / "far", far, k=1, candidates=1)
+
+
+def test_export_leaves_out_and_counts_a_hard_example_whose_image_is_not_base64(tmp_path: Path):
+    # The server writes an image query's bytes as base64; a record with other text there stopped the export.
+    log = JsonlLog(tmp_path / HARD_EXAMPLES_FILE, max_bytes=10**6, backups=1)
+    log.write({"query_id": "h1", "text": None, "image": "not base64!", "reasons": ["no_hits"], "hits": []})
+    log.write({"query_id": "h2", "text": None, "image": png_b64(), "reasons": ["no_hits"], "hits": []})
+    log.close()
+    summary = export_examples(tmp_path, tmp_path / "out")
+    (row,) = map(json.loads, (tmp_path / "out" / "to_judge.jsonl").read_text().splitlines())
+    assert row["id"] == "q-h2" and (tmp_path / "out" / row["image"]).read_bytes() == base64.b64decode(png_b64())
+    assert summary.skipped == {f"records of {HARD_EXAMPLES_FILE} whose image is not the server's (missing, or of "
+                               "another type: another program's record, or one edited by hand)": 1}
