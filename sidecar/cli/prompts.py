@@ -25,7 +25,8 @@ def prompts() -> None:
       labels: [circle, square, {name: star, templates: ["a {} shape"]}]
     or a CSV file with a `label` and an optional `template` column (one row per template).
     '{}' stands for the label: each of the set's templates needs one, a label's own may be a
-    whole prompt; other braces ({0}, {label}) are refused, as are two labels of the same prompts.
+    whole prompt; other braces ({0}, {label}) are refused, as are two labels of the same prompts,
+    also once the model cuts them at its context length (a label with a prompt cut is named).
     A label's vector averages its templates' vectors (CLIP's template ensembling). Vectors are
     computed once per model and set, and again only when a template, a label or the version changes.
     """
@@ -46,7 +47,13 @@ def prompts_add(files: tuple[Path, ...], name: str | None, version: str | None, 
     written with it change only when `clip-sidecar tag SHARDS` (or the next `embed`) re-tags the
     shards, from their stored vectors, and `clip-sidecar index SHARDS` loads them."""
     from sidecar.model.encoder import load_encoder
-    from sidecar.model.prompts import PromptSetNotFound, PromptSetRegistry, PromptSetUnreadable, load_prompt_set
+    from sidecar.model.prompts import (
+        PromptSetNotFound,
+        PromptSetRegistry,
+        PromptSetUnreadable,
+        check_prompts_fit,
+        load_prompt_set,
+    )
 
     if len(files) > 1 and (name or version):
         raise click.UsageError("--name and --version name one set: give one FILE with them")
@@ -60,7 +67,9 @@ def prompts_add(files: tuple[Path, ...], name: str | None, version: str | None, 
                                    "or add the other alone with --name")
     registry = PromptSetRegistry(settings.prompt_sets_dir)
     encoder = load_encoder(settings)
-    for prompt_set in loaded:
+    cut = [check_prompts_fit(prompt_set, encoder.prepare_texts, context_length=encoder.context_length,
+                             model=encoder.name, source=str(path)) for path, prompt_set in zip(files, loaded)]
+    for prompt_set, cut_labels in zip(loaded, cut):
         try:
             previous = registry.get(prompt_set.name)
             stored = "unchanged" if previous == prompt_set else prompt_set.changes_from(previous)
@@ -75,7 +84,10 @@ def prompts_add(files: tuple[Path, ...], name: str | None, version: str | None, 
         vectors = (f"vectors by {encoder.name} already cached" if cached else
                    f"vectors by {encoder.name} computed in {time.perf_counter() - started:.2f} s")
         click.echo(f"{prompt_set.name}: version {prompt_set.version}, {len(prompt_set.labels)} labels, "
-                   f"{prompt_set.prompt_count} prompts; {stored}, {vectors}")
+                   f"{prompt_set.prompt_count} prompts; {stored}, {vectors}"
+                   + (f"; {len(cut_labels)} label{'s' * (len(cut_labels) != 1)} with a prompt cut at "
+                      f"{encoder.name}'s {encoder.context_length}-token context (e.g. {cut_labels[0].name!r}): the "
+                      "model sees none of its words past the cut" if cut_labels else ""))
 
 
 @prompts.command("list")

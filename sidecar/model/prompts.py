@@ -22,11 +22,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from sidecar.errors import not_utf8
+
+if TYPE_CHECKING:  # the encoder module loads torch
+    from sidecar.model.encoder import PreparedTexts
 
 log = logging.getLogger(__name__)
 
@@ -239,13 +242,47 @@ def _check_prompts(prompt_set: PromptSet, *, source: str, templates_field: str) 
                 raise PromptSetError(f"{where}: template {template!r} has no '{{}}': a set's templates apply to "
                                      "every label, so each needs '{}' where the label goes (a whole prompt of one "
                                      "label's own goes in that label's templates)")
-    first: dict[tuple[str, ...], str] = {}
+    twins = _first_twins(prompt_set.labels, [label.prompts for label in prompt_set.labels])
+    if twins:
+        raise PromptSetError(f"{source}: labels {twins[0].name!r} and {twins[1].name!r} have the same prompts "
+                             f"({', '.join(map(repr, twins[1].prompts))}): their vectors would be identical, so "
+                             "neither could rank above the other; give their templates '{}' for the label")
+
+
+def check_prompts_fit(prompt_set: PromptSet, prepare: Callable[[list[str]], PreparedTexts], *, context_length: int,
+                      model: str, source: str) -> list[Label]:
+    """What `model`'s cut of every prompt at its `context_length` tokens (`prepare`: its prepare_texts) does to the
+    set, checked where a file is added, as _check_prompts. Two labels whose prompts are cut to the same tokens would
+    get identical vectors, so neither could rank above the other: refused. Returns the labels with a prompt cut
+    (the model sees none of its words past the cut)."""
+    prompts = [prompt for label in prompt_set.labels for prompt in label.prompts]
+    prepared = prepare(prompts)
+    rows = iter(zip(np.asarray(prepared.tokens).tolist(), prepared.lengths))
+    seen: list[tuple[tuple[int, ...], ...]] = []  # per label, the token ids of its prompts as the model sees them
+    cut: list[Label] = []
     for label in prompt_set.labels:
-        other = first.setdefault(label.prompts, label.name)
-        if other != label.name:
-            raise PromptSetError(f"{source}: labels {other!r} and {label.name!r} have the same prompts "
-                                 f"({', '.join(map(repr, label.prompts))}): their vectors would be identical, so "
-                                 "neither could rank above the other; give their templates '{}' for the label")
+        tokens, lengths = zip(*(next(rows) for _ in label.prompts))
+        seen.append(tuple(map(tuple, tokens)))
+        if max(lengths) > context_length:
+            cut.append(label)
+    twins = _first_twins(prompt_set.labels, seen)
+    if twins:
+        raise PromptSetError(f"{source}: labels {twins[0].name!r} and {twins[1].name!r} have the same prompts once "
+                             f"{model} cuts them at its {context_length}-token context (e.g. "
+                             f"{twins[1].prompts[0]!r}): their vectors would be identical, so neither could rank "
+                             "above the other; shorten the templates or the labels so the words that tell the labels "
+                             "apart come first")
+    return cut
+
+
+def _first_twins(labels: Sequence[Label], keys: Sequence[Any]) -> tuple[Label, Label] | None:
+    """The first label whose key (its prompts, as written or as tokens) an earlier label has, with that label."""
+    first: dict[Any, Label] = {}
+    for label, key in zip(labels, keys):
+        other = first.setdefault(key, label)
+        if other is not label:
+            return other, label
+    return None
 
 
 class _WrittenFloat(float):

@@ -93,6 +93,30 @@ def test_prompts_add_says_what_a_replaced_set_changed_and_refuses_two_files_of_o
     assert cli_ok("prompts", "show", "pets", "--prompt-sets", folder).startswith("pets, version 2:")
 
 
+# 30 words: the tiny model's 32-token context ends before the label's place.
+LONG_PREFIX = ("a photograph taken on a sunny day in the park near the old fountain with many people walking around "
+               "and children playing with a ball while dogs run after pigeons, showing")
+
+
+def test_prompts_add_refuses_labels_the_models_context_cuts_to_the_same_prompts_and_names_a_cut_label(tmp_path):
+    folder = tmp_path / "prompt-sets"
+    twins = tmp_path / "long.yaml"
+    twins.write_text(yaml.safe_dump({"name": "long", "templates": [LONG_PREFIX + " a {}"],
+                                     "labels": ["circle", "square"]}))
+    refused = CliRunner().invoke(main, ["-q", "prompts", "add", str(twins), "--prompt-sets", str(folder)])
+    assert refused.exit_code == 1, refused.output
+    assert (f"{twins}: labels 'circle' and 'square' have the same prompts once tiny-clip cuts them at its 32-token "
+            "context") in refused.output
+    assert not (folder / "long.json").exists()
+    # One label cut, still told apart from the other: stored, and the cut said.
+    cut = tmp_path / "cut.yaml"
+    cut.write_text(yaml.safe_dump({"name": "cut", "labels": ["circle", LONG_PREFIX + " a square"]}))
+    added = cli_ok("prompts", "add", cut, "--prompt-sets", folder)
+    assert "cut: version 1, 2 labels, 2 prompts; added," in added
+    assert "1 label with a prompt cut at tiny-clip's 32-token context (e.g. 'a photograph taken" in added
+    assert "cut at" not in cli_ok("prompts", "add", EXAMPLE_PROMPT_SETS / "shapes.yaml", "--prompt-sets", folder)
+
+
 def test_tags_written_at_embed_time_are_filtered_on_in_the_embedded_store(corpus, sets, tmp_path):
     out, store_path = tmp_path / "shards", tmp_path / "store"
     result = cli_ok("embed", corpus, "--out", out, "--workers", "0", "--tag", "shapes", "--tag", "colors:2",
