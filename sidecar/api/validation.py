@@ -230,8 +230,11 @@ def query_text(body: dict, settings: Settings, *, field: str = "text") -> str | 
 
 def bounded_int(body: dict, field: str, *, default: int, low: int, high: int, setting: str | None = None) -> int:
     """body[field], an integer from low to high; `setting` names where `high` comes from (e.g. "max_k"), so
-    the error tells a client which setting to raise."""
-    value = optional(body, field, int, default)
+    the error tells a client which setting to raise. Absent, it is `default`, at most `high`: a server whose limit
+    is under an endpoint's default (max_k=3, k 10 by default) has nothing of the client's to refuse."""
+    if field not in body:
+        return min(default, high)
+    value = optional(body, field, int)
     if not low <= value <= high:
         limit = f"{high} ({setting})" if setting else f"{high}"
         raise BadRequest(f"field '{field}' must be between {low} and {limit}, got {value}")

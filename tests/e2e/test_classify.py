@@ -127,6 +127,17 @@ def test_a_threshold_over_a_set_of_more_labels_than_max_k_counts_the_labels_left
     assert len(some["labels"]) == 2 and "omitted" not in some
 
 
+def test_a_request_without_k_on_a_server_whose_max_k_is_under_the_default_gets_max_k_labels_not_a_400(build_app):
+    client = build_app(max_k=3, rerank_candidates=3).test_client()  # classify's default k is 5, search's 10
+    star = [{"type": "text", "text": "a star"}]
+    assert [len(entry["labels"]) for entry in classify(client, set="shapes", input=star)["data"]] == [3]
+    searched = client.post("/v1/search", json={"text": "a star"})
+    assert searched.status_code == 200 and len(searched.json["hits"]) == 3, searched.json
+    # A k the client sends over the limit is still its mistake.
+    over = client.post("/v1/classify", json={"set": "shapes", "input": star, "k": 4})
+    assert over.status_code == 400 and "field 'k' must be between 1 and 3 (max_k), got 4" in over.json["error"]["message"]
+
+
 def test_images_go_through_the_micro_batcher_and_set_vectors_are_computed_once(client):
     items = [jpeg_b64(item.image) for item in iter_items(6, seed=FRESH_SEED)]
     images_before, texts_before = batch_items("image"), batch_items("text")
