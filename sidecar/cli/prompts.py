@@ -26,7 +26,8 @@ def prompts() -> None:
     or a CSV file with a `label` and an optional `template` column (one row per template).
     '{}' stands for the label: each of the set's templates needs one, a label's own may be a
     whole prompt; other braces ({0}, {label}) are refused, as are two labels of the same prompts,
-    also once the model cuts them at its context length (a label with a prompt cut is named).
+    also as the model reads them: cut at its context length, or told apart only by case or
+    spacing (a label with a prompt cut is named).
     A label's vector averages its templates' vectors (CLIP's template ensembling). Vectors are
     computed once per model and set, and again only when a template, a label or the version changes.
     """
@@ -51,7 +52,7 @@ def prompts_add(files: tuple[Path, ...], name: str | None, version: str | None, 
         PromptSetNotFound,
         PromptSetRegistry,
         PromptSetUnreadable,
-        check_prompts_fit,
+        check_prompt_tokens,
         load_prompt_set,
     )
 
@@ -67,8 +68,8 @@ def prompts_add(files: tuple[Path, ...], name: str | None, version: str | None, 
                                    "or add the other alone with --name")
     registry = PromptSetRegistry(settings.prompt_sets_dir)
     encoder = load_encoder(settings)
-    cut = [check_prompts_fit(prompt_set, encoder.prepare_texts, context_length=encoder.context_length,
-                             model=encoder.name, source=str(path)) for path, prompt_set in zip(files, loaded)]
+    cut = [check_prompt_tokens(prompt_set, encoder.prepare_texts, context_length=encoder.context_length,
+                               model=encoder.name, source=str(path)) for path, prompt_set in zip(files, loaded)]
     for prompt_set, cut_labels in zip(loaded, cut):
         try:
             previous = registry.get(prompt_set.name)

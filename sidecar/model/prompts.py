@@ -249,12 +249,12 @@ def _check_prompts(prompt_set: PromptSet, *, source: str, templates_field: str) 
                              "neither could rank above the other; give their templates '{}' for the label")
 
 
-def check_prompts_fit(prompt_set: PromptSet, prepare: Callable[[list[str]], PreparedTexts], *, context_length: int,
-                      model: str, source: str) -> list[Label]:
-    """What `model`'s cut of every prompt at its `context_length` tokens (`prepare`: its prepare_texts) does to the
-    set, checked where a file is added, as _check_prompts. Two labels whose prompts are cut to the same tokens would
-    get identical vectors, so neither could rank above the other: refused. Returns the labels with a prompt cut
-    (the model sees none of its words past the cut)."""
+def check_prompt_tokens(prompt_set: PromptSet, prepare: Callable[[list[str]], PreparedTexts], *, context_length: int,
+                        model: str, source: str) -> list[Label]:
+    """The set's prompts as `model` reads them (`prepare`: its prepare_texts), checked where a file is added, as
+    _check_prompts. Two labels whose prompts it reads as the same tokens (cut at its `context_length`, or told apart
+    only by case or spacing, which open_clip's tokenizer drops) would get identical vectors, so neither could rank
+    above the other: refused. Returns the labels with a prompt cut (the model sees none of its words past the cut)."""
     prompts = [prompt for label in prompt_set.labels for prompt in label.prompts]
     prepared = prepare(prompts)
     rows = iter(zip(np.asarray(prepared.tokens).tolist(), prepared.lengths))
@@ -267,11 +267,15 @@ def check_prompts_fit(prompt_set: PromptSet, prepare: Callable[[list[str]], Prep
             cut.append(label)
     twins = _first_twins(prompt_set.labels, seen)
     if twins:
-        raise PromptSetError(f"{source}: labels {twins[0].name!r} and {twins[1].name!r} have the same prompts once "
-                             f"{model} cuts them at its {context_length}-token context (e.g. "
-                             f"{twins[1].prompts[0]!r}): their vectors would be identical, so neither could rank "
-                             "above the other; shorten the templates or the labels so the words that tell the labels "
-                             "apart come first")
+        if any(label in cut for label in twins):
+            how = (f"once {model} cuts them at its {context_length}-token context (e.g. {twins[1].prompts[0]!r})",
+                   "shorten the templates or the labels so the words that tell the labels apart come first")
+        else:  # open_clip's tokenizer reads text lowercased, its runs of spaces as one
+            how = (f"as {model}'s tokenizer reads them (e.g. {twins[0].prompts[0]!r} and {twins[1].prompts[0]!r}: "
+                   "it may not tell case or spacing apart)", "give the labels words that tell them apart")
+        raise PromptSetError(f"{source}: labels {twins[0].name!r} and {twins[1].name!r} have the same prompts "
+                             f"{how[0]}: their vectors would be identical, so neither could rank above the other; "
+                             f"{how[1]}")
     return cut
 
 

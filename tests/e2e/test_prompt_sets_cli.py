@@ -98,7 +98,7 @@ LONG_PREFIX = ("a photograph taken on a sunny day in the park near the old fount
                "and children playing with a ball while dogs run after pigeons, showing")
 
 
-def test_prompts_add_refuses_labels_the_models_context_cuts_to_the_same_prompts_and_names_a_cut_label(tmp_path):
+def test_prompts_add_refuses_labels_the_model_reads_as_the_same_prompts_and_names_a_cut_label(tmp_path):
     folder = tmp_path / "prompt-sets"
     twins = tmp_path / "long.yaml"
     twins.write_text(yaml.safe_dump({"name": "long", "templates": [LONG_PREFIX + " a {}"],
@@ -108,6 +108,14 @@ def test_prompts_add_refuses_labels_the_models_context_cuts_to_the_same_prompts_
     assert (f"{twins}: labels 'circle' and 'square' have the same prompts once tiny-clip cuts them at its 32-token "
             "context") in refused.output
     assert not (folder / "long.json").exists()
+    # Labels told apart only by case or spacing: open_clip's tokenizer lowercases and collapses spaces.
+    for labels in (["Apple", "apple"], ["apple pie", "apple  pie"]):
+        alike = tmp_path / "alike.yaml"
+        alike.write_text(yaml.safe_dump({"name": "alike", "labels": labels}))
+        refused = CliRunner().invoke(main, ["-q", "prompts", "add", str(alike), "--prompt-sets", str(folder)])
+        assert refused.exit_code == 1, refused.output
+        assert (f"{alike}: labels {labels[0]!r} and {labels[1]!r} have the same prompts as tiny-clip's tokenizer "
+                "reads them") in refused.output
     # One label cut, still told apart from the other: stored, and the cut said.
     cut = tmp_path / "cut.yaml"
     cut.write_text(yaml.safe_dump({"name": "cut", "labels": ["circle", LONG_PREFIX + " a square"]}))
