@@ -22,6 +22,7 @@ from sidecar.api.validation import (
 )
 from sidecar.errors import BadRequest
 from sidecar.retrieval.captions import rank_captions
+from sidecar.retrieval.search import DEFAULT_K
 
 bp = Blueprint("captions", __name__)
 
@@ -38,7 +39,7 @@ def captions_endpoint():
     like = optional(body, "like", str)
     if (image is None) == (like is None):
         raise BadRequest("send field 'image' (base64) or field 'like' (a stored document's id): one of the two")
-    k = bounded_int(body, "k", default=10, low=1, high=settings.max_k, setting="max_k")
+    k = bounded_int(body, "k", default=DEFAULT_K, low=1, high=settings.max_k, setting="max_k")
     candidates = bounded_int(body, "candidates", default=max(settings.rerank_candidates, k), low=1, high=settings.max_k,
                              setting="max_k")
     exact = optional(body, "exact", bool, False)

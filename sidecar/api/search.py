@@ -28,6 +28,7 @@ from sidecar.errors import BadRequest, quoted
 from sidecar.retrieval.fine import fine_size_mismatch
 from sidecar.retrieval.fusion import FUSION_METHODS
 from sidecar.retrieval.search import (
+    DEFAULT_K,
     MAX_WEIGHT,
     MODES,
     NO_FINE_MODEL,
@@ -65,7 +66,7 @@ def search_endpoint():
     mode = choice(body, "mode", choices=MODES, default="hybrid" if text else "vector")
     if mode != "vector" and text is None:
         raise BadRequest(f"field 'text' is required for mode {mode}; an image-only query uses mode vector")
-    k = bounded_int(body, "k", default=10, low=1, high=settings.max_k, setting="max_k")
+    k = bounded_int(body, "k", default=DEFAULT_K, low=1, high=settings.max_k, setting="max_k")
     offset = bounded_int(body, "offset", default=0, low=0, high=settings.max_k - 1, setting="max_k - 1")
     if offset + k > settings.max_k:
         raise BadRequest(f"fields 'offset' + 'k' must be at most {settings.max_k} (max_k), got {offset} + {k}")

@@ -27,7 +27,7 @@ from sidecar.cli.root import (
 from sidecar.config import Settings
 from sidecar.retrieval.calibration import MAX_EF_SEARCH
 from sidecar.retrieval.fusion import FUSION_METHODS, RRF_K
-from sidecar.retrieval.search import MAX_WEIGHT, MODES
+from sidecar.retrieval.search import DEFAULT_K, MAX_WEIGHT, MODES
 
 
 @click.command()
@@ -35,8 +35,9 @@ from sidecar.retrieval.search import MAX_WEIGHT, MODES
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Query image (alone: more like this photo; with TEXT: both).")
 @click.option("--mode", type=click.Choice(MODES), help="Default: hybrid with text, vector without.")
-@click.option("-k", "--k", "k", type=click.IntRange(1), default=10, show_default=True,
-              help="Hits to print; at most max_k (SIDECAR_MAX_K, else 1000), as /v1/search takes.")
+@click.option("-k", "--k", "k", type=click.IntRange(1),
+              help=f"Hits to print (default {DEFAULT_K}, or max_k where lower); at most max_k (SIDECAR_MAX_K, else "
+                   "1000), as /v1/search takes.")
 @click.option("--candidates", "rerank_candidates", type=click.IntRange(1),
               help="How many coarse hits the fine stage (rerank) sees (default: SIDECAR_RERANK_CANDIDATES, else 100); "
                    "at most max_k, as -k. With -k above it, the hits past them follow in coarse order.")
@@ -62,7 +63,7 @@ from sidecar.retrieval.search import MAX_WEIGHT, MODES
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON.")
 @model_options
 @store_options
-def search(text: str | None, image: Path | None, mode: str | None, k: int, fusion: str,
+def search(text: str | None, image: Path | None, mode: str | None, k: int | None, fusion: str,
            vector_weight: float, bm25_weight: float, rerank: bool | None, exact: bool, ef_search: int | None,
            filters: tuple[str, ...], as_json: bool, **kwargs: Any) -> None:
     """Search the store by TEXT, --image, or both."""
@@ -76,6 +77,7 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int, fusio
     # --candidates is this search's, not a setting: over max_k, check_search_limits names the flag.
     candidates = kwargs.pop("rerank_candidates")
     settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS)
+    k = min(DEFAULT_K, settings.max_k) if k is None else k  # as /v1/search: no -k is no -k to refuse
     # As /v1/search reads a query's text: its first max_text_chars characters, blank as none.
     text = None if text is None or is_blank(text[:settings.max_text_chars]) else text[:settings.max_text_chars]
     if text is None and image is None:
@@ -212,8 +214,9 @@ def _filter_values(text: str) -> list[Any]:
 @click.option("--samples", type=click.IntRange(1), default=200, show_default=True,
               help="--ann: queries, each a random stored vector turned as far from itself as its K-th neighbour "
                    "(as `store calibrate` makes them: a stored vector itself is far easier for HNSW to find).")
-@click.option("-k", "--k", "k", type=click.IntRange(1), default=10, show_default=True,
-              help="--ann: K, at most max_k (SIDECAR_MAX_K) as for a search.")
+@click.option("-k", "--k", "k", type=click.IntRange(1),
+              help=f"--ann: K (default {DEFAULT_K}, or max_k where lower), at most max_k (SIDECAR_MAX_K) as for a "
+                   "search.")
 @click.option("--prompts", "prompt_sets", multiple=True, metavar="SET",
               help="Score prompt sets instead (repeatable, to compare templates): top-1 / top-5 zero-shot accuracy on "
                    "the images of --labels.")
@@ -228,7 +231,7 @@ def _filter_values(text: str) -> list[Any]:
 @click.pass_context
 def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None, qrels: Path | None,
                  configs: tuple[str, ...], measures: tuple[str, ...], relevant_grade: int, out: Path | None,
-                 workdir: Path, items: int, ann: bool, samples: int, k: int, prompt_sets: tuple[str, ...],
+                 workdir: Path, items: int, ann: bool, samples: int, k: int | None, prompt_sets: tuple[str, ...],
                  labels_path: Path | None, label_field: str, **kwargs: Any) -> None:
     """Measure ranking quality: nDCG@10, MRR@10 and Recall@K (ir-measures) with latency per stage,
     for any list of search configurations; or validate the ANN index against exact search.
@@ -261,7 +264,8 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
             raise click.UsageError("--prompts and --labels go together")
         _prompt_accuracy(settings, prompt_sets, labels_path, label_field=label_field, out=out, progress=progress)
     elif ann:
-        _ann(settings, samples=samples, k=k, out=out, progress=progress)
+        _ann(settings, samples=samples, k=min(DEFAULT_K, settings.max_k) if k is None else k, out=out,
+             progress=progress)
     elif benchmark:
         from sidecar.cli.benchmark import QUERIES_PER_CATEGORY, run_benchmark
 

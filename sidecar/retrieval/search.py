@@ -15,12 +15,14 @@ from sidecar.stores.base import Store, check_filter_fields
 from sidecar.types import Filters, ModelSignature
 
 MODES = ("vector", "bm25", "hybrid")
+# Hits per page where a search names no k (/v1/search, /v1/captions, `search`), or max_k where lower.
+DEFAULT_K = 10
 
 
 @dataclass(frozen=True, kw_only=True)
 class SearchOptions:
     mode: str = "hybrid"
-    k: int = 10
+    k: int = DEFAULT_K
     candidates: int = 100  # N: how many the coarse stage hands to the fine stage
     # Ranks past the N candidates (k > N) follow in coarse order from one more coarse search this deep
     # (None: k), leaving the N out: searches of one depth (max_k for /v1/search's every page and for `search`:

@@ -200,6 +200,9 @@ def test_search_refuses_what_the_api_refuses_naming_the_limit_and_its_setting_be
     result = CliRunner().invoke(main, [*base, "-k", "1001", "--ef-search", "4096", "--json"],
                                 env={"SIDECAR_MAX_K": "2000"})  # max_k raised: the CLI follows it, as the API
     assert result.exit_code == 0, result.output
+    # max_k under the default k: no -k given is none to refuse ("'--k': 10 is over 3"), as the API's k.
+    result = CliRunner().invoke(main, [*base, "--json"], env={"SIDECAR_MAX_K": "3", "SIDECAR_RERANK_CANDIDATES": "3"})
+    assert result.exit_code == 0 and len(json.loads(result.output)) == 3, result.output
 
 
 def test_search_image_refusing_a_panorama_or_a_many_scan_jpeg_names_no_setting_as_the_limits_govern_uploads_only(

@@ -186,6 +186,10 @@ def test_ann_validation_writes_its_report_where_out_is_given(store_path, tmp_pat
 
 
 def test_ann_validation_takes_k_up_to_max_k_and_refuses_one_over_it_naming_the_setting(store_path, monkeypatch):
+    # max_k under the default K: no -k given is none to refuse ("'--k': 10 is over 3"); K is max_k.
+    lower = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(store_path), "--samples", "2"],
+                               env={"SIDECAR_MAX_K": "3", "SIDECAR_RERANK_CANDIDATES": "3"})
+    assert lower.exit_code == 0 and "Recall@3" in lower.output, lower.output
     monkeypatch.setenv("SIDECAR_MAX_K", "1500")
     deep = CliRunner().invoke(main, ["-q", "eval", "--ann", "--store-path", str(store_path), "--samples", "2",
                                      "-k", "1200"])
