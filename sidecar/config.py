@@ -53,6 +53,11 @@ FLAG_VARIABLES = ("SIDECAR_CONNECTOR_API_KEY",)
 _warned_unknown: set[str] = set()
 
 
+class SettingsError(ValueError):
+    """A setting's value the user fixes (from its SIDECAR_* variable, a flag or a key list): the message names
+    the setting and what it takes. Every command and gunicorn (wsgi, the config's own module) say it in one line."""
+
+
 def _default_cache_dir() -> Path:
     return Path(os.environ.get("CLIP_SIDECAR_CACHE", Path.home() / ".cache" / "clip-sidecar"))
 
@@ -246,9 +251,9 @@ class Settings:
         choices = {"store": STORES, "precision": PRECISIONS, "opensearch_engine": OPENSEARCH_ENGINES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"setting {name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+                raise SettingsError(f"setting {name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
-            raise ValueError(f"setting device={self.device!r}: choose auto, cpu, cuda or cuda:N (N counts from 0)")
+            raise SettingsError(f"setting device={self.device!r}: choose auto, cpu, cuda or cuda:N (N counts from 0)")
         for name in ("max_batch_items", "max_body_bytes", "max_json_depth", "max_image_pixels", "max_request_pixels",
                      "max_resized_side", "max_jpeg_scans", "decode_memory_bytes", "max_text_chars", "max_filter_fields",
                      "max_filter_values", "max_k", "max_batch", "request_threads", "text_cache_size",
@@ -256,54 +261,57 @@ class Settings:
                      "target_recall_k",
                      "calibration_queries", "monitor_queue", "quality_log_max_bytes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+                raise SettingsError(f"setting {name} must be >= 1, got {getattr(self, name)}")
         for name in ("target_recall", "monitor_fraction", "hard_example_fraction", "gpu_memory_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"setting {name} must be between 0 and 1, got {getattr(self, name)}")
+                raise SettingsError(f"setting {name} must be between 0 and 1, got {getattr(self, name)}")
         if self.pin_workers and self.serve_torch_threads > 1:
-            raise ValueError(f"setting pin_workers runs each worker on one CPU, where serve_torch_threads="
-                             f"{self.serve_torch_threads} torch threads would take turns: set serve_torch_threads=1 "
-                             "or pin_workers=false")
+            raise SettingsError(f"setting pin_workers runs each worker on one CPU, where serve_torch_threads="
+                                f"{self.serve_torch_threads} torch threads would take turns: set serve_torch_threads=1 "
+                                "or pin_workers=false")
         if self.rerank_candidates > self.max_k:
             # It is the `candidates` of every search that names none, which the API and `search` refuse over max_k:
             # such a server would answer 400 to requests that never sent the field.
-            raise ValueError(f"setting rerank_candidates={self.rerank_candidates} (the candidates of a search that "
-                             f"names none) is over max_k={self.max_k}, the most hits a search ranks: set "
-                             f"rerank_candidates to at most {self.max_k} or max_k to at least {self.rerank_candidates}")
+            raise SettingsError(f"setting rerank_candidates={self.rerank_candidates} (the candidates of a search that "
+                                f"names none) is over max_k={self.max_k}, the most hits a search ranks: set "
+                                f"rerank_candidates to at most {self.max_k} or max_k to at least "
+                                f"{self.rerank_candidates}")
         if self.hard_example_repeat_seconds < 0:
-            raise ValueError(f"setting hard_example_repeat_seconds must be >= 0 (0 = every search checked), "
-                             f"got {self.hard_example_repeat_seconds}")
+            raise SettingsError(f"setting hard_example_repeat_seconds must be >= 0 (0 = every search checked), "
+                                f"got {self.hard_example_repeat_seconds}")
         if self.quality_log_backups < 0:
-            raise ValueError(f"setting quality_log_backups must be >= 0, got {self.quality_log_backups}")
+            raise SettingsError(f"setting quality_log_backups must be >= 0, got {self.quality_log_backups}")
         # A count as an int ("2" from the environment), a range as its text.
         replicas = replica_settings(self.opensearch_replicas)
         fixed = replicas["auto_expand_replicas"] == "false"
         object.__setattr__(self, "opensearch_replicas",
                            replicas["number_of_replicas"] if fixed else replicas["auto_expand_replicas"])
         if self.queue_items < 0:
-            raise ValueError(f"setting queue_items must be >= 0 (0 = sized from request_threads), "
-                             f"got {self.queue_items}")
+            raise SettingsError(f"setting queue_items must be >= 0 (0 = sized from request_threads), "
+                                f"got {self.queue_items}")
         # A comma-separated string (SIDECAR_IMAGE_FORMATS=JPEG,PNG) or a sequence of names.
         formats = self.image_formats.split(",") if isinstance(self.image_formats, str) else self.image_formats
         object.__setattr__(self, "image_formats", tuple(f.strip().upper() for f in formats if f.strip()))
         unknown = sorted(set(self.image_formats) - set(_pillow_formats()))
         if unknown or not self.image_formats:
-            raise ValueError(f"setting image_formats={','.join(self.image_formats)!r}: unknown "
-                             f"{', '.join(unknown) or '(empty)'}; Pillow opens {', '.join(sorted(_pillow_formats()))}")
+            raise SettingsError(f"setting image_formats={','.join(self.image_formats)!r}: unknown "
+                                f"{', '.join(unknown) or '(empty)'}; Pillow opens "
+                                f"{', '.join(sorted(_pillow_formats()))}")
         if self.max_image_pixels > _pillow_pixel_limit():
-            raise ValueError(f"setting max_image_pixels={self.max_image_pixels} is over {_pillow_pixel_limit()}, the "
-                             "size Pillow itself refuses to open (as a decompression bomb) before this check runs")
+            raise SettingsError(f"setting max_image_pixels={self.max_image_pixels} is over {_pillow_pixel_limit()}, "
+                                "the size Pillow itself refuses to open (as a decompression bomb) before this check "
+                                "runs")
         if self.api_rate_limit < 0 or self.api_rate_burst < 0:
-            raise ValueError(f"settings api_rate_limit and api_rate_burst must be >= 0 (0 = no limit / one second's "
-                             f"worth), got {self.api_rate_limit} and {self.api_rate_burst}")
+            raise SettingsError(f"settings api_rate_limit and api_rate_burst must be >= 0 (0 = no limit / one second's "
+                                f"worth), got {self.api_rate_limit} and {self.api_rate_burst}")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"setting {f.name} must be a finite number, got {value}")
+                raise SettingsError(f"setting {f.name} must be a finite number, got {value}")
         if self.request_timeout_s <= 0:
-            raise ValueError(f"setting request_timeout_s must be > 0 seconds, got {self.request_timeout_s}")
+            raise SettingsError(f"setting request_timeout_s must be > 0 seconds, got {self.request_timeout_s}")
         if self.max_wait_ms < 0:
-            raise ValueError(f"setting max_wait_ms must be >= 0 (0 = no wait for company), got {self.max_wait_ms}")
+            raise SettingsError(f"setting max_wait_ms must be >= 0 (0 = no wait for company), got {self.max_wait_ms}")
         self._check_prompt_template()
         # Paths may arrive as strings from the environment or tests.
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
@@ -316,10 +324,11 @@ class Settings:
         try:
             filled = self.prompt_template.format("\0")
         except (IndexError, KeyError, ValueError) as exc:
-            raise ValueError(f"setting prompt_template={self.prompt_template!r} cannot take the text ({exc}): write "
-                             "'{}' where the text goes and double any other brace ('{{', '}}')") from exc
+            raise SettingsError(f"setting prompt_template={self.prompt_template!r} cannot take the text ({exc}): write "
+                                "'{}' where the text goes and double any other brace ('{{', '}}')") from exc
         if "\0" not in filled:
-            raise ValueError(f"setting prompt_template must contain '{{}}' for the text, got {self.prompt_template!r}")
+            raise SettingsError(f"setting prompt_template must contain '{{}}' for the text, "
+                                f"got {self.prompt_template!r}")
 
 
 def replica_settings(replicas: int | str) -> dict[str, int | str]:
@@ -333,8 +342,8 @@ def replica_settings(replicas: int | str) -> dict[str, int | str]:
         return {"number_of_replicas": int(text), "auto_expand_replicas": "false"}
     found = _REPLICA_RANGE.fullmatch(text)
     if found is None or (found[2] != "all" and int(found[1]) > int(found[2])):
-        raise ValueError(f"setting opensearch_replicas must be a whole number >= 0 (a fixed count) or a range "
-                         f"MIN-MAX such as 0-1 or 0-all (as many as the nodes hold), got {replicas!r}")
+        raise SettingsError(f"setting opensearch_replicas must be a whole number >= 0 (a fixed count) or a range "
+                            f"MIN-MAX such as 0-1 or 0-all (as many as the nodes hold), got {replicas!r}")
     return {"number_of_replicas": int(found[1]), "auto_expand_replicas": text}
 
 
@@ -380,5 +389,5 @@ def _parse(name: str, raw: str, type_name: Any) -> Any:
         if type_name == "Path":
             return Path(raw)
     except ValueError as exc:
-        raise ValueError(f"SIDECAR_{name.upper()}={raw!r}: {exc}") from exc
+        raise SettingsError(f"SIDECAR_{name.upper()}={raw!r}: {exc}") from exc
     return raw

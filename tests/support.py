@@ -193,14 +193,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def gunicorn_boot(env: dict[str, str]) -> subprocess.CompletedProcess:
+def gunicorn_boot(env: dict[str, str], *, config: bool = True) -> subprocess.CompletedProcess:
     """gunicorn started directly (as the Docker image's CMD does, past `serve`'s checks), one worker, on a
-    free loopback port, with `env`, for a boot that must fail: it runs until gunicorn stops."""
+    free loopback port, with `env`, for a boot that must fail: it runs until gunicorn stops. Without `config`,
+    gunicorn's defaults (its per-user control socket off) and the app module alone."""
     from sidecar.cli.serve import GUNICORN_CONFIG
 
-    return subprocess.run([sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
-                           "--bind", f"127.0.0.1:{free_port()}", "sidecar.api.wsgi:app"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    options = ["--config", GUNICORN_CONFIG] if config else ["--no-control-socket"]
+    return subprocess.run([sys.executable, "-m", "gunicorn", *options, "--bind", f"127.0.0.1:{free_port()}",
+                           "sidecar.api.wsgi:app"], capture_output=True, text=True, timeout=300, env=env)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a child between fork and exec should not dlopen

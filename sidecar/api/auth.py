@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import urlsplit
 
-from sidecar.config import Settings
+from sidecar.config import Settings, SettingsError
 from sidecar.errors import Forbidden, RateLimited, Unauthorized, quoted
 
 if TYPE_CHECKING:
@@ -108,25 +108,25 @@ def parse_key_entries(text: str) -> tuple[KeyEntry, ...]:
     for position, raw in enumerate((piece for piece in re.split(r"[\s,]+", text) if piece), start=1):
         where = f"SIDECAR_API_KEYS entry {position}"
         if raw.startswith(KEY_PREFIX):
-            raise ValueError(f"{where} is a key, not its hash: put the entry line `clip-sidecar keys create` "
-                             f"printed (name:scopes:sha256), and treat that key as leaked")
+            raise SettingsError(f"{where} is a key, not its hash: put the entry line `clip-sidecar keys create` "
+                                f"printed (name:scopes:sha256), and treat that key as leaked")
         parts = raw.split(":")
         if len(parts) != 3:
-            raise ValueError(f"{where}: expected name:scopes:sha256-hex (3 fields), got {len(parts)}")
+            raise SettingsError(f"{where}: expected name:scopes:sha256-hex (3 fields), got {len(parts)}")
         name, scopes, digest = parts
         try:
             check_key_name(name)
         except ValueError:
-            raise ValueError(f"{where}: the name must be 1-64 letters, digits, '.', '_' or '-'") from None
+            raise SettingsError(f"{where}: the name must be 1-64 letters, digits, '.', '_' or '-'") from None
         scope_set = frozenset(scopes.split("+"))
         unknown = scope_set - set(SCOPES) - {ALL_SCOPES}
         if unknown or not scopes:
-            raise ValueError(f"{where} ({name}): unknown scope {', '.join(sorted(unknown)) or '(empty)'}; "
-                             f"choose {ALL_SCOPES} or some of {', '.join(SCOPES)} joined by '+'")
+            raise SettingsError(f"{where} ({name}): unknown scope {', '.join(sorted(unknown)) or '(empty)'}; "
+                                f"choose {ALL_SCOPES} or some of {', '.join(SCOPES)} joined by '+'")
         if not _DIGEST.fullmatch(digest):
-            raise ValueError(f"{where} ({name}): the hash must be 64 lowercase hex digits (SHA-256)")
+            raise SettingsError(f"{where} ({name}): the hash must be 64 lowercase hex digits (SHA-256)")
         if any(e.name == name for e in entries):
-            raise ValueError(f"{where}: name {name!r} is used twice (rate limits and logs go by name)")
+            raise SettingsError(f"{where}: name {name!r} is used twice (rate limits and logs go by name)")
         entries.append(KeyEntry(name=name, scopes=scope_set, digest=bytes.fromhex(digest)))
     return tuple(entries)
 

@@ -15,14 +15,17 @@ from pathlib import Path
 
 from gunicorn import glogging, util
 
-from sidecar.api.auth import refusal_to_serve
+from sidecar.api.auth import parse_key_entries, refusal_to_serve
 from sidecar.api.healthcheck import config_bind
 from sidecar.config import Settings
 from sidecar.logs import OneLineFormatter, route_logs
 from sidecar.model.weights import configured_models, random_weights_said_elsewhere
 
-# Read once in the arbiter; each worker reads its own Settings again when it builds the app.
+# Read once in the arbiter; each worker reads its own Settings again when it builds the app. A setting gunicorn
+# cannot serve with stops it here, as it loads this file, in one line ("Error: <message>") before any worker;
+# SIDECAR_API_KEYS too, which Settings keeps as text (sidecar.api.auth parses it).
 _settings = Settings.from_env()
+parse_key_entries(_settings.api_keys)
 
 # gthread: request threads in one process share its model and micro-batcher, which is what
 # lets concurrent requests batch together. The thread count also sizes the encode queue

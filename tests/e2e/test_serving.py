@@ -441,6 +441,21 @@ def test_gunicorn_started_directly_stops_in_one_line_against_a_store_whose_sqlit
     assert "Traceback" not in result.stderr and "App failed to load" in result.stderr  # was a worker's traceback
 
 
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("SIDECAR_DEVICE", "gpu", "setting device='gpu': choose auto, cpu, cuda or cuda:N (N counts from 0)"),
+    ("SIDECAR_MAX_BATCH", "0", "setting max_batch must be >= 1, got 0"),
+    ("SIDECAR_API_KEYS", "web:search:abc", "SIDECAR_API_KEYS entry 1 (web): the hash must be 64 lowercase hex digits"),
+])
+def test_gunicorn_started_without_its_config_stops_in_one_line_naming_a_malformed_setting(
+        store_path, variable, value, message):
+    # The app module alone (`gunicorn sidecar.api.wsgi:app`): each worker's app factory reads the settings, and
+    # stopped in a traceback, as gunicorn shows any error but an AppImportError.
+    result = gunicorn_boot({**os.environ, "SIDECAR_STORE_PATH": str(store_path), variable: value}, config=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and "App failed to load" in result.stderr
+
+
 def test_text_cache_persistence_follows_its_settings(build_app, tmp_path):
     own_path = tmp_path / "elsewhere" / "vectors.sqlite"
     client = build_app(text_cache_path=str(own_path)).test_client()

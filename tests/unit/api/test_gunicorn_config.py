@@ -218,6 +218,17 @@ def effective_config(**env: str) -> dict[str, str]:
     return dict(re.findall(r"^(\w+) += (.*)$", printed, flags=re.MULTILINE))
 
 
+@pytest.mark.parametrize("bind", ["127.0.0.1:18207", "0.0.0.0:18207"])
+def test_a_malformed_api_key_list_stops_gunicorn_as_it_reads_its_config_in_one_line(bind):
+    # Was a traceback from each worker's app factory on loopback, and from the arbiter's on_starting beyond it.
+    clean = {name: value for name, value in os.environ.items() if not name.startswith(("SIDECAR_", "GUNICORN_"))}
+    ran = subprocess.run([sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, "--bind", bind,
+                          "--print-config", "sidecar.api.wsgi:app"], env={**clean, "SIDECAR_API_KEYS": "web:search"},
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 1
+    assert ran.stderr.strip() == "Error: SIDECAR_API_KEYS entry 1: expected name:scopes:sha256-hex (3 fields), got 2"
+
+
 def test_a_stopping_worker_lets_requests_run_past_their_encode_deadline_unless_the_grace_is_set():
     assert effective_config()["graceful_timeout"] == "60"
     assert effective_config(SIDECAR_REQUEST_TIMEOUT_S="120")["graceful_timeout"] == "150"
