@@ -243,7 +243,7 @@ class Settings:
         for f in fields(cls):
             raw = environ.get(f"SIDECAR_{f.name.upper()}")
             if raw is not None:
-                values[f.name] = _parse(f.name, raw, f.type)
+                values[f.name] = parse_variable(f"SIDECAR_{f.name.upper()}", raw, f.type)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -375,19 +375,25 @@ def _pillow_pixel_limit() -> float:
     return math.inf if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
 
 
-def _parse(name: str, raw: str, type_name: Any) -> Any:
+def parse_variable(variable: str, raw: str, type_name: Any) -> Any:
+    """An environment variable's text as the type named ("int", "float", "bool", "Path"; any other: the text);
+    SettingsError naming the variable and what it takes. Python's own words ("invalid literal for int() with
+    base 10") said neither."""
     type_name = str(type_name)
-    try:
-        if type_name == "bool":
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError("expected true/false")
-            return raw.lower() in ("1", "true", "yes")
-        if type_name == "int":
-            return int(raw)
-        if type_name == "float":
-            return float(raw)
-        if type_name == "Path":
-            return Path(raw)
-    except ValueError as exc:
-        raise SettingsError(f"SIDECAR_{name.upper()}={raw!r}: {exc}") from exc
+    parsers = {"bool": (_parse_bool, "true or false (also 1/0, yes/no)"), "int": (int, "a whole number"),
+               "float": (float, "a number")}
+    if type_name in parsers:
+        parse, expected = parsers[type_name]
+        try:
+            return parse(raw)
+        except ValueError:
+            raise SettingsError(f"{variable}={raw!r}: expected {expected}") from None
+    if type_name == "Path":
+        return Path(raw)
     return raw
+
+
+def _parse_bool(raw: str) -> bool:
+    if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise ValueError(raw)
+    return raw.lower() in ("1", "true", "yes")

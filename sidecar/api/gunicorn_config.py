@@ -17,7 +17,7 @@ from gunicorn import glogging, util
 
 from sidecar.api.auth import parse_key_entries, refusal_to_serve
 from sidecar.api.healthcheck import config_bind
-from sidecar.config import Settings
+from sidecar.config import Settings, SettingsError, parse_variable
 from sidecar.logs import OneLineFormatter, route_logs
 from sidecar.model.weights import configured_models, random_weights_said_elsewhere
 
@@ -27,12 +27,23 @@ from sidecar.model.weights import configured_models, random_weights_said_elsewhe
 _settings = Settings.from_env()
 parse_key_entries(_settings.api_keys)
 
+
+def _whole_number(variable: str, default: int, *, minimum: int = 0) -> int:
+    """A GUNICORN_* variable's number (empty: the default), refused in one line naming the variable and what it
+    takes: gunicorn's own refusals name neither ("invalid literal for int()", "Value must be positive: -1")."""
+    value = parse_variable(variable, os.environ.get(variable) or str(default), "int")
+    if value < minimum:
+        raise SettingsError(f"{variable}={value}: expected a whole number >= {minimum}")
+    return value
+
+
 # gthread: request threads in one process share its model and micro-batcher, which is what
 # lets concurrent requests batch together. The thread count also sizes the encode queue
 # (Settings.encode_queue_items), so it comes from the same setting: SIDECAR_REQUEST_THREADS.
 worker_class = "gthread"
 threads = _settings.request_threads
-workers = int(os.environ.get("GUNICORN_WORKERS", "1"))
+# At least one: gunicorn takes 0, and then listens with no worker to answer (connections wait for ever).
+workers = _whole_number("GUNICORN_WORKERS", 1, minimum=1)
 bind = config_bind(os.environ)
 # Never preload: CUDA does not survive fork, so each worker imports the app (and loads the
 # model) after it is forked. Loading reads a cached model only (`clip-sidecar models fetch`
@@ -40,18 +51,17 @@ bind = config_bind(os.environ)
 preload_app = False
 # gthread's main loop tells the arbiter it lives while its threads serve, however long a request runs: this
 # bounds a worker's boot (the model load) and a hung worker, not requests.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
+timeout = _whole_number("GUNICORN_TIMEOUT", 120)
 # A stopping worker (SIGTERM, `docker stop`, HUP, a retired one) answers the requests it holds for this long,
 # then is killed: a request's encode deadline (request_timeout_s) and 30 s more, the grace gunicorn gives by
 # default, for the rest of it (decoding, the store's search, the answer) and worker_exit's cache commit.
-_graceful_timeout = os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "")
-graceful_timeout = int(_graceful_timeout) if _graceful_timeout else math.ceil(_settings.request_timeout_s) + 30
+graceful_timeout = _whole_number("GUNICORN_GRACEFUL_TIMEOUT", math.ceil(_settings.request_timeout_s) + 30)
 keepalive = 5
 # Connections the kernel queues before gunicorn accepts them. OpenSearch's ml-commons opens up to its
 # connector's max_connection (30 by default) at once for a _bulk of image documents; a short queue
 # drops their SYNs (1 s stalls) or resets them (bulk items failed, never retried). 2048 is gunicorn's
 # default, named here because the sidecar depends on it.
-backlog = int(os.environ.get("GUNICORN_BACKLOG", "2048"))
+backlog = _whole_number("GUNICORN_BACKLOG", 2048)
 # Process titles (gunicorn sets them through setproctitle): "gunicorn: worker [clip-sidecar]" in ps and
 # top, whatever app module or launcher started it.
 proc_name = "clip-sidecar"

@@ -229,6 +229,24 @@ def test_a_malformed_api_key_list_stops_gunicorn_as_it_reads_its_config_in_one_l
     assert ran.stderr.strip() == "Error: SIDECAR_API_KEYS entry 1: expected name:scopes:sha256-hex (3 fields), got 2"
 
 
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("GUNICORN_WORKERS", "0", "GUNICORN_WORKERS=0: expected a whole number >= 1"),  # was a server of no worker
+    ("GUNICORN_WORKERS", "two", "GUNICORN_WORKERS='two': expected a whole number"),
+    ("GUNICORN_TIMEOUT", "-5", "GUNICORN_TIMEOUT=-5: expected a whole number >= 0"),
+    ("GUNICORN_GRACEFUL_TIMEOUT", "1.5", "GUNICORN_GRACEFUL_TIMEOUT='1.5': expected a whole number"),
+    ("SIDECAR_MAX_WAIT_MS", "soon", "SIDECAR_MAX_WAIT_MS='soon': expected a number"),
+    ("SIDECAR_PIN_WORKERS", "on", "SIDECAR_PIN_WORKERS='on': expected true or false (also 1/0, yes/no)"),
+])
+def test_a_malformed_number_stops_gunicorn_in_one_line_naming_the_variable_and_what_it_takes(variable, value, message):
+    # Were Python's words ("invalid literal for int() with base 10: 'two'"), naming neither.
+    clean = {name: value for name, value in os.environ.items() if not name.startswith(("SIDECAR_", "GUNICORN_"))}
+    ran = subprocess.run([sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, "--print-config",
+                          "sidecar.api.wsgi:app"], env={**clean, variable: value}, capture_output=True, text=True,
+                         timeout=120)
+    assert ran.returncode == 1
+    assert ran.stderr.strip() == f"Error: {message}"
+
+
 def test_a_stopping_worker_lets_requests_run_past_their_encode_deadline_unless_the_grace_is_set():
     assert effective_config()["graceful_timeout"] == "60"
     assert effective_config(SIDECAR_REQUEST_TIMEOUT_S="120")["graceful_timeout"] == "150"
