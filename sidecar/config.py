@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import logging
 import math
 import os
@@ -345,6 +346,41 @@ def replica_settings(replicas: int | str) -> dict[str, int | str]:
         raise SettingsError(f"setting opensearch_replicas must be a whole number >= 0 (a fixed count) or a range "
                             f"MIN-MAX such as 0-1 or 0-all (as many as the nodes hold), got {replicas!r}")
     return {"number_of_replicas": int(found[1]), "auto_expand_replicas": text}
+
+
+# A folder or file a setting or flag points at that cannot be created or written: the user's to fix, not a bug.
+_UNWRITABLE = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+               errno.EDQUOT}
+
+
+def is_unwritable_path(exc: OSError) -> bool:
+    """Whether `exc` is a path that cannot be created or written (one `unwritable_path_message` can name)."""
+    return exc.errno in _UNWRITABLE and exc.filename is not None
+
+
+def path_settings(settings: Settings, *, flags: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Absolute path -> the variable of each path setting that is set ("--flag or SIDECAR_VARIABLE" where
+    `flags`, setting name -> flag, names a flag for it)."""
+    flags = flags or {}
+    sources = {}
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if value and (isinstance(value, Path) or f.name.endswith(("_path", "_dir"))):
+            variable = f"SIDECAR_{f.name.upper()}"
+            sources[os.path.abspath(value)] = f"{flags[f.name]} or {variable}" if f.name in flags else variable
+    return sources
+
+
+def unwritable_path_message(exc: OSError, sources: Mapping[str, str]) -> str:
+    """One line: the path, why, and the setting or flag of `sources` (absolute path -> its name) it lies in,
+    the nearest that holds it."""
+    failed = Path(os.path.abspath(exc.filename))
+    holding = [path for path in sources if failed.is_relative_to(path)]
+    # Else a folder on the way to one path only (the folder of SIDECAR_TEXT_CACHE_PATH's file): it is that
+    # setting's; a folder on the way to several could be any of theirs.
+    needing = [path for path in sources if Path(path).is_relative_to(failed)]
+    origin = max(holding, key=len) if holding else needing[0] if len(needing) == 1 else None
+    return f"cannot write {exc.filename}: {exc.strerror}{f' ({sources[origin]} is {origin})' if origin else ''}"
 
 
 def _warn_unknown_variables(environ: Mapping[str, str]) -> None:

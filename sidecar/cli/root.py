@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import errno
 import functools
 import logging
 import math
@@ -17,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from sidecar.config import PRECISIONS, STORES, Settings
+from sidecar.config import PRECISIONS, STORES, Settings, is_unwritable_path, path_settings, unwritable_path_message
 from sidecar.logs import OneLineFormatter, route_logs
 
 MODEL_FLAGS = ("model", "pretrained", "model_config", "device", "precision", "fine_model", "fine_pretrained")
@@ -190,10 +188,6 @@ def _default_sigterm_in_forked_child() -> None:
 
 os.register_at_fork(after_in_child=_default_sigterm_in_forked_child)
 
-# A folder or file the user pointed a command at that it cannot create or write: theirs to fix, not a bug.
-_UNWRITABLE = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
-               errno.EDQUOT}
-
 
 def _path_error(exc: OSError, running: tuple[click.Context, Settings] | None) -> str:
     """One line: the path, why, and the flag or setting it lies in (the nearest that holds it)."""
@@ -201,21 +195,11 @@ def _path_error(exc: OSError, running: tuple[click.Context, Settings] | None) ->
     if running is not None:
         command, settings = running
         flags = {param.name: param.opts[-1] for param in command.command.params if param.opts}
-        for field in dataclasses.fields(settings):
-            value = getattr(settings, field.name)
-            if value and (isinstance(value, Path) or field.name.endswith(("_path", "_dir"))):
-                variable = f"SIDECAR_{field.name.upper()}"
-                sources[os.path.abspath(value)] = f"{flags[field.name]} or {variable}" if field.name in flags else variable
+        sources = path_settings(settings, flags=flags)
         for name, value in command.params.items():
             if isinstance(value, Path) and name in flags:
                 sources.setdefault(os.path.abspath(value), flags[name])
-    failed = Path(os.path.abspath(exc.filename))
-    holding = [path for path in sources if failed.is_relative_to(path)]
-    # Else a folder on the way to one path only (the folder of SIDECAR_TEXT_CACHE_PATH's file): it is that
-    # setting's; a folder on the way to several could be any of theirs.
-    needing = [path for path in sources if Path(path).is_relative_to(failed)]
-    origin = max(holding, key=len) if holding else needing[0] if len(needing) == 1 else None
-    return f"cannot write {exc.filename}: {exc.strerror}{f' ({sources[origin]} is {origin})' if origin else ''}"
+    return unwritable_path_message(exc, sources)
 
 
 def configure_logging(*, verbose: bool, quiet: bool) -> None:
@@ -261,7 +245,7 @@ class _Group(click.Group):
         except (CorpusError, ShardError, StoreError, PromptSetError, ModelSettingsError, FetchFailed) as exc:
             raise click.ClickException(str(exc)) from exc
         except OSError as exc:
-            if exc.errno not in _UNWRITABLE or exc.filename is None:
+            if not is_unwritable_path(exc):
                 raise
             raise click.ClickException(_path_error(exc, ctx.meta.get(_RUNNING))) from exc
         finally:

@@ -456,6 +456,23 @@ def test_gunicorn_started_without_its_config_stops_in_one_line_naming_a_malforme
     assert "Traceback" not in result.stderr and "App failed to load" in result.stderr
 
 
+@pytest.mark.parametrize(("variable", "name", "failed"), [
+    ("SIDECAR_STORE_PATH", "store", "file/store: Not a directory"),
+    ("SIDECAR_TEXT_CACHE_PATH", "vectors.sqlite", "file: File exists"),  # its folder, the file, cannot be made
+    ("SIDECAR_QUALITY_LOG_DIR", "quality", "file/quality: Not a directory"),
+])
+def test_gunicorn_started_directly_stops_in_one_line_naming_a_path_setting_it_cannot_write(
+        store_path, tmp_path, variable, name, failed):
+    # Each worker's app factory stopped in a traceback (`serve` names the first two itself, not the log folder).
+    (tmp_path / "file").write_text("a regular file, not a folder")
+    blocked = tmp_path / "file" / name
+    result = gunicorn_boot({**os.environ, "SIDECAR_STORE_PATH": str(store_path), variable: str(blocked),
+                            "GUNICORN_LOGLEVEL": "warning"})
+    assert result.returncode != 0
+    assert f"cannot write {tmp_path}/{failed} ({variable} is {blocked})" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "App failed to load" in result.stderr
+
+
 def test_text_cache_persistence_follows_its_settings(build_app, tmp_path):
     own_path = tmp_path / "elsewhere" / "vectors.sqlite"
     client = build_app(text_cache_path=str(own_path)).test_client()
