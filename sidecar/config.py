@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import errno
+import ipaddress
 import logging
 import math
 import os
@@ -47,6 +48,9 @@ MAX_JPEG_SCANS = 100
 THUMBNAIL_SIDE = 128
 # A replicas setting that is a range (`replica_settings`): MIN-MAX, MAX a count or `all`.
 _REPLICA_RANGE = re.compile(r"(\d+)-(\d+|all)")
+# An allowed_hosts entry: a host name as the Host header carries it without its port (a compose service's may hold
+# "_"), with a leading "." for its subdomains too; or an IP address (admitted whether listed or not).
+_ALLOWED_HOST = re.compile(r"\.?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?", re.ASCII | re.IGNORECASE)
 # SIDECAR_* variables that are no setting: a command-line flag's own (`opensearch connect --api-key`).
 FLAG_VARIABLES = ("SIDECAR_CONNECTOR_API_KEY",)
 # Unknown SIDECAR_* variables this process has warned about: Settings are built several times per process
@@ -314,6 +318,7 @@ class Settings:
         if self.max_wait_ms < 0:
             raise SettingsError(f"setting max_wait_ms must be >= 0 (0 = no wait for company), got {self.max_wait_ms}")
         self._check_prompt_template()
+        self._check_allowed_hosts()
         # Paths may arrive as strings from the environment or tests.
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "store_path", Path(self.store_path))
@@ -330,6 +335,16 @@ class Settings:
         if "\0" not in filled:
             raise SettingsError(f"setting prompt_template must contain '{{}}' for the text, "
                                 f"got {self.prompt_template!r}")
+
+
+    def _check_allowed_hosts(self) -> None:
+        """An entry the Host check could never match (a port, a scheme, a `*.` wildcard) would answer 403 to every
+        request addressed to the name meant, and say so only then."""
+        for entry in (name.strip() for name in self.allowed_hosts.split(",")):
+            if entry and entry != "*" and not _ALLOWED_HOST.fullmatch(entry) and not _is_ip_address(entry):
+                raise SettingsError(f"setting allowed_hosts entry {entry!r}: expected a host name without scheme or "
+                                    "port (search.example.com), .example.com for a domain and its subdomains, or * "
+                                    "for any host")
 
 
 def replica_settings(replicas: int | str) -> dict[str, int | str]:
@@ -381,6 +396,14 @@ def unwritable_path_message(exc: OSError, sources: Mapping[str, str]) -> str:
     needing = [path for path in sources if Path(path).is_relative_to(failed)]
     origin = max(holding, key=len) if holding else needing[0] if len(needing) == 1 else None
     return f"cannot write {exc.filename}: {exc.strerror}{f' ({sources[origin]} is {origin})' if origin else ''}"
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _warn_unknown_variables(environ: Mapping[str, str]) -> None:

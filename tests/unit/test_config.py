@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import Settings
+from sidecar.config import Settings, SettingsError
 
 
 def test_env_then_overrides():
@@ -227,3 +227,13 @@ def test_the_sidecar_variables_that_are_no_setting_are_exactly_the_command_lines
     from sidecar.config import FLAG_VARIABLES
 
     assert {name for name in _cli_variables(main) if name.startswith("SIDECAR_")} == set(FLAG_VARIABLES)
+
+
+@pytest.mark.parametrize("entry", ["*.example.com", "example.com:8080", "http://example.com", "[::1]:8080"])
+def test_an_allowed_hosts_entry_no_host_header_could_match_is_refused_naming_the_setting(entry):
+    # Each was kept, and every request addressed to the name meant answered 403 (the check compares names alone).
+    with pytest.raises(SettingsError, match=f"setting allowed_hosts entry {re.escape(repr(entry))}: expected a host "
+                                            "name without scheme or port"):
+        Settings.from_env({"SIDECAR_ALLOWED_HOSTS": f"sidecar, {entry}"})
+    for admitted in ("sidecar, .example.com", "clip_sidecar", "search.example.com.", "*", " , ", "::1, [::1]"):
+        Settings(allowed_hosts=admitted)
