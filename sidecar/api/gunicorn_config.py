@@ -92,7 +92,10 @@ class KeylessLogger(glogging.Logger):
 
 logger_class = KeylessLogger
 errorlog = "-"
-loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
+loglevel = os.environ.get("GUNICORN_LOGLEVEL") or "info"
+# gunicorn reads a level it does not know ("warn", "verbose") as info without a word.
+if loglevel.lower() not in KeylessLogger.LOG_LEVELS:
+    raise SettingsError(f"GUNICORN_LOGLEVEL={loglevel!r}: choose one of {', '.join(KeylessLogger.LOG_LEVELS)}")
 # gunicorn's control socket (for `gunicornc`) lives by default at one path per user ($XDG_RUNTIME_DIR
 # or ~/.gunicorn/gunicorn.ctl), so a second server of that user takes it over. Off unless the operator
 # names a socket of this server's own in GUNICORN_CONTROL_SOCKET.

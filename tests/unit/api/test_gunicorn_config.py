@@ -236,9 +236,11 @@ def test_a_malformed_api_key_list_stops_gunicorn_as_it_reads_its_config_in_one_l
     ("GUNICORN_GRACEFUL_TIMEOUT", "1.5", "GUNICORN_GRACEFUL_TIMEOUT='1.5': expected a whole number"),
     ("SIDECAR_MAX_WAIT_MS", "soon", "SIDECAR_MAX_WAIT_MS='soon': expected a number"),
     ("SIDECAR_PIN_WORKERS", "on", "SIDECAR_PIN_WORKERS='on': expected true or false (also 1/0, yes/no)"),
+    # Was taken as info without a word.
+    ("GUNICORN_LOGLEVEL", "warn", "GUNICORN_LOGLEVEL='warn': choose one of critical, error, warning, info, debug"),
 ])
-def test_a_malformed_number_stops_gunicorn_in_one_line_naming_the_variable_and_what_it_takes(variable, value, message):
-    # Were Python's words ("invalid literal for int() with base 10: 'two'"), naming neither.
+def test_a_malformed_value_stops_gunicorn_in_one_line_naming_the_variable_and_what_it_takes(variable, value, message):
+    # Numbers were Python's words ("invalid literal for int() with base 10: 'two'"), naming neither.
     clean = {name: value for name, value in os.environ.items() if not name.startswith(("SIDECAR_", "GUNICORN_"))}
     ran = subprocess.run([sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, "--print-config",
                           "sidecar.api.wsgi:app"], env={**clean, variable: value}, capture_output=True, text=True,
