@@ -127,6 +127,10 @@ def parse_key_entries(text: str) -> tuple[KeyEntry, ...]:
             raise SettingsError(f"{where} ({name}): the hash must be 64 lowercase hex digits (SHA-256)")
         if any(e.name == name for e in entries):
             raise SettingsError(f"{where}: name {name!r} is used twice (rate limits and logs go by name)")
+        # The key would be checked against both, and the last one's scopes would win: the first's said nothing.
+        same_key = next((e.name for e in entries if e.digest == bytes.fromhex(digest)), None)
+        if same_key is not None:
+            raise SettingsError(f"{where} ({name}): the hash is that of key {same_key!r} too: one entry per key")
         entries.append(KeyEntry(name=name, scopes=scope_set, digest=bytes.fromhex(digest)))
     return tuple(entries)
 

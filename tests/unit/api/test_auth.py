@@ -71,6 +71,8 @@ def test_entries_separated_by_commas_or_whitespace():
     (f"a::{'0' * 64}", "unknown scope (empty)"),
     ("a:*:abc", "the hash must be 64 lowercase hex digits"),
     (f"a:*:{'0' * 64},a:search:{'1' * 64}", "entry 2: name 'a' is used twice"),
+    # Was kept, and the key had the second's scopes only.
+    (f"ops:*:{'0' * 64},web:search:{'0' * 64}", "entry 2 (web): the hash is that of key 'ops' too: one entry per key"),
 ])
 def test_a_malformed_entry_is_refused_naming_its_position_and_the_rule(text, message):
     with pytest.raises(ValueError, match="SIDECAR_API_KEYS entry") as info:
