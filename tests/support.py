@@ -220,10 +220,10 @@ def ends_with_the_test_run() -> None:
 
 @contextlib.contextmanager
 def gunicorn_server(env: dict[str, str], log: Path, *, workers: int = 1, threads: int = 8,
-                    port: int | None = None, log_flag: str = "-q", serve_args: Sequence[str] = (),
-                    api_key: str | None = None, ca_file: Path | None = None,
+                    host: str = "127.0.0.1", port: int | None = None, log_flag: str = "-q",
+                    serve_args: Sequence[str] = (), api_key: str | None = None, ca_file: Path | None = None,
                     ready_status: int = 200) -> Iterator[str]:
-    """`clip-sidecar serve` (gunicorn, this checkout's code) on a loopback port (a free one unless
+    """`clip-sidecar serve` (gunicorn, this checkout's code) on a loopback `host`'s port (a free one unless
     given: a restart on the same port keeps a URL others hold, and appends to `log`) until the block
     ends; yields its URL once /readyz answers `ready_status` (503: a worker is up, not ready). Its stdout
     (gunicorn's access log) and stderr go to `log`. Settings come in `env` (SIDECAR_*); `log_flag` is the
@@ -233,12 +233,12 @@ def gunicorn_server(env: dict[str, str], log: Path, *, workers: int = 1, threads
     port = port or free_port()
     with log.open("a") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "sidecar.cli", *([log_flag] if log_flag else []), "serve",
-                                    "--port", str(port), "--workers", str(workers), "--threads", str(threads),
-                                    *serve_args],
+                                    "--host", host, "--port", str(port), "--workers", str(workers),
+                                    "--threads", str(threads), *serve_args],
                                    env={**os.environ, "GUNICORN_LOGLEVEL": "warning", **env},
                                    start_new_session=True, preexec_fn=ends_with_the_test_run, stdout=stderr,
                                    stderr=stderr)
-    url = f"{'https' if ca_file else 'http'}://127.0.0.1:{port}"
+    url = f"{'https' if ca_file else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         deadline = time.monotonic() + 120

@@ -117,13 +117,18 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
     # -q / -v reach the workers' log (gunicorn's and the app's lines) unless GUNICORN_LOGLEVEL says otherwise.
     env.setdefault("GUNICORN_LOGLEVEL", logging.getLevelName(log.getEffectiveLevel()).lower())
     # The config is a module of the package, so an installed (non-editable) package finds it too.
-    args = [sys.executable, *_gunicorn_entry(), "--config", GUNICORN_CONFIG, "--bind", f"{host}:{port}",
+    args = [sys.executable, *_gunicorn_entry(), "--config", GUNICORN_CONFIG, "--bind", host_port(host, port),
             "--workers", str(workers), *(("--certfile", certfile, "--keyfile", keyfile) if certfile else ()),
             "sidecar.api.wsgi:app"]
     log.info("starting gunicorn: %s", " ".join(args[1:]))
     sys.stdout.flush()  # what was printed before must not be lost with this process's buffers
     sys.stderr.flush()
     os.execve(sys.executable, args, env)
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as gunicorn's --bind reads it: an IPv6 address in brackets ("::1:8080" is no address to it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def refuse_an_address_taken(host: str, port: int) -> None:
@@ -134,7 +139,7 @@ def refuse_an_address_taken(host: str, port: int) -> None:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror} (--host)") from exc
+        raise click.ClickException(f"cannot listen on {host_port(host, port)}: {exc.strerror} (--host)") from exc
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: TIME_WAIT is no refusal
         try:
@@ -142,7 +147,7 @@ def refuse_an_address_taken(host: str, port: int) -> None:
         except OSError as exc:
             hint = ("another process listens there: stop it or choose another --port" if exc.errno == errno.EADDRINUSE
                     else "choose another --host or --port")
-            raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror} ({hint})") from exc
+            raise click.ClickException(f"cannot listen on {host_port(host, port)}: {exc.strerror} ({hint})") from exc
 
 
 def _gunicorn_entry() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -267,6 +268,19 @@ def test_allowed_hosts_admits_a_name_with_an_underscore_and_a_refused_host_is_na
 def test_with_keys_the_host_is_not_checked(keyed, keys):
     assert keyed.get("/v1/models", headers={"Host": REBOUND, "Authorization": f"Bearer {keys['ops']}"}
                      ).status_code == 200
+
+
+def test_serve_listens_on_an_ipv6_address(store_path, tmp_path):
+    # `serve --host ::1` handed gunicorn `--bind ::1:PORT`, which it refused ("'' is not a valid port number").
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    env = {"SIDECAR_STORE_PATH": str(store_path), "SIDECAR_TEXT_CACHE_PATH": str(tmp_path / "text.sqlite")}
+    with gunicorn_server(env, tmp_path / "server.log", host="::1") as url:
+        assert url.startswith("http://[::1]:")
+        assert requests.get(f"{url}/v1/models", timeout=60).status_code == 200
 
 
 def test_the_served_open_api_refuses_a_rebound_host_and_answers_its_own_address(store_path, tmp_path):
