@@ -45,6 +45,10 @@ threads = _settings.request_threads
 # At least one: gunicorn takes 0, and then listens with no worker to answer (connections wait for ever).
 workers = _whole_number("GUNICORN_WORKERS", 1, minimum=1)
 bind = config_bind(os.environ)
+# gunicorn refuses a port that is no number itself, in one line, but one past 65535 only when binding: a traceback.
+_address = util.parse_address(bind)
+if isinstance(_address, tuple) and not 0 <= _address[1] <= 65535:
+    raise SettingsError(f"GUNICORN_BIND={bind!r}: the port must be 0-65535")
 # Never preload: CUDA does not survive fork, so each worker imports the app (and loads the
 # model) after it is forked. Loading reads a cached model only (`clip-sidecar models fetch`
 # puts it there); it never downloads or trains, so it fits inside the boot timeout below.

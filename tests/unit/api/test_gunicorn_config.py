@@ -236,6 +236,7 @@ def test_a_malformed_api_key_list_stops_gunicorn_as_it_reads_its_config_in_one_l
     ("GUNICORN_GRACEFUL_TIMEOUT", "1.5", "GUNICORN_GRACEFUL_TIMEOUT='1.5': expected a whole number"),
     ("SIDECAR_MAX_WAIT_MS", "soon", "SIDECAR_MAX_WAIT_MS='soon': expected a number"),
     ("SIDECAR_PIN_WORKERS", "on", "SIDECAR_PIN_WORKERS='on': expected true or false (also 1/0, yes/no)"),
+    ("GUNICORN_BIND", "127.0.0.1:99999", "GUNICORN_BIND='127.0.0.1:99999': the port must be 0-65535"),  # a traceback
     # Was taken as info without a word.
     ("GUNICORN_LOGLEVEL", "warn", "GUNICORN_LOGLEVEL='warn': choose one of critical, error, warning, info, debug"),
 ])
