@@ -408,6 +408,13 @@ def _parse_measures(measures: Sequence[str]) -> list:
             raise EvaluationInputError(f"measure {text}: {exc}") from exc
         if measure.params["cutoff"] < 1:  # ir-measures lets it through; pytrec_eval aborts the process on it
             raise EvaluationInputError(f"measure {text}: the cutoff must be at least 1, got {measure.params['cutoff']}")
+        # An installed provider must take it as written, asked now, not after every configuration has run:
+        # none computes alpha_nDCG or RBP without an extra, and pytrec_eval refuses rel=0 (a TypeError).
+        try:
+            ir_measures.evaluator([measure], [])
+        except (ValueError, TypeError) as exc:
+            raise EvaluationInputError(f"measure {text}: ir-measures cannot compute it here: "
+                                       + " ".join(str(exc).split())) from exc
     return parsed
 
 

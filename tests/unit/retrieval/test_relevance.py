@@ -134,6 +134,17 @@ def test_a_cutoff_of_zero_is_refused_naming_the_measure_before_any_search(measur
         relevance.ranking_depth(["nDCG@10", measure])
 
 
+@pytest.mark.parametrize(("measure", "message"), [
+    ("P(rel=0)@10", "relevance_level should be positive"),  # was pytrec_eval's TypeError after every search
+    ("alpha_nDCG@10", r"Unsupported measures .*pyndeval"),  # was ir-measures' ValueError after every search
+])
+def test_a_measure_no_installed_provider_computes_as_written_is_refused_naming_it_before_any_search(measure,
+                                                                                                    message):
+    with pytest.raises(EvaluationInputError, match=rf"measure {re.escape(measure)}: ir-measures cannot compute it "
+                                                   rf"here: .*{message}"):
+        relevance.ranking_depth(["nDCG@10", measure])
+
+
 def test_jsonl_judgments_read_the_same_as_trec(tmp_path, qrels_file):
     jsonl = tmp_path / "qrels.jsonl"
     jsonl.write_text("".join(json.dumps({"query_id": q, "doc_id": d, "relevance": int(g)}) + "\n"
