@@ -480,14 +480,14 @@ def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrel
                                        max_image_pixels=max_image_pixels, progress=progress)
     finally:
         torch.set_num_threads(previous_threads)
-    judged_ids = {q.id for q in judged}  # once: built in the comprehension's condition it cost a set per judgment
-    qrel_list = [ir_measures.Qrel(qid, doc, grade) for qid, docs in qrels.items() if qid in judged_ids
-                 for doc, grade in docs.items()]
+    keys = _LibraryIds([q.id for q in judged])
+    qrel_list = [ir_measures.Qrel(keys.queries[qid], keys.doc(doc), grade) for qid, docs in qrels.items()
+                 if qid in keys.queries for doc, grade in docs.items()]
     groups = _groups(judged)
     results = []
     for config in tqdm(configs, desc="configurations", unit="config", disable=not progress):
         results.append(_run_config(config, targets[config.target], judged, vectors, fine_vectors, qrel_list, parsed,
-                                   groups, depth=depth))
+                                   groups, depth=depth, keys=keys))
     return Evaluation(measures=[str(m) for m in parsed], results=results, queries=len(judged),
                       groups={name: len(ids) for name, ids in groups.items()})
 
@@ -534,10 +534,25 @@ def _groups(queries: Sequence[Query]) -> dict[str, list[str]]:
     return {name: list(ids) for name, ids in groups.items()}
 
 
+class _LibraryIds:
+    """Query and document ids as ir-measures is fed them: numbers, in the order first seen. Its file-based
+    provider (gdeval, for ERR and nDCG(dcg="exp-log2")) refuses a query id that is not digits after its last
+    "-" (reading "a-1" and "b-1" as one query "1") and splits each line on whitespace (a folder corpus's
+    "my photo.jpg" is two fields)."""
+
+    def __init__(self, query_ids: Sequence[str]) -> None:
+        self.queries = {query_id: str(number) for number, query_id in enumerate(query_ids)}
+        self.query_of = dict(zip(self.queries.values(), self.queries))
+        self._docs: dict[str, str] = {}
+
+    def doc(self, doc_id: str) -> str:
+        return self._docs.setdefault(doc_id, str(len(self._docs)))
+
+
 def _run_config(config: RunConfig, target: SearchTarget, queries: Sequence[Query],
                 vectors: Mapping[tuple[str, str], tuple[np.ndarray, float]],
                 fine_vectors: Mapping[tuple[str, str], tuple[np.ndarray, float]], qrel_list: list, measures: list,
-                groups: Mapping[str, list[str]], *, depth: int) -> ConfigResult:
+                groups: Mapping[str, list[str]], *, depth: int, keys: _LibraryIds) -> ConfigResult:
     options = dataclasses.replace(config.options, k=depth)
     needs_vector = _needs_vector(options)
     run: list = []
@@ -559,7 +574,7 @@ def _run_config(config: RunConfig, target: SearchTarget, queries: Sequence[Query
         if result.rerank_skipped:
             notes[result.rerank_skipped] = notes.get(result.rerank_skipped, 0) + 1
         # Scores by rank, so the library sees exactly our order (pytrec_eval breaks score ties by doc id).
-        run.extend(ir_measures.ScoredDoc(query.id, hit.id, float(len(result.hits) - rank))
+        run.extend(ir_measures.ScoredDoc(keys.queries[query.id], keys.doc(hit.id), float(len(result.hits) - rank))
                    for rank, hit in enumerate(result.hits))
         stages = {"encode": encode_s, "coarse": result.timings_s["coarse"], "rerank": result.timings_s["rerank"]}
         stages["search"] = stages["coarse"] + stages["rerank"]
@@ -568,7 +583,7 @@ def _run_config(config: RunConfig, target: SearchTarget, queries: Sequence[Query
             timings[stage].append(seconds)
     per_query: dict[str, dict[str, float]] = {q.id: {str(m): 0.0 for m in measures} for q in queries}
     for metric in ir_measures.iter_calc(measures, qrel_list, run):
-        per_query[metric.query_id][str(metric.measure)] = float(metric.value)
+        per_query[keys.query_of[metric.query_id]][str(metric.measure)] = float(metric.value)
     names = [str(m) for m in measures]
 
     def mean_over(ids: Iterable[str]) -> dict[str, float]:

@@ -114,6 +114,27 @@ def test_a_judged_query_with_no_relevant_document_scores_zero_in_the_mean_as_ir_
     assert result.metrics == pytest.approx({str(m): v for m, v in library.items()})
 
 
+def test_err_is_computed_per_query_for_query_and_document_ids_its_provider_would_refuse_or_merge(store):
+    # ERR comes from gdeval, which reads files: a query id is its digits after the last "-" ("q-1" and "x-1" were
+    # one query, "epsilon" none: a CalledProcessError after every configuration ran) and a line splits on spaces.
+    store.upsert([Document(id="my photo", vector=np.eye(4, dtype=np.float32)[0], text="epsilon")])
+    qrels = {"q-1": {"d2": 2, "d1": 1}, "x-1": {"d3": 1}, "epsilon": {"my photo": 3, "d1": 1}}
+    queries = [Query(id="q-1", text="alpha"), Query(id="x-1", text="gamma"), Query(id="epsilon", text="epsilon")]
+    result = relevance.evaluate({"default": SearchTarget(store=store, encoder=None)}, queries, qrels, [BM25],
+                                measures=["ERR@10"]).results[0]
+    # The library's values on ids it reads: BM25 ranks d1, d2 for "alpha", d3 for "gamma", "my photo" for "epsilon".
+    numbered = {"q-1": "1", "x-1": "2", "epsilon": "3"}
+    run = [ir_measures.ScoredDoc("1", "d1", 2.0), ir_measures.ScoredDoc("1", "d2", 1.0),
+           ir_measures.ScoredDoc("2", "d3", 1.0), ir_measures.ScoredDoc("3", "photo", 1.0)]
+    qrel_list = [ir_measures.Qrel(numbered[q], d.replace("my ", ""), g) for q, docs in qrels.items()
+                 for d, g in docs.items()]
+    library = {m.query_id: m.value for m in ir_measures.iter_calc([ir_measures.parse_measure("ERR@10")], qrel_list,
+                                                                   run)}
+    assert {q: v["ERR@10"] for q, v in result.per_query.items()} == pytest.approx(
+        {query: library[number] for query, number in numbered.items()})
+    assert all(value > 0 for value in library.values())
+
+
 @pytest.mark.parametrize(("measure", "message"), [
     ("AP", "measure AP has no cutoff: give one, e.g. AP@100"),  # was 0.0: scored on the top 10 only
     ("R", "measure R has no cutoff"),  # was an AssertionError from ir-measures
