@@ -77,9 +77,9 @@ def read_queries(path: Path | str) -> list[Query]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise EvaluationInputError(f"{where}: not JSON ({exc.msg})") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)):
+        query_id = _an_id(row.get("id")) if isinstance(row, dict) else None
+        if query_id is None:
             raise EvaluationInputError(f"{where}: each line needs an \"id\" (string)")
-        query_id = str(row["id"])
         if query_id in seen:
             raise EvaluationInputError(f"{where}: query id {query_id!r} appears twice")
         seen.add(query_id)
@@ -104,6 +104,14 @@ def read_queries(path: Path | str) -> list[Query]:
     if not queries:
         raise EvaluationInputError(f"{path}: no queries")
     return queries
+
+
+def _an_id(value: Any) -> str | None:
+    """A query or document id as a JSON line gives it: a non-blank string or an integer; else None (str() of
+    null, a list or true would be an id nobody wrote)."""
+    if isinstance(value, str) and value.strip() or isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def _is_filters(value: Any) -> bool:
@@ -156,9 +164,12 @@ def _trec_judgment(line: str, where: str) -> tuple[str, str, int]:
 def _jsonl_judgment(line: str, where: str) -> tuple[str, str, int]:
     try:
         row = json.loads(line)
-        query_id, doc_id, relevance = str(row["query_id"]), str(row["doc_id"]), row["relevance"]
+        query_id, doc_id, relevance = _an_id(row["query_id"]), _an_id(row["doc_id"]), row["relevance"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise EvaluationInputError(f"{where}: expected {{\"query_id\", \"doc_id\", \"relevance\"}}: {exc}") from exc
+    if query_id is None or doc_id is None:
+        raise EvaluationInputError(f"{where}: \"query_id\" and \"doc_id\" must be non-blank strings (or integers), "
+                                   f"got {row['query_id']!r} and {row['doc_id']!r}")
     if not isinstance(relevance, int) or isinstance(relevance, bool):
         raise EvaluationInputError(f"{where}: \"relevance\" must be an integer grade")
     return query_id, doc_id, relevance

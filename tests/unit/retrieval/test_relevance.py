@@ -203,6 +203,28 @@ def test_a_document_graded_twice_alike_and_one_graded_twice_apart_in_jsonl(tmp_p
         relevance.read_qrels(path)
 
 
+@pytest.mark.parametrize(("query_id", "doc_id"), [("q1", None), ("q1", ""), ("q1", " "), (["q1"], "d1"), (True, "d1")])
+def test_a_jsonl_judgment_whose_ids_are_not_strings_or_integers_is_refused_naming_the_line(tmp_path, query_id,
+                                                                                           doc_id):
+    # Were read as the ids str() made of them: document "None" or "", query "['q1']" or "True".
+    path = tmp_path / "qrels.jsonl"
+    path.write_text(json.dumps({"query_id": "q0", "doc_id": "d1", "relevance": 1}) + "\n"
+                    + json.dumps({"query_id": query_id, "doc_id": doc_id, "relevance": 1}) + "\n", encoding="utf-8")
+    with pytest.raises(EvaluationInputError, match=r"qrels.jsonl:2: \"query_id\" and \"doc_id\" must be non-blank "
+                                                   r"strings \(or integers\), got "):
+        relevance.read_qrels(path)
+
+
+def test_a_query_id_that_is_blank_or_not_a_string_or_integer_is_refused_naming_the_line(tmp_path):
+    path = tmp_path / "queries.jsonl"
+    for query_id in ("", " ", None, True, ["q1"]):
+        path.write_text(json.dumps({"id": query_id, "text": "red"}) + "\n", encoding="utf-8")
+        with pytest.raises(EvaluationInputError, match=r"queries.jsonl:1: each line needs an \"id\" \(string\)"):
+            relevance.read_queries(path)
+    path.write_text('{"id": 7, "text": "red"}\n', encoding="utf-8")
+    assert relevance.read_queries(path)[0].id == "7"
+
+
 def test_query_file_errors_name_the_line(tmp_path):
     path = tmp_path / "queries.jsonl"
     path.write_text('{"id": "q1", "text": "red"}\n{"id": "q2"}\n', encoding="utf-8")
