@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # what the store and the ranking cost, without the model) and total.
 STAGES = ("encode", "coarse", "rerank", "search", "total")
 DEFAULT_CUTOFF = 10
+FETCH_CHUNK = 1000  # judged documents looked up in the store per request
 
 
 class EvaluationInputError(ValueError):
@@ -476,6 +477,9 @@ def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrel
         if config.target not in targets:
             raise EvaluationInputError(f"configuration {config.name!r} runs on target {config.target!r}; "
                                        f"targets: {', '.join(targets)}")
+    relevant = sorted({doc for q in judged for doc, grade in qrels[q.id].items() if grade > 0})
+    for name in sorted({c.target for c in configs}):
+        _check_judged_documents(targets[name].store, relevant, target=name if len(targets) > 1 else None)
 
     needing = {c.target for c in configs if _needs_vector(c.options)}
     for name in needing:
@@ -501,6 +505,24 @@ def evaluate(targets: Mapping[str, SearchTarget], queries: Sequence[Query], qrel
                                    groups, depth=depth, keys=keys))
     return Evaluation(measures=[str(m) for m in parsed], results=results, queries=len(judged),
                       groups={name: len(ids) for name, ids in groups.items()})
+
+
+def _check_judged_documents(store: Store, relevant: Sequence[str], *, target: str | None) -> None:
+    """EvaluationInputError where the store holds none of the documents judged relevant (an empty store, or
+    qrels whose doc ids are not the store's: every figure would read 0, as if no configuration found any);
+    a warning naming how many where it lacks some: each is a relevant document every configuration misses."""
+    found: set[str] = set()
+    for start in range(0, len(relevant), FETCH_CHUNK):
+        found.update(doc.id for doc in store.fetch(relevant[start:start + FETCH_CHUNK], vectors=False))
+    missing = [doc for doc in relevant if doc not in found]
+    if not missing:
+        return
+    where = f"the store of target {target!r}" if target else "the store"
+    if len(missing) == len(relevant):
+        raise EvaluationInputError(f"none of the {len(relevant)} documents judged relevant is in {where} (e.g. "
+                                   f"{missing[0]!r}): do the qrels' doc ids match the store's?")
+    log.warning("%d of %d documents judged relevant are not in %s (e.g. %r): every configuration misses them",
+                len(missing), len(relevant), where, missing[0])
 
 
 def _encode_queries(encoders: Mapping[str, Encoder], targets: Mapping[str, SearchTarget], queries: Sequence[Query],

@@ -228,7 +228,8 @@ def test_eval_refuses_another_models_store_unless_every_configuration_is_bm25(ju
     path = tmp_path / "other-store"
     with EmbeddedStore(path) as store:  # the tiny model's size, another model: only the record tells them apart
         store.claim(ModelSignature(model="other-clip", weights="other-weights", dim=64))
-        store.upsert([Document(id="d0", vector=np.eye(64, dtype=np.float32)[0], text="red circle")])
+        judged_id = qrels.read_text(encoding="utf-8").split()[2]  # a judged document: qrels the store lacks are refused
+        store.upsert([Document(id=judged_id, vector=np.eye(64, dtype=np.float32)[0], text="red circle")])
 
     def run(*modes: str):
         return CliRunner().invoke(main, ["-q", "eval", "--queries", str(queries), "--qrels", str(qrels),

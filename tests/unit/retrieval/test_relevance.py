@@ -135,6 +135,21 @@ def test_err_is_computed_per_query_for_query_and_document_ids_its_provider_would
     assert all(value > 0 for value in library.values())
 
 
+def test_qrels_whose_relevant_documents_are_none_of_the_stores_are_refused_and_some_missing_are_warned_of(
+        store, tmp_path, caplog):
+    # Were scored as relevant documents every configuration missed: a report of zeros for an empty store or
+    # for qrels naming documents by another id (file names, say).
+    target = {"default": SearchTarget(store=store, encoder=None)}
+    with pytest.raises(EvaluationInputError, match=r"none of the 2 documents judged relevant is in the store \(e.g. "
+                                                   r"'d1.jpg'\): do the qrels' doc ids match the store's\?"):
+        relevance.evaluate(target, QUERIES, {"q1": {"d1.jpg": 1, "d2.jpg": 2, "d3": 0}}, [BM25])
+    with EmbeddedStore(tmp_path / "empty") as empty, pytest.raises(EvaluationInputError, match="none of the 1"):
+        relevance.evaluate({"default": SearchTarget(store=empty, encoder=None)}, QUERIES, {"q1": {"d1": 1}}, [BM25])
+    relevance.evaluate(target, QUERIES, {"q1": {"d1": 1, "d9": 2, "d8": 0}}, [BM25])
+    assert "1 of 2 documents judged relevant are not in the store (e.g. 'd9'): every configuration misses them" \
+        in caplog.text
+
+
 @pytest.mark.parametrize(("measure", "message"), [
     ("AP", "measure AP has no cutoff: give one, e.g. AP@100"),  # was 0.0: scored on the top 10 only
     ("R", "measure R has no cutoff"),  # was an AssertionError from ir-measures
