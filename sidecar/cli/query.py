@@ -183,7 +183,7 @@ def _filter_values(text: str) -> list[Any]:
                    "them)} a line.")
 @click.option("--qrels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Graded judgments: TREC qrels (qid iter docid grade) or JSONL {\"query_id\", \"doc_id\", "
-                   "\"relevance\"}.")
+                   "\"relevance\"}; integer grades from -1000 to 1000.")
 @click.option("--config", "configs", multiple=True, metavar="JSON|FILE",
               help="Configurations to compare (repeatable): inline JSON or a JSON file with an object, a list, or "
                    "{\"grid\": {field: [values]}}; fields mode, fusion, weights ([vector, bm25] or {\"vector\", \"bm25\"} as /v1/search "

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 STAGES = ("encode", "coarse", "rerank", "search", "total")
 DEFAULT_CUTOFF = 10
 FETCH_CHUNK = 1000  # judged documents looked up in the store per request
+# pytrec_eval keeps a counter for every grade up to the highest (1e8: 800 MB per configuration) and takes a C int
+# (over 2**31: a SystemError traceback). Grades are levels (TREC's 0 to 4), not scores.
+MAX_GRADE = 1000
 
 
 class EvaluationInputError(ValueError):
@@ -127,8 +130,8 @@ def _is_filters(value: Any) -> bool:
 
 def read_qrels(path: Path | str) -> dict[str, dict[str, int]]:
     """Graded judgments, query id -> {doc id: relevance}: TREC qrels ("qid iter docid rel" a line) or
-    JSONL ({"query_id", "doc_id", "relevance"} a line). A document judged twice for one query with two
-    grades is refused: which one the metrics use would be the file's order."""
+    JSONL ({"query_id", "doc_id", "relevance"} a line), grades from -MAX_GRADE to MAX_GRADE. A document judged
+    twice for one query with two grades is refused: which one the metrics use would be the file's order."""
     path = Path(path)
     lines = read_input_text(path).splitlines()
     jsonl = next((line for line in lines if line.strip()), "").lstrip().startswith("{")
@@ -139,6 +142,8 @@ def read_qrels(path: Path | str) -> dict[str, dict[str, int]]:
             continue
         where = f"{path}:{number}"
         query_id, doc_id, relevance = _jsonl_judgment(line, where) if jsonl else _trec_judgment(line, where)
+        if abs(relevance) > MAX_GRADE:
+            raise EvaluationInputError(f"{where}: grade {relevance} is outside -{MAX_GRADE} to {MAX_GRADE}")
         grades = qrels.setdefault(query_id, {})
         if grades.get(doc_id, relevance) != relevance:
             raise EvaluationInputError(f"{where}: query {query_id!r} grades document {doc_id!r} {relevance}, line "

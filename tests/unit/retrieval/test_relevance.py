@@ -194,6 +194,10 @@ def test_jsonl_judgments_read_the_same_as_trec(tmp_path, qrels_file):
     ("q1 0 d2 1 extra", "expected 4 fields \"qid iter docid relevance\" (TREC qrels), got 5: 'q1 0 d2 1 extra'"),
     ("q1 0 d2 1.5", "relevance '1.5' is not an integer grade"),
     ("q1 0 d1 0", "query 'q1' grades document 'd1' 0, line 1 grades it 2: keep one"),
+    # pytrec_eval raised a SystemError over 2**31, and allocates a counter per grade up to the highest
+    ("q1 0 d2 99999999999999999999", "grade 99999999999999999999 is outside -1000 to 1000"),
+    ("q1 0 d2 100000000", "grade 100000000 is outside -1000 to 1000"),
+    ("q1 0 d2 -1001", "grade -1001 is outside -1000 to 1000"),
 ])
 def test_a_bad_trec_judgment_is_refused_naming_the_file_and_line(tmp_path, second_line, message):
     # Was "not TREC qrels: not enough values to unpack (expected 4, got 3)" with no line; a document graded
