@@ -96,6 +96,9 @@ def read_queries(path: Path | str) -> list[Query]:
         image_path = (path.parent / image) if image else None
         if image_path is not None and not image_path.is_file():
             raise EvaluationInputError(f"{where}: image {image_path} does not exist")
+        category = row.get("category", "")
+        if not isinstance(category, str):  # str() made a group "None" of null
+            raise EvaluationInputError(f"{where}: \"category\" must be a string, got {category!r}")
         tags = row.get("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise EvaluationInputError(f"{where}: \"tags\" must be a list of strings")
@@ -103,7 +106,7 @@ def read_queries(path: Path | str) -> list[Query]:
         if filters is not None and not _is_filters(filters):
             raise EvaluationInputError(f"{where}: \"filters\" must be an object of metadata field -> a string, number "
                                        "or boolean, or a non-empty list of them")
-        queries.append(Query(id=query_id, text=text, image=image_path, category=str(row.get("category", "")),
+        queries.append(Query(id=query_id, text=text, image=image_path, category=category,
                              tags=tuple(tags), filters=filters or None))
     if not queries:
         raise EvaluationInputError(f"{path}: no queries")

@@ -244,6 +244,14 @@ def test_a_query_id_that_is_blank_or_not_a_string_or_integer_is_refused_naming_t
     assert relevance.read_queries(path)[0].id == "7"
 
 
+@pytest.mark.parametrize("category", [None, 5, ["a"]])
+def test_a_query_category_that_is_not_a_string_is_refused_naming_the_line_not_reported_as_a_group(tmp_path, category):
+    path = tmp_path / "queries.jsonl"  # null was the group "None" in every table, 5 the group "5"
+    path.write_text(json.dumps({"id": "q1", "text": "red", "category": category}) + "\n", encoding="utf-8")
+    with pytest.raises(EvaluationInputError, match=r"queries.jsonl:1: \"category\" must be a string, got "):
+        relevance.read_queries(path)
+
+
 def test_query_file_errors_name_the_line(tmp_path):
     path = tmp_path / "queries.jsonl"
     path.write_text('{"id": "q1", "text": "red"}\n{"id": "q2"}\n', encoding="utf-8")
