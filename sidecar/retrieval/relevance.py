@@ -60,9 +60,10 @@ class Query:
 
 
 def read_input_text(path: Path) -> str:
-    """A query, judgment or configuration file's text, which must be UTF-8."""
+    """A query, judgment or configuration file's text, which must be UTF-8. A leading BOM (Notepad's UTF-8) is
+    dropped: it was part of the first query id of a TREC qrels file, whose judgments then matched no query."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise EvaluationInputError(f"{path}: {not_utf8(exc)}; save it as UTF-8") from exc
 

@@ -262,6 +262,22 @@ def test_query_file_errors_name_the_line(tmp_path):
         relevance.read_queries(path)
 
 
+def test_query_judgment_and_configuration_files_beginning_with_a_utf8_bom_read_as_without_it(tmp_path, qrels_file):
+    # The BOM was part of the first TREC query id ("\ufeffq1" judged no query) and no JSON line or file parsed.
+    trec = tmp_path / "bom.txt"
+    trec.write_bytes(b"\xef\xbb\xbf" + qrels_file.read_bytes())
+    assert relevance.read_qrels(trec) == relevance.read_qrels(qrels_file)
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps({"query_id": "q1", "doc_id": "d1", "relevance": 1}).encode())
+    assert relevance.read_qrels(jsonl) == {"q1": {"d1": 1}}
+    queries = tmp_path / "queries.jsonl"
+    queries.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "q1", "text": "red"}).encode())
+    assert relevance.read_queries(queries)[0].id == "q1"
+    config = tmp_path / "config.json"
+    config.write_bytes(b"\xef\xbb\xbf{}")
+    assert relevance.read_input_text(config) == "{}"
+
+
 def test_query_and_judgment_files_that_are_not_utf8_are_refused_naming_them(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("q1 0 caf\u00e9 1\n".encode("latin-1"))  # was a UnicodeDecodeError traceback
