@@ -336,7 +336,6 @@ class Settings:
             raise SettingsError(f"setting prompt_template must contain '{{}}' for the text, "
                                 f"got {self.prompt_template!r}")
 
-
     def _check_allowed_hosts(self) -> None:
         """An entry the Host check could never match (a port, a scheme, a `*.` wildcard) would answer 403 to every
         request addressed to the name meant, and say so only then."""
