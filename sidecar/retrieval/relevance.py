@@ -41,6 +41,9 @@ FETCH_CHUNK = 1000  # judged documents looked up in the store per request
 # pytrec_eval keeps a counter for every grade up to the highest (1e8: 800 MB per configuration) and takes a C int
 # (over 2**31: a SystemError traceback). Grades are levels (TREC's 0 to 4), not scores.
 MAX_GRADE = 1000
+# gdeval, ir-measures' provider of ERR and nDCG(dcg="exp-log2"), stops at a higher grade ("format error on line 1"),
+# once every configuration has run.
+GDEVAL_MAX_GRADE = 4
 
 
 class EvaluationInputError(ValueError):
@@ -441,12 +444,19 @@ def _parse_measures(measures: Sequence[str]) -> list:
 
 def check_configs(configs: Sequence[RunConfig], queries: Sequence[Query], qrels: Mapping[str, Mapping[str, int]],
                   *, measures: Sequence[str], max_k: int | None = None) -> None:
-    """EvaluationInputError where a configuration cannot run over every judged query, or, given the max_k
-    setting, asks for more than /v1/search takes (check_search_limits): it would measure a search no request
+    """EvaluationInputError where a measure cannot be computed on these judgments, a configuration cannot run over
+    every judged query, or, given the max_k setting, asks for more than /v1/search takes (check_search_limits): it would measure a search no request
     can make. `eval` asks before it loads a model; the built-in benchmark's fixed configurations measure the
     project, not one server's limits. A mode with BM25 needs each query's text (the search refuses an image
     alone), and one configuration over fewer queries than the others would not compare with them."""
     depth = ranking_depth(measures)
+    top = max((grade for grades in qrels.values() for grade in grades.values()), default=0)
+    for text, measure in zip(measures, _parse_measures(measures)):
+        provider = next(p.NAME for p in ir_measures.DefaultPipeline.providers if p.supports(measure))
+        if provider == "gdeval" and top > GDEVAL_MAX_GRADE:
+            raise EvaluationInputError(f"measure {text} is computed by gdeval, which takes grades up to "
+                                       f"{GDEVAL_MAX_GRADE}, and the judgments grade up to {top}: map the grades "
+                                       f"onto 0-{GDEVAL_MAX_GRADE}, or leave {text} out")
     imageonly = [q.id for q in queries if qrels.get(q.id) and not (q.text and q.text.strip())]
     for config in configs:
         if config.options.candidates < depth:  # it would rank `depth` deep under its own name's N

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sidecar.retrieval import relevance
-from sidecar.retrieval.relevance import EvaluationInputError, Query, RunConfig, SearchTarget
+from sidecar.retrieval.relevance import EvaluationInputError, Query, RunConfig, SearchTarget, check_configs
 from sidecar.retrieval.report import label, sweeps, write_report
 from sidecar.retrieval.search import SearchOptions
 from sidecar.stores.embedded import EmbeddedStore
@@ -439,3 +439,15 @@ def test_two_measures_that_differ_only_in_their_grade_keep_it_in_their_labels_an
     measures = ["R@10", "R(rel=2)@10", "nDCG(judged_only=True)@10"]
     assert [label(m, among=measures) for m in measures] == ["Recall@10", "Recall(rel=2)@10",
                                                             "nDCG(judged_only=True)@10"]
+
+
+def test_err_over_grades_above_four_is_refused_before_any_search_and_other_measures_take_them():
+    # gdeval (ERR, nDCG(dcg="exp-log2")) stopped at a grade of 5 with "format error on line 1" of a temporary
+    # file, in a traceback after every configuration had run.
+    queries = [Query(id="q1", text="red circle")]
+    configs = [RunConfig(name="vector", options=SearchOptions(mode="vector"))]
+    with pytest.raises(EvaluationInputError, match=r"measure ERR@10 is computed by gdeval, which takes grades up to "
+                                                   r"4, and the judgments grade up to 5"):
+        check_configs(configs, queries, {"q1": {"d1": 5}}, measures=["nDCG@10", "ERR@10"])
+    check_configs(configs, queries, {"q1": {"d1": 5}}, measures=["nDCG@10", "RR@10"])
+    check_configs(configs, queries, {"q1": {"d1": 4}}, measures=["ERR@10"])
