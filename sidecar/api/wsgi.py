@@ -5,13 +5,14 @@ from gunicorn.errors import AppImportError
 from sidecar.api.app import create_app
 from sidecar.config import Settings, SettingsError, is_unwritable_path, path_settings, unwritable_path_message
 from sidecar.model.weights import ModelNotCached, ModelSettingsError
-from sidecar.stores.base import QueryModelMismatch, StoreDamaged
+from sidecar.stores.base import StoreError
 
 try:
     app = create_app()
-except (SettingsError, ModelSettingsError, ModelNotCached, QueryModelMismatch, StoreDamaged) as exc:
-    # A setting (or a damaged store file) to fix, not a bug: gunicorn prints an AppImportError as its message
-    # alone and stops the server ("App failed to load"), where any other error is a traceback from every worker.
+except (SettingsError, ModelSettingsError, ModelNotCached, StoreError) as exc:
+    # A setting (or a store the user fixes: another model's, a damaged file, a missing CA file) to fix, not a bug:
+    # gunicorn prints an AppImportError as its message alone and stops the server ("App failed to load"), where any
+    # other error is a traceback from every worker.
     raise AppImportError(str(exc)) from exc
 except OSError as exc:
     if not is_unwritable_path(exc):

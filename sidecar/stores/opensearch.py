@@ -192,6 +192,11 @@ class OpenSearchStore:
         self.lock_index = f"{index}{LOCK_SUFFIX}"
         self.config_dir = resolve_config_dir(config_dir)
         use_ssl = url.startswith("https://")
+        if use_ssl and verify_certs and ca_certs and not Path(ca_certs).is_file():
+            # Else every request failed as "cannot be reached: [Errno 2] No such file or directory (is it up?)",
+            # retried as a cluster down would be.
+            raise StoreError(f"SIDECAR_OPENSEARCH_CA_CERTS={ca_certs!r} is no file: set it to the PEM file of the CA "
+                             f"that signed the certificate of OpenSearch at {url}")
         self.client = OpenSearch(
             hosts=[url],
             http_auth=(user, password) if user else None,

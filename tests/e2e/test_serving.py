@@ -441,6 +441,16 @@ def test_gunicorn_started_directly_stops_in_one_line_against_a_store_whose_sqlit
     assert "Traceback" not in result.stderr and "App failed to load" in result.stderr  # was a worker's traceback
 
 
+def test_gunicorn_started_directly_stops_in_one_line_for_an_opensearch_ca_file_that_does_not_exist(tmp_path):
+    # The store is built as each worker builds the app: its StoreError was a traceback from every worker.
+    missing = tmp_path / "ca.pem"
+    result = gunicorn_boot({**os.environ, "SIDECAR_STORE": "opensearch", "SIDECAR_OPENSEARCH_URL": "https://127.0.0.1:9",
+                            "SIDECAR_OPENSEARCH_CA_CERTS": str(missing), "GUNICORN_LOGLEVEL": "warning"})
+    assert result.returncode != 0
+    assert f"SIDECAR_OPENSEARCH_CA_CERTS={str(missing)!r} is no file" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "App failed to load" in result.stderr
+
+
 @pytest.mark.parametrize(("variable", "value", "message"), [
     ("SIDECAR_DEVICE", "gpu", "setting device='gpu': choose auto, cpu, cuda or cuda:N (N counts from 0)"),
     ("SIDECAR_MAX_BATCH", "0", "setting max_batch must be >= 1, got 0"),

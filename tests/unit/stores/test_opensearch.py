@@ -119,6 +119,19 @@ def test_a_certificate_no_system_ca_signed_fails_naming_the_system_cas_and_the_s
     assert "none of" not in message
 
 
+def test_a_ca_file_that_does_not_exist_is_refused_naming_the_setting_not_as_a_cluster_down(certificates, tmp_path):
+    # It failed every request as "cannot be reached: [Errno 2] No such file or directory (is it up?)", retried as a
+    # cluster down is (StoreUnavailable: 503, loads waiting).
+    missing = tmp_path / "ca.pem"
+    with tls_listener(certificates["cert"], certificates["key"]) as url:
+        with pytest.raises(StoreError) as raised:
+            OpenSearchStore(url=url, ca_certs=str(missing))
+        assert str(raised.value) == (f"SIDECAR_OPENSEARCH_CA_CERTS={str(missing)!r} is no file: set it to the PEM "
+                                     f"file of the CA that signed the certificate of OpenSearch at {url}")
+        OpenSearchStore(url=url, ca_certs=str(missing), verify_certs=False).close()  # not read: no refusal
+    assert not isinstance(raised.value, StoreUnavailable)
+
+
 def test_a_certificate_the_given_ca_file_did_not_sign_fails_naming_that_file_and_the_setting(certificates):
     ca_file = certificates["other_ca"]
     with tls_listener(certificates["cert"], certificates["key"]) as url:
