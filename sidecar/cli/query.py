@@ -253,6 +253,12 @@ def eval_command(ctx: click.Context, benchmark: bool, queries_path: Path | None,
     if len(chosen) != 1:
         raise click.UsageError("choose one of --benchmark, --queries with --qrels, --ann, or --prompts with --labels"
                                + (f" (got {', '.join(chosen)})" if chosen else ""))
+    # A flag of another way, given, would be ignored without a word (--samples 1000 with --benchmark).
+    for name, way in (("workdir", "--benchmark"), ("items", "--benchmark"), ("samples", "--ann"), ("k", "--ann"),
+                      ("label_field", "--prompts/--labels")):
+        if way != chosen[0] and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            flag = next(param.opts[-1] for param in ctx.command.params if param.name == name)
+            raise click.UsageError(f"{flag} goes with {way} only (this run is {chosen[0]})")
     progress = ctx.obj["progress"]
     grade_given = ctx.get_parameter_source("relevant_grade") is not click.core.ParameterSource.DEFAULT
     settings = settings_from(kwargs, MODEL_FLAGS + STORE_FLAGS + PROMPT_FLAGS)

@@ -90,6 +90,16 @@ def test_eval_needs_exactly_one_of_benchmark_judged_queries_ann_or_prompts(judge
     assert result.exit_code == 2 and "(got --queries/--qrels, --ann)" in result.output
     result = runner.invoke(main, ["eval", "--queries", str(judged[0])])
     assert result.exit_code == 2 and "--queries and --qrels go together" in result.output
+    # Another way's flag was ignored without a word.
+    for args, message in ((["--queries", str(judged[0]), "--qrels", str(judged[1]), "--samples", "5"],
+                           "--samples goes with --ann only (this run is --queries/--qrels)"),
+                          (["--ann", "-k", "5", "--items", "300"],
+                           "--items goes with --benchmark only (this run is --ann)"),
+                          (["--benchmark", "-k", "5"], "--k goes with --ann only (this run is --benchmark)"),
+                          (["--ann", "--label-field", "shape"],
+                           "--label-field goes with --prompts/--labels only (this run is --ann)")):
+        result = runner.invoke(main, ["eval", *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
 
 
 def eval_judged(store_path: Path, judged: tuple[Path, Path], *args: str):
