@@ -99,7 +99,8 @@ def calibrate(ctx: click.Context, seed: int, allow_exact: bool, **kwargs: Any) -
 
     settings = settings_from(kwargs, STORE_FLAGS + ("target_recall_k", "calibration_queries"))
     if not settings.target_recall:
-        raise click.UsageError("give --target-recall (or SIDECAR_TARGET_RECALL), e.g. 0.99")
+        raise click.UsageError("give --target-recall (or SIDECAR_TARGET_RECALL) above 0, e.g. 0.99: 0 is no target, "
+                               "the store's fixed ef_search")
     with _opened_with(settings) as opened:
         try:
             effort = run_calibration(opened, target_recall=settings.target_recall, k=settings.target_recall_k,

@@ -103,6 +103,10 @@ def test_live_recall_drops_with_an_absurdly_low_ef_search_and_recovers_when_the_
         close(app, store)
 
     result = CliRunner().invoke(main, ["-q", "store", "calibrate", "--store-path", str(uniform_store),
+                                       "--target-recall", "0"])  # was told to "give --target-recall", as if absent
+    assert result.exit_code == 2 and "give --target-recall (or SIDECAR_TARGET_RECALL) above 0, e.g. 0.99: 0 is no " \
+        "target" in result.output, result.output
+    result = CliRunner().invoke(main, ["-q", "store", "calibrate", "--store-path", str(uniform_store),
                                        "--target-recall", "0.99", "--queries", "100", "--ann-only"])
     assert result.exit_code == 0, result.output
     assert "target Recall@10 0.99: ef_search" in result.output and "saved with the store" in result.output
