@@ -282,6 +282,9 @@ def init_app(app: Flask, settings: Settings, *, public_paths: tuple[str, ...] = 
         log.info("no API keys configured (SIDECAR_API_KEYS): every endpoint is open to requests addressed to %s",
                  f"localhost, an IP address or {settings.allowed_hosts}" if settings.allowed_hosts
                  else "localhost or an IP address")
+        if settings.api_rate_limit > 0:  # the limit counts per key: set alone, it would limit nothing without a word
+            log.warning("SIDECAR_API_RATE_LIMIT=%g limits nothing: rate limits count per API key, and "
+                        "SIDECAR_API_KEYS names none", settings.api_rate_limit)
         check_host = host_guard(settings.allowed_hosts)
 
         @app.before_request

@@ -153,6 +153,14 @@ def test_the_open_server_says_in_one_sentence_which_hosts_it_answers(caplog, all
                                f"addressed to {hosts}"]
 
 
+def test_a_rate_limit_without_keys_is_warned_about_as_limiting_nothing(caplog):
+    from flask import Flask
+
+    init_app(Flask(__name__), Settings(api_rate_limit=5))
+    assert "SIDECAR_API_RATE_LIMIT=5 limits nothing: rate limits count per API key, and SIDECAR_API_KEYS names " \
+        "none" in caplog.messages
+
+
 def test_serve_help_the_openapi_file_and_the_readme_name_every_page_file_served_without_a_key():
     from sidecar.api.page import PUBLIC_PATHS
     from sidecar.cli.serve import serve
