@@ -340,6 +340,8 @@ def _label_name(value: Any, *, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise PromptSetError(f"{where}: a label is a non-empty string, got {value!r}")
     value = value.strip()
+    if not value.isprintable():  # `prompts show` and `list` lay labels out in lines; tags hold them as values
+        raise PromptSetError(f"{where}: a label is one line of printable characters, got {value!r}")
     if len(value) > MAX_LABEL_CHARS:
         raise PromptSetError(f"{where}: a label has at most {MAX_LABEL_CHARS} characters, got {len(value)}")
     return value

@@ -84,6 +84,8 @@ def test_a_csv_whose_labels_share_templates_has_them_as_the_set_templates(tmp_pa
     ("a.yaml", "name: s\nlabels: []\n", "field 'labels' must be a non-empty list"),
     ("a.yaml", "name: s\nlabels: [a, a]\n", "label 'a' appears twice"),
     ("a.yaml", "name: s\nlabels: [a, '']\n", "labels[1]: a label is a non-empty string"),
+    ("a.yaml", "name: s\nlabels: [\"red\\nblue\"]\n", "labels[0]: a label is one line of printable characters, got "
+                                                      "'red\\nblue'"),
     ("a.yaml", "name: s\nlabels: [yes, no]\n", "labels[0]: a label is a non-empty string, got True; in YAML, quote "
                                               "a label that reads as a boolean"),
     ("a.yaml", "name: s\ntemplates: [1]\nlabels: [a]\n", "field 'templates': templates are a non-empty list"),
