@@ -301,7 +301,7 @@ def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, lab
     from sidecar.model.prompts import PromptSetRegistry
     from sidecar.retrieval.classification import accuracy_table, score_prompt_sets
     from sidecar.retrieval.relevance import EvaluationInputError
-    from sidecar.retrieval.report import markdown
+    from sidecar.retrieval.report import markdown, write_results_only
 
     sample, skipped = [], []  # skipped: (path, why), the images embed would skip too
     for item in read_corpus(labels_path):
@@ -328,10 +328,9 @@ def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, lab
     summary = f"{len(skipped)} of {total} images skipped as unusable"
     info = {"machine": machine_description(), "model": encoder.signature.describe(), "labels": str(labels_path),
             "label_field": label_field}
-    (out / "results.json").write_text(json.dumps({"info": info, "results": [r.to_json() for r in results],
-                                                  "skipped": listed}, indent=2), encoding="utf-8")
     listing = f"\n{summary}:\n\n" + "\n".join(lines) + "\n" if skipped else ""
-    (out / "results.md").write_text(f"# Prompt sets on {labels_path.name}\n\n{table}\n{listing}", encoding="utf-8")
+    write_results_only(out, {"info": info, "results": [r.to_json() for r in results], "skipped": listed},
+                       f"# Prompt sets on {labels_path.name}\n\n{table}\n{listing}")
     if skipped:
         click.echo(f"\n{summary} (all listed in {out / 'results.md'}):\n" + "\n".join(lines[:5])
                    + ("\n- …" if len(lines) > 5 else ""))
@@ -341,6 +340,7 @@ def _prompt_accuracy(settings, names: tuple[str, ...], labels_path: Path, *, lab
 def _ann(settings, *, samples: int, k: int, out: Path | None, progress: bool) -> None:
     from sidecar.cli.benchmark import machine_description
     from sidecar.retrieval.evaluation import ann_recall
+    from sidecar.retrieval.report import write_results_only
     from sidecar.retrieval.search import OverSearchLimit, SearchOptions, check_search_limits
 
     try:  # the depth a search may rank, as /v1/search and `search` limit it
@@ -361,12 +361,11 @@ def _ann(settings, *, samples: int, k: int, out: Path | None, progress: bool) ->
     if out is None:  # the printed lines are the whole report: no folder appears uninvited
         return
     info = {"machine": machine_description(), "store": f"{settings.store} ({store.name})"}
-    (out / "results.json").write_text(json.dumps({"info": info, "results": report.to_json()}, indent=2),
-                                      encoding="utf-8")
     facts = "".join(f"- {key}: {value}\n" for key, value in info.items())
-    (out / "results.md").write_text(f"# The ANN index against exact search\n\n{facts}\n{report.describe()}\n",
-                                    encoding="utf-8")
-    click.echo(f"\nReport: {out / 'results.md'}, {out / 'results.json'}")
+    json_path, markdown_path = write_results_only(out, {"info": info, "results": report.to_json()},
+                                                  f"# The ANN index against exact search\n\n{facts}\n"
+                                                  f"{report.describe()}\n")
+    click.echo(f"\nReport: {markdown_path}, {json_path}")
 
 
 def _judged(settings, queries_path: Path, qrels_path: Path, *, configs: tuple[str, ...], measures: tuple[str, ...],

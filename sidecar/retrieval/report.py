@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import ir_measures
 
@@ -103,6 +103,10 @@ def _html_table(table: Table) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+# What a judged run's report writes beside results.json and results.md.
+_METRICS_PLOT, _LATENCY_PLOT, _HTML_PAGE = "metrics.png", "quality-latency.png", "report.html"
+
+
 def write_report(evaluation: Evaluation, out: Path | str, *, title: str) -> ReportFiles:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,11 +115,23 @@ def write_report(evaluation: Evaluation, out: Path | str, *, title: str) -> Repo
     markdown = _markdown(evaluation, title)
     markdown_path = out / "results.md"
     markdown_path.write_text(markdown, encoding="utf-8")
-    plots = [plot_metric_per_configuration(evaluation, out / "metrics.png"),
-             plot_quality_against_latency(evaluation, out / "quality-latency.png")]
-    html_path = out / "report.html"
+    plots = [plot_metric_per_configuration(evaluation, out / _METRICS_PLOT),
+             plot_quality_against_latency(evaluation, out / _LATENCY_PLOT)]
+    html_path = out / _HTML_PAGE
     html_path.write_text(_html(evaluation, title, plots), encoding="utf-8")
     return ReportFiles(json=json_path, markdown=markdown_path, plots=plots, html=html_path)
+
+
+def write_results_only(out: Path, results: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """results.json and results.md alone (`eval --ann`, `eval --prompts`), in a folder `writable_folder` made.
+    The plots and HTML page of a judged run's report written there before are removed: beside these, they would
+    stand as this run's."""
+    for name in (_METRICS_PLOT, _LATENCY_PLOT, _HTML_PAGE):
+        (out / name).unlink(missing_ok=True)
+    json_path, markdown_path = out / "results.json", out / "results.md"
+    json_path.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    markdown_path.write_text(markdown, encoding="utf-8")
+    return json_path, markdown_path
 
 
 def _sections(evaluation: Evaluation) -> list[tuple[str, Table]]:

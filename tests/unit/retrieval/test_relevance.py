@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.retrieval import relevance
 from sidecar.retrieval.relevance import EvaluationInputError, Query, RunConfig, SearchTarget, check_configs
-from sidecar.retrieval.report import label, sweeps, write_report
+from sidecar.retrieval.report import label, sweeps, write_report, write_results_only
 from sidecar.retrieval.search import SearchOptions
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import Document, ModelSignature
@@ -415,6 +415,10 @@ def test_report_writes_json_markdown_plots_and_one_self_contained_html(store, qr
     assert "src=\"http" not in page and "<link" not in page
     # Configurations that differ only in N make one line of the quality-latency plot.
     assert [len(family) for family in sweeps(evaluation.results).values()] == [3]
+    # `eval --ann` (or --prompts) into the folder after it: the judged run's page and plots stood beside its results
+    # as if they were this run's.
+    write_results_only(tmp_path / "report", {"results": []}, "# The ANN index against exact search\n")
+    assert sorted(path.name for path in (tmp_path / "report").iterdir()) == ["results.json", "results.md"]
 
 
 def test_the_quality_latency_plot_names_every_configuration_and_the_machine(store, qrels_file):
