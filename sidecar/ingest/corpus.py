@@ -186,8 +186,14 @@ def _item(row: dict[str, Any], *, manifest: Path, where: str) -> CorpusItem:
     if not isinstance(metadata, dict):
         raise CorpusError(f"{where}: field 'metadata' must be an object")
     metadata = {**metadata, **{k: v for k, v in row.items() if k not in RESERVED and v not in (None, "")}}
-    item_id = row.get("id") or path
-    text = row.get("text") or ""
+    item_id = row.get("id")
+    if item_id is None or item_id == "":
+        item_id = path
+    elif isinstance(item_id, bool) or not isinstance(item_id, (str, int, float)):
+        # 0 is an id like any other (a falsy one is not absent); a list or object would be stored as its Python repr
+        raise CorpusError(f"{where}: field 'id' must be a string or a number, not {type(item_id).__name__}")
+    text = row.get("text")
+    text = "" if text is None else text
     if not isinstance(text, str):
         raise CorpusError(f"{where}: field 'text' must be a string")
     return CorpusItem(id=str(item_id), path=(manifest.parent / path), text=text, metadata=metadata)

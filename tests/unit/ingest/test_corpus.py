@@ -125,3 +125,18 @@ def test_the_folder_scan_takes_every_name_pillow_gives_the_decoded_formats_and_t
     (tmp_path / "notes.md").write_text("not an image")
     found = {os.path.splitext(item.id)[1].lower() for item in read_corpus(tmp_path)}
     assert found == decoded | refused
+
+
+def test_a_manifest_id_of_zero_is_the_id_not_replaced_by_the_path(tmp_path):
+    rows = [{"id": 0, "path": "a.jpg"}, {"id": 1, "path": "b.jpg"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    for name in ("m.jsonl", "m.parquet"):
+        assert [item.id for item in read_corpus(tmp_path / name)] == ["0", "1"], name
+
+
+@pytest.mark.parametrize("value", ["true", "[1]", '{"a": 1}'])
+def test_a_manifest_id_that_is_no_string_or_number_is_refused_naming_the_line(tmp_path, value):
+    (tmp_path / "m.jsonl").write_text(f'{{"id": {value}, "path": "a.jpg"}}\n')
+    with pytest.raises(CorpusError, match=r"m.jsonl:1: field 'id' must be a string or a number"):
+        list(read_corpus(tmp_path / "m.jsonl"))
