@@ -26,6 +26,10 @@ RESERVED = ("id", "path", "text", "metadata")
 # Finder never shows them; listed as images, each would be refused as "not a recognised image format", as many
 # refusals as photos. Other hidden files and folders are ordinary files of the corpus.
 APPLEDOUBLE_PREFIX = "._"
+# UTF-8, with the byte-order mark that Excel's "CSV UTF-8" and Windows' Notepad write at the start dropped: read as
+# plain UTF-8 it stays on the first header name ("\ufeffid"), so every id falls back to the path, and the id column
+# becomes metadata.
+MANIFEST_ENCODING = "utf-8-sig"
 MACOS_ARCHIVE_FOLDER = "__MACOSX"
 
 
@@ -129,7 +133,7 @@ def printable(name: str) -> str:
 
 
 def _read_jsonl(manifest: Path) -> Iterator[CorpusItem]:
-    with manifest.open(encoding="utf-8", errors="surrogateescape") as fh:
+    with manifest.open(encoding=MANIFEST_ENCODING, errors="surrogateescape") as fh:
         for line_no, line in enumerate(_utf8_lines(fh, manifest), start=1):
             if not line.strip():
                 continue
@@ -143,7 +147,7 @@ def _read_jsonl(manifest: Path) -> Iterator[CorpusItem]:
 
 
 def _read_csv(manifest: Path) -> Iterator[CorpusItem]:
-    with manifest.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    with manifest.open(encoding=MANIFEST_ENCODING, errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(_utf8_lines(fh, manifest))
         for line_no, row in enumerate(reader, start=2):
             if None in row:  # DictReader's key for the fields past the header's

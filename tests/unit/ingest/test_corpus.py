@@ -140,3 +140,11 @@ def test_a_manifest_id_that_is_no_string_or_number_is_refused_naming_the_line(tm
     (tmp_path / "m.jsonl").write_text(f'{{"id": {value}, "path": "a.jpg"}}\n')
     with pytest.raises(CorpusError, match=r"m.jsonl:1: field 'id' must be a string or a number"):
         list(read_corpus(tmp_path / "m.jsonl"))
+
+
+def test_a_manifest_saved_with_a_utf8_byte_order_mark_keeps_its_first_column(tmp_path):
+    bom = "\ufeff"
+    (tmp_path / "m.csv").write_text(f"{bom}id,path,color\nx1,a.jpg,red\n", encoding="utf-8")
+    (tmp_path / "m.jsonl").write_text(f'{bom}{{"id": "x1", "path": "a.jpg", "color": "red"}}\n', encoding="utf-8")
+    for name in ("m.csv", "m.jsonl"):
+        assert [(item.id, item.metadata) for item in read_corpus(tmp_path / name)] == [("x1", {"color": "red"})], name
