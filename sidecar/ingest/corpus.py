@@ -72,10 +72,13 @@ def _read_folder(root: Path) -> Iterator[CorpusItem]:
     # more than the listing itself (bench/corpus_listing.py).
     found: list[tuple[str, str, str, bool]] = []  # (id, folder, file name, has a caption)
     macos_twins = macos_folders = 0
-    for folder, subfolders, names in os.walk(root, onerror=_unlistable):
+    # A symbolic link to a folder is followed as a link to a file is: a subfolder moved to another disk and linked
+    # back must not read as its images deleted. One that leads back to a folder it is in is not (os.walk would loop).
+    for folder, subfolders, names in os.walk(root, onerror=_unlistable, followlinks=True):
         if MACOS_ARCHIVE_FOLDER in subfolders:
             subfolders.remove(MACOS_ARCHIVE_FOLDER)  # in place: os.walk then never enters it
             macos_folders += 1
+        subfolders[:] = [name for name in subfolders if not _leads_back(root, folder, name)]
         present = set(names)
         relative = os.path.relpath(folder, root)
         prefix = "" if relative == os.curdir else relative.replace(os.sep, "/") + "/"
@@ -110,6 +113,24 @@ def _read_folder(root: Path) -> Iterator[CorpusItem]:
         else:
             text = stem.replace("_", " ").replace("-", " ")
         yield CorpusItem(id=item_id, path=path, text=text)
+
+
+def _leads_back(root: Path, folder: str, name: str) -> bool:
+    """Whether `name` in `folder` is a symbolic link to a folder the walk is in: one of `folder`'s own (real)
+    ancestors, or a folder the walk came through to reach `folder` (links that point at each other's folders)."""
+    path = os.path.join(folder, name)
+    if not os.path.islink(path):
+        return False
+    target = os.path.realpath(path)
+    relative = os.path.relpath(folder, root)
+    parts = [] if relative == os.curdir else relative.split(os.sep)
+    walked = {os.path.realpath(os.path.join(root, *parts[:depth])) for depth in range(len(parts) + 1)}
+    here = os.path.realpath(folder)
+    if target in walked or here.startswith(target.rstrip(os.sep) + os.sep):
+        log.warning("%s: a symbolic link to %s, a folder it is in: not followed (its images would be listed again "
+                    "and again)", printable(path), printable(target))
+        return True
+    return False
 
 
 def _unlistable(error: OSError) -> None:

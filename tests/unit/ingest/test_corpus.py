@@ -148,3 +148,24 @@ def test_a_manifest_saved_with_a_utf8_byte_order_mark_keeps_its_first_column(tmp
     (tmp_path / "m.jsonl").write_text(f'{bom}{{"id": "x1", "path": "a.jpg", "color": "red"}}\n', encoding="utf-8")
     for name in ("m.csv", "m.jsonl"):
         assert [(item.id, item.metadata) for item in read_corpus(tmp_path / name)] == [("x1", {"color": "red"})], name
+
+
+def test_a_folder_scan_follows_a_symbolic_link_to_a_folder_and_not_one_back_to_a_folder_it_is_in(tmp_path, caplog):
+    elsewhere = tmp_path / "other-disk" / "2024"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "a.jpg").write_bytes(b"x")
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    (root / "b.jpg").write_bytes(b"y")
+    (root / "2024").symlink_to(elsewhere)
+    (root / "sub" / "loop").symlink_to(root)
+    (root / "x").mkdir()
+    (root / "y").mkdir()
+    (root / "x" / "to-y").symlink_to(root / "y")  # each into the other: a loop no single link closes
+    (root / "y" / "to-x").symlink_to(root / "x")
+    with caplog.at_level(logging.WARNING, logger="sidecar.ingest.corpus"):
+        assert [item.id for item in read_corpus(root)] == ["2024/a.jpg", "b.jpg"]
+    assert sorted(record.getMessage().split(":")[0] for record in caplog.records) == [
+        f"{root}/sub/loop", f"{root}/x/to-y/to-x", f"{root}/y/to-x/to-y"]
+    assert caplog.records[0].getMessage().endswith("a folder it is in: not followed (its images would be listed "
+                                                   "again and again)")
