@@ -169,8 +169,20 @@ def _read_jsonl(manifest: Path) -> Iterator[CorpusItem]:
 
 def _read_csv(manifest: Path) -> Iterator[CorpusItem]:
     with manifest.open(encoding=MANIFEST_ENCODING, errors="surrogateescape", newline="") as fh:
-        reader = csv.DictReader(_utf8_lines(fh, manifest))
-        for line_no, row in enumerate(reader, start=2):
+        # strict: a quote never closed is an error, where it made every line after it part of its cell, rows that
+        # then read as deleted
+        reader = csv.DictReader(_utf8_lines(fh, manifest), strict=True)
+        line_no = 1
+        while True:
+            try:
+                if reader.fieldnames is None:  # reads the header
+                    return
+                line_no = reader.line_num + 1  # where the next row starts: a quoted cell may span lines
+                row = next(reader, None)
+            except csv.Error as exc:  # a quote not closed, a field past csv's size limit, a NUL byte
+                raise CorpusError(f"{manifest}:{line_no}: not valid CSV ({exc})") from exc
+            if row is None:
+                return
             if None in row:  # DictReader's key for the fields past the header's
                 raise CorpusError(f"{manifest}:{line_no}: more fields than the header "
                                   f"({len(reader.fieldnames) + len(row[None])}, header {len(reader.fieldnames)})")

@@ -169,3 +169,24 @@ def test_a_folder_scan_follows_a_symbolic_link_to_a_folder_and_not_one_back_to_a
         f"{root}/sub/loop", f"{root}/x/to-y/to-x", f"{root}/y/to-x/to-y"]
     assert caplog.records[0].getMessage().endswith("a folder it is in: not followed (its images would be listed "
                                                    "again and again)")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [('id,path,text\na,a.jpg,one\nb,b.jpg,"never closed\nc,c.jpg,three\nd,d.jpg,four\n',
+      r"m.csv:3: not valid CSV \(unexpected end of data\)"),
+     ("id,path,text\na,a.jpg,\"two\nlines\"\nb,b.jpg," + "x" * 200_000 + "\n",
+      r"m.csv:4: not valid CSV \(field larger than field limit \(131072\)\)"),
+     ('id,path,"text\n', r"m.csv:1: not valid CSV \(unexpected end of data\)")],
+)
+def test_a_csv_that_csv_cannot_parse_is_refused_naming_the_line_its_row_starts_on(tmp_path, content, message):
+    # A quote never closed made every later line part of its cell: those rows read as deleted, without a word.
+    (tmp_path / "m.csv").write_text(content)
+    with pytest.raises(CorpusError, match=message):
+        list(read_corpus(tmp_path / "m.csv"))
+
+
+def test_a_csv_row_after_a_cell_of_several_lines_is_named_by_the_line_it_starts_on(tmp_path):
+    (tmp_path / "m.csv").write_text('id,path,text\na,a.jpg,"two\nlines"\nb,,three\n')
+    with pytest.raises(CorpusError, match="m.csv:4: field 'path' is required"):
+        list(read_corpus(tmp_path / "m.csv"))
