@@ -27,9 +27,9 @@ def models() -> None:
 @model_options
 @click.pass_context
 def models_fetch(ctx: click.Context, **kwargs: Any) -> None:
-    """Put the configured model in the cache: download an open_clip pretrained tag, check that a checkpoint
-    file loads into the model (as the server will load it), or train the tiny model (which cannot be
-    downloaded; as `models train`).
+    """Put the configured model in the cache: download an open_clip pretrained tag, or train the tiny model
+    (which cannot be downloaded; as `models train`); then check that its weights (or a checkpoint file)
+    load into the model, as the server will load them.
 
     \b
       clip-sidecar models fetch --model ViT-B-32 --pretrained laion2b_s34b_b79k
@@ -43,9 +43,10 @@ def models_fetch(ctx: click.Context, **kwargs: Any) -> None:
     for model_settings, fine in configured_models(settings):
         where = fetch_weights(model_settings, progress=ctx.obj["progress"], fine=fine)
         pretrained = model_settings.pretrained
-        if pretrained and Path(pretrained).is_file():
-            # The user's own file, which nothing checked yet: loaded as the server will load it, so that a file
-            # cut short or of another model fails here (one line naming the setting), not at the server's boot.
+        if Path(where).is_file():
+            # Loaded as the server will load it, so that a file cut short or of another model fails here (one line
+            # naming the setting or the file), not at the server's boot: the user's own file, which nothing checked
+            # yet, and weights in the cache, which a copy of the cache dir that did not finish leaves damaged.
             load_encoder(model_settings, fetch=False, fine=fine)
         click.echo(f"{model_settings.model}{' / ' + pretrained if pretrained else ''} is cached: {where}")
 

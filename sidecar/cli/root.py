@@ -221,7 +221,7 @@ class _Group(click.Group):
         from sidecar.ingest.corpus import CorpusError
         from sidecar.ingest.shards import ShardError
         from sidecar.model.prompts import PromptSetError
-        from sidecar.model.weights import FetchFailed, ModelSettingsError
+        from sidecar.model.weights import FetchFailed, ModelNotCached, ModelSettingsError
         from sidecar.stores.base import StoreError
 
         # Only the main thread may set a handler; the previous one comes back when the command returns (a
@@ -242,7 +242,8 @@ class _Group(click.Group):
             # could not tell Ctrl-C from a failure. 130 (128 + SIGINT) is what shells give it.
             click.echo("\nAborted!", err=True)
             raise click.exceptions.Exit(INTERRUPTED) from None
-        except (CorpusError, ShardError, StoreError, PromptSetError, ModelSettingsError, FetchFailed) as exc:
+        except (CorpusError, ShardError, StoreError, PromptSetError, ModelSettingsError, FetchFailed,
+                ModelNotCached) as exc:
             raise click.ClickException(str(exc)) from exc
         except OSError as exc:
             if not is_unwritable_path(exc):

@@ -325,10 +325,12 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
 
     from sidecar.model.weights import (
         ModelNotCached,
+        cached_weights_file,
         fetch_weights,
         missing_weights,
         random_weights_id,
         random_weights_notice,
+        unloadable_cached_weights,
         unloadable_checkpoint,
         weights_dir,
     )
@@ -365,6 +367,9 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
     except Exception as exc:  # noqa: BLE001 - torch and open_clip refuse a bad file with any of several types
         if settings.pretrained and Path(settings.pretrained).is_file():  # the user's file, not a download's
             raise unloadable_checkpoint(settings, exc, fine=fine) from exc
+        cached = cached_weights_file(settings)
+        if cached is not None:  # the tiny model's checkpoint or a download, damaged since it was cached
+            raise unloadable_cached_weights(settings, cached, exc) from exc
         raise
     tokenizer = open_clip.get_tokenizer(model_name)
     return Encoder(model, tokenizer=tokenizer, preprocess=preprocess, name=model_name,

@@ -218,16 +218,33 @@ def random_weights_id(settings: Settings) -> str:
     return "random" if digest is None else f"random:{digest}"
 
 
+def _load_failure(exc: Exception) -> str:
+    """What torch or open_clip said of a file that does not load, in a few words: its first sentence (torch's
+    advice that follows, weights_only=False and the like, is not the user's remedy)."""
+    said = str(exc).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(exc).strip() else ""
+    return f"{type(exc).__name__}{': ' + said[:200] if said else ''}"
+
+
 def unloadable_checkpoint(settings: Settings, exc: Exception, *, fine: bool = False) -> ModelSettingsError:
     """The error for a `pretrained` file that does not load into the model: torch and open_clip each say
     so in their own way (a file cut short, not a checkpoint at all, one of another architecture), in a
-    traceback, and torch's advice for some of them (weights_only=False) is not the user's remedy."""
+    traceback."""
     names = _SETTING_NAMES[fine]
-    said = str(exc).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(exc).strip() else ""
     return ModelSettingsError(
         f"checkpoint {settings.pretrained!r} ({names['pretrained']}) does not load into {settings.model} "
-        f"({type(exc).__name__}{': ' + said[:200] if said else ''}): give a complete checkpoint file of "
-        f"{settings.model}, or the model it was saved from ({names['model']})")
+        f"({_load_failure(exc)}): give a complete checkpoint file of {settings.model}, or the model it was saved "
+        f"from ({names['model']})")
+
+
+def unloadable_cached_weights(settings: Settings, path: Path, exc: Exception) -> ModelNotCached:
+    """The error for weights in the cache (`cached_weights_file`) that do not load: a copy of the cache dir that
+    did not finish, a disk fault. Found present, so `missing_weights` passed them and `models fetch` would
+    leave them be: the file has to go before the command that puts it there again can."""
+    what = f"{settings.model} / {settings.pretrained}" if settings.pretrained else settings.model
+    again = "download" if settings.pretrained else "train"
+    return ModelNotCached(f"the cached weights of {what} do not load ({_load_failure(exc)}): {path} is cut short or "
+                          f"damaged; delete it and run `{FETCH_COMMAND}` with the same model settings to {again} it "
+                          "again")
 
 
 # The models this process has already said, or leaves another process to say, run with random weights
@@ -258,26 +275,36 @@ def random_weights_said_elsewhere(settings: Settings, *, fine: bool = False) -> 
     _TOLD_RANDOM.add((settings.model, fine))
 
 
+def cached_weights_file(settings: Settings) -> Path | None:
+    """The file in the cache the settings' weights load from, where it is there: the tiny model's trained
+    checkpoint, or a pretrained tag's download. None for random weights and a checkpoint file of the user's."""
+    model, pretrained = settings.model, settings.pretrained
+    if model in TINY_MODELS and not pretrained:
+        from sidecar.model.tiny_model import checkpoint_path
+
+        path = checkpoint_path(settings.cache_dir, model=model)
+        return path if path.is_file() else None
+    cfg = _tag_config(model, pretrained) if pretrained and not Path(pretrained).is_file() else None
+    cached = _cached_file(cfg, weights_dir(settings)) if cfg is not None else None
+    return Path(cached) if cached is not None else None
+
+
 def missing_weights(settings: Settings, *, fine: bool = False) -> str | None:
     """None if the configured model can load without a download or training; else what is missing
     and the command that puts it there. Touches no network; ModelSettingsError for a model or
     weights that do not exist at all."""
     check_model_settings(settings, fine=fine)
     model, pretrained = settings.model, settings.pretrained
-    if model in TINY_MODELS and not pretrained:
+    if not pretrained and model not in TINY_MODELS:
+        return None  # random weights: nothing to fetch
+    if (pretrained and Path(pretrained).is_file()) or cached_weights_file(settings) is not None:
+        return None
+    if not pretrained:  # a tiny model
         from sidecar.model.tiny_model import checkpoint_path
 
         path = checkpoint_path(settings.cache_dir, model=model)
-        if path.is_file():
-            return None
         return (f"the tiny model is not trained yet ({model}: no {path}); run `clip-sidecar models train` "
                 f"(or `{FETCH_COMMAND}`) with the same model settings first: it trains in minutes on CPU")
-    if not pretrained:
-        return None  # random weights: nothing to fetch
-    if Path(pretrained).is_file():
-        return None
-    if _cached_file(_tag_config(model, pretrained), weights_dir(settings)) is not None:
-        return None
     return (f"weights {model} / {pretrained} are not in {weights_dir(settings)}; run `{FETCH_COMMAND}` "
             f"with the same model settings first (or pass --pretrained /path/to/checkpoint)")
 

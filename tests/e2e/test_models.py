@@ -124,6 +124,56 @@ def test_a_gunicorn_worker_given_a_checkpoint_cut_short_fails_to_boot_in_one_lin
     assert "Traceback" not in result.stderr and "App failed to load" in result.stderr
 
 
+def damaged_tiny_checkpoint(cache_dir: Path, test_cache_dir: Path) -> Path:
+    """The trained tiny model in `cache_dir`, cut short (a copy of the cache dir that did not finish)."""
+    damaged = checkpoint_path(cache_dir)
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(checkpoint_path(test_cache_dir).read_bytes()[:3000])
+    return damaged
+
+
+@pytest.mark.parametrize("command", [["models", "fetch"], ["search", "red"], ["serve", "--port", "{port}"]])
+def test_a_cached_tiny_checkpoint_cut_short_is_one_line_naming_the_file_and_the_remedy(tmp_path, test_cache_dir,
+                                                                                      store_path, command):
+    # `models fetch` said such a file "is cached" without loading it, and every command that loads the model
+    # ended in torch's traceback.
+    damaged = damaged_tiny_checkpoint(tmp_path / "cache", test_cache_dir)
+    args = [arg.format(port=free_port()) for arg in command]
+    result = CliRunner().invoke(main, ["-q", *args], env={"SIDECAR_CACHE_DIR": str(tmp_path / "cache"),
+                                                           "SIDECAR_STORE_PATH": str(store_path)})
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.output.splitlines()[-1].startswith("Error: the cached weights of tiny-clip do not load ("), \
+        result.output
+    assert (f"{damaged} is cut short or damaged; delete it and run `clip-sidecar models fetch` with the same model "
+            "settings to train it again") in result.output
+
+
+def test_a_gunicorn_worker_given_a_cached_tiny_checkpoint_cut_short_fails_to_boot_in_one_line(tmp_path, test_cache_dir,
+                                                                                             store_path):
+    damaged = damaged_tiny_checkpoint(tmp_path / "cache", test_cache_dir)
+    result = gunicorn_boot({**os.environ, "SIDECAR_CACHE_DIR": str(tmp_path / "cache"),
+                            "SIDECAR_STORE_PATH": str(store_path)})
+    assert result.returncode != 0
+    assert f"{damaged} is cut short or damaged" in result.stderr
+    assert "Traceback" not in result.stderr and "App failed to load" in result.stderr
+
+
+def test_a_cached_download_cut_short_is_one_line_naming_the_file_and_the_remedy(tmp_path):
+    # `models fetch` said it "is cached" and every command loading it ended in safetensors' traceback. Offline:
+    # the Hub is not asked for a newer file, as the server (gunicorn_config) does not ask it.
+    damaged = hub_download(tmp_path, "ViT-B-32", "laion2b_s34b_b79k", b"cut short")
+    for command in (["models", "fetch"], ["search", "red"]):
+        result = run_cli(*command, "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k",
+                         env={"SIDECAR_CACHE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 1, result.stderr
+        message = result.stderr.splitlines()[-1]
+        assert message.startswith("Error: the cached weights of ViT-B-32 / laion2b_s34b_b79k do not load "
+                                  "(SafetensorError: "), result.stderr
+        assert message.endswith(f"{damaged} is cut short or damaged; delete it and run `clip-sidecar models fetch` "
+                                "with the same model settings to download it again"), result.stderr
+        assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("wrong", ["model", "fine model"])
 def test_serve_refuses_a_wrong_model_before_starting_gunicorn(wrong):
     flags, message = WRONG_MODELS[wrong]
@@ -185,16 +235,22 @@ def test_models_list_names_the_tiny_models_first_then_each_open_clip_model_with_
     assert "laion2b_s34b_b79k" in rows["ViT-B-32"].split(", ") and "openai" in rows["ViT-B-32"].split(", ")
 
 
-def test_models_list_of_one_model_marks_each_tag_cached_or_not_from_the_cache_dir_alone(tmp_path):
+def hub_download(cache_dir: Path, model: str, tag: str, content: bytes) -> Path:
+    """What `models fetch` leaves in `cache_dir` for a tag open_clip downloads from the Hub (huggingface_hub's
+    cache layout), holding `content`."""
     import open_clip
 
-    # What `models fetch` leaves for a tag open_clip downloads from the Hub: huggingface_hub's cache layout.
-    repo = open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"].strip("/")
-    snapshot = tmp_path / "weights" / f"models--{repo.replace('/', '--')}" / "snapshots" / "0123abc"
+    repo = open_clip.get_pretrained_cfg(model, tag)["hf_hub"].strip("/")
+    snapshot = cache_dir / "weights" / f"models--{repo.replace('/', '--')}" / "snapshots" / "0123abc"
     snapshot.mkdir(parents=True)
-    (snapshot / "open_clip_model.safetensors").write_bytes(b"weights")
+    (snapshot / "open_clip_model.safetensors").write_bytes(content)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0123abc")
+    return snapshot / "open_clip_model.safetensors"
+
+
+def test_models_list_of_one_model_marks_each_tag_cached_or_not_from_the_cache_dir_alone(tmp_path):
+    hub_download(tmp_path, "ViT-B-32", "openai", b"weights")
     # A configured checkpoint of another model does not stand in the way of listing the tags to choose from.
     result = CliRunner().invoke(main, ["-q", "models", "list", "--model", "ViT-B-32"],
                                 env={"SIDECAR_CACHE_DIR": str(tmp_path), "SIDECAR_PRETRAINED": "/nonexistent/other.pt"})
