@@ -288,11 +288,23 @@ def configured_weights_id(settings: Settings) -> str:
     is hashed): a tiny model without `pretrained` has its trained checkpoint's, random weights
     weights.random_weights_id (which tells the model config's architectures apart)."""
     from sidecar.model.tiny_model import RECIPES, checkpoint_path
-    from sidecar.model.weights import random_weights_id
 
     if settings.model in RECIPES and not settings.pretrained:
-        return weights_id(str(checkpoint_path(settings.cache_dir, model=settings.model)))
-    return weights_id(settings.pretrained) if settings.pretrained else random_weights_id(settings)
+        return _weights_id_of(settings, str(checkpoint_path(settings.cache_dir, model=settings.model)))
+    return _weights_id_of(settings, settings.pretrained)
+
+
+def _weights_id_of(settings: Settings, pretrained: str) -> str:
+    """weights_id of `pretrained` (the file loaded, the tag), random weights' weights.random_weights_id; a checkpoint
+    file loaded into an architecture of the model config adds that config's digest: one file loads into two configs
+    of one name (an activation or a pooling changed) as two models, which the text-vector cache and the store must
+    not take for one another."""
+    from sidecar.model.weights import custom_config_digest, random_weights_id
+
+    if not pretrained:
+        return random_weights_id(settings)
+    digest = custom_config_digest(settings)
+    return weights_id(pretrained) + (f"+config:{digest}" if digest is not None else "")
 
 
 class _RandomInitWarning(logging.Filter):
@@ -328,7 +340,6 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
         cached_weights_file,
         fetch_weights,
         missing_weights,
-        random_weights_id,
         random_weights_notice,
         unloadable_cached_weights,
         unloadable_checkpoint,
@@ -373,7 +384,7 @@ def load_encoder(settings: Settings, *, fetch: bool = True, fine: bool = False) 
         raise
     tokenizer = open_clip.get_tokenizer(model_name)
     return Encoder(model, tokenizer=tokenizer, preprocess=preprocess, name=model_name,
-                   weights=weights_id(pretrained) if pretrained else random_weights_id(settings), device=device,
+                   weights=_weights_id_of(settings, pretrained), device=device,
                    precision=precision)
 
 

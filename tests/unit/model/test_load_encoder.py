@@ -99,3 +99,25 @@ def test_the_random_weights_id_of_a_model_config_ignores_its_spacing_and_key_ord
     config = json.loads(TINY_CONFIG.read_text())
     Path(settings.model_config).write_text(json.dumps(dict(reversed(config.items()))))
     assert configured_weights_id(settings) == before
+
+
+def test_one_checkpoint_file_in_two_model_configs_under_one_name_has_two_weights_ids_and_cache_namespaces(
+        tmp_path, model_settings):
+    # The weights id was the file's hash alone: after the config's text pooling changed under the same name and
+    # file, the text-vector cache served the old architecture's vectors and a store embedded with it took the new
+    # one's queries, though the two encode differently.
+    checkpoint = str(checkpoint_path(model_settings.cache_dir))
+    (tmp_path / "one").mkdir()
+    one = dataclasses.replace(random_weights_settings(tmp_path / "one"), pretrained=checkpoint)
+    config = json.loads(TINY_CONFIG.read_text())
+    config["text_cfg"]["pool_type"] = "last"  # the end-of-text token's output, where it was the argmax token's
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "tiny-random.json").write_text(json.dumps(config, indent=4))
+    two = dataclasses.replace(one, model_config=str(tmp_path / "two" / "tiny-random.json"))
+    first, second = load_encoder(one, fetch=False), load_encoder(two, fetch=False)
+    texts = ["a red circle"]
+    assert not np.allclose(first.encode_texts(texts), second.encode_texts(texts), atol=1e-3)
+    assert first.weights.startswith(weights_id(checkpoint)) and second.weights.startswith(weights_id(checkpoint))
+    assert first.weights != second.weights and first.signature != second.signature
+    assert text_cache_namespaces(one) != text_cache_namespaces(two)
+    assert configured_weights_id(one) == first.weights and configured_weights_id(two) == second.weights
