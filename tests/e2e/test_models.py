@@ -162,7 +162,10 @@ def test_a_cached_download_cut_short_is_one_line_naming_the_file_and_the_remedy(
     # `models fetch` said it "is cached" and every command loading it ended in safetensors' traceback. Offline:
     # the Hub is not asked for a newer file, as the server (gunicorn_config) does not ask it.
     damaged = hub_download(tmp_path, "ViT-B-32", "laion2b_s34b_b79k", b"cut short")
-    for command in (["models", "fetch"], ["search", "red"]):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle\n", encoding="utf-8")
+    # A command that loads the model before anything else (`search` opens the store first: none in a clean checkout).
+    for command in (["models", "fetch"], ["cache", "warm", str(prompts)]):
         result = run_cli(*command, "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k",
                          env={"SIDECAR_CACHE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"})
         assert result.returncode == 1, result.stderr
