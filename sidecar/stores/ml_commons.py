@@ -67,6 +67,9 @@ REQUIRED_PLUGINS = ("opensearch-ml", "opensearch-neural-search", "opensearch-knn
 STARTING = "Fetching master key timed out"
 STARTING_WAIT_S = 60.0
 DEPLOY_TIMEOUT_S = 60.0
+# ml-commons refuses to delete a connector (409, "models are still using this connector") while its model index, which
+# it refreshes each second, still shows the models deleted just before: the DELETE is asked again for this long.
+CONNECTOR_FREE_TIMEOUT_S = 10.0
 IGNORE_404 = {"ignore": 404}  # opensearch-py: answer a 404 instead of raising (and logging) it
 
 
@@ -541,14 +544,28 @@ class _Cluster:
             self.delete_model(hit["_id"])
             removed.append(f"removed model {hit['_source']['name']} ({hit['_id']})")
         for hit in self.find("connectors", *names):
-            self.delete(f"/_plugins/_ml/connectors/{hit['_id']}")
+            self.delete_connector(hit["_id"])
             removed.append(f"removed connector {hit['_source']['name']} ({hit['_id']})")
         return removed
 
     def _delete_connector(self, connector_id: str) -> None:
         for model in self.models_of(connector_id):
             self.delete_model(model["_id"])
-        self.delete(f"/_plugins/_ml/connectors/{connector_id}")
+        self.delete_connector(connector_id)
+
+    def delete_connector(self, connector_id: str) -> None:
+        """DELETE a connector whose models were just deleted, asked again while ml-commons still counts them
+        (CONNECTOR_FREE_TIMEOUT_S): on a quick machine the DELETE came within its model index's refresh."""
+        deadline = time.monotonic() + CONNECTOR_FREE_TIMEOUT_S
+        while True:
+            try:
+                self.delete(f"/_plugins/_ml/connectors/{connector_id}")
+                return
+            except StoreError as exc:
+                in_use = isinstance(exc.__cause__, TransportError) and exc.__cause__.status_code == 409
+                if not in_use or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
 
     def _wait_deployed(self, model_id: str, name: str) -> None:
         deadline = time.monotonic() + DEPLOY_TIMEOUT_S

@@ -9,6 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+from opensearchpy.exceptions import TransportError
 
 from sidecar.stores.base import StoreError
 from sidecar.stores.ml_commons import ConnectOptions, Names, _Cluster, _fingerprint, _sidecar_url
@@ -118,3 +119,33 @@ def test_the_connect_check_waits_out_a_just_started_node_reading_its_key_and_ref
     with pytest.raises(StoreError, match="Connection refused"):
         refused.check_models({"text-image": "m"}, signature=SIGNATURE, sidecar_url="http://s:8080")
     assert refused.calls == 1
+
+
+class _Refreshing(_Cluster):
+    """ml-commons just after a connector's models were deleted: its DELETE answers 409 ("models are still using this
+    connector") until the model index has refreshed."""
+
+    def __init__(self, conflicts: int, *, status: int = 409):
+        self.store = None
+        self.conflicts, self.status = conflicts, status
+        self.deletes = 0
+
+    def request(self, method: str, path: str, body=None, **kwargs) -> dict:
+        self.deletes += 1
+        if self.deletes <= self.conflicts:
+            error = TransportError(self.status, "status_exception", {"error": {"reason": "1 models are still using "
+                                                                               "this connector"}})
+            raise StoreError(f"{method} {path} failed: {self.status}") from error
+        return {"result": "deleted"}
+
+
+def test_a_connector_whose_models_were_just_deleted_is_deleted_once_ml_commons_has_caught_up():
+    # On a quick machine the DELETE came within ml-commons' refresh of its model index: connect's rerun failed
+    # with "409 3 models are still using this connector" about the probe models it had itself just deleted.
+    refreshing = _Refreshing(conflicts=2)
+    refreshing.delete_connector("c1")
+    assert refreshing.deletes == 3
+    other = _Refreshing(conflicts=1, status=403)  # any other refusal is said at once
+    with pytest.raises(StoreError, match="failed: 403"):
+        other.delete_connector("c1")
+    assert other.deletes == 1
