@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from sidecar.errors import UserFixable
+
 log = logging.getLogger(__name__)
 
 TINY_MODEL = "tiny-clip"
@@ -58,7 +60,7 @@ FLAG_VARIABLES = ("SIDECAR_CONNECTOR_API_KEY",)
 _warned_unknown: set[str] = set()
 
 
-class SettingsError(ValueError):
+class SettingsError(ValueError, UserFixable):
     """A setting's value the user fixes (from its SIDECAR_* variable, a flag or a key list): the message names
     the setting and what it takes. Every command and gunicorn (wsgi, the config's own module) say it in one line."""
 

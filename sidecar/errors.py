@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+class UserFixable(Exception):
+    """An error whose message says what the user fixes (a setting, a corpus or shard file, a prompt set, a model
+    not cached, a store of another model or out of reach), not a bug: every command (`cli/root.py`) and gunicorn's
+    boot (`api/wsgi.py`) say it in one line, where anything else is a traceback."""
+
+
 class ApiError(Exception):
     """An error the API answers as JSON {"error": {"code", "message"}} with `status`."""
 

@@ -3,14 +3,13 @@
 from gunicorn.errors import AppImportError
 
 from sidecar.api.app import create_app
-from sidecar.config import Settings, SettingsError, is_unwritable_path, path_settings, unwritable_path_message
-from sidecar.model.weights import ModelNotCached, ModelSettingsError
-from sidecar.stores.base import StoreError
+from sidecar.config import Settings, is_unwritable_path, path_settings, unwritable_path_message
+from sidecar.errors import UserFixable
 
 try:
     app = create_app()
-except (SettingsError, ModelSettingsError, ModelNotCached, StoreError) as exc:
-    # A setting (or a store the user fixes: another model's, a damaged file, a missing CA file) to fix, not a bug:
+except UserFixable as exc:
+    # A setting, model or store to fix (another model's store, a damaged file, a missing CA file), not a bug:
     # gunicorn prints an AppImportError as its message alone and stops the server ("App failed to load"), where any
     # other error is a traceback from every worker.
     raise AppImportError(str(exc)) from exc

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import click
 
 from sidecar.config import PRECISIONS, STORES, Settings, is_unwritable_path, path_settings, unwritable_path_message
+from sidecar.errors import UserFixable
 from sidecar.logs import OneLineFormatter, route_logs
 
 MODEL_FLAGS = ("model", "pretrained", "model_config", "device", "precision", "fine_model", "fine_pretrained")
@@ -212,18 +213,13 @@ def configure_logging(*, verbose: bool, quiet: bool) -> None:
 
 
 class _Group(click.Group):
-    """Turns the errors a user can fix (unknown model or weights, a store of another model, bad corpus,
-    unreachable store, bad prompt set, a folder it cannot create or write) into one clear line and exit code 1, instead of a traceback;
+    """Turns the errors a user can fix (`UserFixable`: unknown model or weights, a store of another model, bad
+    corpus, unreachable store, bad prompt set; a folder it cannot create or write) into one clear line and exit
+    code 1, instead of a traceback;
     Ctrl-C into "Aborted!" and exit code 130; SIGTERM, stopping the command as Ctrl-C does, into "Terminated."
     and exit code 143."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from sidecar.ingest.corpus import CorpusError
-        from sidecar.ingest.shards import ShardError
-        from sidecar.model.prompts import PromptSetError
-        from sidecar.model.weights import FetchFailed, ModelNotCached, ModelSettingsError
-        from sidecar.stores.base import StoreError
-
         # Only the main thread may set a handler; the previous one comes back when the command returns (a
         # test's CliRunner runs commands inside pytest's process). `serve` replaces this process with gunicorn,
         # which handles SIGTERM its own way.
@@ -242,8 +238,7 @@ class _Group(click.Group):
             # could not tell Ctrl-C from a failure. 130 (128 + SIGINT) is what shells give it.
             click.echo("\nAborted!", err=True)
             raise click.exceptions.Exit(INTERRUPTED) from None
-        except (CorpusError, ShardError, StoreError, PromptSetError, ModelSettingsError, FetchFailed,
-                ModelNotCached) as exc:
+        except UserFixable as exc:
             raise click.ClickException(str(exc)) from exc
         except OSError as exc:
             if not is_unwritable_path(exc):

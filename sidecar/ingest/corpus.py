@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from sidecar.errors import not_utf8
+from sidecar.errors import UserFixable, not_utf8
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class CorpusItem:
     unusable: str = ""  # why the item cannot be embedded (listed in errors.jsonl); empty when it can
 
 
-class CorpusError(ValueError):
+class CorpusError(ValueError, UserFixable):
     """The corpus source cannot be read; the message names the file, line and field."""
 
 

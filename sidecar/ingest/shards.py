@@ -39,13 +39,14 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from sidecar.errors import UserFixable
 from sidecar.ingest.identity import document_hash
 from sidecar.types import Document, ModelSignature
 
 FORMAT_VERSION = 2
 
 
-class ShardError(ValueError):
+class ShardError(ValueError, UserFixable):
     """Shards that cannot be used here (another model, damaged files)."""
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from sidecar.errors import not_utf8
+from sidecar.errors import UserFixable, not_utf8
 
 if TYPE_CHECKING:  # the encoder module loads torch
     from sidecar.model.encoder import PreparedTexts
@@ -43,7 +43,7 @@ MAX_LABEL_CHARS = 1000  # a label is a word or a description, not a document
 EncodeTexts = Callable[[list[str]], np.ndarray]
 
 
-class PromptSetError(ValueError):
+class PromptSetError(ValueError, UserFixable):
     """A prompt set file or definition that cannot be used; the message names the file and the field."""
 
 

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from sidecar.config import TINY_MODELS, Settings
+from sidecar.errors import UserFixable
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +26,15 @@ FETCH_COMMAND = "clip-sidecar models fetch"
 LIST_COMMAND = "clip-sidecar models list"
 
 
-class ModelNotCached(RuntimeError):
+class ModelNotCached(RuntimeError, UserFixable):
     """The configured model's weights are not on this machine (the message names the command to run)."""
 
 
-class FetchFailed(RuntimeError):
+class FetchFailed(RuntimeError, UserFixable):
     """Downloading weights failed (the message says what was asked for and why it failed)."""
 
 
-class ModelSettingsError(ValueError):
+class ModelSettingsError(ValueError, UserFixable):
     """The settings name a model open_clip does not know, weights that are neither a file nor one of its
     pretrained tags, or a device or precision this machine lacks: a mistake the user fixes (the message
     names the flag, the variable and the choices)."""

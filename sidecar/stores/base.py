@@ -8,12 +8,12 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from sidecar.errors import quoted
+from sidecar.errors import UserFixable, quoted
 from sidecar.stores.effort import EffortPolicy
 from sidecar.types import Document, Filters, ModelSignature, ScoredId
 
 
-class StoreError(RuntimeError):
+class StoreError(RuntimeError, UserFixable):
     """A store cannot do what was asked (wrong model, unreachable cluster, bad state)."""
 
 

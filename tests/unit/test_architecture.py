@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "sidecar"
 # ingest; below them: model, stores; at the bottom: config, errors, types, threads, logs, sqlite_files.
 BOTTOM = {"config", "errors", "types", "threads", "logs", "sqlite_files"}
 ALLOWED = {
-    "config": set(),
+    "config": {"errors"},  # its SettingsError is a UserFixable
     "errors": set(),
     "types": set(),
     "threads": set(),
