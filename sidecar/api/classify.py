@@ -33,7 +33,7 @@ from sidecar.model.prompts import (
 bp = Blueprint("classify", __name__)
 
 FIELDS = ("set", "input", "modality", "k", "threshold")
-DEFAULT_K = 5
+DEFAULT_LABELS = 5  # labels a classification answers without k or a threshold
 
 
 @bp.post("/v1/classify")
@@ -53,7 +53,7 @@ def classify():
     if threshold is not None and not -1 <= threshold <= 1:
         raise BadRequest(f"field 'threshold' is a cosine similarity, between -1 and 1; got {threshold}")
     # With a threshold, every label that clears it (multi-label), unless k caps them.
-    k = bounded_int(body, "k", default=DEFAULT_K if threshold is None else settings.max_k, low=1, high=settings.max_k,
+    k = bounded_int(body, "k", default=DEFAULT_LABELS if threshold is None else settings.max_k, low=1, high=settings.max_k,
                     setting="max_k")
     prompt_set = _prompt_set(state.prompt_sets, name)
 
