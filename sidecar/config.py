@@ -55,6 +55,7 @@ _REPLICA_RANGE = re.compile(r"(\d+)-(\d+|all)")
 _ALLOWED_HOST = re.compile(r"\.?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?", re.ASCII | re.IGNORECASE)
 # SIDECAR_* variables that are no setting: a command-line flag's own (`opensearch connect --api-key`).
 FLAG_VARIABLES = ("SIDECAR_CONNECTOR_API_KEY",)
+MIN_API_RATE_LIMIT = 1 / 86_400  # requests/s: one a day
 # Unknown SIDECAR_* variables this process has warned about: Settings are built several times per process
 # (gunicorn's arbiter and each worker, a CLI command and its helpers), one warning per name is enough.
 _warned_unknown: set[str] = set()
@@ -311,6 +312,11 @@ class Settings:
         if self.api_rate_limit < 0 or self.api_rate_burst < 0:
             raise SettingsError(f"settings api_rate_limit and api_rate_burst must be >= 0 (0 = no limit / one second's "
                                 f"worth), got {self.api_rate_limit} and {self.api_rate_burst}")
+        if 0 < self.api_rate_limit < MIN_API_RATE_LIMIT:
+            # A 429's Retry-After is the wait for one token, 1/rate seconds: a rate near zero made it infinite
+            # (a 500 on the first refused request) or centuries long.
+            raise SettingsError(f"setting api_rate_limit={self.api_rate_limit:g} is under one request a day "
+                                f"({MIN_API_RATE_LIMIT:.3g}/s): set 0 for no limit, or at least that")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):

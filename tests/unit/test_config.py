@@ -117,6 +117,13 @@ def test_api_key_and_ca_settings_come_from_the_environment():
         Settings(api_rate_limit=-1)
 
 
+@pytest.mark.parametrize("rate", [5e-324, 1e-9])
+def test_a_rate_limit_under_one_request_a_day_is_refused_where_its_retry_after_would_be_infinite_or_centuries(rate):
+    with pytest.raises(SettingsError, match=r"api_rate_limit=.* is under one request a day .*set 0 for no limit"):
+        Settings(api_rate_limit=rate)
+    assert Settings(api_rate_limit=1 / 86_400).api_rate_limit == 1 / 86_400
+
+
 def test_opensearch_shards_and_replicas_come_from_the_environment_into_the_store():
     from sidecar.stores import open_store
 
