@@ -80,7 +80,7 @@ class Label:
 class PromptSet:
     name: str
     # A name, not a number: one written as a number in a file is kept as the text it was written as
-    # (_WrittenFloat: 1.10 is not 1.1), and the file form (to_dict) and the API give it as that string.
+    # (_Written: 1.10 is not 1.1, 010 is not 8), and the file form (to_dict) and the API give it as that string.
     version: str
     labels: tuple[Label, ...]
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # the set's default, for labels without their own
@@ -218,8 +218,10 @@ def load_prompt_set(path: Path, *, name: str | None = None, version: str | None 
 
         Loader.add_constructor("tag:yaml.org,2002:float", lambda loader, node: _WrittenFloat.of(
             node.value, loader.construct_yaml_float(node)))
+        Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: _WrittenInt.of(
+            node.value, loader.construct_yaml_int(node)))
         try:
-            data = yaml.load(text, Loader=Loader)  # safe_load's loader, its floats keeping their text
+            data = yaml.load(text, Loader=Loader)  # safe_load's loader, its numbers keeping their text
         except yaml.YAMLError as exc:
             raise PromptSetError(f"{path}: not valid YAML: {exc}") from exc
     prompt_set = PromptSet.from_dict(data, source=str(path), name=name, version=version)
@@ -289,17 +291,26 @@ def _first_twins(labels: Sequence[Label], keys: Sequence[Any]) -> tuple[Label, L
     return None
 
 
-class _WrittenFloat(float):
-    """A number read from a file, with its text: YAML and JSON read `version: 1.10` as 1.1, so a set bumped
-    from 1.1 to 1.10 would read as unchanged, its version shown as 1.1."""
+class _Written:
+    """A number read from a file, with its text: YAML and JSON read `version: 1.10` as 1.1, and YAML reads
+    `version: 010` as 8 (an octal number), so a set bumped from 1.1 to 1.10 would read as unchanged, its
+    version shown as 1.1, and one at 010 would show as 8."""
 
     written: str
 
     @classmethod
-    def of(cls, written: str, value: float) -> _WrittenFloat:
+    def of(cls, written: str, value: float) -> Any:
         number = cls(value)
         number.written = written
         return number
+
+
+class _WrittenFloat(_Written, float):
+    pass
+
+
+class _WrittenInt(_Written, int):
+    pass
 
 
 def _from_csv(text: str, *, source: str, name: str, version: str | None) -> PromptSet:

@@ -73,6 +73,12 @@ def test_a_numeric_version_is_the_version_as_written_so_a_bump_from_1_1_to_1_10_
     assert registry.add(bumped) and registry.get("s").version == "1.10"
 
 
+@pytest.mark.parametrize("written", ["010", "0x1A", "1_000", "+3"])
+def test_a_yaml_integer_version_is_the_version_as_written_not_the_number_yaml_reads(tmp_path, written):
+    prompt_set = load_prompt_set(write(tmp_path / "a.yaml", f"name: s\nversion: {written}\nlabels: [a]\n"))
+    assert prompt_set.version == written and prompt_set.to_dict()["version"] == written
+
+
 def test_a_csv_whose_labels_share_templates_has_them_as_the_set_templates(tmp_path):
     prompt_set = load_prompt_set(EXAMPLES / "colors.csv")
     assert prompt_set.templates == ("a {} shape", "something {}") and len(prompt_set.labels) == 8
