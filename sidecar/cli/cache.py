@@ -13,8 +13,8 @@ import click
 from sidecar.cli.root import (
     MODEL_FLAGS,
     MODEL_IDENTITY_FLAGS,
-    coarse_model_options,
     model_identity_options,
+    model_options,
     settings_from,
 )
 from sidecar.config import Settings
@@ -38,13 +38,14 @@ def cache() -> None:
 
 @cache.command("warm")
 @click.argument("prompts", type=click.File("rb"))
-@coarse_model_options
+@model_options
 @click.pass_context
 def cache_warm(ctx: click.Context, prompts, **kwargs: Any) -> None:
-    """Pre-compute vectors for PROMPTS (one text per line; - for stdin) so the first queries hit."""
+    """Pre-compute vectors for PROMPTS (one text per line; - for stdin) so the first queries hit: the model's,
+    and the fine model's where one is set (a server's fine stage encodes each query with it too)."""
     from tqdm import tqdm
 
-    from sidecar.model.encoder import load_encoder
+    from sidecar.model.encoder import load_encoder, load_fine_encoder
     from sidecar.serving.encoding import EncodingService
 
     settings = settings_from(kwargs, MODEL_FLAGS)
@@ -52,22 +53,30 @@ def cache_warm(ctx: click.Context, prompts, **kwargs: Any) -> None:
         texts = list(dict.fromkeys(line.strip() for line in prompts.read().decode("utf-8").splitlines() if line.strip()))
     except UnicodeDecodeError as exc:
         raise click.BadParameter(f"{prompts.name}: {not_utf8(exc)}; save it as UTF-8", param_hint="PROMPTS") from exc
-    service = EncodingService(load_encoder(settings), settings)
+    services = {"this model": EncodingService(load_encoder(settings), settings)}
     try:
+        fine_encoder = load_fine_encoder(settings)
+        if fine_encoder is not None:
+            services["the fine model"] = EncodingService(fine_encoder, settings, role="fine")
         started = time.perf_counter()
-        with tqdm(total=len(texts), unit="prompt", desc="cache warm", disable=not ctx.obj["progress"]) as bar:
-            for start in range(0, len(texts), settings.max_batch_items):
-                batch = texts[start:start + settings.max_batch_items]
-                service.encode_texts(batch)
-                bar.update(len(batch))
-        service.cache.flush()
-        if service.cache.write_error is not None:  # the server's writer only warns: serving goes on without it
-            raise click.ClickException(f"the vectors could not be stored in {settings.text_cache_file()}: "
-                                       f"{service.cache.write_error} (SIDECAR_TEXT_CACHE_PATH)")
-        click.echo(f"{len(texts)} prompts cached in {time.perf_counter() - started:.1f} s; "
-                   f"{service.cache.persisted_count()} vectors stored for this model and prompt version")
+        with tqdm(total=len(texts) * len(services), unit="prompt", desc="cache warm",
+                  disable=not ctx.obj["progress"]) as bar:
+            for service in services.values():
+                for start in range(0, len(texts), settings.max_batch_items):
+                    batch = texts[start:start + settings.max_batch_items]
+                    service.encode_texts(batch)
+                    bar.update(len(batch))
+        stored = []
+        for whose, service in services.items():
+            service.cache.flush()
+            if service.cache.write_error is not None:  # the server's writer only warns: serving goes on without it
+                raise click.ClickException(f"the vectors could not be stored in {settings.text_cache_file()}: "
+                                           f"{service.cache.write_error} (SIDECAR_TEXT_CACHE_PATH)")
+            stored.append(f"{service.cache.persisted_count()} vectors stored for {whose} and prompt version")
+        click.echo(f"{len(texts)} prompts cached in {time.perf_counter() - started:.1f} s; {'; '.join(stored)}")
     finally:
-        service.close()
+        for service in services.values():
+            service.close()
 
 
 def _cache_file(settings: Settings) -> Path | None:

@@ -1065,6 +1065,26 @@ def test_cache_warm_persists_prompt_vectors_and_a_new_prompt_version_re_embeds(t
     assert not np.allclose(stored, encoder.encode_texts(["red circle", "blue square"]), atol=1e-3)
 
 
+def test_cache_warm_stores_the_fine_models_vectors_too_which_a_servers_fine_stage_reads(tmp_path, monkeypatch,
+                                                                                        encoder, fine_encoder):
+    from sidecar.model.tiny_model import LARGE_MODEL_NAME, ensure_tiny_model
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle\nblue square\n")
+    monkeypatch.setenv("SIDECAR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SIDECAR_PRETRAINED", str(_tiny_checkpoint()))
+    large = ensure_tiny_model(Settings().cache_dir, model=LARGE_MODEL_NAME)
+    result = CliRunner().invoke(main, ["-q", "cache", "warm", str(prompts), "--fine-model", LARGE_MODEL_NAME,
+                                       "--fine-pretrained", str(large)])
+    assert result.exit_code == 0, result.output
+    assert "2 vectors stored for this model and prompt version; 2 vectors stored for the fine model" in result.output
+    settings = Settings.from_env()
+    np.testing.assert_allclose(_stored_vectors(settings, ["red circle", "blue square"], fine_encoder),
+                               fine_encoder.encode_texts(["red circle", "blue square"]), atol=1e-5)
+    np.testing.assert_allclose(_stored_vectors(settings, ["red circle", "blue square"], encoder),
+                               encoder.encode_texts(["red circle", "blue square"]), atol=1e-5)
+
+
 @pytest.mark.parametrize("command", [("cache", "warm", "PROMPTS"), ("serve", "--port", "8789")])
 def test_a_text_cache_path_that_is_a_folder_is_refused_in_one_line_naming_the_setting(tmp_path, command):
     # Was SQLite's traceback "unable to open database file" (serve: in each worker, then "Worker failed to boot").
