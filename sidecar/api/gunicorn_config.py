@@ -45,10 +45,6 @@ threads = _settings.request_threads
 # At least one: gunicorn takes 0, and then listens with no worker to answer (connections wait for ever).
 workers = _whole_number("GUNICORN_WORKERS", 1, minimum=1)
 bind = config_bind(os.environ)
-# gunicorn refuses a port that is no number itself, in one line, but one past 65535 only when binding: a traceback.
-_address = util.parse_address(bind)
-if isinstance(_address, tuple) and not 0 <= _address[1] <= 65535:
-    raise SettingsError(f"GUNICORN_BIND={bind!r}: the port must be 0-65535")
 # Never preload: CUDA does not survive fork, so each worker imports the app (and loads the
 # model) after it is forked. Loading reads a cached model only (`clip-sidecar models fetch`
 # puts it there); it never downloads or trains, so it fits inside the boot timeout below.
@@ -112,16 +108,30 @@ _OWNED_ENV = "CLIP_SIDECAR_OWNED_METRICS_DIR"
 _owned_metrics_dir: str | None = None
 
 
+def _unservable(cfg) -> str | None:
+    """Why gunicorn cannot serve with its effective settings (this file's, GUNICORN_CMD_ARGS' flags and the command
+    line's, which override it), checked on them where this file's own checks see only the GUNICORN_* variables."""
+    if cfg.workers < 1:  # gunicorn takes 0, and listens with no worker to answer: connections wait for ever
+        return f"workers={cfg.workers} (GUNICORN_WORKERS, or --workers in GUNICORN_CMD_ARGS): at least 1 is needed"
+    for host, port in (address for address in cfg.address if isinstance(address, tuple)):
+        if not 0 <= port <= 65535:  # gunicorn finds out only as it binds: a traceback
+            return f"bind {host}:{port} (GUNICORN_BIND, or --bind in GUNICORN_CMD_ARGS): the port must be 0-65535"
+    return None
+
+
 def on_starting(server):
-    """Before any socket is bound: the exposure rule, then Prometheus multiprocess mode: every worker writes its series to files in one folder and a
-    scrape sums them (sidecar.serving.metrics). Set before any worker imports prometheus_client;
+    """Before any socket is bound: the effective settings (`_unservable`) and the exposure rule, then Prometheus
+    multiprocess mode: every worker writes its series to files in one folder and a scrape sums them
+    (sidecar.serving.metrics). Set before any worker imports prometheus_client;
     a folder the operator names is emptied first, since files of a previous run would add to
     this run's counts. The new master of a USR2 upgrade (master_pid set) empties nothing: the files
     are the old master's workers', which still serve and count (pre_exec hands it the folder)."""
     global _owned_metrics_dir
     # The rule `clip-sidecar serve` applies, for gunicorn started directly (the Docker image): no
     # listening beyond loopback without API keys unless SIDECAR_INSECURE.
-    refusal = refusal_to_serve(_settings, [address[0] for address in server.cfg.address if isinstance(address, tuple)])
+    refusal = (_unservable(server.cfg)
+               or refusal_to_serve(_settings, [address[0] for address in server.cfg.address
+                                               if isinstance(address, tuple)]))
     if refusal:
         raise RuntimeError(refusal)  # gunicorn prints "Error: <message>" and exits 1
     configured = os.environ.get(_MULTIPROC_ENV)

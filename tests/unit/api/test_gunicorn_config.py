@@ -34,7 +34,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def arbiter(*, master_pid: int = 0, reexec_pid: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(cfg=SimpleNamespace(address=[], env_orig={}), master_pid=master_pid,
+    return SimpleNamespace(cfg=SimpleNamespace(address=[], workers=1, env_orig={}), master_pid=master_pid,
                            reexec_pid=reexec_pid, log=logging.getLogger("test.gunicorn"))
 
 
@@ -192,7 +192,7 @@ def test_gunicorns_arbiter_runs_its_hooks_for_a_random_weights_server_without_im
         from types import SimpleNamespace
         from sidecar.api import gunicorn_config
         logging.basicConfig()
-        server = SimpleNamespace(cfg=SimpleNamespace(address=[], env_orig={}), master_pid=0, reexec_pid=0,
+        server = SimpleNamespace(cfg=SimpleNamespace(address=[], workers=1, env_orig={}), master_pid=0, reexec_pid=0,
                                  WORKERS={}, log=logging.getLogger("gunicorn.error"))
         gunicorn_config.on_starting(server)
         gunicorn_config.pre_fork(server, SimpleNamespace())
@@ -236,7 +236,6 @@ def test_a_malformed_api_key_list_stops_gunicorn_as_it_reads_its_config_in_one_l
     ("GUNICORN_GRACEFUL_TIMEOUT", "1.5", "GUNICORN_GRACEFUL_TIMEOUT='1.5': expected a whole number"),
     ("SIDECAR_MAX_WAIT_MS", "soon", "SIDECAR_MAX_WAIT_MS='soon': expected a number"),
     ("SIDECAR_PIN_WORKERS", "on", "SIDECAR_PIN_WORKERS='on': expected true or false (also 1/0, yes/no)"),
-    ("GUNICORN_BIND", "127.0.0.1:99999", "GUNICORN_BIND='127.0.0.1:99999': the port must be 0-65535"),  # a traceback
     # Was taken as info without a word.
     ("GUNICORN_LOGLEVEL", "warn", "GUNICORN_LOGLEVEL='warn': choose one of critical, error, warning, info, debug"),
 ])
@@ -248,6 +247,22 @@ def test_a_malformed_value_stops_gunicorn_in_one_line_naming_the_variable_and_wh
                          timeout=120)
     assert ran.returncode == 1
     assert ran.stderr.strip() == f"Error: {message}"
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"GUNICORN_CMD_ARGS": "--workers 0"},  # was a server listening with no worker: connections waited for ever
+     "workers=0 (GUNICORN_WORKERS, or --workers in GUNICORN_CMD_ARGS): at least 1 is needed"),
+    ({"GUNICORN_BIND": "127.0.0.1:99999"},  # was a traceback as gunicorn bound it
+     "bind 127.0.0.1:99999 (GUNICORN_BIND, or --bind in GUNICORN_CMD_ARGS): the port must be 0-65535"),
+    ({"GUNICORN_CMD_ARGS": "--bind 127.0.0.1:70000"},
+     "bind 127.0.0.1:70000 (GUNICORN_BIND, or --bind in GUNICORN_CMD_ARGS): the port must be 0-65535"),
+])
+def test_gunicorn_refuses_to_start_in_one_line_with_no_worker_or_a_port_past_65535_from_any_source(env, message):
+    clean = {name: value for name, value in os.environ.items() if not name.startswith(("SIDECAR_", "GUNICORN_"))}
+    ran = subprocess.run([sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, "sidecar.api.wsgi:app"],
+                         env={**clean, **env}, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 1
+    assert ran.stderr.strip().splitlines()[-1] == f"Error: {message}", ran.stderr
 
 
 def test_a_stopping_worker_lets_requests_run_past_their_encode_deadline_unless_the_grace_is_set():
