@@ -75,9 +75,14 @@ def fuse(
         for key, value in scores.items():
             fused[key] = fused.get(key, 0.0) + weight * value
     if method == "zscore":
-        # A document missing from one list gets that list's floor, not 0 (0 is the mean there).
+        # A document missing from one list gets that list's floor, not 0 (0 is the mean there). A list without
+        # spread (one hit, or hits that tie: BM25 on short templated texts) has z-scores of 0 only: its floor is
+        # one below them, else its hits would count no more than the documents it lacks (a query's one BM25 match
+        # ranked as though it had none).
         for scores, weight in zip(normalised, weights, strict=True):
             floor = min(scores.values(), default=0.0)
+            if scores and floor == max(scores.values()):
+                floor -= 1.0
             for key in fused.keys() - scores.keys():
                 fused[key] += weight * floor
     return fused

@@ -59,3 +59,14 @@ def test_equal_fused_scores_go_by_the_heavier_lists_rank_then_the_others_then_id
     fused = {"x": 1.0, "y": 1.0, "z": 1.0, "w": 1.0}
     assert fused_ranking(fused, [{"y": 2.0, "x": 1.0}, {"x": 5.0, "z": 3.0}], weights=[0.2, 0.8]) == ["x", "z", "y", "w"]
     assert fused_ranking(fused, [{"y": 2.0, "x": 1.0}, {"x": 5.0, "z": 3.0}], weights=[0.5, 0.5]) == ["y", "x", "z", "w"]
+
+
+@pytest.mark.parametrize("bm25", [{"lone": 2.5}, {"lone": 1.7, "d": 1.7}])
+def test_zscore_counts_a_lists_hits_over_the_documents_it_lacks_when_they_all_tie(bm25):
+    # BM25's one match (or matches of equal score) have z-scores of 0, as had the floor given to the documents
+    # BM25 lacks: the lexical evidence vanished, and "lone" ranked last, by its vector score alone.
+    vector = {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.66, "lone": 0.65}
+    ranked = fused_ranking(fuse([vector, bm25], method="zscore", weights=[0.5, 0.5]), [vector, bm25],
+                           weights=[0.5, 0.5])
+    assert ranked.index("lone") < ranked.index("c")
+    assert ranked[-1] not in bm25
