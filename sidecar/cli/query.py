@@ -57,9 +57,9 @@ from sidecar.retrieval.search import DEFAULT_K, MAX_WEIGHT, MODES
 @click.option("--ef-search", type=click.IntRange(1, MAX_EF_SEARCH),
               help="HNSW search breadth for this query (default: the store's).")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
-              help="Metadata filter, repeatable; FIELD=a,b matches either. A VALUE that reads as a number or "
-                   "true/false matches that number or boolean too (year=2020 finds 2020 and \"2020\"). A FIELD "
-                   "no stored document holds is refused, naming the fields they hold.")
+              help="Metadata filter, repeatable (each FIELD once); FIELD=a,b matches either. A VALUE that reads "
+                   "as a number or true/false matches that number or boolean too (year=2020 finds 2020 and \"2020\"). "
+                   "A FIELD no stored document holds is refused, naming the fields they hold.")
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON.")
 @model_options
 @store_options
@@ -147,6 +147,8 @@ def _parse_filters(filters: tuple[str, ...], settings: Settings) -> dict[str, An
         field, sep, value = item.partition("=")
         if not sep or not field:
             raise ValueError(f"--filter {item!r}: expected FIELD=VALUE")
+        if field in parsed:  # a filter holds one entry per field: the later flag would replace the earlier
+            raise ValueError(f"--filter {field!r} is given twice: give it once, FIELD=a,b for either value")
         given += len(value.split(","))
         if given > settings.max_filter_values:
             raise ValueError(f"--filter: more than {settings.max_filter_values} values in all (max_filter_values: "

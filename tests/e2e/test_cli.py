@@ -205,6 +205,18 @@ def test_search_refuses_what_the_api_refuses_naming_the_limit_and_its_setting_be
     assert result.exit_code == 0 and len(json.loads(result.output)) == 3, result.output
 
 
+def test_search_refuses_a_filter_field_given_twice_where_the_later_flag_replaced_the_earlier(store_path, monkeypatch):
+    # `--filter color=red --filter color=blue` searched color=blue alone, without a word.
+    def load_encoder(*_, **__):
+        raise AssertionError("the model was loaded before --filter was checked")
+
+    monkeypatch.setattr("sidecar.model.encoder.load_encoder", load_encoder)
+    result = CliRunner().invoke(main, ["-q", "search", "red", "--store-path", str(store_path), "--filter", "color=red",
+                                       "--filter", "color=blue"])
+    assert result.exit_code == 2, result.output
+    assert "--filter 'color' is given twice: give it once, FIELD=a,b for either value" in result.output
+
+
 def test_search_image_refusing_a_panorama_or_a_many_scan_jpeg_names_no_setting_as_the_limits_govern_uploads_only(
         store_path, tmp_path):
     # SIDECAR_MAX_RESIZED_SIDE=20000 still refused the panorama "over the limit of 8192 pixels a side
