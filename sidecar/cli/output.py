@@ -17,7 +17,10 @@ def format_hits(hits: list) -> str:
     for rank, hit in enumerate(hits, start=1):
         vector = hit.scores.get("vector")
         bm25 = hit.scores.get("bm25")
-        lines.append(f"{rank:>3}  {hit.score:7.3f}  {_fmt(vector):>7}  {_fmt(bm25):>7}  {hit.id:<{width}}  {hit.text}")
+        # One row per hit: a text of several lines (a CSV cell, a description) printed as it is would put its
+        # later lines in rows of their own, read as hits without a rank.
+        text = " ".join(hit.text.split())
+        lines.append(f"{rank:>3}  {hit.score:7.3f}  {_fmt(vector):>7}  {_fmt(bm25):>7}  {hit.id:<{width}}  {text}")
     return "\n".join(lines)
 
 

@@ -15,3 +15,12 @@ def test_the_text_column_starts_at_one_place_in_every_row_however_long_an_id():
     column = header.index("text")
     assert [row[column:] for row in rows] == ["short id", "long id", "mid id"]
     assert all(row[column - 2:column] == "  " for row in rows)
+
+
+def test_a_text_of_several_lines_stays_on_its_hits_row():
+    # A description of several lines (a CSV cell) printed its later lines as rows of their own, read as hits.
+    hits = [Hit(id="a", score=0.9, scores={}, text="Red sneakers\nSize 42\r\n\tleather"),
+            Hit(id="b", score=0.8, scores={}, text="blue")]
+    header, *rows = format_hits(hits).splitlines()
+    column = header.index("text")
+    assert [row[column:] for row in rows] == ["Red sneakers Size 42 leather", "blue"]
