@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -315,7 +316,9 @@ class VersionStore:
 
     def _open_bm25(self) -> None:
         """Open the BM25 index; a new store, or one of format 1 or 2 (BM25 in SQLite FTS5), gets it
-        built from its live rows here, once, under the writer lock."""
+        built from its live rows here, once, under the writer lock. So does an index tantivy cannot open
+        (a file of it lost or cut short: a power loss, a copy of the store that did not finish): it holds
+        nothing SQLite does not, and every command, `store check` and `store repair` included, failed on it."""
         conn = self._writer
         folder = self.path / BM25_DIR
 
@@ -324,15 +327,23 @@ class VersionStore:
             return meta["format"] == _FORMAT_VERSION and "bm25_opstamp" in meta and (folder / "meta.json").exists()
 
         if current():
-            self._bm25 = Bm25Index(folder)
-            return
+            # Unopenable outside the lock may be a writer's commit removing the files of the commit read: judged below.
+            with contextlib.suppress(ValueError):
+                self._bm25 = Bm25Index(folder)
+                return
         with self._file_lock():
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if current():  # another process built it meanwhile
-                    conn.execute("COMMIT")
-                    self._bm25 = Bm25Index(folder)
-                    return
+                if current():  # another process built it meanwhile, or the index is damaged
+                    try:
+                        self._bm25 = Bm25Index(folder)
+                    except ValueError as exc:  # tantivy's error for a damaged index; no writer runs meanwhile
+                        log.warning("the BM25 index of %s cannot be opened (%s): building it again from the "
+                                    "documents", self.path, exc)
+                        shutil.rmtree(folder)
+                    else:
+                        conn.execute("COMMIT")
+                        return
                 self._bm25 = Bm25Index(folder)
                 live = conn.execute("SELECT count(*) FROM docs WHERE deleted = 0").fetchone()[0]
                 if live:

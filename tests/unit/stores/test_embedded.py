@@ -955,6 +955,31 @@ def test_a_bm25_index_out_of_step_is_reported_and_rebuilt(tmp_path: Path):
         assert [h.id for h in store.text_search("number3", 5)] == ["doc3"]
 
 
+def _empty_bm25_meta(folder: Path) -> None:
+    (folder / "meta.json").write_bytes(b"")
+
+
+def _lose_a_bm25_segment_file(folder: Path) -> None:
+    next(folder.glob("*.idx")).unlink()
+
+
+def _cut_bm25_segment_files_short(folder: Path) -> None:
+    for file in folder.glob("*.idx"):
+        os.truncate(file, 10)
+
+
+@pytest.mark.parametrize("damage", [_empty_bm25_meta, _lose_a_bm25_segment_file, _cut_bm25_segment_files_short])
+def test_a_bm25_index_tantivy_cannot_open_is_built_again_when_the_store_opens(tmp_path: Path, damage, caplog):
+    path = tmp_path / "s"
+    with stored(path, make_docs(20)) as store:
+        expected = as_pairs(store.text_search("blue number7", 5))
+    damage(path / "bm25")
+    with EmbeddedStore(path) as store:  # was tantivy's ValueError, from every command: check and repair too
+        assert as_pairs(store.text_search("blue number7", 5)) == expected
+        assert store.check().clean
+    assert "the BM25 index of" in caplog.text and "cannot be opened" in caplog.text
+
+
 def test_a_write_cut_off_between_its_bm25_and_sqlite_commits_is_healed_by_the_next_write(tmp_path: Path):
     path = tmp_path / "s"
     docs = make_docs(30)
