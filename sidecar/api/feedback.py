@@ -9,6 +9,7 @@ from sidecar.api.state import current_state
 from sidecar.api.validation import (
     bounded_int,
     choice,
+    filter_errors,
     filters,
     is_blank,
     json_body,
@@ -19,6 +20,7 @@ from sidecar.api.validation import (
 from sidecar.errors import BadRequest, LogUnwritable, NotEnabled, PayloadTooLarge
 from sidecar.retrieval.hard_examples import FEEDBACK_KINDS, MAX_RELEVANCE, feedback_record
 from sidecar.serving import metrics
+from sidecar.stores.base import check_filter_fields
 
 bp = Blueprint("feedback", __name__)
 
@@ -50,6 +52,11 @@ def feedback():
     # The search's filters: its judgments hold among the documents they let through (the export keeps them, eval
     # re-runs the query with them); without them, those of its search where the hard-example log has it.
     searched = filters(body, settings)
+    if searched:
+        # A field no stored document holds (a typo): /v1/search refuses it, and `clip-sidecar eval`, re-running the
+        # exported query with these filters, refused the whole evaluation set for it.
+        with filter_errors(searched):
+            check_filter_fields(state.store, searched)
     # A judgment of a document the store does not hold could never be found again by eval, nor paired with its
     # image for fine-tuning: a mistyped id (or one of another index) is refused where the client can see it.
     held_document(state.store, doc_id, field="doc_id", vectors=False)

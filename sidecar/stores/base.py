@@ -272,9 +272,10 @@ def check_query_model(store: Store, model: ModelSignature) -> None:
 
 def check_filter_fields(store: Store, filters: Filters) -> None:
     """Raise UnknownFilterField where `filters` names a field that no stored document holds (a field
-    `facets` does not count: no top-level value a filter matches). For an empty answer only: a search
+    `facets` does not count: no top-level value a filter matches). A search asks for an empty answer only: one
     that found anything matched every field, and facets cost a scan of the metadata (embedded, once per
-    write) or an aggregation (OpenSearch) that a search which found hits need not pay."""
+    write) or an aggregation (OpenSearch) that a search which found hits need not pay. A caller
+    that runs no search with the filters (feedback recording them) asks every time."""
     held = store.facets(size=1)
     unknown = [name for name in filters if name not in held]
     if unknown:

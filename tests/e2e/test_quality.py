@@ -269,6 +269,24 @@ def test_feedback_on_a_document_the_store_does_not_hold_answers_404_naming_the_f
     assert answer.status_code == 400 and "'filters'" in answer.get_json()["error"]["message"], answer.get_json()
 
 
+def test_feedback_with_filters_naming_a_field_no_document_holds_answers_400_as_search_does_and_logs_nothing(
+        build_app, tmp_path):
+    # It was answered 200 `recorded`: the export kept the filters, and eval, re-running the query with them, refused
+    # the whole evaluation set ("query 'q-…': its filters do not fit the store").
+    logs = tmp_path / "quality"
+    client = build_app(quality_log_dir=str(logs)).test_client()
+    mistyped = {"colour": "red"}
+    searched = client.post("/v1/search", json={"text": "red circle", "filters": mistyped})
+    answer = client.post("/v1/feedback", json={"text": "red circle", "doc_id": "item-000001", "filters": mistyped})
+    assert searched.status_code == answer.status_code == 400, answer.get_json()
+    assert answer.get_json()["error"] == searched.get_json()["error"]
+    assert "'colour'" in answer.get_json()["error"]["message"]
+    assert not (logs / "feedback.jsonl").exists() or not (logs / "feedback.jsonl").read_text()
+    answer = client.post("/v1/feedback", json={"text": "red circle", "doc_id": "item-000001",
+                                               "filters": {"color": "red"}})
+    assert answer.status_code == 200 and answer.get_json()["recorded"]["filters"] == {"color": "red"}
+
+
 def test_feedback_the_log_cannot_take_answers_503_saying_nothing_was_recorded_and_the_server_closes_cleanly(
         build_app, tmp_path):
     # A full disk (the log is /dev/full here) was answered 200 `recorded`: the record was lost, and the error went
