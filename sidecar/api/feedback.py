@@ -25,7 +25,7 @@ from sidecar.stores.base import check_filter_fields
 bp = Blueprint("feedback", __name__)
 
 FIELDS = ("query_id", "text", "filters", "doc_id", "relevance", "kind")
-MAX_ID_CHARS = 512  # document ids and query ids: names, not texts
+MAX_ID_CHARS = 512  # a query id: a name, not a text (a document id is held to the ids the store holds)
 
 
 @bp.post("/v1/feedback")
@@ -38,10 +38,11 @@ def feedback():
                          "to a folder for the feedback and hard-example logs")
     body = json_body(request, settings)
     known_fields(body, FIELDS)
-    doc_id = _name(body, "doc_id")
+    # No length limit: the store holds ids of any length (a folder corpus's deep paths), and answers 404 for others.
+    doc_id = _name(body, "doc_id", max_chars=None)
     if doc_id is None:
         raise BadRequest("field 'doc_id' is required: the id of the document clicked or judged")
-    query_id = _name(body, "query_id")
+    query_id = _name(body, "query_id", max_chars=MAX_ID_CHARS)
     text = query_text(body, settings)  # blank: none (a query_id names the query)
     if query_id is None and text is None:
         raise BadRequest("send field 'query_id' (from the /v1/search response) or field 'text' (the query as "
@@ -74,12 +75,12 @@ def feedback():
     return jsonify({"recorded": record})
 
 
-def _name(body: dict, field: str) -> str | None:
+def _name(body: dict, field: str, *, max_chars: int | None) -> str | None:
     value = optional(body, field, str)
     if value is None:
         return None
     if is_blank(value):
         raise BadRequest(f"field '{field}' is blank")
-    if len(value) > MAX_ID_CHARS:
-        raise BadRequest(f"field '{field}' has {len(value)} characters, over the limit of {MAX_ID_CHARS}")
+    if max_chars is not None and len(value) > max_chars:
+        raise BadRequest(f"field '{field}' has {len(value)} characters, over the limit of {max_chars}")
     return value

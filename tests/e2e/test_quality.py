@@ -269,6 +269,26 @@ def test_feedback_on_a_document_the_store_does_not_hold_answers_404_naming_the_f
     assert answer.status_code == 400 and "'filters'" in answer.get_json()["error"]["message"], answer.get_json()
 
 
+def test_feedback_on_a_stored_document_whose_id_is_over_512_characters_is_recorded(encoder, tmp_path):
+    # A folder corpus's ids are relative paths, of any length; search returns them, `like` and the thumbnail take them,
+    # and /v1/feedback answered 400 "field 'doc_id' has 605 characters, over the limit of 512".
+    deep = "photos/" + "deep/" * 120 + "shoe.jpg"
+    with EmbeddedStore(tmp_path / "store") as store:
+        store.claim(encoder.signature)
+        store.upsert([Document(id=deep, vector=encoder.encode_texts(["red shoe"])[0], text="red shoe")])
+    app, store = quality_app(encoder, tmp_path / "store", tmp_path, quality_log_dir=str(tmp_path / "quality"))
+    try:
+        client = app.test_client()
+        assert client.post("/v1/search", json={"text": "red shoe"}).get_json()["hits"][0]["id"] == deep
+        answer = client.post("/v1/feedback", json={"text": "red shoe", "doc_id": deep})
+        assert answer.status_code == 200 and answer.get_json()["recorded"]["doc_id"] == deep, answer.get_json()
+        assert client.post("/v1/feedback", json={"text": "red shoe", "doc_id": deep + "x"}).status_code == 404
+        answer = client.post("/v1/feedback", json={"query_id": "q" * 513, "doc_id": deep})
+        assert answer.status_code == 400 and "over the limit of 512" in answer.get_json()["error"]["message"]
+    finally:
+        close(app, store)
+
+
 def test_feedback_with_filters_naming_a_field_no_document_holds_answers_400_as_search_does_and_logs_nothing(
         build_app, tmp_path):
     # It was answered 200 `recorded`: the export kept the filters, and eval, re-running the query with them, refused
