@@ -34,6 +34,7 @@ from sidecar.stores.embedded.version import (
     DB_FILE,
     LOCK_FILE,
     MAX_READ_RETRIES,
+    REINDEX_ADVICE,
     VECTORS_FILE,
     EmbeddedLoad,
     VersionStore,
@@ -257,6 +258,12 @@ class EmbeddedStore:
                 if len(self._opened) > 1:
                     self._let_go_unused()
             return newest
+        number = self._pointed()
+        if not self._folder(number).is_dir():  # a rebuild never removes the version `current` names: none raced
+            on_disk = ", ".join(self._version_name(n) for n in self._versions_on_disk()) or "none"
+            raise StoreError(f"{self.path / _POINTER} names {self._version_name(number)}, which is not on disk "
+                             f"(removed by hand, or left out of a copy of the store; versions on disk: {on_disk}): "
+                             f"point it at one of them (ln -sfn version.N {self.path / _POINTER}), or {REINDEX_ADVICE}")
         raise StoreError(f"{self.path}: the version {_POINTER} names was replaced {MAX_READ_RETRIES} times while "
                          "this process opened it; try again")
 

@@ -269,7 +269,7 @@ class VersionStore:
             f"embedded store {self.path}",
             f"{self.path / DB_FILE} {what}: the store's documents cannot be read, and `clip-sidecar store repair` "
             "cannot rebuild them (it rebuilds the HNSW graph and the BM25 index from them). Restore the file "
-            f"from a backup, or {_REINDEX}")
+            f"from a backup, or {REINDEX_ADVICE}")
 
     def _connect(self) -> sqlite3.Connection:
         # check_same_thread=False only so that close() may close every thread's connection.
@@ -1042,7 +1042,7 @@ class VersionStore:
         found = self._inspect(conn)
         if found.sqlite != "ok" or found.rows_problem:
             damage = found.rows_problem or f"SQLite integrity check failed: {found.sqlite}"
-            report.problems.append(f"cannot repair: {damage}; {_REINDEX}")
+            report.problems.append(f"cannot repair: {damage}; {REINDEX_ADVICE}")
             return None
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if found.dim is None or found.n_rows == 0:
@@ -1204,7 +1204,7 @@ class VersionStore:
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 # What recovers the documents of a version whose SQLite file is lost: `index` writes them from shards alone.
-_REINDEX = "index the shards it was built from into a new store (clip-sidecar index SHARDS --store-path NEW)"
+REINDEX_ADVICE = "index the shards it was built from into a new store (clip-sidecar index SHARDS --store-path NEW)"
 
 
 def written_beside_database(folder: Path) -> list[str]:

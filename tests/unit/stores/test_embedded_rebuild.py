@@ -72,6 +72,25 @@ def test_a_reader_answers_from_the_old_version_while_a_rebuild_builds_and_from_t
     assert reader.check().clean
 
 
+def test_a_current_pointer_naming_a_version_not_on_disk_is_refused_naming_it_and_the_versions_there(tmp_path: Path):
+    # It was "the version current names was replaced 5 times while this process opened it; try again", from every
+    # command and every retry: no rebuild had raced, and trying again never helped.
+    path = tmp_path / "store"
+    with EmbeddedStore(path) as store:
+        store.claim(SIGNATURE)
+        store.rebuild(make_docs(5), signature=SIGNATURE)
+    os.replace(path / "current", path / "kept")
+    os.symlink("version.9", path / "current")
+    with pytest.raises(StoreError) as refused:
+        EmbeddedStore(path)
+    assert str(refused.value).startswith(f"{path / 'current'} names version.9, which is not on disk (removed by "
+                                         "hand, or left out of a copy of the store; versions on disk: version.1): "
+                                         "point it at one of them")
+    os.replace(path / "kept", path / "current")
+    with EmbeddedStore(path) as store:
+        assert store.count() == 5
+
+
 def test_a_replaced_version_stays_on_disk_while_a_reader_holds_it_and_goes_when_it_lets_go(served):
     path, reader = served
     assert reader.count() == 30  # the reader has version 0 open
