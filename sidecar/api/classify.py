@@ -53,8 +53,8 @@ def classify():
     if threshold is not None and not -1 <= threshold <= 1:
         raise BadRequest(f"field 'threshold' is a cosine similarity, between -1 and 1; got {threshold}")
     # With a threshold, every label that clears it (multi-label), unless k caps them.
-    k = bounded_int(body, "k", default=DEFAULT_LABELS if threshold is None else settings.max_k, low=1, high=settings.max_k,
-                    setting="max_k")
+    k = bounded_int(body, "k", default=DEFAULT_LABELS if threshold is None else settings.max_k, low=1,
+                    high=settings.max_k, setting="max_k")
     prompt_set = _prompt_set(state.prompt_sets, name)
 
     texts = [(i, value) for i, (kind, value) in enumerate(items) if kind == "text"]
