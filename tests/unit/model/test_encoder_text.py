@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import html
+import random
+import string
+import time
 from typing import Iterator
 
 import ftfy
@@ -15,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar.config import Settings
 from sidecar.model.text_graphs import bucket_for, bucket_sizes
 
 
@@ -56,6 +60,31 @@ def test_prepared_texts_equal_open_clips_own_tokenizer(encoder, texts):
     prepared = encoder.prepare_texts(texts)
     assert torch.equal(prepared.tokens, reference(texts))
     assert prepared.lengths == [len(reference.encode(text)) + 2 for text in texts]
+
+
+# Words of LONG_WORD_CHARS and more (the BPE of the encoder's own): alphabets of many merges (letters), of
+# repeats ("aaa…": overlapping pairs), with the pieces open_clip splits them into (spaces, digits, punctuation).
+LONG_WORDS = st.sampled_from(["abcdefghijklmnopqrstuvwxyz", "ab", "aab", "the", "!?.-", "é", "aa", "x1 "]).flatmap(
+    lambda alphabet: st.text(alphabet=alphabet, min_size=60, max_size=700))
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=LONG_WORDS)
+def test_long_words_get_open_clips_own_tokens(encoder, text):
+    reference = reference_tokenizer(encoder.context_length)
+    assert encoder.tokenizer.encode(text) == reference.encode(text)
+    assert torch.equal(encoder.prepare_texts([text]).tokens, reference([text]))
+
+
+def test_a_batch_of_texts_of_max_text_chars_random_letters_tokenizes_in_about_linear_time(encoder):
+    """16 texts of 4,096 random letters (each one word) took open_clip's BPE 6 s: on the batcher's thread, every
+    request of the worker waited for them."""
+    rng = random.Random(0)
+    texts = ["".join(rng.choices(string.ascii_lowercase, k=Settings().max_text_chars)) for _ in range(16)]
+    started = time.perf_counter()
+    prepared = encoder.prepare_texts(texts)
+    assert time.perf_counter() - started < 2.0
+    assert prepared.lengths == [len(reference_tokenizer(encoder.context_length).encode(t)) + 2 for t in texts]
 
 
 def test_a_tokenizer_cleaned_otherwise_keeps_open_clips_own_path():
