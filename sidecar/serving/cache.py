@@ -302,6 +302,9 @@ class TextVectorCache:
             for future in futures.values():
                 future.set_exception(exc)
             raise
+        # Each vector a copy of its own: a forward's rows are views of the batch's array, and one row kept in
+        # memory kept the whole batch alive (up to max_batch vectors an entry, past text_cache_size's bound).
+        computed = [CachedText(np.array(entry.vector, dtype=np.float32), entry.tokens) for entry in computed]
         with self._lock:
             for text, entry in zip(texts, computed):
                 self._lru[text] = entry

@@ -70,6 +70,24 @@ def test_lru_evicts_the_coldest_entry():
     assert encode.calls == [["a"], ["b"], ["c"], ["b"]]
 
 
+def test_a_vector_kept_in_memory_holds_its_own_row_not_its_batchs_array():
+    """A forward answers its batch as one array; the entries it made were views of it, so the one text of a
+    batch of 64 still in memory kept all 64 vectors alive, and text_cache_size bounded nothing."""
+    def encode_as_one_array(texts):
+        batch = np.arange(len(texts) * 512, dtype=np.float32).reshape(len(texts), 512)
+        return [CachedText(row, 3) for row in batch]
+
+    cache = TextVectorCache(None, namespace=namespace(), capacity=1)
+    entries = cache.get_or_compute([f"text {i}" for i in range(64)], encode_as_one_array, timeout_s=10)
+    kept = cache.get_or_compute(["text 63"], encode_as_one_array, timeout_s=10)[0]
+    assert cache._lru["text 63"] is kept
+    held = kept.vector
+    while isinstance(held, np.ndarray) and held.base is not None:
+        held = held.base
+    assert held.nbytes == 512 * 4
+    np.testing.assert_array_equal(vectors(entries)[:, 0], np.arange(64) * 512)
+
+
 def test_persisted_vectors_survive_a_restart_and_a_new_prompt_version_re_embeds(tmp_path):
     path = tmp_path / "text-vectors.sqlite"
     encode = CountingEncoder()
