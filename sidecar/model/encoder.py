@@ -70,10 +70,10 @@ def _long_word_bpe(tokenizer) -> Callable[[str], str]:
     on the batcher's thread, so one request of 64 such texts held every request of the worker past
     request_timeout_s. Here a heap holds the pairs; each step takes every pair of the lowest rank left
     to right, as open_clip's does, before the pairs those merges make join the heap."""
-    original, ranks, cache = tokenizer.bpe, tokenizer.bpe_ranks, tokenizer.cache
+    original, ranks = tokenizer.bpe, tokenizer.bpe_ranks
 
     def bpe(token: str) -> str:
-        if len(token) <= LONG_WORD_CHARS or token in cache:
+        if len(token) <= LONG_WORD_CHARS:
             return original(token)
         symbols: list[str | None] = [*token[:-1], token[-1] + "</w>"]
         following = [*range(1, len(symbols)), -1]
@@ -97,9 +97,9 @@ def _long_word_bpe(tokenizer) -> Callable[[str], str]:
                 for left, right in ((preceding[i], i), (i, following[i])):
                     if left >= 0 and right >= 0 and (pair := ranks.get((symbols[left], symbols[right]))) is not None:
                         heapq.heappush(heap, (pair, left))
-        word = " ".join(symbol for symbol in symbols if symbol is not None)
-        cache[token] = word
-        return word
+        # Not memoised: the memo counts words, and 100,000 words of max_text_chars held about 1 GB; such a word
+        # is split again in milliseconds, and a text sent again is the text-vector cache's.
+        return " ".join(symbol for symbol in symbols if symbol is not None)
 
     return bpe
 

@@ -128,6 +128,17 @@ def test_the_tokenizers_word_memo_is_bounded_and_keeps_the_special_tokens():
     assert (tokenizer(["<start_of_text> red circle"]) == before).all()
 
 
+def test_the_tokenizers_memo_keeps_ordinary_words_but_not_words_of_thousands_of_letters(encoder):
+    """The memo is bounded in words: 100,000 words of max_text_chars letters held about 1 GB."""
+    from sidecar.model.encoder import LONG_WORD_CHARS
+
+    long_word = "".join(random.Random(1).choices(string.ascii_lowercase, k=Settings().max_text_chars))
+    short_word = "x" * LONG_WORD_CHARS
+    encoder.prepare_texts([f"{short_word} {long_word}"])
+    assert short_word in encoder.tokenizer.cache
+    assert long_word not in encoder.tokenizer.cache
+
+
 def test_the_served_encoders_tokenizer_memo_is_bounded(encoder):
     from sidecar.model.encoder import BPE_CACHE_WORDS
 
