@@ -70,11 +70,12 @@ def _long_word_bpe(tokenizer) -> Callable[[str], str]:
     on the batcher's thread, so one request of 64 such texts held every request of the worker past
     request_timeout_s. Here a heap holds the pairs; each step takes every pair of the lowest rank left
     to right, as open_clip's does, before the pairs those merges make join the heap."""
-    original, ranks = tokenizer.bpe, tokenizer.bpe_ranks
+    original, ranks, memo = tokenizer.bpe, tokenizer.bpe_ranks, tokenizer.cache
 
     def bpe(token: str) -> str:
         if len(token) <= LONG_WORD_CHARS:
-            return original(token)
+            word = memo.get(token)  # as open_clip's looks it up, without a second call for each word
+            return original(token) if word is None else word
         symbols: list[str | None] = [*token[:-1], token[-1] + "</w>"]
         following = [*range(1, len(symbols)), -1]
         preceding = list(range(-1, len(symbols) - 1))
