@@ -67,8 +67,9 @@ class MicroBatcher(Generic[Item]):
         # Series resolved once, not per request (labels() costs a lock and a lookup each time).
         self._queue_depth = metrics.QUEUE_DEPTH.labels(modality, role)
         self._queue_wait = metrics.STAGE_SECONDS.labels("queue_wait", modality, role)
-        self._forward_seconds = metrics.STAGE_SECONDS.labels("forward", modality, role)
-        self._batch_size = metrics.BATCH_SIZE.labels(modality, role)
+        # The forward's own series (sidecar_batch_size, stage "forward") are the forward's to record
+        # (metrics.ForwardSeries): a batch can hold items no model pass runs for (texts found in the
+        # text-vector cache's file) and runs in several passes past max_batch.
         # Exported as 0 from the start: an alert on increase() sees a series's first sample as its base, so one
         # that first appears at 1 would never fire.
         self._stops = metrics.BATCHER_STOPS.labels(modality, role)
@@ -211,7 +212,7 @@ class MicroBatcher(Generic[Item]):
             self._queue_wait.observe(now - work.enqueued)
         items = [item for work in live for item in work.items]
         try:
-            rows = self._forward_timed(items)
+            rows = self._forward_in_passes(items)
         except Exception as exc:  # noqa: BLE001 - isolate the failing request below
             if len(live) == 1:
                 self._fail(live[0], exc)
@@ -227,7 +228,7 @@ class MicroBatcher(Generic[Item]):
 
     def _execute_one(self, work: _Work) -> None:
         try:
-            work.future.set_result(self._forward_timed(work.items))
+            work.future.set_result(self._forward_in_passes(work.items))
         except Exception as exc:  # noqa: BLE001
             self._fail(work, exc)
 
@@ -235,18 +236,16 @@ class MicroBatcher(Generic[Item]):
         log.error("%s encode failed for a request of %d items: %s", self.modality, len(work.items), exc)
         work.future.set_exception(exc)
 
-    def _forward_timed(self, items: Sequence[Item]) -> Sequence:
-        self._batch_size.observe(len(items))
-        with self._forward_seconds.time():
-            # A request larger than max_batch still runs in max_batch-sized passes.
-            parts = []
-            for start in range(0, len(items), self.max_batch):
-                chunk = items[start:start + self.max_batch]
-                rows = self._forward(chunk)
-                if len(rows) != len(chunk):
-                    raise ForwardRowMismatch(f"the {self.modality} forward returned {len(rows)} rows for "
-                                             f"{len(chunk)} items")
-                parts.append(rows)
+    def _forward_in_passes(self, items: Sequence[Item]) -> Sequence:
+        # A request larger than max_batch still runs in max_batch-sized passes.
+        parts = []
+        for start in range(0, len(items), self.max_batch):
+            chunk = items[start:start + self.max_batch]
+            rows = self._forward(chunk)
+            if len(rows) != len(chunk):
+                raise ForwardRowMismatch(f"the {self.modality} forward returned {len(rows)} rows for "
+                                         f"{len(chunk)} items")
+            parts.append(rows)
         if len(parts) == 1:
             return parts[0]
         return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [row for part in parts for row in part]

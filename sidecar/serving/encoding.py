@@ -7,7 +7,6 @@ it lacks in one call and runs the forward (the cache's writer thread stores the 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -69,8 +68,8 @@ class EncodingService:
                         queue_items=settings.encode_queue_items(), role=role)
         self._texts = MicroBatcher(self.cache.through_disk(self._forward_texts), modality="text", **batching)
         self._images = MicroBatcher(self._forward_images, modality="image", **batching)
-        self._text_forward_cpu = metrics.FORWARD_CPU_SECONDS.labels("text", role)
-        self._image_forward_cpu = metrics.FORWARD_CPU_SECONDS.labels("image", role)
+        self._text_passes = metrics.ForwardSeries("text", role)
+        self._image_passes = metrics.ForwardSeries("image", role)
         self.decode_memory = decode_memory if decode_memory is not None else MemoryBudget(settings.decode_memory_bytes)
 
     @property
@@ -144,18 +143,17 @@ class EncodingService:
 
     def _forward_texts(self, prompts: Sequence[str]) -> list[CachedText]:
         """On the text batcher's thread: tokenise the batch in one call, then one forward pass."""
-        prepared = self.encoder.prepare_texts(prompts)
-        started = time.thread_time()
-        vectors = self.encoder.postprocess(self.encoder.forward_texts(prepared.tokens))
-        self._text_forward_cpu.inc(time.thread_time() - started)
+        with self._text_passes.timed(len(prompts)):
+            prepared = self.encoder.prepare_texts(prompts)
+            with self._text_passes.cpu():
+                vectors = self.encoder.postprocess(self.encoder.forward_texts(prepared.tokens))
         return [CachedText(vector, tokens) for vector, tokens in zip(vectors, prepared.lengths)]
 
     def _forward_images(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
-        batch = np.stack(pixels)
-        started = time.thread_time()
-        vectors = self.encoder.postprocess(self.encoder.forward_images(batch))
-        self._image_forward_cpu.inc(time.thread_time() - started)
-        return vectors
+        with self._image_passes.timed(len(pixels)):
+            batch = np.stack(pixels)
+            with self._image_passes.cpu():
+                return self.encoder.postprocess(self.encoder.forward_images(batch))
 
     def close(self) -> None:
         self._texts.close()

@@ -16,7 +16,9 @@ that folder and `exposition()` sums them, so one scrape counts the whole server.
 from __future__ import annotations
 
 import os
-from typing import Literal
+import time
+from contextlib import contextmanager
+from typing import Iterator, Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -50,7 +52,8 @@ BATCH_SIZE = Histogram("sidecar_batch_size", "Items per forward pass", ["modalit
 RERANK_SKIPPED = Counter("sidecar_rerank_skipped_total", "OpenSearch rerank requests answered in their own order",
                          ["endpoint"])
 # What callers batch, as it arrived (ml-commons' text_embedding batch_size and connector step size
-# show here); sidecar_batch_size shows what the micro-batcher made of it across concurrent requests.
+# show here); sidecar_batch_size shows the model passes the micro-batcher made of it across concurrent requests
+# (texts the text-vector cache's file holds take none).
 REQUEST_ITEMS = Histogram("sidecar_request_items", "Items (texts, images, documents to rerank) per request, by endpoint",
                           ["endpoint"], buckets=_ITEM_BUCKETS)
 # Summed over the live workers; a dead worker's last value is dropped.
@@ -86,6 +89,33 @@ HARD_EXAMPLES = Counter("sidecar_hard_examples_total",
                         "(queue full), too_large (a record over the file bound)",
                         ["outcome"])
 FEEDBACK = Counter("sidecar_feedback_total", "Feedback records (POST /v1/feedback) by kind", ["kind"])
+
+
+class ForwardSeries:
+    """The series of one encoder's model passes of one modality: items per pass (sidecar_batch_size), the
+    stage "forward" and its CPU. Recorded by the code that runs the model, once per pass: the batcher's batch
+    may hold texts the text-vector cache's file answers (no pass) and runs in passes of max_batch."""
+
+    def __init__(self, modality: str, role: ModelRole):
+        self.batch_size = BATCH_SIZE.labels(modality, role)
+        self.seconds = STAGE_SECONDS.labels("forward", modality, role)
+        self.cpu_seconds = FORWARD_CPU_SECONDS.labels(modality, role)
+
+    @contextmanager
+    def timed(self, items: int) -> Iterator[None]:
+        """Record a pass of `items` items: the block's time as the stage's (texts: tokenising included)."""
+        self.batch_size.observe(items)
+        with self.seconds.time():
+            yield
+
+    @contextmanager
+    def cpu(self) -> Iterator[None]:
+        """The block's CPU time (of the thread) as the pass's: the model's part, tokenising apart."""
+        started = time.thread_time()
+        try:
+            yield
+        finally:
+            self.cpu_seconds.inc(time.thread_time() - started)
 
 
 def exposition() -> tuple[bytes, str]:

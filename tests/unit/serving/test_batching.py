@@ -181,7 +181,7 @@ def test_timeout_answers_encode_timeout(forward):
         batcher.close()
 
 
-def test_a_coarse_and_a_fine_batcher_keep_their_own_queue_depth_and_batch_series(forward):
+def test_a_coarse_and_a_fine_batcher_keep_their_own_queue_depth(forward):
     def sample(name: str, role: str) -> float:
         return REGISTRY.get_sample_value(name, {"modality": "text", "model": role}) or 0.0
 
@@ -189,7 +189,6 @@ def test_a_coarse_and_a_fine_batcher_keep_their_own_queue_depth_and_batch_series
     # holds a waiting request while the coarse one empties its queue.
     fine = make(forward, role="fine")
     coarse = make(RecordingForward(), role="coarse")
-    passes = {role: sample("sidecar_batch_size_count", role) for role in ("coarse", "fine")}
     forward.gate.clear()
     try:
         with ThreadPoolExecutor(2) as pool:
@@ -202,8 +201,6 @@ def test_a_coarse_and_a_fine_batcher_keep_their_own_queue_depth_and_batch_series
             assert sample("sidecar_queue_depth", "coarse") == 0
             forward.gate.set()
             running.result(), waiting.result()
-        assert sample("sidecar_batch_size_count", "coarse") - passes["coarse"] == 1
-        assert sample("sidecar_batch_size_count", "fine") - passes["fine"] == 2
         # And their model threads are told apart in `top -H` and py-spy.
         assert (coarse._thread.name, fine._thread.name) == ("batcher-text", "fine-text")
     finally:
