@@ -20,12 +20,16 @@ def minmax(scores: Mapping[str, float], *, bounds: tuple[float, float] | None = 
 
 
 def zscore(scores: Mapping[str, float]) -> dict[str, float]:
+    """Centre on the mean and scale by the standard deviation; a list of equal scores is 0 throughout."""
     if not scores:
         return {}
+    # Equal scores (BM25 of identical captions) are compared as such, not through their std: their mean
+    # rounds off the value (100 x 2.0599723 sums to 205.99723000000003), which leaves a std of rounding
+    # noise that scaled every hit to +1 or -1 by the float value alone (one store's float32 BM25, another's).
+    if max(scores.values()) == min(scores.values()):
+        return {key: 0.0 for key in scores}
     mean = sum(scores.values()) / len(scores)
     std = math.sqrt(sum((v - mean) ** 2 for v in scores.values()) / len(scores))
-    if std == 0.0:
-        return {key: 0.0 for key in scores}
     return {key: (value - mean) / std for key, value in scores.items()}
 
 

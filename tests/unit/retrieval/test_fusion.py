@@ -16,6 +16,13 @@ def test_zscore_centres_and_scales():
     assert scores["a"] == pytest.approx(-scores["c"])
 
 
+def test_zscore_of_equal_scores_is_zero_whatever_their_float_value():
+    # 100 x 2.0599723 (OpenSearch's BM25 of one word in equal captions) has a mean that is not 2.0599723:
+    # the std was rounding noise, and every score came out 1.0 (-1.0 for other values), not 0.
+    for value in (2.0599723, 2.0599722862243652, 0.1):
+        assert set(zscore({f"d{i}": value for i in range(100)}).values()) == {0.0}
+
+
 def test_rrf_rewards_agreement_between_lists():
     fused = rrf([["a", "b", "c"], ["b", "a", "d"]], weights=[1.0, 1.0])
     assert max(fused, key=fused.get) in ("a", "b")
