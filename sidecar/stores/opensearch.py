@@ -704,7 +704,7 @@ class OpenSearchStore:
     # --- check and repair ------------------------------------------------------------------
 
     def check(self) -> StoreReport:
-        """Read-only: the alias and its index (one, not red), the load lock, refresh/replica
+        """Read-only: the alias and its index (one, not red, its vector a knn_vector), the load lock, refresh/replica
         settings an interrupted load left relaxed, versioned indices no alias names (an
         interrupted rebuild's)."""
         report = StoreReport(location=f"OpenSearch {self.url}, alias {self.alias}")
@@ -738,6 +738,9 @@ class OpenSearchStore:
         for name in indices:
             if self.client.cluster.health(index=name)["status"] == "red":
                 report.problems.append(f"index {name} is red (a primary shard is unassigned)")
+            found = self._mapping(name)
+            if found is not None and (problem := self._vector_mapping_problem(*found)) is not None:
+                report.problems.append(problem)
             saved = (self._meta(name) or {}).get(SAVED_SETTINGS_KEY)
             if saved is None:
                 continue
@@ -1116,7 +1119,19 @@ class OpenSearchStore:
         found = self._mapping()
         if found is None:
             raise StoreError(f"no index behind {self.alias}: run `clip-sidecar opensearch setup`")
+        if (problem := self._vector_mapping_problem(*found)) is not None:
+            raise StoreError(problem)
         return int(found[1]["properties"]["vector"]["dimension"])
+
+    def _vector_mapping_problem(self, index: str, mapping: dict[str, Any]) -> str | None:
+        """What is wrong with `index`'s `vector` field where it is no knn_vector (an index made or mapped by hand,
+        or by dynamic mapping from the first document), else None: nothing of the store can use such an index."""
+        kind = mapping.get("properties", {}).get("vector", {}).get("type")
+        if kind == "knn_vector":
+            return None
+        return (f"index {index} behind alias {self.alias} maps field 'vector' as {kind or 'nothing'}, not as a "
+                "knn_vector (the index was not made by clip-sidecar, or its mapping by hand): `clip-sidecar index "
+                "SHARDS --rebuild` builds a new index beside it and moves the alias onto it")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -276,6 +276,23 @@ def test_setup_is_idempotent(node):
         drop(s)
 
 
+def test_an_index_whose_vector_field_is_no_knn_vector_is_refused_and_reported_naming_it(node):
+    # An index made by hand (or by dynamic mapping) behind the alias: setup and claim ended in KeyError: 'vector'.
+    s = make_store()
+    name = f"{s.alias}-v1"
+    try:
+        s.client.indices.create(index=name, body={"mappings": {"properties": {"text": {"type": "text"}}},
+                                                  "aliases": {s.alias: {}}})
+        for call in (lambda: s.setup(DIM), lambda: s.claim(SIGNATURE)):
+            with pytest.raises(StoreError, match=f"index {name} behind alias {s.alias} maps field 'vector' as "
+                                                 "nothing, not as a knn_vector"):
+                call()
+        report = s.check()
+        assert any("not as a knn_vector" in problem and "--rebuild" in problem for problem in report.problems)
+    finally:
+        drop(s)
+
+
 def test_reads_before_setup_name_the_missing_alias_and_the_setup_command(node):
     # docker compose and Kubernetes start the server before anyone ran `opensearch setup`: /readyz's reason
     # and /v1/search's error are these messages.
