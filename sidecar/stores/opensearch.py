@@ -17,6 +17,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 from opensearchpy import OpenSearch, Transport, helpers
@@ -191,6 +192,7 @@ class OpenSearchStore:
         self.lock_heartbeat_s = lock_heartbeat_s
         self.lock_index = f"{index}{LOCK_SUFFIX}"
         self.config_dir = resolve_config_dir(config_dir)
+        _check_url(url)
         use_ssl = url.startswith("https://")
         if use_ssl and verify_certs and ca_certs and not Path(ca_certs).is_file():
             # Else every request failed as "cannot be reached: [Errno 2] No such file or directory (is it up?)",
@@ -1211,6 +1213,21 @@ class _SecuredTransport(Transport):
             raise StoreError(f"OpenSearch at {who.url} refused {method} {url} to user {who.user!r}: "
                              f"{_root_cause(exc)}; the user needs the role in "
                              f"plugin_config/security/roles.yml (docs/opensearch.md)") from exc
+
+
+def _check_url(url: str) -> None:
+    """Refuse a URL without a host, or with a port that is no port, naming the setting: opensearch-py parses
+    it as below and failed on the first request with a TypeError, or at once with urllib's ValueError."""
+    try:
+        parts = urlsplit(url if "://" in url else f"//{url}")  # opensearch-py takes "host:port" as well
+        host, _ = parts.hostname, parts.port
+    except ValueError as exc:
+        host, reason = None, str(exc)
+    else:
+        reason = "it names no host"
+    if not host:
+        raise StoreError(f"OpenSearch URL {url!r} is no URL: {reason}; set SIDECAR_OPENSEARCH_URL or "
+                         "--opensearch-url to the cluster's, e.g. http://127.0.0.1:9200")
 
 
 def knn_score_to_inner_product(score: float) -> float:

@@ -32,6 +32,22 @@ def test_an_unreachable_cluster_is_a_store_error_naming_the_setting_that_the_sto
     assert isinstance(raised.value, OSConnectionError) and isinstance(raised.value, RETRYABLE)
 
 
+@pytest.mark.parametrize(("url", "reason"), [("", "it names no host"), ("http://", "it names no host"),
+                                             ("http://:9200", "it names no host"),
+                                             ("http://h:notaport", "Port could not be cast"),
+                                             ("http://h:99999", "Port out of range")])
+def test_a_url_without_a_host_or_port_is_refused_naming_the_setting(url, reason):
+    # SIDECAR_OPENSEARCH_URL= (a compose variable left unset) ended in a TypeError inside opensearch-py.
+    with pytest.raises(StoreError, match=f"OpenSearch URL '{url}' is no URL: {reason}.*SIDECAR_OPENSEARCH_URL or "
+                                         "--opensearch-url"):
+        OpenSearchStore(url=url)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9200/prefix", "127.0.0.1:9200", "https://search.example"])
+def test_urls_opensearch_py_takes_are_taken(url):
+    OpenSearchStore(url=url).close()
+
+
 @pytest.mark.parametrize("inner_product", [0.6823234558105469, 0.0, -0.25, -0.999])
 def test_a_knn_score_inverts_to_the_float32_inner_product_it_was_computed_from(inner_product):
     ip = np.float32(inner_product)
