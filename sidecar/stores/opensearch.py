@@ -6,6 +6,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -121,6 +122,17 @@ def resolve_config_dir(configured: str | os.PathLike[str] | None) -> Path:
     return path
 
 
+def _as_store_errors(operation: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """An OpenSearchStore method whose client errors are StoreErrors naming `operation` (`_write_errors`)."""
+    def decorate(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def wrapped(self: OpenSearchStore, *args: Any, **kwargs: Any) -> Any:
+            with self._write_errors(operation):
+                return method(self, *args, **kwargs)
+        return wrapped
+    return decorate
+
+
 class OpenSearchStore:
     """The Store protocol on OpenSearch; `index` is an alias over `<index>-v<N>` indices."""
 
@@ -229,6 +241,7 @@ class OpenSearchStore:
 
     # --- setup and model signature -------------------------------------------------------
 
+    @_as_store_errors("setup")
     def setup(self, dim: int) -> None:
         """Create the search pipelines (when neural-search is present), the load lock's index and the
         first index + alias; idempotent."""
@@ -298,6 +311,7 @@ class OpenSearchStore:
                                     dim=None if dim is None else int(dim), read_at=now)
         return self._models_read
 
+    @_as_store_errors("claim")
     def claim(self, signature: ModelSignature, *, fine_signature: ModelSignature | None = None) -> None:
         """Record the model in _meta on first use, and the fine model where none is recorded; another
         model's vectors, or another fine model's, are refused."""
@@ -454,13 +468,30 @@ class OpenSearchStore:
 
     @contextlib.contextmanager
     def _load_lock(self, operation: str, *, lock_wait_s: float) -> Iterator[LoadLock]:
-        self._ensure_lock_index()
-        lock = self._lock_for(operation)
-        lock.acquire(wait_s=lock_wait_s)
+        with self._write_errors(operation):
+            self._ensure_lock_index()
+            lock = self._lock_for(operation)
+            lock.acquire(wait_s=lock_wait_s)
+            try:
+                yield lock
+            finally:
+                lock.release()
+
+    @contextlib.contextmanager
+    def _write_errors(self, operation: str) -> Iterator[None]:
+        """The client errors of a load, a setup or a check (calls of their own, outside the read path's
+        `_read_errors`) as one StoreError naming the operation, the cluster and OpenSearch's reason: a write block
+        (the disk past its flood-stage watermark), a server at the URL that is not OpenSearch. What is a store
+        error already passes as it is, so does a cluster that cannot be reached (OpenSearchUnreachable)."""
         try:
-            yield lock
-        finally:
-            lock.release()
+            yield
+        except OpenSearchUnreachable:
+            raise
+        except TransportError as exc:
+            reason = _root_cause(exc)
+            said = "" if reason == str(exc.error) else f": {quoted(reason)}"
+            raise StoreError(f"{operation} of {self.alias} failed: OpenSearch at {self.url} answered "
+                             f"{exc.status_code} {exc.error}{said}") from exc
 
     def _lock_for(self, operation: str) -> LoadLock:
         return LoadLock(self.client, index=self.lock_index, alias=self.alias, operation=operation,
@@ -705,6 +736,7 @@ class OpenSearchStore:
 
     # --- check and repair ------------------------------------------------------------------
 
+    @_as_store_errors("check")
     def check(self) -> StoreReport:
         """Read-only: the alias and its index (one, not red, its vector a knn_vector), the load lock, refresh/replica
         settings an interrupted load left relaxed, versioned indices no alias names (an

@@ -293,6 +293,24 @@ def test_an_index_whose_vector_field_is_no_knn_vector_is_refused_and_reported_na
         drop(s)
 
 
+def test_a_write_block_fails_a_load_and_a_rebuild_in_one_store_error_naming_opensearchs_reason(store):
+    # What OpenSearch sets on every index of a disk past its flood-stage watermark: the load lock's create
+    # was answered 429 cluster_block_exception, which left `index` and `index --rebuild` in a traceback.
+    docs, _, _ = make_documents(5)
+    blocked = {"index.blocks.read_only_allow_delete": True}
+    store.client.indices.put_settings(index=owned_indices(store.alias), body=blocked, expand_wildcards="all")
+    try:
+        for operation, load in (("index", lambda: store.upsert(docs)),
+                                ("rebuild", lambda: store.rebuild(docs, signature=SIGNATURE))):
+            with pytest.raises(StoreError, match=f"^{operation} of {store.alias} failed: OpenSearch at {URL} answered "
+                                                 "429 cluster_block_exception: .*flood-stage watermark"):
+                load()
+    finally:
+        store.client.indices.put_settings(index=owned_indices(store.alias), expand_wildcards="all",
+                                          body={"index.blocks.read_only_allow_delete": None})
+    assert store.upsert(docs) == 5  # the lock was let go
+
+
 def test_reads_before_setup_name_the_missing_alias_and_the_setup_command(node):
     # docker compose and Kubernetes start the server before anyone ran `opensearch setup`: /readyz's reason
     # and /v1/search's error are these messages.

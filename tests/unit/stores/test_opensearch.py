@@ -4,6 +4,8 @@ certificate does not verify, the k-NN query it builds, and OpenSearch's refusals
 from __future__ import annotations
 
 import contextlib
+import http.server
+import json
 import socket
 import ssl
 import subprocess
@@ -18,6 +20,7 @@ from opensearchpy.exceptions import TransportError
 
 from sidecar.stores.base import StoreError, StoreQueryError, StoreUnavailable
 from sidecar.stores.opensearch import RETRYABLE, OpenSearchStore, knn_score_to_inner_product
+from sidecar.types import Document
 from tests.support import free_port
 
 
@@ -46,6 +49,52 @@ def test_a_url_without_a_host_or_port_is_refused_naming_the_setting(url, reason)
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9200/prefix", "127.0.0.1:9200", "https://search.example"])
 def test_urls_opensearch_py_takes_are_taken(url):
     OpenSearchStore(url=url).close()
+
+
+@contextlib.contextmanager
+def not_opensearch() -> Iterator[str]:
+    """The URL of an HTTP server on loopback that is not OpenSearch (a --opensearch-url of another service's
+    port): it answers every request 404 with a JSON error of its own."""
+
+    class NoRoute(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"error": {"code": "not_found", "message": f"no route for {self.path!r}"}}).encode()
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoRoute)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_server_that_is_not_opensearch_fails_a_load_setup_and_check_in_one_store_error_naming_it():
+    # Each ended in opensearch-py's NotFoundError traceback (the load lock's index could not be made).
+    with not_opensearch() as url:
+        store = OpenSearchStore(url=url, index="clip")
+        try:
+            for operation, call in (("index", lambda: store.upsert([Document(id="a", vector=np.ones(2))])),
+                                    ("setup", lambda: store.setup(2)), ("check", store.check)):
+                with pytest.raises(StoreError, match=f"^{operation} of clip failed: OpenSearch at {url} answered 404 "
+                                                     ".*no route for"):
+                    call()
+        finally:
+            store.close()
 
 
 @pytest.mark.parametrize("inner_product", [0.6823234558105469, 0.0, -0.25, -0.999])
