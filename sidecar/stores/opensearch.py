@@ -67,6 +67,9 @@ RRF_RANK_CONSTANT = 60
 # killed) is still undone by the next one instead of "restoring" refresh_interval -1.
 SAVED_SETTINGS_KEY = "bulk_load_saved_settings"
 RETRYABLE = (OSConnectionError, ConnectionTimeout)
+# A bulk item's 429 that is no overload but a write block (the disk past its flood-stage watermark): rounds of
+# retries spent minutes on it, then called the cluster overloaded; it stops the load at once, naming the block.
+BLOCKED = frozenset({"cluster_block_exception"})
 # A multi-get's per-document errors that OpenSearch answers 429 or 503 for on a request of its own (a get):
 # the statuses `_read_errors` reads as unavailable. Its items carry the error's type, not its status.
 UNAVAILABLE_ITEM_ERRORS = frozenset({
@@ -810,7 +813,8 @@ class OpenSearchStore:
         with the pending ids after a backoff (connection_retries). Pending is a set of ids, not an
         offset: acknowledgements come back out of order (retried items after later ones), and
         resuming "after the last one" would skip those still unacknowledged. Any other item error
-        stops the load (StoreError, its cause a BulkIndexError carrying the item errors)."""
+        stops the load (StoreError, its cause a BulkIndexError carrying the item errors), a 429 that is a write
+        block (BLOCKED) included."""
         pending = dict(ops)
         written = deleted = rounds = drops = 0
         while pending:
@@ -833,7 +837,7 @@ class OpenSearchStore:
                                 progress(1)
                         elif info.get("result") == "deleted":
                             deleted += 1
-                    elif status == 429:
+                    elif status == 429 and info.get("error", {}).get("type") not in BLOCKED:
                         rejected += 1
                     else:
                         failures.append(item)

@@ -311,6 +311,22 @@ def test_a_write_block_fails_a_load_and_a_rebuild_in_one_store_error_naming_open
     assert store.upsert(docs) == 5  # the lock was let go
 
 
+def test_a_write_block_met_mid_load_stops_it_naming_the_block_not_as_an_overloaded_cluster(node):
+    # The block set once the load holds its lock: each document answers 429 cluster_block_exception, which
+    # was retried as rejections for rounds (minutes at the default backoff), then called an overload.
+    s = make_store(initial_backoff=0.05)
+    try:
+        s.claim(SIGNATURE)
+        docs, _, _ = make_documents(20)
+        s.client.indices.put_settings(index=f"{s.alias}-v*", body={"index.blocks.read_only_allow_delete": True})
+        with pytest.raises(StoreError, match="cluster_block_exception.*flood-stage watermark") as info:
+            s.upsert(docs)
+        assert "overloaded" not in str(info.value)
+    finally:
+        s.client.indices.put_settings(index=f"{s.alias}-v*", body={"index.blocks.read_only_allow_delete": None})
+        drop(s)
+
+
 def test_reads_before_setup_name_the_missing_alias_and_the_setup_command(node):
     # docker compose and Kubernetes start the server before anyone ran `opensearch setup`: /readyz's reason
     # and /v1/search's error are these messages.
