@@ -83,6 +83,10 @@ WHOLE_INDEX = {"allow_partial_search_results": "false"}
 # How OpenSearch 2.19 names those shards: "Search rejected due to missing shards [[index][1], [index][3]]. …".
 MISSING_SHARDS = re.compile(r"Search rejected due to missing shards \[(.*)\]\.")
 SHARD = re.compile(r"\[([^\[\]]+)\]\[(\d+)\]")
+# OpenSearch's rules for an index or alias name (MetadataCreateIndexService): characters it refuses, and its
+# length in bytes; the store's own names add `-v<13-digit ms>` (or `-lock`) to the alias.
+ALIAS_FORBIDDEN = frozenset(' "*\\<|,>/?#:')
+MAX_NAME_BYTES = 255
 # Documents pulled from a rebuild's iterable at a time: the unit a dropped connection resumes within.
 REBUILD_BATCH = 10_000
 # refresh_interval during a large load, per engine. lucene builds each segment's HNSW graph while
@@ -208,6 +212,7 @@ class OpenSearchStore:
         self.lock_index = f"{index}{LOCK_SUFFIX}"
         self.config_dir = resolve_config_dir(config_dir)
         _check_url(url)
+        _check_alias(index)
         use_ssl = url.startswith("https://")
         if use_ssl and verify_certs and ca_certs and not Path(ca_certs).is_file():
             # Else every request failed as "cannot be reached: [Errno 2] No such file or directory (is it up?)",
@@ -1264,6 +1269,24 @@ def _check_url(url: str) -> None:
     if not host:
         raise StoreError(f"OpenSearch URL {url!r} is no URL: {reason}; set SIDECAR_OPENSEARCH_URL or "
                          "--opensearch-url to the cluster's, e.g. http://127.0.0.1:9200")
+
+
+def _check_alias(alias: str) -> None:
+    """Refuse an alias OpenSearch cannot name (its rules for index and alias names), naming the setting: reads
+    answered that it did not exist (run setup), and setup failed on the load lock's index or with a bare 400."""
+    forbidden = sorted({char for char in alias if char in ALIAS_FORBIDDEN})
+    longest = MAX_NAME_BYTES - len(f"-v{int(time.time() * 1000)}")  # `_new_index_name`'s suffix, longer than LOCK_SUFFIX
+    reason = ("it is empty" if not alias else
+              "it has upper-case letters" if alias != alias.lower() else
+              f"it has {', '.join(map(repr, forbidden))}" if forbidden else
+              f"it starts with {alias[0]!r}" if alias[0] in "_-+" else
+              "it is . or .." if alias in (".", "..") else
+              f"it is over {longest} bytes (OpenSearch's {MAX_NAME_BYTES}, less the '-v<version>' of its indices)"
+              if len(alias.encode("utf-8")) > longest else None)
+    if reason is not None:
+        raise StoreError(f"OpenSearch index {alias!r} cannot be an OpenSearch alias: {reason}; set "
+                         "SIDECAR_OPENSEARCH_INDEX or --opensearch-index to a lower-case name without spaces or any of "
+                         f"{' '.join(sorted(ALIAS_FORBIDDEN - {' '}))}, not starting with _, - or +")
 
 
 def knn_score_to_inner_product(score: float) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -44,6 +45,22 @@ def test_a_url_without_a_host_or_port_is_refused_naming_the_setting(url, reason)
     with pytest.raises(StoreError, match=f"OpenSearch URL '{url}' is no URL: {reason}.*SIDECAR_OPENSEARCH_URL or "
                                          "--opensearch-url"):
         OpenSearchStore(url=url)
+
+
+@pytest.mark.parametrize(("alias", "reason"), [("MyIndex", "it has upper-case letters"), ("a b", "it has ' '"),
+                                               ("photos:2024", "it has ':'"), ("_x", "it starts with '_'"),
+                                               ("-x", "it starts with '-'"), ("", "it is empty"), ("..", "it is . or .."),
+                                               ("a" * 241, "it is over 240 bytes")])
+def test_an_alias_opensearch_cannot_name_is_refused_naming_the_setting_and_the_rule(alias, reason):
+    # A read answered that the alias did not exist (run `opensearch setup`), which then failed on the load lock's
+    # index ("MyIndex-lock") or with a bare 400 ("_x").
+    with pytest.raises(StoreError, match=f"cannot be an OpenSearch alias: {re.escape(reason)}[^;]*; set "
+                                         "SIDECAR_OPENSEARCH_INDEX or --opensearch-index"):
+        OpenSearchStore(url="http://127.0.0.1:9200", index=alias)
+
+
+def test_the_longest_alias_opensearch_takes_with_the_stores_suffixes_is_taken():
+    OpenSearchStore(url="http://127.0.0.1:9200", index="a" * 240).close()
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9200/prefix", "127.0.0.1:9200", "https://search.example"])
