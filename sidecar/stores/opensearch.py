@@ -211,9 +211,10 @@ class OpenSearchStore:
         self.lock_heartbeat_s = lock_heartbeat_s
         self.lock_index = f"{index}{LOCK_SUFFIX}"
         self.config_dir = resolve_config_dir(config_dir)
-        _check_url(url)
+        # As opensearch-py reads the URL (a scheme in any case): a test of "https://" alone let HTTPS://… connect
+        # over TLS without verifying the certificate (verify_certs below applies to https URLs only).
+        use_ssl = _url_scheme(url) == "https"
         _check_alias(index)
-        use_ssl = url.startswith("https://")
         if use_ssl and verify_certs and ca_certs and not Path(ca_certs).is_file():
             # Else every request failed as "cannot be reached: [Errno 2] No such file or directory (is it up?)",
             # retried as a cluster down would be.
@@ -1256,9 +1257,10 @@ class _SecuredTransport(Transport):
                              f"plugin_config/security/roles.yml (docs/opensearch.md)") from exc
 
 
-def _check_url(url: str) -> None:
-    """Refuse a URL without a host, or with a port that is no port, naming the setting: opensearch-py parses
-    it as below and failed on the first request with a TypeError, or at once with urllib's ValueError."""
+def _url_scheme(url: str) -> str:
+    """The URL's scheme, lower case ("" for "host:port"). Refuses a URL without a host, or with a port that is no
+    port, naming the setting: opensearch-py parses it as here and failed on the first request with a TypeError,
+    or at once with urllib's ValueError."""
     try:
         parts = urlsplit(url if "://" in url else f"//{url}")  # opensearch-py takes "host:port" as well
         host, _ = parts.hostname, parts.port
@@ -1269,6 +1271,7 @@ def _check_url(url: str) -> None:
     if not host:
         raise StoreError(f"OpenSearch URL {url!r} is no URL: {reason}; set SIDECAR_OPENSEARCH_URL or "
                          "--opensearch-url to the cluster's, e.g. http://127.0.0.1:9200")
+    return parts.scheme
 
 
 def _check_alias(alias: str) -> None:

@@ -201,6 +201,13 @@ def test_a_certificate_no_system_ca_signed_fails_naming_the_system_cas_and_the_s
     assert "none of" not in message
 
 
+def test_an_https_url_with_its_scheme_in_capitals_verifies_the_certificate_too(certificates):
+    # Schemes are case-insensitive, and opensearch-py connected to HTTPS://… over TLS; the store tested for
+    # "https://" alone and so turned certificate verification off for it.
+    with tls_listener(certificates["cert"], certificates["key"]) as url:
+        _certificate_error(url.replace("https://", "HTTPS://"))
+
+
 def test_a_ca_file_that_does_not_exist_is_refused_naming_the_setting_not_as_a_cluster_down(certificates, tmp_path):
     # It failed every request as "cannot be reached: [Errno 2] No such file or directory (is it up?)", retried as a
     # cluster down is (StoreUnavailable: 503, loads waiting).
