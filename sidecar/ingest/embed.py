@@ -39,7 +39,7 @@ from sidecar.config import DECODE_MODES, THUMBNAIL_SIDE
 from sidecar.ingest.corpus import CorpusError, CorpusItem, printable, read_corpus
 from sidecar.ingest.decode_pool import DecodeSplit, decoded_batches, ignore_ctrl_c, read_file
 from sidecar.ingest.identity import document_hash, image_hash
-from sidecar.ingest.shards import ShardRow, ShardSet, exclusive_writer
+from sidecar.ingest.shards import ShardRow, ShardSet, exclusive_writer, naming_the_file
 from sidecar.ingest.tagging import Tagger, tagged
 from sidecar.ingest.thumbnails import make_thumbnail
 from sidecar.model.encoder import Encoder
@@ -399,7 +399,7 @@ def _write_copies(plan: EmbedPlan, *, tagger: Tagger | None) -> tuple[int, list[
     if lost:
         errors_path = shards.root / "errors.jsonl"
         reasons = {entry["id"]: entry["reason"] for entry in map(json.loads, errors_path.read_text("utf-8").splitlines())}
-        with errors_path.open("a", encoding="utf-8") as errors:
+        with naming_the_file(errors_path), errors_path.open("a", encoding="utf-8") as errors:
             errors.writelines(error_line(row.id, row.path, f"a copy of {first!r}, which could not be used: "
                                                            f"{reasons.get(first, 'see its line')}")
                               for row, first in lost)
@@ -435,12 +435,33 @@ def fine_vectors(fine_encoder: Encoder, paths: Sequence[Path], *,
     return vectors, reasons
 
 
+class ErrorsFile:
+    """errors.jsonl open for writing: a write that fails (a full disk) names the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with naming_the_file(path):
+            self._handle: TextIO = path.open("w", encoding="utf-8")
+
+    def write(self, lines: str) -> None:
+        with naming_the_file(self.path):
+            self._handle.write(lines)
+
+    def close(self) -> None:
+        with naming_the_file(self.path):
+            self._handle.close()
+
+
 @contextlib.contextmanager
-def errors_file(out: Path, plan: EmbedPlan) -> Iterator[TextIO]:
-    """<out>/errors.jsonl, rewritten each run, opening with the items the scan found unusable."""
-    with (out / "errors.jsonl").open("w", encoding="utf-8") as errors:
-        errors.writelines(error_line(item.id, printable(str(item.path)), item.unusable) for item in plan.unusable)
+def errors_file(out: Path, plan: EmbedPlan) -> Iterator[ErrorsFile]:
+    """<out>/errors.jsonl, rewritten each run, opening with the items the scan found unusable. Only its own
+    writes name it when they fail: an OSError of the work in the block is left as it is."""
+    errors = ErrorsFile(out / "errors.jsonl")
+    try:
+        errors.write("".join(error_line(item.id, printable(str(item.path)), item.unusable) for item in plan.unusable))
         yield errors
+    finally:
+        errors.close()
 
 
 def error_line(item_id: str, path: str, reason: str) -> str:

@@ -74,6 +74,19 @@ os.register_at_fork(after_in_child=_drop_held_locks_in_child)
 
 
 @contextlib.contextmanager
+def naming_the_file(path: Path) -> Iterator[None]:
+    """Writes to `path` in the block: an OSError they raise names it. A full disk's ENOSPC (a quota's EDQUOT)
+    comes from write(), flush(), close() or fsync(), which name no file, so it reached the user as a
+    traceback, where the CLI says in one line which path cannot be written (`is_unwritable_path`)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+@contextlib.contextmanager
 def exclusive_writer(root: Path) -> Iterator[None]:
     """Hold `root` for one job that writes it (`embed`, `tag`), refusing at once while another holds it:
     two writers would delete each other's temporary files, pick the same shard names and rewrite the
@@ -90,8 +103,9 @@ def exclusive_writer(root: Path) -> Iterator[None]:
             holder = handle.read().strip() or "holder unknown"
             raise ShardsBusy(f"another job writes {root}: {holder}; wait for it, or write to another folder") from None
         handle.truncate(0)  # "a+" writes at the end: the file now holds this job alone
-        handle.write(f"pid {os.getpid()} ({shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]})\n")
-        handle.flush()
+        with naming_the_file(root / ".lock"):
+            handle.write(f"pid {os.getpid()} ({shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]})\n")
+            handle.flush()
         _held_locks.add(handle.fileno())
         try:
             yield  # closing the file releases the lock
@@ -304,7 +318,8 @@ class ShardSet:
             jsonl = self.root / f"{name}.jsonl"
             with jsonl.open(encoding="utf-8") as fh:
                 lines = fh.readlines()
-            with open(jsonl.with_suffix(".jsonl.tmp"), "w", encoding="utf-8") as fh:
+            with naming_the_file(jsonl.with_suffix(".jsonl.tmp")), \
+                    open(jsonl.with_suffix(".jsonl.tmp"), "w", encoding="utf-8") as fh:
                 for index, line in enumerate(lines):
                     if index in changed:
                         fields = json.loads(line)  # as stored: a format 1 row stays one
@@ -424,7 +439,8 @@ class ShardSet:
 
     def _write_manifest(self) -> None:
         tmp = self.manifest_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
+        with naming_the_file(tmp):
+            tmp.write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
         os.replace(tmp, self.manifest_path)
 
 
@@ -438,13 +454,14 @@ def write_shard_files(root: Path, name: str, vectors: np.ndarray, rows: list[Sha
     npy, jsonl = root / f"{name}.npy", root / f"{name}.jsonl"
     arrays = [(npy, vectors)] + ([(root / f"{name}.fine.npy", fine_vectors)] if fine_vectors is not None else [])
     for path, array in arrays:
-        with open(path.with_suffix(".npy.tmp"), "wb") as fh:
+        with naming_the_file(path.with_suffix(".npy.tmp")), open(path.with_suffix(".npy.tmp"), "wb") as fh:
             np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
             fh.flush()
             os.fsync(fh.fileno())
     if thumbnails is not None:
         write_thumbnails_file(root, name, thumbnails, rename=False)
-    with open(jsonl.with_suffix(".jsonl.tmp"), "w", encoding="utf-8") as fh:
+    rows_tmp = jsonl.with_suffix(".jsonl.tmp")
+    with naming_the_file(rows_tmp), open(rows_tmp, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
         fh.flush()
@@ -468,7 +485,7 @@ def write_thumbnails_file(root: Path, name: str, thumbnails: list[bytes], *, ren
     path = thumbnails_path(root, name)
     offsets = np.zeros(len(thumbnails) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(t) for t in thumbnails])
-    with open(path.with_suffix(".npz.tmp"), "wb") as fh:
+    with naming_the_file(path.with_suffix(".npz.tmp")), open(path.with_suffix(".npz.tmp"), "wb") as fh:
         np.savez(fh, offsets=offsets, data=np.frombuffer(b"".join(thumbnails), dtype=np.uint8))
         fh.flush()
         os.fsync(fh.fileno())

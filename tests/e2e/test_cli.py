@@ -737,6 +737,22 @@ def test_embed_lists_a_panorama_past_the_built_in_max_resized_side_in_errors_whi
     assert shard_ids(out) == ["photo.jpg"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), whose writes fail as a full disk's")
+def test_embed_onto_a_full_disk_fails_in_one_line_naming_the_file_and_the_flag(tmp_path):
+    # A full disk's ENOSPC comes from write() or close(), which name no file: it was a traceback.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sample_items(1, seed=33)[0].image.save(folder / "photo.jpg", quality=90)
+    (folder / "broken.jpg").write_bytes(b"not an image")  # a line for errors.jsonl
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "errors.jsonl").symlink_to("/dev/full")
+    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(out), "--workers", "0"])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1] == (f"Error: cannot write {out / 'errors.jsonl'}: No space left on device "
+                                              f"(--out is {out})")
+
+
 @pytest.mark.parametrize(("out", "exit_code", "message"), [
     ("afile", 2, "Invalid value for '--out': Directory '{out}' is a file."),  # click's own check
     ("afile/sub", 1, "Error: cannot write {out}: Not a directory (--out is {out})"),

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -211,3 +212,27 @@ def test_rewritten_rows_carry_their_stored_vectors_and_thumbnails_reading_each_s
         at, row_index = new[f"new-{name}-{index}"]
         assert shards.vectors(at)[row_index].tobytes() == shards.vectors(name)[index].tobytes()
         assert shards.thumbnails(at)[row_index] == shards.thumbnails(name)[index]
+
+
+# Linux's /dev/full takes every write with ENOSPC, as a full disk does: write(), flush() and close() name no file.
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+
+
+@needs_dev_full
+@pytest.mark.parametrize("tmp_name", ["shard-00000.npy.tmp", "shard-00000.fine.npy.tmp",
+                                      "shard-00000.thumbs.npz.tmp", "shard-00000.jsonl.tmp"])
+def test_a_shard_file_a_full_disk_cannot_take_is_named_in_the_error(tmp_path, tmp_name):
+    (tmp_path / tmp_name).symlink_to("/dev/full")
+    with pytest.raises(OSError) as caught:
+        write_shard_files(tmp_path, "shard-00000", unit(2), rows("a", "b"), unit(2), [b"t1", b"t2"])
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / tmp_name)
+
+
+@needs_dev_full
+def test_a_manifest_a_full_disk_cannot_take_is_named_in_the_error(tmp_path):
+    shards = ShardSet(tmp_path)
+    shards.start(SIG, preprocessing={})
+    (tmp_path / "manifest.json.tmp").symlink_to("/dev/full")
+    with pytest.raises(OSError) as caught:
+        shards.set_deleted(["a"])
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "manifest.json.tmp")
