@@ -99,6 +99,25 @@ class DecodeSplit:
                 f"{self.share:.2f}")
 
 
+class DecodeWorkerLost(RuntimeError):
+    """A decode worker ended before its files were done: a crash in a C decoder (its error printed above), or
+    a signal (the kernel's out-of-memory killer sends SIGKILL, and prints nothing). The job stops; the shards
+    written so far are kept, and a rerun continues from them."""
+
+    def __init__(self, pid: int | None, exitcode: int | None):
+        if exitcode is not None and exitcode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-exitcode).name}"
+            except ValueError:
+                how = f"was killed by signal {-exitcode}"
+            if exitcode == -signal.SIGKILL:
+                how += " (the kernel's out-of-memory killer sends it: fewer --workers need less memory)"
+            how += " before its files were done"
+        else:
+            how = f"exited (exit code {exitcode}) before its files were done; see its error above"
+        super().__init__(f"decode worker {pid} {how}; the shards written so far are kept: rerun to continue")
+
+
 class Loaded(NamedTuple):
     """What a worker hands back for one file."""
 
@@ -296,8 +315,7 @@ class _Workers:
                 except EOFError:
                     process = self._processes[worker]
                     process.join(timeout=5)
-                    raise RuntimeError(f"decode worker {process.pid} exited (exit code {process.exitcode}) before "
-                                       "its files were done; see its error above") from None
+                    raise DecodeWorkerLost(process.pid, process.exitcode) from None
             yield waiting[worker].popleft()
 
     def free(self, slot: int) -> None:

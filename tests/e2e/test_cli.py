@@ -737,6 +737,30 @@ def test_embed_lists_a_panorama_past_the_built_in_max_resized_side_in_errors_whi
     assert shard_ids(out) == ["photo.jpg"]
 
 
+def test_embed_whose_decode_worker_the_kernel_kills_fails_in_one_line_naming_the_signal(tmp_path, monkeypatch):
+    # The out-of-memory killer's SIGKILL prints nothing: the traceback's "see its error above" pointed at nothing.
+    from sidecar.model.images import ImagePreprocess
+
+    load = ImagePreprocess.load
+
+    def killed_on_crash(self, data, **kwargs):
+        if data == b"crash":
+            os.kill(os.getpid(), signal.SIGKILL)  # in the forked worker, which inherits this patch
+        return load(self, data, **kwargs)
+
+    monkeypatch.setattr(ImagePreprocess, "load", killed_on_crash)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, item in enumerate(sample_items(3, seed=34)):
+        item.image.save(folder / f"photo{i}.jpg", quality=90)
+    (folder / "photo1.jpg").write_bytes(b"crash")
+    result = CliRunner().invoke(main, ["-q", "embed", str(folder), "--out", str(tmp_path / "shards"), "--workers", "2"])
+    assert result.exit_code == 1, result.output
+    assert re.fullmatch(r"Error: decode worker \d+ was killed by SIGKILL \(the kernel's out-of-memory killer sends it: "
+                        r"fewer --workers need less memory\) before its files were done; the shards written so far are "
+                        r"kept: rerun to continue", result.output.splitlines()[-1]), result.output
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), whose writes fail as a full disk's")
 def test_embed_onto_a_full_disk_fails_in_one_line_naming_the_file_and_the_flag(tmp_path):
     # A full disk's ENOSPC comes from write() or close(), which name no file: it was a traceback.

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from sidecar.ingest.corpus import CorpusItem
-from sidecar.ingest.decode_pool import decoded_batches
+from sidecar.ingest.decode_pool import DecodeWorkerLost, decoded_batches
 from sidecar.model.images import decode_image
 
 
@@ -110,6 +110,30 @@ def test_a_worker_that_dies_mid_job_stops_the_job_with_its_exit_code_instead_of_
         todo.append((CorpusItem(id=str(i), path=path, text=""), f"hash-{i}"))
     with pytest.raises(RuntimeError, match=r"decode worker \d+ exited \(exit code 3\)"):
         list(decoded_batches(todo, DyingImages(), batch_size=8, workers=2, max_pixels=10_000, on_device=False))
+
+
+class KilledImages(SmallImages):
+    """A worker the kernel kills on one file (SIGKILL, as its out-of-memory killer does): nothing is printed."""
+
+    def load(self, data: bytes, *, max_pixels: int) -> Image.Image:
+        if data == b"crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().load(data, max_pixels=max_pixels)
+
+
+def test_a_worker_killed_by_a_signal_is_named_with_the_signal_not_an_error_above_that_was_never_printed(tmp_path):
+    todo = []
+    for i in range(40):
+        path = tmp_path / f"{i}.jpg"
+        if i == 25:
+            path.write_bytes(b"crash")
+        else:
+            Image.new("RGB", (24, 24), colour(i)).save(path, quality=95)
+        todo.append((CorpusItem(id=str(i), path=path, text=""), f"hash-{i}"))
+    with pytest.raises(DecodeWorkerLost, match=r"decode worker \d+ was killed by SIGKILL \(the kernel's out-of-memory "
+                                               r"killer sends it: fewer --workers need less memory\) before its files "
+                                               r"were done; the shards written so far are kept: rerun to continue"):
+        list(decoded_batches(todo, KilledImages(), batch_size=8, workers=2, max_pixels=10_000, on_device=False))
 
 
 KILLED_JOB = """
