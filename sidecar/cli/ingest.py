@@ -142,7 +142,6 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
         except RayUnavailable as exc:
             raise click.ClickException(str(exc)) from exc
     else:
-        from sidecar.ingest.decode_pool import DecodeWorkerLost
         from sidecar.ingest.embed import embed_corpus
         from sidecar.model.images import JpegDecoderUnavailable
 
@@ -155,8 +154,6 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
                                    allow_empty=allow_empty, progress=ctx.obj["progress"])
         except JpegDecoderUnavailable as exc:
             raise click.UsageError(f"--jpeg-decoder {jpeg_decoder}: {exc}") from exc
-        except DecodeWorkerLost as exc:
-            raise click.ClickException(str(exc)) from exc
     click.echo(summary.describe())
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from setproctitle import setproctitle
 
+from sidecar.errors import UserFixable
 from sidecar.ingest.corpus import CorpusItem
 from sidecar.ingest.thumbnails import covers, make_thumbnail, thumbnail_of
 from sidecar.model.images import ImageDecodeError, ImagePreprocess
@@ -99,7 +100,7 @@ class DecodeSplit:
                 f"{self.share:.2f}")
 
 
-class DecodeWorkerLost(RuntimeError):
+class DecodeWorkerLost(RuntimeError, UserFixable):
     """A decode worker ended before its files were done: a crash in a C decoder (its error printed above), or
     a signal (the kernel's out-of-memory killer sends SIGKILL, and prints nothing). The job stops; the shards
     written so far are kept, and a rerun continues from them."""
