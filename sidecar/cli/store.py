@@ -33,8 +33,10 @@ def check(**kwargs: Any) -> None:
     live rows and their vectors, the BM25 (tantivy) index against the live texts; notes name harmless
     leftovers of an interrupted write and rows the graph does not cover yet (searched exactly).
     OpenSearch: the alias and its index, the load lock, settings an interrupted load left relaxed,
-    versioned indices no alias names. Reads only; safe while the store serves. The embedded store's
-    check holds its write lock while it reads (an `index` run's next write waits for it).
+    versioned indices no alias names. Reads only, safe while the store serves, but for one thing every
+    process that opens an embedded store does: a BM25 index that is missing or cannot be opened is built
+    again from the documents first (with a warning). The embedded store's check holds its write lock while
+    it reads (an `index` run's next write waits for it).
     """
     try:
         with _opened(kwargs) as opened:
