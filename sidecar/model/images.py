@@ -73,15 +73,19 @@ def open_image(data: bytes | io.BufferedIOBase, *, max_pixels: int, formats: Seq
     still at least this large in both directions.
     """
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    opened = tuple(formats or IMAGE_FORMATS)
     with _decoder_errors(max_pixels):
         try:
-            image = Image.open(stream, formats=tuple(formats or IMAGE_FORMATS))
+            image = Image.open(stream, formats=opened)
         except UnidentifiedImageError as exc:
             stream.seek(0)
             head = stream.read(16)
             if not head:  # a download or copy that never wrote a byte: say so, not "not a recognised image format"
                 raise ImageDecodeError("empty file (0 bytes)", kind="format") from exc
             found = sniff_format(head)
+            if found in opened:  # its signature, then a header its decoder could not read: not a refused format
+                raise ImageDecodeError(f"corrupt or truncated image: a {found} signature, then a header that cannot "
+                                       "be read", kind="corrupt") from exc
             if found:
                 accepted = (f"image_formats: {', '.join(formats)}" if formats else
                             f"accepted: {', '.join(IMAGE_FORMATS)}; convert it to one of them")

@@ -140,6 +140,16 @@ def test_unusable_files_are_refused_with_a_reason(data, kind, message):
     assert info.value.kind == kind
 
 
+@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\nbroken", b"GIF89a broken", b"BM broken"],
+                         ids=["PNG", "GIF", "BMP"])
+def test_an_accepted_format_whose_header_is_broken_is_called_corrupt_not_a_refused_format(data):
+    # It said "PNG is not an accepted image format (image_formats: JPEG, PNG, …)": a list naming the format refused.
+    with pytest.raises(ImageDecodeError, match=r"^corrupt or truncated image: a \w+ signature, then a header") as info:
+        decode_image(data, max_pixels=LIMIT)
+    assert info.value.kind == "corrupt"
+    assert "not an accepted image format" not in info.value.reason
+
+
 def test_draft_decoding_keeps_at_least_the_model_size():
     data = _encode(Image.new("RGB", (2000, 1500), (1, 2, 3)), "JPEG")
     image = decode_image(data, max_pixels=LIMIT, draft_size=(224, 224))
