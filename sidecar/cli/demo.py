@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import click
+from click.core import ParameterSource
 
 from sidecar.cli.output import command_name, format_hits
 from sidecar.config import Settings
@@ -34,12 +36,17 @@ def demo(ctx: click.Context, workdir: Path, items: int, seed: int, serve_page: b
         from sidecar.cli.serve import refuse_an_address_taken
 
         refuse_an_address_taken(DEMO_HOST, port)
+    # The corpus flags given, so the "this demo, then the search page" command it ends with is of this demo.
+    given = [f"--{name} {shlex.quote(str(ctx.params[name]))}" for name in ("workdir", "items", "seed")
+             if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
     run_demo(workdir, items=items, seed=seed, progress=ctx.obj["progress"], echo=click.echo,
-             serve_port=port if serve_page else None)
+             serve_port=port if serve_page else None, demo_flags=given)
 
 
 def run_demo(workdir: Path, *, items: int, seed: int, progress: bool, echo: Callable[[str], None],
-             serve_port: int | None = None) -> None:
+             serve_port: int | None = None, demo_flags: Sequence[str] = ()) -> None:
+    """`demo_flags`: the demo's own flags that were given (--workdir, --items, --seed), which the command it
+    prints to run this demo with the search page repeats."""
     # Heavy imports (torch, faiss) here, so `clip-sidecar --help` stays fast.
     from sidecar.ingest.embed import embed_corpus
     from sidecar.ingest.indexing import index_shards
@@ -87,8 +94,9 @@ def run_demo(workdir: Path, *, items: int, seed: int, progress: bool, echo: Call
     finally:
         store.close()
     command = command_name()
-    search_next = f"{command} search \"red circle\" --store-path {settings.store_path}"
-    serve_next = f"{command} serve --store-path {settings.store_path}"
+    store_path = shlex.quote(str(settings.store_path))  # a path with a space is one argument when pasted
+    search_next = f"{command} search \"red circle\" --store-path {store_path}"
+    serve_next = f"{command} serve --store-path {store_path}"
     if serve_port is not None:
         from sidecar.cli.serve import run_server
 
@@ -101,7 +109,7 @@ def run_demo(workdir: Path, *, items: int, seed: int, progress: bool, echo: Call
         return
     echo(f"\nNext: {search_next}\n"
          f"      {serve_next}   (then open {page_url(8080)})\n"
-         f"      or {command} demo --serve: this demo, then the search page")
+         f"      or {' '.join([command, 'demo', *demo_flags, '--serve'])}: this demo, then the search page")
 
 
 def page_url(port: int) -> str:

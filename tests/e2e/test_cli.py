@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1040,6 +1041,21 @@ def test_a_demo_rerun_with_other_items_and_seed_serves_that_corpus_and_with_the_
     assert summaries[2][0].startswith("20 items: 0 embedded, 20 unchanged"), summaries[2]
     texts = [json.loads(line)["text"] for line in (tmp_path / "demo/corpus/manifest.jsonl").read_text().splitlines()]
     assert texts == [describe(item.attributes) for item in iter_items(20, seed=1)]
+
+
+def test_the_commands_a_demo_ends_with_are_of_its_own_workdir_items_and_seed_even_with_a_space_in_the_path(tmp_path):
+    # They were `demo --serve` alone, which runs another demo (data/demo, 2,000 items), and an unquoted --store-path,
+    # which a shell splits at the space.
+    workdir = tmp_path / "my demo"
+    result = CliRunner().invoke(main, ["-q", "demo", "--workdir", str(workdir), "--items", "10", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    search = shlex.split(lines[-3].removeprefix("Next: "))
+    serve = shlex.split(lines[-2].split("   (then open")[0])
+    again = shlex.split(lines[-1].strip().removeprefix("or ").rsplit(": this demo", 1)[0])
+    assert search[-4:] == ["search", "red circle", "--store-path", str(workdir / "store")], lines
+    assert serve[-3:] == ["serve", "--store-path", str(workdir / "store")], lines
+    assert again[-8:] == ["demo", "--workdir", str(workdir), "--items", "10", "--seed", "2", "--serve"], lines
 
 
 @pytest.mark.slow
