@@ -601,6 +601,24 @@ def test_a_shared_url_with_filters_opened_before_the_api_key_is_typed_searches_w
         assert json.loads(parse_qs(urlsplit(page.url).fragment)["filters"][0]) == {"color": "blue"}
 
 
+def test_a_key_cleared_after_the_search_it_let_through_runs_no_search_and_keeps_the_results(
+        browser, encoder, store_path, tmp_path):
+    # The refused search was remembered after the key let it through: each later key change ran a search again, so
+    # clearing the key swapped the results shown for a refusal.
+    with blue_circles_shared_before_the_api_key(browser, encoder, store_path, tmp_path) as (page, key):
+        page.fill("#api-key", key)
+        settle(page, "/v1/search", lambda: page.press("#api-key", "Tab"))
+        shown = hits(page)
+        searches = []
+        page.on("request", lambda request: searches.append(request.url) if "/v1/search" in request.url else None)
+        page.fill("#api-key", "")
+        page.press("#api-key", "Tab")
+        page.wait_for_function("() => document.getElementById('filters-note').textContent.startsWith('Filters "
+                               "unavailable')")
+        page.evaluate("() => new Promise((resolve) => setTimeout(resolve, 0))")  # what follows the facets' load ran
+        assert searches == [] and shown and hits(page) == shown
+
+
 def test_a_shared_url_whose_query_is_changed_before_the_api_key_is_typed_does_not_put_its_filters_on_the_new_one(
         browser, encoder, store_path, tmp_path):
     # The URL's filters wait for the facets the key brings for the URL's own search only: a query typed and searched

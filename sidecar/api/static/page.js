@@ -345,6 +345,7 @@
     try {
       const answer = captions ? await api('/v1/captions', captionsBody(), signal) : await api('/v1/search', searchBody(), signal);
       if (mine !== generation) return;
+      state.keyRefused = false;  // nothing refused to run again when a key is typed next
       const roundTrip = performance.now() - started;
       if (captions) renderCaptions(answer, roundTrip);
       else renderHits(answer, roundTrip);
