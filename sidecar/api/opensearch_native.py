@@ -165,7 +165,8 @@ def rerank_documents(kind: str):
     optional(body, "model", str)
     optional(body, "return_documents", bool)
     present = [i for i, document in enumerate(documents) if not is_blank(document)]
-    ranked, skipped = _fine_scores(state, kind, query, [documents[i] for i in present])
+    ranked, skipped = _fine_scores(state, kind, query, [documents[i] for i in present],
+                                   fields=[f"documents[{i}]" for i in present])
     answer = [BLANK_SCORE] * len(documents)
     for i, score in zip(present, ranked):
         answer[i] = round(float(score), SCORE_DECIMALS)
@@ -187,12 +188,14 @@ for _kind in RERANK_KINDS:  # one rule per kind: each its own line in /metrics, 
                     defaults={"kind": _kind})
 
 
-def _fine_scores(state: AppState, kind: str, query: str, documents: list[str]) -> tuple[list[float], str | None]:
+def _fine_scores(state: AppState, kind: str, query: str, documents: list[str], *,
+                 fields: list[str]) -> tuple[list[float], str | None]:
     """The fine stage's score for each (non-blank) document; where it cannot run (no fine model, or a
-    stored document without fine vectors), scores that keep the documents' order, and why."""
+    stored document without fine vectors), scores that keep the documents' order, and why. `fields` names
+    each document as the request does (`documents[i]`, its place among the blank ones too), for errors."""
     if not documents:
         return [], None
-    candidates = CANDIDATES[kind](state, documents)  # checks the documents even when the stage is skipped
+    candidates = CANDIDATES[kind](state, documents, fields)  # checks the documents even when the stage is skipped
     fine = state.fine_encoding
     if fine is None:
         return _page_order(len(documents)), NO_FINE_MODEL
@@ -212,23 +215,23 @@ def _fine_scores(state: AppState, kind: str, query: str, documents: list[str]) -
     return [scores[key] for key in keys], None
 
 
-def _stored(state: AppState, ids: list[str]) -> list[Document]:
+def _stored(state: AppState, ids: list[str], fields: list[str]) -> list[Document]:
     """Stored documents by id (each once), as /v1/search's candidates: an unknown id answers 400."""
     unique = list(dict.fromkeys(ids))
     found = {doc.id: doc for doc in state.store.fetch(unique, vectors=False)}  # the fine stage reads fine vectors
     missing = next((i for i in ids if i not in found), None)
     if missing is not None:
-        raise BadRequest(f"field 'documents[{ids.index(missing)}]': no document with id {quoted(missing)} in the "
+        raise BadRequest(f"field '{fields[ids.index(missing)]}': no document with id {quoted(missing)} in the "
                          f"sidecar's store ({_store_name(state)}); the rerank processor must read the `id` field "
                          "of documents in the sidecar's own index")
     return [found[i] for i in unique]
 
 
-def _checked_images(state: AppState, images: list[str]) -> list[tuple[str, bytes]]:
+def _checked_images(state: AppState, images: list[str], fields: list[str]) -> list[tuple[str, bytes]]:
     """Base64 images → [(field, bytes)], each checked as an image whether or not a fine model will
     encode it: base64, format, declared size and the request's pixel total (4xx naming the document)."""
-    checked = [(f"documents[{i}]", image_bytes(image, field=f"documents[{i}]", max_bytes=state.settings.max_body_bytes))
-               for i, image in enumerate(images)]
+    checked = [(field, image_bytes(image, field=field, max_bytes=state.settings.max_body_bytes))
+               for field, image in zip(fields, images)]
     # Headers only: without a fine model nothing encodes the pixels, so decoding them would spend CPU
     # and decode memory on nothing; with one, decode_images reads the headers again (cheap beside the
     # decode), and one check for both paths keeps their 4xx alike.
@@ -250,8 +253,8 @@ def _page_order(n: int) -> list[float]:
     return [1.0 - i / n for i in range(n)]
 
 
-CANDIDATES: dict[str, Callable[[AppState, list[str]], Any]] = {
-    "ids": _stored, "texts": lambda state, texts: texts, "images": _checked_images}
+CANDIDATES: dict[str, Callable[[AppState, list[str], list[str]], Any]] = {
+    "ids": _stored, "texts": lambda state, texts, fields: texts, "images": _checked_images}
 
 
 def _request_body(fields: tuple[str, ...]) -> tuple[AppState, dict[str, Any]]:

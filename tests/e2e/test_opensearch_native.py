@@ -243,6 +243,16 @@ def test_rerank_of_an_unknown_id_answers_400_naming_it_and_the_store_but_not_whe
     assert str(store_path) not in message + second
 
 
+def test_a_bad_document_after_blank_ones_is_named_by_its_place_in_the_request(client, corpus):
+    # Blank documents (hits without the field) are set aside before the others are checked: the error must
+    # still name the bad one where the request has it, not where it stands among the non-blank ones.
+    response = client.post("/v1/opensearch/rerank/ids", json={"query": "red", "documents": ["", "item-000001", "nope"]})
+    assert "field 'documents[2]': no document with id 'nope'" in error_of(response, 400)
+    page = ["", " ", corpus_image(corpus), "aGVsbG8="]  # base64 of b"hello": no image
+    response = client.post("/v1/opensearch/rerank/images", json={"query": "red", "documents": page})
+    assert "field 'documents[3]': not a recognised image format" in error_of(response, 415)
+
+
 def test_blank_documents_rank_last_and_json_looking_queries_are_text(client):
     scores = rerank(client, "texts", "red circle", ["a red circle", "", "a blue square"])
     assert scores[1] == -2.0 and scores[1] < min(scores[0], scores[2])  # a hit without the field ranks last
