@@ -224,6 +224,26 @@ def test_a_bad_image_fails_only_its_document_with_the_sidecars_message(native, c
         native.client.delete(index=native.alias, id="bad-good", refresh=True)
 
 
+def test_an_empty_or_blank_text_is_refused_by_neural_search_itself_and_a_missing_one_is_written_without_a_vector(
+        native):
+    # What docs/opensearch.md tells users of the text pipeline: neural-search refuses "" and "   " before any
+    # call (so the sidecar never meets them); a document without the field is written, with no vector.
+    before = scrape(native.sidecar)
+    documents = [{"id": "empty-text", "text": ""}, {"id": "blank-text", "text": "   "}, {"id": "no-text"}]
+    results = {r["_id"]: r for r in bulk(native.client, native.alias, documents, pipeline=f"{native.alias}-text")}
+    try:
+        for doc_id in ("empty-text", "blank-text"):
+            assert results[doc_id]["status"] == 400, results[doc_id]
+            assert "map type field [text] has empty string value" in results[doc_id]["error"]["reason"]
+        assert results["no-text"]["status"] == 201
+        written = native.client.get(index=native.alias, id="no-text")["_source"]
+        assert "vector" not in written
+        assert value(scrape(native.sidecar), "sidecar_request_items_count", endpoint=TEXTS) == value(
+            before, "sidecar_request_items_count", endpoint=TEXTS)
+    finally:
+        native.client.delete(index=native.alias, id="no-text", refresh=True, ignore=404)
+
+
 # ---- connect: idempotent, and leaves nothing behind ------------------------------------------------------
 
 def test_connect_twice_is_a_no_op(native):
