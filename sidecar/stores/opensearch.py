@@ -87,6 +87,10 @@ SHARD = re.compile(r"\[([^\[\]]+)\]\[(\d+)\]")
 # length in bytes; the store's own names add `-v<13-digit ms>` (or `-lock`) to the alias.
 ALIAS_FORBIDDEN = frozenset(' "*\\<|,>/?#:')
 MAX_NAME_BYTES = 255
+# How ml-commons relays the answer of a remote model (the sidecar, through a connector) that was not a 2xx, under
+# that answer's own status: a 401 or 403 so prefixed is the remote service refusing the connector's key, not this
+# cluster refusing the store's credentials.
+REMOTE_SERVICE_ERROR = "Error from remote service: "
 # Documents pulled from a rebuild's iterable at a time: the unit a dropped connection resumes within.
 REBUILD_BATCH = 10_000
 # refresh_interval during a large load, per engine. lucene builds each segment's HNSW graph while
@@ -1240,6 +1244,8 @@ class _SecuredTransport(Transport):
             raise OpenSearchUnreachable(f"OpenSearch at {who.url} cannot be reached: {exc.error} (is it up? "
                                         f"SIDECAR_OPENSEARCH_URL or --opensearch-url sets where)", exc) from exc
         except AuthenticationException as exc:
+            if _root_cause(exc).startswith(REMOTE_SERVICE_ERROR):
+                raise  # the caller names the remote service and its answer (connect: the sidecar's key)
             if not who.user:
                 raise StoreError(f"OpenSearch at {who.url} asks for credentials (401): set "
                                  f"SIDECAR_OPENSEARCH_USER and SIDECAR_OPENSEARCH_PASSWORD") from exc

@@ -188,7 +188,11 @@ def test_a_sidecar_with_api_keys_is_called_with_the_connectors_key_and_refused_w
             # No key here (this shell has no SIDECAR_API_KEYS to check it against): OpenSearch's call meets the 401.
             refused = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url])
             assert refused.exit_code == 1 and "refusing the connection" in refused.output, refused.output
-            assert "401" in refused.output, refused.output
+            # The sidecar's 401, relayed by ml-commons, is named as the sidecar's: not as OpenSearch asking connect
+            # for credentials (it sent the user to SIDECAR_OPENSEARCH_USER, which a node without security never needs).
+            assert f"could not call the sidecar at {url}" in refused.output, refused.output
+            assert "401 Error from remote service" in refused.output and "unauthorized" in refused.output
+            assert "SIDECAR_OPENSEARCH_USER" not in refused.output
             assert not any(ml_objects(client, alias).values())
             connected = cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url, "--api-key", key)
             assert key not in connected.output
