@@ -32,7 +32,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from opensearchpy.exceptions import TransportError
 
@@ -97,10 +97,29 @@ class ConnectOptions:
         for name in ("batch_size", "step_size", "max_connection", "read_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.sidecar_url.startswith(("http://", "https://")):
-            raise ValueError(f"sidecar_url must start with http:// or https://, got {self.sidecar_url!r}")
+        _check_sidecar_url(self.sidecar_url)
         if not self.api_key:
             raise ValueError("api_key must not be empty: ml-commons refuses a connector without a credential")
+
+
+def _check_sidecar_url(url: str) -> None:
+    """The sidecar's base URL as each connector's URL starts (`_sidecar_url` appends the path and the pins): one
+    without a host, with a port that is none, or with a query string or fragment of its own made connector URLs
+    such as `http://s:8080?x=1/v1/opensearch/...`, which the cluster refused as untrusted (sending the user to its
+    settings) or connect removed again after a failed call."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"sidecar_url must start with http:// or https://, got {url!r}")
+    parts = urlsplit(url)
+    try:
+        parts.port  # reading it parses it: urllib raises for a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"sidecar_url {url!r} has no valid port: {exc}") from exc
+    if not parts.hostname:
+        raise ValueError(f"sidecar_url {url!r} names no host: give the sidecar as OpenSearch reaches it, "
+                         "e.g. http://127.0.0.1:8080")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ValueError(f"sidecar_url {url!r} has a query string or fragment: give the base URL only (each "
+                         "connector adds its path and ?model=…)")
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,21 @@ def test_connect_options_refuse_what_opensearch_or_the_sidecar_would(options, me
         ConnectOptions(**{"sidecar_url": "http://127.0.0.1:8080", **options})
 
 
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://", "names no host"),
+    ("http://127.0.0.1:99999", "has no valid port"),
+    ("http://sidecar:port", "has no valid port"),
+    # Each connector's URL is this one + its path + ?model=…: a query or fragment of its own broke them all.
+    ("http://sidecar:8080?x=1", "has a query string or fragment"),
+    ("http://sidecar:8080/#top", "has a query string or fragment"),
+])
+def test_a_sidecar_url_no_connector_url_can_be_made_of_is_refused_before_anything_is_made(url, message):
+    with pytest.raises(ValueError, match=f"sidecar_url '{re.escape(url)}' {message}"):
+        ConnectOptions(sidecar_url=url)
+    for taken in ("http://sidecar:8080/", "https://sidecar.internal:8443/clip", "http://[::1]:8080"):
+        assert ConnectOptions(sidecar_url=taken).sidecar_url == taken
+
+
 def test_compose_trusts_every_connector_url_as_opensearch_splits_the_env_string():
     # The image turns the variable into `-Ekey=value`; OpenSearch's Settings.getAsList splits that one string on
     # commas and ml-commons keeps a URL only where a pattern matches all of it (Matcher.matches).
