@@ -597,6 +597,22 @@ def test_every_route_refuses_a_query_parameter_it_does_not_take_and_a_repeated_o
     assert repeated.json["error"]["message"] == "query parameter 'size' is given 2 times: send it once"
 
 
+def test_every_post_route_that_refuses_a_body_not_sent_as_json_documents_its_415(app):
+    # /v1/opensearch/embeddings/texts answered 415 (json_body) without listing it, unlike the other connector URLs.
+    client = app.test_client()
+    documented = {re.sub(r"\{[^}]+\}", "x", path): operations
+                  for path, operations in yaml.safe_load(client.get("/openapi.yaml").data)["paths"].items()}
+    refusing = []
+    for rule in app.url_map.iter_rules():
+        if "POST" not in rule.methods:
+            continue
+        path = re.sub(r"<[^>]+>", "x", rule.rule)
+        if client.post(path, data='{"input": ["a"]}', content_type="text/plain").status_code == 415:
+            refusing.append(path)
+            assert "415" in documented[path]["post"]["responses"], path
+    assert "/v1/opensearch/embeddings/texts" in refusing and "/v1/search" in refusing
+
+
 def test_a_link_to_the_page_with_a_tracker_s_query_string_opens_the_page(app):
     client = app.test_client()
     response = client.get("/?utm_source=newsletter&fbclid=x&fbclid=y")
