@@ -102,10 +102,11 @@ def opensearch_connect(sidecar_url: str, api_key: str, ingest_fields: str, batch
     from sidecar.stores.ml_commons import disconnect as remove
 
     settings = settings_from({**kwargs, "store": "opensearch"}, OPENSEARCH_FLAGS + ("store",))
-    _check_connector_key(settings, api_key)
-    if batch_size > settings.max_batch_items:
-        raise click.UsageError(f"--batch-size {batch_size} is over the sidecar's max_batch_items "
-                               f"({settings.max_batch_items}): it would answer every call 413")
+    if not disconnect:  # removing calls no sidecar: a shell set up as the sidecar's (its keys, limits) may run it
+        _check_connector_key(settings, api_key)
+        if batch_size > settings.max_batch_items:
+            raise click.UsageError(f"--batch-size {batch_size} is over the sidecar's max_batch_items "
+                                   f"({settings.max_batch_items}): it would answer every call 413")
     store = open_store(settings)
     try:
         if disconnect:

@@ -303,6 +303,17 @@ def test_a_cluster_that_refuses_private_addresses_is_told_the_setting_to_change(
         client.close()
 
 
+def test_disconnect_in_the_sidecars_own_shell_needs_no_connector_key_and_checks_no_batch_size(alias):
+    # Where SIDECAR_API_KEYS (and the sidecar's limits) are set, as inside the sidecar's container, connect checks
+    # the connectors' key and --batch-size against them; --disconnect calls no sidecar and was refused all the same.
+    env = {"SIDECAR_API_KEYS": key_entry("opensearch", ["embeddings"], new_key()), "SIDECAR_MAX_BATCH_ITEMS": "4"}
+    result = CliRunner().invoke(main, ["opensearch", "connect", *opensearch_args(alias), "--disconnect"], env=env)
+    assert result.exit_code == 0, result.output
+    assert f"OpenSearch no longer calls the sidecar for {alias} (nothing was connected)" in result.output
+    refused = CliRunner().invoke(main, ["opensearch", "connect", *opensearch_args(alias)], env=env)
+    assert refused.exit_code == 2 and "SIDECAR_API_KEYS is set" in refused.output  # connecting still checks the key
+
+
 def test_disconnect_after_the_index_was_deleted_removes_what_connect_made(alias, test_cache_dir, tmp_path):
     # Deleting the index first is the natural order of a teardown; the connectors, models and pipelines named
     # after it must not be left on the cluster for good.
