@@ -895,6 +895,18 @@ def test_the_opensearch_commands_offer_no_store_choice_they_would_ignore(command
     assert result.exit_code == 2 and "No such option" in result.output and "--store" in result.output, result.output
 
 
+@pytest.mark.parametrize("flag", ["--batch-size", "--step-size"])
+def test_connect_refuses_texts_per_call_over_max_batch_items_before_it_calls_the_cluster(flag):
+    # Each is the number of texts one call sends to the texts URL, which answers 413 over max_batch_items: the
+    # step size went through unchecked, and every _predict longer than it then failed inside OpenSearch.
+    sizes = ["--batch-size", "8", "--step-size", "8", flag, "9"]  # the last one given counts
+    result = CliRunner().invoke(main, ["opensearch", "connect", *sizes, "--opensearch-url", "http://127.0.0.1:9"],
+                                env={"SIDECAR_MAX_BATCH_ITEMS": "8"})
+    assert result.exit_code == 2, result.output
+    assert f"{flag} 9 is over the sidecar's max_batch_items (8)" in result.output
+    assert "cannot be reached" not in result.output
+
+
 @pytest.mark.parametrize("command", [["cache", "warm"], ["prompts", "add"], ["tag"], ["opensearch", "setup"]])
 def test_commands_that_run_the_model_alone_offer_no_fine_model_flags_they_would_ignore(command):
     help_text = CliRunner().invoke(main, [*command, "--help"]).output
