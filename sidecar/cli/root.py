@@ -58,8 +58,8 @@ def _coarse_model_option_list() -> list[Callable]:
 
 
 def coarse_model_options(func: Callable) -> Callable:
-    """The model options of a command that runs the model alone (prompt sets, the text cache, the index's
-    mapping): no fine-model flags it would ignore."""
+    """The model options of a command that runs the model alone (prompt sets, the index's mapping): no
+    fine-model flags it would ignore."""
     return functools.reduce(lambda f, option: option(f), reversed(_coarse_model_option_list()), func)
 
 

@@ -907,7 +907,7 @@ def test_connect_refuses_texts_per_call_over_max_batch_items_before_it_calls_the
     assert "cannot be reached" not in result.output
 
 
-@pytest.mark.parametrize("command", [["cache", "warm"], ["prompts", "add"], ["tag"], ["opensearch", "setup"]])
+@pytest.mark.parametrize("command", [["prompts", "add"], ["tag"], ["opensearch", "setup"]])
 def test_commands_that_run_the_model_alone_offer_no_fine_model_flags_they_would_ignore(command):
     help_text = CliRunner().invoke(main, [*command, "--help"]).output
     assert "--model" in help_text and not {"--fine-model", "--fine-pretrained"} & set(help_text.split())
