@@ -90,6 +90,19 @@ def test_each_decode_worker_is_titled_for_ps_and_top(tmp_path):
     assert titles == [b"clip-sidecar: decode worker 1 of 2", b"clip-sidecar: decode worker 2 of 2"]
 
 
+def _images_with_a_crash(folder: Path) -> list[tuple[CorpusItem, str]]:
+    """40 small JPEGs, the 26th of them the bytes b"crash" that a crashing decoder below takes its process down on."""
+    todo = []
+    for i in range(40):
+        path = folder / f"{i}.jpg"
+        if i == 25:
+            path.write_bytes(b"crash")
+        else:
+            Image.new("RGB", (24, 24), colour(i)).save(path, quality=95)
+        todo.append((CorpusItem(id=str(i), path=path, text=""), f"hash-{i}"))
+    return todo
+
+
 class DyingImages(SmallImages):
     """A decoder that takes its whole process down on one file, as a crash in a C decoder would."""
 
@@ -100,14 +113,7 @@ class DyingImages(SmallImages):
 
 
 def test_a_worker_that_dies_mid_job_stops_the_job_with_its_exit_code_instead_of_hanging(tmp_path):
-    todo = []
-    for i in range(40):
-        path = tmp_path / f"{i}.jpg"
-        if i == 25:
-            path.write_bytes(b"crash")
-        else:
-            Image.new("RGB", (24, 24), colour(i)).save(path, quality=95)
-        todo.append((CorpusItem(id=str(i), path=path, text=""), f"hash-{i}"))
+    todo = _images_with_a_crash(tmp_path)
     with pytest.raises(RuntimeError, match=r"decode worker \d+ exited \(exit code 3\)"):
         list(decoded_batches(todo, DyingImages(), batch_size=8, workers=2, max_pixels=10_000, on_device=False))
 
@@ -122,14 +128,7 @@ class KilledImages(SmallImages):
 
 
 def test_a_worker_killed_by_a_signal_is_named_with_the_signal_not_an_error_above_that_was_never_printed(tmp_path):
-    todo = []
-    for i in range(40):
-        path = tmp_path / f"{i}.jpg"
-        if i == 25:
-            path.write_bytes(b"crash")
-        else:
-            Image.new("RGB", (24, 24), colour(i)).save(path, quality=95)
-        todo.append((CorpusItem(id=str(i), path=path, text=""), f"hash-{i}"))
+    todo = _images_with_a_crash(tmp_path)
     with pytest.raises(DecodeWorkerLost, match=r"decode worker \d+ was killed by SIGKILL \(the kernel's out-of-memory "
                                                r"killer sends it: fewer --workers need less memory\) before its files "
                                                r"were done; the shards written so far are kept: rerun to continue"):
