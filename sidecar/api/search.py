@@ -33,6 +33,7 @@ from sidecar.retrieval.search import (
     MODES,
     NO_FINE_MODEL,
     SearchOptions,
+    check_query_image_used,
     past_window_depth,
     query_vector,
     search,
@@ -65,12 +66,18 @@ def search_endpoint():
         raise BadRequest("send field 'image' or field 'like', not both: each is the query's image")
     mode = choice(body, "mode", choices=MODES, default="hybrid" if text else "vector")
     if mode != "vector" and text is None:
-        raise BadRequest(f"field 'text' is required for mode {mode}; an image-only query uses mode vector")
+        raise BadRequest(f"field 'text' is required for mode {mode}; a query by field 'image' or 'like' alone uses "
+                         "mode vector")
     k = bounded_int(body, "k", default=DEFAULT_K, low=1, high=settings.max_k, setting="max_k")
     offset = bounded_int(body, "offset", default=0, low=0, high=settings.max_k - 1, setting="max_k - 1")
     if offset + k > settings.max_k:
         raise BadRequest(f"fields 'offset' + 'k' must be at most {settings.max_k} (max_k), got {offset} + {k}")
     options = _options(body, mode=mode, offset=offset, k=k, settings=settings)
+    if image is not None or like is not None:
+        try:
+            check_query_image_used(options, fine_model=state.fine_encoding is not None)
+        except ValueError as exc:
+            raise BadRequest(f"field '{'image' if image is not None else 'like'}': {exc}") from exc
     data = image_bytes(image, field="image", max_bytes=settings.max_body_bytes) if image is not None else None
     pixels = decode_images([("image", data)], encoding=state.encoding, settings=settings) if data is not None else []
     liked = stored_document(state.store, like, field="like") if like is not None else None

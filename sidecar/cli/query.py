@@ -70,7 +70,13 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int | None
     from sidecar.api.validation import is_blank
     from sidecar.model.encoder import load_encoder, load_fine_encoder
     from sidecar.model.images import ImageDecodeError
-    from sidecar.retrieval.search import OverSearchLimit, SearchOptions, check_search_limits, past_window_depth
+    from sidecar.retrieval.search import (
+        OverSearchLimit,
+        SearchOptions,
+        check_query_image_used,
+        check_search_limits,
+        past_window_depth,
+    )
     from sidecar.retrieval.search import search as run_search
     from sidecar.stores.base import UnknownFilterField, check_query_model
 
@@ -98,6 +104,11 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int | None
         raise click.BadParameter(str(exc), param_hint=f"'--{exc.field.replace('_', '-')}'") from exc
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+    if image is not None:
+        try:
+            check_query_image_used(options, fine_model=settings.fine_model_settings() is not None)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--image") from exc
     # The store first: a mistyped --store-path (or an unreachable cluster) is told at once, not after the model load.
     store = open_existing_store(settings)
     try:

@@ -90,6 +90,15 @@ def check_search_limits(options: SearchOptions, *, max_k: int) -> None:
                                            "a query may ask for")
 
 
+def check_query_image_used(options: SearchOptions, *, fine_model: bool) -> None:
+    """ValueError where a query's image (an uploaded one, or a stored document's) would be ignored without a word:
+    mode bm25 ranks by the text alone, and only its fine stage (rerank on, with a fine model) reads the image."""
+    if options.mode == "bm25" and not (options.rerank and fine_model):
+        raise ValueError("mode bm25 ranks by the text alone: the query image is read only by the fine stage (rerank "
+                         "on, with a fine model), which this search does not run; use mode hybrid to rank by text "
+                         "and image together")
+
+
 def past_window_depth(shown: int, *, candidates: int, max_k: int) -> int | None:
     """`SearchOptions.depth` for a ranking shown down to rank `shown`: max_k where it reaches past the
     `candidates`, so that /v1/search's every page and `search` rank the hits past them alike; else None."""

@@ -354,6 +354,11 @@ def test_with_a_fine_model_each_encoder_counts_its_encodes_under_its_own_model_l
         ("/v1/search", {"text": "red", "k": "ten"}, 400, "field 'k' must be an integer"),
         ("/v1/search", {"text": "red", "k": True}, 400, "field 'k' must be an integer"),
         ("/v1/search", {"image": png_b64(), "mode": "bm25"}, 400, "field 'text' is required for mode bm25"),
+        # Was ranked by the text alone, the image ignored without a word (no fine stage reads it here).
+        ("/v1/search", {"text": "red", "image": png_b64(), "mode": "bm25"}, 400,
+         "field 'image': mode bm25 ranks by the text alone: the query image is read only by the fine stage"),
+        ("/v1/search", {"text": "red", "like": "item-000001", "mode": "bm25"}, 400,
+         "field 'like': mode bm25 ranks by the text alone"),
         ("/v1/search", {"text": "red", "fusion": "max"}, 400, "field 'fusion' must be one of minmax, zscore, rrf"),
         ("/v1/search", {"text": "red", "weights": {"vector": -1}}, 400,
          "field 'weights.vector' must be a number between 0 and 100"),

@@ -252,6 +252,17 @@ def test_search_image_refusing_a_format_names_no_setting_as_image_formats_govern
     assert "image_formats" not in result.output
 
 
+def test_search_refuses_an_image_mode_bm25_would_ignore_without_a_fine_stage(store_path, tmp_path, monkeypatch):
+    # Was ranked by the text alone, the image read and dropped without a word.
+    monkeypatch.delenv("SIDECAR_FINE_MODEL", raising=False)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    result = CliRunner().invoke(main, ["-q", "search", "red", "--image", str(image), "--mode", "bm25",
+                                       "--store-path", str(store_path)])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --image: mode bm25 ranks by the text alone" in result.output
+
+
 def test_embed_continues_after_kill_minus_9_without_duplicates_or_gaps(tmp_path):
     manifest = write_corpus(tmp_path / "corpus", 3000, seed=5)
     out = tmp_path / "shards"

@@ -59,6 +59,17 @@ def test_bm25_mode_stays_bm25_unless_the_rerank_is_asked_for(fine_client):
     assert asked["rerank"] is True and all("fine" in h["scores"] for h in asked["hits"])
 
 
+def test_bm25_mode_takes_a_query_image_where_its_fine_stage_reads_it_and_refuses_it_where_none_would(fine_client):
+    from tests.support import png_b64
+
+    query = {"text": "circle", "image": png_b64(), "mode": "bm25", "k": 5}
+    refused = fine_client.post("/v1/search", json=query)
+    assert refused.status_code == 400 and "field 'image': mode bm25 ranks by the text alone" in \
+        refused.json["error"]["message"]
+    asked = fine_client.post("/v1/search", json={**query, "rerank": True}).json
+    assert asked["rerank"] is True and all("fine" in h["scores"] for h in asked["hits"])
+
+
 def test_an_image_query_is_reranked_by_the_fine_models_view_of_the_image(fine_client, corpus):
     from tests.support import image_b64
 

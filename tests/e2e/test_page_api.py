@@ -90,7 +90,9 @@ def test_like_of_a_document_whose_fine_vector_has_another_size_skips_the_rerank_
     ({"like": ""}, 400, "field 'like' is empty: send a stored document's id"),
     ({"like": 7}, 400, "field 'like' must be a string, got an integer"),
     ({"like": "item-000001", "image": "iVBORw0KGgo="}, 400, "send field 'image' or field 'like', not both"),
-    ({"like": "item-000001", "mode": "bm25"}, 400, "field 'text' is required for mode bm25"),
+    # Said of an image query alone before, though this query is a stored document.
+    ({"like": "item-000001", "mode": "bm25"}, 400, "field 'text' is required for mode bm25; a query by field "
+                                                   "'image' or 'like' alone uses mode vector"),
 ])
 def test_a_bad_like_names_the_field(client, body, status, message):
     response = client.post("/v1/search", json=body)
