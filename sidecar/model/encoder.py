@@ -159,9 +159,12 @@ class Encoder:
         self.precision = precision
         self.context_length = int(tokenizer.context_length)
         _bound_bpe_cache(tokenizer, BPE_CACHE_WORDS)
-        if _is_simple_tokenizer(tokenizer, any_reduction=True):
+        simple = _is_simple_tokenizer(tokenizer)
+        if simple:
             tokenizer.bpe = _long_word_bpe(tokenizer)  # before the plain-text path takes it
-        self._encode_text = _plain_text_encoder(tokenizer) if _is_simple_tokenizer(tokenizer) else None
+        # The plain-text path truncates: a tokenizer with a reduction strategy chooses its tokens itself.
+        plain = simple and tokenizer.reduction_fn is None
+        self._encode_text = _plain_text_encoder(tokenizer) if plain else None
         # Serving captures its CUDA graphs and measures its cost (for splitting mixed batches).
         self.text_tower = TextTower(self.model, tokenizer=tokenizer, device=device, autocast=self._autocast)
         self.images = ImagePreprocess(preprocess)
@@ -264,11 +267,11 @@ class Encoder:
         return np.concatenate(out)
 
 
-def _is_simple_tokenizer(tokenizer, *, any_reduction: bool = False) -> bool:
-    """open_clip's own BPE tokenizer, truncating (no reduction strategy) unless `any_reduction`."""
+def _is_simple_tokenizer(tokenizer) -> bool:
+    """open_clip's own BPE tokenizer, whose internals `_long_word_bpe` and `_plain_text_encoder` use."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    return isinstance(tokenizer, SimpleTokenizer) and (any_reduction or tokenizer.reduction_fn is None)
+    return isinstance(tokenizer, SimpleTokenizer)
 
 
 def _logit_scale(model: torch.nn.Module) -> float:
