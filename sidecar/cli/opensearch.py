@@ -57,10 +57,12 @@ def opensearch_setup(**kwargs: Any) -> None:
               help="What the image pipeline embeds into `vector`: the image alone (what `clip-sidecar index` stores), "
                    "or image+text fused (the text alone where a document has no image).")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
-              help="Text pipeline: documents per call to the sidecar (at most its max_batch_items).")
+              help="Text pipeline: documents per call to the sidecar (at most its max_batch_items, as "
+                   "SIDECAR_MAX_BATCH_ITEMS in this shell says: default 256).")
 @click.option("--step-size", type=click.IntRange(1), default=64, show_default=True,
               help="Texts per call when a _predict sends more (the connector's input_docs_processed_step_size; at "
-                   "most the sidecar's max_batch_items).")
+                   "most the sidecar's max_batch_items: connect has OpenSearch send the running sidecar one call of "
+                   "this many texts, and refuses the step it answers 413).")
 @click.option("--max-connection", type=click.IntRange(1), default=16, show_default=True,
               help="Concurrent calls per model: a _bulk of image documents sends this many at once. The default "
                    "is what one sidecar worker with 32 request threads admits before answering 503; raise it "
@@ -105,12 +107,12 @@ def opensearch_connect(sidecar_url: str, api_key: str, ingest_fields: str, batch
     settings = settings_from({**kwargs, "store": "opensearch"}, OPENSEARCH_FLAGS + ("store",))
     if not disconnect:  # removing calls no sidecar: a shell set up as the sidecar's (its keys, limits) may run it
         _check_connector_key(settings, api_key)
-        # Both are texts per call to the texts URL, which refuses more than max_batch_items with 413.
-        for flag, size in (("--batch-size", batch_size), ("--step-size", step_size)):
-            if size > settings.max_batch_items:
-                limit = settings.max_batch_items
-                raise click.UsageError(f"{flag} {size} is over the sidecar's max_batch_items ({limit}): it answers 413 "
-                                       "to a call of more texts than that")
+        # Texts per call to the texts URL, which refuses more than max_batch_items with 413. The step size is checked
+        # against the running sidecar instead (`check_models` sends one full step); a text pipeline's batch cannot be
+        # sent without writing a document, so its limit is the one this shell configures.
+        if batch_size > settings.max_batch_items:
+            raise click.UsageError(f"--batch-size {batch_size} is over the sidecar's max_batch_items "
+                                   f"({settings.max_batch_items}): it answers 413 to a call of more texts than that")
     store = open_store(settings)
     try:
         if disconnect:

@@ -229,7 +229,7 @@ def _connect(cluster: "_Cluster", signature: ModelSignature, options: ConnectOpt
                               description=DESCRIPTIONS[role], connector_id=connector_id)
 
     # Before anything else changes: a change that fails here leaves the connection in place as it was.
-    _try_changes_first(cluster, names, connectors, model, signature=signature, sidecar_url=options.sidecar_url)
+    _try_changes_first(cluster, names, connectors, model, signature=signature, options=options)
     # Connect made an index template of priority 100 for `<alias>-v*` until rebuilds carried the default pipelines:
     # OpenSearch applies one composable template per new index (and then no legacy one), so it hid the cluster's
     # own templates for those names (replicas, ISM policies), and refused to be made beside one of priority 100.
@@ -245,7 +245,7 @@ def _connect(cluster: "_Cluster", signature: ModelSignature, options: ConnectOpt
         connection.connectors[role] = cluster.ensure_connector(body, connection.changes)
         connection.models[role] = cluster.ensure_model(model(role, names.model(role), connection.connectors[role]),
                                                        connection.changes)
-    cluster.check_models(connection.models, signature=signature, sidecar_url=options.sidecar_url)
+    cluster.check_models(connection.models, signature=signature, options=options)
     _ensure_pipelines(cluster, names, connection, options)
     if options.set_defaults:
         _ensure_defaults(cluster, names, connection.changes)
@@ -254,7 +254,7 @@ def _connect(cluster: "_Cluster", signature: ModelSignature, options: ConnectOpt
 
 def _try_changes_first(cluster: "_Cluster", names: Names, connectors: dict[str, dict[str, Any]],
                        model: Callable[[str, str, str], dict[str, Any]], *, signature: ModelSignature,
-                       sidecar_url: str) -> None:
+                       options: ConnectOptions) -> None:
     """On a rerun, the connectors it would change or add are first made under probe names (`Names.probe`), with a
     model each, and OpenSearch embeds through them as `check_models` does; the probes are removed after, pass or
     fail. A change that cannot work (a sidecar URL the cluster cannot reach, a key it refuses, another model) so
@@ -272,7 +272,7 @@ def _try_changes_first(cluster: "_Cluster", names: Names, connectors: dict[str, 
         for role in changing:
             connector_id = cluster.ensure_connector({**connectors[role], "name": names.probe(role)}, [])
             models[role] = cluster.ensure_model(model(role, names.probe(role), connector_id), [])
-        cluster.check_models(models, signature=signature, sidecar_url=sidecar_url)
+        cluster.check_models(models, signature=signature, options=options)
     except StoreError as exc:
         raise StoreError(f"{exc} (tried through probe copies of the connectors this run would change: "
                          f"{', '.join(changing)})") from exc
@@ -596,12 +596,16 @@ class _Cluster:
                 raise StoreError(f"model {name} ({model_id}) did not deploy (state {state}); see the node's log")
             time.sleep(0.1)
 
-    def check_models(self, models: dict[str, str], *, signature: ModelSignature, sidecar_url: str) -> None:
+    def check_models(self, models: dict[str, str], *, signature: ModelSignature, options: ConnectOptions) -> None:
         """OpenSearch embeds through the new models (and reranks nothing through the rerank one): the
-        sidecar is reachable from the cluster, serves the index's model, and its vectors fit the index."""
+        sidecar is reachable from the cluster, serves the index's model, and its vectors fit the index. The texts
+        model is sent a full step (`step_size` texts in one call), so a step over the running sidecar's own
+        max_batch_items is refused now (its 413), not on the first long `_predict`."""
+        sidecar_url = options.sidecar_url
+        step = [f"connect check {i}" for i in range(options.step_size)]
         checks = {
             "text-image": ("/_plugins/_ml/_predict/text_embedding/", {"text_docs": ["connect check"]}, 1),
-            "texts": ("/_plugins/_ml/_predict/text_embedding/", {"text_docs": ["connect", "check"]}, 2),
+            "texts": ("/_plugins/_ml/_predict/text_embedding/", {"text_docs": step}, len(step)),
             "rerank": ("/_plugins/_ml/_predict/text_similarity/", {"query_text": "connect check", "text_docs": [""]},
                        1),
         }

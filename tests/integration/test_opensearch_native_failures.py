@@ -303,6 +303,25 @@ def test_a_cluster_that_refuses_private_addresses_is_told_the_setting_to_change(
         client.close()
 
 
+def test_a_step_size_over_the_running_sidecars_max_batch_items_is_refused_by_connect_and_nothing_is_kept(
+        alias, test_cache_dir, tmp_path):
+    # This shell's settings allow the step (default 256); the sidecar's do not, and every _predict longer than the
+    # step failed later inside OpenSearch with the sidecar's 413. Connect sends one full step through OpenSearch.
+    client = _client()
+    try:
+        env = sidecar_env(alias, tmp_path, test_cache_dir, SIDECAR_MAX_BATCH_ITEMS="8")
+        with gunicorn_server(env, tmp_path / "sidecar.log") as url:
+            refused = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias),
+                                                "--sidecar-url", url, "--step-size", "9", "--batch-size", "8"])
+            assert refused.exit_code == 1, refused.output
+            assert "413" in refused.output and "max_batch_items" in refused.output, refused.output
+            assert not any(ml_objects(client, alias).values())
+            cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url, "--step-size", "8",
+                "--batch-size", "8")
+    finally:
+        client.close()
+
+
 def test_disconnect_in_the_sidecars_own_shell_needs_no_connector_key_and_checks_no_batch_size(alias):
     # Where SIDECAR_API_KEYS (and the sidecar's limits) are set, as inside the sidecar's container, connect checks
     # the connectors' key and --batch-size against them; --disconnect calls no sidecar and was refused all the same.
