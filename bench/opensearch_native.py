@@ -61,7 +61,7 @@ def cli(*args: str, env: dict[str, str]) -> float:
 
 
 def store_args(url: str, alias: str) -> list[str]:
-    return ["--store", "opensearch", "--opensearch-url", url, "--opensearch-index", alias]
+    return ["--opensearch-url", url, "--opensearch-index", alias]
 
 
 def start_sidecar(port: int, *, env: dict[str, str], threads: int, log: Path) -> subprocess.Popen:
