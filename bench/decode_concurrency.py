@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -48,7 +49,7 @@ def worker_pid(master: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--megapixels", type=float, default=39.9)
     parser.add_argument("--checkout", type=Path, default=Path.cwd(), help="tree whose sidecar/ serves")
@@ -72,6 +73,9 @@ def main() -> None:
                         break
                 except requests.RequestException:
                     time.sleep(0.3)
+                if server.poll() is not None:  # it never will be ready: say why, do not wait forever
+                    log.flush()
+                    raise SystemExit(f"the sidecar exited: {Path(folder, 'server.log').read_text()[-2000:]}")
             pid = worker_pid(server.pid)
             before = memory_kb(pid, "VmRSS")
             Path(f"/proc/{pid}/clear_refs").write_text("5")  # peak RSS from here on, not the model load's
@@ -86,7 +90,8 @@ def main() -> None:
             took = time.perf_counter() - started
             peak = memory_kb(pid, "VmHWM")
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # a server that exited has no group left
+                os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
             log.close()
     print(f"checkout {args.checkout.resolve()}: {args.requests} concurrent requests, one "

@@ -62,7 +62,7 @@ def measure(path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megapixels", type=float, default=20.0)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
