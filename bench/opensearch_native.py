@@ -34,7 +34,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import requests
 from opensearchpy import OpenSearch, helpers
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,6 +44,7 @@ from sidecar.ingest.indexing import index_shards
 from sidecar.model.encoder import load_encoder
 from sidecar.model.synthetic import COLORS, SHAPES, SIZES, write_corpus
 from sidecar.model.tiny_model import checkpoint_path
+from sidecar.retrieval.evaluation import percentiles
 from sidecar.stores.opensearch import OpenSearchStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,11 +132,6 @@ def load_through_pipeline(client: OpenSearch, alias: str, documents: list[dict[s
     if failed or client.count(index=alias)["count"] != len(documents):
         raise RuntimeError(f"pipeline load failed: {failed[:3]}")
     return elapsed
-
-
-def percentiles(samples: list[float]) -> tuple[float, float]:
-    ms = np.asarray(samples) * 1000
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
 
 
 def main() -> None:
