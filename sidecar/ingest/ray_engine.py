@@ -120,6 +120,7 @@ def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address:
     scheduling); the log's levels (`sidecar.logs.route_logs`) decide on Ray's records."""
     # The cluster's processes run in folders of their own: relative paths are the driver's, made absolute here.
     source, out = Path(source).absolute(), Path(out).absolute()
+    settings = _model_files_absolute(settings)
     # Ray's driver prints the cluster's error reports (a node lost, with 20 lines of its raylet's log; a worker
     # killed) on stdout, whatever log_to_driver says: records of the `ray` logger at INFO instead, shown with -v,
     # they leave stdout to the job's summary. The lock is held by the driver alone: its tasks write shard files,
@@ -136,6 +137,22 @@ def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address:
             raise
         finally:
             ray.shutdown()
+
+
+def _model_files_absolute(settings: Settings) -> Settings:
+    """`settings` with the model's files (checkpoints, model configs, the cache of weights) named by absolute paths
+    where this machine finds them: the actors load the models in folders of their own, where a relative one named
+    no file. A pretrained tag stays a tag, as `load_encoder` tells them apart."""
+    def checkpoint(value: str) -> str:
+        return str(Path(value).absolute()) if value and Path(value).is_file() else value
+
+    def config(value: str) -> str:
+        return str(Path(value).absolute()) if value and Path(value).exists() else value
+
+    return dataclasses.replace(settings, cache_dir=Path(settings.cache_dir).absolute(),
+                               pretrained=checkpoint(settings.pretrained), model_config=config(settings.model_config),
+                               fine_pretrained=checkpoint(settings.fine_pretrained),
+                               fine_model_config=config(settings.fine_model_config))
 
 
 def _connect(address: str, *, verbose: bool) -> Any:

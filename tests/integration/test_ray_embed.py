@@ -22,11 +22,12 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from sidecar.config import THUMBNAIL_SIDE, Settings
+from sidecar.config import THUMBNAIL_SIDE, TINY_MODEL, Settings
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.shards import ShardSet
 from sidecar.model.encoder import Encoder
 from sidecar.model.synthetic import sample_items, write_corpus
+from sidecar.model.tiny_model import checkpoint_path
 
 pytestmark = pytest.mark.ray
 
@@ -238,16 +239,22 @@ def test_a_corpus_field_named_as_a_tag_field_is_refused_by_the_driver_before_any
 
 
 def test_relative_paths_are_the_drivers_even_where_the_cluster_started_elsewhere(ray_cluster, encoder: Encoder,
-                                                                                  tmp_path):
+                                                                                  model_settings: Settings, tmp_path):
     """The cluster's processes run in their own folders (here: wherever `ray start` ran); the job reads
-    SOURCE and writes --out as the user's shell meant them."""
+    SOURCE, writes --out and loads the --pretrained and --fine-pretrained checkpoints as the user's shell meant
+    them. Before, the actors looked for a relative checkpoint in their own folder: the job failed, saying the file
+    the driver had just loaded did not exist."""
     _, address = ray_cluster
     write_corpus(tmp_path / "corpus", 12, seed=41)
+    (tmp_path / "weights").mkdir()
+    shutil.copy(checkpoint_path(model_settings.cache_dir), tmp_path / "weights" / "tiny.pt")
     stdout = finish(ray_embed(address, Path("corpus/manifest.jsonl"), Path("shards"), "--batch-size", "4",
-                              cwd=tmp_path))
+                              "--pretrained", "weights/tiny.pt", "--fine-model", TINY_MODEL, "--fine-pretrained",
+                              "weights/tiny.pt", cwd=tmp_path))
     assert "12 embedded" in stdout
     local = tmp_path / "local"
-    embed_corpus(encoder, tmp_path / "corpus" / "manifest.jsonl", local, workers=0, progress=False)
+    embed_corpus(encoder, tmp_path / "corpus" / "manifest.jsonl", local, workers=0, fine_encoder=encoder,
+                 progress=False)
     assert_same_shards(tmp_path / "shards", local)
 
 
