@@ -369,13 +369,14 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
                                                                 source=source))
     shards = plan.shards
     failed: list[str] = []  # ids
+    if plan.todo:  # before the bar is drawn: a record written after it went on the bar's line
+        # The head's address: `--address auto` (RAY_ADDRESS) takes whichever cluster runs on this machine.
+        log.info("ray: %d images to embed on %d node(s) of the cluster at %s; up to %d encoder actor(s) with %s "
+                 "GPU and %s CPU each", len(plan.todo), len([n for n in ray.nodes() if n["Alive"]]),
+                 ray.get_runtime_context().gcs_address, actors, actor_gpus, resources.actor_cpus)
     with errors_file(out, plan) as errors, \
             tqdm(total=len(plan.todo), unit="img", desc="embed (ray)", disable=not progress) as bar:
         if plan.todo:
-            # The head's address: `--address auto` (RAY_ADDRESS) takes whichever cluster runs on this machine.
-            log.info("ray: %d images to embed on %d node(s) of the cluster at %s; up to %d encoder actor(s) with %s "
-                     "GPU and %s CPU each", len(plan.todo), len([n for n in ray.nodes() if n["Alive"]]),
-                     ray.get_runtime_context().gcs_address, actors, actor_gpus, resources.actor_cpus)
             dataset = _pipeline(ray, plan.todo, encoder.images, settings, out=out, run_base=len(shards.shard_names()),
                                 batch_size=batch_size, shard_size=shard_size, resources=resources, actors=actors,
                                 actor_gpus=actor_gpus, max_pixels=max_pixels, fine=fine_encoder is not None,

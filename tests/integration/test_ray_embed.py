@@ -271,7 +271,7 @@ def stderr_lines(stderr: str) -> list[str]:
 def test_quiet_prints_the_summary_alone_the_default_the_jobs_own_records_and_verbose_rays_too(ray_cluster, tmp_path):
     """Before, -q printed Ray's C++ errors (core_worker.cc: an actor with constructor arguments in the object store)
     and the default printed them too; -v showed none of Ray's records, its loggers set to WARNING by the job. The
-    default names the cluster the job runs on (`--address auto` takes any on the machine)."""
+    default names the cluster the job runs on (`--address auto` takes any on the machine), on a line of its own."""
     _, address = ray_cluster
     manifest = write_corpus(tmp_path / "corpus", 8, seed=46)
     outputs = {}
@@ -286,6 +286,10 @@ def test_quiet_prints_the_summary_alone_the_default_the_jobs_own_records_and_ver
     assert default and all(RECORD.match(line) for line in default), default  # no line of Ray's own (C++'s `[...`)
     assert {RECORD.match(line)[1].partition(".")[0] for line in default} == {"sidecar"}
     assert any(f"8 images to embed on 2 node(s) of the cluster at {address};" in line for line in default), default
+    # Each of the job's records starts a line: the line naming the cluster came after the bar's first drawing,
+    # on the bar's line.
+    assert all(RECORD.match(line) for line in outputs["default"].split("\n") if " INFO sidecar." in line), \
+        outputs["default"]
     verbose = {RECORD.match(line)[1] for line in stderr_lines(outputs["verbose"]) if RECORD.match(line)}
     assert any(name.startswith("ray.data.") for name in verbose), verbose
     assert any(name.startswith("ray._private.") for name in verbose), verbose
