@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -58,6 +59,28 @@ def ray_cluster() -> Iterator[tuple[dict[str, str], str]]:
     try:
         assert started.returncode == 0, started.stderr
         yield env, started.stdout.strip()
+    finally:
+        subprocess.run([str(RAY_LOCAL), "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_ray_token_in_home_does_not_stop_the_loopback_cluster_from_starting(tmp_path):
+    """A local `ray.init()` (`embed --engine ray --address local`) writes ~/.ray/auth_token; Ray's head then turned
+    token authentication on and its second node, without it, failed to join (InvalidAuthToken): every later
+    `scripts/ray-local start` failed until the file was removed."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+    folder = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {name: value for name, value in os.environ.items() if name not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env.update(HOME=str(home), RAY_LOCAL_DIR=folder, RAY_BIN=str(Path(sys.executable).with_name("ray")))
+    try:
+        started = subprocess.run([str(RAY_LOCAL), "start", "--nodes", "2", "--cpus", "1"], env=env,
+                                 capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stderr
+        status = subprocess.run([str(RAY_LOCAL), "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert status.stdout.count(" up") == 2, status.stdout
     finally:
         subprocess.run([str(RAY_LOCAL), "stop"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(folder, ignore_errors=True)
