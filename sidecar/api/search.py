@@ -70,9 +70,9 @@ def search_endpoint():
                          "mode vector")
     k = bounded_int(body, "k", default=DEFAULT_K, low=1, high=settings.max_k, setting="max_k")
     offset = bounded_int(body, "offset", default=0, low=0, high=settings.max_k - 1, setting="max_k - 1")
-    if offset + k > settings.max_k:
-        raise BadRequest(f"fields 'offset' + 'k' must be at most {settings.max_k} (max_k), got {offset} + {k}")
-    options = _options(body, mode=mode, offset=offset, k=k, settings=settings)
+    # A page reaching past max_k ends there: paging by next_offset at any k reaches every rank up to max_k.
+    end = min(offset + k, settings.max_k)
+    options = _options(body, mode=mode, end=end, settings=settings)
     if image is not None or like is not None:
         try:
             check_query_image_used(options, fine_model=state.fine_encoding is not None)
@@ -103,7 +103,7 @@ def search_endpoint():
         result = search(state.store, vector=vector, text=text, options=options, fine_vector=fine_vector,
                         fine_model=fine.encoder.signature if fine is not None else None,
                         no_fine_vector=no_fine_vector)
-    more = offset + 2 * k <= settings.max_k and len(result.hits) > offset + k
+    more = end < settings.max_k and len(result.hits) > end
     # Stages of the store, not of a model: no `model` label value. The time after the coarse stage is the
     # fine stage's only where it ran: without it, it is the fetch of the page, which a rerank series would
     # count as reranks that never happened.
@@ -112,16 +112,15 @@ def search_endpoint():
         metrics.STAGE_SECONDS.labels("rerank", mode, "").observe(result.timings_s["rerank"])
     query_id = uuid.uuid4().hex  # names this search in POST /v1/feedback and the hard-example log
     # The hard-example log sees the ranking down to this page's end, as the client was shown it, and its
-    # top K is offset + k: not the one hit past the page that `options.k` asked for to tell whether a
+    # top K is the page's end: not the one hit past the page that `options.k` asked for to tell whether a
     # next page exists.
-    shown = offset + k
     state.quality.observe_search(query_id=query_id, text=text, image=data, vector=vector,
-                                 options=dataclasses.replace(options, k=shown),
-                                 result=dataclasses.replace(result, hits=result.hits[:shown]),
+                                 options=dataclasses.replace(options, k=end),
+                                 result=dataclasses.replace(result, hits=result.hits[:end]),
                                  model=state.encoding.encoder.name)
     body = {
         "query_id": query_id,
-        "hits": [hit.to_dict() for hit in result.hits[offset:offset + k]],
+        "hits": [hit.to_dict() for hit in result.hits[offset:end]],
         "offset": offset,
         "mode": mode, "fusion": options.fusion, "rerank": result.reranked, "store": state.store.name,
         "took_ms": {"encode": 1000 * (encoded - started), "coarse": 1000 * result.timings_s["coarse"],
@@ -132,7 +131,11 @@ def search_endpoint():
     if result.rerank_skipped:
         body["rerank_skipped"] = result.rerank_skipped
     if more:
-        body["next_offset"] = offset + k
+        body["next_offset"] = end
+    if end < offset + k and len(result.hits) == end:
+        # Short of k because max_k stopped the page, not because the ranking ended: a short page without
+        # it is the ranking's last.
+        body["cut_at_max_k"] = True
     return jsonify(body)
 
 
@@ -156,7 +159,7 @@ def _query(encoding, *, text: str | None, pixels: list, stored=None):
     return query_vector(text_vector, image_vector)
 
 
-def _options(body: dict, *, mode: str, offset: int, k: int, settings) -> SearchOptions:
+def _options(body: dict, *, mode: str, end: int, settings) -> SearchOptions:
     # The ranking is down to the page's end and one hit past it, which tells whether there is a next page.
     # Its first `candidates` ranks are the fine stage's whatever the page; the ranks past them come from a
     # coarse search max_k deep for every page that shows some, so that those pages are slices of one ranking.
@@ -165,8 +168,8 @@ def _options(body: dict, *, mode: str, offset: int, k: int, settings) -> SearchO
     candidates = bounded_int(body, "candidates", default=settings.rerank_candidates, low=1, high=settings.max_k,
                              setting="max_k")
     return SearchOptions(
-        mode=mode, k=min(offset + k + 1, settings.max_k), candidates=candidates,
-        depth=past_window_depth(offset + k, candidates=candidates, max_k=settings.max_k),
+        mode=mode, k=min(end + 1, settings.max_k), candidates=candidates,
+        depth=past_window_depth(end, candidates=candidates, max_k=settings.max_k),
         fusion=choice(body, "fusion", choices=FUSION_METHODS, default="minmax"),
         weights=_weights(body),
         rerank=optional(body, "rerank", bool),  # None: the mode's default (off for bm25)

@@ -871,6 +871,21 @@ def test_a_page_past_the_end_of_the_ranking_says_so_not_that_nothing_matched(bro
         assert len(hits(page)) == 3 and page.is_hidden("#empty")
 
 
+def test_next_reaches_every_result_up_to_max_k_and_the_last_page_says_it_stopped_there(browser, encoder, tmp_path):
+    # Before, with max_k 30 and 20 results a page, Next was offered only while a whole page fitted under
+    # max_k: results 21-30 were out of reach (and their URL a refused request).
+    store_path = red_circles(encoder, tmp_path / "store", [{}] * 35)
+    settings = Settings(cache_dir=tmp_path / "cache", store_path=store_path, max_k=30, rerank_candidates=30)
+    with page_app(settings, encoder, store_path) as url:
+        page = browser.page
+        settle(page, "/v1/search", lambda: page.goto(f"{url}/#text=red+circle&k=20"))
+        assert page.inner_text("#page-info") == "1–20" and page.is_enabled("#next-page")
+        settle(page, "/v1/search", lambda: page.click("#next-page"))
+        assert len(hits(page)) == 10 and page.inner_text("#page-info") == "21–30"
+        assert "stopped at result 30, the most a search ranks (max_k)" in page.inner_text("#status")
+        assert page.is_disabled("#next-page")
+
+
 def test_a_dropped_file_the_browser_cannot_read_is_named_in_one_error_and_the_page_still_searches(
         browser, page_server, tmp_path):
     # A file deleted between being chosen and being read: the browser's own error, said once ("Error: Error: …" was

@@ -195,8 +195,36 @@ def test_next_offset_is_present_exactly_while_more_hits_exist(client):
     assert beyond["hits"] == [] and "next_offset" not in beyond
 
 
+def test_paging_by_next_offset_reaches_every_hit_up_to_max_k_at_a_k_that_does_not_divide_it(build_app):
+    # Before, next_offset was offered only while a whole next page fitted under max_k: at k 3 of max_k 20
+    # paging stopped after 18 hits, and a page asking past max_k was a 400.
+    client = build_app(max_k=20, rerank_candidates=10).test_client()
+    query = {"text": "red circle", "mode": "hybrid", "exact": True}
+    pages = search_pages(client, query, k=3)
+    whole = client.post("/v1/search", json={**query, "k": 20}).json
+    assert [h["id"] for page in pages for h in page["hits"]] == [h["id"] for h in whole["hits"]]
+    assert len(whole["hits"]) == 20 and [page["offset"] for page in pages] == [0, 3, 6, 9, 12, 15, 18]
+    last = pages[-1]
+    assert len(last["hits"]) == 2 and "next_offset" not in last and last["cut_at_max_k"] is True
+    assert all("cut_at_max_k" not in page for page in pages[:-1])
+
+
+def test_a_page_asking_past_max_k_ends_at_max_k_saying_so_only_where_the_ranking_reaches_it(build_app):
+    client = build_app(max_k=20, rerank_candidates=10).test_client()
+    query = {"text": "circle", "mode": "bm25"}
+    whole = client.post("/v1/search", json={**query, "k": 20}).json["hits"]
+    page = client.post("/v1/search", json={**query, "k": 10, "offset": 15}).json
+    assert page["hits"] == whole[15:] and page["cut_at_max_k"] is True and "next_offset" not in page
+    # A ranking that ends before max_k: the page is short because the ranking ends, not because of max_k.
+    few = {"text": "circle", "mode": "bm25", "filters": {"color": "blue"}}
+    ranked = client.post("/v1/search", json={**few, "k": 20}).json["hits"]
+    assert 3 < len(ranked) < 18
+    short = client.post("/v1/search", json={**few, "k": 5, "offset": 17}).json
+    assert short["hits"] == [] and "cut_at_max_k" not in short and "next_offset" not in short
+
+
 @pytest.mark.parametrize(("body", "message"), [
-    ({"text": "red", "offset": 995, "k": 10}, "fields 'offset' + 'k' must be at most 1000 (max_k), got 995 + 10"),
+    ({"text": "red", "offset": 1000, "k": 10}, "field 'offset' must be between 0 and 999 (max_k - 1), got 1000"),
     ({"text": "red", "offset": -1}, "field 'offset' must be between 0 and 999 (max_k - 1), got -1"),
     ({"text": "red", "offset": "2"}, "field 'offset' must be an integer, got a string"),
 ])

@@ -366,6 +366,21 @@ def test_a_hard_example_logs_the_k_and_the_hits_its_pages_showed_not_the_next_pa
         [hit["id"] for hit in before["hits"] + second["hits"]]
 
 
+def test_a_page_cut_at_max_k_logs_the_ranking_down_to_max_k_not_offset_plus_k(build_app, tmp_path):
+    logs = tmp_path / "quality"
+    app = build_app(quality_log_dir=str(logs), hard_example_min_score=2.0, monitor_fraction=0.0, max_k=5,
+                    rerank_candidates=5, hard_example_repeat_seconds=0)
+    client = app.test_client()
+    whole = client.post("/v1/search", json={"text": "red circle", "mode": "vector", "k": 5}).get_json()
+    cut = client.post("/v1/search", json={"text": "red circle", "mode": "vector", "k": 3, "offset": 3}).get_json()
+    assert cut["cut_at_max_k"] is True and cut["hits"] == whole["hits"][3:]
+    assert state_of(app).quality.hard_example_checks.wait_idle(60)
+    logged = {record["query_id"]: record
+              for record in map(json.loads, (logs / "hard-examples.jsonl").read_text().splitlines())}
+    assert logged[cut["query_id"]]["k"] == 5
+    assert [hit["id"] for hit in logged[cut["query_id"]]["hits"]] == [hit["id"] for hit in whole["hits"]]
+
+
 def test_a_popular_hard_query_in_any_case_or_spacing_is_logged_once_leaving_rarer_ones_in_the_bounded_log_and_feedback_on_any_of_its_searches_is_exported(
         build_app, tmp_path):
     logs, out = tmp_path / "quality", tmp_path / "export"

@@ -401,6 +401,10 @@
     const notes = [`mode ${answer.mode}`];
     if (answer.mode === 'hybrid') notes.push(`fusion ${answer.fusion}`);
     notes.push(rerankNote(answer));
+    // A last page shorter than the page size, said to end at the server's limit, not at the ranking's end.
+    if (answer.cut_at_max_k) {
+      notes.push(`stopped at result ${answer.offset + hits.length}, the most a search ranks (max_k)`);
+    }
     $('status').textContent = `${range} (${notes.join(', ')}).`;
     $('rerank-note').textContent = answer.rerank_skipped ? `Rerank skipped: ${answer.rerank_skipped}.` : '';
     $('rerank-note').hidden = !answer.rerank_skipped;
