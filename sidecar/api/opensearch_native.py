@@ -104,6 +104,13 @@ def embed_texts():
             raise BadRequest(f"field 'input[{i}]' is a base64 {image_format} image: this URL embeds texts only "
                              f"(the image would be embedded as text); send one document [text or null, image] "
                              f"to {TEXT_IMAGE_PATH}")
+        # As the model sees it (cut at max_text_chars): a blank text's vector is that of the start and end
+        # tokens alone, one for every blank text and near nothing meant. neural-search refuses blank fields
+        # before it calls; a direct _predict does not.
+        if is_blank(item[:state.settings.max_text_chars]):
+            raise BadRequest(f"field 'input[{i}]' is blank (within its first {state.settings.max_text_chars} "
+                             "characters, max_text_chars, the text embedded): there is nothing to embed; leave it "
+                             "out of the _predict's text_docs")
     encoded = state.encoding.encode_texts(inputs)
     return jsonify(embeddings_body(list(encoded.vectors), encoder=state.encoding.encoder,
                                    truncated=encoded.truncated, tokens=encoded.tokens))

@@ -777,6 +777,7 @@ def test_every_example_in_the_openapi_file_is_served(build_app, tmp_path, method
 @pytest.mark.parametrize(("path", "body"), [
     ("/v1/search", lambda text: {"text": text}),
     ("/v1/opensearch/rerank/texts", lambda text: {"query": text, "documents": ["red circle"]}),
+    ("/v1/opensearch/embeddings/texts", lambda text: {"input": ["blue square", text]}),
     ("/v1/feedback", lambda text: {"text": text, "doc_id": "item-000001"})])
 def test_the_openapi_file_calls_a_query_blank_within_max_text_chars_blank_as_the_server_does(build_app, tmp_path,
                                                                                              path, body):

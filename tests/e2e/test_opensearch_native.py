@@ -69,6 +69,13 @@ def test_a_null_or_an_image_on_the_texts_url_answers_400_naming_the_text_image_u
 
 # ---- embeddings: one document, [text or null, image] ----------------------------------------
 
+@pytest.mark.parametrize("text", ["", "   ", "\u00a0\u3000", " " * 4096 + "red"])
+def test_an_empty_or_blank_text_on_the_texts_url_answers_400_naming_its_place(client, text):
+    # Before, it was embedded as "": the vector of the start and end tokens alone, the same for every blank text.
+    message = error_of(client.post(TEXTS, json={"input": ["red circle", "blue square", text]}), 400)
+    assert message.startswith("field 'input[2]' is blank (within its first 4096 characters, max_text_chars")
+
+
 def test_image_only_document_gets_exactly_the_image_vector_of_v1_embeddings(client, corpus):
     image = corpus_image(corpus)
     got = vectors_of(client.post(TEXT_IMAGE, json={"input": [None, image], "model": "ignored"}))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 from click.testing import CliRunner, Result
-from opensearchpy import OpenSearch, helpers
+from opensearchpy import OpenSearch, TransportError, helpers
 
 from sidecar.cli import main
 from sidecar.ingest.shards import ShardSet
@@ -242,6 +242,18 @@ def test_an_empty_or_blank_text_is_refused_by_neural_search_itself_and_a_missing
             before, "sidecar_request_items_count", endpoint=TEXTS)
     finally:
         native.client.delete(index=native.alias, id="no-text", refresh=True, ignore=404)
+
+
+def test_a_predict_with_a_blank_text_fails_with_the_sidecars_400_naming_it_not_a_vector_of_nothing(native):
+    # neural-search refuses blank fields before it calls; a direct _predict reaches the sidecar, which embedded
+    # "   " as "" (the start and end tokens' vector, one for every blank text).
+    model = printed_json(native.connected)["models"]["texts"]
+    with pytest.raises(TransportError) as refused:
+        native.client.transport.perform_request(
+            "POST", f"/_plugins/_ml/_predict/text_embedding/{model}", body={"text_docs": ["red circle", "   "]})
+    reason = str(refused.value.info)
+    assert refused.value.status_code == 400 and "Error from remote service" in reason, reason
+    assert "is blank (within its first 4096 characters, max_text_chars" in reason, reason
 
 
 # ---- connect: idempotent, and leaves nothing behind ------------------------------------------------------
