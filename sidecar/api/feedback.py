@@ -17,10 +17,11 @@ from sidecar.api.validation import (
     optional,
     query_text,
 )
-from sidecar.errors import BadRequest, LogUnwritable, NotEnabled, PayloadTooLarge
+from sidecar.errors import BadRequest, LogUnwritable, NotEnabled, PayloadTooLarge, quoted
 from sidecar.retrieval.hard_examples import FEEDBACK_KINDS, MAX_RELEVANCE, feedback_record
 from sidecar.serving import metrics
-from sidecar.stores.base import check_filter_fields
+from sidecar.stores.base import Store, check_filter_fields
+from sidecar.types import Document, Filters
 
 bp = Blueprint("feedback", __name__)
 
@@ -60,7 +61,9 @@ def feedback():
             check_filter_fields(state.store, searched)
     # A judgment of a document the store does not hold could never be found again by eval, nor paired with its
     # image for fine-tuning: a mistyped id (or one of another index) is refused where the client can see it.
-    held_document(state.store, doc_id, field="doc_id", vectors=False)
+    judged = held_document(state.store, doc_id, field="doc_id", vectors=False)
+    if searched:
+        _check_filters_let_through(state.store, searched, judged)
     record = feedback_record(query_id=query_id, text=text, doc_id=doc_id, relevance=relevance, kind=kind,
                              filters=searched)
     try:
@@ -73,6 +76,19 @@ def feedback():
                               "bytes (quality_log_max_bytes)")
     metrics.FEEDBACK.labels(kind).inc()
     return jsonify({"recorded": record})
+
+
+def _check_filters_let_through(store: Store, searched: Filters, judged: Document) -> None:
+    """400 naming `filters` where they do not let the judged document through, by the store's own match (which
+    refuses a value of the wrong type for the field as a search does): eval, re-running the query under them,
+    refused the whole evaluation set for a value of the wrong type, and could never find a document they
+    exclude."""
+    with filter_errors(searched):
+        matched = store.filtered_ids([judged.id], searched)
+    if not matched:
+        raise BadRequest(f"field 'filters' does not let through the judged document {quoted(judged.id)} (field "
+                         "'doc_id'): a search under them could never show it; send the filters of the search that "
+                         "showed it")
 
 
 def _name(body: dict, field: str, *, max_chars: int | None) -> str | None:

@@ -238,6 +238,11 @@ class Store(Protocol):
         callers that read text, metadata or fine vectors only: on OpenSearch a vector is 512+
         numbers of JSON per document, most of an mget's time."""
 
+    def filtered_ids(self, ids: Sequence[str], filters: Filters) -> list[str]:
+        """Those of `ids` that `filters` let through, as a search under them matches (unknown ids left out); a
+        StoreQueryError where the store refuses the filters, as its searches do (OpenSearch: a word for a field
+        of numbers)."""
+
     def thumbnail(self, doc_id: str) -> bytes | None:
         """The stored thumbnail (JPEG bytes) of a document, or None for an unknown id or a document
         indexed without one."""

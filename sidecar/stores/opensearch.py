@@ -574,6 +574,15 @@ class OpenSearchStore:
             hits = self._search(body, search_type="dfs_query_then_fetch")["hits"]["hits"]
         return [ScoredId(h["_id"], float(h["_score"])) for h in hits]
 
+    def filtered_ids(self, ids: Sequence[str], filters: Filters) -> list[str]:
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return []
+        body = {"size": len(wanted), "_source": False,
+                "query": {"bool": {"filter": [*_filter_clauses(filters), {"ids": {"values": wanted}}]}}}
+        with self._filter_refusals(filters):
+            return [hit["_id"] for hit in self._search(body)["hits"]["hits"]]
+
     def one_version(self) -> contextlib.nullcontext[None]:
         # Each call reads the alias: a request's calls may straddle a rebuild's alias swap (pinning would cost a
         # lookup of the alias per request).

@@ -4,7 +4,8 @@ image: 415), `dimensions` (only the served model's own: 400), a document id (`li
 stored one, else 404), a pinned model (only the served one: 404), stored document ids (only those in the store:
 400), a `top_n` below the number of documents (400: every document is answered), a prompt set's name the server
 does not hold (which names exist is the server's state: 404), a filter on a metadata field no stored document
-holds (which fields exist is the store's state: 400), or filters holding more than max_filter_values values in
+holds (which fields exist is the store's state: 400) or feedback's filters that exclude its `doc_id` (which
+documents match is the store's state: 400), or filters holding more than max_filter_values values in
 all (a sum over fields, which a schema cannot bound: 413)."""
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def schema_valid_requests_are_served(ctx, response, case):
     if response.status_code == 404 and _error(response).get("code") in ("prompt_set_not_found", "document_not_found"):
         return None
     if response.status_code == 400 and "no stored document holds metadata field" in str(_error(response).get("message")):
+        return None
+    if response.status_code == 400 and "does not let through the judged document" in str(
+            _error(response).get("message")):
         return None
     if response.status_code == 413 and "(max_filter_values)" in str(_error(response).get("message")):
         return None

@@ -303,8 +303,27 @@ def test_feedback_with_filters_naming_a_field_no_document_holds_answers_400_as_s
     assert "'colour'" in answer.get_json()["error"]["message"]
     assert not (logs / "feedback.jsonl").exists() or not (logs / "feedback.jsonl").read_text()
     answer = client.post("/v1/feedback", json={"text": "red circle", "doc_id": "item-000001",
-                                               "filters": {"color": "red"}})
-    assert answer.status_code == 200 and answer.get_json()["recorded"]["filters"] == {"color": "red"}
+                                               "filters": {"color": "black"}})
+    assert answer.status_code == 200 and answer.get_json()["recorded"]["filters"] == {"color": "black"}
+
+
+@pytest.mark.parametrize("excluding", [{"color": "blue"}, {"color": ["blue", "red"], "shape": "star"}, {"color": 1},
+                                       {"size": True}])
+def test_feedback_with_filters_that_exclude_the_judged_document_answers_400_naming_filters_and_logs_nothing(
+        build_app, tmp_path, excluding):
+    # It was answered 200 `recorded`: eval, re-running the query under them, could never find the judged document
+    # (a value of another type than the stored one's matches nothing on the embedded store, as another value).
+    logs = tmp_path / "quality"
+    client = build_app(quality_log_dir=str(logs)).test_client()
+    black_star = {"text": "black star", "doc_id": "item-000001"}  # large, black, star
+    answer = client.post("/v1/feedback", json={**black_star, "filters": excluding})
+    assert answer.status_code == 400, answer.get_json()
+    assert answer.get_json()["error"]["message"].startswith(
+        "field 'filters' does not let through the judged document 'item-000001' (field 'doc_id')")
+    assert not (logs / "feedback.jsonl").exists() or not (logs / "feedback.jsonl").read_text()
+    letting_through = {"color": ["blue", "black"], "shape": "star", "size": "large"}
+    answer = client.post("/v1/feedback", json={**black_star, "filters": letting_through})
+    assert answer.status_code == 200 and answer.get_json()["recorded"]["filters"] == letting_through
 
 
 def test_feedback_the_log_cannot_take_answers_503_saying_nothing_was_recorded_and_the_server_closes_cleanly(

@@ -43,14 +43,15 @@ def test_a_long_filter_value_the_cluster_refuses_is_echoed_as_far_as_any_client_
 def app_on(encoder, tmp_path):
     built = []
 
-    def build(store):
-        built.append(create_app(Settings(cache_dir=tmp_path / "cache", store="opensearch"), encoder=encoder,
-                                store=store))
+    def build(store, **settings):
+        built.append(create_app(Settings(cache_dir=tmp_path / "cache", store="opensearch", **settings),
+                                encoder=encoder, store=store))
         return built[-1].test_client()
 
     yield build
     for app in built:
         state_of(app).encoding.close()
+        state_of(app).quality.close()
 
 
 def documents(dim: int, *, n: int = 4, prefix: str = "d", seed: int = 0) -> list[Document]:
@@ -338,6 +339,24 @@ def test_a_filter_value_of_another_type_than_the_field_is_400_naming_filters(app
     message = response.json["error"]["message"]
     assert message.startswith("field 'filters': no stored document holds metadata field 'sise'"), message
     assert "colour, size" in message
+
+
+def test_feedback_with_a_filter_value_of_another_type_or_one_excluding_the_judged_document_is_400_naming_filters(
+        app_on, claimed_store, encoder, tmp_path):
+    # Both were recorded: eval, re-running the query under them, refused the whole evaluation set for the first and
+    # could never find the judged document under the second.
+    logs = tmp_path / "quality"
+    client = app_on(claimed_store(documents(encoder.dim)), quality_log_dir=str(logs))
+    judged = {"text": "red circle", "doc_id": "d1"}  # size 1, colour red
+    searched = client.post("/v1/search", json={"text": "red circle", "filters": {"size": "big"}}).json
+    answer = client.post("/v1/feedback", json={**judged, "filters": {"size": "big"}})
+    assert answer.status_code == 400 and answer.json["error"] == searched["error"], answer.json
+    answer = client.post("/v1/feedback", json={**judged, "filters": {"size": [2, 3]}})
+    assert answer.status_code == 400, answer.json
+    assert answer.json["error"]["message"].startswith("field 'filters' does not let through the judged document 'd1'")
+    assert not (logs / "feedback.jsonl").exists() or not (logs / "feedback.jsonl").read_text()
+    answer = client.post("/v1/feedback", json={**judged, "filters": {"size": [1, 3], "colour": "red"}})
+    assert answer.status_code == 200 and answer.json["recorded"]["filters"] == {"size": [1, 3], "colour": "red"}
     held_value_nobody_has = client.post("/v1/search", json={"text": "red circle", "filters": {"size": 9}})
     assert held_value_nobody_has.status_code == 200 and held_value_nobody_has.json["hits"] == []
 

@@ -560,6 +560,10 @@ class EmbeddedStore:
         with self._version() as opened:
             return opened.store.text_search(query, k, filters=filters, ids=ids)
 
+    def filtered_ids(self, ids: Sequence[str], filters: Filters) -> list[str]:
+        with self._version() as opened:
+            return opened.store.filtered_ids(ids, filters)
+
     def supports_native_hybrid(self, *, fusion: str, weights: tuple[float, float], exact: bool) -> bool:
         return False  # vector and BM25 lists are fused in Python (sidecar.retrieval.fusion)
 

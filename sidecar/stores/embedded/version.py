@@ -937,6 +937,14 @@ class VersionStore:
                     return []
             return self._scored(conn, state.bm25.search(terms, k, live=state.live, rows=rows))
 
+    def filtered_ids(self, ids: Sequence[str], filters: Filters) -> list[str]:
+        wanted = _validate_ids(ids)
+        if not wanted:
+            return []
+        with self._read() as (conn, _state):
+            rows = self._filtered_rows(conn, filters, ids=wanted)
+            return [hit.id for hit in self._scored(conn, [(int(row), 0.0) for row in rows])]
+
     def _filtered_rows(self, conn: sqlite3.Connection, filters: Filters, *,
                        ids: Sequence[str] | None = None) -> np.ndarray:
         """Live rows matching `filters` (and among `ids`, where given), sorted."""

@@ -1042,6 +1042,18 @@ def test_filtered_text_search_gives_the_same_hits_whichever_way_it_restricts(sto
     assert by_term_set[0] and by_term_set[1]
 
 
+def test_filtered_ids_are_the_given_documents_a_search_under_the_filters_matches(store: EmbeddedStore):
+    docs = make_docs(12)
+    store.upsert(docs)
+    store.delete(["doc4"])
+    filters = {"colour": ["red", "blue"], "tags": "even"}
+    matching = {hit.id for hit in store.vector_search(docs[0].vector, 12, filters=filters, exact=True)}
+    asked = [f"doc{i}" for i in range(12)] + ["unknown"]
+    assert sorted(store.filtered_ids(asked, filters)) == sorted(matching) and matching
+    assert store.filtered_ids(["doc1"], {"shard": "1"}) == []  # a value of another type than the stored one's
+    assert store.filtered_ids([], filters) == []
+
+
 @pytest.mark.parametrize(("found", "advice"), [("4", ": a newer clip-sidecar wrote it, upgrade clip-sidecar to open it"),
                                              ("x", "")])
 def test_a_store_of_an_unknown_format_is_refused_untouched_saying_to_upgrade_when_newer(tmp_path: Path, found, advice):
