@@ -355,7 +355,8 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
          load_tagger: Callable[[Encoder], Tagger | None] | None, allow_empty: bool, progress: bool) -> EmbedSummary:
     started = time.perf_counter()
     stages: defaultdict[str, float] = defaultdict(float)
-    actors, actor_gpus = _actor_pool(ray, resources)  # before the scan: its hash tasks need a node that holds them
+    # Before the scan: its hash tasks need a node that holds them.
+    actors, actor_gpus = _actor_pool(ray, resources, device=settings.device)
     # The driver's copy of the models, on its CPU: their signatures and preprocessing for the plan and
     # the decode tasks (and the tiny model trained into the cache before any actor wants it).
     driver_settings = dataclasses.replace(settings, device="cpu", precision="fp32")
@@ -430,10 +431,14 @@ def _hash_chunk(paths: list[Path]) -> tuple[str, list[tuple[str | None, str | No
     return ray.util.get_node_ip_address(), [hash_file(path) for path in paths]
 
 
-def _actor_pool(ray: Any, resources: RayResources) -> tuple[int, float]:
-    """(most encoder actors, GPUs per actor): one actor per GPU where the cluster has GPUs."""
+def _actor_pool(ray: Any, resources: RayResources, *, device: str) -> tuple[int, float]:
+    """(most encoder actors, GPUs per actor): one actor per GPU where the cluster has GPUs, unless `device` is cpu:
+    CPU actors then, reserving no GPU (each held one it left idle, and the GPUs' count capped the actors)."""
     total = ray.cluster_resources()
-    gpus = int(total.get("GPU", 0))
+    gpus = 0 if device == "cpu" else int(total.get("GPU", 0))
+    if not gpus and device.startswith("cuda"):
+        # An actor reserving no GPU sees none (Ray hides them): each would fail to load its model.
+        raise RayUnavailable(f"--device {device}: the cluster has no GPU; use --device auto or cpu")
     # An actor or a task reserves its CPUs on one node (an actor, with a GPU, on a GPU node): more
     # than any node has passes a check of the cluster's total, and the job then waits forever.
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]

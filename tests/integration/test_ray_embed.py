@@ -336,6 +336,22 @@ def test_more_cpus_than_any_node_has_is_refused_naming_the_flag_instead_of_waiti
     assert not list((tmp_path / "shards").glob("shard-*"))
 
 
+def test_device_cuda_on_a_cluster_without_gpus_is_refused_naming_the_flag_before_any_actor_starts(ray_cluster,
+                                                                                                  tmp_path):
+    _, address = ray_cluster
+    manifest = write_corpus(tmp_path / "corpus", 4, seed=47)
+    process = ray_embed(address, manifest, tmp_path / "shards", "--device", "cuda")
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 1, stderr
+    assert "Error: --device cuda: the cluster has no GPU; use --device auto or cpu" in stderr
+    assert not list((tmp_path / "shards").glob("shard-*"))
+
+
 def test_workers_that_cannot_import_a_dependency_fail_the_job_in_one_line_saying_what_to_install(ray_cluster, tmp_path):
     """Workers whose Python lacks open_clip: a module of that name that fails to import, first on their path by the
     job's runtime environment (as Ray's job submission injects one). Before, the command ended in Ray's task error

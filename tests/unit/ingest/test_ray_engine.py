@@ -89,3 +89,22 @@ def test_the_encoder_actors_second_read_for_the_fine_model_names_its_node_when_t
              "thumbnail": np.array([b""], dtype=object), "decode_s": np.zeros(1)}
     [reason] = actor(batch)["reason"]
     assert reason.startswith(f"{READ_FAILED}: ") and reason.endswith(f" on Ray node {ray.util.get_node_ip_address()}")
+
+
+class _GpuCluster:
+    """The two calls `_actor_pool` makes of Ray, answered as a cluster of two nodes with 4 CPUs and 1 GPU each would:
+    no GPU machine is at hand here to start a real one on."""
+
+    def cluster_resources(self) -> dict[str, float]:
+        return {"CPU": 8.0, "GPU": 2.0}
+
+    def nodes(self) -> list[dict]:
+        return [{"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}} for _ in range(2)]
+
+
+@pytest.mark.parametrize(("device", "pool"), [("auto", (2, 1.0)), ("cuda", (2, 1.0)), ("cpu", (4, 0.0))])
+def test_device_cpu_on_a_gpu_cluster_runs_cpu_actors_that_reserve_no_gpu(device, pool):
+    # Before, every actor reserved a GPU whatever --device said: idle GPUs, and as many actors as GPUs.
+    from sidecar.ingest.ray_engine import RayResources, _actor_pool
+
+    assert _actor_pool(_GpuCluster(), RayResources(), device=device) == pool
