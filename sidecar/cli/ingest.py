@@ -46,10 +46,12 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
                    "(nvjpeg, its Huffman stage on one CPU thread) or nvimagecodec (NVIDIA's nvImageCodec: the "
                    "hardware JPEG decoders of A100/H100/H200-class GPUs, CPU stages on a thread pool; pip install "
                    "'clip-sidecar[nvimagecodec]').")
-@click.option("--thumbnail-size", "thumbnail_side", type=click.IntRange(0, 1024), default=THUMBNAIL_SIDE,
-              show_default=True, metavar="PIXELS",
+@click.option("--thumbnail-size", "thumbnail_side", type=click.IntRange(0, 1024), default=None,
+              metavar="PIXELS",
               help="Longer side of the JPEG thumbnail kept for each image (the search page shows them; the "
-                   "store serves them by document id); 0 = none. Fixed per --out directory once shards exist.")
+                   f"store serves them by document id); 0 = none. Default {THUMBNAIL_SIDE} for a new --out; a "
+                   "rerun without it keeps OUT's size, none included. A size is fixed per --out once its shards "
+                   "hold thumbnails; shards without them get theirs from a run that names a size.")
 @click.option("--tag", "tags", multiple=True, metavar="SET[:K|THRESHOLD]",
               help=TAG_HELP + " Default: the sets OUT was last tagged with (`clip-sidecar tag OUT --clear` drops "
                               "them).")
@@ -77,8 +79,8 @@ from sidecar.config import DECODE_MODES, EMBED_ENGINES, JPEG_DECODERS, THUMBNAIL
 @model_options
 @click.pass_context
 def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_size: int, workers: int,
-          decode: str, jpeg_decoder: str, thumbnail_side: int, tags: tuple[str, ...], allow_empty: bool, engine: str,
-          address: str, actors: int, actor_cpus: float, task_cpus: float, **kwargs: Any) -> None:
+          decode: str, jpeg_decoder: str, thumbnail_side: int | None, tags: tuple[str, ...], allow_empty: bool,
+          engine: str, address: str, actors: int, actor_cpus: float, task_cpus: float, **kwargs: Any) -> None:
     """Embed the images of SOURCE into vector shards.
 
     SOURCE is a folder of images (a .txt beside an image is its text; else the file name is;
@@ -99,7 +101,7 @@ def embed(ctx: click.Context, source: Path, out: Path, batch_size: int, shard_si
     vanished (`index` removes the old image's vector) until a rerun finds a usable file there. With
     --fine-model, each image's vector by that stronger model is stored too, for the fine-ranking
     stage (rerank) of `search` and `serve`. Each image's thumbnail goes into the shards too
-    (--thumbnail-size); shards written without them get theirs. With --tag, each document's
+    (--thumbnail-size; a rerun keeps OUT's). With --tag, each document's
     metadata gets the top labels of prompt sets (`clip-sidecar prompts`), which `index` loads as
     keyword fields to filter on: `--filter tag_SET=LABEL`. One job at a time writes OUT: an `embed` or
     `tag` started while another writes it is refused at once, naming it (a killed run holds nothing).

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sidecar.config import DECODE_MODES, THUMBNAIL_SIDE
+from sidecar.config import DECODE_MODES
 from sidecar.ingest.corpus import CorpusError, CorpusItem, printable, read_corpus
 from sidecar.ingest.decode_pool import DecodeSplit, decoded_batches, ignore_ctrl_c, read_file
 from sidecar.ingest.identity import document_hash, image_hash
@@ -93,14 +93,14 @@ PARALLEL_SCAN_MIN = 2000  # files
 def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int = 256, shard_size: int = 4096,
                  workers: int = 2, max_pixels: int = 40_000_000, decode: str = "auto",
                  jpeg_decoder: str = "torchvision", fine_encoder: Encoder | None = None,
-                 thumbnail_side: int = THUMBNAIL_SIDE, tagger: Tagger | None = None,
+                 thumbnail_side: int | None = None, tagger: Tagger | None = None,
                  allow_empty: bool = False, progress: bool = True) -> EmbedSummary:
     """Embed `source` into shards under `out`. `decode`: "cpu" (PIL in worker processes),
     "device" (JPEGs decoded and resized on the model's device — nvjpeg on a GPU), or "auto"
     (device on CUDA, else cpu). With `fine_encoder`, the same pass also stores each image's vector
     by that (stronger) model beside the model's, for the fine-ranking stage. `thumbnail_side`: the
-    longer side of each image's thumbnail (0: none); shards written without thumbnails get theirs
-    in this run. `decode` "split": JPEGs decoded by both at once, the workers taking the share that
+    longer side of each image's thumbnail (0: none; None: what `out` records, else THUMBNAIL_SIDE); shards
+    written without thumbnails get theirs in this run. `decode` "split": JPEGs decoded by both at once, the workers taking the share that
     keeps pace with the device (`DecodeSplit`); `jpeg_decoder` (one of JPEG_DECODERS) decodes the
     device's share. With `tagger`, the metadata of every document gets its prompt-set tags; without
     one, the shards hold no tags."""
@@ -135,7 +135,7 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
                 tqdm(total=len(todo), unit="img", desc="embed", disable=not progress) as bar, \
                 _in_background(_staged_batches(todo, encoder, batch_size=batch_size, workers=workers,
                                                max_pixels=max_pixels, on_device=on_device, stages=stages,
-                                               thumbnail_side=thumbnail_side, split=split,
+                                               thumbnail_side=shards.thumbnail_side, split=split,
                                                jpeg_decoder=jpeg_decoder)) as staged:
             pending: Future | None = None
             buffer_vectors: list[np.ndarray] = []
@@ -235,7 +235,7 @@ class EmbedPlan:
 
 def plan_embed(encoder: Encoder, source: Path, out: Path, *, decode: str, fine_encoder: Encoder | None,
                shard_size: int, workers: int, progress: bool, stages: defaultdict[str, float],
-               hash_files: HashFiles | None = None, tagger: Tagger | None = None, thumbnail_side: int = 0,
+               hash_files: HashFiles | None = None, tagger: Tagger | None = None, thumbnail_side: int | None = 0,
                max_pixels: int = 40_000_000, allow_empty: bool = False) -> EmbedPlan:
     """Claim `out` for the model (and `thumbnail_side`), scan `source` (hashing every file, by
     `hash_files` when given; shards written without thumbnails then get theirs from the files found)

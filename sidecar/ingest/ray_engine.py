@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, NoReturn
 import numpy as np
 from tqdm import tqdm
 
-from sidecar.config import THUMBNAIL_SIDE, Settings
+from sidecar.config import Settings
 from sidecar.ingest.decode_pool import READ_FAILED, decode_data, read_file
 from sidecar.ingest.embed import (
     EmbedSummary,
@@ -110,7 +110,7 @@ class RayResources:
 
 def embed_corpus_on_ray(settings: Settings, source: Path, out: Path, *, address: str = LOCAL,
                         batch_size: int = 256, shard_size: int = 4096, resources: RayResources = RayResources(),
-                        max_pixels: int = 40_000_000, thumbnail_side: int = THUMBNAIL_SIDE,
+                        max_pixels: int = 40_000_000, thumbnail_side: int | None = None,
                         load_tagger: Callable[[Encoder], Tagger | None] | None = None,
                         allow_empty: bool = False, progress: bool = True, verbose: bool = False) -> EmbedSummary:
     """Embed `source` into shards under `out` on the Ray cluster at `address` ("local" starts one
@@ -351,7 +351,7 @@ def _check_reachable(address: str) -> None:
 
 
 def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: int, shard_size: int,
-         resources: RayResources, max_pixels: int, thumbnail_side: int,
+         resources: RayResources, max_pixels: int, thumbnail_side: int | None,
          load_tagger: Callable[[Encoder], Tagger | None] | None, allow_empty: bool, progress: bool) -> EmbedSummary:
     started = time.perf_counter()
     stages: defaultdict[str, float] = defaultdict(float)

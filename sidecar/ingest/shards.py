@@ -39,6 +39,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from sidecar.config import THUMBNAIL_SIDE
 from sidecar.errors import UserFixable
 from sidecar.ingest.identity import document_hash
 from sidecar.types import Document, ModelSignature
@@ -190,10 +191,16 @@ class ShardSet:
         return names
 
     def start(self, signature: ModelSignature, *, preprocessing: dict[str, Any],
-              fine_signature: ModelSignature | None = None, thumbnail_side: int = 0) -> None:
+              fine_signature: ModelSignature | None = None, thumbnail_side: int | None = 0) -> None:
         """Claim the directory for a model (and fine model); refuse one written by other models, or with
         thumbnails of another size. Shards written without thumbnails get theirs later
-        (`shards_without_thumbnails`, then `write_thumbnails`) when `thumbnail_side` asks for them."""
+        (`shards_without_thumbnails`, then `write_thumbnails`) when `thumbnail_side` asks for them.
+        `thumbnail_side` None: the size the directory records, none where it records that choice (0),
+        else THUMBNAIL_SIDE."""
+        if thumbnail_side is None:
+            # A rerun that names no size keeps the one chosen: `embed --thumbnail-size 0` once, then plain reruns,
+            # must not decode the whole corpus again for thumbnails (and rewrite every document on `index`).
+            thumbnail_side = self.thumbnail_side if "thumbnails" in self.manifest else THUMBNAIL_SIDE
         existing = self.signature
         if existing is not None and existing != signature:
             raise ShardError(f"{self.root} holds shards of {existing.describe()}, not {signature.describe()}; "
@@ -219,8 +226,9 @@ class ShardSet:
             self.manifest["tagging_begun"] = begun
         if fine_signature is not None:
             self.manifest["fine_model"] = asdict(fine_signature)
-        if thumbnail_side:
-            self.manifest["thumbnails"] = {"side": thumbnail_side, "format": "JPEG"}
+        # Recorded when 0 too, so that a rerun naming no size keeps "none"; a manifest without the key (shards
+        # written before thumbnails, or by a version that did not record "none") gets the default size.
+        self.manifest["thumbnails"] = {"side": thumbnail_side, "format": "JPEG"} if thumbnail_side else {"side": 0}
         self._write_manifest()
 
     def rows(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, ShardRow, int]]:

@@ -85,6 +85,24 @@ def test_embed_index_search_through_the_cli(corpus, tmp_path):
     assert result.exit_code == 0 and "Recall@10 (HNSW vs exact) over 50 queries" in result.output
 
 
+def test_a_rerun_naming_no_thumbnail_size_keeps_the_none_an_earlier_run_chose_and_index_rewrites_nothing(tmp_path):
+    folder, out, store = tmp_path / "photos", tmp_path / "shards", tmp_path / "store"
+    folder.mkdir()
+    for item in sample_items(6, seed=5):
+        item.image.save(folder / f"{item.id}.jpg", quality=90)
+    cli_ok("embed", folder, "--out", out, "--workers", "0", "--thumbnail-size", "0")
+    cli_ok("index", out, "--store-path", store)
+    # The README's rerun after the folder changed, without repeating the flag: it must not decode every image
+    # again for thumbnails nobody asked for, nor have `index` rewrite every document for them.
+    cli_ok("embed", folder, "--out", out, "--workers", "0")
+    assert ShardSet(out).thumbnail_side == 0
+    assert "0 written, 6 unchanged" in cli_ok("index", out, "--store-path", store)
+    # Naming a size still adds them (no forward pass), and that size is then the directory's.
+    cli_ok("embed", folder, "--out", out, "--workers", "0", "--thumbnail-size", "32")
+    cli_ok("embed", folder, "--out", out, "--workers", "0")
+    assert ShardSet(out).thumbnail_side == 32 and not ShardSet(out).shards_without_thumbnails()
+
+
 @pytest.mark.parametrize(("weight", "why"), [("nan", "nan is not a finite number."),
                                              ("inf", "inf is not in the range 0<=x<=100.")])
 def test_search_refuses_a_weight_that_is_not_finite(store_path, weight, why):
