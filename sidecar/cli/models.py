@@ -52,25 +52,36 @@ def models_fetch(ctx: click.Context, **kwargs: Any) -> None:
 
 
 @models.command("train")
+@click.option("--model", help="The tiny model to train: tiny-clip (default) or tiny-clip-large.")
+@click.option("--fine-model", help="A tiny fine-ranking model to train too (tiny-clip-large).")
 @click.pass_context
-def models_train(ctx: click.Context) -> None:
-    """Train the tiny synthetic-data CLIP into the cache (minutes on CPU; nothing to do if it is there).
+def models_train(ctx: click.Context, **kwargs: Any) -> None:
+    """Train the tiny synthetic-data CLIPs the settings name into the cache: the model and, where it is one,
+    the fine-ranking model (minutes on CPU, about 13 for tiny-clip-large; nothing to do for one already there).
 
-    The tiny model is what the demo, the tests and the default settings use; real models come
-    from `models fetch`.
+    The tiny model is what the demo, the tests and the default settings use; tiny-clip-large is the
+    fine-ranking model of `eval --benchmark`. Real models come from `models fetch`.
+
+    \b
+      clip-sidecar models train
+      clip-sidecar models train --fine-model tiny-clip-large
     """
     from sidecar.model.tiny_model import checkpoint_path, ensure_tiny_model
+    from sidecar.model.weights import configured_models
 
-    settings = settings_from({}, ())
-    if settings.model not in TINY_MODELS:
-        raise click.UsageError(f"only the tiny models ({', '.join(TINY_MODELS)}) are trained here; SIDECAR_MODEL is "
-                               f"{settings.model!r}: use `clip-sidecar models fetch` for its weights")
-    path = checkpoint_path(settings.cache_dir, model=settings.model)
-    if path.is_file():
-        click.echo(f"{settings.model} is already trained: {path}")
-        return
-    path = ensure_tiny_model(settings.cache_dir, model=settings.model, progress=ctx.obj["progress"])
-    click.echo(f"{settings.model} trained: {path}")
+    settings = settings_from(kwargs, ("model", "fine_model"))
+    # The fine model too: `serve --fine-model tiny-clip-large` names this command when that one is missing.
+    tiny = [one.model for one, _ in configured_models(settings) if one.model in TINY_MODELS]
+    if not tiny:
+        raise click.UsageError(f"only the tiny models ({', '.join(TINY_MODELS)}) are trained here; --model / "
+                               f"SIDECAR_MODEL is {settings.model!r}: use `clip-sidecar models fetch` for its weights")
+    for model in tiny:
+        path = checkpoint_path(settings.cache_dir, model=model)
+        if path.is_file():
+            click.echo(f"{model} is already trained: {path}")
+            continue
+        path = ensure_tiny_model(settings.cache_dir, model=model, progress=ctx.obj["progress"])
+        click.echo(f"{model} trained: {path}")
 
 
 @models.command("list")
@@ -93,8 +104,8 @@ def models_list(**kwargs: Any) -> None:
     settings = settings_from(kwargs, ("model", "model_config"))
     if one in TINY_MODELS:
         path = checkpoint_path(settings.cache_dir, model=one)
-        click.echo(f"{one}: trained here, not downloaded: " + (f"cached ({path})" if path.is_file() else
-                                                                 "not trained yet (`clip-sidecar models train`)"))
+        click.echo(f"{one}: trained here, not downloaded: " + (
+            f"cached ({path})" if path.is_file() else f"not trained yet (`clip-sidecar models train --model {one}`)"))
     elif one:
         tags = pretrained_tags(settings)
         click.echo(f"{one}: {len(tags)} pretrained tags (cache: {weights_dir(settings)})" if tags else
@@ -103,6 +114,6 @@ def models_list(**kwargs: Any) -> None:
             click.echo(f"  {tag:<40} {'cached' if cached else 'not cached'}")
     else:
         for name in available_models(settings):
-            tags = ("trained here (`clip-sidecar models train`)" if name in TINY_MODELS
+            tags = (f"trained here (`clip-sidecar models train --model {name}`)" if name in TINY_MODELS
                     else ", ".join(tags_of(name)) or "no pretrained tags")
             click.echo(f"{name:<36} {tags}")

@@ -32,6 +32,21 @@ def test_fetch_and_train_report_the_cached_tiny_model(test_cache_dir):
     assert f"tiny-clip is already trained: {checkpoint_path(test_cache_dir)}" in result.stdout
 
 
+def test_train_and_list_name_the_fine_tiny_model_so_the_command_they_show_trains_it(test_cache_dir, fine_encoder):
+    large = checkpoint_path(test_cache_dir, model="tiny-clip-large")
+    # `serve --fine-model tiny-clip-large` without it says: run `models train` with the same model settings.
+    for flags in (["--fine-model", "tiny-clip-large"], ["--model", "tiny-clip-large"]):
+        result = CliRunner().invoke(main, ["-q", "models", "train", *flags])
+        assert result.exit_code == 0, result.output
+        assert f"tiny-clip-large is already trained: {large}" in result.output
+    listed = CliRunner().invoke(main, ["models", "list"]).output
+    assert "tiny-clip-large                      trained here (`clip-sidecar models train --model tiny-clip-large`)" \
+        in listed
+    result = CliRunner().invoke(main, ["models", "train", "--model", "ViT-B-32"])
+    assert result.exit_code == 2
+    assert "only the tiny models (tiny-clip, tiny-clip-large) are trained here" in result.output
+
+
 def test_serve_refuses_a_model_that_is_not_cached_and_names_the_command(tmp_path):
     empty = {"SIDECAR_CACHE_DIR": str(tmp_path / "empty-cache")}
     result = run_cli("serve", "--port", str(free_port()), env=empty, timeout=60)
