@@ -22,6 +22,7 @@ from sidecar.cli.root import (
     prompt_sets_option,
     settings_from,
     store_options,
+    writable_folder,
 )
 from sidecar.config import Settings
 
@@ -103,6 +104,10 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int = 1, ce
             random_weights_said_elsewhere(model_settings, fine=fine)
     refuse_an_address_taken(host, port)  # before the store's model check loads the model
     _open_text_cache(settings)
+    if settings.quality_log_dir:
+        # As the text cache's: one line here (exit 1), not each worker failing after its model loaded, the line
+        # among gunicorn's and the command's status gunicorn's "App failed to load" (4).
+        writable_folder(Path(settings.quality_log_dir))
     encoder = _check_store_model(settings)
     _embed_prompt_sets(settings, encoder)
     if dev:

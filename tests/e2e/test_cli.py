@@ -1218,6 +1218,18 @@ def test_a_text_cache_path_under_a_regular_file_is_refused_in_one_line_naming_th
         f"Error: cannot write {path.parent}: Not a directory (SIDECAR_TEXT_CACHE_PATH is {path})"]
 
 
+def test_serve_refuses_a_quality_log_dir_it_cannot_write_in_one_line_before_gunicorn_starts(store_path, tmp_path):
+    # Was each worker failing after loading its model, the line among gunicorn's, and serve's status 4 (gunicorn's
+    # "App failed to load"), not the 1 of an error to fix.
+    (tmp_path / "file").write_text("a regular file, not a folder")
+    folder = tmp_path / "file" / "quality"
+    env = {**os.environ, "SIDECAR_QUALITY_LOG_DIR": str(folder), "SIDECAR_STORE_PATH": str(store_path)}
+    result = subprocess.run([sys.executable, "-m", "sidecar.cli", "-q", "serve", "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1 and result.stderr == (f"Error: cannot write {folder}: Not a directory "
+                                                        f"(SIDECAR_QUALITY_LOG_DIR is {folder})\n")
+
+
 def test_cache_warm_shows_a_progress_bar_over_its_prompts_unless_quiet(tmp_path, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(300)))
