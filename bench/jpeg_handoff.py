@@ -50,7 +50,7 @@ def main() -> None:
         data = out.getvalue()
         jpegs = [bytes(bytearray(data)) for _ in range(args.files)]  # distinct objects, as files read are
         before, now = best_us(copied, jpegs, args.rounds), best_us(jpeg_tensors, jpegs, args.rounds)
-        print(f"{size:>10} {len(jpegs[0]) / 1024:>12.0f} {before:>10.1f} {now:>10.1f} {before / now:>6.0f}x")
+        print(f"{size:>10} {len(jpegs[0]) / 1024:>12.0f} {before:>10.1f} {now:>10.1f} {before / now:>6.2f}x")
 
 
 if __name__ == "__main__":
