@@ -173,6 +173,15 @@ def _connect(address: str, *, verbose: bool) -> Any:
             options["include_dashboard"] = False
         else:
             _check_reachable(address)
+        if not verbose:
+            # Ray Data's warnings that progress bars are off (this job turns them off: it draws its own) and that an
+            # operator has had no output for 60 s ("ignore this warning if your UDF is expected to be slow": a large
+            # model loading on its actors), or that blocks' schemas differ (the job's are fixed); and, on every run
+            # of `--address local`, that the Ray it starts takes tokens (RAY_AUTH_MODE=disabled opts out): Ray's
+            # default for a Ray of the command's own, gone when it ends, nothing for the user to do.
+            for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor_state",
+                         "ray._private.authentication.authentication_token_setup"):
+                logging.getLogger(name).setLevel(logging.ERROR)
         try:
             with _native_errors_quiet(verbose), warnings.catch_warnings():
                 if not verbose:  # the Ray Client's, two lines with its source's path, before the error said in one
@@ -180,12 +189,6 @@ def _connect(address: str, *, verbose: bool) -> Any:
                 ray.init(address=address, **options)
         except ConnectionError as exc:
             _refuse_no_head(address, exc)
-    if not verbose:
-        # Ray Data's warnings that progress bars are off (this job turns them off: it draws its own) and that an
-        # operator has had no output for 60 s ("ignore this warning if your UDF is expected to be slow": a large
-        # model loading on its actors), or that blocks' schemas differ (the job's are fixed).
-        for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor_state"):
-            logging.getLogger(name).setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # this job draws its own bar, as the local job does
     context.execution_options.preserve_order = False  # rows carry their ids

@@ -86,6 +86,18 @@ def test_a_ray_token_in_home_does_not_stop_the_loopback_cluster_from_starting(tm
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def test_the_default_address_local_runs_a_ray_of_its_own_and_quiet_prints_the_summary_alone(tmp_path):
+    """`--address local` (the default) starts a Ray for the command alone, which turns token authentication on and
+    said so in a WARNING on every run, -q included: Ray's default, with nothing for the user to do (-v shows it)."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    manifest = write_corpus(tmp_path / "corpus", 4, seed=48)
+    env = {"HOME": str(tmp_path / "home")}  # where Ray writes the token it makes (~/.ray/auth_token)
+    process = ray_embed("local", manifest, tmp_path / "shards", env=env)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    assert stdout.startswith("4 items: 4 embedded") and stderr_lines(stderr) == [], stderr
+
+
 def ray_embed(address: str, source: Path, out: Path, *extra: str, cwd: Path = REPO,
               env: dict[str, str] | None = None, verbosity: tuple[str, ...] = ("-q",)) -> subprocess.Popen:
     """The real CLI, this checkout's code, as the driver of a job on the cluster (`env`: more variables;
