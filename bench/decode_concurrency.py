@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--megapixels", type=float, default=39.9)
     parser.add_argument("--checkout", type=Path, default=Path.cwd(), help="tree whose sidecar/ serves")
     args = parser.parse_args()
+    if not (args.checkout / "sidecar" / "__init__.py").is_file():
+        # Python would fall back on the installed sidecar, and the run would measure another tree than it names.
+        parser.error(f"--checkout {args.checkout}: no sidecar/ package there")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
