@@ -330,13 +330,18 @@ def test_quiet_prints_the_summary_alone_the_default_the_jobs_own_records_and_ver
     assert any(name.startswith("ray._private.") for name in verbose), verbose
 
 
-@pytest.mark.parametrize("flag", ["--actor-cpus", "--task-cpus"])
-def test_more_cpus_than_any_node_has_is_refused_naming_the_flag_instead_of_waiting_forever(ray_cluster, tmp_path,
-                                                                                           flag):
-    """The cluster holds 2 CPUs, 1 per node: 1.5 for an actor or a task fits the total but no node."""
+@pytest.mark.parametrize(("flags", "refusal"), [
+    (["--actor-cpus", "1.5"], "--actor-cpus 1.5: no node of the cluster has that many CPUs (the largest has 1)"),
+    (["--task-cpus", "1.5"], "--task-cpus 1.5: no node of the cluster has that many CPUs (the largest has 1)"),
+    (["--device", "cuda"], "--device cuda: the cluster has no GPU; use --device auto or cpu"),
+])
+def test_a_job_no_node_can_run_is_refused_naming_the_flag_before_any_actor_starts(ray_cluster, tmp_path, flags,
+                                                                                  refusal):
+    """The cluster holds 2 CPUs, 1 per node, and no GPU: 1.5 CPUs for an actor or a task fits the total but no node
+    (the job waited forever); an actor on CUDA had none to load its model on (each failed)."""
     _, address = ray_cluster
     manifest = write_corpus(tmp_path / "corpus", 4, seed=43)
-    process = ray_embed(address, manifest, tmp_path / "shards", flag, "1.5")  # the last value given counts
+    process = ray_embed(address, manifest, tmp_path / "shards", *flags)  # a value given twice: the last counts
     try:
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -344,23 +349,7 @@ def test_more_cpus_than_any_node_has_is_refused_naming_the_flag_instead_of_waiti
             process.kill()
             process.communicate()
     assert process.returncode == 1, stderr
-    assert f"Error: {flag} 1.5: no node of the cluster has that many CPUs (the largest has 1)" in stderr
-    assert not list((tmp_path / "shards").glob("shard-*"))
-
-
-def test_device_cuda_on_a_cluster_without_gpus_is_refused_naming_the_flag_before_any_actor_starts(ray_cluster,
-                                                                                                  tmp_path):
-    _, address = ray_cluster
-    manifest = write_corpus(tmp_path / "corpus", 4, seed=47)
-    process = ray_embed(address, manifest, tmp_path / "shards", "--device", "cuda")
-    try:
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 1, stderr
-    assert "Error: --device cuda: the cluster has no GPU; use --device auto or cpu" in stderr
+    assert f"Error: {refusal}" in stderr
     assert not list((tmp_path / "shards").glob("shard-*"))
 
 
