@@ -9,8 +9,9 @@ cluster has no GPU; the pool grows from one actor as work waits and shrinks agai
 lost), and tasks write each shard under a name no other writer can take:
 `shard-<shards before this run>-<run id>-<digest of its ids>`, the same name if Ray retries the
 task, so a retry replaces the shard instead of duplicating its rows. The driver writes errors.jsonl
-and the manifest, once, at the end; a killed run leaves complete shards only, and the next run (of
-either engine) skips what they hold.
+and the manifest, once, at the end; a killed run leaves complete shards, which the next run (of
+either engine) skips, and files of shards its writers did not complete, which that run removes
+(`ShardSet.start`).
 
 Every node must see the corpus and the output folder at the same paths (a shared filesystem) and
 the model's weights (a pretrained tag is downloaded into each node's cache; a checkpoint path must

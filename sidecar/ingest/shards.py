@@ -12,7 +12,9 @@ Layout of an output directory:
   errors.jsonl         images that could not be used, with the reason (rewritten each run)
   .lock                held (flock) by the one job that writes the directory (`exclusive_writer`)
 A shard is written under temporary names and renamed into place, the .npy/.npz files before .jsonl,
-and the manifest after both: a run killed at any point leaves only complete shards behind.
+and the manifest after both: a run killed at any point leaves only complete shards behind, and files
+of shards it did not complete (temporary ones; a .npy, .fine.npy or .thumbs.npz renamed before the
+kill, whose .jsonl never was), which the next `ShardSet.start` removes.
 Writers in other processes (the Ray engine's tasks) name their shards themselves
 (`shard-<n>-<run>-<digest of the ids>`, `write_shard_files`); the manifest lists them when the
 run ends, and until then they are found by their complete .npy + .jsonl pair like any other.
@@ -30,6 +32,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shlex
 import sys
@@ -45,6 +48,8 @@ from sidecar.ingest.identity import document_hash
 from sidecar.types import Document, ModelSignature
 
 FORMAT_VERSION = 2
+
+log = logging.getLogger(__name__)
 
 
 class ShardError(ValueError, UserFixable):
@@ -218,6 +223,7 @@ class ShardSet:
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob("*.tmp"):
             stale.unlink()  # leftovers of a killed run
+        self._remove_incomplete_shards()
         begun = self.tagging_begun
         self.manifest = {"format_version": FORMAT_VERSION, "model": asdict(signature), "dtype": "float32",
                          "normalised": "l2", "preprocessing": preprocessing, "shards": self.shard_names(),
@@ -230,6 +236,20 @@ class ShardSet:
         # written before thumbnails, or by a version that did not record "none") gets the default size.
         self.manifest["thumbnails"] = {"side": thumbnail_side, "format": "JPEG"} if thumbnail_side else {"side": 0}
         self._write_manifest()
+
+    def _remove_incomplete_shards(self) -> None:
+        """Delete the vector and thumbnail files of shards a killed writer renamed into place before their .jsonl
+        (the rename that completes a shard), which no shard list names. The local job's next shard takes such a
+        name again and overwrites them; a Ray writer's name is its run's alone, so they stayed forever."""
+        complete = set(self.shard_names())
+        incomplete = sorted(path for path in self.root.glob("shard-*") if path.suffix in (".npy", ".npz")
+                            and path.name.partition(".")[0] not in complete)
+        if not incomplete:
+            return
+        for path in incomplete:
+            path.unlink()
+        log.info("removed %d file(s) of shards a killed run left incomplete (no .jsonl): %s", len(incomplete),
+                 ", ".join(path.name for path in incomplete))
 
     def rows(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, ShardRow, int]]:
         """(shard name, row, index within shard) for every row (of the shards `names`, else of all), oldest shard

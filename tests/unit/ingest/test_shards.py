@@ -65,6 +65,38 @@ def test_a_run_killed_between_renames_and_manifest_keeps_complete_shards_only(tm
     assert set(resumed.latest()) == {"a", "b", "c"}
 
 
+def test_start_removes_the_files_of_shards_a_killed_ray_writer_renamed_before_their_rows(tmp_path, caplog):
+    """A Ray writer task killed between its renames (Ctrl-C on the driver, a node lost) left the shard's .npy,
+    .fine.npy and .thumbs.npz with no .jsonl, under its run's name, which no later run takes again: they stayed
+    in the folder forever."""
+    shards = ShardSet(tmp_path)
+    shards.start(SIG, preprocessing={}, fine_signature=SIG, thumbnail_side=64)
+    shards.write_shard(unit(1), rows("a"), unit(1), [b"jpeg a"])
+    write_shard_files(tmp_path, "shard-00001-run1-done", unit(1), rows("b"), unit(1), [b"jpeg b"])  # not recorded
+    # Killed before the last rename: every file of the shard in place but its rows, still under their temporary name.
+    write_shard_files(tmp_path, "shard-00001-run1-cut", unit(2), rows("c", "d"), unit(2), [b"c", b"d"])
+    os.replace(tmp_path / "shard-00001-run1-cut.jsonl", tmp_path / "shard-00001-run1-cut.jsonl.tmp")
+    # Killed after the first rename: the thumbnails alone.
+    write_shard_files(tmp_path, "shard-00001-run1-early", unit(1), rows("e"), unit(1), [b"e"])
+    for suffix in (".npy", ".fine.npy", ".jsonl"):
+        (tmp_path / f"shard-00001-run1-early{suffix}").unlink()
+    caplog.set_level("INFO", logger="sidecar.ingest.shards")
+    ShardSet(tmp_path).start(SIG, preprocessing={}, fine_signature=SIG, thumbnail_side=64)
+    assert sorted(path.name for path in tmp_path.glob("shard-*")) == [
+        f"{name}{suffix}" for name in ("shard-00000", "shard-00001-run1-done")
+        for suffix in (".fine.npy", ".jsonl", ".npy", ".thumbs.npz")]
+    assert caplog.messages == ["removed 4 file(s) of shards a killed run left incomplete (no .jsonl): "
+                               "shard-00001-run1-cut.fine.npy, shard-00001-run1-cut.npy, "
+                               "shard-00001-run1-cut.thumbs.npz, shard-00001-run1-early.thumbs.npz"]
+    resumed = ShardSet(tmp_path)
+    assert sorted(resumed.latest()) == ["a", "b"]
+    assert resumed.thumbnails("shard-00001-run1-done") == [b"jpeg b"]
+    # A later start finds nothing to remove and says nothing.
+    caplog.clear()
+    resumed.start(SIG, preprocessing={}, fine_signature=SIG, thumbnail_side=64)
+    assert caplog.messages == []
+
+
 def test_shards_other_writers_named_are_found_listed_once_and_a_rewrite_replaces_them(tmp_path):
     shards = ShardSet(tmp_path)
     shards.start(SIG, preprocessing={})
