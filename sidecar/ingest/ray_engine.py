@@ -11,7 +11,7 @@ lost), and tasks write each shard under a name no other writer can take:
 task, so a retry replaces the shard instead of duplicating its rows. The driver writes errors.jsonl
 and the manifest, once, at the end; a killed run leaves complete shards, which the next run (of
 either engine) skips, and files of shards its writers did not complete, which that run removes
-(`ShardSet.start`).
+(`ShardSet.start`). The driver's bar follows a counter actor that the encoder actors tell of each batch.
 
 Every node must see the corpus and the output folder at the same paths (a shared filesystem) and
 the model's weights (a pretrained tag is downloaded into each node's cache; a checkpoint path must
@@ -33,6 +33,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -93,6 +94,9 @@ RAY_CONNECT_S = 6  # what those settings add up to, either way
 # Per-row columns carrying each stage's seconds (the batch's time shared out over its rows, so
 # sums stay right however Ray Data re-batches); the writer adds them up per shard.
 STAGE_COLUMNS = ("decode", "forward", "fine_model")
+# How often the driver asks how many images the actors have embedded, for its bar: a shard's rows reach the driver
+# when its writer ends, 4,096 images by default, minutes apart on CPUs.
+PROGRESS_POLL_S = 0.2
 
 
 class RayUnavailable(RuntimeError):
@@ -382,25 +386,84 @@ def _run(ray: Any, settings: Settings, source: Path, out: Path, *, batch_size: i
     with errors_file(out, plan) as errors, \
             tqdm(total=len(plan.todo), unit="img", desc="embed (ray)", disable=not progress) as bar:
         if plan.todo:
+            counter = _embedded_counter(ray) if progress else None
             dataset = _pipeline(ray, plan.todo, encoder.images, settings, out=out, run_base=len(shards.shard_names()),
                                 batch_size=batch_size, shard_size=shard_size, resources=resources, actors=actors,
                                 actor_gpus=actor_gpus, max_pixels=max_pixels, fine=fine_encoder is not None,
-                                thumbnail_side=shards.thumbnail_side, tagger=tagger)
+                                thumbnail_side=shards.thumbnail_side, tagger=tagger, counter=counter)
             pipeline_started = time.perf_counter()
-            for written in dataset.iter_rows():
-                errors.write(written["errors"])
-                for line in written["errors"].splitlines():
-                    failure = json.loads(line)
-                    if failure["reason"].startswith(READ_FAILED):  # the scan read it: on another node?
-                        _refuse_unseen(Path(failure["path"]), failure["reason"], source,
-                                       then="the job stopped; a rerun goes on from the shards it wrote")
-                    failed.append(failure["id"])
-                for stage in (*STAGE_COLUMNS, "write"):
-                    stages[f"{stage} (summed over workers)"] += float(written[f"{stage}_s"])
-                bar.update(int(written["rows"]) + int(written["failed"]))
+            done = 0  # images the writers returned, embedded or failed
+            with _bar_following(ray, counter, bar):
+                for written in dataset.iter_rows():
+                    errors.write(written["errors"])
+                    for line in written["errors"].splitlines():
+                        failure = json.loads(line)
+                        if failure["reason"].startswith(READ_FAILED):  # the scan read it: on another node?
+                            _refuse_unseen(Path(failure["path"]), failure["reason"], source,
+                                           then="the job stopped; a rerun goes on from the shards it wrote")
+                        failed.append(failure["id"])
+                    for stage in (*STAGE_COLUMNS, "write"):
+                        stages[f"{stage} (summed over workers)"] += float(written[f"{stage}_s"])
+                    done += int(written["rows"]) + int(written["failed"])
+            bar.update(done - bar.n)  # every image: the actors' counts may have missed some (the counter lost)
             stages["pipeline"] = time.perf_counter() - pipeline_started
     shards.record_shards()  # the manifest, once: every shard the writers renamed into place
     return finish_embed(plan, failed=failed, started=started, stages=stages, tagger=tagger)
+
+
+class _EmbeddedCount:
+    """An actor: how many images the encoder actors have embedded (failed ones too), for the driver's bar. Counted
+    per batch, under the batch's first id: a batch Ray runs again (its actor lost) counts once."""
+
+    def __init__(self) -> None:
+        self.batches: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, first_id: str, count: int) -> None:
+        self.total += count - self.batches.get(first_id, 0)
+        self.batches[first_id] = count
+
+    def count(self) -> int:
+        return self.total
+
+
+def _embedded_counter(ray: Any) -> Any:
+    """An `_EmbeddedCount` on the driver's node, reserving no CPU: a node lost takes it only with the driver."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0)(_EmbeddedCount).options(scheduling_strategy=here).remote()
+
+
+@contextlib.contextmanager
+def _bar_following(ray: Any, counter: Any, bar: tqdm) -> Iterator[None]:
+    """`bar` set to the `counter`'s count every PROGRESS_POLL_S while the block runs (by a thread: the block waits
+    on Ray Data for whole shards); no thread without a counter (no bar). A counter that cannot answer (its node
+    lost) ends the following: the driver then sets the bar from the shards written."""
+    if counter is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def follow() -> None:
+        while not stop.wait(PROGRESS_POLL_S):
+            try:
+                count = ray.get(counter.count.remote(), timeout=5 * PROGRESS_POLL_S)
+            except ray.exceptions.GetTimeoutError:
+                continue  # its worker still starting: asked again, and Ctrl-C waits for no answer
+            except ray.exceptions.RayError as exc:
+                log.debug("ray: the bar stops following the actors' count (%s)", exc)
+                return
+            if count != bar.n:  # each update draws the bar: in a log, a line each poll
+                bar.update(count - bar.n)
+
+    thread = threading.Thread(target=follow, name="embed-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _hash_on_cluster(ray: Any, paths: list[Path], *, task_cpus: float,
@@ -466,9 +529,9 @@ def _actor_pool(ray: Any, resources: RayResources, *, device: str) -> tuple[int,
 
 def _pipeline(ray: Any, todo: list, images: ImagePreprocess, settings: Settings, *, out: Path, run_base: int,
               batch_size: int, shard_size: int, resources: RayResources, actors: int, actor_gpus: float,
-              max_pixels: int, fine: bool, thumbnail_side: int, tagger: Tagger | None) -> Any:
-    """The plan's rows → decode (CPU tasks) → forward (actors) → shard files (CPU tasks), one
-    result row per shard written."""
+              max_pixels: int, fine: bool, thumbnail_side: int, tagger: Tagger | None, counter: Any) -> Any:
+    """The plan's rows → decode (CPU tasks) → forward (actors, each batch counted by `counter` when there is
+    one) → shard files (CPU tasks), one result row per shard written."""
     rows = [{"path": str(item.path), "row": json.dumps(dataclasses.asdict(document_row(item, digest)),
                                                        ensure_ascii=False)}
             for item, digest in todo]
@@ -477,7 +540,8 @@ def _pipeline(ray: Any, todo: list, images: ImagePreprocess, settings: Settings,
             .map_batches(_decode_batch, fn_kwargs={"images": images, "max_pixels": max_pixels,
                                                    "thumbnail_side": thumbnail_side},
                          batch_size=batch_size, batch_format="numpy", num_cpus=resources.task_cpus)
-            .map_batches(_EncodeBatches, fn_constructor_kwargs={"settings": settings, "max_pixels": max_pixels},
+            .map_batches(_EncodeBatches, fn_constructor_kwargs={"settings": settings, "max_pixels": max_pixels,
+                                                                "counter": counter},
                          batch_size=batch_size, batch_format="numpy", num_cpus=resources.actor_cpus,
                          num_gpus=actor_gpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
             .map_batches(_write_shard, fn_kwargs={"root": str(out), "prefix": f"shard-{run_base:05d}-{run}",
@@ -521,12 +585,14 @@ def _naming_this_node(reason: str | None) -> str | None:
 
 
 class _EncodeBatches:
-    """An actor holding the model (and the fine model): vectors for each decoded batch."""
+    """An actor holding the model (and the fine model): vectors for each decoded batch, counted by `counter` (an
+    `_EmbeddedCount`) where the driver draws a bar."""
 
-    def __init__(self, settings: Settings, max_pixels: int):
+    def __init__(self, settings: Settings, max_pixels: int, counter: Any):
         self.encoder = load_encoder(settings)
         self.fine_encoder = load_fine_encoder(settings)
         self.max_pixels = max_pixels
+        self.counter = counter
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["path"])
@@ -552,6 +618,8 @@ class _EncodeBatches:
             vectors[usable] = self.encoder.postprocess(forward_batch(self.encoder, batch["pixels"][usable]))
         out["vector"] = vectors
         out["forward_s"] = np.full(count, (time.perf_counter() - started) / count)
+        if self.counter is not None:
+            self.counter.add.remote(json.loads(batch["row"][0])["id"], count)  # not awaited: the bar's alone
         return out
 
 

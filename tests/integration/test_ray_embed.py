@@ -330,6 +330,20 @@ def test_quiet_prints_the_summary_alone_the_default_the_jobs_own_records_and_ver
     assert any(name.startswith("ray._private.") for name in verbose), verbose
 
 
+def test_the_bar_advances_as_the_actors_embed_batches_not_a_whole_shard_at_a_time(ray_cluster, tmp_path):
+    """Before, the bar moved when a writer task returned its shard (4,096 images by default, minutes apart on CPUs):
+    a corpus under one shard went from 0 to 100% at the end."""
+    _, address = ray_cluster
+    manifest = write_corpus(tmp_path / "corpus", 64, seed=50)
+    process = ray_embed(address, manifest, tmp_path / "shards", "--batch-size", "2", verbosity=())
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    assert stdout.startswith("64 items: 64 embedded") and "1 new shards" in stdout
+    counts = [int(count) for count in re.findall(r"embed \(ray\): *\d+%\|[^|]*\| *(\d+)/64", stderr)]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 64, counts
+    assert any(0 < count < 64 for count in counts), counts
+
+
 @pytest.mark.parametrize(("flags", "refusal"), [
     (["--actor-cpus", "1.5"], "--actor-cpus 1.5: no node of the cluster has that many CPUs (the largest has 1)"),
     (["--task-cpus", "1.5"], "--task-cpus 1.5: no node of the cluster has that many CPUs (the largest has 1)"),

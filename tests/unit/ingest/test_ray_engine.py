@@ -82,7 +82,8 @@ def test_the_encoder_actors_second_read_for_the_fine_model_names_its_node_when_t
     from sidecar.ingest.decode_pool import READ_FAILED
     from sidecar.ingest.ray_engine import _EncodeBatches
 
-    actor = _EncodeBatches(dataclasses.replace(model_settings, fine_model=model_settings.model), max_pixels=10**7)
+    actor = _EncodeBatches(dataclasses.replace(model_settings, fine_model=model_settings.model), max_pixels=10**7,
+                           counter=None)
     side = actor.encoder.images.spec.output_size[0]
     batch = {"path": np.array([str(tmp_path / "gone.jpg")], dtype=object), "row": np.array(["{}"], dtype=object),
              "reason": np.array([""], dtype=object), "pixels": np.zeros((1, side, side, 3), dtype=np.uint8),
