@@ -463,6 +463,9 @@ def test_a_killed_ray_run_continues_where_it_stopped_with_nothing_lost_or_duplic
     assert f"1200 items: {1200 - done} embedded, {done} unchanged, 0 failed" in stdout
     assert_same_shards(out, local_out)
     assert not list(out.glob("*.tmp"))
+    # Nor a file of a shard the kill cut short: the rerun removed those (their run's name is never taken again).
+    complete = set(ShardSet(out).shard_names())
+    assert not [path.name for path in out.glob("shard-*") if path.name.partition(".")[0] not in complete]
 
 
 def test_a_node_lost_mid_run_the_job_completes_on_the_rest_with_nothing_lost_or_duplicated_and_stdout_the_summary(
