@@ -104,9 +104,8 @@ def search_endpoint():
                         fine_model=fine.encoder.signature if fine is not None else None,
                         no_fine_vector=no_fine_vector)
     more = end < settings.max_k and len(result.hits) > end
-    # Stages of the store, not of a model: no `model` label value. The time after the coarse stage is the
-    # fine stage's only where it ran: without it, it is the fetch of the page, which a rerank series would
-    # count as reranks that never happened.
+    # Stages of the store, not of a model: no `model` label value. A rerank is counted only where the fine
+    # stage ran: a series of zeros would count reranks that never happened.
     metrics.STAGE_SECONDS.labels("search", mode, "").observe(result.timings_s["coarse"])
     if result.reranked:
         metrics.STAGE_SECONDS.labels("rerank", mode, "").observe(result.timings_s["rerank"])
@@ -124,9 +123,10 @@ def search_endpoint():
         "offset": offset,
         "mode": mode, "fusion": options.fusion, "rerank": result.reranked, "store": state.store.name,
         "took_ms": {"encode": 1000 * (encoded - started), "coarse": 1000 * result.timings_s["coarse"],
-                    "rerank": 1000 * result.timings_s["rerank"]},
+                    "fetch": 1000 * result.timings_s["fetch"]},
     }
-    if result.reranked:
+    if result.reranked:  # a stage that did not run has no latency to show
+        body["took_ms"]["rerank"] = 1000 * result.timings_s["rerank"]
         body["fine_model"] = fine.encoder.signature.describe()
     if result.rerank_skipped:
         body["rerank_skipped"] = result.rerank_skipped

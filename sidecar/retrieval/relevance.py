@@ -33,9 +33,10 @@ from sidecar.types import Filters
 
 log = logging.getLogger(__name__)
 
-# Per query: encode (the query's vectors), coarse, rerank (the fine stage), search (coarse + rerank:
-# what the store and the ranking cost, without the model) and total.
-STAGES = ("encode", "coarse", "rerank", "search", "total")
+# Per query: encode (the query's vectors), coarse, fetch (reading the documents shown), rerank (the fine stage,
+# 0 where it did not run), search (coarse + fetch + rerank: what the store and the ranking cost, without the
+# model) and total.
+STAGES = ("encode", "coarse", "fetch", "rerank", "search", "total")
 DEFAULT_CUTOFF = 10
 FETCH_CHUNK = 1000  # judged documents looked up in the store per request
 # pytrec_eval keeps a counter for every grade up to the highest (1e8: 800 MB per configuration) and takes a C int
@@ -628,8 +629,8 @@ def _run_config(config: RunConfig, target: SearchTarget, queries: Sequence[Query
         # Scores by rank, so the library sees exactly our order (pytrec_eval breaks score ties by doc id).
         run.extend(ir_measures.ScoredDoc(keys.queries[query.id], keys.doc(hit.id), float(len(result.hits) - rank))
                    for rank, hit in enumerate(result.hits))
-        stages = {"encode": encode_s, "coarse": result.timings_s["coarse"], "rerank": result.timings_s["rerank"]}
-        stages["search"] = stages["coarse"] + stages["rerank"]
+        stages = {"encode": encode_s, **{stage: result.timings_s[stage] for stage in ("coarse", "fetch", "rerank")}}
+        stages["search"] = stages["coarse"] + stages["fetch"] + stages["rerank"]
         stages["total"] = stages["encode"] + stages["search"]
         for stage, seconds in stages.items():
             timings[stage].append(seconds)

@@ -121,7 +121,9 @@ class Hit:
 @dataclass(frozen=True, slots=True)
 class SearchResult:
     hits: list[Hit]
-    timings_s: dict[str, float]  # coarse, rerank
+    # coarse; rerank: the fine stage (reading the N candidates with their fine vectors, ranking them), 0 where it
+    # did not run; fetch: the rest (reading the documents shown where no fine stage ran, building the hits)
+    timings_s: dict[str, float]
     reranked: bool = False  # whether the fine stage ranked the hits
     rerank_skipped: str | None = None  # why a requested fine stage did not run
 
@@ -205,6 +207,7 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
                              weights=options.weights, model=fine_model, stored_model=store.fine_signature())
         except UnusableFineVectors as exc:
             skipped = str(exc)
+    ranked_at = time.perf_counter()
     final = fine.final if fine else coarse
     ranked = sorted(top, key=final.__getitem__, reverse=True)[:options.k]
     ranked += [doc_id for doc_id in past if doc_id in documents][:options.k - len(ranked)]
@@ -223,8 +226,10 @@ def search(store: Store, *, vector: np.ndarray | None, text: str | None, options
         hits.append(Hit(id=doc_id, score=fine.final[doc_id] if reranked else coarse[doc_id], text=doc.text,
                         metadata=dict(doc.metadata), scores={name: value for name, value in scores.items()
                                                              if value is not None}))
-    return SearchResult(hits=hits, timings_s={"coarse": coarse_done - started,
-                                              "rerank": time.perf_counter() - coarse_done},
+    # Where no fine stage ran, the time after the coarse stage is the reading of the page: not a rerank's.
+    rerank_s = ranked_at - coarse_done if fine is not None else 0.0
+    return SearchResult(hits=hits, timings_s={"coarse": coarse_done - started, "rerank": rerank_s,
+                                              "fetch": time.perf_counter() - coarse_done - rerank_s},
                         reranked=fine is not None, rerank_skipped=skipped)
 
 

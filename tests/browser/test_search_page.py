@@ -63,8 +63,9 @@ def test_a_typed_query_shows_thumbnails_and_the_top_result_is_that_concept(brows
     assert len(found) == 20
     assert found[0]["metadata"]["color"] == "red" and found[0]["metadata"]["shape"] == "circle"
     thumbnails_loaded(page)
-    for stage in ("encode", "coarse", "rerank", "round trip"):  # the latency breakdown
+    for stage in ("encode", "coarse", "fetch", "round trip"):  # the latency breakdown
         assert page.locator(f"#latency dd[data-stage='{stage}']").inner_text().endswith(" ms")
+    assert page.locator("#latency dd[data-stage='rerank']").count() == 0  # skipped: no rerank latency
     assert "Results 1–20 (mode hybrid, fusion minmax, no rerank)." in page.inner_text("#status")
     assert page.inner_text("#rerank-note").startswith("Rerank skipped: no fine model is configured")
     assert page.locator("#error").is_hidden()

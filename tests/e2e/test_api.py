@@ -230,7 +230,7 @@ def test_health_readiness_and_metrics(client, encoder):
     assert 'stage="forward"' in text and 'stage="queue_wait"' in text and 'stage="search"' in text
 
 
-def test_the_rerank_stage_is_timed_only_on_searches_the_fine_stage_ranked(app_settings, encoder, tmp_path):
+def test_the_rerank_stage_is_timed_and_shown_only_on_searches_the_fine_stage_ranked(app_settings, encoder, tmp_path):
     def timed(stage: str) -> float:
         return REGISTRY.get_sample_value("sidecar_stage_seconds_count", {"stage": stage, "modality": "hybrid",
                                                                           "model": ""}) or 0.0
@@ -249,6 +249,12 @@ def test_the_rerank_stage_is_timed_only_on_searches_the_fine_stage_ranked(app_se
             body = app.test_client().post("/v1/search", json={"text": "red circle"}).json
             assert body["rerank"] is reranked, body
             assert (timed("search") - searches, timed("rerank") - reranks) == (1, int(reranked))
+            # took_ms shows a rerank only where one ran: it showed the reading of the page as one (skipped,
+            # rerank off, mode bm25), where it now shows a fetch.
+            assert set(body["took_ms"]) == {"encode", "coarse", "fetch"} | ({"rerank"} if reranked else set())
+            for unranked in ({"rerank": False}, {"mode": "bm25"}):
+                body = app.test_client().post("/v1/search", json={"text": "red circle", **unranked}).json
+                assert body["rerank"] is False and set(body["took_ms"]) == {"encode", "coarse", "fetch"}, body
         finally:
             state_of(app).close()
 

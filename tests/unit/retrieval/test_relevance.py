@@ -74,7 +74,8 @@ def test_metrics_on_a_hand_made_qrels_file_are_the_librarys_and_the_hand_compute
     assert {str(m): pytest.approx(v) for m, v in library.items()} == result.metrics
     assert result.by_group["a"]["nDCG@10"] == pytest.approx(ndcg_q1)
     assert result.by_group["x"]["nDCG@10"] == pytest.approx(ndcg_q2)
-    assert set(result.latency_ms) == {"encode", "coarse", "rerank", "search", "total"}
+    assert set(result.latency_ms) == {"encode", "coarse", "fetch", "rerank", "search", "total"}
+    assert result.latency_ms["rerank"] == (0.0, 0.0)  # bm25 without the fine stage: no rerank, not its fetch
 
 
 def test_a_query_naming_a_group_as_its_category_and_a_tag_counts_once_in_its_size_and_its_mean(store, qrels_file):
