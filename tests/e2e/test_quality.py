@@ -583,3 +583,24 @@ def test_hard_examples_export_with_shards_naming_a_folder_of_no_shards_is_an_err
     assert result.exit_code == 1 and result.output.strip() == (
         f"Error: {corpus} holds no shards (no manifest.json): run `clip-sidecar embed` first")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_served_app_runs_one_thread_of_each_background_check_and_the_readme_names_both(build_app, tmp_path):
+    # A live worker showed two `hard-examples` threads and no `recall-checks`: the second was an OpenMP helper
+    # its search started (it takes its starter's name), and the recall checks start with the first sampled
+    # search. The README's list of a worker's threads named neither.
+    def running(name: str) -> int:
+        return sum(thread.name == name for thread in threading.enumerate())
+
+    names = ("recall-checks", "hard-examples")
+    before = {name: running(name) for name in names}
+    app = build_app(quality_log_dir=str(tmp_path / "quality"), monitor_fraction=1.0)
+    client = app.test_client()
+    for text in ("red circle", "blue square", "green star"):
+        assert client.post("/v1/search", json={"text": text, "k": 3}).status_code == 200
+    quality = state_of(app).quality
+    assert quality.recall_checks.wait_idle(60) and quality.hard_example_checks.wait_idle(60)
+    assert {name: running(name) - before[name] for name in names} == {name: 1 for name in names}
+    threads = (Path(__file__).resolve().parents[2] / "README.md").read_text().split("**Process and thread names**")[1]
+    threads = threads.split("\n- ")[0]
+    assert all(f"`{name}`" in threads for name in names), threads
