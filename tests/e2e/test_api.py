@@ -504,6 +504,42 @@ def test_a_filter_value_no_document_holds_in_a_held_field_is_no_error_but_no_hit
     assert response.status_code == 200 and response.json["hits"] == []
 
 
+def test_a_filter_none_of_whose_values_is_of_a_type_its_field_holds_answers_400_naming_it_as_opensearch_does(
+        build_app, encoder, tmp_path):
+    # The embedded store matches a value against stored values of its own JSON type: a word for a field of numbers
+    # matched nothing and answered 200 with no hits, where OpenSearch refuses it 400 naming `filters`.
+    metadata = {"n2020": {"year": 2020, "mixed": 1, "on_sale": True},
+                "n2021": {"year": 2021, "mixed": "one", "on_sale": False}}
+    vectors = encoder.encode_texts(list(metadata))
+    docs = [Document(id=doc_id, vector=vector, text=f"item {doc_id}", metadata=meta, content_hash=doc_id)
+            for (doc_id, meta), vector in zip(metadata.items(), vectors)]
+    store_path = tmp_path / "typed-fields"
+    cli_ok("index", str(write_shards(tmp_path / "shards", docs, encoder.signature)), "--store-path", str(store_path))
+    client = build_app(store_path=store_path, quality_log_dir=str(tmp_path / "quality")).test_client()
+    prefix = "field 'filters' does not fit the types of the stored metadata: "
+    for filters, held, asked in (({"year": "big"}, "numbers", "text"), ({"year": ["2020", True]}, "numbers",
+                                 "true or false and text"), ({"on_sale": 1}, "true or false", "numbers")):
+        message = (f"{prefix}metadata field {next(iter(filters))!r} holds {held}, its filter's values are {asked}: "
+                   "a filter matches stored values of its own JSON type only, so it can match no document")
+        for path, query in (("/v1/search", {"text": "item"}), ("/v1/search", {"text": "item", "mode": "bm25"}),
+                            ("/v1/search", {"text": "item", "mode": "vector"}), ("/v1/captions", {"like": "n2020"}),
+                            ("/v1/feedback", {"text": "item", "doc_id": "n2020"})):
+            response = client.post(path, json={**query, "filters": filters})
+            assert response.status_code == 400, (path, query, response.json)
+            assert response.json["error"] == {"code": "bad_request", "message": message}, (path, query)
+
+    def found(filters: dict) -> list[str]:
+        response = client.post("/v1/search", json={"text": "item", "k": 10, "filters": filters})
+        assert response.status_code == 200, response.json
+        return sorted(hit["id"] for hit in response.json["hits"])
+
+    # Filters that match today still do: a value of a type the field holds beside one it does not, a field
+    # holding numbers in one document and a word in another, and a value of the right type no document holds.
+    assert found({"year": ["big", 2020]}) == ["n2020"]
+    assert (found({"mixed": 1}), found({"mixed": "one"}), found({"mixed": "two"})) == (["n2020"], ["n2021"], [])
+    assert found({"year": 1999}) == [] and found({"on_sale": False}) == ["n2021"]
+
+
 def test_a_store_error_answers_502_with_the_stores_message_and_no_traceback(build_app, caplog):
     app = build_app()
     state_of(app).store.close()

@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from sidecar.errors import quoted
 from sidecar.sqlite_files import unreadable
 from sidecar.stores.base import (
     FacetCounts,
@@ -29,6 +30,7 @@ from sidecar.stores.base import (
     QueryModelMismatch,
     StoreDamaged,
     StoreError,
+    StoreQueryError,
     StoreReport,
 )
 from sidecar.stores.bm25 import Bm25Index, Bm25Snapshot, Bm25Writer, query_terms, text_hash
@@ -222,7 +224,8 @@ class VersionStore:
         self._sessions = 0
         self._sessions_lock = threading.Lock()
         self._local = threading.local()
-        self._facets: tuple[int, dict[str, FacetCounts]] | None = None  # (generation, every field's counts)
+        # (generation, every field's counts, the kinds of value each holds: `_FILTER_KINDS`' names)
+        self._facets: tuple[int, dict[str, FacetCounts], dict[str, frozenset[str]]] | None = None
         self._readers: list[sqlite3.Connection] = []
         self._refuse_lost_documents()
         self._writer = self._connect()
@@ -854,14 +857,22 @@ class VersionStore:
         return bytes(row[0]) if row and row[0] else None
 
     def facets(self, *, size: int = 20) -> dict[str, FacetCounts]:
-        """Counted once per committed generation (a scan of every document's metadata), then kept."""
         _require_positive_int("size", size)
         with self._read() as (conn, state):
-            cached = self._facets
-            if cached is None or cached[0] != state.generation:
-                counts = _count_metadata_values(conn)
-                cached = self._facets = (state.generation, counts)
-        return {name: counts.top(size) for name, counts in cached[1].items()}
+            counts, _ = self._metadata_values(conn, state)
+        return {name: field.top(size) for name, field in counts.items()}
+
+    def _metadata_values(self, conn: sqlite3.Connection,
+                         state: _State) -> tuple[dict[str, FacetCounts], dict[str, frozenset[str]]]:
+        """Every field's value counts and the kinds of value it holds: counted once per committed generation (a
+        scan of every document's metadata), then kept."""
+        cached = self._facets
+        if cached is None or cached[0] != state.generation:
+            counts = _count_metadata_values(conn)
+            kinds = {name: frozenset(_filter_kind(value) for value, _ in field.values)
+                     for name, field in counts.items()}
+            cached = self._facets = (state.generation, counts, kinds)
+        return cached[1], cached[2]
 
     def vector_search(
         self, vector: np.ndarray, k: int, *, filters: Filters | None = None, exact: bool = False,
@@ -875,7 +886,7 @@ class VersionStore:
                 return []
             query = _query_vector(vector, state.dim, state.signature)
             if filters:
-                candidates = self._filtered_rows(conn, filters)
+                candidates = self._filtered_rows(conn, state, filters)
                 if len(candidates) == 0:
                     return []
                 if exact or state.index is None or len(candidates) <= self.exact_filter_rows:
@@ -904,7 +915,7 @@ class VersionStore:
         with self._read() as (conn, state):
             if state.index is None:
                 return True
-            return bool(filters) and len(self._filtered_rows(conn, filters)) <= self.exact_filter_rows
+            return bool(filters) and len(self._filtered_rows(conn, state, filters)) <= self.exact_filter_rows
 
     def _ann(self, state: _State, query: np.ndarray, k: int, allowed: np.ndarray | None,
              ef_search: int | None = None) -> list[tuple[int, float]]:
@@ -932,7 +943,7 @@ class VersionStore:
         with self._read() as (conn, state):
             rows = None
             if filters or wanted is not None:
-                rows = self._filtered_rows(conn, filters or {}, ids=wanted)
+                rows = self._filtered_rows(conn, state, filters or {}, ids=wanted)
                 if len(rows) == 0:
                     return []
             return self._scored(conn, state.bm25.search(terms, k, live=state.live, rows=rows))
@@ -941,23 +952,43 @@ class VersionStore:
         wanted = _validate_ids(ids)
         if not wanted:
             return []
-        with self._read() as (conn, _state):
-            rows = self._filtered_rows(conn, filters, ids=wanted)
+        with self._read() as (conn, state):
+            rows = self._filtered_rows(conn, state, filters, ids=wanted)
             return [hit.id for hit in self._scored(conn, [(int(row), 0.0) for row in rows])]
 
-    def _filtered_rows(self, conn: sqlite3.Connection, filters: Filters, *,
+    def _filtered_rows(self, conn: sqlite3.Connection, state: _State, filters: Filters, *,
                        ids: Sequence[str] | None = None) -> np.ndarray:
-        """Live rows matching `filters` (and among `ids`, where given), sorted."""
+        """Live rows matching `filters` (and among `ids`, where given), sorted. None matching, a filter that
+        could match none is refused (`_refuse_unmatchable_filters`)."""
         where, params = _filter_sql(filters)
         sql = f"SELECT d.row FROM docs d WHERE d.deleted = 0{where}"
         if ids is None:
             cursor = conn.execute(sql + " ORDER BY d.row", params)
-            return np.fromiter((r for (r,) in cursor), dtype=np.int64)
-        rows: list[int] = []
-        for batch in _batched(list(dict.fromkeys(ids)), _SQL_BATCH):
-            rows.extend(r for (r,) in conn.execute(f"{sql} AND d.id IN ({','.join('?' * len(batch))})",
-                                                   [*params, *batch]))
-        return np.asarray(sorted(rows), dtype=np.int64)
+            found = np.fromiter((r for (r,) in cursor), dtype=np.int64)
+        else:
+            rows: list[int] = []
+            for batch in _batched(list(dict.fromkeys(ids)), _SQL_BATCH):
+                rows.extend(r for (r,) in conn.execute(f"{sql} AND d.id IN ({','.join('?' * len(batch))})",
+                                                       [*params, *batch]))
+            found = np.asarray(sorted(rows), dtype=np.int64)
+        if not len(found) and filters:
+            self._refuse_unmatchable_filters(conn, state, filters)
+        return found
+
+    def _refuse_unmatchable_filters(self, conn: sqlite3.Connection, state: _State, filters: Filters) -> None:
+        """Raise StoreQueryError where a filter has no value of a kind its field holds (a word for a field of
+        numbers): it can match no document, and OpenSearch refuses such a query (400 naming `filters` in the API)
+        where an empty answer would read as "nothing matched". A field holding several kinds (numbers in some
+        documents, words in others) takes a value of any of them; a field no document holds is left to
+        `check_filter_fields`, which names the fields held. Asked only of an empty answer: one that found
+        anything matched every field, so each had a value of a kind its field holds."""
+        _, held = self._metadata_values(conn, state)
+        for name, value in filters.items():
+            wanted = {_filter_kind(item) for item in _filter_values(name, value)}
+            if name in held and not wanted & held[name]:
+                raise StoreQueryError(f"metadata field {quoted(name)} holds {_kinds_named(held[name])}, its filter's "
+                                      f"values are {_kinds_named(wanted)}: a filter matches stored values of its own "
+                                      "JSON type only, so it can match no document")
 
     def _scored(self, conn: sqlite3.Connection, hits: list[tuple[int, float]]) -> list[ScoredId]:
         if not hits:
@@ -1261,20 +1292,13 @@ def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
     for field, value in filters.items():
         if not isinstance(field, str) or not field:
             raise ValueError(f"filter field must be a non-empty string, got {field!r}")
-        values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
-        # numpy scalars (np.int64 from a DataFrame, say) become Python values SQLite can bind.
-        values = [item.item() if isinstance(item, np.generic) else item for item in values]
-        if not values:
-            raise ValueError(f"filter {field!r} has an empty list of values")
-        for item in values:
-            if not isinstance(item, (str, int, float)) or (isinstance(item, float) and not math.isfinite(item)):
-                raise ValueError(f"filter {field!r}: values must be strings, numbers or booleans, got {item!r}")
+        values = _filter_values(field, value)
         # The field is found by json_each's key, the name as decoded, bound as a parameter: a JSON path
         # ($."name") compares the name as escaped in the JSON text, so a backslash in it matched nothing.
         # The members' own walk (`json_each(j.value)`) runs on arrays only: on an object it would match its
         # members' values. SQLite reads JSON true as 1: the JSON type keeps a boolean from matching a number.
         scalar, element = [], []
-        for types, kind in _FILTER_TYPES:
+        for _, types, kind in _FILTER_TYPES:
             same = [item for item in values if kind(item)]
             if same:
                 marks = ",".join("?" * len(same))
@@ -1290,10 +1314,34 @@ def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
     return "".join(clauses), params
 
 
-# A filter value's JSON types: what it may match in a document's metadata.
-_FILTER_TYPES = (("('true', 'false')", lambda item: isinstance(item, bool)),
-                 ("('integer', 'real')", lambda item: isinstance(item, (int, float)) and not isinstance(item, bool)),
-                 ("('text')", lambda item: isinstance(item, str)))
+def _filter_values(field: str, value: Any) -> list[Any]:
+    """One filter's values (a value or a list of them) as SQLite binds them, each a string, number or boolean."""
+    values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+    # numpy scalars (np.int64 from a DataFrame, say) become Python values SQLite can bind.
+    values = [item.item() if isinstance(item, np.generic) else item for item in values]
+    if not values:
+        raise ValueError(f"filter {field!r} has an empty list of values")
+    for item in values:
+        if not isinstance(item, (str, int, float)) or (isinstance(item, float) and not math.isfinite(item)):
+            raise ValueError(f"filter {field!r}: values must be strings, numbers or booleans, got {item!r}")
+    return values
+
+
+# A filter value's kind, named, with the JSON types it may match in a document's metadata: a stored value's kind
+# is the one whose JSON types it has.
+_FILTER_TYPES = (("true or false", "('true', 'false')", lambda item: isinstance(item, bool)),
+                 ("numbers", "('integer', 'real')",
+                  lambda item: isinstance(item, (int, float)) and not isinstance(item, bool)),
+                 ("text", "('text')", lambda item: isinstance(item, str)))
+
+
+def _filter_kind(value: Any) -> str:
+    """The name of the kind of a filter value, or of a stored value as facets count it."""
+    return next(name for name, _, is_kind in _FILTER_TYPES if is_kind(value))
+
+
+def _kinds_named(kinds: frozenset[str] | set[str]) -> str:
+    return " and ".join(name for name, _, _ in _FILTER_TYPES if name in kinds)
 
 
 def _hnsw_rows(meta: dict[str, str]) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from sidecar.stores import bm25
-from sidecar.stores.base import ModelMismatchError, QueryModelMismatch, StoreDamaged, StoreError
+from sidecar.stores.base import ModelMismatchError, QueryModelMismatch, StoreDamaged, StoreError, StoreQueryError
 from sidecar.stores.bm25 import Bm25Index, query_terms
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import NO_VECTOR, Document, ModelSignature
@@ -1050,7 +1050,9 @@ def test_filtered_ids_are_the_given_documents_a_search_under_the_filters_matches
     matching = {hit.id for hit in store.vector_search(docs[0].vector, 12, filters=filters, exact=True)}
     asked = [f"doc{i}" for i in range(12)] + ["unknown"]
     assert sorted(store.filtered_ids(asked, filters)) == sorted(matching) and matching
-    assert store.filtered_ids(["doc1"], {"shard": "1"}) == []  # a value of another type than the stored one's
+    # A value of another type than any the field holds can match no document: refused, as OpenSearch refuses it.
+    with pytest.raises(StoreQueryError, match="^metadata field 'shard' holds numbers, its filter's values are text"):
+        store.filtered_ids(["doc1"], {"shard": "1"})
     assert store.filtered_ids([], filters) == []
 
 
