@@ -101,9 +101,9 @@ def embed_corpus(encoder: Encoder, source: Path, out: Path, *, batch_size: int =
     by that (stronger) model beside the model's, for the fine-ranking stage. `thumbnail_side`: the
     longer side of each image's thumbnail (0: none; None: what `out` records, else THUMBNAIL_SIDE); shards
     written without thumbnails get theirs in this run. `decode` "split": JPEGs decoded by both at once, the
-    workers taking the share that keeps pace with the device (`DecodeSplit`); `jpeg_decoder` (one of JPEG_DECODERS) decodes the
-    device's share. With `tagger`, the metadata of every document gets its prompt-set tags; without
-    one, the shards hold no tags."""
+    workers taking the share that keeps pace with the device (`DecodeSplit`); `jpeg_decoder` (one of
+    JPEG_DECODERS) decodes the device's share. With `tagger`, the metadata of every document gets its
+    prompt-set tags; without one, the shards hold no tags."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
     on_device = decode in ("device", "split") or (decode == "auto" and encoder.device.type == "cuda")
