@@ -127,12 +127,13 @@ class _Starting(_Cluster):
 def test_the_connect_check_waits_out_a_just_started_node_reading_its_key_and_refuses_anything_else_at_once():
     starting = _Starting("OpenSearch could not call the sidecar at http://s:8080 through model m (text-image): "
                          "500 Fetching master key timed out.")
-    starting.check_models({"text-image": "m"}, signature=SIGNATURE, sidecar_url="http://s:8080")
+    options = ConnectOptions(sidecar_url="http://s:8080")
+    starting.check_models({"text-image": "m"}, signature=SIGNATURE, options=options)
     assert starting.calls == 2
     refused = _Starting("OpenSearch could not call the sidecar at http://s:8080 through model m (text-image): "
                         "500 Connection refused")
     with pytest.raises(StoreError, match="Connection refused"):
-        refused.check_models({"text-image": "m"}, signature=SIGNATURE, sidecar_url="http://s:8080")
+        refused.check_models({"text-image": "m"}, signature=SIGNATURE, options=options)
     assert refused.calls == 1
 
 
