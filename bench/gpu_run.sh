@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures for bench/RESULTS.md, in one run on one GPU (the default steps' limits add up to 8 minutes):
+# The GPU figures for bench/RESULTS.md, in one run on one GPU (the default steps took 7.3 minutes on an H200 on
+# 2026-12-04; their time limits, each step's ceiling, add up to 9.2):
 # CUDA-graph equivalence tests, the text tower eager vs graphed, serving texts (ViT-B-32, random
 # weights, 8 workers or SERVE_WORKERS; the floor variant beside batched and pinned workers, so CPU per request
 # outside the forward is compared with the floor in the same run; SERVE_VARIANTS adds unbatched
@@ -43,10 +44,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $py -c "import torch, open_clip, platform; print('torch', torch.__version__, 'open_clip', open_clip.__version__,
   'python', platform.python_version())" | tee -a "$out/device.txt"
 step tests 50 $py -m pytest -q -p no:cacheprovider -W default tests/gpu
-step text_tower 35 $py bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,256,1024 --seconds 0.7
+step text_tower 60 $py bench/text_tower.py --model ViT-B-32 --sizes 1,8,64,256,1024 --seconds 0.7
 step serve 175 $py bench/serve_load.py --model ViT-B-32 --requests 3000 --concurrency 1,16,64 \
   --workers "$serve_workers" --client-processes 6 --threads 32 --variants "$variants"
-step serve_images 40 $py bench/serve_load.py --model ViT-B-32 --modality image --image-side 256 \
+step serve_images 75 $py bench/serve_load.py --model ViT-B-32 --modality image --image-side 256 \
   --requests 2000 --concurrency 16,64 --workers "$serve_workers" --client-processes 6 --threads 32 --variants batched
 step embed_b32 120 $py bench/embed_throughput.py --model ViT-B-32 --images 30000 --image-side 320 \
   --batch-size 1024 --workers "$decoders" --decode cpu,device,split --jpeg-decoder torchvision,nvimagecodec \

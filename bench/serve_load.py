@@ -151,8 +151,14 @@ def _ready_pid(port: int) -> int | None:
 
 
 def stop_server(process: subprocess.Popen) -> None:
+    """End the server's whole process group, killed where gunicorn's graceful stop has not ended it in
+    30 s (workers still loading a model ignore SIGTERM): its store folder is removed next, under it."""
     os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=30)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 class Connection:
