@@ -24,6 +24,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -147,6 +148,7 @@ def main() -> None:
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="bench-native-"))
+    print(f"work folder (removed after a run that succeeds): {folder}", file=sys.stderr)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     client = OpenSearch(hosts=[args.opensearch], timeout=300)
     base = f"bench-native-{uuid.uuid4().hex[:6]}"
@@ -262,6 +264,7 @@ def main() -> None:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             client.indices.delete(index=f"{alias}-v*", ignore_unavailable=True)
         client.close()
+    shutil.rmtree(folder)  # kept where the run failed: the sidecar's log is in it
     print(json.dumps(results, indent=2))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
