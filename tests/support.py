@@ -28,6 +28,12 @@ from sidecar.retrieval.search import SearchOptions, search
 from sidecar.types import Document, ModelSignature
 
 
+def shard_rows(n: int) -> list[ShardRow]:
+    """`n` shard rows d0, d1, ... of distinct images, for shard tests that write their own vectors."""
+    return [ShardRow(id=f"d{i}", path=f"{i}.jpg", text="t", metadata={}, content_hash=f"h{i}", image_hash=f"i{i}")
+            for i in range(n)]
+
+
 def write_shards(out: Path, docs: Sequence[Document], signature: ModelSignature) -> Path:
     """Shards of `signature` holding `docs` as they are (vectors, text, metadata, hashes), as `embed` writes them."""
     shards = ShardSet(out)

@@ -11,25 +11,21 @@ from PIL import Image
 from sidecar.ingest.decode_pool import READ_FAILED
 from sidecar.ingest.embed import embed_corpus, fine_vectors
 from sidecar.ingest.indexing import index_shards
-from sidecar.ingest.shards import ShardError, ShardRow, ShardSet
+from sidecar.ingest.shards import ShardError, ShardSet
 from sidecar.stores.base import ModelMismatchError
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import ModelSignature
+from tests.support import shard_rows
 
 FAST = ModelSignature(model="fast", weights="w", dim=2)
 FINE = ModelSignature(model="fine", weights="w", dim=3)
-
-
-def rows(n: int) -> list[ShardRow]:
-    return [ShardRow(id=f"d{i}", path=f"{i}.jpg", text="t", metadata={}, content_hash=f"h{i}", image_hash=f"i{i}")
-            for i in range(n)]
 
 
 def test_shards_keep_fine_vectors_row_for_row_and_refuse_a_mismatch(tmp_path):
     shards = ShardSet(tmp_path)
     shards.start(FAST, preprocessing={}, fine_signature=FINE)
     fine = np.arange(6, dtype=np.float32).reshape(2, 3)
-    shards.write_shard(np.ones((2, 2), dtype=np.float32), rows(2), fine)
+    shards.write_shard(np.ones((2, 2), dtype=np.float32), shard_rows(2), fine)
     reopened = ShardSet(tmp_path)
     assert reopened.fine_signature == FINE
     docs = next(reopened.documents())
@@ -37,7 +33,7 @@ def test_shards_keep_fine_vectors_row_for_row_and_refuse_a_mismatch(tmp_path):
     # The store records the fine model in each document's hash: adding one rewrites every document.
     assert docs[0].content_hash.startswith("h0+fine:")
     with pytest.raises(ShardError, match="one fine vector per row"):
-        reopened.write_shard(np.ones((2, 2), dtype=np.float32), rows(2))
+        reopened.write_shard(np.ones((2, 2), dtype=np.float32), shard_rows(2))
     with pytest.raises(ShardError, match="holds shards with fine .* not no fine model"):
         ShardSet(tmp_path).start(FAST, preprocessing={})
 
@@ -45,7 +41,7 @@ def test_shards_keep_fine_vectors_row_for_row_and_refuse_a_mismatch(tmp_path):
 def fine_shards(out, fine: ModelSignature, *, n: int = 2) -> None:
     shards = ShardSet(out)
     shards.start(FAST, preprocessing={}, fine_signature=fine)
-    shards.write_shard(np.ones((n, 2), dtype=np.float32), rows(n), np.ones((n, fine.dim), dtype=np.float32))
+    shards.write_shard(np.ones((n, 2), dtype=np.float32), shard_rows(n), np.ones((n, fine.dim), dtype=np.float32))
 
 
 def test_index_records_the_shards_fine_model_and_refuses_shards_of_another_one_of_the_same_size(tmp_path):

@@ -13,22 +13,18 @@ from PIL import Image
 
 from sidecar.ingest.embed import embed_corpus
 from sidecar.ingest.indexing import index_shards
-from sidecar.ingest.shards import ShardError, ShardRow, ShardSet
+from sidecar.ingest.shards import ShardError, ShardSet
 from sidecar.stores.embedded import EmbeddedStore
 from sidecar.types import ModelSignature
+from tests.support import shard_rows
 
 SIG = ModelSignature(model="fast", weights="w", dim=2)
-
-
-def rows(n: int) -> list[ShardRow]:
-    return [ShardRow(id=f"d{i}", path=f"{i}.jpg", text="t", metadata={}, content_hash=f"h{i}", image_hash=f"i{i}")
-            for i in range(n)]
 
 
 def test_shards_keep_one_thumbnail_per_row_and_refuse_another_size(tmp_path):
     shards = ShardSet(tmp_path)
     shards.start(SIG, preprocessing={}, thumbnail_side=64)
-    shards.write_shard(np.ones((3, 2), dtype=np.float32), rows(3), thumbnails=[b"jpeg-0", b"", b"jpeg-2"])
+    shards.write_shard(np.ones((3, 2), dtype=np.float32), shard_rows(3), thumbnails=[b"jpeg-0", b"", b"jpeg-2"])
     reopened = ShardSet(tmp_path)
     assert reopened.thumbnail_side == 64
     docs = next(reopened.documents())
@@ -36,7 +32,7 @@ def test_shards_keep_one_thumbnail_per_row_and_refuse_another_size(tmp_path):
     # The store records the thumbnail size in each document's hash: adding thumbnails rewrites every document.
     assert docs[0].content_hash == "h0+thumbs:64"
     with pytest.raises(ShardError, match="one thumbnail per row"):
-        reopened.write_shard(np.ones((2, 2), dtype=np.float32), rows(2))
+        reopened.write_shard(np.ones((2, 2), dtype=np.float32), shard_rows(2))
     with pytest.raises(ShardError, match="holds thumbnails of 64 px, not 128; pass --thumbnail-size 64"):
         ShardSet(tmp_path).start(SIG, preprocessing={}, thumbnail_side=128)
 
@@ -44,7 +40,7 @@ def test_shards_keep_one_thumbnail_per_row_and_refuse_another_size(tmp_path):
 def test_a_shard_still_waiting_for_its_thumbnails_is_not_indexed_without_them(tmp_path):
     shards = ShardSet(tmp_path)
     shards.start(SIG, preprocessing={})
-    shards.write_shard(np.ones((2, 2), dtype=np.float32), rows(2))
+    shards.write_shard(np.ones((2, 2), dtype=np.float32), shard_rows(2))
     later = ShardSet(tmp_path)
     later.start(SIG, preprocessing={}, thumbnail_side=32)  # shards without thumbnails take a size
     assert later.shards_without_thumbnails() == ["shard-00000"]
