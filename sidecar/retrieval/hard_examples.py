@@ -452,7 +452,8 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
       them; a logged query image is written to `images/`; filters: the feedback's, else those of
       the logged search its query_id names, itself or by a repeat line); a document's grade is its
       latest judgment, else its highest click (a click's relevance: 1 unless it carried its own). The
-      same text under other filters is another query, in another case or spacing the same one;
+      same text under other filters, or searched with another image (or none), is another query, in another
+      case or spacing the same one; feedback on a search with an image, named by its query_id, judges that query;
     - `to_judge.jsonl`: hard queries without feedback, the most searched first (`searches`: their
       records and repeat lines), with their filters, the hits they were shown and a query image's file
       in `images/`;
@@ -470,7 +471,7 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
     by_query_id: dict[str, str] = {}
     searches: dict[str, int] = {}  # query key -> its records and repeats
     for record in _server_records(Path(log_dir), HARD_EXAMPLES_FILE, summary):
-        key = _query_key(record.get("text"), record["query_id"], record.get("filters"))
+        key = _query_key(record.get("text"), record["query_id"], record.get("filters"), image=record.get("image"))
         hard[key] = record
         searches[key] = searches.get(key, 0) + 1
         by_query_id[record["query_id"]] = key
@@ -487,9 +488,13 @@ def export_examples(log_dir: Path, out: Path, *, image_paths: Mapping[str, str] 
         named = hard.get(by_query_id.get(query_id or ""), {})  # the logged search its query_id names, if any
         # The documents the user could see: the feedback's filters, else those of the logged search it names.
         filters = record.get("filters") or named.get("filters")
+        # The logged search's image, where the feedback's text is that search's too (or it gives none): feedback
+        # cannot carry the image, and the same text searched with another image, or none, is another query.
+        image = named.get("image") if not text or named.get("text") and \
+            normalised_text(named["text"]) == normalised_text(text) else None
         # A query_id alone names the logged search's text: under the feedback's own filters, another query.
         text = text or named.get("text")
-        key = _query_key(text, None, filters) if text else by_query_id.get(query_id or "")
+        key = _query_key(text, None, filters, image=image) if text else by_query_id.get(query_id or "")
         if key is None or not doc_id:
             _count(summary.skipped, "feedback without query text whose query_id names no logged query")
             continue
@@ -591,14 +596,16 @@ def _server_records(log_dir: Path, name: str, summary: ExportSummary) -> Iterato
                                     "type: another program's record, or one edited by hand)")
 
 
-def _query_key(text: str | None, query_id: str | None, filters: Filters | None) -> str:
-    """One id per query: its normalised text's and filters' (the same words in any case or spacing searched
-    twice under the same filters are one query; under other filters, they judge other documents), else its
-    query_id."""
+def _query_key(text: str | None, query_id: str | None, filters: Filters | None, *, image: bytes | None = None) -> str:
+    """One id per query: its normalised text's, filters' and image's (the same words in any case or spacing searched
+    twice under the same filters and with the same image, or none, are one query; under other filters they judge
+    other documents, with another image they ask for others: `repeat_key` logs each apart), else its query_id."""
     if text:
         words = normalised_text(text)
         if filters:  # an unfiltered query keeps the id it had before filters were part of it
             words += "\0" + json.dumps(filters, sort_keys=True, ensure_ascii=False)
+        if image:  # a text-only query keeps the id it had before images were part of it
+            words += "\0image:" + hashlib.sha1(image).hexdigest()
         return "q-" + hashlib.sha1(words.encode("utf-8")).hexdigest()[:12]
     return f"q-{query_id}"
 

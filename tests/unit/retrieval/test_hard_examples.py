@@ -181,6 +181,33 @@ def test_a_like_search_with_neither_text_nor_image_is_not_logged_and_an_image_qu
     assert row["text"] is None and (tmp_path / "out" / row["image"]).read_bytes() == image
 
 
+def test_one_text_searched_with_two_images_and_alone_exports_three_queries_and_feedback_keeps_its_searchs_image(
+        tmp_path: Path):
+    red, blue = (base64.b64decode(png_b64(colour)) for colour in ((255, 0, 0), (0, 0, 255)))
+    checks = BackgroundChecks(capacity=10)
+    with EmbeddedStore(tmp_path / "store") as store:
+        log = HardExampleLog(store, folder=tmp_path / "log", checks=checks, fraction=1.0, rules=HardExampleRules(),
+                             images=True, max_bytes=10**6, backups=1, repeat_seconds=3600)
+        for query_id, query_image in (("with-red", red), ("with-blue", blue), ("alone", None)):  # all found nothing
+            log.offer(SearchedQuery(query_id=query_id, text="shoes like this", image=query_image, mode="vector", k=3,
+                                    filters=None, vector=np.ones(4, dtype=np.float32) / 2, hits=[]))
+        assert checks.wait_idle(30)
+        checks.close()
+        log.close()
+    assert len(list(read_jsonl_log(tmp_path / "log" / HARD_EXAMPLES_FILE))) == 3  # three queries to the log
+    feedback = JsonlLog(tmp_path / "log" / FEEDBACK_FILE, max_bytes=10**6, backups=1)
+    feedback.write(feedback_record(query_id="with-red", text="shoes like this", doc_id="sku-1", relevance=3,
+                                   kind="judgment"))
+    feedback.close()
+    summary = export_examples(tmp_path / "log", tmp_path / "out")
+    assert summary.queries == 1 and summary.to_judge == 2, summary.describe()
+    (judged,) = map(json.loads, (tmp_path / "out" / "queries.jsonl").read_text().splitlines())
+    assert (tmp_path / "out" / judged["image"]).read_bytes() == red  # the image the judged search was made with
+    to_judge = [json.loads(line) for line in (tmp_path / "out" / "to_judge.jsonl").read_text().splitlines()]
+    assert sorted((tmp_path / "out" / row["image"]).read_bytes() if row.get("image") else b"" for row in to_judge) \
+        == sorted([blue, b""])
+
+
 def searched(query_id: str, text: str, *, filters=None, model: str = "m") -> SearchedQuery:
     """A search that found nothing (no_result: hard on any store)."""
     return SearchedQuery(query_id=query_id, text=text, image=None, mode="vector", k=3, filters=filters,
