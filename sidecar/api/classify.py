@@ -64,7 +64,8 @@ def classify():
                            settings=settings)
     encoder = state.encoding.encoder
     label_vectors = state.prompt_sets.vectors(prompt_set, model=encoder.name, weights=encoder.weights,
-                                              encode=state.encoding.encode_prompt_texts)
+                                              encode=state.encoding.encode_prompt_texts,
+                                              wait_s=settings.request_timeout_s)
     vectors = np.zeros((len(items), encoder.dim), dtype=np.float32)
     truncated: list[int] = []
     if texts:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from sidecar.errors import UserFixable, not_utf8
+from sidecar.errors import EncodeTimeout, UserFixable, not_utf8
 
 if TYPE_CHECKING:  # the encoder module loads torch
     from sidecar.model.encoder import PreparedTexts
@@ -532,9 +532,12 @@ class PromptSetRegistry:
         return out
 
     # ---- vectors ----
-    def vectors(self, prompt_set: PromptSet, *, model: str, weights: str, encode: EncodeTexts) -> np.ndarray:
+    def vectors(self, prompt_set: PromptSet, *, model: str, weights: str, encode: EncodeTexts,
+                wait_s: float | None = None) -> np.ndarray:
         """The set's label vectors by this model and weights: from memory, else from disk, else
-        computed by `encode` (once: concurrent callers wait for the first) and written to disk."""
+        computed by `encode` (once: concurrent callers wait for the first) and written to disk.
+        `wait_s`: how long a caller waits for another's computation (None: as long as it takes), then
+        EncodeTimeout — a request's limit; the computation goes on, and a later call finds its vectors."""
         key = prompt_set.vector_key(model=model, weights=weights)
         slot = (prompt_set.name, _model_file(model, weights))
         with self._lock:
@@ -542,7 +545,11 @@ class PromptSetRegistry:
             if cached is not None and cached[0] == key:
                 return cached[1]
             computing = self._computing.setdefault(slot, threading.Lock())
-        with computing:
+        if not computing.acquire(timeout=-1 if wait_s is None else wait_s):
+            raise EncodeTimeout(f"prompt set {prompt_set.name!r}: its {prompt_set.prompt_count} prompts are being "
+                                f"embedded for its first use, for longer than request_timeout_s={wait_s}; try again "
+                                "shortly (`clip-sidecar prompts add` embeds a set before it is used)")
+        try:
             with self._lock:
                 cached = self._vectors.get(slot)
             if cached is not None and cached[0] == key:
@@ -561,6 +568,8 @@ class PromptSetRegistry:
             with self._lock:
                 self._vectors[slot] = (key, vectors)
             return vectors
+        finally:
+            computing.release()
 
     def cached_vectors(self, prompt_set: PromptSet, *, model: str, weights: str) -> bool:
         """Whether the set's current vectors by this model are on disk (nothing to compute)."""

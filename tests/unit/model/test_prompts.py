@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sidecar.errors import EncodeTimeout
 from sidecar.model.prompts import (
     PromptSet,
     PromptSetError,
@@ -249,6 +250,28 @@ def test_concurrent_first_uses_compute_the_vectors_once(tmp_path):
     for thread in threads:
         thread.join()
     assert len(encode.texts) == shapes.prompt_count
+
+
+def test_a_caller_waiting_on_anothers_first_computation_gives_up_at_its_limit_and_then_finds_the_vectors(tmp_path):
+    registry = PromptSetRegistry(tmp_path)
+    shapes = load_prompt_set(EXAMPLES / "shapes.yaml")
+    registry.add(shapes)
+    started, release, encode = threading.Event(), threading.Event(), CountingEncoder()
+
+    def slow(texts: list[str]) -> np.ndarray:  # a large set embedded for its first request
+        started.set()
+        release.wait()
+        return encode(texts)
+
+    first = threading.Thread(target=registry.vectors, args=(shapes,), kwargs=dict(model="m", weights="w", encode=slow))
+    first.start()
+    assert started.wait(timeout=60)
+    with pytest.raises(EncodeTimeout, match="'shapes': its .* prompts are being embedded .* request_timeout_s=0.05"):
+        registry.vectors(shapes, model="m", weights="w", encode=encode, wait_s=0.05)
+    release.set()
+    first.join()
+    assert registry.vectors(shapes, model="m", weights="w", encode=encode, wait_s=0.05).shape[0] == len(shapes.labels)
+    assert len(encode.texts) == shapes.prompt_count  # computed once, by the first caller
 
 
 def test_add_reports_an_identical_set_as_unchanged_and_remove_deletes_its_vectors(tmp_path):
