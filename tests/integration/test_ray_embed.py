@@ -6,6 +6,7 @@ driver's rerun and a node lost mid-run lose and duplicate nothing."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from tqdm import tqdm
 
 from sidecar.config import THUMBNAIL_SIDE, TINY_MODEL, Settings
 from sidecar.ingest.embed import embed_corpus
@@ -330,18 +332,49 @@ def test_quiet_prints_the_summary_alone_the_default_the_jobs_own_records_and_ver
     assert any(name.startswith("ray._private.") for name in verbose), verbose
 
 
-def test_the_bar_advances_as_the_actors_embed_batches_not_a_whole_shard_at_a_time(ray_cluster, tmp_path):
-    """Before, the bar moved when a writer task returned its shard (4,096 images by default, minutes apart on CPUs):
-    a corpus under one shard went from 0 to 100% at the end."""
+def test_the_cli_draws_the_ray_jobs_bar_from_0_to_every_image(ray_cluster, tmp_path):
+    """Which counts it shows between depends on when the driver polls (`_bar_following`); that it moves per batch is
+    the next test's."""
     _, address = ray_cluster
-    manifest = write_corpus(tmp_path / "corpus", 64, seed=50)
+    manifest = write_corpus(tmp_path / "corpus", 16, seed=50)
     process = ray_embed(address, manifest, tmp_path / "shards", "--batch-size", "2", verbosity=())
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
-    assert stdout.startswith("64 items: 64 embedded") and "1 new shards" in stdout
-    counts = [int(count) for count in re.findall(r"embed \(ray\): *\d+%\|[^|]*\| *(\d+)/64", stderr)]
-    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 64, counts
-    assert any(0 < count < 64 for count in counts), counts
+    assert stdout.startswith("16 items: 16 embedded") and "1 new shards" in stdout
+    counts = [int(count) for count in re.findall(r"embed \(ray\): *\d+%\|[^|]*\| *(\d+)/16", stderr)]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 16, counts
+
+
+def test_the_bar_moves_to_each_count_the_encoder_actors_send_per_batch_and_a_batch_run_again_counts_once(
+        ray_cluster, model_settings: Settings):
+    """Before, the bar moved when a writer task returned its shard (4,096 images by default, minutes apart on CPUs):
+    a corpus under one shard went from 0 to 100% at the end. The encoder (`_EncodeBatches`, as an actor runs it) is
+    given one batch at a time here, the next only once the bar shows the last: a whole job's batches can all end
+    between two of the driver's polls, and then no run shows a count between 0 and the total."""
+    from sidecar.ingest.ray_engine import _bar_following, _connect, _embedded_counter, _EncodeBatches
+
+    _, address = ray_cluster
+    ray = _connect(address, verbose=False)
+    try:
+        counter = _embedded_counter(ray)
+        encode = _EncodeBatches(model_settings, max_pixels=10**7, counter=counter)
+        side = encode.encoder.images.spec.output_size[0]
+
+        def batch(first: int) -> dict[str, np.ndarray]:
+            ids = [f"item-{first}", f"item-{first + 1}"]
+            return {"path": np.array([f"/{i}.jpg" for i in ids], dtype=object),
+                    "row": np.array([json.dumps({"id": i}) for i in ids], dtype=object),
+                    "reason": np.array(["", ""], dtype=object), "pixels": np.zeros((2, side, side, 3), dtype=np.uint8),
+                    "thumbnail": np.array([b"", b""], dtype=object), "decode_s": np.zeros(2)}
+
+        with tqdm(total=6, file=io.StringIO()) as bar, _bar_following(ray, counter, bar):
+            for done in (2, 4, 6):
+                encode(batch(done - 2))
+                wait_for(lambda done=done: bar.n == done, what=f"the bar at {done}", timeout=60)
+            encode(batch(0))  # Ray runs a batch again where its actor was lost
+            assert ray.get(counter.count.remote()) == 6  # after the add: one caller's calls run in order
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.parametrize(("flags", "refusal"), [
