@@ -260,7 +260,10 @@ def _try_changes_first(cluster: "_Cluster", names: Names, connectors: dict[str, 
     fail. A change that cannot work (a sidecar URL the cluster cannot reach, a key it refuses, another model) so
     fails before anything in place is touched: the connection that works stays, and ingest through the index's
     default pipeline goes on. (OpenSearch never shows a connector's credential, so one changed in place could
-    not be put back.) A first run has nothing to keep and makes its objects directly."""
+    not be put back.) A first run has nothing to keep and makes its objects directly. Probes a run killed while it tried
+    its change left are removed first, also by a run that changes nothing (no part of the connection: no change)."""
+    for line in cluster.remove_models(*(names.probe(role) for role in names.roles)):
+        log.info("%s: a probe left by a connect that was interrupted", line)
     found = {role: cluster.find("connectors", body["name"]) for role, body in connectors.items()}
     if not any(found.values()):
         return

@@ -4,6 +4,9 @@ retries), `connect` refusing a sidecar that does not fit the index, and a sideca
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import uuid
 from typing import Iterator
 
@@ -274,6 +277,35 @@ def test_a_rerun_whose_change_cannot_work_fails_on_its_probes_and_keeps_the_conn
             # The kept connection still embeds through the index's default pipeline.
             results = bulk(client, alias, [pipeline_document(corpus, row) for row in rows(corpus)[:3]])
             assert [r["status"] for r in results] == [201] * 3, results
+    finally:
+        client.close()
+
+
+def test_a_rerun_after_a_connect_killed_in_its_probes_removes_them_even_when_it_changes_nothing(
+        alias, test_cache_dir, tmp_path):
+    # A rerun that would change the sidecar URL is killed while OpenSearch calls through its probes (the new URL takes
+    # the connection and never answers); the user then reruns with the options that work, which change nothing.
+    client = _client()
+    try:
+        with gunicorn_server(sidecar_env(alias, tmp_path, test_cache_dir), tmp_path / "sidecar.log") as url:
+            cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url)
+            made = ml_objects(client, alias)
+            with socket.create_server(("127.0.0.1", 0)) as silent:
+                silent.settimeout(120)
+                killed = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "-q", "opensearch", "connect",
+                                           *opensearch_args(alias), "--sidecar-url",
+                                           f"http://127.0.0.1:{silent.getsockname()[1]}"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    call, _ = silent.accept()  # OpenSearch calls the new URL: the probes are made and deployed
+                finally:
+                    killed.kill()
+                    killed.wait()
+                call.close()
+            assert ml_objects(client, alias) != made  # the killed run's probes are on the cluster
+            rerun = cli("opensearch", "connect", *opensearch_args(alias), "--sidecar-url", url)
+            assert "(nothing changed)" in rerun.output, rerun.output
+            assert ml_objects(client, alias) == made
     finally:
         client.close()
 
