@@ -157,6 +157,16 @@ def test_hybrid_with_rerank_overlaps_the_sidecars_own_hybrid_rerank(native):
     assert len(overlaps) == 50 and float(np.mean(overlaps)) >= 0.8, overlaps
 
 
+def test_hybrid_through_the_default_pipeline_ranks_as_v1_search_when_its_size_is_the_candidates(native):
+    # docs/opensearch.md: the hybrid query min-max normalises each sub-query over its top `size` hits, as
+    # /v1/search does over its candidates, so a page of the candidates read to its first k is /v1/search's top k.
+    for query in OVERLAP_QUERIES:
+        ours = [h["id"] for h in native.sidecar_search(text=query, mode="hybrid", k=10, candidates=100, rerank=False)]
+        theirs = [h["_id"] for h in native.search({"size": 100, "_source": False, "query": {"hybrid": {"queries": [
+            {"neural": {"vector": {"query_text": query, "k": 100}}}, {"match": {"text": {"query": query}}}]}}})][:10]
+        assert theirs == ours, query
+
+
 def test_hybrid_through_the_default_search_pipeline(native):
     hits = native.search({"size": 5, "_source": ["metadata"], "query": {"hybrid": {"queries": [
         {"neural": {"vector": {"query_text": "blue square", "k": 50}}}, {"match": {"text": "blue square"}}]}}})
