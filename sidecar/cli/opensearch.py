@@ -75,7 +75,8 @@ def opensearch_setup(**kwargs: Any) -> None:
                    "`text` field (any sidecar of the model); none = no rerank model or pipeline.")
 @click.option("--set-defaults", is_flag=True,
               help="Make the image pipeline the index's default ingest pipeline and the hybrid pipeline its default "
-                   "search pipeline (also for later versions: --rebuild).")
+                   "search pipeline (also for later versions: --rebuild); refused where the index already has a "
+                   "default pipeline of another's.")
 @click.option("--disconnect", is_flag=True, help="Remove everything connect made for the index, and nothing else.")
 @opensearch_options
 def opensearch_connect(sidecar_url: str, api_key: str, ingest_fields: str, batch_size: int, step_size: int,

@@ -160,6 +160,11 @@ class Names:
         return f"{self.alias}-hybrid-rerank"
 
     @property
+    def pipelines(self) -> set[str]:
+        """Every ingest and search pipeline connect makes: what the index's default pipeline settings may name."""
+        return {self.ingest_image, self.ingest_text, self.hybrid, self.hybrid_rerank}
+
+    @property
     def template(self) -> str:
         """The index template of the default pipelines that connect made before rebuilds carried them."""
         return f"{self.alias}-pipelines"
@@ -189,6 +194,8 @@ def connect(store: OpenSearchStore, options: ConnectOptions) -> Connection:
     rerun tries its changes through probes first (`_try_changes_first`), so one that cannot work changes nothing."""
     cluster = _Cluster(store)
     signature = cluster.index_signature()
+    if options.set_defaults:
+        _check_defaults_free(cluster, Names(store.alias))
     connection = Connection()
     try:
         return _connect(cluster, signature, options, connection)
@@ -289,10 +296,9 @@ def disconnect(store: OpenSearchStore) -> list[str]:
     cluster = _Cluster(store)
     names = Names(store.alias)
     removed: list[str] = []
-    ours = {names.ingest_image, names.ingest_text, names.hybrid, names.hybrid_rerank}
     for index, settings in cluster.alias_settings().items():
         for setting in DEFAULT_PIPELINE_SETTINGS:
-            if _setting(settings, setting) in ours:
+            if _setting(settings, setting) in names.pipelines:
                 cluster.request("PUT", f"/{index}/_settings", {"index": {setting: None}})
                 removed.append(f"index {index} setting {setting}")
     if cluster.delete(f"/_index_template/{names.template}"):
@@ -367,6 +373,19 @@ def _ensure_pipelines(cluster: "_Cluster", names: Names, connection: Connection,
     connection.search_pipelines = {"hybrid": names.hybrid}
     if options.rerank != "none":
         connection.search_pipelines["hybrid-rerank"] = names.hybrid_rerank
+
+
+def _check_defaults_free(cluster: "_Cluster", names: Names) -> None:
+    """Before anything changes: --set-defaults would replace a default pipeline of the user's own without a word (every
+    later document or search skipping it), and `--disconnect` would then leave the index with none."""
+    for index, settings in cluster.alias_settings().items():
+        for setting in DEFAULT_PIPELINE_SETTINGS:
+            current = _setting(settings, setting)
+            if current not in (None, "_none", *names.pipelines):
+                raise StoreError(f"index {index}'s index.{setting} is {current}, a pipeline connect did not make: "
+                                 "--set-defaults would replace it; run connect without --set-defaults and name "
+                                 f"connect's pipelines per request (?pipeline=, ?search_pipeline=), or remove the "
+                                 f"setting first (PUT /{index}/_settings {{\"index.{setting}\": null}})")
 
 
 def _ensure_defaults(cluster: "_Cluster", names: Names, changes: list[str]) -> None:

@@ -310,6 +310,32 @@ def test_a_rerun_after_a_connect_killed_in_its_probes_removes_them_even_when_it_
         client.close()
 
 
+@pytest.mark.parametrize(("setting", "kind", "body"), [
+    ("default_pipeline", "_ingest", {"description": "the user's own", "processors": []}),
+    ("search.default_pipeline", "_search", {"description": "the user's own", "request_processors": []}),
+])
+def test_set_defaults_refuses_to_replace_a_default_pipeline_of_the_users_own_and_changes_nothing(
+        alias, test_cache_dir, tmp_path, setting, kind, body):
+    client = _client()
+    own = f"own-{alias}"
+    try:
+        client.transport.perform_request("PUT", f"/{kind}/pipeline/{own}", body=body)
+        client.indices.put_settings(index=alias, body={"index": {setting: own}})
+        with gunicorn_server(sidecar_env(alias, tmp_path, test_cache_dir), tmp_path / "sidecar.log") as url:
+            refused = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias),
+                                                "--sidecar-url", url, "--set-defaults"])
+        assert refused.exit_code == 1, refused.output
+        assert f"index.{setting} is {own}" in refused.output and "--set-defaults" in refused.output, refused.output
+        left = ml_objects(client, alias)
+        assert not any(left[kind] for kind in ("connectors", "models", "model_groups", "ingest", "search")), left
+        kept = client.indices.get_settings(index=alias, name=f"index.{setting}", flat_settings=True)
+        assert [value[f"index.{setting}"] for value in (s["settings"] for s in kept.values())] == [own]
+    finally:
+        client.indices.put_settings(index=alias, body={"index": {setting: None}})
+        client.transport.perform_request("DELETE", f"/{kind}/pipeline/{own}", params={"ignore": 404})
+        client.close()
+
+
 def test_a_sidecar_opensearch_cannot_reach_is_refused_with_what_to_check(alias):
     result = CliRunner().invoke(main, ["-q", "opensearch", "connect", *opensearch_args(alias),
                                        "--sidecar-url", f"http://127.0.0.1:{free_port()}"])  # nothing listens
