@@ -506,8 +506,9 @@ def test_a_filter_value_no_document_holds_in_a_held_field_is_no_error_but_no_hit
 
 def test_a_filter_none_of_whose_values_is_of_a_type_its_field_holds_answers_400_naming_it_as_opensearch_does(
         build_app, encoder, tmp_path):
-    # The embedded store matches a value against stored values of its own JSON type: a word for a field of numbers
-    # matched nothing and answered 200 with no hits, where OpenSearch refuses it 400 naming `filters`.
+    # The embedded store matched a value against stored values of its own JSON type: a word for a field of numbers
+    # matched nothing and answered 200 with no hits, where OpenSearch refuses it 400 naming `filters`; and a word
+    # OpenSearch reads as the number ("2020") was refused where OpenSearch finds the document.
     metadata = {"n2020": {"year": 2020, "mixed": 1, "on_sale": True},
                 "n2021": {"year": 2021, "mixed": "one", "on_sale": False}}
     vectors = encoder.encode_texts(list(metadata))
@@ -517,10 +518,11 @@ def test_a_filter_none_of_whose_values_is_of_a_type_its_field_holds_answers_400_
     cli_ok("index", str(write_shards(tmp_path / "shards", docs, encoder.signature)), "--store-path", str(store_path))
     client = build_app(store_path=store_path, quality_log_dir=str(tmp_path / "quality")).test_client()
     prefix = "field 'filters' does not fit the types of the stored metadata: "
-    for filters, held, asked in (({"year": "big"}, "numbers", "text"), ({"year": ["2020", True]}, "numbers",
-                                 "true or false and text"), ({"on_sale": 1}, "true or false", "numbers")):
-        message = (f"{prefix}metadata field {next(iter(filters))!r} holds {held}, its filter's values are {asked}: "
-                   "a filter matches stored values of its own JSON type only, so it can match no document")
+    for filters, held, asked in (({"year": "big"}, "numbers", "text"), ({"year": ["big", True]}, "numbers",
+                                 "true or false and text"), ({"on_sale": 1}, "true or false", "numbers"),
+                                 ({"on_sale": "yes"}, "true or false", "text")):
+        message = (f"{prefix}metadata field {next(iter(filters))!r} holds {held}, its filter's values are {asked} "
+                   "that read as none of them, so it can match no document")
         for path, query in (("/v1/search", {"text": "item"}), ("/v1/search", {"text": "item", "mode": "bm25"}),
                             ("/v1/search", {"text": "item", "mode": "vector"}), ("/v1/captions", {"like": "n2020"}),
                             ("/v1/feedback", {"text": "item", "doc_id": "n2020"})):
@@ -538,6 +540,9 @@ def test_a_filter_none_of_whose_values_is_of_a_type_its_field_holds_answers_400_
     assert found({"year": ["big", 2020]}) == ["n2020"]
     assert (found({"mixed": 1}), found({"mixed": "one"}), found({"mixed": "two"})) == (["n2020"], ["n2021"], [])
     assert found({"year": 1999}) == [] and found({"on_sale": False}) == ["n2021"]
+    # Values as OpenSearch reads them on the field's type: a word for a number or boolean, a number for a word.
+    assert found({"year": "2020"}) == found({"year": "2020.0"}) == found({"on_sale": "true"}) == ["n2020"]
+    assert found({"year": "2020.5"}) == [] and found({"mixed": "1"}) == ["n2020"]
 
 
 def test_a_store_error_answers_502_with_the_stores_message_and_no_traceback(build_app, caplog):

@@ -18,7 +18,8 @@ import pytest
 from sidecar.ingest.indexing import rebuild_index
 from sidecar.ingest.shards import ShardError
 from sidecar.retrieval.search import SearchOptions, search, uses_native_hybrid
-from sidecar.stores.base import ModelMismatchError, StoreError, StoreUnavailable
+from sidecar.stores.base import ModelMismatchError, StoreError, StoreQueryError, StoreUnavailable
+from sidecar.stores.embedded import EmbeddedStore
 from sidecar.stores.opensearch_lock import LoadLock
 from sidecar.types import Document, ModelSignature
 from tests.integration.conftest import (
@@ -261,6 +262,36 @@ def test_metadata_of_mixed_types_loads_and_filters_as_written(store):
     assert matching(n=4) == []  # 4.5 is not cut to 4 (no coerce): kept in _source, not indexed in a long field
     assert dict(store.facets()["score"].values) == {0.1: 1, 0.3: 1}
     assert store.fetch(["d1", "d2"])[1].metadata == {"n": 4.5}
+
+
+def test_a_filter_value_finds_the_same_documents_or_the_same_refusal_on_both_stores(store, tmp_path):
+    # A user moving a corpus from the embedded store to OpenSearch: "2020" for a stored 2020, 5 for a stored "5"
+    # and "true" for a stored true found nothing (later: a 400) on the embedded store, the documents here.
+    docs, _, centres = make_documents(2)
+    metadata = ({"year": 2020, "code": "5", "on": True, "price": 2.5}, {"year": 2021, "code": "true", "on": False,
+                                                                         "price": 3.0})
+    docs = [dataclasses.replace(doc, metadata=meta) for doc, meta in zip(docs, metadata)]
+    store.upsert(docs)
+    with EmbeddedStore(tmp_path / "embedded") as embedded:
+        embedded.claim(SIGNATURE)
+        embedded.upsert(docs)
+
+        def answers(filters: dict) -> tuple[object, object]:
+            found = []
+            for each in (store, embedded):
+                try:
+                    found.append(sorted(hit.id for hit in each.vector_search(centres[0], 2, filters=filters,
+                                                                              exact=True)))
+                except StoreQueryError:
+                    found.append("refused")
+            return found[0], found[1]
+
+        for filters, expected in (({"year": "2020"}, ["d0"]), ({"year": "2020.0"}, ["d0"]), ({"year": 2020.0}, ["d0"]),
+                                  ({"year": "2020.5"}, []), ({"price": "2.5"}, ["d0"]), ({"code": 5}, ["d0"]),
+                                  ({"code": True}, ["d1"]), ({"on": "true"}, ["d0"]), ({"on": ["false"]}, ["d1"]),
+                                  ({"year": "abc"}, "refused"), ({"year": True}, "refused"), ({"on": 1}, "refused"),
+                                  ({"on": "yes"}, "refused"), ({"price": "abc"}, "refused")):
+            assert answers(filters) == (expected, expected), filters
 
 
 def test_setup_is_idempotent(node):

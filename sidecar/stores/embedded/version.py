@@ -984,11 +984,12 @@ class VersionStore:
         anything matched every field, so each had a value of a kind its field holds."""
         _, held = self._metadata_values(conn, state)
         for name, value in filters.items():
-            wanted = {_filter_kind(item) for item in _filter_values(name, value)}
-            if name in held and not wanted & held[name]:
+            values = _filter_values(name, value)
+            if name in held and not {_filter_kind(item) for item in _as_opensearch_reads(values)} & held[name]:
+                given = {_filter_kind(item) for item in values}
                 raise StoreQueryError(f"metadata field {quoted(name)} holds {_kinds_named(held[name])}, its filter's "
-                                      f"values are {_kinds_named(wanted)}: a filter matches stored values of its own "
-                                      "JSON type only, so it can match no document")
+                                      f"values are {_kinds_named(given)} that read as none of them, so it can match "
+                                      "no document")
 
     def _scored(self, conn: sqlite3.Connection, hits: list[tuple[int, float]]) -> list[ScoredId]:
         if not hits:
@@ -1292,7 +1293,7 @@ def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
     for field, value in filters.items():
         if not isinstance(field, str) or not field:
             raise ValueError(f"filter field must be a non-empty string, got {field!r}")
-        values = _filter_values(field, value)
+        values = _as_opensearch_reads(_filter_values(field, value))
         # The field is found by json_each's key, the name as decoded, bound as a parameter: a JSON path
         # ($."name") compares the name as escaped in the JSON text, so a backslash in it matched nothing.
         # The members' own walk (`json_each(j.value)`) runs on arrays only: on an object it would match its
@@ -1325,6 +1326,31 @@ def _filter_values(field: str, value: Any) -> list[Any]:
         if not isinstance(item, (str, int, float)) or (isinstance(item, float) and not math.isfinite(item)):
             raise ValueError(f"filter {field!r}: values must be strings, numbers or booleans, got {item!r}")
     return values
+
+
+def _as_opensearch_reads(values: list[Any]) -> list[Any]:
+    """Filter values with the other forms OpenSearch's term query reads them as, by the field's type: a word that
+    is a JSON number matches a number field ("2020" a stored 2020), "true"/"false" a boolean one, and a number or
+    boolean matches a keyword field as its text (5 a stored "5", true "true"). A user moving a corpus between the
+    stores gets the same hits, where a value matched only stored values of its own JSON type."""
+    forms: list[Any] = []
+    for item in values:
+        forms.append(item)
+        if isinstance(item, bool):
+            forms.append("true" if item else "false")
+        elif isinstance(item, (int, float)):
+            forms.append(repr(item))  # as Java writes a JSON 5 or 2.5 (not 1e20: "1.0E20" there)
+        elif item in ("true", "false"):
+            forms.append(item == "true")
+        else:
+            try:
+                number = json.loads(item) if item == item.strip() else None  # OpenSearch refuses " 2020"
+            except ValueError:
+                continue
+            if isinstance(number, float) and math.isfinite(number) or (
+                    isinstance(number, int) and not isinstance(number, bool) and -2 ** 63 <= number < 2 ** 63):
+                forms.append(number)
+    return forms
 
 
 # A filter value's kind, named, with the JSON types it may match in a document's metadata: a stored value's kind

@@ -393,8 +393,10 @@ def test_empty_store_searches_return_nothing(tmp_path: Path):
         assert store.text_search("anything", 3) == []
 
 
-def test_a_filter_matches_values_of_its_own_json_type_only(store: EmbeddedStore):
-    # As OpenSearch's term filters on a typed field: true is not 1, and "1" is not 1.
+def test_a_filter_value_matches_what_opensearch_reads_it_as_and_true_is_never_1(store: EmbeddedStore):
+    # As OpenSearch's term filter reads a value by the field's type: "1" matches a stored 1 (a number field), 1 and
+    # true a stored "1" and "true" (a keyword field), "true" a stored true; a boolean is never a number. A value
+    # matched stored values of its own JSON type only, so "2020" found nothing where OpenSearch found 2020.
     vectors = clustered_unit_vectors(4)
     store.upsert([Document(id=doc_id, vector=vector, metadata=metadata) for doc_id, vector, metadata in zip(
         ("flag", "one", "text", "list"), vectors,
@@ -403,12 +405,12 @@ def test_a_filter_matches_values_of_its_own_json_type_only(store: EmbeddedStore)
     def matching(value) -> list[str]:
         return sorted(hit.id for hit in store.vector_search(vectors[0], 4, filters={"v": value}, exact=True))
 
-    assert matching(True) == ["flag"]
-    assert matching(1) == matching(1.0) == ["list", "one"]
-    assert matching("1") == ["text"]
-    assert matching(False) == ["list"]
-    assert matching([True, "1"]) == ["flag", "text"]
-    assert matching(0) == [] and matching("true") == ["list"]
+    assert matching(True) == matching("true") == ["flag", "list"]
+    assert matching(1) == matching("1") == ["list", "one", "text"]
+    assert matching(1.0) == matching("1.0") == ["list", "one"]  # a keyword "1" is not 1.0's text "1.0"
+    assert matching(False) == matching("false") == ["list"]
+    assert matching([True, "1"]) == ["flag", "list", "one", "text"]
+    assert matching(0) == matching(" 1") == matching("1e999") == []
 
 
 def test_a_filter_finds_fields_named_with_a_backslash_or_quote_and_never_matches_inside_an_object(store: EmbeddedStore):
@@ -1051,8 +1053,10 @@ def test_filtered_ids_are_the_given_documents_a_search_under_the_filters_matches
     asked = [f"doc{i}" for i in range(12)] + ["unknown"]
     assert sorted(store.filtered_ids(asked, filters)) == sorted(matching) and matching
     # A value of another type than any the field holds can match no document: refused, as OpenSearch refuses it.
-    with pytest.raises(StoreQueryError, match="^metadata field 'shard' holds numbers, its filter's values are text"):
-        store.filtered_ids(["doc1"], {"shard": "1"})
+    with pytest.raises(StoreQueryError, match="^metadata field 'shard' holds numbers, its filter's values are text "
+                                              "that read as none of them"):
+        store.filtered_ids(["doc1"], {"shard": "one"})
+    assert store.filtered_ids(["doc1"], {"shard": "1"}) == ["doc1"]  # a word OpenSearch reads as the number
     assert store.filtered_ids([], filters) == []
 
 
