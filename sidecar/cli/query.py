@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +77,7 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int | None
         past_window_depth,
     )
     from sidecar.retrieval.search import search as run_search
-    from sidecar.stores.base import UnknownFilterField, check_query_model
+    from sidecar.stores.base import StoreQueryError, UnknownFilterField, check_query_model
 
     # --candidates is this search's, not a setting: over max_k, check_search_limits names the flag.
     candidates = kwargs.pop("rerank_candidates")
@@ -126,6 +125,10 @@ def search(text: str | None, image: Path | None, mode: str | None, k: int | None
                                 fine_model=fine_encoder.signature if fine_encoder else None)
         except UnknownFilterField as exc:
             raise click.BadParameter(str(exc), param_hint="--filter") from exc
+        except StoreQueryError as exc:
+            if not options.filters:
+                raise  # a query the command built alone: the store's error, not the flags'
+            raise click.BadParameter(str(exc), param_hint="--filter") from exc
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
     finally:
@@ -164,26 +167,13 @@ def _parse_filters(filters: tuple[str, ...], settings: Settings) -> dict[str, An
         if given > settings.max_filter_values:
             raise ValueError(f"--filter: more than {settings.max_filter_values} values in all (max_filter_values: "
                              "SIDECAR_MAX_FILTER_VALUES)")
-        values = [typed for text in value.split(",") for typed in _filter_values(text)]
+        # Typed by the store as OpenSearch types a term filter's value by the field: "2020" finds a stored 2020.
+        values = value.split(",")
         parsed[field] = values if len(values) > 1 else value
     if len(parsed) > settings.max_filter_fields:
         raise ValueError(f"--filter: {len(parsed)} fields, over the limit of {settings.max_filter_fields} "
                          "(max_filter_fields: SIDECAR_MAX_FILTER_FIELDS)")
     return parsed or None
-
-
-def _filter_values(text: str) -> list[Any]:
-    """A filter matches values of its own JSON type only (a stored 2020 is no "2020"), and a command line
-    has no types: a word that reads as a JSON number or boolean matches that value too (as the search
-    page sends a number typed for a field of numbers)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return [text]
-    if isinstance(value, bool) or (isinstance(value, float) and math.isfinite(value)) or (
-            isinstance(value, int) and -2 ** 63 <= value < 2 ** 63):  # the stores' integers are 64-bit
-        return [text, value]
-    return [text]
 
 
 @click.command("eval")

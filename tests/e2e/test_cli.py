@@ -120,8 +120,8 @@ def test_search_refuses_a_filter_on_a_field_no_document_holds_naming_the_fields_
 
 
 def test_search_filter_on_the_command_line_finds_numbers_and_booleans_stored_as_such(encoder, tmp_path):
-    # A filter matches values of its own JSON type; the command line has only strings, so `year=2020` found
-    # no document whose JSONL metadata held the number 2020 ("(no hits)", no error).
+    # The command line has only strings, so `year=2020` found no document whose JSONL metadata held the number
+    # 2020 ("(no hits)", no error): the store reads "2020" as OpenSearch does, as the number too.
     metadata = {"int-2020": {"year": 2020, "on_sale": True}, "text-2020": {"year": "2020", "on_sale": "true"},
                 "int-2021": {"year": 2021, "on_sale": False}, "price": {"year": 1999, "price": 9.5}}
     vectors = encoder.encode_texts(list(metadata))
@@ -139,6 +139,11 @@ def test_search_filter_on_the_command_line_finds_numbers_and_booleans_stored_as_
     assert found("on_sale=true") == {"int-2020", "text-2020"}
     assert found("price=9.5") == {"price"}
     assert found("year=99999999999999999999") == set()  # past 64 bits: compared as the text it is
+    # A value no stored kind of the field reads it as: a usage error naming the flag, as a field no document holds.
+    result = CliRunner().invoke(main, ["-q", "search", "item", "--store-path", str(store_path), "--filter", "price=cheap"])
+    assert result.exit_code == 2, result.output
+    assert ("Invalid value for --filter: metadata field 'price' holds numbers, its filter's values are text that read "
+            "as none of them, so it can match no document") in result.output
 
 
 def test_search_refuses_a_path_holding_no_store_before_loading_the_model(tmp_path, monkeypatch):
