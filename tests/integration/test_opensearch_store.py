@@ -290,7 +290,10 @@ def test_a_filter_value_finds_the_same_documents_or_the_same_refusal_on_both_sto
                                   ({"year": "2020.5"}, []), ({"price": "2.5"}, ["d0"]), ({"code": 5}, ["d0"]),
                                   ({"code": True}, ["d1"]), ({"on": "true"}, ["d0"]), ({"on": ["false"]}, ["d1"]),
                                   ({"year": "abc"}, "refused"), ({"year": True}, "refused"), ({"on": 1}, "refused"),
-                                  ({"on": "yes"}, "refused"), ({"price": "abc"}, "refused")):
+                                  ({"on": "yes"}, "refused"), ({"price": "abc"}, "refused"),
+                                  ({"year": "+2020"}, ["d0"]), ({"year": "02020"}, ["d0"]), ({"year": "2020."}, ["d0"]),
+                                  ({"price": "2.5e0"}, ["d0"]), ({"year": " 2020"}, "refused"),
+                                  ({"year": "2_020"}, "refused")):
             assert answers(filters) == (expected, expected), filters
 
 

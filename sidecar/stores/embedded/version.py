@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -1328,6 +1329,11 @@ def _filter_values(field: str, value: Any) -> list[Any]:
     return values
 
 
+# A word Java's number parsing reads (OpenSearch's, for a term on a number field): "+5", "05", "2020.", "2.5e0";
+# not " 5", "1_000" or "inf", which Python's would.
+_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _as_opensearch_reads(values: list[Any]) -> list[Any]:
     """Filter values with the other forms OpenSearch's term query reads them as, by the field's type: a word that
     is a JSON number matches a number field ("2020" a stored 2020), "true"/"false" a boolean one, and a number or
@@ -1342,13 +1348,9 @@ def _as_opensearch_reads(values: list[Any]) -> list[Any]:
             forms.append(repr(item))  # as Java writes a JSON 5 or 2.5 (not 1e20: "1.0E20" there)
         elif item in ("true", "false"):
             forms.append(item == "true")
-        else:
-            try:
-                number = json.loads(item) if item == item.strip() else None  # OpenSearch refuses " 2020"
-            except ValueError:
-                continue
-            if isinstance(number, float) and math.isfinite(number) or (
-                    isinstance(number, int) and not isinstance(number, bool) and -2 ** 63 <= number < 2 ** 63):
+        elif _NUMBER_TEXT.fullmatch(item):
+            number = int(item) if item.lstrip("+-").isdigit() else float(item)
+            if isinstance(number, float) and math.isfinite(number) or -2 ** 63 <= number < 2 ** 63:
                 forms.append(number)
     return forms
 

@@ -410,7 +410,8 @@ def test_a_filter_value_matches_what_opensearch_reads_it_as_and_true_is_never_1(
     assert matching(1.0) == matching("1.0") == ["list", "one"]  # a keyword "1" is not 1.0's text "1.0"
     assert matching(False) == matching("false") == ["list"]
     assert matching([True, "1"]) == ["flag", "list", "one", "text"]
-    assert matching(0) == matching(" 1") == matching("1e999") == []
+    assert matching("+1") == matching("01") == matching("1e0") == ["list", "one"]  # read as Java reads numbers
+    assert matching(0) == matching(" 1") == matching("1_0") == matching("1e999") == []
 
 
 def test_a_filter_finds_fields_named_with_a_backslash_or_quote_and_never_matches_inside_an_object(store: EmbeddedStore):
