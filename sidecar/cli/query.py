@@ -58,7 +58,8 @@ from sidecar.retrieval.search import DEFAULT_K, MAX_WEIGHT, MODES
 @click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
               help="Metadata filter, repeatable (each FIELD once); FIELD=a,b matches either. A VALUE that reads "
                    "as a number or true/false matches that number or boolean too (year=2020 finds 2020 and \"2020\"). "
-                   "A FIELD no stored document holds is refused, naming the fields they hold.")
+                   "A FIELD no stored document holds is refused, naming the fields they hold, as is a VALUE that "
+                   "reads as no kind of value the FIELD holds (a word for a field of numbers).")
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON.")
 @model_options
 @store_options
