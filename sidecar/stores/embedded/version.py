@@ -1336,7 +1336,7 @@ _NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 
 def _as_opensearch_reads(values: list[Any]) -> list[Any]:
     """Filter values with the other forms OpenSearch's term query reads them as, by the field's type: a word that
-    is a JSON number matches a number field ("2020" a stored 2020), "true"/"false" a boolean one, and a number or
+    Java reads as a number matches a number field ("2020" a stored 2020), "true"/"false" a boolean one, and a number or
     boolean matches a keyword field as its text (5 a stored "5", true "true"). A user moving a corpus between the
     stores gets the same hits, where a value matched only stored values of its own JSON type."""
     forms: list[Any] = []
