@@ -140,7 +140,8 @@ def test_search_filter_on_the_command_line_finds_numbers_and_booleans_stored_as_
     assert found("price=9.5") == {"price"}
     assert found("year=99999999999999999999") == set()  # past 64 bits: compared as the text it is
     # A value no stored kind of the field reads it as: a usage error naming the flag, as a field no document holds.
-    result = CliRunner().invoke(main, ["-q", "search", "item", "--store-path", str(store_path), "--filter", "price=cheap"])
+    result = CliRunner().invoke(main, ["-q", "search", "item", "--store-path", str(store_path),
+                                       "--filter", "price=cheap"])
     assert result.exit_code == 2, result.output
     assert ("Invalid value for --filter: metadata field 'price' holds numbers, its filter's values are text that read "
             "as none of them, so it can match no document") in result.output
